@@ -1,0 +1,134 @@
+"""The decoder-only transformer all supported families share: embed -> N x (attention, MLP or MoE) -> norm -> logits.
+
+`forward` is the pure function the runner jits. Parameters are a nested dict whose layout `param_shapes` spells out;
+the family files map Hugging Face tensor names onto it and add partition rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from rtpjax.attention import AttentionMetadata, LayerCache
+from rtpjax.models import layers
+from rtpjax.models.config import ModelConfig
+
+KVCache = list[LayerCache]
+
+
+@dataclasses.dataclass(frozen=True)
+class HFTensor:
+    """Where a parameter comes from in a Hugging Face checkpoint.
+
+    Several names are stacked on a new leading axis (one per expert). `linear` tensors are stored [out, in] by
+    torch and transposed to our [in, out].
+    """
+
+    names: tuple[str, ...]
+    linear: bool = False
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Dotted parameter path -> shape, for every parameter the config calls for."""
+    h, d, q, kv = cfg.hidden_size, cfg.head_dim, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    shapes = {"embed": (cfg.vocab_size, h), "final_norm": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (h, cfg.vocab_size)
+    for i in range(cfg.num_layers):
+        L = f"layers.{i}"
+        shapes |= {f"{L}.input_norm": (h,), f"{L}.post_attn_norm": (h,)}
+        shapes |= {f"{L}.attn.wq": (h, q), f"{L}.attn.wk": (h, kv), f"{L}.attn.wv": (h, kv), f"{L}.attn.wo": (q, h)}
+        if cfg.attention_bias:
+            shapes |= {f"{L}.attn.bq": (q,), f"{L}.attn.bk": (kv,), f"{L}.attn.bv": (kv,)}
+        if cfg.qk_norm:
+            shapes |= {f"{L}.attn.q_norm": (d,), f"{L}.attn.k_norm": (d,)}
+        if cfg.is_moe_layer(i):
+            e, m = cfg.num_experts, cfg.moe_intermediate_size
+            shapes |= {f"{L}.moe.router": (h, e), f"{L}.moe.w_gate": (e, h, m), f"{L}.moe.w_up": (e, h, m)}
+            shapes[f"{L}.moe.w_down"] = (e, m, h)
+        else:
+            f = cfg.intermediate_size
+            shapes |= {f"{L}.mlp.w_gate": (h, f), f"{L}.mlp.w_up": (h, f), f"{L}.mlp.w_down": (f, h)}
+    return shapes
+
+
+def nest(flat: dict[str, object]) -> dict:
+    """{"layers.0.attn.wq": a, ...} -> {"layers": [{"attn": {"wq": a}}], ...}: the pytree `forward` takes."""
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    if "layers" in tree:
+        tree["layers"] = [tree["layers"][str(i)] for i in range(len(tree["layers"]))]
+    return tree
+
+
+def flatten(params: dict) -> dict[str, object]:
+    """Inverse of `nest`."""
+    flat = {}
+    for key_path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        flat[".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in key_path)] = leaf
+    return flat
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.02) -> dict:
+    """Random parameters of the right shapes (norm weights 1): for benchmarks and tests without a checkpoint."""
+    shapes = param_shapes(cfg)
+    keys = jax.random.split(key, len(shapes))
+    flat = {}
+    for k, (path, shape) in zip(keys, sorted(shapes.items())):
+        if path.endswith("norm"):
+            flat[path] = jnp.ones(shape, cfg.jnp_dtype)
+        else:
+            flat[path] = (scale * jax.random.normal(k, shape, jnp.float32)).astype(cfg.jnp_dtype)
+    return nest(flat)
+
+
+def decoder_layer(p: dict, cfg: ModelConfig, i: int, x, positions, cache: LayerCache, meta: AttentionMetadata):
+    attn_out, cache = layers.attention(
+        p["attn"], cfg, i, layers.rms_norm(x, p["input_norm"], cfg.rms_norm_eps), positions, cache, meta
+    )
+    x = x + attn_out
+    h = layers.rms_norm(x, p["post_attn_norm"], cfg.rms_norm_eps)
+    x = x + (layers.moe_mlp(p["moe"], cfg, h) if cfg.is_moe_layer(i) else layers.swiglu_mlp(p["mlp"], h))
+    return x, cache
+
+
+def hidden_states(params: dict, cfg: ModelConfig, tokens, positions, kv_cache: KVCache, meta: AttentionMetadata):
+    """Final-normed hidden states [T, H] for every token, and the updated cache."""
+    x = params["embed"][tokens]
+    new_cache = []
+    for i, p in enumerate(params["layers"]):
+        x, layer_cache = decoder_layer(p, cfg, i, x, positions, kv_cache[i], meta)
+        new_cache.append(layer_cache)
+    return layers.rms_norm(x, params["final_norm"], cfg.rms_norm_eps), new_cache
+
+
+def logits(params: dict, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
+    """Float32 logits; the head is the embedding's transpose when the model ties them."""
+    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return (hidden @ head).astype(jnp.float32)
+
+
+def forward(
+    params: dict,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    kv_cache: KVCache,
+    meta: AttentionMetadata,
+    logits_indices: jax.Array | None = None,
+) -> tuple[jax.Array, KVCache]:
+    """tokens, positions: [T] (ragged, padded). Returns logits for the tokens at `logits_indices` (all when None).
+
+    The engine asks only for each sequence's last token; tests ask for all of them.
+    """
+    hidden, kv_cache = hidden_states(params, cfg, tokens, positions, kv_cache, meta)
+    if logits_indices is not None:
+        hidden = hidden[logits_indices]
+    return logits(params, cfg, hidden), kv_cache

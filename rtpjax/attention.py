@@ -1,0 +1,130 @@
+"""Paged attention over one ragged token axis: the single interface every model calls.
+
+A step packs many sequences on one token axis: sequence s owns tokens query_start_loc[s]:query_start_loc[s+1], the
+last of which sits at context position seq_lens[s] - 1. Its keys and values live in fixed-size blocks of the KV cache
+listed by block_tables[s]. The step's new K/V are written into their slots first, then every query attends causally to
+its own sequence's cache, so a prefix reused from the cache and freshly computed tokens are read the same way.
+
+`impl` picks the implementation: "reference" is the plain-jnp one below (CPU, and the ground truth for kernels);
+GPU kernels register themselves in IMPLEMENTATIONS from rtpjax.pallas_kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMetadata:
+    """Where each token of a step belongs. Arrays are padded to bucket sizes; padding is inert.
+
+    query_start_loc: [S+1] int32, token offsets of each sequence (padding sequences repeat the last offset).
+    seq_lens:        [S]   int32, context length of each sequence after this step (0 for padding).
+    block_tables:    [S, max_blocks] int32, KV cache blocks of each sequence, in order.
+    slot_mapping:    [T]   int32, flat cache slot (block * block_size + offset) each token's K/V goes to; -1 for padding.
+    impl:            static name of the attention implementation.
+    """
+
+    query_start_loc: jax.Array
+    seq_lens: jax.Array
+    block_tables: jax.Array
+    slot_mapping: jax.Array
+    impl: str = dataclasses.field(default="reference", metadata=dict(static=True))
+
+
+# A layer's cache: (k, v), each [num_blocks, block_size, num_kv_heads, head_dim].
+LayerCache = tuple[jax.Array, jax.Array]
+
+
+def write_kv(cache: LayerCache, k: jax.Array, v: jax.Array, slot_mapping: jax.Array) -> LayerCache:
+    """Scatter the step's K/V ([T, Hkv, D]) into their slots; slots < 0 (padding) are dropped."""
+    k_cache, v_cache = cache
+    num_blocks, block_size, heads, dim = k_cache.shape
+    num_slots = num_blocks * block_size
+    slots = jnp.where(slot_mapping < 0, num_slots, slot_mapping)  # out of range -> dropped, never wrapped
+
+    def scatter(buf, new):
+        flat = buf.reshape(num_slots, heads, dim)
+        return flat.at[slots].set(new.astype(buf.dtype), mode="drop").reshape(buf.shape)
+
+    return scatter(k_cache, k), scatter(v_cache, v)
+
+
+def token_layout(meta: AttentionMetadata, num_tokens: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """For each token: its sequence index, its context position, and whether it is a real (non-padding) token."""
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    num_seqs = meta.seq_lens.shape[0]
+    seq = jnp.clip(jnp.searchsorted(meta.query_start_loc, t, side="right") - 1, 0, num_seqs - 1)
+    query_end = meta.query_start_loc[seq + 1]
+    position = meta.seq_lens[seq] - (query_end - t)
+    valid = t < meta.query_start_loc[-1]
+    return seq, position, valid
+
+
+def reference_attention(
+    q: jax.Array,
+    cache: LayerCache,
+    meta: AttentionMetadata,
+    *,
+    scale: float,
+    window: int | None = None,
+    soft_cap: float | None = None,
+) -> jax.Array:
+    """Plain-jnp paged attention in float32. q: [T, Hq, D] -> [T, Hq, D]; padding tokens give zeros."""
+    k_cache, v_cache = cache
+    num_tokens, num_heads, dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    group = num_heads // kv_heads
+    seq, position, valid = token_layout(meta, num_tokens)
+
+    # Every token gathers its own sequence's whole context: simple and exact, not fast.
+    blocks = meta.block_tables[seq]  # [T, B]
+    slots = (blocks[:, :, None] * block_size + jnp.arange(block_size)[None, None, :]).reshape(num_tokens, -1)
+    keys = k_cache.reshape(-1, kv_heads, dim)[slots].astype(jnp.float32)  # [T, C, Hkv, D]
+    values = v_cache.reshape(-1, kv_heads, dim)[slots].astype(jnp.float32)
+
+    qg = q.astype(jnp.float32).reshape(num_tokens, kv_heads, group, dim)
+    scores = jnp.einsum("thgd,tchd->thgc", qg, keys) * scale
+    if soft_cap is not None:
+        scores = soft_cap * jnp.tanh(scores / soft_cap)
+    key_pos = jnp.arange(keys.shape[1])[None, :]
+    visible = key_pos <= position[:, None]
+    if window is not None:
+        visible &= key_pos > position[:, None] - window
+    scores = jnp.where(visible[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("thgc,tchd->thgd", probs, values).reshape(num_tokens, num_heads, dim)
+    return jnp.where(valid[:, None, None], out, 0.0).astype(q.dtype)
+
+
+def _reference(q, k, v, cache, meta, **kw):
+    cache = write_kv(cache, k, v, meta.slot_mapping)
+    return reference_attention(q, cache, meta, **kw), cache
+
+
+# name -> fn(q, k, v, cache, meta, *, scale, window, soft_cap) -> (out, cache)
+IMPLEMENTATIONS: dict[str, Callable] = {"reference": _reference}
+
+
+def paged_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    cache: LayerCache,
+    meta: AttentionMetadata,
+    *,
+    scale: float,
+    window: int | None = None,
+    soft_cap: float | None = None,
+) -> tuple[jax.Array, LayerCache]:
+    """Write this step's K/V ([T, Hkv, D]) into the cache, then attend. Returns ([T, Hq, D], updated cache)."""
+    try:
+        impl = IMPLEMENTATIONS[meta.impl]
+    except KeyError:
+        raise ValueError(f"unknown attention implementation {meta.impl!r}; have {sorted(IMPLEMENTATIONS)}") from None
+    return impl(q, k, v, cache, meta, scale=scale, window=window, soft_cap=soft_cap)

@@ -1,0 +1,78 @@
+"""Host side of a step: pack sequences' new tokens into one ragged, padded batch with its attention metadata.
+
+Padding keeps the jitted step's shapes to a few buckets: extra tokens point at slot -1 (their K/V are dropped) and extra
+sequences have no tokens and no context.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from rtpjax.attention import AttentionMetadata
+
+
+@dataclasses.dataclass
+class SeqChunk:
+    """One sequence's part of a step: `tokens` land at positions start, start+1, ... in the blocks of `block_table`."""
+
+    tokens: list[int]
+    start: int
+    block_table: list[int]
+
+
+@dataclasses.dataclass
+class StepInputs:
+    tokens: np.ndarray  # [T] int32
+    positions: np.ndarray  # [T] int32
+    meta: AttentionMetadata
+    logits_indices: np.ndarray  # [S] int32: each sequence's last token (0 for padding sequences)
+
+
+def build_step(
+    chunks: list[SeqChunk],
+    block_size: int,
+    *,
+    num_tokens: int | None = None,
+    num_seqs: int | None = None,
+    max_blocks: int | None = None,
+    impl: str = "reference",
+) -> StepInputs:
+    """Pack `chunks`, padded to num_tokens / num_seqs / max_blocks (default: exactly what they need)."""
+    lens = [len(c.tokens) for c in chunks]
+    real_tokens = sum(lens)
+    num_tokens = real_tokens if num_tokens is None else num_tokens
+    num_seqs = len(chunks) if num_seqs is None else num_seqs
+    max_blocks = max((len(c.block_table) for c in chunks), default=1) if max_blocks is None else max_blocks
+    if real_tokens > num_tokens or len(chunks) > num_seqs:
+        raise ValueError(f"{len(chunks)} sequences / {real_tokens} tokens exceed the bucket {num_seqs} / {num_tokens}")
+
+    tokens = np.zeros(num_tokens, np.int32)
+    positions = np.zeros(num_tokens, np.int32)
+    slots = np.full(num_tokens, -1, np.int32)
+    query_start = np.full(num_seqs + 1, real_tokens, np.int32)
+    seq_lens = np.zeros(num_seqs, np.int32)
+    tables = np.zeros((num_seqs, max_blocks), np.int32)
+    logits_indices = np.zeros(num_seqs, np.int32)
+    offset = 0
+    for s, chunk in enumerate(chunks):
+        n, end = len(chunk.tokens), chunk.start + len(chunk.tokens)
+        if n == 0:
+            raise ValueError(f"sequence {s}: a step chunk needs at least one token")
+        if -(-end // block_size) > len(chunk.block_table):
+            raise ValueError(f"sequence {s}: {end} tokens need more than its {len(chunk.block_table)} blocks")
+        if len(chunk.block_table) > max_blocks:
+            raise ValueError(f"sequence {s}: {len(chunk.block_table)} blocks exceed max_blocks={max_blocks}")
+        pos = np.arange(chunk.start, end, dtype=np.int32)
+        table = np.asarray(chunk.block_table, np.int32)
+        tokens[offset : offset + n] = chunk.tokens
+        positions[offset : offset + n] = pos
+        slots[offset : offset + n] = table[pos // block_size] * block_size + pos % block_size
+        query_start[s] = offset
+        seq_lens[s] = end
+        tables[s, : len(table)] = table
+        logits_indices[s] = offset + n - 1
+        offset += n
+    meta = AttentionMetadata(query_start, seq_lens, tables, slots, impl=impl)
+    return StepInputs(tokens, positions, meta, logits_indices)
