@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server (Starlette + uvicorn), shipped as rtpjax.serve."""

@@ -1,0 +1,1 @@
+"""Pallas GPU kernels: each registers its function in rtpjax.attention.IMPLEMENTATIONS under its own name."""

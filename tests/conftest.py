@@ -1,0 +1,59 @@
+"""Shared fixtures: 8 host CPU devices for the mesh tests, tiny random Hugging Face checkpoints of every family."""
+
+import os
+
+# Before jax is imported anywhere: the sharding tests need a mesh of 8 CPU devices.
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
+STORIES = SHARED_MODELS / "stories260K"
+
+_COMMON = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=8,
+    num_key_value_heads=4, max_position_embeddings=512, initializer_range=0.2, rms_norm_eps=1e-5,
+    bos_token_id=1, eos_token_id=2,
+)  # fmt: skip
+
+# name -> (transformers config class, model class, extra config). Each exercises what its family adds.
+TINY = {
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=32), rope_theta=500000.0)),
+    "llama_tied": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True, num_key_value_heads=2)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=6)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=8)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16, tie_word_embeddings=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[1])),
+}  # fmt: skip
+
+
+def make_tiny_checkpoint(name: str, out: Path, seed: int = 0, **overrides) -> Path:
+    import torch
+    import transformers
+
+    config_cls, model_cls, extra = TINY[name]
+    config = getattr(transformers, config_cls)(**{**_COMMON, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {name: make_tiny_checkpoint(name, root / name) for name in TINY}
+
+
+@pytest.fixture(scope="session")
+def stories_dir():
+    if not STORIES.is_dir():
+        pytest.skip("../shared/models/stories260K is absent")
+    return STORIES

@@ -1,0 +1,66 @@
+"""On an 8-device CPU mesh the model gives the single-device logits, and each device holds only its weight shards."""
+
+import jax
+import numpy as np
+import pytest
+
+from rtpjax import kv_cache
+from rtpjax.greedy import jit_forward
+from rtpjax.loader import load_model
+from rtpjax.models import decoder
+from rtpjax.sharding import make_mesh
+from rtpjax.step_inputs import SeqChunk, build_step
+
+BLOCK = 4
+
+
+def logits_on(mesh, path):
+    cfg, family, params = load_model(path, mesh=mesh)
+    cache = kv_cache.allocate(cfg, 12, BLOCK, mesh=mesh)
+    rng = np.random.default_rng(4)
+    chunks = [SeqChunk(rng.integers(3, cfg.vocab_size, n).tolist(), 0, list(range(i * 4, i * 4 + 4))) for i, n in
+              enumerate((9, 3, 14))]  # fmt: skip
+    inputs = build_step(chunks, BLOCK, num_tokens=32, num_seqs=4)
+    logits, cache = jit_forward(family)(params, cfg, inputs.tokens, inputs.positions, cache, inputs.meta)
+    return cfg, params, cache, np.asarray(logits)
+
+
+@pytest.mark.parametrize(
+    "name, axes",
+    [("llama3", dict(tensor=4, data=2)), ("qwen2", dict(tensor=4, data=2)), ("qwen3_moe", dict(expert=4, tensor=2))],
+)
+def test_mesh_matches_single_device(name, axes, tiny_checkpoints):
+    assert jax.device_count() == 8
+    _, _, _, single = logits_on(make_mesh(devices=jax.devices()[:1]), tiny_checkpoints[name])
+    mesh = make_mesh(**axes)
+    cfg, params, cache, sharded = logits_on(mesh, tiny_checkpoints[name])
+    np.testing.assert_allclose(sharded, single, rtol=0, atol=1e-5 * np.abs(single).max())
+
+    tp, ep = mesh.shape["tensor"], mesh.shape["expert"]
+    flat = decoder.flatten(params)
+    expected = {
+        "embed": (cfg.vocab_size // tp, cfg.hidden_size),
+        "layers.0.attn.wq": (cfg.hidden_size, cfg.num_heads * cfg.head_dim // tp),
+        "layers.0.attn.wo": (cfg.num_heads * cfg.head_dim // tp, cfg.hidden_size),
+        "layers.0.input_norm": (cfg.hidden_size,),
+    }
+    if cfg.is_moe_layer(0):
+        expected["layers.0.moe.w_gate"] = (cfg.num_experts // ep, cfg.hidden_size, cfg.moe_intermediate_size // tp)
+        expected["layers.0.moe.w_down"] = (cfg.num_experts // ep, cfg.moe_intermediate_size // tp, cfg.hidden_size)
+        expected["layers.1.mlp.w_up"] = (cfg.hidden_size, cfg.intermediate_size // tp)  # mlp_only_layers=[1]
+    else:
+        expected["layers.0.mlp.w_up"] = (cfg.hidden_size, cfg.intermediate_size // tp)
+        expected["lm_head"] = (cfg.hidden_size, cfg.vocab_size // tp)
+    if cfg.attention_bias:
+        expected["layers.0.attn.bk"] = (cfg.num_kv_heads * cfg.head_dim // tp,)
+    for path, shard_shape in expected.items():
+        shards = flat[path].addressable_shards
+        assert len(shards) == 8
+        assert all(s.data.shape == shard_shape for s in shards), (path, [s.data.shape for s in shards])
+    k, _ = cache[0]
+    assert {s.data.shape[2] for s in k.addressable_shards} == {cfg.num_kv_heads // tp}
+
+
+def test_mesh_too_large_is_a_clear_error():
+    with pytest.raises(ValueError, match="needs 16 devices, have 8"):
+        make_mesh(tensor=8, data=2)
