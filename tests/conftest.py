@@ -23,7 +23,8 @@ _COMMON = dict(
 TINY = {
     "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(
         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                          original_max_position_embeddings=32), rope_theta=500000.0)),
+                          original_max_position_embeddings=64), rope_theta=500000.0, head_dim=16)),
+    # head_dim 16, theta 5e5, original 64: wavelengths fall in the high, medium (smoothed) and low bands.
     "llama_tied": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True, num_key_value_heads=2)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=6)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=8)),
