@@ -1,0 +1,101 @@
+"""KV block accounting on the host: reference counts, free-block LRU, and the prefix cache.
+
+A full block is named by a chained hash (parent block's hash, its tokens, an extra key for adapters or images), so
+equal prefixes map to equal hash chains. Freed blocks keep their contents and their hash until they are reused: a
+later request with the same prefix takes them back instead of recomputing. Eviction is least-recently-freed first.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import struct
+
+
+def block_hash(parent: bytes | None, tokens: list[int], extra: bytes = b"") -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(parent or b"\0" * 16)
+    h.update(struct.pack(f"<{len(tokens)}i", *tokens))
+    h.update(extra)
+    return h.digest()
+
+
+def prefix_hashes(tokens: list[int], block_size: int, extra: bytes = b"") -> list[bytes]:
+    """Hashes of every full block of `tokens`."""
+    hashes: list[bytes] = []
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        hashes.append(block_hash(hashes[-1] if hashes else None, tokens[start : start + block_size], extra))
+    return hashes
+
+
+class BlockPool:
+    """Blocks 0..num_blocks-1 of the KV cache."""
+
+    def __init__(self, num_blocks: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_count = [0] * num_blocks
+        self.hash_of: list[bytes | None] = [None] * num_blocks
+        self.cached: dict[bytes, int] = {}  # hash -> block holding that content
+        self.free: collections.OrderedDict[int, None] = collections.OrderedDict((b, None) for b in range(num_blocks))
+        self.queries = 0  # prompt tokens looked up in the prefix cache
+        self.hits = 0  # of which found
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def usage(self) -> float:
+        return 1.0 - len(self.free) / self.num_blocks
+
+    def allocate(self, n: int) -> list[int] | None:
+        """n fresh blocks (evicting least-recently-freed cached ones), or None if fewer than n are free."""
+        if n > len(self.free):
+            return None
+        blocks = []
+        for _ in range(n):
+            block, _ = self.free.popitem(last=False)
+            if self.hash_of[block] is not None:
+                del self.cached[self.hash_of[block]]
+                self.hash_of[block] = None
+            self.ref_count[block] = 1
+            blocks.append(block)
+        return blocks
+
+    def share(self, blocks: list[int]) -> None:
+        """Take one more reference on blocks already holding wanted content."""
+        for block in blocks:
+            if self.ref_count[block] == 0:
+                del self.free[block]
+            self.ref_count[block] += 1
+
+    def release(self, blocks: list[int]) -> None:
+        """Drop one reference each; tail blocks first, so a prefix's later blocks are evicted before its head."""
+        for block in reversed(blocks):
+            self.ref_count[block] -= 1
+            assert self.ref_count[block] >= 0, f"block {block} released twice"
+            if self.ref_count[block] == 0:
+                self.free[block] = None
+
+    def lookup(self, hashes: list[bytes], num_prompt_tokens: int) -> list[int]:
+        """The longest run of cached blocks for `hashes`, counted in the hit statistics."""
+        found = []
+        if self.enable_prefix_caching:
+            for h in hashes:
+                block = self.cached.get(h)
+                if block is None:
+                    break
+                found.append(block)
+        self.queries += num_prompt_tokens
+        return found
+
+    def count_hit(self, num_tokens: int) -> None:
+        self.hits += num_tokens
+
+    def register(self, block: int, h: bytes) -> None:
+        """Publish a block whose content is now complete under its hash (first writer wins)."""
+        if self.enable_prefix_caching and self.hash_of[block] is None and h not in self.cached:
+            self.cached[h] = block
+            self.hash_of[block] = h

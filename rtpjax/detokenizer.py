@@ -1,0 +1,67 @@
+"""Incremental detokenization and stop strings.
+
+Text grows by decoding a short window of recent tokens and keeping only what the window adds, so a multi-byte
+character split across tokens appears once it is complete (never as U+FFFD). Stop strings are matched on the text;
+while a request runs, the tail that could still become a stop string is held back from the stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class DetokState:
+    prefix_offset: int  # window start, an index into prompt + output tokens
+    read_offset: int  # tokens already turned into text
+    text: str = ""  # generated text so far (cut at a matched stop string)
+    streamed: int = 0  # characters of `text` already handed to the stream
+
+
+def start(num_prompt_tokens: int) -> DetokState:
+    """The window opens on the prompt's last tokens, so the first word keeps its leading space."""
+    return DetokState(prefix_offset=max(0, num_prompt_tokens - 5), read_offset=num_prompt_tokens)
+
+
+def _decode(tokenizer, ids: list[int], skip_special: bool) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
+
+
+def append_tokens(tokenizer, state: DetokState, token_ids: list[int], skip_special: bool) -> str:
+    """Extend state.text with what the newest of `token_ids` (prompt + output) spell; returns the new text."""
+    prefix = _decode(tokenizer, token_ids[state.prefix_offset : state.read_offset], skip_special)
+    full = _decode(tokenizer, token_ids[state.prefix_offset :], skip_special)
+    if len(full) <= len(prefix) or full.endswith("\ufffd"):
+        return ""  # nothing visible yet, or an incomplete character: wait for the next token
+    new = full[len(prefix) :]
+    state.prefix_offset, state.read_offset = state.read_offset, len(token_ids)
+    state.text += new
+    return new
+
+
+def find_stop(state: DetokState, stops: list[str], new_len: int, include: bool) -> str | None:
+    """If a stop string appears in the text (looking only where new text could complete one), cut the text there."""
+    if not stops:
+        return None
+    longest = max(len(s) for s in stops)
+    begin = max(0, len(state.text) - new_len - longest + 1)
+    best = None
+    for stop in stops:
+        at = state.text.find(stop, begin)
+        if at >= 0 and (best is None or at < best[0]):
+            best = (at, stop)
+    if best is None:
+        return None
+    at, stop = best
+    state.text = state.text[: at + len(stop) if include else at]
+    return stop
+
+
+def stream_delta(state: DetokState, stops: list[str], finished: bool) -> str:
+    """The text not yet streamed, holding back a tail that may be the start of a stop string."""
+    end = len(state.text)
+    if not finished and stops:
+        end = max(state.streamed, end - (max(len(s) for s in stops) - 1))
+    delta = state.text[state.streamed : end]
+    state.streamed = end
+    return delta

@@ -1,0 +1,314 @@
+"""The engine loop body: take requests, run a step, turn the previous step's tokens into outputs.
+
+`step()` schedules and dispatches step N+1 before it reads step N's tokens, so the host's detokenizing, stop checks
+and scheduling overlap the device's work. A sequence that stopped in step N may have one wasted token in step N+1;
+it is dropped. LLM (blocking) and AsyncLLM (a background thread) both drive this same loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from rtpjax import detokenizer, kv_cache
+from rtpjax.block_pool import BlockPool
+from rtpjax.runner import ModelRunner
+from rtpjax.sampling_params import SamplingParams
+from rtpjax.scheduler import Schedule, Scheduler
+from rtpjax.sequence import PENDING, Sequence, Status
+
+log = logging.getLogger("rtpjax")
+
+
+@dataclasses.dataclass
+class EngineArgs:
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    num_gpu_blocks: int | None = None  # explicit KV cache size; otherwise from gpu_memory_utilization
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_bytes: int = 1 << 30  # on hosts without device memory statistics
+    enable_prefix_caching: bool = True
+    dtype: str | None = None
+    tensor_parallel_size: int = 1
+    attention_impl: str = "reference"
+    compilation_cache_dir: str | None = None  # JAX persistent compilation cache: a second start skips compiling
+    seed: int = 0  # draws the seeds of requests that bring none
+    tokenizer: str | None = None
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, float]] | None
+    finish_reason: str | None  # "stop", "length", "abort" or None while running
+    stop_reason: int | str | None
+    delta_text: str = ""  # what this output adds to the previous one of the same request
+    delta_token_ids: list[int] = dataclasses.field(default_factory=list)
+    delta_logprobs: list[dict[int, float]] | None = None
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: object = None  # the first sequence's RequestMetrics
+
+
+@dataclasses.dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    sent: list[list[int]] = dataclasses.field(default_factory=list)  # per seq: tokens already reported
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs)
+
+
+def _eos_ids(model_dir: Path, cfg, tokenizer) -> tuple[int, ...]:
+    ids = set(cfg.eos_token_ids)
+    gen = model_dir / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return tuple(sorted(ids))
+
+
+def enable_compilation_cache(path: str) -> None:
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def kv_cache_blocks(cfg, args: EngineArgs, max_model_len: int) -> int:
+    """Blocks that fit the memory budget (per device: KV heads are split over the tensor axis)."""
+    if args.num_gpu_blocks is not None:
+        return args.num_gpu_blocks
+    per_block = kv_cache.bytes_per_block(cfg, args.block_size)
+    if cfg.num_kv_heads % args.tensor_parallel_size == 0:
+        per_block //= args.tensor_parallel_size
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        free = stats["bytes_limit"] * args.gpu_memory_utilization - stats.get("bytes_in_use", 0)
+        return max(1, int(free // per_block))
+    enough = args.max_num_seqs * -(-max_model_len // args.block_size)
+    return max(1, min(enough, args.cpu_kv_cache_bytes // per_block))
+
+
+class LLMEngine:
+    def __init__(self, model: str, args: EngineArgs | None = None):
+        from transformers import AutoTokenizer
+
+        from rtpjax.loader import load_model
+        from rtpjax.sharding import make_mesh
+
+        args = args or EngineArgs()
+        self.args = args
+        if args.compilation_cache_dir:
+            enable_compilation_cache(args.compilation_cache_dir)
+        mesh = make_mesh(tensor=args.tensor_parallel_size)
+        self.cfg, self.family, params = load_model(model, dtype=args.dtype, mesh=mesh)
+        self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model)
+        self.eos_ids = _eos_ids(Path(model), self.cfg, self.tokenizer)
+        self.max_model_len = min(args.max_model_len or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings)
+        num_blocks = kv_cache_blocks(self.cfg, args, self.max_model_len)
+        log.info("KV cache: %d blocks of %d tokens = %d tokens", num_blocks, args.block_size, num_blocks * args.block_size)
+        self.pool = BlockPool(num_blocks, args.enable_prefix_caching)
+        self.scheduler = Scheduler(self.pool, args.block_size, args.max_num_seqs, args.max_num_batched_tokens,
+                                   self.max_model_len)  # fmt: skip
+        self.runner = ModelRunner(
+            self.cfg, self.family, params, num_blocks=num_blocks, block_size=args.block_size,
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=self.max_model_len, mesh=mesh, attention_impl=args.attention_impl,
+        )  # fmt: skip
+        t0 = time.monotonic()
+        shapes = self.runner.warmup()
+        log.info("compiled %d step shapes in %.1f s", shapes, time.monotonic() - t0)
+        self.requests: dict[str, Request] = {}
+        self.inflight: tuple[Schedule, object] | None = None
+        self._ids = itertools.count()
+        self._order = itertools.count()
+        self._rng = random.Random(args.seed)
+        self.finished_requests = 0
+
+    # -- requests ---------------------------------------------------------------------------------------------------
+
+    def make_request(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
+                     priority: int = 0) -> Request:  # fmt: skip
+        """Tokenize and validate; raises ValueError for bad input and touches no engine state."""
+        params = params or SamplingParams()
+        params.validate()
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, list(prompt)
+            if not all(isinstance(t, (int, np.integer)) for t in ids):
+                raise ValueError("prompt token ids must be integers")
+            bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {self.max_model_len}")
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids)
+        if len(ids) + max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's context "
+                f"({self.max_model_len})"
+            )
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
+        stop_ids = tuple(params.stop_token_ids) + (() if params.ignore_eos else self.eos_ids)
+        seqs = []
+        for index in range(params.n):
+            seq = Sequence(request_id, index, ids, params, seed=seed % (1 << 32), max_tokens=max_tokens,
+                           priority=priority, stop_ids=stop_ids)  # fmt: skip
+            seq.fork_parent = seqs[0] if seqs else None
+            seq.detok = detokenizer.start(len(ids))
+            seqs.append(seq)
+        return Request(request_id, text, ids, params, seqs, sent=[[] for _ in seqs])
+
+    def add(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already running")
+        self.requests[request.request_id] = request
+        for seq in request.seqs:
+            seq.arrival_order = next(self._order)
+            self.scheduler.add(seq)
+
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    priority: int = 0) -> str:  # fmt: skip
+        request = self.make_request(prompt, params, request_id, priority)
+        self.add(request)
+        return request.request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.finished:
+                self._trim_pending(seq)
+                self.scheduler.finish(seq, "abort")
+        return self._output(request)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or self.inflight is not None
+
+    # -- the loop ---------------------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        schedule = self.scheduler.schedule()
+        launched = (schedule, self.runner.dispatch(schedule)) if schedule.items else None
+        outputs = self._process(*self.inflight) if self.inflight is not None else []
+        self.inflight = launched
+        return outputs
+
+    def _process(self, schedule: Schedule, out) -> list[RequestOutput]:
+        tokens, logprob = np.asarray(out.tokens), np.asarray(out.logprob)
+        top_ids, top_lp = np.asarray(out.top_ids), np.asarray(out.top_logprobs)
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        for i, item in enumerate(schedule.items):
+            seq = item.seq
+            if seq.finished:
+                continue  # stopped (or aborted) after this step was dispatched
+            if item.samples:
+                self._accept(seq, item.start + item.num_tokens, int(tokens[i]), float(logprob[i]), top_ids[i],
+                             top_lp[i], now)  # fmt: skip
+                touched[seq.request_id] = self.requests[seq.request_id]
+            self.scheduler.register_full_blocks(seq)
+        outputs = []
+        for request in touched.values():
+            outputs.append(self._output(request))
+        return outputs
+
+    def _accept(self, seq: Sequence, index: int, token: int, lp: float, top_ids, top_lp, now: float) -> None:
+        assert seq.token_ids[index] == PENDING
+        seq.token_ids[index] = token
+        seq.metrics.on_token(now)
+        p = seq.params
+        if p.logprobs is not None:
+            entry = {token: lp}
+            entry.update((int(t), float(v)) for t, v in zip(top_ids[: p.logprobs], top_lp[: p.logprobs]))
+            seq.logprobs.append(entry)
+        generated = index + 1 - seq.num_prompt
+        if token in seq.stop_ids and generated > p.min_tokens:  # EOS/stop ids: in token_ids, not in the text
+            self._finish(seq, index, "stop", None if token in self.eos_ids and token not in p.stop_token_ids else token)
+            return
+        known = seq.token_ids[: index + 1]
+        new = detokenizer.append_tokens(self.tokenizer, seq.detok, known, p.skip_special_tokens)
+        stop = detokenizer.find_stop(seq.detok, p.stop, len(new), p.include_stop_str_in_output)
+        if stop is not None:
+            self._finish(seq, index, "stop", stop)
+        elif generated >= seq.max_tokens or index + 1 >= self.max_model_len:
+            self._finish(seq, index, "length", None)
+
+    def _finish(self, seq: Sequence, index: int, reason: str, stop_reason) -> None:
+        self._trim_pending(seq, index + 1)
+        self.scheduler.finish(seq, reason, stop_reason)
+
+    @staticmethod
+    def _trim_pending(seq: Sequence, keep: int | None = None) -> None:
+        """Drop tokens sampled after the one that finished the sequence (or still on the device at abort)."""
+        if keep is None:
+            keep = seq.token_ids.index(PENDING) if PENDING in seq.token_ids else len(seq.token_ids)
+        del seq.token_ids[keep:]
+        del seq.logprobs[keep - seq.num_prompt :]
+
+    def _output(self, request: Request) -> RequestOutput:
+        outs = []
+        for seq, sent in zip(request.seqs, request.sent):
+            known = seq.output_ids
+            if PENDING in known:
+                known = known[: known.index(PENDING)]
+            delta_ids = known[len(sent) :]
+            lp = seq.logprobs[: len(known)] if seq.params.logprobs is not None else None
+            outs.append(CompletionOutput(
+                index=seq.index, text=seq.detok.text, token_ids=list(known), logprobs=lp,
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                delta_text=detokenizer.stream_delta(seq.detok, seq.params.stop, seq.finished),
+                delta_token_ids=delta_ids, delta_logprobs=lp[len(sent) :] if lp is not None else None,
+            ))  # fmt: skip
+            sent.extend(delta_ids)
+        finished = request.finished
+        if finished:
+            del self.requests[request.request_id]
+            self.finished_requests += 1
+        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outs, finished,
+                             request.seqs[0].metrics)  # fmt: skip
+
+    # -- gauges -----------------------------------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        pool = self.pool
+        return dict(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=pool.usage(),
+            prefix_cache_queries=pool.queries,
+            prefix_cache_hits=pool.hits,
+            num_free_blocks=pool.num_free,
+            num_blocks=pool.num_blocks,
+        )

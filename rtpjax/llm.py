@@ -1,0 +1,131 @@
+"""The Python APIs: LLM (blocking, batch) and AsyncLLM (async iterators), both driving LLMEngine.step.
+
+AsyncLLM runs the loop on one background thread, because a step blocks on the device; requests and aborts reach it
+through a queue and outputs come back to each caller's asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from typing import AsyncIterator, Sequence as Seq
+
+from rtpjax.engine import EngineArgs, LLMEngine, RequestOutput
+from rtpjax.sampling_params import SamplingParams
+
+
+def _engine(model: str, engine_args: dict) -> LLMEngine:
+    return LLMEngine(model, EngineArgs(**engine_args))
+
+
+class LLM:
+    """Offline generation: `LLM(path).generate(prompts, SamplingParams(...))` -> one RequestOutput per prompt."""
+
+    def __init__(self, model: str, **engine_args):
+        self.engine = _engine(model, engine_args)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 priority: Seq[int] | None = None) -> list[RequestOutput]:  # fmt: skip
+        """prompts: a string, a list of token ids, or a list of either. Every prompt is validated before any runs."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        priority = priority or [0] * len(prompts)
+        requests = [self.engine.make_request(p, sp, priority=pr) for p, sp, pr in zip(prompts, params, priority)]
+        for request in requests:
+            self.engine.add(request)
+        done: dict[str, RequestOutput] = {}
+        while self.engine.has_work():
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[r.request_id] for r in requests]
+
+
+class AsyncLLM:
+    """Online generation: `async for out in llm.generate(prompt, params): ...` with incremental outputs."""
+
+    def __init__(self, model: str, **engine_args):
+        self.engine = _engine(model, engine_args)
+        self.tokenizer = self.engine.tokenizer
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rtpjax-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(self, prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:  # fmt: skip
+        if self._stopped.is_set():
+            raise RuntimeError("the engine is shut down")
+        # Tokenizing and validating happen off the event loop; bad input raises here, for this request only.
+        request = await asyncio.to_thread(self.engine.make_request, prompt, sampling_params, request_id, priority)
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request.request_id] = (asyncio.get_running_loop(), stream)
+        self._commands.put(("add", request))
+        try:
+            while True:
+                out = await stream.get()
+                if isinstance(out, BaseException):
+                    raise out
+                yield out
+                if out.finished:
+                    return
+        finally:
+            if self._streams.pop(request.request_id, None) is not None:  # the caller left early: free its blocks
+                self._commands.put(("abort", request.request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+    def shutdown(self) -> None:
+        self._stopped.set()
+        self._commands.put(("stop", None))
+        self._thread.join(timeout=30)
+
+    def _deliver(self, out) -> None:
+        target = self._streams.get(out.request_id)
+        if target is not None:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, out)
+
+    def _loop(self) -> None:
+        engine = self.engine
+        while not self._stopped.is_set():
+            try:
+                command = self._commands.get(block=not engine.has_work(), timeout=None)
+            except queue.Empty:
+                command = None
+            while command is not None:
+                kind, arg = command
+                if kind == "stop":
+                    return
+                if kind == "add":
+                    try:
+                        engine.add(arg)
+                    except ValueError as e:
+                        self._deliver_error(arg.request_id, e)
+                elif kind == "abort":
+                    out = engine.abort(arg)
+                    if out is not None:
+                        self._deliver(out)
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    command = None
+            if engine.has_work():
+                for out in engine.step():
+                    self._deliver(out)
+
+    def _deliver_error(self, request_id: str, error: Exception) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, error)

@@ -1,0 +1,194 @@
+"""The model runner: host-side step inputs padded to buckets, and one jitted device step.
+
+step(params, kv_cache, sampler_state, batch) -> (sampled tokens + logprobs, kv_cache, sampler_state), with the cache
+and sampler state donated so they update in place. Token and sequence counts are padded to buckets that warm-up
+compiles once; real counts travel as array values. Dispatch returns at once: the host reads a step's tokens only
+when it must, while the device runs the next step, whose inputs read still-unread tokens on the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rtpjax import kv_cache as kv
+from rtpjax import sampler
+from rtpjax.attention import AttentionMetadata
+from rtpjax.sampling_params import MAX_STOP_TOKEN_IDS
+from rtpjax.scheduler import Schedule
+from rtpjax.sequence import PENDING
+from rtpjax.step_inputs import SeqChunk, build_step
+
+log = logging.getLogger("rtpjax")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepBatch:
+    tokens: jax.Array  # [T] token ids; ignored where token_slot >= 0
+    token_slot: jax.Array  # [T] read the token from this slot's last sampled token (-1: use `tokens`)
+    positions: jax.Array  # [T]
+    meta: AttentionMetadata
+    logits_indices: jax.Array  # [S]
+    sampling: sampler.SamplingInputs
+
+
+def device_step(params, cache, state, batch: StepBatch, *, cfg, forward):
+    tokens = jnp.where(batch.token_slot >= 0, state.last_token[batch.token_slot], batch.tokens)
+    logits, cache = forward(params, cfg, tokens, batch.positions, cache, batch.meta, batch.logits_indices)
+    out, state = sampler.sample(logits, state, batch.sampling)
+    return out, cache, state
+
+
+def buckets(limit: int, smallest: int) -> list[int]:
+    """Powers of two from `smallest` up to and including `limit`."""
+    sizes, size = [], min(smallest, limit)
+    while size < limit:
+        sizes.append(size)
+        size *= 2
+    return sizes + [limit]
+
+
+def pick(sizes: list[int], n: int) -> int:
+    return next(s for s in sizes if s >= n)
+
+
+class CompileCounter:
+    """Counts XLA backend compilations in this process (a warm hot loop adds none)."""
+
+    count = 0
+    _installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        if not cls._installed:
+            from jax._src import dispatch, monitoring  # the event name is JAX's own constant
+
+            def listener(event, duration, **kwargs):
+                if event == dispatch.BACKEND_COMPILE_EVENT:
+                    cls.count += 1
+
+            monitoring.register_event_duration_secs_listener(listener)
+            cls._installed = True
+
+
+class ModelRunner:
+    def __init__(self, cfg, family, params, *, num_blocks: int, block_size: int, max_num_seqs: int,
+                 max_num_batched_tokens: int, max_model_len: int, mesh=None, attention_impl: str = "reference"):  # fmt: skip
+        self.cfg, self.params = cfg, params
+        self.block_size = block_size
+        self.max_blocks = -(-max_model_len // block_size)
+        self.attention_impl = attention_impl
+        self.token_buckets = buckets(max_num_batched_tokens, 16)
+        self.seq_buckets = buckets(max_num_seqs, 8)
+        self.sink = max_num_seqs
+        self.cache = kv.allocate(cfg, num_blocks, block_size, mesh=mesh)
+        self.state = jax.jit(sampler.init_state, static_argnums=(0, 1))(max_num_seqs, cfg.vocab_size)
+        self._step = jax.jit(
+            functools.partial(device_step, cfg=cfg, forward=family.forward), donate_argnums=(1, 2)
+        )
+        self._admit = jax.jit(sampler.admit, donate_argnums=(0,))
+        self.admit_rows = max_num_seqs
+        self.admit_buckets = buckets(1 << max(6, (max_model_len - 1).bit_length()), 64)
+        CompileCounter.install()
+
+    # -- warm-up ----------------------------------------------------------------------------------------------------
+
+    def warmup(self) -> int:
+        """Compile every bucket by running padding-only steps; returns the number of shapes compiled."""
+        shapes = 0
+        for t in self.token_buckets:
+            for s in self.seq_buckets:
+                if s <= t:
+                    out, self.cache, self.state = self._step(self.params, self.cache, self.state, self._batch([], t, s))
+                    shapes += 1
+        for n in self.admit_buckets:
+            self.state = self._admit(self.state, *self._admit_arrays([], n))
+            shapes += 1
+        jax.block_until_ready(self.state)
+        return shapes
+
+    # -- inputs -----------------------------------------------------------------------------------------------------
+
+    def _batch(self, items, num_tokens: int, num_seqs: int) -> StepBatch:
+        chunks, token_slot = [], np.full(num_tokens, -1, np.int32)
+        offset = 0
+        for item in items:
+            seq = item.seq
+            ids = seq.token_ids[item.start : item.start + item.num_tokens]
+            if ids and ids[-1] == PENDING:  # only the last token can still be on the device
+                token_slot[offset + len(ids) - 1] = seq.slot
+                ids = ids[:-1] + [0]
+            chunks.append(SeqChunk(ids, item.start, seq.block_table))
+            offset += len(ids)
+        step = build_step(chunks, self.block_size, num_tokens=num_tokens, num_seqs=num_seqs,
+                          max_blocks=self.max_blocks, impl=self.attention_impl)  # fmt: skip
+        return StepBatch(step.tokens, token_slot, step.positions, step.meta, step.logits_indices,
+                         self._sampling(items, num_seqs))  # fmt: skip
+
+    def _sampling(self, items, num_seqs: int) -> sampler.SamplingInputs:
+        f32, i32 = np.float32, np.int32
+        a = dict(
+            slot=np.full(num_seqs, self.sink, i32), samples=np.zeros(num_seqs, bool),
+            temperature=np.zeros(num_seqs, f32), top_k=np.zeros(num_seqs, i32), top_p=np.ones(num_seqs, f32),
+            min_p=np.zeros(num_seqs, f32), repetition_penalty=np.ones(num_seqs, f32),
+            presence_penalty=np.zeros(num_seqs, f32), frequency_penalty=np.zeros(num_seqs, f32),
+            seed=np.zeros(num_seqs, np.uint32), index=np.zeros(num_seqs, i32), position=np.zeros(num_seqs, i32),
+            suppress=np.full((num_seqs, MAX_STOP_TOKEN_IDS), -1, i32),
+        )  # fmt: skip
+        for i, item in enumerate(items):
+            seq, p = item.seq, item.seq.params
+            a["slot"][i], a["samples"][i] = seq.slot, item.samples
+            a["temperature"][i], a["top_k"][i], a["top_p"][i], a["min_p"][i] = p.temperature, p.top_k, p.top_p, p.min_p
+            a["repetition_penalty"][i] = p.repetition_penalty
+            a["presence_penalty"][i], a["frequency_penalty"][i] = p.presence_penalty, p.frequency_penalty
+            a["seed"][i], a["index"][i] = seq.seed, seq.index
+            generated = item.start + item.num_tokens - seq.num_prompt  # tokens generated before this one
+            a["position"][i] = generated
+            if generated < p.min_tokens:
+                ids = seq.stop_ids[: MAX_STOP_TOKEN_IDS]
+                a["suppress"][i, : len(ids)] = ids
+        return sampler.SamplingInputs(**a)
+
+    def _admit_arrays(self, seqs, num_tokens: int):
+        rows = np.full(self.admit_rows, self.sink, np.int32)
+        tokens = np.zeros(num_tokens, np.int32)
+        token_rows = np.full(num_tokens, self.sink, np.int32)
+        is_output = np.zeros(num_tokens, bool)
+        offset = 0
+        for r, seq in enumerate(seqs):
+            rows[r] = seq.slot
+            n = len(seq.token_ids)
+            tokens[offset : offset + n] = seq.token_ids
+            token_rows[offset : offset + n] = seq.slot
+            is_output[offset + seq.num_prompt : offset + n] = True
+            offset += n
+        return rows, tokens, token_rows, is_output
+
+    # -- dispatch ---------------------------------------------------------------------------------------------------
+
+    def dispatch(self, schedule: Schedule) -> sampler.SampleOutput:
+        """Queue the step on the device and return its (not yet computed) outputs."""
+        self._reset_penalty_rows([s for s in schedule.admitted if s.params.uses_penalties])
+        num_seqs = pick(self.seq_buckets, len(schedule.items))
+        num_tokens = pick(self.token_buckets, max(schedule.num_tokens, num_seqs))
+        batch = self._batch(schedule.items, num_tokens, num_seqs)
+        out, self.cache, self.state = self._step(self.params, self.cache, self.state, batch)
+        for leaf in jax.tree.leaves(out):
+            leaf.copy_to_host_async()
+        return out
+
+    def _reset_penalty_rows(self, seqs) -> None:
+        """Penalised sequences get their slot's history rebuilt (prompt + tokens so far) before their first step."""
+        limit = self.admit_buckets[-1]
+        while seqs:
+            group, total = [], 0
+            while seqs and len(group) < self.admit_rows and total + len(seqs[0].token_ids) <= limit:
+                total += len(seqs[0].token_ids)
+                group.append(seqs.pop(0))
+            self.state = self._admit(self.state, *self._admit_arrays(group, pick(self.admit_buckets, total)))

@@ -1,0 +1,139 @@
+"""Sampling on the device, with every request's own parameters in one batch.
+
+Penalties need each request's token history; it lives on the device in per-slot rows (a running request owns one slot)
+that are reset when a request is admitted and updated with every sampled token, so the host never ships histories.
+Randomness is keyed by (request seed, completion index, output position): a seeded request draws the same tokens
+whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from rtpjax.sampling_params import MAX_LOGPROBS
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplerState:
+    """Rows indexed by slot; the last row is a sink for padding."""
+
+    last_token: jax.Array  # [slots+1] int32: each slot's latest sampled token (the next step's input)
+    prompt_seen: jax.Array  # [slots+1, V] bool: prompt tokens (repetition penalty)
+    output_counts: jax.Array  # [slots+1, V] int32: generated tokens (all three penalties)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingInputs:
+    """Per sequence of the step, [S] unless noted. Padding sequences use the sink slot and sample greedily."""
+
+    slot: jax.Array
+    samples: jax.Array  # bool: this sequence's chunk ends its known tokens, so its token is kept
+    temperature: jax.Array  # 0 -> greedy
+    top_k: jax.Array  # 0 -> vocabulary
+    top_p: jax.Array
+    min_p: jax.Array
+    repetition_penalty: jax.Array
+    presence_penalty: jax.Array
+    frequency_penalty: jax.Array
+    seed: jax.Array  # uint32
+    index: jax.Array  # completion index within its request (n > 1)
+    position: jax.Array  # how many tokens this sequence has generated before this one
+    suppress: jax.Array  # [S, K] token ids masked out (EOS/stop ids before min_tokens), -1 for none
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SampleOutput:
+    tokens: jax.Array  # [S] int32
+    logprob: jax.Array  # [S] float32, of the sampled token under the model's distribution
+    top_ids: jax.Array  # [S, MAX_LOGPROBS] int32
+    top_logprobs: jax.Array  # [S, MAX_LOGPROBS] float32
+
+
+def init_state(num_slots: int, vocab_size: int) -> SamplerState:
+    return SamplerState(
+        last_token=jnp.zeros(num_slots + 1, jnp.int32),
+        prompt_seen=jnp.zeros((num_slots + 1, vocab_size), jnp.bool_),
+        output_counts=jnp.zeros((num_slots + 1, vocab_size), jnp.int32),
+    )
+
+
+def admit(state: SamplerState, rows, tokens, token_rows, is_output) -> SamplerState:
+    """Clear the rows of newly admitted sequences, then record their known tokens (padding rows/tokens = sink)."""
+    sink = state.last_token.shape[0] - 1
+    prompt_seen = state.prompt_seen.at[rows].set(False)
+    counts = state.output_counts.at[rows].set(0)
+    prompt_rows = jnp.where(is_output, sink, token_rows)
+    output_rows = jnp.where(is_output, token_rows, sink)
+    prompt_seen = prompt_seen.at[prompt_rows, tokens].set(True)
+    counts = counts.at[output_rows, tokens].add(1)
+    return SamplerState(state.last_token, prompt_seen.at[sink].set(False), counts.at[sink].set(0))
+
+
+def _apply_penalties(logits, state: SamplerState, s: SamplingInputs):
+    counts = state.output_counts[s.slot]  # [S, V]
+    seen = state.prompt_seen[s.slot] | (counts > 0)
+    rep = s.repetition_penalty[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - s.frequency_penalty[:, None] * counts
+    return logits - s.presence_penalty[:, None] * (counts > 0)
+
+
+def _filter(scaled, s: SamplingInputs):
+    """Mask (to -inf) what top-k, top-p and min-p exclude; ties at a threshold are kept."""
+    vocab = scaled.shape[-1]
+    ordered = -jnp.sort(-scaled, axis=-1)  # descending
+    k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, vocab), vocab)
+    kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)
+    probs = jax.nn.softmax(ordered, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = jnp.sum(mass_before < s.top_p[:, None], axis=-1)  # >= 1
+    pth = jnp.take_along_axis(ordered, (keep - 1)[:, None], axis=-1)
+    mth = ordered[:, :1] + jnp.log(jnp.maximum(s.min_p[:, None], 1e-30))
+    threshold = jnp.maximum(jnp.maximum(kth, pth), jnp.where(s.min_p[:, None] > 0, mth, -jnp.inf))
+    return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+
+
+def _noise(s: SamplingInputs, vocab: int):
+    def row(seed, index, position):
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), index), position)
+        return jax.random.gumbel(key, (vocab,), jnp.float32)
+
+    return jax.vmap(row)(s.seed, s.index, s.position)
+
+
+def sample(logits: jax.Array, state: SamplerState, s: SamplingInputs) -> tuple[SampleOutput, SamplerState]:
+    """logits: [S, V] float32 -> one token per sequence; records kept tokens into the state."""
+    num_seqs, vocab = logits.shape
+    logprobs = jax.nn.log_softmax(logits, axis=-1)  # reported under the model's own distribution
+
+    x = _apply_penalties(logits, state, s)
+    rows = jnp.arange(num_seqs)[:, None]
+    x = x.at[rows, s.suppress].set(-jnp.inf, mode="drop")
+    greedy = s.temperature <= 0
+    scaled = x / jnp.where(greedy, 1.0, s.temperature)[:, None]
+    needs_filter = jnp.any(~greedy & ((s.top_k > 0) | (s.top_p < 1) | (s.min_p > 0)))
+    scaled = jax.lax.cond(needs_filter, lambda v: _filter(v, s), lambda v: v, scaled)
+    drawn = jnp.argmax(scaled + _noise(s, vocab), axis=-1)
+    tokens = jnp.where(greedy, jnp.argmax(x, axis=-1), drawn).astype(jnp.int32)
+
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
+    out = SampleOutput(
+        tokens=tokens,
+        logprob=jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0],
+        top_ids=top_ids.astype(jnp.int32),
+        top_logprobs=top_logprobs,
+    )
+    sink = state.last_token.shape[0] - 1
+    slot = jnp.where(s.samples, s.slot, sink)
+    state = SamplerState(
+        last_token=state.last_token.at[slot].set(tokens),
+        prompt_seen=state.prompt_seen,
+        output_counts=state.output_counts.at[slot, tokens].add(1).at[sink].set(0),
+    )
+    return out, state

@@ -1,0 +1,192 @@
+"""Which sequences run in the next step, and how many tokens each.
+
+One ragged step mixes decode tokens and prefill chunks under a token budget (max_num_batched_tokens) and a sequence
+limit (max_num_seqs). Running sequences go first, in order; when the KV blocks run out the lowest-priority running
+sequence is preempted (its blocks are freed and it is recomputed later, giving the same tokens). Waiting sequences are
+admitted by (priority, arrival), reusing cached prefix blocks, only in steps that preempted nothing.
+
+The host may schedule a sequence whose last token is still on the device (PENDING): the step reads it there.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import time
+
+from rtpjax.block_pool import BlockPool, prefix_hashes
+from rtpjax.sequence import PENDING, Sequence, Status
+
+
+@dataclasses.dataclass
+class ScheduledSeq:
+    seq: Sequence
+    start: int  # tokens already in the cache
+    num_tokens: int  # tokens computed in this step
+    samples: bool  # the chunk reaches the sequence's end: the step's token for it is kept
+
+
+@dataclasses.dataclass
+class Schedule:
+    items: list[ScheduledSeq]
+    admitted: list[Sequence]  # took a slot this step: their sampler rows must be reset first
+    preempted: list[Sequence]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(item.num_tokens for item in self.items)
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int):  # fmt: skip
+        self.pool = pool
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: list[Sequence] = []  # sorted by (priority, arrival)
+        self.running: list[Sequence] = []
+        self.free_slots = list(range(max_num_seqs - 1, -1, -1))
+
+    # -- queues ---------------------------------------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        bisect.insort(self.waiting, seq, key=lambda s: (s.priority, s.arrival_order))
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
+        """Leave the engine: blocks and slot go back to the pool."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+            self._release(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        seq.metrics.finished = time.monotonic()
+
+    def _release(self, seq: Sequence) -> None:
+        self.pool.release(seq.block_table)
+        seq.block_table, seq.num_computed, seq.num_registered_blocks = [], 0, 0
+        self.free_slots.append(seq.slot)
+        seq.slot = -1
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = Status.WAITING
+        self.add(seq)
+
+    # -- the step -------------------------------------------------------------------------------------------------
+
+    def _tokens_to_run(self, seq: Sequence, budget: int) -> int:
+        """How many of the sequence's uncomputed tokens to run now (0: none may run)."""
+        remaining = len(seq.token_ids) - seq.num_computed
+        if remaining == 1 and (not seq.wants_more() or len(seq.token_ids) >= self.max_model_len):
+            return 0  # its last token would only produce a token nobody wants; it finishes when read
+        return min(remaining, budget)
+
+    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+        """Give the sequence blocks for num_computed + num_tokens tokens."""
+        need = -(-(seq.num_computed + num_tokens) // self.block_size) - len(seq.block_table)
+        if need <= 0:
+            return True
+        blocks = self.pool.allocate(need)
+        if blocks is None:
+            return False
+        seq.block_table += blocks
+        return True
+
+    def schedule(self) -> Schedule:
+        budget = self.max_num_batched_tokens
+        items: list[ScheduledSeq] = []
+        preempted: list[Sequence] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = self._tokens_to_run(seq, budget)
+            if n == 0:
+                i += 1
+                continue
+            while not self._grow(seq, n):
+                victim = max(self.running[i:], key=lambda s: (s.priority, s.arrival_order))
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                continue  # it preempted itself; running[i] is now the next sequence
+            items.append(self._run(seq, n))
+            budget -= n
+            i += 1
+
+        admitted: list[Sequence] = []
+        if not preempted:
+            for seq in list(self.waiting):
+                if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                    break
+                if seq.token_ids[-1] == PENDING:
+                    continue  # its last token is read after this step; admit it next time
+                if not self._admit(seq, budget):
+                    if seq.fork_parent is not None:
+                        continue  # waits for its sibling's prompt, not for blocks
+                    break
+                admitted.append(seq)
+                n = len(seq.token_ids) - seq.num_computed
+                items.append(self._run(seq, min(n, budget)))
+                budget -= items[-1].num_tokens
+        return Schedule(items, admitted, preempted)
+
+    def _admit(self, seq: Sequence, budget: int) -> bool:
+        """Move a waiting sequence to running with its reusable prefix blocks, if blocks allow its first chunk."""
+        shared: list[int] = []
+        max_shared = (len(seq.token_ids) - 1) // self.block_size  # at least one token must run to give logits
+        parent = seq.fork_parent
+        if parent is not None and parent.status is not Status.FINISHED:
+            if parent.status is not Status.RUNNING or parent.num_computed < parent.num_prompt:
+                return False
+            shared = parent.block_table[: min(max_shared, (parent.num_prompt - 1) // self.block_size)]
+        else:
+            seq.fork_parent = None
+            hashes = prefix_hashes(seq.token_ids, self.block_size, seq.extra_key)
+            shared = self.pool.lookup(hashes, len(seq.token_ids))[:max_shared]
+            self.pool.count_hit(len(shared) * self.block_size)
+        self.pool.share(shared)
+        seq.block_table = list(shared)
+        seq.num_computed = len(shared) * self.block_size
+        seq.num_registered_blocks = len(shared) if parent is None else 0
+        n = min(len(seq.token_ids) - seq.num_computed, budget)
+        if not self._grow(seq, n):
+            self.pool.release(seq.block_table)
+            seq.block_table, seq.num_computed, seq.num_registered_blocks = [], 0, 0
+            return False
+        self.waiting.remove(seq)
+        self.running.append(seq)
+        seq.status = Status.RUNNING
+        seq.slot = self.free_slots.pop()
+        if seq.metrics.first_scheduled is None:
+            seq.metrics.first_scheduled = time.monotonic()
+        return True
+
+    def _run(self, seq: Sequence, n: int) -> ScheduledSeq:
+        item = ScheduledSeq(seq, seq.num_computed, n, samples=seq.num_computed + n == len(seq.token_ids))
+        seq.num_computed += n
+        if item.samples:
+            seq.token_ids.append(PENDING)
+        return item
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """Publish the sequence's newly completed blocks to the prefix cache (only blocks whose tokens are known)."""
+        known = seq.num_computed
+        if PENDING in seq.token_ids[:known]:
+            known = seq.token_ids.index(PENDING)
+        full = known // self.block_size
+        if full <= seq.num_registered_blocks:
+            return
+        hashes = prefix_hashes(seq.token_ids[: full * self.block_size], self.block_size, seq.extra_key)
+        for b in range(seq.num_registered_blocks, full):
+            self.pool.register(seq.block_table[b], hashes[b])
+        seq.num_registered_blocks = full

@@ -1,0 +1,90 @@
+"""A sequence's life in the engine: its tokens, what of them is in the KV cache, its blocks, and its timings.
+
+A request with n > 1 completions is n sequences that share a prompt (and its KV blocks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+
+from rtpjax.sampling_params import SamplingParams
+
+PENDING = -1  # a token sampled on the device whose id the host has not read yet
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass
+class RequestMetrics:
+    """Timestamps (time.monotonic()) the server turns into TTFT, ITL, queue time and E2E latency."""
+
+    arrival: float
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    finished: float | None = None
+    inter_token_latencies: list[float] = dataclasses.field(default_factory=list)
+
+    def on_token(self, now: float) -> None:
+        if self.first_token is None:
+            self.first_token = now
+        else:
+            self.inter_token_latencies.append(now - self.last_token)
+        self.last_token = now
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    request_id: str
+    index: int  # which of the request's n completions
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    max_tokens: int
+    priority: int = 0
+    arrival_order: int = 0
+    extra_key: bytes = b""  # enters the prefix hashes (adapters, images)
+    stop_ids: tuple[int, ...] = ()  # EOS (unless ignore_eos) and stop_token_ids
+    status: Status = Status.WAITING
+    token_ids: list[int] = dataclasses.field(default_factory=list)  # prompt + generated (PENDING until read)
+    num_computed: int = 0  # tokens whose K/V are (or are being) written to the cache
+    block_table: list[int] = dataclasses.field(default_factory=list)
+    num_registered_blocks: int = 0  # leading full blocks published to the prefix cache
+    slot: int = -1  # row of the device-side sampler state while running
+    fork_parent: "Sequence | None" = None  # n > 1: wait for this sibling's prompt blocks, then share them
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    logprobs: list[dict] = dataclasses.field(default_factory=list)
+    output_text: str = ""
+    metrics: RequestMetrics = dataclasses.field(default_factory=lambda: RequestMetrics(time.monotonic()))
+    detok: object = None  # the incremental detokenizer's state
+
+    def __post_init__(self):
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_ids)
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - len(self.prompt_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_ids) :]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def wants_more(self) -> bool:
+        """Whether another token may be scheduled (the host may not have read the last one yet)."""
+        return self.num_generated < self.max_tokens
