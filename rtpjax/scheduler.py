@@ -48,6 +48,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # sorted by (priority, arrival)
         self.running: list[Sequence] = []
         self.free_slots = list(range(max_num_seqs - 1, -1, -1))
+        self.num_preemptions = 0
 
     # -- queues ---------------------------------------------------------------------------------------------------
 
@@ -75,6 +76,7 @@ class Scheduler:
         seq.slot = -1
 
     def _preempt(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
         self.running.remove(seq)
         self._release(seq)
         seq.status = Status.WAITING

@@ -58,3 +58,20 @@ def stories_dir():
     if not STORIES.is_dir():
         pytest.skip("../shared/models/stories260K is absent")
     return STORIES
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory):
+    """One persistent compilation cache for the session: engines with equal shapes compile once."""
+    return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+# Small limits keep the number of compiled bucket shapes (and so the suite's time) low.
+ENGINE_ARGS = dict(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=256, block_size=16)
+
+
+@pytest.fixture(scope="session")
+def stories_llm(stories_dir, compile_cache):
+    from rtpjax import LLM
+
+    return LLM(str(stories_dir), compilation_cache_dir=compile_cache, **ENGINE_ARGS)

@@ -1,0 +1,177 @@
+"""The engine on the real stories260K model: batching invariance, prefix caching, preemption, sampling, stopping."""
+
+import numpy as np
+import pytest
+
+from conftest import ENGINE_ARGS
+from rtpjax import LLM, SamplingParams
+from rtpjax.greedy import greedy_tokens
+from rtpjax.runner import CompileCounter
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+def random_prompts(n, seed, low=1, high=60):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 512, rng.integers(low, high)).tolist() for _ in range(n)]
+
+
+def alone(llm, prompt, max_tokens):
+    e = llm.engine
+    return list(greedy_tokens(e.runner.params, e.cfg, e.family, prompt, max_tokens, block_size=16))
+
+
+def assert_all_blocks_free(llm):
+    pool = llm.engine.pool
+    assert pool.num_free == pool.num_blocks and not any(pool.ref_count)
+    assert not llm.engine.requests and not llm.engine.scheduler.running and not llm.engine.scheduler.waiting
+
+
+def test_batched_greedy_equals_each_alone(stories_llm):
+    prompts = random_prompts(16, seed=0)
+    lengths = [5 + 3 * i for i in range(16)]
+    outs = stories_llm.generate(prompts, [SamplingParams(max_tokens=m, **GREEDY) for m in lengths])
+    for prompt, m, out in zip(prompts, lengths, outs):
+        assert out.outputs[0].token_ids == alone(stories_llm, prompt, m)
+        assert out.outputs[0].finish_reason == "length"
+    assert_all_blocks_free(stories_llm)
+
+
+def test_prefix_cache_off_on_and_hit_give_same_tokens(stories_llm, stories_dir, compile_cache):
+    shared = random_prompts(1, seed=1, low=40, high=41)[0]
+    prompts = [shared + tail for tail in random_prompts(6, seed=2, low=1, high=20)]
+    params = SamplingParams(max_tokens=24, **GREEDY)
+    engine = stories_llm.engine
+    first = [o.outputs[0].token_ids for o in stories_llm.generate(prompts, params)]
+    hits = engine.pool.hits
+    second = [o.outputs[0].token_ids for o in stories_llm.generate(prompts, params)]
+    assert engine.pool.hits - hits >= 6 * 32  # every request reused at least the two full shared blocks
+    off = LLM(str(stories_dir), enable_prefix_caching=False, compilation_cache_dir=compile_cache, **ENGINE_ARGS)
+    third = [o.outputs[0].token_ids for o in off.generate(prompts, params)]
+    assert off.engine.pool.hits == 0
+    assert first == second == third == [alone(stories_llm, p, 24) for p in prompts]
+
+
+def test_tiny_pool_preempts_and_recomputes_identically(stories_dir, compile_cache):
+    llm = LLM(str(stories_dir), num_gpu_blocks=10, compilation_cache_dir=compile_cache, **ENGINE_ARGS)
+    prompts = random_prompts(6, seed=3, low=20, high=40)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=60, **GREEDY))
+    assert llm.engine.scheduler.num_preemptions > 0
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == alone(llm, prompt, 60)
+    assert_all_blocks_free(llm)
+
+
+def test_seeded_sampling_reproduces_across_batch_mixes(stories_llm):
+    params = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=1234, max_tokens=30, ignore_eos=True)
+    prompt = random_prompts(1, seed=4)[0]
+    solo = stories_llm.generate(prompt, params)[0].outputs[0].token_ids
+    others = random_prompts(7, seed=5)
+    mixed = stories_llm.generate(others + [prompt], [SamplingParams(temperature=1.0, max_tokens=20)] * 7 + [params])
+    assert mixed[-1].outputs[0].token_ids == solo
+    unseeded = stories_llm.generate([prompt] * 2, SamplingParams(temperature=1.0, max_tokens=30, ignore_eos=True))
+    assert unseeded[0].outputs[0].token_ids != unseeded[1].outputs[0].token_ids  # no seed: independent draws
+
+
+def test_stop_strings_and_max_tokens_are_exact(stories_llm):
+    out = stories_llm.generate([1], SamplingParams(max_tokens=60, **GREEDY))[0].outputs[0]
+    full = out.text  # "Once upon a time, there was a little girl named Lily. ..."
+    cut = stories_llm.generate([1], SamplingParams(max_tokens=60, stop=["little girl"], **GREEDY))[0].outputs[0]
+    assert cut.text == full[: full.index("little girl")]
+    assert cut.finish_reason == "stop" and cut.stop_reason == "little girl"
+    kept = stories_llm.generate([1], SamplingParams(max_tokens=60, stop="Lily", include_stop_str_in_output=True,
+                                                    **GREEDY))[0].outputs[0]  # fmt: skip
+    assert kept.text == full[: full.index("Lily") + 4]
+    for m in (1, 7, 33):
+        o = stories_llm.generate([1], SamplingParams(max_tokens=m, **GREEDY))[0].outputs[0]
+        assert len(o.token_ids) == m and o.finish_reason == "length"
+        assert o.text == stories_llm.tokenizer.decode(o.token_ids, skip_special_tokens=True)
+
+
+def test_stop_token_ids_min_tokens_and_logprobs(stories_llm):
+    assert stories_llm.engine.eos_ids == (2,)  # EOS takes the same path as stop_token_ids, unless ignore_eos
+    free = stories_llm.generate([1], SamplingParams(max_tokens=40, **GREEDY))[0].outputs[0].token_ids
+    k = next(i for i in range(8, 40) if free[i] not in free[:i])  # a token that first appears at index k
+    stop = free[k]
+    out = stories_llm.generate([1], SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[stop]))[0].outputs[0]
+    assert out.token_ids == free[: k + 1] and out.finish_reason == "stop" and out.stop_reason == stop
+    late = stories_llm.generate([1], SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[stop],
+                                                    min_tokens=k + 6))[0].outputs[0]  # fmt: skip
+    assert stop not in late.token_ids[: k + 6] and late.token_ids[:k] == free[:k]
+    lp = stories_llm.generate([1], SamplingParams(temperature=0, max_tokens=5, logprobs=3))[0].outputs[0]
+    assert len(lp.logprobs) == 5
+    for token, entry in zip(lp.token_ids, lp.logprobs):
+        assert token in entry and len(entry) == 3  # greedy: the sampled token is the top one
+        assert max(entry.values()) == entry[token] <= 0
+
+
+def test_n_completions_share_the_prompt_blocks(stories_llm):
+    prompt = random_prompts(1, seed=6, low=50, high=51)[0]
+    out = stories_llm.generate(prompt, SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=12))[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+    greedy = stories_llm.generate(prompt, SamplingParams(n=2, max_tokens=12, **GREEDY))[0]
+    assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids == alone(stories_llm, prompt, 12)
+    assert_all_blocks_free(stories_llm)
+
+
+def test_abort_frees_blocks(stories_llm):
+    engine = stories_llm.engine
+    rid = engine.add_request(random_prompts(1, seed=8)[0], SamplingParams(max_tokens=100, **GREEDY))
+    keep = engine.add_request([1], SamplingParams(max_tokens=10, **GREEDY))
+    for _ in range(3):
+        engine.step()
+    assert engine.pool.num_free < engine.pool.num_blocks
+    out = engine.abort(rid)
+    assert out.finished and out.outputs[0].finish_reason == "abort"
+    done = {}
+    while engine.has_work():
+        done |= {o.request_id: o for o in engine.step()}
+    assert rid not in done and done[keep].outputs[0].finish_reason == "length"
+    assert_all_blocks_free(stories_llm)
+
+
+def test_bad_requests_fail_alone(stories_llm):
+    engine = stories_llm.engine
+    good = engine.add_request([1], SamplingParams(max_tokens=8, **GREEDY))
+    engine.step()
+    bad = [
+        (lambda: engine.add_request([5] * 300, SamplingParams(max_tokens=1)), "context is 256"),
+        (lambda: engine.add_request([5] * 200, SamplingParams(max_tokens=100)), "exceeds the model's context"),
+        (lambda: engine.add_request([1], SamplingParams(max_tokens=0)), "max_tokens must be"),
+        (lambda: engine.add_request([1], SamplingParams(top_p=0)), "top_p must be in"),
+        (lambda: engine.add_request([1], SamplingParams(top_p=1.5)), "top_p must be in"),
+        (lambda: engine.add_request([1, 512], SamplingParams()), "outside the vocabulary"),
+        (lambda: engine.add_request([-1], SamplingParams()), "outside the vocabulary"),
+        (lambda: engine.add_request([], SamplingParams()), "prompt is empty"),
+        (lambda: engine.add_request([1], SamplingParams(logprobs=50)), "logprobs must be between"),
+    ]
+    for call, message in bad:
+        with pytest.raises(ValueError, match=message):
+            call()
+    done = {}
+    while engine.has_work():
+        done |= {o.request_id: o for o in engine.step()}
+    assert len(done[good].outputs[0].token_ids) == 8
+    assert_all_blocks_free(stories_llm)
+
+
+@pytest.mark.slow
+def test_no_compilation_after_warmup(stories_llm):
+    rng = np.random.default_rng(9)
+    before = CompileCounter.count
+    prompts = random_prompts(200, seed=10, low=1, high=120)
+    params = [
+        SamplingParams(
+            temperature=float(rng.choice([0, 0.7, 1.2])), top_p=float(rng.choice([1.0, 0.8])),
+            top_k=int(rng.choice([0, 20])), min_p=float(rng.choice([0, 0.1])), max_tokens=int(rng.integers(1, 24)),
+            repetition_penalty=float(rng.choice([1.0, 1.2])), presence_penalty=float(rng.choice([0, 0.5])),
+            logprobs=int(rng.choice([0, 5])), n=int(rng.choice([1, 1, 2])), seed=int(rng.integers(1000)),
+            stop=["the"] if rng.random() < 0.2 else None,
+        )
+        for _ in prompts
+    ]  # fmt: skip
+    outs = stories_llm.generate(prompts, params)
+    assert len(outs) == 200 and all(o.finished for o in outs)
+    assert CompileCounter.count == before, f"{CompileCounter.count - before} compilations after warm-up"
+    assert_all_blocks_free(stories_llm)
