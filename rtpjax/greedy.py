@@ -6,6 +6,7 @@ what `rtpjax generate` runs on. Prefill is one step (or chunks of `chunk` tokens
 
 from __future__ import annotations
 
+import functools
 from typing import Iterator
 
 import jax
@@ -15,6 +16,7 @@ from rtpjax import kv_cache
 from rtpjax.step_inputs import SeqChunk, build_step
 
 
+@functools.cache
 def jit_forward(family):
     """The family's forward, jitted with the config static and the KV cache donated (updated in place)."""
     return jax.jit(family.forward, static_argnames=("cfg",), donate_argnames=("kv_cache",))

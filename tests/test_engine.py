@@ -18,7 +18,7 @@ def random_prompts(n, seed, low=1, high=60):
 
 def alone(llm, prompt, max_tokens):
     e = llm.engine
-    return list(greedy_tokens(e.runner.params, e.cfg, e.family, prompt, max_tokens, block_size=16))
+    return list(greedy_tokens(e.runner.params, e.cfg, e.family, prompt, max_tokens, block_size=16, chunk=16))
 
 
 def assert_all_blocks_free(llm):

@@ -1,0 +1,144 @@
+"""AsyncLLM streaming and abort, the incremental detokenizer, the block pool, priorities and the compilation cache."""
+
+import asyncio
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import ENGINE_ARGS
+from rtpjax import AsyncLLM, SamplingParams
+from rtpjax import detokenizer
+from rtpjax.block_pool import BlockPool, prefix_hashes
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def async_llm(stories_dir, compile_cache):
+    llm = AsyncLLM(str(stories_dir), compilation_cache_dir=compile_cache, **ENGINE_ARGS)
+    yield llm
+    llm.shutdown()
+
+
+def test_async_streams_match_offline_and_abort_frees(async_llm, stories_llm):
+    expected = stories_llm.generate([[1], [1, 450]], SamplingParams(max_tokens=30, **GREEDY))
+
+    async def stream(prompt):
+        deltas, ids, last = [], [], None
+        async for out in async_llm.generate(prompt, SamplingParams(max_tokens=30, **GREEDY)):
+            deltas.append(out.outputs[0].delta_text)
+            ids += out.outputs[0].delta_token_ids
+            last = out
+        return "".join(deltas), ids, last
+
+    async def leave_early():
+        async for out in async_llm.generate([1], SamplingParams(max_tokens=200, **GREEDY)):
+            if len(out.outputs[0].token_ids) >= 3:
+                break  # the client goes away: its request must be aborted and its blocks freed
+
+    async def main():
+        results = await asyncio.gather(stream([1]), stream([1, 450]), leave_early())
+        for _ in range(100):
+            if async_llm.stats()["num_running"] == 0 and async_llm.stats()["num_waiting"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        return results
+
+    (t1, ids1, last1), (t2, ids2, _), _ = asyncio.run(main())
+    assert ids1 == expected[0].outputs[0].token_ids and t1 == expected[0].outputs[0].text
+    assert ids2 == expected[1].outputs[0].token_ids and t2 == expected[1].outputs[0].text
+    assert last1.finished and last1.metrics.first_token is not None
+    assert len(last1.metrics.inter_token_latencies) == 29
+    stats = async_llm.stats()
+    assert stats["num_free_blocks"] == stats["num_blocks"]
+
+
+def test_async_bad_request_raises_for_that_request(async_llm):
+    async def main():
+        with pytest.raises(ValueError, match="top_p"):
+            async for _ in async_llm.generate([1], SamplingParams(top_p=2.0)):
+                pass
+        outs = [o async for o in async_llm.generate([1], SamplingParams(max_tokens=4, **GREEDY))]
+        return outs[-1]
+
+    assert len(asyncio.run(main()).outputs[0].token_ids) == 4
+
+
+def test_stream_never_leaks_a_partial_stop_string(stories_llm):
+    engine = stories_llm.engine
+    full = stories_llm.generate([1], SamplingParams(max_tokens=40, **GREEDY))[0].outputs[0].text
+    stop = "girl named Lily"
+    rid = engine.add_request([1], SamplingParams(max_tokens=40, stop=stop, **GREEDY))
+    streamed = ""
+    while engine.has_work():
+        for out in engine.step():
+            if out.request_id == rid:
+                streamed += out.outputs[0].delta_text
+                assert "girl named"[: len(stop) - 1] not in streamed or out.finished
+    assert streamed == full[: full.index(stop)]
+
+
+def test_detokenizer_holds_split_multibyte_characters(stories_dir):
+    tok = AutoTokenizer.from_pretrained(stories_dir)
+    prompt = [1]
+    ids = tok.encode("Lily saw é中 and 中中.", add_special_tokens=False)
+    assert any(tok.convert_ids_to_tokens(i).startswith("<0x") for i in ids)  # byte-fallback pieces
+    state, pieces = detokenizer.start(len(prompt)), []
+    for n in range(1, len(ids) + 1):
+        piece = detokenizer.append_tokens(tok, state, prompt + ids[:n], True)
+        assert "\ufffd" not in piece
+        pieces.append(piece)
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True) == state.text
+
+
+def test_block_pool_lru_eviction_and_refcounts():
+    pool = BlockPool(4)
+    tokens = list(range(32))
+    hashes = prefix_hashes(tokens, 8)
+    a = pool.allocate(4)
+    for b, h in zip(a, hashes):
+        pool.register(b, h)
+    pool.release(a)  # freed tail first: block a[3] is the first to be evicted
+    assert pool.lookup(hashes, 32) == a
+    fresh = pool.allocate(1)
+    assert fresh == [a[3]] and pool.lookup(hashes, 32) == a[:3]
+    pool.share(a[:2])
+    assert pool.allocate(3) is None and pool.num_free == 1
+    pool.release(a[:2])
+    pool.release(fresh)
+    assert pool.num_free == 4 and not any(pool.ref_count)
+    assert prefix_hashes(tokens, 8, b"adapter")[0] != hashes[0]  # the extra key separates equal tokens
+
+
+def test_priority_runs_urgent_requests_first(stories_llm):
+    engine = stories_llm.engine
+    order = []
+    low = [engine.add_request([1, 5 + i], SamplingParams(max_tokens=2, **GREEDY), priority=5) for i in range(10)]
+    high = engine.add_request([1, 99], SamplingParams(max_tokens=2, **GREEDY), priority=-1)
+    while engine.has_work():
+        order += [o.request_id for o in engine.step() if o.finished]
+    assert order.index(high) < order.index(low[-1])
+    assert order.index(high) <= 8  # admitted in the first step despite arriving last
+
+
+START = """
+import sys
+from rtpjax import LLM, SamplingParams
+from rtpjax.runner import CompileCounter
+llm = LLM(sys.argv[1], max_num_seqs=8, max_num_batched_tokens=16, max_model_len=256, compilation_cache_dir=sys.argv[2])
+assert llm.generate([1], SamplingParams(max_tokens=3, temperature=0))[0].outputs[0].token_ids
+print("compilations", CompileCounter.count)
+"""
+
+
+@pytest.mark.slow
+def test_second_start_compiles_nothing_with_the_cache(stories_dir, tmp_path):
+    def start():
+        out = subprocess.run([sys.executable, "-c", START, str(stories_dir), str(tmp_path)], capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        return int(out.stdout.split("compilations")[-1])
+
+    assert start() > 0
+    assert start() == 0
