@@ -4,32 +4,29 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def generate(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
+    from rtpjax import EngineArgs, LLMEngine, SamplingParams
 
-    from rtpjax.greedy import greedy_tokens
-    from rtpjax.loader import load_model
-
-    cfg, family, params = load_model(args.model, dtype=args.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    prompt = tokenizer.encode(args.prompt)
-    if not prompt:
-        prompt = [cfg.bos_token_id if cfg.bos_token_id is not None else 0]
-    stop = () if args.ignore_eos else cfg.eos_token_ids
-    out: list[int] = []
-    shown = ""
-    sys.stdout.write(args.prompt)
-    for token in greedy_tokens(params, cfg, family, prompt, args.max_tokens, stop_ids=stop):
-        if token in stop:
-            break
-        out.append(token)
-        text = tokenizer.decode(out, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):  # hold back a multi-byte character until it is complete
-            sys.stdout.write(text[len(shown) :])
+    engine = LLMEngine(args.model, EngineArgs(
+        max_num_seqs=8, max_num_batched_tokens=128, dtype=args.dtype, max_model_len=args.max_model_len,
+        compilation_cache_dir=args.compilation_cache_dir or None,
+    ))  # fmt: skip
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                            max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)  # fmt: skip
+    prompt = args.prompt
+    if args.chat:
+        messages = [{"role": "user", "content": prompt}]
+        prompt = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        sys.stdout.write(prompt)
+    engine.add_request(prompt, params)
+    while engine.has_work():
+        for out in engine.step():
+            sys.stdout.write(out.outputs[0].delta_text)
             sys.stdout.flush()
-            shown = text
     sys.stdout.write("\n")
     return 0
 
@@ -37,12 +34,19 @@ def generate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rtpjax", description="LLM inference on JAX")
     commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="greedy-complete one prompt, streaming to the terminal")
+    gen = commands.add_parser("generate", help="complete one prompt, streaming to the terminal")
     gen.add_argument("prompt")
     gen.add_argument("--model", required=True, help="a Hugging Face model folder (config.json + safetensors)")
     gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    gen.add_argument("--max-model-len", type=int, default=None)
     gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--compilation-cache-dir", default=str(Path.home() / ".cache" / "rtpjax" / "xla"),
+                     help="JAX persistent compilation cache ('' to disable): the second start skips compiling")
     args = parser.parse_args(argv)
     try:
         return {"generate": generate}[args.command](args)
