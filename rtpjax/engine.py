@@ -67,6 +67,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: object = None  # the first sequence's RequestMetrics
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # None for the first prompt token
 
 
 @dataclasses.dataclass
@@ -77,6 +78,7 @@ class Request:
     params: SamplingParams
     seqs: list[Sequence]
     sent: list[list[int]] = dataclasses.field(default_factory=list)  # per seq: tokens already reported
+    prompt_logprobs: list | None = None
 
     @property
     def finished(self) -> bool:
@@ -192,6 +194,8 @@ class LLMEngine:
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already running")
+        if request.params.prompt_logprobs is not None:
+            request.prompt_logprobs = self.runner.score_prompt(request.prompt_ids, request.params.prompt_logprobs)
         self.requests[request.request_id] = request
         for seq in request.seqs:
             seq.arrival_order = next(self._order)
@@ -297,7 +301,7 @@ class LLMEngine:
             del self.requests[request.request_id]
             self.finished_requests += 1
         return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outs, finished,
-                             request.seqs[0].metrics)  # fmt: skip
+                             request.seqs[0].metrics, request.prompt_logprobs)  # fmt: skip
 
     # -- gauges -----------------------------------------------------------------------------------------------------
 

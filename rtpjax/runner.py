@@ -19,7 +19,7 @@ import numpy as np
 from rtpjax import kv_cache as kv
 from rtpjax import sampler
 from rtpjax.attention import AttentionMetadata
-from rtpjax.sampling_params import MAX_STOP_TOKEN_IDS
+from rtpjax.sampling_params import MAX_LOGPROBS, MAX_STOP_TOKEN_IDS
 from rtpjax.scheduler import Schedule
 from rtpjax.sequence import PENDING
 from rtpjax.step_inputs import SeqChunk, build_step
@@ -86,6 +86,7 @@ class ModelRunner:
     def __init__(self, cfg, family, params, *, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, mesh=None, attention_impl: str = "reference"):  # fmt: skip
         self.cfg, self.params = cfg, params
+        self._forward = family.forward
         self.block_size = block_size
         self.max_blocks = -(-max_model_len // block_size)
         self.attention_impl = attention_impl
@@ -174,6 +175,39 @@ class ModelRunner:
             is_output[offset + seq.num_prompt : offset + n] = True
             offset += n
         return rows, tokens, token_rows, is_output
+
+    # -- prompt logprobs --------------------------------------------------------------------------------------------
+
+    def score_prompt(self, ids: list[int], top_n: int) -> list[dict[int, float] | None]:
+        """Each prompt token's logprob (and the top-n alternatives) given the tokens before it.
+
+        A separate full-prompt forward over a scratch cache, compiled per power-of-two length: it costs one extra
+        prefill, only for requests that ask for prompt logprobs.
+        """
+        length = pick(self.admit_buckets, len(ids))
+        cache = kv.allocate(self.cfg, -(-length // self.block_size), self.block_size)
+        step = build_step([SeqChunk(ids, 0, list(range(len(cache[0][0]))))], self.block_size, num_tokens=length,
+                          num_seqs=1, impl=self.attention_impl)  # fmt: skip
+        targets = np.zeros(length, np.int32)
+        targets[: len(ids) - 1] = ids[1:]
+        lp, top_ids, top_lp = jax.device_get(self._score(self.params, cache, step.tokens, step.positions, step.meta,
+                                                         targets))  # fmt: skip
+        out: list[dict[int, float] | None] = [None]
+        for t in range(len(ids) - 1):
+            entry = {int(ids[t + 1]): float(lp[t])}
+            entry.update((int(i), float(v)) for i, v in zip(top_ids[t, :top_n], top_lp[t, :top_n]))
+            out.append(entry)
+        return out
+
+    @functools.cached_property
+    def _score(self):
+        def score(params, cache, tokens, positions, meta, targets):
+            logits, _ = self._forward(params, self.cfg, tokens, positions, cache, meta)
+            logprobs = jax.nn.log_softmax(logits, axis=-1)
+            top_lp, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
+            return jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0], top_ids, top_lp
+
+        return jax.jit(score)
 
     # -- dispatch ---------------------------------------------------------------------------------------------------
 

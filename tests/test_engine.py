@@ -1,5 +1,6 @@
 """The engine on the real stories260K model: batching invariance, prefix caching, preemption, sampling, stopping."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -105,11 +106,43 @@ def test_stop_token_ids_min_tokens_and_logprobs(stories_llm):
         assert max(entry.values()) == entry[token] <= 0
 
 
+def test_prompt_logprobs_match_a_full_forward(stories_llm):
+    prompt = random_prompts(1, seed=11, low=20, high=21)[0]
+    out = stories_llm.generate(prompt, SamplingParams(max_tokens=1, prompt_logprobs=2, **GREEDY))[0]
+    e = stories_llm.engine
+    logits, _ = ragged_logits(e, prompt)
+    ref = jax.nn.log_softmax(logits, axis=-1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for t in range(1, len(prompt)):
+        entry = out.prompt_logprobs[t]
+        assert abs(entry[prompt[t]] - float(ref[t - 1, prompt[t]])) < 1e-5
+        assert set(entry) - {prompt[t]} == set(np.argsort(-np.asarray(ref[t - 1]))[:2].tolist()) - {prompt[t]}
+
+
+def ragged_logits(engine, prompt):
+    from rtpjax import kv_cache
+    from rtpjax.greedy import jit_forward
+    from rtpjax.step_inputs import SeqChunk, build_step
+
+    cache = kv_cache.allocate(engine.cfg, 4, 16)
+    step = build_step([SeqChunk(prompt, 0, [0, 1, 2, 3])], 16)
+    return jit_forward(engine.family)(engine.runner.params, engine.cfg, step.tokens, step.positions, cache, step.meta)
+
+
 def test_n_completions_share_the_prompt_blocks(stories_llm):
     prompt = random_prompts(1, seed=6, low=50, high=51)[0]
     out = stories_llm.generate(prompt, SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=12))[0]
     assert [o.index for o in out.outputs] == [0, 1, 2]
     assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+    engine = stories_llm.engine
+    rid = engine.add_request(prompt, SamplingParams(n=3, max_tokens=12, **GREEDY))
+    seqs = engine.requests[rid].seqs
+    while not all(s.block_table for s in seqs):
+        engine.step()
+    assert seqs[1].block_table[:3] == seqs[2].block_table[:3] == seqs[0].block_table[:3]  # 50 tokens: 3 full blocks
+    assert engine.pool.ref_count[seqs[0].block_table[0]] == 3 and seqs[1].block_table[3] != seqs[0].block_table[3]
+    while engine.has_work():
+        engine.step()
     greedy = stories_llm.generate(prompt, SamplingParams(n=2, max_tokens=12, **GREEDY))[0]
     assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids == alone(stories_llm, prompt, 12)
     assert_all_blocks_free(stories_llm)
