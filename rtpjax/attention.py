@@ -37,20 +37,21 @@ class AttentionMetadata:
     impl: str = dataclasses.field(default="reference", metadata=dict(static=True))
 
 
-# A layer's cache: (k, v), each [num_blocks, block_size, num_kv_heads, head_dim].
+# A layer's cache: (k, v), each [num_kv_heads, num_blocks, block_size, head_dim]: one contiguous
+# [block_size, head_dim] tile per (head, block), the unit attention kernels load.
 LayerCache = tuple[jax.Array, jax.Array]
 
 
 def write_kv(cache: LayerCache, k: jax.Array, v: jax.Array, slot_mapping: jax.Array) -> LayerCache:
     """Scatter the step's K/V ([T, Hkv, D]) into their slots; slots < 0 (padding) are dropped."""
     k_cache, v_cache = cache
-    num_blocks, block_size, heads, dim = k_cache.shape
+    heads, num_blocks, block_size, dim = k_cache.shape
     num_slots = num_blocks * block_size
     slots = jnp.where(slot_mapping < 0, num_slots, slot_mapping)  # out of range -> dropped, never wrapped
 
-    def scatter(buf, new):
-        flat = buf.reshape(num_slots, heads, dim)
-        return flat.at[slots].set(new.astype(buf.dtype), mode="drop").reshape(buf.shape)
+    def scatter(buf, new):  # new: [T, H, D] -> buf[:, slot, :]
+        flat = buf.reshape(heads, num_slots, dim)
+        return flat.at[:, slots].set(new.swapaxes(0, 1).astype(buf.dtype), mode="drop").reshape(buf.shape)
 
     return scatter(k_cache, k), scatter(v_cache, v)
 
@@ -78,27 +79,27 @@ def reference_attention(
     """Plain-jnp paged attention in float32. q: [T, Hq, D] -> [T, Hq, D]; padding tokens give zeros."""
     k_cache, v_cache = cache
     num_tokens, num_heads, dim = q.shape
-    _, block_size, kv_heads, _ = k_cache.shape
+    kv_heads, _, block_size, _ = k_cache.shape
     group = num_heads // kv_heads
     seq, position, valid = token_layout(meta, num_tokens)
 
     # Every token gathers its own sequence's whole context: simple and exact, not fast.
     blocks = meta.block_tables[seq]  # [T, B]
     slots = (blocks[:, :, None] * block_size + jnp.arange(block_size)[None, None, :]).reshape(num_tokens, -1)
-    keys = k_cache.reshape(-1, kv_heads, dim)[slots].astype(jnp.float32)  # [T, C, Hkv, D]
-    values = v_cache.reshape(-1, kv_heads, dim)[slots].astype(jnp.float32)
+    keys = k_cache.reshape(kv_heads, -1, dim)[:, slots].astype(jnp.float32)  # [Hkv, T, C, D]
+    values = v_cache.reshape(kv_heads, -1, dim)[:, slots].astype(jnp.float32)
 
     qg = q.astype(jnp.float32).reshape(num_tokens, kv_heads, group, dim)
-    scores = jnp.einsum("thgd,tchd->thgc", qg, keys) * scale
+    scores = jnp.einsum("thgd,htcd->thgc", qg, keys) * scale
     if soft_cap is not None:
         scores = soft_cap * jnp.tanh(scores / soft_cap)
-    key_pos = jnp.arange(keys.shape[1])[None, :]
+    key_pos = jnp.arange(keys.shape[2])[None, :]
     visible = key_pos <= position[:, None]
     if window is not None:
         visible &= key_pos > position[:, None] - window
     scores = jnp.where(visible[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("thgc,tchd->thgd", probs, values).reshape(num_tokens, num_heads, dim)
+    out = jnp.einsum("thgc,htcd->thgd", probs, values).reshape(num_tokens, num_heads, dim)
     return jnp.where(valid[:, None, None], out, 0.0).astype(q.dtype)
 
 

@@ -1,4 +1,4 @@
-"""The paged KV cache as device arrays: one (k, v) pair per layer, each [num_blocks, block_size, kv_heads, head_dim].
+"""The paged KV cache as device arrays: one (k, v) pair per layer, each [kv_heads, num_blocks, block_size, head_dim].
 
 Block accounting (which blocks a sequence owns) is host-side and lives elsewhere; this module only knows the layout,
 the memory it costs and its sharding.
@@ -14,7 +14,7 @@ from rtpjax.sharding import kv_cache_sharding
 
 
 def block_shape(cfg: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, int, int, int]:
-    return (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+    return (cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim)
 
 
 def bytes_per_block(cfg: ModelConfig, block_size: int, dtype=None) -> int:

@@ -62,7 +62,7 @@ def test_padding_tokens_do_not_touch_the_cache(tiny_checkpoints):
     inputs = build_step([SeqChunk([5, 6, 7], 0, [2])], BLOCK, num_tokens=16, num_seqs=4)
     _, cache = jit_forward(family)(params, cfg, inputs.tokens, inputs.positions, cache, inputs.meta)
     for k, v in cache:
-        used = np.zeros(k.shape[:2], bool)
-        used[2, :3] = True
+        used = np.zeros(k.shape[:3], bool)
+        used[:, 2, :3] = True
         assert np.all(np.asarray(k)[~used] == 0) and np.all(np.asarray(v)[~used] == 0)
         assert np.all(np.abs(np.asarray(k)[used]).sum(-1) > 0)

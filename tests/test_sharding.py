@@ -58,7 +58,7 @@ def test_mesh_matches_single_device(name, axes, tiny_checkpoints):
         assert len(shards) == 8
         assert all(s.data.shape == shard_shape for s in shards), (path, [s.data.shape for s in shards])
     k, _ = cache[0]
-    assert {s.data.shape[2] for s in k.addressable_shards} == {cfg.num_kv_heads // tp}
+    assert {s.data.shape[0] for s in k.addressable_shards} == {cfg.num_kv_heads // tp}
 
 
 def test_mesh_too_large_is_a_clear_error():
