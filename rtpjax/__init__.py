@@ -2,8 +2,17 @@
 
 __version__ = "0.1.0"
 
-from rtpjax.engine import CompletionOutput, EngineArgs, LLMEngine, RequestOutput  # noqa: E402
-from rtpjax.llm import LLM, AsyncLLM  # noqa: E402
-from rtpjax.sampling_params import SamplingParams  # noqa: E402
+_API = {
+    "LLM": "rtpjax.llm", "AsyncLLM": "rtpjax.llm", "LLMEngine": "rtpjax.engine", "EngineArgs": "rtpjax.engine",
+    "RequestOutput": "rtpjax.engine", "CompletionOutput": "rtpjax.engine", "SamplingParams": "rtpjax.sampling_params",
+}  # fmt: skip
+__all__ = sorted(_API)
 
-__all__ = ["LLM", "AsyncLLM", "LLMEngine", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput"]
+
+def __getattr__(name: str):
+    """Import the API on first use, so `import rtpjax.attention` (kernels, benchmarks) stays light."""
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'rtpjax' has no attribute {name!r}")

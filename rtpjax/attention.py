@@ -38,22 +38,46 @@ class AttentionMetadata:
 
 
 # A layer's cache: (k, v), each [num_kv_heads, num_blocks, block_size, head_dim]: one contiguous
-# [block_size, head_dim] tile per (head, block), the unit attention kernels load.
-LayerCache = tuple[jax.Array, jax.Array]
+# [block_size, head_dim] tile per (head, block), the unit attention kernels load. A quantized (int8 / fp8) cache adds
+# (k_scale, v_scale), each [num_kv_heads, num_blocks, block_size] float32: one scale per token per head.
+LayerCache = tuple[jax.Array, ...]
+
+QUANT_MAX = {jnp.dtype(jnp.int8): 127.0, jnp.dtype(jnp.float8_e4m3fn): 448.0}
+
+
+def quantize(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """Symmetric per-vector quantization over the last axis: x ~= q * scale."""
+    qmax = QUANT_MAX[jnp.dtype(dtype)]
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1)
+    scale = jnp.where(amax > 0, amax / qmax, 1.0)
+    y = x.astype(jnp.float32) / scale[..., None]
+    if jnp.issubdtype(dtype, jnp.integer):
+        y = jnp.clip(jnp.round(y), -qmax, qmax)
+    return y.astype(dtype), scale
+
+
+def dequantize(cache: LayerCache) -> tuple[jax.Array, jax.Array]:
+    """Float32 K and V of a layer's cache, whatever its storage type."""
+    k, v = cache[0].astype(jnp.float32), cache[1].astype(jnp.float32)
+    if len(cache) == 4:
+        k, v = k * cache[2][..., None], v * cache[3][..., None]
+    return k, v
 
 
 def write_kv(cache: LayerCache, k: jax.Array, v: jax.Array, slot_mapping: jax.Array) -> LayerCache:
-    """Scatter the step's K/V ([T, Hkv, D]) into their slots; slots < 0 (padding) are dropped."""
-    k_cache, v_cache = cache
-    heads, num_blocks, block_size, dim = k_cache.shape
+    """Scatter the step's K/V ([T, Hkv, D]) into their slots, quantizing for an int8/fp8 cache; slots < 0 dropped."""
+    heads, num_blocks, block_size, dim = cache[0].shape
     num_slots = num_blocks * block_size
     slots = jnp.where(slot_mapping < 0, num_slots, slot_mapping)  # out of range -> dropped, never wrapped
 
-    def scatter(buf, new):  # new: [T, H, D] -> buf[:, slot, :]
-        flat = buf.reshape(heads, num_slots, dim)
+    def scatter(buf, new):  # new: [T, H, ...] -> buf[:, slot, ...]
+        flat = buf.reshape(heads, num_slots, *buf.shape[3:])
         return flat.at[:, slots].set(new.swapaxes(0, 1).astype(buf.dtype), mode="drop").reshape(buf.shape)
 
-    return scatter(k_cache, k), scatter(v_cache, v)
+    if len(cache) == 2:
+        return scatter(cache[0], k), scatter(cache[1], v)
+    (kq, ks), (vq, vs) = quantize(k, cache[0].dtype), quantize(v, cache[1].dtype)
+    return scatter(cache[0], kq), scatter(cache[1], vq), scatter(cache[2], ks), scatter(cache[3], vs)
 
 
 def token_layout(meta: AttentionMetadata, num_tokens: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -77,7 +101,7 @@ def reference_attention(
     soft_cap: float | None = None,
 ) -> jax.Array:
     """Plain-jnp paged attention in float32. q: [T, Hq, D] -> [T, Hq, D]; padding tokens give zeros."""
-    k_cache, v_cache = cache
+    k_cache, v_cache = dequantize(cache)
     num_tokens, num_heads, dim = q.shape
     kv_heads, _, block_size, _ = k_cache.shape
     group = num_heads // kv_heads
@@ -86,8 +110,8 @@ def reference_attention(
     # Every token gathers its own sequence's whole context: simple and exact, not fast.
     blocks = meta.block_tables[seq]  # [T, B]
     slots = (blocks[:, :, None] * block_size + jnp.arange(block_size)[None, None, :]).reshape(num_tokens, -1)
-    keys = k_cache.reshape(kv_heads, -1, dim)[:, slots].astype(jnp.float32)  # [Hkv, T, C, D]
-    values = v_cache.reshape(kv_heads, -1, dim)[:, slots].astype(jnp.float32)
+    keys = k_cache.reshape(kv_heads, -1, dim)[:, slots]  # [Hkv, T, C, D]
+    values = v_cache.reshape(kv_heads, -1, dim)[:, slots]
 
     qg = q.astype(jnp.float32).reshape(num_tokens, kv_heads, group, dim)
     scores = jnp.einsum("thgd,htcd->thgc", qg, keys) * scale
@@ -108,8 +132,24 @@ def _reference(q, k, v, cache, meta, **kw):
     return reference_attention(q, cache, meta, **kw), cache
 
 
-# name -> fn(q, k, v, cache, meta, *, scale, window, soft_cap) -> (out, cache)
-IMPLEMENTATIONS: dict[str, Callable] = {"reference": _reference}
+def _pallas(q, k, v, cache, meta, **kw):
+    from rtpjax.pallas_kernels.ragged_paged_attention import ragged_paged_attention
+
+    cache = write_kv(cache, k, v, meta.slot_mapping)
+    return ragged_paged_attention(q, cache, meta, interpret=jax.default_backend() == "cpu", **kw), cache
+
+
+# name -> fn(q, k, v, cache, meta, *, scale, window, soft_cap) -> (out, cache). "pallas" runs the Pallas kernel
+# (interpreted on CPU, which is slow: for tests); "auto" picks pallas on GPU and reference elsewhere.
+IMPLEMENTATIONS: dict[str, Callable] = {"reference": _reference, "pallas": _pallas}
+
+
+def resolve_impl(name: str) -> str:
+    if name == "auto":
+        return "pallas" if jax.default_backend() == "gpu" else "reference"
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {name!r}; choose auto or one of {sorted(IMPLEMENTATIONS)}")
+    return name
 
 
 def paged_attention(

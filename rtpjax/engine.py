@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from rtpjax import detokenizer, kv_cache
+from rtpjax.attention import resolve_impl
 from rtpjax.block_pool import BlockPool
 from rtpjax.runner import ModelRunner
 from rtpjax.sampling_params import SamplingParams
@@ -40,7 +41,8 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     dtype: str | None = None
     tensor_parallel_size: int = 1
-    attention_impl: str = "reference"
+    attention_impl: str = "auto"  # "pallas" on GPU, "reference" (plain jnp) elsewhere
+    kv_cache_dtype: str = "auto"  # the model's dtype, or "int8" / "fp8" (e4m3) with per-token scales
     compilation_cache_dir: str | None = None  # JAX persistent compilation cache: a second start skips compiling
     seed: int = 0  # draws the seeds of requests that bring none
     tokenizer: str | None = None
@@ -106,7 +108,7 @@ def kv_cache_blocks(cfg, args: EngineArgs, max_model_len: int) -> int:
     """Blocks that fit the memory budget (per device: KV heads are split over the tensor axis)."""
     if args.num_gpu_blocks is not None:
         return args.num_gpu_blocks
-    per_block = kv_cache.bytes_per_block(cfg, args.block_size)
+    per_block = kv_cache.bytes_per_block(cfg, args.block_size, args.kv_cache_dtype)
     if cfg.num_kv_heads % args.tensor_parallel_size == 0:
         per_block //= args.tensor_parallel_size
     stats = jax.devices()[0].memory_stats() or {}
@@ -126,6 +128,7 @@ class LLMEngine:
 
         args = args or EngineArgs()
         self.args = args
+
         if args.compilation_cache_dir:
             enable_compilation_cache(args.compilation_cache_dir)
         mesh = make_mesh(tensor=args.tensor_parallel_size)
@@ -141,7 +144,8 @@ class LLMEngine:
         self.runner = ModelRunner(
             self.cfg, self.family, params, num_blocks=num_blocks, block_size=args.block_size,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=self.max_model_len, mesh=mesh, attention_impl=args.attention_impl,
+            max_model_len=self.max_model_len, mesh=mesh, attention_impl=resolve_impl(args.attention_impl),
+            kv_cache_dtype=args.kv_cache_dtype,
         )  # fmt: skip
         t0 = time.monotonic()
         shapes = self.runner.warmup()

@@ -84,7 +84,8 @@ class CompileCounter:
 
 class ModelRunner:
     def __init__(self, cfg, family, params, *, num_blocks: int, block_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int, mesh=None, attention_impl: str = "reference"):  # fmt: skip
+                 max_num_batched_tokens: int, max_model_len: int, mesh=None, attention_impl: str = "reference",
+                 kv_cache_dtype: str = "auto"):  # fmt: skip
         self.cfg, self.params = cfg, params
         self._forward = family.forward
         self.block_size = block_size
@@ -93,7 +94,8 @@ class ModelRunner:
         self.token_buckets = buckets(max_num_batched_tokens, 16)
         self.seq_buckets = buckets(max_num_seqs, 8)
         self.sink = max_num_seqs
-        self.cache = kv.allocate(cfg, num_blocks, block_size, mesh=mesh)
+        self.kv_cache_dtype = kv_cache_dtype
+        self.cache = kv.allocate(cfg, num_blocks, block_size, mesh=mesh, kv_dtype=kv_cache_dtype)
         self.state = jax.jit(sampler.init_state, static_argnums=(0, 1))(max_num_seqs, cfg.vocab_size)
         self._step = jax.jit(
             functools.partial(device_step, cfg=cfg, forward=family.forward), donate_argnums=(1, 2)
@@ -185,7 +187,7 @@ class ModelRunner:
         prefill, only for requests that ask for prompt logprobs.
         """
         length = pick(self.admit_buckets, len(ids))
-        cache = kv.allocate(self.cfg, -(-length // self.block_size), self.block_size)
+        cache = kv.allocate(self.cfg, -(-length // self.block_size), self.block_size, kv_dtype=self.kv_cache_dtype)
         step = build_step([SeqChunk(ids, 0, list(range(len(cache[0][0]))))], self.block_size, num_tokens=length,
                           num_seqs=1, impl=self.attention_impl)  # fmt: skip
         targets = np.zeros(length, np.int32)

@@ -49,4 +49,4 @@ def param_shardings(shapes: dict[str, tuple[int, ...]], rules, mesh: Mesh) -> di
 
 def kv_cache_sharding(kv_cache_shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
     """KV heads over the tensor axis, matching the column-parallel k/v projections."""
-    return NamedSharding(mesh, fit_spec(P("tensor", None, None, None), kv_cache_shape, mesh))
+    return NamedSharding(mesh, fit_spec(P("tensor", *(None,) * (len(kv_cache_shape) - 1)), kv_cache_shape, mesh))

@@ -1,0 +1,208 @@
+"""Ragged paged attention in Pallas (Triton lowering): prefill chunks and decode tokens of many sequences at once.
+
+Work is cut into query blocks: `block_q` consecutive tokens of one sequence times the (power-of-two padded) query
+heads that share one KV head, so every block is a [block_q * G, head_dim] matrix however ragged the batch is. A program
+owns one (KV head, query block, KV split); it walks its sequence's block table `pages_per_tile` pages at a time, with
+an online softmax, and stops at the causal limit of its last token (and starts at the window of its first). With more
+than one KV split (long contexts, few sequences), partial results are merged outside the kernel.
+
+An int8 / fp8 cache brings a float32 scale per token per head: keys are dequantized through the logits, values
+through the probabilities, so the cache is read at its stored width.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from rtpjax.attention import AttentionMetadata
+
+MASK = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp(MASK - real max) == 0 with no inf - inf
+
+
+def _dot(a, b, trans_b: bool = False):
+    """a @ b (or a @ b.T) with float32 accumulation: the tensor-core product inside the kernel."""
+    contract = ((1,), (1 if trans_b else 0,))
+    return lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
+
+
+def _kernel(
+    qb_seq_ref, qb_start_ref, qb_rows_ref, qsl_ref, seq_lens_ref, tables_ref,  # scheduling, int32
+    q_ref, k_ref, v_ref, *rest,
+    block_q: int, group: int, pages_per_tile: int, num_splits: int, scale: float, window: int | None,
+    soft_cap: float | None, quantized: bool,
+):  # fmt: skip
+    if quantized:
+        k_scale_ref, v_scale_ref, *outs = rest
+    else:
+        k_scale_ref = v_scale_ref = None
+        outs = rest
+    o_ref = outs[0]
+    qb, split = pl.program_id(1), pl.program_id(2)
+    seq, t0, rows = qb_seq_ref[qb], qb_start_ref[qb], qb_rows_ref[qb]
+    first_pos = seq_lens_ref[seq] - qsl_ref[seq + 1] + t0  # context position of the block's first token
+    m_rows = block_q * group
+    page_size, head_dim = k_ref.shape[-2], k_ref.shape[-1]
+    tile = pages_per_tile * page_size
+
+    q = q_ref[pl.ds(t0, block_q), :, :].reshape(m_rows, head_dim)
+    row_pos = first_pos + lax.broadcasted_iota(jnp.int32, (m_rows, tile), 0) // group
+    key_iota = lax.broadcasted_iota(jnp.int32, (m_rows, tile), 1)
+
+    # Tiles [lo, hi) of this sequence that any row of the block may see, split evenly among the KV splits.
+    hi = jnp.where(rows > 0, pl.cdiv(first_pos + rows, tile), 0)
+    lo = 0 if window is None else jnp.maximum(first_pos - window + 1, 0) // tile
+    lo = jnp.minimum(lo, hi)
+    per_split = pl.cdiv(hi - lo, num_splits)
+    start = jnp.minimum(lo + split * per_split, hi)
+    end = jnp.minimum(start + per_split, hi)
+
+    def body(j, carry):
+        acc, m_prev, l_prev = carry
+        pages = tables_ref[seq, pl.ds(j * pages_per_tile, pages_per_tile)]
+        k = k_ref[pages].reshape(tile, head_dim)
+        v = v_ref[pages].reshape(tile, head_dim)
+        if quantized:
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+        logits = _dot(q, k, trans_b=True) * scale  # [m_rows, tile] float32
+        if quantized:
+            logits = logits * k_scale_ref[pages].reshape(1, tile)
+        if soft_cap is not None:
+            logits = soft_cap * jnp.tanh(logits / soft_cap)
+        key_pos = j * tile + key_iota
+        visible = key_pos <= row_pos
+        if window is not None:
+            visible = visible & (key_pos > row_pos - window)
+        logits = jnp.where(visible, logits, MASK)
+        m_next = jnp.maximum(m_prev, logits.max(axis=-1))
+        correction = jnp.exp2((m_prev - m_next) * math.log2(math.e))
+        p = jnp.exp2((logits - m_next[:, None]) * math.log2(math.e))
+        l_next = l_prev * correction + p.sum(axis=-1)
+        if quantized:
+            p = p * v_scale_ref[pages].reshape(1, tile)
+        acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
+        return acc, m_next, l_next
+
+    init = (
+        jnp.zeros((m_rows, head_dim), jnp.float32),
+        jnp.full((m_rows,), MASK, jnp.float32),
+        jnp.zeros((m_rows,), jnp.float32),
+    )
+    acc, m, l = lax.fori_loop(start, end, body, init)
+
+    row_ok = lax.broadcasted_iota(jnp.int32, (block_q, group, head_dim), 0) < rows
+    rows_here = pl.ds(t0, block_q)
+    if num_splits == 1:
+        out = (acc / jnp.where(l == 0, 1.0, l)[:, None]).reshape(block_q, group, head_dim)
+        plgpu.store(o_ref.at[rows_here], out.astype(o_ref.dtype), mask=row_ok)
+    else:
+        m_ref, l_ref = outs[1], outs[2]
+        plgpu.store(o_ref.at[rows_here], acc.reshape(block_q, group, head_dim), mask=row_ok)
+        stat_ok = lax.broadcasted_iota(jnp.int32, (block_q, group), 0) < rows
+        plgpu.store(m_ref.at[rows_here], m.reshape(block_q, group), mask=stat_ok)
+        plgpu.store(l_ref.at[rows_here], l.reshape(block_q, group), mask=stat_ok)
+
+
+def query_blocks(meta: AttentionMetadata, num_tokens: int, block_q: int):
+    """(sequence, first token, valid rows) of every query block; spare blocks have 0 rows. Static count."""
+    num_seqs = meta.seq_lens.shape[0]
+    num_blocks = pl.cdiv(num_tokens, block_q) + num_seqs
+    qsl = meta.query_start_loc
+    lens = qsl[1:] - qsl[:-1]
+    per_seq = (lens + block_q - 1) // block_q
+    ends = jnp.cumsum(per_seq)
+    b = jnp.arange(num_blocks, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(ends, b, side="right"), num_seqs - 1).astype(jnp.int32)
+    local = b - (ends[seq] - per_seq[seq])
+    start = qsl[seq] + local * block_q
+    rows = jnp.where(b < ends[-1], jnp.clip(qsl[seq + 1] - start, 0, block_q), 0)
+    return seq, jnp.where(rows > 0, start, 0).astype(jnp.int32), rows.astype(jnp.int32)
+
+
+def ragged_paged_attention(
+    q: jax.Array,  # [T, Hq, D]
+    cache: tuple,  # (k, v) or (k, v, k_scale, v_scale); k, v: [Hkv, num_blocks, block_size, D]
+    meta: AttentionMetadata,
+    *,
+    scale: float,
+    window: int | None = None,
+    soft_cap: float | None = None,
+    block_q: int | None = None,
+    pages_per_tile: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    interpret: bool = False,
+) -> jax.Array:
+    """Attention of every token to its own sequence's cached context. Padding tokens give zeros."""
+    k_cache, v_cache = cache[0], cache[1]
+    quantized = len(cache) == 4
+    num_tokens, num_heads, head_dim = q.shape
+    kv_heads, _, page_size, _ = k_cache.shape
+    group = num_heads // kv_heads
+    group_p = pl.next_power_of_2(group)
+    if block_q is None:
+        block_q = max(1, 16 // group_p) if num_tokens <= 2 * meta.seq_lens.shape[0] else max(1, 64 // group_p)
+    if pages_per_tile is None:
+        pages_per_tile = max(1, 64 // page_size)
+    if num_splits is None:  # few (sequence, KV head) pairs: split long contexts to fill the GPU's ~132 SMs
+        programs = kv_heads * (pl.cdiv(num_tokens, block_q) + meta.seq_lens.shape[0])
+        num_splits = 1 if num_tokens > 2 * meta.seq_lens.shape[0] else max(1, min(16, 512 // programs))
+
+    # [T, Hq, D] -> [Hkv, T + block_q, G_pow2, D]: one KV head's queries are rows of one matrix.
+    qh = q.reshape(num_tokens, kv_heads, group, head_dim).transpose(1, 0, 2, 3)
+    qh = jnp.pad(qh, ((0, 0), (0, block_q), (0, group_p - group), (0, 0)))
+    padded_tokens = num_tokens + block_q
+    tables = meta.block_tables
+    tables = jnp.pad(tables, ((0, 0), (0, -tables.shape[1] % pages_per_tile)))
+    qb_seq, qb_start, qb_rows = query_blocks(meta, num_tokens, block_q)
+    grid = (kv_heads, qb_seq.shape[0], num_splits)
+
+    whole = lambda shape: pl.BlockSpec(shape, lambda h, b, s: (0,) * len(shape))  # noqa: E731
+    per_head = lambda shape: pl.BlockSpec((None, *shape), lambda h, b, s: (h,) + (0,) * len(shape))  # noqa: E731
+    cache_spec = per_head(k_cache.shape[1:])
+    in_specs = [whole(qb_seq.shape), whole(qb_start.shape), whole(qb_rows.shape), whole(meta.query_start_loc.shape),
+                whole(meta.seq_lens.shape), whole(tables.shape), per_head(qh.shape[1:]), cache_spec, cache_spec]  # fmt: skip
+    inputs = [qb_seq, qb_start, qb_rows, meta.query_start_loc, meta.seq_lens, tables, qh, k_cache, v_cache]
+    if quantized:
+        in_specs += [per_head(cache[2].shape[1:])] * 2
+        inputs += [cache[2], cache[3]]
+
+    out_rows = (padded_tokens, group_p)
+    if num_splits == 1:
+        out_shape = [jax.ShapeDtypeStruct((kv_heads, *out_rows, head_dim), q.dtype)]
+        out_specs = [per_head((*out_rows, head_dim))]
+    else:
+        per_split = lambda shape: pl.BlockSpec((None, None, *shape), lambda h, b, s: (s, h) + (0,) * len(shape))  # noqa: E731
+        out_shape = [jax.ShapeDtypeStruct((num_splits, kv_heads, *out_rows, head_dim), jnp.float32),
+                     jax.ShapeDtypeStruct((num_splits, kv_heads, *out_rows), jnp.float32),
+                     jax.ShapeDtypeStruct((num_splits, kv_heads, *out_rows), jnp.float32)]  # fmt: skip
+        out_specs = [per_split((*out_rows, head_dim)), per_split(out_rows), per_split(out_rows)]
+
+    kernel = functools.partial(
+        _kernel, block_q=block_q, group=group_p, pages_per_tile=pages_per_tile, num_splits=num_splits, scale=scale,
+        window=window, soft_cap=soft_cap, quantized=quantized,
+    )  # fmt: skip
+    compiler_params = None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    outs = pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        compiler_params=compiler_params, interpret=interpret, name="ragged_paged_attention",
+    )(*inputs)  # fmt: skip
+
+    if num_splits == 1:
+        out = outs[0]
+    else:  # merge the splits' partial softmaxes
+        acc, m, l = outs
+        m_max = m.max(axis=0)
+        w = jnp.exp(m - m_max[None])
+        denom = (w * l).sum(axis=0)
+        out = (w[..., None] * acc).sum(axis=0) / jnp.where(denom == 0, 1.0, denom)[..., None]
+    out = out[:, :num_tokens, :group].transpose(1, 0, 2, 3).reshape(num_tokens, num_heads, head_dim)
+    valid = jnp.arange(num_tokens) < meta.query_start_loc[-1]
+    return jnp.where(valid[:, None, None], out, 0).astype(q.dtype)

@@ -1,0 +1,117 @@
+"""The Pallas ragged paged attention kernel (interpret mode on CPU) against the plain-jnp float32 reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src.pallas import primitives as pallas_primitives
+
+from rtpjax.attention import quantize, reference_attention, write_kv
+from rtpjax.pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from rtpjax.step_inputs import SeqChunk, build_step
+
+BLOCK = 16
+
+
+def make_case(rng, spec, kv_heads, group, head_dim, dtype, num_tokens, num_seqs, num_blocks=48):
+    """spec: (new tokens, tokens already cached) per sequence; blocks handed out in random order."""
+    free = list(rng.permutation(num_blocks))
+    chunks = []
+    for n, start in spec:
+        table = [int(free.pop()) for _ in range(-(-(start + n) // BLOCK))]
+        chunks.append(SeqChunk([0] * n, start, table))
+    step = build_step(chunks, BLOCK, num_tokens=num_tokens, num_seqs=num_seqs, max_blocks=24)
+    meta = jax.tree.map(jnp.asarray, step.meta)
+    shape = (kv_heads, num_blocks, BLOCK, head_dim)
+    q = jnp.asarray(rng.standard_normal((num_tokens, kv_heads * group, head_dim)), dtype)
+    k = jnp.asarray(rng.standard_normal(shape), dtype)
+    v = jnp.asarray(rng.standard_normal(shape), dtype)
+    return q, (k, v), meta
+
+
+def rel(out, ref):
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    assert not np.isnan(out).any()
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+SPECS = {
+    "decode": [(1, 0), (1, 15), (1, 16), (1, 17), (1, 100), (1, 300)],  # contexts 1, at and across block edges
+    "prefill": [(37, 0), (16, 0), (5, 0)],
+    "mixed": [(1, 40), (20, 11), (1, 0), (33, 17), (1, 255), (9, 16)],
+}
+
+
+def test_interpret_mode_poisons_unwritten_outputs():
+    # An element the kernel never writes would be NaN, which every comparison below rejects.
+    assert jnp.isnan(pallas_primitives.uninitialized_value((), jnp.float32))
+
+
+@pytest.mark.parametrize("case", sorted(SPECS))
+@pytest.mark.parametrize("group, head_dim", [(1, 64), (3, 64), (4, 128), (8, 64)])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_matches_reference_float32(case, group, head_dim, splits):
+    rng = np.random.default_rng(hash((case, group, head_dim, splits)) % 2**32)
+    q, cache, meta = make_case(rng, SPECS[case], 2, group, head_dim, jnp.float32, num_tokens=96, num_seqs=8)
+    kw = dict(scale=head_dim**-0.5)
+    out = ragged_paged_attention(q, cache, meta, num_splits=splits, interpret=True, **kw)
+    assert rel(out, reference_attention(q, cache, meta, **kw)) < 1e-5
+    assert np.all(np.asarray(out)[int(meta.query_start_loc[-1]) :] == 0)  # padding tokens
+
+
+@pytest.mark.parametrize("window, soft_cap", [(7, None), (None, 20.0), (24, 5.0)])
+def test_window_and_soft_cap(window, soft_cap):
+    rng = np.random.default_rng(7)
+    q, cache, meta = make_case(rng, SPECS["mixed"], 2, 4, 64, jnp.float32, num_tokens=96, num_seqs=8)
+    kw = dict(scale=0.125, window=window, soft_cap=soft_cap)
+    for splits in (1, 2):
+        out = ragged_paged_attention(q, cache, meta, num_splits=splits, interpret=True, **kw)
+        assert rel(out, reference_attention(q, cache, meta, **kw)) < 1e-5
+
+
+@pytest.mark.parametrize("block_q, pages_per_tile", [(1, 1), (4, 2), (16, 4)])
+def test_tilings(block_q, pages_per_tile):
+    rng = np.random.default_rng(8)
+    q, cache, meta = make_case(rng, SPECS["mixed"], 2, 2, 64, jnp.float32, num_tokens=96, num_seqs=8)
+    out = ragged_paged_attention(q, cache, meta, scale=0.125, block_q=block_q, pages_per_tile=pages_per_tile,
+                                 interpret=True)  # fmt: skip
+    assert rel(out, reference_attention(q, cache, meta, scale=0.125)) < 1e-5
+
+
+def test_bfloat16_error_bound():
+    rng = np.random.default_rng(9)
+    q, cache, meta = make_case(rng, SPECS["mixed"], 2, 4, 128, jnp.bfloat16, num_tokens=96, num_seqs=8)
+    out = ragged_paged_attention(q, cache, meta, scale=128**-0.5, interpret=True)
+    f32 = jax.tree.map(lambda x: x.astype(jnp.float32), (q, cache))
+    err = rel(out, reference_attention(*f32, meta, scale=128**-0.5))
+    print(f"bf16 relative error {err:.2e}")
+    assert err < 1e-2
+
+
+@pytest.mark.parametrize("dtype, bound", [(jnp.int8, 2e-2), (jnp.float8_e4m3fn, 6e-2)])
+def test_quantized_cache_error_against_bf16(dtype, bound):
+    rng = np.random.default_rng(10)
+    q, (k, v), meta = make_case(rng, SPECS["mixed"], 2, 4, 128, jnp.bfloat16, num_tokens=96, num_seqs=8)
+    (kq, ks), (vq, vs) = quantize(k, dtype), quantize(v, dtype)
+    quant = (kq, vq, ks, vs)
+    out = ragged_paged_attention(q, quant, meta, scale=128**-0.5, interpret=True)
+    # The kernel computes exactly what the dequantizing reference computes ...
+    assert rel(out, reference_attention(q.astype(jnp.float32), quant, meta, scale=128**-0.5)) < 1e-2
+    # ... and loses this much against the unquantized bf16 cache.
+    err = rel(out, reference_attention(q.astype(jnp.float32), (k, v), meta, scale=128**-0.5))
+    print(f"{jnp.dtype(dtype).name} KV cache: relative error {err:.2e} against bf16")
+    assert err < bound
+
+
+def test_quantized_write_roundtrip():
+    rng = np.random.default_rng(11)
+    cache = (jnp.zeros((2, 4, BLOCK, 64), jnp.int8), jnp.zeros((2, 4, BLOCK, 64), jnp.int8),
+             jnp.ones((2, 4, BLOCK)), jnp.ones((2, 4, BLOCK)))  # fmt: skip
+    k = jnp.asarray(rng.standard_normal((5, 2, 64)), jnp.float32)
+    slots = jnp.asarray([3, 17, 18, -1, 40], jnp.int32)
+    kq, vq, ks, vs = write_kv(cache, k, 2 * k, slots)
+    back = (kq.astype(jnp.float32) * ks[..., None]).reshape(2, -1, 64)
+    for i, slot in enumerate([3, 17, 18, None, 40]):
+        if slot is not None:
+            np.testing.assert_allclose(back[:, slot], k[i].T.T, atol=float(jnp.abs(k[i]).max()) / 127)
+    assert int(jnp.count_nonzero(kq)) > 0 and float(ks.reshape(2, -1)[0, 0]) == 1.0  # untouched slots stay put
