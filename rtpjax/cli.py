@@ -47,9 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--compilation-cache-dir", default=str(Path.home() / ".cache" / "rtpjax" / "xla"),
                      help="JAX persistent compilation cache ('' to disable): the second start skips compiling")
+    from rtpjax.serve.launch import add_arguments, serve
+
+    add_arguments(commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API"))
     args = parser.parse_args(argv)
     try:
-        return {"generate": generate}[args.command](args)
+        return {"generate": generate, "serve": serve}[args.command](args)
     except (ValueError, OSError) as e:  # bad model folder or arguments: one line, no traceback
         print(f"rtpjax: error: {e}", file=sys.stderr)
         return 2

@@ -46,6 +46,7 @@ class EngineArgs:
     compilation_cache_dir: str | None = None  # JAX persistent compilation cache: a second start skips compiling
     seed: int = 0  # draws the seeds of requests that bring none
     tokenizer: str | None = None
+    progress: bool = False  # progress bars for loading and compiling (the server turns them on)
 
 
 @dataclasses.dataclass
@@ -132,7 +133,7 @@ class LLMEngine:
         if args.compilation_cache_dir:
             enable_compilation_cache(args.compilation_cache_dir)
         mesh = make_mesh(tensor=args.tensor_parallel_size)
-        self.cfg, self.family, params = load_model(model, dtype=args.dtype, mesh=mesh)
+        self.cfg, self.family, params = load_model(model, dtype=args.dtype, mesh=mesh, progress=args.progress)
         self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model)
         self.eos_ids = _eos_ids(Path(model), self.cfg, self.tokenizer)
         self.max_model_len = min(args.max_model_len or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings)
@@ -148,7 +149,7 @@ class LLMEngine:
             kv_cache_dtype=args.kv_cache_dtype,
         )  # fmt: skip
         t0 = time.monotonic()
-        shapes = self.runner.warmup()
+        shapes = self.runner.warmup(progress=args.progress)
         log.info("compiled %d step shapes in %.1f s", shapes, time.monotonic() - t0)
         self.requests: dict[str, Request] = {}
         self.inflight: tuple[Schedule, object] | None = None

@@ -54,19 +54,41 @@ class AsyncLLM:
         self.tokenizer = self.engine.tokenizer
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._reserved = 0
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rtpjax-engine", daemon=True)
         self._thread.start()
 
-    async def generate(self, prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:  # fmt: skip
+    async def submit(self, prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None,
+                     priority: int = 0) -> AsyncIterator[RequestOutput]:  # fmt: skip
+        """Validate and queue a request now (raising ValueError for bad input); returns its output stream."""
         if self._stopped.is_set():
             raise RuntimeError("the engine is shut down")
         # Tokenizing and validating happen off the event loop; bad input raises here, for this request only.
-        request = await asyncio.to_thread(self.engine.make_request, prompt, sampling_params, request_id, priority)
+        self._reserved += 1  # counted as unfinished from the first moment, so admission control sees it
+        try:
+            request = await asyncio.to_thread(self.engine.make_request, prompt, sampling_params, request_id, priority)
+        finally:
+            self._reserved -= 1
+        if request.request_id in self._streams:
+            raise ValueError(f"request id {request.request_id!r} is already running")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request.request_id] = (asyncio.get_running_loop(), stream)
         self._commands.put(("add", request))
+        return self._outputs(request.request_id, stream)
+
+    async def generate(self, prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:  # fmt: skip
+        stream = await self.submit(prompt, sampling_params, request_id, priority)
+        async for out in stream:
+            yield out
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests submitted and not yet finished (running, waiting or queued for the engine)."""
+        return len(self._streams) + self._reserved
+
+    async def _outputs(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         try:
             while True:
                 out = await stream.get()
@@ -74,12 +96,14 @@ class AsyncLLM:
                     raise out
                 yield out
                 if out.finished:
+                    self._streams.pop(request_id, None)
                     return
         finally:
-            if self._streams.pop(request.request_id, None) is not None:  # the caller left early: free its blocks
-                self._commands.put(("abort", request.request_id))
+            if self._streams.pop(request_id, None) is not None:  # the caller left early: free its blocks
+                self._commands.put(("abort", request_id))
 
     async def abort(self, request_id: str) -> None:
+        """Stop a request and free its blocks; its stream (if anyone still reads it) ends with finish_reason abort."""
         self._commands.put(("abort", request_id))
 
     def stats(self) -> dict:

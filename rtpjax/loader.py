@@ -109,8 +109,10 @@ def _assemble(ckpt: Checkpoint, path: str, source: decoder.HFTensor, shape, dtyp
     return np.ascontiguousarray(array.astype(dtype, copy=False))
 
 
-def load_params(model_dir: str | Path, cfg: ModelConfig, family, mesh=None) -> dict:
+def load_params(model_dir: str | Path, cfg: ModelConfig, family, mesh=None, progress: bool = False) -> dict:
     """Read, check and place every parameter; returns the nested pytree `forward` takes."""
+    from tqdm import tqdm
+
     ckpt = Checkpoint(model_dir)
     sources = family.weight_names(cfg)
     shapes = decoder.param_shapes(cfg)
@@ -130,15 +132,18 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, family, mesh=None) -> d
         )
     shardings = param_shardings(shapes, family.PARTITION_RULES, mesh) if mesh is not None else {}
     flat = {}
-    for path, source in sources.items():
-        host = _assemble(ckpt, path, source, shapes[path], cfg.jnp_dtype)
-        flat[path] = jax.device_put(host, shardings.get(path))
+    total = sum(int(np.prod(s)) * np.dtype(cfg.jnp_dtype).itemsize for s in shapes.values())
+    with tqdm(total=total, desc="loading", unit="B", unit_scale=True, disable=not progress) as bar:
+        for path, source in sources.items():
+            host = _assemble(ckpt, path, source, shapes[path], cfg.jnp_dtype)
+            flat[path] = jax.device_put(host, shardings.get(path))
+            bar.update(host.nbytes)
     return decoder.nest(flat)
 
 
-def load_model(model_dir: str | Path, dtype: str | None = None, mesh=None):
+def load_model(model_dir: str | Path, dtype: str | None = None, mesh=None, progress: bool = False):
     """(config, family module, params) for a Hugging Face model folder; `dtype` overrides the checkpoint's."""
     cfg, family = load_config(model_dir)
     if dtype is not None:
         cfg = cfg.with_dtype(dtype)
-    return cfg, family, load_params(model_dir, cfg, family, mesh)
+    return cfg, family, load_params(model_dir, cfg, family, mesh, progress)

@@ -107,19 +107,22 @@ class ModelRunner:
 
     # -- warm-up ----------------------------------------------------------------------------------------------------
 
-    def warmup(self) -> int:
+    def warmup(self, progress: bool = False) -> int:
         """Compile every bucket by running padding-only steps; returns the number of shapes compiled."""
-        shapes = 0
-        for t in self.token_buckets:
-            for s in self.seq_buckets:
-                if s <= t:
-                    out, self.cache, self.state = self._step(self.params, self.cache, self.state, self._batch([], t, s))
-                    shapes += 1
+        from tqdm import tqdm
+
+        steps = [(t, s) for t in self.token_buckets for s in self.seq_buckets if s <= t]
+        bar = tqdm(total=len(steps) + len(self.admit_buckets), desc="compiling", unit="shape", disable=not progress)
+        for t, s in steps:
+            out, self.cache, self.state = self._step(self.params, self.cache, self.state, self._batch([], t, s))
+            jax.block_until_ready(out)
+            bar.update()
         for n in self.admit_buckets:
             self.state = self._admit(self.state, *self._admit_arrays([], n))
-            shapes += 1
-        jax.block_until_ready(self.state)
-        return shapes
+            jax.block_until_ready(self.state)
+            bar.update()
+        bar.close()
+        return bar.total
 
     # -- inputs -----------------------------------------------------------------------------------------------------
 

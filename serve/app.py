@@ -1,0 +1,374 @@
+"""The OpenAI-compatible HTTP API over AsyncLLM: completions, chat completions, models, tokenize, metrics.
+
+Handlers validate, translate to SamplingParams, submit to the engine (tokenizing off the event loop) and stream its
+incremental outputs back as SSE. A client that goes away aborts its requests, which frees their KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import AsyncIterator
+
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+import rtpjax
+from rtpjax.serve import openapi
+from rtpjax.serve.metrics import Metrics
+from rtpjax.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                   TokenizeRequest, message_text, sampling_params)  # fmt: skip
+
+PUBLIC = ("/health", "/version", "/metrics", "/openapi.json")
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after", "literal"}
+
+
+def _field_path(loc) -> list:
+    """A pydantic error location without its union-branch tags: ('prompt', 'str') -> ['prompt']."""
+    path = []
+    for part in loc:
+        if isinstance(part, str) and (part in _TYPE_TAGS or "[" in part):
+            break
+        path.append(part)
+    return path
+
+
+class BearerAuth:
+    """Requires `Authorization: Bearer <api key>` everywhere but the public probes."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in PUBLIC:
+            if dict(scope["headers"]).get(b"authorization") != self.expected:
+                err = APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
+                               type="authentication_error", code="invalid_api_key")  # fmt: skip
+                await JSONResponse(err.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int = 256) -> Starlette:
+    """`max_queue`: requests allowed to wait beyond the engine's running capacity before 429s."""
+    engine = llm.engine
+    tokenizer = llm.tokenizer
+    metrics = Metrics(model_name)
+    capacity = engine.args.max_num_seqs + max_queue
+
+    async def parse(request: Request, model: type[BaseModel]):
+        try:
+            data = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise APIError(400, "the request body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            param = ".".join(str(p) for p in _field_path(first["loc"])) or None
+            raise APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")  # fmt: skip
+
+    def admit(count: int) -> None:
+        if llm.num_unfinished + count > capacity:
+            raise APIError(429, "the server is at capacity; retry shortly", type="rate_limit_exceeded",
+                           code="queue_full", headers={"Retry-After": "1"})  # fmt: skip
+
+    async def submit_all(prompts, params, prefix: str, priority: int):
+        """Submit every prompt or none: a bad one aborts those already queued."""
+        streams, ids = [], []
+        try:
+            for i, prompt in enumerate(prompts):
+                rid = f"{prefix}-{i}"
+                streams.append(await llm.submit(prompt, params, request_id=rid, priority=priority))
+                ids.append(rid)
+        except ValueError as e:
+            for rid in ids:
+                await llm.abort(rid)
+            raise APIError(400, str(e)) from None
+        return streams
+
+    async def merged(streams) -> AsyncIterator[tuple[int, object]]:
+        """(prompt index, RequestOutput) from all streams as they come; cancelling aborts them all."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i, stream):
+            try:
+                async for out in stream:
+                    await queue.put((i, out))
+            finally:
+                await queue.put((i, None))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                i, out = await queue.get()
+                if out is None:
+                    remaining -= 1
+                else:
+                    yield i, out
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def token_text(token_id: int) -> str:
+        return tokenizer.decode([token_id])
+
+    def completion_logprobs(token_ids, logprobs, offset: int) -> dict:
+        tokens = [token_text(t) for t in token_ids]
+        offsets, pos = [], offset
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp[t] for t, lp in zip(token_ids, logprobs)],
+            "top_logprobs": [{token_text(k): v for k, v in lp.items()} for lp in logprobs],
+            "text_offset": offsets,
+        }
+
+    def chat_logprobs(token_ids, logprobs, top_n: int) -> dict:
+        content = []
+        for t, lp in zip(token_ids, logprobs):
+            text = token_text(t)
+            top = sorted(lp.items(), key=lambda kv: -kv[1])[:top_n]
+            content.append({
+                "token": text, "logprob": lp[t], "bytes": list(text.encode()),
+                "top_logprobs": [{"token": token_text(k), "logprob": v, "bytes": list(token_text(k).encode())}
+                                 for k, v in top],
+            })  # fmt: skip
+        return {"content": content}
+
+    def sse(payload) -> str:
+        return f"data: {json.dumps(payload) if not isinstance(payload, str) else payload}\n\n"
+
+    def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+
+    # -- /v1/completions --------------------------------------------------------------------------------------------
+
+    async def completions(request: Request):
+        body = await parse(request, CompletionRequest)
+        check_model(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompts = [prompt]
+        else:
+            prompts = list(prompt)
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        params = sampling_params(body, body.max_tokens if body.max_tokens is not None else 16, body.logprobs)
+        admit(len(prompts))
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        streams = await submit_all(prompts, params, rid, body.priority)
+        n = body.n
+
+        def choice_index(i, out, o):
+            return i * n + o.index
+
+        def echo_text(i, out):
+            return out.prompt if out.prompt is not None else tokenizer.decode(out.prompt_token_ids)
+
+        if body.stream:
+            async def stream():
+                totals = {"prompt": 0, "completion": 0}
+                offsets: dict[int, int] = {}
+                async for i, out in merged(streams):
+                    for o in out.outputs:
+                        idx = choice_index(i, out, o)
+                        text = o.delta_text
+                        if body.echo and idx not in offsets:
+                            text = echo_text(i, out) + text
+                        if not text and not o.delta_token_ids and o.finish_reason is None:
+                            continue
+                        lp = None
+                        if body.logprobs is not None and o.delta_logprobs:
+                            lp = completion_logprobs(o.delta_token_ids, o.delta_logprobs, offsets.get(idx, 0))
+                        offsets[idx] = offsets.get(idx, 0) + len(text)
+                        yield sse({"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                                   "choices": [{"index": idx, "text": text, "logprobs": lp,
+                                                "finish_reason": o.finish_reason}]})  # fmt: skip
+                    if out.finished:
+                        metrics.on_finished(out, out.metrics)
+                        totals["prompt"] += len(out.prompt_token_ids)
+                        totals["completion"] += sum(len(o.token_ids) for o in out.outputs)
+                if body.stream_options and body.stream_options.include_usage:
+                    yield sse({"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                               "choices": [], "usage": usage(totals["prompt"], totals["completion"])})  # fmt: skip
+                yield sse("[DONE]")
+
+            return StreamingResponse(stream(), media_type="text/event-stream")
+
+        finals = {}
+        async for i, out in merged(streams):
+            if out.finished:
+                finals[i] = out
+                metrics.on_finished(out, out.metrics)
+        choices, prompt_tokens, completion_tokens = [], 0, 0
+        for i in range(len(prompts)):
+            out = finals[i]
+            prompt_tokens += len(out.prompt_token_ids)
+            for o in out.outputs:
+                completion_tokens += len(o.token_ids)
+                prefix = echo_text(i, out) if body.echo else ""
+                lp = completion_logprobs(o.token_ids, o.logprobs, len(prefix)) if body.logprobs is not None else None
+                choices.append({"index": choice_index(i, out, o), "text": prefix + o.text, "logprobs": lp,
+                                "finish_reason": o.finish_reason})  # fmt: skip
+        return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                             "choices": choices, "usage": usage(prompt_tokens, completion_tokens)})  # fmt: skip
+
+    # -- /v1/chat/completions ---------------------------------------------------------------------------------------
+
+    def chat_prompt(messages, add_generation_prompt: bool) -> list[int]:
+        if not tokenizer.chat_template:
+            raise APIError(400, f"the model {model_name!r} has no chat template; use /v1/completions",
+                           param="messages")  # fmt: skip
+        plain = [{"role": m.role, "content": message_text(m)} for m in messages]
+        try:
+            text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # a template that rejects this conversation (roles out of order, ...)
+            raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    async def chat(request: Request):
+        body = await parse(request, ChatCompletionRequest)
+        check_model(body.model)
+        ids = await asyncio.to_thread(chat_prompt, body.messages, body.add_generation_prompt)
+        top_n = body.top_logprobs or 0
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        params = sampling_params(body, max_tokens, top_n if body.logprobs else None)
+        admit(1)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        (stream_,) = await submit_all([ids], params, rid, body.priority)
+
+        def chunk(choices, **extra):
+            return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                        "choices": choices, **extra})  # fmt: skip
+
+        if body.stream:
+            async def stream():
+                started: set[int] = set()
+                final = None
+                async for _, out in merged([stream_]):
+                    for o in out.outputs:
+                        if o.index not in started:
+                            started.add(o.index)
+                            yield chunk([{"index": o.index, "delta": {"role": "assistant", "content": ""},
+                                          "logprobs": None, "finish_reason": None}])  # fmt: skip
+                        if o.delta_text or o.delta_token_ids:
+                            lp = chat_logprobs(o.delta_token_ids, o.delta_logprobs, top_n) if body.logprobs else None
+                            yield chunk([{"index": o.index, "delta": {"content": o.delta_text}, "logprobs": lp,
+                                          "finish_reason": None}])  # fmt: skip
+                        if o.finish_reason is not None:
+                            yield chunk([{"index": o.index, "delta": {}, "logprobs": None,
+                                          "finish_reason": o.finish_reason}])  # fmt: skip
+                    if out.finished:
+                        metrics.on_finished(out, out.metrics)
+                        final = out
+                if body.stream_options and body.stream_options.include_usage and final is not None:
+                    yield chunk([], usage=usage(len(final.prompt_token_ids),
+                                                sum(len(o.token_ids) for o in final.outputs)))  # fmt: skip
+                yield sse("[DONE]")
+
+            return StreamingResponse(stream(), media_type="text/event-stream")
+
+        final = None
+        async for _, out in merged([stream_]):
+            final = out
+        metrics.on_finished(final, final.metrics)
+        choices = [{
+            "index": o.index, "message": {"role": "assistant", "content": o.text},
+            "logprobs": chat_logprobs(o.token_ids, o.logprobs, top_n) if body.logprobs else None,
+            "finish_reason": o.finish_reason,
+        } for o in final.outputs]  # fmt: skip
+        return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": model_name,
+                             "choices": choices, "usage": usage(len(final.prompt_token_ids),
+                                                                sum(len(o.token_ids) for o in final.outputs))})  # fmt: skip
+
+    # -- the rest ---------------------------------------------------------------------------------------------------
+
+    async def models(request: Request):
+        return JSONResponse({"object": "list", "data": [{
+            "id": model_name, "object": "model", "created": int(time.time()), "owned_by": "rtpjax",
+            "max_model_len": engine.max_model_len,
+        }]})  # fmt: skip
+
+    async def tokenize(request: Request):
+        body = await parse(request, TokenizeRequest)
+        check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        if body.messages is not None:
+            ids = await asyncio.to_thread(chat_prompt, body.messages, True)
+        else:
+            ids = await asyncio.to_thread(tokenizer.encode, body.prompt, add_special_tokens=body.add_special_tokens)
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len})
+
+    async def detokenize(request: Request):
+        body = await parse(request, DetokenizeRequest)
+        check_model(body.model)
+        bad = [t for t in body.tokens if not 0 <= t < engine.cfg.vocab_size]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {engine.cfg.vocab_size})",
+                           param="tokens")  # fmt: skip
+        return JSONResponse({"prompt": await asyncio.to_thread(tokenizer.decode, body.tokens)})
+
+    async def health(request: Request):
+        return Response(status_code=200)
+
+    async def version(request: Request):
+        return JSONResponse({"version": rtpjax.__version__})
+
+    async def prometheus(request: Request):
+        return Response(metrics.render(engine.stats()), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def schema(request: Request):
+        return JSONResponse(openapi.spec(rtpjax.__version__))
+
+    async def api_error(request: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    async def http_error(request: Request, exc: HTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(exc.status_code, str(exc.detail), type=kind).body(), status_code=exc.status_code)
+
+    async def server_error(request: Request, exc: Exception):
+        return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}", type="server_error").body(),
+                            status_code=500)  # fmt: skip
+
+    routes = [
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/version", version, methods=["GET"]),
+        Route("/metrics", prometheus, methods=["GET"]),
+        Route("/openapi.json", schema, methods=["GET"]),
+    ]
+    middleware = [Middleware(BearerAuth, api_key=api_key)] if api_key else []
+    app = Starlette(routes=routes, middleware=middleware,
+                    exception_handlers={APIError: api_error, HTTPException: http_error, Exception: server_error})  # fmt: skip
+    app.state.metrics = metrics
+    return app

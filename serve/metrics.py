@@ -1,0 +1,64 @@
+"""Prometheus metrics under vLLM's names with an `rtpjax:` prefix, so existing dashboards need one substitution."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                   40.0, 80.0)  # fmt: skip
+
+
+class Metrics:
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        r = self.registry
+
+        def hist(name, doc):
+            return Histogram(f"rtpjax:{name}", doc, labels, buckets=LATENCY_BUCKETS, registry=r).labels(model_name)
+
+        def counter(name, doc):
+            return Counter(f"rtpjax:{name}", doc, labels, registry=r).labels(model_name)
+
+        def gauge(name, doc):
+            return Gauge(f"rtpjax:{name}", doc, labels, registry=r).labels(model_name)
+
+        self.ttft = hist("time_to_first_token_seconds", "Time to first token")
+        self.itl = hist("inter_token_latency_seconds", "Time between consecutive tokens")
+        self.e2e = hist("e2e_request_latency_seconds", "End-to-end request latency")
+        self.queue = hist("request_queue_time_seconds", "Time from arrival to first scheduling")
+        self.running = gauge("num_requests_running", "Sequences running on the engine")
+        self.waiting = gauge("num_requests_waiting", "Sequences waiting to be scheduled")
+        self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1)")
+        self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
+        self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens processed")
+        self.generation_tokens = counter("generation_tokens", "Tokens generated")
+        self.success = Counter("rtpjax:request_success", "Finished requests by finish reason",
+                               ["model_name", "finished_reason"], registry=r)  # fmt: skip
+        self.model_name = model_name
+        self._seen_queries = self._seen_hits = 0
+
+    def on_finished(self, out, metrics) -> None:
+        """Record one finished request (its RequestOutput and the first sequence's RequestMetrics)."""
+        if metrics.first_token is not None:
+            self.ttft.observe(metrics.first_token - metrics.arrival)
+        for gap in metrics.inter_token_latencies:
+            self.itl.observe(gap)
+        if metrics.finished is not None:
+            self.e2e.observe(metrics.finished - metrics.arrival)
+        if metrics.first_scheduled is not None:
+            self.queue.observe(metrics.first_scheduled - metrics.arrival)
+        self.prompt_tokens.inc(len(out.prompt_token_ids))
+        self.generation_tokens.inc(sum(len(o.token_ids) for o in out.outputs))
+        for o in out.outputs:
+            self.success.labels(self.model_name, o.finish_reason or "unknown").inc()
+
+    def render(self, stats: dict) -> bytes:
+        self.running.set(stats["num_running"])
+        self.waiting.set(stats["num_waiting"])
+        self.kv_usage.set(stats["kv_cache_usage"])
+        self.prefix_queries.inc(stats["prefix_cache_queries"] - self._seen_queries)
+        self.prefix_hits.inc(stats["prefix_cache_hits"] - self._seen_hits)
+        self._seen_queries, self._seen_hits = stats["prefix_cache_queries"], stats["prefix_cache_hits"]
+        return generate_latest(self.registry)
