@@ -176,6 +176,11 @@ class LLMEngine:
                 raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
         if not ids:
             raise ValueError("the prompt is empty")
+        bad_stop = [t for t in params.stop_token_ids if not 0 <= t < self.cfg.vocab_size]
+        if bad_stop:
+            raise ValueError(f"stop token id {bad_stop[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        if not -(2**31) <= priority < 2**31:
+            raise ValueError(f"priority must fit in 32 bits, got {priority}")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {self.max_model_len}")
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids)
@@ -221,6 +226,10 @@ class LLMEngine:
                 self._trim_pending(seq)
                 self.scheduler.finish(seq, "abort")
         return self._output(request)
+
+    def reset_inflight(self) -> None:
+        """Forget a step whose results can no longer be read (after a failure)."""
+        self.inflight = None
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self.inflight is not None

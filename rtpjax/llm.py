@@ -7,12 +7,15 @@ through a queue and outputs come back to each caller's asyncio queue.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from typing import AsyncIterator, Sequence as Seq
 
 from rtpjax.engine import EngineArgs, LLMEngine, RequestOutput
 from rtpjax.sampling_params import SamplingParams
+
+log = logging.getLogger("rtpjax")
 
 
 def _engine(model: str, engine_args: dict) -> LLMEngine:
@@ -145,7 +148,16 @@ class AsyncLLM:
                 except queue.Empty:
                     command = None
             if engine.has_work():
-                for out in engine.step():
+                try:
+                    outputs = engine.step()
+                except Exception as e:  # a bug must not kill the loop: fail what was in flight, keep serving
+                    log.exception("engine step failed; aborting the requests in flight")
+                    outputs = []
+                    for request_id in list(engine.requests):
+                        engine.abort(request_id)
+                        self._deliver_error(request_id, RuntimeError(f"engine error: {type(e).__name__}: {e}"))
+                    engine.reset_inflight()
+                for out in outputs:
                     self._deliver(out)
 
     def _deliver_error(self, request_id: str, error: Exception) -> None:

@@ -155,7 +155,8 @@ class ModelRunner:
         for i, item in enumerate(items):
             seq, p = item.seq, item.seq.params
             a["slot"][i], a["samples"][i] = seq.slot, item.samples
-            a["temperature"][i], a["top_k"][i], a["top_p"][i], a["min_p"][i] = p.temperature, p.top_k, p.top_p, p.min_p
+            a["temperature"][i], a["top_p"][i], a["min_p"][i] = p.temperature, p.top_p, p.min_p
+            a["top_k"][i] = min(p.top_k, self.cfg.vocab_size)
             a["repetition_penalty"][i] = p.repetition_penalty
             a["presence_penalty"][i], a["frequency_penalty"][i] = p.presence_penalty, p.frequency_penalty
             a["seed"][i], a["index"][i] = seq.seed, seq.index

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,15 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--attention-impl", choices=["auto", "pallas", "reference"], default="auto")
     parser.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
-    parser.add_argument("--compilation-cache-dir", default=None, help="JAX persistent compilation cache folder")
+    parser.add_argument("--compilation-cache-dir", default=str(Path.home() / ".cache" / "rtpjax" / "xla"),
+                        help="JAX persistent compilation cache ('' to disable): the second start skips compiling")
     parser.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond max-num-seqs before 429")
     parser.add_argument("--graceful-shutdown-timeout", type=float, default=30.0,
                         help="seconds in-flight requests get to finish after SIGINT/SIGTERM")  # fmt: skip
 
 
 def serve(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import uvicorn
 
     from rtpjax import AsyncLLM
@@ -45,7 +45,7 @@ def serve(args: argparse.Namespace) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size, dtype=args.dtype,
         kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=args.tensor_parallel_size,
         attention_impl=args.attention_impl, enable_prefix_caching=args.enable_prefix_caching,
-        compilation_cache_dir=args.compilation_cache_dir, progress=True,
+        compilation_cache_dir=args.compilation_cache_dir or None, progress=True,
     )  # fmt: skip
     name = args.served_model_name or Path(args.model).name
     app = build_app(llm, name, api_key=args.api_key, max_queue=args.max_queue)

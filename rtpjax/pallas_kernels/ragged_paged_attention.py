@@ -136,8 +136,8 @@ def ragged_paged_attention(
     block_q: int | None = None,
     pages_per_tile: int | None = None,
     num_splits: int | None = None,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Attention of every token to its own sequence's cached context. Padding tokens give zeros."""
@@ -147,10 +147,17 @@ def ragged_paged_attention(
     kv_heads, _, page_size, _ = k_cache.shape
     group = num_heads // kv_heads
     group_p = pl.next_power_of_2(group)
+    # Defaults from benchmarks/kernels/sweep.py on an H100 (see benchmarks/RESULTS.md). Decode-shaped batches (about
+    # one token per sequence) are bandwidth-bound: small query blocks; prefill wants 128-row blocks and deep pipelines.
+    decode = num_tokens <= 2 * meta.seq_lens.shape[0]
     if block_q is None:
-        block_q = max(1, 16 // group_p) if num_tokens <= 2 * meta.seq_lens.shape[0] else max(1, 64 // group_p)
+        block_q = max(1, (16 if decode else 128) // group_p)
     if pages_per_tile is None:
-        pages_per_tile = max(1, 64 // page_size)
+        pages_per_tile = max(1, (64 if decode and not quantized else 128) // page_size)
+    if num_warps is None:
+        num_warps = 4 if decode else 8
+    if num_stages is None:
+        num_stages = 2 if decode and not quantized else 3
     if num_splits is None:  # few (sequence, KV head) pairs: split long contexts to fill the GPU's ~132 SMs
         programs = kv_heads * (pl.cdiv(num_tokens, block_q) + meta.seq_lens.shape[0])
         num_splits = 1 if num_tokens > 2 * meta.seq_lens.shape[0] else max(1, min(16, 512 // programs))
