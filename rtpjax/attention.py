@@ -84,7 +84,8 @@ def token_layout(meta: AttentionMetadata, num_tokens: int) -> tuple[jax.Array, j
     """For each token: its sequence index, its context position, and whether it is a real (non-padding) token."""
     t = jnp.arange(num_tokens, dtype=jnp.int32)
     num_seqs = meta.seq_lens.shape[0]
-    seq = jnp.clip(jnp.searchsorted(meta.query_start_loc, t, side="right") - 1, 0, num_seqs - 1)
+    seq = jnp.searchsorted(meta.query_start_loc, t, side="right", method="compare_all")
+    seq = jnp.clip(seq - 1, 0, num_seqs - 1)
     query_end = meta.query_start_loc[seq + 1]
     position = meta.seq_lens[seq] - (query_end - t)
     valid = t < meta.query_start_loc[-1]

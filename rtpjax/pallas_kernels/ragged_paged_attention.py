@@ -118,7 +118,9 @@ def query_blocks(meta: AttentionMetadata, num_tokens: int, block_q: int):
     per_seq = (lens + block_q - 1) // block_q
     ends = jnp.cumsum(per_seq)
     b = jnp.arange(num_blocks, dtype=jnp.int32)
-    seq = jnp.minimum(jnp.searchsorted(ends, b, side="right"), num_seqs - 1).astype(jnp.int32)
+    # compare_all: one vectorized comparison; the default binary search is a loop, slow on GPU for tiny arrays
+    seq = jnp.searchsorted(ends, b, side="right", method="compare_all")
+    seq = jnp.minimum(seq, num_seqs - 1).astype(jnp.int32)
     local = b - (ends[seq] - per_seq[seq])
     start = qsl[seq] + local * block_q
     rows = jnp.where(b < ends[-1], jnp.clip(qsl[seq + 1] - start, 0, block_q), 0)
