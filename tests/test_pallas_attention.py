@@ -115,3 +115,23 @@ def test_quantized_write_roundtrip():
         if slot is not None:
             np.testing.assert_allclose(back[:, slot], k[i].T.T, atol=float(jnp.abs(k[i]).max()) / 127)
     assert int(jnp.count_nonzero(kq)) > 0 and float(ks.reshape(2, -1)[0, 0]) == 1.0  # untouched slots stay put
+
+
+@pytest.mark.slow
+def test_engine_runs_the_kernel_through_one_switch(stories_dir, stories_llm, compile_cache):
+    from conftest import ENGINE_ARGS
+    from rtpjax import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [[1], [1, 450, 395]]
+    expected = [o.outputs[0].token_ids for o in stories_llm.generate(prompts, params)]
+    args = dict(ENGINE_ARGS, max_num_batched_tokens=16, compilation_cache_dir=compile_cache)
+    pallas = LLM(str(stories_dir), attention_impl="pallas", **args)
+    assert pallas.engine.runner.attention_impl == "pallas"
+    assert [o.outputs[0].token_ids for o in pallas.generate(prompts, params)] == expected
+    int8 = LLM(str(stories_dir), attention_impl="pallas", kv_cache_dtype="int8", **args)
+    assert int8.engine.runner.cache[0][0].dtype == jnp.int8 and len(int8.engine.runner.cache[0]) == 4
+    got = [o.outputs[0].token_ids for o in int8.generate(prompts, params)]
+    # int8 KV on this tiny model (head_dim 8) drifts after a few tokens; the first agrees with float32 and the
+    # accuracy itself is bounded by test_quantized_cache_error_against_bf16 above.
+    assert [g[:1] for g in got] == [e[:1] for e in expected] and all(len(g) == 12 for g in got)
