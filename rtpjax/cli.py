@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="complete one prompt, streaming to the terminal")
     gen.add_argument("prompt")
-    gen.add_argument("--model", required=True, help="a Hugging Face model folder (config.json + safetensors)")
+    gen.add_argument("--model", default=None,
+                     help="a Hugging Face folder or a .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)

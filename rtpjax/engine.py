@@ -121,12 +121,15 @@ def kv_cache_blocks(cfg, args: EngineArgs, max_model_len: int) -> int:
 
 
 class LLMEngine:
-    def __init__(self, model: str, args: EngineArgs | None = None):
+    def __init__(self, model: str | None = None, args: EngineArgs | None = None):
+        """model: a Hugging Face folder, a .gguf file, or None for the embedded SmolLM2-135M-Instruct."""
         from transformers import AutoTokenizer
 
+        from rtpjax.gguf_loader import resolve_model
         from rtpjax.loader import load_model
         from rtpjax.sharding import make_mesh
 
+        model = resolve_model(model)
         args = args or EngineArgs()
         self.args = args
 

@@ -18,14 +18,17 @@ from rtpjax.sampling_params import SamplingParams
 log = logging.getLogger("rtpjax")
 
 
-def _engine(model: str, engine_args: dict) -> LLMEngine:
+def _engine(model: str | None, engine_args: dict) -> LLMEngine:
     return LLMEngine(model, EngineArgs(**engine_args))
 
 
 class LLM:
-    """Offline generation: `LLM(path).generate(prompts, SamplingParams(...))` -> one RequestOutput per prompt."""
+    """Offline generation: `LLM(path).generate(prompts, SamplingParams(...))` -> one RequestOutput per prompt.
 
-    def __init__(self, model: str, **engine_args):
+    `path`: a Hugging Face folder, a .gguf file, or nothing for the embedded SmolLM2-135M-Instruct.
+    """
+
+    def __init__(self, model: str | None = None, **engine_args):
         self.engine = _engine(model, engine_args)
         self.tokenizer = self.engine.tokenizer
 
@@ -52,7 +55,7 @@ class LLM:
 class AsyncLLM:
     """Online generation: `async for out in llm.generate(prompt, params): ...` with incremental outputs."""
 
-    def __init__(self, model: str, **engine_args):
+    def __init__(self, model: str | None = None, **engine_args):
         self.engine = _engine(model, engine_args)
         self.tokenizer = self.engine.tokenizer
         self._commands: queue.Queue = queue.Queue()

@@ -142,7 +142,10 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, family, mesh=None, prog
 
 
 def load_model(model_dir: str | Path, dtype: str | None = None, mesh=None, progress: bool = False):
-    """(config, family module, params) for a Hugging Face model folder; `dtype` overrides the checkpoint's."""
+    """(config, family module, params) for a Hugging Face folder or a .gguf file; `dtype` overrides the checkpoint's."""
+    from rtpjax.gguf_loader import resolve_model
+
+    model_dir = resolve_model(model_dir)
     cfg, family = load_config(model_dir)
     if dtype is not None:
         cfg = cfg.with_dtype(dtype)

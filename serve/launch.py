@@ -7,8 +7,12 @@ import logging
 from pathlib import Path
 
 
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a Hugging Face model folder (config.json + safetensors + tokenizer)")
+    parser.add_argument("model", nargs="?", default=None,
+                        help="a Hugging Face folder or a .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
@@ -47,7 +51,7 @@ def serve(args: argparse.Namespace) -> int:
         attention_impl=args.attention_impl, enable_prefix_caching=args.enable_prefix_caching,
         compilation_cache_dir=args.compilation_cache_dir or None, progress=True,
     )  # fmt: skip
-    name = args.served_model_name or Path(args.model).name
+    name = args.served_model_name or (Path(args.model).name.removesuffix(".gguf") if args.model else DEFAULT_NAME)
     app = build_app(llm, name, api_key=args.api_key, max_queue=args.max_queue)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=args.graceful_shutdown_timeout)  # fmt: skip

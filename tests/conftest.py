@@ -5,6 +5,8 @@ import os
 # Before jax is imported anywhere: the sharding tests need a mesh of 8 CPU devices.
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Converted GGUF models and the fetched default model are cached here across test runs, not in the user's home.
+os.environ.setdefault("RTPJAX_CACHE", os.path.join(__import__("tempfile").gettempdir(), "rtpjax-test-cache"))
 
 from pathlib import Path  # noqa: E402
 
