@@ -145,11 +145,20 @@ def _pallas(q, k, v, cache, meta, **kw):
 IMPLEMENTATIONS: dict[str, Callable] = {"reference": _reference, "pallas": _pallas}
 
 
-def resolve_impl(name: str) -> str:
+def kernel_supports(head_dim: int) -> bool:
+    """The Pallas kernel's tensor-core dots need head_dim a power of two of at least 16."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+def resolve_impl(name: str, head_dim: int) -> str:
+    """"auto": the Pallas kernel on GPU where it supports the model's head_dim, the plain-jnp reference otherwise."""
     if name == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "reference"
+        return "pallas" if jax.default_backend() == "gpu" and kernel_supports(head_dim) else "reference"
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {name!r}; choose auto or one of {sorted(IMPLEMENTATIONS)}")
+    if name == "pallas" and not kernel_supports(head_dim):
+        raise ValueError(f"attention_impl='pallas' needs head_dim a power of two >= 16, this model has {head_dim}; "
+                         "use 'reference' or 'auto'")  # fmt: skip
     return name
 
 

@@ -148,7 +148,7 @@ class LLMEngine:
         self.runner = ModelRunner(
             self.cfg, self.family, params, num_blocks=num_blocks, block_size=args.block_size,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=self.max_model_len, mesh=mesh, attention_impl=resolve_impl(args.attention_impl),
+            max_model_len=self.max_model_len, mesh=mesh, attention_impl=resolve_impl(args.attention_impl, self.cfg.head_dim),
             kv_cache_dtype=args.kv_cache_dtype,
         )  # fmt: skip
         t0 = time.monotonic()

@@ -188,12 +188,18 @@ def correctness(out):
         q = jnp.asarray(rng.standard_normal((T, HQ, D)), jnp.bfloat16)
         k = jnp.asarray(rng.standard_normal((HKV, 200, PAGE, D)), jnp.bfloat16)
         v = jnp.asarray(rng.standard_normal((HKV, 200, PAGE, D)), jnp.bfloat16)
-        got = jax.jit(lambda q, k, v: ragged_paged_attention(q, (k, v), meta, scale=D**-0.5, num_splits=splits))(q, k, v)
-        ref = reference_attention(q.astype(jnp.float32), (k, v), meta, scale=D**-0.5)
-        got, ref = np.asarray(got, np.float32)[: qsl[4]], np.asarray(ref)[: qsl[4]]
-        err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
-        checks.append(dict(splits=splits, rel_err=err, nan=bool(np.isnan(got).any())))
-        print(f"correctness splits={splits}: relative error {err:.2e} nan={np.isnan(got).any()}", flush=True)
+        for kv in ("bf16", "int8", "fp8"):
+            cache = (k, v)
+            if kv != "bf16":
+                dtype = jnp.int8 if kv == "int8" else jnp.float8_e4m3fn
+                (kq, ks), (vq, vs) = quantize(k, dtype), quantize(v, dtype)
+                cache = (kq, vq, ks, vs)
+            got = jax.jit(lambda q, c: ragged_paged_attention(q, c, meta, scale=D**-0.5, num_splits=splits))(q, cache)
+            ref = reference_attention(q.astype(jnp.float32), cache, meta, scale=D**-0.5)
+            got, ref = np.asarray(got, np.float32)[: qsl[4]], np.asarray(ref)[: qsl[4]]
+            err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+            checks.append(dict(kv=kv, splits=splits, rel_err=err, nan=bool(np.isnan(got).any())))
+            print(f"correctness {kv} splits={splits}: relative error {err:.2e} nan={np.isnan(got).any()}", flush=True)
     out["correctness"] = checks
 
 

@@ -147,6 +147,8 @@ def ragged_paged_attention(
     quantized = len(cache) == 4
     num_tokens, num_heads, head_dim = q.shape
     kv_heads, _, page_size, _ = k_cache.shape
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"ragged_paged_attention needs head_dim a power of two >= 16 (tensor-core dots), got {head_dim}")
     group = num_heads // kv_heads
     group_p = pl.next_power_of_2(group)
     # Defaults from benchmarks/kernels/sweep.py on an H100 (see benchmarks/RESULTS.md). Decode-shaped batches (about
