@@ -1,7 +1,7 @@
 """Greedy decoding of one sequence straight through a model function and the paged KV cache.
 
-The shortest end-to-end path from token ids to token ids: the reference the batching engine is checked against, and
-what `rtpjax generate` runs on. Prefill is one step (or chunks of `chunk` tokens); each new token is one decode step.
+The shortest end-to-end path from token ids to token ids, for research scripts and as the reference the batching
+engine is checked against. Prefill is one step (or chunks of `chunk` tokens); each new token is one decode step.
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""Pallas GPU kernels: each registers its function in rtpjax.attention.IMPLEMENTATIONS under its own name."""
+"""Pallas GPU kernels. rtpjax.attention.IMPLEMENTATIONS["pallas"] calls ragged_paged_attention from here."""
