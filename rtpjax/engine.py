@@ -24,7 +24,7 @@ from rtpjax.block_pool import BlockPool
 from rtpjax.runner import ModelRunner
 from rtpjax.sampling_params import SamplingParams
 from rtpjax.scheduler import Schedule, Scheduler
-from rtpjax.sequence import PENDING, Sequence, Status
+from rtpjax.sequence import PENDING, Sequence
 
 log = logging.getLogger("rtpjax")
 
@@ -159,7 +159,6 @@ class LLMEngine:
         self._ids = itertools.count()
         self._order = itertools.count()
         self._rng = random.Random(args.seed)
-        self.finished_requests = 0
 
     # -- requests ---------------------------------------------------------------------------------------------------
 
@@ -316,7 +315,6 @@ class LLMEngine:
         finished = request.finished
         if finished:
             del self.requests[request.request_id]
-            self.finished_requests += 1
         return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outs, finished,
                              request.seqs[0].metrics, request.prompt_logprobs)  # fmt: skip
 

@@ -159,7 +159,7 @@ class Scheduler:
         self.pool.share(shared)
         seq.block_table = list(shared)
         seq.num_computed = len(shared) * self.block_size
-        seq.num_registered_blocks = len(shared) if parent is None else 0
+        seq.num_registered_blocks = len(shared) if seq.fork_parent is None else 0  # cache hits are published
         n = min(len(seq.token_ids) - seq.num_computed, budget)
         if not self._grow(seq, n):
             self.pool.release(seq.block_table)

@@ -124,8 +124,9 @@ def ragged_logits(engine, prompt):
     from rtpjax.greedy import jit_forward
     from rtpjax.step_inputs import SeqChunk, build_step
 
-    cache = kv_cache.allocate(engine.cfg, 4, 16)
-    step = build_step([SeqChunk(prompt, 0, [0, 1, 2, 3])], 16)
+    assert len(prompt) <= 128
+    cache = kv_cache.allocate(engine.cfg, 8, 16)  # padded to 128 tokens: one compiled shape for every length
+    step = build_step([SeqChunk(prompt, 0, list(range(8)))], 16, num_tokens=128)
     return jit_forward(engine.family)(engine.runner.params, engine.cfg, step.tokens, step.positions, cache, step.meta)
 
 
@@ -208,3 +209,41 @@ def test_no_compilation_after_warmup(stories_llm):
     assert len(outs) == 200 and all(o.finished for o in outs)
     assert CompileCounter.count == before, f"{CompileCounter.count - before} compilations after warm-up"
     assert_all_blocks_free(stories_llm)
+
+
+def host_greedy_with_penalties(llm, prompt, n, rep, presence, frequency):
+    """Greedy decoding with the penalties applied on the host in numpy, recomputing the full sequence each token."""
+    e = llm.engine
+    tokens = list(prompt)
+    for _ in range(n):
+        logits, _ = ragged_logits(e, tokens)
+        x = np.asarray(logits[len(tokens) - 1], np.float64)
+        out = tokens[len(prompt) :]
+        counts = np.bincount(out, minlength=x.size) if out else np.zeros(x.size)
+        seen = counts > 0
+        seen[prompt] = True
+        x = np.where(seen, np.where(x > 0, x / rep, x * rep), x)
+        x = x - frequency * counts - presence * (counts > 0)
+        tokens.append(int(np.argmax(x)))
+    return tokens[len(prompt) :]
+
+
+def test_penalties_match_a_host_reference(stories_llm):
+    prompt = [1, 403, 407, 261]
+    results = []
+    for rep, presence, frequency in [(3.0, 0.0, 0.0), (1.0, 2.0, 0.0), (1.0, 0.0, 2.0), (1.5, 1.0, 1.0)]:
+        params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True, repetition_penalty=rep,
+                                presence_penalty=presence, frequency_penalty=frequency)  # fmt: skip
+        got = stories_llm.generate(prompt, params)[0].outputs[0].token_ids
+        assert got == host_greedy_with_penalties(stories_llm, prompt, 60, rep, presence, frequency)
+        results.append(got)
+    plain = stories_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))[0]
+    assert all(r != plain.outputs[0].token_ids for r in results)  # the penalties really changed the output
+
+
+def test_filters_that_leave_one_token_sample_the_argmax(stories_llm):
+    prompt = random_prompts(1, seed=13)[0]
+    greedy = stories_llm.generate(prompt, SamplingParams(max_tokens=16, **GREEDY))[0].outputs[0].token_ids
+    for kw in (dict(top_k=1), dict(top_p=1e-6), dict(min_p=1.0)):
+        params = SamplingParams(temperature=1.5, seed=5, max_tokens=16, ignore_eos=True, **kw)
+        assert stories_llm.generate(prompt, params)[0].outputs[0].token_ids == greedy, kw

@@ -65,7 +65,7 @@ def decode_case(batch, ctx, dtype=jnp.bfloat16):
     v = jnp.asarray(rng.standard_normal((HKV, num_blocks, PAGE, D), np.float32), dtype)
     q = jnp.asarray(rng.standard_normal((batch, HQ, D), np.float32), dtype)
     metas = []
-    for r in range(max(2, copies)):
+    for _ in range(max(2, copies)):
         table = rng.permutation(num_blocks)[: batch * pages].astype(np.int32).reshape(batch, pages)
         metas.append(AttentionMetadata(jnp.arange(batch + 1, dtype=jnp.int32), jnp.full(batch, ctx, jnp.int32),
                                        jnp.asarray(table), jnp.zeros(batch, jnp.int32)))  # fmt: skip
