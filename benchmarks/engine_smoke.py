@@ -38,7 +38,7 @@ def random_llama(folder: Path, tokenizer_from: Path, hidden=2048, layers=16, hea
     tensors = {}
     for path, source in llama.weight_names(cfg).items():
         array = np.asarray(params[path].astype(jax.numpy.float32)).astype(ml_dtypes.bfloat16)
-        tensors[source.names[0]] = np.ascontiguousarray(array.T if source.linear else array)
+        tensors[source.names[0]] = np.ascontiguousarray(array)
     save_file(tensors, folder / "model.safetensors")
     for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
         if (tokenizer_from / name).exists():

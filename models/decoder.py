@@ -22,12 +22,11 @@ KVCache = list[LayerCache]
 class HFTensor:
     """Where a parameter comes from in a Hugging Face checkpoint.
 
-    Several names are stacked on a new leading axis (one per expert). `linear` tensors are stored [out, in] by
-    torch and transposed to our [in, out].
+    Several names are stacked on a new leading axis (one per expert). Everything else is kept as stored: linear
+    weights stay [out, in] as torch writes them, so loading is pure I/O with no transpose.
     """
 
     names: tuple[str, ...]
-    linear: bool = False
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -35,22 +34,22 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     h, d, q, kv = cfg.hidden_size, cfg.head_dim, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     shapes = {"embed": (cfg.vocab_size, h), "final_norm": (h,)}
     if not cfg.tie_word_embeddings:
-        shapes["lm_head"] = (h, cfg.vocab_size)
+        shapes["lm_head"] = (cfg.vocab_size, h)
     for i in range(cfg.num_layers):
         L = f"layers.{i}"
         shapes |= {f"{L}.input_norm": (h,), f"{L}.post_attn_norm": (h,)}
-        shapes |= {f"{L}.attn.wq": (h, q), f"{L}.attn.wk": (h, kv), f"{L}.attn.wv": (h, kv), f"{L}.attn.wo": (q, h)}
+        shapes |= {f"{L}.attn.wq": (q, h), f"{L}.attn.wk": (kv, h), f"{L}.attn.wv": (kv, h), f"{L}.attn.wo": (h, q)}
         if cfg.attention_bias:
             shapes |= {f"{L}.attn.bq": (q,), f"{L}.attn.bk": (kv,), f"{L}.attn.bv": (kv,)}
         if cfg.qk_norm:
             shapes |= {f"{L}.attn.q_norm": (d,), f"{L}.attn.k_norm": (d,)}
         if cfg.is_moe_layer(i):
             e, m = cfg.num_experts, cfg.moe_intermediate_size
-            shapes |= {f"{L}.moe.router": (h, e), f"{L}.moe.w_gate": (e, h, m), f"{L}.moe.w_up": (e, h, m)}
-            shapes[f"{L}.moe.w_down"] = (e, m, h)
+            shapes |= {f"{L}.moe.router": (e, h), f"{L}.moe.w_gate": (e, m, h), f"{L}.moe.w_up": (e, m, h)}
+            shapes[f"{L}.moe.w_down"] = (e, h, m)
         else:
             f = cfg.intermediate_size
-            shapes |= {f"{L}.mlp.w_gate": (h, f), f"{L}.mlp.w_up": (h, f), f"{L}.mlp.w_down": (f, h)}
+            shapes |= {f"{L}.mlp.w_gate": (f, h), f"{L}.mlp.w_up": (f, h), f"{L}.mlp.w_down": (h, f)}
     return shapes
 
 
@@ -110,9 +109,9 @@ def hidden_states(params: dict, cfg: ModelConfig, tokens, positions, kv_cache: K
 
 
 def logits(params: dict, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
-    """Float32 logits; the head is the embedding's transpose when the model ties them."""
-    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    return (hidden @ head).astype(jnp.float32)
+    """Float32 logits; the head is the embedding itself when the model ties them."""
+    head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
+    return layers.linear(hidden, head).astype(jnp.float32)
 
 
 def forward(

@@ -1,7 +1,8 @@
 """The layers every family shares, written once: RMSNorm, RoPE, GQA attention, SwiGLU MLP, sparse MoE.
 
 All take parameters as plain dicts of arrays and activations as [tokens, features]; there is no batch axis, because
-a step is one ragged token axis. Linear weights are stored [in, out] so a projection is `x @ w`.
+a step is one ragged token axis. Linear weights are stored [out, in] as in Hugging Face checkpoints, so loading needs
+no transpose; XLA folds the transpose of `linear` into the matmul.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return weight * xf.astype(x.dtype)
+
+
+def linear(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., in] times a weight stored [out, in]."""
+    return x @ w.T
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> np.ndarray:
@@ -64,7 +70,7 @@ def attention(
 ) -> tuple[jax.Array, LayerCache]:
     """GQA self-attention with optional q/k/v bias (Qwen2), q/k RMSNorm (Qwen3) and sliding window (Mistral)."""
     tokens = x.shape[0]
-    q, k, v = x @ p["wq"], x @ p["wk"], x @ p["wv"]
+    q, k, v = linear(x, p["wq"]), linear(x, p["wk"]), linear(x, p["wv"])
     if cfg.attention_bias:
         q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
     q = q.reshape(tokens, cfg.num_heads, cfg.head_dim)
@@ -76,11 +82,11 @@ def attention(
     inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     out, cache = paged_attention(q, k, v, cache, meta, scale=cfg.head_dim**-0.5, window=cfg.window(layer))
-    return out.reshape(tokens, cfg.num_heads * cfg.head_dim) @ p["wo"], cache
+    return linear(out.reshape(tokens, cfg.num_heads * cfg.head_dim), p["wo"]), cache
 
 
 def swiglu_mlp(p: dict, x: jax.Array) -> jax.Array:
-    return (jax.nn.silu(x @ p["w_gate"]) * (x @ p["w_up"])) @ p["w_down"]
+    return linear(jax.nn.silu(linear(x, p["w_gate"])) * linear(x, p["w_up"]), p["w_down"])
 
 
 def moe_mlp(p: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:
@@ -90,10 +96,10 @@ def moe_mlp(p: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     the expert axis (each device runs its experts, one reduction sums them), but it spends E/k times the needed FLOPs.
     A grouped-matmul kernel replaces the three einsums when MoE speed matters.
     """
-    probs = jax.nn.softmax((x @ p["router"]).astype(jnp.float32), axis=-1)  # [T, E]
+    probs = jax.nn.softmax(linear(x, p["router"]).astype(jnp.float32), axis=-1)  # [T, E]
     top_p, top_i = jax.lax.top_k(probs, cfg.num_experts_per_tok)
     if cfg.norm_topk_prob:
         top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
     combine = jnp.sum(jax.nn.one_hot(top_i, cfg.num_experts, dtype=x.dtype) * top_p.astype(x.dtype)[..., None], 1)
-    hidden = jax.nn.silu(jnp.einsum("th,ehi->tei", x, p["w_gate"])) * jnp.einsum("th,ehi->tei", x, p["w_up"])
-    return jnp.einsum("tei,eih,te->th", hidden, p["w_down"], combine)
+    hidden = jax.nn.silu(jnp.einsum("th,eih->tei", x, p["w_gate"])) * jnp.einsum("th,eih->tei", x, p["w_up"])
+    return jnp.einsum("tei,ehi,te->th", hidden, p["w_down"], combine)

@@ -16,8 +16,8 @@ from rtpjax.models.decoder import HFTensor, forward  # noqa: F401
 ARCHITECTURES = ("Qwen3MoeForCausalLM",)
 
 PARTITION_RULES = (
-    (r"\.moe\.w_(gate|up)$", P("expert", None, "tensor")),  # experts over the expert axis, each column-parallel
-    (r"\.moe\.w_down$", P("expert", "tensor", None)),
+    (r"\.moe\.w_(gate|up)$", P("expert", "tensor", None)),  # experts over the expert axis, each column-parallel
+    (r"\.moe\.w_down$", P("expert", None, "tensor")),
 ) + qwen3.PARTITION_RULES  # the router stays replicated
 
 
@@ -43,8 +43,8 @@ def weight_names(cfg: ModelConfig) -> dict[str, HFTensor]:
     for i in range(cfg.num_layers):
         if cfg.is_moe_layer(i):
             hf = f"model.layers.{i}.mlp"
-            names[f"layers.{i}.moe.router"] = HFTensor((f"{hf}.gate.weight",), linear=True)
+            names[f"layers.{i}.moe.router"] = HFTensor((f"{hf}.gate.weight",))
             for ours, theirs in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
                 experts = tuple(f"{hf}.experts.{e}.{theirs}.weight" for e in range(cfg.num_experts))
-                names[f"layers.{i}.moe.{ours}"] = HFTensor(experts, linear=True)
+                names[f"layers.{i}.moe.{ours}"] = HFTensor(experts)
     return names

@@ -31,6 +31,13 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def convert(args: argparse.Namespace) -> int:
+    from rtpjax.convert import convert as write_converted
+
+    print(write_converted(args.model, args.out, dtype=args.dtype))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rtpjax", description="LLM inference on JAX")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -48,12 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--compilation-cache-dir", default=str(Path.home() / ".cache" / "rtpjax" / "xla"),
                      help="JAX persistent compilation cache ('' to disable): the second start skips compiling")
+    conv = commands.add_parser("convert", help="write a ready-to-load orbax checkpoint (transformed, in --dtype)")
+    conv.add_argument("model", help="a Hugging Face folder or a .gguf file")
+    conv.add_argument("out", help="a new folder; load it wherever a model folder is accepted")
+    conv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     from rtpjax.serve.launch import add_arguments, serve
 
     add_arguments(commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API"))
     args = parser.parse_args(argv)
     try:
-        return {"generate": generate, "serve": serve}[args.command](args)
+        return {"generate": generate, "serve": serve, "convert": convert}[args.command](args)
     except (ValueError, OSError) as e:  # bad model folder or arguments: one line, no traceback
         print(f"rtpjax: error: {e}", file=sys.stderr)
         return 2

@@ -1,24 +1,36 @@
-"""Hugging Face safetensors checkpoints (one file or a sharded index) -> a sharded parameter pytree.
+"""Hugging Face safetensors checkpoints (one file or a sharded index) -> a sharded parameter pytree, fast.
 
 Knows files and shardings, not models' maths: the family's `weight_names` says which tensors make each parameter and
-`decoder.param_shapes` what shape it must have. Every tensor is memory-mapped, checked, transformed (transpose,
-stack, cast) and placed with its NamedSharding; any mismatch fails naming the tensor and its file.
+`decoder.param_shapes` what shape it must have. Loading is planned from the headers alone: every tensor is read in
+file and byte order, in large batches, by a pool of threads into a few reusable host buffers, while the batch before is
+being sent to the devices. Each device receives only the slices its sharding holds; casts and expert stacking run on
+the device. Any mismatch fails naming the tensor and its file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
+import os
+import queue
 import struct
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from jax.sharding import SingleDeviceSharding
 
 from rtpjax.models import decoder, load_config
 from rtpjax.models.config import ModelConfig
 from rtpjax.sharding import param_shardings
 
+log = logging.getLogger("rtpjax")
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
@@ -93,26 +105,211 @@ class Checkpoint:
         return np.memmap(path, dtype=dtype, mode="r", offset=info["data_start"], shape=tuple(info["shape"]))
 
 
-def _assemble(ckpt: Checkpoint, path: str, source: decoder.HFTensor, shape, dtype) -> np.ndarray:
-    parts = []
-    for name in source.names:
-        array = ckpt.get(name)
-        expected = shape[1:] if len(source.names) > 1 else shape
-        expected = tuple(reversed(expected)) if source.linear else tuple(expected)
-        if array.shape != expected:
-            raise CheckpointError(
-                f"{ckpt.where[name]}: tensor {name!r} has shape {list(array.shape)}, expected {list(expected)} "
-                f"(for parameter {path})"
-            )
-        parts.append(array.T if source.linear else array)
-    array = np.stack(parts) if len(parts) > 1 else parts[0]
-    return np.ascontiguousarray(array.astype(dtype, copy=False))
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+    """How to read: `threads` concurrent reads of `read_chunk` bytes into `buffers` host buffers of `batch_bytes`."""
+
+    threads: int = min(16, os.cpu_count() or 4)
+    batch_bytes: int = 256 << 20
+    read_chunk: int = 32 << 20
+    buffers: int = 3
+    direct_io: bool = False  # O_DIRECT: skip the page cache (cold reads of checkpoints larger than host memory)
 
 
-def load_params(model_dir: str | Path, cfg: ModelConfig, family, mesh=None, progress: bool = False) -> dict:
+@dataclasses.dataclass(frozen=True)
+class TensorRead:
+    name: str
+    path: Path
+    start: int  # absolute byte offset in the file
+    nbytes: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadBatch:
+    """Tensors lying back to back in one file: one contiguous byte range, one buffer."""
+
+    path: Path
+    start: int
+    end: int
+    tensors: tuple[TensorRead, ...]
+
+
+def plan_reads(ckpt: Checkpoint, names, batch_bytes: int) -> list[ReadBatch]:
+    """The tensors to read, in file and byte order, grouped into contiguous batches of about `batch_bytes`."""
+    reads = []
+    for name in names:
+        path = ckpt.where[name]
+        info = ckpt.headers[path][name]
+        dtype = np.dtype(_DTYPES[info["dtype"]])
+        begin, end = info["data_offsets"]
+        reads.append(TensorRead(name, path, info["data_start"], end - begin, dtype, tuple(info["shape"])))
+    reads.sort(key=lambda r: (str(r.path), r.start))
+    batches: list[ReadBatch] = []
+    group: list[TensorRead] = []
+    for read in reads:
+        if group and (
+            read.path != group[0].path
+            or read.start != group[-1].start + group[-1].nbytes  # a gap: a tensor we skip lies between
+            or read.start + read.nbytes - group[0].start > batch_bytes
+        ):
+            batches.append(ReadBatch(group[0].path, group[0].start, group[-1].start + group[-1].nbytes, tuple(group)))
+            group = []
+        group.append(read)
+    if group:
+        batches.append(ReadBatch(group[0].path, group[0].start, group[-1].start + group[-1].nbytes, tuple(group)))
+    return batches
+
+
+_ALIGN = 4096  # O_DIRECT wants offsets, sizes and buffer addresses on this boundary
+
+
+def _aligned_buffer(nbytes: int) -> np.ndarray:
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    skip = -raw.ctypes.data % _ALIGN
+    return raw[skip : skip + nbytes]
+
+
+def _pread_into(fd: int, view: memoryview, offset: int, need: int, path: Path) -> None:
+    """Fill `view` from `offset`; at least `need` bytes must exist (O_DIRECT reads may stop at end of file)."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    if done < need:
+        raise CheckpointError(f"{path}: truncated: read {done} of {need} bytes at offset {offset}")
+
+
+class FileOrderReader:
+    """Yields (batch, bytes) in plan order while later batches are being read; `recycle` hands a buffer back."""
+
+    def __init__(self, batches: list[ReadBatch], opts: LoadOptions):
+        self.batches, self.opts = batches, opts
+        self.fds: dict[Path, tuple[int, bool]] = {}
+        for path in sorted({b.path for b in batches}):
+            self.fds[path] = self._open(path)
+        capacity = max((b.end - b.start for b in batches), default=0) + 2 * _ALIGN
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(max(2, opts.buffers)):
+            self.free.put(_aligned_buffer(capacity))
+        self.ready: queue.Queue = queue.Queue()
+        self.pool = ThreadPoolExecutor(opts.threads, thread_name_prefix="rtpjax-read")
+        self.closed = False
+        self.producer = threading.Thread(target=self._produce, daemon=True, name="rtpjax-read-plan")
+        self.producer.start()
+
+    def _open(self, path: Path) -> tuple[int, bool]:
+        if self.opts.direct_io and hasattr(os, "O_DIRECT"):
+            try:
+                return os.open(path, os.O_RDONLY | os.O_DIRECT), True
+            except OSError as e:  # e.g. tmpfs has no direct I/O
+                log.warning("%s: direct I/O unavailable (%s); reading through the page cache", path, e)
+        return os.open(path, os.O_RDONLY), False
+
+    def _produce(self) -> None:
+        chunk = max(_ALIGN, self.opts.read_chunk // _ALIGN * _ALIGN)
+        for batch in self.batches:
+            buf = self.free.get()
+            if self.closed:
+                return
+            fd, direct = self.fds[batch.path]
+            first = batch.start - batch.start % _ALIGN if direct else batch.start
+            last = -(-batch.end // _ALIGN) * _ALIGN if direct else batch.end
+            view = memoryview(buf)
+            futures = [
+                self.pool.submit(_pread_into, fd, view[a - first : min(a + chunk, last) - first], a,
+                                 min(a + chunk, batch.end) - a, batch.path)  # fmt: skip
+                for a in range(first, last, chunk)
+            ]
+            self.ready.put((batch, buf, batch.start - first, futures))
+
+    def __iter__(self):
+        for _ in self.batches:
+            batch, buf, skip, futures = self.ready.get()
+            for f in futures:
+                f.result()
+            yield batch, buf, buf[skip : skip + batch.end - batch.start]
+
+    def recycle(self, buf: np.ndarray) -> None:
+        self.free.put(buf)
+
+    def close(self) -> None:
+        self.closed = True
+        self.free.put(None)  # wake the producer if it waits for a buffer
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        for fd, _ in self.fds.values():
+            os.close(fd)
+
+
+def _check_shapes(ckpt: Checkpoint, sources, shapes) -> None:
+    for path, source in sources.items():
+        expected = shapes[path][1:] if len(source.names) > 1 else shapes[path]
+        for name in source.names:
+            got = tuple(ckpt.headers[ckpt.where[name]][name]["shape"])
+            if got != tuple(expected):
+                raise CheckpointError(
+                    f"{ckpt.where[name]}: tensor {name!r} has shape {list(got)}, expected {list(expected)} "
+                    f"(for parameter {path})"
+                )
+
+
+class _Placer:
+    """Sends each tensor's per-device slices as it arrives; finishes a parameter once all its tensors are there."""
+
+    def __init__(self, sources, shapes, shardings, dtype):
+        self.shapes, self.shardings, self.dtype = shapes, shardings, np.dtype(dtype)
+        self.owner = {name: (path, i) for path, src in sources.items() for i, name in enumerate(src.names)}
+        self.count = {path: len(src.names) for path, src in sources.items()}
+        self.stacked = {path for path, src in sources.items() if len(src.names) > 1}
+        self.pieces: dict[str, dict] = {}  # path -> device -> {index in stack: array}
+        self.done: dict[str, jax.Array] = {}
+
+    def put(self, name: str, host: np.ndarray) -> list[jax.Array]:
+        path, i = self.owner[name]
+        shape, sharding = self.shapes[path], self.shardings[path]
+        sent = []
+        for device, index in sharding.addressable_devices_indices_map(shape).items():
+            if path in self.stacked:
+                if not (index[0].start or 0) <= i < (shape[0] if index[0].stop is None else index[0].stop):
+                    continue
+                index = index[1:]
+            piece = host[index]
+            if device.platform == "cpu":
+                piece = np.array(piece)  # the CPU backend may alias host memory, and our buffer will be reused
+            array = jax.device_put(piece, device)
+            self.pieces.setdefault(path, {}).setdefault(device, {})[i] = array
+            sent.append(array)
+        self.count[path] -= 1
+        if self.count[path] == 0:
+            self._finish(path)
+        return sent
+
+    def _finish(self, path: str) -> None:
+        per_device = self.pieces.pop(path)
+        arrays = []
+        for device in self.shardings[path].addressable_devices_indices_map(self.shapes[path]):
+            parts = per_device[device]
+            array = jnp.stack([parts[k] for k in sorted(parts)]) if path in self.stacked else parts[0]
+            arrays.append(array.astype(self.dtype) if array.dtype != self.dtype else array)
+        self.done[path] = jax.make_array_from_single_device_arrays(self.shapes[path], self.shardings[path], arrays)
+
+
+def load_params(
+    model_dir: str | Path,
+    cfg: ModelConfig,
+    family,
+    mesh=None,
+    progress: bool = False,
+    options: LoadOptions | None = None,
+) -> dict:
     """Read, check and place every parameter; returns the nested pytree `forward` takes."""
     from tqdm import tqdm
 
+    opts = options or LoadOptions()
+    began = time.perf_counter()
     ckpt = Checkpoint(model_dir)
     sources = family.weight_names(cfg)
     shapes = decoder.param_shapes(cfg)
@@ -130,15 +327,38 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, family, mesh=None, prog
         raise CheckpointError(
             f"{ckpt.where[name]}: unexpected tensor(s) {', '.join(unexpected[:8])} for a {cfg.architecture}"
         )
-    shardings = param_shardings(shapes, family.PARTITION_RULES, mesh) if mesh is not None else {}
-    flat = {}
-    total = sum(int(np.prod(s)) * np.dtype(cfg.jnp_dtype).itemsize for s in shapes.values())
-    with tqdm(total=total, desc="loading", unit="B", unit_scale=True, disable=not progress) as bar:
-        for path, source in sources.items():
-            host = _assemble(ckpt, path, source, shapes[path], cfg.jnp_dtype)
-            flat[path] = jax.device_put(host, shardings.get(path))
-            bar.update(host.nbytes)
-    return decoder.nest(flat)
+    _check_shapes(ckpt, sources, shapes)
+    if mesh is not None:
+        shardings = param_shardings(shapes, family.PARTITION_RULES, mesh)
+    else:
+        shardings = dict.fromkeys(shapes, SingleDeviceSharding(jax.devices()[0]))
+    batches = plan_reads(ckpt, wanted, opts.batch_bytes)
+    total = sum(b.end - b.start for b in batches)
+    placer = _Placer(sources, shapes, shardings, cfg.jnp_dtype)
+    reader = FileOrderReader(batches, opts)
+    in_flight: list[tuple[np.ndarray, list]] = []
+    try:
+        with tqdm(total=total, desc="loading", unit="B", unit_scale=True, disable=not progress) as bar:
+            for batch, buf, data in reader:
+                sent = []
+                for t in batch.tensors:
+                    offset = t.start - batch.start
+                    host = data[offset : offset + t.nbytes].view(t.dtype).reshape(t.shape)
+                    sent += placer.put(t.name, host)
+                in_flight.append((buf, sent))
+                if len(in_flight) > 1:  # the batch before has had this batch's transfers' time to land
+                    old, arrays = in_flight.pop(0)
+                    jax.block_until_ready(arrays)
+                    reader.recycle(old)
+                bar.update(batch.end - batch.start)
+        params = decoder.nest(placer.done)
+        jax.block_until_ready(params)
+    finally:
+        reader.close()
+    seconds = time.perf_counter() - began
+    line = f"loaded {total / 1e9:.2f} GB in {seconds:.2f} s ({total / 1e9 / seconds:.2f} GB/s) from {model_dir}"
+    (tqdm.write if progress else log.info)(line)
+    return params
 
 
 def load_model(model_dir: str | Path, dtype: str | None = None, mesh=None, progress: bool = False):
@@ -149,4 +369,8 @@ def load_model(model_dir: str | Path, dtype: str | None = None, mesh=None, progr
     cfg, family = load_config(model_dir)
     if dtype is not None:
         cfg = cfg.with_dtype(dtype)
+    from rtpjax import convert
+
+    if convert.is_converted(model_dir):
+        return cfg, family, convert.restore_params(model_dir, cfg, family, mesh, progress)
     return cfg, family, load_params(model_dir, cfg, family, mesh, progress)

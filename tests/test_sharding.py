@@ -40,17 +40,17 @@ def test_mesh_matches_single_device(name, axes, tiny_checkpoints):
     flat = decoder.flatten(params)
     expected = {
         "embed": (cfg.vocab_size // tp, cfg.hidden_size),
-        "layers.0.attn.wq": (cfg.hidden_size, cfg.num_heads * cfg.head_dim // tp),
-        "layers.0.attn.wo": (cfg.num_heads * cfg.head_dim // tp, cfg.hidden_size),
+        "layers.0.attn.wq": (cfg.num_heads * cfg.head_dim // tp, cfg.hidden_size),
+        "layers.0.attn.wo": (cfg.hidden_size, cfg.num_heads * cfg.head_dim // tp),
         "layers.0.input_norm": (cfg.hidden_size,),
     }
     if cfg.is_moe_layer(0):
-        expected["layers.0.moe.w_gate"] = (cfg.num_experts // ep, cfg.hidden_size, cfg.moe_intermediate_size // tp)
-        expected["layers.0.moe.w_down"] = (cfg.num_experts // ep, cfg.moe_intermediate_size // tp, cfg.hidden_size)
-        expected["layers.1.mlp.w_up"] = (cfg.hidden_size, cfg.intermediate_size // tp)  # mlp_only_layers=[1]
+        expected["layers.0.moe.w_gate"] = (cfg.num_experts // ep, cfg.moe_intermediate_size // tp, cfg.hidden_size)
+        expected["layers.0.moe.w_down"] = (cfg.num_experts // ep, cfg.hidden_size, cfg.moe_intermediate_size // tp)
+        expected["layers.1.mlp.w_up"] = (cfg.intermediate_size // tp, cfg.hidden_size)  # mlp_only_layers=[1]
     else:
-        expected["layers.0.mlp.w_up"] = (cfg.hidden_size, cfg.intermediate_size // tp)
-        expected["lm_head"] = (cfg.hidden_size, cfg.vocab_size // tp)
+        expected["layers.0.mlp.w_up"] = (cfg.intermediate_size // tp, cfg.hidden_size)
+        expected["lm_head"] = (cfg.vocab_size // tp, cfg.hidden_size)
     if cfg.attention_bias:
         expected["layers.0.attn.bk"] = (cfg.num_kv_heads * cfg.head_dim // tp,)
     for path, shard_shape in expected.items():

@@ -1,0 +1,105 @@
+"""`rtpjax convert`: a checkpoint already in rtpjax's layout and dtype, restored by orbax straight into the mesh.
+
+A converted folder is a Hugging Face folder whose safetensors are replaced by an orbax `params/` tree plus a marker
+file; config and tokenizer files are copied, so everything that reads a model folder reads it too.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import jax
+
+from rtpjax.loader import CheckpointError, log
+from rtpjax.models import decoder
+from rtpjax.models.config import ModelConfig
+from rtpjax.sharding import param_shardings
+
+MARKER = "rtpjax_checkpoint.json"
+_FORMAT = 1
+_COPIED = ("*.json", "*.jinja", "tokenizer.model", "*.txt", "*.tiktoken")
+
+
+def is_converted(folder: str | Path) -> bool:
+    return (Path(folder) / MARKER).is_file()
+
+
+def convert(model: str | Path | None, out: str | Path, dtype: str | None = None, progress: bool = True) -> Path:
+    """Load `model` (folder, .gguf or None for the default), transform it, and write it to `out` with orbax."""
+    import orbax.checkpoint as ocp
+
+    from rtpjax.gguf_loader import resolve_model
+    from rtpjax.loader import load_model
+
+    out = Path(out).absolute()
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: exists and is not empty")
+    source = resolve_model(model)
+    cfg, family, params = load_model(source, dtype=dtype, progress=progress)
+    began = time.perf_counter()
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for pattern in _COPIED:
+        for f in Path(source).glob(pattern):
+            if f.name not in ("model.safetensors.index.json", MARKER):
+                shutil.copy(f, tmp / f.name)
+    hf = json.loads((tmp / "config.json").read_text())
+    hf["torch_dtype"] = hf["dtype"] = cfg.dtype
+    (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp / "params", params)
+    checkpointer.wait_until_finished()
+    (tmp / MARKER).write_text(json.dumps({"format": _FORMAT, "source": str(source), "dtype": hf["torch_dtype"]}))
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    log.info("wrote %s in %.1f s", out, time.perf_counter() - began)
+    return out
+
+
+def _check_stored_shapes(folder: Path, checkpointer, shapes: dict) -> None:
+    """Compare orbax's metadata with the config before reading, so a mismatch names the parameter."""
+    meta = checkpointer.metadata(folder / "params")
+    tree = getattr(meta, "item_metadata", meta)
+    stored = {path: tuple(m.shape) for path, m in decoder.flatten(getattr(tree, "tree", tree)).items()}
+    for path, shape in shapes.items():
+        if stored.get(path) != tuple(shape):
+            raise CheckpointError(
+                f"{folder}: converted checkpoint does not match its config.json: parameter {path} is "
+                f"{list(stored[path]) if path in stored else 'absent'}, the config needs {list(shape)}"
+            )
+
+
+def restore_params(folder: str | Path, cfg: ModelConfig, family, mesh=None, progress: bool = False) -> dict:
+    """Each device reads only its own slices of each parameter, already in the final dtype and layout."""
+    import orbax.checkpoint as ocp
+
+    folder = Path(folder).absolute()
+    meta = json.loads((folder / MARKER).read_text())
+    if meta.get("format") != _FORMAT:
+        raise CheckpointError(f"{folder / MARKER}: format {meta.get('format')!r}, this rtpjax reads {_FORMAT}")
+    began = time.perf_counter()
+    shapes = decoder.param_shapes(cfg)
+    if mesh is not None:
+        shardings = param_shardings(shapes, family.PARTITION_RULES, mesh)
+    else:
+        shardings = dict.fromkeys(shapes, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    target = decoder.nest(
+        {path: jax.ShapeDtypeStruct(shape, cfg.jnp_dtype, sharding=shardings[path]) for path, shape in shapes.items()}
+    )
+    checkpointer = ocp.StandardCheckpointer()
+    _check_stored_shapes(folder, checkpointer, shapes)
+    params = checkpointer.restore(folder / "params", target)
+    jax.block_until_ready(params)
+    seconds = time.perf_counter() - began
+    total = sum(x.nbytes for x in jax.tree.leaves(params))
+    line = f"restored {total / 1e9:.2f} GB in {seconds:.2f} s ({total / 1e9 / seconds:.2f} GB/s) from {folder}"
+    if progress:
+        print(line, flush=True)
+    else:
+        log.info(line)
+    return params

@@ -1,0 +1,183 @@
+"""The file-order loader against a plain safetensors read: bit-identical, sharded per device, and clear when corrupt."""
+
+import json
+import shutil
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from rtpjax import loader
+from rtpjax.cli import main as cli
+from rtpjax.convert import is_converted
+from rtpjax.loader import CheckpointError, FileOrderReader, LoadOptions, load_model, plan_reads
+from rtpjax.models import decoder, load_config
+from rtpjax.sharding import make_mesh
+
+NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+# Small batches, odd chunks and two buffers: many batches, each read in several pieces, buffers reused many times.
+TIGHT = LoadOptions(threads=3, batch_bytes=20_000, read_chunk=4096 * 3, buffers=2)
+
+
+def resave(src, dst, dtype: str, shards: int):
+    """`src`'s tensors cast to `dtype`, dealt round-robin over `shards` files (so one file's tensors are not neighbours)."""
+    tensors = load_file(src / "model.safetensors")
+    tensors = {k: v.astype(NP_DTYPES[dtype]) for k, v in tensors.items()}
+    shutil.copytree(src, dst)
+    (dst / "model.safetensors").unlink()
+    hf = json.loads((dst / "config.json").read_text())
+    hf["torch_dtype"] = hf["dtype"] = dtype
+    (dst / "config.json").write_text(json.dumps(hf))
+    names = sorted(tensors)
+    if shards == 1:
+        save_file(tensors, dst / "model.safetensors")
+        return dst
+    weight_map = {}
+    for i in range(shards):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: tensors[n] for n in names[i::shards]}, dst / fname)
+        weight_map |= {n: fname for n in names[i::shards]}
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dst
+
+
+def plain_read(folder, dtype: str) -> dict[str, np.ndarray]:
+    """What the parameters must be: safetensors' own reader, experts stacked, cast on the host."""
+    tensors = {}
+    for f in folder.glob("*.safetensors"):
+        tensors |= load_file(f)
+    cfg, family = load_config(folder)
+    out = {}
+    for path, source in family.weight_names(cfg).items():
+        parts = [tensors[n] for n in source.names]
+        array = np.stack(parts) if len(parts) > 1 else parts[0]
+        out[path] = array.astype(NP_DTYPES[dtype])
+    return out
+
+
+def assert_bit_identical(params, expected):
+    flat = decoder.flatten(params)
+    assert set(flat) == set(expected)
+    for path, want in expected.items():
+        got = np.asarray(flat[path])
+        assert got.dtype == want.dtype and got.shape == want.shape, path
+        assert got.tobytes() == want.tobytes(), path
+
+
+@pytest.mark.parametrize(
+    "name,stored,shards,target",
+    [
+        ("llama3", "float32", 1, "float32"),
+        ("qwen2", "bfloat16", 3, "bfloat16"),  # biases, sharded index
+        ("qwen3_moe", "float16", 2, "float16"),  # stacked experts
+        ("llama_tied", "float32", 2, "bfloat16"),  # cast on the device
+    ],
+)
+def test_bit_identical_to_plain_read(tmp_path, tiny_checkpoints, name, stored, shards, target):
+    folder = resave(tiny_checkpoints[name], tmp_path / name, stored, shards)
+    cfg, family = load_config(folder)
+    cfg = cfg.with_dtype(target)
+    expected = plain_read(folder, target)
+    assert_bit_identical(loader.load_params(folder, cfg, family, options=TIGHT), expected)
+    assert_bit_identical(loader.load_params(folder, cfg, family, options=LoadOptions(direct_io=True)), expected)
+    assert_bit_identical(loader.load_params(folder, cfg, family), expected)
+
+
+def test_plan_follows_file_order(tmp_path, tiny_checkpoints):
+    folder = resave(tiny_checkpoints["qwen3"], tmp_path / "q", "bfloat16", 3)
+    ckpt = loader.Checkpoint(folder)
+    batches = plan_reads(ckpt, ckpt.names(), batch_bytes=30_000)
+    keys = [(str(t.path), t.start) for b in batches for t in b.tensors]
+    assert keys == sorted(keys) and len(keys) == len(ckpt.names())
+    for b in batches:
+        assert len({t.path for t in b.tensors}) == 1
+        assert b.end - b.start <= 30_000 or len(b.tensors) == 1  # only a single large tensor exceeds a batch
+        assert all(t.start + t.nbytes == u.start for t, u in zip(b.tensors, b.tensors[1:]))  # contiguous
+
+
+@pytest.mark.parametrize("name,axes", [("llama3", dict(tensor=4, data=2)), ("qwen3_moe", dict(expert=4, tensor=2))])
+def test_each_device_receives_only_its_shard(tmp_path, tiny_checkpoints, monkeypatch, name, axes):
+    folder = resave(tiny_checkpoints[name], tmp_path / name, "bfloat16", 2)
+    sent: dict = {}
+    real_put = jax.device_put
+
+    def counting_put(x, device=None, *args, **kwargs):
+        sent[device] = sent.get(device, 0) + np.asarray(x).nbytes
+        return real_put(x, device, *args, **kwargs)
+
+    monkeypatch.setattr(loader.jax, "device_put", counting_put)
+    mesh = make_mesh(**axes)
+    cfg, _, params = load_model(folder, mesh=mesh)
+    monkeypatch.undo()
+    assert_bit_identical(params, plain_read(folder, cfg.dtype))
+    held: dict = {}
+    for leaf in jax.tree.leaves(params):
+        assert len(leaf.addressable_shards) == 8
+        for shard in leaf.addressable_shards:
+            held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+    full = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+    assert sent == held  # exactly the bytes each device keeps: no full replica travels
+    assert max(held.values()) < full / 2
+    wq = decoder.flatten(params)["layers.0.attn.wq"]
+    assert {s.data.shape for s in wq.addressable_shards} == {(wq.shape[0] // mesh.shape["tensor"], wq.shape[1])}
+
+
+def test_corrupt_inputs_name_file_and_tensor(tmp_path, tiny_checkpoints):
+    src = tiny_checkpoints["llama3"]
+    # Unsupported dtype: rewrite one tensor's dtype in the header.
+    bad = tmp_path / "dtype"
+    shutil.copytree(src, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    header["model.norm.weight"]["dtype"] = "F4"
+    raw = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    (bad / "model.safetensors").write_bytes(data[:8] + raw + data[8 + n :])
+    with pytest.raises(CheckpointError, match=r"dtype/model.safetensors: tensor 'model.norm.weight' has unsupported"):
+        load_model(bad)
+    # Truncated: found from the header before any read.
+    cut = tmp_path / "cut"
+    shutil.copytree(src, cut)
+    (cut / "model.safetensors").write_bytes(data[:-64])
+    with pytest.raises(CheckpointError, match=r"cut/model.safetensors: truncated: tensor '.*' ends at byte"):
+        load_model(cut)
+
+
+def test_file_shrinking_under_the_reader_is_named(tmp_path, tiny_checkpoints):
+    folder = resave(tiny_checkpoints["llama3"], tmp_path / "shrink", "float32", 1)
+    ckpt = loader.Checkpoint(folder)
+    batches = plan_reads(ckpt, ckpt.names(), batch_bytes=1 << 30)
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: batches[0].end - 1000])  # cut after the plan was made
+    reader = FileOrderReader(batches, TIGHT)
+    with pytest.raises(CheckpointError, match=r"shrink/model.safetensors: truncated: read \d+ of \d+ bytes"):
+        for _ in reader:
+            pass
+    reader.close()
+
+
+def test_convert_restores_the_same_params_into_the_mesh(tmp_path, tiny_checkpoints, capsys):
+    src = resave(tiny_checkpoints["qwen3_moe"], tmp_path / "src", "float32", 2)
+    out = tmp_path / "converted"
+    assert cli(["convert", str(src), str(out), "--dtype", "bfloat16"]) == 0
+    assert is_converted(out) and not list(out.glob("*.safetensors"))
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file() is (src / "tokenizer.json").is_file()
+    cfg, _, params = load_model(out)
+    assert cfg.dtype == "bfloat16"
+    assert_bit_identical(params, plain_read(src, "bfloat16"))
+    mesh = make_mesh(expert=4, tensor=2)
+    _, _, sharded = load_model(out, mesh=mesh)
+    assert_bit_identical(sharded, plain_read(src, "bfloat16"))
+    w = decoder.flatten(sharded)["layers.0.moe.w_gate"]
+    assert {s.data.shape for s in w.addressable_shards} == {(w.shape[0] // 4, w.shape[1] // 2, w.shape[2])}
+    # A second convert into the same folder refuses instead of mixing two checkpoints.
+    assert cli(["convert", str(src), str(out)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    # A converted folder whose config no longer matches its params fails naming the folder.
+    hf = json.loads((out / "config.json").read_text())
+    hf["hidden_size"] *= 2
+    (out / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(CheckpointError, match="converted checkpoint does not match its config.json"):
+        load_model(out)
