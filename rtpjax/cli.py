@@ -38,6 +38,13 @@ def convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_serve(args: argparse.Namespace) -> int:
+    from rtpjax.benchmarks import serve_bench
+
+    metrics = serve_bench.main(args.rest)
+    return 0 if metrics is None or metrics["failed"] == 0 else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rtpjax", description="LLM inference on JAX")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -59,12 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("model", help="a Hugging Face folder or a .gguf file")
     conv.add_argument("out", help="a new folder; load it wherever a model folder is accepted")
     conv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    bench = commands.add_parser("bench", help="benchmarks (`rtpjax bench serve --help`)")
+    bench.add_argument("which", choices=["serve"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags")
     from rtpjax.serve.launch import add_arguments, serve
 
     add_arguments(commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API"))
     args = parser.parse_args(argv)
     try:
-        return {"generate": generate, "serve": serve, "convert": convert}[args.command](args)
+        return {"generate": generate, "serve": serve, "convert": convert, "bench": bench_serve}[args.command](args)
     except (ValueError, OSError) as e:  # bad model folder or arguments: one line, no traceback
         print(f"rtpjax: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,1 @@
+"""Benchmarks, shipped as `rtpjax.benchmarks` so `rtpjax bench serve` works from an installed package."""

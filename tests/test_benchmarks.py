@@ -1,0 +1,149 @@
+"""The serving benchmark against a real server (uvicorn on loopback), its datasets, arrivals and metrics; the random
+checkpoint writer the GPU benchmarks use."""
+
+import asyncio
+import json
+import random
+
+import numpy as np
+import pytest
+
+from conftest import ENGINE_ARGS
+from rtpjax import AsyncLLM
+from rtpjax.benchmarks import serve_bench
+from rtpjax.benchmarks.random_checkpoint import write_random_checkpoint
+from rtpjax.cli import main as cli
+from rtpjax.serve.app import build_app
+from test_server import Server
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return write_random_checkpoint(tmp_path_factory.mktemp("bench") / "tiny", "tiny", shards=2, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def llm(model, compile_cache):
+    llm = AsyncLLM(str(model), compilation_cache_dir=compile_cache, **ENGINE_ARGS)
+    yield llm
+    llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def url(llm):
+    s = Server(build_app(llm, "tiny-random"))
+    yield s.url
+    s.stop()
+
+
+def test_random_checkpoint_loads_in_transformers_and_rtpjax(model, llm):
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(model)
+    ids = tok("w5 w6 w300")["input_ids"]
+    assert ids == [5, 6, 300] and tok.decode(ids) == "w5 w6 w300"
+    out = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, 3:].tolist()
+    got = asyncio.run(_generate(llm, ids))
+    assert got == out
+
+
+async def _generate(llm, ids):
+    from rtpjax import SamplingParams
+
+    final = None
+    async for o in llm.generate(ids, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)):
+        final = o
+    return final.outputs[0].token_ids
+
+
+def test_random_dataset_metrics_json_and_plot(url, model, tmp_path):
+    argv = ["--base-url", url, "--tokenizer", str(model), "--dataset-name", "random", "--random-input-len", "24",
+            "--random-output-len", "6", "--num-prompts", "12", "--max-concurrency", "4", "--ignore-eos",
+            "--save-result", "--result-dir", str(tmp_path), "--result-filename", "r.json", "--plot",
+            "--disable-tqdm", "--goodput", "ttft:100000", "--metric-percentiles", "50,95"]  # fmt: skip
+    m = serve_bench.main(argv)
+    assert m["model_id"] == "tiny-random"  # discovered from /v1/models
+    assert m["completed"] == 12 and m["failed"] == 0
+    assert m["input_lens"] == [24] * 12 and m["total_output_tokens"] == 72
+    assert m["request_goodput"] == pytest.approx(m["request_throughput"])
+    assert m["output_throughput"] == pytest.approx(72 / m["duration"])
+    for ttft, e2el, itl in zip(m["ttfts"], m["e2els"], m["itls"]):
+        assert 0 < ttft <= e2el and 1 <= len(itl) <= 5 and ttft + sum(itl) <= e2el + 1e-6
+    tpot = np.mean([(e - t) / 5 for t, e in zip(m["ttfts"], m["e2els"])]) * 1e3
+    assert m["mean_tpot_ms"] == pytest.approx(tpot)
+    assert m["p95_ttft_ms"] >= m["median_ttft_ms"] == m["p50_ttft_ms"]
+    saved = json.loads((tmp_path / "r.json").read_text())
+    for field in ("request_throughput", "output_throughput", "total_token_throughput", "mean_ttft_ms",
+                  "median_tpot_ms", "p95_itl_ms", "mean_e2el_ms", "completed", "total_input_tokens"):  # fmt: skip
+        assert field in saved
+    assert (tmp_path / "r.png").stat().st_size > 1000
+    strict = serve_bench.main(argv[:-5] + ["--goodput", "ttft:0.0001", "--num-prompts", "4"])
+    assert strict["request_goodput"] == 0
+
+
+def test_shared_prefixes_hit_the_prefix_cache(url, model, llm):
+    before = llm.engine.stats()["prefix_cache_hits"]
+    m = serve_bench.main(["--base-url", url, "--tokenizer", str(model), "--dataset-name", "prefix_repetition",
+                          "--prefix-repetition-prefix-len", "64", "--prefix-repetition-suffix-len", "8",
+                          "--prefix-repetition-num-prefixes", "2", "--prefix-repetition-output-len", "4",
+                          "--num-prompts", "8", "--max-concurrency", "2", "--ignore-eos", "--disable-tqdm"])  # fmt: skip
+    assert m["completed"] == 8 and m["input_lens"] == [72] * 8
+    assert llm.engine.stats()["prefix_cache_hits"] - before >= 6 * 64  # all but the first of each group hit
+
+
+def test_multi_turn_chat_resends_history(url, model):
+    m = serve_bench.main(["--base-url", url, "--tokenizer", str(model), "--backend", "openai-chat",
+                          "--dataset-name", "multi_turn", "--multi-turn-num-turns", "3", "--multi-turn-input-len",
+                          "10", "--multi-turn-output-len", "5", "--num-prompts", "6", "--max-concurrency", "2",
+                          "--ignore-eos", "--disable-tqdm"])  # fmt: skip
+    assert m["completed"] == 6 and m["total_output_tokens"] == 30
+    lens = m["input_lens"]
+    for conv in (lens[0:3], lens[3:6]):  # each turn carries the earlier turns and answers
+        assert conv[0] > 10 and conv[1] > conv[0] + 10 + 5 - 1 and conv[2] > conv[1] + 10 + 5 - 1
+
+
+def test_sharegpt_mix_has_the_published_means(model):
+    from transformers import AutoTokenizer
+
+    args = serve_bench.parser().parse_args(["--dataset-name", "sharegpt", "--num-prompts", "3000", "--seed", "1"])
+    requests = serve_bench.sample_requests(args, AutoTokenizer.from_pretrained(model))
+    ins = np.array([r.prompt_len for r in requests])
+    outs = np.array([r.output_len for r in requests])
+    assert len(requests) == 3000 and ins.min() >= 4 and outs.min() >= 4 and (ins + outs).max() <= 2048
+    assert 0.8 < ins.mean() / serve_bench.SHAREGPT_MEAN_INPUT < 1.1
+    assert 0.75 < outs.mean() / serve_bench.SHAREGPT_MEAN_OUTPUT < 1.1  # the 2048 cut trims the long tail
+
+
+def test_poisson_and_gamma_arrivals(monkeypatch):
+    gaps = []
+
+    async def fake_sleep(s):
+        gaps.append(s)
+
+    monkeypatch.setattr(serve_bench.asyncio, "sleep", fake_sleep)
+
+    async def drain(rate, burstiness):
+        gaps.clear()
+        return [i async for i in serve_bench.arrivals(4001, rate, burstiness, random.Random(0))]
+
+    assert asyncio.run(drain(50.0, 1.0)) == list(range(4001))
+    g = np.array(gaps)
+    assert abs(g.mean() - 1 / 50) < 0.002 and abs(g.std() / g.mean() - 1) < 0.08  # exponential: cv 1
+    asyncio.run(drain(50.0, 4.0))
+    g = np.array(gaps)
+    assert abs(g.mean() - 1 / 50) < 0.002 and abs(g.std() / g.mean() - 0.5) < 0.05  # gamma k=4: cv 1/2
+    asyncio.run(drain(float("inf"), 1.0))
+    assert gaps == []
+
+
+def test_cli_bench_serve_and_sweep_plot(url, model, tmp_path):
+    for c in (1, 4):
+        assert cli(["bench", "serve", "--base-url", url, "--tokenizer", str(model), "--random-input-len", "8",
+                    "--random-output-len", "3", "--num-prompts", "4", "--max-concurrency", str(c), "--ignore-eos",
+                    "--save-result", "--result-dir", str(tmp_path), "--result-filename", f"c{c}.json",
+                    "--disable-tqdm"]) == 0  # fmt: skip
+    assert cli(["bench", "serve", "--plot-sweep", str(tmp_path / "c1.json"), str(tmp_path / "c4.json"),
+                "--result-dir", str(tmp_path)]) == 0  # fmt: skip
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
