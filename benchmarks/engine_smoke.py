@@ -21,11 +21,12 @@ def random_llama(folder: Path, tokenizer_from: Path, hidden=2048, layers=16, hea
                  vocab=512) -> Path:  # fmt: skip
     """A random bf16 Llama-shaped checkpoint (weights drawn on the device) with a borrowed tokenizer."""
     import ml_dtypes
-    from safetensors.numpy import save_file
-
     from rtpjax.models import llama
     from rtpjax.models.config import base_config
-    from rtpjax.models.decoder import flatten, init_params
+    from rtpjax.models.decoder import flatten
+    from safetensors.numpy import save_file
+
+    from rtpjax.loader import random_params
 
     hf = dict(architectures=["LlamaForCausalLM"], vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
@@ -34,7 +35,7 @@ def random_llama(folder: Path, tokenizer_from: Path, hidden=2048, layers=16, hea
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(hf))
     cfg = base_config(hf)
-    params = flatten(init_params(cfg, jax.random.key(0)))
+    params = flatten(random_params(cfg, llama))
     tensors = {}
     for path, source in llama.weight_names(cfg).items():
         array = np.asarray(params[path].astype(jax.numpy.float32)).astype(ml_dtypes.bfloat16)

@@ -71,8 +71,9 @@ def measure(method: str, folder: Path, torch_device: str) -> dict:
                 arrays += [jax.device_put(st.get_tensor(name)) for name in st.keys()]
         jax.block_until_ready(arrays)
     else:
-        from rtpjax.loader import LoadOptions, load_model, load_params
         from rtpjax.models import load_config
+
+        from rtpjax.loader import LoadOptions, load_model, load_params
 
         if method == "rtpjax_orbax":
             _, _, params = load_model(folder)

@@ -10,10 +10,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-
-from rtpjax.attention import AttentionMetadata, LayerCache
 from rtpjax.models import layers
 from rtpjax.models.config import ModelConfig
+
+from rtpjax.attention import AttentionMetadata, LayerCache
 
 KVCache = list[LayerCache]
 
@@ -73,19 +73,6 @@ def flatten(params: dict) -> dict[str, object]:
     for key_path, leaf in jax.tree_util.tree_leaves_with_path(params):
         flat[".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in key_path)] = leaf
     return flat
-
-
-def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.02) -> dict:
-    """Random parameters of the right shapes (norm weights 1): for benchmarks and tests without a checkpoint."""
-    shapes = param_shapes(cfg)
-    keys = jax.random.split(key, len(shapes))
-    flat = {}
-    for k, (path, shape) in zip(keys, sorted(shapes.items())):
-        if path.endswith("norm"):
-            flat[path] = jnp.ones(shape, cfg.jnp_dtype)
-        else:
-            flat[path] = (scale * jax.random.normal(k, shape, jnp.float32)).astype(cfg.jnp_dtype)
-    return nest(flat)
 
 
 def decoder_layer(p: dict, cfg: ModelConfig, i: int, x, positions, cache: LayerCache, meta: AttentionMetadata):

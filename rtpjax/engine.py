@@ -46,6 +46,7 @@ class EngineArgs:
     compilation_cache_dir: str | None = None  # JAX persistent compilation cache: a second start skips compiling
     seed: int = 0  # draws the seeds of requests that bring none
     tokenizer: str | None = None
+    load_format: str = "auto"  # "dummy": random weights made on the devices from config.json (benchmarks)
     progress: bool = False  # progress bars for loading and compiling (the server turns them on)
 
 
@@ -136,7 +137,8 @@ class LLMEngine:
         if args.compilation_cache_dir:
             enable_compilation_cache(args.compilation_cache_dir)
         mesh = make_mesh(tensor=args.tensor_parallel_size)
-        self.cfg, self.family, params = load_model(model, dtype=args.dtype, mesh=mesh, progress=args.progress)
+        self.cfg, self.family, params = load_model(model, dtype=args.dtype, mesh=mesh, progress=args.progress,
+                                                   load_format=args.load_format)  # fmt: skip
         self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model)
         self.eos_ids = _eos_ids(Path(model), self.cfg, self.tokenizer)
         self.max_model_len = min(args.max_model_len or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings)

@@ -10,7 +10,8 @@ import asyncio
 import logging
 import queue
 import threading
-from typing import AsyncIterator, Sequence as Seq
+from collections.abc import AsyncIterator
+from collections.abc import Sequence as Seq
 
 from rtpjax.engine import EngineArgs, LLMEngine, RequestOutput
 from rtpjax.sampling_params import SamplingParams

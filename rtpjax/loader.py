@@ -361,14 +361,43 @@ def load_params(
     return params
 
 
-def load_model(model_dir: str | Path, dtype: str | None = None, mesh=None, progress: bool = False):
-    """(config, family module, params) for a Hugging Face folder or a .gguf file; `dtype` overrides the checkpoint's."""
+def random_params(cfg: ModelConfig, family, mesh=None, seed: int = 0, scale: float = 0.02) -> dict:
+    """Random weights (norms 1) drawn on the devices, each straight into its sharding: vLLM's `load_format=dummy`."""
+    shapes = decoder.param_shapes(cfg)
+    if mesh is not None:
+        shardings = param_shardings(shapes, family.PARTITION_RULES, mesh)
+    else:
+        shardings = dict.fromkeys(shapes, SingleDeviceSharding(jax.devices()[0]))
+    key = jax.random.key(seed)
+    flat = {}
+    for i, (path, shape) in enumerate(sorted(shapes.items())):
+        if path.endswith("norm"):
+            make = lambda k, shape=shape: jnp.ones(shape, cfg.jnp_dtype)
+        else:
+            make = lambda k, shape=shape: (scale * jax.random.normal(k, shape, jnp.float32)).astype(cfg.jnp_dtype)
+        flat[path] = jax.jit(make, out_shardings=shardings[path])(jax.random.fold_in(key, i))
+    return decoder.nest(flat)
+
+
+LOAD_FORMATS = ("auto", "dummy")
+
+
+def load_model(model_dir: str | Path, dtype: str | None = None, mesh=None, progress: bool = False,
+               load_format: str = "auto"):  # fmt: skip
+    """(config, family module, params) for a Hugging Face folder or a .gguf file; `dtype` overrides the checkpoint's.
+
+    load_format "dummy" reads only config.json and makes random weights on the devices.
+    """
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format {load_format!r}: choose one of {', '.join(LOAD_FORMATS)}")
     from rtpjax.gguf_loader import resolve_model
 
     model_dir = resolve_model(model_dir)
     cfg, family = load_config(model_dir)
     if dtype is not None:
         cfg = cfg.with_dtype(dtype)
+    if load_format == "dummy":
+        return cfg, family, random_params(cfg, family, mesh)
     from rtpjax import convert
 
     if convert.is_converted(model_dir):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -100,6 +102,7 @@ class ModelRunner:
         self._step = jax.jit(
             functools.partial(device_step, cfg=cfg, forward=family.forward), donate_argnums=(1, 2)
         )
+        self._compiled: dict[tuple[int, int], object] = {}  # (tokens, seqs) bucket -> executable, from warmup
         self._admit = jax.jit(sampler.admit, donate_argnums=(0,))
         self.admit_rows = max_num_seqs
         self.admit_buckets = buckets(1 << max(6, (max_model_len - 1).bit_length()), 64)
@@ -108,15 +111,25 @@ class ModelRunner:
     # -- warm-up ----------------------------------------------------------------------------------------------------
 
     def warmup(self, progress: bool = False) -> int:
-        """Compile every bucket by running padding-only steps; returns the number of shapes compiled."""
+        """Compile every bucket ahead of time, several at once (XLA compiles outside the GIL); returns the count.
+
+        The step then calls these executables directly, so serving can never trigger a compilation of its own.
+        """
         from tqdm import tqdm
 
         steps = [(t, s) for t in self.token_buckets for s in self.seq_buckets if s <= t]
         bar = tqdm(total=len(steps) + len(self.admit_buckets), desc="compiling", unit="shape", disable=not progress)
-        for t, s in steps:
-            out, self.cache, self.state = self._step(self.params, self.cache, self.state, self._batch([], t, s))
-            jax.block_until_ready(out)
-            bar.update()
+
+        def compile_step(shape):
+            return shape, self._step.lower(self.params, self.cache, self.state, self._batch([], *shape)).compile()
+
+        with ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 2) - 1))) as pool:
+            for shape, compiled in pool.map(compile_step, steps):
+                self._compiled[shape] = compiled
+                bar.update()
+        for t, s in steps:  # run each once: the first call of an executable does one-time setup
+            out, self.cache, self.state = self._compiled[t, s](self.params, self.cache, self.state, self._batch([], t, s))
+        jax.block_until_ready(out)
         for n in self.admit_buckets:
             self.state = self._admit(self.state, *self._admit_arrays([], n))
             jax.block_until_ready(self.state)
@@ -223,7 +236,8 @@ class ModelRunner:
         num_seqs = pick(self.seq_buckets, len(schedule.items))
         num_tokens = pick(self.token_buckets, max(schedule.num_tokens, num_seqs))
         batch = self._batch(schedule.items, num_tokens, num_seqs)
-        out, self.cache, self.state = self._step(self.params, self.cache, self.state, batch)
+        step = self._compiled.get((num_tokens, num_seqs), self._step)
+        out, self.cache, self.state = step(self.params, self.cache, self.state, batch)
         for leaf in jax.tree.leaves(out):
             leaf.copy_to_host_async()
         return out

@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     parser.add_argument("--compilation-cache-dir", default=str(Path.home() / ".cache" / "rtpjax" / "xla"),
                         help="JAX persistent compilation cache ('' to disable): the second start skips compiling")
+    parser.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+                        help="dummy: random weights made on the devices from config.json (benchmarks)")
     parser.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond max-num-seqs before 429")
     parser.add_argument("--graceful-shutdown-timeout", type=float, default=30.0,
                         help="seconds in-flight requests get to finish after SIGINT/SIGTERM")  # fmt: skip
@@ -49,7 +51,7 @@ def serve(args: argparse.Namespace) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size, dtype=args.dtype,
         kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=args.tensor_parallel_size,
         attention_impl=args.attention_impl, enable_prefix_caching=args.enable_prefix_caching,
-        compilation_cache_dir=args.compilation_cache_dir or None, progress=True,
+        compilation_cache_dir=args.compilation_cache_dir or None, load_format=args.load_format, progress=True,
     )  # fmt: skip
     name = args.served_model_name or (Path(args.model).name.removesuffix(".gguf") if args.model else DEFAULT_NAME)
     app = build_app(llm, name, api_key=args.api_key, max_queue=args.max_queue)

@@ -7,14 +7,14 @@ import random
 
 import numpy as np
 import pytest
-
 from conftest import ENGINE_ARGS
-from rtpjax import AsyncLLM
 from rtpjax.benchmarks import serve_bench
 from rtpjax.benchmarks.random_checkpoint import write_random_checkpoint
-from rtpjax.cli import main as cli
 from rtpjax.serve.app import build_app
 from test_server import Server
+
+from rtpjax import AsyncLLM
+from rtpjax.cli import main as cli
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,19 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+from rtpjax.models import decoder, load_config
 from safetensors.numpy import load_file, save_file
 
 from rtpjax import loader
 from rtpjax.cli import main as cli
 from rtpjax.convert import is_converted
-from rtpjax.loader import CheckpointError, FileOrderReader, LoadOptions, load_model, plan_reads
-from rtpjax.models import decoder, load_config
+from rtpjax.loader import (
+    CheckpointError,
+    FileOrderReader,
+    LoadOptions,
+    load_model,
+    plan_reads,
+)
 from rtpjax.sharding import make_mesh
 
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# One GPU run of the benchmarks, results as JSON under $OUT. Stages (default: all):
+#   load    write a random Llama-3-8B-shaped bf16 checkpoint (4 shards), time loading it cold and warm beside
+#           transformers, safetensors + device_put, orbax and cat; time to first token of `rtpjax serve` on it
+#   engine  offline decode (batch 1/8/32) and throughput, rtpjax beside transformers on the same checkpoint;
+#           the serving benchmark against `rtpjax serve` at several concurrencies
+# Run from the repository root on the lent GPU (device tool), with .whl carried (starlette, uvicorn, pydantic):
+#   bash benchmarks/gpu_run.sh load engine
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+SHAPE=${SHAPE:-llama3-8b}
+CKPT=${CKPT:-/tmp/ckpt/$SHAPE}
+SERVE_FLAGS=${SERVE_FLAGS:---max-model-len 2048 --max-num-seqs 256 --max-num-batched-tokens 2048}
+stages=${*:-load engine}
+
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
+rm -rf /tmp/pkg && mkdir -p /tmp/pkg/rtpjax && cp -r rtpjax/* /tmp/pkg/rtpjax/ && cp -r models /tmp/pkg/rtpjax/models \
+  && cp -r serve /tmp/pkg/rtpjax/serve && cp -r benchmarks /tmp/pkg/rtpjax/benchmarks || exit 1
+export PYTHONPATH=/tmp/pkg:/tmp/site
+python3 - <<'EOF' > "$OUT/env.json"
+import json, platform, jax, torch, transformers
+print(json.dumps({"jax": jax.__version__, "device": str(jax.devices()[0].device_kind), "torch": torch.__version__,
+                  "transformers": transformers.__version__, "python": platform.python_version()}))
+EOF
+cat "$OUT/env.json"
+
+checkpoint() {
+  if [ ! -f "$CKPT/config.json" ]; then
+    local t0=$(date +%s.%N)
+    python3 -m rtpjax.benchmarks.random_checkpoint "$SHAPE" "$CKPT" --shards 4 >/dev/null || exit 1
+    echo "wrote $CKPT ($(du -sh "$CKPT" | cut -f1)) in $(echo "$(date +%s.%N) - $t0" | bc) s"
+  fi
+}
+
+for stage in $stages; do
+  case $stage in
+  load)
+    checkpoint
+    timeout 360 python3 -m rtpjax.benchmarks.load_bench "$CKPT" --repeats 2 --out "$OUT/load.json"
+    timeout 300 python3 -m rtpjax.benchmarks.startup_bench "$CKPT" --drop-page-cache --out "$OUT/startup.json" \
+      -- $SERVE_FLAGS
+    ;;
+  engine)
+    timeout 240 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" --out "$OUT/offline_rtpjax.json" \
+      --compilation-cache-dir /tmp/xla
+    checkpoint
+    timeout 200 python3 -m rtpjax.benchmarks.offline --model "$CKPT" --engine transformers --num-prompts 64 \
+      --max-num-seqs 64 --out "$OUT/offline_transformers.json"
+    python3 -m rtpjax.cli serve "$CKPT" --load-format dummy --port 8000 --served-model-name "$SHAPE" \
+      --compilation-cache-dir /tmp/xla $SERVE_FLAGS > "$OUT/serve.log" 2>&1 &
+    server=$!
+    for _ in $(seq 600); do curl -sf localhost:8000/health >/dev/null && break; sleep 0.5; done
+    bench="python3 -m rtpjax.benchmarks.serve_bench --tokenizer $CKPT --ignore-eos --disable-tqdm --save-result
+           --result-dir $OUT --metric-percentiles 50,90,95,99"
+    timeout 150 $bench --random-input-len 1024 --random-output-len 128 --num-prompts 320 --max-concurrency 64 \
+      --result-filename serve_1024in_128out_c64.json | tail -30
+    timeout 200 $bench --random-input-len 128 --random-output-len 1024 --num-prompts 512 --max-concurrency 256 \
+      --result-filename serve_128in_1024out_c256.json | tail -30
+    for c in 1 16; do
+      timeout 60 $bench --random-input-len 1024 --random-output-len 128 --num-prompts $((c * 4)) --max-concurrency $c \
+        --result-filename serve_1024in_128out_c$c.json | grep -E "Output token throughput|P95 TTFT"
+    done
+    kill $server; wait $server
+    tail -3 "$OUT/serve.log"
+    ;;
+  esac
+done
+ls "$OUT"

@@ -1,0 +1,138 @@
+"""Offline latency and throughput through the Python API: decode tokens/s at batch 1, 8, 32 (greedy, fixed prompt
+length) and a batch throughput workload, for rtpjax or transformers on the same checkpoint or shape. Writes JSON.
+
+Decode speed is measured as `vllm bench latency` and gpt-fast do, without the prefill: each batch runs twice, with 1
+and with N output tokens, and decode tokens/s = batch x (N - 1) / (t_N - t_1).
+
+    python -m rtpjax.benchmarks.offline --shape llama3-8b --out offline.json            # random weights on the GPU
+    python -m rtpjax.benchmarks.offline --model /data/llama3-8b --engine transformers   # the same, with torch
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def prompts(rng: np.random.Generator, n: int, length: int, vocab: int) -> list[list[int]]:
+    return [[int(t) for t in rng.integers(3, vocab, size=length)] for _ in range(n)]
+
+
+class RtpjaxRunner:
+    def __init__(self, model: str, load_format: str, max_num_seqs: int, max_model_len: int, batched_tokens: int,
+                 cache_dir: str | None):  # fmt: skip
+        from rtpjax import LLM
+
+        began = time.perf_counter()
+        self.llm = LLM(model, load_format=load_format, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                       max_num_batched_tokens=batched_tokens, enable_prefix_caching=False,
+                       compilation_cache_dir=cache_dir)  # fmt: skip
+        self.startup_seconds = time.perf_counter() - began
+        self.vocab = self.llm.engine.cfg.vocab_size
+
+    def generate(self, batch: list[list[int]], max_tokens: int) -> int:
+        from rtpjax import SamplingParams
+
+        outs = self.llm.generate(batch, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+        return sum(len(o.outputs[0].token_ids) for o in outs)
+
+
+class TransformersRunner:
+    def __init__(self, model: str):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        began = time.perf_counter()
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16, device_map="cuda").eval()
+        self.startup_seconds = time.perf_counter() - began
+        self.vocab = self.model.config.vocab_size
+
+    def generate(self, batch: list[list[int]], max_tokens: int) -> int:
+        torch = self.torch
+        ids = torch.tensor(batch, device="cuda")
+        with torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                      min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
+        torch.cuda.synchronize()
+        return int((out.shape[1] - ids.shape[1]) * ids.shape[0])
+
+
+def timed(runner, batch, max_tokens) -> tuple[float, int]:
+    began = time.perf_counter()
+    tokens = runner.generate(batch, max_tokens)
+    return time.perf_counter() - began, tokens
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a checkpoint folder")
+    source.add_argument("--shape", help="a shape from random_checkpoint.SHAPES: random weights made on the device")
+    parser.add_argument("--engine", choices=["rtpjax", "transformers"], default="rtpjax")
+    parser.add_argument("--batch-sizes", default="1,8,32")
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--num-prompts", type=int, default=256, help="throughput workload (0 to skip)")
+    parser.add_argument("--throughput-input-len", type=int, default=512)
+    parser.add_argument("--throughput-output-len", type=int, default=128)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--compilation-cache-dir", default=None)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    model, load_format = args.model, "auto"
+    if args.shape:
+        from rtpjax.benchmarks.random_checkpoint import SHAPES, write_tokenizer
+
+        model, load_format = tempfile.mkdtemp(prefix=f"{args.shape}-"), "dummy"
+        hf = SHAPES[args.shape] | dict(torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+        (Path(model) / "config.json").write_text(json.dumps(hf))
+        write_tokenizer(Path(model), hf["vocab_size"])
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    max_len = max(args.input_len + args.output_len, args.throughput_input_len + args.throughput_output_len) + 16
+    if args.engine == "rtpjax":
+        runner = RtpjaxRunner(model, load_format, args.max_num_seqs, max_len, args.max_num_batched_tokens,
+                              args.compilation_cache_dir)  # fmt: skip
+    else:
+        runner = TransformersRunner(model)
+    rng = np.random.default_rng(0)
+    result = {"engine": args.engine, "model": args.model or args.shape, "startup_seconds": runner.startup_seconds,
+              "input_len": args.input_len, "output_len": args.output_len, "decode": {}}  # fmt: skip
+    timed(runner, prompts(rng, 1, args.input_len, runner.vocab), 8)  # first-call costs (cuBLAS handles, caches)
+    for b in sizes:
+        t1, _ = timed(runner, prompts(rng, b, args.input_len, runner.vocab), 1)
+        tn, tokens = timed(runner, prompts(rng, b, args.input_len, runner.vocab), args.output_len)
+        decode = b * (args.output_len - 1) / (tn - t1)
+        result["decode"][b] = {"decode_tokens_per_s": decode, "ms_per_step": (tn - t1) / (args.output_len - 1) * 1e3,
+                               "end_to_end_tokens_per_s": tokens / tn, "prefill_seconds": t1}  # fmt: skip
+        print(f"{args.engine} batch {b:4d}: {decode:9.1f} decode tok/s  {(tn - t1) / (args.output_len - 1) * 1e3:7.2f} "
+              f"ms/step  prefill {t1 * 1e3:7.1f} ms", flush=True)  # fmt: skip
+    if args.num_prompts:
+        batch = prompts(rng, args.num_prompts, args.throughput_input_len, runner.vocab)
+        if args.engine == "transformers":  # eager generate pads one static batch; run it in max-num-seqs chunks
+            began = time.perf_counter()
+            out_tokens = sum(runner.generate(batch[i : i + args.max_num_seqs], args.throughput_output_len)
+                             for i in range(0, len(batch), args.max_num_seqs))  # fmt: skip
+            seconds = time.perf_counter() - began
+        else:
+            seconds, out_tokens = timed(runner, batch, args.throughput_output_len)
+        total = out_tokens + args.num_prompts * args.throughput_input_len
+        result["throughput"] = {"num_prompts": args.num_prompts, "input_len": args.throughput_input_len,
+                                "output_len": args.throughput_output_len, "seconds": seconds,
+                                "requests_per_s": args.num_prompts / seconds, "output_tokens_per_s": out_tokens / seconds,
+                                "total_tokens_per_s": total / seconds}  # fmt: skip
+        print(f"{args.engine} throughput: {args.num_prompts / seconds:.2f} req/s, {out_tokens / seconds:.0f} output "
+              f"tok/s, {total / seconds:.0f} total tok/s", flush=True)  # fmt: skip
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
