@@ -83,6 +83,7 @@ def main():
     parser.add_argument("--throughput-output-len", type=int, default=128)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--max-model-len", type=int, default=2048, help="as the server's, so compiled shapes are shared")
     parser.add_argument("--compilation-cache-dir", default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -96,7 +97,7 @@ def main():
         (Path(model) / "config.json").write_text(json.dumps(hf))
         write_tokenizer(Path(model), hf["vocab_size"])
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    max_len = max(args.input_len + args.output_len, args.throughput_input_len + args.throughput_output_len) + 16
+    max_len = max(args.max_model_len, args.input_len + args.output_len, args.throughput_input_len + args.throughput_output_len)
     if args.engine == "rtpjax":
         runner = RtpjaxRunner(model, load_format, args.max_num_seqs, max_len, args.max_num_batched_tokens,
                               args.compilation_cache_dir)  # fmt: skip
