@@ -19,6 +19,7 @@ fi
 rm -rf /tmp/pkg && mkdir -p /tmp/pkg/rtpjax && cp -r rtpjax/* /tmp/pkg/rtpjax/ && cp -r models /tmp/pkg/rtpjax/models \
   && cp -r serve /tmp/pkg/rtpjax/serve && cp -r benchmarks /tmp/pkg/rtpjax/benchmarks || exit 1
 export PYTHONPATH=/tmp/pkg:/tmp/site
+cd /tmp  # not the repository root: its rtpjax/ would shadow the assembled package
 python3 - <<'EOF' > "$OUT/env.json"
 import json, platform, jax, torch, transformers
 print(json.dumps({"jax": jax.__version__, "device": str(jax.devices()[0].device_kind), "torch": torch.__version__,
