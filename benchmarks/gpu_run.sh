@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # One GPU run of the benchmarks, results as JSON under $OUT. Stages (default: all):
 #   load    write a random Llama-3-8B-shaped bf16 checkpoint (4 shards), time loading it cold and warm beside
-#           transformers, safetensors + device_put, orbax and cat; time to first token of `rtpjax serve` on it
+#           transformers, safetensors + device_put, orbax and cat
+#   transfer  host-to-device bandwidth by path and the reader alone (the floor for warm loading)
+#   startup time to first token of `rtpjax serve`, cold and with a warm compilation cache
 #   engine  offline decode (batch 1/8/32) and throughput, rtpjax beside transformers on the same checkpoint;
 #           the serving benchmark against `rtpjax serve` at several concurrencies
 # Run from the repository root on the lent GPU (device tool), with .whl carried (starlette, uvicorn, pydantic):
-#   bash benchmarks/gpu_run.sh load engine
+#   bash benchmarks/gpu_run.sh load transfer startup engine
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 SHAPE=${SHAPE:-llama3-8b}
 CKPT=${CKPT:-/tmp/ckpt/$SHAPE}
 SERVE_FLAGS=${SERVE_FLAGS:---max-model-len 2048 --max-num-seqs 256 --max-num-batched-tokens 2048}
-stages=${*:-load engine}
+stages=${*:-load transfer startup engine}
 
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -40,6 +42,13 @@ for stage in $stages; do
   load)
     checkpoint
     timeout 360 python3 -m rtpjax.benchmarks.load_bench "$CKPT" --repeats 2 --out "$OUT/load.json"
+    ;;
+  transfer)
+    checkpoint
+    timeout 120 python3 -m rtpjax.benchmarks.transfer_bench "$CKPT" --out "$OUT/transfer.json"
+    ;;
+  startup)
+    checkpoint
     timeout 300 python3 -m rtpjax.benchmarks.startup_bench "$CKPT" --drop-page-cache --out "$OUT/startup.json" \
       -- $SERVE_FLAGS
     ;;
