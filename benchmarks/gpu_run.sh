@@ -31,9 +31,9 @@ cat "$OUT/env.json"
 
 checkpoint() {
   if [ ! -f "$CKPT/config.json" ]; then
-    local t0=$(date +%s.%N)
+    local t0=$SECONDS
     python3 -m rtpjax.benchmarks.random_checkpoint "$SHAPE" "$CKPT" --shards 4 >/dev/null || exit 1
-    echo "wrote $CKPT ($(du -sh "$CKPT" | cut -f1)) in $(echo "$(date +%s.%N) - $t0" | bc) s"
+    echo "wrote $CKPT ($(du -sh "$CKPT" | cut -f1)) in $((SECONDS - t0)) s"
   fi
 }
 
@@ -41,7 +41,8 @@ for stage in $stages; do
   case $stage in
   load)
     checkpoint
-    timeout 360 python3 -m rtpjax.benchmarks.load_bench "$CKPT" --repeats 2 --out "$OUT/load.json"
+    timeout 360 python3 -m rtpjax.benchmarks.load_bench "$CKPT" --repeats 2 --out "$OUT/load.json" \
+      --methods "${LOAD_METHODS:-cat,rtpjax,rtpjax_direct_io,rtpjax_orbax,safetensors_device_put,transformers}"
     ;;
   transfer)
     checkpoint
@@ -49,7 +50,9 @@ for stage in $stages; do
     ;;
   startup)
     checkpoint
+    rm -rf /tmp/xla  # the cold start compiles into an empty cache; later stages reuse it
     timeout 300 python3 -m rtpjax.benchmarks.startup_bench "$CKPT" --drop-page-cache --out "$OUT/startup.json" \
+      --compilation-cache-dir /tmp/xla \
       -- $SERVE_FLAGS
     ;;
   engine)

@@ -51,11 +51,12 @@ def main():
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--drop-page-cache", action="store_true", help="evict the checkpoint before the cold start")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--compilation-cache-dir", default=None, help="start empty here (default: a new temp dir)")
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
     args.serve_args = argv[split + 1 :]  # flags for `rtpjax serve`
-    cache = tempfile.mkdtemp(prefix="rtpjax-xla-")
+    cache = args.compilation_cache_dir or tempfile.mkdtemp(prefix="rtpjax-xla-")
     logs = Path(tempfile.mkdtemp(prefix="rtpjax-startup-"))
     if args.drop_page_cache:
         from rtpjax.benchmarks.load_bench import drop_page_cache
@@ -66,7 +67,8 @@ def main():
         result[name] = first_token_seconds(args.model, cache, args.port, args.serve_args, logs / f"{name}.log")
         print(f"{name}: first token {result[name]:.1f} s after launch", flush=True)
     result["log_tail"] = (logs / "cold_compile_cache.log").read_text().splitlines()[-12:]
-    shutil.rmtree(cache, ignore_errors=True)
+    if not args.compilation_cache_dir:
+        shutil.rmtree(cache, ignore_errors=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
 

@@ -267,24 +267,31 @@ class _Placer:
         self.pieces: dict[str, dict] = {}  # path -> device -> {index in stack: array}
         self.done: dict[str, jax.Array] = {}
 
-    def put(self, name: str, host: np.ndarray) -> list[jax.Array]:
-        path, i = self.owner[name]
-        shape, sharding = self.shapes[path], self.shardings[path]
-        sent = []
-        for device, index in sharding.addressable_devices_indices_map(shape).items():
-            if path in self.stacked:
-                if not (index[0].start or 0) <= i < (shape[0] if index[0].stop is None else index[0].stop):
-                    continue
-                index = index[1:]
-            piece = host[index]
-            if device.platform == "cpu":
-                piece = np.array(piece)  # the CPU backend may alias host memory, and our buffer will be reused
-            array = jax.device_put(piece, device)
+    def put(self, tensors: list[tuple[str, np.ndarray]]) -> list[jax.Array]:
+        """Send one batch's tensors in a single batched transfer (JAX overlaps its copies)."""
+        keys, pieces, devices = [], [], []
+        for name, host in tensors:
+            path, i = self.owner[name]
+            shape, sharding = self.shapes[path], self.shardings[path]
+            for device, index in sharding.addressable_devices_indices_map(shape).items():
+                if path in self.stacked:
+                    if not (index[0].start or 0) <= i < (shape[0] if index[0].stop is None else index[0].stop):
+                        continue
+                    index = index[1:]
+                piece = host[index]
+                if device.platform == "cpu":
+                    piece = np.array(piece)  # the CPU backend may alias host memory, and our buffer will be reused
+                keys.append((path, i, device))
+                pieces.append(piece)
+                devices.append(device)
+        sent = jax.device_put(pieces, devices) if pieces else []
+        for (path, i, device), array in zip(keys, sent):
             self.pieces.setdefault(path, {}).setdefault(device, {})[i] = array
-            sent.append(array)
-        self.count[path] -= 1
-        if self.count[path] == 0:
-            self._finish(path)
+        for name, _ in tensors:
+            path, _ = self.owner[name]
+            self.count[path] -= 1
+            if self.count[path] == 0:
+                self._finish(path)
         return sent
 
     def _finish(self, path: str) -> None:
@@ -340,11 +347,11 @@ def load_params(
     try:
         with tqdm(total=total, desc="loading", unit="B", unit_scale=True, disable=not progress) as bar:
             for batch, buf, data in reader:
-                sent = []
+                views = []
                 for t in batch.tensors:
                     offset = t.start - batch.start
-                    host = data[offset : offset + t.nbytes].view(t.dtype).reshape(t.shape)
-                    sent += placer.put(t.name, host)
+                    views.append((t.name, data[offset : offset + t.nbytes].view(t.dtype).reshape(t.shape)))
+                sent = placer.put(views)
                 in_flight.append((buf, sent))
                 if len(in_flight) > 1:  # the batch before has had this batch's transfers' time to land
                     old, arrays = in_flight.pop(0)

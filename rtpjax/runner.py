@@ -94,7 +94,7 @@ class ModelRunner:
         self.max_blocks = -(-max_model_len // block_size)
         self.attention_impl = attention_impl
         self.token_buckets = buckets(max_num_batched_tokens, 16)
-        self.seq_buckets = buckets(max_num_seqs, 8)
+        self.max_num_seqs = max_num_seqs
         self.sink = max_num_seqs
         self.kv_cache_dtype = kv_cache_dtype
         self.cache = kv.allocate(cfg, num_blocks, block_size, mesh=mesh, kv_dtype=kv_cache_dtype)
@@ -117,7 +117,7 @@ class ModelRunner:
         """
         from tqdm import tqdm
 
-        steps = [(t, s) for t in self.token_buckets for s in self.seq_buckets if s <= t]
+        steps = [(t, self._seqs_for(t)) for t in self.token_buckets]
         bar = tqdm(total=len(steps) + len(self.admit_buckets), desc="compiling", unit="shape", disable=not progress)
 
         def compile_step(shape):
@@ -136,6 +136,11 @@ class ModelRunner:
             bar.update()
         bar.close()
         return bar.total
+
+    def _seqs_for(self, num_tokens: int) -> int:
+        """One sequence bucket per token bucket: padding a few sequence rows costs far less than compiling
+        (tokens x sequences) shapes (minutes for an 8B model)."""
+        return min(num_tokens, self.max_num_seqs)
 
     # -- inputs -----------------------------------------------------------------------------------------------------
 
@@ -233,8 +238,8 @@ class ModelRunner:
     def dispatch(self, schedule: Schedule) -> sampler.SampleOutput:
         """Queue the step on the device and return its (not yet computed) outputs."""
         self._reset_penalty_rows([s for s in schedule.admitted if s.params.uses_penalties])
-        num_seqs = pick(self.seq_buckets, len(schedule.items))
-        num_tokens = pick(self.token_buckets, max(schedule.num_tokens, num_seqs))
+        num_tokens = pick(self.token_buckets, max(schedule.num_tokens, len(schedule.items)))
+        num_seqs = self._seqs_for(num_tokens)
         batch = self._batch(schedule.items, num_tokens, num_seqs)
         step = self._compiled.get((num_tokens, num_seqs), self._step)
         out, self.cache, self.state = step(self.params, self.cache, self.state, batch)

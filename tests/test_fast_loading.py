@@ -109,9 +109,10 @@ def test_each_device_receives_only_its_shard(tmp_path, tiny_checkpoints, monkeyp
     sent: dict = {}
     real_put = jax.device_put
 
-    def counting_put(x, device=None, *args, **kwargs):
-        sent[device] = sent.get(device, 0) + np.asarray(x).nbytes
-        return real_put(x, device, *args, **kwargs)
+    def counting_put(xs, devices, *args, **kwargs):
+        for x, device in zip(xs, devices):
+            sent[device] = sent.get(device, 0) + np.asarray(x).nbytes
+        return real_put(xs, devices, *args, **kwargs)
 
     monkeypatch.setattr(loader.jax, "device_put", counting_put)
     mesh = make_mesh(**axes)
