@@ -4,16 +4,17 @@
 #           transformers, safetensors + device_put, orbax and cat
 #   transfer  host-to-device bandwidth by path and the reader alone (the floor for warm loading)
 #   startup time to first token of `rtpjax serve`, cold and with a warm compilation cache
-#   engine  offline decode (batch 1/8/32) and throughput, rtpjax beside transformers on the same checkpoint;
-#           the serving benchmark against `rtpjax serve` at several concurrencies
+#   offline, offline_hf  decode (batch 1/8/32) and a throughput workload: rtpjax (random weights made on the GPU),
+#           transformers on the checkpoint
+#   serve   the serving benchmark against `rtpjax serve` at several concurrencies
 # Run from the repository root on the lent GPU (device tool), with .whl carried (starlette, uvicorn, pydantic):
-#   bash benchmarks/gpu_run.sh load transfer startup engine
+#   bash benchmarks/gpu_run.sh load transfer startup offline offline_hf serve
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 SHAPE=${SHAPE:-llama3-8b}
 CKPT=${CKPT:-/tmp/ckpt/$SHAPE}
 SERVE_FLAGS=${SERVE_FLAGS:---max-model-len 2048 --max-num-seqs 256 --max-num-batched-tokens 2048}
-stages=${*:-load transfer startup engine}
+stages=${*:-load transfer startup offline offline_hf serve}
 
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -55,12 +56,17 @@ for stage in $stages; do
       --compilation-cache-dir /tmp/xla \
       -- $SERVE_FLAGS
     ;;
-  engine)
+  offline)
     timeout 240 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" --out "$OUT/offline_rtpjax.json" \
       --compilation-cache-dir /tmp/xla
+    ;;
+  offline_hf)
     checkpoint
-    timeout 200 python3 -m rtpjax.benchmarks.offline --model "$CKPT" --engine transformers --num-prompts 64 \
+    timeout 240 python3 -m rtpjax.benchmarks.offline --model "$CKPT" --engine transformers --num-prompts 64 \
       --max-num-seqs 64 --out "$OUT/offline_transformers.json"
+    ;;
+  serve)
+    checkpoint
     python3 -m rtpjax.cli serve "$CKPT" --load-format dummy --port 8000 --served-model-name "$SHAPE" \
       --compilation-cache-dir /tmp/xla $SERVE_FLAGS > "$OUT/serve.log" 2>&1 &
     server=$!
