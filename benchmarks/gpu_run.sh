@@ -73,9 +73,9 @@ for stage in $stages; do
     for _ in $(seq 600); do curl -sf localhost:8000/health >/dev/null && break; sleep 0.5; done
     bench="python3 -m rtpjax.benchmarks.serve_bench --tokenizer $CKPT --ignore-eos --disable-tqdm --save-result
            --result-dir $OUT --metric-percentiles 50,90,95,99"
-    timeout 150 $bench --random-input-len 1024 --random-output-len 128 --num-prompts 320 --max-concurrency 64 \
+    timeout 150 $bench --random-input-len 1024 --random-output-len 128 --num-prompts 192 --max-concurrency 64 \
       --result-filename serve_1024in_128out_c64.json | tail -30
-    timeout 200 $bench --random-input-len 128 --random-output-len 1024 --num-prompts 512 --max-concurrency 256 \
+    timeout 200 $bench --random-input-len 128 --random-output-len 1024 --num-prompts 256 --max-concurrency 256 \
       --result-filename serve_128in_1024out_c256.json | tail -30
     for c in 1 16; do
       timeout 60 $bench --random-input-len 1024 --random-output-len 128 --num-prompts $((c * 4)) --max-concurrency $c \

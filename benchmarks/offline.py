@@ -42,6 +42,23 @@ class RtpjaxRunner:
         return sum(len(o.outputs[0].token_ids) for o in outs)
 
 
+    def device_step_ms(self, batch: int, steps: int = 50) -> float:
+        """The compiled step alone, back to back with no host work between: the device's share of a decode step
+        (padding rows, so attention reads no context; matmuls, sampling and weights' bytes are as in decode)."""
+        import jax
+
+        runner = self.llm.engine.runner
+        t = next(b for b in runner.token_buckets if b >= batch)
+        step, inputs = runner._compiled[t, runner._seqs_for(t)], runner._batch([], t, runner._seqs_for(t))
+        out, runner.cache, runner.state = step(runner.params, runner.cache, runner.state, inputs)
+        jax.block_until_ready(out)
+        began = time.perf_counter()
+        for _ in range(steps):
+            out, runner.cache, runner.state = step(runner.params, runner.cache, runner.state, inputs)
+        jax.block_until_ready(out)
+        return (time.perf_counter() - began) / steps * 1e3
+
+
 class TransformersRunner:
     def __init__(self, model: str):
         import torch
@@ -113,6 +130,9 @@ def main():
         decode = b * (args.output_len - 1) / (tn - t1)
         result["decode"][b] = {"decode_tokens_per_s": decode, "ms_per_step": (tn - t1) / (args.output_len - 1) * 1e3,
                                "end_to_end_tokens_per_s": tokens / tn, "prefill_seconds": t1}  # fmt: skip
+        if args.engine == "rtpjax":
+            result["decode"][b]["device_step_ms"] = runner.device_step_ms(b)
+            print(f"rtpjax batch {b:4d}: device step alone {result['decode'][b]['device_step_ms']:.2f} ms")
         print(f"{args.engine} batch {b:4d}: {decode:9.1f} decode tok/s  {(tn - t1) / (args.output_len - 1) * 1e3:7.2f} "
               f"ms/step  prefill {t1 * 1e3:7.1f} ms", flush=True)  # fmt: skip
     if args.num_prompts:
