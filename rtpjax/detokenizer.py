@@ -24,6 +24,9 @@ def start(num_prompt_tokens: int) -> DetokState:
 
 
 def _decode(tokenizer, ids: list[int], skip_special: bool) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # the Rust tokenizer: skips transformers' per-call
+    if backend is not None:  # argument handling, which costs more than the decode itself (twice per token)
+        return backend.decode(ids, skip_special_tokens=skip_special)
     return tokenizer.decode(ids, skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
 
 

@@ -240,14 +240,16 @@ class LLMEngine:
 
     # -- the loop ---------------------------------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
+        """One scheduling round. `final_only`: return outputs only for finished requests (offline generation
+        skips building per-step outputs, a cost per sequence per step)."""
         schedule = self.scheduler.schedule()
         launched = (schedule, self.runner.dispatch(schedule)) if schedule.items else None
-        outputs = self._process(*self.inflight) if self.inflight is not None else []
+        outputs = self._process(*self.inflight, final_only) if self.inflight is not None else []
         self.inflight = launched
         return outputs
 
-    def _process(self, schedule: Schedule, out) -> list[RequestOutput]:
+    def _process(self, schedule: Schedule, out, final_only: bool = False) -> list[RequestOutput]:
         tokens, logprob = np.asarray(out.tokens), np.asarray(out.logprob)
         top_ids, top_lp = np.asarray(out.top_ids), np.asarray(out.top_logprobs)
         now = time.monotonic()
@@ -261,10 +263,7 @@ class LLMEngine:
                              top_lp[i], now)  # fmt: skip
                 touched[seq.request_id] = self.requests[seq.request_id]
             self.scheduler.register_full_blocks(seq)
-        outputs = []
-        for request in touched.values():
-            outputs.append(self._output(request))
-        return outputs
+        return [self._output(r) for r in touched.values() if not final_only or r.finished]
 
     def _accept(self, seq: Sequence, index: int, token: int, lp: float, top_ids, top_lp, now: float) -> None:
         assert seq.token_ids[index] == PENDING

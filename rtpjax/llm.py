@@ -47,9 +47,8 @@ class LLM:
             self.engine.add(request)
         done: dict[str, RequestOutput] = {}
         while self.engine.has_work():
-            for out in self.engine.step():
-                if out.finished:
-                    done[out.request_id] = out
+            for out in self.engine.step(final_only=True):
+                done[out.request_id] = out
         return [done[r.request_id] for r in requests]
 
 

@@ -168,7 +168,7 @@ class ModelRunner:
             min_p=np.zeros(num_seqs, f32), repetition_penalty=np.ones(num_seqs, f32),
             presence_penalty=np.zeros(num_seqs, f32), frequency_penalty=np.zeros(num_seqs, f32),
             seed=np.zeros(num_seqs, np.uint32), index=np.zeros(num_seqs, i32), position=np.zeros(num_seqs, i32),
-            suppress=np.full((num_seqs, MAX_STOP_TOKEN_IDS), -1, i32),
+            suppress=np.full((num_seqs, MAX_STOP_TOKEN_IDS), -1, i32), logprobs=np.zeros(num_seqs, bool),
         )  # fmt: skip
         for i, item in enumerate(items):
             seq, p = item.seq, item.seq.params
@@ -178,6 +178,7 @@ class ModelRunner:
             a["repetition_penalty"][i] = p.repetition_penalty
             a["presence_penalty"][i], a["frequency_penalty"][i] = p.presence_penalty, p.frequency_penalty
             a["seed"][i], a["index"][i] = seq.seed, seq.index
+            a["logprobs"][i] = p.logprobs is not None
             generated = item.start + item.num_tokens - seq.num_prompt  # tokens generated before this one
             a["position"][i] = generated
             if generated < p.min_tokens:
