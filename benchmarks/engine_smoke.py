@@ -21,12 +21,12 @@ def random_llama(folder: Path, tokenizer_from: Path, hidden=2048, layers=16, hea
                  vocab=512) -> Path:  # fmt: skip
     """A random bf16 Llama-shaped checkpoint (weights drawn on the device) with a borrowed tokenizer."""
     import ml_dtypes
-    from rtpjax.models import llama
-    from rtpjax.models.config import base_config
-    from rtpjax.models.decoder import flatten
     from safetensors.numpy import save_file
 
     from rtpjax.loader import random_params
+    from rtpjax.models import llama
+    from rtpjax.models.config import base_config
+    from rtpjax.models.decoder import flatten
 
     hf = dict(architectures=["LlamaForCausalLM"], vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,

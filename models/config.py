@@ -69,7 +69,7 @@ class ModelConfig:
     def is_moe_layer(self, layer: int) -> bool:
         return bool(self.moe_layers) and self.moe_layers[layer]
 
-    def with_dtype(self, dtype: str) -> ModelConfig:
+    def with_dtype(self, dtype: str) -> "ModelConfig":
         if dtype not in _DTYPES:
             raise ConfigError(f"unsupported dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
         return dataclasses.replace(self, dtype=dtype)

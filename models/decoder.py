@@ -10,10 +10,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from rtpjax.models import layers
-from rtpjax.models.config import ModelConfig
 
 from rtpjax.attention import AttentionMetadata, LayerCache
+from rtpjax.models import layers
+from rtpjax.models.config import ModelConfig
 
 KVCache = list[LayerCache]
 

@@ -12,9 +12,9 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from rtpjax.models.config import ModelConfig, RopeScaling
 
 from rtpjax.attention import AttentionMetadata, LayerCache, paged_attention
+from rtpjax.models.config import ModelConfig, RopeScaling
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

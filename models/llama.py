@@ -6,6 +6,7 @@ The baseline: the other families are written as differences from this file.
 from __future__ import annotations
 
 from jax.sharding import PartitionSpec as P
+
 from rtpjax.models.config import ModelConfig, base_config
 from rtpjax.models.decoder import HFTensor, forward  # noqa: F401  (forward is this family's model function)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from jax.sharding import PartitionSpec as P
+
 from rtpjax.models import qwen3
 from rtpjax.models.config import ConfigError, ModelConfig
 from rtpjax.models.decoder import HFTensor, forward  # noqa: F401

@@ -12,7 +12,7 @@ GPU kernels register themselves in IMPLEMENTATIONS from rtpjax.pallas_kernels.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import jax
 
-from rtpjax.loader import CheckpointError, log
+from rtpjax.loader import CheckpointError, log, target_shardings
 from rtpjax.models import decoder
 from rtpjax.models.config import ModelConfig
-from rtpjax.sharding import param_shardings
 
 MARKER = "rtpjax_checkpoint.json"
 _FORMAT = 1
@@ -84,10 +83,7 @@ def restore_params(folder: str | Path, cfg: ModelConfig, family, mesh=None, prog
         raise CheckpointError(f"{folder / MARKER}: format {meta.get('format')!r}, this rtpjax reads {_FORMAT}")
     began = time.perf_counter()
     shapes = decoder.param_shapes(cfg)
-    if mesh is not None:
-        shardings = param_shardings(shapes, family.PARTITION_RULES, mesh)
-    else:
-        shardings = dict.fromkeys(shapes, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    shardings = target_shardings(shapes, family, mesh)
     target = decoder.nest(
         {path: jax.ShapeDtypeStruct(shape, cfg.jnp_dtype, sharding=shardings[path]) for path, shape in shapes.items()}
     )

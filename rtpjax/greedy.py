@@ -7,7 +7,7 @@ engine is checked against. Prefill is one step (or chunks of `chunk` tokens); ea
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from typing import Iterator
 
 import jax
 import numpy as np

@@ -10,8 +10,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
-from collections.abc import Sequence as Seq
+from typing import AsyncIterator, Sequence as Seq
 
 from rtpjax.engine import EngineArgs, LLMEngine, RequestOutput
 from rtpjax.sampling_params import SamplingParams

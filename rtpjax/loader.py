@@ -74,7 +74,7 @@ def read_header(path: Path) -> dict[str, dict]:
 
 
 class Checkpoint:
-    """All tensors of a checkpoint folder, by name, as zero-copy memory maps."""
+    """The validated headers of a checkpoint folder's files, and which file holds each tensor."""
 
     def __init__(self, model_dir: str | Path):
         model_dir = Path(model_dir)
@@ -97,12 +97,6 @@ class Checkpoint:
 
     def names(self) -> set[str]:
         return set(self.where)
-
-    def get(self, name: str) -> np.ndarray:
-        path = self.where[name]
-        info = self.headers[path][name]
-        dtype = np.dtype(_DTYPES[info["dtype"]])
-        return np.memmap(path, dtype=dtype, mode="r", offset=info["data_start"], shape=tuple(info["shape"]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +128,13 @@ class ReadBatch:
     start: int
     end: int
     tensors: tuple[TensorRead, ...]
+
+
+def target_shardings(shapes: dict, family, mesh=None) -> dict:
+    """Each parameter's sharding on `mesh` by the family's rules; without a mesh, the first device."""
+    if mesh is None:
+        return dict.fromkeys(shapes, SingleDeviceSharding(jax.devices()[0]))
+    return param_shardings(shapes, family.PARTITION_RULES, mesh)
 
 
 def plan_reads(ckpt: Checkpoint, names, batch_bytes: int) -> list[ReadBatch]:
@@ -219,11 +220,14 @@ class FileOrderReader:
             first = batch.start - batch.start % _ALIGN if direct else batch.start
             last = -(-batch.end // _ALIGN) * _ALIGN if direct else batch.end
             view = memoryview(buf)
-            futures = [
-                self.pool.submit(_pread_into, fd, view[a - first : min(a + chunk, last) - first], a,
-                                 min(a + chunk, batch.end) - a, batch.path)  # fmt: skip
-                for a in range(first, last, chunk)
-            ]
+            try:
+                futures = [
+                    self.pool.submit(_pread_into, fd, view[a - first : min(a + chunk, last) - first], a,
+                                     min(a + chunk, batch.end) - a, batch.path)  # fmt: skip
+                    for a in range(first, last, chunk)
+                ]
+            except RuntimeError:  # closed (after an error) while this batch was being planned
+                return
             self.ready.put((batch, buf, batch.start - first, futures))
 
     def __iter__(self):
@@ -335,10 +339,7 @@ def load_params(
             f"{ckpt.where[name]}: unexpected tensor(s) {', '.join(unexpected[:8])} for a {cfg.architecture}"
         )
     _check_shapes(ckpt, sources, shapes)
-    if mesh is not None:
-        shardings = param_shardings(shapes, family.PARTITION_RULES, mesh)
-    else:
-        shardings = dict.fromkeys(shapes, SingleDeviceSharding(jax.devices()[0]))
+    shardings = target_shardings(shapes, family, mesh)
     batches = plan_reads(ckpt, wanted, opts.batch_bytes)
     total = sum(b.end - b.start for b in batches)
     placer = _Placer(sources, shapes, shardings, cfg.jnp_dtype)
@@ -371,18 +372,22 @@ def load_params(
 def random_params(cfg: ModelConfig, family, mesh=None, seed: int = 0, scale: float = 0.02) -> dict:
     """Random weights (norms 1) drawn on the devices, each straight into its sharding: vLLM's `load_format=dummy`."""
     shapes = decoder.param_shapes(cfg)
-    if mesh is not None:
-        shardings = param_shardings(shapes, family.PARTITION_RULES, mesh)
-    else:
-        shardings = dict.fromkeys(shapes, SingleDeviceSharding(jax.devices()[0]))
+    shardings = target_shardings(shapes, family, mesh)
+    makers: dict = {}  # one jitted maker per (shape, sharding, kind): an 8B model needs about ten, not 291
+
+    def maker(shape, sharding, ones: bool):
+        if (shape, sharding, ones) not in makers:
+            if ones:
+                make = lambda k: jnp.ones(shape, cfg.jnp_dtype)  # noqa: E731
+            else:
+                make = lambda k: (scale * jax.random.normal(k, shape, jnp.float32)).astype(cfg.jnp_dtype)  # noqa: E731
+            makers[shape, sharding, ones] = jax.jit(make, out_shardings=sharding)
+        return makers[shape, sharding, ones]
+
     key = jax.random.key(seed)
     flat = {}
     for i, (path, shape) in enumerate(sorted(shapes.items())):
-        if path.endswith("norm"):
-            make = lambda k, shape=shape: jnp.ones(shape, cfg.jnp_dtype)
-        else:
-            make = lambda k, shape=shape: (scale * jax.random.normal(k, shape, jnp.float32)).astype(cfg.jnp_dtype)
-        flat[path] = jax.jit(make, out_shardings=shardings[path])(jax.random.fold_in(key, i))
+        flat[path] = maker(tuple(shape), shardings[path], path.endswith("norm"))(jax.random.fold_in(key, i))
     return decoder.nest(flat)
 
 

@@ -57,7 +57,7 @@ class Sequence:
     block_table: list[int] = dataclasses.field(default_factory=list)
     num_registered_blocks: int = 0  # leading full blocks published to the prefix cache
     slot: int = -1  # row of the device-side sampler state while running
-    fork_parent: Sequence | None = None  # n > 1: wait for this sibling's prompt blocks, then share them
+    fork_parent: "Sequence | None" = None  # n > 1: wait for this sibling's prompt blocks, then share them
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprobs: list[dict] = dataclasses.field(default_factory=list)

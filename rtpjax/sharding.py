@@ -10,8 +10,7 @@ import re
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "expert", "tensor")
 

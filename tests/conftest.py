@@ -8,9 +8,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Converted GGUF models and the fetched default model are cached here across test runs, not in the user's home.
 os.environ.setdefault("RTPJAX_CACHE", os.path.join(__import__("tempfile").gettempdir(), "rtpjax-test-cache"))
 
-from pathlib import Path
+from pathlib import Path  # noqa: E402
 
-import pytest
+import pytest  # noqa: E402
 
 SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
 STORIES = SHARED_MODELS / "stories260K"

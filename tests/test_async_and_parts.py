@@ -5,10 +5,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ENGINE_ARGS
 from transformers import AutoTokenizer
 
-from rtpjax import AsyncLLM, SamplingParams, detokenizer
+from conftest import ENGINE_ARGS
+from rtpjax import AsyncLLM, SamplingParams
+from rtpjax import detokenizer
 from rtpjax.block_pool import BlockPool, prefix_hashes
 
 GREEDY = dict(temperature=0, ignore_eos=True)

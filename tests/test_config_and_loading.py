@@ -7,11 +7,11 @@ import struct
 import jax
 import numpy as np
 import pytest
-from rtpjax.models import load_config
-from rtpjax.models.config import ConfigError
 from safetensors.numpy import load_file, save_file
 
 from rtpjax.loader import CheckpointError, load_model, read_header
+from rtpjax.models import load_config
+from rtpjax.models.config import ConfigError
 
 
 def test_configs_of_every_family(tiny_checkpoints):

@@ -3,8 +3,8 @@
 import jax
 import numpy as np
 import pytest
-from conftest import ENGINE_ARGS
 
+from conftest import ENGINE_ARGS
 from rtpjax import LLM, SamplingParams
 from rtpjax.greedy import greedy_tokens
 from rtpjax.runner import CompileCounter

@@ -7,19 +7,13 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-from rtpjax.models import decoder, load_config
 from safetensors.numpy import load_file, save_file
 
 from rtpjax import loader
 from rtpjax.cli import main as cli
 from rtpjax.convert import is_converted
-from rtpjax.loader import (
-    CheckpointError,
-    FileOrderReader,
-    LoadOptions,
-    load_model,
-    plan_reads,
-)
+from rtpjax.loader import CheckpointError, FileOrderReader, LoadOptions, load_model, plan_reads
+from rtpjax.models import decoder, load_config
 from rtpjax.sharding import make_mesh
 
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -188,3 +182,26 @@ def test_convert_restores_the_same_params_into_the_mesh(tmp_path, tiny_checkpoin
     (out / "config.json").write_text(json.dumps(hf))
     with pytest.raises(CheckpointError, match="converted checkpoint does not match its config.json"):
         load_model(out)
+
+
+def test_dummy_weights_are_made_on_the_devices_in_their_sharding(tiny_checkpoints):
+    from rtpjax.runner import CompileCounter
+
+    CompileCounter.install()
+    mesh = make_mesh(tensor=4, data=2)
+    before = CompileCounter.count
+    cfg, _, params = load_model(tiny_checkpoints["llama3"], mesh=mesh, load_format="dummy")
+    flat = decoder.flatten(params)
+    shapes = decoder.param_shapes(cfg)
+    assert {p: tuple(a.shape) for p, a in flat.items()} == shapes
+    # one compiled maker per distinct (shape, sharding, kind), plus a few key-handling ops; not one per parameter
+    distinct = {(shapes[p], a.sharding, p.endswith("norm")) for p, a in flat.items()}
+    assert CompileCounter.count - before <= len(distinct) + 4 < len(flat)
+    assert all(np.all(np.asarray(a) == 1) for p, a in flat.items() if p.endswith("norm"))
+    wq = np.asarray(flat["layers.0.attn.wq"]).astype(np.float32)
+    assert 0.015 < wq.std() < 0.025 and not np.array_equal(wq, np.asarray(flat["layers.1.attn.wq"]))
+    assert {s.data.shape for s in flat["layers.0.attn.wq"].addressable_shards} == {(wq.shape[0] // 4, wq.shape[1])}
+    again = decoder.flatten(load_model(tiny_checkpoints["llama3"], load_format="dummy")[2])
+    assert np.array_equal(np.asarray(again["layers.0.attn.wq"]), np.asarray(flat["layers.0.attn.wq"]))  # seeded
+    with pytest.raises(ValueError, match="load_format 'fake': choose one of auto, dummy"):
+        load_model(tiny_checkpoints["llama3"], load_format="fake")

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import TINY
 
+from conftest import TINY
 from rtpjax import kv_cache
 from rtpjax.greedy import greedy_tokens, jit_forward
 from rtpjax.loader import load_model

@@ -134,7 +134,6 @@ def test_engine_runs_the_kernel_through_one_switch(tiny_checkpoints, stories_dir
     import shutil
 
     from conftest import ENGINE_ARGS
-
     from rtpjax import LLM, SamplingParams
 
     model = tmp_path / "llama3"  # head_dim 16; borrow a tokenizer (the prompts stay inside its 256-token vocabulary)

@@ -9,6 +9,7 @@ import time
 
 import httpx
 import pytest
+
 from test_server import free_port
 
 

@@ -11,10 +11,10 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from conftest import ENGINE_ARGS
-from rtpjax.serve.app import build_app
 
+from conftest import ENGINE_ARGS
 from rtpjax import AsyncLLM
+from rtpjax.serve.app import build_app
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

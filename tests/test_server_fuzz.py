@@ -4,6 +4,7 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+
 from rtpjax.serve.app import build_app
 from test_server import Server, chat_model, llm  # noqa: F401  (module fixtures reused)
 

@@ -3,11 +3,11 @@
 import jax
 import numpy as np
 import pytest
-from rtpjax.models import decoder
 
 from rtpjax import kv_cache
 from rtpjax.greedy import jit_forward
 from rtpjax.loader import load_model
+from rtpjax.models import decoder
 from rtpjax.sharding import make_mesh
 from rtpjax.step_inputs import SeqChunk, build_step
 

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from rtpjax.attention import AttentionMetadata, quantize, reference_attention
-from rtpjax.pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from rtpjax.attention import AttentionMetadata, quantize, reference_attention  # noqa: E402
+from rtpjax.pallas_kernels.ragged_paged_attention import ragged_paged_attention  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 
@@ -90,20 +90,20 @@ def decode_suite(batches, contexts, out):
             for name, kw in [("rtpjax", {}), ("rtpjax_p8", dict(pages_per_tile=8)),
                              ("rtpjax_p8w8", dict(pages_per_tile=8, num_warps=8))]:  # fmt: skip
                 try:
-                    f = lambda q, k, v, m, kw=kw: ours(q, (k, v), m, **kw)
+                    f = lambda q, k, v, m, kw=kw: ours(q, (k, v), m, **kw)  # noqa: E731
                     row[name + "_us"] = timed(f, (q, k, v), varying) * 1e6
                 except Exception as e:  # report, keep measuring the rest
                     row[name + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             for qname, qdtype in [("int8", jnp.int8), ("fp8", jnp.float8_e4m3fn)]:
                 try:
                     (kq, ks), (vq, vs) = quantize(k, qdtype), quantize(v, qdtype)
-                    f = lambda q, a, b, c, d, m: ours(q, (a, b, c, d), m, pages_per_tile=8, num_stages=3)
+                    f = lambda q, a, b, c, d, m: ours(q, (a, b, c, d), m, pages_per_tile=8, num_stages=3)  # noqa: E731
                     row[f"rtpjax_{qname}_us"] = timed(f, (q, kq, vq, ks, vs), varying) * 1e6
                 except Exception as e:
                     row[f"rtpjax_{qname}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             try:
                 splits = 1 if batch >= 32 else 8
-                f = lambda q, k, v, m: jax_paged.paged_attention(
+                f = lambda q, k, v, m: jax_paged.paged_attention(  # noqa: E731
                     q, k, v, m.block_tables, m.seq_lens, block_h=16, pages_per_compute_block=8, k_splits=splits)
                 row["jax_paged_us"] = timed(f, (q, k, v), varying) * 1e6
             except Exception as e:
@@ -150,7 +150,7 @@ def prefill_suite(chunks, out):
         for name, kw in [("rtpjax", {}), ("rtpjax_q32p8w8", dict(block_q=32, pages_per_tile=8, num_warps=8)),
                          ("rtpjax_q32p8w8s3", dict(block_q=32, pages_per_tile=8, num_warps=8, num_stages=3))]:  # fmt: skip
             try:
-                f = lambda k, v, m, q, kw=kw: ragged_paged_attention(q, (k, v), m, scale=D**-0.5, **kw)
+                f = lambda k, v, m, q, kw=kw: ragged_paged_attention(q, (k, v), m, scale=D**-0.5, **kw)  # noqa: E731
                 row[name + "_us"] = timed(f, (k, v, meta), qs, iters=10) * 1e6
             except Exception as e:
                 row[name + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"

@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention_bench import HKV, HQ, PAGE, D, decode_case, timed
+from attention_bench import D, HKV, HQ, PAGE, decode_case, timed  # noqa: E402
 
-from rtpjax.attention import AttentionMetadata, quantize
-from rtpjax.pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from rtpjax.attention import AttentionMetadata, quantize  # noqa: E402
+from rtpjax.pallas_kernels.ragged_paged_attention import ragged_paged_attention  # noqa: E402
 
 
 def main():
@@ -34,10 +34,10 @@ def main():
             kw = dict(pages_per_tile=ppt, num_splits=splits, num_stages=stages, num_warps=warps, scale=D**-0.5)
             try:
                 if dtype == "bf16":
-                    f = lambda q, k, v, m, kw=kw: ragged_paged_attention(q, (k, v), m, **kw)
+                    f = lambda q, k, v, m, kw=kw: ragged_paged_attention(q, (k, v), m, **kw)  # noqa: E731
                     us = timed(f, (q, k, v), [(m,) for m in metas]) * 1e6
                 else:
-                    f = lambda q, a, b, c, d, m, kw=kw: ragged_paged_attention(q, (a, b, c, d), m, **kw)
+                    f = lambda q, a, b, c, d, m, kw=kw: ragged_paged_attention(q, (a, b, c, d), m, **kw)  # noqa: E731
                     us = timed(f, (q, kq, vq, ks, vs), [(m,) for m in metas]) * 1e6
                 results.append(dict(kind="decode", batch=batch, ctx=ctx, dtype=dtype, us=us,
                                     bf16_equiv_TBps=kv_bytes / (us * 1e-6) / 1e12, **kw))  # fmt: skip
@@ -64,7 +64,7 @@ def main():
     for bq, ppt, warps, stages in itertools.product((16, 32), (4, 8), (4, 8), (2, 3, 4)):
         kw = dict(block_q=bq, pages_per_tile=ppt, num_warps=warps, num_stages=stages, scale=D**-0.5)
         try:
-            f = lambda k, v, q, kw=kw: ragged_paged_attention(q, (k, v), meta, **kw)
+            f = lambda k, v, q, kw=kw: ragged_paged_attention(q, (k, v), meta, **kw)  # noqa: E731
             us = timed(f, (k, v), qs, iters=10) * 1e6
             results.append(dict(kind="prefill", tokens=T, us=us, TFLOPs=flops / (us * 1e-6) / 1e12, **kw))
         except Exception as e:

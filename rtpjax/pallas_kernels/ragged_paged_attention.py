@@ -175,8 +175,8 @@ def ragged_paged_attention(
     qb_seq, qb_start, qb_rows = query_blocks(meta, num_tokens, block_q)
     grid = (kv_heads, qb_seq.shape[0], num_splits)
 
-    whole = lambda shape: pl.BlockSpec(shape, lambda h, b, s: (0,) * len(shape))
-    per_head = lambda shape: pl.BlockSpec((None, *shape), lambda h, b, s: (h,) + (0,) * len(shape))
+    whole = lambda shape: pl.BlockSpec(shape, lambda h, b, s: (0,) * len(shape))  # noqa: E731
+    per_head = lambda shape: pl.BlockSpec((None, *shape), lambda h, b, s: (h,) + (0,) * len(shape))  # noqa: E731
     cache_spec = per_head(k_cache.shape[1:])
     in_specs = [whole(qb_seq.shape), whole(qb_start.shape), whole(qb_rows.shape), whole(meta.query_start_loc.shape),
                 whole(meta.seq_lens.shape), whole(tables.shape), per_head(qh.shape[1:]), cache_spec, cache_spec]  # fmt: skip
@@ -190,7 +190,7 @@ def ragged_paged_attention(
         out_shape = [jax.ShapeDtypeStruct((kv_heads, *out_rows, head_dim), q.dtype)]
         out_specs = [per_head((*out_rows, head_dim))]
     else:
-        per_split = lambda shape: pl.BlockSpec((None, None, *shape), lambda h, b, s: (s, h) + (0,) * len(shape))
+        per_split = lambda shape: pl.BlockSpec((None, None, *shape), lambda h, b, s: (s, h) + (0,) * len(shape))  # noqa: E731
         out_shape = [jax.ShapeDtypeStruct((num_splits, kv_heads, *out_rows, head_dim), jnp.float32),
                      jax.ShapeDtypeStruct((num_splits, kv_heads, *out_rows), jnp.float32),
                      jax.ShapeDtypeStruct((num_splits, kv_heads, *out_rows), jnp.float32)]  # fmt: skip
