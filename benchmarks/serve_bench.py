@@ -163,13 +163,13 @@ async def send(client, args, model: str, prompt: str | list[dict], prompt_len: i
 # --- the run --------------------------------------------------------------------------------------------------------
 
 
-async def arrivals(n: int, rate: float, burstiness: float, rng: random.Random):
+async def arrivals(n: int, rate: float, burstiness: float, rng: random.Random, sleep=asyncio.sleep):
     """Yield request indices at a Poisson (burstiness 1) or gamma process of mean `rate` per second."""
     for i in range(n):
         yield i
         if rate != float("inf") and i < n - 1:
             theta = 1.0 / (rate * burstiness)
-            await asyncio.sleep(rng.gammavariate(burstiness, theta))
+            await sleep(rng.gammavariate(burstiness, theta))
 
 
 async def run(args, model: str, requests: list[Request]) -> tuple[list[Result], float]:

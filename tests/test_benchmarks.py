@@ -116,17 +116,15 @@ def test_sharegpt_mix_has_the_published_means(model):
     assert 0.75 < outs.mean() / serve_bench.SHAREGPT_MEAN_OUTPUT < 1.1  # the 2048 cut trims the long tail
 
 
-def test_poisson_and_gamma_arrivals(monkeypatch):
+def test_poisson_and_gamma_arrivals():
     gaps = []
 
-    async def fake_sleep(s):
-        gaps.append(s)
-
-    monkeypatch.setattr(serve_bench.asyncio, "sleep", fake_sleep)
+    async def fake_sleep(s):  # records the gaps instead of waiting (asyncio.sleep itself stays untouched: other
+        gaps.append(s)  # threads of this test session, such as the server's, use it)
 
     async def drain(rate, burstiness):
         gaps.clear()
-        return [i async for i in serve_bench.arrivals(4001, rate, burstiness, random.Random(0))]
+        return [i async for i in serve_bench.arrivals(4001, rate, burstiness, random.Random(0), fake_sleep)]
 
     assert asyncio.run(drain(50.0, 1.0)) == list(range(4001))
     g = np.array(gaps)
