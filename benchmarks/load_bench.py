@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("cat", "rtpjax", "rtpjax_direct_io", "rtpjax_orbax", "safetensors_device_put", "transformers")
+METHODS = ("cat", "rtpjax", "rtpjax_staged", "rtpjax_direct_io", "rtpjax_orbax", "safetensors_device_put", "transformers")
 
 
 def drop_page_cache(folder: Path) -> None:
@@ -39,7 +39,7 @@ def _files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
-def measure(method: str, folder: Path, torch_device: str) -> dict:
+def measure(method: str, folder: Path, torch_device: str, options: dict) -> dict:
     """Runs inside the child process: initialise the device, then time one load."""
     if method == "cat":
         began = time.perf_counter()
@@ -57,11 +57,22 @@ def measure(method: str, folder: Path, torch_device: str) -> dict:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - began
         return {"seconds": seconds, "bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+    import logging
+
     import jax
     import numpy as np
+    from rtpjax.models import load_config
 
+    from rtpjax.loader import LoadOptions, load_model, load_params
+    from rtpjax.sharding import make_mesh
+
+    notes: list[str] = []  # the loader's debug line: how long it waited on reads and on transfers
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: notes.append(record.getMessage())
+    logging.getLogger("rtpjax").addHandler(handler)
+    logging.getLogger("rtpjax").setLevel(logging.DEBUG)
     jax.block_until_ready(jax.device_put(np.zeros(1)))
-    began = time.perf_counter()
+    began = time.perf_counter()  # libraries are imported and the device is up, as for transformers above
     if method == "safetensors_device_put":
         from safetensors import safe_open
 
@@ -70,24 +81,20 @@ def measure(method: str, folder: Path, torch_device: str) -> dict:
             with safe_open(f, framework="numpy") as st:
                 arrays += [jax.device_put(st.get_tensor(name)) for name in st.keys()]
         jax.block_until_ready(arrays)
+    elif method == "rtpjax_orbax":
+        arrays = jax.tree.leaves(load_model(folder)[2])
     else:
-        from rtpjax.models import load_config
-
-        from rtpjax.loader import LoadOptions, load_model, load_params
-
-        if method == "rtpjax_orbax":
-            _, _, params = load_model(folder)
-        else:
-            cfg, family = load_config(folder)
-            params = load_params(folder, cfg, family, options=LoadOptions(direct_io=method == "rtpjax_direct_io"))
-        arrays = jax.tree.leaves(params)
+        cfg, family = load_config(folder)
+        opts = LoadOptions(**{"direct_io": method == "rtpjax_direct_io", "pinned": method != "rtpjax_staged"} | options)
+        mesh = make_mesh(tensor=1)  # as the engine loads
+        arrays = jax.tree.leaves(load_params(folder, cfg, family, mesh, options=opts))
     seconds = time.perf_counter() - began
-    return {"seconds": seconds, "bytes": sum(a.nbytes for a in arrays)}
+    return {"seconds": seconds, "bytes": sum(a.nbytes for a in arrays), "notes": [n for n in notes if "waited" in n]}
 
 
-def run_child(method: str, folder: Path, torch_device: str) -> dict:
+def run_child(method: str, folder: Path, torch_device: str, options: str) -> dict:
     cmd = [sys.executable, "-m", "rtpjax.benchmarks.load_bench", str(folder), "--child", method,
-           "--torch-device", torch_device]  # fmt: skip
+           "--torch-device", torch_device, "--options", options]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
@@ -102,14 +109,15 @@ def main():
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--repeats", type=int, default=1, help="warm measurements per method (best is reported)")
     parser.add_argument("--torch-device", default="cuda")
+    parser.add_argument("--options", default="{}", help='LoadOptions fields for rtpjax, as JSON: \'{"buffers": 4}\'')
     parser.add_argument("--out", default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.model, args.torch_device)))
+        print(json.dumps(measure(args.child, args.model, args.torch_device, json.loads(args.options))))
         return
     converted = args.converted or args.model.with_name(args.model.name + "-orbax")
-    results = {"model": str(args.model), "bytes": sum(f.stat().st_size for f in _files(args.model)), "runs": {}}
+    results = {"model": str(args.model), "options": json.loads(args.options), "bytes": sum(f.stat().st_size for f in _files(args.model)), "runs": {}}
     methods = args.methods.split(",")
     if "rtpjax_orbax" in methods and not converted.exists():
         began = time.perf_counter()
@@ -118,8 +126,8 @@ def main():
     for method in methods:
         folder = converted if method == "rtpjax_orbax" else args.model
         drop_page_cache(folder)
-        cold = run_child(method, folder, args.torch_device)
-        warm = [run_child(method, folder, args.torch_device) for _ in range(args.repeats)]
+        cold = run_child(method, folder, args.torch_device, args.options)
+        warm = [run_child(method, folder, args.torch_device, args.options) for _ in range(args.repeats)]
         best = min(warm, key=lambda r: r.get("seconds", float("inf")))
         results["runs"][method] = {"cold": cold, "warm": best}
         print(f"{method:24s} cold {_fmt(cold, results['bytes'])}   warm {_fmt(best, results['bytes'])}", flush=True)

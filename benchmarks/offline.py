@@ -107,12 +107,9 @@ def main():
 
     model, load_format = args.model, "auto"
     if args.shape:
-        from rtpjax.benchmarks.random_checkpoint import SHAPES, write_tokenizer
+        from rtpjax.benchmarks.random_checkpoint import write_config_only
 
-        model, load_format = tempfile.mkdtemp(prefix=f"{args.shape}-"), "dummy"
-        hf = SHAPES[args.shape] | dict(torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-        (Path(model) / "config.json").write_text(json.dumps(hf))
-        write_tokenizer(Path(model), hf["vocab_size"])
+        model, load_format = str(write_config_only(tempfile.mkdtemp(prefix=f"{args.shape}-"), args.shape)), "dummy"
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     max_len = max(args.max_model_len, args.input_len + args.output_len, args.throughput_input_len + args.throughput_output_len)
     if args.engine == "rtpjax":

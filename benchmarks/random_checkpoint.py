@@ -61,6 +61,16 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
     fast.save_pretrained(folder)
 
 
+def write_config_only(folder: str | Path, shape: str) -> Path:
+    """config.json and tokenizer without weights: for load_format="dummy" (random weights made on the device)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    hf = SHAPES[shape] | dict(torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    (folder / "config.json").write_text(json.dumps(hf))
+    write_tokenizer(folder, hf["vocab_size"])
+    return folder
+
+
 def write_random_checkpoint(folder: str | Path, shape: str = "llama3-8b", shards: int = 4, dtype: str = "bfloat16",
                             seed: int = 0) -> Path:  # fmt: skip
     import ml_dtypes

@@ -7,6 +7,7 @@ compilation cache and then with the cache the first start filled. Prints a line 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import shutil
@@ -18,12 +19,26 @@ import time
 from pathlib import Path
 
 
+def timeline(log: Path, launched: float) -> list[str]:
+    """The engine's log lines, each stamped with seconds since launch (from its asctime): where startup goes."""
+    marks = []
+    for line in log.read_text().splitlines():
+        try:
+            stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        except ValueError:  # lines of uvicorn, tqdm and XLA, which have their own formats
+            continue
+        if " rtpjax: " in line:
+            marks.append(f"{stamp - launched:6.1f} s  {line[24:]}")
+    return marks
+
+
 def first_token_seconds(model: str, cache_dir: str, port: int, serve_args: list[str], log: Path) -> float:
     import httpx
 
     cmd = [sys.executable, "-m", "rtpjax.cli", "serve", model, "--port", str(port),
            "--compilation-cache-dir", cache_dir, "--served-model-name", "bench", *serve_args]  # fmt: skip
     began = time.perf_counter()
+    first_token_seconds.launched = time.time()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -65,8 +80,9 @@ def main():
     result = {"model": args.model, "serve_args": args.serve_args}
     for name in ("cold_compile_cache", "warm_compile_cache"):
         result[name] = first_token_seconds(args.model, cache, args.port, args.serve_args, logs / f"{name}.log")
-        print(f"{name}: first token {result[name]:.1f} s after launch", flush=True)
-    result["log_tail"] = (logs / "cold_compile_cache.log").read_text().splitlines()[-12:]
+        result[f"{name}_breakdown"] = timeline(logs / f"{name}.log", first_token_seconds.launched)
+        print(f"{name}: first token {result[name]:.1f} s after launch", *result[f"{name}_breakdown"], sep="\n  ",
+              flush=True)  # fmt: skip
     if not args.compilation_cache_dir:
         shutil.rmtree(cache, ignore_errors=True)
     if args.out:

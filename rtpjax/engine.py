@@ -21,7 +21,7 @@ import numpy as np
 from rtpjax import detokenizer, kv_cache
 from rtpjax.attention import resolve_impl
 from rtpjax.block_pool import BlockPool
-from rtpjax.runner import ModelRunner
+from rtpjax.runner import CompileCounter, ModelRunner
 from rtpjax.sampling_params import SamplingParams
 from rtpjax.scheduler import Schedule, Scheduler
 from rtpjax.sequence import PENDING, Sequence
@@ -106,6 +106,9 @@ def enable_compilation_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+_KV_BUDGET_STEP = 256 << 20
+
+
 def kv_cache_blocks(cfg, args: EngineArgs, max_model_len: int) -> int:
     """Blocks that fit the memory budget (per device: KV heads are split over the tensor axis)."""
     if args.num_gpu_blocks is not None:
@@ -116,6 +119,10 @@ def kv_cache_blocks(cfg, args: EngineArgs, max_model_len: int) -> int:
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         free = stats["bytes_limit"] * args.gpu_memory_utilization - stats.get("bytes_in_use", 0)
+        # In whole 256 MiB steps: the same budget on the next start gives the same cache shape, which every compiled
+        # step's signature includes, so the persistent compilation cache still answers (a few stray bytes in use
+        # would otherwise change the count and recompile everything).
+        free = free // _KV_BUDGET_STEP * _KV_BUDGET_STEP
         return max(1, int(free // per_block))
     enough = args.max_num_seqs * -(-max_model_len // args.block_size)
     return max(1, min(enough, args.cpu_kv_cache_bytes // per_block))
@@ -136,9 +143,11 @@ class LLMEngine:
 
         if args.compilation_cache_dir:
             enable_compilation_cache(args.compilation_cache_dir)
+        began = time.monotonic()
         mesh = make_mesh(tensor=args.tensor_parallel_size)
         self.cfg, self.family, params = load_model(model, dtype=args.dtype, mesh=mesh, progress=args.progress,
                                                    load_format=args.load_format)  # fmt: skip
+        loaded = time.monotonic()
         self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model)
         self.eos_ids = _eos_ids(Path(model), self.cfg, self.tokenizer)
         self.max_model_len = min(args.max_model_len or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings)
@@ -153,9 +162,12 @@ class LLMEngine:
             max_model_len=self.max_model_len, mesh=mesh, attention_impl=resolve_impl(args.attention_impl, self.cfg.head_dim),
             kv_cache_dtype=args.kv_cache_dtype,
         )  # fmt: skip
-        t0 = time.monotonic()
+        t0, misses = time.monotonic(), CompileCounter.count
         shapes = self.runner.warmup(progress=args.progress)
-        log.info("compiled %d step shapes in %.1f s", shapes, time.monotonic() - t0)
+        done = time.monotonic()
+        log.info("ready in %.1f s: weights %.1f s, tokenizer and KV cache %.1f s, %d step shapes %.1f s "
+                 "(%d compiled, the rest from the compilation cache)", done - began, loaded - began, t0 - loaded,
+                 shapes, done - t0, CompileCounter.count - misses)  # fmt: skip
         self.requests: dict[str, Request] = {}
         self.inflight: tuple[Schedule, object] | None = None
         self._ids = itertools.count()

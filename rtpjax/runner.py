@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
@@ -123,18 +124,23 @@ class ModelRunner:
         def compile_step(shape):
             return shape, self._step.lower(self.params, self.cache, self.state, self._batch([], *shape)).compile()
 
+        began = time.monotonic()
         with ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 2) - 1))) as pool:
             for shape, compiled in pool.map(compile_step, steps):
                 self._compiled[shape] = compiled
                 bar.update()
+        compiled = time.monotonic()
         for t, s in steps:  # run each once: the first call of an executable does one-time setup
             out, self.cache, self.state = self._compiled[t, s](self.params, self.cache, self.state, self._batch([], t, s))
-        jax.block_until_ready(out)
+            jax.block_until_ready(out)
+        ran = time.monotonic()
         for n in self.admit_buckets:
             self.state = self._admit(self.state, *self._admit_arrays([], n))
             jax.block_until_ready(self.state)
             bar.update()
         bar.close()
+        log.info("warm-up: %d step shapes compiled or fetched in %.1f s, first runs %.1f s; %d admit shapes %.1f s",
+                 len(steps), compiled - began, ran - compiled, len(self.admit_buckets), time.monotonic() - ran)  # fmt: skip
         return bar.total
 
     def _seqs_for(self, num_tokens: int) -> int:

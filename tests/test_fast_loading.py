@@ -1,5 +1,6 @@
 """The file-order loader against a plain safetensors read: bit-identical, sharded per device, and clear when corrupt."""
 
+import dataclasses
 import json
 import shutil
 
@@ -83,6 +84,45 @@ def test_bit_identical_to_plain_read(tmp_path, tiny_checkpoints, name, stored, s
     assert_bit_identical(loader.load_params(folder, cfg, family, options=TIGHT), expected)
     assert_bit_identical(loader.load_params(folder, cfg, family, options=LoadOptions(direct_io=True)), expected)
     assert_bit_identical(loader.load_params(folder, cfg, family), expected)
+
+
+def test_buffers_are_page_locked_once_and_released(tmp_path, tiny_checkpoints, monkeypatch):
+    """On GPUs each reusable buffer is DMA-mapped before its first read and unmapped at the end (CPU: a fake mapper)."""
+    assert loader.dma_mapper(jax.devices()) is None  # the CPU backend has no DMA mapping: the plain path
+    folder = resave(tiny_checkpoints["qwen2"], tmp_path / "q", "bfloat16", 3)
+    pinned, unpinned = [], []
+
+    def fake_mapper(devices):
+        def pin(buf):
+            assert buf.ctypes.data % 4096 == 0 and buf.nbytes % 4096 == 0
+            pinned.append(buf.ctypes.data)
+            return lambda: unpinned.append(buf.ctypes.data)
+
+        return pin
+
+    monkeypatch.setattr(loader, "dma_mapper", fake_mapper)
+    cfg, family = load_config(folder)
+    opts = LoadOptions(batch_bytes=20_000, read_chunk=12 << 10, buffers=3)
+    params = loader.load_params(folder, cfg, family, options=opts)
+    assert_bit_identical(params, plain_read(folder, "bfloat16"))
+    assert len(pinned) == len(set(pinned)) == 3 and sorted(unpinned) == sorted(pinned)
+    pinned.clear(), unpinned.clear()
+    loader.load_params(folder, cfg, family, options=dataclasses.replace(opts, pinned=False))
+    assert pinned == unpinned == []
+
+    def failing_mapper(devices):
+        def pin(buf):
+            if pinned:
+                raise OSError("cannot lock memory")
+            pinned.append(buf.ctypes.data)
+            return lambda: unpinned.append(buf.ctypes.data)
+
+        return pin
+
+    monkeypatch.setattr(loader, "dma_mapper", failing_mapper)  # fails on the second buffer: raised, not hung
+    with pytest.raises(OSError, match="cannot lock memory"):
+        loader.load_params(folder, cfg, family, options=opts)
+    assert unpinned == pinned and len(pinned) == 1
 
 
 def test_plan_follows_file_order(tmp_path, tiny_checkpoints):

@@ -1,0 +1,88 @@
+"""Where a compiled engine step's device time goes: traces a few back-to-back steps per batch bucket with the JAX
+profiler and sums GPU kernel time by kernel, against the step's wall time (the gap is launch overhead and idle).
+
+    python -m rtpjax.benchmarks.profile_step --shape llama3-8b --batch-sizes 1,32 --out profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import tempfile
+from pathlib import Path
+
+
+def kernel_times(trace_dir: Path) -> tuple[dict[str, float], int]:
+    """Kernel name -> total microseconds on the GPU's streams, and how many kernel launches, from the perfetto trace."""
+    path = next(trace_dir.rglob("perfetto_trace.json.gz"))
+    events = json.loads(gzip.decompress(path.read_bytes()))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    names = {e["pid"]: e["args"].get("name", "") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {pid for pid, name in names.items() if "GPU" in name or "gpu" in name}
+    totals: dict[str, float] = collections.defaultdict(float)
+    host: dict[str, float] = collections.defaultdict(float)
+    count = 0
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e:
+            if e.get("pid") in gpu:
+                args = e.get("args") or {}
+                label = args.get("hlo_op") or e["name"]
+                totals[f"{label} [{e['name'][:60]}]"] += float(e["dur"])
+                count += 1
+            else:
+                host[f"{names.get(e.get('pid'), '')[:20]}: {e['name'][:80]}"] += float(e["dur"])
+    return dict(totals), count, dict(host)
+
+
+def main():
+    import jax
+
+    from rtpjax.benchmarks.offline import RtpjaxRunner
+    from rtpjax.benchmarks.random_checkpoint import SHAPES, write_config_only
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    parser.add_argument("--batch-sizes", default="1,32")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--compilation-cache-dir", default=None)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    folder = write_config_only(tempfile.mkdtemp(prefix="rtpjax-profile-"), args.shape)
+    runner = RtpjaxRunner(str(folder), "dummy", args.max_num_seqs, 2048, args.max_num_batched_tokens,
+                          args.compilation_cache_dir)  # fmt: skip
+    engine = runner.llm.engine.runner
+    result = {"shape": args.shape, "device": jax.devices()[0].device_kind, "batches": {}}
+    for b in map(int, args.batch_sizes.split(",")):
+        wall_ms = runner.device_step_ms(b, steps=args.steps)
+        trace = Path(tempfile.mkdtemp(prefix="rtpjax-trace-"))
+        with jax.profiler.trace(str(trace), create_perfetto_trace=True):
+            runner.device_step_ms(b, steps=args.steps)
+        totals, launches, host = kernel_times(trace)
+        kernel_ms = sum(totals.values()) / args.steps / 1e3
+        t = next(x for x in engine.token_buckets if x >= b)
+        top = sorted(totals.items(), key=lambda kv: -kv[1])[: args.top]
+        result["batches"][b] = {
+            "bucket": [t, engine._seqs_for(t)], "step_ms": wall_ms, "kernel_ms": kernel_ms,
+            "kernels_per_step": launches / args.steps,
+            "top": [{"kernel": k, "ms_per_step": v / args.steps / 1e3} for k, v in top],
+        }  # fmt: skip
+        print(f"batch {b} (bucket {t}): step {wall_ms:.2f} ms, kernels {kernel_ms:.2f} ms, "
+              f"{launches / args.steps:.0f} launches/step")  # fmt: skip
+        for k, v in top:
+            print(f"  {v / args.steps / 1e3:7.3f} ms  {k[:110]}")
+        busy = sorted(host.items(), key=lambda kv: -kv[1])[: args.top]
+        result["batches"][b]["host_top"] = [{"event": k, "ms_per_step": v / args.steps / 1e3} for k, v in busy]
+        print("  host side:")
+        for k, v in busy:
+            print(f"  {v / args.steps / 1e3:7.3f} ms  {k[:110]}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
