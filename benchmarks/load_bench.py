@@ -108,6 +108,7 @@ def main():
                         help="the `rtpjax convert` copy, written if absent (default: MODEL-orbax)")  # fmt: skip
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--repeats", type=int, default=1, help="warm measurements per method (best is reported)")
+    parser.add_argument("--skip-cold", action="store_true", help="warm runs only (the page cache is filled first)")
     parser.add_argument("--torch-device", default="cuda")
     parser.add_argument("--options", default="{}", help='LoadOptions fields for rtpjax, as JSON: \'{"buffers": 4}\'')
     parser.add_argument("--out", default=None)
@@ -125,8 +126,12 @@ def main():
         results["convert_seconds"] = time.perf_counter() - began
     for method in methods:
         folder = converted if method == "rtpjax_orbax" else args.model
-        drop_page_cache(folder)
-        cold = run_child(method, folder, args.torch_device, args.options)
+        if args.skip_cold:
+            cold = {"skipped": True}
+            run_child(method, folder, args.torch_device, args.options)  # fills the page cache
+        else:
+            drop_page_cache(folder)
+            cold = run_child(method, folder, args.torch_device, args.options)
         warm = [run_child(method, folder, args.torch_device, args.options) for _ in range(args.repeats)]
         best = min(warm, key=lambda r: r.get("seconds", float("inf")))
         results["runs"][method] = {"cold": cold, "warm": best}
@@ -136,6 +141,8 @@ def main():
 
 
 def _fmt(run: dict, nbytes: int) -> str:
+    if run.get("skipped"):
+        return "skipped"
     if "error" in run:
         return f"error: {run['error'][:60]}"
     return f"{run['seconds']:7.2f} s {nbytes / 1e9 / run['seconds']:6.2f} GB/s"

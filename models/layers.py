@@ -62,11 +62,11 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 def attention(
     p: dict,
     cfg: ModelConfig,
-    layer: int,
     x: jax.Array,
     positions: jax.Array,
     cache: LayerCache,
     meta: AttentionMetadata,
+    window: int | None = None,
 ) -> tuple[jax.Array, LayerCache]:
     """GQA self-attention with optional q/k/v bias (Qwen2), q/k RMSNorm (Qwen3) and sliding window (Mistral)."""
     tokens = x.shape[0]
@@ -81,7 +81,7 @@ def attention(
         k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
     inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-    out, cache = paged_attention(q, k, v, cache, meta, scale=cfg.head_dim**-0.5, window=cfg.window(layer))
+    out, cache = paged_attention(q, k, v, cache, meta, scale=cfg.head_dim**-0.5, window=window)
     return linear(out.reshape(tokens, cfg.num_heads * cfg.head_dim), p["wo"]), cache
 
 

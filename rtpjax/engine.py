@@ -25,6 +25,7 @@ from rtpjax.runner import CompileCounter, ModelRunner
 from rtpjax.sampling_params import SamplingParams
 from rtpjax.scheduler import Schedule, Scheduler
 from rtpjax.sequence import PENDING, Sequence
+from rtpjax.tokenizer import load_tokenizer
 
 log = logging.getLogger("rtpjax")
 
@@ -131,8 +132,6 @@ def kv_cache_blocks(cfg, args: EngineArgs, max_model_len: int) -> int:
 class LLMEngine:
     def __init__(self, model: str | None = None, args: EngineArgs | None = None):
         """model: a Hugging Face folder, a .gguf file, or None for the embedded SmolLM2-135M-Instruct."""
-        from transformers import AutoTokenizer
-
         from rtpjax.gguf_loader import resolve_model
         from rtpjax.loader import load_model
         from rtpjax.sharding import make_mesh
@@ -148,8 +147,9 @@ class LLMEngine:
         self.cfg, self.family, params = load_model(model, dtype=args.dtype, mesh=mesh, progress=args.progress,
                                                    load_format=args.load_format)  # fmt: skip
         loaded = time.monotonic()
-        self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model)
+        self.tokenizer = load_tokenizer(args.tokenizer or model)
         self.eos_ids = _eos_ids(Path(model), self.cfg, self.tokenizer)
+        tokenized = time.monotonic()
         self.max_model_len = min(args.max_model_len or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings)
         num_blocks = kv_cache_blocks(self.cfg, args, self.max_model_len)
         log.info("KV cache: %d blocks of %d tokens = %d tokens", num_blocks, args.block_size, num_blocks * args.block_size)
@@ -165,9 +165,9 @@ class LLMEngine:
         t0, misses = time.monotonic(), CompileCounter.count
         shapes = self.runner.warmup(progress=args.progress)
         done = time.monotonic()
-        log.info("ready in %.1f s: weights %.1f s, tokenizer and KV cache %.1f s, %d step shapes %.1f s "
-                 "(%d compiled, the rest from the compilation cache)", done - began, loaded - began, t0 - loaded,
-                 shapes, done - t0, CompileCounter.count - misses)  # fmt: skip
+        log.info("ready in %.1f s: weights %.1f s, tokenizer %.1f s, KV cache %.1f s, %d step shapes %.1f s "
+                 "(%d compiled, the rest from the compilation cache)", done - began, loaded - began, tokenized - loaded,
+                 t0 - tokenized, shapes, done - t0, CompileCounter.count - misses)  # fmt: skip
         self.requests: dict[str, Request] = {}
         self.inflight: tuple[Schedule, object] | None = None
         self._ids = itertools.count()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import mmap
 import os
 import queue
 import struct
@@ -168,9 +169,15 @@ _ALIGN = 4096  # O_DIRECT wants offsets, sizes and buffer addresses on this boun
 
 
 def _aligned_buffer(nbytes: int) -> np.ndarray:
-    raw = np.empty(nbytes + _ALIGN, np.uint8)
-    skip = -raw.ctypes.data % _ALIGN
-    return raw[skip : skip + nbytes]
+    """Anonymous page-aligned memory, in transparent huge pages where the kernel allows: faulting it in and
+    page-locking it go ~500x fewer pages at a time."""
+    mem = mmap.mmap(-1, max(nbytes, 1))
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            mem.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # kernels without transparent huge pages
+            pass
+    return np.frombuffer(mem, np.uint8)[:nbytes]
 
 
 def _pread_into(fd: int, view: memoryview, offset: int, need: int, path: Path) -> None:
@@ -212,8 +219,7 @@ def dma_mapper(devices):
 class FileOrderReader:
     """Yields (batch, bytes) in plan order while later batches are being read; `recycle` hands a buffer back.
 
-    `pin`, if given, page-locks each buffer before its first read (see `dma_mapper`), in the reading thread, so the
-    first batch is not kept waiting for all buffers.
+    `pin`, if given, page-locks each buffer once (see `dma_mapper`), after its first fill and before it is yielded.
     """
 
     def __init__(self, batches: list[ReadBatch], opts: LoadOptions, pin=None):
@@ -227,6 +233,7 @@ class FileOrderReader:
         for _ in range(max(2, opts.buffers)):
             self.free.put(_aligned_buffer(capacity))
         self.pinned: set[int] = set()
+        self.pin_seconds = 0.0
         self.ready: queue.Queue = queue.Queue()
         self.pool = ThreadPoolExecutor(opts.threads, thread_name_prefix="rtpjax-read")
         self.closed = False
@@ -247,15 +254,6 @@ class FileOrderReader:
             buf = self.free.get()
             if self.closed:
                 return
-            if self.pin is not None and buf.ctypes.data not in self.pinned:
-                self.pinned.add(buf.ctypes.data)
-                try:
-                    unpin = self.pin(buf)
-                except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
-                    self.ready.put(e)
-                    return
-                if unpin is not None:
-                    self.unpins.append(unpin)
             fd, direct = self.fds[batch.path]
             first = batch.start - batch.start % _ALIGN if direct else batch.start
             last = -(-batch.end // _ALIGN) * _ALIGN if direct else batch.end
@@ -278,6 +276,15 @@ class FileOrderReader:
             batch, buf, skip, futures = item
             for f in futures:
                 f.result()
+            if self.pin is not None and buf.ctypes.data not in self.pinned:
+                # After the first fill: the reading threads have faulted its pages in, in parallel, so locking them
+                # costs ~35 ms per GiB instead of ~160 (locking first would fault them in one thread).
+                self.pinned.add(buf.ctypes.data)
+                began = time.perf_counter()
+                unpin = self.pin(buf)
+                self.pin_seconds += time.perf_counter() - began
+                if unpin is not None:
+                    self.unpins.append(unpin)
             yield batch, buf, buf[skip : skip + batch.end - batch.start]
 
     def recycle(self, buf: np.ndarray) -> None:
@@ -428,8 +435,8 @@ def load_params(
     seconds = time.perf_counter() - began
     line = f"loaded {total / 1e9:.2f} GB in {seconds:.2f} s ({total / 1e9 / seconds:.2f} GB/s) from {model_dir}"
     (tqdm.write if progress else log.info)(line)
-    log.debug("loading waited %.2f s for reads and %.2f s for transfers; buffers page-locked: %s",
-              waited["reads"], waited["transfers"], bool(reader.unpins))  # fmt: skip
+    log.debug("loading waited %.2f s for reads and %.2f s for transfers; page-locking %d buffers took %.2f s",
+              waited["reads"], waited["transfers"], len(reader.unpins), reader.pin_seconds)  # fmt: skip
     return params
 
 

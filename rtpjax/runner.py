@@ -25,7 +25,7 @@ from rtpjax.attention import AttentionMetadata
 from rtpjax.sampling_params import MAX_LOGPROBS, MAX_STOP_TOKEN_IDS
 from rtpjax.scheduler import Schedule
 from rtpjax.sequence import PENDING
-from rtpjax.step_inputs import SeqChunk, build_step
+from rtpjax.step_inputs import Packing, SeqChunk, build_step, pack
 
 log = logging.getLogger("rtpjax")
 
@@ -41,7 +41,9 @@ class StepBatch:
     sampling: sampler.SamplingInputs
 
 
-def device_step(params, cache, state, batch: StepBatch, *, cfg, forward):
+def device_step(params, cache, state, flat, packing: Packing, *, cfg, forward):
+    """One engine step on the device; the host's inputs arrive packed into one int32 buffer (`step_inputs.pack`)."""
+    batch: StepBatch = packing.unpack(flat)
     tokens = jnp.where(batch.token_slot >= 0, state.last_token[batch.token_slot], batch.tokens)
     logits, cache = forward(params, cfg, tokens, batch.positions, cache, batch.meta, batch.logits_indices)
     out, state = sampler.sample(logits, state, batch.sampling)
@@ -101,7 +103,7 @@ class ModelRunner:
         self.cache = kv.allocate(cfg, num_blocks, block_size, mesh=mesh, kv_dtype=kv_cache_dtype)
         self.state = jax.jit(sampler.init_state, static_argnums=(0, 1))(max_num_seqs, cfg.vocab_size)
         self._step = jax.jit(
-            functools.partial(device_step, cfg=cfg, forward=family.forward), donate_argnums=(1, 2)
+            functools.partial(device_step, cfg=cfg, forward=family.forward), static_argnums=(4,), donate_argnums=(1, 2)
         )
         self._compiled: dict[tuple[int, int], object] = {}  # (tokens, seqs) bucket -> executable, from warmup
         self._admit = jax.jit(sampler.admit, donate_argnums=(0,))
@@ -122,7 +124,7 @@ class ModelRunner:
         bar = tqdm(total=len(steps) + len(self.admit_buckets), desc="compiling", unit="shape", disable=not progress)
 
         def compile_step(shape):
-            return shape, self._step.lower(self.params, self.cache, self.state, self._batch([], *shape)).compile()
+            return shape, self._step.lower(self.params, self.cache, self.state, *pack(self._batch([], *shape))).compile()
 
         began = time.monotonic()
         with ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 2) - 1))) as pool:
@@ -131,7 +133,7 @@ class ModelRunner:
                 bar.update()
         compiled = time.monotonic()
         for t, s in steps:  # run each once: the first call of an executable does one-time setup
-            out, self.cache, self.state = self._compiled[t, s](self.params, self.cache, self.state, self._batch([], t, s))
+            out = self.run_step(self._batch([], t, s))
             jax.block_until_ready(out)
         ran = time.monotonic()
         for n in self.admit_buckets:
@@ -247,11 +249,19 @@ class ModelRunner:
         self._reset_penalty_rows([s for s in schedule.admitted if s.params.uses_penalties])
         num_tokens = pick(self.token_buckets, max(schedule.num_tokens, len(schedule.items)))
         num_seqs = self._seqs_for(num_tokens)
-        batch = self._batch(schedule.items, num_tokens, num_seqs)
-        step = self._compiled.get((num_tokens, num_seqs), self._step)
-        out, self.cache, self.state = step(self.params, self.cache, self.state, batch)
+        out = self.run_step(self._batch(schedule.items, num_tokens, num_seqs))
         for leaf in jax.tree.leaves(out):
             leaf.copy_to_host_async()
+        return out
+
+    def run_step(self, batch: StepBatch) -> sampler.SampleOutput:
+        """Queue one step on the device (the executable compiled at warm-up for its bucket) and return its outputs."""
+        flat, packing = pack(batch)
+        compiled = self._compiled.get((batch.tokens.shape[0], batch.logits_indices.shape[0]))
+        if compiled is not None:
+            out, self.cache, self.state = compiled(self.params, self.cache, self.state, flat)
+        else:
+            out, self.cache, self.state = self._step(self.params, self.cache, self.state, flat, packing)
         return out
 
     def _reset_penalty_rows(self, seqs) -> None:

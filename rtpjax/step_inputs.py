@@ -76,3 +76,47 @@ def build_step(
         offset += n
     meta = AttentionMetadata(query_start, seq_lens, tables, slots, impl=impl)
     return StepInputs(tokens, positions, meta, logits_indices)
+
+
+@dataclasses.dataclass(frozen=True)
+class Packing:
+    """Where each input array lies in the one int32 buffer `pack` makes: a step then needs one host-to-device copy
+    instead of ~22 small ones, which the device would otherwise wait on (H100, 8B decode at batch 32: 1.7 ms/step).
+    Hashable, so it is a static argument of the jitted step."""
+
+    treedef: object
+    leaves: tuple[tuple[tuple[int, ...], str], ...]  # (shape, dtype) per leaf, in flatten order
+
+    def unpack(self, flat):
+        """Inside jit: the pytree back from the int32 buffer (slices and bitcasts, no copies)."""
+        import jax
+        import jax.numpy as jnp
+
+        out, offset = [], 0
+        for shape, dtype in self.leaves:
+            n = int(np.prod(shape, dtype=np.int64))
+            words = flat[offset : offset + n]
+            if dtype == "bool":
+                x = words != 0
+            elif dtype == "int32":
+                x = words
+            else:
+                x = jax.lax.bitcast_convert_type(words, jnp.dtype(dtype))
+            out.append(x.reshape(shape))
+            offset += n
+        return jax.tree.unflatten(self.treedef, out)
+
+
+def pack(tree) -> tuple[np.ndarray, Packing]:
+    """A pytree of host arrays (4-byte dtypes or bool) -> one int32 buffer and its `Packing`."""
+    import jax
+
+    leaves, treedef = jax.tree.flatten(tree)
+    arrays = [np.asarray(leaf) for leaf in leaves]
+    for a in arrays:
+        if a.dtype != np.bool_ and a.dtype.itemsize != 4:
+            raise TypeError(f"pack takes 4-byte dtypes and bool, got {a.dtype}")
+    flat = np.concatenate(
+        [(a.astype(np.int32) if a.dtype == np.bool_ else a.view(np.int32)).ravel() for a in arrays] or [np.zeros(0, np.int32)]
+    )
+    return flat, Packing(treedef, tuple((a.shape, a.dtype.name) for a in arrays))

@@ -87,7 +87,7 @@ def test_bit_identical_to_plain_read(tmp_path, tiny_checkpoints, name, stored, s
 
 
 def test_buffers_are_page_locked_once_and_released(tmp_path, tiny_checkpoints, monkeypatch):
-    """On GPUs each reusable buffer is DMA-mapped before its first read and unmapped at the end (CPU: a fake mapper)."""
+    """On GPUs each reusable buffer is DMA-mapped once, before its data is sent, and unmapped at the end (CPU: a fake)."""
     assert loader.dma_mapper(jax.devices()) is None  # the CPU backend has no DMA mapping: the plain path
     folder = resave(tiny_checkpoints["qwen2"], tmp_path / "q", "bfloat16", 3)
     pinned, unpinned = [], []
@@ -95,6 +95,7 @@ def test_buffers_are_page_locked_once_and_released(tmp_path, tiny_checkpoints, m
     def fake_mapper(devices):
         def pin(buf):
             assert buf.ctypes.data % 4096 == 0 and buf.nbytes % 4096 == 0
+            assert buf.any()  # after its first fill (its pages are faulted in by the reading threads)
             pinned.append(buf.ctypes.data)
             return lambda: unpinned.append(buf.ctypes.data)
 

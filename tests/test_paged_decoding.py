@@ -66,3 +66,29 @@ def test_padding_tokens_do_not_touch_the_cache(tiny_checkpoints):
         used[:, 2, :3] = True
         assert np.all(np.asarray(k)[~used] == 0) and np.all(np.asarray(v)[~used] == 0)
         assert np.all(np.abs(np.asarray(k)[used]).sum(-1) > 0)
+
+
+def test_step_inputs_pack_into_one_buffer_and_back():
+    """The runner sends a step's ~22 input arrays as one int32 buffer; unpacking inside jit restores every value."""
+    import jax
+
+    from rtpjax.step_inputs import pack
+
+    rng = np.random.default_rng(0)
+    step = build_step([SeqChunk([5, 6, 7], 0, [2]), SeqChunk([9], 4, [1, 3])], BLOCK, num_tokens=16, num_seqs=4)
+    tree = {
+        "meta": step.meta, "tokens": step.tokens, "f32": rng.standard_normal((3, 5)).astype(np.float32), "u32": np.array([0, 2**32 - 1], np.uint32),
+        "flags": np.array([True, False, True]), "empty": np.zeros((0, 2), np.int32), "scalar": np.int32(-7),
+    }  # fmt: skip
+    flat, packing = pack(tree)
+    assert flat.dtype == np.int32 and flat.ndim == 1
+    assert hash(packing) == hash(pack(tree)[1])  # a static jit argument: equal inputs, equal packing
+    back = jax.jit(packing.unpack)(flat)
+    want, got = jax.tree.leaves(tree), jax.tree.leaves(back)
+    assert jax.tree.structure(back) == jax.tree.structure(tree)
+    for w, g in zip(want, got):
+        g = np.asarray(g)
+        assert g.dtype == np.asarray(w).dtype and g.shape == np.shape(w)
+        assert g.tobytes() == np.asarray(w).tobytes()
+    with pytest.raises(TypeError, match="4-byte dtypes"):
+        pack({"x": np.zeros(3, np.int64)})
