@@ -24,6 +24,11 @@ def kernel_times(trace_dir: Path) -> tuple[dict[str, float], int]:
     totals: dict[str, float] = collections.defaultdict(float)
     host: dict[str, float] = collections.defaultdict(float)
     count = 0
+    on_gpu = sorted((float(e["ts"]), float(e["dur"]), e["name"]) for e in events
+                    if e.get("ph") == "X" and "dur" in e and e.get("pid") in gpu)  # fmt: skip
+    for (t0, d0, before), (t1, _, after) in zip(on_gpu, on_gpu[1:]):  # where the GPU sat idle, and between what
+        if t1 - (t0 + d0) > 0:
+            host[f"IDLE GPU between {before[:40]} -> {after[:40]}"] += t1 - (t0 + d0)
     for e in events:
         if e.get("ph") == "X" and "dur" in e:
             if e.get("pid") in gpu:

@@ -13,6 +13,7 @@ import json
 import logging
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -101,6 +102,11 @@ def _eos_ids(model_dir: Path, cfg, tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def _timed(fn, *args):
+    began = time.monotonic()
+    return fn(*args), time.monotonic() - began
+
+
 def enable_compilation_cache(path: str) -> None:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -143,13 +149,17 @@ class LLMEngine:
         if args.compilation_cache_dir:
             enable_compilation_cache(args.compilation_cache_dir)
         began = time.monotonic()
+        # The tokenizer loads alongside the weights and compilation: where transformers imports torch it takes
+        # seconds (8 s on the GPU host), mostly in native code.
+        pool = ThreadPoolExecutor(1, thread_name_prefix="rtpjax-tokenizer")
+        tokenizer = pool.submit(_timed, load_tokenizer, args.tokenizer or model)
+        pool.shutdown(wait=False)
         mesh = make_mesh(tensor=args.tensor_parallel_size)
         self.cfg, self.family, params = load_model(model, dtype=args.dtype, mesh=mesh, progress=args.progress,
                                                    load_format=args.load_format)  # fmt: skip
         loaded = time.monotonic()
-        self.tokenizer = load_tokenizer(args.tokenizer or model)
-        self.eos_ids = _eos_ids(Path(model), self.cfg, self.tokenizer)
-        tokenized = time.monotonic()
+        if tokenizer.done():
+            tokenizer.result()  # a broken tokenizer fails before minutes of compilation, not after
         self.max_model_len = min(args.max_model_len or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings)
         num_blocks = kv_cache_blocks(self.cfg, args, self.max_model_len)
         log.info("KV cache: %d blocks of %d tokens = %d tokens", num_blocks, args.block_size, num_blocks * args.block_size)
@@ -164,10 +174,14 @@ class LLMEngine:
         )  # fmt: skip
         t0, misses = time.monotonic(), CompileCounter.count
         shapes = self.runner.warmup(progress=args.progress)
+        compiled = time.monotonic()
+        self.tokenizer, tokenizer_seconds = tokenizer.result()
+        self.eos_ids = _eos_ids(Path(model), self.cfg, self.tokenizer)
         done = time.monotonic()
-        log.info("ready in %.1f s: weights %.1f s, tokenizer %.1f s, KV cache %.1f s, %d step shapes %.1f s "
-                 "(%d compiled, the rest from the compilation cache)", done - began, loaded - began, tokenized - loaded,
-                 t0 - tokenized, shapes, done - t0, CompileCounter.count - misses)  # fmt: skip
+        log.info("ready in %.1f s: weights %.1f s, KV cache %.1f s, %d step shapes %.1f s (%d compiled, the rest from "
+                 "the compilation cache); tokenizer %.1f s alongside, then waited for %.1f s", done - began,
+                 loaded - began, t0 - loaded, shapes, compiled - t0, CompileCounter.count - misses, tokenizer_seconds,
+                 done - compiled)  # fmt: skip
         self.requests: dict[str, Request] = {}
         self.inflight: tuple[Schedule, object] | None = None
         self._ids = itertools.count()

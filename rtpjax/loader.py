@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import mmap
 import os
 import queue
 import struct
@@ -169,15 +168,10 @@ _ALIGN = 4096  # O_DIRECT wants offsets, sizes and buffer addresses on this boun
 
 
 def _aligned_buffer(nbytes: int) -> np.ndarray:
-    """Anonymous page-aligned memory, in transparent huge pages where the kernel allows: faulting it in and
-    page-locking it go ~500x fewer pages at a time."""
-    mem = mmap.mmap(-1, max(nbytes, 1))
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            mem.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:  # kernels without transparent huge pages
-            pass
-    return np.frombuffer(mem, np.uint8)[:nbytes]
+    # (Transparent huge pages were measured slower here: page-locking 3 GiB took 0.6-0.9 s instead of 0.3-0.4.)
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    skip = -raw.ctypes.data % _ALIGN
+    return raw[skip : skip + nbytes]
 
 
 def _pread_into(fd: int, view: memoryview, offset: int, need: int, path: Path) -> None:
