@@ -41,13 +41,17 @@ class StepBatch:
     sampling: sampler.SamplingInputs
 
 
-def device_step(params, cache, state, flat, packing: Packing, *, cfg, forward):
-    """One engine step on the device; the host's inputs arrive packed into one int32 buffer (`step_inputs.pack`)."""
+def model_step(params, cache, state, flat, packing: Packing, *, cfg, forward):
+    """The model half of a step: each sequence's last-token logits. Host inputs arrive packed into one int32 buffer."""
     batch: StepBatch = packing.unpack(flat)
     tokens = jnp.where(batch.token_slot >= 0, state.last_token[batch.token_slot], batch.tokens)
-    logits, cache = forward(params, cfg, tokens, batch.positions, cache, batch.meta, batch.logits_indices)
-    out, state = sampler.sample(logits, state, batch.sampling)
-    return out, cache, state
+    return forward(params, cfg, tokens, batch.positions, cache, batch.meta, batch.logits_indices)
+
+
+def sample_step(logits, state, flat, packing: Packing):
+    """The sampling half, a separate executable: fused into one, its lax.cond gates cost the model half its whole-step
+    CUDA graph (H100, 8B, bucket 32: 8.54 ms fused against 7.03 + 0.35 ms apart)."""
+    return sampler.sample(logits, state, packing.unpack(flat).sampling)
 
 
 def buckets(limit: int, smallest: int) -> list[int]:
@@ -102,10 +106,11 @@ class ModelRunner:
         self.kv_cache_dtype = kv_cache_dtype
         self.cache = kv.allocate(cfg, num_blocks, block_size, mesh=mesh, kv_dtype=kv_cache_dtype)
         self.state = jax.jit(sampler.init_state, static_argnums=(0, 1))(max_num_seqs, cfg.vocab_size)
-        self._step = jax.jit(
-            functools.partial(device_step, cfg=cfg, forward=family.forward), static_argnums=(4,), donate_argnums=(1, 2)
+        self._model = jax.jit(
+            functools.partial(model_step, cfg=cfg, forward=family.forward), static_argnums=(4,), donate_argnums=(1,)
         )
-        self._compiled: dict[tuple[int, int], object] = {}  # (tokens, seqs) bucket -> executable, from warmup
+        self._sample = jax.jit(sample_step, static_argnums=(3,), donate_argnums=(1,))
+        self._compiled: dict[tuple[int, int], tuple] = {}  # (tokens, seqs) bucket -> (model, sample) executables
         self._admit = jax.jit(sampler.admit, donate_argnums=(0,))
         self.admit_rows = max_num_seqs
         self.admit_buckets = buckets(1 << max(6, (max_model_len - 1).bit_length()), 64)
@@ -124,7 +129,11 @@ class ModelRunner:
         bar = tqdm(total=len(steps) + len(self.admit_buckets), desc="compiling", unit="shape", disable=not progress)
 
         def compile_step(shape):
-            return shape, self._step.lower(self.params, self.cache, self.state, *pack(self._batch([], *shape))).compile()
+            flat, packing = pack(self._batch([], *shape))
+            model = self._model.lower(self.params, self.cache, self.state, flat, packing).compile()
+            logits = jax.ShapeDtypeStruct((shape[1], self.cfg.vocab_size), jnp.float32,
+                                          sharding=model.output_shardings[0])  # fmt: skip
+            return shape, (model, self._sample.lower(logits, self.state, flat, packing).compile())
 
         began = time.monotonic()
         with ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 2) - 1))) as pool:
@@ -259,9 +268,12 @@ class ModelRunner:
         flat, packing = pack(batch)
         compiled = self._compiled.get((batch.tokens.shape[0], batch.logits_indices.shape[0]))
         if compiled is not None:
-            out, self.cache, self.state = compiled(self.params, self.cache, self.state, flat)
+            model, sample = compiled
+            logits, self.cache = model(self.params, self.cache, self.state, flat)
+            out, self.state = sample(logits, self.state, flat)
         else:
-            out, self.cache, self.state = self._step(self.params, self.cache, self.state, flat, packing)
+            logits, self.cache = self._model(self.params, self.cache, self.state, flat, packing)
+            out, self.state = self._sample(logits, self.state, flat, packing)
         return out
 
     def _reset_penalty_rows(self, seqs) -> None:
