@@ -118,7 +118,8 @@ def main():
         print(json.dumps(measure(args.child, args.model, args.torch_device, json.loads(args.options))))
         return
     converted = args.converted or args.model.with_name(args.model.name + "-orbax")
-    results = {"model": str(args.model), "options": json.loads(args.options), "bytes": sum(f.stat().st_size for f in _files(args.model)), "runs": {}}
+    results = {"model": str(args.model), "options": json.loads(args.options),
+               "bytes": sum(f.stat().st_size for f in _files(args.model)), "runs": {}}  # fmt: skip
     methods = args.methods.split(",")
     if "rtpjax_orbax" in methods and not converted.exists():
         began = time.perf_counter()

@@ -1,5 +1,5 @@
 """Where a compiled engine step's device time goes: traces a few back-to-back steps per batch bucket with the JAX
-profiler and sums GPU kernel time by kernel, against the step's wall time (the gap is launch overhead and idle).
+profiler and sums GPU kernel time by kernel, against the step's wall time and the time the GPU was busy at all.
 
     python -m rtpjax.benchmarks.profile_step --shape llama3-8b --batch-sizes 1,32 --out profile.json
 """
@@ -14,8 +14,9 @@ import tempfile
 from pathlib import Path
 
 
-def kernel_times(trace_dir: Path) -> tuple[dict[str, float], int]:
-    """Kernel name -> total microseconds on the GPU's streams, and how many kernel launches, from the perfetto trace."""
+def kernel_times(trace_dir: Path) -> tuple[dict[str, float], int, float, dict[str, float]]:
+    """From the perfetto trace: kernel name -> total microseconds on the GPU, the number of kernel launches, the
+    microseconds the GPU was busy at all (the union of its events, so overlaps count once), and host event totals."""
     path = next(trace_dir.rglob("perfetto_trace.json.gz"))
     events = json.loads(gzip.decompress(path.read_bytes()))
     events = events["traceEvents"] if isinstance(events, dict) else events
@@ -23,22 +24,21 @@ def kernel_times(trace_dir: Path) -> tuple[dict[str, float], int]:
     gpu = {pid for pid, name in names.items() if "GPU" in name or "gpu" in name}
     totals: dict[str, float] = collections.defaultdict(float)
     host: dict[str, float] = collections.defaultdict(float)
-    count = 0
-    on_gpu = sorted((float(e["ts"]), float(e["dur"]), e["name"]) for e in events
-                    if e.get("ph") == "X" and "dur" in e and e.get("pid") in gpu)  # fmt: skip
-    for (t0, d0, before), (t1, _, after) in zip(on_gpu, on_gpu[1:]):  # where the GPU sat idle, and between what
-        if t1 - (t0 + d0) > 0:
-            host[f"IDLE GPU between {before[:40]} -> {after[:40]}"] += t1 - (t0 + d0)
+    spans = []
     for e in events:
         if e.get("ph") == "X" and "dur" in e:
             if e.get("pid") in gpu:
                 args = e.get("args") or {}
                 label = args.get("hlo_op") or e["name"]
                 totals[f"{label} [{e['name'][:60]}]"] += float(e["dur"])
-                count += 1
+                spans.append((float(e["ts"]), float(e["ts"]) + float(e["dur"])))
             else:
                 host[f"{names.get(e.get('pid'), '')[:20]}: {e['name'][:80]}"] += float(e["dur"])
-    return dict(totals), count, dict(host)
+    busy, end = 0.0, float("-inf")
+    for start, stop in sorted(spans):
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    return dict(totals), len(spans), busy, dict(host)
 
 
 def main():
@@ -67,17 +67,18 @@ def main():
         trace = Path(tempfile.mkdtemp(prefix="rtpjax-trace-"))
         with jax.profiler.trace(str(trace), create_perfetto_trace=True):
             runner.device_step_ms(b, steps=args.steps)
-        totals, launches, host = kernel_times(trace)
+        totals, launches, busy, host = kernel_times(trace)
         kernel_ms = sum(totals.values()) / args.steps / 1e3
+        busy_ms = busy / args.steps / 1e3
         t = next(x for x in engine.token_buckets if x >= b)
         top = sorted(totals.items(), key=lambda kv: -kv[1])[: args.top]
         result["batches"][b] = {
-            "bucket": [t, engine._seqs_for(t)], "step_ms": wall_ms, "kernel_ms": kernel_ms,
+            "bucket": [t, engine._seqs_for(t)], "step_ms": wall_ms, "kernel_ms": kernel_ms, "gpu_busy_ms": busy_ms,
             "kernels_per_step": launches / args.steps,
             "top": [{"kernel": k, "ms_per_step": v / args.steps / 1e3} for k, v in top],
         }  # fmt: skip
-        print(f"batch {b} (bucket {t}): step {wall_ms:.2f} ms, kernels {kernel_ms:.2f} ms, "
-              f"{launches / args.steps:.0f} launches/step")  # fmt: skip
+        print(f"batch {b} (bucket {t}): step {wall_ms:.2f} ms, kernels {kernel_ms:.2f} ms, GPU busy {busy_ms:.2f} ms "
+              f"(idle {wall_ms - busy_ms:.2f} ms), {launches / args.steps:.0f} launches/step")  # fmt: skip
         for k, v in top:
             print(f"  {v / args.steps / 1e3:7.3f} ms  {k[:110]}")
         busy = sorted(host.items(), key=lambda kv: -kv[1])[: args.top]

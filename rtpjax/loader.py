@@ -190,7 +190,7 @@ def dma_mapper(devices):
     """A function that page-locks a host buffer for DMA by the devices' client, or None where that is unsupported.
 
     Transfers from page-locked memory skip the runtime's staging copy into its own pinned buffer: on an H100 host
-    that is 53 GB/s instead of 27 (benchmarks/transfer_bench.py). Mapping costs ~35 ms per GiB, paid once per buffer.
+    that is 45-53 GB/s instead of 19-27 (benchmarks/transfer_bench.py). Mapping costs 35-100 ms per GiB, once per buffer.
     """
     devices = list(devices)
     if not devices or any(d.platform not in ("gpu", "cuda", "rocm") for d in devices):
@@ -264,15 +264,12 @@ class FileOrderReader:
 
     def __iter__(self):
         for _ in self.batches:
-            item = self.ready.get()
-            if isinstance(item, Exception):
-                raise item
-            batch, buf, skip, futures = item
+            batch, buf, skip, futures = self.ready.get()
             for f in futures:
                 f.result()
             if self.pin is not None and buf.ctypes.data not in self.pinned:
                 # After the first fill: the reading threads have faulted its pages in, in parallel, so locking them
-                # costs ~35 ms per GiB instead of ~160 (locking first would fault them in one thread).
+                # costs ~100 ms per GiB on the H100 host instead of ~160 (locking first faults them in one thread).
                 self.pinned.add(buf.ctypes.data)
                 began = time.perf_counter()
                 unpin = self.pin(buf)

@@ -145,3 +145,24 @@ def test_cli_bench_serve_and_sweep_plot(url, model, tmp_path):
     assert cli(["bench", "serve", "--plot-sweep", str(tmp_path / "c1.json"), str(tmp_path / "c4.json"),
                 "--result-dir", str(tmp_path)]) == 0  # fmt: skip
     assert (tmp_path / "sweep.png").stat().st_size > 1000
+
+
+def test_profile_step_sums_kernels_and_counts_overlapping_gpu_time_once(tmp_path):
+    import gzip
+
+    from rtpjax.benchmarks.profile_step import kernel_times
+
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+        {"ph": "X", "pid": 1, "name": "gemm", "ts": 0, "dur": 10, "args": {"hlo_op": "dot.1"}},
+        {"ph": "X", "pid": 1, "name": "gemm", "ts": 5, "dur": 10, "args": {"hlo_op": "dot.1"}},  # overlaps the first
+        {"ph": "X", "pid": 1, "name": "attn", "ts": 30, "dur": 4},  # after a 15 us gap
+        {"ph": "X", "pid": 2, "name": "Execute", "ts": 0, "dur": 40},
+    ]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "perfetto_trace.json.gz").write_bytes(gzip.compress(json.dumps({"traceEvents": events}).encode()))
+    totals, launches, busy, host = kernel_times(tmp_path)
+    assert totals == {"dot.1 [gemm]": 20.0, "attn [attn]": 4.0}
+    assert launches == 3 and busy == 19.0
+    assert host == {"/host:CPU: Execute": 40.0}
