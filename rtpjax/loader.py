@@ -113,12 +113,15 @@ class LoadOptions:
 
 @dataclasses.dataclass(frozen=True)
 class TensorRead:
+    """A tensor, or a piece of its rows (`first_row` on, `shape[0]` of them) when it is larger than a batch."""
+
     name: str
     path: Path
     start: int  # absolute byte offset in the file
     nbytes: int
     dtype: np.dtype
     shape: tuple[int, ...]
+    first_row: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +141,20 @@ def target_shardings(shapes: dict, family, mesh=None) -> dict:
     return param_shardings(shapes, family.PARTITION_RULES, mesh)
 
 
+def _row_pieces(read: TensorRead, batch_bytes: int) -> list[TensorRead]:
+    """A tensor larger than a batch, cut into pieces of whole rows that fit one: the host buffers stay batch-sized
+    (an 8B model's 1 GiB embedding would otherwise size every buffer, and page-locking costs ~100 ms per GiB)."""
+    if read.nbytes <= batch_bytes or len(read.shape) == 0 or read.shape[0] < 2:
+        return [read]
+    row_bytes = read.nbytes // read.shape[0]
+    rows = max(1, batch_bytes // row_bytes)
+    return [
+        dataclasses.replace(read, start=read.start + r * row_bytes, nbytes=min(rows, read.shape[0] - r) * row_bytes,
+                            shape=(min(rows, read.shape[0] - r), *read.shape[1:]), first_row=r)  # fmt: skip
+        for r in range(0, read.shape[0], rows)
+    ]
+
+
 def plan_reads(ckpt: Checkpoint, names, batch_bytes: int) -> list[ReadBatch]:
     """The tensors to read, in file and byte order, grouped into contiguous batches of about `batch_bytes`."""
     reads = []
@@ -146,7 +163,8 @@ def plan_reads(ckpt: Checkpoint, names, batch_bytes: int) -> list[ReadBatch]:
         info = ckpt.headers[path][name]
         dtype = np.dtype(_DTYPES[info["dtype"]])
         begin, end = info["data_offsets"]
-        reads.append(TensorRead(name, path, info["data_start"], end - begin, dtype, tuple(info["shape"])))
+        read = TensorRead(name, path, info["data_start"], end - begin, dtype, tuple(info["shape"]))
+        reads += _row_pieces(read, batch_bytes)
     reads.sort(key=lambda r: (str(r.path), r.start))
     batches: list[ReadBatch] = []
     group: list[TensorRead] = []
@@ -305,38 +323,45 @@ def _check_shapes(ckpt: Checkpoint, sources, shapes) -> None:
 
 
 class _Placer:
-    """Sends each tensor's per-device slices as it arrives; finishes a parameter once all its tensors are there."""
+    """Sends each tensor's per-device slices as they arrive; finishes a parameter once all its pieces are there."""
 
-    def __init__(self, sources, shapes, shardings, dtype):
+    def __init__(self, sources, shapes, shardings, dtype, pieces: dict[str, int]):
         self.shapes, self.shardings, self.dtype = shapes, shardings, np.dtype(dtype)
         self.owner = {name: (path, i) for path, src in sources.items() for i, name in enumerate(src.names)}
-        self.count = {path: len(src.names) for path, src in sources.items()}
+        self.count = {path: sum(pieces[n] for n in src.names) for path, src in sources.items()}
         self.stacked = {path for path, src in sources.items() if len(src.names) > 1}
-        self.pieces: dict[str, dict] = {}  # path -> device -> {index in stack: array}
+        self.pieces: dict[str, dict] = {}  # path -> device -> {index in stack: [(first row, array), ...]}
         self.done: dict[str, jax.Array] = {}
 
-    def put(self, tensors: list[tuple[str, np.ndarray]]) -> list[jax.Array]:
-        """Send one batch's tensors in a single batched transfer (JAX overlaps its copies)."""
+    def put(self, tensors: list[tuple[TensorRead, np.ndarray]]) -> list[jax.Array]:
+        """Send one batch's tensors (or row pieces) in a single batched transfer (JAX overlaps its copies)."""
         keys, pieces, devices = [], [], []
-        for name, host in tensors:
-            path, i = self.owner[name]
+        for read, host in tensors:
+            path, i = self.owner[read.name]
             shape, sharding = self.shapes[path], self.shardings[path]
             for device, index in sharding.addressable_devices_indices_map(shape).items():
                 if path in self.stacked:
                     if not (index[0].start or 0) <= i < (shape[0] if index[0].stop is None else index[0].stop):
                         continue
                     index = index[1:]
+                first = read.first_row
+                if index:  # the device's rows of this piece, counted from the piece's first row
+                    end = first + len(host)
+                    lo, hi = max(index[0].start or 0, first), min(end if index[0].stop is None else index[0].stop, end)
+                    if lo >= hi:
+                        continue
+                    index, first = (slice(lo - read.first_row, hi - read.first_row), *index[1:]), lo
                 piece = host[index]
                 if device.platform == "cpu":
                     piece = np.array(piece)  # the CPU backend may alias host memory, and our buffer will be reused
-                keys.append((path, i, device))
+                keys.append((path, i, device, first))
                 pieces.append(piece)
                 devices.append(device)
         sent = jax.device_put(pieces, devices) if pieces else []
-        for (path, i, device), array in zip(keys, sent):
-            self.pieces.setdefault(path, {}).setdefault(device, {})[i] = array
-        for name, _ in tensors:
-            path, _ = self.owner[name]
+        for (path, i, device, first), array in zip(keys, sent):
+            self.pieces.setdefault(path, {}).setdefault(device, {}).setdefault(i, []).append((first, array))
+        for read, _ in tensors:
+            path, _ = self.owner[read.name]
             self.count[path] -= 1
             if self.count[path] == 0:
                 self._finish(path)
@@ -346,8 +371,11 @@ class _Placer:
         per_device = self.pieces.pop(path)
         arrays = []
         for device in self.shardings[path].addressable_devices_indices_map(self.shapes[path]):
-            parts = per_device[device]
-            array = jnp.stack([parts[k] for k in sorted(parts)]) if path in self.stacked else parts[0]
+            parts = []
+            for _, rows in sorted(per_device[device].items()):
+                rows = [a for _, a in sorted(rows, key=lambda r: r[0])]
+                parts.append(jnp.concatenate(rows) if len(rows) > 1 else rows[0])  # on the device
+            array = jnp.stack(parts) if path in self.stacked else parts[0]
             arrays.append(array.astype(self.dtype) if array.dtype != self.dtype else array)
         self.done[path] = jax.make_array_from_single_device_arrays(self.shapes[path], self.shardings[path], arrays)
 
@@ -386,7 +414,11 @@ def load_params(
     shardings = target_shardings(shapes, family, mesh)
     batches = plan_reads(ckpt, wanted, opts.batch_bytes)
     total = sum(b.end - b.start for b in batches)
-    placer = _Placer(sources, shapes, shardings, cfg.jnp_dtype)
+    pieces: dict[str, int] = {}
+    for batch in batches:
+        for t in batch.tensors:
+            pieces[t.name] = pieces.get(t.name, 0) + 1
+    placer = _Placer(sources, shapes, shardings, cfg.jnp_dtype, pieces)
     devices = {d for s in shardings.values() for d in s.addressable_devices}
     reader = FileOrderReader(batches, opts, pin=dma_mapper(devices) if opts.pinned else None)
     in_flight: list[tuple[np.ndarray, list]] = []
@@ -404,7 +436,7 @@ def load_params(
                 views = []
                 for t in batch.tensors:
                     offset = t.start - batch.start
-                    views.append((t.name, data[offset : offset + t.nbytes].view(t.dtype).reshape(t.shape)))
+                    views.append((t, data[offset : offset + t.nbytes].view(t.dtype).reshape(t.shape)))
                 sent = placer.put(views)
                 in_flight.append((buf, sent))
                 if len(in_flight) > 1:  # the batch before has had this batch's transfers' time to land
