@@ -72,7 +72,7 @@ def flatten(params: dict) -> dict[str, object]:
     """Inverse of `nest`."""
     flat = {}
     for key_path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        flat[".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in key_path)] = leaf
+        flat[".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in key_path)] = leaf
     return flat
 
 

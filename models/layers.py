@@ -15,6 +15,7 @@ import numpy as np
 
 from rtpjax.attention import AttentionMetadata, LayerCache, paged_attention
 from rtpjax.models.config import ModelConfig, RopeScaling
+from rtpjax.quantization import QuantizedWeight, dequantize
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -24,9 +25,16 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * xf.astype(x.dtype)
 
 
-def linear(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., in] times a weight stored [out, in]."""
+def linear(x: jax.Array, w: jax.Array | QuantizedWeight) -> jax.Array:
+    """x [..., in] times a weight stored [out, in]; a quantized one is read as is and its output columns scaled."""
+    if isinstance(w, QuantizedWeight):
+        return ((x @ w.q.T.astype(x.dtype)) * w.scale).astype(x.dtype)
     return x @ w.T
+
+
+def _experts(w, dtype) -> jax.Array:
+    """Stacked expert weights for the einsums (dequantized whole: this dense MoE path is not the fast one)."""
+    return dequantize(w, dtype) if isinstance(w, QuantizedWeight) else w
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> np.ndarray:
@@ -101,5 +109,6 @@ def moe_mlp(p: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     if cfg.norm_topk_prob:
         top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
     combine = jnp.sum(jax.nn.one_hot(top_i, cfg.num_experts, dtype=x.dtype) * top_p.astype(x.dtype)[..., None], 1)
-    hidden = jax.nn.silu(jnp.einsum("th,eih->tei", x, p["w_gate"])) * jnp.einsum("th,eih->tei", x, p["w_up"])
-    return jnp.einsum("tei,ehi,te->th", hidden, p["w_down"], combine)
+    w_gate, w_up, w_down = (_experts(p[k], x.dtype) for k in ("w_gate", "w_up", "w_down"))
+    hidden = jax.nn.silu(jnp.einsum("th,eih->tei", x, w_gate)) * jnp.einsum("th,eih->tei", x, w_up)
+    return jnp.einsum("tei,ehi,te->th", hidden, w_down, combine)

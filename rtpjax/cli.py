@@ -12,7 +12,7 @@ def generate(args: argparse.Namespace) -> int:
 
     engine = LLMEngine(args.model, EngineArgs(
         max_num_seqs=8, max_num_batched_tokens=128, dtype=args.dtype, max_model_len=args.max_model_len,
-        compilation_cache_dir=args.compilation_cache_dir or None,
+        compilation_cache_dir=args.compilation_cache_dir or None, quantization=args.quantization,
     ))  # fmt: skip
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                             max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)  # fmt: skip
@@ -34,7 +34,7 @@ def generate(args: argparse.Namespace) -> int:
 def convert(args: argparse.Namespace) -> int:
     from rtpjax.convert import convert as write_converted
 
-    print(write_converted(args.model, args.out, dtype=args.dtype))
+    print(write_converted(args.model, args.out, dtype=args.dtype, quantization=args.quantization))
     return 0
 
 
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     gen.add_argument("--max-model-len", type=int, default=None)
+    gen.add_argument("--quantization", choices=["int8", "fp8"], default=None, help="weight-only, quantized at load")
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--compilation-cache-dir", default=str(Path.home() / ".cache" / "rtpjax" / "xla"),
                      help="JAX persistent compilation cache ('' to disable): the second start skips compiling")
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("model", help="a Hugging Face folder or a .gguf file")
     conv.add_argument("out", help="a new folder; load it wherever a model folder is accepted")
     conv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    conv.add_argument("--quantization", choices=["int8", "fp8"], default=None,
+                      help="store weight-only quantized linear weights (loads quantized, no work at load)")
     bench = commands.add_parser("bench", help="benchmarks (`rtpjax bench serve --help`)")
     bench.add_argument("which", choices=["serve"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags")

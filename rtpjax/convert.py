@@ -16,6 +16,7 @@ import jax
 from rtpjax.loader import CheckpointError, log, target_shardings
 from rtpjax.models import decoder
 from rtpjax.models.config import ModelConfig
+from rtpjax.quantization import check_method, is_quantized_param, shape_struct
 
 MARKER = "rtpjax_checkpoint.json"
 _FORMAT = 1
@@ -26,8 +27,10 @@ def is_converted(folder: str | Path) -> bool:
     return (Path(folder) / MARKER).is_file()
 
 
-def convert(model: str | Path | None, out: str | Path, dtype: str | None = None, progress: bool = True) -> Path:
-    """Load `model` (folder, .gguf or None for the default), transform it, and write it to `out` with orbax."""
+def convert(model: str | Path | None, out: str | Path, dtype: str | None = None, progress: bool = True,
+            quantization: str | None = None) -> Path:  # fmt: skip
+    """Load `model` (folder, .gguf or None for the default), transform it (dtype, weight quantization), and write it
+    to `out` with orbax."""
     import orbax.checkpoint as ocp
 
     from rtpjax.gguf_loader import resolve_model
@@ -37,7 +40,7 @@ def convert(model: str | Path | None, out: str | Path, dtype: str | None = None,
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not empty")
     source = resolve_model(model)
-    cfg, family, params = load_model(source, dtype=dtype, progress=progress)
+    cfg, family, params = load_model(source, dtype=dtype, progress=progress, quantization=quantization)
     began = time.perf_counter()
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -52,7 +55,8 @@ def convert(model: str | Path | None, out: str | Path, dtype: str | None = None,
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(tmp / "params", params)
     checkpointer.wait_until_finished()
-    (tmp / MARKER).write_text(json.dumps({"format": _FORMAT, "source": str(source), "dtype": hf["torch_dtype"]}))
+    marker = {"format": _FORMAT, "source": str(source), "dtype": hf["torch_dtype"], "quantization": quantization}
+    (tmp / MARKER).write_text(json.dumps(marker))
     if out.exists():
         out.rmdir()
     tmp.rename(out)
@@ -60,12 +64,13 @@ def convert(model: str | Path | None, out: str | Path, dtype: str | None = None,
     return out
 
 
-def _check_stored_shapes(folder: Path, checkpointer, shapes: dict) -> None:
+def _check_stored_shapes(folder: Path, checkpointer, target: dict) -> None:
     """Compare orbax's metadata with the config before reading, so a mismatch names the parameter."""
     meta = checkpointer.metadata(folder / "params")
     tree = getattr(meta, "item_metadata", meta)
     stored = {path: tuple(m.shape) for path, m in decoder.flatten(getattr(tree, "tree", tree)).items()}
-    for path, shape in shapes.items():
+    for path, leaf in decoder.flatten(target).items():
+        shape = leaf.shape
         if stored.get(path) != tuple(shape):
             raise CheckpointError(
                 f"{folder}: converted checkpoint does not match its config.json: parameter {path} is "
@@ -73,22 +78,29 @@ def _check_stored_shapes(folder: Path, checkpointer, shapes: dict) -> None:
             )
 
 
-def restore_params(folder: str | Path, cfg: ModelConfig, family, mesh=None, progress: bool = False) -> dict:
-    """Each device reads only its own slices of each parameter, already in the final dtype and layout."""
+def restore_params(folder: str | Path, cfg: ModelConfig, family, mesh=None, progress: bool = False,
+                   quantization: str | None = None) -> dict:  # fmt: skip
+    """Each device reads only its own slices of each parameter, already in the final dtype, layout and quantization."""
     import orbax.checkpoint as ocp
 
     folder = Path(folder).absolute()
     meta = json.loads((folder / MARKER).read_text())
     if meta.get("format") != _FORMAT:
         raise CheckpointError(f"{folder / MARKER}: format {meta.get('format')!r}, this rtpjax reads {_FORMAT}")
+    stored = check_method(meta.get("quantization"))
+    if quantization is not None and quantization != stored:
+        raise CheckpointError(f"{folder}: was converted with quantization {stored!r}; it cannot load as {quantization!r} "
+                              f"(convert the original checkpoint again with --quantization {quantization})")  # fmt: skip
     began = time.perf_counter()
     shapes = decoder.param_shapes(cfg)
     shardings = target_shardings(shapes, family, mesh)
-    target = decoder.nest(
-        {path: jax.ShapeDtypeStruct(shape, cfg.jnp_dtype, sharding=shardings[path]) for path, shape in shapes.items()}
-    )
+    target = decoder.nest({
+        path: shape_struct(shape, shardings[path], stored) if stored and is_quantized_param(path)
+        else jax.ShapeDtypeStruct(shape, cfg.jnp_dtype, sharding=shardings[path])
+        for path, shape in shapes.items()
+    })  # fmt: skip
     checkpointer = ocp.StandardCheckpointer()
-    _check_stored_shapes(folder, checkpointer, shapes)
+    _check_stored_shapes(folder, checkpointer, target)
     params = checkpointer.restore(folder / "params", target)
     jax.block_until_ready(params)
     seconds = time.perf_counter() - began

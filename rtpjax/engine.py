@@ -49,6 +49,7 @@ class EngineArgs:
     seed: int = 0  # draws the seeds of requests that bring none
     tokenizer: str | None = None
     load_format: str = "auto"  # "dummy": random weights made on the devices from config.json (benchmarks)
+    quantization: str | None = None  # "int8" / "fp8": weight-only, per output channel, quantized at load
     progress: bool = False  # progress bars for loading and compiling (the server turns them on)
 
 
@@ -156,7 +157,7 @@ class LLMEngine:
         pool.shutdown(wait=False)
         mesh = make_mesh(tensor=args.tensor_parallel_size)
         self.cfg, self.family, params = load_model(model, dtype=args.dtype, mesh=mesh, progress=args.progress,
-                                                   load_format=args.load_format)  # fmt: skip
+                                                   load_format=args.load_format, quantization=args.quantization)  # fmt: skip
         loaded = time.monotonic()
         if tokenizer.done():
             tokenizer.result()  # a broken tokenizer fails before minutes of compilation, not after

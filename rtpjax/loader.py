@@ -28,6 +28,7 @@ from jax.sharding import SingleDeviceSharding
 
 from rtpjax.models import decoder, load_config
 from rtpjax.models.config import ModelConfig
+from rtpjax.quantization import check_method, is_quantized_param, quantize_on_device
 from rtpjax.sharding import param_shardings
 
 log = logging.getLogger("rtpjax")
@@ -325,8 +326,9 @@ def _check_shapes(ckpt: Checkpoint, sources, shapes) -> None:
 class _Placer:
     """Sends each tensor's per-device slices as they arrive; finishes a parameter once all its pieces are there."""
 
-    def __init__(self, sources, shapes, shardings, dtype, pieces: dict[str, int]):
+    def __init__(self, sources, shapes, shardings, dtype, pieces: dict[str, int], quantization: str | None):
         self.shapes, self.shardings, self.dtype = shapes, shardings, np.dtype(dtype)
+        self.quantization = quantization
         self.owner = {name: (path, i) for path, src in sources.items() for i, name in enumerate(src.names)}
         self.count = {path: sum(pieces[n] for n in src.names) for path, src in sources.items()}
         self.stacked = {path for path, src in sources.items() if len(src.names) > 1}
@@ -377,7 +379,10 @@ class _Placer:
                 parts.append(jnp.concatenate(rows) if len(rows) > 1 else rows[0])  # on the device
             array = jnp.stack(parts) if path in self.stacked else parts[0]
             arrays.append(array.astype(self.dtype) if array.dtype != self.dtype else array)
-        self.done[path] = jax.make_array_from_single_device_arrays(self.shapes[path], self.shardings[path], arrays)
+        array = jax.make_array_from_single_device_arrays(self.shapes[path], self.shardings[path], arrays)
+        if self.quantization and is_quantized_param(path):
+            array = quantize_on_device(array, self.quantization)  # the full-precision copy is dropped right here
+        self.done[path] = array
 
 
 def load_params(
@@ -387,8 +392,12 @@ def load_params(
     mesh=None,
     progress: bool = False,
     options: LoadOptions | None = None,
+    quantization: str | None = None,
 ) -> dict:
-    """Read, check and place every parameter; returns the nested pytree `forward` takes."""
+    """Read, check and place every parameter; returns the nested pytree `forward` takes.
+
+    quantization: "int8" or "fp8" replaces linear weights by `QuantizedWeight`s, quantized on the device.
+    """
     from tqdm import tqdm
 
     opts = options or LoadOptions()
@@ -418,7 +427,7 @@ def load_params(
     for batch in batches:
         for t in batch.tensors:
             pieces[t.name] = pieces.get(t.name, 0) + 1
-    placer = _Placer(sources, shapes, shardings, cfg.jnp_dtype, pieces)
+    placer = _Placer(sources, shapes, shardings, cfg.jnp_dtype, pieces, check_method(quantization))
     devices = {d for s in shardings.values() for d in s.addressable_devices}
     reader = FileOrderReader(batches, opts, pin=dma_mapper(devices) if opts.pinned else None)
     in_flight: list[tuple[np.ndarray, list]] = []
@@ -463,8 +472,10 @@ def load_params(
     return params
 
 
-def random_params(cfg: ModelConfig, family, mesh=None, seed: int = 0, scale: float = 0.02) -> dict:
+def random_params(cfg: ModelConfig, family, mesh=None, seed: int = 0, scale: float = 0.02,
+                  quantization: str | None = None) -> dict:  # fmt: skip
     """Random weights (norms 1) drawn on the devices, each straight into its sharding: vLLM's `load_format=dummy`."""
+    check_method(quantization)
     shapes = decoder.param_shapes(cfg)
     shardings = target_shardings(shapes, family, mesh)
     makers: dict = {}  # one jitted maker per (shape, sharding, kind): an 8B model needs about ten, not 291
@@ -482,6 +493,8 @@ def random_params(cfg: ModelConfig, family, mesh=None, seed: int = 0, scale: flo
     flat = {}
     for i, (path, shape) in enumerate(sorted(shapes.items())):
         flat[path] = maker(tuple(shape), shardings[path], path.endswith("norm"))(jax.random.fold_in(key, i))
+        if quantization and is_quantized_param(path):
+            flat[path] = quantize_on_device(flat[path], quantization)
     return decoder.nest(flat)
 
 
@@ -489,13 +502,15 @@ LOAD_FORMATS = ("auto", "dummy")
 
 
 def load_model(model_dir: str | Path, dtype: str | None = None, mesh=None, progress: bool = False,
-               load_format: str = "auto"):  # fmt: skip
+               load_format: str = "auto", quantization: str | None = None):  # fmt: skip
     """(config, family module, params) for a Hugging Face folder or a .gguf file; `dtype` overrides the checkpoint's.
 
-    load_format "dummy" reads only config.json and makes random weights on the devices.
+    load_format "dummy" reads only config.json and makes random weights on the devices. quantization: "int8" or
+    "fp8" weight-only (a converted checkpoint that is already quantized loads as it was written).
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r}: choose one of {', '.join(LOAD_FORMATS)}")
+    check_method(quantization)
     from rtpjax.gguf_loader import resolve_model
 
     model_dir = resolve_model(model_dir)
@@ -503,9 +518,9 @@ def load_model(model_dir: str | Path, dtype: str | None = None, mesh=None, progr
     if dtype is not None:
         cfg = cfg.with_dtype(dtype)
     if load_format == "dummy":
-        return cfg, family, random_params(cfg, family, mesh)
+        return cfg, family, random_params(cfg, family, mesh, quantization=quantization)
     from rtpjax import convert
 
     if convert.is_converted(model_dir):
-        return cfg, family, convert.restore_params(model_dir, cfg, family, mesh, progress)
-    return cfg, family, load_params(model_dir, cfg, family, mesh, progress)
+        return cfg, family, convert.restore_params(model_dir, cfg, family, mesh, progress, quantization)
+    return cfg, family, load_params(model_dir, cfg, family, mesh, progress, quantization=quantization)

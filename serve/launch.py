@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     parser.add_argument("--kv-cache-dtype", choices=["auto", "bfloat16", "float16", "float32", "int8", "fp8"],
                         default="auto")  # fmt: skip
+    parser.add_argument("--quantization", choices=["int8", "fp8"], default=None,
+                        help="weight-only quantization of the linear weights, done on the device at load")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--attention-impl", choices=["auto", "pallas", "reference"], default="auto")
     parser.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
@@ -52,6 +54,7 @@ def serve(args: argparse.Namespace) -> int:
         kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=args.tensor_parallel_size,
         attention_impl=args.attention_impl, enable_prefix_caching=args.enable_prefix_caching,
         compilation_cache_dir=args.compilation_cache_dir or None, load_format=args.load_format, progress=True,
+        quantization=args.quantization,
     )  # fmt: skip
     name = args.served_model_name or (Path(args.model).name.removesuffix(".gguf") if args.model else DEFAULT_NAME)
     app = build_app(llm, name, api_key=args.api_key, max_queue=args.max_queue)
