@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("cat", "rtpjax", "rtpjax_staged", "rtpjax_direct_io", "rtpjax_orbax", "safetensors_device_put", "transformers")
+METHODS = ("cat", "rtpjax", "rtpjax_staged", "rtpjax_direct_io", "rtpjax_int8", "rtpjax_orbax", "safetensors_device_put",
+           "transformers")  # fmt: skip
 
 
 def drop_page_cache(folder: Path) -> None:
@@ -87,7 +88,8 @@ def measure(method: str, folder: Path, torch_device: str, options: dict) -> dict
         cfg, family = load_config(folder)
         opts = LoadOptions(**{"direct_io": method == "rtpjax_direct_io", "pinned": method != "rtpjax_staged"} | options)
         mesh = make_mesh(tensor=1)  # as the engine loads
-        arrays = jax.tree.leaves(load_params(folder, cfg, family, mesh, options=opts))
+        quantization = "int8" if method == "rtpjax_int8" else None  # quantized on the device as weights arrive
+        arrays = jax.tree.leaves(load_params(folder, cfg, family, mesh, options=opts, quantization=quantization))
     seconds = time.perf_counter() - began
     return {"seconds": seconds, "bytes": sum(a.nbytes for a in arrays), "notes": [n for n in notes if "waited" in n]}
 

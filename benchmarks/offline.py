@@ -50,10 +50,10 @@ class RtpjaxRunner:
         runner = self.llm.engine.runner
         t = next(b for b in runner.token_buckets if b >= batch)
         inputs = runner._batch([], t, runner._seqs_for(t))
-        jax.block_until_ready(runner.run_step(inputs))
+        jax.block_until_ready(runner.run_step(*inputs))
         began = time.perf_counter()
         for _ in range(steps):
-            out = runner.run_step(inputs)
+            out = runner.run_step(*inputs)
         jax.block_until_ready(out)
         return (time.perf_counter() - began) / steps * 1e3
 

@@ -334,6 +334,7 @@ class _Placer:
         self.stacked = {path for path, src in sources.items() if len(src.names) > 1}
         self.pieces: dict[str, dict] = {}  # path -> device -> {index in stack: [(first row, array), ...]}
         self.done: dict[str, jax.Array] = {}
+        self.finish_seconds = 0.0  # joins, casts, stacking and quantization (their dispatch; compiles when new)
 
     def put(self, tensors: list[tuple[TensorRead, np.ndarray]]) -> list[jax.Array]:
         """Send one batch's tensors (or row pieces) in a single batched transfer (JAX overlaps its copies)."""
@@ -370,6 +371,7 @@ class _Placer:
         return sent
 
     def _finish(self, path: str) -> None:
+        began = time.perf_counter()
         per_device = self.pieces.pop(path)
         arrays = []
         for device in self.shardings[path].addressable_devices_indices_map(self.shapes[path]):
@@ -383,6 +385,7 @@ class _Placer:
         if self.quantization and is_quantized_param(path):
             array = quantize_on_device(array, self.quantization)  # the full-precision copy is dropped right here
         self.done[path] = array
+        self.finish_seconds += time.perf_counter() - began
 
 
 def load_params(
@@ -430,6 +433,7 @@ def load_params(
     placer = _Placer(sources, shapes, shardings, cfg.jnp_dtype, pieces, check_method(quantization))
     devices = {d for s in shardings.values() for d in s.addressable_devices}
     reader = FileOrderReader(batches, opts, pin=dma_mapper(devices) if opts.pinned else None)
+    planned = time.perf_counter() - began
     in_flight: list[tuple[np.ndarray, list]] = []
     waited = {"reads": 0.0, "transfers": 0.0}  # where the main thread stood still: says which side is the bottleneck
     try:
@@ -467,8 +471,9 @@ def load_params(
     seconds = time.perf_counter() - began
     line = f"loaded {total / 1e9:.2f} GB in {seconds:.2f} s ({total / 1e9 / seconds:.2f} GB/s) from {model_dir}"
     (tqdm.write if progress else log.info)(line)
-    log.debug("loading waited %.2f s for reads and %.2f s for transfers; page-locking %d buffers took %.2f s",
-              waited["reads"], waited["transfers"], len(reader.unpins), reader.pin_seconds)  # fmt: skip
+    log.debug("loading waited %.2f s for reads and %.2f s for transfers; page-locking %d buffers took %.2f s; "
+              "planning %.2f s; finishing parameters (joins, casts, quantization) %.2f s", waited["reads"],
+              waited["transfers"], len(reader.unpins), reader.pin_seconds, planned, placer.finish_seconds)  # fmt: skip
     return params
 
 

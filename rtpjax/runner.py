@@ -1,9 +1,10 @@
-"""The model runner: host-side step inputs padded to buckets, and one jitted device step.
+"""The model runner: host-side step inputs padded to buckets, and two executables per step on the device.
 
-step(params, kv_cache, sampler_state, batch) -> (sampled tokens + logprobs, kv_cache, sampler_state), with the cache
-and sampler state donated so they update in place. Token and sequence counts are padded to buckets that warm-up
-compiles once; real counts travel as array values. Dispatch returns at once: the host reads a step's tokens only
-when it must, while the device runs the next step, whose inputs read still-unread tokens on the device.
+model(params, kv_cache, sampler_state, inputs) -> (logits, kv_cache), then sample(logits, sampler_state, sampling)
+-> (tokens + logprobs, sampler_state), with the cache and sampler state donated so they update in place. Token and
+sequence counts are padded to buckets that warm-up compiles once (the sampler per sequence bucket and variant);
+real counts travel as array values. Dispatch returns at once: the host reads a step's tokens only when it must,
+while the device runs the next step, whose inputs read still-unread tokens on the device.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ class StepBatch:
     positions: jax.Array  # [T]
     meta: AttentionMetadata
     logits_indices: jax.Array  # [S]
-    sampling: sampler.SamplingInputs
 
 
 def model_step(params, cache, state, flat, packing: Packing, *, cfg, forward):
@@ -48,10 +48,10 @@ def model_step(params, cache, state, flat, packing: Packing, *, cfg, forward):
     return forward(params, cfg, tokens, batch.positions, cache, batch.meta, batch.logits_indices)
 
 
-def sample_step(logits, state, flat, packing: Packing):
-    """The sampling half, a separate executable: fused into one, its lax.cond gates cost the model half its whole-step
-    CUDA graph (H100, 8B, bucket 32: 8.54 ms fused against 7.03 + 0.35 ms apart)."""
-    return sampler.sample(logits, state, packing.unpack(flat).sampling)
+def sample_step(logits, state, flat, packing: Packing, variant: sampler.Variant):
+    """The sampling half, its own executables (one per sequence bucket and variant), so the model's keeps its whole-step
+    CUDA graph: fused, it measured 8.54 ms against 7.03 + 0.35 ms apart (H100, 8B, bucket 32)."""
+    return sampler.sample(logits, state, packing.unpack(flat), variant)
 
 
 def buckets(limit: int, smallest: int) -> list[int]:
@@ -109,8 +109,9 @@ class ModelRunner:
         self._model = jax.jit(
             functools.partial(model_step, cfg=cfg, forward=family.forward), static_argnums=(4,), donate_argnums=(1,)
         )
-        self._sample = jax.jit(sample_step, static_argnums=(3,), donate_argnums=(1,))
-        self._compiled: dict[tuple[int, int], tuple] = {}  # (tokens, seqs) bucket -> (model, sample) executables
+        self._sample = jax.jit(sample_step, static_argnums=(3, 4), donate_argnums=(1,))
+        self._compiled: dict[tuple[int, int], object] = {}  # (tokens, seqs) bucket -> model executable
+        self._samplers: dict[tuple[int, sampler.Variant], object] = {}  # (seqs, variant) -> sample executable
         self._admit = jax.jit(sampler.admit, donate_argnums=(0,))
         self.admit_rows = max_num_seqs
         self.admit_buckets = buckets(1 << max(6, (max_model_len - 1).bit_length()), 64)
@@ -126,32 +127,45 @@ class ModelRunner:
         from tqdm import tqdm
 
         steps = [(t, self._seqs_for(t)) for t in self.token_buckets]
-        bar = tqdm(total=len(steps) + len(self.admit_buckets), desc="compiling", unit="shape", disable=not progress)
+        samplers = [(s, v) for s in sorted({s for _, s in steps}) for v in sampler.VARIANTS]
+        bar = tqdm(total=len(steps) + len(samplers) + len(self.admit_buckets), desc="compiling", unit="shape",
+                   disable=not progress)  # fmt: skip
+        logits_sharding = {}
 
         def compile_step(shape):
-            flat, packing = pack(self._batch([], *shape))
+            flat, packing = pack(self._batch([], *shape)[0])
             model = self._model.lower(self.params, self.cache, self.state, flat, packing).compile()
-            logits = jax.ShapeDtypeStruct((shape[1], self.cfg.vocab_size), jnp.float32,
-                                          sharding=model.output_shardings[0])  # fmt: skip
-            return shape, (model, self._sample.lower(logits, self.state, flat, packing).compile())
+            logits_sharding[shape[1]] = model.output_shardings[0]
+            return shape, model
+
+        def compile_sampler(key):
+            flat, packing = pack(self._sampling([], key[0]))
+            logits = jax.ShapeDtypeStruct((key[0], self.cfg.vocab_size), jnp.float32, sharding=logits_sharding[key[0]])
+            return key, self._sample.lower(logits, self.state, flat, packing, key[1]).compile()
 
         began = time.monotonic()
         with ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 2) - 1))) as pool:
-            for shape, compiled in pool.map(compile_step, steps):
-                self._compiled[shape] = compiled
+            for shape, model in pool.map(compile_step, steps):
+                self._compiled[shape] = model
+                bar.update()
+            for key, sample in pool.map(compile_sampler, samplers):
+                self._samplers[key] = sample
                 bar.update()
         compiled = time.monotonic()
         for t, s in steps:  # run each once: the first call of an executable does one-time setup
-            out = self.run_step(self._batch([], t, s))
-            jax.block_until_ready(out)
+            jax.block_until_ready(self.run_step(*self._batch([], t, s)))
+        for s, variant in samplers:
+            t = next(t for t, seqs in steps if seqs == s)
+            jax.block_until_ready(self.run_step(*self._batch([], t, s), variant=variant))
         ran = time.monotonic()
         for n in self.admit_buckets:
             self.state = self._admit(self.state, *self._admit_arrays([], n))
             jax.block_until_ready(self.state)
             bar.update()
         bar.close()
-        log.info("warm-up: %d step shapes compiled or fetched in %.1f s, first runs %.1f s; %d admit shapes %.1f s",
-                 len(steps), compiled - began, ran - compiled, len(self.admit_buckets), time.monotonic() - ran)  # fmt: skip
+        log.info("warm-up: %d step shapes and %d samplers compiled or fetched in %.1f s, first runs %.1f s; %d admit "
+                 "shapes %.1f s", len(steps), len(samplers), compiled - began, ran - compiled, len(self.admit_buckets),
+                 time.monotonic() - ran)  # fmt: skip
         return bar.total
 
     def _seqs_for(self, num_tokens: int) -> int:
@@ -161,7 +175,7 @@ class ModelRunner:
 
     # -- inputs -----------------------------------------------------------------------------------------------------
 
-    def _batch(self, items, num_tokens: int, num_seqs: int) -> StepBatch:
+    def _batch(self, items, num_tokens: int, num_seqs: int) -> tuple[StepBatch, sampler.SamplingInputs]:
         chunks, token_slot = [], np.full(num_tokens, -1, np.int32)
         offset = 0
         for item in items:
@@ -174,8 +188,8 @@ class ModelRunner:
             offset += len(ids)
         step = build_step(chunks, self.block_size, num_tokens=num_tokens, num_seqs=num_seqs,
                           max_blocks=self.max_blocks, impl=self.attention_impl)  # fmt: skip
-        return StepBatch(step.tokens, token_slot, step.positions, step.meta, step.logits_indices,
-                         self._sampling(items, num_seqs))  # fmt: skip
+        return StepBatch(step.tokens, token_slot, step.positions, step.meta, step.logits_indices), \
+            self._sampling(items, num_seqs)
 
     def _sampling(self, items, num_seqs: int) -> sampler.SamplingInputs:
         f32, i32 = np.float32, np.int32
@@ -258,22 +272,28 @@ class ModelRunner:
         self._reset_penalty_rows([s for s in schedule.admitted if s.params.uses_penalties])
         num_tokens = pick(self.token_buckets, max(schedule.num_tokens, len(schedule.items)))
         num_seqs = self._seqs_for(num_tokens)
-        out = self.run_step(self._batch(schedule.items, num_tokens, num_seqs))
+        out = self.run_step(*self._batch(schedule.items, num_tokens, num_seqs))
         for leaf in jax.tree.leaves(out):
             leaf.copy_to_host_async()
         return out
 
-    def run_step(self, batch: StepBatch) -> sampler.SampleOutput:
-        """Queue one step on the device (the executable compiled at warm-up for its bucket) and return its outputs."""
+    def run_step(self, batch: StepBatch, sampling: sampler.SamplingInputs,
+                 variant: sampler.Variant | None = None) -> sampler.SampleOutput:  # fmt: skip
+        """Queue one step on the device (the executables compiled at warm-up for its buckets and for the cheapest
+        sampler variant its requests allow) and return its outputs."""
+        variant = variant or sampler.variant_for(sampling)
         flat, packing = pack(batch)
-        compiled = self._compiled.get((batch.tokens.shape[0], batch.logits_indices.shape[0]))
-        if compiled is not None:
-            model, sample = compiled
+        flat_sampling, sampling_packing = pack(sampling)
+        model = self._compiled.get((batch.tokens.shape[0], batch.logits_indices.shape[0]))
+        if model is not None:
             logits, self.cache = model(self.params, self.cache, self.state, flat)
-            out, self.state = sample(logits, self.state, flat)
         else:
             logits, self.cache = self._model(self.params, self.cache, self.state, flat, packing)
-            out, self.state = self._sample(logits, self.state, flat, packing)
+        sample = self._samplers.get((batch.logits_indices.shape[0], variant))
+        if sample is not None:
+            out, self.state = sample(logits, self.state, flat_sampling)
+        else:
+            out, self.state = self._sample(logits, self.state, flat_sampling, sampling_packing, variant)
         return out
 
     def _reset_penalty_rows(self, seqs) -> None:
