@@ -76,11 +76,12 @@ def shape_struct(shape, sharding, method: str) -> QuantizedWeight:
 
 
 @functools.cache
-def _quantizer(method: str, sharding):
+def quantizer(method: str, sharding):
+    """The jitted quantizer of weights placed with `sharding`, keeping q and scale in that sharding."""
     out = QuantizedWeight(sharding, scale_sharding(sharding))
     return jax.jit(functools.partial(quantize, method=method), out_shardings=out)
 
 
 def quantize_on_device(w: jax.Array, method: str) -> QuantizedWeight:
     """Quantize a placed weight into its own sharding (one compiled quantizer per method and sharding)."""
-    return _quantizer(method, w.sharding)(w)
+    return quantizer(method, w.sharding)(w)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import shutil
 
 import jax
@@ -84,6 +85,41 @@ def test_bit_identical_to_plain_read(tmp_path, tiny_checkpoints, name, stored, s
     assert_bit_identical(loader.load_params(folder, cfg, family, options=TIGHT), expected)
     assert_bit_identical(loader.load_params(folder, cfg, family, options=LoadOptions(direct_io=True)), expected)
     assert_bit_identical(loader.load_params(folder, cfg, family), expected)
+
+
+def test_finishing_executables_are_compiled_ahead(tmp_path, tiny_checkpoints, caplog):
+    """Joins of row pieces, casts and quantizers are compiled while the reads run, under the keys finishing uses."""
+    import logging
+
+    folder = resave(tiny_checkpoints["llama3"], tmp_path / "l", "float32", 2)
+    cfg, family = load_config(folder)
+    cfg = cfg.with_dtype("bfloat16")
+    with caplog.at_level(logging.DEBUG, logger="rtpjax"):
+        params = loader.load_params(folder, cfg, family, make_mesh(tensor=4, data=2), options=TIGHT,
+                                    quantization="int8")  # fmt: skip
+    line = next(r.getMessage() for r in caplog.records if "compiled ahead" in r.getMessage())
+    ahead, runs = map(int, re.search(r"(\d+) of (\d+) executables compiled ahead", line).groups())
+    assert runs > 8 and ahead == runs, line
+    assert decoder.flatten(params)["layers.0.attn.wq.q"].dtype == np.int8
+
+
+def test_parameters_wait_for_a_slow_join_compile(tmp_path, tiny_checkpoints, caplog, monkeypatch):
+    """A large tensor whose join is still compiling when its last piece lands is finished after the reads, intact."""
+    import logging
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder = resave(tiny_checkpoints["qwen2"], tmp_path / "q", "bfloat16", 1)
+    cfg, family = load_config(folder)
+    slow = ThreadPoolExecutor(1)
+    monkeypatch.setattr(loader, "_ahead", {})
+    monkeypatch.setattr(loader, "_ahead_pool", type("Slow", (), {"submit": lambda self, fn: slow.submit(
+        lambda: (time.sleep(0.3), fn())[1])})())  # fmt: skip
+    with caplog.at_level(logging.DEBUG, logger="rtpjax"):
+        params = loader.load_params(folder, cfg, family, options=TIGHT)
+    line = next(r.getMessage() for r in caplog.records if "compiled ahead" in r.getMessage())
+    assert int(re.search(r"(\d+) parameters finished later", line).group(1)) >= 1, line
+    assert_bit_identical(params, plain_read(folder, "bfloat16"))
 
 
 def test_buffers_are_page_locked_once_and_released(tmp_path, tiny_checkpoints, monkeypatch):
