@@ -57,8 +57,9 @@ class Variant:
     logprobs: bool = True  # the top-MAX_LOGPROBS alternatives
 
 
-# Penalties always run: at neutral values they change no bit, and their [S, V] gathers cost microseconds on a GPU,
-# less than the warm-start time of twice as many executables.
+# Penalties always run: at neutral values they change no bit, and their [S, V] gathers did not show in decode speed
+# (H100, 8B, batch 32: 4277 tok/s with them always on, 4258 as a variant), while a variant each doubled the
+# executables (warm start 13.5 -> 19.1 s).
 VARIANTS = tuple(Variant(m, lp) for m in ("greedy", "random", "filtered") for lp in (False, True))
 
 
