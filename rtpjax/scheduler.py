@@ -183,6 +183,8 @@ class Scheduler:
     def register_full_blocks(self, seq: Sequence) -> None:
         """Publish the sequence's newly completed blocks to the prefix cache (only blocks whose tokens are known)."""
         known = seq.num_computed
+        if known // self.block_size <= seq.num_registered_blocks:
+            return  # no block completed since the last call (most steps): skip the scan below
         if PENDING in seq.token_ids[:known]:
             known = seq.token_ids.index(PENDING)
         full = known // self.block_size

@@ -92,3 +92,35 @@ def test_step_inputs_pack_into_one_buffer_and_back():
         assert g.tobytes() == np.asarray(w).tobytes()
     with pytest.raises(TypeError, match="4-byte dtypes"):
         pack({"x": np.zeros(3, np.int64)})
+
+
+def test_build_step_matches_a_per_token_reference():
+    """The vectorised packing against the plain definition, on random mixes of prefill chunks and decode tokens."""
+    rng = np.random.default_rng(0)
+    block = 4
+    for trial in range(30):
+        chunks = []
+        for _ in range(int(rng.integers(1, 7))):
+            start = int(rng.integers(0, 20))
+            n = int(rng.choice([1, 1, 2, int(rng.integers(1, 9))]))
+            table = rng.permutation(64)[: -(-(start + n) // block) + int(rng.integers(0, 2))].tolist()
+            chunks.append(SeqChunk(rng.integers(0, 100, n).tolist(), start, table))
+        real = sum(len(c.tokens) for c in chunks)
+        got = build_step(chunks, block, num_tokens=real + 3, num_seqs=len(chunks) + 2, max_blocks=8)
+        offset = 0
+        assert got.meta.query_start_loc.tolist() == [*(np.cumsum([0] + [len(c.tokens) for c in chunks])[:-1]),
+                                                 *[real] * 3]  # fmt: skip
+        for s, c in enumerate(chunks):
+            for j, token in enumerate(c.tokens):
+                p = c.start + j
+                assert got.tokens[offset + j] == token and got.positions[offset + j] == p
+                assert got.meta.slot_mapping[offset + j] == c.block_table[p // block] * block + p % block
+            assert got.meta.seq_lens[s] == c.start + len(c.tokens) and got.logits_indices[s] == offset + len(c.tokens) - 1
+            assert got.meta.block_tables[s, : len(c.block_table)].tolist() == c.block_table
+            offset += len(c.tokens)
+        assert np.all(got.meta.slot_mapping[real:] == -1) and np.all(got.tokens[real:] == 0)
+        assert np.all(got.meta.seq_lens[len(chunks):] == 0) and np.all(got.meta.block_tables[len(chunks):] == 0)
+    with pytest.raises(ValueError, match="sequence 0: 9 tokens need more than its 2 blocks"):
+        build_step([SeqChunk([1], 8, [0, 1])], block)
+    with pytest.raises(ValueError, match="sequence 1: a step chunk needs at least one token"):
+        build_step([SeqChunk([1], 0, [0]), SeqChunk([], 0, [1])], block)
