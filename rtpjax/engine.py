@@ -328,9 +328,10 @@ class LLMEngine:
     def _output(self, request: Request) -> RequestOutput:
         outs = []
         for seq, sent in zip(request.seqs, request.sent):
-            known = seq.output_ids
-            if PENDING in known:
-                known = known[: known.index(PENDING)]
+            end = len(seq.token_ids)  # tokens still on the device (PENDING) can only be the last one or two
+            while end > seq.num_prompt and seq.token_ids[end - 1] == PENDING:
+                end -= 1
+            known = seq.token_ids[seq.num_prompt : end]
             delta_ids = known[len(sent) :]
             lp = seq.logprobs[: len(known)] if seq.params.logprobs is not None else None
             outs.append(CompletionOutput(

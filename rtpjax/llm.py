@@ -51,6 +51,11 @@ class LLM:
         return [done[r.request_id] for r in requests]
 
 
+def _put_all(items) -> None:
+    for stream, out in items:
+        stream.put_nowait(out)
+
+
 class AsyncLLM:
     """Online generation: `async for out in llm.generate(prompt, params): ...` with incremental outputs."""
 
@@ -120,10 +125,17 @@ class AsyncLLM:
         self._thread.join(timeout=30)
 
     def _deliver(self, out) -> None:
-        target = self._streams.get(out.request_id)
-        if target is not None:
-            loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, out)
+        self._deliver_all([out])
+
+    def _deliver_all(self, outputs) -> None:
+        """One wake-up per event loop per step, not one per request (each is a cross-thread write and a callback)."""
+        by_loop: dict = {}
+        for out in outputs:
+            target = self._streams.get(out.request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _loop(self) -> None:
         engine = self.engine
@@ -159,8 +171,7 @@ class AsyncLLM:
                         engine.abort(request_id)
                         self._deliver_error(request_id, RuntimeError(f"engine error: {type(e).__name__}: {e}"))
                     engine.reset_inflight()
-                for out in outputs:
-                    self._deliver(out)
+                self._deliver_all(outputs)
 
     def _deliver_error(self, request_id: str, error: Exception) -> None:
         target = self._streams.get(request_id)

@@ -105,6 +105,13 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
 
     async def merged(streams) -> AsyncIterator[tuple[int, object]]:
         """(prompt index, RequestOutput) from all streams as they come; cancelling aborts them all."""
+        if len(streams) == 1:  # the usual request: no pump task and queue hop per token
+            try:
+                async for out in streams[0]:
+                    yield 0, out
+            finally:
+                await streams[0].aclose()
+            return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i, stream):
