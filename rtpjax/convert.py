@@ -89,8 +89,9 @@ def restore_params(folder: str | Path, cfg: ModelConfig, family, mesh=None, prog
         raise CheckpointError(f"{folder / MARKER}: format {meta.get('format')!r}, this rtpjax reads {_FORMAT}")
     stored = check_method(meta.get("quantization"))
     if quantization is not None and quantization != stored:
-        raise CheckpointError(f"{folder}: was converted with quantization {stored!r}; it cannot load as {quantization!r} "
-                              f"(convert the original checkpoint again with --quantization {quantization})")  # fmt: skip
+        was = f"with quantization {stored!r}" if stored else "without quantization"
+        raise CheckpointError(f"{folder}: was converted {was}; it cannot load as {quantization!r} (convert the "
+                              f"original checkpoint again with --quantization {quantization})")  # fmt: skip
     began = time.perf_counter()
     shapes = decoder.param_shapes(cfg)
     shardings = target_shardings(shapes, family, mesh)

@@ -357,6 +357,7 @@ class _Placer:
         self.runs = self.runs_ahead = 0  # finishing executables run, and how many of them were compiled ahead
         self.deferred: list[str] = []  # complete, but their joins are still compiling: finished after the reads
         self.num_deferred = 0
+        self.submitted: list[tuple] = []  # compile-ahead keys this load queued
 
     def _targets(self, read: TensorRead):
         """(device, index into the piece, first row) for every device that holds part of this tensor or piece."""
@@ -383,13 +384,14 @@ class _Placer:
         for batch in batches:
             for read in batch.tensors:
                 path, i = self.owner[read.name]
-                dtypes[path] = read.dtype
+                dtypes[path] = np.dtype(jax.dtypes.canonicalize_dtype(read.dtype))  # as it lands (float64 -> 32)
                 for device, index, first in self._targets(read):
                     rows.setdefault((path, device, i), []).append((first, _sliced_shape(read.shape, index)))
 
         def compile_(key, jitted, *structs):
             if key not in _ahead:
                 _ahead[key] = _ahead_pool.submit(lambda: jitted.lower(*structs).compile())
+                self.submitted.append(key)
 
         for (path, device, _), parts in rows.items():
             device_sharding = SingleDeviceSharding(device)
@@ -412,8 +414,23 @@ class _Placer:
         """The executable compiled ahead for `key` if there is one, else `fn` as usual."""
         future = _ahead.get(key)
         self.runs += 1
-        self.runs_ahead += future is not None
-        return future.result()(*args) if future is not None else fn(*args)
+        if future is not None:
+            try:
+                compiled = future.result()
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory while compiling: jit's own path still works
+                log.debug("compiling %s ahead failed (%s); compiling it where it is needed", key[0], e)
+                _ahead.pop(key, None)
+            else:
+                self.runs_ahead += 1
+                return compiled(*args)
+        return fn(*args)
+
+    def cancel_ahead(self) -> None:
+        """After a failed load: drop the compilations it queued that have not started."""
+        for key in self.submitted:
+            future = _ahead.get(key)
+            if future is not None and future.cancel():
+                _ahead.pop(key, None)
 
     def put(self, tensors: list[tuple[TensorRead, np.ndarray]]) -> list[jax.Array]:
         """Send one batch's tensors (or row pieces) in a single batched transfer (JAX overlaps its copies)."""
@@ -557,6 +574,9 @@ def load_params(
         placer.finish_deferred()
         params = decoder.nest(placer.done)
         jax.block_until_ready(params)
+    except BaseException:
+        placer.cancel_ahead()
+        raise
     finally:
         for _, arrays in in_flight:  # no buffer is unmapped or reused under a transfer, even after an error
             try:

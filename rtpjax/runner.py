@@ -111,7 +111,7 @@ class ModelRunner:
         )
         self._sample = jax.jit(sample_step, static_argnums=(3, 4), donate_argnums=(1,))
         self._compiled: dict[tuple[int, int], object] = {}  # (tokens, seqs) bucket -> model executable
-        self._samplers: dict[tuple[int, sampler.Variant], object] = {}  # (seqs, variant) -> sample executable
+        self._samplers: dict[tuple, object] = {}  # (seqs, logits sharding, variant) -> sample executable
         self._admit = jax.jit(sampler.admit, donate_argnums=(0,))
         self.admit_rows = max_num_seqs
         self.admit_buckets = buckets(1 << max(6, (max_model_len - 1).bit_length()), 64)
@@ -127,36 +127,37 @@ class ModelRunner:
         from tqdm import tqdm
 
         steps = [(t, self._seqs_for(t)) for t in self.token_buckets]
-        samplers = [(s, v) for s in sorted({s for _, s in steps}) for v in sampler.VARIANTS]
-        bar = tqdm(total=len(steps) + len(samplers) + len(self.admit_buckets), desc="compiling", unit="shape",
-                   disable=not progress)  # fmt: skip
-        logits_sharding = {}
+        bar = tqdm(total=len(steps) + len(self.admit_buckets), desc="compiling", unit="shape", disable=not progress)
 
         def compile_step(shape):
             flat, packing = pack(self._batch([], *shape)[0])
-            model = self._model.lower(self.params, self.cache, self.state, flat, packing).compile()
-            logits_sharding[shape[1]] = model.output_shardings[0]
-            return shape, model
+            return shape, self._model.lower(self.params, self.cache, self.state, flat, packing).compile()
 
         def compile_sampler(key):
-            flat, packing = pack(self._sampling([], key[0]))
-            logits = jax.ShapeDtypeStruct((key[0], self.cfg.vocab_size), jnp.float32, sharding=logits_sharding[key[0]])
-            return key, self._sample.lower(logits, self.state, flat, packing, key[1]).compile()
+            seqs, sharding, variant = key
+            flat, packing = pack(self._sampling([], seqs))
+            logits = jax.ShapeDtypeStruct((seqs, self.cfg.vocab_size), jnp.float32, sharding=sharding)
+            return key, self._sample.lower(logits, self.state, flat, packing, variant).compile()
 
         began = time.monotonic()
         with ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 2) - 1))) as pool:
             for shape, model in pool.map(compile_step, steps):
                 self._compiled[shape] = model
                 bar.update()
+            # Samplers depend on the sequence bucket and the logits' sharding only (one per pair, not per step shape).
+            first_step = {}
+            for t, s in steps:
+                first_step.setdefault((s, self._compiled[t, s].output_shardings[0]), (t, s))
+            samplers = [(s, sharding, v) for s, sharding in first_step for v in sampler.VARIANTS]
+            bar.total += len(samplers)
             for key, sample in pool.map(compile_sampler, samplers):
                 self._samplers[key] = sample
                 bar.update()
         compiled = time.monotonic()
         for t, s in steps:  # run each once: the first call of an executable does one-time setup
             jax.block_until_ready(self.run_step(*self._batch([], t, s)))
-        for s, variant in samplers:
-            t = next(t for t, seqs in steps if seqs == s)
-            jax.block_until_ready(self.run_step(*self._batch([], t, s), variant=variant))
+        for s, sharding, variant in samplers:
+            jax.block_until_ready(self.run_step(*self._batch([], *first_step[s, sharding]), variant=variant))
         ran = time.monotonic()
         for n in self.admit_buckets:
             self.state = self._admit(self.state, *self._admit_arrays([], n))
@@ -287,9 +288,11 @@ class ModelRunner:
         model = self._compiled.get((batch.tokens.shape[0], batch.logits_indices.shape[0]))
         if model is not None:
             logits, self.cache = model(self.params, self.cache, self.state, flat)
+            sharding = model.output_shardings[0]
         else:
             logits, self.cache = self._model(self.params, self.cache, self.state, flat, packing)
-        sample = self._samplers.get((batch.logits_indices.shape[0], variant))
+            sharding = logits.sharding
+        sample = self._samplers.get((batch.logits_indices.shape[0], sharding, variant))
         if sample is not None:
             out, self.state = sample(logits, self.state, flat_sampling)
         else:

@@ -63,7 +63,7 @@ def build_step(
         starts = np.fromiter((c.start for c in chunks), np.int64, len(chunks))
         ends = starts + n
         for s, chunk in enumerate(chunks):
-            if not chunk.tokens:
+            if len(chunk.tokens) == 0:
                 raise ValueError(f"sequence {s}: a step chunk needs at least one token")
             if -(-int(ends[s]) // block_size) > len(chunk.block_table):
                 raise ValueError(f"sequence {s}: {ends[s]} tokens need more than its {len(chunk.block_table)} blocks")

@@ -118,6 +118,8 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
             try:
                 async for out in stream:
                     await queue.put((i, out))
+            except Exception as e:  # noqa: BLE001 - handed to the response, as the single-stream path raises it
+                await queue.put((i, e))
             finally:
                 await queue.put((i, None))
 
@@ -126,6 +128,8 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
             remaining = len(tasks)
             while remaining:
                 i, out = await queue.get()
+                if isinstance(out, Exception):
+                    raise out
                 if out is None:
                     remaining -= 1
                 else:
