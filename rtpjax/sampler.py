@@ -123,6 +123,9 @@ def _filter(scaled, s: SamplingInputs):
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     keep = jnp.sum(mass_before < s.top_p[:, None], axis=-1)  # >= 1
     pth = jnp.take_along_axis(ordered, (keep - 1)[:, None], axis=-1)
+    # top_p = 1 keeps everything: the float32 running sum can pass 1 before the tail and would drop it, making a
+    # row's draws depend on whether another row in its step asked for filtering.
+    pth = jnp.where(s.top_p[:, None] < 1, pth, -jnp.inf)
     mth = ordered[:, :1] + jnp.log(jnp.maximum(s.min_p[:, None], 1e-30))
     threshold = jnp.maximum(jnp.maximum(kth, pth), jnp.where(s.min_p[:, None] > 0, mth, -jnp.inf))
     return jnp.where(scaled >= threshold, scaled, -jnp.inf)

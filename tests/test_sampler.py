@@ -90,3 +90,14 @@ def test_a_variant_that_omits_a_needed_stage_differs():
     assert not np.array_equal(out.tokens, full.tokens)
     out, _ = sample(logits, st, s, dataclasses.replace(FULL, logprobs=False))
     assert np.array_equal(out.tokens, full.tokens) and not np.array_equal(out.top_ids, full.top_ids)
+
+
+def test_neutral_filters_keep_the_whole_vocabulary():
+    """A row with top_p = 1, top_k = 0 and min_p = 0 is not filtered, even over a Llama-3-sized vocabulary where the
+    float32 running sum of probabilities reaches 1 before the tail: its draws then do not depend on its neighbours."""
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((S, 128256)) * 2).astype(np.float32)
+    s = inputs(rng, temperature={r: 1.0 for r in range(S)}, top_p={0: 0.9}, top_k={1: 50})
+    out = np.asarray(jax.jit(sampler._filter)(logits, s))
+    assert np.array_equal(out[2:], logits[2:])  # neutral rows untouched
+    assert np.isinf(out[0]).sum() > 0 and np.isinf(out[1]).sum() == 128256 - 50  # the asked-for filters still work
