@@ -337,6 +337,19 @@ def _cast(dtype):
     return _casts.setdefault(np.dtype(dtype), jax.jit(lambda x: x.astype(dtype)))
 
 
+# The keys under which finishing executables are compiled ahead and then looked up: one definition for both sides.
+def _join_key(shapes, dtype, device) -> tuple:
+    return "join", tuple(tuple(s) for s in shapes), np.dtype(dtype), device
+
+
+def _cast_key(shape, dtype, target, device) -> tuple:
+    return "cast", tuple(shape), np.dtype(dtype), np.dtype(target), device
+
+
+def _quantize_key(method, shape, dtype, sharding) -> tuple:
+    return "quantize", method, tuple(shape), np.dtype(dtype), sharding
+
+
 class _Placer:
     """Sends each tensor's per-device slices as they arrive; finishes a parameter once all its pieces are there.
 
@@ -345,11 +358,14 @@ class _Placer:
     embedding's join alone took 0.18 s of a 0.8 s load, int8 quantizers most of a second).
     """
 
-    def __init__(self, sources, shapes, shardings, dtype, pieces: dict[str, int], quantization: str | None):
+    def __init__(self, sources, shapes, shardings, dtype, batches: list[ReadBatch], quantization: str | None):
         self.shapes, self.shardings, self.dtype = shapes, shardings, np.dtype(dtype)
-        self.quantization = quantization
+        self.batches, self.quantization = batches, quantization
         self.owner = {name: (path, i) for path, src in sources.items() for i, name in enumerate(src.names)}
-        self.count = {path: sum(pieces[n] for n in src.names) for path, src in sources.items()}
+        self.count = dict.fromkeys(sources, 0)  # pieces still to arrive per parameter
+        for batch in batches:
+            for read in batch.tensors:
+                self.count[self.owner[read.name][0]] += 1
         self.stacked = {path for path, src in sources.items() if len(src.names) > 1}
         self.pieces: dict[str, dict] = {}  # path -> device -> {index in stack: [(first row, array), ...]}
         self.done: dict[str, jax.Array] = {}
@@ -377,11 +393,11 @@ class _Placer:
                 index, first = (slice(lo - read.first_row, hi - read.first_row), *index[1:]), lo
             yield device, index, first
 
-    def compile_ahead(self, batches: list[ReadBatch]) -> None:
+    def compile_ahead(self) -> None:
         """Queue the compilation of every join, cast and quantizer the plan will need."""
         rows: dict[tuple, list] = {}  # (path, device, stack index) -> [(first row, piece shape), ...]
         dtypes: dict[str, np.dtype] = {}
-        for batch in batches:
+        for batch in self.batches:
             for read in batch.tensors:
                 path, i = self.owner[read.name]
                 dtypes[path] = np.dtype(jax.dtypes.canonicalize_dtype(read.dtype))  # as it lands (float64 -> 32)
@@ -398,16 +414,16 @@ class _Placer:
             parts = [shape for _, shape in sorted(parts)]
             if len(parts) > 1:
                 structs = [jax.ShapeDtypeStruct(p, dtypes[path], sharding=device_sharding) for p in parts]
-                compile_(("join", tuple(parts), np.dtype(dtypes[path]), device), _join, *structs)
+                compile_(_join_key(parts, dtypes[path], device), _join, *structs)
             if dtypes[path] != self.dtype and path not in self.stacked:
                 joined = (sum(p[0] for p in parts), *parts[0][1:]) if parts[0] else parts[0]
                 struct = jax.ShapeDtypeStruct(joined, dtypes[path], sharding=device_sharding)
-                compile_(("cast", joined, dtypes[path], self.dtype, device), _cast(self.dtype), struct)
+                compile_(_cast_key(joined, dtypes[path], self.dtype, device), _cast(self.dtype), struct)
         if self.quantization:
             for path, shape in self.shapes.items():
                 if is_quantized_param(path):
                     struct = jax.ShapeDtypeStruct(shape, self.dtype, sharding=self.shardings[path])
-                    key = ("quantize", self.quantization, shape, self.dtype, self.shardings[path])
+                    key = _quantize_key(self.quantization, shape, self.dtype, self.shardings[path])
                     compile_(key, quantizer(self.quantization, self.shardings[path]), struct)
 
     def _run(self, key, fn, *args):
@@ -470,11 +486,7 @@ class _Placer:
         for device, per_index in self.pieces[path].items():
             for rows in per_index.values():
                 if len(rows) > 1:
-                    yield self._join_key([a for _, a in sorted(rows, key=lambda r: r[0])], device)
-
-    @staticmethod
-    def _join_key(rows, device):
-        return "join", tuple(r.shape for r in rows), rows[0].dtype, device
+                    yield _join_key([a.shape for _, a in sorted(rows, key=lambda r: r[0])], rows[0][1].dtype, device)
 
     def _finish(self, path: str) -> None:
         began = time.perf_counter()
@@ -484,16 +496,16 @@ class _Placer:
             parts = []
             for _, rows in sorted(per_device[device].items()):
                 rows = [a for _, a in sorted(rows, key=lambda r: r[0])]
-                key = self._join_key(rows, device)
+                key = _join_key([r.shape for r in rows], rows[0].dtype, device)
                 parts.append(self._run(key, _join, *rows) if len(rows) > 1 else rows[0])  # on the device
             array = jnp.stack(parts) if path in self.stacked else parts[0]
             if array.dtype != self.dtype:
-                key = ("cast", array.shape, array.dtype, self.dtype, device)
+                key = _cast_key(array.shape, array.dtype, self.dtype, device)
                 array = self._run(key, _cast(self.dtype), array)
             arrays.append(array)
         array = jax.make_array_from_single_device_arrays(self.shapes[path], self.shardings[path], arrays)
         if self.quantization and is_quantized_param(path):  # the full-precision copy is dropped right here
-            key = ("quantize", self.quantization, self.shapes[path], self.dtype, self.shardings[path])
+            key = _quantize_key(self.quantization, self.shapes[path], self.dtype, self.shardings[path])
             array = self._run(key, quantizer(self.quantization, self.shardings[path]), array)
         self.done[path] = array
         self.finish_seconds += time.perf_counter() - began
@@ -537,13 +549,9 @@ def load_params(
     shardings = target_shardings(shapes, family, mesh)
     batches = plan_reads(ckpt, wanted, opts.batch_bytes)
     total = sum(b.end - b.start for b in batches)
-    pieces: dict[str, int] = {}
-    for batch in batches:
-        for t in batch.tensors:
-            pieces[t.name] = pieces.get(t.name, 0) + 1
-    placer = _Placer(sources, shapes, shardings, cfg.jnp_dtype, pieces, check_method(quantization))
+    placer = _Placer(sources, shapes, shardings, cfg.jnp_dtype, batches, check_method(quantization))
     devices = {d for s in shardings.values() for d in s.addressable_devices}
-    placer.compile_ahead(batches)
+    placer.compile_ahead()
     reader = FileOrderReader(batches, opts, pin=dma_mapper(devices) if opts.pinned else None)
     planned = time.perf_counter() - began
     in_flight: list[tuple[np.ndarray, list]] = []
