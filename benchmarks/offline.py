@@ -42,20 +42,43 @@ class RtpjaxRunner:
         return sum(len(o.outputs[0].token_ids) for o in outs)
 
 
-    def device_step_ms(self, batch: int, steps: int = 50) -> float:
-        """The compiled step alone, back to back with no host work between: the device's share of a decode step
-        (padding rows, so attention reads no context; matmuls, sampling and weights' bytes are as in decode)."""
+    def device_step_ms(self, batch: int, steps: int = 50, inputs=None) -> float:
+        """The compiled step alone, back to back with no host work between: the device's share of a decode step.
+        Without `inputs`, padding rows (attention reads no context; matmuls, sampling and weights' bytes are as in
+        decode); `decode_inputs` gives a real batch at a chosen context."""
         import jax
 
         runner = self.llm.engine.runner
-        t = next(b for b in runner.token_buckets if b >= batch)
-        inputs = runner._batch([], t, runner._seqs_for(t))
+        if inputs is None:
+            t = next(b for b in runner.token_buckets if b >= batch)
+            inputs = runner._batch([], t, runner._seqs_for(t))
         jax.block_until_ready(runner.run_step(*inputs))
         began = time.perf_counter()
         for _ in range(steps):
             out = runner.run_step(*inputs)
         jax.block_until_ready(out)
         return (time.perf_counter() - began) / steps * 1e3
+
+    def decode_inputs(self, batch: int, context: int, prompt_len: int = 128):
+        """A real decode step's inputs: `batch` sequences stepped until each attends to at least `context` tokens
+        (prompts admitted over several steps make the first ones a little longer). Replaying them
+        rewrites the same cache slots, so the engine is left as it was; `release` frees the sequences after."""
+        from rtpjax import SamplingParams
+
+        engine = self.llm.engine
+        rng = np.random.default_rng(batch)
+        params = SamplingParams(temperature=0.0, max_tokens=context - prompt_len + 8, ignore_eos=True)
+        ids = [engine.add_request(p, params) for p in prompts(rng, batch, prompt_len, self.vocab)]
+        while engine.inflight is None or min(i.start + i.num_tokens for i in engine.inflight[0].items) < context:
+            engine.step(final_only=True)
+        return engine.runner.prepare(engine.inflight[0]), ids
+
+    def release(self, request_ids) -> None:
+        engine = self.llm.engine
+        for request_id in request_ids:
+            engine.abort(request_id)
+        while engine.has_work():
+            engine.step(final_only=True)
 
 
 class TransformersRunner:

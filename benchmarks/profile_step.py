@@ -2,6 +2,7 @@
 profiler and sums GPU kernel time by kernel, against the step's wall time and the time the GPU was busy at all.
 
     python -m rtpjax.benchmarks.profile_step --shape llama3-8b --batch-sizes 1,32 --out profile.json
+    python -m rtpjax.benchmarks.profile_step --batch-sizes 256 --context 640     # real decode rows at 640 tokens
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def main():
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--compilation-cache-dir", default=None)
+    parser.add_argument("--context", type=int, default=0,
+                        help="profile real decode rows holding this many tokens each (default: padding rows, no context)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     folder = write_config_only(tempfile.mkdtemp(prefix="rtpjax-profile-"), args.shape)
@@ -63,17 +66,19 @@ def main():
     engine = runner.llm.engine.runner
     result = {"shape": args.shape, "device": jax.devices()[0].device_kind, "batches": {}}
     for b in map(int, args.batch_sizes.split(",")):
-        wall_ms = runner.device_step_ms(b, steps=args.steps)
+        inputs, ids = runner.decode_inputs(b, args.context) if args.context else (None, [])
+        wall_ms = runner.device_step_ms(b, steps=args.steps, inputs=inputs)
         trace = Path(tempfile.mkdtemp(prefix="rtpjax-trace-"))
         with jax.profiler.trace(str(trace), create_perfetto_trace=True):
-            runner.device_step_ms(b, steps=args.steps)
+            runner.device_step_ms(b, steps=args.steps, inputs=inputs)
+        runner.release(ids)
         totals, launches, busy, host = kernel_times(trace)
         kernel_ms = sum(totals.values()) / args.steps / 1e3
         busy_ms = busy / args.steps / 1e3
         t = next(x for x in engine.token_buckets if x >= b)
         top = sorted(totals.items(), key=lambda kv: -kv[1])[: args.top]
         result["batches"][b] = {
-            "bucket": [t, engine._seqs_for(t)], "step_ms": wall_ms, "kernel_ms": kernel_ms, "gpu_busy_ms": busy_ms,
+            "context": args.context, "bucket": [t, engine._seqs_for(t)], "step_ms": wall_ms, "kernel_ms": kernel_ms, "gpu_busy_ms": busy_ms,
             "kernels_per_step": launches / args.steps,
             "top": [{"kernel": k, "ms_per_step": v / args.steps / 1e3} for k, v in top],
         }  # fmt: skip

@@ -30,14 +30,16 @@ def _decode(tokenizer, ids: list[int], skip_special: bool) -> str:
     return tokenizer.decode(ids, skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
 
 
-def append_tokens(tokenizer, state: DetokState, token_ids: list[int], skip_special: bool) -> str:
-    """Extend state.text with what the newest of `token_ids` (prompt + output) spell; returns the new text."""
+def append_tokens(tokenizer, state: DetokState, token_ids: list[int], skip_special: bool, end: int | None = None) -> str:
+    """Extend state.text with what `token_ids[:end]` (prompt + output) spell beyond what it already holds; returns
+    the new text. (`end` spares the caller a copy of a sequence that may hold PENDING tokens past it.)"""
+    end = len(token_ids) if end is None else end
     prefix = _decode(tokenizer, token_ids[state.prefix_offset : state.read_offset], skip_special)
-    full = _decode(tokenizer, token_ids[state.prefix_offset :], skip_special)
+    full = _decode(tokenizer, token_ids[state.prefix_offset : end], skip_special)
     if len(full) <= len(prefix) or full.endswith("\ufffd"):
         return ""  # nothing visible yet, or an incomplete character: wait for the next token
     new = full[len(prefix) :]
-    state.prefix_offset, state.read_offset = state.read_offset, len(token_ids)
+    state.prefix_offset, state.read_offset = state.read_offset, end
     state.text += new
     return new
 

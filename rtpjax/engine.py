@@ -2,7 +2,8 @@
 
 `step()` schedules and dispatches step N+1 before it reads step N's tokens, so the host's detokenizing, stop checks
 and scheduling overlap the device's work. A sequence that stopped in step N may have one wasted token in step N+1;
-it is dropped. LLM (blocking) and AsyncLLM (a background thread) both drive this same loop.
+it is dropped. LLM (blocking, in the caller's process) and AsyncLLM (in the engine process, see engine_process) both
+drive this same loop.
 """
 
 from __future__ import annotations
@@ -84,12 +85,96 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     seqs: list[Sequence]
-    sent: list[list[int]] = dataclasses.field(default_factory=list)  # per seq: tokens already reported
+    sent: list[int] = dataclasses.field(default_factory=list)  # per seq: tokens already reported
+    reported: bool = False  # whether an output (and the prompt logprobs with it) went out
     prompt_logprobs: list | None = None
 
     @property
     def finished(self) -> bool:
         return all(s.finished for s in self.seqs)
+
+
+@dataclasses.dataclass
+class LoopStats:
+    """Where the engine loop's time goes, summed since the last report (the engine process logs it)."""
+
+    steps: int = 0
+    rows: int = 0  # sequences scheduled
+    busy_s: float = 0.0  # inside step()
+    prepare_s: float = 0.0  # of that: scheduling and building the step's inputs
+    launch_s: float = 0.0  # queuing it on the device (waits while the previous step holds the KV cache)
+    device_wait_s: float = 0.0  # reading the previous step's tokens
+    # the rest of busy_s: turning those tokens into outputs
+
+    def report(self, seconds: float) -> str:
+        n, ms = max(self.steps, 1), 1e3 / max(self.steps, 1)
+        outputs = self.busy_s - self.prepare_s - self.launch_s - self.device_wait_s
+        return (f"{self.steps / seconds:.1f} steps/s, {self.rows / n:.0f} sequences per step; per step "
+                f"{self.prepare_s * ms:.2f} ms scheduling, {self.launch_s * ms:.2f} ms launching, "
+                f"{self.device_wait_s * ms:.2f} ms reading tokens, {outputs * ms:.2f} ms on outputs "
+                "(launching and reading both wait for the device)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What validating a request needs to know of the engine (picklable: the engine process sends it once)."""
+
+    vocab_size: int
+    max_model_len: int
+    eos_ids: tuple[int, ...]
+    max_num_seqs: int
+
+
+class RequestMaker:
+    """Prompt + SamplingParams -> a validated Request. The engine and AsyncLLM's front end each hold one, so a bad
+    request fails where it was submitted and never reaches the engine loop."""
+
+    def __init__(self, tokenizer, info: ModelInfo, seed: int):
+        self.tokenizer, self.info = tokenizer, info
+        self._ids = itertools.count()
+        self._rng = random.Random(seed)  # draws the seeds of requests that bring none
+
+    def __call__(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
+                 priority: int = 0) -> Request:  # fmt: skip
+        info = self.info
+        params = params or SamplingParams()
+        params.validate()
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, list(prompt)
+            if not all(isinstance(t, (int, np.integer)) for t in ids):
+                raise ValueError("prompt token ids must be integers")
+            bad = [t for t in ids if not 0 <= t < info.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {info.vocab_size})")
+            ids = [int(t) for t in ids]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        bad_stop = [t for t in params.stop_token_ids if not 0 <= t < info.vocab_size]
+        if bad_stop:
+            raise ValueError(f"stop token id {bad_stop[0]} is outside the vocabulary [0, {info.vocab_size})")
+        if not -(2**31) <= priority < 2**31:
+            raise ValueError(f"priority must fit in 32 bits, got {priority}")
+        if len(ids) >= info.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {info.max_model_len}")
+        max_tokens = params.max_tokens if params.max_tokens is not None else info.max_model_len - len(ids)
+        if len(ids) + max_tokens > info.max_model_len:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's context "
+                f"({info.max_model_len})"
+            )
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
+        stop_ids = tuple(params.stop_token_ids) + (() if params.ignore_eos else info.eos_ids)
+        seqs = []
+        for index in range(params.n):
+            seq = Sequence(request_id, index, ids, params, seed=seed % (1 << 32), max_tokens=max_tokens,
+                           priority=priority, stop_ids=stop_ids)  # fmt: skip
+            seq.fork_parent = seqs[0] if seqs else None
+            seq.detok = detokenizer.start(len(ids))
+            seqs.append(seq)
+        return Request(request_id, text, ids, params, seqs, sent=[0] * len(seqs))
 
 
 def _eos_ids(model_dir: Path, cfg, tokenizer) -> tuple[int, ...]:
@@ -183,54 +268,19 @@ class LLMEngine:
                  "the compilation cache); tokenizer %.1f s alongside, then waited for %.1f s", done - began,
                  loaded - began, t0 - loaded, shapes, compiled - t0, CompileCounter.count - misses, tokenizer_seconds,
                  done - compiled)  # fmt: skip
+        self.info = ModelInfo(self.cfg.vocab_size, self.max_model_len, self.eos_ids, args.max_num_seqs)
+        self.maker = RequestMaker(self.tokenizer, self.info, args.seed)
         self.requests: dict[str, Request] = {}
         self.inflight: tuple[Schedule, object] | None = None
-        self._ids = itertools.count()
+        self.loop_stats = LoopStats()
         self._order = itertools.count()
-        self._rng = random.Random(args.seed)
 
     # -- requests ---------------------------------------------------------------------------------------------------
 
     def make_request(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
                      priority: int = 0) -> Request:  # fmt: skip
         """Tokenize and validate; raises ValueError for bad input and touches no engine state."""
-        params = params or SamplingParams()
-        params.validate()
-        if isinstance(prompt, str):
-            text, ids = prompt, self.tokenizer.encode(prompt)
-        else:
-            text, ids = None, list(prompt)
-            if not all(isinstance(t, (int, np.integer)) for t in ids):
-                raise ValueError("prompt token ids must be integers")
-            bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
-            if bad:
-                raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
-        if not ids:
-            raise ValueError("the prompt is empty")
-        bad_stop = [t for t in params.stop_token_ids if not 0 <= t < self.cfg.vocab_size]
-        if bad_stop:
-            raise ValueError(f"stop token id {bad_stop[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
-        if not -(2**31) <= priority < 2**31:
-            raise ValueError(f"priority must fit in 32 bits, got {priority}")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {self.max_model_len}")
-        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids)
-        if len(ids) + max_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's context "
-                f"({self.max_model_len})"
-            )
-        request_id = request_id if request_id is not None else str(next(self._ids))
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
-        stop_ids = tuple(params.stop_token_ids) + (() if params.ignore_eos else self.eos_ids)
-        seqs = []
-        for index in range(params.n):
-            seq = Sequence(request_id, index, ids, params, seed=seed % (1 << 32), max_tokens=max_tokens,
-                           priority=priority, stop_ids=stop_ids)  # fmt: skip
-            seq.fork_parent = seqs[0] if seqs else None
-            seq.detok = detokenizer.start(len(ids))
-            seqs.append(seq)
-        return Request(request_id, text, ids, params, seqs, sent=[[] for _ in seqs])
+        return self.maker(prompt, params, request_id, priority)
 
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -248,7 +298,7 @@ class LLMEngine:
         self.add(request)
         return request.request_id
 
-    def abort(self, request_id: str) -> RequestOutput | None:
+    def abort(self, request_id: str, as_deltas: bool = False) -> RequestOutput | None:
         request = self.requests.get(request_id)
         if request is None:
             return None
@@ -256,7 +306,7 @@ class LLMEngine:
             if not seq.finished:
                 self._trim_pending(seq)
                 self.scheduler.finish(seq, "abort")
-        return self._output(request)
+        return self._output(request, as_deltas)
 
     def reset_inflight(self) -> None:
         """Forget a step whose results can no longer be read (after a failure)."""
@@ -267,17 +317,28 @@ class LLMEngine:
 
     # -- the loop ---------------------------------------------------------------------------------------------------
 
-    def step(self, final_only: bool = False) -> list[RequestOutput]:
+    def step(self, final_only: bool = False, as_deltas: bool = False) -> list[RequestOutput]:
         """One scheduling round. `final_only`: return outputs only for finished requests (offline generation
-        skips building per-step outputs, a cost per sequence per step)."""
+        skips building per-step outputs, a cost per sequence per step). `as_deltas`: outputs as `_delta` tuples."""
+        stats, began = self.loop_stats, time.perf_counter()
         schedule = self.scheduler.schedule()
-        launched = (schedule, self.runner.dispatch(schedule)) if schedule.items else None
-        outputs = self._process(*self.inflight, final_only) if self.inflight is not None else []
+        launched = None
+        if schedule.items:
+            inputs = self.runner.prepare(schedule)
+            prepared = time.perf_counter()
+            launched = (schedule, self.runner.launch(*inputs))
+            stats.prepare_s += prepared - began
+            stats.launch_s += time.perf_counter() - prepared
+        outputs = self._process(*self.inflight, final_only, as_deltas) if self.inflight is not None else []
         self.inflight = launched
+        stats.steps, stats.rows = stats.steps + 1, stats.rows + len(schedule.items)
+        stats.busy_s += time.perf_counter() - began
         return outputs
 
-    def _process(self, schedule: Schedule, out, final_only: bool = False) -> list[RequestOutput]:
+    def _process(self, schedule: Schedule, out, final_only: bool, as_deltas: bool) -> list[RequestOutput]:
+        began = time.perf_counter()
         tokens, logprob = np.asarray(out.tokens), np.asarray(out.logprob)
+        self.loop_stats.device_wait_s += time.perf_counter() - began
         top_ids, top_lp = np.asarray(out.top_ids), np.asarray(out.top_logprobs)
         now = time.monotonic()
         touched: dict[str, Request] = {}
@@ -290,7 +351,7 @@ class LLMEngine:
                              top_lp[i], now)  # fmt: skip
                 touched[seq.request_id] = self.requests[seq.request_id]
             self.scheduler.register_full_blocks(seq)
-        return [self._output(r) for r in touched.values() if not final_only or r.finished]
+        return [self._output(r, as_deltas) for r in touched.values() if not final_only or r.finished]
 
     def _accept(self, seq: Sequence, index: int, token: int, lp: float, top_ids, top_lp, now: float) -> None:
         assert seq.token_ids[index] == PENDING
@@ -305,8 +366,7 @@ class LLMEngine:
         if token in seq.stop_ids and generated > p.min_tokens:  # EOS/stop ids: in token_ids, not in the text
             self._finish(seq, index, "stop", None if token in self.eos_ids and token not in p.stop_token_ids else token)
             return
-        known = seq.token_ids[: index + 1]
-        new = detokenizer.append_tokens(self.tokenizer, seq.detok, known, p.skip_special_tokens)
+        new = detokenizer.append_tokens(self.tokenizer, seq.detok, seq.token_ids, p.skip_special_tokens, index + 1)
         stop = detokenizer.find_stop(seq.detok, p.stop, len(new), p.include_stop_str_in_output)
         if stop is not None:
             self._finish(seq, index, "stop", stop)
@@ -325,26 +385,39 @@ class LLMEngine:
         del seq.token_ids[keep:]
         del seq.logprobs[keep - seq.num_prompt :]
 
-    def _output(self, request: Request) -> RequestOutput:
-        outs = []
-        for seq, sent in zip(request.seqs, request.sent):
-            end = len(seq.token_ids)  # tokens still on the device (PENDING) can only be the last one or two
-            while end > seq.num_prompt and seq.token_ids[end - 1] == PENDING:
+    def _delta(self, request: Request) -> tuple:
+        """The request's news since its last report, as plain tuples (what the engine process sends; see
+        engine_process.Accumulator): (request_id, finished, metrics once finished, prompt logprobs the first time,
+        [(index, delta_text, delta_token_ids, delta_logprobs, finish_reason, stop_reason) per sequence])."""
+        deltas = []
+        for i, seq in enumerate(request.seqs):
+            ids, first = seq.token_ids, seq.num_prompt
+            end = len(ids)  # tokens still on the device (PENDING) can only be the last one or two
+            while end > first and ids[end - 1] == PENDING:
                 end -= 1
-            known = seq.token_ids[seq.num_prompt : end]
-            delta_ids = known[len(sent) :]
-            lp = seq.logprobs[: len(known)] if seq.params.logprobs is not None else None
-            outs.append(CompletionOutput(
-                index=seq.index, text=seq.detok.text, token_ids=list(known), logprobs=lp,
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-                delta_text=detokenizer.stream_delta(seq.detok, seq.params.stop, seq.finished),
-                delta_token_ids=delta_ids, delta_logprobs=lp[len(sent) :] if lp is not None else None,
-            ))  # fmt: skip
-            sent.extend(delta_ids)
+            sent = request.sent[i]
+            lps = seq.logprobs[sent : end - first] if seq.params.logprobs is not None else None
+            text = detokenizer.stream_delta(seq.detok, seq.params.stop, seq.finished)
+            deltas.append((seq.index, text, ids[first + sent : end], lps, seq.finish_reason, seq.stop_reason))
+            request.sent[i] = end - first
         finished = request.finished
         if finished:
             del self.requests[request.request_id]
-        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outs, finished,
+        prompt_logprobs = None if request.reported else request.prompt_logprobs
+        request.reported = True
+        return request.request_id, finished, request.seqs[0].metrics if finished else None, prompt_logprobs, deltas
+
+    def _output(self, request: Request, as_delta: bool = False) -> RequestOutput | tuple:
+        """The request's output: its whole text and tokens so far, and what is new since the last one."""
+        delta = self._delta(request)
+        if as_delta:
+            return delta
+        outs = []
+        for seq, (index, text, ids, lps, reason, stop) in zip(request.seqs, delta[4]):
+            n, first = request.sent[index], seq.num_prompt
+            outs.append(CompletionOutput(index, seq.detok.text, seq.token_ids[first : first + n],
+                                         seq.logprobs[:n] if lps is not None else None, reason, stop, text, ids, lps))  # fmt: skip
+        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outs, delta[1],
                              request.seqs[0].metrics, request.prompt_logprobs)  # fmt: skip
 
     # -- gauges -----------------------------------------------------------------------------------------------------

@@ -1,18 +1,18 @@
 """The Python APIs: LLM (blocking, batch) and AsyncLLM (async iterators), both driving LLMEngine.step.
 
-AsyncLLM runs the loop on one background thread, because a step blocks on the device; requests and aborts reach it
-through a queue and outputs come back to each caller's asyncio queue.
+AsyncLLM runs the loop in a process of its own (see engine_process), so a server's event loop never waits for the
+engine's Python work; requests and aborts reach it over a socket and outputs come back to each caller's asyncio queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 from typing import AsyncIterator, Sequence as Seq
 
-from rtpjax.engine import EngineArgs, LLMEngine, RequestOutput
+from rtpjax.engine import EngineArgs, LLMEngine, RequestMaker, RequestOutput
+from rtpjax.engine_process import Accumulator
 from rtpjax.sampling_params import SamplingParams
 
 log = logging.getLogger("rtpjax")
@@ -56,18 +56,48 @@ def _put_all(items) -> None:
         stream.put_nowait(out)
 
 
+def _merge(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """`later` with `earlier`'s deltas in front: as if the two steps had been one."""
+    before = {o.index: o for o in earlier.outputs}
+    for o in later.outputs:
+        e = before.get(o.index)
+        if e is not None:
+            o.delta_text = e.delta_text + o.delta_text
+            o.delta_token_ids = e.delta_token_ids + o.delta_token_ids
+            if o.delta_logprobs is not None and e.delta_logprobs is not None:
+                o.delta_logprobs = e.delta_logprobs + o.delta_logprobs
+    return later
+
+
 class AsyncLLM:
-    """Online generation: `async for out in llm.generate(prompt, params): ...` with incremental outputs."""
+    """Online generation: `async for out in llm.generate(prompt, params): ...` with incremental outputs.
+
+    The engine runs in a process of its own (`rtpjax.engine_process`); this object is its front end: it tokenizes and
+    validates in the caller's process, and one reader thread turns the engine's per-step deltas into each request's
+    outputs. Mid-stream outputs carry `metrics=None`; the final one carries the request's timings.
+    """
 
     def __init__(self, model: str | None = None, **engine_args):
-        self.engine = _engine(model, engine_args)
-        self.tokenizer = self.engine.tokenizer
-        self._commands: queue.Queue = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        from concurrent.futures import ThreadPoolExecutor
+
+        from rtpjax.engine_process import EngineProcess
+        from rtpjax.gguf_loader import resolve_model
+        from rtpjax.tokenizer import load_tokenizer
+
+        model = resolve_model(model)
+        self.args = EngineArgs(**engine_args)  # bad argument names fail here, before a process starts
+        with ThreadPoolExecutor(1) as pool:  # the front end's tokenizer loads while the engine starts
+            tokenizer = pool.submit(load_tokenizer, self.args.tokenizer or model)
+            self._engine = EngineProcess(model, self.args)
+            self.tokenizer = tokenizer.result()
+        self.info = self._engine.info
+        self._stats = self._engine.stats
+        self._make_request = RequestMaker(self.tokenizer, self.info, self.args.seed)
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, Accumulator]] = {}
         self._reserved = 0
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="rtpjax-engine", daemon=True)
-        self._thread.start()
+        self._reader = threading.Thread(target=self._read, name="rtpjax-engine-reader", daemon=True)
+        self._reader.start()
 
     async def submit(self, prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None,
                      priority: int = 0) -> AsyncIterator[RequestOutput]:  # fmt: skip
@@ -77,14 +107,14 @@ class AsyncLLM:
         # Tokenizing and validating happen off the event loop; bad input raises here, for this request only.
         self._reserved += 1  # counted as unfinished from the first moment, so admission control sees it
         try:
-            request = await asyncio.to_thread(self.engine.make_request, prompt, sampling_params, request_id, priority)
+            request = await asyncio.to_thread(self._make_request, prompt, sampling_params, request_id, priority)
         finally:
             self._reserved -= 1
         if request.request_id in self._streams:
             raise ValueError(f"request id {request.request_id!r} is already running")
         stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request.request_id] = (asyncio.get_running_loop(), stream)
-        self._commands.put(("add", request))
+        self._streams[request.request_id] = (asyncio.get_running_loop(), stream, Accumulator.of(request))
+        self._engine.send(("add", request))
         return self._outputs(request.request_id, stream)
 
     async def generate(self, prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None,
@@ -98,83 +128,71 @@ class AsyncLLM:
         """Requests submitted and not yet finished (running, waiting or queued for the engine)."""
         return len(self._streams) + self._reserved
 
+    @property
+    def is_alive(self) -> bool:
+        return not self._stopped.is_set()
+
     async def _outputs(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         try:
             while True:
-                out = await stream.get()
+                out, error = await stream.get(), None
+                # A reader slower than the engine gets what piled up as one output, so it catches up instead of
+                # falling further behind (and an SSE client gets one event, not one per step).
+                while not isinstance(out, BaseException) and not out.finished and not stream.empty():
+                    following = stream.get_nowait()
+                    if isinstance(following, BaseException):
+                        error = following
+                        break
+                    out = _merge(out, following)
                 if isinstance(out, BaseException):
                     raise out
                 yield out
                 if out.finished:
                     self._streams.pop(request_id, None)
                     return
+                if error is not None:
+                    raise error
         finally:
-            if self._streams.pop(request_id, None) is not None:  # the caller left early: free its blocks
-                self._commands.put(("abort", request_id))
+            if self._streams.pop(request_id, None) is not None and self.is_alive:  # the caller left early
+                self._engine.send(("abort", request_id))  # frees its blocks
 
     async def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks; its stream (if anyone still reads it) ends with finish_reason abort."""
-        self._commands.put(("abort", request_id))
+        if self.is_alive:
+            self._engine.send(("abort", request_id))
 
     def stats(self) -> dict:
-        return self.engine.stats()
+        """The engine's gauges as of its last step."""
+        return self._stats
 
     def shutdown(self) -> None:
-        self._stopped.set()
-        self._commands.put(("stop", None))
-        self._thread.join(timeout=30)
+        if not self._stopped.is_set():
+            self._stopped.set()
+            self._engine.close()
+        self._reader.join(timeout=30)
 
-    def _deliver(self, out) -> None:
-        self._deliver_all([out])
-
-    def _deliver_all(self, outputs) -> None:
-        """One wake-up per event loop per step, not one per request (each is a cross-thread write and a callback)."""
-        by_loop: dict = {}
-        for out in outputs:
-            target = self._streams.get(out.request_id)
-            if target is not None:
-                by_loop.setdefault(target[0], []).append((target[1], out))
-        for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, items)
-
-    def _loop(self) -> None:
-        engine = self.engine
-        while not self._stopped.is_set():
-            try:
-                command = self._commands.get(block=not engine.has_work(), timeout=None)
-            except queue.Empty:
-                command = None
-            while command is not None:
-                kind, arg = command
-                if kind == "stop":
-                    return
-                if kind == "add":
-                    try:
-                        engine.add(arg)
-                    except ValueError as e:
-                        self._deliver_error(arg.request_id, e)
-                elif kind == "abort":
-                    out = engine.abort(arg)
-                    if out is not None:
-                        self._deliver(out)
-                try:
-                    command = self._commands.get_nowait()
-                except queue.Empty:
-                    command = None
-            if engine.has_work():
-                try:
-                    outputs = engine.step()
-                except Exception as e:  # a bug must not kill the loop: fail what was in flight, keep serving
-                    log.exception("engine step failed; aborting the requests in flight")
-                    outputs = []
-                    for request_id in list(engine.requests):
-                        engine.abort(request_id)
-                        self._deliver_error(request_id, RuntimeError(f"engine error: {type(e).__name__}: {e}"))
-                    engine.reset_inflight()
-                self._deliver_all(outputs)
-
-    def _deliver_error(self, request_id: str, error: Exception) -> None:
-        target = self._streams.get(request_id)
-        if target is not None:
-            loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, error)
+    def _read(self) -> None:
+        """The reader thread: one message per engine step, delivered with one wake-up per event loop."""
+        try:
+            while True:
+                _, wire, errors, self._stats = self._engine.conn.recv()
+                by_loop: dict = {}
+                for item in wire:
+                    target = self._streams.get(item[0])
+                    if target is not None:
+                        by_loop.setdefault(target[0], []).append((target[1], target[2].output(item)))
+                for request_id, error in errors:
+                    target = self._streams.get(request_id)
+                    if target is not None:
+                        by_loop.setdefault(target[0], []).append((target[1], error))
+                for loop, items in by_loop.items():
+                    loop.call_soon_threadsafe(_put_all, items)
+        except (EOFError, OSError):
+            pass
+        if not self._stopped.is_set():
+            self._stopped.set()
+            code = self._engine.proc.wait()
+            log.error("the engine process exited with code %s; failing the requests in flight", code)
+            error = RuntimeError(f"the engine process exited with code {code}")
+            for loop, stream, _ in list(self._streams.values()):
+                loop.call_soon_threadsafe(stream.put_nowait, error)

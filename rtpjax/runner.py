@@ -268,12 +268,16 @@ class ModelRunner:
 
     # -- dispatch ---------------------------------------------------------------------------------------------------
 
-    def dispatch(self, schedule: Schedule) -> sampler.SampleOutput:
-        """Queue the step on the device and return its (not yet computed) outputs."""
+    def prepare(self, schedule: Schedule) -> tuple[StepBatch, sampler.SamplingInputs]:
+        """The step's host-side inputs, padded to its buckets."""
         self._reset_penalty_rows([s for s in schedule.admitted if s.params.uses_penalties])
         num_tokens = pick(self.token_buckets, max(schedule.num_tokens, len(schedule.items)))
-        num_seqs = self._seqs_for(num_tokens)
-        out = self.run_step(*self._batch(schedule.items, num_tokens, num_seqs))
+        return self._batch(schedule.items, num_tokens, self._seqs_for(num_tokens))
+
+    def launch(self, batch: StepBatch, sampling: sampler.SamplingInputs) -> sampler.SampleOutput:
+        """Queue the step on the device and return its (not yet computed) outputs, already on their way to the host.
+        The call itself waits while the previous step still holds the KV cache it donates."""
+        out = self.run_step(batch, sampling)
         for leaf in jax.tree.leaves(out):
             leaf.copy_to_host_async()
         return out

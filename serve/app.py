@@ -60,10 +60,10 @@ class BearerAuth:
 
 def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int = 256) -> Starlette:
     """`max_queue`: requests allowed to wait beyond the engine's running capacity before 429s."""
-    engine = llm.engine
+    info = llm.info
     tokenizer = llm.tokenizer
     metrics = Metrics(model_name)
-    capacity = engine.args.max_num_seqs + max_queue
+    capacity = info.max_num_seqs + max_queue
 
     async def parse(request: Request, model: type[BaseModel]):
         try:
@@ -321,7 +321,7 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
     async def models(request: Request):
         return JSONResponse({"object": "list", "data": [{
             "id": model_name, "object": "model", "created": int(time.time()), "owned_by": "rtpjax",
-            "max_model_len": engine.max_model_len,
+            "max_model_len": info.max_model_len,
         }]})  # fmt: skip
 
     async def tokenize(request: Request):
@@ -333,25 +333,25 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
             ids = await asyncio.to_thread(chat_prompt, body.messages, True)
         else:
             ids = await asyncio.to_thread(tokenizer.encode, body.prompt, add_special_tokens=body.add_special_tokens)
-        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len})
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": info.max_model_len})
 
     async def detokenize(request: Request):
         body = await parse(request, DetokenizeRequest)
         check_model(body.model)
-        bad = [t for t in body.tokens if not 0 <= t < engine.cfg.vocab_size]
+        bad = [t for t in body.tokens if not 0 <= t < info.vocab_size]
         if bad:
-            raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {engine.cfg.vocab_size})",
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {info.vocab_size})",
                            param="tokens")  # fmt: skip
         return JSONResponse({"prompt": await asyncio.to_thread(tokenizer.decode, body.tokens)})
 
     async def health(request: Request):
-        return Response(status_code=200)
+        return Response(status_code=200 if llm.is_alive else 503)
 
     async def version(request: Request):
         return JSONResponse({"version": rtpjax.__version__})
 
     async def prometheus(request: Request):
-        return Response(metrics.render(engine.stats()), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(metrics.render(llm.stats()), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def schema(request: Request):
         return JSONResponse(openapi.spec(rtpjax.__version__))

@@ -66,6 +66,49 @@ def test_async_bad_request_raises_for_that_request(async_llm):
     assert len(asyncio.run(main()).outputs[0].token_ids) == 4
 
 
+def test_slow_reader_gets_merged_outputs_with_every_token(async_llm, stories_llm):
+    """A reader that falls behind the engine process gets one output for the steps it missed: nothing lost."""
+    params = SamplingParams(max_tokens=40, logprobs=2, **GREEDY)
+    expected = stories_llm.generate([1, 450], params)[0].outputs[0]
+
+    async def slow():
+        outs = []
+        async for out in async_llm.generate([1, 450], params):
+            outs.append(out)
+            await asyncio.sleep(0.05)  # several engine steps pile up meanwhile
+        return outs
+
+    outs = asyncio.run(slow())
+    assert len(outs) < 40  # merged, not one per token
+    assert [t for o in outs for t in o.outputs[0].delta_token_ids] == expected.token_ids
+    assert "".join(o.outputs[0].delta_text for o in outs) == expected.text == outs[-1].outputs[0].text
+    assert [lp for o in outs for lp in o.outputs[0].delta_logprobs] == expected.logprobs == outs[-1].outputs[0].logprobs
+    assert outs[-1].outputs[0].token_ids == expected.token_ids and outs[-1].finished
+
+
+def test_a_dead_engine_process_fails_streams_and_new_requests(stories_dir, compile_cache):
+    llm = AsyncLLM(str(stories_dir), compilation_cache_dir=compile_cache, **ENGINE_ARGS)
+
+    async def main():
+        stream = await llm.submit([1], SamplingParams(max_tokens=200, **GREEDY))
+        with pytest.raises(RuntimeError, match="engine process exited"):
+            async for out in stream:
+                if len(out.outputs[0].token_ids) >= 2:
+                    llm._engine.proc.kill()
+        for _ in range(100):  # the reader thread notices the socket closing
+            if not llm.is_alive:
+                break
+            await asyncio.sleep(0.05)
+        with pytest.raises(RuntimeError, match="shut down"):
+            await llm.submit([1], SamplingParams(max_tokens=2))
+
+    try:
+        asyncio.run(main())
+        assert llm.num_unfinished == 0 and not llm.is_alive
+    finally:
+        llm.shutdown()
+
+
 def test_stream_never_leaks_a_partial_stop_string(stories_llm):
     engine = stories_llm.engine
     full = stories_llm.generate([1], SamplingParams(max_tokens=40, **GREEDY))[0].outputs[0].text
@@ -80,6 +123,18 @@ def test_stream_never_leaks_a_partial_stop_string(stories_llm):
                 deltas += bool(out.outputs[0].delta_text)
                 assert expected.startswith(streamed), streamed  # never a piece of "girl named Lily" on the way
     assert streamed == expected and deltas > 3
+
+
+def test_loop_stats_account_for_each_step(stories_llm):
+    from rtpjax.engine import LoopStats
+
+    engine = stories_llm.engine
+    engine.loop_stats = LoopStats()
+    stories_llm.generate([[1], [1, 450]], SamplingParams(max_tokens=10, **GREEDY))
+    s = engine.loop_stats
+    assert s.steps >= 10 and 2 * 9 <= s.rows <= 2 * s.steps
+    assert 0 < s.prepare_s and 0 < s.launch_s and s.prepare_s + s.launch_s + s.device_wait_s <= s.busy_s
+    assert f"{s.steps / 2.0:.1f} steps/s" in s.report(2.0)
 
 
 def test_detokenizer_holds_split_multibyte_characters(stories_dir):

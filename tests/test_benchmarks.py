@@ -70,7 +70,8 @@ def test_random_dataset_metrics_json_and_plot(url, model, tmp_path):
     assert m["request_goodput"] == pytest.approx(m["request_throughput"])
     assert m["output_throughput"] == pytest.approx(72 / m["duration"])
     for ttft, e2el, itl in zip(m["ttfts"], m["e2els"], m["itls"]):
-        assert 0 < ttft <= e2el and 1 <= len(itl) <= 5 and ttft + sum(itl) <= e2el + 1e-6
+        # One ITL per later chunk: a server that falls behind merges steps into one chunk (so maybe none at all).
+        assert 0 < ttft <= e2el and len(itl) <= 5 and ttft + sum(itl) <= e2el + 1e-6
     tpot = np.mean([(e - t) / 5 for t, e in zip(m["ttfts"], m["e2els"])]) * 1e3
     assert m["mean_tpot_ms"] == pytest.approx(tpot)
     assert m["p95_ttft_ms"] >= m["median_ttft_ms"] == m["p50_ttft_ms"]
@@ -84,13 +85,13 @@ def test_random_dataset_metrics_json_and_plot(url, model, tmp_path):
 
 
 def test_shared_prefixes_hit_the_prefix_cache(url, model, llm):
-    before = llm.engine.stats()["prefix_cache_hits"]
+    before = llm.stats()["prefix_cache_hits"]
     m = serve_bench.main(["--base-url", url, "--tokenizer", str(model), "--dataset-name", "prefix_repetition",
                           "--prefix-repetition-prefix-len", "64", "--prefix-repetition-suffix-len", "8",
                           "--prefix-repetition-num-prefixes", "2", "--prefix-repetition-output-len", "4",
                           "--num-prompts", "8", "--max-concurrency", "2", "--ignore-eos", "--disable-tqdm"])  # fmt: skip
     assert m["completed"] == 8 and m["input_lens"] == [72] * 8
-    assert llm.engine.stats()["prefix_cache_hits"] - before >= 6 * 64  # all but the first of each group hit
+    assert llm.stats()["prefix_cache_hits"] - before >= 6 * 64  # all but the first of each group hit
 
 
 def test_multi_turn_chat_resends_history(url, model):
@@ -166,3 +167,17 @@ def test_profile_step_sums_kernels_and_counts_overlapping_gpu_time_once(tmp_path
     assert totals == {"dot.1 [gemm]": 20.0, "attn [attn]": 4.0}
     assert launches == 3 and busy == 19.0
     assert host == {"/host:CPU: Execute": 40.0}
+
+
+def test_real_decode_inputs_hold_the_context_and_leave_the_engine_clean(model, compile_cache):
+    from rtpjax.benchmarks.offline import RtpjaxRunner
+
+    runner = RtpjaxRunner(str(model), "auto", 8, 256, 32, compile_cache)
+    engine = runner.llm.engine
+    inputs, ids = runner.decode_inputs(4, 40, prompt_len=24)
+    batch, _ = inputs
+    lens = batch.meta.seq_lens[:4]
+    assert len(ids) == 4 and (lens >= 40).all() and (lens < 40 + 4).all()  # real rows at (about) the context
+    assert runner.device_step_ms(4, steps=2, inputs=inputs) > 0
+    runner.release(ids)
+    assert not engine.requests and engine.pool.num_free == engine.pool.num_blocks
