@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import pickle
 import queue
 import signal
 import socket
@@ -78,7 +80,10 @@ def _receive(conn: Connection, commands: queue.Queue) -> None:
         while True:
             commands.put(conn.recv())
     except (EOFError, OSError):
-        commands.put(("stop", None))  # the parent is gone
+        pass  # the parent is gone
+    except Exception:  # noqa: BLE001 - a message that cannot be read: the stream is out of step, so stop
+        log.exception("unreadable command from the front end; stopping")
+    commands.put(("stop", None))
 
 
 def _serve(engine: LLMEngine, conn: Connection) -> None:
@@ -97,14 +102,17 @@ def _serve(engine: LLMEngine, conn: Connection) -> None:
         while not inbox.empty():
             commands.append(inbox.get_nowait())
         outputs, errors = [], []
-        for kind, arg in commands:
+        for kind, arg, *blob in commands:
             if kind == "stop":
                 return
-            if kind == "add":
+            if kind == "add":  # (request id, pickled Request): a request that fails here fails alone
                 try:
-                    engine.add(arg)
+                    engine.add(pickle.loads(blob[0]))
                 except ValueError as e:
-                    errors.append((arg.request_id, e))
+                    errors.append((arg, e))
+                except Exception as e:  # noqa: BLE001 - e.g. prompt logprobs out of device memory
+                    log.exception("could not add request %s", arg)
+                    errors.append((arg, RuntimeError(f"engine error: {type(e).__name__}: {e}")))
             elif kind == "abort":
                 out = engine.abort(arg, as_deltas=True)
                 if out is not None:
@@ -121,8 +129,16 @@ def _serve(engine: LLMEngine, conn: Connection) -> None:
         conn.send(("step", outputs, errors, engine.stats()))
 
 
-def child_main(fd: int) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """While the engine loads and compiles nobody reads the socket: exit as soon as the parent is gone."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def child_main(fd: int, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="rtpjax-parent-watch", daemon=True).start()
     conn = Connection(fd)
     model, engine_args, level = conn.recv()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s")
@@ -146,19 +162,24 @@ class EngineProcess:
 
     def __init__(self, model: str, args: EngineArgs):
         ours, theirs = socket.socketpair()
-        bootstrap = f"import sys; sys.path[:0] = {sys.path!r}; from rtpjax.engine_process import child_main; " \
-                    f"child_main({theirs.fileno()})"  # fmt: skip
+        path = [p for p in sys.path if isinstance(p, str)]
+        bootstrap = f"import sys; sys.path[:0] = {path!r}; from rtpjax.engine_process import child_main; " \
+                    f"child_main({theirs.fileno()}, {os.getpid()})"  # fmt: skip
         self.proc = subprocess.Popen([sys.executable, "-c", bootstrap], pass_fds=(theirs.fileno(),),
                                      start_new_session=True)  # fmt: skip
         theirs.close()
         self.conn = Connection(ours.detach())
         self._send_lock = threading.Lock()
-        self.send((model, dataclasses.asdict(args), logging.getLogger("rtpjax").getEffectiveLevel()))
         try:
+            self.send((model, dataclasses.asdict(args), logging.getLogger("rtpjax").getEffectiveLevel()))
             reply = self.conn.recv()
         except (EOFError, OSError):
             self.proc.wait()
             raise RuntimeError(f"the engine process exited with code {self.proc.returncode} while starting") from None
+        except BaseException:  # interrupted while waiting: the child must not go on loading for minutes
+            self.proc.kill()
+            self.proc.wait()
+            raise
         if reply[0] == "failed":
             self.proc.wait()
             raise RuntimeError(f"the engine process failed to start: {reply[1]}\n{reply[2]}")

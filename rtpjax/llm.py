@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pickle
 import threading
 from typing import AsyncIterator, Sequence as Seq
 
@@ -89,11 +90,19 @@ class AsyncLLM:
         with ThreadPoolExecutor(1) as pool:  # the front end's tokenizer loads while the engine starts
             tokenizer = pool.submit(load_tokenizer, self.args.tokenizer or model)
             self._engine = EngineProcess(model, self.args)
-            self.tokenizer = tokenizer.result()
+            try:
+                self.tokenizer = tokenizer.result()
+            except BaseException:
+                self._engine.close()
+                raise
         self.info = self._engine.info
         self._stats = self._engine.stats
         self._make_request = RequestMaker(self.tokenizer, self.info, self.args.seed)
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, Accumulator]] = {}
+        # request id -> (event loop, output queue or None once its reader left, accumulator). An entry lives until
+        # the engine's last word on the request (finished output or error), so an id is never reused while the
+        # engine may still send for it, and admission control counts what the engine still holds.
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue | None, Accumulator]] = {}
+        self._lock = threading.Lock()  # the reader's lookup-and-pop against a leaving reader's hand-over
         self._reserved = 0
         self._stopped = threading.Event()
         self._reader = threading.Thread(target=self._read, name="rtpjax-engine-reader", daemon=True)
@@ -101,7 +110,8 @@ class AsyncLLM:
 
     async def submit(self, prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None,
                      priority: int = 0) -> AsyncIterator[RequestOutput]:  # fmt: skip
-        """Validate and queue a request now (raising ValueError for bad input); returns its output stream."""
+        """Validate and queue a request now (raising ValueError for bad input, RuntimeError when the engine is
+        gone); returns its output stream."""
         if self._stopped.is_set():
             raise RuntimeError("the engine is shut down")
         # Tokenizing and validating happen off the event loop; bad input raises here, for this request only.
@@ -110,12 +120,21 @@ class AsyncLLM:
             request = await asyncio.to_thread(self._make_request, prompt, sampling_params, request_id, priority)
         finally:
             self._reserved -= 1
-        if request.request_id in self._streams:
-            raise ValueError(f"request id {request.request_id!r} is already running")
+        rid = request.request_id
+        if rid in self._streams:
+            raise ValueError(f"request id {rid!r} is already running")
+        try:  # pickled here, so a request the engine process cannot unpickle fails alone, with its own error
+            blob = pickle.dumps(request, pickle.HIGHEST_PROTOCOL)
+        except (pickle.PicklingError, AttributeError, TypeError) as e:
+            raise ValueError(f"the request cannot be sent to the engine process: {e}") from None
         stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request.request_id] = (asyncio.get_running_loop(), stream, Accumulator.of(request))
-        self._engine.send(("add", request))
-        return self._outputs(request.request_id, stream)
+        self._streams[rid] = (asyncio.get_running_loop(), stream, Accumulator.of(request))
+        try:
+            self._engine.send(("add", rid, blob))
+        except OSError:
+            self._streams.pop(rid, None)
+            raise RuntimeError("the engine is shut down") from None
+        return self._outputs(rid, stream)
 
     async def generate(self, prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None,
                        priority: int = 0) -> AsyncIterator[RequestOutput]:  # fmt: skip
@@ -148,18 +167,33 @@ class AsyncLLM:
                     raise out
                 yield out
                 if out.finished:
-                    self._streams.pop(request_id, None)
                     return
                 if error is not None:
                     raise error
         finally:
-            if self._streams.pop(request_id, None) is not None and self.is_alive:  # the caller left early
-                self._engine.send(("abort", request_id))  # frees its blocks
+            self._leave(request_id)
+
+    def _leave(self, request_id: str) -> None:
+        """The reader is gone: if the engine still runs the request, stop it (frees its blocks) and drop what
+        it still sends."""
+        with self._lock:
+            entry = self._streams.get(request_id)
+            if entry is None or entry[1] is None:
+                return  # the engine is done with it
+            self._streams[request_id] = (entry[0], None, entry[2])
+        if self.is_alive:
+            try:
+                self._engine.send(("abort", request_id))
+            except OSError:
+                pass  # the engine is gone; the reader fails what it held
 
     async def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks; its stream (if anyone still reads it) ends with finish_reason abort."""
         if self.is_alive:
-            self._engine.send(("abort", request_id))
+            try:
+                self._engine.send(("abort", request_id))
+            except OSError:
+                pass
 
     def stats(self) -> dict:
         """The engine's gauges as of its last step."""
@@ -169,6 +203,7 @@ class AsyncLLM:
         if not self._stopped.is_set():
             self._stopped.set()
             self._engine.close()
+            self._fail_all("the engine is shut down")
         self._reader.join(timeout=30)
 
     def _read(self) -> None:
@@ -178,21 +213,51 @@ class AsyncLLM:
                 _, wire, errors, self._stats = self._engine.conn.recv()
                 by_loop: dict = {}
                 for item in wire:
-                    target = self._streams.get(item[0])
-                    if target is not None:
-                        by_loop.setdefault(target[0], []).append((target[1], target[2].output(item)))
+                    self._route(by_loop, item[0], item, finished=item[1])
                 for request_id, error in errors:
-                    target = self._streams.get(request_id)
-                    if target is not None:
-                        by_loop.setdefault(target[0], []).append((target[1], error))
+                    self._route(by_loop, request_id, error, finished=True)
                 for loop, items in by_loop.items():
-                    loop.call_soon_threadsafe(_put_all, items)
+                    try:
+                        loop.call_soon_threadsafe(_put_all, items)
+                    except RuntimeError:
+                        pass  # that caller's event loop is closed: nobody is left to read its streams
         except (EOFError, OSError):
             pass
+        except Exception:  # a bug here must not leave every stream hanging: fail them and stop the engine
+            log.exception("the engine output reader failed")
+            self._engine.proc.kill()
         if not self._stopped.is_set():
             self._stopped.set()
-            code = self._engine.proc.wait()
-            log.error("the engine process exited with code %s; failing the requests in flight", code)
-            error = RuntimeError(f"the engine process exited with code {code}")
-            for loop, stream, _ in list(self._streams.values()):
-                loop.call_soon_threadsafe(stream.put_nowait, error)
+            self._fail_all("the engine process exited")
+            try:
+                code = self._engine.proc.wait(timeout=30)
+            except Exception:  # noqa: BLE001 - only for the log line
+                code = "unknown"
+            log.error("the engine process exited with code %s; failed the requests in flight", code)
+
+    def _route(self, by_loop: dict, request_id: str, item, finished: bool) -> None:
+        """One output or error to its stream; the engine's last word on a request ends its entry."""
+        with self._lock:
+            entry = self._streams.pop(request_id, None) if finished else self._streams.get(request_id)
+        if entry is None or entry[1] is None:
+            return  # its reader left (the engine was told to stop it)
+        if not isinstance(item, BaseException):
+            try:
+                item = entry[2].output(item)
+            except Exception as e:  # noqa: BLE001 - one request's broken output fails that request only
+                log.exception("could not build the output of request %s", request_id)
+                item = RuntimeError(f"engine output error: {type(e).__name__}: {e}")
+                if not finished:
+                    self._leave(request_id)
+        by_loop.setdefault(entry[0], []).append((entry[1], item))
+
+    def _fail_all(self, message: str) -> None:
+        with self._lock:
+            entries = list(self._streams.values())
+            self._streams.clear()
+        for loop, stream, _ in entries:
+            if stream is not None:
+                try:
+                    loop.call_soon_threadsafe(stream.put_nowait, RuntimeError(message))
+                except RuntimeError:
+                    pass  # that event loop is closed

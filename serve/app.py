@@ -97,9 +97,11 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
                 rid = f"{prefix}-{i}"
                 streams.append(await llm.submit(prompt, params, request_id=rid, priority=priority))
                 ids.append(rid)
-        except ValueError as e:
+        except (ValueError, RuntimeError) as e:
             for rid in ids:
                 await llm.abort(rid)
+            if isinstance(e, RuntimeError):  # the engine is gone (or shutting down)
+                raise APIError(503, str(e), type="server_error", code="engine_unavailable") from None
             raise APIError(400, str(e)) from None
         return streams
 

@@ -101,12 +101,77 @@ def test_a_dead_engine_process_fails_streams_and_new_requests(stories_dir, compi
             await asyncio.sleep(0.05)
         with pytest.raises(RuntimeError, match="shut down"):
             await llm.submit([1], SamplingParams(max_tokens=2))
+        import httpx
+
+        from rtpjax.serve.app import build_app
+
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(build_app(llm, "m")), base_url="http://t") as c:
+            assert (await c.get("/health")).status_code == 503
+            r = await c.post("/v1/completions", json={"prompt": [1], "max_tokens": 2})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
 
     try:
         asyncio.run(main())
         assert llm.num_unfinished == 0 and not llm.is_alive
     finally:
         llm.shutdown()
+
+
+def test_request_id_is_reusable_once_the_engine_let_go(async_llm, stories_llm):
+    params = SamplingParams(max_tokens=12, **GREEDY)
+    expected = stories_llm.generate([1, 450], params)[0].outputs[0].token_ids
+
+    async def main():
+        async for out in async_llm.generate([1], SamplingParams(max_tokens=200, **GREEDY), request_id="x"):
+            if len(out.outputs[0].token_ids) >= 2:
+                break  # left early: "x" stays taken until the engine confirms the abort
+        for _ in range(200):
+            if async_llm.num_unfinished == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert async_llm.num_unfinished == 0
+        return [t async for out in async_llm.generate([1, 450], params, request_id="x") for t in out.outputs[0].delta_token_ids]
+
+    assert asyncio.run(main()) == expected  # nothing of the first "x" leaked into the second
+
+
+def test_a_request_the_engine_cannot_read_fails_alone(async_llm):
+    import pickle
+    import types
+
+    module = types.ModuleType("rtpjax_parent_only")  # importable here, not in the engine process
+    exec("from rtpjax import SamplingParams\nclass Params(SamplingParams): pass", module.__dict__)
+    module.Params.__module__ = module.__name__
+    sys.modules[module.__name__] = module
+    try:
+        assert pickle.loads(pickle.dumps(module.Params()))
+
+        async def main():
+            with pytest.raises(RuntimeError, match="engine error"):
+                async for _ in async_llm.generate([1], module.Params(max_tokens=3, **GREEDY)):
+                    pass
+            return [o async for o in async_llm.generate([1], SamplingParams(max_tokens=3, **GREEDY))][-1]
+
+        assert asyncio.run(main()).outputs[0].token_ids  # the engine serves on
+        assert async_llm.num_unfinished == 0
+    finally:
+        del sys.modules[module.__name__]
+
+
+def test_shutdown_ends_streams_in_flight(stories_dir, compile_cache):
+    llm = AsyncLLM(str(stories_dir), compilation_cache_dir=compile_cache, **ENGINE_ARGS)
+
+    async def main():
+        stream = await llm.submit([1], SamplingParams(max_tokens=200, **GREEDY))
+        with pytest.raises(RuntimeError, match="shut down"):
+            async for out in stream:
+                if len(out.outputs[0].token_ids) >= 2:
+                    await asyncio.to_thread(llm.shutdown)
+        with pytest.raises(RuntimeError, match="shut down"):
+            await llm.submit([1], SamplingParams(max_tokens=2))
+
+    asyncio.run(main())
+    assert llm.num_unfinished == 0 and llm._engine.proc.poll() is not None
 
 
 def test_stream_never_leaks_a_partial_stop_string(stories_llm):
