@@ -14,7 +14,7 @@ import bisect
 import dataclasses
 import time
 
-from rtpjax.block_pool import BlockPool, prefix_hashes
+from rtpjax.block_pool import BlockPool, block_hash, prefix_hashes
 from rtpjax.sequence import PENDING, Sequence, Status
 
 
@@ -154,6 +154,7 @@ class Scheduler:
         else:
             seq.fork_parent = None
             hashes = prefix_hashes(seq.token_ids, self.block_size, seq.extra_key)
+            seq.block_hashes = hashes
             shared = self.pool.lookup(hashes, len(seq.token_ids))[:max_shared]
             self.pool.count_hit(len(shared) * self.block_size)
         self.pool.share(shared)
@@ -182,15 +183,17 @@ class Scheduler:
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """Publish the sequence's newly completed blocks to the prefix cache (only blocks whose tokens are known)."""
-        known = seq.num_computed
-        if known // self.block_size <= seq.num_registered_blocks:
-            return  # no block completed since the last call (most steps): skip the scan below
-        if PENDING in seq.token_ids[:known]:
-            known = seq.token_ids.index(PENDING)
-        full = known // self.block_size
+        known, ids, size = seq.num_computed, seq.token_ids, self.block_size
+        if known // size <= seq.num_registered_blocks:
+            return  # no block completed since the last call (most steps)
+        while known and ids[known - 1] == PENDING:  # tokens still on the device are the last one or two
+            known -= 1
+        full = known // size
         if full <= seq.num_registered_blocks:
             return
-        hashes = prefix_hashes(seq.token_ids[: full * self.block_size], self.block_size, seq.extra_key)
+        hashes = seq.block_hashes  # the chain grows by the new blocks only, not rehashed from the start
+        for b in range(len(hashes), full):
+            hashes.append(block_hash(hashes[-1] if hashes else None, ids[b * size : (b + 1) * size], seq.extra_key))
         for b in range(seq.num_registered_blocks, full):
             self.pool.register(seq.block_table[b], hashes[b])
         seq.num_registered_blocks = full

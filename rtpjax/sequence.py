@@ -56,6 +56,7 @@ class Sequence:
     num_computed: int = 0  # tokens whose K/V are (or are being) written to the cache
     block_table: list[int] = dataclasses.field(default_factory=list)
     num_registered_blocks: int = 0  # leading full blocks published to the prefix cache
+    block_hashes: list[bytes] = dataclasses.field(default_factory=list)  # the chain over leading full blocks
     slot: int = -1  # row of the device-side sampler state while running
     fork_parent: "Sequence | None" = None  # n > 1: wait for this sibling's prompt blocks, then share them
     finish_reason: str | None = None

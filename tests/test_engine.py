@@ -53,6 +53,26 @@ def test_prefix_cache_off_on_and_hit_give_same_tokens(stories_llm, stories_dir, 
     assert first == second == third == [alone(stories_llm, p, 24) for p in prompts]
 
 
+def test_generated_blocks_are_published_under_their_full_chain_hash(stories_llm):
+    """Blocks completed during decode are hashed incrementally; the chain must equal one computed from scratch, so a
+    later prompt that repeats prompt + output hits every full block."""
+    from rtpjax.block_pool import prefix_hashes
+
+    engine = stories_llm.engine
+    request = engine.make_request(random_prompts(1, seed=5, low=20, high=21)[0], SamplingParams(max_tokens=60, **GREEDY))
+    engine.add(request)
+    while engine.has_work():
+        engine.step()
+    seq = request.seqs[0]
+    full = len(seq.token_ids) // 16  # the last token's K/V is never computed, so its block may stay unpublished
+    assert len(seq.block_hashes) >= full - 1 >= 4
+    assert seq.block_hashes == prefix_hashes(seq.token_ids, 16)[: len(seq.block_hashes)]
+    assert [engine.pool.cached.get(h) is not None for h in seq.block_hashes[: full - 1]] == [True] * (full - 1)
+    hits = engine.pool.hits
+    stories_llm.generate([seq.token_ids + [5]], SamplingParams(max_tokens=1, **GREEDY))
+    assert engine.pool.hits - hits >= (full - 1) * 16
+
+
 def test_tiny_pool_preempts_and_recomputes_identically(stories_dir, compile_cache):
     llm = LLM(str(stories_dir), num_gpu_blocks=10, compilation_cache_dir=compile_cache, **ENGINE_ARGS)
     prompts = random_prompts(6, seed=3, low=20, high=40)
