@@ -102,7 +102,7 @@ class LoopStats:
     rows: int = 0  # sequences scheduled
     busy_s: float = 0.0  # inside step()
     prepare_s: float = 0.0  # of that: scheduling and building the step's inputs
-    launch_s: float = 0.0  # queuing it on the device (waits while the previous step holds the KV cache)
+    launch_s: float = 0.0  # queuing it on the device (on the GPU this can wait for the previous step)
     device_wait_s: float = 0.0  # reading the previous step's tokens
     # the rest of busy_s: turning those tokens into outputs
 

@@ -284,7 +284,8 @@ class ModelRunner:
 
     def launch(self, batch: StepBatch, sampling: sampler.SamplingInputs) -> sampler.SampleOutput:
         """Queue the step on the device and return its (not yet computed) outputs, already on their way to the host.
-        The call itself waits while the previous step still holds the KV cache it donates."""
+        On the GPU the call can itself wait for the device (2.8 ms per executable at 256 rows in a profile, with
+        the previous step still running; presumably on the donated KV cache)."""
         out = self.run_step(batch, sampling)
         for leaf in jax.tree.leaves(out):
             leaf.copy_to_host_async()
