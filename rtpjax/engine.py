@@ -100,6 +100,8 @@ class LoopStats:
 
     steps: int = 0
     rows: int = 0  # sequences scheduled
+    computed: int = 0  # tokens run through the model (prompt chunks and decode inputs)
+    sampled: int = 0  # tokens sampled (one per sequence whose chunk reached its end)
     busy_s: float = 0.0  # inside step()
     prepare_s: float = 0.0  # of that: scheduling and building the step's inputs
     launch_s: float = 0.0  # queuing it on the device (on the GPU this can wait for the previous step)
@@ -109,7 +111,8 @@ class LoopStats:
     def report(self, seconds: float) -> str:
         n, ms = max(self.steps, 1), 1e3 / max(self.steps, 1)
         outputs = self.busy_s - self.prepare_s - self.launch_s - self.device_wait_s
-        return (f"{self.steps / seconds:.1f} steps/s, {self.rows / n:.0f} sequences per step; per step "
+        return (f"{self.steps / seconds:.1f} steps/s, {self.rows / n:.0f} sequences per step, "
+                f"{self.computed / seconds:.0f} tokens/s through the model, {self.sampled / seconds:.0f} sampled; per step "
                 f"{self.prepare_s * ms:.2f} ms scheduling, {self.launch_s * ms:.2f} ms launching, "
                 f"{self.device_wait_s * ms:.2f} ms reading tokens, {outputs * ms:.2f} ms on outputs "
                 "(launching and reading both wait for the device)")
@@ -332,6 +335,8 @@ class LLMEngine:
         outputs = self._process(*self.inflight, final_only, as_deltas) if self.inflight is not None else []
         self.inflight = launched
         stats.steps, stats.rows = stats.steps + 1, stats.rows + len(schedule.items)
+        stats.computed += schedule.num_tokens
+        stats.sampled += sum(item.samples for item in schedule.items)
         stats.busy_s += time.perf_counter() - began
         return outputs
 

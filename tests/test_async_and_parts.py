@@ -198,6 +198,7 @@ def test_loop_stats_account_for_each_step(stories_llm):
     stories_llm.generate([[1], [1, 450]], SamplingParams(max_tokens=10, **GREEDY))
     s = engine.loop_stats
     assert s.steps >= 10 and 2 * 9 <= s.rows <= 2 * s.steps
+    assert s.computed == 1 + 2 + 2 * 9 and s.sampled == 2 * 10  # prompts once, then each sampled token fed back
     assert 0 < s.prepare_s and 0 < s.launch_s and s.prepare_s + s.launch_s + s.device_wait_s <= s.busy_s
     assert f"{s.steps / 2.0:.1f} steps/s" in s.report(2.0)
 
