@@ -241,6 +241,16 @@ def test_malformed_requests_get_4xx(server, path, body, status, param):
         assert error["param"] == param
 
 
+def test_a_bad_prompt_among_several_queues_none_and_leaks_nothing(server, llm):
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": [[1, 5], [1, 99999]], "max_tokens": 50})
+    assert r.status_code == 400 and "outside the vocabulary" in r.json()["error"]["message"]
+    deadline = time.time() + 30
+    while llm.num_unfinished and time.time() < deadline:  # the first prompt was queued, then aborted
+        time.sleep(0.05)
+    assert llm.num_unfinished == 0
+    wait_idle(llm)
+
+
 def test_routes_methods_and_info(server):
     assert httpx.get(server.url + "/nope").status_code == 404
     assert httpx.get(server.url + "/v1/completions").status_code == 405
