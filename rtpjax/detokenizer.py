@@ -30,7 +30,8 @@ def _decode(tokenizer, ids: list[int], skip_special: bool) -> str:
     return tokenizer.decode(ids, skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
 
 
-def append_tokens(tokenizer, state: DetokState, token_ids: list[int], skip_special: bool, end: int | None = None) -> str:
+def append_tokens(tokenizer, state: DetokState, token_ids: list[int], skip_special: bool,
+                  end: int | None = None) -> str:  # fmt: skip
     """Extend state.text with what `token_ids[:end]` (prompt + output) spell beyond what it already holds; returns
     the new text. (`end` spares the caller a copy of a sequence that may hold PENDING tokens past it.)"""
     end = len(token_ids) if end is None else end

@@ -112,7 +112,8 @@ class LoopStats:
         n, ms = max(self.steps, 1), 1e3 / max(self.steps, 1)
         outputs = self.busy_s - self.prepare_s - self.launch_s - self.device_wait_s
         return (f"{self.steps / seconds:.1f} steps/s, {self.rows / n:.0f} sequences per step, "
-                f"{self.computed / seconds:.0f} tokens/s through the model, {self.sampled / seconds:.0f} sampled; per step "
+                f"{self.computed / seconds:.0f} tokens/s through the model, {self.sampled / seconds:.0f} sampled; "
+                "per step "
                 f"{self.prepare_s * ms:.2f} ms scheduling, {self.launch_s * ms:.2f} ms launching, "
                 f"{self.device_wait_s * ms:.2f} ms reading tokens, {outputs * ms:.2f} ms on outputs "
                 "(launching and reading both wait for the device)")
@@ -420,7 +421,9 @@ class LLMEngine:
         outs = []
         for seq, (index, text, ids, lps, reason, stop) in zip(request.seqs, delta[4]):
             n, first = request.sent[index], seq.num_prompt
-            outs.append(CompletionOutput(index, seq.detok.text, seq.token_ids[first : first + n],
+            # The text so far is what the deltas spelled: a tail that may still become a stop string waits.
+            whole = seq.detok.text[: seq.detok.streamed]
+            outs.append(CompletionOutput(index, whole, seq.token_ids[first : first + n],
                                          seq.logprobs[:n] if lps is not None else None, reason, stop, text, ids, lps))  # fmt: skip
         return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outs, delta[1],
                              request.seqs[0].metrics, request.prompt_logprobs)  # fmt: skip

@@ -87,7 +87,8 @@ def _receive(conn: Connection, commands: queue.Queue) -> None:
 
 
 def _serve(engine: LLMEngine, conn: Connection) -> None:
-    """Commands in, one message out per round: (outputs, errors, stats). Returns on "stop" or when the parent is gone."""
+    """Commands in, one message out per round: (outputs, errors, stats). Returns on "stop" or once the parent is
+    gone."""
     inbox: queue.Queue = queue.Queue()
     threading.Thread(target=_receive, args=(conn, inbox), name="rtpjax-commands", daemon=True).start()
     reported = time.monotonic()

@@ -186,6 +186,7 @@ def test_stream_never_leaks_a_partial_stop_string(stories_llm):
             if out.request_id == rid:
                 streamed += out.outputs[0].delta_text
                 deltas += bool(out.outputs[0].delta_text)
+                assert out.outputs[0].text == streamed  # the whole text is always what the deltas spelled
                 assert expected.startswith(streamed), streamed  # never a piece of "girl named Lily" on the way
     assert streamed == expected and deltas > 3
 
