@@ -78,7 +78,8 @@ def main():
         t = next(x for x in engine.token_buckets if x >= b)
         top = sorted(totals.items(), key=lambda kv: -kv[1])[: args.top]
         result["batches"][b] = {
-            "context": args.context, "bucket": [t, engine._seqs_for(t)], "step_ms": wall_ms, "kernel_ms": kernel_ms, "gpu_busy_ms": busy_ms,
+            "context": args.context, "bucket": [t, engine._seqs_for(t)], "step_ms": wall_ms, "kernel_ms": kernel_ms,
+            "gpu_busy_ms": busy_ms,
             "kernels_per_step": launches / args.steps,
             "top": [{"kernel": k, "ms_per_step": v / args.steps / 1e3} for k, v in top],
         }  # fmt: skip

@@ -86,37 +86,6 @@ def test_slow_reader_gets_merged_outputs_with_every_token(async_llm, stories_llm
     assert outs[-1].outputs[0].token_ids == expected.token_ids and outs[-1].finished
 
 
-def test_a_dead_engine_process_fails_streams_and_new_requests(stories_dir, compile_cache):
-    llm = AsyncLLM(str(stories_dir), compilation_cache_dir=compile_cache, **ENGINE_ARGS)
-
-    async def main():
-        stream = await llm.submit([1], SamplingParams(max_tokens=200, **GREEDY))
-        with pytest.raises(RuntimeError, match="engine process exited"):
-            async for out in stream:
-                if len(out.outputs[0].token_ids) >= 2:
-                    llm._engine.proc.kill()
-        for _ in range(100):  # the reader thread notices the socket closing
-            if not llm.is_alive:
-                break
-            await asyncio.sleep(0.05)
-        with pytest.raises(RuntimeError, match="shut down"):
-            await llm.submit([1], SamplingParams(max_tokens=2))
-        import httpx
-
-        from rtpjax.serve.app import build_app
-
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(build_app(llm, "m")), base_url="http://t") as c:
-            assert (await c.get("/health")).status_code == 503
-            r = await c.post("/v1/completions", json={"prompt": [1], "max_tokens": 2})
-            assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
-
-    try:
-        asyncio.run(main())
-        assert llm.num_unfinished == 0 and not llm.is_alive
-    finally:
-        llm.shutdown()
-
-
 def test_request_id_is_reusable_once_the_engine_let_go(async_llm, stories_llm):
     params = SamplingParams(max_tokens=12, **GREEDY)
     expected = stories_llm.generate([1, 450], params)[0].outputs[0].token_ids
@@ -158,20 +127,45 @@ def test_a_request_the_engine_cannot_read_fails_alone(async_llm):
         del sys.modules[module.__name__]
 
 
-def test_shutdown_ends_streams_in_flight(stories_dir, compile_cache):
+@pytest.mark.parametrize("end, message", [("kill", "engine process exited"), ("shutdown", "shut down")])
+def test_an_ended_engine_fails_streams_new_requests_and_the_server(stories_dir, compile_cache, end, message):
+    """The engine process dying (killed) or shut down mid-stream: the stream raises instead of hanging, new requests
+    are refused, nothing stays counted, and the server answers 503."""
+    import httpx
+
+    from rtpjax.serve.app import build_app
+
     llm = AsyncLLM(str(stories_dir), compilation_cache_dir=compile_cache, **ENGINE_ARGS)
+
+    async def consume(stream):
+        async for out in stream:
+            if len(out.outputs[0].token_ids) >= 2:
+                if end == "kill":
+                    llm._engine.proc.kill()
+                else:
+                    await asyncio.to_thread(llm.shutdown)
 
     async def main():
         stream = await llm.submit([1], SamplingParams(max_tokens=200, **GREEDY))
-        with pytest.raises(RuntimeError, match="shut down"):
-            async for out in stream:
-                if len(out.outputs[0].token_ids) >= 2:
-                    await asyncio.to_thread(llm.shutdown)
+        with pytest.raises(RuntimeError, match=message):
+            await asyncio.wait_for(consume(stream), timeout=60)  # a regression fails here rather than hanging
+        for _ in range(100):  # the reader thread notices the socket closing
+            if not llm.is_alive:
+                break
+            await asyncio.sleep(0.05)
         with pytest.raises(RuntimeError, match="shut down"):
             await llm.submit([1], SamplingParams(max_tokens=2))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(build_app(llm, "m")), base_url="http://t") as c:
+            assert (await c.get("/health")).status_code == 503
+            r = await c.post("/v1/completions", json={"prompt": [1], "max_tokens": 2})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
 
-    asyncio.run(main())
-    assert llm.num_unfinished == 0 and llm._engine.proc.poll() is not None
+    try:
+        asyncio.run(main())
+        assert llm.num_unfinished == 0 and not llm.is_alive
+    finally:
+        llm.shutdown()
+    assert llm._engine.proc.poll() is not None
 
 
 def test_stream_never_leaks_a_partial_stop_string(stories_llm):
