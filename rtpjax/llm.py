@@ -181,19 +181,18 @@ class AsyncLLM:
             if entry is None or entry[1] is None:
                 return  # the engine is done with it
             self._streams[request_id] = (entry[0], None, entry[2])
+        self._abort_in_engine(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request and free its blocks; its stream (if anyone still reads it) ends with finish_reason abort."""
+        self._abort_in_engine(request_id)
+
+    def _abort_in_engine(self, request_id: str) -> None:
         if self.is_alive:
             try:
                 self._engine.send(("abort", request_id))
             except OSError:
                 pass  # the engine is gone; the reader fails what it held
-
-    async def abort(self, request_id: str) -> None:
-        """Stop a request and free its blocks; its stream (if anyone still reads it) ends with finish_reason abort."""
-        if self.is_alive:
-            try:
-                self._engine.send(("abort", request_id))
-            except OSError:
-                pass
 
     def stats(self) -> dict:
         """The engine's gauges as of its last step."""
