@@ -87,7 +87,7 @@ def decode_suite(batches, contexts, out):
             def ours(q, cache, meta, **kw):
                 return ragged_paged_attention(q, cache, meta, scale=scale, **kw)
 
-            for name, kw in [("rtpjax", {}), ("rtpjax_p8", dict(pages_per_tile=8)),
+            for name, kw in [("rtpjax", {}), ("rtpjax_p4", dict(pages_per_tile=4)),
                              ("rtpjax_p8w8", dict(pages_per_tile=8, num_warps=8))]:  # fmt: skip
                 try:
                     f = lambda q, k, v, m, kw=kw: ours(q, (k, v), m, **kw)  # noqa: E731
@@ -95,12 +95,14 @@ def decode_suite(batches, contexts, out):
                 except Exception as e:  # report, keep measuring the rest
                     row[name + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             for qname, qdtype in [("int8", jnp.int8), ("fp8", jnp.float8_e4m3fn)]:
-                try:
-                    (kq, ks), (vq, vs) = quantize(k, qdtype), quantize(v, qdtype)
-                    f = lambda q, a, b, c, d, m: ours(q, (a, b, c, d), m, pages_per_tile=8, num_stages=3)  # noqa: E731
-                    row[f"rtpjax_{qname}_us"] = timed(f, (q, kq, vq, ks, vs), varying) * 1e6
-                except Exception as e:
-                    row[f"rtpjax_{qname}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                (kq, ks), (vq, vs) = quantize(k, qdtype), quantize(v, qdtype)
+                for tiling, kw in [("", {}), ("_p16", dict(pages_per_tile=16))]:  # best of two tilings
+                    try:
+                        f = lambda q, a, b, c, d, m, kw=kw: ours(q, (a, b, c, d), m, **kw)  # noqa: E731
+                        row[f"rtpjax_{qname}{tiling}_us"] = timed(f, (q, kq, vq, ks, vs), varying) * 1e6
+                    except Exception as e:
+                        row[f"rtpjax_{qname}{tiling}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                del kq, vq, ks, vs
             try:
                 splits = 1 if batch >= 32 else 8
                 f = lambda q, k, v, m: jax_paged.paged_attention(  # noqa: E731
@@ -128,8 +130,9 @@ def decode_suite(batches, contexts, out):
             out["decode"] = rows
             best = max((row[k] for k in row if k.startswith("rtpjax") and k.endswith("TBps") and "int8" not in k
                         and "fp8" not in k), default=float("nan"))  # fmt: skip
-            print(f"decode b={batch:4d} ctx={ctx:5d} rtpjax {best:5.2f} TB/s  int8 "
-                  f"{row.get('rtpjax_int8_TBps', float('nan')):5.2f}  fp8 {row.get('rtpjax_fp8_TBps', float('nan')):5.2f}"
+            bq = {n: max((row[k] for k in row if k.startswith(f"rtpjax_{n}") and k.endswith("TBps")), default=float("nan"))
+                  for n in ("int8", "fp8")}  # fmt: skip
+            print(f"decode b={batch:4d} ctx={ctx:5d} rtpjax {best:5.2f} TB/s  int8 {bq['int8']:5.2f}  fp8 {bq['fp8']:5.2f}"
                   f"  jax {row.get('jax_paged_TBps', float('nan')):5.2f}  xla {row.get('xla_TBps', float('nan')):5.2f}",
                   flush=True)  # fmt: skip
             del q, k, v, metas
@@ -147,8 +150,8 @@ def prefill_suite(chunks, out):
                                  jnp.arange(pages, dtype=jnp.int32)[None], jnp.zeros(T, jnp.int32))  # fmt: skip
         flops = 4 * HQ * D * T * (T + 1) / 2  # causal: QK^T and PV over the lower triangle
         row = dict(tokens=T)
-        for name, kw in [("rtpjax", {}), ("rtpjax_q32p8w8", dict(block_q=32, pages_per_tile=8, num_warps=8)),
-                         ("rtpjax_q32p8w8s3", dict(block_q=32, pages_per_tile=8, num_warps=8, num_stages=3))]:  # fmt: skip
+        for name, kw in [("rtpjax", {}), ("rtpjax_p4s4", dict(pages_per_tile=4, num_stages=4)),
+                         ("rtpjax_q16", dict(block_q=16))]:  # fmt: skip
             try:
                 f = lambda k, v, m, q, kw=kw: ragged_paged_attention(q, (k, v), m, scale=D**-0.5, **kw)  # noqa: E731
                 row[name + "_us"] = timed(f, (k, v, meta), qs, iters=10) * 1e6

@@ -6,8 +6,14 @@ owns one (KV head, query block, KV split); it walks its sequence's block table `
 an online softmax, and stops at the causal limit of its last token (and starts at the window of its first). With more
 than one KV split (long contexts, few sequences), partial results are merged outside the kernel.
 
+A tile is gathered as token rows of a flat [blocks * block_size, head_dim] view of the cache (each row's slot from the
+block table), not as [pages, block_size, head_dim] reshaped in the kernel: the reshape cost Triton a trip through
+shared memory per tile, and the row gather measured 1.5-1.6x faster at decode (benchmarks/RESULTS.md).
+
 An int8 / fp8 cache brings a float32 scale per token per head: keys are dequantized through the logits, values
-through the probabilities, so the cache is read at its stored width.
+through the probabilities, so the cache is read at its stored width. An fp8 tile becomes float16 (Hopper converts
+e4m3 pairs to float16 in one instruction; to bfloat16 it takes three), so its queries and probabilities are float16
+too, the queries scaled first; int8 converts to the queries' dtype (an exact float16 bit trick measured slower).
 """
 
 from __future__ import annotations
@@ -35,8 +41,8 @@ def _dot(a, b, trans_b: bool = False):
 def _kernel(
     qb_seq_ref, qb_start_ref, qb_rows_ref, qsl_ref, seq_lens_ref, tables_ref,  # scheduling, int32
     q_ref, k_ref, v_ref, *rest,
-    block_q: int, group: int, pages_per_tile: int, num_splits: int, scale: float, window: int | None,
-    soft_cap: float | None, quantized: bool,
+    block_q: int, group: int, page_size: int, pages_per_tile: int, max_pages: int, num_splits: int, scale: float,
+    window: int | None, soft_cap: float | None, quantized: bool,
 ):  # fmt: skip
     if quantized:
         k_scale_ref, v_scale_ref, *outs = rest
@@ -48,10 +54,13 @@ def _kernel(
     seq, t0, rows = qb_seq_ref[qb], qb_start_ref[qb], qb_rows_ref[qb]
     first_pos = seq_lens_ref[seq] - qsl_ref[seq + 1] + t0  # context position of the block's first token
     m_rows = block_q * group
-    page_size, head_dim = k_ref.shape[-2], k_ref.shape[-1]
+    head_dim = k_ref.shape[-1]
     tile = pages_per_tile * page_size
 
     q = q_ref[pl.ds(t0, block_q), :, :].reshape(m_rows, head_dim)
+    f16 = k_ref.dtype == jnp.float8_e4m3fn
+    if f16:  # scaled first: the float16 range holds q * scale of any real model
+        q = jnp.clip(q.astype(jnp.float32) * scale, -6e4, 6e4).astype(jnp.float16)
     row_pos = first_pos + lax.broadcasted_iota(jnp.int32, (m_rows, tile), 0) // group
     key_iota = lax.broadcasted_iota(jnp.int32, (m_rows, tile), 1)
 
@@ -65,14 +74,16 @@ def _kernel(
 
     def body(j, carry):
         acc, m_prev, l_prev = carry
-        pages = tables_ref[seq, pl.ds(j * pages_per_tile, pages_per_tile)]
-        k = k_ref[pages].reshape(tile, head_dim)
-        v = v_ref[pages].reshape(tile, head_dim)
+        pos = j * tile + lax.broadcasted_iota(jnp.int32, (tile,), 0)
+        slots = tables_ref[seq * max_pages + pos // page_size] * page_size + pos % page_size
+        k, v = k_ref[slots], v_ref[slots]  # [tile, head_dim]
         if quantized:
             k, v = k.astype(q.dtype), v.astype(q.dtype)
-        logits = _dot(q, k, trans_b=True) * scale  # [m_rows, tile] float32
+        logits = _dot(q, k, trans_b=True)  # [m_rows, tile] float32
+        if not f16:
+            logits = logits * scale
         if quantized:
-            logits = logits * k_scale_ref[pages].reshape(1, tile)
+            logits = logits * k_scale_ref[slots][None, :]
         if soft_cap is not None:
             logits = soft_cap * jnp.tanh(logits / soft_cap)
         key_pos = j * tile + key_iota
@@ -85,7 +96,7 @@ def _kernel(
         p = jnp.exp2((logits - m_next[:, None]) * math.log2(math.e))
         l_next = l_prev * correction + p.sum(axis=-1)
         if quantized:
-            p = p * v_scale_ref[pages].reshape(1, tile)
+            p = p * v_scale_ref[slots][None, :]
         acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
         return acc, m_next, l_next
 
@@ -156,15 +167,15 @@ def ragged_paged_attention(
     decode = num_tokens <= 2 * meta.seq_lens.shape[0]
     if block_q is None:
         block_q = max(1, (16 if decode else 128) // group_p)
+    if num_splits is None:  # few (sequence, KV head) pairs: split long contexts to fill the GPU's ~132 SMs
+        programs = kv_heads * (pl.cdiv(num_tokens, block_q) + meta.seq_lens.shape[0])
+        num_splits = 1 if num_tokens > 2 * meta.seq_lens.shape[0] else max(1, min(16, 512 // programs))
     if pages_per_tile is None:
         pages_per_tile = max(1, (64 if decode and not quantized else 128) // page_size)
     if num_warps is None:
         num_warps = 4 if decode else 8
     if num_stages is None:
         num_stages = 2 if decode and not quantized else 3
-    if num_splits is None:  # few (sequence, KV head) pairs: split long contexts to fill the GPU's ~132 SMs
-        programs = kv_heads * (pl.cdiv(num_tokens, block_q) + meta.seq_lens.shape[0])
-        num_splits = 1 if num_tokens > 2 * meta.seq_lens.shape[0] else max(1, min(16, 512 // programs))
 
     # [T, Hq, D] -> [Hkv, T + block_q, G_pow2, D]: one KV head's queries are rows of one matrix.
     qh = q.reshape(num_tokens, kv_heads, group, head_dim).transpose(1, 0, 2, 3)
@@ -172,6 +183,11 @@ def ragged_paged_attention(
     padded_tokens = num_tokens + block_q
     tables = meta.block_tables
     tables = jnp.pad(tables, ((0, 0), (0, -tables.shape[1] % pages_per_tile)))
+    max_pages = tables.shape[1]
+    tables = tables.reshape(-1)
+    # Flat views, one token row per slot (free reshapes of the contiguous cache).
+    cache = tuple(c.reshape(kv_heads, -1, *c.shape[3:]) for c in cache)
+    k_cache, v_cache = cache[0], cache[1]
     qb_seq, qb_start, qb_rows = query_blocks(meta, num_tokens, block_q)
     grid = (kv_heads, qb_seq.shape[0], num_splits)
 
@@ -197,8 +213,8 @@ def ragged_paged_attention(
         out_specs = [per_split((*out_rows, head_dim)), per_split(out_rows), per_split(out_rows)]
 
     kernel = functools.partial(
-        _kernel, block_q=block_q, group=group_p, pages_per_tile=pages_per_tile, num_splits=num_splits, scale=scale,
-        window=window, soft_cap=soft_cap, quantized=quantized,
+        _kernel, block_q=block_q, group=group_p, page_size=page_size, pages_per_tile=pages_per_tile,
+        max_pages=max_pages, num_splits=num_splits, scale=scale, window=window, soft_cap=soft_cap, quantized=quantized,
     )  # fmt: skip
     compiler_params = None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     outs = pl.pallas_call(
