@@ -12,7 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from rtpjax.attention import AttentionMetadata, LayerCache
+from rtpjax.attention import AttentionMetadata, LayerCache, plan_step
 from rtpjax.models import layers
 from rtpjax.models.config import ModelConfig
 
@@ -103,6 +103,7 @@ def _layer_fn(cfg: ModelConfig, window: int | None, moe: bool):
 def hidden_states(params: dict, cfg: ModelConfig, tokens, positions, kv_cache: KVCache, meta: AttentionMetadata):
     """Final-normed hidden states [T, H] for every token, and the updated cache."""
     x = params["embed"][tokens]
+    meta = plan_step(meta, tokens.shape[0], cfg.num_heads, cfg.num_kv_heads)
     new_cache = []
     for i, p in enumerate(params["layers"]):
         x, layer_cache = _layer_fn(cfg, cfg.window(i), cfg.is_moe_layer(i))(p, x, positions, kv_cache[i], meta)

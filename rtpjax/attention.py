@@ -28,6 +28,8 @@ class AttentionMetadata:
     block_tables:    [S, max_blocks] int32, KV cache blocks of each sequence, in order.
     slot_mapping:    [T]   int32, flat cache slot (block * block_size + offset) each token's K/V goes to; -1 for padding.
     impl:            static name of the attention implementation.
+    plan:            index arrays derived from the above, by name, made once per step by `plan_step` (else every
+                     layer rebuilds them: a few small kernels per layer on the GPU); empty when not made.
     """
 
     query_start_loc: jax.Array
@@ -35,6 +37,7 @@ class AttentionMetadata:
     block_tables: jax.Array
     slot_mapping: jax.Array
     impl: str = dataclasses.field(default="reference", metadata=dict(static=True))
+    plan: dict = dataclasses.field(default_factory=dict)
 
 
 # A layer's cache: (k, v), each [num_kv_heads, num_blocks, block_size, head_dim]: one contiguous
@@ -106,7 +109,7 @@ def reference_attention(
     num_tokens, num_heads, dim = q.shape
     kv_heads, _, block_size, _ = k_cache.shape
     group = num_heads // kv_heads
-    seq, position, valid = token_layout(meta, num_tokens)
+    seq, position, valid = meta.plan.get("token_layout") or token_layout(meta, num_tokens)
 
     # Every token gathers its own sequence's whole context: simple and exact, not fast.
     blocks = meta.block_tables[seq]  # [T, B]
@@ -143,6 +146,15 @@ def _pallas(q, k, v, cache, meta, **kw):
 # name -> fn(q, k, v, cache, meta, *, scale, window, soft_cap) -> (out, cache). "pallas" runs the Pallas kernel
 # (interpreted on CPU, which is slow: for tests); "auto" picks pallas on GPU and reference elsewhere.
 IMPLEMENTATIONS: dict[str, Callable] = {"reference": _reference, "pallas": _pallas}
+
+
+def plan_step(meta: AttentionMetadata, num_tokens: int, num_heads: int, num_kv_heads: int) -> AttentionMetadata:
+    """`meta` with its implementation's per-step index arrays, for a model to make once before its layers."""
+    if meta.impl == "pallas":
+        from rtpjax.pallas_kernels.ragged_paged_attention import plan
+
+        return dataclasses.replace(meta, plan={"query_blocks": plan(meta, num_tokens, num_heads, num_kv_heads)})
+    return dataclasses.replace(meta, plan={"token_layout": token_layout(meta, num_tokens)})
 
 
 def kernel_supports(head_dim: int) -> bool:

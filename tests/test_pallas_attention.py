@@ -129,6 +129,55 @@ def test_unsupported_head_dim_is_refused():
     assert resolve_impl("auto", 8) == "reference" and resolve_impl("pallas", 64) == "pallas"
 
 
+@pytest.mark.parametrize("case", ["decode", "mixed"])
+def test_step_plan_gives_the_same_output(case):
+    # The query blocks made once per step (plan_step) are the ones each call would make; an explicit block_q, or a
+    # plan made for other shapes, is not silently used with the wrong blocks.
+    import dataclasses
+
+    from rtpjax.attention import plan_step
+
+    rng = np.random.default_rng(13)
+    q, cache, meta = make_case(rng, SPECS[case], 2, 4, 64, jnp.float32, num_tokens=96, num_seqs=8)
+    kw = dict(scale=0.125, interpret=True)
+    planned = plan_step(dataclasses.replace(meta, impl="pallas"), 96, 8, 2)
+    assert set(planned.plan) == {"query_blocks"}
+    expected = ragged_paged_attention(q, cache, meta, **kw)
+    assert np.array_equal(np.asarray(ragged_paged_attention(q, cache, planned, **kw)), np.asarray(expected))
+    tiled = ragged_paged_attention(q, cache, planned, block_q=1, **kw)
+    assert rel(tiled, reference_attention(q, cache, meta, scale=0.125)) < 1e-5
+    with pytest.raises(ValueError, match="query blocks"):
+        ragged_paged_attention(q[:48], cache, planned, **kw)
+    # The reference's own plan (token layout) gives it the same output too.
+    ref_planned = plan_step(meta, 96, 8, 2)
+    assert set(ref_planned.plan) == {"token_layout"}
+    np.testing.assert_array_equal(reference_attention(q, cache, ref_planned, scale=0.125),
+                                  reference_attention(q, cache, meta, scale=0.125))  # fmt: skip
+
+
+def test_layers_do_not_rebuild_the_step_plan(tiny_checkpoints):
+    # The decoder makes the kernel's query blocks once per step: no layer's traced body rebuilds them (their cumulative
+    # sum over the sequences is the signature), which on the GPU saves four small kernels per layer.
+    import dataclasses
+
+    from rtpjax.loader import random_params
+    from rtpjax.models import load_config
+    from rtpjax.models.decoder import forward
+
+    cfg, family = load_config(tiny_checkpoints["llama3"])
+    params = random_params(cfg, family)
+    rng = np.random.default_rng(14)
+    group = cfg.num_heads // cfg.num_kv_heads
+    _, cache, meta = make_case(rng, SPECS["mixed"], cfg.num_kv_heads, group, cfg.head_dim, jnp.float32, 96, 8)
+    meta = dataclasses.replace(meta, impl="pallas")
+    tokens = jnp.zeros(96, jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda t, c, m: forward(params, cfg, t, t, c, m))(tokens, [cache] * cfg.num_layers, meta)
+    layers = [e for e in jaxpr.eqns if e.params.get("name") == "decoder_layer"]
+    assert len(layers) == cfg.num_layers
+    assert any("cumsum" in str(e) for e in jaxpr.eqns if all(e is not layer for layer in layers))  # made once
+    assert not any("cumsum" in str(layer.params["jaxpr"]) for layer in layers)
+
+
 @pytest.mark.slow
 def test_engine_runs_the_kernel_through_one_switch(tiny_checkpoints, stories_dir, tmp_path, compile_cache):
     import shutil

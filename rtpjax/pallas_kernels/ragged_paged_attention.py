@@ -120,6 +120,18 @@ def _kernel(
         plgpu.store(l_ref.at[rows_here], l.reshape(block_q, group), mask=stat_ok)
 
 
+def default_block_q(num_tokens: int, num_seqs: int, num_heads: int, kv_heads: int) -> int:
+    """Query tokens per block. Decode-shaped batches (about one token per sequence) are bandwidth-bound: small
+    blocks; prefill wants 128-row blocks (benchmarks/kernels/sweep.py, benchmarks/RESULTS.md)."""
+    decode = num_tokens <= 2 * num_seqs
+    return max(1, (16 if decode else 128) // pl.next_power_of_2(num_heads // kv_heads))
+
+
+def plan(meta: AttentionMetadata, num_tokens: int, num_heads: int, kv_heads: int) -> tuple:
+    """The step's query blocks for the default block size, made once for all layers (rtpjax.attention.plan_step)."""
+    return query_blocks(meta, num_tokens, default_block_q(num_tokens, meta.seq_lens.shape[0], num_heads, kv_heads))
+
+
 def query_blocks(meta: AttentionMetadata, num_tokens: int, block_q: int):
     """(sequence, first token, valid rows) of every query block; spare blocks have 0 rows. Static count."""
     num_seqs = meta.seq_lens.shape[0]
@@ -162,11 +174,17 @@ def ragged_paged_attention(
         raise ValueError(f"ragged_paged_attention needs head_dim a power of two >= 16 (tensor-core dots), got {head_dim}")
     group = num_heads // kv_heads
     group_p = pl.next_power_of_2(group)
-    # Defaults from benchmarks/kernels/sweep.py on an H100 (see benchmarks/RESULTS.md). Decode-shaped batches (about
-    # one token per sequence) are bandwidth-bound: small query blocks; prefill wants 128-row blocks and deep pipelines.
+    # Defaults from benchmarks/kernels/sweep.py and attention_bench.py (see benchmarks/RESULTS.md): decode-shaped
+    # batches want small tiles and shallow pipelines, prefill 128-token tiles, 8 warps and deep pipelines.
     decode = num_tokens <= 2 * meta.seq_lens.shape[0]
+    blocks = meta.plan.get("query_blocks") if block_q is None else None  # the step's plan: default-sized blocks
     if block_q is None:
-        block_q = max(1, (16 if decode else 128) // group_p)
+        block_q = default_block_q(num_tokens, meta.seq_lens.shape[0], num_heads, kv_heads)
+    if blocks is None:
+        blocks = query_blocks(meta, num_tokens, block_q)
+    if blocks[0].shape != (pl.cdiv(num_tokens, block_q) + meta.seq_lens.shape[0],):
+        raise ValueError(f"meta.plan holds {blocks[0].shape[0]} query blocks; this call needs block_q={block_q}: "
+                         "make it with rtpjax.attention.plan_step for this step's shapes")  # fmt: skip
     if num_splits is None:  # few (sequence, KV head) pairs: split long contexts to fill the GPU's ~132 SMs
         programs = kv_heads * (pl.cdiv(num_tokens, block_q) + meta.seq_lens.shape[0])
         num_splits = 1 if num_tokens > 2 * meta.seq_lens.shape[0] else max(1, min(16, 512 // programs))
@@ -188,7 +206,7 @@ def ragged_paged_attention(
     # Flat views, one token row per slot (free reshapes of the contiguous cache).
     cache = tuple(c.reshape(kv_heads, -1, *c.shape[3:]) for c in cache)
     k_cache, v_cache = cache[0], cache[1]
-    qb_seq, qb_start, qb_rows = query_blocks(meta, num_tokens, block_q)
+    qb_seq, qb_start, qb_rows = blocks
     grid = (kv_heads, qb_seq.shape[0], num_splits)
 
     whole = lambda shape: pl.BlockSpec(shape, lambda h, b, s: (0,) * len(shape))  # noqa: E731
