@@ -4,6 +4,7 @@ import asyncio
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
@@ -198,17 +199,44 @@ def test_loop_stats_account_for_each_step(stories_llm):
     assert f"{s.steps / 2.0:.1f} steps/s" in s.report(2.0)
 
 
-def test_detokenizer_holds_split_multibyte_characters(stories_dir):
+@pytest.mark.parametrize("rust_stream", [True, False])
+def test_detokenizer_holds_split_multibyte_characters(stories_dir, rust_stream):
     tok = AutoTokenizer.from_pretrained(stories_dir)
     prompt = [1]
     ids = tok.encode("Lily saw é中 and 中中.", add_special_tokens=False)
     assert any(tok.convert_ids_to_tokens(i).startswith("<0x") for i in ids)  # byte-fallback pieces
     state, pieces = detokenizer.start(len(prompt)), []
+    if not rust_stream:
+        state.stream = False  # the path of tokenizers without a Rust backend
     for n in range(1, len(ids) + 1):
         piece = detokenizer.append_tokens(tok, state, prompt + ids[:n], True)
         assert "\ufffd" not in piece
         pieces.append(piece)
+    assert bool(state.stream) == rust_stream
     assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True) == state.text
+
+
+@pytest.mark.parametrize("skip_special", [True, False])
+def test_detokenizer_paths_spell_the_same_text(stories_dir, skip_special):
+    # Random ids (byte pieces, special tokens, words) after a prompt: the Rust stream and the window path agree
+    # token by token; a stream that refuses a token midway (tokenizers does, on some byte-piece sequences) hands over
+    # to the window path without a character lost or repeated.
+    class Refuses:
+        def step(self, tokenizer, ids):
+            raise Exception("Invalid prefix encountered while decoding stream")
+
+    tok = AutoTokenizer.from_pretrained(stories_dir)
+    rng = np.random.default_rng(3)
+    prompt = tok.encode("Once upon a time", add_special_tokens=True)
+    ids = prompt + rng.integers(0, tok.vocab_size, 300).tolist()
+    states = [detokenizer.start(len(prompt)) for _ in range(3)]
+    states[1].stream = False
+    for end in range(len(prompt) + 1, len(ids) + 1):
+        if end == len(prompt) + 40:
+            states[2].stream = Refuses()
+        a, b, c = (detokenizer.append_tokens(tok, st, ids, skip_special, end) for st in states)
+        assert a == b == c, end
+    assert states[0].text == states[1].text == states[2].text and states[2].stream is False
 
 
 def test_block_pool_lru_eviction_and_refcounts():
