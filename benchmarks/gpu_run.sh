@@ -7,6 +7,7 @@
 #   offline, offline_hf  decode (batch 1/8/32) and a throughput workload: rtpjax (random weights made on the GPU),
 #           transformers on the checkpoint
 #   serve   the serving benchmark against `rtpjax serve` at several concurrencies
+#   host    the engine loop's host work per step at 256 decode rows (no HTTP), and with the device drained per launch
 # Run from the repository root on the lent GPU (device tool), with .whl carried (starlette, uvicorn, pydantic):
 #   bash benchmarks/gpu_run.sh load transfer startup offline offline_hf serve
 set -uo pipefail
@@ -64,6 +65,10 @@ for stage in $stages; do
     checkpoint
     timeout 240 python3 -m rtpjax.benchmarks.offline --model "$CKPT" --engine transformers --num-prompts 64 \
       --max-num-seqs 64 --out "$OUT/offline_transformers.json"
+    ;;
+  host)
+    timeout 300 python3 -m rtpjax.benchmarks.host_step --shape "$SHAPE" --rows 256 --steps 100 --idle-launch \
+      --compilation-cache-dir /tmp/xla --out "$OUT/host_step.json" 2>&1 | tail -2
     ;;
   serve)
     checkpoint

@@ -181,3 +181,15 @@ def test_real_decode_inputs_hold_the_context_and_leave_the_engine_clean(model, c
     assert runner.device_step_ms(4, steps=2, inputs=inputs) > 0
     runner.release(ids)
     assert not engine.requests and engine.pool.num_free == engine.pool.num_blocks
+
+
+def test_host_step_splits_the_loop_and_drains_the_device():
+    from rtpjax.benchmarks.host_step import measure
+
+    r = measure(rows=8, steps=4, idle_launch=True)
+    for run in (r, r["idle_launch"]):
+        assert run["rows_per_step"] == 8
+        parts = sum(run[k] for k in ("scheduling_ms", "launching_ms", "reading_ms", "outputs_ms"))
+        assert 0 < parts <= run["step_ms"] and run["pickling_ms"] > 0
+    # With the device drained before each launch, reading the previous step's tokens waits for nothing.
+    assert r["idle_launch"]["reading_ms"] < 1.0

@@ -1,0 +1,139 @@
+"""The engine loop's host work per step: `--rows` streams decoding at once, the loop run as the engine process runs it
+(deltas, pickled), its time split as the engine's own log splits it.
+
+On a GPU at high concurrency the loop can be bound by this host work rather than by the device step (see
+benchmarks/RESULTS.md). With the default tiny random model (so the device part is negligible) and SmolLM2's BPE
+tokenizer it runs anywhere; `--shape llama3-8b` makes random weights of a real shape on the device (`--load-format
+dummy`). `--profile` says where the host time goes. `--idle-launch` also runs the steps with the device drained before
+each launch: if launching then gets much cheaper, queuing a step waits on the previous one rather than costing host
+work.
+
+    python -m rtpjax.benchmarks.host_step --rows 256 --steps 60 [--profile] [--out host_step.json]
+    python -m rtpjax.benchmarks.host_step --shape llama3-8b --rows 256 --steps 100 --idle-launch   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pickle
+import pstats
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+
+def tiny_model(folder: Path) -> Path:
+    """The "tiny" random checkpoint (384-token vocabulary) with SmolLM2's BPE tokenizer (its ids < 384 are real)."""
+    from rtpjax.benchmarks.random_checkpoint import write_random_checkpoint
+    from rtpjax.gguf_loader import resolve_model
+
+    write_random_checkpoint(folder, "tiny", shards=1, dtype="float32")
+    source = Path(resolve_model(None))
+    for f in source.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
+def make_engine(shape: str, rows: int, steps: int, prompt_len: int, compilation_cache_dir: str | None):
+    from rtpjax import EngineArgs, LLMEngine
+    from rtpjax.benchmarks.random_checkpoint import write_config_only
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if shape == "tiny":
+            model = tiny_model(Path(tmp) / "tiny")
+            # Short contexts: the CPU's reference attention reads every token's whole block table.
+            args = dict(max_model_len=prompt_len + steps + 64, attention_impl="reference")
+        else:
+            model = write_config_only(Path(tmp) / shape, shape)
+            args = dict(max_model_len=2048, load_format="dummy")
+        args = EngineArgs(max_num_seqs=rows, max_num_batched_tokens=max(2048, rows),
+                          compilation_cache_dir=compilation_cache_dir, **args)  # fmt: skip
+        return LLMEngine(str(model), args)
+
+
+def run_steps(engine, steps: int, profiler=None, drain: bool = False) -> dict:
+    """`steps` engine steps as the engine process runs them; `drain`: wait for the device before each one."""
+    import jax
+
+    from rtpjax.engine import LoopStats
+
+    engine.loop_stats = LoopStats()
+    began, pickle_s = time.perf_counter(), 0.0
+    if profiler:
+        profiler.enable()
+    for _ in range(steps):
+        if drain and engine.inflight is not None:
+            jax.block_until_ready(engine.inflight[1])
+        outputs = engine.step(as_deltas=True)
+        t = time.perf_counter()
+        pickle.dumps(("step", outputs, [], engine.stats()), protocol=pickle.HIGHEST_PROTOCOL)  # as sent to the front
+        pickle_s += time.perf_counter() - t
+    if profiler:
+        profiler.disable()
+    seconds = time.perf_counter() - began
+    s, ms = engine.loop_stats, 1e3 / steps
+    return dict(rows_per_step=s.rows / steps, step_ms=seconds * ms, scheduling_ms=s.prepare_s * ms,
+                launching_ms=s.launch_s * ms, reading_ms=s.device_wait_s * ms,
+                outputs_ms=(s.busy_s - s.prepare_s - s.launch_s - s.device_wait_s) * ms, pickling_ms=pickle_s * ms)  # fmt: skip
+
+
+def measure(rows: int, steps: int, profile: bool = False, shape: str = "tiny", idle_launch: bool = False,
+            prompt_len: int = 128, compilation_cache_dir: str | None = None) -> dict:  # fmt: skip
+    import numpy as np
+
+    from rtpjax import SamplingParams
+
+    engine = make_engine(shape, rows, steps * (2 if idle_launch else 1), prompt_len, compilation_cache_dir)
+    rng = np.random.default_rng(0)
+    params = SamplingParams(max_tokens=steps * 2 + 32, temperature=0, ignore_eos=True)
+    for _ in range(rows):
+        engine.add(engine.make_request(rng.integers(3, 384, prompt_len).tolist(), params))
+    while engine.scheduler.waiting or engine.loop_stats.rows < rows * 3:  # prompts in, a few decode steps warm
+        engine.step(as_deltas=True)
+    profiler = cProfile.Profile() if profile else None
+    result = dict(shape=shape, rows=rows, steps=steps, profiled=profile, **run_steps(engine, steps, profiler))
+    if idle_launch:
+        result["idle_launch"] = run_steps(engine, steps, drain=True)
+    if profiler:
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+        result["profile"] = text.getvalue()
+    return result
+
+
+def describe(r: dict) -> str:
+    return (f"{r['rows_per_step']:.0f} rows per step: {r['step_ms']:.2f} ms per step = {r['scheduling_ms']:.2f} "
+            f"scheduling + {r['launching_ms']:.2f} launching + {r['reading_ms']:.2f} reading tokens + "
+            f"{r['outputs_ms']:.2f} outputs (+ {r['pickling_ms']:.2f} pickling the step's message)")
+
+
+def main():
+    from rtpjax.benchmarks.random_checkpoint import SHAPES
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--rows", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--profile", action="store_true", help="cProfile the measured steps (slows them ~2x)")
+    parser.add_argument("--idle-launch", action="store_true", help="also time steps launched on a drained device")
+    parser.add_argument("--compilation-cache-dir")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    r = measure(args.rows, args.steps, args.profile, args.shape, args.idle_launch,
+                compilation_cache_dir=args.compilation_cache_dir)  # fmt: skip
+    print(describe(r))
+    if args.idle_launch:
+        print("device drained before each launch: " + describe(r["idle_launch"]))
+    if args.profile:
+        print(r["profile"])
+    if args.out:
+        Path(args.out).write_text(json.dumps(r, indent=1))
+
+
+if __name__ == "__main__":
+    main()
