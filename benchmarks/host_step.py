@@ -88,9 +88,10 @@ def measure(rows: int, steps: int, profile: bool = False, shape: str = "tiny", i
 
     from rtpjax import SamplingParams
 
-    engine = make_engine(shape, rows, steps * (2 if idle_launch else 1), prompt_len, compilation_cache_dir)
+    total = steps * (2 if idle_launch else 1)
+    engine = make_engine(shape, rows, total, prompt_len, compilation_cache_dir)
     rng = np.random.default_rng(0)
-    params = SamplingParams(max_tokens=steps * 2 + 32, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=total + 32, temperature=0, ignore_eos=True)  # never finishes while measured
     for _ in range(rows):
         engine.add(engine.make_request(rng.integers(3, 384, prompt_len).tolist(), params))
     while engine.scheduler.waiting or engine.loop_stats.rows < rows * 3:  # prompts in, a few decode steps warm
