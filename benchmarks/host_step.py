@@ -46,13 +46,13 @@ def make_engine(shape: str, rows: int, steps: int, prompt_len: int, compilation_
     with tempfile.TemporaryDirectory() as tmp:
         if shape == "tiny":
             model = tiny_model(Path(tmp) / "tiny")
-            # Short contexts: the CPU's reference attention reads every token's whole block table.
-            args = dict(max_model_len=prompt_len + steps + 64, attention_impl="reference")
+            args = dict(attention_impl="reference")
         else:
             model = write_config_only(Path(tmp) / shape, shape)
-            args = dict(max_model_len=2048, load_format="dummy")
-        args = EngineArgs(max_num_seqs=rows, max_num_batched_tokens=max(2048, rows),
-                          compilation_cache_dir=compilation_cache_dir, **args)  # fmt: skip
+            args = dict(load_format="dummy")
+        # Contexts just long enough: the CPU's reference attention reads every token's whole block table.
+        args = EngineArgs(max_model_len=prompt_len + steps + 64, max_num_seqs=rows,
+                          max_num_batched_tokens=max(2048, rows), compilation_cache_dir=compilation_cache_dir, **args)  # fmt: skip
         return LLMEngine(str(model), args)
 
 

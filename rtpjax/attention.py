@@ -29,7 +29,8 @@ class AttentionMetadata:
     slot_mapping:    [T]   int32, flat cache slot (block * block_size + offset) each token's K/V goes to; -1 for padding.
     impl:            static name of the attention implementation.
     plan:            index arrays derived from the above, by name, made once per step by `plan_step` (else every
-                     layer rebuilds them: a few small kernels per layer on the GPU); empty when not made.
+                     layer rebuilds them: a few small kernels per layer on the GPU); empty when not made. Derived:
+                     metadata with other arrays needs a new plan (`plan_step` again, or `plan={}`).
     """
 
     query_start_loc: jax.Array
@@ -110,6 +111,9 @@ def reference_attention(
     kv_heads, _, block_size, _ = k_cache.shape
     group = num_heads // kv_heads
     seq, position, valid = meta.plan.get("token_layout") or token_layout(meta, num_tokens)
+    if seq.shape != (num_tokens,):
+        raise ValueError(f"meta.plan was made for {seq.shape[0]} tokens, this call has {num_tokens}: remake it with "
+                         "plan_step when the step's shapes change")  # fmt: skip
 
     # Every token gathers its own sequence's whole context: simple and exact, not fast.
     blocks = meta.block_tables[seq]  # [T, B]

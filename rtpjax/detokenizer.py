@@ -55,7 +55,11 @@ def append_tokens(tokenizer, state: DetokState, token_ids: list[int], skip_speci
     """Extend state.text with what `token_ids[:end]` (prompt + output) spell beyond what it already holds; returns
     the new text. (`end` spares the caller a copy of a sequence that may hold PENDING tokens past it.)"""
     end = len(token_ids) if end is None else end
-    if state.stream is None:
+    if state.stream is None:  # the first token; a prompt may end inside a character its output completes
+        while state.read_offset > state.prefix_offset and _decode(
+            tokenizer, token_ids[state.prefix_offset : state.read_offset], skip_special
+        ).endswith("\ufffd"):
+            state.read_offset -= 1  # its bytes are read again with the output, which shows the whole character
         state.stream = _stream(tokenizer, token_ids[state.prefix_offset : state.read_offset], skip_special)
         state.fed = state.read_offset
     if state.stream:

@@ -216,6 +216,21 @@ def test_detokenizer_holds_split_multibyte_characters(stories_dir, rust_stream):
     assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True) == state.text
 
 
+@pytest.mark.parametrize("rust_stream", [True, False])
+def test_detokenizer_prompt_ending_mid_character(stories_dir, rust_stream, monkeypatch):
+    # A prompt of token ids may end inside a multi-byte character (a continuation of an output cut by max_tokens):
+    # the completed character is the first new text, and nothing of the prompt is repeated.
+    if not rust_stream:
+        monkeypatch.setattr(detokenizer, "DecodeStream", None)
+    tok = AutoTokenizer.from_pretrained(stories_dir)
+    ids = tok.encode("Lily saw 中 and", add_special_tokens=False)
+    cut = next(i for i in range(1, len(ids)) if tok.decode(ids[:i]).endswith("\ufffd"))
+    state = detokenizer.start(cut)
+    text = "".join(detokenizer.append_tokens(tok, state, ids, True, end) for end in range(cut + 1, len(ids) + 1))
+    assert text == tok.decode(ids)[len(tok.decode(ids[:cut]).rstrip("\ufffd")) :] and text.startswith("中")
+    assert bool(state.stream) == rust_stream
+
+
 @pytest.mark.parametrize("skip_special", [True, False])
 def test_detokenizer_paths_spell_the_same_text(stories_dir, skip_special):
     # Random ids (byte pieces, special tokens, words) after a prompt: the Rust stream and the window path agree

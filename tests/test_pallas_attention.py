@@ -103,6 +103,26 @@ def test_quantized_cache_error_against_bf16(dtype, bound):
     assert err < bound
 
 
+def test_fp8_cache_of_small_values_over_a_long_context():
+    # The fp8 path runs its dots in float16: probabilities times small value scales (amax / 448) would underflow
+    # float16 if multiplied before the cast (1.1e-2 error here); the tile's largest scale is applied after the dot.
+    from rtpjax.attention import AttentionMetadata
+
+    rng = np.random.default_rng(15)
+    ctx, dim = 4096, 64
+    shape = (1, ctx // BLOCK, BLOCK, dim)
+    k = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    v = jnp.asarray(0.005 * rng.standard_normal(shape), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((1, 4, dim)), jnp.float32)
+    k = k.at[0, 7, 3].set(q[0, 0] / jnp.linalg.norm(q[0, 0]) * dim**0.5)  # one sharp peak among many small weights
+    meta = AttentionMetadata(jnp.asarray([0, 1], jnp.int32), jnp.asarray([ctx], jnp.int32),
+                             jnp.arange(ctx // BLOCK, dtype=jnp.int32)[None], jnp.zeros(1, jnp.int32))  # fmt: skip
+    (kq, ks), (vq, vs) = quantize(k, jnp.float8_e4m3fn), quantize(v, jnp.float8_e4m3fn)
+    cache = (kq, vq, ks, vs)
+    out = ragged_paged_attention(q.astype(jnp.bfloat16), cache, meta, scale=dim**-0.5, interpret=True)
+    assert rel(out, reference_attention(q, cache, meta, scale=dim**-0.5)) < 5e-3
+
+
 def test_quantized_write_roundtrip():
     rng = np.random.default_rng(11)
     cache = (jnp.zeros((2, 4, BLOCK, 64), jnp.int8), jnp.zeros((2, 4, BLOCK, 64), jnp.int8),

@@ -95,9 +95,14 @@ def _kernel(
         correction = jnp.exp2((m_prev - m_next) * math.log2(math.e))
         p = jnp.exp2((logits - m_next[:, None]) * math.log2(math.e))
         l_next = l_prev * correction + p.sum(axis=-1)
-        if quantized:
-            p = p * v_scale_ref[slots][None, :]
-        acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
+        if quantized:  # the tile's largest scale goes outside the dot: p * scale can underflow float16
+            v_scale = v_scale_ref[slots]
+            v_max = jnp.max(v_scale)
+            v_max = jnp.where(v_max > 0, v_max, 1.0)  # a tile of unwritten slots: all masked
+            pv = _dot((p * (v_scale / v_max)[None, :]).astype(v.dtype), v) * v_max
+        else:
+            pv = _dot(p.astype(v.dtype), v)
+        acc = acc * correction[:, None] + pv
         return acc, m_next, l_next
 
     init = (
