@@ -8,8 +8,9 @@
 #           transformers on the checkpoint
 #   serve   the serving benchmark against `rtpjax serve` at several concurrencies
 #   host    the engine loop's host work per step at 256 decode rows (no HTTP), and with the device drained per launch
+#   kernels the paged-attention kernel against JAX's own and XLA (benchmarks/kernels/attention_bench.py)
 # Run from the repository root on the lent GPU (device tool), with .whl carried (starlette, uvicorn, pydantic):
-#   bash benchmarks/gpu_run.sh load transfer startup offline offline_hf serve
+#   bash benchmarks/gpu_run.sh load transfer startup offline offline_hf serve host kernels
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 SHAPE=${SHAPE:-llama3-8b}
@@ -65,6 +66,10 @@ for stage in $stages; do
     checkpoint
     timeout 240 python3 -m rtpjax.benchmarks.offline --model "$CKPT" --engine transformers --num-prompts 64 \
       --max-num-seqs 64 --out "$OUT/offline_transformers.json"
+    ;;
+  kernels)
+    timeout 420 python3 -m rtpjax.benchmarks.kernels.attention_bench --out "$OUT/attention_bench.json" 2>&1 \
+      | grep -v "cuda_timer\|Delay kernel\|Deprecat\|import paged"
     ;;
   host)
     timeout 300 python3 -m rtpjax.benchmarks.host_step --shape "$SHAPE" --rows 256 --steps 100 --idle-launch \
