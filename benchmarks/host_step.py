@@ -6,10 +6,11 @@ benchmarks/RESULTS.md). With the default tiny random model (so the device part i
 tokenizer it runs anywhere; `--shape llama3-8b` makes random weights of a real shape on the device (`--load-format
 dummy`). `--profile` says where the host time goes. `--idle-launch` also runs the steps with the device drained before
 each launch: if launching then gets much cheaper, queuing a step waits on the previous one rather than costing host
-work.
+work. `--overlap-launch` also runs them queued from a thread while the previous step's outputs are built
+(`LLMEngine.overlap_launch`, off until a GPU measurement says it pays).
 
     python -m rtpjax.benchmarks.host_step --rows 256 --steps 60 [--profile] [--out host_step.json]
-    python -m rtpjax.benchmarks.host_step --shape llama3-8b --rows 256 --steps 100 --idle-launch   # on a GPU
+    python -m rtpjax.benchmarks.host_step --shape llama3-8b --rows 256 --steps 100 --idle-launch --overlap-launch
 """
 
 from __future__ import annotations
@@ -83,12 +84,12 @@ def run_steps(engine, steps: int, profiler=None, drain: bool = False) -> dict:
 
 
 def measure(rows: int, steps: int, profile: bool = False, shape: str = "tiny", idle_launch: bool = False,
-            prompt_len: int = 128, compilation_cache_dir: str | None = None) -> dict:  # fmt: skip
+            prompt_len: int = 128, compilation_cache_dir: str | None = None, overlap_launch: bool = False) -> dict:  # fmt: skip
     import numpy as np
 
     from rtpjax import SamplingParams
 
-    total = steps * (2 if idle_launch else 1)
+    total = steps * (1 + idle_launch + overlap_launch)
     engine = make_engine(shape, rows, total, prompt_len, compilation_cache_dir)
     rng = np.random.default_rng(0)
     params = SamplingParams(max_tokens=total + 32, temperature=0, ignore_eos=True)  # never finishes while measured
@@ -100,6 +101,9 @@ def measure(rows: int, steps: int, profile: bool = False, shape: str = "tiny", i
     result = dict(shape=shape, rows=rows, steps=steps, profiled=profile, **run_steps(engine, steps, profiler))
     if idle_launch:
         result["idle_launch"] = run_steps(engine, steps, drain=True)
+    if overlap_launch:
+        engine.overlap_launch = True
+        result["overlap_launch"] = run_steps(engine, steps)
     if profiler:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
@@ -122,14 +126,18 @@ def main():
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--profile", action="store_true", help="cProfile the measured steps (slows them ~2x)")
     parser.add_argument("--idle-launch", action="store_true", help="also time steps launched on a drained device")
+    parser.add_argument("--overlap-launch", action="store_true",
+                        help="also time steps queued from a thread while the previous step's outputs are built")
     parser.add_argument("--compilation-cache-dir")
     parser.add_argument("--out")
     args = parser.parse_args()
     r = measure(args.rows, args.steps, args.profile, args.shape, args.idle_launch,
-                compilation_cache_dir=args.compilation_cache_dir)  # fmt: skip
+                compilation_cache_dir=args.compilation_cache_dir, overlap_launch=args.overlap_launch)  # fmt: skip
     print(describe(r))
     if args.idle_launch:
         print("device drained before each launch: " + describe(r["idle_launch"]))
+    if args.overlap_launch:
+        print("launched from a thread, overlapping the outputs: " + describe(r["overlap_launch"]))
     if args.profile:
         print(r["profile"])
     if args.out:

@@ -94,6 +94,27 @@ def test_seeded_sampling_reproduces_across_batch_mixes(stories_llm):
     assert unseeded[0].outputs[0].token_ids != unseeded[1].outputs[0].token_ids  # no seed: independent draws
 
 
+def test_launching_from_a_thread_gives_the_same_outputs(stories_llm):
+    # LLMEngine.overlap_launch queues each step from a thread while the previous step's outputs are built: the
+    # tokens, texts and logprobs are those of the plain loop (greedy, seeded sampling, stops, mixed lengths).
+    prompts = random_prompts(12, seed=6)
+    params = [SamplingParams(max_tokens=4 + 5 * (i % 5), logprobs=2, stop=["the"] if i % 3 == 0 else None, **GREEDY)
+              if i % 2 else SamplingParams(temperature=0.8, seed=i, max_tokens=25, ignore_eos=True)
+              for i in range(12)]  # fmt: skip
+    engine = stories_llm.engine
+    plain = stories_llm.generate(prompts, params)
+    engine.overlap_launch = True
+    try:
+        overlapped = stories_llm.generate(prompts, params)
+        assert engine._launcher is not None and engine.loop_stats.launch_s >= 0
+    finally:
+        engine.overlap_launch = False
+    for a, b in zip(plain, overlapped):
+        assert [(o.token_ids, o.text, o.logprobs, o.finish_reason) for o in a.outputs] == \
+            [(o.token_ids, o.text, o.logprobs, o.finish_reason) for o in b.outputs]  # fmt: skip
+    assert_all_blocks_free(stories_llm)
+
+
 def test_stop_strings_and_max_tokens_are_exact(stories_llm):
     out = stories_llm.generate([1], SamplingParams(max_tokens=60, **GREEDY))[0].outputs[0]
     full = out.text  # "Once upon a time, there was a little girl named Lily. ..."
