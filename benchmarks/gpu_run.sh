@@ -72,8 +72,8 @@ for stage in $stages; do
       | grep -v "cuda_timer\|Delay kernel\|Deprecat\|import paged"
     ;;
   host)
-    timeout 400 python3 -m rtpjax.benchmarks.host_step --shape "$SHAPE" --rows 256 --steps 100 --idle-launch --overlap-launch \
-      --compilation-cache-dir /tmp/xla --out "$OUT/host_step.json" 2>&1 | tail -3
+    timeout 400 python3 -m rtpjax.benchmarks.host_step --shape "$SHAPE" --rows 256 --steps 100 --idle-launch \
+      --overlap-launch --dispatch-cost --compilation-cache-dir /tmp/xla --out "$OUT/host_step.json" 2>&1 | tail -4
     ;;
   serve)
     checkpoint

@@ -7,10 +7,12 @@ tokenizer it runs anywhere; `--shape llama3-8b` makes random weights of a real s
 dummy`). `--profile` says where the host time goes. `--idle-launch` also runs the steps with the device drained before
 each launch: if launching then gets much cheaper, queuing a step waits on the previous one rather than costing host
 work. `--overlap-launch` also runs them queued from a thread while the previous step's outputs are built
-(`LLMEngine.overlap_launch`, off until a GPU measurement says it pays).
+(`LLMEngine.overlap_launch`, off until a GPU measurement says it pays). `--dispatch-cost` times queuing a compiled
+no-op of 10, 100 and 400 arrays (the step passes ~360: weights, KV cache, state).
 
     python -m rtpjax.benchmarks.host_step --rows 256 --steps 60 [--profile] [--out host_step.json]
-    python -m rtpjax.benchmarks.host_step --shape llama3-8b --rows 256 --steps 100 --idle-launch --overlap-launch
+    python -m rtpjax.benchmarks.host_step --shape llama3-8b --rows 256 --steps 100 --idle-launch --overlap-launch \
+        --dispatch-cost
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ def make_engine(shape: str, rows: int, steps: int, prompt_len: int, compilation_
             model = write_config_only(Path(tmp) / shape, shape)
             args = dict(load_format="dummy")
         # Contexts just long enough: the CPU's reference attention reads every token's whole block table.
-        args = EngineArgs(max_model_len=prompt_len + steps + 64, max_num_seqs=rows,
-                          max_num_batched_tokens=max(2048, rows), compilation_cache_dir=compilation_cache_dir, **args)  # fmt: skip
+        args = EngineArgs(max_model_len=prompt_len + steps + 64, max_num_seqs=rows, max_num_batched_tokens=max(2048, rows),
+                          compilation_cache_dir=compilation_cache_dir, **args)
         return LLMEngine(str(model), args)
 
 
@@ -78,13 +80,14 @@ def run_steps(engine, steps: int, profiler=None, drain: bool = False) -> dict:
         profiler.disable()
     seconds = time.perf_counter() - began
     s, ms = engine.loop_stats, 1e3 / steps
+    outputs = s.busy_s - s.prepare_s - s.launch_s - s.device_wait_s
     return dict(rows_per_step=s.rows / steps, step_ms=seconds * ms, scheduling_ms=s.prepare_s * ms,
-                launching_ms=s.launch_s * ms, reading_ms=s.device_wait_s * ms,
-                outputs_ms=(s.busy_s - s.prepare_s - s.launch_s - s.device_wait_s) * ms, pickling_ms=pickle_s * ms)  # fmt: skip
+                launching_ms=s.launch_s * ms, reading_ms=s.device_wait_s * ms, outputs_ms=outputs * ms,
+                pickling_ms=pickle_s * ms)
 
 
 def measure(rows: int, steps: int, profile: bool = False, shape: str = "tiny", idle_launch: bool = False,
-            prompt_len: int = 128, compilation_cache_dir: str | None = None, overlap_launch: bool = False) -> dict:  # fmt: skip
+            prompt_len: int = 128, compilation_cache_dir: str | None = None, overlap_launch: bool = False) -> dict:
     import numpy as np
 
     from rtpjax import SamplingParams
@@ -111,6 +114,29 @@ def measure(rows: int, steps: int, profile: bool = False, shape: str = "tiny", i
     return result
 
 
+def dispatch_cost(counts=(10, 100, 400), calls: int = 200) -> dict:
+    """Host microseconds to queue a compiled no-op that takes n small arrays (one of them donated), device idle:
+    what the engine's ~360 step arguments (weights, KV cache, state) cost per launch on this backend."""
+    import jax
+    import jax.numpy as jnp
+
+    out = {}
+    for n in counts:
+        xs = [jnp.ones((8, 128)) for _ in range(n - 1)]
+        step = jax.jit(lambda xs, c: (xs[0][0, 0] + c[0, 0], c + 1), donate_argnums=(1,))
+        c = jnp.ones((8, 128))
+        compiled = step.lower(xs, c).compile()
+        for _ in range(3):
+            _, c = compiled(xs, c)
+        jax.block_until_ready(c)
+        began = time.perf_counter()
+        for _ in range(calls):
+            _, c = compiled(xs, c)
+        out[n] = (time.perf_counter() - began) / calls * 1e6
+        jax.block_until_ready(c)
+    return out
+
+
 def describe(r: dict) -> str:
     return (f"{r['rows_per_step']:.0f} rows per step: {r['step_ms']:.2f} ms per step = {r['scheduling_ms']:.2f} "
             f"scheduling + {r['launching_ms']:.2f} launching + {r['reading_ms']:.2f} reading tokens + "
@@ -128,6 +154,7 @@ def main():
     parser.add_argument("--idle-launch", action="store_true", help="also time steps launched on a drained device")
     parser.add_argument("--overlap-launch", action="store_true",
                         help="also time steps queued from a thread while the previous step's outputs are built")
+    parser.add_argument("--dispatch-cost", action="store_true", help="also time queuing a no-op of 10/100/400 arrays")
     parser.add_argument("--compilation-cache-dir")
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -138,6 +165,9 @@ def main():
         print("device drained before each launch: " + describe(r["idle_launch"]))
     if args.overlap_launch:
         print("launched from a thread, overlapping the outputs: " + describe(r["overlap_launch"]))
+    if args.dispatch_cost:
+        r["dispatch_us"] = dispatch_cost()
+        print("queuing a no-op: " + ", ".join(f"{n} arrays {us:.0f} us" for n, us in r["dispatch_us"].items()))
     if args.profile:
         print(r["profile"])
     if args.out:
