@@ -54,8 +54,8 @@ def make_engine(shape: str, rows: int, steps: int, prompt_len: int, compilation_
             model = write_config_only(Path(tmp) / shape, shape)
             args = dict(load_format="dummy")
         # Contexts just long enough: the CPU's reference attention reads every token's whole block table.
-        args = EngineArgs(max_model_len=prompt_len + steps + 64, max_num_seqs=rows, max_num_batched_tokens=max(2048, rows),
-                          compilation_cache_dir=compilation_cache_dir, **args)
+        args = EngineArgs(max_model_len=prompt_len + steps + 64, max_num_seqs=rows,
+                          max_num_batched_tokens=max(2048, rows), compilation_cache_dir=compilation_cache_dir, **args)
         return LLMEngine(str(model), args)
 
 
