@@ -28,6 +28,8 @@ class AttentionMetadata:
     block_tables:    [S, max_blocks] int32, KV cache blocks of each sequence, in order.
     slot_mapping:    [T]   int32, flat cache slot (block * block_size + offset) each token's K/V goes to; -1 for padding.
     impl:            static name of the attention implementation.
+    mesh:            static; the device mesh when its "tensor" axis splits the heads: a kernel then runs per shard
+                     (shard_map), since XLA cannot split a kernel call and would gather the whole KV cache for it.
     plan:            index arrays derived from the above, by name, made once per step by `plan_step` (else every
                      layer rebuilds them: a few small kernels per layer on the GPU); empty when not made. Derived:
                      metadata with other arrays needs a new plan (`plan_step` again, or `plan={}`).
@@ -39,6 +41,7 @@ class AttentionMetadata:
     slot_mapping: jax.Array
     impl: str = dataclasses.field(default="reference", metadata=dict(static=True))
     plan: dict = dataclasses.field(default_factory=dict)
+    mesh: object = dataclasses.field(default=None, metadata=dict(static=True))
 
 
 # A layer's cache: (k, v), each [num_kv_heads, num_blocks, block_size, head_dim]: one contiguous
@@ -141,10 +144,20 @@ def _reference(q, k, v, cache, meta, **kw):
 
 
 def _pallas(q, k, v, cache, meta, **kw):
+    from jax.sharding import PartitionSpec as P
+
     from rtpjax.pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
-    cache = write_kv(cache, k, v, meta.slot_mapping)
-    return ragged_paged_attention(q, cache, meta, interpret=jax.default_backend() == "cpu", **kw), cache
+    def attend(q, k, v, cache, meta):
+        cache = write_kv(cache, k, v, meta.slot_mapping)
+        return ragged_paged_attention(q, cache, meta, interpret=jax.default_backend() == "cpu", **kw), cache
+
+    ways = meta.mesh.shape["tensor"] if meta.mesh is not None else 1
+    if ways == 1 or cache[0].shape[0] % ways:  # one device, or KV heads replicated (fewer than the tensor ways)
+        return attend(q, k, v, cache, meta)
+    heads, cache_heads = P(None, "tensor"), (P("tensor"),) * len(cache)  # [T, H, D]; [Hkv, ...]
+    return jax.shard_map(attend, mesh=meta.mesh, in_specs=(heads, heads, heads, cache_heads, P()),
+                         out_specs=(heads, cache_heads), check_vma=False)(q, k, v, cache, meta)  # fmt: skip
 
 
 # name -> fn(q, k, v, cache, meta, *, scale, window, soft_cap) -> (out, cache). "pallas" runs the Pallas kernel

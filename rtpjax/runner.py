@@ -100,6 +100,9 @@ class ModelRunner:
         self.block_size = block_size
         self.max_blocks = -(-max_model_len // block_size)
         self.attention_impl = attention_impl
+        # The kernel needs the mesh to run per tensor-parallel shard (see AttentionMetadata.mesh).
+        split = attention_impl == "pallas" and mesh is not None and mesh.shape["tensor"] > 1
+        self.attention_mesh = mesh if split else None
         self.token_buckets = buckets(max_num_batched_tokens, 16)
         self.max_num_seqs = max_num_seqs
         self.sink = max_num_seqs
@@ -188,7 +191,7 @@ class ModelRunner:
             chunks.append(SeqChunk(ids, item.start, seq.block_table))
             offset += len(ids)
         step = build_step(chunks, self.block_size, num_tokens=num_tokens, num_seqs=num_seqs,
-                          max_blocks=self.max_blocks, impl=self.attention_impl)  # fmt: skip
+                          max_blocks=self.max_blocks, impl=self.attention_impl, mesh=self.attention_mesh)  # fmt: skip
         return StepBatch(step.tokens, token_slot, step.positions, step.meta, step.logits_indices), \
             self._sampling(items, num_seqs)
 
@@ -252,7 +255,7 @@ class ModelRunner:
         length = pick(self.admit_buckets, len(ids))
         cache = kv.allocate(self.cfg, -(-length // self.block_size), self.block_size, kv_dtype=self.kv_cache_dtype)
         step = build_step([SeqChunk(ids, 0, list(range(len(cache[0][0]))))], self.block_size, num_tokens=length,
-                          num_seqs=1, impl=self.attention_impl)  # fmt: skip
+                          num_seqs=1, impl=self.attention_impl, mesh=self.attention_mesh)  # fmt: skip
         targets = np.zeros(length, np.int32)
         targets[: len(ids) - 1] = ids[1:]
         lp, top_ids, top_lp = jax.device_get(self._score(self.params, cache, step.tokens, step.positions, step.meta,

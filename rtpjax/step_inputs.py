@@ -39,6 +39,7 @@ def build_step(
     num_seqs: int | None = None,
     max_blocks: int | None = None,
     impl: str = "reference",
+    mesh=None,
 ) -> StepInputs:
     """Pack `chunks`, padded to num_tokens / num_seqs / max_blocks (default: exactly what they need)."""
     lens = [len(c.tokens) for c in chunks]
@@ -79,7 +80,7 @@ def build_step(
         query_start[: len(chunks)] = offsets
         seq_lens[: len(chunks)] = ends
         logits_indices[: len(chunks)] = offsets + n - 1
-    meta = AttentionMetadata(query_start, seq_lens, tables, slots, impl=impl)
+    meta = AttentionMetadata(query_start, seq_lens, tables, slots, impl=impl, mesh=mesh)
     return StepInputs(tokens, positions, meta, logits_indices)
 
 

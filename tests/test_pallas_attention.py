@@ -215,8 +215,11 @@ def test_engine_runs_the_kernel_through_one_switch(tiny_checkpoints, stories_dir
     reference = LLM(str(model), attention_impl="reference", **args)
     expected = [o.outputs[0].token_ids for o in reference.generate(prompts, params)]
     pallas = LLM(str(model), attention_impl="pallas", **args)
-    assert pallas.engine.runner.attention_impl == "pallas"
+    assert pallas.engine.runner.attention_impl == "pallas" and pallas.engine.runner.attention_mesh is None
     assert [o.outputs[0].token_ids for o in pallas.generate(prompts, params)] == expected
+    split = LLM(str(model), attention_impl="pallas", tensor_parallel_size=2, **args)  # the kernel per tensor shard
+    assert split.engine.runner.attention_mesh.shape["tensor"] == 2
+    assert [o.outputs[0].token_ids for o in split.generate(prompts, params)] == expected
     for kv in ("int8", "fp8"):
         quant = LLM(str(model), attention_impl="pallas", kv_cache_dtype=kv, **args)
         assert len(quant.engine.runner.cache[0]) == 4

@@ -14,14 +14,17 @@ from rtpjax.step_inputs import SeqChunk, build_step
 BLOCK = 4
 
 
-def logits_on(mesh, path):
+def logits_on(mesh, path, impl="reference", hlo=None):
     cfg, family, params = load_model(path, mesh=mesh)
     cache = kv_cache.allocate(cfg, 12, BLOCK, mesh=mesh)
     rng = np.random.default_rng(4)
     chunks = [SeqChunk(rng.integers(3, cfg.vocab_size, n).tolist(), 0, list(range(i * 4, i * 4 + 4))) for i, n in
               enumerate((9, 3, 14))]  # fmt: skip
-    inputs = build_step(chunks, BLOCK, num_tokens=32, num_seqs=4)
-    logits, cache = jit_forward(family)(params, cfg, inputs.tokens, inputs.positions, cache, inputs.meta)
+    inputs = build_step(chunks, BLOCK, num_tokens=32, num_seqs=4, impl=impl, mesh=mesh if impl == "pallas" else None)
+    args = (params, cfg, inputs.tokens, inputs.positions, cache, inputs.meta)
+    if hlo is not None:
+        hlo.append(jit_forward(family).lower(*args).compile().as_text())
+    logits, cache = jit_forward(family)(*args)
     return cfg, params, cache, np.asarray(logits)
 
 
@@ -59,6 +62,19 @@ def test_mesh_matches_single_device(name, axes, tiny_checkpoints):
         assert all(s.data.shape == shard_shape for s in shards), (path, [s.data.shape for s in shards])
     k, _ = cache[0]
     assert {s.data.shape[0] for s in k.addressable_shards} == {cfg.num_kv_heads // tp}
+
+
+@pytest.mark.parametrize("tensor", [2, 4])
+def test_kernel_runs_per_tensor_shard(tensor, tiny_checkpoints):
+    # XLA cannot split a kernel call: left to it, each layer gathers q and the KV cache onto every device (4
+    # all-gathers per layer). The Pallas attention runs under shard_map instead: the tensor-parallel step has no
+    # all-gather at all, keeps the cache split by KV heads, and gives the single-device logits.
+    _, _, _, single = logits_on(make_mesh(devices=jax.devices()[:1]), tiny_checkpoints["llama3"])
+    hlo = []
+    cfg, _, cache, sharded = logits_on(make_mesh(tensor=tensor), tiny_checkpoints["llama3"], "pallas", hlo)
+    np.testing.assert_allclose(sharded, single, rtol=0, atol=1e-5 * np.abs(single).max())
+    assert "all-gather" not in hlo[0]
+    assert {s.data.shape[0] for s in cache[0][0].addressable_shards} == {cfg.num_kv_heads // tensor}
 
 
 def test_mesh_too_large_is_a_clear_error():
