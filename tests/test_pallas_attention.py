@@ -48,7 +48,7 @@ def test_interpret_mode_poisons_unwritten_outputs():
 
 
 @pytest.mark.parametrize("case", sorted(SPECS))
-@pytest.mark.parametrize("group, head_dim", [(1, 64), (3, 64), (4, 128), (8, 64)])
+@pytest.mark.parametrize("group, head_dim", [(1, 64), (3, 64), (4, 128), (8, 64), (2, 256)])
 @pytest.mark.parametrize("splits", [1, 3])
 def test_matches_reference_float32(case, group, head_dim, splits):
     rng = np.random.default_rng(hash((case, group, head_dim, splits)) % 2**32)
