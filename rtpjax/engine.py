@@ -283,6 +283,7 @@ class LLMEngine:
         # GPU, launching took 5.4 ms per 256-row step against 4.7 ms of outputs); off until measured there.
         self.overlap_launch = False
         self._launcher: ThreadPoolExecutor | None = None
+        self._launch_error: BaseException | None = None  # a threaded launch's failure, raised by the next step()
 
     # -- requests ---------------------------------------------------------------------------------------------------
 
@@ -329,6 +330,9 @@ class LLMEngine:
     def step(self, final_only: bool = False, as_deltas: bool = False) -> list[RequestOutput]:
         """One scheduling round. `final_only`: return outputs only for finished requests (offline generation
         skips building per-step outputs, a cost per sequence per step). `as_deltas`: outputs as `_delta` tuples."""
+        if self._launch_error is not None:  # the step it failed to queue never ran: as if launching failed now
+            error, self._launch_error = self._launch_error, None
+            raise error
         stats, began = self.loop_stats, time.perf_counter()
         schedule = self.scheduler.schedule()
         launched = pending = None
@@ -348,9 +352,12 @@ class LLMEngine:
         finally:  # the launch ends inside this call, also when the outputs fail: nothing else may touch the runner
             if pending is not None:  # launching counts only what the outputs did not hide
                 waited = time.perf_counter()
-                launched = (schedule, pending.result())
+                try:
+                    launched = (schedule, pending.result())
+                except Exception as e:  # the previous step's outputs are built: they go out, the error next time
+                    self._launch_error = e
                 stats.launch_s += time.perf_counter() - waited
-        self.inflight = launched
+            self.inflight = launched
         stats.steps, stats.rows = stats.steps + 1, stats.rows + len(schedule.items)
         stats.computed += schedule.num_tokens
         stats.sampled += sum(item.samples for item in schedule.items)

@@ -115,6 +115,36 @@ def test_launching_from_a_thread_gives_the_same_outputs(stories_llm):
     assert_all_blocks_free(stories_llm)
 
 
+def test_a_failed_threaded_launch_reports_the_previous_step_then_fails(stories_llm):
+    # A launch that fails on the thread: the step still returns the previous step's outputs (a request that finished
+    # there is reported, not lost), forgets the step that never ran, and the next step raises the launch's error.
+    engine = stories_llm.engine
+    engine.overlap_launch, launch, fail = True, engine.runner.launch, []
+
+    def failing(*args):
+        if fail:
+            raise RuntimeError("device lost")
+        return launch(*args)
+
+    engine.runner.launch = failing
+    try:
+        for i, m in enumerate((3, 30)):
+            engine.add(engine.make_request(random_prompts(1, seed=20 + i)[0],
+                                           SamplingParams(max_tokens=m, **GREEDY), f"r{i}"))  # fmt: skip
+        r0 = engine.requests["r0"].seqs[0]
+        while r0.num_generated < 3:  # until r0's last token is on the device
+            assert not any(o.finished for o in engine.step())
+        fail.append(True)
+        assert [o.request_id for o in engine.step() if o.finished] == ["r0"] and engine.inflight is None
+        with pytest.raises(RuntimeError, match="device lost"):
+            engine.step()
+    finally:
+        engine.runner.launch, engine.overlap_launch = launch, False
+        engine.abort("r1")
+        engine.reset_inflight()
+    assert_all_blocks_free(stories_llm)
+
+
 def test_stop_strings_and_max_tokens_are_exact(stories_llm):
     out = stories_llm.generate([1], SamplingParams(max_tokens=60, **GREEDY))[0].outputs[0]
     full = out.text  # "Once upon a time, there was a little girl named Lily. ..."
