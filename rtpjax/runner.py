@@ -99,7 +99,7 @@ class ModelRunner:
         self._forward = family.forward
         self.block_size = block_size
         self.max_blocks = -(-max_model_len // block_size)
-        self.attention_impl = attention_impl
+        self.attention_impl, self.mesh = attention_impl, mesh
         # The kernel needs the mesh to run per tensor-parallel shard (see AttentionMetadata.mesh).
         split = attention_impl == "pallas" and mesh is not None and mesh.shape["tensor"] > 1
         self.attention_mesh = mesh if split else None
@@ -253,7 +253,8 @@ class ModelRunner:
         prefill, only for requests that ask for prompt logprobs.
         """
         length = pick(self.admit_buckets, len(ids))
-        cache = kv.allocate(self.cfg, -(-length // self.block_size), self.block_size, kv_dtype=self.kv_cache_dtype)
+        cache = kv.allocate(self.cfg, -(-length // self.block_size), self.block_size, mesh=self.mesh,
+                            kv_dtype=self.kv_cache_dtype)  # fmt: skip
         step = build_step([SeqChunk(ids, 0, list(range(len(cache[0][0]))))], self.block_size, num_tokens=length,
                           num_seqs=1, impl=self.attention_impl, mesh=self.attention_mesh)  # fmt: skip
         targets = np.zeros(length, np.int32)
