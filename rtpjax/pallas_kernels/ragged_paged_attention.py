@@ -12,8 +12,9 @@ shared memory per tile, and the row gather measured 1.5-1.6x faster at decode (b
 
 An int8 / fp8 cache brings a float32 scale per token per head: keys are dequantized through the logits, values
 through the probabilities, so the cache is read at its stored width. An fp8 tile becomes float16 (Hopper converts
-e4m3 pairs to float16 in one instruction; to bfloat16 it takes three), so its queries and probabilities are float16
-too, the queries scaled first; int8 converts to the queries' dtype (an exact float16 bit trick measured slower).
+e4m3 pairs to float16 in one instruction, to bfloat16 only through float32), so its queries and probabilities are
+float16 too, the queries scaled first; int8 converts to the queries' dtype (an exact float16 bit trick measured
+slower).
 """
 
 from __future__ import annotations
