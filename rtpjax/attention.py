@@ -152,7 +152,7 @@ def _pallas(q, k, v, cache, meta, **kw):
         cache = write_kv(cache, k, v, meta.slot_mapping)
         return ragged_paged_attention(q, cache, meta, interpret=jax.default_backend() == "cpu", **kw), cache
 
-    ways = meta.mesh.shape["tensor"] if meta.mesh is not None else 1
+    ways = meta.mesh.shape.get("tensor", 1) if meta.mesh is not None else 1
     if ways == 1 or cache[0].shape[0] % ways:  # one device, or KV heads replicated (fewer than the tensor ways)
         return attend(q, k, v, cache, meta)
     heads, cache_heads = P(None, "tensor"), (P("tensor"),) * len(cache)  # [T, H, D]; [Hkv, ...]

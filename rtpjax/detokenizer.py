@@ -2,8 +2,8 @@
 
 Text grows by decoding a short window of recent tokens and keeping only what the window adds, so a multi-byte
 character split across tokens appears once it is complete (never as U+FFFD). A tokenizer run by the Rust `tokenizers`
-library does that window work itself (`DecodeStream`: one call per token instead of two decodes, 2.6x faster, the
-same text); others take the window path here. Stop strings are matched on the text; while a request runs, the tail
+library does that window work itself (`DecodeStream`: one call per token instead of two decodes, the same text);
+others take the window path here. Stop strings are matched on the text; while a request runs, the tail
 that could still become a stop string is held back from the stream.
 """
 

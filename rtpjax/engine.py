@@ -319,8 +319,8 @@ class LLMEngine:
         return self._output(request, as_deltas)
 
     def reset_inflight(self) -> None:
-        """Forget a step whose results can no longer be read (after a failure)."""
-        self.inflight = None
+        """Forget a step whose results can no longer be read (after a failure), and a threaded launch's failure."""
+        self.inflight, self._launch_error = None, None
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self.inflight is not None

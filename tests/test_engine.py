@@ -138,9 +138,16 @@ def test_a_failed_threaded_launch_reports_the_previous_step_then_fails(stories_l
         assert [o.request_id for o in engine.step() if o.finished] == ["r0"] and engine.inflight is None
         with pytest.raises(RuntimeError, match="device lost"):
             engine.step()
+        # A failure the caller has already handled (reset_inflight, as the engine process does) is not raised later.
+        engine.add(engine.make_request(random_prompts(1, seed=22)[0], SamplingParams(max_tokens=2, **GREEDY), "r2"))
+        engine.step()  # r2's launch fails on the thread
+        engine.reset_inflight()
+        fail.clear()
+        engine.step()
     finally:
         engine.runner.launch, engine.overlap_launch = launch, False
-        engine.abort("r1")
+        for rid in ("r1", "r2"):
+            engine.abort(rid)
         engine.reset_inflight()
     assert_all_blocks_free(stories_llm)
 
