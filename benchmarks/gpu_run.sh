@@ -73,7 +73,7 @@ for stage in $stages; do
     ;;
   host)
     timeout 400 python3 -m rtpjax.benchmarks.host_step --shape "$SHAPE" --rows 256 --steps 100 --idle-launch \
-      --overlap-launch --dispatch-cost --compilation-cache-dir /tmp/xla --out "$OUT/host_step.json" 2>&1 | tail -4
+      --dispatch-cost --compilation-cache-dir /tmp/xla --out "$OUT/host_step.json" 2>&1 | tail -4
     ;;
   serve)
     checkpoint

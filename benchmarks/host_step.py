@@ -6,13 +6,11 @@ benchmarks/RESULTS.md). With the default tiny random model (so the device part i
 tokenizer it runs anywhere; `--shape llama3-8b` makes random weights of a real shape on the device (`--load-format
 dummy`). `--profile` says where the host time goes. `--idle-launch` also runs the steps with the device drained before
 each launch: if launching then gets much cheaper, queuing a step waits on the previous one rather than costing host
-work. `--overlap-launch` also runs them queued from a thread while the previous step's outputs are built
-(`LLMEngine.overlap_launch`, off until a GPU measurement says it pays). `--dispatch-cost` times queuing a compiled
-no-op of 10, 100 and 400 arrays (the step passes ~360: weights, KV cache, state).
+work (on the H200 it did not: 3.7 ms either way). `--dispatch-cost` times queuing a compiled no-op of 10, 100 and 400
+arrays (the step passes ~360: weights, KV cache, state; 155 us for 400 there, so the arguments are not the cost).
 
     python -m rtpjax.benchmarks.host_step --rows 256 --steps 60 [--profile] [--out host_step.json]
-    python -m rtpjax.benchmarks.host_step --shape llama3-8b --rows 256 --steps 100 --idle-launch --overlap-launch \
-        --dispatch-cost
+    python -m rtpjax.benchmarks.host_step --shape llama3-8b --rows 256 --steps 100 --idle-launch --dispatch-cost
 """
 
 from __future__ import annotations
@@ -87,12 +85,12 @@ def run_steps(engine, steps: int, profiler=None, drain: bool = False) -> dict:
 
 
 def measure(rows: int, steps: int, profile: bool = False, shape: str = "tiny", idle_launch: bool = False,
-            prompt_len: int = 128, compilation_cache_dir: str | None = None, overlap_launch: bool = False) -> dict:
+            prompt_len: int = 128, compilation_cache_dir: str | None = None) -> dict:
     import numpy as np
 
     from rtpjax import SamplingParams
 
-    total = steps * (1 + idle_launch + overlap_launch)
+    total = steps * (1 + idle_launch)
     engine = make_engine(shape, rows, total, prompt_len, compilation_cache_dir)
     rng = np.random.default_rng(0)
     params = SamplingParams(max_tokens=total + 32, temperature=0, ignore_eos=True)  # never finishes while measured
@@ -104,9 +102,6 @@ def measure(rows: int, steps: int, profile: bool = False, shape: str = "tiny", i
     result = dict(shape=shape, rows=rows, steps=steps, profiled=profile, **run_steps(engine, steps, profiler))
     if idle_launch:
         result["idle_launch"] = run_steps(engine, steps, drain=True)
-    if overlap_launch:
-        engine.overlap_launch = True
-        result["overlap_launch"] = run_steps(engine, steps)
     if profiler:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
@@ -152,19 +147,15 @@ def main():
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--profile", action="store_true", help="cProfile the measured steps (slows them ~2x)")
     parser.add_argument("--idle-launch", action="store_true", help="also time steps launched on a drained device")
-    parser.add_argument("--overlap-launch", action="store_true",
-                        help="also time steps queued from a thread while the previous step's outputs are built")
     parser.add_argument("--dispatch-cost", action="store_true", help="also time queuing a no-op of 10/100/400 arrays")
     parser.add_argument("--compilation-cache-dir")
     parser.add_argument("--out")
     args = parser.parse_args()
     r = measure(args.rows, args.steps, args.profile, args.shape, args.idle_launch,
-                compilation_cache_dir=args.compilation_cache_dir, overlap_launch=args.overlap_launch)  # fmt: skip
+                compilation_cache_dir=args.compilation_cache_dir)
     print(describe(r))
     if args.idle_launch:
         print("device drained before each launch: " + describe(r["idle_launch"]))
-    if args.overlap_launch:
-        print("launched from a thread, overlapping the outputs: " + describe(r["overlap_launch"]))
     if args.dispatch_cost:
         r["dispatch_us"] = dispatch_cost()
         print("queuing a no-op: " + ", ".join(f"{n} arrays {us:.0f} us" for n, us in r["dispatch_us"].items()))

@@ -104,7 +104,7 @@ class LoopStats:
     sampled: int = 0  # tokens sampled (one per sequence whose chunk reached its end)
     busy_s: float = 0.0  # inside step()
     prepare_s: float = 0.0  # of that: scheduling and building the step's inputs
-    launch_s: float = 0.0  # queuing it on the device (on the GPU this can wait for the previous step)
+    launch_s: float = 0.0  # queuing it on the device (host work: XLA enqueues the step's kernels)
     device_wait_s: float = 0.0  # reading the previous step's tokens
     # the rest of busy_s: turning those tokens into outputs
 
@@ -115,8 +115,8 @@ class LoopStats:
                 f"{self.computed / seconds:.0f} tokens/s through the model, {self.sampled / seconds:.0f} sampled; "
                 "per step "
                 f"{self.prepare_s * ms:.2f} ms scheduling, {self.launch_s * ms:.2f} ms launching, "
-                f"{self.device_wait_s * ms:.2f} ms reading tokens, {outputs * ms:.2f} ms on outputs "
-                "(launching and reading both wait for the device)")
+                f"{self.device_wait_s * ms:.2f} ms reading tokens (waiting for the device), "
+                f"{outputs * ms:.2f} ms on outputs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,12 +278,6 @@ class LLMEngine:
         self.inflight: tuple[Schedule, object] | None = None
         self.loop_stats = LoopStats()
         self._order = itertools.count()
-        # Under evaluation (benchmarks/host_step.py --overlap-launch): queue each step from a thread while this one
-        # turns the previous step's tokens into outputs. It pays only if queuing a step runs without the GIL (on the
-        # GPU, launching took 5.4 ms per 256-row step against 4.7 ms of outputs); off until measured there.
-        self.overlap_launch = False
-        self._launcher: ThreadPoolExecutor | None = None
-        self._launch_error: BaseException | None = None  # a threaded launch's failure, raised by the next step()
 
     # -- requests ---------------------------------------------------------------------------------------------------
 
@@ -319,8 +313,8 @@ class LLMEngine:
         return self._output(request, as_deltas)
 
     def reset_inflight(self) -> None:
-        """Forget a step whose results can no longer be read (after a failure), and a threaded launch's failure."""
-        self.inflight, self._launch_error = None, None
+        """Forget a step whose results can no longer be read (after a failure)."""
+        self.inflight = None
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self.inflight is not None
@@ -330,34 +324,17 @@ class LLMEngine:
     def step(self, final_only: bool = False, as_deltas: bool = False) -> list[RequestOutput]:
         """One scheduling round. `final_only`: return outputs only for finished requests (offline generation
         skips building per-step outputs, a cost per sequence per step). `as_deltas`: outputs as `_delta` tuples."""
-        if self._launch_error is not None:  # the step it failed to queue never ran: as if launching failed now
-            error, self._launch_error = self._launch_error, None
-            raise error
         stats, began = self.loop_stats, time.perf_counter()
         schedule = self.scheduler.schedule()
-        launched = pending = None
+        launched = None
         if schedule.items:
             inputs = self.runner.prepare(schedule)
             prepared = time.perf_counter()
             stats.prepare_s += prepared - began
-            if self.overlap_launch:
-                if self._launcher is None:
-                    self._launcher = ThreadPoolExecutor(1, thread_name_prefix="rtpjax-launch")
-                pending = self._launcher.submit(self.runner.launch, *inputs)
-            else:
-                launched = (schedule, self.runner.launch(*inputs))
-                stats.launch_s += time.perf_counter() - prepared
-        try:
-            outputs = self._process(*self.inflight, final_only, as_deltas) if self.inflight is not None else []
-        finally:  # the launch ends inside this call, also when the outputs fail: nothing else may touch the runner
-            if pending is not None:  # launching counts only what the outputs did not hide
-                waited = time.perf_counter()
-                try:
-                    launched = (schedule, pending.result())
-                except Exception as e:  # the previous step's outputs are built: they go out, the error next time
-                    self._launch_error = e
-                stats.launch_s += time.perf_counter() - waited
-            self.inflight = launched
+            launched = (schedule, self.runner.launch(*inputs))
+            stats.launch_s += time.perf_counter() - prepared
+        outputs = self._process(*self.inflight, final_only, as_deltas) if self.inflight is not None else []
+        self.inflight = launched
         stats.steps, stats.rows = stats.steps + 1, stats.rows + len(schedule.items)
         stats.computed += schedule.num_tokens
         stats.sampled += sum(item.samples for item in schedule.items)

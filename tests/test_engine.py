@@ -94,64 +94,6 @@ def test_seeded_sampling_reproduces_across_batch_mixes(stories_llm):
     assert unseeded[0].outputs[0].token_ids != unseeded[1].outputs[0].token_ids  # no seed: independent draws
 
 
-def test_launching_from_a_thread_gives_the_same_outputs(stories_llm):
-    # LLMEngine.overlap_launch queues each step from a thread while the previous step's outputs are built: the
-    # tokens, texts and logprobs are those of the plain loop (greedy, seeded sampling, stops, mixed lengths).
-    prompts = random_prompts(12, seed=6)
-    params = [SamplingParams(max_tokens=4 + 5 * (i % 5), logprobs=2, stop=["the"] if i % 3 == 0 else None, **GREEDY)
-              if i % 2 else SamplingParams(temperature=0.8, seed=i, max_tokens=25, ignore_eos=True)
-              for i in range(12)]  # fmt: skip
-    engine = stories_llm.engine
-    plain = stories_llm.generate(prompts, params)
-    engine.overlap_launch = True
-    try:
-        overlapped = stories_llm.generate(prompts, params)
-        assert engine._launcher is not None and engine.loop_stats.launch_s >= 0
-    finally:
-        engine.overlap_launch = False
-    for a, b in zip(plain, overlapped):
-        assert [(o.token_ids, o.text, o.logprobs, o.finish_reason) for o in a.outputs] == \
-            [(o.token_ids, o.text, o.logprobs, o.finish_reason) for o in b.outputs]  # fmt: skip
-    assert_all_blocks_free(stories_llm)
-
-
-def test_a_failed_threaded_launch_reports_the_previous_step_then_fails(stories_llm):
-    # A launch that fails on the thread: the step still returns the previous step's outputs (a request that finished
-    # there is reported, not lost), forgets the step that never ran, and the next step raises the launch's error.
-    engine = stories_llm.engine
-    engine.overlap_launch, launch, fail = True, engine.runner.launch, []
-
-    def failing(*args):
-        if fail:
-            raise RuntimeError("device lost")
-        return launch(*args)
-
-    engine.runner.launch = failing
-    try:
-        for i, m in enumerate((3, 30)):
-            engine.add(engine.make_request(random_prompts(1, seed=20 + i)[0],
-                                           SamplingParams(max_tokens=m, **GREEDY), f"r{i}"))  # fmt: skip
-        r0 = engine.requests["r0"].seqs[0]
-        while r0.num_generated < 3:  # until r0's last token is on the device
-            assert not any(o.finished for o in engine.step())
-        fail.append(True)
-        assert [o.request_id for o in engine.step() if o.finished] == ["r0"] and engine.inflight is None
-        with pytest.raises(RuntimeError, match="device lost"):
-            engine.step()
-        # A failure the caller has already handled (reset_inflight, as the engine process does) is not raised later.
-        engine.add(engine.make_request(random_prompts(1, seed=22)[0], SamplingParams(max_tokens=2, **GREEDY), "r2"))
-        engine.step()  # r2's launch fails on the thread
-        engine.reset_inflight()
-        fail.clear()
-        engine.step()
-    finally:
-        engine.runner.launch, engine.overlap_launch = launch, False
-        for rid in ("r1", "r2"):
-            engine.abort(rid)
-        engine.reset_inflight()
-    assert_all_blocks_free(stories_llm)
-
-
 def test_stop_strings_and_max_tokens_are_exact(stories_llm):
     out = stories_llm.generate([1], SamplingParams(max_tokens=60, **GREEDY))[0].outputs[0]
     full = out.text  # "Once upon a time, there was a little girl named Lily. ..."
