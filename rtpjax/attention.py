@@ -44,9 +44,9 @@ class AttentionMetadata:
     mesh: object = dataclasses.field(default=None, metadata=dict(static=True))
 
 
-# A layer's cache: (k, v), each [num_kv_heads, num_blocks, block_size, head_dim]: one contiguous
+# A layer's cache: (k, v), each [heads, num_blocks, block_size, head_dim] (heads: kv_cache.cache_heads): one contiguous
 # [block_size, head_dim] tile per (head, block), the unit attention kernels load. A quantized (int8 / fp8) cache adds
-# (k_scale, v_scale), each [num_kv_heads, num_blocks, block_size] float32: one scale per token per head.
+# (k_scale, v_scale), each [heads, num_blocks, block_size] float32: one scale per token per head.
 LayerCache = tuple[jax.Array, ...]
 
 QUANT_MAX = {jnp.dtype(jnp.int8): 127.0, jnp.dtype(jnp.float8_e4m3fn): 448.0}
@@ -153,7 +153,7 @@ def _pallas(q, k, v, cache, meta, **kw):
         return ragged_paged_attention(q, cache, meta, interpret=jax.default_backend() == "cpu", **kw), cache
 
     ways = meta.mesh.shape.get("tensor", 1) if meta.mesh is not None else 1
-    if ways == 1 or cache[0].shape[0] % ways:  # one device, or KV heads replicated (fewer than the tensor ways)
+    if ways == 1 or cache[0].shape[0] % ways:  # one device, or a cache whose heads do not split over the devices
         return attend(q, k, v, cache, meta)
     heads, cache_heads = P(None, "tensor"), (P("tensor"),) * len(cache)  # [T, H, D]; [Hkv, ...]
     return jax.shard_map(attend, mesh=meta.mesh, in_specs=(heads, heads, heads, cache_heads, P()),
@@ -202,9 +202,19 @@ def paged_attention(
     window: int | None = None,
     soft_cap: float | None = None,
 ) -> tuple[jax.Array, LayerCache]:
-    """Write this step's K/V ([T, Hkv, D]) into the cache, then attend. Returns ([T, Hq, D], updated cache)."""
+    """Write this step's K/V ([T, Hkv, D]) into the cache, then attend. Returns ([T, Hq, D], updated cache).
+
+    A cache holding each KV head several times (more tensor-parallel devices than KV heads: `kv_cache.cache_heads`)
+    gets every copy written; query head h then reads copy h // (Hq / cache heads), a copy of its own KV head.
+    """
     try:
         impl = IMPLEMENTATIONS[meta.impl]
     except KeyError:
         raise ValueError(f"unknown attention implementation {meta.impl!r}; have {sorted(IMPLEMENTATIONS)}") from None
+    copies, extra = divmod(cache[0].shape[0], k.shape[1])
+    if extra or q.shape[1] % cache[0].shape[0]:
+        raise ValueError(f"a cache of {cache[0].shape[0]} heads cannot serve {q.shape[1]} query heads over "
+                         f"{k.shape[1]} KV heads")  # fmt: skip
+    if copies > 1:
+        k, v = jnp.repeat(k, copies, axis=1), jnp.repeat(v, copies, axis=1)
     return impl(q, k, v, cache, meta, scale=scale, window=window, soft_cap=soft_cap)

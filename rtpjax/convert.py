@@ -94,7 +94,7 @@ def restore_params(folder: str | Path, cfg: ModelConfig, family, mesh=None, prog
                               f"original checkpoint again with --quantization {quantization})")  # fmt: skip
     began = time.perf_counter()
     shapes = decoder.param_shapes(cfg)
-    shardings = target_shardings(shapes, family, mesh)
+    shardings = target_shardings(shapes, family, mesh, cfg)
     target = decoder.nest({
         path: shape_struct(shape, shardings[path], stored) if stored and is_quantized_param(path)
         else jax.ShapeDtypeStruct(shape, cfg.jnp_dtype, sharding=shardings[path])

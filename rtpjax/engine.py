@@ -210,9 +210,7 @@ def kv_cache_blocks(cfg, args: EngineArgs, max_model_len: int) -> int:
     """Blocks that fit the memory budget (per device: KV heads are split over the tensor axis)."""
     if args.num_gpu_blocks is not None:
         return args.num_gpu_blocks
-    per_block = kv_cache.bytes_per_block(cfg, args.block_size, args.kv_cache_dtype)
-    if cfg.num_kv_heads % args.tensor_parallel_size == 0:
-        per_block //= args.tensor_parallel_size
+    per_block = kv_cache.bytes_per_block(cfg, args.block_size, args.kv_cache_dtype, args.tensor_parallel_size)
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         free = stats["bytes_limit"] * args.gpu_memory_utilization - stats.get("bytes_in_use", 0)

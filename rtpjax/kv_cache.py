@@ -1,7 +1,8 @@
-"""The paged KV cache as device arrays: one (k, v) pair per layer, each [kv_heads, num_blocks, block_size, head_dim].
+"""The paged KV cache as device arrays: one (k, v) pair per layer, each [heads, num_blocks, block_size, head_dim].
 
 Block accounting (which blocks a sequence owns) is host-side and lives elsewhere; this module only knows the layout,
-the memory it costs and its sharding.
+the memory it costs and its sharding. `heads` is the model's KV heads, or more of them when tensor parallelism has
+more devices than KV heads (see `cache_heads`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,25 @@ from rtpjax.models.config import ModelConfig
 from rtpjax.sharding import kv_cache_sharding
 
 
-def block_shape(cfg: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, int, int, int]:
-    return (cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim)
+def tensor_ways(mesh) -> int:
+    return 1 if mesh is None else mesh.shape.get("tensor", 1)
+
+
+def cache_heads(cfg: ModelConfig, ways: int) -> int:
+    """KV heads the cache holds on `ways` tensor-parallel devices.
+
+    With fewer KV heads than devices (2 KV heads on 8 GPUs), each KV head is stored once per device that runs its query
+    heads (vLLM's replication): every device then holds exactly the one head its queries read, and attention runs per
+    device with no gather. Otherwise (or where the query heads do not split evenly) the model's own count.
+    """
+    kv = cfg.num_kv_heads
+    if kv < ways and ways % kv == 0 and cfg.num_heads % ways == 0:
+        return ways
+    return kv
+
+
+def block_shape(cfg: ModelConfig, num_blocks: int, block_size: int, mesh=None) -> tuple[int, int, int, int]:
+    return (cache_heads(cfg, tensor_ways(mesh)), num_blocks, block_size, cfg.head_dim)
 
 
 KV_DTYPES = {"auto": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32,
@@ -31,16 +49,19 @@ def is_quantized(dtype) -> bool:
     return jnp.dtype(dtype) in (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
 
 
-def bytes_per_block(cfg: ModelConfig, block_size: int, kv_dtype: str = "auto") -> int:
+def bytes_per_block(cfg: ModelConfig, block_size: int, kv_dtype: str = "auto", ways: int = 1) -> int:
+    """Bytes one block costs each device of `ways` tensor-parallel devices (all of it on one device)."""
     dtype = storage_dtype(cfg, kv_dtype)
     per_token = cfg.head_dim * dtype.itemsize + (4 if is_quantized(dtype) else 0)  # + a float32 scale
-    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * per_token
+    heads = cache_heads(cfg, ways)
+    per_device = heads // ways if heads % ways == 0 else heads  # split over the devices, or replicated on each
+    return 2 * cfg.num_layers * block_size * per_device * per_token
 
 
 def allocate(cfg: ModelConfig, num_blocks: int, block_size: int, mesh=None, kv_dtype: str = "auto") -> list:
     """Zeroed cache (plus unit scales when quantized), sharded over KV heads when a mesh is given."""
     dtype = storage_dtype(cfg, kv_dtype)
-    shape = block_shape(cfg, num_blocks, block_size)
+    shape = block_shape(cfg, num_blocks, block_size, mesh)
     sharding = kv_cache_sharding(shape, mesh) if mesh is not None else None
     make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
     if not is_quantized(dtype):

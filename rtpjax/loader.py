@@ -135,11 +135,11 @@ class ReadBatch:
     tensors: tuple[TensorRead, ...]
 
 
-def target_shardings(shapes: dict, family, mesh=None) -> dict:
+def target_shardings(shapes: dict, family, mesh, cfg: ModelConfig) -> dict:
     """Each parameter's sharding on `mesh` by the family's rules; without a mesh, the first device."""
     if mesh is None:
         return dict.fromkeys(shapes, SingleDeviceSharding(jax.devices()[0]))
-    return param_shardings(shapes, family.PARTITION_RULES, mesh)
+    return param_shardings(shapes, decoder.partition_rules(cfg, family.PARTITION_RULES, mesh), mesh)
 
 
 def _row_pieces(read: TensorRead, batch_bytes: int) -> list[TensorRead]:
@@ -546,7 +546,7 @@ def load_params(
             f"{ckpt.where[name]}: unexpected tensor(s) {', '.join(unexpected[:8])} for a {cfg.architecture}"
         )
     _check_shapes(ckpt, sources, shapes)
-    shardings = target_shardings(shapes, family, mesh)
+    shardings = target_shardings(shapes, family, mesh, cfg)
     batches = plan_reads(ckpt, wanted, opts.batch_bytes)
     total = sum(b.end - b.start for b in batches)
     placer = _Placer(sources, shapes, shardings, cfg.jnp_dtype, batches, check_method(quantization))
@@ -608,7 +608,7 @@ def random_params(cfg: ModelConfig, family, mesh=None, seed: int = 0, scale: flo
     """Random weights (norms 1) drawn on the devices, each straight into its sharding: vLLM's `load_format=dummy`."""
     check_method(quantization)
     shapes = decoder.param_shapes(cfg)
-    shardings = target_shardings(shapes, family, mesh)
+    shardings = target_shardings(shapes, family, mesh, cfg)
     makers: dict = {}  # one jitted maker per (shape, sharding, kind): an 8B model needs about ten, not 291
 
     def maker(shape, sharding, ones: bool):

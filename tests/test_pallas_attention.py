@@ -220,6 +220,10 @@ def test_engine_runs_the_kernel_through_one_switch(tiny_checkpoints, stories_dir
     split = LLM(str(model), attention_impl="pallas", tensor_parallel_size=2, **args)  # the kernel per tensor shard
     assert split.engine.runner.attention_mesh.shape["tensor"] == 2
     assert [o.outputs[0].token_ids for o in split.generate(prompts, params)] == expected
+    # 8 devices for 4 KV heads: each device keeps a copy of the one KV head its 1 query head reads.
+    spread = LLM(str(model), attention_impl="pallas", tensor_parallel_size=8, **args)
+    assert {s.data.shape[0] for s in spread.engine.runner.cache[0][0].addressable_shards} == {1}
+    assert [o.outputs[0].token_ids for o in spread.generate(prompts, params)] == expected
     scored = SamplingParams(prompt_logprobs=1, max_tokens=1)  # the prompt scored over a scratch cache split the same way
     want, got = (llm.generate(prompts[1:], scored)[0].prompt_logprobs[1:] for llm in (reference, split))
     assert [list(w) for w in want] == [list(g) for g in got]
