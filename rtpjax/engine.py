@@ -207,7 +207,7 @@ _KV_BUDGET_STEP = 256 << 20
 
 
 def kv_cache_blocks(cfg, args: EngineArgs, max_model_len: int) -> int:
-    """Blocks that fit the memory budget (per device: KV heads are split over the tensor axis)."""
+    """Blocks that fit the memory budget, counting what each device holds (its share of the KV heads, or copies)."""
     if args.num_gpu_blocks is not None:
         return args.num_gpu_blocks
     per_block = kv_cache.bytes_per_block(cfg, args.block_size, args.kv_cache_dtype, args.tensor_parallel_size)

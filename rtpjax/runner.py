@@ -253,10 +253,10 @@ class ModelRunner:
         prefill, only for requests that ask for prompt logprobs.
         """
         length = pick(self.admit_buckets, len(ids))
-        cache = kv.allocate(self.cfg, -(-length // self.block_size), self.block_size, mesh=self.mesh,
-                            kv_dtype=self.kv_cache_dtype)  # fmt: skip
-        step = build_step([SeqChunk(ids, 0, list(range(len(cache[0][0]))))], self.block_size, num_tokens=length,
-                          num_seqs=1, impl=self.attention_impl, mesh=self.attention_mesh)  # fmt: skip
+        blocks = -(-length // self.block_size)
+        cache = kv.allocate(self.cfg, blocks, self.block_size, mesh=self.mesh, kv_dtype=self.kv_cache_dtype)
+        step = build_step([SeqChunk(ids, 0, list(range(blocks)))], self.block_size, num_tokens=length, num_seqs=1,
+                          impl=self.attention_impl, mesh=self.attention_mesh)  # fmt: skip
         targets = np.zeros(length, np.int32)
         targets[: len(ids) - 1] = ids[1:]
         lp, top_ids, top_lp = jax.device_get(self._score(self.params, cache, step.tokens, step.positions, step.meta,

@@ -126,8 +126,9 @@ def test_stop_token_ids_min_tokens_and_logprobs(stories_llm):
         assert max(entry.values()) == entry[token] <= 0
 
 
-def test_prompt_logprobs_match_a_full_forward(stories_llm):
-    prompt = random_prompts(1, seed=11, low=20, high=21)[0]
+@pytest.mark.parametrize("length", [20, 100])  # 100: more blocks than the cache has heads (a bug once)
+def test_prompt_logprobs_match_a_full_forward(stories_llm, length):
+    prompt = random_prompts(1, seed=11, low=length, high=length + 1)[0]
     out = stories_llm.generate(prompt, SamplingParams(max_tokens=1, prompt_logprobs=2, **GREEDY))[0]
     e = stories_llm.engine
     logits, _ = ragged_logits(e, prompt)

@@ -225,9 +225,13 @@ def test_engine_runs_the_kernel_through_one_switch(tiny_checkpoints, stories_dir
     assert {s.data.shape[0] for s in spread.engine.runner.cache[0][0].addressable_shards} == {1}
     assert [o.outputs[0].token_ids for o in spread.generate(prompts, params)] == expected
     scored = SamplingParams(prompt_logprobs=1, max_tokens=1)  # the prompt scored over a scratch cache split the same way
-    want, got = (llm.generate(prompts[1:], scored)[0].prompt_logprobs[1:] for llm in (reference, split))
-    assert [list(w) for w in want] == [list(g) for g in got]
-    np.testing.assert_allclose([v for w in want for v in w.values()], [v for g in got for v in g.values()], atol=1e-4)
+    long_prompt = [int(t) for t in np.random.default_rng(3).integers(3, 256, 70)]  # more blocks than cache heads
+    for llm in (split, spread):
+        want, got = (m.generate([prompts[1], long_prompt], scored) for m in (reference, llm))
+        for w, g in zip(want, got):
+            w, g = w.prompt_logprobs[1:], g.prompt_logprobs[1:]
+            assert [list(e) for e in w] == [list(e) for e in g]
+            np.testing.assert_allclose([v for e in w for v in e.values()], [v for e in g for v in e.values()], atol=1e-4)
     for kv in ("int8", "fp8"):
         quant = LLM(str(model), attention_impl="pallas", kv_cache_dtype=kv, **args)
         assert len(quant.engine.runner.cache[0]) == 4
