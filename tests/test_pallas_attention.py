@@ -231,7 +231,8 @@ def test_engine_runs_the_kernel_through_one_switch(tiny_checkpoints, stories_dir
         for w, g in zip(want, got):
             w, g = w.prompt_logprobs[1:], g.prompt_logprobs[1:]
             assert [list(e) for e in w] == [list(e) for e in g]
-            np.testing.assert_allclose([v for e in w for v in e.values()], [v for e in g for v in e.values()], atol=1e-4)
+            values = [[v for e in entries for v in e.values()] for entries in (w, g)]
+            np.testing.assert_allclose(*values, atol=1e-4)
     for kv in ("int8", "fp8"):
         quant = LLM(str(model), attention_impl="pallas", kv_cache_dtype=kv, **args)
         assert len(quant.engine.runner.cache[0]) == 4
