@@ -7,6 +7,8 @@ more devices than KV heads (see `cache_heads`).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -19,16 +21,16 @@ def tensor_ways(mesh) -> int:
 
 
 def cache_heads(cfg: ModelConfig, ways: int) -> int:
-    """KV heads the cache holds on `ways` tensor-parallel devices.
+    """KV heads the cache holds on `ways` tensor-parallel devices: the least multiple of the KV heads that splits evenly
+    over the devices (each KV head copied as often as needed), if the query heads split over those too.
 
-    With fewer KV heads than devices (2 KV heads on 8 GPUs), each KV head is stored once per device that runs its query
-    heads (vLLM's replication): every device then holds exactly the one head its queries read, and attention runs per
-    device with no gather. Otherwise (or where the query heads do not split evenly) the model's own count.
+    With fewer KV heads than devices (2 KV heads on 8 GPUs) each device then holds exactly the one head its queries read
+    (vLLM's replication); with 6 KV heads on 4 devices, 3 of 12 copies each instead of all 6. Attention runs per device
+    with no gather. Otherwise (query heads that do not split evenly) the model's own count, replicated on every device.
     """
     kv = cfg.num_kv_heads
-    if kv < ways and ways % kv == 0 and cfg.num_heads % ways == 0:
-        return ways
-    return kv
+    heads = math.lcm(kv, ways)
+    return heads if cfg.num_heads % heads == 0 else kv
 
 
 def block_shape(cfg: ModelConfig, num_blocks: int, block_size: int, mesh=None) -> tuple[int, int, int, int]:

@@ -86,6 +86,20 @@ def test_kernel_runs_per_tensor_shard(tensor, tiny_checkpoints):
         {max(cfg.num_kv_heads // tensor, 1)}  # fmt: skip
 
 
+def test_kv_heads_that_do_not_divide_the_devices(tmp_path):
+    # 6 KV heads (12 query heads) on 4 devices: the cache holds 12 copies, 3 per device, each the KV head of one of the
+    # device's 3 query heads; the kernel runs per device with no gather and gives the single-device logits.
+    from conftest import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint("llama3", tmp_path / "m", hidden_size=96, num_attention_heads=12, num_key_value_heads=6)
+    _, _, _, single = logits_on(make_mesh(devices=jax.devices()[:1]), path)
+    hlo = []
+    cfg, _, cache, sharded = logits_on(make_mesh(tensor=4), path, "pallas", hlo)
+    np.testing.assert_allclose(sharded, single, rtol=0, atol=1e-5 * np.abs(single).max())
+    assert not re.search(r"all-gather|all-to-all|collective-permute", hlo[0])
+    assert cache[0][0].shape[0] == 12 and {s.data.shape[0] for s in cache[0][0].addressable_shards} == {3}
+
+
 def test_mesh_too_large_is_a_clear_error():
     with pytest.raises(ValueError, match="needs 16 devices, have 8"):
         make_mesh(tensor=8, data=2)
@@ -101,5 +115,5 @@ def test_kv_cache_budget_counts_what_each_device_holds():
     assert one == 2 * 3 * 16 * 2 * 8 * 2  # k and v, 3 layers, 16 tokens, 2 heads of 8 bfloat16 values
     assert kv_cache.bytes_per_block(cfg, 16, ways=2) == one // 2  # a head per device
     assert kv_cache.bytes_per_block(cfg, 16, ways=4) == one // 2  # a copy of one head per device
-    assert kv_cache.cache_heads(cfg, 4) == 4 and kv_cache.cache_heads(cfg, 3) == 2  # 3 ways: the cache replicated
-    assert kv_cache.bytes_per_block(cfg, 16, ways=3) == one
+    assert kv_cache.cache_heads(cfg, 4) == 4 and kv_cache.cache_heads(cfg, 3) == 2  # 8 query heads do not split in 3
+    assert kv_cache.bytes_per_block(cfg, 16, ways=3) == one  # so the cache is whole on each device
