@@ -8,6 +8,7 @@
 #           transformers on the checkpoint
 #   serve   the serving benchmark against `rtpjax serve` at several concurrencies
 #   host    the engine loop's host work per step at 256 decode rows (no HTTP), and with the device drained per launch
+#   tp      offline decode and throughput with the heads split over TP GPUs (default 2; a machine with that many)
 #   kernels the paged-attention kernel against JAX's own and XLA (benchmarks/kernels/attention_bench.py)
 # Run from the repository root on the lent GPU (device tool), with .whl carried (starlette, uvicorn, pydantic):
 #   bash benchmarks/gpu_run.sh load transfer startup offline offline_hf serve host kernels
@@ -66,6 +67,10 @@ for stage in $stages; do
     checkpoint
     timeout 240 python3 -m rtpjax.benchmarks.offline --model "$CKPT" --engine transformers --num-prompts 64 \
       --max-num-seqs 64 --out "$OUT/offline_transformers.json"
+    ;;
+  tp)
+    timeout 300 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" --tensor-parallel-size "${TP:-2}" \
+      --out "$OUT/offline_tp${TP:-2}.json" --compilation-cache-dir /tmp/xla
     ;;
   kernels)
     timeout 420 python3 -m rtpjax.benchmarks.kernels.attention_bench --out "$OUT/attention_bench.json" 2>&1 \

@@ -5,6 +5,7 @@ Decode speed is measured as `vllm bench latency` and gpt-fast do, without the pr
 and with N output tokens, and decode tokens/s = batch x (N - 1) / (t_N - t_1).
 
     python -m rtpjax.benchmarks.offline --shape llama3-8b --out offline.json            # random weights on the GPU
+    python -m rtpjax.benchmarks.offline --shape llama3-8b --tensor-parallel-size 2     # heads over 2 GPUs
     python -m rtpjax.benchmarks.offline --model /data/llama3-8b --engine transformers   # the same, with torch
 """
 
@@ -25,13 +26,14 @@ def prompts(rng: np.random.Generator, n: int, length: int, vocab: int) -> list[l
 
 class RtpjaxRunner:
     def __init__(self, model: str, load_format: str, max_num_seqs: int, max_model_len: int, batched_tokens: int,
-                 cache_dir: str | None, quantization: str | None = None):  # fmt: skip
+                 cache_dir: str | None, quantization: str | None = None, tensor_parallel_size: int = 1):  # fmt: skip
         from rtpjax import LLM
 
         began = time.perf_counter()
         self.llm = LLM(model, load_format=load_format, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                        max_num_batched_tokens=batched_tokens, enable_prefix_caching=False,
-                       compilation_cache_dir=cache_dir, quantization=quantization)  # fmt: skip
+                       compilation_cache_dir=cache_dir, quantization=quantization,
+                       tensor_parallel_size=tensor_parallel_size)  # fmt: skip
         self.startup_seconds = time.perf_counter() - began
         self.vocab = self.llm.engine.cfg.vocab_size
 
@@ -125,6 +127,7 @@ def main():
     parser.add_argument("--max-model-len", type=int, default=2048, help="as the server's, so compiled shapes are shared")
     parser.add_argument("--compilation-cache-dir", default=None)
     parser.add_argument("--quantization", choices=["int8", "fp8"], default=None, help="rtpjax: weight-only, at load")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="rtpjax: devices the heads split over")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -137,12 +140,12 @@ def main():
     max_len = max(args.max_model_len, args.input_len + args.output_len, args.throughput_input_len + args.throughput_output_len)
     if args.engine == "rtpjax":
         runner = RtpjaxRunner(model, load_format, args.max_num_seqs, max_len, args.max_num_batched_tokens,
-                              args.compilation_cache_dir, args.quantization)  # fmt: skip
+                              args.compilation_cache_dir, args.quantization, args.tensor_parallel_size)  # fmt: skip
     else:
         runner = TransformersRunner(model)
     rng = np.random.default_rng(0)
     result = {"engine": args.engine, "model": args.model or args.shape, "startup_seconds": runner.startup_seconds,
-              "quantization": args.quantization,
+              "quantization": args.quantization, "tensor_parallel_size": args.tensor_parallel_size,
               "input_len": args.input_len, "output_len": args.output_len, "decode": {}}  # fmt: skip
     timed(runner, prompts(rng, 1, args.input_len, runner.vocab), 8)  # first-call costs (cuBLAS handles, caches)
     for b in sizes:

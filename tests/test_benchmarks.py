@@ -181,6 +181,8 @@ def test_real_decode_inputs_hold_the_context_and_leave_the_engine_clean(model, c
     assert runner.device_step_ms(4, steps=2, inputs=inputs) > 0
     runner.release(ids)
     assert not engine.requests and engine.pool.num_free == engine.pool.num_blocks
+    split = RtpjaxRunner(str(model), "auto", 8, 256, 32, compile_cache, tensor_parallel_size=2)  # offline.py's flag
+    assert split.llm.engine.runner.mesh.shape["tensor"] == 2 and split.generate([[1, 5, 9]], 4) == 4
 
 
 def test_host_step_splits_the_loop_and_drains_the_device():
