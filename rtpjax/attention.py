@@ -204,8 +204,9 @@ def paged_attention(
 ) -> tuple[jax.Array, LayerCache]:
     """Write this step's K/V ([T, Hkv, D]) into the cache, then attend. Returns ([T, Hq, D], updated cache).
 
-    A cache holding each KV head several times (more tensor-parallel devices than KV heads: `kv_cache.cache_heads`)
-    gets every copy written; query head h then reads copy h // (Hq / cache heads), a copy of its own KV head.
+    A cache holding each KV head several times (KV heads that do not split over the tensor-parallel devices:
+    `kv_cache.cache_heads`) gets every copy written; query head h reads cache head h // (Hq / cache heads), a copy of
+    its own KV head.
     """
     try:
         impl = IMPLEMENTATIONS[meta.impl]

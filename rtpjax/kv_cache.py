@@ -1,8 +1,8 @@
 """The paged KV cache as device arrays: one (k, v) pair per layer, each [heads, num_blocks, block_size, head_dim].
 
 Block accounting (which blocks a sequence owns) is host-side and lives elsewhere; this module only knows the layout,
-the memory it costs and its sharding. `heads` is the model's KV heads, or more of them when tensor parallelism has
-more devices than KV heads (see `cache_heads`).
+the memory it costs and its sharding. `heads` is the model's KV heads, or copies of them where they do not split
+evenly over the tensor-parallel devices (see `cache_heads`).
 """
 
 from __future__ import annotations
