@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 from rtpjax.attention import AttentionMetadata, LayerCache, plan_step
 from rtpjax.models import layers
 from rtpjax.models.config import ModelConfig
+from rtpjax.sharding import tensor_ways
 
 KVCache = list[LayerCache]
 
@@ -60,7 +61,7 @@ def partition_rules(cfg: ModelConfig, rules, mesh) -> tuple:
     the tensor axis: every device then computes all KV heads (a small matmul) and keeps the ones its query heads read
     (`kv_cache.cache_heads`), instead of trading pieces of heads every layer (9 collectives per layer for 4 KV heads
     on 8 devices, on the CPU mesh)."""
-    if cfg.num_kv_heads % mesh.shape.get("tensor", 1):
+    if cfg.num_kv_heads % tensor_ways(mesh):
         return ((r"\.attn\.[wb][kv]$", P()), *rules)
     return tuple(rules)
 

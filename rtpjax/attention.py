@@ -17,6 +17,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from rtpjax.sharding import tensor_ways
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +154,7 @@ def _pallas(q, k, v, cache, meta, **kw):
         cache = write_kv(cache, k, v, meta.slot_mapping)
         return ragged_paged_attention(q, cache, meta, interpret=jax.default_backend() == "cpu", **kw), cache
 
-    ways = meta.mesh.shape.get("tensor", 1) if meta.mesh is not None else 1
+    ways = tensor_ways(meta.mesh)
     if ways == 1 or cache[0].shape[0] % ways:  # one device, or a cache whose heads do not split over the devices
         return attend(q, k, v, cache, meta)
     heads, cache_heads = P(None, "tensor"), (P("tensor"),) * len(cache)  # [T, H, D]; [Hkv, ...]

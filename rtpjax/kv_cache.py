@@ -13,11 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from rtpjax.models.config import ModelConfig
-from rtpjax.sharding import kv_cache_sharding
-
-
-def tensor_ways(mesh) -> int:
-    return 1 if mesh is None else mesh.shape.get("tensor", 1)
+from rtpjax.sharding import kv_cache_sharding, tensor_ways
 
 
 def cache_heads(cfg: ModelConfig, ways: int) -> int:

@@ -25,6 +25,7 @@ from rtpjax import sampler
 from rtpjax.attention import AttentionMetadata
 from rtpjax.sampling_params import MAX_LOGPROBS, MAX_STOP_TOKEN_IDS
 from rtpjax.scheduler import Schedule
+from rtpjax.sharding import tensor_ways
 from rtpjax.sequence import PENDING
 from rtpjax.step_inputs import Packing, SeqChunk, build_step, pack
 
@@ -101,8 +102,7 @@ class ModelRunner:
         self.max_blocks = -(-max_model_len // block_size)
         self.attention_impl, self.mesh = attention_impl, mesh
         # The kernel needs the mesh to run per tensor-parallel shard (see AttentionMetadata.mesh).
-        split = attention_impl == "pallas" and mesh is not None and mesh.shape.get("tensor", 1) > 1
-        self.attention_mesh = mesh if split else None
+        self.attention_mesh = mesh if attention_impl == "pallas" and tensor_ways(mesh) > 1 else None
         self.token_buckets = buckets(max_num_batched_tokens, 16)
         self.max_num_seqs = max_num_seqs
         self.sink = max_num_seqs

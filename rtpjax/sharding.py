@@ -24,6 +24,11 @@ def make_mesh(tensor: int = 1, expert: int = 1, data: int = 1, devices=None) -> 
     return Mesh(np.array(devices[:need]).reshape(data, expert, tensor), AXES)
 
 
+def tensor_ways(mesh) -> int:
+    """Devices the heads split over: the mesh's "tensor" axis (1 without a mesh or without that axis)."""
+    return 1 if mesh is None else mesh.shape.get("tensor", 1)
+
+
 def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
     """Drop the mesh axes a dimension cannot be split over evenly (e.g. 2 KV heads on 4 tensor devices)."""
     dims = []

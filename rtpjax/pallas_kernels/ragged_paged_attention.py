@@ -193,7 +193,7 @@ def ragged_paged_attention(
                          "make it with rtpjax.attention.plan_step for this step's shapes")  # fmt: skip
     if num_splits is None:  # few (sequence, KV head) pairs: split long contexts to fill the GPU's ~132 SMs
         programs = kv_heads * (pl.cdiv(num_tokens, block_q) + meta.seq_lens.shape[0])
-        num_splits = 1 if num_tokens > 2 * meta.seq_lens.shape[0] else max(1, min(16, 512 // programs))
+        num_splits = max(1, min(16, 512 // programs)) if decode else 1
     if pages_per_tile is None:
         pages_per_tile = max(1, (64 if decode and not quantized else 128) // page_size)
     if num_warps is None:
