@@ -10,6 +10,8 @@
 #   host    the engine loop's host work per step at 256 decode rows (no HTTP), and with the device drained per launch
 #   tp      offline decode and throughput with the heads split over TP GPUs (default 2; a machine with that many)
 #   kernels the paged-attention kernel against JAX's own and XLA (benchmarks/kernels/attention_bench.py)
+#   launch  host cost of launching the step and how often XLA re-records its CUDA graph, per XLA setting (probes/)
+#   allreduce  64 chained all-reduces over every GPU, as a TP decode step makes them (probes/)
 # Run from the repository root on the lent GPU (device tool), with .whl carried (starlette, uvicorn, pydantic):
 #   bash benchmarks/gpu_run.sh load transfer startup offline offline_hf serve host kernels
 set -uo pipefail
@@ -75,6 +77,13 @@ for stage in $stages; do
   kernels)
     timeout 420 python3 -m rtpjax.benchmarks.kernels.attention_bench --out "$OUT/attention_bench.json" 2>&1 \
       | grep -v "cuda_timer\|Delay kernel\|Deprecat\|import paged"
+    ;;
+  launch)
+    timeout 400 python3 -m rtpjax.benchmarks.probes.step_launch --shape "$SHAPE" --tensor-parallel-size "${TP:-1}" \
+      --out "$OUT/step_launch_tp${TP:-1}.json"
+    ;;
+  allreduce)
+    timeout 120 python3 -m rtpjax.benchmarks.probes.allreduce_chain --out "$OUT/allreduce.json"
     ;;
   host)
     timeout 400 python3 -m rtpjax.benchmarks.host_step --shape "$SHAPE" --rows 256 --steps 100 --idle-launch \

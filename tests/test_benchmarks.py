@@ -1,9 +1,11 @@
 """The serving benchmark against a real server (uvicorn on loopback), its datasets, arrivals and metrics; the random
-checkpoint writer the GPU benchmarks use."""
+checkpoint writer the GPU benchmarks use; the probes behind RESULTS.md."""
 
 import asyncio
 import json
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -195,3 +197,42 @@ def test_host_step_splits_the_loop_and_drains_the_device():
         assert 0 < parts <= run["step_ms"] and run["pickling_ms"] > 0
     # With the device drained before each launch, reading the previous step's tokens waits for nothing.
     assert r["idle_launch"]["reading_ms"] < 1.0
+
+
+def test_step_launch_probe_counts_graph_updates_in_each_timed_loop():
+    from rtpjax.benchmarks.probes.step_launch import updates_per_mark
+
+    line = "I1130 command_buffer_thunk.cc:336] [0] Create/Update command buffer by recoding command buffer cmd sequence"
+    log = "\n".join([
+        f"{line} after 1 executions; num_commands=13; updated_allocs=2",  # warm-up, before any mark: not counted
+        "PROBE-MARK as_runner",
+        f"{line} after 1 executions; num_commands=491; updated_allocs=1",
+        f"{line} after 1 executions; num_commands=13; updated_allocs=5",  # a smaller graph (another executable)
+        f"{line} after 1 executions; num_commands=491; updated_allocs=2",
+        "PROBE-MARK logits_into_buffer",
+        f"{line} after 1 executions; num_commands=491; updated_allocs=3",
+        "PROBE-MARK end",
+        f"{line} after 1 executions; num_commands=491; updated_allocs=3",
+    ])  # fmt: skip
+    assert updates_per_mark(log) == {"as_runner": 2, "logits_into_buffer": 1}
+
+
+def test_step_launch_probe_runs_each_setting_in_its_own_process(tmp_path):
+    out = tmp_path / "step_launch.json"
+    cmd = [sys.executable, "-m", "rtpjax.benchmarks.probes.step_launch", "--shape", "tiny", "--setting=",
+           "--setting=--xla_gpu_command_buffer_update_mode=NO_SUCH_MODE", "--out", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    plain, rejected = json.loads(out.read_text())["rows"]
+    for name in ("as_runner", "logits_into_buffer"):
+        assert 0 < plain[name]["host_ms"] <= plain[name]["step_ms"]
+    assert "error" not in plain and "Flag parsing failed" in rejected["error"]
+
+
+def test_allreduce_chain_probe_sums_over_every_device():
+    import jax
+
+    from rtpjax.benchmarks.probes.allreduce_chain import measure
+
+    r = measure(hidden=256, batches=(1,))
+    assert r["devices"] == len(jax.devices()) == 8
+    assert r["sums_only_max_error"] == 0.0 and r["sums_only_batch1_ms"] > 0 and r["matmul_then_sum_batch1_ms"] > 0

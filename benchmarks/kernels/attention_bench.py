@@ -1,5 +1,6 @@
 """Paged attention on the GPU: decode KV bandwidth and prefill TFLOP/s, rtpjax's Pallas kernel beside JAX's own
-(deprecated) Pallas `paged_attention` and plain XLA, on the same shapes, in one run.
+(deprecated) Pallas `paged_attention` and plain XLA, on the same shapes, in one run; for prefill also dense peers on
+contiguous K/V: cuDNN and JAX's Mosaic GPU flash attention (what the wgmma/TMA lowering reaches on this GPU).
 
     python benchmarks/kernels/attention_bench.py --out results.json [--quick]
 
@@ -169,6 +170,16 @@ def prefill_suite(chunks, out):
                 row[impl + "_us"] = timed(dense, (k, v), qs, iters=10) * 1e6
             except Exception as e:
                 row[impl + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        try:  # JAX's Mosaic GPU flash attention (wgmma + TMA, Hopper): float16 only, contiguous K/V, no paging
+            from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+            config = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=True)
+            k16, v16 = (x.reshape(HKV, T, D).transpose(1, 0, 2)[None].astype(jnp.float16) for x in (k, v))
+            q16 = [(q.astype(jnp.float16)[None],) for (q,) in qs]
+            mosaic = lambda k, v, q: attention_mgpu.attention(q, k, v, config)  # noqa: E731
+            row["mosaic_f16_us"] = timed(mosaic, (k16, v16), q16, iters=10) * 1e6
+        except Exception as e:
+            row["mosaic_f16_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         for key in list(row):
             if key.endswith("_us"):
                 row[key.replace("_us", "_TFLOPs")] = flops / (row[key] * 1e-6) / 1e12
@@ -176,7 +187,8 @@ def prefill_suite(chunks, out):
         out["prefill"] = rows
         best = max((row[k] for k in row if k.startswith("rtpjax") and k.endswith("TFLOPs")), default=float("nan"))
         print(f"prefill T={T:5d} rtpjax {best:6.1f} TFLOP/s  xla {row.get('xla_TFLOPs', float('nan')):6.1f}"
-              f"  cudnn {row.get('cudnn_TFLOPs', float('nan')):6.1f}", flush=True)
+              f"  cudnn {row.get('cudnn_TFLOPs', float('nan')):6.1f}"
+              f"  mosaic(f16) {row.get('mosaic_f16_TFLOPs', float('nan')):6.1f}", flush=True)
 
 
 def correctness(out):

@@ -1,0 +1,128 @@
+"""Host cost of launching one decode step's model executable, and how often XLA re-records its CUDA graph for it.
+
+    python -m rtpjax.benchmarks.probes.step_launch --shape llama3-8b --out step_launch.json
+    python -m rtpjax.benchmarks.probes.step_launch --shape llama3-8b --tensor-parallel-size 2 \
+        --setting= --setting=--xla_gpu_command_buffer_update_mode=NEVER_UPDATE
+
+XLA reads its flags once per process, so each setting runs in a child process with XLA's command-buffer log on. The
+child reports, for the smallest token bucket: host ms per call (until the call returns), ms per call back to back,
+and how many calls re-recorded the step's CUDA graph ("updates"), for the step as the runner calls it and with the
+logits written into a donated buffer (so no output needs a fresh address). A call that re-records pays for the
+update and for a slower graph launch; one that does not launches the whole step for a few microseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+CALLS = 30
+
+
+def child(shape: str, tp: int) -> None:
+    import jax
+
+    from rtpjax.benchmarks.offline import RtpjaxRunner
+    from rtpjax.benchmarks.random_checkpoint import write_config_only
+    from rtpjax.runner import model_step
+    from rtpjax.step_inputs import pack
+
+    model = str(write_config_only(tempfile.mkdtemp(), shape))
+    runner = RtpjaxRunner(model, "dummy", 32, 1024, 256, None, None, tp).llm.engine.runner
+    tokens = runner.token_buckets[0]
+    batch, _ = runner._batch([], tokens, runner._seqs_for(tokens))
+    flat, packing = pack(batch)
+    as_runner = runner._compiled[(batch.tokens.shape[0], batch.logits_indices.shape[0])]
+
+    def into_buffer(params, cache, state, flat, buffer, packing):
+        del buffer  # donated: the logits take its place
+        return model_step(params, cache, state, flat, packing, cfg=runner.cfg, forward=runner._forward)
+
+    logits, runner.cache = as_runner(runner.params, runner.cache, runner.state, flat)
+    into = jax.jit(into_buffer, static_argnums=(5,), donate_argnums=(1, 4)).lower(
+        runner.params, runner.cache, runner.state, flat, logits, packing).compile()  # fmt: skip
+    def inputs():  # the cache is donated each call: read the latest
+        return runner.params, runner.cache, runner.state, flat
+
+    calls = {"as_runner": lambda logits: as_runner(*inputs()),
+             "logits_into_buffer": lambda logits: into(*inputs(), logits)}
+    result = {}
+    for name, call in calls.items():
+        for _ in range(3):
+            logits, runner.cache = call(logits)
+        jax.block_until_ready(logits)
+        print(f"PROBE-MARK {name}", file=sys.stderr, flush=True)
+        began = time.perf_counter()
+        for _ in range(CALLS):
+            logits, runner.cache = call(logits)
+        host = time.perf_counter() - began
+        jax.block_until_ready(logits)
+        result[name] = {"host_ms": host / CALLS * 1e3, "step_ms": (time.perf_counter() - began) / CALLS * 1e3}
+    print("PROBE-MARK end", file=sys.stderr, flush=True)
+    print("PROBE-RESULT " + json.dumps(result), flush=True)
+
+
+def updates_per_mark(log: str) -> dict[str, int]:
+    """Re-recordings of the step's command buffer (the one with the most commands) inside each timed loop."""
+    counts, mark, largest = {}, None, 0
+    for line in log.splitlines():
+        if "PROBE-MARK" in line:
+            mark = line.split("PROBE-MARK ")[1].strip()
+            continue
+        found = re.search(r"by recoding command buffer cmd sequence.*num_commands=(\d+)", line)
+        if found and mark and mark != "end":
+            n = int(found.group(1))
+            if n > largest:
+                counts, largest = {k: 0 for k in counts}, n
+            if n == largest:
+                counts[mark] = counts.get(mark, 0) + 1
+    return counts
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", default="llama3-8b")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--setting", action="append", dest="settings", metavar="XLA_FLAGS",
+                        help="XLA_FLAGS for one child process (repeat; write --setting=--xla_...); default: none, "
+                             "then each name XLA versions gave stable command-buffer addresses (rejected: reported)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.shape, args.tensor_parallel_size)
+    rows = []
+    mode = "--xla_gpu_command_buffer_update_mode="  # renamed across XLA versions: try each name
+    names = ["NEVER_UPDATE", "VMM_PERSISTENT_TEMP", "SKIP_TEMP"]
+    for flags in args.settings or [""] + [mode + name for name in names]:
+        xla_flags = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), flags]))
+        env = dict(os.environ, XLA_FLAGS=xla_flags, TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_MAX_VLOG_LEVEL="0",
+                   TF_CPP_VMODULE="command_buffer_thunk=3")  # fmt: skip
+        cmd = [sys.executable, "-m", "rtpjax.benchmarks.probes.step_launch", "--child", "--shape", args.shape,
+               "--tensor-parallel-size", str(args.tensor_parallel_size)]  # fmt: skip
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        row = {"xla_flags": flags}
+        found = re.search(r"^PROBE-RESULT (.*)$", done.stdout, re.M)
+        if found:
+            row.update(json.loads(found.group(1)))
+            for name, n in updates_per_mark(done.stderr).items():
+                row[name]["graph_updates_per_call"] = n / CALLS
+        else:
+            lines = done.stderr.strip().splitlines() or ["(no output)"]
+            fatal = [line for line in lines if re.match(r"F\d{4} |\w*Error", line)]  # XLA's fatal line, or Python's
+            row["error"] = (fatal or lines)[-1][:300]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(shape=args.shape, tensor_parallel_size=args.tensor_parallel_size, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
