@@ -10,9 +10,10 @@ Prints ms per chain of 64 (one jitted call, back to back, so host dispatch is hi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
+
+from rtpjax.benchmarks.probes import report
 
 LAYERS_X2 = 64
 
@@ -72,10 +73,7 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     result = measure(args.hidden, [int(b) for b in args.batches.split(",")])
-    print(json.dumps(result), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    report(result, args.out)
 
 
 if __name__ == "__main__":

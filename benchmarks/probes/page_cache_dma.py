@@ -27,6 +27,8 @@ import time
 
 import numpy as np
 
+from rtpjax.benchmarks.probes import report
+
 MiB = 1 << 20
 PIECE = 256 * MiB
 READ_ONLY = 0x08  # CU_MEMHOSTREGISTER_READ_ONLY: the only way CUDA accepts a shared file mapping
@@ -203,10 +205,7 @@ def main():
     result["copied_bytes_match"] = bool(np.array_equal(last, np.fromfile(path, np.uint8, MiB, offset=size - MiB)))
     for name in ("reader", "pin_cache", "both"):
         result[name + "_best_GBps"] = size / 1e9 / min(result[name + "_s"])
-    print(json.dumps(result), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import sys
 import tempfile
 import time
 
+from rtpjax.benchmarks.probes import report
+
 CALLS = 30
 
 
@@ -119,9 +121,7 @@ def main():
             row["error"] = (fatal or lines)[-1][:300]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(shape=args.shape, tensor_parallel_size=args.tensor_parallel_size, rows=rows), f, indent=1)
+    report(dict(shape=args.shape, tensor_parallel_size=args.tensor_parallel_size, rows=rows), args.out)
 
 
 if __name__ == "__main__":
