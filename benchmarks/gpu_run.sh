@@ -10,6 +10,7 @@
 #   host    the engine loop's host work per step at 256 decode rows (no HTTP), and with the device drained per launch
 #   tp      offline decode and throughput with the heads split over TP GPUs (default 2; a machine with that many)
 #   kernels the paged-attention kernel against JAX's own and XLA (benchmarks/kernels/attention_bench.py)
+#   mosaic  the Mosaic GPU paged prefill prototype (kernels/mosaic_prefill.py): correctness and TFLOP/s, 512-4096 tokens
 #   launch  host cost of launching the step and how often XLA re-records its CUDA graph, per XLA setting (probes/)
 #   allreduce  64 chained all-reduces over every GPU, as a TP decode step makes them (probes/)
 # Run from the repository root on the lent GPU (device tool), with .whl carried (starlette, uvicorn, pydantic):
@@ -77,6 +78,12 @@ for stage in $stages; do
   kernels)
     timeout 420 python3 -m rtpjax.benchmarks.kernels.attention_bench --out "$OUT/attention_bench.json" 2>&1 \
       | grep -v "cuda_timer\|Delay kernel\|Deprecat\|import paged"
+    ;;
+  mosaic)
+    for t in 512 1024 2048 4096; do
+      timeout 120 python3 -m rtpjax.benchmarks.kernels.mosaic_prefill --tokens $t --out "$OUT/mosaic_prefill_$t.json" \
+        2>&1 | tail -1
+    done
     ;;
   launch)
     timeout 400 python3 -m rtpjax.benchmarks.probes.step_launch --shape "$SHAPE" --tensor-parallel-size "${TP:-1}" \
