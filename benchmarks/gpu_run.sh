@@ -80,10 +80,11 @@ for stage in $stages; do
       | grep -v "cuda_timer\|Delay kernel\|Deprecat\|import paged"
     ;;
   mosaic)
-    for t in 512 1024 2048 4096; do
-      timeout 120 python3 -m rtpjax.benchmarks.kernels.mosaic_prefill --tokens $t --out "$OUT/mosaic_prefill_$t.json" \
-        2>&1 | tail -1
-    done
+    for form in "" "--pipelined" "--pipelined --stages 3"; do
+      for t in 512 4096; do
+        timeout 120 python3 -m rtpjax.benchmarks.kernels.mosaic_prefill --tokens $t $form 2>&1 | tail -1
+      done
+    done | tee "$OUT/mosaic_prefill.jsonl"
     ;;
   launch)
     timeout 400 python3 -m rtpjax.benchmarks.probes.step_launch --shape "$SHAPE" --tensor-parallel-size "${TP:-1}" \
