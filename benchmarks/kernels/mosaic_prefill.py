@@ -2,12 +2,17 @@
 issue 4's prefill goal. JAX's own dense Mosaic GPU attention reaches 491 TFLOP/s at that shape on an H200, the
 Triton-lowered kernel 256 (benchmarks/RESULTS.md); this is a prototype beside the engine's kernel, not wired into it.
 
-Written so JAX 0.10.2's Mosaic GPU interpreter runs it on CPU, where the tests compare it with the plain-jnp
+It takes a step as the engine packs it (queries of many sequences on one token axis, `query_start_loc`, `seq_lens`,
+a page table per sequence) and runs over a plan of query tiles made once per step: each tile is `rows` queries of one
+sequence, so no tile mixes sequences; its outputs land in a buffer of whole tiles and are gathered back to the token
+axis (a tile's rows past its sequence's end are computed and dropped).
+
+Written so JAX 0.10.2's Mosaic GPU interpreter runs it on CPU, where the tests compare it with the engine's plain-jnp
 reference: K pages are stored transposed ([head_dim, page]) so TMA brings K^T tiles as the first wgmma's B operand
 (the interpreter has no transposed views), the probabilities reach the second wgmma through shared memory, and the
-accumulators are scoped (no `run_state`). One page of 64 tokens is one KV tile. Two forms: `paged_prefill`, one
-warpgroup per (query head, 64-query tile) with copies and math in sequence, and `paged_prefill_pipelined`, split as
-JAX's dense kernel is (two compute warpgroups and a producer keeping pages in flight). Neither has run on a GPU yet.
+accumulators are scoped (no `run_state`). One page of 64 tokens is one KV tile. Two forms: sequential, one warpgroup
+per (query head, 64-query tile) with copies and math in turn; pipelined, split as JAX's dense kernel is (per 128
+queries, two compute warpgroups and a producer keeping pages in flight). Neither has run on a GPU yet.
 
     python -m rtpjax.benchmarks.kernels.mosaic_prefill --tokens 4096 [--pipelined]    # on a Hopper GPU
     python -m rtpjax.benchmarks.kernels.mosaic_prefill --tokens 128 --interpret         # anywhere, slowly
@@ -26,24 +31,57 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 PAGE = 64  # tokens per page = per KV tile: 64 x 2 bytes is one 128-byte swizzle row of a transposed K page
-BLOCK_Q = 64  # queries per warpgroup: the wgmma M
+BLOCK_Q = 64  # queries per compute warpgroup: the wgmma M
+SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
-def _check(q, k_pages_t, v_pages, block_table, context, queries_per_program: int):
+def _tiles_per_sequence(query_start_loc, rows: int):
+    """Each sequence's query count, and the range of tile indices its queries take (tiles in sequence order)."""
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    count = (q_lens + rows - 1) // rows
+    ends = jnp.cumsum(count)
+    return q_lens, ends - count, ends
+
+
+def prefill_plan(query_start_loc, seq_lens, *, rows: int, num_tiles: int):
+    """The step's query tiles: int32 [num_tiles, 4] = (first row on the token axis, position of that row's query,
+    sequence, sequence length; 0 marks an unused tile). `num_tiles` is static: tokens / rows + sequences suffices."""
+    q_lens, starts, ends = _tiles_per_sequence(query_start_loc, rows)
+    tile = jnp.arange(num_tiles, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(ends, tile, side="right"), seq_lens.shape[0] - 1).astype(jnp.int32)
+    k = tile - starts[seq]
+    live = tile < ends[-1]
+    first_position = seq_lens[seq] - q_lens[seq] + k * rows
+    return jnp.stack([query_start_loc[seq] + k * rows, first_position, seq, jnp.where(live, seq_lens[seq], 0)], 1)
+
+
+def _tokens_from_tiles(out_tiles, query_start_loc, rows: int, tokens: int):
+    """Each token's row in the buffer of whole tiles (tokens past the last sequence read row 0, as padding)."""
+    _, starts, _ = _tiles_per_sequence(query_start_loc, rows)
+    i = jnp.arange(tokens, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(query_start_loc[1:], i, side="right"), starts.shape[0] - 1)
+    k = i - query_start_loc[seq]
+    row = jnp.where(i < query_start_loc[-1], (starts[seq] + k // rows) * rows + k % rows, 0)
+    return out_tiles[row]
+
+
+def _check(q, k_pages_t, v_pages, page_tables, query_start_loc, seq_lens):
     tokens, q_heads, head_dim = q.shape
     kv_heads = k_pages_t.shape[0]
-    if tokens % queries_per_program or q_heads % kv_heads or k_pages_t.shape[2:] != (head_dim, PAGE):
-        raise ValueError(f"tokens {tokens} must be a multiple of {queries_per_program}, query heads {q_heads} of KV "
-                         f"heads {kv_heads}, and K pages [Hkv, pages, {head_dim}, {PAGE}]; got {k_pages_t.shape}")
+    if q_heads % kv_heads or k_pages_t.shape[2:] != (head_dim, PAGE):
+        raise ValueError(f"query heads {q_heads} must be a multiple of KV heads {kv_heads}, and K pages "
+                         f"[Hkv, pages, {head_dim}, {PAGE}]; got {k_pages_t.shape}")  # fmt: skip
     if v_pages.shape != (kv_heads, k_pages_t.shape[1], PAGE, head_dim) or head_dim % 64:
         raise ValueError(f"V pages must be [Hkv, pages, {PAGE}, head_dim] with head_dim a multiple of 64")
-    if block_table.shape[0] % 4 or context.shape != (4,):
-        raise ValueError("block_table length must be a multiple of 4 and context an int32 [4]")
+    if page_tables.ndim != 2 or page_tables.shape[1] % 4 or page_tables.shape[0] != seq_lens.shape[0]:
+        raise ValueError("page_tables must be [sequences, n] with n a multiple of 4 (one row per sequence)")
+    if query_start_loc.shape != (seq_lens.shape[0] + 1,):
+        raise ValueError("query_start_loc must have one more entry than seq_lens")
 
 
 def _layouts(interpret: bool):
     """Register layouts are hints for the GPU lowering; the interpreter has no rule for them (the values are the same).
-    Returns (layout_cast, iota over a [BLOCK_Q, PAGE] tile, the initial accumulator, max and sum)."""
+    Returns iota(dim) over a [BLOCK_Q, PAGE] tile, and initial(head_dim): the starting accumulator, max and sum."""
     if interpret:
         cast = lambda x, layout: x  # noqa: E731
         iota = lambda dim: lax.broadcasted_iota(jnp.int32, (BLOCK_Q, PAGE), dim)  # noqa: E731
@@ -88,225 +126,226 @@ def _attend(carry, j, first_position, q_smem, kt_slot, v_slot, p_smem, *, scale,
     return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_new, l
 
 
-def _kernel_call(kernel, q, args, grid_tiles: int, num_threads: int, interpret: bool):
+def paged_prefill(q, k_pages_t, v_pages, page_tables, query_start_loc, seq_lens, *, scale: float,
+                  pipelined: bool = False, stages: int = 2, interpret: bool = False):  # fmt: skip
+    """Causal attention of each sequence's chunk of queries over its paged cache (which already holds the chunk's K/V).
+
+    q: [T, Hq, D], sequences' queries packed on the token axis; query_start_loc: int32 [S + 1]; seq_lens: int32 [S],
+    each sequence's length after the chunk (its queries sit at positions seq_len - q_len .. seq_len - 1).
+    k_pages_t: [Hkv, pages, D, 64] (K, each page transposed); v_pages: [Hkv, pages, 64, D].
+    page_tables: int32 [S, n], each sequence's pages in order (n a multiple of 4). Returns [T, Hq, D] in q's dtype.
+    """
+    _check(q, k_pages_t, v_pages, page_tables, query_start_loc, seq_lens)
+    tokens, q_heads, head_dim = q.shape
+    rows = 2 * BLOCK_Q if pipelined else BLOCK_Q
+    num_tiles = -(-tokens // rows) + seq_lens.shape[0]
+    plan = prefill_plan(query_start_loc, seq_lens, rows=rows, num_tiles=num_tiles)
+    q = jnp.pad(q, ((0, rows), (0, 0), (0, 0)))  # a last tile may read past the token axis
+    build = functools.partial(_pipelined_kernel, stages=stages) if pipelined else _sequential_kernel
+    kernel, scratch = build(q_heads // k_pages_t.shape[0], head_dim, q.dtype, page_tables.shape[1], scale, interpret)
     if interpret:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
         interpret = InterpretGPUParams(detect_races=True)
-    call = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(q.shape[1], grid_tiles),
-                        grid_names=("heads", "q_tiles"), num_threads=num_threads, thread_name="wg",
-                        interpret=interpret or None)  # fmt: skip
-    return call(q, *args)
+    call = plgpu.kernel(lambda *refs: pl.run_scoped(functools.partial(kernel, *refs), *scratch, collective_axes="wg"),
+                        out_type=jax.ShapeDtypeStruct((num_tiles * rows, q_heads, head_dim), q.dtype),
+                        grid=(q_heads, num_tiles), grid_names=("heads", "q_tiles"), num_threads=3 if pipelined else 1,
+                        thread_name="wg", interpret=interpret or None)  # fmt: skip
+    out_tiles = call(q, k_pages_t, v_pages, page_tables, plan)
+    return _tokens_from_tiles(out_tiles, query_start_loc, rows, tokens)
 
 
-SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+def _kv_tiles(first_position, seq_len):
+    """KV tiles a 64-query tile whose first query sits at `first_position` attends to: causal, within the sequence."""
+    causal = lax.div(first_position + BLOCK_Q - 1, jnp.int32(PAGE)) + 1
+    return jnp.minimum(causal, lax.div(seq_len + PAGE - 1, jnp.int32(PAGE)))
 
 
-def paged_prefill(q, k_pages_t, v_pages, block_table, context, *, scale: float, interpret: bool = False):
-    """Causal attention of one sequence's chunk of queries over its paged cache (which already holds the chunk's K/V).
+def _read_plan(plan_ref, tables_ref, plan_smem, table_smem, barrier):
+    """This tile's plan entry, then its sequence's page table, into shared memory; returns the entry's values."""
+    plgpu.copy_gmem_to_smem(plan_ref.at[lax.axis_index("q_tiles")], plan_smem, barrier.at[0])
+    plgpu.barrier_wait(barrier.at[0])
+    row, first_position, seq, seq_len = (plan_smem[i] for i in range(4))
+    plgpu.copy_gmem_to_smem(tables_ref.at[seq], table_smem, barrier.at[1])
+    plgpu.barrier_wait(barrier.at[1])
+    return row, first_position, seq_len
 
-    q: [T, Hq, D], the queries at positions context .. context + T - 1 (T a multiple of 64).
-    k_pages_t: [Hkv, pages, D, 64] (K, each page transposed); v_pages: [Hkv, pages, 64, D].
-    block_table: int32 [n], the sequence's pages in order (n a multiple of 4, covering context + T tokens).
-    context: int32 [4], the tokens before the chunk in element 0 (an array: the interpreter takes no scalars).
-    Returns [T, Hq, D] in q's dtype. One warpgroup per (query head, 64-query tile), copies and math in sequence.
-    """
-    _check(q, k_pages_t, v_pages, block_table, context, BLOCK_Q)
-    tokens, q_heads, head_dim = q.shape
-    group, dtype = q_heads // k_pages_t.shape[0], q.dtype
+
+def _sequential_kernel(group, head_dim, dtype, table_width, scale, interpret):
+    """One warpgroup per (query head, 64-query tile): copies and math in turn."""
     iota, initial = _layouts(interpret)
 
-    def kernel(q_ref, kt_ref, v_ref, table_ref, context_ref, out_ref):
-        def scoped(q_smem, kt_smem, v_smem, p_smem, table_smem, context_smem, barriers):
-            head, tile = lax.axis_index("heads"), lax.axis_index("q_tiles")
-            kv_head = lax.div(head, jnp.int32(group))
-            setup, k_ready, v_ready = barriers.at[0], barriers.at[1], barriers.at[2]
-            plgpu.copy_gmem_to_smem(table_ref, table_smem, setup)
-            plgpu.barrier_wait(setup)
-            plgpu.copy_gmem_to_smem(context_ref, context_smem, setup)
-            plgpu.barrier_wait(setup)
-            q_start = tile * BLOCK_Q
-            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_start, BLOCK_Q), head], q_smem, setup)
-            plgpu.barrier_wait(setup)
-            first_position = context_smem[0] + q_start  # of this tile's first query
-            num_tiles = lax.div(first_position + BLOCK_Q - 1, jnp.int32(PAGE)) + 1  # causal: up to the last query
+    def kernel(q_ref, kt_ref, v_ref, tables_ref, plan_ref, out_ref,
+               q_smem, kt_smem, v_smem, p_smem, table_smem, plan_smem, setup, ready):  # fmt: skip
+        head, tile = lax.axis_index("heads"), lax.axis_index("q_tiles")
+        kv_head = lax.div(head, jnp.int32(group))
+        row, first_position, seq_len = _read_plan(plan_ref, tables_ref, plan_smem, table_smem, setup)
+
+        @pl.when(seq_len > 0)
+        def _():
+            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row, BLOCK_Q), head], q_smem, setup.at[2])
+            plgpu.barrier_wait(setup.at[2])
 
             def kv_tile(j, carry):
                 page = table_smem[j]
-                plgpu.copy_gmem_to_smem(kt_ref.at[kv_head, page], kt_smem, k_ready)
-                plgpu.copy_gmem_to_smem(v_ref.at[kv_head, page], v_smem, v_ready)
-                plgpu.barrier_wait(k_ready)
+                plgpu.copy_gmem_to_smem(kt_ref.at[kv_head, page], kt_smem, ready.at[0])
+                plgpu.copy_gmem_to_smem(v_ref.at[kv_head, page], v_smem, ready.at[1])
+                plgpu.barrier_wait(ready.at[0])
                 return _attend(carry, j, first_position, q_smem, kt_smem, v_smem, p_smem, scale=scale, iota=iota,
-                               wait_v=lambda: plgpu.barrier_wait(v_ready), scores_done=lambda: None)  # fmt: skip
+                               wait_v=lambda: plgpu.barrier_wait(ready.at[1]), scores_done=lambda: None)  # fmt: skip
 
-            acc, m, l = lax.fori_loop(0, num_tiles, kv_tile, initial(head_dim))
+            acc, m, l = lax.fori_loop(0, _kv_tiles(first_position, seq_len), kv_tile, initial(head_dim))
             q_smem[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_smem, out_ref.at[pl.ds(q_start, BLOCK_Q), head])
+            plgpu.copy_smem_to_gmem(q_smem, out_ref.at[pl.ds(tile * BLOCK_Q, BLOCK_Q), head])
             plgpu.wait_smem_to_gmem(0)
 
-        pl.run_scoped(
-            scoped,
-            plgpu.SMEM((BLOCK_Q, head_dim), dtype, transforms=SWIZZLED),
-            plgpu.SMEM((head_dim, PAGE), dtype, transforms=SWIZZLED),
-            plgpu.SMEM((PAGE, head_dim), dtype, transforms=SWIZZLED),
-            plgpu.SMEM((BLOCK_Q, PAGE), dtype, transforms=SWIZZLED),
-            plgpu.SMEM(block_table.shape, jnp.int32),
-            plgpu.SMEM((4,), jnp.int32),
-            plgpu.Barrier(num_barriers=3),
-            collective_axes="wg",
-        )
-
-    return _kernel_call(kernel, q, (k_pages_t, v_pages, block_table, context), tokens // BLOCK_Q, 1, interpret)
+    scratch = (plgpu.SMEM((BLOCK_Q, head_dim), dtype, transforms=SWIZZLED),
+               plgpu.SMEM((head_dim, PAGE), dtype, transforms=SWIZZLED),
+               plgpu.SMEM((PAGE, head_dim), dtype, transforms=SWIZZLED),
+               plgpu.SMEM((BLOCK_Q, PAGE), dtype, transforms=SWIZZLED),
+               plgpu.SMEM((table_width,), jnp.int32), plgpu.SMEM((4,), jnp.int32),
+               plgpu.Barrier(num_barriers=3), plgpu.Barrier(num_barriers=2))  # fmt: skip
+    return kernel, scratch
 
 
-def paged_prefill_pipelined(q, k_pages_t, v_pages, block_table, context, *, scale: float, stages: int = 2,
-                            interpret: bool = False):  # fmt: skip
-    """The same attention with the work split as JAX's dense Mosaic GPU kernel splits it: per (query head, 128
-    queries), two compute warpgroups (64 queries each) and a producer warpgroup that keeps `stages` K and V pages in
-    flight, so copies overlap the math. T must be a multiple of 128. The producer fetches what the later compute
-    warpgroup needs; the earlier one, whose causal range ends sooner, releases the pages it skips."""
-    _check(q, k_pages_t, v_pages, block_table, context, 2 * BLOCK_Q)
-    tokens, q_heads, head_dim = q.shape
-    group, dtype = q_heads // k_pages_t.shape[0], q.dtype
+def _pipelined_kernel(group, head_dim, dtype, table_width, scale, interpret, *, stages: int):
+    """Per (query head, 128-query tile), as JAX's dense Mosaic GPU kernel splits the work: two compute warpgroups (64
+    queries each) and a producer warpgroup keeping `stages` K and V pages in flight, so copies overlap the math. The
+    producer fetches what the later compute warpgroup needs; the earlier one, whose causal range ends sooner, releases
+    the pages it skips."""
     iota, initial = _layouts(interpret)
 
-    def kernel(q_ref, kt_ref, v_ref, table_ref, context_ref, out_ref):
-        def scoped(q_smem, kt_smem, v_smem, p_smem, table_smem, context_smem, setup, q_ready, k_ready, v_ready,
-                   k_free, v_free):  # fmt: skip
-            wg, head, tile = lax.axis_index("wg"), lax.axis_index("heads"), lax.axis_index("q_tiles")
+    def kernel(q_ref, kt_ref, v_ref, tables_ref, plan_ref, out_ref, q_smem, kt_smem, v_smem, p_smem, table_smem,
+               plan_smem, setup, q_ready, k_ready, v_ready, k_free, v_free):  # fmt: skip
+        wg, head, tile = lax.axis_index("wg"), lax.axis_index("heads"), lax.axis_index("q_tiles")
+        issue = wg == 2  # the producer issues every copy but the compute warpgroups' queries
 
-            @pl.when(wg == 2)
-            def _():
-                plgpu.copy_gmem_to_smem(table_ref, table_smem, setup.at[0])
-                plgpu.copy_gmem_to_smem(context_ref, context_smem, setup.at[1])
+        @pl.when(issue)
+        def _():
+            plgpu.copy_gmem_to_smem(plan_ref.at[tile], plan_smem, setup.at[0])
 
-            plgpu.barrier_wait(setup.at[0])
-            plgpu.barrier_wait(setup.at[1])
-            context_len = context_smem[0]
+        plgpu.barrier_wait(setup.at[0])
+        row, first_position, seq, seq_len = (plan_smem[i] for i in range(4))
 
-            def tiles_for(q_start):  # KV tiles a 64-query tile starting at q_start attends to (causal)
-                return lax.div(context_len + q_start + BLOCK_Q - 1, jnp.int32(PAGE)) + 1
+        @pl.when(issue)
+        def _():
+            plgpu.copy_gmem_to_smem(tables_ref.at[seq], table_smem, setup.at[1])
 
-            last_tiles = tiles_for(tile * 2 * BLOCK_Q + BLOCK_Q)  # the later compute warpgroup's count
+        plgpu.barrier_wait(setup.at[1])
+        last_tiles = _kv_tiles(first_position + BLOCK_Q, seq_len)  # the later compute warpgroup's count
 
-            @pl.when(wg < 2)
-            def _compute():
-                q_start = tile * 2 * BLOCK_Q + wg * BLOCK_Q
-                q_tile, p_tile = q_smem.at[wg], p_smem.at[wg]
-                plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_start, BLOCK_Q), head], q_tile, q_ready.at[wg])
-                plgpu.barrier_wait(q_ready.at[wg])
-                first_position = context_len + q_start
-                mine = tiles_for(q_start)
+        @pl.when((wg < 2) & (seq_len > 0))
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")  # registers move to the math (JAX's dense split)
+            q_tile, p_tile = q_smem.at[wg], p_smem.at[wg]
+            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row + wg * BLOCK_Q, BLOCK_Q), head], q_tile, q_ready.at[wg])
+            plgpu.barrier_wait(q_ready.at[wg])
+            mine = _kv_tiles(first_position + wg * BLOCK_Q, seq_len)
 
-                def kv_tile(j, carry):
-                    slot = lax.rem(j, jnp.int32(stages))
-                    plgpu.barrier_wait(k_ready.at[slot])
-                    carry = _attend(carry, j, first_position, q_tile, kt_smem.at[slot], v_smem.at[slot], p_tile,
-                                    scale=scale, iota=iota, wait_v=lambda: plgpu.barrier_wait(v_ready.at[slot]),
-                                    scores_done=lambda: plgpu.barrier_arrive(k_free.at[slot]))  # fmt: skip
-                    plgpu.barrier_arrive(v_free.at[slot])
-                    return carry
+            def kv_tile(j, carry):
+                slot = lax.rem(j, jnp.int32(stages))
+                plgpu.barrier_wait(k_ready.at[slot])
+                carry = _attend(carry, j, first_position + wg * BLOCK_Q, q_tile, kt_smem.at[slot], v_smem.at[slot],
+                                p_tile, scale=scale, iota=iota, wait_v=lambda: plgpu.barrier_wait(v_ready.at[slot]),
+                                scores_done=lambda: plgpu.barrier_arrive(k_free.at[slot]))  # fmt: skip
+                plgpu.barrier_arrive(v_free.at[slot])
+                return carry
 
-                acc, m, l = lax.fori_loop(0, mine, kv_tile, initial(head_dim))
-                q_tile[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(q_tile, out_ref.at[pl.ds(q_start, BLOCK_Q), head])
+            acc, m, l = lax.fori_loop(0, mine, kv_tile, initial(head_dim))
+            q_tile[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_tile, out_ref.at[pl.ds(tile * 2 * BLOCK_Q + wg * BLOCK_Q, BLOCK_Q), head])
 
-                def release(j, _):  # pages only the other warpgroup needs: let the producer reuse their slots (after
-                    slot = lax.rem(j, jnp.int32(stages))  # they land: every barrier phase is seen by every waiter)
-                    plgpu.barrier_wait(k_ready.at[slot])
-                    plgpu.barrier_arrive(k_free.at[slot])
-                    plgpu.barrier_wait(v_ready.at[slot])
-                    plgpu.barrier_arrive(v_free.at[slot])
+            def release(j, _):  # pages only the other warpgroup needs: let the producer reuse their slots (after
+                slot = lax.rem(j, jnp.int32(stages))  # they land: every barrier phase is seen by every waiter)
+                plgpu.barrier_wait(k_ready.at[slot])
+                plgpu.barrier_arrive(k_free.at[slot])
+                plgpu.barrier_wait(v_ready.at[slot])
+                plgpu.barrier_arrive(v_free.at[slot])
 
-                lax.fori_loop(mine, last_tiles, release, None)
-                plgpu.wait_smem_to_gmem(0)
+            lax.fori_loop(mine, last_tiles, release, None)
+            plgpu.wait_smem_to_gmem(0)
 
-            @pl.when(wg == 2)
-            def _produce():
-                kv_head = lax.div(head, jnp.int32(group))
+        @pl.when(issue & (seq_len > 0))
+        def _produce():
+            plgpu.set_max_registers(40, action="decrease")
+            kv_head = lax.div(head, jnp.int32(group))
 
-                def fetch(j, _):
-                    slot, page = lax.rem(j, jnp.int32(stages)), table_smem[j]
+            def fetch(j, _):
+                slot, page = lax.rem(j, jnp.int32(stages)), table_smem[j]
 
-                    @pl.when(j >= stages)  # the slot's previous page has been read by both compute warpgroups
-                    def _():
-                        plgpu.barrier_wait(k_free.at[slot])
-
-                    plgpu.copy_gmem_to_smem(kt_ref.at[kv_head, page], kt_smem.at[slot], k_ready.at[slot])
-
-                    @pl.when(j >= stages)
-                    def _():
-                        plgpu.barrier_wait(v_free.at[slot])
-
-                    plgpu.copy_gmem_to_smem(v_ref.at[kv_head, page], v_smem.at[slot], v_ready.at[slot])
-
-                lax.fori_loop(0, last_tiles, fetch, None)
-
-                def drain(j, _):  # the last pages' releases: every barrier phase is seen by every waiter
-                    slot = lax.rem(j, jnp.int32(stages))
+                @pl.when(j >= stages)  # the slot's previous page has been read by both compute warpgroups
+                def _():
                     plgpu.barrier_wait(k_free.at[slot])
+
+                plgpu.copy_gmem_to_smem(kt_ref.at[kv_head, page], kt_smem.at[slot], k_ready.at[slot])
+
+                @pl.when(j >= stages)
+                def _():
                     plgpu.barrier_wait(v_free.at[slot])
 
-                lax.fori_loop(jnp.maximum(last_tiles - stages, 0), last_tiles, drain, None)
+                plgpu.copy_gmem_to_smem(v_ref.at[kv_head, page], v_smem.at[slot], v_ready.at[slot])
 
-        pl.run_scoped(
-            scoped,
-            plgpu.SMEM((2, BLOCK_Q, head_dim), dtype, transforms=SWIZZLED),
-            plgpu.SMEM((stages, head_dim, PAGE), dtype, transforms=SWIZZLED),
-            plgpu.SMEM((stages, PAGE, head_dim), dtype, transforms=SWIZZLED),
-            plgpu.SMEM((2, BLOCK_Q, PAGE), dtype, transforms=SWIZZLED),
-            plgpu.SMEM(block_table.shape, jnp.int32),
-            plgpu.SMEM((4,), jnp.int32),
-            plgpu.Barrier(num_barriers=2),
-            plgpu.Barrier(num_barriers=2),
-            plgpu.Barrier(num_barriers=stages),
-            plgpu.Barrier(num_barriers=stages),
-            plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-            plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-            collective_axes="wg",
-        )
+            lax.fori_loop(0, last_tiles, fetch, None)
 
-    args = (k_pages_t, v_pages, block_table, context)
-    return _kernel_call(kernel, q, args, tokens // (2 * BLOCK_Q), 3, interpret)
+            def drain(j, _):  # the last pages' releases: every barrier phase is seen by every waiter
+                slot = lax.rem(j, jnp.int32(stages))
+                plgpu.barrier_wait(k_free.at[slot])
+                plgpu.barrier_wait(v_free.at[slot])
+
+            lax.fori_loop(jnp.maximum(last_tiles - stages, 0), last_tiles, drain, None)
+
+    scratch = (plgpu.SMEM((2, BLOCK_Q, head_dim), dtype, transforms=SWIZZLED),
+               plgpu.SMEM((stages, head_dim, PAGE), dtype, transforms=SWIZZLED),
+               plgpu.SMEM((stages, PAGE, head_dim), dtype, transforms=SWIZZLED),
+               plgpu.SMEM((2, BLOCK_Q, PAGE), dtype, transforms=SWIZZLED),
+               plgpu.SMEM((table_width,), jnp.int32), plgpu.SMEM((4,), jnp.int32),
+               plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
+               plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+               plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+               plgpu.Barrier(num_arrivals=2, num_barriers=stages))  # fmt: skip
+    return kernel, scratch
 
 
-def random_case(tokens: int, context: int, q_heads: int, kv_heads: int, head_dim: int, dtype, seed: int = 0):
-    """A chunk of `tokens` queries after `context` cached tokens, its sequence's pages scattered in a larger pool."""
+def random_case(chunks, q_heads: int, kv_heads: int, head_dim: int, dtype, seed: int = 0):
+    """A step of prefill chunks: `chunks` is [(queries, cached tokens before them)] per sequence; their pages are
+    scattered over a larger pool. Returns q, k, v ([Hkv, pool, 64, D] each), page_tables, query_start_loc, seq_lens."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    length = context + tokens
-    pages = -(-length // PAGE)
-    table = np.zeros(-(-pages // 4) * 4, np.int32)
-    pool = 2 * pages + 3
-    table[:pages] = rng.permutation(pool)[:pages]
-    q = jnp.asarray(rng.standard_normal((tokens, q_heads, head_dim)), dtype)
+    q_lens = [n for n, _ in chunks]
+    lengths = [n + c for n, c in chunks]
+    pages = [-(-length // PAGE) for length in lengths]
+    pool = 2 * sum(pages) + 3
+    tables = np.zeros((len(chunks), -(-max(pages) // 4) * 4), np.int32)
+    order = rng.permutation(pool)
+    for s, (n, start) in enumerate(zip(pages, np.cumsum([0] + pages[:-1]))):
+        tables[s, :n] = order[start : start + n]
+    q = jnp.asarray(rng.standard_normal((sum(q_lens), q_heads, head_dim)), dtype)
     k = jnp.asarray(rng.standard_normal((kv_heads, pool, PAGE, head_dim)), dtype)
     v = jnp.asarray(rng.standard_normal((kv_heads, pool, PAGE, head_dim)), dtype)
-    return q, k, v, jnp.asarray(table), jnp.asarray([context, 0, 0, 0], jnp.int32)
+    query_start_loc = jnp.asarray(np.cumsum([0] + q_lens), jnp.int32)
+    return q, k, v, jnp.asarray(tables), query_start_loc, jnp.asarray(lengths, jnp.int32)
 
 
-def engine_reference(q, k, v, table, context: int, scale: float):
+def engine_reference(q, k, v, page_tables, query_start_loc, seq_lens, scale: float):
     """rtpjax's plain-jnp paged attention (the engine's reference) on the same cache, seen as the engine's pages of 16
     tokens: page p of 64 is blocks 4p .. 4p + 3."""
     from rtpjax.attention import AttentionMetadata, reference_attention
 
-    tokens = q.shape[0]
     kv_heads, pool, _, head_dim = k.shape
     per = PAGE // 16
-    blocks = (table[:, None] * per + jnp.arange(per)[None]).reshape(1, -1)
-    meta = AttentionMetadata(jnp.asarray([0, tokens], jnp.int32), jnp.asarray([context + tokens], jnp.int32), blocks,
-                             jnp.zeros(tokens, jnp.int32))  # fmt: skip
+    blocks = (page_tables[:, :, None] * per + jnp.arange(per)).reshape(page_tables.shape[0], -1)
+    meta = AttentionMetadata(query_start_loc, seq_lens, blocks, jnp.zeros(q.shape[0], jnp.int32))
     cache = tuple(x.reshape(kv_heads, pool * per, 16, head_dim) for x in (k, v))
     return reference_attention(q.astype(jnp.float32), cache, meta, scale=scale)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--context", type=int, default=0)
+    parser.add_argument("--tokens", type=int, default=4096, help="one sequence's chunk")
+    parser.add_argument("--context", type=int, default=0, help="tokens cached before it")
     parser.add_argument("--q-heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
@@ -317,12 +356,13 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     dtype, scale = jnp.dtype(args.dtype), args.head_dim**-0.5
-    q, k, v, table, context = random_case(args.tokens, args.context, args.q_heads, args.kv_heads, args.head_dim, dtype)
+    q, k, v, tables, qsl, lens = random_case([(args.tokens, args.context)], args.q_heads, args.kv_heads, args.head_dim,
+                                             dtype)  # fmt: skip
     kt = jnp.swapaxes(k, 2, 3)
-    kernel = functools.partial(paged_prefill_pipelined, stages=args.stages) if args.pipelined else paged_prefill
-    run = jax.jit(functools.partial(kernel, scale=scale, interpret=args.interpret))
-    out = run(q, kt, v, table, context).block_until_ready()
-    ref = engine_reference(q, k, v, table, args.context, scale)
+    run = jax.jit(functools.partial(paged_prefill, scale=scale, pipelined=args.pipelined, stages=args.stages,
+                                    interpret=args.interpret))  # fmt: skip
+    out = run(q, kt, v, tables, qsl, lens).block_until_ready()
+    ref = engine_reference(q, k, v, tables, qsl, lens, scale)
     err = float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
     result = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, tokens=args.tokens,
                   context=args.context, dtype=args.dtype, pipelined=args.pipelined, stages=args.stages,
@@ -331,7 +371,7 @@ def main():
         calls = 20
         began = time.perf_counter()
         for _ in range(calls):
-            out = run(q, kt, v, table, context)
+            out = run(q, kt, v, tables, qsl, lens)
         out.block_until_ready()
         seconds = (time.perf_counter() - began) / calls
         t, c = args.tokens, args.context
