@@ -10,7 +10,7 @@
 #   host    the engine loop's host work per step at 256 decode rows (no HTTP), and with the device drained per launch
 #   tp      offline decode and throughput with the heads split over TP GPUs (default 2; a machine with that many)
 #   kernels the paged-attention kernel against JAX's own and XLA (benchmarks/kernels/attention_bench.py)
-#   mosaic  the Mosaic GPU paged prefill prototype (kernels/mosaic_prefill.py): correctness and TFLOP/s, 512-4096 tokens
+#   mosaic  the Mosaic GPU paged prefill prototype (kernels/mosaic_prefill.py), each form: error and TFLOP/s at 512, 4096
 #   launch  host cost of launching the step and how often XLA re-records its CUDA graph, per XLA setting (probes/)
 #   allreduce  64 chained all-reduces over every GPU, as a TP decode step makes them (probes/)
 # Run from the repository root on the lent GPU (device tool), with .whl carried (starlette, uvicorn, pydantic):
