@@ -220,12 +220,15 @@ def test_step_launch_probe_counts_graph_updates_in_each_timed_loop():
 def test_step_launch_probe_runs_each_setting_in_its_own_process(tmp_path):
     out = tmp_path / "step_launch.json"
     cmd = [sys.executable, "-m", "rtpjax.benchmarks.probes.step_launch", "--shape", "tiny", "--setting=",
-           "--setting=--xla_gpu_command_buffer_update_mode=NO_SUCH_MODE", "--out", str(out)]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
-    plain, rejected = json.loads(out.read_text())["rows"]
+           "--setting=--xla_gpu_command_buffer_update_mode=NO_SUCH_MODE", "--setting=--xla_cpu_use_thunk_runtime=true",
+           "--out", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, timeout=900)
+    plain, rejected, other = json.loads(out.read_text())["rows"]
     for name in ("as_runner", "logits_into_buffer"):
         assert 0 < plain[name]["host_ms"] <= plain[name]["step_ms"]
+        assert len(plain[name]["greedy_tokens"]) == 16  # the smallest bucket's rows
     assert "error" not in plain and "Flag parsing failed" in rejected["error"]
+    assert other["same_tokens_as_first_setting"] is True  # a setting that leaves the math alone
 
 
 def test_allreduce_chain_probe_sums_over_every_device():

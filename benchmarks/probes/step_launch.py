@@ -7,8 +7,9 @@
 XLA reads its flags once per process, so each setting runs in a child process with XLA's command-buffer log on. The
 child reports, for the smallest token bucket: host ms per call (until the call returns), ms per call back to back,
 and how many calls re-recorded the step's CUDA graph ("updates"), for the step as the runner calls it and with the
-logits written into a donated buffer (so no output needs a fresh address). A call that re-records pays for the
-update and for a slower graph launch; one that does not launches the whole step for a few microseconds.
+logits written into a donated buffer (so no output needs a fresh address), and the step's greedy tokens, which every
+setting must leave unchanged. A call that re-records pays for the update and for a slower graph launch; one that does
+not launches the whole step for a few microseconds.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def child(shape: str, tp: int) -> None:
             logits, runner.cache = call(logits)
         host = time.perf_counter() - began
         jax.block_until_ready(logits)
-        result[name] = {"host_ms": host / CALLS * 1e3, "step_ms": (time.perf_counter() - began) / CALLS * 1e3}
+        result[name] = {"host_ms": host / CALLS * 1e3, "step_ms": (time.perf_counter() - began) / CALLS * 1e3,
+                        "greedy_tokens": [int(t) for t in jax.numpy.argmax(logits, axis=-1)]}  # fmt: skip
     print("PROBE-MARK end", file=sys.stderr, flush=True)
     print("PROBE-RESULT " + json.dumps(result), flush=True)
 
@@ -119,6 +121,9 @@ def main():
             lines = done.stderr.strip().splitlines() or ["(no output)"]
             fatal = [line for line in lines if re.match(r"F\d{4} |\w*Error", line)]  # XLA's fatal line, or Python's
             row["error"] = (fatal or lines)[-1][:300]
+        if rows and "error" not in rows[0] and "error" not in row:  # a setting must not change what the step computes
+            row["same_tokens_as_first_setting"] = all(row[n]["greedy_tokens"] == rows[0][n]["greedy_tokens"] for n in
+                                                      ("as_runner", "logits_into_buffer"))  # fmt: skip
         rows.append(row)
         print(json.dumps(row), flush=True)
     report(dict(shape=args.shape, tensor_parallel_size=args.tensor_parallel_size, rows=rows), args.out)
