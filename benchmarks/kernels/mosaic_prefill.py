@@ -161,13 +161,21 @@ def _kv_tiles(first_position, seq_len):
     return jnp.minimum(causal, lax.div(seq_len + PAGE - 1, jnp.int32(PAGE)))
 
 
-def _read_plan(plan_ref, tables_ref, plan_smem, table_smem, barrier):
-    """This tile's plan entry, then its sequence's page table, into shared memory; returns the entry's values."""
-    plgpu.copy_gmem_to_smem(plan_ref.at[lax.axis_index("q_tiles")], plan_smem, barrier.at[0])
-    plgpu.barrier_wait(barrier.at[0])
+def _read_plan(plan_ref, tables_ref, plan_smem, table_smem, barrier, issuer=None):
+    """This tile's plan entry, then its sequence's page table, into shared memory; returns (first row, first query's
+    position, sequence length). With several warpgroups, only `issuer` (a traced condition) issues the copies; all
+    wait for them."""
+
+    def copy(src, dst, bar):
+        if issuer is None:
+            plgpu.copy_gmem_to_smem(src, dst, bar)
+        else:
+            pl.when(issuer)(lambda: plgpu.copy_gmem_to_smem(src, dst, bar))
+        plgpu.barrier_wait(bar)
+
+    copy(plan_ref.at[lax.axis_index("q_tiles")], plan_smem, barrier.at[0])
     row, first_position, seq, seq_len = (plan_smem[i] for i in range(4))
-    plgpu.copy_gmem_to_smem(tables_ref.at[seq], table_smem, barrier.at[1])
-    plgpu.barrier_wait(barrier.at[1])
+    copy(tables_ref.at[seq], table_smem, barrier.at[1])
     return row, first_position, seq_len
 
 
@@ -220,19 +228,7 @@ def _pipelined_kernel(group, head_dim, dtype, table_width, scale, interpret, *, 
                plan_smem, setup, q_ready, k_ready, v_ready, k_free, v_free):  # fmt: skip
         wg, head, tile = lax.axis_index("wg"), lax.axis_index("heads"), lax.axis_index("q_tiles")
         issue = wg == 2  # the producer issues every copy but the compute warpgroups' queries
-
-        @pl.when(issue)
-        def _():
-            plgpu.copy_gmem_to_smem(plan_ref.at[tile], plan_smem, setup.at[0])
-
-        plgpu.barrier_wait(setup.at[0])
-        row, first_position, seq, seq_len = (plan_smem[i] for i in range(4))
-
-        @pl.when(issue)
-        def _():
-            plgpu.copy_gmem_to_smem(tables_ref.at[seq], table_smem, setup.at[1])
-
-        plgpu.barrier_wait(setup.at[1])
+        row, first_position, seq_len = _read_plan(plan_ref, tables_ref, plan_smem, table_smem, setup, issue)
         last_tiles = _kv_tiles(first_position + BLOCK_Q, seq_len)  # the later compute warpgroup's count
 
         @pl.when((wg < 2) & (seq_len > 0))
