@@ -9,7 +9,8 @@
 #   serve   the serving benchmark against `rtpjax serve` at several concurrencies
 #   host    the engine loop's host work per step at 256 decode rows (no HTTP), and with the device drained per launch
 #   tp      offline decode and throughput with the heads split over TP GPUs (default 2; a machine with that many)
-#   kernels the paged-attention kernel against JAX's own and XLA (benchmarks/kernels/attention_bench.py)
+#   kernels the paged-attention kernel against JAX's own and XLA (benchmarks/kernels/attention_bench.py;
+#           SUITES=prefill for one of its suites)
 #   mosaic  the Mosaic GPU paged prefill prototype (kernels/mosaic_prefill.py), each form: error and TFLOP/s at 512, 4096
 #   launch  host cost of launching the step and how often XLA re-records its CUDA graph, per XLA setting (probes/)
 #   allreduce  64 chained all-reduces over every GPU, as a TP decode step makes them (probes/)
@@ -76,7 +77,8 @@ for stage in $stages; do
       --out "$OUT/offline_tp${TP:-2}.json" --compilation-cache-dir /tmp/xla
     ;;
   kernels)
-    timeout 420 python3 -m rtpjax.benchmarks.kernels.attention_bench --out "$OUT/attention_bench.json" 2>&1 \
+    timeout 420 python3 -m rtpjax.benchmarks.kernels.attention_bench --out "$OUT/attention_bench.json" \
+      --suites "${SUITES:-correctness,decode,prefill}" 2>&1 \
       | grep -v "cuda_timer\|Delay kernel\|Deprecat\|import paged"
     ;;
   mosaic)

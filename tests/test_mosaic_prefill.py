@@ -53,6 +53,6 @@ def test_rejects_layouts_it_cannot_tile():
     with pytest.raises(ValueError, match="K pages"):
         paged_prefill(q, k, v, tables, qsl, lens, scale=0.1, interpret=True)
     with pytest.raises(ValueError, match="page_tables"):
-        paged_prefill(q, kt, v, tables[:, :3], qsl, lens, scale=0.1, interpret=True)
+        paged_prefill(q, kt, v, tables[:, :, None], qsl, lens, scale=0.1, interpret=True)
     with pytest.raises(ValueError, match="query_start_loc"):
         paged_prefill(q, kt, v, tables, qsl[:1], lens, scale=0.1, interpret=True)

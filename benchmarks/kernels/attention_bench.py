@@ -1,6 +1,7 @@
 """Paged attention on the GPU: decode KV bandwidth and prefill TFLOP/s, rtpjax's Pallas kernel beside JAX's own
 (deprecated) Pallas `paged_attention` and plain XLA, on the same shapes, in one run; for prefill also dense peers on
-contiguous K/V: cuDNN and JAX's Mosaic GPU flash attention (what the wgmma/TMA lowering reaches on this GPU).
+contiguous K/V: cuDNN and JAX's Mosaic GPU flash attention (what the wgmma/TMA lowering reaches on this GPU), and
+rtpjax's Mosaic GPU paged prefill prototype (kernels/mosaic_prefill.py) on the same K/V in pages of 64.
 
     python benchmarks/kernels/attention_bench.py --out results.json [--quick]
 
@@ -25,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from rtpjax.attention import AttentionMetadata, plan_step, quantize, reference_attention  # noqa: E402
+from rtpjax.benchmarks.kernels.mosaic_prefill import paged_prefill  # noqa: E402
 from rtpjax.pallas_kernels.ragged_paged_attention import ragged_paged_attention  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
@@ -180,6 +182,16 @@ def prefill_suite(chunks, out):
             row["mosaic_f16_us"] = timed(mosaic, (k16, v16), q16, iters=10) * 1e6
         except Exception as e:
             row["mosaic_f16_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        k64t, v64 = jnp.swapaxes(k.reshape(HKV, pages // 4, 64, D), 2, 3), v.reshape(HKV, pages // 4, 64, D)
+        table64 = jnp.arange(pages // 4, dtype=jnp.int32)[None]
+        for name, kw in [("mosaic_paged", {}), ("mosaic_paged_pipe", dict(pipelined=True)),
+                         ("mosaic_paged_pipe3", dict(pipelined=True, stages=3))]:  # fmt: skip
+            try:  # rtpjax's Mosaic GPU paged prototype (kernels/mosaic_prefill.py): pages of 64, K pages transposed
+                f = lambda kt, v, t, sl, q, kw=kw: paged_prefill(q, kt, v, t, sl[0], sl[1], scale=D**-0.5, **kw)  # noqa: E731
+                lens = (jnp.asarray([0, T], jnp.int32), jnp.asarray([T], jnp.int32))
+                row[name + "_us"] = timed(f, (k64t, v64, table64, lens), qs, iters=10) * 1e6
+            except Exception as e:
+                row[name + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         for key in list(row):
             if key.endswith("_us"):
                 row[key.replace("_us", "_TFLOPs")] = flops / (row[key] * 1e-6) / 1e12
@@ -188,7 +200,9 @@ def prefill_suite(chunks, out):
         best = max((row[k] for k in row if k.startswith("rtpjax") and k.endswith("TFLOPs")), default=float("nan"))
         print(f"prefill T={T:5d} rtpjax {best:6.1f} TFLOP/s  xla {row.get('xla_TFLOPs', float('nan')):6.1f}"
               f"  cudnn {row.get('cudnn_TFLOPs', float('nan')):6.1f}"
-              f"  mosaic(f16) {row.get('mosaic_f16_TFLOPs', float('nan')):6.1f}", flush=True)
+              f"  mosaic(f16) {row.get('mosaic_f16_TFLOPs', float('nan')):6.1f}  paged mosaic "
+              + " ".join(f"{row.get(k + '_TFLOPs', float('nan')):6.1f}"
+                         for k in ("mosaic_paged", "mosaic_paged_pipe", "mosaic_paged_pipe3")), flush=True)  # fmt: skip
 
 
 def correctness(out):
@@ -225,16 +239,16 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="attention_bench.json")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--suites", default="correctness,decode,prefill", help="comma-separated, of these three")
     args = parser.parse_args()
+    suites = set(args.suites.split(","))
     out = dict(device=str(jax.devices()[0]), jax=jax.__version__)
     print(out, flush=True)
-    steps = [lambda: correctness(out)]
-    if args.quick:
-        steps += [lambda: decode_suite([1, 32], [2048], out), lambda: prefill_suite([1024], out)]
-    else:
-        steps += [lambda: decode_suite([1, 8, 32, 64, 128], [512, 2048, 8192], out),
-                  lambda: prefill_suite([512, 1024, 2048, 4096], out)]  # fmt: skip
-    for step in steps:
+    decode = ([1, 32], [2048]) if args.quick else ([1, 8, 32, 64, 128], [512, 2048, 8192])
+    chunks = [1024] if args.quick else [512, 1024, 2048, 4096]
+    steps = {"correctness": lambda: correctness(out), "decode": lambda: decode_suite(*decode, out),
+             "prefill": lambda: prefill_suite(chunks, out)}  # fmt: skip
+    for step in (steps[name] for name in steps if name in suites):
         try:
             step()
         except Exception:

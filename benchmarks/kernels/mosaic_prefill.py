@@ -55,6 +55,14 @@ def prefill_plan(query_start_loc, seq_lens, *, rows: int, num_tiles: int):
     return jnp.stack([query_start_loc[seq] + k * rows, first_position, seq, jnp.where(live, seq_lens[seq], 0)], 1)
 
 
+def _queries_in_tiles(q, plan, rows: int):
+    """Queries laid out as the plan's whole tiles (a tile's rows past its sequence repeat the last token), so every
+    tile starts at a multiple of `rows`: TMA copies into swizzled shared memory need tile-aligned offsets."""
+    r = jnp.arange(rows, dtype=jnp.int32)
+    token = jnp.minimum(plan[:, :1] + r, q.shape[0] - 1).reshape(-1)
+    return q[token]
+
+
 def _tokens_from_tiles(out_tiles, query_start_loc, rows: int, tokens: int):
     """Each token's row in the buffer of whole tiles (tokens past the last sequence read row 0, as padding)."""
     _, starts, _ = _tiles_per_sequence(query_start_loc, rows)
@@ -73,8 +81,8 @@ def _check(q, k_pages_t, v_pages, page_tables, query_start_loc, seq_lens):
                          f"[Hkv, pages, {head_dim}, {PAGE}]; got {k_pages_t.shape}")  # fmt: skip
     if v_pages.shape != (kv_heads, k_pages_t.shape[1], PAGE, head_dim) or head_dim % 64:
         raise ValueError(f"V pages must be [Hkv, pages, {PAGE}, head_dim] with head_dim a multiple of 64")
-    if page_tables.ndim != 2 or page_tables.shape[1] % 4 or page_tables.shape[0] != seq_lens.shape[0]:
-        raise ValueError("page_tables must be [sequences, n] with n a multiple of 4 (one row per sequence)")
+    if page_tables.ndim != 2 or page_tables.shape[0] != seq_lens.shape[0]:
+        raise ValueError("page_tables must be [sequences, n] (one row per sequence)")
     if query_start_loc.shape != (seq_lens.shape[0] + 1,):
         raise ValueError("query_start_loc must have one more entry than seq_lens")
 
@@ -133,14 +141,17 @@ def paged_prefill(q, k_pages_t, v_pages, page_tables, query_start_loc, seq_lens,
     q: [T, Hq, D], sequences' queries packed on the token axis; query_start_loc: int32 [S + 1]; seq_lens: int32 [S],
     each sequence's length after the chunk (its queries sit at positions seq_len - q_len .. seq_len - 1).
     k_pages_t: [Hkv, pages, D, 64] (K, each page transposed); v_pages: [Hkv, pages, 64, D].
-    page_tables: int32 [S, n], each sequence's pages in order (n a multiple of 4). Returns [T, Hq, D] in q's dtype.
+    page_tables: int32 [S, n], each sequence's pages in order. Returns [T, Hq, D] in q's dtype.
     """
     _check(q, k_pages_t, v_pages, page_tables, query_start_loc, seq_lens)
     tokens, q_heads, head_dim = q.shape
     rows = 2 * BLOCK_Q if pipelined else BLOCK_Q
     num_tiles = -(-tokens // rows) + seq_lens.shape[0]
     plan = prefill_plan(query_start_loc, seq_lens, rows=rows, num_tiles=num_tiles)
-    q = jnp.pad(q, ((0, rows), (0, 0), (0, 0)))  # a last tile may read past the token axis
+    q_tiles = _queries_in_tiles(q, plan, rows)
+    # Copies into shared memory move whole 128-byte rows per warpgroup: plan entries and page tables padded to 32 ints.
+    plan = jnp.pad(plan, ((0, 0), (0, 32 - plan.shape[1])))
+    page_tables = jnp.pad(page_tables, ((0, 0), (0, -page_tables.shape[1] % 32)))
     build = functools.partial(_pipelined_kernel, stages=stages) if pipelined else _sequential_kernel
     kernel, scratch = build(q_heads // k_pages_t.shape[0], head_dim, q.dtype, page_tables.shape[1], scale, interpret)
     if interpret:
@@ -151,7 +162,7 @@ def paged_prefill(q, k_pages_t, v_pages, page_tables, query_start_loc, seq_lens,
                         out_type=jax.ShapeDtypeStruct((num_tiles * rows, q_heads, head_dim), q.dtype),
                         grid=(q_heads, num_tiles), grid_names=("heads", "q_tiles"), num_threads=3 if pipelined else 1,
                         thread_name="wg", interpret=interpret or None)  # fmt: skip
-    out_tiles = call(q, k_pages_t, v_pages, page_tables, plan)
+    out_tiles = call(q_tiles, k_pages_t, v_pages, page_tables, plan)
     return _tokens_from_tiles(out_tiles, query_start_loc, rows, tokens)
 
 
@@ -162,8 +173,8 @@ def _kv_tiles(first_position, seq_len):
 
 
 def _read_plan(plan_ref, tables_ref, plan_smem, table_smem, barrier, issuer=None):
-    """This tile's plan entry, then its sequence's page table, into shared memory; returns (first row, first query's
-    position, sequence length). With several warpgroups, only `issuer` (a traced condition) issues the copies; all
+    """This tile's plan entry, then its sequence's page table, into shared memory; returns (first query's position,
+    sequence length). With several warpgroups, only `issuer` (a traced condition) issues the copies; all
     wait for them."""
 
     def copy(src, dst, bar):
@@ -174,9 +185,9 @@ def _read_plan(plan_ref, tables_ref, plan_smem, table_smem, barrier, issuer=None
         plgpu.barrier_wait(bar)
 
     copy(plan_ref.at[lax.axis_index("q_tiles")], plan_smem, barrier.at[0])
-    row, first_position, seq, seq_len = (plan_smem[i] for i in range(4))
+    first_position, seq, seq_len = (plan_smem[i] for i in range(1, 4))
     copy(tables_ref.at[seq], table_smem, barrier.at[1])
-    return row, first_position, seq_len
+    return first_position, seq_len
 
 
 def _sequential_kernel(group, head_dim, dtype, table_width, scale, interpret):
@@ -187,11 +198,12 @@ def _sequential_kernel(group, head_dim, dtype, table_width, scale, interpret):
                q_smem, kt_smem, v_smem, p_smem, table_smem, plan_smem, setup, ready):  # fmt: skip
         head, tile = lax.axis_index("heads"), lax.axis_index("q_tiles")
         kv_head = lax.div(head, jnp.int32(group))
-        row, first_position, seq_len = _read_plan(plan_ref, tables_ref, plan_smem, table_smem, setup)
+        first_position, seq_len = _read_plan(plan_ref, tables_ref, plan_smem, table_smem, setup)
 
         @pl.when(seq_len > 0)
         def _():
-            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row, BLOCK_Q), head], q_smem, setup.at[2])
+            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(pl.multiple_of(tile * BLOCK_Q, BLOCK_Q), BLOCK_Q), head], q_smem,
+                                    setup.at[2])  # fmt: skip
             plgpu.barrier_wait(setup.at[2])
 
             def kv_tile(j, carry):
@@ -205,14 +217,14 @@ def _sequential_kernel(group, head_dim, dtype, table_width, scale, interpret):
             acc, m, l = lax.fori_loop(0, _kv_tiles(first_position, seq_len), kv_tile, initial(head_dim))
             q_smem[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_smem, out_ref.at[pl.ds(tile * BLOCK_Q, BLOCK_Q), head])
+            plgpu.copy_smem_to_gmem(q_smem, out_ref.at[pl.ds(pl.multiple_of(tile * BLOCK_Q, BLOCK_Q), BLOCK_Q), head])
             plgpu.wait_smem_to_gmem(0)
 
     scratch = (plgpu.SMEM((BLOCK_Q, head_dim), dtype, transforms=SWIZZLED),
                plgpu.SMEM((head_dim, PAGE), dtype, transforms=SWIZZLED),
                plgpu.SMEM((PAGE, head_dim), dtype, transforms=SWIZZLED),
                plgpu.SMEM((BLOCK_Q, PAGE), dtype, transforms=SWIZZLED),
-               plgpu.SMEM((table_width,), jnp.int32), plgpu.SMEM((4,), jnp.int32),
+               plgpu.SMEM((table_width,), jnp.int32), plgpu.SMEM((32,), jnp.int32),
                plgpu.Barrier(num_barriers=3), plgpu.Barrier(num_barriers=2))  # fmt: skip
     return kernel, scratch
 
@@ -228,14 +240,15 @@ def _pipelined_kernel(group, head_dim, dtype, table_width, scale, interpret, *, 
                plan_smem, setup, q_ready, k_ready, v_ready, k_free, v_free):  # fmt: skip
         wg, head, tile = lax.axis_index("wg"), lax.axis_index("heads"), lax.axis_index("q_tiles")
         issue = wg == 2  # the producer issues every copy but the compute warpgroups' queries
-        row, first_position, seq_len = _read_plan(plan_ref, tables_ref, plan_smem, table_smem, setup, issue)
+        first_position, seq_len = _read_plan(plan_ref, tables_ref, plan_smem, table_smem, setup, issue)
         last_tiles = _kv_tiles(first_position + BLOCK_Q, seq_len)  # the later compute warpgroup's count
 
         @pl.when((wg < 2) & (seq_len > 0))
         def _compute():
             plgpu.set_max_registers(232, action="increase")  # registers move to the math (JAX's dense split)
             q_tile, p_tile = q_smem.at[wg], p_smem.at[wg]
-            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row + wg * BLOCK_Q, BLOCK_Q), head], q_tile, q_ready.at[wg])
+            first_row = pl.multiple_of(tile * 2 * BLOCK_Q + wg * BLOCK_Q, BLOCK_Q)
+            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(first_row, BLOCK_Q), head], q_tile, q_ready.at[wg])
             plgpu.barrier_wait(q_ready.at[wg])
             mine = _kv_tiles(first_position + wg * BLOCK_Q, seq_len)
 
@@ -251,7 +264,7 @@ def _pipelined_kernel(group, head_dim, dtype, table_width, scale, interpret, *, 
             acc, m, l = lax.fori_loop(0, mine, kv_tile, initial(head_dim))
             q_tile[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_tile, out_ref.at[pl.ds(tile * 2 * BLOCK_Q + wg * BLOCK_Q, BLOCK_Q), head])
+            plgpu.copy_smem_to_gmem(q_tile, out_ref.at[pl.ds(first_row, BLOCK_Q), head])
 
             def release(j, _):  # pages only the other warpgroup needs: let the producer reuse their slots (after
                 slot = lax.rem(j, jnp.int32(stages))  # they land: every barrier phase is seen by every waiter)
@@ -296,7 +309,7 @@ def _pipelined_kernel(group, head_dim, dtype, table_width, scale, interpret, *, 
                plgpu.SMEM((stages, head_dim, PAGE), dtype, transforms=SWIZZLED),
                plgpu.SMEM((stages, PAGE, head_dim), dtype, transforms=SWIZZLED),
                plgpu.SMEM((2, BLOCK_Q, PAGE), dtype, transforms=SWIZZLED),
-               plgpu.SMEM((table_width,), jnp.int32), plgpu.SMEM((4,), jnp.int32),
+               plgpu.SMEM((table_width,), jnp.int32), plgpu.SMEM((32,), jnp.int32),
                plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
                plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
                plgpu.Barrier(num_arrivals=2, num_barriers=stages),
@@ -358,7 +371,10 @@ def main():
     run = jax.jit(functools.partial(paged_prefill, scale=scale, pipelined=args.pipelined, stages=args.stages,
                                     interpret=args.interpret))  # fmt: skip
     out = run(q, kt, v, tables, qsl, lens).block_until_ready()
-    ref = engine_reference(q, k, v, tables, qsl, lens, scale)
+    # The reference gathers each query's whole context: in chunks of queries (each a chunk of the one sequence).
+    ref = jnp.concatenate([engine_reference(q[a : a + 512], k, v, tables, jnp.asarray([0, len(q[a : a + 512])]),
+                                            lens - len(q) + a + len(q[a : a + 512]), scale)
+                           for a in range(0, len(q), 512)])  # fmt: skip
     err = float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
     result = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, tokens=args.tokens,
                   context=args.context, dtype=args.dtype, pipelined=args.pipelined, stages=args.stages,
