@@ -18,8 +18,8 @@ CASES = [  # chunks [(queries, cached tokens before them)], query heads, KV head
     ([(64, 200)], 8, 2, 64, jnp.float16, 2e-3),  # GQA 4; half a pipelined tile
     ([(70, 0), (1, 130), (150, 64), (5, 3)], 3, 1, 64, jnp.float16, 2e-3),  # ragged: tiles end inside sequences
 ]  # fmt: skip
-KERNELS = {"sequential": paged_prefill, "pipelined": functools.partial(paged_prefill, pipelined=True),
-           "pipelined_3_stages": functools.partial(paged_prefill, pipelined=True, stages=3)}  # fmt: skip
+KERNELS = {"tiles_of_2_pages": paged_prefill, "tiles_of_1_page": functools.partial(paged_prefill, kv_pages=1),
+           "3_stages_of_1_page": functools.partial(paged_prefill, kv_pages=1, stages=3)}  # fmt: skip
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from rtpjax.attention import AttentionMetadata, plan_step, quantize, reference_attention  # noqa: E402
-from rtpjax.benchmarks.kernels.mosaic_prefill import paged_prefill  # noqa: E402
+from rtpjax.benchmarks.kernels.mosaic_prefill import attention_in_tiles, paged_prefill, queries_in_tiles  # noqa: E402,E501
 from rtpjax.pallas_kernels.ragged_paged_attention import ragged_paged_attention  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
@@ -184,14 +184,20 @@ def prefill_suite(chunks, out):
             row["mosaic_f16_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         k64t, v64 = jnp.swapaxes(k.reshape(HKV, pages // 4, 64, D), 2, 3), v.reshape(HKV, pages // 4, 64, D)
         table64 = jnp.arange(pages // 4, dtype=jnp.int32)[None]
-        for name, kw in [("mosaic_paged", {}), ("mosaic_paged_pipe", dict(pipelined=True)),
-                         ("mosaic_paged_pipe3", dict(pipelined=True, stages=3))]:  # fmt: skip
+        for name, kw in [("mosaic_paged", {}), ("mosaic_paged_1page", dict(kv_pages=1))]:
             try:  # rtpjax's Mosaic GPU paged prototype (kernels/mosaic_prefill.py): pages of 64, K pages transposed
                 f = lambda kt, v, t, sl, q, kw=kw: paged_prefill(q, kt, v, t, sl[0], sl[1], scale=D**-0.5, **kw)  # noqa: E731
                 lens = (jnp.asarray([0, T], jnp.int32), jnp.asarray([T], jnp.int32))
                 row[name + "_us"] = timed(f, (k64t, v64, table64, lens), qs, iters=10) * 1e6
             except Exception as e:
                 row[name + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        try:  # the same kernel alone, queries already in whole tiles: what the gathers around it cost
+            lens = (jnp.asarray([0, T], jnp.int32), jnp.asarray([T], jnp.int32))
+            tiled = [queries_in_tiles(q, table64, *lens) for (q,) in qs]
+            f = lambda kt, v, q, plan, t: attention_in_tiles(q, kt, v, t, plan, scale=D**-0.5)  # noqa: E731
+            row["mosaic_paged_kernel_us"] = timed(f, (k64t, v64), tiled, iters=10) * 1e6
+        except Exception as e:
+            row["mosaic_paged_kernel_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         for key in list(row):
             if key.endswith("_us"):
                 row[key.replace("_us", "_TFLOPs")] = flops / (row[key] * 1e-6) / 1e12
@@ -202,7 +208,7 @@ def prefill_suite(chunks, out):
               f"  cudnn {row.get('cudnn_TFLOPs', float('nan')):6.1f}"
               f"  mosaic(f16) {row.get('mosaic_f16_TFLOPs', float('nan')):6.1f}  paged mosaic "
               + " ".join(f"{row.get(k + '_TFLOPs', float('nan')):6.1f}"
-                         for k in ("mosaic_paged", "mosaic_paged_pipe", "mosaic_paged_pipe3")), flush=True)  # fmt: skip
+                         for k in ("mosaic_paged", "mosaic_paged_1page", "mosaic_paged_kernel")), flush=True)  # fmt: skip
 
 
 def correctness(out):
