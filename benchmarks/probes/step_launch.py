@@ -2,7 +2,7 @@
 
     python -m rtpjax.benchmarks.probes.step_launch --shape llama3-8b --out step_launch.json
     python -m rtpjax.benchmarks.probes.step_launch --shape llama3-8b --tensor-parallel-size 2 \
-        --setting= --setting=--xla_gpu_command_buffer_update_mode=NEVER_UPDATE
+        --setting= --setting=--xla_gpu_command_buffer_update_mode=SKIP_TEMP
 
 XLA reads its flags once per process, so each setting runs in a child process with XLA's command-buffer log on. The
 child reports, for the smallest token bucket: host ms per call (until the call returns), ms per call back to back,
@@ -102,8 +102,8 @@ def main():
     if args.child:
         return child(args.shape, args.tensor_parallel_size)
     rows = []
-    mode = "--xla_gpu_command_buffer_update_mode="  # renamed across XLA versions: try each name
-    names = ["NEVER_UPDATE", "VMM_PERSISTENT_TEMP", "SKIP_TEMP"]
+    mode = "--xla_gpu_command_buffer_update_mode="  # JAX 0.11.2's XLA: ALWAYS_UPDATE (default), SKIP_TEMP, SKIP_PROFILED
+    names = ["SKIP_TEMP", "SKIP_PROFILED"]
     for flags in args.settings or [""] + [mode + name for name in names]:
         xla_flags = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), flags]))
         env = dict(os.environ, XLA_FLAGS=xla_flags, TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_MAX_VLOG_LEVEL="0",
