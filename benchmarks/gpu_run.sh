@@ -11,7 +11,6 @@
 #   tp      offline decode and throughput with the heads split over TP GPUs (default 2; a machine with that many)
 #   kernels the paged-attention kernel against JAX's own and XLA (benchmarks/kernels/attention_bench.py;
 #           SUITES=prefill for one of its suites)
-#   mosaic  the Mosaic GPU paged prefill prototype (kernels/mosaic_prefill.py), KV tiles of 1-2 pages: error, TFLOP/s
 #   launch  host cost of launching the step and how often XLA re-records its CUDA graph, per XLA setting (probes/)
 #   allreduce  64 chained all-reduces over every GPU, as a TP decode step makes them (probes/)
 # Run from the repository root on the lent GPU (device tool), with .whl carried (starlette, uvicorn, pydantic):
@@ -80,13 +79,6 @@ for stage in $stages; do
     timeout 420 python3 -m rtpjax.benchmarks.kernels.attention_bench --out "$OUT/attention_bench.json" \
       --suites "${SUITES:-correctness,decode,prefill}" 2>&1 \
       | grep -v "cuda_timer\|Delay kernel\|Deprecat\|import paged"
-    ;;
-  mosaic)
-    for form in "--kv-pages 1" "--kv-pages 2"; do
-      for t in 512 4096; do
-        timeout 120 python3 -m rtpjax.benchmarks.kernels.mosaic_prefill --tokens $t $form 2>&1 | tail -1
-      done
-    done | tee "$OUT/mosaic_prefill.jsonl"
     ;;
   launch)
     timeout 400 python3 -m rtpjax.benchmarks.probes.step_launch --shape "$SHAPE" --tensor-parallel-size "${TP:-1}" \

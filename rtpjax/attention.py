@@ -146,13 +146,23 @@ def _reference(q, k, v, cache, meta, **kw):
 
 
 def _pallas(q, k, v, cache, meta, **kw):
+    """The Triton-lowered kernel; on Hopper the step's long prefill chunks go to the Mosaic GPU one instead (what
+    plan_step planned, where the layer suits it), each token's output taken from the kernel that answered it."""
     from jax.sharding import PartitionSpec as P
 
+    from rtpjax.pallas_kernels import prefill_mosaic
     from rtpjax.pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
     def attend(q, k, v, cache, meta):
         cache = write_kv(cache, k, v, meta.slot_mapping)
-        return ragged_paged_attention(q, cache, meta, interpret=jax.default_backend() == "cpu", **kw), cache
+        interpret, tiles = jax.default_backend() == "cpu", meta.plan.get("prefill_tiles")
+        tables = meta.block_tables
+        if tiles is None or not prefill_mosaic.supports(q, cache, kw["window"], kw["soft_cap"], tables.shape[1]):
+            return ragged_paged_attention(q, cache, meta, interpret=interpret, **kw), cache
+        rest = dataclasses.replace(meta, plan={"query_blocks": meta.plan["other_query_blocks"]})
+        out = ragged_paged_attention(q, cache, rest, interpret=interpret, **kw)
+        long = prefill_mosaic.prefill_attention(q, cache, tables, tiles, scale=kw["scale"], interpret=interpret)
+        return jnp.where(tiles["mine"][:, None, None], long, out), cache
 
     ways = tensor_ways(meta.mesh)
     if ways == 1 or cache[0].shape[0] % ways:  # one device, or a cache whose heads do not split over the devices
@@ -170,9 +180,15 @@ IMPLEMENTATIONS: dict[str, Callable] = {"reference": _reference, "pallas": _pall
 def plan_step(meta: AttentionMetadata, num_tokens: int, num_heads: int, num_kv_heads: int) -> AttentionMetadata:
     """`meta` with its implementation's per-step index arrays, for a model to make once before its layers."""
     if meta.impl == "pallas":
+        from rtpjax.pallas_kernels import prefill_mosaic
         from rtpjax.pallas_kernels.ragged_paged_attention import plan
 
-        return dataclasses.replace(meta, plan={"query_blocks": plan(meta, num_tokens, num_heads, num_kv_heads)})
+        steps = {"query_blocks": plan(meta, num_tokens, num_heads, num_kv_heads)}
+        if num_tokens >= prefill_mosaic.MIN_TOKENS and prefill_mosaic.available():  # long chunks to the Mosaic kernel
+            steps["prefill_tiles"] = prefill_mosaic.plan(meta, num_tokens)
+            skip = prefill_mosaic.prefills(meta)
+            steps["other_query_blocks"] = plan(meta, num_tokens, num_heads, num_kv_heads, skip=skip)
+        return dataclasses.replace(meta, plan=steps)
     return dataclasses.replace(meta, plan={"token_layout": token_layout(meta, num_tokens)})
 
 

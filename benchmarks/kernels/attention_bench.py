@@ -1,7 +1,7 @@
 """Paged attention on the GPU: decode KV bandwidth and prefill TFLOP/s, rtpjax's Pallas kernel beside JAX's own
 (deprecated) Pallas `paged_attention` and plain XLA, on the same shapes, in one run; for prefill also dense peers on
-contiguous K/V: cuDNN and JAX's Mosaic GPU flash attention (what the wgmma/TMA lowering reaches on this GPU), and
-rtpjax's Mosaic GPU paged prefill prototype (kernels/mosaic_prefill.py) on the same K/V in pages of 64.
+contiguous K/V: cuDNN and JAX's Mosaic GPU flash attention (what the wgmma/TMA lowering reaches on this GPU); and
+rtpjax's Mosaic GPU prefill kernel (pallas_kernels/prefill_mosaic.py), which the engine runs for long chunks on Hopper.
 
     python benchmarks/kernels/attention_bench.py --out results.json [--quick]
 
@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from rtpjax.attention import AttentionMetadata, plan_step, quantize, reference_attention  # noqa: E402
-from rtpjax.benchmarks.kernels.mosaic_prefill import attention_in_tiles, paged_prefill, queries_in_tiles  # noqa: E402,E501
+from rtpjax.attention import IMPLEMENTATIONS, AttentionMetadata, plan_step, quantize, reference_attention  # noqa: E402
+from rtpjax.pallas_kernels import prefill_mosaic  # noqa: E402
 from rtpjax.pallas_kernels.ragged_paged_attention import ragged_paged_attention  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
@@ -182,22 +182,22 @@ def prefill_suite(chunks, out):
             row["mosaic_f16_us"] = timed(mosaic, (k16, v16), q16, iters=10) * 1e6
         except Exception as e:
             row["mosaic_f16_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        k64t, v64 = jnp.swapaxes(k.reshape(HKV, pages // 4, 64, D), 2, 3), v.reshape(HKV, pages // 4, 64, D)
-        table64 = jnp.arange(pages // 4, dtype=jnp.int32)[None]
-        for name, kw in [("mosaic_paged", {}), ("mosaic_paged_1page", dict(kv_pages=1))]:
-            try:  # rtpjax's Mosaic GPU paged prototype (kernels/mosaic_prefill.py): pages of 64, K pages transposed
-                f = lambda kt, v, t, sl, q, kw=kw: paged_prefill(q, kt, v, t, sl[0], sl[1], scale=D**-0.5, **kw)  # noqa: E731
-                lens = (jnp.asarray([0, T], jnp.int32), jnp.asarray([T], jnp.int32))
-                row[name + "_us"] = timed(f, (k64t, v64, table64, lens), qs, iters=10) * 1e6
+        for bs in (16, 64):  # rtpjax's Mosaic GPU prefill kernel on the engine's cache, blocks of 16 (and 64)
+            try:
+                cache = (k, v) if bs == PAGE else (k.reshape(HKV, -1, bs, D), v.reshape(HKV, -1, bs, D))
+                m = AttentionMetadata(meta.query_start_loc, meta.seq_lens, jnp.arange(T // bs, dtype=jnp.int32)[None],
+                                      meta.slot_mapping)  # fmt: skip
+                step = prefill_mosaic.plan(m, T)
+                f = lambda c, t, p, q: prefill_mosaic.prefill_attention(q, c, t, p, scale=D**-0.5)  # noqa: E731
+                row[f"mosaic_b{bs}_us"] = timed(f, (cache, m.block_tables, step), qs, iters=10) * 1e6
+                if bs == PAGE:  # the kernel alone: queries already in whole tiles (what the gathers around it cost)
+                    tables = prefill_mosaic.table_rows(m.block_tables)
+                    tiled = [(q[step["q_rows"]],) for (q,) in qs]
+                    f = lambda c, t, p, q: prefill_mosaic.attention_in_tiles(  # noqa: E731
+                        q, c, t, p["tiles"], scale=D**-0.5)
+                    row[f"mosaic_b{bs}_kernel_us"] = timed(f, (cache, tables, step), tiled, iters=10) * 1e6
             except Exception as e:
-                row[name + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        try:  # the same kernel alone, queries already in whole tiles: what the gathers around it cost
-            lens = (jnp.asarray([0, T], jnp.int32), jnp.asarray([T], jnp.int32))
-            tiled = [queries_in_tiles(q, table64, *lens) for (q,) in qs]
-            f = lambda kt, v, q, plan, t: attention_in_tiles(q, kt, v, t, plan, scale=D**-0.5)  # noqa: E731
-            row["mosaic_paged_kernel_us"] = timed(f, (k64t, v64), tiled, iters=10) * 1e6
-        except Exception as e:
-            row["mosaic_paged_kernel_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                row[f"mosaic_b{bs}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         for key in list(row):
             if key.endswith("_us"):
                 row[key.replace("_us", "_TFLOPs")] = flops / (row[key] * 1e-6) / 1e12
@@ -206,9 +206,9 @@ def prefill_suite(chunks, out):
         best = max((row[k] for k in row if k.startswith("rtpjax") and k.endswith("TFLOPs")), default=float("nan"))
         print(f"prefill T={T:5d} rtpjax {best:6.1f} TFLOP/s  xla {row.get('xla_TFLOPs', float('nan')):6.1f}"
               f"  cudnn {row.get('cudnn_TFLOPs', float('nan')):6.1f}"
-              f"  mosaic(f16) {row.get('mosaic_f16_TFLOPs', float('nan')):6.1f}  paged mosaic "
-              + " ".join(f"{row.get(k + '_TFLOPs', float('nan')):6.1f}"
-                         for k in ("mosaic_paged", "mosaic_paged_1page", "mosaic_paged_kernel")), flush=True)  # fmt: skip
+              f"  mosaic(f16) {row.get('mosaic_f16_TFLOPs', float('nan')):6.1f}  rtpjax mosaic b16 / alone / b64 "
+              + " / ".join(f"{row.get(k + '_TFLOPs', float('nan')):.1f}"
+                           for k in ("mosaic_b16", "mosaic_b16_kernel", "mosaic_b64")), flush=True)  # fmt: skip
 
 
 def correctness(out):
@@ -238,6 +238,26 @@ def correctness(out):
             err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
             checks.append(dict(kv=kv, splits=splits, rel_err=err, nan=bool(np.isnan(got).any())))
             print(f"correctness {kv} splits={splits}: relative error {err:.2e} nan={np.isnan(got).any()}", flush=True)
+    # A step split between the kernels (as the engine runs it on Hopper): long chunks to the Mosaic GPU kernel,
+    # decode rows and short chunks to the Triton one; every token against the reference.
+    spec = [(1, 5), (600, 0), (1, 300), (37, 0), (130, 70), (9, 40), (64, 700)]
+    lens = [n for n, _ in spec]
+    qsl = jnp.asarray(np.cumsum([0] + lens), jnp.int32)
+    tables = jnp.asarray(rng.integers(0, 200, (7, 48)), jnp.int32)  # blocks may repeat: the data is random
+    meta = AttentionMetadata(qsl, jnp.asarray([s + n for n, s in spec], jnp.int32), tables,
+                             jnp.full(sum(lens), -1, jnp.int32), impl="pallas")  # fmt: skip
+    meta = plan_step(meta, sum(lens), HQ, HKV)
+    q = jnp.asarray(rng.standard_normal((sum(lens), HQ, D)), jnp.bfloat16)
+    new = jnp.zeros((sum(lens), HKV, D), jnp.bfloat16)
+    got, _ = jax.jit(lambda q, c, m: IMPLEMENTATIONS["pallas"](q, new, new, c, m, scale=D**-0.5, window=None,
+                                                               soft_cap=None))(q, (k, v), meta)  # fmt: skip
+    ref = np.asarray(reference_attention(q.astype(jnp.float32), (k, v), meta, scale=D**-0.5))
+    got = np.asarray(got, np.float32)
+    err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    split = "prefill_tiles" in meta.plan
+    checks.append(dict(kv="bf16", mixed_step_split_to_mosaic=split, rel_err=err, nan=bool(np.isnan(got).any())))
+    print(f"correctness mixed step (long chunks to the Mosaic kernel: {split}): relative error {err:.2e} "
+          f"nan={np.isnan(got).any()}", flush=True)
     out["correctness"] = checks
 
 

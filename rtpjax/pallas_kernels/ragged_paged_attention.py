@@ -133,18 +133,23 @@ def default_block_q(num_tokens: int, num_seqs: int, num_heads: int, kv_heads: in
     return max(1, (16 if decode else 128) // pl.next_power_of_2(num_heads // kv_heads))
 
 
-def plan(meta: AttentionMetadata, num_tokens: int, num_heads: int, kv_heads: int) -> tuple:
-    """The step's query blocks for the default block size, made once for all layers (rtpjax.attention.plan_step)."""
-    return query_blocks(meta, num_tokens, default_block_q(num_tokens, meta.seq_lens.shape[0], num_heads, kv_heads))
+def plan(meta: AttentionMetadata, num_tokens: int, num_heads: int, kv_heads: int, skip=None) -> tuple:
+    """The step's query blocks for the default block size, made once for all layers (rtpjax.attention.plan_step);
+    sequences marked in `skip` ([S] bool) get none (another kernel answers them)."""
+    block_q = default_block_q(num_tokens, meta.seq_lens.shape[0], num_heads, kv_heads)
+    return query_blocks(meta, num_tokens, block_q, skip)
 
 
-def query_blocks(meta: AttentionMetadata, num_tokens: int, block_q: int):
-    """(sequence, first token, valid rows) of every query block; spare blocks have 0 rows. Static count."""
+def query_blocks(meta: AttentionMetadata, num_tokens: int, block_q: int, skip=None):
+    """(sequence, first token, valid rows) of every query block; spare blocks have 0 rows. Static count. Sequences
+    marked in `skip` get no blocks: their tokens' outputs are left unwritten."""
     num_seqs = meta.seq_lens.shape[0]
     num_blocks = pl.cdiv(num_tokens, block_q) + num_seqs
     qsl = meta.query_start_loc
     lens = qsl[1:] - qsl[:-1]
     per_seq = (lens + block_q - 1) // block_q
+    if skip is not None:
+        per_seq = jnp.where(skip, 0, per_seq)
     ends = jnp.cumsum(per_seq)
     b = jnp.arange(num_blocks, dtype=jnp.int32)
     # compare_all: one vectorized comparison; the default binary search is a loop, slow on GPU for tiny arrays

@@ -1,0 +1,107 @@
+"""The Mosaic GPU prefill kernel (rtpjax/pallas_kernels/prefill_mosaic.py) in JAX's Mosaic GPU interpreter on CPU,
+against the engine's float32 reference on fresh random inputs; and the engine's "pallas" attention splitting a step
+between it and the Triton kernel. The interpreter fills every output and scratch buffer with NaN first, so NaN-free
+rows mean every row the kernel answers was written; its race detector is on (producer and consumers share slots), and
+it fails a kernel that leaves a barrier phase unobserved."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
+from rtpjax.attention import IMPLEMENTATIONS, AttentionMetadata, plan_step, reference_attention
+from rtpjax.pallas_kernels import prefill_mosaic
+
+
+def mixed_step(chunks, q_heads, kv_heads, head_dim, block_size, dtype, seed=0):
+    """A step of `chunks` [(queries, cached tokens before them)] per sequence, blocks scattered over a larger pool,
+    every block already holding its K/V (the step's slots are -1: nothing to write)."""
+    rng = np.random.default_rng(seed)
+    q_lens, lens = [n for n, _ in chunks], [n + c for n, c in chunks]
+    blocks = [-(-length // block_size) for length in lens]
+    pool = 2 * sum(blocks) + 3
+    tables = np.zeros((len(chunks), max(blocks) + 1), np.int32)
+    order = rng.permutation(pool)
+    for s, (n, start) in enumerate(zip(blocks, np.cumsum([0] + blocks[:-1]))):
+        tables[s, :n] = order[start : start + n]
+    q = jnp.asarray(rng.standard_normal((sum(q_lens), q_heads, head_dim)), dtype)
+    cache = tuple(jnp.asarray(rng.standard_normal((kv_heads, pool, block_size, head_dim)), dtype) for _ in "kv")
+    meta = AttentionMetadata(jnp.asarray(np.cumsum([0] + q_lens), jnp.int32), jnp.asarray(lens, jnp.int32),
+                             jnp.asarray(tables), jnp.full(sum(q_lens), -1, jnp.int32))  # fmt: skip
+    return q, cache, meta
+
+
+def relative_error(out, ref, rows):
+    out, ref = np.asarray(out, np.float32)[rows], np.asarray(ref, np.float32)[rows]
+    assert not np.isnan(out).any()
+    return np.linalg.norm(out - ref) / np.linalg.norm(ref)
+
+
+CASES = [  # chunks, query heads, KV heads, head_dim, block size, dtype, error bound
+    ([(128, 0)], 2, 1, 64, 16, jnp.bfloat16, 1e-2),  # one chunk, nothing cached: fewer KV tiles than stages
+    ([(128, 70)], 4, 2, 128, 64, jnp.bfloat16, 1e-2),  # context ends mid-block; GQA 2; blocks of 64
+    ([(64, 200)], 8, 2, 64, 32, jnp.float16, 2e-3),  # GQA 4; half a tile of queries
+    ([(70, 0), (1, 130), (150, 64), (5, 3), (64, 10)], 3, 1, 64, 16, jnp.float16, 2e-3),  # ragged, short ones skipped
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("chunks,q_heads,kv_heads,head_dim,block_size,dtype,bound", CASES)
+def test_kernel_matches_the_engine_reference(chunks, q_heads, kv_heads, head_dim, block_size, dtype, bound):
+    q, cache, meta = mixed_step(chunks, q_heads, kv_heads, head_dim, block_size, dtype, seed=len(chunks) + head_dim)
+    step = prefill_mosaic.plan(meta, q.shape[0])
+    out = prefill_mosaic.prefill_attention(q, cache, meta.block_tables, step, scale=head_dim**-0.5, interpret=True)
+    ref = reference_attention(q.astype(jnp.float32), cache, meta, scale=head_dim**-0.5)
+    mine = np.asarray(step["mine"])
+    qsl = np.asarray(meta.query_start_loc)
+    for s, (n, _) in enumerate(chunks):  # each sequence on its own: the long ones answered here, the short ones not
+        rows = np.arange(qsl[s], qsl[s + 1])
+        assert mine[rows].all() == (n >= prefill_mosaic.MIN_QUERIES) and mine[rows].any() == mine[rows].all()
+        if n >= prefill_mosaic.MIN_QUERIES:
+            assert relative_error(out, ref, rows) < bound
+    assert not gpu_callbacks.get_races().races_found
+
+
+def test_plan_gives_each_long_sequence_whole_tiles():
+    _, _, meta = mixed_step([(70, 0), (1, 130), (150, 64), (0, 0)], 1, 1, 64, 16, jnp.float16)
+    step = prefill_mosaic.plan(meta, 221)
+    tiles = np.asarray(step["tiles"])[:, :4]  # (first token, its position, sequence, length)
+    assert tiles[:3].tolist() == [[0, 0, 0, 70], [71, 64, 2, 214], [199, 192, 2, 214]]
+    assert (tiles[3:, 3] == 0).all() and tiles.shape[0] == 2 + 221 // 64  # tokens / 128 rounded up + tokens / 64
+    assert np.asarray(step["q_rows"])[:128].tolist() == list(range(70)) + [69] * 58  # rows past the end repeat it
+    out_rows = np.asarray(step["out_rows"])
+    assert out_rows[:70].tolist() == list(range(70)) and out_rows[71:221].tolist() == list(range(128, 278))
+    assert np.asarray(step["mine"]).tolist() == [True] * 70 + [False] + [True] * 150
+
+
+def test_supports_only_what_the_kernel_runs():
+    q = jnp.zeros((4, 4, 128), jnp.bfloat16)
+    cache = (jnp.zeros((2, 8, 16, 128), jnp.bfloat16),) * 2
+    assert prefill_mosaic.supports(q, cache, None, None, max_blocks=64)
+    assert not prefill_mosaic.supports(q.astype(jnp.float32), cache, None, None, 64)
+    assert not prefill_mosaic.supports(q, cache + (jnp.zeros((2, 8, 16)),) * 2, None, None, 64)  # quantized
+    assert not prefill_mosaic.supports(q, cache, 128, None, 64) and not prefill_mosaic.supports(q, cache, None, 30.0, 64)
+    assert not prefill_mosaic.supports(q, tuple(c[:, :, :12] for c in cache), None, None, 64)  # blocks of 12
+    assert not prefill_mosaic.supports(q, cache, None, None, prefill_mosaic.MAX_TABLE + 1)
+    assert not prefill_mosaic.supports(q[..., :96], tuple(c[..., :96] for c in cache), None, None, 64)
+
+
+@pytest.mark.slow
+def test_engine_attention_splits_a_step_between_the_two_kernels(monkeypatch):
+    """impl "pallas" where the Mosaic kernel is available: long chunks there, decode rows and short chunks to the
+    Triton kernel, every token's row from the kernel that answered it; and the whole step as the reference gives it."""
+    monkeypatch.setattr(prefill_mosaic, "available", lambda: True)
+    monkeypatch.setattr(prefill_mosaic, "MIN_TOKENS", 0)
+    q, cache, meta = mixed_step([(1, 40), (130, 20), (9, 40), (1, 5), (64, 0)], 4, 2, 64, 16, jnp.bfloat16, seed=3)
+    meta = plan_step(dataclasses.replace(meta, impl="pallas"), q.shape[0], 4, 2)
+    assert {"prefill_tiles", "other_query_blocks"} <= set(meta.plan)
+    new_kv = jnp.zeros((q.shape[0], 2, 64), q.dtype)
+    out, _ = IMPLEMENTATIONS["pallas"](q, new_kv, new_kv, cache, meta, scale=0.125, window=None, soft_cap=None)
+    ref = reference_attention(q.astype(jnp.float32), cache, meta, scale=0.125)
+    assert relative_error(out, ref, slice(None)) < 1e-2
+    assert np.asarray(meta.plan["prefill_tiles"]["mine"]).sum() == 194
+    # a layer the Mosaic kernel cannot run (soft-cap) falls back to the Triton kernel for the whole step
+    out, _ = IMPLEMENTATIONS["pallas"](q, new_kv, new_kv, cache, meta, scale=0.125, window=None, soft_cap=50.0)
+    ref = reference_attention(q.astype(jnp.float32), cache, meta, scale=0.125, soft_cap=50.0)
+    assert relative_error(out, ref, slice(None)) < 1e-2
