@@ -81,7 +81,8 @@ def test_supports_only_what_the_kernel_runs():
     assert prefill_mosaic.supports(q, cache, None, None, max_blocks=64)
     assert not prefill_mosaic.supports(q.astype(jnp.float32), cache, None, None, 64)
     assert not prefill_mosaic.supports(q, cache + (jnp.zeros((2, 8, 16)),) * 2, None, None, 64)  # quantized
-    assert not prefill_mosaic.supports(q, cache, 128, None, 64) and not prefill_mosaic.supports(q, cache, None, 30.0, 64)
+    assert not prefill_mosaic.supports(q, cache, 128, None, 64)  # window
+    assert not prefill_mosaic.supports(q, cache, None, 30.0, 64)  # soft-cap
     assert not prefill_mosaic.supports(q, tuple(c[:, :, :12] for c in cache), None, None, 64)  # blocks of 12
     assert not prefill_mosaic.supports(q, cache, None, None, prefill_mosaic.MAX_TABLE + 1)
     assert not prefill_mosaic.supports(q[..., :96], tuple(c[..., :96] for c in cache), None, None, 64)
@@ -105,3 +106,36 @@ def test_engine_attention_splits_a_step_between_the_two_kernels(monkeypatch):
     out, _ = IMPLEMENTATIONS["pallas"](q, new_kv, new_kv, cache, meta, scale=0.125, window=None, soft_cap=50.0)
     ref = reference_attention(q.astype(jnp.float32), cache, meta, scale=0.125, soft_cap=50.0)
     assert relative_error(out, ref, slice(None)) < 1e-2
+
+
+@pytest.mark.slow
+def test_engine_scores_a_long_prompt_through_the_mosaic_kernel(tmp_path, stories_dir, compile_cache, monkeypatch):
+    """The runner with the split on (as on Hopper, interpreted here): a long prompt's prefill goes through the Mosaic
+    kernel inside the compiled step and scores as the reference attention scores it; decode steps stay off it."""
+    import shutil
+
+    from conftest import ENGINE_ARGS, make_tiny_checkpoint
+    from rtpjax import LLM, SamplingParams
+
+    model = make_tiny_checkpoint("llama3", tmp_path / "llama3_hd64", head_dim=64, num_attention_heads=2,
+                                 num_key_value_heads=1, num_hidden_layers=2)  # fmt: skip
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        shutil.copy(stories_dir / name, model / name)
+    args = dict(ENGINE_ARGS, max_num_batched_tokens=128, dtype="bfloat16", compilation_cache_dir=compile_cache)
+    prompt = [int(t) for t in np.random.default_rng(5).integers(3, 256, 100)]
+    scored = SamplingParams(prompt_logprobs=1, max_tokens=4, temperature=0, ignore_eos=True)
+    want = LLM(str(model), attention_impl="reference", **args).generate([prompt], scored)[0]
+
+    calls = []
+    run = prefill_mosaic.prefill_attention
+    monkeypatch.setattr(prefill_mosaic, "available", lambda: True)
+    monkeypatch.setattr(prefill_mosaic, "MIN_TOKENS", 64)  # the 128-token step, not the 16-token decode steps
+    monkeypatch.setattr(prefill_mosaic, "prefill_attention", lambda *a, **k: calls.append(1) or run(*a, **k))
+    got = LLM(str(model), attention_impl="pallas", **args).generate([prompt], scored)[0]
+    assert calls  # traced into the steps of >= 64 tokens (per layer)
+    w, g = want.prompt_logprobs[1:], got.prompt_logprobs[1:]
+    # Every prompt token's log-probability, and the best one at each position (a near tie may swap which token it
+    # is): bfloat16 throughout.
+    np.testing.assert_allclose([e[t] for e, t in zip(w, prompt[1:])], [e[t] for e, t in zip(g, prompt[1:])], 1e-2, 0.05)
+    np.testing.assert_allclose([max(e.values()) for e in w], [max(e.values()) for e in g], 1e-2, 0.05)
+    assert len(got.outputs[0].token_ids) == 4
