@@ -75,6 +75,17 @@ def test_plan_gives_each_long_sequence_whole_tiles():
     assert np.asarray(step["mine"]).tolist() == [True] * 70 + [False] + [True] * 150
 
 
+def test_block_tables_reach_the_kernel_as_a_fresh_padded_buffer():
+    """Never a view of the caller's array (the Mosaic GPU call rejects inputs that are not 256-byte aligned, and a
+    view into the runner's packed step inputs can start anywhere): one row of padding at least, even when the width
+    is already whole rows."""
+    tables = jnp.arange(2 * 64, dtype=jnp.int32).reshape(2, 64)
+    rows = prefill_mosaic.table_rows(tables)
+    assert rows.shape == (2, 3, 32) and (np.asarray(rows).reshape(2, -1)[:, :64] == np.asarray(tables)).all()
+    assert prefill_mosaic.table_rows(tables[:, :40]).shape == (2, 2, 32)
+    assert prefill_mosaic.table_rows(jnp.zeros((1, prefill_mosaic.MAX_TABLE), jnp.int32)).shape[1] == 256  # TMA box
+
+
 def test_supports_only_what_the_kernel_runs():
     q = jnp.zeros((4, 4, 128), jnp.bfloat16)
     cache = (jnp.zeros((2, 8, 16, 128), jnp.bfloat16),) * 2

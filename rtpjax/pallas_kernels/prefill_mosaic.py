@@ -32,12 +32,12 @@ TILE_KV = 128  # keys per pipeline step
 MIN_QUERIES = 64  # sequences with fewer queries this step stay with the Triton kernel
 MIN_TOKENS = 512  # steps with fewer tokens stay with it entirely (no prefill chunk worth a tile)
 SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-MAX_TABLE = 8192  # blocks per sequence: its table lives in shared memory ([rows <= 256, 32]: a TMA box's limit)
+MAX_TABLE = 255 * 32  # blocks per sequence: its table sits in shared memory as [rows <= 256 (a TMA box), 32]
 
 
 def available() -> bool:
-    """On a Hopper GPU with RTPJAX_MOSAIC_PREFILL=1. Opt-in: inside the engine's runner on the H200 the next
-    executable (the sampler) was handed a state buffer that is not 256-byte aligned (benchmarks/RESULTS.md)."""
+    """On a Hopper GPU with RTPJAX_MOSAIC_PREFILL=1. Opt-in until an engine run on the GPU passes: the first one
+    stopped on an input of this kernel that was not 256-byte aligned (benchmarks/RESULTS.md; `table_rows`)."""
     if os.environ.get("RTPJAX_MOSAIC_PREFILL", "0") != "1" or jax.default_backend() != "gpu":
         return False
     return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
@@ -53,8 +53,11 @@ def supports(q, cache, window, soft_cap, max_blocks: int) -> bool:
 
 
 def table_rows(block_tables):
-    """Block tables as the kernel reads them: [S, rows, 32] (copies into shared memory move whole 128-byte rows)."""
-    width = -(-block_tables.shape[1] // 32) * 32
+    """Block tables as the kernel reads them: [S, rows, 32] (copies into shared memory move whole 128-byte rows).
+    Always padded, by one row at least: a fresh buffer. The Mosaic GPU call rejects inputs that are not 256-byte
+    aligned, and unpadded the tables can reach it as a view into the runner's packed step inputs at any offset (on the
+    H200: "Input buffer 3 is not 256-byte aligned")."""
+    width = (block_tables.shape[1] // 32 + 1) * 32
     return jnp.pad(block_tables, ((0, 0), (0, width - block_tables.shape[1]))).reshape(block_tables.shape[0], -1, 32)
 
 
