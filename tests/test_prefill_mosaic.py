@@ -142,11 +142,15 @@ def test_engine_scores_a_long_prompt_through_the_mosaic_kernel(tmp_path, stories
     monkeypatch.setattr(prefill_mosaic, "available", lambda: True)
     monkeypatch.setattr(prefill_mosaic, "MIN_TOKENS", 64)  # the 128-token step, not the 16-token decode steps
     monkeypatch.setattr(prefill_mosaic, "prefill_attention", lambda *a, **k: calls.append(1) or run(*a, **k))
-    got = LLM(str(model), attention_impl="pallas", **args).generate([prompt], scored)[0]
-    assert calls  # traced into the steps of >= 64 tokens (per layer)
-    w, g = want.prompt_logprobs[1:], got.prompt_logprobs[1:]
-    # Every prompt token's log-probability, and the best one at each position (a near tie may swap which token it
-    # is): bfloat16 throughout.
-    np.testing.assert_allclose([e[t] for e, t in zip(w, prompt[1:])], [e[t] for e, t in zip(g, prompt[1:])], 1e-2, 0.05)
-    np.testing.assert_allclose([max(e.values()) for e in w], [max(e.values()) for e in g], 1e-2, 0.05)
-    assert len(got.outputs[0].token_ids) == 4
+    for ways in (1, 2):  # one device, and the heads split over two (the kernels per shard)
+        calls.clear()
+        llm = LLM(str(model), attention_impl="pallas", tensor_parallel_size=ways, **args)
+        got = llm.generate([prompt], scored)[0]
+        assert calls  # traced into the steps of >= 64 tokens (per layer)
+        w, g = want.prompt_logprobs[1:], got.prompt_logprobs[1:]
+        # Every prompt token's log-probability, and the best one at each position (a near tie may swap which token
+        # it is): bfloat16 throughout.
+        np.testing.assert_allclose([e[t] for e, t in zip(w, prompt[1:])], [e[t] for e, t in zip(g, prompt[1:])],
+                                   1e-2, 0.05)  # fmt: skip
+        np.testing.assert_allclose([max(e.values()) for e in w], [max(e.values()) for e in g], 1e-2, 0.05)
+        assert len(got.outputs[0].token_ids) == 4
