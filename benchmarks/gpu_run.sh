@@ -11,6 +11,8 @@
 #   tp      offline decode and throughput with the heads split over TP GPUs (default 2; a machine with that many)
 #   kernels the paged-attention kernel against JAX's own and XLA (benchmarks/kernels/attention_bench.py;
 #           SUITES=prefill for one of its suites)
+#   prefill offline throughput on 2000-token prompts, Triton only and with long chunks to the Mosaic GPU kernel,
+#           blocks of 16 and 64
 #   launch  host cost of launching the step and how often XLA re-records its CUDA graph, per XLA setting (probes/)
 #   allreduce  64 chained all-reduces over every GPU, as a TP decode step makes them (probes/)
 # Run from the repository root on the lent GPU (device tool), with .whl carried (starlette, uvicorn, pydantic):
@@ -79,6 +81,14 @@ for stage in $stages; do
     timeout 420 python3 -m rtpjax.benchmarks.kernels.attention_bench --out "$OUT/attention_bench.json" \
       --suites "${SUITES:-correctness,decode,prefill}" 2>&1 \
       | grep -v "cuda_timer\|Delay kernel\|Deprecat\|import paged"
+    ;;
+  prefill)
+    # long prompts through the engine: Triton only, then long chunks to the Mosaic GPU kernel; blocks of 16 and 64
+    for bs in 16 64; do for mosaic in 0 1; do
+      RTPJAX_MOSAIC_PREFILL=$mosaic timeout 200 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" --batch-sizes 1 \
+        --output-len 16 --num-prompts 64 --throughput-input-len 2000 --throughput-output-len 8 --block-size $bs \
+        --out "$OUT/offline_prefill_b${bs}_mosaic${mosaic}.json" 2>&1 | grep -E "throughput|Error" | tail -2
+    done; done
     ;;
   launch)
     timeout 400 python3 -m rtpjax.benchmarks.probes.step_launch --shape "$SHAPE" --tensor-parallel-size "${TP:-1}" \

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -26,14 +27,15 @@ def prompts(rng: np.random.Generator, n: int, length: int, vocab: int) -> list[l
 
 class RtpjaxRunner:
     def __init__(self, model: str, load_format: str, max_num_seqs: int, max_model_len: int, batched_tokens: int,
-                 cache_dir: str | None, quantization: str | None = None, tensor_parallel_size: int = 1):  # fmt: skip
+                 cache_dir: str | None, quantization: str | None = None, tensor_parallel_size: int = 1,
+                 block_size: int = 16):  # fmt: skip
         from rtpjax import LLM
 
         began = time.perf_counter()
         self.llm = LLM(model, load_format=load_format, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                        max_num_batched_tokens=batched_tokens, enable_prefix_caching=False,
                        compilation_cache_dir=cache_dir, quantization=quantization,
-                       tensor_parallel_size=tensor_parallel_size)  # fmt: skip
+                       tensor_parallel_size=tensor_parallel_size, block_size=block_size)  # fmt: skip
         self.startup_seconds = time.perf_counter() - began
         self.vocab = self.llm.engine.cfg.vocab_size
 
@@ -128,6 +130,7 @@ def main():
     parser.add_argument("--compilation-cache-dir", default=None)
     parser.add_argument("--quantization", choices=["int8", "fp8"], default=None, help="rtpjax: weight-only, at load")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="rtpjax: devices the heads split over")
+    parser.add_argument("--block-size", type=int, default=16, help="rtpjax: tokens per KV cache block")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -140,12 +143,14 @@ def main():
     max_len = max(args.max_model_len, args.input_len + args.output_len, args.throughput_input_len + args.throughput_output_len)
     if args.engine == "rtpjax":
         runner = RtpjaxRunner(model, load_format, args.max_num_seqs, max_len, args.max_num_batched_tokens,
-                              args.compilation_cache_dir, args.quantization, args.tensor_parallel_size)  # fmt: skip
+                              args.compilation_cache_dir, args.quantization, args.tensor_parallel_size,
+                              args.block_size)  # fmt: skip
     else:
         runner = TransformersRunner(model)
     rng = np.random.default_rng(0)
     result = {"engine": args.engine, "model": args.model or args.shape, "startup_seconds": runner.startup_seconds,
               "quantization": args.quantization, "tensor_parallel_size": args.tensor_parallel_size,
+              "block_size": args.block_size, "mosaic_prefill": os.environ.get("RTPJAX_MOSAIC_PREFILL", "0") == "1",
               "input_len": args.input_len, "output_len": args.output_len, "decode": {}}  # fmt: skip
     timed(runner, prompts(rng, 1, args.input_len, runner.vocab), 8)  # first-call costs (cuBLAS handles, caches)
     for b in sizes:
