@@ -71,14 +71,14 @@ def plan(meta, num_tokens: int) -> dict:
     """The step's tiles, made once for all layers. tiles: int32 [n, 32] = (first query's token, its position, sequence,
     sequence length, 0...), length 0 for an unused tile; q_rows: the token behind each tile row (a tile's rows past its
     sequence repeat its last token); out_rows: each token's row among the tiles; mine: tokens this kernel answers.
-    n is static: every taken sequence has >= MIN_QUERIES tokens, so tiles <= tokens / 128 + tokens / MIN_QUERIES."""
+    n is static: a taken sequence of q >= MIN_QUERIES queries needs ceil(q / 128) <= q / MIN_QUERIES tiles."""
     qsl, seq_lens = meta.query_start_loc, meta.seq_lens
     take = prefills(meta)
     q_lens = qsl[1:] - qsl[:-1]
     count = jnp.where(take, (q_lens + TILE_Q - 1) // TILE_Q, 0)
     ends = jnp.cumsum(count)
     starts = ends - count
-    num_tiles = min(-(-num_tokens // TILE_Q) + num_tokens // MIN_QUERIES, -(-num_tokens // TILE_Q) + qsl.shape[0] - 1)
+    num_tiles = max(1, min(num_tokens // MIN_QUERIES, -(-num_tokens // TILE_Q) + qsl.shape[0] - 1))
     tile = jnp.arange(num_tiles, dtype=jnp.int32)
     seq = jnp.minimum(jnp.searchsorted(ends, tile, side="right", method="compare_all"), seq_lens.shape[0] - 1)
     k = tile - starts[seq]
@@ -200,7 +200,10 @@ def _kernel(group, head_dim, block_size, dtype, table_shape, scale, interpret, *
         load(tiles_ref.at[tile], tile_smem, setup.at[0])
         first_position, seq, seq_len = tile_smem[1], tile_smem[2], tile_smem[3]
         load(tables_ref.at[seq], table_smem, setup.at[1])
-        last_tiles = _kv_tiles(first_position + BLOCK_Q, seq_len)  # the later compute warpgroup's count
+        # The later compute warpgroup's count, which the producer fetches: the earlier one's when the later one's
+        # rows are all past the sequence's end (the last tile of a sequence) and it skips the math.
+        later = first_position + BLOCK_Q
+        last_tiles = _kv_tiles(jnp.where(later < seq_len, later, first_position), seq_len)
 
         def take_turn():  # both compute warpgroups arrive; alternating phases keep them half a step apart
             plgpu.barrier_arrive(turn)
@@ -214,7 +217,7 @@ def _kernel(group, head_dim, block_size, dtype, table_shape, scale, interpret, *
             plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(first_row, BLOCK_Q), head], q_tile, q_ready.at[wg])
             plgpu.barrier_wait(q_ready.at[wg])
             position = first_position + wg * BLOCK_Q
-            mine = _kv_tiles(position, seq_len)
+            mine = jnp.where(position < seq_len, _kv_tiles(position, seq_len), 0)
             unmasked = jnp.minimum(lax.div(position + 1, jnp.int32(TILE_KV)), mine)  # tiles wholly before the diagonal
 
             def wait_k(j):
@@ -257,6 +260,7 @@ def _kernel(group, head_dim, block_size, dtype, table_shape, scale, interpret, *
 
             lax.fori_loop(mine, last_tiles, release, None)
             pl.when(wg == 0)(take_turn)
+            l = jnp.where(l > 0, l, 1.0)  # 0 only in a warpgroup that skipped the math (rows nobody reads)
             q_tile[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_tile, out_ref.at[pl.ds(first_row, BLOCK_Q), head])
