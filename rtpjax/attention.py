@@ -184,7 +184,10 @@ def plan_step(meta: AttentionMetadata, num_tokens: int, num_heads: int, num_kv_h
         from rtpjax.pallas_kernels.ragged_paged_attention import plan
 
         steps = {"query_blocks": plan(meta, num_tokens, num_heads, num_kv_heads)}
-        if num_tokens >= prefill_mosaic.MIN_TOKENS and prefill_mosaic.available():  # long chunks to the Mosaic kernel
+        # Long chunks to the Mosaic kernel, in steps that can hold them: not in decode-shaped buckets (tokens <= 2 x
+        # sequences, as the Triton kernel tells them apart), where it would mostly launch empty tiles every layer.
+        decode_shaped = num_tokens <= 2 * meta.seq_lens.shape[0]
+        if num_tokens >= prefill_mosaic.MIN_TOKENS and not decode_shaped and prefill_mosaic.available():
             steps["prefill_tiles"] = prefill_mosaic.plan(meta, num_tokens)
             skip = prefill_mosaic.prefills(meta)
             steps["other_query_blocks"] = plan(meta, num_tokens, num_heads, num_kv_heads, skip=skip)

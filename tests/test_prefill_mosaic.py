@@ -108,6 +108,9 @@ def test_engine_attention_splits_a_step_between_the_two_kernels(monkeypatch):
     q, cache, meta = mixed_step([(1, 40), (130, 20), (9, 40), (1, 5), (64, 0)], 4, 2, 64, 16, jnp.bfloat16, seed=3)
     meta = plan_step(dataclasses.replace(meta, impl="pallas"), q.shape[0], 4, 2)
     assert {"prefill_tiles", "other_query_blocks"} <= set(meta.plan)
+    decode_shaped = dataclasses.replace(meta, query_start_loc=meta.query_start_loc[:3], seq_lens=meta.seq_lens[:2],
+                                        block_tables=meta.block_tables[:2], slot_mapping=meta.slot_mapping[:4])
+    assert "prefill_tiles" not in plan_step(decode_shaped, 4, 4, 2).plan  # 4 tokens for 2 sequences
     new_kv = jnp.zeros((q.shape[0], 2, 64), q.dtype)
     out, _ = IMPLEMENTATIONS["pallas"](q, new_kv, new_kv, cache, meta, scale=0.125, window=None, soft_cap=None)
     ref = reference_attention(q.astype(jnp.float32), cache, meta, scale=0.125)
