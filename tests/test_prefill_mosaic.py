@@ -97,6 +97,9 @@ def test_supports_only_what_the_kernel_runs():
     assert not prefill_mosaic.supports(q, tuple(c[:, :, :12] for c in cache), None, None, 64)  # blocks of 12
     assert not prefill_mosaic.supports(q, cache, None, None, prefill_mosaic.MAX_TABLE + 1)
     assert not prefill_mosaic.supports(q[..., :96], tuple(c[..., :96] for c in cache), None, None, 64)
+    _, _, meta = mixed_step([(64, 0)], 4, 2, 128, 16, jnp.bfloat16)
+    with pytest.raises(ValueError, match="prefill_attention needs bfloat16/float16 queries"):  # called directly
+        prefill_mosaic.prefill_attention(q.astype(jnp.float32), cache, meta.block_tables, {}, scale=0.1)
 
 
 @pytest.mark.slow

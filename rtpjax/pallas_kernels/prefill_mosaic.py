@@ -72,26 +72,22 @@ def plan(meta, num_tokens: int) -> dict:
     sequence length, 0...), length 0 for an unused tile; q_rows: the token behind each tile row (a tile's rows past its
     sequence repeat its last token); out_rows: each token's row among the tiles; mine: tokens this kernel answers.
     n is static: a taken sequence of q >= MIN_QUERIES queries needs ceil(q / 128) <= q / MIN_QUERIES tiles."""
+    from rtpjax.attention import token_layout
+    from rtpjax.pallas_kernels.ragged_paged_attention import query_blocks
+
     qsl, seq_lens = meta.query_start_loc, meta.seq_lens
     take = prefills(meta)
-    q_lens = qsl[1:] - qsl[:-1]
-    count = jnp.where(take, (q_lens + TILE_Q - 1) // TILE_Q, 0)
-    ends = jnp.cumsum(count)
-    starts = ends - count
-    num_tiles = max(1, min(num_tokens // MIN_QUERIES, -(-num_tokens // TILE_Q) + qsl.shape[0] - 1))
-    tile = jnp.arange(num_tiles, dtype=jnp.int32)
-    seq = jnp.minimum(jnp.searchsorted(ends, tile, side="right", method="compare_all"), seq_lens.shape[0] - 1)
-    k = tile - starts[seq]
-    first = qsl[seq] + k * TILE_Q
-    live = tile < ends[-1]
-    tiles = jnp.stack([first, seq_lens[seq] - q_lens[seq] + k * TILE_Q, seq, jnp.where(live, seq_lens[seq], 0)], 1)
+    num_tiles = max(1, min(num_tokens // MIN_QUERIES, -(-num_tokens // TILE_Q) + seq_lens.shape[0]))
+    seq, first, rows = query_blocks(meta, num_tokens, TILE_Q, skip=~take, num_blocks=num_tiles)  # tiles = query blocks
+    position = seq_lens[seq] - qsl[seq + 1] + first
+    tiles = jnp.stack([first, position, seq, jnp.where(rows > 0, seq_lens[seq], 0)], 1)
     q_rows = jnp.minimum(first[:, None] + jnp.arange(TILE_Q), jnp.maximum(qsl[seq + 1] - 1, 0)[:, None]).reshape(-1)
 
-    t = jnp.arange(num_tokens, dtype=jnp.int32)
-    token_seq = jnp.minimum(jnp.searchsorted(qsl[1:], t, side="right", method="compare_all"), seq_lens.shape[0] - 1)
-    local = t - qsl[token_seq]
-    mine = take[token_seq] & (t < qsl[-1])
-    out_rows = jnp.where(mine, (starts[token_seq] + local // TILE_Q) * TILE_Q + local % TILE_Q, 0)
+    token_seq, _, valid = token_layout(meta, num_tokens)
+    mine = take[token_seq] & valid
+    count = jnp.where(take, (qsl[1:] - qsl[:-1] + TILE_Q - 1) // TILE_Q, 0)
+    local = jnp.arange(num_tokens, dtype=jnp.int32) - qsl[token_seq]
+    out_rows = jnp.where(mine, (jnp.cumsum(count) - count)[token_seq] * TILE_Q + local, 0)
     return dict(tiles=jnp.pad(tiles, ((0, 0), (0, 28))).astype(jnp.int32), q_rows=q_rows.astype(jnp.int32),
                 out_rows=out_rows.astype(jnp.int32), mine=mine)  # fmt: skip
 
@@ -100,6 +96,11 @@ def prefill_attention(q, cache, block_tables, step_plan: dict, *, scale: float, 
     """Causal attention of the planned sequences' queries over their cache (holding this step's K/V already).
     q: [T, Hq, D]; cache: (k, v), each [Hkv, blocks, block_size, D]. Returns [T, Hq, D]; rows of tokens the plan
     does not take (`step_plan["mine"]` false) are unspecified."""
+    if not supports(q, cache, None, None, block_tables.shape[1]):
+        raise ValueError(f"prefill_attention needs bfloat16/float16 queries and an unquantized cache of that dtype, "
+                         f"head_dim 64 or 128, blocks of 8-128 tokens dividing 128 and at most {MAX_TABLE} blocks per "
+                         f"sequence; got q {q.dtype}{list(q.shape)}, cache {[(c.dtype.name, c.shape) for c in cache]}, "
+                         f"{block_tables.shape[1]} blocks per sequence")  # fmt: skip
     out_tiles = attention_in_tiles(q[step_plan["q_rows"]], cache, table_rows(block_tables), step_plan["tiles"],
                                    scale=scale, interpret=interpret)  # fmt: skip
     return out_tiles[step_plan["out_rows"]]

@@ -140,11 +140,12 @@ def plan(meta: AttentionMetadata, num_tokens: int, num_heads: int, kv_heads: int
     return query_blocks(meta, num_tokens, block_q, skip)
 
 
-def query_blocks(meta: AttentionMetadata, num_tokens: int, block_q: int, skip=None):
-    """(sequence, first token, valid rows) of every query block; spare blocks have 0 rows. Static count. Sequences
-    marked in `skip` get no blocks: their tokens' outputs are left unwritten."""
+def query_blocks(meta: AttentionMetadata, num_tokens: int, block_q: int, skip=None, num_blocks: int | None = None):
+    """(sequence, first token, valid rows) of every query block; spare blocks have 0 rows. Static count (by default
+    enough for any step of `num_tokens`). Sequences marked in `skip` get no blocks: their tokens' outputs are left
+    unwritten."""
     num_seqs = meta.seq_lens.shape[0]
-    num_blocks = pl.cdiv(num_tokens, block_q) + num_seqs
+    num_blocks = num_blocks or pl.cdiv(num_tokens, block_q) + num_seqs
     qsl = meta.query_start_loc
     lens = qsl[1:] - qsl[:-1]
     per_seq = (lens + block_q - 1) // block_q
