@@ -10,7 +10,9 @@
 #   host    the engine loop's host work per step at 256 decode rows (no HTTP), and with the device drained per launch
 #   tp      offline decode and throughput with the heads split over TP GPUs (default 2; a machine with that many)
 #   kernels the paged-attention kernel against JAX's own and XLA (benchmarks/kernels/attention_bench.py;
-#           SUITES=prefill for one of its suites)
+#           SUITES=prefill for some of its suites: correctness, decode, prefill, write)
+#   kv_write  offline throughput and decode with the step's KV written by XLA's scatter and by the Pallas kernel
+#   profile_prefill  kernel times of one 2048-token prefill step, with and without the Mosaic GPU prefill kernel
 #   prefill offline throughput on 2000-token prompts, Triton only and with long chunks to the Mosaic GPU kernel,
 #           blocks of 16 and 64
 #   launch  host cost of launching the step and how often XLA re-records its CUDA graph, per XLA setting (probes/)
@@ -79,7 +81,7 @@ for stage in $stages; do
     ;;
   kernels)
     timeout 420 python3 -m rtpjax.benchmarks.kernels.attention_bench --out "$OUT/attention_bench.json" \
-      --suites "${SUITES:-correctness,decode,prefill}" 2>&1 \
+      --suites "${SUITES:-correctness,decode,prefill,write}" 2>&1 \
       | grep -v "cuda_timer\|Delay kernel\|Deprecat\|import paged"
     ;;
   prefill)
@@ -87,8 +89,29 @@ for stage in $stages; do
     for bs in 16 64; do for mosaic in 0 1; do
       RTPJAX_MOSAIC_PREFILL=$mosaic timeout 200 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" --batch-sizes 1 \
         --output-len 16 --num-prompts 64 --throughput-input-len 2000 --throughput-output-len 8 --block-size $bs \
-        --out "$OUT/offline_prefill_b${bs}_mosaic${mosaic}.json" 2>&1 | grep -E "throughput|Error" | tail -2
+        --out "$OUT/offline_prefill_b${bs}_mosaic${mosaic}.json" > /tmp/log 2>&1
+      grep -E "throughput|Error" /tmp/log | tail -2; { echo "== b$bs mosaic$mosaic"; tail -30 /tmp/log; } >> "$OUT/prefill.log"
     done; done
+    ;;
+  kv_write)
+    # the engine with each layer's new K/V written by XLA's scatter or by the Pallas kernel (RTPJAX_KV_WRITE)
+    for w in xla pallas; do
+      RTPJAX_KV_WRITE=$w timeout 150 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" --batch-sizes 1 \
+        --output-len 16 --num-prompts 64 --throughput-input-len 2000 --throughput-output-len 8 \
+        --out "$OUT/offline_write_${w}_2000in.json" 2>&1 | grep -E "throughput|Error" | sed "s/^/$w /"
+    done
+    for w in xla pallas; do
+      RTPJAX_KV_WRITE=$w timeout 150 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" --batch-sizes 1,32 \
+        --output-len 64 --out "$OUT/offline_write_$w.json" 2>&1 | grep -E "throughput|decode tok|Error" | sed "s/^/$w /"
+    done
+    ;;
+  profile_prefill)
+    # where a 2048-token prefill step's time goes (after 2048 cached tokens), Triton only and with the Mosaic kernel
+    for mosaic in 0 1; do
+      RTPJAX_MOSAIC_PREFILL=$mosaic timeout 250 python3 -m rtpjax.benchmarks.profile_step --shape "$SHAPE" \
+        --prefill 2048 --context 2048 --block-size "${BLOCK:-16}" --top 12 --out "$OUT/profile_prefill_mosaic$mosaic.json" \
+        2>&1 | grep -vE "Delay kernel|tokenizer you are" | head -16
+    done
     ;;
   launch)
     timeout 400 python3 -m rtpjax.benchmarks.probes.step_launch --shape "$SHAPE" --tensor-parallel-size "${TP:-1}" \

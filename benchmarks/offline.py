@@ -77,6 +77,20 @@ class RtpjaxRunner:
             engine.step(final_only=True)
         return engine.runner.prepare(engine.inflight[0]), ids
 
+    def prefill_inputs(self, chunk: int, context: int):
+        """A prefill step's inputs: `chunk` tokens of one prompt after `context` of it are cached (chunked prefill
+        with max_num_batched_tokens == chunk; context a multiple of it). Replays rewrite the same cache slots, as in
+        `decode_inputs`; `release` frees the sequence after."""
+        from rtpjax import SamplingParams
+
+        engine = self.llm.engine
+        rng = np.random.default_rng(chunk)
+        params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+        ids = [engine.add_request(p, params) for p in prompts(rng, 1, context + chunk, self.vocab)]
+        while engine.inflight is None or engine.inflight[0].items[0].start < context:
+            engine.step(final_only=True)
+        return engine.runner.prepare(engine.inflight[0]), ids
+
     def release(self, request_ids) -> None:
         engine = self.llm.engine
         for request_id in request_ids:

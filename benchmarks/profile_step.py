@@ -3,6 +3,7 @@ profiler and sums GPU kernel time by kernel, against the step's wall time and th
 
     python -m rtpjax.benchmarks.profile_step --shape llama3-8b --batch-sizes 1,32 --out profile.json
     python -m rtpjax.benchmarks.profile_step --batch-sizes 256 --context 640     # real decode rows at 640 tokens
+    python -m rtpjax.benchmarks.profile_step --prefill 2048 --context 2048         # a prefill chunk after 2048 tokens
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import collections
 import gzip
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -58,15 +60,24 @@ def main():
     parser.add_argument("--compilation-cache-dir", default=None)
     parser.add_argument("--context", type=int, default=0,
                         help="profile real decode rows holding this many tokens each (default: padding rows, no context)")
+    parser.add_argument("--prefill", type=int, default=0,
+                        help="profile one prompt's prefill chunk of this many tokens after --context cached tokens "
+                             "(a multiple of it) instead of decode batches")  # fmt: skip
+    parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     folder = write_config_only(tempfile.mkdtemp(prefix="rtpjax-profile-"), args.shape)
-    runner = RtpjaxRunner(str(folder), "dummy", args.max_num_seqs, 2048, args.max_num_batched_tokens,
-                          args.compilation_cache_dir)  # fmt: skip
+    batched = args.prefill or args.max_num_batched_tokens
+    runner = RtpjaxRunner(str(folder), "dummy", args.max_num_seqs, max(2048, args.context + args.prefill + 8),
+                          batched, args.compilation_cache_dir, block_size=args.block_size)  # fmt: skip
     engine = runner.llm.engine.runner
-    result = {"shape": args.shape, "device": jax.devices()[0].device_kind, "batches": {}}
-    for b in map(int, args.batch_sizes.split(",")):
-        inputs, ids = runner.decode_inputs(b, args.context) if args.context else (None, [])
+    result = {"shape": args.shape, "device": jax.devices()[0].device_kind, "block_size": args.block_size,
+              "mosaic_prefill": os.environ.get("RTPJAX_MOSAIC_PREFILL", "0") == "1", "batches": {}}  # fmt: skip
+    for b in [args.prefill] if args.prefill else map(int, args.batch_sizes.split(",")):
+        if args.prefill:
+            inputs, ids = runner.prefill_inputs(args.prefill, args.context)
+        else:
+            inputs, ids = runner.decode_inputs(b, args.context) if args.context else (None, [])
         wall_ms = runner.device_step_ms(b, steps=args.steps, inputs=inputs)
         trace = Path(tempfile.mkdtemp(prefix="rtpjax-trace-"))
         with jax.profiler.trace(str(trace), create_perfetto_trace=True):

@@ -61,8 +61,17 @@ def quantize(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
     scale = jnp.where(amax > 0, amax / qmax, 1.0)
     y = x.astype(jnp.float32) / scale[..., None]
     if jnp.issubdtype(dtype, jnp.integer):
-        y = jnp.clip(jnp.round(y), -qmax, qmax)
+        y = jnp.clip(round_half_even(y), -qmax, qmax)
     return y.astype(dtype), scale
+
+
+def round_half_even(y: jax.Array) -> jax.Array:
+    """jnp.round of float32 values in int32 range, from truncation: the Triton lowering has no round (kv_write), and
+    XLA folds the float adder trick ((y + 1.5 * 2**23) - 1.5 * 2**23) away."""
+    whole = y.astype(jnp.int32)  # toward zero
+    rest = y - whole.astype(jnp.float32)  # exact, in (-1, 1)
+    up = (jnp.abs(rest) > 0.5) | ((jnp.abs(rest) == 0.5) & ((whole & 1) == 1))
+    return (whole + jnp.where(up, jnp.where(rest > 0, 1, -1), 0)).astype(jnp.float32)
 
 
 def dequantize(cache: LayerCache) -> tuple[jax.Array, jax.Array]:
@@ -150,12 +159,15 @@ def _pallas(q, k, v, cache, meta, **kw):
     plan_step planned, where the layer suits it), each token's output taken from the kernel that answered it."""
     from jax.sharding import PartitionSpec as P
 
-    from rtpjax.pallas_kernels import prefill_mosaic
+    from rtpjax.pallas_kernels import kv_write, prefill_mosaic
     from rtpjax.pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
     def attend(q, k, v, cache, meta):
-        cache = write_kv(cache, k, v, meta.slot_mapping)
         interpret, tiles = jax.default_backend() == "cpu", meta.plan.get("prefill_tiles")
+        if kv_write.chosen():
+            cache = kv_write.write_kv(cache, k, v, meta.slot_mapping, interpret=interpret)
+        else:
+            cache = write_kv(cache, k, v, meta.slot_mapping)
         tables = meta.block_tables
         if tiles is None or not prefill_mosaic.supports(q, cache, kw["window"], kw["soft_cap"], tables.shape[1]):
             return ragged_paged_attention(q, cache, meta, interpret=interpret, **kw), cache

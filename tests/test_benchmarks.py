@@ -183,6 +183,11 @@ def test_real_decode_inputs_hold_the_context_and_leave_the_engine_clean(model, c
     assert runner.device_step_ms(4, steps=2, inputs=inputs) > 0
     runner.release(ids)
     assert not engine.requests and engine.pool.num_free == engine.pool.num_blocks
+    (batch, _), ids = runner.prefill_inputs(32, 64)  # the third chunk of 32 of one 96-token prompt
+    assert int(batch.meta.query_start_loc[1]) == 32 and int(batch.meta.seq_lens[0]) == 96
+    assert runner.device_step_ms(32, steps=2, inputs=(batch, _)) > 0
+    runner.release(ids)
+    assert not engine.requests and engine.pool.num_free == engine.pool.num_blocks
     split = RtpjaxRunner(str(model), "auto", 8, 256, 32, compile_cache, tensor_parallel_size=2)  # offline.py's flag
     assert split.llm.engine.runner.mesh.shape["tensor"] == 2 and split.generate([[1, 5, 9]], 4) == 4
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import statistics
 import sys
@@ -25,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from rtpjax.attention import IMPLEMENTATIONS, AttentionMetadata, plan_step, quantize, reference_attention  # noqa: E402
-from rtpjax.pallas_kernels import prefill_mosaic  # noqa: E402
+from rtpjax.attention import (IMPLEMENTATIONS, AttentionMetadata, plan_step, quantize,  # noqa: E402
+                              reference_attention, write_kv)  # fmt: skip
+from rtpjax.pallas_kernels import kv_write, prefill_mosaic  # noqa: E402
 from rtpjax.pallas_kernels.ragged_paged_attention import ragged_paged_attention  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
@@ -211,6 +213,59 @@ def prefill_suite(chunks, out):
                            for k in ("mosaic_b16", "mosaic_b16_kernel", "mosaic_b64")), flush=True)  # fmt: skip
 
 
+def write_suite(token_counts, out, num_blocks=16384):
+    """The step's KV write per layer: XLA's scatter (attention.write_kv, the engine's default) against the Pallas
+    kernel (pallas_kernels/kv_write.py), into a 262,144-slot cache; GB/s of the new rows (and scales) written. Each
+    kernel's cache after one write is compared with XLA's, bit for bit."""
+    rows = []
+    rng = np.random.default_rng(0)
+    for kv in ("bf16", "int8", "fp8"):
+        dtype = {"bf16": jnp.bfloat16, "int8": jnp.int8, "fp8": jnp.float8_e4m3fn}[kv]
+        shape = (HKV, num_blocks, PAGE, D)
+        for tokens in token_counts:
+            sets = []
+            for _ in range(4):  # whole blocks in random order, as a step's sequences own them
+                blocks = rng.permutation(num_blocks)[: -(-tokens // PAGE)]
+                slots = (blocks[:, None] * PAGE + np.arange(PAGE)).reshape(-1)[:tokens].astype(np.int32)
+                new = [jnp.asarray(rng.standard_normal((tokens, HKV, D)), jnp.bfloat16) for _ in range(2)]
+                sets.append((*new, jnp.asarray(slots)))
+            row = dict(kv=kv, tokens=tokens)
+            caches = {}
+            for name, write in (("xla", write_kv), ("pallas", kv_write.write_kv)):
+                cache = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+                if kv != "bf16":
+                    cache += (jnp.ones(shape[:3], jnp.float32), jnp.ones(shape[:3], jnp.float32))
+                caches[name] = jax.jit(write)(cache, *sets[0])
+                row[name + "_us"] = timed_write(write, cache, sets) * 1e6
+            bits = lambda x: jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize])  # noqa: E731
+            row["bit_exact"] = all(bool(jnp.array_equal(bits(a), bits(b))) for a, b in zip(caches["xla"], caches["pallas"]))
+            written = 2 * tokens * HKV * (D * jnp.dtype(dtype).itemsize + (4 if kv != "bf16" else 0))
+            row["xla_GBps"], row["pallas_GBps"] = (written / row[n + "_us"] / 1e3 for n in ("xla", "pallas"))
+            rows.append(row)
+            print(f"write {kv:4s} {tokens:5d} tokens: XLA scatter {row['xla_us']:7.1f} us, Pallas {row['pallas_us']:7.1f}"
+                  f" us ({row['xla_us'] / row['pallas_us']:.2f}x), same cache: {row['bit_exact']}", flush=True)
+    out["write"] = rows
+
+
+def timed_write(write, cache, sets, iters=20):
+    """Median device seconds per write, calls back to back in one jitted loop over a donated cache (in place, as the
+    engine's step runs them), rotating over the input sets."""
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *sets)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def many(cache, stacked):
+        body = lambda i, c: write(c, *jax.tree.map(lambda x: x[i % len(sets)], stacked))  # noqa: E731
+        return jax.lax.fori_loop(0, iters, body, cache)
+
+    cache = jax.block_until_ready(many(cache, stacked))
+    samples = []
+    for _ in range(5):
+        t = time.perf_counter()
+        cache = jax.block_until_ready(many(cache, stacked))
+        samples.append((time.perf_counter() - t) / iters)
+    return statistics.median(samples)
+
+
 def correctness(out):
     """Compiled (not interpreted) kernel against the float32 reference on fresh random inputs."""
     checks = []
@@ -265,7 +320,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="attention_bench.json")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--suites", default="correctness,decode,prefill", help="comma-separated, of these three")
+    parser.add_argument("--suites", default="correctness,decode,prefill,write", help="comma-separated, of these four")
     args = parser.parse_args()
     suites = set(args.suites.split(","))
     out = dict(device=str(jax.devices()[0]), jax=jax.__version__)
@@ -273,7 +328,8 @@ def main():
     decode = ([1, 32], [2048]) if args.quick else ([1, 8, 32, 64, 128], [512, 2048, 8192])
     chunks = [1024] if args.quick else [512, 1024, 2048, 4096]
     steps = {"correctness": lambda: correctness(out), "decode": lambda: decode_suite(*decode, out),
-             "prefill": lambda: prefill_suite(chunks, out)}  # fmt: skip
+             "prefill": lambda: prefill_suite(chunks, out),
+             "write": lambda: write_suite([32, 128] if args.quick else [1, 32, 128, 512, 2048, 8192], out)}  # fmt: skip
     for step in (steps[name] for name in steps if name in suites):
         try:
             step()

@@ -1,0 +1,71 @@
+"""The Pallas KV-cache write (interpret mode on CPU) against XLA's scatter in rtpjax.attention.write_kv, bit for bit."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rtpjax.attention import AttentionMetadata, paged_attention, round_half_even, write_kv
+from rtpjax.pallas_kernels import kv_write
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
+
+
+def bits(x):
+    return np.asarray(jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]))
+
+
+def random_cache(rng, shape, dtype):
+    """A cache already holding random data (and random scales): every slot the write must leave alone is checked."""
+    cache = tuple(jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype) for _ in range(2))
+    if dtype in (jnp.int8, jnp.float8_e4m3fn):
+        cache += tuple(jnp.asarray(rng.uniform(0.1, 2.0, shape[:3]), jnp.float32) for _ in range(2))
+    return cache
+
+
+@pytest.mark.parametrize("kv", sorted(DTYPES))
+@pytest.mark.parametrize("num_tokens, head_dim, block_size", [(37, 64, 16), (16, 128, 8), (1, 64, 32), (50, 128, 16)])
+def test_matches_xla_scatter_bit_for_bit(kv, num_tokens, head_dim, block_size):
+    rng = np.random.default_rng(num_tokens * 31 + head_dim)
+    heads, num_blocks = 3, 12
+    cache = random_cache(rng, (heads, num_blocks, block_size, head_dim), DTYPES[kv])
+    k, v = (jnp.asarray(rng.standard_normal((num_tokens, heads, head_dim)) * 3, jnp.bfloat16) for _ in range(2))
+    slots = rng.permutation(num_blocks * block_size)[:num_tokens].astype(np.int32)
+    slots[rng.random(num_tokens) < 0.2] = -1  # padding tokens anywhere: nothing written for them
+    slots[-1] = -1 if num_tokens > 1 else slots[-1]
+    want = write_kv(cache, k, v, jnp.asarray(slots))
+    got = kv_write.write_kv(cache, k, v, jnp.asarray(slots), interpret=True)
+    assert len(got) == len(cache)
+    for g, w, before in zip(got, want, cache):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_array_equal(bits(g), bits(w))
+    changed = (bits(got[0]) != bits(cache[0])).any(axis=-1).reshape(heads, -1).any(axis=0)
+    assert set(np.flatnonzero(changed)) <= set(slots[slots >= 0])  # no slot outside the step's was touched
+
+
+def test_round_half_even_is_jnp_round_where_the_kernel_lacks_it():
+    ties = np.arange(-130, 130, 0.5, dtype=np.float32)
+    near = np.nextafter(ties, np.float32(np.inf)), np.nextafter(ties, np.float32(-np.inf))
+    y = jnp.asarray(np.concatenate([ties, *near, np.random.default_rng(0).uniform(-127, 127, 10000).astype(np.float32)]))
+    for f in (round_half_even, jax.jit(round_half_even)):  # jitted: XLA folds the float adder trick, not this
+        np.testing.assert_array_equal(np.asarray(f(y)), np.round(np.asarray(y)))
+
+
+def test_the_engine_switch_picks_the_write(monkeypatch):
+    rng = np.random.default_rng(5)
+    cache = random_cache(rng, (2, 6, 16, 64), jnp.int8)
+    q = jnp.asarray(rng.standard_normal((8, 4, 64)), jnp.bfloat16)
+    k, v = (jnp.asarray(rng.standard_normal((8, 2, 64)), jnp.bfloat16) for _ in range(2))
+    meta = AttentionMetadata(jnp.asarray([0, 5, 6, 6], jnp.int32), jnp.asarray([5, 20, 0], jnp.int32),
+                             jnp.asarray([[0, 1], [2, 3], [0, 0]], jnp.int32),
+                             jnp.asarray([0, 1, 2, 3, 4, 51, -1, -1], jnp.int32), impl="pallas")  # fmt: skip
+    results = {}
+    for choice in ("xla", "pallas"):
+        monkeypatch.setenv("RTPJAX_KV_WRITE", choice)
+        assert kv_write.chosen() == (choice == "pallas")
+        results[choice] = paged_attention(q, k, v, cache, meta, scale=0.125)
+    for a, b in zip(jax.tree.leaves(results["xla"]), jax.tree.leaves(results["pallas"])):
+        np.testing.assert_array_equal(bits(a), bits(b))
+    monkeypatch.setenv("RTPJAX_KV_WRITE", "triton")
+    with pytest.raises(ValueError, match="RTPJAX_KV_WRITE='triton'"):
+        paged_attention(q, k, v, cache, meta, scale=0.125)
