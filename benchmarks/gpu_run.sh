@@ -12,6 +12,8 @@
 #   kernels the paged-attention kernel against JAX's own and XLA (benchmarks/kernels/attention_bench.py;
 #           SUITES=prefill for some of its suites: correctness, decode, prefill, write)
 #   kv_write  offline throughput and decode with the step's KV written by XLA's scatter and by the Pallas kernel
+#           (WRITES="auto xla pallas": values of RTPJAX_KV_WRITE)
+#   profile_write  device step time and the KV write's kernels, XLA's scatter against the Pallas kernel
 #   profile_prefill  kernel times of one 2048-token prefill step, with and without the Mosaic GPU prefill kernel
 #   prefill offline throughput on 2000-token prompts, Triton only and with long chunks to the Mosaic GPU kernel,
 #           blocks of 16 and 64
@@ -95,15 +97,23 @@ for stage in $stages; do
     ;;
   kv_write)
     # the engine with each layer's new K/V written by XLA's scatter or by the Pallas kernel (RTPJAX_KV_WRITE)
-    for w in xla pallas; do
+    for w in ${WRITES:-xla pallas}; do
       RTPJAX_KV_WRITE=$w timeout 150 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" --batch-sizes 1 \
         --output-len 16 --num-prompts 64 --throughput-input-len 2000 --throughput-output-len 8 \
         --out "$OUT/offline_write_${w}_2000in.json" 2>&1 | grep -E "throughput|Error" | sed "s/^/$w /"
     done
-    for w in xla pallas; do
+    for w in ${WRITES:-xla pallas}; do
       RTPJAX_KV_WRITE=$w timeout 150 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" --batch-sizes 1,32 \
         --output-len 64 --out "$OUT/offline_write_$w.json" 2>&1 | grep -E "throughput|decode tok|Error" | sed "s/^/$w /"
     done
+    ;;
+  profile_write)
+    # per-step device time and the write's kernels, XLA's scatter against the Pallas kernel, decode rows and prefill
+    for w in xla pallas; do for args in "--batch-sizes 32,128,256 --context 512" "--prefill 512 --context 512" \
+        "--prefill 2048 --context 2048"; do
+      RTPJAX_KV_WRITE=$w timeout 120 python3 -m rtpjax.benchmarks.profile_step --shape "$SHAPE" $args --top 40 \
+        --max-num-seqs 256 2>&1 | grep -E "^batch|scatter|kv_write" | sed "s/^/$w /"
+    done; done
     ;;
   profile_prefill)
     # where a 2048-token prefill step's time goes (after 2048 cached tokens), Triton only and with the Mosaic kernel

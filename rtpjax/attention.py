@@ -164,7 +164,7 @@ def _pallas(q, k, v, cache, meta, **kw):
 
     def attend(q, k, v, cache, meta):
         interpret, tiles = jax.default_backend() == "cpu", meta.plan.get("prefill_tiles")
-        if kv_write.chosen():
+        if kv_write.chosen(q.shape[0]):
             cache = kv_write.write_kv(cache, k, v, meta.slot_mapping, interpret=interpret)
         else:
             cache = write_kv(cache, k, v, meta.slot_mapping)

@@ -1,5 +1,7 @@
 """The Pallas KV-cache write (interpret mode on CPU) against XLA's scatter in rtpjax.attention.write_kv, bit for bit."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 
 from rtpjax.attention import AttentionMetadata, paged_attention, round_half_even, write_kv
 from rtpjax.pallas_kernels import kv_write
+from rtpjax.sharding import make_mesh
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
 
@@ -46,7 +49,8 @@ def test_matches_xla_scatter_bit_for_bit(kv, num_tokens, head_dim, block_size):
 def test_round_half_even_is_jnp_round_where_the_kernel_lacks_it():
     ties = np.arange(-130, 130, 0.5, dtype=np.float32)
     near = np.nextafter(ties, np.float32(np.inf)), np.nextafter(ties, np.float32(-np.inf))
-    y = jnp.asarray(np.concatenate([ties, *near, np.random.default_rng(0).uniform(-127, 127, 10000).astype(np.float32)]))
+    spread = np.random.default_rng(0).uniform(-127, 127, 10000).astype(np.float32)
+    y = jnp.asarray(np.concatenate([ties, *near, spread]))
     for f in (round_half_even, jax.jit(round_half_even)):  # jitted: XLA folds the float adder trick, not this
         np.testing.assert_array_equal(np.asarray(f(y)), np.round(np.asarray(y)))
 
@@ -59,11 +63,13 @@ def test_the_engine_switch_picks_the_write(monkeypatch):
     meta = AttentionMetadata(jnp.asarray([0, 5, 6, 6], jnp.int32), jnp.asarray([5, 20, 0], jnp.int32),
                              jnp.asarray([[0, 1], [2, 3], [0, 0]], jnp.int32),
                              jnp.asarray([0, 1, 2, 3, 4, 51, -1, -1], jnp.int32), impl="pallas")  # fmt: skip
+    assert not kv_write.chosen(64) and kv_write.chosen(kv_write.MIN_TOKENS)  # auto: by the step's size
+    split = dataclasses.replace(meta, mesh=make_mesh(tensor=2))  # the kernel per tensor shard (shard_map)
     results = {}
     for choice in ("xla", "pallas"):
         monkeypatch.setenv("RTPJAX_KV_WRITE", choice)
-        assert kv_write.chosen() == (choice == "pallas")
-        results[choice] = paged_attention(q, k, v, cache, meta, scale=0.125)
+        assert kv_write.chosen(8) == kv_write.chosen(4096) == (choice == "pallas")
+        results[choice] = [paged_attention(q, k, v, cache, m, scale=0.125) for m in (meta, split)]
     for a, b in zip(jax.tree.leaves(results["xla"]), jax.tree.leaves(results["pallas"])):
         np.testing.assert_array_equal(bits(a), bits(b))
     monkeypatch.setenv("RTPJAX_KV_WRITE", "triton")

@@ -36,8 +36,9 @@ MAX_TABLE = 255 * 32  # blocks per sequence: its table sits in shared memory as 
 
 
 def available() -> bool:
-    """On a Hopper GPU with RTPJAX_MOSAIC_PREFILL=1. Opt-in until an engine run on the GPU passes: the first one
-    stopped on an input of this kernel that was not 256-byte aligned (benchmarks/RESULTS.md; `table_rows`)."""
+    """On a Hopper GPU with RTPJAX_MOSAIC_PREFILL=1. Opt-in: the kernel is 1.6x the Triton one per layer, but its
+    query and output gathers, the merge and the Triton kernel's mostly empty launch cost more than that saves, so the
+    engine's prefill steps measured 2-5% slower with it (benchmarks/RESULTS.md, sixth session)."""
     if os.environ.get("RTPJAX_MOSAIC_PREFILL", "0") != "1" or jax.default_backend() != "gpu":
         return False
     return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
