@@ -116,10 +116,11 @@ for stage in $stages; do
     done; done
     ;;
   profile_prefill)
-    # where a 2048-token prefill step's time goes (after 2048 cached tokens), Triton only and with the Mosaic kernel
+    # where a 2048-token prefill step's time goes after CONTEXT (2048) cached tokens, Triton only and with the Mosaic kernel
     for mosaic in 0 1; do
       RTPJAX_MOSAIC_PREFILL=$mosaic timeout 250 python3 -m rtpjax.benchmarks.profile_step --shape "$SHAPE" \
-        --prefill 2048 --context 2048 --block-size "${BLOCK:-16}" --top 12 --out "$OUT/profile_prefill_mosaic$mosaic.json" \
+        --prefill 2048 --context "${CONTEXT:-2048}" --block-size "${BLOCK:-16}" --top 12 \
+        --out "$OUT/profile_prefill_ctx${CONTEXT:-2048}_mosaic$mosaic.json" \
         2>&1 | grep -vE "Delay kernel|tokenizer you are" | head -16
     done
     ;;
