@@ -61,13 +61,13 @@ def quantize(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
     scale = jnp.where(amax > 0, amax / qmax, 1.0)
     y = x.astype(jnp.float32) / scale[..., None]
     if jnp.issubdtype(dtype, jnp.integer):
-        y = jnp.clip(round_half_even(y), -qmax, qmax)
+        y = round_half_even(jnp.clip(y, -qmax, qmax))
     return y.astype(dtype), scale
 
 
 def round_half_even(y: jax.Array) -> jax.Array:
-    """jnp.round of float32 values in int32 range, from truncation: the Triton lowering has no round (kv_write), and
-    XLA folds the float adder trick ((y + 1.5 * 2**23) - 1.5 * 2**23) away."""
+    """jnp.round of float32 values in int32 range (not NaN), from truncation: the Triton lowering has no round
+    (kv_write), and XLA folds the float adder trick ((y + 1.5 * 2**23) - 1.5 * 2**23) away."""
     whole = y.astype(jnp.int32)  # toward zero
     rest = y - whole.astype(jnp.float32)  # exact, in (-1, 1)
     up = (jnp.abs(rest) > 0.5) | ((jnp.abs(rest) == 0.5) & ((whole & 1) == 1))
@@ -83,7 +83,8 @@ def dequantize(cache: LayerCache) -> tuple[jax.Array, jax.Array]:
 
 
 def write_kv(cache: LayerCache, k: jax.Array, v: jax.Array, slot_mapping: jax.Array) -> LayerCache:
-    """Scatter the step's K/V ([T, Hkv, D]) into their slots, quantizing for an int8/fp8 cache; slots < 0 dropped."""
+    """Scatter the step's K/V ([T, Hkv, D]) into their slots, quantizing for an int8/fp8 cache; slots < 0 dropped.
+    Slots must be unique (the scheduler only ever writes a sequence's own new positions)."""
     heads, num_blocks, block_size, dim = cache[0].shape
     num_slots = num_blocks * block_size
     slots = jnp.where(slot_mapping < 0, num_slots, slot_mapping)  # out of range -> dropped, never wrapped

@@ -35,15 +35,16 @@ def test_matches_xla_scatter_bit_for_bit(kv, num_tokens, head_dim, block_size):
     k, v = (jnp.asarray(rng.standard_normal((num_tokens, heads, head_dim)) * 3, jnp.bfloat16) for _ in range(2))
     slots = rng.permutation(num_blocks * block_size)[:num_tokens].astype(np.int32)
     slots[rng.random(num_tokens) < 0.2] = -1  # padding tokens anywhere: nothing written for them
-    slots[-1] = -1 if num_tokens > 1 else slots[-1]
+    if num_tokens > 1:
+        slots[-1] = -1
+        slots[0] = num_blocks * block_size  # past the cache: dropped, as XLA's scatter drops it
     want = write_kv(cache, k, v, jnp.asarray(slots))
-    got = kv_write.write_kv(cache, k, v, jnp.asarray(slots), interpret=True)
+    # On a GPU the compiled kernel (where a store missing its mask would write another head's slots).
+    got = kv_write.write_kv(cache, k, v, jnp.asarray(slots), interpret=jax.default_backend() == "cpu")
     assert len(got) == len(cache)
-    for g, w, before in zip(got, want, cache):
+    for g, w in zip(got, want):  # the whole cache: slots outside the step's untouched
         assert g.shape == w.shape and g.dtype == w.dtype
         np.testing.assert_array_equal(bits(g), bits(w))
-    changed = (bits(got[0]) != bits(cache[0])).any(axis=-1).reshape(heads, -1).any(axis=0)
-    assert set(np.flatnonzero(changed)) <= set(slots[slots >= 0])  # no slot outside the step's was touched
 
 
 def test_round_half_even_is_jnp_round_where_the_kernel_lacks_it():

@@ -26,7 +26,7 @@ def chosen(num_tokens: int) -> bool:
     """Whether the engine writes a step of `num_tokens` through this kernel. By measurement on an H200 (Llama-3-8B,
     device time per step): it writes 3-9x faster than XLA's scatter, but its K/V inputs cost two more small fusions per
     layer that the scatter fuses away; from 128 tokens the step is 2-3% faster, at 32 (decode) 1-3% slower.
-    RTPJAX_KV_WRITE=pallas or =xla forces one for every step."""
+    RTPJAX_KV_WRITE=pallas or =xla forces one for every step (read when a step is compiled)."""
     choice = os.environ.get("RTPJAX_KV_WRITE", "auto")
     if choice not in ("auto", "pallas", "xla"):
         raise ValueError(f"RTPJAX_KV_WRITE={choice!r}: choose auto, pallas or xla")
@@ -39,8 +39,10 @@ def _kernel(slots_ref, k_ref, v_ref, *refs, quantized: bool):
     outs = refs[len(refs) // 2 :]  # the cache, aliased to the inputs before them
     rows = pl.ds(pl.program_id(1) * TOKENS, TOKENS)
     slots = slots_ref[rows]
-    keep = slots >= 0
-    slots = jnp.where(keep, slots, outs[0].shape[0])  # out of range: never stored (the mask), nor clashing with a slot
+    keep = (slots >= 0) & (slots < outs[0].shape[0])  # as XLA's scatter: out-of-range slots dropped
+    # Masked rows never touch memory on the GPU; the CPU interpreter stores them too (their old values), at an index
+    # past the end that it drops, so they cannot clash with a real slot.
+    slots = jnp.where(keep, slots, outs[0].shape[0])
     # Rows addressed as (slot, column) pairs: the CPU interpreter cannot store through an index array and a slice.
     cols = jax.lax.broadcasted_iota(jnp.int32, (1, outs[0].shape[1]), 1)
     for new_ref, buf, scale_buf in ((k_ref, outs[0], outs[2] if quantized else None),
@@ -53,7 +55,8 @@ def _kernel(slots_ref, k_ref, v_ref, *refs, quantized: bool):
 
 
 def write_kv(cache: tuple, k: jax.Array, v: jax.Array, slot_mapping: jax.Array, *, interpret: bool = False) -> tuple:
-    """`rtpjax.attention.write_kv` as one kernel: k, v [T, Hkv, D] into cache slots `slot_mapping` [T] (< 0: none)."""
+    """`rtpjax.attention.write_kv` as one kernel: k, v [T, Hkv, D] into cache slots `slot_mapping` [T] (< 0: none;
+    unique, as there)."""
     heads, num_blocks, block_size, head_dim = cache[0].shape
     quantized = len(cache) == 4
     if not quantized:
