@@ -194,13 +194,13 @@ def plan_step(meta: AttentionMetadata, num_tokens: int, num_heads: int, num_kv_h
     """`meta` with its implementation's per-step index arrays, for a model to make once before its layers."""
     if meta.impl == "pallas":
         from rtpjax.pallas_kernels import prefill_mosaic
-        from rtpjax.pallas_kernels.ragged_paged_attention import plan
+        from rtpjax.pallas_kernels.ragged_paged_attention import decode_shaped, plan
 
         steps = {"query_blocks": plan(meta, num_tokens, num_heads, num_kv_heads)}
-        # Long chunks to the Mosaic kernel, in steps that can hold them: not in decode-shaped buckets (tokens <= 2 x
-        # sequences, as the Triton kernel tells them apart), where it would mostly launch empty tiles every layer.
-        decode_shaped = num_tokens <= 2 * meta.seq_lens.shape[0]
-        if num_tokens >= prefill_mosaic.MIN_TOKENS and not decode_shaped and prefill_mosaic.available():
+        # Long chunks to the Mosaic kernel, in steps that can hold them: not in decode-shaped buckets, where it would
+        # mostly launch empty tiles every layer.
+        decode = decode_shaped(num_tokens, meta.seq_lens.shape[0])
+        if num_tokens >= prefill_mosaic.MIN_TOKENS and not decode and prefill_mosaic.available():
             steps["prefill_tiles"] = prefill_mosaic.plan(meta, num_tokens)
             skip = prefill_mosaic.prefills(meta)
             steps["other_query_blocks"] = plan(meta, num_tokens, num_heads, num_kv_heads, skip=skip)

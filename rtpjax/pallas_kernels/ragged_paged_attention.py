@@ -126,10 +126,15 @@ def _kernel(
         plgpu.store(l_ref.at[rows_here], l.reshape(block_q, group), mask=stat_ok)
 
 
+def decode_shaped(num_tokens: int, num_seqs: int) -> bool:
+    """A bucket of about one token per sequence: bandwidth-bound, wanting small tiles (and no prefill kernel)."""
+    return num_tokens <= 2 * num_seqs
+
+
 def default_block_q(num_tokens: int, num_seqs: int, num_heads: int, kv_heads: int) -> int:
     """Query tokens per block. Decode-shaped batches (about one token per sequence) are bandwidth-bound: small
     blocks; prefill wants 128-row blocks (benchmarks/kernels/sweep.py, benchmarks/RESULTS.md)."""
-    decode = num_tokens <= 2 * num_seqs
+    decode = decode_shaped(num_tokens, num_seqs)
     return max(1, (16 if decode else 128) // pl.next_power_of_2(num_heads // kv_heads))
 
 
@@ -188,7 +193,7 @@ def ragged_paged_attention(
     group_p = pl.next_power_of_2(group)
     # Defaults from benchmarks/kernels/sweep.py and attention_bench.py (see benchmarks/RESULTS.md): decode-shaped
     # batches want small tiles and shallow pipelines, prefill 128-token tiles, 8 warps and deep pipelines.
-    decode = num_tokens <= 2 * meta.seq_lens.shape[0]
+    decode = decode_shaped(num_tokens, meta.seq_lens.shape[0])
     blocks = meta.plan.get("query_blocks") if block_q is None else None  # the step's plan: default-sized blocks
     if block_q is None:
         block_q = default_block_q(num_tokens, meta.seq_lens.shape[0], num_heads, kv_heads)
