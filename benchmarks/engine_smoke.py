@@ -23,7 +23,7 @@ def random_llama(folder: Path, tokenizer_from: Path, hidden=2048, layers=16, hea
     import ml_dtypes
     from safetensors.numpy import save_file
 
-    from rtpjax.loader import random_params
+    from rtpjax.loading.loader import random_params
     from rtpjax.models import llama
     from rtpjax.models.config import base_config
     from rtpjax.models.decoder import flatten

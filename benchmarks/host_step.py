@@ -30,7 +30,7 @@ from pathlib import Path
 def tiny_model(folder: Path) -> Path:
     """The "tiny" random checkpoint (384-token vocabulary) with SmolLM2's BPE tokenizer (its ids < 384 are real)."""
     from rtpjax.benchmarks.random_checkpoint import write_random_checkpoint
-    from rtpjax.gguf_loader import resolve_model
+    from rtpjax.loading.gguf import resolve_model
 
     write_random_checkpoint(folder, "tiny", shards=1, dtype="float32")
     source = Path(resolve_model(None))
@@ -61,7 +61,7 @@ def run_steps(engine, steps: int, profiler=None, drain: bool = False) -> dict:
     """`steps` engine steps as the engine process runs them; `drain`: wait for the device before each one."""
     import jax
 
-    from rtpjax.engine import LoopStats
+    from rtpjax.engine.core import LoopStats
 
     engine.loop_stats = LoopStats()
     began, pickle_s = time.perf_counter(), 0.0

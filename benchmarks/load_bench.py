@@ -64,8 +64,8 @@ def measure(method: str, folder: Path, torch_device: str, options: dict) -> dict
     import numpy as np
     from rtpjax.models import load_config
 
-    from rtpjax.loader import LoadOptions, load_model, load_params
-    from rtpjax.sharding import make_mesh
+    from rtpjax.loading.loader import LoadOptions, load_model, load_params
+    from rtpjax.parallel.sharding import make_mesh
 
     notes: list[str] = []  # the loader's debug line: how long it waited on reads and on transfers
     handler = logging.Handler(logging.DEBUG)

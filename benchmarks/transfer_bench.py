@@ -39,7 +39,7 @@ def main():
         r["pageable_4x256MiB_threads"] = gbps(
             size, lambda: jax.block_until_ready(list(pool.map(lambda h: jax.device_put(h, dev), host)))
         )
-    from rtpjax.loader import _aligned_buffer, dma_mapper
+    from rtpjax.loading.loader import _aligned_buffer, dma_mapper
 
     pin = dma_mapper([dev])
     if pin is not None:  # the loader's path: its reusable buffers page-locked for the device's DMA
@@ -61,7 +61,7 @@ def main():
     except Exception as e:  # memory kinds differ by backend
         r["pinned_error"] = f"{type(e).__name__}: {e}"[:200]
     if args.checkpoint:
-        from rtpjax.loader import Checkpoint, FileOrderReader, LoadOptions, plan_reads
+        from rtpjax.loading.loader import Checkpoint, FileOrderReader, LoadOptions, plan_reads
 
         ckpt = Checkpoint(args.checkpoint)
         batches = plan_reads(ckpt, ckpt.names(), LoadOptions().batch_bytes)

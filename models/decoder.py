@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from rtpjax.attention import AttentionMetadata, LayerCache, plan_step
+from rtpjax.kernels.metadata import AttentionMetadata, LayerCache
+from rtpjax.kernels.attention import plan_step
 from rtpjax.models import layers
 from rtpjax.models.config import ModelConfig
-from rtpjax.sharding import tensor_ways
+from rtpjax.parallel.sharding import tensor_ways
 
 KVCache = list[LayerCache]
 

@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rtpjax.attention import AttentionMetadata, LayerCache, paged_attention
+from rtpjax.kernels.metadata import AttentionMetadata, LayerCache
+from rtpjax.kernels.attention import paged_attention
 from rtpjax.models.config import ModelConfig, RopeScaling
-from rtpjax.quantization import QuantizedWeight, dequantize
+from rtpjax.loading.quantization import QuantizedWeight, dequantize
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

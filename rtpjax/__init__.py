@@ -3,14 +3,14 @@
 __version__ = "0.1.0"
 
 _API = {
-    "LLM": "rtpjax.llm", "AsyncLLM": "rtpjax.llm", "LLMEngine": "rtpjax.engine", "EngineArgs": "rtpjax.engine",
-    "RequestOutput": "rtpjax.engine", "CompletionOutput": "rtpjax.engine", "SamplingParams": "rtpjax.sampling_params",
+    "LLM": "rtpjax.llm", "AsyncLLM": "rtpjax.llm", "LLMEngine": "rtpjax.engine.core", "EngineArgs": "rtpjax.engine.core",
+    "RequestOutput": "rtpjax.engine.core", "CompletionOutput": "rtpjax.engine.core", "SamplingParams": "rtpjax.sampling_params",
 }  # fmt: skip
 __all__ = sorted(_API)
 
 
 def __getattr__(name: str):
-    """Import the API on first use, so `import rtpjax.attention` (kernels, benchmarks) stays light."""
+    """Import the API on first use, so `import rtpjax.kernels.attention` (kernels, benchmarks) stays light."""
     if name in _API:
         import importlib
 

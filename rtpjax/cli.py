@@ -32,7 +32,7 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def convert(args: argparse.Namespace) -> int:
-    from rtpjax.convert import convert as write_converted
+    from rtpjax.loading.convert import convert as write_converted
 
     print(write_converted(args.model, args.out, dtype=args.dtype, quantization=args.quantization))
     return 0

@@ -12,8 +12,9 @@ import pickle
 import threading
 from typing import AsyncIterator, Sequence as Seq
 
-from rtpjax.engine import EngineArgs, LLMEngine, RequestMaker, RequestOutput
-from rtpjax.engine_process import Accumulator
+from rtpjax.engine.core import EngineArgs, LLMEngine
+from rtpjax.engine.request import RequestMaker, RequestOutput
+from rtpjax.distributed.engine_process import Accumulator
 from rtpjax.sampling_params import SamplingParams
 
 log = logging.getLogger("rtpjax")
@@ -73,7 +74,7 @@ def _merge(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
 class AsyncLLM:
     """Online generation: `async for out in llm.generate(prompt, params): ...` with incremental outputs.
 
-    The engine runs in a process of its own (`rtpjax.engine_process`); this object is its front end: it tokenizes and
+    The engine runs in a process of its own (`rtpjax.distributed.engine_process`); this object is its front end: it tokenizes and
     validates in the caller's process, and one reader thread turns the engine's per-step deltas into each request's
     outputs. Mid-stream outputs carry `metrics=None`; the final one carries the request's timings.
     """
@@ -81,9 +82,9 @@ class AsyncLLM:
     def __init__(self, model: str | None = None, **engine_args):
         from concurrent.futures import ThreadPoolExecutor
 
-        from rtpjax.engine_process import EngineProcess
-        from rtpjax.gguf_loader import resolve_model
-        from rtpjax.tokenizer import load_tokenizer
+        from rtpjax.distributed.engine_process import EngineProcess
+        from rtpjax.loading.gguf import resolve_model
+        from rtpjax.loading.tokenizer import load_tokenizer
 
         model = resolve_model(model)
         self.args = EngineArgs(**engine_args)  # bad argument names fail here, before a process starts

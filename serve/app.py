@@ -23,8 +23,7 @@ from starlette.routing import Route
 import rtpjax
 from rtpjax.serve import openapi
 from rtpjax.serve.metrics import Metrics
-from rtpjax.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                   TokenizeRequest, message_text, sampling_params)  # fmt: skip
+from rtpjax.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, message_text, sampling_params  # fmt: skip
 
 PUBLIC = ("/health", "/version", "/metrics", "/openapi.json")
 

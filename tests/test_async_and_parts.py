@@ -10,8 +10,8 @@ from transformers import AutoTokenizer
 
 from conftest import ENGINE_ARGS
 from rtpjax import AsyncLLM, SamplingParams
-from rtpjax import detokenizer
-from rtpjax.block_pool import BlockPool, prefix_hashes
+from rtpjax.engine import detokenizer
+from rtpjax.kv.block_pool import BlockPool, prefix_hashes
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
@@ -187,7 +187,7 @@ def test_stream_never_leaks_a_partial_stop_string(stories_llm):
 
 
 def test_loop_stats_account_for_each_step(stories_llm):
-    from rtpjax.engine import LoopStats
+    from rtpjax.engine.core import LoopStats
 
     engine = stories_llm.engine
     engine.loop_stats = LoopStats()
@@ -287,7 +287,7 @@ def test_priority_runs_urgent_requests_first(stories_llm):
 START = """
 import sys
 from rtpjax import LLM, SamplingParams
-from rtpjax.runner import CompileCounter
+from rtpjax.runner.model_runner import CompileCounter
 llm = LLM(sys.argv[1], max_num_seqs=8, max_num_batched_tokens=16, max_model_len=256, compilation_cache_dir=sys.argv[2])
 assert llm.generate([1], SamplingParams(max_tokens=3, temperature=0))[0].outputs[0].token_ids
 print("compilations", CompileCounter.count)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from rtpjax.loader import CheckpointError, load_model, read_header
+from rtpjax.loading.loader import CheckpointError, load_model, read_header
 from rtpjax.models import load_config
 from rtpjax.models.config import ConfigError
 

@@ -6,8 +6,8 @@ import pytest
 
 from conftest import ENGINE_ARGS
 from rtpjax import LLM, SamplingParams
-from rtpjax.greedy import greedy_tokens
-from rtpjax.runner import CompileCounter
+from rtpjax.runner.greedy import greedy_tokens
+from rtpjax.runner.model_runner import CompileCounter
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
@@ -56,7 +56,7 @@ def test_prefix_cache_off_on_and_hit_give_same_tokens(stories_llm, stories_dir, 
 def test_generated_blocks_are_published_under_their_full_chain_hash(stories_llm):
     """Blocks completed during decode are hashed incrementally; the chain must equal one computed from scratch, so a
     later prompt that repeats prompt + output hits every full block."""
-    from rtpjax.block_pool import prefix_hashes
+    from rtpjax.kv.block_pool import prefix_hashes
 
     engine = stories_llm.engine
     request = engine.make_request(random_prompts(1, seed=5, low=20, high=21)[0], SamplingParams(max_tokens=60, **GREEDY))
@@ -141,9 +141,9 @@ def test_prompt_logprobs_match_a_full_forward(stories_llm, length):
 
 
 def ragged_logits(engine, prompt):
-    from rtpjax import kv_cache
-    from rtpjax.greedy import jit_forward
-    from rtpjax.step_inputs import SeqChunk, build_step
+    from rtpjax.kv import kv_cache
+    from rtpjax.runner.greedy import jit_forward
+    from rtpjax.runner.step_inputs import SeqChunk, build_step
 
     assert len(prompt) <= 128
     cache = kv_cache.allocate(engine.cfg, 8, 16)  # padded to 128 tokens: one compiled shape for every length

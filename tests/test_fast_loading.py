@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from rtpjax import loader
+from rtpjax.loading import loader
 from rtpjax.cli import main as cli
-from rtpjax.convert import is_converted
-from rtpjax.loader import CheckpointError, FileOrderReader, LoadOptions, load_model, plan_reads
+from rtpjax.loading.convert import is_converted
+from rtpjax.loading.loader import CheckpointError, FileOrderReader, LoadOptions, load_model, plan_reads
 from rtpjax.models import decoder, load_config
-from rtpjax.sharding import make_mesh
+from rtpjax.parallel.sharding import make_mesh
 
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 # Small batches, odd chunks and two buffers: many batches, each read in several pieces, buffers reused many times.
@@ -272,7 +272,7 @@ def test_convert_restores_the_same_params_into_the_mesh(tmp_path, tiny_checkpoin
 
 
 def test_dummy_weights_are_made_on_the_devices_in_their_sharding(tiny_checkpoints):
-    from rtpjax.runner import CompileCounter
+    from rtpjax.runner.model_runner import CompileCounter
 
     CompileCounter.install()
     mesh = make_mesh(tensor=4, data=2)

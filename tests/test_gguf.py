@@ -9,11 +9,12 @@ import pytest
 import torch
 import transformers
 
-from rtpjax import LLM, SamplingParams, kv_cache
-from rtpjax.gguf_loader import GGUFError, convert, default_gguf, resolve_model
-from rtpjax.greedy import jit_forward
-from rtpjax.loader import load_model
-from rtpjax.step_inputs import SeqChunk, build_step
+from rtpjax import LLM, SamplingParams
+from rtpjax.kv import kv_cache
+from rtpjax.loading.gguf import GGUFError, convert, default_gguf, resolve_model
+from rtpjax.runner.greedy import jit_forward
+from rtpjax.loading.loader import load_model
+from rtpjax.runner.step_inputs import SeqChunk, build_step
 
 QUESTIONS = ["What is the capital of France?", "How many legs does a spider have?", "Name a primary color."]
 

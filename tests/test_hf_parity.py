@@ -6,10 +6,10 @@ import torch
 import transformers
 
 from conftest import TINY
-from rtpjax import kv_cache
-from rtpjax.greedy import greedy_tokens, jit_forward
-from rtpjax.loader import load_model
-from rtpjax.step_inputs import SeqChunk, build_step
+from rtpjax.kv import kv_cache
+from rtpjax.runner.greedy import greedy_tokens, jit_forward
+from rtpjax.loading.loader import load_model
+from rtpjax.runner.step_inputs import SeqChunk, build_step
 
 BLOCK = 4
 

@@ -1,4 +1,4 @@
-"""The Pallas KV-cache write (interpret mode on CPU) against XLA's scatter in rtpjax.attention.write_kv, bit for bit."""
+"""The Pallas KV-cache write (interpret mode on CPU) against XLA's scatter in rtpjax.kernels.attention.write_kv, bit for bit."""
 
 import dataclasses
 
@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rtpjax.attention import AttentionMetadata, paged_attention, round_half_even, write_kv
-from rtpjax.pallas_kernels import kv_write
-from rtpjax.sharding import make_mesh
+from rtpjax.kernels.metadata import AttentionMetadata
+from rtpjax.kernels.attention import paged_attention
+from rtpjax.kernels.reference import round_half_even, write_kv
+from rtpjax.kernels import kv_write
+from rtpjax.parallel.sharding import make_mesh
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
 

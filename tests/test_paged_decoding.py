@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from rtpjax import kv_cache
-from rtpjax.greedy import jit_forward
-from rtpjax.loader import load_model
-from rtpjax.step_inputs import SeqChunk, build_step
+from rtpjax.kv import kv_cache
+from rtpjax.runner.greedy import jit_forward
+from rtpjax.loading.loader import load_model
+from rtpjax.runner.step_inputs import SeqChunk, build_step
 
 BLOCK = 4
 
@@ -72,7 +72,7 @@ def test_step_inputs_pack_into_one_buffer_and_back():
     """The runner sends a step's ~22 input arrays as one int32 buffer; unpacking inside jit restores every value."""
     import jax
 
-    from rtpjax.step_inputs import pack
+    from rtpjax.runner.step_inputs import pack
 
     rng = np.random.default_rng(0)
     step = build_step([SeqChunk([5, 6, 7], 0, [2]), SeqChunk([9], 4, [1, 3])], BLOCK, num_tokens=16, num_seqs=4)

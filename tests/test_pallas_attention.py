@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from jax._src.pallas import primitives as pallas_primitives
 
-from rtpjax.attention import quantize, reference_attention, write_kv
-from rtpjax.pallas_kernels.ragged_paged_attention import ragged_paged_attention
-from rtpjax.step_inputs import SeqChunk, build_step
+from rtpjax.kernels.reference import quantize, reference_attention, write_kv
+from rtpjax.kernels.ragged_paged_attention import ragged_paged_attention
+from rtpjax.runner.step_inputs import SeqChunk, build_step
 
 BLOCK = 16
 
@@ -106,7 +106,7 @@ def test_quantized_cache_error_against_bf16(dtype, bound):
 def test_fp8_cache_of_small_values_over_a_long_context():
     # The fp8 path runs its dots in float16: probabilities times small value scales (amax / 448) would underflow
     # float16 if multiplied before the cast (1.1e-2 error here); the tile's largest scale is applied after the dot.
-    from rtpjax.attention import AttentionMetadata
+    from rtpjax.kernels.metadata import AttentionMetadata
 
     rng = np.random.default_rng(15)
     ctx, dim = 4096, 64
@@ -138,7 +138,7 @@ def test_quantized_write_roundtrip():
 
 
 def test_unsupported_head_dim_is_refused():
-    from rtpjax.attention import resolve_impl
+    from rtpjax.kernels.attention import resolve_impl
 
     rng = np.random.default_rng(12)
     q, cache, meta = make_case(rng, SPECS["decode"], 2, 4, 64, jnp.float32, num_tokens=8, num_seqs=8)
@@ -155,7 +155,7 @@ def test_step_plan_gives_the_same_output(case):
     # plan made for other shapes, is not silently used with the wrong blocks.
     import dataclasses
 
-    from rtpjax.attention import plan_step
+    from rtpjax.kernels.attention import plan_step
 
     rng = np.random.default_rng(13)
     q, cache, meta = make_case(rng, SPECS[case], 2, 4, 64, jnp.float32, num_tokens=96, num_seqs=8)
@@ -180,7 +180,7 @@ def test_layers_do_not_rebuild_the_step_plan(tiny_checkpoints):
     # sum over the sequences is the signature), which on the GPU saves four small kernels per layer.
     import dataclasses
 
-    from rtpjax.loader import random_params
+    from rtpjax.loading.loader import random_params
     from rtpjax.models import load_config
     from rtpjax.models.decoder import forward
 

@@ -1,4 +1,4 @@
-"""The Mosaic GPU prefill kernel (rtpjax/pallas_kernels/prefill_mosaic.py) in JAX's Mosaic GPU interpreter on CPU,
+"""The Mosaic GPU prefill kernel (rtpjax/kernels/prefill_mosaic.py) in JAX's Mosaic GPU interpreter on CPU,
 against the engine's float32 reference on fresh random inputs; and the engine's "pallas" attention splitting a step
 between it and the Triton kernel. The interpreter fills every output and scratch buffer with NaN first, so NaN-free
 rows mean every row the kernel answers was written; its race detector is on (producer and consumers share slots), and
@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 
-from rtpjax.attention import IMPLEMENTATIONS, AttentionMetadata, plan_step, reference_attention
-from rtpjax.pallas_kernels import prefill_mosaic
+from rtpjax.kernels.attention import IMPLEMENTATIONS, plan_step
+from rtpjax.kernels.metadata import AttentionMetadata
+from rtpjax.kernels.reference import reference_attention
+from rtpjax.kernels import prefill_mosaic
 
 
 def mixed_step(chunks, q_heads, kv_heads, head_dim, block_size, dtype, seed=0):

@@ -6,14 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rtpjax import LLM, SamplingParams, loader
+from rtpjax import LLM, SamplingParams
+from rtpjax.loading import loader
 from rtpjax.cli import main as cli
-from rtpjax.gguf_loader import resolve_model
-from rtpjax.greedy import greedy_tokens
-from rtpjax.loader import CheckpointError, load_model
+from rtpjax.loading.gguf import resolve_model
+from rtpjax.runner.greedy import greedy_tokens
+from rtpjax.loading.loader import CheckpointError, load_model
 from rtpjax.models import decoder, layers
-from rtpjax.quantization import METHODS, QuantizedWeight, dequantize, is_quantized_param, quantize
-from rtpjax.sharding import make_mesh
+from rtpjax.loading.quantization import METHODS, QuantizedWeight, dequantize, is_quantized_param, quantize
+from rtpjax.parallel.sharding import make_mesh
 from test_fast_loading import TIGHT, plain_read, resave
 from test_hf_parity import ragged_prefill
 
@@ -111,7 +112,7 @@ def test_smollm2_quantized_keeps_its_predictions():
     model = resolve_model(None)
     cfg, family, params = load_model(model, dtype="float32")
     text = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
-    from rtpjax.tokenizer import load_tokenizer
+    from rtpjax.loading.tokenizer import load_tokenizer
 
     ids = load_tokenizer(model).encode(text)
     ref = ragged_prefill(cfg, family, params, [ids])[0]

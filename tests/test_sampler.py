@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from rtpjax import sampler
+from rtpjax.runner import sampler
 from rtpjax.sampling_params import MAX_LOGPROBS, MAX_STOP_TOKEN_IDS
 
 S, V = 6, 300

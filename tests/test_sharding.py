@@ -6,12 +6,12 @@ import jax
 import numpy as np
 import pytest
 
-from rtpjax import kv_cache
-from rtpjax.greedy import jit_forward
-from rtpjax.loader import load_model
+from rtpjax.kv import kv_cache
+from rtpjax.runner.greedy import jit_forward
+from rtpjax.loading.loader import load_model
 from rtpjax.models import decoder
-from rtpjax.sharding import make_mesh
-from rtpjax.step_inputs import SeqChunk, build_step
+from rtpjax.parallel.sharding import make_mesh
+from rtpjax.runner.step_inputs import SeqChunk, build_step
 
 BLOCK = 4
 

@@ -1,7 +1,7 @@
 """Paged attention on the GPU: decode KV bandwidth and prefill TFLOP/s, rtpjax's Pallas kernel beside JAX's own
 (deprecated) Pallas `paged_attention` and plain XLA, on the same shapes, in one run; for prefill also dense peers on
 contiguous K/V: cuDNN and JAX's Mosaic GPU flash attention (what the wgmma/TMA lowering reaches on this GPU); and
-rtpjax's Mosaic GPU prefill kernel (pallas_kernels/prefill_mosaic.py), which the engine runs for long chunks on Hopper.
+rtpjax's Mosaic GPU prefill kernel (rtpjax/kernels/prefill_mosaic.py), which the engine runs for long chunks on Hopper.
 
     python benchmarks/kernels/attention_bench.py --out results.json [--quick]
 
@@ -26,10 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from rtpjax.attention import (IMPLEMENTATIONS, AttentionMetadata, plan_step, quantize,  # noqa: E402
-                              reference_attention, write_kv)  # fmt: skip
-from rtpjax.pallas_kernels import kv_write, prefill_mosaic  # noqa: E402
-from rtpjax.pallas_kernels.ragged_paged_attention import ragged_paged_attention  # noqa: E402
+from rtpjax.kernels import kv_write, prefill_mosaic  # noqa: E402
+from rtpjax.kernels.attention import IMPLEMENTATIONS, plan_step  # noqa: E402
+from rtpjax.kernels.metadata import AttentionMetadata  # noqa: E402
+from rtpjax.kernels.reference import quantize, reference_attention, write_kv  # noqa: E402
+from rtpjax.kernels.ragged_paged_attention import ragged_paged_attention  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 
@@ -87,7 +88,7 @@ def decode_suite(batches, contexts, out):
             kv_bytes = 2 * batch * ctx * HKV * D * 2
             q, k, v, metas = decode_case(batch, ctx)
             # The step's query blocks made once outside the timed calls, as the engine makes them once per step for
-            # all its layers (rtpjax.attention.plan_step); the other implementations ignore them.
+            # all its layers (rtpjax.kernels.attention.plan_step); the other implementations ignore them.
             varying = [(plan_step(dataclasses.replace(m, impl="pallas"), batch, HQ, HKV),) for m in metas]
             row = dict(batch=batch, ctx=ctx)
             scale = D**-0.5
@@ -215,7 +216,7 @@ def prefill_suite(chunks, out):
 
 def write_suite(token_counts, out, num_blocks=16384):
     """The step's KV write per layer: XLA's scatter (attention.write_kv, the engine's default) against the Pallas
-    kernel (pallas_kernels/kv_write.py), into a 262,144-slot cache; GB/s of the new rows (and scales) written. Each
+    kernel (rtpjax/kernels/kv_write.py), into a 262,144-slot cache; GB/s of the new rows (and scales) written. Each
     kernel's cache after one write is compared with XLA's, bit for bit."""
     rows = []
     rng = np.random.default_rng(0)

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention_bench import D, HKV, HQ, PAGE, decode_case, timed  # noqa: E402
 
-from rtpjax.attention import AttentionMetadata, quantize  # noqa: E402
-from rtpjax.pallas_kernels.ragged_paged_attention import ragged_paged_attention  # noqa: E402
+from rtpjax.kernels.metadata import AttentionMetadata  # noqa: E402
+from rtpjax.kernels.reference import quantize
+from rtpjax.kernels.ragged_paged_attention import ragged_paged_attention  # noqa: E402
 
 
 def main():

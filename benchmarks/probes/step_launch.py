@@ -33,8 +33,8 @@ def child(shape: str, tp: int) -> None:
 
     from rtpjax.benchmarks.offline import RtpjaxRunner
     from rtpjax.benchmarks.random_checkpoint import write_config_only
-    from rtpjax.runner import model_step
-    from rtpjax.step_inputs import pack
+    from rtpjax.runner.model_runner import model_step
+    from rtpjax.runner.step_inputs import pack
 
     model = str(write_config_only(tempfile.mkdtemp(), shape))
     runner = RtpjaxRunner(model, "dummy", 32, 1024, 256, None, None, tp).llm.engine.runner

@@ -12,8 +12,8 @@ from typing import Iterator
 import jax
 import numpy as np
 
-from rtpjax import kv_cache
-from rtpjax.step_inputs import SeqChunk, build_step
+from rtpjax.kv import kv_cache
+from rtpjax.runner.step_inputs import SeqChunk, build_step
 
 
 @functools.cache

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import jax
 
-from rtpjax.loader import CheckpointError, log, target_shardings
+from rtpjax.loading.loader import CheckpointError, log, target_shardings
 from rtpjax.models import decoder
 from rtpjax.models.config import ModelConfig
-from rtpjax.quantization import check_method, is_quantized_param, shape_struct
+from rtpjax.loading.quantization import check_method, is_quantized_param, shape_struct
 
 MARKER = "rtpjax_checkpoint.json"
 _FORMAT = 1
@@ -33,8 +33,8 @@ def convert(model: str | Path | None, out: str | Path, dtype: str | None = None,
     to `out` with orbax."""
     import orbax.checkpoint as ocp
 
-    from rtpjax.gguf_loader import resolve_model
-    from rtpjax.loader import load_model
+    from rtpjax.loading.gguf import resolve_model
+    from rtpjax.loading.loader import load_model
 
     out = Path(out).absolute()
     if out.exists() and any(out.iterdir()):

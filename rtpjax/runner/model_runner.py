@@ -20,14 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rtpjax import kv_cache as kv
-from rtpjax import sampler
-from rtpjax.attention import AttentionMetadata
+from rtpjax.kv import kv_cache as kv
+from rtpjax.runner import sampler
+from rtpjax.kernels.metadata import AttentionMetadata
 from rtpjax.sampling_params import MAX_LOGPROBS, MAX_STOP_TOKEN_IDS
-from rtpjax.scheduler import Schedule
-from rtpjax.sharding import tensor_ways
-from rtpjax.sequence import PENDING
-from rtpjax.step_inputs import Packing, SeqChunk, build_step, pack
+from rtpjax.engine.scheduler import Schedule
+from rtpjax.parallel.sharding import tensor_ways
+from rtpjax.engine.sequence import PENDING
+from rtpjax.runner.step_inputs import Packing, SeqChunk, build_step, pack
 
 log = logging.getLogger("rtpjax")
 

@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from rtpjax.attention import AttentionMetadata
+from rtpjax.kernels.metadata import AttentionMetadata
 
 MASK = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp(MASK - real max) == 0 with no inf - inf
 
@@ -139,7 +139,7 @@ def default_block_q(num_tokens: int, num_seqs: int, num_heads: int, kv_heads: in
 
 
 def plan(meta: AttentionMetadata, num_tokens: int, num_heads: int, kv_heads: int, skip=None) -> tuple:
-    """The step's query blocks for the default block size, made once for all layers (rtpjax.attention.plan_step);
+    """The step's query blocks for the default block size, made once for all layers (rtpjax.kernels.attention.plan_step);
     sequences marked in `skip` ([S] bool) get none (another kernel answers them)."""
     block_q = default_block_q(num_tokens, meta.seq_lens.shape[0], num_heads, kv_heads)
     return query_blocks(meta, num_tokens, block_q, skip)
@@ -201,7 +201,7 @@ def ragged_paged_attention(
         blocks = query_blocks(meta, num_tokens, block_q)
     if blocks[0].shape != (pl.cdiv(num_tokens, block_q) + meta.seq_lens.shape[0],):
         raise ValueError(f"meta.plan holds {blocks[0].shape[0]} query blocks; this call needs block_q={block_q}: "
-                         "make it with rtpjax.attention.plan_step for this step's shapes")  # fmt: skip
+                         "make it with rtpjax.kernels.attention.plan_step for this step's shapes")  # fmt: skip
     if num_splits is None:  # few (sequence, KV head) pairs: split long contexts to fill the GPU's ~132 SMs
         programs = kv_heads * (pl.cdiv(num_tokens, block_q) + meta.seq_lens.shape[0])
         num_splits = max(1, min(16, 512 // programs)) if decode else 1

@@ -11,7 +11,7 @@ import itertools
 
 import numpy as np
 
-from rtpjax.attention import AttentionMetadata
+from rtpjax.kernels.metadata import AttentionMetadata
 
 
 @dataclasses.dataclass

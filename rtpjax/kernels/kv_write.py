@@ -1,5 +1,5 @@
 """Writing a step's new K/V into the paged cache in Pallas (Triton lowering): the GPU alternative to XLA's scatter in
-`rtpjax.attention.write_kv`; the engine picks one per step size, by measurement (`chosen`).
+`rtpjax.kernels.attention.write_kv`; the engine picks one per step size, by measurement (`chosen`).
 
 One program per (KV head, run of `TOKENS` tokens) loads the tokens' rows, quantizes them when the cache is int8 / fp8
 (the same `quantize` as the reference), and stores each row at its slot of the head's flat [slots, head_dim] view;
@@ -34,7 +34,7 @@ def chosen(num_tokens: int) -> bool:
 
 
 def _kernel(slots_ref, k_ref, v_ref, *refs, quantized: bool):
-    from rtpjax.attention import quantize
+    from rtpjax.kernels.reference import quantize
 
     outs = refs[len(refs) // 2 :]  # the cache, aliased to the inputs before them
     rows = pl.ds(pl.program_id(1) * TOKENS, TOKENS)
@@ -55,7 +55,7 @@ def _kernel(slots_ref, k_ref, v_ref, *refs, quantized: bool):
 
 
 def write_kv(cache: tuple, k: jax.Array, v: jax.Array, slot_mapping: jax.Array, *, interpret: bool = False) -> tuple:
-    """`rtpjax.attention.write_kv` as one kernel: k, v [T, Hkv, D] into cache slots `slot_mapping` [T] (< 0: none;
+    """`rtpjax.kernels.attention.write_kv` as one kernel: k, v [T, Hkv, D] into cache slots `slot_mapping` [T] (< 0: none;
     unique, as there)."""
     heads, num_blocks, block_size, head_dim = cache[0].shape
     quantized = len(cache) == 4

@@ -28,8 +28,8 @@ from jax.sharding import SingleDeviceSharding
 
 from rtpjax.models import decoder, load_config
 from rtpjax.models.config import ModelConfig
-from rtpjax.quantization import check_method, is_quantized_param, quantize_on_device, quantizer
-from rtpjax.sharding import param_shardings
+from rtpjax.loading.quantization import check_method, is_quantized_param, quantize_on_device, quantizer
+from rtpjax.parallel.sharding import param_shardings
 
 log = logging.getLogger("rtpjax")
 _DTYPES = {
@@ -642,7 +642,7 @@ def load_model(model_dir: str | Path, dtype: str | None = None, mesh=None, progr
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r}: choose one of {', '.join(LOAD_FORMATS)}")
     check_method(quantization)
-    from rtpjax.gguf_loader import resolve_model
+    from rtpjax.loading.gguf import resolve_model
 
     model_dir = resolve_model(model_dir)
     cfg, family = load_config(model_dir)
@@ -650,7 +650,7 @@ def load_model(model_dir: str | Path, dtype: str | None = None, mesh=None, progr
         cfg = cfg.with_dtype(dtype)
     if load_format == "dummy":
         return cfg, family, random_params(cfg, family, mesh, quantization=quantization)
-    from rtpjax import convert
+    from rtpjax.loading import convert
 
     if convert.is_converted(model_dir):
         return cfg, family, convert.restore_params(model_dir, cfg, family, mesh, progress, quantization)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from rtpjax.models.config import ModelConfig
-from rtpjax.sharding import kv_cache_sharding, tensor_ways
+from rtpjax.parallel.sharding import kv_cache_sharding, tensor_ways
 
 
 def cache_heads(cfg: ModelConfig, ways: int) -> int:

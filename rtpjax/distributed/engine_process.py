@@ -26,7 +26,8 @@ import time
 import traceback
 from multiprocessing.connection import Connection
 
-from rtpjax.engine import CompletionOutput, EngineArgs, LLMEngine, LoopStats, ModelInfo, Request, RequestOutput
+from rtpjax.engine.request import CompletionOutput, ModelInfo, Request, RequestOutput
+from rtpjax.engine.core import EngineArgs, LLMEngine, LoopStats
 
 log = logging.getLogger("rtpjax")
 REPORT_EVERY_S = 10.0  # how often a busy engine logs where its loop's time goes
@@ -164,7 +165,7 @@ class EngineProcess:
     def __init__(self, model: str, args: EngineArgs):
         ours, theirs = socket.socketpair()
         path = [p for p in sys.path if isinstance(p, str)]
-        bootstrap = f"import sys; sys.path[:0] = {path!r}; from rtpjax.engine_process import child_main; " \
+        bootstrap = f"import sys; sys.path[:0] = {path!r}; from rtpjax.distributed.engine_process import child_main; " \
                     f"child_main({theirs.fileno()}, {os.getpid()})"  # fmt: skip
         self.proc = subprocess.Popen([sys.executable, "-c", bootstrap], pass_fds=(theirs.fileno(),),
                                      start_new_session=True)  # fmt: skip

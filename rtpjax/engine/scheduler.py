@@ -14,8 +14,8 @@ import bisect
 import dataclasses
 import time
 
-from rtpjax.block_pool import BlockPool, block_hash, prefix_hashes
-from rtpjax.sequence import PENDING, Sequence, Status
+from rtpjax.kv.block_pool import BlockPool, block_hash, prefix_hashes
+from rtpjax.engine.sequence import PENDING, Sequence, Status
 
 
 @dataclasses.dataclass

@@ -1,7 +1,7 @@
 """Prefill attention on Hopper through the Mosaic GPU lowering (wgmma + TMA): the step's long query chunks, on the
 engine's own paged cache. The Triton-lowered kernel issues `mma`, not Hopper's `wgmma` with TMA, and stops near 260
 TFLOP/s on prefill; this one reaches the dense kernels (cuDNN, JAX's own Mosaic GPU attention), ~400 at 4096 tokens on
-an H200 (benchmarks/RESULTS.md). Decode rows and short chunks stay with the Triton kernel (rtpjax.attention).
+an H200 (benchmarks/RESULTS.md). Decode rows and short chunks stay with the Triton kernel (rtpjax.kernels.attention).
 
 The work splits as in JAX's dense Mosaic GPU kernel: per (query head, tile of 128 queries of one sequence) two compute
 warpgroups of 64 queries take turns on the tensor cores (one's softmax overlaps the other's wgmma) while a producer
@@ -74,8 +74,8 @@ def plan(meta, num_tokens: int) -> dict:
     sequence length, 0...), length 0 for an unused tile; q_rows: the token behind each tile row (a tile's rows past its
     sequence repeat its last token); out_rows: each token's row among the tiles; mine: tokens this kernel answers.
     n is static: a taken sequence of q >= MIN_QUERIES queries needs ceil(q / 128) <= q / MIN_QUERIES tiles."""
-    from rtpjax.attention import token_layout
-    from rtpjax.pallas_kernels.ragged_paged_attention import query_blocks
+    from rtpjax.kernels.metadata import token_layout
+    from rtpjax.kernels.ragged_paged_attention import query_blocks
 
     qsl, seq_lens = meta.query_start_loc, meta.seq_lens
     take = prefills(meta)
