@@ -17,6 +17,8 @@
 #   profile_prefill  kernel times of one 2048-token prefill step, with and without the Mosaic GPU prefill kernel
 #   prefill offline throughput on 2000-token prompts, Triton only and with long chunks to the Mosaic GPU kernel,
 #           blocks of 16 and 64
+#   ttft    TTFT under load against the per-step token budget: a server per budget (BUDGETS="2048 4096 8192"),
+#           1024/128 at concurrency 64 (192 and 960 prompts) and 128/1024 at 256; one summary JSON
 #   launch  host cost of launching the step and how often XLA re-records its CUDA graph, per XLA setting (probes/)
 #   allreduce  64 chained all-reduces over every GPU, as a TP decode step makes them (probes/)
 # Run from the repository root on the lent GPU (device tool), with .whl carried (starlette, uvicorn, pydantic):
@@ -134,6 +136,36 @@ for stage in $stages; do
   host)
     timeout 400 python3 -m rtpjax.benchmarks.host_step --shape "$SHAPE" --rows 256 --steps 100 --idle-launch \
       --dispatch-cost --compilation-cache-dir /tmp/xla --out "$OUT/host_step.json" 2>&1 | tail -4
+    ;;
+  ttft)
+    # One server per token budget (random weights made on the GPU: config and tokenizer only), the same workloads each.
+    cfg=/tmp/cfg/$SHAPE
+    python3 -c "from rtpjax.benchmarks.random_checkpoint import write_config_only as w; w('$cfg', '$SHAPE')" || exit 1
+    for budget in ${BUDGETS:-2048 4096 8192}; do
+      python3 -m rtpjax.cli serve "$cfg" --load-format dummy --port 8000 --served-model-name "$SHAPE" \
+        --compilation-cache-dir /tmp/xla --max-model-len 2048 --max-num-seqs 256 --max-num-batched-tokens $budget \
+        ${TTFT_FLAGS:-} > "$OUT/ttft_serve_b$budget.log" 2>&1 &
+      server=$!
+      for _ in $(seq 600); do curl -sf localhost:8000/health >/dev/null && break; sleep 0.5; done
+      bench="python3 -m rtpjax.benchmarks.serve_bench --tokenizer $cfg --ignore-eos --disable-tqdm --save-result
+             --result-dir /tmp/ttft --metric-percentiles 50,90,95,99 --metadata budget=$budget"
+      for n in 192 960; do
+        timeout 150 $bench --random-input-len 1024 --random-output-len 128 --num-prompts $n --max-concurrency 64 \
+          --result-filename b${budget}_1024in_128out_c64_n$n.json | grep -E "Output token throughput|TTFT \(ms\)|P95 TTFT|P95 ITL"
+      done
+      timeout 200 $bench --random-input-len 128 --random-output-len 1024 --num-prompts 256 --max-concurrency 256 \
+        --result-filename b${budget}_128in_1024out_c256.json | grep -E "Output token throughput|P95 TTFT|P95 ITL"
+      kill $server; wait $server
+      python3 - "$OUT/ttft.json" <<'PY'
+import glob, json, os, sys
+rows = {os.path.basename(f)[:-5]: {k: v for k, v in json.load(open(f)).items() if not isinstance(v, list)}
+        for f in sorted(glob.glob("/tmp/ttft/*.json"))}
+json.dump(rows, open(sys.argv[1], "w"), indent=1)
+for name, r in rows.items():
+    print(f"{name:34s} out {r['output_throughput']:8.0f} tok/s  TTFT p50/p95 {r['p50_ttft_ms']:6.0f} / "
+          f"{r['p95_ttft_ms']:6.0f} ms  ITL p50/p95 {r['p50_itl_ms']:5.1f} / {r['p95_itl_ms']:5.1f} ms")
+PY
+    done
     ;;
   serve)
     checkpoint
