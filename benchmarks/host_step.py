@@ -1,5 +1,5 @@
 """The engine loop's host work per step: `--rows` streams decoding at once, the loop run as the engine process runs it
-(deltas, pickled), its time split as the engine's own log splits it.
+(deltas, encoded as the step's message), its time split as the engine's own log splits it.
 
 On a GPU at high concurrency the loop can be bound by this host work rather than by the device step (see
 benchmarks/RESULTS.md). With the default tiny random model (so the device part is negligible) and SmolLM2's BPE
@@ -19,7 +19,6 @@ import argparse
 import cProfile
 import io
 import json
-import pickle
 import pstats
 import shutil
 import tempfile
@@ -61,10 +60,11 @@ def run_steps(engine, steps: int, profiler=None, drain: bool = False) -> dict:
     """`steps` engine steps as the engine process runs them; `drain`: wait for the device before each one."""
     import jax
 
+    from rtpjax.distributed import messages
     from rtpjax.engine.core import LoopStats
 
     engine.loop_stats = LoopStats()
-    began, pickle_s = time.perf_counter(), 0.0
+    began, encode_s = time.perf_counter(), 0.0
     if profiler:
         profiler.enable()
     for _ in range(steps):
@@ -72,8 +72,8 @@ def run_steps(engine, steps: int, profiler=None, drain: bool = False) -> dict:
             jax.block_until_ready(engine.inflight[1])
         outputs = engine.step(as_deltas=True)
         t = time.perf_counter()
-        pickle.dumps(("step", outputs, [], engine.stats()), protocol=pickle.HIGHEST_PROTOCOL)  # as sent to the front
-        pickle_s += time.perf_counter() - t
+        messages.encode(messages.StepOutputs(outputs, [], engine.stats()))  # as sent
+        encode_s += time.perf_counter() - t
     if profiler:
         profiler.disable()
     seconds = time.perf_counter() - began
@@ -81,7 +81,7 @@ def run_steps(engine, steps: int, profiler=None, drain: bool = False) -> dict:
     outputs = s.busy_s - s.prepare_s - s.launch_s - s.device_wait_s
     return dict(rows_per_step=s.rows / steps, step_ms=seconds * ms, scheduling_ms=s.prepare_s * ms,
                 launching_ms=s.launch_s * ms, reading_ms=s.device_wait_s * ms, outputs_ms=outputs * ms,
-                pickling_ms=pickle_s * ms)
+                encoding_ms=encode_s * ms)
 
 
 def measure(rows: int, steps: int, profile: bool = False, shape: str = "tiny", idle_launch: bool = False,
@@ -135,7 +135,7 @@ def dispatch_cost(counts=(10, 100, 400), calls: int = 200) -> dict:
 def describe(r: dict) -> str:
     return (f"{r['rows_per_step']:.0f} rows per step: {r['step_ms']:.2f} ms per step = {r['scheduling_ms']:.2f} "
             f"scheduling + {r['launching_ms']:.2f} launching + {r['reading_ms']:.2f} reading tokens + "
-            f"{r['outputs_ms']:.2f} outputs (+ {r['pickling_ms']:.2f} pickling the step's message)")
+            f"{r['outputs_ms']:.2f} outputs (+ {r['encoding_ms']:.2f} encoding the step's message)")
 
 
 def main():

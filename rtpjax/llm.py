@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import pickle
 import threading
 from typing import AsyncIterator, Sequence as Seq
 
+import msgspec
+
+from rtpjax.distributed.engine_process import Accumulator
+from rtpjax.distributed.messages import Abort, ProtocolError, RequestDelta, StepOutputs
 from rtpjax.engine.core import EngineArgs, LLMEngine
 from rtpjax.engine.request import RequestMaker, RequestOutput
-from rtpjax.distributed.engine_process import Accumulator
 from rtpjax.sampling_params import SamplingParams
 
 log = logging.getLogger("rtpjax")
@@ -118,20 +120,20 @@ class AsyncLLM:
         # Tokenizing and validating happen off the event loop; bad input raises here, for this request only.
         self._reserved += 1  # counted as unfinished from the first moment, so admission control sees it
         try:
-            request = await asyncio.to_thread(self._make_request, prompt, sampling_params, request_id, priority)
+            request = await asyncio.to_thread(self._make_request.message, prompt, sampling_params, request_id,
+                                              priority)  # fmt: skip
         finally:
             self._reserved -= 1
         rid = request.request_id
         if rid in self._streams:
             raise ValueError(f"request id {rid!r} is already running")
-        try:  # pickled here, so a request the engine process cannot unpickle fails alone, with its own error
-            blob = pickle.dumps(request, pickle.HIGHEST_PROTOCOL)
-        except (pickle.PicklingError, AttributeError, TypeError) as e:
-            raise ValueError(f"the request cannot be sent to the engine process: {e}") from None
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), stream, Accumulator.of(request))
         try:
-            self._engine.send(("add", rid, blob))
+            self._engine.send(request)
+        except ProtocolError as e:  # e.g. a seed past 64 bits: this request fails alone, nothing was sent
+            self._streams.pop(rid, None)
+            raise ValueError(f"the request cannot be sent to the engine process: {e}") from None
         except OSError:
             self._streams.pop(rid, None)
             raise RuntimeError("the engine is shut down") from None
@@ -191,13 +193,13 @@ class AsyncLLM:
     def _abort_in_engine(self, request_id: str) -> None:
         if self.is_alive:
             try:
-                self._engine.send(("abort", request_id))
+                self._engine.send(Abort(request_id))
             except OSError:
                 pass  # the engine is gone; the reader fails what it held
 
     def stats(self) -> dict:
-        """The engine's gauges as of its last step."""
-        return self._stats
+        """The engine's gauges as of its last step (LLMEngine.stats()'s keys)."""
+        return msgspec.structs.asdict(self._stats)
 
     def shutdown(self) -> None:
         if not self._stopped.is_set():
@@ -207,15 +209,16 @@ class AsyncLLM:
         self._reader.join(timeout=30)
 
     def _read(self) -> None:
-        """The reader thread: one message per engine step, delivered with one wake-up per event loop."""
+        """The reader thread: one StepOutputs per engine step, delivered with one wake-up per event loop."""
         try:
             while True:
-                _, wire, errors, self._stats = self._engine.conn.recv()
+                step = self._engine.recv(StepOutputs)
+                self._stats = step.stats
                 by_loop: dict = {}
-                for item in wire:
-                    self._route(by_loop, item[0], item, finished=item[1])
-                for request_id, error in errors:
-                    self._route(by_loop, request_id, error, finished=True)
+                for delta in step.outputs:
+                    self._route(by_loop, delta.request_id, delta, finished=delta.finished)
+                for error in step.errors:
+                    self._route(by_loop, error.request_id, error.exception(), finished=True)
                 for loop, items in by_loop.items():
                     try:
                         loop.call_soon_threadsafe(_put_all, items)
@@ -223,7 +226,7 @@ class AsyncLLM:
                         pass  # that caller's event loop is closed: nobody is left to read its streams
         except (EOFError, OSError):
             pass
-        except Exception:  # a bug here must not leave every stream hanging: fail them and stop the engine
+        except Exception:  # a bug (or a message it cannot read) must not leave every stream hanging: fail them all
             log.exception("the engine output reader failed")
             self._engine.proc.kill()
         if not self._stopped.is_set():
@@ -235,7 +238,7 @@ class AsyncLLM:
                 code = "unknown"
             log.error("the engine process exited with code %s; failed the requests in flight", code)
 
-    def _route(self, by_loop: dict, request_id: str, item, finished: bool) -> None:
+    def _route(self, by_loop: dict, request_id: str, item: RequestDelta | Exception, finished: bool) -> None:
         """One output or error to its stream; the engine's last word on a request ends its entry."""
         with self._lock:
             entry = self._streams.pop(request_id, None) if finished else self._streams.get(request_id)

@@ -105,27 +105,32 @@ def test_request_id_is_reusable_once_the_engine_let_go(async_llm, stories_llm):
     assert asyncio.run(main()) == expected  # nothing of the first "x" leaked into the second
 
 
-def test_a_request_the_engine_cannot_read_fails_alone(async_llm):
-    import pickle
+def test_a_request_the_engine_cannot_read_fails_alone(async_llm, monkeypatch):
+    """Requests travel as typed fields, not pickled classes: a SamplingParams subclass only the front end knows runs
+    as its fields say. A message of the wrong types fails its request alone, naming the field; the engine serves on."""
     import types
+
+    import msgspec
 
     module = types.ModuleType("rtpjax_parent_only")  # importable here, not in the engine process
     exec("from rtpjax import SamplingParams\nclass Params(SamplingParams): pass", module.__dict__)
     module.Params.__module__ = module.__name__
-    sys.modules[module.__name__] = module
-    try:
-        assert pickle.loads(pickle.dumps(module.Params()))
+    maker = async_llm._make_request
+    message = maker.message
 
-        async def main():
-            with pytest.raises(RuntimeError, match="engine error"):
-                async for _ in async_llm.generate([1], module.Params(max_tokens=3, **GREEDY)):
-                    pass
-            return [o async for o in async_llm.generate([1], SamplingParams(max_tokens=3, **GREEDY))][-1]
+    async def main():
+        parent_only = [o async for o in async_llm.generate([1], module.Params(max_tokens=3, **GREEDY))][-1]
+        monkeypatch.setattr(maker, "message", lambda *a: msgspec.structs.replace(message(*a), seed="1"))
+        with pytest.raises(RuntimeError, match=r"engine error: malformed 'add' message: .* at `\$.seed`"):
+            async for _ in async_llm.generate([1], SamplingParams(max_tokens=3, **GREEDY)):
+                pass
+        monkeypatch.setattr(maker, "message", message)
+        plain = [o async for o in async_llm.generate([1], SamplingParams(max_tokens=3, **GREEDY))][-1]
+        return parent_only, plain
 
-        assert asyncio.run(main()).outputs[0].token_ids  # the engine serves on
-        assert async_llm.num_unfinished == 0
-    finally:
-        del sys.modules[module.__name__]
+    parent_only, plain = asyncio.run(main())
+    assert parent_only.outputs[0].token_ids == plain.outputs[0].token_ids and len(plain.outputs[0].token_ids) == 3
+    assert async_llm.num_unfinished == 0
 
 
 @pytest.mark.parametrize("end, message", [("kill", "engine process exited"), ("shutdown", "shut down")])

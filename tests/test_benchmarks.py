@@ -199,7 +199,7 @@ def test_host_step_splits_the_loop_and_drains_the_device():
     for run in (r, r["idle_launch"]):
         assert run["rows_per_step"] == 8
         parts = sum(run[k] for k in ("scheduling_ms", "launching_ms", "reading_ms", "outputs_ms"))
-        assert 0 < parts <= run["step_ms"] and run["pickling_ms"] > 0
+        assert 0 < parts <= run["step_ms"] and run["encoding_ms"] > 0
     # With the device drained before each launch, reading the previous step's tokens waits for nothing.
     assert r["idle_launch"]["reading_ms"] < 1.0
 
@@ -244,3 +244,19 @@ def test_allreduce_chain_probe_sums_over_every_device():
     r = measure(hidden=256, batches=(1,))
     assert r["devices"] == len(jax.devices()) == 8
     assert r["sums_only_max_error"] == 0.0 and r["sums_only_batch1_ms"] > 0 and r["matmul_then_sum_batch1_ms"] > 0
+
+
+def test_protocol_bench_times_both_formats_and_the_typed_message_is_the_smaller(tmp_path):
+    from rtpjax.benchmarks.protocol_bench import measure
+
+    rows = measure(streams=16, iters=3, repeats=1)  # each format's round trip is checked inside
+    assert [(r["format"], r["logprobs"]) for r in rows] == [
+        (f, lp) for lp in (0, 5) for f in ("msgspec", "pickle, tuples", "pickle, typed")]  # fmt: skip
+    assert all(r["encode_us"] > 0 and r["decode_us"] > 0 and r["bytes"] > 0 for r in rows)
+    size = {(r["format"], r["logprobs"]): r["bytes"] for r in rows}
+    # The per-request parts travel as arrays: as maps (their field names in every one) they would outweigh pickle.
+    assert size["msgspec", 0] < size["pickle, tuples", 0] and size["msgspec", 5] < size["pickle, tuples", 5]
+    out = tmp_path / "protocol.json"
+    subprocess.run([sys.executable, "-m", "rtpjax.benchmarks.protocol_bench", "--streams", "4", "--iters", "2",
+                    "--repeats", "1", "--out", str(out)], check=True, capture_output=True, timeout=300)  # fmt: skip
+    assert len(json.loads(out.read_text())["rows"]) == 6

@@ -2,8 +2,9 @@
 
 This is vLLM V1's split. The server's process keeps uvicorn, tokenizing, validation and SSE; this process keeps
 scheduling, the device step and detokenizing (stop strings are matched where the text is made). Requests go in
-pickled; outputs come back once per step as deltas (new token ids, text and logprobs), which the front end
-accumulates, so a step's message does not grow with the sequences' lengths.
+tokenized and validated (AddRequest); outputs come back once per step as deltas (new token ids, text and logprobs;
+StepOutputs), which the front end accumulates, so a step's message does not grow with the sequences' lengths. Every
+message is a typed msgpack frame (rtpjax.distributed.messages).
 
 The child starts as `python -c` on the parent's sys.path (never re-importing the user's `__main__`, which
 multiprocessing's spawn does), talks over one socket pair, ignores SIGINT (the parent decides when it stops, after a
@@ -15,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import pickle
 import queue
 import signal
 import socket
@@ -26,8 +26,12 @@ import time
 import traceback
 from multiprocessing.connection import Connection
 
-from rtpjax.engine.request import CompletionOutput, ModelInfo, Request, RequestOutput
+from rtpjax.distributed import messages
+from rtpjax.distributed.messages import (Abort, AddRequest, EngineStats, Failed, Message, ModelInfo, ProtocolError,
+                                         Ready, RequestDelta, RequestError, Startup, StepOutputs, Stop, to_monotonic)
 from rtpjax.engine.core import EngineArgs, LLMEngine, LoopStats
+from rtpjax.engine.request import CompletionOutput, RequestOutput
+from rtpjax.engine.sequence import RequestMetrics
 
 log = logging.getLogger("rtpjax")
 REPORT_EVERY_S = 10.0  # how often a busy engine logs where its loop's time goes
@@ -38,58 +42,88 @@ REPORT_EVERY_S = 10.0  # how often a busy engine logs where its loop's time goes
 
 @dataclasses.dataclass
 class Accumulator:
-    """The front end's running totals of one request: turns the engine's delta tuples (`LLMEngine._delta`) back into
-    cumulative RequestOutputs."""
+    """The front end's running totals of one request: adds the engine's RequestDeltas up into cumulative
+    RequestOutputs."""
 
-    request: Request
+    prompt: str | None
+    prompt_ids: list[int]
+    arrival: float  # on this process's monotonic clock
     texts: list[str]
     token_ids: list[list[int]]
     logprobs: list[list[dict] | None]
     prompt_logprobs: list | None = None
 
     @classmethod
-    def of(cls, request: Request) -> "Accumulator":
-        n, want_lp = len(request.seqs), request.params.logprobs is not None
-        return cls(request, [""] * n, [[] for _ in range(n)], [[] if want_lp else None for _ in range(n)])
+    def of(cls, request: AddRequest) -> "Accumulator":
+        n, want_lp = request.params.n, request.params.logprobs is not None
+        return cls(request.prompt, request.prompt_ids, to_monotonic(request.arrival_time), [""] * n,
+                   [[] for _ in range(n)], [[] if want_lp else None for _ in range(n)])  # fmt: skip
 
-    def output(self, wire: tuple) -> RequestOutput:
-        request_id, finished, metrics, prompt_logprobs, deltas = wire
-        if prompt_logprobs is not None:
-            self.prompt_logprobs = prompt_logprobs
+    def output(self, delta: RequestDelta) -> RequestOutput:
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         outs = []
-        for index, text, ids, lps, finish_reason, stop_reason in deltas:
-            self.texts[index] += text
-            self.token_ids[index] += ids
-            if lps is not None:
-                self.logprobs[index] += lps
+        for d in delta.completions:
+            i = d.index
+            self.texts[i] += d.text
+            self.token_ids[i] += d.token_ids
+            if d.logprobs is not None:
+                self.logprobs[i] += d.logprobs
             outs.append(CompletionOutput(
-                index=index, text=self.texts[index], token_ids=list(self.token_ids[index]),
-                logprobs=list(self.logprobs[index]) if self.logprobs[index] is not None else None,
-                finish_reason=finish_reason, stop_reason=stop_reason, delta_text=text, delta_token_ids=ids,
-                delta_logprobs=lps,
+                index=i, text=self.texts[i], token_ids=list(self.token_ids[i]),
+                logprobs=list(self.logprobs[i]) if self.logprobs[i] is not None else None,
+                finish_reason=d.finish_reason, stop_reason=d.stop_reason, delta_text=d.text,
+                delta_token_ids=d.token_ids, delta_logprobs=d.logprobs,
             ))  # fmt: skip
-        r = self.request
-        return RequestOutput(request_id, r.prompt, r.prompt_ids, outs, finished, metrics, self.prompt_logprobs)
+        metrics = RequestMetrics.from_timings(self.arrival, delta.timings) if delta.timings is not None else None
+        return RequestOutput(delta.request_id, self.prompt, self.prompt_ids, outs, delta.finished, metrics,
+                             self.prompt_logprobs)  # fmt: skip
 
 
 # -- the child --------------------------------------------------------------------------------------------------------
+
+_COMMANDS = (AddRequest, Abort, Stop)
+
+
+def _command(data: bytes) -> AddRequest | Abort | Stop | RequestError | None:
+    """One message from the front end as a command. One the engine cannot read is logged and skipped (frames keep
+    the stream in step, so the next message reads fine); for a request it could not add, that request's error
+    stands in (only then: an id in any other message may be a request the engine runs on)."""
+    try:
+        return messages.decode(data, _COMMANDS)
+    except ProtocolError as e:
+        log.error("rejected a message from the front end: %s", e)
+        if e.kind != "add" or e.request_id is None:
+            return None
+        return RequestError(e.request_id, "protocol", f"engine error: {e}")
 
 
 def _receive(conn: Connection, commands: queue.Queue) -> None:
     """Drains the socket as commands arrive, so the parent's writes never wait for a step to end."""
     try:
         while True:
-            commands.put(conn.recv())
+            command = _command(conn.recv_bytes())
+            if command is not None:
+                commands.put(command)
     except (EOFError, OSError):
         pass  # the parent is gone
-    except Exception:  # noqa: BLE001 - a message that cannot be read: the stream is out of step, so stop
-        log.exception("unreadable command from the front end; stopping")
-    commands.put(("stop", None))
+    commands.put(Stop())
+
+
+def _add(engine: LLMEngine, request: AddRequest) -> RequestError | None:
+    """A request that fails here fails alone."""
+    try:
+        engine.add(engine.maker.build(request))
+    except ValueError as e:
+        return RequestError(request.request_id, "invalid", str(e))
+    except Exception as e:  # noqa: BLE001 - e.g. prompt logprobs out of device memory
+        log.exception("could not add request %s", request.request_id)
+        return RequestError(request.request_id, "engine", f"engine error: {type(e).__name__}: {e}")
+    return None
 
 
 def _serve(engine: LLMEngine, conn: Connection) -> None:
-    """Commands in, one message out per round: (outputs, errors, stats). Returns on "stop" or once the parent is
-    gone."""
+    """Commands in, one StepOutputs out per round. Returns on Stop or once the parent is gone."""
     inbox: queue.Queue = queue.Queue()
     threading.Thread(target=_receive, args=(conn, inbox), name="rtpjax-commands", daemon=True).start()
     reported = time.monotonic()
@@ -97,28 +131,26 @@ def _serve(engine: LLMEngine, conn: Connection) -> None:
         if engine.loop_stats.steps and time.monotonic() - reported >= REPORT_EVERY_S:
             s = engine.stats()
             log.info("engine: %s; %d running, %d waiting, KV cache %.0f%% used",
-                     engine.loop_stats.report(time.monotonic() - reported), s["num_running"], s["num_waiting"],
-                     100 * s["kv_cache_usage"])  # fmt: skip
+                     engine.loop_stats.report(time.monotonic() - reported), s.num_running, s.num_waiting,
+                     100 * s.kv_cache_usage)  # fmt: skip
             engine.loop_stats, reported = LoopStats(), time.monotonic()
         commands = [inbox.get()] if not engine.has_work() else []
         while not inbox.empty():
             commands.append(inbox.get_nowait())
         outputs, errors = [], []
-        for kind, arg, *blob in commands:
-            if kind == "stop":
+        for command in commands:
+            if isinstance(command, Stop):
                 return
-            if kind == "add":  # (request id, pickled Request): a request that fails here fails alone
-                try:
-                    engine.add(pickle.loads(blob[0]))
-                except ValueError as e:
-                    errors.append((arg, e))
-                except Exception as e:  # noqa: BLE001 - e.g. prompt logprobs out of device memory
-                    log.exception("could not add request %s", arg)
-                    errors.append((arg, RuntimeError(f"engine error: {type(e).__name__}: {e}")))
-            elif kind == "abort":
-                out = engine.abort(arg, as_deltas=True)
+            if isinstance(command, AddRequest):
+                error = _add(engine, command)
+                if error is not None:
+                    errors.append(error)
+            elif isinstance(command, Abort):
+                out = engine.abort(command.request_id, as_deltas=True)
                 if out is not None:
                     outputs.append(out)
+            else:  # the error of a request whose message could not be read
+                errors.append(command)
         if engine.has_work():
             try:
                 outputs += engine.step(as_deltas=True)
@@ -126,9 +158,9 @@ def _serve(engine: LLMEngine, conn: Connection) -> None:
                 log.exception("engine step failed; aborting the requests in flight")
                 for request_id in list(engine.requests):
                     engine.abort(request_id)
-                    errors.append((request_id, RuntimeError(f"engine error: {type(e).__name__}: {e}")))
+                    errors.append(RequestError(request_id, "engine", f"engine error: {type(e).__name__}: {e}"))
                 engine.reset_inflight()
-        conn.send(("step", outputs, errors, engine.stats()))
+        conn.send_bytes(messages.encode(StepOutputs(outputs, errors, engine.stats())))
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -142,14 +174,14 @@ def child_main(fd: int, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(parent,), name="rtpjax-parent-watch", daemon=True).start()
     conn = Connection(fd)
-    model, engine_args, level = conn.recv()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s")
+    startup = messages.decode(conn.recv_bytes(), Startup)
+    logging.basicConfig(level=startup.log_level, format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s")
     try:
-        engine = LLMEngine(model, EngineArgs(**engine_args))
+        engine = LLMEngine(startup.model, EngineArgs(**startup.engine_args))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it where the user called
-        conn.send(("failed", f"{type(e).__name__}: {e}", traceback.format_exc()))
+        conn.send_bytes(messages.encode(Failed(f"{type(e).__name__}: {e}", traceback.format_exc())))
         return
-    conn.send(("ready", engine.info, engine.stats()))
+    conn.send_bytes(messages.encode(Ready(engine.info, engine.stats())))
     try:
         _serve(engine, conn)
     except (EOFError, OSError):
@@ -173,8 +205,8 @@ class EngineProcess:
         self.conn = Connection(ours.detach())
         self._send_lock = threading.Lock()
         try:
-            self.send((model, dataclasses.asdict(args), logging.getLogger("rtpjax").getEffectiveLevel()))
-            reply = self.conn.recv()
+            self.send(Startup(model, dataclasses.asdict(args), logging.getLogger("rtpjax").getEffectiveLevel()))
+            reply = self.recv((Ready, Failed))
         except (EOFError, OSError):
             self.proc.wait()
             raise RuntimeError(f"the engine process exited with code {self.proc.returncode} while starting") from None
@@ -182,19 +214,28 @@ class EngineProcess:
             self.proc.kill()
             self.proc.wait()
             raise
-        if reply[0] == "failed":
+        if isinstance(reply, Failed):
             self.proc.wait()
-            raise RuntimeError(f"the engine process failed to start: {reply[1]}\n{reply[2]}")
-        _, self.info, self.stats = reply
-        self.info: ModelInfo
+            raise RuntimeError(f"the engine process failed to start: {reply.message}\n{reply.traceback}")
+        self.info: ModelInfo = reply.info
+        self.stats: EngineStats = reply.stats
 
-    def send(self, message) -> None:
+    def send(self, message: Message) -> None:
+        """Raises ProtocolError for a message that cannot be encoded (nothing is sent), OSError once the engine is
+        gone."""
+        self.send_frame(messages.encode(message))
+
+    def send_frame(self, data: bytes) -> None:
         with self._send_lock:
-            self.conn.send(message)
+            self.conn.send_bytes(data)
+
+    def recv(self, expected) -> Message:
+        """The next message from the engine, one of `expected`; EOFError once the engine is gone."""
+        return messages.decode(self.conn.recv_bytes(), expected)
 
     def close(self, timeout: float = 30.0) -> None:
         try:
-            self.send(("stop", None))
+            self.send(Stop())
         except OSError:
             pass  # already gone
         try:

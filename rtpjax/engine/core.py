@@ -19,6 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from rtpjax.distributed.messages import CompletionDelta, EngineStats, RequestDelta
 from rtpjax.engine import detokenizer
 from rtpjax.kv import kv_cache
 from rtpjax.kernels.attention import resolve_impl
@@ -199,7 +200,7 @@ class LLMEngine:
         self.add(request)
         return request.request_id
 
-    def abort(self, request_id: str, as_deltas: bool = False) -> RequestOutput | None:
+    def abort(self, request_id: str, as_deltas: bool = False) -> RequestOutput | RequestDelta | None:
         request = self.requests.get(request_id)
         if request is None:
             return None
@@ -218,9 +219,10 @@ class LLMEngine:
 
     # -- the loop ---------------------------------------------------------------------------------------------------
 
-    def step(self, final_only: bool = False, as_deltas: bool = False) -> list[RequestOutput]:
+    def step(self, final_only: bool = False, as_deltas: bool = False) -> list[RequestOutput] | list[RequestDelta]:
         """One scheduling round. `final_only`: return outputs only for finished requests (offline generation
-        skips building per-step outputs, a cost per sequence per step). `as_deltas`: outputs as `_delta` tuples."""
+        skips building per-step outputs, a cost per sequence per step). `as_deltas`: outputs as RequestDeltas (what
+        the engine process sends)."""
         stats, began = self.loop_stats, time.perf_counter()
         schedule = self.scheduler.schedule()
         launched = None
@@ -238,7 +240,7 @@ class LLMEngine:
         stats.busy_s += time.perf_counter() - began
         return outputs
 
-    def _process(self, schedule: Schedule, out, final_only: bool, as_deltas: bool) -> list[RequestOutput]:
+    def _process(self, schedule: Schedule, out, final_only: bool, as_deltas: bool) -> list:
         began = time.perf_counter()
         tokens, logprob = np.asarray(out.tokens), np.asarray(out.logprob)
         self.loop_stats.device_wait_s += time.perf_counter() - began
@@ -288,11 +290,9 @@ class LLMEngine:
         del seq.token_ids[keep:]
         del seq.logprobs[keep - seq.num_prompt :]
 
-    def _delta(self, request: Request) -> tuple:
-        """The request's news since its last report, as plain tuples (what the engine process sends; see
-        engine_process.Accumulator): (request_id, finished, metrics once finished, prompt logprobs the first time,
-        [(index, delta_text, delta_token_ids, delta_logprobs, finish_reason, stop_reason) per sequence])."""
-        deltas = []
+    def _delta(self, request: Request) -> RequestDelta:
+        """The request's news since its last report: what the engine process sends (see messages.RequestDelta)."""
+        completions = []
         for i, seq in enumerate(request.seqs):
             ids, first = seq.token_ids, seq.num_prompt
             end = len(ids)  # tokens still on the device (PENDING) can only be the last one or two
@@ -301,35 +301,38 @@ class LLMEngine:
             sent = request.sent[i]
             lps = seq.logprobs[sent : end - first] if seq.params.logprobs is not None else None
             text = detokenizer.stream_delta(seq.detok, seq.params.stop, seq.finished)
-            deltas.append((seq.index, text, ids[first + sent : end], lps, seq.finish_reason, seq.stop_reason))
+            completions.append(CompletionDelta(seq.index, text, ids[first + sent : end], lps, seq.finish_reason,
+                                               seq.stop_reason))  # fmt: skip
             request.sent[i] = end - first
         finished = request.finished
         if finished:
             del self.requests[request.request_id]
         prompt_logprobs = None if request.reported else request.prompt_logprobs
         request.reported = True
-        return request.request_id, finished, request.seqs[0].metrics if finished else None, prompt_logprobs, deltas
+        timings = request.seqs[0].metrics.timings() if finished else None
+        return RequestDelta(request.request_id, finished, completions, prompt_logprobs, timings)
 
-    def _output(self, request: Request, as_delta: bool = False) -> RequestOutput | tuple:
+    def _output(self, request: Request, as_delta: bool = False) -> RequestOutput | RequestDelta:
         """The request's output: its whole text and tokens so far, and what is new since the last one."""
         delta = self._delta(request)
         if as_delta:
             return delta
         outs = []
-        for seq, (index, text, ids, lps, reason, stop) in zip(request.seqs, delta[4]):
-            n, first = request.sent[index], seq.num_prompt
+        for seq, d in zip(request.seqs, delta.completions):
+            n, first = request.sent[d.index], seq.num_prompt
             # The text so far is what the deltas spelled: a tail that may still become a stop string waits.
             whole = seq.detok.text[: seq.detok.streamed]
-            outs.append(CompletionOutput(index, whole, seq.token_ids[first : first + n],
-                                         seq.logprobs[:n] if lps is not None else None, reason, stop, text, ids, lps))  # fmt: skip
-        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outs, delta[1],
+            outs.append(CompletionOutput(d.index, whole, seq.token_ids[first : first + n],
+                                         seq.logprobs[:n] if d.logprobs is not None else None, d.finish_reason,
+                                         d.stop_reason, d.text, d.token_ids, d.logprobs))  # fmt: skip
+        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outs, delta.finished,
                              request.seqs[0].metrics, request.prompt_logprobs)  # fmt: skip
 
     # -- gauges -----------------------------------------------------------------------------------------------------
 
-    def stats(self) -> dict:
+    def stats(self) -> EngineStats:
         pool = self.pool
-        return dict(
+        return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
             kv_cache_usage=pool.usage(),

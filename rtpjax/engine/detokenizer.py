@@ -23,8 +23,8 @@ class DetokState:
     read_offset: int  # tokens already turned into text
     text: str = ""  # generated text so far (cut at a matched stop string)
     streamed: int = 0  # characters of `text` already handed to the stream
-    # The Rust stream, made at the first token (in the engine's process: a request is pickled on its way there, and
-    # a DecodeStream is not picklable); False where the tokenizer has none.
+    # The Rust stream, made at the first token (in the engine's process: Rust state that no message could carry);
+    # False where the tokenizer has none.
     stream: object = None
     fed: int = 0  # tokens fed to the stream
 

@@ -1,15 +1,18 @@
-"""A request from prompt to outputs: validation (RequestMaker), the engine's record of it, and what callers get back."""
+"""A request from prompt to outputs: validation (RequestMaker, into the wire's AddRequest), the engine's record of it,
+and what callers get back."""
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import random
+import time
 
 import numpy as np
 
+from rtpjax.distributed.messages import AddRequest, ModelInfo, to_monotonic
 from rtpjax.engine import detokenizer
-from rtpjax.engine.sequence import Sequence
+from rtpjax.engine.sequence import RequestMetrics, Sequence
 from rtpjax.sampling_params import SamplingParams
 
 @dataclasses.dataclass
@@ -52,19 +55,10 @@ class Request:
         return all(s.finished for s in self.seqs)
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelInfo:
-    """What validating a request needs to know of the engine (picklable: the engine process sends it once)."""
-
-    vocab_size: int
-    max_model_len: int
-    eos_ids: tuple[int, ...]
-    max_num_seqs: int
-
-
 class RequestMaker:
-    """Prompt + SamplingParams -> a validated Request. The engine and AsyncLLM's front end each hold one, so a bad
-    request fails where it was submitted and never reaches the engine loop."""
+    """Prompt + SamplingParams -> a validated AddRequest (`message`: where the request is submitted, so the tokenizer
+    runs there and bad input fails there) -> the engine's Request (`build`: from the message alone, no tokenizer).
+    The engine and AsyncLLM's front end each hold one."""
 
     def __init__(self, tokenizer, info: ModelInfo, seed: int):
         self.tokenizer, self.info = tokenizer, info
@@ -73,7 +67,12 @@ class RequestMaker:
 
     def __call__(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
                  priority: int = 0) -> Request:  # fmt: skip
-        info = self.info
+        return self.build(self.message(prompt, params, request_id, priority))
+
+    def message(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
+                priority: int = 0) -> AddRequest:  # fmt: skip
+        """Tokenize, validate, and resolve what the engine must not choose itself (id, seed, arrival); raises
+        ValueError for bad input."""
         params = params or SamplingParams()
         params.validate()
         if isinstance(prompt, str):
@@ -82,17 +81,26 @@ class RequestMaker:
             text, ids = None, list(prompt)
             if not all(isinstance(t, (int, np.integer)) for t in ids):
                 raise ValueError("prompt token ids must be integers")
-            bad = [t for t in ids if not 0 <= t < info.vocab_size]
-            if bad:
-                raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {info.vocab_size})")
             ids = [int(t) for t in ids]
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
+        message = AddRequest(request_id, ids, params, seed % (1 << 32), time.time(), text, priority)
+        self.check(message)
+        return message
+
+    def check(self, message: AddRequest) -> int:
+        """Raises ValueError where the request does not fit the model; returns its max_tokens."""
+        info, ids, params = self.info, message.prompt_ids, message.params
         if not ids:
             raise ValueError("the prompt is empty")
+        if min(ids) < 0 or max(ids) >= info.vocab_size:
+            bad = next(t for t in ids if not 0 <= t < info.vocab_size)
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {info.vocab_size})")
         bad_stop = [t for t in params.stop_token_ids if not 0 <= t < info.vocab_size]
         if bad_stop:
             raise ValueError(f"stop token id {bad_stop[0]} is outside the vocabulary [0, {info.vocab_size})")
-        if not -(2**31) <= priority < 2**31:
-            raise ValueError(f"priority must fit in 32 bits, got {priority}")
+        if not -(2**31) <= message.priority < 2**31:
+            raise ValueError(f"priority must fit in 32 bits, got {message.priority}")
         if len(ids) >= info.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {info.max_model_len}")
         max_tokens = params.max_tokens if params.max_tokens is not None else info.max_model_len - len(ids)
@@ -101,14 +109,20 @@ class RequestMaker:
                 f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's context "
                 f"({info.max_model_len})"
             )
-        request_id = request_id if request_id is not None else str(next(self._ids))
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
-        stop_ids = tuple(params.stop_token_ids) + (() if params.ignore_eos else info.eos_ids)
+        return max_tokens
+
+    def build(self, message: AddRequest) -> Request:
+        """The engine's Request for a message. Checked again here: a message may come from any sender, and an id
+        outside the vocabulary would otherwise read a clamped embedding on the device without a word."""
+        max_tokens = self.check(message)
+        ids, params, request_id = message.prompt_ids, message.params, message.request_id
+        arrival = to_monotonic(message.arrival_time)
+        stop_ids = tuple(params.stop_token_ids) + (() if params.ignore_eos else self.info.eos_ids)
         seqs = []
         for index in range(params.n):
-            seq = Sequence(request_id, index, ids, params, seed=seed % (1 << 32), max_tokens=max_tokens,
-                           priority=priority, stop_ids=stop_ids)  # fmt: skip
+            seq = Sequence(request_id, index, ids, params, seed=message.seed % (1 << 32), max_tokens=max_tokens,
+                           priority=message.priority, stop_ids=stop_ids, metrics=RequestMetrics(arrival))  # fmt: skip
             seq.fork_parent = seqs[0] if seqs else None
             seq.detok = detokenizer.start(len(ids))
             seqs.append(seq)
-        return Request(request_id, text, ids, params, seqs, sent=[0] * len(seqs))
+        return Request(request_id, message.prompt, ids, params, seqs, sent=[0] * len(seqs))

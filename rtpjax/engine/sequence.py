@@ -9,6 +9,7 @@ import dataclasses
 import enum
 import time
 
+from rtpjax.distributed.messages import RequestTimings
 from rtpjax.sampling_params import SamplingParams
 
 PENDING = -1  # a token sampled on the device whose id the host has not read yet
@@ -37,6 +38,19 @@ class RequestMetrics:
         else:
             self.inter_token_latencies.append(now - self.last_token)
         self.last_token = now
+
+    def timings(self) -> RequestTimings:
+        """As offsets from arrival, for the wire (a monotonic clock means nothing in another process's hands)."""
+        times = (self.first_scheduled, self.first_token, self.last_token, self.finished)
+        offsets = (None if t is None else t - self.arrival for t in times)
+        return RequestTimings(*offsets, list(self.inter_token_latencies))
+
+    @classmethod
+    def from_timings(cls, arrival: float, timings: RequestTimings) -> "RequestMetrics":
+        """The request's metrics on this process's clock, which saw it arrive at `arrival`."""
+        offsets = (timings.first_scheduled, timings.first_token, timings.last_token, timings.finished)
+        times = (None if t is None else arrival + t for t in offsets)
+        return cls(arrival, *times, list(timings.inter_token_latencies))
 
 
 @dataclasses.dataclass(eq=False)

@@ -1,0 +1,211 @@
+"""The engine's wire protocol: every message that crosses a process boundary, as named types, in msgpack.
+
+One tagged union (`Message`, tag field "type") covers startup, requests in, aborts, a stop and per-step outputs out,
+so the engine process, and later a router, prefill/decode roles and multi-host followers, speak one language. Fields
+are plain (ints, floats, strings, lists, dicts with int keys): nothing in a message means something only in the
+process that made it. Times are wall-clock seconds (`time.time()`) or offsets from a request's arrival, never
+`time.monotonic()` values, which mean nothing on another host.
+
+`decode` checks every field's type (and runs SamplingParams' validation); what it rejects raises ProtocolError with
+msgspec's account of the first wrong field (e.g. "Expected `int`, got `str` - at `$.prompt_ids[0]`").
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal, Union
+
+import msgspec
+
+from rtpjax.sampling_params import SamplingParams
+
+
+class ProtocolError(Exception):
+    """Bytes that are not a message of the expected types. `kind` (its "type") and `request_id`: what the message
+    names, where its raw form still shows it, so the sender can be told which request failed."""
+
+    def __init__(self, message: str, kind: str | None = None, request_id: str | None = None):
+        super().__init__(message)
+        self.kind, self.request_id = kind, request_id
+
+
+class _Message(msgspec.Struct, tag_field="type", gc=False):
+    """A top-level message: a map carrying its kind under "type" (named fields, so a reader skips what it does not
+    know and a person can read a dump)."""
+
+
+# -- startup ---------------------------------------------------------------------------------------------------------
+
+
+class ModelInfo(msgspec.Struct, frozen=True):
+    """What validating a request needs to know of the engine (sent once, in Ready)."""
+
+    vocab_size: int
+    max_model_len: int
+    eos_ids: tuple[int, ...]
+    max_num_seqs: int
+
+
+class EngineStats(msgspec.Struct, gc=False):
+    """The engine's gauges as of its last step (LLMEngine.stats(); AsyncLLM.stats() gives them as a dict)."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_free_blocks: int
+    num_blocks: int
+
+
+class Startup(_Message, tag="startup"):
+    """The first message to an engine: what to load and how to log."""
+
+    model: str
+    engine_args: dict[str, Any]  # EngineArgs' fields by name, plain values (the engine's EngineArgs checks them)
+    log_level: int
+
+
+class Ready(_Message, tag="ready"):
+    info: ModelInfo
+    stats: EngineStats
+
+
+class Failed(_Message, tag="failed"):
+    """The engine could not start."""
+
+    message: str
+    traceback: str
+
+
+# -- requests in -----------------------------------------------------------------------------------------------------
+
+
+class AddRequest(_Message, tag="add"):
+    """A tokenized, validated request (RequestMaker.message); the engine builds its Request from this alone."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams  # decoding runs SamplingParams.validate
+    seed: int  # resolved: the request's own seed or one drawn by the sender, so a replay samples the same
+    arrival_time: float  # wall clock (time.time()) when the request arrived at the front end
+    prompt: str | None = None  # the text the ids came from, echoed back in outputs
+    priority: int = 0
+
+
+class Abort(_Message, tag="abort"):
+    request_id: str
+
+
+class Stop(_Message, tag="stop"):
+    """Finish the step in flight and exit."""
+
+
+# -- outputs ---------------------------------------------------------------------------------------------------------
+# One StepOutputs per engine step carries one RequestDelta per request with news. The per-request parts travel as
+# arrays rather than maps: at hundreds of streams a step, field names repeated in each would double the message.
+
+
+class CompletionDelta(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """What one of a request's n completions added since its last delta."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, float]] | None = None  # per new token: {token: logprob} (asked-for requests only)
+    finish_reason: str | None = None  # "stop", "length", "abort"; None while running
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+
+
+class RequestTimings(msgspec.Struct, gc=False):
+    """A finished request's timings, in seconds after its arrival (offsets mean the same on any host)."""
+
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    finished: float | None = None
+    inter_token_latencies: list[float] = []
+
+
+class RequestDelta(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """A request's news from one step; the front end adds it to what it already holds."""
+
+    request_id: str
+    finished: bool
+    completions: list[CompletionDelta]
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # with the request's first delta only
+    timings: RequestTimings | None = None  # with its last delta only
+
+
+class RequestError(msgspec.Struct, gc=False):
+    """A request that failed in the engine; it is the engine's last word on that request.
+
+    kind: "invalid" (the request is bad: the front end raises ValueError), "protocol" (its message could not be read)
+    or "engine" (the engine failed): both RuntimeError."""
+
+    request_id: str
+    kind: Literal["invalid", "protocol", "engine"]
+    message: str
+
+    def exception(self) -> Exception:
+        return ValueError(self.message) if self.kind == "invalid" else RuntimeError(self.message)
+
+
+class StepOutputs(_Message, tag="step"):
+    """Everything one engine step has for the front end."""
+
+    outputs: list[RequestDelta]
+    errors: list[RequestError]
+    stats: EngineStats
+
+
+Message = Union[Startup, Ready, Failed, AddRequest, Abort, Stop, StepOutputs]
+
+# -- encoding --------------------------------------------------------------------------------------------------------
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(message: Message) -> bytes:
+    try:
+        return _encoder.encode(message)
+    except (msgspec.EncodeError, TypeError, ValueError, OverflowError) as e:  # ValueError: a lone surrogate
+        kind, request_id = _tag(type(message)), getattr(message, "request_id", None)
+        raise ProtocolError(f"cannot encode {type(message).__name__}: {e}", kind, request_id) from None
+
+
+def decode(data: bytes, expected: tuple[type, ...] | type | None = None) -> Message:
+    """The message in `data`, which must be one of `expected` (any message if None)."""
+    try:
+        message = _decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        kind, request_id = _names(data)
+        named = "message" if kind is None else f"{kind!r} message"
+        raise ProtocolError(f"malformed {named}: {e}", kind, request_id) from None
+    if expected is not None and not isinstance(message, expected):
+        kind, expected = _tag(type(message)), expected if isinstance(expected, tuple) else (expected,)
+        names = ", ".join(repr(_tag(t)) for t in expected)
+        request_id = getattr(message, "request_id", None)
+        raise ProtocolError(f"unexpected {kind!r} message (expected {names})", kind, request_id)
+    return message
+
+
+def _tag(message_type: type) -> str:
+    return message_type.__struct_config__.tag
+
+
+def _names(data: bytes) -> tuple[str | None, str | None]:
+    """The kind and request id a message that failed to decode still shows."""
+    try:
+        raw = msgspec.msgpack.decode(data)
+    except msgspec.DecodeError:
+        return None, None
+    kind, request_id = (raw.get("type"), raw.get("request_id")) if isinstance(raw, dict) else (None, None)
+    return (kind if isinstance(kind, str) else None), (request_id if isinstance(request_id, str) else None)
+
+
+def to_monotonic(wall_time: float) -> float:
+    """A wall-clock time from the wire on this process's monotonic clock (what RequestMetrics counts in); a time
+    ahead of this host's clock (skew between hosts) counts as now."""
+    return time.monotonic() - max(0.0, time.time() - wall_time)
