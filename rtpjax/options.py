@@ -26,11 +26,11 @@ from pathlib import Path
 CLI_COMPILATION_CACHE = str(Path.home() / ".cache" / "rtpjax" / "xla")
 
 
-def option(default, help: str, *, choices: tuple | None = None, minimum: float | None = None,
+def option(default, text: str, *, choices: tuple | None = None, minimum: float | None = None,
            above: float | None = None, maximum: float | None = None, path: bool = False, cli: bool = True):  # fmt: skip
     """A field of EngineArgs with what its flag and its validation need. minimum / maximum are inclusive, above is
     exclusive; path: a str field that also takes an os.PathLike; cli=False: no command-line flag."""
-    meta = dict(help=help, choices=choices, minimum=minimum, above=above, maximum=maximum, path=path, cli=cli)
+    meta = dict(help=text, choices=choices, minimum=minimum, above=above, maximum=maximum, path=path, cli=cli)
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -161,13 +161,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, exclude=(), **defau
         kind, _ = _kind(f)
         default = defaults.get(f.name, f.default)
         shown = "" if default is None else f" (default: {default!r})" if default == "" else f" (default: {default})"
-        help = f.metadata["help"].replace("%", "%%") + shown
+        text = f.metadata["help"].replace("%", "%%") + shown
         if kind is bool:
             group.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default,
-                               help=help)  # fmt: skip
+                               help=text)  # fmt: skip
         else:
             group.add_argument(flag(f.name), dest=f.name, type=kind, choices=f.metadata["choices"], default=default,
-                               help=help)  # fmt: skip
+                               help=text)  # fmt: skip
 
 
 def engine_args_from(namespace: argparse.Namespace, **overrides) -> EngineArgs:
