@@ -12,7 +12,7 @@
 #   kernels the paged-attention kernel against JAX's own and XLA (benchmarks/kernels/attention_bench.py;
 #           SUITES=prefill for some of its suites: correctness, decode, prefill, write)
 #   kv_write  offline throughput and decode with the step's KV written by XLA's scatter and by the Pallas kernel
-#           (WRITES="auto xla pallas": values of RTPJAX_KV_WRITE)
+#           (WRITES="auto xla pallas": values of --kv-write)
 #   profile_write  device step time and the KV write's kernels, XLA's scatter against the Pallas kernel
 #   profile_prefill  kernel times of one 2048-token prefill step, with and without the Mosaic GPU prefill kernel
 #   prefill offline throughput on 2000-token prompts, Triton only and with long chunks to the Mosaic GPU kernel,
@@ -91,21 +91,22 @@ for stage in $stages; do
   prefill)
     # long prompts through the engine: Triton only, then long chunks to the Mosaic GPU kernel; blocks of 16 and 64
     for bs in 16 64; do for mosaic in 0 1; do
-      RTPJAX_MOSAIC_PREFILL=$mosaic timeout 200 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" --batch-sizes 1 \
+      flag=$([ $mosaic = 1 ] && echo --mosaic-prefill || echo --no-mosaic-prefill)
+      timeout 200 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" --batch-sizes 1 $flag \
         --output-len 16 --num-prompts 64 --throughput-input-len 2000 --throughput-output-len 8 --block-size $bs \
         --out "$OUT/offline_prefill_b${bs}_mosaic${mosaic}.json" > /tmp/log 2>&1
       grep -E "throughput|Error" /tmp/log | tail -2; { echo "== b$bs mosaic$mosaic"; tail -30 /tmp/log; } >> "$OUT/prefill.log"
     done; done
     ;;
   kv_write)
-    # the engine with each layer's new K/V written by XLA's scatter or by the Pallas kernel (RTPJAX_KV_WRITE)
+    # the engine with each layer's new K/V written by XLA's scatter or by the Pallas kernel (--kv-write)
     for w in ${WRITES:-xla pallas}; do
-      RTPJAX_KV_WRITE=$w timeout 150 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" --batch-sizes 1 \
+      timeout 150 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" --kv-write $w --batch-sizes 1 \
         --output-len 16 --num-prompts 64 --throughput-input-len 2000 --throughput-output-len 8 \
         --out "$OUT/offline_write_${w}_2000in.json" 2>&1 | grep -E "throughput|Error" | sed "s/^/$w /"
     done
     for w in ${WRITES:-xla pallas}; do
-      RTPJAX_KV_WRITE=$w timeout 150 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" --batch-sizes 1,32 \
+      timeout 150 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" --kv-write $w --batch-sizes 1,32 \
         --output-len 64 --out "$OUT/offline_write_$w.json" 2>&1 | grep -E "throughput|decode tok|Error" | sed "s/^/$w /"
     done
     ;;
@@ -113,14 +114,15 @@ for stage in $stages; do
     # per-step device time and the write's kernels, XLA's scatter against the Pallas kernel, decode rows and prefill
     for w in xla pallas; do for args in "--batch-sizes 32,128,256 --context 512" "--prefill 512 --context 512" \
         "--prefill 2048 --context 2048"; do
-      RTPJAX_KV_WRITE=$w timeout 120 python3 -m rtpjax.benchmarks.profile_step --shape "$SHAPE" $args --top 40 \
+      timeout 120 python3 -m rtpjax.benchmarks.profile_step --shape "$SHAPE" --kv-write $w $args --top 40 \
         --max-num-seqs 256 2>&1 | grep -E "^batch|scatter|kv_write" | sed "s/^/$w /"
     done; done
     ;;
   profile_prefill)
     # where a 2048-token prefill step's time goes after CONTEXT (2048) cached tokens, Triton only and with the Mosaic kernel
     for mosaic in 0 1; do
-      RTPJAX_MOSAIC_PREFILL=$mosaic timeout 250 python3 -m rtpjax.benchmarks.profile_step --shape "$SHAPE" \
+      flag=$([ $mosaic = 1 ] && echo --mosaic-prefill || echo --no-mosaic-prefill)
+      timeout 250 python3 -m rtpjax.benchmarks.profile_step --shape "$SHAPE" $flag \
         --prefill 2048 --context "${CONTEXT:-2048}" --block-size "${BLOCK:-16}" --top 12 \
         --out "$OUT/profile_prefill_ctx${CONTEXT:-2048}_mosaic$mosaic.json" \
         2>&1 | grep -vE "Delay kernel|tokenizer you are" | head -16

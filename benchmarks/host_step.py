@@ -11,12 +11,16 @@ arrays (the step passes ~360: weights, KV cache, state; 155 us for 400 there, so
 
     python -m rtpjax.benchmarks.host_step --rows 256 --steps 60 [--profile] [--out host_step.json]
     python -m rtpjax.benchmarks.host_step --shape llama3-8b --rows 256 --steps 100 --idle-launch --dispatch-cost
+
+Every engine option is a flag (`rtpjax.options`) but those --rows, --steps and --shape set: max-num-seqs (= rows),
+max-num-batched-tokens, max-model-len and load-format.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import io
 import json
 import pstats
@@ -24,6 +28,8 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+
+from rtpjax.options import add_engine_arguments, engine_args_from
 
 
 def tiny_model(folder: Path) -> Path:
@@ -39,20 +45,23 @@ def tiny_model(folder: Path) -> Path:
     return folder
 
 
-def make_engine(shape: str, rows: int, steps: int, prompt_len: int, compilation_cache_dir: str | None):
-    from rtpjax import EngineArgs, LLMEngine
+# Engine options the workload sets (no flags for them here).
+SIZED = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "load_format")
+
+
+def make_engine(shape: str, rows: int, steps: int, prompt_len: int, args):
+    """An engine of `args` (EngineArgs) with the SIZED options set for the workload."""
+    from rtpjax import LLMEngine
     from rtpjax.benchmarks.random_checkpoint import write_config_only
 
     with tempfile.TemporaryDirectory() as tmp:
         if shape == "tiny":
-            model = tiny_model(Path(tmp) / "tiny")
-            args = dict(attention_impl="reference")
+            model, load_format = tiny_model(Path(tmp) / "tiny"), "auto"
         else:
-            model = write_config_only(Path(tmp) / shape, shape)
-            args = dict(load_format="dummy")
+            model, load_format = write_config_only(Path(tmp) / shape, shape), "dummy"
         # Contexts just long enough: the CPU's reference attention reads every token's whole block table.
-        args = EngineArgs(max_model_len=prompt_len + steps + 64, max_num_seqs=rows,
-                          max_num_batched_tokens=max(2048, rows), compilation_cache_dir=compilation_cache_dir, **args)
+        args = dataclasses.replace(args, max_model_len=prompt_len + steps + 64, max_num_seqs=rows,
+                                   max_num_batched_tokens=max(2048, rows), load_format=load_format)  # fmt: skip
         return LLMEngine(str(model), args)
 
 
@@ -85,13 +94,14 @@ def run_steps(engine, steps: int, profiler=None, drain: bool = False) -> dict:
 
 
 def measure(rows: int, steps: int, profile: bool = False, shape: str = "tiny", idle_launch: bool = False,
-            prompt_len: int = 128, compilation_cache_dir: str | None = None) -> dict:
+            prompt_len: int = 128, engine_args=None) -> dict:
+    """engine_args: EngineArgs (default: the defaults) whose SIZED options the workload replaces."""
     import numpy as np
 
-    from rtpjax import SamplingParams
+    from rtpjax import EngineArgs, SamplingParams
 
     total = steps * (1 + idle_launch)
-    engine = make_engine(shape, rows, total, prompt_len, compilation_cache_dir)
+    engine = make_engine(shape, rows, total, prompt_len, engine_args or EngineArgs())
     rng = np.random.default_rng(0)
     params = SamplingParams(max_tokens=total + 32, temperature=0, ignore_eos=True)  # never finishes while measured
     for _ in range(rows):
@@ -148,11 +158,10 @@ def main():
     parser.add_argument("--profile", action="store_true", help="cProfile the measured steps (slows them ~2x)")
     parser.add_argument("--idle-launch", action="store_true", help="also time steps launched on a drained device")
     parser.add_argument("--dispatch-cost", action="store_true", help="also time queuing a no-op of 10/100/400 arrays")
-    parser.add_argument("--compilation-cache-dir")
     parser.add_argument("--out")
+    add_engine_arguments(parser, exclude=SIZED)
     args = parser.parse_args()
-    r = measure(args.rows, args.steps, args.profile, args.shape, args.idle_launch,
-                compilation_cache_dir=args.compilation_cache_dir)
+    r = measure(args.rows, args.steps, args.profile, args.shape, args.idle_launch, engine_args=engine_args_from(args))
     print(describe(r))
     if args.idle_launch:
         print("device drained before each launch: " + describe(r["idle_launch"]))

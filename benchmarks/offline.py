@@ -7,35 +7,39 @@ and with N output tokens, and decode tokens/s = batch x (N - 1) / (t_N - t_1).
     python -m rtpjax.benchmarks.offline --shape llama3-8b --out offline.json            # random weights on the GPU
     python -m rtpjax.benchmarks.offline --shape llama3-8b --tensor-parallel-size 2     # heads over 2 GPUs
     python -m rtpjax.benchmarks.offline --model /data/llama3-8b --engine transformers   # the same, with torch
+
+Every engine option is a flag (`rtpjax.options`: --kv-write, --mosaic-prefill, ...), prefix caching off by default.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from rtpjax.options import add_engine_arguments, engine_args_from
+
 
 def prompts(rng: np.random.Generator, n: int, length: int, vocab: int) -> list[list[int]]:
     return [[int(t) for t in rng.integers(3, vocab, size=length)] for _ in range(n)]
 
 
+# Engine options the benchmarks default to unlike the engine: random prompts share no prefixes worth caching.
+ENGINE_DEFAULTS = dict(enable_prefix_caching=False)
+
+
 class RtpjaxRunner:
-    def __init__(self, model: str, load_format: str, max_num_seqs: int, max_model_len: int, batched_tokens: int,
-                 cache_dir: str | None, quantization: str | None = None, tensor_parallel_size: int = 1,
-                 block_size: int = 16):  # fmt: skip
+    def __init__(self, model: str, **options):
+        """options: engine options (EngineArgs fields), over ENGINE_DEFAULTS."""
         from rtpjax import LLM
 
         began = time.perf_counter()
-        self.llm = LLM(model, load_format=load_format, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                       max_num_batched_tokens=batched_tokens, enable_prefix_caching=False,
-                       compilation_cache_dir=cache_dir, quantization=quantization,
-                       tensor_parallel_size=tensor_parallel_size, block_size=block_size)  # fmt: skip
+        self.llm = LLM(model, **{**ENGINE_DEFAULTS, **options})
         self.startup_seconds = time.perf_counter() - began
         self.vocab = self.llm.engine.cfg.vocab_size
 
@@ -120,6 +124,10 @@ class TransformersRunner:
         return int((out.shape[1] - ids.shape[1]) * ids.shape[0])
 
 
+# Engine options a result records (the ones its measurements are compared by).
+RESULT_OPTIONS = ("quantization", "tensor_parallel_size", "block_size", "kv_write", "mosaic_prefill")
+
+
 def timed(runner, batch, max_tokens) -> tuple[float, int]:
     began = time.perf_counter()
     tokens = runner.generate(batch, max_tokens)
@@ -138,33 +146,28 @@ def main():
     parser.add_argument("--num-prompts", type=int, default=256, help="throughput workload (0 to skip)")
     parser.add_argument("--throughput-input-len", type=int, default=512)
     parser.add_argument("--throughput-output-len", type=int, default=128)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--max-model-len", type=int, default=2048, help="as the server's, so compiled shapes are shared")
-    parser.add_argument("--compilation-cache-dir", default=None)
-    parser.add_argument("--quantization", choices=["int8", "fp8"], default=None, help="rtpjax: weight-only, at load")
-    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="rtpjax: devices the heads split over")
-    parser.add_argument("--block-size", type=int, default=16, help="rtpjax: tokens per KV cache block")
     parser.add_argument("--out", default=None)
+    # max-model-len as the server is run in gpu_run.sh, so compiled shapes are shared (raised to fit the prompts);
+    # --max-num-seqs also sizes transformers' batches.
+    add_engine_arguments(parser, max_model_len=2048, **ENGINE_DEFAULTS)
     args = parser.parse_args()
 
-    model, load_format = args.model, "auto"
+    model = args.model
     if args.shape:
         from rtpjax.benchmarks.random_checkpoint import write_config_only
 
-        model, load_format = str(write_config_only(tempfile.mkdtemp(prefix=f"{args.shape}-"), args.shape)), "dummy"
+        model, args.load_format = str(write_config_only(tempfile.mkdtemp(prefix=f"{args.shape}-"), args.shape)), "dummy"
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    max_len = max(args.max_model_len, args.input_len + args.output_len, args.throughput_input_len + args.throughput_output_len)
+    args.max_model_len = max(args.max_model_len, args.input_len + args.output_len,
+                             args.throughput_input_len + args.throughput_output_len)  # fmt: skip
+    engine_args = engine_args_from(args)
     if args.engine == "rtpjax":
-        runner = RtpjaxRunner(model, load_format, args.max_num_seqs, max_len, args.max_num_batched_tokens,
-                              args.compilation_cache_dir, args.quantization, args.tensor_parallel_size,
-                              args.block_size)  # fmt: skip
+        runner = RtpjaxRunner(model, **dataclasses.asdict(engine_args))
     else:
         runner = TransformersRunner(model)
     rng = np.random.default_rng(0)
     result = {"engine": args.engine, "model": args.model or args.shape, "startup_seconds": runner.startup_seconds,
-              "quantization": args.quantization, "tensor_parallel_size": args.tensor_parallel_size,
-              "block_size": args.block_size, "mosaic_prefill": os.environ.get("RTPJAX_MOSAIC_PREFILL", "0") == "1",
+              **{name: getattr(engine_args, name) for name in RESULT_OPTIONS},
               "input_len": args.input_len, "output_len": args.output_len, "decode": {}}  # fmt: skip
     timed(runner, prompts(rng, 1, args.input_len, runner.vocab), 8)  # first-call costs (cuBLAS handles, caches)
     for b in sizes:

@@ -4,15 +4,18 @@ profiler and sums GPU kernel time by kernel, against the step's wall time and th
     python -m rtpjax.benchmarks.profile_step --shape llama3-8b --batch-sizes 1,32 --out profile.json
     python -m rtpjax.benchmarks.profile_step --batch-sizes 256 --context 640     # real decode rows at 640 tokens
     python -m rtpjax.benchmarks.profile_step --prefill 2048 --context 2048         # a prefill chunk after 2048 tokens
+    python -m rtpjax.benchmarks.profile_step --prefill 2048 --context 2048 --mosaic-prefill --kv-write pallas
+
+Every engine option is a flag (`rtpjax.options`), prefix caching off by default; weights are random (`--shape`).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import gzip
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -47,32 +50,33 @@ def kernel_times(trace_dir: Path) -> tuple[dict[str, float], int, float, dict[st
 def main():
     import jax
 
-    from rtpjax.benchmarks.offline import RtpjaxRunner
+    from rtpjax.benchmarks.offline import ENGINE_DEFAULTS, RtpjaxRunner
     from rtpjax.benchmarks.random_checkpoint import SHAPES, write_config_only
+    from rtpjax.options import add_engine_arguments, engine_args_from
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     parser.add_argument("--batch-sizes", default="1,32")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--top", type=int, default=15)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--compilation-cache-dir", default=None)
     parser.add_argument("--context", type=int, default=0,
                         help="profile real decode rows holding this many tokens each (default: padding rows, no context)")
     parser.add_argument("--prefill", type=int, default=0,
                         help="profile one prompt's prefill chunk of this many tokens after --context cached tokens "
-                             "(a multiple of it) instead of decode batches")  # fmt: skip
-    parser.add_argument("--block-size", type=int, default=16)
+                             "(a multiple of it; the step's token budget becomes this) instead of decode "
+                             "batches")  # fmt: skip
     parser.add_argument("--out", default=None)
+    # max-model-len is raised to hold --context and --prefill; the weights are --shape's random ones.
+    add_engine_arguments(parser, exclude=("load_format",), max_model_len=2048, **ENGINE_DEFAULTS)
     args = parser.parse_args()
     folder = write_config_only(tempfile.mkdtemp(prefix="rtpjax-profile-"), args.shape)
-    batched = args.prefill or args.max_num_batched_tokens
-    runner = RtpjaxRunner(str(folder), "dummy", args.max_num_seqs, max(2048, args.context + args.prefill + 8),
-                          batched, args.compilation_cache_dir, block_size=args.block_size)  # fmt: skip
+    engine_args = engine_args_from(args, load_format="dummy",
+                                   max_model_len=max(args.max_model_len, args.context + args.prefill + 8),
+                                   max_num_batched_tokens=args.prefill or args.max_num_batched_tokens)  # fmt: skip
+    runner = RtpjaxRunner(str(folder), **dataclasses.asdict(engine_args))
     engine = runner.llm.engine.runner
     result = {"shape": args.shape, "device": jax.devices()[0].device_kind, "block_size": args.block_size,
-              "mosaic_prefill": os.environ.get("RTPJAX_MOSAIC_PREFILL", "0") == "1", "batches": {}}  # fmt: skip
+              "kv_write": args.kv_write, "mosaic_prefill": args.mosaic_prefill, "batches": {}}  # fmt: skip
     for b in [args.prefill] if args.prefill else map(int, args.batch_sizes.split(",")):
         if args.prefill:
             inputs, ids = runner.prefill_inputs(args.prefill, args.context)

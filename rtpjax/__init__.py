@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 _API = {
-    "LLM": "rtpjax.llm", "AsyncLLM": "rtpjax.llm", "LLMEngine": "rtpjax.engine.core", "EngineArgs": "rtpjax.engine.core",
+    "LLM": "rtpjax.llm", "AsyncLLM": "rtpjax.llm", "LLMEngine": "rtpjax.engine.core", "EngineArgs": "rtpjax.options",
     "RequestOutput": "rtpjax.engine.core", "CompletionOutput": "rtpjax.engine.core", "SamplingParams": "rtpjax.sampling_params",
 }  # fmt: skip
 __all__ = sorted(_API)

@@ -4,16 +4,32 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+
+from rtpjax.options import CLI_COMPILATION_CACHE, add_engine_arguments
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    """generate's own flags, then one flag per engine option (rtpjax.options)."""
+    parser.add_argument("prompt")
+    parser.add_argument("--model", default=None,
+                        help="a Hugging Face folder or a .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    parser.add_argument("--ignore-eos", action="store_true")
+    # One prompt: a small engine unless told otherwise (fewer step shapes to compile).
+    add_engine_arguments(parser, max_num_seqs=8, max_num_batched_tokens=128,
+                         compilation_cache_dir=CLI_COMPILATION_CACHE)  # fmt: skip
 
 
 def generate(args: argparse.Namespace) -> int:
-    from rtpjax import EngineArgs, LLMEngine, SamplingParams
+    from rtpjax import LLMEngine, SamplingParams
+    from rtpjax.options import engine_args_from
 
-    engine = LLMEngine(args.model, EngineArgs(
-        max_num_seqs=8, max_num_batched_tokens=128, dtype=args.dtype, max_model_len=args.max_model_len,
-        compilation_cache_dir=args.compilation_cache_dir or None, quantization=args.quantization,
-    ))  # fmt: skip
+    engine = LLMEngine(args.model, engine_args_from(args))
+    # --seed is the engine's seed option, and this one prompt is sampled with it: `generate --seed S` gives the tokens
+    # a request with seed S gets from the server.
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                             max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)  # fmt: skip
     prompt = args.prompt
@@ -48,21 +64,10 @@ def bench_serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rtpjax", description="LLM inference on JAX")
     commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="complete one prompt, streaming to the terminal")
-    gen.add_argument("prompt")
-    gen.add_argument("--model", default=None,
-                     help="a Hugging Face folder or a .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-    gen.add_argument("--max-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    gen.add_argument("--max-model-len", type=int, default=None)
-    gen.add_argument("--quantization", choices=["int8", "fp8"], default=None, help="weight-only, quantized at load")
-    gen.add_argument("--ignore-eos", action="store_true")
-    gen.add_argument("--compilation-cache-dir", default=str(Path.home() / ".cache" / "rtpjax" / "xla"),
-                     help="JAX persistent compilation cache ('' to disable): the second start skips compiling")
+    gen = commands.add_parser("generate", help="complete one prompt, streaming to the terminal",
+                              description="Complete one prompt, streaming to the terminal. The prompt is sampled with "
+                              "--seed (the engine's seed option), as a server request with that seed is.")  # fmt: skip
+    add_generate_arguments(gen)
     conv = commands.add_parser("convert", help="write a ready-to-load orbax checkpoint (transformed, in --dtype)")
     conv.add_argument("model", help="a Hugging Face folder or a .gguf file")
     conv.add_argument("out", help="a new folder; load it wherever a model folder is accepted")

@@ -23,7 +23,7 @@ log = logging.getLogger("rtpjax")
 
 
 def _engine(model: str | None, engine_args: dict) -> LLMEngine:
-    return LLMEngine(model, EngineArgs(**engine_args))
+    return LLMEngine(model, EngineArgs.from_kwargs(**engine_args))
 
 
 class LLM:
@@ -88,8 +88,8 @@ class AsyncLLM:
         from rtpjax.loading.gguf import resolve_model
         from rtpjax.loading.tokenizer import load_tokenizer
 
+        self.args = EngineArgs.from_kwargs(**engine_args)  # bad options fail here, before a process starts
         model = resolve_model(model)
-        self.args = EngineArgs(**engine_args)  # bad argument names fail here, before a process starts
         with ThreadPoolExecutor(1) as pool:  # the front end's tokenizer loads while the engine starts
             tokenizer = pool.submit(load_tokenizer, self.args.tokenizer or model)
             self._engine = EngineProcess(model, self.args)

@@ -174,7 +174,8 @@ def test_profile_step_sums_kernels_and_counts_overlapping_gpu_time_once(tmp_path
 def test_real_decode_inputs_hold_the_context_and_leave_the_engine_clean(model, compile_cache):
     from rtpjax.benchmarks.offline import RtpjaxRunner
 
-    runner = RtpjaxRunner(str(model), "auto", 8, 256, 32, compile_cache)
+    runner = RtpjaxRunner(str(model), max_num_seqs=8, max_model_len=256, max_num_batched_tokens=32,
+                          compilation_cache_dir=compile_cache)  # fmt: skip
     engine = runner.llm.engine
     inputs, ids = runner.decode_inputs(4, 40, prompt_len=24)
     batch, _ = inputs
@@ -188,7 +189,8 @@ def test_real_decode_inputs_hold_the_context_and_leave_the_engine_clean(model, c
     assert runner.device_step_ms(32, steps=2, inputs=(batch, _)) > 0
     runner.release(ids)
     assert not engine.requests and engine.pool.num_free == engine.pool.num_blocks
-    split = RtpjaxRunner(str(model), "auto", 8, 256, 32, compile_cache, tensor_parallel_size=2)  # offline.py's flag
+    split = RtpjaxRunner(str(model), max_num_seqs=8, max_model_len=256, max_num_batched_tokens=32,
+                         compilation_cache_dir=compile_cache, tensor_parallel_size=2)  # fmt: skip
     assert split.llm.engine.runner.mesh.shape["tensor"] == 2 and split.generate([[1, 5, 9]], 4) == 4
 
 

@@ -58,7 +58,7 @@ def test_round_half_even_is_jnp_round_where_the_kernel_lacks_it():
         np.testing.assert_array_equal(np.asarray(f(y)), np.round(np.asarray(y)))
 
 
-def test_the_engine_switch_picks_the_write(monkeypatch):
+def test_the_engine_switch_picks_the_write():
     rng = np.random.default_rng(5)
     cache = random_cache(rng, (2, 6, 16, 64), jnp.int8)
     q = jnp.asarray(rng.standard_normal((8, 4, 64)), jnp.bfloat16)
@@ -70,11 +70,10 @@ def test_the_engine_switch_picks_the_write(monkeypatch):
     split = dataclasses.replace(meta, mesh=make_mesh(tensor=2))  # the kernel per tensor shard (shard_map)
     results = {}
     for choice in ("xla", "pallas"):
-        monkeypatch.setenv("RTPJAX_KV_WRITE", choice)
-        assert kv_write.chosen(8) == kv_write.chosen(4096) == (choice == "pallas")
-        results[choice] = [paged_attention(q, k, v, cache, m, scale=0.125) for m in (meta, split)]
+        assert kv_write.chosen(8, choice) == kv_write.chosen(4096, choice) == (choice == "pallas")
+        metas = [dataclasses.replace(m, kv_write=choice) for m in (meta, split)]
+        results[choice] = [paged_attention(q, k, v, cache, m, scale=0.125) for m in metas]
     for a, b in zip(jax.tree.leaves(results["xla"]), jax.tree.leaves(results["pallas"])):
         np.testing.assert_array_equal(bits(a), bits(b))
-    monkeypatch.setenv("RTPJAX_KV_WRITE", "triton")
-    with pytest.raises(ValueError, match="RTPJAX_KV_WRITE='triton'"):
-        paged_attention(q, k, v, cache, meta, scale=0.125)
+    with pytest.raises(ValueError, match="kv_write='triton'"):
+        paged_attention(q, k, v, cache, dataclasses.replace(meta, kv_write="triton"), scale=0.125)

@@ -199,7 +199,7 @@ def test_layers_do_not_rebuild_the_step_plan(tiny_checkpoints):
 
 
 @pytest.mark.slow
-def test_engine_runs_the_kernel_through_one_switch(tiny_checkpoints, stories_dir, tmp_path, compile_cache, monkeypatch):
+def test_engine_runs_the_kernel_through_one_switch(tiny_checkpoints, stories_dir, tmp_path, compile_cache):
     import shutil
 
     from conftest import ENGINE_ARGS
@@ -242,7 +242,6 @@ def test_engine_runs_the_kernel_through_one_switch(tiny_checkpoints, stories_dir
         assert got == [o.outputs[0].token_ids for o in quant_ref.generate(prompts, params)]
         # The step's K/V written by the Pallas kernel (chosen for steps of >= 128 tokens; forced for these small ones):
         # the same tokens as XLA's scatter gives.
-        monkeypatch.setenv("RTPJAX_KV_WRITE", "pallas")
-        written = LLM(str(model), attention_impl="pallas", kv_cache_dtype=kv, tensor_parallel_size=2, **args)
+        written = LLM(str(model), attention_impl="pallas", kv_cache_dtype=kv, tensor_parallel_size=2,
+                      kv_write="pallas", **args)  # fmt: skip
         assert [o.outputs[0].token_ids for o in written.generate(prompts, params)] == got
-        monkeypatch.delenv("RTPJAX_KV_WRITE")

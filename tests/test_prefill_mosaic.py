@@ -108,10 +108,11 @@ def test_supports_only_what_the_kernel_runs():
 def test_engine_attention_splits_a_step_between_the_two_kernels(monkeypatch):
     """impl "pallas" where the Mosaic kernel is available: long chunks there, decode rows and short chunks to the
     Triton kernel, every token's row from the kernel that answered it; and the whole step as the reference gives it."""
-    monkeypatch.setattr(prefill_mosaic, "available", lambda: True)
+    monkeypatch.setattr(prefill_mosaic, "available", lambda: True)  # a Hopper GPU
     monkeypatch.setattr(prefill_mosaic, "MIN_TOKENS", 0)
     q, cache, meta = mixed_step([(1, 40), (130, 20), (9, 40), (1, 5), (64, 0)], 4, 2, 64, 16, jnp.bfloat16, seed=3)
-    meta = plan_step(dataclasses.replace(meta, impl="pallas"), q.shape[0], 4, 2)
+    assert "prefill_tiles" not in plan_step(dataclasses.replace(meta, impl="pallas"), q.shape[0], 4, 2).plan  # off
+    meta = plan_step(dataclasses.replace(meta, impl="pallas", mosaic_prefill=True), q.shape[0], 4, 2)
     assert {"prefill_tiles", "other_query_blocks"} <= set(meta.plan)
     decode_shaped = dataclasses.replace(meta, query_start_loc=meta.query_start_loc[:3], seq_lens=meta.seq_lens[:2],
                                         block_tables=meta.block_tables[:2], slot_mapping=meta.slot_mapping[:4])
@@ -147,13 +148,13 @@ def test_engine_scores_a_long_prompt_through_the_mosaic_kernel(tmp_path, stories
 
     calls = []
     run = prefill_mosaic.prefill_attention
-    monkeypatch.setattr(prefill_mosaic, "available", lambda: True)
+    monkeypatch.setattr(prefill_mosaic, "available", lambda: True)  # a Hopper GPU
     monkeypatch.setattr(prefill_mosaic, "MIN_TOKENS", 64)  # the 128-token step, not the 16-token decode steps
     monkeypatch.setattr(prefill_mosaic, "prefill_attention", lambda *a, **k: calls.append(1) or run(*a, **k))
     # One device: the interpreter's kernels on several CPU devices wait for each other in a host barrier, which can
     # hang on a small host (the split per tensor shard is the Triton kernel's shard_map, tested in
     # test_pallas_attention).
-    got = LLM(str(model), attention_impl="pallas", **args).generate([prompt], scored)[0]
+    got = LLM(str(model), attention_impl="pallas", mosaic_prefill=True, **args).generate([prompt], scored)[0]
     assert calls  # traced into the steps of >= 64 tokens (per layer)
     w, g = want.prompt_logprobs[1:], got.prompt_logprobs[1:]
     # Every prompt token's log-probability, and the best one at each position (a near tie may swap which token it

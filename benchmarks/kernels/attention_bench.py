@@ -307,7 +307,7 @@ def correctness(out):
     qsl = jnp.asarray(np.cumsum([0] + lens), jnp.int32)
     tables = jnp.asarray(rng.integers(0, 200, (7, 48)), jnp.int32)  # blocks may repeat: the data is random
     meta = AttentionMetadata(qsl, jnp.asarray([s + n for n, s in spec], jnp.int32), tables,
-                             jnp.full(sum(lens), -1, jnp.int32), impl="pallas")  # fmt: skip
+                             jnp.full(sum(lens), -1, jnp.int32), impl="pallas", mosaic_prefill=True)  # fmt: skip
     meta = plan_step(meta, sum(lens), HQ, HKV)
     q = jnp.asarray(rng.standard_normal((sum(lens), HQ, D)), jnp.bfloat16)
     new = jnp.zeros((sum(lens), HKV, D), jnp.bfloat16)

@@ -37,7 +37,8 @@ def child(shape: str, tp: int) -> None:
     from rtpjax.runner.step_inputs import pack
 
     model = str(write_config_only(tempfile.mkdtemp(), shape))
-    runner = RtpjaxRunner(model, "dummy", 32, 1024, 256, None, None, tp).llm.engine.runner
+    runner = RtpjaxRunner(model, load_format="dummy", max_num_seqs=32, max_model_len=1024, max_num_batched_tokens=256,
+                          tensor_parallel_size=tp).llm.engine.runner  # fmt: skip
     tokens = runner.token_buckets[0]
     batch, _ = runner._batch([], tokens, runner._seqs_for(tokens))
     flat, packing = pack(batch)

@@ -30,30 +30,9 @@ from rtpjax.engine.scheduler import Schedule, Scheduler
 from rtpjax.engine.request import CompletionOutput, ModelInfo, Request, RequestMaker, RequestOutput
 from rtpjax.engine.sequence import PENDING, Sequence
 from rtpjax.loading.tokenizer import load_tokenizer
+from rtpjax.options import EngineArgs
 
 log = logging.getLogger("rtpjax")
-
-
-@dataclasses.dataclass
-class EngineArgs:
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    num_gpu_blocks: int | None = None  # explicit KV cache size; otherwise from gpu_memory_utilization
-    gpu_memory_utilization: float = 0.9
-    cpu_kv_cache_bytes: int = 1 << 30  # on hosts without device memory statistics
-    enable_prefix_caching: bool = True
-    dtype: str | None = None
-    tensor_parallel_size: int = 1
-    attention_impl: str = "auto"  # "pallas" on GPU, "reference" (plain jnp) elsewhere
-    kv_cache_dtype: str = "auto"  # the model's dtype, or "int8" / "fp8" (e4m3) with per-token scales
-    compilation_cache_dir: str | None = None  # JAX persistent compilation cache: a second start skips compiling
-    seed: int = 0  # draws the seeds of requests that bring none
-    tokenizer: str | None = None
-    load_format: str = "auto"  # "dummy": random weights made on the devices from config.json (benchmarks)
-    quantization: str | None = None  # "int8" / "fp8": weight-only, per output channel, quantized at load
-    progress: bool = False  # progress bars for loading and compiling (the server turns them on)
 
 
 @dataclasses.dataclass
@@ -158,7 +137,7 @@ class LLMEngine:
             self.cfg, self.family, params, num_blocks=num_blocks, block_size=args.block_size,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=self.max_model_len, mesh=mesh, attention_impl=resolve_impl(args.attention_impl, self.cfg.head_dim),
-            kv_cache_dtype=args.kv_cache_dtype,
+            kv_cache_dtype=args.kv_cache_dtype, kv_write=args.kv_write, mosaic_prefill=args.mosaic_prefill,
         )  # fmt: skip
         t0, misses = time.monotonic(), CompileCounter.count
         shapes = self.runner.warmup(progress=args.progress)

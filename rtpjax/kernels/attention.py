@@ -37,7 +37,7 @@ def _pallas(q, k, v, cache, meta, **kw):
 
     def attend(q, k, v, cache, meta):
         interpret, tiles = jax.default_backend() == "cpu", meta.plan.get("prefill_tiles")
-        if kv_write.chosen(q.shape[0]):
+        if kv_write.chosen(q.shape[0], meta.kv_write):
             cache = kv_write.write_kv(cache, k, v, meta.slot_mapping, interpret=interpret)
         else:
             cache = write_kv(cache, k, v, meta.slot_mapping)
@@ -69,7 +69,8 @@ def plan_step(meta: AttentionMetadata, num_tokens: int, num_heads: int, num_kv_h
         # Long chunks to the Mosaic kernel, in steps that can hold them: not in decode-shaped buckets, where it would
         # mostly launch empty tiles every layer.
         decode = decode_shaped(num_tokens, meta.seq_lens.shape[0])
-        if num_tokens >= prefill_mosaic.MIN_TOKENS and not decode and prefill_mosaic.available():
+        long_chunks = num_tokens >= prefill_mosaic.MIN_TOKENS and not decode
+        if meta.mosaic_prefill and long_chunks and prefill_mosaic.available():
             steps["prefill_tiles"] = prefill_mosaic.plan(meta, num_tokens)
             skip = prefill_mosaic.prefills(meta)
             steps["other_query_blocks"] = plan(meta, num_tokens, num_heads, num_kv_heads, skip=skip)

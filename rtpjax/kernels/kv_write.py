@@ -1,5 +1,6 @@
 """Writing a step's new K/V into the paged cache in Pallas (Triton lowering): the GPU alternative to XLA's scatter in
-`rtpjax.kernels.attention.write_kv`; the engine picks one per step size, by measurement (`chosen`).
+`rtpjax.kernels.attention.write_kv`; the engine picks one per step size, by measurement, unless its kv_write option
+says which (`chosen`).
 
 One program per (KV head, run of `TOKENS` tokens) loads the tokens' rows, quantizes them when the cache is int8 / fp8
 (the same `quantize` as the reference), and stores each row at its slot of the head's flat [slots, head_dim] view;
@@ -11,7 +12,6 @@ orders nothing between programs.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -22,14 +22,14 @@ TOKENS = 16  # token rows per program
 MIN_TOKENS = 128  # smaller steps keep XLA's scatter (benchmarks/RESULTS.md)
 
 
-def chosen(num_tokens: int) -> bool:
-    """Whether the engine writes a step of `num_tokens` through this kernel. By measurement on an H200 (Llama-3-8B,
-    device time per step): it writes 3-9x faster than XLA's scatter, but its K/V inputs cost two more small fusions per
-    layer that the scatter fuses away; from 128 tokens the step is 2-3% faster, at 32 (decode) 1-3% slower.
-    RTPJAX_KV_WRITE=pallas or =xla forces one for every step (read when a step is compiled)."""
-    choice = os.environ.get("RTPJAX_KV_WRITE", "auto")
+def chosen(num_tokens: int, choice: str = "auto") -> bool:
+    """Whether a step of `num_tokens` is written through this kernel; `choice` is the engine's kv_write option
+    (AttentionMetadata.kv_write): "pallas" or "xla" for every step, or "auto": by measurement on an H200 (Llama-3-8B,
+    device time per step) the kernel writes 3-9x faster than XLA's scatter, but its K/V inputs cost two more small
+    fusions per layer that the scatter fuses away; from 128 tokens the step is 2-3% faster, at 32 (decode) 1-3%
+    slower."""
     if choice not in ("auto", "pallas", "xla"):
-        raise ValueError(f"RTPJAX_KV_WRITE={choice!r}: choose auto, pallas or xla")
+        raise ValueError(f"kv_write={choice!r}: choose auto, pallas or xla")
     return choice == "pallas" or (choice == "auto" and num_tokens >= MIN_TOKENS)
 
 

@@ -18,6 +18,10 @@ class AttentionMetadata:
     block_tables:    [S, max_blocks] int32, KV cache blocks of each sequence, in order.
     slot_mapping:    [T]   int32, flat cache slot (block * block_size + offset) each token's K/V goes to; -1 for padding.
     impl:            static name of the attention implementation.
+    kv_write:        static; how the "pallas" implementation writes the step's K/V: "pallas" (the kernel), "xla"
+                     (XLA's scatter) or "auto" (by the step's size, `kv_write.chosen`).
+    mosaic_prefill:  static; whether the "pallas" implementation sends long prefill chunks to the Mosaic GPU kernel
+                     (on Hopper). Static like impl, so these choices are part of every compiled program's cache key.
     mesh:            static; the device mesh when its "tensor" axis splits the heads: a kernel then runs per shard
                      (shard_map), since XLA cannot split a kernel call and would gather the whole KV cache for it.
     plan:            index arrays derived from the above, by name, made once per step by `plan_step` (else every
@@ -30,6 +34,8 @@ class AttentionMetadata:
     block_tables: jax.Array
     slot_mapping: jax.Array
     impl: str = dataclasses.field(default="reference", metadata=dict(static=True))
+    kv_write: str = dataclasses.field(default="auto", metadata=dict(static=True))
+    mosaic_prefill: bool = dataclasses.field(default=False, metadata=dict(static=True))
     plan: dict = dataclasses.field(default_factory=dict)
     mesh: object = dataclasses.field(default=None, metadata=dict(static=True))
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -36,11 +35,11 @@ MAX_TABLE = 255 * 32  # blocks per sequence: its table sits in shared memory as 
 
 
 def available() -> bool:
-    """On a Hopper GPU with RTPJAX_MOSAIC_PREFILL=1. Opt-in: the kernel is 1.6x the Triton one, but its query and
-    output gathers, the merge and the Triton kernel's mostly empty launch cost a fixed ~7 ms a step (Llama-3-8B), which
-    it wins back only from ~4,500 cached tokens: 2-5% slower on 2000-token prompts, 14% faster a step at 14k
-    (benchmarks/RESULTS.md, sixth session)."""
-    if os.environ.get("RTPJAX_MOSAIC_PREFILL", "0") != "1" or jax.default_backend() != "gpu":
+    """On a Hopper GPU. The engine uses it only with its mosaic_prefill option on (AttentionMetadata.mosaic_prefill).
+    Opt-in: the kernel is 1.6x the Triton one, but its query and output gathers, the merge and the Triton kernel's
+    mostly empty launch cost a fixed ~7 ms a step (Llama-3-8B), which it wins back only from ~4,500 cached tokens: 2-5%
+    slower on 2000-token prompts, 14% faster a step at 14k (benchmarks/RESULTS.md, sixth session)."""
+    if jax.default_backend() != "gpu":
         return False
     return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
 

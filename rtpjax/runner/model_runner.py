@@ -95,7 +95,7 @@ class CompileCounter:
 class ModelRunner:
     def __init__(self, cfg, family, params, *, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, mesh=None, attention_impl: str = "reference",
-                 kv_cache_dtype: str = "auto"):  # fmt: skip
+                 kv_cache_dtype: str = "auto", kv_write: str = "auto", mosaic_prefill: bool = False):  # fmt: skip
         self.cfg, self.params = cfg, params
         self._forward = family.forward
         self.block_size = block_size
@@ -103,6 +103,9 @@ class ModelRunner:
         self.attention_impl, self.mesh = attention_impl, mesh
         # The kernel needs the mesh to run per tensor-parallel shard (see AttentionMetadata.mesh).
         self.attention_mesh = mesh if attention_impl == "pallas" and tensor_ways(mesh) > 1 else None
+        # What every step's attention metadata carries as static configuration (so part of each program's cache key).
+        self.attention = dict(impl=attention_impl, mesh=self.attention_mesh, kv_write=kv_write,
+                              mosaic_prefill=mosaic_prefill)  # fmt: skip
         self.token_buckets = buckets(max_num_batched_tokens, 16)
         self.max_num_seqs = max_num_seqs
         self.sink = max_num_seqs
@@ -191,7 +194,7 @@ class ModelRunner:
             chunks.append(SeqChunk(ids, item.start, seq.block_table))
             offset += len(ids)
         step = build_step(chunks, self.block_size, num_tokens=num_tokens, num_seqs=num_seqs,
-                          max_blocks=self.max_blocks, impl=self.attention_impl, mesh=self.attention_mesh)  # fmt: skip
+                          max_blocks=self.max_blocks, **self.attention)  # fmt: skip
         return StepBatch(step.tokens, token_slot, step.positions, step.meta, step.logits_indices), \
             self._sampling(items, num_seqs)
 
@@ -256,7 +259,7 @@ class ModelRunner:
         blocks = -(-length // self.block_size)
         cache = kv.allocate(self.cfg, blocks, self.block_size, mesh=self.mesh, kv_dtype=self.kv_cache_dtype)
         step = build_step([SeqChunk(ids, 0, list(range(blocks)))], self.block_size, num_tokens=length, num_seqs=1,
-                          impl=self.attention_impl, mesh=self.attention_mesh)  # fmt: skip
+                          **self.attention)  # fmt: skip
         targets = np.zeros(length, np.int32)
         targets[: len(ids) - 1] = ids[1:]
         lp, top_ids, top_lp = jax.device_get(self._score(self.params, cache, step.tokens, step.positions, step.meta,

@@ -40,8 +40,11 @@ def build_step(
     max_blocks: int | None = None,
     impl: str = "reference",
     mesh=None,
+    kv_write: str = "auto",
+    mosaic_prefill: bool = False,
 ) -> StepInputs:
-    """Pack `chunks`, padded to num_tokens / num_seqs / max_blocks (default: exactly what they need)."""
+    """Pack `chunks`, padded to num_tokens / num_seqs / max_blocks (default: exactly what they need). impl, mesh,
+    kv_write, mosaic_prefill: the attention's static configuration (AttentionMetadata)."""
     lens = [len(c.tokens) for c in chunks]
     real_tokens = sum(lens)
     num_tokens = real_tokens if num_tokens is None else num_tokens
@@ -80,7 +83,8 @@ def build_step(
         query_start[: len(chunks)] = offsets
         seq_lens[: len(chunks)] = ends
         logits_indices[: len(chunks)] = offsets + n - 1
-    meta = AttentionMetadata(query_start, seq_lens, tables, slots, impl=impl, mesh=mesh)
+    meta = AttentionMetadata(query_start, seq_lens, tables, slots, impl=impl, mesh=mesh, kv_write=kv_write,
+                             mosaic_prefill=mosaic_prefill)  # fmt: skip
     return StepInputs(tokens, positions, meta, logits_indices)
 
 
