@@ -28,6 +28,7 @@ from rtpjax.runner.model_runner import CompileCounter, ModelRunner
 from rtpjax.sampling_params import SamplingParams
 from rtpjax.engine.scheduler import Schedule, Scheduler
 from rtpjax.engine.request import CompletionOutput, ModelInfo, Request, RequestMaker, RequestOutput
+from rtpjax.engine.snapshot import KVBlocks, RequestSnapshot, capture, restore
 from rtpjax.engine.sequence import PENDING, Sequence
 from rtpjax.loading.tokenizer import load_tokenizer
 from rtpjax.options import EngineArgs
@@ -188,6 +189,45 @@ class LLMEngine:
                 self._trim_pending(seq)
                 self.scheduler.finish(seq, "abort")
         return self._output(request, as_deltas)
+
+    # -- moving requests between engines ----------------------------------------------------------------------------
+
+    def snapshot(self, request_id: str, detach: bool = True) -> tuple[RequestSnapshot, KVBlocks]:
+        """The request's state and the K/V of its computed blocks, taken between steps (other requests keep running).
+        Tokens still on the device are left out (the receiver samples them again). `detach`: the request leaves this
+        engine: its blocks are freed and it reports nothing more here (its sequences finish as "migrated")."""
+        request = self.requests.get(request_id)
+        if request is None:
+            raise ValueError(f"no request {request_id!r} in this engine")
+        snap, blocks = capture(request, self.args.block_size)
+        kv = self.runner.gather_blocks(blocks)  # after the step in flight, which may still be writing them
+        if detach:
+            for seq in request.seqs:
+                if not seq.finished:
+                    self._trim_pending(seq)
+                    self.scheduler.finish(seq, "migrated")
+            del self.requests[request_id]
+        return snap, kv
+
+    def adopt(self, snap: RequestSnapshot, kv: KVBlocks) -> str:
+        """Continue a request snapshotted elsewhere, as if it had always run here: it waits for blocks like any
+        request (its K/V kept on the host meanwhile), then its K/V is written into fresh blocks before its first step
+        and those blocks join the prefix cache. Raises ValueError, touching nothing, for K/V or a snapshot this engine
+        cannot hold."""
+        if snap.request_id in self.requests:
+            raise ValueError(f"request id {snap.request_id!r} is already running")
+        self.runner.kv_layout.require(kv.layout)
+        kv.arrays()  # the contents match their layout
+        request = restore(snap, kv, self.args.block_size, self.info)
+        need = max((len(s.host_kv.rows) for s in request.seqs if s.host_kv is not None), default=0)
+        if need > self.pool.num_blocks:
+            raise ValueError(f"request {snap.request_id!r} needs {need} KV blocks; this cache has {self.pool.num_blocks}")
+        self.requests[request.request_id] = request
+        for seq in request.seqs:
+            if not seq.finished:
+                seq.arrival_order = next(self._order)
+                self.scheduler.add(seq)
+        return request.request_id
 
     def reset_inflight(self) -> None:
         """Forget a step whose results can no longer be read (after a failure)."""

@@ -6,6 +6,9 @@ sequence is preempted (its blocks are freed and it is recomputed later, giving t
 admitted by (priority, arrival), reusing cached prefix blocks, only in steps that preempted nothing.
 
 The host may schedule a sequence whose last token is still on the device (PENDING): the step reads it there.
+
+A sequence whose K/V arrives from elsewhere (HostKV: an adopted request) is admitted like any other, its loaded blocks
+counting as computed: the schedule lists them as block loads, which the runner writes before the step runs.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import dataclasses
 import time
 
 from rtpjax.kv.block_pool import BlockPool, block_hash, prefix_hashes
+from rtpjax.kv.host_blocks import BlockLoad
 from rtpjax.engine.sequence import PENDING, Sequence, Status
 
 
@@ -31,6 +35,7 @@ class Schedule:
     items: list[ScheduledSeq]
     admitted: list[Sequence]  # took a slot this step: their sampler rows must be reset first
     preempted: list[Sequence]
+    loads: list[BlockLoad] = dataclasses.field(default_factory=list)  # host K/V to write before the step
 
     @property
     def num_tokens(self) -> int:
@@ -126,13 +131,14 @@ class Scheduler:
             i += 1
 
         admitted: list[Sequence] = []
+        loads: list[BlockLoad] = []
         if not preempted:
             for seq in list(self.waiting):
                 if budget <= 0 or len(self.running) >= self.max_num_seqs:
                     break
                 if seq.token_ids[-1] == PENDING:
                     continue  # its last token is read after this step; admit it next time
-                if not self._admit(seq, budget):
+                if not self._admit(seq, budget, loads):
                     if seq.fork_parent is not None:
                         continue  # waits for its sibling's prompt, not for blocks
                     break
@@ -140,10 +146,11 @@ class Scheduler:
                 n = len(seq.token_ids) - seq.num_computed
                 items.append(self._run(seq, min(n, budget)))
                 budget -= items[-1].num_tokens
-        return Schedule(items, admitted, preempted)
+        return Schedule(items, admitted, preempted, loads)
 
-    def _admit(self, seq: Sequence, budget: int) -> bool:
-        """Move a waiting sequence to running with its reusable prefix blocks, if blocks allow its first chunk."""
+    def _admit(self, seq: Sequence, budget: int, loads: list[BlockLoad]) -> bool:
+        """Move a waiting sequence to running with its reusable prefix blocks (and its blocks held on the host), if
+        blocks allow its first chunk."""
         shared: list[int] = []
         max_shared = (len(seq.token_ids) - 1) // self.block_size  # at least one token must run to give logits
         parent = seq.fork_parent
@@ -161,11 +168,16 @@ class Scheduler:
         seq.block_table = list(shared)
         seq.num_computed = len(shared) * self.block_size
         seq.num_registered_blocks = len(shared) if seq.fork_parent is None else 0  # cache hits are published
-        n = min(len(seq.token_ids) - seq.num_computed, budget)
-        if not self._grow(seq, n):
+        load = self._take_host_blocks(seq) if seq.host_kv is not None else None
+        first_chunk = min(len(seq.token_ids) - seq.num_computed, budget)
+        if (seq.host_kv is not None and load is None) or not self._grow(seq, first_chunk):
             self.pool.release(seq.block_table)
             seq.block_table, seq.num_computed, seq.num_registered_blocks = [], 0, 0
-            return False
+            return False  # it keeps waiting (with its host blocks, if any)
+        if load is not None:
+            self._publish_loaded(seq)
+            seq.host_kv = None
+            loads.append(load)
         self.waiting.remove(seq)
         self.running.append(seq)
         seq.status = Status.RUNNING
@@ -173,6 +185,24 @@ class Scheduler:
         if seq.metrics.first_scheduled is None:
             seq.metrics.first_scheduled = time.monotonic()
         return True
+
+    def _take_host_blocks(self, seq: Sequence) -> BlockLoad | None:
+        """Fresh blocks for the host-held blocks that prefix-cache hits did not cover; None if the pool lacks them."""
+        host, have = seq.host_kv, len(seq.block_table)
+        fresh = self.pool.allocate(max(0, len(host.rows) - have))
+        if fresh is None:
+            return None
+        seq.block_table += fresh
+        seq.num_computed = max(seq.num_computed, host.num_computed)
+        return BlockLoad(fresh, host.kv, host.rows[have:])
+
+    def _publish_loaded(self, seq: Sequence) -> None:
+        """Register the loaded full blocks at once: siblings and other requests admitted in this same step share
+        them (the loads run before the step)."""
+        full = seq.host_kv.num_computed // self.block_size
+        for b in range(seq.num_registered_blocks, full):
+            self.pool.register(seq.block_table[b], seq.block_hashes[b])
+        seq.num_registered_blocks = max(seq.num_registered_blocks, full)
 
     def _run(self, seq: Sequence, n: int) -> ScheduledSeq:
         item = ScheduledSeq(seq, seq.num_computed, n, samples=seq.num_computed + n == len(seq.token_ids))

@@ -10,6 +10,7 @@ import enum
 import time
 
 from rtpjax.distributed.messages import RequestTimings
+from rtpjax.kv.host_blocks import KVBlocks
 from rtpjax.sampling_params import SamplingParams
 
 PENDING = -1  # a token sampled on the device whose id the host has not read yet
@@ -53,6 +54,16 @@ class RequestMetrics:
         return cls(arrival, *times, list(timings.inter_token_latencies))
 
 
+@dataclasses.dataclass
+class HostKV:
+    """A sequence's leading blocks, waiting on the host to be written into the cache when it is admitted (its KV came
+    from another engine). `kv` may be shared by the request's completions; `rows` are this sequence's blocks in it."""
+
+    kv: KVBlocks
+    rows: list[int]
+    num_computed: int  # leading positions whose K/V those blocks hold
+
+
 @dataclasses.dataclass(eq=False)
 class Sequence:
     request_id: str
@@ -79,6 +90,7 @@ class Sequence:
     output_text: str = ""
     metrics: RequestMetrics = dataclasses.field(default_factory=lambda: RequestMetrics(time.monotonic()))
     detok: object = None  # the incremental detokenizer's state
+    host_kv: HostKV | None = None  # K/V to load at admission instead of computing (an adopted request)
 
     def __post_init__(self):
         if not self.token_ids:

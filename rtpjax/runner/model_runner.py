@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rtpjax.kv import kv_cache as kv
+from rtpjax.kv.block_copy import BlockCopier
+from rtpjax.kv.host_blocks import BlockLoad, KVBlocks, KVLayout
 from rtpjax.runner import sampler
 from rtpjax.kernels.metadata import AttentionMetadata
 from rtpjax.sampling_params import MAX_LOGPROBS, MAX_STOP_TOKEN_IDS
@@ -121,6 +123,9 @@ class ModelRunner:
         self._admit = jax.jit(sampler.admit, donate_argnums=(0,))
         self.admit_rows = max_num_seqs
         self.admit_buckets = buckets(1 << max(6, (max_model_len - 1).bit_length()), 64)
+        self.kv_layout = KVLayout(jnp.dtype(self.cache[0][0].dtype).name, block_size, cfg.num_layers, cfg.num_kv_heads,
+                                  cfg.head_dim)  # fmt: skip
+        self.copier = BlockCopier(self.cache, self.kv_layout, buckets(self.max_blocks, 4))
         CompileCounter.install()
 
     # -- warm-up ----------------------------------------------------------------------------------------------------
@@ -159,6 +164,10 @@ class ModelRunner:
             for key, sample in pool.map(compile_sampler, samplers):
                 self._samplers[key] = sample
                 bar.update()
+            copies = self.copier.jobs(self.cache)  # KV block gathers and writes (moving requests between engines)
+            bar.total += len(copies)
+            for _ in pool.map(lambda job: job(), copies):
+                bar.update()
         compiled = time.monotonic()
         for t, s in steps:  # run each once: the first call of an executable does one-time setup
             jax.block_until_ready(self.run_step(*self._batch([], t, s)))
@@ -170,9 +179,9 @@ class ModelRunner:
             jax.block_until_ready(self.state)
             bar.update()
         bar.close()
-        log.info("warm-up: %d step shapes and %d samplers compiled or fetched in %.1f s, first runs %.1f s; %d admit "
-                 "shapes %.1f s", len(steps), len(samplers), compiled - began, ran - compiled, len(self.admit_buckets),
-                 time.monotonic() - ran)  # fmt: skip
+        log.info("warm-up: %d step shapes, %d samplers and %d block copies compiled or fetched in %.1f s, first runs "
+                 "%.1f s; %d admit shapes %.1f s", len(steps), len(samplers), len(copies), compiled - began,
+                 ran - compiled, len(self.admit_buckets), time.monotonic() - ran)  # fmt: skip
         return bar.total
 
     def _seqs_for(self, num_tokens: int) -> int:
@@ -284,7 +293,8 @@ class ModelRunner:
     # -- dispatch ---------------------------------------------------------------------------------------------------
 
     def prepare(self, schedule: Schedule) -> tuple[StepBatch, sampler.SamplingInputs]:
-        """The step's host-side inputs, padded to its buckets."""
+        """The step's host-side inputs, padded to its buckets. Blocks arriving from the host are written first."""
+        self.load_blocks(schedule.loads)
         self._reset_penalty_rows([s for s in schedule.admitted if s.params.uses_penalties])
         num_tokens = pick(self.token_buckets, max(schedule.num_tokens, len(schedule.items)))
         return self._batch(schedule.items, num_tokens, self._seqs_for(num_tokens))
@@ -318,6 +328,15 @@ class ModelRunner:
         else:
             out, self.state = self._sample(logits, self.state, flat_sampling, sampling_packing, variant)
         return out
+
+    def load_blocks(self, loads: list[BlockLoad]) -> None:
+        """Write host K/V into cache blocks; queued on the device ahead of any step launched after it."""
+        for load in loads:
+            self.cache = self.copier.write(self.cache, load.blocks, load.kv, load.rows)
+
+    def gather_blocks(self, blocks: list[int]) -> KVBlocks:
+        """The contents of cache blocks on the host, after every step already launched has written them."""
+        return self.copier.gather(self.cache, blocks)
 
     def _reset_penalty_rows(self, seqs) -> None:
         """Penalised sequences get their slot's history rebuilt (prompt + tokens so far) before their first step."""
