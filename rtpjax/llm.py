@@ -83,7 +83,7 @@ class AsyncLLM:
         from concurrent.futures import ThreadPoolExecutor
 
         from rtpjax.distributed.engine_process import EngineProcess
-        from rtpjax.loading.gguf import resolve_model
+        from rtpjax.loading.model_source import resolve_model
         from rtpjax.loading.tokenizer import load_tokenizer
 
         model = resolve_model(model)

@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from rtpjax.benchmarks.random_checkpoint import write_config_only
-from rtpjax.loading.gguf import resolve_model
+from rtpjax.loading.model_source import resolve_model
 from rtpjax.loading.tokenizer import load_tokenizer, tokenizer_class
 
 TEXTS = ["Hello world!  How are you?\n\nI'm fine. ", " leading space", "ünïcödé 日本語 🙂", "<|im_start|>user\nhi<|im_end|>",

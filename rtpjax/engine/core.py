@@ -125,8 +125,7 @@ def kv_cache_blocks(cfg, args: EngineArgs, max_model_len: int) -> int:
 class LLMEngine:
     def __init__(self, model: str | None = None, args: EngineArgs | None = None):
         """model: a Hugging Face folder, a .gguf file, or None for the embedded SmolLM2-135M-Instruct."""
-        from rtpjax.loading.gguf import resolve_model
-        from rtpjax.loading.loader import load_model
+        from rtpjax.loading.model_source import load_model, resolve_model
         from rtpjax.parallel.sharding import make_mesh
 
         model = resolve_model(model)
