@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 import uuid
 from typing import AsyncIterator
@@ -42,14 +43,15 @@ def _field_path(loc) -> list:
 
 
 class BearerAuth:
-    """Requires `Authorization: Bearer <api key>` everywhere but the public probes."""
+    """Requires `Authorization: Bearer <api key>` everywhere but the public probes, compared in constant time (a
+    comparison that stops at the first wrong byte tells an attacker, by its timing, how much of a guess was right)."""
 
     def __init__(self, app, api_key: str):
         self.app, self.expected = app, f"Bearer {api_key}".encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] not in PUBLIC:
-            if dict(scope["headers"]).get(b"authorization") != self.expected:
+            if not secrets.compare_digest(dict(scope["headers"]).get(b"authorization", b""), self.expected):
                 err = APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
                                type="authentication_error", code="invalid_api_key")  # fmt: skip
                 await JSONResponse(err.body(), status_code=401)(scope, receive, send)
