@@ -84,12 +84,13 @@ class AsyncLLM:
 
         from rtpjax.distributed.engine_process import EngineProcess
         from rtpjax.loading.model_source import resolve_model
-        from rtpjax.loading.tokenizer import load_tokenizer
+        from rtpjax.loading.tokenizer import load_tokenizer, tokenizer_source
 
         model = resolve_model(model)
         self.args = EngineArgs(**engine_args)  # bad argument names fail here, before a process starts
+        source = tokenizer_source(model, self.args.tokenizer, self.args.skip_tokenizer_init)  # so does no tokenizer
         with ThreadPoolExecutor(1) as pool:  # the front end's tokenizer loads while the engine starts
-            tokenizer = pool.submit(load_tokenizer, self.args.tokenizer or model)
+            tokenizer = pool.submit(load_tokenizer, source)
             self._engine = EngineProcess(model, self.args)
             try:
                 self.tokenizer = tokenizer.result()
