@@ -79,7 +79,7 @@ def test_a_folder_without_tokenizer_fails_before_loading(tiny_checkpoints, monke
     monkeypatch.setattr(model_source, "load_model", never)
     monkeypatch.setattr(engine_process, "EngineProcess", never)
     folder = tiny_checkpoints[name]
-    message = rf"^{re.escape(str(folder))} has no tokenizer files .*: pass --tokenizer DIR .*, or skip_tokenizer_init=True"
+    message = rf"^{re.escape(str(folder))} has no tokenizer files .*: pass --tokenizer DIR .*skip_tokenizer_init=True"
     for make in (LLM, AsyncLLM):
         with pytest.raises(ValueError, match=message):
             make(str(folder), **ENGINE_ARGS)

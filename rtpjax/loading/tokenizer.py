@@ -37,7 +37,7 @@ def tokenizer_source(model: str | Path, tokenizer: str | Path | None, skip: bool
     folder = Path(tokenizer or model)
     if not any((folder / name).is_file() for name in _FILES) and not any(folder.glob("*.tiktoken")):
         raise ValueError(f"{folder} has no tokenizer files ({', '.join(_FILES)}): pass --tokenizer DIR with the "
-                         "model's tokenizer, or skip_tokenizer_init=True to send token ids and get token ids back")  # fmt: skip
+                         "model's tokenizer, or skip_tokenizer_init=True to send and get token ids only")
     return str(folder)
 
 
