@@ -68,12 +68,14 @@ def test_supported_list_names_every_family(tmp_path):
 
 
 
-def test_a_model_argument_that_is_no_model_fails_in_one_sentence(tmp_path):
+def test_a_model_argument_that_is_no_model_fails_in_one_sentence(tmp_path, tiny_checkpoints):
     (tmp_path / "weights.bin").write_bytes(b"0")
     for bad in (tmp_path / "absent", tmp_path / "weights.bin"):
         with pytest.raises(ValueError, match=f"^{bad}: not a model folder or a .gguf file"):
             resolve_model(bad)
-    assert resolve_model(tmp_path) == str(tmp_path)
+    with pytest.raises(ConfigError, match="no config.json"):
+        resolve_model(tmp_path)
+    assert resolve_model(tiny_checkpoints["llama3"]) == str(tiny_checkpoints["llama3"])
 
 
 def copy_with(src, dst, edit):

@@ -14,6 +14,7 @@ from rtpjax.loading.loader import load_params, random_params
 from rtpjax.loading.orbax_checkpoint import is_converted, restore_params
 from rtpjax.loading.quantization import check_method
 from rtpjax.models import load_config
+from rtpjax.models.config import read_config_json
 
 LOAD_FORMATS = ("auto", "dummy")
 
@@ -27,6 +28,7 @@ def resolve_model(model: str | Path | None) -> str:
     if not Path(model).is_dir():
         raise ValueError(f"{model}: not a model folder or a .gguf file (give a Hugging Face folder with config.json, "
                          "a .gguf file, or nothing for the default model)")  # fmt: skip
+    read_config_json(model)  # a folder that is no model fails here, before anything else is asked of it
     return str(model)
 
 
