@@ -35,7 +35,7 @@ from rtpjax.options import add_engine_arguments, engine_args_from
 def tiny_model(folder: Path) -> Path:
     """The "tiny" random checkpoint (384-token vocabulary) with SmolLM2's BPE tokenizer (its ids < 384 are real)."""
     from rtpjax.benchmarks.random_checkpoint import write_random_checkpoint
-    from rtpjax.loading.gguf import resolve_model
+    from rtpjax.loading.model_source import resolve_model
 
     write_random_checkpoint(folder, "tiny", shards=1, dtype="float32")
     source = Path(resolve_model(None))

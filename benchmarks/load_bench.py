@@ -64,7 +64,8 @@ def measure(method: str, folder: Path, torch_device: str, options: dict) -> dict
     import numpy as np
     from rtpjax.models import load_config
 
-    from rtpjax.loading.loader import LoadOptions, load_model, load_params
+    from rtpjax.loading.loader import LoadOptions, load_params
+    from rtpjax.loading.model_source import load_model
     from rtpjax.parallel.sharding import make_mesh
 
     notes: list[str] = []  # the loader's debug line: how long it waited on reads and on transfers

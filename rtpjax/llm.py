@@ -85,13 +85,14 @@ class AsyncLLM:
         from concurrent.futures import ThreadPoolExecutor
 
         from rtpjax.distributed.engine_process import EngineProcess
-        from rtpjax.loading.gguf import resolve_model
-        from rtpjax.loading.tokenizer import load_tokenizer
+        from rtpjax.loading.model_source import resolve_model
+        from rtpjax.loading.tokenizer import load_tokenizer, tokenizer_source
 
         self.args = EngineArgs.from_kwargs(**engine_args)  # bad options fail here, before a process starts
         model = resolve_model(model)
+        source = tokenizer_source(model, self.args.tokenizer, self.args.skip_tokenizer_init)  # so does no tokenizer
         with ThreadPoolExecutor(1) as pool:  # the front end's tokenizer loads while the engine starts
-            tokenizer = pool.submit(load_tokenizer, self.args.tokenizer or model)
+            tokenizer = pool.submit(load_tokenizer, source)
             self._engine = EngineProcess(model, self.args)
             try:
                 self.tokenizer = tokenizer.result()

@@ -69,6 +69,8 @@ class EngineArgs:
                                                "compiling ('' or none: off)", path=True)  # fmt: skip
     seed: int = option(0, "draws the seeds of requests that bring none")
     tokenizer: str | None = option(None, "tokenizer folder (default: the model's)", path=True)
+    skip_tokenizer_init: bool = option(False, "run without a tokenizer: prompts as token ids, outputs with token ids "
+                                       "and empty text")  # fmt: skip
     load_format: str = option("auto", "dummy: random weights made on the devices from config.json (benchmarks)",
                               choices=("auto", "dummy"))  # fmt: skip
     quantization: str | None = option(None, "weight-only quantization of the linear weights, per output channel, "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 import uuid
 from typing import AsyncIterator
@@ -42,14 +43,15 @@ def _field_path(loc) -> list:
 
 
 class BearerAuth:
-    """Requires `Authorization: Bearer <api key>` everywhere but the public probes."""
+    """Requires `Authorization: Bearer <api key>` everywhere but the public probes, compared in constant time (a
+    comparison that stops at the first wrong byte tells an attacker, by its timing, how much of a guess was right)."""
 
     def __init__(self, app, api_key: str):
         self.app, self.expected = app, f"Bearer {api_key}".encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] not in PUBLIC:
-            if dict(scope["headers"]).get(b"authorization") != self.expected:
+            if not secrets.compare_digest(dict(scope["headers"]).get(b"authorization", b""), self.expected):
                 err = APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
                                type="authentication_error", code="invalid_api_key")  # fmt: skip
                 await JSONResponse(err.body(), status_code=401)(scope, receive, send)
@@ -140,8 +142,14 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    def need_tokenizer(what: str) -> None:
+        if tokenizer is None:
+            raise APIError(400, f"{what} needs a tokenizer, and this server runs without one (skip_tokenizer_init): "
+                                "send token ids to /v1/completions")  # fmt: skip
+
     def token_text(token_id: int) -> str:
-        return tokenizer.decode([token_id])
+        """A token's text in logprobs; without a tokenizer vLLM's "token_id:N" (its --return-tokens-as-token-ids)."""
+        return tokenizer.decode([token_id]) if tokenizer is not None else f"token_id:{token_id}"
 
     def completion_logprobs(token_ids, logprobs, offset: int) -> dict:
         tokens = [token_text(t) for t in token_ids]
@@ -187,6 +195,8 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
             prompts = list(prompt)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise APIError(400, "prompt must not be empty", param="prompt")
+        if body.echo:
+            need_tokenizer("echo")
         params = sampling_params(body, body.max_tokens if body.max_tokens is not None else 16, body.logprobs)
         admit(len(prompts))
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -251,6 +261,7 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
     # -- /v1/chat/completions ---------------------------------------------------------------------------------------
 
     def chat_prompt(messages, add_generation_prompt: bool) -> list[int]:
+        need_tokenizer("a chat conversation")
         if not tokenizer.chat_template:
             raise APIError(400, f"the model {model_name!r} has no chat template; use /v1/completions",
                            param="messages")  # fmt: skip
@@ -333,12 +344,14 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
         if body.messages is not None:
             ids = await asyncio.to_thread(chat_prompt, body.messages, True)
         else:
+            need_tokenizer("/tokenize")
             ids = await asyncio.to_thread(tokenizer.encode, body.prompt, add_special_tokens=body.add_special_tokens)
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": info.max_model_len})
 
     async def detokenize(request: Request):
         body = await parse(request, DetokenizeRequest)
         check_model(body.model)
+        need_tokenizer("/detokenize")
         bad = [t for t in body.tokens if not 0 <= t < info.vocab_size]
         if bad:
             raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {info.vocab_size})",

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from rtpjax.loading.loader import CheckpointError, load_model, read_header
+from rtpjax.loading.loader import CheckpointError, read_header
+from rtpjax.loading.model_source import load_model, resolve_model
 from rtpjax.models import load_config
 from rtpjax.models.config import ConfigError
 
@@ -64,6 +65,17 @@ def test_supported_list_names_every_family(tmp_path):
         load_config(tmp_path)
     for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
         assert arch in str(e.value)
+
+
+
+def test_a_model_argument_that_is_no_model_fails_in_one_sentence(tmp_path, tiny_checkpoints):
+    (tmp_path / "weights.bin").write_bytes(b"0")
+    for bad in (tmp_path / "absent", tmp_path / "weights.bin"):
+        with pytest.raises(ValueError, match=f"^{bad}: not a model folder or a .gguf file"):
+            resolve_model(bad)
+    with pytest.raises(ConfigError, match="no config.json"):
+        resolve_model(tmp_path)
+    assert resolve_model(tiny_checkpoints["llama3"]) == str(tiny_checkpoints["llama3"])
 
 
 def copy_with(src, dst, edit):

@@ -222,12 +222,17 @@ def test_no_compilation_after_warmup(stories_llm):
             top_k=int(rng.choice([0, 20])), min_p=float(rng.choice([0, 0.1])), max_tokens=int(rng.integers(1, 24)),
             repetition_penalty=float(rng.choice([1.0, 1.2])), presence_penalty=float(rng.choice([0, 0.5])),
             logprobs=int(rng.choice([0, 5])), n=int(rng.choice([1, 1, 2])), seed=int(rng.integers(1000)),
-            stop=["the"] if rng.random() < 0.2 else None,
+            stop=["the"] if rng.random() < 0.2 else None, prompt_logprobs=[None, 0, 3][rng.integers(3)],
         )
         for _ in prompts
     ]  # fmt: skip
+    # Prompt logprobs of every length bucket, up to the model's context (256).
+    prompts += [random_prompts(1, seed=20 + n, low=n, high=n + 1)[0] for n in (150, 254)]
+    params += [SamplingParams(max_tokens=2, prompt_logprobs=2)] * 2
     outs = stories_llm.generate(prompts, params)
-    assert len(outs) == 200 and all(o.finished for o in outs)
+    assert len(outs) == 202 and all(o.finished for o in outs)
+    scored = [(prompt, out) for prompt, p, out in zip(prompts, params, outs) if p.prompt_logprobs is not None]
+    assert len(scored) > 50 and all(len(out.prompt_logprobs) == len(prompt) for prompt, out in scored)
     assert CompileCounter.count == before, f"{CompileCounter.count - before} compilations after warm-up"
     assert_all_blocks_free(stories_llm)
 

@@ -13,8 +13,9 @@ from safetensors.numpy import load_file, save_file
 
 from rtpjax.loading import loader
 from rtpjax.cli import main as cli
-from rtpjax.loading.convert import is_converted
-from rtpjax.loading.loader import CheckpointError, FileOrderReader, LoadOptions, load_model, plan_reads
+from rtpjax.loading.orbax_checkpoint import is_converted
+from rtpjax.loading.loader import CheckpointError, FileOrderReader, LoadOptions, plan_reads
+from rtpjax.loading.model_source import load_model
 from rtpjax.models import decoder, load_config
 from rtpjax.parallel.sharding import make_mesh
 

@@ -11,9 +11,9 @@ import transformers
 
 from rtpjax import LLM, SamplingParams
 from rtpjax.kv import kv_cache
-from rtpjax.loading.gguf import GGUFError, convert, default_gguf, resolve_model
+from rtpjax.loading.gguf import GGUFError, convert, default_gguf
+from rtpjax.loading.model_source import load_model, resolve_model
 from rtpjax.runner.greedy import jit_forward
-from rtpjax.loading.loader import load_model
 from rtpjax.runner.step_inputs import SeqChunk, build_step
 
 QUESTIONS = ["What is the capital of France?", "How many legs does a spider have?", "Name a primary color."]

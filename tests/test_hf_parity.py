@@ -8,7 +8,7 @@ import transformers
 from conftest import TINY
 from rtpjax.kv import kv_cache
 from rtpjax.runner.greedy import greedy_tokens, jit_forward
-from rtpjax.loading.loader import load_model
+from rtpjax.loading.model_source import load_model
 from rtpjax.runner.step_inputs import SeqChunk, build_step
 
 BLOCK = 4

@@ -9,10 +9,10 @@ import pytest
 from rtpjax import LLM, SamplingParams
 from rtpjax.loading import loader
 from rtpjax.cli import main as cli
-from rtpjax.loading.gguf import resolve_model
+from rtpjax.loading.model_source import load_model, resolve_model
 from rtpjax.runner.greedy import greedy_tokens
-from rtpjax.loading.loader import CheckpointError, load_model
-from rtpjax.models import decoder, layers
+from rtpjax.loading.loader import CheckpointError
+from rtpjax.models import decoder, layers, load_config
 from rtpjax.loading.quantization import METHODS, QuantizedWeight, dequantize, is_quantized_param, quantize
 from rtpjax.parallel.sharding import make_mesh
 from test_fast_loading import TIGHT, plain_read, resave
@@ -72,7 +72,7 @@ def check_quantized(params, expected: dict, method: str):
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_loader_quantizes_on_the_device_into_the_mesh(tmp_path, tiny_checkpoints, method):
     folder = resave(tiny_checkpoints["qwen3_moe"], tmp_path / "q", "float32", 2)
-    cfg, family = loader.load_config(folder)
+    cfg, family = load_config(folder)
     expected = plain_read(folder, "float32")
     check_quantized(loader.load_params(folder, cfg, family, options=TIGHT, quantization=method), expected, method)
     mesh = make_mesh(expert=2, tensor=4)

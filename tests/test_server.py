@@ -264,6 +264,35 @@ def test_routes_methods_and_info(server):
     assert {"/v1/completions", "/v1/chat/completions", "/v1/models"} <= set(spec["paths"])
 
 
+
+def test_a_server_without_tokenizer_serves_token_ids(tiny_checkpoints, compile_cache):
+    """skip_tokenizer_init: token-id completions work (empty text, logprobs as vLLM's "token_id:N"); whatever needs
+    text fails with a 400 that says why."""
+    llm = AsyncLLM(str(tiny_checkpoints["llama3"]), skip_tokenizer_init=True, compilation_cache_dir=compile_cache,
+                   **ENGINE_ARGS)  # fmt: skip
+    s = Server(build_app(llm, "tiny"))
+    try:
+        assert llm.tokenizer is None
+        body = {"prompt": [1, 17, 42], "max_tokens": 4, "temperature": 0, "ignore_eos": True, "logprobs": 1}
+        ok = httpx.post(s.url + "/v1/completions", json=body).json()
+        choice = ok["choices"][0]
+        assert choice["text"] == "" and ok["usage"]["completion_tokens"] == 4
+        assert [t.startswith("token_id:") for t in choice["logprobs"]["tokens"]] == [True] * 4
+        for path, body, message in [
+            ("/v1/completions", {"prompt": "Once", "max_tokens": 2}, "a text prompt needs a tokenizer"),
+            ("/v1/completions", {"prompt": [1, 2], "stop": ["x"]}, "stop strings need a tokenizer"),
+            ("/v1/completions", {"prompt": [1, 2], "echo": True}, "echo needs a tokenizer"),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, "a chat conversation needs"),
+            ("/tokenize", {"prompt": "hi"}, "/tokenize needs a tokenizer"),
+            ("/detokenize", {"tokens": [1, 2]}, "/detokenize needs a tokenizer"),
+        ]:
+            r = httpx.post(s.url + path, json=body)
+            assert r.status_code == 400 and message in r.json()["error"]["message"], (path, r.text)
+    finally:
+        s.stop()
+        llm.shutdown()
+
+
 def test_api_key(llm):
     s = Server(build_app(llm, "stories", api_key="sekrit"))
     try:

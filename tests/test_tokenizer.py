@@ -1,6 +1,7 @@
 """The torch-free tokenizer path: same tokens, text and chat prompts as AutoTokenizer, and no torch import."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from rtpjax.benchmarks.random_checkpoint import write_config_only
-from rtpjax.loading.gguf import resolve_model
+from rtpjax.loading.model_source import resolve_model
 from rtpjax.loading.tokenizer import load_tokenizer, tokenizer_class
 
 TEXTS = ["Hello world!  How are you?\n\nI'm fine. ", " leading space", "ünïcödé 日本語 🙂", "<|im_start|>user\nhi<|im_end|>",
@@ -61,3 +62,45 @@ print(json.dumps(["torch" in sys.modules, llm.generate("w5 w6")[0].outputs[0].te
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [False, True]
+
+
+@pytest.mark.parametrize("name", ["llama3", "mistral", "qwen2"])
+def test_a_folder_without_tokenizer_fails_before_loading(tiny_checkpoints, monkeypatch, name):
+    """transformers dies inside on such a folder (Llama, Mistral) or builds an empty tokenizer (Qwen2); instead one
+    sentence names the folder and the fix, before any weights load or an engine process starts."""
+    from conftest import ENGINE_ARGS
+    from rtpjax import LLM, AsyncLLM
+    from rtpjax.distributed import engine_process
+    from rtpjax.loading import model_source
+
+    def never(*args, **kwargs):
+        raise AssertionError("weights loaded (or an engine started) for a folder without a tokenizer")
+
+    monkeypatch.setattr(model_source, "load_model", never)
+    monkeypatch.setattr(engine_process, "EngineProcess", never)
+    folder = tiny_checkpoints[name]
+    message = rf"^{re.escape(str(folder))} has no tokenizer files .*: pass --tokenizer DIR .*skip_tokenizer_init=True"
+    for make in (LLM, AsyncLLM):
+        with pytest.raises(ValueError, match=message):
+            make(str(folder), **ENGINE_ARGS)
+
+
+def test_skip_tokenizer_init_takes_and_gives_token_ids(tiny_checkpoints, compile_cache):
+    from conftest import ENGINE_ARGS
+    from rtpjax import LLM, SamplingParams
+    from rtpjax.runner.greedy import greedy_tokens
+
+    llm = LLM(str(tiny_checkpoints["llama3"]), skip_tokenizer_init=True, compilation_cache_dir=compile_cache,
+              **ENGINE_ARGS)  # fmt: skip
+    assert llm.tokenizer is None
+    prompt = [1, 17, 42, 99]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1, prompt_logprobs=1)
+    out = llm.generate(prompt, params)[0]
+    e = llm.engine
+    assert out.outputs[0].token_ids == list(greedy_tokens(e.runner.params, e.cfg, e.family, prompt, 6, block_size=16))
+    assert out.outputs[0].text == "" and out.prompt is None
+    assert len(out.outputs[0].logprobs) == 6 and len(out.prompt_logprobs) == 4
+    with pytest.raises(ValueError, match="^a text prompt needs a tokenizer, .* runs without one"):
+        llm.generate("Once upon a time")
+    with pytest.raises(ValueError, match="^stop strings need a tokenizer"):
+        llm.generate(prompt, SamplingParams(stop=["x"]))

@@ -17,7 +17,7 @@ import numpy as np
 from rtpjax.kv import kv_cache
 from rtpjax.kernels.reference import QUANT_MAX, reference_attention
 from rtpjax.runner.greedy import jit_forward
-from rtpjax.loading.loader import load_model
+from rtpjax.loading.model_source import load_model
 from rtpjax.runner.step_inputs import SeqChunk, build_step
 
 BLOCK = 16
@@ -43,7 +43,7 @@ def main():
     rng = np.random.default_rng(0)
     from transformers import AutoTokenizer
 
-    from rtpjax.loading.gguf import resolve_model
+    from rtpjax.loading.model_source import resolve_model
 
     tok = AutoTokenizer.from_pretrained(resolve_model(None))
     text = ("The history of the printing press begins in the fifteenth century, when movable type changed how "

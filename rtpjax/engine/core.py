@@ -30,7 +30,7 @@ from rtpjax.engine.scheduler import Schedule, Scheduler
 from rtpjax.engine.request import CompletionOutput, ModelInfo, Request, RequestMaker, RequestOutput
 from rtpjax.engine.snapshot import KVBlocks, RequestSnapshot, capture, restore
 from rtpjax.engine.sequence import PENDING, Sequence
-from rtpjax.loading.tokenizer import load_tokenizer
+from rtpjax.loading.tokenizer import load_tokenizer, tokenizer_source
 from rtpjax.options import EngineArgs
 
 log = logging.getLogger("rtpjax")
@@ -67,7 +67,7 @@ def _eos_ids(model_dir: Path, cfg, tokenizer) -> tuple[int, ...]:
     if gen.is_file():
         eos = json.loads(gen.read_text()).get("eos_token_id")
         ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    if tokenizer.eos_token_id is not None:
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return tuple(sorted(ids))
 
@@ -106,8 +106,7 @@ def kv_cache_blocks(cfg, args: EngineArgs, max_model_len: int) -> int:
 class LLMEngine:
     def __init__(self, model: str | None = None, args: EngineArgs | None = None):
         """model: a Hugging Face folder, a .gguf file, or None for the embedded SmolLM2-135M-Instruct."""
-        from rtpjax.loading.gguf import resolve_model
-        from rtpjax.loading.loader import load_model
+        from rtpjax.loading.model_source import load_model, resolve_model
         from rtpjax.parallel.sharding import make_mesh
 
         model = resolve_model(model)
@@ -117,10 +116,11 @@ class LLMEngine:
         if args.compilation_cache_dir:
             enable_compilation_cache(args.compilation_cache_dir)
         began = time.monotonic()
+        source = tokenizer_source(model, args.tokenizer, args.skip_tokenizer_init)  # no tokenizer fails here, at once
         # The tokenizer loads alongside the weights and compilation: where transformers imports torch it takes
         # seconds (8 s on the GPU host), mostly in native code.
         pool = ThreadPoolExecutor(1, thread_name_prefix="rtpjax-tokenizer")
-        tokenizer = pool.submit(_timed, load_tokenizer, args.tokenizer or model)
+        tokenizer = pool.submit(_timed, load_tokenizer, source)
         pool.shutdown(wait=False)
         mesh = make_mesh(tensor=args.tensor_parallel_size)
         self.cfg, self.family, params = load_model(model, dtype=args.dtype, mesh=mesh, progress=args.progress,
@@ -290,7 +290,8 @@ class LLMEngine:
         if token in seq.stop_ids and generated > p.min_tokens:  # EOS/stop ids: in token_ids, not in the text
             self._finish(seq, index, "stop", None if token in self.eos_ids and token not in p.stop_token_ids else token)
             return
-        new = detokenizer.append_tokens(self.tokenizer, seq.detok, seq.token_ids, p.skip_special_tokens, index + 1)
+        new = "" if self.tokenizer is None else \
+            detokenizer.append_tokens(self.tokenizer, seq.detok, seq.token_ids, p.skip_special_tokens, index + 1)
         stop = detokenizer.find_stop(seq.detok, p.stop, len(new), p.include_stop_str_in_output)
         if stop is not None:
             self._finish(seq, index, "stop", stop)

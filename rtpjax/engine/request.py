@@ -75,6 +75,10 @@ class RequestMaker:
         ValueError for bad input."""
         params = params or SamplingParams()
         params.validate()
+        if self.tokenizer is None and (isinstance(prompt, str) or params.stop):
+            what = "a text prompt needs" if isinstance(prompt, str) else "stop strings need"
+            raise ValueError(f"{what} a tokenizer, and this engine runs without one (skip_tokenizer_init): send token "
+                             "ids (and stop_token_ids)")  # fmt: skip
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:

@@ -38,7 +38,7 @@ def available() -> bool:
     """On a Hopper GPU. The engine uses it only with its mosaic_prefill option on (AttentionMetadata.mosaic_prefill).
     Opt-in: the kernel is 1.6x the Triton one, but its query and output gathers, the merge and the Triton kernel's
     mostly empty launch cost a fixed ~7 ms a step (Llama-3-8B), which it wins back only from ~4,500 cached tokens: 2-5%
-    slower on 2000-token prompts, 14% faster a step at 14k (benchmarks/RESULTS.md, sixth session)."""
+    slower on 2000-token prompts, 14% faster a step at 14k (benchmarks/RESULTS.md)."""
     if jax.default_backend() != "gpu":
         return False
     return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")

@@ -191,8 +191,8 @@ def ragged_paged_attention(
         raise ValueError(f"ragged_paged_attention needs head_dim a power of two >= 16 (tensor-core dots), got {head_dim}")
     group = num_heads // kv_heads
     group_p = pl.next_power_of_2(group)
-    # Defaults from benchmarks/kernels/sweep.py and attention_bench.py (see benchmarks/RESULTS.md): decode-shaped
-    # batches want small tiles and shallow pipelines, prefill 128-token tiles, 8 warps and deep pipelines.
+    # Defaults from benchmarks/kernels/sweep.py and benchmarks/kernels/attention_bench.py (benchmarks/RESULTS.md):
+    # decode-shaped batches want small tiles and shallow pipelines, prefill 128-token tiles, 8 warps and deep pipelines.
     decode = decode_shaped(num_tokens, meta.seq_lens.shape[0])
     blocks = meta.plan.get("query_blocks") if block_q is None else None  # the step's plan: default-sized blocks
     if block_q is None:

@@ -205,12 +205,3 @@ def default_gguf() -> Path:
                 shutil.copyfileobj(src, dst)
         target.with_suffix(".part").rename(target)
     return target
-
-
-def resolve_model(model: str | Path | None) -> str:
-    """A model argument (None: the default; a .gguf file; a Hugging Face folder) -> a Hugging Face folder."""
-    if model is None:
-        model = default_gguf()
-    if str(model).endswith(".gguf"):
-        return str(cached_folder(model))
-    return str(model)

@@ -26,7 +26,7 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
-from rtpjax.models import decoder, load_config
+from rtpjax.models import decoder
 from rtpjax.models.config import ModelConfig
 from rtpjax.loading.quantization import check_method, is_quantized_param, quantize_on_device, quantizer
 from rtpjax.parallel.sharding import param_shardings
@@ -627,31 +627,3 @@ def random_params(cfg: ModelConfig, family, mesh=None, seed: int = 0, scale: flo
         if quantization and is_quantized_param(path):
             flat[path] = quantize_on_device(flat[path], quantization)
     return decoder.nest(flat)
-
-
-LOAD_FORMATS = ("auto", "dummy")
-
-
-def load_model(model_dir: str | Path, dtype: str | None = None, mesh=None, progress: bool = False,
-               load_format: str = "auto", quantization: str | None = None):  # fmt: skip
-    """(config, family module, params) for a Hugging Face folder or a .gguf file; `dtype` overrides the checkpoint's.
-
-    load_format "dummy" reads only config.json and makes random weights on the devices. quantization: "int8" or
-    "fp8" weight-only (a converted checkpoint that is already quantized loads as it was written).
-    """
-    if load_format not in LOAD_FORMATS:
-        raise ValueError(f"load_format {load_format!r}: choose one of {', '.join(LOAD_FORMATS)}")
-    check_method(quantization)
-    from rtpjax.loading.gguf import resolve_model
-
-    model_dir = resolve_model(model_dir)
-    cfg, family = load_config(model_dir)
-    if dtype is not None:
-        cfg = cfg.with_dtype(dtype)
-    if load_format == "dummy":
-        return cfg, family, random_params(cfg, family, mesh, quantization=quantization)
-    from rtpjax.loading import convert
-
-    if convert.is_converted(model_dir):
-        return cfg, family, convert.restore_params(model_dir, cfg, family, mesh, progress, quantization)
-    return cfg, family, load_params(model_dir, cfg, family, mesh, progress, quantization=quantization)

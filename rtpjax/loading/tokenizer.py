@@ -21,8 +21,31 @@ def tokenizer_class(path: str | Path) -> str | None:
         return None  # AutoTokenizer reports what is wrong with it
 
 
-def load_tokenizer(path: str | Path):
-    """The Hugging Face tokenizer of `path`: a plain fast tokenizer when the folder declares one, else AutoTokenizer."""
+# What a Hugging Face tokenizer is built from: the Rust tokenizer, sentencepiece, BPE or WordPiece vocabularies (and
+# tiktoken files, matched by suffix).
+_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def tokenizer_source(model: str | Path, tokenizer: str | Path | None, skip: bool) -> str | None:
+    """The folder the tokenizer loads from (`tokenizer` if given, else the model's), or None with skip_tokenizer_init.
+
+    Checked now, before any weights load: on a folder with no tokenizer files transformers either fails deep inside
+    (Llama, Mistral) or builds an empty tokenizer that encodes every text to nothing (Qwen2).
+    """
+    if skip:
+        return None
+    folder = Path(tokenizer or model)
+    if not any((folder / name).is_file() for name in _FILES) and not any(folder.glob("*.tiktoken")):
+        raise ValueError(f"{folder} has no tokenizer files ({', '.join(_FILES)}): pass --tokenizer DIR with the "
+                         "model's tokenizer, or skip_tokenizer_init=True to send and get token ids only")
+    return str(folder)
+
+
+def load_tokenizer(path: str | Path | None):
+    """The Hugging Face tokenizer of `path`: a plain fast tokenizer when the folder declares one, else AutoTokenizer;
+    None for no path (skip_tokenizer_init)."""
+    if path is None:
+        return None
     if tokenizer_class(path) in _PLAIN_CLASSES:
         from transformers import PreTrainedTokenizerFast
 

@@ -2,9 +2,9 @@
 
 model(params, kv_cache, sampler_state, inputs) -> (logits, kv_cache), then sample(logits, sampler_state, sampling)
 -> (tokens + logprobs, sampler_state), with the cache and sampler state donated so they update in place. Token and
-sequence counts are padded to buckets that warm-up compiles once (the sampler per sequence bucket and variant);
-real counts travel as array values. Dispatch returns at once: the host reads a step's tokens only when it must,
-while the device runs the next step, whose inputs read still-unread tokens on the device.
+sequence counts are padded to buckets that warm-up compiles once (the sampler per sequence bucket and variant, prompt
+scoring per length bucket); real counts travel as array values. Dispatch returns at once: the host reads a step's
+tokens only when it must, while the device runs the next step, whose inputs read still-unread tokens on the device.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import numpy as np
 from rtpjax.kv import kv_cache as kv
 from rtpjax.kv.block_copy import BlockCopier
 from rtpjax.kv.host_blocks import BlockLoad, KVBlocks, KVLayout
-from rtpjax.runner import sampler
+from rtpjax.runner import prompt_logprobs, sampler
 from rtpjax.kernels.metadata import AttentionMetadata
-from rtpjax.sampling_params import MAX_LOGPROBS, MAX_STOP_TOKEN_IDS
+from rtpjax.sampling_params import MAX_STOP_TOKEN_IDS
 from rtpjax.engine.scheduler import Schedule
 from rtpjax.parallel.sharding import tensor_ways
 from rtpjax.engine.sequence import PENDING
@@ -126,6 +126,12 @@ class ModelRunner:
         self.kv_layout = KVLayout(jnp.dtype(self.cache[0][0].dtype).name, block_size, cfg.num_layers, cfg.num_kv_heads,
                                   cfg.head_dim)  # fmt: skip
         self.copier = BlockCopier(self.cache, self.kv_layout, buckets(self.max_blocks, 4))
+        self.score_chunk = self.token_buckets[-1]  # prompt scoring: chunks of the step's token budget
+        self.score_buckets = buckets(-(-max_model_len // self.score_chunk) * self.score_chunk, self.score_chunk)
+        self._score = jax.jit(functools.partial(prompt_logprobs.score, cfg=cfg, forward=family.forward,
+                                                block_size=block_size, mesh=mesh, kv_dtype=kv_cache_dtype),
+                              static_argnums=(2,))  # fmt: skip
+        self._scorers: dict[int, object] = {}  # prompt length bucket -> score executable
         CompileCounter.install()
 
     # -- warm-up ----------------------------------------------------------------------------------------------------
@@ -138,7 +144,8 @@ class ModelRunner:
         from tqdm import tqdm
 
         steps = [(t, self._seqs_for(t)) for t in self.token_buckets]
-        bar = tqdm(total=len(steps) + len(self.admit_buckets), desc="compiling", unit="shape", disable=not progress)
+        bar = tqdm(total=len(steps) + len(self.score_buckets) + len(self.admit_buckets), desc="compiling", unit="shape",
+                   disable=not progress)  # fmt: skip
 
         def compile_step(shape):
             flat, packing = pack(self._batch([], *shape)[0])
@@ -150,8 +157,13 @@ class ModelRunner:
             logits = jax.ShapeDtypeStruct((seqs, self.cfg.vocab_size), jnp.float32, sharding=sharding)
             return key, self._sample.lower(logits, self.state, flat, packing, variant).compile()
 
+        def compile_scorer(length):
+            flat, packing = pack(self._score_inputs([], length))
+            return length, self._score.lower(self.params, flat, packing).compile()
+
         began = time.monotonic()
         with ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 2) - 1))) as pool:
+            scorers = pool.map(compile_scorer, self.score_buckets)  # queued now: they compile alongside the steps
             for shape, model in pool.map(compile_step, steps):
                 self._compiled[shape] = model
                 bar.update()
@@ -168,6 +180,9 @@ class ModelRunner:
             bar.total += len(copies)
             for _ in pool.map(lambda job: job(), copies):
                 bar.update()
+            for length, scorer in scorers:
+                self._scorers[length] = scorer
+                bar.update()
         compiled = time.monotonic()
         for t, s in steps:  # run each once: the first call of an executable does one-time setup
             jax.block_until_ready(self.run_step(*self._batch([], t, s)))
@@ -179,8 +194,9 @@ class ModelRunner:
             jax.block_until_ready(self.state)
             bar.update()
         bar.close()
-        log.info("warm-up: %d step shapes, %d samplers and %d block copies compiled or fetched in %.1f s, first runs "
-                 "%.1f s; %d admit shapes %.1f s", len(steps), len(samplers), len(copies), compiled - began,
+        log.info("warm-up: %d step shapes, %d samplers, %d prompt scorers and %d block copies compiled or fetched "
+                 "in %.1f s, first runs %.1f s; %d admit shapes %.1f s", len(steps), len(samplers),
+                 len(self.score_buckets), len(copies), compiled - began,
                  ran - compiled, len(self.admit_buckets), time.monotonic() - ran)  # fmt: skip
         return bar.total
 
@@ -259,36 +275,16 @@ class ModelRunner:
     # -- prompt logprobs --------------------------------------------------------------------------------------------
 
     def score_prompt(self, ids: list[int], top_n: int) -> list[dict[int, float] | None]:
-        """Each prompt token's logprob (and the top-n alternatives) given the tokens before it.
+        """Each prompt token's logprob (and the top-n alternatives) given the tokens before it: one extra prefill, only
+        for requests that ask, by the executable warm-up compiled for the prompt's length bucket."""
+        length = pick(self.score_buckets, len(ids))
+        flat, packing = pack(self._score_inputs(ids, length))
+        scorer = self._scorers.get(length)
+        scored = scorer(self.params, flat) if scorer is not None else self._score(self.params, flat, packing)
+        return prompt_logprobs.entries(ids, jax.device_get(scored), top_n)
 
-        A separate full-prompt forward over a scratch cache, compiled per power-of-two length: it costs one extra
-        prefill, only for requests that ask for prompt logprobs.
-        """
-        length = pick(self.admit_buckets, len(ids))
-        blocks = -(-length // self.block_size)
-        cache = kv.allocate(self.cfg, blocks, self.block_size, mesh=self.mesh, kv_dtype=self.kv_cache_dtype)
-        step = build_step([SeqChunk(ids, 0, list(range(blocks)))], self.block_size, num_tokens=length, num_seqs=1,
-                          **self.attention)  # fmt: skip
-        targets = np.zeros(length, np.int32)
-        targets[: len(ids) - 1] = ids[1:]
-        lp, top_ids, top_lp = jax.device_get(self._score(self.params, cache, step.tokens, step.positions, step.meta,
-                                                         targets))  # fmt: skip
-        out: list[dict[int, float] | None] = [None]
-        for t in range(len(ids) - 1):
-            entry = {int(ids[t + 1]): float(lp[t])}
-            entry.update((int(i), float(v)) for i, v in zip(top_ids[t, :top_n], top_lp[t, :top_n]))
-            out.append(entry)
-        return out
-
-    @functools.cached_property
-    def _score(self):
-        def score(params, cache, tokens, positions, meta, targets):
-            logits, _ = self._forward(params, self.cfg, tokens, positions, cache, meta)
-            logprobs = jax.nn.log_softmax(logits, axis=-1)
-            top_lp, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
-            return jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0], top_ids, top_lp
-
-        return jax.jit(score)
+    def _score_inputs(self, ids: list[int], length: int) -> prompt_logprobs.ScoreBatch:
+        return prompt_logprobs.score_inputs(ids, length, self.score_chunk, self.block_size, **self.attention)
 
     # -- dispatch ---------------------------------------------------------------------------------------------------
 

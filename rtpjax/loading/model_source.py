@@ -1,0 +1,53 @@
+"""What a model argument means, and what kind of checkpoint it holds: the one place that decides which reader loads it.
+
+A model argument is None (the embedded SmolLM2-135M-Instruct), a .gguf file (its converted folder, made once) or a
+Hugging Face folder; a folder holds safetensors (loader), a converted orbax tree (orbax_checkpoint), or only its
+config.json when the weights are made up (load_format="dummy").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rtpjax.loading import gguf
+from rtpjax.loading.loader import load_params, random_params
+from rtpjax.loading.orbax_checkpoint import is_converted, restore_params
+from rtpjax.loading.quantization import check_method
+from rtpjax.models import load_config
+from rtpjax.models.config import read_config_json
+
+LOAD_FORMATS = ("auto", "dummy")
+
+
+def resolve_model(model: str | Path | None) -> str:
+    """A model argument -> the Hugging Face folder it stands for."""
+    if model is None:
+        model = gguf.default_gguf()
+    if str(model).endswith(".gguf"):
+        return str(gguf.cached_folder(model))
+    if not Path(model).is_dir():
+        raise ValueError(f"{model}: not a model folder or a .gguf file (give a Hugging Face folder with config.json, "
+                         "a .gguf file, or nothing for the default model)")  # fmt: skip
+    read_config_json(model)  # a folder that is no model fails here, before anything else is asked of it
+    return str(model)
+
+
+def load_model(model: str | Path | None, dtype: str | None = None, mesh=None, progress: bool = False,
+               load_format: str = "auto", quantization: str | None = None):  # fmt: skip
+    """(config, family module, params) for a model argument; `dtype` overrides the checkpoint's.
+
+    load_format "dummy" reads only config.json and makes random weights on the devices. quantization: "int8" or
+    "fp8" weight-only (a converted checkpoint that is already quantized loads as it was written).
+    """
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format {load_format!r}: choose one of {', '.join(LOAD_FORMATS)}")
+    check_method(quantization)
+    model_dir = resolve_model(model)
+    cfg, family = load_config(model_dir)
+    if dtype is not None:
+        cfg = cfg.with_dtype(dtype)
+    if load_format == "dummy":
+        return cfg, family, random_params(cfg, family, mesh, quantization=quantization)
+    if is_converted(model_dir):
+        return cfg, family, restore_params(model_dir, cfg, family, mesh, progress, quantization)
+    return cfg, family, load_params(model_dir, cfg, family, mesh, progress, quantization=quantization)
