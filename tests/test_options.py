@@ -17,7 +17,7 @@ from rtpjax.options import CLI_COMPILATION_CACHE, cli_fields, engine_args_from, 
 
 @pytest.mark.parametrize("options, message", [
     (dict(max_num_seqs=0), "--max-num-seqs must be an integer >= 1, got 0"),
-    (dict(max_num_batched_tokens=2.5), "--max-num-batched-tokens must be an integer >= 1, got 2.5"),
+    (dict(max_num_batched_tokens=2.5), "--max-num-batched-tokens must be an integer >= 1 or None, got 2.5"),
     (dict(block_size="16"), "--block-size must be an integer >= 1, got '16'"),
     (dict(max_model_len=-3), "--max-model-len must be an integer >= 1 or None, got -3"),
     (dict(gpu_memory_utilization=0), r"--gpu-memory-utilization must be a number in \(0, 1\], got 0"),
@@ -52,7 +52,7 @@ def test_choices_match_the_modules_that_take_them():
     from models.config import _DTYPES
     from rtpjax.kernels.attention import IMPLEMENTATIONS
     from rtpjax.kv.kv_cache import KV_DTYPES
-    from rtpjax.loading.loader import LOAD_FORMATS
+    from rtpjax.loading.model_source import LOAD_FORMATS
     from rtpjax.loading.quantization import METHODS
 
     choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(EngineArgs)}
@@ -172,3 +172,12 @@ def test_readme_lists_every_engine_option():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [f.name for f in dataclasses.fields(EngineArgs) if f"| `{f.name}` |" not in readme]
     assert not missing, f"README's engine-options table lacks {missing}"
+
+
+def test_token_budget_default_follows_the_device_and_an_explicit_one_stays():
+    from rtpjax.options import CPU_TOKEN_BUDGET, TOKEN_BUDGET
+
+    assert EngineArgs().max_num_batched_tokens is None
+    assert EngineArgs().for_platform("gpu").max_num_batched_tokens == TOKEN_BUDGET["gpu"] == 2048
+    assert EngineArgs().for_platform("cpu").max_num_batched_tokens == CPU_TOKEN_BUDGET == 256
+    assert EngineArgs(max_num_batched_tokens=512).for_platform("gpu").max_num_batched_tokens == 512

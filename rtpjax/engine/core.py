@@ -110,7 +110,7 @@ class LLMEngine:
         from rtpjax.parallel.sharding import make_mesh
 
         model = resolve_model(model)
-        args = args or EngineArgs()
+        args = (args or EngineArgs()).for_platform(jax.default_backend())
         self.args = args
 
         if args.compilation_cache_dir:
