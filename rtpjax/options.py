@@ -22,10 +22,9 @@ import typing
 from pathlib import Path
 
 # The per-step token budget when none is given, by platform. On a GPU it bounds how long a prefill chunk holds up the
-# decoding streams and how early the head of the prefill queue gets its first token: on an H200 (8B shape), 1024 and
-# 2048 gave the same throughput and P95 TTFT under load, 8192 a P95 TTFT twice as long (RESULTS.md, "TTFT under
-# load"); 2048 keeps fewer, larger prefill steps. On a CPU, where a step's cost grows with its padded token count,
-# 256 keeps single-stream steps and their compiled buckets small.
+# decoding streams and how soon the head of the prefill queue gets its first token; chosen by measurement on an H200
+# (benchmarks/RESULTS.md, "TTFT under load": smaller budgets down to 1024 were no better, much larger ones worse).
+# On a CPU a step's cost grows with its padded token count: a small budget keeps steps and compiled buckets small.
 TOKEN_BUDGET = {"gpu": 2048}
 CPU_TOKEN_BUDGET = 256
 
