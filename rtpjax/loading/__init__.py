@@ -1,0 +1,1 @@
+"""From a model argument to parameters on the devices: folders, GGUF files, converted checkpoints, tokenizers."""
