@@ -157,5 +157,5 @@ def test_engine_and_dummy_weights_with_quantization(stories_dir, compile_cache, 
         assert tokens == list(greedy_tokens(engine.runner.params, engine.cfg, engine.family, prompt, 12, block_size=4))
     _, _, dummy = load_model(tiny_checkpoints["llama3"], load_format="dummy", quantization="fp8")
     assert decoder.flatten(dummy)["layers.1.attn.wk.q"].dtype == jnp.float8_e4m3fn
-    with pytest.raises(ValueError, match="quantization 'int3'"):
+    with pytest.raises(ValueError, match="--quantization must be int8, fp8 or None, got 'int3'"):
         LLM(path, quantization="int3", **ENGINE_ARGS)
