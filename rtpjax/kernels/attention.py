@@ -5,8 +5,9 @@ last of which sits at context position seq_lens[s] - 1. Its keys and values live
 listed by block_tables[s]. The step's new K/V are written into their slots first, then every query attends causally to
 its own sequence's cache, so a prefix reused from the cache and freshly computed tokens are read the same way.
 
-`impl` picks the implementation: "reference" is the plain-jnp one below (CPU, and the ground truth for kernels);
-"pallas" runs the Pallas kernels of this package (interpreted on CPU: for tests).
+`impl` picks the implementation: "reference" is plain jnp (the CPU path: `blockwise`, which reads only the blocks a
+step's sequences hold, tested against `reference.reference_attention`, the ground truth of every kernel); "pallas"
+runs the Pallas kernels of this package (interpreted on CPU: for tests).
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ import jax.numpy as jnp
 from rtpjax.kernels import kv_write, prefill_mosaic
 from rtpjax.kernels.metadata import AttentionMetadata, LayerCache, token_layout
 from rtpjax.kernels.ragged_paged_attention import decode_shaped, plan, ragged_paged_attention
-from rtpjax.kernels.reference import reference_attention, write_kv
+from rtpjax.kernels.blockwise import blockwise_attention
+from rtpjax.kernels.reference import write_kv
 from rtpjax.parallel.sharding import tensor_ways
 
 
 def _reference(q, k, v, cache, meta, **kw):
     cache = write_kv(cache, k, v, meta.slot_mapping)
-    return reference_attention(q, cache, meta, **kw), cache
+    return blockwise_attention(q, cache, meta, **kw), cache
 
 
 def _pallas(q, k, v, cache, meta, **kw):

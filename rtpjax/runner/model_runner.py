@@ -108,7 +108,9 @@ class ModelRunner:
         # What every step's attention metadata carries as static configuration (so part of each program's cache key).
         self.attention = dict(impl=attention_impl, mesh=self.attention_mesh, kv_write=kv_write,
                               mosaic_prefill=mosaic_prefill)  # fmt: skip
-        self.token_buckets = buckets(max_num_batched_tokens, 16)
+        # From one token off the GPU: there a step's cost follows its padded token count, and a single stream's decode
+        # padded to 16 rows ran the model 16 times over. The Pallas kernels' tiles want at least 16.
+        self.token_buckets = buckets(max_num_batched_tokens, 16 if attention_impl == "pallas" else 1)
         self.max_num_seqs = max_num_seqs
         self.sink = max_num_seqs
         self.kv_cache_dtype = kv_cache_dtype
