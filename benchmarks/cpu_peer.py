@@ -46,7 +46,7 @@ def run_transformers(folder: str, batches: list[int], max_tokens: int, repeats: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ids = tokenizer(chat_prompt(tokenizer), return_tensors="pt").input_ids
     rates = {}
     with torch.inference_mode():
