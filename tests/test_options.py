@@ -49,7 +49,7 @@ def test_good_values_pass_as_given():
 
 
 def test_choices_match_the_modules_that_take_them():
-    from models.config import _DTYPES
+    from rtpjax.models.config import _DTYPES
     from rtpjax.kernels.attention import IMPLEMENTATIONS
     from rtpjax.kv.kv_cache import KV_DTYPES
     from rtpjax.loading.model_source import LOAD_FORMATS
