@@ -223,3 +223,17 @@ def test_restart_hits_the_disk_tier_and_recomputes_bad_files(first_run, stories_
     # prompt 0 loads block 0 only, prompt 1 nothing, prompt 2 blocks 0-1: every other prefix whole
     assert disk.hits == SHAREABLE - (3 + 4 + 2) * 16
     third.engine.close()
+
+
+def test_tier_metrics_on_prometheus(first_run):
+    import msgspec
+
+    from rtpjax.serve.metrics import Metrics
+
+    llm, *_ = first_run
+    m = Metrics("stories")
+    text = m.render(msgspec.structs.asdict(llm.engine.stats())).decode()
+    host = tier_stats(llm)["host"]
+    assert f'rtpjax:kv_tier_hits_total{{model_name="stories",tier="host"}} {float(host.hits)}' in text
+    assert 'rtpjax:kv_tier_capacity_bytes{model_name="stories",tier="disk"}' in text
+    assert "KV tiers: host" in llm.engine.tiers.report()

@@ -139,7 +139,7 @@ class KVTiers:
             with self.lock:
                 self.inflight.difference_update(hashes)
 
-    def flush(self, timeout: float = 60.0) -> None:
+    def flush(self, timeout: float = 20.0) -> None:
         """Wait until everything queued so far is written down (before a shutdown or a restart)."""
         self._writer.submit(lambda: None).result(timeout)
 
