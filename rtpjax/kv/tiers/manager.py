@@ -15,6 +15,7 @@ costs (Costs): the onload and disk bandwidths against the time the step takes to
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,8 @@ from rtpjax.distributed.messages import TierStats
 from rtpjax.kv.host_blocks import KVLayout, PackedBlocks
 from rtpjax.kv.tiers.disk import DiskTier
 from rtpjax.kv.tiers.host import HostTier
+
+log = logging.getLogger("rtpjax")
 
 POLICIES = ("auto", "swap", "recompute")
 
@@ -135,6 +138,8 @@ class KVTiers:
                         disk.bytes_written += stored * row.nbytes
                         disk.dropped += not stored
                 disk.write_seconds += time.perf_counter() - began
+        except Exception:  # noqa: BLE001 - the blocks are only not kept below; the engine goes on
+            log.exception("KV tiers: writing %d blocks down failed", len(hashes))
         finally:
             with self.lock:
                 self.inflight.difference_update(hashes)
