@@ -21,6 +21,9 @@
 #           1024/128 at concurrency 64 (192 and 960 prompts) and 128/1024 at 256; one summary JSON
 #   launch  host cost of launching the step and how often XLA re-records its CUDA graph, per XLA setting (probes/)
 #   allreduce  64 chained all-reduces over every GPU, as a TP decode step makes them (probes/)
+#   tiers   KV tiers: pinned/pageable H2D, packed vs per-layer onload, disk tier vs dd (tiers_bench.py); then
+#           multi_turn and prefix_repetition traffic whose working set is >= 4x the device KV (TIER_BLOCKS device
+#           blocks) with prefix caching off, device only, device + host + disk; then a restart with the disk tier
 # Run from the repository root on the lent GPU (device tool), with .whl carried (starlette, uvicorn, pydantic):
 #   bash benchmarks/gpu_run.sh load transfer startup offline offline_hf serve host kernels
 set -uo pipefail
@@ -187,6 +190,57 @@ PY
     done
     kill $server; wait $server
     tail -3 "$OUT/serve.log"
+    ;;
+  tiers)
+    checkpoint
+    timeout 300 python3 -m rtpjax.benchmarks.tiers_bench --blocks 512 --out "$OUT/tiers_bw.json"
+    # 2048 device blocks of 16 tokens = 32k tokens; 64 conversations x 4 turns x (1024 + 128) tokens and 32 prefixes
+    # of 4096 tokens are each >= 4x that.
+    blocks=${TIER_BLOCKS:-2048}
+    tier_serve() {  # $1: name, rest: flags
+      local name=$1; shift
+      python3 -m rtpjax.cli serve "$CKPT" --load-format dummy --port 8000 --served-model-name "$SHAPE" \
+        --compilation-cache-dir /tmp/xla $SERVE_FLAGS --max-model-len 8192 --num-gpu-blocks "$blocks" "$@" > "$OUT/tiers_$name.log" 2>&1 &
+      server=$!
+      for _ in $(seq 600); do curl -sf localhost:8000/health >/dev/null && break; sleep 0.5; done
+    }
+    tier_bench() {  # $1: result name, rest: dataset flags
+      local name=$1; shift
+      timeout 400 python3 -m rtpjax.benchmarks.serve_bench --tokenizer "$CKPT" --ignore-eos --disable-tqdm \
+        --save-result --result-dir "$OUT" --metric-percentiles 50,95,99 --result-filename "tiers_$name.json" "$@" \
+        | grep -E "P95 TTFT|P95 ITL|Output token throughput"
+      curl -s localhost:8000/metrics | grep -E "^rtpjax:(prefix_cache|kv_tier)_(queries|hits)" > "$OUT/tiers_$name.metrics"
+      cat "$OUT/tiers_$name.metrics"
+    }
+    traffic() {  # $1: config name
+      tier_bench "$1_multi_turn" --dataset-name multi_turn --num-prompts 256 --multi-turn-num-turns 4 \
+        --multi-turn-input-len 1024 --multi-turn-output-len 128 --max-concurrency 64
+      tier_bench "$1_shared_prefix" --dataset-name prefix_repetition --num-prompts 256 --max-concurrency 64 \
+        --prefix-repetition-prefix-len 4096 --prefix-repetition-suffix-len 256 --prefix-repetition-num-prefixes 32 \
+        --prefix-repetition-output-len 128
+    }
+    rm -rf /tmp/kv_disk
+    tiered="--kv-offloading-size ${TIER_HOST_GIB:-64} --kv-disk-path /tmp/kv_disk --kv-disk-size ${TIER_DISK_GIB:-200}"
+    for config in off device tiered; do
+      case $config in
+      off) tier_serve off --no-enable-prefix-caching ;;
+      device) tier_serve device ;;
+      tiered) tier_serve tiered $tiered ;;
+      esac
+      echo "== tiers: $config"; traffic $config
+      kill -INT $server; wait $server
+    done
+    # The restart: the first 100 requests of the shared-prefix set after a restart, with the disk tier the last
+    # server wrote down and with a cold one.
+    for config in restart_disk restart_cold; do
+      [ $config = restart_cold ] && rm -rf /tmp/kv_disk
+      tier_serve $config $tiered
+      echo "== tiers: $config"
+      tier_bench "$config" --dataset-name prefix_repetition --num-prompts 100 --max-concurrency 16 \
+        --prefix-repetition-prefix-len 4096 --prefix-repetition-suffix-len 256 --prefix-repetition-num-prefixes 32 \
+        --prefix-repetition-output-len 128
+      kill -INT $server; wait $server
+    done
     ;;
   esac
 done

@@ -82,11 +82,25 @@ class EngineArgs:
                               choices=("auto", "dummy"))  # fmt: skip
     quantization: str | None = option(None, "weight-only quantization of the linear weights, per output channel, "
                                       "done on the devices at load", choices=("int8", "fp8"))  # fmt: skip
+    kv_offloading_size: float | None = option(None, "GiB of host memory (page-locked on GPUs) for a KV tier below the "
+                                              "device: evicted prefix blocks go there and come back on a hit",
+                                              above=0)  # fmt: skip
+    kv_disk_path: str | None = option(None, "folder of a disk KV tier below the host tier (needs "
+                                      "--kv-offloading-size); it outlives restarts with the same model, dtype, "
+                                      "block size and tokenizer", path=True)  # fmt: skip
+    kv_disk_size: float | None = option(None, "GiB the disk KV tier may fill (needed with --kv-disk-path)", above=0)
+    preemption_mode: str = option("auto", "how a preempted sequence gets its KV back, and whether KV tier hits are "
+                                  "loaded: swap = its blocks go down to the host tier and are loaded back (tier "
+                                  "hits always loaded); recompute = its tokens run again; auto = swap, loading a "
+                                  "tier hit only when the measured load time is below the measured recompute time",
+                                  choices=("auto", "swap", "recompute"))  # fmt: skip
     progress: bool = option(False, "progress bars for loading and compiling", cli=False)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             setattr(self, f.name, _checked(f, getattr(self, f.name)))
+        if (self.kv_disk_path is None) != (self.kv_disk_size is None):
+            raise ValueError("--kv-disk-path and --kv-disk-size go together: give both or neither")
 
     def for_platform(self, platform: str) -> EngineArgs:
         """These options with the defaults that depend on the device filled in (platform: jax.default_backend())."""
@@ -137,6 +151,8 @@ def describe(f: dataclasses.Field) -> str:
         text += f" in ({m['above']:g}, {m['maximum']:g}]"
     elif m["minimum"] is not None:
         text += f" >= {m['minimum']:g}"
+    elif m["above"] is not None:
+        text += f" > {m['above']:g}"
     return text + (" or None" if optional else "")
 
 

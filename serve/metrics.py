@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
@@ -36,8 +37,24 @@ class Metrics:
         self.generation_tokens = counter("generation_tokens", "Tokens generated")
         self.success = Counter("rtpjax:request_success", "Finished requests by finish reason",
                                ["model_name", "finished_reason"], registry=r)  # fmt: skip
+        tier = ["model_name", "tier"]
+        self.tier_counters = {
+            key: Counter(f"rtpjax:kv_tier_{name}", doc, tier, registry=r) for key, name, doc in (
+                ("queries", "queries", "Prompt tokens looked up in a KV tier below the device"),
+                ("hits", "hits", "Prompt tokens loaded from a KV tier"),
+                ("bytes_written", "written_bytes", "Bytes of KV blocks written down into a tier"),
+                ("bytes_read", "read_bytes", "Bytes of KV blocks read out of a tier"),
+                ("write_seconds", "write_seconds", "Time spent writing KV blocks into a tier"),
+                ("read_seconds", "read_seconds", "Time spent reading KV blocks out of a tier (disk)"),
+                ("errors", "errors", "Corrupt, truncated or missing KV blocks read, and failed writes (recomputed)"),
+                ("dropped", "dropped_blocks", "KV blocks not written down"),
+            )
+        }  # fmt: skip
+        self.tier_used = Gauge("rtpjax:kv_tier_usage_bytes", "Bytes of a KV tier in use", tier, registry=r)
+        self.tier_capacity = Gauge("rtpjax:kv_tier_capacity_bytes", "Capacity of a KV tier", tier, registry=r)
         self.model_name = model_name
         self._seen_queries = self._seen_hits = 0
+        self._seen_tiers: dict[tuple[str, str], float] = {}
 
     def on_finished(self, out, metrics) -> None:
         """Record one finished request (its RequestOutput and the first sequence's RequestMetrics)."""
@@ -61,4 +78,12 @@ class Metrics:
         self.prefix_queries.inc(stats["prefix_cache_queries"] - self._seen_queries)
         self.prefix_hits.inc(stats["prefix_cache_hits"] - self._seen_hits)
         self._seen_queries, self._seen_hits = stats["prefix_cache_queries"], stats["prefix_cache_hits"]
+        for t in stats.get("kv_tiers", ()):
+            t = t if isinstance(t, dict) else msgspec.structs.asdict(t)
+            labels = (self.model_name, t["tier"])
+            for key, counter in self.tier_counters.items():
+                counter.labels(*labels).inc(t[key] - self._seen_tiers.get((t["tier"], key), 0))
+                self._seen_tiers[t["tier"], key] = t[key]
+            self.tier_used.labels(*labels).set(t["used_bytes"])
+            self.tier_capacity.labels(*labels).set(t["capacity_bytes"])
         return generate_latest(self.registry)

@@ -133,6 +133,8 @@ def _serve(engine: LLMEngine, conn: Connection) -> None:
             log.info("engine: %s; %d running, %d waiting, KV cache %.0f%% used",
                      engine.loop_stats.report(time.monotonic() - reported), s.num_running, s.num_waiting,
                      100 * s.kv_cache_usage)  # fmt: skip
+            if engine.tiers is not None:
+                log.info("engine: %s", engine.tiers.report())
             engine.loop_stats, reported = LoopStats(), time.monotonic()
         commands = [inbox.get()] if not engine.has_work() else []
         while not inbox.empty():
@@ -186,6 +188,8 @@ def child_main(fd: int, parent: int) -> None:
         _serve(engine, conn)
     except (EOFError, OSError):
         pass  # the parent is gone
+    finally:
+        engine.close()  # KV tiers: the prefix cache goes down to disk for the next start
 
 
 # -- the parent's handle ----------------------------------------------------------------------------------------------

@@ -46,6 +46,22 @@ class ModelInfo(msgspec.Struct, frozen=True):
     max_num_seqs: int
 
 
+class TierStats(msgspec.Struct, gc=False):
+    """One KV tier below the device (kv/tiers): its capacity and what moved through it since the engine started."""
+
+    tier: str  # "host" or "disk"
+    capacity_bytes: int
+    used_bytes: int
+    queries: int  # prompt tokens looked up in this tier (those the device did not hold)
+    hits: int  # of which loaded from it
+    bytes_written: int  # blocks written down into it
+    bytes_read: int  # blocks read out of it (host: onloaded to the device; disk: read into the host tier)
+    write_seconds: float
+    read_seconds: float  # disk reads (host onloads overlap the steps and are not timed apart)
+    errors: int = 0  # corrupt, truncated or missing files; failed writes
+    dropped: int = 0  # blocks not written down (the tier full of leased rows, a failed write)
+
+
 class EngineStats(msgspec.Struct, gc=False):
     """The engine's gauges as of its last step (LLMEngine.stats(); AsyncLLM.stats() gives them as a dict)."""
 
@@ -56,6 +72,8 @@ class EngineStats(msgspec.Struct, gc=False):
     prefix_cache_hits: int
     num_free_blocks: int
     num_blocks: int
+    kv_tiers: list[TierStats] = []  # empty without KV tiers
+    num_loading: int = 0  # waiting sequences whose prefix blocks are being read from a KV tier
 
 
 class Startup(_Message, tag="startup"):

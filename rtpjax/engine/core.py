@@ -24,11 +24,13 @@ from rtpjax.engine import detokenizer
 from rtpjax.kv import kv_cache
 from rtpjax.kernels.attention import resolve_impl
 from rtpjax.kv.block_pool import BlockPool
+from rtpjax.kv.tiers import build as tiers_build
 from rtpjax.runner.model_runner import CompileCounter, ModelRunner
 from rtpjax.sampling_params import SamplingParams
 from rtpjax.engine.scheduler import Schedule, Scheduler
 from rtpjax.engine.request import CompletionOutput, ModelInfo, Request, RequestMaker, RequestOutput
 from rtpjax.engine.snapshot import KVBlocks, RequestSnapshot, capture, restore
+from rtpjax.kv.host_blocks import PackedBlocks
 from rtpjax.engine.sequence import PENDING, Sequence
 from rtpjax.loading.tokenizer import load_tokenizer, tokenizer_source
 from rtpjax.options import EngineArgs
@@ -139,9 +141,17 @@ class LLMEngine:
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=self.max_model_len, mesh=mesh, attention_impl=resolve_impl(args.attention_impl, self.cfg.head_dim),
             kv_cache_dtype=args.kv_cache_dtype, kv_write=args.kv_write, mosaic_prefill=args.mosaic_prefill,
+            kv_tiers=bool(args.kv_offloading_size),
         )  # fmt: skip
+        self.tiers = tiers_build.make_tiers(args, self.runner.kv_layout,
+                                            tiers_build.identity(model, source, self.runner.kv_layout, args))
+        if self.tiers is not None:
+            self.pool.on_evict = self.tiers.write_down
+            self.scheduler.tiers = self.tiers
         t0, misses = time.monotonic(), CompileCounter.count
         shapes = self.runner.warmup(progress=args.progress)
+        if self.tiers is not None:
+            self.tiers.costs = tiers_build.measure_costs(self.runner, self.tiers)
         compiled = time.monotonic()
         self.tokenizer, tokenizer_seconds = tokenizer.result()
         self.eos_ids = _eos_ids(Path(model), self.cfg, self.tokenizer)
@@ -231,7 +241,25 @@ class LLMEngine:
 
     def reset_inflight(self) -> None:
         """Forget a step whose results can no longer be read (after a failure)."""
+        if self.inflight is not None:
+            self._release_loads(self.inflight[0])
         self.inflight = None
+
+    def _release_loads(self, schedule: Schedule) -> None:
+        """The step has run, so have the writes before it: the tier rows they read may be reused."""
+        for load in schedule.loads:
+            if isinstance(load.kv, PackedBlocks):
+                self.tiers.release(load.kv)
+
+    def close(self) -> None:
+        """Write the prefix cache's blocks down to the KV tiers (the disk tier keeps them for the next start) and
+        wait for the writes. Idempotent; a no-op without tiers."""
+        if self.tiers is None:
+            return
+        for h, block in list(self.pool.cached.items()):
+            self.tiers.write_down(block, h)
+        self.tiers.dispatch(self.runner.offload)
+        self.tiers.flush()
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self.inflight is not None
@@ -244,6 +272,8 @@ class LLMEngine:
         the engine process sends)."""
         stats, began = self.loop_stats, time.perf_counter()
         schedule = self.scheduler.schedule()
+        if self.tiers is not None:  # blocks evicted just now are copied down before anything overwrites them
+            self.tiers.dispatch(self.runner.offload)
         launched = None
         if schedule.items:
             inputs = self.runner.prepare(schedule)
@@ -251,7 +281,10 @@ class LLMEngine:
             stats.prepare_s += prepared - began
             launched = (schedule, self.runner.launch(*inputs))
             stats.launch_s += time.perf_counter() - prepared
-        outputs = self._process(*self.inflight, final_only, as_deltas) if self.inflight is not None else []
+        outputs = []
+        if self.inflight is not None:
+            outputs = self._process(*self.inflight, final_only, as_deltas)
+            self._release_loads(self.inflight[0])
         self.inflight = launched
         stats.steps, stats.rows = stats.steps + 1, stats.rows + len(schedule.items)
         stats.computed += schedule.num_tokens
@@ -360,4 +393,6 @@ class LLMEngine:
             prefix_cache_hits=pool.hits,
             num_free_blocks=pool.num_free,
             num_blocks=pool.num_blocks,
+            kv_tiers=self.tiers.stats() if self.tiers is not None else [],
+            num_loading=self.scheduler.loading() if self.tiers is not None else 0,
         )

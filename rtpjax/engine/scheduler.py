@@ -9,6 +9,9 @@ The host may schedule a sequence whose last token is still on the device (PENDIN
 
 A sequence whose K/V arrives from elsewhere (HostKV: an adopted request) is admitted like any other, its loaded blocks
 counting as computed: the schedule lists them as block loads, which the runner writes before the step runs.
+
+With KV tiers (kv/tiers), a waiting sequence whose prefix continues below the device first waits "loading" (skipped,
+others admitted past it) until those blocks are in host memory; it is then admitted with them as block loads too.
 """
 
 from __future__ import annotations
@@ -44,8 +47,9 @@ class Schedule:
 
 class Scheduler:
     def __init__(self, pool: BlockPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int):  # fmt: skip
+                 max_model_len: int, tiers=None):  # fmt: skip
         self.pool = pool
+        self.tiers = tiers  # kv.tiers.KVTiers, or None
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -70,6 +74,7 @@ class Scheduler:
             self._release(seq)
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
+            self._drop_fetch(seq)
         seq.status = Status.FINISHED
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         seq.metrics.finished = time.monotonic()
@@ -83,6 +88,10 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1
         self.running.remove(seq)
+        if self.tiers is not None and self.tiers.policy != "recompute":  # swap: its blocks go down at once
+            for b in range(seq.num_registered_blocks):
+                self.tiers.write_down(seq.block_table[b], seq.block_hashes[b])
+        seq.preempted = True
         self._release(seq)
         seq.status = Status.WAITING
         self.add(seq)
@@ -138,6 +147,8 @@ class Scheduler:
                     break
                 if seq.token_ids[-1] == PENDING:
                     continue  # its last token is read after this step; admit it next time
+                if self.tiers is not None and not self._below_ready(seq):
+                    continue  # its prefix blocks are coming up from a KV tier; others go ahead
                 if not self._admit(seq, budget, loads):
                     if seq.fork_parent is not None:
                         continue  # waits for its sibling's prompt, not for blocks
@@ -169,8 +180,12 @@ class Scheduler:
         seq.num_computed = len(shared) * self.block_size
         seq.num_registered_blocks = len(shared) if seq.fork_parent is None else 0  # cache hits are published
         load = self._take_host_blocks(seq) if seq.host_kv is not None else None
+        tier_ok, tier_load = self._take_tier_blocks(seq, max_shared) if seq.tier_fetch is not None else (True, None)
+        loaded = len(seq.block_table)
         first_chunk = min(len(seq.token_ids) - seq.num_computed, budget)
-        if (seq.host_kv is not None and load is None) or not self._grow(seq, first_chunk):
+        if (seq.host_kv is not None and load is None) or not tier_ok or not self._grow(seq, first_chunk):
+            if tier_load is not None:
+                self.tiers.release(tier_load.kv)  # fetched again on the next try
             self.pool.release(seq.block_table)
             seq.block_table, seq.num_computed, seq.num_registered_blocks = [], 0, 0
             return False  # it keeps waiting (with its host blocks, if any)
@@ -178,6 +193,11 @@ class Scheduler:
             self._publish_loaded(seq)
             seq.host_kv = None
             loads.append(load)
+        if tier_load is not None:
+            for b in range(seq.num_registered_blocks, loaded):  # others admitted in this step share them
+                self.pool.register(seq.block_table[b], seq.block_hashes[b])
+            seq.num_registered_blocks = loaded
+            loads.append(tier_load)
         self.waiting.remove(seq)
         self.running.append(seq)
         seq.status = Status.RUNNING
@@ -195,6 +215,50 @@ class Scheduler:
         seq.block_table += fresh
         seq.num_computed = max(seq.num_computed, host.num_computed)
         return BlockLoad(fresh, host.kv, host.rows[have:])
+
+    # -- KV tiers ---------------------------------------------------------------------------------------------------
+
+    def _below_ready(self, seq: Sequence) -> bool:
+        """Start, or follow, the fetch of the sequence's prefix blocks found below the device; True once none is in
+        flight (nothing below, or every block in host memory)."""
+        if seq.fork_parent is not None or seq.host_kv is not None:
+            return True
+        hashes = prefix_hashes(seq.token_ids, self.block_size, seq.extra_key)
+        max_shared = (len(seq.token_ids) - 1) // self.block_size
+        on_device = len(self.pool.lookup(hashes, 0)[:max_shared])
+        fetch = seq.tier_fetch
+        if fetch is not None and fetch.start != on_device:  # the device's share changed meanwhile: start again
+            self._drop_fetch(seq)
+            fetch = None
+        if fetch is None:
+            fetch = seq.tier_fetch = self.tiers.fetch(hashes[on_device:max_shared], on_device, seq.preempted)
+        return fetch is None or fetch.ready
+
+    def loading(self) -> int:
+        """Waiting sequences whose blocks are still coming up from a KV tier."""
+        return sum(s.tier_fetch is not None and not s.tier_fetch.ready for s in self.waiting)
+
+    def _drop_fetch(self, seq: Sequence) -> None:
+        if seq.tier_fetch is not None:
+            self.tiers.drop(seq.tier_fetch)
+            seq.tier_fetch = None
+
+    def _take_tier_blocks(self, seq: Sequence, max_shared: int) -> tuple[bool, BlockLoad | None]:
+        """Fresh blocks for the fetched blocks that follow the device's share; (False, None) if the pool lacks them
+        (the fetch is kept for the next try). They are published only once the sequence is admitted."""
+        fetch, have = seq.tier_fetch, len(seq.block_table)
+        skip = have - fetch.start
+        n = max(0, min(fetch.valid - skip, max_shared - have)) if skip >= 0 else 0
+        fresh = self.pool.allocate(n) if n else []
+        if fresh is None:
+            return False, None
+        seq.tier_fetch = None
+        _, packed = self.tiers.take(fetch, max(skip, 0), n)
+        if packed is None:
+            return True, None
+        seq.block_table += fresh
+        seq.num_computed = len(seq.block_table) * self.block_size
+        return True, BlockLoad(fresh, packed)
 
     def _publish_loaded(self, seq: Sequence) -> None:
         """Register the loaded full blocks at once: siblings and other requests admitted in this same step share

@@ -91,6 +91,8 @@ class Sequence:
     metrics: RequestMetrics = dataclasses.field(default_factory=lambda: RequestMetrics(time.monotonic()))
     detok: object = None  # the incremental detokenizer's state
     host_kv: HostKV | None = None  # K/V to load at admission instead of computing (an adopted request)
+    tier_fetch: object = None  # kv.tiers Fetch: its prefix blocks coming up from a KV tier while it waits
+    preempted: bool = False
 
     def __post_init__(self):
         if not self.token_ids:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rtpjax.kv.host_blocks import KVBlocks, KVLayout
+from rtpjax.kv.host_blocks import KVBlocks, KVLayout, PackedBlocks
 
 
 def gather(cache, ids, *, copies: int):
@@ -32,6 +32,25 @@ def write(cache, ids, parts, *, copies: int):
     ]  # fmt: skip
 
 
+def pack(parts):
+    """Parts [layers, kv_heads, n, ...] -> uint8 [n, block_bytes]: each block one contiguous row, every layer's keys,
+    then values (then scales), so a tier moves a block in one transfer."""
+    n = parts[0].shape[2]
+    return jnp.concatenate([jax.lax.bitcast_convert_type(jnp.moveaxis(p, 2, 0), jnp.uint8).reshape(n, -1)
+                            for p in parts], axis=1)  # fmt: skip
+
+
+def unpack(rows, layout: KVLayout):
+    """uint8 [n, block_bytes] -> parts [layers, kv_heads, n, ...] (pack's inverse)."""
+    n, offset, parts = rows.shape[0], 0, []
+    for dtype, shape in layout.block_parts():
+        size = int(np.prod(shape)) * dtype.itemsize
+        chunk = rows[:, offset : offset + size].reshape((n, *shape) + ((dtype.itemsize,) if dtype.itemsize > 1 else ()))
+        parts.append(jnp.moveaxis(jax.lax.bitcast_convert_type(chunk, dtype), 0, 2))
+        offset += size
+    return tuple(parts)
+
+
 class BlockCopier:
     """Gathers blocks of a cache to the host and writes host blocks into it, per block-count bucket."""
 
@@ -43,18 +62,29 @@ class BlockCopier:
         self._gather = jax.jit(lambda c, ids: gather(c, ids, copies=copies))
         self._write = jax.jit(lambda c, ids, parts: write(c, ids, parts, copies=copies), donate_argnums=(0,),
                               out_shardings=shardings)  # fmt: skip
-        self._compiled: dict[tuple[str, int], object] = {}  # ("gather" | "write", bucket) -> executable
+        self._gather_packed = jax.jit(lambda c, ids: pack(gather(c, ids, copies=copies)))
+        self._write_packed = jax.jit(
+            lambda c, ids, rows: write(c, ids, unpack(jnp.stack(rows), layout), copies=copies),
+            donate_argnums=(0,), out_shardings=shardings)  # fmt: skip
+        self._compiled: dict[tuple[str, int], object] = {}  # (kind, bucket) -> executable
+        self._zero_row = None  # the padding row of packed writes, made once on the device
 
-    def jobs(self, cache) -> list:
-        """One callable per executable to compile (the runner's warm-up runs them in its thread pool)."""
-        return [lambda n=n, kind=kind: self._compile(cache, kind, n) for n in self.sizes for kind in ("gather", "write")]
+    def jobs(self, cache, packed: bool = False) -> list:
+        """One callable per executable to compile (the runner's warm-up runs them in its thread pool); `packed`: also
+        those of the KV tiers (packed rows)."""
+        kinds = ("gather", "write") + (("gather_packed", "write_packed") if packed else ())
+        return [lambda n=n, kind=kind: self._compile(cache, kind, n) for n in self.sizes for kind in kinds]
 
     def _compile(self, cache, kind: str, n: int) -> None:
         ids = jax.ShapeDtypeStruct((n,), jnp.int32)
-        if kind == "gather":
-            self._compiled[kind, n] = self._gather.lower(cache, ids).compile()
-        else:
+        if kind in ("gather", "gather_packed"):
+            fn = self._gather if kind == "gather" else self._gather_packed
+            self._compiled[kind, n] = fn.lower(cache, ids).compile()
+        elif kind == "write":
             self._compiled[kind, n] = self._write.lower(cache, ids, self._part_shapes(n)).compile()
+        else:
+            row = jax.ShapeDtypeStruct((self.layout.block_bytes,), jnp.uint8)
+            self._compiled[kind, n] = self._write_packed.lower(cache, ids, (row,) * n).compile()
 
     def _part_shapes(self, n: int) -> tuple:
         lay = self.layout
@@ -96,4 +126,31 @@ class BlockCopier:
             take[:real] = rows[start : start + real]
             parts = tuple(np.take(a, take, axis=2) for a in arrays)
             cache = self._compiled.get(("write", bucket), self._write)(cache, ids, parts)
+        return cache
+
+    def gather_packed(self, cache, blocks: list[int]) -> list[tuple[int, jax.Array]]:
+        """Queue copies of `blocks` as packed rows, already on their way to the host: (real count, uint8 [bucket,
+        block_bytes] array) per piece. Returns at once; dispatched before any later write of those blocks, it reads
+        their contents as of now."""
+        pieces = []
+        for start, real, bucket in self._pieces(len(blocks)):
+            ids = np.zeros(bucket, np.int32)
+            ids[:real] = blocks[start : start + real]
+            rows = self._compiled.get(("gather_packed", bucket), self._gather_packed)(cache, ids)
+            rows.copy_to_host_async()
+            pieces.append((real, rows))
+        return pieces
+
+    def write_packed(self, cache, blocks: list[int], packed: PackedBlocks):
+        """The cache with packed rows written into `blocks`, each row its own host-to-device transfer (from page-locked
+        memory where the tier could map it: no staging copy); the cache passed in is donated."""
+        self.layout.require(packed.layout)
+        if self._zero_row is None:
+            self._zero_row = jax.device_put(np.zeros(self.layout.block_bytes, np.uint8))
+        for start, real, bucket in self._pieces(len(blocks)):
+            ids = np.full(bucket, self.num_blocks, np.int32)  # past the cache: dropped
+            ids[:real] = blocks[start : start + real]
+            rows = jax.device_put(packed.rows[start : start + real])
+            rows = tuple(rows) + (self._zero_row,) * (bucket - real)
+            cache = self._compiled.get(("write_packed", bucket), self._write_packed)(cache, ids, rows)
         return cache

@@ -2,7 +2,8 @@
 
 A full block is named by a chained hash (parent block's hash, its tokens, an extra key for adapters or images), so
 equal prefixes map to equal hash chains. Freed blocks keep their contents and their hash until they are reused: a
-later request with the same prefix takes them back instead of recomputing. Eviction is least-recently-freed first.
+later request with the same prefix takes them back instead of recomputing. Eviction is least-recently-freed first;
+`on_evict(block, hash)`, if set, hears of each evicted cached block before it is reused (the KV tiers copy it down).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class BlockPool:
         self.free: collections.OrderedDict[int, None] = collections.OrderedDict((b, None) for b in range(num_blocks))
         self.queries = 0  # prompt tokens looked up in the prefix cache
         self.hits = 0  # of which found
+        self.on_evict = None  # callable(block, hash): a cached block is about to be reused
 
     @property
     def num_free(self) -> int:
@@ -58,6 +60,8 @@ class BlockPool:
         for _ in range(n):
             block, _ = self.free.popitem(last=False)
             if self.hash_of[block] is not None:
+                if self.on_evict is not None:
+                    self.on_evict(block, self.hash_of[block])
                 del self.cached[self.hash_of[block]]
                 self.hash_of[block] = None
             self.ref_count[block] = 1

@@ -30,6 +30,18 @@ class KVLayout(msgspec.Struct, frozen=True):
         """int8 / fp8 blocks carry a float32 scale per token and head."""
         return self.dtype in ("int8", "float8_e4m3fn")
 
+    def block_parts(self) -> list[tuple[np.dtype, tuple[int, ...]]]:
+        """(dtype, shape) of each part of one block: keys, values[, key scales, value scales], [layers, heads, ...]."""
+        head = (self.num_layers, self.num_kv_heads, self.block_size)
+        kv = (jnp.dtype(self.dtype), head + (self.head_dim,))
+        scale = (np.dtype(np.float32), head)
+        return [kv, kv, scale, scale] if self.quantized else [kv, kv]
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block packed as one contiguous row (every layer's keys, values and scales): a tier's unit."""
+        return sum(int(np.prod(shape)) * dtype.itemsize for dtype, shape in self.block_parts())
+
     def require(self, other: KVLayout) -> None:
         """Raise ValueError naming the first field in which `other` (arriving blocks) differs from this cache."""
         for field in self.__struct_fields__:
@@ -79,10 +91,21 @@ class KVBlocks(msgspec.Struct):
 
 
 @dataclasses.dataclass
+class PackedBlocks:
+    """Blocks as a tier holds them: each one contiguous row of layout.block_bytes bytes (block_copy.pack's order), so a
+    block crosses to the device in one transfer instead of one strided slice per layer and part. The rows are views
+    of a tier's buffer, leased until the write that reads them has run (`lease` gives them back)."""
+
+    layout: KVLayout
+    rows: list[np.ndarray]  # uint8 [block_bytes] each
+    lease: object = None
+
+
+@dataclasses.dataclass
 class BlockLoad:
     """Host contents to write into device blocks before a step runs: rows `rows` of `kv` go to cache blocks `blocks`
-    (an adopted request's KV; a host tier's onloads take the same path)."""
+    (an adopted request's KV), or, for PackedBlocks from a KV tier, its rows in order (`rows` unused)."""
 
     blocks: list[int]
-    kv: KVBlocks
-    rows: list[int]
+    kv: KVBlocks | PackedBlocks
+    rows: list[int] = dataclasses.field(default_factory=list)

@@ -22,7 +22,7 @@ import numpy as np
 
 from rtpjax.kv import kv_cache as kv
 from rtpjax.kv.block_copy import BlockCopier
-from rtpjax.kv.host_blocks import BlockLoad, KVBlocks, KVLayout
+from rtpjax.kv.host_blocks import BlockLoad, KVBlocks, KVLayout, PackedBlocks
 from rtpjax.runner import prompt_logprobs, sampler
 from rtpjax.kernels.metadata import AttentionMetadata
 from rtpjax.sampling_params import MAX_STOP_TOKEN_IDS
@@ -97,7 +97,8 @@ class CompileCounter:
 class ModelRunner:
     def __init__(self, cfg, family, params, *, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, mesh=None, attention_impl: str = "reference",
-                 kv_cache_dtype: str = "auto", kv_write: str = "auto", mosaic_prefill: bool = False):  # fmt: skip
+                 kv_cache_dtype: str = "auto", kv_write: str = "auto", mosaic_prefill: bool = False,
+                 kv_tiers: bool = False):  # fmt: skip
         self.cfg, self.params = cfg, params
         self._forward = family.forward
         self.block_size = block_size
@@ -128,6 +129,7 @@ class ModelRunner:
         self.kv_layout = KVLayout(jnp.dtype(self.cache[0][0].dtype).name, block_size, cfg.num_layers, cfg.num_kv_heads,
                                   cfg.head_dim)  # fmt: skip
         self.copier = BlockCopier(self.cache, self.kv_layout, buckets(self.max_blocks, 4))
+        self.kv_tiers = kv_tiers  # warm-up also compiles the packed copies KV tiers move blocks with
         self.score_chunk = self.token_buckets[-1]  # prompt scoring: chunks of the step's token budget
         self.score_buckets = buckets(-(-max_model_len // self.score_chunk) * self.score_chunk, self.score_chunk)
         self._score = jax.jit(functools.partial(prompt_logprobs.score, cfg=cfg, forward=family.forward,
@@ -178,7 +180,7 @@ class ModelRunner:
             for key, sample in pool.map(compile_sampler, samplers):
                 self._samplers[key] = sample
                 bar.update()
-            copies = self.copier.jobs(self.cache)  # KV block gathers and writes (moving requests between engines)
+            copies = self.copier.jobs(self.cache, packed=self.kv_tiers)  # KV block copies (moving requests, tiers)
             bar.total += len(copies)
             for _ in pool.map(lambda job: job(), copies):
                 bar.update()
@@ -330,7 +332,15 @@ class ModelRunner:
     def load_blocks(self, loads: list[BlockLoad]) -> None:
         """Write host K/V into cache blocks; queued on the device ahead of any step launched after it."""
         for load in loads:
-            self.cache = self.copier.write(self.cache, load.blocks, load.kv, load.rows)
+            if isinstance(load.kv, PackedBlocks):
+                self.cache = self.copier.write_packed(self.cache, load.blocks, load.kv)
+            else:
+                self.cache = self.copier.write(self.cache, load.blocks, load.kv, load.rows)
+
+    def offload(self, blocks: list[int]) -> list:
+        """Queue packed copies of cache blocks to the host (KV tiers): they read the blocks as of every step launched
+        so far and before anything launched later (a load, a step) writes them."""
+        return self.copier.gather_packed(self.cache, blocks)
 
     def gather_blocks(self, blocks: list[int]) -> KVBlocks:
         """The contents of cache blocks on the host, after every step already launched has written them."""

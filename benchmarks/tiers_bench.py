@@ -1,0 +1,131 @@
+"""KV tier transfer floors and what the tiers reach, on one machine in one run (benchmarks/gpu_run.sh `tiers`).
+
+  h2d_pageable / h2d_pinned   one big host array to the device, from ordinary and from page-locked memory
+  onload_packed               the host tier's path: each block one contiguous row, one transfer per block, written
+                              into the cache by the compiled packed write (block_copy.write_packed)
+  onload_strided              the other layout: each block as one slice per layer and part (2 x layers transfers)
+  disk_dd / disk_tier         the file system's sequential read (dd of one file, page cache dropped) against the disk
+                              tier's reads of as many bytes (checksummed block files, 4 reader threads)
+
+    python -m rtpjax.benchmarks.tiers_bench --blocks 512 --out tiers_bw.json   # Llama-3-8B's KV layout, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rtpjax.kv.block_copy import BlockCopier
+from rtpjax.kv.host_blocks import KVLayout, PackedBlocks
+from rtpjax.kv.tiers.disk import DiskTier
+from rtpjax.kv.tiers.host import HostTier
+from rtpjax.loading.loader import dma_mapper
+
+
+def _timed(fn, repeats: int = 3) -> float:
+    fn()  # first call: one-time setup
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - began)
+    return float(np.median(times))
+
+
+def _drop_cache(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--blocks", type=int, default=512, help="blocks moved per measurement")
+    p.add_argument("--dir", default=tempfile.gettempdir(), help="where the disk measurements write")
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+
+    layout = KVLayout(args.dtype, args.block_size, args.layers, args.kv_heads, args.head_dim)
+    n, nbytes = args.blocks, args.blocks * layout.block_bytes
+    result = dict(device=str(jax.devices()[0].device_kind), block_bytes=layout.block_bytes, blocks=n, bytes=nbytes)
+    rate = lambda seconds: round(nbytes / seconds / 1e9, 2)  # noqa: E731 - GB/s
+
+    pin = dma_mapper(jax.devices())
+    pageable = np.ones(nbytes, np.uint8)
+    result["h2d_pageable_GBps"] = rate(_timed(lambda: jax.device_put(pageable).block_until_ready()))
+    host = HostTier(nbytes, layout.block_bytes, pin=pin)
+    result["host_page_locked"] = host.unpin is not None
+    host.buf[:] = 1
+    result["h2d_pinned_GBps"] = rate(_timed(lambda: jax.device_put(host.buf).block_until_ready()))
+
+    cache = [tuple(jnp.zeros((args.kv_heads, n + 1, args.block_size, args.head_dim), jnp.dtype(args.dtype))
+                   for _ in range(2)) for _ in range(args.layers)]  # fmt: skip
+    sizes = [s for s in (1, 2, 4, 8, 16, 32, 64) if s <= n] or [n]
+    copier = BlockCopier(cache, layout, sizes)
+    for job in copier.jobs(cache, packed=True):
+        job()
+    packed = PackedBlocks(layout, [host.buf[i] for i in range(n)])
+    state = {"cache": cache}
+
+    def onload():
+        state["cache"] = copier.write_packed(state["cache"], list(range(n)), packed)
+        jax.block_until_ready(state["cache"])
+
+    result["onload_packed_GBps"] = rate(_timed(onload))
+    # One slice per layer and part of every block: what a tier holding KVBlocks' per-layer layout would transfer.
+    strided = host.buf.reshape(n, 2, args.layers, -1)
+    slices = [strided[b, part, layer] for b in range(n) for part in range(2) for layer in range(args.layers)]
+    result["onload_strided_GBps"] = rate(_timed(lambda: jax.block_until_ready(jax.device_put(slices))))
+    result["layout"] = "packed" if result["onload_packed_GBps"] >= result["onload_strided_GBps"] else "strided"
+    result["onload_vs_pinned"] = round(result["onload_packed_GBps"] / result["h2d_pinned_GBps"], 3)
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        big = os.path.join(tmp, "sequential.bin")
+        with open(big, "wb") as f:
+            for i in range(n):
+                f.write(host.buf[i])
+        _drop_cache(big)
+        began = time.perf_counter()
+        subprocess.run(["dd", f"if={big}", "of=/dev/null", "bs=16M"], check=True, capture_output=True)
+        result["disk_dd_GBps"] = rate(time.perf_counter() - began)
+        os.unlink(big)
+        disk = DiskTier(tmp, nbytes * 2, layout.block_bytes, {"bench": 1})
+        hashes = [i.to_bytes(16, "little") for i in range(n)]
+        for h, i in zip(hashes, range(n)):
+            disk.write(h, host.buf[i])
+        for h in hashes:
+            _drop_cache(str(disk.path(h)))
+        began = time.perf_counter()
+        with ThreadPoolExecutor(4) as pool:
+            ok = list(pool.map(lambda i: disk.read_into(hashes[i], host.buf[i]), range(n)))
+        result["disk_tier_GBps"] = rate(time.perf_counter() - began)
+        result["disk_tier_vs_dd"] = round(result["disk_tier_GBps"] / result["disk_dd_GBps"], 3)
+        assert all(ok), "a block written by the benchmark read back wrong"
+    if host.unpin is not None:
+        host.unpin()
+    print(json.dumps(result, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""The KV tiers below the device: what goes down, what comes back, on which thread, and what it cost.
+
+Down: a block the device evicts (BlockPool's hook) or a preempted sequence's blocks are queued with their hashes;
+the engine dispatches one packed gather for them right after scheduling, before the step (or a load) can overwrite
+them, and a worker thread waits for the copy and writes each block to the tiers that lack it. Nothing here waits for
+the device on the engine's thread.
+
+Up: for a waiting sequence whose prefix continues below the device, `fetch` leases the host rows that hold it and
+starts reader threads on those only on disk (into leased host rows). The sequence waits ("loading") while other
+requests run; once every row is in, the scheduler admits it with its rows as a block load written before its first
+step, and the rows are given back once that step has run. Whether a hit is worth loading is decided by measured
+costs (Costs): the onload and disk bandwidths against the time the step takes to recompute as many tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from rtpjax.distributed.messages import TierStats
+from rtpjax.kv.host_blocks import KVLayout, PackedBlocks
+from rtpjax.kv.tiers.disk import DiskTier
+from rtpjax.kv.tiers.host import HostTier
+
+log = logging.getLogger("rtpjax")
+
+POLICIES = ("auto", "swap", "recompute")
+
+
+@dataclasses.dataclass
+class Costs:
+    """Measured at start (disk: as reads happen): what loading a block and recomputing a token cost."""
+
+    onload_bytes_per_s: float  # host tier -> device cache, packed rows
+    prefill_tokens_per_s: float  # tokens a full step computes per second
+    disk_bytes_per_s: float | None = None  # reads into the host tier, measured as they happen
+
+    def load_pays(self, block_bytes: int, block_size: int, from_host: int, from_disk: int) -> bool:
+        n = from_host + from_disk
+        load = n * block_bytes / self.onload_bytes_per_s
+        if from_disk and self.disk_bytes_per_s:
+            load += from_disk * block_bytes / self.disk_bytes_per_s
+        return load < n * block_size / self.prefill_tokens_per_s
+
+
+@dataclasses.dataclass(eq=False)
+class Fetch:
+    """Blocks below the device that a waiting sequence will load: leased host rows, some still arriving from disk."""
+
+    start: int  # index of its first block in the sequence's hash chain
+    hashes: list[bytes]
+    slots: list[int]
+    from_disk: list[bool]
+    ok: list[bool | None]  # None: a read in flight
+    dropped: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return None not in self.ok
+
+    @property
+    def valid(self) -> int:
+        """Leading rows that arrived intact (a bad one ends the run: the rest is recomputed)."""
+        return next((i for i, ok in enumerate(self.ok) if not ok), len(self.ok))
+
+
+@dataclasses.dataclass
+class _Counters:
+    queries: int = 0  # tokens looked up in this tier
+    hits: int = 0  # of which found and loaded
+    bytes_written: int = 0
+    bytes_read: int = 0
+    write_seconds: float = 0.0
+    read_seconds: float = 0.0
+    dropped: int = 0  # blocks not written down (the tier full of leased rows, a failed write)
+
+
+class KVTiers:
+    def __init__(self, layout: KVLayout, host: HostTier, disk: DiskTier | None, policy: str = "auto"):
+        if policy not in POLICIES:
+            raise ValueError(f"--preemption-mode must be one of {', '.join(POLICIES)}, got {policy!r}")
+        self.layout, self.host, self.disk, self.policy = layout, host, disk, policy
+        self.block_size, self.block_bytes = layout.block_size, layout.block_bytes
+        self.costs: Costs | None = None  # set once measured; until then every hit is loaded
+        self.counters = {t.name: _Counters() for t in self.tiers}
+        self.queued: list[tuple[int, bytes]] = []  # (device block, hash) to gather before the next step
+        self.inflight: set[bytes] = set()  # hashes on their way down
+        self.lock = threading.Lock()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="rtpjax-kv-down")
+        self._readers = ThreadPoolExecutor(4, thread_name_prefix="rtpjax-kv-up")
+
+    @property
+    def tiers(self) -> list:
+        return [self.host] + ([self.disk] if self.disk is not None else [])
+
+    def _below(self, h: bytes) -> bool:
+        return all(h in tier for tier in self.tiers)
+
+    # -- down -------------------------------------------------------------------------------------------------------
+
+    def write_down(self, block: int, h: bytes) -> None:
+        """Queue a device block holding `h` for the tiers that lack it (BlockPool's eviction hook; preemption)."""
+        with self.lock:
+            if h in self.inflight or self._below(h):
+                return
+            self.inflight.add(h)
+        self.queued.append((block, h))
+
+    def dispatch(self, gather_packed) -> None:
+        """Gather the queued blocks on the device now (`gather_packed(blocks)` -> pieces, runner.offload), before
+        anything overwrites them; a worker writes them down once the copy lands."""
+        if not self.queued:
+            return
+        blocks, hashes = [b for b, _ in self.queued], [h for _, h in self.queued]
+        self.queued = []
+        self._writer.submit(self._write, hashes, gather_packed(blocks), time.perf_counter())
+
+    def _write(self, hashes: list[bytes], pieces, began: float) -> None:
+        try:
+            rows = np.concatenate([np.asarray(arr)[:real] for real, arr in pieces])
+            host = self.counters["host"]
+            for h, row in zip(hashes, rows):
+                if h not in self.host:
+                    stored = self.host.put(h, row)
+                    host.bytes_written += stored * row.nbytes
+                    host.dropped += not stored
+            host.write_seconds += time.perf_counter() - began
+            if self.disk is not None:
+                disk, began = self.counters["disk"], time.perf_counter()
+                for h, row in zip(hashes, rows):
+                    if h not in self.disk:
+                        stored = self.disk.write(h, row)
+                        disk.bytes_written += stored * row.nbytes
+                        disk.dropped += not stored
+                disk.write_seconds += time.perf_counter() - began
+        except Exception:  # noqa: BLE001 - the blocks are only not kept below; the engine goes on
+            log.exception("KV tiers: writing %d blocks down failed", len(hashes))
+        finally:
+            with self.lock:
+                self.inflight.difference_update(hashes)
+
+    def flush(self, timeout: float = 20.0) -> None:
+        """Wait until everything queued so far is written down (before a shutdown or a restart)."""
+        self._writer.submit(lambda: None).result(timeout)
+
+    # -- up ---------------------------------------------------------------------------------------------------------
+
+    def fetch(self, hashes: list[bytes], start: int, preempted: bool = False) -> Fetch | None:
+        """Lease the leading run of `hashes` found below the device and start reading its disk-only blocks; None if
+        none is found, or loading them does not pay (policy)."""
+        if self.policy == "recompute" and preempted:
+            return None
+        fetch = Fetch(start, [], [], [], [])
+        for h in hashes:
+            slot = self.host.lease(h)
+            on_disk = slot is None
+            if on_disk:
+                if self.disk is None or h not in self.disk or (slot := self.host.reserve()) is None:
+                    break
+            fetch.hashes.append(h)
+            fetch.slots.append(slot)
+            fetch.from_disk.append(on_disk)
+            fetch.ok.append(None if on_disk else True)
+        if not fetch.hashes:
+            return None
+        from_disk = sum(fetch.from_disk)
+        if self.policy == "auto" and self.costs is not None and not self.costs.load_pays(
+                self.block_bytes, self.block_size, len(fetch.hashes) - from_disk, from_disk):  # fmt: skip
+            self.drop(fetch)
+            return None
+        for i, on_disk in enumerate(fetch.from_disk):
+            if on_disk:
+                self._readers.submit(self._read, fetch, i)
+        return fetch
+
+    def _read(self, fetch: Fetch, i: int) -> None:
+        h, slot, began = fetch.hashes[i], fetch.slots[i], time.perf_counter()
+        ok = self.disk.read_into(h, self.host.buf[slot])
+        seconds = time.perf_counter() - began
+        if ok:
+            self.host.publish(h, slot)
+            disk = self.counters["disk"]
+            disk.bytes_read += self.block_bytes
+            disk.read_seconds += seconds
+            if self.costs is not None:
+                rate = self.block_bytes / max(seconds, 1e-9)
+                old = self.costs.disk_bytes_per_s
+                self.costs.disk_bytes_per_s = rate if old is None else 0.9 * old + 0.1 * rate
+        with self.lock:
+            fetch.ok[i] = ok
+            if fetch.dropped:
+                self.host.release(slot)
+
+    def drop(self, fetch: Fetch) -> None:
+        """Give back every row of a fetch that will not be loaded (rows still being read: once read)."""
+        with self.lock:
+            fetch.dropped = True
+            for slot, ok in zip(fetch.slots, fetch.ok):
+                if ok is not None:
+                    self.host.release(slot)
+
+    def take(self, fetch: Fetch, skip: int, limit: int) -> tuple[list[bytes], PackedBlocks | None]:
+        """Rows skip..skip+n of a ready fetch (n <= limit: its intact run), counted as hits; the rest is given back."""
+        n = max(0, min(fetch.valid - skip, limit))
+        used = range(skip, skip + n)
+        looked_up = len(fetch.hashes) - skip
+        host, disk = self.counters["host"], self.counters.get("disk")
+        from_disk = sum(fetch.from_disk[i] for i in used)
+        host.queries += looked_up * self.block_size
+        host.hits += (n - from_disk) * self.block_size
+        host.bytes_read += n * self.block_bytes
+        if disk is not None:
+            disk.queries += (looked_up - (n - from_disk)) * self.block_size
+            disk.hits += from_disk * self.block_size
+        for i, slot in enumerate(fetch.slots):
+            if i not in used:
+                self.host.release(slot)
+        if not n:
+            return [], None
+        slots = [fetch.slots[i] for i in used]
+        rows = [self.host.buf[s] for s in slots]
+        return [fetch.hashes[i] for i in used], PackedBlocks(self.layout, rows, lease=slots)
+
+    def release(self, packed: PackedBlocks) -> None:
+        """The write that read these rows has run: they may be reused."""
+        for slot in packed.lease:
+            self.host.release(slot)
+
+    # -- gauges -----------------------------------------------------------------------------------------------------
+
+    def stats(self) -> list[TierStats]:
+        out = []
+        for tier in self.tiers:
+            c = self.counters[tier.name]
+            errors = getattr(tier, "errors", 0)
+            out.append(TierStats(tier.name, tier.capacity_bytes, tier.used_bytes, c.queries, c.hits, c.bytes_written,
+                                 c.bytes_read, c.write_seconds, c.read_seconds, errors, c.dropped))  # fmt: skip
+        return out
+
+    def report(self) -> str:
+        """One line for the engine's loop log."""
+        parts = []
+        for s in self.stats():
+            rate = s.hits / s.queries if s.queries else 0.0
+            parts.append(f"{s.tier} {s.used_bytes / 2**30:.2f}/{s.capacity_bytes / 2**30:.2f} GiB, hits {rate:.0%} of "
+                         f"{s.queries} tokens, {s.bytes_written / 2**20:.0f} MiB down, {s.bytes_read / 2**20:.0f} MiB up"
+                         + (f", {s.errors} errors" if s.errors else ""))  # fmt: skip
+        return "KV tiers: " + "; ".join(parts)
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
