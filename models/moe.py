@@ -150,3 +150,58 @@ def run_experts(p: dict, x, ids, weights, impl: str) -> jax.Array:
     return jax.shard_map(lambda *a: jax.lax.psum(compute(*a), axes), mesh=mesh,
                          in_specs=(P(), P(), P(), *(_in_spec(w, s) for w, s in zip(stacks, specs))), out_specs=P(),
                          check_vma=False)(x, ids, weights, *stacks)  # fmt: skip
+
+
+# -- static expert placement (the map an EPLB-style rebalancer writes) ------------------------------------------------
+
+
+def read_placement(path: str, cfg) -> dict[int, list[int]]:
+    """A JSON object {"<layer index>": [physical slot of logical expert 0, 1, ...]}, checked against the model: each
+    value a permutation of the layer's experts, each key a MoE layer. Layers left out keep the checkpoint's order."""
+    import json
+
+    try:
+        raw = json.loads(open(path).read())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--expert-placement {path}: cannot read it as JSON ({e})") from None
+    if not cfg.num_experts:
+        raise ValueError(f"--expert-placement {path}: the model has no experts")
+    if not isinstance(raw, dict):
+        raise ValueError(f"--expert-placement {path}: expected an object of layer index -> list of slots")
+    placement = {}
+    for key, slots in raw.items():
+        if not (str(key).isdigit() and int(key) < cfg.num_layers and cfg.is_moe_layer(int(key))):
+            raise ValueError(f"--expert-placement {path}: {key!r} is not a MoE layer of this model")
+        if not isinstance(slots, list) or sorted(slots) != list(range(cfg.num_experts)):
+            raise ValueError(f"--expert-placement {path}: layer {key} must map its {cfg.num_experts} experts to a "
+                             f"permutation of 0..{cfg.num_experts - 1}")  # fmt: skip
+        placement[int(key)] = slots
+    return placement
+
+
+def apply_placement(params: dict, placement: dict[int, list[int]]) -> dict:
+    """Reorder each placed layer's experts (and the router's rows, so routing picks physical slots) on the devices,
+    keeping each array's sharding: expert parallelism then gives slot s to device s // experts-per-device."""
+    import numpy as np
+
+    for layer, slots in placement.items():
+        logical = jnp.asarray(np.argsort(np.asarray(slots)), jnp.int32)  # physical slot -> logical expert
+        block = params["layers"][layer]["moe"]
+        for name, w in block.items():
+            block[name] = jax.tree.map(
+                lambda a: jax.jit(lambda a, i: jnp.take(a, i, 0), out_shardings=a.sharding, donate_argnums=0)(a, logical),
+                w,
+            )
+    return params
+
+
+def logical_load(load, cfg, placement: dict[int, list[int]]):
+    """Per-slot counts ([MoE layers, experts], the model's order) -> per logical expert, as the rebalancer reads them."""
+    import numpy as np
+
+    load = np.array(load)
+    moe_layers = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
+    for row, layer in enumerate(moe_layers):
+        if layer in placement:
+            load[row] = load[row][np.asarray(placement[layer])]
+    return load

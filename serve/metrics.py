@@ -36,8 +36,12 @@ class Metrics:
         self.generation_tokens = counter("generation_tokens", "Tokens generated")
         self.success = Counter("rtpjax:request_success", "Finished requests by finish reason",
                                ["model_name", "finished_reason"], registry=r)  # fmt: skip
+        self.expert_tokens = Counter("rtpjax:moe_expert_tokens", "Tokens routed to each expert of each MoE layer "
+                                     "(layer: the MoE layer's ordinal)", ["model_name", "layer", "expert"],
+                                     registry=r)  # fmt: skip
         self.model_name = model_name
         self._seen_queries = self._seen_hits = 0
+        self._seen_expert_tokens: list[list[int]] = []
 
     def on_finished(self, out, metrics) -> None:
         """Record one finished request (its RequestOutput and the first sequence's RequestMetrics)."""
@@ -61,4 +65,13 @@ class Metrics:
         self.prefix_queries.inc(stats["prefix_cache_queries"] - self._seen_queries)
         self.prefix_hits.inc(stats["prefix_cache_hits"] - self._seen_hits)
         self._seen_queries, self._seen_hits = stats["prefix_cache_queries"], stats["prefix_cache_hits"]
+        self._count_expert_tokens(stats.get("expert_load") or [])
         return generate_latest(self.registry)
+
+    def _count_expert_tokens(self, load: list[list[int]]) -> None:
+        seen = self._seen_expert_tokens or [[0] * len(row) for row in load]
+        for layer, (row, before) in enumerate(zip(load, seen)):
+            for expert, (n, m) in enumerate(zip(row, before)):
+                if n > m:
+                    self.expert_tokens.labels(self.model_name, str(layer), str(expert)).inc(n - m)
+        self._seen_expert_tokens = load

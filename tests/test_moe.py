@@ -25,8 +25,7 @@ def random_experts(experts=8, hidden=32, inter=16, seed=0):
             jax.random.normal(ks[2], (experts, hidden, inter)) * 0.3)  # fmt: skip
 
 
-@pytest.mark.parametrize("tile", [1, 4, 16])
-@pytest.mark.parametrize("skew", [False, True])
+@pytest.mark.parametrize("tile, skew", [(1, False), (4, True), (16, False)])
 def test_grouped_matches_dense_on_any_routing(tile, skew):
     """Uniform routing, and every token on the same two experts (the worst case the tile count is sized for)."""
     w = random_experts()
@@ -75,9 +74,8 @@ def mesh_logits(path, mesh, impl, hlo=None):
     return np.asarray(logits), np.asarray(load)
 
 
-@pytest.mark.parametrize("impl", ["grouped", "dense"])
-@pytest.mark.parametrize("axes", [dict(expert=4), dict(expert=4, tensor=2), dict(expert=2, tensor=2, data=2),
-                                  dict(expert=8)])  # fmt: skip
+@pytest.mark.parametrize("impl, axes", [("grouped", dict(expert=4, tensor=2)), ("grouped", dict(expert=8)),
+                                        ("dense", dict(expert=2, tensor=2, data=2))])  # fmt: skip
 def test_expert_parallel_gives_single_device_logits(impl, axes, tiny_checkpoints):
     path = tiny_checkpoints["qwen3_moe"]
     single, single_load = mesh_logits(path, make_mesh(devices=jax.devices()[:1]), "dense")
@@ -137,3 +135,70 @@ def test_expert_load_counts_real_tokens_only(tiny_checkpoints):
     load = np.asarray(load)
     assert load.shape == (sum(cfg.moe_layers), cfg.num_experts)
     assert (load.sum(axis=1) == 8 * cfg.num_experts_per_tok).all()  # 8 real tokens, 8 padding rows not counted
+
+
+@pytest.fixture(scope="module")
+def placed_engine(tiny_checkpoints, tmp_path_factory):
+    """EP=4 x TP=2 on the 8-device mesh, grouped experts, every MoE layer's experts in reversed order."""
+    from rtpjax import LLM
+
+    placement = tmp_path_factory.mktemp("placement") / "placement.json"
+    placement.write_text(json.dumps({"0": list(range(7, -1, -1)), "2": [1, 0, 3, 2, 5, 4, 7, 6]}))
+    return LLM(str(tiny_checkpoints["qwen3_moe"]), skip_tokenizer_init=True, tensor_parallel_size=2,
+               expert_parallel_size=4, moe_impl="grouped", expert_placement=str(placement), max_num_seqs=2,
+               max_num_batched_tokens=8, max_model_len=32, block_size=4)  # fmt: skip
+
+
+def test_engine_with_expert_parallelism_and_placement(placed_engine, tiny_checkpoints):
+    """Greedy tokens as the single-device model function gives them; the load reported per logical expert is the
+    routing of the unplaced model (counted by hand from its forward)."""
+    from rtpjax import SamplingParams
+    from rtpjax.runner.greedy import greedy_tokens
+
+    cfg, family, params = load_model(tiny_checkpoints["qwen3_moe"])
+    prompts = [[5, 9, 33, 41, 7, 2, 200], [100, 3, 17]]
+    outs = placed_engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == list(greedy_tokens(params, cfg, family, prompt, 6, block_size=BLOCK))
+    load = np.asarray(placed_engine.engine.stats().expert_load)
+    assert load.shape == (2, 8) and (load.sum(axis=1) == (7 + 3 + 2 * 5) * 2).all()  # prompts + 5 decode inputs each
+    # the same tokens through the unplaced model: its per-expert counts are the logical counts
+    want = np.zeros((2, 8), np.int64)
+    for prompt, out in zip(prompts, outs):
+        ids = prompt + out.outputs[0].token_ids[:-1]
+        cache = kv_cache.allocate(cfg, 8, BLOCK)
+        inputs = build_step([SeqChunk(ids, 0, list(range(8)))], BLOCK)
+        want += np.asarray(family.forward(params, cfg, inputs.tokens, inputs.positions, cache, inputs.meta,
+                                          expert_load=True)[2])  # fmt: skip
+    np.testing.assert_array_equal(load, want)
+
+
+def test_placement_errors_name_the_problem(tiny_checkpoints, tmp_path):
+    from rtpjax.models import load_config
+
+    cfg, _ = load_config(tiny_checkpoints["qwen3_moe"])
+    bad = tmp_path / "p.json"
+    for content, message in [("{", "cannot read it as JSON"), ('{"1": [0,1,2,3,4,5,6,7]}', "'1' is not a MoE layer"),
+                             ('{"0": [0,0,1,2,3,4,5,6]}', "permutation of 0..7")]:  # fmt: skip
+        bad.write_text(content)
+        with pytest.raises(ValueError, match=message):
+            moe.read_placement(str(bad), cfg)
+
+
+def test_mesh_options_are_checked_against_model_and_devices(tiny_checkpoints, caplog):
+    from rtpjax.models import load_config
+    from rtpjax.parallel.mesh import engine_mesh
+
+    moe_cfg, _ = load_config(tiny_checkpoints["qwen3_moe"])
+    dense_cfg, _ = load_config(tiny_checkpoints["llama3"])
+    with pytest.raises(ValueError, match="needs 16 devices; 8 are visible"):
+        engine_mesh(moe_cfg, tensor=4, expert=4)
+    with pytest.raises(ValueError, match="LlamaForCausalLM has no experts"):
+        engine_mesh(dense_cfg, expert=2)
+    with pytest.raises(ValueError, match="8 experts do not split evenly over 3"):
+        engine_mesh(moe_cfg, expert=3)
+    six = dataclasses.replace(dense_cfg, num_heads=12, num_kv_heads=6)
+    with caplog.at_level("INFO", logger="rtpjax"):
+        mesh = engine_mesh(six, tensor=4)
+    assert dict(mesh.shape) == dict(data=1, expert=1, tensor=4)
+    assert "6 KV heads on 4 tensor-parallel devices" in caplog.text and "12 heads, 3 per device" in caplog.text

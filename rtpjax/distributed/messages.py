@@ -56,6 +56,7 @@ class EngineStats(msgspec.Struct, gc=False):
     prefix_cache_hits: int
     num_free_blocks: int
     num_blocks: int
+    expert_load: list[list[int]] = []  # MoE: tokens per logical expert per MoE layer since start (EPLB's input)
 
 
 class Startup(_Message, tag="startup"):
