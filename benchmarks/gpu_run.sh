@@ -21,6 +21,8 @@
 #           1024/128 at concurrency 64 (192 and 960 prompts) and 128/1024 at 256; one summary JSON
 #   launch  host cost of launching the step and how often XLA re-records its CUDA graph, per XLA setting (probes/)
 #   allreduce  64 chained all-reduces over every GPU, as a TP decode step makes them (probes/)
+#   moe     Qwen3-30B-A3B-shaped random weights: the MoE block alone against its weight-bandwidth floor (grouped, dense,
+#           auto), then offline decode (batch 1/8/32/64) and throughput per --moe-impl, side by side
 # Run from the repository root on the lent GPU (device tool), with .whl carried (starlette, uvicorn, pydantic):
 #   bash benchmarks/gpu_run.sh load transfer startup offline offline_hf serve host kernels
 set -uo pipefail
@@ -78,6 +80,14 @@ for stage in $stages; do
     checkpoint
     timeout 240 python3 -m rtpjax.benchmarks.offline --model "$CKPT" --engine transformers --num-prompts 64 \
       --max-num-seqs 64 --out "$OUT/offline_transformers.json"
+    ;;
+  moe)
+    timeout 300 python3 -m rtpjax.benchmarks.moe_block --out "$OUT/moe_block.json"
+    for impl in ${MOE_IMPLS:-grouped dense auto}; do
+      timeout 420 python3 -m rtpjax.benchmarks.offline --shape qwen3-30b-a3b --moe-impl "$impl" --batch-sizes 1,8,32,64 \
+        --output-len 64 --num-prompts 256 --max-num-seqs 64 --out "$OUT/offline_moe_$impl.json" \
+        --compilation-cache-dir /tmp/xla
+    done
     ;;
   tp)
     timeout 300 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" --tensor-parallel-size "${TP:-2}" \
