@@ -24,6 +24,8 @@
 #   tiers   KV tiers: pinned/pageable H2D, packed vs per-layer onload, disk tier vs dd (tiers_bench.py); then
 #           multi_turn and prefix_repetition traffic whose working set is >= 4x the device KV (TIER_BLOCKS device
 #           blocks) with prefix caching off, device only, device + host + disk; then a restart with the disk tier
+#   moe     Qwen3-30B-A3B-shaped random weights: the MoE block alone against its weight-bandwidth floor (grouped, dense,
+#           auto), then offline decode (batch 1/8/32/64) and throughput per --moe-impl, side by side
 # Run from the repository root on the lent GPU (device tool), with .whl carried (starlette, uvicorn, pydantic):
 #   bash benchmarks/gpu_run.sh load transfer startup offline offline_hf serve host kernels
 set -uo pipefail
@@ -81,6 +83,14 @@ for stage in $stages; do
     checkpoint
     timeout 240 python3 -m rtpjax.benchmarks.offline --model "$CKPT" --engine transformers --num-prompts 64 \
       --max-num-seqs 64 --out "$OUT/offline_transformers.json"
+    ;;
+  moe)
+    timeout 300 python3 -m rtpjax.benchmarks.moe_block --out "$OUT/moe_block.json"
+    for impl in ${MOE_IMPLS:-grouped dense auto}; do
+      timeout 420 python3 -m rtpjax.benchmarks.offline --shape qwen3-30b-a3b --moe-impl "$impl" --batch-sizes 1,8,32,64 \
+        --output-len 64 --num-prompts 256 --max-num-seqs 64 --out "$OUT/offline_moe_$impl.json" \
+        --compilation-cache-dir /tmp/xla
+    done
     ;;
   tp)
     timeout 300 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" --tensor-parallel-size "${TP:-2}" \

@@ -89,15 +89,18 @@ def flatten(params: dict) -> dict[str, object]:
     return flat
 
 
-def decoder_layer(p: dict, x, positions, cache: LayerCache, meta: AttentionMetadata, *, cfg: ModelConfig,
+def decoder_layer(p: dict, x, positions, cache: LayerCache, meta: AttentionMetadata, valid, *, cfg: ModelConfig,
                   window: int | None, moe: bool):  # fmt: skip
+    """One layer: (x, cache, the tokens each expert received: [num_experts] int32 on MoE layers, else None)."""
     attn_out, cache = layers.attention(
         p["attn"], cfg, layers.rms_norm(x, p["input_norm"], cfg.rms_norm_eps), positions, cache, meta, window=window
     )
     x = x + attn_out
     h = layers.rms_norm(x, p["post_attn_norm"], cfg.rms_norm_eps)
-    x = x + (layers.moe_mlp(p["moe"], cfg, h) if moe else layers.swiglu_mlp(p["mlp"], h))
-    return x, cache
+    if not moe:
+        return x + layers.swiglu_mlp(p["mlp"], h), cache, None
+    out, load = layers.moe_mlp(p["moe"], cfg, h, valid)
+    return x + out, cache, load
 
 
 # Layers of one kind (window, dense or MoE) share one jitted function: a step is traced and lowered once per kind
@@ -114,14 +117,20 @@ def _layer_fn(cfg: ModelConfig, window: int | None, moe: bool):
 
 
 def hidden_states(params: dict, cfg: ModelConfig, tokens, positions, kv_cache: KVCache, meta: AttentionMetadata):
-    """Final-normed hidden states [T, H] for every token, and the updated cache."""
+    """Final-normed hidden states [T, H] for every token, the updated cache, and the expert load of the step's real
+    tokens: [MoE layers, num_experts] int32 (None for a dense model)."""
     x = params["embed"][tokens]
     meta = plan_step(meta, tokens.shape[0], cfg.num_heads, kv_cache[0][0].shape[0])  # the cache's heads
-    new_cache = []
+    valid = jnp.arange(tokens.shape[0]) < meta.query_start_loc[-1]
+    new_cache, loads = [], []
     for i, p in enumerate(params["layers"]):
-        x, layer_cache = _layer_fn(cfg, cfg.window(i), cfg.is_moe_layer(i))(p, x, positions, kv_cache[i], meta)
+        x, layer_cache, load = _layer_fn(cfg, cfg.window(i), cfg.is_moe_layer(i))(p, x, positions, kv_cache[i], meta,
+                                                                                  valid)  # fmt: skip
         new_cache.append(layer_cache)
-    return layers.rms_norm(x, params["final_norm"], cfg.rms_norm_eps), new_cache
+        if load is not None:
+            loads.append(load)
+    load = jnp.stack(loads) if loads else None
+    return layers.rms_norm(x, params["final_norm"], cfg.rms_norm_eps), new_cache, load
 
 
 def logits(params: dict, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
@@ -138,12 +147,14 @@ def forward(
     kv_cache: KVCache,
     meta: AttentionMetadata,
     logits_indices: jax.Array | None = None,
+    expert_load: bool = False,
 ) -> tuple[jax.Array, KVCache]:
     """tokens, positions: [T] (ragged, padded). Returns logits for the tokens at `logits_indices` (all when None).
 
-    The engine asks only for each sequence's last token; tests ask for all of them.
+    The engine asks only for each sequence's last token; tests ask for all of them. `expert_load` (MoE models): a
+    third output, the tokens each expert of each MoE layer received ([MoE layers, num_experts] int32).
     """
-    hidden, kv_cache = hidden_states(params, cfg, tokens, positions, kv_cache, meta)
+    hidden, kv_cache, load = hidden_states(params, cfg, tokens, positions, kv_cache, meta)
     if logits_indices is not None:
         hidden = hidden[logits_indices]
-    return logits(params, cfg, hidden), kv_cache
+    return (logits(params, cfg, hidden), kv_cache, load) if expert_load else (logits(params, cfg, hidden), kv_cache)

@@ -15,8 +15,9 @@ import numpy as np
 
 from rtpjax.kernels.metadata import AttentionMetadata, LayerCache
 from rtpjax.kernels.attention import paged_attention
+from rtpjax.models import moe
 from rtpjax.models.config import ModelConfig, RopeScaling
-from rtpjax.loading.quantization import QuantizedWeight, dequantize
+from rtpjax.loading.quantization import QuantizedWeight
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -31,12 +32,6 @@ def linear(x: jax.Array, w: jax.Array | QuantizedWeight) -> jax.Array:
     if isinstance(w, QuantizedWeight):  # accumulated in float32: unscaled sums of int8/fp8 overflow float16
         return (jnp.dot(x, w.q.T.astype(x.dtype), preferred_element_type=jnp.float32) * w.scale).astype(x.dtype)
     return x @ w.T
-
-
-def _experts(w, dtype) -> jax.Array:
-    """Stacked expert weights for the einsums. A quantized stack is dequantized whole in every step: quantized MoE
-    models keep half the weight memory at rest but gain no speed until a grouped-matmul kernel reads q directly."""
-    return dequantize(w, dtype) if isinstance(w, QuantizedWeight) else w
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> np.ndarray:
@@ -99,18 +94,8 @@ def swiglu_mlp(p: dict, x: jax.Array) -> jax.Array:
     return linear(jax.nn.silu(linear(x, p["w_gate"])) * linear(x, p["w_up"]), p["w_down"])
 
 
-def moe_mlp(p: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:
-    """Softmax top-k routed experts (Qwen3-MoE).
-
-    Every expert runs on every token and a [T, E] combine matrix keeps the top-k: exact, and it shards cleanly over
-    the expert axis (each device runs its experts, one reduction sums them), but it spends E/k times the needed FLOPs.
-    A grouped-matmul kernel replaces the three einsums when MoE speed matters.
-    """
-    probs = jax.nn.softmax(linear(x, p["router"]).astype(jnp.float32), axis=-1)  # [T, E]
-    top_p, top_i = jax.lax.top_k(probs, cfg.num_experts_per_tok)
-    if cfg.norm_topk_prob:
-        top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
-    combine = jnp.sum(jax.nn.one_hot(top_i, cfg.num_experts, dtype=x.dtype) * top_p.astype(x.dtype)[..., None], 1)
-    w_gate, w_up, w_down = (_experts(p[k], x.dtype) for k in ("w_gate", "w_up", "w_down"))
-    hidden = jax.nn.silu(jnp.einsum("th,eih->tei", x, w_gate)) * jnp.einsum("th,eih->tei", x, w_up)
-    return jnp.einsum("tei,ehi,te->th", hidden, w_down, combine)
+def moe_mlp(p: dict, cfg: ModelConfig, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Softmax top-k routed experts (Qwen3-MoE), run as `cfg.moe_impl` says (models/moe.py), and the tokens each
+    expert received from the real (`valid`) tokens: [num_experts] int32."""
+    ids, weights = moe.route(p["router"], x, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+    return moe.run_experts(p, x, ids, weights, cfg.moe_impl), moe.expert_load(ids, valid, cfg.num_experts)

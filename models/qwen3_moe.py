@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from jax.sharding import PartitionSpec as P
-
-from rtpjax.models import qwen3
+from rtpjax.models import moe, qwen3
 from rtpjax.models.config import ConfigError, ModelConfig
 from rtpjax.models.decoder import HFTensor, forward  # noqa: F401
 
 ARCHITECTURES = ("Qwen3MoeForCausalLM",)
 
 PARTITION_RULES = (
-    (r"\.moe\.w_(gate|up)$", P("expert", "tensor", None)),  # experts over the expert axis, each column-parallel
-    (r"\.moe\.w_down$", P("expert", None, "tensor")),
+    (r"\.moe\.w_gate$", moe.SPECS["w_gate"]),  # experts over the expert axis, each column-parallel
+    (r"\.moe\.w_up$", moe.SPECS["w_up"]),
+    (r"\.moe\.w_down$", moe.SPECS["w_down"]),
 ) + qwen3.PARTITION_RULES  # the router stays replicated
 
 

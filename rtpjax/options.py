@@ -61,6 +61,14 @@ class EngineArgs:
     dtype: str | None = option(None, "dtype of weights and activations (default: the checkpoint's)",
                                choices=("float32", "bfloat16", "float16"))  # fmt: skip
     tensor_parallel_size: int = option(1, "devices the attention heads and MLP split over", minimum=1)
+    expert_parallel_size: int = option(1, "devices a MoE model's experts split over (the mesh's expert axis; "
+                                       "attention is replicated over it)", minimum=1)  # fmt: skip
+    moe_impl: str = option("auto", "how MoE experts run: grouped = only the routed tokens, sorted by expert (FLOPs "
+                           "scale with top-k); dense = every expert on every token; auto = per step shape, the "
+                           "cheaper by a bandwidth/compute model", choices=("auto", "grouped", "dense"))  # fmt: skip
+    expert_placement: str | None = option(None, "JSON file {layer: [physical slot of logical expert 0, 1, ...]}: "
+                                          "experts reordered at load (an EPLB-style static rebalancing)",
+                                          path=True)  # fmt: skip
     attention_impl: str = option("auto", "attention implementation: auto = the Pallas kernels on GPU, the plain-jnp "
                                  "reference elsewhere", choices=("auto", "pallas", "reference"))  # fmt: skip
     kv_write: str = option("auto", "how the Pallas path writes a step's K/V into the cache: auto = the Pallas kernel "

@@ -55,6 +55,10 @@ class Metrics:
         self.model_name = model_name
         self._seen_queries = self._seen_hits = 0
         self._seen_tiers: dict[tuple[str, str], float] = {}
+        self.expert_tokens = Counter("rtpjax:moe_expert_tokens", "Tokens routed to each expert of each MoE layer "
+                                     "(layer: the MoE layer's ordinal)", ["model_name", "layer", "expert"],
+                                     registry=r)  # fmt: skip
+        self._seen_expert_tokens: list[list[int]] = []
 
     def on_finished(self, out, metrics) -> None:
         """Record one finished request (its RequestOutput and the first sequence's RequestMetrics)."""
@@ -86,4 +90,13 @@ class Metrics:
                 self._seen_tiers[t["tier"], key] = t[key]
             self.tier_used.labels(*labels).set(t["used_bytes"])
             self.tier_capacity.labels(*labels).set(t["capacity_bytes"])
+        self._count_expert_tokens(stats.get("expert_load") or [])
         return generate_latest(self.registry)
+
+    def _count_expert_tokens(self, load: list[list[int]]) -> None:
+        seen = self._seen_expert_tokens or [[0] * len(row) for row in load]
+        for layer, (row, before) in enumerate(zip(load, seen)):
+            for expert, (n, m) in enumerate(zip(row, before)):
+                if n > m:
+                    self.expert_tokens.labels(self.model_name, str(layer), str(expert)).inc(n - m)
+        self._seen_expert_tokens = load

@@ -74,6 +74,7 @@ class EngineStats(msgspec.Struct, gc=False):
     num_blocks: int
     kv_tiers: list[TierStats] = []  # empty without KV tiers
     num_loading: int = 0  # waiting sequences whose prefix blocks are being read from a KV tier
+    expert_load: list[list[int]] = []  # MoE: tokens per logical expert per MoE layer since start (EPLB's input)
 
 
 class Startup(_Message, tag="startup"):

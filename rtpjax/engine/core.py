@@ -109,7 +109,8 @@ class LLMEngine:
     def __init__(self, model: str | None = None, args: EngineArgs | None = None):
         """model: a Hugging Face folder, a .gguf file, or None for the embedded SmolLM2-135M-Instruct."""
         from rtpjax.loading.model_source import load_model, resolve_model
-        from rtpjax.parallel.sharding import make_mesh
+        from rtpjax.models import load_config, moe
+        from rtpjax.parallel.mesh import engine_mesh
 
         model = resolve_model(model)
         args = (args or EngineArgs()).for_platform(jax.default_backend())
@@ -124,9 +125,13 @@ class LLMEngine:
         pool = ThreadPoolExecutor(1, thread_name_prefix="rtpjax-tokenizer")
         tokenizer = pool.submit(_timed, load_tokenizer, source)
         pool.shutdown(wait=False)
-        mesh = make_mesh(tensor=args.tensor_parallel_size)
+        mesh = engine_mesh(load_config(model)[0], args.tensor_parallel_size, args.expert_parallel_size)
         self.cfg, self.family, params = load_model(model, dtype=args.dtype, mesh=mesh, progress=args.progress,
                                                    load_format=args.load_format, quantization=args.quantization)  # fmt: skip
+        # MoE: how the experts run (part of the compiled programs' key) and their static placement.
+        self.cfg = dataclasses.replace(self.cfg, moe_impl=args.moe_impl)
+        self.expert_placement = moe.read_placement(args.expert_placement, self.cfg) if args.expert_placement else {}
+        params = moe.apply_placement(params, self.expert_placement)
         loaded = time.monotonic()
         if tokenizer.done():
             tokenizer.result()  # a broken tokenizer fails before minutes of compilation, not after
@@ -395,4 +400,12 @@ class LLMEngine:
             num_blocks=pool.num_blocks,
             kv_tiers=self.tiers.stats() if self.tiers is not None else [],
             num_loading=self.scheduler.loading() if self.tiers is not None else 0,
+            expert_load=self._expert_load(),
         )
+
+    def _expert_load(self) -> list[list[int]]:
+        if not self.cfg.num_experts:
+            return []
+        from rtpjax.models import moe
+
+        return moe.logical_load(self.runner.read_expert_load(), self.cfg, self.expert_placement).tolist()

@@ -48,6 +48,8 @@ def model_step(params, cache, state, flat, packing: Packing, *, cfg, forward):
     """The model half of a step: each sequence's last-token logits. Host inputs arrive packed into one int32 buffer."""
     batch: StepBatch = packing.unpack(flat)
     tokens = jnp.where(batch.token_slot >= 0, state.last_token[batch.token_slot], batch.tokens)
+    if cfg.num_experts:  # MoE: (logits, cache, expert load [MoE layers, experts])
+        return forward(params, cfg, tokens, batch.positions, cache, batch.meta, batch.logits_indices, expert_load=True)
     return forward(params, cfg, tokens, batch.positions, cache, batch.meta, batch.logits_indices)
 
 
@@ -136,6 +138,9 @@ class ModelRunner:
                                                 block_size=block_size, mesh=mesh, kv_dtype=kv_cache_dtype),
                               static_argnums=(2,))  # fmt: skip
         self._scorers: dict[int, object] = {}  # prompt length bucket -> score executable
+        # MoE: tokens per expert per layer since start, summed on the host from steps whose counts have arrived.
+        self.expert_load = np.zeros((sum(cfg.moe_layers), cfg.num_experts), np.int64)
+        self._loads: list[jax.Array] = []
         CompileCounter.install()
 
     # -- warm-up ----------------------------------------------------------------------------------------------------
@@ -317,17 +322,28 @@ class ModelRunner:
         flat_sampling, sampling_packing = pack(sampling)
         model = self._compiled.get((batch.tokens.shape[0], batch.logits_indices.shape[0]))
         if model is not None:
-            logits, self.cache = model(self.params, self.cache, self.state, flat)
+            logits, self.cache, *load = model(self.params, self.cache, self.state, flat)
             sharding = model.output_shardings[0]
         else:
-            logits, self.cache = self._model(self.params, self.cache, self.state, flat, packing)
+            logits, self.cache, *load = self._model(self.params, self.cache, self.state, flat, packing)
             sharding = logits.sharding
+        if load:
+            self.read_expert_load()  # the arrived counts (keeps the pending list short)
+            load[0].copy_to_host_async()
+            self._loads.append(load[0])
         sample = self._samplers.get((batch.logits_indices.shape[0], sharding, variant))
         if sample is not None:
             out, self.state = sample(logits, self.state, flat_sampling)
         else:
             out, self.state = self._sample(logits, self.state, flat_sampling, sampling_packing, variant)
         return out
+
+    def read_expert_load(self) -> np.ndarray:
+        """Tokens each expert of each MoE layer received so far ([MoE layers, experts]), counting the steps whose
+        counts have reached the host: never waits for the device."""
+        while self._loads and self._loads[0].is_ready():
+            self.expert_load += np.asarray(self._loads.pop(0))
+        return self.expert_load
 
     def load_blocks(self, loads: list[BlockLoad]) -> None:
         """Write host K/V into cache blocks; queued on the device ahead of any step launched after it."""
