@@ -49,6 +49,10 @@ print(json.dumps({"jax": jax.__version__, "device": str(jax.devices()[0].device_
 EOF
 cat "$OUT/env.json"
 
+config_only() {  # config + tokenizer: enough for --load-format dummy
+  [ -f "$CKPT/config.json" ] || python3 -c "from rtpjax.benchmarks.random_checkpoint import write_config_only as w; w('$CKPT', '$SHAPE')" || exit 1
+}
+
 checkpoint() {
   if [ ! -f "$CKPT/config.json" ]; then
     local t0=$SECONDS
@@ -202,7 +206,7 @@ PY
     tail -3 "$OUT/serve.log"
     ;;
   tiers)
-    checkpoint
+    config_only
     timeout 300 python3 -m rtpjax.benchmarks.tiers_bench --blocks 512 --out "$OUT/tiers_bw.json"
     # 2048 device blocks of 16 tokens = 32k tokens; 64 conversations x 4 turns x (1024 + 128) tokens and 32 prefixes
     # of 4096 tokens are each >= 4x that.
@@ -223,15 +227,16 @@ PY
       cat "$OUT/tiers_$name.metrics"
     }
     traffic() {  # $1: config name
-      tier_bench "$1_multi_turn" --dataset-name multi_turn --num-prompts 256 --multi-turn-num-turns 4 \
+      tier_bench "$1_multi_turn" --dataset-name multi_turn --num-prompts ${TIER_PROMPTS:-256} --multi-turn-num-turns 4 \
         --multi-turn-input-len 1024 --multi-turn-output-len 128 --max-concurrency 64
-      tier_bench "$1_shared_prefix" --dataset-name prefix_repetition --num-prompts 256 --max-concurrency 64 \
+      [ "${TIER_DATASETS:-multi_turn shared_prefix}" = multi_turn ] && return
+      tier_bench "$1_shared_prefix" --dataset-name prefix_repetition --num-prompts ${TIER_PROMPTS:-256} --max-concurrency 64 \
         --prefix-repetition-prefix-len 4096 --prefix-repetition-suffix-len 256 --prefix-repetition-num-prefixes 32 \
         --prefix-repetition-output-len 128
     }
     rm -rf /tmp/kv_disk
     tiered="--kv-offloading-size ${TIER_HOST_GIB:-64} --kv-disk-path /tmp/kv_disk --kv-disk-size ${TIER_DISK_GIB:-200}"
-    for config in off device tiered; do
+    for config in ${TIER_CONFIGS:-off device tiered}; do
       case $config in
       off) tier_serve off --no-enable-prefix-caching ;;
       device) tier_serve device ;;
@@ -242,7 +247,7 @@ PY
     done
     # The restart: the first 100 requests of the shared-prefix set after a restart, with the disk tier the last
     # server wrote down and with a cold one.
-    for config in restart_disk restart_cold; do
+    for config in ${TIER_RESTART-restart_disk restart_cold}; do
       [ $config = restart_cold ] && rm -rf /tmp/kv_disk
       tier_serve $config $tiered
       echo "== tiers: $config"
