@@ -235,7 +235,7 @@ PY
         --prefix-repetition-output-len 128
     }
     rm -rf /tmp/kv_disk
-    tiered="--kv-offloading-size ${TIER_HOST_GIB:-64} --kv-disk-path /tmp/kv_disk --kv-disk-size ${TIER_DISK_GIB:-200}"
+    tiered="--kv-offloading-size ${TIER_HOST_GIB:-64} --kv-disk-path /tmp/kv_disk --kv-disk-size ${TIER_DISK_GIB:-40}"
     for config in ${TIER_CONFIGS:-off device tiered}; do
       case $config in
       off) tier_serve off --no-enable-prefix-caching ;;
