@@ -89,7 +89,8 @@ class EngineArgs:
                               choices=("auto", "dummy"))  # fmt: skip
     quantization: str | None = option(None, "weight-only quantization of the linear weights, per output channel, "
                                       "done on the devices at load", choices=("int8", "fp8"))  # fmt: skip
-    progress: bool = option(False, "progress bars for loading and compiling", cli=False)
+    progress: bool = option(True, "progress bars for loading and compiling where stderr is a terminal (False, or "
+                            "output that is no terminal: log lines instead)", cli=False)  # fmt: skip
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
