@@ -36,9 +36,9 @@ CPU_COMPILE_BYTES_PER_THREAD = 512 << 20
 SAMPLER_COPIES = 6
 # A default max_model_len is halved until one sequence of it fits, down to this.
 MIN_MODEL_LEN = 256
-# KV budgets in whole steps: the same budget on the next start gives the same cache shape, which every compiled step's
-# signature includes, so the persistent compilation cache still answers (a few stray bytes would change the block
-# count and recompile everything).
+# A GPU's KV budget in whole steps: the same budget on the next start gives the same cache shape, which every
+# compiled step's signature includes, so the persistent compilation cache still answers (a few stray bytes would change
+# the block count and recompile everything). On a CPU, the least KV budget worth planning.
 BUDGET_STEP = 256 << 20
 
 
@@ -230,9 +230,14 @@ def plan(cfg, args: EngineArgs, memory: Memory | None = None) -> MemoryPlan:
                          runtime_bytes())  # fmt: skip
 
     def kv_room(max_model_len: int) -> int:
-        """Default KV bytes: a share of what the rest leaves, in whole budget steps."""
-        room = (memory.available - footprint(max_model_len, 0).total) * CPU_SHARE
-        return max(0, int(room // BUDGET_STEP * BUDGET_STEP))
+        """Default KV bytes: a share of what the rest leaves, rounded down to two significant bits (x 1, 1.5, 2, 3,
+        4, 6 ... 2^k): available memory drifts from start to start, and the cache's shape is part of every compiled
+        step's signature, so the persistent compilation cache answers a second start only if this does not."""
+        room = int((memory.available - footprint(max_model_len, 0).total) * CPU_SHARE)
+        if room < BUDGET_STEP:
+            return 0
+        step = 1 << (room.bit_length() - 2)
+        return room // step * step
 
     def one_sequence(max_model_len: int) -> int:
         return -(-max_model_len // args.block_size)
