@@ -58,8 +58,9 @@ class Memory:
 def host_memory() -> Memory:
     """The host memory this process may still take: the least of what the kernel, its cgroup and its rlimits allow."""
     bounds = [(_meminfo("MemAvailable"), "MemAvailable")]
-    for limit, usage, name in (("memory.max", "memory.current", "cgroup memory.max"),
-                               ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "cgroup memory limit")):  # fmt: skip
+    cgroups = (("memory.max", "memory.current", "cgroup memory.max"),  # v2, then v1
+               ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "cgroup memory limit"))  # fmt: skip
+    for limit, usage, name in cgroups:
         cap, used = _read_int(Path("/sys/fs/cgroup") / limit), _read_int(Path("/sys/fs/cgroup") / usage)
         if cap is not None and used is not None and cap < 1 << 60:
             bounds.append((cap - used, name))

@@ -19,6 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from rtpjax import memory_plan
 from rtpjax.distributed.messages import CompletionDelta, EngineStats, RequestDelta
 from rtpjax.engine import detokenizer
 from rtpjax.kernels.attention import resolve_impl
@@ -30,7 +31,6 @@ from rtpjax.engine.request import CompletionOutput, ModelInfo, Request, RequestM
 from rtpjax.engine.snapshot import KVBlocks, RequestSnapshot, capture, restore
 from rtpjax.engine.sequence import PENDING, Sequence
 from rtpjax.loading.tokenizer import load_tokenizer, tokenizer_source
-from rtpjax import memory_plan
 from rtpjax.models import load_config
 from rtpjax.options import EngineArgs
 
