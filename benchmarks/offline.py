@@ -150,7 +150,7 @@ def main():
     parser.add_argument("--out", default=None)
     # max-model-len as the server is run in gpu_run.sh, so compiled shapes are shared (raised to fit the prompts);
     # --max-num-seqs also sizes transformers' batches.
-    add_engine_arguments(parser, max_model_len=2048, **ENGINE_DEFAULTS)
+    add_engine_arguments(parser, max_model_len=2048, max_num_seqs=256, **ENGINE_DEFAULTS)  # batches are cut at it
     args = parser.parse_args()
 
     model = args.model

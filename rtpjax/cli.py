@@ -1,11 +1,17 @@
-"""The `rtpjax` command line."""
+"""The `rtpjax` command line. A user's mistake (a bad path, a hub id, a bad flag value, options that do not fit in
+memory) is one line on stderr and exit code 2, found before anything heavy is imported where it can be; `--debug`
+shows tracebacks and debug logs instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from rtpjax.options import CLI_COMPILATION_CACHE, add_engine_arguments
+
+log = logging.getLogger("rtpjax")
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,14 +30,21 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from rtpjax import LLMEngine, SamplingParams
+    from rtpjax.loading.model_source import check_model
     from rtpjax.options import engine_args_from
+    from rtpjax.sampling_params import SamplingParams
 
-    engine = LLMEngine(args.model, engine_args_from(args))
+    # Every argument is checked before minutes of loading and compiling.
+    engine_args = engine_args_from(args)
+    check_model(args.model)
     # --seed is the engine's seed option, and this one prompt is sampled with it: `generate --seed S` gives the tokens
     # a request with seed S gets from the server.
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                             max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)  # fmt: skip
+    from rtpjax.engine.core import LLMEngine
+
+    engine = LLMEngine(args.model, engine_args)
+    log.info("generating up to %d tokens", args.max_tokens)
     prompt = args.prompt
     if args.chat:
         messages = [{"role": "user", "content": prompt}]
@@ -48,6 +61,9 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def convert(args: argparse.Namespace) -> int:
+    from rtpjax.loading.model_source import check_model
+
+    check_model(args.model)
     from rtpjax.loading.convert import convert as write_converted
 
     print(write_converted(args.model, args.out, dtype=args.dtype, quantization=args.quantization))
@@ -61,14 +77,26 @@ def bench_serve(args: argparse.Namespace) -> int:
     return 0 if metrics is None or metrics["failed"] == 0 else 1
 
 
+def configure_logging(debug: bool) -> None:
+    """rtpjax's progress and startup lines on stderr; other libraries' INFO lines (JAX's probe for TPU backends) only
+    with --debug."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    if not debug:
+        logging.getLogger("jax").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser = argparse.ArgumentParser(prog="rtpjax", description="LLM inference on JAX")
     commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="complete one prompt, streaming to the terminal",
+    gen = commands.add_parser("generate", help="complete one prompt, streaming to the terminal", parents=[common],
                               description="Complete one prompt, streaming to the terminal. The prompt is sampled with "
                               "--seed (the engine's seed option), as a server request with that seed is.")  # fmt: skip
     add_generate_arguments(gen)
-    conv = commands.add_parser("convert", help="write a ready-to-load orbax checkpoint (transformed, in --dtype)")
+    conv = commands.add_parser("convert", help="write a ready-to-load orbax checkpoint (transformed, in --dtype)",
+                               parents=[common])  # fmt: skip
     conv.add_argument("model", help="a Hugging Face folder or a .gguf file")
     conv.add_argument("out", help="a new folder; load it wherever a model folder is accepted")
     conv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
@@ -79,13 +107,27 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags")
     from rtpjax.serve.launch import add_arguments, serve
 
-    add_arguments(commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API"))
+    add_arguments(commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API", parents=[common]))
     args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    configure_logging(debug)
     try:
         return {"generate": generate, "serve": serve, "convert": convert, "bench": bench_serve}[args.command](args)
     except (ValueError, OSError) as e:  # bad model folder or arguments: one line, no traceback
+        if debug:
+            raise
         print(f"rtpjax: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("rtpjax: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - a bug: one line saying how to see where
+        if debug:
+            raise
+        print(f"rtpjax: internal error: {type(e).__name__}: {e} (--debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

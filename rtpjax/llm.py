@@ -17,6 +17,7 @@ from rtpjax.distributed.engine_process import Accumulator
 from rtpjax.distributed.messages import Abort, ProtocolError, RequestDelta, StepOutputs
 from rtpjax.engine.core import EngineArgs, LLMEngine
 from rtpjax.engine.request import RequestMaker, RequestOutput
+from rtpjax.progress import configure_logging
 from rtpjax.sampling_params import SamplingParams
 
 log = logging.getLogger("rtpjax")
@@ -33,6 +34,7 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **engine_args):
+        configure_logging()  # minutes of loading and compiling are never silent
         self.engine = _engine(model, engine_args)
         self.tokenizer = self.engine.tokenizer
 
@@ -88,6 +90,7 @@ class AsyncLLM:
         from rtpjax.loading.model_source import resolve_model
         from rtpjax.loading.tokenizer import load_tokenizer, tokenizer_source
 
+        configure_logging()  # the engine process logs at this logger's level
         self.args = EngineArgs.from_kwargs(**engine_args)  # bad options fail here, before a process starts
         model = resolve_model(model)
         source = tokenizer_source(model, self.args.tokenizer, self.args.skip_tokenizer_init)  # so does no tokenizer

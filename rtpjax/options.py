@@ -27,6 +27,11 @@ from pathlib import Path
 # On a CPU a step's cost grows with its padded token count: a small budget keeps steps and compiled buckets small.
 TOKEN_BUDGET = {"gpu": 2048}
 CPU_TOKEN_BUDGET = 256
+# Sequences in one step when none is given. On a CPU each sequence bucket is one model and six sampler executables to
+# compile at warm-up, and a few cores gain little from wider steps; the KV cache and the rest of the CPU sizes come
+# from the memory plan (rtpjax/memory_plan.py).
+MAX_NUM_SEQS = {"gpu": 256}
+CPU_MAX_NUM_SEQS = 16
 
 # Where the command lines keep JAX's persistent compilation cache unless told otherwise ('' turns it off); the Python
 # API has no default (None: off).
@@ -46,17 +51,19 @@ class EngineArgs:
     """The engine's options (vLLM's names). Checked on construction: bad values raise ValueError."""
 
     max_model_len: int | None = option(None, "longest prompt plus output, in tokens (default: the model's "
-                                       "max_position_embeddings)", minimum=1)  # fmt: skip
+                                       "max_position_embeddings, or less where memory is short)", minimum=1)  # fmt: skip
     block_size: int = option(16, "tokens per KV cache block", minimum=1)
-    max_num_seqs: int = option(256, "sequences in one step at most", minimum=1)
+    max_num_seqs: int | None = option(None, "sequences in one step at most (default: 256 on a GPU, 16 on a CPU)",
+                                      minimum=1)  # fmt: skip
     max_num_batched_tokens: int | None = option(None, "tokens in one step at most (prompt chunks and decode rows); "
                                                 "default: 2048 on a GPU, 256 on a CPU", minimum=1)  # fmt: skip
     num_gpu_blocks: int | None = option(None, "KV cache blocks (instead of sizing the cache by "
                                         "--gpu-memory-utilization)", minimum=1)  # fmt: skip
     gpu_memory_utilization: float = option(0.9, "fraction of device memory the weights and KV cache may fill",
                                            above=0, maximum=1)  # fmt: skip
-    cpu_kv_cache_bytes: int = option(1 << 30, "KV cache bytes on hosts without device memory statistics (CPU)",
-                                     minimum=1)  # fmt: skip
+    cpu_kv_cache_bytes: int | None = option(None, "KV cache bytes on hosts without device memory statistics (CPU; "
+                                            "default: sized from the memory this process may take)",
+                                            minimum=1)  # fmt: skip
     enable_prefix_caching: bool = option(True, "reuse the KV blocks of prompt prefixes already computed")
     dtype: str | None = option(None, "dtype of weights and activations (default: the checkpoint's)",
                                choices=("float32", "bfloat16", "float16"))  # fmt: skip
@@ -102,7 +109,8 @@ class EngineArgs:
                                   "hits always loaded); recompute = its tokens run again; auto = swap, loading a "
                                   "tier hit only when the measured load time is below the measured recompute time",
                                   choices=("auto", "swap", "recompute"))  # fmt: skip
-    progress: bool = option(False, "progress bars for loading and compiling", cli=False)
+    progress: bool = option(True, "progress bars for loading and compiling where stderr is a terminal (False, or "
+                            "output that is no terminal: log lines instead)", cli=False)  # fmt: skip
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -112,9 +120,9 @@ class EngineArgs:
 
     def for_platform(self, platform: str) -> EngineArgs:
         """These options with the defaults that depend on the device filled in (platform: jax.default_backend())."""
-        if self.max_num_batched_tokens is not None:
-            return self
-        return dataclasses.replace(self, max_num_batched_tokens=TOKEN_BUDGET.get(platform, CPU_TOKEN_BUDGET))
+        budget = self.max_num_batched_tokens or TOKEN_BUDGET.get(platform, CPU_TOKEN_BUDGET)
+        seqs = self.max_num_seqs or MAX_NUM_SEQS.get(platform, CPU_MAX_NUM_SEQS)
+        return dataclasses.replace(self, max_num_batched_tokens=budget, max_num_seqs=seqs)
 
     @classmethod
     def from_kwargs(cls, **options) -> EngineArgs:

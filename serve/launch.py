@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 from pathlib import Path
 
 from rtpjax.options import CLI_COMPILATION_CACHE, add_engine_arguments, engine_args_from
@@ -27,13 +26,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from rtpjax.loading.model_source import check_model
+
+    engine_args_from(args)  # bad values fail here, in one line, before anything heavy is imported
+    check_model(args.model)
     import uvicorn
 
     from rtpjax import AsyncLLM
     from rtpjax.serve.app import build_app
 
-    engine_args = engine_args_from(args, progress=True)  # bad values fail here, before anything starts
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine_args = engine_args_from(args)  # bad values fail here, before anything starts
     llm = AsyncLLM(args.model, **dataclasses.asdict(engine_args))
     name = args.served_model_name or (Path(args.model).name.removesuffix(".gguf") if args.model else DEFAULT_NAME)
     app = build_app(llm, name, api_key=args.api_key, max_queue=args.max_queue)

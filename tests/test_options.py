@@ -16,7 +16,7 @@ from rtpjax.options import CLI_COMPILATION_CACHE, cli_fields, engine_args_from, 
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(max_num_seqs=0), "--max-num-seqs must be an integer >= 1, got 0"),
+    (dict(max_num_seqs=0), "--max-num-seqs must be an integer >= 1 or None, got 0"),
     (dict(max_num_batched_tokens=2.5), "--max-num-batched-tokens must be an integer >= 1 or None, got 2.5"),
     (dict(block_size="16"), "--block-size must be an integer >= 1, got '16'"),
     (dict(max_model_len=-3), "--max-model-len must be an integer >= 1 or None, got -3"),
@@ -72,7 +72,7 @@ def test_unknown_options_fail_at_once_with_the_nearest_name(tmp_path):
     with pytest.raises(TypeError, match="did you mean 'kv_write'"):
         AsyncLLM(nowhere, kv_writes="xla")
     for make in (LLM, AsyncLLM):
-        with pytest.raises(ValueError, match="--max-num-seqs must be an integer >= 1, got 0"):
+        with pytest.raises(ValueError, match="--max-num-seqs must be an integer >= 1 or None, got 0"):
             make(nowhere, max_num_seqs=0)
 
 
@@ -134,7 +134,7 @@ def test_a_bad_flag_value_is_one_line_and_exit_code_2(capsys):
     from rtpjax.cli import main
 
     assert main(["serve", "--max-num-seqs", "0"]) == 2
-    assert capsys.readouterr().err == "rtpjax: error: --max-num-seqs must be an integer >= 1, got 0\n"
+    assert capsys.readouterr().err == "rtpjax: error: --max-num-seqs must be an integer >= 1 or None, got 0\n"
 
 
 @pytest.fixture(scope="module")

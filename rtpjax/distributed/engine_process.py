@@ -178,8 +178,12 @@ def child_main(fd: int, parent: int) -> None:
     conn = Connection(fd)
     startup = messages.decode(conn.recv_bytes(), Startup)
     logging.basicConfig(level=startup.log_level, format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s")
+    logging.getLogger("jax").setLevel(max(startup.log_level, logging.WARNING))  # not its probe for TPU backends
     try:
         engine = LLMEngine(startup.model, EngineArgs(**startup.engine_args))
+    except (ValueError, OSError) as e:  # bad options or files: the parent raises the message alone, as one line
+        conn.send_bytes(messages.encode(Failed(str(e), traceback.format_exc(), user_error=True)))
+        return
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it where the user called
         conn.send_bytes(messages.encode(Failed(f"{type(e).__name__}: {e}", traceback.format_exc())))
         return
@@ -220,6 +224,9 @@ class EngineProcess:
             raise
         if isinstance(reply, Failed):
             self.proc.wait()
+            if reply.user_error:
+                log.debug("the engine process could not start:\n%s", reply.traceback)
+                raise ValueError(reply.message)
             raise RuntimeError(f"the engine process failed to start: {reply.message}\n{reply.traceback}")
         self.info: ModelInfo = reply.info
         self.stats: EngineStats = reply.stats

@@ -91,10 +91,12 @@ class Ready(_Message, tag="ready"):
 
 
 class Failed(_Message, tag="failed"):
-    """The engine could not start."""
+    """The engine could not start. user_error: bad options or files (a ValueError or OSError there), which the parent
+    raises as one line, the message alone."""
 
     message: str
     traceback: str
+    user_error: bool = False
 
 
 # -- requests in -----------------------------------------------------------------------------------------------------

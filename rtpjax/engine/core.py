@@ -19,9 +19,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from rtpjax import memory_plan
 from rtpjax.distributed.messages import CompletionDelta, EngineStats, RequestDelta
 from rtpjax.engine import detokenizer
-from rtpjax.kv import kv_cache
 from rtpjax.kernels.attention import resolve_impl
 from rtpjax.kv.block_pool import BlockPool
 from rtpjax.kv.tiers import build as tiers_build
@@ -33,6 +33,7 @@ from rtpjax.engine.snapshot import KVBlocks, RequestSnapshot, capture, restore
 from rtpjax.kv.host_blocks import PackedBlocks
 from rtpjax.engine.sequence import PENDING, Sequence
 from rtpjax.loading.tokenizer import load_tokenizer, tokenizer_source
+from rtpjax.models import load_config
 from rtpjax.options import EngineArgs
 
 log = logging.getLogger("rtpjax")
@@ -85,26 +86,6 @@ def enable_compilation_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-_KV_BUDGET_STEP = 256 << 20
-
-
-def kv_cache_blocks(cfg, args: EngineArgs, max_model_len: int) -> int:
-    """Blocks that fit the memory budget, counting what each device holds (its share of the KV heads, or copies)."""
-    if args.num_gpu_blocks is not None:
-        return args.num_gpu_blocks
-    per_block = kv_cache.bytes_per_block(cfg, args.block_size, args.kv_cache_dtype, args.tensor_parallel_size)
-    stats = jax.devices()[0].memory_stats() or {}
-    if "bytes_limit" in stats:
-        free = stats["bytes_limit"] * args.gpu_memory_utilization - stats.get("bytes_in_use", 0)
-        # In whole 256 MiB steps: the same budget on the next start gives the same cache shape, which every compiled
-        # step's signature includes, so the persistent compilation cache still answers (a few stray bytes in use
-        # would otherwise change the count and recompile everything).
-        free = free // _KV_BUDGET_STEP * _KV_BUDGET_STEP
-        return max(1, int(free // per_block))
-    enough = args.max_num_seqs * -(-max_model_len // args.block_size)
-    return max(1, min(enough, args.cpu_kv_cache_bytes // per_block))
-
-
 class LLMEngine:
     def __init__(self, model: str | None = None, args: EngineArgs | None = None):
         """model: a Hugging Face folder, a .gguf file, or None for the embedded SmolLM2-135M-Instruct."""
@@ -113,8 +94,12 @@ class LLMEngine:
         from rtpjax.parallel.mesh import engine_mesh
 
         model = resolve_model(model)
-        args = (args or EngineArgs()).for_platform(jax.default_backend())
-        self.args = args
+        cfg, _ = load_config(model)
+        # Sizes before anything loads: on a CPU the whole footprint is planned here (an explicit size that cannot fit
+        # fails now, with the numbers); on a GPU the KV cache fills what the weights leave (after loading).
+        plan = memory_plan.plan(cfg.with_dtype(args.dtype) if args and args.dtype else cfg, args or EngineArgs(),
+                                memory_plan.device_memory())  # fmt: skip
+        args = self.args = plan.args
 
         if args.compilation_cache_dir:
             enable_compilation_cache(args.compilation_cache_dir)
@@ -135,9 +120,11 @@ class LLMEngine:
         loaded = time.monotonic()
         if tokenizer.done():
             tokenizer.result()  # a broken tokenizer fails before minutes of compilation, not after
-        self.max_model_len = min(args.max_model_len or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings)
-        num_blocks = kv_cache_blocks(self.cfg, args, self.max_model_len)
-        log.info("KV cache: %d blocks of %d tokens = %d tokens", num_blocks, args.block_size, num_blocks * args.block_size)
+        if plan.num_blocks is None:
+            plan = plan.with_blocks(memory_plan.device_kv_blocks(self.cfg, args))
+        args = self.args = plan.args
+        self.plan, self.max_model_len, num_blocks = plan, args.max_model_len, plan.num_blocks
+        log.info(plan.summary())
         self.pool = BlockPool(num_blocks, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, args.block_size, args.max_num_seqs, args.max_num_batched_tokens,
                                    self.max_model_len)  # fmt: skip

@@ -109,8 +109,12 @@ def gguf_tensors(reader, path: Path, config: dict) -> dict[str, np.ndarray]:
     """HF name -> float32 array, every tensor dequantized and checked."""
     from gguf import quants
 
+    from rtpjax.progress import progress_bar
+
     out = {}
+    bar = progress_bar(len(reader.tensors), f"converting {path.name}", "tensor")
     for t in reader.tensors:
+        bar.update()
         kind = t.tensor_type.name
         if kind not in SUPPORTED_TYPES:
             raise GGUFError(f"{path}: tensor {t.name!r} has unsupported type {kind}; supported: "
@@ -131,6 +135,7 @@ def gguf_tensors(reader, path: Path, config: dict) -> dict[str, np.ndarray]:
         elif name.endswith("k_proj.weight"):
             w = unpermute(w, config["num_key_value_heads"])
         out[name] = np.ascontiguousarray(w)
+    bar.close()
     return out
 
 

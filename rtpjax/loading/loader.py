@@ -524,7 +524,7 @@ def load_params(
 
     quantization: "int8" or "fp8" replaces linear weights by `QuantizedWeight`s, quantized on the device.
     """
-    from tqdm import tqdm
+    from rtpjax.progress import progress_bar
 
     opts = options or LoadOptions()
     began = time.perf_counter()
@@ -557,7 +557,7 @@ def load_params(
     in_flight: list[tuple[np.ndarray, list]] = []
     waited = {"reads": 0.0, "transfers": 0.0}  # where the main thread stood still: says which side is the bottleneck
     try:
-        with tqdm(total=total, desc="loading", unit="B", unit_scale=True, disable=not progress) as bar:
+        with progress_bar(total, "loading weights", "B", progress, unit_scale=True) as bar:
             batches_read = iter(reader)
             while True:
                 t0 = time.perf_counter()
@@ -594,7 +594,7 @@ def load_params(
         reader.close()
     seconds = time.perf_counter() - began
     line = f"loaded {total / 1e9:.2f} GB in {seconds:.2f} s ({total / 1e9 / seconds:.2f} GB/s) from {model_dir}"
-    (tqdm.write if progress else log.info)(line)
+    log.info(line)
     log.debug("loading waited %.2f s for reads and %.2f s for transfers; page-locking %d buffers took %.2f s; "
               "planning %.2f s; finishing parameters (joins, casts, quantization) %.2f s, %d of %d executables compiled "
               "ahead, %d parameters finished later than their last piece (join still compiling)", waited["reads"],

@@ -7,28 +7,47 @@ config.json when the weights are made up (load_format="dummy").
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 from rtpjax.loading import gguf
-from rtpjax.loading.loader import load_params, random_params
-from rtpjax.loading.orbax_checkpoint import is_converted, restore_params
-from rtpjax.loading.quantization import check_method
-from rtpjax.models import load_config
-from rtpjax.models.config import read_config_json
+
+# rtpjax never downloads a model: a name that is no local path must fail at once, not after transformers' hub retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 LOAD_FORMATS = ("auto", "dummy")
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+_WHAT = "a Hugging Face folder with config.json, a .gguf file, or nothing for the embedded SmolLM2-135M-Instruct"
+
+
+def check_model(model: str | Path | None) -> None:
+    """Fail now, in one line, for a model argument that names nothing loadable (before any heavy import)."""
+    if model is None or str(model).endswith(".gguf") and Path(model).is_file():
+        return
+    path = Path(model)
+    if not path.exists() and _HUB_ID.fullmatch(str(model)):
+        raise ValueError(f"{model}: no such folder; it looks like a model hub id, and rtpjax has no model hub access "
+                         f"(it downloads nothing): download the model yourself and pass its folder or .gguf file "
+                         f"({_WHAT})")  # fmt: skip
+    if not path.exists():
+        raise ValueError(f"{model}: no such file or folder (give {_WHAT})")
+    if not path.is_dir():
+        raise ValueError(f"{model}: not a model folder or a .gguf file (give {_WHAT})")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{model}: no config.json: not a Hugging Face model folder (give {_WHAT})")
 
 
 def resolve_model(model: str | Path | None) -> str:
     """A model argument -> the Hugging Face folder it stands for."""
+    from rtpjax.models.config import read_config_json
+
+    check_model(model)
     if model is None:
         model = gguf.default_gguf()
     if str(model).endswith(".gguf"):
         return str(gguf.cached_folder(model))
-    if not Path(model).is_dir():
-        raise ValueError(f"{model}: not a model folder or a .gguf file (give a Hugging Face folder with config.json, "
-                         "a .gguf file, or nothing for the default model)")  # fmt: skip
-    read_config_json(model)  # a folder that is no model fails here, before anything else is asked of it
+    read_config_json(model)  # a config.json that is no model's fails here, before anything else is asked of it
     return str(model)
 
 
@@ -39,6 +58,11 @@ def load_model(model: str | Path | None, dtype: str | None = None, mesh=None, pr
     load_format "dummy" reads only config.json and makes random weights on the devices. quantization: "int8" or
     "fp8" weight-only (a converted checkpoint that is already quantized loads as it was written).
     """
+    from rtpjax.loading.loader import load_params, random_params
+    from rtpjax.loading.orbax_checkpoint import is_converted, restore_params
+    from rtpjax.loading.quantization import check_method
+    from rtpjax.models import load_config
+
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r}: choose one of {', '.join(LOAD_FORMATS)}")
     check_method(quantization)

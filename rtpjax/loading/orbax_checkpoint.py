@@ -78,8 +78,5 @@ def restore_params(folder: str | Path, cfg: ModelConfig, family, mesh=None, prog
     seconds = time.perf_counter() - began
     total = sum(x.nbytes for x in jax.tree.leaves(params))
     line = f"restored {total / 1e9:.2f} GB in {seconds:.2f} s ({total / 1e9 / seconds:.2f} GB/s) from {folder}"
-    if progress:
-        print(line, flush=True)
-    else:
-        log.info(line)
+    log.info(line)
     return params

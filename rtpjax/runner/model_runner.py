@@ -150,11 +150,11 @@ class ModelRunner:
 
         The step then calls these executables directly, so serving can never trigger a compilation of its own.
         """
-        from tqdm import tqdm
+        from rtpjax.progress import progress_bar
 
         steps = [(t, self._seqs_for(t)) for t in self.token_buckets]
-        bar = tqdm(total=len(steps) + len(self.score_buckets) + len(self.admit_buckets), desc="compiling", unit="shape",
-                   disable=not progress)  # fmt: skip
+        bar = progress_bar(len(steps) + len(self.score_buckets) + len(self.admit_buckets), "compiling", "shape",
+                           progress)  # fmt: skip
 
         def compile_step(shape):
             flat, packing = pack(self._batch([], *shape)[0])
