@@ -83,6 +83,9 @@ def test_writer_backlog_is_bounded_and_never_blocks(tmp_path):
     tiers.dispatch(_gather)
     tiers.flush()
     assert h[2] in disk
+    stop = [(i, bytes([i]) * 16) for i in range(10, 15)]  # a clean stop drains more than the bound, dropping none
+    tiers.drain(stop, _gather)
+    assert all(x in disk for _, x in stop) and tiers.counters["disk"].dropped == 2
     tiers.close()
 
 

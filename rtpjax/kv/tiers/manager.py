@@ -194,6 +194,15 @@ class KVTiers:
                 self.inflight.difference_update(hashes)
                 self.pending -= len(hashes)
 
+    def drain(self, blocks: list[tuple[int, bytes]], gather_packed) -> None:
+        """Write (device block, hash) pairs down and wait, max_pending at a time so none is dropped (a clean stop:
+        the prefix cache goes to disk for the next start)."""
+        for i in range(0, len(blocks), self.max_pending):
+            for block, h in blocks[i : i + self.max_pending]:
+                self.write_down(block, h)
+            self.dispatch(gather_packed)
+            self.flush()
+
     def flush(self, timeout: float = 20.0) -> None:
         """Wait until everything queued so far is written down (before a shutdown or a restart)."""
         done = threading.Event()
