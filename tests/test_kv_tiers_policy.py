@@ -6,8 +6,8 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import ENGINE_ARGS
+
 from rtpjax import LLM, SamplingParams
 from rtpjax.engine.scheduler import Scheduler
 from rtpjax.engine.sequence import Sequence

@@ -10,7 +10,6 @@ import time
 
 import httpx
 import pytest
-
 from test_server import free_port
 
 PROMPT = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her friends. "
@@ -51,7 +50,7 @@ def complete(url: str) -> tuple[str, float]:
     body = {"model": "stories260K", "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
     text = httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
     metrics = httpx.get(url + "/metrics", timeout=10).text
-    hits = re.search(r'^rtpjax:kv_tier_hits_total\{[^}]*tier="disk"\} (\S+)$', metrics, re.M)
+    hits = re.search(r'^rtpjax:kv_tier_hits_total\{[^}]*tier="disk"\} (\S+)$', metrics, re.MULTILINE)
     assert hits, "no disk tier metrics on /metrics"
     return text, float(hits.group(1))
 
