@@ -199,8 +199,10 @@ def test_restart_hits_the_disk_tier_and_recomputes_bad_files(first_run, stories_
     assert len(files) >= 4 * len(PROMPTS)
     again = tier_llm(stories_dir, compile_cache, disk_path)
     assert tokens(again, GREEDY) == reference[None]
+    # a block read from disk for a try that did not admit is loaded from host memory on the next: a host hit
+    below = lambda llm: sum(t.hits for t in tier_stats(llm).values())  # noqa: E731
     disk = tier_stats(again)["disk"]
-    assert disk.hits == SHAREABLE and disk.errors == 0, "a restart did not find its blocks on disk"
+    assert disk.hits > 0 and below(again) == SHAREABLE and disk.errors == 0, "a restart did not find its blocks on disk"
     again.engine.close()
     del again
 
@@ -221,7 +223,7 @@ def test_restart_hits_the_disk_tier_and_recomputes_bad_files(first_run, stories_
     disk = tier_stats(third)["disk"]
     assert disk.errors == 2 and "recomputed" in caplog.text  # the deleted file is simply absent
     # prompt 0 loads block 0 only, prompt 1 nothing, prompt 2 blocks 0-1: every other prefix whole
-    assert disk.hits == SHAREABLE - (3 + 4 + 2) * 16
+    assert below(third) == SHAREABLE - (3 + 4 + 2) * 16
     third.engine.close()
 
 
