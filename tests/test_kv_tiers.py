@@ -199,8 +199,10 @@ def test_restart_hits_the_disk_tier_and_recomputes_bad_files(first_run, stories_
     assert len(files) >= 4 * len(PROMPTS)
     again = tier_llm(stories_dir, compile_cache, disk_path)
     assert tokens(again, GREEDY) == reference[None]
+    # a block read from disk for a try that did not admit is loaded from host memory on the next: a host hit
+    below = lambda llm: sum(t.hits for t in tier_stats(llm).values())  # noqa: E731
     disk = tier_stats(again)["disk"]
-    assert disk.hits == SHAREABLE and disk.errors == 0, "a restart did not find its blocks on disk"
+    assert disk.hits > 0 and below(again) == SHAREABLE and disk.errors == 0, "a restart did not find its blocks on disk"
     again.engine.close()
     del again
 
@@ -221,7 +223,7 @@ def test_restart_hits_the_disk_tier_and_recomputes_bad_files(first_run, stories_
     disk = tier_stats(third)["disk"]
     assert disk.errors == 2 and "recomputed" in caplog.text  # the deleted file is simply absent
     # prompt 0 loads block 0 only, prompt 1 nothing, prompt 2 blocks 0-1: every other prefix whole
-    assert disk.hits == SHAREABLE - (3 + 4 + 2) * 16
+    assert below(third) == SHAREABLE - (3 + 4 + 2) * 16
     third.engine.close()
 
 
@@ -237,3 +239,34 @@ def test_tier_metrics_on_prometheus(first_run):
     assert f'rtpjax:kv_tier_hits_total{{model_name="stories",tier="host"}} {float(host.hits)}' in text
     assert 'rtpjax:kv_tier_capacity_bytes{model_name="stories",tier="disk"}' in text
     assert "KV tiers: host" in llm.engine.tiers.report()
+
+
+def test_tensor_parallel_offloads_and_loads(stories_dir, compile_cache, reference):
+    """KV heads sharded over 2 devices: blocks go down whole and come back into each device's heads."""
+    args = {k: v for k, v in TIER_ARGS.items() if k != "kv_disk_size"}
+    llm = LLM(str(stories_dir), compilation_cache_dir=compile_cache, tensor_parallel_size=2, **args)
+    assert len(llm.engine.runner.cache[0][0].sharding.device_set) == 2
+    first = tokens(llm, GREEDY)
+    before = tier_stats(llm)["host"]
+    assert [first, tokens(llm, GREEDY)] == [reference[None]] * 2
+    host = tier_stats(llm)["host"]
+    assert host.hits - before.hits == SHAREABLE, "a repeated prefix missed the host tier"
+    e = llm.engine
+    assert e.pool.num_free == e.pool.num_blocks and not any(e.tiers.host.leases)
+
+
+# -- the benchmark -----------------------------------------------------------------------------------------------------
+
+
+def test_tiers_bench_runs_tiny(tmp_path):
+    import json
+
+    from rtpjax.benchmarks import tiers_bench
+
+    out = tmp_path / "tiers_bw.json"
+    result = tiers_bench.main(["--layers", "2", "--kv-heads", "2", "--head-dim", "8", "--dtype", "float32", "--blocks",
+                               "8", "--dir", str(tmp_path), "--out", str(out)])  # fmt: skip
+    assert json.loads(out.read_text()) == result
+    assert result["block_bytes"] == KVLayout("float32", 16, 2, 2, 8).block_bytes and result["layout"] in ("packed", "strided")
+    for key in ("h2d_pinned_GBps", "onload_packed_GBps", "onload_strided_GBps", "disk_dd_GBps", "disk_tier_GBps"):
+        assert result[key] > 0, key

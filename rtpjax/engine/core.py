@@ -248,10 +248,7 @@ class LLMEngine:
         wait for the writes. Idempotent; a no-op without tiers."""
         if self.tiers is None:
             return
-        for h, block in list(self.pool.cached.items()):
-            self.tiers.write_down(block, h)
-        self.tiers.dispatch(self.runner.offload)
-        self.tiers.flush()
+        self.tiers.drain([(block, h) for h, block in self.pool.cached.items()], self.runner.offload)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self.inflight is not None

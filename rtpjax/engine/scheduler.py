@@ -180,7 +180,8 @@ class Scheduler:
         seq.num_computed = len(shared) * self.block_size
         seq.num_registered_blocks = len(shared) if seq.fork_parent is None else 0  # cache hits are published
         load = self._take_host_blocks(seq) if seq.host_kv is not None else None
-        tier_ok, tier_load = self._take_tier_blocks(seq, max_shared) if seq.tier_fetch is not None else (True, None)
+        tier_ok, tier_load, lookup = (self._take_tier_blocks(seq, max_shared) if seq.tier_fetch is not None
+                                      else (True, None, None))  # fmt: skip
         loaded = len(seq.block_table)
         first_chunk = min(len(seq.token_ids) - seq.num_computed, budget)
         if (seq.host_kv is not None and load is None) or not tier_ok or not self._grow(seq, first_chunk):
@@ -198,6 +199,8 @@ class Scheduler:
                 self.pool.register(seq.block_table[b], seq.block_hashes[b])
             seq.num_registered_blocks = loaded
             loads.append(tier_load)
+        if lookup is not None:
+            self.tiers.count(lookup)  # once: a try that did not admit fetches, and counts, again
         self.waiting.remove(seq)
         self.running.append(seq)
         seq.status = Status.RUNNING
@@ -243,22 +246,23 @@ class Scheduler:
             self.tiers.drop(seq.tier_fetch)
             seq.tier_fetch = None
 
-    def _take_tier_blocks(self, seq: Sequence, max_shared: int) -> tuple[bool, BlockLoad | None]:
-        """Fresh blocks for the fetched blocks that follow the device's share; (False, None) if the pool lacks them
-        (the fetch is kept for the next try). They are published only once the sequence is admitted."""
+    def _take_tier_blocks(self, seq: Sequence, max_shared: int):
+        """(ok, load, lookup): fresh blocks for the fetched blocks that follow the device's share, and what was looked
+        up below; (False, None, None) if the pool lacks them (the fetch is kept for the next try). They are published
+        and counted only once the sequence is admitted."""
         fetch, have = seq.tier_fetch, len(seq.block_table)
         skip = have - fetch.start
         n = max(0, min(fetch.valid - skip, max_shared - have)) if skip >= 0 else 0
         fresh = self.pool.allocate(n) if n else []
         if fresh is None:
-            return False, None
+            return False, None, None
         seq.tier_fetch = None
-        _, packed = self.tiers.take(fetch, max(skip, 0), n)
+        packed, lookup = self.tiers.take(fetch, max(skip, 0), n)
         if packed is None:
-            return True, None
+            return True, None, lookup
         seq.block_table += fresh
         seq.num_computed = len(seq.block_table) * self.block_size
-        return True, BlockLoad(fresh, packed)
+        return True, BlockLoad(fresh, packed), lookup
 
     def _publish_loaded(self, seq: Sequence) -> None:
         """Register the loaded full blocks at once: siblings and other requests admitted in this same step share

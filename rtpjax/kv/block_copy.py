@@ -59,6 +59,10 @@ class BlockCopier:
         self.num_blocks = cache[0][0].shape[1]
         copies = cache[0][0].shape[0] // layout.num_kv_heads
         shardings = jax.tree.map(lambda x: x.sharding, cache)
+        # packed rows go straight to every device of the cache (tensor parallel: each then takes its heads)
+        first = cache[0][0].sharding
+        self._rows_at = (jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec())
+                         if isinstance(first, jax.sharding.NamedSharding) else first)  # fmt: skip
         self._gather = jax.jit(lambda c, ids: gather(c, ids, copies=copies))
         self._write = jax.jit(lambda c, ids, parts: write(c, ids, parts, copies=copies), donate_argnums=(0,),
                               out_shardings=shardings)  # fmt: skip
@@ -83,7 +87,7 @@ class BlockCopier:
         elif kind == "write":
             self._compiled[kind, n] = self._write.lower(cache, ids, self._part_shapes(n)).compile()
         else:
-            row = jax.ShapeDtypeStruct((self.layout.block_bytes,), jnp.uint8)
+            row = jax.ShapeDtypeStruct((self.layout.block_bytes,), jnp.uint8, sharding=self._rows_at)
             self._compiled[kind, n] = self._write_packed.lower(cache, ids, (row,) * n).compile()
 
     def _part_shapes(self, n: int) -> tuple:
@@ -143,14 +147,15 @@ class BlockCopier:
 
     def write_packed(self, cache, blocks: list[int], packed: PackedBlocks):
         """The cache with packed rows written into `blocks`, each row its own host-to-device transfer (from page-locked
-        memory where the tier could map it: no staging copy); the cache passed in is donated."""
+        memory where the tier could map it: no staging copy) to every device the cache spans, not the default one;
+        the cache passed in is donated."""
         self.layout.require(packed.layout)
         if self._zero_row is None:
-            self._zero_row = jax.device_put(np.zeros(self.layout.block_bytes, np.uint8))
+            self._zero_row = jax.device_put(np.zeros(self.layout.block_bytes, np.uint8), self._rows_at)
         for start, real, bucket in self._pieces(len(blocks)):
             ids = np.full(bucket, self.num_blocks, np.int32)  # past the cache: dropped
             ids[:real] = blocks[start : start + real]
-            rows = jax.device_put(packed.rows[start : start + real])
+            rows = jax.device_put(packed.rows[start : start + real], self._rows_at)
             rows = tuple(rows) + (self._zero_row,) * (bucket - real)
             cache = self._compiled.get(("write_packed", bucket), self._write_packed)(cache, ids, rows)
         return cache

@@ -5,17 +5,22 @@ the engine dispatches one packed gather for them right after scheduling, before 
 them, and a worker thread waits for the copy and writes each block to the tiers that lack it. Nothing here waits for
 the device on the engine's thread.
 
+The writer's backlog is bounded (max_pending blocks): past it a block is dropped and counted, so a slow disk never
+holds the engine's thread or piles up host memory.
+
 Up: for a waiting sequence whose prefix continues below the device, `fetch` leases the host rows that hold it and
 starts reader threads on those only on disk (into leased host rows). The sequence waits ("loading") while other
 requests run; once every row is in, the scheduler admits it with its rows as a block load written before its first
-step, and the rows are given back once that step has run. Whether a hit is worth loading is decided by measured
-costs (Costs): the onload and disk bandwidths against the time the step takes to recompute as many tokens.
+step, and the rows are given back once that step has run. Whether a hit is worth loading is `should_load`: the
+policy, and measured costs (Costs): the onload and disk bandwidths against the time the step takes to recompute as
+many tokens. Hits and queries are counted once per admission (`count`), never for a try that did not admit.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +53,18 @@ class Costs:
         return load < n * block_size / self.prefill_tokens_per_s
 
 
+def should_load(policy: str, preempted: bool, costs: Costs | None, block_bytes: int, block_size: int, from_host: int,
+                from_disk: int) -> bool:  # fmt: skip
+    """Load a sequence's blocks found below the device (True) or recompute them. swap: always load; recompute: a
+    preempted sequence runs its tokens again; otherwise load when the measured load time is below the measured
+    recompute time (before the costs are measured, at warm-up, load)."""
+    if policy == "swap":
+        return True
+    if policy == "recompute" and preempted:
+        return False
+    return costs is None or costs.load_pays(block_bytes, block_size, from_host, from_disk)
+
+
 @dataclasses.dataclass(eq=False)
 class Fetch:
     """Blocks below the device that a waiting sequence will load: leased host rows, some still arriving from disk."""
@@ -70,6 +87,15 @@ class Fetch:
 
 
 @dataclasses.dataclass
+class Lookup:
+    """What one admission looked up below the device (blocks) and took from each tier; counted once it is admitted."""
+
+    looked_up: int
+    from_host: int
+    from_disk: int
+
+
+@dataclasses.dataclass
 class _Counters:
     queries: int = 0  # tokens looked up in this tier
     hits: int = 0  # of which found and loaded
@@ -81,7 +107,8 @@ class _Counters:
 
 
 class KVTiers:
-    def __init__(self, layout: KVLayout, host: HostTier, disk: DiskTier | None, policy: str = "auto"):
+    def __init__(self, layout: KVLayout, host: HostTier, disk: DiskTier | None, policy: str = "auto",
+                 max_pending: int | None = None):  # fmt: skip
         if policy not in POLICIES:
             raise ValueError(f"--preemption-mode must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.layout, self.host, self.disk, self.policy = layout, host, disk, policy
@@ -91,7 +118,11 @@ class KVTiers:
         self.queued: list[tuple[int, bytes]] = []  # (device block, hash) to gather before the next step
         self.inflight: set[bytes] = set()  # hashes on their way down
         self.lock = threading.Lock()
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="rtpjax-kv-down")
+        self.max_pending = max_pending or host.num_slots  # blocks queued for the writer; more are dropped
+        self.pending = 0
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_loop, name="rtpjax-kv-down", daemon=True)
+        self._writer.start()
         self._readers = ThreadPoolExecutor(4, thread_name_prefix="rtpjax-kv-up")
 
     @property
@@ -116,9 +147,27 @@ class KVTiers:
         anything overwrites them; a worker writes them down once the copy lands."""
         if not self.queued:
             return
-        blocks, hashes = [b for b, _ in self.queued], [h for _, h in self.queued]
+        with self.lock:
+            room = max(0, self.max_pending - self.pending)
+            kept, dropped = self.queued[:room], self.queued[room:]
+            self.pending += len(kept)
+            self.inflight.difference_update(h for _, h in dropped)
         self.queued = []
-        self._writer.submit(self._write, hashes, gather_packed(blocks), time.perf_counter())
+        if dropped:
+            for tier in self.tiers:
+                self.counters[tier.name].dropped += len(dropped)
+            log.warning("KV tiers: %d blocks not written down (the writer is %d blocks behind)", len(dropped),
+                        self.max_pending)  # fmt: skip
+        if kept:
+            blocks, hashes = [b for b, _ in kept], [h for _, h in kept]
+            self._jobs.put((hashes, gather_packed(blocks), time.perf_counter()))
+
+    def _write_loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if isinstance(job, threading.Event):
+                job.set()  # flush: everything before it is written
+            else:
+                self._write(*job)
 
     def _write(self, hashes: list[bytes], pieces, began: float) -> None:
         try:
@@ -143,10 +192,23 @@ class KVTiers:
         finally:
             with self.lock:
                 self.inflight.difference_update(hashes)
+                self.pending -= len(hashes)
+
+    def drain(self, blocks: list[tuple[int, bytes]], gather_packed) -> None:
+        """Write (device block, hash) pairs down and wait, max_pending at a time so none is dropped (a clean stop:
+        the prefix cache goes to disk for the next start)."""
+        for i in range(0, len(blocks), self.max_pending):
+            for block, h in blocks[i : i + self.max_pending]:
+                self.write_down(block, h)
+            self.dispatch(gather_packed)
+            self.flush()
 
     def flush(self, timeout: float = 20.0) -> None:
         """Wait until everything queued so far is written down (before a shutdown or a restart)."""
-        self._writer.submit(lambda: None).result(timeout)
+        done = threading.Event()
+        self._jobs.put(done)
+        if not done.wait(timeout):
+            log.warning("KV tiers: blocks still being written down after %.0f s", timeout)
 
     # -- up ---------------------------------------------------------------------------------------------------------
 
@@ -154,7 +216,7 @@ class KVTiers:
         """Lease the leading run of `hashes` found below the device and start reading its disk-only blocks; None if
         none is found, or loading them does not pay (policy)."""
         if self.policy == "recompute" and preempted:
-            return None
+            return None  # (should_load's answer, without leasing anything)
         fetch = Fetch(start, [], [], [], [])
         for h in hashes:
             slot = self.host.lease(h)
@@ -169,8 +231,8 @@ class KVTiers:
         if not fetch.hashes:
             return None
         from_disk = sum(fetch.from_disk)
-        if self.policy == "auto" and self.costs is not None and not self.costs.load_pays(
-                self.block_bytes, self.block_size, len(fetch.hashes) - from_disk, from_disk):  # fmt: skip
+        if not should_load(self.policy, preempted, self.costs, self.block_bytes, self.block_size,
+                           len(fetch.hashes) - from_disk, from_disk):  # fmt: skip
             self.drop(fetch)
             return None
         for i, on_disk in enumerate(fetch.from_disk):
@@ -204,27 +266,31 @@ class KVTiers:
                 if ok is not None:
                     self.host.release(slot)
 
-    def take(self, fetch: Fetch, skip: int, limit: int) -> tuple[list[bytes], PackedBlocks | None]:
-        """Rows skip..skip+n of a ready fetch (n <= limit: its intact run), counted as hits; the rest is given back."""
+    def take(self, fetch: Fetch, skip: int, limit: int) -> tuple[PackedBlocks | None, Lookup]:
+        """Rows skip..skip+n of a ready fetch (n <= limit: its intact run) and what was looked up and found (for
+        `count`, once the sequence is admitted); the rest is given back."""
         n = max(0, min(fetch.valid - skip, limit))
         used = range(skip, skip + n)
-        looked_up = len(fetch.hashes) - skip
-        host, disk = self.counters["host"], self.counters.get("disk")
         from_disk = sum(fetch.from_disk[i] for i in used)
-        host.queries += looked_up * self.block_size
-        host.hits += (n - from_disk) * self.block_size
-        host.bytes_read += n * self.block_bytes
-        if disk is not None:
-            disk.queries += (looked_up - (n - from_disk)) * self.block_size
-            disk.hits += from_disk * self.block_size
+        lookup = Lookup(len(fetch.hashes) - skip, n - from_disk, from_disk)
         for i, slot in enumerate(fetch.slots):
             if i not in used:
                 self.host.release(slot)
         if not n:
-            return [], None
+            return None, lookup
         slots = [fetch.slots[i] for i in used]
-        rows = [self.host.buf[s] for s in slots]
-        return [fetch.hashes[i] for i in used], PackedBlocks(self.layout, rows, lease=slots)
+        return PackedBlocks(self.layout, [self.host.buf[s] for s in slots], lease=slots), lookup
+
+    def count(self, lookup: Lookup) -> None:
+        """Count an admitted sequence's lookup as queries and hits, in tokens (the disk is asked for what the host
+        tier lacked)."""
+        host, disk = self.counters["host"], self.counters.get("disk")
+        host.queries += lookup.looked_up * self.block_size
+        host.hits += lookup.from_host * self.block_size
+        host.bytes_read += (lookup.from_host + lookup.from_disk) * self.block_bytes
+        if disk is not None:
+            disk.queries += (lookup.looked_up - lookup.from_host) * self.block_size
+            disk.hits += lookup.from_disk * self.block_size
 
     def release(self, packed: PackedBlocks) -> None:
         """The write that read these rows has run: they may be reused."""
@@ -253,5 +319,6 @@ class KVTiers:
         return "KV tiers: " + "; ".join(parts)
 
     def close(self) -> None:
-        self._writer.shutdown(wait=True)
+        self._jobs.put(None)
+        self._writer.join(timeout=20)
         self._readers.shutdown(wait=True)

@@ -1,0 +1,157 @@
+"""KV tiers: preemption by swap or recompute (and auto, by the measured costs), the writer's bounded backlog, and tier
+hits counted once per admission."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import ENGINE_ARGS
+
+from rtpjax import LLM, SamplingParams
+from rtpjax.engine.scheduler import Scheduler
+from rtpjax.engine.sequence import Sequence
+from rtpjax.kv.block_pool import BlockPool, prefix_hashes
+from rtpjax.kv.host_blocks import KVLayout
+from rtpjax.kv.tiers.disk import DiskTier
+from rtpjax.kv.tiers.host import HostTier
+from rtpjax.kv.tiers.manager import Costs, KVTiers, should_load
+
+LAYOUT = KVLayout("float32", 16, 2, 2, 8)
+
+
+def _row(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, LAYOUT.block_bytes, dtype=np.uint8)
+
+
+# -- the decision ------------------------------------------------------------------------------------------------------
+
+
+def test_should_load_follows_the_policy_and_the_costs():
+    fast_load = Costs(onload_bytes_per_s=1e12, prefill_tokens_per_s=1e3)  # a block loads in ns, recomputes in ms
+    slow_load = Costs(onload_bytes_per_s=1e3, prefill_tokens_per_s=1e12)
+    args = (LAYOUT.block_bytes, LAYOUT.block_size, 3, 1)
+    for preempted in (False, True):
+        assert should_load("swap", preempted, slow_load, *args)
+        assert should_load("auto", preempted, fast_load, *args)
+        assert not should_load("auto", preempted, slow_load, *args)
+        assert should_load("auto", preempted, None, *args)  # not measured yet (warm-up)
+    assert not should_load("recompute", True, fast_load, *args)
+    assert should_load("recompute", False, fast_load, *args) and not should_load("recompute", False, slow_load, *args)
+    # a slow disk tips a load that pays from host memory
+    disk = Costs(onload_bytes_per_s=1e9, prefill_tokens_per_s=1e6, disk_bytes_per_s=1e3)
+    assert should_load("auto", False, disk, LAYOUT.block_bytes, LAYOUT.block_size, 4, 0)
+    assert not should_load("auto", False, disk, LAYOUT.block_bytes, LAYOUT.block_size, 3, 1)
+
+
+# -- the writer's backlog ----------------------------------------------------------------------------------------------
+
+
+def _gather(blocks):
+    return [(len(blocks), np.stack([_row(b) for b in blocks]))]
+
+
+def test_writer_backlog_is_bounded_and_never_blocks(tmp_path):
+    host = HostTier(8 * LAYOUT.block_bytes, LAYOUT.block_bytes)
+    disk = DiskTier(str(tmp_path), 1 << 20, LAYOUT.block_bytes, {"model": "a"})
+    tiers = KVTiers(LAYOUT, host, disk, max_pending=2)
+    entered, go = threading.Event(), threading.Event()
+    write = disk.write
+
+    def slow_write(h, row):
+        entered.set()
+        assert go.wait(10)
+        return write(h, row)
+
+    disk.write = slow_write
+    h = [bytes([i]) * 16 for i in range(5)]
+    tiers.write_down(0, h[0])
+    tiers.dispatch(_gather)
+    assert entered.wait(10)  # the writer now holds block 0, stuck on the disk
+    began = time.perf_counter()
+    for i in range(1, 4):
+        tiers.write_down(i, h[i])
+    tiers.dispatch(_gather)  # room for one more: blocks 2 and 3 are dropped, at once
+    assert time.perf_counter() - began < 1
+    assert tiers.counters["host"].dropped == 2 and tiers.counters["disk"].dropped == 2
+    go.set()
+    tiers.flush()
+    assert all(x in host and x in disk for x in h[:2]) and not any(x in host or x in disk for x in h[2:4])
+    np.testing.assert_array_equal(host.buf[host.lease(h[1])], _row(1))
+    assert tiers.pending == 0 and not tiers.inflight
+    tiers.write_down(2, h[2])  # a dropped block can go down later
+    tiers.dispatch(_gather)
+    tiers.flush()
+    assert h[2] in disk
+    stop = [(i, bytes([i]) * 16) for i in range(10, 15)]  # a clean stop drains more than the bound, dropping none
+    tiers.drain(stop, _gather)
+    assert all(x in disk for _, x in stop) and tiers.counters["disk"].dropped == 2
+    tiers.close()
+
+
+# -- counting ----------------------------------------------------------------------------------------------------------
+
+
+def test_a_failed_admission_is_not_counted_as_a_tier_hit():
+    pool = BlockPool(4)
+    held = pool.allocate(1)  # 3 free: enough for the 3 loaded blocks, not for the prompt's last one
+    tiers = KVTiers(LAYOUT, HostTier(8 * LAYOUT.block_bytes, LAYOUT.block_bytes), None, policy="swap")
+    sched = Scheduler(pool, 16, 4, 64, 256, tiers)
+    prompt = list(range(3, 3 + 49))
+    for i, h in enumerate(prefix_hashes(prompt, 16)):
+        tiers.host.put(h, _row(i))
+    seq = Sequence("r", 0, prompt, SamplingParams(max_tokens=4), seed=0, max_tokens=4)
+    sched.add(seq)
+    for _ in range(3):
+        schedule = sched.schedule()
+        assert not schedule.items and not schedule.loads
+        assert tiers.counters["host"].queries == 0 and tiers.counters["host"].hits == 0, "a failed try was counted"
+        assert not any(tiers.host.leases) and pool.num_free == 3
+    pool.release(held)
+    schedule = sched.schedule()
+    assert [item.seq for item in schedule.items] == [seq] and len(schedule.loads[0].blocks) == 3
+    assert tiers.counters["host"].queries == 48 and tiers.counters["host"].hits == 48
+    tiers.close()
+
+
+# -- preemption --------------------------------------------------------------------------------------------------------
+
+PARAMS = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+
+
+def _prompts(seed):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 512, rng.integers(20, 40)).tolist() for _ in range(6)]
+
+
+@pytest.fixture(scope="module")
+def swap_llm(stories_dir, compile_cache):
+    """10 device blocks for 6 sequences growing to 4-5 blocks each: they preempt each other."""
+    return LLM(str(stories_dir), compilation_cache_dir=compile_cache, num_gpu_blocks=10, kv_offloading_size=0.01,
+               preemption_mode="swap", **ENGINE_ARGS)  # fmt: skip
+
+
+@pytest.mark.parametrize("seed, mode, costs, loads", [  # each its own prompts: none left below by an earlier run
+    (1, "swap", None, True),
+    (2, "recompute", None, False),
+    (3, "auto", Costs(onload_bytes_per_s=1e15, prefill_tokens_per_s=1.0), True),  # loading is the cheaper
+    (4, "auto", Costs(onload_bytes_per_s=1.0, prefill_tokens_per_s=1e15), False),  # recomputing is the cheaper
+])  # fmt: skip
+def test_preemption_swaps_or_recomputes(swap_llm, stories_llm, seed, mode, costs, loads):
+    prompts = _prompts(seed)
+    want = [o.outputs[0].token_ids for o in stories_llm.generate(prompts, PARAMS)]
+    e = swap_llm.engine
+    measured = e.tiers.costs
+    e.tiers.policy, e.tiers.costs = mode, costs
+    try:
+        preemptions, host = e.scheduler.num_preemptions, dict(vars(e.tiers.counters["host"]))
+        got = [o.outputs[0].token_ids for o in swap_llm.generate(prompts, PARAMS)]
+    finally:
+        e.tiers.policy, e.tiers.costs = "swap", measured
+    assert e.scheduler.num_preemptions > preemptions, "the test did not preempt"
+    assert got == want
+    now = e.tiers.counters["host"]
+    if mode != "recompute":
+        assert now.bytes_written > host["bytes_written"], "the preempted blocks did not go down"
+    assert (now.hits > host["hits"]) == loads, f"{mode}: a preempted sequence's blocks were {'not ' * loads}loaded"
+    assert e.pool.num_free == e.pool.num_blocks and not any(e.tiers.host.leases), "a block or host row leaked"
