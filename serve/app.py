@@ -13,6 +13,7 @@ import time
 import uuid
 from typing import AsyncIterator
 
+import msgspec
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -367,6 +368,23 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
     async def prometheus(request: Request):
         return Response(metrics.render(llm.stats()), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    async def load(request: Request):
+        """The gauges a router balances on (EngineStats' fields, plus requests not yet in the engine)."""
+        body = {**llm.stats(), "num_unfinished": llm.num_unfinished,
+                "kv_events_instance": llm.kv_events.instance if llm.kv_events is not None else None}  # fmt: skip
+        return JSONResponse(body, status_code=200 if llm.is_alive else 503)
+
+    async def kv_events(request: Request):
+        """The KV cache event batches numbered `since` and later (messages.KVEventsPage, msgpack types as JSON:
+        hashes in base64)."""
+        if llm.kv_events is None:
+            raise APIError(404, "KV cache events are off on this server (--enable-kv-cache-events)",
+                           type="not_found_error")  # fmt: skip
+        since = request.query_params.get("since", "0")
+        if not since.isdigit():
+            raise APIError(400, f"since must be a batch number >= 0, got {since!r}", param="since")
+        return Response(msgspec.json.encode(llm.kv_events.page(int(since))), media_type="application/json")
+
     async def schema(request: Request):
         return JSONResponse(openapi.spec(rtpjax.__version__))
 
@@ -390,6 +408,8 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
         Route("/health", health, methods=["GET"]),
         Route("/version", version, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
+        Route("/load", load, methods=["GET"]),
+        Route("/kv_events", kv_events, methods=["GET"]),
         Route("/openapi.json", schema, methods=["GET"]),
     ]
     middleware = [Middleware(BearerAuth, api_key=api_key)] if api_key else []

@@ -131,7 +131,7 @@ class LLMEngine:
         self.max_model_len = min(args.max_model_len or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings)
         num_blocks = kv_cache_blocks(self.cfg, args, self.max_model_len)
         log.info("KV cache: %d blocks of %d tokens = %d tokens", num_blocks, args.block_size, num_blocks * args.block_size)
-        self.pool = BlockPool(num_blocks, args.enable_prefix_caching)
+        self.pool = BlockPool(num_blocks, args.enable_prefix_caching, kv_events=args.enable_kv_cache_events)
         self.scheduler = Scheduler(self.pool, args.block_size, args.max_num_seqs, args.max_num_batched_tokens,
                                    self.max_model_len)  # fmt: skip
         self.runner = ModelRunner(
@@ -155,6 +155,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.inflight: tuple[Schedule, object] | None = None
         self.loop_stats = LoopStats()
+        self.lifetime = LoopStats()  # loop_stats of earlier report periods, summed (take_loop_stats)
         self._order = itertools.count()
 
     # -- requests ---------------------------------------------------------------------------------------------------
@@ -350,14 +351,30 @@ class LLMEngine:
 
     # -- gauges -----------------------------------------------------------------------------------------------------
 
+    def take_loop_stats(self) -> LoopStats:
+        """The loop's stats since the last call (what the engine process logs); they stay in the lifetime totals
+        stats() reports."""
+        taken, self.loop_stats = self.loop_stats, LoopStats()
+        life = self.lifetime
+        life.steps, life.computed, life.busy_s = life.steps + taken.steps, life.computed + taken.computed, \
+            life.busy_s + taken.busy_s  # fmt: skip
+        return taken
+
     def stats(self) -> EngineStats:
-        pool = self.pool
+        pool, scheduler, now, life = self.pool, self.scheduler, self.loop_stats, self.lifetime
         return EngineStats(
-            num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
             kv_cache_usage=pool.usage(),
             prefix_cache_queries=pool.queries,
             prefix_cache_hits=pool.hits,
             num_free_blocks=pool.num_free,
             num_blocks=pool.num_blocks,
+            waiting_prompt_tokens=sum(len(s.token_ids) - s.num_computed for s in scheduler.waiting),
+            running_tokens=sum(len(s.token_ids) for s in scheduler.running),
+            max_num_batched_tokens=self.args.max_num_batched_tokens,
+            block_size=self.args.block_size,
+            total_steps=life.steps + now.steps,
+            total_tokens=life.computed + now.computed,
+            total_busy_s=life.busy_s + now.busy_s,
         )
