@@ -25,7 +25,7 @@ from starlette.routing import Route
 import rtpjax
 from rtpjax.serve import openapi
 from rtpjax.serve.metrics import Metrics
-from rtpjax.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, message_text, sampling_params  # fmt: skip
+from rtpjax.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, chat_token_ids, sampling_params  # fmt: skip
 
 PUBLIC = ("/health", "/version", "/metrics", "/openapi.json")
 
@@ -263,15 +263,7 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
 
     def chat_prompt(messages, add_generation_prompt: bool) -> list[int]:
         need_tokenizer("a chat conversation")
-        if not tokenizer.chat_template:
-            raise APIError(400, f"the model {model_name!r} has no chat template; use /v1/completions",
-                           param="messages")  # fmt: skip
-        plain = [{"role": m.role, "content": message_text(m)} for m in messages]
-        try:
-            text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
-        except Exception as e:  # a template that rejects this conversation (roles out of order, ...)
-            raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
-        return tokenizer.encode(text, add_special_tokens=False)
+        return chat_token_ids(tokenizer, messages, add_generation_prompt, model_name)
 
     async def chat(request: Request):
         body = await parse(request, ChatCompletionRequest)
