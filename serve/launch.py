@@ -57,6 +57,7 @@ def serve_replicas(args: argparse.Namespace, engine_args) -> int:
 
     n = args.data_parallel_size
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     app = router_app([f"http://127.0.0.1:{args.port + 1 + i}" for i in range(n)], args.model, args.tokenizer,
                      args.router_policy, args.router_balance_abs_threshold, args.router_balance_rel_threshold)  # fmt: skip
     procs = start_replicas(replica_argv(args), n, engine_args.tensor_parallel_size, args.port + 1)

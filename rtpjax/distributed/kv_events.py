@@ -91,6 +91,10 @@ class KVEventLog:
             while True:
                 if replay is not None and replay.poll(0):
                     self._replay(replay, sent)
+                if pub is not None:
+                    # libzmq reads a subscriber's subscription only when the socket is used: without this, the
+                    # batches of a burst right after a subscriber joins would all go to nobody.
+                    pub.getsockopt(zmq.EVENTS)
                 try:
                     item = self._outbox.get(timeout=0.05)
                 except queue.Empty:

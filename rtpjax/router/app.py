@@ -61,13 +61,13 @@ def build_router(urls: list[str], policy: str = "cache_aware", tokenizer=None, b
             decision = chooser.choose(prompt, workers)
             w = decision.worker
             metrics.decisions.labels(policy, decision.reason).inc()
-            w.begin(prompt.num_tokens - decision.cached_tokens)
+            done = w.begin(prompt.num_tokens - decision.cached_tokens)
             if index is not None and prompt.hashes:
                 index.note_routed(w.url, prompt.hashes)
             metrics.routing.observe(time.perf_counter() - began)
             try:
                 response = await forward(client, w, request.method, request.url.path, body, request.headers,
-                                         on_done=w.end, on_stream_error=lambda w: metrics.failures.labels(w.url).inc())  # fmt: skip
+                                         on_done=done, on_stream_error=lambda w: metrics.failures.labels(w.url).inc())  # fmt: skip
             except Unreachable as e:
                 pool.mark_down(w, f"connection refused ({e})")
                 metrics.failures.labels(w.url).inc()
@@ -87,9 +87,8 @@ def build_router(urls: list[str], policy: str = "cache_aware", tokenizer=None, b
             if not workers:
                 break
             w = workers[next(turn) % len(workers)]
-            w.begin(0)
             try:
-                return await forward(client, w, request.method, request.url.path, body, request.headers, w.end)
+                return await forward(client, w, request.method, request.url.path, body, request.headers, w.begin(0))
             except Unreachable as e:
                 pool.mark_down(w, f"connection refused ({e})")
         return error_response(503, "no replica is available", "no_replica")

@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"--worker-urls: {url!r} is not an http:// or https:// URL")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per poll
     app = router_app(args.worker_urls, args.model, args.tokenizer, args.policy, args.balance_abs_threshold,
                      args.balance_rel_threshold, args.health_check_interval, args.health_check_timeout)  # fmt: skip
     uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")).run()

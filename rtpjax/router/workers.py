@@ -33,6 +33,7 @@ class Worker:
     inflight: int = 0  # requests the router has open on it
     fresh_requests: int = 0  # routed here since `load` was read (not in its numbers yet)
     fresh_tokens: int = 0  # their uncached prompt tokens
+    reports: int = 0  # load reports read
     instance: str | None = None  # the engine start its KV events come from
     cursor: int = 0  # the next KV event batch to read
     events: bool = True  # False once it said it publishes none
@@ -47,13 +48,23 @@ class Worker:
     def queued_tokens(self) -> int:
         return self.load.get("waiting_prompt_tokens", 0) + self.fresh_tokens
 
-    def begin(self, uncached_tokens: int) -> None:
+    def begin(self, uncached_tokens: int):
+        """Count a request sent to it; returns what `end` takes back when it is over."""
         self.inflight += 1
         self.fresh_requests += 1
         self.fresh_tokens += uncached_tokens
+        return lambda: self._end(self.reports, uncached_tokens)
 
-    def end(self) -> None:
+    def _end(self, reports: int, uncached_tokens: int) -> None:
         self.inflight -= 1
+        if reports == self.reports:  # no load report since it began: it is still in the fresh counts
+            self.fresh_requests -= 1
+            self.fresh_tokens -= uncached_tokens
+
+    def reported(self, load: dict) -> None:
+        self.load, self.fresh_requests, self.fresh_tokens = load, 0, 0
+        self.reports += 1
+        self.cost.observe(load.get("total_steps", 0), load.get("total_tokens", 0), load.get("total_busy_s", 0.0))
 
 
 class WorkerPool:
@@ -105,8 +116,7 @@ class WorkerPool:
             except (httpx.HTTPError, ValueError) as e:
                 self.mark_down(w, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
             else:
-                w.load, w.fresh_requests, w.fresh_tokens = load, 0, 0
-                w.cost.observe(load.get("total_steps", 0), load.get("total_tokens", 0), load.get("total_busy_s", 0.0))
+                w.reported(load)
                 self._mark_up(w)
             await asyncio.sleep(self.interval_s)
 
