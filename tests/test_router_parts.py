@@ -110,3 +110,18 @@ def test_block_pool_events_chain_blocks_and_report_evictions():
     pool.allocate(1)  # evicts the tail block first
     assert pool.drain_events() == [BlockRemoved([HASHES[1]], "GPU")]
     assert BlockPool(2).drain_events() == [] and BlockPool(2).events is None
+
+
+@pytest.mark.slow
+def test_router_overhead_benchmark_runs(stories_dir, tmp_path):
+    """benchmarks/router_bench.py overhead on CPU, tiny: stub replicas, a few requests direct and through the
+    router."""
+    import json
+
+    from rtpjax.benchmarks import router_bench
+
+    out = tmp_path / "overhead.json"
+    row = router_bench.main(["overhead", "--tokenizer", str(stories_dir), "--rate", "20", "--seconds", "1",
+                             "--out", str(out)])  # fmt: skip
+    assert row["requests"] == 20 and row["routed_p50_ms"] > 0 and row["router_cpu_ms_per_request"] > 0
+    assert json.loads(out.read_text())["rate"] == 20
