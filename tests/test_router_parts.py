@@ -125,3 +125,23 @@ def test_router_overhead_benchmark_runs(stories_dir, tmp_path):
                              "--out", str(out)])  # fmt: skip
     assert row["requests"] == 20 and row["routed_p50_ms"] > 0 and row["router_cpu_ms_per_request"] > 0
     assert json.loads(out.read_text())["rate"] == 20
+
+
+def test_data_parallel_replicas_get_the_same_flags_and_their_share_of_devices(monkeypatch):
+    import argparse
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+    from rtpjax.router.launch import replica_envs
+    from rtpjax.serve.launch import add_arguments, replica_argv
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["m", "--port", "9000", "--data-parallel-size", "2", "--max-num-seqs", "4",
+                              "--no-enable-prefix-caching", "--api-key", "k"])  # fmt: skip
+    argv = replica_argv(args)
+    again = parser.parse_args(argv)
+    assert again.max_num_seqs == 4 and again.enable_prefix_caching is False and again.api_key == "k"
+    assert again.model == "m" and again.data_parallel_size == 1 and "--port" not in argv
+    assert replica_envs(2, 2, gpus=4) == [{"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "2,3"}]
+    assert replica_envs(2, 1, gpus=1) == [{"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.450"}] * 2

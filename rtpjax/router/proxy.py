@@ -15,6 +15,7 @@ import asyncio
 import json
 from typing import AsyncIterator
 
+import anyio
 import httpx
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -111,7 +112,8 @@ async def _relay(upstream: httpx.Response, worker: Worker, on_done, on_error) ->
         message = f"replica {worker.url} failed mid-stream: {_why(e)}"
         yield f"data: {json.dumps(error_body(502, message, 'replica_failed'))}\n\ndata: [DONE]\n\n".encode()
     finally:
-        await upstream.aclose()
+        with anyio.CancelScope(shield=True):  # a client that left cancels this relay: the close must still happen,
+            await upstream.aclose()  # so that the replica sees the disconnect and aborts the request
         on_done()
 
 
