@@ -50,7 +50,7 @@ class CostModel:
     def step_time(self, tokens: float) -> float:
         return self.a + self.b * tokens
 
-    def ttft(self, tokens_ahead: int, new_tokens: int, running: int, budget: int) -> float:
+    def ttft(self, tokens_ahead: float, new_tokens: int, running: int, budget: int) -> float:
         """Seconds until a request with `new_tokens` uncached prompt tokens gets its first token, behind
         `tokens_ahead` queued prompt tokens, with `running` sequences decoding and `budget` tokens a step."""
         total = tokens_ahead + max(new_tokens, 1)

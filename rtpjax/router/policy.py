@@ -67,7 +67,7 @@ class Policy:
             return w.cost.ttft(w.queued_tokens(), new, w.load.get("num_running", 0),
                                w.load.get("max_num_batched_tokens", 0))  # fmt: skip
 
-        best = min(eligible, key=lambda w: (ttft(w), w.outstanding()))
+        best = min(eligible, key=lambda w: (ttft(w), -matched[w.url], w.outstanding()))
         longest = max(matched.values())
         if longest and matched[best.url] == longest:
             reason = "prefix"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 
 import httpx
 import msgspec
@@ -34,6 +35,7 @@ class Worker:
     fresh_requests: int = 0  # routed here since `load` was read (not in its numbers yet)
     fresh_tokens: int = 0  # their uncached prompt tokens
     reports: int = 0  # load reports read
+    reported_at: float = 0.0  # when the last was read (time.monotonic())
     instance: str | None = None  # the engine start its KV events come from
     cursor: int = 0  # the next KV event batch to read
     events: bool = True  # False once it said it publishes none
@@ -45,8 +47,14 @@ class Worker:
         """Requests it holds or is about to: what it reported, plus what was sent since."""
         return max(self.load.get("num_unfinished", 0), 0) + self.fresh_requests
 
-    def queued_tokens(self) -> int:
-        return self.load.get("waiting_prompt_tokens", 0) + self.fresh_tokens
+    def queued_tokens(self) -> float:
+        """Prompt tokens queued ahead of a new request now: those it reported, less what its measured steps have
+        run through since the report, plus what was sent since."""
+        waiting, budget = self.load.get("waiting_prompt_tokens", 0), self.load.get("max_num_batched_tokens", 0)
+        if waiting and budget:
+            steps = (time.monotonic() - self.reported_at) / self.cost.step_time(budget)
+            waiting = max(0.0, waiting - steps * budget)
+        return waiting + self.fresh_tokens
 
     def begin(self, uncached_tokens: int):
         """Count a request sent to it; returns what `end` takes back when it is over."""
@@ -64,6 +72,7 @@ class Worker:
     def reported(self, load: dict) -> None:
         self.load, self.fresh_requests, self.fresh_tokens = load, 0, 0
         self.reports += 1
+        self.reported_at = time.monotonic()
         self.cost.observe(load.get("total_steps", 0), load.get("total_tokens", 0), load.get("total_busy_s", 0.0))
 
 
