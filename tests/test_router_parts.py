@@ -145,3 +145,12 @@ def test_data_parallel_replicas_get_the_same_flags_and_their_share_of_devices(mo
     assert again.model == "m" and again.data_parallel_size == 1 and "--port" not in argv
     assert replica_envs(2, 2, gpus=4) == [{"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "2,3"}]
     assert replica_envs(2, 1, gpus=1) == [{"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.450"}] * 2
+
+
+def test_an_unmeasured_replica_is_costed_as_its_measured_peer():
+    """A busy, measured replica holding the prefix must not lose to an idle one whose prior looks faster."""
+    index = PrefixIndex()
+    index.apply("http://a", [stored(HASHES[:3])])
+    a, b = worker("http://a"), worker("http://b")
+    a.cost.a, a.cost.b, a.cost.calibrated = 0.05, 1e-3, True  # slow steps, measured
+    assert Policy("cache_aware", index).choose(Prompt(56, HASHES[:3]), [a, b]).worker is a

@@ -62,10 +62,15 @@ class Policy:
         least = min(w.outstanding() for w in workers)
         eligible = [w for w in workers if w.outstanding() <= least * self.balance_rel + self.balance_abs]
 
+        # A replica that has not run enough steps to be measured is costed as a measured peer (same model, same
+        # kind of device), not by the prior: an idle replica must not look faster than a busy one for lack of data.
+        peer = next((w.cost for w in workers if w.cost.calibrated), None)
+
         def ttft(w: Worker) -> float:
+            cost = w.cost if w.cost.calibrated or peer is None else peer
             new = prompt.num_tokens - matched[w.url] * self.block_size
-            return w.cost.ttft(w.queued_tokens(), new, w.load.get("num_running", 0),
-                               w.load.get("max_num_batched_tokens", 0))  # fmt: skip
+            return cost.ttft(w.queued_tokens(cost), new, w.load.get("num_running", 0),
+                             w.load.get("max_num_batched_tokens", 0))  # fmt: skip
 
         best = min(eligible, key=lambda w: (ttft(w), -matched[w.url], w.outstanding()))
         longest = max(matched.values())

@@ -47,12 +47,12 @@ class Worker:
         """Requests it holds or is about to: what it reported, plus what was sent since."""
         return max(self.load.get("num_unfinished", 0), 0) + self.fresh_requests
 
-    def queued_tokens(self) -> float:
+    def queued_tokens(self, cost: CostModel | None = None) -> float:
         """Prompt tokens queued ahead of a new request now: those it reported, less what its measured steps have
         run through since the report, plus what was sent since."""
         waiting, budget = self.load.get("waiting_prompt_tokens", 0), self.load.get("max_num_batched_tokens", 0)
         if waiting and budget:
-            steps = (time.monotonic() - self.reported_at) / self.cost.step_time(budget)
+            steps = (time.monotonic() - self.reported_at) / max((cost or self.cost).step_time(budget), 1e-6)
             waiting = max(0.0, waiting - steps * budget)
         return waiting + self.fresh_tokens
 
@@ -61,7 +61,8 @@ class Worker:
         self.inflight += 1
         self.fresh_requests += 1
         self.fresh_tokens += uncached_tokens
-        return lambda: self._end(self.reports, uncached_tokens)
+        reports = self.reports
+        return lambda: self._end(reports, uncached_tokens)
 
     def _end(self, reports: int, uncached_tokens: int) -> None:
         self.inflight -= 1
