@@ -105,14 +105,19 @@ def main(argv: list[str] | None = None) -> int:
     bench = commands.add_parser("bench", help="benchmarks (`rtpjax bench serve --help`)")
     bench.add_argument("which", choices=["serve"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags")
+    from rtpjax.router import launch as router
     from rtpjax.serve.launch import add_arguments, serve
 
     add_arguments(commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API", parents=[common]))
+    router.add_arguments(commands.add_parser("router", help="one OpenAI endpoint in front of rtpjax replicas", parents=[common],
+                                             description="Route OpenAI requests over rtpjax replicas: by cached "
+                                             "prefix and predicted time to first token, least load, or in turn."))  # fmt: skip
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
     configure_logging(debug)
     try:
-        return {"generate": generate, "serve": serve, "convert": convert, "bench": bench_serve}[args.command](args)
+        return {"generate": generate, "serve": serve, "convert": convert, "bench": bench_serve,
+                "router": router.run}[args.command](args)  # fmt: skip
     except (ValueError, OSError) as e:  # bad model folder or arguments: one line, no traceback
         if debug:
             raise

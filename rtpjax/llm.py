@@ -104,6 +104,16 @@ class AsyncLLM:
                 raise
         self.info = self._engine.info
         self._stats = self._engine.stats
+        self.kv_events = None  # the prefix cache's changes, numbered, for routers (rtpjax.distributed.kv_events)
+        if self.args.enable_kv_cache_events and self.args.enable_prefix_caching:
+            from rtpjax.distributed.kv_events import KVEventLog
+
+            try:
+                self.kv_events = KVEventLog(endpoint=self.args.kv_events_endpoint,
+                                            replay_endpoint=self.args.kv_events_replay_endpoint)  # fmt: skip
+            except BaseException:
+                self._engine.close()
+                raise
         self._make_request = RequestMaker(self.tokenizer, self.info, self.args.seed)
         # request id -> (event loop, output queue or None once its reader left, accumulator). An entry lives until
         # the engine's last word on the request (finished output or error), so an id is never reused while the
@@ -210,6 +220,8 @@ class AsyncLLM:
             self._stopped.set()
             self._engine.close()
             self._fail_all("the engine is shut down")
+            if self.kv_events is not None:
+                self.kv_events.close()
         self._reader.join(timeout=30)
 
     def _read(self) -> None:
@@ -218,6 +230,8 @@ class AsyncLLM:
             while True:
                 step = self._engine.recv(StepOutputs)
                 self._stats = step.stats
+                if step.kv_events and self.kv_events is not None:
+                    self.kv_events.publish(step.kv_events)
                 by_loop: dict = {}
                 for delta in step.outputs:
                     self._route(by_loop, delta.request_id, delta, finished=delta.finished)

@@ -111,6 +111,13 @@ class EngineArgs:
                                   choices=("auto", "swap", "recompute"))  # fmt: skip
     progress: bool = option(True, "progress bars for loading and compiling where stderr is a terminal (False, or "
                             "output that is no terminal: log lines instead)", cli=False)  # fmt: skip
+    enable_kv_cache_events: bool = option(True, "note each change to the prefix cache (vLLM's KV events: blocks "
+                                          "stored / removed by hash) for routers: GET /kv_events and, with "
+                                          "--kv-events-endpoint, a ZMQ stream")  # fmt: skip
+    kv_events_endpoint: str | None = option(None, "ZMQ PUB address the KV events go out on, as vLLM's "
+                                            "--kv-events-config endpoint (e.g. tcp://*:5557; none: HTTP only)")  # fmt: skip
+    kv_events_replay_endpoint: str | None = option(None, "ZMQ ROUTER address that replays buffered KV event "
+                                                   "batches from a sequence number (vLLM's replay_endpoint)")  # fmt: skip
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -13,6 +13,7 @@ import time
 import uuid
 from typing import AsyncIterator
 
+import msgspec
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -24,7 +25,7 @@ from starlette.routing import Route
 import rtpjax
 from rtpjax.serve import openapi
 from rtpjax.serve.metrics import Metrics
-from rtpjax.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, message_text, sampling_params  # fmt: skip
+from rtpjax.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, chat_token_ids, sampling_params  # fmt: skip
 
 PUBLIC = ("/health", "/version", "/metrics", "/openapi.json")
 
@@ -262,15 +263,7 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
 
     def chat_prompt(messages, add_generation_prompt: bool) -> list[int]:
         need_tokenizer("a chat conversation")
-        if not tokenizer.chat_template:
-            raise APIError(400, f"the model {model_name!r} has no chat template; use /v1/completions",
-                           param="messages")  # fmt: skip
-        plain = [{"role": m.role, "content": message_text(m)} for m in messages]
-        try:
-            text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
-        except Exception as e:  # a template that rejects this conversation (roles out of order, ...)
-            raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
-        return tokenizer.encode(text, add_special_tokens=False)
+        return chat_token_ids(tokenizer, messages, add_generation_prompt, model_name)
 
     async def chat(request: Request):
         body = await parse(request, ChatCompletionRequest)
@@ -367,6 +360,23 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
     async def prometheus(request: Request):
         return Response(metrics.render(llm.stats()), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    async def load(request: Request):
+        """The gauges a router balances on (EngineStats' fields, plus requests not yet in the engine)."""
+        body = {**llm.stats(), "num_unfinished": llm.num_unfinished,
+                "kv_events_instance": llm.kv_events.instance if llm.kv_events is not None else None}  # fmt: skip
+        return JSONResponse(body, status_code=200 if llm.is_alive else 503)
+
+    async def kv_events(request: Request):
+        """The KV cache event batches numbered `since` and later (messages.KVEventsPage, msgpack types as JSON:
+        hashes in base64)."""
+        if llm.kv_events is None:
+            raise APIError(404, "KV cache events are off on this server (--enable-kv-cache-events)",
+                           type="not_found_error")  # fmt: skip
+        since = request.query_params.get("since", "0")
+        if not since.isdigit():
+            raise APIError(400, f"since must be a batch number >= 0, got {since!r}", param="since")
+        return Response(msgspec.json.encode(llm.kv_events.page(int(since))), media_type="application/json")
+
     async def schema(request: Request):
         return JSONResponse(openapi.spec(rtpjax.__version__))
 
@@ -390,6 +400,8 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
         Route("/health", health, methods=["GET"]),
         Route("/version", version, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
+        Route("/load", load, methods=["GET"]),
+        Route("/kv_events", kv_events, methods=["GET"]),
         Route("/openapi.json", schema, methods=["GET"]),
     ]
     middleware = [Middleware(BearerAuth, api_key=api_key)] if api_key else []

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 from pathlib import Path
 
-from rtpjax.options import CLI_COMPILATION_CACHE, add_engine_arguments, engine_args_from
+from rtpjax.options import CLI_COMPILATION_CACHE, add_engine_arguments, cli_fields, engine_args_from, flag
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 
@@ -22,7 +23,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond max-num-seqs before 429")
     parser.add_argument("--graceful-shutdown-timeout", type=float, default=30.0,
                         help="seconds in-flight requests get to finish after SIGINT/SIGTERM")  # fmt: skip
+    parser.add_argument("--data-parallel-size", type=int, default=1,
+                        help="replicas of the engine (each on its own GPUs when the host has enough, else sharing "
+                        "each GPU's memory), on the next ports, behind a router on --port")  # fmt: skip
+    from rtpjax.router.launch import add_policy_arguments
+
+    add_policy_arguments(parser.add_argument_group("router (with --data-parallel-size > 1)"), prefix="router-")
     add_engine_arguments(parser, compilation_cache_dir=CLI_COMPILATION_CACHE)
+
+
+def replica_argv(args: argparse.Namespace) -> list[str]:
+    """This command's model, server and engine flags, spelled out for a replica (without host, port and data
+    parallelism)."""
+    argv = [args.model] if args.model else []
+    for name in ("api_key", "served_model_name"):
+        if getattr(args, name) is not None:
+            argv += [flag(name), getattr(args, name)]
+    argv += ["--max-queue", str(args.max_queue), "--graceful-shutdown-timeout", str(args.graceful_shutdown_timeout)]
+    for f in cli_fields():
+        value = getattr(args, f.name)
+        if isinstance(value, bool):
+            argv.append(flag(f.name) if value else "--no-" + flag(f.name)[2:])
+        elif value is not None:
+            argv += [flag(f.name), str(value)]
+    return argv
+
+
+def serve_replicas(args: argparse.Namespace, engine_args) -> int:
+    """N engines, each an `rtpjax serve` on the ports after --port, and the router in this process."""
+    import uvicorn
+
+    from rtpjax.router.launch import router_app, start_replicas, stop_replicas
+
+    n = args.data_parallel_size
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    app = router_app([f"http://127.0.0.1:{args.port + 1 + i}" for i in range(n)], args.model, args.tokenizer,
+                     args.router_policy, args.router_balance_abs_threshold, args.router_balance_rel_threshold)  # fmt: skip
+    procs = start_replicas(replica_argv(args), n, engine_args.tensor_parallel_size, args.port + 1)
+    try:
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                timeout_graceful_shutdown=args.graceful_shutdown_timeout)  # fmt: skip
+        uvicorn.Server(config).run()
+    finally:
+        stop_replicas(procs, args.graceful_shutdown_timeout + 5)
+    return 0
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -32,10 +76,15 @@ def serve(args: argparse.Namespace) -> int:
     check_model(args.model)
     import uvicorn
 
+    if args.data_parallel_size < 1:
+        raise ValueError(f"--data-parallel-size must be an integer >= 1, got {args.data_parallel_size}")
+
     from rtpjax import AsyncLLM
     from rtpjax.serve.app import build_app
 
     engine_args = engine_args_from(args)  # bad values fail here, before anything starts
+    if args.data_parallel_size > 1:
+        return serve_replicas(args, engine_args)
     llm = AsyncLLM(args.model, **dataclasses.asdict(engine_args))
     name = args.served_model_name or (Path(args.model).name.removesuffix(".gguf") if args.model else DEFAULT_NAME)
     app = build_app(llm, name, api_key=args.api_key, max_queue=args.max_queue)

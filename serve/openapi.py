@@ -56,6 +56,14 @@ def spec(version: str) -> dict:
             "/health": _get("Liveness"),
             "/version": _get("Server version"),
             "/metrics": _get("Prometheus metrics", "text/plain"),
+            "/load": _get("Queue, running tokens, KV usage and step counters, for routers"),
+            "/kv_events": {"get": {
+                "summary": "KV cache event batches numbered `since` and later (vLLM's BlockStored / BlockRemoved)",
+                "parameters": [{"name": "since", "in": "query", "required": False,
+                                "schema": {"type": "integer", "minimum": 0}}],
+                "responses": {"200": {"description": "OK", "content": {"application/json": {}}},
+                              "400": {"description": "Bad since", "content": {"application/json": {"schema": ERROR}}}},
+            }},
         },
         "components": {"schemas": schemas},
     }

@@ -128,3 +128,16 @@ def message_text(message: ChatMessage) -> str:
             raise APIError(400, "only text content parts are supported", param="messages")
         texts.append(part["text"])
     return "".join(texts)
+
+
+def chat_token_ids(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool, model_name: str) -> list[int]:
+    """A conversation's prompt token ids through the tokenizer's chat template: what the server runs, and what a
+    router hashes to find the replica holding its prefix."""
+    if not tokenizer.chat_template:
+        raise APIError(400, f"the model {model_name!r} has no chat template; use /v1/completions", param="messages")
+    plain = [{"role": m.role, "content": message_text(m)} for m in messages]
+    try:
+        text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # a template that rejects this conversation (roles out of order, ...)
+        raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
+    return tokenizer.encode(text, add_special_tokens=False)

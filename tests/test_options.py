@@ -97,7 +97,9 @@ def test_every_engine_option_has_exactly_one_flag(command):
         assert len(actions) == 1, f.name
         spelled = [flag(f.name)] + (["--no-" + flag(f.name)[2:]] if isinstance(f.default, bool) else [])
         assert actions[0].option_strings == spelled
-    own = {"serve": {"host", "port", "api_key", "served_model_name", "max_queue", "graceful_shutdown_timeout", "model"},
+    own = {"serve": {"host", "port", "api_key", "served_model_name", "max_queue", "graceful_shutdown_timeout", "model",
+                     "data_parallel_size", "router_policy", "router_balance_abs_threshold",
+                     "router_balance_rel_threshold"},
            "generate": {"prompt", "model", "max_tokens", "temperature", "top_p", "chat", "ignore_eos"}}[command]  # fmt: skip
     engine = {f.name for f in cli_fields()}
     assert {a.dest for a in parser._actions} - {"help"} == own | engine and not own & engine

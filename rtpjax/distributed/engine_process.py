@@ -29,7 +29,7 @@ from multiprocessing.connection import Connection
 from rtpjax.distributed import messages
 from rtpjax.distributed.messages import (Abort, AddRequest, EngineStats, Failed, Message, ModelInfo, ProtocolError,
                                          Ready, RequestDelta, RequestError, Startup, StepOutputs, Stop, to_monotonic)
-from rtpjax.engine.core import EngineArgs, LLMEngine, LoopStats
+from rtpjax.engine.core import EngineArgs, LLMEngine
 from rtpjax.engine.request import CompletionOutput, RequestOutput
 from rtpjax.engine.sequence import RequestMetrics
 
@@ -131,11 +131,11 @@ def _serve(engine: LLMEngine, conn: Connection) -> None:
         if engine.loop_stats.steps and time.monotonic() - reported >= REPORT_EVERY_S:
             s = engine.stats()
             log.info("engine: %s; %d running, %d waiting, KV cache %.0f%% used",
-                     engine.loop_stats.report(time.monotonic() - reported), s.num_running, s.num_waiting,
+                     engine.take_loop_stats().report(time.monotonic() - reported), s.num_running, s.num_waiting,
                      100 * s.kv_cache_usage)  # fmt: skip
             if engine.tiers is not None:
                 log.info("engine: %s", engine.tiers.report())
-            engine.loop_stats, reported = LoopStats(), time.monotonic()
+            reported = time.monotonic()
         commands = [inbox.get()] if not engine.has_work() else []
         while not inbox.empty():
             commands.append(inbox.get_nowait())
@@ -162,7 +162,7 @@ def _serve(engine: LLMEngine, conn: Connection) -> None:
                     engine.abort(request_id)
                     errors.append(RequestError(request_id, "engine", f"engine error: {type(e).__name__}: {e}"))
                 engine.reset_inflight()
-        conn.send_bytes(messages.encode(StepOutputs(outputs, errors, engine.stats())))
+        conn.send_bytes(messages.encode(StepOutputs(outputs, errors, engine.stats(), engine.pool.drain_events())))
 
 
 def _exit_with_parent(parent: int) -> None:

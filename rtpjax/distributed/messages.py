@@ -75,6 +75,15 @@ class EngineStats(msgspec.Struct, gc=False):
     kv_tiers: list[TierStats] = []  # empty without KV tiers
     num_loading: int = 0  # waiting sequences whose prefix blocks are being read from a KV tier
     expert_load: list[list[int]] = []  # MoE: tokens per logical expert per MoE layer since start (EPLB's input)
+    # What a router's cost model reads (rtpjax.router): the work queued ahead of a new request, and the loop's
+    # cumulative counters, whose differences between two reads give measured step times against tokens per step.
+    waiting_prompt_tokens: int = 0  # prompt tokens of waiting sequences not yet computed
+    running_tokens: int = 0  # tokens held by running sequences
+    max_num_batched_tokens: int = 0
+    block_size: int = 0
+    total_steps: int = 0
+    total_tokens: int = 0  # tokens run through the model (prompt chunks and decode inputs)
+    total_busy_s: float = 0.0
 
 
 class Startup(_Message, tag="startup"):
@@ -97,6 +106,62 @@ class Failed(_Message, tag="failed"):
     message: str
     traceback: str
     user_error: bool = False
+
+
+# -- KV cache events --------------------------------------------------------------------------------------------------
+# vLLM's KV events (its --kv-events-config): blocks of the prefix cache stored under a hash, removed, or all cleared.
+# The same names, fields and order, encoded as arrays, so consumers written for vLLM's stream read rtpjax's. Hashes
+# are the engine's chained block hashes (kv.block_pool.block_hash, 16 bytes): a router recomputes them from a
+# prompt's tokens with `prefix_hashes` and the engine's block size.
+
+MEDIUM_GPU = "GPU"
+
+
+class KVCacheEvent(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
+    """One change to the prefix cache."""
+
+
+class BlockStored(KVCacheEvent):
+    """Consecutive full blocks of one sequence, each chained to the one before (the first to `parent_block_hash`)."""
+
+    block_hashes: list[bytes]
+    parent_block_hash: bytes | None
+    token_ids: list[int]  # the blocks' tokens, block_size per block
+    block_size: int
+    lora_id: int | None  # the rest without defaults: always on the wire, as vLLM sends them
+    medium: str | None
+    lora_name: str | None
+
+
+class BlockRemoved(KVCacheEvent):
+    block_hashes: list[bytes]
+    medium: str | None
+
+
+class AllBlocksCleared(KVCacheEvent):
+    """Forget every block of this engine (sent first by an engine that starts)."""
+
+
+KVEvent = Union[BlockStored, BlockRemoved, AllBlocksCleared]
+
+
+class KVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """The events of one engine step (vLLM's batch: wall-clock time, events, data-parallel rank)."""
+
+    ts: float
+    events: list[KVEvent]
+    data_parallel_rank: int | None = None
+
+
+class KVEventsPage(msgspec.Struct, gc=False):
+    """GET /kv_events?since=SEQ: the numbered batches from SEQ on. `instance` names one start of the engine (numbers
+    begin again at 0 with a new one); batches before `oldest` are gone from the buffer, so a reader whose SEQ is older
+    has missed events and must forget what it knew of this engine."""
+
+    instance: str
+    oldest: int
+    next: int  # the number the next batch will get
+    batches: list[tuple[int, KVEventBatch]]
 
 
 # -- requests in -----------------------------------------------------------------------------------------------------
@@ -178,6 +243,7 @@ class StepOutputs(_Message, tag="step"):
     outputs: list[RequestDelta]
     errors: list[RequestError]
     stats: EngineStats
+    kv_events: list[KVEvent] = []  # the prefix cache's changes in this step (engines with KV events on)
 
 
 Message = Union[Startup, Ready, Failed, AddRequest, Abort, Stop, StepOutputs]

@@ -125,7 +125,7 @@ class LLMEngine:
         args = self.args = plan.args
         self.plan, self.max_model_len, num_blocks = plan, args.max_model_len, plan.num_blocks
         log.info(plan.summary())
-        self.pool = BlockPool(num_blocks, args.enable_prefix_caching)
+        self.pool = BlockPool(num_blocks, args.enable_prefix_caching, kv_events=args.enable_kv_cache_events)
         self.scheduler = Scheduler(self.pool, args.block_size, args.max_num_seqs, args.max_num_batched_tokens,
                                    self.max_model_len)  # fmt: skip
         self.runner = ModelRunner(
@@ -157,6 +157,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.inflight: tuple[Schedule, object] | None = None
         self.loop_stats = LoopStats()
+        self.lifetime = LoopStats()  # loop_stats of earlier report periods, summed (take_loop_stats)
         self._order = itertools.count()
 
     # -- requests ---------------------------------------------------------------------------------------------------
@@ -372,11 +373,20 @@ class LLMEngine:
 
     # -- gauges -----------------------------------------------------------------------------------------------------
 
+    def take_loop_stats(self) -> LoopStats:
+        """The loop's stats since the last call (what the engine process logs); they stay in the lifetime totals
+        stats() reports."""
+        taken, self.loop_stats = self.loop_stats, LoopStats()
+        life = self.lifetime
+        life.steps, life.computed, life.busy_s = life.steps + taken.steps, life.computed + taken.computed, \
+            life.busy_s + taken.busy_s  # fmt: skip
+        return taken
+
     def stats(self) -> EngineStats:
-        pool = self.pool
+        pool, scheduler, now, life = self.pool, self.scheduler, self.loop_stats, self.lifetime
         return EngineStats(
-            num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
             kv_cache_usage=pool.usage(),
             prefix_cache_queries=pool.queries,
             prefix_cache_hits=pool.hits,
@@ -385,6 +395,13 @@ class LLMEngine:
             kv_tiers=self.tiers.stats() if self.tiers is not None else [],
             num_loading=self.scheduler.loading() if self.tiers is not None else 0,
             expert_load=self._expert_load(),
+            waiting_prompt_tokens=sum(len(s.token_ids) - s.num_computed for s in scheduler.waiting),
+            running_tokens=sum(len(s.token_ids) for s in scheduler.running),
+            max_num_batched_tokens=self.args.max_num_batched_tokens,
+            block_size=self.args.block_size,
+            total_steps=life.steps + now.steps,
+            total_tokens=life.computed + now.computed,
+            total_busy_s=life.busy_s + now.busy_s,
         )
 
     def _expert_load(self) -> list[list[int]]:

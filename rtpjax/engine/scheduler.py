@@ -269,7 +269,7 @@ class Scheduler:
         them (the loads run before the step)."""
         full = seq.host_kv.num_computed // self.block_size
         for b in range(seq.num_registered_blocks, full):
-            self.pool.register(seq.block_table[b], seq.block_hashes[b])
+            self._register(seq, b, seq.block_hashes)
         seq.num_registered_blocks = max(seq.num_registered_blocks, full)
 
     def _run(self, seq: Sequence, n: int) -> ScheduledSeq:
@@ -293,5 +293,10 @@ class Scheduler:
         for b in range(len(hashes), full):
             hashes.append(block_hash(hashes[-1] if hashes else None, ids[b * size : (b + 1) * size], seq.extra_key))
         for b in range(seq.num_registered_blocks, full):
-            self.pool.register(seq.block_table[b], hashes[b])
+            self._register(seq, b, hashes)
         seq.num_registered_blocks = full
+
+    def _register(self, seq: Sequence, b: int, hashes: list[bytes]) -> None:
+        size = self.block_size
+        self.pool.register(seq.block_table[b], hashes[b], hashes[b - 1] if b else None,
+                           seq.token_ids[b * size : (b + 1) * size])  # fmt: skip

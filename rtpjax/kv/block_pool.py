@@ -4,6 +4,9 @@ A full block is named by a chained hash (parent block's hash, its tokens, an ext
 equal prefixes map to equal hash chains. Freed blocks keep their contents and their hash until they are reused: a
 later request with the same prefix takes them back instead of recomputing. Eviction is least-recently-freed first;
 `on_evict(block, hash)`, if set, hears of each evicted cached block before it is reused (the KV tiers copy it down).
+
+With KV events on, every change to the prefix cache is also noted in `events` (vLLM's BlockStored / BlockRemoved),
+which the engine loop drains once per step: a router learns from them which prefixes each replica holds.
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ from __future__ import annotations
 import collections
 import hashlib
 import struct
+from collections.abc import Sequence
+
+from rtpjax.distributed.messages import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 
 def block_hash(parent: bytes | None, tokens: list[int], extra: bytes = b"") -> bytes:
@@ -32,7 +38,7 @@ def prefix_hashes(tokens: list[int], block_size: int, extra: bytes = b"") -> lis
 class BlockPool:
     """Blocks 0..num_blocks-1 of the KV cache."""
 
-    def __init__(self, num_blocks: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, enable_prefix_caching: bool = True, kv_events: bool = False):
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -44,6 +50,9 @@ class BlockPool:
         self.queries = 0  # prompt tokens looked up in the prefix cache
         self.hits = 0  # of which found
         self.on_evict = None  # callable(block, hash): a cached block is about to be reused
+        # Changes to the prefix cache since the engine last drained them (None: KV events off). An engine's first
+        # batch clears what a consumer knew of whatever ran at its address before.
+        self.events: list[KVEvent] | None = [AllBlocksCleared()] if kv_events and enable_prefix_caching else None
 
     @property
     def num_free(self) -> int:
@@ -63,6 +72,8 @@ class BlockPool:
                 if self.on_evict is not None:
                     self.on_evict(block, self.hash_of[block])
                 del self.cached[self.hash_of[block]]
+                if self.events is not None:
+                    self.events.append(BlockRemoved([self.hash_of[block]], MEDIUM_GPU))
                 self.hash_of[block] = None
             self.ref_count[block] = 1
             blocks.append(block)
@@ -98,8 +109,27 @@ class BlockPool:
     def count_hit(self, num_tokens: int) -> None:
         self.hits += num_tokens
 
-    def register(self, block: int, h: bytes) -> None:
-        """Publish a block whose content is now complete under its hash (first writer wins)."""
+    def register(self, block: int, h: bytes, parent: bytes | None = None, tokens: Sequence[int] = ()) -> None:
+        """Publish a block whose content is now complete under its hash (first writer wins). `parent` (the previous
+        block's hash) and `tokens` (the block's) only go into its KV event."""
         if self.enable_prefix_caching and self.hash_of[block] is None and h not in self.cached:
             self.cached[h] = block
             self.hash_of[block] = h
+            if self.events is not None:
+                self._stored(h, parent, tokens)
+
+    def _stored(self, h: bytes, parent: bytes | None, tokens: Sequence[int]) -> None:
+        """One BlockStored per run of chained blocks, as vLLM sends them."""
+        last = self.events[-1] if self.events else None
+        if isinstance(last, BlockStored) and last.block_hashes[-1] == parent:
+            last.block_hashes.append(h)
+            last.token_ids.extend(tokens)
+        else:
+            self.events.append(BlockStored([h], parent, list(tokens), len(tokens), None, MEDIUM_GPU, None))
+
+    def drain_events(self) -> list[KVEvent]:
+        """The events since the last call (none when KV events are off)."""
+        if not self.events:
+            return []
+        events, self.events = self.events, []
+        return events

@@ -1,0 +1,76 @@
+"""Which replica holds which prefix: the engines' own block hashes, learned from their KV events.
+
+A replica's entry for a hash is confirmed by its BlockStored event and dropped by BlockRemoved (or AllBlocksCleared,
+or a gap in the events). Between routing a request and that request's events arriving, the replica is credited with
+the prompt's blocks tentatively, for `tentative_s`: a burst of requests sharing a new prefix then follows the first
+one instead of spreading before any event could say where the prefix went.
+"""
+
+from __future__ import annotations
+
+import time
+
+from rtpjax.distributed.messages import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+
+
+class PrefixIndex:
+    def __init__(self, tentative_s: float = 5.0):
+        self.tentative_s = tentative_s
+        self.holders: dict[bytes, set[str]] = {}  # hash -> replicas whose events say they hold it
+        self.held: dict[str, set[bytes]] = {}  # replica -> its confirmed hashes
+        self.routed: dict[str, dict[bytes, float]] = {}  # replica -> hash -> until when it counts unconfirmed
+
+    def apply(self, worker: str, events: list[KVEvent]) -> None:
+        held = self.held.setdefault(worker, set())
+        for event in events:
+            if isinstance(event, BlockStored):
+                for h in event.block_hashes:
+                    self.holders.setdefault(h, set()).add(worker)
+                    held.add(h)
+            elif isinstance(event, BlockRemoved):
+                for h in event.block_hashes:
+                    self._drop(worker, h)
+                    held.discard(h)
+            elif isinstance(event, AllBlocksCleared):
+                self.forget(worker, tentative=False)
+                held = self.held.setdefault(worker, set())
+
+    def forget(self, worker: str, tentative: bool = True) -> None:
+        """Drop all that is known of a replica (it restarted, or its events have a gap)."""
+        for h in self.held.pop(worker, ()):
+            self._drop(worker, h)
+        if tentative:
+            self.routed.pop(worker, None)
+
+    def note_routed(self, worker: str, hashes: list[bytes]) -> None:
+        until = time.monotonic() + self.tentative_s
+        routed = self.routed.setdefault(worker, {})
+        for h in hashes:
+            routed[h] = until
+
+    def match(self, hashes: list[bytes], workers: list[str]) -> dict[str, int]:
+        """Per replica: how many leading blocks of `hashes` it holds."""
+        now = time.monotonic()
+        counts = dict.fromkeys(workers, 0)
+        alive = set(workers)
+        for i, h in enumerate(hashes):
+            confirmed = self.holders.get(h, ())
+            alive = {w for w in alive if w in confirmed or self.routed.get(w, {}).get(h, 0.0) > now}
+            if not alive:
+                break
+            for w in alive:
+                counts[w] = i + 1
+        return counts
+
+    def expire(self) -> None:
+        """Drop tentative entries past their time (called now and then, not per request)."""
+        now = time.monotonic()
+        for worker, routed in self.routed.items():
+            self.routed[worker] = {h: t for h, t in routed.items() if t > now}
+
+    def _drop(self, worker: str, h: bytes) -> None:
+        holders = self.holders.get(h)
+        if holders is not None:
+            holders.discard(worker)
+            if not holders:
+                del self.holders[h]

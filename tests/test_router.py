@@ -1,0 +1,350 @@
+"""`rtpjax router` in front of two real `rtpjax serve` replicas of stories260K on loopback, started once for the
+module: where requests land (checked through the engines' own prefix-cache counters), that answers are the replicas'
+own, byte for byte, and what happens when a replica hangs or dies mid-stream. Also the replicas behind sglang-router
+and vllm-router, and the KV events as vLLM's ZMQ stream."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import msgspec
+import pytest
+
+from rtpjax.distributed.messages import BlockStored, KVEventBatch, KVEventsPage
+from rtpjax.kv.block_pool import prefix_hashes
+from test_server import free_port
+
+pytestmark = pytest.mark.slow
+
+REPLICA_FLAGS = ["--max-model-len", "256", "--max-num-seqs", "8", "--max-num-batched-tokens", "32", "--block-size",
+                 "16"]  # fmt: skip
+POLICIES = ("cache_aware", "round_robin", "least_load")
+STORY = ("Once upon a time there was a little girl named Lily. She loved to play outside in the park with her "
+         "friends. One day she saw a big red ball under a tree and")  # fmt: skip
+
+
+def _wait(check, what: str, timeout: float, procs=()) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        for p in procs:
+            assert p.poll() is None, f"{what}: a process exited with {p.returncode}"
+        try:
+            if check():
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.2)
+
+
+class Cluster:
+    def __init__(self, stories_dir, compile_cache):
+        import zmq
+
+        self.model = str(stories_dir)
+        self.ports = [free_port(), free_port()]
+        self.replicas = [f"http://127.0.0.1:{p}" for p in self.ports]
+        self.procs: list[subprocess.Popen] = []
+        # Replica 0 also streams its KV events over ZMQ (vLLM's convention: the subscriber binds, the engine's PUB
+        # connects to a named address) and replays them on a ROUTER socket.
+        self.zmq = zmq.Context()
+        self.sub = self.zmq.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        zport, self.replay_port = free_port(), free_port()
+        self.sub.bind(f"tcp://127.0.0.1:{zport}")
+        common = [sys.executable, "-m", "rtpjax.cli", "serve", self.model, *REPLICA_FLAGS, "--compilation-cache-dir",
+                  compile_cache]  # fmt: skip
+        events = ["--kv-events-endpoint", f"tcp://127.0.0.1:{zport}",
+                  "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{self.replay_port}"]  # fmt: skip
+        for i, port in enumerate(self.ports):
+            self.procs.append(self._start([*common, "--port", str(port), *(events if i == 0 else [])]))
+        self.routers = {}
+        for policy in POLICIES:
+            port = free_port()
+            self.procs.append(self._start([sys.executable, "-m", "rtpjax.cli", "router", "--worker-urls",
+                                           *self.replicas, "--policy", policy, "--model", self.model, "--port",
+                                           str(port)]))  # fmt: skip
+            self.routers[policy] = f"http://127.0.0.1:{port}"
+
+    @staticmethod
+    def _start(argv) -> subprocess.Popen:
+        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "JAX_PLATFORMS": "cpu"})  # fmt: skip
+
+    def wait_ready(self) -> None:
+        for url in self.replicas:
+            _wait(lambda: httpx.get(url + "/health", timeout=2).status_code == 200, url, 600, self.procs)
+        for _ in range(10):  # a SUB socket sends its subscription only once its owner touches it
+            self.sub.poll(50)
+        for url in self.routers.values():
+            _wait(lambda: all(w["healthy"] for w in httpx.get(url + "/workers", timeout=2).json()), url, 60)
+
+    def load(self, i: int) -> dict:
+        return httpx.get(self.replicas[i] + "/load", timeout=5).json()
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+        for p in self.procs:
+            p.wait(timeout=30)
+        self.sub.close(linger=0)
+        self.zmq.term()
+
+
+@pytest.fixture(scope="module")
+def cluster(stories_dir, compile_cache):
+    c = Cluster(stories_dir, compile_cache)
+    try:
+        c.wait_ready()
+        yield c
+    finally:
+        c.stop()
+
+
+def complete(url: str, prompt: str, max_tokens: int = 8, **extra) -> httpx.Response:
+    body = {"model": "stories260K", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
+    return httpx.post(url + "/v1/completions", json=body, timeout=60)
+
+
+def worker_of(response: httpx.Response) -> int:
+    return int(response.headers["x-rtpjax-worker"].rsplit(":", 1)[1])
+
+
+def test_kv_events_over_http_and_zmq_match_the_prompt_hashes(cluster):
+    """A completion's prompt blocks come back as BlockStored events, under the hashes a router computes from the
+    prompt's token ids: from GET /kv_events, the ZMQ PUB stream, and its replay socket."""
+    import zmq
+
+    prompt = STORY + " a dog barked"
+    ids = httpx.post(cluster.replicas[0] + "/tokenize", json={"prompt": prompt}).json()["tokens"]
+    want = prefix_hashes(ids, 16)
+    assert len(want) >= 2
+    assert complete(cluster.replicas[0], prompt).status_code == 200
+
+    def stored(batches) -> set:
+        return {h for b in batches for e in b.events if isinstance(e, BlockStored) for h in e.block_hashes}
+
+    page = None
+
+    def arrived():
+        nonlocal page
+        page = msgspec.json.decode(httpx.get(cluster.replicas[0] + "/kv_events?since=0").content, type=KVEventsPage)
+        return set(want) <= stored(b for _, b in page.batches)
+
+    _wait(arrived, "events over HTTP", 10)
+    assert page.oldest == 0 and page.next == page.batches[-1][0] + 1
+    assert httpx.get(cluster.replicas[0] + f"/kv_events?since={page.next}").json()["batches"] == []
+    assert httpx.get(cluster.replicas[0] + "/kv_events?since=-1").status_code == 400
+
+    frames = []
+    while cluster.sub.poll(5000) and not set(want) <= stored(msgspec.msgpack.decode(f[2], type=KVEventBatch)
+                                                            for f in frames):  # fmt: skip
+        frames.append(cluster.sub.recv_multipart())
+    assert set(want) <= stored(msgspec.msgpack.decode(f[2], type=KVEventBatch) for f in frames)
+    seqs = [int.from_bytes(f[1], "big") for f in frames]
+    assert seqs == sorted(seqs)
+
+    dealer = cluster.zmq.socket(zmq.DEALER)
+    dealer.connect(f"tcp://127.0.0.1:{cluster.replay_port}")
+    try:
+        dealer.send_multipart([b"", (0).to_bytes(8, "big")])
+        replayed = []
+        while dealer.poll(5000):
+            _, seq, payload = dealer.recv_multipart()
+            if int.from_bytes(seq, "big", signed=True) == -1:
+                break
+            replayed.append(msgspec.msgpack.decode(payload, type=KVEventBatch))
+        assert set(want) <= stored(replayed)
+    finally:
+        dealer.close(linger=0)
+
+
+def test_shared_prefix_lands_on_the_replica_holding_it(cluster):
+    """cache_aware: requests sharing a prefix follow the first one, and that replica's own counters show the hits."""
+    url = cluster.routers["cache_aware"]
+    prefix = STORY.replace("Lily", "Mia") + " she ran to it and"
+    first = complete(url, prefix + " one")
+    assert first.status_code == 200
+    home = cluster.ports.index(worker_of(first))
+    time.sleep(0.5)  # its KV events reach the router (the routing would follow it anyway, tentatively)
+    before = [cluster.load(i)["prefix_cache_hits"] for i in range(2)]
+    rest = [complete(url, prefix + f" {word}") for word in ("two", "three", "four", "five")]
+    assert [cluster.ports.index(worker_of(r)) for r in rest] == [home] * 4
+    after = [cluster.load(i)["prefix_cache_hits"] for i in range(2)]
+    assert after[home] - before[home] >= 4 * 32  # each found at least its first two blocks cached
+    assert after[1 - home] == before[1 - home]
+    metrics = httpx.get(url + "/metrics").text
+    assert 'rtpjax_router:decisions_total{policy="cache_aware",reason="prefix"}' in metrics
+
+
+def test_round_robin_alternates_and_answers_match_a_replica(cluster):
+    """The router's answers are the replica's own, non-streamed and streamed (SSE chunks passed through)."""
+    url = cluster.routers["round_robin"]
+    prompt = "The little dog wanted to"
+    direct = complete(cluster.replicas[0], prompt, 16).json()
+    served = [complete(url, prompt, 16) for _ in range(4)]
+    assert sorted(worker_of(r) for r in served) == sorted(cluster.ports * 2)
+    assert all(r.json()["choices"] == direct["choices"] for r in served)
+
+    body = {"model": "stories260K", "prompt": prompt, "max_tokens": 16, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == direct["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", json.dumps({"prompt": ""}).encode(),
+                                  json.dumps({"prompt": "hi", "model": "nope"}).encode(),
+                                  json.dumps({"prompt": "hi", "temperature": -1}).encode(),
+                                  json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()])  # fmt: skip
+def test_malformed_requests_get_the_replicas_own_4xx(cluster, body):
+    path = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
+    direct = httpx.post(cluster.replicas[0] + path, content=body, headers={"content-type": "application/json"})
+    routed = httpx.post(cluster.routers["cache_aware"] + path, content=body,
+                        headers={"content-type": "application/json"})  # fmt: skip
+    assert 400 <= direct.status_code < 500
+    assert (routed.status_code, routed.json()) == (direct.status_code, direct.json())
+
+
+def _flood(url: str, n: int, stop: threading.Event) -> list[threading.Thread]:
+    """n long streams straight to one replica, until `stop`."""
+
+    def run():
+        body = {"prompt": "Once", "max_tokens": 240, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+            for _ in r.iter_lines():
+                if stop.is_set():
+                    return  # closing the stream aborts the request
+
+    threads = [threading.Thread(target=run, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def test_least_load_avoids_a_busy_replica(cluster):
+    """Replica 0 has a queue of long requests sent to it directly (not through the router): least_load sees it in
+    the replica's load reports and sends new requests to replica 1."""
+    stop = threading.Event()
+    threads = _flood(cluster.replicas[0], 40, stop)
+    try:
+        _wait(lambda: cluster.load(0)["num_unfinished"] >= 8, "replica 0 busy", 30)
+        time.sleep(0.7)  # the router's next load poll sees it
+        served = [complete(cluster.routers["least_load"], f"The cat sat on the {w}") for w in ("mat", "hat", "bed")]
+        assert cluster.load(0)["num_unfinished"] > 0, "the flood ended too soon to tell"
+        assert [worker_of(r) for r in served] == [cluster.ports[1]] * 3
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    _wait(lambda: cluster.load(0)["num_unfinished"] == 0, "flood aborted", 30)
+
+
+def _streams(url: str, n: int) -> tuple[dict, list[threading.Thread]]:
+    """n long streams through the router, each in a thread; returns once every one has its response headers (the
+    replica sends them before the first token, so none is near its end yet). results[i]: (the replica's port, the
+    SSE data lines)."""
+    results: dict = {}
+    started = [threading.Event() for _ in range(n)]
+
+    def run(i):
+        body = {"model": "stories260K", "prompt": "Once upon a time", "max_tokens": 240, "ignore_eos": True,
+                "stream": True, "temperature": 0}  # fmt: skip
+        events: list = []
+        try:
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+                results[i] = (worker_of(r), events)
+                started[i].set()
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+        finally:
+            started[i].set()
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for e in started:
+        assert e.wait(30), "a stream did not start"
+    return results, threads
+
+
+def _ended_with_error(events: list) -> bool:
+    return len(events) >= 2 and events[-1] == "[DONE]" and "error" in json.loads(events[-2])
+
+
+def test_a_hung_replica_is_out_within_2s_its_streams_end_with_an_error_and_it_rejoins(cluster):
+    url = cluster.routers["round_robin"]
+    hung = cluster.procs[1]
+    results, threads = _streams(url, 2)
+    os.kill(hung.pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        _wait(lambda: not httpx.get(url + "/workers").json()[1]["healthy"], "marked out", 5)
+        assert time.monotonic() - stopped < 2.5
+        for t in threads:
+            t.join(timeout=60)
+        assert time.monotonic() - stopped < 30
+        ends = {port: _ended_with_error(events) for port, events in results.values()}
+        assert ends == {cluster.ports[1]: True, cluster.ports[0]: False}
+        assert {worker_of(complete(url, "A bird")) for _ in range(3)} == {cluster.ports[0]}
+    finally:
+        os.kill(hung.pid, signal.SIGCONT)
+    _wait(lambda: httpx.get(url + "/workers").json()[1]["healthy"], "rejoined", 5)
+    assert {worker_of(complete(url, "A fish")) for _ in range(2)} == set(cluster.ports)
+
+
+@pytest.mark.parametrize("router", ["sglang", "vllm"])
+def test_replicas_serve_behind_sglang_and_vllm_routers(cluster, router):
+    """Unchanged rtpjax servers behind the routers users already run: round_robin and their cache_aware serve every
+    request (each replica's own counters show its share under round robin)."""
+    if router == "sglang":
+        pytest.importorskip("sglang_router", reason="sglang-router is not installed (pip install sglang-router)")
+        base = [sys.executable, "-m", "sglang_router.launch_router"]
+    else:
+        exe = os.path.join(os.path.dirname(sys.executable), "vllm-router")
+        if not os.path.exists(exe):
+            pytest.skip("vllm-router is not installed (pip install vllm-router)")
+        base = [exe]
+    for policy in ("round_robin", "cache_aware"):
+        port = free_port()
+        proc = subprocess.Popen([*base, "--worker-urls", *cluster.replicas, "--policy", policy, "--host", "127.0.0.1",
+                                 "--port", str(port), "--prometheus-port", str(free_port())],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            url = f"http://127.0.0.1:{port}"
+            _wait(lambda: httpx.get(url + "/health", timeout=2).status_code == 200, f"{router} router", 60, [proc])
+            before = [cluster.load(i)["prefix_cache_queries"] for i in range(2)]
+            for i in range(4):
+                r = complete(url, f"{STORY} {router} {policy} {i}")
+                assert r.status_code == 200, r.text
+                assert r.json()["choices"][0]["finish_reason"] == "length"
+            after = [cluster.load(i)["prefix_cache_queries"] for i in range(2)]
+            if policy == "round_robin":
+                assert all(a > b for a, b in zip(after, before))
+            assert sum(after) > sum(before)
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def test_a_killed_replica_ends_its_streams_with_an_error_and_the_rest_go_on(cluster):
+    """Last: it leaves replica 1 dead."""
+    results, threads = _streams(cluster.routers["round_robin"], 2)
+    cluster.procs[1].kill()
+    killed = time.monotonic()
+    for t in threads:
+        t.join(timeout=60)
+    ends = {port: _ended_with_error(events) for port, events in results.values()}
+    assert ends == {cluster.ports[1]: True, cluster.ports[0]: False}
+    assert time.monotonic() - killed < 30  # the healthy stream's end; the dead one's error came at once
+    url = cluster.routers["cache_aware"]
+    assert [worker_of(complete(url, f"{STORY} after {i}")) for i in range(3)] == [cluster.ports[0]] * 3
+    assert httpx.get(url + "/health").status_code == 200

@@ -1,0 +1,156 @@
+"""The router's pieces without processes: the prefix index, the step-cost fit, the policies' choices, and the block
+pool's KV events."""
+
+import time
+
+import pytest
+
+from rtpjax.distributed.messages import AllBlocksCleared, BlockRemoved, BlockStored
+from rtpjax.kv.block_pool import BlockPool, prefix_hashes
+from rtpjax.router.cost import PRIOR, CostModel
+from rtpjax.router.index import PrefixIndex
+from rtpjax.router.policy import Policy, Prompt
+from rtpjax.router.workers import Worker
+
+HASHES = prefix_hashes(list(range(64)), 16)  # 4 blocks
+
+
+def stored(hashes):
+    return BlockStored(list(hashes), None, [0] * 16 * len(hashes), 16, None, "GPU", None)
+
+
+def test_index_matches_leading_blocks_and_follows_removals():
+    index = PrefixIndex()
+    index.apply("a", [stored(HASHES[:3])])
+    index.apply("b", [stored(HASHES[:1]), stored(HASHES[2:])])  # holds block 2 without block 1: no longer run
+    assert index.match(HASHES, ["a", "b", "c"]) == {"a": 3, "b": 1, "c": 0}
+    index.apply("a", [BlockRemoved([HASHES[1]], "GPU")])
+    assert index.match(HASHES, ["a", "b"]) == {"a": 1, "b": 1}
+    index.apply("b", [AllBlocksCleared()])
+    assert index.match(HASHES, ["a", "b"]) == {"a": 1, "b": 0}
+    index.forget("a")
+    assert index.match(HASHES, ["a", "b"]) == {"a": 0, "b": 0} and not index.holders
+
+
+def test_index_credits_routed_prompts_until_they_expire():
+    index = PrefixIndex(tentative_s=0.05)
+    index.note_routed("a", HASHES[:2])
+    index.apply("a", [AllBlocksCleared()])  # an engine's first batch does not wipe what was just routed to it
+    assert index.match(HASHES, ["a", "b"]) == {"a": 2, "b": 0}
+    time.sleep(0.06)
+    assert index.match(HASHES, ["a", "b"]) == {"a": 0, "b": 0}
+    index.expire()
+    assert index.routed == {"a": {}}
+
+
+def test_cost_model_recovers_step_time_from_cumulative_counters():
+    a, b = 0.004, 2e-4
+    model = CostModel()
+    assert (model.a, model.b) == PRIOR and not model.calibrated
+    steps = tokens = 0
+    busy = 0.0
+    model.observe(steps, tokens, busy)
+    for per_step in (10, 200, 50, 120, 30, 250):
+        steps, tokens, busy = steps + 5, tokens + 5 * per_step, busy + 5 * (a + b * per_step)
+        model.observe(steps, tokens, busy)
+    assert model.calibrated
+    assert model.a == pytest.approx(a) and model.b == pytest.approx(b)
+    model.observe(1, 0, 0.0)  # a restarted replica: its counters start again, no bogus point
+    assert model.b == pytest.approx(b)
+    # 300 tokens ahead + 100 new at 64 tokens a step with 4 decoding: ceil(400 / 60) = 7 steps of 64 tokens
+    assert model.ttft(300, 100, 4, 64) == pytest.approx(7 * (a + b * 64))
+
+
+def worker(url, unfinished=0, waiting_tokens=0, running=0):
+    w = Worker(url)
+    w.reported({"num_unfinished": unfinished, "waiting_prompt_tokens": waiting_tokens, "num_running": running,
+                "max_num_batched_tokens": 64, "block_size": 16})  # fmt: skip
+    return w
+
+
+def test_cache_aware_prefers_the_cached_prefix_unless_the_queue_costs_more():
+    index = PrefixIndex()
+    index.apply("http://a", [stored(HASHES)])
+    policy = Policy("cache_aware", index)
+    prompt = Prompt(70, HASHES)
+    a, b = worker("http://a", unfinished=2, waiting_tokens=10), worker("http://b")
+    d = policy.choose(prompt, [a, b])
+    assert (d.worker, d.reason, d.cached_tokens) == (a, "prefix", 64)
+    a_busy = worker("http://a", unfinished=4, waiting_tokens=600)  # its queue outweighs the 64 cached tokens
+    assert policy.choose(prompt, [a_busy, b]).worker is b
+    hot = worker("http://a", unfinished=20)  # the balance guard: 20 > 0 * 1.5 + 8
+    d = policy.choose(prompt, [hot, b])
+    assert (d.worker, d.reason) == (b, "balance")
+
+
+def test_round_robin_and_least_load():
+    a, b = worker("http://a", unfinished=3), worker("http://b", unfinished=1)
+    rr = Policy("round_robin")
+    assert [rr.choose(Prompt(), [a, b]).worker for _ in range(4)] == [a, b, a, b]
+    least = Policy("least_load")
+    assert least.choose(Prompt(), [a, b]).worker is b
+    done = [b.begin(10) for _ in range(3)]  # sent since its last report: counted until the next
+    assert least.choose(Prompt(), [a, b]).worker is a
+    for end in done:
+        end()
+    assert least.choose(Prompt(), [a, b]).worker is b
+    with pytest.raises(ValueError, match="--policy must be one of"):
+        Policy("random")
+
+
+def test_block_pool_events_chain_blocks_and_report_evictions():
+    pool = BlockPool(2, kv_events=True)
+    assert pool.drain_events() == [AllBlocksCleared()]
+    blocks = pool.allocate(2)
+    tokens = list(range(32))
+    pool.register(blocks[0], HASHES[0], None, tokens[:16])
+    pool.register(blocks[1], HASHES[1], HASHES[0], tokens[16:])
+    assert pool.drain_events() == [BlockStored(HASHES[:2], None, tokens, 16, None, "GPU", None)]
+    pool.release(blocks)
+    pool.allocate(1)  # evicts the tail block first
+    assert pool.drain_events() == [BlockRemoved([HASHES[1]], "GPU")]
+    assert BlockPool(2).drain_events() == [] and BlockPool(2).events is None
+
+
+@pytest.mark.slow
+def test_router_overhead_benchmark_runs(stories_dir, tmp_path):
+    """benchmarks/router_bench.py overhead on CPU, tiny: stub replicas, a few requests direct and through the
+    router."""
+    import json
+
+    from rtpjax.benchmarks import router_bench
+
+    out = tmp_path / "overhead.json"
+    row = router_bench.main(["overhead", "--tokenizer", str(stories_dir), "--rate", "20", "--seconds", "1",
+                             "--out", str(out)])  # fmt: skip
+    assert row["requests"] == 20 and row["routed_p50_ms"] > 0 and row["router_cpu_ms_per_request"] > 0
+    assert json.loads(out.read_text())["rate"] == 20
+
+
+def test_data_parallel_replicas_get_the_same_flags_and_their_share_of_devices(monkeypatch):
+    import argparse
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+    from rtpjax.router.launch import replica_envs
+    from rtpjax.serve.launch import add_arguments, replica_argv
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["m", "--port", "9000", "--data-parallel-size", "2", "--max-num-seqs", "4",
+                              "--no-enable-prefix-caching", "--api-key", "k"])  # fmt: skip
+    argv = replica_argv(args)
+    again = parser.parse_args(argv)
+    assert again.max_num_seqs == 4 and again.enable_prefix_caching is False and again.api_key == "k"
+    assert again.model == "m" and again.data_parallel_size == 1 and "--port" not in argv
+    assert replica_envs(2, 2, gpus=4) == [{"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "2,3"}]
+    assert replica_envs(2, 1, gpus=1) == [{"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.450"}] * 2
+
+
+def test_an_unmeasured_replica_is_costed_as_its_measured_peer():
+    """A busy, measured replica holding the prefix must not lose to an idle one whose prior looks faster."""
+    index = PrefixIndex()
+    index.apply("http://a", [stored(HASHES[:3])])
+    a, b = worker("http://a"), worker("http://b")
+    a.cost.a, a.cost.b, a.cost.calibrated = 0.05, 1e-3, True  # slow steps, measured
+    assert Policy("cache_aware", index).choose(Prompt(56, HASHES[:3]), [a, b]).worker is a
