@@ -91,6 +91,7 @@ class Sequence:
     metrics: RequestMetrics = dataclasses.field(default_factory=lambda: RequestMetrics(time.monotonic()))
     detok: object = None  # the incremental detokenizer's state
     host_kv: HostKV | None = None  # K/V to load at admission instead of computing (an adopted request)
+    draft_acceptance: float = 1.0  # recent fraction of this sequence's drafts accepted (speculation's policy)
 
     def __post_init__(self):
         if not self.token_ids:
