@@ -229,3 +229,29 @@ def test_no_compilation_after_warmup_with_speculation(spec_llm, proposer):
     spec_llm.generate(prompts, params)
     assert CompileCounter.count == before, f"{CompileCounter.count - before} compilations after warm-up"
     assert_all_blocks_free(spec_llm)
+
+
+def test_metrics_under_vllm_names_and_in_the_loop_log(spec_llm):
+    """N-gram on copy-heavy text (stories260K repeats itself) is accepted often enough to count: an acceptance
+    regression fails here. The counters reach /metrics under vLLM's names."""
+    import msgspec
+
+    from rtpjax.engine.core import LoopStats
+    from rtpjax.serve.metrics import Metrics
+
+    engine = spec_llm.engine
+    engine.loop_stats = LoopStats()
+    before = engine.stats()
+    spec_llm.generate(["Once upon a time", "The cat sat on the mat. The cat"], SamplingParams(max_tokens=80, **GREEDY))
+    stats = engine.stats()
+    drafts = stats.spec_decode_num_drafts - before.spec_decode_num_drafts
+    accepted = stats.spec_decode_num_accepted_tokens - before.spec_decode_num_accepted_tokens
+    assert drafts > 0 and 1 + accepted / drafts > 1.5, (drafts, accepted)  # mean acceptance length
+    per_pos = stats.spec_decode_num_accepted_tokens_per_pos
+    assert len(per_pos) == K and sum(per_pos) == stats.spec_decode_num_accepted_tokens
+    assert per_pos == sorted(per_pos, reverse=True)  # position j is accepted only after 0..j-1
+    assert "drafts accepted, mean acceptance length" in engine.loop_stats.report(1.0)
+    text = Metrics("m").render(msgspec.structs.asdict(stats)).decode()
+    assert f'rtpjax:spec_decode_num_drafts_total{{model_name="m"}} {float(stats.spec_decode_num_drafts)}' in text
+    assert f'rtpjax:spec_decode_num_accepted_tokens_total{{model_name="m"}} {float(accepted + before.spec_decode_num_accepted_tokens)}' in text
+    assert f'rtpjax:spec_decode_num_accepted_tokens_per_pos_total{{model_name="m",position="0"}} {float(per_pos[0])}' in text

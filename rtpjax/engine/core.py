@@ -55,6 +55,9 @@ class LoopStats:
     launch_s: float = 0.0  # queuing it on the device (host work: XLA enqueues the step's kernels)
     device_wait_s: float = 0.0  # reading the previous step's tokens
     propose_s: float = 0.0  # of prepare_s: speculation's proposals
+    drafts: int = 0  # sequence-steps that verified drafts
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
     # the rest of busy_s: turning those tokens into outputs
 
     def report(self, seconds: float) -> str:
@@ -65,7 +68,14 @@ class LoopStats:
                 "per step "
                 f"{self.prepare_s * ms:.2f} ms scheduling, {self.launch_s * ms:.2f} ms launching, "
                 f"{self.device_wait_s * ms:.2f} ms reading tokens (waiting for the device), "
-                f"{outputs * ms:.2f} ms on outputs" + (f" ({self.propose_s * ms:.2f} ms proposing)" if self.propose_s else ""))
+                f"{outputs * ms:.2f} ms on outputs" + self._speculation(ms))
+
+    def _speculation(self, ms: float) -> str:
+        if not self.drafts:
+            return ""
+        return (f"; speculation: {self.accepted_tokens / self.draft_tokens:.0%} of {self.draft_tokens} drafts "
+                f"accepted, mean acceptance length {1 + self.accepted_tokens / self.drafts:.2f}, "
+                f"{self.propose_s * ms:.2f} ms proposing per step")
 
 
 def _eos_ids(model_dir: Path, cfg, tokenizer) -> tuple[int, ...]:
@@ -307,6 +317,9 @@ class LLMEngine:
                 if item.drafts:
                     self.scheduler.accept(item, tokens[i, :n].tolist())
                     self.speculator.record(seq, len(item.drafts), n - 1)
+                    stats = self.loop_stats
+                    stats.drafts, stats.draft_tokens = stats.drafts + 1, stats.draft_tokens + len(item.drafts)
+                    stats.accepted_tokens += n - 1
                 else:
                     assert seq.token_ids[index] == PENDING
                     seq.token_ids[index] = int(tokens[i, 0])
@@ -408,4 +421,5 @@ class LLMEngine:
             prefix_cache_hits=pool.hits,
             num_free_blocks=pool.num_free,
             num_blocks=pool.num_blocks,
+            **(self.speculator.stats() if self.speculator is not None else {}),
         )

@@ -64,6 +64,13 @@ class Speculator:
             c.accepted_per_pos[pos] += 1
         seq.draft_acceptance = _DECAY * seq.draft_acceptance + (1 - _DECAY) * accepted / num_drafts
 
+    def stats(self) -> dict:
+        """The counters as EngineStats fields."""
+        c = self.counters
+        return dict(spec_decode_num_drafts=c.num_drafts, spec_decode_num_draft_tokens=c.num_draft_tokens,
+                    spec_decode_num_accepted_tokens=c.num_accepted_tokens,
+                    spec_decode_num_accepted_tokens_per_pos=list(c.accepted_per_pos))  # fmt: skip
+
     def release(self, seq) -> None:
         self.proposer.release(seq)
 
