@@ -113,6 +113,7 @@ def test_prompt_lookup():
     ('{"method": "ngram"', "not valid JSON"),
     ({"method": "ngram"}, "num_speculative_tokens is required"),
     ({"method": "medusa", "num_speculative_tokens": 2}, "method must be one of"),
+    ({"model": "/draft", "num_speculative_tokens": 2}, "method draft_model is not supported yet"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens must be an integer >= 1"),
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_mx": 3}, "did you mean 'prompt_lookup_max'"),
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 3, "prompt_lookup_max": 2},

@@ -37,8 +37,11 @@ class Speculator:
         self.counters = SpecCounters(accepted_per_pos=[0] * config.num_speculative_tokens)
 
     def active(self, scheduler) -> bool:
-        """Whether the next step may verify drafts (then the loop reads each step's tokens before the next)."""
-        return len(scheduler.running) + len(scheduler.waiting) <= self.config.disable_by_batch_size
+        """Whether the next step may verify drafts (then the loop reads each step's tokens before the next, giving up
+        the overlap of scheduling with the device; so not while no running sequence would take drafts)."""
+        running = scheduler.running
+        return (len(running) + len(scheduler.waiting) <= self.config.disable_by_batch_size
+                and any(seq.params.speculative for seq in running))  # fmt: skip
 
     def drafts(self, scheduler) -> dict:
         """Proposals for the running sequences that may verify drafts now."""
@@ -78,8 +81,6 @@ class Speculator:
 def make_speculator(config: SpeculativeConfig | None) -> Speculator | None:
     if config is None:
         return None
-    if config.method == "ngram":
-        from rtpjax.spec.ngram import NgramProposer
+    from rtpjax.spec.ngram import NgramProposer
 
-        return Speculator(config, NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max))
-    raise ValueError(f"speculative_config: method {config.method!r} is not available in this build")
+    return Speculator(config, NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max))
