@@ -21,6 +21,9 @@
 #           1024/128 at concurrency 64 (192 and 960 prompts) and 128/1024 at 256; one summary JSON
 #   launch  host cost of launching the step and how often XLA re-records its CUDA graph, per XLA setting (probes/)
 #   allreduce  64 chained all-reduces over every GPU, as a TP decode step makes them (probes/)
+#   spec    speculative decoding: device time of a step verifying 1/2/4/8 tokens per sequence at batch 1/8/32/64
+#           (8B shape, 512 tokens of context), then batch 1 end to end with n-gram speculation against it opted out
+#           (random ids: random weights make copy-heavy text meaningless) and a batch of 64 both ways
 # Run from the repository root on the lent GPU (device tool), with .whl carried (starlette, uvicorn, pydantic):
 #   bash benchmarks/gpu_run.sh load transfer startup offline offline_hf serve host kernels
 set -uo pipefail
@@ -73,6 +76,10 @@ for stage in $stages; do
   offline)
     timeout 240 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" --out "$OUT/offline_rtpjax.json" \
       --compilation-cache-dir /tmp/xla
+    ;;
+  spec)
+    timeout 500 python3 -m rtpjax.benchmarks.spec_bench --shape "$SHAPE" --prompts random --out "$OUT/spec.json" \
+      --max-num-seqs 64 --compilation-cache-dir /tmp/xla
     ;;
   offline_hf)
     checkpoint
