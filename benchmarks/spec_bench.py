@@ -133,7 +133,7 @@ def main():
     tokens = [int(t) for t in args.verify_tokens.split(",")]
     k = max(args.num_speculative_tokens, max(tokens) - 1)
     args.speculative_config = {"method": "ngram", "num_speculative_tokens": k,
-                               "disable_by_batch_size": max(batches or [1])}  # fmt: skip
+                               "disable_by_batch_size": max(batches + [32])}  # fmt: skip
     runner = RtpjaxRunner(model, **dataclasses.asdict(engine_args_from(args)))
     llm = runner.llm
     result = {"model": args.model or args.shape or "SmolLM2-135M-Instruct", "random_weights": bool(args.shape),

@@ -131,7 +131,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         items: list[ScheduledSeq] = []
         preempted: list[Sequence] = []
-        drafts = drafts or {}
+        drafts = drafts if drafts and len(self.running) <= self.max_verify_seqs else {}  # a verify step's limit
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]

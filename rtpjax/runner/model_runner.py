@@ -63,6 +63,12 @@ def verify_step(logits, state, flat, packing: Packing, variant: sampler.Variant)
     return verify(logits, state, packing.unpack(flat), variant)
 
 
+def _model_key(batch: StepBatch) -> tuple[int, int, int]:
+    """What shapes a model executable: tokens, sequences, logits rows (a verify step's sequence bucket may differ
+    from a plain step's of the same token bucket while its logits rows are equal)."""
+    return batch.tokens.shape[0], batch.meta.seq_lens.shape[0], batch.logits_indices.shape[0]
+
+
 def buckets(limit: int, smallest: int) -> list[int]:
     """Powers of two from `smallest` up to and including `limit`."""
     sizes, size = [], min(smallest, limit)
@@ -130,7 +136,7 @@ class ModelRunner:
         )
         self._sample = jax.jit(sample_step, static_argnums=(3, 4), donate_argnums=(1,))
         self._verify = jax.jit(verify_step, static_argnums=(3, 4), donate_argnums=(1,))
-        self._compiled: dict[tuple[int, int], object] = {}  # (tokens, seqs) bucket -> model executable
+        self._compiled: dict[tuple[int, int, int], object] = {}  # _model_key -> model executable
         self._samplers: dict[tuple, object] = {}  # (logits rows, sharding, variant, verify) -> sample executable
         self._admit = jax.jit(sampler.admit, donate_argnums=(0,))
         self.admit_rows = max_num_seqs
@@ -164,7 +170,7 @@ class ModelRunner:
         def compile_step(shape):
             batch = self._batch([], *shape)[0]
             flat, packing = pack(batch)
-            key = (shape[0], batch.logits_indices.shape[0])
+            key = _model_key(batch)
             return shape, key, self._model.lower(self.params, self.cache, self.state, flat, packing).compile()
 
         def compile_sampler(key):
@@ -188,7 +194,7 @@ class ModelRunner:
             # Samplers depend on the logits' rows and sharding only (one per pair, not per step shape).
             first_step = {}
             for shape in steps:
-                rows, model = keys[shape][1], self._compiled[keys[shape]]
+                rows, model = keys[shape][2], self._compiled[keys[shape]]
                 first_step.setdefault((rows, model.output_shardings[0], shape[2]), shape)
             samplers = [(*key, v) for key in first_step for v in sampler.VARIANTS]
             samplers = [(rows, sharding, v, k) for rows, sharding, k, v in samplers]
@@ -365,7 +371,7 @@ class ModelRunner:
         variant = variant or sampler.variant_for(sampling.rows if k else sampling)
         flat, packing = pack(batch)
         flat_sampling, sampling_packing = pack(sampling)
-        model = self._compiled.get((batch.tokens.shape[0], batch.logits_indices.shape[0]))
+        model = self._compiled.get(_model_key(batch))
         if model is not None:
             logits, self.cache = model(self.params, self.cache, self.state, flat)
             sharding = model.output_shardings[0]
