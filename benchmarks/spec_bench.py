@@ -53,8 +53,9 @@ COPY_PROMPTS = [
 
 def copy_prompts(llm) -> list[list[int]]:
     tok = llm.tokenizer
-    return [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
-            for p in COPY_PROMPTS]  # fmt: skip
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+             for p in COPY_PROMPTS]  # fmt: skip
+    return [list(tok.encode(t, add_special_tokens=False)) for t in texts]
 
 
 def verify_cost(runner: RtpjaxRunner, batches: list[int], tokens: list[int], context: int) -> dict:

@@ -199,6 +199,7 @@ def test_large_batches_do_not_speculate(spec_llm, proposer):
         speculator.config = config
 
 
+@pytest.mark.slow
 def test_tensor_parallel_preemption_and_int8_kv_with_speculation(stories_dir, compile_cache):
     """Two tensor-parallel devices, a pool too small for the batch (sequences preempted and recomputed, drafts'
     blocks given back) and an int8 cache: each request's tokens without speculation (opted out, same engine) and
