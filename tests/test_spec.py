@@ -37,9 +37,6 @@ class TruthProposer:
             out.append([int(self.rng.integers(3, 512)) if self.rng.random() < self.corrupt else t for t in drafts])
         return out
 
-    def release(self, seq):
-        pass
-
 
 class GarbageProposer(TruthProposer):
     """k random tokens for everyone."""

@@ -29,6 +29,3 @@ class NgramProposer:
     def propose(self, seqs, ks: list[int]) -> list[list[int]]:
         return [lookup(np.asarray(s.token_ids, np.int32), k, self.n_min, self.n_max) if k > 0 else []
                 for s, k in zip(seqs, ks)]  # fmt: skip
-
-    def release(self, seq) -> None:
-        """Nothing kept per sequence."""

@@ -74,9 +74,6 @@ class Speculator:
                     spec_decode_num_accepted_tokens=c.num_accepted_tokens,
                     spec_decode_num_accepted_tokens_per_pos=list(c.accepted_per_pos))  # fmt: skip
 
-    def release(self, seq) -> None:
-        self.proposer.release(seq)
-
 
 def make_speculator(config: SpeculativeConfig | None) -> Speculator | None:
     if config is None:
