@@ -29,6 +29,9 @@
 #           blocks) with prefix caching off, device only, device + host + disk; then a restart with the disk tier
 #   moe     Qwen3-30B-A3B-shaped random weights: the MoE block alone against its weight-bandwidth floor (grouped, dense,
 #           auto), then offline decode (batch 1/8/32/64) and throughput per --moe-impl, side by side
+#   spec    speculative decoding: device time of a step verifying 1/2/4/8 tokens per sequence at batch 1/8/32/64
+#           (8B shape, 512 tokens of context), then batch 1 end to end with n-gram speculation against it opted out
+#           (random ids: random weights make copy-heavy text meaningless) and a batch of 64 both ways
 # Run from the repository root on the lent GPU (device tool), with .whl carried (starlette, uvicorn, pydantic):
 #   bash benchmarks/gpu_run.sh load transfer startup offline offline_hf serve host kernels
 set -uo pipefail
@@ -85,6 +88,10 @@ for stage in $stages; do
   offline)
     timeout 240 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" --out "$OUT/offline_rtpjax.json" \
       --compilation-cache-dir /tmp/xla
+    ;;
+  spec)
+    timeout 500 python3 -m rtpjax.benchmarks.spec_bench --shape "$SHAPE" --prompts random --out "$OUT/spec.json" \
+      --max-num-seqs 64 --compilation-cache-dir /tmp/xla
     ;;
   offline_hf)
     checkpoint

@@ -39,11 +39,20 @@ CLI_COMPILATION_CACHE = str(Path.home() / ".cache" / "rtpjax" / "xla")
 
 
 def option(default, text: str, *, choices: tuple | None = None, minimum: float | None = None,
-           above: float | None = None, maximum: float | None = None, path: bool = False, cli: bool = True):  # fmt: skip
+           above: float | None = None, maximum: float | None = None, path: bool = False, cli: bool = True,
+           parse=None):  # fmt: skip
     """A field of EngineArgs with what its flag and its validation need. minimum / maximum are inclusive, above is
-    exclusive; path: a str field that also takes an os.PathLike; cli=False: no command-line flag."""
-    meta = dict(help=text, choices=choices, minimum=minimum, above=above, maximum=maximum, path=path, cli=cli)
+    exclusive; path: a str field that also takes an os.PathLike; cli=False: no command-line flag; parse: for a dict
+    field, what turns the dict or its JSON text (the flag's value) into the stored dict, raising ValueError."""
+    meta = dict(help=text, choices=choices, minimum=minimum, above=above, maximum=maximum, path=path, cli=cli,
+                parse=parse)  # fmt: skip
     return dataclasses.field(default=default, metadata=meta)
+
+
+def _speculative(value) -> dict:
+    from rtpjax.spec.config import SpeculativeConfig  # pure Python, no JAX
+
+    return dataclasses.asdict(SpeculativeConfig.parse(value))
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -118,6 +127,10 @@ class EngineArgs:
                                             "--kv-events-config endpoint (e.g. tcp://*:5557; none: HTTP only)")  # fmt: skip
     kv_events_replay_endpoint: str | None = option(None, "ZMQ ROUTER address that replays buffered KV event "
                                                    "batches from a sequence number (vLLM's replay_endpoint)")  # fmt: skip
+    speculative_config: dict | None = option(None, "speculative decoding as vLLM spells it, a JSON object: "
+                                             '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, '
+                                             '"prompt_lookup_min": 2} (README: speculative decoding)',
+                                             parse=_speculative)  # fmt: skip
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -169,7 +182,7 @@ def describe(f: dataclasses.Field) -> str:
     if m["choices"] or kind is bool:
         words = [*(m["choices"] or ("True", "False")), *(("None",) if optional else ())]
         return ", ".join(words[:-1]) + " or " + words[-1]
-    text = {int: "an integer", float: "a number", str: "a string"}[kind]
+    text = {int: "an integer", float: "a number", str: "a string", dict: "a JSON object"}[kind]
     if m["above"] is not None and m["maximum"] is not None:
         text += f" in ({m['above']:g}, {m['maximum']:g}]"
     elif m["minimum"] is not None:
@@ -189,13 +202,16 @@ def _checked(f: dataclasses.Field, value):
     ok = {bool: lambda v: isinstance(v, bool),
           int: lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
           float: lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
-          str: lambda v: isinstance(v, str)}[kind](value)  # fmt: skip
+          str: lambda v: isinstance(v, str),
+          dict: lambda v: isinstance(v, (dict, str))}[kind](value)  # fmt: skip
     ok = ok and (not m["choices"] or value in m["choices"])
     ok = ok and (m["minimum"] is None or value >= m["minimum"]) and (m["above"] is None or value > m["above"])
     ok = ok and (m["maximum"] is None or value <= m["maximum"])
     if not ok:
         name = flag(f.name) if m["cli"] else f.name
         raise ValueError(f"{name} must be {describe(f)}, got {value!r}")
+    if m["parse"] is not None:
+        return m["parse"](value)
     return int(value) if kind is int else value
 
 
@@ -220,8 +236,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, exclude=(), **defau
             group.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                help=text)  # fmt: skip
         else:
-            group.add_argument(flag(f.name), dest=f.name, type=kind, choices=f.metadata["choices"], default=default,
-                               help=text)  # fmt: skip
+            group.add_argument(flag(f.name), dest=f.name, type=str if kind is dict else kind,
+                               choices=f.metadata["choices"], default=default, help=text)  # fmt: skip
 
 
 def engine_args_from(namespace: argparse.Namespace, **overrides) -> EngineArgs:

@@ -30,6 +30,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top alternatives per generated token (0: only the sampled token's)
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    speculative: bool = True  # False: this request is never given drafts (the engine's speculative_config)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -70,6 +71,7 @@ class SamplingParams:
                 f"{name} must be between 0 and {MAX_LOGPROBS}, got {value!r}",
             )
         need(all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings")
+        need(isinstance(self.speculative, bool), f"speculative must be true or false, got {self.speculative!r}")
         need(
             len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS - 1,
             f"at most {MAX_STOP_TOKEN_IDS - 1} stop_token_ids are supported, got {len(self.stop_token_ids)}",

@@ -50,6 +50,7 @@ class _Sampling(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     repetition_penalty: float = Field(1.0, gt=0, le=10)
     ignore_eos: bool = False
+    speculative: bool = True  # rtpjax extension: false opts this request out of speculative decoding
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -112,7 +113,7 @@ def sampling_params(request: _Sampling, max_tokens: int | None, logprobs: int | 
             min_p=request.min_p or 0.0, seed=request.seed, stop=request.stop, stop_token_ids=request.stop_token_ids,
             max_tokens=max_tokens, min_tokens=request.min_tokens, presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty, repetition_penalty=request.repetition_penalty,
-            ignore_eos=request.ignore_eos, logprobs=logprobs,
+            ignore_eos=request.ignore_eos, logprobs=logprobs, speculative=request.speculative,
         )  # fmt: skip
     except ValueError as e:
         raise APIError(400, str(e)) from None

@@ -33,7 +33,7 @@ def child(shape: str, tp: int) -> None:
 
     from rtpjax.benchmarks.offline import RtpjaxRunner
     from rtpjax.benchmarks.random_checkpoint import write_config_only
-    from rtpjax.runner.model_runner import model_step
+    from rtpjax.runner.model_runner import _model_key, model_step
     from rtpjax.runner.step_inputs import pack
 
     model = str(write_config_only(tempfile.mkdtemp(), shape))
@@ -42,7 +42,7 @@ def child(shape: str, tp: int) -> None:
     tokens = runner.token_buckets[0]
     batch, _ = runner._batch([], tokens, runner._seqs_for(tokens))
     flat, packing = pack(batch)
-    as_runner = runner._compiled[(batch.tokens.shape[0], batch.logits_indices.shape[0])]
+    as_runner = runner._compiled[_model_key(batch)]
 
     def into_buffer(params, cache, state, flat, buffer, packing):
         del buffer  # donated: the logits take its place

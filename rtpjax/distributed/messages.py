@@ -84,6 +84,11 @@ class EngineStats(msgspec.Struct, gc=False):
     total_steps: int = 0
     total_tokens: int = 0  # tokens run through the model (prompt chunks and decode inputs)
     total_busy_s: float = 0.0
+    # Speculative decoding since the engine started (vLLM's spec_decode_* counters; zeros without speculation).
+    spec_decode_num_drafts: int = 0  # sequence-steps that verified at least one draft
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
+    spec_decode_num_accepted_tokens_per_pos: list[int] = msgspec.field(default_factory=list)
 
 
 class Startup(_Message, tag="startup"):

@@ -4,6 +4,10 @@
 and scheduling overlap the device's work. A sequence that stopped in step N may have one wasted token in step N+1;
 it is dropped. LLM (blocking, in the caller's process) and AsyncLLM (in the engine process, see engine_process) both
 drive this same loop.
+
+With speculation on (rtpjax.spec), a proposer needs every sequence's latest tokens, so the loop reads step N's
+tokens before it schedules step N+1 (and rolls back rejected drafts); only the outputs (text, stops) of step N are
+made while N+1 runs.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from rtpjax.engine.sequence import PENDING, Sequence
 from rtpjax.loading.tokenizer import load_tokenizer, tokenizer_source
 from rtpjax.models import load_config
 from rtpjax.options import EngineArgs
+from rtpjax.spec.config import SpeculativeConfig
+from rtpjax.spec.speculator import make_speculator
 
 log = logging.getLogger("rtpjax")
 
@@ -51,6 +57,10 @@ class LoopStats:
     prepare_s: float = 0.0  # of that: scheduling and building the step's inputs
     launch_s: float = 0.0  # queuing it on the device (host work: XLA enqueues the step's kernels)
     device_wait_s: float = 0.0  # reading the previous step's tokens
+    propose_s: float = 0.0  # of prepare_s: speculation's proposals
+    drafts: int = 0  # sequence-steps that verified drafts
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
     # the rest of busy_s: turning those tokens into outputs
 
     def report(self, seconds: float) -> str:
@@ -61,7 +71,14 @@ class LoopStats:
                 "per step "
                 f"{self.prepare_s * ms:.2f} ms scheduling, {self.launch_s * ms:.2f} ms launching, "
                 f"{self.device_wait_s * ms:.2f} ms reading tokens (waiting for the device), "
-                f"{outputs * ms:.2f} ms on outputs")
+                f"{outputs * ms:.2f} ms on outputs" + self._speculation(ms))
+
+    def _speculation(self, ms: float) -> str:
+        if not self.drafts:
+            return ""
+        return (f"; speculation: {self.accepted_tokens / self.draft_tokens:.0%} of {self.draft_tokens} drafts "
+                f"accepted, mean acceptance length {1 + self.accepted_tokens / self.drafts:.2f}, "
+                f"{self.propose_s * ms:.2f} ms proposing per step")
 
 
 def _eos_ids(model_dir: Path, cfg, tokenizer) -> tuple[int, ...]:
@@ -126,14 +143,19 @@ class LLMEngine:
         self.plan, self.max_model_len, num_blocks = plan, args.max_model_len, plan.num_blocks
         log.info(plan.summary())
         self.pool = BlockPool(num_blocks, args.enable_prefix_caching, kv_events=args.enable_kv_cache_events)
+        spec = None if args.speculative_config is None else SpeculativeConfig.parse(args.speculative_config)
+        self.speculator = make_speculator(spec)
+        k = spec.num_speculative_tokens if spec else 0
+        max_verify_seqs = min(spec.disable_by_batch_size, args.max_num_seqs) if spec else 0
         self.scheduler = Scheduler(self.pool, args.block_size, args.max_num_seqs, args.max_num_batched_tokens,
-                                   self.max_model_len)  # fmt: skip
+                                   self.max_model_len, max_verify_seqs)  # fmt: skip
         self.runner = ModelRunner(
             self.cfg, self.family, params, num_blocks=num_blocks, block_size=args.block_size,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=self.max_model_len, mesh=mesh, attention_impl=resolve_impl(args.attention_impl, self.cfg.head_dim),
             kv_cache_dtype=args.kv_cache_dtype, kv_write=args.kv_write, mosaic_prefill=args.mosaic_prefill,
             kv_tiers=bool(args.kv_offloading_size),
+            num_speculative_tokens=k, max_verify_seqs=max_verify_seqs,
         )  # fmt: skip
         self.tiers = tiers_build.make_tiers(args, self.runner.kv_layout,
                                             tiers_build.identity(model, source, self.runner.kv_layout, args))
@@ -261,20 +283,32 @@ class LLMEngine:
         skips building per-step outputs, a cost per sequence per step). `as_deltas`: outputs as RequestDeltas (what
         the engine process sends)."""
         stats, began = self.loop_stats, time.perf_counter()
-        schedule = self.scheduler.schedule()
+        speculating = self.speculator is not None and self.speculator.active(self.scheduler)
+        read = None
+        if self.inflight is not None and (speculating or self.inflight[0].verify):
+            read = self._read(*self.inflight)  # the proposer needs the latest tokens; drafts must be settled
+            self._release_loads(self.inflight[0])
+            self.inflight = None
+        scheduling = time.perf_counter()  # reading above counts as device wait and outputs, not scheduling
+        drafts = self.speculator.drafts(self.scheduler) if speculating else None
+        stats.propose_s += time.perf_counter() - scheduling
+        schedule = self.scheduler.schedule(drafts)
         if self.tiers is not None:  # blocks evicted just now are copied down before anything overwrites them
             self.tiers.dispatch(self.runner.offload)
         launched = None
         if schedule.items:
             inputs = self.runner.prepare(schedule)
             prepared = time.perf_counter()
-            stats.prepare_s += prepared - began
+            stats.prepare_s += prepared - scheduling
             launched = (schedule, self.runner.launch(*inputs))
             stats.launch_s += time.perf_counter() - prepared
-        outputs = []
-        if self.inflight is not None:
-            outputs = self._process(*self.inflight, final_only, as_deltas)
+        if read is not None:
+            outputs = self._emit(read, final_only, as_deltas)
+        elif self.inflight is not None:
+            outputs = self._emit(self._read(*self.inflight), final_only, as_deltas)
             self._release_loads(self.inflight[0])
+        else:
+            outputs = []
         self.inflight = launched
         stats.steps, stats.rows = stats.steps + 1, stats.rows + len(schedule.items)
         stats.computed += schedule.num_tokens
@@ -282,27 +316,53 @@ class LLMEngine:
         stats.busy_s += time.perf_counter() - began
         return outputs
 
-    def _process(self, schedule: Schedule, out, final_only: bool, as_deltas: bool) -> list:
+    def _read(self, schedule: Schedule, out) -> list[tuple]:
+        """Step N's tokens into its sequences (and rejected drafts rolled back), before anything schedules around
+        them; returns what `_emit` turns into outputs: (sequence, index of its first new token, the new tokens,
+        their logprobs, top ids, top logprobs) per sequence that sampled."""
         began = time.perf_counter()
+        accepted = np.asarray(out.num_accepted)
         tokens, logprob = np.asarray(out.tokens), np.asarray(out.logprob)
         self.loop_stats.device_wait_s += time.perf_counter() - began
-        top_ids, top_lp = np.asarray(out.top_ids), np.asarray(out.top_logprobs)
-        now = time.monotonic()
-        touched: dict[str, Request] = {}
+        rows = len(tokens) // len(accepted)  # K+1 in a verify step, else 1
+        tokens, logprob = tokens.reshape(-1, rows), logprob.reshape(-1, rows)
+        top_ids = np.asarray(out.top_ids).reshape(len(accepted), rows, -1)
+        top_lp = np.asarray(out.top_logprobs).reshape(len(accepted), rows, -1)
+        read = []
         for i, item in enumerate(schedule.items):
             seq = item.seq
             if seq.finished:
                 continue  # stopped (or aborted) after this step was dispatched
             if item.samples:
-                self._accept(seq, item.start + item.num_tokens, int(tokens[i]), float(logprob[i]), top_ids[i],
-                             top_lp[i], now)  # fmt: skip
-                touched[seq.request_id] = self.requests[seq.request_id]
+                n = 1 + int(accepted[i])
+                index = item.start + item.num_tokens - len(item.drafts)
+                if item.drafts:
+                    self.scheduler.accept(item, tokens[i, :n].tolist())
+                    self.speculator.record(seq, len(item.drafts), n - 1)
+                    stats = self.loop_stats
+                    stats.drafts, stats.draft_tokens = stats.drafts + 1, stats.draft_tokens + len(item.drafts)
+                    stats.accepted_tokens += n - 1
+                else:
+                    assert seq.token_ids[index] == PENDING
+                    seq.token_ids[index] = int(tokens[i, 0])
+                read.append((seq, index, tokens[i, :n], logprob[i, :n], top_ids[i, :n], top_lp[i, :n]))
             self.scheduler.register_full_blocks(seq)
+        return read
+
+    def _emit(self, read: list[tuple], final_only: bool, as_deltas: bool) -> list:
+        """Text, stops and outputs for the tokens `_read` placed (a stop drops the tokens after it)."""
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        for seq, index, tokens, logprob, top_ids, top_lp in read:
+            for m in range(len(tokens)):
+                if seq.finished:
+                    break
+                self._accept(seq, index + m, int(tokens[m]), float(logprob[m]), top_ids[m], top_lp[m], now)
+            touched[seq.request_id] = self.requests[seq.request_id]
         return [self._output(r, as_deltas) for r in touched.values() if not final_only or r.finished]
 
     def _accept(self, seq: Sequence, index: int, token: int, lp: float, top_ids, top_lp, now: float) -> None:
-        assert seq.token_ids[index] == PENDING
-        seq.token_ids[index] = token
+        """One new token (already in token_ids): logprobs, text, stops."""
         seq.metrics.on_token(now)
         p = seq.params
         if p.logprobs is not None:
@@ -402,6 +462,7 @@ class LLMEngine:
             total_steps=life.steps + now.steps,
             total_tokens=life.computed + now.computed,
             total_busy_s=life.busy_s + now.busy_s,
+            **(self.speculator.stats() if self.speculator is not None else {}),
         )
 
     def _expert_load(self) -> list[list[int]]:

@@ -12,6 +12,10 @@ counting as computed: the schedule lists them as block loads, which the runner w
 
 With KV tiers (kv/tiers), a waiting sequence whose prefix continues below the device first waits "loading" (skipped,
 others admitted past it) until those blocks are in host memory; it is then admitted with them as block loads too.
+
+Speculation: a decoding sequence whose tokens are all known may be given drafts (proposed tokens) to run after its
+last token, so the step computes K/V and logits at each of them; `accept` then moves its progress (and blocks) back
+to the drafts the target agreed with. A step with drafts (`verify`) holds at most `max_verify_seqs` sequences.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class ScheduledSeq:
     start: int  # tokens already in the cache
     num_tokens: int  # tokens computed in this step
     samples: bool  # the chunk reaches the sequence's end: the step's token for it is kept
+    drafts: list[int] = dataclasses.field(default_factory=list)  # proposed tokens: the chunk's last len(drafts)
 
 
 @dataclasses.dataclass
@@ -44,11 +49,17 @@ class Schedule:
     def num_tokens(self) -> int:
         return sum(item.num_tokens for item in self.items)
 
+    @property
+    def verify(self) -> bool:
+        """Some sequence verifies drafts: the runner's verify executables run it."""
+        return any(item.drafts for item in self.items)
+
 
 class Scheduler:
     def __init__(self, pool: BlockPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, tiers=None):  # fmt: skip
+                 max_model_len: int, max_verify_seqs: int = 0, tiers=None):  # fmt: skip
         self.pool = pool
+        self.max_verify_seqs = max_verify_seqs
         self.tiers = tiers  # kv.tiers.KVTiers, or None
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
@@ -116,10 +127,20 @@ class Scheduler:
         seq.block_table += blocks
         return True
 
-    def schedule(self) -> Schedule:
+    def max_drafts(self, seq: Sequence) -> int:
+        """Drafts the sequence could verify now: it decodes (its one uncomputed token known) and every accepted
+        draft plus the token after them stays within max_tokens and the context."""
+        if len(seq.token_ids) - seq.num_computed != 1 or seq.token_ids[-1] == PENDING:
+            return 0
+        return max(0, min(seq.max_tokens - seq.num_generated, self.max_model_len - len(seq.token_ids)) - 1)
+
+    def schedule(self, drafts: dict[Sequence, list[int]] | None = None) -> Schedule:
+        """drafts: proposals for running sequences (see max_drafts); given, the step admits no more sequences than a
+        verify step holds."""
         budget = self.max_num_batched_tokens
         items: list[ScheduledSeq] = []
         preempted: list[Sequence] = []
+        drafts = drafts if drafts and len(self.running) <= self.max_verify_seqs else {}  # a verify step's limit
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -127,6 +148,9 @@ class Scheduler:
             if n == 0:
                 i += 1
                 continue
+            proposed = drafts.get(seq, [])[: min(self.max_drafts(seq), budget - n)] if n == 1 else []
+            if proposed and not self._grow(seq, n + len(proposed)):
+                proposed = []  # no blocks for the drafts: decode plainly rather than preempt for a guess
             while not self._grow(seq, n):
                 victim = max(self.running[i:], key=lambda s: (s.priority, s.arrival_order))
                 self._preempt(victim)
@@ -135,15 +159,16 @@ class Scheduler:
                     break
             if seq.status is not Status.RUNNING:
                 continue  # it preempted itself; running[i] is now the next sequence
-            items.append(self._run(seq, n))
-            budget -= n
+            items.append(self._run(seq, n, proposed))
+            budget -= n + len(proposed)
             i += 1
 
         admitted: list[Sequence] = []
         loads: list[BlockLoad] = []
+        max_items = self.max_verify_seqs if any(item.drafts for item in items) else self.max_num_seqs
         if not preempted:
             for seq in list(self.waiting):
-                if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                if budget <= 0 or len(self.running) >= self.max_num_seqs or len(items) >= max_items:
                     break
                 if seq.token_ids[-1] == PENDING:
                     continue  # its last token is read after this step; admit it next time
@@ -272,12 +297,25 @@ class Scheduler:
             self._register(seq, b, seq.block_hashes)
         seq.num_registered_blocks = max(seq.num_registered_blocks, full)
 
-    def _run(self, seq: Sequence, n: int) -> ScheduledSeq:
-        item = ScheduledSeq(seq, seq.num_computed, n, samples=seq.num_computed + n == len(seq.token_ids))
-        seq.num_computed += n
+    def _run(self, seq: Sequence, n: int, drafts: list[int] = ()) -> ScheduledSeq:
+        item = ScheduledSeq(seq, seq.num_computed, n + len(drafts), seq.num_computed + n == len(seq.token_ids),
+                            list(drafts))  # fmt: skip
+        seq.num_computed += item.num_tokens
         if item.samples:
             seq.token_ids.append(PENDING)
         return item
+
+    def accept(self, item: ScheduledSeq, tokens: list[int]) -> None:
+        """A verify step's outcome for one sequence: `tokens` (its accepted drafts and the target's next token)
+        replace its PENDING token; K/V of rejected drafts no longer count, and blocks only they used go back."""
+        seq = item.seq
+        end = item.start + item.num_tokens - len(item.drafts)  # the PENDING token's index
+        assert seq.token_ids[end:] == [PENDING] and 1 <= len(tokens) <= len(item.drafts) + 1
+        seq.token_ids[end:] = tokens
+        seq.num_computed = end + len(tokens) - 1
+        keep = -(-seq.num_computed // self.block_size)
+        self.pool.release(seq.block_table[keep:])  # fresh blocks this step grew into: never shared nor published
+        del seq.block_table[keep:]
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """Publish the sequence's newly completed blocks to the prefix cache (only blocks whose tokens are known)."""

@@ -93,6 +93,7 @@ class Sequence:
     host_kv: HostKV | None = None  # K/V to load at admission instead of computing (an adopted request)
     tier_fetch: object = None  # kv.tiers Fetch: its prefix blocks coming up from a KV tier while it waits
     preempted: bool = False
+    draft_acceptance: float = 1.0  # recent fraction of this sequence's drafts accepted (speculation's policy)
 
     def __post_init__(self):
         if not self.token_ids:

@@ -24,6 +24,7 @@ from rtpjax.kv import kv_cache as kv
 from rtpjax.kv.block_copy import BlockCopier
 from rtpjax.kv.host_blocks import BlockLoad, KVBlocks, KVLayout, PackedBlocks
 from rtpjax.runner import prompt_logprobs, sampler
+from rtpjax.runner.verify import VerifyInputs, verify
 from rtpjax.kernels.metadata import AttentionMetadata
 from rtpjax.sampling_params import MAX_STOP_TOKEN_IDS
 from rtpjax.engine.scheduler import Schedule
@@ -41,7 +42,7 @@ class StepBatch:
     token_slot: jax.Array  # [T] read the token from this slot's last sampled token (-1: use `tokens`)
     positions: jax.Array  # [T]
     meta: AttentionMetadata
-    logits_indices: jax.Array  # [S]
+    logits_indices: jax.Array  # [S], or [S * (K+1)] in a verify step (every drafted position, see runner.verify)
 
 
 def model_step(params, cache, state, flat, packing: Packing, *, cfg, forward):
@@ -57,6 +58,17 @@ def sample_step(logits, state, flat, packing: Packing, variant: sampler.Variant)
     """The sampling half, its own executables (one per sequence bucket and variant), so the model's keeps its whole-step
     CUDA graph: fused, it measured 8.54 ms against 7.03 + 0.35 ms apart (H100, 8B, bucket 32)."""
     return sampler.sample(logits, state, packing.unpack(flat), variant)
+
+
+def verify_step(logits, state, flat, packing: Packing, variant: sampler.Variant):
+    """The sampling half of a step that verifies drafts (K+1 logits rows per sequence)."""
+    return verify(logits, state, packing.unpack(flat), variant)
+
+
+def _model_key(batch: StepBatch) -> tuple[int, int, int]:
+    """What shapes a model executable: tokens, sequences, logits rows (a verify step's sequence bucket may differ
+    from a plain step's of the same token bucket while its logits rows are equal)."""
+    return batch.tokens.shape[0], batch.meta.seq_lens.shape[0], batch.logits_indices.shape[0]
 
 
 def buckets(limit: int, smallest: int) -> list[int]:
@@ -100,8 +112,10 @@ class ModelRunner:
     def __init__(self, cfg, family, params, *, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, mesh=None, attention_impl: str = "reference",
                  kv_cache_dtype: str = "auto", kv_write: str = "auto", mosaic_prefill: bool = False,
-                 kv_tiers: bool = False):  # fmt: skip
+                 num_speculative_tokens: int = 0, max_verify_seqs: int = 0, kv_tiers: bool = False):  # fmt: skip
+        """num_speculative_tokens (K) > 0: also compile verify steps, for up to max_verify_seqs sequences each."""
         self.cfg, self.params = cfg, params
+        self.spec_k, self.max_verify_seqs = num_speculative_tokens, max_verify_seqs
         self._forward = family.forward
         self.block_size = block_size
         self.max_blocks = -(-max_model_len // block_size)
@@ -123,8 +137,9 @@ class ModelRunner:
             functools.partial(model_step, cfg=cfg, forward=family.forward), static_argnums=(4,), donate_argnums=(1,)
         )
         self._sample = jax.jit(sample_step, static_argnums=(3, 4), donate_argnums=(1,))
-        self._compiled: dict[tuple[int, int], object] = {}  # (tokens, seqs) bucket -> model executable
-        self._samplers: dict[tuple, object] = {}  # (seqs, logits sharding, variant) -> sample executable
+        self._verify = jax.jit(verify_step, static_argnums=(3, 4), donate_argnums=(1,))
+        self._compiled: dict[tuple[int, int, int], object] = {}  # _model_key -> model executable
+        self._samplers: dict[tuple, object] = {}  # (logits rows, sharding, variant, verify) -> sample executable
         self._admit = jax.jit(sampler.admit, donate_argnums=(0,))
         self.admit_rows = max_num_seqs
         self.admit_buckets = buckets(1 << max(6, (max_model_len - 1).bit_length()), 64)
@@ -152,19 +167,24 @@ class ModelRunner:
         """
         from rtpjax.progress import progress_bar
 
-        steps = [(t, self._seqs_for(t)) for t in self.token_buckets]
+        steps = [(t, self._seqs_for(t), 0) for t in self.token_buckets]
+        if self.spec_k:  # verify steps: at least one draft, so two tokens
+            steps += [(t, self._verify_seqs_for(t), self.spec_k) for t in self.token_buckets if t >= 2]
         bar = progress_bar(len(steps) + len(self.score_buckets) + len(self.admit_buckets), "compiling", "shape",
                            progress)  # fmt: skip
 
         def compile_step(shape):
-            flat, packing = pack(self._batch([], *shape)[0])
-            return shape, self._model.lower(self.params, self.cache, self.state, flat, packing).compile()
+            batch = self._batch([], *shape)[0]
+            flat, packing = pack(batch)
+            key = _model_key(batch)
+            return shape, key, self._model.lower(self.params, self.cache, self.state, flat, packing).compile()
 
         def compile_sampler(key):
-            seqs, sharding, variant = key
-            flat, packing = pack(self._sampling([], seqs))
-            logits = jax.ShapeDtypeStruct((seqs, self.cfg.vocab_size), jnp.float32, sharding=sharding)
-            return key, self._sample.lower(logits, self.state, flat, packing, variant).compile()
+            rows, sharding, variant, k = key
+            flat, packing = pack(self._batch([], *first_step[rows, sharding, k])[1])
+            logits = jax.ShapeDtypeStruct((rows, self.cfg.vocab_size), jnp.float32, sharding=sharding)
+            fn = self._verify if k else self._sample
+            return key, fn.lower(logits, self.state, flat, packing, variant).compile()
 
         def compile_scorer(length):
             flat, packing = pack(self._score_inputs([], length))
@@ -173,14 +193,17 @@ class ModelRunner:
         began = time.monotonic()
         with ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 2) - 1))) as pool:
             scorers = pool.map(compile_scorer, self.score_buckets)  # queued now: they compile alongside the steps
-            for shape, model in pool.map(compile_step, steps):
-                self._compiled[shape] = model
+            keys = {}
+            for shape, key, model in pool.map(compile_step, steps):
+                self._compiled[key], keys[shape] = model, key
                 bar.update()
-            # Samplers depend on the sequence bucket and the logits' sharding only (one per pair, not per step shape).
+            # Samplers depend on the logits' rows and sharding only (one per pair, not per step shape).
             first_step = {}
-            for t, s in steps:
-                first_step.setdefault((s, self._compiled[t, s].output_shardings[0]), (t, s))
-            samplers = [(s, sharding, v) for s, sharding in first_step for v in sampler.VARIANTS]
+            for shape in steps:
+                rows, model = keys[shape][2], self._compiled[keys[shape]]
+                first_step.setdefault((rows, model.output_shardings[0], shape[2]), shape)
+            samplers = [(*key, v) for key in first_step for v in sampler.VARIANTS]
+            samplers = [(rows, sharding, v, k) for rows, sharding, k, v in samplers]
             bar.total += len(samplers)
             for key, sample in pool.map(compile_sampler, samplers):
                 self._samplers[key] = sample
@@ -193,10 +216,10 @@ class ModelRunner:
                 self._scorers[length] = scorer
                 bar.update()
         compiled = time.monotonic()
-        for t, s in steps:  # run each once: the first call of an executable does one-time setup
-            jax.block_until_ready(self.run_step(*self._batch([], t, s)))
-        for s, sharding, variant in samplers:
-            jax.block_until_ready(self.run_step(*self._batch([], *first_step[s, sharding]), variant=variant))
+        for shape in steps:  # run each once: the first call of an executable does one-time setup
+            jax.block_until_ready(self.run_step(*self._batch([], *shape)))
+        for rows, sharding, variant, k in samplers:
+            jax.block_until_ready(self.run_step(*self._batch([], *first_step[rows, sharding, k]), variant=variant))
         ran = time.monotonic()
         for n in self.admit_buckets:
             self.state = self._admit(self.state, *self._admit_arrays([], n))
@@ -214,23 +237,53 @@ class ModelRunner:
         (tokens x sequences) shapes (minutes for an 8B model)."""
         return min(num_tokens, self.max_num_seqs)
 
+    def _verify_seqs_for(self, num_tokens: int) -> int:
+        """A verify step's sequence bucket: its logits have K+1 rows per sequence, so it is capped lower (the
+        scheduler speculates only while at most max_verify_seqs sequences run)."""
+        return min(num_tokens, self.max_num_seqs, self.max_verify_seqs)
+
     # -- inputs -----------------------------------------------------------------------------------------------------
 
-    def _batch(self, items, num_tokens: int, num_seqs: int) -> tuple[StepBatch, sampler.SamplingInputs]:
+    def _batch(self, items, num_tokens: int, num_seqs: int, k: int = 0) -> tuple[StepBatch, object]:
+        """The step's model inputs and sampling inputs; k > 0: a verify step with K = k draft slots per sequence."""
         chunks, token_slot = [], np.full(num_tokens, -1, np.int32)
         offset = 0
         for item in items:
             seq = item.seq
-            ids = seq.token_ids[item.start : item.start + item.num_tokens]
-            if ids and ids[-1] == PENDING:  # only the last token can still be on the device
+            ids = seq.token_ids[item.start : item.start + item.num_tokens - len(item.drafts)]
+            if ids and ids[-1] == PENDING:  # only the last token can still be on the device (never with drafts)
                 token_slot[offset + len(ids) - 1] = seq.slot
                 ids = ids[:-1] + [0]
+            ids = ids + item.drafts
             chunks.append(SeqChunk(ids, item.start, seq.block_table))
             offset += len(ids)
         step = build_step(chunks, self.block_size, num_tokens=num_tokens, num_seqs=num_seqs,
                           max_blocks=self.max_blocks, **self.attention)  # fmt: skip
-        return StepBatch(step.tokens, token_slot, step.positions, step.meta, step.logits_indices), \
-            self._sampling(items, num_seqs)
+        if not k:
+            return StepBatch(step.tokens, token_slot, step.positions, step.meta, step.logits_indices), \
+                self._sampling(items, num_seqs)
+        drafts = np.zeros((num_seqs, k), np.int32)
+        num_drafts = np.zeros(num_seqs, np.int32)
+        for i, item in enumerate(items):
+            drafts[i, : len(item.drafts)] = item.drafts
+            num_drafts[i] = len(item.drafts)
+        # Row j of sequence i: the position before its draft j (its last position once j passes its drafts).
+        j = np.arange(k + 1)[None, :]
+        last = step.logits_indices[:, None]
+        indices = np.where(j <= num_drafts[:, None], last - num_drafts[:, None] + j, last).astype(np.int32)
+        batch = StepBatch(step.tokens, token_slot, step.positions, step.meta, indices.reshape(-1))
+        return batch, VerifyInputs(self._verify_rows(items, num_seqs, k), drafts, num_drafts)
+
+    def _verify_rows(self, items, num_seqs: int, k: int) -> sampler.SamplingInputs:
+        """Each sequence's sampling row repeated K+1 times: row j draws output position + j, with EOS/stop ids
+        suppressed while that position is below min_tokens."""
+        base = self._sampling(items, num_seqs)
+        rows = {f.name: np.repeat(getattr(base, f.name), k + 1, axis=0) for f in dataclasses.fields(base)}
+        rows["position"] = rows["position"] + np.tile(np.arange(k + 1, dtype=np.int32), num_seqs)
+        min_tokens = np.zeros(num_seqs, np.int32)
+        min_tokens[: len(items)] = [item.seq.params.min_tokens for item in items]
+        rows["suppress"][rows["position"] >= np.repeat(min_tokens, k + 1)] = -1
+        return sampler.SamplingInputs(**rows)
 
     def _sampling(self, items, num_seqs: int) -> sampler.SamplingInputs:
         f32, i32 = np.float32, np.int32
@@ -258,7 +311,8 @@ class ModelRunner:
         a["seed"][:n] = [seq.seed for seq in seqs]
         a["index"][:n] = [seq.index for seq in seqs]
         a["logprobs"][:n] = [p.logprobs is not None for p in params]
-        generated = [item.start + item.num_tokens - seq.num_prompt for item, seq in zip(items, seqs)]  # before this one
+        generated = [item.start + item.num_tokens - len(item.drafts) - seq.num_prompt
+                     for item, seq in zip(items, seqs)]  # before this one (the first drafted position's)  # fmt: skip
         a["position"][:n] = generated
         for i, (seq, p, g) in enumerate(zip(seqs, params, generated)):
             if g < p.min_tokens:
@@ -302,9 +356,11 @@ class ModelRunner:
         self.load_blocks(schedule.loads)
         self._reset_penalty_rows([s for s in schedule.admitted if s.params.uses_penalties])
         num_tokens = pick(self.token_buckets, max(schedule.num_tokens, len(schedule.items)))
+        if schedule.verify:
+            return self._batch(schedule.items, num_tokens, self._verify_seqs_for(num_tokens), self.spec_k)
         return self._batch(schedule.items, num_tokens, self._seqs_for(num_tokens))
 
-    def launch(self, batch: StepBatch, sampling: sampler.SamplingInputs) -> sampler.SampleOutput:
+    def launch(self, batch: StepBatch, sampling) -> sampler.SampleOutput:
         """Queue the step on the device and return its (not yet computed) outputs, already on their way to the host.
         Host work on the GPU, not a wait: 3.7 ms per 256-row step of Llama-3-8B on an H200, the same with the device
         drained first (`benchmarks/host_step.py --idle-launch`); queuing the ~360 arguments is ~0.15 ms of it."""
@@ -313,14 +369,15 @@ class ModelRunner:
             leaf.copy_to_host_async()
         return out
 
-    def run_step(self, batch: StepBatch, sampling: sampler.SamplingInputs,
-                 variant: sampler.Variant | None = None) -> sampler.SampleOutput:  # fmt: skip
+    def run_step(self, batch: StepBatch, sampling, variant: sampler.Variant | None = None) -> sampler.SampleOutput:
         """Queue one step on the device (the executables compiled at warm-up for its buckets and for the cheapest
-        sampler variant its requests allow) and return its outputs."""
-        variant = variant or sampler.variant_for(sampling)
+        sampler variant its requests allow) and return its outputs. sampling: SamplingInputs, or VerifyInputs for a
+        step that verifies drafts."""
+        k = sampling.drafts.shape[1] if isinstance(sampling, VerifyInputs) else 0
+        variant = variant or sampler.variant_for(sampling.rows if k else sampling)
         flat, packing = pack(batch)
         flat_sampling, sampling_packing = pack(sampling)
-        model = self._compiled.get((batch.tokens.shape[0], batch.logits_indices.shape[0]))
+        model = self._compiled.get(_model_key(batch))
         if model is not None:
             logits, self.cache, *load = model(self.params, self.cache, self.state, flat)
             sharding = model.output_shardings[0]
@@ -331,11 +388,12 @@ class ModelRunner:
             self.read_expert_load()  # the arrived counts (keeps the pending list short)
             load[0].copy_to_host_async()
             self._loads.append(load[0])
-        sample = self._samplers.get((batch.logits_indices.shape[0], sharding, variant))
+        sample = self._samplers.get((batch.logits_indices.shape[0], sharding, variant, k))
         if sample is not None:
             out, self.state = sample(logits, self.state, flat_sampling)
         else:
-            out, self.state = self._sample(logits, self.state, flat_sampling, sampling_packing, variant)
+            fn = self._verify if k else self._sample
+            out, self.state = fn(logits, self.state, flat_sampling, sampling_packing, variant)
         return out
 
     def read_expert_load(self) -> np.ndarray:

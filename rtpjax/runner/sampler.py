@@ -82,6 +82,9 @@ class SampleOutput:
     logprob: jax.Array  # [S] float32, of the sampled token under the model's distribution
     top_ids: jax.Array  # [S, MAX_LOGPROBS] int32
     top_logprobs: jax.Array  # [S, MAX_LOGPROBS] float32
+    # [S] int32: drafts accepted per sequence. A verify step (rtpjax.runner.verify) has K+1 rows per sequence in the
+    # fields above (row-major) and keeps the first num_accepted + 1; a plain step has one row and zeros here.
+    num_accepted: jax.Array
 
 
 def init_state(num_slots: int, vocab_size: int) -> SamplerState:
@@ -104,9 +107,8 @@ def admit(state: SamplerState, rows, tokens, token_rows, is_output) -> SamplerSt
     return SamplerState(state.last_token, prompt_seen.at[sink].set(False), counts.at[sink].set(0))
 
 
-def _apply_penalties(logits, state: SamplerState, s: SamplingInputs):
-    counts = state.output_counts[s.slot]  # [S, V]
-    seen = state.prompt_seen[s.slot] | (counts > 0)
+def _apply_penalties(logits, counts, seen, s: SamplingInputs):
+    """counts: [S, V] tokens generated before each row's token; seen: those or the prompt's."""
     rep = s.repetition_penalty[:, None]
     logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
     logits = logits - s.frequency_penalty[:, None] * counts
@@ -139,15 +141,14 @@ def _noise(s: SamplingInputs, vocab: int):
     return jax.vmap(row)(s.seed, s.index, s.position)
 
 
-def sample(logits: jax.Array, state: SamplerState, s: SamplingInputs, variant: Variant = Variant()
-           ) -> tuple[SampleOutput, SamplerState]:  # fmt: skip
-    """logits: [S, V] float32 -> one token per sequence; records kept tokens into the state.
+def draw(logits: jax.Array, counts: jax.Array, seen: jax.Array, s: SamplingInputs, variant: Variant) -> SampleOutput:
+    """One token per row of logits [S, V] float32, given each row's history (`_apply_penalties`); no state change.
 
-    Stages the variant leaves out would be exact no-ops for this step's sequences (greedy rows, no logprobs asked).
+    Stages the variant leaves out would be exact no-ops for these rows (greedy rows, no logprobs asked).
     """
     num_seqs, vocab = logits.shape
     logprobs = jax.nn.log_softmax(logits, axis=-1)  # reported under the model's own distribution
-    x = _apply_penalties(logits, state, s)
+    x = _apply_penalties(logits, counts, seen, s)
     rows = jnp.arange(num_seqs)[:, None]
     x = x.at[rows, s.suppress].set(-jnp.inf, mode="drop")
     greedy = s.temperature <= 0
@@ -163,17 +164,25 @@ def sample(logits: jax.Array, state: SamplerState, s: SamplingInputs, variant: V
     else:
         top_logprobs = jnp.zeros((num_seqs, MAX_LOGPROBS), jnp.float32)
         top_ids = jnp.zeros((num_seqs, MAX_LOGPROBS), jnp.int32)
-    out = SampleOutput(
+    return SampleOutput(
         tokens=tokens,
         logprob=jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0],
         top_ids=top_ids.astype(jnp.int32),
         top_logprobs=top_logprobs,
+        num_accepted=jnp.zeros(num_seqs, jnp.int32),
     )
+
+
+def sample(logits: jax.Array, state: SamplerState, s: SamplingInputs, variant: Variant = Variant()
+           ) -> tuple[SampleOutput, SamplerState]:  # fmt: skip
+    """logits: [S, V] float32 -> one token per sequence; records kept tokens into the state."""
+    counts = state.output_counts[s.slot]  # [S, V]
+    out = draw(logits, counts, state.prompt_seen[s.slot] | (counts > 0), s, variant)
     sink = state.last_token.shape[0] - 1
     slot = jnp.where(s.samples, s.slot, sink)
     state = SamplerState(
-        last_token=state.last_token.at[slot].set(tokens),
+        last_token=state.last_token.at[slot].set(out.tokens),
         prompt_seen=state.prompt_seen,
-        output_counts=state.output_counts.at[slot, tokens].add(1).at[sink].set(0),
+        output_counts=state.output_counts.at[slot, out.tokens].add(1).at[sink].set(0),
     )
     return out, state

@@ -1,0 +1,170 @@
+"""Speculative decoding: what a verify step costs and what n-gram speculation gains end to end. Writes JSON.
+
+    python -m rtpjax.benchmarks.spec_bench --shape llama3-8b --out spec.json      # GPU, random weights
+    python -m rtpjax.benchmarks.spec_bench --prompts copy --out spec_cpu.json       # the default SmolLM2, CPU
+
+cost: device time of one step verifying t tokens per sequence (t - 1 drafts) at each batch, all at `--context`
+tokens of context, against the plain decode step (t = 1). end to end (greedy): batch 1 over copy-heavy prompts (the
+"copy" set: summarize / rewrite / code-edit chat prompts; or random ids) with n-gram speculation and with it opted
+out per request in the same engine, mean acceptance length beside the speedup; and a batch of `--large-batch`
+sequences both ways (above disable_by_batch_size speculation is off: what it costs there is its policy's overhead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+
+import numpy as np
+
+from rtpjax.benchmarks.offline import ENGINE_DEFAULTS, RtpjaxRunner, prompts
+from rtpjax.options import add_engine_arguments, engine_args_from
+
+CODE = '''def total_price(items, tax_rate):
+    total = 0
+    for item in items:
+        total = total + item["price"] * item["quantity"]
+    total = total + total * tax_rate
+    return total
+
+
+def average_price(items):
+    total = 0
+    for item in items:
+        total = total + item["price"]
+    return total / len(items)
+'''
+STORY = ("The old lighthouse stood at the end of the rocky point for more than a hundred years. Every night the keeper "
+         "climbed the spiral stairs, trimmed the wick and lit the great lamp, so that the fishing boats could find "
+         "their way home through the fog. When the keeper grew old, his granddaughter Mara learned the work: she "
+         "polished the lens, wound the clockwork that turned the light, and wrote the weather in the logbook each "
+         "morning. One winter a storm broke the power line to the village, and the lighthouse was the only light "
+         "on the whole coast. Mara kept the lamp burning for three nights without sleep, and every boat came home.")
+COPY_PROMPTS = [
+    f"Rewrite this code so that it uses the built-in sum() function, and keep everything else the same:\n\n{CODE}",
+    f"Add type hints and a docstring to each function below. Repeat the full code in your answer.\n\n{CODE}",
+    f"Summarize the following story in three sentences, reusing its own words where you can:\n\n{STORY}",
+    f"Rewrite the following story in the present tense, changing nothing else:\n\n{STORY}",
+]
+
+
+def copy_prompts(llm) -> list[list[int]]:
+    tok = llm.tokenizer
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+             for p in COPY_PROMPTS]  # fmt: skip
+    return [list(tok.encode(t, add_special_tokens=False)) for t in texts]
+
+
+def verify_cost(runner: RtpjaxRunner, batches: list[int], tokens: list[int], context: int) -> dict:
+    """Device ms of one step per (batch, tokens per sequence); t = 1 is the plain decode step."""
+    from rtpjax.engine.scheduler import ScheduledSeq
+
+    engine = runner.llm.engine
+    out = {}
+    for b in batches:
+        (batch, sampling), ids = runner.decode_inputs(b, context)
+        items = engine.inflight[0].items
+        row = {1: runner.device_step_ms(b, inputs=(batch, sampling))}
+        for t in [t for t in tokens if t > 1]:
+            spec = []
+            for item in items:  # the same sequences, each verifying t - 1 drafts after its last token
+                seq = item.seq
+                need = -(-(item.start + t) // engine.args.block_size) - len(seq.block_table)
+                seq.block_table += engine.pool.allocate(max(0, need)) or []
+                spec.append(ScheduledSeq(seq, item.start, t, True, [7] * (t - 1)))
+            size = next(s for s in engine.runner.token_buckets if s >= b * t)
+            inputs = engine.runner._batch(spec, size, engine.runner._verify_seqs_for(size), engine.runner.spec_k)
+            row[t] = runner.device_step_ms(b, inputs=inputs)
+        out[b] = {"device_ms": row, "ratio": {t: ms / row[1] for t, ms in row.items()}}
+        print(f"batch {b:3d}: " + "  ".join(f"{t} tok {ms:6.2f} ms ({ms / row[1]:.2f}x)" for t, ms in row.items()),
+              flush=True)  # fmt: skip
+        runner.release(ids)
+    return out
+
+
+def end_to_end(llm, batch: list[list[int]], max_tokens: int) -> dict:
+    """The same greedy batch with speculation and opted out; tokens must agree (lossless)."""
+    from rtpjax import SamplingParams
+
+    counters = llm.engine.speculator.counters
+    result = {}
+    for name, speculative in (("off", False), ("ngram", True)):
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, speculative=speculative)
+        before = dataclasses.replace(counters, accepted_per_pos=list(counters.accepted_per_pos))
+        began = time.perf_counter()
+        outs = llm.generate(batch, params)
+        seconds = time.perf_counter() - began
+        n = sum(len(o.outputs[0].token_ids) for o in outs)
+        drafts = counters.num_drafts - before.num_drafts
+        accepted = counters.num_accepted_tokens - before.num_accepted_tokens
+        result[name] = {"seconds": seconds, "tokens": n, "tokens_per_s": n / seconds,
+                        "mean_acceptance_length": 1 + accepted / drafts if drafts else None,
+                        "draft_tokens": counters.num_draft_tokens - before.num_draft_tokens, "accepted_tokens": accepted,
+                        "outputs": [o.outputs[0].token_ids for o in outs]}  # fmt: skip
+    off, on = result["off"], result["ngram"]
+    result["speedup"] = on["tokens_per_s"] / off["tokens_per_s"]
+    result["identical_outputs"] = sum(a == b for a, b in zip(off.pop("outputs"), on.pop("outputs"))) / len(batch)
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="a checkpoint folder (default: the embedded SmolLM2)")
+    parser.add_argument("--shape", help="a shape from random_checkpoint.SHAPES: random weights made on the device")
+    parser.add_argument("--prompts", choices=["copy", "random"], default="copy")
+    parser.add_argument("--batch-sizes", default="1,8,32,64", help="verify cost ('' to skip)")
+    parser.add_argument("--verify-tokens", default="1,2,4,8")
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--num-speculative-tokens", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--large-batch", type=int, default=64, help="sequences of the large-batch run (0 to skip)")
+    parser.add_argument("--out", default=None)
+    add_engine_arguments(parser, max_model_len=2048, **ENGINE_DEFAULTS)
+    args = parser.parse_args()
+
+    model = args.model
+    if args.shape:
+        from rtpjax.benchmarks.random_checkpoint import write_config_only
+
+        model, args.load_format = str(write_config_only(tempfile.mkdtemp(prefix=f"{args.shape}-"), args.shape)), "dummy"
+    batches = [int(b) for b in args.batch_sizes.split(",") if b]
+    tokens = [int(t) for t in args.verify_tokens.split(",")]
+    k = max(args.num_speculative_tokens, max(tokens) - 1)
+    args.speculative_config = {"method": "ngram", "num_speculative_tokens": k,
+                               "disable_by_batch_size": max(batches + [32])}  # fmt: skip
+    runner = RtpjaxRunner(model, **dataclasses.asdict(engine_args_from(args)))
+    llm = runner.llm
+    result = {"model": args.model or args.shape or "SmolLM2-135M-Instruct", "random_weights": bool(args.shape),
+              "context": args.context, "verify_cost": {}}  # fmt: skip
+    speculator = llm.engine.speculator
+    if batches:  # stepping the sequences to their context: plain steps
+        speculator.config = dataclasses.replace(speculator.config, disable_by_batch_size=0)
+        result["verify_cost"] = verify_cost(runner, batches, tokens, args.context)
+    speculator.config = dataclasses.replace(speculator.config, num_speculative_tokens=args.num_speculative_tokens,
+                                            disable_by_batch_size=32)  # the default policy  # fmt: skip
+    rng = np.random.default_rng(0)
+    batch = copy_prompts(llm) if args.prompts == "copy" and llm.tokenizer else prompts(rng, 4, 128, runner.vocab)
+    end_to_end(llm, batch[:1], 8)  # first-call costs
+    single = [end_to_end(llm, [p], args.max_tokens) for p in batch]
+    result["batch1"] = {"per_prompt": single,
+                        "speedup": sum(s["ngram"]["tokens_per_s"] for s in single) / sum(s["off"]["tokens_per_s"] for s in single)}  # fmt: skip
+    for i, s in enumerate(single):
+        print(f"batch 1, prompt {i}: {s['off']['tokens_per_s']:7.1f} -> {s['ngram']['tokens_per_s']:7.1f} tok/s "
+              f"({s['speedup']:.2f}x), mean acceptance length {s['ngram']['mean_acceptance_length'] or 1:.2f}, "
+              f"identical {s['identical_outputs']:.0%}", flush=True)  # fmt: skip
+    if args.large_batch:
+        large = [batch[i % len(batch)] + [int(t) for t in rng.integers(3, runner.vocab, 4)] for i in range(args.large_batch)]
+        result["large_batch"] = end_to_end(llm, large, min(args.max_tokens, 128))
+        lb = result["large_batch"]
+        print(f"batch {args.large_batch}: {lb['off']['tokens_per_s']:.1f} -> {lb['ngram']['tokens_per_s']:.1f} tok/s "
+              f"({lb['speedup']:.3f}x)", flush=True)  # fmt: skip
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

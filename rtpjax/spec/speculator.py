@@ -1,0 +1,83 @@
+"""The engine's side of speculation: whether a step speculates, how many drafts each sequence gets, and counters.
+
+Policy: no drafts while more than `disable_by_batch_size` sequences run or wait (a large batch's step is
+compute-bound: rejected drafts would cost more than accepted ones save), nor for requests that opted out
+(`SamplingParams.speculative=False`). A sequence whose recent drafts were mostly rejected proposes one token at a
+time until its acceptance recovers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from rtpjax.spec.config import SpeculativeConfig
+
+_DECAY = 0.7  # weight of a sequence's acceptance history against its latest verify step
+
+
+@dataclasses.dataclass
+class SpecCounters:
+    """Since the engine started (vLLM's spec_decode_* counters)."""
+
+    num_drafts: int = 0  # verify rows with at least one draft
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = dataclasses.field(default_factory=list)  # [K]: drafts accepted at each position
+
+    def report(self) -> str:
+        if not self.num_drafts:
+            return "no drafts"
+        return (f"{self.num_accepted_tokens / self.num_draft_tokens:.0%} of {self.num_draft_tokens} drafts accepted, "
+                f"mean acceptance length {1 + self.num_accepted_tokens / self.num_drafts:.2f}")  # fmt: skip
+
+
+class Speculator:
+    def __init__(self, config: SpeculativeConfig, proposer):
+        self.config, self.proposer = config, proposer
+        self.counters = SpecCounters(accepted_per_pos=[0] * config.num_speculative_tokens)
+
+    def active(self, scheduler) -> bool:
+        """Whether the next step may verify drafts (then the loop reads each step's tokens before the next, giving up
+        the overlap of scheduling with the device; so not while no running sequence would take drafts)."""
+        running = scheduler.running
+        return (len(running) + len(scheduler.waiting) <= self.config.disable_by_batch_size
+                and any(seq.params.speculative for seq in running))  # fmt: skip
+
+    def drafts(self, scheduler) -> dict:
+        """Proposals for the running sequences that may verify drafts now."""
+        seqs, ks = [], []
+        for seq in scheduler.running:
+            k = min(self._k(seq), scheduler.max_drafts(seq)) if seq.params.speculative else 0
+            if k > 0:
+                seqs.append(seq)
+                ks.append(k)
+        if not seqs:
+            return {}
+        return {seq: d for seq, d in zip(seqs, self.proposer.propose(seqs, ks)) if d}
+
+    def _k(self, seq) -> int:
+        return self.config.num_speculative_tokens if seq.draft_acceptance >= self.config.min_acceptance_rate else 1
+
+    def record(self, seq, num_drafts: int, accepted: int) -> None:
+        c = self.counters
+        c.num_drafts += 1
+        c.num_draft_tokens += num_drafts
+        c.num_accepted_tokens += accepted
+        for pos in range(accepted):
+            c.accepted_per_pos[pos] += 1
+        seq.draft_acceptance = _DECAY * seq.draft_acceptance + (1 - _DECAY) * accepted / num_drafts
+
+    def stats(self) -> dict:
+        """The counters as EngineStats fields."""
+        c = self.counters
+        return dict(spec_decode_num_drafts=c.num_drafts, spec_decode_num_draft_tokens=c.num_draft_tokens,
+                    spec_decode_num_accepted_tokens=c.num_accepted_tokens,
+                    spec_decode_num_accepted_tokens_per_pos=list(c.accepted_per_pos))  # fmt: skip
+
+
+def make_speculator(config: SpeculativeConfig | None) -> Speculator | None:
+    if config is None:
+        return None
+    from rtpjax.spec.ngram import NgramProposer
+
+    return Speculator(config, NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max))

@@ -1,0 +1,255 @@
+"""Speculative decoding on the real stories260K model: whatever a proposer proposes, every request gets the tokens it
+gets without speculation (greedy and seeded sampling), with prefix caching, chunked prefill, preemption, int8 KV and
+tensor parallelism; rejected drafts leave no K/V blocks and no prefix-cache entries behind."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from conftest import ENGINE_ARGS
+from rtpjax import LLM, SamplingParams
+from rtpjax.kv.block_pool import prefix_hashes
+from rtpjax.runner.model_runner import CompileCounter
+
+K = 4
+NGRAM = {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+def random_prompts(n, seed, low=1, high=60):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 512, rng.integers(low, high)).tolist() for _ in range(n)]
+
+
+class TruthProposer:
+    """Proposes what a run without speculation produced (`corrupt`: each draft replaced by a random token with this
+    probability, so acceptance stops at a random place); unknown sequences get nothing."""
+
+    def __init__(self, truth: dict[tuple, list[int]], corrupt: float = 0.0, seed: int = 0):
+        self.truth, self.corrupt, self.rng = truth, corrupt, np.random.default_rng(seed)
+
+    def propose(self, seqs, ks):
+        out = []
+        for seq, k in zip(seqs, ks):
+            full = self.truth.get(tuple(seq.prompt_ids), [])
+            drafts = list(full[len(seq.token_ids) : len(seq.token_ids) + k])
+            out.append([int(self.rng.integers(3, 512)) if self.rng.random() < self.corrupt else t for t in drafts])
+        return out
+
+
+class GarbageProposer(TruthProposer):
+    """k random tokens for everyone."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__({}, 1.0, seed)
+
+    def propose(self, seqs, ks):
+        return [self.rng.integers(3, 512, k).tolist() for k in ks]
+
+
+@pytest.fixture(scope="module")
+def spec_llm(stories_dir, compile_cache):
+    return LLM(str(stories_dir), compilation_cache_dir=compile_cache, speculative_config=NGRAM, **ENGINE_ARGS)
+
+
+@pytest.fixture
+def proposer(spec_llm):
+    """Swap the engine's proposer for a test's and put the n-gram one back afterwards."""
+    speculator = spec_llm.engine.speculator
+    original = speculator.proposer
+
+    def use(p):
+        speculator.proposer = p
+        return speculator.counters
+
+    yield use
+    speculator.proposer = original
+
+
+def tokens(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def assert_all_blocks_free(llm):
+    pool = llm.engine.pool
+    assert pool.num_free == pool.num_blocks and not any(pool.ref_count)
+    assert not llm.engine.requests and not llm.engine.scheduler.running and not llm.engine.scheduler.waiting
+
+
+def assert_cache_holds_only_real_tokens(llm, sequences):
+    """Every prefix-cache entry is a block of some prompt + output (never of a rejected draft)."""
+    valid = {h for ids in sequences for h in prefix_hashes(ids, 16)}
+    cached = llm.engine.pool.cached
+    assert cached and set(cached) <= valid, f"{len(set(cached) - valid)} cached blocks hold tokens nobody produced"
+
+
+def mixed_batch(n=12, seed=0):
+    """Prompts of 1-60 tokens (up to two chunks of the 32-token budget) and different lengths: prefill chunks,
+    plain decodes and verify rows share steps."""
+    prompts = random_prompts(n, seed)
+    lengths = [6 + 4 * i for i in range(n)]
+    return prompts, lengths
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truth", "mix", "ngram"])
+def test_greedy_tokens_equal_no_speculation_whatever_the_proposer(spec_llm, stories_llm, proposer, kind):
+    prompts, lengths = mixed_batch(seed=1)
+    params = [SamplingParams(max_tokens=m, **GREEDY) for m in lengths]
+    want = tokens(stories_llm.generate(prompts, params))
+    truth = {tuple(p): p + w for p, w in zip(prompts, want)}
+    chosen = {"garbage": GarbageProposer(), "truth": TruthProposer(truth), "mix": TruthProposer(truth, 0.3, seed=2)}
+    counters = proposer(chosen.get(kind, spec_llm.engine.speculator.proposer))
+    drafted, accepted = counters.num_draft_tokens, counters.num_accepted_tokens
+    got = spec_llm.generate(prompts, params)
+    assert tokens(got) == want
+    assert all(o.outputs[0].finish_reason == "length" for o in got)
+    drafted, accepted = counters.num_draft_tokens - drafted, counters.num_accepted_tokens - accepted
+    assert drafted > 0
+    if kind == "truth":
+        assert accepted == drafted  # the truth is always accepted
+    if kind == "garbage":
+        assert accepted < drafted / 10
+    if kind == "mix":
+        assert 0 < accepted < drafted
+    assert_all_blocks_free(spec_llm)
+    assert_cache_holds_only_real_tokens(spec_llm, [p + w for p, w in zip(prompts, want)])
+
+
+def test_seeded_sampling_equals_no_speculation(spec_llm, stories_llm, proposer):
+    """Every sampling feature applied at every drafted position, with the drafts before it in the penalties'
+    history: a seeded request draws exactly the tokens it draws without speculation."""
+    prompts, lengths = mixed_batch(n=8, seed=3)
+    rng = np.random.default_rng(4)
+    params = [
+        SamplingParams(temperature=float(rng.choice([0.6, 1.0, 1.3])), top_p=float(rng.choice([1.0, 0.8])),
+                       top_k=int(rng.choice([0, 20])), min_p=float(rng.choice([0, 0.05])),
+                       repetition_penalty=float(rng.choice([1.0, 1.3])), presence_penalty=float(rng.choice([0, 0.5])),
+                       frequency_penalty=float(rng.choice([0, 0.4])), min_tokens=int(rng.choice([0, 8])),
+                       seed=int(rng.integers(1 << 30)), max_tokens=m, logprobs=int(rng.choice([0, 3])))
+        for m in lengths
+    ]  # fmt: skip
+    want = stories_llm.generate(prompts, params)
+    truth = {tuple(p): p + w for p, w in zip(prompts, tokens(want))}
+    counters = proposer(TruthProposer(truth, 0.25, seed=5))
+    accepted = counters.num_accepted_tokens
+    got = spec_llm.generate(prompts, params)
+    assert counters.num_accepted_tokens > accepted
+    assert tokens(got) == tokens(want)
+    for g, w in zip(got, want):
+        assert [sorted(e) for e in g.outputs[0].logprobs] == [sorted(e) for e in w.outputs[0].logprobs]
+        assert [e[t] for e, t in zip(g.outputs[0].logprobs, g.outputs[0].token_ids)] == pytest.approx(
+            [e[t] for e, t in zip(w.outputs[0].logprobs, w.outputs[0].token_ids)], abs=1e-4)
+    assert_all_blocks_free(spec_llm)
+
+
+def test_stops_inside_accepted_drafts_are_exact(spec_llm, stories_llm, proposer):
+    """A stop string, stop token or max_tokens reached in the middle of a run of accepted drafts ends the output
+    there, as without speculation."""
+    prompts, _ = mixed_batch(n=6, seed=6)
+    full = tokens(stories_llm.generate(prompts, SamplingParams(max_tokens=40, **GREEDY)))
+    proposer(TruthProposer({tuple(p): p + f for p, f in zip(prompts, full)}))
+    text = stories_llm.generate(prompts[0], SamplingParams(max_tokens=40, **GREEDY))[0].outputs[0].text
+    cases = [SamplingParams(max_tokens=13, **GREEDY), SamplingParams(max_tokens=40, stop_token_ids=[full[1][9]], **GREEDY),
+             SamplingParams(max_tokens=40, stop=[text[20:26]], temperature=0)]  # fmt: skip
+    for params in cases:
+        assert tokens(spec_llm.generate(prompts, params)) == tokens(stories_llm.generate(prompts, params))
+    assert_all_blocks_free(spec_llm)
+
+
+def test_prefix_cache_hits_with_speculation(spec_llm, stories_llm, proposer):
+    """Blocks completed during speculative decoding are published under their chain hash: the same prompts again
+    hit them, and give the same tokens."""
+    shared = random_prompts(1, seed=7, low=40, high=41)[0]
+    prompts = [shared + tail for tail in random_prompts(4, seed=8, low=1, high=20)]
+    params = SamplingParams(max_tokens=40, **GREEDY)
+    want = tokens(stories_llm.generate(prompts, params))
+    proposer(TruthProposer({tuple(p): p + w for p, w in zip(prompts, want)}, 0.2, seed=9))
+    first = tokens(spec_llm.generate(prompts, params))
+    hits = spec_llm.engine.pool.hits
+    again = tokens(spec_llm.generate([p + w[:32] for p, w in zip(prompts, want)], SamplingParams(max_tokens=8, **GREEDY)))
+    assert spec_llm.engine.pool.hits - hits >= 4 * 64  # prompt blocks and generated ones
+    assert first == want and again == [w[32:40] for w in want]
+
+
+def test_opted_out_requests_get_no_drafts(spec_llm, proposer):
+    counters = proposer(GarbageProposer())
+    before = counters.num_drafts
+    spec_llm.generate(random_prompts(3, seed=10), SamplingParams(max_tokens=10, speculative=False, **GREEDY))
+    assert counters.num_drafts == before
+    spec_llm.generate(random_prompts(3, seed=10), SamplingParams(max_tokens=10, **GREEDY))
+    assert counters.num_drafts > before
+
+
+def test_large_batches_do_not_speculate(spec_llm, proposer):
+    speculator = spec_llm.engine.speculator
+    config = speculator.config
+    counters = proposer(GarbageProposer())
+    try:
+        speculator.config = dataclasses.replace(config, disable_by_batch_size=2)
+        before = counters.num_drafts
+        spec_llm.generate(random_prompts(3, seed=11), SamplingParams(max_tokens=20, **GREEDY))
+        assert counters.num_drafts == before  # three sequences: above the limit
+        spec_llm.generate(random_prompts(2, seed=11), SamplingParams(max_tokens=20, **GREEDY))
+        assert counters.num_drafts > before
+    finally:
+        speculator.config = config
+
+
+@pytest.mark.slow
+def test_tensor_parallel_preemption_and_int8_kv_with_speculation(stories_dir, compile_cache):
+    """Two tensor-parallel devices, a pool too small for the batch (sequences preempted and recomputed, drafts'
+    blocks given back) and an int8 cache: each request's tokens without speculation (opted out, same engine) and
+    with."""
+    llm = LLM(str(stories_dir), tensor_parallel_size=2, num_gpu_blocks=10, kv_cache_dtype="int8",
+              compilation_cache_dir=compile_cache, speculative_config=NGRAM, **ENGINE_ARGS)  # fmt: skip
+    prompts = random_prompts(6, seed=12, low=20, high=40)
+    want = tokens(llm.generate(prompts, SamplingParams(max_tokens=60, speculative=False, **GREEDY)))
+    preempted = llm.engine.scheduler.num_preemptions
+    assert preempted > 0
+    llm.engine.speculator.proposer = TruthProposer({tuple(p): p + w for p, w in zip(prompts, want)}, 0.3, seed=13)
+    assert tokens(llm.generate(prompts, SamplingParams(max_tokens=60, **GREEDY))) == want
+    assert llm.engine.scheduler.num_preemptions > preempted and llm.engine.speculator.counters.num_accepted_tokens
+    assert_all_blocks_free(llm)
+
+
+def test_no_compilation_after_warmup_with_speculation(spec_llm, proposer):
+    prompts = random_prompts(24, seed=16, low=1, high=80)
+    rng = np.random.default_rng(17)
+    params = [SamplingParams(temperature=float(rng.choice([0, 0.8])), top_k=int(rng.choice([0, 10])),
+                             logprobs=int(rng.choice([0, 2])), presence_penalty=float(rng.choice([0, 0.5])),
+                             max_tokens=int(rng.integers(1, 30)), n=int(rng.choice([1, 2])), seed=int(rng.integers(99)))
+              for _ in prompts]  # fmt: skip
+    proposer(TruthProposer({}, 1.0))  # nothing known: plain steps while speculation is on
+    before = CompileCounter.count
+    spec_llm.generate(prompts[:6], params[:6])
+    proposer(GarbageProposer(seed=18))
+    spec_llm.generate(prompts, params)
+    assert CompileCounter.count == before, f"{CompileCounter.count - before} compilations after warm-up"
+    assert_all_blocks_free(spec_llm)
+
+
+def test_metrics_under_vllm_names_and_in_the_loop_log(spec_llm):
+    """N-gram on copy-heavy text (stories260K repeats itself) is accepted often enough to count: an acceptance
+    regression fails here. The counters reach /metrics under vLLM's names."""
+    import msgspec
+
+    from rtpjax.engine.core import LoopStats
+    from rtpjax.serve.metrics import Metrics
+
+    engine = spec_llm.engine
+    engine.loop_stats = LoopStats()
+    before = engine.stats()
+    spec_llm.generate(["Once upon a time", "The cat sat on the mat. The cat"], SamplingParams(max_tokens=80, **GREEDY))
+    stats = engine.stats()
+    drafts = stats.spec_decode_num_drafts - before.spec_decode_num_drafts
+    accepted = stats.spec_decode_num_accepted_tokens - before.spec_decode_num_accepted_tokens
+    assert drafts > 0 and 1 + accepted / drafts > 1.5, (drafts, accepted)  # mean acceptance length
+    per_pos = stats.spec_decode_num_accepted_tokens_per_pos
+    assert len(per_pos) == K and sum(per_pos) == stats.spec_decode_num_accepted_tokens
+    assert per_pos == sorted(per_pos, reverse=True)  # position j is accepted only after 0..j-1
+    assert "drafts accepted, mean acceptance length" in engine.loop_stats.report(1.0)
+    text = Metrics("m").render(msgspec.structs.asdict(stats)).decode()
+    assert f'rtpjax:spec_decode_num_drafts_total{{model_name="m"}} {float(stats.spec_decode_num_drafts)}' in text
+    assert f'rtpjax:spec_decode_num_accepted_tokens_total{{model_name="m"}} {float(accepted + before.spec_decode_num_accepted_tokens)}' in text
+    assert f'rtpjax:spec_decode_num_accepted_tokens_per_pos_total{{model_name="m",position="0"}} {float(per_pos[0])}' in text

@@ -1,0 +1,138 @@
+"""Speculation's parts without an engine: verification against the target distribution (statistically, on a small
+vocabulary), the penalties' history inside a verify step, prompt lookup, and speculative_config's errors."""
+
+import jax
+import numpy as np
+import pytest
+
+from rtpjax.options import EngineArgs
+from rtpjax.runner import sampler
+from rtpjax.runner.verify import VerifyInputs
+from rtpjax.runner.verify import verify as _verify
+from rtpjax.sampling_params import MAX_STOP_TOKEN_IDS
+from rtpjax.spec.config import SpeculativeConfig
+from rtpjax.spec.ngram import lookup
+
+V = 8
+verify = jax.jit(_verify, static_argnums=(3,))
+LOGITS = np.array([2.0, 1.5, 1.0, 0.5, 0.2, 0.0, -1.0, -3.0], np.float32)
+
+
+def rows(n, **fields) -> sampler.SamplingInputs:
+    f32, i32 = np.float32, np.int32
+    a = dict(
+        slot=np.zeros(n, i32), samples=np.ones(n, bool), temperature=np.zeros(n, f32), top_k=np.zeros(n, i32),
+        top_p=np.ones(n, f32), min_p=np.zeros(n, f32), repetition_penalty=np.ones(n, f32),
+        presence_penalty=np.zeros(n, f32), frequency_penalty=np.zeros(n, f32), seed=np.arange(n, dtype=np.uint32),
+        index=np.zeros(n, i32), position=np.zeros(n, i32), suppress=np.full((n, MAX_STOP_TOKEN_IDS), -1, i32),
+        logprobs=np.zeros(n, bool),
+    )  # fmt: skip
+    for name, value in fields.items():
+        a[name][:] = value
+    return sampler.SamplingInputs(**a)
+
+
+def empty_state(slots):
+    return jax.device_put(sampler.SamplerState(np.zeros(slots + 1, np.int32), np.zeros((slots + 1, V), bool),
+                                               np.zeros((slots + 1, V), np.int32)))  # fmt: skip
+
+
+def target(temperature, top_k):
+    """The distribution a plain step draws from: temperature, then the top-k most likely tokens."""
+    x = LOGITS.astype(np.float64) / temperature
+    x = np.where(x >= np.sort(x)[-top_k], x, -np.inf)
+    p = np.exp(x - x.max())
+    return p / p.sum()
+
+
+@pytest.mark.parametrize("draft", [0, 3, 7])  # likely, unlikely, excluded by top-k
+def test_verification_preserves_the_target_distribution(draft):
+    """N sequences, each one draft: the first output token (the draft if accepted, else the target's correction) is
+    distributed as the target, and the draft is accepted with probability p(draft)."""
+    n, k, temperature, top_k = 6000, 1, 0.8, 5
+    seeds = np.arange(n, dtype=np.uint32) * 7919 + draft
+    s = rows(n * (k + 1), temperature=temperature, top_k=top_k, seed=np.repeat(seeds, k + 1),
+             slot=np.repeat(np.arange(n), k + 1))  # fmt: skip
+    v = VerifyInputs(s, np.full((n, k), draft, np.int32), np.ones(n, np.int32))
+    logits = np.tile(LOGITS, (n * (k + 1), 1))
+    out, _ = verify(logits, empty_state(n), v, sampler.Variant("filtered", False))
+    first = np.asarray(out.tokens).reshape(n, k + 1)[:, 0]
+    p = target(temperature, top_k)
+    counts = np.bincount(first, minlength=V)
+    assert counts[p == 0].sum() == 0
+    expected = p[p > 0] * n
+    chi2 = ((counts[p > 0] - expected) ** 2 / expected).sum()
+    assert chi2 < 18.47, (counts, expected)  # chi-square, 4 degrees of freedom: exceeded with probability 0.001
+    rate = np.asarray(out.num_accepted).mean()
+    assert abs(rate - p[draft]) < 4 * np.sqrt(max(p[draft] * (1 - p[draft]), 1e-9) / n) + 1e-9
+
+
+def test_a_verify_row_sees_the_drafts_before_it_in_its_penalties():
+    """Row j draws after drafts 0..j-1 were accepted: penalties count them, as a plain step after those tokens would."""
+    k = 3
+    drafts = np.array([[0, 1, 0]], np.int32)  # token 0 is everyone's argmax; penalised once drafted
+    s = rows(k + 1, presence_penalty=2.0, position=np.arange(k + 1))
+    logits = np.tile(LOGITS, (k + 1, 1))
+    out, state = verify(logits, empty_state(1), VerifyInputs(s, drafts, np.array([k], np.int32)),
+                        sampler.Variant("greedy", False))  # fmt: skip
+    history = np.zeros(V, np.int32)
+    expected = []
+    for j in range(k + 1):
+        counts = history[None].copy()
+        plain = sampler.draw(LOGITS[None], counts, counts > 0, rows(1, presence_penalty=2.0, position=j),
+                             sampler.Variant("greedy", False))  # fmt: skip
+        expected.append(int(plain.tokens[0]))
+        if j < k:
+            history[drafts[0, j]] += 1
+    assert np.asarray(out.tokens).tolist() == expected == [0, 1, 2, 2]
+    assert int(out.num_accepted[0]) == 2  # drafts 0, 1 agree; the third (0) does not: the target says 2
+    # The state records the kept tokens only: 0, 1 and the correction 2 (not the rejected draft).
+    assert np.asarray(state.output_counts)[0].tolist()[:3] == [1, 1, 1] and int(state.last_token[0]) == 2
+
+
+def test_no_drafts_is_a_plain_step():
+    s = rows(4, temperature=0.9, seed=np.array([5, 5, 9, 9]), slot=np.array([0, 0, 1, 1]))
+    out, _ = verify(np.tile(LOGITS, (4, 1)), empty_state(2), VerifyInputs(s, np.zeros((2, 1), np.int32),
+                    np.zeros(2, np.int32)), sampler.Variant("random", False))  # fmt: skip
+    plain, _ = jax.jit(sampler.sample, static_argnums=(3,))(np.tile(LOGITS, (2, 1)), empty_state(2), rows(2, temperature=0.9, seed=[5, 9],
+                              slot=[0, 1]), sampler.Variant("random", False))  # fmt: skip
+    assert np.asarray(out.tokens)[::2].tolist() == np.asarray(plain.tokens).tolist()
+    assert np.asarray(out.num_accepted).tolist() == [0, 0]
+
+
+def test_prompt_lookup():
+    ids = np.array([5, 6, 7, 8, 9, 1, 5, 6, 7, 2, 3, 5, 6, 7], np.int32)
+    assert lookup(ids, 3, 2, 4) == [2, 3, 5]  # the latest earlier occurrence of [5, 6, 7]
+    assert lookup(np.array([1, 2, 3, 9, 2, 3, 4, 1, 2, 3], np.int32), 2, 2, 4) == [9, 2]  # longest suffix first
+    assert lookup(np.array([1, 2, 3, 4], np.int32), 3, 2, 4) == []
+    assert lookup(np.array([4, 1, 4], np.int32), 3, 1, 4) == [1, 4]
+    assert lookup(np.array([4], np.int32), 3, 1, 4) == []
+
+
+@pytest.mark.parametrize("value, message", [
+    ('{"method": "ngram"', "not valid JSON"),
+    ({"method": "ngram"}, "num_speculative_tokens is required"),
+    ({"method": "medusa", "num_speculative_tokens": 2}, "method must be one of"),
+    ({"model": "/draft", "num_speculative_tokens": 2}, "method draft_model is not supported yet"),
+    ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens must be an integer >= 1"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_mx": 3}, "did you mean 'prompt_lookup_max'"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 3, "prompt_lookup_max": 2},
+     "prompt_lookup_max must be an integer >= 3"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "model": "x"}, "ngram takes no model"),
+    ([1], "must be a JSON object"),
+])  # fmt: skip
+def test_speculative_config_errors(value, message):
+    with pytest.raises(ValueError, match=message):
+        EngineArgs(speculative_config=value)
+
+
+def test_speculative_config_from_the_command_line():
+    import argparse
+
+    from rtpjax.options import add_engine_arguments, engine_args_from
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    ns = parser.parse_args(["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}'])
+    config = engine_args_from(ns).speculative_config
+    assert SpeculativeConfig.parse(config) == SpeculativeConfig("ngram", 3)
