@@ -14,7 +14,7 @@ from typing import AsyncIterator, Sequence as Seq
 import msgspec
 
 from rtpjax.distributed.engine_process import Accumulator
-from rtpjax.distributed.messages import Abort, ProtocolError, RequestDelta, StepOutputs
+from rtpjax.distributed.messages import Abort, KVTransferParams, ProtocolError, RequestDelta, StepOutputs
 from rtpjax.engine.core import EngineArgs, LLMEngine
 from rtpjax.engine.request import RequestMaker, RequestOutput
 from rtpjax.sampling_params import SamplingParams
@@ -53,6 +53,17 @@ class LLM:
             for out in self.engine.step(final_only=True):
                 done[out.request_id] = out
         return [done[r.request_id] for r in requests]
+
+
+def transfer_params(raw: dict) -> KVTransferParams:
+    """vLLM's kv_transfer_params (a JSON object) as the engine's message field; fields rtpjax does not use are
+    ignored, a wrong type raises ValueError naming it."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"kv_transfer_params must be an object, got {type(raw).__name__}")
+    try:
+        return msgspec.convert(raw, KVTransferParams)
+    except msgspec.ValidationError as e:
+        raise ValueError(f"kv_transfer_params: {e}") from None
 
 
 def _put_all(items) -> None:
@@ -113,9 +124,10 @@ class AsyncLLM:
         self._reader.start()
 
     async def submit(self, prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None,
-                     priority: int = 0) -> AsyncIterator[RequestOutput]:  # fmt: skip
+                     priority: int = 0, kv_transfer_params: dict | None = None) -> AsyncIterator[RequestOutput]:  # fmt: skip
         """Validate and queue a request now (raising ValueError for bad input, RuntimeError when the engine is
-        gone); returns its output stream."""
+        gone); returns its output stream. `kv_transfer_params`: vLLM's prefill/decode hand-off fields
+        (rtpjax.disagg); the final output of a request handed to a decode engine carries the ones to pass on."""
         if self._stopped.is_set():
             raise RuntimeError("the engine is shut down")
         # Tokenizing and validating happen off the event loop; bad input raises here, for this request only.
@@ -125,6 +137,8 @@ class AsyncLLM:
                                               priority)  # fmt: skip
         finally:
             self._reserved -= 1
+        if kv_transfer_params is not None:
+            request.kv_transfer_params = transfer_params(kv_transfer_params)
         rid = request.request_id
         if rid in self._streams:
             raise ValueError(f"request id {rid!r} is already running")
@@ -141,8 +155,8 @@ class AsyncLLM:
         return self._outputs(rid, stream)
 
     async def generate(self, prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:  # fmt: skip
-        stream = await self.submit(prompt, sampling_params, request_id, priority)
+                       priority: int = 0, kv_transfer_params: dict | None = None) -> AsyncIterator[RequestOutput]:  # fmt: skip
+        stream = await self.submit(prompt, sampling_params, request_id, priority, kv_transfer_params)
         async for out in stream:
             yield out
 

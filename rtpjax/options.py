@@ -82,6 +82,16 @@ class EngineArgs:
                               choices=("auto", "dummy"))  # fmt: skip
     quantization: str | None = option(None, "weight-only quantization of the linear weights, per output channel, "
                                       "done on the devices at load", choices=("int8", "fp8"))  # fmt: skip
+    role: str = option("both", "prefill/decode disaggregation: prefill = compute prompts and hand their K/V to a "
+                       "decode engine (requests with kv_transfer_params.do_remote_decode), decode = continue requests "
+                       "whose K/V a prefill engine computed (do_remote_prefill), both = either and plain requests",
+                       choices=("both", "prefill", "decode"))  # fmt: skip
+    kv_transfer_host: str = option("127.0.0.1", "address a prefill engine serves its K/V hand-offs on (and "
+                                   "advertises to decode engines)")  # fmt: skip
+    kv_transfer_port: int = option(0, "port of the K/V hand-off server (0: any free port)", minimum=0, maximum=65535)
+    kv_transfer_timeout: float = option(30.0, "seconds a prefill engine holds a hand-off's K/V for its decode engine; "
+                                        "a decode engine waits as long for room in its cache (then refuses the "
+                                        "request) and for the K/V (then recomputes the prompt)", above=0)  # fmt: skip
     progress: bool = option(False, "progress bars for loading and compiling", cli=False)
 
     def __post_init__(self):
