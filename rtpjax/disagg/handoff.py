@@ -42,8 +42,10 @@ class _Pull:
     reserved: list[int] | None = None  # taken from the pool while the K/V travels
 
 
-def _closing(request_id: str, indexes, reason: str, params: KVTransferParams | None = None) -> RequestDelta:
-    return RequestDelta(request_id, True, [CompletionDelta(i, "", [], None, reason) for i in indexes],
+def _closing(request: Request, reason: str, params: KVTransferParams | None = None) -> RequestDelta:
+    """The last delta of a request that leaves this engine outside a step: its running completions end."""
+    ended = [CompletionDelta(s.index, "", [], None, reason) for s in request.seqs if not s.finished]
+    return RequestDelta(request.request_id, True, ended, timings=request.seqs[0].metrics.timings(),
                         kv_transfer_params=params)  # fmt: skip
 
 
@@ -63,6 +65,7 @@ class Handoff:
         self.holding: set[str] = set()  # prefill: requests to detach once every completion has its first token
         self.pulls: dict[str, _Pull] = {}  # decode: requests whose K/V is reserved for or on its way
         self.arrived: queue.Queue = queue.Queue()  # (request id, Pulled | TransferError) from pull threads
+        self.pulled = self.failed = 0
 
     @property
     def server(self) -> channel.TransferServer:
@@ -74,6 +77,12 @@ class Handoff:
     @property
     def num_held(self) -> int:
         return len(self.store)
+
+    def stats(self, stats):
+        """The engine's gauges with the hand-off counters filled in."""
+        stats.kv_transfers_held, stats.kv_transfers_pulled, stats.kv_transfers_failed = \
+            self.num_held, self.pulled, self.failed  # fmt: skip
+        return stats
 
     def idle_wait(self) -> float | None:
         """How long an idle engine loop may sleep: held K/V must expire, waiting pulls must time out."""
@@ -113,7 +122,7 @@ class Handoff:
         pull = self.pulls.pop(request_id, None)
         if pull is not None:
             self._unreserve(pull)
-            return _closing(request_id, range(len(pull.request.seqs)), "abort")
+            return _closing(pull.request, "abort")
         self.store.take(request_id)
         return None
 
@@ -158,22 +167,22 @@ class Handoff:
     # -- prefill --------------------------------------------------------------------------------------------------
 
     def _detach(self, request: Request) -> RequestDelta:
-        running = [s.index for s in request.seqs if not s.finished]
+        closing = _closing(request, "length")
         snap, kv = self.engine.snapshot(request.request_id, detach=True)
         prompt = len(snap.prompt_ids)
         best = max(snap.completions, key=lambda c: c.num_computed)
         if best.num_computed < prompt - 1:
-            return _closing(request.request_id, running, "length")  # nothing worth handing over
+            return closing  # nothing worth handing over
         tokens = min(best.num_computed, prompt)
         rows = best.kv_rows[: -(-tokens // kv.layout.block_size)]
         self.store.put(request.request_id, channel.Held(select(kv, rows), tokens, list(snap.prompt_ids),
                                                         time.monotonic() + self.timeout))  # fmt: skip
-        params = KVTransferParams(do_remote_prefill=True, remote_engine_id=self.engine_id,
+        closing.kv_transfer_params = KVTransferParams(do_remote_prefill=True, remote_engine_id=self.engine_id,
                                   remote_request_id=request.request_id, remote_block_ids=list(range(len(rows))),
                                   remote_host=self.server.host, remote_port=self.server.port,
                                   remote_host_id=self.host_id,
                                   tp_size=self.engine.args.tensor_parallel_size)  # fmt: skip
-        return _closing(request.request_id, running, "length", params)
+        return closing
 
     # -- decode ---------------------------------------------------------------------------------------------------
 
@@ -218,7 +227,9 @@ class Handoff:
             kv = relayout(result.kv, tokens, self.engine.runner.kv_layout)
         except (channel.TransferError, ValueError) as e:
             log.warning("request %s computes its prompt here: %s", request.request_id, e)
+            self.failed += 1
             return
+        self.pulled += 1
         request.seqs[0].host_kv = HostKV(kv, list(range(-(-tokens // kv.layout.block_size))), tokens)
 
     def _add(self, request: Request) -> RequestError | None:

@@ -186,9 +186,7 @@ def _loop(engine: LLMEngine, conn: Connection, inbox: queue.Queue, handoff) -> N
                     errors.append(RequestError(request_id, "engine", f"engine error: {type(e).__name__}: {e}"))
                 engine.reset_inflight()
         outputs += handoff.after_step()
-        stats = engine.stats()
-        stats.kv_transfers_held = handoff.num_held
-        conn.send_bytes(messages.encode(StepOutputs(outputs, errors, stats)))
+        conn.send_bytes(messages.encode(StepOutputs(outputs, errors, handoff.stats(engine.stats()))))
 
 
 def _exit_with_parent(parent: int) -> None:

@@ -58,6 +58,8 @@ class EngineStats(msgspec.Struct, gc=False):
     num_free_blocks: int
     num_blocks: int
     kv_transfers_held: int = 0  # prefill role: hand-offs whose K/V waits on the host for its decode engine
+    kv_transfers_pulled: int = 0  # decode role: hand-offs whose K/V arrived and was adopted
+    kv_transfers_failed: int = 0  # decode role: pulls that failed (the prompt was computed here instead)
 
 
 class Startup(_Message, tag="startup"):
