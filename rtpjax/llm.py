@@ -14,7 +14,8 @@ from typing import AsyncIterator, Sequence as Seq
 import msgspec
 
 from rtpjax.distributed.engine_process import Accumulator
-from rtpjax.distributed.messages import Abort, KVTransferParams, ProtocolError, RequestDelta, StepOutputs
+from rtpjax.disagg.params import transfer_params
+from rtpjax.distributed.messages import Abort, ProtocolError, RequestDelta, StepOutputs
 from rtpjax.engine.core import EngineArgs, LLMEngine
 from rtpjax.engine.request import RequestMaker, RequestOutput
 from rtpjax.sampling_params import SamplingParams
@@ -53,17 +54,6 @@ class LLM:
             for out in self.engine.step(final_only=True):
                 done[out.request_id] = out
         return [done[r.request_id] for r in requests]
-
-
-def transfer_params(raw: dict) -> KVTransferParams:
-    """vLLM's kv_transfer_params (a JSON object) as the engine's message field; fields rtpjax does not use are
-    ignored, a wrong type raises ValueError naming it."""
-    if not isinstance(raw, dict):
-        raise ValueError(f"kv_transfer_params must be an object, got {type(raw).__name__}")
-    try:
-        return msgspec.convert(raw, KVTransferParams)
-    except msgspec.ValidationError as e:
-        raise ValueError(f"kv_transfer_params: {e}") from None
 
 
 def _put_all(items) -> None:
@@ -138,7 +128,7 @@ class AsyncLLM:
         finally:
             self._reserved -= 1
         if kv_transfer_params is not None:
-            request.kv_transfer_params = transfer_params(kv_transfer_params)
+            request.kv_transfer_params = transfer_params(kv_transfer_params, self.args.role)
         rid = request.request_id
         if rid in self._streams:
             raise ValueError(f"request id {rid!r} is already running")

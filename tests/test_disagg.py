@@ -279,10 +279,10 @@ def test_tp2_prefill_to_tp1_decode_qwen3(tiny_checkpoints, compile_cache):
     16), decode on 1 (blocks of 8), greedy and seeded, token ids in and out."""
     common = dict(ENGINE_ARGS, compilation_cache_dir=compile_cache, skip_tokenizer_init=True, max_num_seqs=4)
     path = str(tiny_checkpoints["qwen3"])
-    pre = AsyncLLM(path, role="prefill", tensor_parallel_size=2, **common)
+    pre = AsyncLLM(path, **dict(common, role="prefill", tensor_parallel_size=2))
     dec = None
     try:
-        dec = AsyncLLM(path, role="decode", block_size=8, enable_prefix_caching=False, **common)
+        dec = AsyncLLM(path, **dict(common, role="decode", block_size=8, enable_prefix_caching=False))
         prompt = [5, 17, 99, 3, 42, 8, 200, 31, 77, 12, 150, 6, 64, 9, 18, 111, 23, 7, 250, 4, 33]
 
         async def run(llm, params, rid, transfer=None):

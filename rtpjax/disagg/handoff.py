@@ -24,6 +24,7 @@ import time
 import uuid
 
 from rtpjax.disagg import channel
+from rtpjax.disagg.params import role_error, side
 from rtpjax.disagg.relayout import relayout, select
 from rtpjax.distributed.messages import (AddRequest, CompletionDelta, KVTransferParams, RequestDelta,
                                          RequestError)  # fmt: skip
@@ -93,10 +94,9 @@ class Handoff:
     def add(self, command: AddRequest) -> RequestError | None:
         """A request that carries kv_transfer_params."""
         params, rid = command.kv_transfer_params, command.request_id
-        want = "prefill" if params.do_remote_decode else "decode" if params.do_remote_prefill else None
-        if want is not None and self.role not in (want, "both"):
-            return RequestError(rid, "invalid", f"this engine's role is {self.role}: it does not take requests "
-                                                f"for the {want} side of a hand-off (kv_transfer_params)")  # fmt: skip
+        want, error = side(params), role_error(self.role, params)
+        if error is not None:
+            return RequestError(rid, "invalid", error)
         try:
             request = self.engine.maker.build(command)
         except ValueError as e:
