@@ -307,3 +307,13 @@ def test_tp2_prefill_to_tp1_decode_qwen3(tiny_checkpoints, compile_cache):
         pre.shutdown()
         if dec is not None:
             dec.shutdown()
+
+
+def test_pd_bench_transfer_runs(tmp_path):
+    """The GPU stage's channel measurement, tiny, on CPU: every path moves the bytes and reports a bandwidth."""
+    from rtpjax.benchmarks import pd_bench
+
+    out = tmp_path / "t.json"
+    pd_bench.main(["transfer", "--tokens", "32", "--layers", "2", "--repeats", "1", "--out", str(out)])
+    row = json.loads(out.read_text())["rows"][0]
+    assert all(row[f"{p}_GBps"] > 0 for p in ("shm", "tcp", "staged"))
