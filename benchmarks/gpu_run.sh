@@ -32,6 +32,9 @@
 #   spec    speculative decoding: device time of a step verifying 1/2/4/8 tokens per sequence at batch 1/8/32/64
 #           (8B shape, 512 tokens of context), then batch 1 end to end with n-gram speculation against it opted out
 #           (random ids: random weights make copy-heavy text meaningless) and a batch of 64 both ways
+#   pd      prefill/decode hand-off: the K/V channel (shared memory, TCP, jax.experimental.transfer) per 1k tokens of
+#           8B KV beside the host-staged floor, and the TTFT of a 2048-token prompt disaggregated against colocated
+#           (two engine processes at XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 each)
 # Run from the repository root on the lent GPU (device tool), with .whl carried (starlette, uvicorn, pydantic):
 #   bash benchmarks/gpu_run.sh load transfer startup offline offline_hf serve host kernels
 set -uo pipefail
@@ -165,6 +168,14 @@ for stage in $stages; do
   host)
     timeout 400 python3 -m rtpjax.benchmarks.host_step --shape "$SHAPE" --rows 256 --steps 100 --idle-launch \
       --dispatch-cost --compilation-cache-dir /tmp/xla --out "$OUT/host_step.json" 2>&1 | tail -4
+    ;;
+  pd)
+    cfg=/tmp/cfg/$SHAPE
+    python3 -c "from rtpjax.benchmarks.random_checkpoint import write_config_only as w; w('$cfg', '$SHAPE')" || exit 1
+    timeout 300 python3 -m rtpjax.benchmarks.pd_bench transfer --tokens 1024 2048 --out "$OUT/pd_transfer.json"
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout 550 python3 -m rtpjax.benchmarks.pd_bench ttft "$cfg" \
+      --load-format dummy --prompt-len 2048 --max-model-len 4096 --max-num-seqs 16 --compilation-cache-dir /tmp/xla \
+      --out "$OUT/pd_ttft.json"
     ;;
   ttft)
     # One server per token budget (random weights made on the GPU: config and tokenizer only), the same workloads each.

@@ -14,6 +14,7 @@ from typing import AsyncIterator, Sequence as Seq
 import msgspec
 
 from rtpjax.distributed.engine_process import Accumulator
+from rtpjax.disagg.params import transfer_params
 from rtpjax.distributed.messages import Abort, ProtocolError, RequestDelta, StepOutputs
 from rtpjax.engine.core import EngineArgs, LLMEngine
 from rtpjax.engine.request import RequestMaker, RequestOutput
@@ -126,9 +127,10 @@ class AsyncLLM:
         self._reader.start()
 
     async def submit(self, prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None,
-                     priority: int = 0) -> AsyncIterator[RequestOutput]:  # fmt: skip
+                     priority: int = 0, kv_transfer_params: dict | None = None) -> AsyncIterator[RequestOutput]:  # fmt: skip
         """Validate and queue a request now (raising ValueError for bad input, RuntimeError when the engine is
-        gone); returns its output stream."""
+        gone); returns its output stream. `kv_transfer_params`: vLLM's prefill/decode hand-off fields
+        (rtpjax.disagg); the final output of a request handed to a decode engine carries the ones to pass on."""
         if self._stopped.is_set():
             raise RuntimeError("the engine is shut down")
         # Tokenizing and validating happen off the event loop; bad input raises here, for this request only.
@@ -138,6 +140,8 @@ class AsyncLLM:
                                               priority)  # fmt: skip
         finally:
             self._reserved -= 1
+        if kv_transfer_params is not None:
+            request.kv_transfer_params = transfer_params(kv_transfer_params, self.args.role)
         rid = request.request_id
         if rid in self._streams:
             raise ValueError(f"request id {rid!r} is already running")
@@ -154,8 +158,8 @@ class AsyncLLM:
         return self._outputs(rid, stream)
 
     async def generate(self, prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:  # fmt: skip
-        stream = await self.submit(prompt, sampling_params, request_id, priority)
+                       priority: int = 0, kv_transfer_params: dict | None = None) -> AsyncIterator[RequestOutput]:  # fmt: skip
+        stream = await self.submit(prompt, sampling_params, request_id, priority, kv_transfer_params)
         async for out in stream:
             yield out
 

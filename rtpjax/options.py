@@ -131,6 +131,16 @@ class EngineArgs:
                                              '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, '
                                              '"prompt_lookup_min": 2} (README: speculative decoding)',
                                              parse=_speculative)  # fmt: skip
+    role: str = option("both", "prefill/decode disaggregation: prefill = compute prompts and hand their K/V to a "
+                       "decode engine (requests with kv_transfer_params.do_remote_decode), decode = continue requests "
+                       "whose K/V a prefill engine computed (do_remote_prefill), both = either and plain requests",
+                       choices=("both", "prefill", "decode"))  # fmt: skip
+    kv_transfer_host: str = option("127.0.0.1", "address a prefill engine serves its K/V hand-offs on (and "
+                                   "advertises to decode engines)")  # fmt: skip
+    kv_transfer_port: int = option(0, "port of the K/V hand-off server (0: any free port)", minimum=0, maximum=65535)
+    kv_transfer_timeout: float = option(30.0, "seconds a prefill engine holds a hand-off's K/V for its decode engine; "
+                                        "a decode engine waits as long for room in its cache (then refuses the "
+                                        "request) and for the K/V (then recomputes the prompt)", above=0)  # fmt: skip
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

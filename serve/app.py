@@ -91,13 +91,15 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
             raise APIError(429, "the server is at capacity; retry shortly", type="rate_limit_exceeded",
                            code="queue_full", headers={"Retry-After": "1"})  # fmt: skip
 
-    async def submit_all(prompts, params, prefix: str, priority: int):
+    async def submit_all(prompts, params, prefix: str, body):
         """Submit every prompt or none: a bad one aborts those already queued."""
         streams, ids = [], []
+        transfer = handoff_params(body, len(prompts))
         try:
             for i, prompt in enumerate(prompts):
                 rid = f"{prefix}-{i}"
-                streams.append(await llm.submit(prompt, params, request_id=rid, priority=priority))
+                extra = {} if transfer is None else {"kv_transfer_params": transfer}
+                streams.append(await llm.submit(prompt, params, request_id=rid, priority=body.priority, **extra))
                 ids.append(rid)
         except (ValueError, RuntimeError) as e:
             for rid in ids:
@@ -106,6 +108,13 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
                 raise APIError(503, str(e), type="server_error", code="engine_unavailable") from None
             raise APIError(400, str(e)) from None
         return streams
+
+    def handoff_params(body, num_prompts: int) -> dict | None:
+        """vLLM's kv_transfer_params of a prefill/decode hand-off (rtpjax.disagg), if the request carries them."""
+        transfer = (body.model_extra or {}).get("kv_transfer_params")
+        if transfer is not None and num_prompts != 1:
+            raise APIError(400, "a request with kv_transfer_params takes exactly one prompt", param="prompt")
+        return transfer
 
     async def merged(streams) -> AsyncIterator[tuple[int, object]]:
         """(prompt index, RequestOutput) from all streams as they come; cancelling aborts them all."""
@@ -202,7 +211,7 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
         admit(len(prompts))
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        streams = await submit_all(prompts, params, rid, body.priority)
+        streams = await submit_all(prompts, params, rid, body)
         n = body.n
 
         def choice_index(i, out, o):
@@ -257,7 +266,8 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
                 choices.append({"index": choice_index(i, out, o), "text": prefix + o.text, "logprobs": lp,
                                 "finish_reason": o.finish_reason})  # fmt: skip
         return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                             "choices": choices, "usage": usage(prompt_tokens, completion_tokens)})  # fmt: skip
+                             "choices": choices, "usage": usage(prompt_tokens, completion_tokens),
+                             **handed_over(finals[0])})  # fmt: skip
 
     # -- /v1/chat/completions ---------------------------------------------------------------------------------------
 
@@ -275,7 +285,7 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
         admit(1)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        (stream_,) = await submit_all([ids], params, rid, body.priority)
+        (stream_,) = await submit_all([ids], params, rid, body)
 
         def chunk(choices, **extra):
             return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
@@ -319,7 +329,8 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
         } for o in final.outputs]  # fmt: skip
         return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": model_name,
                              "choices": choices, "usage": usage(len(final.prompt_token_ids),
-                                                                sum(len(o.token_ids) for o in final.outputs))})  # fmt: skip
+                                                                sum(len(o.token_ids) for o in final.outputs)),
+                             **handed_over(final)})  # fmt: skip
 
     # -- the rest ---------------------------------------------------------------------------------------------------
 
@@ -350,6 +361,14 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
             raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {info.vocab_size})",
                            param="tokens")  # fmt: skip
         return JSONResponse({"prompt": await asyncio.to_thread(tokenizer.decode, body.tokens)})
+
+    def handed_over(out) -> dict:
+        """A prefill role's answer: the kv_transfer_params its decode engine's request needs (vLLM's field)."""
+        return {"kv_transfer_params": out.kv_transfer_params} if out.kv_transfer_params is not None else {}
+
+    async def pd_status(request: Request):
+        """What a prefill/decode router weighs (rtpjax.disagg.pd_proxy): queue, KV use, held hand-offs."""
+        return JSONResponse({"role": llm.args.role, **llm.stats()})
 
     async def health(request: Request):
         return Response(status_code=200 if llm.is_alive else 503)
@@ -398,6 +417,7 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
+        Route("/pd/status", pd_status, methods=["GET"]),
         Route("/version", version, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
         Route("/load", load, methods=["GET"]),

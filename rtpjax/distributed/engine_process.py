@@ -26,6 +26,8 @@ import time
 import traceback
 from multiprocessing.connection import Connection
 
+import msgspec
+
 from rtpjax.distributed import messages
 from rtpjax.distributed.messages import (Abort, AddRequest, EngineStats, Failed, Message, ModelInfo, ProtocolError,
                                          Ready, RequestDelta, RequestError, Startup, StepOutputs, Stop, to_monotonic)
@@ -76,8 +78,9 @@ class Accumulator:
                 delta_token_ids=d.token_ids, delta_logprobs=d.logprobs,
             ))  # fmt: skip
         metrics = RequestMetrics.from_timings(self.arrival, delta.timings) if delta.timings is not None else None
+        transfer = msgspec.to_builtins(delta.kv_transfer_params) if delta.kv_transfer_params is not None else None
         return RequestOutput(delta.request_id, self.prompt, self.prompt_ids, outs, delta.finished, metrics,
-                             self.prompt_logprobs)  # fmt: skip
+                             self.prompt_logprobs, transfer)  # fmt: skip
 
 
 # -- the child --------------------------------------------------------------------------------------------------------
@@ -122,9 +125,24 @@ def _add(engine: LLMEngine, request: AddRequest) -> RequestError | None:
     return None
 
 
+def _handoff(engine: LLMEngine, inbox: queue.Queue):
+    """The prefill/decode hand-off side of this engine (rtpjax.disagg); it wakes the loop with a None command."""
+    from rtpjax.disagg.handoff import Handoff
+
+    return Handoff(engine, wake=lambda: inbox.put(None))
+
+
 def _serve(engine: LLMEngine, conn: Connection) -> None:
     """Commands in, one StepOutputs out per round. Returns on Stop or once the parent is gone."""
     inbox: queue.Queue = queue.Queue()
+    handoff = _handoff(engine, inbox)
+    try:
+        _loop(engine, conn, inbox, handoff)
+    finally:
+        handoff.close()
+
+
+def _loop(engine: LLMEngine, conn: Connection, inbox: queue.Queue, handoff) -> None:
     threading.Thread(target=_receive, args=(conn, inbox), name="rtpjax-commands", daemon=True).start()
     reported = time.monotonic()
     while True:
@@ -136,19 +154,26 @@ def _serve(engine: LLMEngine, conn: Connection) -> None:
             if engine.tiers is not None:
                 log.info("engine: %s", engine.tiers.report())
             reported = time.monotonic()
-        commands = [inbox.get()] if not engine.has_work() else []
+        commands = []
+        if not engine.has_work():
+            try:
+                commands.append(inbox.get(timeout=handoff.idle_wait()))
+            except queue.Empty:
+                pass
         while not inbox.empty():
             commands.append(inbox.get_nowait())
-        outputs, errors = [], []
+        outputs, errors = handoff.poll()
         for command in commands:
+            if command is None:
+                continue  # a wake-up: a hand-off's K/V arrived
             if isinstance(command, Stop):
                 return
             if isinstance(command, AddRequest):
-                error = _add(engine, command)
+                error = _add(engine, command) if command.kv_transfer_params is None else handoff.add(command)
                 if error is not None:
                     errors.append(error)
             elif isinstance(command, Abort):
-                out = engine.abort(command.request_id, as_deltas=True)
+                out = engine.abort(command.request_id, as_deltas=True) or handoff.abort(command.request_id)
                 if out is not None:
                     outputs.append(out)
             else:  # the error of a request whose message could not be read
@@ -162,7 +187,9 @@ def _serve(engine: LLMEngine, conn: Connection) -> None:
                     engine.abort(request_id)
                     errors.append(RequestError(request_id, "engine", f"engine error: {type(e).__name__}: {e}"))
                 engine.reset_inflight()
-        conn.send_bytes(messages.encode(StepOutputs(outputs, errors, engine.stats(), engine.pool.drain_events())))
+        outputs += handoff.after_step()
+        stats = handoff.stats(engine.stats())
+        conn.send_bytes(messages.encode(StepOutputs(outputs, errors, stats, engine.pool.drain_events())))
 
 
 def _exit_with_parent(parent: int) -> None:

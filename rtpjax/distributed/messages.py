@@ -17,6 +17,7 @@ from typing import Any, Literal, Union
 
 import msgspec
 
+from rtpjax.kv.host_blocks import KVLayout
 from rtpjax.sampling_params import SamplingParams
 
 
@@ -89,6 +90,9 @@ class EngineStats(msgspec.Struct, gc=False):
     spec_decode_num_draft_tokens: int = 0
     spec_decode_num_accepted_tokens: int = 0
     spec_decode_num_accepted_tokens_per_pos: list[int] = msgspec.field(default_factory=list)
+    kv_transfers_held: int = 0  # prefill role: hand-offs whose K/V waits on the host for its decode engine
+    kv_transfers_pulled: int = 0  # decode role: hand-offs whose K/V arrived and was adopted
+    kv_transfers_failed: int = 0  # decode role: pulls that failed (the prompt was computed here instead)
 
 
 class Startup(_Message, tag="startup"):
@@ -169,6 +173,26 @@ class KVEventsPage(msgspec.Struct, gc=False):
     batches: list[tuple[int, KVEventBatch]]
 
 
+# -- prefill/decode hand-off -----------------------------------------------------------------------------------------
+
+
+class KVTransferParams(msgspec.Struct, omit_defaults=True, gc=False):
+    """vLLM's `kv_transfer_params` (NixlConnector's field names, so vllm-router passes them through): the prefill
+    worker's request carries do_remote_decode; its response carries what the decode worker's request needs to pull
+    the K/V (do_remote_prefill and the remote_* fields). rtpjax adds remote_request_id (the transfer's key on the
+    prefill side) and remote_host_id (equal to the puller's: the same host, so shared memory)."""
+
+    do_remote_decode: bool = False
+    do_remote_prefill: bool = False
+    remote_engine_id: str | None = None
+    remote_request_id: str | None = None
+    remote_block_ids: list[int] | None = None
+    remote_host: str | None = None
+    remote_port: int | None = None
+    remote_host_id: str | None = None
+    tp_size: int | None = None
+
+
 # -- requests in -----------------------------------------------------------------------------------------------------
 
 
@@ -182,6 +206,7 @@ class AddRequest(_Message, tag="add"):
     arrival_time: float  # wall clock (time.time()) when the request arrived at the front end
     prompt: str | None = None  # the text the ids came from, echoed back in outputs
     priority: int = 0
+    kv_transfer_params: KVTransferParams | None = None  # a prefill/decode hand-off (rtpjax.disagg)
 
 
 class Abort(_Message, tag="abort"):
@@ -226,6 +251,7 @@ class RequestDelta(msgspec.Struct, array_like=True, omit_defaults=True, gc=False
     completions: list[CompletionDelta]
     prompt_logprobs: list[dict[int, float] | None] | None = None  # with the request's first delta only
     timings: RequestTimings | None = None  # with its last delta only
+    kv_transfer_params: KVTransferParams | None = None  # prefill role: where its decode engine pulls the K/V
 
 
 class RequestError(msgspec.Struct, gc=False):
@@ -301,3 +327,36 @@ def to_monotonic(wall_time: float) -> float:
     """A wall-clock time from the wire on this process's monotonic clock (what RequestMetrics counts in); a time
     ahead of this host's clock (skew between hosts) counts as now."""
     return time.monotonic() - max(0.0, time.time() - wall_time)
+
+
+# -- K/V hand-off channel (rtpjax.disagg.channel): a decode engine pulls a prefill engine's K/V --------------------
+
+
+class KVPull(msgspec.Struct, gc=False):
+    """Decode -> prefill: send me this hand-off's K/V, over this socket ("tcp") or through a shared-memory file."""
+
+    transfer_id: str
+    channel: Literal["tcp", "shm"]
+
+
+class KVOffer(msgspec.Struct, gc=False):
+    """Prefill -> decode: what follows (the payload on the socket, or the file to read), or why nothing does.
+
+    The payload is the KVBlocks' parts (keys, values[, key_scales, value_scales]) one after another; `checksums` are
+    crc32s of its successive `chunk`-byte pieces, checked on arrival."""
+
+    error: str | None = None
+    layout: KVLayout | None = None
+    num_blocks: int = 0
+    num_tokens: int = 0  # leading prompt positions whose K/V the blocks hold
+    prompt_ids: list[int] = []
+    sizes: list[int] = []
+    chunk: int = 0
+    checksums: list[int] = []
+    shm_path: str | None = None
+
+
+class KVPulled(msgspec.Struct, gc=False):
+    """Decode -> prefill: the payload is read (the prefill side deletes its shared-memory file)."""
+
+    ok: bool

@@ -37,6 +37,7 @@ class RequestOutput:
     finished: bool
     metrics: object = None  # the first sequence's RequestMetrics
     prompt_logprobs: list[dict[int, float] | None] | None = None  # None for the first prompt token
+    kv_transfer_params: dict | None = None  # prefill role: where a decode engine pulls this request's K/V
 
 
 @dataclasses.dataclass

@@ -1,0 +1,244 @@
+"""Prefill/decode hand-off inside the engine process: the engine loop's side of both roles.
+
+Prefill (`AddRequest.kv_transfer_params.do_remote_decode`): the request runs as any other until each completion has
+its first token; then `LLMEngine.snapshot(detach=True)` takes it out between steps, its prompt's K/V goes to the host
+(HeldStore, served by the TransferServer) and its blocks go back to the pool at once. Its last output carries the
+kv_transfer_params a decode engine needs. What no decode engine pulls within kv_transfer_timeout is dropped. A request
+that finishes at its first token (EOS, a stop string) hands nothing over: its decode engine recomputes the prompt.
+
+Decode (`do_remote_prefill`): the request reserves the blocks its prompt needs (waiting, up to kv_transfer_timeout,
+for room; then it is refused), a thread pulls the K/V, and once it has arrived the reservation is returned and the
+request is added with the K/V on the host (Sequence.host_kv: written into fresh blocks before its first step, as an
+adopted request's). The last prompt token runs again and samples the first token: sampling is keyed by (seed,
+position), so a seeded or greedy request continues exactly as it would have colocated. A pull that fails (prefill gone,
+corrupted, stale, another prompt) makes the request compute its prompt here instead: slower, never wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+import uuid
+
+from rtpjax.disagg import channel
+from rtpjax.disagg.params import role_error, side
+from rtpjax.disagg.relayout import relayout, select
+from rtpjax.distributed.messages import (AddRequest, CompletionDelta, KVTransferParams, RequestDelta,
+                                         RequestError)  # fmt: skip
+from rtpjax.engine.request import Request
+from rtpjax.engine.sequence import PENDING, HostKV
+
+log = logging.getLogger("rtpjax")
+
+
+@dataclasses.dataclass
+class _Pull:
+    request: Request
+    params: KVTransferParams
+    need: int  # blocks the prompt's K/V takes here
+    deadline: float  # time.monotonic()
+    reserved: list[int] | None = None  # taken from the pool while the K/V travels
+
+
+def _closing(request: Request, reason: str, params: KVTransferParams | None = None) -> RequestDelta:
+    """The last delta of a request that leaves this engine outside a step: its running completions end."""
+    ended = [CompletionDelta(s.index, "", [], None, reason) for s in request.seqs if not s.finished]
+    return RequestDelta(request.request_id, True, ended, timings=request.seqs[0].metrics.timings(),
+                        kv_transfer_params=params)  # fmt: skip
+
+
+class Handoff:
+    """Both roles' hand-off state of one engine. The engine loop calls add / abort / poll / after_step; pull threads
+    and the transfer server run beside it. `wake()` rouses an idle engine loop (a pull arrived)."""
+
+    def __init__(self, engine, wake):
+        args = engine.args
+        self.engine, self.wake, self.role = engine, wake, args.role
+        self.timeout = args.kv_transfer_timeout
+        self.engine_id, self.host_id = uuid.uuid4().hex, channel.host_id()
+        self.store = channel.HeldStore()
+        self._server = None
+        if self.role == "prefill":  # a role "both" engine opens its port when it first holds K/V
+            self.server  # noqa: B018 - a port that cannot be bound fails the start
+        self.holding: set[str] = set()  # prefill: requests to detach once every completion has its first token
+        self.pulls: dict[str, _Pull] = {}  # decode: requests whose K/V is reserved for or on its way
+        self.arrived: queue.Queue = queue.Queue()  # (request id, Pulled | TransferError) from pull threads
+        self.pulled = self.failed = 0
+
+    @property
+    def server(self) -> channel.TransferServer:
+        if self._server is None:
+            args = self.engine.args
+            self._server = channel.TransferServer(self.store, args.kv_transfer_host, args.kv_transfer_port)
+        return self._server
+
+    @property
+    def num_held(self) -> int:
+        return len(self.store)
+
+    def stats(self, stats):
+        """The engine's gauges with the hand-off counters filled in."""
+        stats.kv_transfers_held, stats.kv_transfers_pulled, stats.kv_transfers_failed = \
+            self.num_held, self.pulled, self.failed  # fmt: skip
+        return stats
+
+    def idle_wait(self) -> float | None:
+        """How long an idle engine loop may sleep: held K/V must expire, waiting pulls must time out."""
+        return 1.0 if (self.num_held or self.pulls) else None
+
+    # -- commands -------------------------------------------------------------------------------------------------
+
+    def add(self, command: AddRequest) -> RequestError | None:
+        """A request that carries kv_transfer_params."""
+        params, rid = command.kv_transfer_params, command.request_id
+        want, error = side(params), role_error(self.role, params)
+        if error is not None:
+            return RequestError(rid, "invalid", error)
+        try:
+            request = self.engine.maker.build(command)
+        except ValueError as e:
+            return RequestError(rid, "invalid", str(e))
+        if want == "prefill":
+            for seq in request.seqs:
+                seq.max_tokens = max(seq.max_tokens, min(2, self.engine.max_model_len - seq.num_prompt))
+            self.holding.add(rid)  # held from its first token on (a second would be sampled, never reported)
+        elif want == "decode" and params.remote_host is not None and params.remote_port is not None:
+            need = -(-(len(request.prompt_ids) - 1) // self.engine.args.block_size)
+            if need > self.engine.pool.num_blocks:
+                return RequestError(rid, "invalid", f"the prompt needs {need} KV blocks; this decode engine's "
+                                                    f"cache has {self.engine.pool.num_blocks}")  # fmt: skip
+            if need:
+                self.pulls[rid] = _Pull(request, params, need, time.monotonic() + self.timeout)
+                self._start(rid)
+                return None
+        return self._add(request)
+
+    def abort(self, request_id: str) -> RequestDelta | None:
+        """A request the engine itself does not hold: one whose K/V is on its way or held for a decode engine."""
+        self.holding.discard(request_id)
+        pull = self.pulls.pop(request_id, None)
+        if pull is not None:
+            self._unreserve(pull)
+            return _closing(pull.request, "abort")
+        self.store.take(request_id)
+        return None
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+
+    def poll(self) -> tuple[list[RequestDelta], list[RequestError]]:
+        """Before a step: arrived K/V joins the engine, waiting pulls start or time out, held K/V expires."""
+        errors = []
+        while not self.arrived.empty():
+            rid, result = self.arrived.get_nowait()
+            pull = self.pulls.pop(rid, None)
+            if pull is not None:
+                self._unreserve(pull)
+                self._adopt(pull, result)
+                error = self._add(pull.request)
+                if error is not None:
+                    errors.append(error)
+        now = time.monotonic()
+        for rid, pull in list(self.pulls.items()):
+            if pull.reserved is None and not self._start(rid) and now > pull.deadline:
+                del self.pulls[rid]
+                errors.append(RequestError(rid, "engine", f"no room in this decode engine's KV cache for the "
+                                                          f"prompt's {pull.need} blocks within {self.timeout:g} s"))
+        for rid in self.store.expire():
+            log.warning("dropped the K/V of hand-off %s: no decode engine pulled it within %g s", rid, self.timeout)
+        return [], errors
+
+    def after_step(self) -> list[RequestDelta]:
+        """After a step: detach the prefill requests whose completions all have their first token."""
+        outputs = []
+        for rid in list(self.holding):
+            request = self.engine.requests.get(rid)
+            if request is None:  # finished at its first token (or aborted): nothing to hand over
+                self.holding.discard(rid)
+                continue
+            if not all(s.finished or (s.num_generated and s.token_ids[s.num_prompt] != PENDING) for s in request.seqs):
+                continue
+            self.holding.discard(rid)
+            outputs.append(self._detach(request))
+        return outputs
+
+    # -- prefill --------------------------------------------------------------------------------------------------
+
+    def _detach(self, request: Request) -> RequestDelta:
+        closing = _closing(request, "length")
+        snap, kv = self.engine.snapshot(request.request_id, detach=True)
+        prompt = len(snap.prompt_ids)
+        best = max(snap.completions, key=lambda c: c.num_computed)
+        if best.num_computed < prompt - 1:
+            return closing  # nothing worth handing over
+        tokens = min(best.num_computed, prompt)
+        rows = best.kv_rows[: -(-tokens // kv.layout.block_size)]
+        self.store.put(request.request_id, channel.Held(select(kv, rows), tokens, list(snap.prompt_ids),
+                                                        time.monotonic() + self.timeout))  # fmt: skip
+        closing.kv_transfer_params = KVTransferParams(do_remote_prefill=True, remote_engine_id=self.engine_id,
+                                  remote_request_id=request.request_id, remote_block_ids=list(range(len(rows))),
+                                  remote_host=self.server.host, remote_port=self.server.port,
+                                  remote_host_id=self.host_id,
+                                  tp_size=self.engine.args.tensor_parallel_size)  # fmt: skip
+        return closing
+
+    # -- decode ---------------------------------------------------------------------------------------------------
+
+    def _start(self, rid: str) -> bool:
+        """Reserve the pull's blocks and start it, if the pool has them."""
+        pull = self.pulls[rid]
+        pull.reserved = self.engine.pool.allocate(pull.need)
+        if pull.reserved is None:
+            return False
+        p = pull.params
+        path = "shm" if p.remote_host_id == self.host_id else "tcp"
+        transfer_id = p.remote_request_id or rid
+        threading.Thread(target=self._pull, args=(rid, p.remote_host, p.remote_port, transfer_id, path, pull.deadline),
+                         name="rtpjax-kv-pull", daemon=True).start()  # fmt: skip
+        return True
+
+    def _pull(self, rid: str, host: str, port: int, transfer_id: str, path: str, deadline: float) -> None:
+        try:
+            result = channel.pull(host, port, transfer_id, path, deadline)
+        except channel.TransferError as e:
+            result = e
+        self.arrived.put((rid, result))
+        self.wake()
+
+    def _unreserve(self, pull: _Pull) -> None:
+        if pull.reserved is not None:
+            self.engine.pool.release(pull.reserved)
+            pull.reserved = None
+
+    def _adopt(self, pull: _Pull, result) -> None:
+        """Give the request's first sequence the K/V of all but its last prompt token, or say why it recomputes."""
+        request = pull.request
+        prompt = request.prompt_ids
+        try:
+            if isinstance(result, Exception):
+                raise result
+            if time.monotonic() > pull.deadline:
+                raise channel.TransferError("the K/V arrived after the hand-off's timeout (stale)")
+            if result.prompt_ids != prompt:
+                raise channel.TransferError("the hand-off holds another prompt's K/V")
+            tokens = min(result.num_tokens, len(prompt) - 1)
+            kv = relayout(result.kv, tokens, self.engine.runner.kv_layout)
+        except (channel.TransferError, ValueError) as e:
+            log.warning("request %s computes its prompt here: %s", request.request_id, e)
+            self.failed += 1
+            return
+        self.pulled += 1
+        request.seqs[0].host_kv = HostKV(kv, list(range(-(-tokens // kv.layout.block_size))), tokens)
+
+    def _add(self, request: Request) -> RequestError | None:
+        try:
+            self.engine.add(request)
+        except ValueError as e:
+            return RequestError(request.request_id, "invalid", str(e))
+        return None
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()

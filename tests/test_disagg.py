@@ -1,0 +1,319 @@
+"""Prefill/decode disaggregation on loopback: a prefill server and a decode server (engine processes of their own),
+the two-phase flow of vLLM's protocol (rtpjax.disagg.pd_proxy, and vllm-router's binary), and the faults."""
+
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+from starlette.responses import StreamingResponse
+
+from conftest import ENGINE_ARGS
+from rtpjax import AsyncLLM, SamplingParams
+from rtpjax.disagg.pd_proxy import PDPool, disaggregated, run_prefill
+from rtpjax.serve.app import build_app
+from test_server import Server, free_port
+
+PROMPT = "Once upon a time, there was a little girl named Lily. She loved to"
+TIMEOUT = 3.0  # kv_transfer_timeout of both sides here
+
+
+@pytest.fixture(scope="module")
+def pd(stories_dir, compile_cache):
+    """A prefill server (blocks of 16) and a decode server (blocks of 8, no prefix cache: its colocated answers are
+    computed, never read from adopted blocks)."""
+    common = dict(ENGINE_ARGS, compilation_cache_dir=compile_cache, kv_transfer_timeout=TIMEOUT)
+    engines, servers = [], []
+    try:
+        for role, extra in (("prefill", {}), ("decode", dict(block_size=8, enable_prefix_caching=False))):
+            engines.append(AsyncLLM(str(stories_dir), role=role, **{**common, **extra}))
+            servers.append(Server(build_app(engines[-1], "stories")))
+        yield engines, servers
+    finally:
+        for server in servers:
+            server.stop()
+        for engine in engines:
+            engine.shutdown()
+
+
+def status(url: str) -> dict:
+    return httpx.get(url + "/pd/status", timeout=5).json()
+
+
+def wait_for(url: str, check, what: str, seconds: float = 15.0) -> dict:
+    deadline = time.monotonic() + seconds
+    while True:
+        s = status(url)
+        if check(s):
+            return s
+        assert time.monotonic() < deadline, f"{what}: {s}"
+        time.sleep(0.2)
+
+
+def via_pd(prefill_urls, decode_url, body, path="/v1/completions"):
+    async def go():
+        async with httpx.AsyncClient(timeout=60) as client:
+            response = await disaggregated(client, prefill_urls, decode_url, path, body)
+            if isinstance(response, StreamingResponse):
+                chunks = [c async for c in response.body_iterator]
+                return response.status_code, b"".join(c if isinstance(c, bytes) else c.encode() for c in chunks)
+            return response.status_code, response.body
+
+    return asyncio.run(go())
+
+
+def texts(status_code: int, content: bytes) -> list:
+    assert status_code == 200, content
+    if content.startswith(b"data:"):
+        events = [json.loads(line[6:]) for line in content.decode().splitlines() if line.startswith("data: {")]
+        assert not any("error" in e for e in events), events
+        out: dict = {}
+        for e in events:
+            for c in e["choices"]:
+                out[c["index"]] = out.get(c["index"], "") + c["text"]
+        return [out[i] for i in sorted(out)]
+    return [c["text"] for c in sorted(json.loads(content)["choices"], key=lambda c: c["index"])]
+
+
+BODIES = [
+    dict(prompt=PROMPT, max_tokens=24, temperature=0),
+    dict(prompt=PROMPT, max_tokens=24, temperature=0.9, seed=7),
+    dict(prompt=PROMPT, max_tokens=16, temperature=0.9, seed=3, n=2),
+    dict(prompt=PROMPT, max_tokens=40, temperature=0, stop=[" the"]),
+    dict(prompt=PROMPT, max_tokens=24, temperature=0.9, seed=11, stream=True),
+]
+
+
+def test_disaggregated_tokens_equal_colocated(pd):
+    """Greedy, seeded, n > 1, stop strings and streaming: the decode server's answer after the hand-off (K/V of 16-
+    token blocks re-laid into 8-token ones, through shared memory) is exactly its colocated answer."""
+    _, (prefill, decode) = pd
+    before = status(decode.url)["kv_transfers_pulled"]
+    for body in BODIES:
+        colocated = texts(*via_plain(decode.url, body))
+        assert texts(*via_pd([prefill.url], decode.url, body)) == colocated, body
+    assert status(decode.url)["kv_transfers_pulled"] == before + len(BODIES)
+    wait_for(prefill.url, lambda s: s["kv_transfers_held"] == 0 and s["num_free_blocks"] == s["num_blocks"],
+             "the prefill side still holds K/V")  # fmt: skip
+
+
+def via_plain(url: str, body: dict):
+    r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+    return r.status_code, r.content
+
+
+def prefill_params(url: str, body: dict) -> dict:
+    async def go():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await run_prefill(client, [url], "/v1/completions", body)
+
+    return asyncio.run(go())
+
+
+def test_tcp_path_and_corrupted_transfer(pd):
+    """Over TCP (another host id) the hand-off is adopted; a byte flipped on the way fails its checksum: the decode
+    side computes the prompt itself and still answers exactly."""
+    _, (prefill, decode) = pd
+    body = BODIES[1]
+    colocated = texts(*via_plain(decode.url, body))
+    s0 = status(decode.url)
+    params = dict(prefill_params(prefill.url, body), remote_host_id="another-host")
+    assert texts(*via_plain(decode.url, dict(body, kv_transfer_params=params))) == colocated
+    s1 = status(decode.url)
+    assert (s1["kv_transfers_pulled"], s1["kv_transfers_failed"]) == (s0["kv_transfers_pulled"] + 1,
+                                                                      s0["kv_transfers_failed"])  # fmt: skip
+    params = prefill_params(prefill.url, body)
+    relay = FlippingRelay(params["remote_host"], params["remote_port"])
+    params.update(remote_port=relay.port, remote_host_id="another-host")
+    assert texts(*via_plain(decode.url, dict(body, kv_transfer_params=params))) == colocated
+    assert relay.flipped
+    s2 = status(decode.url)
+    assert (s2["kv_transfers_pulled"], s2["kv_transfers_failed"]) == (s1["kv_transfers_pulled"],
+                                                                      s1["kv_transfers_failed"] + 1)  # fmt: skip
+
+
+class FlippingRelay:
+    """Relays one connection, flipping one byte of what the upstream sends past its first 4 KiB."""
+
+    def __init__(self, host: str, port: int):
+        self.upstream, self.flipped = (host, port), False
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        self.sock.settimeout(30)
+        with self.sock, self.sock.accept()[0] as down, socket.create_connection(self.upstream, timeout=30) as up:
+            threading.Thread(target=self._pipe, args=(down, up, False), daemon=True).start()
+            self._pipe(up, down, True)
+
+    def _pipe(self, src, dst, flip):
+        seen = 0
+        try:
+            while data := src.recv(1 << 16):
+                if flip and not self.flipped and seen + len(data) > 4096:
+                    data = bytearray(data)
+                    data[max(0, 4096 - seen)] ^= 0xFF
+                    self.flipped = True
+                seen += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+
+
+def test_stale_transfer_expires_and_is_never_adopted(pd):
+    """K/V nobody pulls is dropped after kv_transfer_timeout (its blocks went back at once); a decode request that
+    comes later with those params computes the prompt itself."""
+    _, (prefill, decode) = pd
+    body = BODIES[0]
+    params = prefill_params(prefill.url, body)
+    wait_for(prefill.url, lambda s: s["kv_transfers_held"] == 0, "held K/V did not expire", TIMEOUT + 10)
+    assert status(prefill.url)["num_free_blocks"] == status(prefill.url)["num_blocks"]
+    failed = status(decode.url)["kv_transfers_failed"]
+    colocated = texts(*via_plain(decode.url, body))
+    assert texts(*via_plain(decode.url, dict(body, kv_transfer_params=params))) == colocated
+    assert status(decode.url)["kv_transfers_failed"] == failed + 1
+
+
+def test_abort_during_handoff_frees_the_reservation(pd):
+    """A decode request whose K/V never comes (a prefill side that accepts and says nothing) holds reserved blocks;
+    the client leaving returns them at once."""
+    _, (_, decode) = pd
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        params = {"do_remote_prefill": True, "remote_host": "127.0.0.1", "remote_port": silent.getsockname()[1],
+                  "remote_request_id": "nothing", "remote_host_id": "another-host"}  # fmt: skip
+        body = dict(BODIES[0], stream=True, kv_transfer_params=params)
+        with httpx.stream("POST", decode.url + "/v1/completions", json=body, timeout=30):
+            wait_for(decode.url, lambda s: s["num_free_blocks"] < s["num_blocks"], "no blocks were reserved", 5)
+        s = wait_for(decode.url, lambda s: s["num_free_blocks"] == s["num_blocks"], "the reservation leaked", 5)
+        assert s["num_running"] == s["num_waiting"] == 0
+    finally:
+        silent.close()
+
+
+def test_prefill_worker_down_routes_to_another_or_fails_clearly(pd):
+    _, (prefill, decode) = pd
+    dead = f"http://127.0.0.1:{free_port()}"
+    body = BODIES[0]
+    assert texts(*via_pd([dead, prefill.url], decode.url, body)) == texts(*via_plain(decode.url, body))
+    code, content = via_pd([dead], decode.url, body)
+    assert code == 502 and "unreachable" in json.loads(content)["error"]["message"]
+
+    async def ranked():
+        async with httpx.AsyncClient() as client:
+            return await PDPool(client, [dead, prefill.url], [decode.url]).ranked()
+
+    assert asyncio.run(ranked())[0] == [prefill.url, dead]
+
+
+def test_role_refuses_the_other_side(pd):
+    _, (prefill, decode) = pd
+    r = httpx.post(decode.url + "/v1/completions", timeout=30,
+                   json=dict(BODIES[0], kv_transfer_params={"do_remote_decode": True}))  # fmt: skip
+    assert r.status_code == 400 and "role is decode" in r.json()["error"]["message"]
+
+
+def test_vllm_router_pd_mode(pd):
+    """vllm-router --vllm-pd-disaggregation in front of rtpjax workers."""
+    _, (prefill, decode) = pd
+    binary = shutil.which("vllm-router") or shutil.which("vllm-router", path=str(__import__("sys").prefix) + "/bin")
+    if binary is None:
+        pytest.skip("vllm-router is not installed (pip install vllm-router)")
+    port = free_port()
+    proc = subprocess.Popen([binary, "--vllm-pd-disaggregation", "--prefill", prefill.url, "--decode", decode.url,
+                             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "vllm-router did not come up"
+            time.sleep(0.3)
+        pulled = status(decode.url)["kv_transfers_pulled"]
+        body = dict(BODIES[1], model="stories")
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert texts(r.status_code, r.content) == texts(*via_plain(decode.url, body))
+        assert status(decode.url)["kv_transfers_pulled"] == pulled + 1
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_decode_engine_killed_mid_stream_fails_fast(pd):
+    """Last in the module: it kills the decode server's engine. The client's stream ends with an error event within
+    seconds, and the prefill side holds nothing."""
+    engines, (prefill, decode) = pd
+    body = dict(prompt=PROMPT, max_tokens=200, temperature=0, ignore_eos=True, stream=True)
+
+    async def go():
+        async with httpx.AsyncClient(timeout=60) as client:
+            response = await disaggregated(client, [prefill.url], decode.url, "/v1/completions", body)
+            began, seen = time.monotonic(), b""
+            async for chunk in response.body_iterator:
+                seen += chunk if isinstance(chunk, bytes) else chunk.encode()
+                if b'"text"' in seen and engines[1]._engine.proc.poll() is None:
+                    engines[1]._engine.proc.kill()
+                    began = time.monotonic()
+            return seen, time.monotonic() - began
+
+    seen, after_kill = asyncio.run(go())
+    assert after_kill < 10
+    assert b"[DONE]" not in seen[-20:]
+    wait_for(prefill.url, lambda s: s["kv_transfers_held"] == 0, "the prefill side still holds K/V")
+
+
+def test_tp2_prefill_to_tp1_decode_qwen3(tiny_checkpoints, compile_cache):
+    """Engines of different tensor-parallel sizes and block sizes: a tiny Qwen3, prefill over 2 devices (blocks of
+    16), decode on 1 (blocks of 8), greedy and seeded, token ids in and out."""
+    common = dict(ENGINE_ARGS, compilation_cache_dir=compile_cache, skip_tokenizer_init=True, max_num_seqs=4)
+    path = str(tiny_checkpoints["qwen3"])
+    pre = AsyncLLM(path, **dict(common, role="prefill", tensor_parallel_size=2))
+    dec = None
+    try:
+        dec = AsyncLLM(path, **dict(common, role="decode", block_size=8, enable_prefix_caching=False))
+        prompt = [5, 17, 99, 3, 42, 8, 200, 31, 77, 12, 150, 6, 64, 9, 18, 111, 23, 7, 250, 4, 33]
+
+        async def run(llm, params, rid, transfer=None):
+            out = None
+            async for out in llm.generate(prompt, params, request_id=rid, kv_transfer_params=transfer):
+                pass
+            return out
+
+        async def go():
+            for i, params in enumerate([SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+                                        SamplingParams(max_tokens=12, temperature=1.0, seed=5, ignore_eos=True)]):
+                one = SamplingParams(max_tokens=1, temperature=params.temperature, seed=params.seed, ignore_eos=True)
+                first = await run(pre, one, f"p{i}", {"do_remote_decode": True})
+                assert first.kv_transfer_params and first.kv_transfer_params["tp_size"] == 2
+                got = await run(dec, params, f"d{i}", first.kv_transfer_params)
+                want = await run(dec, params, f"c{i}")
+                assert got.outputs[0].token_ids == want.outputs[0].token_ids
+
+        asyncio.run(go())
+        assert dec.stats()["kv_transfers_pulled"] == 2
+    finally:
+        pre.shutdown()
+        if dec is not None:
+            dec.shutdown()
+
+
+def test_pd_bench_transfer_runs(tmp_path):
+    """The GPU stage's channel measurement, tiny, on CPU: every path moves the bytes and reports a bandwidth."""
+    from rtpjax.benchmarks import pd_bench
+
+    out = tmp_path / "t.json"
+    pd_bench.main(["transfer", "--tokens", "32", "--layers", "2", "--repeats", "1", "--out", str(out)])
+    row = json.loads(out.read_text())["rows"][0]
+    assert all(row[f"{p}_GBps"] > 0 for p in ("shm", "tcp", "staged"))
