@@ -92,7 +92,8 @@ def kv_cache_blocks(cfg, args: EngineArgs, max_model_len: int) -> int:
     """Blocks that fit the memory budget, counting what each device holds (its share of the KV heads, or copies)."""
     if args.num_gpu_blocks is not None:
         return args.num_gpu_blocks
-    per_block = kv_cache.bytes_per_block(cfg, args.block_size, args.kv_cache_dtype, args.tensor_parallel_size)
+    per_block = kv_cache.bytes_per_block(cfg, args.block_size, args.kv_cache_dtype, args.tensor_parallel_size,
+                                         args.pipeline_parallel_size)  # fmt: skip
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         free = stats["bytes_limit"] * args.gpu_memory_utilization - stats.get("bytes_in_use", 0)
@@ -125,7 +126,8 @@ class LLMEngine:
         pool = ThreadPoolExecutor(1, thread_name_prefix="rtpjax-tokenizer")
         tokenizer = pool.submit(_timed, load_tokenizer, source)
         pool.shutdown(wait=False)
-        mesh = engine_mesh(load_config(model)[0], args.tensor_parallel_size, args.expert_parallel_size)
+        mesh = engine_mesh(load_config(model)[0], args.tensor_parallel_size, args.expert_parallel_size,
+                           pipeline=args.pipeline_parallel_size)  # fmt: skip
         self.cfg, self.family, params = load_model(model, dtype=args.dtype, mesh=mesh, progress=args.progress,
                                                    load_format=args.load_format, quantization=args.quantization)  # fmt: skip
         # MoE: how the experts run (part of the compiled programs' key) and their static placement.
