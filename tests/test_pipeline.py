@@ -94,3 +94,23 @@ def test_layer_split_and_errors(tiny_checkpoints):
     with pytest.raises(ValueError, match="needs 16 devices; 8 are visible"):
         engine_mesh(cfg, tensor=8, pipeline=2)
     assert kv_cache.bytes_per_block(cfg, 4, stages=2) == kv_cache.bytes_per_block(cfg, 4) * 2 // 3
+
+
+def test_engine_pp2_tp2_gives_single_device_greedy_tokens(tiny_checkpoints):
+    """PP=2 x TP=2 (tied head copied to the last stage): the greedy tokens of the single-device model function, decode
+    steps split into two micro-batches, and no compilation after warm-up."""
+    from rtpjax import LLM, SamplingParams
+    from rtpjax.runner.greedy import greedy_tokens
+    from rtpjax.runner.model_runner import CompileCounter
+
+    path = str(tiny_checkpoints["llama_tied"])
+    llm = LLM(path, skip_tokenizer_init=True, pipeline_parallel_size=2, tensor_parallel_size=2, max_num_seqs=4,
+              max_num_batched_tokens=8, max_model_len=32, block_size=BLOCK)  # fmt: skip
+    runner = llm.engine.runner
+    compiles = CompileCounter.count
+    outs = llm.generate([list(p) for p in PROMPTS], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    assert CompileCounter.count == compiles
+    assert runner.pipeline.split_steps >= 4
+    cfg, family, params = load_model(path)
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.outputs[0].token_ids == list(greedy_tokens(params, cfg, family, list(prompt), 5, block_size=BLOCK))
