@@ -9,7 +9,6 @@ from rtpjax.kv import kv_cache
 from rtpjax.loading.model_source import load_model
 from rtpjax.parallel import pipeline
 from rtpjax.parallel.mesh import engine_mesh
-from rtpjax.parallel.sharding import make_mesh
 from rtpjax.parallel.stages import split_layers
 from rtpjax.runner.model_runner import StepBatch
 from rtpjax.runner.step_inputs import SeqChunk, build_step

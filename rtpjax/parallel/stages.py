@@ -68,7 +68,7 @@ def pipeline_mesh(num_layers: int, stages: int, tensor: int = 1, expert: int = 1
 def stage_param_shardings(shapes: dict[str, tuple[int, ...]], rules_for, pmesh: PipelineMesh) -> dict:
     """Dotted path -> NamedSharding on the parameter's stage mesh, by that mesh's partition rules (`rules_for(mesh)`)."""
     out = {}
-    for s, mesh in enumerate(pmesh.stages):
+    for mesh in pmesh.stages:
         mine = {path: shape for path, shape in shapes.items() if pmesh.mesh_of(path) is mesh}
         out |= param_shardings(mine, rules_for(mesh), mesh)
     return out
