@@ -126,7 +126,7 @@ class TransformersRunner:
 
 # Engine options a result records (the ones its measurements are compared by).
 RESULT_OPTIONS = ("quantization", "tensor_parallel_size", "block_size", "kv_write", "mosaic_prefill", "moe_impl",
-                  "expert_parallel_size")
+                  "expert_parallel_size", "pipeline_parallel_size")
 
 
 def timed(runner, batch, max_tokens) -> tuple[float, int]:

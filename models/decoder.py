@@ -116,20 +116,27 @@ def _layer_fn(cfg: ModelConfig, window: int | None, moe: bool):
     return _layer_fns[key]
 
 
-def hidden_states(params: dict, cfg: ModelConfig, tokens, positions, kv_cache: KVCache, meta: AttentionMetadata):
-    """Final-normed hidden states [T, H] for every token, the updated cache, and the expert load of the step's real
-    tokens: [MoE layers, num_experts] int32 (None for a dense model)."""
-    x = params["embed"][tokens]
-    meta = plan_step(meta, tokens.shape[0], cfg.num_heads, kv_cache[0][0].shape[0])  # the cache's heads
-    valid = jnp.arange(tokens.shape[0]) < meta.query_start_loc[-1]
+def run_layers(layer_params: list, first: int, cfg: ModelConfig, x, positions, kv_cache: KVCache,
+               meta: AttentionMetadata):  # fmt: skip
+    """Layers first, first + 1, ... (their parameters and caches in `layer_params` / `kv_cache`) on hidden states x
+    [T, H]: the whole model, or one pipeline stage's share of it (rtpjax/parallel/pipeline.py). Returns x, the
+    updated caches and the stacked expert load of the MoE layers among them (None if none)."""
+    meta = plan_step(meta, x.shape[0], cfg.num_heads, kv_cache[0][0].shape[0])  # the cache's heads
+    valid = jnp.arange(x.shape[0]) < meta.query_start_loc[-1]
     new_cache, loads = [], []
-    for i, p in enumerate(params["layers"]):
-        x, layer_cache, load = _layer_fn(cfg, cfg.window(i), cfg.is_moe_layer(i))(p, x, positions, kv_cache[i], meta,
-                                                                                  valid)  # fmt: skip
+    for i, p in enumerate(layer_params, start=first):
+        x, layer_cache, load = _layer_fn(cfg, cfg.window(i), cfg.is_moe_layer(i))(p, x, positions, kv_cache[i - first],
+                                                                                  meta, valid)  # fmt: skip
         new_cache.append(layer_cache)
         if load is not None:
             loads.append(load)
-    load = jnp.stack(loads) if loads else None
+    return x, new_cache, jnp.stack(loads) if loads else None
+
+
+def hidden_states(params: dict, cfg: ModelConfig, tokens, positions, kv_cache: KVCache, meta: AttentionMetadata):
+    """Final-normed hidden states [T, H] for every token, the updated cache, and the expert load of the step's real
+    tokens: [MoE layers, num_experts] int32 (None for a dense model)."""
+    x, new_cache, load = run_layers(params["layers"], 0, cfg, params["embed"][tokens], positions, kv_cache, meta)
     return layers.rms_norm(x, params["final_norm"], cfg.rms_norm_eps), new_cache, load
 
 

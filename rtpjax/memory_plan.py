@@ -287,7 +287,8 @@ def device_kv_blocks(cfg, args: EngineArgs) -> int:
 
     if args.num_gpu_blocks is not None:
         return args.num_gpu_blocks
-    per_block = kv_cache.bytes_per_block(cfg, args.block_size, args.kv_cache_dtype, args.tensor_parallel_size)
+    per_block = kv_cache.bytes_per_block(cfg, args.block_size, args.kv_cache_dtype, args.tensor_parallel_size,
+                                         args.pipeline_parallel_size)  # fmt: skip
     stats = jax.devices()[0].memory_stats()
     free = stats["bytes_limit"] * args.gpu_memory_utilization - stats.get("bytes_in_use", 0)
     free = free // BUDGET_STEP * BUDGET_STEP

@@ -79,6 +79,8 @@ class EngineArgs:
     tensor_parallel_size: int = option(1, "devices the attention heads and MLP split over", minimum=1)
     expert_parallel_size: int = option(1, "devices a MoE model's experts split over (the mesh's expert axis; "
                                        "attention is replicated over it)", minimum=1)  # fmt: skip
+    pipeline_parallel_size: int = option(1, "pipeline stages the layers split into, each on tensor x expert devices "
+                                         "of its own (steps run as two micro-batches where they split)", minimum=1)  # fmt: skip
     moe_impl: str = option("auto", "how MoE experts run: grouped = only the routed tokens, sorted by expert (FLOPs "
                            "scale with top-k); dense = every expert on every token; auto = per step shape, the "
                            "cheaper by a bandwidth/compute model", choices=("auto", "grouped", "dense"))  # fmt: skip

@@ -127,7 +127,8 @@ class LLMEngine:
         pool = ThreadPoolExecutor(1, thread_name_prefix="rtpjax-tokenizer")
         tokenizer = pool.submit(_timed, load_tokenizer, source)
         pool.shutdown(wait=False)
-        mesh = engine_mesh(load_config(model)[0], args.tensor_parallel_size, args.expert_parallel_size)
+        mesh = engine_mesh(load_config(model)[0], args.tensor_parallel_size, args.expert_parallel_size,
+                           pipeline=args.pipeline_parallel_size)  # fmt: skip
         self.cfg, self.family, params = load_model(model, dtype=args.dtype, mesh=mesh, progress=args.progress,
                                                    load_format=args.load_format, quantization=args.quantization)  # fmt: skip
         # MoE: how the experts run (part of the compiled programs' key) and their static placement.

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from rtpjax.models.config import ModelConfig
 from rtpjax.parallel.sharding import kv_cache_sharding, tensor_ways
+from rtpjax.parallel.stages import PipelineMesh, split_layers
 
 
 def cache_heads(cfg: ModelConfig, ways: int) -> int:
@@ -47,23 +48,29 @@ def is_quantized(dtype) -> bool:
     return jnp.dtype(dtype) in (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
 
 
-def bytes_per_block(cfg: ModelConfig, block_size: int, kv_dtype: str = "auto", ways: int = 1) -> int:
-    """Bytes one block costs each device of `ways` tensor-parallel devices (all of it on one device)."""
+def bytes_per_block(cfg: ModelConfig, block_size: int, kv_dtype: str = "auto", ways: int = 1, stages: int = 1) -> int:
+    """Bytes one block costs each device of `ways` tensor-parallel devices (all of it on one device); with pipeline
+    stages, a device of the stage with the most layers (each stage holds only its layers' KV)."""
     dtype = storage_dtype(cfg, kv_dtype)
     per_token = cfg.head_dim * dtype.itemsize + (4 if is_quantized(dtype) else 0)  # + a float32 scale
     heads = cache_heads(cfg, ways)
     per_device = heads // ways if heads % ways == 0 else heads  # split over the devices, or replicated on each
-    return 2 * cfg.num_layers * block_size * per_device * per_token
+    return 2 * max(map(len, split_layers(cfg.num_layers, stages))) * block_size * per_device * per_token
 
 
 def allocate(cfg: ModelConfig, num_blocks: int, block_size: int, mesh=None, kv_dtype: str = "auto") -> list:
-    """Zeroed cache (plus unit scales when quantized), sharded over KV heads when a mesh is given."""
+    """Zeroed cache (plus unit scales when quantized), sharded over KV heads when a mesh is given; under pipeline
+    stages (a PipelineMesh) each layer's cache lies on its stage's devices only."""
     dtype = storage_dtype(cfg, kv_dtype)
     shape = block_shape(cfg, num_blocks, block_size, mesh)
-    sharding = kv_cache_sharding(shape, mesh) if mesh is not None else None
-    make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    meshes = [mesh.stages[mesh.stage_of(i)] if isinstance(mesh, PipelineMesh) else mesh for i in range(cfg.num_layers)]
+    makers = {}
+    for m in dict.fromkeys(meshes):  # one pair of programs per distinct mesh
+        sharding = kv_cache_sharding(shape, m) if m is not None else None
+        make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+        scale_sharding = kv_cache_sharding(shape[:3], m) if m is not None else None
+        ones = jax.jit(lambda: jnp.ones(shape[:3], jnp.float32), out_shardings=scale_sharding)
+        makers[m] = (make, ones)
     if not is_quantized(dtype):
-        return [(make(), make()) for _ in range(cfg.num_layers)]
-    scale_sharding = kv_cache_sharding(shape[:3], mesh) if mesh is not None else None
-    ones = jax.jit(lambda: jnp.ones(shape[:3], jnp.float32), out_shardings=scale_sharding)
-    return [(make(), make(), ones(), ones()) for _ in range(cfg.num_layers)]
+        return [(makers[m][0](), makers[m][0]()) for m in meshes]
+    return [(makers[m][0](), makers[m][0](), makers[m][1](), makers[m][1]()) for m in meshes]

@@ -30,6 +30,7 @@ from rtpjax.models import decoder
 from rtpjax.models.config import ModelConfig
 from rtpjax.loading.quantization import check_method, is_quantized_param, quantize_on_device, quantizer
 from rtpjax.parallel.sharding import param_shardings
+from rtpjax.parallel.stages import PipelineMesh, stage_param_shardings
 
 log = logging.getLogger("rtpjax")
 _DTYPES = {
@@ -139,6 +140,8 @@ def target_shardings(shapes: dict, family, mesh, cfg: ModelConfig) -> dict:
     """Each parameter's sharding on `mesh` by the family's rules; without a mesh, the first device."""
     if mesh is None:
         return dict.fromkeys(shapes, SingleDeviceSharding(jax.devices()[0]))
+    if isinstance(mesh, PipelineMesh):  # each parameter on its pipeline stage's mesh
+        return stage_param_shardings(shapes, lambda m: decoder.partition_rules(cfg, family.PARTITION_RULES, m), mesh)
     return param_shardings(shapes, decoder.partition_rules(cfg, family.PARTITION_RULES, mesh), mesh)
 
 

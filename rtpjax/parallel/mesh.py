@@ -1,7 +1,8 @@
 """The engine's mesh from its options, checked against the model and the devices first, with one-line reasons.
 
 One mesh description: `--tensor-parallel-size` (attention heads, MLP columns, vocabulary) and `--expert-parallel-size`
-(a MoE model's experts) multiply into the devices one engine uses. Replicas behind a router (`--data-parallel-size`
+(a MoE model's experts) multiply into the devices one engine uses, times `--pipeline-parallel-size` (layers in
+stages, each stage a mesh of tensor x expert devices of its own: stages.py). Replicas behind a router (`--data-parallel-size`
 of `rtpjax serve`) are separate engines, each with its own mesh of this shape.
 """
 
@@ -13,14 +14,24 @@ import jax
 
 from rtpjax.kv.kv_cache import cache_heads
 from rtpjax.parallel.sharding import make_mesh
+from rtpjax.parallel.stages import pipeline_mesh
 
 log = logging.getLogger("rtpjax")
 
 
-def engine_mesh(cfg, tensor: int = 1, expert: int = 1, devices=None):
-    """A (data=1, expert, tensor) mesh for `cfg`. Raises ValueError for layouts that cannot work; logs what a
-    layout that works but does not split evenly does instead."""
+def engine_mesh(cfg, tensor: int = 1, expert: int = 1, devices=None, pipeline: int = 1):
+    """A (data=1, expert, tensor) mesh for `cfg`, or with `pipeline` > 1 stages one such mesh per stage (a
+    PipelineMesh). Raises ValueError for layouts that cannot work; logs what a layout that works but does not split
+    evenly does instead."""
     devices = list(jax.devices() if devices is None else devices)
+    if pipeline > 1:
+        stages = pipeline_mesh(cfg.num_layers, pipeline, tensor, expert, devices)  # checks layers and devices
+        engine_mesh(cfg, tensor, expert, devices[: tensor * expert])  # the checks of one stage's mesh
+        sizes = sorted({len(r) for r in stages.layers})
+        if len(sizes) > 1:
+            log.info("%d layers over %d pipeline stages: %s layers each", cfg.num_layers, pipeline,
+                     ", ".join(str(len(r)) for r in stages.layers))  # fmt: skip
+        return stages
     need = tensor * expert
     if need > len(devices):
         raise ValueError(f"--tensor-parallel-size {tensor} x --expert-parallel-size {expert} needs {need} devices; "

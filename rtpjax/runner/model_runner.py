@@ -28,7 +28,9 @@ from rtpjax.runner.verify import VerifyInputs, verify
 from rtpjax.kernels.metadata import AttentionMetadata
 from rtpjax.sampling_params import MAX_STOP_TOKEN_IDS
 from rtpjax.engine.scheduler import Schedule
+from rtpjax.parallel import pipeline
 from rtpjax.parallel.sharding import tensor_ways
+from rtpjax.parallel.stages import PipelineMesh
 from rtpjax.engine.sequence import PENDING
 from rtpjax.runner.step_inputs import Packing, SeqChunk, build_step, pack
 
@@ -116,6 +118,14 @@ class ModelRunner:
         """num_speculative_tokens (K) > 0: also compile verify steps, for up to max_verify_seqs sequences each."""
         self.cfg, self.params = cfg, params
         self.spec_k, self.max_verify_seqs = num_speculative_tokens, max_verify_seqs
+        # Pipeline stages (a PipelineMesh): per-stage programs and micro-batches (rtpjax/parallel/pipeline.py).
+        self.pipeline = pipeline.Pipeline(cfg, params, mesh) if isinstance(mesh, PipelineMesh) else None
+        if self.pipeline is not None and kv_tiers:
+            raise ValueError("--kv-offloading-size does not work with --pipeline-parallel-size > 1 yet (block copies "
+                             "span one mesh)")  # fmt: skip
+        if self.pipeline is not None and num_speculative_tokens:
+            raise ValueError("--speculative-config does not work with --pipeline-parallel-size > 1 yet (verify steps "
+                             "span one mesh)")  # fmt: skip
         self._forward = family.forward
         self.block_size = block_size
         self.max_blocks = -(-max_model_len // block_size)
@@ -132,7 +142,8 @@ class ModelRunner:
         self.sink = max_num_seqs
         self.kv_cache_dtype = kv_cache_dtype
         self.cache = kv.allocate(cfg, num_blocks, block_size, mesh=mesh, kv_dtype=kv_cache_dtype)
-        self.state = jax.jit(sampler.init_state, static_argnums=(0, 1))(max_num_seqs, cfg.vocab_size)
+        self.state = jax.jit(sampler.init_state, static_argnums=(0, 1),  # on the last stage, beside the logits
+                             out_shardings=self.pipeline and self.pipeline.logits_sharding)(max_num_seqs, cfg.vocab_size)
         self._model = jax.jit(
             functools.partial(model_step, cfg=cfg, forward=family.forward), static_argnums=(4,), donate_argnums=(1,)
         )
@@ -148,7 +159,8 @@ class ModelRunner:
         self.copier = BlockCopier(self.cache, self.kv_layout, buckets(self.max_blocks, 4))
         self.kv_tiers = kv_tiers  # warm-up also compiles the packed copies KV tiers move blocks with
         self.score_chunk = self.token_buckets[-1]  # prompt scoring: chunks of the step's token budget
-        self.score_buckets = buckets(-(-max_model_len // self.score_chunk) * self.score_chunk, self.score_chunk)
+        self.score_buckets = buckets(-(-max_model_len // self.score_chunk) * self.score_chunk, self.score_chunk) \
+            if self.pipeline is None else []  # fmt: skip
         self._score = jax.jit(functools.partial(prompt_logprobs.score, cfg=cfg, forward=family.forward,
                                                 block_size=block_size, mesh=mesh, kv_dtype=kv_cache_dtype),
                               static_argnums=(2,))  # fmt: skip
@@ -175,8 +187,10 @@ class ModelRunner:
 
         def compile_step(shape):
             batch = self._batch([], *shape)[0]
-            flat, packing = pack(batch)
             key = _model_key(batch)
+            if self.pipeline is not None:  # per-stage programs: compiled by the first runs below
+                return shape, key, None
+            flat, packing = pack(batch)
             return shape, key, self._model.lower(self.params, self.cache, self.state, flat, packing).compile()
 
         def compile_sampler(key):
@@ -200,15 +214,16 @@ class ModelRunner:
             # Samplers depend on the logits' rows and sharding only (one per pair, not per step shape).
             first_step = {}
             for shape in steps:
-                rows, model = keys[shape][2], self._compiled[keys[shape]]
-                first_step.setdefault((rows, model.output_shardings[0], shape[2]), shape)
-            samplers = [(*key, v) for key in first_step for v in sampler.VARIANTS]
-            samplers = [(rows, sharding, v, k) for rows, sharding, k, v in samplers]
+                rows = keys[shape][2]
+                sharding = self.pipeline.logits_sharding if self.pipeline else self._compiled[keys[shape]].output_shardings[0]
+                first_step.setdefault((rows, sharding, shape[2]), shape)
+            samplers = [(rows, sharding, v, k) for rows, sharding, k in first_step for v in sampler.VARIANTS]
             bar.total += len(samplers)
             for key, sample in pool.map(compile_sampler, samplers):
                 self._samplers[key] = sample
                 bar.update()
-            copies = self.copier.jobs(self.cache, packed=self.kv_tiers)  # KV block copies (moving requests, tiers)
+            copies = self.copier.jobs(self.cache, packed=self.kv_tiers) if self.pipeline is None else []  # KV block
+            # copies (moving requests, tiers)
             bar.total += len(copies)
             for _ in pool.map(lambda job: job(), copies):
                 bar.update()
@@ -218,6 +233,11 @@ class ModelRunner:
         compiled = time.monotonic()
         for shape in steps:  # run each once: the first call of an executable does one-time setup
             jax.block_until_ready(self.run_step(*self._batch([], *shape)))
+            t, s = shape[0], shape[1]
+            for half in self.token_buckets[: self.token_buckets.index(t)] if self.pipeline else []:  # 2 micro-batches
+                empty = self._batch([], half, self._seqs_for(half))[0]
+                micro = pipeline.MicroBatches((empty, empty), pipeline.join_rows(0, 0, self._seqs_for(half), s))
+                jax.block_until_ready(self.run_step(micro, self._sampling([], s)))
         for rows, sharding, variant, k in samplers:
             jax.block_until_ready(self.run_step(*self._batch([], *first_step[rows, sharding, k]), variant=variant))
         ran = time.monotonic()
@@ -340,6 +360,8 @@ class ModelRunner:
     def score_prompt(self, ids: list[int], top_n: int) -> list[dict[int, float] | None]:
         """Each prompt token's logprob (and the top-n alternatives) given the tokens before it: one extra prefill, only
         for requests that ask, by the executable warm-up compiled for the prompt's length bucket."""
+        if self.pipeline is not None:
+            raise ValueError("prompt_logprobs are not available with --pipeline-parallel-size > 1")
         length = pick(self.score_buckets, len(ids))
         flat, packing = pack(self._score_inputs(ids, length))
         scorer = self._scorers.get(length)
@@ -358,7 +380,19 @@ class ModelRunner:
         num_tokens = pick(self.token_buckets, max(schedule.num_tokens, len(schedule.items)))
         if schedule.verify:
             return self._batch(schedule.items, num_tokens, self._verify_seqs_for(num_tokens), self.spec_k)
-        return self._batch(schedule.items, num_tokens, self._seqs_for(num_tokens))
+        batch, sampling = self._batch(schedule.items, num_tokens, self._seqs_for(num_tokens))
+        return (batch if self.pipeline is None else self._micro_batches(schedule.items, batch)), sampling
+
+    def _micro_batches(self, items, whole: StepBatch) -> pipeline.MicroBatches:
+        """Pipeline stages: the step as two micro-batches of one smaller bucket, else as it is (pipeline.py)."""
+        cut = pipeline.split_point([item.num_tokens for item in items])
+        halves = (items[:cut], items[cut:])
+        num_tokens = pick(self.token_buckets, max(max(sum(i.num_tokens for i in h), len(h)) for h in halves))
+        if cut == 0 or num_tokens >= whole.tokens.shape[0]:
+            return pipeline.MicroBatches((whole,))
+        rows = self._seqs_for(num_tokens)
+        return pipeline.MicroBatches(tuple(self._batch(h, num_tokens, rows)[0] for h in halves),
+                                     pipeline.join_rows(cut, len(items) - cut, rows, whole.logits_indices.shape[0]))
 
     def launch(self, batch: StepBatch, sampling) -> sampler.SampleOutput:
         """Queue the step on the device and return its (not yet computed) outputs, already on their way to the host.
@@ -375,20 +409,24 @@ class ModelRunner:
         step that verifies drafts."""
         k = sampling.drafts.shape[1] if isinstance(sampling, VerifyInputs) else 0
         variant = variant or sampler.variant_for(sampling.rows if k else sampling)
-        flat, packing = pack(batch)
         flat_sampling, sampling_packing = pack(sampling)
-        model = self._compiled.get(_model_key(batch))
-        if model is not None:
-            logits, self.cache, *load = model(self.params, self.cache, self.state, flat)
+        if self.pipeline is not None:  # pipeline stages: per-stage programs, micro-batches (a StepBatch: just one)
+            micro = batch if isinstance(batch, pipeline.MicroBatches) else pipeline.MicroBatches((batch,))
+            logits, self.cache, load = self.pipeline.run(self.cache, self.state.last_token, micro)
+            load, sharding = [] if load is None else [load], self.pipeline.logits_sharding
+        elif (model := self._compiled.get(_model_key(batch))) is not None:
+            logits, self.cache, *load = model(self.params, self.cache, self.state, pack(batch)[0])
             sharding = model.output_shardings[0]
         else:
+            flat, packing = pack(batch)
             logits, self.cache, *load = self._model(self.params, self.cache, self.state, flat, packing)
             sharding = logits.sharding
         if load:
             self.read_expert_load()  # the arrived counts (keeps the pending list short)
             load[0].copy_to_host_async()
             self._loads.append(load[0])
-        sample = self._samplers.get((batch.logits_indices.shape[0], sharding, variant, k))
+        rows = sampling.slot.shape[0] if self.pipeline is not None else batch.logits_indices.shape[0]
+        sample = self._samplers.get((rows, sharding, variant, k))
         if sample is not None:
             out, self.state = sample(logits, self.state, flat_sampling)
         else:
