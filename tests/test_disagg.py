@@ -6,6 +6,7 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -249,6 +250,53 @@ def test_vllm_router_pd_mode(pd):
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def test_rtpjax_router_pd_mode(pd):
+    """`rtpjax router --pd-disaggregation` (a real process) in front of the workers: every request goes through the
+    hand-off (the decode side's pulled counter) and gives the decode server's colocated tokens, streamed or not."""
+    _, (prefill, decode) = pd
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "rtpjax.cli", "router", "--pd-disaggregation", "--prefill",
+                             prefill.url, "--decode", decode.url, "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "rtpjax router did not come up"
+            time.sleep(0.3)
+        pulled = status(decode.url)["kv_transfers_pulled"]
+        for body in (BODIES[0], BODIES[4]):
+            r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+            assert texts(r.status_code, r.content) == texts(*via_plain(decode.url, body)), body
+        assert status(decode.url)["kv_transfers_pulled"] == pulled + 2
+        assert httpx.post(url + "/v1/completions", content=b"{not json", timeout=10).status_code == 400
+        assert httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"] == "stories"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_router_pd_flags_are_checked():
+    """Bad flag combinations fail in one line before anything starts."""
+    for argv, says in ((["--pd-disaggregation", "--prefill", "http://a:1"], "at least one --prefill and one --decode"),
+                       (["--prefill", "http://a:1", "--decode", "http://b:1"], "need --pd-disaggregation"),
+                       (["--pd-disaggregation", "--prefill", "a:1", "--decode", "http://b:1"], "not an http"),
+                       ([], "--worker-urls")):  # fmt: skip
+        r = subprocess.run([sys.executable, "-m", "rtpjax.cli", "router", *argv], capture_output=True, text=True,
+                           timeout=60)  # fmt: skip
+        assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_decode_engine_killed_mid_stream_fails_fast(pd):

@@ -117,7 +117,8 @@ class PDPool:
         self.client, self.prefill, self.decode = client, list(prefill_urls), list(decode_urls)
         self._status: dict[str, tuple[float, dict | None]] = {}
 
-    async def _get(self, url: str) -> dict | None:
+    async def status(self, url: str) -> dict | None:
+        """The worker's GET /pd/status (cached briefly), or None when it does not answer."""
         seen = self._status.get(url)
         if seen is not None and time.monotonic() - seen[0] < STATUS_TTL_S:
             return seen[1]
@@ -132,7 +133,7 @@ class PDPool:
     async def ranked(self) -> tuple[list[str], list[str]]:
         """(prefill URLs best first, decode URLs best first)."""
         urls = self.prefill + self.decode
-        statuses = dict(zip(urls, await asyncio.gather(*(self._get(u) for u in urls))))
+        statuses = dict(zip(urls, await asyncio.gather(*(self.status(u) for u in urls))))
 
         def queue(u):
             s = statuses[u]

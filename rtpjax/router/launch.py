@@ -27,7 +27,12 @@ def add_policy_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> N
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--worker-urls", nargs="+", required=True, help="the replicas' base URLs (rtpjax serve)")
+    parser.add_argument("--worker-urls", nargs="+", help="the replicas' base URLs (rtpjax serve)")
+    parser.add_argument("--pd-disaggregation", action="store_true",
+                        help="prefill/decode disaggregation: each request's prompt on a --prefill worker, the rest on "
+                        "a --decode worker (rtpjax serve --role prefill / --role decode)")  # fmt: skip
+    parser.add_argument("--prefill", nargs="+", default=[], help="prefill workers' base URLs (--pd-disaggregation)")
+    parser.add_argument("--decode", nargs="+", default=[], help="decode workers' base URLs (--pd-disaggregation)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model", default=None, help="the replicas' model folder or .gguf, for its tokenizer "
@@ -52,16 +57,39 @@ def router_app(urls: list[str], model: str | None, tokenizer: str | None, policy
     return build_router(urls, policy, tok, balance_abs, balance_rel, interval, timeout)
 
 
+def check_urls(args: argparse.Namespace) -> None:
+    """The worker flags that go together, and URLs that are URLs."""
+    if args.pd_disaggregation:
+        if args.worker_urls:
+            raise ValueError("--pd-disaggregation takes --prefill and --decode URLs, not --worker-urls")
+        if not args.prefill or not args.decode:
+            raise ValueError("--pd-disaggregation needs at least one --prefill and one --decode URL")
+        named = [("--prefill", u) for u in args.prefill] + [("--decode", u) for u in args.decode]
+    else:
+        if args.prefill or args.decode:
+            raise ValueError("--prefill and --decode need --pd-disaggregation")
+        if not args.worker_urls:
+            raise ValueError("give the replicas with --worker-urls URL ... (or --pd-disaggregation with --prefill "
+                             "and --decode)")  # fmt: skip
+        named = [("--worker-urls", u) for u in args.worker_urls]
+    for flag, url in named:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"{flag}: {url!r} is not an http:// or https:// URL")
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    for url in args.worker_urls:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"--worker-urls: {url!r} is not an http:// or https:// URL")
+    check_urls(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per poll
-    app = router_app(args.worker_urls, args.model, args.tokenizer, args.policy, args.balance_abs_threshold,
-                     args.balance_rel_threshold, args.health_check_interval, args.health_check_timeout)  # fmt: skip
+    if args.pd_disaggregation:
+        from rtpjax.router.pd import build_pd_router
+
+        app = build_pd_router(args.prefill, args.decode, args.health_check_timeout)
+    else:
+        app = router_app(args.worker_urls, args.model, args.tokenizer, args.policy, args.balance_abs_threshold,
+                         args.balance_rel_threshold, args.health_check_interval, args.health_check_timeout)  # fmt: skip
     uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")).run()
     return 0
 
