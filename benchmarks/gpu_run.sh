@@ -93,8 +93,8 @@ for stage in $stages; do
       --compilation-cache-dir /tmp/xla
     ;;
   spec)
-    timeout 500 python3 -m rtpjax.benchmarks.spec_bench --shape "$SHAPE" --prompts random --out "$OUT/spec.json" \
-      --max-num-seqs 64 --compilation-cache-dir /tmp/xla
+    timeout ${SPEC_TIMEOUT:-500} python3 -m rtpjax.benchmarks.spec_bench --shape "$SHAPE" --prompts random \
+      --out "$OUT/spec.json" --max-num-seqs 64 --compilation-cache-dir /tmp/xla ${SPEC_FLAGS:-}
     ;;
   offline_hf)
     checkpoint
