@@ -19,6 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from rtpjax.distributed import multihost
 from rtpjax.distributed.messages import CompletionDelta, EngineStats, RequestDelta
 from rtpjax.engine import detokenizer
 from rtpjax.kv import kv_cache
@@ -93,14 +94,14 @@ def kv_cache_blocks(cfg, args: EngineArgs, max_model_len: int) -> int:
     if args.num_gpu_blocks is not None:
         return args.num_gpu_blocks
     per_block = kv_cache.bytes_per_block(cfg, args.block_size, args.kv_cache_dtype, args.tensor_parallel_size)
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         free = stats["bytes_limit"] * args.gpu_memory_utilization - stats.get("bytes_in_use", 0)
         # In whole 256 MiB steps: the same budget on the next start gives the same cache shape, which every compiled
         # step's signature includes, so the persistent compilation cache still answers (a few stray bytes in use
         # would otherwise change the count and recompile everything).
         free = free // _KV_BUDGET_STEP * _KV_BUDGET_STEP
-        return max(1, int(free // per_block))
+        return multihost.agree_min(max(1, int(free // per_block)))  # one cache shape on every host
     enough = args.max_num_seqs * -(-max_model_len // args.block_size)
     return max(1, min(enough, args.cpu_kv_cache_bytes // per_block))
 
@@ -113,7 +114,9 @@ class LLMEngine:
         from rtpjax.parallel.mesh import engine_mesh
 
         model = resolve_model(model)
-        args = (args or EngineArgs()).for_platform(jax.default_backend())
+        args = args or EngineArgs()
+        multihost.initialize(args)  # several processes: jax.distributed before anything touches a device
+        args = args.for_platform(jax.default_backend())
         self.args = args
 
         if args.compilation_cache_dir:
@@ -126,6 +129,7 @@ class LLMEngine:
         tokenizer = pool.submit(_timed, load_tokenizer, source)
         pool.shutdown(wait=False)
         mesh = engine_mesh(load_config(model)[0], args.tensor_parallel_size, args.expert_parallel_size)
+        self.channel = multihost.connect(args)  # several processes: the leader's step channel to its followers
         self.cfg, self.family, params = load_model(model, dtype=args.dtype, mesh=mesh, progress=args.progress,
                                                    load_format=args.load_format, quantization=args.quantization)  # fmt: skip
         # MoE: how the experts run (part of the compiled programs' key) and their static placement.
@@ -158,6 +162,8 @@ class LLMEngine:
         if self.tiers is not None:
             self.tiers.costs = tiers_build.measure_costs(self.runner, self.tiers)
         compiled = time.monotonic()
+        if isinstance(self.channel, multihost.Leader):
+            self.runner.mirror = self.channel  # from here on the followers replay this process's device work
         self.tokenizer, tokenizer_seconds = tokenizer.result()
         self.eos_ids = _eos_ids(Path(model), self.cfg, self.tokenizer)
         done = time.monotonic()
@@ -258,7 +264,9 @@ class LLMEngine:
 
     def close(self) -> None:
         """Write the prefix cache's blocks down to the KV tiers (the disk tier keeps them for the next start) and
-        wait for the writes. Idempotent; a no-op without tiers."""
+        wait for the writes; stop the followers of a multi-host engine. Idempotent."""
+        if isinstance(self.channel, multihost.Leader):
+            self.channel.close()
         if self.tiers is None:
             return
         for h, block in list(self.pool.cached.items()):
