@@ -28,6 +28,10 @@ def generate(args: argparse.Namespace) -> int:
     from rtpjax.options import engine_args_from
 
     engine = LLMEngine(args.model, engine_args_from(args))
+    if engine.args.process_id > 0:  # a follower of a multi-host engine: the leader prints
+        from rtpjax.distributed import multihost
+
+        return multihost.follow(engine)
     # --seed is the engine's seed option, and this one prompt is sampled with it: `generate --seed S` gives the tokens
     # a request with seed S gets from the server.
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
