@@ -30,7 +30,12 @@
 #           llama3-70b-cut (70B's hidden size, heads and vocabulary, 20 of its 80 layers, so TP=1 fits one H200); EP
 #           1/2/4 on Qwen3-30B-A3B; PP 2/4 where --pipeline-parallel-size exists; then one engine as two processes
 #           (jax.distributed, a GPU each) against one process driving both: tokens identical, throughput.
-#           TPS, EPS, PPS, BATCHES, NUM_PROMPTS, SCALE_SHAPES, MOE_SHAPE, PAIR_SHAPE override (tiny on a CPU mesh)
+#           TPS, EPS, PPS, BATCHES, NUM_PROMPTS, SCALE_SHAPES, MOE_SHAPE, PAIR_SHAPE, SCALE_FLAGS (more offline.py
+#           flags), PAIR_XLA_FLAGS (the two processes' XLA_FLAGS) override; on a CPU mesh with tiny sizes:
+#           SCALE_SHAPES=tiny MOE_SHAPE=tiny-moe PAIR_SHAPE=tiny TPS=2 EPS=2 BATCHES=1,2 NUM_PROMPTS=4
+#           SCALE_FLAGS="--input-len 8 --output-len 4 --throughput-input-len 8 --throughput-output-len 4
+#           --max-num-seqs 4 --max-num-batched-tokens 16 --max-model-len 64"
+#           PAIR_XLA_FLAGS=--xla_force_host_platform_device_count=1 XLA_FLAGS=--xla_force_host_platform_device_count=2
 # Run from the repository root on the lent GPU (device tool), with .whl carried (starlette, uvicorn, pydantic):
 #   bash benchmarks/gpu_run.sh load transfer startup offline offline_hf serve host kernels
 set -uo pipefail
@@ -106,13 +111,13 @@ for stage in $stages; do
       local name=$1; shift
       timeout 600 python3 -m rtpjax.benchmarks.offline --batch-sizes "${BATCHES:-1,8,32,128}" --output-len 64 \
         --num-prompts "${NUM_PROMPTS:-256}" --max-num-seqs 128 --out "$OUT/scaling_$name.json" \
-        --compilation-cache-dir /tmp/xla "$@" || echo "scaling: $name failed"
+        --compilation-cache-dir /tmp/xla "$@" ${SCALE_FLAGS:-} || echo "scaling: $name failed"
     }
     two() {  # one engine as two processes, a GPU each: the follower in the background, the leader in front
       local port=$((20000 + RANDOM % 20000)) follower
-      CUDA_VISIBLE_DEVICES=1 timeout 600 "$@" --num-processes 2 --process-id 1 \
+      CUDA_VISIBLE_DEVICES=1 XLA_FLAGS=${PAIR_XLA_FLAGS:-${XLA_FLAGS:-}} timeout 600 "$@" --num-processes 2 --process-id 1 \
         --coordinator-address 127.0.0.1:$port >"$OUT/scaling_follower.log" 2>&1 & follower=$!
-      CUDA_VISIBLE_DEVICES=0 timeout 600 "$@" --num-processes 2 --process-id 0 --coordinator-address 127.0.0.1:$port
+      CUDA_VISIBLE_DEVICES=0 XLA_FLAGS=${PAIR_XLA_FLAGS:-${XLA_FLAGS:-}} timeout 600 "$@" --num-processes 2 --process-id 0 --coordinator-address 127.0.0.1:$port
       wait $follower || echo "scaling: the follower exited with $?" >&2
     }
     ngpu=$(python3 -c "import jax; print(jax.device_count())")
@@ -147,7 +152,7 @@ for stage in $stages; do
       scale "${pair}_tp2_one_process" --model "$ckpt" --tensor-parallel-size 2
       two python3 -m rtpjax.benchmarks.offline --model "$ckpt" --tensor-parallel-size 2 \
         --batch-sizes "${BATCHES:-1,8,32,128}" --output-len 64 --num-prompts "${NUM_PROMPTS:-256}" --max-num-seqs 128 \
-        --out "$OUT/scaling_${pair}_tp2_two_processes.json" --compilation-cache-dir /tmp/xla
+        --out "$OUT/scaling_${pair}_tp2_two_processes.json" --compilation-cache-dir /tmp/xla ${SCALE_FLAGS:-}
     fi
     python3 - "$OUT" <<'EOF'
 import json, pathlib, sys

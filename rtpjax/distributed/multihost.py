@@ -59,6 +59,17 @@ def initialize(args) -> None:
                            f"the engine was asked for {args.process_id} of {args.num_processes}")  # fmt: skip
 
 
+def check_mesh(mesh) -> None:
+    """Every process must hold part of the mesh: one without devices in it would have nothing to run."""
+    if jax.process_count() == 1:
+        return
+    holders = {d.process_index for d in mesh.devices.flat}
+    if len(holders) < jax.process_count():
+        raise ValueError(f"the mesh's {mesh.devices.size} devices lie on {len(holders)} of the {jax.process_count()} "
+                         f"processes ({jax.device_count()} devices in all): make --tensor-parallel-size x "
+                         "--expert-parallel-size cover every process's devices")  # fmt: skip
+
+
 def local(x: jax.Array) -> jax.Array:
     """`x` as this process can read it: itself in one process; across processes, its copy on a local device (the
     step's outputs are replicated, so every process holds them whole)."""

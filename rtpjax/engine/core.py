@@ -129,6 +129,7 @@ class LLMEngine:
         tokenizer = pool.submit(_timed, load_tokenizer, source)
         pool.shutdown(wait=False)
         mesh = engine_mesh(load_config(model)[0], args.tensor_parallel_size, args.expert_parallel_size)
+        multihost.check_mesh(mesh)
         self.channel = multihost.connect(args)  # several processes: the leader's step channel to its followers
         self.cfg, self.family, params = load_model(model, dtype=args.dtype, mesh=mesh, progress=args.progress,
                                                    load_format=args.load_format, quantization=args.quantization)  # fmt: skip
