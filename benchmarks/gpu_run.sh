@@ -35,6 +35,16 @@
 #   pd      prefill/decode hand-off: the K/V channel (shared memory, TCP, jax.experimental.transfer) per 1k tokens of
 #           8B KV beside the host-staged floor, and the TTFT of a 2048-token prompt disaggregated against colocated
 #           (two engine processes at XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 each)
+#   scaling (issue 29; 2-4 GPUs) offline decode (batch 1/8/32/128) and throughput at TP 1/2/4 on the 8B shape and on
+#           llama3-70b-cut (70B's hidden size, heads and vocabulary, 20 of its 80 layers, so TP=1 fits one H200); EP
+#           1/2/4 on Qwen3-30B-A3B; PP 2/4 where --pipeline-parallel-size exists; then one engine as two processes
+#           (jax.distributed, a GPU each) against one process driving both: tokens identical, throughput.
+#           TPS, EPS, PPS, BATCHES, NUM_PROMPTS, SCALE_SHAPES, MOE_SHAPE, PAIR_SHAPE, SCALE_FLAGS (more offline.py
+#           flags), PAIR_XLA_FLAGS (the two processes' XLA_FLAGS) override; on a CPU mesh with tiny sizes:
+#           SCALE_SHAPES=tiny MOE_SHAPE=tiny-moe PAIR_SHAPE=tiny TPS=2 EPS=2 BATCHES=1,2 NUM_PROMPTS=4
+#           SCALE_FLAGS="--input-len 8 --output-len 4 --throughput-input-len 8 --throughput-output-len 4
+#           --max-num-seqs 4 --max-num-batched-tokens 16 --max-model-len 64"
+#           PAIR_XLA_FLAGS=--xla_force_host_platform_device_count=1 XLA_FLAGS=--xla_force_host_platform_device_count=2
 # Run from the repository root on the lent GPU (device tool), with .whl carried (starlette, uvicorn, pydantic):
 #   bash benchmarks/gpu_run.sh load transfer startup offline offline_hf serve host kernels
 set -uo pipefail
@@ -112,6 +122,63 @@ for stage in $stages; do
   tp)
     timeout 300 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" --tensor-parallel-size "${TP:-2}" \
       --out "$OUT/offline_tp${TP:-2}.json" --compilation-cache-dir /tmp/xla
+    ;;
+  scaling)
+    scale() {  # name, then offline.py flags
+      local name=$1; shift
+      timeout 600 python3 -m rtpjax.benchmarks.offline --batch-sizes "${BATCHES:-1,8,32,128}" --output-len 64 \
+        --num-prompts "${NUM_PROMPTS:-256}" --max-num-seqs 128 --out "$OUT/scaling_$name.json" \
+        --compilation-cache-dir /tmp/xla "$@" ${SCALE_FLAGS:-} || echo "scaling: $name failed"
+    }
+    two() {  # one engine as two processes, a GPU each: the follower in the background, the leader in front
+      local port=$((20000 + RANDOM % 20000)) follower
+      CUDA_VISIBLE_DEVICES=1 XLA_FLAGS=${PAIR_XLA_FLAGS:-${XLA_FLAGS:-}} timeout 600 "$@" --num-processes 2 --process-id 1 \
+        --coordinator-address 127.0.0.1:$port >"$OUT/scaling_follower.log" 2>&1 & follower=$!
+      CUDA_VISIBLE_DEVICES=0 XLA_FLAGS=${PAIR_XLA_FLAGS:-${XLA_FLAGS:-}} timeout 600 "$@" --num-processes 2 --process-id 0 --coordinator-address 127.0.0.1:$port
+      wait $follower || echo "scaling: the follower exited with $?" >&2
+    }
+    ngpu=$(python3 -c "import jax; print(jax.device_count())") || exit 1
+    for shape in ${SCALE_SHAPES:-llama3-8b llama3-70b-cut}; do
+      for tp in ${TPS:-1 2 4}; do
+        if [ "$tp" -le "$ngpu" ]; then scale "${shape}_tp$tp" --shape "$shape" --tensor-parallel-size "$tp"; fi
+      done
+    done
+    moe=${MOE_SHAPE:-qwen3-30b-a3b}
+    for ep in ${EPS:-1 2 4}; do
+      if [ "$ep" -le "$ngpu" ]; then scale "${moe}_ep$ep" --shape "$moe" --expert-parallel-size "$ep" --moe-impl grouped; fi
+    done
+    if python3 -m rtpjax.benchmarks.offline --help | grep -q -- --pipeline-parallel-size; then
+      for pp in ${PPS:-2 4}; do
+        if [ "$pp" -le "$ngpu" ]; then scale "${SHAPE}_pp$pp" --shape "$SHAPE" --pipeline-parallel-size "$pp"; fi
+      done
+    else
+      echo "scaling: no --pipeline-parallel-size option; PP skipped"
+    fi
+    if [ "$ngpu" -ge 2 ]; then  # one engine over two processes against one process driving both GPUs
+      pair=${PAIR_SHAPE:-llama-1b}; ckpt=/tmp/ckpt/$pair
+      [ -f "$ckpt/config.json" ] || python3 -m rtpjax.benchmarks.random_checkpoint "$pair" "$ckpt" >/dev/null
+      gen=(python3 -m rtpjax.cli generate "w5 w6 w7" --model "$ckpt" --max-tokens 32 --temperature 0 --ignore-eos
+           --tensor-parallel-size 2 --max-model-len 256 --compilation-cache-dir /tmp/xla)
+      timeout 600 "${gen[@]}" 2>/dev/null >"$OUT/scaling_tokens_one.txt"
+      two "${gen[@]}" 2>/dev/null | grep -v '^\[Gloo\]' >"$OUT/scaling_tokens_two.txt"  # CPU collectives' chatter
+      if cmp -s "$OUT/scaling_tokens_one.txt" "$OUT/scaling_tokens_two.txt" && [ -s "$OUT/scaling_tokens_one.txt" ]; then
+        echo "scaling: two processes give the tokens of one"
+      else
+        echo "scaling: TOKENS DIFFER between one and two processes"
+      fi
+      scale "${pair}_tp2_one_process" --model "$ckpt" --tensor-parallel-size 2
+      two python3 -m rtpjax.benchmarks.offline --model "$ckpt" --tensor-parallel-size 2 \
+        --batch-sizes "${BATCHES:-1,8,32,128}" --output-len 64 --num-prompts "${NUM_PROMPTS:-256}" --max-num-seqs 128 \
+        --out "$OUT/scaling_${pair}_tp2_two_processes.json" --compilation-cache-dir /tmp/xla ${SCALE_FLAGS:-}
+    fi
+    python3 - "$OUT" <<'EOF'
+import json, pathlib, sys
+for f in sorted(pathlib.Path(sys.argv[1]).glob("scaling_*.json")):
+    r = json.loads(f.read_text())
+    decode = "  ".join(f"b{b} {d['decode_tokens_per_s']:8.0f}" for b, d in r["decode"].items())
+    thr = r.get("throughput", {}).get("output_tokens_per_s", 0)
+    print(f"{f.stem[8:]:40s} decode tok/s {decode}   offline {thr:8.0f} out tok/s")
+EOF
     ;;
   kernels)
     timeout 420 python3 -m rtpjax.benchmarks.kernels.attention_bench --out "$OUT/attention_bench.json" \

@@ -26,6 +26,11 @@ SHAPES = {
     "llama-1b": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=32000, hidden_size=2048,
                      intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                      max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5),
+    # Llama-3-70B's hidden size, heads, MLP and vocabulary with 20 of its 80 layers: fits one H200 for TP=1 (~21 GB)
+    "llama3-70b-cut": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=8192,
+                           intermediate_size=28672, num_hidden_layers=20, num_attention_heads=64,
+                           num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+                           rms_norm_eps=1e-5),
     # MoE (config only: the engine makes its random weights on the device with --load-format dummy)
     "qwen3-30b-a3b": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936,
                           hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,

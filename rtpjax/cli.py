@@ -44,6 +44,10 @@ def generate(args: argparse.Namespace) -> int:
     from rtpjax.engine.core import LLMEngine
 
     engine = LLMEngine(args.model, engine_args)
+    if engine.args.process_id > 0:  # a follower of a multi-host engine: the leader prints
+        from rtpjax.distributed import multihost
+
+        return multihost.follow(engine)
     log.info("generating up to %d tokens", args.max_tokens)
     prompt = args.prompt
     if args.chat:

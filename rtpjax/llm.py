@@ -37,6 +37,10 @@ class LLM:
     def __init__(self, model: str | None = None, **engine_args):
         configure_logging()  # minutes of loading and compiling are never silent
         self.engine = _engine(model, engine_args)
+        if self.engine.args.process_id > 0:  # a follower of a multi-host engine: replays the leader's steps, exits
+            from rtpjax.distributed import multihost
+
+            raise SystemExit(multihost.follow(self.engine))
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,

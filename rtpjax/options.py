@@ -143,12 +143,38 @@ class EngineArgs:
     kv_transfer_timeout: float = option(30.0, "seconds a prefill engine holds a hand-off's K/V for its decode engine; "
                                         "a decode engine waits as long for room in its cache (then refuses the "
                                         "request) and for the K/V (then recomputes the prompt)", above=0)  # fmt: skip
+    num_processes: int = option(1, "processes (hosts) one engine spans, through jax.distributed: the mesh covers "
+                                "every process's devices; process 0 schedules and serves, the others follow its "
+                                "steps", minimum=1)  # fmt: skip
+    process_id: int = option(0, "this process's rank among --num-processes (0: the leader)", minimum=0)
+    coordinator_address: str | None = option(None, "HOST:PORT of process 0 for jax.distributed (--num-processes > 1); "
+                                             "the leader's step channel listens on PORT + 1")  # fmt: skip
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             setattr(self, f.name, _checked(f, getattr(self, f.name)))
         if (self.kv_disk_path is None) != (self.kv_disk_size is None):
             raise ValueError("--kv-disk-path and --kv-disk-size go together: give both or neither")
+        if self.num_processes > 1 and self.speculative_config is not None:
+            raise ValueError("--speculative-config does not work with --num-processes > 1 yet (followers replay plain "
+                             "steps only)")  # fmt: skip
+        if self.num_processes > 1 and self.pipeline_parallel_size > 1:
+            raise ValueError("--pipeline-parallel-size does not work with --num-processes > 1 yet (stages run as "
+                             "programs of one process)")  # fmt: skip
+        self._check_processes()
+
+    def _check_processes(self) -> None:
+        if self.process_id >= self.num_processes:
+            raise ValueError(f"--process-id must be below --num-processes ({self.num_processes}), got {self.process_id}")
+        if self.num_processes == 1:
+            return
+        host, _, port = (self.coordinator_address or "").rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65535:
+            raise ValueError(f"--coordinator-address must be HOST:PORT with --num-processes {self.num_processes}, "
+                             f"got {self.coordinator_address!r}")  # fmt: skip
+        if self.kv_offloading_size or self.kv_disk_path:
+            raise ValueError("KV tiers (--kv-offloading-size, --kv-disk-path) work in one process only, not with "
+                             f"--num-processes {self.num_processes}")  # fmt: skip
 
     def for_platform(self, platform: str) -> EngineArgs:
         """These options with the defaults that depend on the device filled in (platform: jax.default_backend())."""

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 from rtpjax.options import CLI_COMPILATION_CACHE, add_engine_arguments, cli_fields, engine_args_from, flag
@@ -30,6 +34,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_policy_arguments(parser.add_argument_group("router (with --data-parallel-size > 1)"), prefix="router-")
     add_engine_arguments(parser, compilation_cache_dir=CLI_COMPILATION_CACHE)
+
+
+def _stop_with_engine(llm) -> None:
+    """A multi-host leader serves only while its engine runs: an engine process that exited (a follower was lost)
+    takes the server down with it (SIGTERM: uvicorn's graceful shutdown), rather than answering 503s forever."""
+    while llm.is_alive:
+        time.sleep(0.5)
+    logging.getLogger("rtpjax").error("the multi-host engine stopped; the server exits")
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def replica_argv(args: argparse.Namespace) -> list[str]:
@@ -85,7 +98,14 @@ def serve(args: argparse.Namespace) -> int:
     engine_args = engine_args_from(args)  # bad values fail here, before anything starts
     if args.data_parallel_size > 1:
         return serve_replicas(args, engine_args)
+    if engine_args.process_id > 0:  # a follower of a multi-host engine: no HTTP, the leader's steps until it stops
+        from rtpjax.distributed import multihost
+        from rtpjax.engine.core import LLMEngine
+
+        return multihost.follow(LLMEngine(args.model, engine_args))
     llm = AsyncLLM(args.model, **dataclasses.asdict(engine_args))
+    if engine_args.num_processes > 1:
+        threading.Thread(target=_stop_with_engine, args=(llm,), name="rtpjax-engine-watch", daemon=True).start()
     name = args.served_model_name or (Path(args.model).name.removesuffix(".gguf") if args.model else DEFAULT_NAME)
     app = build_app(llm, name, api_key=args.api_key, max_queue=args.max_queue)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",

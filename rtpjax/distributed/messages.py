@@ -277,7 +277,49 @@ class StepOutputs(_Message, tag="step"):
     kv_events: list[KVEvent] = []  # the prefix cache's changes in this step (engines with KV events on)
 
 
-Message = Union[Startup, Ready, Failed, AddRequest, Abort, Stop, StepOutputs]
+# -- multi-host: the leader's device work, replayed by its followers (rtpjax.distributed.multihost) ---------------------
+
+
+class Hello(_Message, tag="hello"):
+    """A follower's first message on the step channel."""
+
+    process_id: int
+
+
+class Heartbeat(_Message, tag="heartbeat"):
+    """Sent each way about once a second: silence for longer than the peer timeout means the other side is gone."""
+
+
+class FollowStep(_Message, tag="follow_step"):
+    """One step as the leader dispatched it: its buckets, its packed inputs (runner/step_inputs.pack's int32 buffers,
+    little-endian bytes) and its sampler variant."""
+
+    num_tokens: int
+    num_seqs: int
+    inputs: bytes
+    sampling: bytes
+    mode: str  # sampler.Variant
+    logprobs: bool
+
+
+class FollowAdmit(_Message, tag="follow_admit"):
+    """Sampler state rows rebuilt for penalised sequences (ModelRunner._admit_arrays)."""
+
+    rows: list[int]
+    tokens: list[int]
+    token_rows: list[int]
+    is_output: list[bool]
+
+
+class FollowScore(_Message, tag="follow_score"):
+    """A prompt's logprobs computed (the followers run the same program and drop the result)."""
+
+    prompt_ids: list[int]
+    top_n: int
+
+
+Message = Union[Startup, Ready, Failed, AddRequest, Abort, Stop, StepOutputs, Hello, Heartbeat, FollowStep,
+                FollowAdmit, FollowScore]  # fmt: skip
 
 # -- encoding --------------------------------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from rtpjax import memory_plan
+from rtpjax.distributed import multihost
 from rtpjax.distributed.messages import CompletionDelta, EngineStats, RequestDelta
 from rtpjax.engine import detokenizer
 from rtpjax.kernels.attention import resolve_impl
@@ -111,11 +112,12 @@ class LLMEngine:
         from rtpjax.parallel.mesh import engine_mesh
 
         model = resolve_model(model)
+        args = args or EngineArgs()
+        multihost.initialize(args)  # several processes: jax.distributed before anything touches a device
         cfg, _ = load_config(model)
         # Sizes before anything loads: on a CPU the whole footprint is planned here (an explicit size that cannot fit
         # fails now, with the numbers); on a GPU the KV cache fills what the weights leave (after loading).
-        plan = memory_plan.plan(cfg.with_dtype(args.dtype) if args and args.dtype else cfg, args or EngineArgs(),
-                                memory_plan.device_memory())  # fmt: skip
+        plan = memory_plan.plan(cfg.with_dtype(args.dtype) if args.dtype else cfg, args, memory_plan.device_memory())
         args = self.args = plan.args
 
         if args.compilation_cache_dir:
@@ -129,6 +131,8 @@ class LLMEngine:
         pool.shutdown(wait=False)
         mesh = engine_mesh(load_config(model)[0], args.tensor_parallel_size, args.expert_parallel_size,
                            pipeline=args.pipeline_parallel_size)  # fmt: skip
+        multihost.check_mesh(mesh)
+        self.channel = multihost.connect(args)  # several processes: the leader's step channel to its followers
         self.cfg, self.family, params = load_model(model, dtype=args.dtype, mesh=mesh, progress=args.progress,
                                                    load_format=args.load_format, quantization=args.quantization)  # fmt: skip
         # MoE: how the experts run (part of the compiled programs' key) and their static placement.
@@ -139,7 +143,7 @@ class LLMEngine:
         if tokenizer.done():
             tokenizer.result()  # a broken tokenizer fails before minutes of compilation, not after
         if plan.num_blocks is None:
-            plan = plan.with_blocks(memory_plan.device_kv_blocks(self.cfg, args))
+            plan = plan.with_blocks(multihost.agree_min(memory_plan.device_kv_blocks(self.cfg, args)))  # one cache shape on every host
         args = self.args = plan.args
         self.plan, self.max_model_len, num_blocks = plan, args.max_model_len, plan.num_blocks
         log.info(plan.summary())
@@ -168,6 +172,8 @@ class LLMEngine:
         if self.tiers is not None:
             self.tiers.costs = tiers_build.measure_costs(self.runner, self.tiers)
         compiled = time.monotonic()
+        if isinstance(self.channel, multihost.Leader):
+            self.runner.mirror = self.channel  # from here on the followers replay this process's device work
         self.tokenizer, tokenizer_seconds = tokenizer.result()
         self.eos_ids = _eos_ids(Path(model), self.cfg, self.tokenizer)
         done = time.monotonic()
@@ -269,7 +275,9 @@ class LLMEngine:
 
     def close(self) -> None:
         """Write the prefix cache's blocks down to the KV tiers (the disk tier keeps them for the next start) and
-        wait for the writes. Idempotent; a no-op without tiers."""
+        wait for the writes; stop the followers of a multi-host engine. Idempotent."""
+        if isinstance(self.channel, multihost.Leader):
+            self.channel.close()
         if self.tiers is None:
             return
         self.tiers.drain([(block, h) for h, block in self.pool.cached.items()], self.runner.offload)

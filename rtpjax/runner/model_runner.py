@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rtpjax.distributed import multihost
+from rtpjax.distributed.messages import FollowAdmit, FollowScore, FollowStep
 from rtpjax.kv import kv_cache as kv
 from rtpjax.kv.block_copy import BlockCopier
 from rtpjax.kv.host_blocks import BlockLoad, KVBlocks, KVLayout, PackedBlocks
@@ -168,6 +170,10 @@ class ModelRunner:
         # MoE: tokens per expert per layer since start, summed on the host from steps whose counts have arrived.
         self.expert_load = np.zeros((sum(cfg.moe_layers), cfg.num_experts), np.int64)
         self._loads: list[jax.Array] = []
+        # Multi-host: the leader's channel to its followers, set after warm-up (every process warms up alike). Each
+        # piece of device work is sent to them before it is dispatched here (see distributed/multihost).
+        self.mirror: multihost.Leader | None = None
+        self._follow_packings: dict[tuple[int, int], tuple] = {}
         CompileCounter.install()
 
     # -- warm-up ----------------------------------------------------------------------------------------------------
@@ -364,9 +370,11 @@ class ModelRunner:
             raise ValueError("prompt_logprobs are not available with --pipeline-parallel-size > 1")
         length = pick(self.score_buckets, len(ids))
         flat, packing = pack(self._score_inputs(ids, length))
+        if self.mirror is not None:
+            self.mirror.send(FollowScore(list(ids), top_n))
         scorer = self._scorers.get(length)
         scored = scorer(self.params, flat) if scorer is not None else self._score(self.params, flat, packing)
-        return prompt_logprobs.entries(ids, jax.device_get(scored), top_n)
+        return prompt_logprobs.entries(ids, jax.device_get(jax.tree.map(multihost.local, scored)), top_n)
 
     def _score_inputs(self, ids: list[int], length: int) -> prompt_logprobs.ScoreBatch:
         return prompt_logprobs.score_inputs(ids, length, self.score_chunk, self.block_size, **self.attention)
@@ -398,7 +406,7 @@ class ModelRunner:
         """Queue the step on the device and return its (not yet computed) outputs, already on their way to the host.
         Host work on the GPU, not a wait: 3.7 ms per 256-row step of Llama-3-8B on an H200, the same with the device
         drained first (`benchmarks/host_step.py --idle-launch`); queuing the ~360 arguments is ~0.15 ms of it."""
-        out = self.run_step(batch, sampling)
+        out = jax.tree.map(multihost.local, self.run_step(batch, sampling))  # what this host reads
         for leaf in jax.tree.leaves(out):
             leaf.copy_to_host_async()
         return out
@@ -413,19 +421,42 @@ class ModelRunner:
         if self.pipeline is not None:  # pipeline stages: per-stage programs, micro-batches (a StepBatch: just one)
             micro = batch if isinstance(batch, pipeline.MicroBatches) else pipeline.MicroBatches((batch,))
             logits, self.cache, load = self.pipeline.run(self.cache, self.state.last_token, micro)
-            load, sharding = [] if load is None else [load], self.pipeline.logits_sharding
-        elif (model := self._compiled.get(_model_key(batch))) is not None:
-            logits, self.cache, *load = model(self.params, self.cache, self.state, pack(batch)[0])
+            load = [] if load is None else [load]
+            return self._sample_step(logits, self.pipeline.logits_sharding, load, sampling.slot.shape[0], k, variant,
+                                     flat_sampling, sampling_packing)  # fmt: skip
+        flat, packing = pack(batch)
+        key = _model_key(batch)
+        if self.mirror is not None:
+            self.mirror.send(FollowStep(key[0], key[2], flat.tobytes(), flat_sampling.tobytes(), variant.mode,
+                                        variant.logprobs))  # fmt: skip
+        return self._dispatch(key, flat, packing, flat_sampling, sampling_packing, variant, k)
+
+    def replay_step(self, step: FollowStep) -> None:
+        """A follower: dispatch the step the leader sent (the same executables; the results stay unread)."""
+        shape = (step.num_tokens, step.num_seqs)
+        if shape not in self._follow_packings:  # a packing depends on the buckets only
+            batch, sampling = self._batch([], *shape)
+            self._follow_packings[shape] = (_model_key(batch), pack(batch)[1], pack(sampling)[1])
+        key, packing, sampling_packing = self._follow_packings[shape]
+        self._dispatch(key, np.frombuffer(step.inputs, np.int32), packing, np.frombuffer(step.sampling, np.int32),
+                       sampling_packing, sampler.Variant(step.mode, step.logprobs))  # fmt: skip
+
+    def _dispatch(self, key, flat, packing, flat_sampling, sampling_packing, variant, k: int = 0):
+        model = self._compiled.get(key)
+        if model is not None:
+            logits, self.cache, *load = model(self.params, self.cache, self.state, flat)
             sharding = model.output_shardings[0]
         else:
-            flat, packing = pack(batch)
             logits, self.cache, *load = self._model(self.params, self.cache, self.state, flat, packing)
             sharding = logits.sharding
+        return self._sample_step(logits, sharding, load, key[2], k, variant, flat_sampling, sampling_packing)
+
+    def _sample_step(self, logits, sharding, load, rows, k, variant, flat_sampling, sampling_packing):
+        """The step's sampler (or verifier, k drafts) on its logits; MoE expert counts on their way to the host."""
         if load:
             self.read_expert_load()  # the arrived counts (keeps the pending list short)
             load[0].copy_to_host_async()
             self._loads.append(load[0])
-        rows = sampling.slot.shape[0] if self.pipeline is not None else batch.logits_indices.shape[0]
         sample = self._samplers.get((rows, sharding, variant, k))
         if sample is not None:
             out, self.state = sample(logits, self.state, flat_sampling)
@@ -438,11 +469,13 @@ class ModelRunner:
         """Tokens each expert of each MoE layer received so far ([MoE layers, experts]), counting the steps whose
         counts have reached the host: never waits for the device."""
         while self._loads and self._loads[0].is_ready():
-            self.expert_load += np.asarray(self._loads.pop(0))
+            self.expert_load += np.asarray(multihost.local(self._loads.pop(0)))
         return self.expert_load
 
     def load_blocks(self, loads: list[BlockLoad]) -> None:
         """Write host K/V into cache blocks; queued on the device ahead of any step launched after it."""
+        if loads and self.mirror is not None:
+            raise RuntimeError("KV blocks from the host (KV tiers, adopted requests) work in one process only")
         for load in loads:
             if isinstance(load.kv, PackedBlocks):
                 self.cache = self.copier.write_packed(self.cache, load.blocks, load.kv)
@@ -456,6 +489,8 @@ class ModelRunner:
 
     def gather_blocks(self, blocks: list[int]) -> KVBlocks:
         """The contents of cache blocks on the host, after every step already launched has written them."""
+        if self.mirror is not None:
+            raise RuntimeError("KV blocks to the host (snapshots of requests) work in one process only")
         return self.copier.gather(self.cache, blocks)
 
     def _reset_penalty_rows(self, seqs) -> None:
@@ -466,4 +501,12 @@ class ModelRunner:
             while seqs and len(group) < self.admit_rows and total + len(seqs[0].token_ids) <= limit:
                 total += len(seqs[0].token_ids)
                 group.append(seqs.pop(0))
-            self.state = self._admit(self.state, *self._admit_arrays(group, pick(self.admit_buckets, total)))
+            self.admit(*self._admit_arrays(group, pick(self.admit_buckets, total)))
+
+    def admit(self, rows, tokens, token_rows, is_output) -> None:
+        """Rebuild sampler state rows (penalised sequences' histories)."""
+        if self.mirror is not None:
+            self.mirror.send(FollowAdmit(*(np.asarray(a).tolist() for a in (rows, tokens, token_rows, is_output))))
+        arrays = (np.asarray(rows, np.int32), np.asarray(tokens, np.int32), np.asarray(token_rows, np.int32),
+                  np.asarray(is_output, bool))  # fmt: skip
+        self.state = self._admit(self.state, *arrays)
