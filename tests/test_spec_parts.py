@@ -136,3 +136,38 @@ def test_speculative_config_from_the_command_line():
     ns = parser.parse_args(["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}'])
     config = engine_args_from(ns).speculative_config
     assert SpeculativeConfig.parse(config) == SpeculativeConfig("ngram", 3)
+
+
+def test_empty_proposal_rounds_back_off_and_drafts_reset_it():
+    """A proposer that finds nothing: speculation (which gives up the loop's overlap) is tried again after 1, 2, 4,
+    ... steps up to MAX_SKIP; a round with drafts makes every step speculate again."""
+    from types import SimpleNamespace
+
+    from rtpjax.spec.speculator import MAX_SKIP, Speculator
+
+    class Proposer:
+        drafts: list = []
+
+        def propose(self, seqs, ks):
+            return [list(self.drafts) for _ in seqs]
+
+    class Seq:  # hashable, as the engine's sequences are
+        params = SimpleNamespace(speculative=True)
+        draft_acceptance = 1.0
+
+    seq = Seq()
+    scheduler = SimpleNamespace(running=[seq], waiting=[], max_drafts=lambda s: 4)
+    spec = Speculator(SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 4}), Proposer())
+    pattern = []
+    for _ in range(80):
+        on = spec.active(scheduler)
+        pattern.append(on)
+        if on:
+            assert spec.drafts(scheduler) == {}
+    rounds = [i for i, on in enumerate(pattern) if on]
+    assert [b - a - 1 for a, b in zip(rounds, rounds[1:])][:6] == [1, 2, 4, 8, 16, MAX_SKIP]
+    Proposer.drafts = [5, 6]
+    while not spec.active(scheduler):
+        pass
+    assert spec.drafts(scheduler) == {seq: [5, 6]}
+    assert all(spec.active(scheduler) for _ in range(5))

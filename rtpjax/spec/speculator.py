@@ -3,7 +3,10 @@
 Policy: no drafts while more than `disable_by_batch_size` sequences run or wait (a large batch's step is
 compute-bound: rejected drafts would cost more than accepted ones save), nor for requests that opted out
 (`SamplingParams.speculative=False`). A sequence whose recent drafts were mostly rejected proposes one token at a
-time until its acceptance recovers.
+time until its acceptance recovers. When the proposer finds nothing (text that does not repeat), the steps after
+it run without speculation, and so fully overlapped, for a span that doubles with each empty proposal round (up to
+MAX_SKIP steps) and resets as soon as a round yields drafts: synchronising every step for proposals that never come
+would cost throughput for nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import dataclasses
 from rtpjax.spec.config import SpeculativeConfig
 
 _DECAY = 0.7  # weight of a sequence's acceptance history against its latest verify step
+MAX_SKIP = 16  # steps without speculation after repeated empty proposal rounds
 
 
 @dataclasses.dataclass
@@ -35,10 +39,15 @@ class Speculator:
     def __init__(self, config: SpeculativeConfig, proposer):
         self.config, self.proposer = config, proposer
         self.counters = SpecCounters(accepted_per_pos=[0] * config.num_speculative_tokens)
+        self.empty_rounds = 0  # consecutive proposal rounds that found no drafts
+        self.skip = 0  # steps left to run without speculation
 
     def active(self, scheduler) -> bool:
         """Whether the next step may verify drafts (then the loop reads each step's tokens before the next, giving up
         the overlap of scheduling with the device; so not while no running sequence would take drafts)."""
+        if self.skip > 0:
+            self.skip -= 1
+            return False
         running = scheduler.running
         return (len(running) + len(scheduler.waiting) <= self.config.disable_by_batch_size
                 and any(seq.params.speculative for seq in running))  # fmt: skip
@@ -51,9 +60,13 @@ class Speculator:
             if k > 0:
                 seqs.append(seq)
                 ks.append(k)
-        if not seqs:
-            return {}
-        return {seq: d for seq, d in zip(seqs, self.proposer.propose(seqs, ks)) if d}
+        found = {seq: d for seq, d in zip(seqs, self.proposer.propose(seqs, ks)) if d} if seqs else {}
+        if found:
+            self.empty_rounds = 0
+        else:
+            self.empty_rounds += 1
+            self.skip = min(2 ** (self.empty_rounds - 1), MAX_SKIP)
+        return found
 
     def _k(self, seq) -> int:
         return self.config.num_speculative_tokens if seq.draft_acceptance >= self.config.min_acceptance_rate else 1
