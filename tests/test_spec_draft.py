@@ -62,7 +62,7 @@ def test_random_draft_greedy_and_seeded_tokens_equal_no_speculation(draft_llm, s
 def test_the_target_as_its_own_draft_is_always_accepted(draft_llm, stories_llm, stories_dir):
     speculator = draft_llm.engine.speculator
     original = speculator.proposer
-    speculator.proposer = DraftModelProposer(str(stories_dir), K, original.ctx)
+    speculator.proposer = DraftModelProposer(str(stories_dir), K, draft_llm.engine.draft_context)
     try:
         prompts, lengths = batch(4, seed=13)
         params = [SamplingParams(max_tokens=m, **GREEDY) for m in lengths]

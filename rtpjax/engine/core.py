@@ -158,9 +158,10 @@ class LLMEngine:
             kv_tiers=bool(args.kv_offloading_size),
             num_speculative_tokens=k, max_verify_seqs=max_verify_seqs,
         )  # fmt: skip
-        self.speculator = make_speculator(spec, DraftContext(
-            self.cfg, model, args.dtype, args.block_size, self.max_model_len, args.max_num_batched_tokens,
-            max_verify_seqs, mesh, args.attention_impl, args.kv_write))  # fmt: skip
+        self.draft_context = DraftContext(self.cfg, model, args.dtype, args.block_size, self.max_model_len,
+                                          args.max_num_batched_tokens, max_verify_seqs, mesh, args.attention_impl,
+                                          args.kv_write, args.load_format)  # what a draft model runs with
+        self.speculator = make_speculator(spec, self.draft_context)
         self.tiers = tiers_build.make_tiers(args, self.runner.kv_layout,
                                             tiers_build.identity(model, source, self.runner.kv_layout, args))
         if self.tiers is not None:

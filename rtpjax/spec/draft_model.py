@@ -42,6 +42,7 @@ class DraftContext:
     mesh: object = None
     attention_impl: str = "auto"  # resolved for the draft's own head_dim
     kv_write: str = "auto"
+    load_format: str = "auto"  # "dummy" (benchmarks): the draft's random weights are made on the devices too
 
     def attention(self, head_dim: int) -> dict:
         """The static attention configuration of the draft's steps (as the runner's, for the draft's shape)."""
@@ -117,7 +118,7 @@ class DraftModelProposer:
         from rtpjax.runner.model_runner import buckets
 
         check_vocabulary(draft_dir, load_config(draft_dir)[0], ctx)
-        self.cfg, family, self.params = load_model(draft_dir, dtype=ctx.dtype, mesh=ctx.mesh)
+        self.cfg, family, self.params = load_model(draft_dir, dtype=ctx.dtype, mesh=ctx.mesh, load_format=ctx.load_format)
         self.k, self.ctx, self.block_size = k, ctx, ctx.block_size
         self.attention = ctx.attention(self.cfg.head_dim)
         self.max_blocks = -(-(ctx.max_model_len + k) // ctx.block_size)
