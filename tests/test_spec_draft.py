@@ -5,8 +5,8 @@ warm-up."""
 
 import numpy as np
 import pytest
-
 from conftest import ENGINE_ARGS, make_tiny_checkpoint
+
 from rtpjax import LLM, SamplingParams
 from rtpjax.runner.model_runner import CompileCounter
 from rtpjax.spec.draft_model import DraftModelProposer
