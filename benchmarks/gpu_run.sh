@@ -31,7 +31,8 @@
 #           auto), then offline decode (batch 1/8/32/64) and throughput per --moe-impl, side by side
 #   spec    speculative decoding: device time of a step verifying 1/2/4/8 tokens per sequence at batch 1/8/32/64
 #           (8B shape, 512 tokens of context), then batch 1 end to end with n-gram speculation against it opted out
-#           (random ids: random weights make copy-heavy text meaningless) and a batch of 64 both ways
+#           (random ids: random weights make copy-heavy text meaningless) and a batch of 64 both ways; then batch 1
+#           with a 2-layer random draft model of the 8B shape (its cost per step; its acceptance means nothing)
 #   pd      prefill/decode hand-off: the K/V channel (shared memory, TCP, jax.experimental.transfer) per 1k tokens of
 #           8B KV beside the host-staged floor, and the TTFT of a 2048-token prompt disaggregated against colocated
 #           (two engine processes at XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 each)

@@ -6,8 +6,10 @@
 cost: device time of one step verifying t tokens per sequence (t - 1 drafts) at each batch, all at `--context`
 tokens of context, against the plain decode step (t = 1). end to end (greedy): batch 1 over copy-heavy prompts (the
 "copy" set: summarize / rewrite / code-edit chat prompts; or random ids) with n-gram speculation and with it opted
-out per request in the same engine, mean acceptance length beside the speedup; and a batch of `--large-batch`
-sequences both ways (above disable_by_batch_size speculation is off: what it costs there is its policy's overhead).
+out per request in the same engine, mean acceptance length beside the speedup; a batch of `--large-batch`
+sequences both ways (above disable_by_batch_size speculation is off: what it costs there is its policy's overhead);
+then batch 1 again with a `--draft-layers`-layer draft model of the target's shape (random weights: its acceptance
+says nothing, its cost per step is what it measures).
 """
 
 from __future__ import annotations
@@ -85,13 +87,14 @@ def verify_cost(runner: RtpjaxRunner, batches: list[int], tokens: list[int], con
     return out
 
 
-def end_to_end(llm, batch: list[list[int]], max_tokens: int) -> dict:
-    """The same greedy batch with speculation and opted out; tokens must agree (lossless)."""
+def end_to_end(llm, batch: list[list[int]], max_tokens: int, method: str = "ngram") -> dict:
+    """The same greedy batch with speculation (the engine's proposer, named `method`) and opted out; tokens must
+    agree (lossless)."""
     from rtpjax import SamplingParams
 
     counters = llm.engine.speculator.counters
     result = {}
-    for name, speculative in (("off", False), ("ngram", True)):
+    for name, speculative in (("off", False), (method, True)):
         params = SamplingParams(temperature=0, max_tokens=max_tokens, speculative=speculative)
         before = dataclasses.replace(counters, accepted_per_pos=list(counters.accepted_per_pos))
         began = time.perf_counter()
@@ -104,10 +107,37 @@ def end_to_end(llm, batch: list[list[int]], max_tokens: int) -> dict:
                         "mean_acceptance_length": 1 + accepted / drafts if drafts else None,
                         "draft_tokens": counters.num_draft_tokens - before.num_draft_tokens, "accepted_tokens": accepted,
                         "outputs": [o.outputs[0].token_ids for o in outs]}  # fmt: skip
-    off, on = result["off"], result["ngram"]
+    off, on = result["off"], result[method]
     result["speedup"] = on["tokens_per_s"] / off["tokens_per_s"]
     result["identical_outputs"] = sum(a == b for a, b in zip(off.pop("outputs"), on.pop("outputs"))) / len(batch)
     return result
+
+
+def draft_model_run(llm, model: str, layers: int, batch: list[list[int]], max_tokens: int) -> dict:
+    """Batch 1 with a draft model in place of the n-gram proposer: the target's config cut to `layers` layers (its
+    own random weights where the target's are random; with real weights, a random draft: acceptance near zero)."""
+    import shutil
+    from pathlib import Path
+
+    from rtpjax.spec.draft_model import DraftModelProposer
+
+    folder = Path(tempfile.mkdtemp(prefix="draft-"))
+    for f in Path(model).iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "generation_config.json"):
+            shutil.copy(f, folder / f.name)
+    hf = json.loads((Path(model) / "config.json").read_text()) | {"num_hidden_layers": layers}
+    (folder / "config.json").write_text(json.dumps(hf))
+    ctx = dataclasses.replace(llm.engine.draft_context, load_format="dummy")
+    speculator = llm.engine.speculator
+    speculator.proposer = DraftModelProposer(str(folder), speculator.config.num_speculative_tokens, ctx)
+    end_to_end(llm, batch[:1], 8, "draft_model")  # first-call costs
+    single = [end_to_end(llm, [p], max_tokens, "draft_model") for p in batch]
+    for i, s in enumerate(single):
+        print(f"batch 1, prompt {i}, {layers}-layer random draft: {s['off']['tokens_per_s']:7.1f} -> "
+              f"{s['draft_model']['tokens_per_s']:7.1f} tok/s ({s['speedup']:.2f}x), mean acceptance length "
+              f"{s['draft_model']['mean_acceptance_length'] or 1:.2f}, identical {s['identical_outputs']:.0%}",
+              flush=True)  # fmt: skip
+    return {"layers": layers, "random_weights": True, "per_prompt": single}
 
 
 def main():
@@ -121,6 +151,8 @@ def main():
     parser.add_argument("--num-speculative-tokens", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--large-batch", type=int, default=64, help="sequences of the large-batch run (0 to skip)")
+    parser.add_argument("--draft-layers", type=int, default=2, help="batch 1 again with a draft model: the target's "
+                        "shape cut to this many layers, random weights with --shape (0 to skip)")
     parser.add_argument("--out", default=None)
     add_engine_arguments(parser, max_model_len=2048, **ENGINE_DEFAULTS)
     args = parser.parse_args()
@@ -161,8 +193,15 @@ def main():
         lb = result["large_batch"]
         print(f"batch {args.large_batch}: {lb['off']['tokens_per_s']:.1f} -> {lb['ngram']['tokens_per_s']:.1f} tok/s "
               f"({lb['speedup']:.3f}x)", flush=True)  # fmt: skip
-    if args.out:
-        with open(args.out, "w") as f:
+    save(result, args.out)  # before the draft model's run, which compiles its own programs first
+    if args.draft_layers:
+        result["draft_model"] = draft_model_run(llm, model, args.draft_layers, batch, args.max_tokens)
+        save(result, args.out)
+
+
+def save(result: dict, out: str | None) -> None:
+    if out:
+        with open(out, "w") as f:
             json.dump(result, f, indent=1)
 
 

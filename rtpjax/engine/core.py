@@ -41,6 +41,7 @@ from rtpjax.loading.tokenizer import load_tokenizer, tokenizer_source
 from rtpjax.models import load_config
 from rtpjax.options import EngineArgs
 from rtpjax.spec.config import SpeculativeConfig
+from rtpjax.spec.draft_model import DraftContext
 from rtpjax.spec.speculator import make_speculator
 
 log = logging.getLogger("rtpjax")
@@ -149,7 +150,6 @@ class LLMEngine:
         log.info(plan.summary())
         self.pool = BlockPool(num_blocks, args.enable_prefix_caching, kv_events=args.enable_kv_cache_events)
         spec = None if args.speculative_config is None else SpeculativeConfig.parse(args.speculative_config)
-        self.speculator = make_speculator(spec)
         k = spec.num_speculative_tokens if spec else 0
         max_verify_seqs = min(spec.disable_by_batch_size, args.max_num_seqs) if spec else 0
         self.scheduler = Scheduler(self.pool, args.block_size, args.max_num_seqs, args.max_num_batched_tokens,
@@ -162,6 +162,10 @@ class LLMEngine:
             kv_tiers=bool(args.kv_offloading_size),
             num_speculative_tokens=k, max_verify_seqs=max_verify_seqs,
         )  # fmt: skip
+        self.draft_context = DraftContext(self.cfg, model, args.dtype, args.block_size, self.max_model_len,
+                                          args.max_num_batched_tokens, max_verify_seqs, mesh, args.attention_impl,
+                                          args.kv_write, args.load_format)  # what a draft model runs with
+        self.speculator = make_speculator(spec, self.draft_context)
         self.tiers = tiers_build.make_tiers(args, self.runner.kv_layout,
                                             tiers_build.identity(model, source, self.runner.kv_layout, args))
         if self.tiers is not None:
@@ -319,6 +323,8 @@ class LLMEngine:
         else:
             outputs = []
         self.inflight = launched
+        if self.speculator is not None:
+            self.speculator.release_finished()
         stats.steps, stats.rows = stats.steps + 1, stats.rows + len(schedule.items)
         stats.computed += schedule.num_tokens
         stats.sampled += sum(item.samples for item in schedule.items)

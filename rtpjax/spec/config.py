@@ -8,16 +8,17 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+from pathlib import Path
 
-METHODS = ("ngram",)
-LATER = ("draft_model", "eagle3")  # vLLM's other methods: refused by name until their proposers exist
+METHODS = ("ngram", "draft_model")
+LATER = ("eagle3",)  # vLLM's other method: refused by name until its proposer exists
 
 
 @dataclasses.dataclass(frozen=True)
 class SpeculativeConfig:
-    method: str  # "ngram" (prompt lookup)
+    method: str  # "ngram" (prompt lookup), "draft_model" (a smaller model of the same vocabulary)
     num_speculative_tokens: int  # K: drafts per sequence per step at most
-    model: str | None = None  # a draft model's folder (vLLM's draft_model, eagle3 methods: refused for now)
+    model: str | None = None  # draft_model: the draft model's folder
     prompt_lookup_max: int = 4  # ngram: longest suffix looked up
     prompt_lookup_min: int = 2  # ngram: shortest suffix that may match (vLLM's default is 1; 1 guesses too often)
     # Above this many running sequences a step does not speculate (vLLM's name): at large batches a step is
@@ -45,7 +46,8 @@ class SpeculativeConfig:
         if "method" not in value:  # vLLM: a model alone means a draft model
             value["method"] = "draft_model" if value.get("model") else None
         if value["method"] in LATER:
-            raise ValueError(f"speculative_config: method {value['method']} is not supported yet; use ngram")
+            raise ValueError(f"speculative_config: method {value['method']} is not supported yet; use ngram or "
+                             "draft_model")
         if value["method"] not in METHODS:
             raise ValueError(f"speculative_config: method must be one of {', '.join(METHODS)}, got {value['method']!r}")
         if "num_speculative_tokens" not in value:
@@ -70,4 +72,8 @@ class SpeculativeConfig:
         integer("disable_by_batch_size", 1)
         need(isinstance(self.min_acceptance_rate, (int, float)) and 0 <= self.min_acceptance_rate <= 1,
              f"min_acceptance_rate must be in [0, 1], got {self.min_acceptance_rate!r}")  # fmt: skip
-        need(self.model is None, "method ngram takes no model")
+        if self.method == "ngram":
+            need(self.model is None, "method ngram takes no model")
+            return
+        need(isinstance(self.model, str) and self.model, f"method {self.method} needs a model (the folder of its weights)")
+        need(Path(self.model, "config.json").is_file(), f"model {self.model!r} is not a folder with a config.json")

@@ -68,6 +68,12 @@ class Speculator:
             self.skip = min(2 ** (self.empty_rounds - 1), MAX_SKIP)
         return found
 
+    def release_finished(self) -> None:
+        """Proposers that keep state per sequence (a draft model's KV blocks) let go of finished ones."""
+        release = getattr(self.proposer, "release_finished", None)
+        if release is not None:
+            release()
+
     def _k(self, seq) -> int:
         return self.config.num_speculative_tokens if seq.draft_acceptance >= self.config.min_acceptance_rate else 1
 
@@ -88,9 +94,14 @@ class Speculator:
                     spec_decode_num_accepted_tokens_per_pos=list(c.accepted_per_pos))  # fmt: skip
 
 
-def make_speculator(config: SpeculativeConfig | None) -> Speculator | None:
+def make_speculator(config: SpeculativeConfig | None, ctx=None) -> Speculator | None:
+    """ctx: a DraftContext (the target's sizes), which model-based proposers need."""
     if config is None:
         return None
+    if config.method == "draft_model":
+        from rtpjax.spec.draft_model import DraftModelProposer
+
+        return Speculator(config, DraftModelProposer(config.model, config.num_speculative_tokens, ctx))
     from rtpjax.spec.ngram import NgramProposer
 
     return Speculator(config, NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max))

@@ -1,0 +1,205 @@
+"""Draft-model proposals: a smaller model of the same vocabulary guesses the next K tokens greedily.
+
+The draft has its own paged KV cache and block tables (its own BlockPool). Per sequence it remembers how many of the
+sequence's tokens its cache holds; a proposal first runs the tokens it has not seen (the prompt the first time, then
+the tokens the target accepted since) as one ragged chunk per sequence, takes the argmax at each sequence's last token,
+and then feeds its own guesses back K-1 times, all inside one jitted program per token bucket (compiled at
+construction, like the runner's steps, so proposing never compiles). Guesses the target rejected are not undone:
+their K/V lie past what the draft counts as computed and are overwritten by the next catch-up.
+
+Proposals are argmaxes, a point mass per draft, so `runner.verify` keeps the target's distribution exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rtpjax.engine.sequence import Sequence, Status
+from rtpjax.kernels.metadata import AttentionMetadata
+from rtpjax.kv import kv_cache as kv
+from rtpjax.kv.block_pool import BlockPool
+from rtpjax.runner.step_inputs import Packing, SeqChunk, build_step, pack
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftContext:
+    """What a model-based proposer takes from the target engine: sizes and placement of its steps."""
+
+    cfg: object  # the target's ModelConfig
+    model_dir: str  # the target's folder (its tokenizer is compared with the draft's)
+    dtype: str | None
+    block_size: int
+    max_model_len: int
+    max_num_batched_tokens: int
+    max_seqs: int  # sequences one proposal covers at most (the verify step's limit)
+    mesh: object = None
+    attention_impl: str = "auto"  # resolved for the draft's own head_dim
+    kv_write: str = "auto"
+    load_format: str = "auto"  # "dummy" (benchmarks): the draft's random weights are made on the devices too
+
+    def attention(self, head_dim: int) -> dict:
+        """The static attention configuration of the draft's steps (as the runner's, for the draft's shape)."""
+        from rtpjax.kernels.attention import resolve_impl
+        from rtpjax.parallel.sharding import tensor_ways
+
+        impl = resolve_impl(self.attention_impl, head_dim)
+        mesh = self.mesh if impl == "pallas" and tensor_ways(self.mesh) > 1 else None
+        return dict(impl=impl, mesh=mesh, kv_write=self.kv_write)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DraftBatch:
+    tokens: jax.Array  # [T] the tokens each sequence's draft cache lacks, ragged
+    positions: jax.Array  # [T]
+    meta: AttentionMetadata
+    last: jax.Array  # [S] each sequence's last token in `tokens`
+    writable: jax.Array  # [S] positions below this have a draft block (guesses past it are not written)
+
+
+def propose_step(params, cache, flat, packing: Packing, *, cfg, forward, k: int, block_size: int):
+    """Catch up on the new tokens, then K greedy guesses per sequence: ([S, K] int32, cache)."""
+    b: DraftBatch = packing.unpack(flat)
+    logits, cache = forward(params, cfg, b.tokens, b.positions, cache, b.meta, b.last)[:2]
+    guess = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    guesses, lens = [guess], b.meta.seq_lens
+    real = lens > 0
+    num_seqs = lens.shape[0]
+    starts = jnp.minimum(jnp.arange(num_seqs + 1, dtype=jnp.int32), jnp.sum(real, dtype=jnp.int32))
+    rows = jnp.arange(num_seqs)
+    for j in range(k - 1):  # guess j sits at position len + j; its K/V is written, the next guess read off it
+        pos = jnp.where(real, lens + j, 0)
+        write = real & (pos < b.writable)
+        block = b.meta.block_tables[rows, jnp.minimum(pos // block_size, b.meta.block_tables.shape[1] - 1)]
+        slots = jnp.where(write, block * block_size + pos % block_size, -1)
+        meta = dataclasses.replace(b.meta, query_start_loc=starts, seq_lens=jnp.where(real, pos + 1, 0),
+                                   slot_mapping=slots, plan={})  # fmt: skip
+        logits, cache = forward(params, cfg, guess, pos, cache, meta, None)[:2]
+        guess = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        guesses.append(guess)
+    return jnp.stack(guesses, axis=1), cache
+
+
+@dataclasses.dataclass
+class _DraftState:
+    """A sequence's place in the draft cache."""
+
+    blocks: list[int]
+    computed: int = 0  # leading tokens whose K/V the draft cache holds
+    base: int = 0  # its token count when last proposed for
+    written: list[int] = dataclasses.field(default_factory=list)  # guesses whose K/V went in at base, base + 1, ...
+
+
+def check_vocabulary(draft_dir: str, draft_cfg, ctx: DraftContext) -> None:
+    """The draft must speak the target's token ids: same vocabulary size and, where both ship a tokenizer.json, the
+    same token -> id map."""
+    if draft_cfg.vocab_size != ctx.cfg.vocab_size:
+        raise ValueError(f"speculative_config: the draft model {draft_dir} has a vocabulary of {draft_cfg.vocab_size} "
+                         f"tokens, the target {ctx.cfg.vocab_size}; a draft must share the target's vocabulary")
+    files = [Path(d) / "tokenizer.json" for d in (draft_dir, ctx.model_dir)]
+    if all(f.is_file() for f in files):
+        vocabs = [json.loads(f.read_text()).get("model", {}).get("vocab") for f in files]
+        if vocabs[0] != vocabs[1]:
+            raise ValueError(f"speculative_config: the draft model {draft_dir} has another tokenizer than the target "
+                             "(tokenizer.json vocabularies differ); a draft must share the target's token ids")
+
+
+class DraftModelProposer:
+    def __init__(self, draft_dir: str, k: int, ctx: DraftContext):
+        from rtpjax.loading.model_source import load_model
+        from rtpjax.models import load_config
+        from rtpjax.runner.model_runner import buckets
+
+        check_vocabulary(draft_dir, load_config(draft_dir)[0], ctx)
+        self.cfg, family, self.params = load_model(draft_dir, dtype=ctx.dtype, mesh=ctx.mesh, load_format=ctx.load_format)
+        self.k, self.ctx, self.block_size = k, ctx, ctx.block_size
+        self.attention = ctx.attention(self.cfg.head_dim)
+        self.max_blocks = -(-(ctx.max_model_len + k) // ctx.block_size)
+        self.pool = BlockPool(ctx.max_seqs * self.max_blocks, enable_prefix_caching=False)
+        self.cache = kv.allocate(self.cfg, self.pool.num_blocks, ctx.block_size, mesh=ctx.mesh)
+        self.states: dict[Sequence, _DraftState] = {}
+        self.token_buckets = buckets(ctx.max_num_batched_tokens, 1)
+        self._step = jax.jit(functools.partial(propose_step, cfg=self.cfg, forward=family.forward, k=k,
+                                               block_size=ctx.block_size), static_argnums=(3,), donate_argnums=(1,))
+        self._compiled = {}  # token bucket -> executable
+        for t in self.token_buckets:  # compiled (and run once) now: proposing never compiles
+            flat, packing = pack(self._batch([], t))
+            self._compiled[t] = self._step.lower(self.params, self.cache, flat, packing).compile()
+            _, self.cache = self._compiled[t](self.params, self.cache, flat)
+
+    def _seqs_for(self, num_tokens: int) -> int:
+        return min(num_tokens, self.ctx.max_seqs)
+
+    def _batch(self, chunks: list[tuple[_DraftState, SeqChunk]], num_tokens: int) -> DraftBatch:
+        num_seqs = self._seqs_for(num_tokens)
+        step = build_step([c for _, c in chunks], self.block_size, num_tokens=num_tokens, num_seqs=num_seqs,
+                          max_blocks=self.max_blocks, **self.attention)  # fmt: skip
+        writable = np.zeros(num_seqs, np.int32)
+        writable[: len(chunks)] = [len(state.blocks) * self.block_size for state, _ in chunks]
+        return DraftBatch(step.tokens, step.positions, step.meta, step.logits_indices, writable)
+
+    # -- proposing --------------------------------------------------------------------------------------------------
+
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
+        self.release_finished()
+        states = [self._state(seq, set(seqs)) for seq in seqs]
+        queue = [[seq, state, state.computed] for seq, state in zip(seqs, states)]  # next token to run
+        proposals: dict[Sequence, list[int]] = {}
+        limit = self.token_buckets[-1]
+        while queue:  # usually one call; long catch-ups (a fresh prompt) are split over the token budget
+            chunks, owners, budget = [], [], limit
+            while queue and budget > 0 and len(chunks) < self.ctx.max_seqs:
+                seq, state, start = queue[0]
+                n = min(len(seq.token_ids) - start, budget)
+                chunks.append((state, SeqChunk(seq.token_ids[start : start + n], start, state.blocks)))
+                budget -= n
+                if start + n < len(seq.token_ids):
+                    queue[0][2] = start + n  # the rest in the next call; this call's guesses for it are unused
+                    break
+                owners.append((len(chunks) - 1, seq, state))
+                queue.pop(0)
+            t = next(b for b in self.token_buckets if b >= limit - budget)
+            guesses, self.cache = self._compiled[t](self.params, self.cache, pack(self._batch(chunks, t))[0])
+            guesses = np.asarray(guesses)
+            for row, seq, state in owners:
+                state.base, state.computed = len(seq.token_ids), len(seq.token_ids)
+                state.written = guesses[row, : self.k - 1].tolist()
+                proposals[seq] = guesses[row].tolist()
+        return [proposals[seq][:k] for seq, k in zip(seqs, ks)]
+
+    def _state(self, seq: Sequence, proposing: set) -> _DraftState:
+        """The sequence's draft state, its cache progress moved to what its tokens confirm, with blocks for the
+        guesses to come (taken from sequences not proposed for now if the pool runs short)."""
+        state = self.states.get(seq)
+        if state is None:
+            state = self.states[seq] = _DraftState([])
+        else:  # the guesses whose K/V went in and that the sequence's tokens now confirm count as computed
+            ids, confirmed = seq.token_ids, 0
+            while confirmed < len(state.written) and state.base + confirmed < len(ids) and \
+                    ids[state.base + confirmed] == state.written[confirmed]:  # fmt: skip
+                confirmed += 1
+            state.computed = min(state.base + confirmed, len(ids) - 1)  # the last token runs: its logits guess
+        need = min(-(-(len(seq.token_ids) + self.k - 1) // self.block_size), self.max_blocks) - len(state.blocks)
+        if need > 0:
+            blocks = self.pool.allocate(need)
+            while blocks is None:
+                idle = next(s for s in self.states if s not in proposing)
+                self._drop(idle)
+                blocks = self.pool.allocate(need)
+            state.blocks += blocks
+        return state
+
+    def release_finished(self) -> None:
+        """Give back the blocks of sequences that finished or were preempted (a preempted one starts again)."""
+        for seq in [s for s in self.states if s.status is not Status.RUNNING]:
+            self._drop(seq)
+
+    def _drop(self, seq: Sequence) -> None:
+        self.pool.release(self.states.pop(seq).blocks)

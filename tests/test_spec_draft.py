@@ -1,0 +1,90 @@
+"""Draft-model speculation on the real stories260K target: a tiny random draft of its vocabulary, and the target as
+its own draft. Whatever the draft guesses, every request gets the tokens it gets without speculation; the target as
+its own draft is accepted every time (greedy); the draft's blocks go back when sequences finish; no compilation after
+warm-up."""
+
+import numpy as np
+import pytest
+from conftest import ENGINE_ARGS, make_tiny_checkpoint
+
+from rtpjax import LLM, SamplingParams
+from rtpjax.runner.model_runner import CompileCounter
+from rtpjax.spec.draft_model import DraftModelProposer
+
+K = 3
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def draft_dir(tmp_path_factory):
+    return make_tiny_checkpoint("llama_tied", tmp_path_factory.mktemp("draft") / "draft", seed=3, vocab_size=512,
+                                num_hidden_layers=2)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def draft_llm(stories_dir, draft_dir, compile_cache):
+    config = {"model": str(draft_dir), "num_speculative_tokens": K}
+    return LLM(str(stories_dir), compilation_cache_dir=compile_cache, speculative_config=config, **ENGINE_ARGS)
+
+
+def batch(n, seed):
+    """Prompts of 1-60 tokens (some over the 32-token step budget: chunked, and caught up by the draft in two calls)
+    and several output lengths."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, 512, rng.integers(1, 60)).tolist() for _ in range(n)]
+    return prompts, [8 + 5 * i for i in range(n)]
+
+
+def tokens(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def assert_draft_blocks_free(llm):
+    proposer = llm.engine.speculator.proposer
+    assert not proposer.states and proposer.pool.num_free == proposer.pool.num_blocks
+    assert llm.engine.pool.num_free == llm.engine.pool.num_blocks
+
+
+def test_random_draft_greedy_and_seeded_tokens_equal_no_speculation(draft_llm, stories_llm):
+    prompts, lengths = batch(8, seed=11)
+    rng = np.random.default_rng(12)
+    params = [SamplingParams(max_tokens=m, **GREEDY) for m in lengths[:4]] + [
+        SamplingParams(max_tokens=m, temperature=float(rng.choice([0.7, 1.2])), top_k=int(rng.choice([0, 30])),
+                       repetition_penalty=1.2, seed=int(rng.integers(1 << 30))) for m in lengths[4:]]  # fmt: skip
+    want = tokens(stories_llm.generate(prompts, params))
+    counters = draft_llm.engine.speculator.counters
+    drafted = counters.num_draft_tokens
+    assert tokens(draft_llm.generate(prompts, params)) == want
+    assert counters.num_draft_tokens > drafted
+    assert_draft_blocks_free(draft_llm)
+
+
+def test_the_target_as_its_own_draft_is_always_accepted(draft_llm, stories_llm, stories_dir):
+    speculator = draft_llm.engine.speculator
+    original = speculator.proposer
+    speculator.proposer = DraftModelProposer(str(stories_dir), K, draft_llm.engine.draft_context)
+    try:
+        prompts, lengths = batch(4, seed=13)
+        params = [SamplingParams(max_tokens=m, **GREEDY) for m in lengths]
+        want = tokens(stories_llm.generate(prompts, params))
+        drafted, accepted = speculator.counters.num_draft_tokens, speculator.counters.num_accepted_tokens
+        assert tokens(draft_llm.generate(prompts, params)) == want
+        drafted, accepted = speculator.counters.num_draft_tokens - drafted, speculator.counters.num_accepted_tokens - accepted
+        assert drafted > 20 and accepted == drafted  # float32 on the CPU: the same argmax at every position
+        assert_draft_blocks_free(draft_llm)
+    finally:
+        speculator.proposer = original
+
+
+def test_no_compilation_after_warmup_with_a_draft_model(draft_llm):
+    prompts, lengths = batch(6, seed=14)
+    draft_llm.generate(prompts[:2], SamplingParams(max_tokens=4, **GREEDY))  # one-time host-side setup
+    before = CompileCounter.count
+    draft_llm.generate(prompts, [SamplingParams(max_tokens=m, **GREEDY) for m in lengths])
+    assert CompileCounter.count == before
+
+
+def test_a_draft_of_another_vocabulary_is_refused(stories_dir, tiny_checkpoints, compile_cache):
+    with pytest.raises(ValueError, match="vocabulary of 256 tokens, the target 512"):
+        LLM(str(stories_dir), compilation_cache_dir=compile_cache, **ENGINE_ARGS,
+            speculative_config={"model": str(tiny_checkpoints["llama3"]), "num_speculative_tokens": 2})
