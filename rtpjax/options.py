@@ -33,6 +33,10 @@ CPU_TOKEN_BUDGET = 256
 CLI_COMPILATION_CACHE = str(Path.home() / ".cache" / "rtpjax" / "xla")
 
 
+# rtpjax.loading.quantization.METHODS (named here without importing JAX; a test keeps the two equal).
+QUANTIZATION_METHODS = ("fp8", "int8", "fp8-weight-only", "int8-weight-only", "int4", "int4-asym")
+
+
 def option(default, text: str, *, choices: tuple | None = None, minimum: float | None = None,
            above: float | None = None, maximum: float | None = None, path: bool = False, cli: bool = True):  # fmt: skip
     """A field of EngineArgs with what its flag and its validation need. minimum / maximum are inclusive, above is
@@ -80,8 +84,12 @@ class EngineArgs:
                                        "and empty text")  # fmt: skip
     load_format: str = option("auto", "dummy: random weights made on the devices from config.json (benchmarks)",
                               choices=("auto", "dummy"))  # fmt: skip
-    quantization: str | None = option(None, "weight-only quantization of the linear weights, per output channel, "
-                                      "done on the devices at load", choices=("int8", "fp8"))  # fmt: skip
+    quantization: str | None = option(None, "quantize the linear weights on the devices at load: fp8 / int8 = W8A8 "
+                                      "(per-channel weights, activations per token, the matmul in fp8 / int8), "
+                                      "*-weight-only = 1-byte weights with activations kept, int4 = weight-only "
+                                      "groups of 128 (-asym: with zero points); a pre-quantized checkpoint "
+                                      "(compressed-tensors, GPTQ, AWQ) loads as it is without this",
+                                      choices=QUANTIZATION_METHODS)  # fmt: skip
     progress: bool = option(False, "progress bars for loading and compiling", cli=False)
 
     def __post_init__(self):
