@@ -76,6 +76,13 @@ class EngineArgs:
     kv_cache_dtype: str = option("auto", "KV cache dtype: auto = the model's; int8 / fp8 (e4m3) keep a scale per "
                                  "token and head",
                                  choices=("auto", "bfloat16", "float16", "float32", "int8", "fp8"))  # fmt: skip
+    kv_cache_dtypes: str | None = option(None, "per-layer KV cache dtypes: a map such as '0-3:bfloat16,4-29:fp8', "
+                                         "'calibrate' (int8 / fp8 for the layers a short calibration pass finds "
+                                         "least sensitive, within --kv-calibration-budget) or 'adaptive' (the "
+                                         "calibrated map only when the model-dtype cache cannot hold max-num-seqs "
+                                         "full-length sequences)")  # fmt: skip
+    kv_calibration_budget: float = option(0.02, "the calibrated KV map's error budget: mean next-token KL divergence "
+                                          "against the model-dtype cache on the calibration text", above=0)  # fmt: skip
     compilation_cache_dir: str | None = option(None, "JAX's persistent compilation cache: a second start skips "
                                                "compiling ('' or none: off)", path=True)  # fmt: skip
     seed: int = option(0, "draws the seeds of requests that bring none")

@@ -86,11 +86,13 @@ def enable_compilation_cache(path: str) -> None:
 _KV_BUDGET_STEP = 256 << 20
 
 
-def kv_cache_blocks(cfg, args: EngineArgs, max_model_len: int) -> int:
-    """Blocks that fit the memory budget, counting what each device holds (its share of the KV heads, or copies)."""
+def kv_cache_blocks(cfg, args: EngineArgs, max_model_len: int, kv_dtype: str | tuple[str, ...] | None = None) -> int:
+    """Blocks that fit the memory budget, counting what each device holds (its share of the KV heads, or copies).
+    kv_dtype: per-layer dtypes (rtpjax.quant.kv_precision) instead of --kv-cache-dtype."""
     if args.num_gpu_blocks is not None:
         return args.num_gpu_blocks
-    per_block = kv_cache.bytes_per_block(cfg, args.block_size, args.kv_cache_dtype, args.tensor_parallel_size)
+    kv_dtype = args.kv_cache_dtype if kv_dtype is None else kv_dtype
+    per_block = kv_cache.bytes_per_block(cfg, args.block_size, kv_dtype, args.tensor_parallel_size)
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         free = stats["bytes_limit"] * args.gpu_memory_utilization - stats.get("bytes_in_use", 0)
@@ -104,6 +106,23 @@ def kv_cache_blocks(cfg, args: EngineArgs, max_model_len: int) -> int:
 
 
 class LLMEngine:
+    def _kv_dtypes(self, args: EngineArgs, params, model, tokenizer) -> str | tuple[str, ...]:
+        """--kv-cache-dtype, or the per-layer map --kv-cache-dtypes asks for (rtpjax.quant.kv_precision)."""
+        if args.kv_cache_dtypes is None:
+            return args.kv_cache_dtype
+        from rtpjax.quant import kv_precision
+
+        fits = kv_cache_blocks(self.cfg, args, self.max_model_len) * args.block_size
+        kv_bound = fits < args.max_num_seqs * self.max_model_len  # requests would wait for blocks
+
+        def tokenize(text: str) -> list[int]:  # without a tokenizer: the text's bytes as ids
+            tok = tokenizer.result()[0]
+            return tok.encode(text) if tok is not None else [b % self.cfg.vocab_size for b in text.encode()]
+
+        return kv_precision.resolve(args.kv_cache_dtypes, args.kv_cache_dtype, params, self.cfg, self.family,
+                                    budget=args.kv_calibration_budget, kv_bound=kv_bound, model_id=str(model),
+                                    tokenize=tokenize, cache_dir=args.compilation_cache_dir)  # fmt: skip
+
     def __init__(self, model: str | None = None, args: EngineArgs | None = None):
         """model: a Hugging Face folder, a .gguf file, or None for the embedded SmolLM2-135M-Instruct."""
         from rtpjax.loading.model_source import load_model, resolve_model
@@ -129,7 +148,8 @@ class LLMEngine:
         if tokenizer.done():
             tokenizer.result()  # a broken tokenizer fails before minutes of compilation, not after
         self.max_model_len = min(args.max_model_len or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings)
-        num_blocks = kv_cache_blocks(self.cfg, args, self.max_model_len)
+        kv_dtype = self._kv_dtypes(args, params, model, tokenizer)
+        num_blocks = kv_cache_blocks(self.cfg, args, self.max_model_len, kv_dtype)
         log.info("KV cache: %d blocks of %d tokens = %d tokens", num_blocks, args.block_size, num_blocks * args.block_size)
         self.pool = BlockPool(num_blocks, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, args.block_size, args.max_num_seqs, args.max_num_batched_tokens,
@@ -138,7 +158,7 @@ class LLMEngine:
             self.cfg, self.family, params, num_blocks=num_blocks, block_size=args.block_size,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=self.max_model_len, mesh=mesh, attention_impl=resolve_impl(args.attention_impl, self.cfg.head_dim),
-            kv_cache_dtype=args.kv_cache_dtype, kv_write=args.kv_write, mosaic_prefill=args.mosaic_prefill,
+            kv_cache_dtype=kv_dtype, kv_write=args.kv_write, mosaic_prefill=args.mosaic_prefill,
         )  # fmt: skip
         t0, misses = time.monotonic(), CompileCounter.count
         shapes = self.runner.warmup(progress=args.progress)

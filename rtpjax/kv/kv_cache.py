@@ -43,27 +43,38 @@ def storage_dtype(cfg: ModelConfig, kv_dtype: str = "auto"):
     return jnp.dtype(KV_DTYPES[kv_dtype] or cfg.jnp_dtype)
 
 
+def layer_dtypes(cfg: ModelConfig, kv_dtype: str | tuple[str, ...] = "auto") -> list:
+    """Each layer's storage dtype: one name for every layer, or one per layer (rtpjax.quant.kv_precision's maps)."""
+    names = (kv_dtype,) * cfg.num_layers if isinstance(kv_dtype, str) else tuple(kv_dtype)
+    if len(names) != cfg.num_layers:
+        raise ValueError(f"per-layer KV cache dtypes name {len(names)} layers; the model has {cfg.num_layers}")
+    return [storage_dtype(cfg, name) for name in names]
+
+
 def is_quantized(dtype) -> bool:
     return jnp.dtype(dtype) in (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
 
 
-def bytes_per_block(cfg: ModelConfig, block_size: int, kv_dtype: str = "auto", ways: int = 1) -> int:
+def bytes_per_block(cfg: ModelConfig, block_size: int, kv_dtype: str | tuple[str, ...] = "auto", ways: int = 1) -> int:
     """Bytes one block costs each device of `ways` tensor-parallel devices (all of it on one device)."""
-    dtype = storage_dtype(cfg, kv_dtype)
-    per_token = cfg.head_dim * dtype.itemsize + (4 if is_quantized(dtype) else 0)  # + a float32 scale
+    per_token = sum(cfg.head_dim * d.itemsize + (4 if is_quantized(d) else 0)  # + a float32 scale
+                    for d in layer_dtypes(cfg, kv_dtype))  # fmt: skip
     heads = cache_heads(cfg, ways)
     per_device = heads // ways if heads % ways == 0 else heads  # split over the devices, or replicated on each
-    return 2 * cfg.num_layers * block_size * per_device * per_token
+    return 2 * block_size * per_device * per_token
 
 
-def allocate(cfg: ModelConfig, num_blocks: int, block_size: int, mesh=None, kv_dtype: str = "auto") -> list:
-    """Zeroed cache (plus unit scales when quantized), sharded over KV heads when a mesh is given."""
-    dtype = storage_dtype(cfg, kv_dtype)
+def allocate(cfg: ModelConfig, num_blocks: int, block_size: int, mesh=None,
+             kv_dtype: str | tuple[str, ...] = "auto") -> list:  # fmt: skip
+    """Zeroed cache (plus unit scales for int8 / fp8 layers), sharded over KV heads when a mesh is given. Layers may
+    differ in dtype: each layer's cache is its own buffer, and its attention reads whichever it is given."""
     shape = block_shape(cfg, num_blocks, block_size, mesh)
     sharding = kv_cache_sharding(shape, mesh) if mesh is not None else None
-    make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-    if not is_quantized(dtype):
-        return [(make(), make()) for _ in range(cfg.num_layers)]
     scale_sharding = kv_cache_sharding(shape[:3], mesh) if mesh is not None else None
     ones = jax.jit(lambda: jnp.ones(shape[:3], jnp.float32), out_shardings=scale_sharding)
-    return [(make(), make(), ones(), ones()) for _ in range(cfg.num_layers)]
+    makers: dict = {}
+    layers = []
+    for dtype in layer_dtypes(cfg, kv_dtype):
+        make = makers.setdefault(dtype, jax.jit(lambda d=dtype: jnp.zeros(shape, d), out_shardings=sharding))
+        layers.append((make(), make(), ones(), ones()) if is_quantized(dtype) else (make(), make()))
+    return layers
