@@ -21,6 +21,9 @@
 #           1024/128 at concurrency 64 (192 and 960 prompts) and 128/1024 at 256; one summary JSON
 #   launch  host cost of launching the step and how often XLA re-records its CUDA graph, per XLA setting (probes/)
 #   allreduce  64 chained all-reduces over every GPU, as a TP decode step makes them (probes/)
+#   quant   each weight format against bf16, same shape and run (QUANTS="none fp8 int8 int4"): decode batch 1 / 32 and
+#           offline throughput, a 4096-token prompt's prefill (TTFT); one linear per format and the int4 kernel
+#           (kernels/quant_bench.py); one-byte KV attention against bf16 at batch 32, ctx 2048 (attention_bench)
 # Run from the repository root on the lent GPU (device tool), with .whl carried (starlette, uvicorn, pydantic):
 #   bash benchmarks/gpu_run.sh load transfer startup offline offline_hf serve host kernels
 set -uo pipefail
@@ -168,6 +171,21 @@ for name, r in rows.items():
           f"{r['p95_ttft_ms']:6.0f} ms  ITL p50/p95 {r['p50_itl_ms']:5.1f} / {r['p95_itl_ms']:5.1f} ms")
 PY
     done
+    ;;
+  quant)
+    for q in ${QUANTS:-none fp8 int8 int4}; do
+      flag=$([ "$q" = none ] || echo "--quantization $q")
+      timeout 240 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" $flag --batch-sizes 1,32 --output-len 64 \
+        --compilation-cache-dir /tmp/xla --out "$OUT/quant_$q.json" 2>&1 | grep -E "throughput|decode tok|Error" \
+        | sed "s/^/$q /"
+      timeout 180 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" $flag --batch-sizes 1 --input-len 4096 \
+        --output-len 8 --max-model-len 8192 --throughput-input-len 128 --throughput-output-len 8 --num-prompts 8 \
+        --compilation-cache-dir /tmp/xla --out "$OUT/quant_${q}_4k.json" 2>&1 | grep -E "prefill|Error" \
+        | sed "s/^/$q 4k-prompt /"
+    done
+    timeout 240 python3 -m rtpjax.benchmarks.kernels.quant_bench --out "$OUT/quant_bench.json" 2>&1 | grep -v Deprecat
+    timeout 300 python3 -m rtpjax.benchmarks.kernels.attention_bench --suites decode --out "$OUT/quant_attention.json" \
+      2>&1 | grep -E "b=  *32 ctx= *2048|Error"
     ;;
   serve)
     checkpoint
