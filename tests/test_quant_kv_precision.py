@@ -51,9 +51,9 @@ def test_calibration_spends_its_budget_and_is_stored(stories_dir, tmp_path):
     kw = dict(budget=0.01, model_id="stories", tokenize=tokenize, cache_dir=str(tmp_path))
     assert kv_precision.resolve("adaptive", "auto", params, cfg, family, kv_bound=False, **kw) == "auto"
     first = kv_precision.resolve("calibrate", "auto", params, cfg, family, kv_bound=False, **kw)
-    mixed = kv_precision._log_probs(params, cfg, family, tokens, first)
-    ref = kv_precision._log_probs(params, cfg, family, tokens, ("auto",) * cfg.num_layers)
-    assert kv_precision._kl(ref, mixed) <= 0.01
+    mixed = kv_precision.log_probs(params, cfg, family, tokens, first)
+    ref = kv_precision.log_probs(params, cfg, family, tokens, ("auto",) * cfg.num_layers)
+    assert kv_precision.mean_kl(ref, mixed) <= 0.01
     again = kv_precision.resolve("adaptive", "auto", params, cfg, family, kv_bound=True, **kw)
     assert again == first and len(calls) == 1 and len(list(tmp_path.glob("kv-precision-*.json"))) == 1
 

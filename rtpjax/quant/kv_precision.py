@@ -74,7 +74,7 @@ def format_map(names: tuple[str, ...]) -> str:
     return ",".join(runs)
 
 
-def _log_probs(params, cfg, family, tokens: list[int], dtypes: tuple[str, ...], block_size: int = 16) -> jax.Array:
+def log_probs(params, cfg, family, tokens: list[int], dtypes: str | tuple[str, ...], block_size: int = 16) -> jax.Array:
     """Log-probabilities at every position of one prefill of `tokens` through a cache of these per-layer dtypes."""
     num_blocks = -(-len(tokens) // block_size)
     cache = kv_cache.allocate(cfg, num_blocks, block_size, kv_dtype=dtypes)
@@ -83,7 +83,7 @@ def _log_probs(params, cfg, family, tokens: list[int], dtypes: tuple[str, ...], 
     return jax.nn.log_softmax(logits[: len(tokens)].astype(jnp.float32), axis=-1)
 
 
-def _kl(p: jax.Array, q: jax.Array) -> float:
+def mean_kl(p: jax.Array, q: jax.Array) -> float:
     return float(jnp.mean(jnp.sum(jnp.exp(p) * (p - q), axis=-1)))
 
 
@@ -91,17 +91,18 @@ def calibrate(params, cfg, family, tokens: list[int], budget: float, candidates=
     """The per-layer map: one-byte caches for the least sensitive layers while the summed mean next-token KL stays
     within `budget`; the whole map is checked and its most sensitive one-byte layer given back until it fits."""
     base = ("auto",) * cfg.num_layers
-    ref = _log_probs(params, cfg, family, tokens, base)
+    ref = log_probs(params, cfg, family, tokens, base)
     best: dict[int, tuple[float, str]] = {}
     for i in range(cfg.num_layers):
         for dtype in candidates:
-            kl = _kl(ref, _log_probs(params, cfg, family, tokens, base[:i] + (dtype,) + base[i + 1 :]))
+            kl = mean_kl(ref, log_probs(params, cfg, family, tokens, base[:i] + (dtype,) + base[i + 1 :]))
             best[i] = min(best.get(i, (np.inf, "")), (kl, dtype))
     chosen, spent = list(base), 0.0
     for i in sorted(best, key=lambda i: best[i][0]):
         if spent + best[i][0] <= budget:
             chosen[i], spent = best[i][1], spent + best[i][0]
-    while any(d != "auto" for d in chosen) and _kl(ref, _log_probs(params, cfg, family, tokens, tuple(chosen))) > budget:
+    while any(d != "auto" for d in chosen) and mean_kl(ref, log_probs(params, cfg, family, tokens,
+                                                                      tuple(chosen))) > budget:  # fmt: skip
         worst = max((i for i, d in enumerate(chosen) if d != "auto"), key=lambda i: best[i][0])
         chosen[worst] = "auto"
     per_layer = ", ".join(f"{i}:{best[i][1]}={best[i][0]:.2e}" for i in range(cfg.num_layers))
