@@ -526,10 +526,6 @@ def load_params(
     """
     from tqdm import tqdm
 
-    from rtpjax.quant import checkpoints  # it reads through this module
-
-    if checkpoints.quant_config(model_dir) is not None:  # pre-quantized: loads as it was made
-        return checkpoints.load_prequantized(model_dir, cfg, family, mesh, quantization)
     opts = options or LoadOptions()
     began = time.perf_counter()
     ckpt = Checkpoint(model_dir)
