@@ -25,8 +25,8 @@ from rtpjax.options import CLI_COMPILATION_CACHE, cli_fields, engine_args_from, 
     (dict(kv_write="triton"), "--kv-write must be auto, pallas or xla, got 'triton'"),
     (dict(attention_impl="flash"), "--attention-impl must be auto, pallas or reference, got 'flash'"),
     (dict(dtype="fp64"), "--dtype must be float32, bfloat16, float16 or None, got 'fp64'"),
-    (dict(quantization="int3"), "--quantization must be fp8, int8, fp8-weight-only, int8-weight-only, int4, int4-asym or None, "
-                                  "got 'int3'"),
+    (dict(quantization="int3"), "--quantization must be fp8, int8, fp8-weight-only, int8-weight-only, int4, "
+                                  "int4-asym or None, got 'int3'"),
     (dict(enable_prefix_caching="no"), "--enable-prefix-caching must be True or False, got 'no'"),
     (dict(mosaic_prefill=1), "--mosaic-prefill must be True or False, got 1"),
     (dict(seed=None), "--seed must be an integer, got None"),

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from rtpjax.loading.convert import convert
 from rtpjax.loading.loader import CheckpointError
 from rtpjax.loading.model_source import load_model
 from rtpjax.loading.quantization import QuantizedWeight, dequantize
@@ -68,7 +69,8 @@ def _ct_w4a16(name, w, rng):
     signed = lambda a: torch.from_numpy((a - 8).astype(np.int8))  # noqa: E731 - compressed-tensors stores q - 8
     return {f"{name}.weight_packed": pack_to_int32(signed(q), 4),
             f"{name}.weight_zero_point": pack_to_int32(signed(zero), 4, packed_dim=0),
-            f"{name}.weight_scale": torch.from_numpy(scale), f"{name}.weight_shape": torch.tensor(w.shape)}, deq  # fmt: skip
+            f"{name}.weight_scale": torch.from_numpy(scale),
+            f"{name}.weight_shape": torch.tensor(w.shape)}, deq  # fmt: skip
 
 
 def _one_byte(w, kind, rows=1, group=None):
@@ -103,8 +105,8 @@ def _ct_config(fmt, bits, kind, strategy, acts):
     weights = dict(num_bits=bits, type=kind, strategy=strategy, symmetric=bits == 8, dynamic=False,
                    group_size=G if strategy == "group" else None)  # fmt: skip
     act = dict(num_bits=8, type=kind, strategy="token", dynamic=True, symmetric=True) if acts else None
-    return dict(quant_method="compressed-tensors", format=fmt, ignore=["lm_head"],
-                config_groups=dict(group_0=dict(targets=["Linear"], weights=weights, input_activations=act)))  # fmt: skip
+    group = dict(targets=["Linear"], weights=weights, input_activations=act)
+    return dict(quant_method="compressed-tensors", format=fmt, ignore=["lm_head"], config_groups=dict(group_0=group))
 
 
 FORMATS = {  # name -> (tensor writer, quantization_config, W8A8)
@@ -176,3 +178,5 @@ def test_prequantized_checkpoint_loads_as_written(llama, tmp_path, fmt):
         assert err <= limit  # exact but for float32 sums; W8A8 adds the activations' rounding (random tiny model)
     with pytest.raises(CheckpointError, match=r"already quantized \(.*\); load it without --quantization"):
         load_model(quant, quantization="int8")
+    with pytest.raises(ValueError, match="a pre-quantized checkpoint .* loads as it is; rtpjax convert does not"):
+        convert(quant, tmp_path / "converted")
