@@ -123,7 +123,10 @@ def test_smollm2_quantized_keeps_its_predictions():
 
     ids = load_tokenizer(model).encode(text)
     ref = ragged_prefill(cfg, family, params, [ids])[0]
-    for method, max_kl, min_agree in (("int8", 0.02, 0.9), ("fp8", 0.08, 0.8)):
+    # W8A8 adds the activations' rounding (SmolLM2's activation outliers cost int8 more than fp8: RESULTS.md);
+    # round-to-nearest int4 is coarse on a 135M model (GPTQ / AWQ checkpoints are the way to int4 quality).
+    for method, max_kl, min_agree in (("int8-weight-only", 0.02, 0.9), ("fp8-weight-only", 0.08, 0.8),
+                                      ("int8", 0.1, 0.8), ("fp8", 0.1, 0.8), ("int4-asym", 1.0, 0.6)):  # fmt: skip
         _, _, qparams = load_model(model, dtype="float32", quantization=method)
         got = ragged_prefill(cfg, family, qparams, [ids])[0]
         p, q = jax.nn.log_softmax(ref), jax.nn.log_softmax(got)
