@@ -18,6 +18,7 @@ from rtpjax.kernels.attention import paged_attention
 from rtpjax.models import moe
 from rtpjax.models.config import ModelConfig, RopeScaling
 from rtpjax.loading.quantization import QuantizedWeight
+from rtpjax.quant.matmul import linear
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -27,11 +28,6 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * xf.astype(x.dtype)
 
 
-def linear(x: jax.Array, w: jax.Array | QuantizedWeight) -> jax.Array:
-    """x [..., in] times a weight stored [out, in]; a quantized one is read as is and its output columns scaled."""
-    if isinstance(w, QuantizedWeight):  # accumulated in float32: unscaled sums of int8/fp8 overflow float16
-        return (jnp.dot(x, w.q.T.astype(x.dtype), preferred_element_type=jnp.float32) * w.scale).astype(x.dtype)
-    return x @ w.T
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> np.ndarray:

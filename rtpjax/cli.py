@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from rtpjax.options import CLI_COMPILATION_CACHE, add_engine_arguments
+from rtpjax.options import CLI_COMPILATION_CACHE, QUANTIZATION_METHODS, add_engine_arguments
 
 log = logging.getLogger("rtpjax")
 
@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("model", help="a Hugging Face folder or a .gguf file")
     conv.add_argument("out", help="a new folder; load it wherever a model folder is accepted")
     conv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    conv.add_argument("--quantization", choices=["int8", "fp8"], default=None,
-                      help="store weight-only quantized linear weights (loads quantized, no work at load)")
+    conv.add_argument("--quantization", choices=QUANTIZATION_METHODS, default=None,
+                      help="store quantized linear weights (loads quantized, no work at load)")
     bench = commands.add_parser("bench", help="benchmarks (`rtpjax bench serve --help`)")
     bench.add_argument("which", choices=["serve"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags")

@@ -278,18 +278,20 @@ def _check(p: MemoryPlan, one_sequence: int) -> None:
                           f"({p.memory.source}); {change}")  # fmt: skip
 
 
-def device_kv_blocks(cfg, args: EngineArgs) -> int:
+def device_kv_blocks(cfg, args: EngineArgs, kv_dtype=None) -> int:
     """On a device with memory statistics: the blocks that fill what --gpu-memory-utilization leaves after what is
-    in use (the weights), counting what each device holds (its share of the KV heads, or copies)."""
+    in use (the weights), counting what each device holds (its share of the KV heads, or copies). kv_dtype: per-layer
+    dtypes (rtpjax.quant.kv_precision) instead of --kv-cache-dtype."""
     import jax
 
     from rtpjax.kv import kv_cache
 
     if args.num_gpu_blocks is not None:
         return args.num_gpu_blocks
-    per_block = kv_cache.bytes_per_block(cfg, args.block_size, args.kv_cache_dtype, args.tensor_parallel_size,
+    kv_dtype = args.kv_cache_dtype if kv_dtype is None else kv_dtype
+    per_block = kv_cache.bytes_per_block(cfg, args.block_size, kv_dtype, args.tensor_parallel_size,
                                          args.pipeline_parallel_size)  # fmt: skip
-    stats = jax.devices()[0].memory_stats()
+    stats = jax.local_devices()[0].memory_stats()
     free = stats["bytes_limit"] * args.gpu_memory_utilization - stats.get("bytes_in_use", 0)
     free = free // BUDGET_STEP * BUDGET_STEP
     return max(1, int(free // per_block))

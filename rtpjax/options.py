@@ -38,6 +38,10 @@ CPU_MAX_NUM_SEQS = 16
 CLI_COMPILATION_CACHE = str(Path.home() / ".cache" / "rtpjax" / "xla")
 
 
+# rtpjax.loading.quantization.METHODS (named here without importing JAX; a test keeps the two equal).
+QUANTIZATION_METHODS = ("fp8", "int8", "fp8-weight-only", "int8-weight-only", "int4", "int4-asym")
+
+
 def option(default, text: str, *, choices: tuple | None = None, minimum: float | None = None,
            above: float | None = None, maximum: float | None = None, path: bool = False, cli: bool = True,
            parse=None):  # fmt: skip
@@ -98,6 +102,13 @@ class EngineArgs:
     kv_cache_dtype: str = option("auto", "KV cache dtype: auto = the model's; int8 / fp8 (e4m3) keep a scale per "
                                  "token and head",
                                  choices=("auto", "bfloat16", "float16", "float32", "int8", "fp8"))  # fmt: skip
+    kv_cache_dtypes: str | None = option(None, "per-layer KV cache dtypes: a map such as '0-3:bfloat16,4-29:fp8', "
+                                         "'calibrate' (int8 / fp8 for the layers a short calibration pass finds "
+                                         "least sensitive, within --kv-calibration-budget) or 'adaptive' (the "
+                                         "calibrated map only when the model-dtype cache cannot hold max-num-seqs "
+                                         "full-length sequences)")  # fmt: skip
+    kv_calibration_budget: float = option(0.02, "the calibrated KV map's error budget: mean next-token KL divergence "
+                                          "against the model-dtype cache on the calibration text", above=0)  # fmt: skip
     compilation_cache_dir: str | None = option(None, "JAX's persistent compilation cache: a second start skips "
                                                "compiling ('' or none: off)", path=True)  # fmt: skip
     seed: int = option(0, "draws the seeds of requests that bring none")
@@ -106,8 +117,12 @@ class EngineArgs:
                                        "and empty text")  # fmt: skip
     load_format: str = option("auto", "dummy: random weights made on the devices from config.json (benchmarks)",
                               choices=("auto", "dummy"))  # fmt: skip
-    quantization: str | None = option(None, "weight-only quantization of the linear weights, per output channel, "
-                                      "done on the devices at load", choices=("int8", "fp8"))  # fmt: skip
+    quantization: str | None = option(None, "quantize the linear weights on the devices at load: fp8 / int8 = W8A8 "
+                                      "(per-channel weights, activations per token, the matmul in fp8 / int8), "
+                                      "*-weight-only = 1-byte weights with activations kept, int4 = weight-only "
+                                      "groups of 128 (-asym: with zero points); a pre-quantized checkpoint "
+                                      "(compressed-tensors, GPTQ, AWQ) loads as it is without this",
+                                      choices=QUANTIZATION_METHODS)  # fmt: skip
     kv_offloading_size: float | None = option(None, "GiB of host memory (page-locked on GPUs) for a KV tier below the "
                                               "device: evicted prefix blocks go there and come back on a hit",
                                               above=0)  # fmt: skip

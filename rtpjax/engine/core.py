@@ -106,6 +106,24 @@ def enable_compilation_cache(path: str) -> None:
 
 
 class LLMEngine:
+    def _kv_dtypes(self, args: EngineArgs, plan, params, model, tokenizer) -> str | tuple[str, ...]:
+        """--kv-cache-dtype, or the per-layer map --kv-cache-dtypes asks for (rtpjax.quant.kv_precision)."""
+        if args.kv_cache_dtypes is None:
+            return args.kv_cache_dtype
+        from rtpjax.quant import kv_precision
+
+        fits = (plan.num_blocks or memory_plan.device_kv_blocks(self.cfg, args)) * args.block_size
+        max_model_len = args.max_model_len or self.cfg.max_position_embeddings
+        kv_bound = fits < args.max_num_seqs * max_model_len  # requests would wait for blocks
+
+        def tokenize(text: str) -> list[int]:  # without a tokenizer: the text's bytes as ids
+            tok = tokenizer.result()[0]
+            return tok.encode(text) if tok is not None else [b % self.cfg.vocab_size for b in text.encode()]
+
+        return kv_precision.resolve(args.kv_cache_dtypes, args.kv_cache_dtype, params, self.cfg, self.family,
+                                    budget=args.kv_calibration_budget, kv_bound=kv_bound, model_id=str(model),
+                                    tokenize=tokenize, cache_dir=args.compilation_cache_dir)  # fmt: skip
+
     def __init__(self, model: str | None = None, args: EngineArgs | None = None):
         """model: a Hugging Face folder, a .gguf file, or None for the embedded SmolLM2-135M-Instruct."""
         from rtpjax.loading.model_source import load_model, resolve_model
@@ -143,8 +161,9 @@ class LLMEngine:
         loaded = time.monotonic()
         if tokenizer.done():
             tokenizer.result()  # a broken tokenizer fails before minutes of compilation, not after
+        kv_dtype = self._kv_dtypes(args, plan, params, model, tokenizer)  # per layer, where --kv-cache-dtypes says so
         if plan.num_blocks is None:
-            plan = plan.with_blocks(multihost.agree_min(memory_plan.device_kv_blocks(self.cfg, args)))  # one cache shape on every host
+            plan = plan.with_blocks(multihost.agree_min(memory_plan.device_kv_blocks(self.cfg, args, kv_dtype)))  # one cache shape on every host
         args = self.args = plan.args
         self.plan, self.max_model_len, num_blocks = plan, args.max_model_len, plan.num_blocks
         log.info(plan.summary())
@@ -158,7 +177,7 @@ class LLMEngine:
             self.cfg, self.family, params, num_blocks=num_blocks, block_size=args.block_size,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=self.max_model_len, mesh=mesh, attention_impl=resolve_impl(args.attention_impl, self.cfg.head_dim),
-            kv_cache_dtype=args.kv_cache_dtype, kv_write=args.kv_write, mosaic_prefill=args.mosaic_prefill,
+            kv_cache_dtype=kv_dtype, kv_write=args.kv_write, mosaic_prefill=args.mosaic_prefill,
             kv_tiers=bool(args.kv_offloading_size),
             num_speculative_tokens=k, max_verify_seqs=max_verify_seqs,
         )  # fmt: skip

@@ -57,6 +57,8 @@ class BlockCopier:
     def __init__(self, cache, layout: KVLayout, sizes: list[int]):
         self.layout, self.sizes = layout, sizes
         self.num_blocks = cache[0][0].shape[1]
+        # Layers of different dtypes (--kv-cache-dtypes) have no one host layout yet: their blocks stay on the device.
+        self.mixed = len({layer[0].dtype for layer in cache}) > 1
         copies = cache[0][0].shape[0] // layout.num_kv_heads
         shardings = jax.tree.map(lambda x: x.sharding, cache)
         # packed rows go straight to every device of the cache (tensor parallel: each then takes its heads)
@@ -76,6 +78,8 @@ class BlockCopier:
     def jobs(self, cache, packed: bool = False) -> list:
         """One callable per executable to compile (the runner's warm-up runs them in its thread pool); `packed`: also
         those of the KV tiers (packed rows)."""
+        if self.mixed:
+            return []
         kinds = ("gather", "write") + (("gather_packed", "write_packed") if packed else ())
         return [lambda n=n, kind=kind: self._compile(cache, kind, n) for n in self.sizes for kind in kinds]
 
@@ -97,6 +101,11 @@ class BlockCopier:
         scale = jax.ShapeDtypeStruct(head, jnp.float32)
         return (kv, kv, scale, scale) if lay.quantized else (kv, kv)
 
+    def _check(self) -> None:
+        if self.mixed:
+            raise ValueError("KV blocks cannot move between this cache and the host: its layers differ in dtype "
+                             "(--kv-cache-dtypes); use one --kv-cache-dtype to move requests or use host tiers")
+
     def _pieces(self, count: int):
         """(start, real, bucket) pieces covering `count` blocks."""
         largest = self.sizes[-1]
@@ -106,6 +115,7 @@ class BlockCopier:
 
     def gather(self, cache, blocks: list[int]) -> KVBlocks:
         """The contents of `blocks` (in order) on the host. Waits for the steps that write them."""
+        self._check()
         reals, pieces = [], []
         for start, real, bucket in self._pieces(len(blocks)):
             ids = np.zeros(bucket, np.int32)  # padding reads block 0, cut off below
@@ -121,6 +131,7 @@ class BlockCopier:
 
     def write(self, cache, blocks: list[int], kv: KVBlocks, rows: list[int]):
         """The cache with rows `rows` of `kv` written into `blocks`; the cache passed in is donated."""
+        self._check()
         self.layout.require(kv.layout)
         arrays = kv.arrays()
         for start, real, bucket in self._pieces(len(blocks)):

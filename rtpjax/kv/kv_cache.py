@@ -44,33 +44,45 @@ def storage_dtype(cfg: ModelConfig, kv_dtype: str = "auto"):
     return jnp.dtype(KV_DTYPES[kv_dtype] or cfg.jnp_dtype)
 
 
+def layer_dtypes(cfg: ModelConfig, kv_dtype: str | tuple[str, ...] = "auto") -> list:
+    """Each layer's storage dtype: one name for every layer, or one per layer (rtpjax.quant.kv_precision's maps)."""
+    names = (kv_dtype,) * cfg.num_layers if isinstance(kv_dtype, str) else tuple(kv_dtype)
+    if len(names) != cfg.num_layers:
+        raise ValueError(f"per-layer KV cache dtypes name {len(names)} layers; the model has {cfg.num_layers}")
+    return [storage_dtype(cfg, name) for name in names]
+
+
 def is_quantized(dtype) -> bool:
     return jnp.dtype(dtype) in (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
 
 
-def bytes_per_block(cfg: ModelConfig, block_size: int, kv_dtype: str = "auto", ways: int = 1, stages: int = 1) -> int:
+def bytes_per_block(cfg: ModelConfig, block_size: int, kv_dtype: str | tuple[str, ...] = "auto", ways: int = 1,
+                    stages: int = 1) -> int:  # fmt: skip
     """Bytes one block costs each device of `ways` tensor-parallel devices (all of it on one device); with pipeline
-    stages, a device of the stage with the most layers (each stage holds only its layers' KV)."""
-    dtype = storage_dtype(cfg, kv_dtype)
-    per_token = cfg.head_dim * dtype.itemsize + (4 if is_quantized(dtype) else 0)  # + a float32 scale
+    stages, a device of the stage whose layers cost most (each stage holds only its layers' KV)."""
+    per_layer = [cfg.head_dim * d.itemsize + (4 if is_quantized(d) else 0)  # + a float32 scale
+                 for d in layer_dtypes(cfg, kv_dtype)]  # fmt: skip
     heads = cache_heads(cfg, ways)
     per_device = heads // ways if heads % ways == 0 else heads  # split over the devices, or replicated on each
-    return 2 * max(map(len, split_layers(cfg.num_layers, stages))) * block_size * per_device * per_token
+    per_stage = max(sum(per_layer[i] for i in layers) for layers in split_layers(cfg.num_layers, stages))
+    return 2 * block_size * per_device * per_stage
 
 
-def allocate(cfg: ModelConfig, num_blocks: int, block_size: int, mesh=None, kv_dtype: str = "auto") -> list:
-    """Zeroed cache (plus unit scales when quantized), sharded over KV heads when a mesh is given; under pipeline
-    stages (a PipelineMesh) each layer's cache lies on its stage's devices only."""
-    dtype = storage_dtype(cfg, kv_dtype)
+def allocate(cfg: ModelConfig, num_blocks: int, block_size: int, mesh=None,
+             kv_dtype: str | tuple[str, ...] = "auto") -> list:  # fmt: skip
+    """Zeroed cache (plus unit scales for int8 / fp8 layers), sharded over KV heads when a mesh is given. Layers may
+    differ in dtype: each layer's cache is its own buffer, and its attention reads whichever it is given. Under
+    pipeline stages (a PipelineMesh) each layer's cache lies on its stage's devices only."""
     shape = block_shape(cfg, num_blocks, block_size, mesh)
     meshes = [mesh.stages[mesh.stage_of(i)] if isinstance(mesh, PipelineMesh) else mesh for i in range(cfg.num_layers)]
-    makers = {}
-    for m in dict.fromkeys(meshes):  # one pair of programs per distinct mesh
-        sharding = kv_cache_sharding(shape, m) if m is not None else None
-        make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-        scale_sharding = kv_cache_sharding(shape[:3], m) if m is not None else None
-        ones = jax.jit(lambda: jnp.ones(shape[:3], jnp.float32), out_shardings=scale_sharding)
-        makers[m] = (make, ones)
-    if not is_quantized(dtype):
-        return [(makers[m][0](), makers[m][0]()) for m in meshes]
-    return [(makers[m][0](), makers[m][0](), makers[m][1](), makers[m][1]()) for m in meshes]
+    makers: dict = {}
+    layers = []
+    for m, dtype in zip(meshes, layer_dtypes(cfg, kv_dtype)):
+        if (m, dtype) not in makers:  # one pair of programs per distinct mesh and dtype
+            sharding = kv_cache_sharding(shape, m) if m is not None else None
+            scale_sharding = kv_cache_sharding(shape[:3], m) if m is not None else None
+            makers[m, dtype] = (jax.jit(lambda d=dtype: jnp.zeros(shape, d), out_shardings=sharding),
+                                jax.jit(lambda: jnp.ones(shape[:3], jnp.float32), out_shardings=scale_sharding))  # fmt: skip
+        make, ones = makers[m, dtype]
+        layers.append((make(), make(), ones(), ones()) if is_quantized(dtype) else (make(), make()))
+    return layers

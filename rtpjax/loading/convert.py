@@ -14,6 +14,7 @@ from pathlib import Path
 from rtpjax.loading.loader import log
 from rtpjax.loading.model_source import load_model, resolve_model
 from rtpjax.loading.orbax_checkpoint import MARKER, save_params
+from rtpjax.quant.checkpoints import quant_config
 
 _COPIED = ("*.json", "*.jinja", "tokenizer.model", "*.txt", "*.tiktoken")
 
@@ -26,6 +27,9 @@ def convert(model: str | Path | None, out: str | Path, dtype: str | None = None,
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not empty")
     source = resolve_model(model)
+    if Path(source).is_dir() and quant_config(source) is not None:
+        raise ValueError(f"{source}: a pre-quantized checkpoint ({quant_config(source)['quant_method']}) loads as it "
+                         "is; rtpjax convert does not rewrite it")  # fmt: skip
     cfg, family, params = load_model(source, dtype=dtype, progress=progress, quantization=quantization)
     began = time.perf_counter()
     tmp = out.with_name(out.name + ".partial")

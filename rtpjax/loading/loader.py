@@ -427,7 +427,7 @@ class _Placer:
                 if is_quantized_param(path):
                     struct = jax.ShapeDtypeStruct(shape, self.dtype, sharding=self.shardings[path])
                     key = _quantize_key(self.quantization, shape, self.dtype, self.shardings[path])
-                    compile_(key, quantizer(self.quantization, self.shardings[path]), struct)
+                    compile_(key, quantizer(self.quantization, tuple(shape), self.shardings[path]), struct)
 
     def _run(self, key, fn, *args):
         """The executable compiled ahead for `key` if there is one, else `fn` as usual."""
@@ -509,7 +509,7 @@ class _Placer:
         array = jax.make_array_from_single_device_arrays(self.shapes[path], self.shardings[path], arrays)
         if self.quantization and is_quantized_param(path):  # the full-precision copy is dropped right here
             key = _quantize_key(self.quantization, self.shapes[path], self.dtype, self.shardings[path])
-            array = self._run(key, quantizer(self.quantization, self.shardings[path]), array)
+            array = self._run(key, quantizer(self.quantization, tuple(self.shapes[path]), self.shardings[path]), array)
         self.done[path] = array
         self.finish_seconds += time.perf_counter() - began
 
@@ -525,7 +525,7 @@ def load_params(
 ) -> dict:
     """Read, check and place every parameter; returns the nested pytree `forward` takes.
 
-    quantization: "int8" or "fp8" replaces linear weights by `QuantizedWeight`s, quantized on the device.
+    quantization: a `quantization.METHODS` name replaces linear weights by `QuantizedWeight`s, quantized on the device.
     """
     from rtpjax.progress import progress_bar
 

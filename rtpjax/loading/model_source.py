@@ -55,13 +55,14 @@ def load_model(model: str | Path | None, dtype: str | None = None, mesh=None, pr
                load_format: str = "auto", quantization: str | None = None):  # fmt: skip
     """(config, family module, params) for a model argument; `dtype` overrides the checkpoint's.
 
-    load_format "dummy" reads only config.json and makes random weights on the devices. quantization: "int8" or
-    "fp8" weight-only (a converted checkpoint that is already quantized loads as it was written).
+    load_format "dummy" reads only config.json and makes random weights on the devices. quantization: a
+    `quantization.METHODS` name (a converted or pre-quantized checkpoint loads as it was written).
     """
     from rtpjax.loading.loader import load_params, random_params
     from rtpjax.loading.orbax_checkpoint import is_converted, restore_params
     from rtpjax.loading.quantization import check_method
     from rtpjax.models import load_config
+    from rtpjax.quant.checkpoints import load_prequantized, quant_config
 
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r}: choose one of {', '.join(LOAD_FORMATS)}")
@@ -74,4 +75,6 @@ def load_model(model: str | Path | None, dtype: str | None = None, mesh=None, pr
         return cfg, family, random_params(cfg, family, mesh, quantization=quantization)
     if is_converted(model_dir):
         return cfg, family, restore_params(model_dir, cfg, family, mesh, progress, quantization)
+    if quant_config(model_dir) is not None:  # pre-quantized (compressed-tensors, GPTQ, AWQ, fp8): loads as made
+        return cfg, family, load_prequantized(model_dir, cfg, family, mesh, quantization)
     return cfg, family, load_params(model_dir, cfg, family, mesh, progress, quantization=quantization)

@@ -24,16 +24,17 @@ def jit_forward(family):
 
 def greedy_tokens(
     params, cfg, family, prompt: list[int], max_new_tokens: int, *, block_size: int = 16, chunk: int | None = None,
-    stop_ids: tuple[int, ...] = (),
+    stop_ids: tuple[int, ...] = (), kv_dtype: str | tuple[str, ...] = "auto",
 ) -> Iterator[int]:  # fmt: skip
-    """Yield up to `max_new_tokens` greedy tokens after `prompt`, stopping after any of `stop_ids`."""
+    """Yield up to `max_new_tokens` greedy tokens after `prompt`, stopping after any of `stop_ids` (kv_dtype: the
+    cache's dtype, or one per layer)."""
     if not prompt:
         raise ValueError("prompt must hold at least one token")
     total = len(prompt) + max_new_tokens
     if total > cfg.max_position_embeddings:
         raise ValueError(f"{total} tokens exceed the model's {cfg.max_position_embeddings} positions")
     num_blocks = -(-total // block_size)
-    cache = kv_cache.allocate(cfg, num_blocks, block_size)
+    cache = kv_cache.allocate(cfg, num_blocks, block_size, kv_dtype=kv_dtype)
     table = list(range(num_blocks))
     forward = jit_forward(family)
 

@@ -1,0 +1,81 @@
+"""The one linear function every model matmul goes through: x [..., in] times a weight stored [out, in], plain or
+quantized (`rtpjax.loading.quantization`).
+
+- W8A8 (fp8 / int8 activations): x is quantized per token on the fly (symmetric, the KV cache's `quantize`) and the dot
+  runs in the 1-byte type, accumulating in float32 (fp8) or int32 (int8); the token and channel scales multiply the
+  accumulator afterwards, which is exact for per-channel weights. On a GPU XLA lowers the fp8 dot to cuBLASLt's fp8
+  GEMM (the tensor cores' fp8 rate) and the int8 one to its s8 x s8 -> s32 GEMM. Block-scaled weights (128 x 128) take
+  the activations per token and per 128 inputs (DeepSeek's 1 x 128) and one dot per input block, scaled and summed.
+- Weight-only int8 / fp8 per channel: the 1-byte weight converts inside the GEMM (XLA fuses it), output columns scaled.
+- int4: decode-sized steps on a GPU run the fused Pallas kernel (4 bits per weight read); larger steps are
+  compute-bound and take XLA's dot of the dequantized weight.
+Accumulation is float32 throughout: unscaled sums of 1-byte values overflow float16.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from rtpjax.kernels.reference import quantize as quantize_rows
+from rtpjax.loading.quantization import STORAGE, QuantizedWeight, dequantize
+from rtpjax.quant import int4_matmul
+
+KERNEL_ROWS = 64  # int4 steps of at most this many tokens run the Pallas kernel on a GPU
+
+
+def linear(x: jax.Array, w: jax.Array | QuantizedWeight) -> jax.Array:
+    """x [..., in] @ w.T for w [out, in], in x's dtype."""
+    if not isinstance(w, QuantizedWeight):
+        return x @ w.T
+    lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
+    if w.perm is not None:  # act-order checkpoints: q's columns are the inputs in this order
+        x = jnp.take(x, w.perm, axis=-1)
+    if w.scheme.act is not None:
+        y = w8a8(x, w)
+    elif w.scheme.weight == "int4":
+        y = _int4(x, w)
+    elif w.scheme.group == 0 and w.scheme.block_rows == 1:
+        y = jnp.dot(x, w.q.T.astype(x.dtype), preferred_element_type=jnp.float32) * w.scale[:, 0]
+    else:
+        y = jnp.dot(x, dequantize(w, x.dtype, stored_order=True).T, preferred_element_type=jnp.float32)
+    return y.astype(x.dtype).reshape(*lead, -1)
+
+
+def _accumulator(act: str):
+    return jnp.int32 if act == "int8" else jnp.float32
+
+
+def w8a8(x: jax.Array, w: QuantizedWeight) -> jax.Array:
+    """x [T, in] quantized per token (per token and input block for block-scaled weights), the dot in 1-byte types:
+    float32 [T, out]."""
+    scheme, act_dtype = w.scheme, STORAGE[w.scheme.act][0]
+    rows, in_features = x.shape
+    group = scheme.group_size(in_features)
+    if group == in_features and scheme.block_rows == 1:
+        xq, xs = quantize_rows(x, act_dtype)
+        acc = jnp.dot(xq, w.q.T, preferred_element_type=_accumulator(scheme.act)).astype(jnp.float32)
+        return acc * xs[:, None] * w.scale[:, 0]
+    blocks = in_features // group
+    xq, xs = quantize_rows(x.reshape(rows, blocks, group), act_dtype)  # [T, B, g], [T, B]
+    qb = w.q.reshape(w.q.shape[0], blocks, group)
+    ws = jnp.repeat(w.scale, scheme.block_rows, axis=0)  # [out, B]
+
+    def block(acc, b):
+        xb = lax.dynamic_index_in_dim(xq, b, axis=1, keepdims=False)
+        wb = lax.dynamic_index_in_dim(qb, b, axis=1, keepdims=False)
+        part = jnp.dot(xb, wb.T, preferred_element_type=_accumulator(scheme.act)).astype(jnp.float32)
+        xsb = lax.dynamic_index_in_dim(xs, b, axis=1, keepdims=True)
+        return acc + part * xsb * lax.dynamic_index_in_dim(ws, b, axis=1, keepdims=False), None
+
+    acc, _ = lax.scan(block, jnp.zeros((rows, w.q.shape[0]), jnp.float32), jnp.arange(blocks))
+    return acc
+
+
+def _int4(x: jax.Array, w: QuantizedWeight) -> jax.Array:
+    group = w.scheme.group_size(w.shape[-1])
+    if (jax.default_backend() == "gpu" and w.scheme.whole and w.q.ndim == 2 and x.shape[0] <= KERNEL_ROWS
+            and int4_matmul.supported(x.shape[0], w.q.shape[0], x.shape[1], group)):  # fmt: skip
+        return int4_matmul.int4_matmul(x, w.q, w.scale, w.zero, group=group)
+    return jnp.dot(x, dequantize(w, x.dtype, stored_order=True).T, preferred_element_type=jnp.float32)
