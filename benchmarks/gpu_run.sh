@@ -302,13 +302,13 @@ PY
       timeout 240 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" $flag --batch-sizes 1,32 --output-len 64 \
         --compilation-cache-dir /tmp/xla --out "$OUT/quant_$q.json" 2>&1 | grep -E "throughput|decode tok|Error" \
         | sed "s/^/$q /"
-      timeout 180 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" $flag --batch-sizes 1 --input-len 4096 \
+      [ "${QUANT_4K:-1}" = 1 ] && timeout 180 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" $flag --batch-sizes 1 --input-len 4096 \
         --output-len 8 --max-model-len 8192 --throughput-input-len 128 --throughput-output-len 8 --num-prompts 8 \
         --compilation-cache-dir /tmp/xla --out "$OUT/quant_${q}_4k.json" 2>&1 | grep -E "prefill|Error" \
         | sed "s/^/$q 4k-prompt /"
     done
     timeout 240 python3 -m rtpjax.benchmarks.kernels.quant_bench --out "$OUT/quant_bench.json" 2>&1 | grep -v Deprecat
-    timeout 300 python3 -m rtpjax.benchmarks.kernels.attention_bench --suites decode --out "$OUT/quant_attention.json" \
+    [ "${QUANT_ATTENTION:-1}" = 1 ] && timeout 300 python3 -m rtpjax.benchmarks.kernels.attention_bench --suites decode --out "$OUT/quant_attention.json" \
       2>&1 | grep -E "b=  *32 ctx= *2048|Error"
     ;;
   serve)
