@@ -307,7 +307,7 @@ PY
         --compilation-cache-dir /tmp/xla --out "$OUT/quant_${q}_4k.json" 2>&1 | grep -E "prefill|Error" \
         | sed "s/^/$q 4k-prompt /"
     done
-    timeout 240 python3 -m rtpjax.benchmarks.kernels.quant_bench --out "$OUT/quant_bench.json" 2>&1 | grep -v Deprecat
+    [ "${QUANT_BENCH:-1}" = 1 ] && timeout 240 python3 -m rtpjax.benchmarks.kernels.quant_bench --out "$OUT/quant_bench.json" 2>&1 | grep -v Deprecat
     [ "${QUANT_ATTENTION:-1}" = 1 ] && timeout 300 python3 -m rtpjax.benchmarks.kernels.attention_bench --suites decode --out "$OUT/quant_attention.json" \
       2>&1 | grep -E "b=  *32 ctx= *2048|Error"
     ;;
