@@ -110,7 +110,7 @@ class ShmArena:
     files are kept; all are removed at close."""
 
     def __init__(self, keep: int = 4):
-        self.keep = keep
+        self.keep, self.closed = keep, False
         self._idle: list[tuple[str, int]] = []  # (path, capacity)
         self._lock = threading.Lock()
 
@@ -147,7 +147,7 @@ class ShmArena:
         if path is None:
             return
         with self._lock:
-            if len(self._idle) < self.keep:
+            if not self.closed and len(self._idle) < self.keep:
                 self._idle.append((path, os.stat(path).st_size))
                 self._idle.sort(key=lambda f: f[1])
                 return
@@ -155,7 +155,7 @@ class ShmArena:
 
     def close(self) -> None:
         with self._lock:
-            idle, self._idle = self._idle, []
+            idle, self._idle, self.closed = self._idle, [], True
         for path, _ in idle:
             _unlink(path)
 
