@@ -31,12 +31,14 @@ def _kv(tokens: int, layers: int, heads: int, head_dim: int, dtype: str, block: 
     return KVBlocks(KVLayout(dtype, block, layers, heads, head_dim), blocks, *raw)
 
 
-def _timed(fn, repeats: int) -> float:
-    fn()  # warm
+def _timed(fn, repeats: int, fresh=lambda: None) -> float:
+    """Median seconds of fn(fresh()) after a warm-up; `fresh` (untimed) makes each call's input."""
+    fn(fresh())  # warm
     times = []
     for _ in range(repeats):
+        arg = fresh()
         began = time.perf_counter()
-        fn()
+        fn(arg)
         times.append(time.perf_counter() - began)
     return statistics.median(times)
 
@@ -55,7 +57,7 @@ def transfer(args) -> dict:
         row = {"tokens": tokens, "bytes": nbytes}
 
         def via(path):
-            def once():
+            def once(_):
                 store.put("t", channel.Held(kv, tokens, [], time.monotonic() + 60))
                 channel.pull("127.0.0.1", server.port, "t", path, time.monotonic() + 60)
 
@@ -64,13 +66,16 @@ def transfer(args) -> dict:
         for path in ("shm", "tcp"):
             row[f"{path}_s"] = _timed(via(path), args.repeats)
         host = np.frombuffer(kv.keys, np.uint8), np.frombuffer(kv.values, np.uint8)
-        row["crc32_s"] = _timed(lambda: channel.checksums([kv.keys, kv.values]), args.repeats)
+        row["crc32_s"] = _timed(lambda _: channel.checksums([kv.keys, kv.values]), args.repeats)
+        row["memcpy_s"] = _timed(lambda _: [np.copyto(np.empty_like(a), a) for a in host], args.repeats)  # the floor
         on_device = [jax.device_put(a) for a in host]
-        row["h2d_s"] = _timed(lambda: [x.block_until_ready() for x in [jax.device_put(a) for a in host]], args.repeats)
-        row["d2h_s"] = _timed(lambda: [np.asarray(jax.device_get(x)) for x in on_device], args.repeats)
+        row["h2d_s"] = _timed(lambda _: [x.block_until_ready() for x in [jax.device_put(a) for a in host]], args.repeats)
+        # fresh device arrays each time: a jax.Array keeps its host copy once fetched, so a repeat would cost nothing
+        row["d2h_s"] = _timed(lambda xs: [np.asarray(jax.device_get(x)) for x in xs], args.repeats,
+                              lambda: [(x + 0).block_until_ready() for x in on_device])  # fmt: skip
         row["staged_s"] = row["d2h_s"] + row["h2d_s"]  # the floor any host-staged path pays
         try:
-            row["jax_transfer_s"] = _timed(lambda: _jax_transfer(on_device), args.repeats)
+            row["jax_transfer_s"] = _timed(lambda _: _jax_transfer(on_device), args.repeats)
         except Exception as e:  # noqa: BLE001 - recorded: where it does not work is the finding
             row["jax_transfer_error"] = f"{type(e).__name__}: {e}"
         server.close()

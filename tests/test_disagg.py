@@ -11,6 +11,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 from starlette.responses import StreamingResponse
 
@@ -365,3 +366,50 @@ def test_pd_bench_transfer_runs(tmp_path):
     pd_bench.main(["transfer", "--tokens", "32", "--layers", "2", "--repeats", "1", "--out", str(out)])
     row = json.loads(out.read_text())["rows"][0]
     assert all(row[f"{p}_GBps"] > 0 for p in ("shm", "tcp", "staged"))
+
+
+def test_channel_shm_arena_reused_checked_and_removed(monkeypatch):
+    """The shared-memory path, no engines: bytes arrive equal through a reused staging file; a byte changed in the
+    file after staging fails the checksum; closing the server removes its files."""
+    import glob
+    import os
+
+    from rtpjax.disagg import channel
+    from rtpjax.kv.host_blocks import KVBlocks, KVLayout
+
+    layout = KVLayout("bfloat16", 4, 2, 2, 8)
+    raw = [bytes(np.random.default_rng(i).integers(0, 255, 3 * layout.block_bytes // 2, dtype=np.uint8))
+           for i in range(2)]  # fmt: skip
+    kv = KVBlocks(layout, 3, *raw)
+    store = channel.HeldStore()
+    server = channel.TransferServer(store, "127.0.0.1", 0)
+    mine = os.path.join(channel._SHM_DIR, f"{channel._PREFIX}{os.getpid()}-*")
+    try:
+        for _ in range(2):
+            store.put("t", channel.Held(kv, 10, [1, 2], time.monotonic() + 30))
+            got = channel.pull("127.0.0.1", server.port, "t", "shm", time.monotonic() + 30)
+            assert (bytes(got.kv.keys), bytes(got.kv.values), got.num_tokens) == (*raw, 10)
+        assert len(glob.glob(mine)) == 1  # one staging file, reused
+
+        write = channel.ShmArena.write
+
+        def flipped(self, parts):
+            path = write(self, parts)
+            with open(path, "r+b") as f:
+                f.seek(7)
+                byte = f.read(1)
+                f.seek(7)
+                f.write(bytes([byte[0] ^ 0xFF]))
+            return path
+
+        monkeypatch.setattr(channel.ShmArena, "write", flipped)
+        store.put("t", channel.Held(kv, 10, [1, 2], time.monotonic() + 30))
+        with pytest.raises(channel.TransferError, match="checksum"):
+            channel.pull("127.0.0.1", server.port, "t", "shm", time.monotonic() + 30)
+    finally:
+        server.close()
+    for _ in range(50):  # the last serving thread hands its file back (removed now) just after the pull returns
+        if not glob.glob(mine):
+            break
+        time.sleep(0.1)
+    assert glob.glob(mine) == []
