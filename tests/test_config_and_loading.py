@@ -70,10 +70,11 @@ def test_supported_list_names_every_family(tmp_path):
 
 def test_a_model_argument_that_is_no_model_fails_in_one_sentence(tmp_path, tiny_checkpoints):
     (tmp_path / "weights.bin").write_bytes(b"0")
-    for bad in (tmp_path / "absent", tmp_path / "weights.bin"):
-        with pytest.raises(ValueError, match=f"^{bad}: not a model folder or a .gguf file"):
-            resolve_model(bad)
-    with pytest.raises(ConfigError, match="no config.json"):
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'absent'}: no such file or folder"):
+        resolve_model(tmp_path / "absent")
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'weights.bin'}: not a model folder or a .gguf file"):
+        resolve_model(tmp_path / "weights.bin")
+    with pytest.raises(ValueError, match="no config.json"):
         resolve_model(tmp_path)
     assert resolve_model(tiny_checkpoints["llama3"]) == str(tiny_checkpoints["llama3"])
 

@@ -74,7 +74,8 @@ def test_generated_blocks_are_published_under_their_full_chain_hash(stories_llm)
 
 
 def test_tiny_pool_preempts_and_recomputes_identically(stories_dir, compile_cache):
-    llm = LLM(str(stories_dir), num_gpu_blocks=10, compilation_cache_dir=compile_cache, **ENGINE_ARGS)
+    llm = LLM(str(stories_dir), num_gpu_blocks=10, compilation_cache_dir=compile_cache,
+              **dict(ENGINE_ARGS, max_model_len=160))  # the cache holds one whole sequence
     prompts = random_prompts(6, seed=3, low=20, high=40)
     outs = llm.generate(prompts, SamplingParams(max_tokens=60, **GREEDY))
     assert llm.engine.scheduler.num_preemptions > 0

@@ -137,7 +137,7 @@ def test_identity_tells_models_and_block_sizes_apart(stories_dir, tiny_checkpoin
 # -- the engine --------------------------------------------------------------------------------------------------------
 
 # 12 device blocks; 10 prompts of 5 blocks (4 shareable each) are a working set 4x the device cache.
-TIER_ARGS = dict(ENGINE_ARGS, num_gpu_blocks=12, kv_offloading_size=0.01, kv_disk_size=0.05, preemption_mode="swap")
+TIER_ARGS = dict(ENGINE_ARGS, max_model_len=192, num_gpu_blocks=12, kv_offloading_size=0.01, kv_disk_size=0.05, preemption_mode="swap")
 PROMPTS = [[int(t) for t in np.random.default_rng(100 + i).integers(3, 512, 70)] for i in range(10)]
 SHAREABLE = 4 * 16 * len(PROMPTS)  # prompt tokens in full blocks that are not the last token's
 GREEDY = SamplingParams(max_tokens=6, temperature=0)

@@ -128,7 +128,7 @@ def _prompts(seed):
 def swap_llm(stories_dir, compile_cache):
     """10 device blocks for 6 sequences growing to 4-5 blocks each: they preempt each other."""
     return LLM(str(stories_dir), compilation_cache_dir=compile_cache, num_gpu_blocks=10, kv_offloading_size=0.01,
-               preemption_mode="swap", **ENGINE_ARGS)  # fmt: skip
+               preemption_mode="swap", **dict(ENGINE_ARGS, max_model_len=160))  # fmt: skip
 
 
 @pytest.mark.parametrize("seed, mode, costs, loads", [  # each its own prompts: none left below by an earlier run
