@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
     layout = KVLayout(args.dtype, args.block_size, args.layers, args.kv_heads, args.head_dim)
     n, nbytes = args.blocks, args.blocks * layout.block_bytes
     result = dict(device=str(jax.devices()[0].device_kind), block_bytes=layout.block_bytes, blocks=n, bytes=nbytes)
-    rate = lambda seconds: round(nbytes / seconds / 1e9, 2)  # noqa: E731 - GB/s
+    rate = lambda seconds: float(f"{nbytes / seconds / 1e9:.3g}")  # noqa: E731 - GB/s, 3 significant digits
 
     pin = dma_mapper(jax.devices())
     pageable = np.ones(nbytes, np.uint8)
