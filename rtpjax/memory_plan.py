@@ -77,7 +77,7 @@ def device_memory() -> Memory | None:
     """The first device's memory statistics, where it has them (GPUs); None on a CPU."""
     import jax
 
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" not in stats:
         return None
     return Memory(stats["bytes_limit"] - stats.get("bytes_in_use", 0), "device memory", device=True)
