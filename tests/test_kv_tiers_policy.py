@@ -96,7 +96,7 @@ def test_a_failed_admission_is_not_counted_as_a_tier_hit():
     pool = BlockPool(4)
     held = pool.allocate(1)  # 3 free: enough for the 3 loaded blocks, not for the prompt's last one
     tiers = KVTiers(LAYOUT, HostTier(8 * LAYOUT.block_bytes, LAYOUT.block_bytes), None, policy="swap")
-    sched = Scheduler(pool, 16, 4, 64, 256, tiers)
+    sched = Scheduler(pool, 16, 4, 64, 256, tiers=tiers)
     prompt = list(range(3, 3 + 49))
     for i, h in enumerate(prefix_hashes(prompt, 16)):
         tiers.host.put(h, _row(i))
