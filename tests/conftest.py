@@ -77,3 +77,23 @@ def stories_llm(stories_dir, compile_cache):
     from rtpjax import LLM
 
     return LLM(str(stories_dir), compilation_cache_dir=compile_cache, **ENGINE_ARGS)
+
+
+def wait_healthy(proc, url: str, what: str, seconds: float = 300.0) -> None:
+    """Poll `url`/health until it answers 200; fail with the process's output if it exits, or after `seconds`."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while True:
+        if proc.poll() is not None:
+            out = proc.stdout or proc.stderr
+            raise AssertionError(f"{what} exited: " + (out.read()[-3000:] if out is not None else ""))
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"{what} did not come up"
+        time.sleep(0.3)

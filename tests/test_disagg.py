@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from starlette.responses import StreamingResponse
 
-from conftest import ENGINE_ARGS
+from conftest import ENGINE_ARGS, wait_healthy
 from rtpjax import AsyncLLM, SamplingParams
 from rtpjax.disagg.pd_proxy import PDPool, disaggregated, run_prefill
 from rtpjax.serve.app import build_app
@@ -233,16 +233,7 @@ def test_vllm_router_pd_mode(pd):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "vllm-router did not come up"
-            time.sleep(0.3)
+        wait_healthy(proc, url, "vllm-router", 30)
         pulled = status(decode.url)["kv_transfers_pulled"]
         body = dict(BODIES[1], model="stories")
         r = httpx.post(url + "/v1/completions", json=body, timeout=60)
@@ -263,16 +254,7 @@ def test_rtpjax_router_pd_mode(pd):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "rtpjax router did not come up"
-            time.sleep(0.3)
+        wait_healthy(proc, url, "rtpjax router", 60)
         pulled = status(decode.url)["kv_transfers_pulled"]
         for body in (BODIES[0], BODIES[4]):
             r = httpx.post(url + "/v1/completions", json=body, timeout=60)

@@ -6,10 +6,10 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
+from conftest import wait_healthy
 from test_server import free_port
 
 PROMPT = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her friends. "
@@ -28,14 +28,7 @@ def serve(stories_dir, compile_cache, disk, *extra):
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(0.5)
+        wait_healthy(proc, url, "rtpjax serve")
         yield url
         proc.send_signal(signal.SIGTERM)  # graceful: the engine writes its prefix cache down as it stops
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM)

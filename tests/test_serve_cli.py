@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 
+from conftest import wait_healthy
 from test_server import free_port
 
 
@@ -23,16 +24,7 @@ def test_serve_answers_and_drains_on_sigterm(stories_dir, compile_cache):
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(0.5)
+        wait_healthy(proc, url, "rtpjax serve")
         out = httpx.post(url + "/v1/completions", json={"model": "stories260K", "prompt": "Once upon a time",
                                                         "max_tokens": 12, "temperature": 0}).json()  # fmt: skip
         assert out["choices"][0]["text"].startswith(", there was a little girl named Lily")
