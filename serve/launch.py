@@ -85,7 +85,7 @@ def serve_replicas(args: argparse.Namespace, engine_args) -> int:
 def serve(args: argparse.Namespace) -> int:
     from rtpjax.loading.model_source import check_model
 
-    engine_args_from(args)  # bad values fail here, in one line, before anything heavy is imported
+    engine_args = engine_args_from(args)  # bad values fail here, in one line, before anything heavy is imported
     check_model(args.model)
     import uvicorn
 
@@ -95,7 +95,6 @@ def serve(args: argparse.Namespace) -> int:
     from rtpjax import AsyncLLM
     from rtpjax.serve.app import build_app
 
-    engine_args = engine_args_from(args)  # bad values fail here, before anything starts
     if args.data_parallel_size > 1:
         return serve_replicas(args, engine_args)
     if engine_args.process_id > 0:  # a follower of a multi-host engine: no HTTP, the leader's steps until it stops

@@ -169,24 +169,22 @@ class KVTiers:
             else:
                 self._write(*job)
 
+    def _store(self, name: str, tier, put, hashes: list[bytes], rows, began: float) -> None:
+        """Rows into one tier (those it lacks), counted: bytes kept, blocks it had no room for, time."""
+        counters = self.counters[name]
+        for h, row in zip(hashes, rows):
+            if h not in tier:
+                stored = put(h, row)
+                counters.bytes_written += stored * row.nbytes
+                counters.dropped += not stored
+        counters.write_seconds += time.perf_counter() - began
+
     def _write(self, hashes: list[bytes], pieces, began: float) -> None:
         try:
             rows = np.concatenate([np.asarray(arr)[:real] for real, arr in pieces])
-            host = self.counters["host"]
-            for h, row in zip(hashes, rows):
-                if h not in self.host:
-                    stored = self.host.put(h, row)
-                    host.bytes_written += stored * row.nbytes
-                    host.dropped += not stored
-            host.write_seconds += time.perf_counter() - began
+            self._store("host", self.host, self.host.put, hashes, rows, began)
             if self.disk is not None:
-                disk, began = self.counters["disk"], time.perf_counter()
-                for h, row in zip(hashes, rows):
-                    if h not in self.disk:
-                        stored = self.disk.write(h, row)
-                        disk.bytes_written += stored * row.nbytes
-                        disk.dropped += not stored
-                disk.write_seconds += time.perf_counter() - began
+                self._store("disk", self.disk, self.disk.write, hashes, rows, time.perf_counter())
         except Exception:  # noqa: BLE001 - the blocks are only not kept below; the engine goes on
             log.exception("KV tiers: writing %d blocks down failed", len(hashes))
         finally:
