@@ -36,6 +36,11 @@
 #   pd      prefill/decode hand-off: the K/V channel (shared memory, TCP, jax.experimental.transfer) per 1k tokens of
 #           8B KV beside the host-staged floor, and the TTFT of a 2048-token prompt disaggregated against colocated
 #           (two engine processes at XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 each)
+#   pd_mixed  (P/D multi-GPU issue; 2 GPUs, or both engines on one GPU at XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 as a dry
+#           run) colocated (2 replicas, rtpjax router cache_aware) against disaggregated (prefill + decode engine behind
+#           rtpjax router --pd-disaggregation, and behind vllm-router if installed): long prompts (4k-8k) at a steady
+#           rate while short prompts stream, swept over PD_RATES multipliers (benchmarks/pd_mixed.py); PD_CONFIGS,
+#           PD_SECONDS, PD_MIXED_FLAGS (more pd_mixed.py flags) override
 #   scaling (issue 29; 2-4 GPUs) offline decode (batch 1/8/32/128) and throughput at TP 1/2/4 on the 8B shape and on
 #           llama3-70b-cut (70B's hidden size, heads and vocabulary, 20 of its 80 layers, so TP=1 fits one H200); EP
 #           1/2/4 on Qwen3-30B-A3B; PP 2/4 where --pipeline-parallel-size exists; then one engine as two processes
@@ -247,6 +252,14 @@ EOF
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout 550 python3 -m rtpjax.benchmarks.pd_bench ttft "$cfg" \
       --load-format dummy --prompt-len 2048 --max-model-len 4096 --max-num-seqs 16 --compilation-cache-dir /tmp/xla \
       --out "$OUT/pd_ttft.json"
+    ;;
+  pd_mixed)
+    config_only
+    if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then place="--gpus 0 1"; else place="--gpus 0 0 --mem-fraction 0.45"; fi
+    timeout ${PD_MIXED_TIMEOUT:-1500} python3 -m rtpjax.benchmarks.pd_mixed "$CKPT" --name "$SHAPE" $place \
+      --configs ${PD_CONFIGS:-colocated disagg vllm_router} --rates ${PD_RATES:-0.5 1 2 4} --seconds ${PD_SECONDS:-40} \
+      ${PD_MIXED_FLAGS:-} --logs "$OUT/pd_mixed_logs" --out "$OUT/pd_mixed.json" -- --load-format dummy \
+      --compilation-cache-dir /tmp/xla --max-model-len 10240 --max-num-seqs 256 --max-num-batched-tokens 2048
     ;;
   ttft)
     # One server per token budget (random weights made on the GPU: config and tokenizer only), the same workloads each.
