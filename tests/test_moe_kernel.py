@@ -2,6 +2,8 @@
 reference on fresh random inputs, every output element written (the interpreter starts outputs as NaN, so a tile the
 kernel skips shows up), any routing (empty experts, all tokens on one expert, spare tiles), float32 and bfloat16."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,3 +118,22 @@ def test_kernel_rows_and_choice():
     assert not moe.use_kernel("auto", jnp.zeros((4, 24, 64)))
     with pytest.raises(ValueError, match="rows 40 in tiles of 16"):
         gm.grouped_matmul(jnp.zeros((40, 64)), jnp.zeros(3, jnp.int32), (w,), block_m=16, interpret=True)
+
+
+def test_block_bench_runs_on_cpu(tmp_path):
+    """benchmarks/moe_block.py with tiny shapes (the kernel interpreted): every implementation timed, the kernel's
+    block sweep sorted fastest first, the speedups and the bound on them recorded."""
+    from rtpjax.benchmarks import moe_block
+
+    out = tmp_path / "moe_block.json"
+    moe_block.main(["--experts", "8", "--top-k", "2", "--hidden", "64", "--inter", "32", "--batch-sizes", "1,8",
+                    "--impls", "dense,grouped,pallas", "--pallas-blocks", "16x16,32x32x4x2", "--repeats", "1",
+                    "--out", str(out)])  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["tokens"] for r in rows] == [1, 8]
+    for row in rows:
+        sweep = row["pallas_sweep"]
+        assert [(r["block_n"], r["block_k"]) for r in sorted(sweep, key=lambda r: r["block_n"])] == [(16, 16), (32, 32)]
+        assert sweep[0]["us"] <= sweep[1]["us"] and row["pallas_best"]["us"] == sweep[0]["us"]
+        assert row["pallas"]["tile"] == 16 and row["pallas"]["vs_dense"] > 0 and row["pallas_best"]["vs_grouped"] > 0
+        assert row["bound_vs_dense"] == pytest.approx(row["dense"]["us"] / row["floor_us"])
