@@ -103,8 +103,8 @@ def main(argv=None) -> dict:
         for impl in impls:
             r = row[impl]
             blocks = f" blocks m{r['block_m']} n{r['block_n']} k{r['block_k']}" if "block_n" in r else ""
-            print(f"  {impl:12s} {r['us']:9.1f} us  {r['of_floor']:6.1%} of floor  " + "  ".join(
-                f"{r[key]:5.2f}x {key[3:]}" for key in ("vs_dense", "vs_grouped") if key in r) + blocks, flush=True)  # fmt: skip
+            gains = "  ".join(f"{r[key]:5.2f}x {key[3:]}" for key in ("vs_dense", "vs_grouped") if key in r)
+            print(f"  {impl:12s} {r['us']:9.1f} us  {r['of_floor']:6.1%} of floor  {gains}{blocks}", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     return result

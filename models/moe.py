@@ -12,13 +12,14 @@ Three ways to run the experts, all exact (no token is ever dropped):
   tile's expert weights in place instead of gathering a copy; tiles of 16 to 128 rows (`kernel_rows`). Interpreted
   (slowly) off the GPU; unquantized stacks whose dimensions are multiples of 16 only.
 
-On a GPU `auto` takes the kernel wherever it can run: a tile never reads more than its own expert's weights, once, so
-it does no worse than dense at any batch and skips the experts no token chose. Elsewhere (and for stacks the kernel
-does not take) `auto` picks per compiled step shape (the token count is static) whichever a bandwidth/compute model says is cheaper:
-a gathered tile costs three passes over its weights (read, write the copy, read it), a dense expert one, and a row of
-compute costs t / RIDGE of a weight pass (RIDGE: an H200's FLOPs per byte). Decode at batch 1 is grouped (8 expert
-reads instead of 128 for Qwen3-30B-A3B), decode at batch 32 dense (its tokens touch nearly every expert), prefill
-grouped with large tiles.
+On a GPU `auto` takes the kernel wherever it can run: each used tile reads its own expert's weights once, in place,
+so a step reads about the experts its tokens chose (at most all of them, plus one more read per extra tile of a busy
+expert) and computes k/E of dense's FLOPs. Elsewhere, and for stacks the kernel does not take, `auto` picks per
+compiled step shape (the token count is static) whichever a bandwidth/compute model says is cheaper: a gathered
+tile costs three passes over its weights (read, write the copy, read it), a dense expert one, and a row of compute
+costs t / RIDGE of a weight pass (RIDGE: an H200's FLOPs per byte). Decode at batch 1 is grouped (8 expert reads
+instead of 128 for Qwen3-30B-A3B), decode at batch 32 dense (its tokens touch nearly every expert), prefill grouped
+with large tiles.
 
 Under a mesh with "expert" / "tensor" axes the experts run in `shard_map`: tokens are replicated (attention is tensor
 parallel), so the token exchange is implicit in the layout; each device computes the assignments routed to its own
@@ -87,7 +88,8 @@ def use_kernel(impl: str, w) -> bool:
     stack must suit it) or, for `auto`, on a GPU where it does."""
     if impl not in ("pallas", "auto"):
         return False
-    why = "quantized expert weights" if isinstance(w, QuantizedWeight) else grouped_matmul.unsupported(*w.shape[1:], w.dtype)
+    quantized = isinstance(w, QuantizedWeight)
+    why = "quantized expert weights" if quantized else grouped_matmul.unsupported(*w.shape, w.dtype)
     if impl == "pallas" and why:
         raise ValueError(f"moe_impl='pallas': the grouped-matmul kernel does not take {why}; use grouped or auto")
     return why is None and (impl == "pallas" or jax.default_backend() == "gpu")

@@ -59,7 +59,8 @@ def routing(kind, tokens, experts, top_k, rng):
     if kind == "uniform":
         return np.stack([rng.permutation(experts)[:top_k] for _ in range(tokens)])
     if kind == "one":  # every token's first choice the same expert; a group larger than a tile
-        return np.stack([[5, *rng.permutation([e for e in range(experts) if e != 5])[: top_k - 1]] for _ in range(tokens)])
+        others = [e for e in range(experts) if e != 5]
+        return np.stack([[5, *rng.permutation(others)[: top_k - 1]] for _ in range(tokens)])
     return np.tile(np.arange(top_k) * 2, (tokens, 1))  # "even": the odd experts get nothing
 
 
@@ -116,6 +117,8 @@ def test_kernel_rows_and_choice():
     with pytest.raises(ValueError, match=r"expert dimensions 24 x 64 \(each must be a multiple of 16\)"):
         moe.use_kernel("pallas", jnp.zeros((4, 24, 64)))
     assert not moe.use_kernel("auto", jnp.zeros((4, 24, 64)))
+    with pytest.raises(ValueError, match=r"256 x 2048 x 7168 weights \(2\^31 elements or more\)"):
+        moe.use_kernel("pallas", jax.ShapeDtypeStruct((256, 2048, 7168), jnp.bfloat16))
     with pytest.raises(ValueError, match="rows 40 in tiles of 16"):
         gm.grouped_matmul(jnp.zeros((40, 64)), jnp.zeros(3, jnp.int32), (w,), block_m=16, interpret=True)
 

@@ -61,8 +61,10 @@ def block_size(requested: int, dim: int) -> int:
     return b if b >= MIN_BLOCK else 0
 
 
-def unsupported(inter: int, hidden: int, dtype) -> str | None:
-    """Why the kernel cannot run experts of [inter, hidden] weights in `dtype`, or None when it can."""
+def unsupported(experts: int, inter: int, hidden: int, dtype) -> str | None:
+    """Why the kernel cannot run `experts` experts of [inter, hidden] weights in `dtype`, or None when it can."""
+    if experts * inter * hidden >= 2**31:  # Triton's pointer offsets into the flat stack are int32
+        return f"a stack of {experts} x {inter} x {hidden} weights (2^31 elements or more)"
     if jnp.dtype(dtype) not in DTYPES:
         return f"expert weights of dtype {jnp.dtype(dtype)}"
     if inter % MIN_BLOCK or hidden % MIN_BLOCK:
@@ -79,7 +81,8 @@ def grouped_matmul(x, tile_expert, weights: tuple, scale=None, *, block_m: int, 
     bn, bk = block_size(block_n, out), block_size(block_k, depth)
     if block_m < MIN_BLOCK or rows % block_m or not (bn and bk) or tile_expert.shape != (rows // block_m,):
         raise ValueError(f"grouped_matmul: rows {rows} in tiles of {block_m} (>= {MIN_BLOCK}) for "
-                         f"{tile_expert.shape[0]} tile experts, weights {out} x {depth} (multiples of {MIN_BLOCK})")  # fmt: skip
+                         f"{tile_expert.shape[0]} tile experts, weights {out} x {depth} "
+                         f"(multiples of {MIN_BLOCK})")  # fmt: skip
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     flat = [w.reshape(experts * out, depth) for w in weights]  # free: the stacks are contiguous
@@ -90,7 +93,8 @@ def grouped_matmul(x, tile_expert, weights: tuple, scale=None, *, block_m: int, 
     if scale is not None:
         in_specs.append(pl.BlockSpec((block_m,), lambda i, j: (i,)))
         inputs.append(scale)
-    kernel = functools.partial(_kernel, out_rows=out, block_n=bn, block_k=bk, steps=depth // bk, scaled=scale is not None)
+    kernel = functools.partial(_kernel, out_rows=out, block_n=bn, block_k=bk, steps=depth // bk,
+                               scaled=scale is not None)  # fmt: skip
     params = None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     return pl.pallas_call(
         kernel, grid=(rows // block_m, out // bn), in_specs=in_specs,
