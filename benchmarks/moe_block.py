@@ -33,6 +33,14 @@ def block_us(fn, args, repeats: int) -> float:
     return (time.perf_counter() - began) / repeats * 1e6
 
 
+def timed(fn, args, repeats: int) -> dict:
+    """{"us": ...}, or {"error": ...} when it does not compile or run (one GPU call measures everything else)."""
+    try:
+        return {"us": block_us(fn, args, repeats)}
+    except Exception as e:  # noqa: BLE001 - recorded in the result
+        return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"}
+
+
 def parse_blocks(spec: str) -> list[dict]:
     """"64x128,128x64x8x4" -> the kernel's keyword arguments per configuration."""
     names = ("block_n", "block_k", "num_warps", "num_stages")
@@ -40,15 +48,45 @@ def parse_blocks(spec: str) -> list[dict]:
 
 
 def pallas_sweep(t: int, e: int, args, inputs) -> list[dict]:
-    """The kernel path at every (rows per tile, block) configuration: us each, fastest first."""
+    """The kernel path at every (rows per tile, block) configuration: us each, fastest first (a configuration Triton
+    cannot compile, e.g. one past the shared memory, is recorded with its error and skipped)."""
     rows = [int(r) for r in args.pallas_rows.split(",") if r] or [moe.kernel_rows(t * args.top_k, e)]
     runs = []
     for tile in rows:
         for blocks in parse_blocks(args.pallas_blocks):
             fn = jax.jit(lambda x, ids, wt, w, tile=tile, blocks=blocks: moe.pallas_experts(
                 x, ids, wt, w["w_gate"], w["w_up"], w["w_down"], tile, **blocks))  # fmt: skip
-            runs.append({"block_m": tile, **blocks, "us": block_us(fn, inputs, args.repeats)})
-    return sorted(runs, key=lambda r: r["us"])
+            runs.append({"block_m": tile, **blocks, **timed(fn, inputs, args.repeats)})
+    return sorted(runs, key=lambda r: r.get("us", float("inf")))
+
+
+def add_ratios(row: dict, impls: list[str], floor_us: float) -> None:
+    """Each implementation that ran: its share of the floor and its speedup on dense and grouped; the bound on dense."""
+    ran = {impl: row[impl]["us"] for impl in impls if "us" in row[impl]}
+    if "dense" in ran:
+        row["bound_vs_dense"] = ran["dense"] / floor_us
+    for impl, us in ran.items():
+        row[impl]["of_floor"] = floor_us / us
+        for base in ("dense", "grouped"):
+            if base in ran and impl not in ("dense", "grouped"):
+                row[impl][f"vs_{base}"] = ran[base] / us
+
+
+def measure(t: int, floor_us: float, args, inputs) -> tuple[dict, list[str]]:
+    """One batch size: every implementation (and the kernel's sweep), with their ratios; the row and its impls."""
+    w, e, k = inputs[3], args.experts, args.top_k
+    row = {"tokens": t, "floor_us": floor_us}
+    impls = args.impls.split(",")
+    for impl in impls:
+        fn = jax.jit(lambda x, ids, wt, w, impl=impl: moe.run_experts(w, x, ids, wt, impl))
+        tile = moe.kernel_rows(t * k, e) if moe.use_kernel(impl, w["w_gate"]) else moe.plan(t * k, e, t, impl)
+        row[impl] = {**timed(fn, inputs, args.repeats), "tile": tile}
+    if "pallas" in impls and args.pallas_blocks:
+        row["pallas_sweep"] = pallas_sweep(t, e, args, inputs)
+        row["pallas_best"] = dict(row["pallas_sweep"][0])
+        impls = [*impls, "pallas_best"]
+    add_ratios(row, impls, floor_us)
+    return row, impls
 
 
 def main(argv=None) -> dict:
@@ -59,7 +97,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--inter", type=int, default=768)
     parser.add_argument("--batch-sizes", default="1,8,32,64,2048")
     parser.add_argument("--impls", default="grouped,dense,auto,pallas")
-    parser.add_argument("--pallas-blocks", default="64x64,64x128,128x64,128x128,256x64,256x128,32x128")
+    parser.add_argument("--pallas-blocks", default="32x128,64x64,64x128,128x64,128x128,256x64,64x128x4x4,64x256x4x2")
     parser.add_argument("--pallas-rows", default="", help="rows per tile to sweep (default: moe.kernel_rows)")
     parser.add_argument("--bandwidth", type=float, default=4.3e12)
     parser.add_argument("--repeats", type=int, default=50)
@@ -79,34 +117,20 @@ def main(argv=None) -> dict:
         weights = jnp.full((t, k), 1.0 / k, jnp.bfloat16)
         x = jax.random.normal(keys[3], (t, h), jnp.bfloat16)
         floor_us = len(np.unique(np.asarray(ids))) * expert_bytes / args.bandwidth * 1e6
-        row = {"tokens": t, "floor_us": floor_us}
-        impls = args.impls.split(",")
-        for impl in impls:
-            fn = jax.jit(lambda x, ids, wt, w, impl=impl: moe.run_experts(w, x, ids, wt, impl))
-            us = block_us(fn, (x, ids, weights, w), args.repeats)
-            tile = moe.kernel_rows(t * k, e) if moe.use_kernel(impl, w["w_gate"]) else moe.plan(t * k, e, t, impl)
-            row[impl] = {"us": us, "of_floor": floor_us / us, "tile": tile}
-        if "dense" in row:
-            row["bound_vs_dense"] = row["dense"]["us"] / floor_us
-        if "pallas" in impls and args.pallas_blocks:
-            row["pallas_sweep"] = pallas_sweep(t, e, args, (x, ids, weights, w))
-            best = row["pallas_sweep"][0]
-            row["pallas_best"] = {**best, "of_floor": floor_us / best["us"]}
-            impls = [*impls, "pallas_best"]
-        for impl in impls:
-            for base in ("dense", "grouped"):
-                if base in row and impl not in ("dense", "grouped"):
-                    row[impl][f"vs_{base}"] = row[base]["us"] / row[impl]["us"]
+        row, impls = measure(t, floor_us, args, (x, ids, weights, w))
         result["rows"].append(row)
+        if args.out:  # after every row: a later one that times out loses only itself
+            Path(args.out).write_text(json.dumps(result, indent=2))
         print(f"tokens {t:5d}  floor {floor_us:8.1f} us" + (f" (at most {row['bound_vs_dense']:.2f}x dense)"
               if "bound_vs_dense" in row else ""), flush=True)  # fmt: skip
         for impl in impls:
             r = row[impl]
             blocks = f" blocks m{r['block_m']} n{r['block_n']} k{r['block_k']}" if "block_n" in r else ""
+            if "error" in r:
+                print(f"  {impl:12s} failed: {r['error']}{blocks}", flush=True)
+                continue
             gains = "  ".join(f"{r[key]:5.2f}x {key[3:]}" for key in ("vs_dense", "vs_grouped") if key in r)
             print(f"  {impl:12s} {r['us']:9.1f} us  {r['of_floor']:6.1%} of floor  {gains}{blocks}", flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
     return result
 
 

@@ -125,18 +125,34 @@ def test_kernel_rows_and_choice():
 
 def test_block_bench_runs_on_cpu(tmp_path):
     """benchmarks/moe_block.py with tiny shapes (the kernel interpreted): every implementation timed, the kernel's
-    block sweep sorted fastest first, the speedups and the bound on them recorded."""
+    block sweep sorted fastest first (a configuration that fails recorded, not fatal), the speedups and the bound on
+    them recorded."""
     from rtpjax.benchmarks import moe_block
 
     out = tmp_path / "moe_block.json"
     moe_block.main(["--experts", "8", "--top-k", "2", "--hidden", "64", "--inter", "32", "--batch-sizes", "1,8",
-                    "--impls", "dense,grouped,pallas", "--pallas-blocks", "16x16,32x32x4x2", "--repeats", "1",
+                    "--impls", "dense,grouped,pallas", "--pallas-blocks", "16x16,32x32x4x2,8x8", "--repeats", "1",
                     "--out", str(out)])  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
     assert [r["tokens"] for r in rows] == [1, 8]
     for row in rows:
         sweep = row["pallas_sweep"]
-        assert [(r["block_n"], r["block_k"]) for r in sorted(sweep, key=lambda r: r["block_n"])] == [(16, 16), (32, 32)]
+        assert sorted((r["block_n"], r["block_k"]) for r in sweep[:2]) == [(16, 16), (32, 32)]
         assert sweep[0]["us"] <= sweep[1]["us"] and row["pallas_best"]["us"] == sweep[0]["us"]
+        assert "us" not in sweep[2] and "grouped_matmul: rows" in sweep[2]["error"]  # 8-wide blocks: refused, recorded
         assert row["pallas"]["tile"] == 16 and row["pallas"]["vs_dense"] > 0 and row["pallas_best"]["vs_grouped"] > 0
         assert row["bound_vs_dense"] == pytest.approx(row["dense"]["us"] / row["floor_us"])
+
+
+@pytest.mark.parametrize("block_n, block_k", [(64, 128), (256, 64)])
+def test_kernel_lowers_to_triton(block_n, block_k):
+    """Lowered for CUDA on this CPU: Pallas' Triton lowering builds the kernel's Triton IR (a load or store Triton
+    cannot take, e.g. a block that is not a power of two, fails here); compiling it needs the GPU."""
+    e, i, h, t, k = 16, 768, 2048, 32, 8  # 768: Qwen3-30B-A3B's expert width, not a power of two
+    w = [jax.ShapeDtypeStruct((e, i, h), jnp.bfloat16)] * 2 + [jax.ShapeDtypeStruct((e, h, i), jnp.bfloat16)]
+    args = (jax.ShapeDtypeStruct((t, h), jnp.bfloat16), jax.ShapeDtypeStruct((t, k), jnp.int32),
+            jax.ShapeDtypeStruct((t, k), jnp.bfloat16), *w)  # fmt: skip
+    fn = jax.jit(lambda x, ids, wt, g, u, d: moe.pallas_experts(x, ids, wt, g, u, d, 16, block_n=block_n,
+                                                                block_k=block_k, interpret=False))  # fmt: skip
+    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2  # the two kernels, as Triton custom calls
