@@ -28,7 +28,9 @@
 #           multi_turn and prefix_repetition traffic whose working set is >= 4x the device KV (TIER_BLOCKS device
 #           blocks) with prefix caching off, device only, device + host + disk; then a restart with the disk tier
 #   moe     Qwen3-30B-A3B-shaped random weights: the MoE block alone against its weight-bandwidth floor (grouped, dense,
-#           auto), then offline decode (batch 1/8/32/64) and throughput per --moe-impl, side by side
+#           auto, pallas, and the grouped-matmul kernel swept over block sizes; MOE_BLOCK_FLAGS adds moe_block.py
+#           flags, e.g. "--pallas-blocks 64x128x4x3,128x128x8x4 --pallas-rows 16,32"), then offline decode
+#           (batch 1/8/32/64) and throughput per --moe-impl (MOE_IMPLS; " " for the block alone), side by side
 #   spec    speculative decoding: device time of a step verifying 1/2/4/8 tokens per sequence at batch 1/8/32/64
 #           (8B shape, 512 tokens of context), then batch 1 end to end with n-gram speculation against it opted out
 #           (random ids: random weights make copy-heavy text meaningless) and a batch of 64 both ways; then batch 1
@@ -121,8 +123,8 @@ for stage in $stages; do
       --max-num-seqs 64 --out "$OUT/offline_transformers.json"
     ;;
   moe)
-    timeout 300 python3 -m rtpjax.benchmarks.moe_block --out "$OUT/moe_block.json"
-    for impl in ${MOE_IMPLS:-grouped dense auto}; do
+    timeout 540 python3 -m rtpjax.benchmarks.moe_block --out "$OUT/moe_block.json" ${MOE_BLOCK_FLAGS:-}
+    for impl in ${MOE_IMPLS:-grouped dense auto pallas}; do
       timeout 420 python3 -m rtpjax.benchmarks.offline --shape qwen3-30b-a3b --moe-impl "$impl" --batch-sizes 1,8,32,64 \
         --output-len 64 --num-prompts 256 --max-num-seqs 64 --out "$OUT/offline_moe_$impl.json" \
         --compilation-cache-dir /tmp/xla

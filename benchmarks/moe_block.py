@@ -1,8 +1,13 @@
-"""One MoE block's expert compute on the device, grouped against dense, beside its weight-bandwidth floor.
+"""One MoE block's expert compute on the device, per --moe-impl, beside its weight-bandwidth floor.
 
 Random Qwen3-30B-A3B-shaped expert weights (128 experts of 768 x 2048, top-8, bf16) and uniform random routing; per
 batch size and implementation the block's device time, and at each batch size the floor: the bytes of the distinct
 experts the routing touches, read once at the device's copy bandwidth (--bandwidth, bytes/s; an H200 ~4.3e12).
+`bound_vs_dense` is the most any implementation can gain on dense there (dense time / floor).
+
+The grouped-matmul kernel (pallas) is also swept over block sizes (--pallas-blocks: BLOCK_N x BLOCK_K, optionally
+x NUM_WARPS x NUM_STAGES; --pallas-rows: rows per tile, default the engine's choice), reporting each and the best.
+Off the GPU the kernel runs in Pallas' interpreter: tiny shapes only (a smoke test).
 """
 
 from __future__ import annotations
@@ -28,6 +33,62 @@ def block_us(fn, args, repeats: int) -> float:
     return (time.perf_counter() - began) / repeats * 1e6
 
 
+def timed(fn, args, repeats: int) -> dict:
+    """{"us": ...}, or {"error": ...} when it does not compile or run (one GPU call measures everything else)."""
+    try:
+        return {"us": block_us(fn, args, repeats)}
+    except Exception as e:  # noqa: BLE001 - recorded in the result
+        return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"}
+
+
+def parse_blocks(spec: str) -> list[dict]:
+    """"64x128,128x64x8x4" -> the kernel's keyword arguments per configuration."""
+    names = ("block_n", "block_k", "num_warps", "num_stages")
+    return [dict(zip(names, map(int, c.split("x")))) for c in spec.split(",") if c]
+
+
+def pallas_sweep(t: int, e: int, args, inputs) -> list[dict]:
+    """The kernel path at every (rows per tile, block) configuration: us each, fastest first (a configuration Triton
+    cannot compile, e.g. one past the shared memory, is recorded with its error and skipped)."""
+    rows = [int(r) for r in args.pallas_rows.split(",") if r] or [moe.kernel_rows(t * args.top_k, e)]
+    runs = []
+    for tile in rows:
+        for blocks in parse_blocks(args.pallas_blocks):
+            fn = jax.jit(lambda x, ids, wt, w, tile=tile, blocks=blocks: moe.pallas_experts(
+                x, ids, wt, w["w_gate"], w["w_up"], w["w_down"], tile, **blocks))  # fmt: skip
+            runs.append({"block_m": tile, **blocks, **timed(fn, inputs, args.repeats)})
+    return sorted(runs, key=lambda r: r.get("us", float("inf")))
+
+
+def add_ratios(row: dict, impls: list[str], floor_us: float) -> None:
+    """Each implementation that ran: its share of the floor and its speedup on dense and grouped; the bound on dense."""
+    ran = {impl: row[impl]["us"] for impl in impls if "us" in row[impl]}
+    if "dense" in ran:
+        row["bound_vs_dense"] = ran["dense"] / floor_us
+    for impl, us in ran.items():
+        row[impl]["of_floor"] = floor_us / us
+        for base in ("dense", "grouped"):
+            if base in ran and impl not in ("dense", "grouped"):
+                row[impl][f"vs_{base}"] = ran[base] / us
+
+
+def measure(t: int, floor_us: float, args, inputs) -> tuple[dict, list[str]]:
+    """One batch size: every implementation (and the kernel's sweep), with their ratios; the row and its impls."""
+    w, e, k = inputs[3], args.experts, args.top_k
+    row = {"tokens": t, "floor_us": floor_us}
+    impls = args.impls.split(",")
+    for impl in impls:
+        fn = jax.jit(lambda x, ids, wt, w, impl=impl: moe.run_experts(w, x, ids, wt, impl))
+        tile = moe.kernel_rows(t * k, e) if moe.use_kernel(impl, w["w_gate"]) else moe.plan(t * k, e, t, impl)
+        row[impl] = {**timed(fn, inputs, args.repeats), "tile": tile}
+    if "pallas" in impls and args.pallas_blocks:
+        row["pallas_sweep"] = pallas_sweep(t, e, args, inputs)
+        row["pallas_best"] = dict(row["pallas_sweep"][0])
+        impls = [*impls, "pallas_best"]
+    add_ratios(row, impls, floor_us)
+    return row, impls
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--experts", type=int, default=128)
@@ -35,7 +96,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--inter", type=int, default=768)
     parser.add_argument("--batch-sizes", default="1,8,32,64,2048")
-    parser.add_argument("--impls", default="grouped,dense,auto")
+    parser.add_argument("--impls", default="grouped,dense,auto,pallas")
+    parser.add_argument("--pallas-blocks", default="32x128,64x64,64x128,128x64,128x128,256x64,64x128x4x4,64x256x4x2")
+    parser.add_argument("--pallas-rows", default="", help="rows per tile to sweep (default: moe.kernel_rows)")
     parser.add_argument("--bandwidth", type=float, default=4.3e12)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--out", default=None)
@@ -54,17 +117,20 @@ def main(argv=None) -> dict:
         weights = jnp.full((t, k), 1.0 / k, jnp.bfloat16)
         x = jax.random.normal(keys[3], (t, h), jnp.bfloat16)
         floor_us = len(np.unique(np.asarray(ids))) * expert_bytes / args.bandwidth * 1e6
-        row = {"tokens": t, "floor_us": floor_us}
-        for impl in args.impls.split(","):
-            fn = jax.jit(lambda x, ids, wt, w, impl=impl: moe.run_experts(w, x, ids, wt, impl))
-            us = block_us(fn, (x, ids, weights, w), args.repeats)
-            row[impl] = {"us": us, "of_floor": floor_us / us, "tile": moe.plan(t * k, e, t, impl)}
+        row, impls = measure(t, floor_us, args, (x, ids, weights, w))
         result["rows"].append(row)
-        print(f"tokens {t:5d}  floor {floor_us:8.1f} us  " + "  ".join(
-            f"{impl} {row[impl]['us']:9.1f} us ({row[impl]['of_floor']:5.1%} of floor, tile {row[impl]['tile']})"
-            for impl in args.impls.split(",")), flush=True)  # fmt: skip
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        if args.out:  # after every row: a later one that times out loses only itself
+            Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"tokens {t:5d}  floor {floor_us:8.1f} us" + (f" (at most {row['bound_vs_dense']:.2f}x dense)"
+              if "bound_vs_dense" in row else ""), flush=True)  # fmt: skip
+        for impl in impls:
+            r = row[impl]
+            blocks = f" blocks m{r['block_m']} n{r['block_n']} k{r['block_k']}" if "block_n" in r else ""
+            if "error" in r:
+                print(f"  {impl:12s} failed: {r['error']}{blocks}", flush=True)
+                continue
+            gains = "  ".join(f"{r[key]:5.2f}x {key[3:]}" for key in ("vs_dense", "vs_grouped") if key in r)
+            print(f"  {impl:12s} {r['us']:9.1f} us  {r['of_floor']:6.1%} of floor  {gains}{blocks}", flush=True)
     return result
 
 

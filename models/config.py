@@ -55,7 +55,7 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
     moe_layers: tuple[bool, ...] = ()  # per layer: True where the MLP is a sparse MoE block
-    moe_impl: str = "auto"  # how the experts run: "auto", "grouped" or "dense" (models/moe.py; EngineArgs.moe_impl)
+    moe_impl: str = "auto"  # how the experts run: models/moe.py IMPLS (EngineArgs.moe_impl)
     dtype: str = "bfloat16"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()

@@ -1,6 +1,6 @@
 """Routed experts (Qwen3-MoE): routing, the expert compute, expert parallelism and the load each expert gets.
 
-Two ways to run the experts, both exact (no token is ever dropped):
+Three ways to run the experts, all exact (no token is ever dropped):
 
 - dense: every expert runs on every token and a [T, E] combine matrix keeps the top-k. Reads each expert's weights
   once and spends E/k times the needed FLOPs: the right shape when a step's tokens touch every expert anyway.
@@ -8,12 +8,18 @@ Two ways to run the experts, both exact (no token is ever dropped):
   expert (an expert's group is padded to whole tiles); each tile gathers its expert's weights and runs one small
   batched matmul. FLOPs scale with k, not E. Static shapes without dropping tokens: the tile count is the worst case
   over all routings, sum(ceil(g_e / t)) <= (A + min(E, A) * (t - 1)) / t for A assignments.
+- pallas: the same tiles through the grouped-matmul kernel (rtpjax/kernels/grouped_matmul.py), which reads each
+  tile's expert weights in place instead of gathering a copy; tiles of 16 to 128 rows (`kernel_rows`). Interpreted
+  (slowly) off the GPU; unquantized stacks whose dimensions are multiples of 16 only.
 
-`auto` picks per compiled step shape (the token count is static) whichever a bandwidth/compute model says is cheaper:
-a gathered tile costs three passes over its weights (read, write the copy, read it), a dense expert one, and a row of
-compute costs t / RIDGE of a weight pass (RIDGE: an H200's FLOPs per byte). Decode at batch 1 is grouped (8 expert
-reads instead of 128 for Qwen3-30B-A3B), decode at batch 32 dense (its tokens touch nearly every expert), prefill
-grouped with large tiles.
+On a GPU `auto` takes the kernel wherever it can run: each used tile reads its own expert's weights once, in place,
+so a step reads about the experts its tokens chose (at most all of them, plus one more read per extra tile of a busy
+expert) and computes k/E of dense's FLOPs. Elsewhere, and for stacks the kernel does not take, `auto` picks per
+compiled step shape (the token count is static) whichever a bandwidth/compute model says is cheaper: a gathered
+tile costs three passes over its weights (read, write the copy, read it), a dense expert one, and a row of compute
+costs t / RIDGE of a weight pass (RIDGE: an H200's FLOPs per byte). Decode at batch 1 is grouped (8 expert reads
+instead of 128 for Qwen3-30B-A3B), decode at batch 32 dense (its tokens touch nearly every expert), prefill grouped
+with large tiles.
 
 Under a mesh with "expert" / "tensor" axes the experts run in `shard_map`: tokens are replicated (attention is tensor
 parallel), so the token exchange is implicit in the layout; each device computes the assignments routed to its own
@@ -23,13 +29,16 @@ the partial outputs (the reduce-scatter + all-gather pair XLA picks for an all-r
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from rtpjax.kernels import grouped_matmul
 from rtpjax.loading.quantization import QuantizedWeight, dequantize
 
-IMPLS = ("auto", "grouped", "dense")
+IMPLS = ("auto", "grouped", "dense", "pallas")
 
 # How the expert stacks split over the mesh; the family's partition rules and the shard_map specs both read these.
 SPECS = {"w_gate": P("expert", "tensor", None), "w_up": P("expert", "tensor", None), "w_down": P("expert", None, "tensor")}
@@ -67,6 +76,25 @@ def plan(assignments: int, experts: int, tokens: int, impl: str) -> int:
     return best
 
 
+def kernel_rows(assignments: int, experts: int) -> int:
+    """Rows per tile in the kernel: about one busy expert's share of the assignments, from 16 (the tensor-core dot's
+    minimum) to 128."""
+    share = -(-assignments // min(experts, assignments))
+    return min(128, max(grouped_matmul.MIN_BLOCK, 1 << (share - 1).bit_length()))
+
+
+def use_kernel(impl: str, w) -> bool:
+    """Whether the experts (a device's stack `w`, [E, I, H]) run in the grouped-matmul kernel: when asked for (the
+    stack must suit it) or, for `auto`, on a GPU where it does."""
+    if impl not in ("pallas", "auto"):
+        return False
+    quantized = isinstance(w, QuantizedWeight)
+    why = "quantized expert weights" if quantized else grouped_matmul.unsupported(*w.shape, w.dtype)
+    if impl == "pallas" and why:
+        raise ValueError(f"moe_impl='pallas': the grouped-matmul kernel does not take {why}; use grouped or auto")
+    return why is None and (impl == "pallas" or jax.default_backend() == "gpu")
+
+
 def _weights(w, dtype):
     """Expert stacks as arrays of the compute dtype (a quantized stack is dequantized where it is read)."""
     return dequantize(w, dtype) if isinstance(w, QuantizedWeight) else w
@@ -75,7 +103,7 @@ def _weights(w, dtype):
 def _take(w, index: jax.Array, dtype):
     """Rows `index` of an expert stack; a quantized stack is gathered quantized, then dequantized."""
     if isinstance(w, QuantizedWeight):
-        return dequantize(QuantizedWeight(jnp.take(w.q, index, 0), jnp.take(w.scale, index, 0)), dtype)
+        return dequantize(dataclasses.replace(w, q=jnp.take(w.q, index, 0), scale=jnp.take(w.scale, index, 0)), dtype)
     return jnp.take(w, index, 0)
 
 
@@ -88,10 +116,35 @@ def dense_experts(x, ids, weights, w_gate, w_up, w_down, first: int | jax.Array 
     return jnp.einsum("tei,ehi,te->th", hidden, w_down, combine)
 
 
-def grouped_experts(x, ids, weights, w_gate, w_up, w_down, tile: int, first: int | jax.Array = 0) -> jax.Array:
-    """Experts [first, first + E) on the tokens routed to them, sorted into tiles of `tile` rows (module docstring)."""
-    tokens, k = ids.shape
-    experts, rows = w_gate.shape[0], tokens * k
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """A step's T*k (token, expert) assignments sorted by expert into tiles of `tile` rows, one expert per tile (each
+    expert's group padded to whole tiles; the tile count is the worst case over all routings, `num_tiles`)."""
+
+    tile: int
+    row: jax.Array  # [T*k] the padded row of each assignment (token-major); out of range when not this device's
+    expert: jax.Array  # [tiles] the expert of each tile; -1 for spare tiles past the last used one
+
+    @property
+    def rows(self) -> int:
+        return self.expert.shape[0] * self.tile
+
+    def gather(self, x: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Each padded row's token ([rows, H], zeros in padding) and routing weight ([rows], zero in padding)."""
+        tokens, k = weights.shape
+        token = jnp.full(self.rows, tokens, jnp.int32).at[self.row].set(jnp.arange(tokens * k) // k, mode="drop")
+        weight = jnp.zeros(self.rows, weights.dtype).at[self.row].set(weights.reshape(-1), mode="drop")
+        return jnp.take(x, token, 0, mode="fill", fill_value=0), weight
+
+    def combine(self, y: jax.Array, k: int) -> jax.Array:
+        """Per token, the sum of its assignments' rows of y ([rows, H], already weighted) in float32, cast to y's."""
+        per = y.at[self.row].get(mode="fill", fill_value=0).reshape(-1, k, y.shape[1])
+        return jnp.sum(per.astype(jnp.float32), axis=1).astype(y.dtype)
+
+
+def sort_into_tiles(ids: jax.Array, experts: int, tile: int, first: int | jax.Array = 0) -> Tiles:
+    """Assignments to experts [first, first + experts) sorted into tiles; the others (other devices') get no row."""
+    rows = ids.size
     local = ids.reshape(rows) - first
     key = jnp.where((local >= 0) & (local < experts), local, experts)  # other devices' assignments sort last
     order = jnp.argsort(key, stable=True)
@@ -103,15 +156,34 @@ def grouped_experts(x, ids, weights, w_gate, w_up, w_down, tile: int, first: int
     n = num_tiles(rows, experts, tile)
     e = jnp.minimum(sorted_key, experts - 1)
     slot = (tile_end[e] - tiles[e]) * tile + jnp.arange(rows) - row_begin[e]
-    slot = jnp.where(sorted_key < experts, slot, n * tile)  # out of range: dropped by the scatter, 0 from the gather
-    tile_expert = jnp.minimum(jnp.searchsorted(tile_end, jnp.arange(n), side="right"), experts - 1)
-    xs = jnp.zeros((n * tile, x.shape[1]), x.dtype).at[slot].set(x[order // k], mode="drop").reshape(n, tile, -1)
-    g, u, d = (_take(w, tile_expert, x.dtype) for w in (w_gate, w_up, w_down))
+    slot = jnp.where(sorted_key < experts, slot, n * tile)  # out of range: no row
+    index = jnp.arange(n)
+    # compare_all: one vectorized comparison; the default binary search is a loop, slow on GPU for small arrays
+    expert = jnp.minimum(jnp.searchsorted(tile_end, index, side="right", method="compare_all"), experts - 1)
+    expert = jnp.where(index < tile_end[-1], expert, -1).astype(jnp.int32)
+    return Tiles(tile, jnp.zeros(rows, jnp.int32).at[order].set(slot), expert)
+
+
+def grouped_experts(x, ids, weights, w_gate, w_up, w_down, tile: int, first: int | jax.Array = 0) -> jax.Array:
+    """Experts [first, first + E) on the tokens routed to them, sorted into tiles of `tile` rows (module docstring);
+    each tile gathers its expert's weights in XLA."""
+    tiles = sort_into_tiles(ids, w_gate.shape[0], tile, first)
+    xs, row_weight = tiles.gather(x, weights)
+    xs = xs.reshape(-1, tile, x.shape[1])
+    g, u, d = (_take(w, jnp.maximum(tiles.expert, 0), x.dtype) for w in (w_gate, w_up, w_down))
     hidden = jax.nn.silu(jnp.einsum("nth,nmh->ntm", xs, g)) * jnp.einsum("nth,nmh->ntm", xs, u)
-    y = jnp.einsum("ntm,nhm->nth", hidden, d).reshape(n * tile, -1)
-    contrib = y.at[slot].get(mode="fill", fill_value=0) * weights.reshape(rows)[order][:, None]
-    unsorted = jnp.zeros_like(contrib).at[order].set(contrib).reshape(tokens, k, -1)
-    return jnp.sum(unsorted.astype(jnp.float32), axis=1).astype(x.dtype)
+    y = jnp.einsum("ntm,nhm->nth", hidden, d).reshape(tiles.rows, -1)
+    return tiles.combine(y * row_weight[:, None], ids.shape[1])
+
+
+def pallas_experts(x, ids, weights, w_gate, w_up, w_down, tile: int, first: int | jax.Array = 0,
+                   **blocks) -> jax.Array:  # fmt: skip
+    """The grouped path with the grouped-matmul kernel (rtpjax/kernels/grouped_matmul.py): each tile reads its
+    expert's weights in place. `blocks`: the kernel's block_n, block_k, num_warps, num_stages, interpret."""
+    tiles = sort_into_tiles(ids, w_gate.shape[0], tile, first)
+    xs, row_weight = tiles.gather(x, weights)
+    y = grouped_matmul.expert_mlp(xs, tiles.expert, w_gate, w_up, w_down, row_weight, block_m=tile, **blocks)
+    return tiles.combine(y, ids.shape[1])
 
 
 def _fitted(w, spec: P, mesh) -> P:
@@ -122,7 +194,7 @@ def _fitted(w, spec: P, mesh) -> P:
 
 
 def _in_spec(w, spec: P):
-    return QuantizedWeight(spec, P(*spec[:-1])) if isinstance(w, QuantizedWeight) else spec
+    return dataclasses.replace(w, q=spec, scale=P(*spec[:-1])) if isinstance(w, QuantizedWeight) else spec
 
 
 def run_experts(p: dict, x, ids, weights, impl: str) -> jax.Array:
@@ -137,10 +209,12 @@ def run_experts(p: dict, x, ids, weights, impl: str) -> jax.Array:
         else []  # fmt: skip
     axes = tuple(a for a in ("expert", "tensor") if specs and a in tuple(specs[0]))  # the axes that split the experts
     experts = w0.shape[0] // (mesh.shape["expert"] if "expert" in axes else 1)  # per device
-    tile = plan(ids.size, experts, x.shape[0], impl)
 
     def compute(x, ids, weights, w_gate, w_up, w_down):
         first = jax.lax.axis_index("expert") * experts if "expert" in axes else 0
+        if use_kernel(impl, w_gate):  # the device's own slice of the stacks
+            return pallas_experts(x, ids, weights, w_gate, w_up, w_down, kernel_rows(ids.size, experts), first)
+        tile = plan(ids.size, experts, x.shape[0], impl)
         if tile == 0:
             return dense_experts(x, ids, weights, w_gate, w_up, w_down, first)
         return grouped_experts(x, ids, weights, w_gate, w_up, w_down, tile, first)

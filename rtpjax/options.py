@@ -86,8 +86,10 @@ class EngineArgs:
     pipeline_parallel_size: int = option(1, "pipeline stages the layers split into, each on tensor x expert devices "
                                          "of its own (steps run as two micro-batches where they split)", minimum=1)  # fmt: skip
     moe_impl: str = option("auto", "how MoE experts run: grouped = only the routed tokens, sorted by expert (FLOPs "
-                           "scale with top-k); dense = every expert on every token; auto = per step shape, the "
-                           "cheaper by a bandwidth/compute model", choices=("auto", "grouped", "dense"))  # fmt: skip
+                           "scale with top-k); pallas = the same through a grouped-matmul kernel reading expert "
+                           "weights in place; dense = every expert on every token; auto = pallas on GPU where it "
+                           "runs, else per step shape the cheaper by a bandwidth/compute model",
+                           choices=("auto", "grouped", "dense", "pallas"))  # fmt: skip
     expert_placement: str | None = option(None, "JSON file {layer: [physical slot of logical expert 0, 1, ...]}: "
                                           "experts reordered at load (an EPLB-style static rebalancing)",
                                           path=True)  # fmt: skip

@@ -48,14 +48,14 @@ def with_impl(cfg, impl):
 
 
 def test_logits_match_transformers(tiny_checkpoints):
-    """Every implementation against one transformers run (loaded and run once for all three)."""
+    """Every implementation against one transformers run (loaded and run once for all; pallas interpreted)."""
     path = tiny_checkpoints["qwen3_moe"]
     cfg, family, params = load_model(path)
     model = hf_model(path)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (5, 17, 1, 11)]
     want = [hf_logits(model, p) for p in prompts]
-    for impl in ("grouped", "dense", "auto"):
+    for impl in ("grouped", "dense", "auto", "pallas"):
         ours = ragged_prefill(with_impl(cfg, impl), family, params, prompts, num_tokens=40)
         assert max(rel_err(o, w) for o, w in zip(ours, want)) <= 1e-4, impl
 
@@ -83,7 +83,8 @@ def single_device_moe(tiny_checkpoints):
 
 
 @pytest.mark.parametrize("impl, axes", [("grouped", dict(expert=4, tensor=2)), ("grouped", dict(expert=8)),
-                                        ("dense", dict(expert=2, tensor=2, data=2))])  # fmt: skip
+                                        ("dense", dict(expert=2, tensor=2, data=2)),
+                                        ("pallas", dict(expert=4, tensor=2))])  # fmt: skip
 def test_expert_parallel_gives_single_device_logits(impl, axes, tiny_checkpoints, single_device_moe):
     path = tiny_checkpoints["qwen3_moe"]
     single, single_load = single_device_moe

@@ -1,0 +1,113 @@
+"""Grouped matmul for MoE experts in Pallas (Triton lowering): each row tile multiplies its own expert's weights,
+read in place from the expert stack in HBM (no gathered copy of them, as XLA's grouped path makes).
+
+The rows come sorted by expert and padded per expert to whole tiles of `block_m` rows (`models.moe.sort_into_tiles`),
+so tile i belongs to one expert, `tile_expert[i]` (-1: a spare tile past the last used one). A program owns one
+[block_m, block_n] output tile: it reads its expert id, then walks the input axis `block_k` at a time, loading the
+expert's [block_n, block_k] weight tile from a flat [E * N, K] view of the stack at row `expert * N + j * block_n`.
+A spare tile's loop runs zero times, so it reads no weights and writes zeros: every output element is written.
+
+Two kernels make the expert MLP: gate and up fused in one pass (two accumulators, SiLU(gate) * up on the way out), then
+the down projection, each row scaled by its routing weight before the cast. Dots accumulate in float32 (float32 inputs
+at IEEE precision, not TF32); Triton's tensor-core dots need 16 rows, hence block_m >= 16.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+MIN_BLOCK = 16  # tensor-core dots need every dimension >= 16
+DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def _dot_t(a, b):
+    """a @ b.T, float32 accumulation; float32 inputs at full precision."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
+                           preferred_element_type=jnp.float32)  # fmt: skip
+
+
+def _kernel(expert_ref, x_ref, *refs, out_rows: int, block_n: int, block_k: int, steps: int, scaled: bool):
+    """One [block_m, block_n] tile of x @ W_e.T (two weights: SiLU(x @ G_e.T) * (x @ U_e.T)); refs: weights...,
+    the rows' scales if `scaled`, the output."""
+    *w_refs, o_ref = refs
+    scale_ref = w_refs.pop() if scaled else None
+    expert = expert_ref[pl.program_id(0)]
+    base = jnp.maximum(expert, 0) * out_rows + pl.program_id(1) * block_n
+
+    def body(s, accs):
+        x = x_ref[:, pl.ds(s * block_k, block_k)]
+        return tuple(acc + _dot_t(x, w[pl.ds(base, block_n), pl.ds(s * block_k, block_k)]) for acc, w in
+                     zip(accs, w_refs))  # fmt: skip
+
+    zeros = tuple(jnp.zeros(o_ref.shape, jnp.float32) for _ in w_refs)
+    accs = lax.fori_loop(0, jnp.where(expert >= 0, steps, 0), body, zeros)
+    out = accs[0] / (1.0 + jnp.exp(-accs[0])) * accs[1] if len(accs) == 2 else accs[0]
+    if scale_ref is not None:
+        out = out * scale_ref[...].astype(jnp.float32)[:, None]
+    o_ref[...] = out.astype(o_ref.dtype)
+
+
+def block_size(requested: int, dim: int) -> int:
+    """The largest power of two <= `requested` dividing `dim` (0 if under MIN_BLOCK: the kernel cannot take `dim`)."""
+    b = min(pl.next_power_of_2(requested), pl.next_power_of_2(dim))
+    while b >= MIN_BLOCK and dim % b:
+        b //= 2
+    return b if b >= MIN_BLOCK else 0
+
+
+def unsupported(experts: int, inter: int, hidden: int, dtype) -> str | None:
+    """Why the kernel cannot run `experts` experts of [inter, hidden] weights in `dtype`, or None when it can."""
+    if experts * inter * hidden >= 2**31:  # Triton's pointer offsets into the flat stack are int32
+        return f"a stack of {experts} x {inter} x {hidden} weights (2^31 elements or more)"
+    if jnp.dtype(dtype) not in DTYPES:
+        return f"expert weights of dtype {jnp.dtype(dtype)}"
+    if inter % MIN_BLOCK or hidden % MIN_BLOCK:
+        return f"expert dimensions {inter} x {hidden} (each must be a multiple of {MIN_BLOCK})"
+    return None
+
+
+def grouped_matmul(x, tile_expert, weights: tuple, scale=None, *, block_m: int, block_n: int = 64, block_k: int = 128,
+                   num_warps: int = 4, num_stages: int = 3, interpret: bool | None = None) -> jax.Array:  # fmt: skip
+    """Rows x [n * block_m, K], tile i times its expert's weights ([E, N, K] each) transposed: [n * block_m, N] in x's
+    dtype. Two weight stacks fuse gate and up: SiLU(x @ G.T) * (x @ U.T). `scale` [rows] multiplies each output row."""
+    rows, depth = x.shape
+    experts, out, _ = weights[0].shape
+    bn, bk = block_size(block_n, out), block_size(block_k, depth)
+    if block_m < MIN_BLOCK or rows % block_m or not (bn and bk) or tile_expert.shape != (rows // block_m,):
+        raise ValueError(f"grouped_matmul: rows {rows} in tiles of {block_m} (>= {MIN_BLOCK}) for "
+                         f"{tile_expert.shape[0]} tile experts, weights {out} x {depth} "
+                         f"(multiples of {MIN_BLOCK})")  # fmt: skip
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    flat = [w.reshape(experts * out, depth) for w in weights]  # free: the stacks are contiguous
+    whole = pl.BlockSpec(flat[0].shape, lambda i, j: (0, 0))
+    in_specs = [pl.BlockSpec(tile_expert.shape, lambda i, j: (0,)), pl.BlockSpec((block_m, depth), lambda i, j: (i, 0)),
+                *[whole] * len(flat)]  # fmt: skip
+    inputs = [tile_expert.astype(jnp.int32), x, *flat]
+    if scale is not None:
+        in_specs.append(pl.BlockSpec((block_m,), lambda i, j: (i,)))
+        inputs.append(scale)
+    kernel = functools.partial(_kernel, out_rows=out, block_n=bn, block_k=bk, steps=depth // bk,
+                               scaled=scale is not None)  # fmt: skip
+    params = None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    return pl.pallas_call(
+        kernel, grid=(rows // block_m, out // bn), in_specs=in_specs,
+        out_specs=pl.BlockSpec((block_m, bn), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((rows, out), x.dtype),
+        compiler_params=params, interpret=interpret, name="grouped_glu" if len(flat) == 2 else "grouped_matmul",
+    )(*inputs)  # fmt: skip
+
+
+def expert_mlp(x, tile_expert, w_gate, w_up, w_down, scale, *, block_m: int, block_n: int = 64, block_k: int = 128,
+               num_warps: int = 4, num_stages: int = 3, interpret: bool | None = None) -> jax.Array:  # fmt: skip
+    """scale * (SiLU(x @ G.T) * (x @ U.T)) @ D.T per tile with its expert's G, U [E, I, H] and D [E, H, I]."""
+    kw = dict(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
+              interpret=interpret)  # fmt: skip
+    hidden = grouped_matmul(x, tile_expert, (w_gate, w_up), **kw)
+    return grouped_matmul(hidden, tile_expert, (w_down,), scale, **kw)

@@ -1,0 +1,158 @@
+"""The grouped-matmul kernel (rtpjax/kernels/grouped_matmul.py) in Pallas' interpreter on CPU: against a plain-jnp
+reference on fresh random inputs, every output element written (the interpreter starts outputs as NaN, so a tile the
+kernel skips shows up), any routing (empty experts, all tokens on one expert, spare tiles), float32 and bfloat16."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rtpjax.kernels import grouped_matmul as gm
+from rtpjax.loading.quantization import Scheme, quantize
+from rtpjax.models import moe
+
+HI = jax.lax.Precision.HIGHEST
+TOL = {jnp.float32: dict(rtol=2e-5, atol=2e-5), jnp.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def reference(x, tile_expert, weights, scale, block_m):
+    """Tile by tile in plain jnp: rows of tile i times expert tile_expert[i]'s weights (zeros for -1), float32 sums."""
+    x32 = x.astype(jnp.float32).reshape(len(tile_expert), block_m, -1)
+    ws = [w.astype(jnp.float32)[np.maximum(np.asarray(tile_expert), 0)] for w in weights]  # [n, N, K]
+    outs = [jnp.einsum("tmk,tnk->tmn", x32, w, precision=HI) for w in ws]
+    out = jax.nn.silu(outs[0]) * outs[1] if len(outs) == 2 else outs[0]
+    out = jnp.where(np.asarray(tile_expert)[:, None, None] >= 0, out, 0).reshape(x.shape[0], -1)
+    return (out if scale is None else out * scale.astype(jnp.float32)[:, None]).astype(x.dtype)
+
+
+def stacks(experts, n, k, dtype, seed, count=1):
+    keys = jax.random.split(jax.random.key(seed), count)
+    return tuple((jax.random.normal(key, (experts, n, k)) * k**-0.5).astype(dtype) for key in keys)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("tile_expert, block_m, block_n, block_k, glu", [
+    ([2, 0, 3, -1, -1], 16, 16, 16, True),  # spare tiles write zeros, read nothing
+    ([1, 1, 1, 1], 16, 64, 32, False),  # every tile on one expert
+    ([3, 0, 1, 2, 3, -1], 32, 32, 64, True),
+    ([0], 16, 64, 128, False),  # one tile, whole dimensions in one block
+])  # fmt: skip
+def test_kernel_matches_reference(dtype, tile_expert, block_m, block_n, block_k, glu):
+    seed = len(tile_expert) * 7 + block_n
+    experts, n, k = 4, 48, 64  # 48: blocks shrink to a power of two that divides it (16)
+    weights = stacks(experts, n, k, dtype, seed, 2 if glu else 1)
+    rng = np.random.default_rng(seed)
+    rows = len(tile_expert) * block_m
+    x = jnp.asarray(rng.standard_normal((rows, k)), dtype)
+    scale = None if glu else jnp.asarray(rng.random(rows), dtype)
+    te = jnp.asarray(tile_expert, jnp.int32)
+    got = gm.grouped_matmul(x, te, weights, scale, block_m=block_m, block_n=block_n, block_k=block_k, interpret=True)
+    assert got.shape == (rows, n) and got.dtype == dtype
+    assert not np.isnan(np.asarray(got, np.float32)).any(), "an output element was never written"
+    want = reference(x, te, weights, scale, block_m)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **TOL[dtype])
+
+
+def routing(kind, tokens, experts, top_k, rng):
+    if kind == "uniform":
+        return np.stack([rng.permutation(experts)[:top_k] for _ in range(tokens)])
+    if kind == "one":  # every token's first choice the same expert; a group larger than a tile
+        others = [e for e in range(experts) if e != 5]
+        return np.stack([[5, *rng.permutation(others)[: top_k - 1]] for _ in range(tokens)])
+    return np.tile(np.arange(top_k) * 2, (tokens, 1))  # "even": the odd experts get nothing
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("tokens, kind", [(1, "uniform"), (5, "even"), (37, "one"), (64, "uniform")])
+def test_expert_mlp_matches_dense_experts(dtype, tokens, kind):
+    """The kernel path of models/moe.py (sort into tiles, two kernels, combine) against the dense all-experts
+    reference, on the whole stack and on a device's half of it (expert parallelism: the other half's assignments
+    contribute nothing)."""
+    experts, hidden, inter, top_k = 8, 64, 32, 3
+    rng = np.random.default_rng(tokens)
+    w = [(jax.random.normal(jax.random.key(tokens + i), s) * s[-1] ** -0.5).astype(dtype) for i, s in
+         enumerate([(experts, inter, hidden)] * 2 + [(experts, hidden, inter)])]  # fmt: skip
+    x = jnp.asarray(rng.standard_normal((tokens, hidden)), dtype)
+    ids = jnp.asarray(routing(kind, tokens, experts, top_k, rng), jnp.int32)
+    weights = jnp.asarray(rng.random((tokens, top_k)), dtype)
+    tile = moe.kernel_rows(ids.size, experts)
+    f32 = [a.astype(jnp.float32) for a in (x, *w)]
+    for first, part in ((0, slice(None)), (4, slice(4, 8))):
+        got = jax.jit(moe.pallas_experts, static_argnums=(6,))(x, ids, weights, *(a[part] for a in w), tile, first)
+        assert not np.isnan(np.asarray(got, np.float32)).any()
+        with jax.default_matmul_precision("highest"):
+            want = moe.dense_experts(f32[0], ids, weights.astype(jnp.float32), *(a[part] for a in f32[1:]), first)
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, **TOL[dtype])
+
+
+def quantized_stacks():
+    w = stacks(8, 32, 64, jnp.float32, 3, 2) + stacks(8, 64, 32, jnp.float32, 4)
+    return [quantize(a, Scheme("int8")) for a in w]
+
+
+def test_quantized_stacks_take_the_grouped_path():
+    """Quantized expert stacks (which the kernel does not take): `auto` and `grouped` gather them quantized."""
+    q = quantized_stacks()
+    rng = np.random.default_rng(0)
+    x, ids = jnp.asarray(rng.standard_normal((5, 64)), jnp.float32), jnp.asarray(routing("uniform", 5, 8, 2, rng))
+    weights = jnp.asarray(rng.random((5, 2)), jnp.float32)
+    p = dict(w_gate=q[0], w_up=q[1], w_down=q[2])
+    want = moe.dense_experts(x, ids, weights, *q)
+    np.testing.assert_allclose(moe.run_experts(p, x, ids, weights, "grouped"), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(moe.run_experts(p, x, ids, weights, "auto"), want, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_rows_and_choice():
+    quantized = quantized_stacks()[0]
+    assert moe.kernel_rows(8, 128) == 16  # decode at batch 1: 8 one-row groups, the 16-row minimum
+    assert moe.kernel_rows(32 * 8, 128) == 16
+    assert moe.kernel_rows(2048 * 8, 128) == 128
+    w = jnp.zeros((4, 32, 64), jnp.bfloat16)
+    assert moe.use_kernel("pallas", w) and not moe.use_kernel("grouped", w) and not moe.use_kernel("dense", w)
+    assert moe.use_kernel("auto", w) == (jax.default_backend() == "gpu")  # off the GPU `auto` is unchanged
+    with pytest.raises(ValueError, match="does not take quantized expert weights"):
+        moe.use_kernel("pallas", quantized)
+    with pytest.raises(ValueError, match=r"expert dimensions 24 x 64 \(each must be a multiple of 16\)"):
+        moe.use_kernel("pallas", jnp.zeros((4, 24, 64)))
+    assert not moe.use_kernel("auto", jnp.zeros((4, 24, 64)))
+    with pytest.raises(ValueError, match=r"256 x 2048 x 7168 weights \(2\^31 elements or more\)"):
+        moe.use_kernel("pallas", jax.ShapeDtypeStruct((256, 2048, 7168), jnp.bfloat16))
+    with pytest.raises(ValueError, match="rows 40 in tiles of 16"):
+        gm.grouped_matmul(jnp.zeros((40, 64)), jnp.zeros(3, jnp.int32), (w,), block_m=16, interpret=True)
+
+
+def test_block_bench_runs_on_cpu(tmp_path):
+    """benchmarks/moe_block.py with tiny shapes (the kernel interpreted): every implementation timed, the kernel's
+    block sweep sorted fastest first (a configuration that fails recorded, not fatal), the speedups and the bound on
+    them recorded."""
+    from rtpjax.benchmarks import moe_block
+
+    out = tmp_path / "moe_block.json"
+    moe_block.main(["--experts", "8", "--top-k", "2", "--hidden", "64", "--inter", "32", "--batch-sizes", "1,8",
+                    "--impls", "dense,grouped,pallas", "--pallas-blocks", "16x16,32x32x4x2,8x8", "--repeats", "1",
+                    "--out", str(out)])  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["tokens"] for r in rows] == [1, 8]
+    for row in rows:
+        sweep = row["pallas_sweep"]
+        assert sorted((r["block_n"], r["block_k"]) for r in sweep[:2]) == [(16, 16), (32, 32)]
+        assert sweep[0]["us"] <= sweep[1]["us"] and row["pallas_best"]["us"] == sweep[0]["us"]
+        assert "us" not in sweep[2] and "grouped_matmul: rows" in sweep[2]["error"]  # 8-wide blocks: refused, recorded
+        assert row["pallas"]["tile"] == 16 and row["pallas"]["vs_dense"] > 0 and row["pallas_best"]["vs_grouped"] > 0
+        assert row["bound_vs_dense"] == pytest.approx(row["dense"]["us"] / row["floor_us"])
+
+
+@pytest.mark.parametrize("block_n, block_k", [(64, 128), (256, 64)])
+def test_kernel_lowers_to_triton(block_n, block_k):
+    """Lowered for CUDA on this CPU: Pallas' Triton lowering builds the kernel's Triton IR (a load or store Triton
+    cannot take, e.g. a block that is not a power of two, fails here); compiling it needs the GPU."""
+    e, i, h, t, k = 16, 768, 2048, 32, 8  # 768: Qwen3-30B-A3B's expert width, not a power of two
+    w = [jax.ShapeDtypeStruct((e, i, h), jnp.bfloat16)] * 2 + [jax.ShapeDtypeStruct((e, h, i), jnp.bfloat16)]
+    args = (jax.ShapeDtypeStruct((t, h), jnp.bfloat16), jax.ShapeDtypeStruct((t, k), jnp.int32),
+            jax.ShapeDtypeStruct((t, k), jnp.bfloat16), *w)  # fmt: skip
+    fn = jax.jit(lambda x, ids, wt, g, u, d: moe.pallas_experts(x, ids, wt, g, u, d, 16, block_n=block_n,
+                                                                block_k=block_k, interpret=False))  # fmt: skip
+    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2  # the two kernels, as Triton custom calls
