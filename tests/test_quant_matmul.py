@@ -80,6 +80,16 @@ def test_w8a8_is_the_dequantized_product_of_quantized_activations(name):
     assert linear(x.astype(jnp.bfloat16), qw).dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("method", ["int4", "int4-asym", "int8-weight-only", "fp8-weight-only"])
+def test_weight_only_linear_is_the_dequantized_product(method):
+    rng = np.random.default_rng(5)
+    w = jnp.asarray(rng.standard_normal((48, 64)), jnp.float32)  # 64 inputs: int4's group of 128 becomes the row
+    qw = quantize(w, method)
+    x = jnp.asarray(rng.standard_normal((3, 64)), jnp.float32)
+    want = np.asarray(x @ dequantize(qw, jnp.float32).T)
+    assert np.allclose(np.asarray(linear(x, qw)), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def test_act_order_permutation_reads_the_inputs_in_stored_order():
     rng = np.random.default_rng(3)
     w = jnp.asarray(rng.standard_normal((64, 256)), jnp.float32)

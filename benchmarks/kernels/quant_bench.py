@@ -7,6 +7,9 @@ Every timing is one compiled program of several calls on different inputs and we
 50 MB L2 holds), as a model's step reads each layer's weights once.
 
     python -m rtpjax.benchmarks.kernels.quant_bench --out quant_bench.json   (--quick: tiny shapes, any backend)
+    python -m rtpjax.benchmarks.kernels.quant_bench --table quant_none.json quant_fp8.json ...   (gpu_run.sh quant)
+
+--table compares the engine runs of `gpu_run.sh quant` (offline.py JSON, one per format) with the bf16 one.
 """
 
 from __future__ import annotations
@@ -112,6 +115,34 @@ def bench_shape(name: str, out: int, inp: int, tokens: list[int], repeats: int, 
     return rows, best
 
 
+def _engine_numbers(run: dict) -> dict:
+    decode = run["decode"]
+    return {"b1_tok_s": decode["1"]["decode_tokens_per_s"], "b32_tok_s": decode["32"]["decode_tokens_per_s"],
+            "throughput_tok_s": run.get("throughput", {}).get("output_tokens_per_s", float("nan")),
+            "ttft_s": run.get("ttft", {}).get("seconds", float("nan"))}  # fmt: skip
+
+
+def engine_table(paths: list[str]) -> dict:
+    """Each format's decode batch 1 / 32, offline throughput and long-prompt TTFT, and their ratios to bf16 (the run
+    without --quantization)."""
+    runs = {}
+    for path in paths:
+        with open(path) as f:
+            run = json.load(f)
+        runs[run.get("quantization") or "bf16"] = _engine_numbers(run)
+    if "bf16" not in runs:
+        raise ValueError(f"--table: no bf16 run (one without --quantization) among {', '.join(paths)}")
+    base = runs["bf16"]
+    print(f"{'format':8s} {'b1 tok/s':>14s} {'b32 tok/s':>15s} {'throughput':>15s} {'TTFT ms':>15s}")
+    for fmt, r in runs.items():
+        ratios = {k: r[k] / base[k] for k in r}
+        r["vs_bf16"] = ratios
+        print(f"{fmt:8s} {r['b1_tok_s']:8.1f} {ratios['b1_tok_s']:5.2f}x {r['b32_tok_s']:8.0f} {ratios['b32_tok_s']:5.2f}x "
+              f"{r['throughput_tok_s']:8.0f} {ratios['throughput_tok_s']:5.2f}x {r['ttft_s'] * 1e3:8.1f} "
+              f"{ratios['ttft_s']:5.2f}x", flush=True)  # fmt: skip
+    return runs
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="quant_bench.json")
@@ -119,7 +150,12 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", default="1,16,32")
     parser.add_argument("--no-sweep", action="store_true", help="time the default tiles only")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a CPU check of the script)")
+    parser.add_argument("--table", nargs="+", metavar="JSON", help="compare engine runs instead (see above)")
     args = parser.parse_args(argv)
+    if args.table:
+        with open(args.out, "w") as f:
+            json.dump(engine_table(args.table), f, indent=1)
+        return
     shapes = {"tiny": (256, 256)} if args.quick else {s: SHAPES[s] for s in args.shapes.split(",")}
     tokens = [int(t) for t in args.tokens.split(",")]
     result = {"device": str(jax.devices()[0].device_kind), "rows": [], "best_tiles": {}}

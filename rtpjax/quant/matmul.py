@@ -39,7 +39,7 @@ def linear(x: jax.Array, w: jax.Array | QuantizedWeight) -> jax.Array:
         return small_matmul.quantized_matmul(x, w).reshape(*lead, -1)
     if w.scheme.act is not None:
         y = w8a8(x, w)
-    elif w.scheme.group == 0 and w.scheme.block_rows == 1:
+    elif w.scheme.weight != "int4" and w.scheme.group == 0 and w.scheme.block_rows == 1:
         y = jnp.dot(x, w.q.T.astype(x.dtype), preferred_element_type=jnp.float32) * w.scale[:, 0]
     else:
         y = jnp.dot(x, dequantize(w, x.dtype, stored_order=True).T, preferred_element_type=jnp.float32)
