@@ -32,7 +32,7 @@ FORMATS = ("bf16", "fp8", "int8", "int4")
 HBM_BYTES_PER_S = 4.3e12
 L2_BYTES = 50 << 20
 SWEEP = (Tiles(), Tiles(block_n=32), Tiles(block_n=128), Tiles(block_k=128), Tiles(block_k=512), Tiles(split_k=1),
-         Tiles(num_warps=8), Tiles(num_stages=4))  # fmt: skip
+         Tiles(split_k=4), Tiles(num_warps=8), Tiles(num_stages=4), Tiles(block_n=128, num_warps=8))  # fmt: skip
 
 
 def _nbytes(w) -> int:
