@@ -12,7 +12,7 @@ import pytest
 from rtpjax.kernels.reference import quantize as quantize_rows
 from rtpjax.loading.quantization import METHODS, STORAGE, Scheme, dequantize, pack_int4, quantize, unpack_int4
 from rtpjax.quant.matmul import linear, uses_small_kernel
-from rtpjax.quant.small_matmul import Tiles, plan, quantized_matmul, small_matmul
+from rtpjax.quant.small_matmul import Plan, Tiles, plan, quantized_matmul, small_matmul
 
 
 def test_int4_packing_is_the_documented_layout():
@@ -102,11 +102,11 @@ def test_act_order_permutation_reads_the_inputs_in_stored_order():
     assert np.allclose(np.asarray(linear(x, qw)), np.asarray(x @ deq.T), rtol=1e-5, atol=1e-4)
 
 
-SMALL = [  # method, rows, dtype, tiles: every format, padded and full row tiles, split-K off / on / automatic
+SMALL = [  # method, rows, dtype, tiles: every format, padded and full row tiles, split-K off / on / auto; 768 inputs
     ("fp8", 1, jnp.float32, Tiles(block_n=32, block_k=128, split_k=1)),
     ("int8", 19, jnp.float32, Tiles(block_n=64, block_k=128, split_k=3)),
     ("fp8-weight-only", 64, jnp.bfloat16, Tiles()),
-    ("int4", 16, jnp.float32, Tiles(block_n=32, split_k=1)),
+    ("int4", 16, jnp.float32, Tiles(block_n=32, block_k=128, split_k=1)),  # one group per step, two below
     ("int4-asym", 5, jnp.bfloat16, Tiles(block_n=16, split_k=3)),
     ("int4-asym", 33, jnp.float32, Tiles()),
 ]
@@ -115,9 +115,9 @@ SMALL = [  # method, rows, dtype, tiles: every format, padded and full row tiles
 @pytest.mark.parametrize("method,rows,dtype,tiles", SMALL, ids=[f"{m}-{r}-{t.split_k}" for m, r, _, t in SMALL])
 def test_small_kernel_matches_the_reference_everywhere(method, rows, dtype, tiles):
     rng = np.random.default_rng(rows)  # fresh inputs per case
-    w = jnp.asarray(rng.standard_normal((96, 384)) * rng.uniform(0.01, 2, (96, 1)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((96, 768)) * rng.uniform(0.01, 2, (96, 1)), jnp.float32)
     qw = quantize(w, method)
-    x = jnp.asarray(rng.standard_normal((rows, 384)) * rng.uniform(0.1, 10, (rows, 1)), dtype)
+    x = jnp.asarray(rng.standard_normal((rows, 768)) * rng.uniform(0.1, 10, (rows, 1)), dtype)
     # interpret mode starts outputs as NaN: an element no program writes stays NaN
     got = np.asarray(quantized_matmul(x, qw, tiles, interpret=True), np.float32)
     assert got.shape == (rows, 96) and np.isfinite(got).all()
@@ -138,7 +138,7 @@ def test_small_kernel_rejects_shapes_it_cannot_tile():
     with pytest.raises(ValueError, match="int4 group 48"):
         small_matmul(x, qw.q[:64, :192], qw.scale[:64], fmt="int4", group=48, interpret=True)
     assert plan(16, 14336, 4096, "fp8").split_k == 2  # 224 programs of 64 channels: two splits fill 132 SMs twice
-    assert plan(1, 4096, 14336, "int4", 128).split_k == 8 and plan(1, 4096, 14336, "int8").block_n == 64
+    assert plan(1, 4096, 14336, "int4", 128) == Plan(block_m=16, block_n=64, step=256, split_k=8)  # two groups a step
 
 
 @pytest.mark.parametrize("method", ["fp8", "int8", "int4-asym"])

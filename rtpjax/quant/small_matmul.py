@@ -36,8 +36,8 @@ SMS = 132  # an H200's streaming multiprocessors: the split-K target is two prog
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
-    """Tile sizes (static per compiled kernel; the benchmark sweeps them). block_k is ignored for int4, which steps one
-    group; split_k 0 picks the fewest splits that give every SM two programs."""
+    """Tile sizes (static per compiled kernel; the benchmark sweeps them). int4 steps whole groups (block_k rounded
+    down to them, at least one); split_k 0 picks the fewest splits that give every SM two programs."""
 
     block_n: int = 64
     block_k: int = 256
@@ -67,7 +67,11 @@ def plan(rows: int, out: int, in_features: int, fmt: str, group: int = 0, tiles:
                          "dividing the inputs")  # fmt: skip
     if out % 16 or in_features % 16:
         raise ValueError(f"small_matmul: output {out} and input {in_features} must be multiples of 16")
-    block_n, step = _fit(tiles.block_n, out), group if fmt == "int4" else _fit(tiles.block_k, in_features)
+    if fmt == "int4":  # whole groups per step: the most of block_k's that divide the input
+        step = group * _fit(max(1, tiles.block_k // group), in_features // group)
+    else:
+        step = _fit(tiles.block_k, in_features)
+    block_n = _fit(tiles.block_n, out)
     block_m = max(MIN_ROWS, pl.next_power_of_2(rows))
     steps = in_features // step
     split = tiles.split_k
@@ -81,7 +85,7 @@ def plan(rows: int, out: int, in_features: int, fmt: str, group: int = 0, tiles:
 
 
 def _fit(tile: int, size: int) -> int:
-    """The largest power of two <= `tile` dividing `size` (a multiple of 16): Triton's tiles are powers of two."""
+    """The largest power of two <= `tile` dividing `size`: Triton's tiles are powers of two."""
     tile = min(1 << (tile.bit_length() - 1), pl.next_power_of_2(size))
     while size % tile:
         tile //= 2
@@ -101,19 +105,22 @@ def _dot(w, x):
     return lax.dot_general(w, x, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _kernel(x_ref, q_ref, s_ref, *rest, fmt: str, step: int, steps: int, zero_point: bool):
+def _kernel(x_ref, q_ref, s_ref, *rest, fmt: str, step: int, steps: int, group: int, zero_point: bool):
     z_ref, o_ref = rest if zero_point else (None, rest[0])
     dtype = x_ref.dtype
     if fmt == "int4":
-        half = step // 2
+        half, per_step = group // 2, step // group
 
         def body(k, acc):
-            packed = q_ref[:, pl.ds(k * half, half)].astype(jnp.int32)  # [bn, g/2]
-            zero = z_ref[:, pl.ds(k, 1)].astype(jnp.int32) if zero_point else 8
-            lo = ((packed & 15) - zero).astype(dtype)
-            hi = ((packed >> 4) - zero).astype(dtype)
-            part = _dot(lo, x_ref[:, pl.ds(k * step, half)]) + _dot(hi, x_ref[:, pl.ds(k * step + half, half)])
-            return acc + part * s_ref[:, pl.ds(k, 1)]
+            for i in range(per_step):  # unrolled: the step's groups load (and pipeline) side by side
+                g = k * per_step + i
+                packed = q_ref[:, pl.ds(g * half, half)].astype(jnp.int32)  # [bn, g/2]
+                zero = z_ref[:, pl.ds(g, 1)].astype(jnp.int32) if zero_point else 8
+                lo = ((packed & 15) - zero).astype(dtype)
+                hi = ((packed >> 4) - zero).astype(dtype)
+                part = _dot(lo, x_ref[:, pl.ds(g * group, half)]) + _dot(hi, x_ref[:, pl.ds(g * group + half, half)])
+                acc = acc + part * s_ref[:, pl.ds(g, 1)]
+            return acc
 
     else:
 
@@ -154,7 +161,8 @@ def small_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, zero: jax.Array |
     else:
         out_shape = jax.ShapeDtypeStruct((p.split_k, p.block_m, out), jnp.float32)
         out_spec = pl.BlockSpec((None, p.block_m, p.block_n), lambda j, s: (s, 0, j))
-    kernel = functools.partial(_kernel, fmt=fmt, step=p.step, steps=part // p.step, zero_point=len(inputs) == 4)
+    kernel = functools.partial(_kernel, fmt=fmt, step=p.step, steps=part // p.step, group=group,
+                               zero_point=len(inputs) == 4)
     params = None if interpret else plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     result = pl.pallas_call(
         kernel, grid=(out // p.block_n, p.split_k), in_specs=in_specs, out_specs=out_spec,
