@@ -53,9 +53,10 @@
 #           SCALE_FLAGS="--input-len 8 --output-len 4 --throughput-input-len 8 --throughput-output-len 4
 #           --max-num-seqs 4 --max-num-batched-tokens 16 --max-model-len 64"
 #           PAIR_XLA_FLAGS=--xla_force_host_platform_device_count=1 XLA_FLAGS=--xla_force_host_platform_device_count=2
-#   quant   each weight format against bf16, same shape and run (QUANTS="none fp8 int8 int4"): decode batch 1 / 32 and
-#           offline throughput, a 4096-token prompt's prefill (TTFT); one linear per format and the int4 kernel
-#           (kernels/quant_bench.py); one-byte KV attention against bf16 at batch 32, ctx 2048 (attention_bench)
+#   quant   each weight format against bf16, same shape and run (QUANTS="none fp8 int8 int4"): decode batch 1 / 32,
+#           offline throughput and a 4096-token prompt's TTFT in one engine per format, then a table of ratios to bf16
+#   quant_kernels  one linear per format at the 8B shapes for 1/16/32 tokens (the small-M kernel, the XLA path, a tile
+#           sweep; kernels/quant_bench.py); one-byte KV attention against bf16 at batch 32, ctx 2048 (attention_bench)
 # Run from the repository root on the lent GPU (device tool), with .whl carried (starlette, uvicorn, pydantic):
 #   bash benchmarks/gpu_run.sh load transfer startup offline offline_hf serve host kernels
 set -uo pipefail
@@ -312,18 +313,19 @@ PY
       --out "$OUT/router_overhead.json"
     ;;
   quant)
+    runs=""
     for q in ${QUANTS:-none fp8 int8 int4}; do
       flag=$([ "$q" = none ] || echo "--quantization $q")
-      timeout 240 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" $flag --batch-sizes 1,32 --output-len 64 \
-        --compilation-cache-dir /tmp/xla --out "$OUT/quant_$q.json" 2>&1 | grep -E "throughput|decode tok|Error" \
-        | sed "s/^/$q /"
-      [ "${QUANT_4K:-1}" = 1 ] && timeout 180 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" $flag --batch-sizes 1 --input-len 4096 \
-        --output-len 8 --max-model-len 8192 --throughput-input-len 128 --throughput-output-len 8 --num-prompts 8 \
-        --compilation-cache-dir /tmp/xla --out "$OUT/quant_${q}_4k.json" 2>&1 | grep -E "prefill|Error" \
-        | sed "s/^/$q 4k-prompt /"
+      timeout 200 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" $flag --batch-sizes 1,32 --output-len 64 \
+        --ttft-len 4096 --compilation-cache-dir /tmp/xla --out "$OUT/quant_$q.json" 2>&1 \
+        | grep -E "throughput|decode tok|ttft|Error" | sed "s/^/$q /"
+      [ -f "$OUT/quant_$q.json" ] && runs="$runs $OUT/quant_$q.json"
     done
-    [ "${QUANT_BENCH:-1}" = 1 ] && timeout 240 python3 -m rtpjax.benchmarks.kernels.quant_bench --out "$OUT/quant_bench.json" 2>&1 | grep -v Deprecat
-    [ "${QUANT_ATTENTION:-1}" = 1 ] && timeout 300 python3 -m rtpjax.benchmarks.kernels.attention_bench --suites decode --out "$OUT/quant_attention.json" \
+    python3 -m rtpjax.benchmarks.kernels.quant_bench --table $runs --out "$OUT/quant_summary.json"
+    ;;
+  quant_kernels)
+    timeout 360 python3 -m rtpjax.benchmarks.kernels.quant_bench --out "$OUT/quant_bench.json" 2>&1 | grep -v Deprecat
+    timeout 200 python3 -m rtpjax.benchmarks.kernels.attention_bench --suites decode --out "$OUT/quant_attention.json" \
       2>&1 | grep -E "b=  *32 ctx= *2048|Error"
     ;;
   serve)

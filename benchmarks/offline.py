@@ -148,6 +148,8 @@ def main():
     parser.add_argument("--throughput-input-len", type=int, default=512)
     parser.add_argument("--throughput-output-len", type=int, default=128)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--ttft-len", type=int, default=0,
+                        help="also time one prompt of this many tokens to its first token (0: skip)")
     # max-model-len as the server is run in gpu_run.sh, so compiled shapes are shared (raised to fit the prompts);
     # --max-num-seqs also sizes transformers' batches.
     add_engine_arguments(parser, max_model_len=2048, max_num_seqs=256, **ENGINE_DEFAULTS)  # batches are cut at it
@@ -160,7 +162,7 @@ def main():
         model, args.load_format = str(write_config_only(tempfile.mkdtemp(prefix=f"{args.shape}-"), args.shape)), "dummy"
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     args.max_model_len = max(args.max_model_len, args.input_len + args.output_len,
-                             args.throughput_input_len + args.throughput_output_len)  # fmt: skip
+                             args.throughput_input_len + args.throughput_output_len, args.ttft_len + 1)  # fmt: skip
     engine_args = engine_args_from(args)
     if args.engine == "rtpjax":
         runner = RtpjaxRunner(model, **dataclasses.asdict(engine_args))
@@ -198,6 +200,11 @@ def main():
                                 "total_tokens_per_s": total / seconds}  # fmt: skip
         print(f"{args.engine} throughput: {args.num_prompts / seconds:.2f} req/s, {out_tokens / seconds:.0f} output "
               f"tok/s, {total / seconds:.0f} total tok/s", flush=True)  # fmt: skip
+    if args.ttft_len:
+        timed(runner, prompts(rng, 1, args.ttft_len, runner.vocab), 1)  # first-call costs at this length
+        seconds, _ = timed(runner, prompts(rng, 1, args.ttft_len, runner.vocab), 1)
+        result["ttft"] = {"input_len": args.ttft_len, "seconds": seconds}
+        print(f"{args.engine} ttft of {args.ttft_len} tokens: {seconds * 1e3:.1f} ms", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
 

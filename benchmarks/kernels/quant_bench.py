@@ -1,74 +1,172 @@
-"""One linear layer per quantized format against bf16 at an 8B model's shapes: microseconds per call and TFLOP/s,
-for decode-sized (1, 32 tokens) and prefill-sized (2048) inputs; and the int4 Pallas kernel against XLA's dot of the
-dequantized weight. Says which path each format should take before the engine's numbers do.
+"""Each quantized weight format's linear layer against bf16 at an 8B model's shapes, decode-sized inputs (1, 16, 32
+tokens): microseconds per call and GB/s of weights read against the H200's 4.3 TB/s. Per quantized format it times the
+path `linear` takes (the small-M kernel on a GPU), the XLA path it replaces (W8A8 dot / dequantized dot) and a sweep of
+the kernel's tiles at 16 rows, so one GPU call finds the best tiles and the row count where the kernel stops paying.
+
+Every timing is one compiled program of several calls on different inputs and weight copies (more bytes than the
+50 MB L2 holds), as a model's step reads each layer's weights once.
 
     python -m rtpjax.benchmarks.kernels.quant_bench --out quant_bench.json   (--quick: tiny shapes, any backend)
+    python -m rtpjax.benchmarks.kernels.quant_bench --table quant_none.json quant_fp8.json ...   (gpu_run.sh quant)
+
+--table compares the engine runs of `gpu_run.sh quant` (offline.py JSON, one per format) with the bf16 one.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from rtpjax.loading.quantization import METHODS, dequantize, placed, quantize
-from rtpjax.quant import int4_matmul
-from rtpjax.quant.matmul import linear
+from rtpjax.loading.quantization import QuantizedWeight, dequantize, placed, quantize
+from rtpjax.quant import small_matmul
+from rtpjax.quant.matmul import linear, w8a8
+from rtpjax.quant.small_matmul import Tiles
 
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}  # Llama-3-8B
-FORMATS = ("bf16", "fp8", "int8", "fp8-weight-only", "int8-weight-only", "int4")
+SHAPES = {"o": (4096, 4096), "up": (14336, 4096), "down": (4096, 14336), "head": (128256, 4096)}  # [out, in]
+FORMATS = ("bf16", "fp8", "int8", "int4")
+HBM_BYTES_PER_S = 4.3e12
+L2_BYTES = 50 << 20
+SWEEP = (Tiles(), Tiles(block_n=32), Tiles(block_n=128), Tiles(block_k=128), Tiles(block_k=512), Tiles(split_k=1),
+         Tiles(split_k=4), Tiles(num_warps=8), Tiles(num_stages=4), Tiles(block_n=128, num_warps=8))  # fmt: skip
 
 
-def _time(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
+def _nbytes(w) -> int:
+    return sum(a.nbytes for a in jax.tree.leaves(w))
+
+
+def _time(fn, xs: jax.Array, weights: list, repeats: int) -> float:
+    """Seconds per call of fn(x, w): one program calling it on each of xs with the weights in turn."""
+
+    @jax.jit
+    def run(xs, weights):
+        acc = jnp.zeros((), jnp.float32)
+        for i in range(xs.shape[0]):
+            acc += fn(xs[i], weights[i % len(weights)])[0, 0].astype(jnp.float32)
+        return acc
+
+    jax.block_until_ready(run(xs, weights))
     began = time.perf_counter()
     for _ in range(repeats):
-        out = fn(*args)
+        out = run(xs, weights)
     jax.block_until_ready(out)
-    return (time.perf_counter() - began) / repeats
+    return (time.perf_counter() - began) / repeats / xs.shape[0]
 
 
-def run(shapes: dict, tokens: list[int], repeats: int) -> list[dict]:
-    rows = []
-    step = jax.jit(linear)
-    for name, (out, inp) in shapes.items():
-        w = jax.random.normal(jax.random.key(0), (out, inp), jnp.float32) * 0.02
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        weights = {f: w.astype(jnp.bfloat16) if f == "bf16" else quantize(w, placed(f, device)) for f in FORMATS}
-        for t in tokens:
-            x = jax.random.normal(jax.random.key(1), (t, inp), jnp.bfloat16)
-            row = {"layer": name, "out": out, "in": inp, "tokens": t}
-            for f, wf in weights.items():
-                seconds = _time(step, x, wf, repeats=repeats)
-                row[f"{f}_us"] = seconds * 1e6
-                row[f"{f}_tflops"] = 2 * t * out * inp / seconds / 1e12
-            qw = weights["int4"]
-            if int4_matmul.supported(t, out, inp, 128) and jax.default_backend() == "gpu":
-                kernel = jax.jit(lambda x, q: int4_matmul.int4_matmul(x, q.q, q.scale, q.zero, group=128))
-                row["int4_kernel_us"] = _time(kernel, x, qw, repeats=repeats) * 1e6
-            xla = jax.jit(lambda x, q: jnp.dot(x, dequantize(q, x.dtype).T))
-            row["int4_xla_us"] = _time(xla, x, qw, repeats=repeats) * 1e6
-            rows.append(row)
-            print(f"{name:8s} T={t:5d} " + "  ".join(f"{f} {row[f + '_us']:8.1f} us" for f in FORMATS)
-                  + f"  int4 kernel {row.get('int4_kernel_us', float('nan')):8.1f} / XLA {row['int4_xla_us']:8.1f} us",
-                  flush=True)  # fmt: skip
-    return rows
+def _xla(x: jax.Array, w: QuantizedWeight) -> jax.Array:
+    """The path `linear` takes without the small kernel."""
+    if w.scheme.act is not None:
+        return w8a8(x, w).astype(x.dtype)
+    return jnp.dot(x, dequantize(w, x.dtype).T)
+
+
+def _weights(out: int, inp: int, fmt: str, copies: int) -> list:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    made = []
+    for c in range(copies):
+        w = jax.random.normal(jax.random.key(c), (out, inp), jnp.float32) * 0.02
+        made.append(w.astype(jnp.bfloat16) if fmt == "bf16" else quantize(w, placed(fmt, device)))
+    return jax.block_until_ready(made)
+
+
+def _record(row: dict, key: str, seconds: float, nbytes: int) -> None:
+    row[f"{key}_us"] = seconds * 1e6
+    row[f"{key}_gbps"] = nbytes / seconds / 1e9
+    row[f"{key}_hbm"] = nbytes / seconds / HBM_BYTES_PER_S
+
+
+def bench_shape(name: str, out: int, inp: int, tokens: list[int], repeats: int, sweep: tuple, quick: bool = False):
+    """Rows (one per token count) and the best of the `sweep` tiles per quantized format at 16 rows. quick: one weight
+    copy, two calls per program."""
+    interpret = jax.default_backend() != "gpu"  # a CPU run checks the script: the kernel interpreted
+    kernel = lambda tiles: lambda x, w: small_matmul.quantized_matmul(x, w, tiles, interpret=interpret)
+    rows, best = [{"layer": name, "out": out, "in": inp, "tokens": t} for t in tokens], {}
+    for fmt in FORMATS:
+        one = _weights(out, inp, fmt, 1)[0]
+        nbytes = _nbytes(one)
+        copies = 1 if quick else min(16, -(-2 * L2_BYTES // nbytes))  # twice the L2
+        weights = [one, *_weights(out, inp, fmt, copies - 1)]
+        calls = 2 if quick else max(copies, 32)  # GPU time per program well above its dispatch
+        tiles = Tiles()
+        if fmt != "bf16" and sweep and small_matmul.applies(16, one):
+            x16 = jax.random.normal(jax.random.key(1), (calls, 16, inp), jnp.bfloat16)
+            times = {t: _time(kernel(t), x16, weights, repeats) for t in sweep if small_matmul.applies(16, one, t)}
+            tiles = min(times, key=times.get)
+            best[fmt] = {"tiles": dataclasses.asdict(tiles), "us": times[tiles] * 1e6,
+                         "sweep_us": {str(dataclasses.astuple(t)): s * 1e6 for t, s in times.items()}}  # fmt: skip
+        for row in rows:
+            xs = jax.random.normal(jax.random.key(2), (calls, row["tokens"], inp), jnp.bfloat16)
+            _record(row, fmt, _time(linear, xs, weights, repeats), nbytes)
+            if fmt == "bf16":
+                continue
+            _record(row, f"{fmt}_xla", _time(_xla, xs, weights, repeats), nbytes)
+            if small_matmul.applies(row["tokens"], one, tiles):
+                _record(row, f"{fmt}_kernel", _time(kernel(tiles), xs, weights, repeats), nbytes)
+    for row in rows:
+        print(f"{name:5s} {out:6d}x{inp:<5d} T={row['tokens']:3d}  bf16 {row['bf16_us']:7.1f} us "
+              f"{row['bf16_gbps']:5.0f} GB/s  " + "  ".join(
+                  f"{f} {row[f + '_us']:7.1f} us {row[f + '_hbm']:4.0%} HBM (XLA {row[f + '_xla_us']:7.1f}"
+                  + (f", best tiles {row[f + '_kernel_us']:7.1f})" if f + "_kernel_us" in row else ")")
+                  for f in FORMATS[1:]), flush=True)  # fmt: skip
+    return rows, best
+
+
+def _engine_numbers(run: dict) -> dict:
+    decode = run["decode"]
+    return {"b1_tok_s": decode["1"]["decode_tokens_per_s"], "b32_tok_s": decode["32"]["decode_tokens_per_s"],
+            "throughput_tok_s": run.get("throughput", {}).get("output_tokens_per_s", float("nan")),
+            "ttft_s": run.get("ttft", {}).get("seconds", float("nan"))}  # fmt: skip
+
+
+def engine_table(paths: list[str]) -> dict:
+    """Each format's decode batch 1 / 32, offline throughput and long-prompt TTFT, and their ratios to bf16 (the run
+    without --quantization)."""
+    runs = {}
+    for path in paths:
+        with open(path) as f:
+            run = json.load(f)
+        runs[run.get("quantization") or "bf16"] = _engine_numbers(run)
+    if "bf16" not in runs:
+        raise ValueError(f"--table: no bf16 run (one without --quantization) among {', '.join(paths)}")
+    base = runs["bf16"]
+    print(f"{'format':8s} {'b1 tok/s':>14s} {'b32 tok/s':>15s} {'throughput':>15s} {'TTFT ms':>15s}")
+    for fmt, r in runs.items():
+        ratios = {k: r[k] / base[k] for k in r}
+        r["vs_bf16"] = ratios
+        cells = [f"{r[k] * (1e3 if k == 'ttft_s' else 1):8.1f} {ratios[k]:5.2f}x" for k in r if k != "vs_bf16"]
+        print(f"{fmt:8s} " + " ".join(cells), flush=True)
+    return runs
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="quant_bench.json")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
+    parser.add_argument("--tokens", default="1,16,32")
+    parser.add_argument("--no-sweep", action="store_true", help="time the default tiles only")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a CPU check of the script)")
+    parser.add_argument("--table", nargs="+", metavar="JSON", help="compare engine runs instead (see above)")
     args = parser.parse_args(argv)
-    assert set(FORMATS) - {"bf16"} <= set(METHODS)
-    shapes = {"tiny": (256, 256)} if args.quick else SHAPES
-    rows = run(shapes, [1, 32] if args.quick else [1, 32, 2048], repeats=2 if args.quick else 50)
+    if args.table:
+        with open(args.out, "w") as f:
+            json.dump(engine_table(args.table), f, indent=1)
+        return
+    shapes = {"tiny": (256, 256)} if args.quick else {s: SHAPES[s] for s in args.shapes.split(",")}
+    tokens = [int(t) for t in args.tokens.split(",")]
+    result = {"device": str(jax.devices()[0].device_kind), "rows": [], "best_tiles": {}}
+    for name, (out, inp) in shapes.items():
+        sweep = () if args.no_sweep else SWEEP[:2] if args.quick else SWEEP
+        rows, best = bench_shape(name, out, inp, tokens, 1 if args.quick else 10, sweep, quick=args.quick)
+        result["rows"] += rows
+        result["best_tiles"][name] = best
+        for fmt, b in best.items():
+            print(f"{name:5s} {fmt}: best tiles {b['tiles']} {b['us']:.1f} us at 16 rows", flush=True)
     with open(args.out, "w") as f:
-        json.dump({"device": str(jax.devices()[0].device_kind), "rows": rows}, f, indent=1)
+        json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,11 @@ quantized (`rtpjax.loading.quantization`).
   GEMM (the tensor cores' fp8 rate) and the int8 one to its s8 x s8 -> s32 GEMM. Block-scaled weights (128 x 128) take
   the activations per token and per 128 inputs (DeepSeek's 1 x 128) and one dot per input block, scaled and summed.
 - Weight-only int8 / fp8 per channel: the 1-byte weight converts inside the GEMM (XLA fuses it), output columns scaled.
-- int4: decode-sized steps on a GPU run the fused Pallas kernel (4 bits per weight read); larger steps are
-  compute-bound and take XLA's dot of the dequantized weight.
+- int4: XLA's dot of the dequantized weight.
+Decode-sized steps (at most `SMALL_ROWS` tokens) on a GPU skip all of that for per-channel one-byte and int4 weights:
+`rtpjax.quant.small_matmul` streams the stored weight and converts it in registers, activations unquantized (at a few
+rows the bytes read are the cost; quantizing the activations and setting up a scaled dot only add to it). Shapes are
+bucketed, so the choice is fixed per compiled step.
 Accumulation is float32 throughout: unscaled sums of 1-byte values overflow float16.
 """
 
@@ -20,9 +23,9 @@ from jax import lax
 
 from rtpjax.kernels.reference import quantize as quantize_rows
 from rtpjax.loading.quantization import STORAGE, QuantizedWeight, dequantize
-from rtpjax.quant import int4_matmul
+from rtpjax.quant import small_matmul
 
-KERNEL_ROWS = 64  # int4 steps of at most this many tokens run the Pallas kernel on a GPU
+SMALL_ROWS = small_matmul.MAX_ROWS  # steps of at most this many tokens take the small-M kernel on a GPU
 
 
 def linear(x: jax.Array, w: jax.Array | QuantizedWeight) -> jax.Array:
@@ -32,11 +35,11 @@ def linear(x: jax.Array, w: jax.Array | QuantizedWeight) -> jax.Array:
     lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
     if w.perm is not None:  # act-order checkpoints: q's columns are the inputs in this order
         x = jnp.take(x, w.perm, axis=-1)
+    if uses_small_kernel(x.shape[0], w, jax.default_backend()):
+        return small_matmul.quantized_matmul(x, w).reshape(*lead, -1)
     if w.scheme.act is not None:
         y = w8a8(x, w)
-    elif w.scheme.weight == "int4":
-        y = _int4(x, w)
-    elif w.scheme.group == 0 and w.scheme.block_rows == 1:
+    elif w.scheme.weight != "int4" and w.scheme.group == 0 and w.scheme.block_rows == 1:
         y = jnp.dot(x, w.q.T.astype(x.dtype), preferred_element_type=jnp.float32) * w.scale[:, 0]
     else:
         y = jnp.dot(x, dequantize(w, x.dtype, stored_order=True).T, preferred_element_type=jnp.float32)
@@ -73,9 +76,6 @@ def w8a8(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     return acc
 
 
-def _int4(x: jax.Array, w: QuantizedWeight) -> jax.Array:
-    group = w.scheme.group_size(w.shape[-1])
-    if (jax.default_backend() == "gpu" and w.scheme.whole and w.q.ndim == 2 and x.shape[0] <= KERNEL_ROWS
-            and int4_matmul.supported(x.shape[0], w.q.shape[0], x.shape[1], group)):  # fmt: skip
-        return int4_matmul.int4_matmul(x, w.q, w.scale, w.zero, group=group)
-    return jnp.dot(x, dequantize(w, x.dtype, stored_order=True).T, preferred_element_type=jnp.float32)
+def uses_small_kernel(rows: int, w: QuantizedWeight, backend: str) -> bool:
+    """Whether a step of `rows` tokens takes `small_matmul` for `w` (static: shapes are bucketed)."""
+    return backend == "gpu" and rows <= SMALL_ROWS and small_matmul.applies(rows, w)

@@ -1,0 +1,188 @@
+"""x @ W.T for decode-sized x (at most `MAX_ROWS` rows) and a quantized W streamed from HBM: one Pallas kernel (Triton
+lowering) for one-byte (fp8 e4m3, int8; one scale per output channel) and packed int4 weights (a scale, and a zero
+point when asymmetric, per group of inputs), the format a static parameter.
+
+At a few rows the weight's bytes are the whole cost, so the kernel reads them as stored and converts each tile to the
+activations' dtype in registers; activations stay unquantized (no per-token quantize pass, no scaled fp8 dot to set
+up). Each program owns `block_n` output channels of a `block_m`-row tile and walks its share of the inputs in steps
+of `block_k` (int4: one group), accumulating in float32. The dot is taken weights-first, [block_n, k] x [k, block_m]
+(the "swap AB" of small-M GEMMs), so the wide side of the tensor-core tile is the weights' and the padded rows are the
+narrow one; per-channel scales then multiply the accumulator's rows once at the end, int4 group scales each group's
+partial sum (the nibbles less their zero are exact in bfloat16). When out/block_n programs cannot fill the SMs the
+inputs split `split_k` ways: each split writes a float32 partial and XLA sums them.
+
+int4 layout: `rtpjax.loading.quantization` (byte j of a group holds input j low and input j + g/2 high), so each
+half group is one dot against its own nibbles with nothing interleaved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from rtpjax.loading.quantization import QuantizedWeight
+
+FORMATS = ("fp8", "int8", "int4")
+MIN_ROWS = 16  # a tensor-core tile's narrow side: fewer rows are padded to it
+MAX_ROWS = 64
+SMS = 132  # an H200's streaming multiprocessors: the split-K target is two programs each
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Tile sizes (static per compiled kernel; the benchmark sweeps them). int4 steps whole groups (block_k rounded
+    down to them, at least one); split_k 0 picks the fewest splits that give every SM two programs."""
+
+    block_n: int = 64
+    block_k: int = 256
+    split_k: int = 0
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Tiles resolved for one shape."""
+
+    block_m: int  # the padded rows: all of them in one tile
+    block_n: int
+    step: int  # inputs per loop step
+    split_k: int
+
+
+def plan(rows: int, out: int, in_features: int, fmt: str, group: int = 0, tiles: Tiles = Tiles()) -> Plan:
+    """The tiles for x [rows, in] @ W[out, in].T, or a ValueError naming what does not fit."""
+    if fmt not in FORMATS:
+        raise ValueError(f"small_matmul: weight format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if not 1 <= rows <= MAX_ROWS:
+        raise ValueError(f"small_matmul: {rows} rows: the kernel takes 1 to {MAX_ROWS}")
+    if fmt == "int4" and (group % 32 or in_features % group):
+        raise ValueError(f"small_matmul: int4 group {group} with {in_features} inputs: need group % 32 == 0 "
+                         "dividing the inputs")  # fmt: skip
+    if out % 16 or in_features % 16:
+        raise ValueError(f"small_matmul: output {out} and input {in_features} must be multiples of 16")
+    if fmt == "int4":  # whole groups per step: the most of block_k's that divide the input
+        step = group * _fit(max(1, tiles.block_k // group), in_features // group)
+    else:
+        step = _fit(tiles.block_k, in_features)
+    block_n = _fit(tiles.block_n, out)
+    block_m = max(MIN_ROWS, pl.next_power_of_2(rows))
+    steps = in_features // step
+    split = tiles.split_k
+    if split == 0:  # the fewest splits reaching 2 programs per SM, each keeping 2+ steps to pipeline
+        split = 1
+        while out // block_n * split < 2 * SMS and steps % (split * 2) == 0 and steps // (split * 2) >= 2:
+            split *= 2
+    if steps % split:
+        raise ValueError(f"small_matmul: split_k {split} does not divide the {steps} steps of {step} inputs")
+    return Plan(block_m, block_n, step, split)
+
+
+def _fit(tile: int, size: int) -> int:
+    """The largest power of two <= `tile` dividing `size`: Triton's tiles are powers of two."""
+    tile = min(1 << (tile.bit_length() - 1), pl.next_power_of_2(size))
+    while size % tile:
+        tile //= 2
+    return tile
+
+
+def supported(rows: int, out: int, in_features: int, fmt: str, group: int = 0, tiles: Tiles = Tiles()) -> bool:
+    try:
+        plan(rows, out, in_features, fmt, group, tiles)
+    except ValueError:
+        return False
+    return True
+
+
+def _dot(w, x):
+    """w [n, k] @ x[m, k].T: [n, m] in float32."""
+    return lax.dot_general(w, x, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _kernel(x_ref, q_ref, s_ref, *rest, fmt: str, step: int, steps: int, group: int, zero_point: bool):
+    z_ref, o_ref = rest if zero_point else (None, rest[0])
+    dtype = x_ref.dtype
+    if fmt == "int4":
+        half, per_step = group // 2, step // group
+
+        def body(k, acc):
+            for i in range(per_step):  # unrolled: the step's groups load (and pipeline) side by side
+                g = k * per_step + i
+                packed = q_ref[:, pl.ds(g * half, half)].astype(jnp.int32)  # [bn, g/2]
+                zero = z_ref[:, pl.ds(g, 1)].astype(jnp.int32) if zero_point else 8
+                lo = ((packed & 15) - zero).astype(dtype)
+                hi = ((packed >> 4) - zero).astype(dtype)
+                part = _dot(lo, x_ref[:, pl.ds(g * group, half)]) + _dot(hi, x_ref[:, pl.ds(g * group + half, half)])
+                acc = acc + part * s_ref[:, pl.ds(g, 1)]
+            return acc
+
+    else:
+
+        def body(k, acc):
+            return acc + _dot(q_ref[:, pl.ds(k * step, step)].astype(dtype), x_ref[:, pl.ds(k * step, step)])
+
+    acc = lax.fori_loop(0, steps, body, jnp.zeros((q_ref.shape[0], x_ref.shape[0]), jnp.float32))
+    if fmt != "int4":
+        acc = acc * s_ref[...]  # [bn, 1]: one scale per output channel
+    o_ref[...] = acc.T.astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "group", "tiles", "interpret"))
+def small_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, zero: jax.Array | None = None, *, fmt: str,
+                 group: int = 0, tiles: Tiles = Tiles(), interpret: bool = False) -> jax.Array:  # fmt: skip
+    """x [M, K] @ W.T in x's dtype. W: fmt "fp8" / "int8": q [N, K] one-byte, scale [N, 1] float32; "int4": q [N, K/2]
+    uint8 packed, scale [N, K/group] float32, zero [N, K/group] uint8 or None (symmetric, zero 8)."""
+    rows, in_features = x.shape
+    out = q.shape[0]
+    p = plan(rows, out, in_features, fmt, group, tiles)
+    xp = jnp.pad(x, ((0, p.block_m - rows), (0, 0)))
+    part = in_features // p.split_k  # inputs per split
+    q_cols = part // 2 if fmt == "int4" else part
+    scale_spec = (pl.BlockSpec((p.block_n, part // group), lambda j, s: (j, s)) if fmt == "int4"
+                  else pl.BlockSpec((p.block_n, 1), lambda j, s: (j, 0)))  # fmt: skip
+    in_specs = [
+        pl.BlockSpec((p.block_m, part), lambda j, s: (0, s)),
+        pl.BlockSpec((p.block_n, q_cols), lambda j, s: (j, s)),
+        scale_spec,
+    ]
+    inputs = [xp, q, scale]
+    if fmt == "int4" and zero is not None:
+        in_specs.append(scale_spec)
+        inputs.append(zero)
+    if p.split_k == 1:
+        out_shape = jax.ShapeDtypeStruct((p.block_m, out), x.dtype)
+        out_spec = pl.BlockSpec((p.block_m, p.block_n), lambda j, s: (0, j))
+    else:
+        out_shape = jax.ShapeDtypeStruct((p.split_k, p.block_m, out), jnp.float32)
+        out_spec = pl.BlockSpec((None, p.block_m, p.block_n), lambda j, s: (s, 0, j))
+    kernel = functools.partial(_kernel, fmt=fmt, step=p.step, steps=part // p.step, group=group,
+                               zero_point=len(inputs) == 4)
+    params = None if interpret else plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    result = pl.pallas_call(
+        kernel, grid=(out // p.block_n, p.split_k), in_specs=in_specs, out_specs=out_spec,
+        out_shape=out_shape, compiler_params=params, interpret=interpret, name=f"small_matmul_{fmt}",
+    )(*inputs)  # fmt: skip
+    if p.split_k > 1:
+        result = result.sum(0).astype(x.dtype)
+    return result[:rows]
+
+
+def applies(rows: int, w: QuantizedWeight, tiles: Tiles = Tiles()) -> bool:
+    """Whether `quantized_matmul` takes x [rows, in] @ w: per-channel one-byte or grouped int4 weights, whole on the
+    device (a sharded weight would be gathered for a custom call), 2-D, shapes the tiles fit."""
+    s = w.scheme
+    per_channel = s.weight != "int4" and s.group == 0 and s.block_rows == 1
+    return (s.whole and w.q.ndim == 2 and (per_channel or s.weight == "int4")
+            and supported(rows, w.shape[0], w.shape[1], s.weight, s.group_size(w.shape[1]), tiles))  # fmt: skip
+
+
+def quantized_matmul(x: jax.Array, w: QuantizedWeight, tiles: Tiles = Tiles(), interpret: bool = False) -> jax.Array:
+    """x [M, in] @ w.T through the kernel (x already in q's column order), in x's dtype."""
+    group = w.scheme.group_size(w.shape[1]) if w.scheme.weight == "int4" else 0
+    return small_matmul(x, w.q, w.scale, w.zero, fmt=w.scheme.weight, group=group, tiles=tiles, interpret=interpret)

@@ -1,0 +1,40 @@
+"""benchmarks/kernels/quant_bench.py end to end on the CPU at a tiny shape (the kernel interpreted): every format's
+row, the tile sweep's pick, and the JSON the GPU stage writes."""
+
+import json
+
+import pytest
+
+from rtpjax.benchmarks.kernels import quant_bench
+
+
+def test_quant_bench_quick_writes_every_format_and_the_best_tiles(tmp_path):
+    out = tmp_path / "quant_bench.json"
+    quant_bench.main(["--quick", "--tokens", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [r["tokens"] for r in rows] == [1]
+    for row in rows:
+        assert row["bf16_us"] > 0 and row["bf16_gbps"] > 0
+        for fmt in ("fp8", "int8", "int4"):
+            assert row[f"{fmt}_us"] > 0 and row[f"{fmt}_xla_us"] > 0 and row[f"{fmt}_kernel_us"] > 0
+    best = result["best_tiles"]["tiny"]
+    assert set(best) == {"fp8", "int8", "int4"}
+    assert all(len(b["sweep_us"]) == 2 and b["us"] == min(b["sweep_us"].values()) for b in best.values())
+
+
+def test_quant_table_compares_each_format_with_bf16(tmp_path):
+    def run(quantization, b1, b32, tput, ttft):
+        path = tmp_path / f"quant_{quantization}.json"
+        path.write_text(json.dumps({"quantization": quantization, "throughput": {"output_tokens_per_s": tput},
+                                    "decode": {"1": {"decode_tokens_per_s": b1}, "32": {"decode_tokens_per_s": b32}},
+                                    "ttft": {"seconds": ttft}}))  # fmt: skip
+        return str(path)
+
+    paths = [run(None, 200.0, 5000.0, 6000.0, 0.4), run("fp8", 300.0, 7500.0, 7800.0, 0.26)]
+    out = tmp_path / "summary.json"
+    quant_bench.main(["--table", *paths, "--out", str(out)])
+    fp8 = json.loads(out.read_text())["fp8"]["vs_bf16"]
+    assert fp8 == {"b1_tok_s": 1.5, "b32_tok_s": 1.5, "throughput_tok_s": 1.3, "ttft_s": 0.65}
+    with pytest.raises(ValueError, match="no bf16 run"):
+        quant_bench.main(["--table", paths[1], "--out", str(out)])
