@@ -132,12 +132,15 @@ def load_params(head_dir: str, head: Eagle3Config, target_embed, dtype) -> dict:
     return params
 
 
-def layer(p: dict, cfg: ModelConfig, embeds, features, positions, cache, meta):
-    """The decoder layer on [T, H] token embeddings and features: (its output before `norm` [T, H], cache)."""
+def layer(p: dict, cfg: ModelConfig, embeds, features, positions, cache, meta, attention=None):
+    """The decoder layer on [T, H] token embeddings and features: (its output before `norm` [T, H], cache).
+    attention: in place of the paged one (training: a dense causal one, which reverse-mode differentiation takes)."""
     x = jnp.concatenate([layers.rms_norm(embeds, p["input_norm"], cfg.rms_norm_eps),
                          layers.rms_norm(features, p["hidden_norm"], cfg.rms_norm_eps)], axis=-1)  # fmt: skip
-    meta = plan_step(meta, x.shape[0], cfg.num_heads, cache[0].shape[0])
-    attn, cache = layers.attention(p["attn"], cfg, x, positions, cache, meta)
+    if attention is None:
+        meta = plan_step(meta, x.shape[0], cfg.num_heads, cache[0].shape[0])
+        attention = layers.attention
+    attn, cache = attention(p["attn"], cfg, x, positions, cache, meta)
     residual = features + attn
     return residual + layers.swiglu_mlp(p["mlp"], layers.rms_norm(residual, p["post_attn_norm"], cfg.rms_norm_eps)), cache
 
