@@ -119,3 +119,61 @@ def test_bad_head_folders_fail_with_one_line(stories_dir, head_dir, compile_cach
         LLM(str(stories_dir), compilation_cache_dir=compile_cache, **ENGINE_ARGS,
             speculative_config={"method": "eagle3", "model": str(bad), "num_speculative_tokens": 2})
     assert "\n" not in str(e.value) and str(bad) in str(e.value)
+
+
+def _reference_guesses(head, params, target_params, target_cfg, ids, k):
+    """The head's K guesses after `ids`, computed densely from scratch: target features over the whole sequence, rows
+    p = 0 .. n - 2 (token p + 1, feature p), then chained rows feeding the layer's output back."""
+    from rtpjax.kv import kv_cache as kv
+    from rtpjax.runner.step_inputs import SeqChunk, build_step
+    from rtpjax.spec import eagle3_head as head_lib
+    from rtpjax.spec.eagle3_train import dense_attention
+
+    step = build_step([SeqChunk(ids, 0, list(range(-(-len(ids) // 16))))], 16)
+    aux = forward(target_params, target_cfg, step.tokens, step.positions, kv.allocate(target_cfg, 8, 16), step.meta,
+                  aux_layers=head.aux_layers)[2]  # fmt: skip
+    embed = params["embed"]
+    tokens, feats = list(ids[1:]), list(head_lib.layers.linear(aux, params["fc"])[: len(ids) - 1])
+    guesses = []
+    for _ in range(k):
+        hidden, _ = head_lib.layer(params, head.cfg, embed[jnp.asarray(tokens)], jnp.stack(feats),
+                                   jnp.arange(len(tokens)), None, None, attention=dense_attention)  # fmt: skip
+        guess = int(head_lib.draft_tokens(params, head.cfg, hidden[-1:])[0])
+        guesses.append(guess)
+        tokens.append(guess)
+        feats.append(hidden[-1])
+    return guesses
+
+
+def test_proposals_match_a_dense_reference_of_the_head(eagle_llm, stories_cfg):
+    """The feature store, the one-row shift, catch-up split over calls and in later rounds, chaining and d2t: the
+    engine's proposer guesses what the head computed densely from scratch guesses."""
+    from rtpjax.engine.sequence import Sequence, Status
+    from rtpjax.kv import kv_cache as kv
+    from rtpjax.runner.step_inputs import SeqChunk, build_step
+
+    engine = eagle_llm.engine
+    proposer, target = engine.speculator.proposer, engine.runner.params
+    table = list(range(4))  # target blocks the idle engine does not use now
+    ids = np.random.default_rng(31).integers(3, 512, 70).tolist()
+    seq = Sequence("ref", 0, ids[:45], SamplingParams(), 0, 100, status=Status.RUNNING, block_table=table)
+
+    def observe(start, end):  # a target step over ids[start:end], its aux hidden states stored as the engine does
+        step = build_step([SeqChunk(ids[start:end], start, table)], 16)
+        cache = kv.allocate(stories_cfg, 8, 16)
+        prefix = build_step([SeqChunk(ids[:end], 0, table)], 16)  # the whole prefix: this step's rows are its tail
+        aux = forward(target, stories_cfg, prefix.tokens, prefix.positions, cache, prefix.meta,
+                      aux_layers=proposer.head.aux_layers)[2][start:end]  # fmt: skip
+        proposer.observe(step, aux)
+
+    try:
+        observe(0, 44)  # the prompt's rows up to the second-to-last token: 44 rows, over the 32-token budget
+        got = proposer.propose([seq], [K])[0]
+        assert got == _reference_guesses(proposer.head, proposer.params, target, stories_cfg, ids[:45], K)
+        seq.token_ids = ids[:49]  # four more tokens: catch up on rows 44 .. 47
+        observe(44, 48)
+        got = proposer.propose([seq], [K])[0]
+        assert got == _reference_guesses(proposer.head, proposer.params, target, stories_cfg, ids[:49], K)
+    finally:
+        seq.status = Status.FINISHED
+        proposer.release_finished()
