@@ -13,7 +13,6 @@ in JAX; a full-vocabulary head (draft_vocab_size = the target's, d2t all zero).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
