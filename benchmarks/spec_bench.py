@@ -9,7 +9,8 @@ tokens of context, against the plain decode step (t = 1). end to end (greedy): b
 out per request in the same engine, mean acceptance length beside the speedup; a batch of `--large-batch`
 sequences both ways (above disable_by_batch_size speculation is off: what it costs there is its policy's overhead);
 then batch 1 again with a `--draft-layers`-layer draft model of the target's shape (random weights: its acceptance
-says nothing, its cost per step is what it measures).
+says nothing, its cost per step is what it measures); last, an EAGLE-3 head's wall time per proposal round at
+`--eagle-batch-sizes` (a random head of the target's shape: its cost, not its acceptance).
 """
 
 from __future__ import annotations

@@ -86,7 +86,10 @@ def _tensors(head_dir: str) -> dict[str, np.ndarray]:
         for f in files:
             out.update(load_file(f))
     elif (folder / "pytorch_model.bin").is_file():
-        import torch
+        try:
+            import torch
+        except ImportError:
+            _fail(head_dir, "ships pytorch_model.bin, which needs torch installed (or its tensors as safetensors)")
 
         state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
         out = {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
