@@ -40,8 +40,8 @@ from rtpjax.engine.sequence import PENDING, Sequence
 from rtpjax.loading.tokenizer import load_tokenizer, tokenizer_source
 from rtpjax.models import load_config
 from rtpjax.options import EngineArgs
-from rtpjax.spec.config import SpeculativeConfig
 from rtpjax.spec import eagle3
+from rtpjax.spec.config import SpeculativeConfig
 from rtpjax.spec.draft_model import DraftContext
 from rtpjax.spec.speculator import make_speculator
 
