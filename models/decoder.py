@@ -133,11 +133,26 @@ def run_layers(layer_params: list, first: int, cfg: ModelConfig, x, positions, k
     return x, new_cache, jnp.stack(loads) if loads else None
 
 
-def hidden_states(params: dict, cfg: ModelConfig, tokens, positions, kv_cache: KVCache, meta: AttentionMetadata):
+def hidden_states(params: dict, cfg: ModelConfig, tokens, positions, kv_cache: KVCache, meta: AttentionMetadata,
+                  aux_layers: tuple[int, ...] = ()):  # fmt: skip
     """Final-normed hidden states [T, H] for every token, the updated cache, and the expert load of the step's real
-    tokens: [MoE layers, num_experts] int32 (None for a dense model)."""
-    x, new_cache, load = run_layers(params["layers"], 0, cfg, params["embed"][tokens], positions, kv_cache, meta)
-    return layers.rms_norm(x, params["final_norm"], cfg.rms_norm_eps), new_cache, load
+    tokens: [MoE layers, num_experts] int32 (None for a dense model). `aux_layers`: also the inputs of these layers
+    (the residual stream; 0 is the embedding), concatenated: [T, len(aux_layers) * H], what EAGLE-3 heads read."""
+    x, new_cache, loads, aux = params["embed"][tokens], [], [], []
+    cuts = sorted(set(aux_layers))
+    for first, end in zip([0, *cuts], [*cuts, cfg.num_layers]):  # one run without aux layers
+        if end > first:
+            x, cache, load = run_layers(params["layers"][first:end], first, cfg, x, positions, kv_cache[first:end], meta)
+            new_cache += cache
+            loads += [] if load is None else [load]
+        if end < cfg.num_layers:
+            aux.append((end, x))
+    load = None if not loads else loads[0] if len(loads) == 1 else jnp.concatenate(loads)
+    out = layers.rms_norm(x, params["final_norm"], cfg.rms_norm_eps), new_cache, load
+    if not aux_layers:
+        return out
+    taken = dict(aux)
+    return (*out, jnp.concatenate([taken[i] for i in aux_layers], axis=-1))
 
 
 def logits(params: dict, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
@@ -155,13 +170,15 @@ def forward(
     meta: AttentionMetadata,
     logits_indices: jax.Array | None = None,
     expert_load: bool = False,
+    aux_layers: tuple[int, ...] = (),
 ) -> tuple[jax.Array, KVCache]:
     """tokens, positions: [T] (ragged, padded). Returns logits for the tokens at `logits_indices` (all when None).
 
     The engine asks only for each sequence's last token; tests ask for all of them. `expert_load` (MoE models): a
-    third output, the tokens each expert of each MoE layer received ([MoE layers, num_experts] int32).
+    third output, the tokens each expert of each MoE layer received ([MoE layers, num_experts] int32). `aux_layers`
+    (an EAGLE-3 proposer): a last output, the inputs of those layers at every token ([T, len(aux_layers) * H]).
     """
-    hidden, kv_cache, load = hidden_states(params, cfg, tokens, positions, kv_cache, meta)
+    hidden, kv_cache, load, *aux = hidden_states(params, cfg, tokens, positions, kv_cache, meta, aux_layers)
     if logits_indices is not None:
         hidden = hidden[logits_indices]
-    return (logits(params, cfg, hidden), kv_cache, load) if expert_load else (logits(params, cfg, hidden), kv_cache)
+    return (logits(params, cfg, hidden), kv_cache) + ((load,) if expert_load else ()) + tuple(aux)

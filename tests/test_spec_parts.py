@@ -114,7 +114,7 @@ def test_prompt_lookup():
     ({"method": "ngram"}, "num_speculative_tokens is required"),
     ({"method": "medusa", "num_speculative_tokens": 2}, "method must be one of"),
     ({"model": "/draft", "num_speculative_tokens": 2}, "is not a folder with a config.json"),
-    ({"method": "eagle3", "model": "/head", "num_speculative_tokens": 2}, "method eagle3 is not supported yet"),
+    ({"method": "eagle3", "num_speculative_tokens": 2}, "method eagle3 needs a model"),
     ({"method": "draft_model", "num_speculative_tokens": 2}, "method draft_model needs a model"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens must be an integer >= 1"),
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_mx": 3}, "did you mean 'prompt_lookup_max'"),

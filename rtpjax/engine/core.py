@@ -40,6 +40,7 @@ from rtpjax.engine.sequence import PENDING, Sequence
 from rtpjax.loading.tokenizer import load_tokenizer, tokenizer_source
 from rtpjax.models import load_config
 from rtpjax.options import EngineArgs
+from rtpjax.spec import eagle3
 from rtpjax.spec.config import SpeculativeConfig
 from rtpjax.spec.draft_model import DraftContext
 from rtpjax.spec.speculator import make_speculator
@@ -171,6 +172,7 @@ class LLMEngine:
         spec = None if args.speculative_config is None else SpeculativeConfig.parse(args.speculative_config)
         k = spec.num_speculative_tokens if spec else 0
         max_verify_seqs = min(spec.disable_by_batch_size, args.max_num_seqs) if spec else 0
+        aux_layers = eagle3.aux_layers(spec.model, self.cfg) if spec and spec.method == "eagle3" else ()
         self.scheduler = Scheduler(self.pool, args.block_size, args.max_num_seqs, args.max_num_batched_tokens,
                                    self.max_model_len, max_verify_seqs)  # fmt: skip
         self.runner = ModelRunner(
@@ -179,12 +181,13 @@ class LLMEngine:
             max_model_len=self.max_model_len, mesh=mesh, attention_impl=resolve_impl(args.attention_impl, self.cfg.head_dim),
             kv_cache_dtype=kv_dtype, kv_write=args.kv_write, mosaic_prefill=args.mosaic_prefill,
             kv_tiers=bool(args.kv_offloading_size),
-            num_speculative_tokens=k, max_verify_seqs=max_verify_seqs,
+            num_speculative_tokens=k, max_verify_seqs=max_verify_seqs, aux_layers=aux_layers,
         )  # fmt: skip
         self.draft_context = DraftContext(self.cfg, model, args.dtype, args.block_size, self.max_model_len,
                                           args.max_num_batched_tokens, max_verify_seqs, mesh, args.attention_impl,
-                                          args.kv_write, args.load_format)  # what a draft model runs with
-        self.speculator = make_speculator(spec, self.draft_context)
+                                          args.kv_write, args.load_format, num_blocks,
+                                          tuple(self.runner.token_buckets))  # what a draft model or head runs with
+        self.speculator = make_speculator(spec, self.draft_context, self.runner.params["embed"])
         self.tiers = tiers_build.make_tiers(args, self.runner.kv_layout,
                                             tiers_build.identity(model, source, self.runner.kv_layout, args))
         if self.tiers is not None:
@@ -333,6 +336,8 @@ class LLMEngine:
             prepared = time.perf_counter()
             stats.prepare_s += prepared - scheduling
             launched = (schedule, self.runner.launch(*inputs))
+            if self.runner.aux_layers:  # an EAGLE-3 head: the step's hidden states, on the device
+                self.speculator.observe(inputs[0], self.runner.aux)
             stats.launch_s += time.perf_counter() - prepared
         if read is not None:
             outputs = self._emit(read, final_only, as_deltas)

@@ -49,13 +49,15 @@ class StepBatch:
     logits_indices: jax.Array  # [S], or [S * (K+1)] in a verify step (every drafted position, see runner.verify)
 
 
-def model_step(params, cache, state, flat, packing: Packing, *, cfg, forward):
-    """The model half of a step: each sequence's last-token logits. Host inputs arrive packed into one int32 buffer."""
+def model_step(params, cache, state, flat, packing: Packing, *, cfg, forward, aux_layers=()):
+    """The model half of a step: each sequence's last-token logits. Host inputs arrive packed into one int32 buffer.
+    MoE: then the expert load [MoE layers, experts]; aux_layers (an EAGLE-3 proposer): last, those layers' inputs."""
     batch: StepBatch = packing.unpack(flat)
     tokens = jnp.where(batch.token_slot >= 0, state.last_token[batch.token_slot], batch.tokens)
-    if cfg.num_experts:  # MoE: (logits, cache, expert load [MoE layers, experts])
-        return forward(params, cfg, tokens, batch.positions, cache, batch.meta, batch.logits_indices, expert_load=True)
-    return forward(params, cfg, tokens, batch.positions, cache, batch.meta, batch.logits_indices)
+    extra = dict(expert_load=True) if cfg.num_experts else {}
+    if aux_layers:  # only then: the programs of engines without an EAGLE-3 head stay as they are
+        extra["aux_layers"] = aux_layers
+    return forward(params, cfg, tokens, batch.positions, cache, batch.meta, batch.logits_indices, **extra)
 
 
 def sample_step(logits, state, flat, packing: Packing, variant: sampler.Variant):
@@ -116,8 +118,10 @@ class ModelRunner:
     def __init__(self, cfg, family, params, *, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, mesh=None, attention_impl: str = "reference",
                  kv_cache_dtype: str = "auto", kv_write: str = "auto", mosaic_prefill: bool = False,
-                 num_speculative_tokens: int = 0, max_verify_seqs: int = 0, kv_tiers: bool = False):  # fmt: skip
-        """num_speculative_tokens (K) > 0: also compile verify steps, for up to max_verify_seqs sequences each."""
+                 num_speculative_tokens: int = 0, max_verify_seqs: int = 0, kv_tiers: bool = False,
+                 aux_layers: tuple[int, ...] = ()):  # fmt: skip
+        """num_speculative_tokens (K) > 0: also compile verify steps, for up to max_verify_seqs sequences each.
+        aux_layers: every step also returns these layers' inputs at each token (`self.aux`, for an EAGLE-3 head)."""
         self.cfg, self.params = cfg, params
         self.spec_k, self.max_verify_seqs = num_speculative_tokens, max_verify_seqs
         # Pipeline stages (a PipelineMesh): per-stage programs and micro-batches (rtpjax/parallel/pipeline.py).
@@ -146,9 +150,9 @@ class ModelRunner:
         self.cache = kv.allocate(cfg, num_blocks, block_size, mesh=mesh, kv_dtype=kv_cache_dtype)
         self.state = jax.jit(sampler.init_state, static_argnums=(0, 1),  # on the last stage, beside the logits
                              out_shardings=self.pipeline and self.pipeline.logits_sharding)(max_num_seqs, cfg.vocab_size)
-        self._model = jax.jit(
-            functools.partial(model_step, cfg=cfg, forward=family.forward), static_argnums=(4,), donate_argnums=(1,)
-        )
+        self.aux_layers, self.aux = aux_layers, None  # aux: the last step's [T, len(aux_layers) * H]
+        self._model = jax.jit(functools.partial(model_step, cfg=cfg, forward=family.forward, aux_layers=aux_layers),
+                              static_argnums=(4,), donate_argnums=(1,))  # fmt: skip
         self._sample = jax.jit(sample_step, static_argnums=(3, 4), donate_argnums=(1,))
         self._verify = jax.jit(verify_step, static_argnums=(3, 4), donate_argnums=(1,))
         self._compiled: dict[tuple[int, int, int], object] = {}  # _model_key -> model executable
@@ -449,6 +453,8 @@ class ModelRunner:
         else:
             logits, self.cache, *load = self._model(self.params, self.cache, self.state, flat, packing)
             sharding = logits.sharding
+        if self.aux_layers:
+            self.aux = load.pop()
         return self._sample_step(logits, sharding, load, key[2], k, variant, flat_sampling, sampling_packing)
 
     def _sample_step(self, logits, sharding, load, rows, k, variant, flat_sampling, sampling_packing):

@@ -10,15 +10,14 @@ import difflib
 import json
 from pathlib import Path
 
-METHODS = ("ngram", "draft_model")
-LATER = ("eagle3",)  # vLLM's other method: refused by name until its proposer exists
+METHODS = ("ngram", "draft_model", "eagle3")
 
 
 @dataclasses.dataclass(frozen=True)
 class SpeculativeConfig:
-    method: str  # "ngram" (prompt lookup), "draft_model" (a smaller model of the same vocabulary)
+    method: str  # "ngram" (prompt lookup), "draft_model" (a smaller model of the same vocabulary), "eagle3" (a head)
     num_speculative_tokens: int  # K: drafts per sequence per step at most
-    model: str | None = None  # draft_model: the draft model's folder
+    model: str | None = None  # draft_model: the draft model's folder; eagle3: the head's
     prompt_lookup_max: int = 4  # ngram: longest suffix looked up
     prompt_lookup_min: int = 2  # ngram: shortest suffix that may match (vLLM's default is 1; 1 guesses too often)
     # Above this many running sequences a step does not speculate (vLLM's name): at large batches a step is
@@ -45,9 +44,6 @@ class SpeculativeConfig:
         value = dict(value)
         if "method" not in value:  # vLLM: a model alone means a draft model
             value["method"] = "draft_model" if value.get("model") else None
-        if value["method"] in LATER:
-            raise ValueError(f"speculative_config: method {value['method']} is not supported yet; use ngram or "
-                             "draft_model")
         if value["method"] not in METHODS:
             raise ValueError(f"speculative_config: method must be one of {', '.join(METHODS)}, got {value['method']!r}")
         if "num_speculative_tokens" not in value:

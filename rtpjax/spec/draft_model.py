@@ -43,6 +43,9 @@ class DraftContext:
     attention_impl: str = "auto"  # resolved for the draft's own head_dim
     kv_write: str = "auto"
     load_format: str = "auto"  # "dummy" (benchmarks): the draft's random weights are made on the devices too
+    # An EAGLE-3 head keeps one feature per slot of the target's cache, written after each of its steps:
+    target_num_blocks: int = 0
+    target_token_buckets: tuple[int, ...] = ()  # the token buckets of the target's steps (the features' shapes)
 
     def attention(self, head_dim: int) -> dict:
         """The static attention configuration of the draft's steps (as the runner's, for the draft's shape)."""
@@ -69,22 +72,28 @@ def propose_step(params, cache, flat, packing: Packing, *, cfg, forward, k: int,
     b: DraftBatch = packing.unpack(flat)
     logits, cache = forward(params, cfg, b.tokens, b.positions, cache, b.meta, b.last)[:2]
     guess = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    guesses, lens = [guess], b.meta.seq_lens
-    real = lens > 0
-    num_seqs = lens.shape[0]
-    starts = jnp.minimum(jnp.arange(num_seqs + 1, dtype=jnp.int32), jnp.sum(real, dtype=jnp.int32))
-    rows = jnp.arange(num_seqs)
+    guesses = [guess]
     for j in range(k - 1):  # guess j sits at position len + j; its K/V is written, the next guess read off it
-        pos = jnp.where(real, lens + j, 0)
-        write = real & (pos < b.writable)
-        block = b.meta.block_tables[rows, jnp.minimum(pos // block_size, b.meta.block_tables.shape[1] - 1)]
-        slots = jnp.where(write, block * block_size + pos % block_size, -1)
-        meta = dataclasses.replace(b.meta, query_start_loc=starts, seq_lens=jnp.where(real, pos + 1, 0),
-                                   slot_mapping=slots, plan={})  # fmt: skip
+        pos, meta = chained(b, j, block_size)
         logits, cache = forward(params, cfg, guess, pos, cache, meta, None)[:2]
         guess = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         guesses.append(guess)
     return jnp.stack(guesses, axis=1), cache
+
+
+def chained(b: DraftBatch, j: int, block_size: int) -> tuple[jax.Array, AttentionMetadata]:
+    """Positions [S] and attention metadata of chained guess j: one token per sequence at len + j, its K/V written
+    where the sequence has a draft block."""
+    lens = b.meta.seq_lens
+    real = lens > 0
+    num_seqs = lens.shape[0]
+    starts = jnp.minimum(jnp.arange(num_seqs + 1, dtype=jnp.int32), jnp.sum(real, dtype=jnp.int32))
+    pos = jnp.where(real, lens + j, 0)
+    write = real & (pos < b.writable)
+    block = b.meta.block_tables[jnp.arange(num_seqs), jnp.minimum(pos // block_size, b.meta.block_tables.shape[1] - 1)]
+    slots = jnp.where(write, block * block_size + pos % block_size, -1)
+    return pos, dataclasses.replace(b.meta, query_start_loc=starts, seq_lens=jnp.where(real, pos + 1, 0),
+                                    slot_mapping=slots, plan={})  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -186,14 +195,7 @@ class DraftModelProposer:
                     ids[state.base + confirmed] == state.written[confirmed]:  # fmt: skip
                 confirmed += 1
             state.computed = min(state.base + confirmed, len(ids) - 1)  # the last token runs: its logits guess
-        need = min(-(-(len(seq.token_ids) + self.k - 1) // self.block_size), self.max_blocks) - len(state.blocks)
-        if need > 0:
-            blocks = self.pool.allocate(need)
-            while blocks is None:
-                idle = next(s for s in self.states if s not in proposing)
-                self._drop(idle)
-                blocks = self.pool.allocate(need)
-            state.blocks += blocks
+        reserve(self, state, len(seq.token_ids) + self.k - 1, proposing)
         return state
 
     def release_finished(self) -> None:
@@ -203,3 +205,15 @@ class DraftModelProposer:
 
     def _drop(self, seq: Sequence) -> None:
         self.pool.release(self.states.pop(seq).blocks)
+
+
+def reserve(proposer, state: _DraftState, num_tokens: int, proposing: set) -> None:
+    """Blocks for `num_tokens` in the proposer's pool (up to its max_blocks), taken from sequences not proposed for
+    now if the pool runs short."""
+    need = min(-(-num_tokens // proposer.block_size), proposer.max_blocks) - len(state.blocks)
+    if need > 0:
+        blocks = proposer.pool.allocate(need)
+        while blocks is None:
+            proposer._drop(next(s for s in proposer.states if s not in proposing))
+            blocks = proposer.pool.allocate(need)
+        state.blocks += blocks

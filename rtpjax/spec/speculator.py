@@ -74,6 +74,12 @@ class Speculator:
         if release is not None:
             release()
 
+    def observe(self, batch, aux) -> None:
+        """Proposers that read the target's hidden states (EAGLE-3) take each step's, as it is queued."""
+        observe = getattr(self.proposer, "observe", None)
+        if observe is not None:
+            observe(batch, aux)
+
     def _k(self, seq) -> int:
         return self.config.num_speculative_tokens if seq.draft_acceptance >= self.config.min_acceptance_rate else 1
 
@@ -94,10 +100,15 @@ class Speculator:
                     spec_decode_num_accepted_tokens_per_pos=list(c.accepted_per_pos))  # fmt: skip
 
 
-def make_speculator(config: SpeculativeConfig | None, ctx=None) -> Speculator | None:
-    """ctx: a DraftContext (the target's sizes), which model-based proposers need."""
+def make_speculator(config: SpeculativeConfig | None, ctx=None, target_embed=None) -> Speculator | None:
+    """ctx: a DraftContext (the target's sizes), which model-based proposers need; target_embed: the target's
+    embedding, which an EAGLE-3 head without its own shares."""
     if config is None:
         return None
+    if config.method == "eagle3":
+        from rtpjax.spec.eagle3 import Eagle3Proposer
+
+        return Speculator(config, Eagle3Proposer(config.model, config.num_speculative_tokens, ctx, target_embed))
     if config.method == "draft_model":
         from rtpjax.spec.draft_model import DraftModelProposer
 
