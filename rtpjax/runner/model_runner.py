@@ -89,9 +89,11 @@ def pick(sizes: list[int], n: int) -> int:
 
 
 class CompileCounter:
-    """Counts XLA compilations in this process that the persistent compilation cache did not answer."""
+    """Counts XLA compilations in this process that the persistent compilation cache did not answer (`count`), and
+    the executables it did answer (`fetched`)."""
 
     count = 0
+    fetched = 0
     _installed = False
 
     @classmethod
@@ -106,6 +108,7 @@ class CompileCounter:
         def on_event(event, **kwargs):
             if event == "/jax/compilation_cache/cache_hits":
                 cls.count -= 1
+                cls.fetched += 1
 
         jax.monitoring.register_event_duration_secs_listener(on_duration)
         jax.monitoring.register_event_listener(on_event)
