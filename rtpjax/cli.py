@@ -80,8 +80,11 @@ def generate(args: argparse.Namespace) -> int:
         messages = [{"role": "user", "content": prompt}]
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if tokenizer is not None:  # the engine is sized to this prompt (what is not given)
-        sizes = generate_sizes(engine_args, len(tokenizer.encode(prompt)), args.max_tokens)
+        prompt_tokens = len(tokenizer.encode(prompt))
+        sizes = generate_sizes(engine_args, prompt_tokens, args.max_tokens)
         engine_args = dataclasses.replace(engine_args, **sizes)
+        log.info("sized for a prompt of %d tokens and up to %d more: %s", prompt_tokens, args.max_tokens,
+                 ", ".join(f"{name} {value}" for name, value in sizes.items()) or "(all sizes given)")  # fmt: skip
     CompileCounter.install()  # counts this run's executables from here on, loading included
     engine = LLMEngine(model, engine_args)
     if engine.args.process_id > 0:  # a follower of a multi-host engine: the leader prints

@@ -27,3 +27,13 @@ def test_a_warm_generate_loads_only_what_its_prompt_runs(stories_dir, tmp_path):
     assert answer == warmed and answer.startswith("Once upon a time, there was a little girl")
     assert recompiled == 0, "the warm run compiled something the warm-up had compiled"
     assert 2 <= loaded <= compiled // 4
+
+
+def test_generate_sizes_the_engine_to_its_prompt_unless_told():
+    from rtpjax.cli import generate_sizes
+    from rtpjax.options import EngineArgs
+
+    assert generate_sizes(EngineArgs(), 40, 24) == {"max_model_len": 1024, "max_num_batched_tokens": 64}
+    assert generate_sizes(EngineArgs(), 1500, 1000) == {"max_model_len": 4096, "max_num_batched_tokens": 512}
+    given = EngineArgs(max_model_len=300, max_num_batched_tokens=32)
+    assert generate_sizes(given, 40, 24) == {}
