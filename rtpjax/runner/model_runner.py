@@ -151,8 +151,9 @@ class ModelRunner:
                              out_shardings=self.pipeline and self.pipeline.logits_sharding)(max_num_seqs, cfg.vocab_size)
         # What executables are lowered against: the state a step leaves carries a sharding annotation the initial one
         # lacks, and lowering against it would give the same program another compilation-cache key.
-        self._state_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                                        self.state)  # fmt: skip
+        self._state_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                                       sharding=a.sharding if a.committed else None),
+                                        self.state)  # an uncommitted state goes where the step's other inputs are
         self._model = jax.jit(
             functools.partial(model_step, cfg=cfg, forward=family.forward), static_argnums=(4,), donate_argnums=(1,)
         )
