@@ -50,8 +50,24 @@ def generate_sizes(engine_args, prompt_tokens: int, max_tokens: int) -> dict:
     return sizes
 
 
-def generate(args: argparse.Namespace) -> int:
+def _sized_for_prompt(args: argparse.Namespace, engine_args, tokenizer):
+    """(the prompt as the engine gets it, the engine options sized to it where not given)."""
     import dataclasses
+
+    prompt = args.prompt
+    if tokenizer is None:
+        return prompt, engine_args
+    if args.chat:
+        messages = [{"role": "user", "content": prompt}]
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt_tokens = len(tokenizer.encode(prompt))
+    sizes = generate_sizes(engine_args, prompt_tokens, args.max_tokens)
+    log.info("sized for a prompt of %d tokens and up to %d more: %s", prompt_tokens, args.max_tokens,
+             ", ".join(f"{name} {value}" for name, value in sizes.items()) or "(all sizes given)")  # fmt: skip
+    return prompt, dataclasses.replace(engine_args, **sizes)
+
+
+def generate(args: argparse.Namespace) -> int:
     import time
     from concurrent.futures import ThreadPoolExecutor
 
@@ -75,16 +91,7 @@ def generate(args: argparse.Namespace) -> int:
         from rtpjax.runner.model_runner import CompileCounter
 
         tokenizer = tokenizer.result()
-    prompt = args.prompt
-    if args.chat and tokenizer is not None:
-        messages = [{"role": "user", "content": prompt}]
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if tokenizer is not None:  # the engine is sized to this prompt (what is not given)
-        prompt_tokens = len(tokenizer.encode(prompt))
-        sizes = generate_sizes(engine_args, prompt_tokens, args.max_tokens)
-        engine_args = dataclasses.replace(engine_args, **sizes)
-        log.info("sized for a prompt of %d tokens and up to %d more: %s", prompt_tokens, args.max_tokens,
-                 ", ".join(f"{name} {value}" for name, value in sizes.items()) or "(all sizes given)")  # fmt: skip
+    prompt, engine_args = _sized_for_prompt(args, engine_args, tokenizer)
     CompileCounter.install()  # counts this run's executables from here on, loading included
     engine = LLMEngine(model, engine_args)
     if engine.args.process_id > 0:  # a follower of a multi-host engine: the leader prints
