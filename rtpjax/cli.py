@@ -88,8 +88,10 @@ def generate(args: argparse.Namespace) -> int:
     with ThreadPoolExecutor(1) as pool:  # the tokenizer loads while JAX and the engine's modules are imported
         tokenizer = pool.submit(load_tokenizer, source)
         from rtpjax.engine.core import LLMEngine
+        from rtpjax.models import load_config
         from rtpjax.runner.model_runner import CompileCounter
 
+        load_config(model)  # the model's own errors (an unsupported architecture) come first, as the engine says them
         tokenizer = tokenizer.result()
     prompt, engine_args = _sized_for_prompt(args, engine_args, tokenizer)
     CompileCounter.install()  # counts this run's executables from here on, loading included
