@@ -24,13 +24,55 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     parser.add_argument("--ignore-eos", action="store_true")
-    # One prompt: a small engine unless told otherwise (fewer step shapes to compile).
-    add_engine_arguments(parser, max_num_seqs=8, max_num_batched_tokens=128,
-                         compilation_cache_dir=CLI_COMPILATION_CACHE)  # fmt: skip
+    # One prompt: one sequence, a context and token budget sized to it (generate_sizes), and no warm-up: only the
+    # step shapes this prompt runs are compiled (or fetched from the compilation cache), at first use.
+    add_engine_arguments(parser, max_num_seqs=1, warmup=False, compilation_cache_dir=CLI_COMPILATION_CACHE)
+
+
+# A sized context is at least this long (a power of two above it otherwise), so most short prompts share one set of
+# step shapes in the compilation cache; the token budget is the prompt's power of two, at most PROMPT_CHUNK.
+MIN_CONTEXT = 1024
+PROMPT_CHUNK = 512
+
+
+def _power_of_two(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def generate_sizes(engine_args, prompt_tokens: int, max_tokens: int) -> dict:
+    """The sizes not given on the command line, for one prompt of `prompt_tokens`: a context that holds it and its
+    output, and a token budget that prefills it in one step (so two step shapes run: the prompt's and decode's)."""
+    sizes = {}
+    if engine_args.max_model_len is None:
+        sizes["max_model_len"] = max(MIN_CONTEXT, _power_of_two(prompt_tokens + max_tokens))
+    if engine_args.max_num_batched_tokens is None:
+        sizes["max_num_batched_tokens"] = min(PROMPT_CHUNK, _power_of_two(prompt_tokens))
+    return sizes
+
+
+def _sized_for_prompt(args: argparse.Namespace, engine_args, tokenizer):
+    """(the prompt as the engine gets it, the engine options sized to it where not given)."""
+    import dataclasses
+
+    prompt = args.prompt
+    if tokenizer is None:
+        return prompt, engine_args
+    if args.chat:
+        messages = [{"role": "user", "content": prompt}]
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt_tokens = len(tokenizer.encode(prompt))
+    sizes = generate_sizes(engine_args, prompt_tokens, args.max_tokens)
+    log.info("sized for a prompt of %d tokens and up to %d more: %s", prompt_tokens, args.max_tokens,
+             ", ".join(f"{name} {value}" for name, value in sizes.items()) or "(all sizes given)")  # fmt: skip
+    return prompt, dataclasses.replace(engine_args, **sizes)
 
 
 def generate(args: argparse.Namespace) -> int:
-    from rtpjax.loading.model_source import check_model
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rtpjax.loading.model_source import check_model, resolve_model
+    from rtpjax.loading.tokenizer import load_tokenizer, tokenizer_source
     from rtpjax.options import engine_args_from
     from rtpjax.sampling_params import SamplingParams
 
@@ -41,26 +83,39 @@ def generate(args: argparse.Namespace) -> int:
     # a request with seed S gets from the server.
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                             max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)  # fmt: skip
-    from rtpjax.engine.core import LLMEngine
+    model = resolve_model(args.model)
+    source = tokenizer_source(model, engine_args.tokenizer, engine_args.skip_tokenizer_init)
+    with ThreadPoolExecutor(1) as pool:  # the tokenizer loads while JAX and the engine's modules are imported
+        tokenizer = pool.submit(load_tokenizer, source)
+        from rtpjax.engine.core import LLMEngine
+        from rtpjax.models import load_config
+        from rtpjax.runner.model_runner import CompileCounter
 
-    engine = LLMEngine(args.model, engine_args)
+        load_config(model)  # the model's own errors (an unsupported architecture) come first, as the engine says them
+        tokenizer = tokenizer.result()
+    prompt, engine_args = _sized_for_prompt(args, engine_args, tokenizer)
+    CompileCounter.install()  # counts this run's executables from here on, loading included
+    engine = LLMEngine(model, engine_args)
     if engine.args.process_id > 0:  # a follower of a multi-host engine: the leader prints
         from rtpjax.distributed import multihost
 
         return multihost.follow(engine)
-    log.info("generating up to %d tokens", args.max_tokens)
-    prompt = args.prompt
-    if args.chat:
-        messages = [{"role": "user", "content": prompt}]
-        prompt = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:
+    log.info("generating up to %d tokens%s", args.max_tokens,
+             "" if engine.args.warmup else " (each step shape compiles, or loads from the compilation cache, at first "
+             "use)")  # fmt: skip
+    if not args.chat:
         sys.stdout.write(prompt)
+    began, tokens = time.monotonic(), 0
     engine.add_request(prompt, params)
     while engine.has_work():
         for out in engine.step():
             sys.stdout.write(out.outputs[0].delta_text)
             sys.stdout.flush()
+            tokens += len(out.outputs[0].delta_token_ids)
     sys.stdout.write("\n")
+    sys.stdout.flush()
+    log.info("%d tokens in %.2f s; executables of this run: %d compiled, %d from the compilation cache", tokens,
+             time.monotonic() - began, CompileCounter.count, CompileCounter.fetched)  # fmt: skip
     return 0
 
 
@@ -88,6 +143,19 @@ def configure_logging(debug: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     if not debug:
         logging.getLogger("jax").setLevel(logging.WARNING)
+
+
+def _exit_now(code: int) -> None:
+    """End the process once the answer is out: flush, run the exit handlers, and skip tearing the interpreter down
+    (freeing JAX's, transformers' and the model's objects one by one took 0.5-1.8 s after a one-line answer)."""
+    import atexit
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    atexit._run_exitfuncs()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,8 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     debug = getattr(args, "debug", False)
     configure_logging(debug)
     try:
-        return {"generate": generate, "serve": serve, "convert": convert, "bench": bench_serve,
+        code = {"generate": generate, "serve": serve, "convert": convert, "bench": bench_serve,
                 "router": router.run}[args.command](args)  # fmt: skip
+        if args.command == "generate" and argv is None:  # the command itself, not a caller in Python
+            _exit_now(code)
+        return code
     except (ValueError, OSError) as e:  # bad model folder or arguments: one line, no traceback
         if debug:
             raise

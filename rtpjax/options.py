@@ -137,6 +137,9 @@ class EngineArgs:
                                   "hits always loaded); recompute = its tokens run again; auto = swap, loading a "
                                   "tier hit only when the measured load time is below the measured recompute time",
                                   choices=("auto", "swap", "recompute"))  # fmt: skip
+    warmup: bool = option(True, "compile every step shape at start, so serving never compiles mid-run (no: each "
+                          "shape compiles, or loads from the compilation cache, at its first use; for one-off runs, "
+                          "the default of `rtpjax generate`)")  # fmt: skip
     progress: bool = option(True, "progress bars for loading and compiling where stderr is a terminal (False, or "
                             "output that is no terminal: log lines instead)", cli=False)  # fmt: skip
     enable_kv_cache_events: bool = option(True, "note each change to the prefix cache (vLLM's KV events: blocks "

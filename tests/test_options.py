@@ -123,12 +123,14 @@ def test_parsed_flags_make_engine_args():
     assert args == EngineArgs(max_num_seqs=4, enable_prefix_caching=False, compilation_cache_dir=CLI_COMPILATION_CACHE)
     args = engine_args_from(p["serve"].parse_args(["m", "--kv-write", "pallas", "--mosaic-prefill"]), progress=True)
     assert (args.kv_write, args.mosaic_prefill, args.progress) == ("pallas", True, True)
-    # generate: a small engine unless told otherwise; --seed is the engine's seed (and the prompt's)
+    # generate: one sequence without warm-up unless told otherwise (the other sizes follow the prompt, see
+    # rtpjax.cli.generate_sizes); --seed is the engine's seed (and the prompt's)
     gen = p["generate"]
     args = engine_args_from(gen.parse_args(["hi"]))
-    assert args == EngineArgs(max_num_seqs=8, max_num_batched_tokens=128, compilation_cache_dir=CLI_COMPILATION_CACHE)
-    args = engine_args_from(gen.parse_args(["hi", "--max-num-seqs", "4", "--seed", "7", "--compilation-cache-dir", ""]))
-    assert (args.max_num_seqs, args.max_num_batched_tokens, args.seed, args.compilation_cache_dir) == (4, 128, 7, "")
+    assert args == EngineArgs(max_num_seqs=1, warmup=False, compilation_cache_dir=CLI_COMPILATION_CACHE)
+    args = engine_args_from(gen.parse_args(["hi", "--max-num-seqs", "4", "--seed", "7", "--compilation-cache-dir", "",
+                                            "--warmup"]))  # fmt: skip
+    assert (args.max_num_seqs, args.warmup, args.seed, args.compilation_cache_dir) == (4, True, 7, "")
     with pytest.raises(SystemExit):  # argparse's own check of a choice
         gen.parse_args(["hi", "--kv-write", "triton"])
 

@@ -194,7 +194,7 @@ class LLMEngine:
             self.pool.on_evict = self.tiers.write_down
             self.scheduler.tiers = self.tiers
         t0, misses = time.monotonic(), CompileCounter.count
-        shapes = self.runner.warmup(progress=args.progress)
+        shapes = self.runner.warmup(progress=args.progress) if args.warmup else 0  # else each shape at first use
         if self.tiers is not None:
             self.tiers.costs = tiers_build.measure_costs(self.runner, self.tiers)
         compiled = time.monotonic()

@@ -236,18 +236,21 @@ class FileOrderReader:
     """Yields (batch, bytes) in plan order while later batches are being read; `recycle` hands a buffer back.
 
     `pin`, if given, page-locks each buffer once (see `dma_mapper`), after its first fill and before it is yielded.
+    `reuse` False: each batch is read into a new buffer (the CPU's arrays alias them, see `_Placer.put`); a recycled
+    buffer then only frees its place among the `opts.buffers` read ahead.
     """
 
-    def __init__(self, batches: list[ReadBatch], opts: LoadOptions, pin=None):
-        self.batches, self.opts, self.pin = batches, opts, pin
+    def __init__(self, batches: list[ReadBatch], opts: LoadOptions, pin=None, reuse: bool = True):
+        self.batches, self.opts, self.pin, self.reuse = batches, opts, pin, reuse
         self.unpins: list = []
         self.fds: dict[Path, tuple[int, bool]] = {}
         for path in sorted({b.path for b in batches}):
             self.fds[path] = self._open(path)
         capacity = -(-(max((b.end - b.start for b in batches), default=0) + 2 * _ALIGN) // _ALIGN) * _ALIGN
         self.free: queue.Queue = queue.Queue()
+        self.capacity = capacity
         for _ in range(max(2, opts.buffers)):
-            self.free.put(_aligned_buffer(capacity))
+            self.free.put(_aligned_buffer(capacity) if reuse else None)
         self.pinned: set[int] = set()
         self.pin_seconds = 0.0
         self.ready: queue.Queue = queue.Queue()
@@ -270,6 +273,8 @@ class FileOrderReader:
             buf = self.free.get()
             if self.closed:
                 return
+            if buf is None:
+                buf = _aligned_buffer(self.capacity)
             fd, direct = self.fds[batch.path]
             first = batch.start - batch.start % _ALIGN if direct else batch.start
             last = -(-batch.end // _ALIGN) * _ALIGN if direct else batch.end
@@ -301,11 +306,11 @@ class FileOrderReader:
             yield batch, buf, buf[skip : skip + batch.end - batch.start]
 
     def recycle(self, buf: np.ndarray) -> None:
-        self.free.put(buf)
+        self.free.put(buf if self.reuse else None)
 
     def close(self) -> None:
         self.closed = True
-        self.free.put(None)  # wake the producer if it waits for a buffer
+        self.free.put(0)  # wake the producer if it waits for a buffer
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.producer.join()
         for unpin in self.unpins:  # callers have waited for the transfers out of these buffers
@@ -361,8 +366,10 @@ class _Placer:
     embedding's join alone took 0.18 s of a 0.8 s load, int8 quantizers most of a second).
     """
 
-    def __init__(self, sources, shapes, shardings, dtype, batches: list[ReadBatch], quantization: str | None):
-        self.shapes, self.shardings, self.dtype = shapes, shardings, np.dtype(dtype)
+    def __init__(self, sources, shapes, shardings, dtype, batches: list[ReadBatch], quantization: str | None,
+                 reused: bool = True):  # fmt: skip
+        """reused: the host buffers are read into again (so a CPU array, which may alias them, gets a copy)."""
+        self.shapes, self.shardings, self.dtype, self.reused = shapes, shardings, np.dtype(dtype), reused
         self.batches, self.quantization = batches, quantization
         self.owner = {name: (path, i) for path, src in sources.items() for i, name in enumerate(src.names)}
         self.count = dict.fromkeys(sources, 0)  # pieces still to arrive per parameter
@@ -458,7 +465,7 @@ class _Placer:
             path, i = self.owner[read.name]
             for device, index, first in self._targets(read):
                 piece = host[index]
-                if device.platform == "cpu":
+                if device.platform == "cpu" and self.reused:
                     piece = np.array(piece)  # the CPU backend may alias host memory, and our buffer will be reused
                 keys.append((path, i, device, first))
                 pieces.append(piece)
@@ -552,10 +559,14 @@ def load_params(
     shardings = target_shardings(shapes, family, mesh, cfg)
     batches = plan_reads(ckpt, wanted, opts.batch_bytes)
     total = sum(b.end - b.start for b in batches)
-    placer = _Placer(sources, shapes, shardings, cfg.jnp_dtype, batches, check_method(quantization))
     devices = {d for s in shardings.values() for d in s.addressable_devices}
+    # CPU devices only: each batch gets a buffer of its own that the arrays alias, instead of a reused buffer and a
+    # copy of every tensor out of it (the copy and its page faults were most of a warm CPU load).
+    pin = dma_mapper(devices) if opts.pinned else None
+    reuse = pin is not None or any(d.platform != "cpu" for d in devices)
+    placer = _Placer(sources, shapes, shardings, cfg.jnp_dtype, batches, check_method(quantization), reused=reuse)
     placer.compile_ahead()
-    reader = FileOrderReader(batches, opts, pin=dma_mapper(devices) if opts.pinned else None)
+    reader = FileOrderReader(batches, opts, pin=pin, reuse=reuse)
     planned = time.perf_counter() - began
     in_flight: list[tuple[np.ndarray, list]] = []
     waited = {"reads": 0.0, "transfers": 0.0}  # where the main thread stood still: says which side is the bottleneck

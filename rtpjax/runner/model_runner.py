@@ -91,9 +91,11 @@ def pick(sizes: list[int], n: int) -> int:
 
 
 class CompileCounter:
-    """Counts XLA compilations in this process that the persistent compilation cache did not answer."""
+    """Counts XLA compilations in this process that the persistent compilation cache did not answer (`count`), and
+    the executables it did answer (`fetched`)."""
 
     count = 0
+    fetched = 0
     _installed = False
 
     @classmethod
@@ -108,6 +110,7 @@ class CompileCounter:
         def on_event(event, **kwargs):
             if event == "/jax/compilation_cache/cache_hits":
                 cls.count -= 1
+                cls.fetched += 1
 
         jax.monitoring.register_event_duration_secs_listener(on_duration)
         jax.monitoring.register_event_listener(on_event)
@@ -151,6 +154,11 @@ class ModelRunner:
         self.state = jax.jit(sampler.init_state, static_argnums=(0, 1),  # on the last stage, beside the logits
                              out_shardings=self.pipeline and self.pipeline.logits_sharding)(max_num_seqs, cfg.vocab_size)
         self.aux_layers, self.aux = aux_layers, None  # aux: the last step's [T, len(aux_layers) * H]
+        # What executables are lowered against: the state a step leaves carries a sharding annotation the initial one
+        # lacks, and lowering against it would give the same program another compilation-cache key.
+        self._state_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                                       sharding=a.sharding if a.committed else None),
+                                        self.state)  # an uncommitted state goes where the step's other inputs are
         self._model = jax.jit(functools.partial(model_step, cfg=cfg, forward=family.forward, aux_layers=aux_layers),
                               static_argnums=(4,), donate_argnums=(1,))  # fmt: skip
         self._sample = jax.jit(sample_step, static_argnums=(3, 4), donate_argnums=(1,))
@@ -200,15 +208,10 @@ class ModelRunner:
             key = _model_key(batch)
             if self.pipeline is not None:  # per-stage programs: compiled by the first runs below
                 return shape, key, None
-            flat, packing = pack(batch)
-            return shape, key, self._model.lower(self.params, self.cache, self.state, flat, packing).compile()
+            return shape, key, self._model_executable(*pack(batch))
 
         def compile_sampler(key):
-            rows, sharding, variant, k = key
-            flat, packing = pack(self._batch([], *first_step[rows, sharding, k])[1])
-            logits = jax.ShapeDtypeStruct((rows, self.cfg.vocab_size), jnp.float32, sharding=sharding)
-            fn = self._verify if k else self._sample
-            return key, fn.lower(logits, self.state, flat, packing, variant).compile()
+            return key, self._sampler_executable(key, *pack(self._batch([], *first_step[key[0], key[1], key[3]])[1]))
 
         def compile_scorer(length):
             flat, packing = pack(self._score_inputs([], length))
@@ -261,6 +264,16 @@ class ModelRunner:
                  len(self.score_buckets), len(copies), compiled - began,
                  ran - compiled, len(self.admit_buckets), time.monotonic() - ran)  # fmt: skip
         return bar.total
+
+    def _model_executable(self, flat, packing):
+        return self._model.lower(self.params, self.cache, self._state_spec, flat, packing).compile()
+
+    def _sampler_executable(self, key: tuple, flat, packing):
+        """key: (logits rows, their sharding, variant, K drafts or 0)."""
+        rows, sharding, variant, k = key
+        logits = jax.ShapeDtypeStruct((rows, self.cfg.vocab_size), jnp.float32, sharding=sharding)
+        fn = self._verify if k else self._sample
+        return fn.lower(logits, self._state_spec, flat, packing, variant).compile()
 
     def _seqs_for(self, num_tokens: int) -> int:
         """One sequence bucket per token bucket: padding a few sequence rows costs far less than compiling
@@ -447,15 +460,13 @@ class ModelRunner:
 
     def _dispatch(self, key, flat, packing, flat_sampling, sampling_packing, variant, k: int = 0):
         model = self._compiled.get(key)
-        if model is not None:
-            logits, self.cache, *load = model(self.params, self.cache, self.state, flat)
-            sharding = model.output_shardings[0]
-        else:
-            logits, self.cache, *load = self._model(self.params, self.cache, self.state, flat, packing)
-            sharding = logits.sharding
+        if model is None:  # without warm-up (or a shape it left out): compiled, or fetched from the cache, now
+            model = self._compiled[key] = self._model_executable(flat, packing)
+        logits, self.cache, *load = model(self.params, self.cache, self.state, flat)
         if self.aux_layers:
             self.aux = load.pop()
-        return self._sample_step(logits, sharding, load, key[2], k, variant, flat_sampling, sampling_packing)
+        return self._sample_step(logits, model.output_shardings[0], load, key[2], k, variant, flat_sampling,
+                                 sampling_packing)  # fmt: skip
 
     def _sample_step(self, logits, sharding, load, rows, k, variant, flat_sampling, sampling_packing):
         """The step's sampler (or verifier, k drafts) on its logits; MoE expert counts on their way to the host."""
@@ -463,12 +474,11 @@ class ModelRunner:
             self.read_expert_load()  # the arrived counts (keeps the pending list short)
             load[0].copy_to_host_async()
             self._loads.append(load[0])
-        sample = self._samplers.get((rows, sharding, variant, k))
-        if sample is not None:
-            out, self.state = sample(logits, self.state, flat_sampling)
-        else:
-            fn = self._verify if k else self._sample
-            out, self.state = fn(logits, self.state, flat_sampling, sampling_packing, variant)
+        key = (rows, sharding, variant, k)
+        sample = self._samplers.get(key)
+        if sample is None:  # as a model step's executable above
+            sample = self._samplers[key] = self._sampler_executable(key, flat_sampling, sampling_packing)
+        out, self.state = sample(logits, self.state, flat_sampling)
         return out
 
     def read_expert_load(self) -> np.ndarray:
