@@ -3,19 +3,29 @@
 One interface, two host-staged paths: over the TCP socket itself (any two hosts), or, when both engines run on one
 host, through a file in shared memory (/dev/shm) that the decode side maps, the socket carrying only the offer.
 
-The prefill side stages a hand-off as soon as it holds it, not when it is pulled: its bytes go into the shared-memory
-file and their crc32s are computed together, piece by piece on a thread pool (pwrite and zlib release the GIL). A pull
-then costs the decode side one mapping of that file (no copy: the K/V stays in the mapping until written to the
-device) and a parallel check of the checksums; over TCP the file goes out by sendfile and each piece is checked as soon
-as it has arrived, while the next one is still on the wire. A corrupted transfer is refused, never adopted. A hand-off
-is served once: the first pull takes it, whatever happens next; what nobody pulls is dropped when it expires. Where
-/dev/shm has no room the bytes stay in process memory and travel over the socket on either path.
+The payload is the prompt's blocks as packed rows (block_copy.pack: each block one contiguous row of every layer's
+keys and values), the form in which the device gathers them and a decode engine writes them. Between the two devices
+the bytes are copied once on each side:
+
+- prefill: `stage` waits (on a hand-off thread, never the engine loop) for each gathered piece's device-to-host copy
+  and copies it into a leased shared-memory file, chunk by chunk on a thread pool that computes each chunk's crc32
+  while it is still in the cache (numpy copies and zlib release the GIL); a piece is staged while the next one is
+  still crossing from the device. A pull then costs the prefill side nothing but the offer (or one sendfile of the
+  staged bytes over TCP).
+- decode: the file is mapped (no copy) and each chunk goes to the device straight from the mapping (`load`), its
+  checksum computed meanwhile; over TCP each chunk lands by recv_into in one preallocated buffer and goes on while
+  the next is on the wire. The answer that lets the prefill side reuse the file waits until the device has its copy.
+
+A corrupted transfer is refused, never adopted. A hand-off is served once: the first pull takes it, whatever happens
+next; what nobody pulls is dropped when it expires. Where /dev/shm has no room the bytes stay in process memory and
+travel over the socket on either path.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import mmap
 import os
 import socket
 import struct
@@ -26,18 +36,19 @@ import uuid
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import jax
 import msgspec
 import numpy as np
 
 from rtpjax.distributed.messages import KVOffer, KVPull, KVPulled
-from rtpjax.kv.host_blocks import KVBlocks
+from rtpjax.kv.host_blocks import KVLayout
 
 log = logging.getLogger("rtpjax")
 
 CHUNK = 16 << 20  # bytes per checksummed piece: enough pieces to keep the threads busy, few enough to be cheap
 SOCKET_BUFFER = 8 << 20  # large socket buffers: fewer, larger reads and writes on a fast link
 _POOL = ThreadPoolExecutor(min(16, os.cpu_count() or 1), thread_name_prefix="rtpjax-kv-io")
-_CHECKER = ThreadPoolExecutor(2, thread_name_prefix="rtpjax-kv-sums")  # runs checksums(), which waits on _POOL
+_STAGER = ThreadPoolExecutor(2, thread_name_prefix="rtpjax-kv-stage")  # runs stage(), which waits on _POOL
 _SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 _PREFIX = "rtpjax-kv-"
 
@@ -55,7 +66,7 @@ def host_id() -> str:
         return socket.gethostname()
 
 
-def pieces(sizes: list[int], chunk: int = CHUNK) -> list[tuple[int, int]]:
+def pieces_of(sizes: list[int], chunk: int = CHUNK) -> list[tuple[int, int]]:
     """(offset, length) of each `chunk`-byte piece of a payload of parts of `sizes` (pieces never straddle parts)."""
     out, at = [], 0
     for size in sizes:
@@ -68,10 +79,6 @@ def checksums(parts, chunk: int = CHUNK) -> list[int]:
     """crc32 of each `chunk`-byte piece of each part (pieces never straddle two parts)."""
     views = [memoryview(p)[i : i + chunk] for p in parts for i in range(0, len(p), chunk)]
     return list(_POOL.map(zlib.crc32, views))
-
-
-def _parts(kv: KVBlocks) -> list:
-    return [kv.keys, kv.values] + ([kv.key_scales, kv.value_scales] if kv.layout.quantized else [])
 
 
 def _unlink(path: str | None) -> None:
@@ -97,59 +104,51 @@ def sweep_dead() -> None:
 # -- the prefill side ------------------------------------------------------------------------------------------------
 
 
-def _pwrite(fd: int, view: memoryview, at: int) -> None:
-    while view:
-        n = os.pwrite(fd, view, at)
-        view, at = view[n:], at + n
+def chunk_for(block_bytes: int) -> int:
+    """Bytes per checksummed piece: whole blocks (a chunk goes to the device as rows), about CHUNK of them."""
+    return max(1, CHUNK // block_bytes) * block_bytes
 
 
 class ShmArena:
-    """The prefill side's reusable shared-memory files. Their pages stay allocated between hand-offs, so staging one
-    is a warm copy rather than an allocation of fresh tmpfs pages (which costs several times a copy). A file is leased
-    for one pull: the decode side copies out of it before it answers, and it comes back here. At most `keep` idle
-    files are kept; all are removed at close."""
+    """The prefill side's reusable shared-memory files, each mapped once. Their pages stay allocated between
+    hand-offs, so staging one is a warm copy rather than an allocation of fresh tmpfs pages (which costs several
+    times a copy). A file is leased from staging until its pull has been answered (or the hand-off is dropped). At
+    most `keep` idle files are kept; all are removed at close."""
 
     def __init__(self, keep: int = 4):
         self.keep, self.closed = keep, False
-        self._idle: list[tuple[str, int]] = []  # (path, capacity)
+        self._idle: list[tuple[str, np.ndarray]] = []  # (path, its whole mapping as uint8), smallest first
         self._lock = threading.Lock()
 
-    def write(self, parts) -> str | None:
-        """A leased file holding `parts` one after another, written piece by piece in parallel; None (the bytes then
-        go over the socket) where the file system has no room for them."""
-        sizes = [len(p) for p in parts]
+    def lease(self, size: int) -> tuple[str | None, np.ndarray]:
+        """(path, a writable mapping of `size` bytes of it); (None, process memory) where /dev/shm has no room."""
         with self._lock:
-            fits = [f for f in self._idle if f[1] >= sum(sizes)] or self._idle[-1:]
+            fits = [f for f in self._idle if f[1].size >= size]
             if fits:
                 self._idle.remove(fits[0])
-        path = fits[0][0] if fits else os.path.join(_SHM_DIR, f"{_PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
+                return fits[0][0], fits[0][1][:size]
+        path = os.path.join(_SHM_DIR, f"{_PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
         try:
             fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, max(1, size))  # no room: an error now, not a SIGBUS in a writer or reader
+                mapping = np.frombuffer(mmap.mmap(fd, max(1, size)), np.uint8)
+            finally:
+                os.close(fd)
         except OSError as e:
-            return self._no_room(path, sum(sizes), e)
-        try:
-            if not fits or fits[0][1] < sum(sizes):
-                os.posix_fallocate(fd, 0, max(1, sum(sizes)))  # no room: an error now, not a SIGBUS in a reader
-            jobs = [(memoryview(p).cast("B"), i) for p in parts for i in range(0, len(p), CHUNK)]
-            list(_POOL.map(lambda job, at: _pwrite(fd, job[0][job[1] : job[1] + CHUNK], at), jobs,
-                           [at for at, _ in pieces(sizes)]))  # fmt: skip
-        except OSError as e:
-            return self._no_room(path, sum(sizes), e)
-        finally:
-            os.close(fd)
-        return path
+            _unlink(path)
+            log.warning("a K/V hand-off goes over the socket: no room in %s for %d bytes (%s)", _SHM_DIR, size, e)
+            return None, np.empty(size, np.uint8)
+        return path, mapping[:size]
 
-    def _no_room(self, path: str, size: int, error: OSError) -> None:
-        _unlink(path)
-        log.warning("a K/V hand-off goes over the socket: no room in %s for %d bytes (%s)", _SHM_DIR, size, error)
-
-    def give_back(self, path: str | None) -> None:
+    def give_back(self, path: str | None, view: np.ndarray) -> None:
         if path is None:
             return
+        whole = view.base if isinstance(view.base, np.ndarray) else view  # the file's whole mapping
         with self._lock:
             if not self.closed and len(self._idle) < self.keep:
-                self._idle.append((path, os.stat(path).st_size))
-                self._idle.sort(key=lambda f: f[1])
+                self._idle.append((path, whole))
+                self._idle.sort(key=lambda f: f[1].size)
                 return
         _unlink(path)
 
@@ -161,45 +160,126 @@ class ShmArena:
 
 
 @dataclasses.dataclass
-class Held:
-    """A hand-off's K/V on the prefill side: `num_tokens` leading positions of `prompt_ids` in `kv`'s blocks."""
+class Staged:
+    """A hand-off's payload on the host, ready to serve: uint8 rows [num_blocks * block_bytes] in a leased file."""
 
-    kv: KVBlocks
+    path: str | None  # None: process memory (served over the socket only)
+    payload: np.ndarray
+    chunk: int
+    checksums: list[int]
+    d2h_s: float  # waiting for the device's copies (the part of it not hidden behind the steps that ran meanwhile)
+    copy_s: float  # copying into the file and checksumming, past the last device copy
+    arena: ShmArena | None = None
+
+    def release(self) -> None:
+        if self.arena is not None:
+            self.arena.give_back(self.path, self.payload)
+            self.arena = None
+
+
+def stage(pieces, block_bytes: int, arena: ShmArena) -> Staged:
+    """Stage gathered pieces ((real rows, array [>= real, block_bytes]) in order, whose host copies may still be on
+    their way): each chunk is copied into the file and checksummed by a pool thread as soon as its rows are here."""
+    began = time.perf_counter()
+    total = sum(real for real, _ in pieces) * block_bytes
+    path, payload = arena.lease(total)
+    chunk, landed, waited = chunk_for(block_bytes), [], 0.0
+    bounds = pieces_of([total], chunk)
+    sums, next_chunk, at = [], 0, 0
+
+    def one(start: int, size: int, sources) -> int:
+        for src_at, src in sources:  # the landed pieces this chunk overlaps
+            lo, hi = max(start, src_at), min(start + size, src_at + src.size)
+            if lo < hi:
+                np.copyto(payload[lo:hi], src[lo - src_at : hi - src_at])
+        return zlib.crc32(payload[start : start + size])
+
+    try:
+        for real, array in pieces:
+            t = time.perf_counter()
+            host = np.asarray(array)[:real].reshape(-1)  # this piece's host copy (later ones keep coming meanwhile)
+            waited += time.perf_counter() - t
+            landed.append((at, host))
+            at += host.size
+            while next_chunk < len(bounds) and sum(bounds[next_chunk]) <= at:
+                start, size = bounds[next_chunk]
+                sums.append(_POOL.submit(one, start, size, list(landed)))
+                next_chunk += 1
+        t = time.perf_counter()
+        checksums = [f.result() for f in sums]
+    except BaseException:
+        arena.give_back(path, payload)
+        raise
+    copied = time.perf_counter() - t
+    return Staged(path, payload, chunk, checksums, waited, copied, arena)
+
+
+@dataclasses.dataclass
+class Held:
+    """A hand-off on the prefill side: `num_tokens` leading positions of `prompt_ids` in `num_blocks` blocks, staged
+    (or still staging) on a hand-off thread."""
+
+    layout: KVLayout
+    num_blocks: int
     num_tokens: int
     prompt_ids: list[int]
     expires: float  # time.monotonic()
-    checksums: Future | None = None  # of list[int]: started when the store takes it, done long before most pulls
+    staged: Future  # of Staged
+
+
+def release(staged: Future) -> None:
+    """Give a staged payload's file back once it is staged (at once if it is)."""
+    staged.add_done_callback(lambda f: f.exception() is None and f.result().release())
 
 
 class HeldStore:
     """Hand-offs waiting for their decode engine; the server thread takes them, the engine loop expires them."""
 
     def __init__(self):
+        self.arena = ShmArena()
         self._held: dict[str, Held] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._held)
 
+    def stage(self, pieces, layout: KVLayout) -> Future:
+        """Start staging gathered pieces on a hand-off thread; a Future of Staged."""
+        return _STAGER.submit(stage, pieces, layout.block_bytes, self.arena)
+
     def put(self, transfer_id: str, held: Held) -> None:
-        """Hold `held`, its checksums computed meanwhile off the engine loop and off the pull's path."""
-        held.checksums = _CHECKER.submit(checksums, _parts(held.kv))
         with self._lock:
+            old = self._held.pop(transfer_id, None)
             self._held[transfer_id] = held
+        if old is not None:
+            release(old.staged)
 
     def take(self, transfer_id: str) -> Held | None:
+        """The hand-off, now the caller's to release; None if unknown, taken or expired."""
         with self._lock:
             held = self._held.pop(transfer_id, None)
-        return held if held is not None and held.expires > time.monotonic() else None
+        if held is not None and held.expires <= time.monotonic():
+            release(held.staged)
+            return None
+        return held
 
     def expire(self) -> list[str]:
         """Drop what expired; returns their ids."""
         now = time.monotonic()
         with self._lock:
-            gone = [t for t, h in self._held.items() if h.expires <= now]
+            gone = {t: h for t, h in self._held.items() if h.expires <= now}
             for t in gone:
                 del self._held[t]
-        return gone
+        for held in gone.values():
+            release(held.staged)
+        return list(gone)
+
+    def close(self) -> None:
+        with self._lock:
+            held, self._held = list(self._held.values()), {}
+        for h in held:
+            release(h.staged)
+        self.arena.close()
 
 
 # -- framing ---------------------------------------------------------------------------------------------------------
@@ -238,7 +318,7 @@ class TransferServer:
     """Serves HeldStore's hand-offs on a TCP port, one thread per connection."""
 
     def __init__(self, store: HeldStore, host: str, port: int):
-        self.store, self.arena = store, ShmArena()
+        self.store = store
         sweep_dead()
         self.sock = socket.create_server((host, port), reuse_port=False)
         self.host, self.port = host, self.sock.getsockname()[1]
@@ -253,7 +333,7 @@ class TransferServer:
             threading.Thread(target=self._serve, args=(conn,), name="rtpjax-kv-send", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        path = None
+        held = None
         try:
             conn.settimeout(60.0)
             _big_buffers(conn)
@@ -262,26 +342,27 @@ class TransferServer:
             if held is None:
                 _send(conn, KVOffer(error=f"no hand-off {pull.transfer_id!r} here (unknown, taken or expired)"))
                 return
-            parts = _parts(held.kv)
-            if pull.channel == "shm":
-                path = self.arena.write(parts)
-            offer = KVOffer(layout=held.kv.layout, num_blocks=held.kv.num_blocks, num_tokens=held.num_tokens,
-                            prompt_ids=held.prompt_ids, sizes=[len(p) for p in parts], chunk=CHUNK,
-                            checksums=held.checksums.result(timeout=60.0), shm_path=path)  # fmt: skip
-            _send(conn, offer)
-            if path is None:
-                for part in parts:
-                    conn.sendall(part)
-            _recv(conn, KVPulled)  # the reader has copied the file out (or read the socket's bytes)
+            try:
+                staged = held.staged.result(timeout=max(0.0, held.expires - time.monotonic()))
+            except Exception as e:  # noqa: BLE001 - the device copy failed or took past the expiry: said, not adopted
+                _send(conn, KVOffer(error=f"the hand-off {pull.transfer_id!r} could not be staged: {e!r}"))
+                return
+            shm = pull.channel == "shm" and staged.path is not None
+            _send(conn, KVOffer(layout=held.layout, num_blocks=held.num_blocks, num_tokens=held.num_tokens,
+                                prompt_ids=held.prompt_ids, sizes=[staged.payload.size], chunk=staged.chunk,
+                                checksums=staged.checksums, shm_path=staged.path if shm else None))  # fmt: skip
+            if not shm:
+                conn.sendall(staged.payload)
+            _recv(conn, KVPulled)  # the device on the other side has its copy: the file may be reused
         except (OSError, msgspec.DecodeError, msgspec.ValidationError):
             pass  # the decode side went away or spoke nonsense: it recomputes; what it took is dropped
         finally:
-            self.arena.give_back(path)
+            if held is not None:
+                release(held.staged)
             conn.close()
 
     def close(self) -> None:
         self.sock.close()
-        self.arena.close()
 
 
 # -- the decode side -------------------------------------------------------------------------------------------------
@@ -289,48 +370,47 @@ class TransferServer:
 
 @dataclasses.dataclass
 class Pulled:
-    kv: KVBlocks
+    layout: KVLayout
+    rows: list  # one per block: what `load` made of it (device rows, or host copies)
     num_tokens: int
     prompt_ids: list[int]
+    times: dict[str, float]  # seconds: "channel" (offer and bytes in), "h2d" (the device copies' tail)
 
 
-def _read_shm(path: str, offer: KVOffer) -> tuple[memoryview, list[Future]]:
-    """The leased file's payload copied into this process (the file is reused once we answer), each piece by a pool
-    thread that checksums it while it is still in the cache."""
-    view = memoryview(np.empty(sum(offer.sizes), np.uint8)).cast("B")
+def host_rows(layout: KVLayout, rows: np.ndarray) -> list[np.ndarray]:
+    """`pull`'s default load: the rows copied out of the payload (which is reused once the pull answers)."""
+    return list(rows.copy())
+
+
+def _map(path: str, size: int) -> np.ndarray:
     fd = os.open(path, os.O_RDONLY)
-
-    def one(at: int, size: int) -> int:
-        if os.preadv(fd, [view[at : at + size]], at) != size:
-            raise TransferError(f"the shared-memory file {path} is short")
-        return zlib.crc32(view[at : at + size])
-
     try:
-        sums = [_POOL.submit(one, at, size) for at, size in pieces(offer.sizes, offer.chunk)]
-        for f in sums:
-            f.exception()  # every read done before the file is closed (and handed back)
+        if os.fstat(fd).st_size < size:
+            raise TransferError(f"the shared-memory file {path} is short")
+        return np.frombuffer(mmap.mmap(fd, size, prot=mmap.PROT_READ), np.uint8)
     finally:
         os.close(fd)
-    return view, sums
 
 
-def _sizes(layout, num_blocks: int) -> list[int]:
-    return [num_blocks * int(np.prod(shape)) * dtype.itemsize for dtype, shape in layout.block_parts()]
+def _arrive(sock: socket.socket, offer: KVOffer, load) -> tuple[list, list[Future]]:
+    """Each chunk of the payload, as it is here, checksummed on a pool thread while `load` takes its rows."""
+    bb, size = offer.layout.block_bytes, offer.sizes[0]
+    payload = _map(offer.shm_path, size) if offer.shm_path is not None else np.empty(size, np.uint8)
+    rows, sums = [], []
+    for at, n in pieces_of(offer.sizes, offer.chunk):
+        piece = payload[at : at + n]
+        if offer.shm_path is None:
+            _recv_exact(sock, memoryview(piece))
+        sums.append(_POOL.submit(zlib.crc32, piece))
+        rows += load(offer.layout, piece.reshape(-1, bb))
+    return rows, sums
 
 
-def _receive(sock: socket.socket, offer: KVOffer) -> tuple[memoryview, list[Future]]:
-    """The payload off the socket into one buffer, each piece's crc32 started as soon as the piece is in."""
-    view = memoryview(np.empty(sum(offer.sizes), np.uint8)).cast("B")
-    sums = []
-    for at, size in pieces(offer.sizes, offer.chunk):
-        _recv_exact(sock, view[at : at + size])
-        sums.append(_POOL.submit(zlib.crc32, view[at : at + size]))
-    return view, sums
-
-
-def pull(host: str, port: int, transfer_id: str, channel: str, deadline: float) -> Pulled:
+def pull(host: str, port: int, transfer_id: str, channel: str, deadline: float, load=host_rows) -> Pulled:
     """The hand-off's K/V, checked against its checksums; TransferError (saying why) for anything else. `deadline`:
-    time.monotonic() after which the pull gives up."""
+    time.monotonic() after which the pull gives up. `load(layout, rows uint8 [k, block_bytes]) -> k rows` takes each
+    chunk as it arrives; it must copy (the shared-memory file is reused once the pull answers, which waits for every
+    copy `load` started on a device)."""
 
     def remaining() -> float:
         left = deadline - time.monotonic()
@@ -338,6 +418,7 @@ def pull(host: str, port: int, transfer_id: str, channel: str, deadline: float) 
             raise TransferError(f"the hand-off from {host}:{port} did not arrive in time")
         return left
 
+    began = time.perf_counter()
     try:
         with socket.create_connection((host, port), timeout=remaining()) as sock:
             _big_buffers(sock)
@@ -346,13 +427,15 @@ def pull(host: str, port: int, transfer_id: str, channel: str, deadline: float) 
             offer = _recv(sock, KVOffer)
             if offer.error is not None:
                 raise TransferError(offer.error)
-            if offer.chunk < 1 or offer.layout is None or offer.sizes != _sizes(offer.layout, offer.num_blocks):
+            lay = offer.layout
+            if lay is None or offer.sizes != [offer.num_blocks * lay.block_bytes] or offer.chunk < 1 or \
+                    offer.chunk % lay.block_bytes:  # fmt: skip
                 raise TransferError(f"the offer from {host}:{port} does not match its layout (sizes, piece size)")
             sock.settimeout(remaining())
-            if offer.shm_path is not None:
-                payload, sums = _read_shm(offer.shm_path, offer)
-            else:
-                payload, sums = _receive(sock, offer)
+            rows, sums = _arrive(sock, offer, load)
+            arrived = time.perf_counter()
+            jax.block_until_ready(rows)
+            loaded = time.perf_counter()
             _send(sock, KVPulled(True))
             sums = [f.result(timeout=remaining()) for f in sums]
             remaining()  # arrived too late: stale, never adopted
@@ -360,13 +443,4 @@ def pull(host: str, port: int, transfer_id: str, channel: str, deadline: float) 
         raise TransferError(f"pulling K/V from {host}:{port} failed: {type(e).__name__}: {e}") from None
     if sums != offer.checksums:
         raise TransferError(f"the K/V from {host}:{port} arrived corrupted (checksum mismatch)")
-    parts, at = [], 0
-    for size in offer.sizes:
-        parts.append(payload[at : at + size])
-        at += size
-    kv = KVBlocks(offer.layout, offer.num_blocks, *parts)
-    try:
-        kv.arrays()
-    except ValueError as e:
-        raise TransferError(f"the K/V from {host}:{port} does not match its layout: {e}") from None
-    return Pulled(kv, offer.num_tokens, offer.prompt_ids)
+    return Pulled(lay, rows, offer.num_tokens, offer.prompt_ids, {"channel": arrived - began, "h2d": loaded - arrived})
