@@ -446,7 +446,11 @@ def test_prefill_gather_never_blocks_the_engine_loop(stories_llm, monkeypatch):
         handoff.abort("a")  # while its copy is held back
         engine.abort("a")
         gate.set()
-        got = channel.pull(params.remote_host, params.remote_port, "p", "shm", time.monotonic() + 30)
+        staged = handoff.store._held["p"].staged.result(timeout=30)
+        sent = staged.payload.copy()
+        got = channel.pull(params.remote_host, params.remote_port, "p", "shm", time.monotonic() + 30, handoff._load)
+        staged.payload[:] = 0  # the file is reused once the pull answers: the device rows are copies
+        assert np.array_equal(np.concatenate([np.asarray(r) for r in got.rows]), sent)
         prompt_len = len(engine.maker.message(PROMPT).prompt_ids)
         assert got.num_tokens == prompt_len - 1 and len(got.rows) == len(params.remote_block_ids)
         add("e", PROMPT + " run")

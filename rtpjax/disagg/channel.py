@@ -374,7 +374,7 @@ class Pulled:
     rows: list  # one per block: what `load` made of it (device rows, or host copies)
     num_tokens: int
     prompt_ids: list[int]
-    times: dict[str, float]  # seconds: "channel" (offer and bytes in), "h2d" (the device copies' tail)
+    times: dict[str, float]  # seconds: "channel" (offer, bytes in, checksums), "h2d" (in `load`, device copies done)
 
 
 def host_rows(layout: KVLayout, rows: np.ndarray) -> list[np.ndarray]:
@@ -392,18 +392,21 @@ def _map(path: str, size: int) -> np.ndarray:
         os.close(fd)
 
 
-def _arrive(sock: socket.socket, offer: KVOffer, load) -> tuple[list, list[Future]]:
-    """Each chunk of the payload, as it is here, checksummed on a pool thread while `load` takes its rows."""
+def _arrive(sock: socket.socket, offer: KVOffer, load) -> tuple[list, list[Future], float]:
+    """Each chunk of the payload, as it is here, checksummed on a pool thread while `load` takes its rows; and the
+    seconds spent in `load`."""
     bb, size = offer.layout.block_bytes, offer.sizes[0]
     payload = _map(offer.shm_path, size) if offer.shm_path is not None else np.empty(size, np.uint8)
-    rows, sums = [], []
+    rows, sums, loading = [], [], 0.0
     for at, n in pieces_of(offer.sizes, offer.chunk):
         piece = payload[at : at + n]
         if offer.shm_path is None:
             _recv_exact(sock, memoryview(piece))
         sums.append(_POOL.submit(zlib.crc32, piece))
+        began = time.perf_counter()
         rows += load(offer.layout, piece.reshape(-1, bb))
-    return rows, sums
+        loading += time.perf_counter() - began
+    return rows, sums, loading
 
 
 def pull(host: str, port: int, transfer_id: str, channel: str, deadline: float, load=host_rows) -> Pulled:
@@ -432,10 +435,10 @@ def pull(host: str, port: int, transfer_id: str, channel: str, deadline: float, 
                     offer.chunk % lay.block_bytes:  # fmt: skip
                 raise TransferError(f"the offer from {host}:{port} does not match its layout (sizes, piece size)")
             sock.settimeout(remaining())
-            rows, sums = _arrive(sock, offer, load)
+            rows, sums, loading = _arrive(sock, offer, load)
             arrived = time.perf_counter()
             jax.block_until_ready(rows)
-            loaded = time.perf_counter()
+            loading += time.perf_counter() - arrived
             _send(sock, KVPulled(True))
             sums = [f.result(timeout=remaining()) for f in sums]
             remaining()  # arrived too late: stale, never adopted
@@ -443,4 +446,5 @@ def pull(host: str, port: int, transfer_id: str, channel: str, deadline: float, 
         raise TransferError(f"pulling K/V from {host}:{port} failed: {type(e).__name__}: {e}") from None
     if sums != offer.checksums:
         raise TransferError(f"the K/V from {host}:{port} arrived corrupted (checksum mismatch)")
-    return Pulled(lay, rows, offer.num_tokens, offer.prompt_ids, {"channel": arrived - began, "h2d": loaded - arrived})
+    took = time.perf_counter() - began
+    return Pulled(lay, rows, offer.num_tokens, offer.prompt_ids, {"channel": took - loading, "h2d": loading})

@@ -74,6 +74,7 @@ class BlockCopier:
             donate_argnums=(0,), out_shardings=shardings)  # fmt: skip
         self._compiled: dict[tuple[str, int], object] = {}  # (kind, bucket) -> executable
         self._zero_row = None  # the padding row of packed writes, made once on the device
+        self._on_cpu = any(d.platform == "cpu" for d in first.device_set)
 
     def jobs(self, cache, packed: bool = False) -> list:
         """One callable per executable to compile (the runner's warm-up runs them in its thread pool); `packed`: also
@@ -167,6 +168,8 @@ class BlockCopier:
     def put_rows(self, rows: np.ndarray) -> list[jax.Array]:
         """Host rows uint8 [k, block_bytes] on every device of the cache, as write_packed takes them: copies, never
         views of `rows` (whose memory may be reused once they are ready)."""
+        if self._on_cpu:  # the CPU client may alias suitably aligned host memory whatever may_alias says
+            rows = np.array(rows)
         return jax.device_put(list(rows), self._rows_at, may_alias=False)
 
     def write_packed(self, cache, blocks: list[int], packed: PackedBlocks, take: list[int] | None = None):
