@@ -1,6 +1,6 @@
 """Prefill/decode disaggregation: a prefill engine computes prompts and hands their K/V to a decode engine.
 
-handoff.py   the engine loop's side of both roles (hold after the first token; reserve, pull, adopt)
+handoff.py   the engine loop's side of both roles (gather behind the last prompt step; reserve, pull, adopt)
 channel.py   the K/V channel between them: TCP or a shared-memory file, checksummed, served once, expiring
 relayout.py  blocks of one engine's layout in another's (block size; tensor parallelism needs nothing)
 params.py    kv_transfer_params from a request body, checked against the engine's role

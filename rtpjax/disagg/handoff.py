@@ -200,12 +200,17 @@ class Handoff:
 
     def _gather(self, seq) -> None:
         """Queue the device copy of the prompt's blocks (all but its last token's K/V, which the decode side computes)
-        right behind the step in flight; a hand-off thread stages it."""
+        right behind the step in flight, in pieces of about one checksum chunk (a power of two: a gather bucket, no
+        padding): a hand-off thread stages each piece while the next is still crossing to the host."""
         tokens = seq.num_prompt - 1
         blocks = seq.block_table[: -(-tokens // self.engine.args.block_size)]
         if not blocks:
             return
-        staged = self.store.stage(self.engine.runner.offload(blocks), self.engine.runner.kv_layout)
+        layout = self.engine.runner.kv_layout
+        fit = channel.CHUNK // layout.block_bytes
+        step = max(self.engine.runner.copier.sizes[0], 1 << max(0, fit.bit_length() - 1))
+        pieces = [p for i in range(0, len(blocks), step) for p in self.engine.runner.offload(blocks[i : i + step])]
+        staged = self.store.stage(pieces, layout)
         staged.add_done_callback(self._staged)
         self.staging[seq.request_id] = (tokens, len(blocks), staged)
 
