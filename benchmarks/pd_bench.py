@@ -33,7 +33,8 @@ def _timed(fn, repeats: int, fresh=lambda: None) -> float:
 def transfer(args) -> dict:
     """Device to device through the channel, as an engine pair does it: gathered rows on the device (their host copy
     started, as BlockCopier.gather_packed leaves them) staged into shared memory with their checksums, pulled, each
-    chunk put on the device; beside it the floors for the same bytes: one D2H plus one H2D (host-staged), a memcpy."""
+    chunk put on the device as soon as it is staged (`shm_sequential`: once all are); beside it the floors for the
+    same bytes: one D2H plus one H2D (host-staged), a memcpy."""
     import jax
 
     from rtpjax.disagg import channel
@@ -53,25 +54,28 @@ def transfer(args) -> dict:
         def fresh():  # a jax.Array keeps its host copy once fetched: each run needs a new one
             return (on_device + 0).block_until_ready()
 
-        def via(path, phases):
+        def load(_, r):  # as BlockCopier.put_rows: the CPU client may alias host memory, so copy there
+            return jax.device_put(list(np.array(r) if device.platform == "cpu" else r), device, may_alias=False)
+
+        def via(path, phases, pipelined=True):
             def once(x):
                 x.copy_to_host_async()
                 staged = store.stage([(blocks, x)], layout)
-                staged.result()  # staged before the pull, so the phases add up (an engine overlaps them)
+                if not pipelined:
+                    staged.done.result()  # every chunk staged before the pull starts
                 store.put("t", channel.Held(layout, blocks, tokens, [], time.monotonic() + 60, staged))
-                got = channel.pull("127.0.0.1", server.port, "t", path, time.monotonic() + 60,
-                                   lambda _, r: jax.device_put(list(r), device, may_alias=False))  # fmt: skip
-                # (on CPU that put may alias the file: harmless here, the bytes are not checked after)
-                done = staged.result()
-                phases.append({"gather_d2h": done.d2h_s, "stage": done.copy_s, **got.times})
+                got = channel.pull("127.0.0.1", server.port, "t", path, time.monotonic() + 60, load)
+                d2h, copy = staged.done.result()
+                phases.append({"gather_d2h": d2h, "stage": copy, **got.times})
 
             return once
 
         for path in ("shm", "tcp"):
             phases = []
             row[f"{path}_s"] = _timed(via(path, phases), args.repeats, fresh)
-            for phase in phases[0]:  # where the time goes (medians over the timed runs)
+            for phase in phases[0]:  # where the time goes (medians; they overlap: each chunk moves on once staged)
                 row[f"{path}_{phase}_s"] = statistics.median(p[phase] for p in phases[1:])
+        row["shm_sequential_s"] = _timed(via("shm", [], pipelined=False), args.repeats, fresh)  # the pipelining's gain
         row["crc32_s"] = _timed(lambda _: channel.checksums([host]), args.repeats)
         row["memcpy_s"] = _timed(lambda _: np.copyto(np.empty_like(host), host), args.repeats)  # the floor
         row["h2d_s"] = _timed(lambda _: jax.device_put(host, device, may_alias=False).block_until_ready(),
@@ -93,9 +97,9 @@ def transfer(args) -> dict:
             f"{k[:-5]} {row[k]:6.1f} GB/s" for k in row if k.endswith("_GBps") and k[:-5].count("_") < 1 + k.startswith(
                 "jax_")))  # fmt: skip
         for path in ("shm", "tcp"):
-            print(f"       {path} ms: total {row[path + '_s'] * 1e3:.1f} = " + "  ".join(
+            print(f"       {path} ms: {row[path + '_s'] * 1e3:.1f}, phases (overlapping) " + "  ".join(
                 f"{k[len(path) + 1 : -2]} {row[k] * 1e3:.1f}" for k in row if k.startswith(path + "_") and
-                k.endswith("_s") and k != path + "_s"))  # fmt: skip
+                k.endswith("_s") and k not in (path + "_s", "shm_sequential_s")))  # fmt: skip
     return {"shape": {k: getattr(args, k) for k in ("layers", "kv_heads", "head_dim", "dtype")}, "rows": rows}
 
 

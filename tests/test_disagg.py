@@ -377,11 +377,16 @@ def test_channel_stages_once_checks_and_removes(monkeypatch):
             store.put("t", held())
             got = channel.pull("127.0.0.1", server.port, "t", path, time.monotonic() + 30)
             assert np.array_equal(np.stack(got.rows), rows) and (got.layout, got.num_tokens) == (layout, 18)
+            for _ in range(50):  # the serving thread gives the file back just after the pull returns
+                if store.arena._idle:
+                    break
+                time.sleep(0.05)
         assert len(glob.glob(mine)) == 1  # one staging file, reused
         h = held()
-        staged = h.staged.result(timeout=10)
-        assert len(staged.checksums) == 3 and staged.path is not None
-        staged.payload[7] ^= 0xFF  # the mapping of the file the decode side maps
+        h.staged.done.result(timeout=10)
+        path, payload = h.staged.leased.result()
+        assert len(h.staged.sums) == 3 and path is not None
+        payload[7] ^= 0xFF  # the mapping of the file the decode side maps
         store.put("t", h)
         with pytest.raises(channel.TransferError, match="checksum"):
             channel.pull("127.0.0.1", server.port, "t", "shm", time.monotonic() + 30)
@@ -434,7 +439,7 @@ def test_prefill_gather_never_blocks_the_engine_loop(stories_llm, monkeypatch):
             if detached := step():
                 break
         params = detached[0].kv_transfer_params
-        assert params is not None and len(staging) == 1 and not handoff.store._held["p"].staged.done()
+        assert params is not None and len(staging) == 1 and not handoff.store._held["p"].staged.done.done()
         other = engine.requests["other"].seqs[0]
         before = other.num_generated
         for _ in range(4):
@@ -446,10 +451,11 @@ def test_prefill_gather_never_blocks_the_engine_loop(stories_llm, monkeypatch):
         handoff.abort("a")  # while its copy is held back
         engine.abort("a")
         gate.set()
-        staged = handoff.store._held["p"].staged.result(timeout=30)
-        sent = staged.payload.copy()
+        handoff.store._held["p"].staged.done.result(timeout=30)
+        _, payload = handoff.store._held["p"].staged.leased.result()
+        sent = payload.copy()
         got = channel.pull(params.remote_host, params.remote_port, "p", "shm", time.monotonic() + 30, handoff._load)
-        staged.payload[:] = 0  # the file is reused once the pull answers: the device rows are copies
+        payload[:] = 0  # the file is reused once the pull answers: the device rows are copies
         assert np.array_equal(np.concatenate([np.asarray(r) for r in got.rows]), sent)
         prompt_len = len(engine.maker.message(PROMPT).prompt_ids)
         assert got.num_tokens == prompt_len - 1 and len(got.rows) == len(params.remote_block_ids)

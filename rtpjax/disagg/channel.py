@@ -34,13 +34,14 @@ import threading
 import time
 import uuid
 import zlib
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
 import msgspec
 import numpy as np
 
-from rtpjax.distributed.messages import KVOffer, KVPull, KVPulled
+from rtpjax.distributed.messages import KVChunk, KVOffer, KVPull, KVPulled
 from rtpjax.kv.host_blocks import KVLayout
 
 log = logging.getLogger("rtpjax")
@@ -159,40 +160,54 @@ class ShmArena:
             _unlink(path)
 
 
-@dataclasses.dataclass
 class Staged:
-    """A hand-off's payload on the host, ready to serve: uint8 rows [num_blocks * block_bytes] in a leased file."""
+    """A hand-off's payload on its way into a leased file: uint8 rows [num_blocks * block_bytes]. `leased` is known
+    first (the file, so a pull can start), then each chunk's crc32 once that chunk is in the file, then `done`: the
+    decode side follows chunk by chunk, its device copies overlapping the staging of the chunks after."""
 
-    path: str | None  # None: process memory (served over the socket only)
-    payload: np.ndarray
-    chunk: int
-    checksums: list[int]
-    d2h_s: float  # waiting for the device's copies (the part of it not hidden behind the steps that ran meanwhile)
-    copy_s: float  # copying into the file and checksumming, past the last device copy
-    arena: ShmArena | None = None
+    def __init__(self, size: int, block_bytes: int, arena: ShmArena):
+        self.size, self.chunk, self.arena = size, chunk_for(block_bytes), arena
+        self.leased: Future = Future()  # of (path or None, payload)
+        self.sums: list[Future] = [Future() for _ in pieces_of([size], self.chunk)]  # of int
+        self.done: Future = Future()  # of (d2h_s, copy_s): waiting for the device's copies, copying past the last one
+
+    def fail(self, error: BaseException) -> None:
+        for f in [self.leased, *self.sums, self.done]:
+            if not f.done():
+                f.set_exception(error)
 
     def release(self) -> None:
-        if self.arena is not None:
-            self.arena.give_back(self.path, self.payload)
-            self.arena = None
+        """Give the file back once nothing writes into it any more (at once if nothing does)."""
+
+        def back(_):
+            if self.leased.exception() is None and self.arena is not None:
+                self.arena.give_back(*self.leased.result())
+                self.arena = None
+
+        self.done.add_done_callback(back)
 
 
-def stage(pieces, block_bytes: int, arena: ShmArena) -> Staged:
+def stage(staged: Staged, pieces) -> None:
     """Stage gathered pieces ((real rows, array [>= real, block_bytes]) in order, whose host copies may still be on
     their way): each chunk is copied into the file and checksummed by a pool thread as soon as its rows are here."""
-    began = time.perf_counter()
-    total = sum(real for real, _ in pieces) * block_bytes
-    path, payload = arena.lease(total)
-    chunk, landed, waited = chunk_for(block_bytes), [], 0.0
-    bounds = pieces_of([total], chunk)
-    sums, next_chunk, at = [], 0, 0
+    try:
+        path, payload = staged.arena.lease(staged.size)
+    except BaseException as e:
+        staged.fail(e)
+        raise
+    staged.leased.set_result((path, payload))
+    bounds, landed, waited, jobs, at = pieces_of([staged.size], staged.chunk), [], 0.0, [], 0
 
-    def one(start: int, size: int, sources) -> int:
-        for src_at, src in sources:  # the landed pieces this chunk overlaps
-            lo, hi = max(start, src_at), min(start + size, src_at + src.size)
-            if lo < hi:
-                np.copyto(payload[lo:hi], src[lo - src_at : hi - src_at])
-        return zlib.crc32(payload[start : start + size])
+    def one(i: int, sources) -> None:
+        start, size = bounds[i]
+        try:
+            for src_at, src in sources:  # the landed pieces this chunk overlaps
+                lo, hi = max(start, src_at), min(start + size, src_at + src.size)
+                if lo < hi:
+                    np.copyto(payload[lo:hi], src[lo - src_at : hi - src_at])
+            staged.sums[i].set_result(zlib.crc32(payload[start : start + size]))
+        except BaseException as e:
+            staged.sums[i].set_exception(e)
 
     try:
         for real, array in pieces:
@@ -201,17 +216,14 @@ def stage(pieces, block_bytes: int, arena: ShmArena) -> Staged:
             waited += time.perf_counter() - t
             landed.append((at, host))
             at += host.size
-            while next_chunk < len(bounds) and sum(bounds[next_chunk]) <= at:
-                start, size = bounds[next_chunk]
-                sums.append(_POOL.submit(one, start, size, list(landed)))
-                next_chunk += 1
+            while len(jobs) < len(bounds) and sum(bounds[len(jobs)]) <= at:
+                jobs.append(_POOL.submit(one, len(jobs), list(landed)))
         t = time.perf_counter()
-        checksums = [f.result() for f in sums]
-    except BaseException:
-        arena.give_back(path, payload)
-        raise
-    copied = time.perf_counter() - t
-    return Staged(path, payload, chunk, checksums, waited, copied, arena)
+        futures.wait(jobs)
+        staged.done.set_result((waited, time.perf_counter() - t))
+    except BaseException as e:
+        futures.wait(jobs)  # no copy still writing into the file once it is back
+        staged.fail(e)
 
 
 @dataclasses.dataclass
@@ -224,12 +236,7 @@ class Held:
     num_tokens: int
     prompt_ids: list[int]
     expires: float  # time.monotonic()
-    staged: Future  # of Staged
-
-
-def release(staged: Future) -> None:
-    """Give a staged payload's file back once it is staged (at once if it is)."""
-    staged.add_done_callback(lambda f: f.exception() is None and f.result().release())
+    staged: Staged
 
 
 class HeldStore:
@@ -243,23 +250,25 @@ class HeldStore:
     def __len__(self) -> int:
         return len(self._held)
 
-    def stage(self, pieces, layout: KVLayout) -> Future:
-        """Start staging gathered pieces on a hand-off thread; a Future of Staged."""
-        return _STAGER.submit(stage, pieces, layout.block_bytes, self.arena)
+    def stage(self, pieces, layout: KVLayout) -> Staged:
+        """Start staging gathered pieces on a hand-off thread."""
+        staged = Staged(sum(real for real, _ in pieces) * layout.block_bytes, layout.block_bytes, self.arena)
+        _STAGER.submit(stage, staged, pieces)
+        return staged
 
     def put(self, transfer_id: str, held: Held) -> None:
         with self._lock:
             old = self._held.pop(transfer_id, None)
             self._held[transfer_id] = held
         if old is not None:
-            release(old.staged)
+            old.staged.release()
 
     def take(self, transfer_id: str) -> Held | None:
         """The hand-off, now the caller's to release; None if unknown, taken or expired."""
         with self._lock:
             held = self._held.pop(transfer_id, None)
         if held is not None and held.expires <= time.monotonic():
-            release(held.staged)
+            held.staged.release()
             return None
         return held
 
@@ -271,14 +280,14 @@ class HeldStore:
             for t in gone:
                 del self._held[t]
         for held in gone.values():
-            release(held.staged)
+            held.staged.release()
         return list(gone)
 
     def close(self) -> None:
         with self._lock:
             held, self._held = list(self._held.values()), {}
         for h in held:
-            release(h.staged)
+            h.staged.release()
         self.arena.close()
 
 
@@ -342,23 +351,30 @@ class TransferServer:
             if held is None:
                 _send(conn, KVOffer(error=f"no hand-off {pull.transfer_id!r} here (unknown, taken or expired)"))
                 return
+            staged = held.staged
             try:
-                staged = held.staged.result(timeout=max(0.0, held.expires - time.monotonic()))
-            except Exception as e:  # noqa: BLE001 - the device copy failed or took past the expiry: said, not adopted
+                path, payload = staged.leased.result(timeout=max(0.0, held.expires - time.monotonic()))
+            except Exception as e:  # noqa: BLE001 - no file and no memory for it: said, not adopted
                 _send(conn, KVOffer(error=f"the hand-off {pull.transfer_id!r} could not be staged: {e!r}"))
                 return
-            shm = pull.channel == "shm" and staged.path is not None
+            shm = pull.channel == "shm" and path is not None
             _send(conn, KVOffer(layout=held.layout, num_blocks=held.num_blocks, num_tokens=held.num_tokens,
-                                prompt_ids=held.prompt_ids, sizes=[staged.payload.size], chunk=staged.chunk,
-                                checksums=staged.checksums, shm_path=staged.path if shm else None))  # fmt: skip
-            if not shm:
-                conn.sendall(staged.payload)
+                                prompt_ids=held.prompt_ids, sizes=[staged.size], chunk=staged.chunk,
+                                shm_path=path if shm else None))  # fmt: skip
+            for (at, size), crc in zip(pieces_of([staged.size], staged.chunk), staged.sums):
+                try:
+                    _send(conn, KVChunk(crc.result(timeout=max(0.0, held.expires - time.monotonic()))))
+                except Exception as e:  # noqa: BLE001 - the device copy failed or took past the expiry
+                    _send(conn, KVChunk(error=f"the hand-off {pull.transfer_id!r} could not be staged: {e!r}"))
+                    return
+                if not shm:
+                    conn.sendall(payload[at : at + size])
             _recv(conn, KVPulled)  # the device on the other side has its copy: the file may be reused
         except (OSError, msgspec.DecodeError, msgspec.ValidationError):
             pass  # the decode side went away or spoke nonsense: it recomputes; what it took is dropped
         finally:
             if held is not None:
-                release(held.staged)
+                held.staged.release()
             conn.close()
 
     def close(self) -> None:
@@ -392,13 +408,18 @@ def _map(path: str, size: int) -> np.ndarray:
         os.close(fd)
 
 
-def _arrive(sock: socket.socket, offer: KVOffer, load) -> tuple[list, list[Future], float]:
-    """Each chunk of the payload, as it is here, checksummed on a pool thread while `load` takes its rows; and the
-    seconds spent in `load`."""
+def _arrive(sock: socket.socket, offer: KVOffer, load) -> tuple[list, list[Future], list[int], float]:
+    """Each chunk of the payload as soon as the prefill side has staged it (its crc32 comes first, then, over TCP,
+    its bytes), checksummed on a pool thread while `load` takes its rows; the rows, the checksums computed and sent,
+    and the seconds spent in `load`."""
     bb, size = offer.layout.block_bytes, offer.sizes[0]
     payload = _map(offer.shm_path, size) if offer.shm_path is not None else np.empty(size, np.uint8)
-    rows, sums, loading = [], [], 0.0
+    rows, sums, sent, loading = [], [], [], 0.0
     for at, n in pieces_of(offer.sizes, offer.chunk):
+        chunk = _recv(sock, KVChunk)
+        if chunk.error is not None:
+            raise TransferError(chunk.error)
+        sent.append(chunk.checksum)
         piece = payload[at : at + n]
         if offer.shm_path is None:
             _recv_exact(sock, memoryview(piece))
@@ -406,7 +427,7 @@ def _arrive(sock: socket.socket, offer: KVOffer, load) -> tuple[list, list[Futur
         began = time.perf_counter()
         rows += load(offer.layout, piece.reshape(-1, bb))
         loading += time.perf_counter() - began
-    return rows, sums, loading
+    return rows, sums, sent, loading
 
 
 def pull(host: str, port: int, transfer_id: str, channel: str, deadline: float, load=host_rows) -> Pulled:
@@ -435,7 +456,7 @@ def pull(host: str, port: int, transfer_id: str, channel: str, deadline: float, 
                     offer.chunk % lay.block_bytes:  # fmt: skip
                 raise TransferError(f"the offer from {host}:{port} does not match its layout (sizes, piece size)")
             sock.settimeout(remaining())
-            rows, sums, loading = _arrive(sock, offer, load)
+            rows, sums, sent, loading = _arrive(sock, offer, load)
             arrived = time.perf_counter()
             jax.block_until_ready(rows)
             loading += time.perf_counter() - arrived
@@ -444,7 +465,7 @@ def pull(host: str, port: int, transfer_id: str, channel: str, deadline: float, 
             remaining()  # arrived too late: stale, never adopted
     except (OSError, ValueError, msgspec.DecodeError, msgspec.ValidationError) as e:
         raise TransferError(f"pulling K/V from {host}:{port} failed: {type(e).__name__}: {e}") from None
-    if sums != offer.checksums:
+    if sums != sent:
         raise TransferError(f"the K/V from {host}:{port} arrived corrupted (checksum mismatch)")
     took = time.perf_counter() - began
     return Pulled(lay, rows, offer.num_tokens, offer.prompt_ids, {"channel": took - loading, "h2d": loading})

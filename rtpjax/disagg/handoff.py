@@ -71,7 +71,7 @@ class Handoff:
         if self.role == "prefill":  # a role "both" engine opens its port when it first holds K/V
             self.server  # noqa: B018 - a port that cannot be bound fails the start
         self.holding: set[str] = set()  # prefill: requests to detach once every completion has its first token
-        self.staging: dict[str, tuple[int, int, object]] = {}  # prefill: (tokens, blocks, Future of Staged) by request
+        self.staging: dict[str, tuple[int, int, channel.Staged]] = {}  # prefill: (tokens, blocks, staged) by request
         self.times: dict[str, list[float]] = {}  # phase -> [seconds, hand-offs]: where a hand-off's time goes
         self._times_lock = threading.Lock()
         if self.role != "both":  # a role "both" engine compiles them at its first hand-off
@@ -147,7 +147,7 @@ class Handoff:
             return _closing(pull.request, "abort")
         held = self.store.take(request_id)
         if held is not None:
-            channel.release(held.staged)
+            held.staged.release()
         return None
 
     # -- the loop -------------------------------------------------------------------------------------------------
@@ -211,18 +211,19 @@ class Handoff:
         step = max(self.engine.runner.copier.sizes[0], 1 << max(0, fit.bit_length() - 1))
         pieces = [p for i in range(0, len(blocks), step) for p in self.engine.runner.offload(blocks[i : i + step])]
         staged = self.store.stage(pieces, layout)
-        staged.add_done_callback(self._staged)
+        staged.done.add_done_callback(self._staged)
         self.staging[seq.request_id] = (tokens, len(blocks), staged)
 
     def _staged(self, future) -> None:
         if future.exception() is None:
-            self._time("prefill_d2h", future.result().d2h_s)
-            self._time("prefill_stage", future.result().copy_s)
+            d2h, copy = future.result()
+            self._time("prefill_d2h", d2h)
+            self._time("prefill_stage", copy)
 
     def _unstage(self, rid: str) -> None:
         gathered = self.staging.pop(rid, None)
         if gathered is not None:
-            channel.release(gathered[2])
+            gathered[2].release()
 
     def _detach(self, request: Request) -> RequestDelta:
         closing = _closing(request, "length")
@@ -278,6 +279,8 @@ class Handoff:
                 self._time("decode_relayout", time.perf_counter() - began)
         except (channel.TransferError, ValueError) as e:
             result = e
+        except Exception as e:  # noqa: BLE001 - e.g. the device out of memory: the prompt is computed here instead
+            result = channel.TransferError(f"the K/V could not be put on the device: {type(e).__name__}: {e}")
         self.arrived.put((rid, result))
         self.wake()
 

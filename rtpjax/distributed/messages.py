@@ -387,8 +387,8 @@ class KVPull(msgspec.Struct, gc=False):
 class KVOffer(msgspec.Struct, gc=False):
     """Prefill -> decode: what follows (the payload on the socket, or the file to read), or why nothing does.
 
-    The payload is the blocks as packed rows (block_copy.pack: layout.block_bytes each), `sizes` its one length;
-    `checksums` are crc32s of its successive `chunk`-byte pieces (whole rows), checked on arrival."""
+    The payload is the blocks as packed rows (block_copy.pack: layout.block_bytes each), `sizes` its one length, in
+    successive `chunk`-byte pieces (whole rows), each announced by a KVChunk once the prefill side has staged it."""
 
     error: str | None = None
     layout: KVLayout | None = None
@@ -397,8 +397,15 @@ class KVOffer(msgspec.Struct, gc=False):
     prompt_ids: list[int] = []
     sizes: list[int] = []
     chunk: int = 0
-    checksums: list[int] = []
     shm_path: str | None = None
+
+
+class KVChunk(msgspec.Struct, gc=False):
+    """Prefill -> decode, after a KVOffer, once per piece: it is staged (over TCP its bytes follow); its crc32, checked
+    on arrival. Or why the rest never comes."""
+
+    checksum: int = 0
+    error: str | None = None
 
 
 class KVPulled(msgspec.Struct, gc=False):
