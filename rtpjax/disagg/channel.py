@@ -10,11 +10,12 @@ the bytes are copied once on each side:
 - prefill: `stage` waits (on a hand-off thread, never the engine loop) for each gathered piece's device-to-host copy
   and copies it into a leased shared-memory file, chunk by chunk on a thread pool that computes each chunk's crc32
   while it is still in the cache (numpy copies and zlib release the GIL); a piece is staged while the next one is
-  still crossing from the device. A pull then costs the prefill side nothing but the offer (or one sendfile of the
-  staged bytes over TCP).
-- decode: the file is mapped (no copy) and each chunk goes to the device straight from the mapping (`load`), its
-  checksum computed meanwhile; over TCP each chunk lands by recv_into in one preallocated buffer and goes on while
-  the next is on the wire. The answer that lets the prefill side reuse the file waits until the device has its copy.
+  still crossing from the device. A pull gets the offer as soon as the file is leased, then each chunk's crc32 (a
+  KVChunk; over TCP the chunk's bytes follow) as soon as that chunk is staged.
+- decode: the file is mapped (no copy) and each chunk goes to the device straight from the mapping (`load`) once it
+  is announced, its checksum computed meanwhile; over TCP each chunk lands by recv_into in one preallocated buffer
+  and goes on while the next is on the wire. So the device copies of one side overlap the staging of the other. The
+  answer that lets the prefill side reuse the file waits until the device has its copy.
 
 A corrupted transfer is refused, never adopted. A hand-off is served once: the first pull takes it, whatever happens
 next; what nobody pulls is dropped when it expires. Where /dev/shm has no room the bytes stay in process memory and
@@ -206,7 +207,7 @@ def stage(staged: Staged, pieces) -> None:
                 if lo < hi:
                     np.copyto(payload[lo:hi], src[lo - src_at : hi - src_at])
             staged.sums[i].set_result(zlib.crc32(payload[start : start + size]))
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - handed to the pull that waits on this chunk
             staged.sums[i].set_exception(e)
 
     try:
@@ -221,7 +222,7 @@ def stage(staged: Staged, pieces) -> None:
         t = time.perf_counter()
         futures.wait(jobs)
         staged.done.set_result((waited, time.perf_counter() - t))
-    except BaseException as e:
+    except BaseException as e:  # noqa: BLE001 - a failed device copy: every waiter hears of it
         futures.wait(jobs)  # no copy still writing into the file once it is back
         staged.fail(e)
 

@@ -32,8 +32,13 @@ import numpy as np
 from rtpjax.disagg import channel
 from rtpjax.disagg.params import role_error, side
 from rtpjax.disagg.relayout import pack, relayout, unpack
-from rtpjax.distributed.messages import (AddRequest, CompletionDelta, KVTransferParams, RequestDelta,
-                                         RequestError)  # fmt: skip
+from rtpjax.distributed.messages import (
+    AddRequest,
+    CompletionDelta,
+    KVTransferParams,
+    RequestDelta,
+    RequestError,  # fmt: skip
+)
 from rtpjax.engine.request import Request
 from rtpjax.engine.sequence import PENDING, HostKV
 from rtpjax.kv.host_blocks import PackedBlocks
