@@ -79,8 +79,9 @@ class Handoff:
         self.staging: dict[str, tuple[int, int, channel.Staged]] = {}  # prefill: (tokens, blocks, staged) by request
         self.times: dict[str, list[float]] = {}  # phase -> [seconds, hand-offs]: where a hand-off's time goes
         self._times_lock = threading.Lock()
-        if self.role != "both":  # a role "both" engine compiles them at its first hand-off
-            engine.runner.copier.compile_packed(engine.runner.cache)
+        if self.role != "both":  # a role "both" engine compiles its packed copies at its first hand-off
+            kind = "gather_packed" if self.role == "prefill" else "write_packed"
+            engine.runner.copier.compile_packed(engine.runner.cache, kind)
         self.pulls: dict[str, _Pull] = {}  # decode: requests whose K/V is reserved for or on its way
         self.arrived: queue.Queue = queue.Queue()  # (request id, Pulled | TransferError) from pull threads
         self.pulled = self.failed = 0

@@ -157,13 +157,13 @@ class BlockCopier:
             pieces.append((real, rows))
         return pieces
 
-    def compile_packed(self, cache) -> None:
-        """Compile the packed copies now (an engine that hands K/V over moves blocks as packed rows), not at first use."""
+    def compile_packed(self, cache, kind: str) -> None:
+        """Compile one kind of packed copy ("gather_packed", "write_packed") now, not at first use: an engine that
+        hands K/V over moves blocks as packed rows."""
         if not self.mixed:
             for n in self.sizes:
-                for kind in ("gather_packed", "write_packed"):
-                    if (kind, n) not in self._compiled:
-                        self._compile(cache, kind, n)
+                if (kind, n) not in self._compiled:
+                    self._compile(cache, kind, n)
 
     def put_rows(self, rows: np.ndarray) -> list[jax.Array]:
         """Host rows uint8 [k, block_bytes] on every device of the cache, as write_packed takes them: copies, never
