@@ -32,13 +32,8 @@ import numpy as np
 from rtpjax.disagg import channel
 from rtpjax.disagg.params import role_error, side
 from rtpjax.disagg.relayout import pack, relayout, unpack
-from rtpjax.distributed.messages import (
-    AddRequest,
-    CompletionDelta,
-    KVTransferParams,
-    RequestDelta,
-    RequestError,  # fmt: skip
-)
+from rtpjax.distributed.messages import (AddRequest, CompletionDelta, KVTransferParams, RequestDelta,
+                                         RequestError)  # fmt: skip
 from rtpjax.engine.request import Request
 from rtpjax.engine.sequence import PENDING, HostKV
 from rtpjax.kv.host_blocks import PackedBlocks
@@ -281,7 +276,8 @@ class Handoff:
                 began = time.perf_counter()
                 tokens = min(result.num_tokens, tokens)
                 kv = relayout(unpack(result.layout, np.stack(result.rows)), tokens, target)
-                result.layout, result.rows, result.num_tokens = target, self.engine.runner.copier.put_rows(pack(kv)), tokens
+                result.rows = self.engine.runner.copier.put_rows(pack(kv))
+                result.layout, result.num_tokens = target, tokens
                 self._time("decode_relayout", time.perf_counter() - began)
         except (channel.TransferError, ValueError) as e:
             result = e
