@@ -37,7 +37,7 @@ def transfer(args) -> dict:
     same bytes: one D2H plus one H2D (host-staged), a memcpy."""
     import jax
 
-    from rtpjax.disagg import channel
+    from rtpjax.disagg import channel, staging
     from rtpjax.kv.host_blocks import KVLayout
 
     rows, device = [], jax.devices()[0]
@@ -47,7 +47,7 @@ def transfer(args) -> dict:
         host = np.random.default_rng(0).integers(0, 255, (blocks, layout.block_bytes), dtype=np.uint8)
         nbytes = host.size
         on_device = jax.device_put(host)
-        store = channel.HeldStore()
+        store = staging.HeldStore()
         server = channel.TransferServer(store, "127.0.0.1", 0)
         row = {"tokens": tokens, "bytes": nbytes}
 
@@ -63,7 +63,7 @@ def transfer(args) -> dict:
                 staged = store.stage([(blocks, x)], layout)
                 if not pipelined:
                     staged.done.result()  # every chunk staged before the pull starts
-                store.put("t", channel.Held(layout, blocks, tokens, [], time.monotonic() + 60, staged))
+                store.put("t", staging.Held(layout, blocks, tokens, [], time.monotonic() + 60, staged))
                 got = channel.pull("127.0.0.1", server.port, "t", path, time.monotonic() + 60, load)
                 d2h, copy = staged.done.result()
                 phases.append({"gather_d2h": d2h, "stage": copy, **got.times})

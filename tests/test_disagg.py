@@ -357,20 +357,20 @@ def test_channel_stages_once_checks_and_removes(monkeypatch):
     import glob
     import os
 
-    from rtpjax.disagg import channel
+    from rtpjax.disagg import channel, staging
     from rtpjax.kv.host_blocks import KVLayout
 
     layout = KVLayout("bfloat16", 4, 2, 2, 8)
-    monkeypatch.setattr(channel, "CHUNK", 2 * layout.block_bytes)  # chunks of 2 rows over pieces of 3 and 2
+    monkeypatch.setattr(staging, "CHUNK", 2 * layout.block_bytes)  # chunks of 2 rows over pieces of 3 and 2
     rows = np.random.default_rng(0).integers(0, 255, (5, layout.block_bytes), dtype=np.uint8)
     padded = np.concatenate([rows[:3], np.full((1, layout.block_bytes), 7, np.uint8)])  # a bucket of 4, 3 real
     pieces = [(3, padded), (2, rows[3:])]
-    store = channel.HeldStore()
+    store = staging.HeldStore()
     server = channel.TransferServer(store, "127.0.0.1", 0)
-    mine = os.path.join(channel._SHM_DIR, f"{channel._PREFIX}{os.getpid()}-*")
+    mine = os.path.join(staging.SHM_DIR, f"{staging.PREFIX}{os.getpid()}-*")
 
     def held():
-        return channel.Held(layout, 5, 18, [1, 2], time.monotonic() + 30, store.stage(pieces, layout))
+        return staging.Held(layout, 5, 18, [1, 2], time.monotonic() + 30, store.stage(pieces, layout))
 
     try:
         for path in ("shm", "tcp", "shm"):
@@ -407,20 +407,20 @@ def test_prefill_gather_never_blocks_the_engine_loop(stories_llm, monkeypatch):
     chunk and the loop goes on (the request detaches, another keeps decoding) while the copy is not yet staged; the
     pull then gets it. A request aborted while its copy is staging, and one whose hand-off expires, give their file
     back; the pool and the store end empty."""
-    from rtpjax.disagg import channel
+    from rtpjax.disagg import channel, staging
     from rtpjax.disagg.handoff import Handoff
     from rtpjax.distributed.messages import KVTransferParams
 
     engine = stories_llm.engine
     handoff = Handoff(engine, wake=lambda: None)
-    gate, staging, stage = threading.Event(), [], channel.stage
+    gate, started, stage = threading.Event(), [], staging.stage
 
     def held_back(*args):
-        staging.append(1)
+        started.append(1)
         assert gate.wait(30)
         return stage(*args)
 
-    monkeypatch.setattr(channel, "stage", held_back)
+    monkeypatch.setattr(staging, "stage", held_back)
 
     def add(rid, prompt):
         msg = engine.maker.message(prompt, SamplingParams(max_tokens=8, temperature=0), rid)
@@ -439,14 +439,14 @@ def test_prefill_gather_never_blocks_the_engine_loop(stories_llm, monkeypatch):
             if detached := step():
                 break
         params = detached[0].kv_transfer_params
-        assert params is not None and len(staging) == 1 and not handoff.store._held["p"].staged.done.done()
+        assert params is not None and len(started) == 1 and not handoff.store._held["p"].staged.done.done()
         other = engine.requests["other"].seqs[0]
         before = other.num_generated
         for _ in range(4):
             step()
         assert other.num_generated > before and "p" not in engine.requests  # the loop went on meanwhile
         add("a", PROMPT + " play")
-        while "a" not in handoff.staging:
+        while "a" not in handoff.gathering:
             step()
         handoff.abort("a")  # while its copy is held back
         engine.abort("a")
@@ -470,7 +470,7 @@ def test_prefill_gather_never_blocks_the_engine_loop(stories_llm, monkeypatch):
             if len(handoff.store.arena._idle) == 2:
                 break
             time.sleep(0.1)
-        assert len(handoff.store.arena._idle) == 2 and len(handoff.store) == 0 and not handoff.staging
+        assert len(handoff.store.arena._idle) == 2 and len(handoff.store) == 0 and not handoff.gathering
         assert engine.pool.num_free == engine.pool.num_blocks
         assert handoff.stats(engine.stats()).kv_transfer_ms.keys() == {"prefill_d2h", "prefill_stage"}
     finally:

@@ -3,7 +3,7 @@
 Prefill (`AddRequest.kv_transfer_params.do_remote_decode`): the request runs as any other. Right behind the step that
 computes its prompt's last chunk, the device gathers its prompt blocks as packed rows and starts copying them to the
 host (`ModelRunner.offload`, ordered after that step and before anything later writes the blocks); the loop goes on
-while a hand-off thread waits for the copies and stages them (channel.stage: shared memory, checksums). Once each
+while a hand-off thread waits for the copies and stages them (staging.stage: shared memory, checksums). Once each
 completion has its first token the request leaves the engine (`LLMEngine.snapshot(detach=True, gather=False)`): its
 blocks go back to the pool at once (the gathered copy is its own), and its last output carries the kv_transfer_params
 a decode engine needs. What no decode engine pulls within kv_transfer_timeout is dropped; a request that finishes at
@@ -29,7 +29,7 @@ import uuid
 
 import numpy as np
 
-from rtpjax.disagg import channel
+from rtpjax.disagg import channel, staging
 from rtpjax.disagg.params import role_error, side
 from rtpjax.disagg.relayout import pack, relayout, unpack
 from rtpjax.distributed.messages import (AddRequest, CompletionDelta, KVTransferParams, RequestDelta,
@@ -66,12 +66,12 @@ class Handoff:
         self.engine, self.wake, self.role = engine, wake, args.role
         self.timeout = args.kv_transfer_timeout
         self.engine_id, self.host_id = uuid.uuid4().hex, channel.host_id()
-        self.store = channel.HeldStore()
+        self.store = staging.HeldStore()
         self._server = None
         if self.role == "prefill":  # a role "both" engine opens its port when it first holds K/V
             self.server  # noqa: B018 - a port that cannot be bound fails the start
         self.holding: set[str] = set()  # prefill: requests to detach once every completion has its first token
-        self.staging: dict[str, tuple[int, int, channel.Staged]] = {}  # prefill: (tokens, blocks, staged) by request
+        self.gathering: dict[str, tuple[int, int, staging.Staged]] = {}  # prefill: (tokens, blocks, staged) by request
         self.times: dict[str, list[float]] = {}  # phase -> [seconds, hand-offs]: where a hand-off's time goes
         self._times_lock = threading.Lock()
         if self.role != "both":  # a role "both" engine compiles its packed copies at its first hand-off
@@ -181,7 +181,7 @@ class Handoff:
         if self.holding and self.engine.inflight is not None:
             for item in self.engine.inflight[0].items:
                 seq = item.seq
-                if seq.request_id in self.holding and seq.request_id not in self.staging and \
+                if seq.request_id in self.holding and seq.request_id not in self.gathering and \
                         item.start + item.num_tokens >= seq.num_prompt:  # fmt: skip
                     self._gather(seq)
         outputs = []
@@ -208,12 +208,12 @@ class Handoff:
         if not blocks:
             return
         layout = self.engine.runner.kv_layout
-        fit = channel.CHUNK // layout.block_bytes
+        fit = staging.CHUNK // layout.block_bytes
         step = max(self.engine.runner.copier.sizes[0], 1 << max(0, fit.bit_length() - 1))
         pieces = [p for i in range(0, len(blocks), step) for p in self.engine.runner.offload(blocks[i : i + step])]
         staged = self.store.stage(pieces, layout)
         staged.done.add_done_callback(self._staged)
-        self.staging[seq.request_id] = (tokens, len(blocks), staged)
+        self.gathering[seq.request_id] = (tokens, len(blocks), staged)
 
     def _staged(self, future) -> None:
         if future.exception() is None:
@@ -222,7 +222,7 @@ class Handoff:
             self._time("prefill_stage", copy)
 
     def _unstage(self, rid: str) -> None:
-        gathered = self.staging.pop(rid, None)
+        gathered = self.gathering.pop(rid, None)
         if gathered is not None:
             gathered[2].release()
 
@@ -230,11 +230,11 @@ class Handoff:
         closing = _closing(request, "length")
         rid = request.request_id
         self.engine.snapshot(rid, detach=True, gather=False)  # its blocks go back: the gathered copy is its own
-        gathered = self.staging.pop(rid, None)
+        gathered = self.gathering.pop(rid, None)
         if gathered is None:
             return closing  # a one-token prompt: nothing worth handing over
         tokens, num_blocks, staged = gathered
-        self.store.put(rid, channel.Held(self.engine.runner.kv_layout, num_blocks, tokens, list(request.prompt_ids),
+        self.store.put(rid, staging.Held(self.engine.runner.kv_layout, num_blocks, tokens, list(request.prompt_ids),
                                          time.monotonic() + self.timeout, staged))  # fmt: skip
         closing.kv_transfer_params = KVTransferParams(do_remote_prefill=True, remote_engine_id=self.engine_id,
                                   remote_request_id=rid, remote_block_ids=list(range(num_blocks)),
@@ -321,6 +321,6 @@ class Handoff:
     def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        for rid in list(self.staging):
+        for rid in list(self.gathering):
             self._unstage(rid)
         self.store.close()
