@@ -350,48 +350,133 @@ def test_pd_bench_transfer_runs(tmp_path):
     assert all(row[f"{p}_GBps"] > 0 for p in ("shm", "tcp", "staged"))
 
 
-def test_channel_shm_arena_reused_checked_and_removed(monkeypatch):
-    """The shared-memory path, no engines: bytes arrive equal through a reused staging file; a byte changed in the
-    file after staging fails the checksum; closing the server removes its files."""
+def test_channel_stages_once_checks_and_removes(monkeypatch):
+    """The channel, no engines: gathered pieces (padded, arriving one by one) are staged into one reused shared-memory
+    file in chunks that straddle them; both paths deliver the rows equal; a byte changed in the file after staging
+    fails the checksum; closing removes the files."""
     import glob
     import os
 
-    from rtpjax.disagg import channel
-    from rtpjax.kv.host_blocks import KVBlocks, KVLayout
+    from rtpjax.disagg import channel, staging
+    from rtpjax.kv.host_blocks import KVLayout
 
     layout = KVLayout("bfloat16", 4, 2, 2, 8)
-    raw = [bytes(np.random.default_rng(i).integers(0, 255, 3 * layout.block_bytes // 2, dtype=np.uint8))
-           for i in range(2)]  # fmt: skip
-    kv = KVBlocks(layout, 3, *raw)
-    store = channel.HeldStore()
+    monkeypatch.setattr(staging, "CHUNK", 2 * layout.block_bytes)  # chunks of 2 rows over pieces of 3 and 2
+    rows = np.random.default_rng(0).integers(0, 255, (5, layout.block_bytes), dtype=np.uint8)
+    padded = np.concatenate([rows[:3], np.full((1, layout.block_bytes), 7, np.uint8)])  # a bucket of 4, 3 real
+    pieces = [(3, padded), (2, rows[3:])]
+    store = staging.HeldStore()
     server = channel.TransferServer(store, "127.0.0.1", 0)
-    mine = os.path.join(channel._SHM_DIR, f"{channel._PREFIX}{os.getpid()}-*")
+    mine = os.path.join(staging.SHM_DIR, f"{staging.PREFIX}{os.getpid()}-*")
+
+    def held():
+        return staging.Held(layout, 5, 18, [1, 2], time.monotonic() + 30, store.stage(pieces, layout))
+
     try:
-        for _ in range(2):
-            store.put("t", channel.Held(kv, 10, [1, 2], time.monotonic() + 30))
-            got = channel.pull("127.0.0.1", server.port, "t", "shm", time.monotonic() + 30)
-            assert (bytes(got.kv.keys), bytes(got.kv.values), got.num_tokens) == (*raw, 10)
+        for path in ("shm", "tcp", "shm"):
+            store.put("t", held())
+            got = channel.pull("127.0.0.1", server.port, "t", path, time.monotonic() + 30)
+            assert np.array_equal(np.stack(got.rows), rows) and (got.layout, got.num_tokens) == (layout, 18)
+            for _ in range(50):  # the serving thread gives the file back just after the pull returns
+                if store.arena._idle:
+                    break
+                time.sleep(0.05)
         assert len(glob.glob(mine)) == 1  # one staging file, reused
-
-        write = channel.ShmArena.write
-
-        def flipped(self, parts):
-            path = write(self, parts)
-            with open(path, "r+b") as f:
-                f.seek(7)
-                byte = f.read(1)
-                f.seek(7)
-                f.write(bytes([byte[0] ^ 0xFF]))
-            return path
-
-        monkeypatch.setattr(channel.ShmArena, "write", flipped)
-        store.put("t", channel.Held(kv, 10, [1, 2], time.monotonic() + 30))
+        h = held()
+        h.staged.done.result(timeout=10)
+        path, payload = h.staged.leased.result()
+        assert len(h.staged.sums) == 3 and path is not None
+        payload[7] ^= 0xFF  # the mapping of the file the decode side maps
+        store.put("t", h)
         with pytest.raises(channel.TransferError, match="checksum"):
             channel.pull("127.0.0.1", server.port, "t", "shm", time.monotonic() + 30)
+        with pytest.raises(channel.TransferError, match="no hand-off"):
+            channel.pull("127.0.0.1", server.port, "t", "shm", time.monotonic() + 30)  # served once
     finally:
         server.close()
+        store.close()
     for _ in range(50):  # the last serving thread hands its file back (removed now) just after the pull returns
         if not glob.glob(mine):
             break
         time.sleep(0.1)
     assert glob.glob(mine) == []
+
+
+def test_prefill_gather_never_blocks_the_engine_loop(stories_llm, monkeypatch):
+    """The prefill side in process, its hand-off thread held back: the prompt's gather is queued behind its last
+    chunk and the loop goes on (the request detaches, another keeps decoding) while the copy is not yet staged; the
+    pull then gets it. A request aborted while its copy is staging, and one whose hand-off expires, give their file
+    back; the pool and the store end empty."""
+    from rtpjax.disagg import channel, staging
+    from rtpjax.disagg.handoff import Handoff
+    from rtpjax.distributed.messages import KVTransferParams
+
+    engine = stories_llm.engine
+    handoff = Handoff(engine, wake=lambda: None)
+    gate, started, stage = threading.Event(), [], staging.stage
+
+    def held_back(*args):
+        started.append(1)
+        assert gate.wait(30)
+        return stage(*args)
+
+    monkeypatch.setattr(staging, "stage", held_back)
+
+    def add(rid, prompt):
+        msg = engine.maker.message(prompt, SamplingParams(max_tokens=8, temperature=0), rid)
+        msg.kv_transfer_params = KVTransferParams(do_remote_decode=True)
+        assert handoff.add(msg) is None
+
+    def step():
+        engine.step(as_deltas=True)
+        return handoff.after_step()
+
+    try:
+        add("p", PROMPT)
+        engine.add_request("Once upon a time", SamplingParams(max_tokens=40, temperature=0, ignore_eos=True), "other")
+        detached = []
+        for _ in range(20):
+            if detached := step():
+                break
+        params = detached[0].kv_transfer_params
+        assert params is not None and len(started) == 1 and not handoff.store._held["p"].staged.done.done()
+        other = engine.requests["other"].seqs[0]
+        before = other.num_generated
+        for _ in range(4):
+            step()
+        assert other.num_generated > before and "p" not in engine.requests  # the loop went on meanwhile
+        add("a", PROMPT + " play")
+        while "a" not in handoff.gathering:
+            step()
+        handoff.abort("a")  # while its copy is held back
+        engine.abort("a")
+        gate.set()
+        handoff.store._held["p"].staged.done.result(timeout=30)
+        _, payload = handoff.store._held["p"].staged.leased.result()
+        sent = payload.copy()
+        got = channel.pull(params.remote_host, params.remote_port, "p", "shm", time.monotonic() + 30, handoff._load)
+        payload[:] = 0  # the file is reused once the pull answers: the device rows are copies
+        assert np.array_equal(np.concatenate([np.asarray(r) for r in got.rows]), sent)
+        prompt_len = len(engine.maker.message(PROMPT).prompt_ids)
+        assert got.num_tokens == prompt_len - 1 and len(got.rows) == len(params.remote_block_ids)
+        add("e", PROMPT + " run")
+        while not step():
+            pass
+        handoff.store._held["e"].expires = 0.0
+        handoff.poll()
+        while engine.has_work():
+            step()
+        for _ in range(50):  # the aborted and expired hand-offs' files come back once staged
+            if len(handoff.store.arena._idle) == 2:
+                break
+            time.sleep(0.1)
+        assert len(handoff.store.arena._idle) == 2 and len(handoff.store) == 0 and not handoff.gathering
+        assert engine.pool.num_free == engine.pool.num_blocks
+        assert handoff.stats(engine.stats()).kv_transfer_ms.keys() == {"prefill_d2h", "prefill_stage"}
+    finally:
+        gate.set()
+        for rid in list(engine.requests):
+            engine.abort(rid)
+        while engine.has_work():
+            engine.step()
+        handoff.close()

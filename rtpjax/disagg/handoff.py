@@ -1,17 +1,21 @@
 """Prefill/decode hand-off inside the engine process: the engine loop's side of both roles.
 
-Prefill (`AddRequest.kv_transfer_params.do_remote_decode`): the request runs as any other until each completion has
-its first token; then `LLMEngine.snapshot(detach=True)` takes it out between steps, its prompt's K/V goes to the host
-(HeldStore, served by the TransferServer) and its blocks go back to the pool at once. Its last output carries the
-kv_transfer_params a decode engine needs. What no decode engine pulls within kv_transfer_timeout is dropped. A request
-that finishes at its first token (EOS, a stop string) hands nothing over: its decode engine recomputes the prompt.
+Prefill (`AddRequest.kv_transfer_params.do_remote_decode`): the request runs as any other. Right behind the step that
+computes its prompt's last chunk, the device gathers its prompt blocks as packed rows and starts copying them to the
+host (`ModelRunner.offload`, ordered after that step and before anything later writes the blocks); the loop goes on
+while a hand-off thread waits for the copies and stages them (staging.stage: shared memory, checksums). Once each
+completion has its first token the request leaves the engine (`LLMEngine.snapshot(detach=True, gather=False)`): its
+blocks go back to the pool at once (the gathered copy is its own), and its last output carries the kv_transfer_params
+a decode engine needs. What no decode engine pulls within kv_transfer_timeout is dropped; a request that finishes at
+its first token (EOS, a stop string) or is aborted hands nothing over (its decode engine recomputes the prompt).
 
 Decode (`do_remote_prefill`): the request reserves the blocks its prompt needs (waiting, up to kv_transfer_timeout,
-for room; then it is refused), a thread pulls the K/V, and once it has arrived the reservation is returned and the
-request is added with the K/V on the host (Sequence.host_kv: written into fresh blocks before its first step, as an
-adopted request's). The last prompt token runs again and samples the first token: sampling is keyed by (seed,
-position), so a seeded or greedy request continues exactly as it would have colocated. A pull that fails (prefill gone,
-corrupted, stale, another prompt) makes the request compute its prompt here instead: slower, never wrong.
+for room; then it is refused), a thread pulls the K/V, each chunk going to the device as it arrives, and once it has
+arrived the reservation is returned and the request is added with the rows on the device (Sequence.host_kv: written
+into fresh blocks before its first step, as an adopted request's). The last prompt token runs again and samples the
+first token: sampling is keyed by (seed, position), so a seeded or greedy request continues exactly as it would have
+colocated. A pull that fails (prefill gone, corrupted, stale, another prompt) makes the request compute its prompt here
+instead: slower, never wrong.
 """
 
 from __future__ import annotations
@@ -23,13 +27,16 @@ import threading
 import time
 import uuid
 
-from rtpjax.disagg import channel
+import numpy as np
+
+from rtpjax.disagg import channel, staging
 from rtpjax.disagg.params import role_error, side
-from rtpjax.disagg.relayout import relayout, select
+from rtpjax.disagg.relayout import pack, relayout, unpack
 from rtpjax.distributed.messages import (AddRequest, CompletionDelta, KVTransferParams, RequestDelta,
                                          RequestError)  # fmt: skip
 from rtpjax.engine.request import Request
 from rtpjax.engine.sequence import PENDING, HostKV
+from rtpjax.kv.host_blocks import PackedBlocks
 
 log = logging.getLogger("rtpjax")
 
@@ -59,11 +66,17 @@ class Handoff:
         self.engine, self.wake, self.role = engine, wake, args.role
         self.timeout = args.kv_transfer_timeout
         self.engine_id, self.host_id = uuid.uuid4().hex, channel.host_id()
-        self.store = channel.HeldStore()
+        self.store = staging.HeldStore()
         self._server = None
         if self.role == "prefill":  # a role "both" engine opens its port when it first holds K/V
             self.server  # noqa: B018 - a port that cannot be bound fails the start
         self.holding: set[str] = set()  # prefill: requests to detach once every completion has its first token
+        self.gathering: dict[str, tuple[int, int, staging.Staged]] = {}  # prefill: (tokens, blocks, staged) by request
+        self.times: dict[str, list[float]] = {}  # phase -> [seconds, hand-offs]: where a hand-off's time goes
+        self._times_lock = threading.Lock()
+        if self.role != "both":  # a role "both" engine compiles its packed copies at its first hand-off
+            kind = "gather_packed" if self.role == "prefill" else "write_packed"
+            engine.runner.copier.compile_packed(engine.runner.cache, kind)
         self.pulls: dict[str, _Pull] = {}  # decode: requests whose K/V is reserved for or on its way
         self.arrived: queue.Queue = queue.Queue()  # (request id, Pulled | TransferError) from pull threads
         self.pulled = self.failed = 0
@@ -83,7 +96,14 @@ class Handoff:
         """The engine's gauges with the hand-off counters filled in."""
         stats.kv_transfers_held, stats.kv_transfers_pulled, stats.kv_transfers_failed = \
             self.num_held, self.pulled, self.failed  # fmt: skip
+        with self._times_lock:
+            stats.kv_transfer_ms = {phase: 1e3 * total / n for phase, (total, n) in self.times.items()}
         return stats
+
+    def _time(self, phase: str, seconds: float) -> None:
+        with self._times_lock:
+            total, n = self.times.get(phase, (0.0, 0))
+            self.times[phase] = [total + seconds, n + 1]
 
     def idle_wait(self) -> float | None:
         """How long an idle engine loop may sleep: held K/V must expire, waiting pulls must time out."""
@@ -102,6 +122,8 @@ class Handoff:
         except ValueError as e:
             return RequestError(rid, "invalid", str(e))
         if want == "prefill":
+            if self.engine.runner.mirror is not None:
+                return RequestError(rid, "invalid", "K/V hand-off works in one process only (not multi-host)")
             for seq in request.seqs:
                 seq.max_tokens = max(seq.max_tokens, min(2, self.engine.max_model_len - seq.num_prompt))
             self.holding.add(rid)  # held from its first token on (a second would be sampled, never reported)
@@ -119,11 +141,14 @@ class Handoff:
     def abort(self, request_id: str) -> RequestDelta | None:
         """A request the engine itself does not hold: one whose K/V is on its way or held for a decode engine."""
         self.holding.discard(request_id)
+        self._unstage(request_id)
         pull = self.pulls.pop(request_id, None)
         if pull is not None:
             self._unreserve(pull)
             return _closing(pull.request, "abort")
-        self.store.take(request_id)
+        held = self.store.take(request_id)
+        if held is not None:
+            held.staged.release()
         return None
 
     # -- the loop -------------------------------------------------------------------------------------------------
@@ -151,12 +176,20 @@ class Handoff:
         return [], errors
 
     def after_step(self) -> list[RequestDelta]:
-        """After a step: detach the prefill requests whose completions all have their first token."""
+        """After a step: gather the prompts whose last chunk it computes, detach the prefill requests whose
+        completions all have their first token."""
+        if self.holding and self.engine.inflight is not None:
+            for item in self.engine.inflight[0].items:
+                seq = item.seq
+                if seq.request_id in self.holding and seq.request_id not in self.gathering and \
+                        item.start + item.num_tokens >= seq.num_prompt:  # fmt: skip
+                    self._gather(seq)
         outputs = []
         for rid in list(self.holding):
             request = self.engine.requests.get(rid)
             if request is None:  # finished at its first token (or aborted): nothing to hand over
                 self.holding.discard(rid)
+                self._unstage(rid)
                 continue
             if not all(s.finished or (s.num_generated and s.token_ids[s.num_prompt] != PENDING) for s in request.seqs):
                 continue
@@ -166,19 +199,45 @@ class Handoff:
 
     # -- prefill --------------------------------------------------------------------------------------------------
 
+    def _gather(self, seq) -> None:
+        """Queue the device copy of the prompt's blocks (all but its last token's K/V, which the decode side computes)
+        right behind the step in flight, in pieces of about one checksum chunk (a power of two: a gather bucket, no
+        padding): a hand-off thread stages each piece while the next is still crossing to the host."""
+        tokens = seq.num_prompt - 1
+        blocks = seq.block_table[: -(-tokens // self.engine.args.block_size)]
+        if not blocks:
+            return
+        layout = self.engine.runner.kv_layout
+        fit = staging.CHUNK // layout.block_bytes
+        step = max(self.engine.runner.copier.sizes[0], 1 << max(0, fit.bit_length() - 1))
+        pieces = [p for i in range(0, len(blocks), step) for p in self.engine.runner.offload(blocks[i : i + step])]
+        staged = self.store.stage(pieces, layout)
+        staged.done.add_done_callback(self._staged)
+        self.gathering[seq.request_id] = (tokens, len(blocks), staged)
+
+    def _staged(self, future) -> None:
+        if future.exception() is None:
+            d2h, copy = future.result()
+            self._time("prefill_d2h", d2h)
+            self._time("prefill_stage", copy)
+
+    def _unstage(self, rid: str) -> None:
+        gathered = self.gathering.pop(rid, None)
+        if gathered is not None:
+            gathered[2].release()
+
     def _detach(self, request: Request) -> RequestDelta:
         closing = _closing(request, "length")
-        snap, kv = self.engine.snapshot(request.request_id, detach=True)
-        prompt = len(snap.prompt_ids)
-        best = max(snap.completions, key=lambda c: c.num_computed)
-        if best.num_computed < prompt - 1:
-            return closing  # nothing worth handing over
-        tokens = min(best.num_computed, prompt)
-        rows = best.kv_rows[: -(-tokens // kv.layout.block_size)]
-        self.store.put(request.request_id, channel.Held(select(kv, rows), tokens, list(snap.prompt_ids),
-                                                        time.monotonic() + self.timeout))  # fmt: skip
+        rid = request.request_id
+        self.engine.snapshot(rid, detach=True, gather=False)  # its blocks go back: the gathered copy is its own
+        gathered = self.gathering.pop(rid, None)
+        if gathered is None:
+            return closing  # a one-token prompt: nothing worth handing over
+        tokens, num_blocks, staged = gathered
+        self.store.put(rid, staging.Held(self.engine.runner.kv_layout, num_blocks, tokens, list(request.prompt_ids),
+                                         time.monotonic() + self.timeout, staged))  # fmt: skip
         closing.kv_transfer_params = KVTransferParams(do_remote_prefill=True, remote_engine_id=self.engine_id,
-                                  remote_request_id=request.request_id, remote_block_ids=list(range(len(rows))),
+                                  remote_request_id=rid, remote_block_ids=list(range(num_blocks)),
                                   remote_host=self.server.host, remote_port=self.server.port,
                                   remote_host_id=self.host_id,
                                   tp_size=self.engine.args.tensor_parallel_size)  # fmt: skip
@@ -195,15 +254,35 @@ class Handoff:
         p = pull.params
         path = "shm" if p.remote_host_id == self.host_id else "tcp"
         transfer_id = p.remote_request_id or rid
-        threading.Thread(target=self._pull, args=(rid, p.remote_host, p.remote_port, transfer_id, path, pull.deadline),
+        threading.Thread(target=self._pull, args=(rid, p.remote_host, p.remote_port, transfer_id, path, pull.deadline,
+                                                  len(pull.request.prompt_ids) - 1),
                          name="rtpjax-kv-pull", daemon=True).start()  # fmt: skip
         return True
 
-    def _pull(self, rid: str, host: str, port: int, transfer_id: str, path: str, deadline: float) -> None:
+    def _load(self, layout, rows):
+        """Each arriving chunk of rows straight to the device, where they can enter this cache as they are; host
+        copies where they must be re-laid out first."""
+        if layout == self.engine.runner.kv_layout:
+            return self.engine.runner.copier.put_rows(rows)
+        return channel.host_rows(layout, rows)
+
+    def _pull(self, rid: str, host: str, port: int, transfer_id: str, path: str, deadline: float, tokens: int) -> None:
         try:
-            result = channel.pull(host, port, transfer_id, path, deadline)
-        except channel.TransferError as e:
+            result = channel.pull(host, port, transfer_id, path, deadline, self._load)
+            self._time("decode_channel", result.times["channel"])
+            self._time("decode_h2d", result.times["h2d"])
+            target = self.engine.runner.kv_layout
+            if result.layout != target:
+                began = time.perf_counter()
+                tokens = min(result.num_tokens, tokens)
+                kv = relayout(unpack(result.layout, np.stack(result.rows)), tokens, target)
+                result.rows = self.engine.runner.copier.put_rows(pack(kv))
+                result.layout, result.num_tokens = target, tokens
+                self._time("decode_relayout", time.perf_counter() - began)
+        except (channel.TransferError, ValueError) as e:
             result = e
+        except Exception as e:  # noqa: BLE001 - e.g. the device out of memory: the prompt is computed here instead
+            result = channel.TransferError(f"the K/V could not be put on the device: {type(e).__name__}: {e}")
         self.arrived.put((rid, result))
         self.wake()
 
@@ -224,13 +303,13 @@ class Handoff:
             if result.prompt_ids != prompt:
                 raise channel.TransferError("the hand-off holds another prompt's K/V")
             tokens = min(result.num_tokens, len(prompt) - 1)
-            kv = relayout(result.kv, tokens, self.engine.runner.kv_layout)
         except (channel.TransferError, ValueError) as e:
             log.warning("request %s computes its prompt here: %s", request.request_id, e)
             self.failed += 1
             return
         self.pulled += 1
-        request.seqs[0].host_kv = HostKV(kv, list(range(-(-tokens // kv.layout.block_size))), tokens)
+        rows = list(range(-(-tokens // result.layout.block_size)))
+        request.seqs[0].host_kv = HostKV(PackedBlocks(result.layout, result.rows), rows, tokens)
 
     def _add(self, request: Request) -> RequestError | None:
         try:
@@ -242,3 +321,6 @@ class Handoff:
     def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        for rid in list(self.gathering):
+            self._unstage(rid)
+        self.store.close()

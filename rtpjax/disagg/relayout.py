@@ -1,6 +1,9 @@
-"""K/V blocks of one engine laid out for another: the prompt's blocks only, cut to its computed positions and cut
-again into the receiver's block size. Tensor-parallel sizes need nothing here: KVBlocks always hold the model's KV
-heads whole (kv_cache.cache_heads' copies are made on arrival)."""
+"""K/V blocks of one engine laid out for another: the prompt's blocks cut to its computed positions and cut again into
+the receiver's block size. Tensor-parallel sizes need nothing here: blocks always hold the model's KV heads whole
+(kv_cache.cache_heads' copies are made on arrival).
+
+The hand-off moves packed rows (block_copy.pack's order); only a receiver of another block size unpacks them, on the
+host (shapes differ per prompt: on the device each would compile)."""
 
 from __future__ import annotations
 
@@ -9,11 +12,22 @@ import numpy as np
 from rtpjax.kv.host_blocks import KVBlocks, KVLayout
 
 
-def select(kv: KVBlocks, rows: list[int]) -> KVBlocks:
-    """Rows `rows` of `kv`, in that order (the blocks of one completion of a snapshot)."""
-    if rows == list(range(kv.num_blocks)):
-        return kv
-    return KVBlocks.from_arrays(kv.layout, [np.take(a, rows, axis=2) for a in kv.arrays()])
+def unpack(layout: KVLayout, rows: np.ndarray) -> KVBlocks:
+    """Packed rows uint8 [n, block_bytes] as KVBlocks (block_copy.unpack on the host)."""
+    n, at, parts = rows.shape[0], 0, []
+    for dtype, shape in layout.block_parts():
+        size = int(np.prod(shape)) * dtype.itemsize
+        part = np.ascontiguousarray(rows[:, at : at + size]).view(dtype).reshape(n, *shape)
+        parts.append(np.moveaxis(part, 0, 2))
+        at += size
+    return KVBlocks.from_arrays(layout, parts)
+
+
+def pack(kv: KVBlocks) -> np.ndarray:
+    """KVBlocks as packed rows uint8 [n, block_bytes] (block_copy.pack on the host)."""
+    n = kv.num_blocks
+    return np.concatenate([np.ascontiguousarray(np.moveaxis(a, 2, 0)).view(np.uint8).reshape(n, -1)
+                           for a in kv.arrays()], axis=1)  # fmt: skip
 
 
 def relayout(kv: KVBlocks, num_tokens: int, target: KVLayout) -> KVBlocks:

@@ -93,6 +93,9 @@ class EngineStats(msgspec.Struct, gc=False):
     kv_transfers_held: int = 0  # prefill role: hand-offs whose K/V waits on the host for its decode engine
     kv_transfers_pulled: int = 0  # decode role: hand-offs whose K/V arrived and was adopted
     kv_transfers_failed: int = 0  # decode role: pulls that failed (the prompt was computed here instead)
+    # mean ms per hand-off by phase: prefill_d2h (waiting for the device's copy), prefill_stage (into shared memory,
+    # checksummed), decode_channel (offer, bytes in, checksums), decode_h2d (onto the device), decode_relayout
+    kv_transfer_ms: dict[str, float] = msgspec.field(default_factory=dict)
 
 
 class Startup(_Message, tag="startup"):
@@ -384,8 +387,8 @@ class KVPull(msgspec.Struct, gc=False):
 class KVOffer(msgspec.Struct, gc=False):
     """Prefill -> decode: what follows (the payload on the socket, or the file to read), or why nothing does.
 
-    The payload is the KVBlocks' parts (keys, values[, key_scales, value_scales]) one after another; `checksums` are
-    crc32s of its successive `chunk`-byte pieces, checked on arrival."""
+    The payload is the blocks as packed rows (block_copy.pack: layout.block_bytes each), `sizes` its one length, in
+    successive `chunk`-byte pieces (whole rows), each announced by a KVChunk once the prefill side has staged it."""
 
     error: str | None = None
     layout: KVLayout | None = None
@@ -394,11 +397,18 @@ class KVOffer(msgspec.Struct, gc=False):
     prompt_ids: list[int] = []
     sizes: list[int] = []
     chunk: int = 0
-    checksums: list[int] = []
     shm_path: str | None = None
 
 
+class KVChunk(msgspec.Struct, gc=False):
+    """Prefill -> decode, after a KVOffer, once per piece: it is staged (over TCP its bytes follow); its crc32, checked
+    on arrival. Or why the rest never comes."""
+
+    checksum: int = 0
+    error: str | None = None
+
+
 class KVPulled(msgspec.Struct, gc=False):
-    """Decode -> prefill: the payload is read (the prefill side deletes its shared-memory file)."""
+    """Decode -> prefill: the payload is read and on the device (the prefill side may reuse its shared-memory file)."""
 
     ok: bool

@@ -250,15 +250,16 @@ class LLMEngine:
 
     # -- moving requests between engines ----------------------------------------------------------------------------
 
-    def snapshot(self, request_id: str, detach: bool = True) -> tuple[RequestSnapshot, KVBlocks]:
+    def snapshot(self, request_id: str, detach: bool = True, gather: bool = True) -> tuple[RequestSnapshot, KVBlocks]:
         """The request's state and the K/V of its computed blocks, taken between steps (other requests keep running).
         Tokens still on the device are left out (the receiver samples them again). `detach`: the request leaves this
-        engine: its blocks are freed and it reports nothing more here (its sequences finish as "migrated")."""
+        engine: its blocks are freed and it reports nothing more here (its sequences finish as "migrated"). `gather`
+        False: no K/V (None; a prefill hand-off gathered it already, asynchronously, behind the prompt's last step)."""
         request = self.requests.get(request_id)
         if request is None:
             raise ValueError(f"no request {request_id!r} in this engine")
         snap, blocks = capture(request, self.args.block_size)
-        kv = self.runner.gather_blocks(blocks)  # after the step in flight, which may still be writing them
+        kv = self.runner.gather_blocks(blocks) if gather else None  # after the step in flight (it may write them)
         if detach:
             for seq in request.seqs:
                 if not seq.finished:
@@ -296,7 +297,7 @@ class LLMEngine:
     def _release_loads(self, schedule: Schedule) -> None:
         """The step has run, so have the writes before it: the tier rows they read may be reused."""
         for load in schedule.loads:
-            if isinstance(load.kv, PackedBlocks):
+            if isinstance(load.kv, PackedBlocks) and load.kv.lease is not None:  # a tier's rows (a hand-off's own none)
                 self.tiers.release(load.kv)
 
     def close(self) -> None:

@@ -10,7 +10,7 @@ import enum
 import time
 
 from rtpjax.distributed.messages import RequestTimings
-from rtpjax.kv.host_blocks import KVBlocks
+from rtpjax.kv.host_blocks import KVBlocks, PackedBlocks
 from rtpjax.sampling_params import SamplingParams
 
 PENDING = -1  # a token sampled on the device whose id the host has not read yet
@@ -59,7 +59,7 @@ class HostKV:
     """A sequence's leading blocks, waiting on the host to be written into the cache when it is admitted (its KV came
     from another engine). `kv` may be shared by the request's completions; `rows` are this sequence's blocks in it."""
 
-    kv: KVBlocks
+    kv: KVBlocks | PackedBlocks  # packed rows on the device: a prefill hand-off's
     rows: list[int]
     num_computed: int  # leading positions whose K/V those blocks hold
 

@@ -74,6 +74,7 @@ class BlockCopier:
             donate_argnums=(0,), out_shardings=shardings)  # fmt: skip
         self._compiled: dict[tuple[str, int], object] = {}  # (kind, bucket) -> executable
         self._zero_row = None  # the padding row of packed writes, made once on the device
+        self._on_cpu = any(d.platform == "cpu" for d in first.device_set)
 
     def jobs(self, cache, packed: bool = False) -> list:
         """One callable per executable to compile (the runner's warm-up runs them in its thread pool); `packed`: also
@@ -156,17 +157,33 @@ class BlockCopier:
             pieces.append((real, rows))
         return pieces
 
-    def write_packed(self, cache, blocks: list[int], packed: PackedBlocks):
-        """The cache with packed rows written into `blocks`, each row its own host-to-device transfer (from page-locked
-        memory where the tier could map it: no staging copy) to every device the cache spans, not the default one;
-        the cache passed in is donated."""
+    def compile_packed(self, cache, kind: str) -> None:
+        """Compile one kind of packed copy ("gather_packed", "write_packed") now, not at first use: an engine that
+        hands K/V over moves blocks as packed rows."""
+        if not self.mixed:
+            for n in self.sizes:
+                if (kind, n) not in self._compiled:
+                    self._compile(cache, kind, n)
+
+    def put_rows(self, rows: np.ndarray) -> list[jax.Array]:
+        """Host rows uint8 [k, block_bytes] on every device of the cache, as write_packed takes them: copies, never
+        views of `rows` (whose memory may be reused once they are ready)."""
+        if self._on_cpu:  # the CPU client may alias suitably aligned host memory whatever may_alias says
+            rows = np.array(rows)
+        return jax.device_put(list(rows), self._rows_at, may_alias=False)
+
+    def write_packed(self, cache, blocks: list[int], packed: PackedBlocks, take: list[int] | None = None):
+        """The cache with packed rows (rows `take` of them, else all in order) written into `blocks`, each row its own
+        host-to-device transfer (from page-locked memory where the tier could map it: no staging copy) to every
+        device the cache spans, not the default one (rows already there stay); the cache passed in is donated."""
         self.layout.require(packed.layout)
         if self._zero_row is None:
             self._zero_row = jax.device_put(np.zeros(self.layout.block_bytes, np.uint8), self._rows_at)
+        chosen = packed.rows if not take else [packed.rows[r] for r in take]
         for start, real, bucket in self._pieces(len(blocks)):
             ids = np.full(bucket, self.num_blocks, np.int32)  # past the cache: dropped
             ids[:real] = blocks[start : start + real]
-            rows = jax.device_put(packed.rows[start : start + real], self._rows_at)
+            rows = jax.device_put(chosen[start : start + real], self._rows_at)
             rows = tuple(rows) + (self._zero_row,) * (bucket - real)
             cache = self._compiled.get(("write_packed", bucket), self._write_packed)(cache, ids, rows)
         return cache

@@ -494,7 +494,7 @@ class ModelRunner:
             raise RuntimeError("KV blocks from the host (KV tiers, adopted requests) work in one process only")
         for load in loads:
             if isinstance(load.kv, PackedBlocks):
-                self.cache = self.copier.write_packed(self.cache, load.blocks, load.kv)
+                self.cache = self.copier.write_packed(self.cache, load.blocks, load.kv, load.rows)
             else:
                 self.cache = self.copier.write(self.cache, load.blocks, load.kv, load.rows)
 
