@@ -13,7 +13,7 @@ arriving at a steady rate while many short-prompt streams decode, swept over req
 Arguments after `--` go to every `rtpjax serve`. Each rate runs two `serve_bench` clients at once (long: --long-len
 tokens +-33%, --long-rate x rate requests/s; short: --short-len tokens, --short-rate x rate requests/s), each for about
 --seconds. Per configuration and rate: output tok/s, TTFT and ITL P50/P95/P99 per class, goodput under the SLOs
-(TTFT <= --slo-ttft-ms, time per output token <= --slo-itl-ms), the K/V hand-offs (count, bytes, seconds, from the
+(TTFT <= --slo-ttft-ms, time per output token <= --slo-itl-ms), the K/V hand-offs (count, mean ms per phase, from the
 decode engine's /pd/status), and requests sent against completed (a request may never be lost or hang: each has a
 timeout and the sums are checked)."""
 
@@ -39,12 +39,7 @@ CONFIGS = {
     "disagg": ("prefill", "decode"),
     "vllm_router": ("prefill", "decode"),
 }
-STAT_KEYS = (
-    "kv_transfers_pulled",
-    "kv_transfers_failed",
-    "kv_transfer_bytes",
-    "kv_transfer_seconds",
-)
+STAT_KEYS = ("kv_transfers_pulled", "kv_transfers_failed")
 
 
 @dataclass
@@ -175,11 +170,12 @@ def start_router(args, config: str, engines: Engines, logs: Path) -> Proc:
 
 def pd_status(engines: Engines) -> dict:
     """Summed hand-off counters of the engines (zeros where a field is absent)."""
-    total = dict.fromkeys(STAT_KEYS, 0.0)
+    total: dict = dict.fromkeys(STAT_KEYS, 0.0) | {"kv_transfer_ms": {}}
     for p in engines.procs:
         s = httpx.get(p.url + "/pd/status", timeout=10).json()
         for k in STAT_KEYS:
             total[k] += float(s.get(k, 0) or 0)
+        total["kv_transfer_ms"] |= s.get("kv_transfer_ms") or {}  # mean ms per hand-off by phase, since start
     return total
 
 
@@ -233,8 +229,7 @@ def summarize(classes: dict, before: dict, after: dict) -> dict:
         **{f"{c}_{m}_p{p}_ms": classes[c][f"p{p}_{m}_ms"] for c in ("long", "short") for m in ("ttft", "itl")
            for p in (50, 95, 99)},
         "kv_handoffs": pulled, "kv_handoffs_failed": moved["kv_transfers_failed"],
-        "kv_gb_s": moved["kv_transfer_bytes"] / moved["kv_transfer_seconds"] / 1e9 if moved["kv_transfer_seconds"] else None,
-        "kv_ms_per_request": moved["kv_transfer_seconds"] / pulled * 1e3 if pulled else None,
+        "kv_phase_ms": after["kv_transfer_ms"],  # per phase (prefill_d2h, prefill_stage, decode_channel, decode_h2d)
         "classes": classes,
     }  # fmt: skip
 
@@ -276,11 +271,8 @@ def run(args) -> dict:
 
 
 def print_row(config: str, rate: float, r: dict) -> None:
-    kv = (
-        f"  K/V {r['kv_handoffs']:.0f} x {r['kv_ms_per_request']:.1f} ms"
-        if r["kv_ms_per_request"]
-        else ""
-    )
+    phases = " ".join(f"{k} {v:.1f}" for k, v in r["kv_phase_ms"].items())
+    kv = f"  K/V {r['kv_handoffs']:.0f}: {phases} ms" if r["kv_handoffs"] else ""
     print(
         f"{config:12s} x{rate:<5g} out {r['output_tok_s']:8.0f} tok/s  goodput {r['goodput_req_s']:6.2f} req/s  "
         f"long TTFT p50/p99 {r['long_ttft_p50_ms']:6.0f}/{r['long_ttft_p99_ms']:6.0f}  short ITL p50/p99 "
