@@ -26,13 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rtpjax.engine.sequence import Sequence, Status
+from rtpjax.engine.sequence import Sequence
 from rtpjax.kv import kv_cache as kv
 from rtpjax.kv.block_pool import BlockPool
 from rtpjax.models import layers
 from rtpjax.runner.step_inputs import Packing, SeqChunk, build_step, pack
 from rtpjax.spec import eagle3_head as head_lib
-from rtpjax.spec.draft_model import DraftBatch, DraftContext, _DraftState, chained, reserve
+from rtpjax.spec.draft_model import DraftBatch, DraftContext, DraftModelProposer, _DraftState, chained, reserve
 
 
 @jax.tree_util.register_dataclass
@@ -161,10 +161,5 @@ class Eagle3Proposer:
         reserve(self, state, len(seq.token_ids) + self.k - 1, proposing)
         return state
 
-    def release_finished(self) -> None:
-        """Give back the blocks of sequences that finished or were preempted."""
-        for seq in [s for s in self.states if s.status is not Status.RUNNING]:
-            self._drop(seq)
-
-    def _drop(self, seq: Sequence) -> None:
-        self.pool.release(self.states.pop(seq).blocks)
+    # Blocks of finished or preempted sequences go back the way the draft model's do.
+    release_finished, _drop = DraftModelProposer.release_finished, DraftModelProposer._drop
