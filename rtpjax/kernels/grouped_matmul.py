@@ -46,7 +46,10 @@ def _kernel(expert_ref, x_ref, *refs, out_rows: int, block_n: int, block_k: int,
                      zip(accs, w_refs))  # fmt: skip
 
     zeros = tuple(jnp.zeros(o_ref.shape, jnp.float32) for _ in w_refs)
-    accs = lax.fori_loop(0, jnp.where(expert >= 0, steps, 0), body, zeros)
+    # Trip count `steps`, or 0 for a spare tile, in integer arithmetic: a bound derived from a bool lowers to an i1,
+    # which Triton's scf.for rejects.
+    trips = jnp.clip(expert + 1, 0, 1) * steps
+    accs = lax.fori_loop(0, trips, body, zeros)
     out = accs[0] / (1.0 + jnp.exp(-accs[0])) * accs[1] if len(accs) == 2 else accs[0]
     if scale_ref is not None:
         out = out * scale_ref[...].astype(jnp.float32)[:, None]
