@@ -68,6 +68,22 @@ def compile_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("xla_cache"))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_executables():
+    """After each test file: drop JAX's cached executables and collect what the file's engines left behind.
+
+    XLA:CPU maps a few memory regions per loaded executable; one process running the whole suite otherwise keeps
+    every executable it ever compiled and runs into the kernel's limit on mappings (vm.max_map_count, 65530 by
+    default), after which a compilation fails with a segmentation fault or an abort."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 # Small limits keep the number of compiled bucket shapes (and so the suite's time) low.
 ENGINE_ARGS = dict(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=256, block_size=16)
 

@@ -302,12 +302,13 @@ class LLMEngine:
 
     def close(self) -> None:
         """Write the prefix cache's blocks down to the KV tiers (the disk tier keeps them for the next start) and
-        wait for the writes; stop the followers of a multi-host engine. Idempotent."""
+        wait for the writes, then stop the tiers' threads; stop the followers of a multi-host engine. Idempotent."""
         if isinstance(self.channel, multihost.Leader):
             self.channel.close()
-        if self.tiers is None:
+        if self.tiers is None or self.tiers.closed:
             return
         self.tiers.drain([(block, h) for h, block in self.pool.cached.items()], self.runner.offload)
+        self.tiers.close()
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self.inflight is not None

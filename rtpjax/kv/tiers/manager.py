@@ -121,6 +121,7 @@ class KVTiers:
         self.max_pending = max_pending or host.num_slots  # blocks queued for the writer; more are dropped
         self.pending = 0
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.closed = False
         self._writer = threading.Thread(target=self._write_loop, name="rtpjax-kv-down", daemon=True)
         self._writer.start()
         self._readers = ThreadPoolExecutor(4, thread_name_prefix="rtpjax-kv-up")
@@ -317,6 +318,8 @@ class KVTiers:
         return "KV tiers: " + "; ".join(parts)
 
     def close(self) -> None:
+        """Stop the writer (after the writes queued so far) and the readers; the manager takes no work after this."""
+        self.closed = True
         self._jobs.put(None)
         self._writer.join(timeout=20)
         self._readers.shutdown(wait=True)
