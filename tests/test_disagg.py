@@ -366,6 +366,7 @@ def test_channel_stages_once_checks_and_removes(monkeypatch):
     padded = np.concatenate([rows[:3], np.full((1, layout.block_bytes), 7, np.uint8)])  # a bucket of 4, 3 real
     pieces = [(3, padded), (2, rows[3:])]
     store = staging.HeldStore()
+    others = set(threading.enumerate())
     server = channel.TransferServer(store, "127.0.0.1", 0)
     mine = os.path.join(staging.SHM_DIR, f"{staging.PREFIX}{os.getpid()}-*")
 
@@ -393,8 +394,12 @@ def test_channel_stages_once_checks_and_removes(monkeypatch):
         with pytest.raises(channel.TransferError, match="no hand-off"):
             channel.pull("127.0.0.1", server.port, "t", "shm", time.monotonic() + 30)  # served once
     finally:
+        accepting = [t for t in threading.enumerate() if t.name == "rtpjax-kv-server" and t not in others]
         server.close()
         store.close()
+    for thread in accepting:  # closing wakes the accept loop: no thread left behind per hand-off server
+        thread.join(timeout=5)
+        assert not thread.is_alive()
     for _ in range(50):  # the last serving thread hands its file back (removed now) just after the pull returns
         if not glob.glob(mine):
             break

@@ -149,6 +149,11 @@ class TransferServer:
             conn.close()
 
     def close(self) -> None:
+        """Stop accepting: shutting the socket down wakes the thread blocked in accept (closing it alone does not)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # not connected or already shut
         self.sock.close()
 
 
