@@ -2,7 +2,9 @@
 length) and a batch throughput workload, for rtpjax or transformers on the same checkpoint or shape. Writes JSON.
 
 Decode speed is measured as `vllm bench latency` and gpt-fast do, without the prefill: each batch runs twice, with 1
-and with N output tokens, and decode tokens/s = batch x (N - 1) / (t_N - t_1).
+and with N output tokens, and decode tokens/s = batch x (N - 1) / (t_N - t_1). Beside it, the device step alone:
+the compiled step replayed back to back on real decode rows at the mid-point context (and on padding rows, which in
+a MoE model all route to the same experts and so understate a routed step: `decode_step_ms`).
 
     python -m rtpjax.benchmarks.offline --shape llama3-8b --out offline.json            # random weights on the GPU
     python -m rtpjax.benchmarks.offline --shape llama3-8b --tensor-parallel-size 2     # heads over 2 GPUs
@@ -66,6 +68,17 @@ class RtpjaxRunner:
             out = runner.run_step(*inputs)
         jax.block_until_ready(out)
         return (time.perf_counter() - began) / steps * 1e3
+
+    def decode_step_ms(self, batch: int, context: int, prompt_len: int = 128) -> float:
+        """The device step on `batch` real decode rows at `context` tokens: the step the loop runs. Not padding rows:
+        those are all alike, so in a MoE model every one routes to the same top-k experts and a routed step (grouped,
+        pallas) reads k experts' weights per layer where a real batch reads many more (Qwen3-30B-A3B at batch 32:
+        8 of 128 against about 112)."""
+        inputs, ids = self.decode_inputs(batch, context, prompt_len)
+        try:
+            return self.device_step_ms(batch, inputs=inputs)
+        finally:
+            self.release(ids)
 
     def decode_inputs(self, batch: int, context: int, prompt_len: int = 128):
         """A real decode step's inputs: `batch` sequences stepped until each attends to at least `context` tokens
@@ -161,7 +174,8 @@ def main():
 
         model, args.load_format = str(write_config_only(tempfile.mkdtemp(prefix=f"{args.shape}-"), args.shape)), "dummy"
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    args.max_model_len = max(args.max_model_len, args.input_len + args.output_len,
+    context = args.input_len + args.output_len // 2  # where the device step alone is timed: mid-way through decode
+    args.max_model_len = max(args.max_model_len, args.input_len + args.output_len, context + 8,
                              args.throughput_input_len + args.throughput_output_len, args.ttft_len + 1)  # fmt: skip
     engine_args = engine_args_from(args)
     if args.engine == "rtpjax":
@@ -180,8 +194,11 @@ def main():
         result["decode"][b] = {"decode_tokens_per_s": decode, "ms_per_step": (tn - t1) / (args.output_len - 1) * 1e3,
                                "end_to_end_tokens_per_s": tokens / tn, "prefill_seconds": t1}  # fmt: skip
         if args.engine == "rtpjax":
-            result["decode"][b]["device_step_ms"] = runner.device_step_ms(b)
-            print(f"rtpjax batch {b:4d}: device step alone {result['decode'][b]['device_step_ms']:.2f} ms")
+            row = result["decode"][b]
+            row["device_step_ms"] = runner.decode_step_ms(b, context, args.input_len)
+            row["padding_step_ms"] = runner.device_step_ms(b)  # device_step_ms in results up to h200_2026-12-03
+            print(f"rtpjax batch {b:4d}: device step alone {row['device_step_ms']:.2f} ms on real rows at {context} "
+                  f"tokens ({row['padding_step_ms']:.2f} ms on padding rows)")  # fmt: skip
         print(f"{args.engine} batch {b:4d}: {decode:9.1f} decode tok/s  {(tn - t1) / (args.output_len - 1) * 1e3:7.2f} "
               f"ms/step  prefill {t1 * 1e3:7.1f} ms", flush=True)  # fmt: skip
     if args.num_prompts:

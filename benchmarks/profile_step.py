@@ -60,7 +60,8 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--context", type=int, default=0,
-                        help="profile real decode rows holding this many tokens each (default: padding rows, no context)")
+                        help="profile real decode rows holding this many tokens each (default: padding rows, no "
+                             "context; in a MoE model those all route to the same experts: give --context there)")
     parser.add_argument("--prefill", type=int, default=0,
                         help="profile one prompt's prefill chunk of this many tokens after --context cached tokens "
                              "(a multiple of it; the step's token budget becomes this) instead of decode "

@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from conftest import ENGINE_ARGS
@@ -192,6 +193,51 @@ def test_real_decode_inputs_hold_the_context_and_leave_the_engine_clean(model, c
     split = RtpjaxRunner(str(model), max_num_seqs=8, max_model_len=256, max_num_batched_tokens=32,
                          compilation_cache_dir=compile_cache, tensor_parallel_size=2)  # fmt: skip
     assert split.llm.engine.runner.mesh.shape["tensor"] == 2 and split.generate([[1, 5, 9]], 4) == 4
+
+
+def _expert_counts(runner, batch, every_row: bool = False) -> np.ndarray:
+    """Assignments per expert per MoE layer ([MoE layers, experts]) of a step's real rows (every_row: padding rows
+    too), by the model function on the ModelRunner's cache and sampler state as they are now."""
+    from rtpjax.models import moe
+    from rtpjax.runner.model_runner import model_step
+    from rtpjax.runner.step_inputs import pack
+
+    count = moe.expert_load
+    with pytest.MonkeyPatch.context() as patch, jax.disable_jit():
+        if every_row:
+            patch.setattr(moe, "expert_load", lambda ids, valid, n: count(ids, valid | True, n))
+        _, _, load = model_step(runner.params, runner.cache, runner.state, *pack(batch), cfg=runner.cfg,
+                                forward=runner._forward)  # fmt: skip
+    return np.asarray(load)
+
+
+def test_device_step_alone_routes_a_moe_batch_as_decode_does(tmp_path, compile_cache, monkeypatch):
+    """offline.py times the device step alone on real decode rows. Padding rows are all alike, so in a MoE model every
+    one routes to the same top-k experts and a routed step reads k experts' weights per layer: on an H200 that made
+    the Qwen3-30B-A3B step at batch 32 look 11 ms shorter than the loop's steps, read as a host gap."""
+    from rtpjax.benchmarks.offline import RtpjaxRunner
+    from rtpjax.benchmarks.random_checkpoint import write_config_only
+
+    runner = RtpjaxRunner(str(write_config_only(tmp_path / "moe", "tiny-moe")), load_format="dummy",
+                          moe_impl="grouped", max_num_seqs=8, max_model_len=256, max_num_batched_tokens=32,
+                          compilation_cache_dir=compile_cache, warmup=False)  # fmt: skip
+    engine = runner.llm.engine
+    k, rows = engine.cfg.num_experts_per_tok, 8
+    loads = []
+
+    def timed_step(batch, steps=50, inputs=None):  # what the step it times would route
+        assert inputs is not None, "the device step alone must run real rows, not padding rows"
+        loads.append(_expert_counts(engine.runner, inputs[0]))
+        return 1.0
+
+    monkeypatch.setattr(runner, "device_step_ms", timed_step)
+    assert runner.decode_step_ms(rows, 40, prompt_len=24) == 1.0
+    assert not engine.requests and engine.pool.num_free == engine.pool.num_blocks  # released after
+    (load,) = loads
+    assert (load.sum(axis=1) == rows * k).all()  # one real decode token per row
+    assert ((load > 0).sum(axis=1) > 2 * k).all()  # 8 rows spread over many more than one row's k experts
+    padding, _ = engine.runner._batch([], rows, engine.runner._seqs_for(rows))
+    assert ((_expert_counts(engine.runner, padding, every_row=True) > 0).sum(axis=1) == k).all()
 
 
 def test_host_step_splits_the_loop_and_drains_the_device():
