@@ -33,6 +33,7 @@ WORKLOADS = {
     "multi_turn": ["--dataset-name", "multi_turn", "--multi-turn-num-turns", "6", "--multi-turn-input-len", "256",
                    "--multi-turn-output-len", "64"],
 }  # fmt: skip
+STUB_CHUNKS = 8  # SSE events in a stub replica's streamed answer
 
 
 def free_port() -> int:
@@ -118,7 +119,7 @@ def compare(args) -> dict:
 def stub_app():
     """A replica that answers at once: what is left of a request's latency through the router is the router's."""
     from starlette.applications import Starlette
-    from starlette.responses import JSONResponse, Response
+    from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     load = {"num_unfinished": 0, "num_running": 0, "waiting_prompt_tokens": 0, "max_num_batched_tokens": 2048,
@@ -126,8 +127,17 @@ def stub_app():
     body = json.dumps({"id": "cmpl-stub", "object": "text_completion", "choices": [{"index": 0, "text": "x",
                       "finish_reason": "length"}]}).encode()  # fmt: skip
 
+    chunk = b"data: " + json.dumps({"id": "cmpl-stub", "object": "text_completion", "choices": [{"index": 0,
+                                   "text": "x", "finish_reason": None}]}).encode() + b"\n\n"  # fmt: skip
+
+    async def sse():
+        for _ in range(STUB_CHUNKS):
+            yield chunk
+        yield b"data: [DONE]\n\n"
+
     async def completions(request):
-        await request.body()
+        if json.loads(await request.body()).get("stream"):
+            return StreamingResponse(sse(), media_type="text/event-stream")
         return Response(body, media_type="application/json")
 
     async def events(request):
@@ -138,15 +148,18 @@ def stub_app():
                              Route("/health", lambda r: Response())])  # fmt: skip
 
 
-async def drive(url: str, rate: float, seconds: float, prompt: str) -> list[float]:
-    """Requests at `rate` per second (evenly spaced) for `seconds`; each one's latency."""
+async def drive(url: str, rate: float, seconds: float, prompt: str, stream: bool = False) -> list[float]:
+    """Requests at `rate` per second (evenly spaced) for `seconds`; each one's latency (for a stream: to its end)."""
     latencies: list[float] = []
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=None), timeout=30) as client:
 
         async def one():
             t = time.perf_counter()
-            r = await client.post(url + "/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 1})
+            body = {"model": "m", "prompt": prompt, "max_tokens": 1, "stream": stream}
+            r = await client.post(url + "/v1/completions", json=body)
             r.raise_for_status()
+            if stream and not r.content.endswith(b"data: [DONE]\n\n"):
+                raise RuntimeError(f"a stream ended without [DONE]: {r.content[-200:]!r}")
             latencies.append(time.perf_counter() - t)
 
         tasks, began = [], time.perf_counter()
@@ -174,12 +187,12 @@ def overhead(args) -> dict:
                 except httpx.HTTPError:
                     time.sleep(0.1)
         prompt = "Once upon a time " * 128  # ~500 tokens to tokenize and hash
-        direct = asyncio.run(drive(urls[0], args.rate, args.seconds, prompt))
+        direct = asyncio.run(drive(urls[0], args.rate, args.seconds, prompt, args.stream))
         proc, url = start_router("cache_aware", urls, args.tokenizer)
         try:
             time.sleep(1)
             cpu0 = cpu_seconds(proc.pid)
-            routed = asyncio.run(drive(url, args.rate, args.seconds, prompt))
+            routed = asyncio.run(drive(url, args.rate, args.seconds, prompt, args.stream))
             cpu = cpu_seconds(proc.pid) - cpu0
         finally:
             proc.kill()
@@ -190,10 +203,10 @@ def overhead(args) -> dict:
             p.wait()
     p50 = lambda xs: statistics.median(xs) * 1e3  # noqa: E731
     p95 = lambda xs: sorted(xs)[int(0.95 * len(xs))] * 1e3  # noqa: E731
-    row = {"rate": args.rate, "requests": len(routed), "direct_p50_ms": p50(direct), "routed_p50_ms": p50(routed),
+    row = {"rate": args.rate, "stream": args.stream, "requests": len(routed), "direct_p50_ms": p50(direct), "routed_p50_ms": p50(routed),
            "direct_p95_ms": p95(direct), "routed_p95_ms": p95(routed), "overhead_p50_ms": p50(routed) - p50(direct),
            "router_cpu_ms_per_request": cpu * 1e3 / len(routed), "router_cpu_util": cpu / args.seconds}  # fmt: skip
-    print(f"{args.rate:.0f} req/s: latency p50 direct {row['direct_p50_ms']:.2f} ms, through the router "
+    print(f"{args.rate:.0f} req/s{' streamed' if args.stream else ''}: latency p50 direct {row['direct_p50_ms']:.2f} ms, through the router "
           f"{row['routed_p50_ms']:.2f} ms (+{row['overhead_p50_ms']:.2f}); p95 {row['direct_p95_ms']:.2f} / "
           f"{row['routed_p95_ms']:.2f} ms; router CPU {row['router_cpu_ms_per_request']:.2f} ms a request "
           f"({row['router_cpu_util']:.0%} of a core)")
@@ -215,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
     o.add_argument("--tokenizer", required=True)
     o.add_argument("--rate", type=float, default=200.0)
     o.add_argument("--seconds", type=float, default=10.0)
+    o.add_argument("--stream", action="store_true", help=f"SSE answers of {STUB_CHUNKS} chunks and [DONE]")
     for q in (c, o):
         q.add_argument("--out", default=None, help="write the results here as JSON")
     args = p.parse_args(argv)
