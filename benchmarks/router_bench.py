@@ -5,6 +5,7 @@ the router's CPU; and the router's own overhead per request.
     python -m rtpjax.benchmarks.router_bench compare --replicas http://127.0.0.1:8001 http://127.0.0.1:8002 \\
         --tokenizer MODEL_DIR --routers round_robin sglang_cache_aware cache_aware --request-rate 8 --out r.json
     # overhead: stub replicas that answer at once, requests at --rate for --seconds, direct and through the router
+    # (--stream: each answer an SSE stream of a few events)
     python -m rtpjax.benchmarks.router_bench overhead --tokenizer MODEL_DIR --rate 200 --seconds 10 --out o.json
 
 Routers: `round_robin`, `least_load`, `cache_aware` (rtpjax router --policy ...) and `sglang_round_robin`,
@@ -203,13 +204,14 @@ def overhead(args) -> dict:
             p.wait()
     p50 = lambda xs: statistics.median(xs) * 1e3  # noqa: E731
     p95 = lambda xs: sorted(xs)[int(0.95 * len(xs))] * 1e3  # noqa: E731
-    row = {"rate": args.rate, "stream": args.stream, "requests": len(routed), "direct_p50_ms": p50(direct), "routed_p50_ms": p50(routed),
-           "direct_p95_ms": p95(direct), "routed_p95_ms": p95(routed), "overhead_p50_ms": p50(routed) - p50(direct),
+    row = {"rate": args.rate, "stream": args.stream, "requests": len(routed), "direct_p50_ms": p50(direct),
+           "routed_p50_ms": p50(routed), "direct_p95_ms": p95(direct), "routed_p95_ms": p95(routed),
+           "overhead_p50_ms": p50(routed) - p50(direct), "overhead_p95_ms": p95(routed) - p95(direct),
            "router_cpu_ms_per_request": cpu * 1e3 / len(routed), "router_cpu_util": cpu / args.seconds}  # fmt: skip
-    print(f"{args.rate:.0f} req/s{' streamed' if args.stream else ''}: latency p50 direct {row['direct_p50_ms']:.2f} ms, through the router "
-          f"{row['routed_p50_ms']:.2f} ms (+{row['overhead_p50_ms']:.2f}); p95 {row['direct_p95_ms']:.2f} / "
-          f"{row['routed_p95_ms']:.2f} ms; router CPU {row['router_cpu_ms_per_request']:.2f} ms a request "
-          f"({row['router_cpu_util']:.0%} of a core)")
+    print(f"{args.rate:.0f} req/s{' streamed' if args.stream else ''}: latency p50 direct {row['direct_p50_ms']:.2f} "
+          f"ms, through the router {row['routed_p50_ms']:.2f} ms (+{row['overhead_p50_ms']:.2f}); p95 "
+          f"{row['direct_p95_ms']:.2f} / {row['routed_p95_ms']:.2f} ms; router CPU "
+          f"{row['router_cpu_ms_per_request']:.2f} ms a request ({row['router_cpu_util']:.0%} of a core)")
     return row
 
 

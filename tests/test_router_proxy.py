@@ -11,9 +11,9 @@ import time
 import httpx
 import pytest
 import uvicorn
+from test_server import free_port
 
 from rtpjax.router.app import build_router
-from test_server import free_port
 
 SSE = b"text/event-stream; charset=utf-8"
 EVENT = b'data: {"choices": [{"index": 0, "text": "x"}]}\n\n'
@@ -147,6 +147,7 @@ def test_answers_pass_through_byte_for_byte(routed):
         assert (r.status_code, r.headers["content-encoding"], r.headers["x-extra"]) == (200, "gzip", "1")
         assert r.headers["x-rtpjax-worker"].startswith("http://127.0.0.1:")
         assert b"".join(r.iter_raw()) == GZIPPED
+    assert httpx.get(url + "/v1/models", timeout=10).status_code == 404  # the replica's own answer, passed on
     for _ in range(3):
         r, body = stream(url, "stream")
         assert r.headers["content-type"] == SSE.decode()

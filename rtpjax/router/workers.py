@@ -3,8 +3,8 @@
 Nothing here knows what a replica is for, so a prefill/decode router keeps one WorkerPool per role. A replica is out
 as soon as a request to it fails to connect, or when `GET /load` fails or takes longer than `timeout_s` (polled every
 `interval_s`): a dead process refuses at once, a hung one is out within interval + timeout. Its watchers (the
-requests and relays waiting on it, `Worker.watch`) are then called to end them; it is back with its first good answer, and a new engine start (another
-`kv_events_instance`) makes the index forget what it knew of the old one.
+requests and relays waiting on it, `Worker.watch`) are then called to end them; it is back with its first good
+answer, and a new engine start (another `kv_events_instance`) makes the index forget what it knew of the old one.
 """
 
 from __future__ import annotations
