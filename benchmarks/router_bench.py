@@ -150,17 +150,25 @@ def stub_app():
 
 
 async def drive(url: str, rate: float, seconds: float, prompt: str, stream: bool = False) -> list[float]:
-    """Requests at `rate` per second (evenly spaced) for `seconds`; each one's latency (for a stream: to its end)."""
+    """Requests at `rate` per second (evenly spaced) for `seconds`; each one's latency (for a stream: to its end).
+    The load comes from aiohttp: httpx's connection pool costs more CPU the more connections it holds, so under a
+    slow router the load generator itself falls behind and the latencies it reports are its own."""
+    import aiohttp
+
     latencies: list[float] = []
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=None), timeout=30) as client:
+    body = json.dumps({"model": "m", "prompt": prompt, "max_tokens": 1, "stream": stream}).encode()
+    headers = {"content-type": "application/json"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=30)) as session:  # fmt: skip
 
         async def one():
             t = time.perf_counter()
-            body = {"model": "m", "prompt": prompt, "max_tokens": 1, "stream": stream}
-            r = await client.post(url + "/v1/completions", json=body)
-            r.raise_for_status()
-            if stream and not r.content.endswith(b"data: [DONE]\n\n"):
-                raise RuntimeError(f"a stream ended without [DONE]: {r.content[-200:]!r}")
+            async with session.post(url + "/v1/completions", data=body, headers=headers) as r:
+                content = await r.read()
+            if r.status != 200:
+                raise RuntimeError(f"HTTP {r.status}: {content[:200]!r}")
+            if stream and not content.endswith(b"data: [DONE]\n\n"):
+                raise RuntimeError(f"a stream ended without [DONE]: {content[-200:]!r}")
             latencies.append(time.perf_counter() - t)
 
         tasks, began = [], time.perf_counter()
