@@ -5,6 +5,7 @@ the router's CPU; and the router's own overhead per request.
     python -m rtpjax.benchmarks.router_bench compare --replicas http://127.0.0.1:8001 http://127.0.0.1:8002 \\
         --tokenizer MODEL_DIR --routers round_robin sglang_cache_aware cache_aware --request-rate 8 --out r.json
     # overhead: stub replicas that answer at once, requests at --rate for --seconds, direct and through the router
+    # (--stream: each answer an SSE stream of a few events)
     python -m rtpjax.benchmarks.router_bench overhead --tokenizer MODEL_DIR --rate 200 --seconds 10 --out o.json
 
 Routers: `round_robin`, `least_load`, `cache_aware` (rtpjax router --policy ...) and `sglang_round_robin`,
@@ -33,6 +34,7 @@ WORKLOADS = {
     "multi_turn": ["--dataset-name", "multi_turn", "--multi-turn-num-turns", "6", "--multi-turn-input-len", "256",
                    "--multi-turn-output-len", "64"],
 }  # fmt: skip
+STUB_CHUNKS = 8  # SSE events in a stub replica's streamed answer
 
 
 def free_port() -> int:
@@ -118,7 +120,7 @@ def compare(args) -> dict:
 def stub_app():
     """A replica that answers at once: what is left of a request's latency through the router is the router's."""
     from starlette.applications import Starlette
-    from starlette.responses import JSONResponse, Response
+    from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     load = {"num_unfinished": 0, "num_running": 0, "waiting_prompt_tokens": 0, "max_num_batched_tokens": 2048,
@@ -126,8 +128,17 @@ def stub_app():
     body = json.dumps({"id": "cmpl-stub", "object": "text_completion", "choices": [{"index": 0, "text": "x",
                       "finish_reason": "length"}]}).encode()  # fmt: skip
 
+    chunk = b"data: " + json.dumps({"id": "cmpl-stub", "object": "text_completion", "choices": [{"index": 0,
+                                   "text": "x", "finish_reason": None}]}).encode() + b"\n\n"  # fmt: skip
+
+    async def sse():
+        for _ in range(STUB_CHUNKS):
+            yield chunk
+        yield b"data: [DONE]\n\n"
+
     async def completions(request):
-        await request.body()
+        if json.loads(await request.body()).get("stream"):
+            return StreamingResponse(sse(), media_type="text/event-stream")
         return Response(body, media_type="application/json")
 
     async def events(request):
@@ -138,15 +149,26 @@ def stub_app():
                              Route("/health", lambda r: Response())])  # fmt: skip
 
 
-async def drive(url: str, rate: float, seconds: float, prompt: str) -> list[float]:
-    """Requests at `rate` per second (evenly spaced) for `seconds`; each one's latency."""
+async def drive(url: str, rate: float, seconds: float, prompt: str, stream: bool = False) -> list[float]:
+    """Requests at `rate` per second (evenly spaced) for `seconds`; each one's latency (for a stream: to its end).
+    The load comes from aiohttp: httpx's connection pool costs more CPU the more connections it holds, so under a
+    slow router the load generator itself falls behind and the latencies it reports are its own."""
+    import aiohttp
+
     latencies: list[float] = []
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=None), timeout=30) as client:
+    body = json.dumps({"model": "m", "prompt": prompt, "max_tokens": 1, "stream": stream}).encode()
+    headers = {"content-type": "application/json"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=30)) as session:  # fmt: skip
 
         async def one():
             t = time.perf_counter()
-            r = await client.post(url + "/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 1})
-            r.raise_for_status()
+            async with session.post(url + "/v1/completions", data=body, headers=headers) as r:
+                content = await r.read()
+            if r.status != 200:
+                raise RuntimeError(f"HTTP {r.status}: {content[:200]!r}")
+            if stream and not content.endswith(b"data: [DONE]\n\n"):
+                raise RuntimeError(f"a stream ended without [DONE]: {content[-200:]!r}")
             latencies.append(time.perf_counter() - t)
 
         tasks, began = [], time.perf_counter()
@@ -174,12 +196,12 @@ def overhead(args) -> dict:
                 except httpx.HTTPError:
                     time.sleep(0.1)
         prompt = "Once upon a time " * 128  # ~500 tokens to tokenize and hash
-        direct = asyncio.run(drive(urls[0], args.rate, args.seconds, prompt))
+        direct = asyncio.run(drive(urls[0], args.rate, args.seconds, prompt, args.stream))
         proc, url = start_router("cache_aware", urls, args.tokenizer)
         try:
             time.sleep(1)
             cpu0 = cpu_seconds(proc.pid)
-            routed = asyncio.run(drive(url, args.rate, args.seconds, prompt))
+            routed = asyncio.run(drive(url, args.rate, args.seconds, prompt, args.stream))
             cpu = cpu_seconds(proc.pid) - cpu0
         finally:
             proc.kill()
@@ -190,13 +212,14 @@ def overhead(args) -> dict:
             p.wait()
     p50 = lambda xs: statistics.median(xs) * 1e3  # noqa: E731
     p95 = lambda xs: sorted(xs)[int(0.95 * len(xs))] * 1e3  # noqa: E731
-    row = {"rate": args.rate, "requests": len(routed), "direct_p50_ms": p50(direct), "routed_p50_ms": p50(routed),
-           "direct_p95_ms": p95(direct), "routed_p95_ms": p95(routed), "overhead_p50_ms": p50(routed) - p50(direct),
+    row = {"rate": args.rate, "stream": args.stream, "requests": len(routed), "direct_p50_ms": p50(direct),
+           "routed_p50_ms": p50(routed), "direct_p95_ms": p95(direct), "routed_p95_ms": p95(routed),
+           "overhead_p50_ms": p50(routed) - p50(direct), "overhead_p95_ms": p95(routed) - p95(direct),
            "router_cpu_ms_per_request": cpu * 1e3 / len(routed), "router_cpu_util": cpu / args.seconds}  # fmt: skip
-    print(f"{args.rate:.0f} req/s: latency p50 direct {row['direct_p50_ms']:.2f} ms, through the router "
-          f"{row['routed_p50_ms']:.2f} ms (+{row['overhead_p50_ms']:.2f}); p95 {row['direct_p95_ms']:.2f} / "
-          f"{row['routed_p95_ms']:.2f} ms; router CPU {row['router_cpu_ms_per_request']:.2f} ms a request "
-          f"({row['router_cpu_util']:.0%} of a core)")
+    print(f"{args.rate:.0f} req/s{' streamed' if args.stream else ''}: latency p50 direct {row['direct_p50_ms']:.2f} "
+          f"ms, through the router {row['routed_p50_ms']:.2f} ms (+{row['overhead_p50_ms']:.2f}); p95 "
+          f"{row['direct_p95_ms']:.2f} / {row['routed_p95_ms']:.2f} ms; router CPU "
+          f"{row['router_cpu_ms_per_request']:.2f} ms a request ({row['router_cpu_util']:.0%} of a core)")
     return row
 
 
@@ -215,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     o.add_argument("--tokenizer", required=True)
     o.add_argument("--rate", type=float, default=200.0)
     o.add_argument("--seconds", type=float, default=10.0)
+    o.add_argument("--stream", action="store_true", help=f"SSE answers of {STUB_CHUNKS} chunks and [DONE]")
     for q in (c, o):
         q.add_argument("--out", default=None, help="write the results here as JSON")
     args = p.parse_args(argv)

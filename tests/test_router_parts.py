@@ -113,18 +113,19 @@ def test_block_pool_events_chain_blocks_and_report_evictions():
 
 
 @pytest.mark.slow
-def test_router_overhead_benchmark_runs(stories_dir, tmp_path):
+@pytest.mark.parametrize("stream", [False, True])
+def test_router_overhead_benchmark_runs(stories_dir, tmp_path, stream):
     """benchmarks/router_bench.py overhead on CPU, tiny: stub replicas, a few requests direct and through the
-    router."""
+    router (streamed: each must end with [DONE])."""
     import json
 
     from rtpjax.benchmarks import router_bench
 
     out = tmp_path / "overhead.json"
     row = router_bench.main(["overhead", "--tokenizer", str(stories_dir), "--rate", "20", "--seconds", "1",
-                             "--out", str(out)])  # fmt: skip
+                             "--out", str(out), *(["--stream"] if stream else [])])  # fmt: skip
     assert row["requests"] == 20 and row["routed_p50_ms"] > 0 and row["router_cpu_ms_per_request"] > 0
-    assert json.loads(out.read_text())["rate"] == 20
+    assert json.loads(out.read_text())["stream"] == stream
 
 
 def test_data_parallel_replicas_get_the_same_flags_and_their_share_of_devices(monkeypatch):

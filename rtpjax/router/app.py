@@ -13,7 +13,6 @@ import contextlib
 import itertools
 import time
 
-import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -23,11 +22,12 @@ from rtpjax.router.index import PrefixIndex
 from rtpjax.router.metrics import RouterMetrics
 from rtpjax.router.policy import Policy, Prompt
 from rtpjax.router.prompt import PromptHasher
-from rtpjax.router.proxy import Unreachable, error_response, forward
+from rtpjax.router.proxy import Unreachable, error_response, forward, new_session
 from rtpjax.router.workers import WorkerPool
 
 ROUTED = ("/v1/completions", "/v1/chat/completions")
 PASSED = ("/v1/models", "/tokenize", "/detokenize", "/version")
+INLINE_TOKENIZE_BYTES = 4096  # a request body up to this size is tokenized on the event loop, a longer one in a thread
 
 
 def build_router(urls: list[str], policy: str = "cache_aware", tokenizer=None, balance_abs: int = 8,
@@ -38,9 +38,8 @@ def build_router(urls: list[str], policy: str = "cache_aware", tokenizer=None, b
     chooser = Policy(policy, index, balance_abs=balance_abs, balance_rel=balance_rel)
     hasher = PromptHasher(tokenizer)
     metrics = RouterMetrics()
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-    client = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(None, connect=health_timeout_s))
-    pool = WorkerPool(urls, client, index, health_interval_s, health_timeout_s, events_interval_s)
+    session = None  # the one aiohttp.ClientSession to the replicas, made in the server's event loop (lifespan)
+    pool = WorkerPool(urls, None, index, health_interval_s, health_timeout_s, events_interval_s)
     turn = itertools.count()
 
     def block_size() -> int:
@@ -52,7 +51,10 @@ def build_router(urls: list[str], policy: str = "cache_aware", tokenizer=None, b
         prompt = Prompt()
         if index is not None:
             chooser.block_size = block_size()
-            prompt = await asyncio.to_thread(hasher.prompt, request.url.path, body, chooser.block_size)
+            if len(body) <= INLINE_TOKENIZE_BYTES:  # a thread's hand-off would cost more than it saves
+                prompt = hasher.prompt(request.url.path, body, chooser.block_size)
+            else:
+                prompt = await asyncio.to_thread(hasher.prompt, request.url.path, body, chooser.block_size)
         tried: set = set()
         while True:
             workers = [w for w in pool.healthy() if w not in tried]
@@ -66,7 +68,7 @@ def build_router(urls: list[str], policy: str = "cache_aware", tokenizer=None, b
                 index.note_routed(w.url, prompt.hashes)
             metrics.routing.observe(time.perf_counter() - began)
             try:
-                response = await forward(client, w, request.method, request.url.path, body, request.headers,
+                response = await forward(session, w, request.method, request.url.path, body, request.headers,
                                          on_done=done, on_stream_error=lambda w: metrics.failures.labels(w.url).inc())  # fmt: skip
             except Unreachable as e:
                 pool.mark_down(w, f"connection refused ({e})")
@@ -88,7 +90,7 @@ def build_router(urls: list[str], policy: str = "cache_aware", tokenizer=None, b
                 break
             w = workers[next(turn) % len(workers)]
             try:
-                return await forward(client, w, request.method, request.url.path, body, request.headers, w.begin(0))
+                return await forward(session, w, request.method, request.url.path, body, request.headers, w.begin(0))
             except Unreachable as e:
                 pool.mark_down(w, f"connection refused ({e})")
         return error_response(503, "no replica is available", "no_replica")
@@ -111,6 +113,8 @@ def build_router(urls: list[str], policy: str = "cache_aware", tokenizer=None, b
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        nonlocal session
+        session = pool.session = new_session(health_timeout_s)
         pool.start()
         expiry = asyncio.create_task(expire_tentative()) if index is not None else None
         try:
@@ -119,7 +123,7 @@ def build_router(urls: list[str], policy: str = "cache_aware", tokenizer=None, b
             if expiry is not None:
                 expiry.cancel()
             await pool.stop()
-            await client.aclose()
+            await session.close()
 
     routes = [Route(p, routed, methods=["POST"]) for p in ROUTED]
     routes += [Route(p, passed, methods=["GET", "POST"]) for p in PASSED]

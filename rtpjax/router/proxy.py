@@ -1,29 +1,32 @@
 """One request to one replica, and its response back, untouched: status, headers and body bytes as the replica sent
-them (SSE streams chunk by chunk). What the replica cannot answer becomes the router's own error, never a hang:
+them (SSE streams chunk by chunk, not decompressed). What the replica cannot answer becomes the router's own error,
+never a hang:
 
 - it refuses the connection: `Unreachable` (nothing was sent, so the caller may try another replica);
 - it fails or is marked out (WorkerPool) before answering: 502;
 - it fails or is marked out mid-stream: the stream ends with an OpenAI-style error event and `data: [DONE]`.
 
-A client that goes away cancels the relay, which closes the upstream response: the replica sees the disconnect and
+A client that goes away ends the relay, which closes the upstream connection: the replica sees the disconnect and
 aborts the request, freeing its KV blocks.
+
+Forwarding uses one aiohttp ClientSession (pooled keep-alive connections); a replica marked out reaches the
+requests waiting on it through `Worker.watch` callbacks, so nothing per request or per chunk waits on a second task.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import AsyncIterator
 
-import anyio
-import httpx
-from starlette.responses import JSONResponse, Response, StreamingResponse
+import aiohttp
+from starlette.responses import JSONResponse, Response
 
 from rtpjax.router.workers import Worker
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer", "upgrade",
               "proxy-authenticate", "proxy-authorization", "host"}  # fmt: skip
 WORKER_HEADER = "x-rtpjax-worker"  # which replica answered
+KEEPALIVE_S = 4.0  # below uvicorn's 5 s: the router drops an idle connection before a replica may close it
 
 
 class Unreachable(Exception):
@@ -32,6 +35,20 @@ class Unreachable(Exception):
 
 class WorkerDown(Exception):
     pass
+
+
+class ClientGone(Exception):
+    """The router's own client disconnected mid-stream."""
+
+
+def new_session(connect_timeout_s: float) -> aiohttp.ClientSession:
+    """The router's one client to its replicas: no cap on connections, no total timeout (a stream lasts as long as
+    its generation), a bounded connect; bodies passed on as sent (no decompression, no Content-Type made up), no
+    cookies kept."""
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(sock_connect=connect_timeout_s),
+                                 auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+                                 skip_auto_headers=("Content-Type",))  # fmt: skip
 
 
 def error_body(status: int, message: str, code: str) -> dict:
@@ -45,76 +62,132 @@ def error_response(status: int, message: str, code: str, worker: Worker | None =
 
 
 async def _until_down(awaitable, worker: Worker):
-    """`awaitable`'s result, or WorkerDown as soon as the worker is marked out."""
-    down = worker.down
-    if down.is_set():
+    """`awaitable`'s result, or WorkerDown as soon as the worker is marked out (this task is cancelled then)."""
+    if not worker.healthy:
         raise WorkerDown
-    work = asyncio.ensure_future(awaitable)
-    waiter = asyncio.ensure_future(down.wait())
+    task, fired = asyncio.current_task(), []
+
+    def down() -> None:
+        fired.append(True)
+        task.cancel()
+
+    worker.watch(down)
     try:
-        await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        work.cancel()
+        result = await awaitable
+    except asyncio.CancelledError:
+        if fired and task.uncancel() == 0:  # our own cancel, and no one else's: the worker went down
+            raise WorkerDown from None
         raise
     finally:
-        waiter.cancel()
-    if not work.done():
-        work.cancel()
-        raise WorkerDown
-    return work.result()
+        worker.unwatch(down)
+    if fired:  # the answer came before the cancel could land: take it back
+        task.uncancel()
+    return result
 
 
-async def forward(client: httpx.AsyncClient, worker: Worker, method: str, path: str, body: bytes, headers,
+def _fail_reads(content: aiohttp.StreamReader, error: Exception):
+    """A callback that makes the next read of `content` raise `error`, unless the replica already sent all."""
+
+    def fail() -> None:
+        if not content.is_eof() and content.exception() is None:
+            content.set_exception(error)
+
+    return fail
+
+
+async def forward(session: aiohttp.ClientSession, worker: Worker, method: str, path: str, body: bytes, headers,
                   on_done, on_stream_error=None) -> Response:  # fmt: skip
     """Send the request to `worker` and give back its response. `on_done()` runs once when the exchange is over
     (for a stream, when its relay ends); `on_stream_error(worker)` when a stream breaks."""
     sent = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
-    request = client.build_request(method, worker.url + path, content=body, headers=sent, timeout=None)
     streaming = False
     try:
         try:
-            upstream = await _until_down(client.send(request, stream=True), worker)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+            upstream = await _until_down(session.request(method, worker.url + path, data=body, headers=sent),
+                                         worker)  # fmt: skip
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
             raise Unreachable(str(e)) from None
-        except (httpx.HTTPError, WorkerDown) as e:
+        except (aiohttp.ClientError, WorkerDown) as e:
             return error_response(502, f"replica {worker.url} failed before answering: {_why(e)}", "replica_failed",
                                   worker)  # fmt: skip
         back = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
         back[WORKER_HEADER] = worker.url
-        if upstream.headers.get("content-type", "").startswith("text/event-stream"):
+        if upstream.content_type == "text/event-stream":
             streaming = True
-            return StreamingResponse(_relay(upstream, worker, on_done, on_stream_error),
-                                     status_code=upstream.status_code, headers=back)  # fmt: skip
+            return Relay(upstream, worker, back, on_done, on_stream_error)
+        down = _fail_reads(upstream.content, WorkerDown())
+        worker.watch(down)
         try:
-            content = await _until_down(upstream.aread(), worker)
-        except (httpx.HTTPError, WorkerDown) as e:
+            content = await upstream.read()
+        except (aiohttp.ClientError, WorkerDown) as e:
             return error_response(502, f"replica {worker.url} failed mid-answer: {_why(e)}", "replica_failed", worker)
         finally:
-            await upstream.aclose()
-        return Response(content, status_code=upstream.status_code, headers=back)
+            worker.unwatch(down)
+            upstream.release()
+        return Response(content, status_code=upstream.status, headers=back)
     finally:
         if not streaming:
             on_done()
 
 
-async def _relay(upstream: httpx.Response, worker: Worker, on_done, on_error) -> AsyncIterator[bytes]:
-    chunks = upstream.aiter_raw()
-    try:
+async def _disconnected(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class Relay(Response):
+    """An SSE response passed on chunk by chunk as the replica sends it. It ends with the replica's stream; early,
+    with an error event, when the replica fails or is marked out; at once, closing the upstream connection, when the
+    client goes away."""
+
+    def __init__(self, upstream: aiohttp.ClientResponse, worker: Worker, headers: dict, on_done, on_error):
+        self.upstream, self.worker, self.on_done, self.on_error = upstream, worker, on_done, on_error
+        self.status_code, self.background = upstream.status, None
+        self.init_headers(headers)
+
+    async def __call__(self, scope, receive, send) -> None:
+        content, complete = self.upstream.content, False
+        down = _fail_reads(content, WorkerDown())
+        self.worker.watch(down)
+        gone = asyncio.ensure_future(_disconnected(receive))
+        gone.add_done_callback(self._client_gone)
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            complete = await self._pass_on(content, send)
+            if complete is not None:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            gone.cancel()
+            self.worker.unwatch(down)
+            if complete:
+                self.upstream.release()  # read to its end: the connection goes back to the pool
+            else:
+                self.upstream.close()  # the replica sees the disconnect and aborts the request
+            self.on_done()
+
+    def _client_gone(self, listener: asyncio.Future) -> None:
+        if not listener.cancelled():
+            listener.exception()  # a listener that failed cannot hear the disconnect either: end as if it came
+            _fail_reads(self.upstream.content, ClientGone())()
+
+    async def _pass_on(self, content: aiohttp.StreamReader, send) -> bool | None:
+        """The replica's chunks to the client: True when its stream ended, False when it failed (the client got an
+        error event), None when the client went away."""
         while True:
             try:
-                chunk = await _until_down(chunks.__anext__(), worker)
-            except StopAsyncIteration:
-                return
-            yield chunk
-    except (httpx.HTTPError, WorkerDown) as e:
-        if on_error is not None:
-            on_error(worker)
-        message = f"replica {worker.url} failed mid-stream: {_why(e)}"
-        yield f"data: {json.dumps(error_body(502, message, 'replica_failed'))}\n\ndata: [DONE]\n\n".encode()
-    finally:
-        with anyio.CancelScope(shield=True):  # a client that left cancels this relay: the close must still happen,
-            await upstream.aclose()  # so that the replica sees the disconnect and aborts the request
-        on_done()
+                chunk = await content.readany()
+            except ClientGone:
+                return None
+            except (aiohttp.ClientError, WorkerDown) as e:
+                if self.on_error is not None:
+                    self.on_error(self.worker)
+                message = f"replica {self.worker.url} failed mid-stream: {_why(e)}"
+                event = f"data: {json.dumps(error_body(502, message, 'replica_failed'))}\n\ndata: [DONE]\n\n"
+                await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
+                return False
+            if not chunk:
+                return True
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
 
 def _why(e: Exception) -> str:

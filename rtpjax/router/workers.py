@@ -2,19 +2,20 @@
 
 Nothing here knows what a replica is for, so a prefill/decode router keeps one WorkerPool per role. A replica is out
 as soon as a request to it fails to connect, or when `GET /load` fails or takes longer than `timeout_s` (polled every
-`interval_s`): a dead process refuses at once, a hung one is out within interval + timeout. Its `down` event then
-ends the relays of its streams; it is back with its first good answer, and a new engine start (another
-`kv_events_instance`) makes the index forget what it knew of the old one.
+`interval_s`): a dead process refuses at once, a hung one is out within interval + timeout. Its watchers (the
+requests and relays waiting on it, `Worker.watch`) are then called to end them; it is back with its first good
+answer, and a new engine start (another `kv_events_instance`) makes the index forget what it knew of the old one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
 
-import httpx
+import aiohttp
 import msgspec
 
 from rtpjax.distributed.messages import KVEventsPage
@@ -27,8 +28,8 @@ log = logging.getLogger("rtpjax.router")
 @dataclasses.dataclass(eq=False)
 class Worker:
     url: str
-    healthy: bool = False
-    down: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # set while out: relays end
+    healthy: bool = False  # out until its first good answer
+    watchers: set = dataclasses.field(default_factory=set)  # callbacks for when it goes out
     load: dict = dataclasses.field(default_factory=dict)  # the last GET /load
     cost: CostModel = dataclasses.field(default_factory=CostModel)
     inflight: int = 0  # requests the router has open on it
@@ -40,8 +41,12 @@ class Worker:
     cursor: int = 0  # the next KV event batch to read
     events: bool = True  # False once it said it publishes none
 
-    def __post_init__(self):
-        self.down.set()  # out until its first good answer
+    def watch(self, callback) -> None:
+        """Call `callback()` if this worker is marked out before `unwatch(callback)`."""
+        self.watchers.add(callback)
+
+    def unwatch(self, callback) -> None:
+        self.watchers.discard(callback)
 
     def outstanding(self) -> int:
         """Requests it holds or is about to: what it reported, plus what was sent since."""
@@ -78,13 +83,13 @@ class Worker:
 
 
 class WorkerPool:
-    def __init__(self, urls: list[str], client: httpx.AsyncClient, index: PrefixIndex | None = None,
+    def __init__(self, urls: list[str], session: aiohttp.ClientSession | None, index: PrefixIndex | None = None,
                  interval_s: float = 0.5, timeout_s: float = 1.0, events_interval_s: float = 0.1,
                  on_change=None):  # fmt: skip
         if not urls:
             raise ValueError("--worker-urls needs at least one URL")
         self.workers = [Worker(u.rstrip("/")) for u in urls]
-        self.client, self.index = client, index
+        self.session, self.index = session, index
         self.interval_s, self.timeout_s, self.events_interval_s = interval_s, timeout_s, events_interval_s
         self.on_change = on_change or (lambda worker: None)  # called when a worker goes up or down
         self._tasks: list[asyncio.Task] = []
@@ -107,28 +112,37 @@ class WorkerPool:
         if w.healthy:
             log.warning("replica %s is out: %s", w.url, why)
             w.healthy = False
-            w.down.set()
+            for callback in list(w.watchers):
+                callback()
             self.on_change(w)
 
     def _mark_up(self, w: Worker) -> None:
         if not w.healthy:
             log.info("replica %s is in", w.url)
-            w.healthy, w.down = True, asyncio.Event()
+            w.healthy = True
             self.on_change(w)
 
     async def _watch(self, w: Worker) -> None:
         while True:
             try:
-                r = await self.client.get(w.url + "/load", timeout=self.timeout_s)
-                if r.status_code != 200:
-                    raise httpx.HTTPStatusError(f"GET /load answered {r.status_code}", request=r.request, response=r)
-                load = r.json()
-            except (httpx.HTTPError, ValueError) as e:
+                load = json.loads(await self._get(w.url + "/load"))
+            except (aiohttp.ClientError, TimeoutError, ValueError) as e:
                 self.mark_down(w, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
             else:
                 w.reported(load)
                 self._mark_up(w)
             await asyncio.sleep(self.interval_s)
+
+    async def _get(self, url: str, absent_ok: bool = False) -> bytes | None:
+        """GET `url`'s body within `timeout_s`; None for a 404 where `absent_ok`, else an error for any status
+        but 200."""
+        async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as r:
+            if r.status == 404 and absent_ok:
+                return None
+            if r.status != 200:
+                raise aiohttp.ClientResponseError(r.request_info, r.history, status=r.status,
+                                                  message=f"GET {r.url.path} answered {r.status}")  # fmt: skip
+            return await r.read()
 
     async def _follow(self, w: Worker) -> None:
         """Reads the replica's KV events into the index (GET /kv_events?since=cursor)."""
@@ -136,18 +150,17 @@ class WorkerPool:
             if w.healthy:
                 try:
                     await self._read_events(w)
-                except (httpx.HTTPError, msgspec.ValidationError, msgspec.DecodeError) as e:
+                except (aiohttp.ClientError, TimeoutError, msgspec.ValidationError, msgspec.DecodeError) as e:
                     log.debug("KV events of %s: %s", w.url, e)
             await asyncio.sleep(self.events_interval_s)
 
     async def _read_events(self, w: Worker) -> None:
-        r = await self.client.get(w.url + "/kv_events", params={"since": w.cursor}, timeout=self.timeout_s)
-        if r.status_code == 404:
+        body = await self._get(f"{w.url}/kv_events?since={w.cursor}", absent_ok=True)
+        if body is None:
             log.warning("replica %s publishes no KV events: cache_aware routes to it on load alone", w.url)
             w.events = False
             return
-        r.raise_for_status()
-        page = msgspec.json.decode(r.content, type=KVEventsPage)
+        page = msgspec.json.decode(body, type=KVEventsPage)
         if page.instance != w.instance or w.cursor < page.oldest:  # a new engine, or events it no longer has
             self.index.forget(w.url, tentative=page.instance != w.instance)
             if page.instance != w.instance and w.cursor:
