@@ -195,6 +195,7 @@ def test_restart_hits_the_disk_tier_and_recomputes_bad_files(first_run, stories_
                                                            reference, caplog):  # fmt: skip
     llm, *_ = first_run
     llm.engine.close()
+    assert not llm.engine.tiers._writer.is_alive(), "close left the tiers' writer thread running"
     files = sorted(llm.engine.tiers.disk.dir.glob("*/*.kv"))
     assert len(files) >= 4 * len(PROMPTS)
     again = tier_llm(stories_dir, compile_cache, disk_path)
