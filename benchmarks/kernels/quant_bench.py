@@ -22,7 +22,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from rtpjax.loading.quantization import QuantizedWeight, dequantize, placed, quantize
+from rtpjax.loading.quantization import QuantizedWeight, dequantize, placed, quantize, values
 from rtpjax.quant import small_matmul
 from rtpjax.quant.matmul import linear, w8a8
 from rtpjax.quant.small_matmul import Tiles
@@ -32,7 +32,11 @@ FORMATS = ("bf16", "fp8", "int8", "int4")
 HBM_BYTES_PER_S = 4.3e12
 L2_BYTES = 50 << 20
 SWEEP = (Tiles(), Tiles(block_n=32), Tiles(block_n=128), Tiles(block_k=128), Tiles(block_k=512), Tiles(split_k=1),
-         Tiles(split_k=4), Tiles(num_warps=8), Tiles(num_stages=4), Tiles(block_n=128, num_warps=8))  # fmt: skip
+         Tiles(split_k=4), Tiles(num_warps=8), Tiles(num_stages=4), Tiles(block_n=128, num_warps=8),
+         Tiles(block_n=16, split_k=1), Tiles(block_n=32, split_k=1), Tiles(block_n=16, block_k=512, split_k=1),
+         Tiles(block_n=32, block_k=512, split_k=1), Tiles(block_n=32, block_k=128, split_k=2),
+         Tiles(block_n=16, block_k=256, split_k=2), Tiles(num_stages=5), Tiles(block_n=32, num_warps=2),
+         Tiles(block_n=16, block_k=1024, split_k=1, num_warps=4, num_stages=2))  # fmt: skip
 
 
 def _nbytes(w) -> int:
@@ -43,10 +47,10 @@ def _time(fn, xs: jax.Array, weights: list, repeats: int) -> float:
     """Seconds per call of fn(x, w): one program calling it on each of xs with the weights in turn."""
 
     @jax.jit
-    def run(xs, weights):
+    def run(xs, weights):  # every output element is summed: XLA pushes a slice of a dot into the dot
         acc = jnp.zeros((), jnp.float32)
         for i in range(xs.shape[0]):
-            acc += fn(xs[i], weights[i % len(weights)])[0, 0].astype(jnp.float32)
+            acc += jnp.sum(fn(xs[i], weights[i % len(weights)]), dtype=jnp.float32)
         return acc
 
     jax.block_until_ready(run(xs, weights))
@@ -62,6 +66,23 @@ def _xla(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     if w.scheme.act is not None:
         return w8a8(x, w).astype(x.dtype)
     return jnp.dot(x, dequantize(w, x.dtype).T)
+
+
+def _weight_only(x: jax.Array, w) -> jax.Array:
+    """XLA's dot of the weight converted to x's dtype, scales after (one-byte) or before (int4, `_as_s4`'s signed
+    nibbles times their group scales): the form in which XLA fuses the conversion into its GEMM."""
+    if isinstance(w, QuantizedWeight):
+        y = jnp.dot(x, w.q.T.astype(x.dtype), preferred_element_type=jnp.float32) * w.scale[:, 0]
+        return y.astype(x.dtype)
+    q4, scale = w
+    out, groups = scale.shape
+    full = (q4.astype(x.dtype).reshape(out, groups, -1) * scale[:, :, None].astype(x.dtype)).reshape(out, -1)
+    return jnp.dot(x, full.T)
+
+
+def _as_s4(w: QuantizedWeight):
+    """A symmetric int4 weight as XLA's own int4 array [out, in] and its scales."""
+    return values(w).astype(jnp.int4), w.scale
 
 
 def _weights(out: int, inp: int, fmt: str, copies: int) -> list:
@@ -104,12 +125,18 @@ def bench_shape(name: str, out: int, inp: int, tokens: list[int], repeats: int, 
             if fmt == "bf16":
                 continue
             _record(row, f"{fmt}_xla", _time(_xla, xs, weights, repeats), nbytes)
+            if fmt == "int4":  # the conversion XLA can fuse needs its own int4 type
+                s4 = [_as_s4(w) for w in weights]
+                _record(row, "int4_s4", _time(_weight_only, xs, s4, repeats), _nbytes(s4[0]))
+            else:
+                _record(row, f"{fmt}_wonly", _time(_weight_only, xs, weights, repeats), nbytes)
             if small_matmul.applies(row["tokens"], one, tiles):
                 _record(row, f"{fmt}_kernel", _time(kernel(tiles), xs, weights, repeats), nbytes)
     for row in rows:
         print(f"{name:5s} {out:6d}x{inp:<5d} T={row['tokens']:3d}  bf16 {row['bf16_us']:7.1f} us "
               f"{row['bf16_gbps']:5.0f} GB/s  " + "  ".join(
-                  f"{f} {row[f + '_us']:7.1f} us {row[f + '_hbm']:4.0%} HBM (XLA {row[f + '_xla_us']:7.1f}"
+                  f"{f} {row[f + '_us']:7.1f} us {row[f + '_hbm']:4.0%} HBM (XLA {row[f + '_xla_us']:7.1f}, "
+                  f"weight-only {row.get(f + '_wonly_us', row.get('int4_s4_us', 0)):7.1f}"
                   + (f", best tiles {row[f + '_kernel_us']:7.1f})" if f + "_kernel_us" in row else ")")
                   for f in FORMATS[1:]), flush=True)  # fmt: skip
     return rows, best
