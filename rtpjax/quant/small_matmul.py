@@ -46,6 +46,12 @@ class Tiles:
     num_stages: int = 3
 
 
+# The fastest tiles of `benchmarks/kernels/quant_bench.py`'s sweep on an H200 at an 8B model's shapes, 16 rows: the
+# one-byte formats run best with two warps on 32 channels (one 16-row tensor-core tile each), int4's unpacking with
+# four on 64.
+DEFAULT_TILES = {"fp8": Tiles(block_n=32, num_warps=2), "int8": Tiles(block_n=32, num_warps=2), "int4": Tiles()}
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """Tiles resolved for one shape."""
@@ -56,10 +62,12 @@ class Plan:
     split_k: int
 
 
-def plan(rows: int, out: int, in_features: int, fmt: str, group: int = 0, tiles: Tiles = Tiles()) -> Plan:
-    """The tiles for x [rows, in] @ W[out, in].T, or a ValueError naming what does not fit."""
+def plan(rows: int, out: int, in_features: int, fmt: str, group: int = 0, tiles: Tiles | None = None) -> Plan:
+    """The tiles for x [rows, in] @ W[out, in].T (`tiles`, or the format's DEFAULT_TILES), or a ValueError naming what
+    does not fit."""
     if fmt not in FORMATS:
         raise ValueError(f"small_matmul: weight format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    tiles = tiles or DEFAULT_TILES[fmt]
     if not 1 <= rows <= MAX_ROWS:
         raise ValueError(f"small_matmul: {rows} rows: the kernel takes 1 to {MAX_ROWS}")
     if fmt == "int4" and (group % 32 or in_features % group):
@@ -92,7 +100,7 @@ def _fit(tile: int, size: int) -> int:
     return tile
 
 
-def supported(rows: int, out: int, in_features: int, fmt: str, group: int = 0, tiles: Tiles = Tiles()) -> bool:
+def supported(rows: int, out: int, in_features: int, fmt: str, group: int = 0, tiles: Tiles | None = None) -> bool:
     try:
         plan(rows, out, in_features, fmt, group, tiles)
     except ValueError:
@@ -135,7 +143,7 @@ def _kernel(x_ref, q_ref, s_ref, *rest, fmt: str, step: int, steps: int, group: 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "group", "tiles", "interpret"))
 def small_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, zero: jax.Array | None = None, *, fmt: str,
-                 group: int = 0, tiles: Tiles = Tiles(), interpret: bool = False) -> jax.Array:  # fmt: skip
+                 group: int = 0, tiles: Tiles | None = None, interpret: bool = False) -> jax.Array:  # fmt: skip
     """x [M, K] @ W.T in x's dtype. W: fmt "fp8" / "int8": q [N, K] one-byte, scale [N, 1] float32; "int4": q [N, K/2]
     uint8 packed, scale [N, K/group] float32, zero [N, K/group] uint8 or None (symmetric, zero 8)."""
     rows, in_features = x.shape
@@ -163,6 +171,7 @@ def small_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, zero: jax.Array |
         out_spec = pl.BlockSpec((None, p.block_m, p.block_n), lambda j, s: (s, 0, j))
     kernel = functools.partial(_kernel, fmt=fmt, step=p.step, steps=part // p.step, group=group,
                                zero_point=len(inputs) == 4)
+    tiles = tiles or DEFAULT_TILES[fmt]
     params = None if interpret else plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     result = pl.pallas_call(
         kernel, grid=(out // p.block_n, p.split_k), in_specs=in_specs, out_specs=out_spec,
@@ -173,7 +182,7 @@ def small_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, zero: jax.Array |
     return result[:rows]
 
 
-def applies(rows: int, w: QuantizedWeight, tiles: Tiles = Tiles()) -> bool:
+def applies(rows: int, w: QuantizedWeight, tiles: Tiles | None = None) -> bool:
     """Whether `quantized_matmul` takes x [rows, in] @ w: per-channel one-byte or grouped int4 weights, whole on the
     device (a sharded weight would be gathered for a custom call), 2-D, shapes the tiles fit."""
     s = w.scheme
@@ -182,7 +191,8 @@ def applies(rows: int, w: QuantizedWeight, tiles: Tiles = Tiles()) -> bool:
             and supported(rows, w.shape[0], w.shape[1], s.weight, s.group_size(w.shape[1]), tiles))  # fmt: skip
 
 
-def quantized_matmul(x: jax.Array, w: QuantizedWeight, tiles: Tiles = Tiles(), interpret: bool = False) -> jax.Array:
+def quantized_matmul(x: jax.Array, w: QuantizedWeight, tiles: Tiles | None = None,
+                     interpret: bool = False) -> jax.Array:  # fmt: skip
     """x [M, in] @ w.T through the kernel (x already in q's column order), in x's dtype."""
     group = w.scheme.group_size(w.shape[1]) if w.scheme.weight == "int4" else 0
     return small_matmul(x, w.q, w.scale, w.zero, fmt=w.scheme.weight, group=group, tiles=tiles, interpret=interpret)
