@@ -182,7 +182,7 @@ class KVTiers:
 
     def _write(self, hashes: list[bytes], pieces, began: float) -> None:
         try:
-            rows = np.concatenate([np.asarray(arr)[:real] for real, arr in pieces])
+            rows = [row for real, arr in pieces for row in np.asarray(arr)[:real]]  # views: no copy of the pieces
             self._store("host", self.host, self.host.put, hashes, rows, began)
             if self.disk is not None:
                 self._store("disk", self.disk, self.disk.write, hashes, rows, time.perf_counter())
@@ -278,7 +278,8 @@ class KVTiers:
         if not n:
             return None, lookup
         slots = [fetch.slots[i] for i in used]
-        return PackedBlocks(self.layout, [self.host.buf[s] for s in slots], lease=slots), lookup
+        return PackedBlocks(self.layout, [self.host.buf[s] for s in slots], lease=slots,
+                            page_locked=self.host.unpin is not None), lookup
 
     def count(self, lookup: Lookup) -> None:
         """Count an admitted sequence's lookup as queries and hits, in tokens (the disk is asked for what the host
