@@ -10,8 +10,9 @@ the bytes are copied once on each side:
 - prefill: staging.py stages the gathered rows into a leased shared-memory file with their crc32s, chunk by chunk. A
   pull gets the offer as soon as the file is leased, then each chunk's crc32 (a KVChunk; over TCP the chunk's bytes
   follow) as soon as that chunk is staged.
-- decode: the file is mapped (no copy) and each chunk goes to the device straight from the mapping (`load`) once it
-  is announced, its checksum computed meanwhile; over TCP each chunk lands by recv_into in one preallocated buffer
+- decode: the file is mapped (no copy; the mapping is kept, pages populated, for the next hand-off through the same
+  reused file) and each chunk goes to the device straight from the mapping (`load`) once it is announced, its
+  checksum computed meanwhile; over TCP each chunk lands by recv_into in a reused buffer (no fresh pages to fault)
   and goes on while the next is on the wire. So the device copies of one side overlap the staging of the other. The
   answer that lets the prefill side reuse the file waits until the device has its copy.
 
@@ -22,6 +23,7 @@ travel over the socket on either path.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import mmap
 import os
@@ -174,22 +176,84 @@ def host_rows(layout: KVLayout, rows: np.ndarray) -> list[np.ndarray]:
     return list(rows.copy())
 
 
-def _map(path: str, size: int) -> np.ndarray:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if os.fstat(fd).st_size < size:
-            raise TransferError(f"the shared-memory file {path} is short")
-        return np.frombuffer(mmap.mmap(fd, size, prot=mmap.PROT_READ), np.uint8)
-    finally:
-        os.close(fd)
+class Mappings:
+    """The decode side's read-only mappings of the prefill side's shared-memory files, kept (at most `keep`) while
+    their files exist: the prefill side reuses its files, so a later hand-off through the same file finds it mapped,
+    its pages already in this process's page tables (a new mapping is populated in one call, not faulted page by
+    page)."""
+
+    def __init__(self, keep: int = 8):
+        self.keep = keep
+        self._maps: collections.OrderedDict[str, tuple[int, np.ndarray]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: str, size: int) -> np.ndarray:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            st = os.fstat(fd)
+            if st.st_size < size:
+                raise TransferError(f"the shared-memory file {path} is short")
+            with self._lock:
+                self._forget_gone()
+                kept = self._maps.get(path)
+                if kept is not None and kept[0] == st.st_ino and kept[1].size >= size:
+                    self._maps.move_to_end(path)
+                    return kept[1][:size]
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            whole = np.frombuffer(mmap.mmap(fd, st.st_size, flags=flags, prot=mmap.PROT_READ), np.uint8)
+        finally:
+            os.close(fd)
+        with self._lock:
+            self._maps[path] = (st.st_ino, whole)
+            while len(self._maps) > self.keep:
+                self._maps.popitem(last=False)
+        return whole[:size]
+
+    def _forget_gone(self) -> None:
+        """Drop mappings of files removed or replaced (their memory goes once no pull reads it)."""
+        for path, (ino, _) in list(self._maps.items()):
+            try:
+                if os.stat(path).st_ino == ino:
+                    continue
+            except OSError:
+                pass
+            del self._maps[path]
 
 
-def _arrive(sock: socket.socket, offer: KVOffer, load) -> tuple[list, list[Future], list[int], float]:
+class Buffers:
+    """Reused receive buffers for the TCP path (at most `keep` idle): a buffer is the pull's until it answers."""
+
+    def __init__(self, keep: int = 2):
+        self.keep = keep
+        self._idle: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def lease(self, size: int) -> np.ndarray:
+        with self._lock:
+            fits = [b for b in self._idle if b.size >= size]
+            if fits:
+                best = min(fits, key=lambda b: b.size)
+                self._idle.remove(best)
+                return best[:size]
+        return np.empty(size, np.uint8)
+
+    def give_back(self, view: np.ndarray) -> None:
+        whole = view.base if isinstance(view.base, np.ndarray) else view
+        with self._lock:
+            self._idle.append(whole)
+            self._idle.sort(key=lambda b: -b.size)
+            del self._idle[self.keep :]
+
+
+MAPPINGS, BUFFERS = Mappings(), Buffers()
+
+
+def _arrive(sock: socket.socket, offer: KVOffer, load, payload: np.ndarray) -> tuple[list, list[Future], list[int],
+                                                                                     float]:  # fmt: skip
     """Each chunk of the payload as soon as the prefill side has staged it (its crc32 comes first, then, over TCP,
-    its bytes), checksummed on a pool thread while `load` takes its rows; the rows, the checksums computed and sent,
-    and the seconds spent in `load`."""
-    bb, size = offer.layout.block_bytes, offer.sizes[0]
-    payload = _map(offer.shm_path, size) if offer.shm_path is not None else np.empty(size, np.uint8)
+    its bytes into `payload`), checksummed on a pool thread while `load` takes its rows; the rows, the checksums
+    computed and sent, and the seconds spent in `load`."""
+    bb = offer.layout.block_bytes
     rows, sums, sent, loading = [], [], [], 0.0
     for at, n in pieces_of(offer.sizes, offer.chunk):
         chunk = _recv(sock, KVChunk)
@@ -232,12 +296,16 @@ def pull(host: str, port: int, transfer_id: str, channel: str, deadline: float, 
                     offer.chunk % lay.block_bytes:  # fmt: skip
                 raise TransferError(f"the offer from {host}:{port} does not match its layout (sizes, piece size)")
             sock.settimeout(remaining())
-            rows, sums, sent, loading = _arrive(sock, offer, load)
+            size = offer.sizes[0]
+            payload = MAPPINGS.get(offer.shm_path, size) if offer.shm_path is not None else BUFFERS.lease(size)
+            rows, sums, sent, loading = _arrive(sock, offer, load, payload)
             arrived = time.perf_counter()
             jax.block_until_ready(rows)
             loading += time.perf_counter() - arrived
             _send(sock, KVPulled(True))
             sums = [f.result(timeout=remaining()) for f in sums]
+            if offer.shm_path is None:
+                BUFFERS.give_back(payload)  # nothing reads it any more: rows are copies, checksums done
             remaining()  # arrived too late: stale, never adopted
     except (OSError, ValueError, msgspec.DecodeError, msgspec.ValidationError) as e:
         raise TransferError(f"pulling K/V from {host}:{port} failed: {type(e).__name__}: {e}") from None
