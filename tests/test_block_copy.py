@@ -111,3 +111,18 @@ def test_without_pinned_host_the_pageable_path_works(monkeypatch, caplog):
     host = np.asarray(rows)[:real].copy()
     up = copier.put_rows(host)
     np.testing.assert_array_equal(np.stack([np.asarray(r) for r in up]), host)
+
+
+def test_transfer_bench_runs_tiny(tmp_path):
+    """The GPU stage's K/V copy measurements, tiny, on CPU: every old path and its new one moves the bytes."""
+    import json
+
+    from rtpjax.benchmarks import transfer_bench
+
+    out = tmp_path / "transfer.json"
+    transfer_bench.main(["--size-mib", "4", "--kv-tokens", "64", "--layers", "2", "--repeats", "1", "--out", str(out)])
+    kv = json.loads(out.read_text())["kv"]
+    assert kv["pinned_host"] and kv["pinned_asarray_copies"] is False  # the CPU backend: a view of the pinned buffer
+    for key in ("d2h_pageable", "d2h_pinned", "h2d_rows_per_row", "h2d_rows_pieces", "h2d_rows_pieces_pinned",
+                "pd_old", "pd_new", "crc32_64MiB", "adler32_64MiB"):  # fmt: skip
+        assert kv[key + "_GBps"] > 0, key

@@ -104,7 +104,8 @@ def unpack(rows, layout: KVLayout):
 class BlockCopier:
     """Gathers blocks of a cache to the host and writes host blocks into it, per block-count bucket."""
 
-    def __init__(self, cache, layout: KVLayout, sizes: list[int]):
+    def __init__(self, cache, layout: KVLayout, sizes: list[int], use_pinned: bool = True, max_piece: int = 64):
+        """`use_pinned` False, `max_piece` 1: the pageable, row-by-row copies (benchmarks compare them)."""
         self.layout, self.sizes = layout, sizes
         self.num_blocks = cache[0][0].shape[1]
         # Layers of different dtypes (--kv-cache-dtypes) have no one host layout yet: their blocks stay on the device.
@@ -125,10 +126,11 @@ class BlockCopier:
         self._compiled: dict[tuple[str, int], object] = {}  # (kind, bucket) -> executable
         self._zero_row = None  # the padding row of packed writes, made once on the device
         self._on_cpu = any(d.platform == "cpu" for d in first.device_set)
-        self._staging = pinned(self._rows_at)  # pageable rows pass through here on their way up
+        self.use_pinned = use_pinned
+        self._staging = pinned(self._rows_at) if use_pinned else None  # pageable rows pass here on their way up
         self._host_at: dict[int, jax.sharding.Sharding | None] = {}  # device id -> its pinned memory (rows going down)
-        # rows per host-to-device transfer: a power of two, at most 64 blocks (8B's: 128 MiB), split on the device
-        self.piece = min(64, 1 << (max(sizes).bit_length() - 1))
+        # rows per host-to-device transfer: a power of two, by default at most 64 blocks (8B's: 128 MiB)
+        self.piece = 1 << (min(max_piece, max(sizes)).bit_length() - 1)
         self._split = jax.jit(lambda rows: tuple(rows[i] for i in range(rows.shape[0])))
 
     def jobs(self, cache, packed: bool = False) -> list:
@@ -224,7 +226,7 @@ class BlockCopier:
         one = rows.addressable_shards[0].data if len(rows.sharding.device_set) > 1 else rows
         device = next(iter(one.sharding.device_set))
         if device.id not in self._host_at:
-            self._host_at[device.id] = pinned(jax.sharding.SingleDeviceSharding(device))
+            self._host_at[device.id] = pinned(jax.sharding.SingleDeviceSharding(device)) if self.use_pinned else None
         at = self._host_at[device.id]
         if at is None:
             one.copy_to_host_async()
@@ -242,10 +244,11 @@ class BlockCopier:
                 if ("split", n) not in self._compiled:
                     self._compile(cache, "split", n)
 
-    def put_rows(self, rows: np.ndarray) -> list[jax.Array]:
+    def put_rows(self, rows: np.ndarray, page_locked: bool = False) -> list[jax.Array]:
         """Host rows uint8 [k, block_bytes] on every device of the cache, as write_packed takes them: copies, never
-        views of `rows` (whose memory may be reused once they are ready)."""
-        return self._up(list(rows), page_locked=False)
+        views of `rows` (whose memory may be reused once they are ready). `page_locked`: `rows` lie in memory mapped
+        for the devices' DMA (not staged)."""
+        return self._up(list(rows), page_locked)
 
     def _up(self, rows: list, page_locked: bool) -> list[jax.Array]:
         """Host rows as rows on the cache's devices (rows already there stay): each run of back-to-back host rows
