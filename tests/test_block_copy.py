@@ -126,3 +126,21 @@ def test_transfer_bench_runs_tiny(tmp_path):
     for key in ("d2h_pageable", "d2h_pinned", "h2d_rows_per_row", "h2d_rows_pieces", "h2d_rows_pieces_pinned",
                 "pd_old", "pd_new", "crc32_64MiB", "adler32_64MiB"):  # fmt: skip
         assert kv[key + "_GBps"] > 0, key
+
+
+def test_rows_in_registered_page_locked_memory_are_not_staged(monkeypatch):
+    """Rows inside memory registered as page-locked (a pinned shared-memory mapping) cross directly; once it is
+    unregistered they are staged through pinned_host again."""
+    cache = _cache()
+    copier = _copier(cache)
+    host = np.random.default_rng(3).integers(0, 256, (6, LAYOUT.block_bytes), dtype=np.uint8)
+    puts = _Puts(monkeypatch)
+    block_copy.register_page_locked(host)
+    try:
+        rows = copier.put_rows(host[1:5])
+    finally:
+        block_copy.unregister_page_locked(host)
+    assert "pinned_host" not in puts.kinds and puts.host_arrays == 1
+    np.testing.assert_array_equal(np.stack([np.asarray(r) for r in rows]), host[1:5])
+    copier.put_rows(host[1:5])
+    assert "pinned_host" in puts.kinds

@@ -82,3 +82,28 @@ def test_a_flipped_byte_is_refused(served, path):
     payload[3 * LAYOUT.block_bytes + 5] ^= 0x01  # after its checksum was taken
     with pytest.raises(channel.TransferError, match="checksum"):
         _pull(server, path)
+
+
+def test_mappings_page_lock_once_and_never_unpin_in_use(tmp_path):
+    """With a runtime that can page-lock host memory (faked here), a file's mapping is locked once and registered,
+    so rows in it cross without staging; it is unlocked only once no pull reads it and it is past `keep` or gone."""
+    from rtpjax.kv import block_copy
+
+    events = []
+
+    def pin(buf):
+        events.append("pin")
+        return lambda: events.append("unpin")
+
+    path = tmp_path / "f"
+    path.write_bytes(bytes(4096))
+    maps = channel.Mappings(keep=0, pin=pin)
+    view = maps.get(str(path), 1024)
+    again = maps.get(str(path), 2048)
+    assert events == ["pin"] and block_copy.is_page_locked(view) and block_copy.is_page_locked(again[1024:])
+    assert not block_copy.is_page_locked(np.zeros(16, np.uint8))
+    path.unlink()
+    maps.give_back(str(path))
+    assert events == ["pin"], "unlocked while a pull still reads it"
+    maps.give_back(str(path))
+    assert events == ["pin", "unpin"] and not block_copy.is_page_locked(view)

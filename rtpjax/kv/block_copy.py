@@ -18,6 +18,7 @@ Without pinned_host (logged once) the same calls copy through pageable memory.
 from __future__ import annotations
 
 import logging
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,26 @@ from rtpjax.kv.host_blocks import KVBlocks, KVLayout, PackedBlocks
 log = logging.getLogger("rtpjax")
 PINNED = "pinned_host"
 _warned: set[str] = set()
+_locked: dict[int, int] = {}  # start address -> end of host memory mapped for the devices' DMA (dma_mapper)
+_locked_lock = threading.Lock()
+
+
+def register_page_locked(buf: np.ndarray) -> None:
+    """`buf` is mapped for the devices' DMA until unregistered: rows inside it cross without a staging copy."""
+    with _locked_lock:
+        _locked[buf.ctypes.data] = buf.ctypes.data + buf.nbytes
+
+
+def unregister_page_locked(buf: np.ndarray) -> None:
+    with _locked_lock:
+        _locked.pop(buf.ctypes.data, None)
+
+
+def is_page_locked(a: np.ndarray) -> bool:
+    """Whether host array `a` lies inside a registered page-locked buffer."""
+    start = a.ctypes.data
+    with _locked_lock:
+        return any(lo <= start and start + a.nbytes <= hi for lo, hi in _locked.items())
 
 
 def pinned(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding | None:
@@ -278,6 +299,7 @@ class BlockCopier:
     def _transfer(self, pieces: list[np.ndarray], page_locked: bool) -> list[jax.Array]:
         """Host pieces on the cache's devices; pageable ones through pinned memory where the backend has it (one host
         copy, then a DMA), page-locked ones (a DMA-mapped tier) directly. The results never alias the pieces."""
+        page_locked = page_locked or all(map(is_page_locked, pieces))
         if self._staging is not None and not page_locked:
             return jax.device_put(jax.device_put(pieces, self._staging, may_alias=False), self._rows_at)
         if self._on_cpu:  # the CPU client may alias suitably aligned host memory whatever may_alias says
