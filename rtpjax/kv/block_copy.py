@@ -149,6 +149,8 @@ class BlockCopier:
         self._on_cpu = any(d.platform == "cpu" for d in first.device_set)
         self.use_pinned = use_pinned
         self._staging = pinned(self._rows_at) if use_pinned else None  # pageable rows pass here on their way up
+        # named, not None: a device_put that leaves the memory kind open keeps a pinned_host array where it is
+        self._in_device = self._rows_at.with_memory_kind(next(iter(first.device_set)).default_memory().kind)
         self._host_at: dict[int, jax.sharding.Sharding | None] = {}  # device id -> its pinned memory (rows going down)
         # rows per host-to-device transfer: a power of two, by default at most 64 blocks (8B's: 128 MiB)
         self.piece = 1 << (min(max_piece, max(sizes)).bit_length() - 1)
@@ -301,7 +303,7 @@ class BlockCopier:
         copy, then a DMA), page-locked ones (a DMA-mapped tier) directly. The results never alias the pieces."""
         page_locked = page_locked or all(map(is_page_locked, pieces))
         if self._staging is not None and not page_locked:
-            return jax.device_put(jax.device_put(pieces, self._staging, may_alias=False), self._rows_at)
+            return jax.device_put(jax.device_put(pieces, self._staging, may_alias=False), self._in_device)
         if self._on_cpu:  # the CPU client may alias suitably aligned host memory whatever may_alias says
             pieces = [np.array(p) for p in pieces]
         return jax.device_put(pieces, self._rows_at, may_alias=False)
