@@ -115,7 +115,7 @@ def _host_costs(host: np.ndarray, repeats: int) -> dict:
     for name, fn in (("crc32", zlib.crc32), ("adler32", zlib.adler32)):
         r[f"{name}_64MiB_s"] = _median_s(lambda _, fn=fn: fn(sample), repeats)
         views = [memoryview(sample)[i : i + staging.CHUNK] for i in range(0, sample.size, staging.CHUNK)]
-        r[f"{name}_64MiB_threads_s"] = _median_s(lambda _, fn=fn: list(staging.POOL.map(fn, views)), repeats)
+        r[f"{name}_64MiB_threads_s"] = _median_s(lambda _, fn=fn, v=views: list(staging.POOL.map(fn, v)), repeats)
     return r
 
 
@@ -136,7 +136,8 @@ def _asarray_copies(pinned, dev) -> bool | str:
 
 
 def kv_paths(args) -> dict:
-    from rtpjax.kv.block_copy import BlockCopier, pinned as pinned_of
+    from rtpjax.kv.block_copy import BlockCopier
+    from rtpjax.kv.block_copy import pinned as pinned_of
     from rtpjax.kv.host_blocks import KVLayout
     from rtpjax.loading.loader import _aligned_buffer, dma_mapper
 

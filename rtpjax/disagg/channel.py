@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import mmap
 import os
 import socket
@@ -43,6 +44,7 @@ from rtpjax.distributed.messages import KVChunk, KVOffer, KVPull, KVPulled
 from rtpjax.kv import block_copy
 from rtpjax.kv.host_blocks import KVLayout
 
+log = logging.getLogger("rtpjax")
 SOCKET_BUFFER = 8 << 20  # large socket buffers: fewer, larger reads and writes on a fast link
 
 
@@ -305,8 +307,8 @@ def _settle(rows: list) -> None:
     """Wait for the device copies started from a mapping before it may be unmapped (they may have failed)."""
     try:
         jax.block_until_ready(rows)
-    except Exception:  # noqa: BLE001 - a failed copy no longer reads anything
-        pass
+    except Exception as e:  # noqa: BLE001 - a failed copy no longer reads anything
+        log.debug("a K/V copy failed while its pull gave up: %s", e)
 
 
 def _arrive(sock: socket.socket, offer: KVOffer, load, payload: np.ndarray, rows: list) -> tuple[list[Future],

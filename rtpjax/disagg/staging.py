@@ -2,9 +2,10 @@
 
 `stage` waits (on a hand-off thread, never the engine loop) for each gathered piece's device-to-host copy (into pinned
 host memory: block_copy.gather_packed) and copies it into a leased file of the ShmArena, chunk by chunk on a thread
-pool, each chunk's crc32 computed from the same source bytes on another pool thread at the same time (numpy copies
-and zlib release the GIL; crc32 beat adler32, md5, sha1 and blake2b in zlib 1.2.13 on 64 MB); a piece is staged while
-the next one is still crossing from the device. A chunk is announced once both are done. Staged says what is ready as it becomes ready (the file first, then each chunk), so a pull follows
+pool, each chunk's crc32 computed from the same source bytes on another pool thread at the same time (numpy copies and
+zlib release the GIL; crc32 was the fastest of zlib's and hashlib's checksums on this work, transfer_bench.py compares
+it with adler32); a piece is staged while the next one is still crossing from the device. A chunk is announced once
+both are done. Staged says what is ready as it becomes ready (the file first, then each chunk), so a pull follows
 chunk by chunk. HeldStore keeps the hand-offs until they are pulled or expire; every way out gives the file back.
 """
 

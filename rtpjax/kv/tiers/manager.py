@@ -8,12 +8,12 @@ the device on the engine's thread.
 The writer's backlog is bounded (max_pending blocks): past it a block is dropped and counted, so a slow disk never
 holds the engine's thread or piles up host memory.
 
-Up: for a waiting sequence whose prefix continues below the device, `fetch` leases the host rows that hold it,
-starts reader threads on those only on disk (into leased host rows), and has the writer fill leased rows for blocks
-still on their way down (their device copies may be gone already: waiting beats recomputing). The sequence waits ("loading") while other
-requests run; once every row is in, the scheduler admits it with its rows as a block load written before its first
-step, and the rows are given back once that step has run. Whether a hit is worth loading is `should_load`: the
-policy, and measured costs (Costs): the onload and disk bandwidths against the time the step takes to recompute as
+Up: for a waiting sequence whose prefix continues below the device, `fetch` leases the host rows that hold it, starts
+reader threads on those only on disk (into leased host rows), and has the writer fill leased rows for blocks still on
+their way down (their device copies may be gone already: waiting beats recomputing). The sequence waits ("loading")
+while other requests run; once every row is in, the scheduler admits it with its rows as a block load written before
+its first step, and the rows are given back once that step has run. Whether a hit is worth loading is `should_load`:
+the policy, and measured costs (Costs): the onload and disk bandwidths against the time the step takes to recompute as
 many tokens. Hits and queries are counted once per admission (`count`), never for a try that did not admit.
 """
 
