@@ -10,8 +10,9 @@ the bytes are copied once on each side:
 - prefill: staging.py stages the gathered rows into a leased shared-memory file with their crc32s, chunk by chunk. A
   pull gets the offer as soon as the file is leased, then each chunk's crc32 (a KVChunk; over TCP the chunk's bytes
   follow) as soon as that chunk is staged.
-- decode: the file is mapped (no copy) and each chunk goes to the device straight from the mapping (`load`) once it
-  is announced, its checksum computed meanwhile; over TCP each chunk lands by recv_into in one preallocated buffer
+- decode: the file is mapped (no copy; the mapping is kept, pages populated, for the next hand-off through the same
+  reused file) and each chunk goes to the device straight from the mapping (`load`) once it is announced, its
+  checksum computed meanwhile; over TCP each chunk lands by recv_into in a reused buffer (no fresh pages to fault)
   and goes on while the next is on the wire. So the device copies of one side overlap the staging of the other. The
   answer that lets the prefill side reuse the file waits until the device has its copy.
 
@@ -22,7 +23,9 @@ travel over the socket on either path.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import logging
 import mmap
 import os
 import socket
@@ -38,8 +41,10 @@ import numpy as np
 
 from rtpjax.disagg.staging import CHUNK, POOL, HeldStore, pieces_of, sweep_dead
 from rtpjax.distributed.messages import KVChunk, KVOffer, KVPull, KVPulled
+from rtpjax.kv import block_copy
 from rtpjax.kv.host_blocks import KVLayout
 
+log = logging.getLogger("rtpjax")
 SOCKET_BUFFER = 8 << 20  # large socket buffers: fewer, larger reads and writes on a fast link
 
 
@@ -174,23 +179,145 @@ def host_rows(layout: KVLayout, rows: np.ndarray) -> list[np.ndarray]:
     return list(rows.copy())
 
 
-def _map(path: str, size: int) -> np.ndarray:
-    fd = os.open(path, os.O_RDONLY)
+@dataclasses.dataclass
+class _Mapped:
+    ino: int
+    whole: np.ndarray  # the file's whole mapping
+    unpin: object = None  # undoes its page-locking for the devices' DMA
+    users: int = 0  # pulls reading it now
+
+
+class Mappings:
+    """The decode side's mappings of the prefill side's shared-memory files, kept (at most `keep` idle ones) while
+    their files exist: the prefill side reuses its files, so a later hand-off through the same file finds it mapped,
+    its pages in this process's page tables (a new mapping is populated in one call, not faulted page by page) and,
+    where the devices' runtime can map host memory (loader.dma_mapper), page-locked once: chunks then cross to the
+    device by DMA straight from the file, no staging copy (block_copy.register_page_locked). A mapping in use by a
+    pull is never unmapped."""
+
+    def __init__(self, keep: int = 8, pin=None, find_pin: bool = True):
+        self.keep, self._pin, self._find_pin = keep, pin, find_pin and pin is None
+        self._maps: collections.OrderedDict[str, _Mapped] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def _pinner(self):
+        if self._find_pin:
+            from rtpjax.loading.loader import dma_mapper
+
+            self._pin, self._find_pin = dma_mapper(jax.local_devices()), False
+        return self._pin
+
+    def get(self, path: str, size: int) -> np.ndarray:
+        """The first `size` bytes of the file, leased until `give_back(path)`."""
+        pin = self._pinner()
+        try:
+            fd = os.open(path, os.O_RDWR if pin is not None else os.O_RDONLY)  # page-locking needs writable pages
+        except PermissionError:
+            pin, fd = None, os.open(path, os.O_RDONLY)
+        try:
+            st = os.fstat(fd)
+            if st.st_size < size:
+                raise TransferError(f"the shared-memory file {path} is short")
+            with self._lock:
+                kept = self._maps.get(path)
+                if kept is not None and kept.ino == st.st_ino and kept.whole.size >= size:
+                    kept.users += 1
+                    self._maps.move_to_end(path)
+                    return kept.whole[:size]
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if pin is not None else 0)
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            whole = np.frombuffer(mmap.mmap(fd, st.st_size, flags=flags, prot=prot), np.uint8)
+        finally:
+            os.close(fd)
+        mapped = _Mapped(st.st_ino, whole, pin(whole) if pin is not None else None, users=1)
+        if mapped.unpin is not None:
+            block_copy.register_page_locked(whole)
+        with self._lock:
+            old = self._maps.pop(path, None)
+            self._maps[path] = mapped
+            gone = self._evict([old] if old is not None and not old.users else [])
+        self._drop(gone)
+        return whole[:size]
+
+    def give_back(self, path: str) -> None:
+        with self._lock:
+            kept = self._maps.get(path)
+            if kept is not None and kept.users:
+                kept.users -= 1
+            gone = self._evict([])
+        self._drop(gone)
+
+    def _evict(self, gone: list) -> list[_Mapped]:
+        """Idle mappings of files removed or replaced, and the oldest idle ones past `keep` (under the lock)."""
+        for path, m in list(self._maps.items()):
+            try:
+                alive = os.stat(path).st_ino == m.ino
+            except OSError:
+                alive = False
+            if not alive and not m.users:
+                gone.append(self._maps.pop(path))
+        idle = [path for path, m in self._maps.items() if not m.users]
+        for path in idle[: max(0, len(self._maps) - self.keep)]:
+            gone.append(self._maps.pop(path))
+        return gone
+
+    @staticmethod
+    def _drop(gone: list[_Mapped]) -> None:
+        for m in gone:
+            if m.unpin is not None:
+                block_copy.unregister_page_locked(m.whole)
+                m.unpin()
+
+    def close(self) -> None:
+        with self._lock:
+            gone = [m for m in self._maps.values() if not m.users]
+            self._maps = collections.OrderedDict((p, m) for p, m in self._maps.items() if m.users)
+        self._drop(gone)
+
+
+class Buffers:
+    """Reused receive buffers for the TCP path (at most `keep` idle): a buffer is the pull's until it answers."""
+
+    def __init__(self, keep: int = 2):
+        self.keep = keep
+        self._idle: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def lease(self, size: int) -> np.ndarray:
+        with self._lock:
+            fits = [b for b in self._idle if b.size >= size]
+            if fits:
+                best = min(fits, key=lambda b: b.size)
+                self._idle.remove(best)
+                return best[:size]
+        return np.empty(size, np.uint8)
+
+    def give_back(self, view: np.ndarray) -> None:
+        whole = view.base if isinstance(view.base, np.ndarray) else view
+        with self._lock:
+            self._idle.append(whole)
+            self._idle.sort(key=lambda b: -b.size)
+            del self._idle[self.keep :]
+
+
+MAPPINGS, BUFFERS = Mappings(), Buffers()
+
+
+def _settle(rows: list) -> None:
+    """Wait for the device copies started from a mapping before it may be unmapped (they may have failed)."""
     try:
-        if os.fstat(fd).st_size < size:
-            raise TransferError(f"the shared-memory file {path} is short")
-        return np.frombuffer(mmap.mmap(fd, size, prot=mmap.PROT_READ), np.uint8)
-    finally:
-        os.close(fd)
+        jax.block_until_ready(rows)
+    except Exception as e:  # noqa: BLE001 - a failed copy no longer reads anything
+        log.debug("a K/V copy failed while its pull gave up: %s", e)
 
 
-def _arrive(sock: socket.socket, offer: KVOffer, load) -> tuple[list, list[Future], list[int], float]:
+def _arrive(sock: socket.socket, offer: KVOffer, load, payload: np.ndarray, rows: list) -> tuple[list[Future],
+                                                                                                list[int], float]:
     """Each chunk of the payload as soon as the prefill side has staged it (its crc32 comes first, then, over TCP,
-    its bytes), checksummed on a pool thread while `load` takes its rows; the rows, the checksums computed and sent,
-    and the seconds spent in `load`."""
-    bb, size = offer.layout.block_bytes, offer.sizes[0]
-    payload = _map(offer.shm_path, size) if offer.shm_path is not None else np.empty(size, np.uint8)
-    rows, sums, sent, loading = [], [], [], 0.0
+    its bytes into `payload`), checksummed on a pool thread while `load` takes its rows (into `rows`); the checksums
+    computed and sent, and the seconds spent in `load`."""
+    bb = offer.layout.block_bytes
+    sums, sent, loading = [], [], 0.0
     for at, n in pieces_of(offer.sizes, offer.chunk):
         chunk = _recv(sock, KVChunk)
         if chunk.error is not None:
@@ -203,7 +330,7 @@ def _arrive(sock: socket.socket, offer: KVOffer, load) -> tuple[list, list[Futur
         began = time.perf_counter()
         rows += load(offer.layout, piece.reshape(-1, bb))
         loading += time.perf_counter() - began
-    return rows, sums, sent, loading
+    return sums, sent, loading
 
 
 def pull(host: str, port: int, transfer_id: str, channel: str, deadline: float, load=host_rows) -> Pulled:
@@ -232,12 +359,21 @@ def pull(host: str, port: int, transfer_id: str, channel: str, deadline: float, 
                     offer.chunk % lay.block_bytes:  # fmt: skip
                 raise TransferError(f"the offer from {host}:{port} does not match its layout (sizes, piece size)")
             sock.settimeout(remaining())
-            rows, sums, sent, loading = _arrive(sock, offer, load)
-            arrived = time.perf_counter()
-            jax.block_until_ready(rows)
-            loading += time.perf_counter() - arrived
-            _send(sock, KVPulled(True))
-            sums = [f.result(timeout=remaining()) for f in sums]
+            size, rows = offer.sizes[0], []
+            payload = MAPPINGS.get(offer.shm_path, size) if offer.shm_path is not None else BUFFERS.lease(size)
+            try:
+                sums, sent, loading = _arrive(sock, offer, load, payload, rows)
+                arrived = time.perf_counter()
+                jax.block_until_ready(rows)
+                loading += time.perf_counter() - arrived
+                _send(sock, KVPulled(True))
+                sums = [f.result(timeout=remaining()) for f in sums]
+                if offer.shm_path is None:
+                    BUFFERS.give_back(payload)  # nothing reads it any more: rows are copies, checksums done
+            finally:
+                if offer.shm_path is not None:
+                    _settle(rows)
+                    MAPPINGS.give_back(offer.shm_path)
             remaining()  # arrived too late: stale, never adopted
     except (OSError, ValueError, msgspec.DecodeError, msgspec.ValidationError) as e:
         raise TransferError(f"pulling K/V from {host}:{port} failed: {type(e).__name__}: {e}") from None

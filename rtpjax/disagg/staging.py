@@ -1,9 +1,11 @@
 """The prefill side's half of the K/V hand-off: a prompt's gathered rows staged in shared memory with their checksums.
 
-`stage` waits (on a hand-off thread, never the engine loop) for each gathered piece's device-to-host copy and copies
-it into a leased file of the ShmArena, chunk by chunk on a thread pool that computes each chunk's crc32 while it is
-still in the cache (numpy copies and zlib release the GIL); a piece is staged while the next one is still crossing
-from the device. Staged says what is ready as it becomes ready (the file first, then each chunk), so a pull follows
+`stage` waits (on a hand-off thread, never the engine loop) for each gathered piece's device-to-host copy (into pinned
+host memory: block_copy.gather_packed) and copies it into a leased file of the ShmArena, chunk by chunk on a thread
+pool, each chunk's crc32 computed from the same source bytes on another pool thread at the same time (numpy copies and
+zlib release the GIL; crc32 was the fastest of zlib's and hashlib's checksums on this work, transfer_bench.py compares
+it with adler32); a piece is staged while the next one is still crossing from the device. A chunk is announced once
+both are done. Staged says what is ready as it becomes ready (the file first, then each chunk), so a pull follows
 chunk by chunk. HeldStore keeps the hand-offs until they are pulled or expire; every way out gives the file back.
 """
 
@@ -156,14 +158,25 @@ def stage(staged: Staged, pieces) -> None:
     staged.leased.set_result((path, payload))
     bounds, landed, waited, jobs, at = pieces_of([staged.size], staged.chunk), [], 0.0, [], 0
 
-    def one(i: int, sources) -> None:
+    def parts(i: int, sources):
+        """(destination, source) of each landed piece this chunk overlaps, in order."""
         start, size = bounds[i]
+        for src_at, src in sources:
+            lo, hi = max(start, src_at), min(start + size, src_at + src.size)
+            if lo < hi:
+                yield payload[lo:hi], src[lo - src_at : hi - src_at]
+
+    def crc(i: int, sources) -> int:
+        value = 0
+        for _, src in parts(i, sources):
+            value = zlib.crc32(src, value)  # chained: the crc32 of the whole chunk
+        return value
+
+    def one(i: int, sources, crc_of: Future) -> None:
         try:
-            for src_at, src in sources:  # the landed pieces this chunk overlaps
-                lo, hi = max(start, src_at), min(start + size, src_at + src.size)
-                if lo < hi:
-                    np.copyto(payload[lo:hi], src[lo - src_at : hi - src_at])
-            staged.sums[i].set_result(zlib.crc32(payload[start : start + size]))
+            for dst, src in parts(i, sources):
+                np.copyto(dst, src)
+            staged.sums[i].set_result(crc_of.result())  # submitted before this job: running or done
         except BaseException as e:  # noqa: BLE001 - handed to the pull that waits on this chunk
             staged.sums[i].set_exception(e)
 
@@ -175,7 +188,9 @@ def stage(staged: Staged, pieces) -> None:
             landed.append((at, host))
             at += host.size
             while len(jobs) < len(bounds) and sum(bounds[len(jobs)]) <= at:
-                jobs.append(POOL.submit(one, len(jobs), list(landed)))
+                sources = list(landed)
+                crc_of = POOL.submit(crc, len(jobs), sources)
+                jobs.append(POOL.submit(one, len(jobs), sources, crc_of))
         t = time.perf_counter()
         futures.wait(jobs)
         staged.done.set_result((waited, time.perf_counter() - t))

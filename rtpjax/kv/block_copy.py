@@ -7,15 +7,86 @@ bucket go in pieces of it. The executables are compiled at warm-up, so a copy ne
 The cache is threaded through like a step's (the write donates it), so JAX orders a copy after every step dispatched
 before it: a gather sees the K/V of a step still running. Under tensor parallelism a gather returns the model's KV
 heads whole (one of each copy) and a write repeats them into the cache's copies, keeping the cache's sharding.
+
+Host copies go through page-locked memory where the backend has JAX's "pinned_host" memory kind: a gather's rows
+leave the device by `device_put` into pinned host memory (a DMA on a transfer stream, not the step's queue; the engine
+thread only dispatches it), and host rows reach the device in runs of consecutive rows, one transfer per power-of-two
+piece (pageable rows staged once into pinned memory, page-locked ones read directly), split into rows on the device.
+Without pinned_host (logged once) the same calls copy through pageable memory.
 """
 
 from __future__ import annotations
+
+import logging
+import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rtpjax.kv.host_blocks import KVBlocks, KVLayout, PackedBlocks
+
+log = logging.getLogger("rtpjax")
+PINNED = "pinned_host"
+_warned: set[str] = set()
+_locked: dict[int, int] = {}  # start address -> end of host memory mapped for the devices' DMA (dma_mapper)
+_locked_lock = threading.Lock()
+
+
+def register_page_locked(buf: np.ndarray) -> None:
+    """`buf` is mapped for the devices' DMA until unregistered: rows inside it cross without a staging copy."""
+    with _locked_lock:
+        _locked[buf.ctypes.data] = buf.ctypes.data + buf.nbytes
+
+
+def unregister_page_locked(buf: np.ndarray) -> None:
+    with _locked_lock:
+        _locked.pop(buf.ctypes.data, None)
+
+
+def is_page_locked(a: np.ndarray) -> bool:
+    """Whether host array `a` lies inside a registered page-locked buffer."""
+    start = a.ctypes.data
+    with _locked_lock:
+        return any(lo <= start and start + a.nbytes <= hi for lo, hi in _locked.items())
+
+
+def pinned(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding | None:
+    """`sharding` in page-locked host memory, or None (said once per platform) where a device lacks that kind."""
+    devices = sharding.device_set
+    if all(PINNED in {m.kind for m in d.addressable_memories()} for d in devices):
+        return sharding.with_memory_kind(PINNED)
+    platform = next(iter(devices)).platform
+    if platform not in _warned:
+        _warned.add(platform)
+        log.info("KV block copies go through pageable host memory: %s devices have no %s memory", platform, PINNED)
+    return None
+
+
+def runs(rows: list) -> list[tuple[int, int]]:
+    """(start, count) of each run of host rows that lie back to back in one buffer (one transfer can take a run)."""
+    out = []
+    for i, row in enumerate(rows):
+        if out and _follows(rows[i - 1], row):
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((i, 1))
+    return out
+
+
+def _follows(prev, row) -> bool:
+    return (isinstance(prev, np.ndarray) and isinstance(row, np.ndarray) and prev.flags.c_contiguous
+            and row.flags.c_contiguous and prev.base is not None and row.base is prev.base
+            and row.ctypes.data == prev.ctypes.data + prev.nbytes)  # fmt: skip
+
+
+def powers(count: int, largest: int) -> list[int]:
+    """Piece sizes covering `count`: `largest` (a power of two) as often as it fits, then the binary digits of the
+    rest, largest first."""
+    out = [largest] * (count // largest)
+    rest = count % largest
+    out += [1 << b for b in range(rest.bit_length() - 1, -1, -1) if rest >> b & 1]
+    return out
 
 
 def gather(cache, ids, *, copies: int):
@@ -54,7 +125,8 @@ def unpack(rows, layout: KVLayout):
 class BlockCopier:
     """Gathers blocks of a cache to the host and writes host blocks into it, per block-count bucket."""
 
-    def __init__(self, cache, layout: KVLayout, sizes: list[int]):
+    def __init__(self, cache, layout: KVLayout, sizes: list[int], use_pinned: bool = True, max_piece: int = 64):
+        """`use_pinned` False, `max_piece` 1: the pageable, row-by-row copies (benchmarks compare them)."""
         self.layout, self.sizes = layout, sizes
         self.num_blocks = cache[0][0].shape[1]
         # Layers of different dtypes (--kv-cache-dtypes) have no one host layout yet: their blocks stay on the device.
@@ -75,6 +147,14 @@ class BlockCopier:
         self._compiled: dict[tuple[str, int], object] = {}  # (kind, bucket) -> executable
         self._zero_row = None  # the padding row of packed writes, made once on the device
         self._on_cpu = any(d.platform == "cpu" for d in first.device_set)
+        self.use_pinned = use_pinned
+        self._staging = pinned(self._rows_at) if use_pinned else None  # pageable rows pass here on their way up
+        # named, not None: a device_put that leaves the memory kind open keeps a pinned_host array where it is
+        self._in_device = self._rows_at.with_memory_kind(next(iter(first.device_set)).default_memory().kind)
+        self._host_at: dict[int, jax.sharding.Sharding | None] = {}  # device id -> its pinned memory (rows going down)
+        # rows per host-to-device transfer: a power of two, by default at most 64 blocks (8B's: 128 MiB)
+        self.piece = 1 << (min(max_piece, max(sizes)).bit_length() - 1)
+        self._split = jax.jit(lambda rows: tuple(rows[i] for i in range(rows.shape[0])))
 
     def jobs(self, cache, packed: bool = False) -> list:
         """One callable per executable to compile (the runner's warm-up runs them in its thread pool); `packed`: also
@@ -82,7 +162,11 @@ class BlockCopier:
         if self.mixed:
             return []
         kinds = ("gather", "write") + (("gather_packed", "write_packed") if packed else ())
-        return [lambda n=n, kind=kind: self._compile(cache, kind, n) for n in self.sizes for kind in kinds]
+        splits = [lambda n=n: self._compile(cache, "split", n) for n in self._split_sizes()] if packed else []
+        return [lambda n=n, kind=kind: self._compile(cache, kind, n) for n in self.sizes for kind in kinds] + splits
+
+    def _split_sizes(self) -> list[int]:
+        return [1 << b for b in range(self.piece.bit_length())]
 
     def _compile(self, cache, kind: str, n: int) -> None:
         ids = jax.ShapeDtypeStruct((n,), jnp.int32)
@@ -91,6 +175,9 @@ class BlockCopier:
             self._compiled[kind, n] = fn.lower(cache, ids).compile()
         elif kind == "write":
             self._compiled[kind, n] = self._write.lower(cache, ids, self._part_shapes(n)).compile()
+        elif kind == "split":
+            rows = jax.ShapeDtypeStruct((n, self.layout.block_bytes), jnp.uint8, sharding=self._rows_at)
+            self._compiled[kind, n] = self._split.lower(rows).compile()
         else:
             row = jax.ShapeDtypeStruct((self.layout.block_bytes,), jnp.uint8, sharding=self._rows_at)
             self._compiled[kind, n] = self._write_packed.lower(cache, ids, (row,) * n).compile()
@@ -153,9 +240,21 @@ class BlockCopier:
             ids = np.zeros(bucket, np.int32)
             ids[:real] = blocks[start : start + real]
             rows = self._compiled.get(("gather_packed", bucket), self._gather_packed)(cache, ids)
-            rows.copy_to_host_async()
-            pieces.append((real, rows))
+            pieces.append((real, self._down(rows)))
         return pieces
+
+    def _down(self, rows: jax.Array) -> jax.Array:
+        """Start the copy of gathered rows to the host: into pinned host memory by DMA (one device's copy of them),
+        else into pageable memory. np.asarray of the result waits for it."""
+        one = rows.addressable_shards[0].data if len(rows.sharding.device_set) > 1 else rows
+        device = next(iter(one.sharding.device_set))
+        if device.id not in self._host_at:
+            self._host_at[device.id] = pinned(jax.sharding.SingleDeviceSharding(device)) if self.use_pinned else None
+        at = self._host_at[device.id]
+        if at is None:
+            one.copy_to_host_async()
+            return one
+        return jax.device_put(one, at)
 
     def compile_packed(self, cache, kind: str) -> None:
         """Compile one kind of packed copy ("gather_packed", "write_packed") now, not at first use: an engine that
@@ -164,26 +263,63 @@ class BlockCopier:
             for n in self.sizes:
                 if (kind, n) not in self._compiled:
                     self._compile(cache, kind, n)
+            for n in self._split_sizes() if kind == "write_packed" else ():
+                if ("split", n) not in self._compiled:
+                    self._compile(cache, "split", n)
 
-    def put_rows(self, rows: np.ndarray) -> list[jax.Array]:
+    def put_rows(self, rows: np.ndarray, page_locked: bool = False) -> list[jax.Array]:
         """Host rows uint8 [k, block_bytes] on every device of the cache, as write_packed takes them: copies, never
-        views of `rows` (whose memory may be reused once they are ready)."""
+        views of `rows` (whose memory may be reused once they are ready). `page_locked`: `rows` lie in memory mapped
+        for the devices' DMA (not staged)."""
+        return self._up(list(rows), page_locked)
+
+    def _up(self, rows: list, page_locked: bool) -> list[jax.Array]:
+        """Host rows as rows on the cache's devices (rows already there stay): each run of back-to-back host rows
+        crosses in power-of-two pieces, one transfer each, split into rows on the device."""
+        bb = self.layout.block_bytes
+        for row in rows:
+            if isinstance(row, np.ndarray) and (row.dtype != np.uint8 or row.shape != (bb,)):
+                raise ValueError(f"a packed host row must be uint8 [{bb}], got {row.dtype} {list(row.shape)}")
+        rows = [np.ascontiguousarray(r) if isinstance(r, np.ndarray) else r for r in rows]
+        out, starts, pieces, moved = list(rows), [], [], []
+        for start, count in runs(rows):
+            if not isinstance(rows[start], np.ndarray):
+                moved += range(start, start + count)
+                continue
+            size = rows[start].size
+            for n in powers(count, self.piece):
+                starts.append(start)
+                pieces.append(np.lib.stride_tricks.as_strided(rows[start], (n, size), (size, 1), writeable=False))
+                start += n
+        if moved:
+            for i, row in zip(moved, jax.device_put([rows[i] for i in moved], self._rows_at)):
+                out[i] = row
+        for start, piece in zip(starts, self._transfer(pieces, page_locked) if pieces else []):
+            out[start : start + piece.shape[0]] = self._compiled.get(("split", piece.shape[0]), self._split)(piece)
+        return out
+
+    def _transfer(self, pieces: list[np.ndarray], page_locked: bool) -> list[jax.Array]:
+        """Host pieces on the cache's devices; pageable ones through pinned memory where the backend has it (one host
+        copy, then a DMA), page-locked ones (a DMA-mapped tier) directly. The results never alias the pieces."""
+        page_locked = page_locked or all(map(is_page_locked, pieces))
+        if self._staging is not None and not page_locked:
+            return jax.device_put(jax.device_put(pieces, self._staging, may_alias=False), self._in_device)
         if self._on_cpu:  # the CPU client may alias suitably aligned host memory whatever may_alias says
-            rows = np.array(rows)
-        return jax.device_put(list(rows), self._rows_at, may_alias=False)
+            pieces = [np.array(p) for p in pieces]
+        return jax.device_put(pieces, self._rows_at, may_alias=False)
 
     def write_packed(self, cache, blocks: list[int], packed: PackedBlocks, take: list[int] | None = None):
-        """The cache with packed rows (rows `take` of them, else all in order) written into `blocks`, each row its own
-        host-to-device transfer (from page-locked memory where the tier could map it: no staging copy) to every
-        device the cache spans, not the default one (rows already there stay); the cache passed in is donated."""
+        """The cache with packed rows (rows `take` of them, else all in order) written into `blocks`. Host rows cross
+        in runs (`_up`: from page-locked memory where the tier could map it, no staging copy) to every device the
+        cache spans, not the default one (rows already there stay), all before the first write; the cache passed in is
+        donated."""
         self.layout.require(packed.layout)
         if self._zero_row is None:
             self._zero_row = jax.device_put(np.zeros(self.layout.block_bytes, np.uint8), self._rows_at)
-        chosen = packed.rows if not take else [packed.rows[r] for r in take]
+        chosen = self._up(packed.rows if not take else [packed.rows[r] for r in take], packed.page_locked)
         for start, real, bucket in self._pieces(len(blocks)):
             ids = np.full(bucket, self.num_blocks, np.int32)  # past the cache: dropped
             ids[:real] = blocks[start : start + real]
-            rows = jax.device_put(chosen[start : start + real], self._rows_at)
-            rows = tuple(rows) + (self._zero_row,) * (bucket - real)
+            rows = tuple(chosen[start : start + real]) + (self._zero_row,) * (bucket - real)
             cache = self._compiled.get(("write_packed", bucket), self._write_packed)(cache, ids, rows)
         return cache

@@ -93,12 +93,14 @@ class KVBlocks(msgspec.Struct):
 @dataclasses.dataclass
 class PackedBlocks:
     """Blocks as a tier holds them: each one contiguous row of layout.block_bytes bytes (block_copy.pack's order), so a
-    block crosses to the device in one transfer instead of one strided slice per layer and part. The rows are views
-    of a tier's buffer, leased until the write that reads them has run (`lease` gives them back)."""
+    block crosses to the device in one transfer instead of one strided slice per layer and part (rows back to back in
+    one buffer cross together). The rows are views of a tier's buffer, leased until the write that reads them has run
+    (`lease` gives them back); `page_locked`: that buffer is mapped for the devices' DMA (no staging copy)."""
 
     layout: KVLayout
-    rows: list[np.ndarray]  # uint8 [block_bytes] each
+    rows: list  # uint8 [block_bytes] each: host rows, or rows already on the device
     lease: object = None
+    page_locked: bool = False
 
 
 @dataclasses.dataclass

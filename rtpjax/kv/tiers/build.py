@@ -99,7 +99,7 @@ def measure_costs(runner, tiers: KVTiers, repeats: int = 3) -> Costs:
     (the writes go to an index past the cache and are dropped, so the cache keeps its contents)."""
     n = min(runner.copier.sizes[-1], tiers.host.num_slots)
     tiers.host.buf[:n] = 0
-    packed = PackedBlocks(tiers.layout, [tiers.host.buf[i] for i in range(n)])
+    packed = PackedBlocks(tiers.layout, [tiers.host.buf[i] for i in range(n)], page_locked=tiers.host.unpin is not None)
     past = [runner.copier.num_blocks] * n
     onload = []
     for _ in range(repeats):

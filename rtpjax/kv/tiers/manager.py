@@ -8,11 +8,12 @@ the device on the engine's thread.
 The writer's backlog is bounded (max_pending blocks): past it a block is dropped and counted, so a slow disk never
 holds the engine's thread or piles up host memory.
 
-Up: for a waiting sequence whose prefix continues below the device, `fetch` leases the host rows that hold it and
-starts reader threads on those only on disk (into leased host rows). The sequence waits ("loading") while other
-requests run; once every row is in, the scheduler admits it with its rows as a block load written before its first
-step, and the rows are given back once that step has run. Whether a hit is worth loading is `should_load`: the
-policy, and measured costs (Costs): the onload and disk bandwidths against the time the step takes to recompute as
+Up: for a waiting sequence whose prefix continues below the device, `fetch` leases the host rows that hold it, starts
+reader threads on those only on disk (into leased host rows), and has the writer fill leased rows for blocks still on
+their way down (their device copies may be gone already: waiting beats recomputing). The sequence waits ("loading")
+while other requests run; once every row is in, the scheduler admits it with its rows as a block load written before
+its first step, and the rows are given back once that step has run. Whether a hit is worth loading is `should_load`:
+the policy, and measured costs (Costs): the onload and disk bandwidths against the time the step takes to recompute as
 many tokens. Hits and queries are counted once per admission (`count`), never for a try that did not admit.
 """
 
@@ -117,6 +118,7 @@ class KVTiers:
         self.counters = {t.name: _Counters() for t in self.tiers}
         self.queued: list[tuple[int, bytes]] = []  # (device block, hash) to gather before the next step
         self.inflight: set[bytes] = set()  # hashes on their way down
+        self.awaited: dict[bytes, list[tuple[Fetch, int]]] = {}  # inflight hash -> (fetch, index) to fill once down
         self.lock = threading.Lock()
         self.max_pending = max_pending or host.num_slots  # blocks queued for the writer; more are dropped
         self.pending = 0
@@ -152,8 +154,9 @@ class KVTiers:
             room = max(0, self.max_pending - self.pending)
             kept, dropped = self.queued[:room], self.queued[room:]
             self.pending += len(kept)
-            self.inflight.difference_update(h for _, h in dropped)
         self.queued = []
+        for _, h in dropped:
+            self._landed(h, None)
         if dropped:
             for tier in self.tiers:
                 self.counters[tier.name].dropped += len(dropped)
@@ -181,17 +184,36 @@ class KVTiers:
         counters.write_seconds += time.perf_counter() - began
 
     def _write(self, hashes: list[bytes], pieces, began: float) -> None:
+        landed = 0
         try:
-            rows = np.concatenate([np.asarray(arr)[:real] for real, arr in pieces])
+            rows = [row for real, arr in pieces for row in np.asarray(arr)[:real]]  # views: no copy of the pieces
             self._store("host", self.host, self.host.put, hashes, rows, began)
+            for h, row in zip(hashes, rows):  # in host memory now: fetches waiting for them get them
+                self._landed(h, row)
+                landed += 1
             if self.disk is not None:
                 self._store("disk", self.disk, self.disk.write, hashes, rows, time.perf_counter())
         except Exception:  # noqa: BLE001 - the blocks are only not kept below; the engine goes on
             log.exception("KV tiers: writing %d blocks down failed", len(hashes))
         finally:
+            for h in hashes[landed:]:
+                self._landed(h, None)
             with self.lock:
-                self.inflight.difference_update(hashes)
                 self.pending -= len(hashes)
+
+    def _landed(self, h: bytes, row) -> None:
+        """Block `h` is down (`row`: its content) or will never be (None): no longer in flight; rows that fetches
+        reserved for it are filled (or fail, and are recomputed)."""
+        with self.lock:
+            self.inflight.discard(h)
+            waiters = self.awaited.pop(h, [])
+        for fetch, i in waiters:
+            if row is not None:
+                self.host.buf[fetch.slots[i]] = row
+            with self.lock:
+                fetch.ok[i] = row is not None
+                if fetch.dropped:
+                    self.host.release(fetch.slots[i])
 
     def drain(self, blocks: list[tuple[int, bytes]], gather_packed) -> None:
         """Write (device block, hash) pairs down and wait, max_pending at a time so none is dropped (a clean stop:
@@ -216,28 +238,52 @@ class KVTiers:
         none is found, or loading them does not pay (policy)."""
         if self.policy == "recompute" and preempted:
             return None  # (should_load's answer, without leasing anything)
-        fetch = Fetch(start, [], [], [], [])
+        fetch, awaits = Fetch(start, [], [], [], []), []
         for h in hashes:
-            slot = self.host.lease(h)
-            on_disk = slot is None
-            if on_disk:
-                if self.disk is None or h not in self.disk or (slot := self.host.reserve()) is None:
+            slot, ok = self.host.lease(h), True
+            on_disk = slot is None and self.disk is not None and h in self.disk
+            if slot is None:
+                with self.lock:
+                    coming = h in self.inflight
+                if not (on_disk or coming) or (slot := self.host.reserve()) is None:
                     break
+                ok = None
+                if not on_disk:
+                    awaits.append(len(fetch.hashes))
             fetch.hashes.append(h)
             fetch.slots.append(slot)
             fetch.from_disk.append(on_disk)
-            fetch.ok.append(None if on_disk else True)
+            fetch.ok.append(ok)
         if not fetch.hashes:
             return None
         from_disk = sum(fetch.from_disk)
         if not should_load(self.policy, preempted, self.costs, self.block_bytes, self.block_size,
                            len(fetch.hashes) - from_disk, from_disk):  # fmt: skip
+            for i in awaits:
+                fetch.ok[i] = False  # never waited for: given back with the rest
             self.drop(fetch)
             return None
         for i, on_disk in enumerate(fetch.from_disk):
             if on_disk:
                 self._readers.submit(self._read, fetch, i)
+        for i in awaits:
+            with self.lock:
+                if fetch.hashes[i] in self.inflight:
+                    self.awaited.setdefault(fetch.hashes[i], []).append((fetch, i))
+                    continue
+            self._landed_late(fetch, i)
         return fetch
+
+    def _landed_late(self, fetch: Fetch, i: int) -> None:
+        """A block that landed between the lookup and the wait: from the host tier if it went there, else missing."""
+        slot = self.host.lease(fetch.hashes[i])
+        if slot is not None:
+            self.host.buf[fetch.slots[i]] = self.host.buf[slot]
+            self.host.release(slot)
+        with self.lock:
+            fetch.ok[i] = slot is not None
+            if fetch.dropped:
+                self.host.release(fetch.slots[i])
 
     def _read(self, fetch: Fetch, i: int) -> None:
         h, slot, began = fetch.hashes[i], fetch.slots[i], time.perf_counter()
@@ -278,7 +324,8 @@ class KVTiers:
         if not n:
             return None, lookup
         slots = [fetch.slots[i] for i in used]
-        return PackedBlocks(self.layout, [self.host.buf[s] for s in slots], lease=slots), lookup
+        return PackedBlocks(self.layout, [self.host.buf[s] for s in slots], lease=slots,
+                            page_locked=self.host.unpin is not None), lookup
 
     def count(self, lookup: Lookup) -> None:
         """Count an admitted sequence's lookup as queries and hits, in tokens (the disk is asked for what the host

@@ -1,0 +1,146 @@
+"""block_copy's host copies: rows go down into pinned host memory (JAX's pinned_host kind, which the CPU backend has
+too), come up in runs of back-to-back rows (one transfer per power-of-two piece, split on the device, staged through
+pinned memory when pageable), all compiled at warm-up; and the pageable path where a backend lacks pinned_host."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rtpjax.kv import block_copy
+from rtpjax.kv.block_copy import BlockCopier, gather, powers, runs
+from rtpjax.kv.host_blocks import KVLayout, PackedBlocks
+
+LAYOUT = KVLayout("float32", 4, 2, 2, 8)
+
+
+def _cache(num_blocks: int = 24, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    shape = (LAYOUT.num_kv_heads, num_blocks, LAYOUT.block_size, LAYOUT.head_dim)
+    return [tuple(jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(2)) for _ in range(LAYOUT.num_layers)]
+
+
+def _copier(cache, sizes=(4, 8, 16)):
+    copier = BlockCopier(cache, LAYOUT, list(sizes))
+    for job in copier.jobs(cache, packed=True):
+        job()
+    return copier
+
+
+class _Puts:
+    """Counts the host pieces (2-D: rows together) jax.device_put moves, and to which memory kinds."""
+
+    def __init__(self, monkeypatch):
+        self.host_arrays, self.kinds, real = 0, [], jax.device_put
+
+        def put(x, device=None, **kw):
+            xs = x if isinstance(x, (list, tuple)) else [x]
+            self.host_arrays += sum(isinstance(a, np.ndarray) and a.ndim == 2 for a in xs)
+            self.kinds.append(getattr(device, "memory_kind", None))
+            return real(x, device, **kw)
+
+        monkeypatch.setattr(block_copy.jax, "device_put", put)
+
+
+def test_powers_and_runs():
+    assert powers(13, 8) == [8, 4, 1] and powers(20, 8) == [8, 8, 4] and powers(0, 8) == []
+    buf = np.zeros((6, 16), np.uint8)
+    other = np.zeros((2, 16), np.uint8)
+    rows = [buf[0], buf[1], buf[2], buf[4], other[0], other[1], buf[5]]
+    assert runs(rows) == [(0, 3), (3, 1), (4, 2), (6, 1)]
+
+
+def test_gather_packed_lands_in_pinned_host_memory():
+    cache = _cache()
+    copier = _copier(cache)
+    want = np.asarray(block_copy.pack(gather(cache, np.array([5, 2, 9]), copies=1)))
+    (real, rows), = copier.gather_packed(cache, [5, 2, 9])  # fmt: skip
+    assert rows.sharding.memory_kind == "pinned_host"
+    np.testing.assert_array_equal(np.asarray(rows)[:real], want)
+
+
+def test_rows_go_up_in_pieces_through_pinned_memory(monkeypatch):
+    """13 back-to-back rows cross as 3 transfers (8 + 4 + 1) staged in pinned memory; the device rows are copies."""
+    cache = _cache()
+    copier = _copier(cache)
+    host = np.random.default_rng(1).integers(0, 256, (13, LAYOUT.block_bytes), dtype=np.uint8)
+    puts = _Puts(monkeypatch)
+    rows = copier.put_rows(host)
+    sent = host.copy()
+    host[:] = 0  # reused at once: the device rows must not alias it
+    assert puts.host_arrays == 3 and "pinned_host" in puts.kinds
+    assert len(rows) == 13 and all(r.shape == (LAYOUT.block_bytes,) for r in rows)
+    np.testing.assert_array_equal(np.stack([np.asarray(r) for r in rows]), sent)
+    assert copier._split._cache_size() == 0, "a split compiled after warm-up"
+
+
+@pytest.mark.parametrize("page_locked", [False, True])
+def test_tier_rows_write_in_runs(monkeypatch, page_locked):
+    """Rows of a tier buffer in three runs (and one row already on the device) land in the right blocks, one
+    transfer per run piece, nothing compiled after warm-up; page-locked rows are not staged."""
+    cache = _cache()
+    copier = _copier(cache)
+    buf = np.random.default_rng(2).integers(0, 256, (12, LAYOUT.block_bytes), dtype=np.uint8)
+    on_device = jax.device_put(buf[11])
+    slots = [0, 1, 2, 3, 7, 8, 4]
+    puts = _Puts(monkeypatch)
+    packed = PackedBlocks(LAYOUT, [buf[s] for s in slots] + [on_device], page_locked=page_locked)
+    blocks = [10, 3, 17, 4, 21, 6, 12, 0]
+    cache = copier.write_packed(cache, blocks, packed)
+    assert puts.host_arrays == 3  # [0..3], [7, 8], [4]
+    assert ("pinned_host" in puts.kinds) != page_locked
+    got = np.asarray(block_copy.pack(gather(cache, np.array(blocks), copies=1)))
+    np.testing.assert_array_equal(got, buf[slots + [11]])
+    assert copier._write_packed._cache_size() == 0 and copier._split._cache_size() == 0
+
+
+def test_bad_host_row_is_refused():
+    cache = _cache()
+    copier = _copier(cache)
+    with pytest.raises(ValueError, match="packed host row must be uint8"):
+        copier.write_packed(cache, [1], PackedBlocks(LAYOUT, [np.zeros(LAYOUT.block_bytes, np.float32)]))
+
+
+def test_without_pinned_host_the_pageable_path_works(monkeypatch, caplog):
+    """A backend without pinned_host: rows go down through pageable memory and up directly, contents equal."""
+    monkeypatch.setattr(block_copy, "pinned", lambda sharding: None)
+    cache = _cache()
+    copier = _copier(cache)
+    (real, rows), = copier.gather_packed(cache, [3, 4])  # fmt: skip
+    assert rows.sharding.memory_kind == "device"
+    host = np.asarray(rows)[:real].copy()
+    up = copier.put_rows(host)
+    np.testing.assert_array_equal(np.stack([np.asarray(r) for r in up]), host)
+
+
+def test_transfer_bench_runs_tiny(tmp_path):
+    """The GPU stage's K/V copy measurements, tiny, on CPU: every old path and its new one moves the bytes."""
+    import json
+
+    from rtpjax.benchmarks import transfer_bench
+
+    out = tmp_path / "transfer.json"
+    transfer_bench.main(["--size-mib", "4", "--kv-tokens", "64", "--layers", "2", "--repeats", "1", "--out", str(out)])
+    kv = json.loads(out.read_text())["kv"]
+    assert kv["pinned_host"] and kv["pinned_asarray_copies"] is False  # the CPU backend: a view of the pinned buffer
+    for key in ("d2h_pageable", "d2h_pinned", "h2d_rows_per_row", "h2d_rows_pieces", "h2d_rows_pieces_pinned",
+                "pd_old", "pd_new", "crc32_64MiB", "adler32_64MiB"):  # fmt: skip
+        assert kv[key + "_GBps"] > 0, key
+
+
+def test_rows_in_registered_page_locked_memory_are_not_staged(monkeypatch):
+    """Rows inside memory registered as page-locked (a pinned shared-memory mapping) cross directly; once it is
+    unregistered they are staged through pinned_host again."""
+    cache = _cache()
+    copier = _copier(cache)
+    host = np.random.default_rng(3).integers(0, 256, (6, LAYOUT.block_bytes), dtype=np.uint8)
+    puts = _Puts(monkeypatch)
+    block_copy.register_page_locked(host)
+    try:
+        rows = copier.put_rows(host[1:5])
+    finally:
+        block_copy.unregister_page_locked(host)
+    assert "pinned_host" not in puts.kinds and puts.host_arrays == 1
+    np.testing.assert_array_equal(np.stack([np.asarray(r) for r in rows]), host[1:5])
+    copier.put_rows(host[1:5])
+    assert "pinned_host" in puts.kinds
