@@ -404,6 +404,32 @@ def test_sglang_router_names_the_model_and_serves_completions_token_for_token(cl
         proc.wait(timeout=30)
 
 
+def test_router_bench_compare_drives_the_replicas_open_and_closed_loop(cluster):
+    """benchmarks/router_bench.py compare, tiny: each router, workload and load gets a row whose hit rate comes from
+    the engines' counters (the tokens they were asked for add up to what the runs sent) and whose requests all
+    succeeded."""
+    from rtpjax.benchmarks import router_bench
+
+    routers = ["round_robin", "cache_aware"] + (["sglang_cache_aware"] if _importable("sglang_router") else [])
+    rows = router_bench.main(["compare", "--replicas", *cluster.replicas, "--tokenizer", cluster.model, "--routers",
+                              *routers, "--request-rates", "8", "--concurrencies", "4", "--num-prompts", "12",
+                              "--prefix-len", "48", "--suffix-len", "8", "--num-prefixes", "3", "--turns", "3",
+                              "--turn-input-len", "16", "--output-len", "4"])  # fmt: skip
+    assert sorted(rows) == sorted(f"{r}/{w}/{load}" for r in routers for w in router_bench.WORKLOADS
+                                  for load in ("8/s", "c4"))  # fmt: skip
+    for row in rows.values():
+        assert (row["completed"], row["failed"]) == (12, 0)
+        assert 0.0 <= row["hit_rate"] <= 1.0 and sum(row["replica_queried_tokens"]) > 12 * 8
+    assert rows["round_robin/prefix_repetition/c4"]["max_concurrency"] == 4
+    assert all(q > 0 for q in rows["round_robin/prefix_repetition/8/s"]["replica_queried_tokens"])
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def test_a_killed_replica_ends_its_streams_with_an_error_and_the_rest_go_on(cluster):
     """Last: it leaves replica 1 dead."""
     results, threads = _streams(cluster.routers["round_robin"], 2)
