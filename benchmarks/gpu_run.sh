@@ -20,8 +20,12 @@
 #   ttft    TTFT under load against the per-step token budget: a server per budget (BUDGETS="2048 4096 8192"),
 #           1024/128 at concurrency 64 (192 and 960 prompts) and 128/1024 at 256; one summary JSON
 #   router  REPLICAS (2) engines sharing the GPU's memory behind round_robin, sglang-router's cache_aware (if its wheel
-#           is in .whl) and rtpjax's cache_aware: shared-prefix and multi-turn workloads at RATE requests/s, hit rate
-#           from the engines' counters, P95 TTFT, router CPU; then the router's overhead at 200 requests/s
+#           is in .whl) and rtpjax's cache_aware: shared-prefix (NUM_PREFIXES, 64) and multi-turn workloads, closed
+#           loop at CONCURRENCIES ("32 96") and open loop at RATES (none), PROMPTS (384) a run, each replica's cache
+#           capped at KV_BLOCKS (3072; 0 = by memory); hit rate from the engines' counters, P50/P95 TTFT, router CPU;
+#           then the router's overhead at 200 requests/s. Round robin leaves every prefix on every replica, so its
+#           hit rate is at worst about 1/REPLICAS of the cache-aware one: a 3x hit rate needs REPLICAS=4
+#           (NUM_PREFIXES=128: a quarter of them fits each replica's cache, all of them none)
 #   launch  host cost of launching the step and how often XLA re-records its CUDA graph, per XLA setting (probes/)
 #   allreduce  64 chained all-reduces over every GPU, as a TP decode step makes them (probes/)
 #   tiers   KV tiers: pinned/pageable H2D, packed vs per-layer onload, disk tier vs dd (tiers_bench.py); then
@@ -304,21 +308,26 @@ PY
     done
     ;;
   router)
+    # Replicas share the GPU's memory; KV_BLOCKS caps each one's cache (0: sized by memory) so that NUM_PREFIXES
+    # shared prefixes outgrow one replica's cache but fit in all of theirs: the regime where routing decides hits.
+    # Loads: closed loop at each of CONCURRENCIES (saturation), open loop at each of RATES (requests per second).
     cfg=/tmp/cfg/$SHAPE
     python3 -c "from rtpjax.benchmarks.random_checkpoint import write_config_only as w; w('$cfg', '$SHAPE')" || exit 1
     n=${REPLICAS:-2}; frac=$(python3 -c "print(round(0.9 / $n, 3))"); pids=""; urls=""
+    blocks=${KV_BLOCKS:-3072}; [ "$blocks" = 0 ] && blocks_flag="" || blocks_flag="--num-gpu-blocks $blocks"
     for i in $(seq 1 "$n"); do
       XLA_PYTHON_CLIENT_MEM_FRACTION=$frac python3 -m rtpjax.cli serve "$cfg" --load-format dummy --port $((8000 + i)) \
         --served-model-name "$SHAPE" --compilation-cache-dir /tmp/xla --max-model-len 4096 --max-num-seqs 128 \
-        > "$OUT/router_replica$i.log" 2>&1 &
+        $blocks_flag > "$OUT/router_replica$i.log" 2>&1 &
       pids="$pids $!"; urls="$urls http://127.0.0.1:$((8000 + i))"
     done
     for u in $urls; do for _ in $(seq 900); do curl -sf "$u/health" >/dev/null && break; sleep 0.5; done; done
-    timeout 480 python3 -m rtpjax.benchmarks.router_bench compare --replicas $urls --tokenizer "$cfg" \
-      --request-rate "${RATE:-8}" --num-prompts "${PROMPTS:-400}" --out "$OUT/router_compare.json" \
-      2>&1 | grep -E "hit rate|skipped|Error"
+    timeout "${COMPARE_TIMEOUT:-330}" python3 -m rtpjax.benchmarks.router_bench compare --replicas $urls \
+      --tokenizer "$cfg" --routers ${ROUTERS:-round_robin sglang_cache_aware cache_aware} \
+      --concurrencies ${CONCURRENCIES:-32 96} --request-rates ${RATES:-${RATE:-}} --num-prompts "${PROMPTS:-384}" \
+      --num-prefixes "${NUM_PREFIXES:-64}" --out "$OUT/router_compare.json" 2>&1 | grep -E "hit rate|skipped|Error|--"
     kill $pids; wait $pids
-    timeout 120 python3 -m rtpjax.benchmarks.router_bench overhead --tokenizer "$cfg" --rate 200 --seconds 10 \
+    timeout 60 python3 -m rtpjax.benchmarks.router_bench overhead --tokenizer "$cfg" --rate 200 --seconds 10 \
       --out "$OUT/router_overhead.json"
     ;;
   quant)

@@ -1,16 +1,22 @@
 """Routers over the same replicas, the same run: prefix-cache hit rate (the engines' own counters), P95 TTFT, and
 the router's CPU; and the router's own overhead per request.
 
-    # replicas already serving (rtpjax serve ... --port 8001, 8002): each router in turn, each workload
+    # replicas already serving (rtpjax serve ... --port 8001, 8002): each router in turn, each workload, each load:
+    # open loop at each --request-rates (Poisson arrivals), closed loop at each --concurrencies (saturation)
     python -m rtpjax.benchmarks.router_bench compare --replicas http://127.0.0.1:8001 http://127.0.0.1:8002 \\
-        --tokenizer MODEL_DIR --routers round_robin sglang_cache_aware cache_aware --request-rate 8 --out r.json
+        --tokenizer MODEL_DIR --routers round_robin sglang_cache_aware cache_aware --request-rates 8 32 \\
+        --concurrencies 64 --num-prefixes 48 --out r.json
     # overhead: stub replicas that answer at once, requests at --rate for --seconds, direct and through the router
     # (--stream: each answer an SSE stream of a few events)
     python -m rtpjax.benchmarks.router_bench overhead --tokenizer MODEL_DIR --rate 200 --seconds 10 --out o.json
 
 Routers: `round_robin`, `least_load`, `cache_aware` (rtpjax router --policy ...) and `sglang_round_robin`,
-`sglang_cache_aware` (sglang-router, where installed). Each router's run draws its own prompts (another seed), so no
-run finds the previous one's prefixes cached.
+`sglang_cache_aware` (sglang-router, where installed). Each run draws its own prompts (another seed), so no run finds
+an earlier one's prefixes cached. Workloads (the serving benchmark's): `prefix_repetition`, --num-prefixes shared
+prefixes of --prefix-len tokens, each request one of them plus --suffix-len tokens of its own; `multi_turn`,
+conversations of --turns turns, each turn the history plus --turn-input-len new tokens. Every request asks for
+--output-len tokens. Routing matters to the hit rate once the prefixes outgrow one replica's cache (round robin puts
+every prefix on every replica): size the replicas' caches (--num-gpu-blocks) and --num-prefixes to that regime.
 """
 
 from __future__ import annotations
@@ -27,13 +33,7 @@ import time
 
 import httpx
 
-WORKLOADS = {
-    "prefix_repetition": ["--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", "1024",
-                          "--prefix-repetition-suffix-len", "128", "--prefix-repetition-num-prefixes", "8",
-                          "--prefix-repetition-output-len", "64"],
-    "multi_turn": ["--dataset-name", "multi_turn", "--multi-turn-num-turns", "6", "--multi-turn-input-len", "256",
-                   "--multi-turn-output-len", "64"],
-}  # fmt: skip
+WORKLOADS = ("prefix_repetition", "multi_turn")
 STUB_CHUNKS = 8  # SSE events in a stub replica's streamed answer
 
 
@@ -73,44 +73,117 @@ def start_router(kind: str, replicas: list[str], tokenizer: str | None) -> tuple
     raise RuntimeError(f"router {kind} did not come up")
 
 
-def counters(replicas: list[str]) -> tuple[int, int]:
+def counters(replicas: list[str]) -> list[tuple[int, int]]:
+    """(prefix-cache hit tokens, queried tokens) of each replica so far, from its engine's own counters."""
     loads = [httpx.get(u + "/load", timeout=10).json() for u in replicas]
-    return sum(x["prefix_cache_hits"] for x in loads), sum(x["prefix_cache_queries"] for x in loads)
+    return [(x["prefix_cache_hits"], x["prefix_cache_queries"]) for x in loads]
+
+
+def wait_workers(kind: str, url: str, replicas: list[str], timeout: float = 60.0) -> None:
+    """Until the router has every replica in: sglang-router answers /health before its workers are registered (and
+    registers them under the name their /server_info gives), rtpjax's router before its first health round."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            workers = httpx.get(url + "/workers", timeout=2).json()
+            if kind.startswith("sglang_"):
+                ready = [w for w in workers["workers"] if w["is_healthy"] and w["model_id"] != "unknown"]
+            else:
+                ready = [w for w in workers if w["healthy"]]
+            if len(ready) == len(replicas):
+                return
+        except (httpx.HTTPError, KeyError, TypeError):
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"router {kind}: not every replica in within {timeout:.0f} s")
+
+
+def workload_argv(name: str, args) -> list[str]:
+    if name == "prefix_repetition":
+        return ["--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", str(args.prefix_len),
+                "--prefix-repetition-suffix-len", str(args.suffix_len), "--prefix-repetition-num-prefixes",
+                str(args.num_prefixes), "--prefix-repetition-output-len", str(args.output_len)]  # fmt: skip
+    return ["--dataset-name", "multi_turn", "--multi-turn-num-turns", str(args.turns), "--multi-turn-input-len",
+            str(args.turn_input_len), "--multi-turn-output-len", str(args.output_len)]  # fmt: skip
+
+
+def load_points(args) -> list[tuple[str, float, int | None]]:
+    """(label, request rate, max concurrency): open loop at each rate, closed loop (no pacing) at each concurrency."""
+    points = [(f"{r:g}/s", r, None) for r in args.request_rates]
+    points += [(f"c{c}", float("inf"), c) for c in args.concurrencies]
+    if not points:
+        raise SystemExit("give at least one --request-rates or --concurrencies value")
+    return points
+
+
+def run_one(args, kind: str, url: str, pid: int, workload: str, load: tuple, seed: int) -> dict:
+    """One router, workload and load: the serving benchmark through the router, the engines' hit counters and the
+    router's CPU around it."""
+    from rtpjax.benchmarks import serve_bench
+
+    label, rate, concurrency = load
+    before = counters(args.replicas)
+    cpu0, began = cpu_seconds(pid), time.monotonic()
+    m = serve_bench.main(["--base-url", url, "--tokenizer", args.tokenizer, *workload_argv(workload, args),
+                          "--num-prompts", str(args.num_prompts), "--request-rate", str(rate),
+                          *(["--max-concurrency", str(concurrency)] if concurrency else []), "--seed", str(seed),
+                          "--ignore-eos", "--disable-tqdm", "--metric-percentiles", "50,95,99"])  # fmt: skip
+    cpu, wall = cpu_seconds(pid) - cpu0, time.monotonic() - began
+    after = counters(args.replicas)
+    queried = [a[1] - b[1] for a, b in zip(after, before)]
+    hits = sum(a[0] - b[0] for a, b in zip(after, before))
+    return {"router": kind, "workload": workload, "load": label, "request_rate": rate, "max_concurrency": concurrency,
+            "hit_rate": hits / max(sum(queried), 1), "replica_queried_tokens": queried,
+            "p50_ttft_ms": m["median_ttft_ms"], "p95_ttft_ms": m["p95_ttft_ms"], "p99_ttft_ms": m["p99_ttft_ms"],
+            "request_throughput": m["request_throughput"], "output_throughput": m["output_throughput"],
+            "completed": m["completed"], "failed": m["failed"], "router_cpu_s": cpu, "router_cpu_util": cpu / wall}  # fmt: skip
+
+
+def report(rows: dict) -> None:
+    """Each workload and load: every router's row, and each one's hit rate and P95 TTFT against round robin's."""
+    groups: dict = {}
+    for r in rows.values():
+        groups.setdefault((r["workload"], r["load"]), []).append(r)
+    print("-- every router against round_robin, same workload and load --")
+    for (workload, load), group in groups.items():
+        base = next((r for r in group if r["router"] == "round_robin"), None)
+        for r in group:
+            versus = ""
+            if base is not None and r is not base and base["hit_rate"] > 0 and base["p95_ttft_ms"] > 0:
+                versus = (f"  vs round_robin: hit rate {r['hit_rate'] / base['hit_rate']:.2f}x, P95 TTFT "
+                          f"{r['p95_ttft_ms'] / base['p95_ttft_ms'] - 1:+.0%}")  # fmt: skip
+            print(line(r) + versus)
+
+
+def line(r: dict) -> str:
+    return (f"{r['workload']:17s} {r['load']:>7s} {r['router']:18s} hit rate {r['hit_rate']:6.1%}  TTFT p50/p95 "
+            f"{r['p50_ttft_ms']:7.0f} / {r['p95_ttft_ms']:7.0f} ms  {r['request_throughput']:6.1f} req/s  "
+            f"router CPU {r['router_cpu_util']:5.1%}  failed {r['failed']}")  # fmt: skip
 
 
 def compare(args) -> dict:
-    from rtpjax.benchmarks import serve_bench
-
-    rows = {}
+    rows, points = {}, load_points(args)
     for i, kind in enumerate(args.routers):
         try:
             proc, url = start_router(kind, args.replicas, args.tokenizer)
         except RuntimeError as e:  # e.g. sglang-router not installed on this host
             print(f"skipped {kind}: {e}")
             continue
-        time.sleep(2)  # every replica in
         try:
-            for workload in args.workloads:
-                hits0, queries0 = counters(args.replicas)
-                cpu0, began = cpu_seconds(proc.pid), time.monotonic()
-                m = serve_bench.main(["--base-url", url, "--tokenizer", args.tokenizer, *WORKLOADS[workload],
-                                      "--num-prompts", str(args.num_prompts), "--request-rate", str(args.request_rate),
-                                      "--seed", str(args.seed + i), "--ignore-eos", "--disable-tqdm",
-                                      "--metric-percentiles", "50,95,99"])  # fmt: skip
-                cpu, wall = cpu_seconds(proc.pid) - cpu0, time.monotonic() - began
-                hits, queries = counters(args.replicas)
-                rows[f"{kind}/{workload}"] = {
-                    "hit_rate": (hits - hits0) / max(queries - queries0, 1), "p50_ttft_ms": m["median_ttft_ms"],
-                    "p95_ttft_ms": m["p95_ttft_ms"], "output_throughput": m["output_throughput"],
-                    "failed": m["failed"], "router_cpu_s": cpu, "router_cpu_util": cpu / wall,
-                }  # fmt: skip
+            wait_workers(kind, url, args.replicas)
+            for j, workload in enumerate(args.workloads):
+                for k, load in enumerate(points):
+                    seed = args.seed + (i * len(args.workloads) + j) * len(points) + k
+                    row = run_one(args, kind, url, proc.pid, workload, load, seed)
+                    rows[f"{kind}/{workload}/{load[0]}"] = row
+                    print(f"done: {line(row)}", flush=True)
+                    if args.out:  # each run as it ends: a run cut short by a timeout keeps the finished ones
+                        with open(args.out, "w") as f:
+                            json.dump(rows, f, indent=1)
         finally:
             proc.kill()
             proc.wait()
-    for name, r in rows.items():
-        print(f"{name:40s} hit rate {r['hit_rate']:6.1%}  TTFT p50/p95 {r['p50_ttft_ms']:7.0f} / "
-              f"{r['p95_ttft_ms']:7.0f} ms  out {r['output_throughput']:7.0f} tok/s  router CPU "
-              f"{r['router_cpu_util']:5.1%}  failed {r['failed']}")
+    report(rows)
     return rows
 
 
@@ -230,9 +303,18 @@ def main(argv: list[str] | None = None) -> dict:
     c.add_argument("--replicas", nargs="+", required=True)
     c.add_argument("--tokenizer", required=True, help="the replicas' model folder (prompts and routing)")
     c.add_argument("--routers", nargs="+", default=["round_robin", "sglang_cache_aware", "cache_aware"])
-    c.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
-    c.add_argument("--num-prompts", type=int, default=400)
-    c.add_argument("--request-rate", type=float, default=8.0)
+    c.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    c.add_argument("--num-prompts", type=int, default=400, help="requests per run (multi_turn: turns in all)")
+    c.add_argument("--request-rates", "--request-rate", type=float, nargs="*", default=[],
+                   help="open-loop loads, requests (multi_turn: conversations) per second")  # fmt: skip
+    c.add_argument("--concurrencies", type=int, nargs="*", default=[],
+                   help="closed-loop loads: requests in flight, each sent as soon as one ends")  # fmt: skip
+    c.add_argument("--prefix-len", type=int, default=1024)
+    c.add_argument("--suffix-len", type=int, default=128)
+    c.add_argument("--num-prefixes", type=int, default=8)
+    c.add_argument("--turns", type=int, default=6)
+    c.add_argument("--turn-input-len", type=int, default=256)
+    c.add_argument("--output-len", type=int, default=64)
     c.add_argument("--seed", type=int, default=0)
     o = sub.add_parser("overhead")
     o.add_argument("--tokenizer", required=True)
@@ -242,6 +324,8 @@ def main(argv: list[str] | None = None) -> dict:
     for q in (c, o):
         q.add_argument("--out", default=None, help="write the results here as JSON")
     args = p.parse_args(argv)
+    if args.mode == "compare" and not args.request_rates and not args.concurrencies:
+        args.request_rates = [8.0]
     result = compare(args) if args.mode == "compare" else overhead(args)
     if args.out:
         with open(args.out, "w") as f:

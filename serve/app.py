@@ -11,6 +11,7 @@ import json
 import secrets
 import time
 import uuid
+from pathlib import Path
 from typing import AsyncIterator
 
 import msgspec
@@ -23,11 +24,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import rtpjax
+from rtpjax.sampling_params import SamplingParams
 from rtpjax.serve import openapi
 from rtpjax.serve.metrics import Metrics
 from rtpjax.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, chat_token_ids, sampling_params  # fmt: skip
 
 PUBLIC = ("/health", "/version", "/metrics", "/openapi.json")
+HEALTH_GENERATE_TIMEOUT_S = 20.0  # /health_generate's token must come within this
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after", "literal"}
@@ -60,9 +63,20 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int = 256) -> Starlette:
-    """`max_queue`: requests allowed to wait beyond the engine's running capacity before 429s."""
+def _hf_config(model_path: str | None) -> dict:
+    """The model folder's config.json (model_type, architectures), or {} where there is none to read."""
+    if model_path is None or not (Path(model_path) / "config.json").is_file():
+        return {}
+    return json.loads((Path(model_path) / "config.json").read_text())
+
+
+def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int = 256,
+              model_path: str | None = None) -> Starlette:  # fmt: skip
+    """`max_queue`: requests allowed to wait beyond the engine's running capacity before 429s. `model_path`: the
+    model folder, as SGLang's /server_info and /model_info report it (routers name and tokenize by it)."""
     info = llm.info
+    hf_config = _hf_config(model_path)
+    tokenizer_path = llm.args.tokenizer or model_path
     tokenizer = llm.tokenizer
     metrics = Metrics(model_name)
     capacity = info.max_num_seqs + max_queue
@@ -373,6 +387,45 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
     async def health(request: Request):
         return Response(status_code=200 if llm.is_alive else 503)
 
+    async def server_info(request: Request):
+        """SGLang's /server_info (also /get_server_info): sglang-router registers a worker under its
+        served_model_name (without one, as model "unknown", and then clients that send the real name are refused)."""
+        stats = llm.stats()
+        return JSONResponse({
+            "model_path": model_path, "served_model_name": model_name, "tokenizer_path": tokenizer_path,
+            "version": rtpjax.__version__, "context_length": info.max_model_len, "page_size": stats["block_size"],
+            "max_running_requests": info.max_num_seqs, "max_prefill_tokens": stats["max_num_batched_tokens"],
+            "max_total_num_tokens": stats["num_blocks"] * stats["block_size"], "tp_size": llm.args.tensor_parallel_size,
+            "dp_size": 1, "disaggregation_mode": "null" if llm.args.role == "both" else llm.args.role,
+            "enable_prefix_caching": llm.args.enable_prefix_caching, "is_generation": True,
+        })  # fmt: skip
+
+    async def model_info(request: Request):
+        """SGLang's /model_info (also /get_model_info): the model behind the served name."""
+        return JSONResponse({
+            "model_path": model_path, "tokenizer_path": tokenizer_path, "served_model_name": model_name,
+            "is_generation": True, "preferred_sampling_params": None, "weight_version": "default",
+            "has_image_understanding": False, "has_audio_understanding": False,
+            "model_type": hf_config.get("model_type"), "architectures": hf_config.get("architectures"),
+            "max_context_length": info.max_model_len, "vocab_size": info.vocab_size,
+            "eos_token_ids": list(info.eos_ids),
+        })  # fmt: skip
+
+    async def health_generate(request: Request):
+        """SGLang's /health_generate: healthy only if the engine computes a token now (a one-token prompt, one token
+        out), not merely if the process answers."""
+        rid = f"health-{uuid.uuid4().hex}"
+        try:
+            stream = await llm.submit([info.eos_ids[0] if info.eos_ids else 0], SamplingParams(max_tokens=1),
+                                      request_id=rid)  # fmt: skip
+            async with asyncio.timeout(HEALTH_GENERATE_TIMEOUT_S):
+                async for out in stream:
+                    if out.finished:
+                        return Response(status_code=200)
+        except (ValueError, RuntimeError, TimeoutError):
+            await llm.abort(rid)
+        return Response(status_code=503)
+
     async def version(request: Request):
         return JSONResponse({"version": rtpjax.__version__})
 
@@ -419,6 +472,11 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
         Route("/health", health, methods=["GET"]),
         Route("/pd/status", pd_status, methods=["GET"]),
         Route("/version", version, methods=["GET"]),
+        Route("/server_info", server_info, methods=["GET"]),
+        Route("/get_server_info", server_info, methods=["GET"]),
+        Route("/model_info", model_info, methods=["GET"]),
+        Route("/get_model_info", model_info, methods=["GET"]),
+        Route("/health_generate", health_generate, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
         Route("/load", load, methods=["GET"]),
         Route("/kv_events", kv_events, methods=["GET"]),

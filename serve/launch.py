@@ -83,7 +83,7 @@ def serve_replicas(args: argparse.Namespace, engine_args) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from rtpjax.loading.model_source import check_model
+    from rtpjax.loading.model_source import check_model, resolve_model
 
     engine_args = engine_args_from(args)  # bad values fail here, in one line, before anything heavy is imported
     check_model(args.model)
@@ -106,7 +106,7 @@ def serve(args: argparse.Namespace) -> int:
     if engine_args.num_processes > 1:
         threading.Thread(target=_stop_with_engine, args=(llm,), name="rtpjax-engine-watch", daemon=True).start()
     name = args.served_model_name or (Path(args.model).name.removesuffix(".gguf") if args.model else DEFAULT_NAME)
-    app = build_app(llm, name, api_key=args.api_key, max_queue=args.max_queue)
+    app = build_app(llm, name, api_key=args.api_key, max_queue=args.max_queue, model_path=resolve_model(args.model))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=args.graceful_shutdown_timeout)  # fmt: skip
     try:

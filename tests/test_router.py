@@ -335,6 +335,101 @@ def test_replicas_serve_behind_sglang_and_vllm_routers(cluster, router):
             proc.wait(timeout=30)
 
 
+def _sse_text(url: str, body: dict) -> tuple[str, dict]:
+    """A streamed completion's text, joined from its SSE events, and its usage event (include_usage)."""
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True,
+                      "stream_options": {"include_usage": True}}, timeout=60) as r:  # fmt: skip
+        assert r.status_code == 200, r.read()
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    return "".join(c["choices"][0]["text"] for c in chunks if c["choices"]), chunks[-1]["usage"]
+
+
+def test_sglang_info_endpoints_report_the_replicas_own_settings(cluster):
+    """/server_info and /model_info (and their /get_ aliases) say what this replica serves and schedules by."""
+    url = cluster.replicas[1]
+    server = httpx.get(url + "/server_info", timeout=5).json()
+    assert httpx.get(url + "/get_server_info", timeout=5).json() == server
+    assert (server["served_model_name"], server["model_path"]) == ("stories260K", cluster.model)
+    assert (server["context_length"], server["max_running_requests"], server["max_prefill_tokens"],
+            server["page_size"]) == (256, 8, 32, 16)  # REPLICA_FLAGS  # fmt: skip
+    load = cluster.load(1)
+    assert server["max_total_num_tokens"] == load["num_blocks"] * load["block_size"]
+    model = httpx.get(url + "/model_info", timeout=5).json()
+    assert httpx.get(url + "/get_model_info", timeout=5).json() == model
+    config = json.loads(open(os.path.join(cluster.model, "config.json")).read())
+    assert (model["model_path"], model["tokenizer_path"], model["is_generation"]) == (cluster.model, cluster.model, True)
+    assert (model["model_type"], model["architectures"]) == (config["model_type"], config["architectures"])
+    assert (model["vocab_size"], model["max_context_length"]) == (config["vocab_size"], 256)
+
+
+@pytest.mark.parametrize("policy", ["cache_aware", "round_robin"])
+def test_sglang_router_names_the_model_and_serves_completions_token_for_token(cluster, policy):
+    """sglang-router registers each worker under the served name it reads from SGLang's /server_info; without it
+    every worker was model "unknown", the router's /v1/models said so, and a client that took the name from there
+    (as the serving benchmark does) was refused by every replica. Through it, completions streamed and not are the
+    replicas' own, token for token, and /health_generate reaches a replica that computes a token."""
+    pytest.importorskip("sglang_router", reason="sglang-router is not installed (pip install sglang-router)")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *cluster.replicas,
+                             "--policy", policy, "--host", "127.0.0.1", "--port", str(port), "--prometheus-port",
+                             str(free_port())], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def registered():
+            workers = httpx.get(url + "/workers", timeout=2).json()["workers"]
+            return len(workers) == 2 and all(w["is_healthy"] and w["model_id"] != "unknown" for w in workers)
+
+        _wait(registered, "sglang-router's workers", 60, [proc])
+        assert [w["model_id"] for w in httpx.get(url + "/workers").json()["workers"]] == ["stories260K"] * 2
+        model = httpx.get(url + "/v1/models", timeout=5).json()["data"][0]["id"]
+        assert model == "stories260K"
+        before = [cluster.load(i)["prefix_cache_queries"] for i in range(2)]
+        for i in range(3):
+            body = {"model": model, "prompt": f"{STORY} sglang {policy} {i}", "max_tokens": 12, "temperature": 0,
+                    "ignore_eos": True}  # fmt: skip
+            direct = httpx.post(cluster.replicas[0] + "/v1/completions", json=body, timeout=60).json()
+            via = httpx.post(url + "/v1/completions", json=body, timeout=60)
+            assert via.status_code == 200, via.text
+            assert via.json()["choices"] == direct["choices"] and via.json()["usage"] == direct["usage"]
+            text, usage = _sse_text(url, body)
+            assert text == direct["choices"][0]["text"] and usage == direct["usage"]
+        after = [cluster.load(i)["prefix_cache_queries"] for i in range(2)]
+        if policy == "round_robin":
+            assert all(a > b for a, b in zip(after, before))
+        assert httpx.get(url + "/health_generate", timeout=30).status_code == 200
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def test_router_bench_compare_drives_the_replicas_open_and_closed_loop(cluster):
+    """benchmarks/router_bench.py compare, tiny: each router, workload and load gets a row whose hit rate comes from
+    the engines' counters (the tokens they were asked for add up to what the runs sent) and whose requests all
+    succeeded."""
+    from rtpjax.benchmarks import router_bench
+
+    routers = ["round_robin", "cache_aware"] + (["sglang_cache_aware"] if _importable("sglang_router") else [])
+    rows = router_bench.main(["compare", "--replicas", *cluster.replicas, "--tokenizer", cluster.model, "--routers",
+                              *routers, "--request-rates", "8", "--concurrencies", "4", "--num-prompts", "12",
+                              "--prefix-len", "48", "--suffix-len", "8", "--num-prefixes", "3", "--turns", "3",
+                              "--turn-input-len", "16", "--output-len", "4"])  # fmt: skip
+    assert sorted(rows) == sorted(f"{r}/{w}/{load}" for r in routers for w in router_bench.WORKLOADS
+                                  for load in ("8/s", "c4"))  # fmt: skip
+    for row in rows.values():
+        assert (row["completed"], row["failed"]) == (12, 0)
+        assert 0.0 <= row["hit_rate"] <= 1.0 and sum(row["replica_queried_tokens"]) > 12 * 8
+    assert rows["round_robin/prefix_repetition/c4"]["max_concurrency"] == 4
+    assert all(q > 0 for q in rows["round_robin/prefix_repetition/8/s"]["replica_queried_tokens"])
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def test_a_killed_replica_ends_its_streams_with_an_error_and_the_rest_go_on(cluster):
     """Last: it leaves replica 1 dead."""
     results, threads = _streams(cluster.routers["round_robin"], 2)
