@@ -28,7 +28,7 @@ from rtpjax.quant.matmul import linear, w8a8
 from rtpjax.quant.small_matmul import Tiles
 
 SHAPES = {"o": (4096, 4096), "up": (14336, 4096), "down": (4096, 14336), "head": (128256, 4096)}  # [out, in]
-FORMATS = ("bf16", "fp8", "int8", "int8-weight-only", "int4")
+FORMATS = ("bf16", "fp8", "int8", "int4")
 HBM_BYTES_PER_S = 4.3e12
 L2_BYTES = 50 << 20
 SWEEP = (Tiles(), Tiles(block_n=32), Tiles(block_n=128), Tiles(block_k=128), Tiles(block_k=512), Tiles(split_k=1),

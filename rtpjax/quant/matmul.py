@@ -8,9 +8,10 @@ quantized (`rtpjax.loading.quantization`).
   the activations per token and per 128 inputs (DeepSeek's 1 x 128) and one dot per input block, scaled and summed.
 - Weight-only int8 / fp8 per channel: the 1-byte weight converts inside the GEMM (XLA fuses it), output columns scaled.
 - int4: XLA's dot of the dequantized weight.
-Decode-sized steps (at most `SMALL_ROWS` tokens) on a GPU take `rtpjax.quant.small_matmul` for per-channel one-byte
-and int4 weights: one kernel streams the stored weight (at a few rows its bytes are the cost), W8A8 with the same
-per-token activation quantization as above. Shapes are bucketed, so the choice is fixed per compiled step.
+Decode-sized steps (at most `SMALL_ROWS` tokens) on a GPU skip all of that for per-channel one-byte and int4 weights:
+`rtpjax.quant.small_matmul` streams the stored weight and converts it in registers, activations unquantized (at a few
+rows the bytes read are the cost; quantizing the activations and setting up a scaled dot only add to it). Shapes are
+bucketed, so the choice is fixed per compiled step.
 Accumulation is float32 throughout: unscaled sums of 1-byte values overflow float16.
 """
 

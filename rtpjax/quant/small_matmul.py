@@ -2,13 +2,12 @@
 lowering) for one-byte (fp8 e4m3, int8; one scale per output channel) and packed int4 weights (a scale, and a zero
 point when asymmetric, per group of inputs), the format a static parameter.
 
-At a few rows the weight's bytes are the whole cost, so the kernel reads them as stored. Weight-only formats convert
-each tile to the activations' dtype in registers. W8A8 formats take the activations quantized per token (as the larger
-steps' XLA path does) and hand both one-byte tiles to the tensor cores as they are: no conversion in the loop, int8
-summed exactly in int32. Each program owns `block_n` output channels of a `block_m`-row tile and walks its share of
-the inputs in steps of `block_k` (int4: one group). The dot is taken weights-first, [block_n, k] x [k, block_m] (the
-"swap AB" of small-M GEMMs), so the wide side of the tensor-core tile is the weights' and the padded rows are the
-narrow one; token and channel scales then multiply the accumulator once at the end, int4 group scales each group's
+At a few rows the weight's bytes are the whole cost, so the kernel reads them as stored and converts each tile to the
+activations' dtype in registers; activations stay unquantized (no per-token quantize pass, no scaled fp8 dot to set
+up). Each program owns `block_n` output channels of a `block_m`-row tile and walks its share of the inputs in steps
+of `block_k` (int4: one group), accumulating in float32. The dot is taken weights-first, [block_n, k] x [k, block_m]
+(the "swap AB" of small-M GEMMs), so the wide side of the tensor-core tile is the weights' and the padded rows are the
+narrow one; per-channel scales then multiply the accumulator's rows once at the end, int4 group scales each group's
 partial sum (the nibbles less their zero are exact in bfloat16). When out/block_n programs cannot fill the SMs the
 inputs split `split_k` ways: each split writes a float32 partial and XLA sums them.
 
@@ -27,8 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from rtpjax.kernels.reference import quantize as quantize_rows
-from rtpjax.loading.quantization import STORAGE, QuantizedWeight
+from rtpjax.loading.quantization import QuantizedWeight
 
 FORMATS = ("fp8", "int8", "int4")
 MIN_ROWS = 16  # a tensor-core tile's narrow side: fewer rows are padded to it
@@ -110,14 +108,13 @@ def supported(rows: int, out: int, in_features: int, fmt: str, group: int = 0, t
     return True
 
 
-def _dot(w, x, acc=jnp.float32):
-    """w [n, k] @ x[m, k].T: [n, m] in `acc` (int32 for int8 x int8)."""
-    return lax.dot_general(w, x, (((1,), (1,)), ((), ())), preferred_element_type=acc)
+def _dot(w, x):
+    """w [n, k] @ x[m, k].T: [n, m] in float32."""
+    return lax.dot_general(w, x, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _kernel(x_ref, q_ref, s_ref, *rest, fmt: str, step: int, steps: int, group: int, zero_point: bool, act: bool):
-    z_ref, rest = (rest[0], rest[1:]) if zero_point else (None, rest)
-    xs_ref, o_ref = rest if act else (None, rest[0])
+def _kernel(x_ref, q_ref, s_ref, *rest, fmt: str, step: int, steps: int, group: int, zero_point: bool):
+    z_ref, o_ref = rest if zero_point else (None, rest[0])
     dtype = x_ref.dtype
     if fmt == "int4":
         half, per_step = group // 2, step // group
@@ -133,40 +130,23 @@ def _kernel(x_ref, q_ref, s_ref, *rest, fmt: str, step: int, steps: int, group: 
                 acc = acc + part * s_ref[:, pl.ds(g, 1)]
             return acc
 
-        init = jnp.float32
-    elif act:  # both sides one-byte: the tensor cores take them as stored (int8 sums exactly in int32)
-        init = jnp.int32 if fmt == "int8" else jnp.float32
-
-        def body(k, acc):
-            return acc + _dot(q_ref[:, pl.ds(k * step, step)], x_ref[:, pl.ds(k * step, step)], init)
-
     else:
-        init = jnp.float32
 
         def body(k, acc):
             return acc + _dot(q_ref[:, pl.ds(k * step, step)].astype(dtype), x_ref[:, pl.ds(k * step, step)])
 
-    acc = lax.fori_loop(0, steps, body, jnp.zeros((q_ref.shape[0], x_ref.shape[0]), init)).astype(jnp.float32)
-    if act:
-        acc = acc * xs_ref[...]  # [1, bm]: one scale per token
+    acc = lax.fori_loop(0, steps, body, jnp.zeros((q_ref.shape[0], x_ref.shape[0]), jnp.float32))
     if fmt != "int4":
         acc = acc * s_ref[...]  # [bn, 1]: one scale per output channel
     o_ref[...] = acc.T.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "group", "tiles", "out_dtype", "interpret"))
-def small_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, zero: jax.Array | None = None,
-                 x_scale: jax.Array | None = None, *, fmt: str, group: int = 0, tiles: Tiles | None = None,
-                 out_dtype=None, interpret: bool = False) -> jax.Array:  # fmt: skip
-    """x [M, K] @ W.T in out_dtype (default x's dtype). W: fmt "fp8" / "int8": q [N, K] one-byte, scale [N, 1]
-    float32; "int4": q [N, K/2] uint8 packed, scale [N, K/group] float32, zero [N, K/group] uint8 or None (symmetric,
-    zero 8). x_scale [M] float32: x is quantized per token in q's type (W8A8) and the dot runs in that type."""
+@functools.partial(jax.jit, static_argnames=("fmt", "group", "tiles", "interpret"))
+def small_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, zero: jax.Array | None = None, *, fmt: str,
+                 group: int = 0, tiles: Tiles | None = None, interpret: bool = False) -> jax.Array:  # fmt: skip
+    """x [M, K] @ W.T in x's dtype. W: fmt "fp8" / "int8": q [N, K] one-byte, scale [N, 1] float32; "int4": q [N, K/2]
+    uint8 packed, scale [N, K/group] float32, zero [N, K/group] uint8 or None (symmetric, zero 8)."""
     rows, in_features = x.shape
-    act = x_scale is not None
-    if act and (fmt == "int4" or x.dtype != q.dtype):
-        raise ValueError(f"small_matmul: quantized activations ({x.dtype}) need one-byte weights of their type, "
-                         f"not {fmt} ({q.dtype})")  # fmt: skip
-    out_dtype = out_dtype or x.dtype
     out = q.shape[0]
     p = plan(rows, out, in_features, fmt, group, tiles)
     xp = jnp.pad(x, ((0, p.block_m - rows), (0, 0)))
@@ -183,17 +163,14 @@ def small_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, zero: jax.Array |
     if fmt == "int4" and zero is not None:
         in_specs.append(scale_spec)
         inputs.append(zero)
-    if act:  # padded rows scale by zero
-        in_specs.append(pl.BlockSpec((1, p.block_m), lambda j, s: (0, 0)))
-        inputs.append(jnp.pad(x_scale.astype(jnp.float32), (0, p.block_m - rows))[None])
     if p.split_k == 1:
-        out_shape = jax.ShapeDtypeStruct((p.block_m, out), out_dtype)
+        out_shape = jax.ShapeDtypeStruct((p.block_m, out), x.dtype)
         out_spec = pl.BlockSpec((p.block_m, p.block_n), lambda j, s: (0, j))
     else:
         out_shape = jax.ShapeDtypeStruct((p.split_k, p.block_m, out), jnp.float32)
         out_spec = pl.BlockSpec((None, p.block_m, p.block_n), lambda j, s: (s, 0, j))
     kernel = functools.partial(_kernel, fmt=fmt, step=p.step, steps=part // p.step, group=group,
-                               zero_point=fmt == "int4" and zero is not None, act=act)
+                               zero_point=len(inputs) == 4)
     tiles = tiles or DEFAULT_TILES[fmt]
     params = None if interpret else plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     result = pl.pallas_call(
@@ -201,7 +178,7 @@ def small_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, zero: jax.Array |
         out_shape=out_shape, compiler_params=params, interpret=interpret, name=f"small_matmul_{fmt}",
     )(*inputs)  # fmt: skip
     if p.split_k > 1:
-        result = result.sum(0).astype(out_dtype)
+        result = result.sum(0).astype(x.dtype)
     return result[:rows]
 
 
@@ -216,11 +193,6 @@ def applies(rows: int, w: QuantizedWeight, tiles: Tiles | None = None) -> bool:
 
 def quantized_matmul(x: jax.Array, w: QuantizedWeight, tiles: Tiles | None = None,
                      interpret: bool = False) -> jax.Array:  # fmt: skip
-    """x [M, in] @ w.T through the kernel (x already in q's column order), in x's dtype. W8A8 weights take x quantized
-    per token as the larger steps' XLA path does, so a sequence's numbers do not depend on the step's size."""
-    if w.scheme.act is not None:
-        xq, xs = quantize_rows(x, STORAGE[w.scheme.act][0])
-        return small_matmul(xq, w.q, w.scale, x_scale=xs, fmt=w.scheme.weight, tiles=tiles, out_dtype=x.dtype,
-                            interpret=interpret)  # fmt: skip
+    """x [M, in] @ w.T through the kernel (x already in q's column order), in x's dtype."""
     group = w.scheme.group_size(w.shape[1]) if w.scheme.weight == "int4" else 0
     return small_matmul(x, w.q, w.scale, w.zero, fmt=w.scheme.weight, group=group, tiles=tiles, interpret=interpret)
