@@ -121,50 +121,91 @@ def _jax_transfer(arrays) -> None:
         y.block_until_ready()
 
 
+PREFILL_PHASES = ("added", "scheduled", "gather_began", "gather_queued", "read_began", "first_token", "output")
+DECODE_PHASES = ("added", "reserved", "pulled", "adopted", "scheduled", "read_began", "first_token", "output")
+
+
+def timeline(began: float, prefill: dict, answered: float, decode: dict, first: float) -> dict[str, float]:
+    """One disaggregated request's phases in ms after the client sent it, in the order they happen: the engines'
+    traces (RequestOutput.trace; time.monotonic() of the same host) between the client's own points."""
+    points = {f"prefill.{k}": prefill[k] for k in PREFILL_PHASES if k in prefill}
+    points["client.prefill_answered"] = answered
+    points.update((f"decode.{k}", decode[k]) for k in DECODE_PHASES if k in decode)
+    points["client.first_token"] = first
+    return {k: 1e3 * (t - began) for k, t in points.items()}
+
+
+def _median_rows(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in rows if k in r) for k in rows[0]}
+
+
 def ttft(args, engine_args: dict) -> dict:
+    """TTFT and the time to the second token of one prompt, colocated on the decode-side engine (role both) and
+    disaggregated (prefill engine, then the decode engine pulls the K/V), with every disaggregated request's
+    timeline: where between the client's send and its first token the time goes."""
     from rtpjax import AsyncLLM, SamplingParams
 
     pre = AsyncLLM(args.model, **dict(engine_args, role="prefill"))
     dec = AsyncLLM(args.model, **dict(engine_args, role="both"))
     vocab = dec.info.vocab_size
     one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    two = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
     rng = random.Random(0)
 
-    async def first(llm, prompt, rid, params=None):
-        async for out in llm.generate(prompt, one, request_id=rid, kv_transfer_params=params):
-            return out
+    async def tokens(llm, prompt, rid, params, transfer=None):
+        """(the last output, time.monotonic() of the output that brought each token)."""
+        times, out = [], None
+        async for out in llm.generate(prompt, params, request_id=rid, kv_transfer_params=transfer):
+            now = time.monotonic()
+            times += [now] * (len(out.outputs[0].token_ids) - len(times))
+        return out, times
 
     async def run():
-        colocated, disagg, handoff = [], [], []
-        for i in range(args.repeats + 1):  # the first of each is a warm-up
+        rows = []
+        for i in range(args.repeats + 1):  # the first is a warm-up
+            row = {}
             prompt = [rng.randrange(3, vocab) for _ in range(args.prompt_len)]
-            began = time.perf_counter()
-            await first(dec, prompt, f"c{i}")
-            colocated.append(time.perf_counter() - began)
+            began = time.monotonic()
+            out, times = await tokens(dec, prompt, f"c{i}", two)
+            row["colocated"] = [times[0] - began, times[1] - began]
             prompt = [rng.randrange(3, vocab) for _ in range(args.prompt_len)]
-            began = time.perf_counter()
-            out = await first(pre, prompt, f"p{i}", {"do_remote_decode": True})
-            prefilled = time.perf_counter()
-            await first(dec, prompt, f"d{i}", out.kv_transfer_params)
-            disagg.append(time.perf_counter() - began)
-            handoff.append(time.perf_counter() - prefilled)
-        return colocated[1:], disagg[1:], handoff[1:]
+            began = time.monotonic()
+            pout, _ = await tokens(pre, prompt, f"p{i}", one, {"do_remote_decode": True})
+            answered = time.monotonic()
+            dout, times = await tokens(dec, prompt, f"d{i}", two, pout.kv_transfer_params)
+            row["disaggregated"] = [times[0] - began, times[1] - began]
+            row["handoff"] = times[0] - answered
+            row["timeline"] = timeline(began, pout.trace or {}, answered, dout.trace or {}, times[0])
+            rows.append(row)
+        return rows[1:]
 
     try:
-        colocated, disagg, handoff = asyncio.run(run())
+        rows = asyncio.run(run())
         phases = {**pre.stats()["kv_transfer_ms"], **dec.stats()["kv_transfer_ms"]}  # means over all, warm-up too
     finally:
         pre.shutdown()
         dec.shutdown()
-    result = {"prompt_len": args.prompt_len, "colocated_ttft_ms": statistics.median(colocated) * 1e3,
-              "disaggregated_ttft_ms": statistics.median(disagg) * 1e3,
-              "handoff_ms": statistics.median(handoff) * 1e3}  # fmt: skip
+
+    def ms(key: str, i: int) -> float:
+        return statistics.median(r[key][i] for r in rows) * 1e3
+
+    result = {"prompt_len": args.prompt_len, "colocated_ttft_ms": ms("colocated", 0),
+              "disaggregated_ttft_ms": ms("disaggregated", 0), "colocated_second_token_ms": ms("colocated", 1),
+              "disaggregated_second_token_ms": ms("disaggregated", 1),
+              "handoff_ms": statistics.median(r["handoff"] for r in rows) * 1e3}  # fmt: skip
     result["overhead"] = result["disaggregated_ttft_ms"] / result["colocated_ttft_ms"] - 1
     result["handoff_phases_ms"] = phases
+    result["timeline_ms"] = _median_rows([r["timeline"] for r in rows])  # medians per phase
+    result["rows_ms"] = [{k: [1e3 * t for t in r[k]] for k in ("colocated", "disaggregated")} for r in rows]
+    result["timelines_ms"] = [r["timeline"] for r in rows]
     print(f"TTFT of a {args.prompt_len}-token prompt: colocated {result['colocated_ttft_ms']:.1f} ms, disaggregated "
           f"{result['disaggregated_ttft_ms']:.1f} ms (+{100 * result['overhead']:.0f}%; decode side after the "
-          f"prefill answered {result['handoff_ms']:.1f} ms)")  # fmt: skip
+          f"prefill answered {result['handoff_ms']:.1f} ms); second token colocated "
+          f"{result['colocated_second_token_ms']:.1f} ms, disaggregated {result['disaggregated_second_token_ms']:.1f} "
+          "ms")  # fmt: skip
     print("hand-off phases (mean ms): " + "  ".join(f"{k} {v:.1f}" for k, v in phases.items()))
+    print("timeline (median ms after the client sent): " + "  ".join(
+        f"{k} {v:.1f}" for k, v in result["timeline_ms"].items()))  # fmt: skip
     return result
 
 

@@ -34,6 +34,7 @@ from rtpjax.disagg.params import role_error, side
 from rtpjax.disagg.relayout import pack, relayout, unpack
 from rtpjax.distributed.messages import (AddRequest, CompletionDelta, KVTransferParams, RequestDelta,
                                          RequestError)  # fmt: skip
+from rtpjax.engine.core import traced
 from rtpjax.engine.request import Request
 from rtpjax.engine.sequence import PENDING, HostKV
 from rtpjax.kv.host_blocks import PackedBlocks
@@ -121,6 +122,7 @@ class Handoff:
             request = self.engine.maker.build(command)
         except ValueError as e:
             return RequestError(rid, "invalid", str(e))
+        request.trace["added"] = time.monotonic()
         if want == "prefill":
             if self.engine.runner.mirror is not None:
                 return RequestError(rid, "invalid", "K/V hand-off works in one process only (not multi-host)")
@@ -157,11 +159,12 @@ class Handoff:
         """Before a step: arrived K/V joins the engine, waiting pulls start or time out, held K/V expires."""
         errors = []
         while not self.arrived.empty():
-            rid, result = self.arrived.get_nowait()
+            rid, result, pulled = self.arrived.get_nowait()
             pull = self.pulls.pop(rid, None)
             if pull is not None:
                 self._unreserve(pull)
                 self._adopt(pull, result)
+                pull.request.trace.update(pulled=pulled, adopted=time.monotonic())
                 error = self._add(pull.request)
                 if error is not None:
                     errors.append(error)
@@ -207,6 +210,8 @@ class Handoff:
         blocks = seq.block_table[: -(-tokens // self.engine.args.block_size)]
         if not blocks:
             return
+        trace = self.engine.requests[seq.request_id].trace
+        trace["gather_began"] = time.monotonic()  # right after the prompt's last step was launched
         layout = self.engine.runner.kv_layout
         fit = staging.CHUNK // layout.block_bytes
         step = max(self.engine.runner.copier.sizes[0], 1 << max(0, fit.bit_length() - 1))
@@ -214,6 +219,7 @@ class Handoff:
         staged = self.store.stage(pieces, layout)
         staged.done.add_done_callback(self._staged)
         self.gathering[seq.request_id] = (tokens, len(blocks), staged)
+        trace["gather_queued"] = time.monotonic()
 
     def _staged(self, future) -> None:
         if future.exception() is None:
@@ -228,6 +234,7 @@ class Handoff:
 
     def _detach(self, request: Request) -> RequestDelta:
         closing = _closing(request, "length")
+        closing.trace = traced(request)
         rid = request.request_id
         self.engine.snapshot(rid, detach=True, gather=False)  # its blocks go back: the gathered copy is its own
         gathered = self.gathering.pop(rid, None)
@@ -251,6 +258,7 @@ class Handoff:
         pull.reserved = self.engine.pool.allocate(pull.need)
         if pull.reserved is None:
             return False
+        pull.request.trace["reserved"] = time.monotonic()
         p = pull.params
         path = "shm" if p.remote_host_id == self.host_id else "tcp"
         transfer_id = p.remote_request_id or rid
@@ -283,7 +291,7 @@ class Handoff:
             result = e
         except Exception as e:  # noqa: BLE001 - e.g. the device out of memory: the prompt is computed here instead
             result = channel.TransferError(f"the K/V could not be put on the device: {type(e).__name__}: {e}")
-        self.arrived.put((rid, result))
+        self.arrived.put((rid, result, time.monotonic()))
         self.wake()
 
     def _unreserve(self, pull: _Pull) -> None:
