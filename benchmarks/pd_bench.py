@@ -4,6 +4,13 @@ prompt disaggregated (prefill engine -> decode engine) against colocated, engine
 
     python -m rtpjax.benchmarks.pd_bench transfer --tokens 1024 2048 --out transfer.json   (8B KV: 32 x 8 x 128 bf16)
     python -m rtpjax.benchmarks.pd_bench ttft MODEL --prompt-len 2048 --out ttft.json [engine flags]
+    python -m rtpjax.benchmarks.pd_bench serve MODEL --prompt-len 2048 --out serve.json -- [rtpjax serve flags]
+
+`ttft` runs both engines in this process's AsyncLLMs and reports each disaggregated request's timeline (the engines'
+hand-off phases between the client's send and its first token). `serve` runs the whole path over HTTP: a prefill and a
+role-both `rtpjax serve` and `rtpjax router --pd-disaggregation` in processes of their own, streaming clients timing
+the first and second token event, straight from the role-both server (colocated) and through the router (which
+streams the prefill's token at once: the hand-off moves to the second token).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import asyncio
 import json
 import random
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -209,6 +217,97 @@ def ttft(args, engine_args: dict) -> dict:
     return result
 
 
+def _events(chunks: bytes) -> tuple[list[dict], bytes]:
+    """The complete SSE events in `chunks` (JSON payloads; [DONE] left out), and the incomplete rest."""
+    *done, rest = chunks.split(b"\n\n")
+    return [json.loads(e[6:]) for e in done if e.startswith(b"data: {")], rest
+
+
+async def _stream(session, url: str, body: dict) -> list[float]:
+    """time.monotonic() of each event of a completion stream that brings tokens (its text), from the send."""
+    began, times, pending = time.monotonic(), [], b""
+    async with session.post(url + "/v1/completions", json=body) as r:
+        if r.status != 200:
+            raise RuntimeError(f"{url} answered {r.status}: {(await r.read())[:300]!r}")
+        async for chunk in r.content.iter_any():
+            events, pending = _events(pending + chunk)
+            for e in events:
+                if "error" in e:
+                    raise RuntimeError(f"{url}: {e['error']}")
+                if any(c.get("text") or c.get("finish_reason") is None for c in e["choices"]):
+                    times.append(time.monotonic() - began)
+    return times
+
+
+def serve(args) -> dict:
+    """TTFT and time to the second token over HTTP, colocated (straight to the role-both server) and through the
+    P/D router, with the engines' mean hand-off phases from /pd/status."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import aiohttp
+
+    from rtpjax.benchmarks.pd_mixed import start, wait_healthy
+    from rtpjax.benchmarks.router_bench import free_port
+
+    vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+    logs = Path(args.logs or tempfile.mkdtemp(prefix="pd_bench_"))
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    try:
+        for role in ("prefill", "both"):
+            port = free_port()
+            argv = [sys.executable, "-m", "rtpjax.cli", "serve", args.model, "--port", str(port), "--role", role,
+                    "--served-model-name", "m", *args.serve_args]  # fmt: skip
+            procs.append(start(role, argv, dict(os.environ), logs, port))
+        for p in procs:
+            wait_healthy(p, args.start_timeout)
+        prefill, decode, port = procs[0], procs[1], free_port()
+        procs.append(start("router", [sys.executable, "-m", "rtpjax.cli", "router", "--pd-disaggregation", "--prefill",
+                                      prefill.url, "--decode", decode.url, "--host", "127.0.0.1", "--port", str(port)],
+                           dict(os.environ), logs, port))  # fmt: skip
+        wait_healthy(procs[2], 60)
+        rng = random.Random(0)
+
+        async def run():
+            rows = []
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+                for _ in range(args.repeats + 1):  # the first is a warm-up
+                    row = {}
+                    for name, url in (("colocated", decode.url), ("disaggregated", procs[2].url)):
+                        body = {"model": "m", "prompt": [rng.randrange(3, vocab) for _ in range(args.prompt_len)],
+                                "max_tokens": 3, "temperature": 0, "ignore_eos": True, "stream": True}  # fmt: skip
+                        row[name] = (await _stream(session, url, body))[:2]
+                    rows.append(row)
+                async with session.get(prefill.url + "/pd/status") as r:
+                    phases = (await r.json())["kv_transfer_ms"]
+                async with session.get(decode.url + "/pd/status") as r:
+                    phases.update((await r.json())["kv_transfer_ms"])
+            return rows[1:], phases
+
+        rows, phases = asyncio.run(run())
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+    def ms(key: str, i: int) -> float:
+        return statistics.median(r[key][i] for r in rows if len(r[key]) > i) * 1e3
+
+    result = {"prompt_len": args.prompt_len, "colocated_ttft_ms": ms("colocated", 0),
+              "router_ttft_ms": ms("disaggregated", 0), "colocated_second_token_ms": ms("colocated", 1),
+              "router_second_token_ms": ms("disaggregated", 1), "handoff_phases_ms": phases,
+              "rows_ms": [{k: [1e3 * t for t in v] for k, v in r.items()} for r in rows]}  # fmt: skip
+    result["ttft_overhead"] = result["router_ttft_ms"] / result["colocated_ttft_ms"] - 1
+    result["second_token_overhead"] = result["router_second_token_ms"] / result["colocated_second_token_ms"] - 1
+    print(f"over HTTP, a {args.prompt_len}-token prompt: TTFT colocated {result['colocated_ttft_ms']:.1f} ms, through "
+          f"the P/D router {result['router_ttft_ms']:.1f} ms ({100 * result['ttft_overhead']:+.0f}%); second token "
+          f"colocated {result['colocated_second_token_ms']:.1f} ms, through the router "
+          f"{result['router_second_token_ms']:.1f} ms ({100 * result['second_token_overhead']:+.0f}%)")  # fmt: skip
+    print("hand-off phases (mean ms): " + "  ".join(f"{k} {v:.1f}" for k, v in phases.items()))
+    return result
+
+
 def main(argv=None) -> None:
     from rtpjax.options import add_engine_arguments, engine_args_from
 
@@ -228,9 +327,21 @@ def main(argv=None) -> None:
     f.add_argument("--repeats", type=int, default=5)
     f.add_argument("--out")
     add_engine_arguments(f, exclude=("role",))
-    args = parser.parse_args(argv)
+    h = sub.add_parser("serve")
+    h.add_argument("model")
+    h.add_argument("--prompt-len", type=int, default=2048)
+    h.add_argument("--repeats", type=int, default=5)
+    h.add_argument("--start-timeout", type=float, default=400.0)
+    h.add_argument("--logs", help="folder of the servers' and router's logs (default: a temporary one)")
+    h.add_argument("--out")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    serve_args = argv[argv.index("--") + 1 :] if "--" in argv else []  # serve: flags of every rtpjax serve
+    args = parser.parse_args(argv[: len(argv) - len(serve_args) - ("--" in argv)])
+    args.serve_args = serve_args
     if args.part == "transfer":
         result = transfer(args)
+    elif args.part == "serve":
+        result = serve(args)
     else:
         import dataclasses
 

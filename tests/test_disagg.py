@@ -542,3 +542,32 @@ def test_prefill_gather_never_blocks_the_engine_loop(stories_llm, monkeypatch):
         while engine.has_work():
             engine.step()
         handoff.close()
+
+
+def test_prefill_runs_no_step_past_the_first_token(stories_llm):
+    """A prefill hand-off leaves with its first token: the engine computes its prompt and nothing more (no decode
+    row sampling a token nobody reads), and its answer carries the hand-off's phases in order."""
+    from rtpjax.disagg.handoff import Handoff
+    from rtpjax.distributed.messages import KVTransferParams
+
+    engine = stories_llm.engine
+    handoff = Handoff(engine, wake=lambda: None)
+    try:
+        prompt = "Tom and his big dog ran to the park. They played ball under a tall green tree all day"  # not cached
+        msg = engine.maker.message(prompt, SamplingParams(max_tokens=8, temperature=0), "first")
+        msg.kv_transfer_params = KVTransferParams(do_remote_decode=True)
+        computed = engine.lifetime.computed + engine.loop_stats.computed
+        assert handoff.add(msg) is None
+        detached = []
+        while not detached:
+            engine.step(as_deltas=True)
+            detached = handoff.after_step()
+        while engine.has_work():
+            engine.step()
+        assert engine.lifetime.computed + engine.loop_stats.computed - computed == len(msg.prompt_ids)
+        trace = detached[0].trace
+        order = ["added", "scheduled", "gather_began", "gather_queued", "read_began", "first_token", "output"]
+        assert [trace[k] for k in order] == sorted(trace[k] for k in order), trace
+        assert detached[0].kv_transfer_params is not None
+    finally:
+        handoff.close()

@@ -4,9 +4,9 @@ Prefill (`AddRequest.kv_transfer_params.do_remote_decode`): the request runs as 
 computes its prompt's last chunk, the device gathers its prompt blocks as packed rows and starts copying them to the
 host (`ModelRunner.offload`, ordered after that step and before anything later writes the blocks); the loop goes on
 while a hand-off thread waits for the copies and stages them (staging.stage: shared memory, checksums). Once each
-completion has its first token the request leaves the engine (`LLMEngine.snapshot(detach=True, gather=False)`): its
-blocks go back to the pool at once (the gathered copy is its own), and its last output carries the kv_transfer_params
-a decode engine needs. What no decode engine pulls within kv_transfer_timeout is dropped; a request that finishes at
+completion has its first token (no step runs past it: Sequence.hand_off) the request leaves the engine
+(`LLMEngine.snapshot(detach=True, gather=False)`): its blocks go back to the pool at once (the gathered copy is its
+own), and its last output carries the kv_transfer_params a decode engine needs. What no decode engine pulls within kv_transfer_timeout is dropped; a request that finishes at
 its first token (EOS, a stop string) or is aborted hands nothing over (its decode engine recomputes the prompt).
 
 Decode (`do_remote_prefill`): the request reserves the blocks its prompt needs (waiting, up to kv_transfer_timeout,
@@ -14,8 +14,9 @@ for room; then it is refused), a thread pulls the K/V, each chunk going to the d
 arrived the reservation is returned and the request is added with the rows on the device (Sequence.host_kv: written
 into fresh blocks before its first step, as an adopted request's). The last prompt token runs again and samples the
 first token: sampling is keyed by (seed, position), so a seeded or greedy request continues exactly as it would have
-colocated. A pull that fails (prefill gone, corrupted, stale, another prompt) makes the request compute its prompt here
-instead: slower, never wrong.
+colocated. A pull that fails (prefill gone, corrupted, stale, another prompt) makes the request compute its prompt
+here instead: slower, never wrong. Each hand-off's phases (time.monotonic()) leave with its answer (prefill) or its
+first tokens (decode) as RequestDelta.trace.
 """
 
 from __future__ import annotations
@@ -126,9 +127,10 @@ class Handoff:
         if want == "prefill":
             if self.engine.runner.mirror is not None:
                 return RequestError(rid, "invalid", "K/V hand-off works in one process only (not multi-host)")
-            for seq in request.seqs:
+            for seq in request.seqs:  # not finished by its first token (it leaves then), nor stepped past it
                 seq.max_tokens = max(seq.max_tokens, min(2, self.engine.max_model_len - seq.num_prompt))
-            self.holding.add(rid)  # held from its first token on (a second would be sampled, never reported)
+                seq.hand_off = True
+            self.holding.add(rid)
         elif want == "decode" and params.remote_host is not None and params.remote_port is not None:
             need = -(-(len(request.prompt_ids) - 1) // self.engine.args.block_size)
             if need > self.engine.pool.num_blocks:

@@ -464,7 +464,8 @@ class LLMEngine:
         request.reported = True
         timings = request.seqs[0].metrics.timings() if finished else None
         trace = None
-        if request.trace and any(c.token_ids for c in completions):  # a hand-off's first tokens: its phases go along
+        if request.trace and any(c.token_ids for c in completions) and not request.seqs[0].hand_off:
+            # a pulled hand-off's first tokens: its phases go along (a prefill hand-off's, as it leaves)
             trace = traced(request)
             request.trace = {}
         return RequestDelta(request.request_id, finished, completions, prompt_logprobs, timings, trace=trace)
