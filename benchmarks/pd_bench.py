@@ -291,19 +291,29 @@ def serve(args) -> dict:
         for p in reversed(procs):
             p.stop()
 
-    def ms(key: str, i: int) -> float:
-        return statistics.median(r[key][i] for r in rows if len(r[key]) > i) * 1e3
+    def ms(key: str, i: int) -> float | None:
+        """The median over the runs whose stream had that event (a CPU's engine may send all tokens as one)."""
+        seen = [r[key][i] for r in rows if len(r[key]) > i]
+        return statistics.median(seen) * 1e3 if seen else None
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b - 1 if a is not None and b is not None else None
 
     result = {"prompt_len": args.prompt_len, "colocated_ttft_ms": ms("colocated", 0),
               "router_ttft_ms": ms("disaggregated", 0), "colocated_second_token_ms": ms("colocated", 1),
               "router_second_token_ms": ms("disaggregated", 1), "handoff_phases_ms": phases,
               "rows_ms": [{k: [1e3 * t for t in v] for k, v in r.items()} for r in rows]}  # fmt: skip
-    result["ttft_overhead"] = result["router_ttft_ms"] / result["colocated_ttft_ms"] - 1
-    result["second_token_overhead"] = result["router_second_token_ms"] / result["colocated_second_token_ms"] - 1
-    print(f"over HTTP, a {args.prompt_len}-token prompt: TTFT colocated {result['colocated_ttft_ms']:.1f} ms, through "
-          f"the P/D router {result['router_ttft_ms']:.1f} ms ({100 * result['ttft_overhead']:+.0f}%); second token "
-          f"colocated {result['colocated_second_token_ms']:.1f} ms, through the router "
-          f"{result['router_second_token_ms']:.1f} ms ({100 * result['second_token_overhead']:+.0f}%)")  # fmt: skip
+    result["ttft_overhead"] = ratio(result["router_ttft_ms"], result["colocated_ttft_ms"])
+    result["second_token_overhead"] = ratio(result["router_second_token_ms"], result["colocated_second_token_ms"])
+    def show(key: str, over: str) -> str:
+        r = result
+        if r[f"router_{key}_ms"] is None or r[f"colocated_{key}_ms"] is None:
+            return "n/a (every stream sent its tokens as one event)"
+        return f"colocated {r[f'colocated_{key}_ms']:.1f} ms, through the P/D router {r[f'router_{key}_ms']:.1f} ms " \
+               f"({100 * r[over]:+.0f}%)"  # fmt: skip
+
+    print(f"over HTTP, a {args.prompt_len}-token prompt: TTFT {show('ttft', 'ttft_overhead')}; second token "
+          f"{show('second_token', 'second_token_overhead')}")  # fmt: skip
     print("hand-off phases (mean ms): " + "  ".join(f"{k} {v:.1f}" for k, v in phases.items()))
     return result
 

@@ -407,6 +407,28 @@ def test_pd_bench_transfer_runs(tmp_path):
     assert all(row[f"{p}_GBps"] > 0 for p in ("shm", "tcp", "staged"))
 
 
+def test_pd_bench_ttft_and_serve_record_every_phase(stories_dir, compile_cache, tmp_path):
+    """gpu_run.sh pd's TTFT runs, tiny, on CPU: in process, each disaggregated request's timeline in the order its
+    phases happen and the second token; over HTTP through the P/D router, TTFT and second token."""
+    from rtpjax.benchmarks import pd_bench
+
+    engine = ["--max-model-len", "256", "--max-num-seqs", "8", "--max-num-batched-tokens", "128",
+              "--compilation-cache-dir", compile_cache]  # fmt: skip
+    pd_bench.main(["ttft", str(stories_dir), "--prompt-len", "100", "--repeats", "1", "--out", str(tmp_path / "t.json"),
+                   *engine])  # fmt: skip
+    result = json.loads((tmp_path / "t.json").read_text())
+    (timeline,) = result["timelines_ms"]
+    assert list(timeline) == [f"prefill.{k}" for k in pd_bench.PREFILL_PHASES] + ["client.prefill_answered"] + \
+        [f"decode.{k}" for k in pd_bench.DECODE_PHASES] + ["client.first_token"]  # fmt: skip
+    assert list(timeline.values()) == sorted(timeline.values()), timeline
+    assert 0 < result["disaggregated_ttft_ms"] <= result["disaggregated_second_token_ms"]
+    pd_bench.main(["serve", str(stories_dir), "--prompt-len", "100", "--repeats", "1", "--out", str(tmp_path / "s.json"),
+                   "--logs", str(tmp_path / "logs"), "--", *engine])  # fmt: skip
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert 0 < result["router_ttft_ms"] and 0 < result["colocated_ttft_ms"]
+    assert result["handoff_phases_ms"].keys() >= {"prefill_d2h", "decode_channel"}
+
+
 def test_channel_stages_once_checks_and_removes(monkeypatch):
     """The channel, no engines: gathered pieces (padded, arriving one by one) are staged into one reused shared-memory
     file in chunks that straddle them; both paths deliver the rows equal; a byte changed in the file after staging
