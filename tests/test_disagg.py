@@ -418,8 +418,10 @@ def test_pd_bench_ttft_and_serve_record_every_phase(stories_dir, compile_cache, 
                    *engine])  # fmt: skip
     result = json.loads((tmp_path / "t.json").read_text())
     (timeline,) = result["timelines_ms"]
+    # The decode side reports the prefill's first token as it adopts the K/V, before any step of its own.
+    decode = ("added", "reserved", "pulled", "adopted", "first_token", "output")
     assert list(timeline) == [f"prefill.{k}" for k in pd_bench.PREFILL_PHASES] + ["client.prefill_answered"] + \
-        [f"decode.{k}" for k in pd_bench.DECODE_PHASES] + ["client.first_token"]  # fmt: skip
+        [f"decode.{k}" for k in decode] + ["client.first_token"]  # fmt: skip
     assert list(timeline.values()) == sorted(timeline.values()), timeline
     assert 0 < result["disaggregated_ttft_ms"] <= result["disaggregated_second_token_ms"]
     pd_bench.main(["serve", str(stories_dir), "--prompt-len", "100", "--repeats", "1", "--out", str(tmp_path / "s.json"),
@@ -542,7 +544,7 @@ def test_prefill_gather_never_blocks_the_engine_loop(stories_llm, monkeypatch):
         payload[:] = 0  # the file is reused once the pull answers: the device rows are copies
         assert np.array_equal(np.concatenate([np.asarray(r) for r in got.rows]), sent)
         prompt_len = len(engine.maker.message(PROMPT).prompt_ids)
-        assert got.num_tokens == prompt_len - 1 and len(got.rows) == len(params.remote_block_ids)
+        assert got.num_tokens == prompt_len and len(got.rows) == len(params.remote_block_ids)
         add("e", PROMPT + " run")
         while not step():
             pass

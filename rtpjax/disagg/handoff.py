@@ -12,9 +12,11 @@ its first token (EOS, a stop string) or is aborted hands nothing over (its decod
 Decode (`do_remote_prefill`): the request reserves the blocks its prompt needs (waiting, up to kv_transfer_timeout,
 for room; then it is refused), a thread pulls the K/V, each chunk going to the device as it arrives, and once it has
 arrived the reservation is returned and the request is added with the rows on the device (Sequence.host_kv: written
-into fresh blocks before its first step, as an adopted request's). The last prompt token runs again and samples the
-first token: sampling is keyed by (seed, position), so a seeded or greedy request continues exactly as it would have
-colocated. A pull that fails (prefill gone, corrupted, stale, another prompt) makes the request compute its prompt
+into fresh blocks before its first step, as an adopted request's). The prefill hands over the whole prompt's K/V and
+its first token (kv_transfer_params.first_token_ids): a request of one completion without logprobs reports that token
+at once and its first step samples the second, so it goes on from what a client was shown first (rtpjax's P/D router
+streams the prefill's token); any other runs the last prompt token again and samples the first token. Sampling is
+keyed by (seed, position), so a seeded or greedy request continues exactly as it would have colocated. A pull that fails (prefill gone, corrupted, stale, another prompt) makes the request compute its prompt
 here instead: slower, never wrong. Each hand-off's phases (time.monotonic()) leave with its answer (prefill) or its
 first tokens (decode) as RequestDelta.trace.
 """
@@ -50,6 +52,15 @@ class _Pull:
     need: int  # blocks the prompt's K/V takes here
     deadline: float  # time.monotonic()
     reserved: list[int] | None = None  # taken from the pool while the K/V travels
+
+
+def _first_token(request: Request, params: KVTransferParams, vocab_size: int | None = None) -> int | None:
+    """The prefill's first token, where the decode side goes on from it: one completion without logprobs (a token's
+    logprobs are not handed over), a token of the vocabulary."""
+    first = params.first_token_ids
+    if first is None or len(first) != 1 or len(request.seqs) != 1 or request.params.logprobs is not None:
+        return None
+    return first[0] if vocab_size is None or 0 <= first[0] < vocab_size else None
 
 
 def _closing(request: Request, reason: str, params: KVTransferParams | None = None) -> RequestDelta:
@@ -132,7 +143,8 @@ class Handoff:
                 seq.hand_off = True
             self.holding.add(rid)
         elif want == "decode" and params.remote_host is not None and params.remote_port is not None:
-            need = -(-(len(request.prompt_ids) - 1) // self.engine.args.block_size)
+            need = -(-(len(request.prompt_ids) - (_first_token(request, params, self.engine.info.vocab_size) is None)) //
+                     self.engine.args.block_size)  # fmt: skip
             if need > self.engine.pool.num_blocks:
                 return RequestError(rid, "invalid", f"the prompt needs {need} KV blocks; this decode engine's "
                                                     f"cache has {self.engine.pool.num_blocks}")  # fmt: skip
@@ -158,18 +170,24 @@ class Handoff:
     # -- the loop -------------------------------------------------------------------------------------------------
 
     def poll(self) -> tuple[list[RequestDelta], list[RequestError]]:
-        """Before a step: arrived K/V joins the engine, waiting pulls start or time out, held K/V expires."""
-        errors = []
+        """Before a step: arrived K/V joins the engine (with the prefill's first token, reported at once), waiting
+        pulls start or time out, held K/V expires."""
+        outputs, errors = [], []
         while not self.arrived.empty():
             rid, result, pulled = self.arrived.get_nowait()
             pull = self.pulls.pop(rid, None)
             if pull is not None:
                 self._unreserve(pull)
-                self._adopt(pull, result)
+                first = _first_token(pull.request, pull.params, self.engine.info.vocab_size)
+                self._adopt(pull, result, first is not None)
                 pull.request.trace.update(pulled=pulled, adopted=time.monotonic())
+                if first is not None:
+                    pull.request.seqs[0].token_ids.append(first)  # read by _first once the engine holds it
                 error = self._add(pull.request)
                 if error is not None:
                     errors.append(error)
+                elif first is not None:
+                    outputs.append(self._first(pull.request, first))
         now = time.monotonic()
         for rid, pull in list(self.pulls.items()):
             if pull.reserved is None and not self._start(rid) and now > pull.deadline:
@@ -178,7 +196,7 @@ class Handoff:
                                                           f"prompt's {pull.need} blocks within {self.timeout:g} s"))
         for rid in self.store.expire():
             log.warning("dropped the K/V of hand-off %s: no decode engine pulled it within %g s", rid, self.timeout)
-        return [], errors
+        return outputs, errors
 
     def after_step(self) -> list[RequestDelta]:
         """After a step: gather the prompts whose last chunk it computes, detach the prefill requests whose
@@ -205,10 +223,9 @@ class Handoff:
     # -- prefill --------------------------------------------------------------------------------------------------
 
     def _gather(self, seq) -> None:
-        """Queue the device copy of the prompt's blocks (all but its last token's K/V, which the decode side computes)
-        right behind the step in flight, in pieces of about one checksum chunk (a power of two: a gather bucket, no
+        """Queue the device copy of the prompt's blocks (the whole prompt's K/V) right behind the step in flight, in pieces of about one checksum chunk (a power of two: a gather bucket, no
         padding): a hand-off thread stages each piece while the next is still crossing to the host."""
-        tokens = seq.num_prompt - 1
+        tokens = seq.num_prompt
         blocks = seq.block_table[: -(-tokens // self.engine.args.block_size)]
         if not blocks:
             return
@@ -249,7 +266,8 @@ class Handoff:
                                   remote_request_id=rid, remote_block_ids=list(range(num_blocks)),
                                   remote_host=self.server.host, remote_port=self.server.port,
                                   remote_host_id=self.host_id,
-                                  tp_size=self.engine.args.tensor_parallel_size)  # fmt: skip
+                                  tp_size=self.engine.args.tensor_parallel_size,
+                                  first_token_ids=[s.token_ids[s.num_prompt] for s in request.seqs])  # fmt: skip
         return closing
 
     # -- decode ---------------------------------------------------------------------------------------------------
@@ -264,8 +282,9 @@ class Handoff:
         p = pull.params
         path = "shm" if p.remote_host_id == self.host_id else "tcp"
         transfer_id = p.remote_request_id or rid
+        tokens = len(pull.request.prompt_ids) - (_first_token(pull.request, p, self.engine.info.vocab_size) is None)
         threading.Thread(target=self._pull, args=(rid, p.remote_host, p.remote_port, transfer_id, path, pull.deadline,
-                                                  len(pull.request.prompt_ids) - 1),
+                                                  tokens),
                          name="rtpjax-kv-pull", daemon=True).start()  # fmt: skip
         return True
 
@@ -301,8 +320,9 @@ class Handoff:
             self.engine.pool.release(pull.reserved)
             pull.reserved = None
 
-    def _adopt(self, pull: _Pull, result) -> None:
-        """Give the request's first sequence the K/V of all but its last prompt token, or say why it recomputes."""
+    def _adopt(self, pull: _Pull, result, whole: bool) -> None:
+        """Give the request's first sequence the K/V of all but its last prompt token (`whole`: of the whole prompt,
+        which its first token follows), or say why it recomputes."""
         request = pull.request
         prompt = request.prompt_ids
         try:
@@ -312,7 +332,7 @@ class Handoff:
                 raise channel.TransferError("the K/V arrived after the hand-off's timeout (stale)")
             if result.prompt_ids != prompt:
                 raise channel.TransferError("the hand-off holds another prompt's K/V")
-            tokens = min(result.num_tokens, len(prompt) - 1)
+            tokens = min(result.num_tokens, len(prompt) - (not whole))
         except (channel.TransferError, ValueError) as e:
             log.warning("request %s computes its prompt here: %s", request.request_id, e)
             self.failed += 1
@@ -320,6 +340,13 @@ class Handoff:
         self.pulled += 1
         rows = list(range(-(-tokens // result.layout.block_size)))
         request.seqs[0].host_kv = HostKV(PackedBlocks(result.layout, result.rows), rows, tokens)
+
+    def _first(self, request: Request, token: int) -> RequestDelta:
+        """The prefill's first token as this engine's own (text, stops, length), reported at once; the first step
+        computes its K/V and samples the second."""
+        seq = request.seqs[0]
+        self.engine._accept(seq, seq.num_prompt, token, 0.0, None, None, time.monotonic())
+        return self.engine._output(request, as_delta=True)
 
     def _add(self, request: Request) -> RequestError | None:
         try:

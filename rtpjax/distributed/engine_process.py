@@ -181,6 +181,9 @@ def _loop(engine: LLMEngine, conn: Connection, inbox: queue.Queue, handoff) -> N
                     outputs.append(out)
             else:  # the error of a request whose message could not be read
                 errors.append(command)
+        if outputs:  # hand-offs' first tokens (handoff.poll): out now, not after this round's step is launched
+            conn.send_bytes(messages.encode(StepOutputs(outputs, [], handoff.stats(engine.stats()), [])))
+            outputs = []
         if engine.has_work():
             try:
                 outputs += engine.step(as_deltas=True)

@@ -194,6 +194,8 @@ class KVTransferParams(msgspec.Struct, omit_defaults=True, gc=False):
     remote_port: int | None = None
     remote_host_id: str | None = None
     tp_size: int | None = None
+    first_token_ids: list[int] | None = None  # the prefill's first token per completion: the decode side goes on from
+    # it (its K/V covers the whole prompt), so what a client was shown first is what the rest follows
 
 
 # -- requests in -----------------------------------------------------------------------------------------------------
