@@ -45,7 +45,8 @@
 #           acceptance length of the same run, outputs compared
 #   pd      prefill/decode hand-off: the K/V channel (shared memory, TCP, jax.experimental.transfer) per 1k tokens of
 #           8B KV beside the host-staged floor, and the TTFT of a 2048-token prompt disaggregated against colocated
-#           (two engine processes at XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 each)
+#           (two engine processes at XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 each) with each request's timeline; then the
+#           same over HTTP (pd_serve.json): TTFT and second token through rtpjax router --pd-disaggregation
 #   pd_mixed  (P/D multi-GPU issue; 2 GPUs, or both engines on one GPU at XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 as a dry
 #           run) colocated (2 replicas, rtpjax router cache_aware) against disaggregated (prefill + decode engine behind
 #           rtpjax router --pd-disaggregation, and behind vllm-router if installed): long prompts (4k-8k) at a steady
@@ -268,6 +269,9 @@ EOF
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout 550 python3 -m rtpjax.benchmarks.pd_bench ttft "$cfg" \
       --load-format dummy --prompt-len 2048 --max-model-len 4096 --max-num-seqs 16 --compilation-cache-dir /tmp/xla \
       --out "$OUT/pd_ttft.json"
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout 550 python3 -m rtpjax.benchmarks.pd_bench serve "$cfg" \
+      --prompt-len 2048 --logs "$OUT/pd_serve_logs" --out "$OUT/pd_serve.json" -- --load-format dummy \
+      --max-model-len 4096 --max-num-seqs 16 --compilation-cache-dir /tmp/xla
     ;;
   pd_mixed)
     config_only

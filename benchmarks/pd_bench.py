@@ -4,6 +4,13 @@ prompt disaggregated (prefill engine -> decode engine) against colocated, engine
 
     python -m rtpjax.benchmarks.pd_bench transfer --tokens 1024 2048 --out transfer.json   (8B KV: 32 x 8 x 128 bf16)
     python -m rtpjax.benchmarks.pd_bench ttft MODEL --prompt-len 2048 --out ttft.json [engine flags]
+    python -m rtpjax.benchmarks.pd_bench serve MODEL --prompt-len 2048 --out serve.json -- [rtpjax serve flags]
+
+`ttft` runs both engines in this process's AsyncLLMs and reports each disaggregated request's timeline (the engines'
+hand-off phases between the client's send and its first token). `serve` runs the whole path over HTTP: a prefill and a
+role-both `rtpjax serve` and `rtpjax router --pd-disaggregation` in processes of their own, streaming clients timing
+the first and second token event, straight from the role-both server (colocated) and through the router (which
+streams the prefill's token at once: the hand-off moves to the second token).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import asyncio
 import json
 import random
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -121,49 +129,191 @@ def _jax_transfer(arrays) -> None:
         y.block_until_ready()
 
 
+PREFILL_PHASES = ("added", "scheduled", "gather_began", "gather_queued", "read_began", "first_token", "output")
+DECODE_PHASES = ("added", "reserved", "pulled", "adopted", "scheduled", "read_began", "first_token", "output")
+
+
+def timeline(began: float, prefill: dict, answered: float, decode: dict, first: float) -> dict[str, float]:
+    """One disaggregated request's phases in ms after the client sent it, in the order they happen: the engines'
+    traces (RequestOutput.trace; time.monotonic() of the same host) between the client's own points."""
+    points = {f"prefill.{k}": prefill[k] for k in PREFILL_PHASES if k in prefill}
+    points["client.prefill_answered"] = answered
+    points.update((f"decode.{k}", decode[k]) for k in DECODE_PHASES if k in decode)
+    points["client.first_token"] = first
+    return {k: 1e3 * (t - began) for k, t in points.items()}
+
+
+def _median_rows(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in rows if k in r) for k in rows[0]}
+
+
 def ttft(args, engine_args: dict) -> dict:
+    """TTFT and the time to the second token of one prompt, colocated on the decode-side engine (role both) and
+    disaggregated (prefill engine, then the decode engine pulls the K/V), with every disaggregated request's
+    timeline: where between the client's send and its first token the time goes."""
     from rtpjax import AsyncLLM, SamplingParams
 
     pre = AsyncLLM(args.model, **dict(engine_args, role="prefill"))
     dec = AsyncLLM(args.model, **dict(engine_args, role="both"))
     vocab = dec.info.vocab_size
     one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    two = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
     rng = random.Random(0)
 
-    async def first(llm, prompt, rid, params=None):
-        async for out in llm.generate(prompt, one, request_id=rid, kv_transfer_params=params):
-            return out
+    async def tokens(llm, prompt, rid, params, transfer=None):
+        """(the last output, time.monotonic() of the output that brought each token)."""
+        times, out = [], None
+        async for out in llm.generate(prompt, params, request_id=rid, kv_transfer_params=transfer):
+            now = time.monotonic()
+            times += [now] * (len(out.outputs[0].token_ids) - len(times))
+        return out, times
 
     async def run():
-        colocated, disagg, handoff = [], [], []
-        for i in range(args.repeats + 1):  # the first of each is a warm-up
+        rows = []
+        for i in range(args.repeats + 1):  # the first is a warm-up
+            row = {}
             prompt = [rng.randrange(3, vocab) for _ in range(args.prompt_len)]
-            began = time.perf_counter()
-            await first(dec, prompt, f"c{i}")
-            colocated.append(time.perf_counter() - began)
+            began = time.monotonic()
+            out, times = await tokens(dec, prompt, f"c{i}", two)
+            row["colocated"] = [times[0] - began, times[1] - began]
             prompt = [rng.randrange(3, vocab) for _ in range(args.prompt_len)]
-            began = time.perf_counter()
-            out = await first(pre, prompt, f"p{i}", {"do_remote_decode": True})
-            prefilled = time.perf_counter()
-            await first(dec, prompt, f"d{i}", out.kv_transfer_params)
-            disagg.append(time.perf_counter() - began)
-            handoff.append(time.perf_counter() - prefilled)
-        return colocated[1:], disagg[1:], handoff[1:]
+            began = time.monotonic()
+            pout, _ = await tokens(pre, prompt, f"p{i}", one, {"do_remote_decode": True})
+            answered = time.monotonic()
+            dout, times = await tokens(dec, prompt, f"d{i}", two, pout.kv_transfer_params)
+            row["disaggregated"] = [times[0] - began, times[1] - began]
+            row["handoff"] = times[0] - answered
+            row["timeline"] = timeline(began, pout.trace or {}, answered, dout.trace or {}, times[0])
+            rows.append(row)
+        return rows[1:]
 
     try:
-        colocated, disagg, handoff = asyncio.run(run())
+        rows = asyncio.run(run())
         phases = {**pre.stats()["kv_transfer_ms"], **dec.stats()["kv_transfer_ms"]}  # means over all, warm-up too
     finally:
         pre.shutdown()
         dec.shutdown()
-    result = {"prompt_len": args.prompt_len, "colocated_ttft_ms": statistics.median(colocated) * 1e3,
-              "disaggregated_ttft_ms": statistics.median(disagg) * 1e3,
-              "handoff_ms": statistics.median(handoff) * 1e3}  # fmt: skip
+
+    def ms(key: str, i: int) -> float:
+        return statistics.median(r[key][i] for r in rows) * 1e3
+
+    result = {"prompt_len": args.prompt_len, "colocated_ttft_ms": ms("colocated", 0),
+              "disaggregated_ttft_ms": ms("disaggregated", 0), "colocated_second_token_ms": ms("colocated", 1),
+              "disaggregated_second_token_ms": ms("disaggregated", 1),
+              "handoff_ms": statistics.median(r["handoff"] for r in rows) * 1e3}  # fmt: skip
     result["overhead"] = result["disaggregated_ttft_ms"] / result["colocated_ttft_ms"] - 1
     result["handoff_phases_ms"] = phases
+    result["timeline_ms"] = _median_rows([r["timeline"] for r in rows])  # medians per phase
+    result["rows_ms"] = [{k: [1e3 * t for t in r[k]] for k in ("colocated", "disaggregated")} for r in rows]
+    result["timelines_ms"] = [r["timeline"] for r in rows]
     print(f"TTFT of a {args.prompt_len}-token prompt: colocated {result['colocated_ttft_ms']:.1f} ms, disaggregated "
           f"{result['disaggregated_ttft_ms']:.1f} ms (+{100 * result['overhead']:.0f}%; decode side after the "
-          f"prefill answered {result['handoff_ms']:.1f} ms)")  # fmt: skip
+          f"prefill answered {result['handoff_ms']:.1f} ms); second token colocated "
+          f"{result['colocated_second_token_ms']:.1f} ms, disaggregated {result['disaggregated_second_token_ms']:.1f} "
+          "ms")  # fmt: skip
+    print("hand-off phases (mean ms): " + "  ".join(f"{k} {v:.1f}" for k, v in phases.items()))
+    print("timeline (median ms after the client sent): " + "  ".join(
+        f"{k} {v:.1f}" for k, v in result["timeline_ms"].items()))  # fmt: skip
+    return result
+
+
+def _events(chunks: bytes) -> tuple[list[dict], bytes]:
+    """The complete SSE events in `chunks` (JSON payloads; [DONE] left out), and the incomplete rest."""
+    *done, rest = chunks.split(b"\n\n")
+    return [json.loads(e[6:]) for e in done if e.startswith(b"data: {")], rest
+
+
+async def _stream(session, url: str, body: dict) -> list[float]:
+    """time.monotonic() of each event of a completion stream that brings tokens (its text), from the send."""
+    began, times, pending = time.monotonic(), [], b""
+    async with session.post(url + "/v1/completions", json=body) as r:
+        if r.status != 200:
+            raise RuntimeError(f"{url} answered {r.status}: {(await r.read())[:300]!r}")
+        async for chunk in r.content.iter_any():
+            events, pending = _events(pending + chunk)
+            for e in events:
+                if "error" in e:
+                    raise RuntimeError(f"{url}: {e['error']}")
+                if any(c.get("text") or c.get("finish_reason") is None for c in e["choices"]):
+                    times.append(time.monotonic() - began)
+    return times
+
+
+def serve(args) -> dict:
+    """TTFT and time to the second token over HTTP, colocated (straight to the role-both server) and through the
+    P/D router, with the engines' mean hand-off phases from /pd/status."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import aiohttp
+
+    from rtpjax.benchmarks.pd_mixed import start, wait_healthy
+    from rtpjax.benchmarks.router_bench import free_port
+
+    vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+    logs = Path(args.logs or tempfile.mkdtemp(prefix="pd_bench_"))
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    try:
+        for role in ("prefill", "both"):
+            port = free_port()
+            argv = [sys.executable, "-m", "rtpjax.cli", "serve", args.model, "--port", str(port), "--role", role,
+                    "--served-model-name", "m", *args.serve_args]  # fmt: skip
+            procs.append(start(role, argv, dict(os.environ), logs, port))
+        for p in procs:
+            wait_healthy(p, args.start_timeout)
+        prefill, decode, port = procs[0], procs[1], free_port()
+        procs.append(start("router", [sys.executable, "-m", "rtpjax.cli", "router", "--pd-disaggregation", "--prefill",
+                                      prefill.url, "--decode", decode.url, "--host", "127.0.0.1", "--port", str(port)],
+                           dict(os.environ), logs, port))  # fmt: skip
+        wait_healthy(procs[2], 60)
+        rng = random.Random(0)
+
+        async def run():
+            rows = []
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+                for _ in range(args.repeats + 1):  # the first is a warm-up
+                    row = {}
+                    for name, url in (("colocated", decode.url), ("disaggregated", procs[2].url)):
+                        body = {"model": "m", "prompt": [rng.randrange(3, vocab) for _ in range(args.prompt_len)],
+                                "max_tokens": 3, "temperature": 0, "ignore_eos": True, "stream": True}  # fmt: skip
+                        row[name] = (await _stream(session, url, body))[:2]
+                    rows.append(row)
+                async with session.get(prefill.url + "/pd/status") as r:
+                    phases = (await r.json())["kv_transfer_ms"]
+                async with session.get(decode.url + "/pd/status") as r:
+                    phases.update((await r.json())["kv_transfer_ms"])
+            return rows[1:], phases
+
+        rows, phases = asyncio.run(run())
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+    def ms(key: str, i: int) -> float | None:
+        """The median over the runs whose stream had that event (a CPU's engine may send all tokens as one)."""
+        seen = [r[key][i] for r in rows if len(r[key]) > i]
+        return statistics.median(seen) * 1e3 if seen else None
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b - 1 if a is not None and b is not None else None
+
+    result = {"prompt_len": args.prompt_len, "colocated_ttft_ms": ms("colocated", 0),
+              "router_ttft_ms": ms("disaggregated", 0), "colocated_second_token_ms": ms("colocated", 1),
+              "router_second_token_ms": ms("disaggregated", 1), "handoff_phases_ms": phases,
+              "rows_ms": [{k: [1e3 * t for t in v] for k, v in r.items()} for r in rows]}  # fmt: skip
+    result["ttft_overhead"] = ratio(result["router_ttft_ms"], result["colocated_ttft_ms"])
+    result["second_token_overhead"] = ratio(result["router_second_token_ms"], result["colocated_second_token_ms"])
+    def show(key: str, over: str) -> str:
+        r = result
+        if r[f"router_{key}_ms"] is None or r[f"colocated_{key}_ms"] is None:
+            return "n/a (every stream sent its tokens as one event)"
+        return f"colocated {r[f'colocated_{key}_ms']:.1f} ms, through the P/D router {r[f'router_{key}_ms']:.1f} ms " \
+               f"({100 * r[over]:+.0f}%)"  # fmt: skip
+
+    print(f"over HTTP, a {args.prompt_len}-token prompt: TTFT {show('ttft', 'ttft_overhead')}; second token "
+          f"{show('second_token', 'second_token_overhead')}")  # fmt: skip
     print("hand-off phases (mean ms): " + "  ".join(f"{k} {v:.1f}" for k, v in phases.items()))
     return result
 
@@ -187,9 +337,21 @@ def main(argv=None) -> None:
     f.add_argument("--repeats", type=int, default=5)
     f.add_argument("--out")
     add_engine_arguments(f, exclude=("role",))
-    args = parser.parse_args(argv)
+    h = sub.add_parser("serve")
+    h.add_argument("model")
+    h.add_argument("--prompt-len", type=int, default=2048)
+    h.add_argument("--repeats", type=int, default=5)
+    h.add_argument("--start-timeout", type=float, default=400.0)
+    h.add_argument("--logs", help="folder of the servers' and router's logs (default: a temporary one)")
+    h.add_argument("--out")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    serve_args = argv[argv.index("--") + 1 :] if "--" in argv else []  # serve: flags of every rtpjax serve
+    args = parser.parse_args(argv[: len(argv) - len(serve_args) - ("--" in argv)])
+    args.serve_args = serve_args
     if args.part == "transfer":
         result = transfer(args)
+    elif args.part == "serve":
+        result = serve(args)
     else:
         import dataclasses
 

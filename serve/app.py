@@ -33,6 +33,41 @@ PUBLIC = ("/health", "/version", "/metrics", "/openapi.json")
 HEALTH_GENERATE_TIMEOUT_S = 20.0  # /health_generate's token must come within this
 
 
+class Continuation(msgspec.Struct, forbid_unknown_fields=True):
+    """`rtpjax_continuation`: the client's stream already began with a prefill worker's answer (rtpjax.disagg.pd_proxy
+    sent it): this one takes that stream's id and created and leaves out the tokens and text the client has, so the
+    client sees one stream, as a colocated server sends it."""
+
+    id: str
+    created: int
+    text: str
+    tokens: int
+
+    def cut(self, text: str, token_ids: list[int]) -> tuple[str, list[int]]:
+        """One output's delta less what the client already has."""
+        drop = min(self.tokens, len(token_ids))
+        n = min(len(self.text), len(text))
+        if text[:n] != self.text[:n]:
+            raise RuntimeError(f"the stream continued from another worker diverges from its text: {self.text!r}")
+        self.tokens, self.text = self.tokens - drop, self.text[n:]
+        return text[n:], token_ids[drop:]
+
+
+def continuation(body, logprobs: bool) -> Continuation | None:
+    """The request's rtpjax_continuation, checked: a stream of one completion, no echo, no logprobs."""
+    raw = (body.model_extra or {}).get("rtpjax_continuation")
+    if raw is None:
+        return None
+    try:
+        cont = msgspec.convert(raw, Continuation)
+    except msgspec.ValidationError as e:
+        raise APIError(400, f"rtpjax_continuation: {e}", param="rtpjax_continuation") from None
+    if not body.stream or body.n != 1 or getattr(body, "echo", False) or logprobs or cont.tokens < 0:
+        raise APIError(400, "rtpjax_continuation continues a stream of one completion without echo or logprobs "
+                            "(stream true, n 1), from tokens >= 0", param="rtpjax_continuation")  # fmt: skip
+    return cont
+
+
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after", "literal"}
 
 
@@ -222,10 +257,12 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
         if body.echo:
             need_tokenizer("echo")
         params = sampling_params(body, body.max_tokens if body.max_tokens is not None else 16, body.logprobs)
+        cont = continuation(body, body.logprobs is not None)
         admit(len(prompts))
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         streams = await submit_all(prompts, params, rid, body)
+        shown, created = (cont.id, cont.created) if cont is not None else (rid, created)
         n = body.n
 
         def choice_index(i, out, o):
@@ -241,16 +278,18 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
                 async for i, out in merged(streams):
                     for o in out.outputs:
                         idx = choice_index(i, out, o)
-                        text = o.delta_text
+                        text, token_ids = o.delta_text, o.delta_token_ids
                         if body.echo and idx not in offsets:
                             text = echo_text(i, out) + text
-                        if not text and not o.delta_token_ids and o.finish_reason is None:
+                        if cont is not None:
+                            text, token_ids = cont.cut(text, token_ids)
+                        if not text and not token_ids and o.finish_reason is None:
                             continue
                         lp = None
                         if body.logprobs is not None and o.delta_logprobs:
                             lp = completion_logprobs(o.delta_token_ids, o.delta_logprobs, offsets.get(idx, 0))
                         offsets[idx] = offsets.get(idx, 0) + len(text)
-                        yield sse({"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                        yield sse({"id": shown, "object": "text_completion", "created": created, "model": model_name,
                                    "choices": [{"index": idx, "text": text, "logprobs": lp,
                                                 "finish_reason": o.finish_reason}]})  # fmt: skip
                     if out.finished:
@@ -258,7 +297,7 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
                         totals["prompt"] += len(out.prompt_token_ids)
                         totals["completion"] += sum(len(o.token_ids) for o in out.outputs)
                 if body.stream_options and body.stream_options.include_usage:
-                    yield sse({"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                    yield sse({"id": shown, "object": "text_completion", "created": created, "model": model_name,
                                "choices": [], "usage": usage(totals["prompt"], totals["completion"])})  # fmt: skip
                 yield sse("[DONE]")
 
@@ -296,18 +335,20 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
         top_n = body.top_logprobs or 0
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = sampling_params(body, max_tokens, top_n if body.logprobs else None)
+        cont = continuation(body, bool(body.logprobs))
         admit(1)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         (stream_,) = await submit_all([ids], params, rid, body)
+        shown, created = (cont.id, cont.created) if cont is not None else (rid, created)
 
         def chunk(choices, **extra):
-            return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+            return sse({"id": shown, "object": "chat.completion.chunk", "created": created, "model": model_name,
                         "choices": choices, **extra})  # fmt: skip
 
         if body.stream:
             async def stream():
-                started: set[int] = set()
+                started: set[int] = {0} if cont is not None else set()  # the client has the role chunk
                 final = None
                 async for _, out in merged([stream_]):
                     for o in out.outputs:
@@ -315,9 +356,12 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
                             started.add(o.index)
                             yield chunk([{"index": o.index, "delta": {"role": "assistant", "content": ""},
                                           "logprobs": None, "finish_reason": None}])  # fmt: skip
-                        if o.delta_text or o.delta_token_ids:
+                        text, token_ids = o.delta_text, o.delta_token_ids
+                        if cont is not None:
+                            text, token_ids = cont.cut(text, token_ids)
+                        if text or token_ids:
                             lp = chat_logprobs(o.delta_token_ids, o.delta_logprobs, top_n) if body.logprobs else None
-                            yield chunk([{"index": o.index, "delta": {"content": o.delta_text}, "logprobs": lp,
+                            yield chunk([{"index": o.index, "delta": {"content": text}, "logprobs": lp,
                                           "finish_reason": None}])  # fmt: skip
                         if o.finish_reason is not None:
                             yield chunk([{"index": o.index, "delta": {}, "logprobs": None,
@@ -382,7 +426,7 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
 
     async def pd_status(request: Request):
         """What a prefill/decode router weighs (rtpjax.disagg.pd_proxy): queue, KV use, held hand-offs."""
-        return JSONResponse({"role": llm.args.role, **llm.stats()})
+        return JSONResponse({"role": llm.args.role, "stream_continuation": True, **llm.stats()})
 
     async def health(request: Request):
         return Response(status_code=200 if llm.is_alive else 503)

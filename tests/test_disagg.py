@@ -18,22 +18,23 @@ from starlette.responses import StreamingResponse
 from conftest import ENGINE_ARGS, wait_healthy
 from rtpjax import AsyncLLM, SamplingParams
 from rtpjax.disagg.pd_proxy import PDPool, disaggregated, run_prefill
+from rtpjax.router.proxy import new_session
 from rtpjax.serve.app import build_app
-from test_server import Server, free_port
+from test_server import Server, chat_model, free_port  # noqa: F401 - chat_model: a fixture
 
 PROMPT = "Once upon a time, there was a little girl named Lily. She loved to"
 TIMEOUT = 3.0  # kv_transfer_timeout of both sides here
 
 
 @pytest.fixture(scope="module")
-def pd(stories_dir, compile_cache):
+def pd(chat_model, compile_cache):
     """A prefill server (blocks of 16) and a decode server (blocks of 8, no prefix cache: its colocated answers are
-    computed, never read from adopted blocks)."""
+    computed, never read from adopted blocks); stories260K with a chat template."""
     common = dict(ENGINE_ARGS, compilation_cache_dir=compile_cache, kv_transfer_timeout=TIMEOUT)
     engines, servers = [], []
     try:
         for role, extra in (("prefill", {}), ("decode", dict(block_size=8, enable_prefix_caching=False))):
-            engines.append(AsyncLLM(str(stories_dir), role=role, **{**common, **extra}))
+            engines.append(AsyncLLM(str(chat_model), role=role, **{**common, **extra}))
             servers.append(Server(build_app(engines[-1], "stories")))
         yield engines, servers
     finally:
@@ -57,10 +58,10 @@ def wait_for(url: str, check, what: str, seconds: float = 15.0) -> dict:
         time.sleep(0.2)
 
 
-def via_pd(prefill_urls, decode_url, body, path="/v1/completions"):
+def via_pd(prefill_urls, decode_url, body, path="/v1/completions", continuation=False):
     async def go():
-        async with httpx.AsyncClient(timeout=60) as client:
-            response = await disaggregated(client, prefill_urls, decode_url, path, body)
+        async with new_session(5.0) as session:
+            response = await disaggregated(session, prefill_urls, decode_url, path, body, continuation=continuation)
             if isinstance(response, StreamingResponse):
                 chunks = [c async for c in response.body_iterator]
                 return response.status_code, b"".join(c if isinstance(c, bytes) else c.encode() for c in chunks)
@@ -104,15 +105,70 @@ def test_disaggregated_tokens_equal_colocated(pd):
              "the prefill side still holds K/V")  # fmt: skip
 
 
-def via_plain(url: str, body: dict):
-    r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+def via_plain(url: str, body: dict, path: str = "/v1/completions"):
+    r = httpx.post(url + path, json=body, timeout=60)
     return r.status_code, r.content
+
+
+def events(status_code: int, content: bytes) -> list[dict]:
+    assert status_code == 200, content
+    assert content.endswith(b"data: [DONE]\n\n"), content[-200:]
+    return [json.loads(line[6:]) for line in content.decode().splitlines() if line.startswith("data: {")]
+
+
+def streamed(evs: list[dict]) -> tuple[str, list, dict | None]:
+    """A stream's text, finish reasons and usage."""
+    text = "".join(c.get("text", c.get("delta", {}).get("content", "")) for e in evs for c in e["choices"])
+    return text, [c["finish_reason"] for e in evs for c in e["choices"] if c["finish_reason"]], \
+        next((e["usage"] for e in evs if e.get("usage")), None)  # fmt: skip
+
+
+def shapes(evs: list[dict]) -> set:
+    """Each event's fields and its choices' fields (what a client's parser meets)."""
+    return {(tuple(sorted(e)), tuple(sorted(k for c in e["choices"] for k in c))) for e in evs}
+
+
+STREAMS = [
+    ("/v1/completions", dict(prompt=PROMPT, max_tokens=24, temperature=0.9, seed=11, stream=True)),
+    ("/v1/completions", dict(prompt=PROMPT, max_tokens=40, temperature=0, stop=[" the"], stream=True,
+                             stream_options={"include_usage": True})),
+    ("/v1/completions", dict(prompt=PROMPT, max_tokens=1, temperature=0, stream=True)),
+    ("/v1/chat/completions", dict(messages=[{"role": "user", "content": PROMPT}], max_tokens=24, temperature=0,
+                                  stream=True, stream_options={"include_usage": True})),
+]
+
+
+def test_stream_starts_with_the_prefill_token(pd):
+    """A continued stream (the prefill's token sent at once, then the decode worker's stream from the second token):
+    the colocated text, finish reason and usage, one id and created across its chunks, a colocated stream's fields;
+    every request handed over."""
+    _, (prefill, decode) = pd
+    before = status(decode.url)["kv_transfers_pulled"]
+    for path, body in STREAMS:
+        colocated = events(*via_plain(decode.url, body, path))
+        got = events(*via_pd([prefill.url], decode.url, body, path, continuation=True))
+        assert streamed(got) == streamed(colocated), (path, body)
+        assert len({(e["id"], e["created"]) for e in got}) == 1, got
+        assert shapes(got) == shapes(colocated), (got, colocated)
+        if path.endswith("chat/completions"):
+            assert [c["delta"].get("role") for e in got for c in e["choices"]].count("assistant") == 1, got
+    assert status(decode.url)["kv_transfers_pulled"] == before + len(STREAMS)
+
+
+def test_continuation_is_checked(pd):
+    """rtpjax_continuation: only for a stream of one completion without echo or logprobs, with its fields."""
+    _, (_, decode) = pd
+    cont = {"id": "cmpl-x", "created": 1, "text": "", "tokens": 1}
+    for body in (dict(BODIES[2], stream=True), dict(BODIES[4], logprobs=2), dict(BODIES[0]),
+                 dict(BODIES[4], rtpjax_continuation={"id": "cmpl-x"})):  # fmt: skip
+        r = httpx.post(decode.url + "/v1/completions", json={"rtpjax_continuation": cont, **body}, timeout=30)
+        assert r.status_code == 400 and "rtpjax_continuation" in r.json()["error"]["message"], (body, r.text)
 
 
 def prefill_params(url: str, body: dict) -> dict:
     async def go():
-        async with httpx.AsyncClient(timeout=60) as client:
-            return await run_prefill(client, [url], "/v1/completions", body)
+        async with new_session(5.0) as session:
+            return await run_prefill(session, [url], "/v1/completions", body)
 
     return asyncio.run(go())
 
@@ -208,8 +264,8 @@ def test_prefill_worker_down_routes_to_another_or_fails_clearly(pd):
     assert code == 502 and "unreachable" in json.loads(content)["error"]["message"]
 
     async def ranked():
-        async with httpx.AsyncClient() as client:
-            return await PDPool(client, [dead, prefill.url], [decode.url]).ranked()
+        async with new_session(5.0) as session:
+            return await PDPool(session, [dead, prefill.url], [decode.url]).ranked()
 
     assert asyncio.run(ranked())[0] == [prefill.url, dead]
 
@@ -259,6 +315,7 @@ def test_rtpjax_router_pd_mode(pd):
         for body in (BODIES[0], BODIES[4]):
             r = httpx.post(url + "/v1/completions", json=body, timeout=60)
             assert texts(r.status_code, r.content) == texts(*via_plain(decode.url, body)), body
+        assert len({e["id"] for e in events(r.status_code, r.content)}) == 1  # streamed: continued from the prefill
         assert status(decode.url)["kv_transfers_pulled"] == pulled + 2
         assert httpx.post(url + "/v1/completions", content=b"{not json", timeout=10).status_code == 400
         assert httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"] == "stories"
@@ -289,8 +346,8 @@ def test_decode_engine_killed_mid_stream_fails_fast(pd):
     body = dict(prompt=PROMPT, max_tokens=200, temperature=0, ignore_eos=True, stream=True)
 
     async def go():
-        async with httpx.AsyncClient(timeout=60) as client:
-            response = await disaggregated(client, [prefill.url], decode.url, "/v1/completions", body)
+        async with new_session(5.0) as session:
+            response = await disaggregated(session, [prefill.url], decode.url, "/v1/completions", body)
             began, seen = time.monotonic(), b""
             async for chunk in response.body_iterator:
                 seen += chunk if isinstance(chunk, bytes) else chunk.encode()
@@ -348,6 +405,30 @@ def test_pd_bench_transfer_runs(tmp_path):
     pd_bench.main(["transfer", "--tokens", "32", "--layers", "2", "--repeats", "1", "--out", str(out)])
     row = json.loads(out.read_text())["rows"][0]
     assert all(row[f"{p}_GBps"] > 0 for p in ("shm", "tcp", "staged"))
+
+
+def test_pd_bench_ttft_and_serve_record_every_phase(stories_dir, compile_cache, tmp_path):
+    """gpu_run.sh pd's TTFT runs, tiny, on CPU: in process, each disaggregated request's timeline in the order its
+    phases happen and the second token; over HTTP through the P/D router, TTFT and second token."""
+    from rtpjax.benchmarks import pd_bench
+
+    engine = ["--max-model-len", "256", "--max-num-seqs", "8", "--max-num-batched-tokens", "128",
+              "--compilation-cache-dir", compile_cache]  # fmt: skip
+    pd_bench.main(["ttft", str(stories_dir), "--prompt-len", "100", "--repeats", "1", "--out", str(tmp_path / "t.json"),
+                   *engine])  # fmt: skip
+    result = json.loads((tmp_path / "t.json").read_text())
+    (timeline,) = result["timelines_ms"]
+    # The decode side reports the prefill's first token as it adopts the K/V, before any step of its own.
+    decode = ("added", "reserved", "pulled", "adopted", "first_token", "output")
+    assert list(timeline) == [f"prefill.{k}" for k in pd_bench.PREFILL_PHASES] + ["client.prefill_answered"] + \
+        [f"decode.{k}" for k in decode] + ["client.first_token"]  # fmt: skip
+    assert list(timeline.values()) == sorted(timeline.values()), timeline
+    assert 0 < result["disaggregated_ttft_ms"] <= result["disaggregated_second_token_ms"]
+    pd_bench.main(["serve", str(stories_dir), "--prompt-len", "100", "--repeats", "1", "--out", str(tmp_path / "s.json"),
+                   "--logs", str(tmp_path / "logs"), "--", *engine])  # fmt: skip
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert 0 < result["router_ttft_ms"] and 0 < result["colocated_ttft_ms"]
+    assert result["handoff_phases_ms"].keys() >= {"prefill_d2h", "decode_channel"}
 
 
 def test_channel_stages_once_checks_and_removes(monkeypatch):
@@ -463,7 +544,7 @@ def test_prefill_gather_never_blocks_the_engine_loop(stories_llm, monkeypatch):
         payload[:] = 0  # the file is reused once the pull answers: the device rows are copies
         assert np.array_equal(np.concatenate([np.asarray(r) for r in got.rows]), sent)
         prompt_len = len(engine.maker.message(PROMPT).prompt_ids)
-        assert got.num_tokens == prompt_len - 1 and len(got.rows) == len(params.remote_block_ids)
+        assert got.num_tokens == prompt_len and len(got.rows) == len(params.remote_block_ids)
         add("e", PROMPT + " run")
         while not step():
             pass
@@ -484,4 +565,33 @@ def test_prefill_gather_never_blocks_the_engine_loop(stories_llm, monkeypatch):
             engine.abort(rid)
         while engine.has_work():
             engine.step()
+        handoff.close()
+
+
+def test_prefill_runs_no_step_past_the_first_token(stories_llm):
+    """A prefill hand-off leaves with its first token: the engine computes its prompt and nothing more (no decode
+    row sampling a token nobody reads), and its answer carries the hand-off's phases in order."""
+    from rtpjax.disagg.handoff import Handoff
+    from rtpjax.distributed.messages import KVTransferParams
+
+    engine = stories_llm.engine
+    handoff = Handoff(engine, wake=lambda: None)
+    try:
+        prompt = "Tom and his big dog ran to the park. They played ball under a tall green tree all day"  # not cached
+        msg = engine.maker.message(prompt, SamplingParams(max_tokens=8, temperature=0), "first")
+        msg.kv_transfer_params = KVTransferParams(do_remote_decode=True)
+        computed = engine.lifetime.computed + engine.loop_stats.computed
+        assert handoff.add(msg) is None
+        detached = []
+        while not detached:
+            engine.step(as_deltas=True)
+            detached = handoff.after_step()
+        while engine.has_work():
+            engine.step()
+        assert engine.lifetime.computed + engine.loop_stats.computed - computed == len(msg.prompt_ids)
+        trace = detached[0].trace
+        order = ["added", "scheduled", "gather_began", "gather_queued", "read_began", "first_token", "output"]
+        assert [trace[k] for k in order] == sorted(trace[k] for k in order), trace
+        assert detached[0].kv_transfer_params is not None
+    finally:
         handoff.close()

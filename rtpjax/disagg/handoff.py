@@ -4,18 +4,21 @@ Prefill (`AddRequest.kv_transfer_params.do_remote_decode`): the request runs as 
 computes its prompt's last chunk, the device gathers its prompt blocks as packed rows and starts copying them to the
 host (`ModelRunner.offload`, ordered after that step and before anything later writes the blocks); the loop goes on
 while a hand-off thread waits for the copies and stages them (staging.stage: shared memory, checksums). Once each
-completion has its first token the request leaves the engine (`LLMEngine.snapshot(detach=True, gather=False)`): its
-blocks go back to the pool at once (the gathered copy is its own), and its last output carries the kv_transfer_params
-a decode engine needs. What no decode engine pulls within kv_transfer_timeout is dropped; a request that finishes at
+completion has its first token (no step runs past it: Sequence.hand_off) the request leaves the engine
+(`LLMEngine.snapshot(detach=True, gather=False)`): its blocks go back to the pool at once (the gathered copy is its
+own), and its last output carries the kv_transfer_params a decode engine needs. What no decode engine pulls within kv_transfer_timeout is dropped; a request that finishes at
 its first token (EOS, a stop string) or is aborted hands nothing over (its decode engine recomputes the prompt).
 
 Decode (`do_remote_prefill`): the request reserves the blocks its prompt needs (waiting, up to kv_transfer_timeout,
 for room; then it is refused), a thread pulls the K/V, each chunk going to the device as it arrives, and once it has
 arrived the reservation is returned and the request is added with the rows on the device (Sequence.host_kv: written
-into fresh blocks before its first step, as an adopted request's). The last prompt token runs again and samples the
-first token: sampling is keyed by (seed, position), so a seeded or greedy request continues exactly as it would have
-colocated. A pull that fails (prefill gone, corrupted, stale, another prompt) makes the request compute its prompt here
-instead: slower, never wrong.
+into fresh blocks before its first step, as an adopted request's). The prefill hands over the whole prompt's K/V and
+its first token (kv_transfer_params.first_token_ids): a request of one completion without logprobs reports that token
+at once and its first step samples the second, so it goes on from what a client was shown first (rtpjax's P/D router
+streams the prefill's token); any other runs the last prompt token again and samples the first token. Sampling is
+keyed by (seed, position), so a seeded or greedy request continues exactly as it would have colocated. A pull that fails (prefill gone, corrupted, stale, another prompt) makes the request compute its prompt
+here instead: slower, never wrong. Each hand-off's phases (time.monotonic()) leave with its answer (prefill) or its
+first tokens (decode) as RequestDelta.trace.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from rtpjax.disagg.params import role_error, side
 from rtpjax.disagg.relayout import pack, relayout, unpack
 from rtpjax.distributed.messages import (AddRequest, CompletionDelta, KVTransferParams, RequestDelta,
                                          RequestError)  # fmt: skip
+from rtpjax.engine.core import traced
 from rtpjax.engine.request import Request
 from rtpjax.engine.sequence import PENDING, HostKV
 from rtpjax.kv.host_blocks import PackedBlocks
@@ -48,6 +52,15 @@ class _Pull:
     need: int  # blocks the prompt's K/V takes here
     deadline: float  # time.monotonic()
     reserved: list[int] | None = None  # taken from the pool while the K/V travels
+
+
+def _first_token(request: Request, params: KVTransferParams, vocab_size: int | None = None) -> int | None:
+    """The prefill's first token, where the decode side goes on from it: one completion without logprobs (a token's
+    logprobs are not handed over), a token of the vocabulary."""
+    first = params.first_token_ids
+    if first is None or len(first) != 1 or len(request.seqs) != 1 or request.params.logprobs is not None:
+        return None
+    return first[0] if vocab_size is None or 0 <= first[0] < vocab_size else None
 
 
 def _closing(request: Request, reason: str, params: KVTransferParams | None = None) -> RequestDelta:
@@ -121,14 +134,17 @@ class Handoff:
             request = self.engine.maker.build(command)
         except ValueError as e:
             return RequestError(rid, "invalid", str(e))
+        request.trace["added"] = time.monotonic()
         if want == "prefill":
             if self.engine.runner.mirror is not None:
                 return RequestError(rid, "invalid", "K/V hand-off works in one process only (not multi-host)")
-            for seq in request.seqs:
+            for seq in request.seqs:  # not finished by its first token (it leaves then), nor stepped past it
                 seq.max_tokens = max(seq.max_tokens, min(2, self.engine.max_model_len - seq.num_prompt))
-            self.holding.add(rid)  # held from its first token on (a second would be sampled, never reported)
+                seq.hand_off = True
+            self.holding.add(rid)
         elif want == "decode" and params.remote_host is not None and params.remote_port is not None:
-            need = -(-(len(request.prompt_ids) - 1) // self.engine.args.block_size)
+            need = -(-(len(request.prompt_ids) - (_first_token(request, params, self.engine.info.vocab_size) is None)) //
+                     self.engine.args.block_size)  # fmt: skip
             if need > self.engine.pool.num_blocks:
                 return RequestError(rid, "invalid", f"the prompt needs {need} KV blocks; this decode engine's "
                                                     f"cache has {self.engine.pool.num_blocks}")  # fmt: skip
@@ -154,17 +170,24 @@ class Handoff:
     # -- the loop -------------------------------------------------------------------------------------------------
 
     def poll(self) -> tuple[list[RequestDelta], list[RequestError]]:
-        """Before a step: arrived K/V joins the engine, waiting pulls start or time out, held K/V expires."""
-        errors = []
+        """Before a step: arrived K/V joins the engine (with the prefill's first token, reported at once), waiting
+        pulls start or time out, held K/V expires."""
+        outputs, errors = [], []
         while not self.arrived.empty():
-            rid, result = self.arrived.get_nowait()
+            rid, result, pulled = self.arrived.get_nowait()
             pull = self.pulls.pop(rid, None)
             if pull is not None:
                 self._unreserve(pull)
-                self._adopt(pull, result)
+                first = _first_token(pull.request, pull.params, self.engine.info.vocab_size)
+                self._adopt(pull, result, first is not None)
+                pull.request.trace.update(pulled=pulled, adopted=time.monotonic())
+                if first is not None:
+                    pull.request.seqs[0].token_ids.append(first)  # read by _first once the engine holds it
                 error = self._add(pull.request)
                 if error is not None:
                     errors.append(error)
+                elif first is not None:
+                    outputs.append(self._first(pull.request, first))
         now = time.monotonic()
         for rid, pull in list(self.pulls.items()):
             if pull.reserved is None and not self._start(rid) and now > pull.deadline:
@@ -173,7 +196,7 @@ class Handoff:
                                                           f"prompt's {pull.need} blocks within {self.timeout:g} s"))
         for rid in self.store.expire():
             log.warning("dropped the K/V of hand-off %s: no decode engine pulled it within %g s", rid, self.timeout)
-        return [], errors
+        return outputs, errors
 
     def after_step(self) -> list[RequestDelta]:
         """After a step: gather the prompts whose last chunk it computes, detach the prefill requests whose
@@ -200,13 +223,14 @@ class Handoff:
     # -- prefill --------------------------------------------------------------------------------------------------
 
     def _gather(self, seq) -> None:
-        """Queue the device copy of the prompt's blocks (all but its last token's K/V, which the decode side computes)
-        right behind the step in flight, in pieces of about one checksum chunk (a power of two: a gather bucket, no
+        """Queue the device copy of the prompt's blocks (the whole prompt's K/V) right behind the step in flight, in pieces of about one checksum chunk (a power of two: a gather bucket, no
         padding): a hand-off thread stages each piece while the next is still crossing to the host."""
-        tokens = seq.num_prompt - 1
+        tokens = seq.num_prompt
         blocks = seq.block_table[: -(-tokens // self.engine.args.block_size)]
         if not blocks:
             return
+        trace = self.engine.requests[seq.request_id].trace
+        trace["gather_began"] = time.monotonic()  # right after the prompt's last step was launched
         layout = self.engine.runner.kv_layout
         fit = staging.CHUNK // layout.block_bytes
         step = max(self.engine.runner.copier.sizes[0], 1 << max(0, fit.bit_length() - 1))
@@ -214,6 +238,7 @@ class Handoff:
         staged = self.store.stage(pieces, layout)
         staged.done.add_done_callback(self._staged)
         self.gathering[seq.request_id] = (tokens, len(blocks), staged)
+        trace["gather_queued"] = time.monotonic()
 
     def _staged(self, future) -> None:
         if future.exception() is None:
@@ -228,6 +253,7 @@ class Handoff:
 
     def _detach(self, request: Request) -> RequestDelta:
         closing = _closing(request, "length")
+        closing.trace = traced(request)
         rid = request.request_id
         self.engine.snapshot(rid, detach=True, gather=False)  # its blocks go back: the gathered copy is its own
         gathered = self.gathering.pop(rid, None)
@@ -240,7 +266,8 @@ class Handoff:
                                   remote_request_id=rid, remote_block_ids=list(range(num_blocks)),
                                   remote_host=self.server.host, remote_port=self.server.port,
                                   remote_host_id=self.host_id,
-                                  tp_size=self.engine.args.tensor_parallel_size)  # fmt: skip
+                                  tp_size=self.engine.args.tensor_parallel_size,
+                                  first_token_ids=[s.token_ids[s.num_prompt] for s in request.seqs])  # fmt: skip
         return closing
 
     # -- decode ---------------------------------------------------------------------------------------------------
@@ -251,11 +278,13 @@ class Handoff:
         pull.reserved = self.engine.pool.allocate(pull.need)
         if pull.reserved is None:
             return False
+        pull.request.trace["reserved"] = time.monotonic()
         p = pull.params
         path = "shm" if p.remote_host_id == self.host_id else "tcp"
         transfer_id = p.remote_request_id or rid
+        tokens = len(pull.request.prompt_ids) - (_first_token(pull.request, p, self.engine.info.vocab_size) is None)
         threading.Thread(target=self._pull, args=(rid, p.remote_host, p.remote_port, transfer_id, path, pull.deadline,
-                                                  len(pull.request.prompt_ids) - 1),
+                                                  tokens),
                          name="rtpjax-kv-pull", daemon=True).start()  # fmt: skip
         return True
 
@@ -283,7 +312,7 @@ class Handoff:
             result = e
         except Exception as e:  # noqa: BLE001 - e.g. the device out of memory: the prompt is computed here instead
             result = channel.TransferError(f"the K/V could not be put on the device: {type(e).__name__}: {e}")
-        self.arrived.put((rid, result))
+        self.arrived.put((rid, result, time.monotonic()))
         self.wake()
 
     def _unreserve(self, pull: _Pull) -> None:
@@ -291,8 +320,9 @@ class Handoff:
             self.engine.pool.release(pull.reserved)
             pull.reserved = None
 
-    def _adopt(self, pull: _Pull, result) -> None:
-        """Give the request's first sequence the K/V of all but its last prompt token, or say why it recomputes."""
+    def _adopt(self, pull: _Pull, result, whole: bool) -> None:
+        """Give the request's first sequence the K/V of all but its last prompt token (`whole`: of the whole prompt,
+        which its first token follows), or say why it recomputes."""
         request = pull.request
         prompt = request.prompt_ids
         try:
@@ -302,7 +332,7 @@ class Handoff:
                 raise channel.TransferError("the K/V arrived after the hand-off's timeout (stale)")
             if result.prompt_ids != prompt:
                 raise channel.TransferError("the hand-off holds another prompt's K/V")
-            tokens = min(result.num_tokens, len(prompt) - 1)
+            tokens = min(result.num_tokens, len(prompt) - (not whole))
         except (channel.TransferError, ValueError) as e:
             log.warning("request %s computes its prompt here: %s", request.request_id, e)
             self.failed += 1
@@ -310,6 +340,13 @@ class Handoff:
         self.pulled += 1
         rows = list(range(-(-tokens // result.layout.block_size)))
         request.seqs[0].host_kv = HostKV(PackedBlocks(result.layout, result.rows), rows, tokens)
+
+    def _first(self, request: Request, token: int) -> RequestDelta:
+        """The prefill's first token as this engine's own (text, stops, length), reported at once; the first step
+        computes its K/V and samples the second."""
+        seq = request.seqs[0]
+        self.engine._accept(seq, seq.num_prompt, token, 0.0, None, None, time.monotonic())
+        return self.engine._output(request, as_delta=True)
 
     def _add(self, request: Request) -> RequestError | None:
         try:

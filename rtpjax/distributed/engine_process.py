@@ -54,6 +54,7 @@ class Accumulator:
     token_ids: list[list[int]]
     logprobs: list[list[dict] | None]
     prompt_logprobs: list | None = None
+    trace: dict[str, float] | None = None  # a hand-off's phases (RequestDelta.trace), as they come
 
     @classmethod
     def of(cls, request: AddRequest) -> "Accumulator":
@@ -79,8 +80,10 @@ class Accumulator:
             ))  # fmt: skip
         metrics = RequestMetrics.from_timings(self.arrival, delta.timings) if delta.timings is not None else None
         transfer = msgspec.to_builtins(delta.kv_transfer_params) if delta.kv_transfer_params is not None else None
+        if delta.trace is not None:
+            self.trace = {**(self.trace or {}), **delta.trace}
         return RequestOutput(delta.request_id, self.prompt, self.prompt_ids, outs, delta.finished, metrics,
-                             self.prompt_logprobs, transfer)  # fmt: skip
+                             self.prompt_logprobs, transfer, self.trace)  # fmt: skip
 
 
 # -- the child --------------------------------------------------------------------------------------------------------
@@ -178,6 +181,9 @@ def _loop(engine: LLMEngine, conn: Connection, inbox: queue.Queue, handoff) -> N
                     outputs.append(out)
             else:  # the error of a request whose message could not be read
                 errors.append(command)
+        if outputs:  # hand-offs' first tokens (handoff.poll): out now, not after this round's step is launched
+            conn.send_bytes(messages.encode(StepOutputs(outputs, [], handoff.stats(engine.stats()), [])))
+            outputs = []
         if engine.has_work():
             try:
                 outputs += engine.step(as_deltas=True)

@@ -194,6 +194,8 @@ class KVTransferParams(msgspec.Struct, omit_defaults=True, gc=False):
     remote_port: int | None = None
     remote_host_id: str | None = None
     tp_size: int | None = None
+    first_token_ids: list[int] | None = None  # the prefill's first token per completion: the decode side goes on from
+    # it (its K/V covers the whole prompt), so what a client was shown first is what the rest follows
 
 
 # -- requests in -----------------------------------------------------------------------------------------------------
@@ -255,6 +257,9 @@ class RequestDelta(msgspec.Struct, array_like=True, omit_defaults=True, gc=False
     prompt_logprobs: list[dict[int, float] | None] | None = None  # with the request's first delta only
     timings: RequestTimings | None = None  # with its last delta only
     kv_transfer_params: KVTransferParams | None = None  # prefill role: where its decode engine pulls the K/V
+    # A hand-off's phases (phase -> time.monotonic(), a clock the processes of one host share), with the delta that
+    # first reports tokens (decode side) or hands the request over (prefill side): where its time to first token goes.
+    trace: dict[str, float] | None = None
 
 
 class RequestError(msgspec.Struct, gc=False):

@@ -95,6 +95,13 @@ def _eos_ids(model_dir: Path, cfg, tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def traced(request: Request) -> dict[str, float]:
+    """The request's hand-off phases with its first step's launch, its first token's read and now (time.monotonic())."""
+    metrics = request.seqs[0].metrics
+    points = {"scheduled": metrics.first_scheduled, "first_token": metrics.first_token, "output": time.monotonic()}
+    return {**request.trace, **{k: v for k, v in points.items() if v is not None}}
+
+
 def _timed(fn, *args):
     began = time.monotonic()
     return fn(*args), time.monotonic() - began
@@ -361,7 +368,7 @@ class LLMEngine:
         """Step N's tokens into its sequences (and rejected drafts rolled back), before anything schedules around
         them; returns what `_emit` turns into outputs: (sequence, index of its first new token, the new tokens,
         their logprobs, top ids, top logprobs) per sequence that sampled."""
-        began = time.perf_counter()
+        began, waiting = time.perf_counter(), time.monotonic()
         accepted = np.asarray(out.num_accepted)
         tokens, logprob = np.asarray(out.tokens), np.asarray(out.logprob)
         self.loop_stats.device_wait_s += time.perf_counter() - began
@@ -386,6 +393,8 @@ class LLMEngine:
                 else:
                     assert seq.token_ids[index] == PENDING
                     seq.token_ids[index] = int(tokens[i, 0])
+                if index == seq.num_prompt and self.requests[seq.request_id].trace:  # a hand-off's first token
+                    self.requests[seq.request_id].trace.setdefault("read_began", waiting)
                 read.append((seq, index, tokens[i, :n], logprob[i, :n], top_ids[i, :n], top_lp[i, :n]))
             self.scheduler.register_full_blocks(seq)
         return read
@@ -454,7 +463,12 @@ class LLMEngine:
         prompt_logprobs = None if request.reported else request.prompt_logprobs
         request.reported = True
         timings = request.seqs[0].metrics.timings() if finished else None
-        return RequestDelta(request.request_id, finished, completions, prompt_logprobs, timings)
+        trace = None
+        if request.trace and any(c.token_ids for c in completions) and not request.seqs[0].hand_off:
+            # a pulled hand-off's first tokens: its phases go along (a prefill hand-off's, as it leaves)
+            trace = traced(request)
+            request.trace = {}
+        return RequestDelta(request.request_id, finished, completions, prompt_logprobs, timings, trace=trace)
 
     def _output(self, request: Request, as_delta: bool = False) -> RequestOutput | RequestDelta:
         """The request's output: its whole text and tokens so far, and what is new since the last one."""

@@ -38,6 +38,7 @@ class RequestOutput:
     metrics: object = None  # the first sequence's RequestMetrics
     prompt_logprobs: list[dict[int, float] | None] | None = None  # None for the first prompt token
     kv_transfer_params: dict | None = None  # prefill role: where a decode engine pulls this request's K/V
+    trace: dict[str, float] | None = None  # a hand-off's phases (messages.RequestDelta.trace), so far
 
 
 @dataclasses.dataclass
@@ -50,6 +51,7 @@ class Request:
     sent: list[int] = dataclasses.field(default_factory=list)  # per seq: tokens already reported
     reported: bool = False  # whether an output (and the prompt logprobs with it) went out
     prompt_logprobs: list | None = None
+    trace: dict[str, float] = dataclasses.field(default_factory=dict)  # hand-off phases not yet reported
 
     @property
     def finished(self) -> bool:

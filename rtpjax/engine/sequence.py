@@ -94,6 +94,7 @@ class Sequence:
     tier_fetch: object = None  # kv.tiers Fetch: its prefix blocks coming up from a KV tier while it waits
     preempted: bool = False
     draft_acceptance: float = 1.0  # recent fraction of this sequence's drafts accepted (speculation's policy)
+    hand_off: bool = False  # a prefill hand-off's: leaves the engine with its first token, so no step goes past it
 
     def __post_init__(self):
         if not self.token_ids:
@@ -117,4 +118,4 @@ class Sequence:
 
     def wants_more(self) -> bool:
         """Whether another token may be scheduled (the host may not have read the last one yet)."""
-        return self.num_generated < self.max_tokens
+        return self.num_generated < (1 if self.hand_off else self.max_tokens)
