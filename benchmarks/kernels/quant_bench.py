@@ -47,10 +47,13 @@ def _time(fn, xs: jax.Array, weights: list, repeats: int) -> float:
     """Seconds per call of fn(x, w): one program calling it on each of xs with the weights in turn."""
 
     @jax.jit
-    def run(xs, weights):  # the max of every output: XLA moves a slice or a sum of a dot into the dot's operands
+    def run(xs, weights):
+        # Each call's input waits on the last call's result (XLA merges dots sharing a weight into one), and each
+        # output is consumed by its max (XLA moves a slice or a sum of a dot into the dot's operands).
         acc = jnp.zeros((), jnp.float32)
         for i in range(xs.shape[0]):
-            acc += jnp.max(fn(xs[i], weights[i % len(weights)])).astype(jnp.float32)
+            x, acc = jax.lax.optimization_barrier((xs[i], acc))
+            acc += jnp.max(fn(x, weights[i % len(weights)])).astype(jnp.float32)
         return acc
 
     jax.block_until_ready(run(xs, weights))
