@@ -114,6 +114,22 @@ def test_a_failed_admission_is_not_counted_as_a_tier_hit():
     tiers.close()
 
 
+def test_a_declined_load_gives_back_the_rows_it_reserved_for_disk_blocks(tmp_path):
+    host = HostTier(4 * LAYOUT.block_bytes, LAYOUT.block_bytes)
+    disk = DiskTier(str(tmp_path), 1 << 20, LAYOUT.block_bytes, {"model": "a"})
+    tiers = KVTiers(LAYOUT, host, disk)
+    tiers.costs = Costs(onload_bytes_per_s=1.0, prefill_tokens_per_s=1e15)  # recomputing is the cheaper
+    hashes = prefix_hashes(list(range(3, 3 + 48)), 16)
+    host.put(hashes[0], _row(0))
+    for i, h in enumerate(hashes[1:], 1):  # the rest only on disk: each reserves a host row to be read into
+        assert disk.write(h, _row(i))
+    for _ in range(3):  # a waiting sequence asks every round
+        assert tiers.fetch(hashes, 0) is None
+        assert not any(host.leases), "a declined fetch kept host rows"
+    assert host.reserve() is not None and len(host.free) == 2  # all 4 rows usable again: 1 held its block, 3 free
+    tiers.close()
+
+
 # -- preemption --------------------------------------------------------------------------------------------------------
 
 PARAMS = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)

@@ -259,8 +259,7 @@ class KVTiers:
         from_disk = sum(fetch.from_disk)
         if not should_load(self.policy, preempted, self.costs, self.block_bytes, self.block_size,
                            len(fetch.hashes) - from_disk, from_disk):  # fmt: skip
-            for i in awaits:
-                fetch.ok[i] = False  # never waited for: given back with the rest
+            fetch.ok = [False if ok is None else ok for ok in fetch.ok]  # never read or waited for: given back
             self.drop(fetch)
             return None
         for i, on_disk in enumerate(fetch.from_disk):
