@@ -65,6 +65,10 @@ def continuation(body, logprobs: bool) -> Continuation | None:
     if not body.stream or body.n != 1 or getattr(body, "echo", False) or logprobs or cont.tokens < 0:
         raise APIError(400, "rtpjax_continuation continues a stream of one completion without echo or logprobs "
                             "(stream true, n 1), from tokens >= 0", param="rtpjax_continuation")  # fmt: skip
+    transfer = (body.model_extra or {}).get("kv_transfer_params") or {}
+    if not isinstance(transfer, dict) or len(transfer.get("first_token_ids") or ()) != 1:  # else it samples its own
+        raise APIError(400, "rtpjax_continuation needs kv_transfer_params carrying the prefill's first token "
+                            "(first_token_ids)", param="rtpjax_continuation")  # fmt: skip
     return cont
 
 

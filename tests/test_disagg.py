@@ -163,6 +163,12 @@ def test_continuation_is_checked(pd):
                  dict(BODIES[4], rtpjax_continuation={"id": "cmpl-x"})):  # fmt: skip
         r = httpx.post(decode.url + "/v1/completions", json={"rtpjax_continuation": cont, **body}, timeout=30)
         assert r.status_code == 400 and "rtpjax_continuation" in r.json()["error"]["message"], (body, r.text)
+    # an eligible stream whose hand-off does not carry the prefill's token (no K/V, an older prefill): the decode side
+    # would sample its own first token, which may not be the one the client was shown
+    for extra in ({}, {"kv_transfer_params": {"do_remote_prefill": True}}):
+        r = httpx.post(decode.url + "/v1/completions", json={"rtpjax_continuation": cont, **BODIES[4], **extra},
+                       timeout=30)  # fmt: skip
+        assert r.status_code == 400 and "first_token_ids" in r.json()["error"]["message"], (extra, r.text)
 
 
 def prefill_params(url: str, body: dict) -> dict:

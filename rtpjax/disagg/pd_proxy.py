@@ -111,7 +111,7 @@ def first_chunks(path: str, answer: dict) -> tuple[list[bytes], dict]:
     """The prefill's answer as the first chunks of a colocated server's stream, and the `rtpjax_continuation` that
     tells the decode worker what the client already has."""
     (choice,) = answer["choices"]
-    head = {"id": answer["id"], "created": answer["created"], "model": answer["model"]}
+    head = {"id": answer["id"], "created": answer["created"], "model": answer["model"]}  # the prefill's own name
     if path.endswith("/chat/completions"):
         text = choice["message"]["content"] or ""
         chunk = dict(head, object="chat.completion.chunk")
@@ -138,8 +138,8 @@ async def disaggregated(session: aiohttp.ClientSession, prefill_urls: list[str],
     except PrefillFailed as e:
         return JSONResponse(e.body, status_code=e.status)
     params = answer.get("kv_transfer_params")
-    if params is not None and continuation and continues(body) and \
-            answer["choices"][0].get("finish_reason") == "length":  # fmt: skip
+    if params is not None and continuation and continues(body) and len(params.get("first_token_ids") or ()) == 1 \
+            and answer["choices"][0].get("finish_reason") == "length":  # fmt: skip
         first, cont = first_chunks(path, answer)
         return StreamingResponse(_continued(session, first, decode_url + path,
                                             dict(body, kv_transfer_params=params, rtpjax_continuation=cont), headers),
