@@ -462,16 +462,20 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
     async def health_generate(request: Request):
         """SGLang's /health_generate: healthy only if the engine computes a token now (a one-token prompt, one token
         out), not merely if the process answers."""
-        rid = f"health-{uuid.uuid4().hex}"
+        rid, finished = f"health-{uuid.uuid4().hex}", False
         try:
             stream = await llm.submit([info.eos_ids[0] if info.eos_ids else 0], SamplingParams(max_tokens=1),
                                       request_id=rid)  # fmt: skip
             async with asyncio.timeout(HEALTH_GENERATE_TIMEOUT_S):
                 async for out in stream:
-                    if out.finished:
+                    finished = out.finished
+                    if finished:
                         return Response(status_code=200)
         except (ValueError, RuntimeError, TimeoutError):
-            await llm.abort(rid)
+            pass
+        finally:
+            if not finished:  # timed out, failed, or the prober went away: nothing left running
+                await llm.abort(rid)
         return Response(status_code=503)
 
     async def version(request: Request):

@@ -366,8 +366,8 @@ def pull(host: str, port: int, transfer_id: str, channel: str, deadline: float, 
                 arrived = time.perf_counter()
                 jax.block_until_ready(rows)
                 loading += time.perf_counter() - arrived
+                sums = [f.result(timeout=remaining()) for f in sums]  # before the prefill may restage the file
                 _send(sock, KVPulled(True))
-                sums = [f.result(timeout=remaining()) for f in sums]
                 if offer.shm_path is None:
                     BUFFERS.give_back(payload)  # nothing reads it any more: rows are copies, checksums done
             finally:
