@@ -107,3 +107,16 @@ def test_mappings_page_lock_once_and_never_unpin_in_use(tmp_path):
     assert events == ["pin"], "unlocked while a pull still reads it"
     maps.give_back(str(path))
     assert events == ["pin", "unpin"] and not block_copy.is_page_locked(view)
+
+
+def test_receive_buffers_kept_are_bounded_in_count_and_bytes():
+    buffers = channel.Buffers(keep=2, keep_bytes=300)
+    small, mid, big = buffers.lease(100), buffers.lease(150), buffers.lease(400)
+    for b in (big, small, mid):
+        buffers.give_back(b)
+    assert sorted(b.size for b in buffers._idle) == [100, 150]  # the 400-byte one is over the bound: not kept
+    again = buffers.lease(120)
+    assert again.size == 120 and again.base is not None and again.base.size == 150  # the smallest that fits, reused
+    buffers.give_back(again)
+    buffers.give_back(np.empty(200, np.uint8))  # 150 + 200 > 300: the two largest that fit are kept
+    assert sorted(b.size for b in buffers._idle) == [100, 200]

@@ -276,10 +276,11 @@ class Mappings:
 
 
 class Buffers:
-    """Reused receive buffers for the TCP path (at most `keep` idle): a buffer is the pull's until it answers."""
+    """Reused receive buffers for the TCP path (at most `keep` idle, `keep_bytes` in all, the largest that fit): a
+    buffer is the pull's until it answers. A larger hand-off allocates its own and leaves it to the collector."""
 
-    def __init__(self, keep: int = 2):
-        self.keep = keep
+    def __init__(self, keep: int = 2, keep_bytes: int = 1 << 30):
+        self.keep, self.keep_bytes = keep, keep_bytes
         self._idle: list[np.ndarray] = []
         self._lock = threading.Lock()
 
@@ -295,9 +296,12 @@ class Buffers:
     def give_back(self, view: np.ndarray) -> None:
         whole = view.base if isinstance(view.base, np.ndarray) else view
         with self._lock:
-            self._idle.append(whole)
-            self._idle.sort(key=lambda b: -b.size)
-            del self._idle[self.keep :]
+            kept, total = [], 0
+            for b in sorted([*self._idle, whole], key=lambda b: -b.size):
+                if len(kept) < self.keep and total + b.size <= self.keep_bytes:
+                    kept.append(b)
+                    total += b.size
+            self._idle = kept
 
 
 MAPPINGS, BUFFERS = Mappings(), Buffers()
