@@ -140,7 +140,8 @@ class BlockCopier:
         self._gather = jax.jit(lambda c, ids: gather(c, ids, copies=copies))
         self._write = jax.jit(lambda c, ids, parts: write(c, ids, parts, copies=copies), donate_argnums=(0,),
                               out_shardings=shardings)  # fmt: skip
-        self._gather_packed = jax.jit(lambda c, ids: pack(gather(c, ids, copies=copies)))
+        # rows whole on every device of the cache, so any one device's copy is all of them (`_down`)
+        self._gather_packed = jax.jit(lambda c, ids: pack(gather(c, ids, copies=copies)), out_shardings=self._rows_at)
         self._write_packed = jax.jit(
             lambda c, ids, rows: write(c, ids, unpack(jnp.stack(rows), layout), copies=copies),
             donate_argnums=(0,), out_shardings=shardings)  # fmt: skip
@@ -244,8 +245,8 @@ class BlockCopier:
         return pieces
 
     def _down(self, rows: jax.Array) -> jax.Array:
-        """Start the copy of gathered rows to the host: into pinned host memory by DMA (one device's copy of them),
-        else into pageable memory. np.asarray of the result waits for it."""
+        """Start the copy of gathered rows to the host: into pinned host memory by DMA (one device's copy of them:
+        `_gather_packed` replicates them), else into pageable memory. np.asarray of the result waits for it."""
         one = rows.addressable_shards[0].data if len(rows.sharding.device_set) > 1 else rows
         device = next(iter(one.sharding.device_set))
         if device.id not in self._host_at:
