@@ -56,7 +56,8 @@ def spec(version: str) -> dict:
             "/health": _get("Liveness"),
             "/version": _get("Server version"),
             "/metrics": _get("Prometheus metrics", "text/plain"),
-            "/server_info": _get("SGLang's server info: served name, model path, scheduling limits (/get_server_info too)"),
+            "/server_info": _get("SGLang's server info: served name, model path, scheduling limits "
+                                 "(/get_server_info too)"),
             "/model_info": _get("SGLang's model info: model path, tokenizer path, architectures (/get_model_info too)"),
             "/health_generate": _get("Healthy only if the engine generates a token now (SGLang's probe)"),
             "/load": _get("Queue, running tokens, KV usage and step counters, for routers"),

@@ -6,19 +6,20 @@ host (`ModelRunner.offload`, ordered after that step and before anything later w
 while a hand-off thread waits for the copies and stages them (staging.stage: shared memory, checksums). Once each
 completion has its first token (no step runs past it: Sequence.hand_off) the request leaves the engine
 (`LLMEngine.snapshot(detach=True, gather=False)`): its blocks go back to the pool at once (the gathered copy is its
-own), and its last output carries the kv_transfer_params a decode engine needs. What no decode engine pulls within kv_transfer_timeout is dropped; a request that finishes at
-its first token (EOS, a stop string) or is aborted hands nothing over (its decode engine recomputes the prompt).
+own), and its last output carries the kv_transfer_params a decode engine needs. What no decode engine pulls within
+kv_transfer_timeout is dropped; a request that finishes at its first token (EOS, a stop string) or is aborted hands
+nothing over (its decode engine recomputes the prompt).
 
-Decode (`do_remote_prefill`): the request reserves the blocks its prompt needs (waiting, up to kv_transfer_timeout,
-for room; then it is refused), a thread pulls the K/V, each chunk going to the device as it arrives, and once it has
-arrived the reservation is returned and the request is added with the rows on the device (Sequence.host_kv: written
-into fresh blocks before its first step, as an adopted request's). The prefill hands over the whole prompt's K/V and
-its first token (kv_transfer_params.first_token_ids): a request of one completion without logprobs reports that token
-at once and its first step samples the second, so it goes on from what a client was shown first (rtpjax's P/D router
-streams the prefill's token); any other runs the last prompt token again and samples the first token. Sampling is
-keyed by (seed, position), so a seeded or greedy request continues exactly as it would have colocated. A pull that fails (prefill gone, corrupted, stale, another prompt) makes the request compute its prompt
-here instead: slower, never wrong. Each hand-off's phases (time.monotonic()) leave with its answer (prefill) or its
-first tokens (decode) as RequestDelta.trace.
+Decode (`do_remote_prefill`): the request reserves the blocks its prompt needs (waiting, up to kv_transfer_timeout, for
+room; then it is refused), a thread pulls the K/V, each chunk going to the device as it arrives, and once it has arrived
+the reservation is returned and the request is added with the rows on the device (Sequence.host_kv: written into fresh
+blocks before its first step, as an adopted request's). The prefill hands over the whole prompt's K/V and its first
+token (kv_transfer_params.first_token_ids): a request of one completion without logprobs reports that token at once and
+its first step samples the second, so it goes on from what a client was shown first (rtpjax's P/D router streams the
+prefill's token); any other runs the last prompt token again and samples the first token. Sampling is keyed by (seed,
+position), so a seeded or greedy request continues exactly as it would have colocated. A pull that fails (prefill gone,
+corrupted, stale, another prompt) makes the request compute its prompt here instead: slower, never wrong. Each
+hand-off's phases (time.monotonic()) leave with its answer (prefill) or its first tokens (decode) as RequestDelta.trace.
 """
 
 from __future__ import annotations
@@ -143,8 +144,8 @@ class Handoff:
                 seq.hand_off = True
             self.holding.add(rid)
         elif want == "decode" and params.remote_host is not None and params.remote_port is not None:
-            need = -(-(len(request.prompt_ids) - (_first_token(request, params, self.engine.info.vocab_size) is None)) //
-                     self.engine.args.block_size)  # fmt: skip
+            rerun = _first_token(request, params, self.engine.info.vocab_size) is None  # the last prompt token again
+            need = -(-(len(request.prompt_ids) - rerun) // self.engine.args.block_size)
             if need > self.engine.pool.num_blocks:
                 return RequestError(rid, "invalid", f"the prompt needs {need} KV blocks; this decode engine's "
                                                     f"cache has {self.engine.pool.num_blocks}")  # fmt: skip
@@ -223,8 +224,9 @@ class Handoff:
     # -- prefill --------------------------------------------------------------------------------------------------
 
     def _gather(self, seq) -> None:
-        """Queue the device copy of the prompt's blocks (the whole prompt's K/V) right behind the step in flight, in pieces of about one checksum chunk (a power of two: a gather bucket, no
-        padding): a hand-off thread stages each piece while the next is still crossing to the host."""
+        """Queue the device copy of the prompt's blocks (the whole prompt's K/V) right behind the step in flight, in
+        pieces of about one checksum chunk (a power of two: a gather bucket, no padding): a hand-off thread stages each
+        piece while the next is still crossing to the host."""
         tokens = seq.num_prompt
         blocks = seq.block_table[: -(-tokens // self.engine.args.block_size)]
         if not blocks:

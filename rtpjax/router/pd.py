@@ -41,7 +41,8 @@ def build_pd_router(prefill_urls: list[str], decode_urls: list[str], connect_tim
     async def passed(request: Request):
         """Model list, tokenizer routes: from the first decode worker that answers."""
         _, decode = await state["pool"].ranked()
-        headers = {**headers_of(request), **({"Content-Type": ct} if (ct := request.headers.get("content-type")) else {})}
+        ct = request.headers.get("content-type")
+        headers = {**headers_of(request), **({"Content-Type": ct} if ct else {})}
         for url in decode:
             try:
                 async with state["session"].request(request.method, url + request.url.path, data=await request.body(),

@@ -234,8 +234,9 @@ class KVTiers:
     # -- up ---------------------------------------------------------------------------------------------------------
 
     def fetch(self, hashes: list[bytes], start: int, preempted: bool = False) -> Fetch | None:
-        """Lease the leading run of `hashes` found below the device and start reading its disk-only blocks; None if
-        none is found, or loading them does not pay (policy)."""
+        """Lease the leading run of `hashes` found below the device and start reading its disk-only blocks (a block
+        still on its way down is waited for: the writer fills the row reserved for it); None if none is found, or
+        loading them does not pay (policy)."""
         if self.policy == "recompute" and preempted:
             return None  # (should_load's answer, without leasing anything)
         fetch, awaits = Fetch(start, [], [], [], []), []
