@@ -363,3 +363,4 @@ class Handoff:
         for rid in list(self.gathering):
             self._unstage(rid)
         self.store.close()
+        channel.MAPPINGS.close()  # the decode side's kept (page-locked) mappings no pull is reading
