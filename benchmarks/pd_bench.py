@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 
-def _timed(fn, repeats: int, fresh=lambda: None) -> float:
+def median_seconds(fn, repeats: int, fresh=lambda: None) -> float:
     """Median seconds of fn(fresh()) after a warm-up; `fresh` (untimed) makes each call's input."""
     fn(fresh())  # warm
     times = []
@@ -80,18 +80,18 @@ def transfer(args) -> dict:
 
         for path in ("shm", "tcp"):
             phases = []
-            row[f"{path}_s"] = _timed(via(path, phases), args.repeats, fresh)
+            row[f"{path}_s"] = median_seconds(via(path, phases), args.repeats, fresh)
             for phase in phases[0]:  # where the time goes (medians; they overlap: each chunk moves on once staged)
                 row[f"{path}_{phase}_s"] = statistics.median(p[phase] for p in phases[1:])
-        row["shm_sequential_s"] = _timed(via("shm", [], pipelined=False), args.repeats, fresh)  # the pipelining's gain
-        row["crc32_s"] = _timed(lambda _: channel.checksums([host]), args.repeats)
-        row["memcpy_s"] = _timed(lambda _: np.copyto(np.empty_like(host), host), args.repeats)  # the floor
-        row["h2d_s"] = _timed(lambda _: jax.device_put(host, device, may_alias=False).block_until_ready(),
+        row["shm_sequential_s"] = median_seconds(via("shm", [], pipelined=False), args.repeats, fresh)  # the pipelining's gain
+        row["crc32_s"] = median_seconds(lambda _: channel.checksums([host]), args.repeats)
+        row["memcpy_s"] = median_seconds(lambda _: np.copyto(np.empty_like(host), host), args.repeats)  # the floor
+        row["h2d_s"] = median_seconds(lambda _: jax.device_put(host, device, may_alias=False).block_until_ready(),
                               args.repeats)  # fmt: skip
-        row["d2h_s"] = _timed(lambda x: np.asarray(jax.device_get(x)), args.repeats, fresh)
+        row["d2h_s"] = median_seconds(lambda x: np.asarray(jax.device_get(x)), args.repeats, fresh)
         row["staged_s"] = row["d2h_s"] + row["h2d_s"]  # the floor any host-staged path pays
         try:
-            row["jax_transfer_s"] = _timed(lambda _: _jax_transfer([on_device]), args.repeats)
+            row["jax_transfer_s"] = median_seconds(lambda _: _jax_transfer([on_device]), args.repeats)
         except Exception as e:  # noqa: BLE001 - recorded: where it does not work is the finding
             row["jax_transfer_error"] = f"{type(e).__name__}: {e}"
         server.close()

@@ -33,24 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rtpjax.benchmarks.pd_bench import median_seconds
+
 
 def gbps(nbytes: int, fn) -> float:
     fn()  # warm
     began = time.perf_counter()
     fn()
     return nbytes / 1e9 / (time.perf_counter() - began)
-
-
-def _median_s(fn, repeats: int, fresh=lambda: None) -> float:
-    """Median seconds of fn(fresh()) after a warm-up; `fresh` (untimed) makes each call's input."""
-    fn(fresh())
-    times = []
-    for _ in range(repeats):
-        arg = fresh()
-        began = time.perf_counter()
-        fn(arg)
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
 
 
 def loading_paths(size: int, checkpoint: str | None) -> dict:
@@ -110,12 +100,12 @@ def _host_costs(host: np.ndarray, repeats: int) -> dict:
 
     warm = np.empty_like(host)
     sample = np.resize(host.reshape(-1), 64 << 20)
-    r = {"memcpy_fresh_s": _median_s(lambda _: np.copyto(np.empty_like(host), host), repeats),
-         "memcpy_reused_s": _median_s(lambda _: np.copyto(warm, host), repeats)}  # fmt: skip
+    r = {"memcpy_fresh_s": median_seconds(lambda _: np.copyto(np.empty_like(host), host), repeats),
+         "memcpy_reused_s": median_seconds(lambda _: np.copyto(warm, host), repeats)}  # fmt: skip
     for name, fn in (("crc32", zlib.crc32), ("adler32", zlib.adler32)):
-        r[f"{name}_64MiB_s"] = _median_s(lambda _, fn=fn: fn(sample), repeats)
+        r[f"{name}_64MiB_s"] = median_seconds(lambda _, fn=fn: fn(sample), repeats)
         views = [memoryview(sample)[i : i + staging.CHUNK] for i in range(0, sample.size, staging.CHUNK)]
-        r[f"{name}_64MiB_threads_s"] = _median_s(lambda _, fn=fn, v=views: list(staging.POOL.map(fn, v)), repeats)
+        r[f"{name}_64MiB_threads_s"] = median_seconds(lambda _, fn=fn, v=views: list(staging.POOL.map(fn, v)), repeats)
     return r
 
 
@@ -155,30 +145,30 @@ def kv_paths(args) -> dict:
     r = {"kv_tokens": args.kv_tokens, "kv_blocks": n, "block_bytes": bb, "kv_bytes": host.nbytes,
          "pinned_host": pinned is not None}  # fmt: skip
     r.update(_host_costs(host, reps))
-    r["d2h_pageable_s"] = _median_s(lambda x: _d2h(x, None), reps, fresh)
+    r["d2h_pageable_s"] = median_seconds(lambda x: _d2h(x, None), reps, fresh)
     if pinned is not None:
-        r["d2h_pinned_dma_s"] = _median_s(lambda x: jax.device_put(x, pinned).block_until_ready(), reps, fresh)
-        r["d2h_pinned_s"] = _median_s(lambda x: _d2h(x, pinned), reps, fresh)
+        r["d2h_pinned_dma_s"] = median_seconds(lambda x: jax.device_put(x, pinned).block_until_ready(), reps, fresh)
+        r["d2h_pinned_s"] = median_seconds(lambda x: _d2h(x, pinned), reps, fresh)
         r["pinned_asarray_copies"] = _asarray_copies(pinned, dev)
         staged = jax.device_put(host, pinned).block_until_ready()
         to_device = jax.sharding.SingleDeviceSharding(dev, memory_kind="device")
-        r["h2d_pinned_array_s"] = _median_s(lambda _: jax.device_put(staged, to_device).block_until_ready(), reps)
-    r["h2d_one_array_s"] = _median_s(lambda _: jax.device_put(host, dev, may_alias=False).block_until_ready(), reps)
-    r["h2d_rows_per_row_s"] = _median_s(lambda _: jax.block_until_ready(jax.device_put(list(host), dev,
+        r["h2d_pinned_array_s"] = median_seconds(lambda _: jax.device_put(staged, to_device).block_until_ready(), reps)
+    r["h2d_one_array_s"] = median_seconds(lambda _: jax.device_put(host, dev, may_alias=False).block_until_ready(), reps)
+    r["h2d_rows_per_row_s"] = median_seconds(lambda _: jax.block_until_ready(jax.device_put(list(host), dev,
                                                                                        may_alias=False)), reps)
     cache = [tuple(jnp.zeros((args.kv_heads, 1, args.block_size, args.head_dim), jnp.dtype(args.dtype))
                    for _ in range(2)) for _ in range(args.layers)]  # fmt: skip
     sizes = [1 << i for i in range(max(1, n.bit_length()))]
     pageable, new = (BlockCopier(cache, layout, sizes, use_pinned=p) for p in (False, True))
-    r["h2d_rows_pieces_s"] = _median_s(lambda _: jax.block_until_ready(pageable.put_rows(host)), reps)
-    r["h2d_rows_pieces_pinned_s"] = _median_s(lambda _: jax.block_until_ready(new.put_rows(host)), reps)
+    r["h2d_rows_pieces_s"] = median_seconds(lambda _: jax.block_until_ready(pageable.put_rows(host)), reps)
+    r["h2d_rows_pieces_pinned_s"] = median_seconds(lambda _: jax.block_until_ready(new.put_rows(host)), reps)
     pin = dma_mapper([dev])
     if pin is not None:
         locked = _aligned_buffer(host.nbytes).reshape(n, bb)
         locked[:] = host
         unpin = pin(locked)
         if unpin is not None:
-            r["h2d_rows_pieces_locked_s"] = _median_s(
+            r["h2d_rows_pieces_locked_s"] = median_seconds(
                 lambda _: jax.block_until_ready(new.put_rows(locked, page_locked=True)), reps)  # fmt: skip
             unpin()
     r.update(_pd(layout, on_device, n, reps, new, pinned))
@@ -224,8 +214,8 @@ def _pd(layout, on_device: jax.Array, n: int, reps: int, copier, pinned) -> dict
 
     out = {}
     try:
-        out["pd_old_s"] = _median_s(once("pd_old", old_down, old_load), reps, pieces)
-        out["pd_new_s"] = _median_s(once("pd_new", new_down, lambda _, rows: copier.put_rows(rows)), reps, pieces)
+        out["pd_old_s"] = median_seconds(once("pd_old", old_down, old_load), reps, pieces)
+        out["pd_new_s"] = median_seconds(once("pd_new", new_down, lambda _, rows: copier.put_rows(rows)), reps, pieces)
     finally:
         server.close()
         store.close()

@@ -84,6 +84,25 @@ def _release_executables():
     gc.collect()
 
 
+@pytest.fixture
+def triton_verified(monkeypatch):
+    """The results of MLIR's verifier on every Triton module Pallas builds while the test lowers for CUDA (one entry
+    per kernel; an invalid module raises MLIRError): the GPU's Triton parser rejects what the lowering alone lets
+    through (a loop bound of the wrong integer type failed only there)."""
+    from jax._src.pallas.triton import lowering
+
+    build, verified = lowering.lower_jaxpr_to_triton_module, []
+
+    def build_and_verify(*args, **kwargs):
+        result = build(*args, **kwargs)
+        with result.module.context:
+            verified.append(result.module.operation.verify())
+        return result
+
+    monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", build_and_verify)
+    return verified
+
+
 # Small limits keep the number of compiled bucket shapes (and so the suite's time) low.
 ENGINE_ARGS = dict(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=256, block_size=16)
 

@@ -144,26 +144,15 @@ def test_small_kernel_rejects_shapes_it_cannot_tile():
 
 
 @pytest.mark.parametrize("method", ["fp8", "int8", "int4-asym"])
-def test_small_kernel_lowers_to_triton(method, monkeypatch):
+def test_small_kernel_lowers_to_triton(method, triton_verified):
     """The GPU lowering (Pallas to Triton IR) runs on any host: unsupported ops or casts fail here, and each module
     passes MLIR's verifier as the GPU's Triton parser requires; compiling needs the GPU."""
-    from jax._src.pallas.triton import lowering
-
-    build, verified = lowering.lower_jaxpr_to_triton_module, []
-
-    def build_and_verify(*args, **kwargs):
-        result = build(*args, **kwargs)
-        with result.module.context:
-            verified.append(result.module.operation.verify())  # raises MLIRError on an invalid module
-        return result
-
-    monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", build_and_verify)
     qw = quantize(jnp.ones((256, 512), jnp.float32), method)
     for tiles in (None, Tiles(split_k=2)):  # the format's default tiles, and split-K's float32 partials
         step = jax.jit(lambda x, w: quantized_matmul(x, w, tiles))
         text = step.trace(jnp.ones((16, 512), jnp.bfloat16), qw).lower(lowering_platforms=("cuda",)).as_text()
         assert f"small_matmul_{qw.scheme.weight}" in text and "triton" in text
-    assert verified == [True, True]
+    assert triton_verified == [True, True]
 
 
 def test_small_steps_on_a_gpu_take_the_kernel():
