@@ -17,7 +17,7 @@ from starlette.responses import StreamingResponse
 
 from conftest import ENGINE_ARGS, wait_healthy
 from rtpjax import AsyncLLM, SamplingParams
-from rtpjax.disagg.pd_proxy import PDPool, disaggregated, run_prefill
+from rtpjax.disagg.pd_proxy import PDPool, continues, disaggregated, run_prefill
 from rtpjax.router.proxy import new_session
 from rtpjax.serve.app import build_app
 from test_server import Server, chat_model, free_port  # noqa: F401 - chat_model: a fixture
@@ -169,6 +169,20 @@ def test_continuation_is_checked(pd):
         r = httpx.post(decode.url + "/v1/completions", json={"rtpjax_continuation": cont, **BODIES[4], **extra},
                        timeout=30)  # fmt: skip
         assert r.status_code == 400 and "first_token_ids" in r.json()["error"]["message"], (extra, r.text)
+
+
+def test_router_continues_only_a_stream_whose_hand_off_carries_the_first_token():
+    """The router streams the prefill's token and has the decode worker go on from it only when the decode side will
+    (first_token_ids handed over): else the client could be shown one first token and the rest follow another."""
+    body = dict(BODIES[4])
+    answer = {"choices": [{"text": " a", "finish_reason": "length"}],
+              "kv_transfer_params": {"do_remote_decode": True, "first_token_ids": [5]}}  # fmt: skip
+    assert continues(body, answer)
+    for params in ({"do_remote_decode": True}, {"do_remote_decode": True, "first_token_ids": [5, 6]}):
+        assert not continues(body, dict(answer, kv_transfer_params=params)), params
+    assert not continues(body, dict(answer, choices=[{"text": " a", "finish_reason": "stop"}]))  # finished there
+    for other in (dict(body, stream=False), dict(body, n=2), dict(body, echo=True), dict(body, logprobs=1)):
+        assert not continues(other, answer), other
 
 
 def prefill_params(url: str, body: dict) -> dict:

@@ -99,12 +99,14 @@ async def run_prefill(session: aiohttp.ClientSession, prefill_urls: list[str], p
     return (await prefill_answer(session, prefill_urls, path, body, headers)).get("kv_transfer_params")
 
 
-def continues(body: dict) -> bool:
-    """Whether a request's stream can start with the prefill's token: one completion, no echo, no logprobs (the
-    decode worker then continues the stream from the prefill's answer)."""
-    logprobs = body.get("logprobs")
+def continues(body: dict, answer: dict) -> bool:
+    """Whether a request's stream can start with the prefill's token (the decode worker then continues the stream from
+    the prefill's answer): one completion, no echo, no logprobs, a prefill that stopped only for its one-token limit
+    and handed over that token (first_token_ids; without it the decode side would sample its own first token)."""
+    logprobs, params = body.get("logprobs"), answer.get("kv_transfer_params") or {}
     return body.get("stream") is True and body.get("n", 1) in (1, None) and not body.get("echo") and \
-        (logprobs is None or logprobs is False) and body.get("best_of") in (1, None)  # fmt: skip
+        (logprobs is None or logprobs is False) and body.get("best_of") in (1, None) and \
+        len(params.get("first_token_ids") or ()) == 1 and answer["choices"][0].get("finish_reason") == "length"  # fmt: skip
 
 
 def first_chunks(path: str, answer: dict) -> tuple[list[bytes], dict]:
@@ -138,8 +140,7 @@ async def disaggregated(session: aiohttp.ClientSession, prefill_urls: list[str],
     except PrefillFailed as e:
         return JSONResponse(e.body, status_code=e.status)
     params = answer.get("kv_transfer_params")
-    if params is not None and continuation and continues(body) and len(params.get("first_token_ids") or ()) == 1 \
-            and answer["choices"][0].get("finish_reason") == "length":  # fmt: skip
+    if params is not None and continuation and continues(body, answer):
         first, cont = first_chunks(path, answer)
         return StreamingResponse(_continued(session, first, decode_url + path,
                                             dict(body, kv_transfer_params=params, rtpjax_continuation=cont), headers),
