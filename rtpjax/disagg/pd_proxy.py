@@ -106,7 +106,8 @@ def continues(body: dict, answer: dict) -> bool:
     logprobs, params = body.get("logprobs"), answer.get("kv_transfer_params") or {}
     return body.get("stream") is True and body.get("n", 1) in (1, None) and not body.get("echo") and \
         (logprobs is None or logprobs is False) and body.get("best_of") in (1, None) and \
-        len(params.get("first_token_ids") or ()) == 1 and answer["choices"][0].get("finish_reason") == "length"  # fmt: skip
+        len(params.get("first_token_ids") or ()) == 1 and \
+        answer["choices"][0].get("finish_reason") == "length"  # fmt: skip
 
 
 def first_chunks(path: str, answer: dict) -> tuple[list[bytes], dict]:
