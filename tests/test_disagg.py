@@ -603,11 +603,16 @@ def test_prefill_runs_no_step_past_the_first_token(stories_llm):
         computed = engine.lifetime.computed + engine.loop_stats.computed
         assert handoff.add(msg) is None
         detached = []
-        while not detached:
+        for _ in range(50):  # bounded: the prompt's chunks and its first token
             engine.step(as_deltas=True)
-            detached = handoff.after_step()
-        while engine.has_work():
+            if detached := handoff.after_step():
+                break
+        assert detached, "the hand-off never left the engine"
+        for _ in range(50):
+            if not engine.has_work():
+                break
             engine.step()
+        assert not engine.has_work()
         assert engine.lifetime.computed + engine.loop_stats.computed - computed == len(msg.prompt_ids)
         trace = detached[0].trace
         order = ["added", "scheduled", "gather_began", "gather_queued", "read_began", "first_token", "output"]
