@@ -34,6 +34,16 @@ def _pull(server, path):
     return channel.pull("127.0.0.1", server.port, "t", path, time.monotonic() + 30)
 
 
+def _pull_fresh_rows(store, server, path, times):
+    """Offer new rows and pull them back `times` times; each pull returns exactly what was offered."""
+    for seed in range(times):
+        rows = np.random.default_rng(seed).integers(0, 256, (5, LAYOUT.block_bytes), dtype=np.uint8)
+        _offer(store, rows)
+        got = _pull(server, path)
+        np.testing.assert_array_equal(np.stack(got.rows), rows)
+        _settle(store)
+
+
 def _settle(store):
     for _ in range(100):  # the serving thread gives the file back just after the pull returns
         if store.arena._idle:
@@ -50,12 +60,7 @@ def test_shm_pulls_map_a_reused_file_once(served, monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(channel.mmap, "mmap", spy)
-    for seed in range(3):
-        rows = np.random.default_rng(seed).integers(0, 256, (5, LAYOUT.block_bytes), dtype=np.uint8)
-        _offer(store, rows)
-        got = _pull(server, "shm")
-        np.testing.assert_array_equal(np.stack(got.rows), rows)
-        _settle(store)
+    _pull_fresh_rows(store, server, "shm", times=3)
     assert len(maps) == 1, "each pull mapped the reused file again"
 
 
@@ -63,12 +68,7 @@ def test_tcp_pulls_reuse_the_receive_buffer(served, monkeypatch):
     store, server = served
     leased, lease = [], channel.BUFFERS.lease
     monkeypatch.setattr(channel.BUFFERS, "lease", lambda size: leased.append(lease(size)) or leased[-1])
-    for seed in range(3):
-        rows = np.random.default_rng(seed).integers(0, 256, (5, LAYOUT.block_bytes), dtype=np.uint8)
-        _offer(store, rows)
-        got = _pull(server, "tcp")
-        np.testing.assert_array_equal(np.stack(got.rows), rows)
-        _settle(store)
+    _pull_fresh_rows(store, server, "tcp", times=3)
     assert len({b.ctypes.data for b in leased}) == 1, "each pull received into a fresh buffer"
 
 
