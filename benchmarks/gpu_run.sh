@@ -46,7 +46,8 @@
 #   pd      prefill/decode hand-off: the K/V channel (shared memory, TCP, jax.experimental.transfer) per 1k tokens of
 #           8B KV beside the host-staged floor, and the TTFT of a 2048-token prompt disaggregated against colocated
 #           (two engine processes at XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 each) with each request's timeline; then the
-#           same over HTTP (pd_serve.json): TTFT and second token through rtpjax router --pd-disaggregation
+#           same over HTTP (pd_serve.json): TTFT and second token through rtpjax router --pd-disaggregation;
+#           PD_PARTS ("transfer ttft serve") picks parts, PD_TIMEOUT (550) bounds each engine part
 #   pd_mixed  (P/D multi-GPU issue; 2 GPUs, or both engines on one GPU at XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 as a dry
 #           run) colocated (2 replicas, rtpjax router cache_aware) against disaggregated (prefill + decode engine behind
 #           rtpjax router --pd-disaggregation, and behind vllm-router if installed): long prompts (4k-8k) at a steady
@@ -265,11 +266,13 @@ EOF
   pd)
     cfg=/tmp/cfg/$SHAPE
     python3 -c "from rtpjax.benchmarks.random_checkpoint import write_config_only as w; w('$cfg', '$SHAPE')" || exit 1
-    timeout 300 python3 -m rtpjax.benchmarks.pd_bench transfer --tokens 1024 2048 --out "$OUT/pd_transfer.json"
-    XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout 550 python3 -m rtpjax.benchmarks.pd_bench ttft "$cfg" \
+    parts=${PD_PARTS:-transfer ttft serve}; t=${PD_TIMEOUT:-550}
+    [[ $parts == *transfer* ]] && timeout 300 python3 -m rtpjax.benchmarks.pd_bench transfer --tokens 1024 2048 \
+      --out "$OUT/pd_transfer.json"
+    [[ $parts == *ttft* ]] && XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout $t python3 -m rtpjax.benchmarks.pd_bench ttft "$cfg" \
       --load-format dummy --prompt-len 2048 --max-model-len 4096 --max-num-seqs 16 --compilation-cache-dir /tmp/xla \
       --out "$OUT/pd_ttft.json"
-    XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout 550 python3 -m rtpjax.benchmarks.pd_bench serve "$cfg" \
+    [[ $parts == *serve* ]] && XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout $t python3 -m rtpjax.benchmarks.pd_bench serve "$cfg" \
       --prompt-len 2048 --logs "$OUT/pd_serve_logs" --out "$OUT/pd_serve.json" -- --load-format dummy \
       --max-model-len 4096 --max-num-seqs 16 --compilation-cache-dir /tmp/xla
     ;;

@@ -510,9 +510,9 @@ def test_channel_stages_once_checks_and_removes(monkeypatch):
 
 def test_prefill_gather_never_blocks_the_engine_loop(stories_llm, monkeypatch):
     """The prefill side in process, its hand-off thread held back: the prompt's gather is queued behind its last
-    chunk and the loop goes on (the request detaches, another keeps decoding) while the copy is not yet staged; the
-    pull then gets it. A request aborted while its copy is staging, and one whose hand-off expires, give their file
-    back; the pool and the store end empty."""
+    chunk, its host copy starts only once the first token is read, and the loop goes on (the request detaches,
+    another keeps decoding) while the copy is not yet staged; the pull then gets it. A request aborted before its
+    copy is staged, and one whose hand-off expires, leave no file leased; the pool and the store end empty."""
     from rtpjax.disagg import channel, staging
     from rtpjax.disagg.handoff import Handoff
     from rtpjax.distributed.messages import KVTransferParams
@@ -527,6 +527,10 @@ def test_prefill_gather_never_blocks_the_engine_loop(stories_llm, monkeypatch):
         return stage(*args)
 
     monkeypatch.setattr(staging, "stage", held_back)
+    downloads, download = [], engine.runner.copier.download
+    monkeypatch.setattr(engine.runner.copier, "download", lambda rows: downloads.append(1) or download(rows))
+    leased, lease = set(), handoff.store.arena.lease
+    monkeypatch.setattr(handoff.store.arena, "lease", lambda size: (got := lease(size), leased.add(got[0]))[0])
 
     def add(rid, prompt):
         msg = engine.maker.message(prompt, SamplingParams(max_tokens=8, temperature=0), rid)
@@ -540,6 +544,11 @@ def test_prefill_gather_never_blocks_the_engine_loop(stories_llm, monkeypatch):
     try:
         add("p", PROMPT)
         engine.add_request("Once upon a time", SamplingParams(max_tokens=40, temperature=0, ignore_eos=True), "other")
+        for _ in range(20):
+            if "p" in handoff.gathering:
+                break
+            assert not step()
+        assert not downloads  # gathered on the device; its host copy waits for the first token
         detached = []
         for _ in range(20):
             if detached := step():
@@ -572,11 +581,12 @@ def test_prefill_gather_never_blocks_the_engine_loop(stories_llm, monkeypatch):
         handoff.poll()
         while engine.has_work():
             step()
-        for _ in range(50):  # the aborted and expired hand-offs' files come back once staged
-            if len(handoff.store.arena._idle) == 2:
+        for _ in range(50):  # the expired hand-off's file comes back once staged (the aborted one never leased one)
+            if {path for path, _ in handoff.store.arena._idle} == leased:
                 break
             time.sleep(0.1)
-        assert len(handoff.store.arena._idle) == 2 and len(handoff.store) == 0 and not handoff.gathering
+        assert {path for path, _ in handoff.store.arena._idle} == leased and len(handoff.store) == 0
+        assert not handoff.gathering and downloads
         assert engine.pool.num_free == engine.pool.num_blocks
         assert handoff.stats(engine.stats()).kv_transfer_ms.keys() == {"prefill_d2h", "prefill_stage"}
     finally:

@@ -1,10 +1,11 @@
 """Prefill/decode hand-off inside the engine process: the engine loop's side of both roles.
 
 Prefill (`AddRequest.kv_transfer_params.do_remote_decode`): the request runs as any other. Right behind the step that
-computes its prompt's last chunk, the device gathers its prompt blocks as packed rows and starts copying them to the
-host (`ModelRunner.offload`, ordered after that step and before anything later writes the blocks); the loop goes on
-while a hand-off thread waits for the copies and stages them (staging.stage: shared memory, checksums). Once each
-completion has its first token (no step runs past it: Sequence.hand_off) the request leaves the engine
+computes its prompt's last chunk, the device gathers its prompt blocks as packed rows (`ModelRunner.offload`, ordered
+after that step and before anything later writes the blocks). Once each completion has its first token (no step runs
+past it: Sequence.hand_off) a hand-off thread starts the rows' copies to the host and stages them (staging.stage:
+shared memory, checksums) while the loop goes on; not sooner, as a large device-to-host copy queued behind the step
+would go ahead of the copy of its sampled tokens and delay the first token. The request leaves the engine
 (`LLMEngine.snapshot(detach=True, gather=False)`): its blocks go back to the pool at once (the gathered copy is its
 own), and its last output carries the kv_transfer_params a decode engine needs. What no decode engine pulls within
 kv_transfer_timeout is dropped; a request that finishes at its first token (EOS, a stop string) or is aborted hands
@@ -47,6 +48,16 @@ log = logging.getLogger("rtpjax")
 
 
 @dataclasses.dataclass
+class _Gathered:
+    """A prefill's prompt K/V as packed rows: on the device until its first token is read, then staging."""
+
+    num_tokens: int
+    num_blocks: int
+    pieces: list  # (real rows, uint8 [bucket, block_bytes] device array)
+    staged: staging.Staged | None = None
+
+
+@dataclasses.dataclass
 class _Pull:
     request: Request
     params: KVTransferParams
@@ -85,7 +96,7 @@ class Handoff:
         if self.role == "prefill":  # a role "both" engine opens its port when it first holds K/V
             self.server  # noqa: B018 - a port that cannot be bound fails the start
         self.holding: set[str] = set()  # prefill: requests to detach once every completion has its first token
-        self.gathering: dict[str, tuple[int, int, staging.Staged]] = {}  # prefill: (tokens, blocks, staged) by request
+        self.gathering: dict[str, _Gathered] = {}  # prefill: the gathered prompt K/V by request
         self.times: dict[str, list[float]] = {}  # phase -> [seconds, hand-offs]: where a hand-off's time goes
         self._times_lock = threading.Lock()
         if self.role != "both":  # a role "both" engine compiles its packed copies at its first hand-off
@@ -225,8 +236,8 @@ class Handoff:
 
     def _gather(self, seq) -> None:
         """Queue the device copy of the prompt's blocks (the whole prompt's K/V) right behind the step in flight, in
-        pieces of about one checksum chunk (a power of two: a gather bucket, no padding): a hand-off thread stages each
-        piece while the next is still crossing to the host."""
+        pieces of about one checksum chunk (a power of two: a gather bucket, no padding): a hand-off thread will stage
+        each piece while the next is still crossing to the host."""
         tokens = seq.num_prompt
         blocks = seq.block_table[: -(-tokens // self.engine.args.block_size)]
         if not blocks:
@@ -236,11 +247,18 @@ class Handoff:
         layout = self.engine.runner.kv_layout
         fit = staging.CHUNK // layout.block_bytes
         step = max(self.engine.runner.copier.sizes[0], 1 << max(0, fit.bit_length() - 1))
-        pieces = [p for i in range(0, len(blocks), step) for p in self.engine.runner.offload(blocks[i : i + step])]
-        staged = self.store.stage(pieces, layout)
-        staged.done.add_done_callback(self._staged)
-        self.gathering[seq.request_id] = (tokens, len(blocks), staged)
+        offload = self.engine.runner.offload
+        pieces = [p for i in range(0, len(blocks), step) for p in offload(blocks[i : i + step], download=False)]
+        self.gathering[seq.request_id] = _Gathered(tokens, len(blocks), pieces)
         trace["gather_queued"] = time.monotonic()
+
+    def _stage(self, gathered: _Gathered) -> staging.Staged:
+        """The host copies of the gathered rows, started and staged on a hand-off thread."""
+        gathered.staged = self.store.stage(gathered.pieces, self.engine.runner.kv_layout,
+                                           self.engine.runner.copier.download)  # fmt: skip
+        gathered.pieces = []
+        gathered.staged.done.add_done_callback(self._staged)
+        return gathered.staged
 
     def _staged(self, future) -> None:
         if future.exception() is None:
@@ -250,8 +268,8 @@ class Handoff:
 
     def _unstage(self, rid: str) -> None:
         gathered = self.gathering.pop(rid, None)
-        if gathered is not None:
-            gathered[2].release()
+        if gathered is not None and gathered.staged is not None:
+            gathered.staged.release()
 
     def _detach(self, request: Request) -> RequestDelta:
         closing = _closing(request, "length")
@@ -261,9 +279,10 @@ class Handoff:
         gathered = self.gathering.pop(rid, None)
         if gathered is None:
             return closing  # a one-token prompt: nothing worth handing over
-        tokens, num_blocks, staged = gathered
-        self.store.put(rid, staging.Held(self.engine.runner.kv_layout, num_blocks, tokens, list(request.prompt_ids),
-                                         time.monotonic() + self.timeout, staged))  # fmt: skip
+        num_blocks = gathered.num_blocks
+        self.store.put(rid, staging.Held(self.engine.runner.kv_layout, num_blocks, gathered.num_tokens,
+                                         list(request.prompt_ids), time.monotonic() + self.timeout,
+                                         self._stage(gathered)))  # fmt: skip
         closing.kv_transfer_params = KVTransferParams(do_remote_prefill=True, remote_engine_id=self.engine_id,
                                   remote_request_id=rid, remote_block_ids=list(range(num_blocks)),
                                   remote_host=self.server.host, remote_port=self.server.port,

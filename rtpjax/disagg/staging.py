@@ -147,9 +147,10 @@ class Staged:
         self.done.add_done_callback(back)
 
 
-def stage(staged: Staged, pieces) -> None:
+def stage(staged: Staged, pieces, download=None) -> None:
     """Stage gathered pieces ((real rows, array [>= real, block_bytes]) in order, whose host copies may still be on
-    their way): each chunk is copied into the file and checksummed by a pool thread as soon as its rows are here."""
+    their way, or are started here by `download`): each chunk is copied into the file and checksummed by a pool thread
+    as soon as its rows are here."""
     try:
         path, payload = staged.arena.lease(staged.size)
     except BaseException as e:
@@ -181,6 +182,8 @@ def stage(staged: Staged, pieces) -> None:
             staged.sums[i].set_exception(e)
 
     try:
+        if download is not None:
+            pieces = [(real, download(array)) for real, array in pieces]
         for real, array in pieces:
             t = time.perf_counter()
             host = np.asarray(array)[:real].reshape(-1)  # this piece's host copy (later ones keep coming meanwhile)
@@ -223,10 +226,10 @@ class HeldStore:
     def __len__(self) -> int:
         return len(self._held)
 
-    def stage(self, pieces, layout: KVLayout) -> Staged:
-        """Start staging gathered pieces on a hand-off thread."""
+    def stage(self, pieces, layout: KVLayout, download=None) -> Staged:
+        """Start staging gathered pieces on a hand-off thread (`download` starts each piece's host copy there)."""
         staged = Staged(sum(real for real, _ in pieces) * layout.block_bytes, layout.block_bytes, self.arena)
-        _STAGER.submit(stage, staged, pieces)
+        _STAGER.submit(stage, staged, pieces, download)
         return staged
 
     def put(self, transfer_id: str, held: Held) -> None:

@@ -140,7 +140,7 @@ class BlockCopier:
         self._gather = jax.jit(lambda c, ids: gather(c, ids, copies=copies))
         self._write = jax.jit(lambda c, ids, parts: write(c, ids, parts, copies=copies), donate_argnums=(0,),
                               out_shardings=shardings)  # fmt: skip
-        # rows whole on every device of the cache, so any one device's copy is all of them (`_down`)
+        # rows whole on every device of the cache, so any one device's copy is all of them (`download`)
         self._gather_packed = jax.jit(lambda c, ids: pack(gather(c, ids, copies=copies)), out_shardings=self._rows_at)
         self._write_packed = jax.jit(
             lambda c, ids, rows: write(c, ids, unpack(jnp.stack(rows), layout), copies=copies),
@@ -232,19 +232,19 @@ class BlockCopier:
             cache = self._compiled.get(("write", bucket), self._write)(cache, ids, parts)
         return cache
 
-    def gather_packed(self, cache, blocks: list[int]) -> list[tuple[int, jax.Array]]:
-        """Queue copies of `blocks` as packed rows, already on their way to the host: (real count, uint8 [bucket,
-        block_bytes] array) per piece. Returns at once; dispatched before any later write of those blocks, it reads
-        their contents as of now."""
+    def gather_packed(self, cache, blocks: list[int], download: bool = True) -> list[tuple[int, jax.Array]]:
+        """Queue copies of `blocks` as packed rows, already on their way to the host (`download`; else still on the
+        device, for `download` later): (real count, uint8 [bucket, block_bytes] array) per piece. Returns at once;
+        dispatched before any later write of those blocks, it reads their contents as of now."""
         pieces = []
         for start, real, bucket in self._pieces(len(blocks)):
             ids = np.zeros(bucket, np.int32)
             ids[:real] = blocks[start : start + real]
             rows = self._compiled.get(("gather_packed", bucket), self._gather_packed)(cache, ids)
-            pieces.append((real, self._down(rows)))
+            pieces.append((real, self.download(rows) if download else rows))
         return pieces
 
-    def _down(self, rows: jax.Array) -> jax.Array:
+    def download(self, rows: jax.Array) -> jax.Array:
         """Start the copy of gathered rows to the host: into pinned host memory by DMA (one device's copy of them:
         `_gather_packed` replicates them), else into pageable memory. np.asarray of the result waits for it."""
         one = rows.addressable_shards[0].data if len(rows.sharding.device_set) > 1 else rows

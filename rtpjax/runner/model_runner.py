@@ -498,10 +498,11 @@ class ModelRunner:
             else:
                 self.cache = self.copier.write(self.cache, load.blocks, load.kv, load.rows)
 
-    def offload(self, blocks: list[int]) -> list:
-        """Queue packed copies of cache blocks to the host (KV tiers): they read the blocks as of every step launched
-        so far and before anything launched later (a load, a step) writes them."""
-        return self.copier.gather_packed(self.cache, blocks)
+    def offload(self, blocks: list[int], download: bool = True) -> list:
+        """Queue packed copies of cache blocks to the host (KV tiers; P/D hand-offs start the host copy later): they
+        read the blocks as of every step launched so far and before anything launched later (a load, a step) writes
+        them."""
+        return self.copier.gather_packed(self.cache, blocks, download)
 
     def gather_blocks(self, blocks: list[int]) -> KVBlocks:
         """The contents of cache blocks on the host, after every step already launched has written them."""
