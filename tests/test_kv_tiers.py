@@ -173,17 +173,22 @@ def first_run(stories_dir, compile_cache, disk_path, reference):
     llm = tier_llm(stories_dir, compile_cache, disk_path)
     compiles = CompileCounter.count
     runs = [tokens(llm, GREEDY)]
-    before = tier_stats(llm)["host"]
+    before, computed = tier_stats(llm)["host"], llm.engine.stats().total_tokens
     runs += [tokens(llm, GREEDY), tokens(llm, SEEDED)]
-    yield llm, runs, before, CompileCounter.count - compiles
+    yield llm, runs, before, CompileCounter.count - compiles, llm.engine.stats().total_tokens - computed
     llm.engine.close()  # the device's blocks go down to disk too
 
 
 def test_host_tier_serves_a_working_set_4x_the_device(first_run, reference):
-    llm, runs, before, compiles = first_run
+    llm, runs, before, compiles, computed = first_run
     assert runs == [reference[None], reference[None], reference[7]]
     host = tier_stats(llm)["host"]
-    assert host.queries - before.queries == 2 * SHAREABLE and host.hits - before.hits == 2 * SHAREABLE, \
+    # Every shareable token came from a cache: the model ran only each prompt's last partial block and its decode
+    # inputs. Most came from the host tier; a prompt whose blocks were still on the device is admitted while the
+    # others' blocks move up, so it takes them from there.
+    tails = sum(len(p) % 16 + len(t) - 1 for run in runs[1:] for p, t in zip(PROMPTS, run))
+    assert computed == tails, f"{computed - tails} shareable tokens were recomputed"
+    assert host.hits - before.hits >= SHAREABLE and host.queries - before.queries == host.hits - before.hits, \
         "a repeated prefix missed the host tier"  # fmt: skip
     assert host.bytes_written > 0 and host.errors == 0
     assert compiles == 0, "KV tiers compiled something after warm-up"
@@ -248,10 +253,12 @@ def test_tensor_parallel_offloads_and_loads(stories_dir, compile_cache, referenc
     llm = LLM(str(stories_dir), compilation_cache_dir=compile_cache, tensor_parallel_size=2, **args)
     assert len(llm.engine.runner.cache[0][0].sharding.device_set) == 2
     first = tokens(llm, GREEDY)
-    before = tier_stats(llm)["host"]
+    before, computed = tier_stats(llm)["host"], llm.engine.stats().total_tokens
     assert [first, tokens(llm, GREEDY)] == [reference[None]] * 2
     host = tier_stats(llm)["host"]
-    assert host.hits - before.hits == SHAREABLE, "a repeated prefix missed the host tier"
+    tails = sum(len(p) % 16 + len(t) - 1 for p, t in zip(PROMPTS, first))
+    assert llm.engine.stats().total_tokens - computed == tails, "shareable tokens were recomputed"
+    assert host.hits - before.hits >= SHAREABLE // 2, "a repeated prefix missed the host tier"
     e = llm.engine
     assert e.pool.num_free == e.pool.num_blocks and not any(e.tiers.host.leases)
 

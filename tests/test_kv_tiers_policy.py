@@ -102,15 +102,20 @@ def test_a_failed_admission_is_not_counted_as_a_tier_hit():
         tiers.host.put(h, _row(i))
     seq = Sequence("r", 0, prompt, SamplingParams(max_tokens=4), seed=0, max_tokens=4)
     sched.add(seq)
+    fetch = None
     for _ in range(3):
         schedule = sched.schedule()
         assert not schedule.items and not schedule.loads
         assert tiers.counters["host"].queries == 0 and tiers.counters["host"].hits == 0, "a failed try was counted"
-        assert not any(tiers.host.leases) and pool.num_free == 3
+        # it keeps its fetched rows while it waits for device blocks (not fetched, nor leased, again each round)
+        assert fetch in (None, seq.tier_fetch) and sum(tiers.host.leases) == 3 and pool.num_free == 3
+        fetch = seq.tier_fetch
     pool.release(held)
     schedule = sched.schedule()
     assert [item.seq for item in schedule.items] == [seq] and len(schedule.loads[0].blocks) == 3
     assert tiers.counters["host"].queries == 48 and tiers.counters["host"].hits == 48
+    tiers.release(schedule.loads[0].kv)
+    assert not any(tiers.host.leases)
     tiers.close()
 
 

@@ -1,11 +1,16 @@
 """KV tiers and their copies: a block still on its way down is waited for, not recomputed (the writer fills the row
 a fetch reserved for it), and one that never lands fails the fetch's run; the write-down reads the gathered pieces in
-place."""
+place; fetched rows reach the device before their sequence is admitted, so a slow onload never holds other requests'
+steps."""
 
 import threading
+import time
 
 import numpy as np
+from conftest import ENGINE_ARGS
 
+from rtpjax import LLM, SamplingParams
+from rtpjax.kv.block_pool import prefix_hashes
 from rtpjax.kv.host_blocks import KVLayout
 from rtpjax.kv.tiers.host import HostTier
 from rtpjax.kv.tiers.manager import KVTiers
@@ -91,3 +96,102 @@ def test_a_dropped_fetch_gives_back_rows_still_awaited():
     finally:
         gate.set()
         tiers.close()
+
+
+# -- onto the device before admission ----------------------------------------------------------------------------------
+
+
+class _Copier:
+    """Stages rows as one stacked piece once `gate` is set (a transfer in flight until then)."""
+
+    def __init__(self):
+        self.gate, self.staged = threading.Event(), []
+
+    def stage(self, rows, page_locked):
+        assert self.gate.wait(30)
+        self.staged.append(len(rows))
+        return [np.stack(rows)]
+
+    def unstage(self, pieces):
+        return [row for piece in pieces for row in piece]
+
+
+def _until(condition, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_fetched_rows_are_staged_on_the_device_within_a_bound():
+    tiers, copier = _tiers(), _Copier()
+    tiers.onload_to(copier, max_staged=4)
+    rows = np.random.default_rng(2).integers(0, 256, (6, LAYOUT.block_bytes), dtype=np.uint8)
+    hashes = [bytes([i]) * 16 for i in range(6)]
+    try:
+        for h, row in zip(hashes, rows):
+            tiers.host.put(h, row)
+        first = tiers.fetch(hashes[:3], 0)
+        assert first.ready and not first.admissible, "admissible before its rows reached the device"
+        second = tiers.fetch(hashes[3:], 0)  # 3 + 3 staged blocks > 4: held back
+        assert not tiers.poll(second) and not second.onloading and tiers.staged_blocks == 3
+        tiers.drop(first)  # while its transfer is in flight: its rows go back once it lands
+        copier.gate.set()
+        _until(lambda: sum(tiers.host.leases) == 3 and tiers.staged_blocks == 0)
+        _until(lambda: tiers.poll(second))
+        packed, lookup = tiers.take(second, 1, 2)
+        np.testing.assert_array_equal(np.stack(packed.rows), rows[4:6])
+        assert packed.lease is None and lookup.from_host == 2 and copier.staged == [3, 3]
+        assert not any(tiers.host.leases) and tiers.staged_blocks == 0, "staged rows kept host rows or the bound"
+    finally:
+        copier.gate.set()
+        tiers.close()
+
+
+SLOW = 1.0  # seconds one host-to-device transfer of the tier's rows takes in the test below
+
+
+def test_a_slow_onload_never_holds_other_requests_decode_steps(stories_dir, compile_cache, stories_llm, monkeypatch):
+    """B's prefix comes back from the host tier through a transfer made to take SLOW seconds: A keeps decoding, each
+    step far quicker than that transfer, while B waits "loading"; B then gives a fresh prefill's tokens."""
+    llm = LLM(str(stories_dir), compilation_cache_dir=compile_cache, num_gpu_blocks=16, kv_offloading_size=0.01,
+              **dict(ENGINE_ARGS, max_model_len=192))  # fmt: skip
+    e, rng = llm.engine, np.random.default_rng(11)
+    prompt_b, fillers = rng.integers(3, 512, 70).tolist(), [rng.integers(3, 512, 70).tolist() for _ in range(4)]
+    greedy = SamplingParams(max_tokens=4, temperature=0)
+    want = stories_llm.generate([prompt_b], greedy)[0].outputs[0].token_ids
+    llm.generate([prompt_b], greedy)
+    llm.generate(fillers, greedy)  # 20 blocks through a 16-block cache: B's go down to the host tier
+    e.tiers.flush()
+    below = prefix_hashes(prompt_b, 16)[:4]
+    assert all(h in e.tiers.host and h not in e.pool.cached for h in below), "B's blocks are not (only) below"
+    transfer = e.runner.copier._transfer
+
+    def slow(pieces, page_locked):
+        time.sleep(SLOW)
+        return transfer(pieces, page_locked)
+
+    monkeypatch.setattr(e.runner.copier, "_transfer", slow)
+    hits = e.tiers.counters["host"].hits
+    e.add_request(rng.integers(3, 512, 8).tolist(), SamplingParams(max_tokens=100, temperature=0, ignore_eos=True), "a")
+    a_tokens, out_b, steps, decoded_while_loading = 0, None, [], 0
+    while a_tokens < 2:
+        a_tokens = max([len(o.outputs[0].token_ids) for o in e.step() if o.request_id == "a"] + [a_tokens])
+    e.add_request(prompt_b, greedy, "b")
+    deadline = time.monotonic() + 60
+    while e.has_work():
+        assert time.monotonic() < deadline, "the requests did not finish"
+        loading, began = e.scheduler.loading(), time.perf_counter()
+        outs = {o.request_id: o for o in e.step()}
+        steps.append(time.perf_counter() - began)
+        if "a" in outs:
+            now = len(outs["a"].outputs[0].token_ids)
+            decoded_while_loading += (now - a_tokens) * bool(loading)
+            a_tokens = now
+        out_b = outs.get("b", out_b)
+    assert out_b.outputs[0].token_ids == want
+    assert e.tiers.counters["host"].hits - hits == 4 * 16, "B's prefix was not loaded from the host tier"
+    assert decoded_while_loading >= 5, f"A decoded {decoded_while_loading} tokens while B's blocks were loading"
+    assert max(steps) < SLOW / 2, f"a step took {max(steps):.2f} s: it waited for B's onload"
+    assert e.pool.num_free == e.pool.num_blocks and not any(e.tiers.host.leases) and e.tiers.staged_blocks == 0
+    e.close()

@@ -200,6 +200,7 @@ class LLMEngine:
         if self.tiers is not None:
             self.pool.on_evict = self.tiers.write_down
             self.scheduler.tiers = self.tiers
+            self.tiers.onload_to(self.runner.copier, self.runner.max_blocks)  # loads reach the device before admission
         t0, misses = time.monotonic(), CompileCounter.count
         shapes = self.runner.warmup(progress=args.progress) if args.warmup else 0  # else each shape at first use
         if self.tiers is not None:

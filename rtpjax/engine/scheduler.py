@@ -11,7 +11,9 @@ A sequence whose K/V arrives from elsewhere (HostKV: an adopted request) is admi
 counting as computed: the schedule lists them as block loads, which the runner writes before the step runs.
 
 With KV tiers (kv/tiers), a waiting sequence whose prefix continues below the device first waits "loading" (skipped,
-others admitted past it) until those blocks are in host memory; it is then admitted with them as block loads too.
+others admitted past it) until those blocks have arrived on the device (staged outside the cache, off the engine's
+thread); it is then admitted with them as block loads too (device-to-device writes: the step waits for no transfer).
+While it waits for free blocks after that, it keeps them.
 
 Speculation: a decoding sequence whose tokens are all known may be given drafts (proposed tokens) to run after its
 last token, so the step computes K/V and logits at each of them; `accept` then moves its progress (and blocks) back
@@ -24,7 +26,7 @@ import bisect
 import dataclasses
 import time
 
-from rtpjax.kv.block_pool import BlockPool, block_hash, prefix_hashes
+from rtpjax.kv.block_pool import BlockPool, block_hash
 from rtpjax.kv.host_blocks import BlockLoad
 from rtpjax.engine.sequence import PENDING, Sequence, Status
 
@@ -196,8 +198,7 @@ class Scheduler:
             shared = parent.block_table[: min(max_shared, (parent.num_prompt - 1) // self.block_size)]
         else:
             seq.fork_parent = None
-            hashes = prefix_hashes(seq.token_ids, self.block_size, seq.extra_key)
-            seq.block_hashes = hashes
+            hashes = self._hashes(seq)
             shared = self.pool.lookup(hashes, len(seq.token_ids))[:max_shared]
             self.pool.count_hit(len(shared) * self.block_size)
         self.pool.share(shared)
@@ -205,7 +206,7 @@ class Scheduler:
         seq.num_computed = len(shared) * self.block_size
         seq.num_registered_blocks = len(shared) if seq.fork_parent is None else 0  # cache hits are published
         load = self._take_host_blocks(seq) if seq.host_kv is not None else None
-        tier_ok, tier_load, lookup = (self._take_tier_blocks(seq, max_shared) if seq.tier_fetch is not None
+        tier_ok, tier_load, lookup = (self._take_tier_blocks(seq, max_shared, budget) if seq.tier_fetch is not None
                                       else (True, None, None))  # fmt: skip
         loaded = len(seq.block_table)
         first_chunk = min(len(seq.token_ids) - seq.num_computed, budget)
@@ -251,7 +252,7 @@ class Scheduler:
         flight (nothing below, or every block in host memory)."""
         if seq.fork_parent is not None or seq.host_kv is not None:
             return True
-        hashes = prefix_hashes(seq.token_ids, self.block_size, seq.extra_key)
+        hashes = self._hashes(seq)
         max_shared = (len(seq.token_ids) - 1) // self.block_size
         on_device = len(self.pool.lookup(hashes, 0)[:max_shared])
         fetch = seq.tier_fetch
@@ -260,27 +261,39 @@ class Scheduler:
             fetch = None
         if fetch is None:
             fetch = seq.tier_fetch = self.tiers.fetch(hashes[on_device:max_shared], on_device, seq.preempted)
-        return fetch is None or fetch.ready
+        return fetch is None or self.tiers.poll(fetch)
+
+    def _hashes(self, seq: Sequence) -> list[bytes]:
+        """The hash chain over the sequence's full blocks: the one it carries, extended by blocks completed since (a
+        waiting sequence asks every round; its known tokens only grow)."""
+        hashes, ids, size = seq.block_hashes, seq.token_ids, self.block_size
+        full = len(ids) // size
+        del hashes[full:]
+        for b in range(len(hashes), full):
+            hashes.append(block_hash(hashes[-1] if hashes else None, ids[b * size : (b + 1) * size], seq.extra_key))
+        return hashes
 
     def loading(self) -> int:
         """Waiting sequences whose blocks are still coming up from a KV tier."""
-        return sum(s.tier_fetch is not None and not s.tier_fetch.ready for s in self.waiting)
+        return sum(s.tier_fetch is not None and not s.tier_fetch.admissible for s in self.waiting)
 
     def _drop_fetch(self, seq: Sequence) -> None:
         if seq.tier_fetch is not None:
             self.tiers.drop(seq.tier_fetch)
             seq.tier_fetch = None
 
-    def _take_tier_blocks(self, seq: Sequence, max_shared: int):
+    def _take_tier_blocks(self, seq: Sequence, max_shared: int, budget: int):
         """(ok, load, lookup): fresh blocks for the fetched blocks that follow the device's share, and what was looked
-        up below; (False, None, None) if the pool lacks them (the fetch is kept for the next try). They are published
-        and counted only once the sequence is admitted."""
+        up below; (False, None, None) if the pool lacks them and the first chunk's blocks (the fetch, staged or not, is
+        kept for the next try). They are published and counted only once the sequence is admitted."""
         fetch, have = seq.tier_fetch, len(seq.block_table)
         skip = have - fetch.start
         n = max(0, min(fetch.valid - skip, max_shared - have)) if skip >= 0 else 0
-        fresh = self.pool.allocate(n) if n else []
-        if fresh is None:
+        computed = (have + n) * self.block_size
+        first_chunk = min(len(seq.token_ids) - computed, budget)
+        if -(-(computed + first_chunk) // self.block_size) - have > self.pool.num_free:
             return False, None, None
+        fresh = self.pool.allocate(n) if n else []
         seq.tier_fetch = None
         packed, lookup = self.tiers.take(fetch, max(skip, 0), n)
         if packed is None:

@@ -12,6 +12,8 @@ Host copies go through page-locked memory where the backend has JAX's "pinned_ho
 leave the device by `device_put` into pinned host memory (a DMA on a transfer stream, not the step's queue; the engine
 thread only dispatches it), and host rows reach the device in runs of consecutive rows, one transfer per power-of-two
 piece (pageable rows staged once into pinned memory, page-locked ones read directly), split into rows on the device.
+A KV tier stages its rows this way on its own thread (`stage`, waiting for the transfer there), so the write before a
+step reads rows already on the device and the step never waits for a host-to-device copy.
 Without pinned_host (logged once) the same calls copy through pageable memory.
 """
 
@@ -277,27 +279,50 @@ class BlockCopier:
     def _up(self, rows: list, page_locked: bool) -> list[jax.Array]:
         """Host rows as rows on the cache's devices (rows already there stay): each run of back-to-back host rows
         crosses in power-of-two pieces, one transfer each, split into rows on the device."""
+        rows = self._checked(rows)
+        out, moved = list(rows), [i for i, row in enumerate(rows) if not isinstance(row, np.ndarray)]
+        if moved:
+            for i, row in zip(moved, jax.device_put([rows[i] for i in moved], self._rows_at)):
+                out[i] = row
+        starts, pieces = self._host_pieces(rows)
+        for start, piece in zip(starts, self._transfer(pieces, page_locked) if pieces else []):
+            out[start : start + piece.shape[0]] = self.unstage([piece])
+        return out
+
+    def stage(self, rows: list[np.ndarray], page_locked: bool = False) -> list[jax.Array]:
+        """Host rows on the cache's devices as power-of-two pieces [n, block_bytes] (in order), returned once they
+        have arrived: a KV tier calls this off the engine's thread, so no step (nor a write before one) waits for the
+        transfer. The pieces never alias `rows`."""
+        rows = self._checked(rows)
+        if not all(isinstance(row, np.ndarray) for row in rows):
+            raise ValueError("stage takes host rows (numpy arrays) only")
+        pieces = self._transfer(self._host_pieces(rows)[1], page_locked) if rows else []
+        jax.block_until_ready(pieces)
+        return pieces
+
+    def unstage(self, pieces: list[jax.Array]) -> list[jax.Array]:
+        """Staged pieces as rows, as write_packed takes them (split on the device, compiled at warm-up)."""
+        return [row for piece in pieces for row in self._compiled.get(("split", piece.shape[0]), self._split)(piece)]
+
+    def _checked(self, rows: list) -> list:
         bb = self.layout.block_bytes
         for row in rows:
             if isinstance(row, np.ndarray) and (row.dtype != np.uint8 or row.shape != (bb,)):
                 raise ValueError(f"a packed host row must be uint8 [{bb}], got {row.dtype} {list(row.shape)}")
-        rows = [np.ascontiguousarray(r) if isinstance(r, np.ndarray) else r for r in rows]
-        out, starts, pieces, moved = list(rows), [], [], []
+        return [np.ascontiguousarray(r) if isinstance(r, np.ndarray) else r for r in rows]
+
+    def _host_pieces(self, rows: list) -> tuple[list[int], list[np.ndarray]]:
+        """(index of its first row, view) of each power-of-two piece of each run of back-to-back host rows."""
+        starts, pieces = [], []
         for start, count in runs(rows):
             if not isinstance(rows[start], np.ndarray):
-                moved += range(start, start + count)
                 continue
             size = rows[start].size
             for n in powers(count, self.piece):
                 starts.append(start)
                 pieces.append(np.lib.stride_tricks.as_strided(rows[start], (n, size), (size, 1), writeable=False))
                 start += n
-        if moved:
-            for i, row in zip(moved, jax.device_put([rows[i] for i in moved], self._rows_at)):
-                out[i] = row
-        for start, piece in zip(starts, self._transfer(pieces, page_locked) if pieces else []):
-            out[start : start + piece.shape[0]] = self._compiled.get(("split", piece.shape[0]), self._split)(piece)
-        return out
+        return starts, pieces
 
     def _transfer(self, pieces: list[np.ndarray], page_locked: bool) -> list[jax.Array]:
         """Host pieces on the cache's devices; pageable ones through pinned memory where the backend has it (one host

@@ -11,10 +11,13 @@ holds the engine's thread or piles up host memory.
 Up: for a waiting sequence whose prefix continues below the device, `fetch` leases the host rows that hold it, starts
 reader threads on those only on disk (into leased host rows), and has the writer fill leased rows for blocks still on
 their way down (their device copies may be gone already: waiting beats recomputing). The sequence waits ("loading")
-while other requests run; once every row is in, the scheduler admits it with its rows as a block load written before
-its first step, and the rows are given back once that step has run. Whether a hit is worth loading is `should_load`:
-the policy, and measured costs (Costs): the onload and disk bandwidths against the time the step takes to recompute as
-many tokens. Hits and queries are counted once per admission (`count`), never for a try that did not admit.
+while other requests run. Once every row is in host memory, an onload thread moves the intact run to the device
+(`onload_to`: the runner's copier; at most max_staged blocks staged at a time) and gives the host rows back; only
+when they have arrived does the scheduler admit the sequence, their device copies written into its blocks before its
+first step, so no step (a decode of other requests) waits for a host-to-device transfer. Without a copier (unit
+tests) the host rows themselves are the block load, given back once that step has run. Whether a hit is worth
+loading is `should_load`: the policy, and measured costs (Costs): the onload and disk bandwidths against the time the
+step takes to recompute as many tokens. Hits and queries are counted once per admission (`count`), never for a try that did not admit.
 """
 
 from __future__ import annotations
@@ -76,10 +79,20 @@ class Fetch:
     from_disk: list[bool]
     ok: list[bool | None]  # None: a read in flight
     dropped: bool = False
+    onload: bool = False  # its rows go to the device before it is admitted (KVTiers.onload_to)
+    onloading: bool = False  # their transfer has started (staged_n blocks counted against max_staged)
+    staged: list | None = None  # device pieces of rows 0..staged_n once arrived
+    staged_n: int = 0
 
     @property
     def ready(self) -> bool:
+        """Every row is in host memory (or failed)."""
         return None not in self.ok
+
+    @property
+    def admissible(self) -> bool:
+        """The sequence may be admitted: its rows are where the step's block load takes them from."""
+        return self.ready and (not self.onload or self.staged is not None)
 
     @property
     def valid(self) -> int:
@@ -127,6 +140,17 @@ class KVTiers:
         self._writer = threading.Thread(target=self._write_loop, name="rtpjax-kv-down", daemon=True)
         self._writer.start()
         self._readers = ThreadPoolExecutor(4, thread_name_prefix="rtpjax-kv-up")
+        self.copier = None  # BlockCopier: fetched rows are staged on the device before admission (onload_to)
+        self.max_staged = 0  # blocks staged on the device and not yet taken; one fetch may exceed it alone
+        self.staged_blocks = 0
+        self._onloader = ThreadPoolExecutor(1, thread_name_prefix="rtpjax-kv-onload")
+
+    def onload_to(self, copier, max_staged: int) -> None:
+        """Stage fetched rows on `copier`'s devices (its stage/unstage) before their sequence is admitted, at most
+        `max_staged` blocks at a time (device memory outside the cache)."""
+        if max_staged < 1:
+            raise ValueError(f"max_staged must be >= 1 block, got {max_staged}")
+        self.copier, self.max_staged = copier, max_staged
 
     @property
     def tiers(self) -> list:
@@ -214,6 +238,7 @@ class KVTiers:
                 fetch.ok[i] = row is not None
                 if fetch.dropped:
                     self.host.release(fetch.slots[i])
+            self._settle(fetch)
 
     def drain(self, blocks: list[tuple[int, bytes]], gather_packed) -> None:
         """Write (device block, hash) pairs down and wait, max_pending at a time so none is dropped (a clean stop:
@@ -239,7 +264,7 @@ class KVTiers:
         loading them does not pay (policy)."""
         if self.policy == "recompute" and preempted:
             return None  # (should_load's answer, without leasing anything)
-        fetch, awaits = Fetch(start, [], [], [], []), []
+        fetch, awaits = Fetch(start, [], [], [], [], onload=self.copier is not None), []
         for h in hashes:
             slot, ok = self.host.lease(h), True
             on_disk = slot is None and self.disk is not None and h in self.disk
@@ -272,6 +297,7 @@ class KVTiers:
                     self.awaited.setdefault(fetch.hashes[i], []).append((fetch, i))
                     continue
             self._landed_late(fetch, i)
+        self._settle(fetch)
         return fetch
 
     def _landed_late(self, fetch: Fetch, i: int) -> None:
@@ -284,6 +310,7 @@ class KVTiers:
             fetch.ok[i] = slot is not None
             if fetch.dropped:
                 self.host.release(fetch.slots[i])
+        self._settle(fetch)
 
     def _read(self, fetch: Fetch, i: int) -> None:
         h, slot, began = fetch.hashes[i], fetch.slots[i], time.perf_counter()
@@ -302,22 +329,85 @@ class KVTiers:
             fetch.ok[i] = ok
             if fetch.dropped:
                 self.host.release(slot)
+        self._settle(fetch)
+
+    # -- onto the device --------------------------------------------------------------------------------------------
+
+    def poll(self, fetch: Fetch) -> bool:
+        """Whether the fetch's sequence may be admitted now (the engine's thread asks each round); starts a staging
+        that max_staged held back."""
+        self._settle(fetch)
+        return fetch.admissible
+
+    def _settle(self, fetch: Fetch) -> None:
+        """Once every row of the fetch is in host memory, start moving its intact run to the device (within
+        max_staged, unless nothing else is staged)."""
+        with self.lock:
+            if not fetch.onload or fetch.onloading or fetch.dropped or not fetch.ready:
+                return
+            n = fetch.valid
+            if n and self.staged_blocks and self.staged_blocks + n > self.max_staged:
+                return  # poll starts it once staged blocks are taken
+            fetch.onloading, fetch.staged_n = True, n
+            self.staged_blocks += n
+        if n:
+            self._onloader.submit(self._onload, fetch, n)
+        else:
+            self._onloaded(fetch, [])
+
+    def _onload(self, fetch: Fetch, n: int) -> None:
+        """The onload thread: rows 0..n of the fetch onto the device, waited for here (not by a step)."""
+        try:
+            staged = self.copier.stage([self.host.buf[s] for s in fetch.slots[:n]], self.host.unpin is not None)
+        except Exception:  # noqa: BLE001 - the blocks are recomputed instead
+            log.exception("KV tiers: moving %d blocks to the device failed; they are recomputed", n)
+            with self.lock:
+                fetch.ok = [False] * len(fetch.ok)
+            staged = []
+        self._onloaded(fetch, staged)
+
+    def _onloaded(self, fetch: Fetch, staged: list) -> None:
+        """The staged copies are on the device: the host rows go back (the copies never alias them)."""
+        with self.lock:
+            for slot in fetch.slots:
+                self.host.release(slot)
+            fetch.slots = []
+            if fetch.dropped:
+                self._unstage(fetch)
+            else:
+                fetch.staged = staged
+
+    def _unstage(self, fetch: Fetch) -> None:
+        """(under self.lock) The fetch's staged blocks no longer count against max_staged."""
+        self.staged_blocks -= fetch.staged_n
+        fetch.staged_n = 0
 
     def drop(self, fetch: Fetch) -> None:
-        """Give back every row of a fetch that will not be loaded (rows still being read: once read)."""
+        """Give back every row of a fetch that will not be loaded (rows still being read or staged: once done) and
+        its staged copies."""
         with self.lock:
             fetch.dropped = True
+            if fetch.onloading:
+                if fetch.staged is not None:  # staged already (else _onloaded gives back the rest)
+                    fetch.staged = None
+                    self._unstage(fetch)
+                return
             for slot, ok in zip(fetch.slots, fetch.ok):
                 if ok is not None:
                     self.host.release(slot)
 
     def take(self, fetch: Fetch, skip: int, limit: int) -> tuple[PackedBlocks | None, Lookup]:
-        """Rows skip..skip+n of a ready fetch (n <= limit: its intact run) and what was looked up and found (for
-        `count`, once the sequence is admitted); the rest is given back."""
+        """Rows skip..skip+n of an admissible fetch (n <= limit: its intact run; staged: their device copies) and what
+        was looked up and found (for `count`, once the sequence is admitted); the rest is given back."""
         n = max(0, min(fetch.valid - skip, limit))
         used = range(skip, skip + n)
         from_disk = sum(fetch.from_disk[i] for i in used)
         lookup = Lookup(len(fetch.hashes) - skip, n - from_disk, from_disk)
+        if fetch.staged is not None:  # on the device already: split into rows, no transfer left for the step
+            with self.lock:
+                self._unstage(fetch)
+            staged, fetch.staged = fetch.staged, None
+            return (PackedBlocks(self.layout, self.copier.unstage(staged)[skip : skip + n]) if n else None), lookup
         for i, slot in enumerate(fetch.slots):
             if i not in used:
                 self.host.release(slot)
@@ -370,3 +460,4 @@ class KVTiers:
         self._jobs.put(None)
         self._writer.join(timeout=20)
         self._readers.shutdown(wait=True)
+        self._onloader.shutdown(wait=True)
