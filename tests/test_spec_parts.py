@@ -11,7 +11,7 @@ from rtpjax.runner.verify import VerifyInputs
 from rtpjax.runner.verify import verify as _verify
 from rtpjax.sampling_params import MAX_STOP_TOKEN_IDS
 from rtpjax.spec.config import SpeculativeConfig
-from rtpjax.spec.ngram import lookup
+from rtpjax.spec.ngram import NgramProposer, lookup
 
 V = 8
 verify = jax.jit(_verify, static_argnums=(3,))
@@ -107,6 +107,47 @@ def test_prompt_lookup():
     assert lookup(np.array([1, 2, 3, 4], np.int32), 3, 2, 4) == []
     assert lookup(np.array([4, 1, 4], np.int32), 3, 1, 4) == [1, 4]
     assert lookup(np.array([4], np.int32), 3, 1, 4) == []
+
+
+def lookup_by_definition(ids: list[int], k: int, n_min: int, n_max: int) -> list[int]:
+    """Prompt lookup as the docs say it, in plain Python: for n from the longest down, the tokens after the latest
+    earlier occurrence of the last n tokens."""
+    for n in range(min(n_max, len(ids) - 1), n_min - 1, -1):
+        for start in range(len(ids) - n - 1, -1, -1):
+            if ids[start : start + n] == ids[len(ids) - n :]:
+                return ids[start + n : start + n + k]
+    return []
+
+
+def test_prompt_lookup_matches_its_definition():
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        ids = rng.integers(0, int(rng.integers(2, 8)), int(rng.integers(1, 50))).tolist()
+        k, n_min = int(rng.integers(1, 6)), int(rng.integers(1, 4))
+        n_max = int(rng.integers(n_min, 6))
+        assert lookup(np.array(ids, np.int32), k, n_min, n_max) == lookup_by_definition(ids, k, n_min, n_max), ids
+
+
+class FakeSeq:
+    def __init__(self, ids):
+        self.token_ids = ids
+
+
+def test_ngram_history_follows_the_token_list():
+    """The proposer's incremental copy of a sequence's tokens equals the list as it grows past its buffer, as its
+    tail is cut and regrown (a finished sequence's trim) and when the list is replaced."""
+    rng = np.random.default_rng(1)
+    proposer, seq = NgramProposer(2, 4), FakeSeq([])
+    for _ in range(300):
+        if rng.random() < 0.1 and seq.token_ids:
+            del seq.token_ids[int(rng.integers(0, len(seq.token_ids))) :]
+        elif rng.random() < 0.05:
+            seq.token_ids = rng.integers(0, 9, len(seq.token_ids) + int(rng.integers(1, 40))).tolist()
+        else:
+            seq.token_ids += rng.integers(0, 9, int(rng.integers(1, 30))).tolist()
+        assert proposer.history(seq).tolist() == seq.token_ids
+        ids = seq.token_ids
+        assert proposer.propose([seq], [3]) == [lookup_by_definition(ids, 3, 2, 4)]
 
 
 @pytest.mark.parametrize("value, message", [

@@ -365,18 +365,16 @@ class LLMEngine:
         stats.busy_s += time.perf_counter() - began
         return outputs
 
-    def _read(self, schedule: Schedule, out) -> list[tuple]:
+    def _read(self, schedule: Schedule, out) -> tuple[list[tuple], object]:
         """Step N's tokens into its sequences (and rejected drafts rolled back), before anything schedules around
-        them; returns what `_emit` turns into outputs: (sequence, index of its first new token, the new tokens,
-        their logprobs, top ids, top logprobs) per sequence that sampled."""
+        them; returns what `_emit` turns into outputs: (sequence, index of its first new token, the new tokens, the
+        step's row of it) per sequence that sampled, and the step's outputs, whose logprobs `_emit` reads (with
+        speculation on, after the next step is launched: only the tokens stand between two steps)."""
         began, waiting = time.perf_counter(), time.monotonic()
         accepted = np.asarray(out.num_accepted)
-        tokens, logprob = np.asarray(out.tokens), np.asarray(out.logprob)
+        tokens = np.asarray(out.tokens)
         self.loop_stats.device_wait_s += time.perf_counter() - began
-        rows = len(tokens) // len(accepted)  # K+1 in a verify step, else 1
-        tokens, logprob = tokens.reshape(-1, rows), logprob.reshape(-1, rows)
-        top_ids = np.asarray(out.top_ids).reshape(len(accepted), rows, -1)
-        top_lp = np.asarray(out.top_logprobs).reshape(len(accepted), rows, -1)
+        tokens = tokens.reshape(len(accepted), -1)  # K+1 rows per sequence in a verify step, else 1
         read = []
         for i, item in enumerate(schedule.items):
             seq = item.seq
@@ -396,19 +394,25 @@ class LLMEngine:
                     seq.token_ids[index] = int(tokens[i, 0])
                 if index == seq.num_prompt and self.requests[seq.request_id].trace:  # a hand-off's first token
                     self.requests[seq.request_id].trace.setdefault("read_began", waiting)
-                read.append((seq, index, tokens[i, :n], logprob[i, :n], top_ids[i, :n], top_lp[i, :n]))
+                read.append((seq, index, tokens[i, :n], i))
             self.scheduler.register_full_blocks(seq)
-        return read
+        return read, out
 
-    def _emit(self, read: list[tuple], final_only: bool, as_deltas: bool) -> list:
+    def _emit(self, read: tuple[list[tuple], object], final_only: bool, as_deltas: bool) -> list:
         """Text, stops and outputs for the tokens `_read` placed (a stop drops the tokens after it)."""
+        entries, out = read
         now = time.monotonic()
         touched: dict[str, Request] = {}
-        for seq, index, tokens, logprob, top_ids, top_lp in read:
+        if entries:
+            rows = out.tokens.shape[0] // out.num_accepted.shape[0]  # K+1 in a verify step, else 1
+            logprob = np.asarray(out.logprob).reshape(-1, rows)
+            top_ids = np.asarray(out.top_ids).reshape(logprob.shape[0], rows, -1)
+            top_lp = np.asarray(out.top_logprobs).reshape(logprob.shape[0], rows, -1)
+        for seq, index, tokens, i in entries:
             for m in range(len(tokens)):
                 if seq.finished:
                     break
-                self._accept(seq, index + m, int(tokens[m]), float(logprob[m]), top_ids[m], top_lp[m], now)
+                self._accept(seq, index + m, int(tokens[m]), float(logprob[i, m]), top_ids[i, m], top_lp[i, m], now)
             touched[seq.request_id] = self.requests[seq.request_id]
         return [self._output(r, as_deltas) for r in touched.values() if not final_only or r.finished]
 
