@@ -31,6 +31,7 @@
 #   tiers   KV tiers: pinned/pageable H2D, packed vs per-layer onload, disk tier vs dd (tiers_bench.py); then
 #           multi_turn and prefix_repetition traffic whose working set is >= 4x the device KV (TIER_BLOCKS device
 #           blocks) with prefix caching off, device only, device + host + disk; then a restart with the disk tier
+#           (TIER_BW=0 skips the bandwidths; TIER_CONFIGS, TIER_DATASETS, TIER_PROMPTS, TIER_RESTART pick the runs)
 #   moe     Qwen3-30B-A3B-shaped random weights: the MoE block alone against its weight-bandwidth floor (grouped, dense,
 #           auto, pallas, and the grouped-matmul kernel swept over block sizes; MOE_BLOCK_FLAGS adds moe_block.py
 #           flags, e.g. "--pallas-blocks 64x128x4x3,128x128x8x4 --pallas-rows 16,32"), then offline decode
@@ -374,7 +375,7 @@ PY
     ;;
   tiers)
     config_only
-    timeout 300 python3 -m rtpjax.benchmarks.tiers_bench --blocks 512 --out "$OUT/tiers_bw.json"
+    [ "${TIER_BW:-1}" = 1 ] && timeout 300 python3 -m rtpjax.benchmarks.tiers_bench --blocks 512 --out "$OUT/tiers_bw.json"
     # 2048 device blocks of 16 tokens = 32k tokens; 64 conversations x 4 turns x (1024 + 128) tokens and 32 prefixes
     # of 4096 tokens are each >= 4x that.
     blocks=${TIER_BLOCKS:-2048}
