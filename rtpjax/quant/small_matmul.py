@@ -49,7 +49,7 @@ class Tiles:
 # The fastest tiles of `benchmarks/kernels/quant_bench.py`'s sweep on an H200 at an 8B model's shapes, 16 rows: the
 # one-byte formats run best with two warps on 32 channels (one 16-row tensor-core tile each), int4's unpacking with
 # four on 64.
-DEFAULT_TILES = {"fp8": Tiles(block_n=32, num_warps=2), "int8": Tiles(block_n=32, num_warps=2), "int4": Tiles()}
+DEFAULT_TILES = {"fp8": Tiles(), "int8": Tiles(), "int4": Tiles()}
 
 
 @dataclasses.dataclass(frozen=True)
