@@ -83,6 +83,21 @@ def test_cache_aware_prefers_the_cached_prefix_unless_the_queue_costs_more():
     assert (d.worker, d.reason) == (b, "balance")
 
 
+def test_cache_aware_under_load_keeps_a_long_prefix_where_it_is_cached():
+    """A slightly longer queue on the replica holding 1024 of the prompt's 1040 tokens beats prefilling them again
+    on one with requests of its own (each would wait for that prefill); with none there, TTFT alone decides."""
+    long = prefix_hashes(list(range(1024)), 16)
+    index = PrefixIndex()
+    index.apply("http://a", [stored(long)])
+    policy = Policy("cache_aware", index)
+    prompt = Prompt(1040, long)
+    holder = worker("http://a", unfinished=8, waiting_tokens=1100)  # 18 steps of the prior's 64 tokens to its turn
+    busy = worker("http://b", unfinished=6)  # 17 steps to prefill the whole prompt, 6 requests held up meanwhile
+    d = policy.choose(prompt, [holder, busy])
+    assert (d.worker, d.reason, d.cached_tokens) == (holder, "prefix", 1024)
+    assert policy.choose(prompt, [holder, worker("http://b")]).worker.url == "http://b"
+
+
 def test_round_robin_and_least_load():
     a, b = worker("http://a", unfinished=3), worker("http://b", unfinished=1)
     rr = Policy("round_robin")

@@ -2,7 +2,10 @@
 
 cache_aware predicts each healthy replica's time to first token for this prompt: its queued prompt tokens plus the
 prompt's blocks it does not hold (index.PrefixIndex, from the engines' events), costed by that replica's measured
-steps (cost.CostModel), and takes the quickest. The balance guard first sets aside replicas holding more than
+steps (cost.CostModel), and takes the one where that TTFT plus what the choice costs the others is least: the
+uncached tokens it must prefill delay each request the replica already holds by their prefill time, so under load a
+replica holding the prefix keeps it unless its queue costs more than the prefill another would impose (on an idle
+replica the term is zero and the choice is by TTFT alone). The balance guard first sets aside replicas holding more than
 `balance_rel` times the least loaded one's outstanding requests plus `balance_abs`, so one hot prefix cannot pile
 everything onto one replica while the others idle.
 """
@@ -66,13 +69,14 @@ class Policy:
         # kind of device), not by the prior: an idle replica must not look faster than a busy one for lack of data.
         peer = next((w.cost for w in workers if w.cost.calibrated), None)
 
-        def ttft(w: Worker) -> float:
+        def score(w: Worker) -> float:
             cost = w.cost if w.cost.calibrated or peer is None else peer
             new = prompt.num_tokens - matched[w.url] * self.block_size
-            return cost.ttft(w.queued_tokens(cost), new, w.load.get("num_running", 0),
+            ttft = cost.ttft(w.queued_tokens(cost), new, w.load.get("num_running", 0),
                              w.load.get("max_num_batched_tokens", 0))  # fmt: skip
+            return ttft + cost.b * new * w.outstanding()  # the delay its prefill adds to those already there
 
-        best = min(eligible, key=lambda w: (ttft(w), -matched[w.url], w.outstanding()))
+        best = min(eligible, key=lambda w: (score(w), -matched[w.url], w.outstanding()))
         longest = max(matched.values())
         if longest and matched[best.url] == longest:
             reason = "prefix"
