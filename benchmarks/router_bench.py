@@ -287,14 +287,15 @@ def overhead(args) -> dict:
             p.wait()
     p50 = lambda xs: statistics.median(xs) * 1e3  # noqa: E731
     p95 = lambda xs: sorted(xs)[int(0.95 * len(xs))] * 1e3  # noqa: E731
-    row = {"policy": args.policy, "rate": args.rate, "stream": args.stream, "requests": len(routed), "direct_p50_ms": p50(direct),
-           "routed_p50_ms": p50(routed), "direct_p95_ms": p95(direct), "routed_p95_ms": p95(routed),
-           "overhead_p50_ms": p50(routed) - p50(direct), "overhead_p95_ms": p95(routed) - p95(direct),
-           "router_cpu_ms_per_request": cpu * 1e3 / len(routed), "router_cpu_util": cpu / args.seconds}  # fmt: skip
-    print(f"{args.policy} {args.rate:.0f} req/s{' streamed' if args.stream else ''}: latency p50 direct {row['direct_p50_ms']:.2f} "
-          f"ms, through the router {row['routed_p50_ms']:.2f} ms (+{row['overhead_p50_ms']:.2f}); p95 "
-          f"{row['direct_p95_ms']:.2f} / {row['routed_p95_ms']:.2f} ms; router CPU "
-          f"{row['router_cpu_ms_per_request']:.2f} ms a request ({row['router_cpu_util']:.0%} of a core)")
+    row = {"policy": args.policy, "rate": args.rate, "stream": args.stream, "requests": len(routed),
+           "direct_p50_ms": p50(direct), "routed_p50_ms": p50(routed), "direct_p95_ms": p95(direct),
+           "routed_p95_ms": p95(routed), "overhead_p50_ms": p50(routed) - p50(direct),
+           "overhead_p95_ms": p95(routed) - p95(direct), "router_cpu_ms_per_request": cpu * 1e3 / len(routed),
+           "router_cpu_util": cpu / args.seconds}  # fmt: skip
+    print(f"{args.policy} {args.rate:.0f} req/s{' streamed' if args.stream else ''}: latency p50 direct "
+          f"{row['direct_p50_ms']:.2f} ms, through the router {row['routed_p50_ms']:.2f} ms "
+          f"(+{row['overhead_p50_ms']:.2f}); p95 {row['direct_p95_ms']:.2f} / {row['routed_p95_ms']:.2f} ms; "
+          f"router CPU {row['router_cpu_ms_per_request']:.2f} ms a request ({row['router_cpu_util']:.0%} of a core)")
     return row
 
 
