@@ -7,7 +7,7 @@ the router's CPU; and the router's own overhead per request.
         --tokenizer MODEL_DIR --routers round_robin sglang_cache_aware cache_aware --request-rates 8 32 \\
         --concurrencies 64 --num-prefixes 48 --out r.json
     # overhead: stub replicas that answer at once, requests at --rate for --seconds, direct and through the router
-    # (--stream: each answer an SSE stream of a few events)
+    # (--stream: each answer an SSE stream of a few events; --policy: the router's, cache_aware by default)
     python -m rtpjax.benchmarks.router_bench overhead --tokenizer MODEL_DIR --rate 200 --seconds 10 --out o.json
 
 Routers: `round_robin`, `least_load`, `cache_aware` (rtpjax router --policy ...) and `sglang_round_robin`,
@@ -32,6 +32,8 @@ import sys
 import time
 
 import httpx
+
+from rtpjax.router.policy import POLICIES
 
 WORKLOADS = ("prefix_repetition", "multi_turn")
 STUB_CHUNKS = 8  # SSE events in a stub replica's streamed answer
@@ -270,7 +272,7 @@ def overhead(args) -> dict:
                     time.sleep(0.1)
         prompt = "Once upon a time " * 128  # ~500 tokens to tokenize and hash
         direct = asyncio.run(drive(urls[0], args.rate, args.seconds, prompt, args.stream))
-        proc, url = start_router("cache_aware", urls, args.tokenizer)
+        proc, url = start_router(args.policy, urls, args.tokenizer)
         try:
             time.sleep(1)
             cpu0 = cpu_seconds(proc.pid)
@@ -285,14 +287,15 @@ def overhead(args) -> dict:
             p.wait()
     p50 = lambda xs: statistics.median(xs) * 1e3  # noqa: E731
     p95 = lambda xs: sorted(xs)[int(0.95 * len(xs))] * 1e3  # noqa: E731
-    row = {"rate": args.rate, "stream": args.stream, "requests": len(routed), "direct_p50_ms": p50(direct),
-           "routed_p50_ms": p50(routed), "direct_p95_ms": p95(direct), "routed_p95_ms": p95(routed),
-           "overhead_p50_ms": p50(routed) - p50(direct), "overhead_p95_ms": p95(routed) - p95(direct),
-           "router_cpu_ms_per_request": cpu * 1e3 / len(routed), "router_cpu_util": cpu / args.seconds}  # fmt: skip
-    print(f"{args.rate:.0f} req/s{' streamed' if args.stream else ''}: latency p50 direct {row['direct_p50_ms']:.2f} "
-          f"ms, through the router {row['routed_p50_ms']:.2f} ms (+{row['overhead_p50_ms']:.2f}); p95 "
-          f"{row['direct_p95_ms']:.2f} / {row['routed_p95_ms']:.2f} ms; router CPU "
-          f"{row['router_cpu_ms_per_request']:.2f} ms a request ({row['router_cpu_util']:.0%} of a core)")
+    row = {"policy": args.policy, "rate": args.rate, "stream": args.stream, "requests": len(routed),
+           "direct_p50_ms": p50(direct), "routed_p50_ms": p50(routed), "direct_p95_ms": p95(direct),
+           "routed_p95_ms": p95(routed), "overhead_p50_ms": p50(routed) - p50(direct),
+           "overhead_p95_ms": p95(routed) - p95(direct), "router_cpu_ms_per_request": cpu * 1e3 / len(routed),
+           "router_cpu_util": cpu / args.seconds}  # fmt: skip
+    print(f"{args.policy} {args.rate:.0f} req/s{' streamed' if args.stream else ''}: latency p50 direct "
+          f"{row['direct_p50_ms']:.2f} ms, through the router {row['routed_p50_ms']:.2f} ms "
+          f"(+{row['overhead_p50_ms']:.2f}); p95 {row['direct_p95_ms']:.2f} / {row['routed_p95_ms']:.2f} ms; "
+          f"router CPU {row['router_cpu_ms_per_request']:.2f} ms a request ({row['router_cpu_util']:.0%} of a core)")
     return row
 
 
@@ -321,6 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
     o.add_argument("--rate", type=float, default=200.0)
     o.add_argument("--seconds", type=float, default=10.0)
     o.add_argument("--stream", action="store_true", help=f"SSE answers of {STUB_CHUNKS} chunks and [DONE]")
+    o.add_argument("--policy", choices=POLICIES, default="cache_aware")
     for q in (c, o):
         q.add_argument("--out", default=None, help="write the results here as JSON")
     args = p.parse_args(argv)

@@ -131,9 +131,11 @@ def message_text(message: ChatMessage) -> str:
     return "".join(texts)
 
 
-def chat_token_ids(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool, model_name: str) -> list[int]:
+def chat_token_ids(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool, model_name: str,
+                   encode=None) -> list[int]:  # fmt: skip
     """A conversation's prompt token ids through the tokenizer's chat template: what the server runs, and what a
-    router hashes to find the replica holding its prefix."""
+    router hashes to find the replica holding its prefix. `encode`: the tokenizer's encode, or one that gives the
+    same ids (loading.tokenizer.fast_encoder)."""
     if not tokenizer.chat_template:
         raise APIError(400, f"the model {model_name!r} has no chat template; use /v1/completions", param="messages")
     plain = [{"role": m.role, "content": message_text(m)} for m in messages]
@@ -141,4 +143,4 @@ def chat_token_ids(tokenizer, messages: list[ChatMessage], add_generation_prompt
         text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as e:  # a template that rejects this conversation (roles out of order, ...)
         raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
-    return tokenizer.encode(text, add_special_tokens=False)
+    return (encode or tokenizer.encode)(text, add_special_tokens=False)

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from rtpjax.distributed.messages import AllBlocksCleared, BlockRemoved, BlockStored
-from rtpjax.kv.block_pool import BlockPool, prefix_hashes
+from rtpjax.kv.block_pool import BlockPool, block_hash, prefix_hashes
 from rtpjax.router.cost import PRIOR, CostModel
 from rtpjax.router.index import PrefixIndex
 from rtpjax.router.policy import Policy, Prompt
@@ -125,6 +125,35 @@ def test_block_pool_events_chain_blocks_and_report_evictions():
     pool.allocate(1)  # evicts the tail block first
     assert pool.drain_events() == [BlockRemoved([HASHES[1]], "GPU")]
     assert BlockPool(2).drain_events() == [] and BlockPool(2).events is None
+
+
+def test_prefix_hashes_are_the_block_hash_chain_over_full_blocks():
+    tokens = [7, -3, 2**31 - 1, -(2**31)] * 9  # 36 tokens: two full blocks of 16, four left over
+    for extra in (b"", b"adapter"):
+        first = block_hash(None, tokens[:16], extra)
+        assert prefix_hashes(tokens, 16, extra) == [first, block_hash(first, tokens[16:32], extra)]
+    assert prefix_hashes(tokens[:15], 16) == [] and len(prefix_hashes(tokens, 1)) == 36
+
+
+def test_fast_encoder_gives_the_tokenizers_own_ids(stories_dir):
+    """The router's prompt tokenizing (the Rust tokenizer called directly) against tokenizer.encode, as the engine
+    tokenizes: the same ids with and without special tokens, special tokens in the text included."""
+    from rtpjax.loading.tokenizer import fast_encoder, load_tokenizer
+
+    tok = load_tokenizer(stories_dir)
+    encode = fast_encoder(tok)
+    assert getattr(encode, "__self__", None) is not tok  # the fast path, not tok.encode
+    texts = ["", "Once upon a time", " two  spaces\n\ttab", "<s>a</s> <unk> b", "héllo 日本 🙂" * 40]
+    for text in texts:
+        assert encode(text) == tok.encode(text), text
+        assert encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False), text
+
+    class Plain:
+        def encode(self, text):
+            return [len(text)]
+
+    plain = Plain()
+    assert fast_encoder(plain) == plain.encode  # a tokenizer that is no stock fast one keeps its own encode
 
 
 @pytest.mark.slow

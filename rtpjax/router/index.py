@@ -50,16 +50,14 @@ class PrefixIndex:
 
     def match(self, hashes: list[bytes], workers: list[str]) -> dict[str, int]:
         """Per replica: how many leading blocks of `hashes` it holds."""
-        now = time.monotonic()
-        counts = dict.fromkeys(workers, 0)
-        alive = set(workers)
-        for i, h in enumerate(hashes):
-            confirmed = self.holders.get(h, ())
-            alive = {w for w in alive if w in confirmed or self.routed.get(w, {}).get(h, 0.0) > now}
-            if not alive:
-                break
-            for w in alive:
-                counts[w] = i + 1
+        now, counts = time.monotonic(), {}
+        for w in workers:
+            routed, n = self.routed.get(w, {}), 0
+            for h in hashes:
+                if w not in self.holders.get(h, ()) and routed.get(h, 0.0) <= now:
+                    break
+                n += 1
+            counts[w] = n
         return counts
 
     def expire(self) -> None:

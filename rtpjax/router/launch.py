@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         app = router_app(args.worker_urls, args.model, args.tokenizer, args.policy, args.balance_abs_threshold,
                          args.balance_rel_threshold, args.health_check_interval, args.health_check_timeout)  # fmt: skip
-    uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")).run()
+    # No access log: at log level warning its lines are dropped, but uvicorn still formats each one's fields.
+    uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False)).run()
     return 0
 
 

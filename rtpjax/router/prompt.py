@@ -8,6 +8,7 @@ import json
 from pydantic import ValidationError
 
 from rtpjax.kv.block_pool import prefix_hashes
+from rtpjax.loading.tokenizer import fast_encoder
 from rtpjax.router.policy import Prompt
 from rtpjax.serve.protocol import APIError, ChatCompletionRequest, chat_token_ids
 
@@ -15,6 +16,7 @@ from rtpjax.serve.protocol import APIError, ChatCompletionRequest, chat_token_id
 class PromptHasher:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        self.encode = fast_encoder(tokenizer) if tokenizer is not None else None
 
     def token_ids(self, path: str, body: bytes) -> list[int] | None:
         """The prompt's token ids (the first prompt of a batch), or None where the body does not say (the replica
@@ -31,7 +33,7 @@ class PromptHasher:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch: the first prompt decides
         if isinstance(prompt, str) and self.tokenizer is not None:
-            return self.tokenizer.encode(prompt)
+            return self.encode(prompt)
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             return prompt
         return None
@@ -41,7 +43,7 @@ class PromptHasher:
             return None
         try:
             request = ChatCompletionRequest.model_validate(data)
-            return chat_token_ids(self.tokenizer, request.messages, request.add_generation_prompt, "")
+            return chat_token_ids(self.tokenizer, request.messages, request.add_generation_prompt, "", self.encode)
         except (ValidationError, APIError):
             return None
 
