@@ -195,3 +195,63 @@ def test_a_slow_onload_never_holds_other_requests_decode_steps(stories_dir, comp
     assert max(steps) < SLOW / 2, f"a step took {max(steps):.2f} s: it waited for B's onload"
     assert e.pool.num_free == e.pool.num_blocks and not any(e.tiers.host.leases) and e.tiers.staged_blocks == 0
     e.close()
+
+
+def test_a_loading_sequence_keeps_its_device_prefix(stories_dir, compile_cache, stories_llm, monkeypatch):
+    """A turn whose prefix is half on the device, half in the host tier, waits "loading" while its host half is staged;
+    meanwhile the pool is emptied (other requests' blocks). Its device half is pinned: its fetch is never dropped and
+    started again (each restart waited for blocks going down and staged them all anew), it loads only the host half,
+    and gives a fresh prefill's tokens."""
+    llm = LLM(str(stories_dir), compilation_cache_dir=compile_cache, num_gpu_blocks=16, kv_offloading_size=0.01,
+              **dict(ENGINE_ARGS, max_model_len=192))  # fmt: skip
+    e, rng = llm.engine, np.random.default_rng(12)
+    first = rng.integers(3, 512, 70).tolist()  # 4 full blocks
+    turn = first + rng.integers(3, 512, 30).tolist()
+    greedy = SamplingParams(max_tokens=4, temperature=0)
+    want = stories_llm.generate([turn], greedy)[0].outputs[0].token_ids
+    llm.generate([first], greedy)
+    hashes = prefix_hashes(first, 16)[:4]
+
+    def evict(blocks: int) -> None:
+        """Other requests' allocations: the `blocks` least recently freed blocks are reused (cached ones go down)."""
+        taken = e.pool.allocate(blocks)
+        e.tiers.dispatch(e.runner.offload)
+        e.tiers.flush()
+        e.pool.release(taken)
+
+    free = list(e.pool.free)
+    evict(free.index(e.pool.cached[hashes[2]]) + 1)  # blocks 2 and 3 (freed first) go down, 0 and 1 stay
+    assert [h in e.pool.cached for h in hashes] == [True, True, False, False] and hashes[3] in e.tiers.host
+    gate, stage = threading.Event(), e.runner.copier.stage
+
+    def gated(rows, page_locked=False):
+        assert gate.wait(30)
+        return stage(rows, page_locked)
+
+    monkeypatch.setattr(e.runner.copier, "stage", gated)
+    hits = e.tiers.counters["host"].hits
+    e.add_request(turn, greedy, "turn")
+    seq = e.scheduler.waiting[0]
+    e.step()
+    fetches = [seq.tier_fetch]
+
+    def note(fetch) -> None:
+        if fetch is not None and not any(fetch is f for f in fetches):
+            fetches.append(fetch)
+
+    assert seq.tier_fetch is not None and seq.tier_fetch.start == 2 and seq.tier_fetch.onloading
+    evict(e.pool.num_free)  # everything that may be evicted is
+    for _ in range(3):
+        e.step()
+        note(seq.tier_fetch)
+    gate.set()
+    out, deadline = None, time.monotonic() + 60
+    while e.has_work():
+        assert time.monotonic() < deadline, "the request did not finish"
+        note(seq.tier_fetch)
+        out = {o.request_id: o for o in e.step()}.get("turn", out)
+    assert out.outputs[0].token_ids == want
+    assert len(fetches) == 1, f"the fetch started {len(fetches)} times: its device prefix was evicted while it loaded"
+    assert e.tiers.counters["host"].hits - hits == 2 * 16, "it loaded blocks its device prefix held"
+    assert e.pool.num_free == e.pool.num_blocks and not any(e.tiers.host.leases) and e.tiers.staged_blocks == 0
+    e.close()

@@ -13,7 +13,11 @@ counting as computed: the schedule lists them as block loads, which the runner w
 With KV tiers (kv/tiers), a waiting sequence whose prefix continues below the device first waits "loading" (skipped,
 others admitted past it) until those blocks have arrived on the device (staged outside the cache, off the engine's
 thread); it is then admitted with them as block loads too (device-to-device writes: the step waits for no transfer).
-While it waits for free blocks after that, it keeps them.
+While it waits for free blocks after that, it keeps them. While it loads it holds (pins) the blocks of its prefix
+still on the device, so eviction cannot shrink that share and make its fetch start again; an older sequence that
+lacks blocks, or a running one that must grow, takes those pins back first (youngest first), so pins never starve
+anyone. Every round polls every loading sequence, even past the budget, so a staging that was held back starts
+as soon as the bound allows.
 
 Speculation: a decoding sequence whose tokens are all known may be given drafts (proposed tokens) to run after its
 last token, so the step computes K/V and logits at each of them; `accept` then moves its progress (and blocks) back
@@ -154,6 +158,8 @@ class Scheduler:
             if proposed and not self._grow(seq, n + len(proposed)):
                 proposed = []  # no blocks for the drafts: decode plainly rather than preempt for a guess
             while not self._grow(seq, n):
+                if self._unpin_youngest():
+                    continue  # a loading sequence's pinned prefix goes before a running one is preempted
                 victim = max(self.running[i:], key=lambda s: (s.priority, s.arrival_order))
                 self._preempt(victim)
                 preempted.append(victim)
@@ -176,7 +182,8 @@ class Scheduler:
                     continue  # its last token is read after this step; admit it next time
                 if self.tiers is not None and not self._below_ready(seq):
                     continue  # its prefix blocks are coming up from a KV tier; others go ahead
-                if not self._admit(seq, budget, loads):
+                if not self._admit(seq, budget, loads) and not (self._unpin_after(seq)
+                                                                and self._admit(seq, budget, loads)):  # fmt: skip
                     if seq.fork_parent is not None:
                         continue  # waits for its sibling's prompt, not for blocks
                     break
@@ -184,6 +191,10 @@ class Scheduler:
                 n = len(seq.token_ids) - seq.num_computed
                 items.append(self._run(seq, min(n, budget)))
                 budget -= items[-1].num_tokens
+        if self.tiers is not None:  # stagings held back start now, oldest first, whatever stopped admission
+            for seq in self.waiting:
+                if seq.tier_fetch is not None:
+                    self.tiers.poll(seq.tier_fetch)
         return Schedule(items, admitted, preempted, loads)
 
     def _admit(self, seq: Sequence, budget: int, loads: list[BlockLoad]) -> bool:
@@ -254,14 +265,32 @@ class Scheduler:
             return True
         hashes = self._hashes(seq)
         max_shared = (len(seq.token_ids) - 1) // self.block_size
-        on_device = len(self.pool.lookup(hashes, 0)[:max_shared])
+        device = self.pool.lookup(hashes, 0)[:max_shared]
         fetch = seq.tier_fetch
-        if fetch is not None and fetch.start != on_device:  # the device's share changed meanwhile: start again
+        if fetch is not None and len(device) < fetch.start:  # unpinned, and evicted meanwhile: start again
             self._drop_fetch(seq)
             fetch = None
-        if fetch is None:
-            fetch = seq.tier_fetch = self.tiers.fetch(hashes[on_device:max_shared], on_device, seq.preempted)
+        if fetch is None:  # (a device share grown past its start only skips rows: `_take_tier_blocks`)
+            fetch = seq.tier_fetch = self.tiers.fetch(hashes[len(device) : max_shared], len(device), seq.preempted)
+            if fetch is not None:
+                self.pool.share(device)
+                seq.tier_pin = device
         return fetch is None or self.tiers.poll(fetch)
+
+    def _unpin(self, seq: Sequence) -> bool:
+        """Give back the device blocks a loading sequence held (they stay cached until evicted)."""
+        pinned, seq.tier_pin = seq.tier_pin, []
+        self.pool.release(pinned)
+        return bool(pinned)
+
+    def _unpin_youngest(self) -> bool:
+        """Give back the pins of the youngest waiting sequence that holds any; False if none does."""
+        return any(self._unpin(seq) for seq in reversed(self.waiting) if seq.tier_pin)
+
+    def _unpin_after(self, seq: Sequence) -> bool:
+        """`seq` lacks blocks: those pinned by sequences admitted after it are given back (True if any were)."""
+        later = self.waiting[self.waiting.index(seq) + 1 :]
+        return any([self._unpin(s) for s in later if s.tier_pin])
 
     def _hashes(self, seq: Sequence) -> list[bytes]:
         """The hash chain over the sequence's full blocks: the one it carries, extended by blocks completed since (a
@@ -281,6 +310,7 @@ class Scheduler:
         if seq.tier_fetch is not None:
             self.tiers.drop(seq.tier_fetch)
             seq.tier_fetch = None
+        self._unpin(seq)
 
     def _take_tier_blocks(self, seq: Sequence, max_shared: int, budget: int):
         """(ok, load, lookup): fresh blocks for the fetched blocks that follow the device's share, and what was looked
@@ -295,6 +325,7 @@ class Scheduler:
             return False, None, None
         fresh = self.pool.allocate(n) if n else []
         seq.tier_fetch = None
+        self._unpin(seq)  # its block table shares those blocks now
         packed, lookup = self.tiers.take(fetch, max(skip, 0), n)
         if packed is None:
             return True, None, lookup

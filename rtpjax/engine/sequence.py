@@ -92,6 +92,7 @@ class Sequence:
     detok: object = None  # the incremental detokenizer's state
     host_kv: HostKV | None = None  # K/V to load at admission instead of computing (an adopted request)
     tier_fetch: object = None  # kv.tiers Fetch: its prefix blocks coming up from a KV tier while it waits
+    tier_pin: list[int] = dataclasses.field(default_factory=list)  # device prefix blocks it holds while that loads
     preempted: bool = False
     draft_acceptance: float = 1.0  # recent fraction of this sequence's drafts accepted (speculation's policy)
     hand_off: bool = False  # a prefill hand-off's: leaves the engine with its first token, so no step goes past it

@@ -356,7 +356,13 @@ class KVTiers:
             self._onloaded(fetch, [])
 
     def _onload(self, fetch: Fetch, n: int) -> None:
-        """The onload thread: rows 0..n of the fetch onto the device, waited for here (not by a step)."""
+        """The onload thread: rows 0..n of the fetch onto the device, waited for here (not by a step); none for a fetch
+        dropped while it queued (the transfers behind it would wait for nothing)."""
+        with self.lock:
+            dropped = fetch.dropped
+        if dropped:
+            self._onloaded(fetch, [])
+            return
         try:
             staged = self.copier.stage([self.host.buf[s] for s in fetch.slots[:n]], self.host.unpin is not None)
         except Exception:  # noqa: BLE001 - the blocks are recomputed instead
