@@ -148,6 +148,34 @@ def test_fetched_rows_are_staged_on_the_device_within_a_bound():
         tiers.close()
 
 
+def test_a_fetch_without_room_is_not_staged_and_holds_no_bound():
+    """A ready fetch whose sequence the pool has no room for stays in host memory: it must not hold the staging bound
+    while a later fetch, ready and with room, is staged; it is staged once the scheduler sees room."""
+    tiers, copier = _tiers(), _Copier()
+    tiers.onload_to(copier, max_staged=4)
+    rows = np.random.default_rng(3).integers(0, 256, (6, LAYOUT.block_bytes), dtype=np.uint8)
+    hashes = [bytes([i + 16]) * 16 for i in range(6)]
+    try:
+        for h, row in zip(hashes, rows):
+            tiers.host.put(h, row)
+        big = tiers.fetch(hashes[:4], 0, room=False)
+        assert big.ready and not tiers.poll(big, room=False) and not big.onloading and tiers.staged_blocks == 0
+        small = tiers.fetch(hashes[4:], 0)  # room: staged at once, past the big one
+        assert small.onloading and tiers.staged_blocks == 2
+        copier.gate.set()
+        _until(lambda: tiers.poll(small))
+        packed, _ = tiers.take(small, 0, 2)
+        np.testing.assert_array_equal(np.stack(packed.rows), rows[4:6])
+        assert not tiers.poll(big, room=False) and not big.onloading, "staged without room"
+        _until(lambda: tiers.poll(big, room=True))
+        packed, _ = tiers.take(big, 0, 4)
+        np.testing.assert_array_equal(np.stack(packed.rows), rows[:4])
+        assert copier.staged == [2, 4] and tiers.staged_blocks == 0 and not any(tiers.host.leases)
+    finally:
+        copier.gate.set()
+        tiers.close()
+
+
 SLOW = 1.0  # seconds one host-to-device transfer of the tier's rows takes in the test below
 
 

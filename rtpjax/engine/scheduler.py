@@ -270,12 +270,21 @@ class Scheduler:
         if fetch is not None and len(device) < fetch.start:  # unpinned, and evicted meanwhile: start again
             self._drop_fetch(seq)
             fetch = None
+        room = self._room_after_load(seq, len(device), max_shared)
         if fetch is None:  # (a device share grown past its start only skips rows: `_take_tier_blocks`)
-            fetch = seq.tier_fetch = self.tiers.fetch(hashes[len(device) : max_shared], len(device), seq.preempted)
+            fetch = seq.tier_fetch = self.tiers.fetch(hashes[len(device) : max_shared], len(device), seq.preempted,
+                                                      room)  # fmt: skip
             if fetch is not None:
                 self.pool.share(device)
                 seq.tier_pin = device
-        return fetch is None or self.tiers.poll(fetch)
+        return fetch is None or self.tiers.poll(fetch, room)
+
+    def _room_after_load(self, seq: Sequence, on_device: int, max_shared: int) -> bool:
+        """Whether the pool has the fresh blocks for the sequence's loaded prefix (at most up to max_shared) and its
+        first chunk, as admission will ask."""
+        computed = max_shared * self.block_size
+        first_chunk = min(len(seq.token_ids) - computed, self.max_num_batched_tokens)
+        return -(-(computed + first_chunk) // self.block_size) - on_device <= self.pool.num_free
 
     def _unpin(self, seq: Sequence) -> bool:
         """Give back the device blocks a loading sequence held (they stay cached until evicted)."""

@@ -83,6 +83,7 @@ class Fetch:
     onloading: bool = False  # their transfer has started (staged_n blocks counted against max_staged)
     staged: list | None = None  # device pieces of rows 0..staged_n once arrived
     staged_n: int = 0
+    room: bool = True  # the device pool had room for the sequence when the scheduler last asked: staged only then
 
     @property
     def ready(self) -> bool:
@@ -258,13 +259,13 @@ class KVTiers:
 
     # -- up ---------------------------------------------------------------------------------------------------------
 
-    def fetch(self, hashes: list[bytes], start: int, preempted: bool = False) -> Fetch | None:
+    def fetch(self, hashes: list[bytes], start: int, preempted: bool = False, room: bool = True) -> Fetch | None:
         """Lease the leading run of `hashes` found below the device and start reading its disk-only blocks (a block
         still on its way down is waited for: the writer fills the row reserved for it); None if none is found, or
         loading them does not pay (policy)."""
         if self.policy == "recompute" and preempted:
             return None  # (should_load's answer, without leasing anything)
-        fetch, awaits = Fetch(start, [], [], [], [], onload=self.copier is not None), []
+        fetch, awaits = Fetch(start, [], [], [], [], onload=self.copier is not None, room=room), []
         for h in hashes:
             slot, ok = self.host.lease(h), True
             on_disk = slot is None and self.disk is not None and h in self.disk
@@ -333,17 +334,20 @@ class KVTiers:
 
     # -- onto the device --------------------------------------------------------------------------------------------
 
-    def poll(self, fetch: Fetch) -> bool:
+    def poll(self, fetch: Fetch, room: bool = True) -> bool:
         """Whether the fetch's sequence may be admitted now (the engine's thread asks each round); starts a staging
-        that max_staged held back."""
+        that max_staged, or the pool's lack of `room` for the sequence, held back."""
+        with self.lock:
+            fetch.room = room
         self._settle(fetch)
         return fetch.admissible
 
     def _settle(self, fetch: Fetch) -> None:
         """Once every row of the fetch is in host memory, start moving its intact run to the device (within
-        max_staged, unless nothing else is staged)."""
+        max_staged, unless nothing else is staged), if the pool has room to admit its sequence: a staged sequence
+        that cannot be admitted would hold the staging bound while others, ready and admissible, wait behind it."""
         with self.lock:
-            if not fetch.onload or fetch.onloading or fetch.dropped or not fetch.ready:
+            if not fetch.onload or fetch.onloading or fetch.dropped or not fetch.ready or not fetch.room:
                 return
             n = fetch.valid
             if n and self.staged_blocks and self.staged_blocks + n > self.max_staged:
