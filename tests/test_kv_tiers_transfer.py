@@ -283,3 +283,39 @@ def test_a_loading_sequence_keeps_its_device_prefix(stories_dir, compile_cache, 
     assert e.tiers.counters["host"].hits - hits == 2 * 16, "it loaded blocks its device prefix held"
     assert e.pool.num_free == e.pool.num_blocks and not any(e.tiers.host.leases) and e.tiers.staged_blocks == 0
     e.close()
+
+
+def test_the_scheduler_stages_no_fetch_whose_sequence_has_no_room(stories_dir, compile_cache, stories_llm):
+    """B's prefix is in the host tier while running requests fill the device pool: B stays loading with its rows in
+    host memory (nothing staged, whatever else the round polls), and once the pool has room it is staged, admitted
+    and gives a fresh prefill's tokens."""
+    llm = LLM(str(stories_dir), compilation_cache_dir=compile_cache, num_gpu_blocks=16, kv_offloading_size=0.01,
+              **dict(ENGINE_ARGS, max_model_len=192))  # fmt: skip
+    e, rng = llm.engine, np.random.default_rng(12)
+    prompt_b, fillers = rng.integers(3, 512, 70).tolist(), [rng.integers(3, 512, 70).tolist() for _ in range(4)]
+    greedy = SamplingParams(max_tokens=4, temperature=0)
+    want = stories_llm.generate([prompt_b], greedy)[0].outputs[0].token_ids
+    llm.generate([prompt_b], greedy)
+    llm.generate(fillers, greedy)  # B's blocks go down to the host tier
+    e.tiers.flush()
+    assert all(h in e.tiers.host and h not in e.pool.cached for h in prefix_hashes(prompt_b, 16)[:4])
+    for i in range(3):  # 3 x 5 blocks and growing: no room for B's 4 loaded blocks and its first chunk
+        e.add_request(rng.integers(3, 512, 66).tolist(), SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+                      f"f{i}")  # fmt: skip
+    for _ in range(3):
+        e.step()
+    e.add_request(prompt_b, greedy, "b")
+    b, out_b, held_back = e.requests["b"].seqs[0], None, 0
+    deadline = time.monotonic() + 60
+    while e.has_work():
+        assert time.monotonic() < deadline, "the requests did not finish"
+        outs = {o.request_id: o for o in e.step()}
+        fetch = b.tier_fetch
+        if fetch is not None and not e.scheduler._room_after_load(b, fetch.start, fetch.start + len(fetch.hashes)):
+            assert not fetch.onloading and e.tiers.staged_blocks == 0, "staged without room"
+            held_back += 1
+        if "b" in outs and outs["b"].finished:
+            out_b = outs["b"]
+    assert held_back >= 1, "the pool always had room: the test did not test anything"
+    assert out_b.outputs[0].token_ids == want
+    assert e.pool.num_free == e.pool.num_blocks and e.tiers.staged_blocks == 0

@@ -211,3 +211,42 @@ def test_async_outputs_and_stats_through_the_protocol_equal_offline(async_llm, s
     assert got.metrics.arrival <= got.metrics.first_scheduled <= got.metrics.first_token <= got.metrics.finished
     stats = async_llm.stats()
     assert set(stats) == set(m.EngineStats.__struct_fields__) and stats["num_blocks"] > 0
+
+
+def test_an_engine_waiting_only_for_kv_tier_loads_neither_spins_nor_floods_the_server():
+    """An engine whose only work is a KV tier load still on its way runs nothing a round: its loop waits a little
+    for commands and reports at most every STALLED_REPORT_S, instead of a message per spin of the loop."""
+    import multiprocessing
+    import queue
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from rtpjax.distributed import engine_process as ep
+
+    stats = m.EngineStats(0, 1, 0.0, 0, 0, 16, 16, num_loading=1)
+    engine = SimpleNamespace(loop_stats=SimpleNamespace(steps=0), tiers=None, inflight=None, rounds=0,
+                             pool=SimpleNamespace(drain_events=list), has_work=lambda: True, stats=lambda: stats)  # fmt: skip
+
+    def step(as_deltas=False):
+        engine.rounds += 1
+        return []
+
+    engine.step = step
+    handoff = SimpleNamespace(poll=lambda: ([], []), after_step=list, stats=lambda s: s, idle_wait=lambda: None)
+    server, conn = multiprocessing.Pipe()
+    inbox = queue.Queue()
+    loop = threading.Thread(target=ep._loop, args=(engine, conn, inbox, handoff), daemon=True)
+    loop.start()
+    time.sleep(0.5)
+    inbox.put(m.Stop())
+    loop.join(10)
+    assert not loop.is_alive()
+    reports = 0
+    while server.poll(0):
+        server.recv_bytes()
+        reports += 1
+    assert 1 <= reports <= 0.5 / ep.STALLED_REPORT_S + 2, f"{reports} reports in 0.5 s"
+    assert engine.rounds <= 0.5 / ep.STALLED_WAIT_S + 10, f"{engine.rounds} rounds in 0.5 s: the loop spins"
+    server.close()
+    conn.close()

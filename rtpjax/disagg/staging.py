@@ -182,8 +182,10 @@ def stage(staged: Staged, pieces, download=None) -> None:
             staged.sums[i].set_exception(e)
 
     try:
-        if download is not None:
-            pieces = [(real, download(array)) for real, array in pieces]
+        if download is not None:  # the device rows are freed once their copies are under way (the list is ours)
+            started = [(real, download(array)) for real, array in pieces]
+            pieces.clear()
+            pieces = started
         for real, array in pieces:
             t = time.perf_counter()
             host = np.asarray(array)[:real].reshape(-1)  # this piece's host copy (later ones keep coming meanwhile)

@@ -37,6 +37,8 @@ from rtpjax.engine.sequence import RequestMetrics
 
 log = logging.getLogger("rtpjax")
 REPORT_EVERY_S = 10.0  # how often a busy engine logs where its loop's time goes
+STALLED_WAIT_S = 0.002  # a round that could run nothing (only KV tier loads pending) waits this long for a command
+STALLED_REPORT_S = 0.1  # and reports (stats) to the server at most this often
 
 
 # -- the front end's side of the wire ------------------------------------------------------------------------------
@@ -147,7 +149,8 @@ def _serve(engine: LLMEngine, conn: Connection) -> None:
 
 def _loop(engine: LLMEngine, conn: Connection, inbox: queue.Queue, handoff) -> None:
     threading.Thread(target=_receive, args=(conn, inbox), name="rtpjax-commands", daemon=True).start()
-    reported = time.monotonic()
+    reported = sent = time.monotonic()
+    stalled = False
     while True:
         if engine.loop_stats.steps and time.monotonic() - reported >= REPORT_EVERY_S:
             s = engine.stats()
@@ -158,9 +161,9 @@ def _loop(engine: LLMEngine, conn: Connection, inbox: queue.Queue, handoff) -> N
                 log.info("engine: %s", engine.tiers.report())
             reported = time.monotonic()
         commands = []
-        if not engine.has_work():
+        if not engine.has_work() or stalled:  # idle, or only waiting for KV tier loads: no spinning, no flood
             try:
-                commands.append(inbox.get(timeout=handoff.idle_wait()))
+                commands.append(inbox.get(timeout=STALLED_WAIT_S if stalled else handoff.idle_wait()))
             except queue.Empty:
                 pass
         while not inbox.empty():
@@ -194,8 +197,12 @@ def _loop(engine: LLMEngine, conn: Connection, inbox: queue.Queue, handoff) -> N
                     errors.append(RequestError(request_id, "engine", f"engine error: {type(e).__name__}: {e}"))
                 engine.reset_inflight()
         outputs += handoff.after_step()
-        stats = handoff.stats(engine.stats())
-        conn.send_bytes(messages.encode(StepOutputs(outputs, errors, stats, engine.pool.drain_events())))
+        events = engine.pool.drain_events()
+        stalled = engine.has_work() and engine.inflight is None and not (outputs or errors or events or commands)
+        if stalled and time.monotonic() - sent < STALLED_REPORT_S:
+            continue  # nothing new to tell: the server hears of this engine again once something moves
+        sent = time.monotonic()
+        conn.send_bytes(messages.encode(StepOutputs(outputs, errors, handoff.stats(engine.stats()), events)))
 
 
 def _exit_with_parent(parent: int) -> None:

@@ -182,11 +182,11 @@ class Scheduler:
                     continue  # its last token is read after this step; admit it next time
                 if self.tiers is not None and not self._below_ready(seq):
                     continue  # its prefix blocks are coming up from a KV tier; others go ahead
-                if not self._admit(seq, budget, loads) and not (self._unpin_after(seq)
-                                                                and self._admit(seq, budget, loads)):  # fmt: skip
+                if not self._admit(seq, budget, loads):
                     if seq.fork_parent is not None:
-                        continue  # waits for its sibling's prompt, not for blocks
-                    break
+                        continue  # waits for its sibling's prompt, not for blocks (later pins stay)
+                    if not (self._unpin_after(seq) and self._admit(seq, budget, loads)):
+                        break
                 admitted.append(seq)
                 n = len(seq.token_ids) - seq.num_computed
                 items.append(self._run(seq, min(n, budget)))
@@ -194,7 +194,7 @@ class Scheduler:
         if self.tiers is not None:  # stagings held back start now, oldest first, whatever stopped admission
             for seq in self.waiting:
                 if seq.tier_fetch is not None:
-                    self.tiers.poll(seq.tier_fetch)
+                    self.tiers.poll(seq.tier_fetch, room=None)  # the room this round's ask found
         return Schedule(items, admitted, preempted, loads)
 
     def _admit(self, seq: Sequence, budget: int, loads: list[BlockLoad]) -> bool:

@@ -334,11 +334,12 @@ class KVTiers:
 
     # -- onto the device --------------------------------------------------------------------------------------------
 
-    def poll(self, fetch: Fetch, room: bool = True) -> bool:
+    def poll(self, fetch: Fetch, room: bool | None = True) -> bool:
         """Whether the fetch's sequence may be admitted now (the engine's thread asks each round); starts a staging
-        that max_staged, or the pool's lack of `room` for the sequence, held back."""
-        with self.lock:
-            fetch.room = room
+        that max_staged, or the pool's lack of `room` for the sequence, held back (None: room as last told)."""
+        if room is not None:
+            with self.lock:
+                fetch.room = room
         self._settle(fetch)
         return fetch.admissible
 
