@@ -137,9 +137,9 @@ def test_small_kernel_rejects_shapes_it_cannot_tile():
         small_matmul(x, qw.q[:64], qw.scale[:64], fmt="int8", tiles=Tiles(block_k=128, split_k=5), interpret=True)
     with pytest.raises(ValueError, match="int4 group 48"):
         small_matmul(x, qw.q[:64, :192], qw.scale[:64], fmt="int4", group=48, interpret=True)
-    # 224 programs of 64 channels: two splits fill 132 SMs twice; the one-byte default's 448 programs of 32 need none
-    assert plan(16, 14336, 4096, "fp8", tiles=Tiles()).split_k == 2
-    assert plan(16, 14336, 4096, "fp8") == Plan(block_m=16, block_n=32, step=256, split_k=1)
+    # 224 programs of the default 64 channels: two splits fill 132 SMs twice; 448 programs of 32 channels need none
+    assert plan(16, 14336, 4096, "fp8") == Plan(block_m=16, block_n=64, step=256, split_k=2)
+    assert plan(16, 14336, 4096, "fp8", tiles=Tiles(block_n=32, num_warps=2)).split_k == 1
     assert plan(1, 4096, 14336, "int4", 128) == Plan(block_m=16, block_n=64, step=256, split_k=8)  # two groups a step
 
 
