@@ -1,8 +1,8 @@
 """Host cost of a speculative round at batch 1 against a plain decode step, on a tiny model (stories260K on the CPU):
 what the engine loop itself spends per round, apart from the device.
 
-    python -m rtpjax.benchmarks.probes.spec_round --model ../shared/models/stories260K --out spec_round.json
-    python -m rtpjax.benchmarks.probes.spec_round --model ../shared/models/stories260K --profile 25
+    python -m rtpjax.benchmarks.probes.spec_round --model PATH/stories260K --out spec_round.json
+    python -m rtpjax.benchmarks.probes.spec_round --model PATH/stories260K --profile 25
 
 One greedy request of `--max-tokens` tokens runs with speculation opted out (plain steps, fully overlapped), then
 with a proposer that proposes the true greedy continuation (each draft replaced by a random token with probability
