@@ -176,15 +176,12 @@ def test_a_fetch_without_room_is_not_staged_and_holds_no_bound():
         tiers.close()
 
 
-SLOW = 1.0  # seconds one host-to-device transfer of the tier's rows takes in the test below
-
-
-def test_a_slow_onload_never_holds_other_requests_decode_steps(stories_dir, compile_cache, stories_llm, monkeypatch):
-    """B's prefix comes back from the host tier through a transfer made to take SLOW seconds: A keeps decoding, each
-    step far quicker than that transfer, while B waits "loading"; B then gives a fresh prefill's tokens."""
+def _b_below_the_device(stories_dir, compile_cache, stories_llm, seed: int):
+    """A 16-block engine with a host tier, whose prompt B (70 tokens) ran and went down to the host tier: (engine, rng,
+    B, greedy params, B's tokens from a fresh prefill)."""
     llm = LLM(str(stories_dir), compilation_cache_dir=compile_cache, num_gpu_blocks=16, kv_offloading_size=0.01,
               **dict(ENGINE_ARGS, max_model_len=192))  # fmt: skip
-    e, rng = llm.engine, np.random.default_rng(11)
+    e, rng = llm.engine, np.random.default_rng(seed)
     prompt_b, fillers = rng.integers(3, 512, 70).tolist(), [rng.integers(3, 512, 70).tolist() for _ in range(4)]
     greedy = SamplingParams(max_tokens=4, temperature=0)
     want = stories_llm.generate([prompt_b], greedy)[0].outputs[0].token_ids
@@ -193,6 +190,16 @@ def test_a_slow_onload_never_holds_other_requests_decode_steps(stories_dir, comp
     e.tiers.flush()
     below = prefix_hashes(prompt_b, 16)[:4]
     assert all(h in e.tiers.host and h not in e.pool.cached for h in below), "B's blocks are not (only) below"
+    return e, rng, prompt_b, greedy, want
+
+
+SLOW = 1.0  # seconds one host-to-device transfer of the tier's rows takes in the test below
+
+
+def test_a_slow_onload_never_holds_other_requests_decode_steps(stories_dir, compile_cache, stories_llm, monkeypatch):
+    """B's prefix comes back from the host tier through a transfer made to take SLOW seconds: A keeps decoding, each
+    step far quicker than that transfer, while B waits "loading"; B then gives a fresh prefill's tokens."""
+    e, rng, prompt_b, greedy, want = _b_below_the_device(stories_dir, compile_cache, stories_llm, seed=11)
     transfer = e.runner.copier._transfer
 
     def slow(pieces, page_locked):
@@ -289,16 +296,7 @@ def test_the_scheduler_stages_no_fetch_whose_sequence_has_no_room(stories_dir, c
     """B's prefix is in the host tier while running requests fill the device pool: B stays loading with its rows in
     host memory (nothing staged, whatever else the round polls), and once the pool has room it is staged, admitted
     and gives a fresh prefill's tokens."""
-    llm = LLM(str(stories_dir), compilation_cache_dir=compile_cache, num_gpu_blocks=16, kv_offloading_size=0.01,
-              **dict(ENGINE_ARGS, max_model_len=192))  # fmt: skip
-    e, rng = llm.engine, np.random.default_rng(12)
-    prompt_b, fillers = rng.integers(3, 512, 70).tolist(), [rng.integers(3, 512, 70).tolist() for _ in range(4)]
-    greedy = SamplingParams(max_tokens=4, temperature=0)
-    want = stories_llm.generate([prompt_b], greedy)[0].outputs[0].token_ids
-    llm.generate([prompt_b], greedy)
-    llm.generate(fillers, greedy)  # B's blocks go down to the host tier
-    e.tiers.flush()
-    assert all(h in e.tiers.host and h not in e.pool.cached for h in prefix_hashes(prompt_b, 16)[:4])
+    e, rng, prompt_b, greedy, want = _b_below_the_device(stories_dir, compile_cache, stories_llm, seed=12)
     for i in range(3):  # 3 x 5 blocks and growing: no room for B's 4 loaded blocks and its first chunk
         e.add_request(rng.integers(3, 512, 66).tolist(), SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
                       f"f{i}")  # fmt: skip
