@@ -31,7 +31,8 @@
 #   tiers   KV tiers: pinned/pageable H2D, packed vs per-layer onload, disk tier vs dd (tiers_bench.py); then
 #           multi_turn and prefix_repetition traffic whose working set is >= 4x the device KV (TIER_BLOCKS device
 #           blocks) with prefix caching off, device only, device + host + disk; then a restart with the disk tier
-#           (TIER_BW=0 skips the bandwidths; TIER_CONFIGS, TIER_DATASETS, TIER_PROMPTS, TIER_RESTART pick the runs)
+#           (TIER_BW=0 skips the bandwidths; TIER_CONFIGS, TIER_DATASETS, TIER_PROMPTS, TIER_RESTART pick the runs;
+#           TIER_PROFILE=1: cProfile each engine's loop into tiers_NAME.prof and .prof.txt)
 #   moe     Qwen3-30B-A3B-shaped random weights: the MoE block alone against its weight-bandwidth floor (grouped, dense,
 #           auto, pallas, and the grouped-matmul kernel swept over block sizes; MOE_BLOCK_FLAGS adds moe_block.py
 #           flags, e.g. "--pallas-blocks 64x128x4x3,128x128x8x4 --pallas-rows 16,32"), then offline decode
@@ -381,8 +382,9 @@ PY
     blocks=${TIER_BLOCKS:-2048}
     tier_serve() {  # $1: name, rest: flags
       local name=$1; shift
-      python3 -m rtpjax.cli serve "$CKPT" --load-format dummy --port 8000 --served-model-name "$SHAPE" \
-        --compilation-cache-dir /tmp/xla $SERVE_FLAGS --max-model-len 8192 --num-gpu-blocks "$blocks" "$@" > "$OUT/tiers_$name.log" 2>&1 &
+      RTPJAX_ENGINE_PROFILE=${TIER_PROFILE:+$OUT/tiers_$name.prof} python3 -m rtpjax.cli serve "$CKPT" --load-format dummy \
+        --port 8000 --served-model-name "$SHAPE" --compilation-cache-dir /tmp/xla $SERVE_FLAGS --max-model-len 8192 \
+        --num-gpu-blocks "$blocks" "$@" > "$OUT/tiers_$name.log" 2>&1 &
       server=$!
       for _ in $(seq 600); do curl -sf localhost:8000/health >/dev/null && break; sleep 0.5; done
     }

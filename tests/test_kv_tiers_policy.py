@@ -51,7 +51,14 @@ def _gather(blocks):
     return [(len(blocks), np.stack([_row(b) for b in blocks]))]
 
 
-def test_writer_backlog_is_bounded_and_never_blocks(tmp_path):
+def _until(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return condition()
+
+
+def test_writer_backlog_is_bounded_and_a_slow_disk_holds_no_fetch(tmp_path):
     host = HostTier(8 * LAYOUT.block_bytes, LAYOUT.block_bytes)
     disk = DiskTier(str(tmp_path), 1 << 20, LAYOUT.block_bytes, {"model": "a"})
     tiers = KVTiers(LAYOUT, host, disk, max_pending=2)
@@ -64,29 +71,42 @@ def test_writer_backlog_is_bounded_and_never_blocks(tmp_path):
         return write(h, row)
 
     disk.write = slow_write
-    h = [bytes([i]) * 16 for i in range(5)]
+    h = [bytes([i]) * 16 for i in range(6)]
     tiers.write_down(0, h[0])
     tiers.dispatch(_gather)
-    assert entered.wait(10)  # the writer now holds block 0, stuck on the disk
-    began = time.perf_counter()
+    assert entered.wait(10)  # the disk writer now holds block 0
     for i in range(1, 4):
+        began = time.perf_counter()
         tiers.write_down(i, h[i])
-    tiers.dispatch(_gather)  # room for one more: blocks 2 and 3 are dropped, at once
-    assert time.perf_counter() - began < 1
-    assert tiers.counters["host"].dropped == 2 and tiers.counters["disk"].dropped == 2
+        tiers.dispatch(_gather)  # at once, though the disk is stuck
+        assert time.perf_counter() - began < 1 and _until(lambda: h[i] in host)
+    # host memory takes every block; the disk's backlog (block 0 being written, block 1 queued) drops blocks 2 and 3
+    assert _until(lambda: all(x in host for x in h[:4]) and tiers.counters["disk"].dropped == 2)
+    assert tiers.counters["host"].dropped == 0
+    # a fetch waiting for a block on its way down gets it from host memory while the disk is still stuck
+    tiers.write_down(4, h[4])
+    fetch = tiers.fetch([h[4]], 0)
+    assert fetch is not None and not fetch.ready
+    tiers.dispatch(_gather)
+    assert _until(lambda: fetch.ready) and not go.is_set()
+    packed, _ = tiers.take(fetch, 0, 1)
+    np.testing.assert_array_equal(packed.rows[0], _row(4))
+    tiers.release(packed)
     go.set()
     tiers.flush()
-    assert all(x in host and x in disk for x in h[:2]) and not any(x in host or x in disk for x in h[2:4])
+    assert all(x in disk for x in h[:2]) and not any(x in disk for x in h[2:4])
+    assert h[4] not in disk and tiers.counters["disk"].dropped == 3  # its disk write came past the backlog too
     np.testing.assert_array_equal(host.buf[host.lease(h[1])], _row(1))
-    assert tiers.pending == 0 and not tiers.inflight
-    tiers.write_down(2, h[2])  # a dropped block can go down later
+    assert tiers.pending == 0 and tiers.disk_pending == 0 and not tiers.inflight and not tiers.disk_queued
+    tiers.write_down(2, h[2])  # in host memory only: it goes down again, to the disk
     tiers.dispatch(_gather)
     tiers.flush()
     assert h[2] in disk
     stop = [(i, bytes([i]) * 16) for i in range(10, 15)]  # a clean stop drains more than the bound, dropping none
     tiers.drain(stop, _gather)
-    assert all(x in disk for _, x in stop) and tiers.counters["disk"].dropped == 2
+    assert all(x in disk for _, x in stop) and tiers.counters["disk"].dropped == 3
     tiers.close()
+    assert not tiers._writer.is_alive() and not tiers._disk_writer.is_alive()
 
 
 # -- counting ----------------------------------------------------------------------------------------------------------

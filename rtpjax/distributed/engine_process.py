@@ -13,9 +13,11 @@ graceful shutdown), and exits when the parent's end of the socket closes, so it 
 
 from __future__ import annotations
 
+import cProfile
 import dataclasses
 import logging
 import os
+import pstats
 import queue
 import signal
 import socket
@@ -228,12 +230,27 @@ def child_main(fd: int, parent: int) -> None:
         conn.send_bytes(messages.encode(Failed(f"{type(e).__name__}: {e}", traceback.format_exc())))
         return
     conn.send_bytes(messages.encode(Ready(engine.info, engine.stats())))
+    profile = os.environ.get("RTPJAX_ENGINE_PROFILE")  # a path: cProfile the engine's loop, for benchmarks
+    profiler = cProfile.Profile() if profile else None
     try:
+        if profiler is not None:
+            profiler.enable()
         _serve(engine, conn)
     except (EOFError, OSError):
         pass  # the parent is gone
     finally:
+        if profiler is not None:
+            _write_profile(profiler, profile)
         engine.close()  # KV tiers: the prefix cache goes down to disk for the next start
+
+
+def _write_profile(profiler: cProfile.Profile, path: str) -> None:
+    """The loop's profile as pstats (`path`) and its top functions by own and by total time (`path`.txt)."""
+    profiler.disable()
+    profiler.dump_stats(path)
+    with open(path + ".txt", "w") as f:
+        for order in ("tottime", "cumulative"):
+            pstats.Stats(profiler, stream=f).sort_stats(order).print_stats(40)
 
 
 # -- the parent's handle ----------------------------------------------------------------------------------------------

@@ -5,8 +5,10 @@ the engine dispatches one packed gather for them right after scheduling, before 
 them, and a worker thread waits for the copy and writes each block to the tiers that lack it. Nothing here waits for
 the device on the engine's thread.
 
-The writer's backlog is bounded (max_pending blocks): past it a block is dropped and counted, so a slow disk never
-holds the engine's thread or piles up host memory.
+The disk has a writer thread of its own, fed by the host writer: a block lands in host memory (and fetches waiting
+for it go on) without waiting for the disk writes queued before it. Each writer's backlog is bounded (max_pending
+blocks; the disk's also by DISK_BACKLOG_BYTES): past it a block is dropped and counted, so a slow disk never holds
+the engine's thread or a fetch, nor piles up host memory.
 
 Up: for a waiting sequence whose prefix continues below the device, `fetch` leases the host rows that hold it, starts
 reader threads on those only on disk (into leased host rows), and has the writer fill leased rows for blocks still on
@@ -39,6 +41,7 @@ from rtpjax.kv.tiers.host import HostTier
 log = logging.getLogger("rtpjax")
 
 POLICIES = ("auto", "swap", "recompute")
+DISK_BACKLOG_BYTES = 4 << 30  # at most this much K/V waits in host memory for the disk writer
 
 
 @dataclasses.dataclass
@@ -135,11 +138,18 @@ class KVTiers:
         self.awaited: dict[bytes, list[tuple[Fetch, int]]] = {}  # inflight hash -> (fetch, index) to fill once down
         self.lock = threading.Lock()
         self.max_pending = max_pending or host.num_slots  # blocks queued for the writer; more are dropped
-        self.pending = 0
+        # blocks queued for the disk (their downloaded copies held in host memory meanwhile); more skip the disk
+        self.max_disk_pending = min(self.max_pending, max(1, DISK_BACKLOG_BYTES // layout.block_bytes))
+        self.pending = self.disk_pending = 0
+        self.disk_queued: set[bytes] = set()  # in host memory, queued for the disk writer
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._disk_jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.closed = False
         self._writer = threading.Thread(target=self._write_loop, name="rtpjax-kv-down", daemon=True)
         self._writer.start()
+        self._disk_writer = threading.Thread(target=self._disk_loop, name="rtpjax-kv-disk", daemon=True)
+        if disk is not None:
+            self._disk_writer.start()
         self._readers = ThreadPoolExecutor(4, thread_name_prefix="rtpjax-kv-up")
         self.copier = None  # BlockCopier: fetched rows are staged on the device before admission (onload_to)
         self.max_staged = 0  # blocks staged on the device and not yet taken; one fetch may exceed it alone
@@ -158,7 +168,8 @@ class KVTiers:
         return [self.host] + ([self.disk] if self.disk is not None else [])
 
     def _below(self, h: bytes) -> bool:
-        return all(h in tier for tier in self.tiers)
+        """(lock held) In every tier, or on its way to the disk from the host tier."""
+        return h in self.host and (self.disk is None or h in self.disk or h in self.disk_queued)
 
     # -- down -------------------------------------------------------------------------------------------------------
 
@@ -193,10 +204,41 @@ class KVTiers:
 
     def _write_loop(self) -> None:
         while (job := self._jobs.get()) is not None:
-            if isinstance(job, threading.Event):
+            if isinstance(job, threading.Event) and self.disk is not None:
+                self._disk_jobs.put(job)  # flush: set once the disk writes before it are done too
+            elif isinstance(job, threading.Event):
                 job.set()  # flush: everything before it is written
             else:
                 self._write(*job)
+        self._disk_jobs.put(None)
+
+    def _disk_loop(self) -> None:
+        while (job := self._disk_jobs.get()) is not None:
+            if isinstance(job, threading.Event):
+                job.set()
+                continue
+            hashes, rows = job
+            try:
+                self._store("disk", self.disk, self.disk.write, hashes, rows, time.perf_counter())
+            except Exception:  # noqa: BLE001 - the blocks are only not kept on disk; the engine goes on
+                log.exception("KV tiers: writing %d blocks to disk failed", len(hashes))
+            finally:
+                with self.lock:
+                    self.disk_queued.difference_update(hashes)
+                    self.disk_pending -= len(hashes)
+
+    def _queue_for_disk(self, hashes: list[bytes], rows: list) -> None:
+        """Hand rows now in host memory to the disk writer (the rows keep their downloaded pieces alive until then);
+        past max_disk_pending blocks behind, they skip the disk tier and are counted as dropped."""
+        with self.lock:
+            keep = [(h, row) for h, row in zip(hashes, rows) if h not in self.disk]
+            room = max(0, self.max_disk_pending - self.disk_pending)
+            keep, dropped = keep[:room], len(keep) - min(room, len(keep))
+            self.disk_pending += len(keep)
+            self.disk_queued.update(h for h, _ in keep)
+        self.counters["disk"].dropped += dropped
+        if keep:
+            self._disk_jobs.put(([h for h, _ in keep], [row for _, row in keep]))
 
     def _store(self, name: str, tier, put, hashes: list[bytes], rows, began: float) -> None:
         """Rows into one tier (those it lacks), counted: bytes kept, blocks it had no room for, time."""
@@ -217,7 +259,7 @@ class KVTiers:
                 self._landed(h, row)
                 landed += 1
             if self.disk is not None:
-                self._store("disk", self.disk, self.disk.write, hashes, rows, time.perf_counter())
+                self._queue_for_disk(hashes, rows)
         except Exception:  # noqa: BLE001 - the blocks are only not kept below; the engine goes on
             log.exception("KV tiers: writing %d blocks down failed", len(hashes))
         finally:
@@ -468,7 +510,9 @@ class KVTiers:
     def close(self) -> None:
         """Stop the writer (after the writes queued so far) and the readers; the manager takes no work after this."""
         self.closed = True
-        self._jobs.put(None)
+        self._jobs.put(None)  # the writer passes it on to the disk writer
         self._writer.join(timeout=20)
+        if self.disk is not None:
+            self._disk_writer.join(timeout=20)
         self._readers.shutdown(wait=True)
         self._onloader.shutdown(wait=True)
