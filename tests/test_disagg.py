@@ -424,7 +424,8 @@ def test_pd_bench_transfer_runs(tmp_path):
     out = tmp_path / "t.json"
     pd_bench.main(["transfer", "--tokens", "32", "--layers", "2", "--repeats", "1", "--out", str(out)])
     row = json.loads(out.read_text())["rows"][0]
-    assert all(row[f"{p}_GBps"] > 0 for p in ("shm", "tcp", "staged"))
+    assert all(row[f"{p}_GBps"] > 0 for p in ("shm", "tcp", "staged", "pinned_staged", "shm_stage"))
+    assert row["shm_of_pinned_staged"] > 0  # the goal's ratio: against the best host-staged path
 
 
 def test_pd_bench_ttft_and_serve_record_every_phase(stories_dir, compile_cache, tmp_path):
