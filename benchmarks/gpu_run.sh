@@ -411,6 +411,7 @@ PY
       off) tier_serve off --no-enable-prefix-caching ;;
       device) tier_serve device ;;
       tiered) tier_serve tiered $tiered ;;
+      tiered_switch5ms) RTPJAX_ENGINE_SWITCH_INTERVAL=0.005 tier_serve tiered_switch5ms $tiered ;;  # Python's default
       esac
       echo "== tiers: $config"; traffic $config
       kill -INT $server; wait $server

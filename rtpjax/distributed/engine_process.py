@@ -39,6 +39,10 @@ from rtpjax.engine.sequence import RequestMetrics
 
 log = logging.getLogger("rtpjax")
 REPORT_EVERY_S = 10.0  # how often a busy engine logs where its loop's time goes
+# How long another thread (KV tiers' writers and loaders, hand-offs) may hold the GIL while the engine's loop waits
+# for it: the loop gives the GIL up at every device call, and at Python's default (5 ms) it can wait that long to get
+# it back each time. RTPJAX_ENGINE_SWITCH_INTERVAL overrides (seconds).
+SWITCH_INTERVAL_S = float(os.environ.get("RTPJAX_ENGINE_SWITCH_INTERVAL", "0.0005"))
 STALLED_WAIT_S = 0.002  # a round that could run nothing (only KV tier loads pending) waits this long for a command
 STALLED_REPORT_S = 0.1  # and reports (stats) to the server at most this often
 
@@ -216,6 +220,7 @@ def _exit_with_parent(parent: int) -> None:
 
 def child_main(fd: int, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     threading.Thread(target=_exit_with_parent, args=(parent,), name="rtpjax-parent-watch", daemon=True).start()
     conn = Connection(fd)
     startup = messages.decode(conn.recv_bytes(), Startup)
