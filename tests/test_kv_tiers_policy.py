@@ -44,6 +44,33 @@ def test_should_load_follows_the_policy_and_the_costs():
     assert not should_load("auto", False, disk, LAYOUT.block_bytes, LAYOUT.block_size, 3, 1)
 
 
+def test_measured_costs_are_the_best_runs_so_one_slow_run_does_not_turn_loads_off():
+    """A slow first onload (another process freeing its memory) once made the engine recompute every hit for its
+    whole life: each cost is the best of its runs."""
+    from types import SimpleNamespace
+
+    from rtpjax.kv.tiers.build import measure_costs
+
+    seconds = {"write_packed": [0.3, 0.01, 0.3, 0.01, 0.3], "run_step": [0.3, 0.02, 0.3, 0.02, 0.3]}
+
+    def timed(name, result):
+        def call(*_):
+            time.sleep(seconds[name].pop(0))
+            return result
+
+        return call
+
+    copier = SimpleNamespace(sizes=[4], num_blocks=100)
+    copier.write_packed = timed("write_packed", np.zeros(1))
+    runner = SimpleNamespace(copier=copier, cache=np.zeros(1), token_buckets=[64], run_step=timed("run_step", np.zeros(1)),
+                             _batch=lambda *_: (), _seqs_for=lambda n: n)  # fmt: skip
+    tiers = SimpleNamespace(host=HostTier(8 * LAYOUT.block_bytes, LAYOUT.block_bytes), layout=LAYOUT,
+                            block_bytes=LAYOUT.block_bytes, block_size=LAYOUT.block_size)  # fmt: skip
+    costs = measure_costs(runner, tiers)
+    assert costs.onload_bytes_per_s > 4 * LAYOUT.block_bytes / 0.05  # the 0.01 s runs, not the median 0.3 s
+    assert costs.prefill_tokens_per_s > 64 / 0.05
+
+
 # -- the writer's backlog ----------------------------------------------------------------------------------------------
 
 

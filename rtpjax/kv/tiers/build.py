@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from rtpjax.kv.host_blocks import KVLayout, PackedBlocks
 from rtpjax.kv.tiers.disk import DiskTier
@@ -94,9 +93,11 @@ def make_tiers(args, layout: KVLayout, ident: dict) -> KVTiers | None:
     return KVTiers(layout, host, disk, args.preemption_mode)
 
 
-def measure_costs(runner, tiers: KVTiers, repeats: int = 3) -> Costs:
+def measure_costs(runner, tiers: KVTiers, repeats: int = 5) -> Costs:
     """Onload bandwidth (host rows -> cache) and the step's tokens per second, timed on the compiled executables
-    (the writes go to an index past the cache and are dropped, so the cache keeps its contents)."""
+    (the writes go to an index past the cache and are dropped, so the cache keeps its contents). Each is the best of
+    `repeats`: noise (another process freeing its memory, a first touch) only slows a run, and one slow measurement
+    would otherwise turn every load into a recompute for the engine's life."""
     n = min(runner.copier.sizes[-1], tiers.host.num_slots)
     tiers.host.buf[:n] = 0
     packed = PackedBlocks(tiers.layout, [tiers.host.buf[i] for i in range(n)], page_locked=tiers.host.unpin is not None)
@@ -113,7 +114,7 @@ def measure_costs(runner, tiers: KVTiers, repeats: int = 3) -> Costs:
         began = time.perf_counter()
         jax.block_until_ready(runner.run_step(*runner._batch([], tokens, runner._seqs_for(tokens))))
         step.append(time.perf_counter() - began)
-    costs = Costs(n * tiers.block_bytes / float(np.median(onload)), tokens / float(np.median(step)))
+    costs = Costs(n * tiers.block_bytes / min(onload), tokens / min(step))
     log.info("KV tiers: onload %.2f GB/s, recompute %.0f tokens/s: loading a block pays when it takes less than "
              "recomputing its %d tokens", costs.onload_bytes_per_s / 1e9, costs.prefill_tokens_per_s,
              tiers.block_size)  # fmt: skip
