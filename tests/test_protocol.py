@@ -250,3 +250,23 @@ def test_an_engine_waiting_only_for_kv_tier_loads_neither_spins_nor_floods_the_s
     assert engine.rounds <= 0.5 / ep.STALLED_WAIT_S + 10, f"{engine.rounds} rounds in 0.5 s: the loop spins"
     server.close()
     conn.close()
+
+
+
+def test_the_engine_loops_profile_is_written_as_pstats_and_text(tmp_path):
+    import cProfile
+    import pstats
+
+    from rtpjax.distributed.engine_process import _write_profile
+
+    def busy_loop():
+        return sum(i * i for i in range(10000))
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    busy_loop()
+    path = str(tmp_path / "engine.prof")
+    _write_profile(profiler, path)  # disables it first
+    assert any(name == "busy_loop" for (_, _, name) in pstats.Stats(path).stats)
+    text = (tmp_path / "engine.prof.txt").read_text()
+    assert "(busy_loop)" in text and "Ordered by: internal time" in text and "Ordered by: cumulative time" in text
