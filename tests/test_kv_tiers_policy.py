@@ -136,6 +136,20 @@ def test_writer_backlog_is_bounded_and_a_slow_disk_holds_no_fetch(tmp_path):
     assert not tiers._writer.is_alive() and not tiers._disk_writer.is_alive()
 
 
+def test_a_clean_stop_drains_every_block_to_disk_past_the_disks_smaller_backlog(tmp_path, monkeypatch):
+    from rtpjax.kv.tiers import manager
+
+    monkeypatch.setattr(manager, "DISK_BACKLOG_BYTES", 2 * LAYOUT.block_bytes)  # the disk's bound below the host's
+    host = HostTier(16 * LAYOUT.block_bytes, LAYOUT.block_bytes)
+    disk = DiskTier(str(tmp_path), 1 << 20, LAYOUT.block_bytes, {"model": "a"})
+    tiers = KVTiers(LAYOUT, host, disk, max_pending=8)
+    assert tiers.max_disk_pending == 2
+    stop = [(i, bytes([i]) * 16) for i in range(7)]
+    tiers.drain(stop, _gather)
+    assert all(h in disk for _, h in stop) and tiers.counters["disk"].dropped == 0
+    tiers.close()
+
+
 # -- counting ----------------------------------------------------------------------------------------------------------
 
 
@@ -223,3 +237,5 @@ def test_preemption_swaps_or_recomputes(swap_llm, stories_llm, seed, mode, costs
         assert now.bytes_written > host["bytes_written"], "the preempted blocks did not go down"
     assert (now.hits > host["hits"]) == loads, f"{mode}: a preempted sequence's blocks were {'not ' * loads}loaded"
     assert e.pool.num_free == e.pool.num_blocks and not any(e.tiers.host.leases), "a block or host row leaked"
+
+

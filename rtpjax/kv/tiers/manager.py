@@ -284,10 +284,11 @@ class KVTiers:
             self._settle(fetch)
 
     def drain(self, blocks: list[tuple[int, bytes]], gather_packed) -> None:
-        """Write (device block, hash) pairs down and wait, max_pending at a time so none is dropped (a clean stop:
-        the prefix cache goes to disk for the next start)."""
-        for i in range(0, len(blocks), self.max_pending):
-            for block, h in blocks[i : i + self.max_pending]:
+        """Write (device block, hash) pairs down and wait, a backlog's worth at a time so none is dropped (a clean
+        stop: the prefix cache goes to disk for the next start)."""
+        step = self.max_disk_pending if self.disk is not None else self.max_pending  # each batch fits both backlogs
+        for i in range(0, len(blocks), step):
+            for block, h in blocks[i : i + step]:
                 self.write_down(block, h)
             self.dispatch(gather_packed)
             self.flush()
