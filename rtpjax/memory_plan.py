@@ -280,8 +280,8 @@ def _check(p: MemoryPlan, one_sequence: int) -> None:
 
 def device_kv_blocks(cfg, args: EngineArgs, kv_dtype=None) -> int:
     """On a device with memory statistics: the blocks that fill what --gpu-memory-utilization leaves after what is
-    in use (the weights), counting what each device holds (its share of the KV heads, or copies). kv_dtype: per-layer
-    dtypes (rtpjax.quant.kv_precision) instead of --kv-cache-dtype."""
+    in use (the weights) and, with KV tiers, their staging, counting what each device holds (its share of the KV heads,
+    or copies). kv_dtype: per-layer dtypes (rtpjax.quant.kv_precision) instead of --kv-cache-dtype."""
     import jax
 
     from rtpjax.kv import kv_cache
@@ -293,5 +293,8 @@ def device_kv_blocks(cfg, args: EngineArgs, kv_dtype=None) -> int:
                                          args.pipeline_parallel_size)  # fmt: skip
     stats = jax.local_devices()[0].memory_stats()
     free = stats["bytes_limit"] * args.gpu_memory_utilization - stats.get("bytes_in_use", 0)
+    if args.kv_offloading_size:  # KV tiers stage up to one longest sequence's blocks, whole on every device (max_staged)
+        sequence = -(-(args.max_model_len or cfg.max_position_embeddings) // args.block_size)
+        free -= sequence * kv_cache.bytes_per_block(cfg, args.block_size, kv_dtype)
     free = free // BUDGET_STEP * BUDGET_STEP
     return max(1, int(free // per_block))

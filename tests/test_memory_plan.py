@@ -81,3 +81,24 @@ def test_host_memory_is_bounded_by_rlimits():
                                        timeout=120, check=True).stdout.split()  # fmt: skip
     assert source == "RLIMIT_AS" and 0 < int(available) < 6 << 30
     assert resource.getrlimit(resource.RLIMIT_AS)[0] == resource.RLIM_INFINITY  # the child's limit stayed there
+
+
+def test_a_device_cache_leaves_room_for_the_kv_tiers_staging(cfg, monkeypatch):
+    """Fetched blocks are staged on the device before admission, up to one longest sequence of them, whole on every
+    device: the device's KV cache leaves that room."""
+    import jax
+
+    from rtpjax.kv import kv_cache
+    from rtpjax.memory_plan import device_kv_blocks
+
+    class Device:
+        def memory_stats(self):
+            return {"bytes_limit": 80 * GB, "bytes_in_use": 16 * GB}
+
+    monkeypatch.setattr(jax, "local_devices", lambda: [Device()])
+    per_block = kv_cache.bytes_per_block(cfg, 16, "auto")
+    plain = device_kv_blocks(cfg, EngineArgs(max_model_len=8192, block_size=16))
+    tiered = device_kv_blocks(cfg, EngineArgs(max_model_len=8192, block_size=16, kv_offloading_size=4))
+    staging_blocks = 8192 // 16
+    rounding = (256 << 20) // per_block + 1  # the free memory is counted in 256 MiB steps
+    assert plain > tiered and abs(plain - tiered - staging_blocks) <= rounding
