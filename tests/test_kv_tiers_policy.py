@@ -78,6 +78,19 @@ def _gather(blocks):
     return [(len(blocks), np.stack([_row(b) for b in blocks]))]
 
 
+def _stuck_disk(disk):
+    """The disk's writes wait for `go` (set it to let them through); `entered` is set once one is waiting."""
+    entered, go, write = threading.Event(), threading.Event(), disk.write
+
+    def slow_write(h, row):
+        entered.set()
+        assert go.wait(10)
+        return write(h, row)
+
+    disk.write = slow_write
+    return entered, go
+
+
 def _until(condition, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while not condition() and time.monotonic() < deadline:
@@ -89,15 +102,7 @@ def test_writer_backlog_is_bounded_and_a_slow_disk_holds_no_fetch(tmp_path):
     host = HostTier(8 * LAYOUT.block_bytes, LAYOUT.block_bytes)
     disk = DiskTier(str(tmp_path), 1 << 20, LAYOUT.block_bytes, {"model": "a"})
     tiers = KVTiers(LAYOUT, host, disk, max_pending=2)
-    entered, go = threading.Event(), threading.Event()
-    write = disk.write
-
-    def slow_write(h, row):
-        entered.set()
-        assert go.wait(10)
-        return write(h, row)
-
-    disk.write = slow_write
+    entered, go = _stuck_disk(disk)
     h = [bytes([i]) * 16 for i in range(6)]
     tiers.write_down(0, h[0])
     tiers.dispatch(_gather)
@@ -147,6 +152,43 @@ def test_a_clean_stop_drains_every_block_to_disk_past_the_disks_smaller_backlog(
     stop = [(i, bytes([i]) * 16) for i in range(7)]
     tiers.drain(stop, _gather)
     assert all(h in disk for _, h in stop) and tiers.counters["disk"].dropped == 0
+    tiers.close()
+
+
+def test_a_clean_stop_behind_a_busy_disk_writer_still_drains_every_block(tmp_path, monkeypatch):
+    from rtpjax.kv.tiers import manager
+
+    monkeypatch.setattr(manager, "DISK_BACKLOG_BYTES", 2 * LAYOUT.block_bytes)
+    disk = DiskTier(str(tmp_path), 1 << 20, LAYOUT.block_bytes, {"model": "a"})
+    tiers = KVTiers(LAYOUT, HostTier(16 * LAYOUT.block_bytes, LAYOUT.block_bytes), disk, max_pending=8)
+    entered, go = _stuck_disk(disk)
+    for i in range(2):  # the disk's backlog is full when the stop begins
+        tiers.write_down(i, bytes([i]) * 16)
+    tiers.dispatch(_gather)
+    assert entered.wait(10) and _until(lambda: tiers.disk_pending == 2)
+    stop = [(i, bytes([i]) * 16) for i in range(10, 14)]
+    drain = threading.Thread(target=tiers.drain, args=(stop, _gather))
+    drain.start()
+    time.sleep(0.2)
+    go.set()
+    drain.join(30)
+    assert all(h in disk for _, h in stop) and tiers.counters["disk"].dropped == 0
+    tiers.close()
+
+
+def test_a_block_queued_for_the_disk_is_not_queued_twice(tmp_path):
+    disk = DiskTier(str(tmp_path), 1 << 20, LAYOUT.block_bytes, {"model": "a"})
+    host = HostTier(LAYOUT.block_bytes, LAYOUT.block_bytes)  # one row: each block down evicts the last
+    tiers = KVTiers(LAYOUT, host, disk, max_pending=8)
+    entered, go = _stuck_disk(disk)
+    a, b = bytes([1]) * 16, bytes([2]) * 16
+    for block, h in ((0, a), (1, b), (2, a)):  # `a` leaves host memory while queued for the disk, then comes down again
+        tiers.write_down(block, h)
+        tiers.dispatch(_gather)
+        assert _until(lambda: h in host)
+    assert entered.wait(10) and tiers.disk_pending == 2 and tiers.disk_queued == {a, b}
+    go.set()
+    assert tiers.flush() and a in disk and b in disk and tiers.disk_pending == 0
     tiers.close()
 
 
@@ -237,5 +279,3 @@ def test_preemption_swaps_or_recomputes(swap_llm, stories_llm, seed, mode, costs
         assert now.bytes_written > host["bytes_written"], "the preempted blocks did not go down"
     assert (now.hits > host["hits"]) == loads, f"{mode}: a preempted sequence's blocks were {'not ' * loads}loaded"
     assert e.pool.num_free == e.pool.num_blocks and not any(e.tiers.host.leases), "a block or host row leaked"
-
-

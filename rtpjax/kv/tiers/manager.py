@@ -2,8 +2,8 @@
 
 Down: a block the device evicts (BlockPool's hook) or a preempted sequence's blocks are queued with their hashes;
 the engine dispatches one packed gather for them right after scheduling, before the step (or a load) can overwrite
-them, and a worker thread waits for the copy and writes each block to the tiers that lack it. Nothing here waits for
-the device on the engine's thread.
+them, and a worker thread waits for the copy and puts each block in host memory (if it lacks it), then hands it to the
+disk's writer. Nothing here waits for the device on the engine's thread.
 
 The disk has a writer thread of its own, fed by the host writer: a block lands in host memory (and fetches waiting
 for it go on) without waiting for the disk writes queued before it. Each writer's backlog is bounded (max_pending
@@ -42,6 +42,7 @@ log = logging.getLogger("rtpjax")
 
 POLICIES = ("auto", "swap", "recompute")
 DISK_BACKLOG_BYTES = 4 << 30  # at most this much K/V waits in host memory for the disk writer
+STOP_TIMEOUT_S = 20.0  # a clean stop waits at most this long for the writers (a stuck disk loses its last blocks)
 
 
 @dataclasses.dataclass
@@ -194,8 +195,9 @@ class KVTiers:
         for _, h in dropped:
             self._landed(h, None)
         if dropped:
-            for tier in self.tiers:
-                self.counters[tier.name].dropped += len(dropped)
+            with self.lock:
+                for tier in self.tiers:
+                    self.counters[tier.name].dropped += len(dropped)
             log.warning("KV tiers: %d blocks not written down (the writer is %d blocks behind)", len(dropped),
                         self.max_pending)  # fmt: skip
         if kept:
@@ -210,35 +212,39 @@ class KVTiers:
                 job.set()  # flush: everything before it is written
             else:
                 self._write(*job)
+            job = None  # noqa: F841 - its pieces are not held while the writer waits for the next
         self._disk_jobs.put(None)
 
     def _disk_loop(self) -> None:
         while (job := self._disk_jobs.get()) is not None:
             if isinstance(job, threading.Event):
                 job.set()
-                continue
-            hashes, rows = job
-            try:
-                self._store("disk", self.disk, self.disk.write, hashes, rows, time.perf_counter())
-            except Exception:  # noqa: BLE001 - the blocks are only not kept on disk; the engine goes on
-                log.exception("KV tiers: writing %d blocks to disk failed", len(hashes))
-            finally:
-                with self.lock:
-                    self.disk_queued.difference_update(hashes)
-                    self.disk_pending -= len(hashes)
+            else:
+                self._write_disk(*job)
+            job = None  # noqa: F841 - its rows are not held while the writer waits for the next
+
+    def _write_disk(self, hashes: list[bytes], rows: list) -> None:
+        try:
+            self._store("disk", self.disk, self.disk.write, hashes, rows, time.perf_counter())
+        except Exception:  # noqa: BLE001 - the blocks are only not kept on disk; the engine goes on
+            log.exception("KV tiers: writing %d blocks to disk failed", len(hashes))
+        finally:
+            with self.lock:
+                self.disk_queued.difference_update(hashes)
+                self.disk_pending -= len(hashes)
 
     def _queue_for_disk(self, hashes: list[bytes], rows: list) -> None:
-        """Hand rows now in host memory to the disk writer (the rows keep their downloaded pieces alive until then);
-        past max_disk_pending blocks behind, they skip the disk tier and are counted as dropped."""
+        """Hand copies of rows now in host memory to the disk writer; past max_disk_pending blocks behind, they skip
+        the disk tier and are counted as dropped."""
         with self.lock:
-            keep = [(h, row) for h, row in zip(hashes, rows) if h not in self.disk]
+            keep = [(h, row) for h, row in zip(hashes, rows) if h not in self.disk and h not in self.disk_queued]
             room = max(0, self.max_disk_pending - self.disk_pending)
             keep, dropped = keep[:room], len(keep) - min(room, len(keep))
             self.disk_pending += len(keep)
             self.disk_queued.update(h for h, _ in keep)
-        self.counters["disk"].dropped += dropped
-        if keep:
-            self._disk_jobs.put(([h for h, _ in keep], [row for _, row in keep]))
+            self.counters["disk"].dropped += dropped
+        if keep:  # copies: a view would hold its whole downloaded piece (padding, rows not kept) until written
+            self._disk_jobs.put(([h for h, _ in keep], [np.array(row) for _, row in keep]))
 
     def _store(self, name: str, tier, put, hashes: list[bytes], rows, began: float) -> None:
         """Rows into one tier (those it lacks), counted: bytes kept, blocks it had no room for, time."""
@@ -246,9 +252,11 @@ class KVTiers:
         for h, row in zip(hashes, rows):
             if h not in tier:
                 stored = put(h, row)
-                counters.bytes_written += stored * row.nbytes
-                counters.dropped += not stored
-        counters.write_seconds += time.perf_counter() - began
+                with self.lock:  # (dropped is counted by other threads too)
+                    counters.bytes_written += stored * row.nbytes
+                    counters.dropped += not stored
+        with self.lock:
+            counters.write_seconds += time.perf_counter() - began
 
     def _write(self, hashes: list[bytes], pieces, began: float) -> None:
         landed = 0
@@ -286,19 +294,29 @@ class KVTiers:
     def drain(self, blocks: list[tuple[int, bytes]], gather_packed) -> None:
         """Write (device block, hash) pairs down and wait, a backlog's worth at a time so none is dropped (a clean
         stop: the prefix cache goes to disk for the next start)."""
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        self.dispatch(gather_packed)  # what is queued already goes first, and the backlogs empty before the batches
+        done = self.flush(STOP_TIMEOUT_S)
         step = self.max_disk_pending if self.disk is not None else self.max_pending  # each batch fits both backlogs
         for i in range(0, len(blocks), step):
+            if not done:
+                log.warning("KV tiers: a stop left %d blocks unwritten (the writers were still busy after %.0f s)",
+                            len(blocks) - i, STOP_TIMEOUT_S)  # fmt: skip
+                return
             for block, h in blocks[i : i + step]:
                 self.write_down(block, h)
             self.dispatch(gather_packed)
-            self.flush()
+            done = self.flush(max(0.0, deadline - time.monotonic()))
 
-    def flush(self, timeout: float = 20.0) -> None:
-        """Wait until everything queued so far is written down (before a shutdown or a restart)."""
+    def flush(self, timeout: float = STOP_TIMEOUT_S) -> bool:
+        """Wait until everything queued so far is written down (before a shutdown or a restart); False if it was not
+        within `timeout` seconds."""
         done = threading.Event()
         self._jobs.put(done)
         if not done.wait(timeout):
             log.warning("KV tiers: blocks still being written down after %.0f s", timeout)
+            return False
+        return True
 
     # -- up ---------------------------------------------------------------------------------------------------------
 
@@ -362,14 +380,15 @@ class KVTiers:
         seconds = time.perf_counter() - began
         if ok:
             self.host.publish(h, slot)
-            disk = self.counters["disk"]
-            disk.bytes_read += self.block_bytes
-            disk.read_seconds += seconds
-            if self.costs is not None:
-                rate = self.block_bytes / max(seconds, 1e-9)
-                old = self.costs.disk_bytes_per_s
-                self.costs.disk_bytes_per_s = rate if old is None else 0.9 * old + 0.1 * rate
-        with self.lock:
+        with self.lock:  # (several readers count and measure at once)
+            if ok:
+                disk = self.counters["disk"]
+                disk.bytes_read += self.block_bytes
+                disk.read_seconds += seconds
+                if self.costs is not None:
+                    rate = self.block_bytes / max(seconds, 1e-9)
+                    old = self.costs.disk_bytes_per_s
+                    self.costs.disk_bytes_per_s = rate if old is None else 0.9 * old + 0.1 * rate
             fetch.ok[i] = ok
             if fetch.dropped:
                 self.host.release(slot)
@@ -509,11 +528,16 @@ class KVTiers:
         return "KV tiers: " + "; ".join(parts)
 
     def close(self) -> None:
-        """Stop the writer (after the writes queued so far) and the readers; the manager takes no work after this."""
+        """Stop the writers (after the writes queued so far, within STOP_TIMEOUT_S in all), the readers and the
+        onload thread; the manager takes no work after this."""
         self.closed = True
+        deadline = time.monotonic() + STOP_TIMEOUT_S
         self._jobs.put(None)  # the writer passes it on to the disk writer
-        self._writer.join(timeout=20)
+        self._writer.join(timeout=STOP_TIMEOUT_S)
         if self.disk is not None:
-            self._disk_writer.join(timeout=20)
-        self._readers.shutdown(wait=True)
-        self._onloader.shutdown(wait=True)
+            self._disk_writer.join(timeout=max(0.0, deadline - time.monotonic()))
+        stuck = self._writer.is_alive() or self._disk_writer.is_alive()  # a disk that hangs: its readers may too
+        if stuck:
+            log.warning("KV tiers: the writers did not stop within %.0f s; their blocks are lost", STOP_TIMEOUT_S)
+        self._readers.shutdown(wait=not stuck, cancel_futures=stuck)
+        self._onloader.shutdown(wait=not stuck, cancel_futures=stuck)
