@@ -95,7 +95,8 @@ def transfer(args) -> dict:
         if at is not None:  # the best host-staged path: both copies by DMA from and to page-locked memory
             row["pinned_d2h_s"] = median_seconds(lambda x: jax.device_put(x, at).block_until_ready(), args.repeats,
                                                  fresh)  # fmt: skip
-            up, back = jax.device_put(on_device, at).block_until_ready(), at.with_memory_kind(device.default_memory().kind)
+            up = jax.device_put(on_device, at).block_until_ready()
+            back = at.with_memory_kind(device.default_memory().kind)
             row["pinned_h2d_s"] = median_seconds(lambda _: jax.device_put(up, back).block_until_ready(), args.repeats)
             row["pinned_staged_s"] = row["pinned_d2h_s"] + row["pinned_h2d_s"]
         try:

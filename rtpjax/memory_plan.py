@@ -293,8 +293,13 @@ def device_kv_blocks(cfg, args: EngineArgs, kv_dtype=None) -> int:
                                          args.pipeline_parallel_size)  # fmt: skip
     stats = jax.local_devices()[0].memory_stats()
     free = stats["bytes_limit"] * args.gpu_memory_utilization - stats.get("bytes_in_use", 0)
-    if args.kv_offloading_size:  # KV tiers stage up to one longest sequence's blocks, whole on every device (max_staged)
-        sequence = -(-(args.max_model_len or cfg.max_position_embeddings) // args.block_size)
-        free -= sequence * kv_cache.bytes_per_block(cfg, args.block_size, kv_dtype)
     free = free // BUDGET_STEP * BUDGET_STEP
-    return max(1, int(free // per_block))
+    if not args.kv_offloading_size:
+        return max(1, int(free // per_block))
+    # KV tiers stage up to one longest sequence's blocks (max_staged), whole on every device; where that and a
+    # sequence's cache do not both fit, the two share what there is (the context shrinks to fit, see with_blocks)
+    sequence = -(-(args.max_model_len or cfg.max_position_embeddings) // args.block_size)
+    staged = kv_cache.bytes_per_block(cfg, args.block_size, kv_dtype)
+    if free - sequence * staged >= sequence * per_block:
+        return int((free - sequence * staged) // per_block)
+    return max(1, int(free // (per_block + staged)))

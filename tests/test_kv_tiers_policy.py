@@ -62,8 +62,8 @@ def test_measured_costs_are_the_best_runs_so_one_slow_run_does_not_turn_loads_of
 
     copier = SimpleNamespace(sizes=[4], num_blocks=100)
     copier.write_packed = timed("write_packed", np.zeros(1))
-    runner = SimpleNamespace(copier=copier, cache=np.zeros(1), token_buckets=[64], run_step=timed("run_step", np.zeros(1)),
-                             _batch=lambda *_: (), _seqs_for=lambda n: n)  # fmt: skip
+    runner = SimpleNamespace(copier=copier, cache=np.zeros(1), token_buckets=[64], _batch=lambda *_: (),
+                             run_step=timed("run_step", np.zeros(1)), _seqs_for=lambda n: n)  # fmt: skip
     tiers = SimpleNamespace(host=HostTier(8 * LAYOUT.block_bytes, LAYOUT.block_bytes), layout=LAYOUT,
                             block_bytes=LAYOUT.block_bytes, block_size=LAYOUT.block_size)  # fmt: skip
     costs = measure_costs(runner, tiers)

@@ -252,7 +252,6 @@ def test_an_engine_waiting_only_for_kv_tier_loads_neither_spins_nor_floods_the_s
     conn.close()
 
 
-
 def test_the_engine_loops_profile_is_written_as_pstats_and_text(tmp_path):
     import cProfile
     import pstats
@@ -270,3 +269,16 @@ def test_the_engine_loops_profile_is_written_as_pstats_and_text(tmp_path):
     assert any(name == "busy_loop" for (_, _, name) in pstats.Stats(path).stats)
     text = (tmp_path / "engine.prof.txt").read_text()
     assert "(busy_loop)" in text and "Ordered by: internal time" in text and "Ordered by: cumulative time" in text
+
+
+def test_the_engine_switch_interval_defaults_short_and_refuses_bad_values(monkeypatch):
+    from rtpjax.distributed.engine_process import SWITCH_INTERVAL_S, switch_interval
+
+    monkeypatch.delenv("RTPJAX_ENGINE_SWITCH_INTERVAL", raising=False)
+    assert switch_interval() == SWITCH_INTERVAL_S < 0.005  # Python's default let the tiers' threads hold the loop
+    monkeypatch.setenv("RTPJAX_ENGINE_SWITCH_INTERVAL", "0.002")
+    assert switch_interval() == 0.002
+    for bad in ("fast", "0", "-1"):
+        monkeypatch.setenv("RTPJAX_ENGINE_SWITCH_INTERVAL", bad)
+        with pytest.raises(ValueError, match="RTPJAX_ENGINE_SWITCH_INTERVAL must be a positive number"):
+            switch_interval()

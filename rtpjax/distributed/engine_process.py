@@ -42,7 +42,20 @@ REPORT_EVERY_S = 10.0  # how often a busy engine logs where its loop's time goes
 # How long another thread (KV tiers' writers and loaders, hand-offs) may hold the GIL while the engine's loop waits
 # for it: the loop gives the GIL up at every device call, and at Python's default (5 ms) it can wait that long to get
 # it back each time. RTPJAX_ENGINE_SWITCH_INTERVAL overrides (seconds).
-SWITCH_INTERVAL_S = float(os.environ.get("RTPJAX_ENGINE_SWITCH_INTERVAL", "0.0005"))
+SWITCH_INTERVAL_S = 0.0005
+
+
+def switch_interval() -> float:
+    value = os.environ.get("RTPJAX_ENGINE_SWITCH_INTERVAL")
+    if value is None:
+        return SWITCH_INTERVAL_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise ValueError(f"RTPJAX_ENGINE_SWITCH_INTERVAL must be a positive number of seconds, got {value!r}")
+    return seconds
 STALLED_WAIT_S = 0.002  # a round that could run nothing (only KV tier loads pending) waits this long for a command
 STALLED_REPORT_S = 0.1  # and reports (stats) to the server at most this often
 
@@ -220,13 +233,13 @@ def _exit_with_parent(parent: int) -> None:
 
 def child_main(fd: int, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
     threading.Thread(target=_exit_with_parent, args=(parent,), name="rtpjax-parent-watch", daemon=True).start()
     conn = Connection(fd)
     startup = messages.decode(conn.recv_bytes(), Startup)
     logging.basicConfig(level=startup.log_level, format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s")
     logging.getLogger("jax").setLevel(max(startup.log_level, logging.WARNING))  # not its probe for TPU backends
     try:
+        sys.setswitchinterval(switch_interval())
         engine = LLMEngine(startup.model, EngineArgs(**startup.engine_args))
     except (ValueError, OSError) as e:  # bad options or files: the parent raises the message alone, as one line
         conn.send_bytes(messages.encode(Failed(str(e), traceback.format_exc(), user_error=True)))
@@ -244,8 +257,11 @@ def child_main(fd: int, parent: int) -> None:
     except (EOFError, OSError):
         pass  # the parent is gone
     finally:
-        if profiler is not None:
-            _write_profile(profiler, profile)
+        try:
+            if profiler is not None:
+                _write_profile(profiler, profile)
+        except OSError as e:
+            log.error("RTPJAX_ENGINE_PROFILE: could not write %s: %s", profile, e)
         engine.close()  # KV tiers: the prefix cache goes down to disk for the next start
 
 
