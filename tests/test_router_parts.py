@@ -78,7 +78,7 @@ def test_cache_aware_prefers_the_cached_prefix_unless_the_queue_costs_more():
     assert (d.worker, d.reason, d.cached_tokens) == (a, "prefix", 64)
     a_busy = worker("http://a", unfinished=4, waiting_tokens=600)  # its queue outweighs the 64 cached tokens
     assert policy.choose(prompt, [a_busy, b]).worker is b
-    hot = worker("http://a", unfinished=20)  # the balance guard: 20 > 0 * 1.5 + 8
+    hot = worker("http://a", unfinished=40)  # the balance guard (40 > 0 * 1.5 + 8), past even a sticky prefix's (4 * 8)
     d = policy.choose(prompt, [hot, b])
     assert (d.worker, d.reason) == (b, "balance")
 
@@ -225,4 +225,4 @@ def test_a_conversations_next_turn_stays_on_its_replica_before_any_kv_event():
     assert policy.choose(prompt, [overloaded, b]).worker is b
     busier = worker("http://a", unfinished=14)  # set aside by the balance guard (14 > 2 * 1.5 + 8), not by stickiness
     assert policy.choose(prompt, [busier, b]).worker is busier
-    assert policy.choose(prompt, [worker("http://a", unfinished=20), b]).worker is b  # 20 > 2 * 1.5 + 2 * 8
+    assert policy.choose(prompt, [worker("http://a", unfinished=36), b]).worker is b  # 36 > 2 * 1.5 + 4 * 8

@@ -11,7 +11,7 @@ everything onto one replica while the others idle.
 
 A prompt whose longest cached prefix covers at least `sticky_fraction` of it (a conversation's next turn, a long shared
 prefix) sticks to the replica holding that prefix unless the replica is clearly overloaded: more outstanding requests
-than the least loaded one's times `balance_rel` plus twice `balance_abs`, or a predicted TTFT above `sticky_rel` times
+than the least loaded one's times `balance_rel` plus 4 times `balance_abs`, or a predicted TTFT above `sticky_rel` times
 the best replica's, both queues costed by the holder's own step times (a noisy fit must not move a conversation).
 Moving it would save this request little but leave its history cached where the conversation no longer goes, and copy
 it elsewhere by evicting other prefixes. The index credits a routed prompt's blocks to its replica at once
@@ -110,8 +110,8 @@ class Policy:
 
     def _holder(self, prompt: Prompt, matched: dict[str, int], workers: list[Worker], least: int) -> Worker | None:
         """The replica a prompt sticks to: the one caching the longest prefix of it, where that covers
-        `sticky_fraction` of the prompt and the replica is within twice the balance guard's slack."""
-        room = least * self.balance_rel + 2 * self.balance_abs
+        `sticky_fraction` of the prompt and the replica is within 4 times the balance guard's slack."""
+        room = least * self.balance_rel + 4 * self.balance_abs
         holder = max(workers, key=lambda w: (matched[w.url], w.outstanding() <= room, -w.outstanding()))
         cached = matched[holder.url] * self.block_size
         if not cached or cached < self.sticky_fraction * prompt.num_tokens or holder.outstanding() > room:
