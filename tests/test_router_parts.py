@@ -78,14 +78,15 @@ def test_cache_aware_prefers_the_cached_prefix_unless_the_queue_costs_more():
     assert (d.worker, d.reason, d.cached_tokens) == (a, "prefix", 64)
     a_busy = worker("http://a", unfinished=4, waiting_tokens=600)  # its queue outweighs the 64 cached tokens
     assert policy.choose(prompt, [a_busy, b]).worker is b
-    hot = worker("http://a", unfinished=20)  # the balance guard: 20 > 0 * 1.5 + 8
+    hot = worker("http://a", unfinished=40)  # the balance guard (40 > 0 * 1.5 + 8), past even a sticky prefix's (4 * 8)
     d = policy.choose(prompt, [hot, b])
     assert (d.worker, d.reason) == (b, "balance")
 
 
 def test_cache_aware_under_load_keeps_a_long_prefix_where_it_is_cached():
     """A slightly longer queue on the replica holding 1024 of the prompt's 1040 tokens beats prefilling them again
-    on one with requests of its own (each would wait for that prefill); with none there, TTFT alone decides."""
+    on one with requests of its own (each would wait for that prefill). Against an idle replica it keeps the prefix
+    while its TTFT is within `sticky_rel` of the idle one's; without stickiness TTFT alone decides."""
     long = prefix_hashes(list(range(1024)), 16)
     index = PrefixIndex()
     index.apply("http://a", [stored(long)])
@@ -95,7 +96,11 @@ def test_cache_aware_under_load_keeps_a_long_prefix_where_it_is_cached():
     busy = worker("http://b", unfinished=6)  # 17 steps to prefill the whole prompt, 6 requests held up meanwhile
     d = policy.choose(prompt, [holder, busy])
     assert (d.worker, d.reason, d.cached_tokens) == (holder, "prefix", 1024)
-    assert policy.choose(prompt, [holder, worker("http://b")]).worker.url == "http://b"
+    idle = worker("http://b")
+    assert policy.choose(prompt, [holder, idle]).worker is holder  # 18 steps to its turn against 17 to prefill
+    assert Policy("cache_aware", index, sticky_fraction=2.0).choose(prompt, [holder, idle]).worker is idle
+    deep = worker("http://a", unfinished=8, waiting_tokens=6000)  # 94 steps to its turn: more than 4 times 17
+    assert policy.choose(prompt, [deep, idle]).worker is idle
 
 
 def test_round_robin_and_least_load():
@@ -199,3 +204,25 @@ def test_an_unmeasured_replica_is_costed_as_its_measured_peer():
     a, b = worker("http://a"), worker("http://b")
     a.cost.a, a.cost.b, a.cost.calibrated = 0.05, 1e-3, True  # slow steps, measured
     assert Policy("cache_aware", index).choose(Prompt(56, HASHES[:3]), [a, b]).worker is a
+
+
+def test_a_conversations_next_turn_stays_on_its_replica_before_any_kv_event():
+    """The next turn resends the history: it goes where the last turn went (credited at routing, no event yet) although
+    a less loaded replica predicts a slightly lower TTFT, and moves only when that replica is clearly overloaded."""
+    index = PrefixIndex()
+    policy = Policy("cache_aware", index)
+    turn1 = list(range(160))
+    a, b = worker("http://a"), worker("http://b", unfinished=1)
+    first = policy.choose(Prompt(len(turn1), prefix_hashes(turn1, 16)), [a, b])
+    assert first.worker is a
+    index.note_routed(a.url, prefix_hashes(turn1, 16))  # as the router does when it sends the request
+    turn2 = turn1 + list(range(1000, 1176))  # the answer and the next question
+    prompt = Prompt(len(turn2), prefix_hashes(turn2, 16))
+    a, b = worker("http://a", unfinished=4, waiting_tokens=300), worker("http://b", unfinished=2)
+    d = policy.choose(prompt, [a, b])
+    assert (d.worker, d.reason, d.cached_tokens) == (a, "prefix", 160)
+    overloaded = worker("http://a", unfinished=4, waiting_tokens=3000)  # 50 steps to its first token against 6
+    assert policy.choose(prompt, [overloaded, b]).worker is b
+    busier = worker("http://a", unfinished=14)  # set aside by the balance guard (14 > 2 * 1.5 + 8), not by stickiness
+    assert policy.choose(prompt, [busier, b]).worker is busier
+    assert policy.choose(prompt, [worker("http://a", unfinished=36), b]).worker is b  # 36 > 2 * 1.5 + 4 * 8

@@ -3,7 +3,8 @@
 A replica's entry for a hash is confirmed by its BlockStored event and dropped by BlockRemoved (or AllBlocksCleared,
 or a gap in the events). Between routing a request and that request's events arriving, the replica is credited with
 the prompt's blocks tentatively, for `tentative_s`: a burst of requests sharing a new prefix then follows the first
-one instead of spreading before any event could say where the prefix went.
+one instead of spreading before any event could say where the prefix went, and a conversation's next turn, sent as soon
+as the last answer ends, finds its history where that turn went.
 """
 
 from __future__ import annotations

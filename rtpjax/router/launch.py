@@ -19,7 +19,9 @@ def add_policy_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> N
     parser.add_argument(f"--{prefix}policy", choices=POLICIES, default="cache_aware",
                         help="cache_aware: the replica with the least predicted time to first token (its cached "
                         "prefix of the prompt, from the engines' KV events, and its queue, costed by its measured "
-                        "steps); least_load: the fewest outstanding requests; round_robin")  # fmt: skip
+                        "steps; a prompt mostly cached on one replica, such as a conversation's next turn, sticks "
+                        "to it unless that one is clearly overloaded); least_load: the fewest outstanding "
+                        "requests; round_robin")  # fmt: skip
     parser.add_argument(f"--{prefix}balance-abs-threshold", type=int, default=8,
                         help="cache_aware sets aside replicas with more outstanding requests than the least loaded "
                         "one's times --balance-rel-threshold plus this")  # fmt: skip

@@ -8,6 +8,14 @@ replica holding the prefix keeps it unless its queue costs more than the prefill
 replica the term is zero and the choice is by TTFT alone). The balance guard first sets aside replicas holding more than
 `balance_rel` times the least loaded one's outstanding requests plus `balance_abs`, so one hot prefix cannot pile
 everything onto one replica while the others idle.
+
+A prompt whose longest cached prefix covers at least `sticky_fraction` of it (a conversation's next turn, a long shared
+prefix) sticks to the replica holding that prefix unless the replica is clearly overloaded: more outstanding requests
+than the least loaded one's times `balance_rel` plus 4 times `balance_abs`, or a predicted TTFT above `sticky_rel` times
+the best replica's, both queues costed by the holder's own step times (a noisy fit must not move a conversation).
+Moving it would save this request little but leave its history cached where the conversation no longer goes, and copy
+it elsewhere by evicting other prefixes. The index credits a routed prompt's blocks to its replica at once
+(index.PrefixIndex.note_routed), so the next turn sticks before the engine's KV events confirm them.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import itertools
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from rtpjax.router.cost import CostModel
     from rtpjax.router.index import PrefixIndex
     from rtpjax.router.workers import Worker
 
@@ -46,6 +55,8 @@ class Policy:
     block_size: int = 16
     balance_abs: int = 8
     balance_rel: float = 1.5
+    sticky_fraction: float = 0.3
+    sticky_rel: float = 4.0
     _turn: itertools.count = dataclasses.field(default_factory=itertools.count)
 
     def __post_init__(self):
@@ -69,14 +80,25 @@ class Policy:
         # kind of device), not by the prior: an idle replica must not look faster than a busy one for lack of data.
         peer = next((w.cost for w in workers if w.cost.calibrated), None)
 
-        def score(w: Worker) -> float:
-            cost = w.cost if w.cost.calibrated or peer is None else peer
-            new = prompt.num_tokens - matched[w.url] * self.block_size
-            ttft = cost.ttft(w.queued_tokens(cost), new, w.load.get("num_running", 0),
-                             w.load.get("max_num_batched_tokens", 0))  # fmt: skip
-            return ttft + cost.b * new * w.outstanding()  # the delay its prefill adds to those already there
+        def own(w: Worker) -> CostModel:
+            return w.cost if w.cost.calibrated or peer is None else peer
 
-        best = min(eligible, key=lambda w: (score(w), -matched[w.url], w.outstanding()))
+        def ttft(w: Worker, cost: CostModel) -> float:
+            new = prompt.num_tokens - matched[w.url] * self.block_size
+            return cost.ttft(w.queued_tokens(cost), new, w.load.get("num_running", 0),
+                             w.load.get("max_num_batched_tokens", 0))  # fmt: skip
+
+        def score(w: Worker) -> float:
+            cost = own(w)  # plus the delay its prefill adds to those already there
+            return ttft(w, cost) + cost.b * (prompt.num_tokens - matched[w.url] * self.block_size) * w.outstanding()
+
+        scores = {w.url: score(w) for w in eligible}
+        best = min(eligible, key=lambda w: (scores[w.url], -matched[w.url], w.outstanding()))
+        holder = self._holder(prompt, matched, workers, least)
+        if holder is not None and holder is not best:
+            cost = own(holder)  # both queues costed alike: a noisy fit must not move a conversation
+            if ttft(holder, cost) <= self.sticky_rel * ttft(best, cost):
+                best = holder
         longest = max(matched.values())
         if longest and matched[best.url] == longest:
             reason = "prefix"
@@ -85,3 +107,13 @@ class Policy:
         else:
             reason = "ttft"
         return Decision(best, reason, matched[best.url] * self.block_size)
+
+    def _holder(self, prompt: Prompt, matched: dict[str, int], workers: list[Worker], least: int) -> Worker | None:
+        """The replica a prompt sticks to: the one caching the longest prefix of it, where that covers
+        `sticky_fraction` of the prompt and the replica is within 4 times the balance guard's slack."""
+        room = least * self.balance_rel + 4 * self.balance_abs
+        holder = max(workers, key=lambda w: (matched[w.url], w.outstanding() <= room, -w.outstanding()))
+        cached = matched[holder.url] * self.block_size
+        if not cached or cached < self.sticky_fraction * prompt.num_tokens or holder.outstanding() > room:
+            return None
+        return holder
