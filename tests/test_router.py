@@ -280,15 +280,15 @@ def _ended_with_error(events: list) -> bool:
     return len(events) >= 2 and events[-1] == "[DONE]" and "error" in json.loads(events[-2])
 
 
-def test_a_hung_replica_is_out_within_2s_its_streams_end_with_an_error_and_it_rejoins(cluster):
+def test_a_hung_replica_is_out_within_seconds_its_streams_end_with_an_error_and_it_rejoins(cluster):
     url = cluster.routers["round_robin"]
     hung = cluster.procs[1]
     results, threads = _streams(url, 2)
     os.kill(hung.pid, signal.SIGSTOP)
     stopped = time.monotonic()
     try:
-        _wait(lambda: not httpx.get(url + "/workers").json()[1]["healthy"], "marked out", 5)
-        assert time.monotonic() - stopped < 2.5
+        _wait(lambda: not httpx.get(url + "/workers").json()[1]["healthy"], "marked out", 6)
+        assert time.monotonic() - stopped < 4.5  # two polls in a row unanswered: 2 x (0.5 s interval + 1 s timeout)
         for t in threads:
             t.join(timeout=60)
         assert time.monotonic() - stopped < 30

@@ -25,11 +25,15 @@ def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
+LATE_S = 0.45  # past the routed fixture's poll timeout (0.3 s)
+
+
 class FakeReplica:
     """Answers GET /load (until it hangs) and plays the script named by a completion's prompt."""
 
     def __init__(self):
         self.hung = False  # /load and every script stop answering
+        self.late_loads = 0  # how many of the next GET /load answers come late (past the router's poll timeout)
         self.closed = threading.Event()  # the router closed a "slow" stream's connection
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -61,6 +65,9 @@ class FakeReplica:
                 while self.hung:
                     await asyncio.sleep(0.05)
                 if path == "/load":
+                    if self.late_loads:
+                        self.late_loads -= 1
+                        await asyncio.sleep(LATE_S)
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
                                  % (len(LOAD), LOAD))  # fmt: skip
                 elif path == "/v1/completions":
@@ -185,6 +192,19 @@ def test_a_hung_replica_ends_its_stream_with_an_error_event_and_a_waiting_reques
         time.sleep(0.05)
     r = httpx.post(url + "/v1/completions", json={"prompt": "hang before headers"}, timeout=10)
     assert r.status_code == 502 and r.json()["error"]["code"] == "replica_failed"
+
+
+def test_a_busy_replica_late_to_answer_one_poll_stays_in_and_keeps_its_stream(routed):
+    url, replica = routed
+    with httpx.stream("POST", url + "/v1/completions", json={"prompt": "slow", "stream": True}, timeout=10) as r:
+        chunks = r.iter_bytes()
+        assert next(chunks).startswith(b"data: ")
+        replica.late_loads = 1
+        deadline = time.monotonic() + 3 * LATE_S
+        while time.monotonic() < deadline:  # one poll times out meanwhile; the stream goes on
+            assert b"error" not in next(chunks)
+            assert httpx.get(url + "/health", timeout=2).status_code == 200
+        assert replica.late_loads == 0, "no poll came while the stream ran"
 
 
 def test_a_client_leaving_mid_stream_closes_the_replicas_connection(routed):

@@ -1,8 +1,9 @@
 """The replicas behind a router: health, load and KV events, each followed by a task of its own.
 
 Nothing here knows what a replica is for, so a prefill/decode router keeps one WorkerPool per role. A replica is out
-as soon as a request to it fails to connect, or when `GET /load` fails or takes longer than `timeout_s` (polled every
-`interval_s`): a dead process refuses at once, a hung one is out within interval + timeout. Its watchers (the
+as soon as a request to it fails to connect or `GET /load` (polled every `interval_s`) fails, or when `misses_to_out`
+polls in a row take longer than `timeout_s`: a dead process refuses at once, a hung one is out within
+misses_to_out x (interval + timeout), and a busy one whose answer was late once keeps its streams. Its watchers (the
 requests and relays waiting on it, `Worker.watch`) are then called to end them; it is back with its first good
 answer, and a new engine start (another `kv_events_instance`) makes the index forget what it knew of the old one.
 """
@@ -40,6 +41,7 @@ class Worker:
     instance: str | None = None  # the engine start its KV events come from
     cursor: int = 0  # the next KV event batch to read
     events: bool = True  # False once it said it publishes none
+    misses: int = 0  # load polls in a row that got no answer in time
 
     def watch(self, callback) -> None:
         """Call `callback()` if this worker is marked out before `unwatch(callback)`."""
@@ -85,12 +87,13 @@ class Worker:
 class WorkerPool:
     def __init__(self, urls: list[str], session: aiohttp.ClientSession | None, index: PrefixIndex | None = None,
                  interval_s: float = 0.5, timeout_s: float = 1.0, events_interval_s: float = 0.1,
-                 on_change=None):  # fmt: skip
+                 on_change=None, misses_to_out: int = 2):  # fmt: skip
         if not urls:
             raise ValueError("--worker-urls needs at least one URL")
         self.workers = [Worker(u.rstrip("/")) for u in urls]
         self.session, self.index = session, index
         self.interval_s, self.timeout_s, self.events_interval_s = interval_s, timeout_s, events_interval_s
+        self.misses_to_out = misses_to_out
         self.on_change = on_change or (lambda worker: None)  # called when a worker goes up or down
         self._tasks: list[asyncio.Task] = []
 
@@ -126,9 +129,14 @@ class WorkerPool:
         while True:
             try:
                 load = json.loads(await self._get(w.url + "/load"))
-            except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+            except TimeoutError:
+                w.misses += 1
+                if w.misses >= self.misses_to_out:
+                    self.mark_down(w, f"no answer to GET /load within {self.timeout_s:g} s, {w.misses} times in a row")
+            except (aiohttp.ClientError, ValueError) as e:
                 self.mark_down(w, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
             else:
+                w.misses = 0
                 w.reported(load)
                 self._mark_up(w)
             await asyncio.sleep(self.interval_s)
