@@ -176,6 +176,27 @@ def test_a_clean_stop_behind_a_busy_disk_writer_still_drains_every_block(tmp_pat
     tiers.close()
 
 
+def test_a_stop_on_a_hung_disk_ends_within_its_deadline(tmp_path, monkeypatch, caplog):
+    from rtpjax.kv.tiers import manager
+
+    monkeypatch.setattr(manager, "STOP_TIMEOUT_S", 0.5)
+    disk = DiskTier(str(tmp_path), 1 << 20, LAYOUT.block_bytes, {"model": "a"})
+    tiers = KVTiers(LAYOUT, HostTier(16 * LAYOUT.block_bytes, LAYOUT.block_bytes), disk, max_pending=8)
+    entered, go = _stuck_disk(disk)
+    tiers.write_down(0, bytes([1]) * 16)
+    tiers.dispatch(_gather)
+    assert entered.wait(10)
+    try:
+        began = time.monotonic()
+        tiers.drain([(i, bytes([i]) * 16) for i in range(10, 14)], _gather)
+        tiers.close()
+        assert time.monotonic() - began < 3, "a hung disk held the stop past its deadline"
+        assert "a stop left 4 blocks unwritten" in caplog.text and "did not stop within" in caplog.text
+    finally:
+        go.set()
+    assert _until(lambda: not tiers._disk_writer.is_alive())
+
+
 def test_a_block_queued_for_the_disk_is_not_queued_twice(tmp_path):
     disk = DiskTier(str(tmp_path), 1 << 20, LAYOUT.block_bytes, {"model": "a"})
     host = HostTier(LAYOUT.block_bytes, LAYOUT.block_bytes)  # one row: each block down evicts the last
