@@ -99,6 +99,7 @@ def transfer(args) -> dict:
             back = at.with_memory_kind(device.default_memory().kind)
             row["pinned_h2d_s"] = median_seconds(lambda _: jax.device_put(up, back).block_until_ready(), args.repeats)
             row["pinned_staged_s"] = row["pinned_d2h_s"] + row["pinned_h2d_s"]
+        row.update(_device_to_device(store, server, layout, blocks, tokens, fresh, host, args.repeats))
         try:
             row["jax_transfer_s"] = median_seconds(lambda _: _jax_transfer([on_device]), args.repeats)
         except Exception as e:  # noqa: BLE001 - recorded: where it does not work is the finding
@@ -111,6 +112,8 @@ def transfer(args) -> dict:
         row["shm_of_staged"] = row["staged_s"] / row["shm_s"]
         if "pinned_staged_s" in row:
             row["shm_of_pinned_staged"] = row["pinned_staged_s"] / row["shm_s"]  # the goal: >= 0.8
+            if "device_s" in row:  # the path two engines of one CUDA host take
+                row["device_of_pinned_staged"] = row["pinned_staged_s"] / row["device_s"]
         rows.append(row)
         print(f"{tokens:6d} tokens {nbytes / 1e6:7.1f} MB: " + "  ".join(
             f"{k[:-5]} {row[k]:6.1f} GB/s" for k in row if k.endswith("_GBps") and k[:-5].count("_") < 1 + k.startswith(
@@ -120,6 +123,66 @@ def transfer(args) -> dict:
                 f"{k[len(path) + 1 : -2]} {row[k] * 1e3:.1f}" for k in row if k.startswith(path + "_") and
                 k.endswith("_s") and k not in (path + "_s", "shm_sequential_s")))  # fmt: skip
     return {"shape": {k: getattr(args, k) for k in ("layers", "kv_heads", "head_dim", "dtype")}, "rows": rows}
+
+
+def _device_to_device(store, server, layout, blocks: int, tokens: int, fresh, host: np.ndarray, repeats: int) -> dict:
+    """The "device" path between two processes (CUDA IPC): a child process pulls the gathered rows `repeats` + 1 times
+    (the first a warm-up), each pull timed there and its bytes' sha256 checked here against what was offered."""
+    import hashlib
+    import multiprocessing
+
+    import jax
+
+    from rtpjax.disagg import device_ipc, staging
+
+    if not device_ipc.available(jax.devices()[0]):
+        return {"device_error": "not a CUDA device with its driver library: no device-to-device path"}
+    mine, theirs = multiprocessing.get_context("spawn").Pipe()
+    child = multiprocessing.get_context("spawn").Process(target=_device_puller, args=(theirs, server.port), daemon=True)
+    child.start()
+    times, want = [], hashlib.sha256(host).hexdigest()
+    try:
+        for i in range(repeats + 1):
+            x = fresh()
+            store.put(f"d{i}", staging.Held(layout, blocks, tokens, [], time.monotonic() + 60, None, [(blocks, x)],
+                                            lambda: store.stage([(blocks, x)], layout)))  # fmt: skip
+            mine.send(f"d{i}")
+            if not mine.poll(120):
+                raise TimeoutError("the device-to-device puller did not answer in 120 s")
+            seconds, digest, error = mine.recv()
+            if error is not None:
+                return {"device_error": error}
+            if digest != want:
+                return {"device_error": "the bytes pulled device to device differ from those offered"}
+            times.append(seconds)
+    finally:
+        mine.send(None)
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+    return {"device_s": statistics.median(times[1:] or times), "device_bytes_equal": True}
+
+
+def _device_puller(conn, port: int) -> None:
+    """The child of _device_to_device: pulls each named hand-off device to device, answers (seconds, sha256, error)."""
+    import hashlib
+    import os
+
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.15")  # the parent holds most of the device
+    import jax
+
+    from rtpjax.disagg import channel
+
+    device = jax.devices()[0]
+    load = lambda layout, piece: [channel.device_piece(piece, layout.block_bytes, device)[: piece.real]]  # noqa: E731
+    while (name := conn.recv()) is not None:
+        try:
+            began = time.perf_counter()
+            got = channel.pull("127.0.0.1", port, name, "device", time.monotonic() + 60, load_device=load)
+            seconds = time.perf_counter() - began
+            conn.send((seconds, hashlib.sha256(np.asarray(got.rows[0])).hexdigest(), None))
+        except Exception as e:  # noqa: BLE001 - reported to the parent, which records it
+            conn.send((0.0, "", f"{type(e).__name__}: {e}"))
 
 
 _JAX_SERVER = []
@@ -195,6 +258,8 @@ def ttft(args, engine_args: dict) -> dict:
             row["disaggregated"] = [times[0] - began, times[1] - began]
             row["handoff"] = times[0] - answered
             row["timeline"] = timeline(began, pout.trace or {}, answered, dout.trace or {}, times[0])
+            same, _ = await tokens(pre, prompt, f"q{i}", two)  # the prefill engine's own continuation, its own K/V
+            row["tokens_equal"] = same.outputs[0].token_ids == dout.outputs[0].token_ids
             rows.append(row)
         return rows[1:]
 
@@ -213,6 +278,7 @@ def ttft(args, engine_args: dict) -> dict:
               "disaggregated_second_token_ms": ms("disaggregated", 1),
               "handoff_ms": statistics.median(r["handoff"] for r in rows) * 1e3}  # fmt: skip
     result["overhead"] = result["disaggregated_ttft_ms"] / result["colocated_ttft_ms"] - 1
+    result["tokens_equal"] = f"{sum(r['tokens_equal'] for r in rows)}/{len(rows)}"  # the hand-off's K/V is the prefill's
     result["handoff_phases_ms"] = phases
     result["timeline_ms"] = _median_rows([r["timeline"] for r in rows])  # medians per phase
     result["rows_ms"] = [{k: [1e3 * t for t in r[k]] for k in ("colocated", "disaggregated")} for r in rows]

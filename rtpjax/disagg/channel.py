@@ -1,11 +1,14 @@
 """The K/V hand-off channel: a prefill engine serves the K/V it holds, a decode engine pulls it.
 
-One interface, two host-staged paths: over the TCP socket itself (any two hosts), or, when both engines run on one
-host, through a file in shared memory (/dev/shm) that the decode side maps, the socket carrying only the offer.
+One interface, three paths: over the TCP socket itself (any two hosts); when both engines run on one host, through a
+file in shared memory (/dev/shm) that the decode side maps, the socket carrying only the offer; and, when both run on
+CUDA GPUs of one host, device to device (device_ipc: the offer carries the gathered pieces' exported device buffers,
+which the decode side copies and checksums on its device; no host memory). An engine that can export keeps a
+hand-off's K/V on its device and stages it in host memory only when a pull asks for a host path.
 
 The payload is the prompt's blocks as packed rows (block_copy.pack: each block one contiguous row of every layer's
-keys and values), the form in which the device gathers them and a decode engine writes them. Between the two devices
-the bytes are copied once on each side:
+keys and values), the form in which the device gathers them and a decode engine writes them. On the host paths the
+bytes are copied once on each side between the two devices:
 
 - prefill: staging.py stages the gathered rows into a leased shared-memory file with their crc32s, chunk by chunk. A
   pull gets the offer as soon as the file is leased, then each chunk's crc32 (a KVChunk; over TCP the chunk's bytes
@@ -39,8 +42,9 @@ import jax
 import msgspec
 import numpy as np
 
-from rtpjax.disagg.staging import CHUNK, POOL, HeldStore, pieces_of, sweep_dead
-from rtpjax.distributed.messages import KVChunk, KVOffer, KVPull, KVPulled
+from rtpjax.disagg import device_ipc
+from rtpjax.disagg.staging import CHUNK, POOL, Held, HeldStore, pieces_of, sweep_dead
+from rtpjax.distributed.messages import KVChunk, KVDevicePiece, KVOffer, KVPull, KVPulled
 from rtpjax.kv import block_copy
 from rtpjax.kv.host_blocks import KVLayout
 
@@ -50,6 +54,10 @@ SOCKET_BUFFER = 8 << 20  # large socket buffers: fewer, larger reads and writes 
 
 class TransferError(Exception):
     """A pull that brought no usable K/V (the decode side recomputes the prompt)."""
+
+
+class DeviceCopyError(TransferError):
+    """A device-to-device copy that could not be made (this pair of engines goes through host memory instead)."""
 
 
 def host_id() -> str:
@@ -127,31 +135,56 @@ class TransferServer:
             if held is None:
                 _send(conn, KVOffer(error=f"no hand-off {pull.transfer_id!r} here (unknown, taken or expired)"))
                 return
-            staged = held.staged
-            try:
-                path, payload = staged.leased.result(timeout=max(0.0, held.expires - time.monotonic()))
-            except Exception as e:  # noqa: BLE001 - no file and no memory for it: said, not adopted
-                _send(conn, KVOffer(error=f"the hand-off {pull.transfer_id!r} could not be staged: {e!r}"))
-                return
-            shm = pull.channel == "shm" and path is not None
-            _send(conn, KVOffer(layout=held.layout, num_blocks=held.num_blocks, num_tokens=held.num_tokens,
-                                prompt_ids=held.prompt_ids, sizes=[staged.size], chunk=staged.chunk,
-                                shm_path=path if shm else None))  # fmt: skip
-            for (at, size), crc in zip(pieces_of([staged.size], staged.chunk), staged.sums):
-                try:
-                    _send(conn, KVChunk(crc.result(timeout=max(0.0, held.expires - time.monotonic()))))
-                except Exception as e:  # noqa: BLE001 - the device copy failed or took past the expiry
-                    _send(conn, KVChunk(error=f"the hand-off {pull.transfer_id!r} could not be staged: {e!r}"))
-                    return
-                if not shm:
-                    conn.sendall(payload[at : at + size])
-            _recv(conn, KVPulled)  # the device on the other side has its copy: the file may be reused
+            if pull.channel == "device" and held.pieces is not None:
+                self._serve_device(conn, pull, held)
+            else:
+                self._serve_host(conn, pull, held)
         except (OSError, msgspec.DecodeError, msgspec.ValidationError):
             pass  # the decode side went away or spoke nonsense: it recomputes; what it took is dropped
         finally:
             if held is not None:
-                held.staged.release()
+                held.release()
             conn.close()
+
+    @staticmethod
+    def _offer(held: Held, **fields) -> KVOffer:
+        return KVOffer(layout=held.layout, num_blocks=held.num_blocks, num_tokens=held.num_tokens,
+                       prompt_ids=held.prompt_ids, sizes=[held.num_blocks * held.layout.block_bytes], **fields)
+
+    def _serve_host(self, conn: socket.socket, pull: KVPull, held: Held) -> None:
+        staged = held.host()
+        try:
+            path, payload = staged.leased.result(timeout=max(0.0, held.expires - time.monotonic()))
+        except Exception as e:  # noqa: BLE001 - no file and no memory for it: said, not adopted
+            _send(conn, KVOffer(error=f"the hand-off {pull.transfer_id!r} could not be staged: {e!r}"))
+            return
+        shm = pull.channel in ("shm", "device") and path is not None  # "device" implies this host
+        _send(conn, self._offer(held, chunk=staged.chunk, shm_path=path if shm else None))
+        for (at, size), crc in zip(pieces_of([staged.size], staged.chunk), staged.sums):
+            try:
+                _send(conn, KVChunk(crc.result(timeout=max(0.0, held.expires - time.monotonic()))))
+            except Exception as e:  # noqa: BLE001 - the device copy failed or took past the expiry
+                _send(conn, KVChunk(error=f"the hand-off {pull.transfer_id!r} could not be staged: {e!r}"))
+                return
+            if not shm:
+                conn.sendall(payload[at : at + size])
+        _recv(conn, KVPulled)  # the device on the other side has its copy: the file may be reused
+
+    def _serve_device(self, conn: socket.socket, pull: KVPull, held: Held) -> None:
+        """The gathered pieces' device buffers, exported; held (with them) until the decode side has its copies."""
+        try:
+            pieces = [KVDevicePiece(e.handle, e.offset, e.nbytes, array.shape[0], real,
+                                    device_ipc.checksum_of(array, real))
+                      for real, array in held.pieces for e in [device_ipc.export(array)]]  # fmt: skip
+        except device_ipc.IPCError as e:  # this device's memory cannot be exported: the host path instead
+            log.warning("a K/V hand-off goes through host memory: %s", e)
+            self._serve_host(conn, pull, held)
+            return
+        except Exception as e:  # noqa: BLE001 - e.g. the gather failed on the device: said, not adopted
+            _send(conn, KVOffer(error=f"the hand-off {pull.transfer_id!r} could not be gathered: {e!r}"))
+            return
+        _send(conn, self._offer(held, chunk=held.layout.block_bytes, device=pieces))
+        _recv(conn, KVPulled)  # copied: the device rows may go
 
     def close(self) -> None:
         """Stop accepting: shutting the socket down wakes the thread blocked in accept (closing it alone does not)."""
@@ -171,7 +204,8 @@ class Pulled:
     rows: list  # one per block: what `load` made of it (device rows, or host copies)
     num_tokens: int
     prompt_ids: list[int]
-    times: dict[str, float]  # seconds: "channel" (offer, bytes in, checksums), "h2d" (in `load`, device copies done)
+    times: dict[str, float]  # seconds: "channel" (offer, bytes in, checksums), "h2d" (in `load`, device copies done);
+    # device to device: "d2d" (offer, copies, checksums)
 
 
 def host_rows(layout: KVLayout, rows: np.ndarray) -> list[np.ndarray]:
@@ -337,11 +371,29 @@ def _arrive(sock: socket.socket, offer: KVOffer, load, payload: np.ndarray, rows
     return sums, sent, loading
 
 
-def pull(host: str, port: int, transfer_id: str, channel: str, deadline: float, load=host_rows) -> Pulled:
+def device_piece(piece: KVDevicePiece, block_bytes: int, device) -> jax.Array:
+    """An exported piece copied device to device onto `device`: uint8 [rows, block_bytes], checked against its
+    device checksum."""
+    if piece.nbytes != piece.rows * block_bytes or not 0 < piece.real <= piece.rows:
+        raise TransferError("a device piece of the offer does not match its layout")
+    try:
+        rows = device_ipc.copy_in(device_ipc.Exported(piece.handle, piece.offset, piece.nbytes),
+                                  (piece.rows, block_bytes), np.uint8, device)  # fmt: skip
+        ok = device_ipc.checksum_of(rows, piece.real) == piece.checksum
+    except device_ipc.IPCError as e:
+        raise DeviceCopyError(f"the device-to-device copy failed: {e}") from None
+    if not ok:
+        raise TransferError("the K/V arrived corrupted (device checksum mismatch)")
+    return rows
+
+
+def pull(host: str, port: int, transfer_id: str, channel: str, deadline: float, load=host_rows,
+         load_device=None) -> Pulled:  # fmt: skip
     """The hand-off's K/V, checked against its checksums; TransferError (saying why) for anything else. `deadline`:
     time.monotonic() after which the pull gives up. `load(layout, rows uint8 [k, block_bytes]) -> k rows` takes each
     chunk as it arrives; it must copy (the shared-memory file is reused once the pull answers, which waits for every
-    copy `load` started on a device)."""
+    copy `load` started on a device). Channel "device" (this host; the prefill side may answer with a host path
+    instead): `load_device(layout, KVDevicePiece) -> its real rows` copies each exported piece (`device_piece`)."""
 
     def remaining() -> float:
         left = deadline - time.monotonic()
@@ -363,6 +415,8 @@ def pull(host: str, port: int, transfer_id: str, channel: str, deadline: float, 
                     offer.chunk % lay.block_bytes:  # fmt: skip
                 raise TransferError(f"the offer from {host}:{port} does not match its layout (sizes, piece size)")
             sock.settimeout(remaining())
+            if offer.device:
+                return _pull_device(sock, offer, load_device, remaining, began, f"{host}:{port}")
             size, rows = offer.sizes[0], []
             payload = MAPPINGS.get(offer.shm_path, size) if offer.shm_path is not None else BUFFERS.lease(size)
             try:
@@ -385,3 +439,15 @@ def pull(host: str, port: int, transfer_id: str, channel: str, deadline: float, 
         raise TransferError(f"the K/V from {host}:{port} arrived corrupted (checksum mismatch)")
     took = time.perf_counter() - began
     return Pulled(lay, rows, offer.num_tokens, offer.prompt_ids, {"channel": took - loading, "h2d": loading})
+
+
+def _pull_device(sock: socket.socket, offer: KVOffer, load_device, remaining, began: float, peer: str) -> Pulled:
+    if load_device is None or sum(p.real for p in offer.device) != offer.num_blocks:
+        raise TransferError(f"the device offer from {peer} cannot be taken here (no device copy, or pieces that do "
+                            "not cover its blocks)")  # fmt: skip
+    rows = []
+    for piece in offer.device:
+        rows += load_device(offer.layout, piece)
+    _send(sock, KVPulled(True))
+    remaining()  # arrived too late: stale, never adopted
+    return Pulled(offer.layout, rows, offer.num_tokens, offer.prompt_ids, {"d2d": time.perf_counter() - began})

@@ -4,29 +4,32 @@ Prefill (`AddRequest.kv_transfer_params.do_remote_decode`): the request runs as 
 computes its prompt's last chunk, the device gathers its prompt blocks as packed rows (`ModelRunner.offload`, ordered
 after that step and before anything later writes the blocks). Once each completion has its first token (no step runs
 past it: Sequence.hand_off) a hand-off thread starts the rows' copies to the host and stages them (staging.stage:
-shared memory, checksums) while the loop goes on; not sooner, as a large device-to-host copy queued behind the step
-would go ahead of the copy of its sampled tokens and delay the first token. The request leaves the engine
-(`LLMEngine.snapshot(detach=True, gather=False)`): its blocks go back to the pool at once (the gathered copy is its
-own), and its last output carries the kv_transfer_params a decode engine needs. What no decode engine pulls within
-kv_transfer_timeout is dropped; a request that finishes at its first token (EOS, a stop string) or is aborted hands
-nothing over (its decode engine recomputes the prompt).
+shared memory, checksums) while the loop goes on (an engine on a CUDA GPU keeps them on the device instead, for a
+decode engine of its host to copy device to device, and stages them only for a pull that asks for a host path); not
+sooner, as a large device-to-host copy queued behind the step would go ahead of the copy of its sampled tokens and
+delay the first token. The request leaves the engine (`LLMEngine.snapshot(detach=True, gather=False)`): its blocks go
+back to the pool at once (the gathered copy is its own), and its last output carries the kv_transfer_params a decode
+engine needs. What no decode engine pulls within kv_transfer_timeout is dropped; a request that finishes at its first
+token (EOS, a stop string) or is aborted hands nothing over (its decode engine recomputes the prompt).
 
-Decode (`do_remote_prefill`): the request reserves the blocks its prompt needs (waiting, up to kv_transfer_timeout, for
-room; then it is refused), a thread pulls the K/V, each chunk going to the device as it arrives, and once it has arrived
-the reservation is returned and the request is added with the rows on the device (Sequence.host_kv: written into fresh
-blocks before its first step, as an adopted request's). The prefill hands over the whole prompt's K/V and its first
-token (kv_transfer_params.first_token_ids): a request of one completion without logprobs reports that token at once and
-its first step samples the second, so it goes on from what a client was shown first (rtpjax's P/D router streams the
-prefill's token); any other runs the last prompt token again and samples the first token. Sampling is keyed by (seed,
-position), so a seeded or greedy request continues exactly as it would have colocated. A pull that fails (prefill gone,
-corrupted, stale, another prompt) makes the request compute its prompt here instead: slower, never wrong. Each
-hand-off's phases (time.monotonic()) leave with its answer (prefill) or its first tokens (decode) as RequestDelta.trace.
+Decode (`do_remote_prefill`): the request reserves the blocks its prompt needs (waiting, up to kv_transfer_timeout,
+for room; then it is refused), a thread pulls the K/V (device to device from a CUDA engine of this host, else each
+chunk going to the device as it arrives), and once it has arrived the reservation is returned and the request is added
+with the rows on the device (Sequence.host_kv: written into fresh blocks before its first step, as an adopted
+request's). The prefill hands over the whole prompt's K/V and its first token (kv_transfer_params.first_token_ids): a
+request of one completion without logprobs reports that token at once and its first step samples the second, so it
+goes on from what a client was shown first (rtpjax's P/D router streams the prefill's token); any other runs the last
+prompt token again and samples the first token. Sampling is keyed by (seed, position), so a seeded or greedy request
+continues exactly as it would have colocated. A pull that fails (prefill gone, corrupted, stale, another prompt) makes
+the request compute its prompt here instead: slower, never wrong. Each hand-off's phases (time.monotonic()) leave with
+its answer (prefill) or its first tokens (decode) as RequestDelta.trace.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import queue
 import threading
 import time
@@ -34,7 +37,7 @@ import uuid
 
 import numpy as np
 
-from rtpjax.disagg import channel, staging
+from rtpjax.disagg import channel, device_ipc, staging
 from rtpjax.disagg.params import role_error, side
 from rtpjax.disagg.relayout import pack, relayout, unpack
 from rtpjax.distributed.messages import (AddRequest, CompletionDelta, KVTransferParams, RequestDelta,
@@ -82,6 +85,16 @@ def _closing(request: Request, reason: str, params: KVTransferParams | None = No
                         kv_transfer_params=params)  # fmt: skip
 
 
+def _ipc_device(engine):
+    """The one device of this engine's cache if its K/V can go device to device to another process (disagg/device_ipc;
+    RTPJAX_KV_DEVICE_IPC=0 keeps hand-offs on the host paths), else None."""
+    devices = engine.runner.cache[0][0].sharding.device_set
+    if os.environ.get("RTPJAX_KV_DEVICE_IPC", "1") == "0" or len(devices) != 1 or engine.runner.copier.mixed:
+        return None
+    device = next(iter(devices))
+    return device if device_ipc.available(device) else None
+
+
 class Handoff:
     """Both roles' hand-off state of one engine. The engine loop calls add / abort / poll / after_step; pull threads
     and the transfer server run beside it. `wake()` rouses an idle engine loop (a pull arrived)."""
@@ -102,6 +115,8 @@ class Handoff:
         if self.role != "both":  # a role "both" engine compiles its packed copies at its first hand-off
             kind = "gather_packed" if self.role == "prefill" else "write_packed"
             engine.runner.copier.compile_packed(engine.runner.cache, kind)
+        self.ipc_device = _ipc_device(engine)  # K/V of this engine can go device to device (this host)
+        self.no_ipc: set[tuple[str, int]] = set()  # decode: prefill engines whose device copies failed here
         self.pulls: dict[str, _Pull] = {}  # decode: requests whose K/V is reserved for or on its way
         self.arrived: queue.Queue = queue.Queue()  # (request id, Pulled | TransferError) from pull threads
         self.pulled = self.failed = 0
@@ -176,7 +191,7 @@ class Handoff:
             return _closing(pull.request, "abort")
         held = self.store.take(request_id)
         if held is not None:
-            held.staged.release()
+            held.release()
         return None
 
     # -- the loop -------------------------------------------------------------------------------------------------
@@ -279,14 +294,16 @@ class Handoff:
         gathered = self.gathering.pop(rid, None)
         if gathered is None:
             return closing  # a one-token prompt: nothing worth handing over
-        num_blocks = gathered.num_blocks
-        self.store.put(rid, staging.Held(self.engine.runner.kv_layout, num_blocks, gathered.num_tokens,
-                                         list(request.prompt_ids), time.monotonic() + self.timeout,
-                                         self._stage(gathered)))  # fmt: skip
+        num_blocks, ipc = gathered.num_blocks, self.ipc_device is not None
+        held = staging.Held(self.engine.runner.kv_layout, num_blocks, gathered.num_tokens, list(request.prompt_ids),
+                            time.monotonic() + self.timeout, None if ipc else self._stage(gathered))  # fmt: skip
+        if ipc:  # kept on the device for a decode engine of this host; staged for the host paths when one asks
+            held.pieces, held.stage = list(gathered.pieces), lambda: self._stage(gathered)
+        self.store.put(rid, held)
         closing.kv_transfer_params = KVTransferParams(do_remote_prefill=True, remote_engine_id=self.engine_id,
                                   remote_request_id=rid, remote_block_ids=list(range(num_blocks)),
                                   remote_host=self.server.host, remote_port=self.server.port,
-                                  remote_host_id=self.host_id,
+                                  remote_host_id=self.host_id, remote_device_ipc=ipc,
                                   tp_size=self.engine.args.tensor_parallel_size,
                                   first_token_ids=[s.token_ids[s.num_prompt] for s in request.seqs])  # fmt: skip
         return closing
@@ -302,6 +319,9 @@ class Handoff:
         pull.request.trace["reserved"] = time.monotonic()
         p = pull.params
         path = "shm" if p.remote_host_id == self.host_id else "tcp"
+        if path == "shm" and p.remote_device_ipc and self.ipc_device is not None and \
+                (p.remote_host, p.remote_port) not in self.no_ipc:  # fmt: skip
+            path = "device"
         transfer_id = p.remote_request_id or rid
         tokens = len(pull.request.prompt_ids) - (_first_token(pull.request, p, self.engine.info.vocab_size) is None)
         threading.Thread(target=self._pull, args=(rid, p.remote_host, p.remote_port, transfer_id, path, pull.deadline,
@@ -316,11 +336,16 @@ class Handoff:
             return self.engine.runner.copier.put_rows(rows)
         return channel.host_rows(layout, rows)
 
+    def _load_device(self, layout, piece) -> list:
+        """An exported piece copied device to device, as rows."""
+        rows = channel.device_piece(piece, layout.block_bytes, self.ipc_device)
+        return self.engine.runner.copier.unstage([rows])[: piece.real]
+
     def _pull(self, rid: str, host: str, port: int, transfer_id: str, path: str, deadline: float, tokens: int) -> None:
         try:
-            result = channel.pull(host, port, transfer_id, path, deadline, self._load)
-            self._time("decode_channel", result.times["channel"])
-            self._time("decode_h2d", result.times["h2d"])
+            result = channel.pull(host, port, transfer_id, path, deadline, self._load, self._load_device)
+            for phase, seconds in result.times.items():
+                self._time("decode_" + phase, seconds)
             target = self.engine.runner.kv_layout
             if result.layout != target:
                 began = time.perf_counter()
@@ -329,6 +354,10 @@ class Handoff:
                 result.rows = self.engine.runner.copier.put_rows(pack(kv))
                 result.layout, result.num_tokens = target, tokens
                 self._time("decode_relayout", time.perf_counter() - began)
+        except channel.DeviceCopyError as e:
+            log.warning("K/V from %s:%d goes through host memory from now on: %s", host, port, e)
+            self.no_ipc.add((host, port))
+            result = e
         except (channel.TransferError, ValueError) as e:
             result = e
         except Exception as e:  # noqa: BLE001 - e.g. the device out of memory: the prompt is computed here instead

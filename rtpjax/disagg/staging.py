@@ -22,6 +22,7 @@ import uuid
 import zlib
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
 
@@ -206,15 +207,31 @@ def stage(staged: Staged, pieces, download=None) -> None:
 
 @dataclasses.dataclass
 class Held:
-    """A hand-off on the prefill side: `num_tokens` leading positions of `prompt_ids` in `num_blocks` blocks, staged
-    (or still staging) on a hand-off thread."""
+    """A hand-off on the prefill side: `num_tokens` leading positions of `prompt_ids` in `num_blocks` blocks. Its K/V
+    is staged in host memory (`staged`, started at once, or by the first pull that needs it: `stage`), or still on the
+    device as gathered (`pieces`: (real rows, array)), where a decode engine of this host may copy it device to device.
+    A pull takes one of the two."""
 
     layout: KVLayout
     num_blocks: int
     num_tokens: int
     prompt_ids: list[int]
     expires: float  # time.monotonic()
-    staged: Staged
+    staged: Staged | None
+    pieces: list | None = None
+    stage: Callable[[], Staged] | None = None
+
+    def host(self) -> Staged:
+        """The host staging, started now if it was left to the first pull that needs it (the device rows go with it)."""
+        if self.staged is None:
+            self.staged, self.pieces = self.stage(), None
+        return self.staged
+
+    def release(self) -> None:
+        """Give back what it holds: the staging's file, the device rows."""
+        self.pieces = None
+        if self.staged is not None:
+            self.staged.release()
 
 
 class HeldStore:
@@ -239,14 +256,14 @@ class HeldStore:
             old = self._held.pop(transfer_id, None)
             self._held[transfer_id] = held
         if old is not None:
-            old.staged.release()
+            old.release()
 
     def take(self, transfer_id: str) -> Held | None:
         """The hand-off, now the caller's to release; None if unknown, taken or expired."""
         with self._lock:
             held = self._held.pop(transfer_id, None)
         if held is not None and held.expires <= time.monotonic():
-            held.staged.release()
+            held.release()
             return None
         return held
 
@@ -258,12 +275,12 @@ class HeldStore:
             for t in gone:
                 del self._held[t]
         for held in gone.values():
-            held.staged.release()
+            held.release()
         return list(gone)
 
     def close(self) -> None:
         with self._lock:
             held, self._held = list(self._held.values()), {}
         for h in held:
-            h.staged.release()
+            h.release()
         self.arena.close()

@@ -90,11 +90,12 @@ class EngineStats(msgspec.Struct, gc=False):
     spec_decode_num_draft_tokens: int = 0
     spec_decode_num_accepted_tokens: int = 0
     spec_decode_num_accepted_tokens_per_pos: list[int] = msgspec.field(default_factory=list)
-    kv_transfers_held: int = 0  # prefill role: hand-offs whose K/V waits on the host for its decode engine
+    kv_transfers_held: int = 0  # prefill role: hand-offs whose K/V waits (host or device) for its decode engine
     kv_transfers_pulled: int = 0  # decode role: hand-offs whose K/V arrived and was adopted
     kv_transfers_failed: int = 0  # decode role: pulls that failed (the prompt was computed here instead)
     # mean ms per hand-off by phase: prefill_d2h (waiting for the device's copy), prefill_stage (into shared memory,
-    # checksummed), decode_channel (offer, bytes in, checksums), decode_h2d (onto the device), decode_relayout
+    # checksummed), decode_channel (offer, bytes in, checksums), decode_h2d (onto the device), decode_d2d (device to
+    # device instead: offer, copies, checksums), decode_relayout
     kv_transfer_ms: dict[str, float] = msgspec.field(default_factory=dict)
 
 
@@ -183,7 +184,8 @@ class KVTransferParams(msgspec.Struct, omit_defaults=True, gc=False):
     """vLLM's `kv_transfer_params` (NixlConnector's field names, so vllm-router passes them through): the prefill
     worker's request carries do_remote_decode; its response carries what the decode worker's request needs to pull
     the K/V (do_remote_prefill and the remote_* fields). rtpjax adds remote_request_id (the transfer's key on the
-    prefill side) and remote_host_id (equal to the puller's: the same host, so shared memory)."""
+    prefill side), remote_host_id (equal to the puller's: the same host, so shared memory) and remote_device_ipc (the
+    prefill's K/V can go device to device to a process of the same host: disagg/device_ipc)."""
 
     do_remote_decode: bool = False
     do_remote_prefill: bool = False
@@ -193,6 +195,7 @@ class KVTransferParams(msgspec.Struct, omit_defaults=True, gc=False):
     remote_host: str | None = None
     remote_port: int | None = None
     remote_host_id: str | None = None
+    remote_device_ipc: bool = False
     tp_size: int | None = None
     first_token_ids: list[int] | None = None  # the prefill's first token per completion: the decode side goes on from
     # it (its K/V covers the whole prompt), so what a client was shown first is what the rest follows
@@ -383,10 +386,23 @@ def to_monotonic(wall_time: float) -> float:
 
 
 class KVPull(msgspec.Struct, gc=False):
-    """Decode -> prefill: send me this hand-off's K/V, over this socket ("tcp") or through a shared-memory file."""
+    """Decode -> prefill: send me this hand-off's K/V, over this socket ("tcp"), through a shared-memory file ("shm"),
+    or device to device ("device": the gathered pieces' device buffers, disagg/device_ipc)."""
 
     transfer_id: str
-    channel: Literal["tcp", "shm"]
+    channel: Literal["tcp", "shm", "device"]
+
+
+class KVDevicePiece(msgspec.Struct, array_like=True, gc=False):
+    """One gathered piece exported device to device: `nbytes` at `offset` in the device allocation of `handle`, rows
+    [rows, block_bytes] of which the first `real` are the prompt's blocks, their device checksum (device_ipc.checksum)."""
+
+    handle: bytes
+    offset: int
+    nbytes: int
+    rows: int
+    real: int
+    checksum: list[int]
 
 
 class KVOffer(msgspec.Struct, gc=False):
@@ -403,6 +419,7 @@ class KVOffer(msgspec.Struct, gc=False):
     sizes: list[int] = []
     chunk: int = 0
     shm_path: str | None = None
+    device: list[KVDevicePiece] = []  # the "device" channel: no KVChunks follow, the pieces are copied from these
 
 
 class KVChunk(msgspec.Struct, gc=False):

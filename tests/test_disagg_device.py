@@ -1,0 +1,157 @@
+"""The device-to-device hand-off path, no engines. CUDA IPC itself needs two processes on a CUDA host (gpu_run.sh pd
+measures it and checks the bytes); here its driver is replaced by an in-process registry, so everything around it
+runs for real: the offer of exported pieces, the copies checked by their device checksums, the hand-off released
+once copied, the host staging left to a pull that asks for a host path, and clear failures."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rtpjax.disagg import channel, device_ipc, staging
+from rtpjax.kv.host_blocks import KVLayout
+
+LAYOUT = KVLayout("bfloat16", 4, 2, 2, 8)
+
+
+def reference_checksum(rows: np.ndarray, real: int) -> list[int]:
+    words = rows[:real].reshape(-1).view("<u4").astype(np.uint64)
+    position = np.arange(words.size, dtype=np.uint64)
+    return [int(words.sum() % 2**32), int((words * (2 * position + 1)).sum() % 2**32)]
+
+
+def test_checksum_matches_its_reference_and_sees_flips_and_moves():
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, 256, (8, LAYOUT.block_bytes), dtype=np.uint8)
+    for real in (1, 5, 8):
+        assert device_ipc.checksum_of(jnp.asarray(rows), real) == reference_checksum(rows, real)
+    base = device_ipc.checksum_of(jnp.asarray(rows), 5)
+    past = rows.copy()
+    past[6, 3] ^= 0xFF  # padding rows do not count
+    assert device_ipc.checksum_of(jnp.asarray(past), 5) == base
+    for r, c in rng.integers(0, [5, LAYOUT.block_bytes], (20, 2)):
+        flipped = rows.copy()
+        flipped[r, c] ^= 1 << int(rng.integers(8))
+        assert device_ipc.checksum_of(jnp.asarray(flipped), 5) != base
+    moved = rows.copy()
+    moved[0, :4], moved[1, :4] = rows[1, :4], rows[0, :4]  # two words swapped: the plain sum cannot see it
+    if not np.array_equal(moved, rows):
+        assert device_ipc.checksum_of(jnp.asarray(moved), 5) != base
+
+
+def test_a_cpu_device_takes_the_host_paths():
+    assert not device_ipc.available(jax.devices("cpu")[0])
+
+
+class FakeDriver:
+    """Exports by id into a registry; copies back from it (optionally flipping a byte, or failing as a driver does)."""
+
+    def __init__(self):
+        self.exported: dict[bytes, np.ndarray] = {}
+        self.flip = self.fail = False
+
+    def export(self, array):
+        handle = len(self.exported).to_bytes(64, "little")
+        self.exported[handle] = np.asarray(array).copy()
+        return device_ipc.Exported(handle, 0, array.nbytes)
+
+    def copy_in(self, source, shape, dtype, device):
+        if self.fail:
+            raise device_ipc.IPCError("cuIpcOpenMemHandle failed: invalid device context (201)")
+        data = self.exported[source.handle].reshape(-1).view(np.uint8)[: source.nbytes].copy()
+        if self.flip:
+            data[len(data) // 3] ^= 0x10
+        return jax.device_put(data.view(dtype).reshape(shape), device)
+
+
+@pytest.fixture
+def served(monkeypatch):
+    fake = FakeDriver()
+    monkeypatch.setattr(device_ipc, "export", fake.export)
+    monkeypatch.setattr(device_ipc, "copy_in", fake.copy_in)
+    monkeypatch.setattr(staging, "CHUNK", 2 * LAYOUT.block_bytes)
+    store = staging.HeldStore()
+    server = channel.TransferServer(store, "127.0.0.1", 0)
+    yield store, server, fake
+    server.close()
+    store.close()
+
+
+def _hold(store, rows: np.ndarray, bucket: int, staged_by: list) -> None:
+    """Offer `rows` as one gathered device piece padded to `bucket` rows, staged for the host only on demand."""
+    padded = np.zeros((bucket, LAYOUT.block_bytes), np.uint8)
+    padded[: len(rows)] = rows
+    pieces = [(len(rows), jnp.asarray(padded))]
+
+    def stage():
+        staged_by.append(True)
+        return store.stage(list(pieces), LAYOUT)
+
+    store.put("t", staging.Held(LAYOUT, len(rows), 4 * len(rows), [1], time.monotonic() + 30, None, pieces, stage))
+
+
+def _load_device(layout, piece):
+    return list(channel.device_piece(piece, layout.block_bytes, jax.devices()[0])[: piece.real])
+
+
+def _pull(server, path):
+    return channel.pull("127.0.0.1", server.port, "t", path, time.monotonic() + 30, load_device=_load_device)
+
+
+def _wait_empty(store):
+    for _ in range(100):  # the serving thread releases the hand-off just after the pull returns
+        if not len(store):
+            return
+        time.sleep(0.02)
+
+
+def test_device_pull_copies_the_pieces_and_never_stages(served):
+    store, server, fake = served
+    rows = np.random.default_rng(1).integers(0, 256, (5, LAYOUT.block_bytes), dtype=np.uint8)
+    staged_by = []
+    _hold(store, rows, 8, staged_by)
+    got = _pull(server, "device")
+    np.testing.assert_array_equal(np.stack([np.asarray(r) for r in got.rows]), rows)
+    assert got.num_tokens == 20 and "d2d" in got.times
+    assert not staged_by, "a device pull staged the K/V in host memory"
+    assert len(fake.exported) == 1
+    with pytest.raises(channel.TransferError, match="unknown, taken or expired"):
+        _pull(server, "device")  # served once
+
+
+@pytest.mark.parametrize("path", ["shm", "tcp"])
+def test_a_host_pull_stages_a_device_hand_off_on_demand(served, path):
+    store, server, fake = served
+    rows = np.random.default_rng(2).integers(0, 256, (3, LAYOUT.block_bytes), dtype=np.uint8)
+    staged_by = []
+    _hold(store, rows, 4, staged_by)
+    got = _pull(server, path)
+    np.testing.assert_array_equal(np.stack(got.rows), rows)
+    assert staged_by == [True] and not fake.exported
+
+
+def test_a_corrupted_device_copy_is_refused(served):
+    store, server, fake = served
+    fake.flip = True
+    _hold(store, np.full((2, LAYOUT.block_bytes), 7, np.uint8), 2, [])
+    with pytest.raises(channel.TransferError, match="device checksum"):
+        _pull(server, "device")
+    _wait_empty(store)
+    assert not len(store)
+
+
+def test_a_failed_device_copy_says_so(served):
+    store, server, fake = served
+    fake.fail = True
+    _hold(store, np.full((2, LAYOUT.block_bytes), 7, np.uint8), 2, [])
+    with pytest.raises(channel.DeviceCopyError, match="cuIpcOpenMemHandle"):
+        _pull(server, "device")
+
+
+def test_a_device_offer_needs_a_device_copy(served):
+    store, server, _ = served
+    _hold(store, np.full((2, LAYOUT.block_bytes), 7, np.uint8), 2, [])
+    with pytest.raises(channel.TransferError, match="cannot be taken here"):
+        channel.pull("127.0.0.1", server.port, "t", "device", time.monotonic() + 30)
