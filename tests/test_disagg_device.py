@@ -50,17 +50,20 @@ class FakeDriver:
 
     def __init__(self):
         self.exported: dict[bytes, np.ndarray] = {}
+        self.released: list[bytes] = []
         self.flip = self.fail = False
 
-    def export(self, array):
+    def export_pieces(self, arrays):
         handle = len(self.exported).to_bytes(64, "little")
-        self.exported[handle] = np.asarray(array).copy()
-        return device_ipc.Exported(handle, 0, array.nbytes)
+        self.exported[handle] = np.concatenate([np.asarray(a).reshape(-1).view(np.uint8) for a in arrays])
+        offsets = np.cumsum([0] + [a.nbytes for a in arrays[:-1]]).tolist()
+        return device_ipc.Exported(handle, offsets, lambda: self.released.append(handle))
 
-    def copy_in(self, source, shape, dtype, device):
+    def copy_in(self, handle, offset, shape, dtype, device):
         if self.fail:
             raise device_ipc.IPCError("cuIpcOpenMemHandle failed: invalid device context (201)")
-        data = self.exported[source.handle].reshape(-1).view(np.uint8)[: source.nbytes].copy()
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        data = self.exported[handle][offset : offset + nbytes].copy()
         if self.flip:
             data[len(data) // 3] ^= 0x10
         return jax.device_put(data.view(dtype).reshape(shape), device)
@@ -69,7 +72,7 @@ class FakeDriver:
 @pytest.fixture
 def served(monkeypatch):
     fake = FakeDriver()
-    monkeypatch.setattr(device_ipc, "export", fake.export)
+    monkeypatch.setattr(device_ipc, "export_pieces", fake.export_pieces)
     monkeypatch.setattr(device_ipc, "copy_in", fake.copy_in)
     monkeypatch.setattr(staging, "CHUNK", 2 * LAYOUT.block_bytes)
     store = staging.HeldStore()
@@ -79,11 +82,15 @@ def served(monkeypatch):
     store.close()
 
 
-def _hold(store, rows: np.ndarray, bucket: int, staged_by: list) -> None:
-    """Offer `rows` as one gathered device piece padded to `bucket` rows, staged for the host only on demand."""
-    padded = np.zeros((bucket, LAYOUT.block_bytes), np.uint8)
-    padded[: len(rows)] = rows
-    pieces = [(len(rows), jnp.asarray(padded))]
+def _hold(store, rows: np.ndarray, buckets: list[int], staged_by: list) -> None:
+    """Offer `rows` as gathered device pieces, each padded to its bucket, staged for the host only on demand."""
+    pieces, at = [], 0
+    for bucket in buckets:
+        real = min(bucket, len(rows) - at)
+        padded = np.zeros((bucket, LAYOUT.block_bytes), np.uint8)
+        padded[:real] = rows[at : at + real]
+        pieces.append((real, jnp.asarray(padded)))
+        at += real
 
     def stage():
         staged_by.append(True)
@@ -111,12 +118,17 @@ def test_device_pull_copies_the_pieces_and_never_stages(served):
     store, server, fake = served
     rows = np.random.default_rng(1).integers(0, 256, (5, LAYOUT.block_bytes), dtype=np.uint8)
     staged_by = []
-    _hold(store, rows, 8, staged_by)
+    _hold(store, rows, [4, 2], staged_by)  # two pieces: 4 rows, then 1 of 2
     got = _pull(server, "device")
     np.testing.assert_array_equal(np.stack([np.asarray(r) for r in got.rows]), rows)
     assert got.num_tokens == 20 and "d2d" in got.times
     assert not staged_by, "a device pull staged the K/V in host memory"
     assert len(fake.exported) == 1
+    for _ in range(100):  # the serving thread releases the buffer once the decode side answered
+        if fake.released:
+            break
+        time.sleep(0.02)
+    assert fake.released == list(fake.exported)
     with pytest.raises(channel.TransferError, match="unknown, taken or expired"):
         _pull(server, "device")  # served once
 
@@ -126,7 +138,7 @@ def test_a_host_pull_stages_a_device_hand_off_on_demand(served, path):
     store, server, fake = served
     rows = np.random.default_rng(2).integers(0, 256, (3, LAYOUT.block_bytes), dtype=np.uint8)
     staged_by = []
-    _hold(store, rows, 4, staged_by)
+    _hold(store, rows, [4], staged_by)
     got = _pull(server, path)
     np.testing.assert_array_equal(np.stack(got.rows), rows)
     assert staged_by == [True] and not fake.exported
@@ -135,7 +147,7 @@ def test_a_host_pull_stages_a_device_hand_off_on_demand(served, path):
 def test_a_corrupted_device_copy_is_refused(served):
     store, server, fake = served
     fake.flip = True
-    _hold(store, np.full((2, LAYOUT.block_bytes), 7, np.uint8), 2, [])
+    _hold(store, np.full((2, LAYOUT.block_bytes), 7, np.uint8), [2], [])
     with pytest.raises(channel.TransferError, match="device checksum"):
         _pull(server, "device")
     _wait_empty(store)
@@ -145,13 +157,13 @@ def test_a_corrupted_device_copy_is_refused(served):
 def test_a_failed_device_copy_says_so(served):
     store, server, fake = served
     fake.fail = True
-    _hold(store, np.full((2, LAYOUT.block_bytes), 7, np.uint8), 2, [])
+    _hold(store, np.full((2, LAYOUT.block_bytes), 7, np.uint8), [2], [])
     with pytest.raises(channel.DeviceCopyError, match="cuIpcOpenMemHandle"):
         _pull(server, "device")
 
 
 def test_a_device_offer_needs_a_device_copy(served):
     store, server, _ = served
-    _hold(store, np.full((2, LAYOUT.block_bytes), 7, np.uint8), 2, [])
+    _hold(store, np.full((2, LAYOUT.block_bytes), 7, np.uint8), [2], [])
     with pytest.raises(channel.TransferError, match="cannot be taken here"):
         channel.pull("127.0.0.1", server.port, "t", "device", time.monotonic() + 30)

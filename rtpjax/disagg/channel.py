@@ -171,20 +171,24 @@ class TransferServer:
         _recv(conn, KVPulled)  # the device on the other side has its copy: the file may be reused
 
     def _serve_device(self, conn: socket.socket, pull: KVPull, held: Held) -> None:
-        """The gathered pieces' device buffers, exported; held (with them) until the decode side has its copies."""
+        """The gathered pieces in an exported device buffer, held until the decode side has its copies."""
         try:
-            pieces = [KVDevicePiece(e.handle, e.offset, e.nbytes, array.shape[0], real,
-                                    device_ipc.checksum_of(array, real))
-                      for real, array in held.pieces for e in [device_ipc.export(array)]]  # fmt: skip
-        except device_ipc.IPCError as e:  # this device's memory cannot be exported: the host path instead
+            exported = device_ipc.export_pieces([array for _, array in held.pieces])
+        except device_ipc.IPCError as e:  # no exportable buffer here (e.g. device memory full): the host path
             log.warning("a K/V hand-off goes through host memory: %s", e)
             self._serve_host(conn, pull, held)
             return
         except Exception as e:  # noqa: BLE001 - e.g. the gather failed on the device: said, not adopted
             _send(conn, KVOffer(error=f"the hand-off {pull.transfer_id!r} could not be gathered: {e!r}"))
             return
-        _send(conn, self._offer(held, chunk=held.layout.block_bytes, device=pieces))
-        _recv(conn, KVPulled)  # copied: the device rows may go
+        try:
+            pieces = [KVDevicePiece(exported.handle, offset, array.nbytes, array.shape[0], real,
+                                    device_ipc.checksum_of(array, real))
+                      for (real, array), offset in zip(held.pieces, exported.offsets)]  # fmt: skip
+            _send(conn, self._offer(held, chunk=held.layout.block_bytes, device=pieces))
+            _recv(conn, KVPulled)  # copied: the buffer may be reused
+        finally:
+            exported.release()
 
     def close(self) -> None:
         """Stop accepting: shutting the socket down wakes the thread blocked in accept (closing it alone does not)."""
@@ -377,8 +381,7 @@ def device_piece(piece: KVDevicePiece, block_bytes: int, device) -> jax.Array:
     if piece.nbytes != piece.rows * block_bytes or not 0 < piece.real <= piece.rows:
         raise TransferError("a device piece of the offer does not match its layout")
     try:
-        rows = device_ipc.copy_in(device_ipc.Exported(piece.handle, piece.offset, piece.nbytes),
-                                  (piece.rows, block_bytes), np.uint8, device)  # fmt: skip
+        rows = device_ipc.copy_in(piece.handle, piece.offset, (piece.rows, block_bytes), np.uint8, device)
         ok = device_ipc.checksum_of(rows, piece.real) == piece.checksum
     except device_ipc.IPCError as e:
         raise DeviceCopyError(f"the device-to-device copy failed: {e}") from None

@@ -1,15 +1,17 @@
 """K/V between two processes' GPUs on one host, device to device: CUDA IPC through the driver API (libcuda, ctypes).
 
 The host-staged paths copy a prompt's K/V four times (device -> pinned host -> shared memory -> device); two engines on
-one host can skip the host. The prefill side exports each gathered piece's device buffer (an IPC handle of the
-allocation that holds it, and the piece's offset in it); the decode side opens each allocation once (XLA's allocator
-holds a few large regions, so the mappings are kept for the process's life) and copies the piece into a buffer of its
-own with one device-to-device copy on a stream of its own, waited on before anything reads the buffer. Both sides
-checksum the piece on their device (`checksum`), so a copy that went wrong is refused as a corrupted host copy is.
+one host can skip the host. XLA's allocator maps its memory in a way CUDA cannot export to another process
+(cuIpcGetMemHandle refuses it), so the prefill side copies a hand-off's gathered pieces (device to device, a small
+cost next to a host copy) into one buffer of its own (cuMemAlloc, pooled and reused, so the decode side meets the same
+few buffers again) and exports that; the decode side opens each buffer once (a few kept, the oldest closed) and copies
+each piece into an array of its own with one device-to-device copy on a stream of its own, waited on before anything
+reads the array. Both sides checksum each piece on their device (`checksum`), so a copy that went wrong is refused as
+a corrupted host copy is.
 
-`available(device)` says whether a device can take part (a CUDA GPU whose driver library loads); anything else uses
-the host-staged paths. The copy writes into a fresh array that nothing else has seen, the one place rtpjax writes
-device memory behind XLA's back.
+`available(device)` says whether a device can take part (a CUDA GPU whose driver library loads); anything else, or a
+buffer that cannot be had (device memory full), uses the host-staged paths. The decode side's copy writes into a fresh
+array nothing else has seen: the one place rtpjax writes device memory behind XLA's back.
 """
 
 from __future__ import annotations
@@ -24,19 +26,31 @@ import numpy as np
 
 IPC_LAZY_ENABLE_PEER_ACCESS = 1  # the source may lie on another GPU of the host (peer access, e.g. over NVLink)
 STREAM_NON_BLOCKING = 1
+MIN_BUFFER = 16 << 20  # export buffers come in powers of two from here: few sizes, so they are reused
+KEEP_IDLE, KEEP_IDLE_BYTES = 4, 4 << 30  # export buffers kept between hand-offs (prefill side)
+KEEP_OPENED = 16  # peers' buffers kept open (decode side)
 
 
 class IPCError(Exception):
     """A device-to-device hand-off that cannot be made (the host-staged paths remain)."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Exported:
-    """One gathered piece as the decode side opens it: `nbytes` bytes at `offset` in the allocation of `handle`."""
+    """A hand-off's pieces in one exportable buffer: piece i at `offsets[i]` in the buffer of `handle`. `release()`
+    gives the buffer back once the decode side has its copies."""
 
     handle: bytes  # CUipcMemHandle, 64 bytes
-    offset: int
-    nbytes: int
+    offsets: list[int]
+    release: object = lambda: None
+
+
+@dataclasses.dataclass
+class _Buffer:
+    ordinal: int
+    address: int
+    size: int
+    handle: bytes
 
 
 class _Handle(ctypes.Structure):
@@ -54,13 +68,14 @@ class _Driver:
         self._check(self.lib.cuInit(0), "cuInit")
         self._contexts: dict[int, ctypes.c_void_p] = {}
         self._streams: dict[tuple[int, int], ctypes.c_void_p] = {}  # (ordinal, thread id) -> stream
-        self._opened: dict[tuple[int, bytes], int] = {}  # (ordinal, handle) -> mapped base address
+        self._opened: dict[tuple[int, bytes], int] = {}  # (ordinal, peer's handle) -> base address here, oldest first
+        self._idle: list[_Buffer] = []  # our export buffers between hand-offs, oldest first
         self._lock = threading.Lock()
-        self.get_range = self._symbol("cuMemGetAddressRange_v2", "cuMemGetAddressRange")
+        self.copying = threading.Lock()  # decode side: one copy from peers' buffers at a time
         self.open_handle = self._symbol("cuIpcOpenMemHandle_v2", "cuIpcOpenMemHandle")
         self.open_handle.argtypes = [ctypes.POINTER(ctypes.c_uint64), _Handle, ctypes.c_uint]
-        self.copy = self._symbol("cuMemcpyDtoDAsync_v2", "cuMemcpyDtoDAsync")
-        self.copy.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
+        self.copy_async = self._symbol("cuMemcpyDtoDAsync_v2", "cuMemcpyDtoDAsync")
+        self.copy_async.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
 
     def _symbol(self, *names):
         for name in names:
@@ -86,25 +101,60 @@ class _Driver:
                 self._contexts[ordinal] = ctx
         self._check(self.lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
 
-    def export(self, ordinal: int, address: int, nbytes: int) -> Exported:
-        self.use(ordinal)
-        base, size = ctypes.c_uint64(), ctypes.c_size_t()
-        self._check(self.get_range(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(address)),
-                    "cuMemGetAddressRange")  # fmt: skip
-        if address + nbytes > base.value + size.value:
-            raise IPCError("the piece is not inside one device allocation")
-        handle = _Handle()
-        self._check(self.lib.cuIpcGetMemHandle(ctypes.byref(handle), ctypes.c_uint64(base.value)), "cuIpcGetMemHandle")
-        return Exported(bytes(handle.reserved), address - base.value, nbytes)
-
-    def _base(self, ordinal: int, handle: bytes) -> int:
+    def lease(self, ordinal: int, nbytes: int) -> _Buffer:
+        """An exportable buffer of at least `nbytes` on the device: an idle one that fits, else a new one."""
         with self._lock:
-            base = self._opened.get((ordinal, handle))
-            if base is None:
-                ptr = ctypes.c_uint64()
-                self._check(self.open_handle(ctypes.byref(ptr), _Handle(handle), IPC_LAZY_ENABLE_PEER_ACCESS),
-                            "cuIpcOpenMemHandle")  # fmt: skip
-                base = self._opened[ordinal, handle] = ptr.value
+            fits = [b for b in self._idle if b.ordinal == ordinal and b.size >= nbytes]
+            if fits:
+                best = min(fits, key=lambda b: b.size)
+                self._idle.remove(best)
+                return best
+        self.use(ordinal)
+        size, address = max(MIN_BUFFER, 1 << (nbytes - 1).bit_length()), ctypes.c_uint64()
+        self._check(self.lib.cuMemAlloc_v2(ctypes.byref(address), ctypes.c_size_t(size)), "cuMemAlloc")
+        handle = _Handle()
+        try:
+            self._check(self.lib.cuIpcGetMemHandle(ctypes.byref(handle), address), "cuIpcGetMemHandle")
+        except IPCError:
+            self.lib.cuMemFree_v2(address)
+            raise
+        return _Buffer(ordinal, address.value, size, bytes(handle.reserved))
+
+    def give_back(self, buffer: _Buffer) -> None:
+        """Keep the buffer for the next hand-off; free the oldest idle ones past the bounds."""
+        with self._lock:
+            self._idle.append(buffer)
+            gone = []
+            while len(self._idle) > KEEP_IDLE or sum(b.size for b in self._idle) > KEEP_IDLE_BYTES:
+                gone.append(self._idle.pop(0))
+        for b in gone:
+            self.use(b.ordinal)
+            self.lib.cuMemFree_v2(ctypes.c_uint64(b.address))
+
+    def copy(self, ordinal: int, dst: int, src: int, nbytes: int) -> None:
+        """Device to device within this process's view of the device `ordinal`; returns once the bytes are there."""
+        self.use(ordinal)
+        stream = self._stream(ordinal)
+        self._check(self.copy_async(dst, src, nbytes, stream), "cuMemcpyDtoDAsync")
+        self._check(self.lib.cuStreamSynchronize(stream), "cuStreamSynchronize")
+
+    def opened(self, ordinal: int, handle: bytes) -> int:
+        """The base address of a peer's exported buffer here (opened once; the oldest of KEEP_OPENED closed). Callers
+        hold `self.copying` while they use it, so nothing is closed under a copy."""
+        base = self._opened.pop((ordinal, handle), None)
+        if base is None:
+            self.use(ordinal)
+            ptr = ctypes.c_uint64()
+            self._check(self.open_handle(ctypes.byref(ptr), _Handle(handle), IPC_LAZY_ENABLE_PEER_ACCESS),
+                        "cuIpcOpenMemHandle")  # fmt: skip
+            base = ptr.value
+        self._opened[ordinal, handle] = base  # the most recent last
+        while len(self._opened) > KEEP_OPENED:
+            old_ordinal, old_handle = next(iter(self._opened))
+            old = self._opened.pop((old_ordinal, old_handle))
+            self.use(old_ordinal)
+            self.lib.cuIpcCloseMemHandle(ctypes.c_uint64(old))
+            self.use(ordinal)
         return base
 
     def _stream(self, ordinal: int) -> ctypes.c_void_p:
@@ -116,13 +166,6 @@ class _Driver:
                 self._check(self.lib.cuStreamCreate(ctypes.byref(stream), STREAM_NON_BLOCKING), "cuStreamCreate")
                 self._streams[key] = stream
         return stream
-
-    def copy_in(self, ordinal: int, source: Exported, address: int) -> None:
-        """Copy the exported bytes to `address` on this process's device `ordinal`; returns once they are there."""
-        self.use(ordinal)
-        src, stream = self._base(ordinal, source.handle) + source.offset, self._stream(ordinal)
-        self._check(self.copy(address, src, source.nbytes, stream), "cuMemcpyDtoDAsync")
-        self._check(self.lib.cuStreamSynchronize(stream), "cuStreamSynchronize")
 
 
 _DRIVER: list = []  # the one _Driver, or the IPCError that loading it raised
@@ -152,27 +195,37 @@ def available(device: jax.Device) -> bool:
     return True
 
 
-def _one_device(array: jax.Array) -> jax.Device:
-    devices = array.sharding.device_set
+def _one_device(arrays: list[jax.Array]) -> jax.Device:
+    devices = {d for a in arrays for d in a.sharding.device_set}
     if len(devices) != 1:
         raise IPCError("device-to-device hand-offs take arrays on one device")
-    return next(iter(devices))
+    return devices.pop()
 
 
-def export(array: jax.Array) -> Exported:
-    """The IPC reference to a computed array's buffer (the caller keeps the array alive until the copy is made)."""
-    array.block_until_ready()
-    device = _one_device(array)
-    return _driver().export(device.local_hardware_id, array.unsafe_buffer_pointer(), array.nbytes)
+def export_pieces(arrays: list[jax.Array]) -> Exported:
+    """The computed arrays copied into one exportable buffer, exported; the caller releases it once copied."""
+    jax.block_until_ready(arrays)
+    ordinal, driver = _one_device(arrays).local_hardware_id, _driver()
+    offsets, at = [], 0
+    for a in arrays:
+        offsets.append(at)
+        at += -(-a.nbytes // 256) * 256  # each piece aligned as the device's own allocations are
+    buffer = driver.lease(ordinal, at)
+    try:
+        for a, offset in zip(arrays, offsets):
+            driver.copy(ordinal, buffer.address + offset, a.unsafe_buffer_pointer(), a.nbytes)
+    except IPCError:
+        driver.give_back(buffer)
+        raise
+    return Exported(buffer.handle, offsets, lambda: driver.give_back(buffer))
 
 
-def copy_in(source: Exported, shape: tuple, dtype, device: jax.Device) -> jax.Array:
-    """A new array on `device` holding the exported bytes (of that shape and dtype)."""
-    nbytes = int(np.prod(shape)) * jnp.dtype(dtype).itemsize
-    if nbytes != source.nbytes:
-        raise IPCError(f"the exported piece holds {source.nbytes} bytes, not the {nbytes} of {list(shape)} {dtype}")
+def copy_in(handle: bytes, offset: int, shape: tuple, dtype, device: jax.Device) -> jax.Array:
+    """A new array on `device` holding the bytes at `offset` in a peer's exported buffer (of that shape and dtype)."""
     out = jnp.zeros(shape, dtype, device=device).block_until_ready()  # a buffer of our own, computed on the device
-    _driver().copy_in(device.local_hardware_id, source, out.unsafe_buffer_pointer())
+    ordinal, driver = device.local_hardware_id, _driver()
+    with driver.copying:
+        driver.copy(ordinal, out.unsafe_buffer_pointer(), driver.opened(ordinal, handle) + offset, out.nbytes)
     return out
 
 
