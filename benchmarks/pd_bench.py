@@ -118,7 +118,7 @@ def transfer(args) -> dict:
         print(f"{tokens:6d} tokens {nbytes / 1e6:7.1f} MB: " + "  ".join(
             f"{k[:-5]} {row[k]:6.1f} GB/s" for k in row if k.endswith("_GBps") and k[:-5].count("_") < 1 + k.startswith(
                 ("jax_", "pinned_"))))  # fmt: skip
-        for path in ("shm", "tcp"):
+        for path in [p for p in ("shm", "tcp", "device") if p + "_s" in row]:
             print(f"       {path} ms: {row[path + '_s'] * 1e3:.1f}, phases (overlapping) " + "  ".join(
                 f"{k[len(path) + 1 : -2]} {row[k] * 1e3:.1f}" for k in row if k.startswith(path + "_") and
                 k.endswith("_s") and k not in (path + "_s", "shm_sequential_s")))  # fmt: skip
@@ -140,7 +140,7 @@ def _device_to_device(store, server, layout, blocks: int, tokens: int, fresh, ho
     mine, theirs = multiprocessing.get_context("spawn").Pipe()
     child = multiprocessing.get_context("spawn").Process(target=_device_puller, args=(theirs, server.port), daemon=True)
     child.start()
-    times, want = [], hashlib.sha256(host).hexdigest()
+    times, split, want = [], [], hashlib.sha256(host).hexdigest()
     try:
         for i in range(repeats + 1):
             x = fresh()
@@ -149,18 +149,22 @@ def _device_to_device(store, server, layout, blocks: int, tokens: int, fresh, ho
             mine.send(f"d{i}")
             if not mine.poll(120):
                 raise TimeoutError("the device-to-device puller did not answer in 120 s")
-            seconds, digest, error = mine.recv()
+            seconds, digest, error, phases = mine.recv()
             if error is not None:
                 return {"device_error": error}
             if digest != want:
                 return {"device_error": "the bytes pulled device to device differ from those offered"}
             times.append(seconds)
+            split.append(phases)
     finally:
         mine.send(None)
         child.join(30)
         if child.is_alive():
             child.kill()
-    return {"device_s": statistics.median(times[1:] or times), "device_bytes_equal": True}
+    row = {"device_s": statistics.median(times[1:] or times), "device_bytes_equal": True}
+    for phase in split[-1]:  # where it goes (medians, warm-up left out): offer (the prefill side's export), alloc, copy,
+        row[f"device_{phase}_s"] = statistics.median(p[phase] for p in split[1:] or split)  # check (decode side)
+    return row
 
 
 def _device_puller(conn, port: int) -> None:
@@ -171,18 +175,32 @@ def _device_puller(conn, port: int) -> None:
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.15")  # the parent holds most of the device
     import jax
 
-    from rtpjax.disagg import channel
+    from rtpjax.disagg import channel, device_ipc
 
     device = jax.devices()[0]
-    load = lambda layout, piece: [channel.device_piece(piece, layout.block_bytes, device)[: piece.real]]  # noqa: E731
+    phases, copied = {}, []
+
+    def load(layout, pieces):  # channel.device_pieces, its phases timed
+        rows = device_ipc.copy_in(pieces[0].handle, [(p.offset, (p.rows, layout.block_bytes)) for p in pieces],
+                                  np.uint8, device, phases)  # fmt: skip
+        began = time.perf_counter()
+        if device_ipc.checksums([(r, p.real) for r, p in zip(rows, pieces)]) != [p.checksum for p in pieces]:
+            raise channel.TransferError("device checksum mismatch")
+        phases["check"] = time.perf_counter() - began
+        copied[:] = rows
+        return [r[: p.real] for r, p in zip(rows, pieces)]
+
     while (name := conn.recv()) is not None:
         try:
             began = time.perf_counter()
             got = channel.pull("127.0.0.1", port, name, "device", time.monotonic() + 60, load_device=load)
             seconds = time.perf_counter() - began
-            conn.send((seconds, hashlib.sha256(np.asarray(got.rows[0])).hexdigest(), None))
+            digest = hashlib.sha256(np.asarray(got.rows[0])).hexdigest()
+            device_ipc.give_back(copied)  # as the engine does once its rows are split off
+            conn.send((seconds, digest, None,
+                       {"offer": got.times["d2d_offer"], **phases}))
         except Exception as e:  # noqa: BLE001 - reported to the parent, which records it
-            conn.send((0.0, "", f"{type(e).__name__}: {e}"))
+            conn.send((0.0, "", f"{type(e).__name__}: {e}", {}))
 
 
 _JAX_SERVER = []
@@ -258,8 +276,6 @@ def ttft(args, engine_args: dict) -> dict:
             row["disaggregated"] = [times[0] - began, times[1] - began]
             row["handoff"] = times[0] - answered
             row["timeline"] = timeline(began, pout.trace or {}, answered, dout.trace or {}, times[0])
-            same, _ = await tokens(pre, prompt, f"q{i}", two)  # the prefill engine's own continuation, its own K/V
-            row["tokens_equal"] = same.outputs[0].token_ids == dout.outputs[0].token_ids
             rows.append(row)
         return rows[1:]
 
@@ -278,7 +294,6 @@ def ttft(args, engine_args: dict) -> dict:
               "disaggregated_second_token_ms": ms("disaggregated", 1),
               "handoff_ms": statistics.median(r["handoff"] for r in rows) * 1e3}  # fmt: skip
     result["overhead"] = result["disaggregated_ttft_ms"] / result["colocated_ttft_ms"] - 1
-    result["tokens_equal"] = f"{sum(r['tokens_equal'] for r in rows)}/{len(rows)}"  # the hand-off's K/V is the prefill's
     result["handoff_phases_ms"] = phases
     result["timeline_ms"] = _median_rows([r["timeline"] for r in rows])  # medians per phase
     result["rows_ms"] = [{k: [1e3 * t for t in r[k]] for k in ("colocated", "disaggregated")} for r in rows]

@@ -22,23 +22,27 @@ def reference_checksum(rows: np.ndarray, real: int) -> list[int]:
     return [int(words.sum() % 2**32), int((words * (2 * position + 1)).sum() % 2**32)]
 
 
+def sums(parts):
+    return device_ipc.checksums([(jnp.asarray(rows), real) for rows, real in parts])
+
+
 def test_checksum_matches_its_reference_and_sees_flips_and_moves():
     rng = np.random.default_rng(0)
     rows = rng.integers(0, 256, (8, LAYOUT.block_bytes), dtype=np.uint8)
     for real in (1, 5, 8):
-        assert device_ipc.checksum_of(jnp.asarray(rows), real) == reference_checksum(rows, real)
-    base = device_ipc.checksum_of(jnp.asarray(rows), 5)
+        assert sums([(rows, real)]) == [reference_checksum(rows, real)]
+    base = sums([(rows, 5)])
     past = rows.copy()
     past[6, 3] ^= 0xFF  # padding rows do not count
-    assert device_ipc.checksum_of(jnp.asarray(past), 5) == base
+    assert sums([(past, 5)]) == base
     for r, c in rng.integers(0, [5, LAYOUT.block_bytes], (20, 2)):
         flipped = rows.copy()
         flipped[r, c] ^= 1 << int(rng.integers(8))
-        assert device_ipc.checksum_of(jnp.asarray(flipped), 5) != base
+        assert sums([(flipped, 5)]) != base
     moved = rows.copy()
     moved[0, :4], moved[1, :4] = rows[1, :4], rows[0, :4]  # two words swapped: the plain sum cannot see it
     if not np.array_equal(moved, rows):
-        assert device_ipc.checksum_of(jnp.asarray(moved), 5) != base
+        assert sums([(moved, 5)]) != base
 
 
 def test_a_cpu_device_takes_the_host_paths():
@@ -59,14 +63,17 @@ class FakeDriver:
         offsets = np.cumsum([0] + [a.nbytes for a in arrays[:-1]]).tolist()
         return device_ipc.Exported(handle, offsets, lambda: self.released.append(handle))
 
-    def copy_in(self, handle, offset, shape, dtype, device):
+    def copy_in(self, handle, parts, dtype, device):
         if self.fail:
             raise device_ipc.IPCError("cuIpcOpenMemHandle failed: invalid device context (201)")
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        data = self.exported[handle][offset : offset + nbytes].copy()
-        if self.flip:
-            data[len(data) // 3] ^= 0x10
-        return jax.device_put(data.view(dtype).reshape(shape), device)
+        out = []
+        for offset, shape in parts:
+            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            data = self.exported[handle][offset : offset + nbytes].copy()
+            if self.flip:
+                data[len(data) // 3] ^= 0x10
+            out.append(jax.device_put(data.view(dtype).reshape(shape), device))
+        return out
 
 
 @pytest.fixture
@@ -99,8 +106,9 @@ def _hold(store, rows: np.ndarray, buckets: list[int], staged_by: list) -> None:
     store.put("t", staging.Held(LAYOUT, len(rows), 4 * len(rows), [1], time.monotonic() + 30, None, pieces, stage))
 
 
-def _load_device(layout, piece):
-    return list(channel.device_piece(piece, layout.block_bytes, jax.devices()[0])[: piece.real])
+def _load_device(layout, pieces):
+    copied = channel.device_pieces(pieces, layout.block_bytes, jax.devices()[0])
+    return [row for rows, piece in zip(copied, pieces) for row in rows[: piece.real]]
 
 
 def _pull(server, path):
@@ -121,7 +129,7 @@ def test_device_pull_copies_the_pieces_and_never_stages(served):
     _hold(store, rows, [4, 2], staged_by)  # two pieces: 4 rows, then 1 of 2
     got = _pull(server, "device")
     np.testing.assert_array_equal(np.stack([np.asarray(r) for r in got.rows]), rows)
-    assert got.num_tokens == 20 and "d2d" in got.times
+    assert got.num_tokens == 20 and got.times.keys() == {"d2d_offer", "d2d_copy"}
     assert not staged_by, "a device pull staged the K/V in host memory"
     assert len(fake.exported) == 1
     for _ in range(100):  # the serving thread releases the buffer once the decode side answered
@@ -167,3 +175,17 @@ def test_a_device_offer_needs_a_device_copy(served):
     _hold(store, np.full((2, LAYOUT.block_bytes), 7, np.uint8), [2], [])
     with pytest.raises(channel.TransferError, match="cannot be taken here"):
         channel.pull("127.0.0.1", server.port, "t", "device", time.monotonic() + 30)
+
+
+def test_copy_destinations_are_reused_and_bounded(monkeypatch):
+    """The decode side's arrays for the copies: one given back is the next lease of its shape; idle bytes bounded."""
+    pool, device = device_ipc._Destinations(), jax.devices()[0]
+    a = pool.lease((4, 64), jnp.dtype(jnp.uint8), device)
+    assert a.shape == (4, 64) and not np.asarray(a).any()
+    pool.give_back([a])
+    assert pool.lease((4, 64), jnp.dtype(jnp.uint8), device) is a
+    assert pool.lease((4, 64), jnp.dtype(jnp.uint8), device) is not a  # leased: never two holders
+    monkeypatch.setattr(device_ipc, "KEEP_DESTINATION_BYTES", 600)
+    arrays = [pool.lease((4, 64), jnp.dtype(jnp.uint8), device) for _ in range(3)]
+    pool.give_back(arrays)
+    assert pool._idle == arrays[1:]  # the oldest dropped past the bound

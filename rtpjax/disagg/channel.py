@@ -182,9 +182,9 @@ class TransferServer:
             _send(conn, KVOffer(error=f"the hand-off {pull.transfer_id!r} could not be gathered: {e!r}"))
             return
         try:
-            pieces = [KVDevicePiece(exported.handle, offset, array.nbytes, array.shape[0], real,
-                                    device_ipc.checksum_of(array, real))
-                      for (real, array), offset in zip(held.pieces, exported.offsets)]  # fmt: skip
+            sums = device_ipc.checksums([(array, real) for real, array in held.pieces])
+            pieces = [KVDevicePiece(exported.handle, offset, array.nbytes, array.shape[0], real, checksum)
+                      for (real, array), offset, checksum in zip(held.pieces, exported.offsets, sums)]  # fmt: skip
             _send(conn, self._offer(held, chunk=held.layout.block_bytes, device=pieces))
             _recv(conn, KVPulled)  # copied: the buffer may be reused
         finally:
@@ -209,7 +209,8 @@ class Pulled:
     num_tokens: int
     prompt_ids: list[int]
     times: dict[str, float]  # seconds: "channel" (offer, bytes in, checksums), "h2d" (in `load`, device copies done);
-    # device to device: "d2d" (offer, copies, checksums)
+    # device to device: "d2d_offer" (until the offer: the prefill side's copy into its export buffer and checksums),
+    # "d2d_copy" (the copies here and their checksums)
 
 
 def host_rows(layout: KVLayout, rows: np.ndarray) -> list[np.ndarray]:
@@ -375,17 +376,20 @@ def _arrive(sock: socket.socket, offer: KVOffer, load, payload: np.ndarray, rows
     return sums, sent, loading
 
 
-def device_piece(piece: KVDevicePiece, block_bytes: int, device) -> jax.Array:
-    """An exported piece copied device to device onto `device`: uint8 [rows, block_bytes], checked against its
-    device checksum."""
-    if piece.nbytes != piece.rows * block_bytes or not 0 < piece.real <= piece.rows:
-        raise TransferError("a device piece of the offer does not match its layout")
+def device_pieces(pieces: list[KVDevicePiece], block_bytes: int, device) -> list[jax.Array]:
+    """Exported pieces copied device to device onto `device`, each uint8 [rows, block_bytes], checked against their
+    device checksums; the caller gives them back (device_ipc.give_back) once it has taken their rows."""
+    if any(p.nbytes != p.rows * block_bytes or not 0 < p.real <= p.rows for p in pieces) or \
+            len({p.handle for p in pieces}) != 1:  # fmt: skip
+        raise TransferError("the device pieces of the offer do not match its layout")
     try:
-        rows = device_ipc.copy_in(piece.handle, piece.offset, (piece.rows, block_bytes), np.uint8, device)
-        ok = device_ipc.checksum_of(rows, piece.real) == piece.checksum
+        rows = device_ipc.copy_in(pieces[0].handle, [(p.offset, (p.rows, block_bytes)) for p in pieces], np.uint8,
+                                  device)  # fmt: skip
+        ok = device_ipc.checksums([(r, p.real) for r, p in zip(rows, pieces)]) == [p.checksum for p in pieces]
     except device_ipc.IPCError as e:
         raise DeviceCopyError(f"the device-to-device copy failed: {e}") from None
     if not ok:
+        device_ipc.give_back(rows)
         raise TransferError("the K/V arrived corrupted (device checksum mismatch)")
     return rows
 
@@ -396,7 +400,7 @@ def pull(host: str, port: int, transfer_id: str, channel: str, deadline: float, 
     time.monotonic() after which the pull gives up. `load(layout, rows uint8 [k, block_bytes]) -> k rows` takes each
     chunk as it arrives; it must copy (the shared-memory file is reused once the pull answers, which waits for every
     copy `load` started on a device). Channel "device" (this host; the prefill side may answer with a host path
-    instead): `load_device(layout, KVDevicePiece) -> its real rows` copies each exported piece (`device_piece`)."""
+    instead): `load_device(layout, [KVDevicePiece]) -> their real rows` copies the exported pieces (`device_pieces`)."""
 
     def remaining() -> float:
         left = deadline - time.monotonic()
@@ -448,9 +452,10 @@ def _pull_device(sock: socket.socket, offer: KVOffer, load_device, remaining, be
     if load_device is None or sum(p.real for p in offer.device) != offer.num_blocks:
         raise TransferError(f"the device offer from {peer} cannot be taken here (no device copy, or pieces that do "
                             "not cover its blocks)")  # fmt: skip
-    rows = []
-    for piece in offer.device:
-        rows += load_device(offer.layout, piece)
+    offered = time.perf_counter()
+    rows = load_device(offer.layout, offer.device)
+    copied = time.perf_counter()
     _send(sock, KVPulled(True))
     remaining()  # arrived too late: stale, never adopted
-    return Pulled(offer.layout, rows, offer.num_tokens, offer.prompt_ids, {"d2d": time.perf_counter() - began})
+    return Pulled(offer.layout, rows, offer.num_tokens, offer.prompt_ids, {"d2d_offer": offered - began,
+                                                                           "d2d_copy": copied - offered})

@@ -17,8 +17,10 @@ array nothing else has seen: the one place rtpjax writes device memory behind XL
 from __future__ import annotations
 
 import ctypes
+import functools
 import dataclasses
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +31,7 @@ STREAM_NON_BLOCKING = 1
 MIN_BUFFER = 16 << 20  # export buffers come in powers of two from here: few sizes, so they are reused
 KEEP_IDLE, KEEP_IDLE_BYTES = 4, 4 << 30  # export buffers kept between hand-offs (prefill side)
 KEEP_OPENED = 16  # peers' buffers kept open (decode side)
+KEEP_DESTINATION_BYTES = 1 << 30  # arrays kept for the copies to land in (decode side)
 
 
 class IPCError(Exception):
@@ -54,7 +57,7 @@ class _Buffer:
 
 
 class _Handle(ctypes.Structure):
-    _fields_ = [("reserved", ctypes.c_char * 64)]
+    _fields_ = [("reserved", ctypes.c_ubyte * 64)]  # bytes, NULs included (a c_char field would stop at the first)
 
 
 class _Driver:
@@ -118,7 +121,7 @@ class _Driver:
         except IPCError:
             self.lib.cuMemFree_v2(address)
             raise
-        return _Buffer(ordinal, address.value, size, bytes(handle.reserved))
+        return _Buffer(ordinal, address.value, size, bytes(handle))
 
     def give_back(self, buffer: _Buffer) -> None:
         """Keep the buffer for the next hand-off; free the oldest idle ones past the bounds."""
@@ -131,11 +134,13 @@ class _Driver:
             self.use(b.ordinal)
             self.lib.cuMemFree_v2(ctypes.c_uint64(b.address))
 
-    def copy(self, ordinal: int, dst: int, src: int, nbytes: int) -> None:
-        """Device to device within this process's view of the device `ordinal`; returns once the bytes are there."""
+    def copy(self, ordinal: int, moves: list[tuple[int, int, int]]) -> None:
+        """Device-to-device copies (dst, src, nbytes) on this thread's stream of device `ordinal`; returns once every
+        one has landed."""
         self.use(ordinal)
         stream = self._stream(ordinal)
-        self._check(self.copy_async(dst, src, nbytes, stream), "cuMemcpyDtoDAsync")
+        for dst, src, nbytes in moves:
+            self._check(self.copy_async(dst, src, nbytes, stream), "cuMemcpyDtoDAsync")
         self._check(self.lib.cuStreamSynchronize(stream), "cuStreamSynchronize")
 
     def opened(self, ordinal: int, handle: bytes) -> int:
@@ -145,8 +150,8 @@ class _Driver:
         if base is None:
             self.use(ordinal)
             ptr = ctypes.c_uint64()
-            self._check(self.open_handle(ctypes.byref(ptr), _Handle(handle), IPC_LAZY_ENABLE_PEER_ACCESS),
-                        "cuIpcOpenMemHandle")  # fmt: skip
+            opened = self.open_handle(ctypes.byref(ptr), _Handle.from_buffer_copy(handle), IPC_LAZY_ENABLE_PEER_ACCESS)
+            self._check(opened, "cuIpcOpenMemHandle")
             base = ptr.value
         self._opened[ordinal, handle] = base  # the most recent last
         while len(self._opened) > KEEP_OPENED:
@@ -212,21 +217,65 @@ def export_pieces(arrays: list[jax.Array]) -> Exported:
         at += -(-a.nbytes // 256) * 256  # each piece aligned as the device's own allocations are
     buffer = driver.lease(ordinal, at)
     try:
-        for a, offset in zip(arrays, offsets):
-            driver.copy(ordinal, buffer.address + offset, a.unsafe_buffer_pointer(), a.nbytes)
+        driver.copy(ordinal, [(buffer.address + o, a.unsafe_buffer_pointer(), a.nbytes) for a, o in zip(arrays, offsets)])
     except IPCError:
         driver.give_back(buffer)
         raise
     return Exported(buffer.handle, offsets, lambda: driver.give_back(buffer))
 
 
-def copy_in(handle: bytes, offset: int, shape: tuple, dtype, device: jax.Device) -> jax.Array:
-    """A new array on `device` holding the bytes at `offset` in a peer's exported buffer (of that shape and dtype)."""
-    out = jnp.zeros(shape, dtype, device=device).block_until_ready()  # a buffer of our own, computed on the device
+class _Destinations:
+    """The decode side's arrays that copies land in, reused (a new one costs more than the copy): each is leased by
+    copy_in and given back (`give_back`) once nothing reads it any more; at most KEEP_DESTINATION_BYTES idle."""
+
+    def __init__(self):
+        self._idle: list[jax.Array] = []  # oldest first
+        self._lock = threading.Lock()
+
+    def lease(self, shape: tuple, dtype, device: jax.Device) -> jax.Array:
+        with self._lock:
+            for i, a in enumerate(self._idle):
+                if a.shape == shape and a.dtype == dtype and a.sharding.device_set == {device}:
+                    return self._idle.pop(i)
+        return _fill(shape, dtype, device)()
+
+    def give_back(self, arrays: list[jax.Array]) -> None:
+        with self._lock:
+            self._idle += arrays
+            while sum(a.nbytes for a in self._idle) > KEEP_DESTINATION_BYTES:
+                self._idle.pop(0)
+
+
+_DESTINATIONS = _Destinations()
+
+
+def give_back(arrays: list[jax.Array]) -> None:
+    """Arrays copy_in made, once nothing reads them any more (their consumers are done): the next copies reuse them."""
+    _DESTINATIONS.give_back(arrays)
+
+
+@functools.lru_cache(maxsize=64)
+def _fill(shape: tuple, dtype, device: jax.Device):
+    """A program that makes a zeroed array on the device itself (jnp.zeros(..., device=) fills it on the host and
+    copies it over)."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=jax.sharding.SingleDeviceSharding(device))
+
+
+def copy_in(handle: bytes, parts: list[tuple[int, tuple]], dtype, device: jax.Device, times=None) -> list[jax.Array]:
+    """New arrays on `device` holding the bytes of each (offset, shape) part of a peer's exported buffer. `times`, a
+    dict, gets the seconds of "alloc" (the arrays) and "copy"."""
+    began = time.perf_counter()
+    outs = [_DESTINATIONS.lease(tuple(shape), jnp.dtype(dtype), device) for _, shape in parts]  # our own buffers
+    jax.block_until_ready(outs)  # before our copies land in them
+    allocated = time.perf_counter()
     ordinal, driver = device.local_hardware_id, _driver()
     with driver.copying:
-        driver.copy(ordinal, out.unsafe_buffer_pointer(), driver.opened(ordinal, handle) + offset, out.nbytes)
-    return out
+        base = driver.opened(ordinal, handle)
+        driver.copy(ordinal, [(out.unsafe_buffer_pointer(), base + offset, out.nbytes)
+                              for out, (offset, _) in zip(outs, parts)])  # fmt: skip
+    if times is not None:
+        times.update(alloc=allocated - began, copy=time.perf_counter() - allocated)
+    return outs
 
 
 @jax.jit
@@ -240,7 +289,8 @@ def checksum(rows: jax.Array, real: jax.Array) -> jax.Array:
     return jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * (2 * position + 1), dtype=jnp.uint32)])
 
 
-def checksum_of(rows: jax.Array, real: int) -> list[int]:
-    if rows.shape[1] % 4:
+def checksums(parts: list[tuple[jax.Array, int]]) -> list[list[int]]:
+    """`checksum` of each (rows, real) part, computed together, read back once."""
+    if any(rows.shape[1] % 4 for rows, _ in parts):
         raise IPCError("device checksums need rows of a multiple of 4 bytes")
-    return [int(v) for v in np.asarray(checksum(rows, np.int32(real)))]
+    return [[int(v) for v in s] for s in jax.device_get([checksum(rows, np.int32(real)) for rows, real in parts])]

@@ -35,6 +35,7 @@ import threading
 import time
 import uuid
 
+import jax
 import numpy as np
 
 from rtpjax.disagg import channel, device_ipc, staging
@@ -336,10 +337,14 @@ class Handoff:
             return self.engine.runner.copier.put_rows(rows)
         return channel.host_rows(layout, rows)
 
-    def _load_device(self, layout, piece) -> list:
-        """An exported piece copied device to device, as rows."""
-        rows = channel.device_piece(piece, layout.block_bytes, self.ipc_device)
-        return self.engine.runner.copier.unstage([rows])[: piece.real]
+    def _load_device(self, layout, pieces) -> list:
+        """Exported pieces copied device to device, as rows."""
+        copied = channel.device_pieces(pieces, layout.block_bytes, self.ipc_device)
+        split = self.engine.runner.copier.unstage
+        rows = [row for rows, piece in zip(copied, pieces) for row in split([rows])[: piece.real]]
+        jax.block_until_ready(rows)  # the split read the pieces: they may take the next copies
+        device_ipc.give_back(copied)
+        return rows
 
     def _pull(self, rid: str, host: str, port: int, transfer_id: str, path: str, deadline: float, tokens: int) -> None:
         try:

@@ -94,8 +94,8 @@ class EngineStats(msgspec.Struct, gc=False):
     kv_transfers_pulled: int = 0  # decode role: hand-offs whose K/V arrived and was adopted
     kv_transfers_failed: int = 0  # decode role: pulls that failed (the prompt was computed here instead)
     # mean ms per hand-off by phase: prefill_d2h (waiting for the device's copy), prefill_stage (into shared memory,
-    # checksummed), decode_channel (offer, bytes in, checksums), decode_h2d (onto the device), decode_d2d (device to
-    # device instead: offer, copies, checksums), decode_relayout
+    # checksummed), decode_channel (offer, bytes in, checksums), decode_h2d (onto the device), decode_d2d_offer and
+    # decode_d2d_copy (device to device instead: until the offer; copies and checksums), decode_relayout
     kv_transfer_ms: dict[str, float] = msgspec.field(default_factory=dict)
 
 
