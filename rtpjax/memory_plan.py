@@ -278,6 +278,9 @@ def _check(p: MemoryPlan, one_sequence: int) -> None:
                           f"({p.memory.source}); {change}")  # fmt: skip
 
 
+STAGED_SEQUENCES = 2  # KV tiers: staged blocks on the device outside the cache, in longest sequences (device_kv_blocks)
+
+
 def device_kv_blocks(cfg, args: EngineArgs, kv_dtype=None) -> int:
     """On a device with memory statistics: the blocks that fill what --gpu-memory-utilization leaves after what is
     in use (the weights) and, with KV tiers, their staging, counting what each device holds (its share of the KV heads,
@@ -296,10 +299,11 @@ def device_kv_blocks(cfg, args: EngineArgs, kv_dtype=None) -> int:
     free = free // BUDGET_STEP * BUDGET_STEP
     if not args.kv_offloading_size:
         return max(1, int(free // per_block))
-    # KV tiers stage up to one longest sequence's blocks (max_staged), whole on every device; where that and a
-    # sequence's cache do not both fit, the two share what there is (the context shrinks to fit, see with_blocks)
+    # KV tiers stage up to one longest sequence's blocks (max_staged), whole on every device, and the blocks taken by
+    # the scheduler stay on the device (as rows) until the step that writes them: two sequences' worth. Where that and
+    # a sequence's cache do not both fit, they share what there is (the context shrinks to fit, see with_blocks).
     sequence = -(-(args.max_model_len or cfg.max_position_embeddings) // args.block_size)
-    staged = kv_cache.bytes_per_block(cfg, args.block_size, kv_dtype)
+    staged = STAGED_SEQUENCES * kv_cache.bytes_per_block(cfg, args.block_size, kv_dtype)
     if free - sequence * staged >= sequence * per_block:
         return int((free - sequence * staged) // per_block)
     return max(1, int(free // (per_block + staged)))
