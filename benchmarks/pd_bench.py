@@ -178,27 +178,24 @@ def _device_puller(conn, port: int) -> None:
     from rtpjax.disagg import channel, device_ipc
 
     device = jax.devices()[0]
-    phases, copied = {}, []
+    phases, copy_in = {}, device_ipc.copy_in
+    device_ipc.copy_in = lambda *a: copy_in(*a, times=phases)  # this process's copies, their phases timed
 
-    def load(layout, pieces):  # channel.device_pieces, its phases timed
-        rows = device_ipc.copy_in(pieces[0].handle, [(p.offset, (p.rows, layout.block_bytes)) for p in pieces],
-                                  np.uint8, device, phases)  # fmt: skip
-        began = time.perf_counter()
-        if device_ipc.checksums([(r, p.real) for r, p in zip(rows, pieces)]) != [p.checksum for p in pieces]:
-            raise channel.TransferError("device checksum mismatch")
-        phases["check"] = time.perf_counter() - began
-        copied[:] = rows
-        return [r[: p.real] for r, p in zip(rows, pieces)]
+    def take(layout, copied, pieces):  # a fresh array of each piece's real rows (the copies are reused), as the engine
+        rows = [jax.numpy.array(c[: p.real], copy=True) for c, p in zip(copied, pieces)]
+        jax.block_until_ready(rows)
+        device_ipc.give_back(copied)
+        return rows
 
     while (name := conn.recv()) is not None:
         try:
             began = time.perf_counter()
-            got = channel.pull("127.0.0.1", port, name, "device", time.monotonic() + 60, load_device=load)
+            got = channel.pull("127.0.0.1", port, name, "device", time.monotonic() + 60,
+                               load_device=channel.DeviceLoad(device, take))  # fmt: skip
             seconds = time.perf_counter() - began
             digest = hashlib.sha256(np.asarray(got.rows[0])).hexdigest()
-            device_ipc.give_back(copied)  # as the engine does once its rows are split off
-            conn.send((seconds, digest, None,
-                       {"offer": got.times["d2d_offer"], **phases}))
+            conn.send((seconds, digest, None, {"offer": got.times["d2d_offer"], **phases,
+                                               "check_and_take": got.times["d2d_copy"] - sum(phases.values())}))
         except Exception as e:  # noqa: BLE001 - reported to the parent, which records it
             conn.send((0.0, "", f"{type(e).__name__}: {e}", {}))
 

@@ -41,8 +41,7 @@ def test_checksum_matches_its_reference_and_sees_flips_and_moves():
         assert sums([(flipped, 5)]) != base
     moved = rows.copy()
     moved[0, :4], moved[1, :4] = rows[1, :4], rows[0, :4]  # two words swapped: the plain sum cannot see it
-    if not np.array_equal(moved, rows):
-        assert sums([(moved, 5)]) != base
+    assert not np.array_equal(moved, rows) and sums([(moved, 5)]) != base
 
 
 def test_a_cpu_device_takes_the_host_paths():
@@ -106,20 +105,23 @@ def _hold(store, rows: np.ndarray, buckets: list[int], staged_by: list) -> None:
     store.put("t", staging.Held(LAYOUT, len(rows), 4 * len(rows), [1], time.monotonic() + 30, None, pieces, stage))
 
 
-def _load_device(layout, pieces):
-    copied = channel.device_pieces(pieces, layout.block_bytes, jax.devices()[0])
+def _take(layout, copied, pieces):
     return [row for rows, piece in zip(copied, pieces) for row in rows[: piece.real]]
 
 
+TO_DEVICE = channel.DeviceLoad(jax.devices()[0], _take)
+
+
 def _pull(server, path):
-    return channel.pull("127.0.0.1", server.port, "t", path, time.monotonic() + 30, load_device=_load_device)
+    return channel.pull("127.0.0.1", server.port, "t", path, time.monotonic() + 30, load_device=TO_DEVICE)
 
 
-def _wait_empty(store):
-    for _ in range(100):  # the serving thread releases the hand-off just after the pull returns
-        if not len(store):
+def _wait_released(fake):
+    for _ in range(100):  # the serving thread releases the export just after the pull returns
+        if fake.released == list(fake.exported):
             return
         time.sleep(0.02)
+    assert fake.released == list(fake.exported), "an export buffer was never given back"
 
 
 def test_device_pull_copies_the_pieces_and_never_stages(served):
@@ -127,16 +129,13 @@ def test_device_pull_copies_the_pieces_and_never_stages(served):
     rows = np.random.default_rng(1).integers(0, 256, (5, LAYOUT.block_bytes), dtype=np.uint8)
     staged_by = []
     _hold(store, rows, [4, 2], staged_by)  # two pieces: 4 rows, then 1 of 2
+    assert store.device_bytes() == 6 * LAYOUT.block_bytes  # what the prefill engine's hold budget counts
     got = _pull(server, "device")
     np.testing.assert_array_equal(np.stack([np.asarray(r) for r in got.rows]), rows)
     assert got.num_tokens == 20 and got.times.keys() == {"d2d_offer", "d2d_copy"}
     assert not staged_by, "a device pull staged the K/V in host memory"
     assert len(fake.exported) == 1
-    for _ in range(100):  # the serving thread releases the buffer once the decode side answered
-        if fake.released:
-            break
-        time.sleep(0.02)
-    assert fake.released == list(fake.exported)
+    _wait_released(fake)
     with pytest.raises(channel.TransferError, match="unknown, taken or expired"):
         _pull(server, "device")  # served once
 
@@ -158,8 +157,7 @@ def test_a_corrupted_device_copy_is_refused(served):
     _hold(store, np.full((2, LAYOUT.block_bytes), 7, np.uint8), [2], [])
     with pytest.raises(channel.TransferError, match="device checksum"):
         _pull(server, "device")
-    _wait_empty(store)
-    assert not len(store)
+    _wait_released(fake)
 
 
 def test_a_failed_device_copy_says_so(served):
@@ -168,6 +166,22 @@ def test_a_failed_device_copy_says_so(served):
     _hold(store, np.full((2, LAYOUT.block_bytes), 7, np.uint8), [2], [])
     with pytest.raises(channel.DeviceCopyError, match="cuIpcOpenMemHandle"):
         _pull(server, "device")
+    _wait_released(fake)
+
+
+def test_an_export_that_fails_serves_the_host_path(served, monkeypatch):
+    store, server, fake = served
+
+    def refuse(arrays):
+        raise device_ipc.IPCError("no export buffer for 4096 bytes")
+
+    monkeypatch.setattr(device_ipc, "export_pieces", refuse)
+    rows = np.random.default_rng(4).integers(0, 256, (3, LAYOUT.block_bytes), dtype=np.uint8)
+    staged_by = []
+    _hold(store, rows, [4], staged_by)
+    got = _pull(server, "device")
+    np.testing.assert_array_equal(np.stack(got.rows), rows)
+    assert staged_by == [True] and "d2d_offer" not in got.times
 
 
 def test_a_device_offer_needs_a_device_copy(served):
@@ -189,3 +203,85 @@ def test_copy_destinations_are_reused_and_bounded(monkeypatch):
     arrays = [pool.lease((4, 64), jnp.dtype(jnp.uint8), device) for _ in range(3)]
     pool.give_back(arrays)
     assert pool._idle == arrays[1:]  # the oldest dropped past the bound
+
+
+class FakeCuda:
+    """The driver calls _Driver makes, recorded (ctypes.byref arguments filled as the driver fills them)."""
+
+    def __init__(self):
+        self.allocated, self.freed, self.closed, self.streams, self.synced, self.copies = [], [], [], 0, 0, []
+        self.fail_copy_at = None
+        ok = lambda *a: 0  # noqa: E731
+        self.cuInit = self.cuCtxSetCurrent = ok
+        self.cuDeviceGet = lambda dev, ordinal: setattr(dev._obj, "value", ordinal) or 0
+        self.cuDevicePrimaryCtxRetain = lambda ctx, dev: setattr(ctx._obj, "value", 1) or 0
+        self.cuGetErrorString = lambda result, text: setattr(text._obj, "value", b"fake failure") or 0
+        self.cuMemFree_v2 = lambda address: self.freed.append(address) or 0
+        self.cuIpcCloseMemHandle = lambda address: self.closed.append(address.value) or 0
+
+        def alloc(address, size):
+            address._obj.value = (len(self.allocated) + 1) << 40
+            self.allocated.append(size.value)
+            return 0
+
+        def handle(out, address):
+            out._obj.reserved[:8] = list(address.value.to_bytes(8, "little"))
+            return 0
+
+        def stream(out, flags):
+            self.streams += 1
+            out._obj.value = self.streams
+            return 0
+
+        def copy(dst, src, nbytes, stream):
+            self.copies.append((dst, src, nbytes))
+            return 1 if len(self.copies) == self.fail_copy_at else 0
+
+        def synchronize(stream):
+            self.synced += 1
+            return 0
+
+        def open_handle(ptr, handle, flags):
+            ptr._obj.value = int.from_bytes(bytes(handle)[:8], "little") + (1 << 60)
+            return 0
+
+        self.cuMemAlloc_v2, self.cuIpcGetMemHandle, self.cuStreamCreate = alloc, handle, stream
+        self.cuMemcpyDtoDAsync_v2, self.cuStreamSynchronize, self.cuIpcOpenMemHandle_v2 = copy, synchronize, open_handle
+
+
+def test_export_buffers_are_reused_bounded_and_never_freed(monkeypatch):
+    monkeypatch.setattr(device_ipc, "MAX_EXPORT_BYTES", 64 << 20)
+    cuda = FakeCuda()
+    driver = device_ipc._Driver(cuda)
+    small, large = driver.lease(0, 1000), driver.lease(0, 20 << 20)
+    assert (small.size, large.size) == (16 << 20, 32 << 20)  # powers of two from MIN_BUFFER
+    assert len({small.handle, large.handle}) == 2
+    driver.give_back(large)
+    driver.give_back(small)
+    assert driver.lease(0, 5000) is small  # the smallest idle buffer that fits
+    assert driver.lease(0, 20 << 20) is large
+    with pytest.raises(device_ipc.IPCError, match="no export buffer"):
+        driver.lease(0, 20 << 20)  # both leased: 32 MiB more would pass the bound of 64
+    assert cuda.freed == [] and driver.exported_bytes == 48 << 20 and len(cuda.allocated) == 2
+
+
+def test_a_failed_copy_waits_for_those_already_enqueued():
+    cuda = FakeCuda()
+    driver = device_ipc._Driver(cuda)
+    cuda.fail_copy_at = 2
+    with pytest.raises(device_ipc.IPCError, match="cuMemcpyDtoDAsync failed: fake failure"):
+        driver.copy(0, [(1, 2, 3), (4, 5, 6), (7, 8, 9)])
+    assert len(cuda.copies) == 2 and cuda.synced == 1  # the first copy had landed before the error was raised
+    driver.copy(0, [(1, 2, 3)])
+    assert cuda.streams == 1  # the stream went back to the pool
+
+
+def test_peers_buffers_stay_open_up_to_a_bound(monkeypatch):
+    monkeypatch.setattr(device_ipc, "KEEP_OPENED", 2)
+    cuda = FakeCuda()
+    driver = device_ipc._Driver(cuda)
+    handles = [i.to_bytes(8, "little") + bytes(56) for i in (1, 2, 3)]
+    bases = [driver.opened(0, h) for h in handles[:2]]
+    assert driver.opened(0, handles[0]) == bases[0]  # kept open, now the most recent
+    driver.opened(0, handles[2])
+    assert cuda.closed == [bases[1]]  # the least recently used went

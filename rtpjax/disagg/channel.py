@@ -174,15 +174,20 @@ class TransferServer:
         """The gathered pieces in an exported device buffer, held until the decode side has its copies."""
         try:
             exported = device_ipc.export_pieces([array for _, array in held.pieces])
-        except device_ipc.IPCError as e:  # no exportable buffer here (e.g. device memory full): the host path
-            log.warning("a K/V hand-off goes through host memory: %s", e)
+        except device_ipc.IPCError as e:  # no buffer to export (all taken, or the driver refuses): the host path
+            log.log(logging.INFO if "no export buffer" in str(e) else logging.WARNING,
+                    "a K/V hand-off goes through host memory: %s", e)  # fmt: skip
             self._serve_host(conn, pull, held)
             return
         except Exception as e:  # noqa: BLE001 - e.g. the gather failed on the device: said, not adopted
             _send(conn, KVOffer(error=f"the hand-off {pull.transfer_id!r} could not be gathered: {e!r}"))
             return
         try:
-            sums = device_ipc.checksums([(array, real) for real, array in held.pieces])
+            try:
+                sums = device_ipc.checksums([(array, real) for real, array in held.pieces])
+            except Exception as e:  # noqa: BLE001 - said, not adopted
+                _send(conn, KVOffer(error=f"the hand-off {pull.transfer_id!r} could not be checksummed: {e!r}"))
+                return
             pieces = [KVDevicePiece(exported.handle, offset, array.nbytes, array.shape[0], real, checksum)
                       for (real, array), offset, checksum in zip(held.pieces, exported.offsets, sums)]  # fmt: skip
             _send(conn, self._offer(held, chunk=held.layout.block_bytes, device=pieces))
@@ -376,21 +381,37 @@ def _arrive(sock: socket.socket, offer: KVOffer, load, payload: np.ndarray, rows
     return sums, sent, loading
 
 
-def device_pieces(pieces: list[KVDevicePiece], block_bytes: int, device) -> list[jax.Array]:
+@dataclasses.dataclass
+class DeviceLoad:
+    """A "device" pull's destination: the device to copy to, and `take(layout, copied, pieces) -> rows`, which makes
+    rows of the copied pieces (their first `real` rows each) and may give the copies back (device_ipc.give_back)."""
+
+    device: object
+    take: object
+
+
+def device_pieces(pieces: list[KVDevicePiece], block_bytes: int, device, landed=lambda: None) -> list[jax.Array]:
     """Exported pieces copied device to device onto `device`, each uint8 [rows, block_bytes], checked against their
-    device checksums; the caller gives them back (device_ipc.give_back) once it has taken their rows."""
+    device checksums (`landed()` is called in between: the peer's buffer is free); the caller gives them back
+    (device_ipc.give_back) once it has taken their rows."""
     if any(p.nbytes != p.rows * block_bytes or not 0 < p.real <= p.rows for p in pieces) or \
             len({p.handle for p in pieces}) != 1:  # fmt: skip
         raise TransferError("the device pieces of the offer do not match its layout")
     try:
         rows = device_ipc.copy_in(pieces[0].handle, [(p.offset, (p.rows, block_bytes)) for p in pieces], np.uint8,
                                   device)  # fmt: skip
-        ok = device_ipc.checksums([(r, p.real) for r, p in zip(rows, pieces)]) == [p.checksum for p in pieces]
     except device_ipc.IPCError as e:
         raise DeviceCopyError(f"the device-to-device copy failed: {e}") from None
+    landed()
+    try:
+        ok = device_ipc.checksums([(r, p.real) for r, p in zip(rows, pieces)]) == [p.checksum for p in pieces]
+    except device_ipc.IPCError as e:
+        ok, error = False, e
+    else:
+        error = None
     if not ok:
         device_ipc.give_back(rows)
-        raise TransferError("the K/V arrived corrupted (device checksum mismatch)")
+        raise TransferError(f"the K/V arrived corrupted (device checksum mismatch){f': {error}' if error else ''}")
     return rows
 
 
@@ -400,7 +421,7 @@ def pull(host: str, port: int, transfer_id: str, channel: str, deadline: float, 
     time.monotonic() after which the pull gives up. `load(layout, rows uint8 [k, block_bytes]) -> k rows` takes each
     chunk as it arrives; it must copy (the shared-memory file is reused once the pull answers, which waits for every
     copy `load` started on a device). Channel "device" (this host; the prefill side may answer with a host path
-    instead): `load_device(layout, [KVDevicePiece]) -> their real rows` copies the exported pieces (`device_pieces`)."""
+    instead): the exported pieces are copied to `load_device` (a DeviceLoad), which takes their rows."""
 
     def remaining() -> float:
         left = deadline - time.monotonic()
@@ -448,14 +469,15 @@ def pull(host: str, port: int, transfer_id: str, channel: str, deadline: float, 
     return Pulled(lay, rows, offer.num_tokens, offer.prompt_ids, {"channel": took - loading, "h2d": loading})
 
 
-def _pull_device(sock: socket.socket, offer: KVOffer, load_device, remaining, began: float, peer: str) -> Pulled:
-    if load_device is None or sum(p.real for p in offer.device) != offer.num_blocks:
+def _pull_device(sock: socket.socket, offer: KVOffer, load: DeviceLoad | None, remaining, began: float,
+                 peer: str) -> Pulled:  # fmt: skip
+    if load is None or sum(p.real for p in offer.device) != offer.num_blocks:
         raise TransferError(f"the device offer from {peer} cannot be taken here (no device copy, or pieces that do "
                             "not cover its blocks)")  # fmt: skip
     offered = time.perf_counter()
-    rows = load_device(offer.layout, offer.device)
-    copied = time.perf_counter()
-    _send(sock, KVPulled(True))
+    copied = device_pieces(offer.device, offer.layout.block_bytes, load.device,
+                           landed=lambda: _send(sock, KVPulled(True)))  # fmt: skip
+    rows = load.take(offer.layout, copied, offer.device)
     remaining()  # arrived too late: stale, never adopted
     return Pulled(offer.layout, rows, offer.num_tokens, offer.prompt_ids, {"d2d_offer": offered - began,
-                                                                           "d2d_copy": copied - offered})
+                                                                           "d2d_copy": time.perf_counter() - offered})

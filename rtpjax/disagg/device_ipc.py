@@ -4,7 +4,7 @@ The host-staged paths copy a prompt's K/V four times (device -> pinned host -> s
 one host can skip the host. XLA's allocator maps its memory in a way CUDA cannot export to another process
 (cuIpcGetMemHandle refuses it), so the prefill side copies a hand-off's gathered pieces (device to device, a small
 cost next to a host copy) into one buffer of its own (cuMemAlloc, pooled and reused, so the decode side meets the same
-few buffers again) and exports that; the decode side opens each buffer once (a few kept, the oldest closed) and copies
+few buffers again; never freed, as a peer may hold it open, and MAX_EXPORT_BYTES in all) and exports that; the decode side opens each buffer once (a few kept, the oldest closed) and copies
 each piece into an array of its own with one device-to-device copy on a stream of its own, waited on before anything
 reads the array. Both sides checksum each piece on their device (`checksum`), so a copy that went wrong is refused as
 a corrupted host copy is.
@@ -29,7 +29,7 @@ import numpy as np
 IPC_LAZY_ENABLE_PEER_ACCESS = 1  # the source may lie on another GPU of the host (peer access, e.g. over NVLink)
 STREAM_NON_BLOCKING = 1
 MIN_BUFFER = 16 << 20  # export buffers come in powers of two from here: few sizes, so they are reused
-KEEP_IDLE, KEEP_IDLE_BYTES = 4, 4 << 30  # export buffers kept between hand-offs (prefill side)
+MAX_EXPORT_BYTES = 4 << 30  # all export buffers of a process (outside XLA's memory; never freed: peers keep them open)
 KEEP_OPENED = 16  # peers' buffers kept open (decode side)
 KEEP_DESTINATION_BYTES = 1 << 30  # arrays kept for the copies to land in (decode side)
 
@@ -63,16 +63,20 @@ class _Handle(ctypes.Structure):
 class _Driver:
     """The driver API calls the hand-off needs, each checked; the devices' primary contexts (XLA's own)."""
 
-    def __init__(self):
-        try:
-            self.lib = ctypes.CDLL("libcuda.so.1")
-        except OSError as e:
-            raise IPCError(f"no CUDA driver library: {e}") from None
+    def __init__(self, lib=None):
+        """`lib`: the driver library (tests pass a fake)."""
+        if lib is None:
+            try:
+                lib = ctypes.CDLL("libcuda.so.1")
+            except OSError as e:
+                raise IPCError(f"no CUDA driver library: {e}") from None
+        self.lib = lib
         self._check(self.lib.cuInit(0), "cuInit")
         self._contexts: dict[int, ctypes.c_void_p] = {}
-        self._streams: dict[tuple[int, int], ctypes.c_void_p] = {}  # (ordinal, thread id) -> stream
+        self._streams: dict[int, list] = {}  # ordinal -> idle streams (one per copy under way at most)
         self._opened: dict[tuple[int, bytes], int] = {}  # (ordinal, peer's handle) -> base address here, oldest first
-        self._idle: list[_Buffer] = []  # our export buffers between hand-offs, oldest first
+        self._idle: list[_Buffer] = []  # our export buffers between hand-offs
+        self.exported_bytes = 0  # all our export buffers, idle or leased
         self._lock = threading.Lock()
         self.copying = threading.Lock()  # decode side: one copy from peers' buffers at a time
         self.open_handle = self._symbol("cuIpcOpenMemHandle_v2", "cuIpcOpenMemHandle")
@@ -105,43 +109,62 @@ class _Driver:
         self._check(self.lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
 
     def lease(self, ordinal: int, nbytes: int) -> _Buffer:
-        """An exportable buffer of at least `nbytes` on the device: an idle one that fits, else a new one."""
+        """An exportable buffer of at least `nbytes` on the device: the smallest idle one that fits, else a new one
+        while all of them stay within MAX_EXPORT_BYTES (else IPCError: the hand-off takes a host path). A buffer is
+        never freed: a peer may hold it open, and CUDA leaves freeing an exported buffer under an importer undefined."""
+        size = max(MIN_BUFFER, 1 << (nbytes - 1).bit_length())
         with self._lock:
             fits = [b for b in self._idle if b.ordinal == ordinal and b.size >= nbytes]
             if fits:
                 best = min(fits, key=lambda b: b.size)
                 self._idle.remove(best)
                 return best
-        self.use(ordinal)
-        size, address = max(MIN_BUFFER, 1 << (nbytes - 1).bit_length()), ctypes.c_uint64()
-        self._check(self.lib.cuMemAlloc_v2(ctypes.byref(address), ctypes.c_size_t(size)), "cuMemAlloc")
-        handle = _Handle()
+            if self.exported_bytes + size > MAX_EXPORT_BYTES:
+                raise IPCError(f"no export buffer for {nbytes} bytes: {self.exported_bytes} of the "
+                               f"{MAX_EXPORT_BYTES} allowed are taken")  # fmt: skip
+            self.exported_bytes += size
         try:
-            self._check(self.lib.cuIpcGetMemHandle(ctypes.byref(handle), address), "cuIpcGetMemHandle")
+            self.use(ordinal)
+            address, handle = ctypes.c_uint64(), _Handle()
+            self._check(self.lib.cuMemAlloc_v2(ctypes.byref(address), ctypes.c_size_t(size)), "cuMemAlloc")
+            try:
+                self._check(self.lib.cuIpcGetMemHandle(ctypes.byref(handle), address), "cuIpcGetMemHandle")
+            except IPCError:
+                self.lib.cuMemFree_v2(address)  # never exported: free to go
+                raise
         except IPCError:
-            self.lib.cuMemFree_v2(address)
+            with self._lock:
+                self.exported_bytes -= size
             raise
         return _Buffer(ordinal, address.value, size, bytes(handle))
 
     def give_back(self, buffer: _Buffer) -> None:
-        """Keep the buffer for the next hand-off; free the oldest idle ones past the bounds."""
+        """The buffer is free for the next hand-off (its last copy read)."""
         with self._lock:
             self._idle.append(buffer)
-            gone = []
-            while len(self._idle) > KEEP_IDLE or sum(b.size for b in self._idle) > KEEP_IDLE_BYTES:
-                gone.append(self._idle.pop(0))
-        for b in gone:
-            self.use(b.ordinal)
-            self.lib.cuMemFree_v2(ctypes.c_uint64(b.address))
 
     def copy(self, ordinal: int, moves: list[tuple[int, int, int]]) -> None:
-        """Device-to-device copies (dst, src, nbytes) on this thread's stream of device `ordinal`; returns once every
-        one has landed."""
+        """Device-to-device copies (dst, src, nbytes) on a stream of device `ordinal`; returns once every copy
+        enqueued has landed (also when one fails to enqueue: nothing may still be writing after an error)."""
         self.use(ordinal)
-        stream = self._stream(ordinal)
-        for dst, src, nbytes in moves:
-            self._check(self.copy_async(dst, src, nbytes, stream), "cuMemcpyDtoDAsync")
-        self._check(self.lib.cuStreamSynchronize(stream), "cuStreamSynchronize")
+        with self._lock:
+            idle = self._streams.setdefault(ordinal, [])
+            stream = idle.pop() if idle else None
+        if stream is None:
+            stream = ctypes.c_void_p()
+            self._check(self.lib.cuStreamCreate(ctypes.byref(stream), STREAM_NON_BLOCKING), "cuStreamCreate")
+        try:
+            error = 0
+            for dst, src, nbytes in moves:
+                error = self.copy_async(dst, src, nbytes, stream)
+                if error:
+                    break
+            synced = self.lib.cuStreamSynchronize(stream)
+            self._check(error, "cuMemcpyDtoDAsync")
+            self._check(synced, "cuStreamSynchronize")
+        finally:
+            with self._lock:
+                self._streams[ordinal].append(stream)
 
     def opened(self, ordinal: int, handle: bytes) -> int:
         """The base address of a peer's exported buffer here (opened once; the oldest of KEEP_OPENED closed). Callers
@@ -161,17 +184,6 @@ class _Driver:
             self.lib.cuIpcCloseMemHandle(ctypes.c_uint64(old))
             self.use(ordinal)
         return base
-
-    def _stream(self, ordinal: int) -> ctypes.c_void_p:
-        key = (ordinal, threading.get_ident())
-        with self._lock:
-            stream = self._streams.get(key)
-            if stream is None:
-                stream = ctypes.c_void_p()
-                self._check(self.lib.cuStreamCreate(ctypes.byref(stream), STREAM_NON_BLOCKING), "cuStreamCreate")
-                self._streams[key] = stream
-        return stream
-
 
 _DRIVER: list = []  # the one _Driver, or the IPCError that loading it raised
 _DRIVER_LOCK = threading.Lock()

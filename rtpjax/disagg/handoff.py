@@ -49,6 +49,7 @@ from rtpjax.engine.sequence import PENDING, HostKV
 from rtpjax.kv.host_blocks import PackedBlocks
 
 log = logging.getLogger("rtpjax")
+DEVICE_HOLD_BYTES = 2 << 30  # prefill: hand-offs kept on the device for a device pull, at most (the rest are staged)
 
 
 @dataclasses.dataclass
@@ -295,7 +296,8 @@ class Handoff:
         gathered = self.gathering.pop(rid, None)
         if gathered is None:
             return closing  # a one-token prompt: nothing worth handing over
-        num_blocks, ipc = gathered.num_blocks, self.ipc_device is not None
+        num_blocks, held_bytes = gathered.num_blocks, sum(a.nbytes for _, a in gathered.pieces)
+        ipc = self.ipc_device is not None and self.store.device_bytes() + held_bytes <= DEVICE_HOLD_BYTES
         held = staging.Held(self.engine.runner.kv_layout, num_blocks, gathered.num_tokens, list(request.prompt_ids),
                             time.monotonic() + self.timeout, None if ipc else self._stage(gathered))  # fmt: skip
         if ipc:  # kept on the device for a decode engine of this host; staged for the host paths when one asks
@@ -337,18 +339,18 @@ class Handoff:
             return self.engine.runner.copier.put_rows(rows)
         return channel.host_rows(layout, rows)
 
-    def _load_device(self, layout, pieces) -> list:
-        """Exported pieces copied device to device, as rows."""
-        copied = channel.device_pieces(pieces, layout.block_bytes, self.ipc_device)
+    def _take_device(self, layout, copied: list, pieces: list) -> list:
+        """Copied pieces as rows; the copies go back to their pool once the split has read them."""
         split = self.engine.runner.copier.unstage
-        rows = [row for rows, piece in zip(copied, pieces) for row in split([rows])[: piece.real]]
-        jax.block_until_ready(rows)  # the split read the pieces: they may take the next copies
+        rows = [row for array, piece in zip(copied, pieces) for row in split([array])[: piece.real]]
+        jax.block_until_ready(rows)
         device_ipc.give_back(copied)
         return rows
 
     def _pull(self, rid: str, host: str, port: int, transfer_id: str, path: str, deadline: float, tokens: int) -> None:
         try:
-            result = channel.pull(host, port, transfer_id, path, deadline, self._load, self._load_device)
+            to = channel.DeviceLoad(self.ipc_device, self._take_device) if path == "device" else None
+            result = channel.pull(host, port, transfer_id, path, deadline, self._load, to)
             for phase, seconds in result.times.items():
                 self._time("decode_" + phase, seconds)
             target = self.engine.runner.kv_layout

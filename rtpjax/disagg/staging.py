@@ -229,7 +229,7 @@ class Held:
 
     def release(self) -> None:
         """Give back what it holds: the staging's file, the device rows."""
-        self.pieces = None
+        self.pieces = self.stage = None  # `stage` holds the device rows too
         if self.staged is not None:
             self.staged.release()
 
@@ -244,6 +244,11 @@ class HeldStore:
 
     def __len__(self) -> int:
         return len(self._held)
+
+    def device_bytes(self) -> int:
+        """Bytes of the hand-offs held on the device (not staged)."""
+        with self._lock:
+            return sum(a.nbytes for h in self._held.values() if h.pieces for _, a in h.pieces)
 
     def stage(self, pieces, layout: KVLayout, download=None) -> Staged:
         """Start staging gathered pieces on a hand-off thread (`download` starts each piece's host copy there)."""
