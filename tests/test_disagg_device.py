@@ -151,20 +151,13 @@ def test_a_host_pull_stages_a_device_hand_off_on_demand(served, path):
     assert staged_by == [True] and not fake.exported
 
 
-def test_a_corrupted_device_copy_is_refused(served):
+@pytest.mark.parametrize("fault, error, says", [("flip", channel.TransferError, "device checksum"),
+                                                ("fail", channel.DeviceCopyError, "cuIpcOpenMemHandle")])
+def test_a_bad_device_copy_is_refused_and_the_export_released(served, fault, error, says):
     store, server, fake = served
-    fake.flip = True
+    setattr(fake, fault, True)
     _hold(store, np.full((2, LAYOUT.block_bytes), 7, np.uint8), [2], [])
-    with pytest.raises(channel.TransferError, match="device checksum"):
-        _pull(server, "device")
-    _wait_released(fake)
-
-
-def test_a_failed_device_copy_says_so(served):
-    store, server, fake = served
-    fake.fail = True
-    _hold(store, np.full((2, LAYOUT.block_bytes), 7, np.uint8), [2], [])
-    with pytest.raises(channel.DeviceCopyError, match="cuIpcOpenMemHandle"):
+    with pytest.raises(error, match=says):
         _pull(server, "device")
     _wait_released(fake)
 
