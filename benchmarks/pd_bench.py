@@ -162,8 +162,8 @@ def _device_to_device(store, server, layout, blocks: int, tokens: int, fresh, ho
         if child.is_alive():
             child.kill()
     row = {"device_s": statistics.median(times[1:] or times), "device_bytes_equal": True}
-    for phase in split[-1]:  # where it goes (medians, warm-up left out): offer (the prefill side's export), alloc, copy,
-        row[f"device_{phase}_s"] = statistics.median(p[phase] for p in split[1:] or split)  # check (decode side)
+    for phase in split[-1]:  # where it goes (medians, warm-up left out): offer (the prefill side's export), then
+        row[f"device_{phase}_s"] = statistics.median(p[phase] for p in split[1:] or split)  # the decode side's
     return row
 
 

@@ -278,3 +278,53 @@ def test_peers_buffers_stay_open_up_to_a_bound(monkeypatch):
     assert driver.opened(0, handles[0]) == bases[0]  # kept open, now the most recent
     driver.opened(0, handles[2])
     assert cuda.closed == [bases[1]]  # the least recently used went
+
+
+def test_a_prefill_engine_holds_hand_offs_on_its_device_within_a_budget(stories_llm, monkeypatch):
+    """An engine whose device can export (faked here) keeps a hand-off on its device and says so in its
+    kv_transfer_params; past its byte budget it stages at once as before. A device pull of the one held gives the
+    gathered rows, as the decode engine's rows (Handoff._take_device), and the copies go back to their pool."""
+    from rtpjax import SamplingParams
+    from rtpjax.disagg import handoff as handoff_module
+    from rtpjax.distributed.messages import KVTransferParams
+
+    fake = FakeDriver()
+    monkeypatch.setattr(device_ipc, "export_pieces", fake.export_pieces)
+    monkeypatch.setattr(device_ipc, "copy_in", fake.copy_in)
+    monkeypatch.setattr(device_ipc, "available", lambda device: True)
+    returned = []
+    monkeypatch.setattr(device_ipc, "give_back", returned.extend)
+    engine = stories_llm.engine
+    handoff = handoff_module.Handoff(engine, wake=lambda: None)
+    assert handoff.ipc_device is not None
+
+    def detach(rid: str, prompt: str):
+        msg = engine.maker.message(prompt, SamplingParams(max_tokens=8, temperature=0), rid)
+        msg.kv_transfer_params = KVTransferParams(do_remote_decode=True)
+        assert handoff.add(msg) is None
+        for _ in range(30):
+            engine.step(as_deltas=True)
+            if out := handoff.after_step():
+                return out[0].kv_transfer_params
+        raise AssertionError(f"{rid} was never handed off")
+
+    try:
+        first = detach("p", "Once upon a time, there was a little girl named Lily. She loved to")
+        held = handoff.store._held["p"]
+        assert first.remote_device_ipc and held.staged is None and held.pieces
+        expected = np.concatenate([np.asarray(a)[:real] for real, a in held.pieces])
+        pieces = len(held.pieces)
+        monkeypatch.setattr(handoff_module, "DEVICE_HOLD_BYTES", handoff.store.device_bytes())  # now full
+        second = detach("q", "Once upon a time, there was a big dog. It liked to run")
+        assert not second.remote_device_ipc and handoff.store._held["q"].staged is not None
+        got = channel.pull(first.remote_host, first.remote_port, "p", "device", time.monotonic() + 30, handoff._load,
+                           channel.DeviceLoad(handoff.ipc_device, handoff._take_device))  # fmt: skip
+        assert np.array_equal(np.stack([np.asarray(r) for r in got.rows]), expected)
+        assert len(got.rows) == len(first.remote_block_ids) and len(returned) == pieces  # every copy back in the pool
+    finally:
+        for rid in list(engine.requests):
+            engine.abort(rid)
+        while engine.has_work():
+            engine.step()
+        handoff.close()
+    assert engine.pool.num_free == engine.pool.num_blocks

@@ -4,20 +4,19 @@ The host-staged paths copy a prompt's K/V four times (device -> pinned host -> s
 one host can skip the host. XLA's allocator maps its memory in a way CUDA cannot export to another process
 (cuIpcGetMemHandle refuses it), so the prefill side copies a hand-off's gathered pieces (device to device, a small
 cost next to a host copy) into one buffer of its own (cuMemAlloc, pooled and reused, so the decode side meets the same
-few buffers again; never freed, as a peer may hold it open, and MAX_EXPORT_BYTES in all) and exports that; the decode side opens each buffer once (a few kept, the oldest closed) and copies
-each piece into an array of its own with one device-to-device copy on a stream of its own, waited on before anything
-reads the array. Both sides checksum each piece on their device (`checksum`), so a copy that went wrong is refused as
-a corrupted host copy is.
+few buffers again; never freed, as a peer may hold it open; MAX_EXPORT_BYTES in all) and exports that. The decode side
+opens each buffer once (a few kept, the oldest closed) and copies each piece into an array of its own (reused: making a
+new one costs more than the copy) on a pooled stream, waited on before anything reads the array. Both sides checksum
+each piece on their device (`checksum`), so a copy that went wrong is refused as a corrupted host copy is.
 
 `available(device)` says whether a device can take part (a CUDA GPU whose driver library loads); anything else, or a
-buffer that cannot be had (device memory full), uses the host-staged paths. The decode side's copy writes into a fresh
-array nothing else has seen: the one place rtpjax writes device memory behind XLA's back.
+buffer that cannot be had, uses the host-staged paths. The decode side's copies write into arrays that nothing else
+holds or reads (leased until given back): the one place rtpjax writes device memory behind XLA's back.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 import dataclasses
 import threading
 import time
@@ -185,6 +184,7 @@ class _Driver:
             self.use(ordinal)
         return base
 
+
 _DRIVER: list = []  # the one _Driver, or the IPCError that loading it raised
 _DRIVER_LOCK = threading.Lock()
 
@@ -229,7 +229,8 @@ def export_pieces(arrays: list[jax.Array]) -> Exported:
         at += -(-a.nbytes // 256) * 256  # each piece aligned as the device's own allocations are
     buffer = driver.lease(ordinal, at)
     try:
-        driver.copy(ordinal, [(buffer.address + o, a.unsafe_buffer_pointer(), a.nbytes) for a, o in zip(arrays, offsets)])
+        driver.copy(ordinal, [(buffer.address + o, a.unsafe_buffer_pointer(), a.nbytes)
+                              for a, o in zip(arrays, offsets)])  # fmt: skip
     except IPCError:
         driver.give_back(buffer)
         raise
@@ -249,7 +250,7 @@ class _Destinations:
             for i, a in enumerate(self._idle):
                 if a.shape == shape and a.dtype == dtype and a.sharding.device_set == {device}:
                     return self._idle.pop(i)
-        return _fill(shape, dtype, device)()
+        return jnp.zeros(shape, dtype, device=device)
 
     def give_back(self, arrays: list[jax.Array]) -> None:
         with self._lock:
@@ -264,13 +265,6 @@ _DESTINATIONS = _Destinations()
 def give_back(arrays: list[jax.Array]) -> None:
     """Arrays copy_in made, once nothing reads them any more (their consumers are done): the next copies reuse them."""
     _DESTINATIONS.give_back(arrays)
-
-
-@functools.lru_cache(maxsize=64)
-def _fill(shape: tuple, dtype, device: jax.Device):
-    """A program that makes a zeroed array on the device itself (jnp.zeros(..., device=) fills it on the host and
-    copies it over)."""
-    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=jax.sharding.SingleDeviceSharding(device))
 
 
 def copy_in(handle: bytes, parts: list[tuple[int, tuple]], dtype, device: jax.Device, times=None) -> list[jax.Array]:
@@ -297,7 +291,8 @@ def checksum(rows: jax.Array, real: jax.Array) -> jax.Array:
     n, width = rows.shape
     words = jax.lax.bitcast_convert_type(rows.reshape(n, width // 4, 4), jnp.uint32)
     words = jnp.where((jnp.arange(n) < real)[:, None], words, jnp.uint32(0))
-    position = jnp.arange(n, dtype=jnp.uint32)[:, None] * jnp.uint32(width // 4) + jnp.arange(width // 4, dtype=jnp.uint32)
+    row = jnp.arange(n, dtype=jnp.uint32)[:, None] * jnp.uint32(width // 4)
+    position = row + jnp.arange(width // 4, dtype=jnp.uint32)
     return jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * (2 * position + 1), dtype=jnp.uint32)])
 
 
