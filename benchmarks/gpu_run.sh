@@ -333,7 +333,7 @@ PY
     for u in $urls; do for _ in $(seq 900); do curl -sf "$u/health" >/dev/null && break; sleep 0.5; done; done
     timeout "${COMPARE_TIMEOUT:-330}" python3 -m rtpjax.benchmarks.router_bench compare --replicas $urls \
       --tokenizer "$cfg" --routers ${ROUTERS:-round_robin sglang_cache_aware cache_aware} \
-      --concurrencies ${CONCURRENCIES:-32 96} --request-rates ${RATES:-${RATE:-}} --num-prompts "${PROMPTS:-384}" \
+      --concurrencies ${CONCURRENCIES-32 96} --request-rates ${RATES:-${RATE:-}} --num-prompts "${PROMPTS:-384}" \
       --num-prefixes "${NUM_PREFIXES:-64}" --out "$OUT/router_compare.json" 2>&1 | grep -E "hit rate|skipped|Error|--"
     kill $pids; wait $pids
     timeout 60 python3 -m rtpjax.benchmarks.router_bench overhead --tokenizer "$cfg" --rate 200 --seconds 10 \
