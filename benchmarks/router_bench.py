@@ -11,8 +11,9 @@ the router's CPU; and the router's own overhead per request.
     python -m rtpjax.benchmarks.router_bench overhead --tokenizer MODEL_DIR --rate 200 --seconds 10 --out o.json
 
 Routers: `round_robin`, `least_load`, `cache_aware` (rtpjax router --policy ...) and `sglang_round_robin`,
-`sglang_cache_aware` (sglang-router, where installed). Each run draws its own prompts (another seed), so no run finds
-an earlier one's prefixes cached. Workloads (the serving benchmark's): `prefix_repetition`, --num-prefixes shared
+`sglang_cache_aware` (sglang-router, where installed). Every router gets the same prompts for a workload and load (one
+seed), each run after the replicas' caches were filled with unrelated prompts (`flush`), so no run finds an earlier
+one's prefixes cached. Workloads (the serving benchmark's): `prefix_repetition`, --num-prefixes shared
 prefixes of --prefix-len tokens, each request one of them plus --suffix-len tokens of its own; `multi_turn`,
 conversations of --turns turns, each turn the history plus --turn-input-len new tokens. Every request asks for
 --output-len tokens. Routing matters to the hit rate once the prefixes outgrow one replica's cache (round robin puts
@@ -100,6 +101,57 @@ def wait_workers(kind: str, url: str, replicas: list[str], timeout: float = 60.0
     raise RuntimeError(f"router {kind}: not every replica in within {timeout:.0f} s")
 
 
+FLUSH_MAX_TOKENS = 1 << 22  # a replica whose cache holds more is not flushed but refused: size it (--num-gpu-blocks)
+
+
+def flush(replicas: list[str], concurrency: int = 16) -> None:
+    """Fill every replica's prefix cache with unrelated prompts (fresh random token ids, one token answered each), so
+    that what it held for the last run is evicted (and the routers hear so from its KV events) before the next one."""
+    import random
+
+    rng = random.Random()
+
+    async def fill(client: httpx.AsyncClient, url: str) -> None:
+        stats = (await client.get(url + "/load")).json()
+        context = (await client.get(url + "/server_info")).json()["context_length"]
+        length = max(16, min(1024, context - 8))
+        tokens = stats["num_blocks"] * stats["block_size"]
+        if tokens > FLUSH_MAX_TOKENS:
+            raise SystemExit(f"{url} caches {tokens} tokens: too many to flush between runs; give the replicas "
+                             f"--num-gpu-blocks (at most {FLUSH_MAX_TOKENS // stats['block_size']} here)")
+        count = tokens // length + 2
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one() -> None:
+            async with gate:
+                r = await client.post(url + "/v1/completions", json={"prompt": [rng.randrange(32, 256) for _ in
+                                      range(length)], "max_tokens": 1})  # fmt: skip
+                r.raise_for_status()
+
+        await asyncio.gather(*(one() for _ in range(count)))
+
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=600) as client:
+            await asyncio.gather(*(fill(client, u) for u in replicas))
+
+    asyncio.run(run())
+
+
+def decisions(kind: str, url: str) -> dict[str, float]:
+    """rtpjax's router: its routing decisions so far by reason, and the prompt tokens it predicted cached where it
+    sent them (its Prometheus counters); nothing for other routers."""
+    if kind.startswith("sglang_"):
+        return {}
+    counts: dict[str, float] = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("rtpjax_router:decisions_total{"):
+            reason = line.split('reason="', 1)[1].split('"', 1)[0]
+            counts[reason] = counts.get(reason, 0.0) + float(line.rsplit(" ", 1)[1])
+        elif line.startswith("rtpjax_router:predicted_cache_hit_tokens_total{"):
+            counts["predicted_hit_tokens"] = counts.get("predicted_hit_tokens", 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
 def workload_argv(name: str, args) -> list[str]:
     if name == "prefix_repetition":
         return ["--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", str(args.prefix_len),
@@ -124,21 +176,23 @@ def run_one(args, kind: str, url: str, pid: int, workload: str, load: tuple, see
     from rtpjax.benchmarks import serve_bench
 
     label, rate, concurrency = load
-    before = counters(args.replicas)
+    flush(args.replicas)
+    before, routed = counters(args.replicas), decisions(kind, url)
     cpu0, began = cpu_seconds(pid), time.monotonic()
     m = serve_bench.main(["--base-url", url, "--tokenizer", args.tokenizer, *workload_argv(workload, args),
                           "--num-prompts", str(args.num_prompts), "--request-rate", str(rate),
                           *(["--max-concurrency", str(concurrency)] if concurrency else []), "--seed", str(seed),
                           "--ignore-eos", "--disable-tqdm", "--metric-percentiles", "50,95,99"])  # fmt: skip
     cpu, wall = cpu_seconds(pid) - cpu0, time.monotonic() - began
-    after = counters(args.replicas)
+    after, routed = counters(args.replicas), {k: v - routed.get(k, 0.0) for k, v in decisions(kind, url).items()}
     queried = [a[1] - b[1] for a, b in zip(after, before)]
     hits = sum(a[0] - b[0] for a, b in zip(after, before))
     return {"router": kind, "workload": workload, "load": label, "request_rate": rate, "max_concurrency": concurrency,
             "hit_rate": hits / max(sum(queried), 1), "replica_queried_tokens": queried,
             "p50_ttft_ms": m["median_ttft_ms"], "p95_ttft_ms": m["p95_ttft_ms"], "p99_ttft_ms": m["p99_ttft_ms"],
             "request_throughput": m["request_throughput"], "output_throughput": m["output_throughput"],
-            "completed": m["completed"], "failed": m["failed"], "router_cpu_s": cpu, "router_cpu_util": cpu / wall}  # fmt: skip
+            "completed": m["completed"], "failed": m["failed"], "router_cpu_s": cpu, "router_cpu_util": cpu / wall,
+            "decisions": routed}  # fmt: skip
 
 
 def report(rows: dict) -> None:
@@ -160,12 +214,13 @@ def report(rows: dict) -> None:
 def line(r: dict) -> str:
     return (f"{r['workload']:17s} {r['load']:>7s} {r['router']:18s} hit rate {r['hit_rate']:6.1%}  TTFT p50/p95 "
             f"{r['p50_ttft_ms']:7.0f} / {r['p95_ttft_ms']:7.0f} ms  {r['request_throughput']:6.1f} req/s  "
-            f"router CPU {r['router_cpu_util']:5.1%}  failed {r['failed']}")  # fmt: skip
+            f"router CPU {r['router_cpu_util']:5.1%}  failed {r['failed']}" + "".join(
+                f"  {k} {r['decisions'][k]:.0f}" for k in ("moved", "balance") if r.get("decisions", {}).get(k)))
 
 
 def compare(args) -> dict:
     rows, points = {}, load_points(args)
-    for i, kind in enumerate(args.routers):
+    for kind in args.routers:
         try:
             proc, url = start_router(kind, args.replicas, args.tokenizer)
         except RuntimeError as e:  # e.g. sglang-router not installed on this host
@@ -175,7 +230,7 @@ def compare(args) -> dict:
             wait_workers(kind, url, args.replicas)
             for j, workload in enumerate(args.workloads):
                 for k, load in enumerate(points):
-                    seed = args.seed + (i * len(args.workloads) + j) * len(points) + k
+                    seed = args.seed + j * len(points) + k  # the same prompts for every router
                     row = run_one(args, kind, url, proc.pid, workload, load, seed)
                     rows[f"{kind}/{workload}/{load[0]}"] = row
                     print(f"done: {line(row)}", flush=True)

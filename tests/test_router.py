@@ -22,7 +22,7 @@ from test_server import free_port
 pytestmark = pytest.mark.slow
 
 REPLICA_FLAGS = ["--max-model-len", "256", "--max-num-seqs", "8", "--max-num-batched-tokens", "32", "--block-size",
-                 "16"]  # fmt: skip
+                 "16", "--num-gpu-blocks", "160"]  # fmt: skip
 POLICIES = ("cache_aware", "round_robin", "least_load")
 STORY = ("Once upon a time there was a little girl named Lily. She loved to play outside in the park with her "
          "friends. One day she saw a big red ball under a tree and")  # fmt: skip
@@ -410,6 +410,18 @@ def test_router_bench_compare_drives_the_replicas_open_and_closed_loop(cluster):
     succeeded."""
     from rtpjax.benchmarks import router_bench
 
+    def hits() -> int:
+        return cluster.load(0)["prefix_cache_hits"]
+
+    for _ in range(2):  # the flush between runs evicts what a replica held: a prompt cached before misses after
+        before = hits()
+        assert complete(cluster.replicas[0], STORY + " flushed", max_tokens=1).status_code == 200
+    assert hits() > before
+    router_bench.flush(cluster.replicas)
+    before = hits()
+    assert complete(cluster.replicas[0], STORY + " flushed", max_tokens=1).status_code == 200
+    assert hits() == before
+
     routers = ["round_robin", "cache_aware"] + (["sglang_cache_aware"] if _importable("sglang_router") else [])
     rows = router_bench.main(["compare", "--replicas", *cluster.replicas, "--tokenizer", cluster.model, "--routers",
                               *routers, "--request-rates", "8", "--concurrencies", "4", "--num-prompts", "12",
@@ -421,6 +433,10 @@ def test_router_bench_compare_drives_the_replicas_open_and_closed_loop(cluster):
         assert (row["completed"], row["failed"]) == (12, 0)
         assert 0.0 <= row["hit_rate"] <= 1.0 and sum(row["replica_queried_tokens"]) > 12 * 8
     assert rows["round_robin/prefix_repetition/c4"]["max_concurrency"] == 4
+    for key in ("prefix_repetition/8/s", "multi_turn/c4"):  # rtpjax's router: every decision counted, with a reason
+        made = rows[f"cache_aware/{key}"]["decisions"]
+        assert sum(v for k, v in made.items() if k != "predicted_hit_tokens") == 12, made
+        assert rows[f"round_robin/{key}"]["decisions"] == {"round_robin": 12.0, "predicted_hit_tokens": 0.0}
     assert all(q > 0 for q in rows["round_robin/prefix_repetition/8/s"]["replica_queried_tokens"])
 
 

@@ -77,7 +77,9 @@ def test_cache_aware_prefers_the_cached_prefix_unless_the_queue_costs_more():
     d = policy.choose(prompt, [a, b])
     assert (d.worker, d.reason, d.cached_tokens) == (a, "prefix", 64)
     a_busy = worker("http://a", unfinished=4, waiting_tokens=600)  # its queue outweighs the 64 cached tokens
-    assert policy.choose(prompt, [a_busy, b]).worker is b
+    d = policy.choose(prompt, [a_busy, b])
+    assert (d.worker, d.reason, d.cached_tokens) == (b, "moved", 0)
+    assert policy.choose(Prompt(70, prefix_hashes(list(range(500, 570)), 16)), [a, b]).reason == "ttft"  # cached nowhere
     hot = worker("http://a", unfinished=40)  # the balance guard (40 > 0 * 1.5 + 8), past even a sticky prefix's (4 * 8)
     d = policy.choose(prompt, [hot, b])
     assert (d.worker, d.reason) == (b, "balance")

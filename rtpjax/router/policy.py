@@ -43,8 +43,9 @@ class Prompt:
 @dataclasses.dataclass
 class Decision:
     worker: Worker
-    reason: str  # "round_robin", "least_load", "prefix" (the longest cached prefix), "ttft" (no or equal hits),
-    # "balance" (the longest prefix's replica was set aside by the balance guard)
+    reason: str  # "round_robin", "least_load", "prefix" (a replica with the longest cached prefix), "ttft" (nothing
+    # cached anywhere: predicted TTFT alone), "moved" (a replica held a longer prefix but its queue cost more),
+    # "balance" (every replica with the longest prefix was set aside by the balance guard)
     cached_tokens: int = 0  # of the prompt, predicted cached on that replica
 
 
@@ -100,12 +101,14 @@ class Policy:
             if ttft(holder, cost) <= self.sticky_rel * ttft(best, cost):
                 best = holder
         longest = max(matched.values())
-        if longest and matched[best.url] == longest:
+        if not longest:
+            reason = "ttft"
+        elif matched[best.url] == longest:
             reason = "prefix"
-        elif longest and not any(matched[w.url] == longest for w in eligible):
+        elif not any(matched[w.url] == longest for w in eligible):
             reason = "balance"
         else:
-            reason = "ttft"
+            reason = "moved"
         return Decision(best, reason, matched[best.url] * self.block_size)
 
     def _holder(self, prompt: Prompt, matched: dict[str, int], workers: list[Worker], least: int) -> Worker | None:
