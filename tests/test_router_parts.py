@@ -76,7 +76,7 @@ def test_cache_aware_prefers_the_cached_prefix_unless_the_queue_costs_more():
     a, b = worker("http://a", unfinished=2, waiting_tokens=10), worker("http://b")
     d = policy.choose(prompt, [a, b])
     assert (d.worker, d.reason, d.cached_tokens) == (a, "prefix", 64)
-    a_busy = worker("http://a", unfinished=4, waiting_tokens=600)  # its queue outweighs the 64 cached tokens
+    a_busy = worker("http://a", unfinished=4, waiting_tokens=1200)  # 19 steps to its turn against 2 to prefill
     d = policy.choose(prompt, [a_busy, b])
     assert (d.worker, d.reason, d.cached_tokens) == (b, "moved", 0)
     assert policy.choose(Prompt(70, prefix_hashes(list(range(500, 570)), 16)), [a, b]).reason == "ttft"  # cached nowhere
@@ -101,7 +101,7 @@ def test_cache_aware_under_load_keeps_a_long_prefix_where_it_is_cached():
     idle = worker("http://b")
     assert policy.choose(prompt, [holder, idle]).worker is holder  # 18 steps to its turn against 17 to prefill
     assert Policy("cache_aware", index, sticky_fraction=2.0).choose(prompt, [holder, idle]).worker is idle
-    deep = worker("http://a", unfinished=8, waiting_tokens=6000)  # 94 steps to its turn: more than 4 times 17
+    deep = worker("http://a", unfinished=8, waiting_tokens=9000)  # 141 steps to its turn: more than 8 times 17
     assert policy.choose(prompt, [deep, idle]).worker is idle
 
 

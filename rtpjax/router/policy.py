@@ -57,7 +57,7 @@ class Policy:
     balance_abs: int = 8
     balance_rel: float = 1.5
     sticky_fraction: float = 0.3
-    sticky_rel: float = 4.0
+    sticky_rel: float = 8.0
     _turn: itertools.count = dataclasses.field(default_factory=itertools.count)
 
     def __post_init__(self):
