@@ -176,7 +176,7 @@ def test_real_decode_inputs_hold_the_context_and_leave_the_engine_clean(model, c
     from rtpjax.benchmarks.offline import RtpjaxRunner
 
     runner = RtpjaxRunner(str(model), max_num_seqs=8, max_model_len=256, max_num_batched_tokens=32,
-                          compilation_cache_dir=compile_cache)  # fmt: skip
+                          compilation_cache_dir=compile_cache, warmup=False)  # fmt: skip
     engine = runner.llm.engine
     inputs, ids = runner.decode_inputs(4, 40, prompt_len=24)
     batch, _ = inputs
@@ -191,7 +191,7 @@ def test_real_decode_inputs_hold_the_context_and_leave_the_engine_clean(model, c
     runner.release(ids)
     assert not engine.requests and engine.pool.num_free == engine.pool.num_blocks
     split = RtpjaxRunner(str(model), max_num_seqs=8, max_model_len=256, max_num_batched_tokens=32,
-                         compilation_cache_dir=compile_cache, tensor_parallel_size=2)  # fmt: skip
+                         compilation_cache_dir=compile_cache, tensor_parallel_size=2, warmup=False)  # fmt: skip
     assert split.llm.engine.runner.mesh.shape["tensor"] == 2 and split.generate([[1, 5, 9]], 4) == 4
 
 

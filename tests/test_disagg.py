@@ -385,7 +385,8 @@ def test_decode_engine_killed_mid_stream_fails_fast(pd):
 def test_tp2_prefill_to_tp1_decode_qwen3(tiny_checkpoints, compile_cache):
     """Engines of different tensor-parallel sizes and block sizes: a tiny Qwen3, prefill over 2 devices (blocks of
     16), decode on 1 (blocks of 8), greedy and seeded, token ids in and out."""
-    common = dict(ENGINE_ARGS, compilation_cache_dir=compile_cache, skip_tokenizer_init=True, max_num_seqs=4)
+    common = dict(ENGINE_ARGS, compilation_cache_dir=compile_cache, skip_tokenizer_init=True, max_num_seqs=4,
+                  warmup=False)  # fmt: skip
     path = str(tiny_checkpoints["qwen3"])
     pre = AsyncLLM(path, **dict(common, role="prefill", tensor_parallel_size=2))
     dec = None
@@ -434,7 +435,7 @@ def test_pd_bench_ttft_and_serve_record_every_phase(stories_dir, compile_cache, 
     from rtpjax.benchmarks import pd_bench
 
     engine = ["--max-model-len", "256", "--max-num-seqs", "8", "--max-num-batched-tokens", "128",
-              "--compilation-cache-dir", compile_cache]  # fmt: skip
+              "--compilation-cache-dir", compile_cache, "--no-warmup"]  # fmt: skip
     pd_bench.main(["ttft", str(stories_dir), "--prompt-len", "100", "--repeats", "1", "--out", str(tmp_path / "t.json"),
                    *engine])  # fmt: skip
     result = json.loads((tmp_path / "t.json").read_text())

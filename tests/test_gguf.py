@@ -62,7 +62,8 @@ def test_logits_match_transformers_on_the_same_gguf(smollm):
 @pytest.mark.slow
 def test_default_model_chat_answers_match_transformers(smollm, compile_cache):
     _, _, reference, tokenizer = smollm
-    llm = LLM(max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64, compilation_cache_dir=compile_cache)
+    llm = LLM(max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64, compilation_cache_dir=compile_cache,
+              warmup=False)
     prompts = [chat_ids(tokenizer, q) for q in QUESTIONS]
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32))
     for prompt, out in zip(prompts, outs):

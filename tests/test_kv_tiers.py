@@ -250,7 +250,7 @@ def test_tier_metrics_on_prometheus(first_run):
 def test_tensor_parallel_offloads_and_loads(stories_dir, compile_cache, reference):
     """KV heads sharded over 2 devices: blocks go down whole and come back into each device's heads."""
     args = {k: v for k, v in TIER_ARGS.items() if k != "kv_disk_size"}
-    llm = LLM(str(stories_dir), compilation_cache_dir=compile_cache, tensor_parallel_size=2, **args)
+    llm = LLM(str(stories_dir), compilation_cache_dir=compile_cache, tensor_parallel_size=2, warmup=False, **args)
     assert len(llm.engine.runner.cache[0][0].sharding.device_set) == 2
     first = tokens(llm, GREEDY)
     before, computed = tier_stats(llm)["host"], llm.engine.stats().total_tokens

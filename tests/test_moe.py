@@ -156,7 +156,7 @@ def placed_engine(tiny_checkpoints, tmp_path_factory):
     placement.write_text(json.dumps({"0": list(range(7, -1, -1)), "2": [1, 0, 3, 2, 5, 4, 7, 6]}))
     return LLM(str(tiny_checkpoints["qwen3_moe"]), skip_tokenizer_init=True,
                expert_parallel_size=4, moe_impl="grouped", expert_placement=str(placement), max_num_seqs=2,
-               max_num_batched_tokens=8, max_model_len=32, block_size=4)  # fmt: skip
+               max_num_batched_tokens=8, max_model_len=32, block_size=4, warmup=False)  # fmt: skip
 
 
 def test_engine_with_expert_parallelism_and_placement(placed_engine, tiny_checkpoints):

@@ -211,7 +211,7 @@ def test_engine_runs_the_kernel_through_one_switch(tiny_checkpoints, stories_dir
         shutil.copy(stories_dir / name, model / name)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     prompts = [[1], [1, 45, 39, 200]]
-    args = dict(ENGINE_ARGS, max_num_batched_tokens=16, compilation_cache_dir=compile_cache)
+    args = dict(ENGINE_ARGS, max_num_batched_tokens=16, compilation_cache_dir=compile_cache, warmup=False)
     reference = LLM(str(model), attention_impl="reference", **args)
     expected = [o.outputs[0].token_ids for o in reference.generate(prompts, params)]
     pallas = LLM(str(model), attention_impl="pallas", **args)

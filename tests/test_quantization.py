@@ -158,7 +158,7 @@ def test_engine_and_dummy_weights_with_quantization(stories_dir, compile_cache, 
     path = str(stories_dir)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]
-    llm = LLM(path, quantization="int8", compilation_cache_dir=compile_cache, **ENGINE_ARGS)
+    llm = LLM(path, quantization="int8", compilation_cache_dir=compile_cache, warmup=False, **ENGINE_ARGS)
     engine = llm.engine
     assert decoder.flatten(engine.runner.params)["layers.0.mlp.w_up.q"].dtype == jnp.int8
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]

@@ -38,11 +38,11 @@ def child(shape: str, tp: int) -> None:
 
     model = str(write_config_only(tempfile.mkdtemp(), shape))
     runner = RtpjaxRunner(model, load_format="dummy", max_num_seqs=32, max_model_len=1024, max_num_batched_tokens=256,
-                          tensor_parallel_size=tp).llm.engine.runner  # fmt: skip
+                          tensor_parallel_size=tp, warmup=False).llm.engine.runner  # one step shape is probed
     tokens = runner.token_buckets[0]
     batch, _ = runner._batch([], tokens, runner._seqs_for(tokens))
     flat, packing = pack(batch)
-    as_runner = runner._compiled[_model_key(batch)]
+    as_runner = runner._compiled.get(_model_key(batch)) or runner._model_executable(flat, packing)
 
     def into_buffer(params, cache, state, flat, buffer, packing):
         del buffer  # donated: the logits take its place
