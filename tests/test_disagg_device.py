@@ -204,6 +204,7 @@ class FakeCuda:
     def __init__(self):
         self.allocated, self.freed, self.closed, self.streams, self.synced, self.copies = [], [], [], 0, 0, []
         self.fail_copy_at = None
+        self.buffer_size = 64 << 20  # of every peer's buffer opened
         ok = lambda *a: 0  # noqa: E731
         self.cuInit = self.cuCtxSetCurrent = ok
         self.cuDeviceGet = lambda dev, ordinal: setattr(dev._obj, "value", ordinal) or 0
@@ -238,6 +239,11 @@ class FakeCuda:
             ptr._obj.value = int.from_bytes(bytes(handle)[:8], "little") + (1 << 60)
             return 0
 
+        def address_range(base, size, address):
+            base._obj.value, size._obj.value = address, self.buffer_size
+            return 0
+
+        self.cuMemGetAddressRange_v2 = address_range
         self.cuMemAlloc_v2, self.cuIpcGetMemHandle, self.cuStreamCreate = alloc, handle, stream
         self.cuMemcpyDtoDAsync_v2, self.cuStreamSynchronize, self.cuIpcOpenMemHandle_v2 = copy, synchronize, open_handle
 
@@ -274,10 +280,25 @@ def test_peers_buffers_stay_open_up_to_a_bound(monkeypatch):
     cuda = FakeCuda()
     driver = device_ipc._Driver(cuda)
     handles = [i.to_bytes(8, "little") + bytes(56) for i in (1, 2, 3)]
-    bases = [driver.opened(0, h) for h in handles[:2]]
-    assert driver.opened(0, handles[0]) == bases[0]  # kept open, now the most recent
+    bases = [driver.opened(0, h)[0] for h in handles[:2]]
+    assert driver.opened(0, handles[0]) == (bases[0], 64 << 20)  # kept open, now the most recent
     driver.opened(0, handles[2])
     assert cuda.closed == [bases[1]]  # the least recently used went
+
+
+def test_a_peers_offsets_past_its_buffer_are_refused_before_any_copy(monkeypatch):
+    """The decode side asks the driver how large the opened buffer is: an offer whose piece would read past it (a
+    confused or hostile peer) fails as a device copy does (the request then recomputes), and nothing is copied."""
+    cuda = FakeCuda()
+    cuda.buffer_size = 4096
+    monkeypatch.setattr(device_ipc, "_DRIVER", [device_ipc._Driver(cuda)])
+    handle, device = (7).to_bytes(8, "little") + bytes(56), jax.devices()[0]
+    (out,) = device_ipc.copy_in(handle, [(1024, (4, 512))], jnp.uint8, device)  # 2048 bytes ending at 3072: inside
+    assert out.shape == (4, 512) and len(cuda.copies) == 1
+    for offset in (2560, -1):  # ending at 4608, and before the start
+        with pytest.raises(device_ipc.IPCError, match=f"2048 bytes at offset {offset} of an exported buffer of 4096"):
+            device_ipc.copy_in(handle, [(offset, (4, 512))], jnp.uint8, device)
+    assert len(cuda.copies) == 1
 
 
 def test_a_prefill_engine_holds_hand_offs_on_its_device_within_a_budget(stories_llm, monkeypatch):

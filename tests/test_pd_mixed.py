@@ -19,7 +19,8 @@ def test_pd_mixed_runs_every_configuration(stories_dir, compile_cache, tmp_path)
                           "--long-rate", "1", "--short-len", "16", "--short-out", "12", "--short-rate", "3",
                           "--request-timeout", "60", "--start-timeout", "300", "--logs", str(tmp_path / "logs"),
                           "--out", str(out), "--", "--max-model-len", "256", "--max-num-seqs", "8",
-                          "--max-num-batched-tokens", "64", "--compilation-cache-dir", compile_cache, "--no-warmup"])  # fmt: skip
+                          "--max-num-batched-tokens", "64", "--compilation-cache-dir", compile_cache,
+                          "--no-warmup"])  # fmt: skip
     assert json.loads(out.read_text()) == json.loads(json.dumps(rows))
     for config in configs:
         r = rows[config]["1"]

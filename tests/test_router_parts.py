@@ -79,7 +79,8 @@ def test_cache_aware_prefers_the_cached_prefix_unless_the_queue_costs_more():
     a_busy = worker("http://a", unfinished=4, waiting_tokens=1200)  # 19 steps to its turn against 2 to prefill
     d = policy.choose(prompt, [a_busy, b])
     assert (d.worker, d.reason, d.cached_tokens) == (b, "moved", 0)
-    assert policy.choose(Prompt(70, prefix_hashes(list(range(500, 570)), 16)), [a, b]).reason == "ttft"  # cached nowhere
+    cold = Prompt(70, prefix_hashes(list(range(500, 570)), 16))  # cached nowhere
+    assert policy.choose(cold, [a, b]).reason == "ttft"
     hot = worker("http://a", unfinished=40)  # the balance guard (40 > 0 * 1.5 + 8), past even a sticky prefix's (4 * 8)
     d = policy.choose(prompt, [hot, b])
     assert (d.worker, d.reason) == (b, "balance")

@@ -73,7 +73,7 @@ class _Driver:
         self._check(self.lib.cuInit(0), "cuInit")
         self._contexts: dict[int, ctypes.c_void_p] = {}
         self._streams: dict[int, list] = {}  # ordinal -> idle streams (one per copy under way at most)
-        self._opened: dict[tuple[int, bytes], int] = {}  # (ordinal, peer's handle) -> base address here, oldest first
+        self._opened: dict[tuple[int, bytes], tuple[int, int]] = {}  # (ordinal, peer's handle) -> (address, size) here
         self._idle: list[_Buffer] = []  # our export buffers between hand-offs
         self.exported_bytes = 0  # all our export buffers, idle or leased
         self._lock = threading.Lock()
@@ -82,6 +82,9 @@ class _Driver:
         self.open_handle.argtypes = [ctypes.POINTER(ctypes.c_uint64), _Handle, ctypes.c_uint]
         self.copy_async = self._symbol("cuMemcpyDtoDAsync_v2", "cuMemcpyDtoDAsync")
         self.copy_async.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
+        self.address_range = self._symbol("cuMemGetAddressRange_v2", "cuMemGetAddressRange")
+        self.address_range.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t),
+                                       ctypes.c_uint64]  # fmt: skip
 
     def _symbol(self, *names):
         for name in names:
@@ -165,24 +168,28 @@ class _Driver:
             with self._lock:
                 self._streams[ordinal].append(stream)
 
-    def opened(self, ordinal: int, handle: bytes) -> int:
-        """The base address of a peer's exported buffer here (opened once; the oldest of KEEP_OPENED closed). Callers
-        hold `self.copying` while they use it, so nothing is closed under a copy."""
-        base = self._opened.pop((ordinal, handle), None)
-        if base is None:
+    def opened(self, ordinal: int, handle: bytes) -> tuple[int, int]:
+        """The base address and size of a peer's exported buffer here (opened once; the oldest of KEEP_OPENED closed).
+        Callers hold `self.copying` while they use it, so nothing is closed under a copy."""
+        found = self._opened.pop((ordinal, handle), None)
+        if found is None:
             self.use(ordinal)
-            ptr = ctypes.c_uint64()
+            ptr, base, size = ctypes.c_uint64(), ctypes.c_uint64(), ctypes.c_size_t()
             opened = self.open_handle(ctypes.byref(ptr), _Handle.from_buffer_copy(handle), IPC_LAZY_ENABLE_PEER_ACCESS)
             self._check(opened, "cuIpcOpenMemHandle")
-            base = ptr.value
-        self._opened[ordinal, handle] = base  # the most recent last
+            ranged = self.address_range(ctypes.byref(base), ctypes.byref(size), ptr.value)
+            if ranged:
+                self.lib.cuIpcCloseMemHandle(ctypes.c_uint64(ptr.value))
+                self._check(ranged, "cuMemGetAddressRange")
+            found = (ptr.value, base.value + size.value - ptr.value)  # bytes from the opened address to the end
+        self._opened[ordinal, handle] = found  # the most recent last
         while len(self._opened) > KEEP_OPENED:
             old_ordinal, old_handle = next(iter(self._opened))
-            old = self._opened.pop((old_ordinal, old_handle))
+            old, _ = self._opened.pop((old_ordinal, old_handle))
             self.use(old_ordinal)
             self.lib.cuIpcCloseMemHandle(ctypes.c_uint64(old))
             self.use(ordinal)
-        return base
+        return found
 
 
 _DRIVER: list = []  # the one _Driver, or the IPCError that loading it raised
@@ -276,7 +283,12 @@ def copy_in(handle: bytes, parts: list[tuple[int, tuple]], dtype, device: jax.De
     allocated = time.perf_counter()
     ordinal, driver = device.local_hardware_id, _driver()
     with driver.copying:
-        base = driver.opened(ordinal, handle)
+        base, size = driver.opened(ordinal, handle)
+        for out, (offset, _) in zip(outs, parts):  # a peer's offer must not make us read past its buffer
+            if offset < 0 or offset + out.nbytes > size:
+                give_back(outs)
+                raise IPCError(f"the peer offered {out.nbytes} bytes at offset {offset} of an exported buffer of "
+                               f"{size} bytes")  # fmt: skip
         driver.copy(ordinal, [(out.unsafe_buffer_pointer(), base + offset, out.nbytes)
                               for out, (offset, _) in zip(outs, parts)])  # fmt: skip
     if times is not None:
