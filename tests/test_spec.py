@@ -202,7 +202,7 @@ def test_tensor_parallel_preemption_and_int8_kv_with_speculation(stories_dir, co
     blocks given back) and an int8 cache: each request's tokens without speculation (opted out, same engine) and
     with."""
     llm = LLM(str(stories_dir), tensor_parallel_size=2, num_gpu_blocks=10, kv_cache_dtype="int8",
-              compilation_cache_dir=compile_cache, speculative_config=NGRAM,
+              compilation_cache_dir=compile_cache, speculative_config=NGRAM, warmup=False,
               **dict(ENGINE_ARGS, max_model_len=160))  # fmt: skip
     prompts = random_prompts(6, seed=12, low=20, high=40)
     want = tokens(llm.generate(prompts, SamplingParams(max_tokens=60, speculative=False, **GREEDY)))
