@@ -45,6 +45,36 @@ def _stop_with_engine(llm) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+def run_then(server, cleanup) -> None:
+    """Run uvicorn, then `cleanup`, even when a signal stopped it. uvicorn re-raises the SIGINT/SIGTERM that stopped
+    it as `run` returns, which would end this process before the code after it: the engine would be killed with its
+    parent rather than stopped (its prefix cache never written to the disk tier), a replica would be orphaned. So the
+    signals are held until `cleanup` is done and raised again after it (the exit status still says which); a second
+    signal during the cleanup does not wait for it."""
+    held: list[int] = []
+    cleaning = threading.Event()
+
+    def hold(sig: int, frame) -> None:
+        if cleaning.is_set() and held:
+            signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
+            signal.raise_signal(sig)
+        held.append(sig)
+
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, hold) for sig in handled}
+    try:
+        server.run()  # sets its own handlers while it serves, then restores `hold` and raises what it caught
+    finally:
+        cleaning.set()
+        try:
+            cleanup()
+        finally:
+            for sig in handled:
+                signal.signal(sig, previous[sig])
+            for sig in dict.fromkeys(held):
+                signal.raise_signal(sig)
+
+
 def replica_argv(args: argparse.Namespace) -> list[str]:
     """This command's model, server and engine flags, spelled out for a replica (without host, port and data
     parallelism)."""
@@ -73,12 +103,9 @@ def serve_replicas(args: argparse.Namespace, engine_args) -> int:
     app = router_app([f"http://127.0.0.1:{args.port + 1 + i}" for i in range(n)], args.model, args.tokenizer,
                      args.router_policy, args.router_balance_abs_threshold, args.router_balance_rel_threshold)  # fmt: skip
     procs = start_replicas(replica_argv(args), n, engine_args.tensor_parallel_size, args.port + 1)
-    try:
-        config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                timeout_graceful_shutdown=args.graceful_shutdown_timeout)  # fmt: skip
-        uvicorn.Server(config).run()
-    finally:
-        stop_replicas(procs, args.graceful_shutdown_timeout + 5)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=args.graceful_shutdown_timeout)  # fmt: skip
+    run_then(uvicorn.Server(config), lambda: stop_replicas(procs, args.graceful_shutdown_timeout + 5))
     return 0
 
 
@@ -109,8 +136,5 @@ def serve(args: argparse.Namespace) -> int:
     app = build_app(llm, name, api_key=args.api_key, max_queue=args.max_queue, model_path=resolve_model(args.model))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=args.graceful_shutdown_timeout)  # fmt: skip
-    try:
-        uvicorn.Server(config).run()  # returns after SIGINT/SIGTERM, once in-flight requests end or time out
-    finally:
-        llm.shutdown()
+    run_then(uvicorn.Server(config), llm.shutdown)  # after SIGINT/SIGTERM, once in-flight requests end or time out
     return 0

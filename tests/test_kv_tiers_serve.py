@@ -23,7 +23,7 @@ def serve(stories_dir, compile_cache, disk, *extra):
     proc = subprocess.Popen(
         [sys.executable, "-m", "rtpjax.cli", "serve", str(stories_dir), "--port", str(port), "--max-model-len", "256",
          "--max-num-seqs", "8", "--max-num-batched-tokens", "32", "--compilation-cache-dir", compile_cache,
-         "--kv-offloading-size", "0.01", "--kv-disk-path", str(disk), "--kv-disk-size", "0.05", *extra],
+         "--kv-offloading-size", "0.01", "--kv-disk-path", str(disk), "--kv-disk-size", "0.05", "--no-warmup", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"

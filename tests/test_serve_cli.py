@@ -1,11 +1,14 @@
 """`rtpjax serve` as a user runs it: a subprocess that answers, then shuts down gracefully on SIGTERM."""
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -51,3 +54,51 @@ def test_serve_answers_and_drains_on_sigterm(stories_dir, compile_cache):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _children(pid: int) -> list[int]:
+    """The live processes whose parent is `pid` (from /proc: no psutil needed)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.slow
+def test_data_parallel_launch_stops_its_replicas_on_sigterm(stories_dir, compile_cache):
+    """SIGTERM to `rtpjax serve --data-parallel-size 2` stops its replicas (and their engines) before it exits:
+    uvicorn raises the signal again as it returns, which once ended the launcher before its cleanup and orphaned
+    both replicas."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rtpjax.cli", "serve", str(stories_dir), "--port", str(port), "--data-parallel-size",
+         "2", "--max-model-len", "128", "--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--no-warmup",
+         "--compilation-cache-dir", compile_cache],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    replicas = []
+    try:
+        for i in (1, 2):
+            wait_healthy(proc, f"http://127.0.0.1:{port + i}", f"replica {i}")
+        wait_healthy(proc, f"http://127.0.0.1:{port}", "the router")  # it has seen a replica answer
+        replicas = _children(proc.pid)
+        assert len(replicas) == 2
+        out = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                         json={"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0}).json()  # fmt: skip
+        assert out.get("choices"), out
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        left = [pid for pid in replicas if Path(f"/proc/{pid}").exists()]  # reaped by the launcher, or orphaned
+        assert not left, f"replicas left running after the launcher exited: {left}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its replicas, wherever the test stopped
+        for pid in replicas:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # orphans
+        proc.wait()
