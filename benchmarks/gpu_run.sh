@@ -23,7 +23,8 @@
 #           is in .whl) and rtpjax's cache_aware: shared-prefix (NUM_PREFIXES, 64) and multi-turn workloads, closed
 #           loop at CONCURRENCIES ("32 96") and open loop at RATES (none), PROMPTS (384) a run, each replica's cache
 #           capped at KV_BLOCKS (3072; 0 = by memory); hit rate from the engines' counters, P50/P95 TTFT, router CPU;
-#           then the router's overhead at 200 requests/s. Round robin leaves every prefix on every replica, so its
+#           REPEATS (1) runs of each with new prompts, WORKLOADS (both); then the router's overhead at 200 requests/s
+#           (OVERHEAD=0: not). Round robin leaves every prefix on every replica, so its
 #           hit rate is at worst about 1/REPLICAS of the cache-aware one: a 3x hit rate needs REPLICAS=4
 #           (NUM_PREFIXES=128: a quarter of them fits each replica's cache, all of them none)
 #   launch  host cost of launching the step and how often XLA re-records its CUDA graph, per XLA setting (probes/)
@@ -334,9 +335,10 @@ PY
     timeout "${COMPARE_TIMEOUT:-330}" python3 -m rtpjax.benchmarks.router_bench compare --replicas $urls \
       --tokenizer "$cfg" --routers ${ROUTERS:-round_robin sglang_cache_aware cache_aware} \
       --concurrencies ${CONCURRENCIES-32 96} --request-rates ${RATES:-${RATE:-}} --num-prompts "${PROMPTS:-384}" \
-      --num-prefixes "${NUM_PREFIXES:-64}" --out "$OUT/router_compare.json" 2>&1 | grep -E "hit rate|skipped|Error|--"
+      --num-prefixes "${NUM_PREFIXES:-64}" --workloads ${WORKLOADS:-prefix_repetition multi_turn} \
+      --repeats "${REPEATS:-1}" --out "$OUT/router_compare.json" 2>&1 | grep -E "hit rate|skipped|Error|--"
     kill $pids; wait $pids
-    timeout 60 python3 -m rtpjax.benchmarks.router_bench overhead --tokenizer "$cfg" --rate 200 --seconds 10 \
+    [ "${OVERHEAD:-1}" = 0 ] || timeout 60 python3 -m rtpjax.benchmarks.router_bench overhead --tokenizer "$cfg" --rate 200 --seconds 10 \
       --out "$OUT/router_overhead.json"
     ;;
   quant)

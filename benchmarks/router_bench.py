@@ -33,11 +33,13 @@ import sys
 import time
 
 import httpx
+import numpy as np
 
 from rtpjax.router.policy import POLICIES
 
 WORKLOADS = ("prefix_repetition", "multi_turn")
 STUB_CHUNKS = 8  # SSE events in a stub replica's streamed answer
+REPEAT_SEEDS = 1000  # seeds a repeat moves by (each run of a repeat has its own seed below it)
 
 
 def free_port() -> int:
@@ -187,21 +189,30 @@ def run_one(args, kind: str, url: str, pid: int, workload: str, load: tuple, see
     after, routed = counters(args.replicas), {k: v - routed.get(k, 0.0) for k, v in decisions(kind, url).items()}
     queried = [a[1] - b[1] for a, b in zip(after, before)]
     hits = sum(a[0] - b[0] for a, b in zip(after, before))
-    return {"router": kind, "workload": workload, "load": label, "request_rate": rate, "max_concurrency": concurrency,
+    row = {"router": kind, "workload": workload, "load": label, "request_rate": rate, "max_concurrency": concurrency,
             "hit_rate": hits / max(sum(queried), 1), "replica_queried_tokens": queried,
             "p50_ttft_ms": m["median_ttft_ms"], "p95_ttft_ms": m["p95_ttft_ms"], "p99_ttft_ms": m["p99_ttft_ms"],
             "request_throughput": m["request_throughput"], "output_throughput": m["output_throughput"],
             "completed": m["completed"], "failed": m["failed"], "router_cpu_s": cpu, "router_cpu_util": cpu / wall,
-            "decisions": routed}  # fmt: skip
+            "decisions": routed, "ttfts_ms": [round(t * 1e3, 1) for t in m["ttfts"]]}  # fmt: skip
+    if workload == "multi_turn":
+        row["p95_ttft_ms_by_turn"] = by_turn(m["ttfts"], args.turns)
+    return row
+
+
+def by_turn(ttfts: list[float], turns: int) -> list[float]:
+    """P95 TTFT (ms) of each turn index of a multi_turn run (its requests come conversation by conversation)."""
+    return [float(np.percentile(np.asarray(ttfts[t::turns]) * 1e3, 95)) for t in range(turns)]
 
 
 def report(rows: dict) -> None:
-    """Each workload and load: every router's row, and each one's hit rate and P95 TTFT against round robin's."""
+    """Each workload, load and repeat: every router's row, and each one's hit rate and P95 TTFT against round
+    robin's; with repeats, each router's median and range over them."""
     groups: dict = {}
     for r in rows.values():
-        groups.setdefault((r["workload"], r["load"]), []).append(r)
-    print("-- every router against round_robin, same workload and load --")
-    for (workload, load), group in groups.items():
+        groups.setdefault((r["workload"], r["load"], r.get("repeat", 0)), []).append(r)
+    print("-- every router against round_robin, same workload, load and prompts --")
+    for group in groups.values():
         base = next((r for r in group if r["router"] == "round_robin"), None)
         for r in group:
             versus = ""
@@ -209,6 +220,16 @@ def report(rows: dict) -> None:
                 versus = (f"  vs round_robin: hit rate {r['hit_rate'] / base['hit_rate']:.2f}x, P95 TTFT "
                           f"{r['p95_ttft_ms'] / base['p95_ttft_ms'] - 1:+.0%}")  # fmt: skip
             print(line(r) + versus)
+    runs: dict = {}
+    for r in rows.values():
+        runs.setdefault((r["workload"], r["load"], r["router"]), []).append(r)
+    if any(len(v) > 1 for v in runs.values()):
+        print("-- over the repeats: median [min, max] --")
+        for (workload, load, router), rs in runs.items():
+            hits, p95 = [r["hit_rate"] * 100 for r in rs], [r["p95_ttft_ms"] for r in rs]
+            print(f"{workload:17s} {load:>7s} {router:18s} hit rate {statistics.median(hits):5.1f}% "
+                  f"[{min(hits):.1f}, {max(hits):.1f}]  P95 TTFT {statistics.median(p95):5.0f} [{min(p95):.0f}, "
+                  f"{max(p95):.0f}] ms  ({len(rs)} runs)")  # fmt: skip
 
 
 def line(r: dict) -> str:
@@ -219,25 +240,31 @@ def line(r: dict) -> str:
 
 
 def compare(args) -> dict:
-    rows, points = {}, load_points(args)
-    for kind in args.routers:
-        try:
-            proc, url = start_router(kind, args.replicas, args.tokenizer)
-        except RuntimeError as e:  # e.g. sglang-router not installed on this host
-            print(f"skipped {kind}: {e}")
-            continue
-        try:
-            wait_workers(kind, url, args.replicas)
+    """Every router started once; then, `--repeats` times, each workload and load with every router in turn on the
+    same prompts (a new seed per repeat): runs that differ only by the router, interleaved so that a drift of the
+    machine meets them all."""
+    rows, points, routers = {}, load_points(args), {}
+    try:
+        for kind in args.routers:
+            try:
+                routers[kind] = start_router(kind, args.replicas, args.tokenizer)
+            except RuntimeError as e:  # e.g. sglang-router not installed on this host
+                print(f"skipped {kind}: {e}")
+                continue
+            wait_workers(kind, routers[kind][1], args.replicas)
+        for rep in range(args.repeats):
             for j, workload in enumerate(args.workloads):
                 for k, load in enumerate(points):
-                    seed = args.seed + j * len(points) + k  # the same prompts for every router
-                    row = run_one(args, kind, url, proc.pid, workload, load, seed)
-                    rows[f"{kind}/{workload}/{load[0]}"] = row
-                    print(f"done: {line(row)}", flush=True)
-                    if args.out:  # each run as it ends: a run cut short by a timeout keeps the finished ones
-                        with open(args.out, "w") as f:
-                            json.dump(rows, f, indent=1)
-        finally:
+                    seed = args.seed + REPEAT_SEEDS * rep + j * len(points) + k  # the same prompts for every router
+                    for kind, (proc, url) in routers.items():
+                        row = run_one(args, kind, url, proc.pid, workload, load, seed) | {"repeat": rep}
+                        rows[f"{kind}/{workload}/{load[0]}" + (f"/r{rep}" if args.repeats > 1 else "")] = row
+                        print(f"done: {line(row)}", flush=True)
+                        if args.out:  # each run as it ends: a run cut short by a timeout keeps the finished ones
+                            with open(args.out, "w") as f:
+                                json.dump(rows, f, indent=1)
+    finally:
+        for proc, _ in routers.values():
             proc.kill()
             proc.wait()
     report(rows)
@@ -374,6 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
     c.add_argument("--turn-input-len", type=int, default=256)
     c.add_argument("--output-len", type=int, default=64)
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--repeats", type=int, default=1, help="runs of each router, workload and load (new prompts each)")
     o = sub.add_parser("overhead")
     o.add_argument("--tokenizer", required=True)
     o.add_argument("--rate", type=float, default=200.0)

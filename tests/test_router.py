@@ -426,18 +426,19 @@ def test_router_bench_compare_drives_the_replicas_open_and_closed_loop(cluster):
     rows = router_bench.main(["compare", "--replicas", *cluster.replicas, "--tokenizer", cluster.model, "--routers",
                               *routers, "--request-rates", "8", "--concurrencies", "4", "--num-prompts", "12",
                               "--prefix-len", "48", "--suffix-len", "8", "--num-prefixes", "3", "--turns", "3",
-                              "--turn-input-len", "16", "--output-len", "4"])  # fmt: skip
-    assert sorted(rows) == sorted(f"{r}/{w}/{load}" for r in routers for w in router_bench.WORKLOADS
-                                  for load in ("8/s", "c4"))  # fmt: skip
+                              "--turn-input-len", "16", "--output-len", "4", "--repeats", "2"])  # fmt: skip
+    assert sorted(rows) == sorted(f"{r}/{w}/{load}/r{rep}" for r in routers for w in router_bench.WORKLOADS
+                                  for load in ("8/s", "c4") for rep in (0, 1))  # fmt: skip
     for row in rows.values():
-        assert (row["completed"], row["failed"]) == (12, 0)
+        assert (row["completed"], row["failed"]) == (12, 0) and len(row["ttfts_ms"]) == 12
+        assert row["workload"] != "multi_turn" or len(row["p95_ttft_ms_by_turn"]) == 3
         assert 0.0 <= row["hit_rate"] <= 1.0 and sum(row["replica_queried_tokens"]) > 12 * 8
-    assert rows["round_robin/prefix_repetition/c4"]["max_concurrency"] == 4
-    for key in ("prefix_repetition/8/s", "multi_turn/c4"):  # rtpjax's router: every decision counted, with a reason
+    assert rows["round_robin/prefix_repetition/c4/r0"]["max_concurrency"] == 4
+    for key in ("prefix_repetition/8/s/r0", "multi_turn/c4/r1"):  # rtpjax's router: every decision counted, with a reason
         made = rows[f"cache_aware/{key}"]["decisions"]
         assert sum(v for k, v in made.items() if k != "predicted_hit_tokens") == 12, made
         assert rows[f"round_robin/{key}"]["decisions"] == {"round_robin": 12.0, "predicted_hit_tokens": 0.0}
-    assert all(q > 0 for q in rows["round_robin/prefix_repetition/8/s"]["replica_queried_tokens"])
+    assert all(q > 0 for q in rows["round_robin/prefix_repetition/8/s/r0"]["replica_queried_tokens"])
 
 
 def _importable(module: str) -> bool:
