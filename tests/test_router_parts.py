@@ -229,3 +229,32 @@ def test_a_conversations_next_turn_stays_on_its_replica_before_any_kv_event():
     busier = worker("http://a", unfinished=14)  # set aside by the balance guard (14 > 2 * 1.5 + 8), not by stickiness
     assert policy.choose(prompt, [busier, b]).worker is busier
     assert policy.choose(prompt, [worker("http://a", unfinished=36), b]).worker is b  # 36 > 2 * 1.5 + 4 * 8
+
+
+def test_cold_prompts_go_round_replicas_whose_fits_differ_by_noise():
+    """New prompts (cached nowhere) arriving together go round the replicas although their fitted step costs differ
+    a little and the replicas' reports do not show them yet (each report resets what the router counted as sent); a
+    replica busier by more than one such prefill is passed over."""
+    index = PrefixIndex()
+    policy = Policy("cache_aware", index)
+    workers = [worker(f"http://{name}") for name in "abcd"]
+    for i, w in enumerate(workers):
+        w.cost.a, w.cost.b, w.cost.calibrated = 5e-3 * (1 - 0.03 * i), 5e-5, True  # d looks 9% faster than a
+    placed = []
+    for n in range(8):
+        prompt = Prompt(256, prefix_hashes(list(range(1000 * n, 1000 * n + 256)), 16))
+        d = policy.choose(prompt, workers)
+        assert d.reason == "ttft"
+        d.worker.begin(prompt.num_tokens)
+        index.note_routed(d.worker.url, prompt.hashes)
+        placed.append(d.worker.url[-1])
+        d.worker.reported(dict(d.worker.load))  # sent before the replica queued it: its report does not count it
+    assert sorted(placed) == sorted("abcd" * 2) and len(set(placed[:4])) == 4, placed
+    busy = [worker("http://a", waiting_tokens=2000)] + [worker(f"http://{name}") for name in "bcd"]
+    index = PrefixIndex()
+    for w in busy[1:]:  # sent to lately; the busy one not
+        index.note_routed(w.url, prefix_hashes(list(range(256)), 16))
+    cold = Prompt(256, prefix_hashes(list(range(9000, 9256)), 16))
+    assert Policy("cache_aware", index).choose(cold, busy).worker is not busy[0]
+    near = worker("http://a", waiting_tokens=100)  # busier by less than the prompt's prefill: about as fast
+    assert Policy("cache_aware", index).choose(cold, [near, *busy[1:]]).worker is near  # and sent nothing lately

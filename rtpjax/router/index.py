@@ -61,6 +61,11 @@ class PrefixIndex:
             counts[w] = n
         return counts
 
+    def recent(self, worker: str) -> int:
+        """Blocks credited to a replica at routing and not yet expired (some may be past their time until the next
+        `expire`): what it was sent in the last `tentative_s`."""
+        return len(self.routed.get(worker, ()))
+
     def expire(self) -> None:
         """Drop tentative entries past their time (called now and then, not per request)."""
         now = time.monotonic()

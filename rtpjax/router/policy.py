@@ -14,7 +14,8 @@ prefix) sticks to the replica holding that prefix unless the replica is clearly 
 than the least loaded one's times `balance_rel` plus 4 times `balance_abs`, or a predicted TTFT above `sticky_rel` times
 the best replica's, both queues costed by the holder's own step times (a noisy fit must not move a conversation).
 Moving it would save this request little but leave its history cached where the conversation no longer goes, and copy
-it elsewhere by evicting other prefixes. The index credits a routed prompt's blocks to its replica at once
+it elsewhere by evicting other prefixes. A prompt cached nowhere goes round the replicas about as fast as the best
+(`_spread`). The index credits a routed prompt's blocks to its replica at once
 (index.PrefixIndex.note_routed), so the next turn sticks before the engine's KV events confirm them.
 """
 
@@ -102,6 +103,7 @@ class Policy:
                 best = holder
         longest = max(matched.values())
         if not longest:
+            best = self._spread(prompt, eligible, scores, best, own(best))
             reason = "ttft"
         elif matched[best.url] == longest:
             reason = "prefix"
@@ -110,6 +112,17 @@ class Policy:
         else:
             reason = "moved"
         return Decision(best, reason, matched[best.url] * self.block_size)
+
+    def _spread(self, prompt: Prompt, eligible: list[Worker], scores: dict[str, float], best: Worker,
+                cost: CostModel) -> Worker:
+        """A prompt cached nowhere goes, among the replicas whose score is within its own prefill time of the best, to
+        the one sent the fewest blocks lately. Replicas' fitted step costs differ by noise; choosing by them alone
+        bunched cold arrivals on one replica, and a conversation placed there collides with its neighbours at every
+        later turn. Spread in time like this, a burst of new conversations or prefixes goes round the replicas (as
+        sglang-router's smallest-tree rule sends it), while a replica busier by more than that prefill is avoided."""
+        slack = cost.ttft(0, prompt.num_tokens, 0, 0)  # the prompt in one step on an idle replica
+        near = [w for w in eligible if scores[w.url] <= scores[best.url] + slack]
+        return min(near, key=lambda w: (self.index.recent(w.url), scores[w.url]))
 
     def _holder(self, prompt: Prompt, matched: dict[str, int], workers: list[Worker], least: int) -> Worker | None:
         """The replica a prompt sticks to: the one caching the longest prefix of it, where that covers
