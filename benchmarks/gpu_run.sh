@@ -338,8 +338,8 @@ PY
       --num-prefixes "${NUM_PREFIXES:-64}" --workloads ${WORKLOADS:-prefix_repetition multi_turn} \
       --repeats "${REPEATS:-1}" --out "$OUT/router_compare.json" 2>&1 | grep -E "hit rate|skipped|Error|--"
     kill $pids; wait $pids
-    [ "${OVERHEAD:-1}" = 0 ] || timeout 60 python3 -m rtpjax.benchmarks.router_bench overhead --tokenizer "$cfg" --rate 200 --seconds 10 \
-      --out "$OUT/router_overhead.json"
+    [ "${OVERHEAD:-1}" = 0 ] || timeout 60 python3 -m rtpjax.benchmarks.router_bench overhead --tokenizer "$cfg" \
+      --rate 200 --seconds 10 --out "$OUT/router_overhead.json"
     ;;
   quant)
     runs=""

@@ -59,6 +59,7 @@ def run_then(server, cleanup) -> None:
             signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
             signal.raise_signal(sig)
         held.append(sig)
+        server.should_exit = True  # come before uvicorn set its own handlers: it stops once started
 
     handled = (signal.SIGINT, signal.SIGTERM)
     previous = {sig: signal.signal(sig, hold) for sig in handled}

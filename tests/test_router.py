@@ -434,7 +434,7 @@ def test_router_bench_compare_drives_the_replicas_open_and_closed_loop(cluster):
         assert row["workload"] != "multi_turn" or len(row["p95_ttft_ms_by_turn"]) == 3
         assert 0.0 <= row["hit_rate"] <= 1.0 and sum(row["replica_queried_tokens"]) > 12 * 8
     assert rows["round_robin/prefix_repetition/c4/r0"]["max_concurrency"] == 4
-    for key in ("prefix_repetition/8/s/r0", "multi_turn/c4/r1"):  # rtpjax's router: every decision counted, with a reason
+    for key in ("prefix_repetition/8/s/r0", "multi_turn/c4/r1"):  # rtpjax's router: each decision counted, with why
         made = rows[f"cache_aware/{key}"]["decisions"]
         assert sum(v for k, v in made.items() if k != "predicted_hit_tokens") == 12, made
         assert rows[f"round_robin/{key}"]["decisions"] == {"round_robin": 12.0, "predicted_hit_tokens": 0.0}
