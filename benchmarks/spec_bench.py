@@ -8,6 +8,8 @@ tokens of context, against the plain decode step (t = 1). end to end (greedy): b
 "copy" set: summarize / rewrite / code-edit chat prompts; or random ids) with n-gram speculation and with it opted
 out per request in the same engine, mean acceptance length beside the speedup; a batch of `--large-batch`
 sequences both ways (above disable_by_batch_size speculation is off: what it costs there is its policy's overhead);
+then, at each of `--replay-lengths`, batch 1 with drafts replayed from a recorded greedy run so that every
+verify step yields exactly that many tokens (what speculation gains at a given acceptance length, whatever proposes);
 then batch 1 again with a `--draft-layers`-layer draft model of the target's shape (random weights: its acceptance
 says nothing, its cost per step is what it measures); last, an EAGLE-3 head's wall time per proposal round at
 `--eagle-batch-sizes` (a random head of the target's shape: its cost, not its acceptance).
@@ -141,6 +143,53 @@ def draft_model_run(llm, model: str, layers: int, batch: list[list[int]], max_to
     return {"layers": layers, "random_weights": True, "per_prompt": single}
 
 
+class ReplayProposer:
+    """Drafts taken from a recorded greedy continuation: the first `length - 1` of each round are the tokens the target
+    goes on to produce, the rest of the K are wrong, so every verify step yields exactly `length` tokens while the
+    sequence follows its recording. What the engine gains at a chosen acceptance length, on weights no proposer
+    could guess (random ones): the cost side of speculation, apart from any proposer's quality."""
+
+    def __init__(self, recorded: dict[tuple, list[int]], length: int, vocab: int):
+        self.recorded, self.length, self.vocab = recorded, length, vocab
+
+    def propose(self, seqs, ks: list[int]) -> list[list[int]]:
+        out = []
+        for seq, k in zip(seqs, ks):
+            ref = self.recorded.get(tuple(seq.token_ids[: seq.num_prompt]), [])
+            done = len(seq.token_ids) - seq.num_prompt
+            if seq.token_ids[seq.num_prompt :] != ref[:done]:  # left its recording (numerics): nothing to replay
+                out.append([])
+                continue
+            right = ref[done : done + min(k, self.length - 1)]
+            wrong = [(t + 1) % self.vocab for t in ref[done + len(right) : done + k]]
+            out.append(right + wrong)
+        return out
+
+
+def replay_run(llm, batch: list[list[int]], max_tokens: int, lengths: list[int], vocab: int) -> dict:
+    """Batch 1 per prompt at each forced acceptance length (ReplayProposer), against the same prompts opted out."""
+    from rtpjax import SamplingParams
+
+    outs = llm.generate(batch, SamplingParams(temperature=0, max_tokens=max_tokens, speculative=False))
+    recorded = {tuple(p): o.outputs[0].token_ids for p, o in zip(batch, outs)}
+    speculator = llm.engine.speculator
+    ngram, result = speculator.proposer, {}
+    try:
+        for length in lengths:
+            speculator.proposer = ReplayProposer(recorded, length, vocab)
+            end_to_end(llm, batch[:1], 8, "replay")  # first-call costs
+            runs = [end_to_end(llm, [p], max_tokens, "replay") for p in batch]
+            on = sum(r["replay"]["tokens_per_s"] for r in runs)
+            result[length] = {"per_prompt": runs, "speedup": on / sum(r["off"]["tokens_per_s"] for r in runs)}
+            accepted = [r["replay"]["mean_acceptance_length"] or 1 for r in runs]
+            print(f"batch 1, replayed drafts, acceptance length {length} (measured {min(accepted):.2f}-"
+                  f"{max(accepted):.2f}): {result[length]['speedup']:.2f}x, identical "
+                  f"{sum(r['identical_outputs'] for r in runs) / len(runs):.0%}", flush=True)  # fmt: skip
+    finally:
+        speculator.proposer = ngram
+    return result
+
+
 def eagle_round_cost(llm, k: int, batches: list[int], context: int, rounds: int = 20) -> dict:
     """Wall ms of one EAGLE-3 proposal round (catch up on 2 new rows per sequence, then K chained guesses) at each
     batch, a random head of the target's shape (its guesses mean nothing; its cost is what this measures), beside
@@ -194,6 +243,8 @@ def main():
                         "shape cut to this many layers, random weights with --shape (0 to skip)")
     parser.add_argument("--eagle-batch-sizes", default="1,8", help="EAGLE-3 head's cost per proposal round at these "
                         "batches, a random head of the target's shape ('' to skip)")
+    parser.add_argument("--replay-lengths", default="", help="batch 1 again with drafts replayed from a recorded run "
+                        "so that each verify step yields exactly this many tokens, e.g. 2,3,4 ('' to skip)")
     parser.add_argument("--out", default=None)
     add_engine_arguments(parser, max_model_len=2048, **ENGINE_DEFAULTS)
     args = parser.parse_args()
@@ -234,6 +285,9 @@ def main():
         lb = result["large_batch"]
         print(f"batch {args.large_batch}: {lb['off']['tokens_per_s']:.1f} -> {lb['ngram']['tokens_per_s']:.1f} tok/s "
               f"({lb['speedup']:.3f}x)", flush=True)  # fmt: skip
+    lengths = [int(n) for n in args.replay_lengths.split(",") if n]
+    if lengths:
+        result["replay"] = replay_run(llm, batch, args.max_tokens, lengths, runner.vocab)
     save(result, args.out)  # before the draft model's run, which compiles its own programs first
     eagle_batches = [int(b) for b in args.eagle_batch_sizes.split(",") if b]
     if eagle_batches:

@@ -46,9 +46,9 @@ class Tiles:
     num_stages: int = 3
 
 
-# The fastest tiles of `benchmarks/kernels/quant_bench.py`'s sweep on an H200 at an 8B model's shapes, 16 rows: the
-# one-byte formats run best with two warps on 32 channels (one 16-row tensor-core tile each), int4's unpacking with
-# four on 64.
+# One tile set for every format. `benchmarks/kernels/quant_bench.py`'s sweep on an H200 (8B shapes, 16 rows) timed the
+# one-byte formats fastest with two warps on 32 channels, but the engine's decode step ran slower with them: the
+# kernel alone, on one weight called back to back, is not the step (RESULTS.md, quantization rows).
 DEFAULT_TILES = {"fp8": Tiles(), "int8": Tiles(), "int4": Tiles()}
 
 

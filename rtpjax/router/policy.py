@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from rtpjax.router.workers import Worker
 
 POLICIES = ("round_robin", "least_load", "cache_aware")
+SPREAD_PREFILLS = 4  # how much slower than the best a replica may look and still take a cold prompt to spread them
 
 
 @dataclasses.dataclass
@@ -115,12 +116,13 @@ class Policy:
 
     def _spread(self, prompt: Prompt, eligible: list[Worker], scores: dict[str, float], best: Worker,
                 cost: CostModel) -> Worker:
-        """A prompt cached nowhere goes, among the replicas whose score is within its own prefill time of the best, to
-        the one sent the fewest blocks lately. Replicas' fitted step costs differ by noise; choosing by them alone
-        bunched cold arrivals on one replica, and a conversation placed there collides with its neighbours at every
-        later turn. Spread in time like this, a burst of new conversations or prefixes goes round the replicas (as
-        sglang-router's smallest-tree rule sends it), while a replica busier by more than that prefill is avoided."""
-        slack = cost.ttft(0, prompt.num_tokens, 0, 0)  # the prompt in one step on an idle replica
+        """A prompt cached nowhere goes, among the replicas whose score is within `SPREAD_PREFILLS` times its own
+        prefill of the best, to the one sent the fewest blocks lately. Replicas' fitted step costs and queues differ
+        by noise; choosing by them bunched cold arrivals on one replica, and a conversation placed there collides
+        with its neighbours at every later turn. Spread like this, a burst of new conversations or prefixes goes
+        round the replicas (as sglang-router's smallest-tree rule sends it), while a replica clearly busier is
+        avoided."""
+        slack = SPREAD_PREFILLS * cost.ttft(0, prompt.num_tokens, 0, 0)  # the prompt's prefill on an idle replica
         near = [w for w in eligible if scores[w.url] <= scores[best.url] + slack]
         return min(near, key=lambda w: (self.index.recent(w.url), scores[w.url]))
 
