@@ -156,11 +156,8 @@ class ReplayProposer:
         out = []
         for seq, k in zip(seqs, ks):
             ref = self.recorded.get(tuple(seq.token_ids[: seq.num_prompt]), [])
-            done = len(seq.token_ids) - seq.num_prompt
-            if seq.token_ids[seq.num_prompt :] != ref[:done]:  # left its recording (numerics): nothing to replay
-                out.append([])
-                continue
-            right = ref[done : done + min(k, self.length - 1)]
+            done = len(seq.token_ids) - seq.num_prompt  # drafts by position: a run that left its recording (numerics)
+            right = ref[done : done + min(k, self.length - 1)]  # gets them rejected, which its acceptance shows
             wrong = [(t + 1) % self.vocab for t in ref[done + len(right) : done + k]]
             out.append(right + wrong)
         return out
@@ -170,8 +167,9 @@ def replay_run(llm, batch: list[list[int]], max_tokens: int, lengths: list[int],
     """Batch 1 per prompt at each forced acceptance length (ReplayProposer), against the same prompts opted out."""
     from rtpjax import SamplingParams
 
-    outs = llm.generate(batch, SamplingParams(temperature=0, max_tokens=max_tokens, speculative=False))
-    recorded = {tuple(p): o.outputs[0].token_ids for p, o in zip(batch, outs)}
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, speculative=False)
+    # each prompt alone, as it runs below: in bfloat16 a batch's numerics differ from one sequence's
+    recorded = {tuple(p): llm.generate([p], params)[0].outputs[0].token_ids for p in batch}
     speculator = llm.engine.speculator
     ngram, result = speculator.proposer, {}
     try:

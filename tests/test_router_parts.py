@@ -259,3 +259,21 @@ def test_cold_prompts_go_round_replicas_whose_fits_differ_by_noise():
     for queued in (100, 300):  # busier by less than the prompt's prefill, and by about two of them
         near = worker("http://a", waiting_tokens=queued)
         assert Policy("cache_aware", index).choose(cold, [near, *busy[1:]]).worker is near  # sent nothing lately
+
+
+def test_blocks_sent_lately_outlive_the_tentative_credit():
+    """What a replica was sent counts for spreading new prompts for `sent_s`, long after its tentative credit for
+    matching (`tentative_s`) has gone; both go at their own time."""
+    index = PrefixIndex(tentative_s=0.01, sent_s=60.0)
+    index.note_routed("http://a", HASHES)
+    time.sleep(0.05)
+    index.expire()
+    assert index.match(HASHES, ["http://a"]) == {"http://a": 0}
+    assert index.recent("http://a") == len(HASHES) and index.recent("http://b") == 0
+    index.note_routed("http://a", HASHES[:2])  # sent again: still the same distinct blocks
+    assert index.recent("http://a") == len(HASHES)
+    short = PrefixIndex(tentative_s=0.01, sent_s=0.02)
+    short.note_routed("http://a", HASHES)
+    time.sleep(0.05)
+    short.expire()
+    assert short.recent("http://a") == 0

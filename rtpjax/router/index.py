@@ -4,7 +4,9 @@ A replica's entry for a hash is confirmed by its BlockStored event and dropped b
 or a gap in the events). Between routing a request and that request's events arriving, the replica is credited with
 the prompt's blocks tentatively, for `tentative_s`: a burst of requests sharing a new prefix then follows the first
 one instead of spreading before any event could say where the prefix went, and a conversation's next turn, sent as soon
-as the last answer ends, finds its history where that turn went.
+as the last answer ends, finds its history where that turn went. Apart from that, the index remembers which blocks went
+to each replica over the last `sent_s` (`recent`): the load a replica keeps getting from the conversations and
+prefixes placed on it, which new prompts are spread by.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from rtpjax.distributed.messages import AllBlocksCleared, BlockRemoved, BlockSto
 
 
 class PrefixIndex:
-    def __init__(self, tentative_s: float = 5.0):
-        self.tentative_s = tentative_s
+    def __init__(self, tentative_s: float = 5.0, sent_s: float = 30.0):
+        self.tentative_s, self.sent_s = tentative_s, sent_s
         self.holders: dict[bytes, set[str]] = {}  # hash -> replicas whose events say they hold it
         self.held: dict[str, set[bytes]] = {}  # replica -> its confirmed hashes
         self.routed: dict[str, dict[bytes, float]] = {}  # replica -> hash -> until when it counts unconfirmed
+        self.sent: dict[str, dict[bytes, float]] = {}  # replica -> hash -> until when it counts as sent lately
 
     def apply(self, worker: str, events: list[KVEvent]) -> None:
         held = self.held.setdefault(worker, set())
@@ -42,12 +45,14 @@ class PrefixIndex:
             self._drop(worker, h)
         if tentative:
             self.routed.pop(worker, None)
+            self.sent.pop(worker, None)
 
     def note_routed(self, worker: str, hashes: list[bytes]) -> None:
-        until = time.monotonic() + self.tentative_s
-        routed = self.routed.setdefault(worker, {})
+        now = time.monotonic()
+        routed, sent = self.routed.setdefault(worker, {}), self.sent.setdefault(worker, {})
         for h in hashes:
-            routed[h] = until
+            routed[h] = now + self.tentative_s
+            sent[h] = now + self.sent_s
 
     def match(self, hashes: list[bytes], workers: list[str]) -> dict[str, int]:
         """Per replica: how many leading blocks of `hashes` it holds."""
@@ -62,15 +67,16 @@ class PrefixIndex:
         return counts
 
     def recent(self, worker: str) -> int:
-        """Blocks credited to a replica at routing and not yet expired (some may be past their time until the next
-        `expire`): what it was sent in the last `tentative_s`."""
-        return len(self.routed.get(worker, ()))
+        """Distinct blocks sent to a replica in the last `sent_s` (some may be past their time until the next
+        `expire`)."""
+        return len(self.sent.get(worker, ()))
 
     def expire(self) -> None:
-        """Drop tentative entries past their time (called now and then, not per request)."""
+        """Drop tentative and sent entries past their time (called now and then, not per request)."""
         now = time.monotonic()
-        for worker, routed in self.routed.items():
-            self.routed[worker] = {h: t for h, t in routed.items() if t > now}
+        for table in (self.routed, self.sent):
+            for worker, entries in table.items():
+                table[worker] = {h: t for h, t in entries.items() if t > now}
 
     def _drop(self, worker: str, h: bytes) -> None:
         holders = self.holders.get(h)
