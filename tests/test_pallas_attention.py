@@ -245,3 +245,33 @@ def test_engine_runs_the_kernel_through_one_switch(tiny_checkpoints, stories_dir
         written = LLM(str(model), attention_impl="pallas", kv_cache_dtype=kv, tensor_parallel_size=2,
                       kv_write="pallas", **args)  # fmt: skip
         assert [o.outputs[0].token_ids for o in written.generate(prompts, params)] == got
+
+
+def test_speculation_through_the_kernel_equals_plain_decoding(tiny_checkpoints, stories_dir, tmp_path, compile_cache):
+    """Verify steps give the kernel several query rows per sequence over a cache holding rejected drafts' K/V past the
+    context (the GPU's path; the speculation tests run the reference attention): greedy tokens equal plain decoding at
+    every acceptance length, drafts replayed from the plain run so each verify step yields exactly that many."""
+    import shutil
+
+    from conftest import ENGINE_ARGS
+    from rtpjax import LLM, SamplingParams
+    from rtpjax.benchmarks.spec_bench import ReplayProposer
+
+    model = tmp_path / "llama3"
+    shutil.copytree(tiny_checkpoints["llama3"], model)
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        shutil.copy(stories_dir / name, model / name)
+    llm = LLM(str(model), attention_impl="pallas", speculative_config={"method": "ngram", "num_speculative_tokens": 4},
+              **dict(ENGINE_ARGS, compilation_cache_dir=compile_cache, warmup=False))  # fmt: skip
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 250, n).tolist() for n in (5, 30)]
+    plain, spec = (SamplingParams(temperature=0, max_tokens=24, speculative=s, ignore_eos=True) for s in (False, True))
+    want = {tuple(p): llm.generate([p], plain)[0].outputs[0].token_ids for p in prompts}
+    counters = llm.engine.speculator.counters
+    for length in (2, 4):
+        llm.engine.speculator.proposer = ReplayProposer(want, length, 256)
+        accepted, drafts = counters.num_accepted_tokens, counters.num_drafts
+        for p in prompts:
+            assert llm.generate([p], spec)[0].outputs[0].token_ids == want[tuple(p)]
+        steps = counters.num_drafts - drafts  # the last steps of a run may hold fewer drafts than length - 1
+        assert 0.8 * (length - 1) * steps <= counters.num_accepted_tokens - accepted <= (length - 1) * steps
