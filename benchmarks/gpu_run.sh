@@ -70,7 +70,8 @@
 #           --max-num-seqs 4 --max-num-batched-tokens 16 --max-model-len 64"
 #           PAIR_XLA_FLAGS=--xla_force_host_platform_device_count=1 XLA_FLAGS=--xla_force_host_platform_device_count=2
 #   quant   each weight format against bf16, same shape and run (QUANTS="none fp8 int8 int4"): decode batch 1 / 32,
-#           offline throughput and a 4096-token prompt's TTFT in one engine per format, then a table of ratios to bf16
+#           offline throughput and a 4096-token prompt's TTFT in one engine per format, then a table of ratios to bf16;
+#           DECODES="pallas xla" also runs each format with --quantized-decode xla (XLA's dot at decode)
 #   quant_kernels  one linear per format at the 8B shapes for 1/16/32 tokens (the small-M kernel, the XLA path, a tile
 #           sweep; kernels/quant_bench.py); one-byte KV attention against bf16 at batch 32, ctx 2048 (attention_bench)
 # Run from the repository root on the lent GPU (device tool), with .whl carried (starlette, uvicorn, pydantic):
@@ -362,13 +363,16 @@ PY
     ;;
   quant)
     runs=""
-    for q in ${QUANTS:-none fp8 int8 int4}; do
-      flag=$([ "$q" = none ] || echo "--quantization $q")
+    # DECODES ("pallas"; "pallas xla" for both): --quantized-decode per quantized run, files quant_Q[_xla].json
+    for q in ${QUANTS:-none fp8 int8 int4}; do for d in ${DECODES:-pallas}; do
+      [ "$q" = none ] && [ "$d" != pallas ] && continue
+      flag=$([ "$q" = none ] || echo "--quantization $q --quantized-decode $d")
+      name=$q$([ "$d" = pallas ] || echo "_$d")
       timeout 200 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" $flag --batch-sizes 1,32 --output-len 64 \
-        --ttft-len 4096 --compilation-cache-dir /tmp/xla --out "$OUT/quant_$q.json" 2>&1 \
-        | grep -E "throughput|decode tok|ttft|Error" | sed "s/^/$q /"
-      [ -f "$OUT/quant_$q.json" ] && runs="$runs $OUT/quant_$q.json"
-    done
+        --ttft-len 4096 --compilation-cache-dir /tmp/xla --out "$OUT/quant_$name.json" 2>&1 \
+        | grep -E "throughput|decode tok|ttft|Error" | sed "s/^/$name /"
+      [ -f "$OUT/quant_$name.json" ] && runs="$runs $OUT/quant_$name.json"
+    done; done
     python3 -m rtpjax.benchmarks.kernels.quant_bench --table $runs --out "$OUT/quant_summary.json"
     ;;
   quant_kernels)

@@ -166,3 +166,27 @@ def test_small_steps_on_a_gpu_take_the_kernel():
         assert not uses_small_kernel(1, weight(method), "cpu")
         assert not uses_small_kernel(1, weight(method, whole=False), "gpu")  # sharded: no custom call
     assert not uses_small_kernel(1, weight(W8A8["fp8-block"]), "gpu")
+
+
+@pytest.mark.parametrize("method", ["fp8", "int8", "int8-weight-only", "int4"])
+def test_quantized_decode_xla_takes_the_weight_only_dot(method):
+    """`--quantized-decode xla`: decode-sized steps on a GPU skip the kernel and, W8A8 weights included, multiply the
+    unquantized activations by the weight converted inside XLA's dot (the kernel's maths); larger steps keep W8A8."""
+    from rtpjax.quant.matmul import decode_by
+
+    rng = np.random.default_rng(7)
+    w = jnp.asarray(rng.standard_normal((64, 256)), jnp.float32)
+    params = {"layer": {"w": quantize(w, dataclasses.replace(METHODS[method], whole=True))}, "norm": jnp.ones(4)}
+    assert uses_small_kernel(16, params["layer"]["w"], "gpu")
+    xla = decode_by(params, "xla")
+    qw = xla["layer"]["w"]
+    assert not qw.scheme.decode_kernel and not uses_small_kernel(16, qw, "gpu") and xla["norm"] is params["norm"]
+    assert decode_by(xla, "pallas")["layer"]["w"].scheme == params["layer"]["w"].scheme
+    x = jnp.asarray(rng.standard_normal((16, 256)), jnp.float32)
+    weight_only = np.asarray(x @ dequantize(qw, jnp.float32).T)
+    np.testing.assert_allclose(np.asarray(linear(x, qw, backend="gpu")), weight_only, rtol=1e-5, atol=1e-4)
+    big = jnp.concatenate([x] * 5)  # 80 rows: past decode size, the scheme's own maths
+    want = reference_w8a8(big, qw) if qw.scheme.act else np.asarray(big @ dequantize(qw, jnp.float32).T)
+    np.testing.assert_allclose(np.asarray(linear(big, qw, backend="gpu")), want, rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError, match="pallas or xla"):
+        decode_by(params, "triton")

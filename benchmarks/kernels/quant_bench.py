@@ -159,16 +159,19 @@ def engine_table(paths: list[str]) -> dict:
     for path in paths:
         with open(path) as f:
             run = json.load(f)
-        runs[run.get("quantization") or "bf16"] = _engine_numbers(run)
+        fmt = run.get("quantization") or "bf16"
+        if run.get("quantization") and run.get("quantized_decode", "pallas") != "pallas":
+            fmt += f"/{run['quantized_decode']}"  # the same weights, decode steps through XLA's dot
+        runs[fmt] = _engine_numbers(run)
     if "bf16" not in runs:
         raise ValueError(f"--table: no bf16 run (one without --quantization) among {', '.join(paths)}")
     base = runs["bf16"]
-    print(f"{'format':8s} {'b1 tok/s':>14s} {'b32 tok/s':>15s} {'throughput':>15s} {'TTFT ms':>15s}")
+    print(f"{'format':12s} {'b1 tok/s':>14s} {'b32 tok/s':>15s} {'throughput':>15s} {'TTFT ms':>15s}")
     for fmt, r in runs.items():
         ratios = {k: r[k] / base[k] for k in r}
         r["vs_bf16"] = ratios
         cells = [f"{r[k] * (1e3 if k == 'ttft_s' else 1):8.1f} {ratios[k]:5.2f}x" for k in r if k != "vs_bf16"]
-        print(f"{fmt:8s} " + " ".join(cells), flush=True)
+        print(f"{fmt:12s} " + " ".join(cells), flush=True)
     return runs
 
 

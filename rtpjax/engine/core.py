@@ -40,6 +40,7 @@ from rtpjax.engine.sequence import PENDING, Sequence
 from rtpjax.loading.tokenizer import load_tokenizer, tokenizer_source
 from rtpjax.models import load_config
 from rtpjax.options import EngineArgs
+from rtpjax.quant import matmul as quant_matmul
 from rtpjax.spec import eagle3
 from rtpjax.spec.config import SpeculativeConfig
 from rtpjax.spec.draft_model import DraftContext
@@ -162,6 +163,7 @@ class LLMEngine:
         self.channel = multihost.connect(args)  # several processes: the leader's step channel to its followers
         self.cfg, self.family, params = load_model(model, dtype=args.dtype, mesh=mesh, progress=args.progress,
                                                    load_format=args.load_format, quantization=args.quantization)  # fmt: skip
+        params = quant_matmul.decode_by(params, args.quantized_decode)
         # MoE: how the experts run (part of the compiled programs' key) and their static placement.
         self.cfg = dataclasses.replace(self.cfg, moe_impl=args.moe_impl)
         self.expert_placement = moe.read_placement(args.expert_placement, self.cfg) if args.expert_placement else {}

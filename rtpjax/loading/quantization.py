@@ -38,6 +38,8 @@ class Scheme:
     None (weight-only). group: inputs per scale (0: the whole row). block_rows: output rows per scale (1, or 128 for
     block-scaled fp8). symmetric: int4 without zero points. whole: the weight is whole on every device that holds it,
     so a GPU may run a Pallas kernel on it (under GSPMD a custom call would gather a sharded weight every step).
+    decode_kernel: decode-sized steps on a GPU take that kernel (`rtpjax.quant.small_matmul`); False: XLA's dot
+    (`--quantized-decode xla`).
     """
 
     weight: str
@@ -46,6 +48,7 @@ class Scheme:
     block_rows: int = 1
     symmetric: bool = True
     whole: bool = False
+    decode_kernel: bool = True
 
     def for_input(self, in_features: int) -> Scheme:
         """This scheme for a weight of `in_features` inputs: a group that does not divide them becomes the row."""

@@ -10,12 +10,16 @@ quantized (`rtpjax.loading.quantization`).
 - int4: XLA's dot of the dequantized weight.
 Decode-sized steps (at most `SMALL_ROWS` tokens) on a GPU skip all of that for per-channel one-byte and int4 weights:
 `rtpjax.quant.small_matmul` streams the stored weight and converts it in registers, activations unquantized (at a few
-rows the bytes read are the cost; quantizing the activations and setting up a scaled dot only add to it). Shapes are
-bucketed, so the choice is fixed per compiled step.
+rows the bytes read are the cost; quantizing the activations and setting up a scaled dot only add to it). With
+`--quantized-decode xla` (Scheme.decode_kernel False) they take the weight-only dot instead, W8A8 weights included,
+so one engine option compares the two on the same weights. Shapes are bucketed, so the choice is fixed per compiled
+step.
 Accumulation is float32 throughout: unscaled sums of 1-byte values overflow float16.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -28,18 +32,21 @@ from rtpjax.quant import small_matmul
 SMALL_ROWS = small_matmul.MAX_ROWS  # steps of at most this many tokens take the small-M kernel on a GPU
 
 
-def linear(x: jax.Array, w: jax.Array | QuantizedWeight) -> jax.Array:
-    """x [..., in] @ w.T for w [out, in], in x's dtype."""
+def linear(x: jax.Array, w: jax.Array | QuantizedWeight, backend: str | None = None) -> jax.Array:
+    """x [..., in] @ w.T for w [out, in], in x's dtype. `backend`: the platform whose path to take (default JAX's)."""
     if not isinstance(w, QuantizedWeight):
         return x @ w.T
+    backend = backend or jax.default_backend()
     lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
     if w.perm is not None:  # act-order checkpoints: q's columns are the inputs in this order
         x = jnp.take(x, w.perm, axis=-1)
-    if uses_small_kernel(x.shape[0], w, jax.default_backend()):
+    if uses_small_kernel(x.shape[0], w, backend):
         return small_matmul.quantized_matmul(x, w).reshape(*lead, -1)
-    if w.scheme.act is not None:
+    per_channel = w.scheme.weight != "int4" and w.scheme.group == 0 and w.scheme.block_rows == 1
+    xla_decode = backend == "gpu" and x.shape[0] <= SMALL_ROWS and not w.scheme.decode_kernel
+    if w.scheme.act is not None and not (xla_decode and per_channel):
         y = w8a8(x, w)
-    elif w.scheme.weight != "int4" and w.scheme.group == 0 and w.scheme.block_rows == 1:
+    elif per_channel:
         y = jnp.dot(x, w.q.T.astype(x.dtype), preferred_element_type=jnp.float32) * w.scale[:, 0]
     else:
         y = jnp.dot(x, dequantize(w, x.dtype, stored_order=True).T, preferred_element_type=jnp.float32)
@@ -74,6 +81,20 @@ def w8a8(x: jax.Array, w: QuantizedWeight) -> jax.Array:
 
     acc, _ = lax.scan(block, jnp.zeros((rows, w.q.shape[0]), jnp.float32), jnp.arange(blocks))
     return acc
+
+
+def decode_by(params, choice: str):
+    """`params` with every quantized weight's decode-sized steps sent to `choice` ("pallas": the small-M kernel;
+    "xla": XLA's dot): `--quantized-decode`, set once after loading (the scheme is static: part of the programs)."""
+    if choice not in ("pallas", "xla"):
+        raise ValueError(f"quantized_decode must be pallas or xla, got {choice!r}")
+
+    def one(w):
+        if not isinstance(w, QuantizedWeight):
+            return w
+        return dataclasses.replace(w, scheme=dataclasses.replace(w.scheme, decode_kernel=choice == "pallas"))
+
+    return jax.tree.map(one, params, is_leaf=lambda v: isinstance(v, QuantizedWeight))
 
 
 def uses_small_kernel(rows: int, w: QuantizedWeight, backend: str) -> bool:
