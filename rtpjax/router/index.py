@@ -12,6 +12,7 @@ prefixes placed on it, which new prompts are spread by.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 
 from rtpjax.distributed.messages import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
@@ -22,7 +23,8 @@ class PrefixIndex:
         self.holders: dict[bytes, set[str]] = {}  # hash -> replicas whose events say they hold it
         self.held: dict[str, set[bytes]] = {}  # replica -> its confirmed hashes
         self.routed: dict[str, dict[bytes, float]] = {}  # replica -> hash -> until when it counts unconfirmed
-        self.sent: dict[str, dict[bytes, float]] = {}  # replica -> hash -> until when it counts as sent lately
+        # replica -> hash -> until when it counts as sent lately, oldest first (refreshing moves a hash to the end)
+        self.sent: dict[str, OrderedDict[bytes, float]] = {}
 
     def apply(self, worker: str, events: list[KVEvent]) -> None:
         held = self.held.setdefault(worker, set())
@@ -49,10 +51,11 @@ class PrefixIndex:
 
     def note_routed(self, worker: str, hashes: list[bytes]) -> None:
         now = time.monotonic()
-        routed, sent = self.routed.setdefault(worker, {}), self.sent.setdefault(worker, {})
+        routed, sent = self.routed.setdefault(worker, {}), self.sent.setdefault(worker, OrderedDict())
         for h in hashes:
             routed[h] = now + self.tentative_s
             sent[h] = now + self.sent_s
+            sent.move_to_end(h)
 
     def match(self, hashes: list[bytes], workers: list[str]) -> dict[str, int]:
         """Per replica: how many leading blocks of `hashes` it holds."""
@@ -67,16 +70,19 @@ class PrefixIndex:
         return counts
 
     def recent(self, worker: str) -> int:
-        """Distinct blocks sent to a replica in the last `sent_s` (some may be past their time until the next
-        `expire`)."""
-        return len(self.sent.get(worker, ()))
+        """Distinct blocks sent to a replica in the last `sent_s`."""
+        sent, now = self.sent.get(worker), time.monotonic()
+        while sent and next(iter(sent.values())) <= now:  # oldest first: only the expired front goes
+            sent.popitem(last=False)
+        return len(sent) if sent else 0
 
     def expire(self) -> None:
-        """Drop tentative and sent entries past their time (called now and then, not per request)."""
+        """Drop tentative entries past their time (called now and then, not per request), and sent ones."""
         now = time.monotonic()
-        for table in (self.routed, self.sent):
-            for worker, entries in table.items():
-                table[worker] = {h: t for h, t in entries.items() if t > now}
+        for worker, routed in self.routed.items():
+            self.routed[worker] = {h: t for h, t in routed.items() if t > now}
+        for worker in self.sent:
+            self.recent(worker)
 
     def _drop(self, worker: str, h: bytes) -> None:
         holders = self.holders.get(h)
