@@ -140,7 +140,7 @@ for stage in $stages; do
     # REPLAY_LENGTHS tokens: the speed-up at a given acceptance length, whatever proposes
     timeout ${SPEC_TIMEOUT:-300} python3 -m rtpjax.benchmarks.spec_bench --shape "$SHAPE" --prompts random \
       --batch-sizes '' --large-batch 0 --draft-layers 0 --eagle-batch-sizes '' --max-tokens 128 \
-      --replay-lengths "${REPLAY_LENGTHS:-2,3,4}" --out "$OUT/spec_replay.json" --compilation-cache-dir /tmp/xla \
+      --replay-lengths "${REPLAY_LENGTHS:-2,3,4}" --out "$OUT/spec_replay.json" --compilation-cache-dir /tmp/xla ${SPEC_FLAGS:-} \
       2>&1 | grep -E "^batch|Error"
     ;;
   spec_real)

@@ -171,7 +171,12 @@ def replay_run(llm, batch: list[list[int]], max_tokens: int, lengths: list[int],
     # each prompt alone, as it runs below: in bfloat16 a batch's numerics differ from one sequence's
     recorded = {tuple(p): llm.generate([p], params)[0].outputs[0].token_ids for p in batch}
     speculator = llm.engine.speculator
-    ngram, result = speculator.proposer, {}
+    ngram, config, result = speculator.proposer, speculator.config, {}
+    if max(lengths) > config.num_speculative_tokens + 1:
+        raise ValueError(f"--replay-lengths: a verify step yields at most num_speculative_tokens + 1 = "
+                         f"{config.num_speculative_tokens + 1} tokens, got {max(lengths)}")  # fmt: skip
+    # acceptance here is (length - 1) / K by construction: the low-acceptance fallback to one draft must not cut in
+    speculator.config = dataclasses.replace(config, min_acceptance_rate=0.0)
     try:
         for length in lengths:
             speculator.proposer = ReplayProposer(recorded, length, vocab)
@@ -184,7 +189,7 @@ def replay_run(llm, batch: list[list[int]], max_tokens: int, lengths: list[int],
                   f"{max(accepted):.2f}): {result[length]['speedup']:.2f}x, identical "
                   f"{sum(r['identical_outputs'] for r in runs) / len(runs):.0%}", flush=True)  # fmt: skip
     finally:
-        speculator.proposer = ngram
+        speculator.proposer, speculator.config = ngram, config
     return result
 
 
@@ -253,6 +258,9 @@ def main():
 
         model, args.load_format = str(write_config_only(tempfile.mkdtemp(prefix=f"{args.shape}-"), args.shape)), "dummy"
     batches = [int(b) for b in args.batch_sizes.split(",") if b]
+    lengths = [int(n) for n in args.replay_lengths.split(",") if n]
+    if lengths and not 1 <= min(lengths) <= max(lengths) <= args.num_speculative_tokens + 1:
+        parser.error(f"--replay-lengths: each from 1 to num_speculative_tokens + 1 = {args.num_speculative_tokens + 1}")
     tokens = [int(t) for t in args.verify_tokens.split(",")]
     k = max(args.num_speculative_tokens, max(tokens) - 1)
     args.speculative_config = {"method": "ngram", "num_speculative_tokens": k,
@@ -283,7 +291,6 @@ def main():
         lb = result["large_batch"]
         print(f"batch {args.large_batch}: {lb['off']['tokens_per_s']:.1f} -> {lb['ngram']['tokens_per_s']:.1f} tok/s "
               f"({lb['speedup']:.3f}x)", flush=True)  # fmt: skip
-    lengths = [int(n) for n in args.replay_lengths.split(",") if n]
     if lengths:
         result["replay"] = replay_run(llm, batch, args.max_tokens, lengths, runner.vocab)
     save(result, args.out)  # before the draft model's run, which compiles its own programs first

@@ -256,7 +256,7 @@ def test_cold_prompts_go_round_replicas_whose_fits_differ_by_noise():
         index.note_routed(w.url, prefix_hashes(list(range(256)), 16))
     cold = Prompt(256, prefix_hashes(list(range(9000, 9256)), 16))
     assert Policy("cache_aware", index).choose(cold, busy).worker is not busy[0]
-    for queued in (100, 300):  # busier by less than the prompt's prefill, and by about two of them
+    for queued in (100, 300):  # busier by less than the prompt's prefill, and by more than one
         near = worker("http://a", waiting_tokens=queued)
         assert Policy("cache_aware", index).choose(cold, [near, *busy[1:]]).worker is near  # sent nothing lately
 
@@ -277,3 +277,19 @@ def test_blocks_sent_lately_outlive_the_tentative_credit():
     time.sleep(0.05)
     short.expire()
     assert short.recent("http://a") == 0
+
+
+def test_blocks_sent_lately_expire_oldest_first(monkeypatch):
+    """A block sent again moves to the back: it outlives blocks sent once before it, and expire() drops the rest."""
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    index = PrefixIndex(tentative_s=1.0, sent_s=10.0)
+    a, b = HASHES[:1], HASHES[1:2]
+    index.note_routed("http://a", a + b)
+    clock[0] = 105.0
+    index.note_routed("http://a", a)  # refreshed: until 115, b until 110
+    clock[0] = 111.0
+    index.expire()
+    assert list(index.sent["http://a"]) == a and index.recent("http://a") == 1
+    clock[0] = 116.0
+    assert index.recent("http://a") == 0 and index.recent("http://never") == 0
