@@ -140,7 +140,8 @@ for stage in $stages; do
     # REPLAY_LENGTHS tokens: the speed-up at a given acceptance length, whatever proposes
     timeout ${SPEC_TIMEOUT:-300} python3 -m rtpjax.benchmarks.spec_bench --shape "$SHAPE" --prompts random \
       --batch-sizes '' --large-batch 0 --draft-layers 0 --eagle-batch-sizes '' --max-tokens 128 \
-      --replay-lengths "${REPLAY_LENGTHS:-2,3,4}" --out "$OUT/spec_replay.json" --compilation-cache-dir /tmp/xla ${SPEC_FLAGS:-} \
+      --replay-lengths "${REPLAY_LENGTHS:-2,3,4}" --out "$OUT/spec_replay.json" --compilation-cache-dir /tmp/xla \
+      ${SPEC_FLAGS:-} \
       2>&1 | grep -E "^batch|Error"
     ;;
   spec_real)
@@ -262,7 +263,8 @@ EOF
     for q in ${QUANTS:-none int8 fp8}; do
       flag=$([ "$q" = none ] || echo "--quantization $q")
       timeout 150 python3 -m rtpjax.benchmarks.profile_step --shape "$SHAPE" $flag --batch-sizes 1,32 --top 25 \
-        --compilation-cache-dir /tmp/xla --out "$OUT/profile_quant_$q.json" 2>&1 | grep -vE "Deprecat|^rtpjax:" | sed "s/^/$q /"
+        --compilation-cache-dir /tmp/xla --out "$OUT/profile_quant_$q.json" 2>&1 | grep -vE "Deprecat|^rtpjax:" \
+        | sed "s/^/$q /"
     done
     ;;
   profile_prefill)
