@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from rtpjax.kernels.reference import quantize as quantize_rows
-from rtpjax.loading.quantization import METHODS, STORAGE, Scheme, dequantize, pack_int4, quantize, unpack_int4
+from rtpjax.loading.quantization import (METHODS, STORAGE, QuantizedWeight, Scheme, dequantize, pack_int4, quantize,
+                                        unpack_int4)
 from rtpjax.quant.matmul import linear, uses_small_kernel
 from rtpjax.quant.small_matmul import Plan, Tiles, plan, quantized_matmul, small_matmul
 
@@ -190,3 +191,18 @@ def test_quantized_decode_xla_takes_the_weight_only_dot(method):
     np.testing.assert_allclose(np.asarray(linear(big, qw, backend="gpu")), want, rtol=1e-4, atol=1e-3)
     with pytest.raises(ValueError, match="pallas or xla"):
         decode_by(params, "triton")
+
+
+def test_load_model_sends_decode_steps_where_asked(tiny_checkpoints):
+    """`quantized_decode` reaches every quantized weight load_model returns (the engine's and a draft model's
+    loading both go through it); unquantized weights are untouched."""
+    from rtpjax.loading.model_source import load_model
+
+    def schemes(params):
+        leaves = jax.tree.leaves(params, is_leaf=lambda v: isinstance(v, QuantizedWeight))
+        return [w.scheme.decode_kernel for w in leaves if isinstance(w, QuantizedWeight)]
+
+    for choice, kernel in (("pallas", True), ("xla", False)):
+        kinds = schemes(load_model(tiny_checkpoints["llama3"], quantization="int8", quantized_decode=choice)[2])
+        assert kinds and set(kinds) == {kernel}
+    assert not schemes(load_model(tiny_checkpoints["llama3"], quantized_decode="xla")[2])

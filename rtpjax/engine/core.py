@@ -40,7 +40,6 @@ from rtpjax.engine.sequence import PENDING, Sequence
 from rtpjax.loading.tokenizer import load_tokenizer, tokenizer_source
 from rtpjax.models import load_config
 from rtpjax.options import EngineArgs
-from rtpjax.quant import matmul as quant_matmul
 from rtpjax.spec import eagle3
 from rtpjax.spec.config import SpeculativeConfig
 from rtpjax.spec.draft_model import DraftContext
@@ -162,8 +161,8 @@ class LLMEngine:
         multihost.check_mesh(mesh)
         self.channel = multihost.connect(args)  # several processes: the leader's step channel to its followers
         self.cfg, self.family, params = load_model(model, dtype=args.dtype, mesh=mesh, progress=args.progress,
-                                                   load_format=args.load_format, quantization=args.quantization)  # fmt: skip
-        params = quant_matmul.decode_by(params, args.quantized_decode)
+                                                   load_format=args.load_format, quantization=args.quantization,
+                                                   quantized_decode=args.quantized_decode)  # fmt: skip
         # MoE: how the experts run (part of the compiled programs' key) and their static placement.
         self.cfg = dataclasses.replace(self.cfg, moe_impl=args.moe_impl)
         self.expert_placement = moe.read_placement(args.expert_placement, self.cfg) if args.expert_placement else {}
@@ -195,7 +194,8 @@ class LLMEngine:
         self.draft_context = DraftContext(self.cfg, model, args.dtype, args.block_size, self.max_model_len,
                                           args.max_num_batched_tokens, max_verify_seqs, mesh, args.attention_impl,
                                           args.kv_write, args.load_format, num_blocks,
-                                          tuple(self.runner.token_buckets))  # what a draft model or head runs with
+                                          tuple(self.runner.token_buckets),
+                                          args.quantized_decode)  # what a draft model or head runs with
         self.speculator = make_speculator(spec, self.draft_context, self.runner.params["embed"])
         self.tiers = tiers_build.make_tiers(args, self.runner.kv_layout,
                                             tiers_build.identity(model, source, self.runner.kv_layout, args))

@@ -52,12 +52,21 @@ def resolve_model(model: str | Path | None) -> str:
 
 
 def load_model(model: str | Path | None, dtype: str | None = None, mesh=None, progress: bool = False,
-               load_format: str = "auto", quantization: str | None = None):  # fmt: skip
+               load_format: str = "auto", quantization: str | None = None,
+               quantized_decode: str = "pallas"):  # fmt: skip
     """(config, family module, params) for a model argument; `dtype` overrides the checkpoint's.
 
     load_format "dummy" reads only config.json and makes random weights on the devices. quantization: a
-    `quantization.METHODS` name (a converted or pre-quantized checkpoint loads as it was written).
+    `quantization.METHODS` name (a converted or pre-quantized checkpoint loads as it was written). quantized_decode:
+    how decode-sized steps multiply by quantized weights on a GPU (`rtpjax.quant.matmul.decode_by`).
     """
+    from rtpjax.quant.matmul import decode_by
+
+    cfg, family, params = _load(model, dtype, mesh, progress, load_format, quantization)
+    return cfg, family, decode_by(params, quantized_decode)
+
+
+def _load(model, dtype, mesh, progress: bool, load_format: str, quantization: str | None):
     from rtpjax.loading.loader import load_params, random_params
     from rtpjax.loading.orbax_checkpoint import is_converted, restore_params
     from rtpjax.loading.quantization import check_method

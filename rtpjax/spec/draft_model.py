@@ -46,6 +46,7 @@ class DraftContext:
     # An EAGLE-3 head keeps one feature per slot of the target's cache, written after each of its steps:
     target_num_blocks: int = 0
     target_token_buckets: tuple[int, ...] = ()  # the token buckets of the target's steps (the features' shapes)
+    quantized_decode: str = "pallas"  # a pre-quantized draft's decode matmuls, as the target's (--quantized-decode)
 
     def attention(self, head_dim: int) -> dict:
         """The static attention configuration of the draft's steps (as the runner's, for the draft's shape)."""
@@ -127,7 +128,9 @@ class DraftModelProposer:
         from rtpjax.runner.model_runner import buckets
 
         check_vocabulary(draft_dir, load_config(draft_dir)[0], ctx)
-        self.cfg, family, self.params = load_model(draft_dir, dtype=ctx.dtype, mesh=ctx.mesh, load_format=ctx.load_format)
+        self.cfg, family, self.params = load_model(draft_dir, dtype=ctx.dtype, mesh=ctx.mesh,
+                                                   load_format=ctx.load_format,
+                                                   quantized_decode=ctx.quantized_decode)  # fmt: skip
         self.k, self.ctx, self.block_size = k, ctx, ctx.block_size
         self.attention = ctx.attention(self.cfg.head_dim)
         self.max_blocks = -(-(ctx.max_model_len + k) // ctx.block_size)
