@@ -247,10 +247,11 @@ def test_least_load_avoids_a_busy_replica(cluster):
     _wait(lambda: cluster.load(0)["num_unfinished"] == 0, "flood aborted", 30)
 
 
-def _streams(url: str, n: int) -> tuple[dict, list[threading.Thread]]:
+def _streams(url: str, n: int, on_start=lambda port: None) -> tuple[dict, list[threading.Thread]]:
     """n long streams through the router, each in a thread; returns once every one has its response headers (the
-    replica sends them before the first token, so none is near its end yet). results[i]: (the replica's port, the
-    SSE data lines)."""
+    replica sends them before the first token). `on_start(port)` runs in a stream's thread as its headers arrive, so a
+    test can stop that replica before a fast model finishes the stream. results[i]: (the replica's port, the SSE data
+    lines)."""
     results: dict = {}
     started = [threading.Event() for _ in range(n)]
 
@@ -261,6 +262,7 @@ def _streams(url: str, n: int) -> tuple[dict, list[threading.Thread]]:
         try:
             with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
                 results[i] = (worker_of(r), events)
+                on_start(results[i][0])
                 started[i].set()
                 for line in r.iter_lines():
                     if line.startswith("data: "):
@@ -282,10 +284,16 @@ def _ended_with_error(events: list) -> bool:
 
 def test_a_hung_replica_is_out_within_seconds_its_streams_end_with_an_error_and_it_rejoins(cluster):
     url = cluster.routers["round_robin"]
-    hung = cluster.procs[1]
-    results, threads = _streams(url, 2)
-    os.kill(hung.pid, signal.SIGSTOP)
-    stopped = time.monotonic()
+    hung, at = cluster.procs[1], []
+
+    def stop(port):  # at once: waiting for the other stream's headers gave this one time to finish
+        if port == cluster.ports[1]:
+            os.kill(hung.pid, signal.SIGSTOP)
+            at.append(time.monotonic())
+
+    results, threads = _streams(url, 2, stop)
+    assert at, "no stream went to the replica to stop"
+    stopped = at[0]
     try:
         _wait(lambda: not httpx.get(url + "/workers").json()[1]["healthy"], "marked out", 6)
         assert time.monotonic() - stopped < 4.5  # two polls in a row unanswered: 2 x (0.5 s interval + 1 s timeout)
@@ -449,9 +457,16 @@ def _importable(module: str) -> bool:
 
 def test_a_killed_replica_ends_its_streams_with_an_error_and_the_rest_go_on(cluster):
     """Last: it leaves replica 1 dead."""
-    results, threads = _streams(cluster.routers["round_robin"], 2)
-    cluster.procs[1].kill()
-    killed = time.monotonic()
+    at = []
+
+    def kill(port):
+        if port == cluster.ports[1]:
+            cluster.procs[1].kill()
+            at.append(time.monotonic())
+
+    results, threads = _streams(cluster.routers["round_robin"], 2, kill)
+    assert at, "no stream went to the replica to kill"
+    killed = at[0]
     for t in threads:
         t.join(timeout=60)
     ends = {port: _ended_with_error(events) for port, events in results.values()}
