@@ -50,6 +50,11 @@ class Scheme:
     whole: bool = False
     decode_kernel: bool = True
 
+    @property
+    def per_channel(self) -> bool:
+        """One-byte weights with one scale per output channel: a scale that multiplies a dot's output columns."""
+        return self.weight != "int4" and self.group == 0 and self.block_rows == 1
+
     def for_input(self, in_features: int) -> Scheme:
         """This scheme for a weight of `in_features` inputs: a group that does not divide them becomes the row."""
         if self.group and in_features % self.group:

@@ -42,11 +42,10 @@ def linear(x: jax.Array, w: jax.Array | QuantizedWeight, backend: str | None = N
         x = jnp.take(x, w.perm, axis=-1)
     if uses_small_kernel(x.shape[0], w, backend):
         return small_matmul.quantized_matmul(x, w).reshape(*lead, -1)
-    per_channel = w.scheme.weight != "int4" and w.scheme.group == 0 and w.scheme.block_rows == 1
     xla_decode = backend == "gpu" and x.shape[0] <= SMALL_ROWS and not w.scheme.decode_kernel
-    if w.scheme.act is not None and not (xla_decode and per_channel):
+    if w.scheme.act is not None and not (xla_decode and w.scheme.per_channel):
         y = w8a8(x, w)
-    elif per_channel:
+    elif w.scheme.per_channel:
         y = jnp.dot(x, w.q.T.astype(x.dtype), preferred_element_type=jnp.float32) * w.scale[:, 0]
     else:
         y = jnp.dot(x, dequantize(w, x.dtype, stored_order=True).T, preferred_element_type=jnp.float32)

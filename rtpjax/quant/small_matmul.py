@@ -187,8 +187,7 @@ def applies(rows: int, w: QuantizedWeight, tiles: Tiles | None = None) -> bool:
     device (a sharded weight would be gathered for a custom call), not sent to XLA (Scheme.decode_kernel), 2-D,
     shapes the tiles fit."""
     s = w.scheme
-    per_channel = s.weight != "int4" and s.group == 0 and s.block_rows == 1
-    return (s.whole and s.decode_kernel and w.q.ndim == 2 and (per_channel or s.weight == "int4")
+    return (s.whole and s.decode_kernel and w.q.ndim == 2 and (s.per_channel or s.weight == "int4")
             and supported(rows, w.shape[0], w.shape[1], s.weight, s.group_size(w.shape[1]), tiles))  # fmt: skip
 
 
