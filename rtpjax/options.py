@@ -125,10 +125,11 @@ class EngineArgs:
                                       "groups of 128 (-asym: with zero points); a pre-quantized checkpoint "
                                       "(compressed-tensors, GPTQ, AWQ) loads as it is without this",
                                       choices=QUANTIZATION_METHODS)  # fmt: skip
-    quantized_decode: str = option("pallas", "how decode-sized steps (<= 64 tokens) multiply by quantized weights on a "
+    quantized_decode: str = option("auto", "how decode-sized steps (<= 64 tokens) multiply by quantized weights on a "
                                    "GPU: pallas = the small-M kernel streaming the stored weights; xla = XLA's dot "
                                    "with the weight converted inside it (activations unquantized; int4 dequantized "
-                                   "first)", choices=("pallas", "xla"))  # fmt: skip
+                                   "first); auto = xla for one-byte weights, pallas for int4",
+                                   choices=("auto", "pallas", "xla"))  # fmt: skip
     kv_offloading_size: float | None = option(None, "GiB of host memory (page-locked on GPUs) for a KV tier below the "
                                               "device: evicted prefix blocks go there and come back on a hit",
                                               above=0)  # fmt: skip

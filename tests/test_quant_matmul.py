@@ -189,8 +189,10 @@ def test_quantized_decode_xla_takes_the_weight_only_dot(method):
     big = jnp.concatenate([x] * 5)  # 80 rows: past decode size, the scheme's own maths
     want = reference_w8a8(big, qw) if qw.scheme.act else np.asarray(big @ dequantize(qw, jnp.float32).T)
     np.testing.assert_allclose(np.asarray(linear(big, qw, backend="gpu")), want, rtol=1e-4, atol=1e-3)
-    with pytest.raises(ValueError, match="pallas or xla"):
+    with pytest.raises(ValueError, match="auto, pallas, xla"):
         decode_by(params, "triton")
+    # the default: XLA's dot for one-byte weights (faster on an H200), the kernel for int4
+    assert decode_by(params, "auto")["layer"]["w"].scheme.decode_kernel == (method == "int4")
 
 
 def test_load_model_sends_decode_steps_where_asked(tiny_checkpoints):
@@ -202,7 +204,7 @@ def test_load_model_sends_decode_steps_where_asked(tiny_checkpoints):
         leaves = jax.tree.leaves(params, is_leaf=lambda v: isinstance(v, QuantizedWeight))
         return [w.scheme.decode_kernel for w in leaves if isinstance(w, QuantizedWeight)]
 
-    for choice, kernel in (("pallas", True), ("xla", False)):
+    for choice, kernel in (("pallas", True), ("xla", False), ("auto", False)):
         kinds = schemes(load_model(tiny_checkpoints["llama3"], quantization="int8", quantized_decode=choice)[2])
         assert kinds and set(kinds) == {kernel}
     assert not schemes(load_model(tiny_checkpoints["llama3"], quantized_decode="xla")[2])

@@ -160,8 +160,8 @@ def engine_table(paths: list[str]) -> dict:
         with open(path) as f:
             run = json.load(f)
         fmt = run.get("quantization") or "bf16"
-        if run.get("quantization") and run.get("quantized_decode", "pallas") != "pallas":
-            fmt += f"/{run['quantized_decode']}"  # the same weights, decode steps through XLA's dot
+        if run.get("quantization") and run.get("quantized_decode", "auto") != "auto":
+            fmt += f"/{run['quantized_decode']}"  # the same weights, decode steps through the named path
         runs[fmt] = _engine_numbers(run)
     if "bf16" not in runs:
         raise ValueError(f"--table: no bf16 run (one without --quantization) among {', '.join(paths)}")

@@ -53,7 +53,7 @@ def resolve_model(model: str | Path | None) -> str:
 
 def load_model(model: str | Path | None, dtype: str | None = None, mesh=None, progress: bool = False,
                load_format: str = "auto", quantization: str | None = None,
-               quantized_decode: str = "pallas"):  # fmt: skip
+               quantized_decode: str = "auto"):  # fmt: skip
     """(config, family module, params) for a model argument; `dtype` overrides the checkpoint's.
 
     load_format "dummy" reads only config.json and makes random weights on the devices. quantization: a

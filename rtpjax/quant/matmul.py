@@ -12,7 +12,8 @@ Decode-sized steps (at most `SMALL_ROWS` tokens) on a GPU skip all of that for p
 `rtpjax.quant.small_matmul` streams the stored weight and converts it in registers, activations unquantized (at a few
 rows the bytes read are the cost; quantizing the activations and setting up a scaled dot only add to it). With
 `--quantized-decode xla` (Scheme.decode_kernel False) they take the weight-only dot instead, W8A8 weights included,
-so one engine option compares the two on the same weights. Shapes are bucketed, so the choice is fixed per compiled
+so one engine option compares the two on the same weights; the default (auto) sends one-byte weights there and
+keeps the kernel for int4. Shapes are bucketed, so the choice is fixed per compiled
 step.
 Accumulation is float32 throughout: unscaled sums of 1-byte values overflow float16.
 """
@@ -82,16 +83,22 @@ def w8a8(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     return acc
 
 
+DECODE_CHOICES = ("auto", "pallas", "xla")
+
+
 def decode_by(params, choice: str):
     """`params` with every quantized weight's decode-sized steps sent to `choice` ("pallas": the small-M kernel;
-    "xla": XLA's dot): `--quantized-decode`, set once after loading (the scheme is static: part of the programs)."""
-    if choice not in ("pallas", "xla"):
-        raise ValueError(f"quantized_decode must be pallas or xla, got {choice!r}")
+    "xla": XLA's dot; "auto": XLA's dot for one-byte weights, the kernel for int4, each the faster on an H200 in
+    RESULTS.md's quantization runs): `--quantized-decode`, set once after loading (the scheme is static: part of the
+    programs)."""
+    if choice not in DECODE_CHOICES:
+        raise ValueError(f"quantized_decode must be one of {', '.join(DECODE_CHOICES)}, got {choice!r}")
 
     def one(w):
         if not isinstance(w, QuantizedWeight):
             return w
-        return dataclasses.replace(w, scheme=dataclasses.replace(w.scheme, decode_kernel=choice == "pallas"))
+        kernel = choice == "pallas" or (choice == "auto" and w.scheme.weight == "int4")
+        return dataclasses.replace(w, scheme=dataclasses.replace(w.scheme, decode_kernel=kernel))
 
     return jax.tree.map(one, params, is_leaf=lambda v: isinstance(v, QuantizedWeight))
 

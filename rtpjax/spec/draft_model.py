@@ -46,7 +46,7 @@ class DraftContext:
     # An EAGLE-3 head keeps one feature per slot of the target's cache, written after each of its steps:
     target_num_blocks: int = 0
     target_token_buckets: tuple[int, ...] = ()  # the token buckets of the target's steps (the features' shapes)
-    quantized_decode: str = "pallas"  # a pre-quantized draft's decode matmuls, as the target's (--quantized-decode)
+    quantized_decode: str = "auto"  # a pre-quantized draft's decode matmuls, as the target's (--quantized-decode)
 
     def attention(self, head_dim: int) -> dict:
         """The static attention configuration of the draft's steps (as the runner's, for the draft's shape)."""
