@@ -28,6 +28,7 @@
 #           hit rate is at worst about 1/REPLICAS of the cache-aware one: a 3x hit rate needs REPLICAS=4
 #           (NUM_PREFIXES=128: a quarter of them fits each replica's cache, all of them none)
 #   launch  host cost of launching the step and how often XLA re-records its CUDA graph, per XLA setting (probes/)
+#   int4_dot  one decode-sized linear per 8B shape: bf16, the int4 Pallas kernel, XLA's dot of jnp.int4 weights (probes/)
 #   allreduce  64 chained all-reduces over every GPU, as a TP decode step makes them (probes/)
 #   tiers   KV tiers: pinned/pageable H2D, packed vs per-layer onload, disk tier vs dd (tiers_bench.py); then
 #           multi_turn and prefix_repetition traffic whose working set is >= 4x the device KV (TIER_BLOCKS device
@@ -284,6 +285,9 @@ EOF
   launch)
     timeout 400 python3 -m rtpjax.benchmarks.probes.step_launch --shape "$SHAPE" --tensor-parallel-size "${TP:-1}" \
       --out "$OUT/step_launch_tp${TP:-1}.json"
+    ;;
+  int4_dot)
+    timeout 300 python3 -m rtpjax.benchmarks.probes.int4_dot ${INT4_FLAGS:-} --out "$OUT/int4_dot${INT4_FLAGS:+_sweep}.json" 2>&1 | grep -v Deprecat
     ;;
   allreduce)
     timeout 120 python3 -m rtpjax.benchmarks.probes.allreduce_chain --out "$OUT/allreduce.json"
