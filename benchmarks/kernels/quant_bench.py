@@ -36,7 +36,8 @@ SWEEP = (Tiles(), Tiles(block_n=32), Tiles(block_n=128), Tiles(block_k=128), Til
          Tiles(block_n=16, split_k=1), Tiles(block_n=32, split_k=1), Tiles(block_n=16, block_k=512, split_k=1),
          Tiles(block_n=32, block_k=512, split_k=1), Tiles(block_n=32, block_k=128, split_k=2),
          Tiles(block_n=16, block_k=256, split_k=2), Tiles(num_stages=5), Tiles(block_n=32, num_warps=2),
-         Tiles(block_n=16, block_k=1024, split_k=1, num_warps=4, num_stages=2))  # fmt: skip
+         Tiles(block_n=16, block_k=1024, split_k=1, num_warps=4, num_stages=2),
+         Tiles(unpack="magic"), Tiles(block_k=128, unpack="magic"))  # fmt: skip (unpack: int4 only)
 
 
 def _nbytes(w) -> int:

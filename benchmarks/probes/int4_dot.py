@@ -6,13 +6,14 @@ one-byte fp8 weights the same way beside them. Effective TB/s counts the weight 
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import jax
 import jax.numpy as jnp
 
 from rtpjax.benchmarks.probes import report
-from rtpjax.quant.small_matmul import Tiles, small_matmul
+from rtpjax.quant.small_matmul import UNPACKS, Tiles, small_matmul
 
 SHAPES = {"gate_up": (28672, 4096), "down": (4096, 14336), "qkv": (6144, 4096)}
 GROUP = 128
@@ -46,28 +47,26 @@ def fp8_dot(x, w8, scale):
 
 
 def sweep(key, iters: int) -> list[dict]:
-    """The int4 kernel at 16 rows over tile sizes, gate_up and down: is 1 TB/s the tiles or the kernel?"""
+    """The int4 kernel at 16 rows over tile sizes and both ways of unpacking nibbles, gate_up and down."""
     runs = []
     for name in ("gate_up", "down"):
         n, k = SHAPES[name]
         packed = jax.random.randint(key, (n, k // 2), 0, 256, jnp.int32).astype(jnp.uint8)
         gscale = jax.random.uniform(key, (n, k // GROUP), jnp.float32)
         x = jax.random.normal(key, (16, k), jnp.bfloat16)
-        for bn in (32, 64, 128):
-            for bk in (128, 256, 512, 1024):
-                for warps, stages in ((4, 3), (8, 3), (4, 4)):
-                    tiles = Tiles(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
-                    fn = jax.jit(lambda x, q, s, t=tiles: small_matmul(x, q, s, fmt="int4", group=GROUP, tiles=t))
-                    try:
-                        sec = timed(fn, x, packed, gscale, iters=iters)
-                    except Exception as e:  # tiles past shared memory: skip
-                        print(f"{name} {tiles}: {str(e)[:80]}", flush=True)
-                        continue
-                    tb = (n * k // 2 + 4 * n * k // GROUP) / sec / 1e12
-                    runs.append({"shape": name, "tiles": str(tiles), "us": round(sec * 1e6, 1),
-                                 "tb_per_s": round(tb, 2)})
-                    print(f"{name:8s} bn {bn:3d} bk {bk:4d} w{warps} s{stages} {sec * 1e6:7.1f} us {tb:5.2f} TB/s",
-                          flush=True)
+        configs = itertools.product((64, 128), (128, 256, 512), UNPACKS, ((4, 3), (4, 4)))
+        for bn, bk, unpack, (warps, stages) in configs:
+            tiles = Tiles(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, unpack=unpack)
+            fn = jax.jit(lambda x, q, s, t=tiles: small_matmul(x, q, s, fmt="int4", group=GROUP, tiles=t))
+            try:
+                sec = timed(fn, x, packed, gscale, iters=iters)
+            except Exception as e:  # tiles past shared memory, or a lowering this JAX lacks: skip
+                print(f"{name} {tiles}: {str(e)[:80]}", flush=True)
+                continue
+            tb = (n * k // 2 + 4 * n * k // GROUP) / sec / 1e12
+            runs.append({"shape": name, "tiles": str(tiles), "us": round(sec * 1e6, 1), "tb_per_s": round(tb, 2)})
+            print(f"{name:8s} bn {bn:3d} bk {bk:4d} w{warps} s{stages} {unpack:7s} {sec * 1e6:7.1f} us {tb:5.2f} TB/s",
+                  flush=True)
     return runs
 
 

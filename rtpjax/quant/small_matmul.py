@@ -12,7 +12,10 @@ partial sum (the nibbles less their zero are exact in bfloat16). When out/block_
 inputs split `split_k` ways: each split writes a float32 partial and XLA sums them.
 
 int4 layout: `rtpjax.loading.quantization` (byte j of a group holds input j low and input j + g/2 high), so each
-half group is one dot against its own nibbles with nothing interleaved.
+half group is one dot against its own nibbles with nothing interleaved. Two ways to turn a nibble into the
+activations' dtype (Tiles.unpack): "convert" (int32 arithmetic, then an integer-to-float conversion, a quarter-rate
+instruction on NVIDIA GPUs) or "magic" (the nibble ORed into the mantissa of a float whose exponent makes the low bits
+units, e.g. bfloat16 0x4300 | n == 128 + n, then one subtraction of 128 + zero: no conversion instruction at all).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class Tiles:
     split_k: int = 0
     num_warps: int = 4
     num_stages: int = 3
+    unpack: str = "convert"  # int4 nibbles to floats: "convert" or "magic" (module docstring)
 
 
 # One tile set for every format. `benchmarks/kernels/quant_bench.py`'s sweep on an H200 (8B shapes, 16 rows) timed the
@@ -68,6 +72,8 @@ def plan(rows: int, out: int, in_features: int, fmt: str, group: int = 0, tiles:
     if fmt not in FORMATS:
         raise ValueError(f"small_matmul: weight format {fmt!r}: choose one of {', '.join(FORMATS)}")
     tiles = tiles or DEFAULT_TILES[fmt]
+    if tiles.unpack not in UNPACKS:
+        raise ValueError(f"small_matmul: unpack {tiles.unpack!r}: choose one of {', '.join(UNPACKS)}")
     if not 1 <= rows <= MAX_ROWS:
         raise ValueError(f"small_matmul: {rows} rows: the kernel takes 1 to {MAX_ROWS}")
     if fmt == "int4" and (group % 32 or in_features % group):
@@ -108,12 +114,34 @@ def supported(rows: int, out: int, in_features: int, fmt: str, group: int = 0, t
     return True
 
 
+UNPACKS = ("convert", "magic")
+# dtype -> (unsigned type of its width, the bits of 2^m whose mantissa's low bits are units, 2^m): 2^m | n == 2^m + n
+MAGIC = {jnp.dtype(jnp.bfloat16): (jnp.uint16, 0x4300, 128.0), jnp.dtype(jnp.float16): (jnp.uint16, 0x6400, 1024.0),
+         jnp.dtype(jnp.float32): (jnp.uint32, 0x4B000000, 8388608.0)}  # fmt: skip
+
+
+def _nibbles(packed, zero, dtype, unpack: str):
+    """The low and high nibbles of uint8 `packed` less `zero` (8, or a uint8 column per row), as `dtype`: exact."""
+    if unpack == "convert":
+        wide = packed.astype(jnp.int32)
+        z = zero if isinstance(zero, int) else zero.astype(jnp.int32)
+        return ((wide & 15) - z).astype(dtype), ((wide >> 4) - z).astype(dtype)
+    uint, bits, base = MAGIC[jnp.dtype(dtype)]
+
+    def as_float(n):  # n in 0..15 (uint8) -> base + n in dtype, by its bits
+        return lax.bitcast_convert_type(n.astype(uint) | uint(bits), dtype)
+
+    z = jnp.asarray(base + zero, dtype) if isinstance(zero, int) else as_float(zero)
+    return as_float(packed & 15) - z, as_float(packed >> 4) - z
+
+
 def _dot(w, x):
     """w [n, k] @ x[m, k].T: [n, m] in float32."""
     return lax.dot_general(w, x, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _kernel(x_ref, q_ref, s_ref, *rest, fmt: str, step: int, steps: int, group: int, zero_point: bool):
+def _kernel(x_ref, q_ref, s_ref, *rest, fmt: str, step: int, steps: int, group: int, zero_point: bool,
+            unpack: str):  # fmt: skip
     z_ref, o_ref = rest if zero_point else (None, rest[0])
     dtype = x_ref.dtype
     if fmt == "int4":
@@ -122,10 +150,9 @@ def _kernel(x_ref, q_ref, s_ref, *rest, fmt: str, step: int, steps: int, group: 
         def body(k, acc):
             for i in range(per_step):  # unrolled: the step's groups load (and pipeline) side by side
                 g = k * per_step + i
-                packed = q_ref[:, pl.ds(g * half, half)].astype(jnp.int32)  # [bn, g/2]
-                zero = z_ref[:, pl.ds(g, 1)].astype(jnp.int32) if zero_point else 8
-                lo = ((packed & 15) - zero).astype(dtype)
-                hi = ((packed >> 4) - zero).astype(dtype)
+                packed = q_ref[:, pl.ds(g * half, half)]  # [bn, g/2] uint8
+                zero = z_ref[:, pl.ds(g, 1)] if zero_point else 8
+                lo, hi = _nibbles(packed, zero, dtype, unpack)
                 part = _dot(lo, x_ref[:, pl.ds(g * group, half)]) + _dot(hi, x_ref[:, pl.ds(g * group + half, half)])
                 acc = acc + part * s_ref[:, pl.ds(g, 1)]
             return acc
@@ -169,9 +196,9 @@ def small_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, zero: jax.Array |
     else:
         out_shape = jax.ShapeDtypeStruct((p.split_k, p.block_m, out), jnp.float32)
         out_spec = pl.BlockSpec((None, p.block_m, p.block_n), lambda j, s: (s, 0, j))
-    kernel = functools.partial(_kernel, fmt=fmt, step=p.step, steps=part // p.step, group=group,
-                               zero_point=len(inputs) == 4)
     tiles = tiles or DEFAULT_TILES[fmt]
+    kernel = functools.partial(_kernel, fmt=fmt, step=p.step, steps=part // p.step, group=group,
+                               zero_point=len(inputs) == 4, unpack=tiles.unpack)
     params = None if interpret else plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     result = pl.pallas_call(
         kernel, grid=(out // p.block_n, p.split_k), in_specs=in_specs, out_specs=out_spec,
