@@ -6,7 +6,8 @@ experts the routing touches, read once at the device's copy bandwidth (--bandwid
 `bound_vs_dense` is the most any implementation can gain on dense there (dense time / floor).
 
 The grouped-matmul kernel (pallas) is also swept over block sizes (--pallas-blocks: BLOCK_N x BLOCK_K, optionally
-x NUM_WARPS x NUM_STAGES; --pallas-rows: rows per tile, default the engine's choice), reporting each and the best.
+x NUM_WARPS x NUM_STAGES [x SPLIT_K]; --pallas-rows: rows per tile, default the engine's choice), reporting each and
+the best.
 Off the GPU the kernel runs in Pallas' interpreter: tiny shapes only (a smoke test).
 """
 
@@ -42,8 +43,9 @@ def timed(fn, args, repeats: int) -> dict:
 
 
 def parse_blocks(spec: str) -> list[dict]:
-    """"64x128,128x64x8x4" -> the kernel's keyword arguments per configuration."""
-    names = ("block_n", "block_k", "num_warps", "num_stages")
+    """"64x128,128x64x8x4x2" -> the kernel's keyword arguments per configuration (block_n x block_k [x num_warps
+    x num_stages [x split_k]])."""
+    names = ("block_n", "block_k", "num_warps", "num_stages", "split_k")
     return [dict(zip(names, map(int, c.split("x")))) for c in spec.split(",") if c]
 
 
@@ -97,7 +99,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--inter", type=int, default=768)
     parser.add_argument("--batch-sizes", default="1,8,32,64,2048")
     parser.add_argument("--impls", default="grouped,dense,auto,pallas")
-    parser.add_argument("--pallas-blocks", default="32x128,64x64,64x128,128x64,128x128,256x64,64x128x4x4,64x256x4x2")
+    parser.add_argument("--pallas-blocks", default="32x128,64x64,64x128,128x64,128x128,256x64,64x128x4x4,64x256x4x2,"
+                        "64x128x4x3x2,64x128x4x3x4")  # fmt: skip
     parser.add_argument("--pallas-rows", default="", help="rows per tile to sweep (default: moe.kernel_rows)")
     parser.add_argument("--bandwidth", type=float, default=4.3e12)
     parser.add_argument("--repeats", type=int, default=50)

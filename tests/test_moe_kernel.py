@@ -33,13 +33,15 @@ def stacks(experts, n, k, dtype, seed, count=1):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("tile_expert, block_m, block_n, block_k, glu", [
-    ([2, 0, 3, -1, -1], 16, 16, 16, True),  # spare tiles write zeros, read nothing
-    ([1, 1, 1, 1], 16, 64, 32, False),  # every tile on one expert
-    ([3, 0, 1, 2, 3, -1], 32, 32, 64, True),
-    ([0], 16, 64, 128, False),  # one tile, whole dimensions in one block
+@pytest.mark.parametrize("tile_expert, block_m, block_n, block_k, glu, split_k", [
+    ([2, 0, 3, -1, -1], 16, 16, 16, True, 1),  # spare tiles write zeros, read nothing
+    ([1, 1, 1, 1], 16, 64, 32, False, 1),  # every tile on one expert
+    ([3, 0, 1, 2, 3, -1], 32, 32, 64, True, 1),
+    ([0], 16, 64, 128, False, 1),  # one tile, whole dimensions in one block
+    ([2, 0, -1], 16, 16, 16, True, 2),  # split-K: partial sums added before SiLU and the product
+    ([1, -1, 3], 16, 32, 16, False, 4),  # ... and before the rows' scales
 ])  # fmt: skip
-def test_kernel_matches_reference(dtype, tile_expert, block_m, block_n, block_k, glu):
+def test_kernel_matches_reference(dtype, tile_expert, block_m, block_n, block_k, glu, split_k):
     seed = len(tile_expert) * 7 + block_n
     experts, n, k = 4, 48, 64  # 48: blocks shrink to a power of two that divides it (16)
     weights = stacks(experts, n, k, dtype, seed, 2 if glu else 1)
@@ -48,7 +50,8 @@ def test_kernel_matches_reference(dtype, tile_expert, block_m, block_n, block_k,
     x = jnp.asarray(rng.standard_normal((rows, k)), dtype)
     scale = None if glu else jnp.asarray(rng.random(rows), dtype)
     te = jnp.asarray(tile_expert, jnp.int32)
-    got = gm.grouped_matmul(x, te, weights, scale, block_m=block_m, block_n=block_n, block_k=block_k, interpret=True)
+    got = gm.grouped_matmul(x, te, weights, scale, block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k,
+                            interpret=True)  # fmt: skip
     assert got.shape == (rows, n) and got.dtype == dtype
     assert not np.isnan(np.asarray(got, np.float32)).any(), "an output element was never written"
     want = reference(x, te, weights, scale, block_m)
@@ -121,6 +124,11 @@ def test_kernel_rows_and_choice():
         moe.use_kernel("pallas", jax.ShapeDtypeStruct((256, 2048, 7168), jnp.bfloat16))
     with pytest.raises(ValueError, match="rows 40 in tiles of 16"):
         gm.grouped_matmul(jnp.zeros((40, 64)), jnp.zeros(3, jnp.int32), (w,), block_m=16, interpret=True)
+    with pytest.raises(ValueError, match="split_k 3 must divide the 2 input blocks of 32"):
+        gm.grouped_matmul(jnp.zeros((32, 64)), jnp.zeros(2, jnp.int32), (w,), block_m=16, block_k=32, split_k=3,
+                          interpret=True)  # fmt: skip
+    # expert_mlp fits one split_k to both projections: gate/up over 2048 inputs (16 blocks), down over 768 (6)
+    assert (gm._fit_split(4, 2048, 128), gm._fit_split(4, 768, 128), gm._fit_split(8, 768, 256)) == (4, 3, 3)
 
 
 def test_block_bench_runs_on_cpu(tmp_path):
@@ -134,6 +142,7 @@ def test_block_bench_runs_on_cpu(tmp_path):
                     "--impls", "dense,grouped,pallas", "--pallas-blocks", "16x16,32x32x4x2,8x8", "--repeats", "1",
                     "--out", str(out)])  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
+    assert moe_block.parse_blocks("64x128x4x3x4")[0]["split_k"] == 4  # a fifth field: split-K
     assert [r["tokens"] for r in rows] == [1, 8]
     for row in rows:
         sweep = row["pallas_sweep"]
@@ -144,8 +153,8 @@ def test_block_bench_runs_on_cpu(tmp_path):
         assert row["bound_vs_dense"] == pytest.approx(row["dense"]["us"] / row["floor_us"])
 
 
-@pytest.mark.parametrize("block_n, block_k", [(64, 128), (256, 64)])
-def test_kernel_lowers_to_triton(block_n, block_k, triton_verified):
+@pytest.mark.parametrize("block_n, block_k, split_k", [(64, 128, 1), (256, 64, 1), (64, 128, 4)])
+def test_kernel_lowers_to_triton(block_n, block_k, split_k, triton_verified):
     """Lowered for CUDA on this CPU: Pallas' Triton lowering builds the kernel's Triton IR (a load or store Triton
     cannot take, e.g. a block that is not a power of two, fails here) and each module passes MLIR's verifier, as the
     GPU's Triton parser requires (a loop bound of the wrong integer type failed only there); compiling needs the GPU."""
@@ -154,7 +163,8 @@ def test_kernel_lowers_to_triton(block_n, block_k, triton_verified):
     args = (jax.ShapeDtypeStruct((t, h), jnp.bfloat16), jax.ShapeDtypeStruct((t, k), jnp.int32),
             jax.ShapeDtypeStruct((t, k), jnp.bfloat16), *w)  # fmt: skip
     fn = jax.jit(lambda x, ids, wt, g, u, d: moe.pallas_experts(x, ids, wt, g, u, d, 16, block_n=block_n,
-                                                                block_k=block_k, interpret=False))  # fmt: skip
+                                                                block_k=block_k, split_k=split_k,
+                                                                interpret=False))  # fmt: skip
     text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 2  # the two kernels, as Triton custom calls
     assert triton_verified == [True, True]

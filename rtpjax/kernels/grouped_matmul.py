@@ -8,7 +8,10 @@ expert's [block_n, block_k] weight tile from a flat [E * N, K] view of the stack
 A spare tile's loop runs zero times, so it reads no weights and writes zeros: every output element is written.
 
 Two kernels make the expert MLP: gate and up fused in one pass (two accumulators, SiLU(gate) * up on the way out), then
-the down projection, each row scaled by its routing weight before the cast. Dots accumulate in float32 (float32 inputs
+the down projection, each row scaled by its routing weight before the cast. At a few tokens the tiles times the output
+blocks cannot fill the SMs (8 experts' tiles of 768 gate/up channels are 96 programs of 64): `split_k` > 1 splits
+the input axis over a third grid axis, each split writing float32 partial sums that XLA adds up before SiLU, the
+product and the scale. Dots accumulate in float32 (float32 inputs
 at IEEE precision, not TF32); Triton's tensor-core dots need 16 rows, hence block_m >= 16.
 """
 
@@ -32,24 +35,33 @@ def _dot_t(a, b):
                            preferred_element_type=jnp.float32)  # fmt: skip
 
 
-def _kernel(expert_ref, x_ref, *refs, out_rows: int, block_n: int, block_k: int, steps: int, scaled: bool):
+def _kernel(expert_ref, x_ref, *refs, out_rows: int, block_n: int, block_k: int, steps: int, scaled: bool,
+            partial: int):  # fmt: skip
     """One [block_m, block_n] tile of x @ W_e.T (two weights: SiLU(x @ G_e.T) * (x @ U_e.T)); refs: weights...,
-    the rows' scales if `scaled`, the output."""
-    *w_refs, o_ref = refs
+    the rows' scales if `scaled`, the output. `partial` > 0: this program sums inputs of split program_id(2) only
+    (x_ref holds just those) and writes each raw accumulator to an output of its own."""
+    w_refs = list(refs[: len(refs) - max(partial, 1)])
+    o_refs = refs[len(w_refs) :]
     scale_ref = w_refs.pop() if scaled else None
     expert = expert_ref[pl.program_id(0)]
     base = jnp.maximum(expert, 0) * out_rows + pl.program_id(1) * block_n
+    first = pl.program_id(2) * (steps * block_k) if partial else 0  # this split's first input column
 
     def body(s, accs):
         x = x_ref[:, pl.ds(s * block_k, block_k)]
-        return tuple(acc + _dot_t(x, w[pl.ds(base, block_n), pl.ds(s * block_k, block_k)]) for acc, w in
-                     zip(accs, w_refs))  # fmt: skip
+        cols = pl.ds(first + s * block_k, block_k)
+        return tuple(acc + _dot_t(x, w[pl.ds(base, block_n), cols]) for acc, w in zip(accs, w_refs))
 
-    zeros = tuple(jnp.zeros(o_ref.shape, jnp.float32) for _ in w_refs)
+    zeros = tuple(jnp.zeros(o_refs[0].shape, jnp.float32) for _ in w_refs)
     # Trip count `steps`, or 0 for a spare tile, in integer arithmetic: a bound derived from a bool lowers to an i1,
     # which Triton's scf.for rejects.
     trips = jnp.clip(expert + 1, 0, 1) * steps
     accs = lax.fori_loop(0, trips, body, zeros)
+    if partial:
+        for acc, o_ref in zip(accs, o_refs):
+            o_ref[...] = acc
+        return
+    o_ref = o_refs[0]
     out = accs[0] / (1.0 + jnp.exp(-accs[0])) * accs[1] if len(accs) == 2 else accs[0]
     if scale_ref is not None:
         out = out * scale_ref[...].astype(jnp.float32)[:, None]
@@ -76,9 +88,11 @@ def unsupported(experts: int, inter: int, hidden: int, dtype) -> str | None:
 
 
 def grouped_matmul(x, tile_expert, weights: tuple, scale=None, *, block_m: int, block_n: int = 64, block_k: int = 128,
-                   num_warps: int = 4, num_stages: int = 3, interpret: bool | None = None) -> jax.Array:  # fmt: skip
+                   num_warps: int = 4, num_stages: int = 3, split_k: int = 1,
+                   interpret: bool | None = None) -> jax.Array:  # fmt: skip
     """Rows x [n * block_m, K], tile i times its expert's weights ([E, N, K] each) transposed: [n * block_m, N] in x's
-    dtype. Two weight stacks fuse gate and up: SiLU(x @ G.T) * (x @ U.T). `scale` [rows] multiplies each output row."""
+    dtype. Two weight stacks fuse gate and up: SiLU(x @ G.T) * (x @ U.T). `scale` [rows] multiplies each output row.
+    `split_k`: programs per tile and output block, each over its share of the K inputs (module docstring)."""
     rows, depth = x.shape
     experts, out, _ = weights[0].shape
     bn, bk = block_size(block_n, out), block_size(block_k, depth)
@@ -86,31 +100,55 @@ def grouped_matmul(x, tile_expert, weights: tuple, scale=None, *, block_m: int, 
         raise ValueError(f"grouped_matmul: rows {rows} in tiles of {block_m} (>= {MIN_BLOCK}) for "
                          f"{tile_expert.shape[0]} tile experts, weights {out} x {depth} "
                          f"(multiples of {MIN_BLOCK})")  # fmt: skip
+    if split_k < 1 or (depth // bk) % split_k:
+        raise ValueError(f"grouped_matmul: split_k {split_k} must divide the {depth // bk} input blocks of {bk}")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     flat = [w.reshape(experts * out, depth) for w in weights]  # free: the stacks are contiguous
-    whole = pl.BlockSpec(flat[0].shape, lambda i, j: (0, 0))
-    in_specs = [pl.BlockSpec(tile_expert.shape, lambda i, j: (0,)), pl.BlockSpec((block_m, depth), lambda i, j: (i, 0)),
-                *[whole] * len(flat)]  # fmt: skip
+    part = depth // split_k
+    whole = pl.BlockSpec(flat[0].shape, lambda i, j, s: (0, 0))
+    in_specs = [pl.BlockSpec(tile_expert.shape, lambda i, j, s: (0,)),
+                pl.BlockSpec((block_m, part), lambda i, j, s: (i, s)), *[whole] * len(flat)]  # fmt: skip
     inputs = [tile_expert.astype(jnp.int32), x, *flat]
-    if scale is not None:
-        in_specs.append(pl.BlockSpec((block_m,), lambda i, j: (i,)))
+    split = split_k > 1
+    if scale is not None and not split:
+        in_specs.append(pl.BlockSpec((block_m,), lambda i, j, s: (i,)))
         inputs.append(scale)
-    kernel = functools.partial(_kernel, out_rows=out, block_n=bn, block_k=bk, steps=depth // bk,
-                               scaled=scale is not None)  # fmt: skip
+    kernel = functools.partial(_kernel, out_rows=out, block_n=bn, block_k=bk, steps=part // bk,
+                               scaled=scale is not None and not split, partial=len(flat) if split else 0)  # fmt: skip
+    if split:  # per weight, float32 partial sums [split, rows, out]
+        out_shape = [jax.ShapeDtypeStruct((split_k, rows, out), jnp.float32)] * len(flat)
+        out_specs = [pl.BlockSpec((None, block_m, bn), lambda i, j, s: (s, i, j))] * len(flat)
+    else:
+        out_shape = jax.ShapeDtypeStruct((rows, out), x.dtype)
+        out_specs = pl.BlockSpec((block_m, bn), lambda i, j, s: (i, j))
     params = None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-    return pl.pallas_call(
-        kernel, grid=(rows // block_m, out // bn), in_specs=in_specs,
-        out_specs=pl.BlockSpec((block_m, bn), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((rows, out), x.dtype),
-        compiler_params=params, interpret=interpret, name="grouped_glu" if len(flat) == 2 else "grouped_matmul",
+    result = pl.pallas_call(
+        kernel, grid=(rows // block_m, out // bn, split_k), in_specs=in_specs, out_specs=out_specs,
+        out_shape=out_shape, compiler_params=params, interpret=interpret,
+        name="grouped_glu" if len(flat) == 2 else "grouped_matmul",
     )(*inputs)  # fmt: skip
+    if not split:
+        return result
+    sums = [r.sum(0) for r in result]
+    y = sums[0] / (1.0 + jnp.exp(-sums[0])) * sums[1] if len(sums) == 2 else sums[0]
+    return (y if scale is None else y * scale.astype(jnp.float32)[:, None]).astype(x.dtype)
 
 
 def expert_mlp(x, tile_expert, w_gate, w_up, w_down, scale, *, block_m: int, block_n: int = 64, block_k: int = 128,
-               num_warps: int = 4, num_stages: int = 3, interpret: bool | None = None) -> jax.Array:  # fmt: skip
+               num_warps: int = 4, num_stages: int = 3, split_k: int = 1,
+               interpret: bool | None = None) -> jax.Array:  # fmt: skip
     """scale * (SiLU(x @ G.T) * (x @ U.T)) @ D.T per tile with its expert's G, U [E, I, H] and D [E, H, I]."""
     kw = dict(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
               interpret=interpret)  # fmt: skip
-    hidden = grouped_matmul(x, tile_expert, (w_gate, w_up), **kw)
-    return grouped_matmul(hidden, tile_expert, (w_down,), scale, **kw)
+    hidden = grouped_matmul(x, tile_expert, (w_gate, w_up), split_k=_fit_split(split_k, x.shape[1], block_k), **kw)
+    return grouped_matmul(hidden, tile_expert, (w_down,), scale, split_k=_fit_split(split_k, w_down.shape[2], block_k),
+                          **kw)  # fmt: skip
+
+
+def _fit_split(split_k: int, depth: int, block_k: int) -> int:
+    """The largest split <= `split_k` dividing the input blocks (the two projections' inputs differ in length)."""
+    bk = block_size(block_k, depth)
+    if not bk:
+        return 1  # no block fits: grouped_matmul says so
+    return max(d for d in range(1, split_k + 1) if (depth // bk) % d == 0)
