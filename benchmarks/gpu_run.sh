@@ -103,6 +103,14 @@ config_only() {  # config + tokenizer: enough for --load-format dummy
   [ -f "$CKPT/config.json" ] || python3 -c "from rtpjax.benchmarks.random_checkpoint import write_config_only as w; w('$CKPT', '$SHAPE')" || exit 1
 }
 
+format_runs() {  # "NAME|FLAGS" per weight format in $1 and --quantized-decode value in DECODES ("auto"); bf16 once
+  local first; first=$(echo ${DECODES:-auto} | cut -d' ' -f1)
+  for q in $1; do for d in ${DECODES:-auto}; do
+    if [ "$q" = none ]; then [ "$d" = "$first" ] && echo "none|"
+    else echo "$q$([ "$d" = auto ] || echo "_$d")|--quantization $q --quantized-decode $d"; fi
+  done; done
+}
+
 checkpoint() {
   if [ ! -f "$CKPT/config.json" ]; then
     local t0=$SECONDS
@@ -263,14 +271,11 @@ EOF
   profile_quant)
     # where a decode step's device time goes per weight format (QUANTS), batch 1 and 32, kernels by name
     # (DECODES as in quant: "pallas xla" profiles each format both ways, files profile_quant_Q[_D].json)
-    for q in ${QUANTS:-none int8 fp8}; do for d in ${DECODES:-auto}; do
-      [ "$q" = none ] && [ "$d" != "$(echo ${DECODES:-auto} | cut -d' ' -f1)" ] && continue  # bf16 once
-      flag=$([ "$q" = none ] || echo "--quantization $q --quantized-decode $d")
-      name=$q$([ "$d" = auto ] || echo "_$d")
+    format_runs "${QUANTS:-none int8 fp8}" | while IFS='|' read -r name flag; do
       timeout 150 python3 -m rtpjax.benchmarks.profile_step --shape "$SHAPE" $flag --batch-sizes ${PROFILE_BATCHES:-1,32} \
-        --top 25 --compilation-cache-dir /tmp/xla --out "$OUT/profile_quant_$name.json" 2>&1 \
+        --top 25 --compilation-cache-dir /tmp/xla --out "$OUT/profile_quant_$name.json" </dev/null 2>&1 \
         | grep -vE "Deprecat|^rtpjax:" | sed "s/^/$name /"
-    done; done
+    done
     ;;
   profile_prefill)
     # where a 2048-token prefill step's time goes after CONTEXT (2048) cached tokens, Triton only and with the Mosaic kernel
@@ -374,15 +379,12 @@ PY
   quant)
     runs=""
     # DECODES ("auto"; "pallas xla" for both): --quantized-decode per quantized run, files quant_Q[_D].json
-    for q in ${QUANTS:-none fp8 int8 int4}; do for d in ${DECODES:-auto}; do
-      [ "$q" = none ] && [ "$d" != "$(echo ${DECODES:-auto} | cut -d' ' -f1)" ] && continue  # bf16 once
-      flag=$([ "$q" = none ] || echo "--quantization $q --quantized-decode $d")
-      name=$q$([ "$d" = auto ] || echo "_$d")
+    while IFS='|' read -r name flag; do
       timeout 200 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" $flag --batch-sizes 1,32 --output-len 64 \
-        --ttft-len 4096 --compilation-cache-dir /tmp/xla --out "$OUT/quant_$name.json" 2>&1 \
+        --ttft-len 4096 --compilation-cache-dir /tmp/xla --out "$OUT/quant_$name.json" </dev/null 2>&1 \
         | grep -E "throughput|decode tok|ttft|Error" | sed "s/^/$name /"
       [ -f "$OUT/quant_$name.json" ] && runs="$runs $OUT/quant_$name.json"
-    done; done
+    done < <(format_runs "${QUANTS:-none fp8 int8 int4}")  # not a pipe: runs must outlive the loop
     python3 -m rtpjax.benchmarks.kernels.quant_bench --table $runs --out "$OUT/quant_summary.json"
     ;;
   quant_kernels)

@@ -24,9 +24,10 @@ def test_quant_bench_quick_writes_every_format_and_the_best_tiles(tmp_path):
 
 
 def test_quant_table_compares_each_format_with_bf16(tmp_path):
-    def run(quantization, b1, b32, tput, ttft):
-        path = tmp_path / f"quant_{quantization}.json"
-        path.write_text(json.dumps({"quantization": quantization, "throughput": {"output_tokens_per_s": tput},
+    def run(quantization, b1, b32, tput, ttft, decode="auto"):
+        path = tmp_path / f"quant_{quantization}_{decode}.json"
+        path.write_text(json.dumps({"quantization": quantization, "quantized_decode": decode,
+                                    "throughput": {"output_tokens_per_s": tput},
                                     "decode": {"1": {"decode_tokens_per_s": b1}, "32": {"decode_tokens_per_s": b32}},
                                     "ttft": {"seconds": ttft}}))  # fmt: skip
         return str(path)
@@ -36,5 +37,8 @@ def test_quant_table_compares_each_format_with_bf16(tmp_path):
     quant_bench.main(["--table", *paths, "--out", str(out)])
     fp8 = json.loads(out.read_text())["fp8"]["vs_bf16"]
     assert fp8 == {"b1_tok_s": 1.5, "b32_tok_s": 1.5, "throughput_tok_s": 1.3, "ttft_s": 0.65}
+    # the same format with its decode path named (not the default): a row of its own
+    quant_bench.main(["--table", *paths, run("fp8", 240.0, 5000.0, 7800.0, 0.26, "pallas"), "--out", str(out)])
+    assert set(json.loads(out.read_text())) >= {"bf16", "fp8", "fp8/pallas"}
     with pytest.raises(ValueError, match="no bf16 run"):
         quant_bench.main(["--table", paths[1], "--out", str(out)])

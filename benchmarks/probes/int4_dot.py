@@ -6,6 +6,7 @@ one-byte fp8 weights the same way beside them. Effective TB/s counts the weight 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import time
 
@@ -13,6 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from rtpjax.benchmarks.probes import report
+from rtpjax.loading.quantization import METHODS, QuantizedWeight, quantize
+from rtpjax.quant.matmul import decode_by, linear
 from rtpjax.quant.small_matmul import UNPACKS, Tiles, small_matmul
 
 SHAPES = {"gate_up": (28672, 4096), "down": (4096, 14336), "qkv": (6144, 4096)}
@@ -37,13 +40,15 @@ def s4_dot(x, w4, scale):
 
 
 def s4_dot_f32_scale(x, w4, scale):
+    """As s4_dot with the scales multiplied in float32."""
     n, k = w4.shape
     w = (w4.astype(jnp.float32).reshape(n, k // GROUP, GROUP) * scale[:, :, None]).reshape(n, k)
     return jnp.dot(x, w.T.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def fp8_dot(x, w8, scale):
-    return (jnp.dot(x, w8.T.astype(x.dtype), preferred_element_type=jnp.float32) * scale[:, 0]).astype(x.dtype)
+def fp8_xla(w) -> QuantizedWeight:
+    """w as fp8 weights whose decode steps take XLA's dot: the engine's `--quantized-decode auto` path."""
+    return decode_by(quantize(w, dataclasses.replace(METHODS["fp8"], whole=True)), "xla")
 
 
 def sweep(key, iters: int) -> list[dict]:
@@ -87,15 +92,13 @@ def main() -> None:
         w4 = jax.random.randint(key, (n, k), -8, 8, jnp.int8).astype(jnp.int4)
         packed = jax.random.randint(key, (n, k // 2), 0, 256, jnp.int32).astype(jnp.uint8)
         gscale = jax.random.uniform(key, (n, k // GROUP), jnp.float32)
-        w8 = w.astype(jnp.float8_e4m3fn)
-        cscale = jax.random.uniform(key, (n, 1), jnp.float32)
         paths = {
             "bf16": (jax.jit(lambda x, w: x @ w.T), (w,), 2 * n * k),
             "int4_pallas": (jax.jit(lambda x, q, s: small_matmul(x, q, s, fmt="int4", group=GROUP)), (packed, gscale),
                             n * k // 2 + 4 * n * k // GROUP),  # fmt: skip
             "int4_xla": (jax.jit(s4_dot), (w4, gscale), n * k // 2 + 4 * n * k // GROUP),
             "int4_xla_f32_scale": (jax.jit(s4_dot_f32_scale), (w4, gscale), n * k // 2 + 4 * n * k // GROUP),
-            "fp8_xla": (jax.jit(fp8_dot), (w8, cscale), n * k + 4 * n),
+            "fp8_xla": (jax.jit(lambda x, w: linear(x, w, backend="gpu")), (fp8_xla(w),), n * k + 4 * n),
         }
         for rows in [int(r) for r in args.rows.split(",")]:
             x = jax.random.normal(key, (rows, k), jnp.bfloat16)

@@ -35,6 +35,15 @@ def _dot_t(a, b):
                            preferred_element_type=jnp.float32)  # fmt: skip
 
 
+def _finish(accs, scale, dtype):
+    """float32 sums -> the output: SiLU(gate) * up for two, the rows' scales, the cast (in the kernel, or after a
+    split-K's partial sums are added)."""
+    out = accs[0] / (1.0 + jnp.exp(-accs[0])) * accs[1] if len(accs) == 2 else accs[0]
+    if scale is not None:
+        out = out * scale.astype(jnp.float32)[:, None]
+    return out.astype(dtype)
+
+
 def _kernel(expert_ref, x_ref, *refs, out_rows: int, block_n: int, block_k: int, steps: int, scaled: bool,
             partial: int):  # fmt: skip
     """One [block_m, block_n] tile of x @ W_e.T (two weights: SiLU(x @ G_e.T) * (x @ U_e.T)); refs: weights...,
@@ -61,11 +70,7 @@ def _kernel(expert_ref, x_ref, *refs, out_rows: int, block_n: int, block_k: int,
         for acc, o_ref in zip(accs, o_refs):
             o_ref[...] = acc
         return
-    o_ref = o_refs[0]
-    out = accs[0] / (1.0 + jnp.exp(-accs[0])) * accs[1] if len(accs) == 2 else accs[0]
-    if scale_ref is not None:
-        out = out * scale_ref[...].astype(jnp.float32)[:, None]
-    o_ref[...] = out.astype(o_ref.dtype)
+    o_refs[0][...] = _finish(accs, None if scale_ref is None else scale_ref[...], o_refs[0].dtype)
 
 
 def block_size(requested: int, dim: int) -> int:
@@ -130,9 +135,7 @@ def grouped_matmul(x, tile_expert, weights: tuple, scale=None, *, block_m: int, 
     )(*inputs)  # fmt: skip
     if not split:
         return result
-    sums = [r.sum(0) for r in result]
-    y = sums[0] / (1.0 + jnp.exp(-sums[0])) * sums[1] if len(sums) == 2 else sums[0]
-    return (y if scale is None else y * scale.astype(jnp.float32)[:, None]).astype(x.dtype)
+    return _finish([r.sum(0) for r in result], scale, x.dtype)
 
 
 def expert_mlp(x, tile_expert, w_gate, w_up, w_down, scale, *, block_m: int, block_n: int = 64, block_k: int = 128,
