@@ -5,6 +5,9 @@
                               power-of-two pieces (from the page-locked buffer, or staged through pinned_host),
                               written into the cache by the compiled packed write (block_copy.write_packed)
   onload_rows                 the same before: one pageable transfer per block
+  onload_staged_N             what a fetch waits for before admission (the tier's onload thread: block_copy.stage):
+                              the page-locked rows on the device in pieces of at most N blocks, not yet written into
+                              the cache (the engine's write before the step does that, in the device's queue)
   offload_pinned / _pageable  the write-down: packed gather, copied into pinned_host memory by device_put (now) or
                               into pageable memory by copy_to_host_async (before), until numpy has the rows
   onload_strided              the other layout: each block as one slice per layer and part (2 x layers transfers)
@@ -93,6 +96,10 @@ def main(argv=None) -> dict:
         jax.block_until_ready(state["cache"])
 
     result["onload_packed_GBps"] = rate(_timed(onload))
+    rows = [host.buf[i] for i in range(n)]
+    for piece in (16, 64, 256):
+        stager = BlockCopier(cache, layout, [min(piece, n)], max_piece=piece)
+        result[f"onload_staged_{piece}_GBps"] = rate(_timed(lambda: stager.stage(rows, host.unpin is not None)))
     # the copies before pinned_host (its executables compile in _timed's first, untimed call: only the buckets used)
     rows_copier = BlockCopier(cache, layout, sizes, use_pinned=False, max_piece=1)
 
@@ -112,6 +119,7 @@ def main(argv=None) -> dict:
     result["onload_strided_GBps"] = rate(_timed(lambda: jax.block_until_ready(jax.device_put(slices))))
     result["layout"] = "packed" if result["onload_packed_GBps"] >= result["onload_strided_GBps"] else "strided"
     result["onload_vs_pinned"] = round(result["onload_packed_GBps"] / result["h2d_pinned_GBps"], 3)
+    result["onload_staged_vs_pinned"] = round(result["onload_staged_64_GBps"] / result["h2d_pinned_GBps"], 3)
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         big = os.path.join(tmp, "sequential.bin")

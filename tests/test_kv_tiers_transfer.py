@@ -57,6 +57,32 @@ def test_fetch_waits_for_blocks_on_their_way_down():
         tiers.close()
 
 
+def test_the_download_starts_off_the_dispatching_thread():
+    """Copying gathered rows into pinned memory waits for the step ahead of the gather: dispatch (on the engine's
+    thread) only queues it, and the block lands once the tiers' own thread has downloaded it."""
+    tiers, gate, threads = _tiers(), threading.Event(), []
+    rows = np.random.default_rng(4).integers(0, 256, (1, LAYOUT.block_bytes), dtype=np.uint8)
+
+    class _Downloads:
+        def download(self, piece):
+            threads.append(threading.current_thread())
+            assert gate.wait(30)
+            return piece
+
+    tiers.use_copier(_Downloads(), max_staged=4)
+    try:
+        tiers.write_down(0, b"d" * 16)
+        tiers.dispatch(lambda blocks: [(len(blocks), rows)])
+        assert b"d" * 16 not in tiers.host
+        gate.set()
+        assert tiers.flush()
+        np.testing.assert_array_equal(tiers.host.buf[tiers.host.lease(b"d" * 16)], rows[0])
+        assert threads and threading.current_thread() not in threads
+    finally:
+        gate.set()
+        tiers.close()
+
+
 def test_a_block_that_never_lands_ends_the_run():
     """The writer's backlog is full: the second block is dropped, the fetch waiting for it gets the first only."""
     tiers = _tiers(max_pending=1)
@@ -125,7 +151,7 @@ def _until(condition, seconds: float = 30.0) -> None:
 
 def test_fetched_rows_are_staged_on_the_device_within_a_bound():
     tiers, copier = _tiers(), _Copier()
-    tiers.onload_to(copier, max_staged=4)
+    tiers.use_copier(copier, max_staged=4)
     rows = np.random.default_rng(2).integers(0, 256, (6, LAYOUT.block_bytes), dtype=np.uint8)
     hashes = [bytes([i]) * 16 for i in range(6)]
     try:
@@ -152,7 +178,7 @@ def test_a_fetch_without_room_is_not_staged_and_holds_no_bound():
     """A ready fetch whose sequence the pool has no room for stays in host memory: it must not hold the staging bound
     while a later fetch, ready and with room, is staged; it is staged once the scheduler sees room."""
     tiers, copier = _tiers(), _Copier()
-    tiers.onload_to(copier, max_staged=4)
+    tiers.use_copier(copier, max_staged=4)
     rows = np.random.default_rng(3).integers(0, 256, (6, LAYOUT.block_bytes), dtype=np.uint8)
     hashes = [bytes([i + 16]) * 16 for i in range(6)]
     try:
@@ -250,7 +276,7 @@ def test_a_loading_sequence_keeps_its_device_prefix(stories_dir, compile_cache, 
     def evict(blocks: int) -> None:
         """Other requests' allocations: the `blocks` least recently freed blocks are reused (cached ones go down)."""
         taken = e.pool.allocate(blocks)
-        e.tiers.dispatch(e.runner.offload)
+        e.tiers.dispatch(e._gather_down)
         e.tiers.flush()
         e.pool.release(taken)
 

@@ -202,7 +202,7 @@ class LLMEngine:
         if self.tiers is not None:
             self.pool.on_evict = self.tiers.write_down
             self.scheduler.tiers = self.tiers
-            self.tiers.onload_to(self.runner.copier, self.runner.max_blocks)  # loads reach the device before admission
+            self.tiers.use_copier(self.runner.copier, self.runner.max_blocks)  # loads reach the device before admission
         t0, misses = time.monotonic(), CompileCounter.count
         shapes = self.runner.warmup(progress=args.progress) if args.warmup else 0  # else each shape at first use
         if self.tiers is not None:
@@ -310,6 +310,11 @@ class LLMEngine:
             if isinstance(load.kv, PackedBlocks) and load.kv.lease is not None:  # a tier's rows (a hand-off's own none)
                 self.tiers.release(load.kv)
 
+    def _gather_down(self, blocks: list[int]) -> list:
+        """Packed copies of cache blocks left on the device for the KV tiers, whose own thread starts their download
+        (into pinned memory it waits for the step ahead of the gather: never on this thread)."""
+        return self.runner.offload(blocks, download=False)
+
     def close(self) -> None:
         """Write the prefix cache's blocks down to the KV tiers (the disk tier keeps them for the next start) and
         wait for the writes, then stop the tiers' threads; stop the followers of a multi-host engine. Idempotent."""
@@ -317,7 +322,7 @@ class LLMEngine:
             self.channel.close()
         if self.tiers is None or self.tiers.closed:
             return
-        self.tiers.drain([(block, h) for h, block in self.pool.cached.items()], self.runner.offload)
+        self.tiers.drain([(block, h) for h, block in self.pool.cached.items()], self._gather_down)
         self.tiers.close()
 
     def has_work(self) -> bool:
@@ -341,7 +346,7 @@ class LLMEngine:
         stats.propose_s += time.perf_counter() - scheduling
         schedule = self.scheduler.schedule(drafts)
         if self.tiers is not None:  # blocks evicted just now are copied down before anything overwrites them
-            self.tiers.dispatch(self.runner.offload)
+            self.tiers.dispatch(self._gather_down)
         launched = None
         if schedule.items:
             inputs = self.runner.prepare(schedule)

@@ -2,8 +2,10 @@
 
 Down: a block the device evicts (BlockPool's hook) or a preempted sequence's blocks are queued with their hashes;
 the engine dispatches one packed gather for them right after scheduling, before the step (or a load) can overwrite
-them, and a worker thread waits for the copy and puts each block in host memory (if it lacks it), then hands it to the
-disk's writer. Nothing here waits for the device on the engine's thread.
+them. A download thread starts the gathered rows' copy to the host (a copy into pinned memory waits for the step
+ahead of the gather: never on the engine's thread), and a writer thread waits for it and puts each block in host
+memory (if it lacks it), then hands it to the disk's writer. Nothing here waits for the device on the engine's
+thread.
 
 The disk has a writer thread of its own, fed by the host writer: a block lands in host memory (and fetches waiting
 for it go on) without waiting for the disk writes queued before it. Each writer's backlog is bounded (max_pending
@@ -14,7 +16,7 @@ Up: for a waiting sequence whose prefix continues below the device, `fetch` leas
 reader threads on those only on disk (into leased host rows), and has the writer fill leased rows for blocks still on
 their way down (their device copies may be gone already: waiting beats recomputing). The sequence waits ("loading")
 while other requests run. Once every row is in host memory, an onload thread moves the intact run to the device
-(`onload_to`: the runner's copier; at most max_staged blocks staged at a time) and gives the host rows back; only
+(`use_copier`: the runner's copier; at most max_staged blocks staged at a time) and gives the host rows back; only
 when they have arrived does the scheduler admit the sequence, their device copies written into its blocks before its
 first step, so no step (a decode of other requests) waits for a host-to-device transfer. Without a copier (unit
 tests) the host rows themselves are the block load, given back once that step has run. Whether a hit is worth
@@ -83,7 +85,7 @@ class Fetch:
     from_disk: list[bool]
     ok: list[bool | None]  # None: a read in flight
     dropped: bool = False
-    onload: bool = False  # its rows go to the device before it is admitted (KVTiers.onload_to)
+    onload: bool = False  # its rows go to the device before it is admitted (KVTiers.use_copier)
     onloading: bool = False  # their transfer has started (staged_n blocks counted against max_staged)
     staged: list | None = None  # device pieces of rows 0..staged_n once arrived
     staged_n: int = 0
@@ -143,23 +145,27 @@ class KVTiers:
         self.max_disk_pending = min(self.max_pending, max(1, DISK_BACKLOG_BYTES // layout.block_bytes))
         self.pending = self.disk_pending = 0
         self.disk_queued: set[bytes] = set()  # in host memory, queued for the disk writer
+        self._downloads: queue.SimpleQueue = queue.SimpleQueue()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._disk_jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.closed = False
+        self._downloader = threading.Thread(target=self._download_loop, name="rtpjax-kv-download", daemon=True)
+        self._downloader.start()
         self._writer = threading.Thread(target=self._write_loop, name="rtpjax-kv-down", daemon=True)
         self._writer.start()
         self._disk_writer = threading.Thread(target=self._disk_loop, name="rtpjax-kv-disk", daemon=True)
         if disk is not None:
             self._disk_writer.start()
         self._readers = ThreadPoolExecutor(4, thread_name_prefix="rtpjax-kv-up")
-        self.copier = None  # BlockCopier: fetched rows are staged on the device before admission (onload_to)
+        self.copier = None  # BlockCopier: downloads gathered rows; stages fetched rows before admission (use_copier)
         self.max_staged = 0  # blocks staged on the device and not yet taken; one fetch may exceed it alone
         self.staged_blocks = 0
         self._onloader = ThreadPoolExecutor(1, thread_name_prefix="rtpjax-kv-onload")
 
-    def onload_to(self, copier, max_staged: int) -> None:
-        """Stage fetched rows on `copier`'s devices (its stage/unstage) before their sequence is admitted, at most
-        `max_staged` blocks at a time (device memory outside the cache)."""
+    def use_copier(self, copier, max_staged: int) -> None:
+        """Download the rows that `dispatch`'s gathers leave on the device with `copier` (its download), and stage
+        fetched rows on its devices (its stage/unstage) before their sequence is admitted, at most `max_staged` blocks
+        at a time (device memory outside the cache)."""
         if max_staged < 1:
             raise ValueError(f"max_staged must be >= 1 block, got {max_staged}")
         self.copier, self.max_staged = copier, max_staged
@@ -183,8 +189,9 @@ class KVTiers:
         self.queued.append((block, h))
 
     def dispatch(self, gather_packed) -> None:
-        """Gather the queued blocks on the device now (`gather_packed(blocks)` -> pieces, runner.offload), before
-        anything overwrites them; a worker writes them down once the copy lands."""
+        """Gather the queued blocks on the device now (`gather_packed(blocks)` -> (real count, rows) pieces: the
+        runner's offload without its download when a copier is in use), before anything overwrites them; the download
+        thread starts their copy to the host and the writer writes them down once it lands."""
         if not self.queued:
             return
         with self.lock:
@@ -202,7 +209,21 @@ class KVTiers:
                         self.max_pending)  # fmt: skip
         if kept:
             blocks, hashes = [b for b, _ in kept], [h for _, h in kept]
-            self._jobs.put((hashes, gather_packed(blocks), time.perf_counter()))
+            self._downloads.put((hashes, gather_packed(blocks), time.perf_counter()))
+
+    def _download_loop(self) -> None:
+        """Start each gather's copy to the host (the copier's download, where rows are left on the device) and pass
+        it to the writer; flushes and the stop pass through in order."""
+        while (job := self._downloads.get()) is not None:
+            if isinstance(job, tuple) and self.copier is not None:
+                hashes, pieces, began = job
+                try:
+                    job = (hashes, [(real, self.copier.download(rows)) for real, rows in pieces], began)
+                except Exception:  # noqa: BLE001 - the writer meets the same error and gives the blocks up
+                    log.exception("KV tiers: starting the copy of %d blocks to the host failed", len(hashes))
+            self._jobs.put(job)
+            job = None  # noqa: F841 - its pieces are not held while this thread waits for the next
+        self._jobs.put(None)
 
     def _write_loop(self) -> None:
         while (job := self._jobs.get()) is not None:
@@ -312,7 +333,7 @@ class KVTiers:
         """Wait until everything queued so far is written down (before a shutdown or a restart); False if it was not
         within `timeout` seconds."""
         done = threading.Event()
-        self._jobs.put(done)
+        self._downloads.put(done)
         if not done.wait(timeout):
             log.warning("KV tiers: blocks still being written down after %.0f s", timeout)
             return False
@@ -532,11 +553,12 @@ class KVTiers:
         onload thread; the manager takes no work after this."""
         self.closed = True
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        self._jobs.put(None)  # the writer passes it on to the disk writer
-        self._writer.join(timeout=STOP_TIMEOUT_S)
+        self._downloads.put(None)  # passed on to the writer, and by it to the disk writer
+        self._downloader.join(timeout=STOP_TIMEOUT_S)
+        self._writer.join(timeout=max(0.0, deadline - time.monotonic()))
         if self.disk is not None:
             self._disk_writer.join(timeout=max(0.0, deadline - time.monotonic()))
-        stuck = self._writer.is_alive() or self._disk_writer.is_alive()  # a disk that hangs: its readers may too
+        stuck = self._downloader.is_alive() or self._writer.is_alive() or self._disk_writer.is_alive()  # a disk that hangs: its readers may too
         if stuck:
             log.warning("KV tiers: the writers did not stop within %.0f s; their blocks are lost", STOP_TIMEOUT_S)
         self._readers.shutdown(wait=not stuck, cancel_futures=stuck)
