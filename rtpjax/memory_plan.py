@@ -281,6 +281,21 @@ def _check(p: MemoryPlan, one_sequence: int) -> None:
 STAGED_SEQUENCES = 2  # KV tiers: staged blocks on the device outside the cache, in longest sequences (device_kv_blocks)
 
 
+def staging_blocks(args: EngineArgs, block_bytes: int, one_sequence: int, num_blocks: int) -> int:
+    """KV tiers: how many blocks may wait on the device, outside the cache, for their sequences' admission (block_bytes:
+    a whole block, as every device holds staged rows). At least one longest sequence (what device_kv_blocks keeps for
+    them); on a device with statistics, all that --gpu-memory-utilization leaves after the weights and the cache, less
+    one sequence for the rows the scheduler has taken, up to the cache's size (more could never be admitted at once):
+    a cache capped by --num-gpu-blocks leaves fetches room to stage instead of queueing behind each other."""
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return one_sequence
+    free = stats["bytes_limit"] * args.gpu_memory_utilization - stats.get("bytes_in_use", 0)
+    return int(min(num_blocks, max(one_sequence, free // block_bytes - one_sequence)))
+
+
 def device_kv_blocks(cfg, args: EngineArgs, kv_dtype=None) -> int:
     """On a device with memory statistics: the blocks that fill what --gpu-memory-utilization leaves after what is
     in use (the weights) and, with KV tiers, their staging, counting what each device holds (its share of the KV heads,

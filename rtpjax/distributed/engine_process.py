@@ -173,8 +173,9 @@ def _loop(engine: LLMEngine, conn: Connection, inbox: queue.Queue, handoff) -> N
     while True:
         if engine.loop_stats.steps and time.monotonic() - reported >= REPORT_EVERY_S:
             s = engine.stats()
-            log.info("engine: %s; %d running, %d waiting, KV cache %.0f%% used",
+            log.info("engine: %s; %d running, %d waiting%s, KV cache %.0f%% used",
                      engine.take_loop_stats().report(time.monotonic() - reported), s.num_running, s.num_waiting,
+                     f" ({s.num_loading} loading from KV tiers)" if engine.tiers is not None else "",
                      100 * s.kv_cache_usage)  # fmt: skip
             if engine.tiers is not None:
                 log.info("engine: %s", engine.tiers.report())

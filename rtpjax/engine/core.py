@@ -202,7 +202,11 @@ class LLMEngine:
         if self.tiers is not None:
             self.pool.on_evict = self.tiers.write_down
             self.scheduler.tiers = self.tiers
-            self.tiers.use_copier(self.runner.copier, self.runner.max_blocks)  # loads reach the device before admission
+            staged = memory_plan.staging_blocks(args, self.runner.kv_layout.block_bytes, self.runner.max_blocks,
+                                                self.pool.num_blocks)  # fmt: skip
+            self.tiers.use_copier(self.runner.copier, staged)  # loads reach the device before admission
+            log.info("KV tiers: up to %d blocks (%.2f GiB) staged on the device before admission", staged,
+                     staged * self.runner.kv_layout.block_bytes / 2**30)  # fmt: skip
         t0, misses = time.monotonic(), CompileCounter.count
         shapes = self.runner.warmup(progress=args.progress) if args.warmup else 0  # else each shape at first use
         if self.tiers is not None:

@@ -90,6 +90,8 @@ class Fetch:
     staged: list | None = None  # device pieces of rows 0..staged_n once arrived
     staged_n: int = 0
     room: bool = True  # the device pool had room for the sequence when the scheduler last asked: staged only then
+    # when it was made, had every row in host memory, started its transfer, had it on the device (time.monotonic)
+    times: list[float | None] = dataclasses.field(default_factory=lambda: [time.monotonic(), None, None, None])
 
     @property
     def ready(self) -> bool:
@@ -114,6 +116,34 @@ class Lookup:
     looked_up: int
     from_host: int
     from_disk: int
+
+
+LOAD_PHASES = ("rows", "queued", "transfer", "admission")  # a load's waits: Fetch.times' steps, then until taken
+
+
+@dataclasses.dataclass
+class LoadWaits:
+    """How long loads admitted since the last report waited in each phase (LOAD_PHASES), for the loop log."""
+
+    count: int = 0
+    total: list[float] = dataclasses.field(default_factory=lambda: [0.0] * len(LOAD_PHASES))
+    longest: list[float] = dataclasses.field(default_factory=lambda: [0.0] * len(LOAD_PHASES))
+
+    def add(self, times: list[float | None], taken: float) -> None:
+        marks = [t for t in times if t is not None] + [taken]
+        if len(marks) != len(LOAD_PHASES) + 1:
+            return  # loaded without staging (no copier): no phases to tell
+        self.count += 1
+        for i, (a, b) in enumerate(zip(marks, marks[1:])):
+            self.total[i] += b - a
+            self.longest[i] = max(self.longest[i], b - a)
+
+    def report(self) -> str:
+        if not self.count:
+            return "no loads"
+        phases = ", ".join(f"{name} {1e3 * t / self.count:.1f}/{1e3 * m:.1f}"
+                           for name, t, m in zip(LOAD_PHASES, self.total, self.longest))  # fmt: skip
+        return f"{self.count} loads waited (mean/max ms) {phases}"
 
 
 @dataclasses.dataclass
@@ -161,6 +191,7 @@ class KVTiers:
         self.max_staged = 0  # blocks staged on the device and not yet taken; one fetch may exceed it alone
         self.staged_blocks = 0
         self._onloader = ThreadPoolExecutor(1, thread_name_prefix="rtpjax-kv-onload")
+        self.waits = LoadWaits()  # since the last report
 
     def use_copier(self, copier, max_staged: int) -> None:
         """Download the rows that `dispatch`'s gathers leave on the device with `copier` (its download), and stage
@@ -431,12 +462,15 @@ class KVTiers:
         max_staged, unless nothing else is staged), if the pool has room to admit its sequence: a staged sequence
         that cannot be admitted would hold the staging bound while others, ready and admissible, wait behind it."""
         with self.lock:
+            if fetch.ready and fetch.times[1] is None:
+                fetch.times[1] = time.monotonic()
             if not fetch.onload or fetch.onloading or fetch.dropped or not fetch.ready or not fetch.room:
                 return
             n = fetch.valid
             if n and self.staged_blocks and self.staged_blocks + n > self.max_staged:
                 return  # poll starts it once staged blocks are taken
             fetch.onloading, fetch.staged_n = True, n
+            fetch.times[2] = time.monotonic()
             self.staged_blocks += n
         if n:
             self._onloader.submit(self._onload, fetch, n)
@@ -469,7 +503,7 @@ class KVTiers:
             if fetch.dropped:
                 self._unstage(fetch)
             else:
-                fetch.staged = staged
+                fetch.staged, fetch.times[3] = staged, time.monotonic()
 
     def _unstage(self, fetch: Fetch) -> None:
         """(under self.lock) The fetch's staged blocks no longer count against max_staged."""
@@ -500,6 +534,7 @@ class KVTiers:
         if fetch.staged is not None:  # on the device already: split into rows, no transfer left for the step
             with self.lock:
                 self._unstage(fetch)
+                self.waits.add(fetch.times, time.monotonic())
             staged, fetch.staged = fetch.staged, None
             return (PackedBlocks(self.layout, self.copier.unstage(staged)[skip : skip + n]) if n else None), lookup
         for i, slot in enumerate(fetch.slots):
@@ -546,7 +581,9 @@ class KVTiers:
             parts.append(f"{s.tier} {s.used_bytes / 2**30:.2f}/{s.capacity_bytes / 2**30:.2f} GiB, hits {rate:.0%} of "
                          f"{s.queries} tokens, {s.bytes_written / 2**20:.0f} MiB down, {s.bytes_read / 2**20:.0f} MiB up"
                          + (f", {s.errors} errors" if s.errors else ""))  # fmt: skip
-        return "KV tiers: " + "; ".join(parts)
+        with self.lock:
+            waits, self.waits = self.waits, LoadWaits()
+        return "KV tiers: " + "; ".join(parts) + f"; {waits.report()}"
 
     def close(self) -> None:
         """Stop the writers (after the writes queued so far, within STOP_TIMEOUT_S in all), the readers and the
