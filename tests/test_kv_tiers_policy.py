@@ -197,19 +197,28 @@ def test_a_stop_on_a_hung_disk_ends_within_its_deadline(tmp_path, monkeypatch, c
     assert _until(lambda: not tiers._disk_writer.is_alive())
 
 
-def test_a_block_queued_for_the_disk_is_not_queued_twice(tmp_path):
+def test_a_block_queued_for_the_disk_keeps_its_host_row_and_is_not_queued_twice(tmp_path):
+    """The disk writer reads a queued block from its host row (leased until written, no copy): the row cannot be
+    reused meanwhile, and the block coming down again is not queued a second time."""
     disk = DiskTier(str(tmp_path), 1 << 20, LAYOUT.block_bytes, {"model": "a"})
-    host = HostTier(LAYOUT.block_bytes, LAYOUT.block_bytes)  # one row: each block down evicts the last
+    host = HostTier(4 * LAYOUT.block_bytes, LAYOUT.block_bytes)  # at most 2 rows leased for the disk
     tiers = KVTiers(LAYOUT, host, disk, max_pending=8)
     entered, go = _stuck_disk(disk)
-    a, b = bytes([1]) * 16, bytes([2]) * 16
-    for block, h in ((0, a), (1, b), (2, a)):  # `a` leaves host memory while queued for the disk, then comes down again
+    a, b, c = bytes([1]) * 16, bytes([2]) * 16, bytes([3]) * 16
+    for block, h in ((0, a), (1, b), (2, a)):
         tiers.write_down(block, h)
         tiers.dispatch(_gather)
         assert _until(lambda: h in host)
     assert entered.wait(10) and tiers.disk_pending == 2 and tiers.disk_queued == {a, b}
+    leased = {host.index[a], host.index[b]}
+    for block, h in ((3, c), (4, bytes([4]) * 16), (5, bytes([5]) * 16)):  # the host tier's other rows turn over
+        tiers.write_down(block, h)
+        tiers.dispatch(_gather)
+    assert tiers.flush(0.5) is False  # the disk still holds the writer up
+    assert a in host and b in host and {host.index[a], host.index[b]} == leased
+    np.testing.assert_array_equal(host.buf[host.index[a]], _row(0))
     go.set()
-    assert tiers.flush() and a in disk and b in disk and tiers.disk_pending == 0
+    assert tiers.flush() and a in disk and b in disk and tiers.disk_pending == 0 and not any(host.leases)
     tiers.close()
 
 
@@ -299,4 +308,5 @@ def test_preemption_swaps_or_recomputes(swap_llm, stories_llm, seed, mode, costs
     if mode != "recompute":
         assert now.bytes_written > host["bytes_written"], "the preempted blocks did not go down"
     assert (now.hits > host["hits"]) == loads, f"{mode}: a preempted sequence's blocks were {'not ' * loads}loaded"
+    assert e.tiers.flush()  # blocks queued for the disk hold their host rows until written
     assert e.pool.num_free == e.pool.num_blocks and not any(e.tiers.host.leases), "a block or host row leaked"

@@ -83,6 +83,41 @@ def test_the_download_starts_off_the_dispatching_thread():
         tiers.close()
 
 
+def test_a_fetch_gets_its_rows_without_waiting_for_the_writers_backlog():
+    """Rows a waiting fetch needs are filled as soon as their download lands, not after the writer has put every
+    block queued ahead of them into the host tier."""
+    tiers, gate = _tiers(), threading.Event()
+    rows = np.random.default_rng(5).integers(0, 256, (2, LAYOUT.block_bytes), dtype=np.uint8)
+    first, second = b"e" * 16, b"f" * 16
+    put = tiers.host.put
+
+    def slow_put(h, row):
+        assert h != first or gate.wait(30)
+        return put(h, row)
+
+    tiers.host.put = slow_put
+    try:
+        tiers.write_down(0, first)
+        tiers.dispatch(lambda blocks: [(len(blocks), rows[:1])])  # the writer is held up on this one
+        tiers.write_down(1, second)
+        fetch = tiers.fetch([second], 0)
+        assert fetch is not None and not fetch.ready
+        tiers.dispatch(lambda blocks: [(len(blocks), rows[1:])])
+        deadline = time.monotonic() + 30
+        while not fetch.ready:
+            assert time.monotonic() < deadline, "the fetch waited for the writer's backlog"
+            time.sleep(0.01)
+        assert not gate.is_set() and second not in tiers.host
+        packed, _ = tiers.take(fetch, 0, 1)
+        np.testing.assert_array_equal(packed.rows[0], rows[1])
+        tiers.release(packed)
+        gate.set()
+        assert tiers.flush() and first in tiers.host and second in tiers.host and not any(tiers.host.leases)
+    finally:
+        gate.set()
+        tiers.close()
+
+
 def test_a_block_that_never_lands_ends_the_run():
     """The writer's backlog is full: the second block is dropped, the fetch waiting for it gets the first only."""
     tiers = _tiers(max_pending=1)
@@ -254,6 +289,7 @@ def test_a_slow_onload_never_holds_other_requests_decode_steps(stories_dir, comp
     assert e.tiers.counters["host"].hits - hits == 4 * 16, "B's prefix was not loaded from the host tier"
     assert decoded_while_loading >= 5, f"A decoded {decoded_while_loading} tokens while B's blocks were loading"
     assert max(steps) < SLOW / 2, f"a step took {max(steps):.2f} s: it waited for B's onload"
+    assert e.tiers.flush()  # blocks queued for the disk hold their host rows until written
     assert e.pool.num_free == e.pool.num_blocks and not any(e.tiers.host.leases) and e.tiers.staged_blocks == 0
     e.close()
 
@@ -314,6 +350,7 @@ def test_a_loading_sequence_keeps_its_device_prefix(stories_dir, compile_cache, 
     assert out.outputs[0].token_ids == want
     assert len(fetches) == 1, f"the fetch started {len(fetches)} times: its device prefix was evicted while it loaded"
     assert e.tiers.counters["host"].hits - hits == 2 * 16, "it loaded blocks its device prefix held"
+    assert e.tiers.flush()  # blocks queued for the disk hold their host rows until written
     assert e.pool.num_free == e.pool.num_blocks and not any(e.tiers.host.leases) and e.tiers.staged_blocks == 0
     e.close()
 

@@ -171,8 +171,10 @@ class KVTiers:
         self.awaited: dict[bytes, list[tuple[Fetch, int]]] = {}  # inflight hash -> (fetch, index) to fill once down
         self.lock = threading.Lock()
         self.max_pending = max_pending or host.num_slots  # blocks queued for the writer; more are dropped
-        # blocks queued for the disk (their downloaded copies held in host memory meanwhile); more skip the disk
-        self.max_disk_pending = min(self.max_pending, max(1, DISK_BACKLOG_BYTES // layout.block_bytes))
+        # blocks queued for the disk; more skip the disk
+        # (their host slots stay leased until written: at most half the host tier)
+        self.max_disk_pending = min(self.max_pending, max(1, host.num_slots // 2),
+                                    max(1, DISK_BACKLOG_BYTES // layout.block_bytes))  # fmt: skip
         self.pending = self.disk_pending = 0
         self.disk_queued: set[bytes] = set()  # in host memory, queued for the disk writer
         self._downloads: queue.SimpleQueue = queue.SimpleQueue()
@@ -246,15 +248,27 @@ class KVTiers:
         """Start each gather's copy to the host (the copier's download, where rows are left on the device) and pass
         it to the writer; flushes and the stop pass through in order."""
         while (job := self._downloads.get()) is not None:
-            if isinstance(job, tuple) and self.copier is not None:
-                hashes, pieces, began = job
-                try:
-                    job = (hashes, [(real, self.copier.download(rows)) for real, rows in pieces], began)
-                except Exception:  # noqa: BLE001 - the writer meets the same error and gives the blocks up
-                    log.exception("KV tiers: starting the copy of %d blocks to the host failed", len(hashes))
+            if isinstance(job, tuple):
+                job = self._downloaded(*job)
             self._jobs.put(job)
             job = None  # noqa: F841 - its pieces are not held while this thread waits for the next
         self._jobs.put(None)
+
+    def _downloaded(self, hashes: list[bytes], pieces, began: float):
+        """The job with its rows in host memory; fetches waiting for any of them get them now, not after the writer
+        has gone through the backlog ahead of this job."""
+        try:
+            if self.copier is not None:
+                pieces = [(real, self.copier.download(rows)) for real, rows in pieces]
+            pieces = [(real, np.asarray(rows)) for real, rows in pieces]
+            rows = [row for real, arr in pieces for row in arr[:real]]  # views: no copy of the pieces
+            with self.lock:
+                awaited = [(h, row) for h, row in zip(hashes, rows) if h in self.awaited]
+            for h, row in awaited:
+                self._fill(h, row, final=False)
+        except Exception:  # noqa: BLE001 - the writer meets the same error and gives the blocks up
+            log.exception("KV tiers: copying %d blocks to the host failed", len(hashes))
+        return hashes, pieces, began
 
     def _write_loop(self) -> None:
         while (job := self._jobs.get()) is not None:
@@ -275,28 +289,35 @@ class KVTiers:
                 self._write_disk(*job)
             job = None  # noqa: F841 - its rows are not held while the writer waits for the next
 
-    def _write_disk(self, hashes: list[bytes], rows: list) -> None:
+    def _write_disk(self, hashes: list[bytes], slots: list[int]) -> None:
         try:
-            self._store("disk", self.disk, self.disk.write, hashes, rows, time.perf_counter())
+            self._store("disk", self.disk, self.disk.write, hashes, [self.host.buf[s] for s in slots],
+                        time.perf_counter())  # fmt: skip
         except Exception:  # noqa: BLE001 - the blocks are only not kept on disk; the engine goes on
             log.exception("KV tiers: writing %d blocks to disk failed", len(hashes))
         finally:
+            for slot in slots:
+                self.host.release(slot)
             with self.lock:
                 self.disk_queued.difference_update(hashes)
                 self.disk_pending -= len(hashes)
 
-    def _queue_for_disk(self, hashes: list[bytes], rows: list) -> None:
-        """Hand copies of rows now in host memory to the disk writer; past max_disk_pending blocks behind, they skip
-        the disk tier and are counted as dropped."""
+    def _queue_for_disk(self, hashes: list[bytes]) -> None:
+        """Hand blocks now in the host tier to the disk writer, their slots leased until written (no copy); past
+        max_disk_pending blocks behind, they skip the disk tier and are counted as dropped."""
         with self.lock:
-            keep = [(h, row) for h, row in zip(hashes, rows) if h not in self.disk and h not in self.disk_queued]
+            keep = [h for h in hashes if h not in self.disk and h not in self.disk_queued]
+        leased = [(h, slot) for h in keep if (slot := self.host.lease(h)) is not None]
+        with self.lock:
             room = max(0, self.max_disk_pending - self.disk_pending)
-            keep, dropped = keep[:room], len(keep) - min(room, len(keep))
-            self.disk_pending += len(keep)
-            self.disk_queued.update(h for h, _ in keep)
-            self.counters["disk"].dropped += dropped
-        if keep:  # copies: a view would hold its whole downloaded piece (padding, rows not kept) until written
-            self._disk_jobs.put(([h for h, _ in keep], [np.array(row) for _, row in keep]))
+            kept, over = leased[:room], leased[room:]
+            self.disk_pending += len(kept)
+            self.disk_queued.update(h for h, _ in kept)
+            self.counters["disk"].dropped += len(keep) - len(kept)
+        for _, slot in over:
+            self.host.release(slot)
+        if kept:
+            self._disk_jobs.put(([h for h, _ in kept], [slot for _, slot in kept]))
 
     def _store(self, name: str, tier, put, hashes: list[bytes], rows, began: float) -> None:
         """Rows into one tier (those it lacks), counted: bytes kept, blocks it had no room for, time."""
@@ -315,11 +336,11 @@ class KVTiers:
         try:
             rows = [row for real, arr in pieces for row in np.asarray(arr)[:real]]  # views: no copy of the pieces
             self._store("host", self.host, self.host.put, hashes, rows, began)
-            for h, row in zip(hashes, rows):  # in host memory now: fetches waiting for them get them
+            for h, row in zip(hashes, rows):  # in the host tier now: fetches that asked since the download get them
                 self._landed(h, row)
                 landed += 1
             if self.disk is not None:
-                self._queue_for_disk(hashes, rows)
+                self._queue_for_disk(hashes)
         except Exception:  # noqa: BLE001 - the blocks are only not kept below; the engine goes on
             log.exception("KV tiers: writing %d blocks down failed", len(hashes))
         finally:
@@ -331,8 +352,14 @@ class KVTiers:
     def _landed(self, h: bytes, row) -> None:
         """Block `h` is down (`row`: its content) or will never be (None): no longer in flight; rows that fetches
         reserved for it are filled (or fail, and are recomputed)."""
+        self._fill(h, row, final=True)
+
+    def _fill(self, h: bytes, row, final: bool) -> None:
+        """Fill the rows that fetches reserved for block `h` with `row` (None: fail them); `final`: `h` is no longer
+        in flight (else later fetches still wait for the writer)."""
         with self.lock:
-            self.inflight.discard(h)
+            if final:
+                self.inflight.discard(h)
             waiters = self.awaited.pop(h, [])
         for fetch, i in waiters:
             if row is not None:
