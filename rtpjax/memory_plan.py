@@ -278,14 +278,17 @@ def _check(p: MemoryPlan, one_sequence: int) -> None:
                           f"({p.memory.source}); {change}")  # fmt: skip
 
 
-STAGED_SEQUENCES = 2  # KV tiers: staged blocks on the device outside the cache, in longest sequences (device_kv_blocks)
+# KV tiers: blocks on the device outside the cache, in longest sequences (device_kv_blocks): staged for admission,
+# taken by the scheduler until their step writes them, gathered on their way down
+STAGED_SEQUENCES = 3
 
 
 def staging_blocks(args: EngineArgs, block_bytes: int, one_sequence: int, num_blocks: int) -> int:
     """KV tiers: how many blocks may wait on the device, outside the cache, for their sequences' admission (block_bytes:
     a whole block, as every device holds staged rows). At least one longest sequence (what device_kv_blocks keeps for
     them); on a device with statistics, all that --gpu-memory-utilization leaves after the weights and the cache, less
-    one sequence for the rows the scheduler has taken, up to the cache's size (more could never be admitted at once):
+    two sequences (rows the scheduler has taken, rows gathered for a download), up to the cache's size (more could
+    never be admitted at once):
     a cache capped by --num-gpu-blocks leaves fetches room to stage instead of queueing behind each other."""
     import jax
 
@@ -293,7 +296,7 @@ def staging_blocks(args: EngineArgs, block_bytes: int, one_sequence: int, num_bl
     if "bytes_limit" not in stats:
         return one_sequence
     free = stats["bytes_limit"] * args.gpu_memory_utilization - stats.get("bytes_in_use", 0)
-    return int(min(num_blocks, max(one_sequence, free // block_bytes - one_sequence)))
+    return int(min(num_blocks, max(one_sequence, free // block_bytes - 2 * one_sequence)))
 
 
 def device_kv_blocks(cfg, args: EngineArgs, kv_dtype=None) -> int:
@@ -314,9 +317,10 @@ def device_kv_blocks(cfg, args: EngineArgs, kv_dtype=None) -> int:
     free = free // BUDGET_STEP * BUDGET_STEP
     if not args.kv_offloading_size:
         return max(1, int(free // per_block))
-    # KV tiers stage up to one longest sequence's blocks (max_staged), whole on every device, and the blocks taken by
-    # the scheduler stay on the device (as rows) until the step that writes them: two sequences' worth. Where that and
-    # a sequence's cache do not both fit, they share what there is (the context shrinks to fit, see with_blocks).
+    # KV tiers stage at least one longest sequence's blocks (max_staged), whole on every device, the blocks taken by
+    # the scheduler stay on the device (as rows) until the step that writes them, and evicted blocks wait there for
+    # their download (max_gathered): three sequences' worth. Where that and a sequence's cache do not both fit, they
+    # share what there is (the context shrinks to fit, see with_blocks).
     sequence = -(-(args.max_model_len or cfg.max_position_embeddings) // args.block_size)
     staged = STAGED_SEQUENCES * kv_cache.bytes_per_block(cfg, args.block_size, kv_dtype)
     if free - sequence * staged >= sequence * per_block:

@@ -222,6 +222,66 @@ def test_a_block_queued_for_the_disk_keeps_its_host_row_and_is_not_queued_twice(
     tiers.close()
 
 
+def test_a_block_the_host_tier_has_no_room_for_still_goes_to_disk(tmp_path):
+    """Every host row is leased (fetches hold them): the evicted block is not put there, and the disk writer gets a
+    copy of it instead of losing it."""
+    disk = DiskTier(str(tmp_path), 1 << 20, LAYOUT.block_bytes, {"model": "a"})
+    host = HostTier(2 * LAYOUT.block_bytes, LAYOUT.block_bytes)
+    tiers = KVTiers(LAYOUT, host, disk, max_pending=8)
+    held = [host.reserve(), host.reserve()]
+    z = bytes([9]) * 16
+    tiers.write_down(7, z)
+    tiers.dispatch(_gather)
+    assert tiers.flush() and z not in host and z in disk and tiers.counters["host"].dropped == 1
+    row = np.empty(LAYOUT.block_bytes, np.uint8)
+    assert disk.read_into(z, row)
+    np.testing.assert_array_equal(row, _row(7))
+    for slot in held:
+        host.release(slot)
+    assert not any(host.leases)
+    tiers.close()
+
+
+def test_blocks_waiting_on_the_device_for_their_download_are_bounded():
+    """Past max_gathered blocks gathered and not yet downloaded, more are dropped (counted), not piled up in device
+    memory; once the download catches up, blocks go down again."""
+    tiers, gate = KVTiers(LAYOUT, HostTier(8 * LAYOUT.block_bytes, LAYOUT.block_bytes), None, "swap"), threading.Event()
+
+    class _Downloads:
+        def download(self, piece):
+            assert gate.wait(30)
+            return piece
+
+    tiers.use_copier(_Downloads(), max_staged=4, max_gathered=2)
+    try:
+        for b in range(3):
+            tiers.write_down(b, bytes([b + 1]) * 16)
+        tiers.dispatch(_gather)
+        assert tiers.gathered == 2 and tiers.counters["host"].dropped == 1
+        gate.set()
+        assert tiers.flush() and tiers.gathered == 0
+        assert [bytes([b + 1]) * 16 in tiers.host for b in range(3)] == [True, True, False]
+        tiers.write_down(5, b"g" * 16)
+        tiers.dispatch(_gather)
+        assert tiers.flush() and b"g" * 16 in tiers.host
+    finally:
+        gate.set()
+        tiers.close()
+
+
+def test_load_waits_are_reported_per_phase():
+    from rtpjax.kv.tiers.manager import LoadWaits
+
+    waits = LoadWaits()
+    assert waits.report() == "no loads"
+    waits.add([1.0, 1.5, 1.75, 2.0], 3.0)
+    waits.add([1.0, None, None, None], 3.0)  # loaded without staging: no phases
+    waits.add([0.0, 0.5, 1.25, 1.5], 1.5)
+    assert waits.count == 2 and waits.total == [1.0, 1.0, 0.5, 1.0] and waits.longest == [0.5, 0.75, 0.25, 1.0]
+    assert waits.report() == ("2 loads waited (mean/max ms) rows 500.0/500.0, queued 500.0/750.0, "
+                              "transfer 250.0/250.0, admission 500.0/1000.0")  # fmt: skip
+
+
 # -- counting ----------------------------------------------------------------------------------------------------------
 
 

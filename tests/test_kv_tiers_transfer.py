@@ -69,7 +69,7 @@ def test_the_download_starts_off_the_dispatching_thread():
             assert gate.wait(30)
             return piece
 
-    tiers.use_copier(_Downloads(), max_staged=4)
+    tiers.use_copier(_Downloads(), max_staged=4, max_gathered=8)
     try:
         tiers.write_down(0, b"d" * 16)
         tiers.dispatch(lambda blocks: [(len(blocks), rows)])
@@ -186,7 +186,7 @@ def _until(condition, seconds: float = 30.0) -> None:
 
 def test_fetched_rows_are_staged_on_the_device_within_a_bound():
     tiers, copier = _tiers(), _Copier()
-    tiers.use_copier(copier, max_staged=4)
+    tiers.use_copier(copier, max_staged=4, max_gathered=8)
     rows = np.random.default_rng(2).integers(0, 256, (6, LAYOUT.block_bytes), dtype=np.uint8)
     hashes = [bytes([i]) * 16 for i in range(6)]
     try:
@@ -213,7 +213,7 @@ def test_a_fetch_without_room_is_not_staged_and_holds_no_bound():
     """A ready fetch whose sequence the pool has no room for stays in host memory: it must not hold the staging bound
     while a later fetch, ready and with room, is staged; it is staged once the scheduler sees room."""
     tiers, copier = _tiers(), _Copier()
-    tiers.use_copier(copier, max_staged=4)
+    tiers.use_copier(copier, max_staged=4, max_gathered=8)
     rows = np.random.default_rng(3).integers(0, 256, (6, LAYOUT.block_bytes), dtype=np.uint8)
     hashes = [bytes([i + 16]) * 16 for i in range(6)]
     try:

@@ -84,8 +84,9 @@ def test_host_memory_is_bounded_by_rlimits():
 
 
 def test_a_device_cache_leaves_room_for_the_kv_tiers_staging(cfg, monkeypatch):
-    """Fetched blocks are staged on the device before admission, up to one longest sequence of them, whole on every
-    device, and those taken stay there until the step that writes them: the device's KV cache leaves room for two."""
+    """Fetched blocks are staged on the device before admission, at least one longest sequence of them, whole on every
+    device, those taken stay there until the step that writes them, and evicted blocks wait there for their download:
+    the device's KV cache leaves room for three."""
     import jax
 
     from rtpjax.kv import kv_cache
@@ -99,8 +100,37 @@ def test_a_device_cache_leaves_room_for_the_kv_tiers_staging(cfg, monkeypatch):
     per_block = kv_cache.bytes_per_block(cfg, 16, "auto")
     plain = device_kv_blocks(cfg, EngineArgs(max_model_len=8192, block_size=16))
     tiered = device_kv_blocks(cfg, EngineArgs(max_model_len=8192, block_size=16, kv_offloading_size=4))
-    staging_blocks = 2 * 8192 // 16
+    staging_blocks = 3 * 8192 // 16
     assert plain - tiered == staging_blocks
     # a context whose staging and cache do not both fit shares the memory between them, never down to one block
     huge = device_kv_blocks(cfg, EngineArgs(max_model_len=1 << 30, block_size=16, kv_offloading_size=4))
-    assert huge == plain // 3
+    assert huge == plain // 4
+
+
+def test_kv_tiers_stage_into_what_the_cache_leaves(monkeypatch):
+    """Staging takes what --gpu-memory-utilization leaves after the weights and the cache, less two sequences (rows
+    taken, rows gathered), at least one sequence and at most the cache's size; a CPU (no statistics) one sequence."""
+    import jax
+
+    from rtpjax.memory_plan import staging_blocks
+
+    in_use = {"now": 0}
+
+    class Device:
+        def memory_stats(self):
+            return {"bytes_limit": 100 << 30, "bytes_in_use": in_use["now"]}
+
+    monkeypatch.setattr(jax, "local_devices", lambda: [Device()])
+    args, block = EngineArgs(gpu_memory_utilization=0.9), 2 << 20
+    in_use["now"] = 50 << 30  # a capped cache: 40 GiB left under 90 GiB, 20,480 blocks
+    assert staging_blocks(args, block, 512, 100_000) == 20480 - 2 * 512
+    assert staging_blocks(args, block, 512, 2048) == 2048  # never more than the cache holds
+    in_use["now"] = 90 << 30  # a cache that took its share: the plan's one sequence
+    assert staging_blocks(args, block, 512, 100_000) == 512
+
+    class Cpu:
+        def memory_stats(self):
+            return None
+
+    monkeypatch.setattr(jax, "local_devices", lambda: [Cpu()])
+    assert staging_blocks(args, block, 512, 100_000) == 512

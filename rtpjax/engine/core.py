@@ -204,7 +204,8 @@ class LLMEngine:
             self.scheduler.tiers = self.tiers
             staged = memory_plan.staging_blocks(args, self.runner.kv_layout.block_bytes, self.runner.max_blocks,
                                                 self.pool.num_blocks)  # fmt: skip
-            self.tiers.use_copier(self.runner.copier, staged)  # loads reach the device before admission
+            # loads reach the device before admission; evicted blocks wait there for their download
+            self.tiers.use_copier(self.runner.copier, staged, self.runner.max_blocks)
             log.info("KV tiers: up to %d blocks (%.2f GiB) staged on the device before admission", staged,
                      staged * self.runner.kv_layout.block_bytes / 2**30)  # fmt: skip
         t0, misses = time.monotonic(), CompileCounter.count

@@ -2,26 +2,29 @@
 
 Down: a block the device evicts (BlockPool's hook) or a preempted sequence's blocks are queued with their hashes;
 the engine dispatches one packed gather for them right after scheduling, before the step (or a load) can overwrite
-them. A download thread starts the gathered rows' copy to the host (a copy into pinned memory waits for the step
-ahead of the gather: never on the engine's thread), and a writer thread waits for it and puts each block in host
-memory (if it lacks it), then hands it to the disk's writer. Nothing here waits for the device on the engine's
-thread.
+them. A download thread copies the gathered rows to the host (a copy into pinned memory waits for the step ahead of
+the gather: never on the engine's thread; at most max_gathered blocks wait on the device for it), fills the rows of
+fetches waiting for those blocks, and hands them to a writer thread, which puts each block in host memory (if it
+lacks it), then hands it to the disk's writer. Nothing here waits for the device on the engine's thread.
 
 The disk has a writer thread of its own, fed by the host writer: a block lands in host memory (and fetches waiting
-for it go on) without waiting for the disk writes queued before it. Each writer's backlog is bounded (max_pending
-blocks; the disk's also by DISK_BACKLOG_BYTES): past it a block is dropped and counted, so a slow disk never holds
-the engine's thread or a fetch, nor piles up host memory.
+for it go on) without waiting for the disk writes queued before it. It reads each block from its host row, leased
+until written (a copy where the block found no room there). Each backlog is bounded (max_gathered, max_pending
+blocks; the disk's also by DISK_BACKLOG_BYTES and half the host tier): past it a block is dropped and counted, so a
+slow disk never holds the engine's thread or a fetch, nor piles up memory.
 
 Up: for a waiting sequence whose prefix continues below the device, `fetch` leases the host rows that hold it, starts
-reader threads on those only on disk (into leased host rows), and has the writer fill leased rows for blocks still on
-their way down (their device copies may be gone already: waiting beats recomputing). The sequence waits ("loading")
+reader threads on those only on disk (into leased host rows), and has leased rows filled for blocks still on their
+way down (by the download thread as they land, or by the writer for a fetch made after that; their device copies may
+be gone already: waiting beats recomputing). The sequence waits ("loading")
 while other requests run. Once every row is in host memory, an onload thread moves the intact run to the device
 (`use_copier`: the runner's copier; at most max_staged blocks staged at a time) and gives the host rows back; only
 when they have arrived does the scheduler admit the sequence, their device copies written into its blocks before its
 first step, so no step (a decode of other requests) waits for a host-to-device transfer. Without a copier (unit
 tests) the host rows themselves are the block load, given back once that step has run. Whether a hit is worth
 loading is `should_load`: the policy, and measured costs (Costs): the onload and disk bandwidths against the time the
-step takes to recompute as many tokens. Hits and queries are counted once per admission (`count`), never for a try that did not admit.
+step takes to recompute as many tokens. Hits and queries are counted once per admission (`count`), never for a try
+that did not admit.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from rtpjax.kv.tiers.host import HostTier
 log = logging.getLogger("rtpjax")
 
 POLICIES = ("auto", "swap", "recompute")
-DISK_BACKLOG_BYTES = 4 << 30  # at most this much K/V waits in host memory for the disk writer
+DISK_BACKLOG_BYTES = 4 << 30  # at most this much K/V waits (in leased host rows) for the disk writer
 STOP_TIMEOUT_S = 20.0  # a clean stop waits at most this long for the writers (a stuck disk loses its last blocks)
 
 
@@ -130,9 +133,9 @@ class LoadWaits:
     longest: list[float] = dataclasses.field(default_factory=lambda: [0.0] * len(LOAD_PHASES))
 
     def add(self, times: list[float | None], taken: float) -> None:
-        marks = [t for t in times if t is not None] + [taken]
-        if len(marks) != len(LOAD_PHASES) + 1:
+        if None in times:
             return  # loaded without staging (no copier): no phases to tell
+        marks = times + [taken]
         self.count += 1
         for i, (a, b) in enumerate(zip(marks, marks[1:])):
             self.total[i] += b - a
@@ -190,18 +193,20 @@ class KVTiers:
             self._disk_writer.start()
         self._readers = ThreadPoolExecutor(4, thread_name_prefix="rtpjax-kv-up")
         self.copier = None  # BlockCopier: downloads gathered rows; stages fetched rows before admission (use_copier)
+        self.max_gathered: int | None = None  # blocks gathered on the device, not yet downloaded (None: no bound)
+        self.gathered = 0
         self.max_staged = 0  # blocks staged on the device and not yet taken; one fetch may exceed it alone
         self.staged_blocks = 0
         self._onloader = ThreadPoolExecutor(1, thread_name_prefix="rtpjax-kv-onload")
         self.waits = LoadWaits()  # since the last report
 
-    def use_copier(self, copier, max_staged: int) -> None:
-        """Download the rows that `dispatch`'s gathers leave on the device with `copier` (its download), and stage
-        fetched rows on its devices (its stage/unstage) before their sequence is admitted, at most `max_staged` blocks
-        at a time (device memory outside the cache)."""
-        if max_staged < 1:
-            raise ValueError(f"max_staged must be >= 1 block, got {max_staged}")
-        self.copier, self.max_staged = copier, max_staged
+    def use_copier(self, copier, max_staged: int, max_gathered: int) -> None:
+        """Download the rows that `dispatch`'s gathers leave on the device with `copier` (its download), at most
+        `max_gathered` blocks waiting on the device for it, and stage fetched rows on its devices (its stage/unstage)
+        before their sequence is admitted, at most `max_staged` blocks at a time (device memory outside the cache)."""
+        if max_staged < 1 or max_gathered < 1:
+            raise ValueError(f"max_staged and max_gathered must be >= 1 block, got {max_staged}, {max_gathered}")
+        self.copier, self.max_staged, self.max_gathered = copier, max_staged, max_gathered
 
     @property
     def tiers(self) -> list:
@@ -229,8 +234,11 @@ class KVTiers:
             return
         with self.lock:
             room = max(0, self.max_pending - self.pending)
+            if self.max_gathered is not None:
+                room = min(room, max(0, self.max_gathered - self.gathered))
             kept, dropped = self.queued[:room], self.queued[room:]
             self.pending += len(kept)
+            self.gathered += len(kept)
         self.queued = []
         for _, h in dropped:
             self._landed(h, None)
@@ -238,8 +246,8 @@ class KVTiers:
             with self.lock:
                 for tier in self.tiers:
                     self.counters[tier.name].dropped += len(dropped)
-            log.warning("KV tiers: %d blocks not written down (the writer is %d blocks behind)", len(dropped),
-                        self.max_pending)  # fmt: skip
+            log.warning("KV tiers: %d blocks not written down (the download or the writer is too far behind)",
+                        len(dropped))  # fmt: skip
         if kept:
             blocks, hashes = [b for b, _ in kept], [h for _, h in kept]
             self._downloads.put((hashes, gather_packed(blocks), time.perf_counter()))
@@ -261,13 +269,17 @@ class KVTiers:
             if self.copier is not None:
                 pieces = [(real, self.copier.download(rows)) for real, rows in pieces]
             pieces = [(real, np.asarray(rows)) for real, rows in pieces]
-            rows = [row for real, arr in pieces for row in arr[:real]]  # views: no copy of the pieces
-            with self.lock:
-                awaited = [(h, row) for h, row in zip(hashes, rows) if h in self.awaited]
-            for h, row in awaited:
-                self._fill(h, row, final=False)
-        except Exception:  # noqa: BLE001 - the writer meets the same error and gives the blocks up
+        except Exception:  # noqa: BLE001 - the writer tries the pieces as they are, or gives the blocks up
             log.exception("KV tiers: copying %d blocks to the host failed", len(hashes))
+            return hashes, pieces, began
+        finally:
+            with self.lock:
+                self.gathered -= len(hashes)  # off the device (or given up)
+        rows = [row for real, arr in pieces for row in arr[:real]]  # views: no copy of the pieces
+        with self.lock:
+            awaited = [(h, row) for h, row in zip(hashes, rows) if h in self.awaited]
+        for h, row in awaited:
+            self._fill(h, row, final=False)
         return hashes, pieces, began
 
     def _write_loop(self) -> None:
@@ -289,10 +301,10 @@ class KVTiers:
                 self._write_disk(*job)
             job = None  # noqa: F841 - its rows are not held while the writer waits for the next
 
-    def _write_disk(self, hashes: list[bytes], slots: list[int]) -> None:
+    def _write_disk(self, hashes: list[bytes], rows: list, slots: list[int]) -> None:
+        """Rows into the disk tier, then the host rows leased for them (`slots`) given back."""
         try:
-            self._store("disk", self.disk, self.disk.write, hashes, [self.host.buf[s] for s in slots],
-                        time.perf_counter())  # fmt: skip
+            self._store("disk", self.disk, self.disk.write, hashes, rows, time.perf_counter())
         except Exception:  # noqa: BLE001 - the blocks are only not kept on disk; the engine goes on
             log.exception("KV tiers: writing %d blocks to disk failed", len(hashes))
         finally:
@@ -302,22 +314,26 @@ class KVTiers:
                 self.disk_queued.difference_update(hashes)
                 self.disk_pending -= len(hashes)
 
-    def _queue_for_disk(self, hashes: list[bytes]) -> None:
-        """Hand blocks now in the host tier to the disk writer, their slots leased until written (no copy); past
-        max_disk_pending blocks behind, they skip the disk tier and are counted as dropped."""
+    def _queue_for_disk(self, hashes: list[bytes], rows: list) -> None:
+        """Hand blocks to the disk writer: from their host rows, leased until written (no copy), or as copies where
+        the host tier had no room for them; past max_disk_pending blocks behind, they skip the disk tier and are
+        counted as dropped."""
         with self.lock:
-            keep = [h for h in hashes if h not in self.disk and h not in self.disk_queued]
-        leased = [(h, slot) for h in keep if (slot := self.host.lease(h)) is not None]
-        with self.lock:
+            keep = [(h, row) for h, row in zip(hashes, rows) if h not in self.disk and h not in self.disk_queued]
             room = max(0, self.max_disk_pending - self.disk_pending)
-            kept, over = leased[:room], leased[room:]
-            self.disk_pending += len(kept)
-            self.disk_queued.update(h for h, _ in kept)
-            self.counters["disk"].dropped += len(keep) - len(kept)
-        for _, slot in over:
-            self.host.release(slot)
-        if kept:
-            self._disk_jobs.put(([h for h, _ in kept], [slot for _, slot in kept]))
+            keep, dropped = keep[:room], len(keep) - min(room, len(keep))
+            self.disk_pending += len(keep)
+            self.disk_queued.update(h for h, _ in keep)
+            self.counters["disk"].dropped += dropped
+        if not keep:
+            return
+        out, slots = [], []
+        for h, row in keep:
+            slot = self.host.lease(h)
+            out.append(np.array(row) if slot is None else self.host.buf[slot])  # a copy: the piece is not held
+            if slot is not None:
+                slots.append(slot)
+        self._disk_jobs.put(([h for h, _ in keep], out, slots))
 
     def _store(self, name: str, tier, put, hashes: list[bytes], rows, began: float) -> None:
         """Rows into one tier (those it lacks), counted: bytes kept, blocks it had no room for, time."""
@@ -340,7 +356,7 @@ class KVTiers:
                 self._landed(h, row)
                 landed += 1
             if self.disk is not None:
-                self._queue_for_disk(hashes)
+                self._queue_for_disk(hashes, rows)
         except Exception:  # noqa: BLE001 - the blocks are only not kept below; the engine goes on
             log.exception("KV tiers: writing %d blocks down failed", len(hashes))
         finally:
@@ -362,10 +378,15 @@ class KVTiers:
                 self.inflight.discard(h)
             waiters = self.awaited.pop(h, [])
         for fetch, i in waiters:
-            if row is not None:
-                self.host.buf[fetch.slots[i]] = row
+            ok = row is not None
+            try:
+                if ok:
+                    self.host.buf[fetch.slots[i]] = row
+            except Exception:  # noqa: BLE001 - that row is recomputed; the other waiters still get theirs
+                log.exception("KV tiers: filling a fetched row failed")
+                ok = False
             with self.lock:
-                fetch.ok[i] = row is not None
+                fetch.ok[i] = ok
                 if fetch.dropped:
                     self.host.release(fetch.slots[i])
             self._settle(fetch)
@@ -561,7 +582,8 @@ class KVTiers:
         if fetch.staged is not None:  # on the device already: split into rows, no transfer left for the step
             with self.lock:
                 self._unstage(fetch)
-                self.waits.add(fetch.times, time.monotonic())
+                if fetch.staged:  # (none: nothing intact, or the transfer failed)
+                    self.waits.add(fetch.times, time.monotonic())
             staged, fetch.staged = fetch.staged, None
             return (PackedBlocks(self.layout, self.copier.unstage(staged)[skip : skip + n]) if n else None), lookup
         for i, slot in enumerate(fetch.slots):
@@ -622,7 +644,8 @@ class KVTiers:
         self._writer.join(timeout=max(0.0, deadline - time.monotonic()))
         if self.disk is not None:
             self._disk_writer.join(timeout=max(0.0, deadline - time.monotonic()))
-        stuck = self._downloader.is_alive() or self._writer.is_alive() or self._disk_writer.is_alive()  # a disk that hangs: its readers may too
+        # a disk that hangs: its readers may too
+        stuck = self._downloader.is_alive() or self._writer.is_alive() or self._disk_writer.is_alive()
         if stuck:
             log.warning("KV tiers: the writers did not stop within %.0f s; their blocks are lost", STOP_TIMEOUT_S)
         self._readers.shutdown(wait=not stuck, cancel_futures=stuck)
