@@ -434,12 +434,15 @@ PY
       cat "$OUT/tiers_$name.metrics"
     }
     traffic() {  # $1: config name
-      tier_bench "$1_multi_turn" --dataset-name multi_turn --num-prompts ${TIER_PROMPTS:-256} --multi-turn-num-turns 4 \
-        --multi-turn-input-len 1024 --multi-turn-output-len 128 --max-concurrency 64
-      [ "${TIER_DATASETS:-multi_turn shared_prefix}" = multi_turn ] && return
-      tier_bench "$1_shared_prefix" --dataset-name prefix_repetition --num-prompts ${TIER_PROMPTS:-256} --max-concurrency 64 \
-        --prefix-repetition-prefix-len 4096 --prefix-repetition-suffix-len 256 --prefix-repetition-num-prefixes 32 \
-        --prefix-repetition-output-len 128
+      for dataset in ${TIER_DATASETS:-multi_turn shared_prefix}; do
+        case $dataset in
+        multi_turn) tier_bench "$1_multi_turn" --dataset-name multi_turn --num-prompts ${TIER_PROMPTS:-256} \
+          --multi-turn-num-turns 4 --multi-turn-input-len 1024 --multi-turn-output-len 128 --max-concurrency 64 ;;
+        shared_prefix) tier_bench "$1_shared_prefix" --dataset-name prefix_repetition \
+          --num-prompts ${TIER_PROMPTS:-256} --max-concurrency 64 --prefix-repetition-prefix-len 4096 --prefix-repetition-suffix-len 256 \
+          --prefix-repetition-num-prefixes 32 --prefix-repetition-output-len 128 ;;
+        esac
+      done
     }
     rm -rf /tmp/kv_disk
     tiered="--kv-offloading-size ${TIER_HOST_GIB:-64} --kv-disk-path /tmp/kv_disk --kv-disk-size ${TIER_DISK_GIB:-40}"
@@ -454,7 +457,7 @@ PY
       kill -INT $server; wait $server
     done
     # The restart: the first 100 requests of the shared-prefix set after a restart, with the disk tier the last
-    # server wrote down and with a cold one.
+    # server wrote down and with a cold one (one call: TIER_BW=0 TIER_CONFIGS=tiered TIER_DATASETS=shared_prefix).
     for config in ${TIER_RESTART-restart_disk restart_cold}; do
       [ $config = restart_cold ] && rm -rf /tmp/kv_disk
       tier_serve $config $tiered
