@@ -439,8 +439,8 @@ PY
         multi_turn) tier_bench "$1_multi_turn" --dataset-name multi_turn --num-prompts ${TIER_PROMPTS:-256} \
           --multi-turn-num-turns 4 --multi-turn-input-len 1024 --multi-turn-output-len 128 --max-concurrency 64 ;;
         shared_prefix) tier_bench "$1_shared_prefix" --dataset-name prefix_repetition \
-          --num-prompts ${TIER_PROMPTS:-256} --max-concurrency 64 --prefix-repetition-prefix-len 4096 --prefix-repetition-suffix-len 256 \
-          --prefix-repetition-num-prefixes 32 --prefix-repetition-output-len 128 ;;
+          --num-prompts ${TIER_PROMPTS:-256} --max-concurrency 64 --prefix-repetition-prefix-len 4096 \
+          --prefix-repetition-suffix-len 256 --prefix-repetition-num-prefixes 32 --prefix-repetition-output-len 128 ;;
         esac
       done
     }
