@@ -243,8 +243,39 @@ def test_a_block_the_host_tier_has_no_room_for_still_goes_to_disk(tmp_path):
 
 
 def test_blocks_waiting_on_the_device_for_their_download_are_bounded():
-    """Past max_gathered blocks gathered and not yet downloaded, more are dropped (counted), not piled up in device
-    memory; once the download catches up, blocks go down again."""
+    """At most max_gathered blocks wait on the device for their download: past it dispatch (the engine's thread)
+    waits for the download thread, batch by batch, and drops none."""
+    tiers, gate, seen = KVTiers(LAYOUT, HostTier(8 * LAYOUT.block_bytes, LAYOUT.block_bytes), None, "swap"), \
+        threading.Event(), []
+
+    class _Downloads:
+        def download(self, piece):
+            seen.append(tiers.gathered)
+            assert gate.wait(30)
+            return piece
+
+    tiers.use_copier(_Downloads(), max_staged=4, max_gathered=2)
+    try:
+        for b in range(5):
+            tiers.write_down(b, bytes([b + 1]) * 16)
+        opener = threading.Timer(0.3, gate.set)
+        opener.start()
+        began = time.monotonic()
+        tiers.dispatch(_gather)  # 2 + 2 + 1: the second batch waits for the first's download
+        assert time.monotonic() - began >= 0.25, "dispatch gathered past the bound without waiting"
+        assert tiers.flush() and tiers.gathered == 0 and max(seen) <= 2
+        assert all(bytes([b + 1]) * 16 in tiers.host for b in range(5)) and tiers.counters["host"].dropped == 0
+    finally:
+        gate.set()
+        tiers.close()
+
+
+def test_a_stuck_download_gives_the_engine_its_thread_back(monkeypatch):
+    """A download that never ends: dispatch waits STOP_TIMEOUT_S at most for room, then drops the rest (counted) and
+    returns, and the accounting balances once the stuck copy is let through."""
+    from rtpjax.kv.tiers import manager
+
+    monkeypatch.setattr(manager, "STOP_TIMEOUT_S", 0.2)
     tiers, gate = KVTiers(LAYOUT, HostTier(8 * LAYOUT.block_bytes, LAYOUT.block_bytes), None, "swap"), threading.Event()
 
     class _Downloads:
@@ -252,18 +283,17 @@ def test_blocks_waiting_on_the_device_for_their_download_are_bounded():
             assert gate.wait(30)
             return piece
 
-    tiers.use_copier(_Downloads(), max_staged=4, max_gathered=2)
+    tiers.use_copier(_Downloads(), max_staged=4, max_gathered=1)
     try:
-        for b in range(3):
-            tiers.write_down(b, bytes([b + 1]) * 16)
+        a, b = b"s" * 16, b"t" * 16
+        tiers.write_down(0, a)
+        tiers.write_down(1, b)
+        fetch = tiers.fetch([b], 0)
         tiers.dispatch(_gather)
-        assert tiers.gathered == 2 and tiers.counters["host"].dropped == 1
+        assert tiers.counters["host"].dropped == 1 and fetch.ready and fetch.valid == 0
         gate.set()
-        assert tiers.flush() and tiers.gathered == 0
-        assert [bytes([b + 1]) * 16 in tiers.host for b in range(3)] == [True, True, False]
-        tiers.write_down(5, b"g" * 16)
-        tiers.dispatch(_gather)
-        assert tiers.flush() and b"g" * 16 in tiers.host
+        assert tiers.flush() and a in tiers.host and b not in tiers.host and tiers.pending == 0
+        tiers.drop(fetch)
     finally:
         gate.set()
         tiers.close()

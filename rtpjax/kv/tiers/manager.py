@@ -3,15 +3,16 @@
 Down: a block the device evicts (BlockPool's hook) or a preempted sequence's blocks are queued with their hashes;
 the engine dispatches one packed gather for them right after scheduling, before the step (or a load) can overwrite
 them. A download thread copies the gathered rows to the host (a copy into pinned memory waits for the step ahead of
-the gather: never on the engine's thread; at most max_gathered blocks wait on the device for it), fills the rows of
-fetches waiting for those blocks, and hands them to a writer thread, which puts each block in host memory (if it
-lacks it), then hands it to the disk's writer. Nothing here waits for the device on the engine's thread.
+the gather: never on the engine's thread), fills the rows of fetches waiting for those blocks, and hands them to a
+writer thread, which puts each block in host memory (if it lacks it), then hands it to the disk's writer. At most
+max_gathered blocks wait on the device for their download; only past that does the engine's thread wait (for the
+download thread, not for a step).
 
 The disk has a writer thread of its own, fed by the host writer: a block lands in host memory (and fetches waiting
 for it go on) without waiting for the disk writes queued before it. It reads each block from its host row, leased
-until written (a copy where the block found no room there). Each backlog is bounded (max_gathered, max_pending
-blocks; the disk's also by DISK_BACKLOG_BYTES and half the host tier): past it a block is dropped and counted, so a
-slow disk never holds the engine's thread or a fetch, nor piles up memory.
+until written (a copy where the block found no room there). The writers' backlogs are bounded (max_pending blocks; the
+disk's also by DISK_BACKLOG_BYTES and half the host tier): past them a block is dropped and counted, so a slow disk
+never holds the engine's thread or a fetch, nor piles up memory.
 
 Up: for a waiting sequence whose prefix continues below the device, `fetch` leases the host rows that hold it, starts
 reader threads on those only on disk (into leased host rows), and has leased rows filled for blocks still on their
@@ -195,6 +196,7 @@ class KVTiers:
         self.copier = None  # BlockCopier: downloads gathered rows; stages fetched rows before admission (use_copier)
         self.max_gathered: int | None = None  # blocks gathered on the device, not yet downloaded (None: no bound)
         self.gathered = 0
+        self._gathered_cv = threading.Condition(self.lock)
         self.max_staged = 0  # blocks staged on the device and not yet taken; one fetch may exceed it alone
         self.staged_blocks = 0
         self._onloader = ThreadPoolExecutor(1, thread_name_prefix="rtpjax-kv-onload")
@@ -229,28 +231,43 @@ class KVTiers:
     def dispatch(self, gather_packed) -> None:
         """Gather the queued blocks on the device now (`gather_packed(blocks)` -> (real count, rows) pieces: the
         runner's offload without its download when a copier is in use), before anything overwrites them; the download
-        thread starts their copy to the host and the writer writes them down once it lands."""
+        thread copies them to the host and the writer writes them down. At most max_gathered blocks wait on the device
+        for their download: past it this (the engine's) thread waits for the download thread, in batches, rather than
+        drop them (nothing can overwrite them meanwhile: the engine dispatches nothing while it waits)."""
         if not self.queued:
             return
         with self.lock:
             room = max(0, self.max_pending - self.pending)
-            if self.max_gathered is not None:
-                room = min(room, max(0, self.max_gathered - self.gathered))
             kept, dropped = self.queued[:room], self.queued[room:]
             self.pending += len(kept)
-            self.gathered += len(kept)
         self.queued = []
-        for _, h in dropped:
-            self._landed(h, None)
         if dropped:
-            with self.lock:
-                for tier in self.tiers:
-                    self.counters[tier.name].dropped += len(dropped)
-            log.warning("KV tiers: %d blocks not written down (the download or the writer is too far behind)",
-                        len(dropped))  # fmt: skip
-        if kept:
-            blocks, hashes = [b for b, _ in kept], [h for _, h in kept]
+            log.warning("KV tiers: %d blocks not written down (the writer is %d blocks behind)", len(dropped),
+                        self.max_pending)  # fmt: skip
+            self._give_up(dropped)
+        batch = self.max_gathered or len(kept) or 1
+        for i in range(0, len(kept), batch):
+            part = kept[i : i + batch]
+            with self._gathered_cv:
+                room = self._gathered_cv.wait_for(lambda: self.gathered + len(part) <= batch,  # noqa: B023
+                                                  timeout=STOP_TIMEOUT_S)  # fmt: skip
+                self.gathered += len(part) if room else 0
+                self.pending -= 0 if room else len(kept) - i
+            if not room:
+                log.warning("KV tiers: the download thread is stuck; %d blocks not written down", len(kept) - i)
+                self._give_up(kept[i:])
+                return
+            blocks, hashes = [b for b, _ in part], [h for _, h in part]
             self._downloads.put((hashes, gather_packed(blocks), time.perf_counter()))
+
+    def _give_up(self, blocks: list[tuple[int, bytes]]) -> None:
+        """Queued (block, hash) pairs that will not be written down (not counted as pending): counted as dropped,
+        fetches waiting for them fail (and recompute)."""
+        with self.lock:
+            for tier in self.tiers:
+                self.counters[tier.name].dropped += len(blocks)
+        for _, h in blocks:
+            self._landed(h, None)
 
     def _download_loop(self) -> None:
         """Start each gather's copy to the host (the copier's download, where rows are left on the device) and pass
@@ -273,8 +290,9 @@ class KVTiers:
             log.exception("KV tiers: copying %d blocks to the host failed", len(hashes))
             return hashes, pieces, began
         finally:
-            with self.lock:
+            with self._gathered_cv:
                 self.gathered -= len(hashes)  # off the device (or given up)
+                self._gathered_cv.notify_all()
         rows = [row for real, arr in pieces for row in arr[:real]]  # views: no copy of the pieces
         with self.lock:
             awaited = [(h, row) for h, row in zip(hashes, rows) if h in self.awaited]
