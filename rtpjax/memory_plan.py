@@ -288,8 +288,8 @@ def staging_blocks(args: EngineArgs, block_bytes: int, one_sequence: int, num_bl
     a whole block, as every device holds staged rows). At least one longest sequence (what device_kv_blocks keeps for
     them); on a device with statistics, all that --gpu-memory-utilization leaves after the weights and the cache, less
     two sequences (rows the scheduler has taken, rows gathered for a download), up to the cache's size (more could
-    never be admitted at once):
-    a cache capped by --num-gpu-blocks leaves fetches room to stage instead of queueing behind each other."""
+    never be admitted at once): a cache capped by --num-gpu-blocks leaves fetches room to stage instead of queueing
+    behind each other."""
     import jax
 
     stats = jax.local_devices()[0].memory_stats() or {}

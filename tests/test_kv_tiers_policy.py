@@ -91,6 +91,19 @@ def _stuck_disk(disk):
     return entered, go
 
 
+class _GatedDownloads:
+    """A copier's download that waits for `gate` (calling `on_call` first), so a test holds gathered blocks on the
+    device as a download behind a long step would."""
+
+    def __init__(self, gate: threading.Event, on_call=lambda: None):
+        self.gate, self.on_call = gate, on_call
+
+    def download(self, piece):
+        self.on_call()
+        assert self.gate.wait(30)
+        return piece
+
+
 def _until(condition, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while not condition() and time.monotonic() < deadline:
@@ -248,13 +261,7 @@ def test_blocks_waiting_on_the_device_for_their_download_are_bounded():
     tiers, gate, seen = KVTiers(LAYOUT, HostTier(8 * LAYOUT.block_bytes, LAYOUT.block_bytes), None, "swap"), \
         threading.Event(), []
 
-    class _Downloads:
-        def download(self, piece):
-            seen.append(tiers.gathered)
-            assert gate.wait(30)
-            return piece
-
-    tiers.use_copier(_Downloads(), max_staged=4, max_gathered=2)
+    tiers.use_copier(_GatedDownloads(gate, lambda: seen.append(tiers.gathered)), max_staged=4, max_gathered=2)
     try:
         for b in range(5):
             tiers.write_down(b, bytes([b + 1]) * 16)
@@ -278,12 +285,7 @@ def test_a_stuck_download_gives_the_engine_its_thread_back(monkeypatch):
     monkeypatch.setattr(manager, "STOP_TIMEOUT_S", 0.2)
     tiers, gate = KVTiers(LAYOUT, HostTier(8 * LAYOUT.block_bytes, LAYOUT.block_bytes), None, "swap"), threading.Event()
 
-    class _Downloads:
-        def download(self, piece):
-            assert gate.wait(30)
-            return piece
-
-    tiers.use_copier(_Downloads(), max_staged=4, max_gathered=1)
+    tiers.use_copier(_GatedDownloads(gate), max_staged=4, max_gathered=1)
     try:
         a, b = b"s" * 16, b"t" * 16
         tiers.write_down(0, a)

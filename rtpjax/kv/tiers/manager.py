@@ -5,8 +5,8 @@ the engine dispatches one packed gather for them right after scheduling, before 
 them. A download thread copies the gathered rows to the host (a copy into pinned memory waits for the step ahead of
 the gather: never on the engine's thread), fills the rows of fetches waiting for those blocks, and hands them to a
 writer thread, which puts each block in host memory (if it lacks it), then hands it to the disk's writer. At most
-max_gathered blocks wait on the device for their download; only past that does the engine's thread wait (for the
-download thread, not for a step).
+max_gathered blocks wait on the device for their download; only past that does the engine's thread wait for it
+(which can mean for the step in flight, as every step's read does).
 
 The disk has a writer thread of its own, fed by the host writer: a block lands in host memory (and fetches waiting
 for it go on) without waiting for the disk writes queued before it. It reads each block from its host row, leased
@@ -251,8 +251,10 @@ class KVTiers:
             with self._gathered_cv:
                 room = self._gathered_cv.wait_for(lambda: self.gathered + len(part) <= batch,  # noqa: B023
                                                   timeout=STOP_TIMEOUT_S)  # fmt: skip
-                self.gathered += len(part) if room else 0
-                self.pending -= 0 if room else len(kept) - i
+                if room:
+                    self.gathered += len(part)
+                else:
+                    self.pending -= len(kept) - i  # given up below
             if not room:
                 log.warning("KV tiers: the download thread is stuck; %d blocks not written down", len(kept) - i)
                 self._give_up(kept[i:])
