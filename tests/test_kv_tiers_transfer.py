@@ -10,7 +10,9 @@ import numpy as np
 from conftest import ENGINE_ARGS
 
 from rtpjax import LLM, SamplingParams
-from rtpjax.kv.block_pool import prefix_hashes
+from rtpjax.engine.scheduler import Scheduler
+from rtpjax.engine.sequence import Sequence
+from rtpjax.kv.block_pool import BlockPool, prefix_hashes
 from rtpjax.kv.host_blocks import KVLayout
 from rtpjax.kv.tiers.host import HostTier
 from rtpjax.kv.tiers.manager import KVTiers
@@ -237,6 +239,37 @@ def test_a_fetch_without_room_is_not_staged_and_holds_no_bound():
         tiers.close()
 
 
+def test_a_load_on_its_way_to_the_device_keeps_its_room_from_later_sequences():
+    """A's prefix is being staged (the pool had room for it when its transfer started); B, behind it and with nothing
+    below, must not take that room meanwhile, or A waits for room again once its rows arrive."""
+    pool, tiers, copier = BlockPool(8), _tiers(), _Copier()
+    tiers.use_copier(copier, max_staged=8, max_gathered=8)
+    held = pool.allocate(2)  # 6 free: A's 3 loaded blocks and its last token's, or B's 4, not both
+    sched = Scheduler(pool, 16, 4, 64, 256, tiers=tiers)
+    rng = np.random.default_rng(5)
+    prompt_a, prompt_b = rng.integers(3, 512, 49).tolist(), rng.integers(3, 512, 49).tolist()
+    for h, row in zip(prefix_hashes(prompt_a, 16), rng.integers(0, 256, (3, LAYOUT.block_bytes), dtype=np.uint8)):
+        tiers.host.put(h, row)
+    a, b = (Sequence(r, 0, p, SamplingParams(max_tokens=4), seed=0, max_tokens=4) for r, p in (("a", prompt_a),
+                                                                                              ("b", prompt_b)))
+    sched.add(a)
+    sched.add(b)
+    try:
+        schedule = sched.schedule()
+        assert a.tier_fetch is not None and a.tier_fetch.onloading and not a.tier_fetch.admissible
+        assert not schedule.items and pool.num_free == 6, "B took the room of A's load in flight"
+        copier.gate.set()
+        _until(lambda: a.tier_fetch.admissible)
+        schedule = sched.schedule()
+        assert [item.seq for item in schedule.items] == [a] and len(schedule.loads[0].blocks) == 3
+        assert schedule.loads[0].kv.lease is None and not any(tiers.host.leases)  # staged: host rows given back
+        pool.release(held)
+        assert b in [item.seq for item in sched.schedule().items]
+    finally:
+        copier.gate.set()
+        tiers.close()
+
+
 def _b_below_the_device(stories_dir, compile_cache, stories_llm, seed: int):
     """A 16-block engine with a host tier, whose prompt B (70 tokens) ran and went down to the host tier: (engine, rng,
     B, greedy params, B's tokens from a fresh prefill)."""
@@ -372,7 +405,8 @@ def test_the_scheduler_stages_no_fetch_whose_sequence_has_no_room(stories_dir, c
         assert time.monotonic() < deadline, "the requests did not finish"
         outs = {o.request_id: o for o in e.step()}
         fetch = b.tier_fetch
-        if fetch is not None and not e.scheduler._room_after_load(b, fetch.start, fetch.start + len(fetch.hashes)):
+        need = e.scheduler._load_need(b, fetch.start, fetch.start + len(fetch.hashes)) if fetch is not None else 0
+        if fetch is not None and need > e.pool.num_free:
             assert not fetch.onloading and e.tiers.staged_blocks == 0, "staged without room"
             held_back += 1
         if "b" in outs and outs["b"].finished:

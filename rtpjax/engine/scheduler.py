@@ -174,18 +174,20 @@ class Scheduler:
         admitted: list[Sequence] = []
         loads: list[BlockLoad] = []
         max_items = self.max_verify_seqs if any(item.drafts for item in items) else self.max_num_seqs
+        reserved = 0  # blocks that earlier sequences' loads, already on their way to the device, will be admitted with
         if not preempted:
             for seq in list(self.waiting):
                 if budget <= 0 or len(self.running) >= self.max_num_seqs or len(items) >= max_items:
                     break
                 if seq.token_ids[-1] == PENDING:
                     continue  # its last token is read after this step; admit it next time
-                if self.tiers is not None and not self._below_ready(seq):
-                    continue  # its prefix blocks are coming up from a KV tier; others go ahead
-                if not self._admit(seq, budget, loads):
+                if self.tiers is not None and not self._below_ready(seq, reserved):
+                    reserved += self._reserve_for_load(seq)
+                    continue  # its prefix blocks are coming up from a KV tier; others go ahead, around its room
+                if not self._admit(seq, budget, loads, reserved):
                     if seq.fork_parent is not None:
                         continue  # waits for its sibling's prompt, not for blocks (later pins stay)
-                    if not (self._unpin_after(seq) and self._admit(seq, budget, loads)):
+                    if not (self._unpin_after(seq) and self._admit(seq, budget, loads, reserved)):
                         break
                 admitted.append(seq)
                 n = len(seq.token_ids) - seq.num_computed
@@ -197,9 +199,9 @@ class Scheduler:
                     self.tiers.poll(seq.tier_fetch, room=None)  # the room this round's ask found
         return Schedule(items, admitted, preempted, loads)
 
-    def _admit(self, seq: Sequence, budget: int, loads: list[BlockLoad]) -> bool:
+    def _admit(self, seq: Sequence, budget: int, loads: list[BlockLoad], reserved: int = 0) -> bool:
         """Move a waiting sequence to running with its reusable prefix blocks (and its blocks held on the host), if
-        blocks allow its first chunk."""
+        blocks allow its first chunk and leave `reserved` free."""
         shared: list[int] = []
         max_shared = (len(seq.token_ids) - 1) // self.block_size  # at least one token must run to give logits
         parent = seq.fork_parent
@@ -217,11 +219,13 @@ class Scheduler:
         seq.num_computed = len(shared) * self.block_size
         seq.num_registered_blocks = len(shared) if seq.fork_parent is None else 0  # cache hits are published
         load = self._take_host_blocks(seq) if seq.host_kv is not None else None
-        tier_ok, tier_load, lookup = (self._take_tier_blocks(seq, max_shared, budget) if seq.tier_fetch is not None
-                                      else (True, None, None))  # fmt: skip
+        tier_ok, tier_load, lookup = (self._take_tier_blocks(seq, max_shared, budget, reserved)
+                                      if seq.tier_fetch is not None else (True, None, None))  # fmt: skip
         loaded = len(seq.block_table)
         first_chunk = min(len(seq.token_ids) - seq.num_computed, budget)
-        if (seq.host_kv is not None and load is None) or not tier_ok or not self._grow(seq, first_chunk):
+        grow = -(-(seq.num_computed + first_chunk) // self.block_size) - loaded
+        if ((seq.host_kv is not None and load is None) or not tier_ok or grow > self.pool.num_free - reserved
+                or not self._grow(seq, first_chunk)):
             if tier_load is not None:
                 self.tiers.release(tier_load.kv)  # fetched again on the next try
             self.pool.release(seq.block_table)
@@ -258,9 +262,10 @@ class Scheduler:
 
     # -- KV tiers ---------------------------------------------------------------------------------------------------
 
-    def _below_ready(self, seq: Sequence) -> bool:
+    def _below_ready(self, seq: Sequence, reserved: int) -> bool:
         """Start, or follow, the fetch of the sequence's prefix blocks found below the device; True once none is in
-        flight (nothing below, or every block in host memory)."""
+        flight (nothing below, or every block in host memory). Its rows are staged only if the pool has room for it
+        beside `reserved`."""
         if seq.fork_parent is not None or seq.host_kv is not None:
             return True
         hashes = self._hashes(seq)
@@ -270,7 +275,7 @@ class Scheduler:
         if fetch is not None and len(device) < fetch.start:  # unpinned, and evicted meanwhile: start again
             self._drop_fetch(seq)
             fetch = None
-        room = self._room_after_load(seq, len(device), max_shared)
+        room = self._load_need(seq, len(device), max_shared) <= self.pool.num_free - reserved
         if fetch is None:  # (a device share grown past its start only skips rows: `_take_tier_blocks`)
             fetch = seq.tier_fetch = self.tiers.fetch(hashes[len(device) : max_shared], len(device), seq.preempted,
                                                       room)  # fmt: skip
@@ -279,12 +284,21 @@ class Scheduler:
                 seq.tier_pin = device
         return fetch is None or self.tiers.poll(fetch, room)
 
-    def _room_after_load(self, seq: Sequence, on_device: int, max_shared: int) -> bool:
-        """Whether the pool has the fresh blocks for the sequence's loaded prefix (at most up to max_shared) and its
-        first chunk, as admission will ask."""
+    def _load_need(self, seq: Sequence, on_device: int, max_shared: int) -> int:
+        """The fresh blocks admission will ask for the sequence's loaded prefix (at most up to max_shared) and its
+        first chunk."""
         computed = max_shared * self.block_size
         first_chunk = min(len(seq.token_ids) - computed, self.max_num_batched_tokens)
-        return -(-(computed + first_chunk) // self.block_size) - on_device <= self.pool.num_free
+        return -(-(computed + first_chunk) // self.block_size) - on_device
+
+    def _reserve_for_load(self, seq: Sequence) -> int:
+        """Blocks held free for a loading sequence whose rows are on their way to the device (the pool had room for
+        it when their transfer started): sequences behind it must not take them, or it waits for room again once
+        its rows arrive. 0 for one still gathering its rows in host memory."""
+        fetch = seq.tier_fetch
+        if fetch is None or not fetch.onloading:
+            return 0
+        return max(0, self._load_need(seq, len(seq.tier_pin), (len(seq.token_ids) - 1) // self.block_size))
 
     def _unpin(self, seq: Sequence) -> bool:
         """Give back the device blocks a loading sequence held (they stay cached until evicted)."""
@@ -321,7 +335,7 @@ class Scheduler:
             seq.tier_fetch = None
         self._unpin(seq)
 
-    def _take_tier_blocks(self, seq: Sequence, max_shared: int, budget: int):
+    def _take_tier_blocks(self, seq: Sequence, max_shared: int, budget: int, reserved: int):
         """(ok, load, lookup): fresh blocks for the fetched blocks that follow the device's share, and what was looked
         up below; (False, None, None) if the pool lacks them and the first chunk's blocks (the fetch, staged or not, is
         kept for the next try). They are published and counted only once the sequence is admitted."""
@@ -330,7 +344,7 @@ class Scheduler:
         n = max(0, min(fetch.valid - skip, max_shared - have)) if skip >= 0 else 0
         computed = (have + n) * self.block_size
         first_chunk = min(len(seq.token_ids) - computed, budget)
-        if -(-(computed + first_chunk) // self.block_size) - have > self.pool.num_free:
+        if -(-(computed + first_chunk) // self.block_size) - have > self.pool.num_free - reserved:
             return False, None, None
         fresh = self.pool.allocate(n) if n else []
         seq.tier_fetch = None
