@@ -44,14 +44,11 @@ def test_should_load_follows_the_policy_and_the_costs():
     assert not should_load("auto", False, disk, LAYOUT.block_bytes, LAYOUT.block_size, 3, 1)
 
 
-def test_measured_costs_are_the_best_runs_so_one_slow_run_does_not_turn_loads_off():
-    """A slow first onload (another process freeing its memory) once made the engine recompute every hit for its
-    whole life: each cost is the best of its runs."""
+def _measured(seconds: dict, disk=None):
+    """measure_costs over a runner whose copies and steps take `seconds` (lists, one per call)."""
     from types import SimpleNamespace
 
     from rtpjax.kv.tiers.build import measure_costs
-
-    seconds = {"write_packed": [0.3, 0.01, 0.3, 0.01, 0.3], "run_step": [0.3, 0.02, 0.3, 0.02, 0.3]}
 
     def timed(name, result):
         def call(*_):
@@ -64,11 +61,35 @@ def test_measured_costs_are_the_best_runs_so_one_slow_run_does_not_turn_loads_of
     copier.write_packed = timed("write_packed", np.zeros(1))
     runner = SimpleNamespace(copier=copier, cache=np.zeros(1), token_buckets=[64], _batch=lambda *_: (),
                              run_step=timed("run_step", np.zeros(1)), _seqs_for=lambda n: n)  # fmt: skip
-    tiers = SimpleNamespace(host=HostTier(8 * LAYOUT.block_bytes, LAYOUT.block_bytes), layout=LAYOUT,
+    tiers = SimpleNamespace(host=HostTier(8 * LAYOUT.block_bytes, LAYOUT.block_bytes), layout=LAYOUT, disk=disk,
                             block_bytes=LAYOUT.block_bytes, block_size=LAYOUT.block_size)  # fmt: skip
-    costs = measure_costs(runner, tiers)
+    return measure_costs(runner, tiers)
+
+
+def test_measured_costs_are_the_best_runs_so_one_slow_run_does_not_turn_loads_off():
+    """A slow first onload (another process freeing its memory) once made the engine recompute every hit for its
+    whole life: each cost is the best of its runs."""
+    costs = _measured({"write_packed": [0.3, 0.01, 0.3, 0.01, 0.3], "run_step": [0.3, 0.02, 0.3, 0.02, 0.3]})
     assert costs.onload_bytes_per_s > 4 * LAYOUT.block_bytes / 0.05  # the 0.01 s runs, not the median 0.3 s
-    assert costs.prefill_tokens_per_s > 64 / 0.05
+    assert costs.prefill_tokens_per_s > 64 / 0.05 and costs.disk_bytes_per_s is None
+
+
+def test_a_restarted_disk_tier_is_measured_before_its_first_load(tmp_path, monkeypatch):
+    """After a restart the first loads went to the disk before any read had measured it, even where recomputing is
+    cheaper (the slow tail of the restart runs): its read rate is measured at start from the blocks it holds."""
+    hashes = prefix_hashes(list(range(3, 3 + 64)), 16)
+    empty = DiskTier(str(tmp_path), 1 << 20, LAYOUT.block_bytes, {"m": 1})
+    assert _measured({"write_packed": [0] * 5, "run_step": [0] * 5}, empty).disk_bytes_per_s is None
+    for i, h in enumerate(hashes):
+        assert empty.write(h, _row(i))
+    disk = DiskTier(str(tmp_path), 1 << 20, LAYOUT.block_bytes, {"m": 1})  # the restart
+    reads = []
+    monkeypatch.setattr(disk, "read_into", lambda h, out: reads.append(h) or time.sleep(0.01) or True)
+    costs = _measured({"write_packed": [0] * 5, "run_step": [0] * 5}, disk)
+    assert sorted(reads) == sorted(hashes) and costs.disk_bytes_per_s < 4 * LAYOUT.block_bytes / 0.04  # 10 ms a read
+    costs.onload_bytes_per_s, costs.prefill_tokens_per_s = 1e12, LAYOUT.block_size / 1e-3  # a block: 1 ms
+    assert not should_load("auto", False, costs, LAYOUT.block_bytes, LAYOUT.block_size, 0, 4)  # 10 ms > 1 ms
+    assert should_load("auto", False, costs, LAYOUT.block_bytes, LAYOUT.block_size, 4, 0)
 
 
 # -- the writer's backlog ----------------------------------------------------------------------------------------------

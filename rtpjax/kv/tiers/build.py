@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from rtpjax.kv.host_blocks import KVLayout, PackedBlocks
 from rtpjax.kv.tiers.disk import DiskTier
@@ -114,8 +115,22 @@ def measure_costs(runner, tiers: KVTiers, repeats: int = 5) -> Costs:
         began = time.perf_counter()
         jax.block_until_ready(runner.run_step(*runner._batch([], tokens, runner._seqs_for(tokens))))
         step.append(time.perf_counter() - began)
-    costs = Costs(n * tiers.block_bytes / min(onload), tokens / min(step))
-    log.info("KV tiers: onload %.2f GB/s, recompute %.0f tokens/s: loading a block pays when it takes less than "
+    disk = measure_disk(tiers.disk, tiers.block_bytes) if tiers.disk is not None else None
+    costs = Costs(n * tiers.block_bytes / min(onload), tokens / min(step), disk)
+    log.info("KV tiers: onload %.2f GB/s, recompute %.0f tokens/s%s: loading a block pays when it takes less than "
              "recomputing its %d tokens", costs.onload_bytes_per_s / 1e9, costs.prefill_tokens_per_s,
-             tiers.block_size)  # fmt: skip
+             f", disk reads {disk / 1e9:.2f} GB/s" if disk else "", tiers.block_size)  # fmt: skip
     return costs
+
+
+def measure_disk(disk: DiskTier, block_bytes: int, blocks: int = 16) -> float | None:
+    """The disk tier's read rate (checksum included) over the newest blocks earlier runs left, so that the first loads
+    after a restart already know whether reading beats recomputing (they otherwise go to the disk until reads have
+    measured it); None on an empty disk tier (its reads measure it as they happen)."""
+    row = np.empty(block_bytes, np.uint8)
+    with disk.lock:
+        newest = list(disk.index)[-blocks:]
+    began = time.perf_counter()
+    read = sum(disk.read_into(h, row) for h in reversed(newest))
+    seconds = time.perf_counter() - began
+    return read * block_bytes / max(seconds, 1e-9) if read else None
