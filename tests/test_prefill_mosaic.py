@@ -43,9 +43,9 @@ def relative_error(out, ref, rows):
 
 CASES = [  # chunks, query heads, KV heads, head_dim, block size, dtype, error bound
     ([(128, 0)], 2, 1, 64, 16, jnp.bfloat16, 1e-2),  # one chunk, nothing cached: fewer KV tiles than stages
-    ([(128, 70)], 4, 2, 128, 64, jnp.bfloat16, 1e-2),  # context ends mid-block; GQA 2; blocks of 64
-    ([(64, 200)], 8, 2, 64, 32, jnp.float16, 2e-3),  # GQA 4; half a tile of queries
-    ([(70, 0), (1, 130), (150, 64), (5, 3), (64, 10)], 3, 1, 64, 16, jnp.float16, 2e-3),  # ragged, short ones skipped
+    ([(128, 70)], 2, 1, 128, 64, jnp.bfloat16, 1e-2),  # context ends mid-block; GQA 2; blocks of 64
+    ([(64, 200)], 4, 1, 64, 32, jnp.float16, 2e-3),  # GQA 4; half a tile of queries
+    ([(70, 0), (1, 130), (100, 64), (5, 3), (64, 10)], 3, 1, 64, 16, jnp.float16, 2e-3),  # ragged, short ones skipped
 ]  # fmt: skip
 
 
@@ -110,14 +110,14 @@ def test_engine_attention_splits_a_step_between_the_two_kernels(monkeypatch):
     Triton kernel, every token's row from the kernel that answered it; and the whole step as the reference gives it."""
     monkeypatch.setattr(prefill_mosaic, "available", lambda: True)  # a Hopper GPU
     monkeypatch.setattr(prefill_mosaic, "MIN_TOKENS", 0)
-    q, cache, meta = mixed_step([(1, 40), (130, 20), (9, 40), (1, 5), (64, 0)], 4, 2, 64, 16, jnp.bfloat16, seed=3)
-    assert "prefill_tiles" not in plan_step(dataclasses.replace(meta, impl="pallas"), q.shape[0], 4, 2).plan  # off
-    meta = plan_step(dataclasses.replace(meta, impl="pallas", mosaic_prefill=True), q.shape[0], 4, 2)
+    q, cache, meta = mixed_step([(1, 40), (130, 20), (9, 40), (1, 5), (64, 0)], 2, 1, 64, 16, jnp.bfloat16, seed=3)
+    assert "prefill_tiles" not in plan_step(dataclasses.replace(meta, impl="pallas"), q.shape[0], 2, 1).plan  # off
+    meta = plan_step(dataclasses.replace(meta, impl="pallas", mosaic_prefill=True), q.shape[0], 2, 1)
     assert {"prefill_tiles", "other_query_blocks"} <= set(meta.plan)
     decode_shaped = dataclasses.replace(meta, query_start_loc=meta.query_start_loc[:3], seq_lens=meta.seq_lens[:2],
                                         block_tables=meta.block_tables[:2], slot_mapping=meta.slot_mapping[:4])
-    assert "prefill_tiles" not in plan_step(decode_shaped, 4, 4, 2).plan  # 4 tokens for 2 sequences
-    new_kv = jnp.zeros((q.shape[0], 2, 64), q.dtype)
+    assert "prefill_tiles" not in plan_step(decode_shaped, 4, 2, 1).plan  # 4 tokens for 2 sequences
+    new_kv = jnp.zeros((q.shape[0], 1, 64), q.dtype)
     out, _ = IMPLEMENTATIONS["pallas"](q, new_kv, new_kv, cache, meta, scale=0.125, window=None, soft_cap=None)
     ref = reference_attention(q.astype(jnp.float32), cache, meta, scale=0.125)
     assert relative_error(out, ref, slice(None)) < 1e-2
@@ -138,7 +138,7 @@ def test_engine_scores_a_long_prompt_through_the_mosaic_kernel(tmp_path, stories
     from rtpjax import LLM, SamplingParams
 
     model = make_tiny_checkpoint("llama3", tmp_path / "llama3_hd64", head_dim=64, num_attention_heads=2,
-                                 num_key_value_heads=1, num_hidden_layers=2)  # fmt: skip
+                                 num_key_value_heads=1, num_hidden_layers=1)  # fmt: skip
     for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
         shutil.copy(stories_dir / name, model / name)
     args = dict(ENGINE_ARGS, max_num_batched_tokens=128, dtype="bfloat16", compilation_cache_dir=compile_cache,
