@@ -239,27 +239,21 @@ def test_a_fetch_without_room_is_not_staged_and_holds_no_bound():
         tiers.close()
 
 
-def _a_loading_b_behind(held: int, len_b: int):
-    """A scheduler over 8 blocks (`held` of them taken) with A, whose 3 prefix blocks are in the host tier (staged
-    through a gated copier), and B behind it with nothing below."""
+def test_a_load_on_its_way_to_the_device_keeps_its_room_from_later_sequences():
+    """A's prefix is being staged (the pool had room for it when its transfer started); B, behind it and with nothing
+    below, must not take that room meanwhile, or A waits for room again once its rows arrive."""
     pool, tiers, copier = BlockPool(8), _tiers(), _Copier()
     tiers.use_copier(copier, max_staged=8, max_gathered=8)
+    held = pool.allocate(2)  # 6 free: A's 3 loaded blocks and its last token's, or B's 4, not both
     sched = Scheduler(pool, 16, 4, 64, 256, tiers=tiers)
     rng = np.random.default_rng(5)
-    prompt_a, prompt_b = rng.integers(3, 512, 49).tolist(), rng.integers(3, 512, len_b).tolist()
+    prompt_a, prompt_b = rng.integers(3, 512, 49).tolist(), rng.integers(3, 512, 49).tolist()
     for h, row in zip(prefix_hashes(prompt_a, 16), rng.integers(0, 256, (3, LAYOUT.block_bytes), dtype=np.uint8)):
         tiers.host.put(h, row)
     a, b = (Sequence(r, 0, p, SamplingParams(max_tokens=4), seed=0, max_tokens=4) for r, p in (("a", prompt_a),
                                                                                               ("b", prompt_b)))
     sched.add(a)
     sched.add(b)
-    return pool, tiers, copier, sched, a, b, pool.allocate(held)
-
-
-def test_a_load_on_its_way_to_the_device_keeps_its_room_from_later_sequences():
-    """A's prefix is being staged (the pool had room for it when its transfer started); B, behind it and with nothing
-    below, must not take that room meanwhile, or A waits for room again once its rows arrive."""
-    pool, tiers, copier, sched, a, b, held = _a_loading_b_behind(2, 49)  # 6 free: A's 4 blocks or B's 4, not both
     try:
         schedule = sched.schedule()
         assert a.tier_fetch is not None and a.tier_fetch.onloading and not a.tier_fetch.admissible
@@ -273,29 +267,6 @@ def test_a_load_on_its_way_to_the_device_keeps_its_room_from_later_sequences():
         assert b in [item.seq for item in sched.schedule().items]
     finally:
         copier.gate.set()
-        tiers.close()
-
-
-def test_a_load_waiting_for_room_is_not_overtaken_by_a_smaller_sequence():
-    """A's rows are in host memory but the pool lacks room for its 4 blocks; B, behind it, would fit in the 3 free.
-    B must wait (first come, first served, as for sequences with nothing below): otherwise smaller newcomers take
-    every block that frees and a load waits for room for as long as they keep coming."""
-    pool, tiers, copier, sched, a, b, held = _a_loading_b_behind(5, 33)
-    copier.gate.set()
-    try:
-        schedule = sched.schedule()
-        assert a.tier_fetch is not None and a.tier_fetch.ready and not a.tier_fetch.onloading
-        assert not schedule.items and pool.num_free == 3, "B overtook A, which waits for room"
-        pool.release(held[:1])  # room now: A is staged, then admitted (alone: B still lacks room)
-        for _ in range(100):
-            items = [item.seq for item in sched.schedule().items]
-            if items:
-                break
-            time.sleep(0.01)
-        assert items == [a]
-        pool.release(held[1:])
-        assert b in [item.seq for item in sched.schedule().items]
-    finally:
         tiers.close()
 
 

@@ -292,12 +292,11 @@ class Scheduler:
         return -(-(computed + first_chunk) // self.block_size) - on_device
 
     def _reserve_for_load(self, seq: Sequence) -> int:
-        """Blocks held free for a loading sequence whose rows are all in host memory: sequences behind it must not
-        take them, whether its rows are on their way to the device (or it waits for room again once they arrive) or
-        wait for room (or smaller newcomers take every block that frees, as long as they keep coming). First come,
-        first served, as for sequences with nothing below. 0 for one still gathering its rows."""
+        """Blocks held free for a loading sequence whose rows are on their way to the device (the pool had room for
+        it when their transfer started): sequences behind it must not take them, or it waits for room again once
+        its rows arrive. 0 for one still gathering its rows in host memory."""
         fetch = seq.tier_fetch
-        if fetch is None or not fetch.ready:
+        if fetch is None or not fetch.onloading:
             return 0
         return max(0, self._load_need(seq, len(seq.tier_pin), (len(seq.token_ids) - 1) // self.block_size))
 
