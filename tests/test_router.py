@@ -21,7 +21,9 @@ from test_server import free_port
 
 pytestmark = pytest.mark.slow
 
-REPLICA_FLAGS = ["--max-model-len", "256", "--max-num-seqs", "8", "--max-num-batched-tokens", "32", "--block-size",
+# 64 tokens a step: router_bench's flush between runs (prompts of 248 tokens) takes half the steps of 32. test_pd_mixed
+# serves with these flags too, so the two files' engines share their compilations.
+REPLICA_FLAGS = ["--max-model-len", "256", "--max-num-seqs", "8", "--max-num-batched-tokens", "64", "--block-size",
                  "16", "--num-gpu-blocks", "160"]  # fmt: skip
 POLICIES = ("cache_aware", "round_robin", "least_load")
 STORY = ("Once upon a time there was a little girl named Lily. She loved to play outside in the park with her "
@@ -361,7 +363,7 @@ def test_sglang_info_endpoints_report_the_replicas_own_settings(cluster):
     assert httpx.get(url + "/get_server_info", timeout=5).json() == server
     assert (server["served_model_name"], server["model_path"]) == ("stories260K", cluster.model)
     assert (server["context_length"], server["max_running_requests"], server["max_prefill_tokens"],
-            server["page_size"]) == (256, 8, 32, 16)  # REPLICA_FLAGS  # fmt: skip
+            server["page_size"]) == (256, 8, 64, 16)  # REPLICA_FLAGS  # fmt: skip
     load = cluster.load(1)
     assert server["max_total_num_tokens"] == load["num_blocks"] * load["block_size"]
     model = httpx.get(url + "/model_info", timeout=5).json()
@@ -431,22 +433,24 @@ def test_router_bench_compare_drives_the_replicas_open_and_closed_loop(cluster):
     assert hits() == before
 
     routers = ["round_robin", "cache_aware"] + (["sglang_cache_aware"] if _importable("sglang_router") else [])
+    # 6 requests a run (multi_turn: 2 conversations of 3 turns), open loop at 24/s: each run's arrivals take ~0.25 s.
+    n = 6
     rows = router_bench.main(["compare", "--replicas", *cluster.replicas, "--tokenizer", cluster.model, "--routers",
-                              *routers, "--request-rates", "8", "--concurrencies", "4", "--num-prompts", "12",
+                              *routers, "--request-rates", "24", "--concurrencies", "4", "--num-prompts", str(n),
                               "--prefix-len", "48", "--suffix-len", "8", "--num-prefixes", "3", "--turns", "3",
                               "--turn-input-len", "16", "--output-len", "4", "--repeats", "2"])  # fmt: skip
     assert sorted(rows) == sorted(f"{r}/{w}/{load}/r{rep}" for r in routers for w in router_bench.WORKLOADS
-                                  for load in ("8/s", "c4") for rep in (0, 1))  # fmt: skip
+                                  for load in ("24/s", "c4") for rep in (0, 1))  # fmt: skip
     for row in rows.values():
-        assert (row["completed"], row["failed"]) == (12, 0) and len(row["ttfts_ms"]) == 12
+        assert (row["completed"], row["failed"]) == (n, 0) and len(row["ttfts_ms"]) == n
         assert row["workload"] != "multi_turn" or len(row["p95_ttft_ms_by_turn"]) == 3
-        assert 0.0 <= row["hit_rate"] <= 1.0 and sum(row["replica_queried_tokens"]) > 12 * 8
+        assert 0.0 <= row["hit_rate"] <= 1.0 and sum(row["replica_queried_tokens"]) > n * 8
     assert rows["round_robin/prefix_repetition/c4/r0"]["max_concurrency"] == 4
-    for key in ("prefix_repetition/8/s/r0", "multi_turn/c4/r1"):  # rtpjax's router: each decision counted, with why
+    for key in ("prefix_repetition/24/s/r0", "multi_turn/c4/r1"):  # rtpjax's router: each decision counted, with why
         made = rows[f"cache_aware/{key}"]["decisions"]
-        assert sum(v for k, v in made.items() if k != "predicted_hit_tokens") == 12, made
-        assert rows[f"round_robin/{key}"]["decisions"] == {"round_robin": 12.0, "predicted_hit_tokens": 0.0}
-    assert all(q > 0 for q in rows["round_robin/prefix_repetition/8/s/r0"]["replica_queried_tokens"])
+        assert sum(v for k, v in made.items() if k != "predicted_hit_tokens") == n, made
+        assert rows[f"round_robin/{key}"]["decisions"] == {"round_robin": float(n), "predicted_hit_tokens": 0.0}
+    assert all(q > 0 for q in rows["round_robin/prefix_repetition/24/s/r0"]["replica_queried_tokens"])
 
 
 def _importable(module: str) -> bool:
