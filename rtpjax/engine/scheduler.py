@@ -122,12 +122,12 @@ class Scheduler:
             return 0  # its last token would only produce a token nobody wants; it finishes when read
         return min(remaining, budget)
 
-    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
-        """Give the sequence blocks for num_computed + num_tokens tokens."""
+    def _grow(self, seq: Sequence, num_tokens: int, reserved: int = 0) -> bool:
+        """Give the sequence blocks for num_computed + num_tokens tokens, if that leaves `reserved` free."""
         need = -(-(seq.num_computed + num_tokens) // self.block_size) - len(seq.block_table)
         if need <= 0:
             return True
-        blocks = self.pool.allocate(need)
+        blocks = self.pool.allocate(need) if need <= self.pool.num_free - reserved else None
         if blocks is None:
             return False
         seq.block_table += blocks
@@ -223,9 +223,7 @@ class Scheduler:
                                       if seq.tier_fetch is not None else (True, None, None))  # fmt: skip
         loaded = len(seq.block_table)
         first_chunk = min(len(seq.token_ids) - seq.num_computed, budget)
-        grow = -(-(seq.num_computed + first_chunk) // self.block_size) - loaded
-        if ((seq.host_kv is not None and load is None) or not tier_ok or grow > self.pool.num_free - reserved
-                or not self._grow(seq, first_chunk)):
+        if (seq.host_kv is not None and load is None) or not tier_ok or not self._grow(seq, first_chunk, reserved):
             if tier_load is not None:
                 self.tiers.release(tier_load.kv)  # fetched again on the next try
             self.pool.release(seq.block_table)
