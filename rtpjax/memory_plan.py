@@ -108,6 +108,14 @@ def _field(path: Path, key: str) -> int | None:
     return None
 
 
+def sampler_bytes(cfg, args: EngineArgs, max_model_len: int) -> int:
+    """The sampler state (runner.sampler): per slot, the penalties' rows over the vocabulary and, where n-gram
+    speculation chains its rounds (spec/chained.py), the slot's tokens."""
+    spec = args.speculative_config or {}
+    history = max_model_len * 4 if spec.get("method") == "ngram" else 0
+    return (args.max_num_seqs + 1) * (cfg.vocab_size * 5 + history)
+
+
 @dataclasses.dataclass(frozen=True)
 class Footprint:
     """Bytes by consumer; their sum is the planned peak."""
@@ -227,7 +235,7 @@ def plan(cfg, args: EngineArgs, memory: Memory | None = None) -> MemoryPlan:
 
     def footprint(max_model_len: int, blocks: int) -> Footprint:
         return Footprint(weight_bytes(cfg, args.quantization), blocks * per_block,
-                         (args.max_num_seqs + 1) * cfg.vocab_size * 5, activation_bytes(cfg, args, max_model_len),
+                         sampler_bytes(cfg, args, max_model_len), activation_bytes(cfg, args, max_model_len),
                          runtime_bytes())  # fmt: skip
 
     def kv_room(max_model_len: int) -> int:

@@ -268,6 +268,16 @@ def test_penalties_match_a_host_reference(stories_llm):
     assert all(r != plain.outputs[0].token_ids for r in results)  # the penalties really changed the output
 
 
+def test_a_penalised_sequence_counts_only_its_own_tokens(stories_llm):
+    """Its slot's history is rebuilt at admission from the tokens known then, not from the placeholder of the token
+    its first step samples (which counted as the vocabulary's last token)."""
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, frequency_penalty=0.5)
+    out = stories_llm.generate([1, 403, 407, 261], params)[0].outputs[0].token_ids
+    slot = stories_llm.engine.scheduler.free_slots[-1]  # the slot it ran in (given back last)
+    counts = np.asarray(stories_llm.engine.runner.state.output_counts)[slot]
+    assert counts.tolist() == np.bincount(out, minlength=counts.size).tolist()
+
+
 def test_filters_that_leave_one_token_sample_the_argmax(stories_llm):
     prompt = random_prompts(1, seed=13)[0]
     greedy = stories_llm.generate(prompt, SamplingParams(max_tokens=16, **GREEDY))[0].outputs[0].token_ids

@@ -77,10 +77,11 @@ def assert_all_blocks_free(llm):
     assert not llm.engine.requests and not llm.engine.scheduler.running and not llm.engine.scheduler.waiting
 
 
-def assert_cache_holds_only_real_tokens(llm, sequences):
-    """Every prefix-cache entry is a block of some prompt + output (never of a rejected draft)."""
+def assert_cache_holds_only_real_tokens(llm, sequences, earlier=frozenset()):
+    """Every prefix-cache entry (but those in `earlier`) is a block of some prompt + output (never of a rejected
+    draft)."""
     valid = {h for ids in sequences for h in prefix_hashes(ids, 16)}
-    cached = llm.engine.pool.cached
+    cached = set(llm.engine.pool.cached) - earlier
     assert cached and set(cached) <= valid, f"{len(set(cached) - valid)} cached blocks hold tokens nobody produced"
 
 
@@ -200,7 +201,7 @@ def test_large_batches_do_not_speculate(spec_llm, proposer):
 def test_tensor_parallel_preemption_and_int8_kv_with_speculation(stories_dir, compile_cache):
     """Two tensor-parallel devices, a pool too small for the batch (sequences preempted and recomputed, drafts'
     blocks given back) and an int8 cache: each request's tokens without speculation (opted out, same engine) and
-    with."""
+    with, drafts from the host (a proposer that knows the answer, mostly) and chained n-gram rounds."""
     llm = LLM(str(stories_dir), tensor_parallel_size=2, num_gpu_blocks=10, kv_cache_dtype="int8",
               compilation_cache_dir=compile_cache, speculative_config=NGRAM, warmup=False,
               **dict(ENGINE_ARGS, max_model_len=160))  # fmt: skip
@@ -208,9 +209,18 @@ def test_tensor_parallel_preemption_and_int8_kv_with_speculation(stories_dir, co
     want = tokens(llm.generate(prompts, SamplingParams(max_tokens=60, speculative=False, **GREEDY)))
     preempted = llm.engine.scheduler.num_preemptions
     assert preempted > 0
-    llm.engine.speculator.proposer = TruthProposer({tuple(p): p + w for p, w in zip(prompts, want)}, 0.3, seed=13)
+    speculator = llm.engine.speculator
+    ngram, speculator.proposer = speculator.proposer, TruthProposer({tuple(p): p + w for p, w in zip(prompts, want)},
+                                                                    0.3, seed=13)  # fmt: skip
     assert tokens(llm.generate(prompts, SamplingParams(max_tokens=60, **GREEDY))) == want
-    assert llm.engine.scheduler.num_preemptions > preempted and llm.engine.speculator.counters.num_accepted_tokens
+    assert llm.engine.scheduler.num_preemptions > preempted and speculator.counters.num_accepted_tokens
+    assert_all_blocks_free(llm)
+    speculator.proposer = ngram
+    copies = copy_heavy_prompts(llm, 4, seed=14)
+    want = tokens(llm.generate(copies, SamplingParams(max_tokens=50, speculative=False, **GREEDY)))
+    llm.engine.take_loop_stats()
+    assert tokens(llm.generate(copies, SamplingParams(max_tokens=50, **GREEDY))) == want
+    assert llm.engine.loop_stats.chained > 0
     assert_all_blocks_free(llm)
 
 
@@ -254,3 +264,68 @@ def test_metrics_under_vllm_names_and_in_the_loop_log(spec_llm):
     assert f'rtpjax:spec_decode_num_drafts_total{{model_name="m"}} {float(stats.spec_decode_num_drafts)}' in text
     assert f'rtpjax:spec_decode_num_accepted_tokens_total{{model_name="m"}} {float(accepted + before.spec_decode_num_accepted_tokens)}' in text
     assert f'rtpjax:spec_decode_num_accepted_tokens_per_pos_total{{model_name="m",position="0"}} {float(per_pos[0])}' in text
+
+
+def copy_heavy_prompts(llm, n, seed):
+    """Each a random start, the model's own greedy continuation, and the start again: the continuation repeats, so
+    prompt lookup proposes drafts the model mostly accepts (and sometimes not)."""
+    starts = random_prompts(n, seed, low=4, high=12)
+    outs = tokens(llm.generate(starts, SamplingParams(max_tokens=40, **GREEDY)))
+    return [s + o + s for s, o in zip(starts, outs)]
+
+
+def test_chained_rounds_give_the_tokens_of_no_speculation(spec_llm, stories_llm):
+    """With the n-gram proposer, verify rounds are chained (launched before the round ahead is read; their drafts,
+    first token and positions come from the device): greedy and seeded requests (penalties, min_tokens, filters,
+    logprobs, stops at every place in a round) get exactly their tokens without speculation, with no compilation,
+    no leaked block and only real tokens in the prefix cache."""
+    engine = spec_llm.engine
+    prompts = copy_heavy_prompts(stories_llm, 6, seed=20)
+    rng = np.random.default_rng(21)
+    greedy = [SamplingParams(max_tokens=int(m), **GREEDY) for m in rng.integers(20, 70, len(prompts))]
+    seeded = [SamplingParams(temperature=0.7, top_p=float(rng.choice([1.0, 0.9])), top_k=int(rng.choice([0, 30])),
+                             repetition_penalty=float(rng.choice([1.0, 1.2])),
+                             frequency_penalty=float(rng.choice([0, 0.3])),
+                             min_tokens=int(rng.choice([0, 12])), seed=int(rng.integers(1 << 30)), logprobs=2,
+                             max_tokens=int(rng.integers(20, 60))) for _ in prompts]  # fmt: skip
+    before, stats, produced, earlier = CompileCounter.count, engine.take_loop_stats(), [], set(engine.pool.cached)
+    engine.speculator.empty_rounds = engine.speculator.skip = 0  # earlier tests' empty proposal rounds forgotten
+    for params in (greedy, seeded):
+        want = stories_llm.generate(prompts, params)
+        got = spec_llm.generate(prompts, params)
+        assert tokens(got) == tokens(want)
+        for g, w in zip(got, want):
+            assert [sorted(e) for e in g.outputs[0].logprobs or []] == [sorted(e) for e in w.outputs[0].logprobs or []]
+        assert_all_blocks_free(spec_llm)
+        produced += [p + o for p, o in zip(prompts, tokens(want))]
+        assert_cache_holds_only_real_tokens(spec_llm, produced, earlier)
+    stats = engine.take_loop_stats()
+    assert stats.chained > 10 and 0 < stats.accepted_tokens < stats.draft_tokens, stats
+    assert CompileCounter.count == before
+
+
+def test_a_chained_round_is_launched_before_the_round_ahead_is_read(spec_llm, stories_llm, monkeypatch):
+    """The overlap: a chained round's launch comes before the read of the verify round ahead of it, so the host's
+    scheduling and launching run while the device computes (as between plain steps); batch 1, the case speculation
+    is for."""
+    engine, events = spec_llm.engine, []
+    launch, read = engine.runner.launch, engine._read
+
+    def logged_launch(batch, sampling):
+        chained = getattr(sampling, "chain", None)
+        events.append("launch chained" if chained is not None and (np.asarray(chained.slot) >= 0).any() else "launch")
+        return launch(batch, sampling)
+
+    def logged_read(schedule, out, then=None):
+        events.append("read")
+        return read(schedule, out, then)
+
+    monkeypatch.setattr(engine.runner, "launch", logged_launch)
+    monkeypatch.setattr(engine, "_read", logged_read)
+    prompt = copy_heavy_prompts(stories_llm, 1, seed=22)[0]
+    engine.speculator.empty_rounds = engine.speculator.skip = 0  # earlier tests' empty proposal rounds forgotten
+    spec_llm.generate([prompt], SamplingParams(max_tokens=60, **GREEDY))
+    chained = [i for i, e in enumerate(events) if e == "launch chained"]
+    assert len(chained) > 3, (events, engine.loop_stats)
+    assert all(events[i + 1] == "read" for i in chained)  # the round ahead is read only after this one is queued
+    assert events.count("launch chained") + events.count("launch") == events.count("read")

@@ -11,7 +11,7 @@ from rtpjax.runner.verify import VerifyInputs
 from rtpjax.runner.verify import verify as _verify
 from rtpjax.sampling_params import MAX_STOP_TOKEN_IDS
 from rtpjax.spec.config import SpeculativeConfig
-from rtpjax.spec.ngram import NgramProposer, lookup
+from rtpjax.spec.ngram import NgramProposer, device_lookup, lookup
 
 V = 8
 verify = jax.jit(_verify, static_argnums=(3,))
@@ -33,8 +33,7 @@ def rows(n, **fields) -> sampler.SamplingInputs:
 
 
 def empty_state(slots):
-    return jax.device_put(sampler.SamplerState(np.zeros(slots + 1, np.int32), np.zeros((slots + 1, V), bool),
-                                               np.zeros((slots + 1, V), np.int32)))  # fmt: skip
+    return sampler.init_state(slots, V)
 
 
 def target(temperature, top_k):
@@ -128,6 +127,24 @@ def test_prompt_lookup_matches_its_definition():
         assert lookup(np.array(ids, np.int32), k, n_min, n_max) == lookup_by_definition(ids, k, n_min, n_max), ids
 
 
+def test_the_device_lookup_is_the_host_lookup():
+    """Chained rounds take their drafts from the device's lookup: the same drafts as the host's for every row, on
+    short and repetitive rows, rows shorter than their buffer (stale tokens past the end) and empty rows."""
+    rng = np.random.default_rng(2)
+    run = jax.jit(device_lookup, static_argnums=(2, 3, 4))
+    for _ in range(12):
+        k, n_min = int(rng.integers(1, 6)), int(rng.integers(1, 4))
+        n_max = int(rng.integers(n_min, 6))
+        history = rng.integers(0, 9, (32, 48)).astype(np.int32)
+        length = rng.integers(0, 49, 32).astype(np.int32)
+        for r in range(32):
+            history[r, : length[r]] = rng.integers(0, int(rng.integers(2, 8)), length[r])
+        drafts, count = (np.asarray(a) for a in run(history, length, k, n_min, n_max))
+        for r in range(32):
+            want = lookup_by_definition(history[r, : length[r]].tolist(), k, n_min, n_max) if length[r] else []
+            assert drafts[r, : count[r]].tolist() == want and not drafts[r, count[r] :].any()
+
+
 class FakeSeq:
     def __init__(self, ids):
         self.token_ids = ids
@@ -214,3 +231,46 @@ def test_empty_proposal_rounds_back_off_and_drafts_reset_it():
         pass
     assert spec.drafts(scheduler) == {seq: [5, 6]}
     assert all(spec.active(scheduler) for _ in range(5))
+
+
+def test_a_chained_round_starts_at_the_worst_case_and_moves_back_when_the_round_ahead_is_read():
+    from rtpjax.engine.scheduler import Scheduler
+    from rtpjax.engine.sequence import PENDING, Sequence
+    from rtpjax.kv.block_pool import BlockPool
+    from rtpjax.sampling_params import SamplingParams
+
+    def decoding(scheduler, max_tokens=30, min_tokens=0):
+        seq = Sequence("r", 0, [1, 2, 3, 4, 5], SamplingParams(max_tokens=max_tokens, min_tokens=min_tokens), 0,
+                       max_tokens)  # fmt: skip
+        scheduler.add(seq)
+        scheduler.schedule()  # the prompt
+        seq.token_ids[-1] = 6  # read
+        return seq
+
+    pool = BlockPool(16)
+    scheduler = Scheduler(pool, 4, 4, 64, 64, max_verify_seqs=4)
+    seq = decoding(scheduler)
+    ahead = scheduler.schedule({seq: [7, 8, 9]})  # verifies 6 7 8 9 at positions 5-8
+    chained = scheduler.chain(ahead, {seq: 4})
+    [item] = chained.items
+    assert (item.start, item.num_tokens, item.chained, seq.num_computed) == (9, 5, True, 14)
+    assert len(seq.block_table) == 4  # room for positions up to 13: the worst case
+    scheduler.accept(ahead.items[0], [7, 11], then=item)  # one draft accepted, 11 in place of 8
+    assert seq.token_ids == [1, 2, 3, 4, 5, 6, 7, 11, PENDING] and item.start == 7 and seq.num_computed == 12
+    assert len(seq.block_table) == 3 and pool.num_free == 13  # the worst case's last block back
+    scheduler.accept(item, [12, 13, 14])  # the chained round: two of its drafts accepted
+    assert seq.token_ids[-4:] == [11, 12, 13, 14] and seq.num_computed == 10
+
+    # Refused (the next round then waits for the read): a sequence waiting for admission, a sequence that may still
+    # suppress its stop tokens, one that may reach max_tokens in the round ahead, no blocks for the worst case.
+    for case in ("waiting", "min_tokens", "max_tokens", "blocks"):
+        pool = BlockPool(3 if case == "blocks" else 16)
+        scheduler = Scheduler(pool, 4, 4, 64, 64, max_verify_seqs=4)
+        seq = decoding(scheduler, max_tokens=5 if case == "max_tokens" else 30,
+                       min_tokens=9 if case == "min_tokens" else 0)
+        ahead = scheduler.schedule({seq: [7, 8, 9]})
+        if case == "waiting":
+            scheduler.add(Sequence("w", 0, [1, 2], SamplingParams(), 0, 4))
+        free = pool.num_free
+        assert scheduler.chain(ahead, {seq: 4}) is None, case
+        assert pool.num_free == free and seq.num_computed == 9

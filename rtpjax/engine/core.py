@@ -7,7 +7,8 @@ drive this same loop.
 
 With speculation on (rtpjax.spec), a proposer needs every sequence's latest tokens, so the loop reads step N's
 tokens before it schedules step N+1 (and rolls back rejected drafts); only the outputs (text, stops) of step N are
-made while N+1 runs.
+made while N+1 runs. The n-gram proposer has a twin on the device: there, once a verify round runs, the next one is
+chained to it (spec/chained.py): launched before N is read, as plain steps are.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from rtpjax.options import EngineArgs
 from rtpjax.spec import eagle3
 from rtpjax.spec.config import SpeculativeConfig
 from rtpjax.spec.draft_model import DraftContext
+from rtpjax.spec.ngram import NgramProposer
 from rtpjax.spec.speculator import make_speculator
 
 log = logging.getLogger("rtpjax")
@@ -62,6 +64,7 @@ class LoopStats:
     device_wait_s: float = 0.0  # reading the previous step's tokens
     propose_s: float = 0.0  # of prepare_s: speculation's proposals
     drafts: int = 0  # sequence-steps that verified drafts
+    chained: int = 0  # verify rounds launched before the round ahead of them was read
     draft_tokens: int = 0
     accepted_tokens: int = 0
     # the rest of busy_s: turning those tokens into outputs
@@ -81,7 +84,7 @@ class LoopStats:
             return ""
         return (f"; speculation: {self.accepted_tokens / self.draft_tokens:.0%} of {self.draft_tokens} drafts "
                 f"accepted, mean acceptance length {1 + self.accepted_tokens / self.drafts:.2f}, "
-                f"{self.propose_s * ms:.2f} ms proposing per step")
+                f"{self.propose_s * ms:.2f} ms proposing per step, {self.chained} rounds chained")
 
 
 def _eos_ids(model_dir: Path, cfg, tokenizer) -> tuple[int, ...]:
@@ -190,6 +193,7 @@ class LLMEngine:
             kv_cache_dtype=kv_dtype, kv_write=args.kv_write, mosaic_prefill=args.mosaic_prefill,
             kv_tiers=bool(args.kv_offloading_size),
             num_speculative_tokens=k, max_verify_seqs=max_verify_seqs, aux_layers=aux_layers,
+            chain_ngram=(spec.prompt_lookup_min, spec.prompt_lookup_max) if spec and spec.method == "ngram" else None,
         )  # fmt: skip
         self.draft_context = DraftContext(self.cfg, model, args.dtype, args.block_size, self.max_model_len,
                                           args.max_num_batched_tokens, max_verify_seqs, mesh, args.attention_impl,
@@ -197,6 +201,7 @@ class LLMEngine:
                                           tuple(self.runner.token_buckets),
                                           args.quantized_decode)  # what a draft model or head runs with
         self.speculator = make_speculator(spec, self.draft_context, self.runner.params["embed"])
+        self.chain_rounds = True  # n-gram verify rounds chained where they can be (benchmarks turn it off to compare)
         self.tiers = tiers_build.make_tiers(args, self.runner.kv_layout,
                                             tiers_build.identity(model, source, self.runner.kv_layout, args))
         if self.tiers is not None:
@@ -341,15 +346,21 @@ class LLMEngine:
         the engine process sends)."""
         stats, began = self.loop_stats, time.perf_counter()
         speculating = self.speculator is not None and self.speculator.active(self.scheduler)
-        read = None
+        read, chain = None, None
         if self.inflight is not None and (speculating or self.inflight[0].verify):
-            read = self._read(*self.inflight)  # the proposer needs the latest tokens; drafts must be settled
-            self._release_loads(self.inflight[0])
-            self.inflight = None
+            if speculating and self.inflight[0].verify and self._chains():
+                chain = self.scheduler.chain(self.inflight[0], self.speculator.chain_ks(self.scheduler.running))
+            if chain is None:
+                read = self._read(*self.inflight)  # the proposer needs the latest tokens; drafts must be settled
+                self._release_loads(self.inflight[0])
+                self.inflight = None
         scheduling = time.perf_counter()  # reading above counts as device wait and outputs, not scheduling
-        drafts = self.speculator.drafts(self.scheduler) if speculating else None
-        stats.propose_s += time.perf_counter() - scheduling
-        schedule = self.scheduler.schedule(drafts)
+        if chain is not None:
+            schedule, stats.chained = chain, stats.chained + 1
+        else:
+            drafts = self.speculator.drafts(self.scheduler) if speculating else None
+            stats.propose_s += time.perf_counter() - scheduling
+            schedule = self.scheduler.schedule(drafts)
         if self.tiers is not None:  # blocks evicted just now are copied down before anything overwrites them
             self.tiers.dispatch(self._gather_down)
         launched = None
@@ -363,8 +374,9 @@ class LLMEngine:
             stats.launch_s += time.perf_counter() - prepared
         if read is not None:
             outputs = self._emit(read, final_only, as_deltas)
-        elif self.inflight is not None:
-            outputs = self._emit(self._read(*self.inflight), final_only, as_deltas)
+        elif self.inflight is not None:  # (a chained round's items move back as the round ahead is read)
+            then = {item.seq: item for item in schedule.items} if chain is not None else None
+            outputs = self._emit(self._read(*self.inflight, then), final_only, as_deltas)
             self._release_loads(self.inflight[0])
         else:
             outputs = []
@@ -377,15 +389,25 @@ class LLMEngine:
         stats.busy_s += time.perf_counter() - began
         return outputs
 
-    def _read(self, schedule: Schedule, out) -> tuple[list[tuple], object]:
+    def _chains(self) -> bool:
+        """Whether verify rounds may be chained: the n-gram proposer (whose lookup the device repeats) is in use."""
+        return self.chain_rounds and self.runner.chain_ngram is not None and isinstance(self.speculator.proposer,
+                                                                                          NgramProposer)
+
+    def _read(self, schedule: Schedule, out, then: dict | None = None) -> tuple[list[tuple], object]:
         """Step N's tokens into its sequences (and rejected drafts rolled back), before anything schedules around
         them; returns what `_emit` turns into outputs: (sequence, index of its first new token, the new tokens, the
         step's row of it) per sequence that sampled, and the step's outputs, whose logprobs `_emit` reads (with
-        speculation on, after the next step is launched: only the tokens stand between two steps)."""
+        speculation on, after the next step is launched: only the tokens stand between two steps). then: the
+        chained round launched after N, by sequence (its items move back by what N rejected)."""
         began, waiting = time.perf_counter(), time.monotonic()
         accepted = np.asarray(out.num_accepted)
         tokens = np.asarray(out.tokens)
+        num_drafts = np.asarray(out.num_drafts)
         self.loop_stats.device_wait_s += time.perf_counter() - began
+        then = then or {}
+        if any(item.chained for item in schedule.items):
+            self.speculator.note_round(bool(num_drafts.any()))
         tokens = tokens.reshape(len(accepted), -1)  # K+1 rows per sequence in a verify step, else 1
         read = []
         for i, item in enumerate(schedule.items):
@@ -395,12 +417,16 @@ class LLMEngine:
             if item.samples:
                 n = 1 + int(accepted[i])
                 index = item.start + item.num_tokens - len(item.drafts)
-                if item.drafts:
-                    self.scheduler.accept(item, tokens[i, :n].tolist())
-                    self.speculator.record(seq, len(item.drafts), n - 1)
-                    stats = self.loop_stats
-                    stats.drafts, stats.draft_tokens = stats.drafts + 1, stats.draft_tokens + len(item.drafts)
-                    stats.accepted_tokens += n - 1
+                if item.drafts or seq in then:
+                    self.scheduler.accept(item, tokens[i, :n].tolist(), then.get(seq))
+                    drafted = int(num_drafts[i])  # a chained round's: what the device found
+                    if item.chained:
+                        seq.drafts_found = drafted > 0
+                    if drafted:
+                        self.speculator.record(seq, drafted, n - 1)
+                        stats = self.loop_stats
+                        stats.drafts, stats.draft_tokens = stats.drafts + 1, stats.draft_tokens + drafted
+                        stats.accepted_tokens += n - 1
                 else:
                     assert seq.token_ids[index] == PENDING
                     seq.token_ids[index] = int(tokens[i, 0])

@@ -42,6 +42,7 @@ class ScheduledSeq:
     num_tokens: int  # tokens computed in this step
     samples: bool  # the chunk reaches the sequence's end: the step's token for it is kept
     drafts: list[int] = dataclasses.field(default_factory=list)  # proposed tokens: the chunk's last len(drafts)
+    chained: bool = False  # scheduled before the previous round was read: the drafts (PENDING) are the device's
 
 
 @dataclasses.dataclass
@@ -370,21 +371,59 @@ class Scheduler:
             seq.token_ids.append(PENDING)
         return item
 
-    def accept(self, item: ScheduledSeq, tokens: list[int]) -> None:
+    def chain(self, previous: Schedule, ks: dict[Sequence, int]) -> Schedule | None:
+        """The next verify round, scheduled before `previous` (a verify round in flight) is read: every running
+        sequence goes on from the worst case (all its drafts accepted) with up to ks[seq] drafts the device proposes
+        (spec/chained.py). None where that cannot be done exactly or now: anyone waiting, a sequence that did not
+        decode in `previous`, one that may still suppress stop tokens (min_tokens) or may reach its end in
+        `previous`, no blocks for the worst case; the round is then scheduled after reading, as usual."""
+        items = {item.seq: item for item in previous.items}
+        if self.waiting or not self.running or len(self.running) > self.max_verify_seqs:
+            return None
+        plan = []
+        for seq in self.running:
+            item = items.get(seq)
+            if item is None or not item.samples or item.num_tokens != 1 + len(item.drafts) or not ks.get(seq) \
+                    or seq.hand_off:  # fmt: skip
+                return None
+            if seq.num_generated - 1 < seq.params.min_tokens:  # the known tokens (PENDING excluded)
+                return None
+            worst = len(seq.token_ids) + len(item.drafts)  # its tokens once `previous` accepted everything
+            room = min(seq.max_tokens - (worst - seq.num_prompt), self.max_model_len - worst) - 1
+            k = min(ks[seq], room)
+            if k < 1:
+                return None
+            plan.append((seq, k))
+        need = sum(max(0, -(-(s.num_computed + 1 + k) // self.block_size) - len(s.block_table)) for s, k in plan)
+        if need > self.pool.num_free:
+            return None  # never preempt for a guess
+        chained = []
+        for seq, k in plan:
+            assert self._grow(seq, 1 + k)
+            chained.append(ScheduledSeq(seq, seq.num_computed, 1 + k, True, [PENDING] * k, chained=True))
+            seq.num_computed += 1 + k
+        return Schedule(chained, [], [])
+
+    def accept(self, item: ScheduledSeq, tokens: list[int], then: ScheduledSeq | None = None) -> None:
         """A verify step's outcome for one sequence: `tokens` (its accepted drafts and the target's next token)
-        replace its PENDING token; K/V of rejected drafts no longer count, and blocks only they used go back."""
+        replace its PENDING token; K/V of rejected drafts no longer count, and blocks only they used go back.
+        then: the sequence's chained round in flight (see `chain`), moved back to start at the last of `tokens`."""
         seq = item.seq
         end = item.start + item.num_tokens - len(item.drafts)  # the PENDING token's index
         assert seq.token_ids[end:] == [PENDING] and 1 <= len(tokens) <= len(item.drafts) + 1
         seq.token_ids[end:] = tokens
         seq.num_computed = end + len(tokens) - 1
+        if then is not None:
+            then.start = seq.num_computed
+            seq.num_computed += then.num_tokens
+            seq.token_ids.append(PENDING)
         keep = -(-seq.num_computed // self.block_size)
         self.pool.release(seq.block_table[keep:])  # fresh blocks this step grew into: never shared nor published
         del seq.block_table[keep:]
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """Publish the sequence's newly completed blocks to the prefix cache (only blocks whose tokens are known)."""
-        known, ids, size = seq.num_computed, seq.token_ids, self.block_size
+        known, ids, size = min(seq.num_computed, len(seq.token_ids)), seq.token_ids, self.block_size
         if known // size <= seq.num_registered_blocks:
             return  # no block completed since the last call (most steps)
         while known and ids[known - 1] == PENDING:  # tokens still on the device are the last one or two

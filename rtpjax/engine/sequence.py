@@ -95,6 +95,7 @@ class Sequence:
     tier_pin: list[int] = dataclasses.field(default_factory=list)  # device prefix blocks it holds while that loads
     preempted: bool = False
     draft_acceptance: float = 1.0  # recent fraction of this sequence's drafts accepted (speculation's policy)
+    drafts_found: bool = True  # its latest chained round's lookup found drafts (spec/chained.py)
     hand_off: bool = False  # a prefill hand-off's: leaves the engine with its first token, so no step goes past it
 
     def __post_init__(self):

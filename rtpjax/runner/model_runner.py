@@ -34,6 +34,7 @@ from rtpjax.parallel import pipeline
 from rtpjax.parallel.sharding import tensor_ways
 from rtpjax.parallel.stages import PipelineMesh
 from rtpjax.engine.sequence import PENDING
+from rtpjax.spec.chained import ChainInputs, resolve_step
 from rtpjax.runner.step_inputs import Packing, SeqChunk, build_step, pack
 
 log = logging.getLogger("rtpjax")
@@ -47,12 +48,15 @@ class StepBatch:
     positions: jax.Array  # [T]
     meta: AttentionMetadata
     logits_indices: jax.Array  # [S], or [S * (K+1)] in a verify step (every drafted position, see runner.verify)
+    chain: ChainInputs | None = None  # an n-gram engine's verify step: sequences laid out by the device (spec/chained)
 
 
-def model_step(params, cache, state, flat, packing: Packing, *, cfg, forward, aux_layers=()):
+def model_step(params, cache, state, flat, packing: Packing, *, cfg, forward, block_size, aux_layers=()):
     """The model half of a step: each sequence's last-token logits. Host inputs arrive packed into one int32 buffer.
     MoE: then the expert load [MoE layers, experts]; aux_layers (an EAGLE-3 proposer): last, those layers' inputs."""
     batch: StepBatch = packing.unpack(flat)
+    if batch.chain is not None:
+        batch = resolve_step(batch, state, block_size)
     tokens = jnp.where(batch.token_slot >= 0, state.last_token[batch.token_slot], batch.tokens)
     extra = dict(expert_load=True) if cfg.num_experts else {}
     if aux_layers:  # only then: the programs of engines without an EAGLE-3 head stay as they are
@@ -122,11 +126,14 @@ class ModelRunner:
                  max_num_batched_tokens: int, max_model_len: int, mesh=None, attention_impl: str = "reference",
                  kv_cache_dtype: str = "auto", kv_write: str = "auto", mosaic_prefill: bool = False,
                  num_speculative_tokens: int = 0, max_verify_seqs: int = 0, kv_tiers: bool = False,
-                 aux_layers: tuple[int, ...] = ()):  # fmt: skip
+                 aux_layers: tuple[int, ...] = (), chain_ngram: tuple[int, int] | None = None):  # fmt: skip
         """num_speculative_tokens (K) > 0: also compile verify steps, for up to max_verify_seqs sequences each.
-        aux_layers: every step also returns these layers' inputs at each token (`self.aux`, for an EAGLE-3 head)."""
+        aux_layers: every step also returns these layers' inputs at each token (`self.aux`, for an EAGLE-3 head).
+        chain_ngram: (prompt_lookup_min, prompt_lookup_max) of an n-gram engine, whose verify steps may hold chained
+        sequences (spec/chained.py); the sampler state then keeps every slot's tokens."""
         self.cfg, self.params = cfg, params
         self.spec_k, self.max_verify_seqs = num_speculative_tokens, max_verify_seqs
+        self.chain_ngram = chain_ngram if num_speculative_tokens else None
         # Pipeline stages (a PipelineMesh): per-stage programs and micro-batches (rtpjax/parallel/pipeline.py).
         self.pipeline = pipeline.Pipeline(cfg, params, mesh) if isinstance(mesh, PipelineMesh) else None
         if self.pipeline is not None and kv_tiers:
@@ -151,15 +158,17 @@ class ModelRunner:
         self.sink = max_num_seqs
         self.kv_cache_dtype = kv_cache_dtype
         self.cache = kv.allocate(cfg, num_blocks, block_size, mesh=mesh, kv_dtype=kv_cache_dtype)
-        self.state = jax.jit(sampler.init_state, static_argnums=(0, 1),  # on the last stage, beside the logits
-                             out_shardings=self.pipeline and self.pipeline.logits_sharding)(max_num_seqs, cfg.vocab_size)
+        self.state = jax.jit(sampler.init_state, static_argnums=(0, 1, 2),  # on the last stage, beside the logits
+                             out_shardings=self.pipeline and self.pipeline.logits_sharding)(
+            max_num_seqs, cfg.vocab_size, max_model_len if self.chain_ngram else 0)
         self.aux_layers, self.aux = aux_layers, None  # aux: the last step's [T, len(aux_layers) * H]
         # What executables are lowered against: the state a step leaves carries a sharding annotation the initial one
         # lacks, and lowering against it would give the same program another compilation-cache key.
         self._state_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
                                                                        sharding=a.sharding if a.committed else None),
                                         self.state)  # an uncommitted state goes where the step's other inputs are
-        self._model = jax.jit(functools.partial(model_step, cfg=cfg, forward=family.forward, aux_layers=aux_layers),
+        self._model = jax.jit(functools.partial(model_step, cfg=cfg, forward=family.forward, block_size=block_size,
+                                                aux_layers=aux_layers),
                               static_argnums=(4,), donate_argnums=(1,))  # fmt: skip
         self._sample = jax.jit(sample_step, static_argnums=(3, 4), donate_argnums=(1,))
         self._verify = jax.jit(verify_step, static_argnums=(3, 4), donate_argnums=(1,))
@@ -294,10 +303,12 @@ class ModelRunner:
         for item in items:
             seq = item.seq
             ids = seq.token_ids[item.start : item.start + item.num_tokens - len(item.drafts)]
-            if ids and ids[-1] == PENDING:  # only the last token can still be on the device (never with drafts)
+            if item.chained:  # laid out from the worst-case start; the device fills in its tokens
+                ids = [0]
+            elif ids and ids[-1] == PENDING:  # only the last token can still be on the device (never with drafts)
                 token_slot[offset + len(ids) - 1] = seq.slot
                 ids = ids[:-1] + [0]
-            ids = ids + item.drafts
+            ids = ids + (item.drafts if not item.chained else [0] * len(item.drafts))
             chunks.append(SeqChunk(ids, item.start, seq.block_table))
             offset += len(ids)
         step = build_step(chunks, self.block_size, num_tokens=num_tokens, num_seqs=num_seqs,
@@ -308,14 +319,25 @@ class ModelRunner:
         drafts = np.zeros((num_seqs, k), np.int32)
         num_drafts = np.zeros(num_seqs, np.int32)
         for i, item in enumerate(items):
-            drafts[i, : len(item.drafts)] = item.drafts
+            drafts[i, : len(item.drafts)] = 0 if item.chained else item.drafts
             num_drafts[i] = len(item.drafts)
         # Row j of sequence i: the position before its draft j (its last position once j passes its drafts).
         j = np.arange(k + 1)[None, :]
         last = step.logits_indices[:, None]
         indices = np.where(j <= num_drafts[:, None], last - num_drafts[:, None] + j, last).astype(np.int32)
-        batch = StepBatch(step.tokens, token_slot, step.positions, step.meta, indices.reshape(-1))
-        return batch, VerifyInputs(self._verify_rows(items, num_seqs, k), drafts, num_drafts)
+        chain = self._chain_inputs(items, num_seqs, k)
+        batch = StepBatch(step.tokens, token_slot, step.positions, step.meta, indices.reshape(-1), chain)
+        return batch, VerifyInputs(self._verify_rows(items, num_seqs, k), drafts, num_drafts, chain)
+
+    def _chain_inputs(self, items, num_seqs: int, k: int) -> ChainInputs | None:
+        if self.chain_ngram is None:
+            return None
+        slot, max_drafts, num_prompt = (np.full(num_seqs, -1, np.int32), np.zeros(num_seqs, np.int32),
+                                        np.zeros(num_seqs, np.int32))  # fmt: skip
+        for i, item in enumerate(items):
+            if item.chained:
+                slot[i], max_drafts[i], num_prompt[i] = item.seq.slot, len(item.drafts), item.seq.num_prompt
+        return ChainInputs(slot, max_drafts, num_prompt, k, *self.chain_ngram)
 
     def _verify_rows(self, items, num_seqs: int, k: int) -> sampler.SamplingInputs:
         """Each sequence's sampling row repeated K+1 times: row j draws output position + j, with EOS/stop ids
@@ -371,8 +393,8 @@ class ModelRunner:
         offset = 0
         for r, seq in enumerate(seqs):
             rows[r] = seq.slot
-            n = len(seq.token_ids)
-            tokens[offset : offset + n] = seq.token_ids
+            n = len(seq.token_ids) - (seq.token_ids[-1] == PENDING)  # the token this step samples is not known yet
+            tokens[offset : offset + n] = seq.token_ids[:n]
             token_rows[offset : offset + n] = seq.slot
             is_output[offset + seq.num_prompt : offset + n] = True
             offset += n
@@ -401,7 +423,7 @@ class ModelRunner:
     def prepare(self, schedule: Schedule) -> tuple[StepBatch, sampler.SamplingInputs]:
         """The step's host-side inputs, padded to its buckets. Blocks arriving from the host are written first."""
         self.load_blocks(schedule.loads)
-        self._reset_penalty_rows([s for s in schedule.admitted if s.params.uses_penalties])
+        self._reset_rows([s for s in schedule.admitted if s.params.uses_penalties or self.chain_ngram])
         num_tokens = pick(self.token_buckets, max(schedule.num_tokens, len(schedule.items)))
         if schedule.verify:
             return self._batch(schedule.items, num_tokens, self._verify_seqs_for(num_tokens), self.spec_k)
@@ -510,8 +532,9 @@ class ModelRunner:
             raise RuntimeError("KV blocks to the host (snapshots of requests) work in one process only")
         return self.copier.gather(self.cache, blocks)
 
-    def _reset_penalty_rows(self, seqs) -> None:
-        """Penalised sequences get their slot's history rebuilt (prompt + tokens so far) before their first step."""
+    def _reset_rows(self, seqs) -> None:
+        """Sequences get their slot rows rebuilt (prompt + tokens so far) before their first step: penalised ones,
+        and every one where verify rounds chain (the device looks up their drafts in their tokens)."""
         limit = self.admit_buckets[-1]
         while seqs:
             group, total = [], 0

@@ -24,6 +24,10 @@ class SamplerState:
     last_token: jax.Array  # [slots+1] int32: each slot's latest sampled token (the next step's input)
     prompt_seen: jax.Array  # [slots+1, V] bool: prompt tokens (repetition penalty)
     output_counts: jax.Array  # [slots+1, V] int32: generated tokens (all three penalties)
+    # [slots+1, L] int32 and [slots+1]: each slot's tokens (prompt and sampled), where chained verify rounds
+    # (spec/chained.py) look up their drafts; L = 0 in engines without them.
+    history: jax.Array
+    history_len: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -85,18 +89,23 @@ class SampleOutput:
     # [S] int32: drafts accepted per sequence. A verify step (rtpjax.runner.verify) has K+1 rows per sequence in the
     # fields above (row-major) and keeps the first num_accepted + 1; a plain step has one row and zeros here.
     num_accepted: jax.Array
+    num_drafts: jax.Array  # [S] int32: drafts verified per sequence (a chained round's come from the device)
 
 
-def init_state(num_slots: int, vocab_size: int) -> SamplerState:
+def init_state(num_slots: int, vocab_size: int, history: int = 0) -> SamplerState:
+    """history: tokens kept per slot (the context length where chained verify rounds need them, else 0)."""
     return SamplerState(
         last_token=jnp.zeros(num_slots + 1, jnp.int32),
         prompt_seen=jnp.zeros((num_slots + 1, vocab_size), jnp.bool_),
         output_counts=jnp.zeros((num_slots + 1, vocab_size), jnp.int32),
+        history=jnp.zeros((num_slots + 1, history), jnp.int32),
+        history_len=jnp.zeros(num_slots + 1, jnp.int32),
     )
 
 
 def admit(state: SamplerState, rows, tokens, token_rows, is_output) -> SamplerState:
-    """Clear the rows of newly admitted sequences, then record their known tokens (padding rows/tokens = sink)."""
+    """Clear the rows of newly admitted sequences, then record their known tokens (padding rows/tokens = sink; a
+    row's tokens are contiguous and in order)."""
     sink = state.last_token.shape[0] - 1
     prompt_seen = state.prompt_seen.at[rows].set(False)
     counts = state.output_counts.at[rows].set(0)
@@ -104,7 +113,26 @@ def admit(state: SamplerState, rows, tokens, token_rows, is_output) -> SamplerSt
     output_rows = jnp.where(is_output, token_rows, sink)
     prompt_seen = prompt_seen.at[prompt_rows, tokens].set(True)
     counts = counts.at[output_rows, tokens].add(1)
-    return SamplerState(state.last_token, prompt_seen.at[sink].set(False), counts.at[sink].set(0))
+    history, history_len = state.history, state.history_len
+    if history.shape[1]:
+        t = jnp.arange(tokens.shape[0])
+        first = jnp.concatenate([jnp.ones(1, bool), token_rows[1:] != token_rows[:-1]])
+        position = t - jax.lax.cummax(jnp.where(first, t, 0))  # within its row's run
+        history = history.at[token_rows, position].set(tokens, mode="drop")
+        history_len = history_len.at[rows].set(0).at[token_rows].add(1).at[sink].set(0)
+    return SamplerState(state.last_token, prompt_seen.at[sink].set(False), counts.at[sink].set(0), history, history_len)
+
+
+def append_history(state: SamplerState, slot, tokens, keep) -> tuple[jax.Array, jax.Array]:
+    """The slots' token rows with `tokens` [S, N] appended where `keep` [S, N] (a prefix of each row) says; slot [S]
+    (padding: the sink)."""
+    if not state.history.shape[1]:
+        return state.history, state.history_len
+    sink = state.last_token.shape[0] - 1
+    at = state.history_len[slot][:, None] + jnp.arange(tokens.shape[1])[None, :]
+    rows = jnp.where(keep, slot[:, None], sink)
+    history = state.history.at[rows, at].set(tokens, mode="drop")
+    return history, state.history_len.at[slot].add(jnp.sum(keep, axis=1, dtype=jnp.int32)).at[sink].set(0)
 
 
 def _apply_penalties(logits, counts, seen, s: SamplingInputs):
@@ -170,6 +198,7 @@ def draw(logits: jax.Array, counts: jax.Array, seen: jax.Array, s: SamplingInput
         top_ids=top_ids.astype(jnp.int32),
         top_logprobs=top_logprobs,
         num_accepted=jnp.zeros(num_seqs, jnp.int32),
+        num_drafts=jnp.zeros(num_seqs, jnp.int32),
     )
 
 
@@ -180,9 +209,12 @@ def sample(logits: jax.Array, state: SamplerState, s: SamplingInputs, variant: V
     out = draw(logits, counts, state.prompt_seen[s.slot] | (counts > 0), s, variant)
     sink = state.last_token.shape[0] - 1
     slot = jnp.where(s.samples, s.slot, sink)
+    history, history_len = append_history(state, slot, out.tokens[:, None], s.samples[:, None])
     state = SamplerState(
         last_token=state.last_token.at[slot].set(out.tokens),
         prompt_seen=state.prompt_seen,
         output_counts=state.output_counts.at[slot, out.tokens].add(1).at[sink].set(0),
+        history=history,
+        history_len=history_len,
     )
     return out, state

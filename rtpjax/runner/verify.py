@@ -16,7 +16,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from rtpjax.runner.sampler import SampleOutput, SamplerState, SamplingInputs, Variant, draw
+from rtpjax.runner.sampler import SampleOutput, SamplerState, SamplingInputs, Variant, append_history, draw
+from rtpjax.spec import chained
 
 
 @jax.tree_util.register_dataclass
@@ -27,12 +28,15 @@ class VerifyInputs:
     rows: SamplingInputs  # [S * (K+1)]: each row has its sequence's parameters, its own position and suppression
     drafts: jax.Array  # [S, K] int32, padded with anything past num_drafts
     num_drafts: jax.Array  # [S] int32
+    chain: chained.ChainInputs | None = None  # an n-gram engine's: rows whose drafts come from the device
 
 
 def verify(logits: jax.Array, state: SamplerState, v: VerifyInputs, variant: Variant
            ) -> tuple[SampleOutput, SamplerState]:  # fmt: skip
     """logits [S*(K+1), V] at every drafted position (and the one before the first draft) -> SampleOutput with
     S*(K+1) rows and num_accepted [S]; the kept tokens are recorded into the state."""
+    if v.chain is not None:
+        v = chained.resolve_verify(v, state)
     num_seqs, k = v.drafts.shape
     vocab = logits.shape[-1]
     s = v.rows
@@ -50,9 +54,12 @@ def verify(logits: jax.Array, state: SamplerState, v: VerifyInputs, variant: Var
     sink = state.last_token.shape[0] - 1
     row_slot = jnp.where(kept.reshape(-1), s.slot, sink)
     seq_slot = jnp.where(samples, s.slot.reshape(num_seqs, k + 1)[:, 0], sink)
+    history, history_len = append_history(state, seq_slot, tokens, kept)
     state = SamplerState(
         last_token=state.last_token.at[seq_slot].set(jnp.take_along_axis(tokens, accepted[:, None], axis=1)[:, 0]),
         prompt_seen=state.prompt_seen,
         output_counts=state.output_counts.at[row_slot, out.tokens].add(1).at[sink].set(0),
+        history=history,
+        history_len=history_len,
     )
-    return dataclasses.replace(out, num_accepted=accepted), state
+    return dataclasses.replace(out, num_accepted=accepted, num_drafts=v.num_drafts), state

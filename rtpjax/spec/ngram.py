@@ -5,12 +5,17 @@ A proposal runs on the loop's critical path while speculation is on (between rea
 next), so it must cost little against a decode step: one vectorised pass finds the earlier occurrences of the last
 token, and only those candidates are extended backwards; each sequence's history is kept as an array that grows by
 the tokens added since its last proposal instead of being converted from the token list every round.
+
+`device_lookup` is the same lookup on the device, over the token rows the sampler state keeps (runner.sampler): a
+chained verify round (spec/chained.py) takes its drafts from it before the host has read the tokens they follow.
 """
 
 from __future__ import annotations
 
 import weakref
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -33,6 +38,34 @@ def lookup(ids: np.ndarray, k: int, n_min: int, n_max: int) -> list[int]:
         return []
     start = int(ends[matched >= n][-1]) + 1  # the latest occurrence: copy-heavy text repeats its most recent context
     return ids[start : start + k].tolist()
+
+
+def device_lookup(history: jax.Array, length: jax.Array, k: int, n_min: int, n_max: int
+                  ) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    """`lookup` for rows of tokens on the device: history [R, L] (row r's first length[r] tokens are known) ->
+    (drafts [R, k] int32, zero past each row's count; count [R] int32), the same drafts `lookup` gives."""
+    rows, width = history.shape
+    last = length - 1
+    end = jnp.arange(width)[None, :]  # [1, L]: where an earlier occurrence could end
+    matched = jnp.ones((rows, width), jnp.int32)
+    total = jnp.zeros((rows, width), jnp.int32)
+    n_top = jnp.minimum(n_max, last)  # the suffix itself is excluded (as in `lookup`)
+    for back in range(n_max):  # the suffix's tokens from its end; matched stays 1 while every one so far agreed
+        mine = jnp.take_along_axis(history, jnp.clip(last - back, 0, width - 1)[:, None], axis=1)  # [R, 1]
+        theirs = history[:, jnp.clip(end[0] - back, 0, width - 1)]  # [R, L]: the token `back` before each end
+        agree = (end - back >= 0) & (theirs == mine) & (back < n_top[:, None])
+        matched = matched * agree.astype(jnp.int32)
+        total = total + matched
+    candidate = (end <= last[:, None] - 1) & (end >= n_min - 1)
+    total = jnp.where(candidate, total, 0)
+    n = jnp.max(total, axis=1)  # the longest suffix that recurs
+    found = (n >= n_min) & (n_top >= n_min)
+    latest = jnp.max(jnp.where(candidate & (total >= n[:, None]), end, -1), axis=1)  # its latest occurrence
+    start = latest + 1
+    count = jnp.where(found, jnp.clip(length - start, 0, k), 0).astype(jnp.int32)
+    at = jnp.clip(start[:, None] + jnp.arange(k)[None, :], 0, width - 1)
+    drafts = jnp.take_along_axis(history, at, axis=1)
+    return jnp.where(jnp.arange(k)[None, :] < count[:, None], drafts, 0).astype(jnp.int32), count
 
 
 class NgramProposer:

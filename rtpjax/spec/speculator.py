@@ -61,12 +61,22 @@ class Speculator:
                 seqs.append(seq)
                 ks.append(k)
         found = {seq: d for seq, d in zip(seqs, self.proposer.propose(seqs, ks)) if d} if seqs else {}
+        self.note_round(bool(found))
+        return found
+
+    def note_round(self, found: bool) -> None:
+        """A proposal round's outcome (the host's, or a chained round's on the device): see the module's policy."""
         if found:
             self.empty_rounds = 0
         else:
             self.empty_rounds += 1
             self.skip = min(2 ** (self.empty_rounds - 1), MAX_SKIP)
-        return found
+
+    def chain_ks(self, running) -> dict:
+        """Drafts each running sequence may verify in a chained round (spec/chained.py: the device proposes them).
+        Every one of them costs a token in the step whether the lookup finds it or not, so a sequence whose latest
+        round found none makes room for one only."""
+        return {seq: self._k(seq) if seq.drafts_found else 1 for seq in running if seq.params.speculative}
 
     def release_finished(self) -> None:
         """Proposers that keep state per sequence (a draft model's KV blocks) let go of finished ones."""
