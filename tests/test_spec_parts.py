@@ -262,15 +262,16 @@ def test_a_chained_round_starts_at_the_worst_case_and_moves_back_when_the_round_
     assert seq.token_ids[-4:] == [11, 12, 13, 14] and seq.num_computed == 10
 
     # Refused (the next round then waits for the read): a sequence waiting for admission, a sequence that may still
-    # suppress its stop tokens, one that may reach max_tokens in the round ahead, no blocks for the worst case.
-    for case in ("waiting", "min_tokens", "max_tokens", "blocks"):
+    # suppress its stop tokens, one that may reach max_tokens in the round ahead, more tokens than the step's budget,
+    # no blocks for the worst case.
+    for case in ("waiting", "min_tokens", "max_tokens", "budget", "blocks"):
         pool = BlockPool(3 if case == "blocks" else 16)
-        scheduler = Scheduler(pool, 4, 4, 64, 64, max_verify_seqs=4)
+        scheduler = Scheduler(pool, 4, 4, 6 if case == "budget" else 64, 64, max_verify_seqs=4)
         seq = decoding(scheduler, max_tokens=5 if case == "max_tokens" else 30,
                        min_tokens=9 if case == "min_tokens" else 0)
         ahead = scheduler.schedule({seq: [7, 8, 9]})
         if case == "waiting":
             scheduler.add(Sequence("w", 0, [1, 2], SamplingParams(), 0, 4))
         free = pool.num_free
-        assert scheduler.chain(ahead, {seq: 4}) is None, case
+        assert scheduler.chain(ahead, {seq: 8 if case == "budget" else 4}) is None, case
         assert pool.num_free == free and seq.num_computed == 9

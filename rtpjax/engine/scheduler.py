@@ -376,7 +376,8 @@ class Scheduler:
         sequence goes on from the worst case (all its drafts accepted) with up to ks[seq] drafts the device proposes
         (spec/chained.py). None where that cannot be done exactly or now: anyone waiting, a sequence that did not
         decode in `previous`, one that may still suppress stop tokens (min_tokens) or may reach its end in
-        `previous`, no blocks for the worst case; the round is then scheduled after reading, as usual."""
+        `previous`, more tokens than a step's budget, no blocks for the worst case; the round is then scheduled after
+        reading, as usual."""
         items = {item.seq: item for item in previous.items}
         if self.waiting or not self.running or len(self.running) > self.max_verify_seqs:
             return None
@@ -394,6 +395,8 @@ class Scheduler:
             if k < 1:
                 return None
             plan.append((seq, k))
+        if sum(1 + k for _, k in plan) > self.max_num_batched_tokens:
+            return None
         need = sum(max(0, -(-(s.num_computed + 1 + k) // self.block_size) - len(s.block_table)) for s, k in plan)
         if need > self.pool.num_free:
             return None  # never preempt for a guess
