@@ -208,7 +208,7 @@ def _expert_counts(runner, batch, every_row: bool = False) -> np.ndarray:
         if every_row:
             patch.setattr(moe, "expert_load", lambda ids, valid, n: count(ids, valid | True, n))
         _, _, load = model_step(runner.params, runner.cache, runner.state, *pack(batch), cfg=runner.cfg,
-                                forward=runner._forward)  # fmt: skip
+                                forward=runner._forward, block_size=runner.block_size)  # fmt: skip
     return np.asarray(load)
 
 

@@ -46,7 +46,8 @@ def child(shape: str, tp: int) -> None:
 
     def into_buffer(params, cache, state, flat, buffer, packing):
         del buffer  # donated: the logits take its place
-        return model_step(params, cache, state, flat, packing, cfg=runner.cfg, forward=runner._forward)
+        return model_step(params, cache, state, flat, packing, cfg=runner.cfg, forward=runner._forward,
+                          block_size=runner.block_size)
 
     logits, runner.cache = as_runner(runner.params, runner.cache, runner.state, flat)
     into = jax.jit(into_buffer, static_argnums=(5,), donate_argnums=(1, 4)).lower(
