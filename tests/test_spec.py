@@ -277,12 +277,13 @@ def copy_heavy_prompts(llm, n, seed):
 def test_chained_rounds_give_the_tokens_of_no_speculation(spec_llm, stories_llm):
     """With the n-gram proposer, verify rounds are chained (launched before the round ahead is read; their drafts,
     first token and positions come from the device): greedy and seeded requests (penalties, min_tokens, filters,
-    logprobs, stops at every place in a round) get exactly their tokens without speculation, with no compilation,
-    no leaked block and only real tokens in the prefix cache."""
+    logprobs, stops at every place in a round, one opted out) get exactly their tokens without speculation, with no
+    compilation, no leaked block and only real tokens in the prefix cache."""
     engine = spec_llm.engine
     prompts = copy_heavy_prompts(stories_llm, 6, seed=20)
     rng = np.random.default_rng(21)
-    greedy = [SamplingParams(max_tokens=int(m), **GREEDY) for m in rng.integers(20, 70, len(prompts))]
+    greedy = [SamplingParams(max_tokens=int(m), speculative=bool(i), **GREEDY)
+              for i, m in enumerate(rng.integers(20, 70, len(prompts)))]  # the first opted out: a plain row of rounds
     seeded = [SamplingParams(temperature=0.7, top_p=float(rng.choice([1.0, 0.9])), top_k=int(rng.choice([0, 30])),
                              repetition_penalty=float(rng.choice([1.0, 1.2])),
                              frequency_penalty=float(rng.choice([0, 0.3])),

@@ -261,6 +261,16 @@ def test_a_chained_round_starts_at_the_worst_case_and_moves_back_when_the_round_
     scheduler.accept(item, [12, 13, 14])  # the chained round: two of its drafts accepted
     assert seq.token_ids[-4:] == [11, 12, 13, 14] and seq.num_computed == 10
 
+    # A sequence without drafts (opted out, or room for one more token only) goes on as a plain row of the round;
+    # with no drafts for anyone it would not be a verify round.
+    scheduler = Scheduler(BlockPool(16), 4, 4, 64, 64, max_verify_seqs=4)
+    seq, other = decoding(scheduler), decoding(scheduler)  # the second's prompt ran beside the first's decode
+    seq.token_ids[-1] = 7  # read
+    ahead = scheduler.schedule({seq: [8, 9, 10]})
+    assert ahead.verify and scheduler.chain(ahead, {}) is None
+    rows = {item.seq: item for item in scheduler.chain(ahead, {seq: 4}).items}
+    assert (rows[seq].num_tokens, rows[other].num_tokens, rows[other].drafts, rows[other].chained) == (5, 1, [], True)
+
     # Refused (the next round then waits for the read): a sequence waiting for admission, a sequence that may still
     # suppress its stop tokens, one that may reach max_tokens in the round ahead, more tokens than the step's budget,
     # no blocks for the worst case.

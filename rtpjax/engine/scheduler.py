@@ -374,28 +374,26 @@ class Scheduler:
     def chain(self, previous: Schedule, ks: dict[Sequence, int]) -> Schedule | None:
         """The next verify round, scheduled before `previous` (a verify round in flight) is read: every running
         sequence goes on from the worst case (all its drafts accepted) with up to ks[seq] drafts the device proposes
-        (spec/chained.py). None where that cannot be done exactly or now: anyone waiting, a sequence that did not
-        decode in `previous`, one that may still suppress stop tokens (min_tokens) or may reach its end in
-        `previous`, more tokens than a step's budget, no blocks for the worst case; the round is then scheduled after
-        reading, as usual."""
+        (spec/chained.py; none for a sequence not in ks, or with room for one more token only). None where that
+        cannot be done exactly or now: anyone waiting, a sequence that did not decode in `previous`, one that may
+        still suppress stop tokens (min_tokens) or may reach its end in `previous`, no drafts for anyone, more tokens
+        than a step's budget, no blocks for the worst case; the round is then scheduled after reading, as usual."""
         items = {item.seq: item for item in previous.items}
         if self.waiting or not self.running or len(self.running) > self.max_verify_seqs:
             return None
         plan = []
         for seq in self.running:
             item = items.get(seq)
-            if item is None or not item.samples or item.num_tokens != 1 + len(item.drafts) or not ks.get(seq) \
-                    or seq.hand_off:  # fmt: skip
+            if item is None or not item.samples or item.num_tokens != 1 + len(item.drafts) or seq.hand_off:
                 return None
             if seq.num_generated - 1 < seq.params.min_tokens:  # the known tokens (PENDING excluded)
                 return None
             worst = len(seq.token_ids) + len(item.drafts)  # its tokens once `previous` accepted everything
             room = min(seq.max_tokens - (worst - seq.num_prompt), self.max_model_len - worst) - 1
-            k = min(ks[seq], room)
-            if k < 1:
+            if room < 0:
                 return None
-            plan.append((seq, k))
-        if sum(1 + k for _, k in plan) > self.max_num_batched_tokens:
+            plan.append((seq, min(ks.get(seq, 0), room)))
+        if not any(k for _, k in plan) or sum(1 + k for _, k in plan) > self.max_num_batched_tokens:
             return None
         need = sum(max(0, -(-(s.num_computed + 1 + k) // self.block_size) - len(s.block_table)) for s, k in plan)
         if need > self.pool.num_free:
