@@ -330,3 +330,28 @@ def test_a_chained_round_is_launched_before_the_round_ahead_is_read(spec_llm, st
     assert len(chained) > 3, (events, engine.loop_stats)
     assert all(events[i + 1] == "read" for i in chained)  # the round ahead is read only after this one is queued
     assert events.count("launch chained") + events.count("launch") == events.count("read")
+
+
+def test_an_abort_while_a_chained_round_is_in_flight_frees_everything(spec_llm, stories_llm):
+    """A request aborted between the launch of a chained round and its read: its tokens so far are those of no
+    speculation, the round in flight is read and dropped, and every block comes back."""
+    engine = spec_llm.engine
+    engine.speculator.empty_rounds = engine.speculator.skip = 0
+    prompt = copy_heavy_prompts(stories_llm, 1, seed=22)[0]
+    params = SamplingParams(max_tokens=80, **GREEDY)
+    want = tokens(stories_llm.generate([prompt], params))[0]
+    engine.add(engine.make_request(prompt, params, request_id="chained-abort"))
+    chained = engine.loop_stats.chained
+    for _ in range(200):
+        engine.step()
+        if engine.loop_stats.chained > chained + 2:
+            break
+    assert engine.loop_stats.chained > chained + 2 and engine.inflight is not None
+    got = engine.abort("chained-abort").outputs[0]
+    assert got.finish_reason == "abort" and 0 < len(got.token_ids) < len(want)
+    assert want[: len(got.token_ids)] == got.token_ids
+    for _ in range(5):
+        if not engine.has_work():
+            break
+        engine.step()
+    assert_all_blocks_free(spec_llm)
