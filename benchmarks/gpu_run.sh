@@ -41,8 +41,8 @@
 #           (batch 1/8/32/64) and throughput per --moe-impl (MOE_IMPLS; " " for the block alone), side by side
 #   spec    speculative decoding: device time of a step verifying 1/2/4/8 tokens per sequence at batch 1/8/32/64
 #           (8B shape, 512 tokens of context), then batch 1 end to end with n-gram speculation (its rounds chained,
-#           and again unchained) against it opted out (random ids: random weights make copy-heavy text meaningless) and a batch of 64 both ways; then batch 1
-#           with a 2-layer random draft model of the 8B shape (its cost per step; its acceptance means nothing); then
+#           and again unchained) against it opted out (random ids: random weights make copy-heavy text
+#           meaningless) and a batch of 64 both ways; then batch 1 with a 2-layer random draft model of the 8B shape (its cost per step; its acceptance means nothing); then
 #           an EAGLE-3 head's cost per proposal round at batch 1 and 8 (a random head of the 8B shape)
 #   spec_replay  batch 1 with drafts replayed from a recorded greedy run so that every verify step yields exactly each
 #           of REPLAY_LENGTHS (2,3,4) tokens: speculation's speed-up at a given acceptance length, on random weights

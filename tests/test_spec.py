@@ -355,3 +355,17 @@ def test_an_abort_while_a_chained_round_is_in_flight_frees_everything(spec_llm, 
             break
         engine.step()
     assert_all_blocks_free(spec_llm)
+
+
+def test_the_memory_plan_counts_the_token_rows_chained_rounds_keep(spec_llm, stories_llm):
+    """The sampler state an n-gram engine allocates (with each slot's tokens) is what the memory plan counts, as is
+    a plain engine's (without them)."""
+    import jax
+
+    from rtpjax import memory_plan
+
+    for llm in (spec_llm, stories_llm):
+        engine = llm.engine
+        allocated = sum(a.nbytes for a in jax.tree.leaves(engine.runner.state))
+        planned = memory_plan.sampler_bytes(engine.cfg, engine.args, engine.max_model_len)
+        assert abs(allocated - planned) <= 0.01 * allocated, (allocated, planned)

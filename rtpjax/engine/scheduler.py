@@ -123,10 +123,14 @@ class Scheduler:
             return 0  # its last token would only produce a token nobody wants; it finishes when read
         return min(remaining, budget)
 
+    def _blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        """Blocks the sequence lacks for num_computed + num_tokens tokens."""
+        return max(0, -(-(seq.num_computed + num_tokens) // self.block_size) - len(seq.block_table))
+
     def _grow(self, seq: Sequence, num_tokens: int, reserved: int = 0) -> bool:
         """Give the sequence blocks for num_computed + num_tokens tokens, if that leaves `reserved` free."""
-        need = -(-(seq.num_computed + num_tokens) // self.block_size) - len(seq.block_table)
-        if need <= 0:
+        need = self._blocks_needed(seq, num_tokens)
+        if need == 0:
             return True
         blocks = self.pool.allocate(need) if need <= self.pool.num_free - reserved else None
         if blocks is None:
@@ -139,7 +143,12 @@ class Scheduler:
         draft plus the token after them stays within max_tokens and the context."""
         if len(seq.token_ids) - seq.num_computed != 1 or seq.token_ids[-1] == PENDING:
             return 0
-        return max(0, min(seq.max_tokens - seq.num_generated, self.max_model_len - len(seq.token_ids)) - 1)
+        return max(0, self._room(seq, len(seq.token_ids)))
+
+    def _room(self, seq: Sequence, length: int) -> int:
+        """Drafts a sequence of `length` tokens (the last not yet computed) may verify: every accepted draft plus the
+        token after them within max_tokens and the context (negative: it may not even take that token)."""
+        return min(seq.max_tokens - (length - seq.num_prompt), self.max_model_len - length) - 1
 
     def schedule(self, drafts: dict[Sequence, list[int]] | None = None) -> Schedule:
         """drafts: proposals for running sequences (see max_drafts); given, the step admits no more sequences than a
@@ -388,15 +397,13 @@ class Scheduler:
                 return None
             if seq.num_generated - 1 < seq.params.min_tokens:  # the known tokens (PENDING excluded)
                 return None
-            worst = len(seq.token_ids) + len(item.drafts)  # its tokens once `previous` accepted everything
-            room = min(seq.max_tokens - (worst - seq.num_prompt), self.max_model_len - worst) - 1
+            room = self._room(seq, len(seq.token_ids) + len(item.drafts))  # once `previous` accepted everything
             if room < 0:
                 return None
             plan.append((seq, min(ks.get(seq, 0), room)))
         if not any(k for _, k in plan) or sum(1 + k for _, k in plan) > self.max_num_batched_tokens:
             return None
-        need = sum(max(0, -(-(s.num_computed + 1 + k) // self.block_size) - len(s.block_table)) for s, k in plan)
-        if need > self.pool.num_free:
+        if sum(self._blocks_needed(seq, 1 + k) for seq, k in plan) > self.pool.num_free:
             return None  # never preempt for a guess
         chained = []
         for seq, k in plan:
