@@ -9,8 +9,9 @@ Three ways to run the experts, all exact (no token is ever dropped):
   batched matmul. FLOPs scale with k, not E. Static shapes without dropping tokens: the tile count is the worst case
   over all routings, sum(ceil(g_e / t)) <= (A + min(E, A) * (t - 1)) / t for A assignments.
 - pallas: the same tiles through the grouped-matmul kernel (rtpjax/kernels/grouped_matmul.py), which reads each
-  tile's expert weights in place instead of gathering a copy; tiles of 16 to 128 rows (`kernel_rows`). Interpreted
-  (slowly) off the GPU; unquantized stacks whose dimensions are multiples of 16 only.
+  tile's expert weights in place instead of gathering a copy; tiles of 16 to 128 rows (`kernel_rows`), or, for the
+  few assignments of a decode step, one-row tiles in routing order (`in_order`: no sort, no padding rows).
+  Interpreted (slowly) off the GPU; unquantized stacks whose dimensions are multiples of 16 only.
 
 On a GPU `auto` takes the kernel wherever it can run: each used tile reads its own expert's weights once, in place,
 so a step reads about the experts its tokens chose (at most all of them, plus one more read per extra tile of a busy
@@ -44,6 +45,7 @@ IMPLS = ("auto", "grouped", "dense", "pallas")
 SPECS = {"w_gate": P("expert", "tensor", None), "w_up": P("expert", "tensor", None), "w_down": P("expert", None, "tensor")}
 RIDGE = 184.0  # FLOPs per byte where an H200 turns from bandwidth- to compute-bound (790 TFLOP/s / 4.3 TB/s)
 _TILES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+ONE_ROW_MAX = 16  # assignments up to which the kernel takes one-row tiles in routing order (benchmarks/moe_block.py)
 
 
 def route(router: jax.Array, x: jax.Array, top_k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array]:
@@ -77,8 +79,10 @@ def plan(assignments: int, experts: int, tokens: int, impl: str) -> int:
 
 
 def kernel_rows(assignments: int, experts: int) -> int:
-    """Rows per tile in the kernel: about one busy expert's share of the assignments, from 16 (the tensor-core dot's
-    minimum) to 128."""
+    """Rows per tile in the kernel: one (each assignment its own tile, unsorted) up to ONE_ROW_MAX assignments, else
+    about one busy expert's share of them, from 16 (the tensor-core dot's minimum) to 128."""
+    if assignments <= ONE_ROW_MAX:
+        return 1
     share = -(-assignments // min(experts, assignments))
     return min(128, max(grouped_matmul.MIN_BLOCK, 1 << (share - 1).bit_length()))
 
@@ -122,8 +126,9 @@ class Tiles:
     expert's group padded to whole tiles; the tile count is the worst case over all routings, `num_tiles`)."""
 
     tile: int
-    row: jax.Array  # [T*k] the padded row of each assignment (token-major); out of range when not this device's
-    expert: jax.Array  # [tiles] the expert of each tile; -1 for spare tiles past the last used one
+    row: jax.Array | None  # [T*k] the padded row of each assignment (token-major); out of range when not this
+    # device's; None: unsorted one-row tiles, assignment i in row i (`in_order`)
+    expert: jax.Array  # [tiles] the expert of each tile; -1 for spare tiles past the last used one (or not this device's)
 
     @property
     def rows(self) -> int:
@@ -132,13 +137,16 @@ class Tiles:
     def gather(self, x: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Each padded row's token ([rows, H], zeros in padding) and routing weight ([rows], zero in padding)."""
         tokens, k = weights.shape
+        if self.row is None:
+            return jnp.repeat(x, k, axis=0), weights.reshape(-1)
         token = jnp.full(self.rows, tokens, jnp.int32).at[self.row].set(jnp.arange(tokens * k) // k, mode="drop")
         weight = jnp.zeros(self.rows, weights.dtype).at[self.row].set(weights.reshape(-1), mode="drop")
         return jnp.take(x, token, 0, mode="fill", fill_value=0), weight
 
     def combine(self, y: jax.Array, k: int) -> jax.Array:
         """Per token, the sum of its assignments' rows of y ([rows, H], already weighted) in float32, cast to y's."""
-        per = y.at[self.row].get(mode="fill", fill_value=0).reshape(-1, k, y.shape[1])
+        per = y if self.row is None else y.at[self.row].get(mode="fill", fill_value=0)
+        per = per.reshape(-1, k, y.shape[1])
         return jnp.sum(per.astype(jnp.float32), axis=1).astype(y.dtype)
 
 
@@ -164,6 +172,12 @@ def sort_into_tiles(ids: jax.Array, experts: int, tile: int, first: int | jax.Ar
     return Tiles(tile, jnp.zeros(rows, jnp.int32).at[order].set(slot), expert)
 
 
+def in_order(ids: jax.Array, experts: int, first: int | jax.Array = 0) -> Tiles:
+    """Each assignment its own one-row tile in routing order (no sort, no padding); other devices' tiles get -1."""
+    local = ids.reshape(-1) - first
+    return Tiles(1, None, jnp.where((local >= 0) & (local < experts), local, -1).astype(jnp.int32))
+
+
 def grouped_experts(x, ids, weights, w_gate, w_up, w_down, tile: int, first: int | jax.Array = 0) -> jax.Array:
     """Experts [first, first + E) on the tokens routed to them, sorted into tiles of `tile` rows (module docstring);
     each tile gathers its expert's weights in XLA."""
@@ -180,7 +194,8 @@ def pallas_experts(x, ids, weights, w_gate, w_up, w_down, tile: int, first: int 
                    **blocks) -> jax.Array:  # fmt: skip
     """The grouped path with the grouped-matmul kernel (rtpjax/kernels/grouped_matmul.py): each tile reads its
     expert's weights in place. `blocks`: the kernel's block_n, block_k, num_warps, num_stages, interpret."""
-    tiles = sort_into_tiles(ids, w_gate.shape[0], tile, first)
+    experts = w_gate.shape[0]
+    tiles = in_order(ids, experts, first) if tile == 1 else sort_into_tiles(ids, experts, tile, first)
     xs, row_weight = tiles.gather(x, weights)
     y = grouped_matmul.expert_mlp(xs, tiles.expert, w_gate, w_up, w_down, row_weight, block_m=tile, **blocks)
     return tiles.combine(y, ids.shape[1])

@@ -40,6 +40,8 @@ def stacks(experts, n, k, dtype, seed, count=1):
     ([0], 16, 64, 128, False, 1),  # one tile, whole dimensions in one block
     ([2, 0, -1], 16, 16, 16, True, 2),  # split-K: partial sums added before SiLU and the product
     ([1, -1, 3], 16, 32, 16, False, 4),  # ... and before the rows' scales
+    ([2, 0, -1, 3, 2], 1, 16, 32, True, 1),  # one-row tiles (decode): vector products, not tensor-core dots
+    ([1, -1, 3, 0], 1, 32, 16, False, 2),
 ])  # fmt: skip
 def test_kernel_matches_reference(dtype, tile_expert, block_m, block_n, block_k, glu, split_k):
     seed = len(tile_expert) * 7 + block_n
@@ -109,7 +111,8 @@ def test_quantized_stacks_take_the_grouped_path():
 
 def test_kernel_rows_and_choice():
     quantized = quantized_stacks()[0]
-    assert moe.kernel_rows(8, 128) == 16  # decode at batch 1: 8 one-row groups, the 16-row minimum
+    assert moe.kernel_rows(8, 128) == 1  # decode at batch 1: each assignment its own one-row tile, unsorted
+    assert moe.kernel_rows(moe.ONE_ROW_MAX, 128) == 1 and moe.kernel_rows(moe.ONE_ROW_MAX + 1, 128) == 16
     assert moe.kernel_rows(32 * 8, 128) == 16
     assert moe.kernel_rows(2048 * 8, 128) == 128
     w = jnp.zeros((4, 32, 64), jnp.bfloat16)
@@ -122,6 +125,8 @@ def test_kernel_rows_and_choice():
     assert not moe.use_kernel("auto", jnp.zeros((4, 24, 64)))
     with pytest.raises(ValueError, match=r"256 x 2048 x 7168 weights \(2\^31 elements or more\)"):
         moe.use_kernel("pallas", jax.ShapeDtypeStruct((256, 2048, 7168), jnp.bfloat16))
+    with pytest.raises(ValueError, match=r"rows 32 in tiles of 8 \(1, or >= 16\)"):
+        gm.grouped_matmul(jnp.zeros((32, 64)), jnp.zeros(4, jnp.int32), (w,), block_m=8, interpret=True)
     with pytest.raises(ValueError, match="rows 40 in tiles of 16"):
         gm.grouped_matmul(jnp.zeros((40, 64)), jnp.zeros(3, jnp.int32), (w,), block_m=16, interpret=True)
     with pytest.raises(ValueError, match="split_k 3 must divide the 2 input blocks of 32"):
@@ -138,23 +143,25 @@ def test_block_bench_runs_on_cpu(tmp_path):
     from rtpjax.benchmarks import moe_block
 
     out = tmp_path / "moe_block.json"
-    moe_block.main(["--experts", "8", "--top-k", "2", "--hidden", "64", "--inter", "32", "--batch-sizes", "1,8",
+    moe_block.main(["--experts", "8", "--top-k", "2", "--hidden", "64", "--inter", "32", "--batch-sizes", "1,16",
                     "--impls", "dense,grouped,pallas", "--pallas-blocks", "16x16,32x32x4x2,8x8", "--repeats", "1",
                     "--out", str(out)])  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
     assert moe_block.parse_blocks("64x128x4x3x4")[0]["split_k"] == 4  # a fifth field: split-K
-    assert [r["tokens"] for r in rows] == [1, 8]
+    assert [r["tokens"] for r in rows] == [1, 16]
     for row in rows:
         sweep = row["pallas_sweep"]
         assert sorted((r["block_n"], r["block_k"]) for r in sweep[:2]) == [(16, 16), (32, 32)]
         assert sweep[0]["us"] <= sweep[1]["us"] and row["pallas_best"]["us"] == sweep[0]["us"]
         assert "us" not in sweep[2] and "grouped_matmul: rows" in sweep[2]["error"]  # 8-wide blocks: refused, recorded
-        assert row["pallas"]["tile"] == 16 and row["pallas"]["vs_dense"] > 0 and row["pallas_best"]["vs_grouped"] > 0
+        tile = 1 if row["tokens"] == 1 else 16  # 2 assignments: one-row tiles; 32: sorted tiles of 16
+        assert row["pallas"]["tile"] == tile and row["pallas"]["vs_dense"] > 0 and row["pallas_best"]["vs_grouped"] > 0
         assert row["bound_vs_dense"] == pytest.approx(row["dense"]["us"] / row["floor_us"])
 
 
-@pytest.mark.parametrize("block_n, block_k, split_k", [(64, 128, 1), (256, 64, 1), (64, 128, 4)])
-def test_kernel_lowers_to_triton(block_n, block_k, split_k, triton_verified):
+@pytest.mark.parametrize("tile, block_n, block_k, split_k", [(16, 64, 128, 1), (16, 256, 64, 1), (16, 64, 128, 4),
+                                                             (1, 32, 256, 1), (1, 64, 128, 2)])  # fmt: skip
+def test_kernel_lowers_to_triton(tile, block_n, block_k, split_k, triton_verified):
     """Lowered for CUDA on this CPU: Pallas' Triton lowering builds the kernel's Triton IR (a load or store Triton
     cannot take, e.g. a block that is not a power of two, fails here) and each module passes MLIR's verifier, as the
     GPU's Triton parser requires (a loop bound of the wrong integer type failed only there); compiling needs the GPU."""
@@ -162,7 +169,7 @@ def test_kernel_lowers_to_triton(block_n, block_k, split_k, triton_verified):
     w = [jax.ShapeDtypeStruct((e, i, h), jnp.bfloat16)] * 2 + [jax.ShapeDtypeStruct((e, h, i), jnp.bfloat16)]
     args = (jax.ShapeDtypeStruct((t, h), jnp.bfloat16), jax.ShapeDtypeStruct((t, k), jnp.int32),
             jax.ShapeDtypeStruct((t, k), jnp.bfloat16), *w)  # fmt: skip
-    fn = jax.jit(lambda x, ids, wt, g, u, d: moe.pallas_experts(x, ids, wt, g, u, d, 16, block_n=block_n,
+    fn = jax.jit(lambda x, ids, wt, g, u, d: moe.pallas_experts(x, ids, wt, g, u, d, tile, block_n=block_n,
                                                                 block_k=block_k, split_k=split_k,
                                                                 interpret=False))  # fmt: skip
     text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()

@@ -13,6 +13,10 @@ blocks cannot fill the SMs (8 experts' tiles of 768 gate/up channels are 96 prog
 the input axis over a third grid axis, each split writing float32 partial sums that XLA adds up before SiLU, the
 product and the scale. Dots accumulate in float32 (float32 inputs
 at IEEE precision, not TF32); Triton's tensor-core dots need 16 rows, hence block_m >= 16.
+
+Tiles of one row (`block_m` = 1) are the decode case: with a few tokens each (token, expert) assignment is its own
+tile, in routing order, so nothing is sorted or padded; the row multiplies its weight tile on the vector units
+(a product and a row sum in float32, no tensor-core dot) and no tile reads a weight that a padding row needs.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def _dot_t(a, b):
-    """a @ b.T, float32 accumulation; float32 inputs at full precision."""
+    """a @ b.T, float32 accumulation; float32 inputs at full precision. One row: products and a row sum."""
+    if a.shape[0] == 1:
+        return jnp.sum(a.astype(jnp.float32) * b.astype(jnp.float32), axis=1)[None, :]
     return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
                            preferred_element_type=jnp.float32)  # fmt: skip
 
@@ -101,8 +107,8 @@ def grouped_matmul(x, tile_expert, weights: tuple, scale=None, *, block_m: int, 
     rows, depth = x.shape
     experts, out, _ = weights[0].shape
     bn, bk = block_size(block_n, out), block_size(block_k, depth)
-    if block_m < MIN_BLOCK or rows % block_m or not (bn and bk) or tile_expert.shape != (rows // block_m,):
-        raise ValueError(f"grouped_matmul: rows {rows} in tiles of {block_m} (>= {MIN_BLOCK}) for "
+    if 1 < block_m < MIN_BLOCK or rows % block_m or not (bn and bk) or tile_expert.shape != (rows // block_m,):
+        raise ValueError(f"grouped_matmul: rows {rows} in tiles of {block_m} (1, or >= {MIN_BLOCK}) for "
                          f"{tile_expert.shape[0]} tile experts, weights {out} x {depth} "
                          f"(multiples of {MIN_BLOCK})")  # fmt: skip
     if split_k < 1 or (depth // bk) % split_k:
