@@ -34,7 +34,8 @@
 #           multi_turn and prefix_repetition traffic whose working set is >= 4x the device KV (TIER_BLOCKS device
 #           blocks) with prefix caching off, device only, device + host + disk; then a restart with the disk tier
 #           (TIER_BW=0 skips the bandwidths; TIER_CONFIGS, TIER_DATASETS, TIER_PROMPTS, TIER_RESTART pick the runs;
-#           TIER_PROFILE=1: cProfile each engine's loop into tiers_NAME.prof and .prof.txt)
+#           TIER_PROFILE=1: cProfile each engine's loop into tiers_NAME.prof and .prof.txt; TIER_CONCURRENCY (64):
+#           requests in flight, so that more conversations than that wait between their turns, as chat users do)
 #   moe     Qwen3-30B-A3B-shaped random weights: the MoE block alone against its weight-bandwidth floor (grouped, dense,
 #           auto, pallas, and the grouped-matmul kernel swept over block sizes; MOE_BLOCK_FLAGS adds moe_block.py
 #           flags, e.g. "--pallas-blocks 64x128x4x3,128x128x8x4 --pallas-rows 16,32"), then offline decode
@@ -437,9 +438,10 @@ PY
       for dataset in ${TIER_DATASETS:-multi_turn shared_prefix}; do
         case $dataset in
         multi_turn) tier_bench "$1_multi_turn" --dataset-name multi_turn --num-prompts ${TIER_PROMPTS:-256} \
-          --multi-turn-num-turns 4 --multi-turn-input-len 1024 --multi-turn-output-len 128 --max-concurrency 64 ;;
+          --multi-turn-num-turns 4 --multi-turn-input-len 1024 --multi-turn-output-len 128 \
+          --max-concurrency ${TIER_CONCURRENCY:-64} ;;
         shared_prefix) tier_bench "$1_shared_prefix" --dataset-name prefix_repetition \
-          --num-prompts ${TIER_PROMPTS:-256} --max-concurrency 64 --prefix-repetition-prefix-len 4096 \
+          --num-prompts ${TIER_PROMPTS:-256} --max-concurrency ${TIER_CONCURRENCY:-64} --prefix-repetition-prefix-len 4096 \
           --prefix-repetition-suffix-len 256 --prefix-repetition-num-prefixes 32 --prefix-repetition-output-len 128 ;;
         esac
       done
