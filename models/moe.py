@@ -45,7 +45,10 @@ IMPLS = ("auto", "grouped", "dense", "pallas")
 SPECS = {"w_gate": P("expert", "tensor", None), "w_up": P("expert", "tensor", None), "w_down": P("expert", None, "tensor")}
 RIDGE = 184.0  # FLOPs per byte where an H200 turns from bandwidth- to compute-bound (790 TFLOP/s / 4.3 TB/s)
 _TILES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-ONE_ROW_MAX = 16  # assignments up to which the kernel takes one-row tiles in routing order (benchmarks/moe_block.py)
+# One-row tiles in routing order up to this many assignments (8 tokens at top-8), in blocks of 32 outputs x 256 inputs:
+# faster than sorted 16-row tiles at every decode size measured, 1 to 8 tokens (benchmarks/moe_block.py, RESULTS.md).
+ONE_ROW_MAX = 64
+ONE_ROW_BLOCKS = dict(block_n=32, block_k=256)
 
 
 def route(router: jax.Array, x: jax.Array, top_k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array]:
@@ -195,7 +198,10 @@ def pallas_experts(x, ids, weights, w_gate, w_up, w_down, tile: int, first: int 
     """The grouped path with the grouped-matmul kernel (rtpjax/kernels/grouped_matmul.py): each tile reads its
     expert's weights in place. `blocks`: the kernel's block_n, block_k, num_warps, num_stages, interpret."""
     experts = w_gate.shape[0]
-    tiles = in_order(ids, experts, first) if tile == 1 else sort_into_tiles(ids, experts, tile, first)
+    if tile == 1:
+        tiles, blocks = in_order(ids, experts, first), {**ONE_ROW_BLOCKS, **blocks}
+    else:
+        tiles = sort_into_tiles(ids, experts, tile, first)
     xs, row_weight = tiles.gather(x, weights)
     y = grouped_matmul.expert_mlp(xs, tiles.expert, w_gate, w_up, w_down, row_weight, block_m=tile, **blocks)
     return tiles.combine(y, ids.shape[1])

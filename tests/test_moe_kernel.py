@@ -143,18 +143,18 @@ def test_block_bench_runs_on_cpu(tmp_path):
     from rtpjax.benchmarks import moe_block
 
     out = tmp_path / "moe_block.json"
-    moe_block.main(["--experts", "8", "--top-k", "2", "--hidden", "64", "--inter", "32", "--batch-sizes", "1,16",
+    moe_block.main(["--experts", "8", "--top-k", "2", "--hidden", "64", "--inter", "32", "--batch-sizes", "1,40",
                     "--impls", "dense,grouped,pallas", "--pallas-blocks", "16x16,32x32x4x2,8x8", "--repeats", "1",
                     "--out", str(out)])  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
     assert moe_block.parse_blocks("64x128x4x3x4")[0]["split_k"] == 4  # a fifth field: split-K
-    assert [r["tokens"] for r in rows] == [1, 16]
+    assert [r["tokens"] for r in rows] == [1, 40]
     for row in rows:
         sweep = row["pallas_sweep"]
         assert sorted((r["block_n"], r["block_k"]) for r in sweep[:2]) == [(16, 16), (32, 32)]
         assert sweep[0]["us"] <= sweep[1]["us"] and row["pallas_best"]["us"] == sweep[0]["us"]
         assert "us" not in sweep[2] and "grouped_matmul: rows" in sweep[2]["error"]  # 8-wide blocks: refused, recorded
-        tile = 1 if row["tokens"] == 1 else 16  # 2 assignments: one-row tiles; 32: sorted tiles of 16
+        tile = 1 if row["tokens"] == 1 else 16  # 2 assignments: one-row tiles; 80: sorted tiles of 16
         assert row["pallas"]["tile"] == tile and row["pallas"]["vs_dense"] > 0 and row["pallas_best"]["vs_grouped"] > 0
         assert row["bound_vs_dense"] == pytest.approx(row["dense"]["us"] / row["floor_us"])
 
