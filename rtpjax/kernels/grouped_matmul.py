@@ -15,8 +15,8 @@ product and the scale. Dots accumulate in float32 (float32 inputs
 at IEEE precision, not TF32); Triton's tensor-core dots need 16 rows, hence block_m >= 16.
 
 Tiles of one row (`block_m` = 1) are the decode case: with a few tokens each (token, expert) assignment is its own
-tile, in routing order, so nothing is sorted or padded; the row multiplies its weight tile on the vector units
-(a product and a row sum in float32, no tensor-core dot) and no tile reads a weight that a padding row needs.
+tile, in routing order, so nothing is sorted and no padding rows ride along; the row multiplies its weight tile on
+the vector units (products and a row sum in float32, no tensor-core dot).
 """
 
 from __future__ import annotations
