@@ -8,9 +8,10 @@ import pytest
 from rtpjax.benchmarks.kernels import quant_bench
 
 
-def test_quant_bench_quick_writes_every_format_and_the_best_tiles(tmp_path):
+@pytest.mark.parametrize("sweep_rows", ["16", "1"])  # the tensor-core tiles' sweep; the one-row tiles'
+def test_quant_bench_quick_writes_every_format_and_the_best_tiles(tmp_path, sweep_rows):
     out = tmp_path / "quant_bench.json"
-    quant_bench.main(["--quick", "--tokens", "1", "--out", str(out)])
+    quant_bench.main(["--quick", "--tokens", "1", "--sweep-rows", sweep_rows, "--out", str(out)])
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert [r["tokens"] for r in rows] == [1]

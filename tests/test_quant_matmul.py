@@ -113,11 +113,18 @@ SMALL = [  # method, rows, dtype, tiles: every format, padded and full row tiles
     ("int4", 7, jnp.bfloat16, Tiles(unpack="magic")),  # nibbles by their bits: each activation dtype's constant
     ("int4-asym", 16, jnp.float32, Tiles(block_k=128, unpack="magic")),
     ("int4-asym", 3, jnp.float16, Tiles(split_k=1, unpack="magic")),
+    # one row on the vector units: each format, split-K, both unpackings; and one row padded to a tensor-core dot
+    ("int8", 1, jnp.bfloat16, Tiles(block_k=128, split_k=2)),
+    ("fp8-weight-only", 1, jnp.float32, None),
+    ("int4", 1, jnp.bfloat16, Tiles(block_n=16, split_k=3, unpack="magic")),
+    ("int4-asym", 1, jnp.float32, Tiles(block_n=32, block_k=384)),
+    ("int4-asym", 1, jnp.float16, None),
+    ("fp8", 1, jnp.bfloat16, Tiles(one_row=False)),
 ]
 
 
 @pytest.mark.parametrize("method,rows,dtype,tiles", SMALL,
-                         ids=[f"{m}-{r}-{t.split_k}-{t.unpack}" for m, r, _, t in SMALL])  # fmt: skip
+                         ids=[f"{m}-{r}-{t}" for m, r, _, t in SMALL])  # fmt: skip
 def test_small_kernel_matches_the_reference_everywhere(method, rows, dtype, tiles):
     rng = np.random.default_rng(rows)  # fresh inputs per case
     w = jnp.asarray(rng.standard_normal((96, 768)) * rng.uniform(0.01, 2, (96, 1)), jnp.float32)
@@ -147,7 +154,9 @@ def test_small_kernel_rejects_shapes_it_cannot_tile():
     # 224 programs of the default 64 channels: two splits fill 132 SMs twice; 448 programs of 32 channels need none
     assert plan(16, 14336, 4096, "fp8") == Plan(block_m=16, block_n=64, step=256, split_k=2)
     assert plan(16, 14336, 4096, "fp8", tiles=Tiles(block_n=32, num_warps=2)).split_k == 1
-    assert plan(1, 4096, 14336, "int4", 128) == Plan(block_m=16, block_n=64, step=256, split_k=8)  # two groups a step
+    assert plan(2, 4096, 14336, "int4", 128) == Plan(block_m=16, block_n=64, step=256, split_k=8)  # two groups a step
+    assert plan(1, 4096, 14336, "int4", 128).block_m == 1  # one row: the vector units
+    assert plan(1, 4096, 14336, "int4", 128, Tiles(one_row=False)).block_m == 16
 
 
 @pytest.mark.parametrize("method", ["fp8", "int8", "int4-asym", "int4"])
@@ -158,9 +167,11 @@ def test_small_kernel_lowers_to_triton(method, triton_verified):
     # the format's default tiles, split-K's float32 partials; int4 nibbles by their bits too
     for tiles in (None, Tiles(split_k=2) if method[:4] != "int4" else Tiles(split_k=2, unpack="magic")):
         step = jax.jit(lambda x, w: quantized_matmul(x, w, tiles))
-        text = step.trace(jnp.ones((16, 512), jnp.bfloat16), qw).lower(lowering_platforms=("cuda",)).as_text()
-        assert f"small_matmul_{qw.scheme.weight}" in text and "triton" in text
-    assert triton_verified == [True, True]
+        for rows in (16, 1):  # a tensor-core dot; one row on the vector units, the format's one-row defaults too
+            x = jnp.ones((rows, 512), jnp.bfloat16)
+            text = step.trace(x, qw).lower(lowering_platforms=("cuda",)).as_text()
+            assert f"small_matmul_{qw.scheme.weight}" in text and "triton" in text
+    assert triton_verified == [True] * 4
 
 
 def test_small_steps_on_a_gpu_take_the_kernel():
@@ -188,7 +199,7 @@ def test_quantized_decode_xla_takes_the_weight_only_dot(method):
     assert uses_small_kernel(16, params["layer"]["w"], "gpu")
     xla = decode_by(params, "xla")
     qw = xla["layer"]["w"]
-    assert not qw.scheme.decode_kernel and not uses_small_kernel(16, qw, "gpu") and xla["norm"] is params["norm"]
+    assert qw.scheme.decode_kernel == 0 and not uses_small_kernel(16, qw, "gpu") and xla["norm"] is params["norm"]
     assert decode_by(xla, "pallas")["layer"]["w"].scheme == params["layer"]["w"].scheme
     x = jnp.asarray(rng.standard_normal((16, 256)), jnp.float32)
     weight_only = np.asarray(x @ dequantize(qw, jnp.float32).T)
@@ -198,8 +209,10 @@ def test_quantized_decode_xla_takes_the_weight_only_dot(method):
     np.testing.assert_allclose(np.asarray(linear(big, qw, backend="gpu")), want, rtol=1e-4, atol=1e-3)
     with pytest.raises(ValueError, match="auto, pallas, xla"):
         decode_by(params, "triton")
-    # the default: XLA's dot for one-byte weights (faster on an H200), the kernel for int4
-    assert decode_by(params, "auto")["layer"]["w"].scheme.decode_kernel == (method == "int4")
+    # the default: the kernel for int4; for one-byte weights at one token only, XLA's dot above (faster on an H200)
+    auto = decode_by(params, "auto")["layer"]["w"]
+    assert auto.scheme.decode_kernel == (64 if method == "int4" else 1) and uses_small_kernel(1, auto, "gpu")
+    assert uses_small_kernel(2, auto, "gpu") == (method == "int4")
 
 
 def test_load_model_sends_decode_steps_where_asked(tiny_checkpoints):
@@ -211,7 +224,7 @@ def test_load_model_sends_decode_steps_where_asked(tiny_checkpoints):
         leaves = jax.tree.leaves(params, is_leaf=lambda v: isinstance(v, QuantizedWeight))
         return [w.scheme.decode_kernel for w in leaves if isinstance(w, QuantizedWeight)]
 
-    for choice, kernel in (("pallas", True), ("xla", False), ("auto", False)):
+    for choice, kernel in (("pallas", 64), ("xla", 0), ("auto", 1)):
         kinds = schemes(load_model(tiny_checkpoints["llama3"], quantization="int8", quantized_decode=choice)[2])
         assert kinds and set(kinds) == {kernel}
     assert not schemes(load_model(tiny_checkpoints["llama3"], quantized_decode="xla")[2])

@@ -38,6 +38,13 @@ SWEEP = (Tiles(), Tiles(block_n=32), Tiles(block_n=128), Tiles(block_k=128), Til
          Tiles(block_n=16, block_k=256, split_k=2), Tiles(num_stages=5), Tiles(block_n=32, num_warps=2),
          Tiles(block_n=16, block_k=1024, split_k=1, num_warps=4, num_stages=2),
          Tiles(unpack="magic"), Tiles(block_k=128, unpack="magic"))  # fmt: skip (unpack: int4 only)
+# One row on the vector units (`--sweep-rows 1`), and the padded tensor-core dot it replaces.
+ONE_ROW_SWEEP = (*(Tiles(block_n=n, block_k=k) for n, k in ((8, 512), (16, 256), (16, 512), (16, 1024), (32, 256),
+                                                            (32, 512), (64, 128), (64, 256))),
+                 Tiles(block_n=16, block_k=512, num_warps=2), Tiles(block_n=32, block_k=512, num_warps=8),
+                 Tiles(block_n=16, block_k=512, num_stages=4), Tiles(block_n=16, block_k=512, split_k=1),
+                 Tiles(block_n=16, block_k=256, unpack="magic"), Tiles(block_n=32, block_k=256, unpack="magic"),
+                 Tiles(block_n=16, block_k=512, unpack="magic"), Tiles(one_row=False))  # fmt: skip
 
 
 def _nbytes(w) -> int:
@@ -104,9 +111,10 @@ def _record(row: dict, key: str, seconds: float, nbytes: int) -> None:
     row[f"{key}_hbm"] = nbytes / seconds / HBM_BYTES_PER_S
 
 
-def bench_shape(name: str, out: int, inp: int, tokens: list[int], repeats: int, sweep: tuple, quick: bool = False):
-    """Rows (one per token count) and the best of the `sweep` tiles per quantized format at 16 rows. quick: one weight
-    copy, two calls per program."""
+def bench_shape(name: str, out: int, inp: int, tokens: list[int], repeats: int, sweep: tuple, quick: bool = False,
+                sweep_rows: int = 16):  # fmt: skip
+    """Rows (one per token count) and the best of the `sweep` tiles per quantized format at `sweep_rows` rows. quick:
+    one weight copy, two calls per program."""
     interpret = jax.default_backend() != "gpu"  # a CPU run checks the script: the kernel interpreted
     kernel = lambda tiles: lambda x, w: small_matmul.quantized_matmul(x, w, tiles, interpret=interpret)
     rows, best = [{"layer": name, "out": out, "in": inp, "tokens": t} for t in tokens], {}
@@ -116,10 +124,12 @@ def bench_shape(name: str, out: int, inp: int, tokens: list[int], repeats: int, 
         copies = 1 if quick else min(16, -(-2 * L2_BYTES // nbytes))  # twice the L2
         weights = [one, *_weights(out, inp, fmt, copies - 1)]
         calls = 2 if quick else max(copies, 32)  # GPU time per program well above its dispatch
-        tiles = Tiles()
-        if fmt != "bf16" and sweep and small_matmul.applies(16, one):
-            x16 = jax.random.normal(jax.random.key(1), (calls, 16, inp), jnp.bfloat16)
-            times = {t: _time(kernel(t), x16, weights, repeats) for t in sweep if small_matmul.applies(16, one, t)}
+        tiles = None  # the format's defaults
+        if fmt != "bf16" and sweep and small_matmul.applies(sweep_rows, one):
+            xm = jax.random.normal(jax.random.key(1), (calls, sweep_rows, inp), jnp.bfloat16)
+            fits = [t for t in sweep if small_matmul.applies(sweep_rows, one, t)
+                    and (fmt == "int4" or t.unpack == Tiles.unpack)]  # unpacking is int4's alone
+            times = {t: _time(kernel(t), xm, weights, repeats) for t in fits}
             tiles = min(times, key=times.get)
             best[fmt] = {"tiles": dataclasses.asdict(tiles), "us": times[tiles] * 1e6,
                          "sweep_us": {str(dataclasses.astuple(t)): s * 1e6 for t, s in times.items()}}  # fmt: skip
@@ -182,6 +192,7 @@ def main(argv=None) -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
     parser.add_argument("--tokens", default="1,16,32")
     parser.add_argument("--no-sweep", action="store_true", help="time the default tiles only")
+    parser.add_argument("--sweep-rows", type=int, default=16, help="rows of the tile sweep (1: the one-row tiles)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a CPU check of the script)")
     parser.add_argument("--table", nargs="+", metavar="JSON", help="compare engine runs instead (see above)")
     args = parser.parse_args(argv)
@@ -193,12 +204,14 @@ def main(argv=None) -> None:
     tokens = [int(t) for t in args.tokens.split(",")]
     result = {"device": str(jax.devices()[0].device_kind), "rows": [], "best_tiles": {}}
     for name, (out, inp) in shapes.items():
-        sweep = () if args.no_sweep else SWEEP[:2] if args.quick else SWEEP
-        rows, best = bench_shape(name, out, inp, tokens, 1 if args.quick else 10, sweep, quick=args.quick)
+        sweep = () if args.no_sweep else ONE_ROW_SWEEP if args.sweep_rows == 1 else SWEEP
+        sweep = sweep[:2] if args.quick else sweep
+        rows, best = bench_shape(name, out, inp, tokens, 1 if args.quick else 10, sweep, quick=args.quick,
+                                 sweep_rows=args.sweep_rows)  # fmt: skip
         result["rows"] += rows
         result["best_tiles"][name] = best
         for fmt, b in best.items():
-            print(f"{name:5s} {fmt}: best tiles {b['tiles']} {b['us']:.1f} us at 16 rows", flush=True)
+            print(f"{name:5s} {fmt}: best tiles {b['tiles']} {b['us']:.1f} us at {args.sweep_rows} rows", flush=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 

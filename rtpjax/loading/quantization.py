@@ -38,8 +38,8 @@ class Scheme:
     None (weight-only). group: inputs per scale (0: the whole row). block_rows: output rows per scale (1, or 128 for
     block-scaled fp8). symmetric: int4 without zero points. whole: the weight is whole on every device that holds it,
     so a GPU may run a Pallas kernel on it (under GSPMD a custom call would gather a sharded weight every step).
-    decode_kernel: decode-sized steps on a GPU take that kernel (`rtpjax.quant.small_matmul`); False: XLA's dot
-    (`--quantized-decode xla`).
+    decode_kernel: steps of at most this many tokens on a GPU take that kernel (`rtpjax.quant.small_matmul`); larger
+    decode-sized steps, and all with 0, XLA's dot (`--quantized-decode`).
     """
 
     weight: str
@@ -48,7 +48,7 @@ class Scheme:
     block_rows: int = 1
     symmetric: bool = True
     whole: bool = False
-    decode_kernel: bool = True
+    decode_kernel: int = 64  # the kernel's most rows (small_matmul.MAX_ROWS)
 
     @property
     def per_channel(self) -> bool:

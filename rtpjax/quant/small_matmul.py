@@ -11,6 +11,11 @@ narrow one; per-channel scales then multiply the accumulator's rows once at the 
 partial sum (the nibbles less their zero are exact in bfloat16). When out/block_n programs cannot fill the SMs the
 inputs split `split_k` ways: each split writes a float32 partial and XLA sums them.
 
+One row (batch-1 decode, `Tiles.one_row`) skips the tensor cores: padded to 16 rows the dot does 16 times the work
+and its operands pass through shared memory in the dot's layout. The row multiplies each weight tile on the vector
+units instead, into a float32 accumulator of the tile's own shape (int4: half a group wide, each group's products
+scaled as they are added), summed across the inputs once at the end.
+
 int4 layout: `rtpjax.loading.quantization` (byte j of a group holds input j low and input j + g/2 high), so each
 half group is one dot against its own nibbles with nothing interleaved. Two ways to turn a nibble into the
 activations' dtype (Tiles.unpack): "convert" (int32 arithmetic, then an integer-to-float conversion, a quarter-rate
@@ -48,30 +53,38 @@ class Tiles:
     num_warps: int = 4
     num_stages: int = 3
     unpack: str = "convert"  # int4 nibbles to floats: "convert" or "magic" (module docstring)
+    one_row: bool = True  # a single row multiplies on the vector units (module docstring); False: a padded dot
 
 
 # One tile set for every format. `benchmarks/kernels/quant_bench.py`'s sweep on an H200 (8B shapes, 16 rows) timed the
 # one-byte formats fastest with two warps on 32 channels, but the engine's decode step ran slower with them: the
 # kernel alone, on one weight called back to back, is not the step (RESULTS.md, quantization rows).
 DEFAULT_TILES = {"fp8": Tiles(), "int8": Tiles(), "int4": Tiles()}
+# One row: the weight tile's elements are the accumulator's (float32 registers), so tiles are narrower.
+ONE_ROW_TILES = {"fp8": Tiles(block_n=16, block_k=512), "int8": Tiles(block_n=16, block_k=512),
+                 "int4": Tiles(block_n=16, block_k=256, unpack="magic")}  # fmt: skip
+
+
+def default_tiles(rows: int, fmt: str) -> Tiles:
+    return (ONE_ROW_TILES if rows == 1 else DEFAULT_TILES)[fmt]
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """Tiles resolved for one shape."""
 
-    block_m: int  # the padded rows: all of them in one tile
+    block_m: int  # the padded rows: all of them in one tile (1: one row on the vector units)
     block_n: int
     step: int  # inputs per loop step
     split_k: int
 
 
 def plan(rows: int, out: int, in_features: int, fmt: str, group: int = 0, tiles: Tiles | None = None) -> Plan:
-    """The tiles for x [rows, in] @ W[out, in].T (`tiles`, or the format's DEFAULT_TILES), or a ValueError naming what
+    """The tiles for x [rows, in] @ W[out, in].T (`tiles`, or the format's defaults for `rows`), or a ValueError naming what
     does not fit."""
     if fmt not in FORMATS:
         raise ValueError(f"small_matmul: weight format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    tiles = tiles or DEFAULT_TILES[fmt]
+    tiles = tiles or default_tiles(rows, fmt)
     if tiles.unpack not in UNPACKS:
         raise ValueError(f"small_matmul: unpack {tiles.unpack!r}: choose one of {', '.join(UNPACKS)}")
     if not 1 <= rows <= MAX_ROWS:
@@ -86,7 +99,7 @@ def plan(rows: int, out: int, in_features: int, fmt: str, group: int = 0, tiles:
     else:
         step = _fit(tiles.block_k, in_features)
     block_n = _fit(tiles.block_n, out)
-    block_m = max(MIN_ROWS, pl.next_power_of_2(rows))
+    block_m = 1 if rows == 1 and tiles.one_row else max(MIN_ROWS, pl.next_power_of_2(rows))
     steps = in_features // step
     split = tiles.split_k
     if split == 0:  # the fewest splits reaching 2 programs per SM, each keeping 2+ steps to pipeline
@@ -140,10 +153,16 @@ def _dot(w, x):
     return lax.dot_general(w, x, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+def _products(w, x):
+    """One row: w [n, k] * x [1, k] element by element (the caller sums over k once, at the end)."""
+    return w * x
+
+
 def _kernel(x_ref, q_ref, s_ref, *rest, fmt: str, step: int, steps: int, group: int, zero_point: bool,
             unpack: str):  # fmt: skip
     z_ref, o_ref = rest if zero_point else (None, rest[0])
-    dtype = x_ref.dtype
+    one_row = x_ref.shape[0] == 1
+    dtype, mul = (jnp.float32, _products) if one_row else (x_ref.dtype, _dot)
     if fmt == "int4":
         half, per_step = group // 2, step // group
 
@@ -153,16 +172,23 @@ def _kernel(x_ref, q_ref, s_ref, *rest, fmt: str, step: int, steps: int, group: 
                 packed = q_ref[:, pl.ds(g * half, half)]  # [bn, g/2] uint8
                 zero = z_ref[:, pl.ds(g, 1)] if zero_point else 8
                 lo, hi = _nibbles(packed, zero, dtype, unpack)
-                part = _dot(lo, x_ref[:, pl.ds(g * group, half)]) + _dot(hi, x_ref[:, pl.ds(g * group + half, half)])
-                acc = acc + part * s_ref[:, pl.ds(g, 1)]
+                x_lo = x_ref[:, pl.ds(g * group, half)].astype(dtype)
+                x_hi = x_ref[:, pl.ds(g * group + half, half)].astype(dtype)
+                acc = acc + (mul(lo, x_lo) + mul(hi, x_hi)) * s_ref[:, pl.ds(g, 1)]
             return acc
 
+        width = half
     else:
 
         def body(k, acc):
-            return acc + _dot(q_ref[:, pl.ds(k * step, step)].astype(dtype), x_ref[:, pl.ds(k * step, step)])
+            cols = pl.ds(k * step, step)
+            return acc + mul(q_ref[:, cols].astype(dtype), x_ref[:, cols].astype(dtype))
 
-    acc = lax.fori_loop(0, steps, body, jnp.zeros((q_ref.shape[0], x_ref.shape[0]), jnp.float32))
+        width = step
+    acc_shape = (q_ref.shape[0], width if one_row else x_ref.shape[0])
+    acc = lax.fori_loop(0, steps, body, jnp.zeros(acc_shape, jnp.float32))
+    if one_row:
+        acc = jnp.sum(acc, axis=1, keepdims=True)  # [bn, 1]
     if fmt != "int4":
         acc = acc * s_ref[...]  # [bn, 1]: one scale per output channel
     o_ref[...] = acc.T.astype(o_ref.dtype)
@@ -196,7 +222,7 @@ def small_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, zero: jax.Array |
     else:
         out_shape = jax.ShapeDtypeStruct((p.split_k, p.block_m, out), jnp.float32)
         out_spec = pl.BlockSpec((None, p.block_m, p.block_n), lambda j, s: (s, 0, j))
-    tiles = tiles or DEFAULT_TILES[fmt]
+    tiles = tiles or default_tiles(rows, fmt)
     kernel = functools.partial(_kernel, fmt=fmt, step=p.step, steps=part // p.step, group=group,
                                zero_point=len(inputs) == 4, unpack=tiles.unpack)
     params = None if interpret else plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
@@ -210,11 +236,10 @@ def small_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, zero: jax.Array |
 
 
 def applies(rows: int, w: QuantizedWeight, tiles: Tiles | None = None) -> bool:
-    """Whether `quantized_matmul` takes x [rows, in] @ w: per-channel one-byte or grouped int4 weights, whole on the
-    device (a sharded weight would be gathered for a custom call), not sent to XLA (Scheme.decode_kernel), 2-D,
-    shapes the tiles fit."""
+    """Whether `quantized_matmul` can take x [rows, in] @ w: per-channel one-byte or grouped int4 weights, whole on
+    the device (a sharded weight would be gathered for a custom call), 2-D, shapes the tiles fit."""
     s = w.scheme
-    return (s.whole and s.decode_kernel and w.q.ndim == 2 and (s.per_channel or s.weight == "int4")
+    return (s.whole and w.q.ndim == 2 and (s.per_channel or s.weight == "int4")
             and supported(rows, w.shape[0], w.shape[1], s.weight, s.group_size(w.shape[1]), tiles))  # fmt: skip
 
 
