@@ -13,7 +13,7 @@ from rtpjax.kernels.reference import quantize as quantize_rows
 from rtpjax.loading.quantization import (METHODS, STORAGE, QuantizedWeight, Scheme, dequantize, pack_int4, quantize,
                                         unpack_int4)
 from rtpjax.quant.matmul import linear, uses_small_kernel
-from rtpjax.quant.small_matmul import Plan, Tiles, plan, quantized_matmul, small_matmul
+from rtpjax.quant.small_matmul import ONE_ROW_TILES, Plan, Tiles, plan, quantized_matmul, small_matmul
 
 
 def test_int4_packing_is_the_documented_layout():
@@ -114,12 +114,12 @@ SMALL = [  # method, rows, dtype, tiles: every format, padded and full row tiles
     ("int4-asym", 16, jnp.float32, Tiles(block_k=128, unpack="magic")),
     ("int4-asym", 3, jnp.float16, Tiles(split_k=1, unpack="magic")),
     # one row on the vector units: each format, split-K, both unpackings; and one row padded to a tensor-core dot
-    ("int8", 1, jnp.bfloat16, Tiles(block_k=128, split_k=2)),
-    ("fp8-weight-only", 1, jnp.float32, None),
-    ("int4", 1, jnp.bfloat16, Tiles(block_n=16, split_k=3, unpack="magic")),
-    ("int4-asym", 1, jnp.float32, Tiles(block_n=32, block_k=384)),
-    ("int4-asym", 1, jnp.float16, None),
-    ("fp8", 1, jnp.bfloat16, Tiles(one_row=False)),
+    ("int8", 1, jnp.bfloat16, Tiles(block_k=128, split_k=2, one_row=True)),
+    ("fp8-weight-only", 1, jnp.float32, ONE_ROW_TILES["fp8"]),
+    ("int4", 1, jnp.bfloat16, Tiles(block_n=16, split_k=3, unpack="magic", one_row=True)),
+    ("int4-asym", 1, jnp.float32, Tiles(block_n=32, block_k=384, one_row=True)),
+    ("int4-asym", 1, jnp.float16, ONE_ROW_TILES["int4"]),
+    ("fp8", 1, jnp.bfloat16, Tiles()),
 ]
 
 
@@ -155,8 +155,8 @@ def test_small_kernel_rejects_shapes_it_cannot_tile():
     assert plan(16, 14336, 4096, "fp8") == Plan(block_m=16, block_n=64, step=256, split_k=2)
     assert plan(16, 14336, 4096, "fp8", tiles=Tiles(block_n=32, num_warps=2)).split_k == 1
     assert plan(2, 4096, 14336, "int4", 128) == Plan(block_m=16, block_n=64, step=256, split_k=8)  # two groups a step
-    assert plan(1, 4096, 14336, "int4", 128).block_m == 1  # one row: the vector units
-    assert plan(1, 4096, 14336, "int4", 128, Tiles(one_row=False)).block_m == 16
+    assert plan(1, 4096, 14336, "int4", 128, ONE_ROW_TILES["int4"]).block_m == 1  # one row: the vector units
+    assert plan(1, 4096, 14336, "int4", 128).block_m == 16
 
 
 @pytest.mark.parametrize("method", ["fp8", "int8", "int4-asym", "int4"])
@@ -165,12 +165,13 @@ def test_small_kernel_lowers_to_triton(method, triton_verified):
     passes MLIR's verifier as the GPU's Triton parser requires; compiling needs the GPU."""
     qw = quantize(jnp.ones((256, 512), jnp.float32), method)
     # the format's default tiles, split-K's float32 partials; int4 nibbles by their bits too
-    for tiles in (None, Tiles(split_k=2) if method[:4] != "int4" else Tiles(split_k=2, unpack="magic")):
+    one_row = ONE_ROW_TILES[qw.scheme.weight]
+    cases = ((16, None), (16, Tiles(split_k=2) if method[:4] != "int4" else Tiles(split_k=2, unpack="magic")),
+             (1, one_row), (1, dataclasses.replace(one_row, block_k=128, split_k=2, unpack="convert")))  # fmt: skip
+    for rows, tiles in cases:  # tensor-core dots; one row on the vector units
         step = jax.jit(lambda x, w: quantized_matmul(x, w, tiles))
-        for rows in (16, 1):  # a tensor-core dot; one row on the vector units, the format's one-row defaults too
-            x = jnp.ones((rows, 512), jnp.bfloat16)
-            text = step.trace(x, qw).lower(lowering_platforms=("cuda",)).as_text()
-            assert f"small_matmul_{qw.scheme.weight}" in text and "triton" in text
+        text = step.trace(jnp.ones((rows, 512), jnp.bfloat16), qw).lower(lowering_platforms=("cuda",)).as_text()
+        assert f"small_matmul_{qw.scheme.weight}" in text and "triton" in text
     assert triton_verified == [True] * 4
 
 
@@ -209,10 +210,12 @@ def test_quantized_decode_xla_takes_the_weight_only_dot(method):
     np.testing.assert_allclose(np.asarray(linear(big, qw, backend="gpu")), want, rtol=1e-4, atol=1e-3)
     with pytest.raises(ValueError, match="auto, pallas, xla"):
         decode_by(params, "triton")
-    # the default: the kernel for int4; for one-byte weights at one token only, XLA's dot above (faster on an H200)
+    # the default: XLA's dot for one-byte weights (faster on an H200), the kernel for int4
     auto = decode_by(params, "auto")["layer"]["w"]
-    assert auto.scheme.decode_kernel == (64 if method == "int4" else 1) and uses_small_kernel(1, auto, "gpu")
-    assert uses_small_kernel(2, auto, "gpu") == (method == "int4")
+    assert auto.scheme.decode_kernel == (64 if method == "int4" else 0)
+    assert uses_small_kernel(1, auto, "gpu") == uses_small_kernel(64, auto, "gpu") == (method == "int4")
+    assert not uses_small_kernel(1, dataclasses.replace(auto, scheme=dataclasses.replace(auto.scheme,
+                                                                                         decode_kernel=0)), "gpu")
 
 
 def test_load_model_sends_decode_steps_where_asked(tiny_checkpoints):
@@ -224,7 +227,7 @@ def test_load_model_sends_decode_steps_where_asked(tiny_checkpoints):
         leaves = jax.tree.leaves(params, is_leaf=lambda v: isinstance(v, QuantizedWeight))
         return [w.scheme.decode_kernel for w in leaves if isinstance(w, QuantizedWeight)]
 
-    for choice, kernel in (("pallas", 64), ("xla", 0), ("auto", 1)):
+    for choice, kernel in (("pallas", 64), ("xla", 0), ("auto", 0)):
         kinds = schemes(load_model(tiny_checkpoints["llama3"], quantization="int8", quantized_decode=choice)[2])
         assert kinds and set(kinds) == {kernel}
     assert not schemes(load_model(tiny_checkpoints["llama3"], quantized_decode="xla")[2])

@@ -39,12 +39,14 @@ SWEEP = (Tiles(), Tiles(block_n=32), Tiles(block_n=128), Tiles(block_k=128), Til
          Tiles(block_n=16, block_k=1024, split_k=1, num_warps=4, num_stages=2),
          Tiles(unpack="magic"), Tiles(block_k=128, unpack="magic"))  # fmt: skip (unpack: int4 only)
 # One row on the vector units (`--sweep-rows 1`), and the padded tensor-core dot it replaces.
-ONE_ROW_SWEEP = (*(Tiles(block_n=n, block_k=k) for n, k in ((8, 512), (16, 256), (16, 512), (16, 1024), (32, 256),
-                                                            (32, 512), (64, 128), (64, 256))),
-                 Tiles(block_n=16, block_k=512, num_warps=2), Tiles(block_n=32, block_k=512, num_warps=8),
-                 Tiles(block_n=16, block_k=512, num_stages=4), Tiles(block_n=16, block_k=512, split_k=1),
-                 Tiles(block_n=16, block_k=256, unpack="magic"), Tiles(block_n=32, block_k=256, unpack="magic"),
-                 Tiles(block_n=16, block_k=512, unpack="magic"), Tiles(one_row=False))  # fmt: skip
+ONE_ROW_SWEEP = (*(Tiles(one_row=True, block_n=n, block_k=k, num_warps=w, num_stages=st, split_k=sk, unpack=u)
+                   for n, k, w, st, sk, u in (
+                       (8, 512, 4, 3, 0, "convert"), (16, 256, 4, 3, 0, "convert"), (16, 512, 4, 3, 0, "convert"),
+                       (16, 1024, 4, 3, 0, "convert"), (32, 256, 4, 3, 0, "convert"), (32, 512, 4, 3, 0, "convert"),
+                       (64, 128, 4, 3, 0, "convert"), (64, 256, 4, 3, 0, "convert"), (16, 512, 2, 3, 0, "convert"),
+                       (16, 512, 4, 4, 0, "convert"), (16, 512, 4, 3, 1, "convert"), (32, 512, 8, 3, 0, "convert"),
+                       (16, 256, 4, 3, 0, "magic"), (32, 256, 4, 3, 0, "magic"), (16, 512, 4, 3, 0, "magic"))),
+                 Tiles())  # fmt: skip
 
 
 def _nbytes(w) -> int:

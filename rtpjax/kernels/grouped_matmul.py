@@ -16,8 +16,7 @@ at IEEE precision, not TF32); Triton's tensor-core dots need 16 rows, hence bloc
 
 Tiles of one row (`block_m` = 1) are the decode case: with a few tokens each (token, expert) assignment is its own
 tile, in routing order, so nothing is sorted and no padding rows ride along; the row multiplies its weight tile on
-the vector units into a float32 accumulator of the tile's shape, summed over the inputs once at the end (no
-tensor-core dot, no reduction across threads inside the loop).
+the vector units (products and a row sum in float32, no tensor-core dot).
 """
 
 from __future__ import annotations
@@ -35,10 +34,9 @@ DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def _dot_t(a, b):
-    """a @ b.T, float32 accumulation; float32 inputs at full precision. One row: the products [n, k] alone (the
-    kernel sums them at the end)."""
+    """a @ b.T, float32 accumulation; float32 inputs at full precision. One row: products and a row sum."""
     if a.shape[0] == 1:
-        return b.astype(jnp.float32) * a.astype(jnp.float32)
+        return jnp.sum(a.astype(jnp.float32) * b.astype(jnp.float32), axis=1)[None, :]
     return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
                            preferred_element_type=jnp.float32)  # fmt: skip
 
@@ -69,14 +67,11 @@ def _kernel(expert_ref, x_ref, *refs, out_rows: int, block_n: int, block_k: int,
         cols = pl.ds(first + s * block_k, block_k)
         return tuple(acc + _dot_t(x, w[pl.ds(base, block_n), cols]) for acc, w in zip(accs, w_refs))
 
-    one_row = x_ref.shape[0] == 1
-    zeros = tuple(jnp.zeros((block_n, block_k) if one_row else o_refs[0].shape, jnp.float32) for _ in w_refs)
+    zeros = tuple(jnp.zeros(o_refs[0].shape, jnp.float32) for _ in w_refs)
     # Trip count `steps`, or 0 for a spare tile, in integer arithmetic: a bound derived from a bool lowers to an i1,
     # which Triton's scf.for rejects.
     trips = jnp.clip(expert + 1, 0, 1) * steps
     accs = lax.fori_loop(0, trips, body, zeros)
-    if one_row:
-        accs = tuple(jnp.sum(acc, axis=1)[None, :] for acc in accs)
     if partial:
         for acc, o_ref in zip(accs, o_refs):
             o_ref[...] = acc

@@ -12,9 +12,8 @@ Decode-sized steps (at most `SMALL_ROWS` tokens) on a GPU skip all of that for p
 `rtpjax.quant.small_matmul` streams the stored weight and converts it in registers, activations unquantized (at a few
 rows the bytes read are the cost; quantizing the activations and setting up a scaled dot only add to it). With
 `--quantized-decode xla` (Scheme.decode_kernel 0) they take the weight-only dot instead, W8A8 weights included,
-so one engine option compares the two on the same weights; the default (auto) keeps the kernel for int4 and for
-one-byte weights at one token (the kernel's vector-unit path), XLA's dot for one-byte weights above it. Shapes are
-bucketed, so the choice is fixed per compiled step.
+so one engine option compares the two on the same weights; the default (auto) sends one-byte weights there and
+keeps the kernel for int4. Shapes are bucketed, so the choice is fixed per compiled step.
 Accumulation is float32 throughout: unscaled sums of 1-byte values overflow float16.
 """
 
@@ -43,7 +42,7 @@ def linear(x: jax.Array, w: jax.Array | QuantizedWeight, backend: str | None = N
         x = jnp.take(x, w.perm, axis=-1)
     if uses_small_kernel(x.shape[0], w, backend):
         return small_matmul.quantized_matmul(x, w).reshape(*lead, -1)
-    xla_decode = backend == "gpu" and x.shape[0] <= SMALL_ROWS
+    xla_decode = backend == "gpu" and w.scheme.decode_kernel < x.shape[0] <= SMALL_ROWS  # sent past the kernel
     if w.scheme.act is not None and not (xla_decode and w.scheme.per_channel):
         y = w8a8(x, w)
     elif w.scheme.per_channel:
@@ -88,16 +87,16 @@ DECODE_CHOICES = ("auto", "pallas", "xla")
 
 def decode_by(params, choice: str):
     """`params` with every quantized weight's decode-sized steps sent to `choice` ("pallas": the small-M kernel;
-    "xla": XLA's dot; "auto": the kernel for int4, for one-byte weights at one token only, XLA's dot for their larger
-    steps: each the faster on an H200 in RESULTS.md's quantization runs): `--quantized-decode`, set once after
-    loading (the scheme is static: part of the programs)."""
+    "xla": XLA's dot; "auto": XLA's dot for one-byte weights, the kernel for int4, each the faster on an H200 in
+    RESULTS.md's quantization runs): `--quantized-decode`, set once after loading (the scheme is static: part of the
+    programs)."""
     if choice not in DECODE_CHOICES:
         raise ValueError(f"quantized_decode must be one of {', '.join(DECODE_CHOICES)}, got {choice!r}")
 
     def one(w):
         if not isinstance(w, QuantizedWeight):
             return w
-        rows = {"pallas": SMALL_ROWS, "xla": 0}.get(choice, SMALL_ROWS if w.scheme.weight == "int4" else 1)
+        rows = {"pallas": SMALL_ROWS, "xla": 0}.get(choice, SMALL_ROWS if w.scheme.weight == "int4" else 0)
         return dataclasses.replace(w, scheme=dataclasses.replace(w.scheme, decode_kernel=rows))
 
     return jax.tree.map(one, params, is_leaf=lambda v: isinstance(v, QuantizedWeight))

@@ -53,20 +53,18 @@ class Tiles:
     num_warps: int = 4
     num_stages: int = 3
     unpack: str = "convert"  # int4 nibbles to floats: "convert" or "magic" (module docstring)
-    one_row: bool = True  # a single row multiplies on the vector units (module docstring); False: a padded dot
+    one_row: bool = False  # True: a single row multiplies on the vector units (module docstring), not a padded dot
 
 
 # One tile set for every format. `benchmarks/kernels/quant_bench.py`'s sweep on an H200 (8B shapes, 16 rows) timed the
 # one-byte formats fastest with two warps on 32 channels, but the engine's decode step ran slower with them: the
 # kernel alone, on one weight called back to back, is not the step (RESULTS.md, quantization rows).
 DEFAULT_TILES = {"fp8": Tiles(), "int8": Tiles(), "int4": Tiles()}
-# One row: the weight tile's elements are the accumulator's (float32 registers), so tiles are narrower.
-ONE_ROW_TILES = {"fp8": Tiles(block_n=16, block_k=512), "int8": Tiles(block_n=16, block_k=512),
-                 "int4": Tiles(block_n=16, block_k=256, unpack="magic")}  # fmt: skip
-
-
-def default_tiles(rows: int, fmt: str) -> Tiles:
-    return (ONE_ROW_TILES if rows == 1 else DEFAULT_TILES)[fmt]
+# One row on the vector units: built and checked on the CPU, not yet timed on a GPU, so not the default (the padded
+# tensor-core dot stays); `quant_bench --sweep-rows 1` times these and more against it and XLA's dot.
+ONE_ROW_TILES = {"fp8": Tiles(block_n=16, block_k=512, one_row=True),
+                 "int8": Tiles(block_n=16, block_k=512, one_row=True),
+                 "int4": Tiles(block_n=16, block_k=256, unpack="magic", one_row=True)}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +78,11 @@ class Plan:
 
 
 def plan(rows: int, out: int, in_features: int, fmt: str, group: int = 0, tiles: Tiles | None = None) -> Plan:
-    """The tiles for x [rows, in] @ W[out, in].T (`tiles`, or the format's defaults for `rows`), or a ValueError naming what
+    """The tiles for x [rows, in] @ W[out, in].T (`tiles`, or the format's DEFAULT_TILES), or a ValueError naming what
     does not fit."""
     if fmt not in FORMATS:
         raise ValueError(f"small_matmul: weight format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    tiles = tiles or default_tiles(rows, fmt)
+    tiles = tiles or DEFAULT_TILES[fmt]
     if tiles.unpack not in UNPACKS:
         raise ValueError(f"small_matmul: unpack {tiles.unpack!r}: choose one of {', '.join(UNPACKS)}")
     if not 1 <= rows <= MAX_ROWS:
@@ -222,7 +220,7 @@ def small_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, zero: jax.Array |
     else:
         out_shape = jax.ShapeDtypeStruct((p.split_k, p.block_m, out), jnp.float32)
         out_spec = pl.BlockSpec((None, p.block_m, p.block_n), lambda j, s: (s, 0, j))
-    tiles = tiles or default_tiles(rows, fmt)
+    tiles = tiles or DEFAULT_TILES[fmt]
     kernel = functools.partial(_kernel, fmt=fmt, step=p.step, steps=part // p.step, group=group,
                                zero_point=len(inputs) == 4, unpack=tiles.unpack)
     params = None if interpret else plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
