@@ -8,8 +8,8 @@ H200 ~4.3e12).
 `bound_vs_dense` is the most any implementation can gain on dense there (dense time / floor).
 
 The grouped-matmul kernel (pallas) is also swept over block sizes (--pallas-blocks: BLOCK_N x BLOCK_K, optionally
-x NUM_WARPS x NUM_STAGES [x SPLIT_K]; --pallas-rows: rows per tile, default the engine's choice), reporting each and
-the best.
+x NUM_WARPS x NUM_STAGES [x SPLIT_K]; --pallas-rows: rows per tile, default the engine's choice; --one-row-sums:
+when one-row tiles sum their products, "step" and/or "end"), reporting each and the best.
 Off the GPU the kernel runs in Pallas' interpreter: tiny shapes only (a smoke test).
 """
 
@@ -61,11 +61,13 @@ def pallas_sweep(t: int, e: int, args, inputs) -> list[dict]:
     cannot compile, e.g. one past the shared memory, is recorded with its error and skipped)."""
     rows = [int(r) for r in args.pallas_rows.split(",") if r] or [moe.kernel_rows(t * args.top_k, e)]
     runs = []
-    for tile in rows:
-        for blocks in parse_blocks(args.pallas_blocks):
-            block = lambda x, ids, wt, w, tile=tile, blocks=blocks: moe.pallas_experts(  # noqa: E731
-                x, ids, wt, w["w_gate"], w["w_up"], w["w_down"], tile, **blocks)  # fmt: skip
-            runs.append({"block_m": tile, **blocks, **timed(block, inputs)})
+    sums = args.one_row_sums.split(",")
+    configs = [(tile, {**blocks, **({"one_row_sum": s} if tile == 1 else {})})
+               for tile in rows for blocks in parse_blocks(args.pallas_blocks) for s in (sums if tile == 1 else [0])]
+    for tile, blocks in configs:
+        block = lambda x, ids, wt, w, tile=tile, blocks=blocks: moe.pallas_experts(  # noqa: E731
+            x, ids, wt, w["w_gate"], w["w_up"], w["w_down"], tile, **blocks)  # fmt: skip
+        runs.append({"block_m": tile, **blocks, **timed(block, inputs)})
     return sorted(runs, key=lambda r: r.get("us", float("inf")))
 
 
@@ -109,6 +111,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--pallas-blocks", default="32x128,64x64,64x128,128x64,128x128,256x64,64x128x4x4,64x256x4x2,"
                         "64x128x4x3x2,64x128x4x3x4")  # fmt: skip
     parser.add_argument("--pallas-rows", default="", help="rows per tile to sweep (default: moe.kernel_rows)")
+    parser.add_argument("--one-row-sums", default="step", help="one-row tiles: when the products are summed, of "
+                        "step, end (grouped_matmul.ONE_ROW_SUMS)")  # fmt: skip
     parser.add_argument("--bandwidth", type=float, default=4.3e12)
     parser.add_argument("--repeats", type=int, default=50, help="blocks chained in one program, each on its own "
                         "routing draw")  # fmt: skip
@@ -139,6 +143,7 @@ def main(argv=None) -> dict:
         for impl in impls:
             r = row[impl]
             blocks = f" blocks m{r['block_m']} n{r['block_n']} k{r['block_k']}" if "block_n" in r else ""
+            blocks += f" sum {r['one_row_sum']}" if "one_row_sum" in r else ""
             if "error" in r:
                 print(f"  {impl:12s} failed: {r['error']}{blocks}", flush=True)
                 continue

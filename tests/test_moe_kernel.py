@@ -33,17 +33,19 @@ def stacks(experts, n, k, dtype, seed, count=1):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("tile_expert, block_m, block_n, block_k, glu, split_k", [
-    ([2, 0, 3, -1, -1], 16, 16, 16, True, 1),  # spare tiles write zeros, read nothing
-    ([1, 1, 1, 1], 16, 64, 32, False, 1),  # every tile on one expert
-    ([3, 0, 1, 2, 3, -1], 32, 32, 64, True, 1),
-    ([0], 16, 64, 128, False, 1),  # one tile, whole dimensions in one block
-    ([2, 0, -1], 16, 16, 16, True, 2),  # split-K: partial sums added before SiLU and the product
-    ([1, -1, 3], 16, 32, 16, False, 4),  # ... and before the rows' scales
-    ([2, 0, -1, 3, 2], 1, 16, 32, True, 1),  # one-row tiles (decode): vector products, not tensor-core dots
-    ([1, -1, 3, 0], 1, 32, 16, False, 2),
+@pytest.mark.parametrize("tile_expert, block_m, block_n, block_k, glu, split_k, one_row_sum", [
+    ([2, 0, 3, -1, -1], 16, 16, 16, True, 1, "step"),  # spare tiles write zeros, read nothing
+    ([1, 1, 1, 1], 16, 64, 32, False, 1, "step"),  # every tile on one expert
+    ([3, 0, 1, 2, 3, -1], 32, 32, 64, True, 1, "end"),  # (one_row_sum: one-row tiles only)
+    ([0], 16, 64, 128, False, 1, "step"),  # one tile, whole dimensions in one block
+    ([2, 0, -1], 16, 16, 16, True, 2, "step"),  # split-K: partial sums added before SiLU and the product
+    ([1, -1, 3], 16, 32, 16, False, 4, "step"),  # ... and before the rows' scales
+    ([2, 0, -1, 3, 2], 1, 16, 32, True, 1, "step"),  # one-row tiles (decode): vector products, not tensor-core dots
+    ([1, -1, 3, 0], 1, 32, 16, False, 2, "step"),
+    ([0, 3, -1, 3], 1, 16, 16, True, 1, "end"),  # ... their products summed once, at the end
+    ([2, -1, 1], 1, 32, 32, False, 2, "end"),
 ])  # fmt: skip
-def test_kernel_matches_reference(dtype, tile_expert, block_m, block_n, block_k, glu, split_k):
+def test_kernel_matches_reference(dtype, tile_expert, block_m, block_n, block_k, glu, split_k, one_row_sum):
     seed = len(tile_expert) * 7 + block_n
     experts, n, k = 4, 48, 64  # 48: blocks shrink to a power of two that divides it (16)
     weights = stacks(experts, n, k, dtype, seed, 2 if glu else 1)
@@ -53,7 +55,7 @@ def test_kernel_matches_reference(dtype, tile_expert, block_m, block_n, block_k,
     scale = None if glu else jnp.asarray(rng.random(rows), dtype)
     te = jnp.asarray(tile_expert, jnp.int32)
     got = gm.grouped_matmul(x, te, weights, scale, block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k,
-                            interpret=True)  # fmt: skip
+                            one_row_sum=one_row_sum, interpret=True)  # fmt: skip
     assert got.shape == (rows, n) and got.dtype == dtype
     assert not np.isnan(np.asarray(got, np.float32)).any(), "an output element was never written"
     want = reference(x, te, weights, scale, block_m)
@@ -129,6 +131,8 @@ def test_kernel_rows_and_choice():
         gm.grouped_matmul(jnp.zeros((32, 64)), jnp.zeros(4, jnp.int32), (w,), block_m=8, interpret=True)
     with pytest.raises(ValueError, match="rows 40 in tiles of 16"):
         gm.grouped_matmul(jnp.zeros((40, 64)), jnp.zeros(3, jnp.int32), (w,), block_m=16, interpret=True)
+    with pytest.raises(ValueError, match="one_row_sum 'never': choose one of step, end"):
+        gm.grouped_matmul(jnp.zeros((32, 64)), jnp.zeros(32, jnp.int32), (w,), block_m=1, one_row_sum="never")
     with pytest.raises(ValueError, match="split_k 3 must divide the 2 input blocks of 32"):
         gm.grouped_matmul(jnp.zeros((32, 64)), jnp.zeros(2, jnp.int32), (w,), block_m=16, block_k=32, split_k=3,
                           interpret=True)  # fmt: skip
@@ -145,23 +149,26 @@ def test_block_bench_runs_on_cpu(tmp_path):
     out = tmp_path / "moe_block.json"
     moe_block.main(["--experts", "8", "--top-k", "2", "--hidden", "64", "--inter", "32", "--batch-sizes", "1,40",
                     "--impls", "dense,grouped,pallas", "--pallas-blocks", "16x16,32x32x4x2,8x8", "--repeats", "1",
-                    "--out", str(out)])  # fmt: skip
+                    "--one-row-sums", "step,end", "--out", str(out)])  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
     assert moe_block.parse_blocks("64x128x4x3x4")[0]["split_k"] == 4  # a fifth field: split-K
     assert [r["tokens"] for r in rows] == [1, 40]
     for row in rows:
         sweep = row["pallas_sweep"]
-        assert sorted((r["block_n"], r["block_k"]) for r in sweep[:2]) == [(16, 16), (32, 32)]
+        ran = 4 if row["tokens"] == 1 else 2  # one-row tiles: each block both ways (--one-row-sums)
+        assert sorted((r["block_n"], r["block_k"], r.get("one_row_sum")) for r in sweep[:ran]) == sorted(
+            (n, n, s) for n in (16, 32) for s in (["step", "end"] if ran == 4 else [None]))  # fmt: skip
         assert sweep[0]["us"] <= sweep[1]["us"] and row["pallas_best"]["us"] == sweep[0]["us"]
-        assert "us" not in sweep[2] and "grouped_matmul: rows" in sweep[2]["error"]  # 8-wide blocks: refused, recorded
+        assert all("us" not in r and "grouped_matmul: rows" in r["error"] for r in sweep[ran:])  # 8 wide: refused
         tile = 1 if row["tokens"] == 1 else 16  # 2 assignments: one-row tiles; 80: sorted tiles of 16
         assert row["pallas"]["tile"] == tile and row["pallas"]["vs_dense"] > 0 and row["pallas_best"]["vs_grouped"] > 0
         assert row["bound_vs_dense"] == pytest.approx(row["dense"]["us"] / row["floor_us"])
 
 
-@pytest.mark.parametrize("tile, block_n, block_k, split_k", [(16, 64, 128, 1), (16, 256, 64, 1), (16, 64, 128, 4),
-                                                             (1, 32, 256, 1), (1, 64, 128, 2)])  # fmt: skip
-def test_kernel_lowers_to_triton(tile, block_n, block_k, split_k, triton_verified):
+@pytest.mark.parametrize("tile, block_n, block_k, split_k, one_row_sum", [
+    (16, 64, 128, 1, "step"), (16, 256, 64, 1, "step"), (16, 64, 128, 4, "step"), (1, 32, 256, 1, "step"),
+    (1, 64, 128, 2, "step"), (1, 16, 256, 1, "end"), (1, 32, 128, 2, "end")])  # fmt: skip
+def test_kernel_lowers_to_triton(tile, block_n, block_k, split_k, one_row_sum, triton_verified):
     """Lowered for CUDA on this CPU: Pallas' Triton lowering builds the kernel's Triton IR (a load or store Triton
     cannot take, e.g. a block that is not a power of two, fails here) and each module passes MLIR's verifier, as the
     GPU's Triton parser requires (a loop bound of the wrong integer type failed only there); compiling needs the GPU."""
@@ -171,7 +178,7 @@ def test_kernel_lowers_to_triton(tile, block_n, block_k, split_k, triton_verifie
             jax.ShapeDtypeStruct((t, k), jnp.bfloat16), *w)  # fmt: skip
     fn = jax.jit(lambda x, ids, wt, g, u, d: moe.pallas_experts(x, ids, wt, g, u, d, tile, block_n=block_n,
                                                                 block_k=block_k, split_k=split_k,
-                                                                interpret=False))  # fmt: skip
+                                                                one_row_sum=one_row_sum, interpret=False))  # fmt: skip
     text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 2  # the two kernels, as Triton custom calls
     assert triton_verified == [True, True]

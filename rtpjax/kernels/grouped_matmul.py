@@ -16,7 +16,9 @@ at IEEE precision, not TF32); Triton's tensor-core dots need 16 rows, hence bloc
 
 Tiles of one row (`block_m` = 1) are the decode case: with a few tokens each (token, expert) assignment is its own
 tile, in routing order, so nothing is sorted and no padding rows ride along; the row multiplies its weight tile on
-the vector units (products and a row sum in float32, no tensor-core dot).
+the vector units (products and a row sum in float32, no tensor-core dot). `one_row_sum` says when the products are
+summed: "step" (each input block's, the default, measured) or "end" (into a float32 accumulator of the weight tile's
+shape, summed once: no reduction across threads inside the loop, more registers; not yet timed on a GPU).
 """
 
 from __future__ import annotations
@@ -30,13 +32,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 MIN_BLOCK = 16  # tensor-core dots need every dimension >= 16
+ONE_ROW_SUMS = ("step", "end")
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
-def _dot_t(a, b):
-    """a @ b.T, float32 accumulation; float32 inputs at full precision. One row: products and a row sum."""
+def _dot_t(a, b, sum_rows: bool = True):
+    """a @ b.T, float32 accumulation; float32 inputs at full precision. One row: products and a row sum, or the
+    products [n, k] alone (`sum_rows` False: the caller sums them at the end)."""
     if a.shape[0] == 1:
-        return jnp.sum(a.astype(jnp.float32) * b.astype(jnp.float32), axis=1)[None, :]
+        products = b.astype(jnp.float32) * a.astype(jnp.float32)
+        return jnp.sum(products, axis=1)[None, :] if sum_rows else products
     return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
                            preferred_element_type=jnp.float32)  # fmt: skip
 
@@ -51,7 +56,7 @@ def _finish(accs, scale, dtype):
 
 
 def _kernel(expert_ref, x_ref, *refs, out_rows: int, block_n: int, block_k: int, steps: int, scaled: bool,
-            partial: int):  # fmt: skip
+            partial: int, sum_at_end: bool):  # fmt: skip
     """One [block_m, block_n] tile of x @ W_e.T (two weights: SiLU(x @ G_e.T) * (x @ U_e.T)); refs: weights...,
     the rows' scales if `scaled`, the output. `partial` > 0: this program sums inputs of split program_id(2) only
     (x_ref holds just those) and writes each raw accumulator to an output of its own."""
@@ -65,13 +70,17 @@ def _kernel(expert_ref, x_ref, *refs, out_rows: int, block_n: int, block_k: int,
     def body(s, accs):
         x = x_ref[:, pl.ds(s * block_k, block_k)]
         cols = pl.ds(first + s * block_k, block_k)
-        return tuple(acc + _dot_t(x, w[pl.ds(base, block_n), cols]) for acc, w in zip(accs, w_refs))
+        return tuple(acc + _dot_t(x, w[pl.ds(base, block_n), cols], not sum_at_end) for acc, w in zip(accs, w_refs))
 
-    zeros = tuple(jnp.zeros(o_refs[0].shape, jnp.float32) for _ in w_refs)
+    sum_at_end = sum_at_end and x_ref.shape[0] == 1
+    shape = (block_n, block_k) if sum_at_end else o_refs[0].shape
+    zeros = tuple(jnp.zeros(shape, jnp.float32) for _ in w_refs)
     # Trip count `steps`, or 0 for a spare tile, in integer arithmetic: a bound derived from a bool lowers to an i1,
     # which Triton's scf.for rejects.
     trips = jnp.clip(expert + 1, 0, 1) * steps
     accs = lax.fori_loop(0, trips, body, zeros)
+    if sum_at_end:
+        accs = tuple(jnp.sum(acc, axis=1)[None, :] for acc in accs)
     if partial:
         for acc, o_ref in zip(accs, o_refs):
             o_ref[...] = acc
@@ -99,11 +108,12 @@ def unsupported(experts: int, inter: int, hidden: int, dtype) -> str | None:
 
 
 def grouped_matmul(x, tile_expert, weights: tuple, scale=None, *, block_m: int, block_n: int = 64, block_k: int = 128,
-                   num_warps: int = 4, num_stages: int = 3, split_k: int = 1,
+                   num_warps: int = 4, num_stages: int = 3, split_k: int = 1, one_row_sum: str = "step",
                    interpret: bool | None = None) -> jax.Array:  # fmt: skip
     """Rows x [n * block_m, K], tile i times its expert's weights ([E, N, K] each) transposed: [n * block_m, N] in x's
     dtype. Two weight stacks fuse gate and up: SiLU(x @ G.T) * (x @ U.T). `scale` [rows] multiplies each output row.
-    `split_k`: programs per tile and output block, each over its share of the K inputs (module docstring)."""
+    `split_k`: programs per tile and output block, each over its share of the K inputs; `one_row_sum`: when one-row
+    tiles sum their products (module docstring)."""
     rows, depth = x.shape
     experts, out, _ = weights[0].shape
     bn, bk = block_size(block_n, out), block_size(block_k, depth)
@@ -111,6 +121,8 @@ def grouped_matmul(x, tile_expert, weights: tuple, scale=None, *, block_m: int, 
         raise ValueError(f"grouped_matmul: rows {rows} in tiles of {block_m} (1, or >= {MIN_BLOCK}) for "
                          f"{tile_expert.shape[0]} tile experts, weights {out} x {depth} "
                          f"(multiples of {MIN_BLOCK})")  # fmt: skip
+    if one_row_sum not in ONE_ROW_SUMS:
+        raise ValueError(f"grouped_matmul: one_row_sum {one_row_sum!r}: choose one of {', '.join(ONE_ROW_SUMS)}")
     if split_k < 1 or (depth // bk) % split_k:
         raise ValueError(f"grouped_matmul: split_k {split_k} must divide the {depth // bk} input blocks of {bk}")
     if interpret is None:
@@ -126,7 +138,8 @@ def grouped_matmul(x, tile_expert, weights: tuple, scale=None, *, block_m: int, 
         in_specs.append(pl.BlockSpec((block_m,), lambda i, j, s: (i,)))
         inputs.append(scale)
     kernel = functools.partial(_kernel, out_rows=out, block_n=bn, block_k=bk, steps=part // bk,
-                               scaled=scale is not None and not split, partial=len(flat) if split else 0)  # fmt: skip
+                               scaled=scale is not None and not split, partial=len(flat) if split else 0,
+                               sum_at_end=one_row_sum == "end")  # fmt: skip
     if split:  # per weight, float32 partial sums [split, rows, out]
         out_shape = [jax.ShapeDtypeStruct((split_k, rows, out), jnp.float32)] * len(flat)
         out_specs = [pl.BlockSpec((None, block_m, bn), lambda i, j, s: (s, i, j))] * len(flat)
@@ -145,11 +158,11 @@ def grouped_matmul(x, tile_expert, weights: tuple, scale=None, *, block_m: int, 
 
 
 def expert_mlp(x, tile_expert, w_gate, w_up, w_down, scale, *, block_m: int, block_n: int = 64, block_k: int = 128,
-               num_warps: int = 4, num_stages: int = 3, split_k: int = 1,
+               num_warps: int = 4, num_stages: int = 3, split_k: int = 1, one_row_sum: str = "step",
                interpret: bool | None = None) -> jax.Array:  # fmt: skip
     """scale * (SiLU(x @ G.T) * (x @ U.T)) @ D.T per tile with its expert's G, U [E, I, H] and D [E, H, I]."""
     kw = dict(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
-              interpret=interpret)  # fmt: skip
+              one_row_sum=one_row_sum, interpret=interpret)  # fmt: skip
     hidden = grouped_matmul(x, tile_expert, (w_gate, w_up), split_k=_fit_split(split_k, x.shape[1], block_k), **kw)
     return grouped_matmul(hidden, tile_expert, (w_down,), scale, split_k=_fit_split(split_k, w_down.shape[2], block_k),
                           **kw)  # fmt: skip
