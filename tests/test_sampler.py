@@ -39,6 +39,7 @@ def state(rng) -> sampler.SamplerState:
         seen[r, history[r, :20]] = True
         np.add.at(counts[r], history[r, 20:], 1)
     return sampler.SamplerState(rng.integers(0, V, S + 1).astype(np.int32), seen, counts,
+                                np.zeros((S + 1, 0), np.int32), np.zeros(S + 1, np.int32),
                                 np.zeros((S + 1, 0), np.int32), np.zeros(S + 1, np.int32))  # fmt: skip
 
 

@@ -305,6 +305,39 @@ def test_chained_rounds_give_the_tokens_of_no_speculation(spec_llm, stories_llm)
     assert CompileCounter.count == before
 
 
+@pytest.mark.parametrize("length", [1, 3, 5])
+def test_chained_rounds_take_a_device_proposers_drafts(spec_llm, stories_llm, proposer, length, monkeypatch):
+    """A proposer that proposes on the device (`propose_on_device`: drafts into the sampler state after round N is
+    queued, before it is read) chains its rounds like the n-gram lookup: drafts replayed from the plain run so each
+    round yields exactly `length` tokens (1: every draft wrong), four sequences at once; the tokens of no
+    speculation, the acceptance the drafts force, no compilation of the engine's programs, no leaked block."""
+    from rtpjax.benchmarks.spec_bench import ReplayProposer
+
+    engine = spec_llm.engine
+    prompts = random_prompts(4, seed=30 + length, low=3, high=30)
+    params = [SamplingParams(max_tokens=int(m), **GREEDY) for m in (33, 40, 27, 36)]
+    want = tokens(stories_llm.generate(prompts, params))
+    counters = proposer(ReplayProposer({tuple(p): w for p, w in zip(prompts, want)}, length, 512))
+    speculator = engine.speculator  # acceptance is forced here: no fallback to fewer drafts, no skipped rounds
+    monkeypatch.setattr(speculator, "config", dataclasses.replace(speculator.config, min_acceptance_rate=0.0))
+    speculator.empty_rounds = speculator.skip = 0
+    spec_llm.generate(prompts[:1], SamplingParams(max_tokens=12, **GREEDY))  # the replay program's first shapes
+    per_pos, rounds = list(counters.accepted_per_pos), counters.num_drafts
+    before, stats = CompileCounter.count, engine.take_loop_stats()
+    assert tokens(spec_llm.generate(prompts, params)) == want
+    stats = engine.take_loop_stats()
+    rounds = counters.num_drafts - rounds
+    accepted = [now - then for now, then in zip(counters.accepted_per_pos, per_pos)]  # rounds accepting draft j
+    assert stats.chained >= max(3, stats.steps // 3) and rounds >= stats.chained, stats
+    # every round accepts its first length - 1 drafts (a sequence's last rounds may have fewer left) and no more
+    assert all(rounds - 2 * len(prompts) <= a <= rounds for a in accepted[: length - 1]), (accepted, rounds)
+    assert not any(accepted[length - 1 :]), accepted
+    # and the chained rounds drafted too: rows that verified nothing are the prompts' chunks and first steps only
+    assert stats.rows - rounds <= 4 * len(prompts), (stats, rounds)
+    assert CompileCounter.count == before
+    assert_all_blocks_free(spec_llm)
+
+
 def test_a_chained_round_is_launched_before_the_round_ahead_is_read(spec_llm, stories_llm, monkeypatch):
     """The overlap: a chained round's launch comes before the read of the verify round ahead of it, so the host's
     scheduling and launching run while the device computes (as between plain steps); batch 1, the case speculation

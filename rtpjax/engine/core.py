@@ -350,6 +350,9 @@ class LLMEngine:
         if self.inflight is not None and (speculating or self.inflight[0].verify):
             if speculating and self.inflight[0].verify and self._chains():
                 chain = self.scheduler.chain(self.inflight[0], self.speculator.chain_ks(self.scheduler.running))
+                propose = getattr(self.speculator.proposer, "propose_on_device", None)
+                if chain is not None and propose is not None:  # its program reads the state round N leaves
+                    self.runner.state, chain.device_drafts = propose(self.runner.state, chain.items), True
             if chain is None:
                 read = self._read(*self.inflight)  # the proposer needs the latest tokens; drafts must be settled
                 self._release_loads(self.inflight[0])
@@ -390,9 +393,12 @@ class LLMEngine:
         return outputs
 
     def _chains(self) -> bool:
-        """Whether verify rounds may be chained: the n-gram proposer (whose lookup the device repeats) is in use."""
-        return self.chain_rounds and self.runner.chain_ngram is not None and isinstance(self.speculator.proposer,
-                                                                                          NgramProposer)
+        """Whether verify rounds may be chained: the n-gram proposer (whose lookup the device repeats) or one that
+        proposes on the device is in use (spec/chained.py; the latter on one host: followers replay steps only)."""
+        proposer = self.speculator.proposer
+        on_device = hasattr(proposer, "propose_on_device") and self.channel is None
+        return self.chain_rounds and self.runner.chain_ngram is not None and (isinstance(proposer, NgramProposer)
+                                                                              or on_device)  # fmt: skip
 
     def _read(self, schedule: Schedule, out, then: dict | None = None) -> tuple[list[tuple], object]:
         """Step N's tokens into its sequences (and rejected drafts rolled back), before anything schedules around

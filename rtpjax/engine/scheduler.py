@@ -51,6 +51,7 @@ class Schedule:
     admitted: list[Sequence]  # took a slot this step: their sampler rows must be reset first
     preempted: list[Sequence]
     loads: list[BlockLoad] = dataclasses.field(default_factory=list)  # host K/V to write before the step
+    device_drafts: bool = False  # a chained round whose drafts a device proposer left in the sampler state
 
     @property
     def num_tokens(self) -> int:

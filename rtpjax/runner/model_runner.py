@@ -158,9 +158,9 @@ class ModelRunner:
         self.sink = max_num_seqs
         self.kv_cache_dtype = kv_cache_dtype
         self.cache = kv.allocate(cfg, num_blocks, block_size, mesh=mesh, kv_dtype=kv_cache_dtype)
-        self.state = jax.jit(sampler.init_state, static_argnums=(0, 1, 2),  # on the last stage, beside the logits
+        self.state = jax.jit(sampler.init_state, static_argnums=(0, 1, 2, 3),  # on the last stage, beside the logits
                              out_shardings=self.pipeline and self.pipeline.logits_sharding)(
-            max_num_seqs, cfg.vocab_size, max_model_len if self.chain_ngram else 0)
+            max_num_seqs, cfg.vocab_size, *((max_model_len, num_speculative_tokens) if self.chain_ngram else (0, 0)))
         self.aux_layers, self.aux = aux_layers, None  # aux: the last step's [T, len(aux_layers) * H]
         # What executables are lowered against: the state a step leaves carries a sharding annotation the initial one
         # lacks, and lowering against it would give the same program another compilation-cache key.
@@ -296,8 +296,10 @@ class ModelRunner:
 
     # -- inputs -----------------------------------------------------------------------------------------------------
 
-    def _batch(self, items, num_tokens: int, num_seqs: int, k: int = 0) -> tuple[StepBatch, object]:
-        """The step's model inputs and sampling inputs; k > 0: a verify step with K = k draft slots per sequence."""
+    def _batch(self, items, num_tokens: int, num_seqs: int, k: int = 0,
+               device_drafts: bool = False) -> tuple[StepBatch, object]:  # fmt: skip
+        """The step's model inputs and sampling inputs; k > 0: a verify step with K = k draft slots per sequence
+        (device_drafts: chained ones' drafts are in the sampler state, Schedule.device_drafts)."""
         chunks, token_slot = [], np.full(num_tokens, -1, np.int32)
         offset = 0
         for item in items:
@@ -325,11 +327,11 @@ class ModelRunner:
         j = np.arange(k + 1)[None, :]
         last = step.logits_indices[:, None]
         indices = np.where(j <= num_drafts[:, None], last - num_drafts[:, None] + j, last).astype(np.int32)
-        chain = self._chain_inputs(items, num_seqs, k)
+        chain = self._chain_inputs(items, num_seqs, k, device_drafts)
         batch = StepBatch(step.tokens, token_slot, step.positions, step.meta, indices.reshape(-1), chain)
         return batch, VerifyInputs(self._verify_rows(items, num_seqs, k), drafts, num_drafts, chain)
 
-    def _chain_inputs(self, items, num_seqs: int, k: int) -> ChainInputs | None:
+    def _chain_inputs(self, items, num_seqs: int, k: int, device_drafts: bool) -> ChainInputs | None:
         if self.chain_ngram is None:
             return None
         slot, max_drafts, num_prompt = (np.full(num_seqs, -1, np.int32), np.zeros(num_seqs, np.int32),
@@ -337,7 +339,8 @@ class ModelRunner:
         for i, item in enumerate(items):
             if item.chained:
                 slot[i], max_drafts[i], num_prompt[i] = item.seq.slot, len(item.drafts), item.seq.num_prompt
-        return ChainInputs(slot, max_drafts, num_prompt, k, *self.chain_ngram)
+        from_state = ((slot >= 0) & device_drafts).astype(np.int32)
+        return ChainInputs(slot, max_drafts, num_prompt, from_state, k, *self.chain_ngram)
 
     def _verify_rows(self, items, num_seqs: int, k: int) -> sampler.SamplingInputs:
         """Each sequence's sampling row repeated K+1 times: row j draws output position + j, with EOS/stop ids
@@ -426,7 +429,8 @@ class ModelRunner:
         self._reset_rows([s for s in schedule.admitted if s.params.uses_penalties or self.chain_ngram])
         num_tokens = pick(self.token_buckets, max(schedule.num_tokens, len(schedule.items)))
         if schedule.verify:
-            return self._batch(schedule.items, num_tokens, self._verify_seqs_for(num_tokens), self.spec_k)
+            return self._batch(schedule.items, num_tokens, self._verify_seqs_for(num_tokens), self.spec_k,
+                               schedule.device_drafts)  # fmt: skip
         batch, sampling = self._batch(schedule.items, num_tokens, self._seqs_for(num_tokens))
         return (batch if self.pipeline is None else self._micro_batches(schedule.items, batch)), sampling
 

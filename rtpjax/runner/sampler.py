@@ -28,6 +28,10 @@ class SamplerState:
     # (spec/chained.py) look up their drafts; L = 0 in engines without them.
     history: jax.Array
     history_len: jax.Array
+    # [slots+1, K] int32 and [slots+1]: drafts a device proposer left for each slot's next chained round (the round
+    # before it not read yet: spec/chained.py); K = 0 in engines without chained rounds.
+    proposals: jax.Array
+    num_proposals: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -92,14 +96,17 @@ class SampleOutput:
     num_drafts: jax.Array  # [S] int32: drafts verified per sequence (a chained round's come from the device)
 
 
-def init_state(num_slots: int, vocab_size: int, history: int = 0) -> SamplerState:
-    """history: tokens kept per slot (the context length where chained verify rounds need them, else 0)."""
+def init_state(num_slots: int, vocab_size: int, history: int = 0, proposals: int = 0) -> SamplerState:
+    """history: tokens kept per slot (the context length where chained verify rounds need them, else 0);
+    proposals: drafts per slot a device proposer may leave for a chained round (K there, else 0)."""
     return SamplerState(
         last_token=jnp.zeros(num_slots + 1, jnp.int32),
         prompt_seen=jnp.zeros((num_slots + 1, vocab_size), jnp.bool_),
         output_counts=jnp.zeros((num_slots + 1, vocab_size), jnp.int32),
         history=jnp.zeros((num_slots + 1, history), jnp.int32),
         history_len=jnp.zeros(num_slots + 1, jnp.int32),
+        proposals=jnp.zeros((num_slots + 1, proposals), jnp.int32),
+        num_proposals=jnp.zeros(num_slots + 1, jnp.int32),
     )
 
 
@@ -120,7 +127,8 @@ def admit(state: SamplerState, rows, tokens, token_rows, is_output) -> SamplerSt
         position = t - jax.lax.cummax(jnp.where(first, t, 0))  # within its row's run
         history = history.at[token_rows, position].set(tokens, mode="drop")
         history_len = history_len.at[rows].set(0).at[token_rows].add(1).at[sink].set(0)
-    return SamplerState(state.last_token, prompt_seen.at[sink].set(False), counts.at[sink].set(0), history, history_len)
+    return dataclasses.replace(state, prompt_seen=prompt_seen.at[sink].set(False), output_counts=counts.at[sink].set(0),
+                               history=history, history_len=history_len)  # fmt: skip
 
 
 def append_history(state: SamplerState, slot, tokens, keep) -> tuple[jax.Array, jax.Array]:
@@ -210,9 +218,9 @@ def sample(logits: jax.Array, state: SamplerState, s: SamplingInputs, variant: V
     sink = state.last_token.shape[0] - 1
     slot = jnp.where(s.samples, s.slot, sink)
     history, history_len = append_history(state, slot, out.tokens[:, None], s.samples[:, None])
-    state = SamplerState(
+    state = dataclasses.replace(
+        state,
         last_token=state.last_token.at[slot].set(out.tokens),
-        prompt_seen=state.prompt_seen,
         output_counts=state.output_counts.at[slot, out.tokens].add(1).at[sink].set(0),
         history=history,
         history_len=history_len,

@@ -55,9 +55,9 @@ def verify(logits: jax.Array, state: SamplerState, v: VerifyInputs, variant: Var
     row_slot = jnp.where(kept.reshape(-1), s.slot, sink)
     seq_slot = jnp.where(samples, s.slot.reshape(num_seqs, k + 1)[:, 0], sink)
     history, history_len = append_history(state, seq_slot, tokens, kept)
-    state = SamplerState(
+    state = dataclasses.replace(
+        state,
         last_token=state.last_token.at[seq_slot].set(jnp.take_along_axis(tokens, accepted[:, None], axis=1)[:, 0]),
-        prompt_seen=state.prompt_seen,
         output_counts=state.output_counts.at[row_slot, out.tokens].add(1).at[sink].set(0),
         history=history,
         history_len=history_len,

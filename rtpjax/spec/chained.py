@@ -7,6 +7,10 @@ last accepted one), its drafts (`ngram.device_lookup` over the slot's token row,
 positions (the worst case shifted back by what N rejected: positions, K/V slots, context lengths, and the sampling
 rows' output positions that key seeded noise). Drafts past the lookup's count write no K/V and are never accepted.
 After reading round N, the host moves the chained round's item back the same way (`Scheduler.accept(then=...)`).
+
+A proposer that proposes on the device (`propose_on_device(state, items) -> state`: a program queued after round N,
+reading the sampler state N leaves) puts its drafts in the state's `proposals` rows instead, and the chained round
+takes them in place of the lookup's (`ChainInputs.from_state`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class ChainInputs:
     slot: jax.Array  # the sequence's sampler slot where chained, else -1 (its drafts came from the host)
     max_drafts: jax.Array  # drafts the host made room for (the lookup's count is capped there)
     num_prompt: jax.Array
+    from_state: jax.Array  # 1: the drafts a device proposer left in the sampler state, 0: the n-gram lookup's
     k: int = dataclasses.field(default=1, metadata=dict(static=True))
     n_min: int = dataclasses.field(default=1, metadata=dict(static=True))
     n_max: int = dataclasses.field(default=1, metadata=dict(static=True))
@@ -40,6 +45,10 @@ def _drafts(state, c: ChainInputs):
     slot = jnp.where(chained, c.slot, sink)
     length = state.history_len[slot]
     drafts, count = device_lookup(state.history[slot], length, c.k, c.n_min, c.n_max)
+    if state.proposals.shape[1]:
+        given = c.from_state > 0
+        drafts = jnp.where(given[:, None], state.proposals[slot, : c.k], drafts)
+        count = jnp.where(given, state.num_proposals[slot], count)
     count = jnp.where(chained, jnp.minimum(count, c.max_drafts), 0)
     return chained, slot, length, drafts, count
 

@@ -6,8 +6,8 @@ compute-bound: rejected drafts would cost more than accepted ones save), nor for
 time until its acceptance recovers. When the proposer finds nothing (text that does not repeat), the steps after
 it run without speculation, and so fully overlapped, for a span that doubles with each empty proposal round (up to
 MAX_SKIP steps) and resets as soon as a round yields drafts: synchronising every step for proposals that never come
-would cost throughput for nothing. Chained n-gram rounds (spec/chained.py) count as proposal rounds the same way, by
-what the device's lookup found.
+would cost throughput for nothing. Chained rounds (spec/chained.py) count as proposal rounds the same way, by
+what the device's lookup (or a device proposer) found.
 """
 
 from __future__ import annotations
