@@ -336,6 +336,11 @@ def test_chained_rounds_take_a_device_proposers_drafts(spec_llm, stories_llm, pr
     assert stats.rows - rounds <= 4 * len(prompts), (stats, rounds)
     assert CompileCounter.count == before
     assert_all_blocks_free(spec_llm)
+    if length == 3:  # seeded sampling over the same drafts (mostly rejected): the tokens of no speculation
+        seeded = [SamplingParams(temperature=0.8, top_k=40, seed=s, max_tokens=30, logprobs=1) for s in (1, 2, 3, 4)]
+        got, want = spec_llm.generate(prompts, seeded), stories_llm.generate(prompts, seeded)
+        assert tokens(got) == tokens(want) and engine.take_loop_stats().chained > 3
+        assert_all_blocks_free(spec_llm)
 
 
 def test_a_chained_round_is_launched_before_the_round_ahead_is_read(spec_llm, stories_llm, monkeypatch):
