@@ -63,7 +63,7 @@ def pallas_sweep(t: int, e: int, args, inputs) -> list[dict]:
     runs = []
     sums = args.one_row_sums.split(",")
     configs = [(tile, {**blocks, **({"one_row_sum": s} if tile == 1 else {})})
-               for tile in rows for blocks in parse_blocks(args.pallas_blocks) for s in (sums if tile == 1 else [0])]
+               for tile in rows for blocks in parse_blocks(args.pallas_blocks) for s in (sums if tile == 1 else [None])]
     for tile, blocks in configs:
         block = lambda x, ids, wt, w, tile=tile, blocks=blocks: moe.pallas_experts(  # noqa: E731
             x, ids, wt, w["w_gate"], w["w_up"], w["w_down"], tile, **blocks)  # fmt: skip

@@ -105,8 +105,7 @@ def end_to_end(llm, batch: list[list[int]], max_tokens: int, method: str = "ngra
     counters = engine.speculator.counters
     result = {}
     unchained = f"{method}_unchained"
-    chains = method == "ngram" or hasattr(engine.speculator.proposer, "propose_on_device")
-    runs = (("off", False), (method, True)) + (((unchained, True),) if chains else ())
+    runs = (("off", False), (method, True)) + (((unchained, True),) if engine.chains() else ())
     for name, speculative in runs:
         params = SamplingParams(temperature=0, max_tokens=max_tokens, speculative=speculative)
         before = dataclasses.replace(counters, accepted_per_pos=list(counters.accepted_per_pos))
@@ -168,7 +167,9 @@ class ReplayProposer:
 
     def __init__(self, recorded: dict[tuple, list[int]], length: int, vocab: int):
         self.recorded, self.length, self.vocab = recorded, length, vocab
-        self.width = _pow2(max(map(len, recorded.values()), default=1))
+        self.index = {prompt: i for i, prompt in enumerate(recorded)}  # a recording's row in `table`
+        self.table = self.lengths = None  # on the device, made by the first propose_on_device
+        self.rows: dict = {}  # sequence -> its recording's row (the last row: none)
 
     def propose(self, seqs, ks: list[int]) -> list[list[int]]:
         out = []
@@ -183,32 +184,40 @@ class ReplayProposer:
     def propose_on_device(self, state, items):
         """The same drafts for a chained round (queued before the round ahead of it is read), made on the device
         from each slot's token count in the sampler state, as a model-based proposer's program would (spec/chained.py):
-        what chaining gains at a given acceptance length."""
+        what chaining gains at a given acceptance length. Every item's row is written (no recording: no drafts)."""
+        if self.table is None:  # the recordings, uploaded once (a last, empty row for sequences without one)
+            width = _pow2(max(map(len, self.recorded.values()), default=1))
+            table = np.zeros((len(self.recorded) + 1, width), np.int32)
+            for i, ref in enumerate(self.recorded.values()):
+                table[i, : len(ref)] = ref
+            self.table = jnp.asarray(table)
+            self.lengths = jnp.asarray([len(r) for r in self.recorded.values()] + [0], jnp.int32)
         rows = state.last_token.shape[0]  # a row per slot and the sink: one shape, compiled once
-        slots = np.full(rows, rows - 1, np.int32)  # padding: the sink
-        num_prompt, ref_len = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
-        recorded = np.zeros((rows, self.width), np.int32)
+        slots, num_prompt = np.full(rows, rows - 1, np.int32), np.zeros(rows, np.int32)  # padding: the sink
+        recording = np.full(rows, len(self.recorded), np.int32)
         for i, item in enumerate(items):
             seq = item.seq
-            ref = self.recorded.get(tuple(seq.token_ids[: seq.num_prompt]), [])
-            slots[i], num_prompt[i], ref_len[i] = seq.slot, seq.num_prompt, len(ref)
-            recorded[i, : len(ref)] = ref
-        return _replay_drafts(state, slots, num_prompt, recorded, ref_len, length=self.length, vocab=self.vocab)
+            if seq not in self.rows:
+                self.rows[seq] = self.index.get(tuple(seq.token_ids[: seq.num_prompt]), len(self.recorded))
+            slots[i], num_prompt[i], recording[i] = seq.slot, seq.num_prompt, self.rows[seq]
+        return _replay_drafts(state, self.table, self.lengths, slots, recording, num_prompt, length=self.length,
+                              vocab=self.vocab)  # fmt: skip
 
 
 def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-@functools.partial(jax.jit, static_argnames=("length", "vocab"))
-def _replay_drafts(state, slots, num_prompt, recorded, ref_len, *, length: int, vocab: int):
-    """ReplayProposer.propose's drafts for each slot at its current length, written to the state's proposals."""
+@functools.partial(jax.jit, static_argnames=("length", "vocab"), donate_argnums=(0,))
+def _replay_drafts(state, table, lengths, slots, recording, num_prompt, *, length: int, vocab: int):
+    """ReplayProposer.propose's drafts for each slot at its current length, written to the state's proposals (the
+    state donated: the engine keeps only the returned one)."""
     k = state.proposals.shape[1]
     done = state.history_len[slots] - num_prompt  # tokens generated, the one round N left last included
     j = jnp.arange(k)[None, :]
-    ref = jnp.take_along_axis(recorded, jnp.clip(done[:, None] + j, 0, recorded.shape[1] - 1), axis=1)
+    ref = table[recording[:, None], jnp.clip(done[:, None] + j, 0, table.shape[1] - 1)]
     drafts = jnp.where(j < length - 1, ref, (ref + 1) % vocab)
-    count = jnp.clip(ref_len - done, 0, k)
+    count = jnp.clip(lengths[recording] - done, 0, k)
     return dataclasses.replace(state, proposals=state.proposals.at[slots].set(drafts),
                                num_proposals=state.num_proposals.at[slots].set(count))  # fmt: skip
 

@@ -201,7 +201,10 @@ def test_large_batches_do_not_speculate(spec_llm, proposer):
 def test_tensor_parallel_preemption_and_int8_kv_with_speculation(stories_dir, compile_cache):
     """Two tensor-parallel devices, a pool too small for the batch (sequences preempted and recomputed, drafts'
     blocks given back) and an int8 cache: each request's tokens without speculation (opted out, same engine) and
-    with, drafts from the host (a proposer that knows the answer, mostly) and chained n-gram rounds."""
+    with, drafts from the host (a proposer that knows the answer, mostly), chained n-gram rounds and chained rounds of
+    drafts a proposer left in the (replicated) sampler state."""
+    from rtpjax.benchmarks.spec_bench import ReplayProposer
+
     llm = LLM(str(stories_dir), tensor_parallel_size=2, num_gpu_blocks=10, kv_cache_dtype="int8",
               compilation_cache_dir=compile_cache, speculative_config=NGRAM, warmup=False,
               **dict(ENGINE_ARGS, max_model_len=160))  # fmt: skip
@@ -222,6 +225,12 @@ def test_tensor_parallel_preemption_and_int8_kv_with_speculation(stories_dir, co
     assert tokens(llm.generate(copies, SamplingParams(max_tokens=50, **GREEDY))) == want
     assert llm.engine.loop_stats.chained > 0
     assert_all_blocks_free(llm)
+    speculator.proposer = ReplayProposer({tuple(p): w for p, w in zip(copies, want)}, 3, 512)
+    llm.engine.take_loop_stats()
+    assert tokens(llm.generate(copies, SamplingParams(max_tokens=50, **GREEDY))) == want
+    assert llm.engine.loop_stats.chained > 0
+    assert_all_blocks_free(llm)
+    speculator.proposer = ngram
 
 
 def test_no_compilation_after_warmup_with_speculation(spec_llm, proposer):

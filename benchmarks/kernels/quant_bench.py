@@ -1,7 +1,9 @@
 """Each quantized weight format's linear layer against bf16 at an 8B model's shapes, decode-sized inputs (1, 16, 32
 tokens): microseconds per call and GB/s of weights read against the H200's 4.3 TB/s. Per quantized format it times the
 path `linear` takes (the small-M kernel on a GPU), the XLA path it replaces (W8A8 dot / dequantized dot) and a sweep of
-the kernel's tiles at 16 rows, so one GPU call finds the best tiles and the row count where the kernel stops paying.
+the kernel's tiles at 16 rows (`--sweep-rows 1`: the one-row tiles), so one GPU call finds the best tiles and the row
+count where the kernel stops paying; the kernel column takes the best tiles at the sweep's row count, the defaults at
+the others.
 
 Every timing is one compiled program of several calls on different inputs and weight copies (more bytes than the
 50 MB L2 holds), as a model's step reads each layer's weights once.
@@ -146,14 +148,15 @@ def bench_shape(name: str, out: int, inp: int, tokens: list[int], repeats: int, 
                 _record(row, "int4_s4", _time(_weight_only, xs, s4, repeats), _nbytes(s4[0]))
             else:
                 _record(row, f"{fmt}_wonly", _time(_weight_only, xs, weights, repeats), nbytes)
-            if small_matmul.applies(row["tokens"], one, tiles):
-                _record(row, f"{fmt}_kernel", _time(kernel(tiles), xs, weights, repeats), nbytes)
+            best_tiles = tiles if row["tokens"] == sweep_rows else None  # tuned for that many rows only
+            if small_matmul.applies(row["tokens"], one, best_tiles):
+                _record(row, f"{fmt}_kernel", _time(kernel(best_tiles), xs, weights, repeats), nbytes)
     for row in rows:
         print(f"{name:5s} {out:6d}x{inp:<5d} T={row['tokens']:3d}  bf16 {row['bf16_us']:7.1f} us "
               f"{row['bf16_gbps']:5.0f} GB/s  " + "  ".join(
                   f"{f} {row[f + '_us']:7.1f} us {row[f + '_hbm']:4.0%} HBM (XLA {row[f + '_xla_us']:7.1f}, "
                   f"weight-only {row.get(f + '_wonly_us', row.get('int4_s4_us', 0)):7.1f}"
-                  + (f", best tiles {row[f + '_kernel_us']:7.1f})" if f + "_kernel_us" in row else ")")
+                  + (f", kernel {row[f + '_kernel_us']:7.1f})" if f + "_kernel_us" in row else ")")
                   for f in FORMATS[1:]), flush=True)  # fmt: skip
     return rows, best
 

@@ -348,11 +348,13 @@ class LLMEngine:
         speculating = self.speculator is not None and self.speculator.active(self.scheduler)
         read, chain = None, None
         if self.inflight is not None and (speculating or self.inflight[0].verify):
-            if speculating and self.inflight[0].verify and self._chains():
+            if speculating and self.inflight[0].verify and self.chains():
                 chain = self.scheduler.chain(self.inflight[0], self.speculator.chain_ks(self.scheduler.running))
                 propose = getattr(self.speculator.proposer, "propose_on_device", None)
                 if chain is not None and propose is not None:  # its program reads the state round N leaves
+                    proposing = time.perf_counter()
                     self.runner.state, chain.device_drafts = propose(self.runner.state, chain.items), True
+                    stats.propose_s += time.perf_counter() - proposing
             if chain is None:
                 read = self._read(*self.inflight)  # the proposer needs the latest tokens; drafts must be settled
                 self._release_loads(self.inflight[0])
@@ -392,7 +394,7 @@ class LLMEngine:
         stats.busy_s += time.perf_counter() - began
         return outputs
 
-    def _chains(self) -> bool:
+    def chains(self) -> bool:
         """Whether verify rounds may be chained: the n-gram proposer (whose lookup the device repeats) or one that
         proposes on the device is in use (spec/chained.py; the latter on one host: followers replay steps only)."""
         proposer = self.speculator.proposer

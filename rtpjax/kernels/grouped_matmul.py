@@ -66,13 +66,13 @@ def _kernel(expert_ref, x_ref, *refs, out_rows: int, block_n: int, block_k: int,
     expert = expert_ref[pl.program_id(0)]
     base = jnp.maximum(expert, 0) * out_rows + pl.program_id(1) * block_n
     first = pl.program_id(2) * (steps * block_k) if partial else 0  # this split's first input column
+    sum_at_end = sum_at_end and x_ref.shape[0] == 1
 
     def body(s, accs):
         x = x_ref[:, pl.ds(s * block_k, block_k)]
         cols = pl.ds(first + s * block_k, block_k)
         return tuple(acc + _dot_t(x, w[pl.ds(base, block_n), cols], not sum_at_end) for acc, w in zip(accs, w_refs))
 
-    sum_at_end = sum_at_end and x_ref.shape[0] == 1
     shape = (block_n, block_k) if sum_at_end else o_refs[0].shape
     zeros = tuple(jnp.zeros(shape, jnp.float32) for _ in w_refs)
     # Trip count `steps`, or 0 for a spare tile, in integer arithmetic: a bound derived from a bool lowers to an i1,

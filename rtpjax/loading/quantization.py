@@ -48,7 +48,7 @@ class Scheme:
     block_rows: int = 1
     symmetric: bool = True
     whole: bool = False
-    decode_kernel: int = 64  # the kernel's most rows (small_matmul.MAX_ROWS)
+    decode_kernel: int = 64  # all the kernel takes (small_matmul.MAX_ROWS; that module imports this one)
 
     @property
     def per_channel(self) -> bool:
