@@ -110,10 +110,10 @@ def _field(path: Path, key: str) -> int | None:
 
 def sampler_bytes(cfg, args: EngineArgs, max_model_len: int) -> int:
     """The sampler state (runner.sampler): per slot, the penalties' rows over the vocabulary and, where n-gram
-    speculation chains its rounds (spec/chained.py), the slot's tokens."""
+    speculation chains its rounds (spec/chained.py), the slot's tokens and a device proposer's drafts."""
     spec = args.speculative_config or {}
-    history = max_model_len * 4 if spec.get("method") == "ngram" else 0
-    return (args.max_num_seqs + 1) * (cfg.vocab_size * 5 + history)
+    chained = (max_model_len + spec.get("num_speculative_tokens", 0) + 1) * 4 if spec.get("method") == "ngram" else 0
+    return (args.max_num_seqs + 1) * (cfg.vocab_size * 5 + chained)
 
 
 @dataclasses.dataclass(frozen=True)
