@@ -22,6 +22,7 @@ def test_quant_bench_quick_writes_every_format_and_the_best_tiles(tmp_path, swee
     best = result["best_tiles"]["tiny"]
     assert set(best) == {"fp8", "int8", "int4"}
     assert all(len(b["sweep_us"]) == 2 and b["us"] == min(b["sweep_us"].values()) for b in best.values())
+    assert all(b["tiles"]["one_row"] == (sweep_rows == "1") for b in best.values())  # the sweep the rows ask for
 
 
 def test_quant_table_compares_each_format_with_bf16(tmp_path):
