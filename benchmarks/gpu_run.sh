@@ -44,7 +44,8 @@
 #           (8B shape, 512 tokens of context), then batch 1 end to end with n-gram speculation (its rounds chained,
 #           and again unchained) against it opted out (random ids: random weights make copy-heavy text
 #           meaningless) and a batch of 64 both ways; then batch 1 with a 2-layer random draft model of the 8B shape (its cost per step; its acceptance means nothing); then
-#           an EAGLE-3 head's cost per proposal round at batch 1 and 8 (a random head of the 8B shape)
+#           an EAGLE-3 head's cost per proposal round at batch 1 and 8 (a random head of the 8B shape), and what a
+#           verify round with the head's proposal costs in plain steps at batch 1, its rounds chained and not
 #   spec_replay  batch 1 with drafts replayed from a recorded greedy run so that every verify step yields exactly each
 #           of REPLAY_LENGTHS (2,3,4) tokens: speculation's speed-up at a given acceptance length, on random weights,
 #           rounds chained (drafts replayed on the device) and not
@@ -155,7 +156,7 @@ for stage in $stages; do
       --batch-sizes '' --large-batch 0 --draft-layers 0 --eagle-batch-sizes '' --max-tokens 128 \
       --replay-lengths "${REPLAY_LENGTHS:-2,3,4}" --out "$OUT/spec_replay.json" --compilation-cache-dir /tmp/xla \
       ${SPEC_FLAGS:-} \
-      2>&1 | grep -E "^batch|Error"
+      2>&1 | grep -E "^batch|^EAGLE|Error"
     ;;
   spec_real)
     timeout ${SPEC_TIMEOUT:-500} python3 -m rtpjax.benchmarks.spec_bench --prompts copy --batch-sizes '' \

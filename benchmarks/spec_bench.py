@@ -118,7 +118,7 @@ def end_to_end(llm, batch: list[list[int]], max_tokens: int, method: str = "ngra
         drafts = counters.num_drafts - before.num_drafts
         accepted = counters.num_accepted_tokens - before.num_accepted_tokens
         result[name] = {"seconds": seconds, "tokens": n, "tokens_per_s": n / seconds,
-                        "mean_acceptance_length": 1 + accepted / drafts if drafts else None,
+                        "mean_acceptance_length": 1 + accepted / drafts if drafts else None, "rounds": drafts,
                         "draft_tokens": counters.num_draft_tokens - before.num_draft_tokens, "accepted_tokens": accepted,
                         "chained_rounds": engine.loop_stats.chained - chained,
                         "outputs": [o.outputs[0].token_ids for o in outs]}  # fmt: skip
@@ -255,10 +255,14 @@ def replay_run(llm, batch: list[list[int]], max_tokens: int, lengths: list[int],
     return result
 
 
-def eagle_round_cost(llm, k: int, batches: list[int], context: int, rounds: int = 20) -> dict:
-    """Wall ms of one EAGLE-3 proposal round (catch up on 2 new rows per sequence, then K chained guesses) at each
-    batch, a random head of the target's shape (its guesses mean nothing; its cost is what this measures), beside
-    the first round's catch-up over the whole context. Fake running sequences over the target's first blocks."""
+def eagle_round_cost(llm, k: int, batches: list[int], context: int, prompt: list[int], max_tokens: int,
+                     rounds: int = 20) -> dict:  # fmt: skip
+    """Wall ms of one EAGLE-3 proposal round on the host (catch up on 2 new rows per sequence, then K chained
+    guesses) at each batch, a random head of the target's shape (its guesses mean nothing; its cost is what this
+    measures), beside the first round's catch-up over the whole context. Fake running sequences over the target's
+    first blocks. Then the head proposes for the engine at batch 1 (`prompt`), its rounds chained (the head's
+    program on the device) and not: what a verify round with its proposal costs in plain steps, at K drafts a round
+    whatever the acceptance (the target's features are not stored here: cost only)."""
     from rtpjax import SamplingParams
     from rtpjax.engine.sequence import Sequence, Status
     from rtpjax.spec.eagle3 import Eagle3Proposer
@@ -290,6 +294,20 @@ def eagle_round_cost(llm, k: int, batches: list[int], context: int, rounds: int 
         out[b] = {"round_ms": 1e3 * float(np.median(times)), "first_round_ms": 1e3 * first}
         print(f"EAGLE-3 head (random, target shape), batch {b:3d}, K={k}: {out[b]['round_ms']:.2f} ms per round "
               f"(first, over {context} tokens of context: {out[b]['first_round_ms']:.1f} ms)", flush=True)  # fmt: skip
+    speculator = engine.speculator
+    kept = speculator.proposer, speculator.config
+    proposer.warm(engine.runner.state)  # its chained programs, compiled before anything is timed
+    speculator.proposer = proposer
+    speculator.config = dataclasses.replace(speculator.config, num_speculative_tokens=k, min_acceptance_rate=0.0)
+    try:
+        run = end_to_end(llm, [prompt], max_tokens, method="eagle3")
+    finally:
+        speculator.proposer, speculator.config = kept
+    step_s = run["off"]["seconds"] / run["off"]["tokens"]  # batch 1: a plain step per token
+    out["round_cost"] = {name: run[name]["seconds"] / max(1, run[name]["rounds"]) / step_s
+                         for name in ("eagle3", "eagle3_unchained")}  # fmt: skip
+    print(f"EAGLE-3 at batch 1, K={k}: a verify round with its proposal costs {out['round_cost']['eagle3']:.2f} plain "
+          f"steps chained, {out['round_cost']['eagle3_unchained']:.2f} unchained", flush=True)  # fmt: skip
     return out
 
 
@@ -360,7 +378,8 @@ def main():
     save(result, args.out)  # before the draft model's run, which compiles its own programs first
     eagle_batches = [int(b) for b in args.eagle_batch_sizes.split(",") if b]
     if eagle_batches:
-        result["eagle3_round"] = eagle_round_cost(llm, args.num_speculative_tokens, eagle_batches, args.context)
+        result["eagle3_round"] = eagle_round_cost(llm, args.num_speculative_tokens, eagle_batches, args.context,
+                                                  batch[0], args.max_tokens)  # fmt: skip
         save(result, args.out)
     if args.draft_layers:
         result["draft_model"] = draft_model_run(llm, model, args.draft_layers, batch, args.max_tokens)

@@ -3,8 +3,11 @@ here). Whatever the head guesses, every request gets the tokens it gets without 
 back; no compilation after warm-up; the target returns its layers' inputs unchanged otherwise; bad head folders
 fail with one line naming what is wrong."""
 
+import dataclasses
+import functools
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ from rtpjax import LLM, SamplingParams
 from rtpjax.models import load_config
 from rtpjax.models.decoder import forward
 from rtpjax.runner.model_runner import CompileCounter
+from rtpjax.spec import eagle3_head as head_lib
 from rtpjax.spec.eagle3_head import write_random_head
 
 K = 3
@@ -121,28 +125,46 @@ def test_bad_head_folders_fail_with_one_line(stories_dir, head_dir, compile_cach
     assert "\n" not in str(e.value) and str(bad) in str(e.value)
 
 
+REF_ROWS = 128  # the dense reference pads every sequence to this many rows: one compiled shape (causal: tail inert)
+
+
 def _reference_guesses(head, params, target_params, target_cfg, ids, k):
     """The head's K guesses after `ids`, computed densely from scratch: target features over the whole sequence, rows
     p = 0 .. n - 2 (token p + 1, feature p), then chained rows feeding the layer's output back."""
+    assert len(ids) + k <= REF_ROWS
+    tokens = np.zeros(REF_ROWS, np.int32)
+    tokens[: len(ids)] = ids
+    features = _reference_features(target_params, tokens, cfg=target_cfg, aux_layers=head.aux_layers)
+    feats = np.array(head_lib.layers.linear(features, params["fc"]))
+    rows, guesses = len(ids) - 1, []
+    tokens[:rows] = ids[1:]
+    for _ in range(k):
+        guess, hidden = _reference_row(params, tokens, feats, rows - 1, cfg=head.cfg)
+        guesses.append(int(guess))
+        tokens[rows], feats[rows] = guesses[-1], np.asarray(hidden)
+        rows += 1
+    return guesses
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "aux_layers"))
+def _reference_features(target_params, tokens, *, cfg, aux_layers):
     from rtpjax.kv import kv_cache as kv
     from rtpjax.runner.step_inputs import SeqChunk, build_step
-    from rtpjax.spec import eagle3_head as head_lib
+
+    step = build_step([SeqChunk([0] * REF_ROWS, 0, list(range(REF_ROWS // 16)))], 16)
+    meta = jax.tree.map(jnp.asarray, step.meta)
+    return forward(target_params, cfg, tokens, jnp.asarray(step.positions), kv.allocate(cfg, REF_ROWS // 16, 16), meta,
+                   aux_layers=aux_layers)[2]  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _reference_row(params, tokens, feats, row, *, cfg):
+    """The layer over the rows (dense causal attention), and row `row`'s guess and output."""
     from rtpjax.spec.eagle3_train import dense_attention
 
-    step = build_step([SeqChunk(ids, 0, list(range(-(-len(ids) // 16))))], 16)
-    aux = forward(target_params, target_cfg, step.tokens, step.positions, kv.allocate(target_cfg, 8, 16), step.meta,
-                  aux_layers=head.aux_layers)[2]  # fmt: skip
-    embed = params["embed"]
-    tokens, feats = list(ids[1:]), list(head_lib.layers.linear(aux, params["fc"])[: len(ids) - 1])
-    guesses = []
-    for _ in range(k):
-        hidden, _ = head_lib.layer(params, head.cfg, embed[jnp.asarray(tokens)], jnp.stack(feats),
-                                   jnp.arange(len(tokens)), None, None, attention=dense_attention)  # fmt: skip
-        guess = int(head_lib.draft_tokens(params, head.cfg, hidden[-1:])[0])
-        guesses.append(guess)
-        tokens.append(guess)
-        feats.append(hidden[-1])
-    return guesses
+    hidden, _ = head_lib.layer(params, cfg, params["embed"][tokens], feats, jnp.arange(REF_ROWS), None, None,
+                               attention=dense_attention)  # fmt: skip
+    return head_lib.draft_tokens(params, cfg, hidden[row][None])[0], hidden[row]
 
 
 def test_proposals_match_a_dense_reference_of_the_head(eagle_llm, stories_cfg):
@@ -164,7 +186,7 @@ def test_proposals_match_a_dense_reference_of_the_head(eagle_llm, stories_cfg):
         prefix = build_step([SeqChunk(ids[:end], 0, table)], 16)  # the whole prefix: this step's rows are its tail
         aux = forward(target, stories_cfg, prefix.tokens, prefix.positions, cache, prefix.meta,
                       aux_layers=proposer.head.aux_layers)[2][start:end]  # fmt: skip
-        proposer.observe(step, aux)
+        proposer.observe(aux, step.meta.slot_mapping)
 
     try:
         observe(0, 44)  # the prompt's rows up to the second-to-last token: 44 rows, over the 32-token budget
@@ -177,3 +199,88 @@ def test_proposals_match_a_dense_reference_of_the_head(eagle_llm, stories_cfg):
     finally:
         seq.status = Status.FINISHED
         proposer.release_finished()
+
+
+def test_chained_rounds_take_the_heads_guesses_from_the_device(eagle_llm, stories_llm, stories_cfg, monkeypatch):
+    """Rounds chain with an EAGLE-3 head: its program, queued after round N and before N is read, catches the head
+    up from the sampler state and leaves K guesses there. Each of them is what the head computed densely from scratch
+    guesses after the tokens N left; the tokens are those of no speculation (greedy and seeded); the sampler state is
+    what the memory plan counts; no compilation; no leaked block."""
+    from rtpjax import memory_plan
+
+    engine = eagle_llm.engine
+    proposer, speculator = engine.speculator.proposer, engine.speculator
+    assert engine.chains()
+    monkeypatch.setattr(speculator, "config", dataclasses.replace(speculator.config, min_acceptance_rate=0.0))
+    speculator.empty_rounds = speculator.skip = 0
+    records, propose, catch_up = [], proposer.propose_on_device, proposer._catch_up
+    dropped, caught_up, chaining = {}, [], [False]
+
+    def recording(state, items):  # reads the state (a sync a real round never does) to check it afterwards
+        hostage = []
+        for item in items:  # once per request: the head loses its rows (its blocks taken), as when its pool runs short
+            seq = item.seq
+            if seq.request_id not in dropped and len(seq.token_ids) > 40 and seq in proposer.states:
+                dropped[seq.request_id] = len(records)
+                proposer._drop(seq)
+                hostage += proposer.pool.allocate(4)  # the head's next blocks are others
+        chaining[0] = True
+        state = propose(state, items)
+        chaining[0] = False
+        proposer.pool.release(hostage)
+        lengths, counts, rows = (np.asarray(a) for a in (state.history_len, state.num_proposals, state.proposals))
+        for item in items:
+            slot = item.seq.slot
+            records.append((item.seq.request_id, int(lengths[slot]), int(counts[slot]), rows[slot].tolist()))
+        return state
+
+    def counting(queue):  # the host catches up before a chained round only where the head lost rows
+        if chaining[0]:
+            caught_up.extend((seq.request_id, end - start) for seq, _, start, end in queue)
+        return catch_up(queue)
+
+    prompts, _ = batch(4, seed=41)
+    params = [SamplingParams(max_tokens=m, **GREEDY) for m in (30, 22, 36, 26)]
+    eagle_llm.generate(prompts[:1], SamplingParams(max_tokens=10, **GREEDY))  # one-time host-side setup
+    monkeypatch.setattr(proposer, "propose_on_device", recording)
+    monkeypatch.setattr(proposer, "_catch_up", counting)
+    want = stories_llm.generate(prompts, params)
+    engine.take_loop_stats()
+    before = CompileCounter.count
+    got = eagle_llm.generate(prompts, params)
+    assert tokens(got) == tokens(want)
+    stats = engine.take_loop_stats()
+    assert CompileCounter.count == before
+    assert stats.chained > 5 and len(records) >= stats.chained, stats
+    full = {o.request_id: o.prompt_token_ids + o.outputs[0].token_ids for o in got}
+    target = engine.runner.params
+    assert dropped and {r for r, _ in caught_up} == set(dropped) and all(n > 30 for _, n in caught_up), caught_up
+    checked = sorted(set(range(0, len(records), max(1, len(records) // 10))) | set(dropped.values()))
+    for request_id, length, count, guesses in (records[i] for i in checked):
+        ids = full[request_id]
+        assert count == K and length <= len(ids)
+        assert guesses == _reference_guesses(proposer.head, proposer.params, target, stories_cfg, ids[:length], K)
+    seeded = [SamplingParams(temperature=0.8, top_k=40, seed=s, max_tokens=24) for s in (1, 2, 3, 4)]
+    assert tokens(eagle_llm.generate(prompts, seeded)) == tokens(stories_llm.generate(prompts, seeded))
+    assert engine.take_loop_stats().chained > 3
+    allocated = sum(a.nbytes for a in jax.tree.leaves(engine.runner.state))
+    planned = memory_plan.sampler_bytes(engine.cfg, engine.args, engine.max_model_len)
+    assert abs(allocated - planned) <= 0.01 * allocated, (allocated, planned)
+    assert not proposer.states and not proposer.chained and proposer.pool.num_free == proposer.pool.num_blocks
+    assert engine.pool.num_free == engine.pool.num_blocks
+
+
+@pytest.mark.slow
+def test_chained_eagle3_rounds_under_tensor_parallelism(stories_dir, head_dir, stories_llm, compile_cache):
+    """Two tensor-parallel devices (the head replicated, the sampler state it writes as the engine keeps it): the
+    tokens of no speculation, rounds chained, every block back."""
+    config = {"method": "eagle3", "model": str(head_dir), "num_speculative_tokens": K, "min_acceptance_rate": 0.0}
+    llm = LLM(str(stories_dir), tensor_parallel_size=2, compilation_cache_dir=compile_cache, warmup=False,
+              speculative_config=config, **ENGINE_ARGS)  # fmt: skip
+    prompts, _ = batch(3, seed=43)
+    params = SamplingParams(max_tokens=30, **GREEDY)
+    assert tokens(llm.generate(prompts, params)) == tokens(stories_llm.generate(prompts, params))
+    assert llm.engine.take_loop_stats().chained > 5
+    proposer = llm.engine.speculator.proposer
+    assert not proposer.states and proposer.pool.num_free == proposer.pool.num_blocks
+    assert llm.engine.pool.num_free == llm.engine.pool.num_blocks

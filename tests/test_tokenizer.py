@@ -64,6 +64,28 @@ print(json.dumps(["torch" in sys.modules, llm.generate("w5 w6")[0].outputs[0].te
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [False, True]
 
 
+def test_an_engine_starts_after_another_failed_to(stories_dir, tmp_path):
+    """A start that fails after its tokenizer thread began (a bad EAGLE-3 head: no weights) leaves that thread
+    importing transformers; the next engine in the process still gets its tokenizer (a fresh interpreter: nothing
+    imported yet)."""
+    head = tmp_path / "head"
+    head.mkdir()
+    (head / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLMEagle3"]}))
+    code = f"""
+from rtpjax import LLM
+args = dict(max_num_seqs=4, max_model_len=128, max_num_batched_tokens=32, warmup=False)
+try:
+    LLM({str(stories_dir)!r}, speculative_config={{"method": "eagle3", "model": {str(head)!r},
+        "num_speculative_tokens": 2}}, **args)
+except ValueError as e:
+    print("failed:", e)
+print("tokens:", LLM({str(stories_dir)!r}, **args).generate([[1, 2, 3]])[0].outputs[0].token_ids[:3])
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "failed: speculative_config" in out.stdout and "tokens: [" in out.stdout, out.stdout
+
+
 @pytest.mark.parametrize("name", ["llama3", "mistral", "qwen2"])
 def test_a_folder_without_tokenizer_fails_before_loading(tiny_checkpoints, monkeypatch, name):
     """transformers dies inside on such a folder (Llama, Mistral) or builds an empty tokenizer (Qwen2); instead one

@@ -193,15 +193,15 @@ class LLMEngine:
             kv_cache_dtype=kv_dtype, kv_write=args.kv_write, mosaic_prefill=args.mosaic_prefill,
             kv_tiers=bool(args.kv_offloading_size),
             num_speculative_tokens=k, max_verify_seqs=max_verify_seqs, aux_layers=aux_layers,
-            chain_ngram=(spec.prompt_lookup_min, spec.prompt_lookup_max) if spec and spec.method == "ngram" else None,
+            chain_lookup=spec and spec.chain_lookup,
         )  # fmt: skip
         self.draft_context = DraftContext(self.cfg, model, args.dtype, args.block_size, self.max_model_len,
                                           args.max_num_batched_tokens, max_verify_seqs, mesh, args.attention_impl,
                                           args.kv_write, args.load_format, num_blocks,
-                                          tuple(self.runner.token_buckets),
-                                          args.quantized_decode)  # what a draft model or head runs with
+                                          tuple(self.runner.token_buckets), args.quantized_decode,
+                                          self.runner.max_blocks)  # what a draft model or head runs with
         self.speculator = make_speculator(spec, self.draft_context, self.runner.params["embed"])
-        self.chain_rounds = True  # n-gram verify rounds chained where they can be (benchmarks turn it off to compare)
+        self.chain_rounds = True  # verify rounds chained where they can be (benchmarks turn it off to compare)
         self.tiers = tiers_build.make_tiers(args, self.runner.kv_layout,
                                             tiers_build.identity(model, source, self.runner.kv_layout, args))
         if self.tiers is not None:
@@ -215,6 +215,8 @@ class LLMEngine:
                      staged * self.runner.kv_layout.block_bytes / 2**30)  # fmt: skip
         t0, misses = time.monotonic(), CompileCounter.count
         shapes = self.runner.warmup(progress=args.progress) if args.warmup else 0  # else each shape at first use
+        if args.warmup and self.speculator is not None:
+            self.speculator.warm(self.runner.state)
         if self.tiers is not None:
             self.tiers.costs = tiers_build.measure_costs(self.runner, self.tiers)
         compiled = time.monotonic()
@@ -375,7 +377,7 @@ class LLMEngine:
             stats.prepare_s += prepared - scheduling
             launched = (schedule, self.runner.launch(*inputs))
             if self.runner.aux_layers:  # an EAGLE-3 head: the step's hidden states, on the device
-                self.speculator.observe(inputs[0], self.runner.aux)
+                self.speculator.observe(*self.runner.aux)
             stats.launch_s += time.perf_counter() - prepared
         if read is not None:
             outputs = self._emit(read, final_only, as_deltas)
@@ -396,11 +398,12 @@ class LLMEngine:
 
     def chains(self) -> bool:
         """Whether verify rounds may be chained: the n-gram proposer (whose lookup the device repeats) or one that
-        proposes on the device is in use (spec/chained.py; the latter on one host: followers replay steps only)."""
+        proposes on the device (an EAGLE-3 head) is in use (spec/chained.py; the latter on one host: followers replay
+        steps only)."""
         proposer = self.speculator.proposer
         on_device = hasattr(proposer, "propose_on_device") and self.channel is None
-        return self.chain_rounds and self.runner.chain_ngram is not None and (isinstance(proposer, NgramProposer)
-                                                                              or on_device)  # fmt: skip
+        return self.chain_rounds and self.runner.chain_lookup is not None and (isinstance(proposer, NgramProposer)
+                                                                               or on_device)  # fmt: skip
 
     def _read(self, schedule: Schedule, out, then: dict | None = None) -> tuple[list[tuple], object]:
         """Step N's tokens into its sequences (and rejected drafts rolled back), before anything schedules around

@@ -5,6 +5,7 @@ transformers' config machinery, which costs 13 s of a server's start on a CUDA m
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 # Classes that are exactly tokenizer.json run by the Rust `tokenizers` library, with nothing added in Python.
@@ -41,18 +42,24 @@ def tokenizer_source(model: str | Path, tokenizer: str | Path | None, skip: bool
     return str(folder)
 
 
+# Engines load their tokenizer on a thread of their own; one whose start failed leaves that thread importing
+# transformers, and a second thread importing from the half-built lazy module gets "cannot import name". One at a time.
+_LOADING = threading.Lock()
+
+
 def load_tokenizer(path: str | Path | None):
     """The Hugging Face tokenizer of `path`: a plain fast tokenizer when the folder declares one, else AutoTokenizer;
     None for no path (skip_tokenizer_init)."""
     if path is None:
         return None
-    if tokenizer_class(path) in _PLAIN_CLASSES:
-        from transformers import PreTrainedTokenizerFast
+    with _LOADING:
+        if tokenizer_class(path) in _PLAIN_CLASSES:
+            from transformers import PreTrainedTokenizerFast
 
-        return PreTrainedTokenizerFast.from_pretrained(path)
-    from transformers import AutoTokenizer
+            return PreTrainedTokenizerFast.from_pretrained(path)
+        from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path)
 
 
 def fast_encoder(tokenizer):

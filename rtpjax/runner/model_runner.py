@@ -48,20 +48,23 @@ class StepBatch:
     positions: jax.Array  # [T]
     meta: AttentionMetadata
     logits_indices: jax.Array  # [S], or [S * (K+1)] in a verify step (every drafted position, see runner.verify)
-    chain: ChainInputs | None = None  # an n-gram engine's verify step: sequences laid out by the device (spec/chained)
+    chain: ChainInputs | None = None  # a chaining engine's verify step: sequences laid out by the device (spec/chained)
 
 
 def model_step(params, cache, state, flat, packing: Packing, *, cfg, forward, block_size, aux_layers=()):
     """The model half of a step: each sequence's last-token logits. Host inputs arrive packed into one int32 buffer.
-    MoE: then the expert load [MoE layers, experts]; aux_layers (an EAGLE-3 proposer): last, those layers' inputs."""
+    MoE: then the expert load [MoE layers, experts]; aux_layers (an EAGLE-3 proposer): then those layers' inputs and,
+    last, the cache slot of each token (chained sequences' as the device placed them: where their features go)."""
     batch: StepBatch = packing.unpack(flat)
     if batch.chain is not None:
         batch = resolve_step(batch, state, block_size)
     tokens = jnp.where(batch.token_slot >= 0, state.last_token[batch.token_slot], batch.tokens)
     extra = dict(expert_load=True) if cfg.num_experts else {}
-    if aux_layers:  # only then: the programs of engines without an EAGLE-3 head stay as they are
-        extra["aux_layers"] = aux_layers
-    return forward(params, cfg, tokens, batch.positions, cache, batch.meta, batch.logits_indices, **extra)
+    if not aux_layers:  # the programs of engines without an EAGLE-3 head stay as they are
+        return forward(params, cfg, tokens, batch.positions, cache, batch.meta, batch.logits_indices, **extra)
+    out = forward(params, cfg, tokens, batch.positions, cache, batch.meta, batch.logits_indices, aux_layers=aux_layers,
+                  **extra)  # fmt: skip
+    return (*out, batch.meta.slot_mapping)
 
 
 def sample_step(logits, state, flat, packing: Packing, variant: sampler.Variant):
@@ -126,14 +129,15 @@ class ModelRunner:
                  max_num_batched_tokens: int, max_model_len: int, mesh=None, attention_impl: str = "reference",
                  kv_cache_dtype: str = "auto", kv_write: str = "auto", mosaic_prefill: bool = False,
                  num_speculative_tokens: int = 0, max_verify_seqs: int = 0, kv_tiers: bool = False,
-                 aux_layers: tuple[int, ...] = (), chain_ngram: tuple[int, int] | None = None):  # fmt: skip
+                 aux_layers: tuple[int, ...] = (), chain_lookup: tuple[int, int] | None = None):  # fmt: skip
         """num_speculative_tokens (K) > 0: also compile verify steps, for up to max_verify_seqs sequences each.
         aux_layers: every step also returns these layers' inputs at each token (`self.aux`, for an EAGLE-3 head).
-        chain_ngram: (prompt_lookup_min, prompt_lookup_max) of an n-gram engine, whose verify steps may hold chained
-        sequences (spec/chained.py); the sampler state then keeps every slot's tokens."""
+        chain_lookup: where verify steps may hold chained sequences (spec/chained.py): (prompt_lookup_min,
+        prompt_lookup_max) of an n-gram engine's device lookup, (0, 0) where a device proposer makes every chained
+        round's drafts (EAGLE-3); the sampler state then keeps every slot's tokens."""
         self.cfg, self.params = cfg, params
         self.spec_k, self.max_verify_seqs = num_speculative_tokens, max_verify_seqs
-        self.chain_ngram = chain_ngram if num_speculative_tokens else None
+        self.chain_lookup = chain_lookup if num_speculative_tokens else None
         # Pipeline stages (a PipelineMesh): per-stage programs and micro-batches (rtpjax/parallel/pipeline.py).
         self.pipeline = pipeline.Pipeline(cfg, params, mesh) if isinstance(mesh, PipelineMesh) else None
         if self.pipeline is not None and kv_tiers:
@@ -160,8 +164,9 @@ class ModelRunner:
         self.cache = kv.allocate(cfg, num_blocks, block_size, mesh=mesh, kv_dtype=kv_cache_dtype)
         self.state = jax.jit(sampler.init_state, static_argnums=(0, 1, 2, 3),  # on the last stage, beside the logits
                              out_shardings=self.pipeline and self.pipeline.logits_sharding)(
-            max_num_seqs, cfg.vocab_size, *((max_model_len, num_speculative_tokens) if self.chain_ngram else (0, 0)))
-        self.aux_layers, self.aux = aux_layers, None  # aux: the last step's [T, len(aux_layers) * H]
+            max_num_seqs, cfg.vocab_size, *((max_model_len, num_speculative_tokens) if self.chain_lookup else (0, 0)))
+        # aux: the last step's ([T, len(aux_layers) * H], each token's cache slot [T]), for the head's feature store
+        self.aux_layers, self.aux = aux_layers, None
         # What executables are lowered against: the state a step leaves carries a sharding annotation the initial one
         # lacks, and lowering against it would give the same program another compilation-cache key.
         self._state_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
@@ -332,7 +337,7 @@ class ModelRunner:
         return batch, VerifyInputs(self._verify_rows(items, num_seqs, k), drafts, num_drafts, chain)
 
     def _chain_inputs(self, items, num_seqs: int, k: int, device_drafts: bool) -> ChainInputs | None:
-        if self.chain_ngram is None:
+        if self.chain_lookup is None:
             return None
         slot, max_drafts, num_prompt = (np.full(num_seqs, -1, np.int32), np.zeros(num_seqs, np.int32),
                                         np.zeros(num_seqs, np.int32))  # fmt: skip
@@ -340,7 +345,7 @@ class ModelRunner:
             if item.chained:
                 slot[i], max_drafts[i], num_prompt[i] = item.seq.slot, len(item.drafts), item.seq.num_prompt
         from_state = ((slot >= 0) & device_drafts).astype(np.int32)
-        return ChainInputs(slot, max_drafts, num_prompt, from_state, k, *self.chain_ngram)
+        return ChainInputs(slot, max_drafts, num_prompt, from_state, k, *self.chain_lookup)
 
     def _verify_rows(self, items, num_seqs: int, k: int) -> sampler.SamplingInputs:
         """Each sequence's sampling row repeated K+1 times: row j draws output position + j, with EOS/stop ids
@@ -426,7 +431,7 @@ class ModelRunner:
     def prepare(self, schedule: Schedule) -> tuple[StepBatch, sampler.SamplingInputs]:
         """The step's host-side inputs, padded to its buckets. Blocks arriving from the host are written first."""
         self.load_blocks(schedule.loads)
-        self._reset_rows([s for s in schedule.admitted if s.params.uses_penalties or self.chain_ngram])
+        self._reset_rows([s for s in schedule.admitted if s.params.uses_penalties or self.chain_lookup])
         num_tokens = pick(self.token_buckets, max(schedule.num_tokens, len(schedule.items)))
         if schedule.verify:
             return self._batch(schedule.items, num_tokens, self._verify_seqs_for(num_tokens), self.spec_k,
@@ -490,7 +495,8 @@ class ModelRunner:
             model = self._compiled[key] = self._model_executable(flat, packing)
         logits, self.cache, *load = model(self.params, self.cache, self.state, flat)
         if self.aux_layers:
-            self.aux = load.pop()
+            slots = load.pop()
+            self.aux = (load.pop(), slots)
         return self._sample_step(logits, model.output_shardings[0], load, key[2], k, variant, flat_sampling,
                                  sampling_packing)  # fmt: skip
 

@@ -11,7 +11,8 @@ After reading round N, the host moves the chained round's item back the same way
 A proposer that proposes on the device (`propose_on_device(state, items) -> state`: a program queued after round N,
 reading the sampler state N leaves) puts its drafts in the state's `proposals` rows instead, and the chained round
 takes them in place of the lookup's (`ChainInputs.from_state`). It must write the row of every item it is given
-(`num_proposals` 0 where it has none): a row it skips holds an earlier round's drafts.
+(`num_proposals` 0 where it has none): a row it skips holds an earlier round's drafts. Engines whose proposer is not
+the lookup (EAGLE-3) keep the token rows and skip the lookup (`n_max` 0).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class ChainInputs:
     from_state: jax.Array  # 1: the drafts a device proposer left in the sampler state, 0: the n-gram lookup's
     k: int = dataclasses.field(default=1, metadata=dict(static=True))
     n_min: int = dataclasses.field(default=1, metadata=dict(static=True))
-    n_max: int = dataclasses.field(default=1, metadata=dict(static=True))
+    n_max: int = dataclasses.field(default=1, metadata=dict(static=True))  # 0: no lookup, a device proposer's drafts
 
 
 def _drafts(state, c: ChainInputs):
@@ -45,7 +46,10 @@ def _drafts(state, c: ChainInputs):
     chained = c.slot >= 0
     slot = jnp.where(chained, c.slot, sink)
     length = state.history_len[slot]
-    drafts, count = device_lookup(state.history[slot], length, c.k, c.n_min, c.n_max)
+    if c.n_max:
+        drafts, count = device_lookup(state.history[slot], length, c.k, c.n_min, c.n_max)
+    else:
+        drafts, count = jnp.zeros((slot.shape[0], c.k), jnp.int32), jnp.zeros_like(length)
     if state.proposals.shape[1]:
         given = c.from_state > 0
         drafts = jnp.where(given[:, None], state.proposals[slot, : c.k], drafts)

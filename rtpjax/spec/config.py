@@ -26,6 +26,12 @@ class SpeculativeConfig:
     # A sequence whose drafts were accepted less often than this (over its recent drafts) proposes fewer tokens.
     min_acceptance_rate: float = 0.25
 
+    @property
+    def chain_lookup(self) -> tuple[int, int] | None:
+        """Where the drafts of chained verify rounds (spec/chained.py) come from on the device: the n-gram lookup's
+        (prompt_lookup_min, prompt_lookup_max), (0, 0) for an EAGLE-3 head's program; None: rounds do not chain."""
+        return {"ngram": (self.prompt_lookup_min, self.prompt_lookup_max), "eagle3": (0, 0)}.get(self.method)
+
     @classmethod
     def parse(cls, value: dict | str) -> "SpeculativeConfig":
         """From the dict LLM(speculative_config=...) takes or the JSON --speculative-config takes."""

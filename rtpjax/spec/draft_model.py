@@ -47,6 +47,7 @@ class DraftContext:
     target_num_blocks: int = 0
     target_token_buckets: tuple[int, ...] = ()  # the token buckets of the target's steps (the features' shapes)
     quantized_decode: str = "auto"  # a pre-quantized draft's decode matmuls, as the target's (--quantized-decode)
+    target_max_blocks: int = 0  # the width of the target's block tables (an EAGLE-3 head's chained proposals)
 
     def attention(self, head_dim: int) -> dict:
         """The static attention configuration of the draft's steps (as the runner's, for the draft's shape)."""

@@ -14,6 +14,12 @@ output back as the feature. Chained rows' K/V are rewritten by the next catch-up
 All in one jitted program per token bucket, compiled at construction like the draft model's (draft_model.py, whose
 block bookkeeping and chaining this shares). Proposals are argmaxes, so `runner.verify` keeps the target's
 distribution exactly whatever the head's weights.
+
+Chained verify rounds (spec/chained.py) take the head's guesses from the device: `propose_on_device` queues, right
+after round N, a program that reads N's outcome from the sampler state (each slot's tokens and count) and catches the
+head up on the rows N's tokens made ready (1 to K + 1 of them, laid out as K + 1 by the host, the ones past the count
+dropped), then guesses K tokens into the state's proposal rows. The host learns how far that got when it reads N (the
+chained round's item moves back to N's last token): rows up to there count as computed.
 """
 
 from __future__ import annotations
@@ -42,19 +48,77 @@ class EagleBatch:
     feature_slots: jax.Array  # [T] where each row's feature lies in the store (0 for padding rows)
 
 
-def propose_step(params, cache, features, flat, packing: Packing, *, cfg, k: int, block_size: int):
-    """Catch up on the new rows, then K greedy guesses per sequence: ([S, K] int32, cache)."""
-    e: EagleBatch = packing.unpack(flat)
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ProposalRows:
+    """The sampler state's rows a chained proposal reads and writes (only these: the rest keeps the placement the
+    engine's programs gave it)."""
+
+    history: jax.Array
+    history_len: jax.Array
+    proposals: jax.Array
+    num_proposals: jax.Array
+
+    @classmethod
+    def of(cls, state) -> "ProposalRows":
+        return cls(state.history, state.history_len, state.proposals, state.num_proposals)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ChainedRows:
+    """A chained round's catch-up, laid out by the host before the round ahead is read: K + 1 rows per sequence from
+    the first one the head lacks (positions and head cache slots); tokens, feature slots, which rows are real and
+    where the guessing starts come from the sampler state on the device."""
+
+    rows: EagleBatch
+    slot: jax.Array  # [S] each sequence's sampler slot (padding: the sink)
+    target_tables: jax.Array  # [S, target blocks]: where the target's features of a sequence's positions lie
+
+
+def guess(params, cache, features, e: EagleBatch, *, cfg, k: int, block_size: int, lens=None):
+    """Catch up on the rows, then K greedy guesses per sequence from each one's `last` row: ([S, K] int32, cache).
+    lens: the sequences' lengths less one, where the guesses go on from (default: the rows' context lengths)."""
     b = e.rows
     hidden, layer_cache = head_lib.layer(params, cfg, params["embed"][b.tokens], features[e.feature_slots],
                                          b.positions, cache[0], b.meta)  # fmt: skip
     hidden = hidden[b.last]
+    if lens is not None:
+        b = dataclasses.replace(b, meta=dataclasses.replace(b.meta, seq_lens=lens))
     guesses = [head_lib.draft_tokens(params, cfg, hidden)]
     for j in range(k - 1):  # guess j + 1 sits at len + j, read off guess j and the layer's last output
         pos, meta = chained(b, j, block_size)
         hidden, layer_cache = head_lib.layer(params, cfg, params["embed"][guesses[-1]], hidden, pos, layer_cache, meta)
         guesses.append(head_lib.draft_tokens(params, cfg, hidden))
     return jnp.stack(guesses, axis=1), [layer_cache]
+
+
+def propose_step(params, cache, features, flat, packing: Packing, *, cfg, k: int, block_size: int):
+    return guess(params, cache, features, packing.unpack(flat), cfg=cfg, k=k, block_size=block_size)
+
+
+def propose_chained_step(params, cache, features, state: ProposalRows, flat, packing: Packing, *, cfg, k: int,
+                         block_size: int):  # fmt: skip
+    """`guess` for a chained round, its rows resolved against the sampler state round N left: (the state's proposal
+    rows with every sequence's K guesses, cache)."""
+    c: ChainedRows = packing.unpack(flat)
+    b = c.rows.rows
+    num_seqs = c.slot.shape[0]
+    real = b.meta.seq_lens > 0
+    length = jnp.where(real, state.history_len[c.slot], 0)  # the sequence's tokens, round N's included
+    seq = jnp.minimum(jnp.arange(b.tokens.shape[0]) // (k + 1), num_seqs - 1)
+    valid = real[seq] & (b.positions <= length[seq] - 2)  # row p reads the token at p + 1: rows up to the last but one
+    p = jnp.where(valid, b.positions, 0)
+    tokens = state.history[c.slot[seq], jnp.minimum(p + 1, state.history.shape[1] - 1)]
+    feature_slots = c.target_tables[seq, p // block_size] * block_size + p % block_size
+    first = jnp.arange(num_seqs) * (k + 1)
+    last = first + jnp.clip(length - 2 - b.positions[first], 0, k)
+    meta = dataclasses.replace(b.meta, slot_mapping=jnp.where(valid, b.meta.slot_mapping, -1))
+    rows = EagleBatch(dataclasses.replace(b, tokens=tokens, meta=meta, last=last), feature_slots)
+    guesses, cache = guess(params, cache, features, rows, cfg=cfg, k=k, block_size=block_size,
+                           lens=jnp.where(real, length - 1, 0))  # fmt: skip
+    return dataclasses.replace(state, proposals=state.proposals.at[c.slot, :k].set(guesses),
+                               num_proposals=state.num_proposals.at[c.slot].set(jnp.where(real, k, 0))), cache
 
 
 def store_features(features, fc, aux, slots):
@@ -95,18 +159,23 @@ class Eagle3Proposer:
             flat, packing = pack(self._batch([], [], t))
             self._compiled[t] = step.lower(self.params, self.cache, self.features, flat, packing).compile()
             _, self.cache = self._compiled[t](self.params, self.cache, self.features, flat)
+        self.chained: dict[Sequence, object] = {}  # sequence -> the chained round its latest device guesses are for
+        self.seq_buckets = buckets(ctx.max_seqs, 1)
+        self._chained_compiled = {}  # sequence bucket -> executable (warm: compiled against the engine's state)
         self._store = jax.jit(store_features, donate_argnums=(0,))
         width = len(self.head.aux_layers) * self.head.target_hidden_size
-        for t in ctx.target_token_buckets:  # one per shape of the target's steps, traced now
+        for t in ctx.target_token_buckets:  # one per shape of the target's steps (slots: a step's output), traced now
             aux = place(jnp.zeros((t, width), target_embed.dtype))
-            self.features = self._store(self.features, self.params["fc"], aux, np.full(t, -1, np.int32))
+            self.features = self._store(self.features, self.params["fc"], aux, place(jnp.full(t, -1, jnp.int32)))
 
-    def observe(self, batch, aux) -> None:
-        """A target step was queued: its tokens' features go into the store (on the device, nothing waits)."""
-        self.features = self._store(self.features, self.params["fc"], aux, batch.meta.slot_mapping)
+    def observe(self, aux, slots) -> None:
+        """A target step was queued: its tokens' features go into the store at their cache slots (on the device,
+        nothing waits)."""
+        self.features = self._store(self.features, self.params["fc"], aux, slots)
 
-    def _batch(self, chunks: list[tuple[_DraftState, SeqChunk]], slots: list[np.ndarray], num_tokens: int):
-        num_seqs = min(num_tokens, self.ctx.max_seqs)
+    def _batch(self, chunks: list[tuple[_DraftState, SeqChunk]], slots: list[np.ndarray], num_tokens: int,
+               num_seqs: int | None = None) -> EagleBatch:  # fmt: skip
+        num_seqs = num_seqs or min(num_tokens, self.ctx.max_seqs)
         step = build_step([c for _, c in chunks], self.block_size, num_tokens=num_tokens, num_seqs=num_seqs,
                           max_blocks=self.max_blocks, **self.attention)  # fmt: skip
         writable = np.zeros(num_seqs, np.int32)
@@ -125,15 +194,25 @@ class Eagle3Proposer:
         # token's position.
         queue = []
         for seq in seqs:
-            state = self._state(seq, proposing)
-            queue.append([seq, state, min(state.computed, len(seq.token_ids) - 2)])
+            state = self._state(seq, proposing, len(seq.token_ids) + self.k - 1)
+            queue.append([seq, state, min(state.computed, len(seq.token_ids) - 2), len(seq.token_ids) - 1])
         proposals: dict[Sequence, list[int]] = {}
+        for guesses, owners in self._catch_up(queue):
+            guesses = np.asarray(guesses)
+            for row, seq, state in owners:
+                state.computed = len(seq.token_ids) - 1
+                proposals[seq] = guesses[row].tolist()
+        return [proposals[seq][:k] for seq, k in zip(seqs, ks)]
+
+    def _catch_up(self, queue: list[list]):
+        """Launch the head over rows start .. end - 1 of each [seq, state, start, end] (usually one call; long
+        catch-ups, a fresh prompt, are split over the token budget); yields (guesses, [(row, seq, state)]) per call
+        for the sequences whose rows it finished."""
         limit = self.token_buckets[-1]
-        while queue:  # usually one call; long catch-ups (a fresh prompt) are split over the token budget
+        while queue:
             chunks, slots, owners, budget = [], [], [], limit
             while queue and budget > 0 and len(chunks) < self.ctx.max_seqs:
-                seq, state, start = queue[0]
-                end = len(seq.token_ids) - 1  # rows start .. end - 1
+                seq, state, start, end = queue[0]
                 n = min(end - start, budget)
                 ids, table = seq.token_ids, np.asarray(seq.block_table)
                 pos = np.arange(start, start + n)
@@ -146,20 +225,77 @@ class Eagle3Proposer:
                 owners.append((len(chunks) - 1, seq, state))
                 queue.pop(0)
             t = next(b for b in self.token_buckets if b >= limit - budget)
-            flat = pack(self._batch(chunks, slots, t))[0]
-            guesses, self.cache = self._compiled[t](self.params, self.cache, self.features, flat)
-            guesses = np.asarray(guesses)
-            for row, seq, state in owners:
-                state.computed = len(seq.token_ids) - 1
-                proposals[seq] = guesses[row].tolist()
-        return [proposals[seq][:k] for seq, k in zip(seqs, ks)]
+            guesses, self.cache = self._compiled[t](self.params, self.cache, self.features,
+                                                    pack(self._batch(chunks, slots, t))[0])  # fmt: skip
+            yield guesses, owners
 
-    def _state(self, seq: Sequence, proposing: set) -> _DraftState:
+    def propose_on_device(self, state, items):
+        """A chained round's guesses (spec/chained.py), queued after round N and before it is read: rows the host
+        already knows the tokens of are caught up first where the head lacks them (after a round the head skipped),
+        then the device program takes the rest from the sampler state. Returns the state with every item's row."""
+        self.release_finished()
+        proposing, chunks, behind = {item.seq for item in items}, [], []
+        for item in items:
+            seq = item.seq
+            known = len(seq.token_ids) - 1  # round N's token is PENDING
+            head = self._state(seq, proposing, len(seq.token_ids) + 2 * self.k)  # round N's K + 1, then the guesses
+            if head.computed < known - 1:
+                behind.append([seq, head, head.computed, known - 1])
+            head.computed = known - 1
+            self.chained[seq] = item
+            chunks.append((head, SeqChunk([0] * (self.k + 1), known - 1, head.blocks), seq))
+        for _ in self._catch_up(behind):
+            pass
+        num_seqs = next(b for b in self.seq_buckets if b >= len(chunks))
+        flat = pack(self._chained_rows(chunks, num_seqs, state))[0]
+        rows, self.cache = self._chained_program(num_seqs, state)(self.params, self.cache, self.features,
+                                                                 ProposalRows.of(state), flat)  # fmt: skip
+        return dataclasses.replace(state, **vars(rows))  # (donated: the token rows come back as they went)
+
+    def warm(self, state) -> None:
+        """Compile the chained proposal programs against the engine's sampler state as its programs leave it (its
+        placement: the programs must take exactly that)."""
+        for num_seqs in self.seq_buckets:
+            self._chained_program(num_seqs, state)
+
+    def _chained_program(self, num_seqs: int, state):
+        program = self._chained_compiled.get(num_seqs)
+        if program is None:  # without warm-up: compiled at the first chained round
+            rows = ProposalRows.of(state)
+            spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), rows)
+            same = jax.tree.map(lambda a: a.sharding, (rows, self.cache))  # what goes back is placed as it came
+            step = jax.jit(functools.partial(propose_chained_step, cfg=self.cfg, k=self.k, block_size=self.block_size),
+                           static_argnums=(5,), donate_argnums=(1, 3), out_shardings=same)  # fmt: skip
+            flat, packing = pack(self._chained_rows([], num_seqs, state))
+            program = step.lower(self.params, self.cache, self.features, spec, flat, packing).compile()
+            self._chained_compiled[num_seqs] = program
+        return program
+
+    def _chained_rows(self, chunks: list[tuple[_DraftState, SeqChunk, Sequence]], num_seqs: int,
+                      state) -> ChainedRows:  # fmt: skip
+        rows = self._batch([(head, chunk) for head, chunk, _ in chunks], [], num_seqs * (self.k + 1), num_seqs)
+        slot = np.full(num_seqs, state.history_len.shape[0] - 1, np.int32)  # padding: the sink
+        tables = np.zeros((num_seqs, self.ctx.target_max_blocks), np.int32)
+        for i, (_, _, seq) in enumerate(chunks):
+            slot[i] = seq.slot
+            tables[i, : len(seq.block_table)] = seq.block_table
+        return ChainedRows(rows, slot, tables)
+
+    def _state(self, seq: Sequence, proposing: set, num_tokens: int) -> _DraftState:
+        """The sequence's head state with blocks for num_tokens; rows a chained round's device guesses caught up on
+        count as computed once the round ahead of it was read (its item then starts at that round's last token)."""
         state = self.states.get(seq)
         if state is None:
             state = self.states[seq] = _DraftState([])
-        reserve(self, state, len(seq.token_ids) + self.k - 1, proposing)
+        item = self.chained.pop(seq, None)
+        if item is not None:
+            state.computed = max(state.computed, item.start)
+        reserve(self, state, num_tokens, proposing)
         return state
 
+    def _drop(self, seq: Sequence) -> None:
+        self.chained.pop(seq, None)
+        DraftModelProposer._drop(self, seq)
+
     # Blocks of finished or preempted sequences go back the way the draft model's do.
-    release_finished, _drop = DraftModelProposer.release_finished, DraftModelProposer._drop
+    release_finished = DraftModelProposer.release_finished

@@ -85,11 +85,18 @@ class Speculator:
         if release is not None:
             release()
 
-    def observe(self, batch, aux) -> None:
-        """Proposers that read the target's hidden states (EAGLE-3) take each step's, as it is queued."""
+    def observe(self, aux, slots) -> None:
+        """Proposers that read the target's hidden states (EAGLE-3) take each step's, as it is queued, with the
+        cache slots of its tokens."""
         observe = getattr(self.proposer, "observe", None)
         if observe is not None:
-            observe(batch, aux)
+            observe(aux, slots)
+
+    def warm(self, state) -> None:
+        """After the engine's warm-up: proposers with programs over the sampler state compile them against it."""
+        warm = getattr(self.proposer, "warm", None)
+        if warm is not None:
+            warm(state)
 
     def _k(self, seq) -> int:
         return self.config.num_speculative_tokens if seq.draft_acceptance >= self.config.min_acceptance_rate else 1
