@@ -109,11 +109,10 @@ def _field(path: Path, key: str) -> int | None:
 
 
 def sampler_bytes(cfg, args: EngineArgs, max_model_len: int) -> int:
-    """The sampler state (runner.sampler): per slot, the penalties' rows over the vocabulary and, where
-    speculation chains its rounds (spec/chained.py), the slot's tokens and a device proposer's drafts."""
+    """The sampler state (runner.sampler): per slot, the penalties' rows over the vocabulary and, with speculation
+    (its rounds chain: spec/chained.py), the slot's tokens and a device proposer's drafts."""
     spec = args.speculative_config or {}
-    chains = spec.get("method") in ("ngram", "eagle3")
-    chained = (max_model_len + spec.get("num_speculative_tokens", 0) + 1) * 4 if chains else 0
+    chained = (max_model_len + spec.get("num_speculative_tokens", 0) + 1) * 4 if spec else 0
     return (args.max_num_seqs + 1) * (cfg.vocab_size * 5 + chained)
 
 

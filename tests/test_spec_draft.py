@@ -59,19 +59,51 @@ def test_random_draft_greedy_and_seeded_tokens_equal_no_speculation(draft_llm, s
     assert_draft_blocks_free(draft_llm)
 
 
-def test_the_target_as_its_own_draft_is_always_accepted(draft_llm, stories_llm, stories_dir):
-    speculator = draft_llm.engine.speculator
+def test_the_target_as_its_own_draft_is_always_accepted(draft_llm, stories_llm, stories_dir, monkeypatch):
+    """Its rounds chained too (the draft's program on the device catches up from the sampler state and guesses
+    there), also after the draft lost a sequence's blocks (caught up on the host first, only then)."""
+    engine = draft_llm.engine
+    speculator = engine.speculator
     original = speculator.proposer
-    speculator.proposer = DraftModelProposer(str(stories_dir), K, draft_llm.engine.draft_context)
+    proposer = speculator.proposer = DraftModelProposer(str(stories_dir), K, engine.draft_context)
+    proposer.warm(engine.runner.state)
+    propose, catch_up = proposer.propose_on_device, proposer._catch_up
+    dropped, caught_up, chaining = set(), [], [False]
+
+    def dropping(state, items):  # once per request: the draft loses its blocks, as when its pool runs short
+        hostage = []
+        for item in items:
+            seq = item.seq
+            if seq.request_id not in dropped and len(seq.token_ids) > 30 and seq in proposer.states:
+                dropped.add(seq.request_id)
+                proposer._drop(seq)
+                hostage += proposer.pool.allocate(4)  # the draft's next blocks are others
+        chaining[0] = True
+        state = propose(state, items)
+        chaining[0] = False
+        proposer.pool.release(hostage)
+        return state
+
+    def counting(queue):
+        if chaining[0]:
+            caught_up.extend((seq.request_id, end - start) for seq, _, start, end in queue)
+        return catch_up(queue)
+
+    monkeypatch.setattr(proposer, "propose_on_device", dropping)
+    monkeypatch.setattr(proposer, "_catch_up", counting)
     try:
         prompts, lengths = batch(4, seed=13)
-        params = [SamplingParams(max_tokens=m, **GREEDY) for m in lengths]
+        params = [SamplingParams(max_tokens=m + 12, **GREEDY) for m in lengths]
         want = tokens(stories_llm.generate(prompts, params))
         drafted, accepted = speculator.counters.num_draft_tokens, speculator.counters.num_accepted_tokens
+        engine.take_loop_stats()
         assert tokens(draft_llm.generate(prompts, params)) == want
         drafted, accepted = speculator.counters.num_draft_tokens - drafted, speculator.counters.num_accepted_tokens - accepted
         assert drafted > 20 and accepted == drafted  # float32 on the CPU: the same argmax at every position
+        assert engine.take_loop_stats().chained > 2
+        assert dropped and {r for r, _ in caught_up} == dropped and all(n > 20 for _, n in caught_up), caught_up
         assert_draft_blocks_free(draft_llm)
+        assert not proposer.chained
     finally:
         speculator.proposer = original
 

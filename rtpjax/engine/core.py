@@ -398,8 +398,8 @@ class LLMEngine:
 
     def chains(self) -> bool:
         """Whether verify rounds may be chained: the n-gram proposer (whose lookup the device repeats) or one that
-        proposes on the device (an EAGLE-3 head) is in use (spec/chained.py; the latter on one host: followers replay
-        steps only)."""
+        proposes on the device (a draft model, an EAGLE-3 head) is in use (spec/chained.py; the latter on one host:
+        followers replay steps only)."""
         proposer = self.speculator.proposer
         on_device = hasattr(proposer, "propose_on_device") and self.channel is None
         return self.chain_rounds and self.runner.chain_lookup is not None and (isinstance(proposer, NgramProposer)

@@ -134,7 +134,7 @@ class ModelRunner:
         aux_layers: every step also returns these layers' inputs at each token (`self.aux`, for an EAGLE-3 head).
         chain_lookup: where verify steps may hold chained sequences (spec/chained.py): (prompt_lookup_min,
         prompt_lookup_max) of an n-gram engine's device lookup, (0, 0) where a device proposer makes every chained
-        round's drafts (EAGLE-3); the sampler state then keeps every slot's tokens."""
+        round's drafts (a draft model, an EAGLE-3 head); the sampler state then keeps every slot's tokens."""
         self.cfg, self.params = cfg, params
         self.spec_k, self.max_verify_seqs = num_speculative_tokens, max_verify_seqs
         self.chain_lookup = chain_lookup if num_speculative_tokens else None

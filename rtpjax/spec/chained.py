@@ -12,7 +12,8 @@ A proposer that proposes on the device (`propose_on_device(state, items) -> stat
 reading the sampler state N leaves) puts its drafts in the state's `proposals` rows instead, and the chained round
 takes them in place of the lookup's (`ChainInputs.from_state`). It must write the row of every item it is given
 (`num_proposals` 0 where it has none): a row it skips holds an earlier round's drafts. Engines whose proposer is not
-the lookup (EAGLE-3) keep the token rows and skip the lookup (`n_max` 0).
+the lookup (a draft model, an EAGLE-3 head: spec/device_proposals.py) keep the token rows and skip the lookup
+(`n_max` 0).
 """
 
 from __future__ import annotations

@@ -27,10 +27,10 @@ class SpeculativeConfig:
     min_acceptance_rate: float = 0.25
 
     @property
-    def chain_lookup(self) -> tuple[int, int] | None:
+    def chain_lookup(self) -> tuple[int, int]:
         """Where the drafts of chained verify rounds (spec/chained.py) come from on the device: the n-gram lookup's
-        (prompt_lookup_min, prompt_lookup_max), (0, 0) for an EAGLE-3 head's program; None: rounds do not chain."""
-        return {"ngram": (self.prompt_lookup_min, self.prompt_lookup_max), "eagle3": (0, 0)}.get(self.method)
+        (prompt_lookup_min, prompt_lookup_max), or (0, 0): a draft model's or EAGLE-3 head's program."""
+        return (self.prompt_lookup_min, self.prompt_lookup_max) if self.method == "ngram" else (0, 0)
 
     @classmethod
     def parse(cls, value: dict | str) -> "SpeculativeConfig":

@@ -26,6 +26,7 @@ from rtpjax.kernels.metadata import AttentionMetadata
 from rtpjax.kv import kv_cache as kv
 from rtpjax.kv.block_pool import BlockPool
 from rtpjax.runner.step_inputs import Packing, SeqChunk, build_step, pack
+from rtpjax.spec.device_proposals import ChainedItems, ProposalRows, compile_against, resolve, run, with_guesses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +70,23 @@ class DraftBatch:
     writable: jax.Array  # [S] positions below this have a draft block (guesses past it are not written)
 
 
-def propose_step(params, cache, flat, packing: Packing, *, cfg, forward, k: int, block_size: int):
-    """Catch up on the new tokens, then K greedy guesses per sequence: ([S, K] int32, cache)."""
-    b: DraftBatch = packing.unpack(flat)
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ChainedDraft:
+    """A chained round's catch-up, laid out by the host before the round ahead is read: K + 1 positions per sequence
+    from the first token the draft cache lacks; tokens, which are real and the last one come from the sampler state
+    on the device (device_proposals)."""
+
+    rows: DraftBatch
+    slot: jax.Array  # [S] each sequence's sampler slot (padding: the sink)
+
+
+def guess(params, cache, b: DraftBatch, *, cfg, forward, k: int, block_size: int, lens=None):
+    """Catch up on the new tokens, then K greedy guesses per sequence from each one's `last` token: ([S, K] int32,
+    cache). lens: the sequences' lengths, where the guesses go on from (default: the batch's context lengths)."""
     logits, cache = forward(params, cfg, b.tokens, b.positions, cache, b.meta, b.last)[:2]
+    if lens is not None:
+        b = dataclasses.replace(b, meta=dataclasses.replace(b.meta, seq_lens=lens))
     guess = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     guesses = [guess]
     for j in range(k - 1):  # guess j sits at position len + j; its K/V is written, the next guess read off it
@@ -81,6 +95,24 @@ def propose_step(params, cache, flat, packing: Packing, *, cfg, forward, k: int,
         guess = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         guesses.append(guess)
     return jnp.stack(guesses, axis=1), cache
+
+
+def propose_step(params, cache, flat, packing: Packing, *, cfg, forward, k: int, block_size: int):
+    return guess(params, cache, packing.unpack(flat), cfg=cfg, forward=forward, k=k, block_size=block_size)
+
+
+def propose_chained_step(params, cache, state: ProposalRows, flat, packing: Packing, *, cfg, forward, k: int,
+                         block_size: int):  # fmt: skip
+    """`guess` for a chained round over rows resolved against the sampler state round N left: (the state's rows with
+    every sequence's K guesses, cache)."""
+    c: ChainedDraft = packing.unpack(flat)
+    b = c.rows
+    real = b.meta.seq_lens > 0
+    r = resolve(b.positions, real, c.slot, state, k, offset=0)
+    meta = dataclasses.replace(b.meta, slot_mapping=jnp.where(r.valid, b.meta.slot_mapping, -1))
+    guesses, cache = guess(params, cache, dataclasses.replace(b, tokens=r.tokens, meta=meta, last=r.last), cfg=cfg,
+                           forward=forward, k=k, block_size=block_size, lens=r.lens)  # fmt: skip
+    return with_guesses(state, c.slot, real, guesses), cache
 
 
 def chained(b: DraftBatch, j: int, block_size: int) -> tuple[jax.Array, AttentionMetadata]:
@@ -138,7 +170,11 @@ class DraftModelProposer:
         self.pool = BlockPool(ctx.max_seqs * self.max_blocks, enable_prefix_caching=False)
         self.cache = kv.allocate(self.cfg, self.pool.num_blocks, ctx.block_size, mesh=ctx.mesh)
         self.states: dict[Sequence, _DraftState] = {}
+        self.chained = ChainedItems(offset=0)
+        self.forward = family.forward
         self.token_buckets = buckets(ctx.max_num_batched_tokens, 1)
+        self.seq_buckets = buckets(ctx.max_seqs, 1)
+        self._chained_compiled = {}  # sequence bucket -> executable (warm: compiled against the engine's state)
         self._step = jax.jit(functools.partial(propose_step, cfg=self.cfg, forward=family.forward, k=k,
                                                block_size=ctx.block_size), static_argnums=(3,), donate_argnums=(1,))
         self._compiled = {}  # token bucket -> executable
@@ -150,8 +186,8 @@ class DraftModelProposer:
     def _seqs_for(self, num_tokens: int) -> int:
         return min(num_tokens, self.ctx.max_seqs)
 
-    def _batch(self, chunks: list[tuple[_DraftState, SeqChunk]], num_tokens: int) -> DraftBatch:
-        num_seqs = self._seqs_for(num_tokens)
+    def _batch(self, chunks: list[tuple[_DraftState, SeqChunk]], num_tokens: int, num_seqs: int | None = None) -> DraftBatch:
+        num_seqs = num_seqs or self._seqs_for(num_tokens)
         step = build_step([c for _, c in chunks], self.block_size, num_tokens=num_tokens, num_seqs=num_seqs,
                           max_blocks=self.max_blocks, **self.attention)  # fmt: skip
         writable = np.zeros(num_seqs, np.int32)
@@ -162,24 +198,13 @@ class DraftModelProposer:
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
         self.release_finished()
-        states = [self._state(seq, set(seqs)) for seq in seqs]
-        queue = [[seq, state, state.computed] for seq, state in zip(seqs, states)]  # next token to run
+        proposing = set(seqs)
+        queue = []  # each sequence's tokens from the first the draft cache lacks
+        for seq in seqs:
+            state = self._state(seq, proposing, len(seq.token_ids) + self.k - 1)
+            queue.append([seq, state, state.computed, len(seq.token_ids)])
         proposals: dict[Sequence, list[int]] = {}
-        limit = self.token_buckets[-1]
-        while queue:  # usually one call; long catch-ups (a fresh prompt) are split over the token budget
-            chunks, owners, budget = [], [], limit
-            while queue and budget > 0 and len(chunks) < self.ctx.max_seqs:
-                seq, state, start = queue[0]
-                n = min(len(seq.token_ids) - start, budget)
-                chunks.append((state, SeqChunk(seq.token_ids[start : start + n], start, state.blocks)))
-                budget -= n
-                if start + n < len(seq.token_ids):
-                    queue[0][2] = start + n  # the rest in the next call; this call's guesses for it are unused
-                    break
-                owners.append((len(chunks) - 1, seq, state))
-                queue.pop(0)
-            t = next(b for b in self.token_buckets if b >= limit - budget)
-            guesses, self.cache = self._compiled[t](self.params, self.cache, pack(self._batch(chunks, t))[0])
+        for guesses, owners in self._catch_up(queue):
             guesses = np.asarray(guesses)
             for row, seq, state in owners:
                 state.base, state.computed = len(seq.token_ids), len(seq.token_ids)
@@ -187,9 +212,75 @@ class DraftModelProposer:
                 proposals[seq] = guesses[row].tolist()
         return [proposals[seq][:k] for seq, k in zip(seqs, ks)]
 
-    def _state(self, seq: Sequence, proposing: set) -> _DraftState:
-        """The sequence's draft state, its cache progress moved to what its tokens confirm, with blocks for the
-        guesses to come (taken from sequences not proposed for now if the pool runs short)."""
+    def _catch_up(self, queue: list[list]):
+        """Launch the draft over tokens start .. end - 1 of each [seq, state, start, end] (usually one call; long
+        catch-ups, a fresh prompt, are split over the token budget); yields (guesses, [(row, seq, state)]) per call
+        for the sequences whose tokens it finished."""
+        limit = self.token_buckets[-1]
+        while queue:
+            chunks, owners, budget = [], [], limit
+            while queue and budget > 0 and len(chunks) < self.ctx.max_seqs:
+                seq, state, start, end = queue[0]
+                n = min(end - start, budget)
+                chunks.append((state, SeqChunk(seq.token_ids[start : start + n], start, state.blocks)))
+                budget -= n
+                if start + n < end:
+                    queue[0][2] = start + n  # the rest in the next call; this call's guesses for it are unused
+                    break
+                owners.append((len(chunks) - 1, seq, state))
+                queue.pop(0)
+            t = next(b for b in self.token_buckets if b >= limit - budget)
+            guesses, self.cache = self._compiled[t](self.params, self.cache, pack(self._batch(chunks, t))[0])
+            yield guesses, owners
+
+    def propose_on_device(self, state, items):
+        """A chained round's guesses (device_proposals), queued after round N and before it is read: tokens the host
+        already knows are caught up first where the draft cache lacks them (after a round it skipped), then the
+        device program takes the rest from the sampler state. Returns the state with every item's row."""
+        self.release_finished()
+        proposing, chunks, behind = {item.seq for item in items}, [], []
+        for item in items:
+            seq = item.seq
+            known = len(seq.token_ids) - 1  # round N's token is PENDING
+            draft = self._state(seq, proposing, len(seq.token_ids) + 2 * self.k)  # round N's K + 1, then the guesses
+            if draft.computed < known:
+                behind.append([seq, draft, draft.computed, known])
+            draft.base, draft.computed, draft.written = known, known, []
+            self.chained.note(seq, item)
+            chunks.append((draft, SeqChunk([0] * (self.k + 1), known, draft.blocks), seq))
+        for _ in self._catch_up(behind):
+            pass
+        num_seqs = next(b for b in self.seq_buckets if b >= len(chunks))
+        flat = pack(self._chained_rows(chunks, num_seqs, state))[0]
+        state, self.cache = run(self._chained_program(num_seqs, state), state, self.params, self.cache, (), flat)
+        return state
+
+    def warm(self, state) -> None:
+        """Compile the chained proposal programs against the engine's sampler state as its programs leave it."""
+        for num_seqs in self.seq_buckets:
+            self._chained_program(num_seqs, state)
+
+    def _chained_program(self, num_seqs: int, state):
+        program = self._chained_compiled.get(num_seqs)
+        if program is None:  # without warm-up: compiled at the first chained round
+            step = functools.partial(propose_chained_step, cfg=self.cfg, forward=self.forward, k=self.k,
+                                     block_size=self.block_size)  # fmt: skip
+            flat, packing = pack(self._chained_rows([], num_seqs, state))
+            program = compile_against(step, state, self.params, self.cache, (), flat, packing)
+            self._chained_compiled[num_seqs] = program
+        return program
+
+    def _chained_rows(self, chunks: list[tuple[_DraftState, SeqChunk, Sequence]], num_seqs: int,
+                      state) -> ChainedDraft:  # fmt: skip
+        rows = self._batch([(draft, chunk) for draft, chunk, _ in chunks], num_seqs * (self.k + 1), num_seqs)
+        slot = np.full(num_seqs, state.history_len.shape[0] - 1, np.int32)  # padding: the sink
+        slot[: len(chunks)] = [seq.slot for _, _, seq in chunks]
+        return ChainedDraft(rows, slot)
+
+    def _state(self, seq: Sequence, proposing: set, num_tokens: int) -> _DraftState:
+        """The sequence's draft state, its cache progress moved to what its tokens confirm (or a chained round's
+        device proposal caught up on), with blocks for num_tokens (taken from sequences not proposed for now if the
+        pool runs short)."""
         state = self.states.get(seq)
         if state is None:
             state = self.states[seq] = _DraftState([])
@@ -198,8 +289,9 @@ class DraftModelProposer:
             while confirmed < len(state.written) and state.base + confirmed < len(ids) and \
                     ids[state.base + confirmed] == state.written[confirmed]:  # fmt: skip
                 confirmed += 1
-            state.computed = min(state.base + confirmed, len(ids) - 1)  # the last token runs: its logits guess
-        reserve(self, state, len(seq.token_ids) + self.k - 1, proposing)
+            # the last token runs: its logits guess
+            state.computed = min(self.chained.computed(seq, state.base + confirmed), len(ids) - 1)
+        reserve(self, state, num_tokens, proposing)
         return state
 
     def release_finished(self) -> None:
@@ -208,6 +300,7 @@ class DraftModelProposer:
             self._drop(seq)
 
     def _drop(self, seq: Sequence) -> None:
+        self.chained.drop(seq)
         self.pool.release(self.states.pop(seq).blocks)
 
 

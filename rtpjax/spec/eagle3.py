@@ -15,11 +15,9 @@ All in one jitted program per token bucket, compiled at construction like the dr
 block bookkeeping and chaining this shares). Proposals are argmaxes, so `runner.verify` keeps the target's
 distribution exactly whatever the head's weights.
 
-Chained verify rounds (spec/chained.py) take the head's guesses from the device: `propose_on_device` queues, right
-after round N, a program that reads N's outcome from the sampler state (each slot's tokens and count) and catches the
-head up on the rows N's tokens made ready (1 to K + 1 of them, laid out as K + 1 by the host, the ones past the count
-dropped), then guesses K tokens into the state's proposal rows. The host learns how far that got when it reads N (the
-chained round's item moves back to N's last token): rows up to there count as computed.
+Chained verify rounds (spec/chained.py) take the head's guesses from the device (spec/device_proposals.py):
+`propose_on_device` queues, right after round N, the same catch-up and guesses over rows resolved against the
+sampler state N leaves.
 """
 
 from __future__ import annotations
@@ -38,6 +36,7 @@ from rtpjax.kv.block_pool import BlockPool
 from rtpjax.models import layers
 from rtpjax.runner.step_inputs import Packing, SeqChunk, build_step, pack
 from rtpjax.spec import eagle3_head as head_lib
+from rtpjax.spec.device_proposals import ChainedItems, ProposalRows, compile_against, resolve, run, with_guesses
 from rtpjax.spec.draft_model import DraftBatch, DraftContext, DraftModelProposer, _DraftState, chained, reserve
 
 
@@ -46,22 +45,6 @@ from rtpjax.spec.draft_model import DraftBatch, DraftContext, DraftModelProposer
 class EagleBatch:
     rows: DraftBatch  # the tokens at p + 1 and positions p of the rows to catch up on, ragged
     feature_slots: jax.Array  # [T] where each row's feature lies in the store (0 for padding rows)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class ProposalRows:
-    """The sampler state's rows a chained proposal reads and writes (only these: the rest keeps the placement the
-    engine's programs gave it)."""
-
-    history: jax.Array
-    history_len: jax.Array
-    proposals: jax.Array
-    num_proposals: jax.Array
-
-    @classmethod
-    def of(cls, state) -> "ProposalRows":
-        return cls(state.history, state.history_len, state.proposals, state.num_proposals)
 
 
 @jax.tree_util.register_dataclass
@@ -99,26 +82,18 @@ def propose_step(params, cache, features, flat, packing: Packing, *, cfg, k: int
 
 def propose_chained_step(params, cache, features, state: ProposalRows, flat, packing: Packing, *, cfg, k: int,
                          block_size: int):  # fmt: skip
-    """`guess` for a chained round, its rows resolved against the sampler state round N left: (the state's proposal
-    rows with every sequence's K guesses, cache)."""
+    """`guess` for a chained round, its rows resolved against the sampler state round N left (device_proposals):
+    (the state's rows with every sequence's K guesses, cache)."""
     c: ChainedRows = packing.unpack(flat)
     b = c.rows.rows
-    num_seqs = c.slot.shape[0]
     real = b.meta.seq_lens > 0
-    length = jnp.where(real, state.history_len[c.slot], 0)  # the sequence's tokens, round N's included
-    seq = jnp.minimum(jnp.arange(b.tokens.shape[0]) // (k + 1), num_seqs - 1)
-    valid = real[seq] & (b.positions <= length[seq] - 2)  # row p reads the token at p + 1: rows up to the last but one
-    p = jnp.where(valid, b.positions, 0)
-    tokens = state.history[c.slot[seq], jnp.minimum(p + 1, state.history.shape[1] - 1)]
-    feature_slots = c.target_tables[seq, p // block_size] * block_size + p % block_size
-    first = jnp.arange(num_seqs) * (k + 1)
-    last = first + jnp.clip(length - 2 - b.positions[first], 0, k)
-    meta = dataclasses.replace(b.meta, slot_mapping=jnp.where(valid, b.meta.slot_mapping, -1))
-    rows = EagleBatch(dataclasses.replace(b, tokens=tokens, meta=meta, last=last), feature_slots)
-    guesses, cache = guess(params, cache, features, rows, cfg=cfg, k=k, block_size=block_size,
-                           lens=jnp.where(real, length - 1, 0))  # fmt: skip
-    return dataclasses.replace(state, proposals=state.proposals.at[c.slot, :k].set(guesses),
-                               num_proposals=state.num_proposals.at[c.slot].set(jnp.where(real, k, 0))), cache
+    r = resolve(b.positions, real, c.slot, state, k, offset=1)
+    seq = jnp.minimum(jnp.arange(b.tokens.shape[0]) // (k + 1), c.slot.shape[0] - 1)
+    feature_slots = c.target_tables[seq, r.positions // block_size] * block_size + r.positions % block_size
+    meta = dataclasses.replace(b.meta, slot_mapping=jnp.where(r.valid, b.meta.slot_mapping, -1))
+    rows = EagleBatch(dataclasses.replace(b, tokens=r.tokens, meta=meta, last=r.last), feature_slots)
+    guesses, cache = guess(params, cache, features, rows, cfg=cfg, k=k, block_size=block_size, lens=r.lens)
+    return with_guesses(state, c.slot, real, guesses), cache
 
 
 def store_features(features, fc, aux, slots):
@@ -159,7 +134,7 @@ class Eagle3Proposer:
             flat, packing = pack(self._batch([], [], t))
             self._compiled[t] = step.lower(self.params, self.cache, self.features, flat, packing).compile()
             _, self.cache = self._compiled[t](self.params, self.cache, self.features, flat)
-        self.chained: dict[Sequence, object] = {}  # sequence -> the chained round its latest device guesses are for
+        self.chained = ChainedItems(offset=1)
         self.seq_buckets = buckets(ctx.max_seqs, 1)
         self._chained_compiled = {}  # sequence bucket -> executable (warm: compiled against the engine's state)
         self._store = jax.jit(store_features, donate_argnums=(0,))
@@ -230,7 +205,7 @@ class Eagle3Proposer:
             yield guesses, owners
 
     def propose_on_device(self, state, items):
-        """A chained round's guesses (spec/chained.py), queued after round N and before it is read: rows the host
+        """A chained round's guesses (device_proposals), queued after round N and before it is read: rows the host
         already knows the tokens of are caught up first where the head lacks them (after a round the head skipped),
         then the device program takes the rest from the sampler state. Returns the state with every item's row."""
         self.release_finished()
@@ -242,32 +217,27 @@ class Eagle3Proposer:
             if head.computed < known - 1:
                 behind.append([seq, head, head.computed, known - 1])
             head.computed = known - 1
-            self.chained[seq] = item
+            self.chained.note(seq, item)
             chunks.append((head, SeqChunk([0] * (self.k + 1), known - 1, head.blocks), seq))
         for _ in self._catch_up(behind):
             pass
         num_seqs = next(b for b in self.seq_buckets if b >= len(chunks))
         flat = pack(self._chained_rows(chunks, num_seqs, state))[0]
-        rows, self.cache = self._chained_program(num_seqs, state)(self.params, self.cache, self.features,
-                                                                 ProposalRows.of(state), flat)  # fmt: skip
-        return dataclasses.replace(state, **vars(rows))  # (donated: the token rows come back as they went)
+        state, self.cache = run(self._chained_program(num_seqs, state), state, self.params, self.cache,
+                                (self.features,), flat)  # fmt: skip
+        return state
 
     def warm(self, state) -> None:
-        """Compile the chained proposal programs against the engine's sampler state as its programs leave it (its
-        placement: the programs must take exactly that)."""
+        """Compile the chained proposal programs against the engine's sampler state as its programs leave it."""
         for num_seqs in self.seq_buckets:
             self._chained_program(num_seqs, state)
 
     def _chained_program(self, num_seqs: int, state):
         program = self._chained_compiled.get(num_seqs)
         if program is None:  # without warm-up: compiled at the first chained round
-            rows = ProposalRows.of(state)
-            spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), rows)
-            same = jax.tree.map(lambda a: a.sharding, (rows, self.cache))  # what goes back is placed as it came
-            step = jax.jit(functools.partial(propose_chained_step, cfg=self.cfg, k=self.k, block_size=self.block_size),
-                           static_argnums=(5,), donate_argnums=(1, 3), out_shardings=same)  # fmt: skip
+            step = functools.partial(propose_chained_step, cfg=self.cfg, k=self.k, block_size=self.block_size)
             flat, packing = pack(self._chained_rows([], num_seqs, state))
-            program = step.lower(self.params, self.cache, self.features, spec, flat, packing).compile()
+            program = compile_against(step, state, self.params, self.cache, (self.features,), flat, packing)
             self._chained_compiled[num_seqs] = program
         return program
 
@@ -287,14 +257,12 @@ class Eagle3Proposer:
         state = self.states.get(seq)
         if state is None:
             state = self.states[seq] = _DraftState([])
-        item = self.chained.pop(seq, None)
-        if item is not None:
-            state.computed = max(state.computed, item.start)
+        state.computed = self.chained.computed(seq, state.computed)
         reserve(self, state, num_tokens, proposing)
         return state
 
     def _drop(self, seq: Sequence) -> None:
-        self.chained.pop(seq, None)
+        self.chained.drop(seq)
         DraftModelProposer._drop(self, seq)
 
     # Blocks of finished or preempted sequences go back the way the draft model's do.
