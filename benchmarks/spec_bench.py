@@ -262,7 +262,8 @@ def eagle_round_cost(llm, k: int, batches: list[int], context: int, prompt: list
     measures), beside the first round's catch-up over the whole context. Fake running sequences over the target's
     first blocks. Then the head proposes for the engine at batch 1 (`prompt`), its rounds chained (the head's
     program on the device) and not: what a verify round with its proposal costs in plain steps, at K drafts a round
-    whatever the acceptance (the target's features are not stored here: cost only)."""
+    whatever the acceptance (the target's features are not stored here, and the n-gram engine's chained rounds also
+    run its lookup, whose drafts the head's replace: cost only, a little above an EAGLE-3 engine's)."""
     from rtpjax import SamplingParams
     from rtpjax.engine.sequence import Sequence, Status
     from rtpjax.spec.eagle3 import Eagle3Proposer
@@ -296,7 +297,7 @@ def eagle_round_cost(llm, k: int, batches: list[int], context: int, prompt: list
               f"(first, over {context} tokens of context: {out[b]['first_round_ms']:.1f} ms)", flush=True)  # fmt: skip
     speculator = engine.speculator
     kept = speculator.proposer, speculator.config
-    proposer.warm(engine.runner.state)  # its chained programs, compiled before anything is timed
+    engine.runner.state = proposer.warm(engine.runner.state)  # its chained programs, compiled before anything is timed
     speculator.proposer = proposer
     speculator.config = dataclasses.replace(speculator.config, num_speculative_tokens=k, min_acceptance_rate=0.0)
     try:

@@ -3,6 +3,9 @@ its own draft. Whatever the draft guesses, every request gets the tokens it gets
 its own draft is accepted every time (greedy); the draft's blocks go back when sequences finish; no compilation after
 warm-up."""
 
+import dataclasses
+import shutil
+
 import numpy as np
 import pytest
 from conftest import ENGINE_ARGS, make_tiny_checkpoint
@@ -66,7 +69,7 @@ def test_the_target_as_its_own_draft_is_always_accepted(draft_llm, stories_llm, 
     speculator = engine.speculator
     original = speculator.proposer
     proposer = speculator.proposer = DraftModelProposer(str(stories_dir), K, engine.draft_context)
-    proposer.warm(engine.runner.state)
+    engine.runner.state = proposer.warm(engine.runner.state)
     propose, catch_up = proposer.propose_on_device, proposer._catch_up
     dropped, caught_up, chaining = set(), [], [False]
 
@@ -98,12 +101,72 @@ def test_the_target_as_its_own_draft_is_always_accepted(draft_llm, stories_llm, 
         drafted, accepted = speculator.counters.num_draft_tokens, speculator.counters.num_accepted_tokens
         engine.take_loop_stats()
         assert tokens(draft_llm.generate(prompts, params)) == want
-        drafted, accepted = speculator.counters.num_draft_tokens - drafted, speculator.counters.num_accepted_tokens - accepted
+        counters = speculator.counters
+        drafted, accepted = counters.num_draft_tokens - drafted, counters.num_accepted_tokens - accepted
         assert drafted > 20 and accepted == drafted  # float32 on the CPU: the same argmax at every position
         assert engine.take_loop_stats().chained > 2
         assert dropped and {r for r, _ in caught_up} == dropped and all(n > 20 for _, n in caught_up), caught_up
         assert_draft_blocks_free(draft_llm)
-        assert not proposer.chained
+        assert not proposer.device
+    finally:
+        speculator.proposer = original
+
+
+@pytest.fixture(scope="module")
+def perturbed_dir(stories_dir, tmp_path_factory):
+    """stories260K with its last MLP scaled down: a draft the target accepts often, not always."""
+    from safetensors.numpy import load_file, save_file
+
+    out = tmp_path_factory.mktemp("perturbed")
+    for f in stories_dir.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, out / f.name)
+    tensors = load_file(stories_dir / "model.safetensors")
+    tensors["model.layers.4.mlp.down_proj.weight"] *= 0.2
+    save_file(tensors, out / "model.safetensors")
+    return out
+
+
+def test_chained_rounds_guess_what_the_draft_guesses_from_scratch(draft_llm, stories_llm, perturbed_dir, monkeypatch):
+    """A draft accepted in part (each round's catch-up runs 1 to K+1 tokens, some rows past the count dropped): every
+    chained round's guesses, read from the sampler state, are what the same draft proposes on the host from scratch
+    after the tokens the round ahead left; the tokens are those of no speculation."""
+    from rtpjax.engine.sequence import Sequence, Status
+
+    engine = draft_llm.engine
+    speculator = engine.speculator
+    original = speculator.proposer
+    proposer = speculator.proposer = DraftModelProposer(str(perturbed_dir), K, engine.draft_context)
+    engine.runner.state = proposer.warm(engine.runner.state)
+    monkeypatch.setattr(speculator, "config", dataclasses.replace(speculator.config, min_acceptance_rate=0.0))
+    records, propose = [], proposer.propose_on_device
+
+    def recording(state, items):  # reads the state (a sync a real round never does) to check it afterwards
+        state = propose(state, items)
+        lengths, counts, rows = (np.asarray(a) for a in (state.history_len, state.num_proposals, state.proposals))
+        records.extend((item.seq.request_id, int(lengths[item.seq.slot]), int(counts[item.seq.slot]),
+                        rows[item.seq.slot].tolist()) for item in items)  # fmt: skip
+        return state
+
+    monkeypatch.setattr(proposer, "propose_on_device", recording)
+    try:
+        prompts, _ = batch(4, seed=15)
+        params = SamplingParams(max_tokens=40, **GREEDY)
+        drafted, accepted = speculator.counters.num_draft_tokens, speculator.counters.num_accepted_tokens
+        engine.take_loop_stats()
+        got = draft_llm.generate(prompts, params)
+        assert tokens(got) == tokens(stories_llm.generate(prompts, params))
+        counters = speculator.counters
+        drafted, accepted = counters.num_draft_tokens - drafted, counters.num_accepted_tokens - accepted
+        assert 0.2 * drafted < accepted < 0.9 * drafted, (accepted, drafted)
+        assert engine.take_loop_stats().chained > 5
+        full = {o.request_id: o.prompt_token_ids + o.outputs[0].token_ids for o in got}
+        reference = DraftModelProposer(str(perturbed_dir), K, engine.draft_context)
+        for i, (request_id, length, count, guesses) in enumerate(records[:: max(1, len(records) // 12)]):
+            seq = Sequence(f"ref-{i}", 0, full[request_id][:length], SamplingParams(), 0, 1000, status=Status.RUNNING)
+            assert count == K and guesses == reference.propose([seq], [K])[0], (request_id, length)
+            seq.status = Status.FINISHED
+        assert_draft_blocks_free(draft_llm)
     finally:
         speculator.proposer = original
 

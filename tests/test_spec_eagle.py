@@ -266,21 +266,34 @@ def test_chained_rounds_take_the_heads_guesses_from_the_device(eagle_llm, storie
     allocated = sum(a.nbytes for a in jax.tree.leaves(engine.runner.state))
     planned = memory_plan.sampler_bytes(engine.cfg, engine.args, engine.max_model_len)
     assert abs(allocated - planned) <= 0.01 * allocated, (allocated, planned)
-    assert not proposer.states and not proposer.chained and proposer.pool.num_free == proposer.pool.num_blocks
+    assert not proposer.states and not proposer.device and proposer.pool.num_free == proposer.pool.num_blocks
     assert engine.pool.num_free == engine.pool.num_blocks
 
 
 @pytest.mark.slow
-def test_chained_eagle3_rounds_under_tensor_parallelism(stories_dir, head_dir, stories_llm, compile_cache):
-    """Two tensor-parallel devices (the head replicated, the sampler state it writes as the engine keeps it): the
-    tokens of no speculation, rounds chained, every block back."""
+def test_chained_device_proposals_under_tensor_parallelism(stories_dir, head_dir, stories_llm, compile_cache):
+    """Two tensor-parallel devices (the head replicated, the sampler state it writes placed as the engine's programs
+    place it): a random EAGLE-3 head's chained rounds give the tokens of no speculation; the target as its own draft
+    (its KV sharded), its programs compiled against the state the engine leaves, is accepted every time while its
+    rounds chain, with no program compiled for another placement; every block back."""
+    from rtpjax.spec.draft_model import DraftModelProposer
+
     config = {"method": "eagle3", "model": str(head_dir), "num_speculative_tokens": K, "min_acceptance_rate": 0.0}
     llm = LLM(str(stories_dir), tensor_parallel_size=2, compilation_cache_dir=compile_cache, warmup=False,
               speculative_config=config, **ENGINE_ARGS)  # fmt: skip
+    engine, speculator = llm.engine, llm.engine.speculator
     prompts, _ = batch(3, seed=43)
     params = SamplingParams(max_tokens=30, **GREEDY)
-    assert tokens(llm.generate(prompts, params)) == tokens(stories_llm.generate(prompts, params))
-    assert llm.engine.take_loop_stats().chained > 5
-    proposer = llm.engine.speculator.proposer
-    assert not proposer.states and proposer.pool.num_free == proposer.pool.num_blocks
-    assert llm.engine.pool.num_free == llm.engine.pool.num_blocks
+    want = tokens(stories_llm.generate(prompts, params))
+    assert tokens(llm.generate(prompts, params)) == want
+    assert engine.take_loop_stats().chained > 5
+    head = speculator.proposer
+    assert not head.states and head.pool.num_free == head.pool.num_blocks
+    draft = speculator.proposer = DraftModelProposer(str(stories_dir), K, engine.draft_context)
+    engine.runner.state = speculator.warm(engine.runner.state)
+    programs, counters = dict(draft.device.programs), speculator.counters
+    drafted, accepted = counters.num_draft_tokens, counters.num_accepted_tokens
+    assert tokens(llm.generate(prompts, params)) == want
+    assert counters.num_draft_tokens - drafted == counters.num_accepted_tokens - accepted > 20
+    assert engine.take_loop_stats().chained > 2 and draft.device.programs == programs  # none for another placement
+    assert engine.pool.num_free == engine.pool.num_blocks

@@ -216,7 +216,7 @@ class LLMEngine:
         t0, misses = time.monotonic(), CompileCounter.count
         shapes = self.runner.warmup(progress=args.progress) if args.warmup else 0  # else each shape at first use
         if args.warmup and self.speculator is not None:
-            self.speculator.warm(self.runner.state)
+            self.runner.state = self.speculator.warm(self.runner.state)
         if self.tiers is not None:
             self.tiers.costs = tiers_build.measure_costs(self.runner, self.tiers)
         compiled = time.monotonic()

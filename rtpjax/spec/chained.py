@@ -10,8 +10,9 @@ After reading round N, the host moves the chained round's item back the same way
 
 A proposer that proposes on the device (`propose_on_device(state, items) -> state`: a program queued after round N,
 reading the sampler state N leaves) puts its drafts in the state's `proposals` rows instead, and the chained round
-takes them in place of the lookup's (`ChainInputs.from_state`). It must write the row of every item it is given
-(`num_proposals` 0 where it has none): a row it skips holds an earlier round's drafts. Engines whose proposer is not
+takes them in place of the lookup's (`ChainInputs.from_state`). It must write the row of every item that has room
+for drafts (`num_proposals` 0 where it has none): a row it skips holds an earlier round's drafts (an item without
+room takes none from its row). Engines whose proposer is not
 the lookup (a draft model, an EAGLE-3 head: spec/device_proposals.py) keep the token rows and skip the lookup
 (`n_max` 0).
 """

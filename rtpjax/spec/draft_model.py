@@ -26,7 +26,7 @@ from rtpjax.kernels.metadata import AttentionMetadata
 from rtpjax.kv import kv_cache as kv
 from rtpjax.kv.block_pool import BlockPool
 from rtpjax.runner.step_inputs import Packing, SeqChunk, build_step, pack
-from rtpjax.spec.device_proposals import ChainedItems, ProposalRows, compile_against, resolve, run, with_guesses
+from rtpjax.spec.device_proposals import DeviceProposals, ProposalRows, resolve, with_guesses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +98,7 @@ def guess(params, cache, b: DraftBatch, *, cfg, forward, k: int, block_size: int
 
 
 def propose_step(params, cache, flat, packing: Packing, *, cfg, forward, k: int, block_size: int):
+    """`guess` over a DraftBatch laid out on the host."""
     return guess(params, cache, packing.unpack(flat), cfg=cfg, forward=forward, k=k, block_size=block_size)
 
 
@@ -170,11 +171,10 @@ class DraftModelProposer:
         self.pool = BlockPool(ctx.max_seqs * self.max_blocks, enable_prefix_caching=False)
         self.cache = kv.allocate(self.cfg, self.pool.num_blocks, ctx.block_size, mesh=ctx.mesh)
         self.states: dict[Sequence, _DraftState] = {}
-        self.chained = ChainedItems(offset=0)
-        self.forward = family.forward
         self.token_buckets = buckets(ctx.max_num_batched_tokens, 1)
-        self.seq_buckets = buckets(ctx.max_seqs, 1)
-        self._chained_compiled = {}  # sequence bucket -> executable (warm: compiled against the engine's state)
+        chained_step = functools.partial(propose_chained_step, cfg=self.cfg, forward=family.forward, k=k,
+                                         block_size=ctx.block_size)  # fmt: skip
+        self.device = DeviceProposals(self, chained_step, 0, buckets(ctx.max_seqs, 1))  # chained rounds' proposals
         self._step = jax.jit(functools.partial(propose_step, cfg=self.cfg, forward=family.forward, k=k,
                                                block_size=ctx.block_size), static_argnums=(3,), donate_argnums=(1,))
         self._compiled = {}  # token bucket -> executable
@@ -186,7 +186,8 @@ class DraftModelProposer:
     def _seqs_for(self, num_tokens: int) -> int:
         return min(num_tokens, self.ctx.max_seqs)
 
-    def _batch(self, chunks: list[tuple[_DraftState, SeqChunk]], num_tokens: int, num_seqs: int | None = None) -> DraftBatch:
+    def _batch(self, chunks: list[tuple[_DraftState, SeqChunk]], num_tokens: int,
+               num_seqs: int | None = None) -> DraftBatch:  # fmt: skip
         num_seqs = num_seqs or self._seqs_for(num_tokens)
         step = build_step([c for _, c in chunks], self.block_size, num_tokens=num_tokens, num_seqs=num_seqs,
                           max_blocks=self.max_blocks, **self.attention)  # fmt: skip
@@ -234,46 +235,17 @@ class DraftModelProposer:
             yield guesses, owners
 
     def propose_on_device(self, state, items):
-        """A chained round's guesses (device_proposals), queued after round N and before it is read: tokens the host
-        already knows are caught up first where the draft cache lacks them (after a round it skipped), then the
-        device program takes the rest from the sampler state. Returns the state with every item's row."""
-        self.release_finished()
-        proposing, chunks, behind = {item.seq for item in items}, [], []
-        for item in items:
-            seq = item.seq
-            known = len(seq.token_ids) - 1  # round N's token is PENDING
-            draft = self._state(seq, proposing, len(seq.token_ids) + 2 * self.k)  # round N's K + 1, then the guesses
-            if draft.computed < known:
-                behind.append([seq, draft, draft.computed, known])
-            draft.base, draft.computed, draft.written = known, known, []
-            self.chained.note(seq, item)
-            chunks.append((draft, SeqChunk([0] * (self.k + 1), known, draft.blocks), seq))
-        for _ in self._catch_up(behind):
-            pass
-        num_seqs = next(b for b in self.seq_buckets if b >= len(chunks))
-        flat = pack(self._chained_rows(chunks, num_seqs, state))[0]
-        state, self.cache = run(self._chained_program(num_seqs, state), state, self.params, self.cache, (), flat)
-        return state
+        """A chained round's guesses, queued on the device (device_proposals)."""
+        return self.device.propose(state, items)
 
-    def warm(self, state) -> None:
-        """Compile the chained proposal programs against the engine's sampler state as its programs leave it."""
-        for num_seqs in self.seq_buckets:
-            self._chained_program(num_seqs, state)
+    def warm(self, state):
+        """The chained rounds' programs, compiled and run once against the engine's sampler state; returns it."""
+        return self.device.warm(state)
 
-    def _chained_program(self, num_seqs: int, state):
-        program = self._chained_compiled.get(num_seqs)
-        if program is None:  # without warm-up: compiled at the first chained round
-            step = functools.partial(propose_chained_step, cfg=self.cfg, forward=self.forward, k=self.k,
-                                     block_size=self.block_size)  # fmt: skip
-            flat, packing = pack(self._chained_rows([], num_seqs, state))
-            program = compile_against(step, state, self.params, self.cache, (), flat, packing)
-            self._chained_compiled[num_seqs] = program
-        return program
-
-    def _chained_rows(self, chunks: list[tuple[_DraftState, SeqChunk, Sequence]], num_seqs: int,
-                      state) -> ChainedDraft:  # fmt: skip
+    def chained_rows(self, chunks: list[tuple[_DraftState, SeqChunk, Sequence]], num_seqs: int,
+                     sink: int) -> ChainedDraft:  # fmt: skip
         rows = self._batch([(draft, chunk) for draft, chunk, _ in chunks], num_seqs * (self.k + 1), num_seqs)
-        slot = np.full(num_seqs, state.history_len.shape[0] - 1, np.int32)  # padding: the sink
+        slot = np.full(num_seqs, sink, np.int32)
         slot[: len(chunks)] = [seq.slot for _, _, seq in chunks]
         return ChainedDraft(rows, slot)
 
@@ -290,7 +262,7 @@ class DraftModelProposer:
                     ids[state.base + confirmed] == state.written[confirmed]:  # fmt: skip
                 confirmed += 1
             # the last token runs: its logits guess
-            state.computed = min(self.chained.computed(seq, state.base + confirmed), len(ids) - 1)
+            state.computed = min(self.device.settle(seq, state.base + confirmed), len(ids) - 1)
         reserve(self, state, num_tokens, proposing)
         return state
 
@@ -300,7 +272,7 @@ class DraftModelProposer:
             self._drop(seq)
 
     def _drop(self, seq: Sequence) -> None:
-        self.chained.drop(seq)
+        self.device.drop(seq)
         self.pool.release(self.states.pop(seq).blocks)
 
 

@@ -36,7 +36,7 @@ from rtpjax.kv.block_pool import BlockPool
 from rtpjax.models import layers
 from rtpjax.runner.step_inputs import Packing, SeqChunk, build_step, pack
 from rtpjax.spec import eagle3_head as head_lib
-from rtpjax.spec.device_proposals import ChainedItems, ProposalRows, compile_against, resolve, run, with_guesses
+from rtpjax.spec.device_proposals import DeviceProposals, ProposalRows, resolve, with_guesses
 from rtpjax.spec.draft_model import DraftBatch, DraftContext, DraftModelProposer, _DraftState, chained, reserve
 
 
@@ -77,6 +77,7 @@ def guess(params, cache, features, e: EagleBatch, *, cfg, k: int, block_size: in
 
 
 def propose_step(params, cache, features, flat, packing: Packing, *, cfg, k: int, block_size: int):
+    """`guess` over an EagleBatch laid out on the host."""
     return guess(params, cache, features, packing.unpack(flat), cfg=cfg, k=k, block_size=block_size)
 
 
@@ -134,9 +135,8 @@ class Eagle3Proposer:
             flat, packing = pack(self._batch([], [], t))
             self._compiled[t] = step.lower(self.params, self.cache, self.features, flat, packing).compile()
             _, self.cache = self._compiled[t](self.params, self.cache, self.features, flat)
-        self.chained = ChainedItems(offset=1)
-        self.seq_buckets = buckets(ctx.max_seqs, 1)
-        self._chained_compiled = {}  # sequence bucket -> executable (warm: compiled against the engine's state)
+        chained_step = functools.partial(propose_chained_step, cfg=self.cfg, k=k, block_size=ctx.block_size)
+        self.device = DeviceProposals(self, chained_step, 1, buckets(ctx.max_seqs, 1), lambda: (self.features,))
         self._store = jax.jit(store_features, donate_argnums=(0,))
         width = len(self.head.aux_layers) * self.head.target_hidden_size
         for t in ctx.target_token_buckets:  # one per shape of the target's steps (slots: a step's output), traced now
@@ -204,47 +204,10 @@ class Eagle3Proposer:
                                                     pack(self._batch(chunks, slots, t))[0])  # fmt: skip
             yield guesses, owners
 
-    def propose_on_device(self, state, items):
-        """A chained round's guesses (device_proposals), queued after round N and before it is read: rows the host
-        already knows the tokens of are caught up first where the head lacks them (after a round the head skipped),
-        then the device program takes the rest from the sampler state. Returns the state with every item's row."""
-        self.release_finished()
-        proposing, chunks, behind = {item.seq for item in items}, [], []
-        for item in items:
-            seq = item.seq
-            known = len(seq.token_ids) - 1  # round N's token is PENDING
-            head = self._state(seq, proposing, len(seq.token_ids) + 2 * self.k)  # round N's K + 1, then the guesses
-            if head.computed < known - 1:
-                behind.append([seq, head, head.computed, known - 1])
-            head.computed = known - 1
-            self.chained.note(seq, item)
-            chunks.append((head, SeqChunk([0] * (self.k + 1), known - 1, head.blocks), seq))
-        for _ in self._catch_up(behind):
-            pass
-        num_seqs = next(b for b in self.seq_buckets if b >= len(chunks))
-        flat = pack(self._chained_rows(chunks, num_seqs, state))[0]
-        state, self.cache = run(self._chained_program(num_seqs, state), state, self.params, self.cache,
-                                (self.features,), flat)  # fmt: skip
-        return state
-
-    def warm(self, state) -> None:
-        """Compile the chained proposal programs against the engine's sampler state as its programs leave it."""
-        for num_seqs in self.seq_buckets:
-            self._chained_program(num_seqs, state)
-
-    def _chained_program(self, num_seqs: int, state):
-        program = self._chained_compiled.get(num_seqs)
-        if program is None:  # without warm-up: compiled at the first chained round
-            step = functools.partial(propose_chained_step, cfg=self.cfg, k=self.k, block_size=self.block_size)
-            flat, packing = pack(self._chained_rows([], num_seqs, state))
-            program = compile_against(step, state, self.params, self.cache, (self.features,), flat, packing)
-            self._chained_compiled[num_seqs] = program
-        return program
-
-    def _chained_rows(self, chunks: list[tuple[_DraftState, SeqChunk, Sequence]], num_seqs: int,
-                      state) -> ChainedRows:  # fmt: skip
+    def chained_rows(self, chunks: list[tuple[_DraftState, SeqChunk, Sequence]], num_seqs: int,
+                     sink: int) -> ChainedRows:  # fmt: skip
         rows = self._batch([(head, chunk) for head, chunk, _ in chunks], [], num_seqs * (self.k + 1), num_seqs)
-        slot = np.full(num_seqs, state.history_len.shape[0] - 1, np.int32)  # padding: the sink
+        slot = np.full(num_seqs, sink, np.int32)
         tables = np.zeros((num_seqs, self.ctx.target_max_blocks), np.int32)
         for i, (_, _, seq) in enumerate(chunks):
             slot[i] = seq.slot
@@ -257,13 +220,11 @@ class Eagle3Proposer:
         state = self.states.get(seq)
         if state is None:
             state = self.states[seq] = _DraftState([])
-        state.computed = self.chained.computed(seq, state.computed)
+        state.computed = self.device.settle(seq, state.computed)
         reserve(self, state, num_tokens, proposing)
         return state
 
-    def _drop(self, seq: Sequence) -> None:
-        self.chained.drop(seq)
-        DraftModelProposer._drop(self, seq)
-
-    # Blocks of finished or preempted sequences go back the way the draft model's do.
-    release_finished = DraftModelProposer.release_finished
+    # Blocks of finished or preempted sequences go back the way the draft model's do; chained rounds go through
+    # `self.device` the same way too.
+    release_finished, _drop = DraftModelProposer.release_finished, DraftModelProposer._drop
+    propose_on_device, warm = DraftModelProposer.propose_on_device, DraftModelProposer.warm

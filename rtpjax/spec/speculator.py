@@ -92,11 +92,11 @@ class Speculator:
         if observe is not None:
             observe(aux, slots)
 
-    def warm(self, state) -> None:
-        """After the engine's warm-up: proposers with programs over the sampler state compile them against it."""
+    def warm(self, state):
+        """After the engine's warm-up: proposers with programs over the sampler state compile and run them once
+        against it; returns the state."""
         warm = getattr(self.proposer, "warm", None)
-        if warm is not None:
-            warm(state)
+        return state if warm is None else warm(state)
 
     def _k(self, seq) -> int:
         return self.config.num_speculative_tokens if seq.draft_acceptance >= self.config.min_acceptance_rate else 1
