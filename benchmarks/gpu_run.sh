@@ -384,10 +384,12 @@ PY
     runs=""
     # DECODES ("auto"; "pallas xla" for both): --quantized-decode per quantized run, files quant_Q[_D].json
     while IFS='|' read -r name flag; do
-      timeout 200 python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" $flag --batch-sizes 1,32 --output-len 64 \
-        --ttft-len 4096 --compilation-cache-dir /tmp/xla --out "$OUT/quant_$name.json" </dev/null 2>&1 \
-        | grep -E "throughput|decode tok|ttft|Error" | sed "s/^/$name /"
-      [ -f "$OUT/quant_$name.json" ] && runs="$runs $OUT/quant_$name.json"
+      timeout "${QUANT_TIMEOUT:-400}" python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" $flag --batch-sizes 1,32 \
+        --output-len 64 --ttft-len 4096 --compilation-cache-dir /tmp/xla --out "$OUT/quant_$name.json" </dev/null \
+        >"/tmp/quant_$name.log" 2>&1
+      grep -E "throughput|decode tok|ttft|Error" "/tmp/quant_$name.log" | sed "s/^/$name /"
+      if [ -f "$OUT/quant_$name.json" ]; then runs="$runs $OUT/quant_$name.json"
+      else echo "$name: no result; the log ends:"; tail -n 8 "/tmp/quant_$name.log"; fi
     done < <(format_runs "${QUANTS:-none fp8 int8 int4}")  # not a pipe: runs must outlive the loop
     python3 -m rtpjax.benchmarks.kernels.quant_bench --table $runs --out "$OUT/quant_summary.json"
     ;;

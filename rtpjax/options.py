@@ -128,7 +128,7 @@ class EngineArgs:
     quantized_decode: str = option("auto", "how decode-sized steps (<= 64 tokens) multiply by quantized weights on a "
                                    "GPU: pallas = the small-M kernel streaming the stored weights; xla = XLA's dot "
                                    "with the weight converted inside it (activations unquantized; int4 dequantized "
-                                   "first); auto = xla for one-byte weights, pallas for int4",
+                                   "first); auto = pallas for int4 and one-row fp8 steps, xla for the rest",
                                    choices=("auto", "pallas", "xla"))  # fmt: skip
     kv_offloading_size: float | None = option(None, "GiB of host memory (page-locked on GPUs) for a KV tier below the "
                                               "device: evicted prefix blocks go there and come back on a hit",

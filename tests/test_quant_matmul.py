@@ -210,10 +210,11 @@ def test_quantized_decode_xla_takes_the_weight_only_dot(method):
     np.testing.assert_allclose(np.asarray(linear(big, qw, backend="gpu")), want, rtol=1e-4, atol=1e-3)
     with pytest.raises(ValueError, match="auto, pallas, xla"):
         decode_by(params, "triton")
-    # the default: XLA's dot for one-byte weights (faster on an H200), the kernel for int4
+    # the default: the kernel for int4 and for one fp8 row, XLA's dot for the rest (each faster on an H200)
     auto = decode_by(params, "auto")["layer"]["w"]
-    assert auto.scheme.decode_kernel == (64 if method == "int4" else 0)
-    assert uses_small_kernel(1, auto, "gpu") == uses_small_kernel(64, auto, "gpu") == (method == "int4")
+    assert auto.scheme.decode_kernel == {"int4": 64, "fp8": 1}.get(auto.scheme.weight, 0)
+    assert uses_small_kernel(1, auto, "gpu") == (auto.scheme.weight in ("int4", "fp8"))
+    assert uses_small_kernel(2, auto, "gpu") == uses_small_kernel(64, auto, "gpu") == (method == "int4")
     assert not uses_small_kernel(1, dataclasses.replace(auto, scheme=dataclasses.replace(auto.scheme,
                                                                                          decode_kernel=0)), "gpu")
 

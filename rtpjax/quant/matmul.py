@@ -12,8 +12,8 @@ Decode-sized steps (at most `SMALL_ROWS` tokens) on a GPU skip all of that for p
 `rtpjax.quant.small_matmul` streams the stored weight and converts it in registers, activations unquantized (at a few
 rows the bytes read are the cost; quantizing the activations and setting up a scaled dot only add to it). With
 `--quantized-decode xla` (Scheme.decode_kernel 0) they take the weight-only dot instead, W8A8 weights included,
-so one engine option compares the two on the same weights; the default (auto) sends one-byte weights there and
-keeps the kernel for int4. Shapes are bucketed, so the choice is fixed per compiled step.
+so one engine option compares the two on the same weights; the default (auto) keeps the kernel for int4 and for
+one-row fp8 steps and sends the other one-byte steps there. Shapes are bucketed, so the choice is fixed per compiled step.
 Accumulation is float32 throughout: unscaled sums of 1-byte values overflow float16.
 """
 
@@ -30,6 +30,7 @@ from rtpjax.loading.quantization import STORAGE, QuantizedWeight, dequantize
 from rtpjax.quant import small_matmul
 
 SMALL_ROWS = small_matmul.MAX_ROWS  # steps of at most this many tokens take the small-M kernel on a GPU
+AUTO_ROWS = {"int4": SMALL_ROWS, "fp8": 1}  # --quantized-decode auto: the kernel up to these rows, per weight format
 
 
 def linear(x: jax.Array, w: jax.Array | QuantizedWeight, backend: str | None = None) -> jax.Array:
@@ -87,16 +88,16 @@ DECODE_CHOICES = ("auto", "pallas", "xla")
 
 def decode_by(params, choice: str):
     """`params` with every quantized weight's decode-sized steps sent to `choice` ("pallas": the small-M kernel;
-    "xla": XLA's dot; "auto": XLA's dot for one-byte weights, the kernel for int4, each the faster on an H200 in
-    RESULTS.md's quantization runs): `--quantized-decode`, set once after loading (the scheme is static: part of the
-    programs)."""
+    "xla": XLA's dot; "auto": the kernel for int4 and for fp8 at one row, XLA's dot for the rest, each the faster on
+    an H200 in RESULTS.md's quantization runs): `--quantized-decode`, set once after loading (the scheme is static:
+    part of the programs)."""
     if choice not in DECODE_CHOICES:
         raise ValueError(f"quantized_decode must be one of {', '.join(DECODE_CHOICES)}, got {choice!r}")
 
     def one(w):
         if not isinstance(w, QuantizedWeight):
             return w
-        rows = {"pallas": SMALL_ROWS, "xla": 0}.get(choice, SMALL_ROWS if w.scheme.weight == "int4" else 0)
+        rows = {"pallas": SMALL_ROWS, "xla": 0}.get(choice, AUTO_ROWS.get(w.scheme.weight, 0))
         return dataclasses.replace(w, scheme=dataclasses.replace(w.scheme, decode_kernel=rows))
 
     return jax.tree.map(one, params, is_leaf=lambda v: isinstance(v, QuantizedWeight))
