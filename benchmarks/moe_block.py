@@ -3,8 +3,8 @@
 Random Qwen3-30B-A3B-shaped expert weights (128 experts of 768 x 2048, top-8, bf16) and uniform random routing; per
 batch size and implementation the block's device time (--repeats blocks chained in one program, each on its own
 routing draw, so no host dispatch comes between them), and at each batch size the floor: the bytes of the distinct
-experts a draw touches (the mean over the draws), read once at the device's copy bandwidth (--bandwidth, bytes/s; an
-H200 ~4.3e12).
+experts a draw touches (the mean over the draws), read once at the device's copy bandwidth (measured in the same run:
+bytes read and written per second by a copy of 1 GiB; --bandwidth sets it instead, in bytes/s).
 `bound_vs_dense` is the most any implementation can gain on dense there (dense time / floor).
 
 The grouped-matmul kernel (pallas) is also swept over block sizes (--pallas-blocks: BLOCK_N x BLOCK_K, optionally
@@ -25,6 +25,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from rtpjax.models import moe
+
+
+def copy_bandwidth(repeats: int = 10) -> float:
+    """Bytes read and written per second by one jitted copy of 1 GiB (64 MiB off the GPU), the best of `repeats`."""
+    nbytes = (1 << 30) if jax.default_backend() == "gpu" else (64 << 20)
+    x = jnp.ones(nbytes // 2, jnp.bfloat16)
+    copy = jax.jit(lambda a: a * 2)
+    copy(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        began = time.perf_counter()
+        copy(x).block_until_ready()
+        best = min(best, time.perf_counter() - began)
+    return 2 * nbytes / best
 
 
 def block_us(block, args) -> float:
@@ -113,7 +127,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--pallas-rows", default="", help="rows per tile to sweep (default: moe.kernel_rows)")
     parser.add_argument("--one-row-sums", default="step", help="one-row tiles: when the products are summed, of "
                         "step, end (grouped_matmul.ONE_ROW_SUMS)")  # fmt: skip
-    parser.add_argument("--bandwidth", type=float, default=4.3e12)
+    parser.add_argument("--bandwidth", type=float, default=0.0, help="bytes/s for the floor (0: measured)")
     parser.add_argument("--repeats", type=int, default=50, help="blocks chained in one program, each on its own "
                         "routing draw")  # fmt: skip
     parser.add_argument("--out", default=None)
@@ -125,15 +139,17 @@ def main(argv=None) -> dict:
              w_down=jax.random.normal(keys[2], (e, h, m), jnp.bfloat16) * 0.02)  # fmt: skip
     expert_bytes = 3 * m * h * 2
     rng = np.random.default_rng(0)
+    bandwidth = args.bandwidth or copy_bandwidth()
     result = {"device": str(jax.devices()[0].device_kind), "experts": e, "top_k": k, "hidden": h, "inter": m,
-              "rows": []}  # fmt: skip
+              "bandwidth": bandwidth, "bandwidth_measured": not args.bandwidth, "rows": []}  # fmt: skip
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s" + ("" if args.bandwidth else " (measured)"), flush=True)
     for t in [int(b) for b in args.batch_sizes.split(",")]:
         draws = np.stack([np.stack([rng.permutation(e)[:k] for _ in range(t)]) for _ in range(args.repeats)])
         ids = jnp.asarray(draws, jnp.int32)  # [R, T, k]
         weights = jnp.full((t, k), 1.0 / k, jnp.bfloat16)
         x = jax.random.normal(keys[3], (t, h), jnp.bfloat16)
         distinct = np.mean([len(np.unique(d)) for d in draws])  # experts a block reads, on average over the draws
-        floor_us = distinct * expert_bytes / args.bandwidth * 1e6
+        floor_us = distinct * expert_bytes / bandwidth * 1e6
         row, impls = measure(t, floor_us, args, (x, ids, weights, w))
         result["rows"].append(row)
         if args.out:  # after every row: a later one that times out loses only itself

@@ -8,6 +8,8 @@
   onload_staged_N             what a fetch waits for before admission (the tier's onload thread: block_copy.stage):
                               the page-locked rows on the device in pieces of at most N blocks, not yet written into
                               the cache (the engine's write before the step does that, in the device's queue)
+  onload_staged_scattered     the same for rows scattered over the buffer (each its own transfer), as the host tier's
+                              LRU leaves a fetch's rows; _during_offload: while another thread downloads gathers
   offload_pinned / _pageable  the write-down: packed gather, copied into pinned_host memory by device_put (now) or
                               into pageable memory by copy_to_host_async (before), until numpy has the rows
   onload_strided              the other layout: each block as one slice per layer and part (2 x layers transfers)
@@ -24,6 +26,7 @@ import json
 import os
 import subprocess
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -100,6 +103,24 @@ def main(argv=None) -> dict:
     for piece in (16, 64, 256):
         stager = BlockCopier(cache, layout, [min(piece, n)], max_piece=piece)
         result[f"onload_staged_{piece}_GBps"] = rate(_timed(lambda: stager.stage(rows, host.unpin is not None)))
+    # a fetch's rows as LRU leaves them: scattered over the buffer, each its own transfer; then the same while the
+    # write-down's downloads (device -> pinned host) run on another thread, as they do in serving
+    order = np.random.default_rng(0).permutation(n)
+    scattered = [host.buf[i] for i in order]
+    result["onload_staged_scattered_GBps"] = rate(_timed(lambda: copier.stage(scattered, host.unpin is not None)))
+    busy = threading.Event()
+
+    def download_loop():
+        while not busy.is_set():
+            for _, rows_ in copier.gather_packed(state["cache"], list(range(min(n, 64)))):
+                np.asarray(rows_)
+
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(download_loop)
+        result["onload_staged_scattered_during_offload_GBps"] = rate(
+            _timed(lambda: copier.stage(scattered, host.unpin is not None)))
+        busy.set()
+        running.result()
     # the copies before pinned_host (its executables compile in _timed's first, untimed call: only the buckets used)
     rows_copier = BlockCopier(cache, layout, sizes, use_pinned=False, max_piece=1)
 
