@@ -44,6 +44,8 @@ def stacks(experts, n, k, dtype, seed, count=1):
     ([1, -1, 3, 0], 1, 32, 16, False, 2, "step"),
     ([0, 3, -1, 3], 1, 16, 16, True, 1, "end"),  # ... their products summed once, at the end
     ([2, -1, 1], 1, 32, 32, False, 2, "end"),
+    ([1, 3, -1, 0], 1, 4, 32, True, 1, "end"),  # ... in output blocks narrower than a tensor-core tile
+    ([3, 0, 2], 1, 8, 16, False, 1, "step"),
 ])  # fmt: skip
 def test_kernel_matches_reference(dtype, tile_expert, block_m, block_n, block_k, glu, split_k, one_row_sum):
     seed = len(tile_expert) * 7 + block_n
@@ -167,7 +169,8 @@ def test_block_bench_runs_on_cpu(tmp_path):
 
 @pytest.mark.parametrize("tile, block_n, block_k, split_k, one_row_sum", [
     (16, 64, 128, 1, "step"), (16, 256, 64, 1, "step"), (16, 64, 128, 4, "step"), (1, 32, 256, 1, "step"),
-    (1, 64, 128, 2, "step"), (1, 16, 256, 1, "end"), (1, 32, 128, 2, "end")])  # fmt: skip
+    (1, 64, 128, 2, "step"), (1, 16, 256, 1, "end"), (1, 32, 128, 2, "end"), (1, 4, 512, 1, "end"),
+    (1, 8, 256, 1, "step")])  # fmt: skip
 def test_kernel_lowers_to_triton(tile, block_n, block_k, split_k, one_row_sum, triton_verified):
     """Lowered for CUDA on this CPU: Pallas' Triton lowering builds the kernel's Triton IR (a load or store Triton
     cannot take, e.g. a block that is not a power of two, fails here) and each module passes MLIR's verifier, as the

@@ -16,7 +16,8 @@ at IEEE precision, not TF32); Triton's tensor-core dots need 16 rows, hence bloc
 
 Tiles of one row (`block_m` = 1) are the decode case: with a few tokens each (token, expert) assignment is its own
 tile, in routing order, so nothing is sorted and no padding rows ride along; the row multiplies its weight tile on
-the vector units (products and a row sum in float32, no tensor-core dot). `one_row_sum` says when the products are
+the vector units (products and a row sum in float32, no tensor-core dot), so its output blocks may be narrower than
+16 (ONE_ROW_MIN_N: more programs to spread one token's weight reads over the SMs). `one_row_sum` says when the products are
 summed: "step" (each input block's, the default, measured) or "end" (into a float32 accumulator of the weight tile's
 shape, summed once: no reduction across threads inside the loop, more registers; not yet timed on a GPU).
 """
@@ -32,6 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 MIN_BLOCK = 16  # tensor-core dots need every dimension >= 16
+ONE_ROW_MIN_N = 4  # one-row tiles' narrowest output block (vector products: no tensor-core bound)
 ONE_ROW_SUMS = ("step", "end")
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -88,12 +90,12 @@ def _kernel(expert_ref, x_ref, *refs, out_rows: int, block_n: int, block_k: int,
     o_refs[0][...] = _finish(accs, None if scale_ref is None else scale_ref[...], o_refs[0].dtype)
 
 
-def block_size(requested: int, dim: int) -> int:
-    """The largest power of two <= `requested` dividing `dim` (0 if under MIN_BLOCK: the kernel cannot take `dim`)."""
+def block_size(requested: int, dim: int, smallest: int = MIN_BLOCK) -> int:
+    """The largest power of two <= `requested` dividing `dim` (0 if under `smallest`: the kernel cannot take `dim`)."""
     b = min(pl.next_power_of_2(requested), pl.next_power_of_2(dim))
-    while b >= MIN_BLOCK and dim % b:
+    while b >= smallest and dim % b:
         b //= 2
-    return b if b >= MIN_BLOCK else 0
+    return b if b >= smallest else 0
 
 
 def unsupported(experts: int, inter: int, hidden: int, dtype) -> str | None:
@@ -116,7 +118,9 @@ def grouped_matmul(x, tile_expert, weights: tuple, scale=None, *, block_m: int, 
     tiles sum their products (module docstring)."""
     rows, depth = x.shape
     experts, out, _ = weights[0].shape
-    bn, bk = block_size(block_n, out), block_size(block_k, depth)
+    # one-row tiles take no tensor-core dot: their output blocks may be narrower (more programs at one token)
+    bn = block_size(block_n, out, smallest=ONE_ROW_MIN_N if block_m == 1 else MIN_BLOCK)
+    bk = block_size(block_k, depth)
     if 1 < block_m < MIN_BLOCK or rows % block_m or not (bn and bk) or tile_expert.shape != (rows // block_m,):
         raise ValueError(f"grouped_matmul: rows {rows} in tiles of {block_m} (1, or >= {MIN_BLOCK}) for "
                          f"{tile_expert.shape[0]} tile experts, weights {out} x {depth} "
