@@ -28,14 +28,14 @@ def _copier(cache, sizes=(4, 8, 16)):
 
 
 class _Puts:
-    """Counts the host pieces (2-D: rows together) jax.device_put moves, and to which memory kinds."""
+    """Counts the host pieces (rows together, or a row alone) jax.device_put moves, and to which memory kinds."""
 
     def __init__(self, monkeypatch):
         self.host_arrays, self.kinds, real = 0, [], jax.device_put
 
         def put(x, device=None, **kw):
             xs = x if isinstance(x, (list, tuple)) else [x]
-            self.host_arrays += sum(isinstance(a, np.ndarray) and a.ndim == 2 for a in xs)
+            self.host_arrays += sum(isinstance(a, np.ndarray) for a in xs)
             self.kinds.append(getattr(device, "memory_kind", None))
             return real(x, device, **kw)
 
@@ -47,7 +47,9 @@ def test_powers_and_runs():
     buf = np.zeros((6, 16), np.uint8)
     other = np.zeros((2, 16), np.uint8)
     rows = [buf[0], buf[1], buf[2], buf[4], other[0], other[1], buf[5]]
-    assert runs(rows) == [(0, 3), (3, 1), (4, 2), (6, 1)]
+    assert runs(rows) == [(0, 3, 1), (3, 1, 1), (4, 2, 1), (6, 1, 1)]
+    backwards = [buf[5], buf[4], buf[3], buf[1], buf[2], other[1], other[0], buf[0]]  # a tier's tail-first writes
+    assert runs(backwards) == [(0, 3, -1), (3, 2, 1), (5, 2, -1), (7, 1, 1)]
 
 
 def test_gather_packed_lands_in_pinned_host_memory():
@@ -75,14 +77,14 @@ def test_rows_go_up_in_pieces_through_pinned_memory(monkeypatch):
 
 
 @pytest.mark.parametrize("page_locked", [False, True])
-def test_tier_rows_write_in_runs(monkeypatch, page_locked):
+@pytest.mark.parametrize("slots", [[0, 1, 2, 3, 7, 8, 4], [3, 2, 1, 0, 8, 7, 4]])  # runs forwards; backwards
+def test_tier_rows_write_in_runs(monkeypatch, page_locked, slots):
     """Rows of a tier buffer in three runs (and one row already on the device) land in the right blocks, one
-    transfer per run piece, nothing compiled after warm-up; page-locked rows are not staged."""
+    transfer per run piece, in either direction, nothing compiled after warm-up; page-locked rows are not staged."""
     cache = _cache()
     copier = _copier(cache)
     buf = np.random.default_rng(2).integers(0, 256, (12, LAYOUT.block_bytes), dtype=np.uint8)
     on_device = jax.device_put(buf[11])
-    slots = [0, 1, 2, 3, 7, 8, 4]
     puts = _Puts(monkeypatch)
     packed = PackedBlocks(LAYOUT, [buf[s] for s in slots] + [on_device], page_locked=page_locked)
     blocks = [10, 3, 17, 4, 21, 6, 12, 0]
@@ -144,3 +146,18 @@ def test_rows_in_registered_page_locked_memory_are_not_staged(monkeypatch):
     np.testing.assert_array_equal(np.stack([np.asarray(r) for r in rows]), host[1:5])
     copier.put_rows(host[1:5])
     assert "pinned_host" in puts.kinds
+
+
+def test_stage_returns_rows_in_order_whichever_way_they_lie(monkeypatch):
+    """A KV tier's staging: rows lying backwards in its buffer (written down tail first) and a lone one cross as one
+    transfer per run and come back as device rows in the order asked, copies of the host rows."""
+    cache = _cache()
+    copier = _copier(cache)
+    buf = np.random.default_rng(4).integers(0, 256, (8, LAYOUT.block_bytes), dtype=np.uint8)
+    slots = [6, 5, 4, 3, 0]
+    puts = _Puts(monkeypatch)
+    rows = copier.stage([buf[s] for s in slots])
+    sent = buf.copy()
+    buf[:] = 0
+    assert puts.host_arrays == 2 and all(r.shape == (LAYOUT.block_bytes,) for r in rows)
+    np.testing.assert_array_equal(np.stack([np.asarray(r) for r in rows]), sent[slots])

@@ -88,16 +88,23 @@ def test_disk_tier_checks_every_block(tmp_path, caplog):
     assert not other.index and other.dir != again.dir
 
 
-def test_disk_full_drops_the_block(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("failing", ["replace", "writev"])
+def test_disk_full_drops_the_block(tmp_path, monkeypatch, caplog, failing):
+    """A write that fails (an error, or a short write: the disk filled up mid-file) drops the block, leaves no
+    file, and the next write goes on."""
     disk = DiskTier(str(tmp_path), 1 << 20, LAYOUT.block_bytes, {"model": "a"})
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(os, "replace", full)
+    real = os.writev
+    monkeypatch.setattr(os, failing, full if failing == "replace" else lambda fd, parts: real(fd, parts[:1]))
     assert not disk.write(b"\1" * 16, _row(1))
-    assert disk.errors == 1 and b"\1" * 16 not in disk and "No space left" in caplog.text
+    assert disk.errors == 1 and b"\1" * 16 not in disk
+    assert ("No space left" if failing == "replace" else "short write") in caplog.text
     assert not list(tmp_path.rglob("*.tmp*")), "a failed write left a partial file"
+    monkeypatch.undo()
+    assert disk.write(b"\2" * 16, _row(2)) and b"\2" * 16 in disk
 
 
 def test_disk_tier_capacity_evicts_oldest(tmp_path):

@@ -165,7 +165,7 @@ def test_a_dropped_fetch_gives_back_rows_still_awaited():
 
 
 class _Copier:
-    """Stages rows as one stacked piece once `gate` is set (a transfer in flight until then)."""
+    """Stages copies of the rows once `gate` is set (a transfer in flight until then)."""
 
     def __init__(self):
         self.gate, self.staged = threading.Event(), []
@@ -173,10 +173,7 @@ class _Copier:
     def stage(self, rows, page_locked):
         assert self.gate.wait(30)
         self.staged.append(len(rows))
-        return [np.stack(rows)]
-
-    def unstage(self, pieces):
-        return [row for piece in pieces for row in piece]
+        return [np.array(row) for row in rows]
 
 
 def _until(condition, seconds: float = 30.0) -> None:

@@ -10,10 +10,11 @@ heads whole (one of each copy) and a write repeats them into the cache's copies,
 
 Host copies go through page-locked memory where the backend has JAX's "pinned_host" memory kind: a gather's rows
 leave the device by `device_put` into pinned host memory (a DMA on a transfer stream, not the step's queue; the engine
-thread only dispatches it), and host rows reach the device in runs of consecutive rows, one transfer per power-of-two
-piece (pageable rows staged once into pinned memory, page-locked ones read directly), split into rows on the device.
-A KV tier stages its rows this way on its own thread (`stage`, waiting for the transfer there), so the write before a
-step reads rows already on the device and the step never waits for a host-to-device copy.
+thread only dispatches it), and host rows reach the device in runs of consecutive rows (forwards or backwards in
+memory: a tier writes a sequence's blocks down tail first), one transfer per power-of-two piece (pageable rows staged
+once into pinned memory, page-locked ones read directly), split into rows on the device. A KV tier stages its rows
+this way on its own thread (`stage`, waiting for the transfer and the split there), so the write before a step reads
+rows already on the device and neither the step nor the engine's thread waits for a host-to-device copy.
 Without pinned_host (logged once) the same calls copy through pageable memory.
 """
 
@@ -65,21 +66,27 @@ def pinned(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding | None:
     return None
 
 
-def runs(rows: list) -> list[tuple[int, int]]:
-    """(start, count) of each run of host rows that lie back to back in one buffer (one transfer can take a run)."""
+def runs(rows: list) -> list[tuple[int, int, int]]:
+    """(start, count, step) of each run of host rows that lie back to back in one buffer, each row right after the
+    one before it in memory (step 1) or right before it (step -1): one transfer can take a run either way."""
     out = []
     for i, row in enumerate(rows):
-        if out and _follows(rows[i - 1], row):
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((i, 1))
+        if out:
+            start, count, step = out[-1]
+            if count == 1 and not _adjacent(rows[i - 1], row, 1) and _adjacent(rows[i - 1], row, -1):
+                step = -1  # a run's second row sets its direction
+            if _adjacent(rows[i - 1], row, step):
+                out[-1] = (start, count + 1, step)
+                continue
+        out.append((i, 1, 1))
     return out
 
 
-def _follows(prev, row) -> bool:
+def _adjacent(prev, row, step: int) -> bool:
+    """`row` lies right after `prev` in the same buffer (step 1), or right before it (step -1)."""
     return (isinstance(prev, np.ndarray) and isinstance(row, np.ndarray) and prev.flags.c_contiguous
             and row.flags.c_contiguous and prev.base is not None and row.base is prev.base
-            and row.ctypes.data == prev.ctypes.data + prev.nbytes)  # fmt: skip
+            and row.ctypes.data == prev.ctypes.data + step * prev.nbytes)  # fmt: skip
 
 
 def powers(count: int, largest: int) -> list[int]:
@@ -280,29 +287,43 @@ class BlockCopier:
         """Host rows as rows on the cache's devices (rows already there stay): each run of back-to-back host rows
         crosses in power-of-two pieces, one transfer each, split into rows on the device."""
         rows = self._checked(rows)
-        out, moved = list(rows), [i for i, row in enumerate(rows) if not isinstance(row, np.ndarray)]
+        out = list(rows)
+        moved = [i for i, row in enumerate(rows) if not isinstance(row, np.ndarray) and row.sharding != self._rows_at]
         if moved:
             for i, row in zip(moved, jax.device_put([rows[i] for i in moved], self._rows_at)):
                 out[i] = row
-        starts, pieces = self._host_pieces(rows)
-        for start, piece in zip(starts, self._transfer(pieces, page_locked) if pieces else []):
-            out[start : start + piece.shape[0]] = self.unstage([piece])
+        for start, got in self._move(rows, page_locked):
+            out[start : start + len(got)] = got
         return out
 
     def stage(self, rows: list[np.ndarray], page_locked: bool = False) -> list[jax.Array]:
-        """Host rows on the cache's devices as power-of-two pieces [n, block_bytes] (in order), returned once they
-        have arrived: a KV tier calls this off the engine's thread, so no step (nor a write before one) waits for the
-        transfer. The pieces never alias `rows`."""
+        """Host rows as rows on the cache's devices (in order, as write_packed takes them), returned once they have
+        arrived and been split: a KV tier calls this off the engine's thread, so neither a step (nor the write before
+        one) nor the engine's thread waits for the transfer. The rows never alias `rows`."""
         rows = self._checked(rows)
         if not all(isinstance(row, np.ndarray) for row in rows):
             raise ValueError("stage takes host rows (numpy arrays) only")
-        pieces = self._transfer(self._host_pieces(rows)[1], page_locked) if rows else []
-        jax.block_until_ready(pieces)
-        return pieces
+        out = [row for _, got in self._move(rows, page_locked) for row in got]
+        jax.block_until_ready(out)
+        return out
 
     def unstage(self, pieces: list[jax.Array]) -> list[jax.Array]:
-        """Staged pieces as rows, as write_packed takes them (split on the device, compiled at warm-up)."""
-        return [row for piece in pieces for row in self._compiled.get(("split", piece.shape[0]), self._split)(piece)]
+        """Pieces [n, block_bytes] on the device as rows, as write_packed takes them."""
+        return [row for piece in pieces for row in self._split_rows(piece)]
+
+    def _split_rows(self, piece: jax.Array, backwards: bool = False) -> list[jax.Array]:
+        """A piece on the device as its rows (a split compiled at warm-up; a single row is one already), in the order
+        of the host rows it came from (`backwards`: they lay backwards in memory)."""
+        if piece.ndim == 1:
+            return [piece]
+        rows = list(self._compiled.get(("split", piece.shape[0]), self._split)(piece))
+        return rows[::-1] if backwards else rows
+
+    def _move(self, rows: list, page_locked: bool) -> list[tuple[int, list[jax.Array]]]:
+        """(index of the first, device rows) for each piece of the host rows among `rows` (`_host_pieces`)."""
+        pieces = self._host_pieces(rows)
+        moved = self._transfer([view for _, view, _ in pieces], page_locked) if pieces else []
+        return [(start, self._split_rows(piece, backwards)) for (start, _, backwards), piece in zip(pieces, moved)]
 
     def _checked(self, rows: list) -> list:
         bb = self.layout.block_bytes
@@ -311,18 +332,21 @@ class BlockCopier:
                 raise ValueError(f"a packed host row must be uint8 [{bb}], got {row.dtype} {list(row.shape)}")
         return [np.ascontiguousarray(r) if isinstance(r, np.ndarray) else r for r in rows]
 
-    def _host_pieces(self, rows: list) -> tuple[list[int], list[np.ndarray]]:
-        """(index of its first row, view) of each power-of-two piece of each run of back-to-back host rows."""
-        starts, pieces = [], []
-        for start, count in runs(rows):
+    def _host_pieces(self, rows: list) -> list[tuple[int, np.ndarray, bool]]:
+        """(index of its first row, view, backwards) of each power-of-two piece of each run of back-to-back host rows
+        (`runs`): a view of the piece's rows in memory order ([n, block_bytes]; one row: the row itself), and whether
+        that order is the run's reversed."""
+        out = []
+        for start, count, step in runs(rows):
             if not isinstance(rows[start], np.ndarray):
                 continue
             size = rows[start].size
             for n in powers(count, self.piece):
-                starts.append(start)
-                pieces.append(np.lib.stride_tricks.as_strided(rows[start], (n, size), (size, 1), writeable=False))
+                low = rows[start + n - 1] if step < 0 else rows[start]  # the piece's first row in memory
+                view = low if n == 1 else np.lib.stride_tricks.as_strided(low, (n, size), (size, 1), writeable=False)
+                out.append((start, view, step < 0 and n > 1))
                 start += n
-        return starts, pieces
+        return out
 
     def _transfer(self, pieces: list[np.ndarray], page_locked: bool) -> list[jax.Array]:
         """Host pieces on the cache's devices; pageable ones through pinned memory where the backend has it (one host
@@ -341,7 +365,7 @@ class BlockCopier:
         donated."""
         self.layout.require(packed.layout)
         if self._zero_row is None:
-            self._zero_row = jax.device_put(np.zeros(self.layout.block_bytes, np.uint8), self._rows_at)
+            self._zero_row = jnp.zeros(self.layout.block_bytes, jnp.uint8, device=self._rows_at)
         chosen = self._up(packed.rows if not take else [packed.rows[r] for r in take], packed.page_locked)
         for start, real, bucket in self._pieces(len(blocks)):
             ids = np.full(bucket, self.num_blocks, np.int32)  # past the cache: dropped

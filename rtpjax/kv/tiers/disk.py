@@ -11,6 +11,7 @@ Files are written whole under a temporary name and renamed, so a crash never lea
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import json
 import logging
@@ -67,6 +68,7 @@ class DiskTier:
             raise ValueError(f"--kv-disk-size holds no KV block: {capacity_bytes} bytes < one block of "
                              f"{self.file_bytes}")  # fmt: skip
         self.lock = threading.Lock()
+        self._made: set[str] = set()  # subfolders known to exist
         self.errors = 0  # corrupt, truncated or missing files read, and failed writes
         with self.lock:
             self._evict(0)
@@ -104,10 +106,17 @@ class DiskTier:
         path = self.path(h)
         tmp = path.with_suffix(f".tmp{threading.get_ident()}")
         try:
-            path.parent.mkdir(exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(HEADER.pack(MAGIC, h, row.nbytes, zlib.crc32(row)))
-                f.write(row)
+            if path.parent.name not in self._made:  # once per folder: the writer's thread shares the GIL
+                path.parent.mkdir(exist_ok=True)
+                self._made.add(path.parent.name)
+            header = HEADER.pack(MAGIC, h, row.nbytes, zlib.crc32(row))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                written = os.writev(fd, [header, row])
+            finally:
+                os.close(fd)
+            if written != len(header) + row.nbytes:
+                raise OSError(errno.ENOSPC, f"short write ({written} of {len(header) + row.nbytes} bytes)")
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)

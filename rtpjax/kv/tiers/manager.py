@@ -91,7 +91,7 @@ class Fetch:
     dropped: bool = False
     onload: bool = False  # its rows go to the device before it is admitted (KVTiers.use_copier)
     onloading: bool = False  # their transfer has started (staged_n blocks counted against max_staged)
-    staged: list | None = None  # device pieces of rows 0..staged_n once arrived
+    staged: list | None = None  # device copies of rows 0..staged_n once arrived
     staged_n: int = 0
     room: bool = True  # the device pool had room for the sequence when the scheduler last asked: staged only then
     # when it was made, had every row in host memory, started its transfer, had it on the device (time.monotonic)
@@ -204,7 +204,7 @@ class KVTiers:
 
     def use_copier(self, copier, max_staged: int, max_gathered: int) -> None:
         """Download the rows that `dispatch`'s gathers leave on the device with `copier` (its download), at most
-        `max_gathered` blocks waiting on the device for it, and stage fetched rows on its devices (its stage/unstage)
+        `max_gathered` blocks waiting on the device for it, and stage fetched rows on its devices (its stage)
         before their sequence is admitted, at most `max_staged` blocks at a time (device memory outside the cache)."""
         if max_staged < 1 or max_gathered < 1:
             raise ValueError(f"max_staged and max_gathered must be >= 1 block, got {max_staged}, {max_gathered}")
@@ -605,7 +605,7 @@ class KVTiers:
                 if fetch.staged:  # (none: nothing intact, or the transfer failed)
                     self.waits.add(fetch.times, time.monotonic())
             staged, fetch.staged = fetch.staged, None
-            return (PackedBlocks(self.layout, self.copier.unstage(staged)[skip : skip + n]) if n else None), lookup
+            return (PackedBlocks(self.layout, staged[skip : skip + n]) if n else None), lookup
         for i, slot in enumerate(fetch.slots):
             if i not in used:
                 self.host.release(slot)
