@@ -45,10 +45,11 @@ IMPLS = ("auto", "grouped", "dense", "pallas")
 SPECS = {"w_gate": P("expert", "tensor", None), "w_up": P("expert", "tensor", None), "w_down": P("expert", None, "tensor")}
 RIDGE = 184.0  # FLOPs per byte where an H200 turns from bandwidth- to compute-bound (790 TFLOP/s / 4.3 TB/s)
 _TILES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-# One-row tiles in routing order up to this many assignments (8 tokens at top-8), in blocks of 32 outputs x 256 inputs:
-# faster than sorted 16-row tiles at every decode size measured, 1 to 8 tokens (benchmarks/moe_block.py, RESULTS.md).
+# One-row tiles in routing order up to this many assignments (8 tokens at top-8), in blocks of 8 outputs x 512 inputs
+# over 8 warps: faster than sorted 16-row tiles at every decode size measured, 1 to 8 tokens, and than wider blocks
+# at 1 and 8 tokens (benchmarks/moe_block.py, RESULTS.md).
 ONE_ROW_MAX = 64
-ONE_ROW_BLOCKS = dict(block_n=32, block_k=256)
+ONE_ROW_BLOCKS = dict(block_n=8, block_k=512, num_warps=8)
 
 
 def route(router: jax.Array, x: jax.Array, top_k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array]:
