@@ -15,6 +15,7 @@ from rtpjax.kv.block_pool import BlockPool, prefix_hashes
 from rtpjax.kv.host_blocks import KVLayout
 from rtpjax.kv.tiers.disk import DiskTier
 from rtpjax.kv.tiers.host import HostTier
+from rtpjax.kv.tiers import manager
 from rtpjax.kv.tiers.manager import Costs, KVTiers, should_load
 
 LAYOUT = KVLayout("float32", 16, 2, 2, 8)
@@ -42,6 +43,52 @@ def test_should_load_follows_the_policy_and_the_costs():
     disk = Costs(onload_bytes_per_s=1e9, prefill_tokens_per_s=1e6, disk_bytes_per_s=1e3)
     assert should_load("auto", False, disk, LAYOUT.block_bytes, LAYOUT.block_size, 4, 0)
     assert not should_load("auto", False, disk, LAYOUT.block_bytes, LAYOUT.block_size, 3, 1)
+
+
+def test_slow_loads_turn_loading_off_until_the_estimate_recovers():
+    """Loads whose transfers run far slower than the start measured make recomputing the choice (a tier is not
+    slower than recomputing); with no load to measure, the estimate returns toward the start's and loads are tried
+    again; fast loads keep it up."""
+    bb, size = LAYOUT.block_bytes, LAYOUT.block_size
+    costs = Costs(onload_bytes_per_s=4e9, prefill_tokens_per_s=size * 1e9 / bb)  # recompute = loading at 1 GB/s
+    assert costs.load_pays(bb, size, 4, 0, now=0.0)
+    for t in range(12):  # transfers at 0.1 GB/s
+        costs.observe_onload(4 * bb, 4 * bb / 1e8, now=float(t))
+    assert costs.onload_rate(now=12.0) < 1e9 and not costs.load_pays(bb, size, 4, 0, now=12.0)
+    assert not costs.load_pays(bb, size, 4, 0, now=12.0), "declining alone moved the estimate"
+    assert costs.load_pays(bb, size, 4, 0, now=12.0 + 6 * manager.ONLOAD_HALF_LIFE_S)  # unmeasured for a while
+    assert costs.onload_rate(now=1e6) == pytest.approx(4e9)
+    for t in range(20):  # fast transfers: the estimate follows them up
+        costs.observe_onload(4 * bb, 4 * bb / 8e9, now=100.0 + t)
+    assert costs.onload_rate(now=120.0) > 6e9 and costs.load_pays(bb, size, 4, 0, now=120.0)
+
+
+def test_each_staging_measures_the_onload():
+    """The onload thread times each fetch's transfer into the costs: a transfer far slower than the start measured
+    lowers the estimate at once."""
+    from test_kv_tiers_transfer import _Copier, _tiers
+
+    tiers, copier = _tiers(), _Copier()
+    tiers.use_copier(copier, max_staged=4, max_gathered=8)
+    tiers.costs = Costs(onload_bytes_per_s=1e12, prefill_tokens_per_s=1.0)
+    rows = np.random.default_rng(5).integers(0, 256, (2, LAYOUT.block_bytes), dtype=np.uint8)
+    hashes = [bytes([i + 40]) * 16 for i in range(2)]
+    try:
+        for h, row in zip(hashes, rows):
+            tiers.host.put(h, row)
+        fetch = tiers.fetch(hashes, 0)
+        time.sleep(0.2)  # the transfer is in flight until the gate opens
+        copier.gate.set()
+        deadline = time.monotonic() + 30
+        while not tiers.poll(fetch):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert tiers.costs.observed_at is not None and tiers.costs.onload_rate() < 0.9e12
+        assert "onload" in tiers.report()
+        tiers.take(fetch, 0, 2)
+    finally:
+        copier.gate.set()
+        tiers.close()
 
 
 def _measured(seconds: dict, disk=None):

@@ -23,8 +23,8 @@ while other requests run. Once every row is in host memory, an onload thread mov
 when they have arrived does the scheduler admit the sequence, their device copies written into its blocks before its
 first step, so no step (a decode of other requests) waits for a host-to-device transfer. Without a copier (unit
 tests) the host rows themselves are the block load, given back once that step has run. Whether a hit is worth
-loading is `should_load`: the policy, and measured costs (Costs): the onload and disk bandwidths against the time the
-step takes to recompute as many tokens. Hits and queries are counted once per admission (`count`), never for a try
+loading is `should_load`: the policy, and measured costs (Costs): the onload and disk bandwidths (measured at start,
+then by each load and read) against the time the step takes to recompute as many tokens. Hits and queries are counted once per admission (`count`), never for a try
 that did not admit.
 """
 
@@ -51,17 +51,45 @@ DISK_BACKLOG_BYTES = 4 << 30  # at most this much K/V waits (in leased host rows
 STOP_TIMEOUT_S = 20.0  # a clean stop waits at most this long for the writers (a stuck disk loses its last blocks)
 
 
+ONLOAD_WEIGHT = 0.3  # each load's own transfer rate, in the moving estimate
+ONLOAD_HALF_LIFE_S = 10.0  # with no load to measure, the estimate returns halfway to the start's in this long
+
+
 @dataclasses.dataclass
 class Costs:
-    """Measured at start (disk: as reads happen): what loading a block and recomputing a token cost."""
+    """What loading a block and recomputing a token cost: measured at start, then by the loads themselves (onload:
+    each transfer's rate; disk: each read's). Transfers slower than the start measured (the copies of a busy host)
+    turn loads off, so a tier is not slower than recomputing; while they are off the estimate drifts back toward the
+    start's measurement, so a load is tried, and measured, again."""
 
-    onload_bytes_per_s: float  # host tier -> device cache, packed rows
+    onload_bytes_per_s: float  # host tier -> device cache, packed rows (at `observed_at`)
     prefill_tokens_per_s: float  # tokens a full step computes per second
     disk_bytes_per_s: float | None = None  # reads into the host tier, measured as they happen
+    measured_onload: float = 0.0  # the start's onload rate (0: onload_bytes_per_s)
+    observed_at: float | None = None  # time.monotonic() of the last load measured
 
-    def load_pays(self, block_bytes: int, block_size: int, from_host: int, from_disk: int) -> bool:
+    def __post_init__(self):
+        self.measured_onload = self.measured_onload or self.onload_bytes_per_s
+
+    def onload_rate(self, now: float | None = None) -> float:
+        """The onload estimate now: the loads' moving rate, drifting back to the start's with their age."""
+        if self.observed_at is None:
+            return self.onload_bytes_per_s
+        age = (time.monotonic() if now is None else now) - self.observed_at
+        gap = self.onload_bytes_per_s - self.measured_onload
+        return self.measured_onload + gap * 0.5 ** (max(age, 0.0) / ONLOAD_HALF_LIFE_S)
+
+    def observe_onload(self, nbytes: int, seconds: float, now: float | None = None) -> None:
+        """A load's transfer took `seconds` for `nbytes`."""
+        now = time.monotonic() if now is None else now
+        estimate = self.onload_rate(now)
+        self.onload_bytes_per_s = estimate + ONLOAD_WEIGHT * (nbytes / max(seconds, 1e-9) - estimate)
+        self.observed_at = now
+
+    def load_pays(self, block_bytes: int, block_size: int, from_host: int, from_disk: int,
+                  now: float | None = None) -> bool:  # fmt: skip
         n = from_host + from_disk
-        load = n * block_bytes / self.onload_bytes_per_s
+        load = n * block_bytes / self.onload_rate(now)
         if from_disk and self.disk_bytes_per_s:
             load += from_disk * block_bytes / self.disk_bytes_per_s
         return load < n * block_size / self.prefill_tokens_per_s
@@ -554,7 +582,11 @@ class KVTiers:
             self._onloaded(fetch, [])
             return
         try:
+            began = time.perf_counter()
             staged = self.copier.stage([self.host.buf[s] for s in fetch.slots[:n]], self.host.unpin is not None)
+            with self.lock:
+                if self.costs is not None:
+                    self.costs.observe_onload(n * self.block_bytes, time.perf_counter() - began)
         except Exception:  # noqa: BLE001 - the blocks are recomputed instead
             log.exception("KV tiers: moving %d blocks to the device failed; they are recomputed", n)
             with self.lock:
@@ -652,7 +684,8 @@ class KVTiers:
                          + (f", {s.errors} errors" if s.errors else ""))  # fmt: skip
         with self.lock:
             waits, self.waits = self.waits, LoadWaits()
-        return "KV tiers: " + "; ".join(parts) + f"; {waits.report()}"
+        onload = f"; onload {self.costs.onload_rate() / 1e9:.1f} GB/s" if self.costs is not None else ""
+        return "KV tiers: " + "; ".join(parts) + f"; {waits.report()}{onload}"
 
     def close(self) -> None:
         """Stop the writers (after the writes queued so far, within STOP_TIMEOUT_S in all), the readers and the
