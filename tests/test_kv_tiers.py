@@ -107,6 +107,19 @@ def test_disk_full_drops_the_block(tmp_path, monkeypatch, caplog, failing):
     assert disk.write(b"\2" * 16, _row(2)) and b"\2" * 16 in disk
 
 
+def test_disk_writes_go_on_after_the_folders_are_emptied(tmp_path):
+    """A cleaner that removes the tier's subfolders between writes costs nothing: the next write makes them again."""
+    import shutil
+
+    disk = DiskTier(str(tmp_path), 1 << 20, LAYOUT.block_bytes, {"model": "a"})
+    first, h = b"\4" * 16, b"\4" + b"\5" * 15  # one subfolder
+    assert disk.write(first, _row(4)) and disk.path(h).parent == disk.path(first).parent
+    shutil.rmtree(disk.path(first).parent)
+    assert disk.write(h, _row(3)) and disk.errors == 0
+    out = np.empty(LAYOUT.block_bytes, np.uint8)
+    assert disk.read_into(h, out) and np.array_equal(out, _row(3))
+
+
 def test_disk_tier_capacity_evicts_oldest(tmp_path):
     disk = DiskTier(str(tmp_path), 2 * (LAYOUT.block_bytes + 36), LAYOUT.block_bytes, {"model": "a"})
     for i in range(3):

@@ -217,6 +217,13 @@ def test_quantized_decode_xla_takes_the_weight_only_dot(method):
     assert uses_small_kernel(2, auto, "gpu") == uses_small_kernel(64, auto, "gpu") == (method == "int4")
     assert not uses_small_kernel(1, dataclasses.replace(auto, scheme=dataclasses.replace(auto.scheme,
                                                                                          decode_kernel=0)), "gpu")
+    # a weight the kernel cannot run (sharded: not whole) multiplies decode steps as weight-only, one row included,
+    # so one-row and verify steps round alike
+    sharded = dataclasses.replace(auto, scheme=dataclasses.replace(auto.scheme, whole=False))
+    for rows in (1, 16):
+        assert not uses_small_kernel(rows, sharded, "gpu")
+        np.testing.assert_allclose(np.asarray(linear(x[:rows], sharded, backend="gpu")), weight_only[:rows],
+                                   rtol=1e-5, atol=1e-4)  # fmt: skip
 
 
 def test_load_model_sends_decode_steps_where_asked(tiny_checkpoints):

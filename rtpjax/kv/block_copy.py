@@ -288,7 +288,8 @@ class BlockCopier:
         crosses in power-of-two pieces, one transfer each, split into rows on the device."""
         rows = self._checked(rows)
         out = list(rows)
-        moved = [i for i, row in enumerate(rows) if not isinstance(row, np.ndarray) and row.sharding != self._rows_at]
+        moved = [i for i, row in enumerate(rows)
+                 if not isinstance(row, np.ndarray) and not row.sharding.is_equivalent_to(self._rows_at, row.ndim)]
         if moved:
             for i, row in zip(moved, jax.device_put([rows[i] for i in moved], self._rows_at)):
                 out[i] = row

@@ -43,7 +43,8 @@ def linear(x: jax.Array, w: jax.Array | QuantizedWeight, backend: str | None = N
         x = jnp.take(x, w.perm, axis=-1)
     if uses_small_kernel(x.shape[0], w, backend):
         return small_matmul.quantized_matmul(x, w).reshape(*lead, -1)
-    xla_decode = backend == "gpu" and w.scheme.decode_kernel < x.shape[0] <= SMALL_ROWS  # sent past the kernel
+    # decode-sized steps the kernel does not take (by choice, or a weight it cannot run) multiply as weight-only
+    xla_decode = backend == "gpu" and x.shape[0] <= SMALL_ROWS
     if w.scheme.act is not None and not (xla_decode and w.scheme.per_channel):
         y = w8a8(x, w)
     elif w.scheme.per_channel:

@@ -106,11 +106,8 @@ class DiskTier:
         path = self.path(h)
         tmp = path.with_suffix(f".tmp{threading.get_ident()}")
         try:
-            if path.parent.name not in self._made:  # once per folder: the writer's thread shares the GIL
-                path.parent.mkdir(exist_ok=True)
-                self._made.add(path.parent.name)
             header = HEADER.pack(MAGIC, h, row.nbytes, zlib.crc32(row))
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = self._create(tmp)
             try:
                 written = os.writev(fd, [header, row])
             finally:
@@ -125,6 +122,18 @@ class DiskTier:
         with self.lock:
             self.index[h] = None
         return True
+
+    def _create(self, tmp: Path) -> int:
+        """A new file's descriptor; its folder is made once (the writer's thread shares the GIL), and again if it
+        went missing since (a cleaner emptied the path)."""
+        if tmp.parent.name not in self._made:
+            tmp.parent.mkdir(exist_ok=True)
+            self._made.add(tmp.parent.name)
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except FileNotFoundError:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 
     def read_into(self, h: bytes, out: np.ndarray) -> bool:
         """Read block `h` into `out` (uint8 [block_bytes]); False, with the file deleted, if it is not exactly the
