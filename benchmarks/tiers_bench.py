@@ -6,10 +6,10 @@
                               written into the cache by the compiled packed write (block_copy.write_packed)
   onload_rows                 the same before: one pageable transfer per block
   onload_staged_N             what a fetch waits for before admission (the tier's onload thread: block_copy.stage):
-                              the page-locked rows on the device in pieces of at most N blocks, not yet written into
-                              the cache (the engine's write before the step does that, in the device's queue)
-  onload_staged_scattered     the same for rows scattered over the buffer (each its own transfer), as the host tier's
-                              LRU leaves a fetch's rows; _during_offload: while another thread downloads gathers
+                              the page-locked rows on the device in pieces of at most N blocks, split into rows, not
+                              yet written into the cache (the engine's write before the step does that)
+  onload_staged_scattered     the same for rows in random order over the buffer (nearly all crossing alone), as an
+                              LRU can leave a fetch's rows; _during_offload: while another thread downloads gathers
   offload_pinned / _pageable  the write-down: packed gather, copied into pinned_host memory by device_put (now) or
                               into pageable memory by copy_to_host_async (before), until numpy has the rows
   onload_strided              the other layout: each block as one slice per layer and part (2 x layers transfers)
@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
     for piece in (16, 64, 256):
         stager = BlockCopier(cache, layout, [min(piece, n)], max_piece=piece)
         result[f"onload_staged_{piece}_GBps"] = rate(_timed(lambda: stager.stage(rows, host.unpin is not None)))
-    # a fetch's rows as LRU leaves them: scattered over the buffer, each its own transfer; then the same while the
+    # a fetch's rows as an LRU can leave them: scattered over the buffer, nearly all alone; then the same while the
     # write-down's downloads (device -> pinned host) run on another thread, as they do in serving
     order = np.random.default_rng(0).permutation(n)
     scattered = [host.buf[i] for i in order]
