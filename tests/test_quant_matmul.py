@@ -120,6 +120,11 @@ SMALL = [  # method, rows, dtype, tiles: every format, padded and full row tiles
     ("int4-asym", 1, jnp.float32, Tiles(block_n=32, block_k=384, one_row=True)),
     ("int4-asym", 1, jnp.float16, ONE_ROW_TILES["int4"]),
     ("fp8", 1, jnp.bfloat16, Tiles()),
+    # more rows than a decode step's: tiled over the rows (padded last tile), with and without split-K
+    ("int8", 80, jnp.float32, Tiles()),
+    ("fp8-weight-only", 130, jnp.bfloat16, Tiles(block_k=128, row_tile=32, split_k=2)),
+    ("int4-asym", 200, jnp.float32, Tiles(block_n=32, unpack="magic")),
+    ("int4", 96, jnp.bfloat16, Tiles(row_tile=16, split_k=1)),
 ]
 
 
@@ -143,8 +148,11 @@ def test_small_kernel_rejects_shapes_it_cannot_tile():
     qw = quantize(jnp.ones((90, 384), jnp.float32), "int8")
     with pytest.raises(ValueError, match="output 90 and input 384 must be multiples of 16"):
         quantized_matmul(x, qw, interpret=True)
-    with pytest.raises(ValueError, match="65 rows: the kernel takes 1 to 64"):
-        small_matmul(jnp.ones((65, 384)), qw.q[:64], qw.scale[:64], fmt="int8", interpret=True)
+    with pytest.raises(ValueError, match="0 rows: the kernel takes 1 or more"):
+        small_matmul(jnp.ones((0, 384)), qw.q[:64], qw.scale[:64], fmt="int8", interpret=True)
+    with pytest.raises(ValueError, match="row_tile 24 must be a power of two >= 16"):
+        small_matmul(jnp.ones((65, 384)), qw.q[:64], qw.scale[:64], fmt="int8", tiles=Tiles(row_tile=24),
+                     interpret=True)  # fmt: skip
     with pytest.raises(ValueError, match="split_k 5 does not divide the 3 steps of 128 inputs"):
         small_matmul(x, qw.q[:64], qw.scale[:64], fmt="int8", tiles=Tiles(block_k=128, split_k=5), interpret=True)
     with pytest.raises(ValueError, match="unpack 'lut'"):
@@ -157,6 +165,9 @@ def test_small_kernel_rejects_shapes_it_cannot_tile():
     assert plan(2, 4096, 14336, "int4", 128) == Plan(block_m=16, block_n=64, step=256, split_k=8)  # two groups a step
     assert plan(1, 4096, 14336, "int4", 128, ONE_ROW_TILES["int4"]).block_m == 1  # one row: the vector units
     assert plan(1, 4096, 14336, "int4", 128).block_m == 16
+    # past a decode step's rows: tiles of 64 rows, the rows' programs filling the SMs without a split
+    assert plan(300, 4096, 14336, "int4", 128) == Plan(block_m=64, block_n=64, step=256, split_k=1, row_tiles=5)
+    assert plan(200, 4096, 14336, "int4", 128).split_k == 2  # 64 x 4 programs: short of 2 per SM
 
 
 @pytest.mark.parametrize("method", ["fp8", "int8", "int4-asym", "int4"])
@@ -167,12 +178,13 @@ def test_small_kernel_lowers_to_triton(method, triton_verified):
     # the format's default tiles, split-K's float32 partials; int4 nibbles by their bits too
     one_row = ONE_ROW_TILES[qw.scheme.weight]
     cases = ((16, None), (16, Tiles(split_k=2) if method[:4] != "int4" else Tiles(split_k=2, unpack="magic")),
-             (1, one_row), (1, dataclasses.replace(one_row, block_k=128, split_k=2, unpack="convert")))  # fmt: skip
-    for rows, tiles in cases:  # tensor-core dots; one row on the vector units
+             (1, one_row), (1, dataclasses.replace(one_row, block_k=128, split_k=2, unpack="convert")),
+             (200, None))  # fmt: skip
+    for rows, tiles in cases:  # tensor-core dots; one row on the vector units; rows tiled
         step = jax.jit(lambda x, w: quantized_matmul(x, w, tiles))
         text = step.trace(jnp.ones((rows, 512), jnp.bfloat16), qw).lower(lowering_platforms=("cuda",)).as_text()
         assert f"small_matmul_{qw.scheme.weight}" in text and "triton" in text
-    assert triton_verified == [True] * 4
+    assert triton_verified == [True] * 5
 
 
 def test_small_steps_on_a_gpu_take_the_kernel():

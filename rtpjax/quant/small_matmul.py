@@ -1,5 +1,5 @@
-"""x @ W.T for decode-sized x (at most `MAX_ROWS` rows) and a quantized W streamed from HBM: one Pallas kernel (Triton
-lowering) for one-byte (fp8 e4m3, int8; one scale per output channel) and packed int4 weights (a scale, and a zero
+"""x @ W.T for decode-sized x (at most `MAX_ROWS` rows; more are tiled) and a quantized W streamed from HBM: one Pallas
+kernel (Triton lowering) for one-byte (fp8 e4m3, int8; one scale per output channel) and packed int4 weights (a scale, and a zero
 point when asymmetric, per group of inputs), the format a static parameter.
 
 At a few rows the weight's bytes are the whole cost, so the kernel reads them as stored and converts each tile to the
@@ -10,6 +10,11 @@ of `block_k` (int4: one group), accumulating in float32. The dot is taken weight
 narrow one; per-channel scales then multiply the accumulator's rows once at the end, int4 group scales each group's
 partial sum (the nibbles less their zero are exact in bfloat16). When out/block_n programs cannot fill the SMs the
 inputs split `split_k` ways: each split writes a float32 partial and XLA sums them.
+
+More rows than a decode step's (prefill chunks, large batches) are tiled: `Tiles.row_tile` rows per program, the rows
+the grid's last (fastest) axis, so the programs that share a weight tile run side by side and read it once from HBM
+and again from L2, where XLA's path for int4 first writes the whole dequantized weight to HBM. `quant.matmul.linear`
+sends no step past MAX_ROWS here yet: `benchmarks/kernels/quant_bench.py --tokens` times both paths at any row count.
 
 One row (batch-1 decode, `Tiles.one_row`) skips the tensor cores: padded to 16 rows the dot does 16 times the work
 and its operands pass through shared memory in the dot's layout. The row multiplies each weight tile on the vector
@@ -38,7 +43,7 @@ from rtpjax.loading.quantization import QuantizedWeight
 
 FORMATS = ("fp8", "int8", "int4")
 MIN_ROWS = 16  # a tensor-core tile's narrow side: fewer rows are padded to it
-MAX_ROWS = 64
+MAX_ROWS = 64  # a decode-sized step: all its rows in one tile
 SMS = 132  # an H200's streaming multiprocessors: the split-K target is two programs each
 
 
@@ -54,6 +59,7 @@ class Tiles:
     num_stages: int = 3
     unpack: str = "convert"  # int4 nibbles to floats: "convert" or "magic" (module docstring)
     one_row: bool = False  # True: a single row multiplies on the vector units (module docstring), not a padded dot
+    row_tile: int = 64  # rows per program past MAX_ROWS (a power of two, >= MIN_ROWS)
 
 
 # One tile set for every format. `benchmarks/kernels/quant_bench.py`'s sweep on an H200 (8B shapes, 16 rows) timed the
@@ -71,10 +77,11 @@ ONE_ROW_TILES = {"fp8": Tiles(block_n=16, block_k=512, one_row=True),
 class Plan:
     """Tiles resolved for one shape."""
 
-    block_m: int  # the padded rows: all of them in one tile (1: one row on the vector units)
+    block_m: int  # the padded rows of a tile: all of a decode step's (1: one row on the vector units)
     block_n: int
     step: int  # inputs per loop step
     split_k: int
+    row_tiles: int = 1  # tiles over the rows (past MAX_ROWS)
 
 
 def plan(rows: int, out: int, in_features: int, fmt: str, group: int = 0, tiles: Tiles | None = None) -> Plan:
@@ -85,8 +92,10 @@ def plan(rows: int, out: int, in_features: int, fmt: str, group: int = 0, tiles:
     tiles = tiles or DEFAULT_TILES[fmt]
     if tiles.unpack not in UNPACKS:
         raise ValueError(f"small_matmul: unpack {tiles.unpack!r}: choose one of {', '.join(UNPACKS)}")
-    if not 1 <= rows <= MAX_ROWS:
-        raise ValueError(f"small_matmul: {rows} rows: the kernel takes 1 to {MAX_ROWS}")
+    if rows < 1:
+        raise ValueError(f"small_matmul: {rows} rows: the kernel takes 1 or more")
+    if rows > MAX_ROWS and (tiles.row_tile < MIN_ROWS or tiles.row_tile & (tiles.row_tile - 1)):
+        raise ValueError(f"small_matmul: row_tile {tiles.row_tile} must be a power of two >= {MIN_ROWS}")
     if fmt == "int4" and (group % 32 or in_features % group):
         raise ValueError(f"small_matmul: int4 group {group} with {in_features} inputs: need group % 32 == 0 "
                          "dividing the inputs")  # fmt: skip
@@ -97,16 +106,20 @@ def plan(rows: int, out: int, in_features: int, fmt: str, group: int = 0, tiles:
     else:
         step = _fit(tiles.block_k, in_features)
     block_n = _fit(tiles.block_n, out)
-    block_m = 1 if rows == 1 and tiles.one_row else max(MIN_ROWS, pl.next_power_of_2(rows))
+    if rows > MAX_ROWS:
+        block_m, row_tiles = tiles.row_tile, -(-rows // tiles.row_tile)
+    else:
+        block_m, row_tiles = (1 if rows == 1 and tiles.one_row else max(MIN_ROWS, pl.next_power_of_2(rows))), 1
     steps = in_features // step
     split = tiles.split_k
     if split == 0:  # the fewest splits reaching 2 programs per SM, each keeping 2+ steps to pipeline
         split = 1
-        while out // block_n * split < 2 * SMS and steps % (split * 2) == 0 and steps // (split * 2) >= 2:
+        while (out // block_n * row_tiles * split < 2 * SMS and steps % (split * 2) == 0
+               and steps // (split * 2) >= 2):  # fmt: skip
             split *= 2
     if steps % split:
         raise ValueError(f"small_matmul: split_k {split} does not divide the {steps} steps of {step} inputs")
-    return Plan(block_m, block_n, step, split)
+    return Plan(block_m, block_n, step, split, row_tiles)
 
 
 def _fit(tile: int, size: int) -> int:
@@ -200,14 +213,16 @@ def small_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, zero: jax.Array |
     rows, in_features = x.shape
     out = q.shape[0]
     p = plan(rows, out, in_features, fmt, group, tiles)
-    xp = jnp.pad(x, ((0, p.block_m - rows), (0, 0)))
+    padded = p.block_m * p.row_tiles
+    xp = jnp.pad(x, ((0, padded - rows), (0, 0)))
     part = in_features // p.split_k  # inputs per split
     q_cols = part // 2 if fmt == "int4" else part
-    scale_spec = (pl.BlockSpec((p.block_n, part // group), lambda j, s: (j, s)) if fmt == "int4"
-                  else pl.BlockSpec((p.block_n, 1), lambda j, s: (j, 0)))  # fmt: skip
+    # grid (output block j, split s, row tile i): the row tiles of one weight tile run one after another
+    scale_spec = (pl.BlockSpec((p.block_n, part // group), lambda j, s, i: (j, s)) if fmt == "int4"
+                  else pl.BlockSpec((p.block_n, 1), lambda j, s, i: (j, 0)))  # fmt: skip
     in_specs = [
-        pl.BlockSpec((p.block_m, part), lambda j, s: (0, s)),
-        pl.BlockSpec((p.block_n, q_cols), lambda j, s: (j, s)),
+        pl.BlockSpec((p.block_m, part), lambda j, s, i: (i, s)),
+        pl.BlockSpec((p.block_n, q_cols), lambda j, s, i: (j, s)),
         scale_spec,
     ]
     inputs = [xp, q, scale]
@@ -215,17 +230,17 @@ def small_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, zero: jax.Array |
         in_specs.append(scale_spec)
         inputs.append(zero)
     if p.split_k == 1:
-        out_shape = jax.ShapeDtypeStruct((p.block_m, out), x.dtype)
-        out_spec = pl.BlockSpec((p.block_m, p.block_n), lambda j, s: (0, j))
+        out_shape = jax.ShapeDtypeStruct((padded, out), x.dtype)
+        out_spec = pl.BlockSpec((p.block_m, p.block_n), lambda j, s, i: (i, j))
     else:
-        out_shape = jax.ShapeDtypeStruct((p.split_k, p.block_m, out), jnp.float32)
-        out_spec = pl.BlockSpec((None, p.block_m, p.block_n), lambda j, s: (s, 0, j))
+        out_shape = jax.ShapeDtypeStruct((p.split_k, padded, out), jnp.float32)
+        out_spec = pl.BlockSpec((None, p.block_m, p.block_n), lambda j, s, i: (s, i, j))
     tiles = tiles or DEFAULT_TILES[fmt]
     kernel = functools.partial(_kernel, fmt=fmt, step=p.step, steps=part // p.step, group=group,
                                zero_point=len(inputs) == 4, unpack=tiles.unpack)
     params = None if interpret else plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     result = pl.pallas_call(
-        kernel, grid=(out // p.block_n, p.split_k), in_specs=in_specs, out_specs=out_spec,
+        kernel, grid=(out // p.block_n, p.split_k, p.row_tiles), in_specs=in_specs, out_specs=out_spec,
         out_shape=out_shape, compiler_params=params, interpret=interpret, name=f"small_matmul_{fmt}",
     )(*inputs)  # fmt: skip
     if p.split_k > 1:
