@@ -66,8 +66,8 @@ class Tiles:
 # one-byte formats fastest with two warps on 32 channels, but the engine's decode step ran slower with them: the
 # kernel alone, on one weight called back to back, is not the step (RESULTS.md, quantization rows).
 DEFAULT_TILES = {"fp8": Tiles(), "int8": Tiles(), "int4": Tiles()}
-# One row on the vector units: built and checked on the CPU, not yet timed on a GPU, so not the default (the padded
-# tensor-core dot stays); `quant_bench --sweep-rows 1` times these and more against it and XLA's dot.
+# One row on the vector units: on an H200 within 2% of the padded tensor-core dot (RESULTS.md, 12-05b), so not the
+# default; `quant_bench --sweep-rows 1` times these and more against it and XLA's dot.
 ONE_ROW_TILES = {"fp8": Tiles(block_n=16, block_k=512, one_row=True),
                  "int8": Tiles(block_n=16, block_k=512, one_row=True),
                  "int4": Tiles(block_n=16, block_k=256, unpack="magic", one_row=True)}  # fmt: skip
