@@ -68,8 +68,9 @@ def test_rows_go_up_in_pieces_through_pinned_memory(monkeypatch):
     host = np.random.default_rng(1).integers(0, 256, (13, LAYOUT.block_bytes), dtype=np.uint8)
     puts = _Puts(monkeypatch)
     rows = copier.put_rows(host)
+    jax.block_until_ready(rows)
     sent = host.copy()
-    host[:] = 0  # reused at once: the device rows must not alias it
+    host[:] = 0  # reused once they are ready (put_rows' contract): the device rows must not alias it
     assert puts.host_arrays == 3 and "pinned_host" in puts.kinds
     assert len(rows) == 13 and all(r.shape == (LAYOUT.block_bytes,) for r in rows)
     np.testing.assert_array_equal(np.stack([np.asarray(r) for r in rows]), sent)

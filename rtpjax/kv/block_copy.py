@@ -353,10 +353,10 @@ class BlockCopier:
         """Host pieces on the cache's devices; pageable ones through pinned memory where the backend has it (one host
         copy, then a DMA), page-locked ones (a DMA-mapped tier) directly. The results never alias the pieces."""
         page_locked = page_locked or all(map(is_page_locked, pieces))
-        if self._staging is not None and not page_locked:
-            return jax.device_put(jax.device_put(pieces, self._staging, may_alias=False), self._in_device)
         if self._on_cpu:  # the CPU client may alias suitably aligned host memory whatever may_alias says
             pieces = [np.array(p) for p in pieces]
+        if self._staging is not None and not page_locked:
+            return jax.device_put(jax.device_put(pieces, self._staging, may_alias=False), self._in_device)
         return jax.device_put(pieces, self._rows_at, may_alias=False)
 
     def write_packed(self, cache, blocks: list[int], packed: PackedBlocks, take: list[int] | None = None):
