@@ -61,6 +61,9 @@ def test_slow_loads_turn_loading_off_until_the_estimate_recovers():
     for t in range(20):  # fast transfers: the estimate follows them up
         costs.observe_onload(4 * bb, 4 * bb / 8e9, now=100.0 + t)
     assert costs.onload_rate(now=120.0) > 6e9 and costs.load_pays(bb, size, 4, 0, now=120.0)
+    costs.observe_disk(bb, bb / 1e9)  # the first disk read sets its rate, later ones move it
+    costs.observe_disk(bb, bb / 2e9)
+    assert costs.disk_bytes_per_s == pytest.approx(1e9 + manager.DISK_WEIGHT * 1e9)
 
 
 def test_each_staging_measures_the_onload():

@@ -352,6 +352,21 @@ def test_chained_rounds_take_a_device_proposers_drafts(spec_llm, stories_llm, pr
         assert_all_blocks_free(spec_llm)
 
 
+def test_replay_recordings_are_refined_until_the_run_keeps_to_them(spec_llm, stories_llm, proposer):
+    """spec_bench's refinement: from recordings the speculative run leaves at once (garbage), each pass records
+    what the run produced, until the run reproduces its recording (here, in float32, the plain run's tokens after one
+    pass); recordings it already keeps to take no pass."""
+    from rtpjax.benchmarks.spec_bench import refine_recordings
+
+    prompts = random_prompts(3, seed=50, low=3, high=30)
+    want = tokens(stories_llm.generate(prompts, SamplingParams(max_tokens=24, speculative=False, **GREEDY)))
+    proposer(spec_llm.engine.speculator.proposer)  # puts the n-gram proposer back after the test
+    garbage = {tuple(p): [(t + 7) % 512 for t in w] for p, w in zip(prompts, want)}
+    refined, passes = refine_recordings(spec_llm, garbage, 3, 512, 24)
+    assert passes == 1 and [refined[tuple(p)] for p in prompts] == want
+    assert refine_recordings(spec_llm, refined, 3, 512, 24) == (refined, 0)
+
+
 def test_a_chained_round_is_launched_before_the_round_ahead_is_read(spec_llm, stories_llm, monkeypatch):
     """The overlap: a chained round's launch comes before the read of the verify round ahead of it, so the host's
     scheduling and launching run while the device computes (as between plain steps); batch 1, the case speculation

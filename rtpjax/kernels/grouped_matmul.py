@@ -17,9 +17,10 @@ at IEEE precision, not TF32); Triton's tensor-core dots need 16 rows, hence bloc
 Tiles of one row (`block_m` = 1) are the decode case: with a few tokens each (token, expert) assignment is its own
 tile, in routing order, so nothing is sorted and no padding rows ride along; the row multiplies its weight tile on
 the vector units (products and a row sum in float32, no tensor-core dot), so its output blocks may be narrower than
-16 (ONE_ROW_MIN_N: more programs to spread one token's weight reads over the SMs). `one_row_sum` says when the products are
-summed: "step" (each input block's, the default, measured) or "end" (into a float32 accumulator of the weight tile's
-shape, summed once: no reduction across threads inside the loop, more registers; not yet timed on a GPU).
+16 (ONE_ROW_MIN_N: more programs to spread one token's weight reads over the SMs). `one_row_sum` says when the
+products are summed: "step" (each input block's, the default) or "end" (into a float32 accumulator of the weight
+tile's shape, summed once: no reduction across threads inside the loop, more registers); on an H100 the best of each
+were within a few percent of each other (RESULTS.md, 12-05c).
 """
 
 from __future__ import annotations

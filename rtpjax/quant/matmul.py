@@ -13,7 +13,8 @@ Decode-sized steps (at most `SMALL_ROWS` tokens) on a GPU skip all of that for p
 rows the bytes read are the cost; quantizing the activations and setting up a scaled dot only add to it). With
 `--quantized-decode xla` (Scheme.decode_kernel 0) they take the weight-only dot instead, W8A8 weights included,
 so one engine option compares the two on the same weights; the default (auto) keeps the kernel for int4 and for
-one-row fp8 steps and sends the other one-byte steps there. Shapes are bucketed, so the choice is fixed per compiled step.
+one-row fp8 steps and sends the other one-byte steps there. Decode-sized steps the kernel cannot take (a sharded
+weight) multiply weight-only too. Shapes are bucketed, so the choice is fixed per compiled step.
 Accumulation is float32 throughout: unscaled sums of 1-byte values overflow float16.
 """
 

@@ -1,6 +1,6 @@
-"""x @ W.T for decode-sized x (at most `MAX_ROWS` rows; more are tiled) and a quantized W streamed from HBM: one Pallas
-kernel (Triton lowering) for one-byte (fp8 e4m3, int8; one scale per output channel) and packed int4 weights (a scale, and a zero
-point when asymmetric, per group of inputs), the format a static parameter.
+"""x @ W.T for decode-sized x (at most `MAX_ROWS` rows; more are tiled) and a quantized W streamed from HBM: one
+Pallas kernel (Triton lowering) for one-byte (fp8 e4m3, int8; one scale per output channel) and packed int4 weights
+(a scale, and a zero point when asymmetric, per group of inputs), the format a static parameter.
 
 At a few rows the weight's bytes are the whole cost, so the kernel reads them as stored and converts each tile to the
 activations' dtype in registers; activations stay unquantized (no per-token quantize pass, no scaled fp8 dot to set
@@ -12,8 +12,8 @@ partial sum (the nibbles less their zero are exact in bfloat16). When out/block_
 inputs split `split_k` ways: each split writes a float32 partial and XLA sums them.
 
 More rows than a decode step's (prefill chunks, large batches) are tiled: `Tiles.row_tile` rows per program, the rows
-the grid's last (fastest) axis, so the programs that share a weight tile run side by side and read it once from HBM
-and again from L2, where XLA's path for int4 first writes the whole dequantized weight to HBM. `quant.matmul.linear`
+the grid's last (fastest) axis, so the programs that share a weight tile run side by side and can find it in L2,
+where XLA's path for int4 first writes the whole dequantized weight to HBM. `quant.matmul.linear`
 sends no step past MAX_ROWS here yet: `benchmarks/kernels/quant_bench.py --tokens` times both paths at any row count.
 
 One row (batch-1 decode, `Tiles.one_row`) skips the tensor cores: padded to 16 rows the dot does 16 times the work

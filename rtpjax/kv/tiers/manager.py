@@ -24,8 +24,8 @@ when they have arrived does the scheduler admit the sequence, their device copie
 first step, so no step (a decode of other requests) waits for a host-to-device transfer. Without a copier (unit
 tests) the host rows themselves are the block load, given back once that step has run. Whether a hit is worth
 loading is `should_load`: the policy, and measured costs (Costs): the onload and disk bandwidths (measured at start,
-then by each load and read) against the time the step takes to recompute as many tokens. Hits and queries are counted once per admission (`count`), never for a try
-that did not admit.
+then by each load and read) against the time the step takes to recompute as many tokens. Hits and queries are
+counted once per admission (`count`), never for a try that did not admit.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ STOP_TIMEOUT_S = 20.0  # a clean stop waits at most this long for the writers (a
 
 
 ONLOAD_WEIGHT = 0.3  # each load's own transfer rate, in the moving estimate
+DISK_WEIGHT = 0.1  # each disk read's rate, in the disk's
 ONLOAD_HALF_LIFE_S = 10.0  # with no load to measure, the estimate returns halfway to the start's in this long
 
 
@@ -85,6 +86,11 @@ class Costs:
         estimate = self.onload_rate(now)
         self.onload_bytes_per_s = estimate + ONLOAD_WEIGHT * (nbytes / max(seconds, 1e-9) - estimate)
         self.observed_at = now
+
+    def observe_disk(self, nbytes: int, seconds: float) -> None:
+        """A disk read took `seconds` for `nbytes` (the first one sets the rate)."""
+        rate, old = nbytes / max(seconds, 1e-9), self.disk_bytes_per_s
+        self.disk_bytes_per_s = rate if old is None else old + DISK_WEIGHT * (rate - old)
 
     def load_pays(self, block_bytes: int, block_size: int, from_host: int, from_disk: int,
                   now: float | None = None) -> bool:  # fmt: skip
@@ -534,9 +540,7 @@ class KVTiers:
                 disk.bytes_read += self.block_bytes
                 disk.read_seconds += seconds
                 if self.costs is not None:
-                    rate = self.block_bytes / max(seconds, 1e-9)
-                    old = self.costs.disk_bytes_per_s
-                    self.costs.disk_bytes_per_s = rate if old is None else 0.9 * old + 0.1 * rate
+                    self.costs.observe_disk(self.block_bytes, seconds)
             fetch.ok[i] = ok
             if fetch.dropped:
                 self.host.release(slot)
