@@ -267,9 +267,9 @@ def test_block_pool_lru_eviction_and_refcounts():
     for b, h in zip(a, hashes):
         pool.register(b, h)
     pool.release(a)  # freed tail first: block a[3] is the first to be evicted
-    assert pool.lookup(hashes, 32) == a
+    assert pool.lookup(hashes) == a
     fresh = pool.allocate(1)
-    assert fresh == [a[3]] and pool.lookup(hashes, 32) == a[:3]
+    assert fresh == [a[3]] and pool.lookup(hashes) == a[:3]
     pool.share(a[:2])
     assert pool.allocate(3) is None and pool.num_free == 1
     pool.release(a[:2])

@@ -377,12 +377,14 @@ def test_load_waits_are_reported_per_phase():
 
     waits = LoadWaits()
     assert waits.report() == "no loads"
-    waits.add([1.0, 1.5, 1.75, 2.0], 3.0)
-    waits.add([1.0, None, None, None], 3.0)  # loaded without staging: no phases
-    waits.add([0.0, 0.5, 1.25, 1.5], 1.5)
-    assert waits.count == 2 and waits.total == [1.0, 1.0, 0.5, 1.0] and waits.longest == [0.5, 0.75, 0.25, 1.0]
-    assert waits.report() == ("2 loads waited (mean/max ms) rows 500.0/500.0, queued 500.0/750.0, "
-                              "transfer 250.0/250.0, admission 500.0/1000.0")  # fmt: skip
+    waits.add([1.0, 1.5, 1.75, 1.75, 2.0], 3.0, blocks=8, runs=2)
+    waits.add([1.0, None, None, None, None], 3.0)  # loaded without staging: no phases
+    waits.add([0.0, 0.5, 1.25, 1.5, 1.75], 2.5, blocks=64, runs=1)  # the slowest: 2.5 s in all
+    assert waits.count == 2 and waits.total == [1.0, 1.0, 0.25, 0.5, 1.75]
+    assert waits.longest == [0.5, 0.75, 0.25, 0.25, 1.0]
+    assert waits.report() == ("2 loads waited (mean/max ms) rows 500.0/500.0, queued 500.0/750.0, onload 125.0/250.0, "
+                              "transfer 250.0/250.0, admission 875.0/1000.0; the slowest 500.0 750.0 250.0 250.0 750.0 "
+                              "(64 blocks, 1 runs)")  # fmt: skip
 
 
 # -- counting ----------------------------------------------------------------------------------------------------------
@@ -413,6 +415,25 @@ def test_a_failed_admission_is_not_counted_as_a_tier_hit():
     tiers.release(schedule.loads[0].kv)
     assert not any(tiers.host.leases)
     tiers.close()
+
+
+def test_a_failed_admission_is_not_counted_as_a_device_hit():
+    pool = BlockPool(4)
+    prompt = list(range(3, 3 + 49))  # 4 blocks: 3 full, then 1 token
+    cached = pool.allocate(2)
+    for block, h in zip(cached, prefix_hashes(prompt, 16)):
+        pool.register(block, h)
+    pool.release(cached)  # free, still cached
+    held = pool.allocate(2)  # the only fresh blocks: none left for the prompt's other two
+    sched = Scheduler(pool, 16, 4, 64, 256)
+    seq = Sequence("r", 0, prompt, SamplingParams(max_tokens=4), seed=0, max_tokens=4)
+    sched.add(seq)
+    for _ in range(3):
+        assert not sched.schedule().items
+        assert (pool.queries, pool.hits) == (0, 0), "a failed try was counted"
+    pool.release(held)
+    assert [item.seq for item in sched.schedule().items] == [seq]
+    assert (pool.queries, pool.hits) == (49, 32)
 
 
 def test_a_declined_load_gives_back_the_rows_it_reserved_for_disk_blocks(tmp_path):

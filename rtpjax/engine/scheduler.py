@@ -215,7 +215,7 @@ class Scheduler:
         blocks allow its first chunk and leave `reserved` free."""
         shared: list[int] = []
         max_shared = (len(seq.token_ids) - 1) // self.block_size  # at least one token must run to give logits
-        parent = seq.fork_parent
+        parent, looked_up = seq.fork_parent, False
         if parent is not None and parent.status is not Status.FINISHED:
             if parent.status is not Status.RUNNING or parent.num_computed < parent.num_prompt:
                 return False
@@ -223,8 +223,7 @@ class Scheduler:
         else:
             seq.fork_parent = None
             hashes = self._hashes(seq)
-            shared = self.pool.lookup(hashes, len(seq.token_ids))[:max_shared]
-            self.pool.count_hit(len(shared) * self.block_size)
+            shared, looked_up = self.pool.lookup(hashes)[:max_shared], True
         self.pool.share(shared)
         seq.block_table = list(shared)
         seq.num_computed = len(shared) * self.block_size
@@ -249,6 +248,8 @@ class Scheduler:
                 self.pool.register(seq.block_table[b], seq.block_hashes[b])
             seq.num_registered_blocks = loaded
             loads.append(tier_load)
+        if looked_up:  # once: a try that did not admit looks up again
+            self.pool.count(len(seq.token_ids), len(shared) * self.block_size)
         if lookup is not None:
             self.tiers.count(lookup)  # once: a try that did not admit fetches, and counts, again
         self.waiting.remove(seq)
@@ -279,7 +280,7 @@ class Scheduler:
             return True
         hashes = self._hashes(seq)
         max_shared = (len(seq.token_ids) - 1) // self.block_size
-        device = self.pool.lookup(hashes, 0)[:max_shared]
+        device = self.pool.lookup(hashes)[:max_shared]
         fetch = seq.tier_fetch
         if fetch is not None and len(device) < fetch.start:  # unpinned, and evicted meanwhile: start again
             self._drop_fetch(seq)

@@ -13,8 +13,9 @@ leave the device by `device_put` into pinned host memory (a DMA on a transfer st
 thread only dispatches it), and host rows reach the device in runs of consecutive rows (forwards or backwards in
 memory: a tier writes a sequence's blocks down tail first), one transfer per power-of-two piece (pageable rows staged
 once into pinned memory, page-locked ones read directly), split into rows on the device. A KV tier stages its rows
-this way on its own thread (`stage`, waiting for the transfer and the split there), so the write before a step reads
-rows already on the device and neither the step nor the engine's thread waits for a host-to-device copy.
+this way on its own thread (`stage`, waiting there for the transfer, not for the split, which queues behind the steps
+like the write that reads its rows), so the write before a step reads rows already on the device and neither the step
+nor the engine's thread waits for a host-to-device copy.
 Without pinned_host (logged once) the same calls copy through pageable memory.
 """
 
@@ -299,14 +300,14 @@ class BlockCopier:
 
     def stage(self, rows: list[np.ndarray], page_locked: bool = False) -> list[jax.Array]:
         """Host rows as rows on the cache's devices (in order, as write_packed takes them), returned once they have
-        arrived and been split: a KV tier calls this off the engine's thread, so neither a step (nor the write before
-        one) nor the engine's thread waits for the transfer. The rows never alias `rows`."""
+        arrived: a KV tier calls this off the engine's thread, so neither a step (nor the write before one) nor the
+        engine's thread waits for the transfer. Their split into rows is only queued: it runs on the device behind
+        the steps queued there, as the write that takes them will (waiting for it here would wait for those steps).
+        The rows never alias `rows`, and `rows` may be reused once this returns."""
         rows = self._checked(rows)
         if not all(isinstance(row, np.ndarray) for row in rows):
             raise ValueError("stage takes host rows (numpy arrays) only")
-        out = [row for _, got in self._move(rows, page_locked) for row in got]
-        jax.block_until_ready(out)
-        return out
+        return [row for _, got in self._move(rows, page_locked, wait=True) for row in got]
 
     def unstage(self, pieces: list[jax.Array]) -> list[jax.Array]:
         """Pieces [n, block_bytes] on the device as rows, as write_packed takes them."""
@@ -320,10 +321,13 @@ class BlockCopier:
         rows = list(self._compiled.get(("split", piece.shape[0]), self._split)(piece))
         return rows[::-1] if backwards else rows
 
-    def _move(self, rows: list, page_locked: bool) -> list[tuple[int, list[jax.Array]]]:
-        """(index of the first, device rows) for each piece of the host rows among `rows` (`_host_pieces`)."""
+    def _move(self, rows: list, page_locked: bool, wait: bool = False) -> list[tuple[int, list[jax.Array]]]:
+        """(index of the first, device rows) for each piece of the host rows among `rows` (`_host_pieces`); `wait`:
+        for the transfers (not for the splits)."""
         pieces = self._host_pieces(rows)
         moved = self._transfer([view for _, view, _ in pieces], page_locked) if pieces else []
+        if wait:
+            jax.block_until_ready(moved)
         return [(start, self._split_rows(piece, backwards)) for (start, _, backwards), piece in zip(pieces, moved)]
 
     def _checked(self, rows: list) -> list:

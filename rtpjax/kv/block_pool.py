@@ -98,8 +98,8 @@ class BlockPool:
             if self.ref_count[block] == 0:
                 self.free[block] = None
 
-    def lookup(self, hashes: list[bytes], num_prompt_tokens: int) -> list[int]:
-        """The longest run of cached blocks for `hashes`, counted in the hit statistics."""
+    def lookup(self, hashes: list[bytes]) -> list[int]:
+        """The longest run of cached blocks for `hashes`."""
         found = []
         if self.enable_prefix_caching:
             for h in hashes:
@@ -107,11 +107,13 @@ class BlockPool:
                 if block is None:
                     break
                 found.append(block)
-        self.queries += num_prompt_tokens
         return found
 
-    def count_hit(self, num_tokens: int) -> None:
-        self.hits += num_tokens
+    def count(self, queried: int, hit: int) -> None:
+        """An admitted prompt's tokens looked up, and of those found, in the hit statistics (once per admission: a
+        sequence that waits for room looks up again)."""
+        self.queries += queried
+        self.hits += hit
 
     def register(self, block: int, h: bytes, parent: bytes | None = None, tokens: Sequence[int] = ()) -> None:
         """Publish a block whose content is now complete under its hash (first writer wins). `parent` (the previous

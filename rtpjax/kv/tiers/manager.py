@@ -40,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from rtpjax.distributed.messages import TierStats
+from rtpjax.kv.block_copy import runs
 from rtpjax.kv.host_blocks import KVLayout, PackedBlocks
 from rtpjax.kv.tiers.disk import DiskTier
 from rtpjax.kv.tiers.host import HostTier
@@ -128,8 +129,10 @@ class Fetch:
     staged: list | None = None  # device copies of rows 0..staged_n once arrived
     staged_n: int = 0
     room: bool = True  # the device pool had room for the sequence when the scheduler last asked: staged only then
-    # when it was made, had every row in host memory, started its transfer, had it on the device (time.monotonic)
-    times: list[float | None] = dataclasses.field(default_factory=lambda: [time.monotonic(), None, None, None])
+    # when it was made, had every row in host memory, was handed to the onload thread, which took it up and had it
+    # on the device (time.monotonic)
+    times: list[float | None] = dataclasses.field(default_factory=lambda: [time.monotonic(), None, None, None, None])
+    runs: int = 0  # back-to-back runs its host rows crossed in (each one transfer or more)
 
     @property
     def ready(self) -> bool:
@@ -156,32 +159,40 @@ class Lookup:
     from_disk: int
 
 
-LOAD_PHASES = ("rows", "queued", "transfer", "admission")  # a load's waits: Fetch.times' steps, then until taken
+# a load's waits: Fetch.times' steps, then until taken ("onload": for the onload thread, busy with earlier loads)
+LOAD_PHASES = ("rows", "queued", "onload", "transfer", "admission")
 
 
 @dataclasses.dataclass
 class LoadWaits:
-    """How long loads admitted since the last report waited in each phase (LOAD_PHASES), for the loop log."""
+    """How long loads admitted since the last report waited in each phase (LOAD_PHASES), and the slowest load's
+    phases, blocks and runs, for the loop log."""
 
     count: int = 0
     total: list[float] = dataclasses.field(default_factory=lambda: [0.0] * len(LOAD_PHASES))
     longest: list[float] = dataclasses.field(default_factory=lambda: [0.0] * len(LOAD_PHASES))
+    slowest: tuple[float, list[float], int, int] | None = None  # (seconds in all, phases, blocks, runs)
 
-    def add(self, times: list[float | None], taken: float) -> None:
+    def add(self, times: list[float | None], taken: float, blocks: int = 0, runs: int = 0) -> None:
         if None in times:
             return  # loaded without staging (no copier): no phases to tell
         marks = times + [taken]
         self.count += 1
-        for i, (a, b) in enumerate(zip(marks, marks[1:])):
-            self.total[i] += b - a
-            self.longest[i] = max(self.longest[i], b - a)
+        phases = [b - a for a, b in zip(marks, marks[1:])]
+        for i, seconds in enumerate(phases):
+            self.total[i] += seconds
+            self.longest[i] = max(self.longest[i], seconds)
+        if self.slowest is None or taken - times[0] > self.slowest[0]:
+            self.slowest = (taken - times[0], phases, blocks, runs)
 
     def report(self) -> str:
         if not self.count:
             return "no loads"
         phases = ", ".join(f"{name} {1e3 * t / self.count:.1f}/{1e3 * m:.1f}"
                            for name, t, m in zip(LOAD_PHASES, self.total, self.longest))  # fmt: skip
-        return f"{self.count} loads waited (mean/max ms) {phases}"
+        _, worst, blocks, runs = self.slowest
+        slowest = " ".join(f"{1e3 * t:.1f}" for t in worst)
+        return f"{self.count} loads waited (mean/max ms) {phases}; the slowest {slowest} ({blocks} blocks, {runs} runs)"
 
 
 @dataclasses.dataclass
@@ -586,8 +597,10 @@ class KVTiers:
             self._onloaded(fetch, [])
             return
         try:
-            began = time.perf_counter()
-            staged = self.copier.stage([self.host.buf[s] for s in fetch.slots[:n]], self.host.unpin is not None)
+            began, fetch.times[3] = time.perf_counter(), time.monotonic()
+            rows = [self.host.buf[s] for s in fetch.slots[:n]]
+            fetch.runs = len(runs(rows))
+            staged = self.copier.stage(rows, self.host.unpin is not None)
             with self.lock:
                 if self.costs is not None:
                     self.costs.observe_onload(n * self.block_bytes, time.perf_counter() - began)
@@ -607,7 +620,7 @@ class KVTiers:
             if fetch.dropped:
                 self._unstage(fetch)
             else:
-                fetch.staged, fetch.times[3] = staged, time.monotonic()
+                fetch.staged, fetch.times[4] = staged, time.monotonic()
 
     def _unstage(self, fetch: Fetch) -> None:
         """(under self.lock) The fetch's staged blocks no longer count against max_staged."""
@@ -639,7 +652,7 @@ class KVTiers:
             with self.lock:
                 self._unstage(fetch)
                 if fetch.staged:  # (none: nothing intact, or the transfer failed)
-                    self.waits.add(fetch.times, time.monotonic())
+                    self.waits.add(fetch.times, time.monotonic(), len(fetch.staged), fetch.runs)
             staged, fetch.staged = fetch.staged, None
             return (PackedBlocks(self.layout, staged[skip : skip + n]) if n else None), lookup
         for i, slot in enumerate(fetch.slots):
