@@ -2,6 +2,8 @@
 too), come up in runs of back-to-back rows (one transfer per power-of-two piece, split on the device, staged through
 pinned memory when pageable), all compiled at warm-up; and the pageable path where a backend lacks pinned_host."""
 
+import ctypes
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,3 +164,56 @@ def test_stage_returns_rows_in_order_whichever_way_they_lie(monkeypatch):
     buf[:] = 0
     assert puts.host_arrays == 2 and all(r.shape == (LAYOUT.block_bytes,) for r in rows)
     np.testing.assert_array_equal(np.stack([np.asarray(r) for r in rows]), sent[slots])
+
+
+class _HostCopies:
+    """The driver calls a landing copy makes, done by memmove: on the CPU a device array's buffer is host memory."""
+
+    def __init__(self):
+        self.copies, self.synced = [], 0
+        ok = lambda *a: 0  # noqa: E731
+        self.cuInit = self.cuCtxSetCurrent = self.cuMemcpyDtoDAsync_v2 = self.cuIpcOpenMemHandle_v2 = ok
+        self.cuMemGetAddressRange_v2 = ok
+        self.cuDeviceGet = lambda dev, ordinal: setattr(dev._obj, "value", ordinal) or 0
+        self.cuDevicePrimaryCtxRetain = lambda ctx, dev: setattr(ctx._obj, "value", 1) or 0
+        self.cuStreamCreate = lambda out, flags: setattr(out._obj, "value", 1) or 0
+        self.cuStreamSynchronize = lambda stream: setattr(self, "synced", self.synced + 1) or 0
+
+        def copy_up(dst, src, nbytes, stream):
+            self.copies.append(nbytes)
+            ctypes.memmove(dst, src, nbytes)
+            return 0
+
+        self.cuMemcpyHtoDAsync_v2 = copy_up
+
+
+def test_staged_rows_land_in_reused_arrays_by_the_driver(monkeypatch):
+    """Where the CUDA driver can copy (faked: memmove into the CPU array's buffer), a staging copies each run of
+    back-to-back rows into a landing array made at warm-up (two of a piece, one of each smaller size) (one copy per forward run, one per row of a backward run),
+    no device_put; the rows come back in order as copies, and a second staging reuses the array once the first's
+    split has run without changing the first's rows."""
+    from rtpjax.disagg import device_ipc
+
+    cuda = _HostCopies()
+    monkeypatch.setattr(device_ipc, "_DRIVER", [device_ipc._Driver(cuda)])
+    cache = _cache()
+    copier = BlockCopier(cache, LAYOUT, [4, 8, 16], land=True)
+    for job in copier.jobs(cache, packed=True):
+        job()
+    made = [a.shape[0] for a, _ in copier._landing._idle]
+    assert sorted(made) == [1, 2, 4, 8, 16, 16]
+    rng = np.random.default_rng(5)
+    buf = rng.integers(0, 256, (40, LAYOUT.block_bytes), dtype=np.uint8)
+    slots = [0, 1, 2, 9, 8, 7, 20]  # a forward run, a backward run, a lone row
+    puts = _Puts(monkeypatch)
+    first = copier.stage([buf[s] for s in slots], page_locked=True)
+    sent = buf.copy()
+    buf[:] = rng.integers(0, 256, buf.shape, dtype=np.uint8)
+    bb = LAYOUT.block_bytes
+    assert puts.host_arrays == 0 and cuda.copies == [3 * bb, bb, bb, bb, bb]
+    np.testing.assert_array_equal(np.stack([np.asarray(r) for r in first]), sent[slots])
+    idle = [a for a, _ in copier._landing._idle]
+    second = copier.stage([buf[s] for s in range(18, 40)], page_locked=True)  # 22 rows: a piece of 16, then 8
+    assert {id(a) for a, _ in copier._landing._idle} == {id(a) for a in idle}, "landing arrays were made anew"
+    np.testing.assert_array_equal(np.stack([np.asarray(r) for r in second]), buf[18:40])
+    np.testing.assert_array_equal(np.stack([np.asarray(r) for r in first]), sent[slots])  # untouched by the reuse

@@ -246,6 +246,7 @@ class FakeCuda:
         self.cuMemGetAddressRange_v2 = address_range
         self.cuMemAlloc_v2, self.cuIpcGetMemHandle, self.cuStreamCreate = alloc, handle, stream
         self.cuMemcpyDtoDAsync_v2, self.cuStreamSynchronize, self.cuIpcOpenMemHandle_v2 = copy, synchronize, open_handle
+        self.cuMemcpyHtoDAsync_v2 = copy
 
 
 def test_export_buffers_are_reused_bounded_and_never_freed(monkeypatch):

@@ -82,6 +82,8 @@ class _Driver:
         self.open_handle.argtypes = [ctypes.POINTER(ctypes.c_uint64), _Handle, ctypes.c_uint]
         self.copy_async = self._symbol("cuMemcpyDtoDAsync_v2", "cuMemcpyDtoDAsync")
         self.copy_async.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
+        self.copy_up_async = self._symbol("cuMemcpyHtoDAsync_v2", "cuMemcpyHtoDAsync")
+        self.copy_up_async.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
         self.address_range = self._symbol("cuMemGetAddressRange_v2", "cuMemGetAddressRange")
         self.address_range.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t),
                                        ctypes.c_uint64]  # fmt: skip
@@ -145,9 +147,10 @@ class _Driver:
         with self._lock:
             self._idle.append(buffer)
 
-    def copy(self, ordinal: int, moves: list[tuple[int, int, int]]) -> None:
-        """Device-to-device copies (dst, src, nbytes) on a stream of device `ordinal`; returns once every copy
-        enqueued has landed (also when one fails to enqueue: nothing may still be writing after an error)."""
+    def copy(self, ordinal: int, moves: list[tuple[int, int, int]], up: bool = False) -> None:
+        """Device-to-device copies (dst, src, nbytes) on a stream of device `ordinal` (`up`: from host addresses);
+        returns once every copy enqueued has landed (also when one fails to enqueue: nothing may still be writing
+        after an error)."""
         self.use(ordinal)
         with self._lock:
             idle = self._streams.setdefault(ordinal, [])
@@ -156,13 +159,13 @@ class _Driver:
             stream = ctypes.c_void_p()
             self._check(self.lib.cuStreamCreate(ctypes.byref(stream), STREAM_NON_BLOCKING), "cuStreamCreate")
         try:
-            error = 0
+            error, copy_async = 0, self.copy_up_async if up else self.copy_async
             for dst, src, nbytes in moves:
-                error = self.copy_async(dst, src, nbytes, stream)
+                error = copy_async(dst, src, nbytes, stream)
                 if error:
                     break
             synced = self.lib.cuStreamSynchronize(stream)
-            self._check(error, "cuMemcpyDtoDAsync")
+            self._check(error, "cuMemcpyHtoDAsync" if up else "cuMemcpyDtoDAsync")
             self._check(synced, "cuStreamSynchronize")
         finally:
             with self._lock:
@@ -206,6 +209,11 @@ def _driver() -> _Driver:
     if isinstance(_DRIVER[0], IPCError):
         raise _DRIVER[0]
     return _DRIVER[0]
+
+
+def copy_up(ordinal: int, moves: list[tuple[int, int, int]]) -> None:
+    """Host-to-device copies (device address, host address, nbytes) onto device `ordinal`, landed on return."""
+    _driver().copy(ordinal, moves, up=True)
 
 
 def available(device: jax.Device) -> bool:

@@ -28,7 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rtpjax.disagg.device_ipc import IPCError
+from rtpjax.kv import landing
 from rtpjax.kv.host_blocks import KVBlocks, KVLayout, PackedBlocks
+from rtpjax.kv.landing import Landing
 
 log = logging.getLogger("rtpjax")
 PINNED = "pinned_host"
@@ -135,8 +138,10 @@ def unpack(rows, layout: KVLayout):
 class BlockCopier:
     """Gathers blocks of a cache to the host and writes host blocks into it, per block-count bucket."""
 
-    def __init__(self, cache, layout: KVLayout, sizes: list[int], use_pinned: bool = True, max_piece: int = 64):
-        """`use_pinned` False, `max_piece` 1: the pageable, row-by-row copies (benchmarks compare them)."""
+    def __init__(self, cache, layout: KVLayout, sizes: list[int], use_pinned: bool = True, max_piece: int = 64,
+                 land: bool | None = None):  # fmt: skip
+        """`use_pinned` False, `max_piece` 1: the pageable, row-by-row copies (benchmarks compare them). `land`: stage
+        through reused landing arrays by the CUDA driver (None: where the devices allow it; kv/landing.py)."""
         self.layout, self.sizes = layout, sizes
         self.num_blocks = cache[0][0].shape[1]
         # Layers of different dtypes (--kv-cache-dtypes) have no one host layout yet: their blocks stay on the device.
@@ -166,6 +171,9 @@ class BlockCopier:
         # rows per host-to-device transfer: a power of two, by default at most 64 blocks (8B's: 128 MiB)
         self.piece = 1 << (min(max_piece, max(sizes)).bit_length() - 1)
         self._split = jax.jit(lambda rows: tuple(rows[i] for i in range(rows.shape[0])))
+        if land is None:
+            land = use_pinned and not self._on_cpu and Landing.usable(self._rows_at)
+        self._landing = Landing(self._rows_at, layout.block_bytes, 3 * self.piece) if land else None
 
     def jobs(self, cache, packed: bool = False) -> list:
         """One callable per executable to compile (the runner's warm-up runs them in its thread pool); `packed`: also
@@ -174,6 +182,8 @@ class BlockCopier:
             return []
         kinds = ("gather", "write") + (("gather_packed", "write_packed") if packed else ())
         splits = [lambda n=n: self._compile(cache, "split", n) for n in self._split_sizes()] if packed else []
+        if packed and self._landing is not None:  # arrays for `stage` to land in: two of a piece, one of each less
+            splits.append(lambda: self._landing.warm([*self._split_sizes(), self.piece]))
         return [lambda n=n, kind=kind: self._compile(cache, kind, n) for n in self.sizes for kind in kinds] + splits
 
     def _split_sizes(self) -> list[int]:
@@ -307,7 +317,30 @@ class BlockCopier:
         rows = self._checked(rows)
         if not all(isinstance(row, np.ndarray) for row in rows):
             raise ValueError("stage takes host rows (numpy arrays) only")
+        if self._landing is not None:
+            try:
+                return self._land(rows)
+            except IPCError as e:
+                log.warning("KV block copies through the CUDA driver failed (%s); staging by device_put from now on", e)
+                self._landing = None
         return [row for _, got in self._move(rows, page_locked, wait=True) for row in got]
+
+    def _land(self, rows: list[np.ndarray]) -> list[jax.Array]:
+        """`stage` through landing arrays: each `piece` rows copied into one (a copy per run of back-to-back rows),
+        then split into rows on the device; the array is reused once its split has run."""
+        out = []
+        for i in range(0, len(rows), self.piece):
+            chunk = rows[i : i + self.piece]
+            land = self._landing.lease(1 << (len(chunk) - 1).bit_length())
+            try:
+                self._landing.copy(land, landing.moves(chunk, runs(chunk)))
+            except Exception:
+                self._landing.give_back(land, None)  # (a failed copy may have landed in part: nothing reads it)
+                raise
+            split = self._split_rows(land)[: len(chunk)]
+            self._landing.give_back(land, split[0])
+            out += split
+        return out
 
     def unstage(self, pieces: list[jax.Array]) -> list[jax.Array]:
         """Pieces [n, block_bytes] on the device as rows, as write_packed takes them."""

@@ -1,0 +1,86 @@
+"""Device arrays that host rows land in by the CUDA driver: reused, so a transfer never waits for the steps queued.
+
+On GPUs XLA allocates in step order: a new device array may only be written once every computation queued before it
+was made has run, so each `device_put` of host rows waits for the steps ahead of it on the device (tens of
+milliseconds under load, where the copy itself takes a few). A KV tier's onload thread instead copies its rows, with
+the driver's host-to-device copy on a stream of its own, into arrays made once and reused (`Landing`); the split that
+reads them queues behind the steps as a step's write would, and an array is reused only after that split has run.
+This and disagg's device-to-device hand-off are where rtpjax writes device memory behind XLA's back; both write only
+arrays that nothing else holds.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rtpjax.disagg import device_ipc
+
+
+class Landing:
+    """Reusable [rows, row_bytes] uint8 arrays on the devices of `sharding` (replicated), for copies from the host."""
+
+    def __init__(self, sharding: jax.sharding.Sharding, row_bytes: int, keep_rows: int):
+        """`keep_rows`: idle arrays kept, in rows (more are dropped once given back)."""
+        self.sharding, self.row_bytes, self.keep_rows = sharding, row_bytes, keep_rows
+        self._idle: list[tuple[jax.Array, jax.Array | None]] = []  # (array, what must be ready before its reuse)
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def usable(sharding: jax.sharding.Sharding) -> bool:
+        """Whether the driver can copy onto every device of `sharding` (CUDA GPUs)."""
+        return all(device_ipc.available(d) for d in sharding.device_set)
+
+    def warm(self, sizes: list[int]) -> None:
+        """Make an idle array of each of `sizes` rows now (at warm-up, while the device is idle: making one waits
+        for the steps queued ahead of it)."""
+        for rows in sizes:
+            self.give_back(self._new(rows), None)
+
+    def _new(self, rows: int) -> jax.Array:
+        return jax.block_until_ready(jnp.zeros((rows, self.row_bytes), jnp.uint8, device=self.sharding))
+
+    def lease(self, rows: int) -> jax.Array:
+        """An array of `rows` rows that nothing reads any more: an idle one whose last reader has run, else the oldest
+        idle one once its reader has run (a new one would wait as long), else a new one."""
+        with self._lock:
+            same = [i for i, (a, _) in enumerate(self._idle) if a.shape[0] == rows]
+            ready = [i for i in same if self._idle[i][1] is None or self._idle[i][1].is_ready()]
+            pick = ready[0] if ready else same[0] if same else None
+            array, guard = self._idle.pop(pick) if pick is not None else (None, None)
+        if array is None:
+            return self._new(rows)
+        if guard is not None:
+            guard.block_until_ready()
+        return array
+
+    def give_back(self, array: jax.Array, guard: jax.Array | None) -> None:
+        """`array` may be reused once `guard` (the output of its last reader, already dispatched) is ready."""
+        with self._lock:
+            self._idle.append((array, guard))
+            while sum(a.shape[0] for a, _ in self._idle) > self.keep_rows:
+                self._idle.pop(0)  # the oldest
+
+    def copy(self, array: jax.Array, moves: list[tuple[int, int, int]]) -> None:
+        """Copy each (row offset, host address, rows) into `array`, on every device it lies on; returns once landed
+        (device_ipc.IPCError if a copy failed)."""
+        for shard in array.addressable_shards:
+            base = shard.data.unsafe_buffer_pointer()
+            device_ipc.copy_up(shard.device.local_hardware_id,
+                               [(base + at * self.row_bytes, address, n * self.row_bytes)
+                                for at, address, n in moves])  # fmt: skip
+
+
+def moves(rows: list[np.ndarray], runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """(row offset, host address, rows) copies for host rows found in `runs` (block_copy.runs: start, count, step):
+    one per forward run, one per row of a backward one."""
+    out = []
+    for start, count, step in runs:
+        if step > 0:
+            out.append((start, rows[start].ctypes.data, count))
+        else:
+            out += [(i, rows[i].ctypes.data, 1) for i in range(start, start + count)]
+    return out
