@@ -189,8 +189,8 @@ class _HostCopies:
 
 def test_staged_rows_land_in_reused_arrays_by_the_driver(monkeypatch):
     """Where the CUDA driver can copy (faked: memmove into the CPU array's buffer), a staging copies each run of
-    back-to-back rows into a landing array made at warm-up (two of a piece, one of each smaller size) (one copy per forward run, one per row of a backward run),
-    no device_put; the rows come back in order as copies, and a second staging reuses the array once the first's
+    back-to-back rows into a landing array made at warm-up (two of a piece, one of each smaller size): one copy per
+    forward run, one per row of a backward run, no device_put; the rows come back in order as copies, and a second staging reuses the array once the first's
     split has run without changing the first's rows."""
     from rtpjax.disagg import device_ipc
 

@@ -21,8 +21,10 @@ Without pinned_host (logged once) the same calls copy through pageable memory.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -135,6 +137,16 @@ def unpack(rows, layout: KVLayout):
     return tuple(parts)
 
 
+@dataclasses.dataclass
+class StageTimes:
+    """Where `stage`'s last call spent its time (seconds): waiting for landing arrays to be free, the copies (and
+    their wait), dispatching the splits."""
+
+    lease: float = 0.0
+    copy: float = 0.0
+    split: float = 0.0
+
+
 class BlockCopier:
     """Gathers blocks of a cache to the host and writes host blocks into it, per block-count bucket."""
 
@@ -174,6 +186,7 @@ class BlockCopier:
         if land is None:
             land = use_pinned and not self._on_cpu and Landing.usable(self._rows_at)
         self._landing = Landing(self._rows_at, layout.block_bytes, 3 * self.piece) if land else None
+        self.last_stage = StageTimes()  # (the one thread that stages reads it after each call)
 
     def jobs(self, cache, packed: bool = False) -> list:
         """One callable per executable to compile (the runner's warm-up runs them in its thread pool); `packed`: also
@@ -328,18 +341,24 @@ class BlockCopier:
     def _land(self, rows: list[np.ndarray]) -> list[jax.Array]:
         """`stage` through landing arrays: each `piece` rows copied into one (a copy per run of back-to-back rows),
         then split into rows on the device; the array is reused once its split has run."""
-        out = []
+        out, times = [], StageTimes()
         for i in range(0, len(rows), self.piece):
             chunk = rows[i : i + self.piece]
+            began = time.perf_counter()
             land = self._landing.lease(1 << (len(chunk) - 1).bit_length())
+            leased = time.perf_counter()
             try:
                 self._landing.copy(land, landing.moves(chunk, runs(chunk)))
             except Exception:
                 self._landing.give_back(land, None)  # (a failed copy may have landed in part: nothing reads it)
                 raise
+            copied = time.perf_counter()
             split = self._split_rows(land)[: len(chunk)]
             self._landing.give_back(land, split[0])
             out += split
+            times.lease, times.copy = times.lease + leased - began, times.copy + copied - leased
+            times.split += time.perf_counter() - copied
+        self.last_stage = times
         return out
 
     def unstage(self, pieces: list[jax.Array]) -> list[jax.Array]:
@@ -357,11 +376,15 @@ class BlockCopier:
     def _move(self, rows: list, page_locked: bool, wait: bool = False) -> list[tuple[int, list[jax.Array]]]:
         """(index of the first, device rows) for each piece of the host rows among `rows` (`_host_pieces`); `wait`:
         for the transfers (not for the splits)."""
+        began = time.perf_counter()
         pieces = self._host_pieces(rows)
         moved = self._transfer([view for _, view, _ in pieces], page_locked) if pieces else []
         if wait:
             jax.block_until_ready(moved)
-        return [(start, self._split_rows(piece, backwards)) for (start, _, backwards), piece in zip(pieces, moved)]
+        copied = time.perf_counter()
+        out = [(start, self._split_rows(piece, backwards)) for (start, _, backwards), piece in zip(pieces, moved)]
+        self.last_stage = StageTimes(0.0, copied - began, time.perf_counter() - copied)
+        return out
 
     def _checked(self, rows: list) -> list:
         bb = self.layout.block_bytes

@@ -133,6 +133,7 @@ class Fetch:
     # on the device (time.monotonic)
     times: list[float | None] = dataclasses.field(default_factory=lambda: [time.monotonic(), None, None, None, None])
     runs: int = 0  # back-to-back runs its host rows crossed in (each one transfer or more)
+    stage: object = None  # block_copy.StageTimes of its transfer
 
     @property
     def ready(self) -> bool:
@@ -171,9 +172,11 @@ class LoadWaits:
     count: int = 0
     total: list[float] = dataclasses.field(default_factory=lambda: [0.0] * len(LOAD_PHASES))
     longest: list[float] = dataclasses.field(default_factory=lambda: [0.0] * len(LOAD_PHASES))
-    slowest: tuple[float, list[float], int, int] | None = None  # (seconds in all, phases, blocks, runs)
+    slowest: tuple | None = None  # (seconds in all, phases, blocks, runs, block_copy.StageTimes or None)
 
-    def add(self, times: list[float | None], taken: float, blocks: int = 0, runs: int = 0) -> None:
+    def add(self, times: list[float | None], taken: float, blocks: int = 0, pieces: int = 0, stage=None) -> None:
+        """A load's Fetch.times and when it was taken; `blocks`, `pieces` (runs), `stage`: what its transfer moved,
+        and how (block_copy.StageTimes)."""
         if None in times:
             return  # loaded without staging (no copier): no phases to tell
         marks = times + [taken]
@@ -183,16 +186,20 @@ class LoadWaits:
             self.total[i] += seconds
             self.longest[i] = max(self.longest[i], seconds)
         if self.slowest is None or taken - times[0] > self.slowest[0]:
-            self.slowest = (taken - times[0], phases, blocks, runs)
+            self.slowest = (taken - times[0], phases, blocks, pieces, stage)
 
     def report(self) -> str:
         if not self.count:
             return "no loads"
         phases = ", ".join(f"{name} {1e3 * t / self.count:.1f}/{1e3 * m:.1f}"
                            for name, t, m in zip(LOAD_PHASES, self.total, self.longest))  # fmt: skip
-        _, worst, blocks, runs = self.slowest
+        _, worst, blocks, pieces, stage = self.slowest
         slowest = " ".join(f"{1e3 * t:.1f}" for t in worst)
-        return f"{self.count} loads waited (mean/max ms) {phases}; the slowest {slowest} ({blocks} blocks, {runs} runs)"
+        if stage is not None:  # the transfer's own parts
+            slowest += (f" (of its transfer: landing {1e3 * stage.lease:.1f}, copy {1e3 * stage.copy:.1f}, "
+                        f"split {1e3 * stage.split:.1f})")  # fmt: skip
+        slowest += f" ({blocks} blocks, {pieces} runs)"
+        return f"{self.count} loads waited (mean/max ms) {phases}; the slowest {slowest}"
 
 
 @dataclasses.dataclass
@@ -601,6 +608,7 @@ class KVTiers:
             rows = [self.host.buf[s] for s in fetch.slots[:n]]
             fetch.runs = len(runs(rows))
             staged = self.copier.stage(rows, self.host.unpin is not None)
+            fetch.stage = self.copier.last_stage
             with self.lock:
                 if self.costs is not None:
                     self.costs.observe_onload(n * self.block_bytes, time.perf_counter() - began)
@@ -652,7 +660,7 @@ class KVTiers:
             with self.lock:
                 self._unstage(fetch)
                 if fetch.staged:  # (none: nothing intact, or the transfer failed)
-                    self.waits.add(fetch.times, time.monotonic(), len(fetch.staged), fetch.runs)
+                    self.waits.add(fetch.times, time.monotonic(), len(fetch.staged), fetch.runs, fetch.stage)
             staged, fetch.staged = fetch.staged, None
             return (PackedBlocks(self.layout, staged[skip : skip + n]) if n else None), lookup
         for i, slot in enumerate(fetch.slots):
