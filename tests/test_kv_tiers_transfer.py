@@ -168,7 +168,7 @@ class _Copier:
     """Stages copies of the rows once `gate` is set (a transfer in flight until then)."""
 
     def __init__(self):
-        self.gate, self.staged = threading.Event(), []
+        self.gate, self.staged, self.last_stage = threading.Event(), [], None
 
     def stage(self, rows, page_locked):
         assert self.gate.wait(30)
