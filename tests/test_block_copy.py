@@ -217,3 +217,28 @@ def test_staged_rows_land_in_reused_arrays_by_the_driver(monkeypatch):
     assert {id(a) for a, _ in copier._landing._idle} == {id(a) for a in idle}, "landing arrays were made anew"
     np.testing.assert_array_equal(np.stack([np.asarray(r) for r in second]), buf[18:40])
     np.testing.assert_array_equal(np.stack([np.asarray(r) for r in first]), sent[slots])  # untouched by the reuse
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_first_runs_call_every_copy_once_and_change_nothing(sharded):
+    """Warm-up runs each compiled copy once (its first run does the device's one-time setup, which a load would
+    otherwise wait for mid-serving), tensor-parallel caches too; the cache's contents stay as they were."""
+    cache = _cache()
+    if sharded:
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("tp",))
+        heads = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("tp"))
+        cache = [tuple(jax.device_put(a, heads) for a in layer) for layer in cache]
+    before = [tuple(np.asarray(a) for a in layer) for layer in cache]
+    copier = _copier(cache)
+    calls = {}
+    for key, executable in list(copier._compiled.items()):
+        copier._compiled[key] = lambda *a, key=key, executable=executable: (
+            calls.__setitem__(key, calls.get(key, 0) + 1) or executable(*a))  # fmt: skip
+    cache = copier.first_runs(cache)
+    assert calls == {key: 1 for key in copier._compiled}
+    assert {kind for kind, _ in calls} == {"gather", "write", "gather_packed", "write_packed", "split"}
+    for layer, was in zip(cache, before):
+        for a, b in zip(layer, was):
+            np.testing.assert_array_equal(np.asarray(a), b)
+    if sharded:
+        assert cache[0][0].sharding.is_equivalent_to(heads, 4)

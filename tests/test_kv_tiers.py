@@ -301,3 +301,4 @@ def test_tiers_bench_runs_tiny(tmp_path):
     for key in ("h2d_pinned_GBps", "onload_packed_GBps", "onload_rows_GBps", "offload_pinned_GBps",
                 "offload_pageable_GBps", "onload_strided_GBps", "disk_dd_GBps", "disk_tier_GBps"):  # fmt: skip
         assert result[key] > 0, key
+    assert result["onload_staged_rows_exact"] is True

@@ -290,6 +290,32 @@ class BlockCopier:
             return one
         return jax.device_put(one, at)
 
+    def first_runs(self, cache):
+        """Run each compiled copy once on inputs that change nothing (a gather of block 0, writes to ids past the
+        cache, a split of zeros, one staged row), as the runner runs each step shape: an executable's first run does
+        one-time setup on the device, which a load would otherwise wait for in the step's queue. Returns the cache
+        (the writes donate it)."""
+        bb, out, packed = self.layout.block_bytes, [], None
+        for (kind, n), executable in sorted(self._compiled.items()):
+            if kind in ("gather", "gather_packed"):
+                out.append(executable(cache, np.zeros(n, np.int32)))
+                packed = out[-1] if kind == "gather_packed" else packed
+            elif kind == "split":
+                out.append(executable(jnp.zeros((n, bb), jnp.uint8, device=self._rows_at)))
+            else:
+                ids = np.full(n, self.num_blocks, np.int32)  # past the cache: dropped
+                if kind == "write":
+                    parts = tuple(np.zeros(p.shape, p.dtype) for p in self._part_shapes(n))
+                else:
+                    parts = (jnp.zeros(bb, jnp.uint8, device=self._rows_at),) * n
+                cache = executable(cache, ids, parts)
+        if packed is not None:  # and a download into pinned host memory
+            np.asarray(self.download(packed))
+        if self._landing is not None:
+            out.append(self.stage([np.zeros(bb, np.uint8)]))
+        jax.block_until_ready((cache, out))
+        return cache
+
     def compile_packed(self, cache, kind: str) -> None:
         """Compile one kind of packed copy ("gather_packed", "write_packed") now, not at first use: an engine that
         hands K/V over moves blocks as packed rows."""

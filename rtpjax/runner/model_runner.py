@@ -267,6 +267,8 @@ class ModelRunner:
                 jax.block_until_ready(self.run_step(micro, self._sampling([], s)))
         for rows, sharding, variant, k in samplers:
             jax.block_until_ready(self.run_step(*self._batch([], *first_step[rows, sharding, k]), variant=variant))
+        if copies:
+            self.cache = self.copier.first_runs(self.cache)
         ran = time.monotonic()
         for n in self.admit_buckets:
             self.state = self._admit(self.state, *self._admit_arrays([], n))
