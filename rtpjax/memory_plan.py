@@ -291,20 +291,20 @@ def _check(p: MemoryPlan, one_sequence: int) -> None:
 STAGED_SEQUENCES = 3
 
 
-def staging_blocks(args: EngineArgs, block_bytes: int, one_sequence: int, num_blocks: int) -> int:
+def staging_blocks(args: EngineArgs, block_bytes: int, one_sequence: int, num_blocks: int, landing: int = 0) -> int:
     """KV tiers: how many blocks may wait on the device, outside the cache, for their sequences' admission (block_bytes:
     a whole block, as every device holds staged rows). At least one longest sequence (what device_kv_blocks keeps for
     them); on a device with statistics, all that --gpu-memory-utilization leaves after the weights and the cache, less
-    two sequences (rows the scheduler has taken, rows gathered for a download), up to the cache's size (more could
-    never be admitted at once): a cache capped by --num-gpu-blocks leaves fetches room to stage instead of queueing
-    behind each other."""
+    two sequences (rows the scheduler has taken, rows gathered for a download) and `landing` rows (the arrays staged
+    rows land in, made at warm-up), up to the cache's size (more could never be admitted at once): a cache capped by
+    --num-gpu-blocks leaves fetches room to stage instead of queueing behind each other."""
     import jax
 
     stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" not in stats:
         return one_sequence
     free = stats["bytes_limit"] * args.gpu_memory_utilization - stats.get("bytes_in_use", 0)
-    return int(min(num_blocks, max(one_sequence, free // block_bytes - 2 * one_sequence)))
+    return int(min(num_blocks, max(one_sequence, free // block_bytes - 2 * one_sequence - landing)))
 
 
 def device_kv_blocks(cfg, args: EngineArgs, kv_dtype=None) -> int:

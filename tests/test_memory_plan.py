@@ -124,6 +124,7 @@ def test_kv_tiers_stage_into_what_the_cache_leaves(monkeypatch):
     args, block = EngineArgs(gpu_memory_utilization=0.9), 2 << 20
     in_use["now"] = 50 << 30  # a capped cache: 40 GiB left under 90 GiB, 20,480 blocks
     assert staging_blocks(args, block, 512, 100_000) == 20480 - 2 * 512
+    assert staging_blocks(args, block, 512, 100_000, landing=192) == 20480 - 2 * 512 - 192  # landing arrays' room
     assert staging_blocks(args, block, 512, 2048) == 2048  # never more than the cache holds
     in_use["now"] = 90 << 30  # a cache that took its share: the plan's one sequence
     assert staging_blocks(args, block, 512, 100_000) == 512

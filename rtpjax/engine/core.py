@@ -208,7 +208,7 @@ class LLMEngine:
             self.pool.on_evict = self.tiers.write_down
             self.scheduler.tiers = self.tiers
             staged = memory_plan.staging_blocks(args, self.runner.kv_layout.block_bytes, self.runner.max_blocks,
-                                                self.pool.num_blocks)  # fmt: skip
+                                                self.pool.num_blocks, self.runner.copier.landing_rows)  # fmt: skip
             # loads reach the device before admission; evicted blocks wait there for their download
             self.tiers.use_copier(self.runner.copier, staged, self.runner.max_blocks)
             log.info("KV tiers: up to %d blocks (%.2f GiB) staged on the device before admission", staged,

@@ -186,6 +186,7 @@ class BlockCopier:
         if land is None:
             land = use_pinned and not self._on_cpu and Landing.usable(self._rows_at)
         self._landing = Landing(self._rows_at, layout.block_bytes, 3 * self.piece) if land else None
+        self.landing_rows = self._landing.keep_rows if land else 0  # device memory outside the cache, in blocks
         self.last_stage = StageTimes()  # (the one thread that stages reads it after each call)
 
     def jobs(self, cache, packed: bool = False) -> list:
