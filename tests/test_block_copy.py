@@ -210,7 +210,7 @@ def test_staged_rows_land_in_reused_arrays_by_the_driver(monkeypatch):
     sent = buf.copy()
     buf[:] = rng.integers(0, 256, buf.shape, dtype=np.uint8)
     bb = LAYOUT.block_bytes
-    assert puts.host_arrays == 0 and cuda.copies == [3 * bb, bb, bb, bb, bb]
+    assert puts.host_arrays == 0 and cuda.copies == [3 * bb, bb, bb, bb, bb] and cuda.synced == 1
     np.testing.assert_array_equal(np.stack([np.asarray(r) for r in first]), sent[slots])
     idle = [a for a, _ in copier._landing._idle]
     second = copier.stage([buf[s] for s in range(18, 40)], page_locked=True)  # 22 rows: a piece of 16, then 8
@@ -221,8 +221,8 @@ def test_staged_rows_land_in_reused_arrays_by_the_driver(monkeypatch):
 
 @pytest.mark.parametrize("sharded", [False, True])
 def test_first_runs_call_every_copy_once_and_change_nothing(sharded):
-    """Warm-up runs each compiled copy once (its first run does the device's one-time setup, which a load would
-    otherwise wait for mid-serving), tensor-parallel caches too; the cache's contents stay as they were."""
+    """Warm-up runs each compiled packed copy once (its first run does the device's one-time setup, which a load
+    would otherwise wait for mid-serving), tensor-parallel caches too; the cache's contents stay as they were."""
     cache = _cache()
     if sharded:
         mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("tp",))
@@ -235,10 +235,64 @@ def test_first_runs_call_every_copy_once_and_change_nothing(sharded):
         copier._compiled[key] = lambda *a, key=key, executable=executable: (
             calls.__setitem__(key, calls.get(key, 0) + 1) or executable(*a))  # fmt: skip
     cache = copier.first_runs(cache)
-    assert calls == {key: 1 for key in copier._compiled}
-    assert {kind for kind, _ in calls} == {"gather", "write", "gather_packed", "write_packed", "split"}
+    packed = {key for key in copier._compiled if key[0] in ("gather_packed", "write_packed", "split")}
+    assert calls == {key: 1 for key in packed}  # the tiers' copies (a request's move: its own, unpacked ones)
+    assert {kind for kind, _ in calls} == {"gather_packed", "write_packed", "split"}
     for layer, was in zip(cache, before):
         for a, b in zip(layer, was):
             np.testing.assert_array_equal(np.asarray(a), b)
     if sharded:
         assert cache[0][0].sharding.is_equivalent_to(heads, 4)
+
+
+def test_first_runs_stage_a_row_where_rows_land_by_the_driver(monkeypatch):
+    from rtpjax.disagg import device_ipc
+
+    cuda = _HostCopies()
+    monkeypatch.setattr(device_ipc, "_DRIVER", [device_ipc._Driver(cuda)])
+    cache = _cache()
+    copier = BlockCopier(cache, LAYOUT, [4, 8, 16], land=True)
+    for job in copier.jobs(cache, packed=True):
+        job()
+    copier.first_runs(cache)
+    assert cuda.copies == [LAYOUT.block_bytes] and cuda.synced == 1
+
+
+class _Guard:
+    """A landing array's last reader: not run until `ran`."""
+
+    def __init__(self):
+        self.ran, self.waited = False, 0
+
+    def is_ready(self) -> bool:
+        return self.ran
+
+    def block_until_ready(self):
+        self.waited += 1
+        self.ran = True
+        return self
+
+
+def test_a_landing_array_is_reused_only_once_its_reader_has_run():
+    """An idle array whose split has run is taken first; with none, the oldest waits for its reader (a new one would
+    wait as long, for every step queued); only a size with no idle array at all gets a new one."""
+    from rtpjax.kv.landing import Landing
+
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    landing = Landing(device, 8, keep_rows=16)
+    landing.warm([4, 4])
+    a, b = landing.lease(4), landing.lease(4)
+    pending, ran = _Guard(), _Guard()
+    ran.ran = True
+    landing.give_back(a, pending)  # the oldest, its reader still queued
+    landing.give_back(b, ran)
+    assert landing.lease(4) is b and pending.waited == 0  # the one whose reader ran, without waiting
+    assert landing.lease(4) is a and pending.waited == 1  # then the oldest, once its reader has run
+    c = landing.lease(4)  # none idle: a new one
+    assert c is not a and c is not b and c.shape == (4, 8)
+    landing.give_back(a, None)
+    landing.give_back(b, None)
+    landing.give_back(c, None)
+    landing.give_back(landing.lease(8), None)
+    assert sum(x.shape[0] for x, _ in landing._idle) <= 16  # idle arrays beyond keep_rows are dropped, oldest first
+    assert all(x is not a for x, _ in landing._idle)

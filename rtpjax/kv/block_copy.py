@@ -187,7 +187,7 @@ class BlockCopier:
             land = use_pinned and not self._on_cpu and Landing.usable(self._rows_at)
         self._landing = Landing(self._rows_at, layout.block_bytes, 3 * self.piece) if land else None
         self.landing_rows = self._landing.keep_rows if land else 0  # device memory outside the cache, in blocks
-        self.last_stage = StageTimes()  # (the one thread that stages reads it after each call)
+        self.last_stage = StageTimes()  # set by `stage` (one thread stages, and reads it after each call)
 
     def jobs(self, cache, packed: bool = False) -> list:
         """One callable per executable to compile (the runner's warm-up runs them in its thread pool); `packed`: also
@@ -292,29 +292,24 @@ class BlockCopier:
         return jax.device_put(one, at)
 
     def first_runs(self, cache):
-        """Run each compiled copy once on inputs that change nothing (a gather of block 0, writes to ids past the
-        cache, a split of zeros, one staged row), as the runner runs each step shape: an executable's first run does
-        one-time setup on the device, which a load would otherwise wait for in the step's queue. Returns the cache
-        (the writes donate it)."""
-        bb, out, packed = self.layout.block_bytes, [], None
+        """Run each compiled packed copy once (the KV tiers'), one at a time, on inputs that change nothing: a gather
+        of block 0 and its download, writes to ids past the cache, a split of zeros, one staged row; as the runner
+        runs each step shape, since an executable's first run does one-time setup on the device, which a load would
+        otherwise wait for in the step's queue. Returns the cache (the writes donate it)."""
+        bb, smallest = self.layout.block_bytes, None
         for (kind, n), executable in sorted(self._compiled.items()):
-            if kind in ("gather", "gather_packed"):
-                out.append(executable(cache, np.zeros(n, np.int32)))
-                packed = out[-1] if kind == "gather_packed" else packed
+            if kind == "gather_packed":
+                rows = jax.block_until_ready(executable(cache, np.zeros(n, np.int32)))
+                smallest = rows if smallest is None or n < smallest.shape[0] else smallest
             elif kind == "split":
-                out.append(executable(jnp.zeros((n, bb), jnp.uint8, device=self._rows_at)))
-            else:
-                ids = np.full(n, self.num_blocks, np.int32)  # past the cache: dropped
-                if kind == "write":
-                    parts = tuple(np.zeros(p.shape, p.dtype) for p in self._part_shapes(n))
-                else:
-                    parts = (jnp.zeros(bb, jnp.uint8, device=self._rows_at),) * n
-                cache = executable(cache, ids, parts)
-        if packed is not None:  # and a download into pinned host memory
-            np.asarray(self.download(packed))
+                jax.block_until_ready(executable(jnp.zeros((n, bb), jnp.uint8, device=self._rows_at)))
+            elif kind == "write_packed":
+                zero = jnp.zeros(bb, jnp.uint8, device=self._rows_at)
+                cache = jax.block_until_ready(executable(cache, np.full(n, self.num_blocks, np.int32), (zero,) * n))
+        if smallest is not None:  # a download into pinned host memory
+            np.asarray(self.download(smallest))
         if self._landing is not None:
-            out.append(self.stage([np.zeros(bb, np.uint8)]))
-        jax.block_until_ready((cache, out))
+            jax.block_until_ready(self.stage([np.zeros(bb, np.uint8)]))
         return cache
 
     def compile_packed(self, cache, kind: str) -> None:
@@ -363,7 +358,10 @@ class BlockCopier:
             except IPCError as e:
                 log.warning("KV block copies through the CUDA driver failed (%s); staging by device_put from now on", e)
                 self._landing = None
-        return [row for _, got in self._move(rows, page_locked, wait=True) for row in got]
+        began = time.perf_counter()
+        out = [row for _, got in self._move(rows, page_locked, wait=True) for row in got]
+        self.last_stage = StageTimes(copy=time.perf_counter() - began)  # (the splits' dispatch included)
+        return out
 
     def _land(self, rows: list[np.ndarray]) -> list[jax.Array]:
         """`stage` through landing arrays: each `piece` rows copied into one (a copy per run of back-to-back rows),
@@ -376,11 +374,11 @@ class BlockCopier:
             leased = time.perf_counter()
             try:
                 self._landing.copy(land, landing.moves(chunk, runs(chunk)))
+                copied = time.perf_counter()
+                split = self._split_rows(land)[: len(chunk)]
             except Exception:
                 self._landing.give_back(land, None)  # (a failed copy may have landed in part: nothing reads it)
                 raise
-            copied = time.perf_counter()
-            split = self._split_rows(land)[: len(chunk)]
             self._landing.give_back(land, split[0])
             out += split
             times.lease, times.copy = times.lease + leased - began, times.copy + copied - leased
@@ -403,15 +401,11 @@ class BlockCopier:
     def _move(self, rows: list, page_locked: bool, wait: bool = False) -> list[tuple[int, list[jax.Array]]]:
         """(index of the first, device rows) for each piece of the host rows among `rows` (`_host_pieces`); `wait`:
         for the transfers (not for the splits)."""
-        began = time.perf_counter()
         pieces = self._host_pieces(rows)
         moved = self._transfer([view for _, view, _ in pieces], page_locked) if pieces else []
         if wait:
             jax.block_until_ready(moved)
-        copied = time.perf_counter()
-        out = [(start, self._split_rows(piece, backwards)) for (start, _, backwards), piece in zip(pieces, moved)]
-        self.last_stage = StageTimes(0.0, copied - began, time.perf_counter() - copied)
-        return out
+        return [(start, self._split_rows(piece, backwards)) for (start, _, backwards), piece in zip(pieces, moved)]
 
     def _checked(self, rows: list) -> list:
         bb = self.layout.block_bytes

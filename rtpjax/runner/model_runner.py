@@ -267,7 +267,7 @@ class ModelRunner:
                 jax.block_until_ready(self.run_step(micro, self._sampling([], s)))
         for rows, sharding, variant, k in samplers:
             jax.block_until_ready(self.run_step(*self._batch([], *first_step[rows, sharding, k]), variant=variant))
-        if copies:
+        if copies and self.kv_tiers:  # (the tiers' copies: the memory plan leaves them room)
             self.cache = self.copier.first_runs(self.cache)
         ran = time.monotonic()
         for n in self.admit_buckets:
