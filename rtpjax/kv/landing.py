@@ -1,8 +1,8 @@
 """Device arrays that host rows land in by the CUDA driver: reused, so a transfer never waits for the steps queued.
 
 On GPUs XLA allocates in step order: a new device array may only be written once every computation queued before it
-was made has run, so each `device_put` of host rows waits for the steps ahead of it on the device (tens of
-milliseconds under load, where the copy itself takes a few). A KV tier's onload thread instead copies its rows, with
+was made has run, so each `device_put` of host rows waits for the steps ahead of it on the device, under load far
+longer than the copy itself. A KV tier's onload thread instead copies its rows, with
 the driver's host-to-device copy on a stream of its own, into arrays made once and reused (`Landing`); the split that
 reads them queues behind the steps as a step's write would, and an array is reused only after that split has run.
 This and disagg's device-to-device hand-off are where rtpjax writes device memory behind XLA's back; both write only
