@@ -296,3 +296,25 @@ def test_a_landing_array_is_reused_only_once_its_reader_has_run():
     landing.give_back(landing.lease(8), None)
     assert sum(x.shape[0] for x, _ in landing._idle) <= 16  # idle arrays beyond keep_rows are dropped, oldest first
     assert all(x is not a for x, _ in landing._idle)
+
+
+def test_staged_rows_land_on_every_device_of_a_tensor_parallel_cache(monkeypatch):
+    """Under tensor parallelism the rows land whole on each device of the cache (each then takes its heads)."""
+    from rtpjax.disagg import device_ipc
+
+    cuda = _HostCopies()
+    monkeypatch.setattr(device_ipc, "_DRIVER", [device_ipc._Driver(cuda)])
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("tp",))
+    heads = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("tp"))
+    cache = [tuple(jax.device_put(a, heads) for a in layer) for layer in _cache()]
+    copier = BlockCopier(cache, LAYOUT, [4, 8, 16], land=True)
+    for job in copier.jobs(cache, packed=True):
+        job()
+    buf = np.random.default_rng(6).integers(0, 256, (12, LAYOUT.block_bytes), dtype=np.uint8)
+    slots = [3, 4, 5, 1, 0, 9]
+    rows = copier.stage([buf[s] for s in slots], page_locked=True)
+    assert len(cuda.copies) == 2 * 4 and cuda.synced == 2  # 4 copies (1 forward run, 2 backward rows, 1 lone) each
+    for row, s in zip(rows, slots):
+        assert len(row.addressable_shards) == 2
+        for shard in row.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), buf[s])

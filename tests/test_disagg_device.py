@@ -350,3 +350,22 @@ def test_a_prefill_engine_holds_hand_offs_on_its_device_within_a_budget(stories_
             engine.step()
         handoff.close()
     assert engine.pool.num_free == engine.pool.num_blocks
+
+
+def test_copies_onto_several_devices_are_all_enqueued_before_any_wait():
+    """Host rows going to every device of a tensor-parallel cache cross at once: each device's copies are enqueued
+    on its own stream, and only then is each stream waited for; a failure stops the enqueueing but still waits for
+    what was enqueued."""
+    cuda, events, failing = FakeCuda(), [], set()
+    cuda.cuMemcpyHtoDAsync_v2 = lambda dst, src, nbytes, stream: (
+        events.append(("copy", stream.value, dst)) or int(dst in failing))  # fmt: skip
+    cuda.cuStreamSynchronize = lambda stream: events.append(("wait", stream.value)) or 0
+    driver = device_ipc._Driver(cuda)
+    driver.copy_each({0: [(1, 2, 3), (4, 5, 6)], 1: [(7, 8, 9)]}, up=True)
+    assert events == [("copy", 1, 1), ("copy", 1, 4), ("copy", 2, 7), ("wait", 1), ("wait", 2)]
+    events.clear()
+    failing.add(4)
+    with pytest.raises(device_ipc.IPCError, match="cuMemcpyHtoDAsync failed"):
+        driver.copy_each({0: [(1, 2, 3), (4, 5, 6)], 1: [(7, 8, 9)]}, up=True)
+    assert events == [("copy", 1, 1), ("copy", 1, 4), ("wait", 1)]  # device 1 never started; device 0 waited for
+    assert cuda.streams == 2  # both streams went back to their pools and were reused

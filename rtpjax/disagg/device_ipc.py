@@ -151,25 +151,41 @@ class _Driver:
         """Device-to-device copies (dst, src, nbytes) on a stream of device `ordinal` (`up`: from host addresses);
         returns once every copy enqueued has landed (also when one fails to enqueue: nothing may still be writing
         after an error)."""
-        self.use(ordinal)
+        self.copy_each({ordinal: moves}, up)
+
+    def copy_each(self, moves: dict[int, list[tuple[int, int, int]]], up: bool = False) -> None:
+        """`copy` onto several devices (ordinal -> its copies), enqueued on each device's stream before any is waited
+        for, so the devices copy at once."""
+        streams, error, copy_async = {}, 0, self.copy_up_async if up else self.copy_async
+        try:
+            for ordinal, device_moves in moves.items():
+                self.use(ordinal)
+                streams[ordinal] = stream = self._stream(ordinal)
+                for dst, src, nbytes in device_moves:
+                    error = copy_async(dst, src, nbytes, stream)
+                    if error:
+                        break
+                if error:
+                    break
+        finally:
+            synced = 0
+            for ordinal, stream in streams.items():
+                self.use(ordinal)
+                synced = self.lib.cuStreamSynchronize(stream) or synced
+                with self._lock:
+                    self._streams[ordinal].append(stream)
+        self._check(error, "cuMemcpyHtoDAsync" if up else "cuMemcpyDtoDAsync")
+        self._check(synced, "cuStreamSynchronize")
+
+    def _stream(self, ordinal: int):
+        """An idle stream of device `ordinal` (its context current), made if none is."""
         with self._lock:
             idle = self._streams.setdefault(ordinal, [])
             stream = idle.pop() if idle else None
         if stream is None:
             stream = ctypes.c_void_p()
             self._check(self.lib.cuStreamCreate(ctypes.byref(stream), STREAM_NON_BLOCKING), "cuStreamCreate")
-        try:
-            error, copy_async = 0, self.copy_up_async if up else self.copy_async
-            for dst, src, nbytes in moves:
-                error = copy_async(dst, src, nbytes, stream)
-                if error:
-                    break
-            synced = self.lib.cuStreamSynchronize(stream)
-            self._check(error, "cuMemcpyHtoDAsync" if up else "cuMemcpyDtoDAsync")
-            self._check(synced, "cuStreamSynchronize")
-        finally:
-            with self._lock:
-                self._streams[ordinal].append(stream)
+        return stream
 
     def opened(self, ordinal: int, handle: bytes) -> tuple[int, int]:
         """The base address and size of a peer's exported buffer here (opened once; the oldest of KEEP_OPENED closed).
@@ -211,9 +227,9 @@ def _driver() -> _Driver:
     return _DRIVER[0]
 
 
-def copy_up(ordinal: int, moves: list[tuple[int, int, int]]) -> None:
-    """Host-to-device copies (device address, host address, nbytes) onto device `ordinal`, landed on return."""
-    _driver().copy(ordinal, moves, up=True)
+def copy_up(moves: dict[int, list[tuple[int, int, int]]]) -> None:
+    """Host-to-device copies (device address, host address, nbytes) per device ordinal, all landed on return."""
+    _driver().copy_each(moves, up=True)
 
 
 def available(device: jax.Device) -> bool:

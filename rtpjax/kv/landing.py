@@ -65,13 +65,11 @@ class Landing:
                 self._idle.pop(0)  # the oldest
 
     def copy(self, array: jax.Array, moves: list[tuple[int, int, int]]) -> None:
-        """Copy each (row offset, host address, rows) into `array`, on every device it lies on; returns once landed
-        (device_ipc.IPCError if a copy failed)."""
-        for shard in array.addressable_shards:
-            base = shard.data.unsafe_buffer_pointer()
-            device_ipc.copy_up(shard.device.local_hardware_id,
-                               [(base + at * self.row_bytes, address, n * self.row_bytes)
-                                for at, address, n in moves])  # fmt: skip
+        """Copy each (row offset, host address, rows) into `array`, on every device it lies on at once; returns once
+        landed (device_ipc.IPCError if a copy failed)."""
+        device_ipc.copy_up({shard.device.local_hardware_id: [
+            (shard.data.unsafe_buffer_pointer() + at * self.row_bytes, address, n * self.row_bytes)
+            for at, address, n in moves] for shard in array.addressable_shards})  # fmt: skip
 
 
 def moves(rows: list[np.ndarray], runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
