@@ -22,8 +22,8 @@ def _cache(num_blocks: int = 24, seed: int = 0):
     return [tuple(jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(2)) for _ in range(LAYOUT.num_layers)]
 
 
-def _copier(cache, sizes=(4, 8, 16)):
-    copier = BlockCopier(cache, LAYOUT, list(sizes))
+def _copier(cache, sizes=(4, 8, 16), land=None):
+    copier = BlockCopier(cache, LAYOUT, list(sizes), land=land)
     for job in copier.jobs(cache, packed=True):
         job()
     return copier
@@ -167,9 +167,12 @@ def test_stage_returns_rows_in_order_whichever_way_they_lie(monkeypatch):
 
 
 class _HostCopies:
-    """The driver calls a landing copy makes, done by memmove: on the CPU a device array's buffer is host memory."""
+    """The driver calls a landing copy makes, done by memmove: on the CPU a device array's buffer is host memory;
+    installed as the process's driver."""
 
-    def __init__(self):
+    def __init__(self, monkeypatch):
+        from rtpjax.disagg import device_ipc
+
         self.copies, self.synced = [], 0
         ok = lambda *a: 0  # noqa: E731
         self.cuInit = self.cuCtxSetCurrent = self.cuMemcpyDtoDAsync_v2 = self.cuIpcOpenMemHandle_v2 = ok
@@ -185,22 +188,18 @@ class _HostCopies:
             return 0
 
         self.cuMemcpyHtoDAsync_v2 = copy_up
+        monkeypatch.setattr(device_ipc, "_DRIVER", [device_ipc._Driver(self)])
 
 
 def test_staged_rows_land_in_reused_arrays_by_the_driver(monkeypatch):
     """Where the CUDA driver can copy (faked: memmove into the CPU array's buffer), a staging copies each run of
     back-to-back rows into a landing array made at warm-up (two of a piece, one of each smaller size): one copy per
-    forward run, one per row of a backward run, no device_put; the rows come back in order as copies, and a second staging reuses the array once the first's
-    split has run without changing the first's rows."""
-    from rtpjax.disagg import device_ipc
-
-    cuda = _HostCopies()
-    monkeypatch.setattr(device_ipc, "_DRIVER", [device_ipc._Driver(cuda)])
+    forward run, one per row of a backward run, no device_put; the rows come back in order as copies, and a second
+    staging reuses the array once the first's split has run without changing the first's rows."""
+    cuda = _HostCopies(monkeypatch)
     cache = _cache()
-    copier = BlockCopier(cache, LAYOUT, [4, 8, 16], land=True)
-    for job in copier.jobs(cache, packed=True):
-        job()
-    made = [a.shape[0] for a, _ in copier._landing._idle]
+    copier = _copier(cache, land=True)
+    made = [a.shape[0] for a, _ in copier._landing.arrays._idle]
     assert sorted(made) == [1, 2, 4, 8, 16, 16]
     rng = np.random.default_rng(5)
     buf = rng.integers(0, 256, (40, LAYOUT.block_bytes), dtype=np.uint8)
@@ -212,9 +211,9 @@ def test_staged_rows_land_in_reused_arrays_by_the_driver(monkeypatch):
     bb = LAYOUT.block_bytes
     assert puts.host_arrays == 0 and cuda.copies == [3 * bb, bb, bb, bb, bb] and cuda.synced == 1
     np.testing.assert_array_equal(np.stack([np.asarray(r) for r in first]), sent[slots])
-    idle = [a for a, _ in copier._landing._idle]
+    idle = [a for a, _ in copier._landing.arrays._idle]
     second = copier.stage([buf[s] for s in range(18, 40)], page_locked=True)  # 22 rows: a piece of 16, then 8
-    assert {id(a) for a, _ in copier._landing._idle} == {id(a) for a in idle}, "landing arrays were made anew"
+    assert {id(a) for a, _ in copier._landing.arrays._idle} == {id(a) for a in idle}, "landing arrays were made anew"
     np.testing.assert_array_equal(np.stack([np.asarray(r) for r in second]), buf[18:40])
     np.testing.assert_array_equal(np.stack([np.asarray(r) for r in first]), sent[slots])  # untouched by the reuse
 
@@ -246,14 +245,9 @@ def test_first_runs_call_every_copy_once_and_change_nothing(sharded):
 
 
 def test_first_runs_stage_a_row_where_rows_land_by_the_driver(monkeypatch):
-    from rtpjax.disagg import device_ipc
-
-    cuda = _HostCopies()
-    monkeypatch.setattr(device_ipc, "_DRIVER", [device_ipc._Driver(cuda)])
+    cuda = _HostCopies(monkeypatch)
     cache = _cache()
-    copier = BlockCopier(cache, LAYOUT, [4, 8, 16], land=True)
-    for job in copier.jobs(cache, packed=True):
-        job()
+    copier = _copier(cache, land=True)
     copier.first_runs(cache)
     assert cuda.copies == [LAYOUT.block_bytes] and cuda.synced == 1
 
@@ -294,22 +288,17 @@ def test_a_landing_array_is_reused_only_once_its_reader_has_run():
     landing.give_back(b, None)
     landing.give_back(c, None)
     landing.give_back(landing.lease(8), None)
-    assert sum(x.shape[0] for x, _ in landing._idle) <= 16  # idle arrays beyond keep_rows are dropped, oldest first
-    assert all(x is not a for x, _ in landing._idle)
+    assert sum(x.shape[0] for x, _ in landing.arrays._idle) <= 16  # idle past keep_rows dropped, oldest first
+    assert all(x is not a for x, _ in landing.arrays._idle)
 
 
 def test_staged_rows_land_on_every_device_of_a_tensor_parallel_cache(monkeypatch):
     """Under tensor parallelism the rows land whole on each device of the cache (each then takes its heads)."""
-    from rtpjax.disagg import device_ipc
-
-    cuda = _HostCopies()
-    monkeypatch.setattr(device_ipc, "_DRIVER", [device_ipc._Driver(cuda)])
+    cuda = _HostCopies(monkeypatch)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("tp",))
     heads = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("tp"))
     cache = [tuple(jax.device_put(a, heads) for a in layer) for layer in _cache()]
-    copier = BlockCopier(cache, LAYOUT, [4, 8, 16], land=True)
-    for job in copier.jobs(cache, packed=True):
-        job()
+    copier = _copier(cache, land=True)
     buf = np.random.default_rng(6).integers(0, 256, (12, LAYOUT.block_bytes), dtype=np.uint8)
     slots = [3, 4, 5, 1, 0, 9]
     rows = copier.stage([buf[s] for s in slots], page_locked=True)

@@ -184,18 +184,18 @@ def test_a_device_offer_needs_a_device_copy(served):
         channel.pull("127.0.0.1", server.port, "t", "device", time.monotonic() + 30)
 
 
-def test_copy_destinations_are_reused_and_bounded(monkeypatch):
+def test_copy_destinations_are_reused_and_bounded():
     """The decode side's arrays for the copies: one given back is the next lease of its shape; idle bytes bounded."""
-    pool, device = device_ipc._Destinations(), jax.devices()[0]
+    pool, device = device_ipc.ReusedArrays(600), jax.devices()[0]
     a = pool.lease((4, 64), jnp.dtype(jnp.uint8), device)
     assert a.shape == (4, 64) and not np.asarray(a).any()
-    pool.give_back([a])
+    pool.give_back(a)
     assert pool.lease((4, 64), jnp.dtype(jnp.uint8), device) is a
     assert pool.lease((4, 64), jnp.dtype(jnp.uint8), device) is not a  # leased: never two holders
-    monkeypatch.setattr(device_ipc, "KEEP_DESTINATION_BYTES", 600)
     arrays = [pool.lease((4, 64), jnp.dtype(jnp.uint8), device) for _ in range(3)]
-    pool.give_back(arrays)
-    assert pool._idle == arrays[1:]  # the oldest dropped past the bound
+    for array in arrays:
+        pool.give_back(array)
+    assert [id(x) for x, _ in pool._idle] == [id(x) for x in arrays[1:]]  # the oldest dropped past the bound (600 bytes: two of 256)
 
 
 class FakeCuda:

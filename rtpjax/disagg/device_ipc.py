@@ -268,34 +268,49 @@ def export_pieces(arrays: list[jax.Array]) -> Exported:
     return Exported(buffer.handle, offsets, lambda: driver.give_back(buffer))
 
 
-class _Destinations:
-    """The decode side's arrays that copies land in, reused (a new one costs more than the copy): each is leased by
-    copy_in and given back (`give_back`) once nothing reads it any more; at most KEEP_DESTINATION_BYTES idle."""
+class ReusedArrays:
+    """Device arrays that driver copies land in, reused: on GPUs a new one may be written only after every step queued
+    before it was made (XLA's allocator), and making one costs more than the copy. Each is leased by one holder, given
+    back with the output of its last reader (`guard`, None: nothing reads it any more) and leased again only once that
+    has run; at most `keep_bytes` of them idle (the oldest dropped)."""
 
-    def __init__(self):
-        self._idle: list[jax.Array] = []  # oldest first
+    def __init__(self, keep_bytes: int):
+        self.keep_bytes = keep_bytes
+        self._idle: list[tuple[jax.Array, jax.Array | None]] = []  # (array, guard), oldest first
         self._lock = threading.Lock()
 
-    def lease(self, shape: tuple, dtype, device: jax.Device) -> jax.Array:
+    def lease(self, shape: tuple, dtype, where) -> jax.Array:
+        """An array of `shape` and `dtype` on `where` (a device or a sharding): an idle one whose last reader has run,
+        else the oldest idle one once its reader has run (a new one would wait as long), else a new one."""
+        if isinstance(where, jax.Device):
+            where = jax.sharding.SingleDeviceSharding(where)
         with self._lock:
-            for i, a in enumerate(self._idle):
-                if a.shape == shape and a.dtype == dtype and a.sharding.device_set == {device}:
-                    return self._idle.pop(i)
-        return jnp.zeros(shape, dtype, device=device)
+            same = [i for i, (a, _) in enumerate(self._idle)
+                    if a.shape == tuple(shape) and a.dtype == dtype and a.sharding == where]  # fmt: skip
+            ready = [i for i in same if self._idle[i][1] is None or self._idle[i][1].is_ready()]
+            pick = ready[0] if ready else same[0] if same else None
+            array, guard = self._idle.pop(pick) if pick is not None else (None, None)
+        if array is None:
+            return jax.block_until_ready(jnp.zeros(shape, dtype, device=where))
+        if guard is not None:
+            guard.block_until_ready()
+        return array
 
-    def give_back(self, arrays: list[jax.Array]) -> None:
+    def give_back(self, array: jax.Array, guard: jax.Array | None = None) -> None:
+        """`array` may be leased again once `guard` (already dispatched) is ready."""
         with self._lock:
-            self._idle += arrays
-            while sum(a.nbytes for a in self._idle) > KEEP_DESTINATION_BYTES:
+            self._idle.append((array, guard))
+            while sum(a.nbytes for a, _ in self._idle) > self.keep_bytes:
                 self._idle.pop(0)
 
 
-_DESTINATIONS = _Destinations()
+_DESTINATIONS = ReusedArrays(KEEP_DESTINATION_BYTES)
 
 
 def give_back(arrays: list[jax.Array]) -> None:
     """Arrays copy_in made, once nothing reads them any more (their consumers are done): the next copies reuse them."""
-    _DESTINATIONS.give_back(arrays)
+    for array in arrays:
+        _DESTINATIONS.give_back(array)
 
 
 def copy_in(handle: bytes, parts: list[tuple[int, tuple]], dtype, device: jax.Device, times=None) -> list[jax.Array]:

@@ -11,8 +11,6 @@ arrays that nothing else holds.
 
 from __future__ import annotations
 
-import threading
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,8 +24,7 @@ class Landing:
     def __init__(self, sharding: jax.sharding.Sharding, row_bytes: int, keep_rows: int):
         """`keep_rows`: idle arrays kept, in rows (more are dropped once given back)."""
         self.sharding, self.row_bytes, self.keep_rows = sharding, row_bytes, keep_rows
-        self._idle: list[tuple[jax.Array, jax.Array | None]] = []  # (array, what must be ready before its reuse)
-        self._lock = threading.Lock()
+        self.arrays = device_ipc.ReusedArrays(keep_rows * row_bytes)
 
     @staticmethod
     def usable(sharding: jax.sharding.Sharding) -> bool:
@@ -37,32 +34,17 @@ class Landing:
     def warm(self, sizes: list[int]) -> None:
         """Make an idle array of each of `sizes` rows now (at warm-up, while the device is idle: making one waits
         for the steps queued ahead of it)."""
-        for rows in sizes:
-            self.give_back(self._new(rows), None)
-
-    def _new(self, rows: int) -> jax.Array:
-        return jax.block_until_ready(jnp.zeros((rows, self.row_bytes), jnp.uint8, device=self.sharding))
+        made = [self.lease(rows) for rows in sizes]  # (all leased at once: none is reused for the next size)
+        for array in made:
+            self.arrays.give_back(array)
 
     def lease(self, rows: int) -> jax.Array:
-        """An array of `rows` rows that nothing reads any more: an idle one whose last reader has run, else the oldest
-        idle one once its reader has run (a new one would wait as long), else a new one."""
-        with self._lock:
-            same = [i for i, (a, _) in enumerate(self._idle) if a.shape[0] == rows]
-            ready = [i for i in same if self._idle[i][1] is None or self._idle[i][1].is_ready()]
-            pick = ready[0] if ready else same[0] if same else None
-            array, guard = self._idle.pop(pick) if pick is not None else (None, None)
-        if array is None:
-            return self._new(rows)
-        if guard is not None:
-            guard.block_until_ready()
-        return array
+        """An array of `rows` rows that nothing reads any more (device_ipc.ReusedArrays.lease)."""
+        return self.arrays.lease((rows, self.row_bytes), jnp.uint8, self.sharding)
 
     def give_back(self, array: jax.Array, guard: jax.Array | None) -> None:
         """`array` may be reused once `guard` (the output of its last reader, already dispatched) is ready."""
-        with self._lock:
-            self._idle.append((array, guard))
-            while sum(a.shape[0] for a, _ in self._idle) > self.keep_rows:
-                self._idle.pop(0)  # the oldest
+        self.arrays.give_back(array, guard)
 
     def copy(self, array: jax.Array, moves: list[tuple[int, int, int]]) -> None:
         """Copy each (row offset, host address, rows) into `array`, on every device it lies on at once; returns once
