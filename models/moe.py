@@ -45,11 +45,12 @@ IMPLS = ("auto", "grouped", "dense", "pallas")
 SPECS = {"w_gate": P("expert", "tensor", None), "w_up": P("expert", "tensor", None), "w_down": P("expert", None, "tensor")}
 RIDGE = 184.0  # FLOPs per byte where an H200 turns from bandwidth- to compute-bound (790 TFLOP/s / 4.3 TB/s)
 _TILES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-# One-row tiles in routing order up to this many assignments (8 tokens at top-8), in blocks of 8 outputs x 512 inputs
-# over 8 warps: faster than sorted 16-row tiles at every decode size measured, 1 to 8 tokens, and than wider blocks
-# at 1 and 8 tokens (benchmarks/moe_block.py, RESULTS.md).
+# One-row tiles in routing order up to this many assignments (8 tokens at top-8): faster than sorted 16-row tiles at
+# every decode size measured, 1 to 8 tokens. Their blocks: 8 outputs x 512 inputs for one token (more programs to
+# spread its few experts' reads over the SMs), 16 x 256 for more (benchmarks/moe_block.py's sweep, RESULTS.md).
 ONE_ROW_MAX = 64
-ONE_ROW_BLOCKS = dict(block_n=8, block_k=512, num_warps=8)
+ONE_TOKEN_BLOCKS = dict(block_n=8, block_k=512)
+ONE_ROW_BLOCKS = dict(block_n=16, block_k=256)
 
 
 def route(router: jax.Array, x: jax.Array, top_k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array]:
@@ -200,7 +201,8 @@ def pallas_experts(x, ids, weights, w_gate, w_up, w_down, tile: int, first: int 
     expert's weights in place. `blocks`: the kernel's block_n, block_k, num_warps, num_stages, interpret."""
     experts = w_gate.shape[0]
     if tile == 1:
-        tiles, blocks = in_order(ids, experts, first), {**ONE_ROW_BLOCKS, **blocks}
+        defaults = ONE_TOKEN_BLOCKS if ids.shape[0] == 1 else ONE_ROW_BLOCKS
+        tiles, blocks = in_order(ids, experts, first), {**defaults, **blocks}
     else:
         tiles = sort_into_tiles(ids, experts, tile, first)
     xs, row_weight = tiles.gather(x, weights)

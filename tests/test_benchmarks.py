@@ -298,6 +298,15 @@ def test_allreduce_chain_probe_sums_over_every_device():
     assert r["sums_only_max_error"] == 0.0 and r["sums_only_batch1_ms"] > 0 and r["matmul_then_sum_batch1_ms"] > 0
 
 
+def test_read_bw_probe_times_every_program(tmp_path):
+    from rtpjax.benchmarks.probes import read_bw
+
+    out = tmp_path / "read_bw.json"
+    r = read_bw.main(["--mib", "2", "--repeats", "2", "--out", str(out)])
+    assert r["bytes"] == 2 << 20 and set(r["TBps"]) == set(read_bw.PROGRAMS)
+    assert all(rate > 0 for rate in r["TBps"].values()) and json.loads(out.read_text()) == r
+
+
 def test_protocol_bench_times_both_formats_and_the_typed_message_is_the_smaller(tmp_path):
     from rtpjax.benchmarks.protocol_bench import measure
 
