@@ -202,6 +202,11 @@ def test_loop_stats_account_for_each_step(stories_llm):
     assert s.computed == 1 + 2 + 2 * 9 and s.sampled == 2 * 10  # prompts once, then each sampled token fed back
     assert 0 < s.prepare_s and 0 < s.launch_s and s.prepare_s + s.launch_s + s.device_wait_s <= s.busy_s
     assert f"{s.steps / 2.0:.1f} steps/s" in s.report(2.0)
+    worst = s.slowest  # the longest step, its parts summing to it
+    assert 0 < worst.busy <= s.busy_s and worst.reading <= s.device_wait_s and worst.tiers == s.tiers_s == 0
+    assert min(getattr(worst, part) for part in worst.PARTS) >= 0 and worst.scheduling + worst.inputs > 0
+    assert sum(getattr(worst, part) for part in worst.PARTS) == pytest.approx(worst.busy)
+    assert f"the slowest step {1e3 * worst.busy:.1f} ms (reading" in s.report(2.0)
 
 
 @pytest.mark.parametrize("rust_stream", [True, False])

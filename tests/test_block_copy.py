@@ -210,6 +210,8 @@ def test_staged_rows_land_in_reused_arrays_by_the_driver(monkeypatch):
     buf[:] = rng.integers(0, 256, buf.shape, dtype=np.uint8)
     bb = LAYOUT.block_bytes
     assert puts.host_arrays == 0 and cuda.copies == [3 * bb, bb, bb, bb, bb] and cuda.synced == 1
+    times = copier.last_stage  # the copy's parts: enqueuing them is part of the copy
+    assert 0 < times.enqueue <= times.copy and times.lease >= 0 and times.split > 0
     np.testing.assert_array_equal(np.stack([np.asarray(r) for r in first]), sent[slots])
     idle = [a for a, _ in copier._landing.arrays._idle]
     second = copier.stage([buf[s] for s in range(18, 40)], page_locked=True)  # 22 rows: a piece of 16, then 8

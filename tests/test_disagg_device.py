@@ -359,9 +359,11 @@ def test_copies_onto_several_devices_are_all_enqueued_before_any_wait():
     cuda, events, failing = FakeCuda(), [], set()
     cuda.cuMemcpyHtoDAsync_v2 = lambda dst, src, nbytes, stream: (
         events.append(("copy", stream.value, dst)) or int(dst in failing))  # fmt: skip
-    cuda.cuStreamSynchronize = lambda stream: events.append(("wait", stream.value)) or 0
+    cuda.cuStreamSynchronize = lambda stream: events.append(("wait", stream.value)) or time.sleep(0.05) or 0
     driver = device_ipc._Driver(cuda)
-    driver.copy_each({0: [(1, 2, 3), (4, 5, 6)], 1: [(7, 8, 9)]}, up=True)
+    began = time.perf_counter()
+    enqueuing = driver.copy_each({0: [(1, 2, 3), (4, 5, 6)], 1: [(7, 8, 9)]}, up=True)
+    assert 0 <= enqueuing < 0.05 <= time.perf_counter() - began  # the waits are not counted as enqueuing
     assert events == [("copy", 1, 1), ("copy", 1, 4), ("copy", 2, 7), ("wait", 1), ("wait", 2)]
     events.clear()
     failing.add(4)

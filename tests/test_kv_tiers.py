@@ -266,6 +266,8 @@ def test_tier_metrics_on_prometheus(first_run):
     assert f'rtpjax:kv_tier_hits_total{{model_name="stories",tier="host"}} {float(host.hits)}' in text
     assert 'rtpjax:kv_tier_capacity_bytes{model_name="stories",tier="disk"}' in text
     assert "KV tiers: host" in llm.engine.tiers.report()
+    loop = llm.engine.loop_stats  # (an LLM's engine never hands its loop stats to a report)
+    assert 0 < loop.tiers_s < loop.prepare_s and "on KV tiers' copies down" in loop.report(1.0)
 
 
 def test_tensor_parallel_offloads_and_loads(stories_dir, compile_cache, reference):

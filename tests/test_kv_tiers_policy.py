@@ -380,13 +380,13 @@ def test_load_waits_are_reported_per_phase():
     assert waits.report() == "no loads"
     waits.add([1.0, 1.5, 1.75, 1.75, 2.0], 3.0, blocks=8, pieces=2)
     waits.add([1.0, None, None, None, None], 3.0)  # loaded without staging: no phases
-    stage = StageTimes(0.0, 0.125, 0.0625)
+    stage = StageTimes(0.0, 0.125, 0.0625, 0.03125)
     waits.add([0.0, 0.5, 1.25, 1.5, 1.75], 2.5, blocks=64, pieces=1, stage=stage)  # the slowest: 2.5 s in all
     assert waits.count == 2 and waits.total == [1.0, 1.0, 0.25, 0.5, 1.75]
     assert waits.longest == [0.5, 0.75, 0.25, 0.25, 1.0]
     assert waits.report() == ("2 loads waited (mean/max ms) rows 500.0/500.0, queued 500.0/750.0, onload 125.0/250.0, "
                               "transfer 250.0/250.0, admission 875.0/1000.0; the slowest 500.0 750.0 250.0 250.0 750.0 "
-                              "(of its transfer: landing 0.0, copy 125.0, split 62.5) (64 blocks, 1 runs)")  # fmt: skip
+                              "(of its transfer: landing 0.0, copy 125.0 of which enqueuing 31.2, split 62.5) (64 blocks, 1 runs)")  # fmt: skip
 
 
 # -- counting ----------------------------------------------------------------------------------------------------------

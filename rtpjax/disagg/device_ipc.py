@@ -153,10 +153,12 @@ class _Driver:
         after an error)."""
         self.copy_each({ordinal: moves}, up)
 
-    def copy_each(self, moves: dict[int, list[tuple[int, int, int]]], up: bool = False) -> None:
+    def copy_each(self, moves: dict[int, list[tuple[int, int, int]]], up: bool = False) -> float:
         """`copy` onto several devices (ordinal -> its copies), enqueued on each device's stream before any is waited
-        for, so the devices copy at once."""
+        for, so the devices copy at once. Returns the seconds enqueuing took (the rest was the copies' wait: a slow
+        enqueue means the driver held the call, a slow wait the copy itself)."""
         streams, error, copy_async = {}, 0, self.copy_up_async if up else self.copy_async
+        began = enqueued = time.perf_counter()
         try:
             for ordinal, device_moves in moves.items():
                 self.use(ordinal)
@@ -168,7 +170,7 @@ class _Driver:
                 if error:
                     break
         finally:
-            synced = 0
+            synced, enqueued = 0, time.perf_counter()
             for ordinal, stream in streams.items():
                 self.use(ordinal)
                 synced = self.lib.cuStreamSynchronize(stream) or synced
@@ -176,6 +178,7 @@ class _Driver:
                     self._streams[ordinal].append(stream)
         self._check(error, "cuMemcpyHtoDAsync" if up else "cuMemcpyDtoDAsync")
         self._check(synced, "cuStreamSynchronize")
+        return enqueued - began
 
     def _stream(self, ordinal: int):
         """An idle stream of device `ordinal` (its context current), made if none is."""
@@ -227,9 +230,10 @@ def _driver() -> _Driver:
     return _DRIVER[0]
 
 
-def copy_up(moves: dict[int, list[tuple[int, int, int]]]) -> None:
-    """Host-to-device copies (device address, host address, nbytes) per device ordinal, all landed on return."""
-    _driver().copy_each(moves, up=True)
+def copy_up(moves: dict[int, list[tuple[int, int, int]]]) -> float:
+    """Host-to-device copies (device address, host address, nbytes) per device ordinal, all landed on return; the
+    seconds their enqueuing took (`_Driver.copy_each`)."""
+    return _driver().copy_each(moves, up=True)
 
 
 def available(device: jax.Device) -> bool:

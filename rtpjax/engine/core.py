@@ -51,6 +51,21 @@ log = logging.getLogger("rtpjax")
 
 
 @dataclasses.dataclass
+class StepTimes:
+    """Where one step() went, in seconds: reading tokens (waiting for the device), scheduling, the KV tiers' copies
+    down, the step's inputs (block loads included), launching, outputs (the rest)."""
+
+    PARTS = ("reading", "scheduling", "tiers", "inputs", "launch", "outputs")
+    busy: float = 0.0
+    reading: float = 0.0
+    scheduling: float = 0.0
+    tiers: float = 0.0
+    inputs: float = 0.0
+    launch: float = 0.0
+    outputs: float = 0.0
+
+
+@dataclasses.dataclass
 class LoopStats:
     """Where the engine loop's time goes, summed since the last report (the engine process logs it)."""
 
@@ -63,6 +78,8 @@ class LoopStats:
     launch_s: float = 0.0  # queuing it on the device (host work: XLA enqueues the step's kernels)
     device_wait_s: float = 0.0  # reading the previous step's tokens
     propose_s: float = 0.0  # of prepare_s: speculation's proposals
+    tiers_s: float = 0.0  # of prepare_s: the KV tiers' copies down (dispatch, and any wait for their download)
+    slowest: StepTimes | None = None  # the longest step(), where one stall hides in the means
     drafts: int = 0  # sequence-steps that verified drafts
     chained: int = 0  # verify rounds launched before the round ahead of them was read
     draft_tokens: int = 0
@@ -77,7 +94,26 @@ class LoopStats:
                 "per step "
                 f"{self.prepare_s * ms:.2f} ms scheduling, {self.launch_s * ms:.2f} ms launching, "
                 f"{self.device_wait_s * ms:.2f} ms reading tokens (waiting for the device), "
-                f"{outputs * ms:.2f} ms on outputs" + self._speculation(ms))
+                f"{outputs * ms:.2f} ms on outputs" + self._tiers(ms) + self._speculation(ms) + self._slowest())
+
+    def add_step(self, step: StepTimes) -> None:
+        """Count one step() in the sums."""
+        self.busy_s += step.busy
+        self.prepare_s += step.scheduling + step.tiers + step.inputs
+        self.tiers_s += step.tiers
+        self.launch_s += step.launch
+        if self.slowest is None or step.busy > self.slowest.busy:
+            self.slowest = step
+
+    def _tiers(self, ms: float) -> str:
+        return f" ({self.tiers_s * ms:.2f} ms of the scheduling on KV tiers' copies down)" if self.tiers_s else ""
+
+    def _slowest(self) -> str:
+        step = self.slowest
+        if step is None:
+            return ""
+        parts = ", ".join(f"{name} {1e3 * getattr(step, name):.1f}" for name in StepTimes.PARTS)
+        return f"; the slowest step {1e3 * step.busy:.1f} ms ({parts})"
 
     def _speculation(self, ms: float) -> str:
         if not self.drafts:
@@ -347,6 +383,7 @@ class LLMEngine:
         skips building per-step outputs, a cost per sequence per step). `as_deltas`: outputs as RequestDeltas (what
         the engine process sends)."""
         stats, began = self.loop_stats, time.perf_counter()
+        waited = stats.device_wait_s  # (_read adds to it)
         speculating = self.speculator is not None and self.speculator.active(self.scheduler)
         read, chain = None, None
         if self.inflight is not None and (speculating or self.inflight[0].verify):
@@ -368,17 +405,19 @@ class LLMEngine:
             drafts = self.speculator.drafts(self.scheduler) if speculating else None
             stats.propose_s += time.perf_counter() - scheduling
             schedule = self.scheduler.schedule(drafts)
+        times = StepTimes(scheduling=time.perf_counter() - scheduling)
         if self.tiers is not None:  # blocks evicted just now are copied down before anything overwrites them
             self.tiers.dispatch(self._gather_down)
+            times.tiers = time.perf_counter() - scheduling - times.scheduling
         launched = None
         if schedule.items:
+            preparing = time.perf_counter()
             inputs = self.runner.prepare(schedule)
             prepared = time.perf_counter()
-            stats.prepare_s += prepared - scheduling
             launched = (schedule, self.runner.launch(*inputs))
             if self.runner.aux_layers:  # an EAGLE-3 head: the step's hidden states, on the device
                 self.speculator.observe(*self.runner.aux)
-            stats.launch_s += time.perf_counter() - prepared
+            times.inputs, times.launch = prepared - preparing, time.perf_counter() - prepared
         if read is not None:
             outputs = self._emit(read, final_only, as_deltas)
         elif self.inflight is not None:  # (a chained round's items move back as the round ahead is read)
@@ -393,7 +432,9 @@ class LLMEngine:
         stats.steps, stats.rows = stats.steps + 1, stats.rows + len(schedule.items)
         stats.computed += schedule.num_tokens
         stats.sampled += sum(item.samples for item in schedule.items)
-        stats.busy_s += time.perf_counter() - began
+        times.busy, times.reading = time.perf_counter() - began, stats.device_wait_s - waited
+        times.outputs = times.busy - times.reading - times.scheduling - times.tiers - times.inputs - times.launch
+        stats.add_step(times)
         return outputs
 
     def chains(self) -> bool:

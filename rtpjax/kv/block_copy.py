@@ -140,11 +140,12 @@ def unpack(rows, layout: KVLayout):
 @dataclasses.dataclass
 class StageTimes:
     """Where `stage`'s last call spent its time (seconds): waiting for landing arrays to be free, the copies (and
-    their wait), dispatching the splits."""
+    their wait), dispatching the splits; of the copies, enqueuing them (the driver's calls, before the wait)."""
 
     lease: float = 0.0
     copy: float = 0.0
     split: float = 0.0
+    enqueue: float = 0.0
 
 
 class BlockCopier:
@@ -373,7 +374,7 @@ class BlockCopier:
             land = self._landing.lease(1 << (len(chunk) - 1).bit_length())
             leased = time.perf_counter()
             try:
-                self._landing.copy(land, landing.moves(chunk, runs(chunk)))
+                times.enqueue += self._landing.copy(land, landing.moves(chunk, runs(chunk)))
                 copied = time.perf_counter()
                 split = self._split_rows(land)[: len(chunk)]
             except Exception:

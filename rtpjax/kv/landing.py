@@ -46,10 +46,10 @@ class Landing:
         """`array` may be reused once `guard` (the output of its last reader, already dispatched) is ready."""
         self.arrays.give_back(array, guard)
 
-    def copy(self, array: jax.Array, moves: list[tuple[int, int, int]]) -> None:
+    def copy(self, array: jax.Array, moves: list[tuple[int, int, int]]) -> float:
         """Copy each (row offset, host address, rows) into `array`, on every device it lies on at once; returns once
-        landed (device_ipc.IPCError if a copy failed)."""
-        device_ipc.copy_up({shard.device.local_hardware_id: [
+        landed (device_ipc.IPCError if a copy failed), with the seconds enqueuing the copies took."""
+        return device_ipc.copy_up({shard.device.local_hardware_id: [
             (shard.data.unsafe_buffer_pointer() + at * self.row_bytes, address, n * self.row_bytes)
             for at, address, n in moves] for shard in array.addressable_shards})  # fmt: skip
 
