@@ -134,11 +134,15 @@ class Fetch:
     times: list[float | None] = dataclasses.field(default_factory=lambda: [time.monotonic(), None, None, None, None])
     runs: int = 0  # back-to-back runs its host rows crossed in (each one transfer or more)
     stage: object = None  # block_copy.StageTimes of its transfer
+    arrived: bool = False  # `ready` seen true
 
     @property
     def ready(self) -> bool:
-        """Every row is in host memory (or failed)."""
-        return None not in self.ok
+        """Every row is in host memory (or failed). Once true it stays true (a row never goes back to in flight): the
+        scheduler asks for every waiting sequence each round, so the answer is kept rather than rescanned."""
+        if not self.arrived:
+            self.arrived = None not in self.ok
+        return self.arrived
 
     @property
     def admissible(self) -> bool:
