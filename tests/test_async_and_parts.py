@@ -207,6 +207,21 @@ def test_loop_stats_account_for_each_step(stories_llm):
     assert min(getattr(worst, part) for part in worst.PARTS) >= 0 and worst.scheduling + worst.inputs > 0
     assert sum(getattr(worst, part) for part in worst.PARTS) == pytest.approx(worst.busy)
     assert f"the slowest step {1e3 * worst.busy:.1f} ms (reading" in s.report(2.0)
+    import jax
+    import jax.numpy as jnp
+
+    engine.take_loop_stats()  # (other tests may have compiled since this engine's warm-up)
+    stories_llm.generate([[1], [1, 450]], SamplingParams(max_tokens=10, **GREEDY))
+    assert engine.take_loop_stats().compiles[0] == 0  # a warmed engine's steps compile nothing
+    jax.jit(lambda x: x * 3 + 1)(jnp.arange(7))  # anything compiled in the process meanwhile is named
+    stories_llm.generate([[1]], SamplingParams(max_tokens=2, **GREEDY))
+    count, recent = engine.take_loop_stats().compiles
+    assert count >= 1 and any("<lambda>" in name for name, _ in recent)
+    stories_llm.generate([[1]], SamplingParams(max_tokens=2, **GREEDY))
+    s = engine.take_loop_stats()
+    assert s.compiles[0] == 0 and "while serving" not in s.report(1.0)  # taken once
+    s.compiles = (3, [("jit(f)", 1.25)])
+    assert "; 3 executables compiled or fetched while serving (the latest: jit(f) 1.25 s)" in s.report(1.0)
 
 
 @pytest.mark.parametrize("rust_stream", [True, False])

@@ -80,6 +80,7 @@ class LoopStats:
     propose_s: float = 0.0  # of prepare_s: speculation's proposals
     tiers_s: float = 0.0  # of prepare_s: the KV tiers' copies down (dispatch, and any wait for their download)
     slowest: StepTimes | None = None  # the longest step(), where one stall hides in the means
+    compiles: tuple[int, list] = (0, [])  # executables compiled or fetched meanwhile (CompileCounter.take_recent)
     drafts: int = 0  # sequence-steps that verified drafts
     chained: int = 0  # verify rounds launched before the round ahead of them was read
     draft_tokens: int = 0
@@ -94,7 +95,15 @@ class LoopStats:
                 "per step "
                 f"{self.prepare_s * ms:.2f} ms scheduling, {self.launch_s * ms:.2f} ms launching, "
                 f"{self.device_wait_s * ms:.2f} ms reading tokens (waiting for the device), "
-                f"{outputs * ms:.2f} ms on outputs" + self._tiers(ms) + self._speculation(ms) + self._slowest())
+                f"{outputs * ms:.2f} ms on outputs" + self._tiers(ms) + self._speculation(ms) + self._slowest()
+                + self._compiled())
+
+    def _compiled(self) -> str:
+        count, recent = self.compiles
+        if not count:
+            return ""
+        named = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in recent)
+        return f"; {count} executables compiled or fetched while serving (the latest: {named})"
 
     def add_step(self, step: StepTimes) -> None:
         """Count one step() in the sums."""
@@ -256,6 +265,7 @@ class LLMEngine:
         if self.tiers is not None:
             self.tiers.costs = tiers_build.measure_costs(self.runner, self.tiers)
         compiled = time.monotonic()
+        CompileCounter.take_recent()  # the loop log counts those after warm-up
         if isinstance(self.channel, multihost.Leader):
             self.runner.mirror = self.channel  # from here on the followers replay this process's device work
         self.tokenizer, tokenizer_seconds = tokenizer.result()
@@ -587,6 +597,7 @@ class LLMEngine:
         """The loop's stats since the last call (what the engine process logs); they stay in the lifetime totals
         stats() reports."""
         taken, self.loop_stats = self.loop_stats, LoopStats()
+        taken.compiles = CompileCounter.take_recent()
         life = self.lifetime
         life.steps, life.computed, life.busy_s = life.steps + taken.steps, life.computed + taken.computed, \
             life.busy_s + taken.busy_s  # fmt: skip

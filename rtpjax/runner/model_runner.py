@@ -9,6 +9,7 @@ tokens only when it must, while the device runs the next step, whose inputs read
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
@@ -99,11 +100,22 @@ def pick(sizes: list[int], n: int) -> int:
 
 class CompileCounter:
     """Counts XLA compilations in this process that the persistent compilation cache did not answer (`count`), and
-    the executables it did answer (`fetched`)."""
+    the executables it did answer (`fetched`); keeps the latest of both, named and timed, until `take_recent` (the
+    engine's loop log names what compiled while serving: after warm-up nothing should)."""
 
     count = 0
     fetched = 0
+    recent: collections.deque = collections.deque(maxlen=8)  # (function, seconds), compiled or fetched
+    since = 0  # how many since the last take_recent (recent keeps the last few)
     _installed = False
+
+    @classmethod
+    def take_recent(cls) -> tuple[int, list[tuple[str, float]]]:
+        """(count, the latest few (function, seconds)) of the executables compiled or fetched since the last call."""
+        taken, recent = cls.since, list(cls.recent)
+        cls.since = 0
+        cls.recent.clear()
+        return taken, recent
 
     @classmethod
     def install(cls) -> None:
@@ -113,6 +125,8 @@ class CompileCounter:
         def on_duration(event, duration, **kwargs):
             if event == "/jax/core/compile/backend_compile_duration":  # compiled, or fetched from the cache
                 cls.count += 1
+                cls.since += 1
+                cls.recent.append((str(kwargs.get("fun_name", "?")), duration))
 
         def on_event(event, **kwargs):
             if event == "/jax/compilation_cache/cache_hits":
