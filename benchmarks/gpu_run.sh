@@ -35,7 +35,8 @@
 #           blocks) with prefix caching off, device only, device + host + disk; then a restart with the disk tier
 #           (TIER_BW=0 skips the bandwidths; TIER_CONFIGS, TIER_DATASETS, TIER_PROMPTS, TIER_RESTART pick the runs;
 #           TIER_PROFILE=1: cProfile each engine's loop into tiers_NAME.prof and .prof.txt; TIER_CONCURRENCY (64):
-#           requests in flight, so that more conversations than that wait between their turns, as chat users do)
+#           requests in flight, so that more conversations than that wait between their turns, as chat users do;
+#           several ("8 16 32 64"): a run each against the same server, results named _cN, each with new prompts)
 #   moe     Qwen3-30B-A3B-shaped random weights: the MoE block alone against its weight-bandwidth floor (grouped, dense,
 #           auto, pallas, and the grouped-matmul kernel swept over block sizes; MOE_BLOCK_FLAGS adds moe_block.py
 #           flags, e.g. "--pallas-blocks 64x128x4x3,128x128x8x4 --pallas-rows 16,32"), then offline decode
@@ -442,16 +443,20 @@ PY
       curl -s localhost:8000/metrics | grep -E "^rtpjax:(prefix_cache|kv_tier)_(queries|hits)" > "$OUT/tiers_$name.metrics"
       cat "$OUT/tiers_$name.metrics"
     }
-    traffic() {  # $1: config name
+    traffic() {  # $1: config name; one run per dataset and concurrency, each with prompts of its own (seed)
+      local seed=0
       for dataset in ${TIER_DATASETS:-multi_turn shared_prefix}; do
-        case $dataset in
-        multi_turn) tier_bench "$1_multi_turn" --dataset-name multi_turn --num-prompts ${TIER_PROMPTS:-256} \
-          --multi-turn-num-turns 4 --multi-turn-input-len 1024 --multi-turn-output-len 128 \
-          --max-concurrency ${TIER_CONCURRENCY:-64} ;;
-        shared_prefix) tier_bench "$1_shared_prefix" --dataset-name prefix_repetition \
-          --num-prompts ${TIER_PROMPTS:-256} --max-concurrency ${TIER_CONCURRENCY:-64} --prefix-repetition-prefix-len 4096 \
-          --prefix-repetition-suffix-len 256 --prefix-repetition-num-prefixes 32 --prefix-repetition-output-len 128 ;;
-        esac
+        for c in ${TIER_CONCURRENCY:-64}; do
+          seed=$((seed + 1)); local name="$1_${dataset}"
+          [ "$(echo ${TIER_CONCURRENCY:-64} | wc -w)" -gt 1 ] && name="${name}_c$c"
+          case $dataset in
+          multi_turn) tier_bench "$name" --dataset-name multi_turn --num-prompts ${TIER_PROMPTS:-256} --seed $seed \
+            --multi-turn-num-turns 4 --multi-turn-input-len 1024 --multi-turn-output-len 128 --max-concurrency $c ;;
+          shared_prefix) tier_bench "$name" --dataset-name prefix_repetition --seed $seed \
+            --num-prompts ${TIER_PROMPTS:-256} --max-concurrency $c --prefix-repetition-prefix-len 4096 \
+            --prefix-repetition-suffix-len 256 --prefix-repetition-num-prefixes 32 --prefix-repetition-output-len 128 ;;
+          esac
+        done
       done
     }
     rm -rf /tmp/kv_disk
