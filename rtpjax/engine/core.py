@@ -53,13 +53,14 @@ log = logging.getLogger("rtpjax")
 @dataclasses.dataclass
 class StepTimes:
     """Where one step() went, in seconds: reading tokens (waiting for the device), scheduling, the KV tiers' copies
-    down, the step's inputs (block loads included), launching, outputs (the rest)."""
+    down, writing block loads (from a KV tier or another engine), the step's inputs, launching, outputs (the rest)."""
 
-    PARTS = ("reading", "scheduling", "tiers", "inputs", "launch", "outputs")
+    PARTS = ("reading", "scheduling", "tiers", "loads", "inputs", "launch", "outputs")
     busy: float = 0.0
     reading: float = 0.0
     scheduling: float = 0.0
     tiers: float = 0.0
+    loads: float = 0.0
     inputs: float = 0.0
     launch: float = 0.0
     outputs: float = 0.0
@@ -108,7 +109,7 @@ class LoopStats:
     def add_step(self, step: StepTimes) -> None:
         """Count one step() in the sums."""
         self.busy_s += step.busy
-        self.prepare_s += step.scheduling + step.tiers + step.inputs
+        self.prepare_s += step.scheduling + step.tiers + step.loads + step.inputs
         self.tiers_s += step.tiers
         self.launch_s += step.launch
         if self.slowest is None or step.busy > self.slowest.busy:
@@ -421,13 +422,16 @@ class LLMEngine:
             times.tiers = time.perf_counter() - scheduling - times.scheduling
         launched = None
         if schedule.items:
+            loading = time.perf_counter()
+            self.runner.load_blocks(schedule.loads)  # blocks arriving from the host, written before the step
             preparing = time.perf_counter()
             inputs = self.runner.prepare(schedule)
             prepared = time.perf_counter()
             launched = (schedule, self.runner.launch(*inputs))
             if self.runner.aux_layers:  # an EAGLE-3 head: the step's hidden states, on the device
                 self.speculator.observe(*self.runner.aux)
-            times.inputs, times.launch = prepared - preparing, time.perf_counter() - prepared
+            times.loads, times.inputs = preparing - loading, prepared - preparing
+            times.launch = time.perf_counter() - prepared
         if read is not None:
             outputs = self._emit(read, final_only, as_deltas)
         elif self.inflight is not None:  # (a chained round's items move back as the round ahead is read)
@@ -443,7 +447,7 @@ class LLMEngine:
         stats.computed += schedule.num_tokens
         stats.sampled += sum(item.samples for item in schedule.items)
         times.busy, times.reading = time.perf_counter() - began, stats.device_wait_s - waited
-        times.outputs = times.busy - times.reading - times.scheduling - times.tiers - times.inputs - times.launch
+        times.outputs = times.busy - sum(getattr(times, part) for part in StepTimes.PARTS[:-1])
         stats.add_step(times)
         return outputs
 

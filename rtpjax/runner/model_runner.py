@@ -445,8 +445,7 @@ class ModelRunner:
     # -- dispatch ---------------------------------------------------------------------------------------------------
 
     def prepare(self, schedule: Schedule) -> tuple[StepBatch, sampler.SamplingInputs]:
-        """The step's host-side inputs, padded to its buckets. Blocks arriving from the host are written first."""
-        self.load_blocks(schedule.loads)
+        """The step's host-side inputs, padded to its buckets (its block loads written first: `load_blocks`)."""
         self._reset_rows([s for s in schedule.admitted if s.params.uses_penalties or self.chain_lookup])
         num_tokens = pick(self.token_buckets, max(schedule.num_tokens, len(schedule.items)))
         if schedule.verify:
