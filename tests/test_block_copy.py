@@ -82,20 +82,21 @@ def test_rows_go_up_in_pieces_through_pinned_memory(monkeypatch):
 @pytest.mark.parametrize("page_locked", [False, True])
 @pytest.mark.parametrize("slots", [[0, 1, 2, 3, 7, 8, 4], [3, 2, 1, 0, 8, 7, 4]])  # runs forwards; backwards
 def test_tier_rows_write_in_runs(monkeypatch, page_locked, slots):
-    """Rows of a tier buffer in three runs (and one row already on the device) land in the right blocks, one
-    transfer per run piece, in either direction, nothing compiled after warm-up; page-locked rows are not staged."""
+    """Rows of a tier buffer in three runs (and one row already on the device, one on another device) land in the
+    right blocks, one transfer per run piece, in either direction, nothing compiled after warm-up; page-locked rows
+    are not staged."""
     cache = _cache()
     copier = _copier(cache)
     buf = np.random.default_rng(2).integers(0, 256, (12, LAYOUT.block_bytes), dtype=np.uint8)
-    on_device = jax.device_put(buf[11])
+    on_device, elsewhere = jax.device_put(buf[11]), jax.device_put(buf[10], jax.devices()[3])
     puts = _Puts(monkeypatch)
-    packed = PackedBlocks(LAYOUT, [buf[s] for s in slots] + [on_device], page_locked=page_locked)
-    blocks = [10, 3, 17, 4, 21, 6, 12, 0]
+    packed = PackedBlocks(LAYOUT, [buf[s] for s in slots] + [on_device, elsewhere], page_locked=page_locked)
+    blocks = [10, 3, 17, 4, 21, 6, 12, 0, 9]
     cache = copier.write_packed(cache, blocks, packed)
     assert puts.host_arrays == 3  # [0..3], [7, 8], [4]
     assert ("pinned_host" in puts.kinds) != page_locked
     got = np.asarray(block_copy.pack(gather(cache, np.array(blocks), copies=1)))
-    np.testing.assert_array_equal(got, buf[slots + [11]])
+    np.testing.assert_array_equal(got, buf[slots + [11, 10]])
     assert copier._write_packed._cache_size() == 0 and copier._split._cache_size() == 0
 
 

@@ -334,13 +334,20 @@ class BlockCopier:
         """Host rows as rows on the cache's devices (rows already there stay): each run of back-to-back host rows
         crosses in power-of-two pieces, one transfer each, split into rows on the device."""
         rows = self._checked(rows)
-        out = list(rows)
-        moved = [i for i, row in enumerate(rows)
-                 if not isinstance(row, np.ndarray) and not row.sharding.is_equivalent_to(self._rows_at, row.ndim)]
+        out, on_host, placed = list(rows), False, set()  # placed: shardings found where rows go (staged rows share one)
+        moved = []
+        for i, row in enumerate(rows):
+            if isinstance(row, np.ndarray):
+                on_host = True
+            elif (row.sharding, row.ndim) not in placed:
+                if row.sharding.is_equivalent_to(self._rows_at, row.ndim):
+                    placed.add((row.sharding, row.ndim))
+                else:
+                    moved.append(i)
         if moved:
             for i, row in zip(moved, jax.device_put([rows[i] for i in moved], self._rows_at)):
                 out[i] = row
-        for start, got in self._move(rows, page_locked):
+        for start, got in self._move(rows, page_locked) if on_host else ():
             out[start : start + len(got)] = got
         return out
 
