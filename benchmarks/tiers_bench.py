@@ -8,6 +8,7 @@
   onload_staged_N             what a fetch waits for before admission (the tier's onload thread: block_copy.stage):
                               the page-locked rows on the device in pieces of at most N blocks, split into rows, not
                               yet written into the cache (the engine's write before the step does that)
+  onload_staged_64_streamsS   (GPUs) pieces of 64 with each copy cut over S streams of the device (copy engines)
   onload_staged_scattered     the same for rows in random order over the buffer (nearly all crossing alone), as an
                               LRU can leave a fetch's rows; _during_offload: while another thread downloads gathers
   offload_pinned / _pageable  the write-down: packed gather, copied into pinned_host memory by device_put (now) or
@@ -103,6 +104,11 @@ def main(argv=None) -> dict:
     for piece in (16, 64, 256):
         stager = BlockCopier(cache, layout, [min(piece, n)], max_piece=piece)
         result[f"onload_staged_{piece}_GBps"] = rate(_timed(lambda: stager.stage(rows, host.unpin is not None)))
+    if copier.landing_rows:  # rows land by the driver: each copy over several streams (copy engines) instead of one
+        for streams in (2, 4):
+            stager = BlockCopier(cache, layout, [min(64, n)], land_streams=streams)
+            result[f"onload_staged_64_streams{streams}_GBps"] = rate(
+                _timed(lambda: stager.stage(rows, host.unpin is not None)))  # fmt: skip
     # a fetch's rows as an LRU can leave them: scattered over the buffer, nearly all alone; then the same while the
     # write-down's downloads (device -> pinned host) run on another thread, as they do in serving
     order = np.random.default_rng(0).permutation(n)

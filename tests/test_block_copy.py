@@ -295,6 +295,20 @@ def test_a_landing_array_is_reused_only_once_its_reader_has_run():
     assert all(x is not a for x, _ in landing.arrays._idle)
 
 
+def test_landing_copies_over_several_streams_land_every_byte(monkeypatch):
+    """A landing whose copies go over 2 streams a device (device_ipc.split_moves): a run of rows crosses as page
+    pieces on alternate streams, and the array holds exactly the host rows."""
+    from rtpjax.kv import landing as landing_mod
+
+    cuda = _HostCopies(monkeypatch)
+    landing = landing_mod.Landing(jax.sharding.SingleDeviceSharding(jax.devices()[0]), 4096, keep_rows=8, streams=2)
+    rows = np.random.default_rng(9).integers(0, 256, (3, 4096), dtype=np.uint8)
+    array = landing.lease(4)
+    landing.copy(array, landing_mod.moves(list(rows), [(0, 3, 1)]))
+    np.testing.assert_array_equal(np.asarray(array)[:3], rows)
+    assert cuda.copies == [8192, 4096] and cuda.synced == 2  # two pieces, two streams waited for
+
+
 def test_staged_rows_land_on_every_device_of_a_tensor_parallel_cache(monkeypatch):
     """Under tensor parallelism the rows land whole on each device of the cache (each then takes its heads)."""
     cuda = _HostCopies(monkeypatch)

@@ -371,3 +371,24 @@ def test_copies_onto_several_devices_are_all_enqueued_before_any_wait():
         driver.copy_each({0: [(1, 2, 3), (4, 5, 6)], 1: [(7, 8, 9)]}, up=True)
     assert events == [("copy", 1, 1), ("copy", 1, 4), ("wait", 1)]  # device 1 never started; device 0 waited for
     assert cuda.streams == 2  # both streams went back to their pools and were reused
+
+
+def test_copies_spread_over_streams_cover_each_copy_once_in_pages():
+    """streams > 1: each copy is cut into consecutive page-aligned pieces, one a stream (a copy smaller than a page
+    a stream stays whole), every byte copied once, every stream waited for and given back."""
+    moves = [(1 << 30, 1 << 20, 10 * 4096 + 5), (2 << 30, 3 << 20, 100)]
+    for parts in (1, 2, 4):
+        pieces = device_ipc.split_moves(moves, parts)
+        covered = {}
+        for dst, src, nbytes in pieces:
+            assert nbytes > 0 and dst % 4096 == (1 << 30) % 4096 and (dst - src) in (1023 << 20, (2 << 30) - (3 << 20))
+            covered[dst] = nbytes
+        assert sum(covered.values()) == sum(n for _, _, n in moves) and len(covered) == len(pieces)
+        assert len(pieces) == (2 if parts == 1 else parts + 1)
+        ends = sorted((dst, dst + n) for dst, _, n in pieces)
+        assert all(a[1] <= b[0] for a, b in zip(ends, ends[1:]))  # no byte twice
+    cuda, events = FakeCuda(), []
+    cuda.cuMemcpyHtoDAsync_v2 = lambda dst, src, nbytes, stream: events.append((stream.value, nbytes)) or 0
+    cuda.cuStreamSynchronize = lambda stream: events.append(("wait", stream.value)) or 0
+    device_ipc._Driver(cuda).copy_each({0: [(0, 0, 3 * 4096)]}, up=True, streams=3)
+    assert events == [(1, 4096), (2, 4096), (3, 4096), ("wait", 1), ("wait", 2), ("wait", 3)]

@@ -27,6 +27,7 @@ import numpy as np
 
 IPC_LAZY_ENABLE_PEER_ACCESS = 1  # the source may lie on another GPU of the host (peer access, e.g. over NVLink)
 STREAM_NON_BLOCKING = 1
+PAGE = 4096  # copies split over streams are cut at page boundaries
 MIN_BUFFER = 16 << 20  # export buffers come in powers of two from here: few sizes, so they are reused
 MAX_EXPORT_BYTES = 4 << 30  # all export buffers of a process (outside XLA's memory; never freed: peers keep them open)
 KEEP_OPENED = 16  # peers' buffers kept open (decode side)
@@ -153,25 +154,27 @@ class _Driver:
         after an error)."""
         self.copy_each({ordinal: moves}, up)
 
-    def copy_each(self, moves: dict[int, list[tuple[int, int, int]]], up: bool = False) -> float:
-        """`copy` onto several devices (ordinal -> its copies), enqueued on each device's stream before any is waited
-        for, so the devices copy at once. Returns the seconds enqueuing took (the rest was the copies' wait: a slow
-        enqueue means the driver held the call, a slow wait the copy itself)."""
-        streams, error, copy_async = {}, 0, self.copy_up_async if up else self.copy_async
+    def copy_each(self, moves: dict[int, list[tuple[int, int, int]]], up: bool = False, streams: int = 1) -> float:
+        """`copy` onto several devices (ordinal -> its copies), enqueued on each device's streams before any is waited
+        for, so the devices copy at once; `streams` > 1: each copy cut into that many parts, one on each of as many
+        streams of its device (parallel copies may take copy engines of their own). Returns the seconds enqueuing
+        took (the rest was the copies' wait: a slow enqueue means the driver held the call, a slow wait the copy)."""
+        taken, error, copy_async = [], 0, self.copy_up_async if up else self.copy_async
         began = enqueued = time.perf_counter()
         try:
             for ordinal, device_moves in moves.items():
                 self.use(ordinal)
-                streams[ordinal] = stream = self._stream(ordinal)
-                for dst, src, nbytes in device_moves:
-                    error = copy_async(dst, src, nbytes, stream)
+                mine = [self._stream(ordinal) for _ in range(streams)]
+                taken += [(ordinal, stream) for stream in mine]
+                for i, (dst, src, nbytes) in enumerate(split_moves(device_moves, streams)):
+                    error = copy_async(dst, src, nbytes, mine[i % streams])
                     if error:
                         break
                 if error:
                     break
         finally:
             synced, enqueued = 0, time.perf_counter()
-            for ordinal, stream in streams.items():
+            for ordinal, stream in taken:
                 self.use(ordinal)
                 synced = self.lib.cuStreamSynchronize(stream) or synced
                 with self._lock:
@@ -230,10 +233,21 @@ def _driver() -> _Driver:
     return _DRIVER[0]
 
 
-def copy_up(moves: dict[int, list[tuple[int, int, int]]]) -> float:
-    """Host-to-device copies (device address, host address, nbytes) per device ordinal, all landed on return; the
-    seconds their enqueuing took (`_Driver.copy_each`)."""
-    return _driver().copy_each(moves, up=True)
+def split_moves(moves: list[tuple[int, int, int]], parts: int) -> list[tuple[int, int, int]]:
+    """Each (dst, src, nbytes) copy cut into at most `parts` consecutive pieces of whole 4 KiB pages (the last
+    piece takes the rest), in order: dealt round-robin over `parts` streams, each copy's pieces land on different
+    ones."""
+    out = []
+    for dst, src, nbytes in moves:
+        step = max(PAGE, -(-nbytes // parts // PAGE) * PAGE) if parts > 1 else nbytes
+        out += [(dst + at, src + at, min(step, nbytes - at)) for at in range(0, nbytes, max(step, 1))]
+    return out
+
+
+def copy_up(moves: dict[int, list[tuple[int, int, int]]], streams: int = 1) -> float:
+    """Host-to-device copies (device address, host address, nbytes) per device ordinal, all landed on return, over
+    `streams` streams a device; the seconds their enqueuing took (`_Driver.copy_each`)."""
+    return _driver().copy_each(moves, up=True, streams=streams)
 
 
 def available(device: jax.Device) -> bool:

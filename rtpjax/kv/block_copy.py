@@ -152,9 +152,10 @@ class BlockCopier:
     """Gathers blocks of a cache to the host and writes host blocks into it, per block-count bucket."""
 
     def __init__(self, cache, layout: KVLayout, sizes: list[int], use_pinned: bool = True, max_piece: int = 64,
-                 land: bool | None = None):  # fmt: skip
+                 land: bool | None = None, land_streams: int = 1):  # fmt: skip
         """`use_pinned` False, `max_piece` 1: the pageable, row-by-row copies (benchmarks compare them). `land`: stage
-        through reused landing arrays by the CUDA driver (None: where the devices allow it; kv/landing.py)."""
+        through reused landing arrays by the CUDA driver (None: where the devices allow it; kv/landing.py), each
+        device's copies over `land_streams` streams."""
         self.layout, self.sizes = layout, sizes
         self.num_blocks = cache[0][0].shape[1]
         # Layers of different dtypes (--kv-cache-dtypes) have no one host layout yet: their blocks stay on the device.
@@ -186,7 +187,7 @@ class BlockCopier:
         self._split = jax.jit(lambda rows: tuple(rows[i] for i in range(rows.shape[0])))
         if land is None:
             land = use_pinned and not self._on_cpu and Landing.usable(self._rows_at)
-        self._landing = Landing(self._rows_at, layout.block_bytes, 3 * self.piece) if land else None
+        self._landing = Landing(self._rows_at, layout.block_bytes, 3 * self.piece, land_streams) if land else None
         self.landing_rows = self._landing.keep_rows if land else 0  # device memory outside the cache, in blocks
         self.last_stage = StageTimes()  # set by `stage` (one thread stages, and reads it after each call)
 

@@ -21,9 +21,10 @@ from rtpjax.disagg import device_ipc
 class Landing:
     """Reusable [rows, row_bytes] uint8 arrays on the devices of `sharding` (replicated), for copies from the host."""
 
-    def __init__(self, sharding: jax.sharding.Sharding, row_bytes: int, keep_rows: int):
-        """`keep_rows`: idle arrays kept, in rows (more are dropped once given back)."""
-        self.sharding, self.row_bytes, self.keep_rows = sharding, row_bytes, keep_rows
+    def __init__(self, sharding: jax.sharding.Sharding, row_bytes: int, keep_rows: int, streams: int = 1):
+        """`keep_rows`: idle arrays kept, in rows (more are dropped once given back); `streams`: each device's copies
+        spread over that many streams (device_ipc.split_moves)."""
+        self.sharding, self.row_bytes, self.keep_rows, self.streams = sharding, row_bytes, keep_rows, streams
         self.arrays = device_ipc.ReusedArrays(keep_rows * row_bytes)
 
     @staticmethod
@@ -51,7 +52,7 @@ class Landing:
         landed (device_ipc.IPCError if a copy failed), with the seconds enqueuing the copies took."""
         return device_ipc.copy_up({shard.device.local_hardware_id: [
             (shard.data.unsafe_buffer_pointer() + at * self.row_bytes, address, n * self.row_bytes)
-            for at, address, n in moves] for shard in array.addressable_shards})  # fmt: skip
+            for at, address, n in moves] for shard in array.addressable_shards}, self.streams)  # fmt: skip
 
 
 def moves(rows: list[np.ndarray], runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
