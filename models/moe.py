@@ -140,10 +140,9 @@ class Tiles:
         return self.expert.shape[0] * self.tile
 
     def gather(self, x: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Each padded row's token ([rows, H], zeros in padding) and routing weight ([rows], zero in padding)."""
+        """Each padded row's token ([rows, H], zeros in padding) and routing weight ([rows], zero in padding), for
+        sorted tiles (one-row tiles in routing order need no copy: the kernel reads x in place, `pallas_experts`)."""
         tokens, k = weights.shape
-        if self.row is None:
-            return jnp.repeat(x, k, axis=0), weights.reshape(-1)
         token = jnp.full(self.rows, tokens, jnp.int32).at[self.row].set(jnp.arange(tokens * k) // k, mode="drop")
         weight = jnp.zeros(self.rows, weights.dtype).at[self.row].set(weights.reshape(-1), mode="drop")
         return jnp.take(x, token, 0, mode="fill", fill_value=0), weight
@@ -200,12 +199,13 @@ def pallas_experts(x, ids, weights, w_gate, w_up, w_down, tile: int, first: int 
     """The grouped path with the grouped-matmul kernel (rtpjax/kernels/grouped_matmul.py): each tile reads its
     expert's weights in place. `blocks`: the kernel's block_n, block_k, num_warps, num_stages, interpret."""
     experts = w_gate.shape[0]
-    if tile == 1:
+    if tile == 1:  # in routing order: the kernel reads each token's row for its k tiles (no repeated copy of x)
         defaults = ONE_TOKEN_BLOCKS if ids.shape[0] == 1 else ONE_ROW_BLOCKS
         tiles, blocks = in_order(ids, experts, first), {**defaults, **blocks}
+        xs, row_weight, blocks["x_repeat"] = x, weights.reshape(-1), ids.shape[1]
     else:
         tiles = sort_into_tiles(ids, experts, tile, first)
-    xs, row_weight = tiles.gather(x, weights)
+        xs, row_weight = tiles.gather(x, weights)
     y = grouped_matmul.expert_mlp(xs, tiles.expert, w_gate, w_up, w_down, row_weight, block_m=tile, **blocks)
     return tiles.combine(y, ids.shape[1])
 

@@ -64,6 +64,24 @@ def test_kernel_matches_reference(dtype, tile_expert, block_m, block_n, block_k,
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **TOL[dtype])
 
 
+@pytest.mark.parametrize("x_repeat, split_k", [(2, 1), (3, 2)])
+def test_one_row_tiles_read_each_token_row_for_its_tiles(x_repeat, split_k):
+    """x_repeat: x holds one row per token and tile i reads row i // x_repeat (a token's k assignments in routing
+    order): the same as the kernel on x repeated, every output element written; other tiles are refused."""
+    experts, n, k, tokens = 4, 32, 64, 3
+    weights = stacks(experts, n, k, jnp.float32, 11, 2)
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((tokens, k)), jnp.float32)
+    te = jnp.asarray(np.random.default_rng(5).integers(-1, experts, tokens * x_repeat), jnp.int32)
+    got = gm.grouped_matmul(x, te, weights, block_m=1, block_n=8, block_k=32, split_k=split_k, x_repeat=x_repeat,
+                            interpret=True)  # fmt: skip
+    assert got.shape == (tokens * x_repeat, n) and not np.isnan(np.asarray(got)).any()
+    want = reference(jnp.repeat(x, x_repeat, axis=0), te, weights, None, 1)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL[jnp.float32])
+    with pytest.raises(ValueError, match="x_repeat"):
+        gm.grouped_matmul(jnp.repeat(x, 16, axis=0), jnp.zeros(3 * x_repeat, jnp.int32), weights, block_m=16,
+                          x_repeat=x_repeat, interpret=True)  # fmt: skip
+
+
 def routing(kind, tokens, experts, top_k, rng):
     if kind == "uniform":
         return np.stack([rng.permutation(experts)[:top_k] for _ in range(tokens)])

@@ -112,12 +112,14 @@ def unsupported(experts: int, inter: int, hidden: int, dtype) -> str | None:
 
 def grouped_matmul(x, tile_expert, weights: tuple, scale=None, *, block_m: int, block_n: int = 64, block_k: int = 128,
                    num_warps: int = 4, num_stages: int = 3, split_k: int = 1, one_row_sum: str = "step",
-                   interpret: bool | None = None) -> jax.Array:  # fmt: skip
+                   x_repeat: int = 1, interpret: bool | None = None) -> jax.Array:  # fmt: skip
     """Rows x [n * block_m, K], tile i times its expert's weights ([E, N, K] each) transposed: [n * block_m, N] in x's
     dtype. Two weight stacks fuse gate and up: SiLU(x @ G.T) * (x @ U.T). `scale` [rows] multiplies each output row.
     `split_k`: programs per tile and output block, each over its share of the K inputs; `one_row_sum`: when one-row
-    tiles sum their products (module docstring)."""
-    rows, depth = x.shape
+    tiles sum their products (module docstring). `x_repeat` (one-row tiles): x holds every `x_repeat`-th row, tile i
+    reading row i // x_repeat (a token's k assignments in routing order, without a repeated copy of x)."""
+    depth = x.shape[1]
+    rows = x.shape[0] * x_repeat
     experts, out, _ = weights[0].shape
     # one-row tiles take no tensor-core dot: their output blocks may be narrower (more programs at one token)
     bn = block_size(block_n, out, smallest=ONE_ROW_MIN_N if block_m == 1 else MIN_BLOCK)
@@ -126,6 +128,8 @@ def grouped_matmul(x, tile_expert, weights: tuple, scale=None, *, block_m: int, 
         raise ValueError(f"grouped_matmul: rows {rows} in tiles of {block_m} (1, or >= {MIN_BLOCK}) for "
                          f"{tile_expert.shape[0]} tile experts, weights {out} x {depth} "
                          f"(multiples of {MIN_BLOCK})")  # fmt: skip
+    if x_repeat < 1 or (x_repeat > 1 and block_m != 1):
+        raise ValueError(f"grouped_matmul: x_repeat {x_repeat} (>= 1, and more than 1 only for one-row tiles)")
     if one_row_sum not in ONE_ROW_SUMS:
         raise ValueError(f"grouped_matmul: one_row_sum {one_row_sum!r}: choose one of {', '.join(ONE_ROW_SUMS)}")
     if split_k < 1 or (depth // bk) % split_k:
@@ -136,7 +140,7 @@ def grouped_matmul(x, tile_expert, weights: tuple, scale=None, *, block_m: int, 
     part = depth // split_k
     whole = pl.BlockSpec(flat[0].shape, lambda i, j, s: (0, 0))
     in_specs = [pl.BlockSpec(tile_expert.shape, lambda i, j, s: (0,)),
-                pl.BlockSpec((block_m, part), lambda i, j, s: (i, s)), *[whole] * len(flat)]  # fmt: skip
+                pl.BlockSpec((block_m, part), lambda i, j, s: (i // x_repeat, s)), *[whole] * len(flat)]  # fmt: skip
     inputs = [tile_expert.astype(jnp.int32), x, *flat]
     split = split_k > 1
     if scale is not None and not split:
@@ -164,11 +168,13 @@ def grouped_matmul(x, tile_expert, weights: tuple, scale=None, *, block_m: int, 
 
 def expert_mlp(x, tile_expert, w_gate, w_up, w_down, scale, *, block_m: int, block_n: int = 64, block_k: int = 128,
                num_warps: int = 4, num_stages: int = 3, split_k: int = 1, one_row_sum: str = "step",
-               interpret: bool | None = None) -> jax.Array:  # fmt: skip
-    """scale * (SiLU(x @ G.T) * (x @ U.T)) @ D.T per tile with its expert's G, U [E, I, H] and D [E, H, I]."""
+               x_repeat: int = 1, interpret: bool | None = None) -> jax.Array:  # fmt: skip
+    """scale * (SiLU(x @ G.T) * (x @ U.T)) @ D.T per tile with its expert's G, U [E, I, H] and D [E, H, I]
+    (`x_repeat`: x's rows each serve that many consecutive one-row tiles, as grouped_matmul's)."""
     kw = dict(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
               one_row_sum=one_row_sum, interpret=interpret)  # fmt: skip
-    hidden = grouped_matmul(x, tile_expert, (w_gate, w_up), split_k=_fit_split(split_k, x.shape[1], block_k), **kw)
+    hidden = grouped_matmul(x, tile_expert, (w_gate, w_up), split_k=_fit_split(split_k, x.shape[1], block_k),
+                            x_repeat=x_repeat, **kw)  # fmt: skip
     return grouped_matmul(hidden, tile_expert, (w_down,), scale, split_k=_fit_split(split_k, w_down.shape[2], block_k),
                           **kw)  # fmt: skip
 
