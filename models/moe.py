@@ -176,8 +176,11 @@ def sort_into_tiles(ids: jax.Array, experts: int, tile: int, first: int | jax.Ar
     return Tiles(tile, jnp.zeros(rows, jnp.int32).at[order].set(slot), expert)
 
 
-def in_order(ids: jax.Array, experts: int, first: int | jax.Array = 0) -> Tiles:
-    """Each assignment its own one-row tile in routing order (no sort, no padding); other devices' tiles get -1."""
+def in_order(ids: jax.Array, experts: int, first: int | jax.Array | None = 0) -> Tiles:
+    """Each assignment its own one-row tile in routing order (no sort, no padding); other devices' tiles get -1
+    (`first` None: every expert is on this device, and the ids are the tiles' experts as they are: no kernel)."""
+    if first is None:
+        return Tiles(1, None, ids.reshape(-1).astype(jnp.int32))
     local = ids.reshape(-1) - first
     return Tiles(1, None, jnp.where((local >= 0) & (local < experts), local, -1).astype(jnp.int32))
 
@@ -194,17 +197,18 @@ def grouped_experts(x, ids, weights, w_gate, w_up, w_down, tile: int, first: int
     return tiles.combine(y * row_weight[:, None], ids.shape[1])
 
 
-def pallas_experts(x, ids, weights, w_gate, w_up, w_down, tile: int, first: int | jax.Array = 0,
+def pallas_experts(x, ids, weights, w_gate, w_up, w_down, tile: int, first: int | jax.Array | None = None,
                    **blocks) -> jax.Array:  # fmt: skip
     """The grouped path with the grouped-matmul kernel (rtpjax/kernels/grouped_matmul.py): each tile reads its
-    expert's weights in place. `blocks`: the kernel's block_n, block_k, num_warps, num_stages, interpret."""
+    expert's weights in place. `first`: this device's first expert (None: it holds them all). `blocks`: the kernel's
+    block_n, block_k, num_warps, num_stages, interpret."""
     experts = w_gate.shape[0]
     if tile == 1:  # in routing order: the kernel reads each token's row for its k tiles (no repeated copy of x)
         defaults = ONE_TOKEN_BLOCKS if ids.shape[0] == 1 else ONE_ROW_BLOCKS
         tiles, blocks = in_order(ids, experts, first), {**defaults, **blocks}
         xs, row_weight, blocks["x_repeat"] = x, weights.reshape(-1), ids.shape[1]
     else:
-        tiles = sort_into_tiles(ids, experts, tile, first)
+        tiles = sort_into_tiles(ids, experts, tile, 0 if first is None else first)
         xs, row_weight = tiles.gather(x, weights)
     y = grouped_matmul.expert_mlp(xs, tiles.expert, w_gate, w_up, w_down, row_weight, block_m=tile, **blocks)
     return tiles.combine(y, ids.shape[1])
@@ -237,7 +241,8 @@ def run_experts(p: dict, x, ids, weights, impl: str) -> jax.Array:
     def compute(x, ids, weights, w_gate, w_up, w_down):
         first = jax.lax.axis_index("expert") * experts if "expert" in axes else 0
         if use_kernel(impl, w_gate):  # the device's own slice of the stacks
-            return pallas_experts(x, ids, weights, w_gate, w_up, w_down, kernel_rows(ids.size, experts), first)
+            return pallas_experts(x, ids, weights, w_gate, w_up, w_down, kernel_rows(ids.size, experts),
+                                  first if "expert" in axes else None)  # fmt: skip
         tile = plan(ids.size, experts, x.shape[0], impl)
         if tile == 0:
             return dense_experts(x, ids, weights, w_gate, w_up, w_down, first)
