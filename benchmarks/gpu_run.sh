@@ -443,9 +443,10 @@ PY
       curl -s localhost:8000/metrics | grep -E "^rtpjax:(prefix_cache|kv_tier)_(queries|hits)" > "$OUT/tiers_$name.metrics"
       cat "$OUT/tiers_$name.metrics"
     }
-    traffic() {  # $1: config name; one run per dataset and concurrency, each with prompts of its own (seed)
-      local seed=0
+    traffic() {  # $1: config name; one run per dataset and concurrency, each concurrency's prompts its own (seed
+      # 0 for the first, as the restart below asks for the shared prefixes the first run wrote down)
       for dataset in ${TIER_DATASETS:-multi_turn shared_prefix}; do
+        local seed=-1
         for c in ${TIER_CONCURRENCY:-64}; do
           seed=$((seed + 1)); local name="$1_${dataset}"
           [ "$(echo ${TIER_CONCURRENCY:-64} | wc -w)" -gt 1 ] && name="${name}_c$c"

@@ -34,8 +34,9 @@ REFERENCE_BANDWIDTH = {"NVIDIA H100 80GB HBM3": 2.92e12, "NVIDIA H200": 4.3e12}
 
 
 def read_bandwidth(repeats: int = 10) -> float:
-    """Bytes read per second by one jitted sum over 1 GiB (64 MiB off the GPU), the best of `repeats`: the rate the
-    floor's weights can stream at (a copy, which also writes, measured the H100 well below its reads)."""
+    """Bytes read per second by one jitted sum over 1 GiB (64 MiB off the GPU), the best of `repeats`: how fast XLA
+    streams the card's memory (the floor's rate only on a card without a reference one: XLA reads slower than the
+    grouped kernel streams)."""
     nbytes = (1 << 30) if jax.default_backend() == "gpu" else (64 << 20)
     x = jnp.ones(nbytes // 2, jnp.bfloat16)
     total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
@@ -87,8 +88,9 @@ def pallas_sweep(t: int, e: int, args, inputs) -> list[dict]:
                for tile in rows for blocks in parse_blocks(args.pallas_blocks) for s in (sums if tile == 1 else [None])]
     for tile, blocks in configs:
         block = lambda x, ids, wt, w, tile=tile, blocks=blocks: moe.pallas_experts(  # noqa: E731
-            x, ids, wt, w["w_gate"], w["w_up"], w["w_down"], tile, **blocks)  # fmt: skip
-        runs.append({"block_m": tile, **blocks, **timed(block, inputs)})
+            x, ids, wt, w["w_gate"], w["w_up"], w["w_down"], tile, None, **blocks)  # fmt: skip
+        warps = {"num_warps": blocks.get("num_warps", "default")}  # (the engine's, for one-row tiles: moe.py)
+        runs.append({"block_m": tile, **blocks, **warps, **timed(block, inputs)})
     return sorted(runs, key=lambda r: r.get("us", float("inf")))
 
 
@@ -134,7 +136,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--pallas-rows", default="", help="rows per tile to sweep (default: moe.kernel_rows)")
     parser.add_argument("--one-row-sums", default="step", help="one-row tiles: when the products are summed, of "
                         "step, end (grouped_matmul.ONE_ROW_SUMS)")  # fmt: skip
-    parser.add_argument("--bandwidth", type=float, default=0.0, help="bytes/s for the floor (0: measured)")
+    parser.add_argument("--bandwidth", type=float, default=0.0, help="bytes/s for the floor (0: the card's "
+                        "reference rate, or the measured read rate on a card without one)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=50, help="blocks chained in one program, each on its own "
                         "routing draw")  # fmt: skip
     parser.add_argument("--out", default=None)

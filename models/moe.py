@@ -47,10 +47,10 @@ RIDGE = 184.0  # FLOPs per byte where an H200 turns from bandwidth- to compute-b
 _TILES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # One-row tiles in routing order up to this many assignments (8 tokens at top-8): faster than sorted 16-row tiles at
 # every decode size measured, 1 to 8 tokens. Their blocks: 8 outputs x 512 inputs for one token (more programs to
-# spread its few experts' reads over the SMs), 16 x 256 for more (benchmarks/moe_block.py's sweep, RESULTS.md).
+# spread its few experts' reads over the SMs), 16 x 256 for more; 8 warps (benchmarks/moe_block.py's sweep, RESULTS.md).
 ONE_ROW_MAX = 64
-ONE_TOKEN_BLOCKS = dict(block_n=8, block_k=512)
-ONE_ROW_BLOCKS = dict(block_n=16, block_k=256)
+ONE_TOKEN_BLOCKS = dict(block_n=8, block_k=512, num_warps=8)
+ONE_ROW_BLOCKS = dict(block_n=16, block_k=256, num_warps=8)
 
 
 def route(router: jax.Array, x: jax.Array, top_k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array]:
@@ -197,11 +197,11 @@ def grouped_experts(x, ids, weights, w_gate, w_up, w_down, tile: int, first: int
     return tiles.combine(y * row_weight[:, None], ids.shape[1])
 
 
-def pallas_experts(x, ids, weights, w_gate, w_up, w_down, tile: int, first: int | jax.Array | None = None,
+def pallas_experts(x, ids, weights, w_gate, w_up, w_down, tile: int, first: int | jax.Array | None = 0,
                    **blocks) -> jax.Array:  # fmt: skip
     """The grouped path with the grouped-matmul kernel (rtpjax/kernels/grouped_matmul.py): each tile reads its
-    expert's weights in place. `first`: this device's first expert (None: it holds them all). `blocks`: the kernel's
-    block_n, block_k, num_warps, num_stages, interpret."""
+    expert's weights in place. `first`: this device's first expert (None: it holds them all, and assignments need
+    no masking). `blocks`: the kernel's block_n, block_k, num_warps, num_stages, interpret."""
     experts = w_gate.shape[0]
     if tile == 1:  # in routing order: the kernel reads each token's row for its k tiles (no repeated copy of x)
         defaults = ONE_TOKEN_BLOCKS if ids.shape[0] == 1 else ONE_ROW_BLOCKS

@@ -390,5 +390,8 @@ def test_copies_spread_over_streams_cover_each_copy_once_in_pages():
     cuda, events = FakeCuda(), []
     cuda.cuMemcpyHtoDAsync_v2 = lambda dst, src, nbytes, stream: events.append((stream.value, nbytes)) or 0
     cuda.cuStreamSynchronize = lambda stream: events.append(("wait", stream.value)) or 0
-    device_ipc._Driver(cuda).copy_each({0: [(0, 0, 3 * 4096)]}, up=True, streams=3)
+    driver = device_ipc._Driver(cuda)
+    driver.copy_each({0: [(0, 0, 3 * 4096)]}, up=True, streams=3)
     assert events == [(1, 4096), (2, 4096), (3, 4096), ("wait", 1), ("wait", 2), ("wait", 3)]
+    with pytest.raises(ValueError, match="at least one stream"):
+        driver.copy_each({0: [(0, 0, 4096)]}, up=True, streams=0)

@@ -106,11 +106,12 @@ def test_expert_mlp_matches_dense_experts(dtype, tokens, kind):
     weights = jnp.asarray(rng.random((tokens, top_k)), dtype)
     tile = moe.kernel_rows(ids.size, experts)
     f32 = [a.astype(jnp.float32) for a in (x, *w)]
-    for first, part in ((0, slice(None)), (4, slice(4, 8))):
+    for first, part in ((0, slice(None)), (None, slice(None)), (4, slice(4, 8))):  # None: every expert here
         got = jax.jit(moe.pallas_experts, static_argnums=(6,))(x, ids, weights, *(a[part] for a in w), tile, first)
         assert not np.isnan(np.asarray(got, np.float32)).any()
         with jax.default_matmul_precision("highest"):
-            want = moe.dense_experts(f32[0], ids, weights.astype(jnp.float32), *(a[part] for a in f32[1:]), first)
+            want = moe.dense_experts(f32[0], ids, weights.astype(jnp.float32), *(a[part] for a in f32[1:]),
+                                     first or 0)  # fmt: skip
         np.testing.assert_allclose(np.asarray(got, np.float32), want, **TOL[dtype])
 
 

@@ -156,16 +156,20 @@ class _Driver:
 
     def copy_each(self, moves: dict[int, list[tuple[int, int, int]]], up: bool = False, streams: int = 1) -> float:
         """`copy` onto several devices (ordinal -> its copies), enqueued on each device's streams before any is waited
-        for, so the devices copy at once; `streams` > 1: each copy cut into that many parts, one on each of as many
+        for, so the devices copy at once; `streams` > 1: each copy cut into at most that many parts over as many
         streams of its device (parallel copies may take copy engines of their own). Returns the seconds enqueuing
         took (the rest was the copies' wait: a slow enqueue means the driver held the call, a slow wait the copy)."""
+        if streams < 1:
+            raise ValueError(f"copies need at least one stream a device, got {streams}")
         taken, error, copy_async = [], 0, self.copy_up_async if up else self.copy_async
         began = enqueued = time.perf_counter()
         try:
             for ordinal, device_moves in moves.items():
                 self.use(ordinal)
-                mine = [self._stream(ordinal) for _ in range(streams)]
-                taken += [(ordinal, stream) for stream in mine]
+                mine = []
+                for _ in range(streams):
+                    mine.append(self._stream(ordinal))
+                    taken.append((ordinal, mine[-1]))  # (waited for and given back, whatever fails next)
                 for i, (dst, src, nbytes) in enumerate(split_moves(device_moves, streams)):
                     error = copy_async(dst, src, nbytes, mine[i % streams])
                     if error:

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -108,13 +109,16 @@ class CompileCounter:
     recent: collections.deque = collections.deque(maxlen=8)  # (function, seconds), compiled or fetched
     since = 0  # how many since the last take_recent (recent keeps the last few)
     _installed = False
+    _lock = threading.Lock()  # (any thread may compile: the tiers' too)
 
     @classmethod
     def take_recent(cls) -> tuple[int, list[tuple[str, float]]]:
-        """(count, the latest few (function, seconds)) of the executables compiled or fetched since the last call."""
-        taken, recent = cls.since, list(cls.recent)
-        cls.since = 0
-        cls.recent.clear()
+        """(count, the latest few (function, seconds)) of the executables compiled or fetched since the last call,
+        in this process (all its engines)."""
+        with cls._lock:
+            taken, recent = cls.since, list(cls.recent)
+            cls.since = 0
+            cls.recent.clear()
         return taken, recent
 
     @classmethod
@@ -124,9 +128,10 @@ class CompileCounter:
 
         def on_duration(event, duration, **kwargs):
             if event == "/jax/core/compile/backend_compile_duration":  # compiled, or fetched from the cache
-                cls.count += 1
-                cls.since += 1
-                cls.recent.append((str(kwargs.get("fun_name", "?")), duration))
+                with cls._lock:
+                    cls.count += 1
+                    cls.since += 1
+                    cls.recent.append((str(kwargs.get("fun_name", "?")), duration))
 
         def on_event(event, **kwargs):
             if event == "/jax/compilation_cache/cache_hits":
@@ -445,7 +450,8 @@ class ModelRunner:
     # -- dispatch ---------------------------------------------------------------------------------------------------
 
     def prepare(self, schedule: Schedule) -> tuple[StepBatch, sampler.SamplingInputs]:
-        """The step's host-side inputs, padded to its buckets (its block loads written first: `load_blocks`)."""
+        """The step's host-side inputs, padded to its buckets (the caller writes the step's block loads first:
+        `load_blocks`)."""
         self._reset_rows([s for s in schedule.admitted if s.params.uses_penalties or self.chain_lookup])
         num_tokens = pick(self.token_buckets, max(schedule.num_tokens, len(schedule.items)))
         if schedule.verify:

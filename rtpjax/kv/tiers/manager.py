@@ -200,8 +200,9 @@ class LoadWaits:
         _, worst, blocks, pieces, stage = self.slowest
         slowest = " ".join(f"{1e3 * t:.1f}" for t in worst)
         if stage is not None:  # the transfer's own parts
-            slowest += (f" (of its transfer: landing {1e3 * stage.lease:.1f}, copy {1e3 * stage.copy:.1f} of which "
-                        f"enqueuing {1e3 * stage.enqueue:.1f}, split {1e3 * stage.split:.1f})")  # fmt: skip
+            enqueue = f" of which enqueuing {1e3 * stage.enqueue:.1f}" if stage.enqueue else ""  # (driver copies)
+            slowest += (f" (of its transfer: landing {1e3 * stage.lease:.1f}, copy {1e3 * stage.copy:.1f}{enqueue}, "
+                        f"split {1e3 * stage.split:.1f})")  # fmt: skip
         slowest += f" ({blocks} blocks, {pieces} runs)"
         return f"{self.count} loads waited (mean/max ms) {phases}; the slowest {slowest}"
 
