@@ -9,6 +9,10 @@
                               the page-locked rows on the device in pieces of at most N blocks, split into rows, not
                               yet written into the cache (the engine's write before the step does that)
   onload_staged_64_streamsS   (GPUs) pieces of 64 with each copy cut over S streams of the device (copy engines)
+  onload_staged_64_during_steps  pieces of 64 while the device computes back to back (a thread queues matmuls one
+                              ahead, as the engine queues steps; steps_during_onload: how many ran); _device_put:
+                              where rows land by the driver, the same by device_put (each new array waits for the
+                              programs queued before it)
   onload_staged_scattered     the same for rows in random order over the buffer (nearly all crossing alone), as an
                               LRU can leave a fetch's rows; _during_offload: while another thread downloads gathers
   offload_pinned / _pageable  the write-down: packed gather, copied into pinned_host memory by device_put (now) or
@@ -23,6 +27,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -50,6 +55,35 @@ def _timed(fn, repeats: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - began)
     return float(np.median(times))
+
+
+@contextlib.contextmanager
+def _device_busy():
+    """A thread keeps the device computing (chained matmuls, each dispatched before the one ahead is waited for) until
+    the block ends; yields a one-element list that holds the count of programs run once it has."""
+    size = 4096 if jax.default_backend() == "gpu" else 128
+    step = jax.jit(lambda a: jnp.tanh(a @ a))
+    x = jnp.ones((size, size), jnp.bfloat16) / size
+    jax.block_until_ready(step(x))
+    done, started, count = threading.Event(), threading.Event(), [0]
+
+    def loop():
+        ahead = step(x)
+        while not done.is_set():
+            nxt = step(ahead)
+            jax.block_until_ready(ahead)
+            ahead, count[0] = nxt, count[0] + 1
+            started.set()
+        jax.block_until_ready(ahead)
+
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(loop)
+        try:
+            started.wait(60)  # the device busy before anything is measured
+            yield count
+        finally:
+            done.set()
+            running.result()
 
 
 def _drop_cache(path: str) -> None:
@@ -133,6 +167,16 @@ def main(argv=None) -> dict:
             _timed(lambda: copier.stage(scattered, host.unpin is not None)))
         busy.set()
         running.result()
+    # while the device computes (steps queued back to back, one ahead, as the engine runs them): the staging a fetch
+    # waits for in serving, as the tier does it and, where rows land by the driver, by device_put instead
+    stagers = {"": BlockCopier(cache, layout, [min(64, n)])}
+    if stagers[""].landing_rows:
+        stagers["_device_put"] = BlockCopier(cache, layout, [min(64, n)], land=False)
+    for name, stager in stagers.items():
+        with _device_busy() as steps:
+            result[f"onload_staged_64_during_steps{name}_GBps"] = rate(
+                _timed(lambda: stager.stage(rows, host.unpin is not None)))  # fmt: skip
+        result[f"steps_during_onload{name}"] = steps[0]
     # the copies before pinned_host (its executables compile in _timed's first, untimed call: only the buckets used)
     rows_copier = BlockCopier(cache, layout, sizes, use_pinned=False, max_piece=1)
 

@@ -304,3 +304,4 @@ def test_tiers_bench_runs_tiny(tmp_path):
                 "offload_pageable_GBps", "onload_strided_GBps", "disk_dd_GBps", "disk_tier_GBps"):  # fmt: skip
         assert result[key] > 0, key
     assert result["onload_staged_rows_exact"] is True
+    assert result["onload_staged_64_during_steps_GBps"] > 0 and result["steps_during_onload"] > 0  # the device was busy
