@@ -35,13 +35,14 @@ class Metrics:
         self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens processed")
         self.generation_tokens = counter("generation_tokens", "Tokens generated")
+        self.preemptions = counter("num_preemptions", "Running sequences preempted for KV blocks")
         self.spec_drafts = counter("spec_decode_num_drafts", "Sequence-steps that verified speculative drafts")
         self.spec_draft_tokens = counter("spec_decode_num_draft_tokens", "Draft tokens proposed and verified")
         self.spec_accepted = counter("spec_decode_num_accepted_tokens", "Draft tokens accepted")
         self.spec_per_pos = Counter("rtpjax:spec_decode_num_accepted_tokens_per_pos",
                                     "Draft tokens accepted, by position in the draft", ["model_name", "position"],
                                     registry=r)  # fmt: skip
-        self._seen_spec: dict[int, int] = {}  # id(counter) -> total seen
+        self._seen_totals: dict[int, int] = {}  # id(counter) -> total seen
         self.success = Counter("rtpjax:request_success", "Finished requests by finish reason",
                                ["model_name", "finished_reason"], registry=r)  # fmt: skip
         tier = ["model_name", "tier"]
@@ -98,14 +99,15 @@ class Metrics:
             self.tier_used.labels(*labels).set(t["used_bytes"])
             self.tier_capacity.labels(*labels).set(t["capacity_bytes"])
         self._count_expert_tokens(stats.get("expert_load") or [])
-        counts = [(self.spec_drafts, stats.get("spec_decode_num_drafts", 0)),
+        counts = [(self.preemptions, stats.get("num_preemptions", 0)),
+                  (self.spec_drafts, stats.get("spec_decode_num_drafts", 0)),
                   (self.spec_draft_tokens, stats.get("spec_decode_num_draft_tokens", 0)),
                   (self.spec_accepted, stats.get("spec_decode_num_accepted_tokens", 0))]  # fmt: skip
         for pos, n in enumerate(stats.get("spec_decode_num_accepted_tokens_per_pos") or []):
             counts.append((self.spec_per_pos.labels(self.model_name, str(pos)), n))
         for metric, total in counts:  # the engine's totals since it started -> counter increments
-            metric.inc(total - self._seen_spec.get(id(metric), 0))
-            self._seen_spec[id(metric)] = total
+            metric.inc(total - self._seen_totals.get(id(metric), 0))
+            self._seen_totals[id(metric)] = total
         return generate_latest(self.registry)
 
     def _count_expert_tokens(self, load: list[list[int]]) -> None:

@@ -74,11 +74,18 @@ def test_generated_blocks_are_published_under_their_full_chain_hash(stories_llm)
 
 
 def test_tiny_pool_preempts_and_recomputes_identically(stories_dir, compile_cache):
+    import msgspec
+
+    from rtpjax.serve.metrics import Metrics
+
     llm = LLM(str(stories_dir), num_gpu_blocks=10, compilation_cache_dir=compile_cache,
               **dict(ENGINE_ARGS, max_model_len=160))  # the cache holds one whole sequence
     prompts = random_prompts(6, seed=3, low=20, high=40)
     outs = llm.generate(prompts, SamplingParams(max_tokens=60, **GREEDY))
-    assert llm.engine.scheduler.num_preemptions > 0
+    preempted = llm.engine.scheduler.num_preemptions
+    assert preempted > 0 and llm.engine.stats().num_preemptions == preempted  # also on /metrics, vLLM's name:
+    text = Metrics("stories").render(msgspec.structs.asdict(llm.engine.stats())).decode()
+    assert f'rtpjax:num_preemptions_total{{model_name="stories"}} {float(preempted)}' in text
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == alone(llm, prompt, 60)
     assert_all_blocks_free(llm)

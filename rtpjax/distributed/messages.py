@@ -75,6 +75,7 @@ class EngineStats(msgspec.Struct, gc=False):
     num_blocks: int
     kv_tiers: list[TierStats] = []  # empty without KV tiers
     num_loading: int = 0  # waiting sequences whose prefix blocks are being read from a KV tier
+    num_preemptions: int = 0  # running sequences preempted for blocks since start (recomputed, or swapped to a tier)
     expert_load: list[list[int]] = []  # MoE: tokens per logical expert per MoE layer since start (EPLB's input)
     # What a router's cost model reads (rtpjax.router): the work queued ahead of a new request, and the loop's
     # cumulative counters, whose differences between two reads give measured step times against tokens per step.

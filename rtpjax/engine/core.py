@@ -619,6 +619,7 @@ class LLMEngine:
             num_blocks=pool.num_blocks,
             kv_tiers=self.tiers.stats() if self.tiers is not None else [],
             num_loading=self.scheduler.loading() if self.tiers is not None else 0,
+            num_preemptions=scheduler.num_preemptions,
             expert_load=self._expert_load(),
             waiting_prompt_tokens=sum(len(s.token_ids) - s.num_computed for s in scheduler.waiting),
             running_tokens=sum(len(s.token_ids) for s in scheduler.running),
