@@ -11,7 +11,8 @@ stay well below what the grouped kernel itself streams at on the lent cards, so 
 
 The grouped-matmul kernel (pallas) is also swept over block sizes (--pallas-blocks: BLOCK_N x BLOCK_K, optionally
 x NUM_WARPS x NUM_STAGES [x SPLIT_K]; --pallas-rows: rows per tile, default the engine's choice; --one-row-sums:
-when one-row tiles sum their products, "step" and/or "end"), reporting each and the best.
+when one-row tiles sum their products, "step" and/or "end"; --pallas-down-blocks: blocks of the down projection, each
+with every --pallas-blocks of gate and up), reporting each and the best.
 Off the GPU the kernel runs in Pallas' interpreter: tiny shapes only (a smoke test).
 """
 
@@ -84,8 +85,10 @@ def pallas_sweep(t: int, e: int, args, inputs) -> list[dict]:
     rows = [int(r) for r in args.pallas_rows.split(",") if r] or [moe.kernel_rows(t * args.top_k, e)]
     runs = []
     sums = args.one_row_sums.split(",")
-    configs = [(tile, {**blocks, **({"one_row_sum": s} if tile == 1 else {})})
-               for tile in rows for blocks in parse_blocks(args.pallas_blocks) for s in (sums if tile == 1 else [None])]
+    downs = [{"down": d} for d in parse_blocks(args.pallas_down_blocks)] or [{}]  # none: the same as gate/up's
+    configs = [(tile, {**blocks, **down, **({"one_row_sum": s} if tile == 1 else {})})
+               for tile in rows for blocks in parse_blocks(args.pallas_blocks) for down in downs
+               for s in (sums if tile == 1 else [None])]  # fmt: skip
     for tile, blocks in configs:
         block = lambda x, ids, wt, w, tile=tile, blocks=blocks: moe.pallas_experts(  # noqa: E731
             x, ids, wt, w["w_gate"], w["w_up"], w["w_down"], tile, None, **blocks)  # fmt: skip
@@ -134,6 +137,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--pallas-blocks", default="32x128,64x64,64x128,128x64,128x128,256x64,64x128x4x4,64x256x4x2,"
                         "64x128x4x3x2,64x128x4x3x4")  # fmt: skip
     parser.add_argument("--pallas-rows", default="", help="rows per tile to sweep (default: moe.kernel_rows)")
+    parser.add_argument("--pallas-down-blocks", default="", help="blocks of the down projection to sweep with each "
+                        "of --pallas-blocks (same syntax; default: the same as gate and up's)")  # fmt: skip
     parser.add_argument("--one-row-sums", default="step", help="one-row tiles: when the products are summed, of "
                         "step, end (grouped_matmul.ONE_ROW_SUMS)")  # fmt: skip
     parser.add_argument("--bandwidth", type=float, default=0.0, help="bytes/s for the floor (0: the card's "
@@ -172,6 +177,7 @@ def main(argv=None) -> dict:
             r = row[impl]
             blocks = f" blocks m{r['block_m']} n{r['block_n']} k{r['block_k']}" if "block_n" in r else ""
             blocks += f" sum {r['one_row_sum']}" if "one_row_sum" in r else ""
+            blocks += " down n{block_n} k{block_k}".format(**r["down"]) if "down" in r else ""
             if "error" in r:
                 print(f"  {impl:12s} failed: {r['error']}{blocks}", flush=True)
                 continue

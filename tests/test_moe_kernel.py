@@ -82,6 +82,30 @@ def test_one_row_tiles_read_each_token_row_for_its_tiles(x_repeat, split_k):
                           x_repeat=x_repeat, interpret=True)  # fmt: skip
 
 
+def test_down_projection_takes_blocks_of_its_own(tmp_path):
+    """expert_mlp's `down`: other blocks (and split) for the down projection give the same result; moe_block sweeps
+    them with each gate/up block and names them."""
+    from rtpjax.benchmarks import moe_block
+
+    experts, inter, hidden, rows = 4, 32, 64, 6
+    g, u = stacks(experts, inter, hidden, jnp.float32, 21, 2)
+    (d,) = stacks(experts, hidden, inter, jnp.float32, 22)
+    x = jnp.asarray(np.random.default_rng(8).standard_normal((rows, hidden)), jnp.float32)
+    te, scale = jnp.asarray([0, 3, -1, 2, 1, 3], jnp.int32), jnp.linspace(0.5, 1.5, rows)
+    same = gm.expert_mlp(x, te, g, u, d, scale, block_m=1, block_n=16, block_k=32, interpret=True)
+    other = gm.expert_mlp(x, te, g, u, d, scale, block_m=1, block_n=16, block_k=32, interpret=True,
+                          down=dict(block_n=32, block_k=16, split_k=2))  # fmt: skip
+    np.testing.assert_allclose(np.asarray(other), np.asarray(same), **TOL[jnp.float32])
+    with pytest.raises(ValueError, match="one_row_sum 'never'"):  # (reaches the down projection's kernel only)
+        gm.expert_mlp(x, te, g, u, d, scale, block_m=1, interpret=True, down=dict(one_row_sum="never"))
+    out = tmp_path / "moe_block.json"
+    moe_block.main(["--experts", "8", "--top-k", "2", "--hidden", "64", "--inter", "32", "--batch-sizes", "1",
+                    "--impls", "pallas", "--pallas-blocks", "16x16", "--pallas-down-blocks", "16x32,32x16",
+                    "--repeats", "1", "--out", str(out)])  # fmt: skip
+    sweep = json.loads(out.read_text())["rows"][0]["pallas_sweep"]
+    assert sorted((r["down"]["block_n"], r["down"]["block_k"]) for r in sweep if "us" in r) == [(16, 32), (32, 16)]
+
+
 def routing(kind, tokens, experts, top_k, rng):
     if kind == "uniform":
         return np.stack([rng.permutation(experts)[:top_k] for _ in range(tokens)])

@@ -168,15 +168,18 @@ def grouped_matmul(x, tile_expert, weights: tuple, scale=None, *, block_m: int, 
 
 def expert_mlp(x, tile_expert, w_gate, w_up, w_down, scale, *, block_m: int, block_n: int = 64, block_k: int = 128,
                num_warps: int = 4, num_stages: int = 3, split_k: int = 1, one_row_sum: str = "step",
-               x_repeat: int = 1, interpret: bool | None = None) -> jax.Array:  # fmt: skip
+               x_repeat: int = 1, down: dict | None = None, interpret: bool | None = None) -> jax.Array:  # fmt: skip
     """scale * (SiLU(x @ G.T) * (x @ U.T)) @ D.T per tile with its expert's G, U [E, I, H] and D [E, H, I]
-    (`x_repeat`: x's rows each serve that many consecutive one-row tiles, as grouped_matmul's)."""
+    (`x_repeat`: x's rows each serve that many consecutive one-row tiles, as grouped_matmul's). `down`: other
+    block_n / block_k / num_warps / num_stages / split_k for the down projection (its inputs are the experts' width,
+    its outputs the model's: another shape than gate and up)."""
     kw = dict(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
               one_row_sum=one_row_sum, interpret=interpret)  # fmt: skip
     hidden = grouped_matmul(x, tile_expert, (w_gate, w_up), split_k=_fit_split(split_k, x.shape[1], block_k),
                             x_repeat=x_repeat, **kw)  # fmt: skip
-    return grouped_matmul(hidden, tile_expert, (w_down,), scale, split_k=_fit_split(split_k, w_down.shape[2], block_k),
-                          **kw)  # fmt: skip
+    kw = {**kw, "split_k": split_k, **(down or {})}
+    kw["split_k"] = _fit_split(kw["split_k"], w_down.shape[2], kw["block_k"])
+    return grouped_matmul(hidden, tile_expert, (w_down,), scale, **kw)
 
 
 def _fit_split(split_k: int, depth: int, block_k: int) -> int:
