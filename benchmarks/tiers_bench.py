@@ -61,8 +61,8 @@ def _timed(fn, repeats: int = 3) -> float:
 def _device_busy():
     """A thread keeps the device computing (chained matmuls, each dispatched before the one ahead is waited for) until
     the block ends; yields a one-element list that holds the count of programs run once it has."""
-    size = 4096 if jax.default_backend() == "gpu" else 128
-    step = jax.jit(lambda a: jnp.tanh(a @ a))
+    size = 8192 if jax.default_backend() == "gpu" else 128  # a few ms a program on a GPU, as an 8B step takes
+    step = jax.jit(lambda a: jnp.tanh(a @ a @ a @ a))
     x = jnp.ones((size, size), jnp.bfloat16) / size
     jax.block_until_ready(step(x))
     done, started, count = threading.Event(), threading.Event(), [0]
