@@ -223,6 +223,28 @@ def test_loop_stats_account_for_each_step(stories_llm):
     assert "; 3 executables compiled or fetched while serving (the latest: jit(f) 1.25 s)" in s.report(1.0)
 
 
+def test_stall_meter_sees_the_interpreter_held():
+    """A long C call holds the interpreter lock: the meter's thread wakes that much late, and says so once."""
+    import time
+
+    from rtpjax.engine.stall_meter import StallMeter
+
+    meter = StallMeter(period=0.005)
+    try:
+        time.sleep(0.05)
+        meter.take()
+        began = time.perf_counter()
+        sum(range(30_000_000))  # one bytecode: no thread switch until it returns
+        held = time.perf_counter() - began
+        time.sleep(0.05)
+        assert held * 0.5 < meter.take() < held + 0.5
+        time.sleep(0.05)
+        assert meter.take() < held * 0.5
+    finally:
+        meter.close()
+    assert not meter._thread.is_alive()
+
+
 @pytest.mark.parametrize("rust_stream", [True, False])
 def test_detokenizer_holds_split_multibyte_characters(stories_dir, rust_stream):
     tok = AutoTokenizer.from_pretrained(stories_dir)

@@ -12,6 +12,7 @@ import pytest
 from conftest import ENGINE_ARGS
 from rtpjax import LLM, EngineArgs, SamplingParams
 from rtpjax.kv import kv_cache
+from rtpjax.disagg import relayout
 from rtpjax.kv.block_copy import BlockCopier, gather, pack, unpack
 from rtpjax.kv.host_blocks import KVLayout, PackedBlocks
 from rtpjax.kv.tiers import build
@@ -44,26 +45,56 @@ def test_host_tier_lru_and_leases():
     assert host.put(b"\6" * 16, _row(6)) and b"\0" * 16 not in host
 
 
-@pytest.mark.parametrize("dtype", ["float32", "int8"])
+@pytest.mark.parametrize("dtype", ["float32", "int8", ("int8", "fp8", "fp8", "auto")])
 def test_pack_round_trip(dtype):
+    """Blocks leave as packed rows and come back bit for bit, host KVBlocks too; layers may differ in dtype (runs of
+    layers of one dtype are packed one after another)."""
     cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=32, hidden_size=32, intermediate_size=64,
-                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=1e4,
-                      dtype="float32")  # fmt: skip
+                      num_layers=2 if isinstance(dtype, str) else len(dtype), num_heads=4, num_kv_heads=2, head_dim=8,
+                      rms_norm_eps=1e-5, rope_theta=1e4, dtype="float32")  # fmt: skip
     cache = kv_cache.allocate(cfg, 6, 4, kv_dtype=dtype)
     rng = np.random.default_rng(0)
     cache = [tuple(jnp.asarray(rng.normal(size=a.shape) * 50).astype(a.dtype) for a in layer) for layer in cache]
-    layout = KVLayout(jnp.dtype(cache[0][0].dtype).name, 4, 2, 2, 8)
+    layout = KVLayout.of([layer[0].dtype for layer in cache], 4, 2, 8)
+    assert (layout.dtype == "mixed") == (not isinstance(dtype, str))
     want = gather(cache, np.array([4, 1]), copies=1)
+    assert len(want) == len(layout.block_parts()) == (2 if dtype == "float32" else 4 if dtype == "int8" else 10)
     rows = pack(want)
     assert rows.shape == (2, layout.block_bytes) and rows.dtype == jnp.uint8
-    for a, b in zip(unpack(rows, layout), want):
+    for a, b in zip(unpack(rows, layout), want, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     copier = BlockCopier(cache, layout, [1, 2])
     (real, packed), = copier.gather_packed(cache, [4, 1])  # fmt: skip
     host = np.asarray(packed)[:real]
+    np.testing.assert_array_equal(relayout.pack(relayout.unpack(layout, host)), host)
     cache = copier.write_packed(cache, [0, 5], PackedBlocks(layout, list(host)))
-    for a, b in zip(gather(cache, np.array([0, 5]), copies=1), want):
+    for a, b in zip(gather(cache, np.array([0, 5]), copies=1), want, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    kv = copier.gather(cache, [5, 0])  # host KVBlocks (request migration): in and out again, by another path
+    cache = copier.write(cache, [2, 3], kv, [1, 0])
+    for a, b in zip(gather(cache, np.array([2, 3]), copies=1), want, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="cannot enter a cache with"):  # a copier for another layout
+        BlockCopier(cache, KVLayout("float16", 4, cfg.num_layers, 2, 8), [1])
+
+
+def test_mixed_blocks_relayout_to_another_block_size():
+    """A prefill engine's mixed-dtype blocks enter a decode engine of another block size position for position."""
+    layout = KVLayout.of(["int8", "bfloat16", "bfloat16"], 4, 2, 8)
+    rng = np.random.default_rng(1)
+    rows = rng.integers(0, 256, (3, layout.block_bytes), dtype=np.uint8)
+    kv = relayout.unpack(layout, rows)
+    target = KVLayout.of(["int8", "bfloat16", "bfloat16"], 8, 2, 8)
+    out = relayout.relayout(kv, 10, target)
+    assert out.layout == target and out.num_blocks == 2
+    for a, b in zip(kv.arrays(), out.arrays(), strict=True):  # [layers, heads, blocks, size, ...] per part
+        flat = lambda x: x.reshape(*x.shape[:2], -1, *x.shape[4:])  # noqa: E731
+        np.testing.assert_array_equal(flat(a)[:, :, :10], flat(b)[:, :, :10])
+        assert not flat(b)[:, :, 10:].view(np.uint8).any()
+    with pytest.raises(ValueError, match="layer_dtypes"):
+        relayout.relayout(kv, 10, KVLayout.of(["int8", "int8", "bfloat16"], 8, 2, 8))
+    with pytest.raises(ValueError, match="bytes where 3 blocks"):
+        type(kv)(kv.layout, 3, kv.keys[:-1], kv.values, kv.key_scales, kv.value_scales).arrays()
 
 
 def test_disk_tier_checks_every_block(tmp_path, caplog):
@@ -151,7 +182,9 @@ def test_identity_tells_models_and_block_sizes_apart(stories_dir, tiny_checkpoin
     other_model = build.identity(str(tiny_checkpoints["llama3"]), str(stories_dir), LAYOUT, args)
     other_blocks = build.identity(str(stories_dir), str(stories_dir), KVLayout("float32", 8, 2, 2, 8), args)
     other_dtype = build.identity(str(stories_dir), str(stories_dir), LAYOUT, EngineArgs(dtype="bfloat16"))
-    assert len({str(i) for i in (base, other_model, other_blocks, other_dtype)}) == 4
+    layer_map = build.identity(str(stories_dir), str(stories_dir), KVLayout.of(["int8", "float32"], 4, 2, 8), args)
+    other_map = build.identity(str(stories_dir), str(stories_dir), KVLayout.of(["float32", "int8"], 4, 2, 8), args)
+    assert len({str(i) for i in (base, other_model, other_blocks, other_dtype, layer_map, other_map)}) == 6
 
 
 # -- the engine --------------------------------------------------------------------------------------------------------
@@ -265,7 +298,8 @@ def test_tier_metrics_on_prometheus(first_run):
     host = tier_stats(llm)["host"]
     assert f'rtpjax:kv_tier_hits_total{{model_name="stories",tier="host"}} {float(host.hits)}' in text
     assert 'rtpjax:kv_tier_capacity_bytes{model_name="stories",tier="disk"}' in text
-    assert "KV tiers: host" in llm.engine.tiers.report()
+    report = llm.engine.tiers.report()
+    assert "KV tiers: host" in report and " downloads (mean/max ms) starting " in report
     loop = llm.engine.loop_stats  # (an LLM's engine never hands its loop stats to a report)
     assert 0 < loop.tiers_s < loop.prepare_s and "on KV tiers' copies down" in loop.report(1.0)
 
@@ -285,6 +319,24 @@ def test_tensor_parallel_offloads_and_loads(stories_dir, compile_cache, referenc
     e = llm.engine
     assert e.tiers.flush()  # blocks queued for the disk hold their host rows until written
     assert e.pool.num_free == e.pool.num_blocks and not any(e.tiers.host.leases)
+
+
+def test_per_layer_kv_dtypes_go_down_and_come_back(stories_dir, compile_cache):
+    """Layers of int8, the model's dtype and fp8 (--kv-cache-dtypes): their blocks go down and come back with the
+    tokens of the fresh prefills (the first pass: distinct prompts, nothing below yet)."""
+    args = {k: v for k, v in TIER_ARGS.items() if k != "kv_disk_size"}
+    llm = LLM(str(stories_dir), compilation_cache_dir=compile_cache, kv_cache_dtypes="0:int8,1-2:auto,3-4:fp8",
+              warmup=False, **args)  # fmt: skip
+    e = llm.engine
+    assert e.runner.kv_layout.layer_dtypes == ("int8", "float32", "float32", "float8_e4m3fn", "float8_e4m3fn")
+    first = tokens(llm, GREEDY)
+    assert tier_stats(llm)["host"].hits == 0
+    computed = e.stats().total_tokens
+    assert tokens(llm, GREEDY) == first
+    tails = sum(len(p) % 16 + len(t) - 1 for p, t in zip(PROMPTS, first))
+    assert e.stats().total_tokens - computed == tails, "shareable tokens were recomputed"
+    assert tier_stats(llm)["host"].hits >= SHAREABLE // 2, "a repeated prefix missed the host tier"
+    assert e.tiers.flush() and e.pool.num_free == e.pool.num_blocks and not any(e.tiers.host.leases)
 
 
 # -- the benchmark -----------------------------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ def _ipc_device(engine):
     """The one device of this engine's cache if its K/V can go device to device to another process (disagg/device_ipc;
     RTPJAX_KV_DEVICE_IPC=0 keeps hand-offs on the host paths), else None."""
     devices = engine.runner.cache[0][0].sharding.device_set
-    if os.environ.get("RTPJAX_KV_DEVICE_IPC", "1") == "0" or len(devices) != 1 or engine.runner.copier.mixed:
+    if os.environ.get("RTPJAX_KV_DEVICE_IPC", "1") == "0" or len(devices) != 1:
         return None
     device = next(iter(devices))
     return device if device_ipc.available(device) else None

@@ -7,6 +7,7 @@ host (shapes differ per prompt: on the device each would compile)."""
 
 from __future__ import annotations
 
+import msgspec
 import numpy as np
 
 from rtpjax.kv.host_blocks import KVBlocks, KVLayout
@@ -37,7 +38,7 @@ def relayout(kv: KVBlocks, num_tokens: int, target: KVLayout) -> KVBlocks:
     if src.block_size == target.block_size:
         target.require(src)
         return kv
-    KVLayout(src.dtype, target.block_size, src.num_layers, src.num_kv_heads, src.head_dim).require(target)
+    msgspec.structs.replace(src, block_size=target.block_size).require(target)
     if num_tokens > kv.num_blocks * src.block_size:
         raise ValueError(f"{num_tokens} tokens claimed in {kv.num_blocks} blocks of {src.block_size}")
     blocks = -(-num_tokens // target.block_size)

@@ -35,6 +35,7 @@ from rtpjax.distributed.messages import (Abort, AddRequest, EngineStats, Failed,
                                          Ready, RequestDelta, RequestError, Startup, StepOutputs, Stop, to_monotonic)
 from rtpjax.engine.core import EngineArgs, LLMEngine
 from rtpjax.engine.request import CompletionOutput, RequestOutput
+from rtpjax.engine.stall_meter import StallMeter
 from rtpjax.engine.sequence import RequestMetrics
 
 log = logging.getLogger("rtpjax")
@@ -168,15 +169,24 @@ def _serve(engine: LLMEngine, conn: Connection) -> None:
 
 def _loop(engine: LLMEngine, conn: Connection, inbox: queue.Queue, handoff) -> None:
     threading.Thread(target=_receive, args=(conn, inbox), name="rtpjax-commands", daemon=True).start()
+    meter = StallMeter()
+    try:
+        _rounds(engine, conn, inbox, handoff, meter)
+    finally:
+        meter.close()
+
+
+def _rounds(engine: LLMEngine, conn: Connection, inbox: queue.Queue, handoff, meter: StallMeter) -> None:
     reported = sent = time.monotonic()
     stalled = False
     while True:
         if engine.loop_stats.steps and time.monotonic() - reported >= REPORT_EVERY_S:
             s = engine.stats()
-            log.info("engine: %s; %d running, %d waiting%s, KV cache %.0f%% used, %d preemptions since start",
-                     engine.take_loop_stats().report(time.monotonic() - reported), s.num_running, s.num_waiting,
+            log.info("engine: %s; %d running, %d waiting%s, KV cache %.0f%% used, %d preemptions since start; "
+                     "threads woke up to %.1f ms late", engine.take_loop_stats().report(time.monotonic() - reported),
+                     s.num_running, s.num_waiting,
                      f" ({s.num_loading} loading from KV tiers)" if engine.tiers is not None else "",
-                     100 * s.kv_cache_usage, s.num_preemptions)  # fmt: skip
+                     100 * s.kv_cache_usage, s.num_preemptions, 1e3 * meter.take())  # fmt: skip
             if engine.tiers is not None:
                 log.info("engine: %s", engine.tiers.report())
             reported = time.monotonic()

@@ -104,23 +104,38 @@ def powers(count: int, largest: int) -> list[int]:
     return out
 
 
+def runs_of_layers(cache) -> list[tuple[int, int]]:
+    """(first layer, layers) of each run of consecutive layers of one storage type (KVLayout.groups' runs)."""
+    out: list[tuple[int, int]] = []
+    for i, layer in enumerate(cache):
+        if out and layer[0].dtype == cache[out[-1][0]][0].dtype:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((i, 1))
+    return out
+
+
 def gather(cache, ids, *, copies: int):
-    """Blocks `ids` of every layer: per part (k, v[, k_scale, v_scale]) an array [layers, kv_heads, len(ids), ...]."""
-    return tuple(jnp.stack([layer[part][::copies, ids] for layer in cache]) for part in range(len(cache[0])))
+    """Blocks `ids` of every layer: per run of layers of one dtype (`runs_of_layers`), per part of its layers (k, v[,
+    k_scale, v_scale]), an array [layers, kv_heads, len(ids), ...]."""
+    return tuple(jnp.stack([layer[part][::copies, ids] for layer in cache[first : first + n]])
+                 for first, n in runs_of_layers(cache) for part in range(len(cache[first])))  # fmt: skip
 
 
 def write(cache, ids, parts, *, copies: int):
-    """Write parts [layers, kv_heads, len(ids), ...] into blocks `ids` (ids past the cache are dropped)."""
-    return [
-        tuple(buf.at[:, ids].set(jnp.repeat(new[i], copies, axis=0).astype(buf.dtype), mode="drop")
-              for buf, new in zip(layer, parts))
-        for i, layer in enumerate(cache)
-    ]  # fmt: skip
+    """Write parts (`gather`'s) into blocks `ids` (ids past the cache are dropped)."""
+    out, at = [], 0
+    for first, n in runs_of_layers(cache):
+        mine = parts[at : at + len(cache[first])]
+        at += len(mine)
+        out += [tuple(buf.at[:, ids].set(jnp.repeat(new[i], copies, axis=0).astype(buf.dtype), mode="drop")
+                      for buf, new in zip(cache[first + i], mine)) for i in range(n)]  # fmt: skip
+    return out
 
 
 def pack(parts):
-    """Parts [layers, kv_heads, n, ...] -> uint8 [n, block_bytes]: each block one contiguous row, every layer's keys,
-    then values (then scales), so a tier moves a block in one transfer."""
+    """Parts [layers, kv_heads, n, ...] (`gather`'s) -> uint8 [n, block_bytes]: each block one contiguous row (per run
+    of layers, every layer's keys, then values, then scales), so a tier moves a block in one transfer."""
     n = parts[0].shape[2]
     return jnp.concatenate([jax.lax.bitcast_convert_type(jnp.moveaxis(p, 2, 0), jnp.uint8).reshape(n, -1)
                             for p in parts], axis=1)  # fmt: skip
@@ -158,8 +173,8 @@ class BlockCopier:
         device's copies over `land_streams` streams."""
         self.layout, self.sizes = layout, sizes
         self.num_blocks = cache[0][0].shape[1]
-        # Layers of different dtypes (--kv-cache-dtypes) have no one host layout yet: their blocks stay on the device.
-        self.mixed = len({layer[0].dtype for layer in cache}) > 1
+        layout.require(KVLayout.of([layer[0].dtype for layer in cache], layout.block_size, layout.num_kv_heads,
+                                   layout.head_dim))  # fmt: skip
         copies = cache[0][0].shape[0] // layout.num_kv_heads
         shardings = jax.tree.map(lambda x: x.sharding, cache)
         # packed rows go straight to every device of the cache (tensor parallel: each then takes its heads)
@@ -194,8 +209,6 @@ class BlockCopier:
     def jobs(self, cache, packed: bool = False) -> list:
         """One callable per executable to compile (the runner's warm-up runs them in its thread pool); `packed`: also
         those of the KV tiers (packed rows)."""
-        if self.mixed:
-            return []
         kinds = ("gather", "write") + (("gather_packed", "write_packed") if packed else ())
         splits = [lambda n=n: self._compile(cache, "split", n) for n in self._split_sizes()] if packed else []
         if packed and self._landing is not None:  # arrays for `stage` to land in: two of a piece, one of each less
@@ -220,16 +233,9 @@ class BlockCopier:
             self._compiled[kind, n] = self._write_packed.lower(cache, ids, (row,) * n).compile()
 
     def _part_shapes(self, n: int) -> tuple:
-        lay = self.layout
-        head = (lay.num_layers, lay.num_kv_heads, n, lay.block_size)
-        kv = jax.ShapeDtypeStruct(head + (lay.head_dim,), jnp.dtype(lay.dtype))
-        scale = jax.ShapeDtypeStruct(head, jnp.float32)
-        return (kv, kv, scale, scale) if lay.quantized else (kv, kv)
-
-    def _check(self) -> None:
-        if self.mixed:
-            raise ValueError("KV blocks cannot move between this cache and the host: its layers differ in dtype "
-                             "(--kv-cache-dtypes); use one --kv-cache-dtype to move requests or use host tiers")
+        """`gather`'s parts for n blocks."""
+        parts = self.layout.block_parts()
+        return tuple(jax.ShapeDtypeStruct((*shape[:2], n, *shape[2:]), dtype) for dtype, shape in parts)
 
     def _pieces(self, count: int):
         """(start, real, bucket) pieces covering `count` blocks."""
@@ -240,7 +246,6 @@ class BlockCopier:
 
     def gather(self, cache, blocks: list[int]) -> KVBlocks:
         """The contents of `blocks` (in order) on the host. Waits for the steps that write them."""
-        self._check()
         reals, pieces = [], []
         for start, real, bucket in self._pieces(len(blocks)):
             ids = np.zeros(bucket, np.int32)  # padding reads block 0, cut off below
@@ -256,7 +261,6 @@ class BlockCopier:
 
     def write(self, cache, blocks: list[int], kv: KVBlocks, rows: list[int]):
         """The cache with rows `rows` of `kv` written into `blocks`; the cache passed in is donated."""
-        self._check()
         self.layout.require(kv.layout)
         arrays = kv.arrays()
         for start, real, bucket in self._pieces(len(blocks)):
@@ -317,13 +321,12 @@ class BlockCopier:
     def compile_packed(self, cache, kind: str) -> None:
         """Compile one kind of packed copy ("gather_packed", "write_packed") now, not at first use: an engine that
         hands K/V over moves blocks as packed rows."""
-        if not self.mixed:
-            for n in self.sizes:
-                if (kind, n) not in self._compiled:
-                    self._compile(cache, kind, n)
-            for n in self._split_sizes() if kind == "write_packed" else ():
-                if ("split", n) not in self._compiled:
-                    self._compile(cache, "split", n)
+        for n in self.sizes:
+            if (kind, n) not in self._compiled:
+                self._compile(cache, kind, n)
+        for n in self._split_sizes() if kind == "write_packed" else ():
+            if ("split", n) not in self._compiled:
+                self._compile(cache, "split", n)
 
     def put_rows(self, rows: np.ndarray, page_locked: bool = False) -> list[jax.Array]:
         """Host rows uint8 [k, block_bytes] on every device of the cache, as write_packed takes them: copies, never

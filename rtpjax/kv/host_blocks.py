@@ -17,25 +17,52 @@ import numpy as np
 
 
 class KVLayout(msgspec.Struct, frozen=True):
-    """What one block holds: its storage type, tokens, layers, KV heads and head size."""
+    """What one block holds: its storage type, tokens, layers, KV heads and head size. Layers may differ in storage
+    type (rtpjax.quant.kv_precision's per-layer maps): then `dtype` is "mixed" and `layer_dtypes` names each layer's."""
 
-    dtype: str  # numpy/JAX name of the storage type: "float32", "bfloat16", "int8", "float8_e4m3fn", ...
+    dtype: str  # numpy/JAX name of the storage type: "float32", "bfloat16", "int8", "float8_e4m3fn", ... or "mixed"
     block_size: int
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    layer_dtypes: tuple[str, ...] = ()  # one name per layer where they differ (dtype "mixed"), else empty
 
-    @property
-    def quantized(self) -> bool:
-        """int8 / fp8 blocks carry a float32 scale per token and head."""
-        return self.dtype in ("int8", "float8_e4m3fn")
+    @classmethod
+    def of(cls, dtypes: list, block_size: int, num_kv_heads: int, head_dim: int) -> KVLayout:
+        """The layout of a cache whose layers store `dtypes` (one per layer, any dtype-like)."""
+        names = tuple(jnp.dtype(d).name for d in dtypes)
+        if len(set(names)) == 1:
+            return cls(names[0], block_size, len(names), num_kv_heads, head_dim)
+        return cls("mixed", block_size, len(names), num_kv_heads, head_dim, names)
+
+    def groups(self) -> list[tuple[str, int]]:
+        """(dtype, layers) of each run of consecutive layers of one storage type, in layer order."""
+        names = self.layer_dtypes or (self.dtype,) * self.num_layers
+        if len(names) != self.num_layers or (self.dtype == "mixed") != bool(self.layer_dtypes):
+            raise ValueError(f"KV layout {self}: dtype 'mixed' goes with one layer dtype per layer, and only then")
+        out: list[tuple[str, int]] = []
+        for name in names:
+            if out and out[-1][0] == name:
+                out[-1] = (name, out[-1][1] + 1)
+            else:
+                out.append((name, 1))
+        return out
+
+    def _parts(self) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+        """(KVBlocks field, dtype, shape) of each part of one block: per run of layers (`groups`) its keys, values[,
+        key scales, value scales] (int8 / fp8 blocks carry a float32 scale per token and head), [layers, heads, ...]."""
+        out = []
+        for name, layers in self.groups():
+            head = (layers, self.num_kv_heads, self.block_size)
+            kv = jnp.dtype(name)
+            out += [("keys", kv, head + (self.head_dim,)), ("values", kv, head + (self.head_dim,))]
+            if name in QUANTIZED:
+                out += [("key_scales", np.dtype(np.float32), head), ("value_scales", np.dtype(np.float32), head)]
+        return out
 
     def block_parts(self) -> list[tuple[np.dtype, tuple[int, ...]]]:
-        """(dtype, shape) of each part of one block: keys, values[, key scales, value scales], [layers, heads, ...]."""
-        head = (self.num_layers, self.num_kv_heads, self.block_size)
-        kv = (jnp.dtype(self.dtype), head + (self.head_dim,))
-        scale = (np.dtype(np.float32), head)
-        return [kv, kv, scale, scale] if self.quantized else [kv, kv]
+        """(dtype, shape) of each part of one block, in the order a packed row holds them (`_parts`)."""
+        return [(dtype, shape) for _, dtype, shape in self._parts()]
 
     @property
     def block_bytes(self) -> int:
@@ -50,10 +77,14 @@ class KVLayout(msgspec.Struct, frozen=True):
                 raise ValueError(f"KV blocks with {field}={theirs!r} cannot enter a cache with {field}={mine!r}")
 
 
+QUANTIZED = ("int8", "float8_e4m3fn")  # storage types that carry a float32 scale per token and head
+
+
 class KVBlocks(msgspec.Struct):
-    """num_blocks blocks of K/V: keys and values [num_layers, num_kv_heads, num_blocks, block_size, head_dim] in
-    layout.dtype, C order; for quantized layouts also key/value scales [num_layers, num_kv_heads, num_blocks,
-    block_size] float32 (empty otherwise)."""
+    """num_blocks blocks of K/V, per run of layers of one storage type (layout.groups; one run unless layers differ):
+    keys and values [layers, num_kv_heads, num_blocks, block_size, head_dim] in that type, C order; for int8 / fp8
+    runs also key/value scales [layers, num_kv_heads, num_blocks, block_size] float32. Each field holds its runs'
+    arrays back to back."""
 
     layout: KVLayout
     num_blocks: int
@@ -64,29 +95,33 @@ class KVBlocks(msgspec.Struct):
 
     @classmethod
     def from_arrays(cls, layout: KVLayout, arrays) -> KVBlocks:
-        """From (keys, values[, key_scales, value_scales]) host arrays shaped as the class describes."""
-        parts = [np.ascontiguousarray(a).tobytes() for a in arrays]
-        blocks = cls(layout, int(np.shape(arrays[0])[2]), *parts)
+        """From host arrays shaped as `arrays` returns them, in its order."""
+        fields: dict[str, list[bytes]] = {"keys": [], "values": [], "key_scales": [], "value_scales": []}
+        parts = layout._parts()
+        if len(arrays) != len(parts):
+            raise ValueError(f"KV blocks of layout {layout} have {len(parts)} parts, got {len(arrays)}")
+        for (field, _, _), a in zip(parts, arrays):
+            fields[field].append(np.ascontiguousarray(a).tobytes())
+        blocks = cls(layout, int(np.shape(arrays[0])[2]), **{f: b"".join(v) for f, v in fields.items()})
         blocks.arrays()  # checks the shapes against the layout
         return blocks
 
     def arrays(self) -> tuple[np.ndarray, ...]:
-        """Read-only array views of the contents: (keys, values) or (keys, values, key_scales, value_scales)."""
-        lay = self.layout
-        head = (lay.num_layers, lay.num_kv_heads, self.num_blocks, lay.block_size)
-        parts = [(self.keys, jnp.dtype(lay.dtype), head + (lay.head_dim,)),
-                 (self.values, jnp.dtype(lay.dtype), head + (lay.head_dim,))]  # fmt: skip
-        if lay.quantized:
-            parts += [(self.key_scales, np.dtype(np.float32), head), (self.value_scales, np.dtype(np.float32), head)]
-        elif self.key_scales or self.value_scales:
-            raise ValueError(f"KV blocks of dtype {lay.dtype} carry scales; only int8 / fp8 blocks have them")
-        out = []
-        for data, dtype, shape in parts:
-            want = int(np.prod(shape)) * dtype.itemsize
-            if len(data) != want:
-                raise ValueError(f"KV blocks hold {len(data)} bytes where {self.num_blocks} blocks of layout {lay} "
-                                 f"need {want}")  # fmt: skip
-            out.append(np.frombuffer(data, dtype).reshape(shape))
+        """Read-only array views of the contents, per run of layers its (keys, values[, key_scales, value_scales])."""
+        shapes = [(field, dtype, (layers, heads, self.num_blocks, *rest))
+                  for field, dtype, (layers, heads, *rest) in self.layout._parts()]  # fmt: skip
+        need = dict.fromkeys(("keys", "values", "key_scales", "value_scales"), 0)
+        for field, dtype, shape in shapes:
+            need[field] += int(np.prod(shape)) * dtype.itemsize
+        for field, want in need.items():
+            if len(getattr(self, field)) != want:
+                raise ValueError(f"KV blocks hold {len(getattr(self, field))} bytes where {self.num_blocks} blocks of "
+                                 f"layout {self.layout} need {want} ({field})")  # fmt: skip
+        at, out = dict.fromkeys(need, 0), []
+        for field, dtype, shape in shapes:
+            count = int(np.prod(shape))
+            out.append(np.frombuffer(getattr(self, field), dtype, count, at[field]).reshape(shape))
+            at[field] += count * dtype.itemsize
         return tuple(out)
 
 

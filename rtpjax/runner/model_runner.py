@@ -201,8 +201,8 @@ class ModelRunner:
         self._admit = jax.jit(sampler.admit, donate_argnums=(0,))
         self.admit_rows = max_num_seqs
         self.admit_buckets = buckets(1 << max(6, (max_model_len - 1).bit_length()), 64)
-        self.kv_layout = KVLayout(jnp.dtype(self.cache[0][0].dtype).name, block_size, cfg.num_layers, cfg.num_kv_heads,
-                                  cfg.head_dim)  # fmt: skip
+        self.kv_layout = KVLayout.of([layer[0].dtype for layer in self.cache], block_size, cfg.num_kv_heads,
+                                     cfg.head_dim)  # fmt: skip
         self.copier = BlockCopier(self.cache, self.kv_layout, buckets(self.max_blocks, 4))
         self.kv_tiers = kv_tiers  # warm-up also compiles the packed copies KV tiers move blocks with
         self.score_chunk = self.token_buckets[-1]  # prompt scoring: chunks of the step's token budget

@@ -55,7 +55,8 @@ def identity(model: str, tokenizer: str | None, layout: KVLayout, args) -> dict:
     return dict(model=fingerprint(model), tokenizer=fingerprint(tokenizer, _TOKENIZER_FILES),
                 load_format=args.load_format, dtype=args.dtype, quantization=args.quantization,
                 layout=dict(dtype=layout.dtype, block_size=layout.block_size, num_layers=layout.num_layers,
-                            num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim),
+                            num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
+                            **({"layer_dtypes": list(layout.layer_dtypes)} if layout.layer_dtypes else {})),
                 format=1)  # fmt: skip
 
 

@@ -208,6 +208,30 @@ class LoadWaits:
 
 
 @dataclasses.dataclass
+class Downloads:
+    """Gathered rows' copies to the host since the last report: starting them (where a new page-locked buffer would
+    be allocated) and waiting for them (behind the step ahead of the gather), mean and longest, for the loop log."""
+
+    count: int = 0
+    enqueue: float = 0.0
+    wait: float = 0.0
+    longest_enqueue: float = 0.0
+    longest_wait: float = 0.0
+
+    def add(self, enqueue: float, wait: float) -> None:
+        self.count += 1
+        self.enqueue, self.wait = self.enqueue + enqueue, self.wait + wait
+        self.longest_enqueue, self.longest_wait = max(self.longest_enqueue, enqueue), max(self.longest_wait, wait)
+
+    def report(self) -> str:
+        if not self.count:
+            return "no downloads"
+        return (f"{self.count} downloads (mean/max ms) starting {1e3 * self.enqueue / self.count:.1f}/"
+                f"{1e3 * self.longest_enqueue:.1f}, waiting {1e3 * self.wait / self.count:.1f}/"
+                f"{1e3 * self.longest_wait:.1f}")  # fmt: skip
+
+
+@dataclasses.dataclass
 class _Counters:
     queries: int = 0  # tokens looked up in this tier
     hits: int = 0  # of which found and loaded
@@ -258,6 +282,7 @@ class KVTiers:
         self.staged_blocks = 0
         self._onloader = ThreadPoolExecutor(1, thread_name_prefix="rtpjax-kv-onload")
         self.waits = LoadWaits()  # since the last report
+        self.downloads = Downloads()  # since the last report
 
     def use_copier(self, copier, max_staged: int, max_gathered: int) -> None:
         """Download the rows that `dispatch`'s gathers leave on the device with `copier` (its download), at most
@@ -342,9 +367,13 @@ class KVTiers:
         """The job with its rows in host memory; fetches waiting for any of them get them now, not after the writer
         has gone through the backlog ahead of this job."""
         try:
+            started = time.perf_counter()
             if self.copier is not None:
                 pieces = [(real, self.copier.download(rows)) for real, rows in pieces]
+            enqueued = time.perf_counter()
             pieces = [(real, np.asarray(rows)) for real, rows in pieces]
+            with self.lock:
+                self.downloads.add(enqueued - started, time.perf_counter() - enqueued)
         except Exception:  # noqa: BLE001 - the writer tries the pieces as they are, or gives the blocks up
             log.exception("KV tiers: copying %d blocks to the host failed", len(hashes))
             return hashes, pieces, began
@@ -714,8 +743,9 @@ class KVTiers:
                          + (f", {s.errors} errors" if s.errors else ""))  # fmt: skip
         with self.lock:
             waits, self.waits = self.waits, LoadWaits()
+            downloads, self.downloads = self.downloads, Downloads()
         onload = f"; onload {self.costs.onload_rate() / 1e9:.1f} GB/s" if self.costs is not None else ""
-        return "KV tiers: " + "; ".join(parts) + f"; {waits.report()}{onload}"
+        return "KV tiers: " + "; ".join(parts) + f"; {waits.report()}{onload}; {downloads.report()}"
 
     def close(self) -> None:
         """Stop the writers (after the writes queued so far, within STOP_TIMEOUT_S in all), the readers and the
