@@ -15,8 +15,10 @@
                               programs queued before it)
   onload_staged_scattered     the same for rows in random order over the buffer (nearly all crossing alone), as an
                               LRU can leave a fetch's rows; _during_offload: while another thread downloads gathers
-  offload_pinned / _pageable  the write-down: packed gather, copied into pinned_host memory by device_put (now) or
-                              into pageable memory by copy_to_host_async (before), until numpy has the rows
+  offload_tier                the write-down as the tier does it: packed gather, copied into the host tier's own
+                              page-locked rows (block_copy.download_into: by the CUDA driver where it can)
+  offload_pinned / _pageable  the same copied into pinned_host memory by device_put (before) or into pageable memory
+                              by copy_to_host_async (before that), until numpy has the rows
   onload_strided              the other layout: each block as one slice per layer and part (2 x layers transfers)
   disk_dd / disk_tier         the file system's sequential read (dd of one file, page cache dropped) against the disk
                               tier's reads of as many bytes (checksummed block files, 4 reader threads)
@@ -155,11 +157,12 @@ def main(argv=None) -> dict:
     assert exact, "a staged row differs from its host row"
     result["onload_staged_rows_exact"] = exact
     busy = threading.Event()
+    down = HostTier(min(n, 64) * layout.block_bytes, layout.block_bytes, pin=pin)  # the downloads' own tier rows
 
     def download_loop():
         while not busy.is_set():
-            for _, rows_ in copier.gather_packed(state["cache"], list(range(min(n, 64)))):
-                np.asarray(rows_)
+            for _, rows_ in copier.gather_packed(state["cache"], list(range(min(n, 64))), download=False):
+                copier.download_into(rows_, list(down.buf))
 
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(download_loop)
@@ -188,6 +191,13 @@ def main(argv=None) -> dict:
     def offload(c):
         return [np.asarray(rows)[:real] for real, rows in c.gather_packed(state["cache"], list(range(n)))]
 
+    def offload_tier():
+        at = 0
+        for real, rows_ in copier.gather_packed(state["cache"], list(range(n)), download=False):
+            copier.download_into(rows_, list(host.buf[at : at + real]))
+            at += real
+
+    result["offload_tier_GBps"] = rate(_timed(offload_tier))
     result["offload_pinned_GBps"] = rate(_timed(lambda: offload(copier)))
     result["offload_pageable_GBps"] = rate(_timed(lambda: offload(rows_copier)))
     # One slice per layer and part of every block: what a tier holding KVBlocks' per-layer layout would transfer.
@@ -220,8 +230,9 @@ def main(argv=None) -> dict:
         result["disk_tier_GBps"] = rate(time.perf_counter() - began)
         result["disk_tier_vs_dd"] = round(result["disk_tier_GBps"] / result["disk_dd_GBps"], 3)
         assert all(ok), "a block written by the benchmark read back wrong"
-    if host.unpin is not None:
-        host.unpin()
+    for tier in (host, down):
+        if tier.unpin is not None:
+            tier.unpin()
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:

@@ -188,8 +188,40 @@ class _HostCopies:
             ctypes.memmove(dst, src, nbytes)
             return 0
 
-        self.cuMemcpyHtoDAsync_v2 = copy_up
+        def copy_down(dst, src, nbytes, stream):
+            self.down.append(nbytes)
+            if self.fail_down:
+                return 1
+            ctypes.memmove(dst, src, nbytes)
+            return 0
+
+        self.down, self.fail_down = [], False
+        self.cuGetErrorString = lambda result, text: setattr(text._obj, "value", b"fake failure") or 0
+        self.cuMemcpyHtoDAsync_v2, self.cuMemcpyDtoHAsync_v2 = copy_up, copy_down
         monkeypatch.setattr(device_ipc, "_DRIVER", [device_ipc._Driver(self)])
+
+
+def test_downloads_land_in_the_tiers_rows_by_the_driver(monkeypatch, caplog):
+    """Gathered rows go straight into host rows (a tier's), one copy per run of rows adjacent on both sides, rows
+    asked to be skipped untouched; a failing driver copy is said once, and the same rows come by device_put."""
+    cuda = _HostCopies(monkeypatch)
+    cache = _cache()
+    copier = _copier(cache, land=True)
+    want = np.asarray(copier.gather_packed(cache, [3, 1, 4, 5, 9], download=False)[0][1])[:5]
+    bb = LAYOUT.block_bytes
+    buf = np.zeros((8, bb), np.uint8)
+    (real, rows), = copier.gather_packed(cache, [3, 1, 4, 5, 9], download=False)  # fmt: skip
+    dests = [buf[2], buf[3], None, buf[0], buf[1]]
+    wait, copy = copier.download_into(rows, dests)
+    assert wait >= 0 and copy >= 0 and cuda.down == [2 * bb, 2 * bb]  # rows 0-1 into 2-3, rows 3-4 into 0-1
+    np.testing.assert_array_equal(buf[[2, 3, 0, 1]], want[[0, 1, 3, 4]])
+    assert not buf[4:].any()
+    cuda.fail_down, buf[:] = True, 0
+    with caplog.at_level("WARNING", logger="rtpjax"):
+        copier.download_into(rows, dests)
+        copier.download_into(rows, dests)
+    assert len(cuda.down) == 3 and caplog.text.count("downloads through the CUDA driver failed") == 1
+    np.testing.assert_array_equal(buf[[2, 3, 0, 1]], want[[0, 1, 3, 4]])
 
 
 def test_staged_rows_land_in_reused_arrays_by_the_driver(monkeypatch):

@@ -246,7 +246,7 @@ class FakeCuda:
         self.cuMemGetAddressRange_v2 = address_range
         self.cuMemAlloc_v2, self.cuIpcGetMemHandle, self.cuStreamCreate = alloc, handle, stream
         self.cuMemcpyDtoDAsync_v2, self.cuStreamSynchronize, self.cuIpcOpenMemHandle_v2 = copy, synchronize, open_handle
-        self.cuMemcpyHtoDAsync_v2 = copy
+        self.cuMemcpyHtoDAsync_v2 = self.cuMemcpyDtoHAsync_v2 = copy
 
 
 def test_export_buffers_are_reused_bounded_and_never_freed(monkeypatch):
@@ -362,13 +362,13 @@ def test_copies_onto_several_devices_are_all_enqueued_before_any_wait():
     cuda.cuStreamSynchronize = lambda stream: events.append(("wait", stream.value)) or time.sleep(0.05) or 0
     driver = device_ipc._Driver(cuda)
     began = time.perf_counter()
-    enqueuing = driver.copy_each({0: [(1, 2, 3), (4, 5, 6)], 1: [(7, 8, 9)]}, up=True)
+    enqueuing = driver.copy_each({0: [(1, 2, 3), (4, 5, 6)], 1: [(7, 8, 9)]}, "up")
     assert 0 <= enqueuing < 0.05 <= time.perf_counter() - began  # the waits are not counted as enqueuing
     assert events == [("copy", 1, 1), ("copy", 1, 4), ("copy", 2, 7), ("wait", 1), ("wait", 2)]
     events.clear()
     failing.add(4)
     with pytest.raises(device_ipc.IPCError, match="cuMemcpyHtoDAsync failed"):
-        driver.copy_each({0: [(1, 2, 3), (4, 5, 6)], 1: [(7, 8, 9)]}, up=True)
+        driver.copy_each({0: [(1, 2, 3), (4, 5, 6)], 1: [(7, 8, 9)]}, "up")
     assert events == [("copy", 1, 1), ("copy", 1, 4), ("wait", 1)]  # device 1 never started; device 0 waited for
     assert cuda.streams == 2  # both streams went back to their pools and were reused
 
@@ -391,7 +391,7 @@ def test_copies_spread_over_streams_cover_each_copy_once_in_pages():
     cuda.cuMemcpyHtoDAsync_v2 = lambda dst, src, nbytes, stream: events.append((stream.value, nbytes)) or 0
     cuda.cuStreamSynchronize = lambda stream: events.append(("wait", stream.value)) or 0
     driver = device_ipc._Driver(cuda)
-    driver.copy_each({0: [(0, 0, 3 * 4096)]}, up=True, streams=3)
+    driver.copy_each({0: [(0, 0, 3 * 4096)]}, "up", streams=3)
     assert events == [(1, 4096), (2, 4096), (3, 4096), ("wait", 1), ("wait", 2), ("wait", 3)]
     with pytest.raises(ValueError, match="at least one stream"):
-        driver.copy_each({0: [(0, 0, 4096)]}, up=True, streams=0)
+        driver.copy_each({0: [(0, 0, 4096)]}, "up", streams=0)

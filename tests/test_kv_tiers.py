@@ -352,7 +352,7 @@ def test_tiers_bench_runs_tiny(tmp_path):
                                "8", "--dir", str(tmp_path), "--out", str(out)])  # fmt: skip
     assert json.loads(out.read_text()) == result
     assert result["block_bytes"] == KVLayout("float32", 16, 2, 2, 8).block_bytes and result["layout"] in ("packed", "strided")
-    for key in ("h2d_pinned_GBps", "onload_packed_GBps", "onload_rows_GBps", "offload_pinned_GBps",
+    for key in ("h2d_pinned_GBps", "onload_packed_GBps", "onload_rows_GBps", "offload_tier_GBps", "offload_pinned_GBps",
                 "offload_pageable_GBps", "onload_strided_GBps", "disk_dd_GBps", "disk_tier_GBps"):  # fmt: skip
         assert result[key] > 0, key
     assert result["onload_staged_rows_exact"] is True

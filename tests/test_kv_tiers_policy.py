@@ -11,6 +11,7 @@ from conftest import ENGINE_ARGS
 from rtpjax import LLM, SamplingParams
 from rtpjax.engine.scheduler import Scheduler
 from rtpjax.engine.sequence import Sequence
+from rtpjax.kv.block_copy import into_rows
 from rtpjax.kv.block_pool import BlockPool, prefix_hashes
 from rtpjax.kv.host_blocks import KVLayout
 from rtpjax.kv.tiers.disk import DiskTier
@@ -169,10 +170,10 @@ class _GatedDownloads:
     def __init__(self, gate: threading.Event, on_call=lambda: None):
         self.gate, self.on_call = gate, on_call
 
-    def download(self, piece):
+    def download_into(self, piece, dests):
         self.on_call()
         assert self.gate.wait(30)
-        return piece
+        return into_rows(piece, dests)
 
 
 def _until(condition, timeout: float = 10.0) -> bool:

@@ -12,6 +12,7 @@ from conftest import ENGINE_ARGS
 from rtpjax import LLM, SamplingParams
 from rtpjax.engine.scheduler import Scheduler
 from rtpjax.engine.sequence import Sequence
+from rtpjax.kv.block_copy import into_rows
 from rtpjax.kv.block_pool import BlockPool, prefix_hashes
 from rtpjax.kv.host_blocks import KVLayout
 from rtpjax.kv.tiers.host import HostTier
@@ -66,10 +67,10 @@ def test_the_download_starts_off_the_dispatching_thread():
     rows = np.random.default_rng(4).integers(0, 256, (1, LAYOUT.block_bytes), dtype=np.uint8)
 
     class _Downloads:
-        def download(self, piece):
+        def download_into(self, piece, dests):
             threads.append(threading.current_thread())
             assert gate.wait(30)
-            return piece
+            return into_rows(piece, dests)
 
     tiers.use_copier(_Downloads(), max_staged=4, max_gathered=8)
     try:
@@ -91,13 +92,13 @@ def test_a_fetch_gets_its_rows_without_waiting_for_the_writers_backlog():
     tiers, gate = _tiers(), threading.Event()
     rows = np.random.default_rng(5).integers(0, 256, (2, LAYOUT.block_bytes), dtype=np.uint8)
     first, second = b"e" * 16, b"f" * 16
-    put = tiers.host.put
+    publish = tiers.host.publish
 
-    def slow_put(h, row):
+    def slow_publish(h, slot):
         assert h != first or gate.wait(30)
-        return put(h, row)
+        return publish(h, slot)
 
-    tiers.host.put = slow_put
+    tiers.host.publish = slow_publish
     try:
         tiers.write_down(0, first)
         tiers.dispatch(lambda blocks: [(len(blocks), rows[:1])])  # the writer is held up on this one

@@ -85,6 +85,10 @@ class _Driver:
         self.copy_async.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
         self.copy_up_async = self._symbol("cuMemcpyHtoDAsync_v2", "cuMemcpyHtoDAsync")
         self.copy_up_async.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        self.copy_down_async = self._symbol("cuMemcpyDtoHAsync_v2", "cuMemcpyDtoHAsync")
+        self.copy_down_async.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
+        self._copies = {"d2d": (self.copy_async, "cuMemcpyDtoDAsync"), "up": (self.copy_up_async, "cuMemcpyHtoDAsync"),
+                        "down": (self.copy_down_async, "cuMemcpyDtoHAsync")}  # fmt: skip
         self.address_range = self._symbol("cuMemGetAddressRange_v2", "cuMemGetAddressRange")
         self.address_range.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t),
                                        ctypes.c_uint64]  # fmt: skip
@@ -148,20 +152,21 @@ class _Driver:
         with self._lock:
             self._idle.append(buffer)
 
-    def copy(self, ordinal: int, moves: list[tuple[int, int, int]], up: bool = False) -> None:
-        """Device-to-device copies (dst, src, nbytes) on a stream of device `ordinal` (`up`: from host addresses);
-        returns once every copy enqueued has landed (also when one fails to enqueue: nothing may still be writing
-        after an error)."""
-        self.copy_each({ordinal: moves}, up)
+    def copy(self, ordinal: int, moves: list[tuple[int, int, int]], direction: str = "d2d") -> None:
+        """Device-to-device copies (dst, src, nbytes) on a stream of device `ordinal` ("up": from host addresses,
+        "down": to host addresses); returns once every copy enqueued has landed (also when one fails to enqueue:
+        nothing may still be writing after an error)."""
+        self.copy_each({ordinal: moves}, direction)
 
-    def copy_each(self, moves: dict[int, list[tuple[int, int, int]]], up: bool = False, streams: int = 1) -> float:
+    def copy_each(self, moves: dict[int, list[tuple[int, int, int]]], direction: str = "d2d",
+                  streams: int = 1) -> float:  # fmt: skip
         """`copy` onto several devices (ordinal -> its copies), enqueued on each device's streams before any is waited
         for, so the devices copy at once; `streams` > 1: each copy cut into at most that many parts over as many
         streams of its device (parallel copies may take copy engines of their own). Returns the seconds enqueuing
         took (the rest was the copies' wait: a slow enqueue means the driver held the call, a slow wait the copy)."""
         if streams < 1:
             raise ValueError(f"copies need at least one stream a device, got {streams}")
-        taken, error, copy_async = [], 0, self.copy_up_async if up else self.copy_async
+        taken, error, (copy_async, name) = [], 0, self._copies[direction]
         began = enqueued = time.perf_counter()
         try:
             for ordinal, device_moves in moves.items():
@@ -183,7 +188,7 @@ class _Driver:
                 synced = self.lib.cuStreamSynchronize(stream) or synced
                 with self._lock:
                     self._streams[ordinal].append(stream)
-        self._check(error, "cuMemcpyHtoDAsync" if up else "cuMemcpyDtoDAsync")
+        self._check(error, name)
         self._check(synced, "cuStreamSynchronize")
         return enqueued - began
 
@@ -251,7 +256,13 @@ def split_moves(moves: list[tuple[int, int, int]], parts: int) -> list[tuple[int
 def copy_up(moves: dict[int, list[tuple[int, int, int]]], streams: int = 1) -> float:
     """Host-to-device copies (device address, host address, nbytes) per device ordinal, all landed on return, over
     `streams` streams a device; the seconds their enqueuing took (`_Driver.copy_each`)."""
-    return _driver().copy_each(moves, up=True, streams=streams)
+    return _driver().copy_each(moves, "up", streams=streams)
+
+
+def copy_down(moves: dict[int, list[tuple[int, int, int]]]) -> float:
+    """Device-to-host copies (host address, device address, nbytes) per device ordinal, all landed on return; the
+    seconds their enqueuing took."""
+    return _driver().copy_each(moves, "down")
 
 
 def available(device: jax.Device) -> bool:

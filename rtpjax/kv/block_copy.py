@@ -10,7 +10,8 @@ heads whole (one of each copy) and a write repeats them into the cache's copies,
 
 Host copies go through page-locked memory where the backend has JAX's "pinned_host" memory kind: a gather's rows
 leave the device by `device_put` into pinned host memory (a DMA on a transfer stream, not the step's queue; the engine
-thread only dispatches it), and host rows reach the device in runs of consecutive rows (forwards or backwards in
+thread only dispatches it), or, for a KV tier on CUDA GPUs, by the driver straight into the tier's own page-locked
+rows (`download_into`), and host rows reach the device in runs of consecutive rows (forwards or backwards in
 memory: a tier writes a sequence's blocks down tail first), one transfer per power-of-two piece (pageable rows staged
 once into pinned memory, page-locked ones read directly), split into rows on the device. A KV tier stages its rows
 this way on its own thread (`stage`, waiting there for the transfer, not for the split, which queues behind the steps
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rtpjax.disagg import device_ipc
 from rtpjax.disagg.device_ipc import IPCError
 from rtpjax.kv import landing
 from rtpjax.kv.host_blocks import KVBlocks, KVLayout, PackedBlocks
@@ -93,6 +95,33 @@ def _adjacent(prev, row, step: int) -> bool:
     return (isinstance(prev, np.ndarray) and isinstance(row, np.ndarray) and prev.flags.c_contiguous
             and row.flags.c_contiguous and prev.base is not None and row.base is prev.base
             and row.ctypes.data == prev.ctypes.data + step * prev.nbytes)  # fmt: skip
+
+
+def down_moves(device_address: int, row_bytes: int, dests: list) -> list[tuple[int, int, int]]:
+    """(host address, device address, bytes) copies of device rows at `device_address` into host rows `dests` (None:
+    skipped), one per run of rows adjacent on both sides."""
+    out: list[list[int]] = []
+    for i, dest in enumerate(dests):
+        if dest is None:
+            continue
+        host, device = dest.ctypes.data, device_address + i * row_bytes
+        if out and out[-1][0] + out[-1][2] == host and out[-1][1] + out[-1][2] == device:
+            out[-1][2] += row_bytes
+        else:
+            out.append([host, device, row_bytes])
+    return [(h, d, n) for h, d, n in out]
+
+
+def into_rows(rows, dests: list) -> tuple[float, float]:
+    """Rows on their way to the host (a download started, or host rows) copied into host rows `dests` (None: that
+    row skipped): the seconds waiting for them and copying."""
+    began = time.perf_counter()
+    host = np.asarray(rows)
+    ready = time.perf_counter()
+    for i, dest in enumerate(dests):
+        if dest is not None:
+            dest[:] = host[i]
+    return ready - began, time.perf_counter() - ready
 
 
 def powers(count: int, largest: int) -> list[int]:
@@ -203,6 +232,7 @@ class BlockCopier:
         if land is None:
             land = use_pinned and not self._on_cpu and Landing.usable(self._rows_at)
         self._landing = Landing(self._rows_at, layout.block_bytes, 3 * self.piece, land_streams) if land else None
+        self._down_by_driver = land  # download_into by the driver's copies (the same devices and memory land needs)
         self.landing_rows = self._landing.keep_rows if land else 0  # device memory outside the cache, in blocks
         self.last_stage = StageTimes()  # set by `stage` (one thread stages, and reads it after each call)
 
@@ -296,6 +326,28 @@ class BlockCopier:
             one.copy_to_host_async()
             return one
         return jax.device_put(one, at)
+
+    def download_into(self, rows: jax.Array, dests: list) -> tuple[float, float]:
+        """Copy gathered rows (a `gather_packed` piece left on the device) into host rows `dests` (uint8 [block_bytes]
+        each, in order; None: skip that row). Where the CUDA driver can, one device's copy goes straight into them
+        (a tier's page-locked rows: no page-locked buffer allocated per download, which grows a pool whose new
+        regions stall every thread's driver calls, and no second host copy); else by `download`, then a host copy.
+        Returns the seconds waiting for the rows (the gather, behind the steps ahead of it; by `download`: and its
+        copy) and the seconds copying into `dests`."""
+        one = rows.addressable_shards[0].data if len(rows.sharding.device_set) > 1 else rows
+        began = time.perf_counter()
+        if self._down_by_driver:
+            jax.block_until_ready(one)
+            ready = time.perf_counter()
+            try:
+                device_ipc.copy_down({next(iter(one.sharding.device_set)).local_hardware_id: down_moves(
+                    one.unsafe_buffer_pointer(), self.layout.block_bytes, dests)})  # fmt: skip
+                return ready - began, time.perf_counter() - ready
+            except IPCError as e:
+                log.warning("KV block downloads through the CUDA driver failed (%s); by device_put from now on", e)
+                self._down_by_driver = False
+        wait, copy = into_rows(self.download(one), dests)
+        return time.perf_counter() - began - copy, copy
 
     def first_runs(self, cache):
         """Run each compiled packed copy once (the KV tiers'), one at a time, on inputs that change nothing: a gather

@@ -64,13 +64,15 @@ class HostTier:
             self.leases[slot] = 1
             return slot
 
-    def publish(self, h: bytes, slot: int) -> None:
-        """The reserved slot now holds block `h` (the first copy wins: a second one is freed on release)."""
+    def publish(self, h: bytes, slot: int) -> bool:
+        """The reserved slot now holds block `h` (the first copy wins: a second one is freed on release, and this
+        returns False)."""
         with self.lock:
             if h in self.index:
-                return
+                return False
             self.index[h] = slot
             self.hash_of[slot] = h
+            return True
 
     def release(self, slot: int) -> None:
         """Give back one lease; a slot whose content never arrived (a failed read) becomes free."""

@@ -2,9 +2,10 @@
 
 Down: a block the device evicts (BlockPool's hook) or a preempted sequence's blocks are queued with their hashes;
 the engine dispatches one packed gather for them right after scheduling, before the step (or a load) can overwrite
-them. A download thread copies the gathered rows to the host (a copy into pinned memory waits for the step ahead of
-the gather: never on the engine's thread), fills the rows of fetches waiting for those blocks, and hands them to a
-writer thread, which puts each block in host memory (if it lacks it), then hands it to the disk's writer. At most
+them. A download thread copies the gathered rows into host-tier rows it reserves for them (the copy waits for the
+step ahead of the gather: never on the engine's thread; BlockCopier.download_into), fills the rows of fetches
+waiting for those blocks, and hands them to a writer thread, which publishes each block in host memory (if it lacks
+it), then hands it to the disk's writer. At most
 max_gathered blocks wait on the device for their download; only past that does the engine's thread wait for it
 (which can mean for the step in flight, as every step's read does).
 
@@ -40,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from rtpjax.distributed.messages import TierStats
-from rtpjax.kv.block_copy import runs
+from rtpjax.kv.block_copy import into_rows, runs
 from rtpjax.kv.host_blocks import KVLayout, PackedBlocks
 from rtpjax.kv.tiers.disk import DiskTier
 from rtpjax.kv.tiers.host import HostTier
@@ -364,29 +365,39 @@ class KVTiers:
         self._jobs.put(None)
 
     def _downloaded(self, hashes: list[bytes], pieces, began: float):
-        """The job with its rows in host memory; fetches waiting for any of them get them now, not after the writer
-        has gone through the backlog ahead of this job."""
+        """The job with its blocks copied into host rows reserved for them (slots; None: the host tier has the block
+        already, or had no row to spare, when the block lands in a row of its own for the disk), for the writer to
+        publish; fetches waiting for any of them get them now, not after the writer has gone through the backlog
+        ahead of this job."""
+        slots = [None if h in self.host else self.host.reserve() for h in hashes]
+        rows = [None if s is None else self.host.buf[s] for s in slots]
+        for i, h in enumerate(hashes):
+            if slots[i] is None and h not in self.host:
+                rows[i] = np.empty(self.block_bytes, np.uint8)
         try:
-            started = time.perf_counter()
-            if self.copier is not None:
-                pieces = [(real, self.copier.download(rows)) for real, rows in pieces]
-            enqueued = time.perf_counter()
-            pieces = [(real, np.asarray(rows)) for real, rows in pieces]
-            with self.lock:
-                self.downloads.add(enqueued - started, time.perf_counter() - enqueued)
-        except Exception:  # noqa: BLE001 - the writer tries the pieces as they are, or gives the blocks up
+            at = 0
+            for real, piece in pieces:
+                dests = rows[at : at + real]
+                at += real
+                wait, copy = (self.copier.download_into(piece, dests) if self.copier is not None
+                              else into_rows(piece, dests))  # fmt: skip
+                with self.lock:
+                    self.downloads.add(wait, copy)
+        except Exception:  # noqa: BLE001 - the blocks are given up (recomputed when asked for)
             log.exception("KV tiers: copying %d blocks to the host failed", len(hashes))
-            return hashes, pieces, began
+            for slot in slots:
+                if slot is not None:
+                    self.host.release(slot)
+            return hashes, [None] * len(hashes), [None] * len(hashes), began
         finally:
             with self._gathered_cv:
                 self.gathered -= len(hashes)  # off the device (or given up)
                 self._gathered_cv.notify_all()
-        rows = [row for real, arr in pieces for row in arr[:real]]  # views: no copy of the pieces
         with self.lock:
-            awaited = [(h, row) for h, row in zip(hashes, rows) if h in self.awaited]
+            awaited = [(h, row) for h, row in zip(hashes, rows) if row is not None and h in self.awaited]
         for h, row in awaited:
             self._fill(h, row, final=False)
-        return hashes, pieces, began
+        return hashes, slots, [row if s is None else None for s, row in zip(slots, rows)], began
 
     def _write_loop(self) -> None:
         while (job := self._jobs.get()) is not None:
@@ -453,22 +464,38 @@ class KVTiers:
         with self.lock:
             counters.write_seconds += time.perf_counter() - began
 
-    def _write(self, hashes: list[bytes], pieces, began: float) -> None:
-        landed = 0
+    def _write(self, hashes: list[bytes], slots: list[int | None], spares: list, began: float) -> None:
+        """Publish downloaded blocks in the host tier (`_downloaded`'s rows), tell fetches waiting for them, hand them
+        to the disk's writer, then give the rows' reservations back. `spares`: rows of blocks the host tier had no
+        room for (they still go to disk)."""
+        landed, counters, kept, found = 0, self.counters["host"], [], []
         try:
-            rows = [row for real, arr in pieces for row in np.asarray(arr)[:real]]  # views: no copy of the pieces
-            self._store("host", self.host, self.host.put, hashes, rows, began)
-            for h, row in zip(hashes, rows):  # in the host tier now: fetches that asked since the download get them
-                self._landed(h, row)
+            for h, slot, spare in zip(hashes, slots, spares):
+                if slot is not None:
+                    new = self.host.publish(h, slot)
+                elif spare is None:  # in host memory already (or the download failed): what the tier holds of it
+                    slot, new = self.host.lease(h), False
+                with self.lock:
+                    counters.bytes_written += (slot is not None and new) * self.block_bytes
+                    counters.dropped += spare is not None
+                kept.append(slot)
+                row = self.host.buf[slot] if slot is not None else spare
+                self._landed(h, row)  # fetches that asked since the download get it
                 landed += 1
+                if row is not None:
+                    found.append((h, row))
             if self.disk is not None:
-                self._queue_for_disk(hashes, rows)
+                self._queue_for_disk([h for h, _ in found], [row for _, row in found])
         except Exception:  # noqa: BLE001 - the blocks are only not kept below; the engine goes on
             log.exception("KV tiers: writing %d blocks down failed", len(hashes))
         finally:
             for h in hashes[landed:]:
                 self._landed(h, None)
+            for slot in kept + slots[len(kept) :]:  # leased above, or reserved by the download
+                if slot is not None:
+                    self.host.release(slot)
             with self.lock:
+                counters.write_seconds += time.perf_counter() - began
                 self.pending -= len(hashes)
 
     def _landed(self, h: bytes, row) -> None:
