@@ -299,7 +299,7 @@ def test_tier_metrics_on_prometheus(first_run):
     assert f'rtpjax:kv_tier_hits_total{{model_name="stories",tier="host"}} {float(host.hits)}' in text
     assert 'rtpjax:kv_tier_capacity_bytes{model_name="stories",tier="disk"}' in text
     report = llm.engine.tiers.report()
-    assert "KV tiers: host" in report and " downloads (mean/max ms) starting " in report
+    assert "KV tiers: host" in report and " downloads (mean/max ms) waiting " in report
     loop = llm.engine.loop_stats  # (an LLM's engine never hands its loop stats to a report)
     assert 0 < loop.tiers_s < loop.prepare_s and "on KV tiers' copies down" in loop.report(1.0)
 

@@ -391,14 +391,14 @@ def test_load_waits_are_reported_per_phase():
                               "(64 blocks, 1 runs)")  # fmt: skip
 
 
-def test_downloads_are_reported_starting_and_waiting():
+def test_downloads_are_reported_waiting_and_copying():
     from rtpjax.kv.tiers.manager import Downloads
 
     d = Downloads()
     assert d.report() == "no downloads"
     d.add(0.5, 0.25)
     d.add(0.125, 0.75)
-    assert d.report() == "2 downloads (mean/max ms) starting 312.5/500.0, waiting 500.0/750.0"
+    assert d.report() == "2 downloads (mean/max ms) waiting 312.5/500.0, copying 500.0/750.0"
 
 
 # -- counting ----------------------------------------------------------------------------------------------------------

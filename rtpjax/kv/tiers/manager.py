@@ -210,26 +210,26 @@ class LoadWaits:
 
 @dataclasses.dataclass
 class Downloads:
-    """Gathered rows' copies to the host since the last report: starting them (where a new page-locked buffer would
-    be allocated) and waiting for them (behind the step ahead of the gather), mean and longest, for the loop log."""
+    """Gathered pieces' copies into host rows since the last report (BlockCopier.download_into's two parts): waiting
+    for the rows (the gather, behind the step ahead of it) and copying them, mean and longest, for the loop log."""
 
     count: int = 0
-    enqueue: float = 0.0
     wait: float = 0.0
-    longest_enqueue: float = 0.0
+    copy: float = 0.0
     longest_wait: float = 0.0
+    longest_copy: float = 0.0
 
-    def add(self, enqueue: float, wait: float) -> None:
+    def add(self, wait: float, copy: float) -> None:
         self.count += 1
-        self.enqueue, self.wait = self.enqueue + enqueue, self.wait + wait
-        self.longest_enqueue, self.longest_wait = max(self.longest_enqueue, enqueue), max(self.longest_wait, wait)
+        self.wait, self.copy = self.wait + wait, self.copy + copy
+        self.longest_wait, self.longest_copy = max(self.longest_wait, wait), max(self.longest_copy, copy)
 
     def report(self) -> str:
         if not self.count:
             return "no downloads"
-        return (f"{self.count} downloads (mean/max ms) starting {1e3 * self.enqueue / self.count:.1f}/"
-                f"{1e3 * self.longest_enqueue:.1f}, waiting {1e3 * self.wait / self.count:.1f}/"
-                f"{1e3 * self.longest_wait:.1f}")  # fmt: skip
+        return (f"{self.count} downloads (mean/max ms) waiting {1e3 * self.wait / self.count:.1f}/"
+                f"{1e3 * self.longest_wait:.1f}, copying {1e3 * self.copy / self.count:.1f}/"
+                f"{1e3 * self.longest_copy:.1f}")  # fmt: skip
 
 
 @dataclasses.dataclass
