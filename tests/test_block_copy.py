@@ -216,6 +216,8 @@ def test_downloads_land_in_the_tiers_rows_by_the_driver(monkeypatch, caplog):
     assert wait >= 0 and copy >= 0 and cuda.down == [2 * bb, 2 * bb]  # rows 0-1 into 2-3, rows 3-4 into 0-1
     np.testing.assert_array_equal(buf[[2, 3, 0, 1]], want[[0, 1, 3, 4]])
     assert not buf[4:].any()
+    with pytest.raises(ValueError, match="9 host rows for a piece of 8 rows"):
+        copier.download_into(rows, dests + [None] * 4)
     cuda.fail_down, buf[:] = True, 0
     with caplog.at_level("WARNING", logger="rtpjax"):
         copier.download_into(rows, dests)

@@ -327,6 +327,60 @@ def test_a_block_the_host_tier_has_no_room_for_still_goes_to_disk(tmp_path):
     tiers.close()
 
 
+def test_a_block_in_host_memory_going_down_again_survives_its_own_job(tmp_path):
+    """A block the host tier holds (not yet on disk) is written down again with blocks that need its row: it is held
+    while they land (rather than evicted as the least recently used), reaches the disk and is not copied anew."""
+    disk = DiskTier(str(tmp_path), 1 << 20, LAYOUT.block_bytes, {"model": "a"})
+    host = HostTier(4 * LAYOUT.block_bytes, LAYOUT.block_bytes)
+    tiers = KVTiers(LAYOUT, host, disk, max_pending=8)
+    old = bytes([1]) * 16
+    for i, h in enumerate([old] + [bytes([2 + i]) * 16 for i in range(3)]):
+        host.put(h, _row(i))  # `old` the least recently used
+    written = tiers.counters["host"].bytes_written
+    for block, h in [(0, old)] + [(10 + i, bytes([20 + i]) * 16) for i in range(4)]:
+        tiers.write_down(block, h)
+    tiers.dispatch(_gather)
+    assert tiers.flush() and old in host and old in disk and not any(host.leases)
+    row = np.empty(LAYOUT.block_bytes, np.uint8)
+    assert disk.read_into(old, row)
+    np.testing.assert_array_equal(row, _row(0))  # the host row's content, not the gather's (row 0 of block 0)
+    counters = tiers.counters["host"]
+    assert counters.bytes_written - written == 3 * LAYOUT.block_bytes and counters.dropped == 1  # 4 rows, 1 held
+    tiers.close()
+
+
+def test_a_failed_download_gives_its_blocks_up_and_the_tiers_go_on(tmp_path, caplog):
+    """The copy to the host fails: its blocks are counted as dropped in every tier, a fetch waiting for one fails
+    (recomputed), no host row stays leased, and the next download works."""
+    disk = DiskTier(str(tmp_path), 1 << 20, LAYOUT.block_bytes, {"model": "a"})
+    host = HostTier(4 * LAYOUT.block_bytes, LAYOUT.block_bytes)
+    tiers = KVTiers(LAYOUT, host, disk, max_pending=8)
+    calls = []
+
+    class _Failing:
+        def download_into(self, piece, dests):
+            calls.append(len(dests))
+            if len(calls) == 1:
+                raise RuntimeError("copy failed")
+            return into_rows(piece, dests)
+
+    tiers.use_copier(_Failing(), max_staged=4, max_gathered=8)
+    a, b = bytes([5]) * 16, bytes([6]) * 16
+    with caplog.at_level("ERROR", logger="rtpjax"):
+        tiers.write_down(3, a)
+        fetch = tiers.fetch([a], 0)
+        tiers.dispatch(_gather)
+        assert tiers.flush()
+    assert "copying 1 blocks to the host failed" in caplog.text
+    assert a not in host and a not in disk and not any(host.leases) and not tiers.inflight
+    assert tiers.counters["host"].dropped == 1 and tiers.counters["disk"].dropped == 1
+    assert fetch is not None and fetch.ok == [False]
+    tiers.write_down(4, b)
+    tiers.dispatch(_gather)
+    assert tiers.flush() and b in host and b in disk and not any(host.leases)
+    tiers.close()
+
+
 def test_blocks_waiting_on_the_device_for_their_download_are_bounded():
     """At most max_gathered blocks wait on the device for their download: past it dispatch (the engine's thread)
     waits for the download thread, batch by batch, and drops none."""

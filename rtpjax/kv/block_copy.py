@@ -334,6 +334,8 @@ class BlockCopier:
         regions stall every thread's driver calls, and no second host copy); else by `download`, then a host copy.
         Returns the seconds waiting for the rows (the gather, behind the steps ahead of it; by `download`: and its
         copy) and the seconds copying into `dests`."""
+        if len(dests) > rows.shape[0]:
+            raise ValueError(f"{len(dests)} host rows for a piece of {rows.shape[0]} rows")
         one = rows.addressable_shards[0].data if len(rows.sharding.device_set) > 1 else rows
         began = time.perf_counter()
         if self._down_by_driver:

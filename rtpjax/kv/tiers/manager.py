@@ -209,6 +209,17 @@ class LoadWaits:
 
 
 @dataclasses.dataclass
+class DownRow:
+    """Where one block lands in host memory on its way down: a host-tier row reserved for it (published by the
+    writer), the row that already holds it (`held`: leased, nothing copied), or, with no host row free, a row of its
+    own (slot None) that only the disk tier gets."""
+
+    slot: int | None
+    row: np.ndarray
+    held: bool = False
+
+
+@dataclasses.dataclass
 class Downloads:
     """Gathered pieces' copies into host rows since the last report (BlockCopier.download_into's two parts): waiting
     for the rows (the gather, behind the step ahead of it) and copying them, mean and longest, for the loop log."""
@@ -365,39 +376,42 @@ class KVTiers:
         self._jobs.put(None)
 
     def _downloaded(self, hashes: list[bytes], pieces, began: float):
-        """The job with its blocks copied into host rows reserved for them (slots; None: the host tier has the block
-        already, or had no row to spare, when the block lands in a row of its own for the disk), for the writer to
-        publish; fetches waiting for any of them get them now, not after the writer has gone through the backlog
-        ahead of this job."""
-        slots = [None if h in self.host else self.host.reserve() for h in hashes]
-        rows = [None if s is None else self.host.buf[s] for s in slots]
-        for i, h in enumerate(hashes):
-            if slots[i] is None and h not in self.host:
-                rows[i] = np.empty(self.block_bytes, np.uint8)
+        """The job with its blocks copied into host rows (`DownRow`s; None: the copy failed, the blocks are given up)
+        for the writer to publish; fetches waiting for any of them get them now, not after the writer has gone
+        through the backlog ahead of this job."""
+        downs: list[DownRow] = []
         try:
+            downs += [self._down_row(h) for h in hashes]
+            dests = [None if d.held else d.row for d in downs]
             at = 0
             for real, piece in pieces:
-                dests = rows[at : at + real]
+                wait, copy = (self.copier.download_into(piece, dests[at : at + real]) if self.copier is not None
+                              else into_rows(piece, dests[at : at + real]))  # fmt: skip
                 at += real
-                wait, copy = (self.copier.download_into(piece, dests) if self.copier is not None
-                              else into_rows(piece, dests))  # fmt: skip
                 with self.lock:
                     self.downloads.add(wait, copy)
         except Exception:  # noqa: BLE001 - the blocks are given up (recomputed when asked for)
             log.exception("KV tiers: copying %d blocks to the host failed", len(hashes))
-            for slot in slots:
-                if slot is not None:
-                    self.host.release(slot)
-            return hashes, [None] * len(hashes), [None] * len(hashes), began
+            for d in downs:
+                if d.slot is not None:
+                    self.host.release(d.slot)
+            return hashes, None, began
         finally:
             with self._gathered_cv:
                 self.gathered -= len(hashes)  # off the device (or given up)
                 self._gathered_cv.notify_all()
         with self.lock:
-            awaited = [(h, row) for h, row in zip(hashes, rows) if row is not None and h in self.awaited]
+            awaited = [(h, d.row) for h, d in zip(hashes, downs) if h in self.awaited]
         for h, row in awaited:
             self._fill(h, row, final=False)
-        return hashes, slots, [row if s is None else None for s, row in zip(slots, rows)], began
+        return hashes, downs, began
+
+    def _down_row(self, h: bytes) -> DownRow:
+        slot = self.host.lease(h)
+        if slot is not None:
+            return DownRow(slot, self.host.buf[slot], held=True)
+        slot = self.host.reserve()
+        return DownRow(slot, self.host.buf[slot] if slot is not None else np.empty(self.block_bytes, np.uint8))
 
     def _write_loop(self) -> None:
         while (job := self._jobs.get()) is not None:
@@ -464,26 +478,23 @@ class KVTiers:
         with self.lock:
             counters.write_seconds += time.perf_counter() - began
 
-    def _write(self, hashes: list[bytes], slots: list[int | None], spares: list, began: float) -> None:
+    def _write(self, hashes: list[bytes], downs: list[DownRow] | None, began: float) -> None:
         """Publish downloaded blocks in the host tier (`_downloaded`'s rows), tell fetches waiting for them, hand them
-        to the disk's writer, then give the rows' reservations back. `spares`: rows of blocks the host tier had no
-        room for (they still go to disk)."""
-        landed, counters, kept, found = 0, self.counters["host"], [], []
+        to the disk's writer, then give the host rows' leases back; downs None: the download failed."""
+        landed, counters, found = 0, self.counters["host"], []
         try:
-            for h, slot, spare in zip(hashes, slots, spares):
-                if slot is not None:
-                    new = self.host.publish(h, slot)
-                elif spare is None:  # in host memory already (or the download failed): what the tier holds of it
-                    slot, new = self.host.lease(h), False
+            if downs is None:
+                self._give_up([(-1, h) for h in hashes])
+                landed = len(hashes)
+                return
+            for h, d in zip(hashes, downs):
+                new = d.slot is not None and not d.held and self.host.publish(h, d.slot)
                 with self.lock:
-                    counters.bytes_written += (slot is not None and new) * self.block_bytes
-                    counters.dropped += spare is not None
-                kept.append(slot)
-                row = self.host.buf[slot] if slot is not None else spare
-                self._landed(h, row)  # fetches that asked since the download get it
+                    counters.bytes_written += new * self.block_bytes
+                    counters.dropped += d.slot is None  # no host row was free: on its way to disk only
+                self._landed(h, d.row)  # fetches that asked since the download get it
                 landed += 1
-                if row is not None:
-                    found.append((h, row))
+                found.append((h, d.row))
             if self.disk is not None:
                 self._queue_for_disk([h for h, _ in found], [row for _, row in found])
         except Exception:  # noqa: BLE001 - the blocks are only not kept below; the engine goes on
@@ -491,9 +502,9 @@ class KVTiers:
         finally:
             for h in hashes[landed:]:
                 self._landed(h, None)
-            for slot in kept + slots[len(kept) :]:  # leased above, or reserved by the download
-                if slot is not None:
-                    self.host.release(slot)
+            for d in downs or ():
+                if d.slot is not None:
+                    self.host.release(d.slot)
             with self.lock:
                 counters.write_seconds += time.perf_counter() - began
                 self.pending -= len(hashes)
