@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import dataclasses
+import gc
 import io
 import json
 import pstats
@@ -73,6 +74,8 @@ def run_steps(engine, steps: int, profiler=None, drain: bool = False) -> dict:
     from rtpjax.engine.core import LoopStats
 
     engine.loop_stats = LoopStats()
+    collections = GcTimes()
+    gc.callbacks.append(collections)
     began, encode_s = time.perf_counter(), 0.0
     if profiler:
         profiler.enable()
@@ -86,11 +89,30 @@ def run_steps(engine, steps: int, profiler=None, drain: bool = False) -> dict:
     if profiler:
         profiler.disable()
     seconds = time.perf_counter() - began
+    gc.callbacks.remove(collections)
     s, ms = engine.loop_stats, 1e3 / steps
     outputs = s.busy_s - s.prepare_s - s.launch_s - s.device_wait_s
     return dict(rows_per_step=s.rows / steps, step_ms=seconds * ms, scheduling_ms=s.prepare_s * ms,
                 launching_ms=s.launch_s * ms, reading_ms=s.device_wait_s * ms, outputs_ms=outputs * ms,
-                encoding_ms=encode_s * ms)
+                encoding_ms=encode_s * ms, gc=collections.summary())
+
+
+class GcTimes:
+    """Python's cyclic collections during the measured steps (a gc callback): per generation, how many and their
+    time; a full (generation 2) pass scans every object the process holds, stopping the loop meanwhile."""
+
+    def __init__(self):
+        self.count, self.seconds, self._began = [0, 0, 0], [0.0, 0.0, 0.0], 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        else:
+            self.count[info["generation"]] += 1
+            self.seconds[info["generation"]] += time.perf_counter() - self._began
+
+    def summary(self) -> dict:
+        return {f"gen{g}": dict(count=self.count[g], ms=round(1e3 * self.seconds[g], 2)) for g in range(3)}
 
 
 def measure(rows: int, steps: int, profile: bool = False, shape: str = "tiny", idle_launch: bool = False,
@@ -143,9 +165,11 @@ def dispatch_cost(counts=(10, 100, 400), calls: int = 200) -> dict:
 
 
 def describe(r: dict) -> str:
+    collected = ", ".join(f"{g} {c['count']} in {c['ms']:.1f} ms" for g, c in r["gc"].items())
     return (f"{r['rows_per_step']:.0f} rows per step: {r['step_ms']:.2f} ms per step = {r['scheduling_ms']:.2f} "
             f"scheduling + {r['launching_ms']:.2f} launching + {r['reading_ms']:.2f} reading tokens + "
-            f"{r['outputs_ms']:.2f} outputs (+ {r['encoding_ms']:.2f} encoding the step's message)")
+            f"{r['outputs_ms']:.2f} outputs (+ {r['encoding_ms']:.2f} encoding the step's message); Python's "
+            f"collections: {collected}")
 
 
 def main():

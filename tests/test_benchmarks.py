@@ -254,6 +254,13 @@ def test_host_step_splits_the_loop_and_drains_the_device():
         assert 0 < parts <= run["step_ms"] and run["encoding_ms"] > 0
     # With the device drained before each launch, reading the previous step's tokens waits for nothing.
     assert r["idle_launch"]["reading_ms"] < 1.0
+    from rtpjax.benchmarks.host_step import GcTimes, describe
+
+    times = GcTimes()  # the collections during the measured steps, as the gc module reports them
+    times("start", {"generation": 2})
+    times("stop", {"generation": 2})
+    assert times.count == [0, 0, 1] and times.summary()["gen2"]["count"] == 1
+    assert set(r["gc"]) == {"gen0", "gen1", "gen2"} and "Python's collections: gen0 " in describe(r)
 
 
 def test_step_launch_probe_counts_graph_updates_in_each_timed_loop():

@@ -14,7 +14,6 @@ chained to it (spec/chained.py): launched before N is read, as plain steps are.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import itertools
 import json
 import logging
@@ -284,11 +283,6 @@ class LLMEngine:
         self.loop_stats = LoopStats()
         self.lifetime = LoopStats()  # loop_stats of earlier report periods, summed (take_loop_stats)
         self._order = itertools.count()
-        # What starting made (the weights' pytrees, executables, the tokenizer's tables: hundreds of thousands of
-        # objects) lives as long as the engine: kept out of the cyclic collector's full passes, each of which would
-        # otherwise stop the loop for a scan of all of them (as vLLM does).
-        gc.collect()
-        gc.freeze()
 
     # -- requests ---------------------------------------------------------------------------------------------------
 
@@ -382,9 +376,7 @@ class LLMEngine:
 
     def close(self) -> None:
         """Write the prefix cache's blocks down to the KV tiers (the disk tier keeps them for the next start) and
-        wait for the writes, then stop the tiers' threads; stop the followers of a multi-host engine. Idempotent.
-        What the start froze is the collector's again: a closed engine's cycles can be freed."""
-        gc.unfreeze()
+        wait for the writes, then stop the tiers' threads; stop the followers of a multi-host engine. Idempotent."""
         if isinstance(self.channel, multihost.Leader):
             self.channel.close()
         if self.tiers is None or self.tiers.closed:
