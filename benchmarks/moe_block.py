@@ -72,11 +72,13 @@ def timed(block, args) -> dict:
         return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"}
 
 
-def parse_blocks(spec: str) -> list[dict]:
+def parse_blocks(spec: str, names=("block_n", "block_k", "num_warps", "num_stages", "split_k")) -> list[dict]:
     """"64x128,128x64x8x4x2" -> the kernel's keyword arguments per configuration (block_n x block_k [x num_warps
-    x num_stages [x split_k]])."""
-    names = ("block_n", "block_k", "num_warps", "num_stages", "split_k")
+    x num_stages [x split_k]]; or other `names` in their order)."""
     return [dict(zip(names, map(int, c.split("x")))) for c in spec.split(",") if c]
+
+
+FUSED_NAMES = ("block_i", "block_k", "block_h", "num_warps", "num_stages")  # grouped_matmul.fused_expert_mlp's
 
 
 def pallas_sweep(t: int, e: int, args, inputs) -> list[dict]:
@@ -89,6 +91,8 @@ def pallas_sweep(t: int, e: int, args, inputs) -> list[dict]:
     configs = [(tile, {**blocks, **down, **({"one_row_sum": s} if tile == 1 else {})})
                for tile in rows for blocks in parse_blocks(args.pallas_blocks) for down in downs
                for s in (sums if tile == 1 else [None])]  # fmt: skip
+    if 1 in rows:  # one-row tiles' whole MLP in one kernel, per block configuration
+        configs += [(1, {"fused": f}) for f in parse_blocks(args.pallas_fused_blocks, FUSED_NAMES)]
     for tile, blocks in configs:
         block = lambda x, ids, wt, w, tile=tile, blocks=blocks: moe.pallas_experts(  # noqa: E731
             x, ids, wt, w["w_gate"], w["w_up"], w["w_down"], tile, None, **blocks)  # fmt: skip
@@ -139,6 +143,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--pallas-rows", default="", help="rows per tile to sweep (default: moe.kernel_rows)")
     parser.add_argument("--pallas-down-blocks", default="", help="blocks of the down projection to sweep with each "
                         "of --pallas-blocks (same syntax; default: the same as gate and up's)")  # fmt: skip
+    parser.add_argument("--pallas-fused-blocks", default="", help="one-row tiles also as one kernel for both "
+                        "projections: block_i x block_k x block_h [x num_warps x num_stages], comma-separated "
+                        "(grouped_matmul.fused_expert_mlp)")  # fmt: skip
     parser.add_argument("--one-row-sums", default="step", help="one-row tiles: when the products are summed, of "
                         "step, end (grouped_matmul.ONE_ROW_SUMS)")  # fmt: skip
     parser.add_argument("--bandwidth", type=float, default=0.0, help="bytes/s for the floor (0: the card's "
@@ -178,6 +185,7 @@ def main(argv=None) -> dict:
             blocks = f" blocks m{r['block_m']} n{r['block_n']} k{r['block_k']}" if "block_n" in r else ""
             blocks += f" sum {r['one_row_sum']}" if "one_row_sum" in r else ""
             blocks += " down n{block_n} k{block_k}".format(**r["down"]) if "down" in r else ""
+            blocks += " fused m1 i{block_i} k{block_k} h{block_h}".format(**r["fused"]) if "fused" in r else ""
             if "error" in r:
                 print(f"  {impl:12s} failed: {r['error']}{blocks}", flush=True)
                 continue

@@ -201,8 +201,16 @@ def pallas_experts(x, ids, weights, w_gate, w_up, w_down, tile: int, first: int 
                    **blocks) -> jax.Array:  # fmt: skip
     """The grouped path with the grouped-matmul kernel (rtpjax/kernels/grouped_matmul.py): each tile reads its
     expert's weights in place. `first`: this device's first expert (None: it holds them all, and assignments need
-    no masking). `blocks`: the kernel's block_n, block_k, num_warps, num_stages, interpret."""
+    no masking). `blocks`: the kernel's block_n, block_k, num_warps, num_stages, interpret; for one-row tiles,
+    `fused`: the one-kernel MLP's blocks instead (grouped_matmul.fused_expert_mlp; benchmarks/moe_block.py sweeps
+    it)."""
     experts = w_gate.shape[0]
+    fused = blocks.pop("fused", None)
+    if tile == 1 and fused is not None:
+        tiles = in_order(ids, experts, first)
+        y = grouped_matmul.fused_expert_mlp(x, tiles.expert, w_gate, w_up, w_down, weights.reshape(-1),
+                                            x_repeat=ids.shape[1], **fused, **blocks)  # fmt: skip
+        return tiles.combine(y, ids.shape[1])
     if tile == 1:  # in routing order: the kernel reads each token's row for its k tiles (no repeated copy of x)
         defaults = ONE_TOKEN_BLOCKS if ids.shape[0] == 1 else ONE_ROW_BLOCKS
         tiles, blocks = in_order(ids, experts, first), {**defaults, **blocks}

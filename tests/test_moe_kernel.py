@@ -82,6 +82,30 @@ def test_one_row_tiles_read_each_token_row_for_its_tiles(x_repeat, split_k):
                           x_repeat=x_repeat, interpret=True)  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("block_i, block_k, block_h, x_repeat", [(16, 32, 16, 1), (8, 64, 64, 2), (32, 16, 32, 3)])
+def test_fused_expert_mlp_matches_the_two_projections(dtype, block_i, block_k, block_h, x_repeat):
+    """One-row tiles' whole MLP in one kernel (slices of the intermediate channels, their down partials summed):
+    the reference's gate/up then down, spare tiles zero, every partial written."""
+    experts, inter, hidden, tokens = 4, 64, 96, 2  # 96: blocks shrink to powers of two dividing it
+    g, u = stacks(experts, inter, hidden, dtype, 31 + block_i, 2)
+    (d,) = stacks(experts, hidden, inter, dtype, 32 + block_h)
+    rng = np.random.default_rng(block_k)
+    x = jnp.asarray(rng.standard_normal((tokens, hidden)), dtype)
+    te = jnp.asarray(rng.integers(-1, experts, tokens * x_repeat), jnp.int32).at[0].set(-1)
+    scale = jnp.asarray(rng.random(tokens * x_repeat), dtype)
+    got = gm.fused_expert_mlp(x, te, g, u, d, scale, block_i=block_i, block_k=block_k, block_h=block_h,
+                              x_repeat=x_repeat, interpret=True)  # fmt: skip
+    assert got.shape == (tokens * x_repeat, hidden) and got.dtype == dtype
+    assert not np.isnan(np.asarray(got, np.float32)).any(), "a partial was never written"
+    hidden_rows = reference(jnp.repeat(x, x_repeat, axis=0).astype(jnp.float32), te, (g, u), None, 1)
+    want = reference(hidden_rows, te, (d,), scale, 1)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **TOL[dtype])
+    assert not np.asarray(got[0], np.float32).any()  # the spare tile
+    with pytest.raises(ValueError, match="tile experts for"):
+        gm.fused_expert_mlp(x, te[:-1], g, u, d, scale, x_repeat=x_repeat, interpret=True)
+
+
 def test_down_projection_takes_blocks_of_its_own(tmp_path):
     """expert_mlp's `down`: other blocks (and split) for the down projection give the same result; moe_block sweeps
     them with each gate/up block and names them."""
@@ -104,6 +128,11 @@ def test_down_projection_takes_blocks_of_its_own(tmp_path):
                     "--repeats", "1", "--out", str(out)])  # fmt: skip
     sweep = json.loads(out.read_text())["rows"][0]["pallas_sweep"]
     assert sorted((r["down"]["block_n"], r["down"]["block_k"]) for r in sweep if "us" in r) == [(16, 32), (32, 16)]
+    moe_block.main(["--experts", "8", "--top-k", "2", "--hidden", "64", "--inter", "32", "--batch-sizes", "1",
+                    "--impls", "pallas", "--pallas-rows", "1", "--pallas-blocks", "16x16", "--pallas-fused-blocks",
+                    "16x32x16,8x64x32x8x2", "--repeats", "1", "--out", str(out)])  # fmt: skip
+    fused = [r["fused"] for r in json.loads(out.read_text())["rows"][0]["pallas_sweep"] if "fused" in r and "us" in r]
+    assert sorted(f["block_i"] for f in fused) == [8, 16] and {f.get("num_warps") for f in fused} == {None, 8}
 
 
 def routing(kind, tokens, experts, top_k, rng):
@@ -208,6 +237,19 @@ def test_block_bench_runs_on_cpu(tmp_path):
         tile = 1 if row["tokens"] == 1 else 16  # 2 assignments: one-row tiles; 80: sorted tiles of 16
         assert row["pallas"]["tile"] == tile and row["pallas"]["vs_dense"] > 0 and row["pallas_best"]["vs_grouped"] > 0
         assert row["bound_vs_dense"] == pytest.approx(row["dense"]["us"] / row["floor_us"])
+
+
+def test_fused_kernel_lowers_to_triton(triton_verified):
+    """The one-kernel MLP for one-row tiles, lowered for CUDA at Qwen3-30B-A3B's shape (see the test below)."""
+    e, i, h, k = 16, 768, 2048, 8
+    w = [jax.ShapeDtypeStruct((e, i, h), jnp.bfloat16)] * 2 + [jax.ShapeDtypeStruct((e, h, i), jnp.bfloat16)]
+    args = (jax.ShapeDtypeStruct((1, h), jnp.bfloat16), jax.ShapeDtypeStruct((1, k), jnp.int32),
+            jax.ShapeDtypeStruct((1, k), jnp.bfloat16), *w)  # fmt: skip
+    fused = dict(block_i=16, block_k=512, block_h=256)
+    fn = jax.jit(lambda x, ids, wt, g, u, d: moe.pallas_experts(x, ids, wt, g, u, d, 1, None, fused=fused,
+                                                                interpret=False))  # fmt: skip
+    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1 and triton_verified == [True]
 
 
 @pytest.mark.parametrize("tile, block_n, block_k, split_k, one_row_sum", [

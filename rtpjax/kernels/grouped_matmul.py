@@ -21,6 +21,11 @@ the vector units (products and a row sum in float32, no tensor-core dot), so its
 products are summed: "step" (each input block's, the default) or "end" (into a float32 accumulator of the weight
 tile's shape, summed once: no reduction across threads inside the loop, more registers); on an H100 the best of each
 were within a few percent of each other (RESULTS.md, 12-05c).
+
+`fused_expert_mlp` runs one-row tiles' whole MLP as one kernel: a program takes `block_i` of its expert's intermediate
+channels through gate and up, then multiplies them by the same columns of the down projection into a float32 partial
+of the output, which XLA sums over the slices. At one token the two kernels' launches and the second one's wait for
+the first are a large share of the block; this removes one of each (benchmarks/moe_block.py --pallas-fused-blocks).
 """
 
 from __future__ import annotations
@@ -180,6 +185,63 @@ def expert_mlp(x, tile_expert, w_gate, w_up, w_down, scale, *, block_m: int, blo
     kw = {**kw, "split_k": split_k, **(down or {})}
     kw["split_k"] = _fit_split(kw["split_k"], w_down.shape[2], kw["block_k"])
     return grouped_matmul(hidden, tile_expert, (w_down,), scale, **kw)
+
+
+def _fused_kernel(expert_ref, x_ref, g_ref, u_ref, d_ref, o_ref, *, inter: int, hidden: int, block_i: int,
+                  block_k: int, block_h: int):  # fmt: skip
+    """One one-row tile's slice of `block_i` intermediate channels of its expert's MLP, both projections in one
+    program: h = SiLU(x @ G[slice].T) * (x @ U[slice].T), then that slice's share of the down projection, D[:, slice]
+    @ h, a float32 partial [hidden] (XLA sums the slices). A spare tile (expert -1) reads no gate/up weights, so its
+    h is zero and its partial zeros (its down loop still reads expert 0's slice: every element is written)."""
+    expert = expert_ref[pl.program_id(0)]
+    e, first = jnp.maximum(expert, 0), pl.program_id(1) * block_i
+    rows = pl.ds(e * inter + first, block_i)
+
+    def up(c, accs):
+        x = x_ref[:, pl.ds(c * block_k, block_k)].astype(jnp.float32)  # [1, block_k]
+        cols = pl.ds(c * block_k, block_k)
+        return tuple(acc + w[rows, cols].astype(jnp.float32) * x for acc, w in zip(accs, (g_ref, u_ref)))
+
+    zeros = jnp.zeros((block_i, block_k), jnp.float32)
+    g, u = lax.fori_loop(0, jnp.clip(expert + 1, 0, 1) * (hidden // block_k), up, (zeros, zeros))
+    g, u = jnp.sum(g, axis=1), jnp.sum(u, axis=1)
+    h = (g / (1.0 + jnp.exp(-g)) * u)[None, :]  # [1, block_i]
+
+    def down(c, carry):
+        tile = d_ref[pl.ds(e * hidden + c * block_h, block_h), pl.ds(first, block_i)].astype(jnp.float32)
+        o_ref[pl.ds(c * block_h, block_h)] = jnp.sum(tile * h, axis=1)
+        return carry
+
+    lax.fori_loop(0, hidden // block_h, down, 0)
+
+
+def fused_expert_mlp(x, tile_expert, w_gate, w_up, w_down, scale, *, block_i: int = 16, block_k: int = 512,
+                     block_h: int = 256, num_warps: int = 4, num_stages: int = 3, x_repeat: int = 1,
+                     interpret: bool | None = None) -> jax.Array:  # fmt: skip
+    """`expert_mlp` for one-row tiles in one kernel (no second launch, no intermediate round trip): program (tile,
+    slice) computes `block_i` intermediate channels and their share of the down projection; the slices' float32
+    partials are summed and scaled by XLA. x [tiles / x_repeat, H] (tile i reads row i // x_repeat)."""
+    experts, inter, hidden = w_gate.shape
+    tiles = x.shape[0] * x_repeat
+    bi, bk, bh = block_size(block_i, inter, 1), block_size(block_k, hidden, 1), block_size(block_h, hidden, 1)
+    if tile_expert.shape != (tiles,) or w_down.shape != (experts, hidden, inter):
+        raise ValueError(f"fused_expert_mlp: {tile_expert.shape[0]} tile experts for {tiles} one-row tiles, "
+                         f"down {w_down.shape} for gate/up {w_gate.shape}")  # fmt: skip
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    flat = [w_gate.reshape(-1, hidden), w_up.reshape(-1, hidden), w_down.reshape(-1, inter)]
+    whole = [pl.BlockSpec(f.shape, lambda i, s: (0, 0)) for f in flat]
+    kernel = functools.partial(_fused_kernel, inter=inter, hidden=hidden, block_i=bi, block_k=bk, block_h=bh)
+    params = None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    partials = pl.pallas_call(
+        kernel, grid=(tiles, inter // bi),
+        in_specs=[pl.BlockSpec(tile_expert.shape, lambda i, s: (0,)),
+                  pl.BlockSpec((1, hidden), lambda i, s: (i // x_repeat, 0)), *whole],
+        out_specs=pl.BlockSpec((None, None, hidden), lambda i, s: (i, s, 0)),
+        out_shape=jax.ShapeDtypeStruct((tiles, inter // bi, hidden), jnp.float32), compiler_params=params,
+        interpret=interpret, name="fused_expert_mlp",
+    )(tile_expert.astype(jnp.int32), x, *flat)  # fmt: skip
+    return (partials.sum(1) * scale.astype(jnp.float32)[:, None]).astype(x.dtype)
 
 
 def _fit_split(split_k: int, depth: int, block_k: int) -> int:
