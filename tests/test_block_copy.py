@@ -286,7 +286,7 @@ def test_first_runs_stage_a_row_where_rows_land_by_the_driver(monkeypatch):
     cache = _cache()
     copier = _copier(cache, land=True)
     copier.first_runs(cache)
-    assert cuda.copies == [LAYOUT.block_bytes] and cuda.synced == 1
+    assert cuda.copies == cuda.down == [LAYOUT.block_bytes] and cuda.synced == 2  # a row up, a row down
 
 
 class _Guard:

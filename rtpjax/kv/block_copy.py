@@ -366,8 +366,8 @@ class BlockCopier:
             elif kind == "write_packed":
                 zero = jnp.zeros(bb, jnp.uint8, device=self._rows_at)
                 cache = jax.block_until_ready(executable(cache, np.full(n, self.num_blocks, np.int32), (zero,) * n))
-        if smallest is not None:  # a download into pinned host memory
-            np.asarray(self.download(smallest))
+        if smallest is not None:  # a download into a host row, as a KV tier's
+            self.download_into(smallest, [np.empty(bb, np.uint8)])
         if self._landing is not None:
             jax.block_until_ready(self.stage([np.zeros(bb, np.uint8)]))
         return cache
