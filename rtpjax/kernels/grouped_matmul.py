@@ -197,14 +197,14 @@ def _fused_kernel(expert_ref, x_ref, g_ref, u_ref, d_ref, o_ref, *, inter: int, 
     e, first = jnp.maximum(expert, 0), pl.program_id(1) * block_i
     rows = pl.ds(e * inter + first, block_i)
 
-    def up(c, accs):
+    def up(c, accs):  # each step's products summed at once: [block_i] accumulators, few registers
         x = x_ref[:, pl.ds(c * block_k, block_k)].astype(jnp.float32)  # [1, block_k]
         cols = pl.ds(c * block_k, block_k)
-        return tuple(acc + w[rows, cols].astype(jnp.float32) * x for acc, w in zip(accs, (g_ref, u_ref)))
+        return tuple(acc + jnp.sum(w[rows, cols].astype(jnp.float32) * x, axis=1)
+                     for acc, w in zip(accs, (g_ref, u_ref)))  # fmt: skip
 
-    zeros = jnp.zeros((block_i, block_k), jnp.float32)
+    zeros = jnp.zeros((block_i,), jnp.float32)
     g, u = lax.fori_loop(0, jnp.clip(expert + 1, 0, 1) * (hidden // block_k), up, (zeros, zeros))
-    g, u = jnp.sum(g, axis=1), jnp.sum(u, axis=1)
     h = (g / (1.0 + jnp.exp(-g)) * u)[None, :]  # [1, block_i]
 
     def down(c, carry):
