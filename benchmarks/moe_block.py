@@ -75,7 +75,10 @@ def timed(block, args) -> dict:
 def parse_blocks(spec: str, names=("block_n", "block_k", "num_warps", "num_stages", "split_k")) -> list[dict]:
     """"64x128,128x64x8x4x2" -> the kernel's keyword arguments per configuration (block_n x block_k [x num_warps
     x num_stages [x split_k]]; or other `names` in their order)."""
-    return [dict(zip(names, map(int, c.split("x")))) for c in spec.split(",") if c]
+    out = [dict(zip(names, map(int, c.split("x")))) for c in spec.split(",") if c]
+    if any(c.count("x") >= len(names) for c in spec.split(",")):
+        raise ValueError(f"a block configuration of {spec!r} has more than {len(names)} fields ({'x'.join(names)})")
+    return out
 
 
 FUSED_NAMES = ("block_i", "block_k", "block_h", "num_warps", "num_stages")  # grouped_matmul.fused_expert_mlp's
@@ -96,7 +99,7 @@ def pallas_sweep(t: int, e: int, args, inputs) -> list[dict]:
     for tile, blocks in configs:
         block = lambda x, ids, wt, w, tile=tile, blocks=blocks: moe.pallas_experts(  # noqa: E731
             x, ids, wt, w["w_gate"], w["w_up"], w["w_down"], tile, None, **blocks)  # fmt: skip
-        warps = {"num_warps": blocks.get("num_warps", "default")}  # (the engine's, for one-row tiles: moe.py)
+        warps = {"num_warps": blocks.get("num_warps", blocks.get("fused", {}).get("num_warps", "default"))}
         runs.append({"block_m": tile, **blocks, **warps, **timed(block, inputs)})
     return sorted(runs, key=lambda r: r.get("us", float("inf")))
 
@@ -122,7 +125,7 @@ def measure(t: int, floor_us: float, args, inputs) -> tuple[dict, list[str]]:
         block = lambda x, ids, wt, w, impl=impl: moe.run_experts(w, x, ids, wt, impl)  # noqa: E731
         tile = moe.kernel_rows(t * k, e) if moe.use_kernel(impl, w["w_gate"]) else moe.plan(t * k, e, t, impl)
         row[impl] = {**timed(block, inputs), "tile": tile}
-    if "pallas" in impls and args.pallas_blocks:
+    if "pallas" in impls and (args.pallas_blocks or args.pallas_fused_blocks):
         row["pallas_sweep"] = pallas_sweep(t, e, args, inputs)
         row["pallas_best"] = dict(row["pallas_sweep"][0])
         impls = [*impls, "pallas_best"]
@@ -186,6 +189,7 @@ def main(argv=None) -> dict:
             blocks += f" sum {r['one_row_sum']}" if "one_row_sum" in r else ""
             blocks += " down n{block_n} k{block_k}".format(**r["down"]) if "down" in r else ""
             blocks += " fused m1 i{block_i} k{block_k} h{block_h}".format(**r["fused"]) if "fused" in r else ""
+            blocks += f" w{r['num_warps']}" if "num_warps" in r else ""
             if "error" in r:
                 print(f"  {impl:12s} failed: {r['error']}{blocks}", flush=True)
                 continue

@@ -206,7 +206,10 @@ def pallas_experts(x, ids, weights, w_gate, w_up, w_down, tile: int, first: int 
     it)."""
     experts = w_gate.shape[0]
     fused = blocks.pop("fused", None)
-    if tile == 1 and fused is not None:
+    if fused is not None and (tile != 1 or set(blocks) - {"interpret"}):
+        raise ValueError(f"pallas_experts: the one-kernel MLP takes one-row tiles and its own blocks only, got tiles "
+                         f"of {tile} and {sorted(blocks)}")  # fmt: skip
+    if fused is not None:
         tiles = in_order(ids, experts, first)
         y = grouped_matmul.fused_expert_mlp(x, tiles.expert, w_gate, w_up, w_down, weights.reshape(-1),
                                             x_repeat=ids.shape[1], **fused, **blocks)  # fmt: skip

@@ -83,11 +83,12 @@ def test_one_row_tiles_read_each_token_row_for_its_tiles(x_repeat, split_k):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("block_i, block_k, block_h, x_repeat", [(16, 32, 16, 1), (8, 64, 64, 2), (32, 16, 32, 3)])
-def test_fused_expert_mlp_matches_the_two_projections(dtype, block_i, block_k, block_h, x_repeat):
+@pytest.mark.parametrize("inter, block_i, block_k, block_h, x_repeat", [
+    (64, 16, 32, 16, 1), (64, 8, 64, 64, 2), (64, 32, 16, 32, 3), (48, 32, 64, 64, 2)])  # fmt: skip
+def test_fused_expert_mlp_matches_the_two_projections(dtype, inter, block_i, block_k, block_h, x_repeat):
     """One-row tiles' whole MLP in one kernel (slices of the intermediate channels, their down partials summed):
     the reference's gate/up then down, spare tiles zero, every partial written."""
-    experts, inter, hidden, tokens = 4, 64, 96, 2  # 96: blocks shrink to powers of two dividing it
+    experts, hidden, tokens = 4, 96, 2  # 96 and 48: blocks shrink to powers of two dividing them
     g, u = stacks(experts, inter, hidden, dtype, 31 + block_i, 2)
     (d,) = stacks(experts, hidden, inter, dtype, 32 + block_h)
     rng = np.random.default_rng(block_k)
@@ -102,8 +103,31 @@ def test_fused_expert_mlp_matches_the_two_projections(dtype, block_i, block_k, b
     want = reference(hidden_rows, te, (d,), scale, 1)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **TOL[dtype])
     assert not np.asarray(got[0], np.float32).any()  # the spare tile
-    with pytest.raises(ValueError, match="tile experts for"):
+    with pytest.raises(ValueError, match="tile experts"):
         gm.fused_expert_mlp(x, te[:-1], g, u, d, scale, x_repeat=x_repeat, interpret=True)
+    with pytest.raises(ValueError, match="up"):  # (a mismatched stack would be read out of bounds on the GPU)
+        gm.fused_expert_mlp(x, te, g, u[:, :-16], d, scale, x_repeat=x_repeat, interpret=True)
+
+
+def test_pallas_experts_fused_under_expert_parallel_masking():
+    """moe.pallas_experts with fused blocks: the two-kernel path's output, also when this device holds experts
+    [2, 6) of 8 (others' assignments masked to spare tiles); other tiles or blocks beside `fused` are refused."""
+    g, u = stacks(4, 32, 64, jnp.float32, 41, 2)
+    (d,) = stacks(4, 64, 32, jnp.float32, 42)
+    rng = np.random.default_rng(9)
+    x = jnp.asarray(rng.standard_normal((3, 64)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, 8, (3, 2)), jnp.int32)
+    wt = jnp.asarray(rng.random((3, 2)), jnp.float32)
+    fused = dict(block_i=16, block_k=32, block_h=32)
+    for first in (None, 2):
+        want = moe.pallas_experts(x, ids % 4 if first is None else ids, wt, g, u, d, 1, first, interpret=True)
+        got = moe.pallas_experts(x, ids % 4 if first is None else ids, wt, g, u, d, 1, first, fused=fused,
+                                 interpret=True)  # fmt: skip
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL[jnp.float32])
+    with pytest.raises(ValueError, match="one-row tiles and its own blocks only"):
+        moe.pallas_experts(x, ids % 4, wt, g, u, d, 16, None, fused=fused, interpret=True)
+    with pytest.raises(ValueError, match="one-row tiles and its own blocks only"):
+        moe.pallas_experts(x, ids % 4, wt, g, u, d, 1, None, fused=fused, block_n=8, interpret=True)
 
 
 def test_down_projection_takes_blocks_of_its_own(tmp_path):

@@ -97,7 +97,8 @@ def _kernel(expert_ref, x_ref, *refs, out_rows: int, block_n: int, block_k: int,
 
 
 def block_size(requested: int, dim: int, smallest: int = MIN_BLOCK) -> int:
-    """The largest power of two <= `requested` dividing `dim` (0 if under `smallest`: the kernel cannot take `dim`)."""
+    """The largest power of two dividing `dim` that is at most `requested` rounded up to a power of two (0 if under
+    `smallest`: the kernel cannot take `dim`)."""
     b = min(pl.next_power_of_2(requested), pl.next_power_of_2(dim))
     while b >= smallest and dim % b:
         b //= 2
@@ -191,11 +192,12 @@ def _fused_kernel(expert_ref, x_ref, g_ref, u_ref, d_ref, o_ref, *, inter: int, 
                   block_k: int, block_h: int):  # fmt: skip
     """One one-row tile's slice of `block_i` intermediate channels of its expert's MLP, both projections in one
     program: h = SiLU(x @ G[slice].T) * (x @ U[slice].T), then that slice's share of the down projection, D[:, slice]
-    @ h, a float32 partial [hidden] (XLA sums the slices). A spare tile (expert -1) reads no gate/up weights, so its
-    h is zero and its partial zeros (its down loop still reads expert 0's slice: every element is written)."""
+    @ h, a float32 partial [hidden] (XLA sums the slices). A spare tile (expert -1) reads no weights and writes
+    zeros."""
     expert = expert_ref[pl.program_id(0)]
     e, first = jnp.maximum(expert, 0), pl.program_id(1) * block_i
     rows = pl.ds(e * inter + first, block_i)
+    live = jnp.clip(expert + 1, 0, 1)  # (trip counts in integer arithmetic: Triton's loops reject an i1 bound)
 
     def up(c, accs):  # each step's products summed at once: [block_i] accumulators, few registers
         x = x_ref[:, pl.ds(c * block_k, block_k)].astype(jnp.float32)  # [1, block_k]
@@ -204,7 +206,7 @@ def _fused_kernel(expert_ref, x_ref, g_ref, u_ref, d_ref, o_ref, *, inter: int, 
                      for acc, w in zip(accs, (g_ref, u_ref)))  # fmt: skip
 
     zeros = jnp.zeros((block_i,), jnp.float32)
-    g, u = lax.fori_loop(0, jnp.clip(expert + 1, 0, 1) * (hidden // block_k), up, (zeros, zeros))
+    g, u = lax.fori_loop(0, live * (hidden // block_k), up, (zeros, zeros))
     h = (g / (1.0 + jnp.exp(-g)) * u)[None, :]  # [1, block_i]
 
     def down(c, carry):
@@ -212,7 +214,12 @@ def _fused_kernel(expert_ref, x_ref, g_ref, u_ref, d_ref, o_ref, *, inter: int, 
         o_ref[pl.ds(c * block_h, block_h)] = jnp.sum(tile * h, axis=1)
         return carry
 
-    lax.fori_loop(0, hidden // block_h, down, 0)
+    def spare(c, carry):
+        o_ref[pl.ds(c * block_h, block_h)] = jnp.zeros((block_h,), jnp.float32)
+        return carry
+
+    lax.fori_loop(0, live * (hidden // block_h), down, 0)
+    lax.fori_loop(0, (1 - live) * (hidden // block_h), spare, 0)
 
 
 def fused_expert_mlp(x, tile_expert, w_gate, w_up, w_down, scale, *, block_i: int = 16, block_k: int = 512,
@@ -220,13 +227,18 @@ def fused_expert_mlp(x, tile_expert, w_gate, w_up, w_down, scale, *, block_i: in
                      interpret: bool | None = None) -> jax.Array:  # fmt: skip
     """`expert_mlp` for one-row tiles in one kernel (no second launch, no intermediate round trip): program (tile,
     slice) computes `block_i` intermediate channels and their share of the down projection; the slices' float32
-    partials are summed and scaled by XLA. x [tiles / x_repeat, H] (tile i reads row i // x_repeat)."""
+    partials ([tiles, inter / block_i, hidden]: a decode step's few tiles) are summed and scaled by XLA, h kept in
+    float32 (expert_mlp rounds it to x's dtype between its kernels). x [tiles / x_repeat, H] (tile i reads row i //
+    x_repeat), scale [tiles]."""
     experts, inter, hidden = w_gate.shape
-    tiles = x.shape[0] * x_repeat
+    tiles = x.shape[0] * max(x_repeat, 1)
     bi, bk, bh = block_size(block_i, inter, 1), block_size(block_k, hidden, 1), block_size(block_h, hidden, 1)
-    if tile_expert.shape != (tiles,) or w_down.shape != (experts, hidden, inter):
-        raise ValueError(f"fused_expert_mlp: {tile_expert.shape[0]} tile experts for {tiles} one-row tiles, "
-                         f"down {w_down.shape} for gate/up {w_gate.shape}")  # fmt: skip
+    problem = unsupported(experts, inter, hidden, w_gate.dtype)
+    if (problem or x_repeat < 1 or x.shape[1] != hidden or w_up.shape != w_gate.shape
+            or w_down.shape != (experts, hidden, inter) or tile_expert.shape != (tiles,) or scale.shape != (tiles,)):
+        raise ValueError(f"fused_expert_mlp: x {x.shape} (x_repeat {x_repeat}), {tile_expert.shape[0]} tile experts "
+                         f"and scale {scale.shape} for {tiles} one-row tiles; gate {w_gate.shape}, up {w_up.shape}, "
+                         f"down {w_down.shape}" + (f"; {problem}" if problem else ""))  # fmt: skip
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     flat = [w_gate.reshape(-1, hidden), w_up.reshape(-1, hidden), w_down.reshape(-1, inter)]
