@@ -255,6 +255,29 @@ def test_staged_rows_land_in_reused_arrays_by_the_driver(monkeypatch):
     np.testing.assert_array_equal(np.stack([np.asarray(r) for r in first]), sent[slots])  # untouched by the reuse
 
 
+def test_a_tier_writes_down_through_the_driver_into_its_rows(monkeypatch):
+    """KVTiers with a copier whose downloads go by the driver (faked by memmove): evicted blocks land in host-tier
+    rows, one copy per run of rows adjacent on both sides, with the cache's contents; no row stays leased."""
+    from rtpjax.kv.tiers.host import HostTier
+    from rtpjax.kv.tiers.manager import KVTiers
+
+    cuda = _HostCopies(monkeypatch)
+    cache = _cache()
+    copier = _copier(cache, land=True)
+    tiers = KVTiers(LAYOUT, HostTier(8 * LAYOUT.block_bytes, LAYOUT.block_bytes), None)
+    tiers.use_copier(copier, max_staged=8, max_gathered=8)
+    want = np.asarray(block_copy.pack(gather(cache, np.array([5, 2, 7]), copies=1)))
+    hashes = [bytes([b]) * 16 for b in (5, 2, 7)]
+    for block, h in zip((5, 2, 7), hashes):
+        tiers.write_down(block, h)
+    tiers.dispatch(lambda blocks: copier.gather_packed(cache, blocks, download=False))
+    assert tiers.flush() and not any(tiers.host.leases)
+    assert cuda.down == [3 * LAYOUT.block_bytes]  # three fresh rows side by side: one copy
+    for h, row in zip(hashes, want):
+        np.testing.assert_array_equal(tiers.host.buf[tiers.host.index[h]], row)
+    tiers.close()
+
+
 @pytest.mark.parametrize("sharded", [False, True])
 def test_first_runs_call_every_copy_once_and_change_nothing(sharded):
     """Warm-up runs each compiled packed copy once (its first run does the device's one-time setup, which a load
