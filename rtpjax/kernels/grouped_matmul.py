@@ -24,8 +24,10 @@ were within a few percent of each other (RESULTS.md, 12-05c).
 
 `fused_expert_mlp` runs one-row tiles' whole MLP as one kernel: a program takes `block_i` of its expert's intermediate
 channels through gate and up, then multiplies them by the same columns of the down projection into a float32 partial
-of the output, which XLA sums over the slices. At one token the two kernels' launches and the second one's wait for
-the first are a large share of the block; this removes one of each (benchmarks/moe_block.py --pallas-fused-blocks).
+of the output, which XLA sums over the slices. It saves a launch and the second kernel's wait for the first, but on
+an H100 it measured slower than the two kernels at one token (RESULTS.md, 12-05f): it reads the down projection by
+column slices of its [H, I] stack, a few dozen bytes a row. The engine keeps the two kernels; benchmarks/moe_block.py
+--pallas-fused-blocks measures it (a down stack stored [E, I, H] would let it read whole rows).
 """
 
 from __future__ import annotations
