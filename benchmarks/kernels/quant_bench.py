@@ -39,7 +39,9 @@ SWEEP = (Tiles(), Tiles(block_n=32), Tiles(block_n=128), Tiles(block_k=128), Til
          Tiles(block_n=32, block_k=512, split_k=1), Tiles(block_n=32, block_k=128, split_k=2),
          Tiles(block_n=16, block_k=256, split_k=2), Tiles(num_stages=5), Tiles(block_n=32, num_warps=2),
          Tiles(block_n=16, block_k=1024, split_k=1, num_warps=4, num_stages=2),
-         Tiles(unpack="magic"), Tiles(block_k=128, unpack="magic"))  # fmt: skip (unpack: int4 only)
+         Tiles(unpack="magic"), Tiles(block_k=128, unpack="magic"), Tiles(unpack="asm"),
+         Tiles(block_k=128, unpack="asm"), Tiles(block_n=32, unpack="asm"), Tiles(block_k=512, unpack="asm"),
+         Tiles(block_n=128, num_warps=8, unpack="asm"))  # fmt: skip (unpack: int4 only)
 # One row on the vector units (`--sweep-rows 1`), and the padded tensor-core dot it replaces.
 ONE_ROW_SWEEP = (*(Tiles(one_row=True, block_n=n, block_k=k, num_warps=w, num_stages=st, split_k=sk, unpack=u)
                    for n, k, w, st, sk, u in (
@@ -47,8 +49,11 @@ ONE_ROW_SWEEP = (*(Tiles(one_row=True, block_n=n, block_k=k, num_warps=w, num_st
                        (16, 1024, 4, 3, 0, "convert"), (32, 256, 4, 3, 0, "convert"), (32, 512, 4, 3, 0, "convert"),
                        (64, 128, 4, 3, 0, "convert"), (64, 256, 4, 3, 0, "convert"), (16, 512, 2, 3, 0, "convert"),
                        (16, 512, 4, 4, 0, "convert"), (16, 512, 4, 3, 1, "convert"), (32, 512, 8, 3, 0, "convert"),
-                       (16, 256, 4, 3, 0, "magic"), (32, 256, 4, 3, 0, "magic"), (16, 512, 4, 3, 0, "magic"))),
-                 Tiles())  # fmt: skip
+                       (16, 256, 4, 3, 0, "magic"), (32, 256, 4, 3, 0, "magic"), (16, 512, 4, 3, 0, "magic"),
+                       (16, 256, 4, 3, 0, "asm"), (32, 256, 4, 3, 0, "asm"), (16, 512, 4, 3, 0, "asm"),
+                       (8, 512, 4, 3, 0, "asm"), (32, 512, 8, 3, 0, "asm"))),
+                 Tiles(), Tiles(unpack="asm"), Tiles(block_n=32, unpack="asm"),
+                 Tiles(block_k=512, unpack="asm"))  # fmt: skip
 
 
 def _nbytes(w) -> int:
