@@ -395,10 +395,11 @@ PY
     python3 -m rtpjax.benchmarks.kernels.quant_bench --table $runs --out "$OUT/quant_summary.json"
     ;;
   quant_kernels)
-    # QUANT_BENCH_FLAGS: e.g. "--shapes up,down --tokens 1,16 --sweep-rows 1" (the one-row tiles);
+    # QUANT_BENCH_FLAGS: e.g. "--shapes up,down --tokens 1,16 --sweep-rows 1 --formats int4" (the one-row tiles),
+    # results in quant_bench_$QUANT_BENCH_NAME.json (quant_bench.json without a name);
     # QUANT_ATTENTION=0 skips the attention kernels
     timeout 360 python3 -m rtpjax.benchmarks.kernels.quant_bench ${QUANT_BENCH_FLAGS:-} \
-      --out "$OUT/quant_bench${QUANT_BENCH_FLAGS:+_flags}.json" 2>&1 | grep -v Deprecat
+      --out "$OUT/quant_bench${QUANT_BENCH_NAME:+_$QUANT_BENCH_NAME}.json" 2>&1 | grep -v Deprecat
     [ "${QUANT_ATTENTION:-1}" = 0 ] || timeout 200 python3 -m rtpjax.benchmarks.kernels.attention_bench \
       --suites decode --out "$OUT/quant_attention.json" 2>&1 | grep -E "b=  *32 ctx= *2048|Error"
     ;;

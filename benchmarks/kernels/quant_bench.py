@@ -121,13 +121,14 @@ def _record(row: dict, key: str, seconds: float, nbytes: int) -> None:
 
 
 def bench_shape(name: str, out: int, inp: int, tokens: list[int], repeats: int, sweep: tuple, quick: bool = False,
-                sweep_rows: int = 16):  # fmt: skip
-    """Rows (one per token count) and the best of the `sweep` tiles per quantized format at `sweep_rows` rows. quick:
-    one weight copy, two calls per program."""
+                sweep_rows: int = 16, formats: tuple = FORMATS):  # fmt: skip
+    """Rows (one per token count) and the best of the `sweep` tiles per quantized format (of `formats`, bf16 always)
+    at `sweep_rows` rows. quick: one weight copy, two calls per program."""
+    formats = ("bf16", *(f for f in formats if f != "bf16"))
     interpret = jax.default_backend() != "gpu"  # a CPU run checks the script: the kernel interpreted
     kernel = lambda tiles: lambda x, w: small_matmul.quantized_matmul(x, w, tiles, interpret=interpret)
     rows, best = [{"layer": name, "out": out, "in": inp, "tokens": t} for t in tokens], {}
-    for fmt in FORMATS:
+    for fmt in formats:
         one = _weights(out, inp, fmt, 1)[0]
         nbytes = _nbytes(one)
         copies = 1 if quick else min(16, -(-2 * L2_BYTES // nbytes))  # twice the L2
@@ -162,7 +163,7 @@ def bench_shape(name: str, out: int, inp: int, tokens: list[int], repeats: int, 
                   f"{f} {row[f + '_us']:7.1f} us {row[f + '_hbm']:4.0%} HBM (XLA {row[f + '_xla_us']:7.1f}, "
                   f"weight-only {row.get(f + '_wonly_us', row.get('int4_s4_us', 0)):7.1f}"
                   + (f", kernel {row[f + '_kernel_us']:7.1f})" if f + "_kernel_us" in row else ")")
-                  for f in FORMATS[1:]), flush=True)  # fmt: skip
+                  for f in formats[1:]), flush=True)  # fmt: skip
     return rows, best
 
 
@@ -203,6 +204,7 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", default="1,16,32")
     parser.add_argument("--no-sweep", action="store_true", help="time the default tiles only")
     parser.add_argument("--sweep-rows", type=int, default=16, help="rows of the tile sweep (1: the one-row tiles)")
+    parser.add_argument("--formats", default=",".join(FORMATS[1:]), help=f"of {', '.join(FORMATS[1:])} (and bf16)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a CPU check of the script)")
     parser.add_argument("--table", nargs="+", metavar="JSON", help="compare engine runs instead (see above)")
     args = parser.parse_args(argv)
@@ -210,6 +212,8 @@ def main(argv=None) -> None:
         with open(args.out, "w") as f:
             json.dump(engine_table(args.table), f, indent=1)
         return
+    if unknown := set(args.formats.split(",")) - set(FORMATS):
+        parser.error(f"--formats: {', '.join(sorted(unknown))}: choose of {', '.join(FORMATS)}")
     shapes = {"tiny": (256, 256)} if args.quick else {s: SHAPES[s] for s in args.shapes.split(",")}
     tokens = [int(t) for t in args.tokens.split(",")]
     result = {"device": str(jax.devices()[0].device_kind), "rows": [], "best_tiles": {}}
@@ -217,7 +221,7 @@ def main(argv=None) -> None:
         sweep = () if args.no_sweep else ONE_ROW_SWEEP if args.sweep_rows == 1 else SWEEP
         sweep = sweep[:2] if args.quick else sweep
         rows, best = bench_shape(name, out, inp, tokens, 1 if args.quick else 10, sweep, quick=args.quick,
-                                 sweep_rows=args.sweep_rows)  # fmt: skip
+                                 sweep_rows=args.sweep_rows, formats=tuple(args.formats.split(",")))  # fmt: skip
         result["rows"] += rows
         result["best_tiles"][name] = best
         for fmt, b in best.items():
