@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from rtpjax.engine.stall_meter import GcTimes
 from rtpjax.options import add_engine_arguments, engine_args_from
 
 
@@ -95,24 +96,6 @@ def run_steps(engine, steps: int, profiler=None, drain: bool = False) -> dict:
     return dict(rows_per_step=s.rows / steps, step_ms=seconds * ms, scheduling_ms=s.prepare_s * ms,
                 launching_ms=s.launch_s * ms, reading_ms=s.device_wait_s * ms, outputs_ms=outputs * ms,
                 encoding_ms=encode_s * ms, gc=collections.summary())
-
-
-class GcTimes:
-    """Python's cyclic collections during the measured steps (a gc callback): per generation, how many and their
-    time; a full (generation 2) pass scans every object the process holds, stopping the loop meanwhile."""
-
-    def __init__(self):
-        self.count, self.seconds, self._began = [0, 0, 0], [0.0, 0.0, 0.0], 0.0
-
-    def __call__(self, phase: str, info: dict) -> None:
-        if phase == "start":
-            self._began = time.perf_counter()
-        else:
-            self.count[info["generation"]] += 1
-            self.seconds[info["generation"]] += time.perf_counter() - self._began
-
-    def summary(self) -> dict:
-        return {f"gen{g}": dict(count=self.count[g], ms=round(1e3 * self.seconds[g], 2)) for g in range(3)}
 
 
 def measure(rows: int, steps: int, profile: bool = False, shape: str = "tiny", idle_launch: bool = False,

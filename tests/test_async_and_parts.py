@@ -224,7 +224,9 @@ def test_loop_stats_account_for_each_step(stories_llm):
 
 
 def test_stall_meter_sees_the_interpreter_held():
-    """A long C call holds the interpreter lock: the meter's thread wakes that much late, and says so once."""
+    """A long C call holds the interpreter lock: the meter's thread wakes that much late, and says so once; so is a
+    full collection, named with its time."""
+    import gc
     import time
 
     from rtpjax.engine.stall_meter import StallMeter
@@ -240,9 +242,14 @@ def test_stall_meter_sees_the_interpreter_held():
         assert held * 0.5 < meter.take() < held + 0.5
         time.sleep(0.05)
         assert meter.take() < held * 0.75  # (a loaded machine may wake it a little late)
+        assert "gc passes" not in meter.report()
+        gc.collect()  # a full pass: named once in the report, with its time
+        line = meter.report()
+        assert "; 1 full gc passes, the longest " in line and line.startswith("threads woke up to ")
+        assert "gc passes" not in meter.report()
     finally:
         meter.close()
-    assert not meter._thread.is_alive()
+    assert not meter._thread.is_alive() and meter.collections not in gc.callbacks
 
 
 @pytest.mark.parametrize("rust_stream", [True, False])

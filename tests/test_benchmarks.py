@@ -254,7 +254,8 @@ def test_host_step_splits_the_loop_and_drains_the_device():
         assert 0 < parts <= run["step_ms"] and run["encoding_ms"] > 0
     # With the device drained before each launch, reading the previous step's tokens waits for nothing.
     assert r["idle_launch"]["reading_ms"] < 1.0
-    from rtpjax.benchmarks.host_step import GcTimes, describe
+    from rtpjax.benchmarks.host_step import describe
+    from rtpjax.engine.stall_meter import GcTimes
 
     times = GcTimes()  # the collections during the measured steps, as the gc module reports them
     times("start", {"generation": 2})

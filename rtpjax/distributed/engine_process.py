@@ -183,10 +183,10 @@ def _rounds(engine: LLMEngine, conn: Connection, inbox: queue.Queue, handoff, me
         if engine.loop_stats.steps and time.monotonic() - reported >= REPORT_EVERY_S:
             s = engine.stats()
             log.info("engine: %s; %d running, %d waiting%s, KV cache %.0f%% used, %d preemptions since start; "
-                     "threads woke up to %.1f ms late", engine.take_loop_stats().report(time.monotonic() - reported),
+                     "%s", engine.take_loop_stats().report(time.monotonic() - reported),
                      s.num_running, s.num_waiting,
                      f" ({s.num_loading} loading from KV tiers)" if engine.tiers is not None else "",
-                     100 * s.kv_cache_usage, s.num_preemptions, 1e3 * meter.take())  # fmt: skip
+                     100 * s.kv_cache_usage, s.num_preemptions, meter.report())  # fmt: skip
             if engine.tiers is not None:
                 log.info("engine: %s", engine.tiers.report())
             reported = time.monotonic()
