@@ -13,8 +13,7 @@ from rtpjax.kernels.reference import quantize as quantize_rows
 from rtpjax.loading.quantization import (METHODS, STORAGE, QuantizedWeight, Scheme, dequantize, pack_int4, quantize,
                                         unpack_int4)
 from rtpjax.quant.matmul import linear, uses_small_kernel
-from rtpjax.quant.small_matmul import (MAGIC, NIBBLES_CONSTRAINTS, ONE_ROW_TILES, Plan, Tiles, nibbles_asm, plan,
-                                      quantized_matmul, small_matmul)
+from rtpjax.quant.small_matmul import ONE_ROW_TILES, Plan, Tiles, plan, quantized_matmul, small_matmul
 
 
 def test_int4_packing_is_the_documented_layout():
@@ -114,7 +113,7 @@ SMALL = [  # method, rows, dtype, tiles: every format, padded and full row tiles
     ("int4", 7, jnp.bfloat16, Tiles(unpack="magic")),  # nibbles by their bits: each activation dtype's constant
     ("int4-asym", 16, jnp.float32, Tiles(block_k=128, unpack="magic")),
     ("int4-asym", 3, jnp.float16, Tiles(split_k=1, unpack="magic")),
-    ("int4-asym", 16, jnp.bfloat16, Tiles(unpack="asm")),  # interpreted: the magic path (the PTX: emulated below)
+    ("int4-asym", 16, jnp.bfloat16, Tiles(unpack="asm")),  # interpreted: the magic path (the PTX: test_ptx.py)
     # one row on the vector units: each format, split-K, both unpackings; and one row padded to a tensor-core dot
     ("int8", 1, jnp.bfloat16, Tiles(block_k=128, split_k=2, one_row=True)),
     ("fp8-weight-only", 1, jnp.float32, ONE_ROW_TILES["fp8"]),
@@ -189,61 +188,6 @@ def test_small_kernel_lowers_to_triton(method, triton_verified):
         text = step.trace(jnp.ones((rows, 512), jnp.bfloat16), qw).lower(lowering_platforms=("cuda",)).as_text()
         assert f"small_matmul_{qw.scheme.weight}" in text and "triton" in text
     assert triton_verified == [True] * len(cases)
-
-
-def _run_ptx(asm: str, regs: dict) -> dict:
-    """Emulate NIBBLES_ASM's instructions (prmt, lop3, shr, paired 16-bit float subtraction) on uint32 numpy arrays,
-    one element per instance: `regs` maps "$4" etc. to their values; returns every register after the last line."""
-    regs = dict(regs)
-    val = lambda a: regs[a] if a in regs else np.uint32(int(a, 16))
-    for line in asm.strip().strip("{}").strip().splitlines():
-        op, _, rest = line.strip().rstrip(";").partition(" ")
-        if op.startswith(".reg"):
-            continue
-        d, *a = [part.strip() for part in rest.split(",")]
-        if op == "prmt.b32":  # bytes of (a, b) picked by the selector's nibbles
-            both = [(val(a[0]) >> (8 * i)) & 0xFF for i in range(4)] + [(val(a[1]) >> (8 * i)) & 0xFF for i in range(4)]
-            sel = int(a[2], 16)
-            regs[d] = sum(both[(sel >> (4 * i)) & 7].astype(np.uint32) << np.uint32(8 * i) for i in range(4))
-        elif op == "lop3.b32":  # each bit from the look-up table at (a, b, c)'s bits
-            x, y, z, lut = val(a[0]), val(a[1]), val(a[2]), int(a[3], 16)
-            out = np.zeros_like(x)
-            for bit in range(32):
-                idx = (((x >> bit) & 1) << 2) | (((y >> bit) & 1) << 1) | ((z >> bit) & 1)
-                out |= ((np.uint32(lut) >> idx) & 1) << np.uint32(bit)
-            regs[d] = out
-        elif op == "shr.b32":
-            regs[d] = val(a[0]) >> np.uint32(int(a[1]))
-        elif op in ("sub.rn.bf16x2", "sub.rn.f16x2"):
-            dt = jnp.bfloat16 if "bf16" in op else jnp.float16
-            halves = lambda r: [np.asarray(((r >> s) & 0xFFFF).astype(np.uint16)).view(dt) for s in (0, 16)]
-            res = [(p.astype(np.float32) - q.astype(np.float32)).astype(dt).view(np.uint16).astype(np.uint32)
-                   for p, q in zip(halves(val(a[0])), halves(val(a[1])))]  # fmt: skip
-            regs[d] = res[0] | (res[1] << np.uint32(16))
-        else:
-            raise AssertionError(f"an instruction the emulator does not know: {line}")
-    return regs
-
-
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_the_nibbles_ptx_gives_each_nibble_less_its_zero(dtype):
-    """NIBBLES_ASM (the GPU's "asm" unpack) on every byte value: four bytes and their elements' base + zero in, the
-    low (then high) nibbles less the zero out, each in its element's place of the two 16-bit halves."""
-    uint, bits, base = MAGIC[jnp.dtype(dtype)]
-    rng = np.random.default_rng(0)
-    data = rng.permutation(np.tile(np.arange(256, dtype=np.uint8), 4)).reshape(-1, 4)  # [instances, 4 bytes]
-    zero = rng.integers(0, 16, data.shape).astype(np.uint16)  # each element its own zero
-    z16 = (zero | np.uint16(bits)).astype(np.uint32)  # base + zero, by its bits
-    word = lambda a, b: a | (b << np.uint32(16))
-    regs = {"$2": data.view("<u4")[:, 0].astype(np.uint32), "$3": word(z16[:, 0], z16[:, 1]),
-            "$4": word(z16[:, 2], z16[:, 3])}  # fmt: skip
-    assert NIBBLES_CONSTRAINTS.count("=r") == 2 and NIBBLES_CONSTRAINTS.count(",r") == 3
-    as_values = lambda r0, r1: np.stack([np.asarray(((r >> s) & 0xFFFF).astype(np.uint16)).view(dtype)
-                                         for r in (r0, r1) for s in (0, 16)], axis=1).astype(np.float32)  # fmt: skip
-    for high, want in ((False, data & 15), (True, data >> 4)):
-        out = _run_ptx(nibbles_asm(dtype, high), regs)
-        np.testing.assert_array_equal(as_values(out["$0"], out["$1"]), want - zero.astype(np.float32))
-    assert base == {jnp.bfloat16: 128.0, jnp.float16: 1024.0}[dtype]
 
 
 def test_small_steps_on_a_gpu_take_the_kernel():

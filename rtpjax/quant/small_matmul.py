@@ -26,10 +26,9 @@ half group is one dot against its own nibbles with nothing interleaved. Two ways
 activations' dtype (Tiles.unpack): "convert" (int32 arithmetic, then an integer-to-float conversion, a quarter-rate
 instruction on NVIDIA GPUs) or "magic" (the nibble ORed into the mantissa of a float whose exponent makes the low bits
 units, e.g. bfloat16 0x4300 | n == 128 + n, then one subtraction of 128 + zero: no conversion instruction at all), or
-"asm": the magic by hand in inline PTX, two nibbles per 32-bit instruction (NIBBLES_ASM), where Triton spends several
-instructions on each nibble (widening the byte, masking, ORing, subtracting one element at a time). The interpreter
-cannot run PTX: interpreted, "asm" takes the "magic" path (the same exact values); the tests check the PTX by
-emulating its instructions.
+"asm": the magic by hand in inline PTX on 16-bit pairs (`rtpjax.kernels.ptx`), where Triton spends several
+instructions on each nibble (widening the byte, masking, ORing, subtracting one element at a time); interpreted (no
+PTX), "asm" takes the "magic" path, the same exact values.
 """
 
 from __future__ import annotations
@@ -43,6 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from rtpjax.kernels import ptx
 from rtpjax.loading.quantization import QuantizedWeight
 
 FORMATS = ("fp8", "int8", "int4")
@@ -143,53 +143,19 @@ def supported(rows: int, out: int, in_features: int, fmt: str, group: int = 0, t
 
 
 UNPACKS = ("convert", "magic", "asm")
-# dtype -> (unsigned type of its width, the bits of 2^m whose mantissa's low bits are units, 2^m): 2^m | n == 2^m + n
-MAGIC = {jnp.dtype(jnp.bfloat16): (jnp.uint16, 0x4300, 128.0), jnp.dtype(jnp.float16): (jnp.uint16, 0x6400, 1024.0),
-         jnp.dtype(jnp.float32): (jnp.uint32, 0x4B000000, 8388608.0)}  # fmt: skip
-
-
-# "asm": four packed bytes per instance, their low (shift 0) or high (shift 4) nibbles in 16-bit pairs. Byte order
-# [b0, b2, b1, b3] puts elements 0 and 1 (then 2 and 3) 16 bits apart, so one AND-OR (lop3, LUT 0xEA = (a & b) | c)
-# per pair makes two magic floats and one paired subtraction takes base + zero off both. Registers: $0-$1 the pairs
-# out, $2 the bytes, $3-$4 base + zero (elements 0-1, 2-3). Per 4 nibbles: 2 shifts, 1 prmt, 2 lop3, 2 subtractions.
-# (One call per half: Pallas lowers an instance with one result only.)
-NIBBLES_ASM = """{
-.reg .b32 w, t;
-shr.b32 t, $2, SHIFT;
-prmt.b32 w, t, 0, 0x3120;
-lop3.b32 $0, w, 0x000F000F, MAGIC, 0xEA;
-shr.b32 t, w, 8;
-lop3.b32 $1, t, 0x000F000F, MAGIC, 0xEA;
-SUB $0, $0, $3;
-SUB $1, $1, $4;
-}"""
-NIBBLES_CONSTRAINTS = "=r,=r,r,r,r"
-ASM_DTYPES = {jnp.dtype(jnp.bfloat16): "sub.rn.bf16x2", jnp.dtype(jnp.float16): "sub.rn.f16x2"}
-
-
-def nibbles_asm(dtype, high: bool) -> str:
-    """NIBBLES_ASM for a 16-bit float dtype (its magic constant in both halves, its paired subtraction), one half."""
-    bits = MAGIC[jnp.dtype(dtype)][1]
-    return (NIBBLES_ASM.replace("SHIFT", "4" if high else "0").replace("MAGIC", f"0x{bits:04X}{bits:04X}")
-            .replace("SUB", ASM_DTYPES[jnp.dtype(dtype)]))  # fmt: skip
 
 
 def _nibbles(packed, zero, dtype, unpack: str):
     """The low and high nibbles of uint8 `packed` less `zero` (8, or a uint8 column per row), as `dtype`: exact."""
-    if unpack == "asm":  # in bfloat16 (float16 activations: float16), by NIBBLES_ASM; then widened if need be
-        half = jnp.dtype(jnp.float16) if jnp.dtype(dtype) == jnp.float16 else jnp.dtype(jnp.bfloat16)
-        uint, bits, base = MAGIC[half]
-        z = (jnp.full(packed.shape, base + zero, half) if isinstance(zero, int)
-             else jnp.broadcast_to(lax.bitcast_convert_type(zero.astype(uint) | uint(bits), half), packed.shape))
-        lo, hi = (plgpu.elementwise_inline_asm(
-            nibbles_asm(half, high), args=[packed, z], constraints=NIBBLES_CONSTRAINTS, pack=4,
-            result_shape_dtypes=[jax.ShapeDtypeStruct(packed.shape, half)])[0] for high in (False, True))  # fmt: skip
+    if unpack == "asm":  # in bfloat16 (float16 activations: float16), then widened if need be
+        half = jnp.float16 if jnp.dtype(dtype) == jnp.float16 else jnp.bfloat16
+        lo, hi = ptx.nibbles(packed, zero, half)
         return lo.astype(dtype), hi.astype(dtype)
     if unpack == "convert":
         wide = packed.astype(jnp.int32)
         z = zero if isinstance(zero, int) else zero.astype(jnp.int32)
         return ((wide & 15) - z).astype(dtype), ((wide >> 4) - z).astype(dtype)
-    uint, bits, base = MAGIC[jnp.dtype(dtype)]
+    uint, bits, base = ptx.MAGIC[jnp.dtype(dtype)]
 
     def as_float(n):  # n in 0..15 (uint8) -> base + n in dtype, by its bits
         return lax.bitcast_convert_type(n.astype(uint) | uint(bits), dtype)
