@@ -88,13 +88,14 @@ def test_bfloat16_error_bound():
     assert err < 1e-2
 
 
-@pytest.mark.parametrize("dtype, bound", [(jnp.int8, 2e-2), (jnp.float8_e4m3fn, 6e-2)])
-def test_quantized_cache_error_against_bf16(dtype, bound):
+@pytest.mark.parametrize("dtype, bound, unpack", [(jnp.int8, 2e-2, "convert"), (jnp.int8, 2e-2, "asm"),
+                                                   (jnp.float8_e4m3fn, 6e-2, "convert")])  # fmt: skip
+def test_quantized_cache_error_against_bf16(dtype, bound, unpack):
     rng = np.random.default_rng(10)
     q, (k, v), meta = make_case(rng, SPECS["mixed"], 2, 4, 128, jnp.bfloat16, num_tokens=96, num_seqs=8)
     (kq, ks), (vq, vs) = quantize(k, dtype), quantize(v, dtype)
     quant = (kq, vq, ks, vs)
-    out = ragged_paged_attention(q, quant, meta, scale=128**-0.5, interpret=True)
+    out = ragged_paged_attention(q, quant, meta, scale=128**-0.5, kv_unpack=unpack, interpret=True)
     # The kernel computes exactly what the dequantizing reference computes ...
     assert rel(out, reference_attention(q.astype(jnp.float32), quant, meta, scale=128**-0.5)) < 1e-2
     # ... and loses this much against the unquantized bf16 cache.
@@ -121,6 +122,19 @@ def test_fp8_cache_of_small_values_over_a_long_context():
     cache = (kq, vq, ks, vs)
     out = ragged_paged_attention(q.astype(jnp.bfloat16), cache, meta, scale=dim**-0.5, interpret=True)
     assert rel(out, reference_attention(q, cache, meta, scale=dim**-0.5)) < 5e-3
+
+
+def test_int8_cache_by_ptx_lowers_to_triton(triton_verified):
+    """kv_unpack="asm" (int8 tiles to float16 pairs by inline PTX) builds a valid Triton module for the GPU; an unknown
+    unpacking is refused."""
+    rng = np.random.default_rng(11)
+    q, (k, v), meta = make_case(rng, SPECS["mixed"], 2, 4, 128, jnp.bfloat16, num_tokens=96, num_seqs=8)
+    (kq, ks), (vq, vs) = quantize(k, jnp.int8), quantize(v, jnp.int8)
+    fn = jax.jit(lambda q, c: ragged_paged_attention(q, c, meta, scale=128**-0.5, kv_unpack="asm"))
+    text = fn.trace(q, (kq, vq, ks, vs)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "ragged_paged_attention" in text and "prmt.b32" in text and triton_verified == [True]
+    with pytest.raises(ValueError, match="kv_unpack 'lut'"):
+        ragged_paged_attention(q, (kq, vq, ks, vs), meta, scale=1.0, kv_unpack="lut", interpret=True)
 
 
 def test_quantized_write_roundtrip():

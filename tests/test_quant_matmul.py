@@ -187,6 +187,7 @@ def test_small_kernel_lowers_to_triton(method, triton_verified):
         step = jax.jit(lambda x, w: quantized_matmul(x, w, tiles))
         text = step.trace(jnp.ones((rows, 512), jnp.bfloat16), qw).lower(lowering_platforms=("cuda",)).as_text()
         assert f"small_matmul_{qw.scheme.weight}" in text and "triton" in text
+        assert ("prmt.b32" in text) == (tiles is not None and tiles.unpack == "asm")  # the PTX is in the kernel
     assert triton_verified == [True] * len(cases)
 
 

@@ -105,7 +105,10 @@ def decode_suite(batches, contexts, out):
                     row[name + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             for qname, qdtype in [("int8", jnp.int8), ("fp8", jnp.float8_e4m3fn)]:
                 (kq, ks), (vq, vs) = quantize(k, qdtype), quantize(v, qdtype)
-                for tiling, kw in [("", {}), ("_p16", dict(pages_per_tile=16))]:  # best of two tilings
+                tilings = [("", {}), ("_p16", dict(pages_per_tile=16))]  # best of two tilings
+                if qname == "int8":  # and the tiles to float16 by inline PTX
+                    tilings += [("_asm", dict(kv_unpack="asm")), ("_p16_asm", dict(pages_per_tile=16, kv_unpack="asm"))]
+                for tiling, kw in tilings:
                     try:
                         f = lambda q, a, b, c, d, m, kw=kw: ours(q, (a, b, c, d), m, **kw)  # noqa: E731
                         row[f"rtpjax_{qname}{tiling}_us"] = timed(f, (q, kq, vq, ks, vs), varying) * 1e6
@@ -139,9 +142,11 @@ def decode_suite(batches, contexts, out):
             out["decode"] = rows
             best = max((row[k] for k in row if k.startswith("rtpjax") and k.endswith("TBps") and "int8" not in k
                         and "fp8" not in k), default=float("nan"))  # fmt: skip
-            bq = {n: max((row[k] for k in row if k.startswith(f"rtpjax_{n}") and k.endswith("TBps")), default=float("nan"))
-                  for n in ("int8", "fp8")}  # fmt: skip
-            print(f"decode b={batch:4d} ctx={ctx:5d} rtpjax {best:5.2f} TB/s  int8 {bq['int8']:5.2f}  fp8 {bq['fp8']:5.2f}"
+            bq = {n: max((row[k] for k in row if k.startswith(f"rtpjax_{n[:4]}") and k.endswith("TBps")
+                          and ("_asm" in k) == n.endswith("asm")), default=float("nan"))
+                  for n in ("int8", "int8_asm", "fp8")}  # fmt: skip
+            print(f"decode b={batch:4d} ctx={ctx:5d} rtpjax {best:5.2f} TB/s  int8 {bq['int8']:5.2f} "
+                  f"(PTX {bq['int8_asm']:5.2f})  fp8 {bq['fp8']:5.2f}"
                   f"  jax {row.get('jax_paged_TBps', float('nan')):5.2f}  xla {row.get('xla_TBps', float('nan')):5.2f}",
                   flush=True)  # fmt: skip
             del q, k, v, metas

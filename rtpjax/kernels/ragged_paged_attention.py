@@ -13,8 +13,9 @@ shared memory per tile, and the row gather measured 1.5-1.6x faster at decode (b
 An int8 / fp8 cache brings a float32 scale per token per head: keys are dequantized through the logits, values
 through the probabilities, so the cache is read at its stored width. An fp8 tile becomes float16 (Hopper converts
 e4m3 pairs to float16 in one instruction, to bfloat16 only through float32), so its queries and probabilities are
-float16 too, the queries scaled first; int8 converts to the queries' dtype (an exact float16 bit trick measured
-slower).
+float16 too, the queries scaled first; int8 converts to the queries' dtype (an exact float16 bit trick in jnp
+measured slower), or with `kv_unpack="asm"` to float16 pairs by inline PTX (`rtpjax.kernels.ptx`: about one
+instruction an element, against Triton's two conversions each), its queries then as fp8's.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from rtpjax.kernels import ptx
 from rtpjax.kernels.metadata import AttentionMetadata
 
 MASK = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp(MASK - real max) == 0 with no inf - inf
+KV_UNPACKS = ("convert", "asm")
 
 
 def _dot(a, b, trans_b: bool = False):
@@ -43,7 +46,7 @@ def _kernel(
     qb_seq_ref, qb_start_ref, qb_rows_ref, qsl_ref, seq_lens_ref, tables_ref,  # scheduling, int32
     q_ref, k_ref, v_ref, *rest,
     block_q: int, group: int, page_size: int, pages_per_tile: int, max_pages: int, num_splits: int, scale: float,
-    window: int | None, soft_cap: float | None, quantized: bool,
+    window: int | None, soft_cap: float | None, quantized: bool, int8_pairs: bool, interpret: bool,
 ):  # fmt: skip
     if quantized:
         k_scale_ref, v_scale_ref, *outs = rest
@@ -59,7 +62,7 @@ def _kernel(
     tile = pages_per_tile * page_size
 
     q = q_ref[pl.ds(t0, block_q), :, :].reshape(m_rows, head_dim)
-    f16 = k_ref.dtype == jnp.float8_e4m3fn
+    f16 = k_ref.dtype == jnp.float8_e4m3fn or int8_pairs
     if f16:  # scaled first: the float16 range holds q * scale of any real model
         q = jnp.clip(q.astype(jnp.float32) * scale, -6e4, 6e4).astype(jnp.float16)
     row_pos = first_pos + lax.broadcasted_iota(jnp.int32, (m_rows, tile), 0) // group
@@ -78,7 +81,9 @@ def _kernel(
         pos = j * tile + lax.broadcasted_iota(jnp.int32, (tile,), 0)
         slots = tables_ref[seq * max_pages + pos // page_size] * page_size + pos % page_size
         k, v = k_ref[slots], v_ref[slots]  # [tile, head_dim]
-        if quantized:
+        if int8_pairs:  # (interpreted: no PTX, the same exact values)
+            k, v = (x.astype(jnp.float16) if interpret else ptx.int8_to_f16(x) for x in (k, v))
+        elif quantized:
             k, v = k.astype(q.dtype), v.astype(q.dtype)
         logits = _dot(q, k, trans_b=True)  # [m_rows, tile] float32
         if not f16:
@@ -180,11 +185,15 @@ def ragged_paged_attention(
     num_splits: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    kv_unpack: str = "convert",
     interpret: bool = False,
 ) -> jax.Array:
-    """Attention of every token to its own sequence's cached context. Padding tokens give zeros."""
+    """Attention of every token to its own sequence's cached context. Padding tokens give zeros. `kv_unpack`: how an
+    int8 cache's tiles become floats, "convert" or "asm" (module docstring)."""
     k_cache, v_cache = cache[0], cache[1]
     quantized = len(cache) == 4
+    if kv_unpack not in KV_UNPACKS:
+        raise ValueError(f"ragged_paged_attention: kv_unpack {kv_unpack!r}: choose one of {', '.join(KV_UNPACKS)}")
     num_tokens, num_heads, head_dim = q.shape
     kv_heads, _, page_size, _ = k_cache.shape
     if head_dim < 16 or head_dim & (head_dim - 1):
@@ -250,6 +259,7 @@ def ragged_paged_attention(
     kernel = functools.partial(
         _kernel, block_q=block_q, group=group_p, page_size=page_size, pages_per_tile=pages_per_tile,
         max_pages=max_pages, num_splits=num_splits, scale=scale, window=window, soft_cap=soft_cap, quantized=quantized,
+        int8_pairs=quantized and k_cache.dtype == jnp.int8 and kv_unpack == "asm", interpret=interpret,
     )  # fmt: skip
     compiler_params = None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     outs = pl.pallas_call(
