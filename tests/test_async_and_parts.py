@@ -245,7 +245,7 @@ def test_stall_meter_sees_the_interpreter_held():
         assert "gc passes" not in meter.report()
         gc.collect()  # a full pass: named once in the report, with its time
         line = meter.report()
-        assert "; 1 full gc passes, the longest " in line and line.startswith("threads woke up to ")
+        assert "; full gc passes: 1, the longest " in line and line.startswith("threads woke up to ")
         assert "gc passes" not in meter.report()
     finally:
         meter.close()

@@ -1,6 +1,7 @@
 """benchmarks/kernels/quant_bench.py end to end on the CPU at a tiny shape (the kernel interpreted): every format's
 row, the tile sweep's pick, and the JSON the GPU stage writes."""
 
+import dataclasses
 import json
 
 import pytest
@@ -23,6 +24,26 @@ def test_quant_bench_quick_writes_every_format_and_the_best_tiles(tmp_path, swee
     assert set(best) == {"fp8", "int8", "int4"}
     assert all(len(b["sweep_us"]) == 2 and b["us"] == min(b["sweep_us"].values()) for b in best.values())
     assert all(b["tiles"]["one_row"] == (sweep_rows == "1") for b in best.values())  # the sweep the rows ask for
+    assert all(b["wrong"] == {} for b in best.values())
+
+
+def test_quant_bench_reports_a_wrong_kernel_and_does_not_time_it(tmp_path, monkeypatch):
+    """Tiles whose output is off are listed under "wrong" and kept out of the pick (the GPU's PTX paths are checked
+    this way, where the CPU only interprets their jnp twins)."""
+    from rtpjax.quant import small_matmul
+
+    real = small_matmul.quantized_matmul
+    off = lambda x, w, tiles=None, interpret=False: real(x, w, tiles, interpret=interpret) * (
+        1.5 if tiles is not None and tiles.block_n == 32 else 1.0)  # noqa: E731
+    monkeypatch.setattr(small_matmul, "quantized_matmul", off)
+    monkeypatch.setattr(quant_bench, "SWEEP", (small_matmul.Tiles(), small_matmul.Tiles(block_n=32)))
+    out = tmp_path / "quant_bench.json"
+    quant_bench.main(["--quick", "--tokens", "1", "--formats", "int8", "--out", str(out)])
+    best = json.loads(out.read_text())["best_tiles"]["tiny"]["int8"]
+    assert list(best["wrong"]) == [str(dataclasses.astuple(small_matmul.Tiles(block_n=32)))]
+    assert len(best["sweep_us"]) == 1 and best["tiles"]["block_n"] == 64
+    with pytest.raises(SystemExit):
+        quant_bench.main(["--quick", "--formats", "int9", "--out", str(out)])
 
 
 def test_quant_table_compares_each_format_with_bf16(tmp_path):

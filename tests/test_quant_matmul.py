@@ -181,13 +181,16 @@ def test_small_kernel_lowers_to_triton(method, triton_verified):
     cases = ((16, None), (16, Tiles(split_k=2) if method[:4] != "int4" else Tiles(split_k=2, unpack="magic")),
              (1, one_row), (1, dataclasses.replace(one_row, block_k=128, split_k=2, unpack="convert")),
              (200, None))  # fmt: skip
-    if method[:4] == "int4":  # the nibbles by inline PTX: in a tensor-core dot, on the vector units, float16
-        cases += ((16, Tiles(unpack="asm")), (1, dataclasses.replace(one_row, unpack="asm")))
-    for rows, tiles in cases:  # tensor-core dots; one row on the vector units; rows tiled
+    cases = [(rows, tiles, jnp.bfloat16) for rows, tiles in cases]
+    if method[:4] == "int4":  # the nibbles by inline PTX: in a tensor-core dot (bfloat16, float16), one row
+        cases += [(16, Tiles(unpack="asm"), jnp.bfloat16), (16, Tiles(unpack="asm"), jnp.float16),
+                  (1, dataclasses.replace(one_row, unpack="asm"), jnp.bfloat16)]  # fmt: skip
+    for rows, tiles, dtype in cases:  # tensor-core dots; one row on the vector units; rows tiled
         step = jax.jit(lambda x, w: quantized_matmul(x, w, tiles))
-        text = step.trace(jnp.ones((rows, 512), jnp.bfloat16), qw).lower(lowering_platforms=("cuda",)).as_text()
+        text = step.trace(jnp.ones((rows, 512), dtype), qw).lower(lowering_platforms=("cuda",)).as_text()
         assert f"small_matmul_{qw.scheme.weight}" in text and "triton" in text
         assert ("prmt.b32" in text) == (tiles is not None and tiles.unpack == "asm")  # the PTX is in the kernel
+        assert ("sub.rn.f16x2" in text) == (tiles is not None and tiles.unpack == "asm" and dtype == jnp.float16)
     assert triton_verified == [True] * len(cases)
 
 

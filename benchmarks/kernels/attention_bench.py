@@ -108,9 +108,16 @@ def decode_suite(batches, contexts, out):
                 tilings = [("", {}), ("_p16", dict(pages_per_tile=16))]  # best of two tilings
                 if qname == "int8":  # and the tiles to float16 by inline PTX
                     tilings += [("_asm", dict(kv_unpack="asm")), ("_p16_asm", dict(pages_per_tile=16, kv_unpack="asm"))]
+                want = None
                 for tiling, kw in tilings:
                     try:
                         f = lambda q, a, b, c, d, m, kw=kw: ours(q, (a, b, c, d), m, **kw)  # noqa: E731
+                        got = jax.jit(f)(q, kq, vq, ks, vs, *varying[0]).astype(jnp.float32)
+                        want = got if want is None else want  # the first tiling's output: the others must match it
+                        err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+                        if err > 1e-2:
+                            row[f"rtpjax_{qname}{tiling}_error"] = f"wrong: {err:.3g} from the first tiling's output"
+                            continue
                         row[f"rtpjax_{qname}{tiling}_us"] = timed(f, (q, kq, vq, ks, vs), varying) * 1e6
                     except Exception as e:
                         row[f"rtpjax_{qname}{tiling}_error"] = f"{type(e).__name__}: {str(e)[:300]}"

@@ -33,6 +33,7 @@ SHAPES = {"o": (4096, 4096), "up": (14336, 4096), "down": (4096, 14336), "head":
 FORMATS = ("bf16", "fp8", "int8", "int4")
 HBM_BYTES_PER_S = 4.3e12
 L2_BYTES = 50 << 20
+MAX_ERROR = 2e-2  # relative to the output's largest value: bf16 inputs and output, exact weights
 SWEEP = (Tiles(), Tiles(block_n=32), Tiles(block_n=128), Tiles(block_k=128), Tiles(block_k=512), Tiles(split_k=1),
          Tiles(split_k=4), Tiles(num_warps=8), Tiles(num_stages=4), Tiles(block_n=128, num_warps=8),
          Tiles(block_n=16, split_k=1), Tiles(block_n=32, split_k=1), Tiles(block_n=16, block_k=512, split_k=1),
@@ -114,6 +115,13 @@ def _weights(out: int, inp: int, fmt: str, copies: int) -> list:
     return jax.block_until_ready(made)
 
 
+def _error(fn, x: jax.Array, w: QuantizedWeight) -> float:
+    """fn(x, w)'s largest difference from the dequantized float32 product, relative to that product's largest value."""
+    want = jnp.dot(x.astype(jnp.float32), dequantize(w, jnp.float32).T)
+    got = fn(x, w).astype(jnp.float32)
+    return float(jnp.max(jnp.abs(got - want)) / jnp.maximum(jnp.max(jnp.abs(want)), 1e-30))
+
+
 def _record(row: dict, key: str, seconds: float, nbytes: int) -> None:
     row[f"{key}_us"] = seconds * 1e6
     row[f"{key}_gbps"] = nbytes / seconds / 1e9
@@ -139,10 +147,12 @@ def bench_shape(name: str, out: int, inp: int, tokens: list[int], repeats: int, 
             xm = jax.random.normal(jax.random.key(1), (calls, sweep_rows, inp), jnp.bfloat16)
             fits = [t for t in sweep if small_matmul.applies(sweep_rows, one, t)
                     and (fmt == "int4" or t.unpack == Tiles.unpack)]  # unpacking is int4's alone
-            times = {t: _time(kernel(t), xm, weights, repeats) for t in fits}
-            tiles = min(times, key=times.get)
-            best[fmt] = {"tiles": dataclasses.asdict(tiles), "us": times[tiles] * 1e6,
-                         "sweep_us": {str(dataclasses.astuple(t)): s * 1e6 for t, s in times.items()}}  # fmt: skip
+            errors = {t: _error(kernel(t), xm[0], one) for t in fits}  # a wrong kernel is reported, not timed
+            times = {t: _time(kernel(t), xm, weights, repeats) for t in fits if errors[t] <= MAX_ERROR}
+            tiles = min(times, key=times.get) if times else None
+            best[fmt] = {"tiles": tiles and dataclasses.asdict(tiles), "us": tiles and times[tiles] * 1e6,
+                         "sweep_us": {str(dataclasses.astuple(t)): s * 1e6 for t, s in times.items()},
+                         "wrong": {str(dataclasses.astuple(t)): e for t, e in errors.items() if e > MAX_ERROR}}  # fmt: skip
         for row in rows:
             xs = jax.random.normal(jax.random.key(2), (calls, row["tokens"], inp), jnp.bfloat16)
             _record(row, fmt, _time(linear, xs, weights, repeats), nbytes)
@@ -225,7 +235,10 @@ def main(argv=None) -> None:
         result["rows"] += rows
         result["best_tiles"][name] = best
         for fmt, b in best.items():
-            print(f"{name:5s} {fmt}: best tiles {b['tiles']} {b['us']:.1f} us at {args.sweep_rows} rows", flush=True)
+            if b["wrong"]:
+                print(f"{name:5s} {fmt}: WRONG results (relative error) from tiles {b['wrong']}", flush=True)
+            if b["tiles"]:
+                print(f"{name:5s} {fmt}: best tiles {b['tiles']} {b['us']:.1f} us at {args.sweep_rows} rows", flush=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 

@@ -27,7 +27,8 @@ class GcTimes:
             self.longest[g] = max(self.longest[g], took)
 
     def summary(self) -> dict:
-        return {f"gen{g}": dict(count=self.count[g], ms=round(1e3 * self.seconds[g], 2)) for g in range(3)}
+        return {f"gen{g}": dict(count=self.count[g], ms=round(1e3 * self.seconds[g], 2),
+                                longest_ms=round(1e3 * self.longest[g], 2)) for g in range(3)}  # fmt: skip
 
 
 class StallMeter:
@@ -59,7 +60,7 @@ class StallMeter:
         full = self.collections
         line = f"threads woke up to {1e3 * self.take():.1f} ms late"
         if full.count[2]:
-            line += f"; {full.count[2]} full gc passes, the longest {1e3 * full.longest[2]:.1f} ms"
+            line += f"; full gc passes: {full.count[2]}, the longest {1e3 * full.longest[2]:.1f} ms"
         full.count[2], full.longest[2] = 0, 0.0  # (the callback runs on whichever thread collects: a race loses one)
         return line
 

@@ -2,7 +2,8 @@
 (a quantized weight) and int8 (a quantized KV cache) to 16-bit floats. Both set the integer into the mantissa of a
 "magic" float whose exponent makes the mantissa's low bits units (bfloat16 0x4300 | n == 128 + n, float16
 0x6400 | n == 1024 + n), then subtract the magic and the zero point from two elements at once: no integer-to-float
-conversion (a quarter-rate instruction on NVIDIA GPUs) and about one instruction per element.
+conversion (a quarter-rate instruction on NVIDIA GPUs), a few instructions per four elements (RESULTS.md has what
+they buy). The bfloat16 subtraction needs sm_90 (Hopper); float16's sm_53.
 
 Each call is one `elementwise_inline_asm` of four elements per instance (pack=4: four bytes in one 32-bit register,
 four 16-bit results in two). Pallas lowers an instance with one result only, so the int4 nibbles take two calls (low,
@@ -21,15 +22,16 @@ MAGIC = {jnp.dtype(jnp.bfloat16): (jnp.uint16, 0x4300, 128.0), jnp.dtype(jnp.flo
          jnp.dtype(jnp.float32): (jnp.uint32, 0x4B000000, 8388608.0)}  # fmt: skip
 SUB = {jnp.dtype(jnp.bfloat16): "sub.rn.bf16x2", jnp.dtype(jnp.float16): "sub.rn.f16x2"}
 
-# Four bytes' low (SHIFT 0) or high (SHIFT 4) nibbles. Byte order [b0, b2, b1, b3] puts elements 0 and 1 (then 2 and
-# 3) 16 bits apart, so one AND-OR (lop3, LUT 0xEA = (a & b) | c) per pair makes two magic floats. Registers: $0-$1
-# the pairs out, $2 the bytes, $3-$4 magic + zero (elements 0-1, 2-3).
+# Four bytes' low or high nibbles. Byte order [b0, b2, b1, b3] (the prmt, the same in both calls) puts elements 0
+# and 1 (then 2 and 3) 16 bits apart, so one AND-OR (lop3, LUT 0xEA = (a & b) | c) per pair makes two magic floats.
+# Registers: $0-$1 the pairs out, $2 the bytes, $3-$4 magic + zero (elements 0-1, 2-3). The low nibbles shift by 0
+# and 8, the high ones by 4 and 12.
 NIBBLES_ASM = """{
 .reg .b32 w, t;
-shr.b32 t, $2, SHIFT;
-prmt.b32 w, t, 0, 0x3120;
-lop3.b32 $0, w, 0x000F000F, MAGIC, 0xEA;
-shr.b32 t, w, 8;
+prmt.b32 w, $2, 0, 0x3120;
+shr.b32 t, w, SHIFT_A;
+lop3.b32 $0, t, 0x000F000F, MAGIC, 0xEA;
+shr.b32 t, w, SHIFT_B;
 lop3.b32 $1, t, 0x000F000F, MAGIC, 0xEA;
 SUB $0, $0, $3;
 SUB $1, $1, $4;
@@ -53,8 +55,9 @@ INT8_CONSTRAINTS = "=r,=r,r"
 def nibbles_asm(dtype, high: bool) -> str:
     """NIBBLES_ASM for a 16-bit float dtype (its magic in both halves, its paired subtraction), one half."""
     bits = MAGIC[jnp.dtype(dtype)][1]
-    return (NIBBLES_ASM.replace("SHIFT", "4" if high else "0").replace("MAGIC", f"0x{bits:04X}{bits:04X}")
-            .replace("SUB", SUB[jnp.dtype(dtype)]))  # fmt: skip
+    shift_a, shift_b = (4, 12) if high else (0, 8)
+    return (NIBBLES_ASM.replace("SHIFT_A", str(shift_a)).replace("SHIFT_B", str(shift_b))
+            .replace("MAGIC", f"0x{bits:04X}{bits:04X}").replace("SUB", SUB[jnp.dtype(dtype)]))  # fmt: skip
 
 
 def nibbles(packed: jax.Array, zero, dtype) -> tuple[jax.Array, jax.Array]:
