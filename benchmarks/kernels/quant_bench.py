@@ -215,6 +215,8 @@ def main(argv=None) -> None:
     parser.add_argument("--no-sweep", action="store_true", help="time the default tiles only")
     parser.add_argument("--sweep-rows", type=int, default=16, help="rows of the tile sweep (1: the one-row tiles)")
     parser.add_argument("--formats", default=",".join(FORMATS[1:]), help=f"of {', '.join(FORMATS[1:])} (and bf16)")
+    parser.add_argument("--unpack", default=",".join(small_matmul.UNPACKS),
+                        help="sweep only int4 tiles of these unpackings (the linear path's column stays as a baseline)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a CPU check of the script)")
     parser.add_argument("--table", nargs="+", metavar="JSON", help="compare engine runs instead (see above)")
     args = parser.parse_args(argv)
@@ -229,6 +231,7 @@ def main(argv=None) -> None:
     result = {"device": str(jax.devices()[0].device_kind), "rows": [], "best_tiles": {}}
     for name, (out, inp) in shapes.items():
         sweep = () if args.no_sweep else ONE_ROW_SWEEP if args.sweep_rows == 1 else SWEEP
+        sweep = tuple(t for t in sweep if t.unpack in args.unpack.split(","))
         sweep = sweep[:2] if args.quick else sweep
         rows, best = bench_shape(name, out, inp, tokens, 1 if args.quick else 10, sweep, quick=args.quick,
                                  sweep_rows=args.sweep_rows, formats=tuple(args.formats.split(",")))  # fmt: skip
