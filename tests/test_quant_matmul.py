@@ -194,6 +194,22 @@ def test_small_kernel_lowers_to_triton(method, triton_verified):
     assert triton_verified == [True] * len(cases)
 
 
+def test_int4_defaults_take_the_ptx_only_where_the_gpu_runs_it(monkeypatch):
+    """int4's default tiles unpack by the PTX on a GPU that runs it (sm_90 for bfloat16), else by the magic: named
+    tiles are taken as they are."""
+    from rtpjax.kernels import ptx
+
+    assert not ptx.runs(jnp.bfloat16) and not ptx.runs(jnp.float16)  # no GPU here
+    qw = quantize(jnp.ones((256, 512), jnp.float32), "int4")
+    lowered = lambda: jax.jit(lambda x, w: quantized_matmul(x, w)).trace(
+        jnp.ones((16, 512), jnp.bfloat16), qw).lower(lowering_platforms=("cuda",)).as_text()  # noqa: E731
+    assert "prmt.b32" not in lowered()
+    monkeypatch.setattr(ptx, "runs", lambda dtype: True)
+    jax.clear_caches()  # (the choice is made once per traced shape: a process's GPU does not change)
+    assert "prmt.b32" in lowered()
+    jax.clear_caches()
+
+
 def test_small_steps_on_a_gpu_take_the_kernel():
     def weight(method, whole=True):
         scheme = method if isinstance(method, Scheme) else METHODS[method]

@@ -81,3 +81,16 @@ def int8_to_f16(x: jax.Array) -> jax.Array:
     out = jax.ShapeDtypeStruct(x.shape, jnp.float16)
     return plgpu.elementwise_inline_asm(INT8_ASM, args=[x], constraints=INT8_CONSTRAINTS, pack=4,
                                         result_shape_dtypes=[out])[0]  # fmt: skip
+
+
+def runs(dtype) -> bool:
+    """Whether this process's default device runs the conversions for activations of `dtype` (float16 pairs on any
+    CUDA GPU; bfloat16 ones, which every other dtype takes, on sm_90 and later)."""
+    if jax.default_backend() != "gpu":
+        return False
+    if jnp.dtype(dtype) == jnp.float16:
+        return True
+    try:
+        return float(getattr(jax.devices()[0], "compute_capability", "0")) >= 9.0
+    except ValueError:
+        return False

@@ -68,13 +68,16 @@ class Tiles:
 
 # One tile set for every format. `benchmarks/kernels/quant_bench.py`'s sweep on an H200 (8B shapes, 16 rows) timed the
 # one-byte formats fastest with two warps on 32 channels, but the engine's decode step ran slower with them: the
-# kernel alone, on one weight called back to back, is not the step (RESULTS.md, quantization rows).
-DEFAULT_TILES = {"fp8": Tiles(), "int8": Tiles(), "int4": Tiles()}
-# One row on the vector units: on an H200 within 2% of the padded tensor-core dot (RESULTS.md, 12-05b), so not the
-# default; `quant_bench --sweep-rows 1` times these and more against it and XLA's dot.
+# kernel alone, on one weight called back to back, is not the step (RESULTS.md, quantization rows). int4's nibbles go
+# by the PTX (1.09-1.20x the conversion at 1 and 32 rows on an H100, RESULTS.md 12-06) where the GPU runs it, else by
+# the magic (`small_matmul`).
+DEFAULT_TILES = {"fp8": Tiles(), "int8": Tiles(), "int4": Tiles(unpack="asm")}
+# One row on the vector units: on an H200 within 2% of the padded tensor-core dot (RESULTS.md, 12-05b), and int4's
+# within 2-3% of the padded dot with the PTX (H100, 12-06), so not the default; `quant_bench --sweep-rows 1` times
+# these and more against it and XLA's dot.
 ONE_ROW_TILES = {"fp8": Tiles(block_n=16, block_k=512, one_row=True),
                  "int8": Tiles(block_n=16, block_k=512, one_row=True),
-                 "int4": Tiles(block_n=16, block_k=256, unpack="magic", one_row=True)}  # fmt: skip
+                 "int4": Tiles(block_n=32, block_k=512, num_warps=8, unpack="asm", one_row=True)}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,7 +243,10 @@ def small_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, zero: jax.Array |
     else:
         out_shape = jax.ShapeDtypeStruct((p.split_k, padded, out), jnp.float32)
         out_spec = pl.BlockSpec((None, p.block_m, p.block_n), lambda j, s, i: (s, i, j))
-    tiles = tiles or DEFAULT_TILES[fmt]
+    if tiles is None:  # the defaults: int4's PTX only where this GPU runs it (named tiles are taken as they are)
+        tiles = DEFAULT_TILES[fmt]
+        if tiles.unpack == "asm" and not ptx.runs(x.dtype):
+            tiles = dataclasses.replace(tiles, unpack="magic")
     kernel = functools.partial(_kernel, fmt=fmt, step=p.step, steps=part // p.step, group=group,
                                zero_point=len(inputs) == 4,
                                unpack="magic" if interpret and tiles.unpack == "asm" else tiles.unpack)
