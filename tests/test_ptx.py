@@ -19,7 +19,7 @@ def run_ptx(asm: str, regs: dict) -> dict:
         if op.startswith(".reg"):
             continue
         d, *a = [part.strip() for part in rest.split(",")]
-        if op == "prmt.b32":  # bytes of (a, b) picked by the selector's nibbles; a nibble's bit 3: the byte's sign, spread
+        if op == "prmt.b32":  # bytes of (a, b) picked by the selector's nibbles (bit 3: the byte's sign, spread)
             both = [(val(a[0]) >> np.uint32(8 * i)) & 0xFF for i in range(4)]
             both += [(val(a[1]) >> np.uint32(8 * i)) & 0xFF for i in range(4)]
             sel, out = int(a[2], 0), np.uint32(0)

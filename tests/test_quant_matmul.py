@@ -184,7 +184,7 @@ def test_small_kernel_lowers_to_triton(method, triton_verified):
     cases = [(rows, tiles, jnp.bfloat16) for rows, tiles in cases]
     if method[:4] == "int4":  # the nibbles by inline PTX: in a tensor-core dot (bfloat16, float16), one row
         cases += [(16, Tiles(unpack="asm"), jnp.bfloat16), (16, Tiles(unpack="asm"), jnp.float16),
-                  (1, dataclasses.replace(one_row, unpack="asm"), jnp.bfloat16)]  # fmt: skip
+                  (1, dataclasses.replace(one_row, unpack="magic"), jnp.bfloat16)]  # fmt: skip
     for rows, tiles, dtype in cases:  # tensor-core dots; one row on the vector units; rows tiled
         step = jax.jit(lambda x, w: quantized_matmul(x, w, tiles))
         text = step.trace(jnp.ones((rows, 512), dtype), qw).lower(lowering_platforms=("cuda",)).as_text()
@@ -199,15 +199,34 @@ def test_int4_defaults_take_the_ptx_only_where_the_gpu_runs_it(monkeypatch):
     tiles are taken as they are."""
     from rtpjax.kernels import ptx
 
-    assert not ptx.runs(jnp.bfloat16) and not ptx.runs(jnp.float16)  # no GPU here
     qw = quantize(jnp.ones((256, 512), jnp.float32), "int4")
-    lowered = lambda: jax.jit(lambda x, w: quantized_matmul(x, w)).trace(
-        jnp.ones((16, 512), jnp.bfloat16), qw).lower(lowering_platforms=("cuda",)).as_text()  # noqa: E731
-    assert "prmt.b32" not in lowered()
-    monkeypatch.setattr(ptx, "runs", lambda dtype: True)
+    lowered = lambda dtype: jax.jit(lambda x, w: quantized_matmul(x, w)).trace(
+        jnp.ones((16, 512), dtype), qw).lower(lowering_platforms=("cuda",)).as_text()  # noqa: E731
+    if jax.default_backend() == "cpu":
+        assert "prmt.b32" not in lowered(jnp.bfloat16) + lowered(jnp.float16)
+    monkeypatch.setattr(ptx, "runs", lambda x_dtype: jnp.dtype(x_dtype) == jnp.float16)  # a GPU before sm_90
     jax.clear_caches()  # (the choice is made once per traced shape: a process's GPU does not change)
-    assert "prmt.b32" in lowered()
-    jax.clear_caches()
+    try:
+        assert "prmt.b32" not in lowered(jnp.bfloat16) and "sub.rn.f16x2" in lowered(jnp.float16)
+    finally:
+        jax.clear_caches()
+
+
+@pytest.mark.parametrize("platform, cc, want", [
+    ("cuda 13.0", "9.0", ((9, 0), True, True)), ("cuda 12.8", "10.0", ((10, 0), True, True)),
+    ("cuda 12.8", "8.0", ((8, 0), False, True)), ("rocm 6.2", "gfx90a", (None, False, False)),
+])  # fmt: skip
+def test_ptx_runs_where_the_gpu_has_its_instructions(monkeypatch, platform, cc, want):
+    """compute_capability: a CUDA GPU's (major, minor), None elsewhere; bfloat16 pairs need sm_90, float16 any CUDA."""
+    from types import SimpleNamespace
+
+    from rtpjax.kernels import ptx
+
+    device = SimpleNamespace(compute_capability=cc, client=SimpleNamespace(platform_version=platform))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "local_devices", lambda backend=None: [device])
+    assert (ptx.compute_capability(), ptx.runs(jnp.bfloat16), ptx.runs(jnp.float16)) == want
+    assert ptx.runs(jnp.float32) == want[1]  # float32 activations take bfloat16 pairs
 
 
 def test_small_steps_on_a_gpu_take_the_kernel():

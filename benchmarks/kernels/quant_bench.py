@@ -34,6 +34,7 @@ FORMATS = ("bf16", "fp8", "int8", "int4")
 HBM_BYTES_PER_S = 4.3e12
 L2_BYTES = 50 << 20
 MAX_ERROR = 2e-2  # relative to the output's largest value: bf16 inputs and output, exact weights
+W8A8_ERROR = 0.1  # the same where the path may quantize the activations too (W8A8 steps past the kernel's rows)
 SWEEP = (Tiles(), Tiles(block_n=32), Tiles(block_n=128), Tiles(block_k=128), Tiles(block_k=512), Tiles(split_k=1),
          Tiles(split_k=4), Tiles(num_warps=8), Tiles(num_stages=4), Tiles(block_n=128, num_warps=8),
          Tiles(block_n=16, split_k=1), Tiles(block_n=32, split_k=1), Tiles(block_n=16, block_k=512, split_k=1),
@@ -129,9 +130,10 @@ def _record(row: dict, key: str, seconds: float, nbytes: int) -> None:
 
 
 def bench_shape(name: str, out: int, inp: int, tokens: list[int], repeats: int, sweep: tuple, quick: bool = False,
-                sweep_rows: int = 16, formats: tuple = FORMATS):  # fmt: skip
-    """Rows (one per token count) and the best of the `sweep` tiles per quantized format (of `formats`, bf16 always)
-    at `sweep_rows` rows. quick: one weight copy, two calls per program."""
+                sweep_rows: int = 16, formats: tuple = FORMATS, unpacks: tuple = small_matmul.UNPACKS):  # fmt: skip
+    """Rows (one per token count) and the best of the `sweep` tiles per quantized format (of `formats`, bf16 always;
+    int4's tiles of `unpacks` only) at `sweep_rows` rows. quick: one weight copy, two calls per program. Every
+    kernel's output is checked before it is timed: a wrong one (or NaN) is reported, not timed."""
     formats = ("bf16", *(f for f in formats if f != "bf16"))
     interpret = jax.default_backend() != "gpu"  # a CPU run checks the script: the kernel interpreted
     kernel = lambda tiles: lambda x, w: small_matmul.quantized_matmul(x, w, tiles, interpret=interpret)
@@ -146,18 +148,22 @@ def bench_shape(name: str, out: int, inp: int, tokens: list[int], repeats: int, 
         if fmt != "bf16" and sweep and small_matmul.applies(sweep_rows, one):
             xm = jax.random.normal(jax.random.key(1), (calls, sweep_rows, inp), jnp.bfloat16)
             fits = [t for t in sweep if small_matmul.applies(sweep_rows, one, t)
-                    and (fmt == "int4" or t.unpack == Tiles.unpack)]  # unpacking is int4's alone
-            errors = {t: _error(kernel(t), xm[0], one) for t in fits}  # a wrong kernel is reported, not timed
+                    and (t.unpack in unpacks if fmt == "int4" else t.unpack == Tiles.unpack)]  # unpacking: int4's alone
+            errors = {t: _error(kernel(t), xm[0], one) for t in fits}
             times = {t: _time(kernel(t), xm, weights, repeats) for t in fits if errors[t] <= MAX_ERROR}
             tiles = min(times, key=times.get) if times else None
             best[fmt] = {"tiles": tiles and dataclasses.asdict(tiles), "us": tiles and times[tiles] * 1e6,
                          "sweep_us": {str(dataclasses.astuple(t)): s * 1e6 for t, s in times.items()},
-                         "wrong": {str(dataclasses.astuple(t)): e for t, e in errors.items() if e > MAX_ERROR}}  # fmt: skip
+                         "wrong": {str(dataclasses.astuple(t)): e for t, e in errors.items()
+                                   if not e <= MAX_ERROR}}  # fmt: skip
         for row in rows:
             xs = jax.random.normal(jax.random.key(2), (calls, row["tokens"], inp), jnp.bfloat16)
             _record(row, fmt, _time(linear, xs, weights, repeats), nbytes)
             if fmt == "bf16":
                 continue
+            row[f"{fmt}_error"] = _error(linear, xs[0], one)  # the engine's path (its default tiles), checked too
+            if not row[f"{fmt}_error"] <= (MAX_ERROR if one.scheme.act is None else W8A8_ERROR):
+                print(f"{name:5s} {fmt}: WRONG results from the linear path (relative error {row[fmt + '_error']:.3g})")
             _record(row, f"{fmt}_xla", _time(_xla, xs, weights, repeats), nbytes)
             if fmt == "int4":  # the conversion XLA can fuse needs its own int4 type
                 s4 = [_as_s4(w) for w in weights]
@@ -216,7 +222,8 @@ def main(argv=None) -> None:
     parser.add_argument("--sweep-rows", type=int, default=16, help="rows of the tile sweep (1: the one-row tiles)")
     parser.add_argument("--formats", default=",".join(FORMATS[1:]), help=f"of {', '.join(FORMATS[1:])} (and bf16)")
     parser.add_argument("--unpack", default=",".join(small_matmul.UNPACKS),
-                        help="sweep only int4 tiles of these unpackings (the linear path's column stays as a baseline)")
+                        help="sweep only the int4 tiles of these unpackings (the format column is the engine's path: "
+                             "its default tiles)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a CPU check of the script)")
     parser.add_argument("--table", nargs="+", metavar="JSON", help="compare engine runs instead (see above)")
     args = parser.parse_args(argv)
@@ -226,22 +233,25 @@ def main(argv=None) -> None:
         return
     if unknown := set(args.formats.split(",")) - set(FORMATS):
         parser.error(f"--formats: {', '.join(sorted(unknown))}: choose of {', '.join(FORMATS)}")
+    if unknown := set(args.unpack.split(",")) - set(small_matmul.UNPACKS):
+        parser.error(f"--unpack: {', '.join(sorted(unknown))}: choose of {', '.join(small_matmul.UNPACKS)}")
     shapes = {"tiny": (256, 256)} if args.quick else {s: SHAPES[s] for s in args.shapes.split(",")}
     tokens = [int(t) for t in args.tokens.split(",")]
     result = {"device": str(jax.devices()[0].device_kind), "rows": [], "best_tiles": {}}
     for name, (out, inp) in shapes.items():
         sweep = () if args.no_sweep else ONE_ROW_SWEEP if args.sweep_rows == 1 else SWEEP
-        sweep = tuple(t for t in sweep if t.unpack in args.unpack.split(","))
         sweep = sweep[:2] if args.quick else sweep
         rows, best = bench_shape(name, out, inp, tokens, 1 if args.quick else 10, sweep, quick=args.quick,
-                                 sweep_rows=args.sweep_rows, formats=tuple(args.formats.split(",")))  # fmt: skip
+                                 sweep_rows=args.sweep_rows, formats=tuple(args.formats.split(",")),
+                                 unpacks=tuple(args.unpack.split(",")))  # fmt: skip
         result["rows"] += rows
         result["best_tiles"][name] = best
         for fmt, b in best.items():
             if b["wrong"]:
                 print(f"{name:5s} {fmt}: WRONG results (relative error) from tiles {b['wrong']}", flush=True)
             if b["tiles"]:
-                print(f"{name:5s} {fmt}: best tiles {b['tiles']} {b['us']:.1f} us at {args.sweep_rows} rows", flush=True)
+                print(f"{name:5s} {fmt}: best tiles {b['tiles']} {b['us']:.1f} us at {args.sweep_rows} rows",
+                      flush=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 

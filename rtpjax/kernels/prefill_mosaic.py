@@ -25,6 +25,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from rtpjax.kernels import ptx
+
 BLOCK_Q = 64  # queries per compute warpgroup: the wgmma M
 TILE_Q = 2 * BLOCK_Q  # queries per program (two compute warpgroups)
 TILE_KV = 128  # keys per pipeline step
@@ -39,9 +41,8 @@ def available() -> bool:
     Opt-in: the kernel is 1.6x the Triton one, but its query and output gathers, the merge and the Triton kernel's
     mostly empty launch cost a fixed ~7 ms a step (Llama-3-8B), which it wins back only from ~4,500 cached tokens: 2-5%
     slower on 2000-token prompts, 14% faster a step at 14k (benchmarks/RESULTS.md)."""
-    if jax.default_backend() != "gpu":
-        return False
-    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
+    cc = ptx.compute_capability()
+    return cc is not None and cc[0] == 9
 
 
 def supports(q, cache, window, soft_cap, max_blocks: int) -> bool:

@@ -83,14 +83,28 @@ def int8_to_f16(x: jax.Array) -> jax.Array:
                                         result_shape_dtypes=[out])[0]  # fmt: skip
 
 
-def runs(dtype) -> bool:
-    """Whether this process's default device runs the conversions for activations of `dtype` (float16 pairs on any
-    CUDA GPU; bfloat16 ones, which every other dtype takes, on sm_90 and later)."""
+
+def pair_dtype(x_dtype):
+    """The 16-bit dtype the conversions produce for activations of `x_dtype`: float16 for float16, else bfloat16."""
+    return jnp.dtype(jnp.float16) if jnp.dtype(x_dtype) == jnp.float16 else jnp.dtype(jnp.bfloat16)
+
+
+def compute_capability() -> tuple[int, int] | None:
+    """This process's first CUDA GPU's compute capability (major, minor); None without one (a CPU, a ROCm GPU)."""
     if jax.default_backend() != "gpu":
-        return False
-    if jnp.dtype(dtype) == jnp.float16:
-        return True
+        return None
+    device = jax.local_devices(backend="gpu")[0]
+    if "cuda" not in device.client.platform_version.lower():
+        return None
     try:
-        return float(getattr(jax.devices()[0], "compute_capability", "0")) >= 9.0
+        major, minor = str(getattr(device, "compute_capability", "")).split(".")
+        return int(major), int(minor)
     except ValueError:
-        return False
+        return None
+
+
+def runs(x_dtype) -> bool:
+    """Whether this process's GPU runs the conversions for activations of `x_dtype`: float16 pairs on any CUDA GPU,
+    bfloat16 ones (every other dtype's) on sm_90 and later."""
+    cc = compute_capability()
+    return cc is not None and (pair_dtype(x_dtype) == jnp.float16 or cc >= (9, 0))

@@ -193,7 +193,7 @@ def ragged_paged_attention(
     k_cache, v_cache = cache[0], cache[1]
     quantized = len(cache) == 4
     if kv_unpack not in KV_UNPACKS:
-        raise ValueError(f"ragged_paged_attention: kv_unpack {kv_unpack!r}: choose one of {', '.join(KV_UNPACKS)}")
+        raise ValueError(f"ragged_paged_attention: kv_unpack {kv_unpack!r}: choose of {', '.join(KV_UNPACKS)}")
     num_tokens, num_heads, head_dim = q.shape
     kv_heads, _, page_size, _ = k_cache.shape
     if head_dim < 16 or head_dim & (head_dim - 1):

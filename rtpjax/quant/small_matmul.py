@@ -22,13 +22,14 @@ units instead, into a float32 accumulator of the tile's own shape (int4: half a 
 scaled as they are added), summed across the inputs once at the end.
 
 int4 layout: `rtpjax.loading.quantization` (byte j of a group holds input j low and input j + g/2 high), so each
-half group is one dot against its own nibbles with nothing interleaved. Two ways to turn a nibble into the
+half group is one dot against its own nibbles with nothing interleaved. Three ways to turn a nibble into the
 activations' dtype (Tiles.unpack): "convert" (int32 arithmetic, then an integer-to-float conversion, a quarter-rate
-instruction on NVIDIA GPUs) or "magic" (the nibble ORed into the mantissa of a float whose exponent makes the low bits
-units, e.g. bfloat16 0x4300 | n == 128 + n, then one subtraction of 128 + zero: no conversion instruction at all), or
-"asm": the magic by hand in inline PTX on 16-bit pairs (`rtpjax.kernels.ptx`), where Triton spends several
-instructions on each nibble (widening the byte, masking, ORing, subtracting one element at a time); interpreted (no
-PTX), "asm" takes the "magic" path, the same exact values.
+instruction on NVIDIA GPUs); "magic" (the nibble ORed into the mantissa of a float whose exponent makes the low bits
+units, e.g. bfloat16 0x4300 | n == 128 + n, then one subtraction of 128 + zero: no conversion instruction at all);
+"asm", the magic by hand in inline PTX on 16-bit pairs (`rtpjax.kernels.ptx`: float16 for float16 activations, else
+bfloat16), where Triton spends several instructions on each nibble. int4's default tiles take "asm" where the GPU runs
+it (`ptx.runs`), else "magic"; named tiles are taken as they are (a plain `Tiles()` converts). Interpreted (no PTX),
+"asm" takes the "magic" path, the same exact values.
 """
 
 from __future__ import annotations
@@ -66,15 +67,15 @@ class Tiles:
     row_tile: int = 64  # rows per program past MAX_ROWS (a power of two, >= MIN_ROWS)
 
 
-# One tile set for every format. `benchmarks/kernels/quant_bench.py`'s sweep on an H200 (8B shapes, 16 rows) timed the
+# One tile shape for every format. `benchmarks/kernels/quant_bench.py`'s sweep on an H200 (8B shapes, 16 rows) timed the
 # one-byte formats fastest with two warps on 32 channels, but the engine's decode step ran slower with them: the
 # kernel alone, on one weight called back to back, is not the step (RESULTS.md, quantization rows). int4's nibbles go
 # by the PTX (1.09-1.20x the conversion at 1 and 32 rows on an H100, RESULTS.md 12-06) where the GPU runs it, else by
 # the magic (`small_matmul`).
 DEFAULT_TILES = {"fp8": Tiles(), "int8": Tiles(), "int4": Tiles(unpack="asm")}
-# One row on the vector units: on an H200 within 2% of the padded tensor-core dot (RESULTS.md, 12-05b), and int4's
-# within 2-3% of the padded dot with the PTX (H100, 12-06), so not the default; `quant_bench --sweep-rows 1` times
-# these and more against it and XLA's dot.
+# One row on the vector units: on an H200 within 2% of the padded tensor-core dot (RESULTS.md, 12-05b); int4's with
+# the PTX (H100, 12-06) 31.6 / 30.0 us (8B up / down) against the padded dot's 30.1 / 31.0. So not the default;
+# `quant_bench --sweep-rows 1` times these and more against it and XLA's dot. (int4's "asm": see `ptx.runs`.)
 ONE_ROW_TILES = {"fp8": Tiles(block_n=16, block_k=512, one_row=True),
                  "int8": Tiles(block_n=16, block_k=512, one_row=True),
                  "int4": Tiles(block_n=32, block_k=512, num_warps=8, unpack="asm", one_row=True)}  # fmt: skip
@@ -91,12 +92,20 @@ class Plan:
     row_tiles: int = 1  # tiles over the rows (past MAX_ROWS)
 
 
+def default_tiles(fmt: str, dtype) -> Tiles:
+    """The format's DEFAULT_TILES for activations of `dtype`: int4's PTX only where this GPU runs it."""
+    tiles = DEFAULT_TILES[fmt]
+    if tiles.unpack == "asm" and not ptx.runs(dtype):
+        tiles = dataclasses.replace(tiles, unpack="magic")
+    return tiles
+
+
 def plan(rows: int, out: int, in_features: int, fmt: str, group: int = 0, tiles: Tiles | None = None) -> Plan:
     """The tiles for x [rows, in] @ W[out, in].T (`tiles`, or the format's DEFAULT_TILES), or a ValueError naming what
     does not fit."""
     if fmt not in FORMATS:
         raise ValueError(f"small_matmul: weight format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    tiles = tiles or DEFAULT_TILES[fmt]
+    tiles = tiles or DEFAULT_TILES[fmt]  # (only their sizes matter here)
     if tiles.unpack not in UNPACKS:
         raise ValueError(f"small_matmul: unpack {tiles.unpack!r}: choose one of {', '.join(UNPACKS)}")
     if rows < 1:
@@ -148,11 +157,10 @@ def supported(rows: int, out: int, in_features: int, fmt: str, group: int = 0, t
 UNPACKS = ("convert", "magic", "asm")
 
 
-def _nibbles(packed, zero, dtype, unpack: str):
+def _nibbles(packed, zero, dtype, unpack: str, x_dtype):
     """The low and high nibbles of uint8 `packed` less `zero` (8, or a uint8 column per row), as `dtype`: exact."""
-    if unpack == "asm":  # in bfloat16 (float16 activations: float16), then widened if need be
-        half = jnp.float16 if jnp.dtype(dtype) == jnp.float16 else jnp.bfloat16
-        lo, hi = ptx.nibbles(packed, zero, half)
+    if unpack == "asm":  # in the PTX's 16-bit dtype for activations of x_dtype, then widened if need be
+        lo, hi = ptx.nibbles(packed, zero, ptx.pair_dtype(x_dtype))
         return lo.astype(dtype), hi.astype(dtype)
     if unpack == "convert":
         wide = packed.astype(jnp.int32)
@@ -190,7 +198,7 @@ def _kernel(x_ref, q_ref, s_ref, *rest, fmt: str, step: int, steps: int, group: 
                 g = k * per_step + i
                 packed = q_ref[:, pl.ds(g * half, half)]  # [bn, g/2] uint8
                 zero = z_ref[:, pl.ds(g, 1)] if zero_point else 8
-                lo, hi = _nibbles(packed, zero, dtype, unpack)
+                lo, hi = _nibbles(packed, zero, dtype, unpack, x_ref.dtype)
                 x_lo = x_ref[:, pl.ds(g * group, half)].astype(dtype)
                 x_hi = x_ref[:, pl.ds(g * group + half, half)].astype(dtype)
                 acc = acc + (mul(lo, x_lo) + mul(hi, x_hi)) * s_ref[:, pl.ds(g, 1)]
@@ -220,6 +228,7 @@ def small_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, zero: jax.Array |
     uint8 packed, scale [N, K/group] float32, zero [N, K/group] uint8 or None (symmetric, zero 8)."""
     rows, in_features = x.shape
     out = q.shape[0]
+    tiles = tiles or default_tiles(fmt, x.dtype)
     p = plan(rows, out, in_features, fmt, group, tiles)
     padded = p.block_m * p.row_tiles
     xp = jnp.pad(x, ((0, padded - rows), (0, 0)))
@@ -243,10 +252,6 @@ def small_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, zero: jax.Array |
     else:
         out_shape = jax.ShapeDtypeStruct((p.split_k, padded, out), jnp.float32)
         out_spec = pl.BlockSpec((None, p.block_m, p.block_n), lambda j, s, i: (s, i, j))
-    if tiles is None:  # the defaults: int4's PTX only where this GPU runs it (named tiles are taken as they are)
-        tiles = DEFAULT_TILES[fmt]
-        if tiles.unpack == "asm" and not ptx.runs(x.dtype):
-            tiles = dataclasses.replace(tiles, unpack="magic")
     kernel = functools.partial(_kernel, fmt=fmt, step=p.step, steps=part // p.step, group=group,
                                zero_point=len(inputs) == 4,
                                unpack="magic" if interpret and tiles.unpack == "asm" else tiles.unpack)
