@@ -83,7 +83,6 @@ def int8_to_f16(x: jax.Array) -> jax.Array:
                                         result_shape_dtypes=[out])[0]  # fmt: skip
 
 
-
 def pair_dtype(x_dtype):
     """The 16-bit dtype the conversions produce for activations of `x_dtype`: float16 for float16, else bfloat16."""
     return jnp.dtype(jnp.float16) if jnp.dtype(x_dtype) == jnp.float16 else jnp.dtype(jnp.bfloat16)
