@@ -42,8 +42,9 @@ def test_quant_bench_reports_a_wrong_kernel_and_does_not_time_it(tmp_path, monke
     best = json.loads(out.read_text())["best_tiles"]["tiny"]["int8"]
     assert list(best["wrong"]) == [str(dataclasses.astuple(small_matmul.Tiles(block_n=32)))]
     assert len(best["sweep_us"]) == 1 and best["tiles"]["block_n"] == 64
-    with pytest.raises(SystemExit):
-        quant_bench.main(["--quick", "--formats", "int9", "--out", str(out)])
+    for bad in (["--formats", "int9"], ["--unpack", "lut"]):  # refused before anything runs
+        with pytest.raises(SystemExit):
+            quant_bench.main(["--quick", *bad, "--out", str(out)])
 
 
 def test_quant_table_compares_each_format_with_bf16(tmp_path):
