@@ -10,7 +10,9 @@
 #   host    the engine loop's host work per step at 256 decode rows (no HTTP), and with the device drained per launch
 #   tp      offline decode and throughput with the heads split over TP GPUs (default 2; a machine with that many)
 #   kernels the paged-attention kernel against JAX's own and XLA (benchmarks/kernels/attention_bench.py;
-#           SUITES=prefill for some of its suites: correctness, decode, prefill, write)
+#           SUITES=prefill for some of its suites: correctness, decode, prefill, write; ATTN_FLAGS e.g.
+#           "--batches 32,128 --contexts 2048,8192" for the decode suite's shapes)
+#   attn_sweep  the decode attention kernel's tilings per KV dtype against bf16's default (kernels/sweep.py)
 #   kv_write  offline throughput and decode with the step's KV written by XLA's scatter and by the Pallas kernel
 #           (WRITES="auto xla pallas": values of --kv-write)
 #   profile_write  device step time and the KV write's kernels, XLA's scatter against the Pallas kernel
@@ -28,6 +30,7 @@
 #           hit rate is at worst about 1/REPLICAS of the cache-aware one: a 3x hit rate needs REPLICAS=4
 #           (NUM_PREFIXES=128: a quarter of them fits each replica's cache, all of them none)
 #   launch  host cost of launching the step and how often XLA re-records its CUDA graph, per XLA setting (probes/)
+#   kernel_sass  the quantized-weight kernels' PTX and SASS opcode counts, registers and spills (probes/kernel_sass.py)
 #   int4_dot  one decode-sized linear per 8B shape: bf16, the int4 Pallas kernel, XLA's dot of jnp.int4 weights (probes/)
 #   allreduce  64 chained all-reduces over every GPU, as a TP decode step makes them (probes/)
 #   tiers   KV tiers: pinned/pageable H2D, packed vs per-layer onload, disk tier vs dd (tiers_bench.py); then
@@ -240,7 +243,7 @@ EOF
     ;;
   kernels)
     timeout 420 python3 -m rtpjax.benchmarks.kernels.attention_bench --out "$OUT/attention_bench.json" \
-      --suites "${SUITES:-correctness,decode,prefill,write}" 2>&1 \
+      --suites "${SUITES:-correctness,decode,prefill,write}" ${ATTN_FLAGS:-} 2>&1 \
       | grep -v "cuda_timer\|Delay kernel\|Deprecat\|import paged"
     ;;
   prefill)
@@ -252,6 +255,11 @@ EOF
         --out "$OUT/offline_prefill_b${bs}_mosaic${mosaic}.json" > /tmp/log 2>&1
       grep -E "throughput|Error" /tmp/log | tail -2; { echo "== b$bs mosaic$mosaic"; tail -30 /tmp/log; } >> "$OUT/prefill.log"
     done; done
+    ;;
+  attn_sweep)
+    # the decode kernel's tilings per KV dtype against bf16's default (SWEEP_FLAGS: sweep.py flags)
+    timeout "${SWEEP_TIMEOUT:-500}" python3 -m rtpjax.benchmarks.kernels.sweep --out "$OUT/attention_sweep.json" \
+      ${SWEEP_FLAGS:---decode-shapes 32x2048,64x2048,32x8192 --dtypes int8,fp8 --no-prefill} 2>&1 | grep -v Deprecat
     ;;
   kv_write)
     # the engine with each layer's new K/V written by XLA's scatter or by the Pallas kernel (--kv-write)
@@ -295,6 +303,11 @@ EOF
   launch)
     timeout 400 python3 -m rtpjax.benchmarks.probes.step_launch --shape "$SHAPE" --tensor-parallel-size "${TP:-1}" \
       --out "$OUT/step_launch_tp${TP:-1}.json"
+    ;;
+  kernel_sass)
+    # the quantized-weight kernels' PTX and SASS by opcode, registers and spills (probes/kernel_sass.py)
+    timeout 240 python3 -m rtpjax.benchmarks.probes.kernel_sass --keep "$OUT/kernel_sass" --out "$OUT/kernel_sass.json" \
+      2>&1 | grep -v Deprecat | cut -c1-1500 | tail -30
     ;;
   int4_dot)
     timeout 300 python3 -m rtpjax.benchmarks.probes.int4_dot ${INT4_FLAGS:-} --out "$OUT/int4_dot${INT4_FLAGS:+_sweep}.json" 2>&1 | grep -v Deprecat

@@ -97,7 +97,8 @@ def decode_suite(batches, contexts, out):
                 return ragged_paged_attention(q, cache, meta, scale=scale, **kw)
 
             for name, kw in [("rtpjax", {}), ("rtpjax_p4", dict(pages_per_tile=4)),
-                             ("rtpjax_p8w8", dict(pages_per_tile=8, num_warps=8))]:  # fmt: skip
+                             ("rtpjax_p8w8", dict(pages_per_tile=8, num_warps=8)),
+                             ("rtpjax_s2", dict(num_splits=2)), ("rtpjax_s4", dict(num_splits=4))]:  # fmt: skip
                 try:
                     f = lambda q, k, v, m, kw=kw: ours(q, (k, v), m, **kw)  # noqa: E731
                     row[name + "_us"] = timed(f, (q, k, v), varying) * 1e6
@@ -105,9 +106,10 @@ def decode_suite(batches, contexts, out):
                     row[name + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             for qname, qdtype in [("int8", jnp.int8), ("fp8", jnp.float8_e4m3fn)]:
                 (kq, ks), (vq, vs) = quantize(k, qdtype), quantize(v, qdtype)
-                tilings = [("", {}), ("_p16", dict(pages_per_tile=16))]  # best of two tilings
+                tilings = [("", {}), ("_p16", dict(pages_per_tile=16)), ("_s2", dict(num_splits=2)),
+                           ("_s4", dict(num_splits=4))]  # the best tiling counts
                 if qname == "int8":  # and the tiles to float16 by inline PTX
-                    tilings += [("_asm", dict(kv_unpack="asm")), ("_p16_asm", dict(pages_per_tile=16, kv_unpack="asm"))]
+                    tilings += [("_asm", dict(kv_unpack="asm")), ("_s2_asm", dict(num_splits=2, kv_unpack="asm"))]
                 want = None
                 for tiling, kw in tilings:
                     try:
@@ -342,11 +344,15 @@ def main():
     parser.add_argument("--out", default="attention_bench.json")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--suites", default="correctness,decode,prefill,write", help="comma-separated, of these four")
+    parser.add_argument("--batches", default=None, help="decode batch sizes, e.g. 32,128 (default: 1,8,32,64,128)")
+    parser.add_argument("--contexts", default=None, help="decode contexts, e.g. 2048,8192 (default: 512,2048,8192)")
     args = parser.parse_args()
     suites = set(args.suites.split(","))
     out = dict(device=str(jax.devices()[0]), jax=jax.__version__)
     print(out, flush=True)
     decode = ([1, 32], [2048]) if args.quick else ([1, 8, 32, 64, 128], [512, 2048, 8192])
+    decode = tuple([int(v) for v in flag.split(",")] if flag else default
+                   for flag, default in zip((args.batches, args.contexts), decode))  # fmt: skip
     chunks = [1024] if args.quick else [512, 1024, 2048, 4096]
     steps = {"correctness": lambda: correctness(out), "decode": lambda: decode_suite(*decode, out),
              "prefill": lambda: prefill_suite(chunks, out),
