@@ -259,7 +259,7 @@ EOF
   attn_sweep)
     # the decode kernel's tilings per KV dtype against bf16's default (SWEEP_FLAGS: sweep.py flags)
     timeout "${SWEEP_TIMEOUT:-500}" python3 -m rtpjax.benchmarks.kernels.sweep --out "$OUT/attention_sweep.json" \
-      ${SWEEP_FLAGS:---decode-shapes 32x2048,64x2048,32x8192 --dtypes int8,fp8 --no-prefill} 2>&1 | grep -v Deprecat
+      ${SWEEP_FLAGS:---decode-shapes 32x2048,64x2048 --dtypes int8,fp8 --no-prefill} 2>&1 | grep -v Deprecat
     ;;
   kv_write)
     # the engine with each layer's new K/V written by XLA's scatter or by the Pallas kernel (--kv-write)

@@ -22,7 +22,7 @@ from rtpjax.kernels.reference import quantize
 from rtpjax.kernels.ragged_paged_attention import ragged_paged_attention  # noqa: E402
 
 
-DECODE_GRID = dict(pages_per_tile=(4, 8, 16), num_splits=(1, 2), num_stages=(2, 3, 4), num_warps=(4, 8))
+DECODE_GRID = dict(pages_per_tile=(4, 8, 16), num_splits=(1, 2), num_stages=(2, 3), num_warps=(4, 8))
 
 
 def decode_sweep(shapes, dtypes, results):
