@@ -87,35 +87,41 @@ def test_the_download_starts_off_the_dispatching_thread():
 
 
 def test_a_fetch_gets_its_rows_without_waiting_for_the_writers_backlog():
-    """Rows a waiting fetch needs are filled as soon as their download lands, not after the writer has put every
-    block queued ahead of them into the host tier."""
-    tiers, gate = _tiers(), threading.Event()
-    rows = np.random.default_rng(5).integers(0, 256, (2, LAYOUT.block_bytes), dtype=np.uint8)
-    first, second = b"e" * 16, b"f" * 16
-    publish = tiers.host.publish
+    """Blocks are in the host tier as soon as their download lands, however far behind the writer is: a fetch that
+    waited for one gets it then, and one that asks later leases it at once."""
+    tiers, gate, entered = _tiers(), threading.Event(), threading.Event()
+    rows = np.random.default_rng(5).integers(0, 256, (3, LAYOUT.block_bytes), dtype=np.uint8)
+    first, second, third = b"e" * 16, b"f" * 16, b"g" * 16
+    write = tiers._write
 
-    def slow_publish(h, slot):
-        assert h != first or gate.wait(30)
-        return publish(h, slot)
+    def held_write(*job):  # the writer, held up on its first job
+        entered.set()
+        assert gate.wait(30)
+        return write(*job)
 
-    tiers.host.publish = slow_publish
+    tiers._write = held_write
     try:
         tiers.write_down(0, first)
-        tiers.dispatch(lambda blocks: [(len(blocks), rows[:1])])  # the writer is held up on this one
+        tiers.dispatch(lambda blocks: [(len(blocks), rows[:1])])
+        assert entered.wait(30)
         tiers.write_down(1, second)
-        fetch = tiers.fetch([second], 0)
-        assert fetch is not None and not fetch.ready
+        waiting = tiers.fetch([second], 0)
+        assert waiting is not None and not waiting.ready
+        tiers.write_down(2, third)
         tiers.dispatch(lambda blocks: [(len(blocks), rows[1:])])
         deadline = time.monotonic() + 30
-        while not fetch.ready:
+        while not (waiting.ready and third in tiers.host):
             assert time.monotonic() < deadline, "the fetch waited for the writer's backlog"
             time.sleep(0.01)
-        assert not gate.is_set() and second not in tiers.host
-        packed, _ = tiers.take(fetch, 0, 1)
-        np.testing.assert_array_equal(packed.rows[0], rows[1])
-        tiers.release(packed)
+        later = tiers.fetch([first, third], 0)  # both downloaded, neither written: leased at once
+        assert later is not None and later.ready and later.valid == 2 and not gate.is_set()
+        for fetch, want in ((waiting, rows[1:2]), (later, rows[[0, 2]])):
+            packed, _ = tiers.take(fetch, 0, len(want))
+            np.testing.assert_array_equal(np.stack(packed.rows), want)
+            tiers.release(packed)
         gate.set()
-        assert tiers.flush() and first in tiers.host and second in tiers.host and not any(tiers.host.leases)
+        assert tiers.flush() and not any(tiers.host.leases) and not tiers.awaited and not tiers.inflight
+        assert tiers.counters["host"].bytes_written == 3 * LAYOUT.block_bytes
     finally:
         gate.set()
         tiers.close()

@@ -210,13 +210,14 @@ class LoadWaits:
 
 @dataclasses.dataclass
 class DownRow:
-    """Where one block lands in host memory on its way down: a host-tier row reserved for it (published by the
-    writer), the row that already holds it (`held`: leased, nothing copied), or, with no host row free, a row of its
-    own (slot None) that only the disk tier gets."""
+    """Where one block lands in host memory on its way down: a host-tier row reserved for it (published as soon as
+    its copy is done), the row that already holds it (`held`: leased, nothing copied), or, with no host row free, a
+    row of its own (slot None) that only the disk tier gets."""
 
     slot: int | None
     row: np.ndarray
     held: bool = False
+    new: bool = False  # published by this job (the host tier lacked it)
 
 
 @dataclasses.dataclass
@@ -376,9 +377,9 @@ class KVTiers:
         self._jobs.put(None)
 
     def _downloaded(self, hashes: list[bytes], pieces, began: float):
-        """The job with its blocks copied into host rows (`DownRow`s; None: the copy failed, the blocks are given up)
-        for the writer to publish; fetches waiting for any of them get them now, not after the writer has gone
-        through the backlog ahead of this job."""
+        """The job with its blocks copied into host rows (`DownRow`s; None: the copy failed, the blocks are given up),
+        published in the host tier at once, for the writer to count and hand to the disk: fetches waiting for any of
+        them, and fetches that ask from now on, get them without waiting for the writer's backlog."""
         downs: list[DownRow] = []
         try:
             downs += [self._down_row(h) for h in hashes]
@@ -390,6 +391,8 @@ class KVTiers:
                 at += real
                 with self.lock:
                     self.downloads.add(wait, copy)
+            for h, d in zip(hashes, downs):  # complete rows: leased until the writer is done with them
+                d.new = d.slot is not None and not d.held and self.host.publish(h, d.slot)
         except Exception:  # noqa: BLE001 - the blocks are given up (recomputed when asked for)
             log.exception("KV tiers: copying %d blocks to the host failed", len(hashes))
             for d in downs:
@@ -479,8 +482,9 @@ class KVTiers:
             counters.write_seconds += time.perf_counter() - began
 
     def _write(self, hashes: list[bytes], downs: list[DownRow] | None, began: float) -> None:
-        """Publish downloaded blocks in the host tier (`_downloaded`'s rows), tell fetches waiting for them, hand them
-        to the disk's writer, then give the host rows' leases back; downs None: the download failed."""
+        """Count downloaded blocks (`_downloaded` published them in the host tier), take them out of flight (fetches
+        still waiting get them), hand them to the disk's writer, then give the host rows' leases back; downs None:
+        the download failed."""
         landed, counters, found = 0, self.counters["host"], []
         try:
             if downs is None:
@@ -488,9 +492,8 @@ class KVTiers:
                 landed = len(hashes)
                 return
             for h, d in zip(hashes, downs):
-                new = d.slot is not None and not d.held and self.host.publish(h, d.slot)
                 with self.lock:
-                    counters.bytes_written += new * self.block_bytes
+                    counters.bytes_written += d.new * self.block_bytes
                     counters.dropped += d.slot is None  # no host row was free: on its way to disk only
                 self._landed(h, d.row)  # fetches that asked since the download get it
                 landed += 1
@@ -598,8 +601,8 @@ class KVTiers:
             if on_disk:
                 self._readers.submit(self._read, fetch, i)
         for i in awaits:
-            with self.lock:
-                if fetch.hashes[i] in self.inflight:
+            with self.lock:  # (published since the lookup: `_landed_late` copies it from the host tier)
+                if fetch.hashes[i] in self.inflight and fetch.hashes[i] not in self.host:
                     self.awaited.setdefault(fetch.hashes[i], []).append((fetch, i))
                     continue
             self._landed_late(fetch, i)
