@@ -182,9 +182,10 @@ def test_small_kernel_lowers_to_triton(method, triton_verified):
              (1, one_row), (1, dataclasses.replace(one_row, block_k=128, split_k=2, unpack="convert")),
              (200, None))  # fmt: skip
     cases = [(rows, tiles, jnp.bfloat16) for rows, tiles in cases]
-    if method[:4] == "int4":  # the nibbles by inline PTX: in a tensor-core dot (bfloat16, float16), one row
+    if method[:4] == "int4":  # the nibbles by inline PTX: in a tensor-core dot (bfloat16, float16), one row (in
+        # float32, its pairs in the activations' 16-bit dtype)
         cases += [(16, Tiles(unpack="asm"), jnp.bfloat16), (16, Tiles(unpack="asm"), jnp.float16),
-                  (1, dataclasses.replace(one_row, unpack="magic"), jnp.bfloat16)]  # fmt: skip
+                  (1, dataclasses.replace(one_row, unpack="magic"), jnp.bfloat16), (1, one_row, jnp.float16)]  # fmt: skip
     for rows, tiles, dtype in cases:  # tensor-core dots; one row on the vector units; rows tiled
         step = jax.jit(lambda x, w: quantized_matmul(x, w, tiles))
         text = step.trace(jnp.ones((rows, 512), dtype), qw).lower(lowering_platforms=("cuda",)).as_text()

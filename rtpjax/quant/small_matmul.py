@@ -19,7 +19,9 @@ sends no step past MAX_ROWS here yet: `benchmarks/kernels/quant_bench.py --token
 One row (batch-1 decode, `Tiles.one_row`) skips the tensor cores: padded to 16 rows the dot does 16 times the work
 and its operands pass through shared memory in the dot's layout. The row multiplies each weight tile on the vector
 units instead, into a float32 accumulator of the tile's own shape (int4: half a group wide, each group's products
-scaled as they are added), summed across the inputs once at the end.
+scaled as they are added), summed across the inputs once at the end. The row is widened to float32 once, before
+the kernel, not inside it for every weight it meets; its int4 "magic" works in float32 (`_nibbles_f32`: each byte
+widened once, both nibbles by one AND-OR each, the high ones left in place and x_hi taken / 16).
 
 int4 layout: `rtpjax.loading.quantization` (byte j of a group holds input j low and input j + g/2 high), so each
 half group is one dot against its own nibbles with nothing interleaved. Three ways to turn a nibble into the
@@ -175,6 +177,17 @@ def _nibbles(packed, zero, dtype, unpack: str, x_dtype):
     return as_float(packed & 15) - z, as_float(packed >> 4) - z
 
 
+def _nibbles_f32(packed, zero):
+    """One row's float32 magic: each byte widened once, its low nibble ORed into the mantissa of 2^23 (2^23 + n) and
+    its high nibble left in place (2^23 + 16 n), one AND-OR each; then one subtraction of the magic and the zero (16
+    times it for the high nibbles). Exact: the low nibbles less `zero`, and 16 times the high ones less `zero`."""
+    wide = packed.astype(jnp.uint32)
+    uint, bits, base = ptx.MAGIC[jnp.dtype(jnp.float32)]
+    z = float(zero) if isinstance(zero, int) else zero.astype(jnp.float32)
+    as_float = lambda mask: lax.bitcast_convert_type((wide & uint(mask)) | uint(bits), jnp.float32)  # noqa: E731
+    return as_float(0x0F) - (base + z), as_float(0xF0) - (base + 16 * z)
+
+
 def _dot(w, x):
     """w [n, k] @ x[m, k].T: [n, m] in float32."""
     return lax.dot_general(w, x, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -186,7 +199,7 @@ def _products(w, x):
 
 
 def _kernel(x_ref, q_ref, s_ref, *rest, fmt: str, step: int, steps: int, group: int, zero_point: bool,
-            unpack: str):  # fmt: skip
+            unpack: str, x_dtype):  # fmt: skip
     z_ref, o_ref = rest if zero_point else (None, rest[0])
     one_row = x_ref.shape[0] == 1
     dtype, mul = (jnp.float32, _products) if one_row else (x_ref.dtype, _dot)
@@ -198,9 +211,13 @@ def _kernel(x_ref, q_ref, s_ref, *rest, fmt: str, step: int, steps: int, group: 
                 g = k * per_step + i
                 packed = q_ref[:, pl.ds(g * half, half)]  # [bn, g/2] uint8
                 zero = z_ref[:, pl.ds(g, 1)] if zero_point else 8
-                lo, hi = _nibbles(packed, zero, dtype, unpack, x_ref.dtype)
                 x_lo = x_ref[:, pl.ds(g * group, half)].astype(dtype)
                 x_hi = x_ref[:, pl.ds(g * group + half, half)].astype(dtype)
+                if one_row and unpack == "magic":  # high nibbles in place, 16 times their value: x_hi / 16 makes up
+                    lo, hi = _nibbles_f32(packed, zero)
+                    x_hi = x_hi * (1 / 16)
+                else:
+                    lo, hi = _nibbles(packed, zero, dtype, unpack, x_dtype)
                 acc = acc + (mul(lo, x_lo) + mul(hi, x_hi)) * s_ref[:, pl.ds(g, 1)]
             return acc
 
@@ -232,6 +249,8 @@ def small_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, zero: jax.Array |
     p = plan(rows, out, in_features, fmt, group, tiles)
     padded = p.block_m * p.row_tiles
     xp = jnp.pad(x, ((0, padded - rows), (0, 0)))
+    if p.block_m == 1:  # one row multiplies in float32: widened once here, not for every weight it meets
+        xp = xp.astype(jnp.float32)
     part = in_features // p.split_k  # inputs per split
     q_cols = part // 2 if fmt == "int4" else part
     # grid (output block j, split s, row tile i): the row tiles of one weight tile run one after another
@@ -253,7 +272,7 @@ def small_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, zero: jax.Array |
         out_shape = jax.ShapeDtypeStruct((p.split_k, padded, out), jnp.float32)
         out_spec = pl.BlockSpec((None, p.block_m, p.block_n), lambda j, s, i: (s, i, j))
     kernel = functools.partial(_kernel, fmt=fmt, step=p.step, steps=part // p.step, group=group,
-                               zero_point=len(inputs) == 4,
+                               zero_point=len(inputs) == 4, x_dtype=x.dtype,
                                unpack="magic" if interpret and tiles.unpack == "asm" else tiles.unpack)
     params = None if interpret else plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     result = pl.pallas_call(
