@@ -21,7 +21,8 @@ and its operands pass through shared memory in the dot's layout. The row multipl
 units instead, into a float32 accumulator of the tile's own shape (int4: half a group wide, each group's products
 scaled as they are added), summed across the inputs once at the end. The row is widened to float32 once, before
 the kernel, not inside it for every weight it meets; its int4 "magic" works in float32 (`_nibbles_f32`: each byte
-widened once, both nibbles by one AND-OR each, the high ones left in place and x_hi taken / 16).
+widened once, both nibbles by one AND-OR each, the high ones left in place: 16 times their value, so each group's
+high half of the row comes divided by 16).
 
 int4 layout: `rtpjax.loading.quantization` (byte j of a group holds input j low and input j + g/2 high), so each
 half group is one dot against its own nibbles with nothing interleaved. Three ways to turn a nibble into the
@@ -213,9 +214,8 @@ def _kernel(x_ref, q_ref, s_ref, *rest, fmt: str, step: int, steps: int, group: 
                 zero = z_ref[:, pl.ds(g, 1)] if zero_point else 8
                 x_lo = x_ref[:, pl.ds(g * group, half)].astype(dtype)
                 x_hi = x_ref[:, pl.ds(g * group + half, half)].astype(dtype)
-                if one_row and unpack == "magic":  # high nibbles in place, 16 times their value: x_hi / 16 makes up
+                if one_row and unpack == "magic":  # high nibbles in place, 16 times their value: x_hi came / 16
                     lo, hi = _nibbles_f32(packed, zero)
-                    x_hi = x_hi * (1 / 16)
                 else:
                     lo, hi = _nibbles(packed, zero, dtype, unpack, x_dtype)
                 acc = acc + (mul(lo, x_lo) + mul(hi, x_hi)) * s_ref[:, pl.ds(g, 1)]
@@ -249,8 +249,11 @@ def small_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, zero: jax.Array |
     p = plan(rows, out, in_features, fmt, group, tiles)
     padded = p.block_m * p.row_tiles
     xp = jnp.pad(x, ((0, padded - rows), (0, 0)))
+    unpack = "magic" if interpret and tiles.unpack == "asm" else tiles.unpack
     if p.block_m == 1:  # one row multiplies in float32: widened once here, not for every weight it meets
         xp = xp.astype(jnp.float32)
+        if fmt == "int4" and unpack == "magic":  # each group's high half / 16, for `_nibbles_f32`'s high nibbles
+            xp = (xp.reshape(1, -1, 2, group // 2) * jnp.asarray([1, 1 / 16], jnp.float32)[:, None]).reshape(xp.shape)
     part = in_features // p.split_k  # inputs per split
     q_cols = part // 2 if fmt == "int4" else part
     # grid (output block j, split s, row tile i): the row tiles of one weight tile run one after another
@@ -273,7 +276,7 @@ def small_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, zero: jax.Array |
         out_spec = pl.BlockSpec((None, p.block_m, p.block_n), lambda j, s, i: (s, i, j))
     kernel = functools.partial(_kernel, fmt=fmt, step=p.step, steps=part // p.step, group=group,
                                zero_point=len(inputs) == 4, x_dtype=x.dtype,
-                               unpack="magic" if interpret and tiles.unpack == "asm" else tiles.unpack)
+                               unpack=unpack)
     params = None if interpret else plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     result = pl.pallas_call(
         kernel, grid=(out // p.block_n, p.split_k, p.row_tiles), in_specs=in_specs, out_specs=out_spec,
