@@ -30,7 +30,6 @@
 #           hit rate is at worst about 1/REPLICAS of the cache-aware one: a 3x hit rate needs REPLICAS=4
 #           (NUM_PREFIXES=128: a quarter of them fits each replica's cache, all of them none)
 #   launch  host cost of launching the step and how often XLA re-records its CUDA graph, per XLA setting (probes/)
-#   kernel_sass  the quantized-weight kernels' PTX and SASS opcode counts, registers and spills (probes/kernel_sass.py)
 #   int4_dot  one decode-sized linear per 8B shape: bf16, the int4 Pallas kernel, XLA's dot of jnp.int4 weights (probes/)
 #   allreduce  64 chained all-reduces over every GPU, as a TP decode step makes them (probes/)
 #   tiers   KV tiers: pinned/pageable H2D, packed vs per-layer onload, disk tier vs dd (tiers_bench.py); then
@@ -303,11 +302,6 @@ EOF
   launch)
     timeout 400 python3 -m rtpjax.benchmarks.probes.step_launch --shape "$SHAPE" --tensor-parallel-size "${TP:-1}" \
       --out "$OUT/step_launch_tp${TP:-1}.json"
-    ;;
-  kernel_sass)
-    # the quantized-weight kernels' PTX and SASS by opcode, registers and spills (probes/kernel_sass.py)
-    timeout 240 python3 -m rtpjax.benchmarks.probes.kernel_sass --keep "$OUT/kernel_sass" --out "$OUT/kernel_sass.json" \
-      2>&1 | grep -v Deprecat | cut -c1-1500 | tail -30
     ;;
   int4_dot)
     timeout 300 python3 -m rtpjax.benchmarks.probes.int4_dot ${INT4_FLAGS:-} --out "$OUT/int4_dot${INT4_FLAGS:+_sweep}.json" 2>&1 | grep -v Deprecat

@@ -340,3 +340,28 @@ def test_cpu_peer_runs_both_engines_on_the_same_prompt(stories_dir, compile_cach
     for engine in ("rtpjax", "transformers"):
         assert set(result[engine]["tok_s"]) == {1, 2} and min(result[engine]["tok_s"].values()) > 0
     assert json.loads(out.read_text())["max_tokens"] == 4
+
+
+def test_kernel_sass_probe_finds_the_main_loop_and_lowers_on_the_cpu():
+    """probes/kernel_sass.py without the triton wheel: the longest loop of a SASS listing (a backward branch's
+    span), the weights a thread handles per iteration, and the Triton IR Pallas builds for CUDA on this host."""
+    from rtpjax.benchmarks.probes import kernel_sass
+    from rtpjax.quant.small_matmul import Tiles
+
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0020*/                   PRMT R3, R2, 0x3120, RZ ;
+        /*0030*/                   FFMA R5, R3, R6, R5 ;
+        /*0040*/               @P0 BRA 0x20 ;
+        /*0050*/                   IADD3 R7, R7, 0x1, RZ ;
+        /*0060*/               @P1 BRA 0x50 ;
+        /*0070*/                   EXIT ;
+        /*0080*/                   BRA 0x80;
+    """
+    assert kernel_sass.main_loop(sass) == ["PRMT", "FFMA", "BRA"]
+    assert kernel_sass.main_loop("        /*0000*/                   EXIT ;") == []
+    one_row = Tiles(block_n=32, block_k=512, num_warps=8, unpack="magic", one_row=True)
+    assert kernel_sass.weights_per_thread("int4", 1, one_row) == 32 * 512 // 256
+    ttir = kernel_sass.capture("int4", 1, True, one_row)
+    assert "tt.func public @small_matmul_int4" in ttir and "scf.for" in ttir

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import re
 import subprocess
 import sys
@@ -139,7 +140,7 @@ def main() -> None:
             jobs[name] = dict(ttir=str(path), num_warps=tiles[name].num_warps, num_stages=tiles[name].num_stages)
         (folder / "jobs.json").write_text(json.dumps(jobs))
         done = subprocess.run([args.triton_python, "-c", COMPILE, str(folder / "jobs.json"), str(folder / "out.json")],
-                              capture_output=True, text=True, env={"TRITON_DEFAULT_FP_FUSION": "1", "PATH": ""})  # fmt: skip
+                              capture_output=True, text=True, env={**os.environ, "TRITON_DEFAULT_FP_FUSION": "1"})  # fmt: skip
         if done.returncode:
             sys.exit(f"compiling with {args.triton_python} failed (does it have the triton wheel?):\n{done.stderr[-2000:]}")
         compiled = json.loads((folder / "out.json").read_text())
