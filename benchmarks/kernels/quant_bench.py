@@ -52,6 +52,7 @@ ONE_ROW_SWEEP = (*(Tiles(one_row=True, block_n=n, block_k=k, num_warps=w, num_st
                        (64, 128, 4, 3, 0, "convert"), (64, 256, 4, 3, 0, "convert"), (16, 512, 2, 3, 0, "convert"),
                        (16, 512, 4, 4, 0, "convert"), (16, 512, 4, 3, 1, "convert"), (32, 512, 8, 3, 0, "convert"),
                        (16, 256, 4, 3, 0, "magic"), (32, 256, 4, 3, 0, "magic"), (16, 512, 4, 3, 0, "magic"),
+                       (32, 512, 8, 3, 0, "magic"),
                        (16, 256, 4, 3, 0, "asm"), (32, 256, 4, 3, 0, "asm"), (16, 512, 4, 3, 0, "asm"),
                        (8, 512, 4, 3, 0, "asm"), (32, 512, 8, 3, 0, "asm"))),
                  Tiles(), Tiles(unpack="asm"), Tiles(block_n=32, unpack="asm"),
