@@ -362,6 +362,7 @@ def test_kernel_sass_probe_finds_the_main_loop_and_lowers_on_the_cpu():
     assert kernel_sass.main_loop(sass) == ["PRMT", "FFMA", "BRA"]
     assert kernel_sass.main_loop("        /*0000*/                   EXIT ;") == []
     one_row = Tiles(block_n=32, block_k=512, num_warps=8, unpack="magic", one_row=True)
-    assert kernel_sass.weights_per_thread("int4", 1, one_row) == 32 * 512 // 256
-    ttir = kernel_sass.capture("int4", 1, True, one_row)
-    assert "tt.func public @small_matmul_int4" in ttir and "scf.for" in ttir
+    ttir, per_thread = kernel_sass.matmul_job("int4", 1, True, one_row)
+    assert "tt.func public @small_matmul_int4" in ttir and "scf.for" in ttir and per_thread == 32 * 512 // 256
+    ttir, per_thread, warps, stages = kernel_sass.attention_job("int8", dict(kv_unpack="asm"))
+    assert "@ragged_paged_attention" in ttir and "prmt.b32" in ttir and (per_thread, warps, stages) == (256, 4, 3)

@@ -1,7 +1,8 @@
-"""What does a quantized-weight kernel compile to on Hopper, without a GPU? Pallas lowers the kernel to Triton IR for
-CUDA on any host; the `triton` wheel (in a Python that has it: --triton-python) compiles that for sm_90 and its
-cuobjdump reads the SASS back: registers, spills, and the instructions of the main loop per weight a thread handles.
-It answers whether a change to a kernel cuts the work per weight before a GPU times it. Triton's version is not the
+"""What does a quantized kernel compile to on Hopper, without a GPU? Pallas lowers the kernel to Triton IR for CUDA on
+any host; the `triton` wheel (in a Python that has it: --triton-python) compiles that for sm_90 and its cuobjdump
+reads the SASS back: registers, spills, and the instructions of the main loop per element a thread handles (a weight
+of the small-M matmul; a K or V element of the decode attention's cache). It answers whether a change to a kernel
+cuts the work per element before a GPU times it. Triton's version is not the
 one inside jaxlib's XLA, so the counts show how a change moves the code, not the GPU's exact instructions.
 
     python -m venv /tmp/tv && /tmp/tv/bin/pip install triton
@@ -20,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-# name: (format, rows, zero points, Tiles keyword arguments); 8B up projection, groups of 128
+# matmul variants: (format, rows, zero points, Tiles keyword arguments); the 8B up projection, int4 groups of 128
 VARIANTS = {
     "int4_1row_asm": ("int4", 1, False, dict(block_n=32, block_k=512, num_warps=8, unpack="asm", one_row=True)),
     "int4_1row_magic": ("int4", 1, False, dict(block_n=32, block_k=512, num_warps=8, unpack="magic", one_row=True)),
@@ -30,6 +31,13 @@ VARIANTS = {
     "int4_16_magic": ("int4", 16, False, dict(unpack="magic")),
     "fp8_1row": ("fp8", 1, False, dict(block_n=16, block_k=512, one_row=True)),
     "fp8_16": ("fp8", 16, False, {}),
+}
+# decode attention variants (Llama-3-8B heads, 32 sequences of 2048 tokens): (KV dtype, ragged_paged_attention kwargs)
+ATTENTION = {
+    "attention_bf16": ("bfloat16", {}),
+    "attention_int8": ("int8", {}),
+    "attention_int8_asm": ("int8", dict(kv_unpack="asm")),
+    "attention_fp8": ("float8_e4m3fn", {}),
 }
 N, K, GROUP = 14336, 4096, 128
 
@@ -53,20 +61,32 @@ json.dump(out, open(sys.argv[2], "w"))
 """
 
 
-def capture(fmt: str, rows: int, zero_point: bool, tiles) -> str:
-    """The Triton IR (text) Pallas builds for small_matmul at this shape, lowered for CUDA on this host."""
+def capture(fn, *args) -> str:
+    """The Triton IR (text) of the last Pallas kernel in `fn(*args)`, lowered for CUDA on this host."""
     import jax
-    import jax.numpy as jnp
     from jax._src.pallas.triton import lowering
-
-    from rtpjax.quant.small_matmul import small_matmul
 
     built, build = [], lowering.lower_jaxpr_to_triton_module
 
-    def keep(*args, **kwargs):
-        result = build(*args, **kwargs)
+    def keep(*a, **kw):
+        result = build(*a, **kw)
         built.append(result.module.operation.get_asm(enable_debug_info=False))
         return result
+
+    lowering.lower_jaxpr_to_triton_module = keep
+    try:
+        jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    finally:
+        lowering.lower_jaxpr_to_triton_module = build
+    return built[-1]
+
+
+def matmul_job(fmt: str, rows: int, zero_point: bool, tiles) -> tuple[str, int]:
+    """small_matmul's Triton IR at this shape, and the weights a thread handles per loop step."""
+    import jax
+    import jax.numpy as jnp
+
+    from rtpjax.quant.small_matmul import plan, small_matmul
 
     x = jax.ShapeDtypeStruct((rows, K), jnp.bfloat16)
     if fmt == "int4":
@@ -74,13 +94,34 @@ def capture(fmt: str, rows: int, zero_point: bool, tiles) -> str:
     else:
         q, s = jax.ShapeDtypeStruct((N, K), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((N, 1), jnp.float32)
     z = jax.ShapeDtypeStruct((N, K // GROUP), jnp.uint8) if zero_point else None
-    lowering.lower_jaxpr_to_triton_module = keep
-    try:
-        jax.jit(lambda x, q, s, z: small_matmul(x, q, s, z, fmt=fmt, group=GROUP if fmt == "int4" else 0,
-                                                tiles=tiles)).trace(x, q, s, z).lower(lowering_platforms=("cuda",))  # fmt: skip
-    finally:
-        lowering.lower_jaxpr_to_triton_module = build
-    return built[-1]
+    group = GROUP if fmt == "int4" else 0
+    ttir = capture(lambda x, q, s, z: small_matmul(x, q, s, z, fmt=fmt, group=group, tiles=tiles), x, q, s, z)
+    p = plan(rows, N, K, fmt, group, tiles)
+    return ttir, p.block_n * p.step // (32 * tiles.num_warps)
+
+
+def attention_job(kv_dtype: str, kwargs: dict) -> tuple[str, int, int, int]:
+    """ragged_paged_attention's decode Triton IR (32 sequences of 2048 tokens), the K and V elements a thread handles
+    per loop step, and the kernel's warps and stages (its defaults for the shape)."""
+    import jax
+    import jax.numpy as jnp
+
+    from rtpjax.kernels.metadata import AttentionMetadata
+    from rtpjax.kernels.ragged_paged_attention import ragged_paged_attention
+
+    seqs, ctx, heads, kv_heads, head_dim, page = 32, 2048, 32, 8, 128, 16
+    blocks, dtype = seqs * ctx // page, jnp.dtype(kv_dtype)
+    meta = AttentionMetadata(jnp.arange(seqs + 1, dtype=jnp.int32), jnp.full(seqs, ctx, jnp.int32),
+                             jnp.zeros((seqs, ctx // page), jnp.int32), jnp.zeros(seqs, jnp.int32))  # fmt: skip
+    q = jax.ShapeDtypeStruct((seqs, heads, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((kv_heads, blocks, page, head_dim), dtype)
+    scales = (jax.ShapeDtypeStruct((kv_heads, blocks, page), jnp.float32),) * 2 if dtype != jnp.bfloat16 else ()
+    quantized = bool(scales)  # the tiles the wrapper picks for such a step, named so the counts know them
+    tiles = dict(pages_per_tile=8 if quantized else 4, num_warps=4, num_stages=3 if quantized else 2) | kwargs
+    ttir = capture(lambda q, cache: ragged_paged_attention(q, cache, meta, scale=head_dim**-0.5, **tiles),
+                   q, (kv, kv, *scales))  # fmt: skip
+    per_thread = 2 * tiles["pages_per_tile"] * page * head_dim // (32 * tiles["num_warps"])
+    return ttir, per_thread, tiles["num_warps"], tiles["num_stages"]
 
 
 def main_loop(sass: str) -> list[str]:
@@ -94,22 +135,14 @@ def main_loop(sass: str) -> list[str]:
     return [op.split()[-1] for at, op, _ in lines if start <= int(at, 16) <= end]
 
 
-def weights_per_thread(fmt: str, rows: int, tiles) -> int:
-    """Weights one thread handles in one iteration of the kernel's loop."""
-    from rtpjax.quant.small_matmul import plan
-
-    p = plan(rows, N, K, fmt, GROUP if fmt == "int4" else 0, tiles)
-    return p.block_n * p.step // (32 * tiles.num_warps)
-
-
-def analyse(name: str, fmt: str, rows: int, tiles, compiled: dict) -> dict:
+def analyse(compiled: dict, per_thread: int) -> dict:
+    """A compiled kernel's main loop: instructions, per element a thread handles, top opcodes; registers, spills."""
     if "error" in compiled:
         return dict(error=compiled["error"])
     loop = main_loop(compiled["sass"])
-    per = weights_per_thread(fmt, rows, tiles)
     usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", compiled["resources"]))
     top = collections.Counter(op.split(".")[0] for op in loop).most_common(12)
-    return dict(loop_instructions=len(loop), weights_per_thread=per, per_weight=round(len(loop) / per, 2),
+    return dict(loop_instructions=len(loop), per_thread=per_thread, per_element=round(len(loop) / per_thread, 2),
                 registers=int(usage.get("REG", 0)), spilled=int(usage.get("LOCAL", 0)), loop_opcodes=dict(top),
                 triton=compiled["triton"])  # fmt: skip
 
@@ -117,7 +150,7 @@ def analyse(name: str, fmt: str, rows: int, tiles, compiled: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--triton-python", default=sys.executable, help="a Python with the triton wheel")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join([*VARIANTS, *ATTENTION]))
     parser.add_argument("--keep", default=None, help="a folder for each kernel's Triton IR, PTX and SASS")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -125,19 +158,24 @@ def main() -> None:
     from rtpjax.quant.small_matmul import Tiles
 
     names = args.variants.split(",")
-    unknown = sorted(set(names) - set(VARIANTS))
+    unknown = sorted(set(names) - set(VARIANTS) - set(ATTENTION))
     if unknown:
-        parser.error(f"unknown variants {unknown}: choose from {', '.join(VARIANTS)}")
+        parser.error(f"unknown variants {unknown}: choose from {', '.join([*VARIANTS, *ATTENTION])}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.keep or tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        jobs, tiles = {}, {}
+        jobs, per_thread = {}, {}
         for name in names:
-            fmt, rows, zero_point, kw = VARIANTS[name]
-            tiles[name] = Tiles(**kw)
+            if name in VARIANTS:
+                fmt, rows, zero_point, kw = VARIANTS[name]
+                tiles = Tiles(**kw)
+                ttir, per_thread[name] = matmul_job(fmt, rows, zero_point, tiles)
+                warps, stages = tiles.num_warps, tiles.num_stages
+            else:
+                ttir, per_thread[name], warps, stages = attention_job(*ATTENTION[name])
             path = folder / f"{name}.ttir"
-            path.write_text(capture(fmt, rows, zero_point, tiles[name]))
-            jobs[name] = dict(ttir=str(path), num_warps=tiles[name].num_warps, num_stages=tiles[name].num_stages)
+            path.write_text(ttir)
+            jobs[name] = dict(ttir=str(path), num_warps=warps, num_stages=stages)
         (folder / "jobs.json").write_text(json.dumps(jobs))
         done = subprocess.run([args.triton_python, "-c", COMPILE, str(folder / "jobs.json"), str(folder / "out.json")],
                               capture_output=True, text=True, env={**os.environ, "TRITON_DEFAULT_FP_FUSION": "1"})  # fmt: skip
@@ -146,15 +184,14 @@ def main() -> None:
         compiled = json.loads((folder / "out.json").read_text())
         result = {}
         for name in names:
-            result[name] = analyse(name, VARIANTS[name][0], VARIANTS[name][1], tiles[name], compiled[name])
+            result[name] = r = analyse(compiled[name], per_thread[name])
             if args.keep and "sass" in compiled[name]:
                 (folder / f"{name}.sass").write_text(compiled[name]["sass"])
                 (folder / f"{name}.ptx").write_text(compiled[name]["ptx"])
-            r = result[name]
-            print(f"{name:22s} " + (f"loop {r['loop_instructions']:4d} instructions / {r['weights_per_thread']} "
-                  f"weights = {r['per_weight']:5.2f} per weight, {r['registers']} registers, {r['spilled']} B spilled"
+            print(f"{name:22s} " + (f"loop {r['loop_instructions']:4d} instructions / {r['per_thread']} elements = "
+                  f"{r['per_element']:5.2f} each, {r['registers']} registers, {r['spilled']} B spilled"
                   f"  {r['loop_opcodes']}" if "error" not in r else r["error"][:300]), flush=True)  # fmt: skip
-    report({"shape": [N, K], "group": GROUP, "kernels": result}, args.out)
+    report({"matmul_shape": [N, K], "group": GROUP, "kernels": result}, args.out)
 
 
 if __name__ == "__main__":
