@@ -127,6 +127,45 @@ def test_a_fetch_gets_its_rows_without_waiting_for_the_writers_backlog():
         tiers.close()
 
 
+def test_a_block_published_between_a_fetchs_lookup_and_its_wait_is_taken_at_once():
+    """A block the download thread publishes after a fetch looked it up (not yet in the host tier) but before the
+    fetch waits for it is copied from the host tier at once, not left for the writer."""
+    tiers, landing, writing = _tiers(), threading.Event(), threading.Event()
+    rows = np.random.default_rng(6).integers(0, 256, (1, LAYOUT.block_bytes), dtype=np.uint8)
+    h = b"p" * 16
+    write, reserve = tiers._write, tiers.host.reserve
+
+    def held_write(*job):
+        assert writing.wait(30)
+        return write(*job)
+
+    def reserve_while_it_lands():  # the fetch's reservation: the download lands and is published meanwhile
+        slot = reserve()
+        if threading.current_thread() is threading.main_thread() and not landing.is_set():
+            landing.set()
+            deadline = time.monotonic() + 30
+            while h not in tiers.host:
+                assert time.monotonic() < deadline, "the download was not published"
+                time.sleep(0.01)
+        return slot
+
+    tiers._write, tiers.host.reserve = held_write, reserve_while_it_lands
+    try:
+        tiers.write_down(0, h)
+        tiers.dispatch(lambda blocks: [(len(blocks), _Landing(rows, landing))])
+        fetch = tiers.fetch([h], 0)
+        assert fetch is not None and fetch.ready and fetch.valid == 1, "the fetch was left waiting for the writer"
+        packed, _ = tiers.take(fetch, 0, 1)
+        np.testing.assert_array_equal(packed.rows[0], rows[0])
+        tiers.release(packed)
+        writing.set()
+        assert tiers.flush() and not any(tiers.host.leases) and not tiers.awaited and not tiers.inflight
+    finally:
+        landing.set()
+        writing.set()
+        tiers.close()
+
+
 def test_a_block_that_never_lands_ends_the_run():
     """The writer's backlog is full: the second block is dropped, the fetch waiting for it gets the first only."""
     tiers = _tiers(max_pending=1)

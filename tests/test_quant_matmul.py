@@ -185,7 +185,8 @@ def test_small_kernel_lowers_to_triton(method, triton_verified):
     if method[:4] == "int4":  # the nibbles by inline PTX: in a tensor-core dot (bfloat16, float16), one row (in
         # float32, its pairs in the activations' 16-bit dtype)
         cases += [(16, Tiles(unpack="asm"), jnp.bfloat16), (16, Tiles(unpack="asm"), jnp.float16),
-                  (1, dataclasses.replace(one_row, unpack="magic"), jnp.bfloat16), (1, one_row, jnp.float16)]  # fmt: skip
+                  (1, dataclasses.replace(one_row, unpack="magic"), jnp.bfloat16),
+                  (1, one_row, jnp.float16)]  # fmt: skip
     for rows, tiles, dtype in cases:  # tensor-core dots; one row on the vector units; rows tiled
         step = jax.jit(lambda x, w: quantized_matmul(x, w, tiles))
         text = step.trace(jnp.ones((rows, 512), dtype), qw).lower(lowering_platforms=("cuda",)).as_text()

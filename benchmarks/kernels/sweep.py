@@ -22,10 +22,10 @@ from rtpjax.kernels.reference import quantize
 from rtpjax.kernels.ragged_paged_attention import ragged_paged_attention  # noqa: E402
 
 
-DECODE_GRID = dict(pages_per_tile=(4, 8, 16), num_splits=(1, 2), num_stages=(2, 3), num_warps=(4, 8))
+DECODE_GRID = dict(pages_per_tile=(4, 8, 16), num_splits=(1, 2, 4, 8), num_stages=(2, 3), num_warps=(4, 8))
 
 
-def decode_sweep(shapes, dtypes, results):
+def decode_sweep(shapes, dtypes, results, out: Path | None = None):
     """Every DECODE_GRID tiling per (batch, ctx) shape and KV dtype; prints the best of each beside bf16's default
     tiling (the speed-up a one-byte cache gives over the engine's bf16 kernel as it runs today)."""
     for batch, ctx in shapes:
@@ -51,6 +51,11 @@ def decode_sweep(shapes, dtypes, results):
                                 bf16_equiv_TBps=kv_bytes / (us * 1e-6) / 1e12, **kw))  # fmt: skip
             if label not in best or us < best[label][0]:
                 best[label] = (us, kw)
+        if out is not None:  # after each shape: a run cut short keeps what it measured
+            out.write_text(json.dumps(results, indent=1))
+        if "bf16_default" not in best:
+            print(f"decode b={batch} ctx={ctx}: bf16's default tiling failed (see its error in the JSON)", flush=True)
+            continue
         base = best.pop("bf16_default")[0]
         for label, (us, kw) in best.items():
             print(f"decode b={batch} ctx={ctx} {label}: {us:.1f} us, {base / us:.2f}x bf16's default ({base:.1f} us) "
@@ -67,8 +72,7 @@ def main():
     args = parser.parse_args()
     results = []
     shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.decode_shapes.split(",") if shape]
-    decode_sweep(shapes, args.dtypes.split(","), results)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+    decode_sweep(shapes, args.dtypes.split(","), results, Path(args.out))
     if args.no_prefill:
         return
     T = 4096

@@ -55,7 +55,8 @@ for name, job in jobs.items():
         out[name] = dict(error=str(e)[:1000]); continue
     cubin = job["ttir"][:-5] + ".cubin"
     open(cubin, "wb").write(k.asm["cubin"])
-    run = lambda *a: subprocess.run([os.path.join(tools, "cuobjdump"), *a, cubin], capture_output=True, text=True).stdout
+    run = lambda *a: subprocess.run([os.path.join(tools, "cuobjdump"), *a, cubin], capture_output=True,
+                                    text=True).stdout
     out[name] = dict(sass=run("-sass"), resources=run("-res-usage"), ptx=k.asm["ptx"], triton=triton.__version__)
 json.dump(out, open(sys.argv[2], "w"))
 """
@@ -144,6 +145,7 @@ def analyse(compiled: dict, per_thread: int) -> dict:
     top = collections.Counter(op.split(".")[0] for op in loop).most_common(12)
     return dict(loop_instructions=len(loop), per_thread=per_thread, per_element=round(len(loop) / per_thread, 2),
                 registers=int(usage.get("REG", 0)), spilled=int(usage.get("LOCAL", 0)), loop_opcodes=dict(top),
+                wgmma_waits=sum(op.startswith("WARPGROUP.DEPBAR") for op in loop),  # each waits for the dots issued
                 triton=compiled["triton"])  # fmt: skip
 
 
@@ -177,10 +179,12 @@ def main() -> None:
             path.write_text(ttir)
             jobs[name] = dict(ttir=str(path), num_warps=warps, num_stages=stages)
         (folder / "jobs.json").write_text(json.dumps(jobs))
+        env = {**os.environ, "TRITON_DEFAULT_FP_FUSION": "1"}
         done = subprocess.run([args.triton_python, "-c", COMPILE, str(folder / "jobs.json"), str(folder / "out.json")],
-                              capture_output=True, text=True, env={**os.environ, "TRITON_DEFAULT_FP_FUSION": "1"})  # fmt: skip
+                              capture_output=True, text=True, env=env)  # fmt: skip
         if done.returncode:
-            sys.exit(f"compiling with {args.triton_python} failed (does it have the triton wheel?):\n{done.stderr[-2000:]}")
+            sys.exit(f"compiling with {args.triton_python} failed (does it have the triton wheel?):\n"
+                     f"{done.stderr[-2000:]}")
         compiled = json.loads((folder / "out.json").read_text())
         result = {}
         for name in names:

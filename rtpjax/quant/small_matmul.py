@@ -200,7 +200,7 @@ def _products(w, x):
 
 
 def _kernel(x_ref, q_ref, s_ref, *rest, fmt: str, step: int, steps: int, group: int, zero_point: bool,
-            unpack: str, x_dtype):  # fmt: skip
+            unpack: str, x_dtype, hi_over_16: bool):  # fmt: skip
     z_ref, o_ref = rest if zero_point else (None, rest[0])
     one_row = x_ref.shape[0] == 1
     dtype, mul = (jnp.float32, _products) if one_row else (x_ref.dtype, _dot)
@@ -214,7 +214,7 @@ def _kernel(x_ref, q_ref, s_ref, *rest, fmt: str, step: int, steps: int, group: 
                 zero = z_ref[:, pl.ds(g, 1)] if zero_point else 8
                 x_lo = x_ref[:, pl.ds(g * group, half)].astype(dtype)
                 x_hi = x_ref[:, pl.ds(g * group + half, half)].astype(dtype)
-                if one_row and unpack == "magic":  # high nibbles in place, 16 times their value: x_hi came / 16
+                if hi_over_16:  # high nibbles in place, 16 times their value: x_hi came / 16
                     lo, hi = _nibbles_f32(packed, zero)
                 else:
                     lo, hi = _nibbles(packed, zero, dtype, unpack, x_dtype)
@@ -250,9 +250,10 @@ def small_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, zero: jax.Array |
     padded = p.block_m * p.row_tiles
     xp = jnp.pad(x, ((0, padded - rows), (0, 0)))
     unpack = "magic" if interpret and tiles.unpack == "asm" else tiles.unpack
+    hi_over_16 = p.block_m == 1 and fmt == "int4" and unpack == "magic"  # one row's float32 magic: `_nibbles_f32`
     if p.block_m == 1:  # one row multiplies in float32: widened once here, not for every weight it meets
         xp = xp.astype(jnp.float32)
-        if fmt == "int4" and unpack == "magic":  # each group's high half / 16, for `_nibbles_f32`'s high nibbles
+        if hi_over_16:  # each group's high half / 16, for `_nibbles_f32`'s high nibbles
             xp = (xp.reshape(1, -1, 2, group // 2) * jnp.asarray([1, 1 / 16], jnp.float32)[:, None]).reshape(xp.shape)
     part = in_features // p.split_k  # inputs per split
     q_cols = part // 2 if fmt == "int4" else part
@@ -275,7 +276,7 @@ def small_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, zero: jax.Array |
         out_shape = jax.ShapeDtypeStruct((p.split_k, padded, out), jnp.float32)
         out_spec = pl.BlockSpec((None, p.block_m, p.block_n), lambda j, s, i: (s, i, j))
     kernel = functools.partial(_kernel, fmt=fmt, step=p.step, steps=part // p.step, group=group,
-                               zero_point=len(inputs) == 4, x_dtype=x.dtype,
+                               zero_point=len(inputs) == 4, x_dtype=x.dtype, hi_over_16=hi_over_16,
                                unpack=unpack)
     params = None if interpret else plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     result = pl.pallas_call(

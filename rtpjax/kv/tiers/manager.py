@@ -3,9 +3,9 @@
 Down: a block the device evicts (BlockPool's hook) or a preempted sequence's blocks are queued with their hashes;
 the engine dispatches one packed gather for them right after scheduling, before the step (or a load) can overwrite
 them. A download thread copies the gathered rows into host-tier rows it reserves for them (the copy waits for the
-step ahead of the gather: never on the engine's thread; BlockCopier.download_into), fills the rows of fetches
-waiting for those blocks, and hands them to a writer thread, which publishes each block in host memory (if it lacks
-it), then hands it to the disk's writer. At most
+step ahead of the gather: never on the engine's thread; BlockCopier.download_into), publishes each block in host
+memory (if it lacks it), fills the rows of fetches waiting for those blocks, and hands them to a writer thread, which
+counts them and hands them to the disk's writer. At most
 max_gathered blocks wait on the device for their download; only past that does the engine's thread wait for it
 (which can mean for the step in flight, as every step's read does).
 
@@ -17,8 +17,9 @@ never holds the engine's thread or a fetch, nor piles up memory.
 
 Up: for a waiting sequence whose prefix continues below the device, `fetch` leases the host rows that hold it, starts
 reader threads on those only on disk (into leased host rows), and has leased rows filled for blocks still on their
-way down (by the download thread as they land, or by the writer for a fetch made after that; their device copies may
-be gone already: waiting beats recomputing). The sequence waits ("loading")
+way down (by the download thread as they land; a fetch made after that leases the published row, and the writer
+fills only rows of blocks that found no host row; their device copies may be gone already: waiting beats
+recomputing). The sequence waits ("loading")
 while other requests run. Once every row is in host memory, an onload thread moves the intact run to the device
 (`use_copier`: the runner's copier; at most max_staged blocks staged at a time) and gives the host rows back; only
 when they have arrived does the scheduler admit the sequence, their device copies written into its blocks before its
@@ -519,7 +520,7 @@ class KVTiers:
 
     def _fill(self, h: bytes, row, final: bool) -> None:
         """Fill the rows that fetches reserved for block `h` with `row` (None: fail them); `final`: `h` is no longer
-        in flight (else later fetches still wait for the writer)."""
+        in flight (else later fetches of a block with no host row still wait for the writer)."""
         with self.lock:
             if final:
                 self.inflight.discard(h)
@@ -569,8 +570,8 @@ class KVTiers:
 
     def fetch(self, hashes: list[bytes], start: int, preempted: bool = False, room: bool = True) -> Fetch | None:
         """Lease the leading run of `hashes` found below the device and start reading its disk-only blocks (a block
-        still on its way down is waited for: the writer fills the row reserved for it); None if none is found, or
-        loading them does not pay (policy)."""
+        still on its way down is waited for: the download thread, or the writer, fills the row reserved for it); None
+        if none is found, or loading them does not pay (policy)."""
         if self.policy == "recompute" and preempted:
             return None  # (should_load's answer, without leasing anything)
         fetch, awaits = Fetch(start, [], [], [], [], onload=self.copier is not None, room=room), []
