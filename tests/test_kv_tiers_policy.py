@@ -453,6 +453,9 @@ def test_downloads_are_reported_waiting_and_copying():
     d.add(0.5, 0.25)
     d.add(0.125, 0.75)
     assert d.report() == "2 downloads (mean/max ms) waiting 312.5/500.0, copying 500.0/750.0"
+    d.add_held(0.25, 700)
+    d.add_held(0.5, 300)
+    assert d.report().endswith("; the engine held 2 times by downloads, longest 500.0 ms, bursts up to 700 blocks")
 
 
 # -- counting ----------------------------------------------------------------------------------------------------------

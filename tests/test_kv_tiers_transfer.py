@@ -3,6 +3,7 @@ a fetch reserved for it), and one that never lands fails the fetch's run; the wr
 place; fetched rows reach the device before their sequence is admitted, so a slow onload never holds other requests'
 steps."""
 
+import re
 import threading
 import time
 
@@ -82,6 +83,38 @@ def test_the_download_starts_off_the_dispatching_thread():
         np.testing.assert_array_equal(tiers.host.buf[tiers.host.lease(b"d" * 16)], rows[0])
         assert threads and threading.current_thread() not in threads
     finally:
+        gate.set()
+        tiers.close()
+
+
+def test_the_loop_log_names_the_engine_held_by_downloads():
+    """Past max_gathered blocks waiting on the device, dispatch holds the engine's thread until the download thread
+    has taken the ones before: the loop log says how often, for how long and for how large a burst."""
+    tiers, gate = _tiers(), threading.Event()
+    rows = np.random.default_rng(7).integers(0, 256, (3, LAYOUT.block_bytes), dtype=np.uint8)
+
+    class _Downloads:
+        def download_into(self, piece, dests):
+            assert gate.wait(30)
+            return into_rows(piece, dests)
+
+    tiers.use_copier(_Downloads(), max_staged=4, max_gathered=1)
+    release = threading.Timer(0.2, gate.set)
+    try:
+        for b in range(3):
+            tiers.write_down(b, bytes([b]) * 16)
+        assert "held" not in tiers.report()
+        release.start()
+        tiers.dispatch(lambda blocks: [(len(blocks), rows[blocks])])
+        assert tiers.flush()
+        report = tiers.report()
+        held = re.search(r"the engine held (\d+) times by downloads, longest ([\d.]+) ms, bursts up to (\d+) blocks",
+                         report)
+        assert held, report
+        assert int(held[1]) == 2 and float(held[2]) >= 150 and int(held[3]) == 3
+        assert "held" not in tiers.report()  # counted since the last report
+    finally:
+        release.cancel()
         gate.set()
         tiers.close()
 

@@ -224,25 +224,36 @@ class DownRow:
 @dataclasses.dataclass
 class Downloads:
     """Gathered pieces' copies into host rows since the last report (BlockCopier.download_into's two parts): waiting
-    for the rows (the gather, behind the step ahead of it) and copying them, mean and longest, for the loop log."""
+    for the rows (the gather, behind the step ahead of it) and copying them, mean and longest; and the engine's
+    thread held by `dispatch` past max_gathered (how often, the longest, the largest burst of blocks that held it),
+    for the loop log."""
 
     count: int = 0
     wait: float = 0.0
     copy: float = 0.0
     longest_wait: float = 0.0
     longest_copy: float = 0.0
+    held: int = 0
+    longest_held: float = 0.0
+    largest_burst: int = 0
 
     def add(self, wait: float, copy: float) -> None:
         self.count += 1
         self.wait, self.copy = self.wait + wait, self.copy + copy
         self.longest_wait, self.longest_copy = max(self.longest_wait, wait), max(self.longest_copy, copy)
 
+    def add_held(self, seconds: float, burst: int) -> None:
+        self.held += 1
+        self.longest_held, self.largest_burst = max(self.longest_held, seconds), max(self.largest_burst, burst)
+
     def report(self) -> str:
+        held = (f"; the engine held {self.held} times by downloads, longest {1e3 * self.longest_held:.1f} ms, "
+                f"bursts up to {self.largest_burst} blocks" if self.held else "")  # fmt: skip
         if not self.count:
-            return "no downloads"
+            return "no downloads" + held
         return (f"{self.count} downloads (mean/max ms) waiting {1e3 * self.wait / self.count:.1f}/"
                 f"{1e3 * self.longest_wait:.1f}, copying {1e3 * self.copy / self.count:.1f}/"
-                f"{1e3 * self.longest_copy:.1f}")  # fmt: skip
+                f"{1e3 * self.longest_copy:.1f}{held}")  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -345,12 +356,16 @@ class KVTiers:
         for i in range(0, len(kept), batch):
             part = kept[i : i + batch]
             with self._gathered_cv:
+                began, full = time.perf_counter(), self.gathered + len(part) > batch
                 room = self._gathered_cv.wait_for(lambda: self.gathered + len(part) <= batch,  # noqa: B023
                                                   timeout=STOP_TIMEOUT_S)  # fmt: skip
                 if room:
                     self.gathered += len(part)
                 else:
                     self.pending -= len(kept) - i  # given up below
+            if full:  # the engine's thread waited for the download thread
+                with self.lock:
+                    self.downloads.add_held(time.perf_counter() - began, len(kept))
             if not room:
                 log.warning("KV tiers: the download thread is stuck; %d blocks not written down", len(kept) - i)
                 self._give_up(kept[i:])
