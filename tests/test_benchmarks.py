@@ -1,5 +1,5 @@
 """The serving benchmark against a real server (uvicorn on loopback), its datasets, arrivals and metrics; the random
-checkpoint writer the GPU benchmarks use; the probes behind RESULTS.md."""
+checkpoint writer the GPU benchmarks use; the attention kernel's tile sweep; the probes behind RESULTS.md."""
 
 import asyncio
 import json
@@ -366,3 +366,24 @@ def test_kernel_sass_probe_finds_the_main_loop_and_lowers_on_the_cpu():
     assert "tt.func public @small_matmul_int4" in ttir and "scf.for" in ttir and per_thread == 32 * 512 // 256
     ttir, per_thread, warps, stages = kernel_sass.attention_job("int8", dict(kv_unpack="asm"))
     assert "@ragged_paged_attention" in ttir and "prmt.b32" in ttir and (per_thread, warps, stages) == (256, 4, 3)
+
+
+def test_attention_sweep_times_each_tiling_per_kv_dtype_against_bf16s_default(monkeypatch, capsys):
+    """benchmarks/kernels/sweep.py's decode sweep (interpreted, a tiny shape): a row per tiling and dtype, a tiling
+    the kernel refuses recorded as an error, and the best of each dtype printed as a ratio to bf16's default."""
+    import functools
+
+    from rtpjax.benchmarks.kernels import sweep
+    from rtpjax.kernels.ragged_paged_attention import ragged_paged_attention
+
+    monkeypatch.setattr(sweep, "ragged_paged_attention", functools.partial(ragged_paged_attention, interpret=True))
+    monkeypatch.setattr(sweep, "DECODE_GRID", dict(pages_per_tile=(1, 2), num_splits=(1,), num_stages=(2,),
+                                                    num_warps=(4,), kv_unpack=("convert", "nonsense")))  # fmt: skip
+    results = []
+    sweep.decode_sweep([(2, 64)], ["int8"], results)
+    timed = [r for r in results if "us" in r]
+    assert [r["dtype"] for r in timed] == ["bf16_default", "int8", "int8"]
+    assert all(r["us"] > 0 and r["batch"] == 2 and r["ctx"] == 64 for r in timed)
+    refused = [r for r in results if "error" in r]
+    assert len(refused) == 2 and all(r["kv_unpack"] == "nonsense" and "kv_unpack" in r["error"] for r in refused)
+    assert "decode b=2 ctx=64 int8:" in capsys.readouterr().out

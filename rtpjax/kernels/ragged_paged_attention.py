@@ -15,7 +15,8 @@ through the probabilities, so the cache is read at its stored width. An fp8 tile
 e4m3 pairs to float16 in one instruction, to bfloat16 only through float32), so its queries and probabilities are
 float16 too, the queries scaled first; int8 converts to the queries' dtype (an exact float16 bit trick in jnp
 measured slower), or with `kv_unpack="asm"` to float16 pairs by inline PTX (`rtpjax.kernels.ptx`: five instructions
-per four elements, no integer-to-float conversion; not yet measured on a GPU), its queries then as fp8's.
+per four elements, no integer-to-float conversion; measured no faster than the conversion, benchmarks/RESULTS.md),
+its queries then as fp8's.
 """
 
 from __future__ import annotations
