@@ -38,7 +38,8 @@
 #           (TIER_BW=0 skips the bandwidths; TIER_CONFIGS, TIER_DATASETS, TIER_PROMPTS, TIER_RESTART pick the runs;
 #           TIER_PROFILE=1: cProfile each engine's loop into tiers_NAME.prof and .prof.txt; TIER_CONCURRENCY (64):
 #           requests in flight, so that more conversations than that wait between their turns, as chat users do;
-#           several ("8 16 32 64"): a run each against the same server, results named _cN, each with new prompts)
+#           several ("8 16 32 64"): a run each against the same server, results named _cN, each with new prompts;
+#           TIER_WARMUPS=32: each shared-prefix run first sends one request per prefix, not measured: a steady state)
 #   moe     Qwen3-30B-A3B-shaped random weights: the MoE block alone against its weight-bandwidth floor (grouped, dense,
 #           auto, pallas, and the grouped-matmul kernel swept over block sizes; MOE_BLOCK_FLAGS adds moe_block.py
 #           flags, e.g. "--pallas-blocks 64x128x4x3,128x128x8x4 --pallas-rows 16,32"), then offline decode
@@ -462,7 +463,8 @@ PY
           multi_turn) tier_bench "$name" --dataset-name multi_turn --num-prompts ${TIER_PROMPTS:-256} --seed $seed \
             --multi-turn-num-turns 4 --multi-turn-input-len 1024 --multi-turn-output-len 128 --max-concurrency $c ;;
           shared_prefix) tier_bench "$name" --dataset-name prefix_repetition --seed $seed \
-            --num-prompts ${TIER_PROMPTS:-256} --max-concurrency $c --prefix-repetition-prefix-len 4096 \
+            --num-prompts ${TIER_PROMPTS:-256} --num-warmups ${TIER_WARMUPS:-0} --max-concurrency $c \
+            --prefix-repetition-prefix-len 4096 \
             --prefix-repetition-suffix-len 256 --prefix-repetition-num-prefixes 32 --prefix-repetition-output-len 128 ;;
           esac
         done

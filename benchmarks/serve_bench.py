@@ -76,8 +76,13 @@ def _lens(rng, mean: int, ratio: float, n: int) -> np.ndarray:
 
 
 def sample_requests(args, tokenizer) -> list[Request]:
+    """--num-warmups requests, then the measured ones, from one seeded stream. Warm-ups are sent first and left out
+    of the metrics, so that caches hold what a long-running server's would: with prefix_repetition they take each
+    prefix in turn (as many as prefixes touch each once); with other datasets they are the first requests."""
     rng = np.random.default_rng(args.seed)
-    n, name = args.num_prompts, args.dataset_name
+    n, name, warm = args.num_prompts + args.num_warmups, args.dataset_name, args.num_warmups
+    if warm and name == "multi_turn":
+        raise SystemExit("--num-warmups: not for multi_turn (a conversation's turns belong to one run)")
     requests = []
     if name == "random":
         prefix = _random_ids(rng, tokenizer, args.random_prefix_len)
@@ -92,7 +97,9 @@ def sample_requests(args, tokenizer) -> list[Request]:
         for i in range(n):
             ids = prefixes[i % groups] + _random_ids(rng, tokenizer, args.prefix_repetition_suffix_len)
             requests.append(Request(_text(tokenizer, ids), len(ids), args.prefix_repetition_output_len))
-        rng.shuffle(requests)
+        measured = requests[warm:]
+        rng.shuffle(measured)
+        requests[warm:] = measured
     elif name == "sharegpt":
         while len(requests) < n:
             i = int(rng.lognormal(math.log(SHAREGPT_MEAN_INPUT) - SHAREGPT_SIGMA**2 / 2, SHAREGPT_SIGMA))
@@ -357,6 +364,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None)
     p.add_argument("--dataset-name", default="random", choices=["random", "prefix_repetition", "sharegpt", "multi_turn"])
     p.add_argument("--num-prompts", type=int, default=1000)
+    p.add_argument("--num-warmups", type=int, default=0,
+                   help="requests of the same dataset sent first and not measured (prefix_repetition: one per prefix "
+                        "in turn, so as many as prefixes fill the caches as a long-running server's are)")
     p.add_argument("--random-input-len", type=int, default=1024)
     p.add_argument("--random-output-len", type=int, default=128)
     p.add_argument("--random-range-ratio", type=float, default=0.0)
@@ -406,6 +416,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         args.model = httpx.get(args.base_url + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     requests = sample_requests(args, tokenizer)
+    warmups, requests = requests[: args.num_warmups], requests[args.num_warmups :]
+    if warmups:
+        results, seconds = asyncio.run(run(args, args.model, warmups))
+        failed = [r.error for r in results if not r.success]
+        if failed:
+            raise SystemExit(f"{len(failed)} of {len(warmups)} warm-up requests failed, the first: {failed[0]}")
+        print(f"{len(warmups)} warm-up requests in {seconds:.1f} s (not measured)")
     print(f"{len(requests)} requests, {args.dataset_name}, rate {args.request_rate}, concurrency {args.max_concurrency}")
     results, duration = asyncio.run(run(args, args.model, requests))
     metrics = summarize(args, results, duration)

@@ -387,3 +387,17 @@ def test_attention_sweep_times_each_tiling_per_kv_dtype_against_bf16s_default(mo
     refused = [r for r in results if "error" in r]
     assert len(refused) == 2 and all(r["kv_unpack"] == "nonsense" and "kv_unpack" in r["error"] for r in refused)
     assert "decode b=2 ctx=64 int8:" in capsys.readouterr().out
+
+
+def test_warm_ups_fill_the_prefix_cache_and_stay_out_of_the_metrics(url, model, llm):
+    before = llm.stats()["prefix_cache_hits"]
+    m = serve_bench.main(["--base-url", url, "--tokenizer", str(model), "--dataset-name", "prefix_repetition",
+                          "--prefix-repetition-prefix-len", "64", "--prefix-repetition-suffix-len", "8",
+                          "--prefix-repetition-num-prefixes", "3", "--prefix-repetition-output-len", "4",
+                          "--num-prompts", "6", "--num-warmups", "3", "--max-concurrency", "3", "--seed", "7",
+                          "--ignore-eos", "--disable-tqdm"])  # fmt: skip
+    assert m["completed"] == 6 and len(m["ttfts"]) == 6
+    assert llm.stats()["prefix_cache_hits"] - before >= 6 * 64  # one warm-up per prefix: every measured one hits
+    args = serve_bench.parser().parse_args(["--dataset-name", "multi_turn", "--num-warmups", "1"])
+    with pytest.raises(SystemExit, match="not for multi_turn"):
+        serve_bench.sample_requests(args, None)

@@ -2,6 +2,7 @@
 an error naming what was wrong, and an engine process that receives one keeps serving."""
 
 import asyncio
+import json
 import logging
 
 import msgspec
@@ -282,3 +283,15 @@ def test_the_engine_switch_interval_defaults_short_and_refuses_bad_values(monkey
         monkeypatch.setenv("RTPJAX_ENGINE_SWITCH_INTERVAL", bad)
         with pytest.raises(ValueError, match="RTPJAX_ENGINE_SWITCH_INTERVAL must be a positive number"):
             switch_interval()
+
+
+def test_the_engine_process_leaves_what_loading_made_out_of_the_collectors_passes():
+    """Run where the engine's process would: a fresh interpreter (a test process must not freeze its own heap)."""
+    import subprocess
+    import sys
+
+    code = ("import gc, json; from rtpjax.distributed.engine_process import freeze_heap; "
+            "n = freeze_heap(); print(json.dumps([n, gc.get_freeze_count()]))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    frozen, count = json.loads(out.stdout.strip().splitlines()[-1])
+    assert frozen == count > 10_000  # the engine's modules' objects at least
