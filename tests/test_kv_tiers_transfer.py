@@ -346,6 +346,37 @@ def test_a_load_on_its_way_to_the_device_keeps_its_room_from_later_sequences():
         tiers.close()
 
 
+def test_a_load_waiting_for_room_is_not_passed_by_younger_sequences():
+    """A's prefix is in host memory but the pool lacks room for it; B, younger and with nothing below, would fit. B
+    must wait behind A (admission in arrival order, as without tiers), or every block that frees up goes to younger
+    sequences while A waits; once there is room for both, A's rows go up and B goes ahead around their room."""
+    pool, tiers, copier = BlockPool(10), _tiers(), _Copier()
+    tiers.use_copier(copier, max_staged=8, max_gathered=8)
+    held = pool.allocate(6)  # 4 free: B's 4 blocks, but not A's 4 loaded blocks and its last token's
+    sched = Scheduler(pool, 16, 4, 128, 256, tiers=tiers)
+    rng = np.random.default_rng(6)
+    prompt_a, prompt_b = rng.integers(3, 512, 65).tolist(), rng.integers(3, 512, 49).tolist()
+    for h, row in zip(prefix_hashes(prompt_a, 16), rng.integers(0, 256, (4, LAYOUT.block_bytes), dtype=np.uint8)):
+        tiers.host.put(h, row)
+    a, b = (Sequence(r, 0, p, SamplingParams(max_tokens=4), seed=0, max_tokens=4) for r, p in (("a", prompt_a),
+                                                                                              ("b", prompt_b)))
+    sched.add(a)
+    sched.add(b)
+    try:
+        for _ in range(3):
+            schedule = sched.schedule()
+            assert a.tier_fetch is not None and a.tier_fetch.ready and not a.tier_fetch.onloading
+            assert not schedule.items and pool.num_free == 4, "B took the blocks A waits for"
+        pool.release(held)  # room for both: A's rows go up, and B is admitted around the room they will take
+        assert [item.seq for item in sched.schedule().items] == [b] and a.tier_fetch.onloading
+        copier.gate.set()
+        _until(lambda: a.tier_fetch.admissible)
+        assert a in [item.seq for item in sched.schedule().items]
+    finally:
+        copier.gate.set()
+        tiers.close()
+
+
 def _b_below_the_device(stories_dir, compile_cache, stories_llm, seed: int):
     """A 16-block engine with a host tier, whose prompt B (70 tokens) ran and went down to the host tier: (engine, rng,
     B, greedy params, B's tokens from a fresh prefill)."""

@@ -11,8 +11,9 @@ A sequence whose K/V arrives from elsewhere (HostKV: an adopted request) is admi
 counting as computed: the schedule lists them as block loads, which the runner writes before the step runs.
 
 With KV tiers (kv/tiers), a waiting sequence whose prefix continues below the device first waits "loading" (skipped,
-others admitted past it) until those blocks have arrived on the device (staged outside the cache, off the engine's
-thread); it is then admitted with them as block loads too (device-to-device writes: the step waits for no transfer).
+others admitted past it around the room it needs once its rows are in host memory) until those blocks have arrived
+on the device (staged outside the cache, off the engine's thread); it is then admitted with them as block loads too
+(device-to-device writes: the step waits for no transfer).
 While it waits for free blocks after that, it keeps them. While it loads it holds (pins) the blocks of its prefix
 still on the device, so eviction cannot shrink that share and make its fetch start again; an older sequence that
 lacks blocks, or a running one that must grow, takes those pins back first (youngest first), so pins never starve
@@ -302,11 +303,13 @@ class Scheduler:
         return -(-(computed + first_chunk) // self.block_size) - on_device
 
     def _reserve_for_load(self, seq: Sequence) -> int:
-        """Blocks held free for a loading sequence whose rows are on their way to the device (the pool had room for
-        it when their transfer started): sequences behind it must not take them, or it waits for room again once
-        its rows arrive. 0 for one still gathering its rows in host memory."""
+        """Blocks held free for a loading sequence whose rows are in host memory: on their way to the device (the
+        pool had room for it when their transfer started), or waiting for that room. Sequences behind it must not
+        take them, or it waits for room again once its rows arrive, or waits for room while younger sequences take
+        every block that frees up (admission in arrival order, as without tiers). 0 for one still gathering its
+        rows (from disk): the pool is not held for reads that may take long."""
         fetch = seq.tier_fetch
-        if fetch is None or not fetch.onloading:
+        if fetch is None or not (fetch.onloading or fetch.ready):
             return 0
         return max(0, self._load_need(seq, len(seq.tier_pin), (len(seq.token_ids) - 1) // self.block_size))
 
