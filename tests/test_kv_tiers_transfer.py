@@ -377,6 +377,45 @@ def test_a_load_waiting_for_room_is_not_passed_by_younger_sequences():
         tiers.close()
 
 
+def test_a_load_waiting_for_room_takes_back_the_pins_of_younger_loads():
+    """A (older) waits for room for its 5 loaded blocks and its last token's; B (younger) pins its 3 device blocks
+    while its rest loads. Once the running blocks are freed, only B's pins stand between A and its room, and B is
+    held behind A: A must take them back, or neither is ever admitted."""
+    pool, tiers, copier = BlockPool(8), _tiers(slots=16), _Copier()
+    tiers.use_copier(copier, max_staged=16, max_gathered=8)
+    copier.gate.set()
+    rng = np.random.default_rng(8)
+    prompt_a, prompt_b = rng.integers(3, 512, 81).tolist(), rng.integers(3, 512, 81).tolist()
+    hashes_b = prefix_hashes(prompt_b, 16)
+    on_device = pool.allocate(3)  # B's first 3 blocks, cached on the device and free
+    for block, h in zip(on_device, hashes_b):
+        pool.register(block, h)
+    pool.release(on_device)
+    held = pool.allocate(4)  # a running sequence's 4 blocks (fresh ones go first: B's cached blocks stay)
+    assert pool.num_free == 4 and all(h in pool.cached for h in hashes_b[:3])
+    rows = rng.integers(0, 256, (7, LAYOUT.block_bytes), dtype=np.uint8)
+    for h, row in zip(prefix_hashes(prompt_a, 16) + hashes_b[3:], rows):
+        tiers.host.put(h, row)
+    a, b = (Sequence(r, 0, p, SamplingParams(max_tokens=4), seed=0, max_tokens=4) for r, p in (("a", prompt_a),
+                                                                                              ("b", prompt_b)))
+    sched = Scheduler(pool, 16, 4, 128, 256, tiers=tiers)
+    sched.add(a)
+    sched.add(b)
+    try:
+        sched.schedule()
+        assert b.tier_pin and not a.tier_fetch.onloading  # B pinned its device prefix; A has no room
+        pool.release(held)
+        admitted = []
+        for _ in range(20):
+            admitted += [item.seq for item in sched.schedule().items]
+            if a in admitted:
+                break
+            time.sleep(0.05)
+        assert a in admitted, "A never got its room back from B's pins"
+    finally:
+        tiers.close()
+
+
 def _b_below_the_device(stories_dir, compile_cache, stories_llm, seed: int):
     """A 16-block engine with a host tier, whose prompt B (70 tokens) ran and went down to the host tier: (engine, rng,
     B, greedy params, B's tokens from a fresh prefill)."""

@@ -194,6 +194,9 @@ class Scheduler:
                 if seq.token_ids[-1] == PENDING:
                     continue  # its last token is read after this step; admit it next time
                 if self.tiers is not None and not self._below_ready(seq, reserved):
+                    fetch = seq.tier_fetch
+                    if fetch is not None and fetch.ready and not fetch.room:
+                        self._unpin_after(seq)  # it waits for room: younger sequences' pins must not hold it
                     reserved += self._reserve_for_load(seq)
                     continue  # its prefix blocks are coming up from a KV tier; others go ahead, around its room
                 if not self._admit(seq, budget, loads, reserved):
