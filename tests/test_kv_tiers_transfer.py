@@ -406,13 +406,73 @@ def test_a_load_waiting_for_room_takes_back_the_pins_of_younger_loads():
         assert b.tier_pin and not a.tier_fetch.onloading  # B pinned its device prefix; A has no room
         pool.release(held)
         admitted = []
-        for _ in range(20):
-            admitted += [item.seq for item in sched.schedule().items]
-            if a in admitted:
-                break
-            time.sleep(0.05)
-        assert a in admitted, "A never got its room back from B's pins"
+
+        def a_admitted():
+            admitted.extend(item.seq for item in sched.schedule().items)
+            return a in admitted
+
+        _until(a_admitted)  # fails (times out) if B's pins keep A from its room
+        assert not tiers.staged_blocks
     finally:
+        tiers.close()
+
+
+def test_a_load_held_only_by_the_staging_bound_lets_the_staged_younger_load_in():
+    """Y (younger) was staged first; A (older) has room but the staging bound holds its rows back until Y is taken.
+    A must not keep Y out meanwhile (neither could ever go on); once Y is admitted, A is staged, and admitted when
+    there is room."""
+    pool, tiers, copier = BlockPool(8), _tiers(slots=16), _Copier()
+    tiers.use_copier(copier, max_staged=4, max_gathered=8)
+    rng = np.random.default_rng(9)
+    prompt_a, prompt_y = rng.integers(3, 512, 65).tolist(), rng.integers(3, 512, 49).tolist()
+    rows = rng.integers(0, 256, (7, LAYOUT.block_bytes), dtype=np.uint8)
+    for h, row in zip(prefix_hashes(prompt_a, 16) + prefix_hashes(prompt_y, 16), rows):
+        tiers.host.put(h, row)
+    a, y = (Sequence(r, 0, p, SamplingParams(max_tokens=4), seed=0, max_tokens=4, arrival_order=i)
+            for i, (r, p) in enumerate((("a", prompt_a), ("y", prompt_y))))  # fmt: skip
+    sched = Scheduler(pool, 16, 4, 128, 256, tiers=tiers)
+    try:
+        sched.add(y)
+        assert not sched.schedule().items and y.tier_fetch.onloading  # Y's 3 rows on their way, A not yet here
+        sched.add(a)  # older: first in line; its 4 rows and Y's 3 exceed the bound of 4
+        assert not sched.schedule().items and not a.tier_fetch.onloading and a.tier_fetch.room
+        copier.gate.set()
+        _until(lambda: y.tier_fetch.admissible)
+        admitted = [item.seq for item in sched.schedule().items]
+        assert admitted == [y], f"the staged younger load was kept out: {admitted}"
+        assert a.tier_fetch is not None and not a.tier_fetch.admissible
+        sched.finish(y, "stop")  # its 4 blocks back: room for A's 4 loaded blocks and its last token's
+        _until(lambda: a.tier_fetch is None or [item.seq for item in sched.schedule().items] == [a])
+        assert a.status.name == "RUNNING" and tiers.staged_blocks == 0 and not any(tiers.host.leases)
+    finally:
+        copier.gate.set()
+        tiers.close()
+
+
+def test_the_room_a_load_needs_is_its_loaded_rows_and_first_chunk_not_the_whole_prompt():
+    """Only A's first block is below the device, and chunks are 32 tokens: A needs 3 blocks (1 loaded, 2 for its first
+    chunk), not the 13 its whole 200-token prompt fills, so with 8 free its row goes up at once."""
+    pool, tiers, copier = BlockPool(20), _tiers(), _Copier()
+    tiers.use_copier(copier, max_staged=8, max_gathered=8)
+    copier.gate.set()
+    held = pool.allocate(12)
+    rng = np.random.default_rng(10)
+    prompt = rng.integers(3, 512, 200).tolist()
+    tiers.host.put(prefix_hashes(prompt, 16)[0], rng.integers(0, 256, LAYOUT.block_bytes, dtype=np.uint8))
+    a = Sequence("a", 0, prompt, SamplingParams(max_tokens=4), seed=0, max_tokens=4)
+    sched = Scheduler(pool, 16, 4, 32, 256, tiers=tiers)
+    sched.add(a)
+    try:
+        admitted = []
+
+        def a_admitted():
+            admitted.extend(item.seq for item in sched.schedule().items)
+            return a in admitted
+
+        _until(a_admitted, seconds=5)
+        assert len(a.block_table) == 3 and a.num_computed == 16 + 32
+    finally:
+        pool.release(held)
         tiers.close()
 
 
@@ -551,7 +611,7 @@ def test_the_scheduler_stages_no_fetch_whose_sequence_has_no_room(stories_dir, c
         assert time.monotonic() < deadline, "the requests did not finish"
         outs = {o.request_id: o for o in e.step()}
         fetch = b.tier_fetch
-        need = e.scheduler._load_need(b, fetch.start, fetch.start + len(fetch.hashes)) if fetch is not None else 0
+        need = e.scheduler._load_need(b) if fetch is not None else 0
         if fetch is not None and need > e.pool.num_free:
             assert not fetch.onloading and e.tiers.staged_blocks == 0, "staged without room"
             held_back += 1

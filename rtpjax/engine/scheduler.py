@@ -16,8 +16,8 @@ on the device (staged outside the cache, off the engine's thread); it is then ad
 (device-to-device writes: the step waits for no transfer).
 While it waits for free blocks after that, it keeps them. While it loads it holds (pins) the blocks of its prefix
 still on the device, so eviction cannot shrink that share and make its fetch start again; an older sequence that
-lacks blocks, or a running one that must grow, takes those pins back first (youngest first), so pins never starve
-anyone. Every round polls every loading sequence, even past the budget, so a staging that was held back starts
+lacks blocks (an older load waiting for room too), or a running one that must grow, takes those pins back first
+(youngest first), so pins never starve anyone. Every round polls every loading sequence, even past the budget, so a staging that was held back starts
 as soon as the bound allows.
 
 Speculation: a decoding sequence whose tokens are all known may be given drafts (proposed tokens) to run after its
@@ -186,7 +186,7 @@ class Scheduler:
         admitted: list[Sequence] = []
         loads: list[BlockLoad] = []
         max_items = self.max_verify_seqs if any(item.drafts for item in items) else self.max_num_seqs
-        reserved = 0  # blocks that earlier sequences' loads, already on their way to the device, will be admitted with
+        reserved = 0  # blocks earlier sequences' loads (on their way to the device, or waiting for room) will take
         if not preempted:
             for seq in list(self.waiting):
                 if budget <= 0 or len(self.running) >= self.max_num_seqs or len(items) >= max_items:
@@ -289,32 +289,35 @@ class Scheduler:
         if fetch is not None and len(device) < fetch.start:  # unpinned, and evicted meanwhile: start again
             self._drop_fetch(seq)
             fetch = None
-        room = self._load_need(seq, len(device), max_shared) <= self.pool.num_free - reserved
         if fetch is None:  # (a device share grown past its start only skips rows: `_take_tier_blocks`)
             fetch = seq.tier_fetch = self.tiers.fetch(hashes[len(device) : max_shared], len(device), seq.preempted,
-                                                      room)  # fmt: skip
-            if fetch is not None:
-                self.pool.share(device)
-                seq.tier_pin = device
-        return fetch is None or self.tiers.poll(fetch, room)
+                                                      room=False)  # fmt: skip (the room is told just below)
+            if fetch is None:
+                return True
+            self.pool.share(device)
+            seq.tier_pin = device
+        return self.tiers.poll(fetch, self._load_need(seq) <= self.pool.num_free - reserved)
 
-    def _load_need(self, seq: Sequence, on_device: int, max_shared: int) -> int:
-        """The fresh blocks admission will ask for the sequence's loaded prefix (at most up to max_shared) and its
-        first chunk."""
-        computed = max_shared * self.block_size
+    def _load_need(self, seq: Sequence) -> int:
+        """The fresh blocks admission will ask for a loading sequence: its loaded rows (the fetch's run, up to
+        max_shared) and its first chunk after them, less the device blocks it pins (unpinned ones, if still cached,
+        are among the free blocks its admission takes back)."""
+        fetch, max_shared = seq.tier_fetch, (len(seq.token_ids) - 1) // self.block_size
+        computed = min(max_shared, fetch.start + (fetch.valid if fetch.ready else len(fetch.hashes))) * self.block_size
         first_chunk = min(len(seq.token_ids) - computed, self.max_num_batched_tokens)
-        return -(-(computed + first_chunk) // self.block_size) - on_device
+        return -(-(computed + first_chunk) // self.block_size) - len(seq.tier_pin)
 
     def _reserve_for_load(self, seq: Sequence) -> int:
         """Blocks held free for a loading sequence whose rows are in host memory: on their way to the device (the
         pool had room for it when their transfer started), or waiting for that room. Sequences behind it must not
         take them, or it waits for room again once its rows arrive, or waits for room while younger sequences take
         every block that frees up (admission in arrival order, as without tiers). 0 for one still gathering its
-        rows (from disk): the pool is not held for reads that may take long."""
+        rows (from disk, or on their way down) or with room but held by the staging bound (a younger load staged
+        before it must be admitted to free that bound)."""
         fetch = seq.tier_fetch
-        if fetch is None or not (fetch.onloading or fetch.ready):
+        if fetch is None or not (fetch.onloading or (fetch.ready and not fetch.room)):
             return 0
-        return max(0, self._load_need(seq, len(seq.tier_pin), (len(seq.token_ids) - 1) // self.block_size))
+        return max(0, self._load_need(seq))
 
     def _unpin(self, seq: Sequence) -> bool:
         """Give back the device blocks a loading sequence held (they stay cached until evicted)."""
