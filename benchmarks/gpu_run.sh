@@ -81,6 +81,8 @@
 #   quant   each weight format against bf16, same shape and run (QUANTS="none fp8 int8 int4"): decode batch 1 / 32,
 #           offline throughput and a 4096-token prompt's TTFT in one engine per format, then a table of ratios to bf16;
 #           DECODES ("auto") lists --quantized-decode values, e.g. "pallas xla" runs each format both ways
+#   kv_adaptive  (27) the model-dtype KV cache against --kv-cache-dtypes adaptive and an all-fp8 cache in the same
+#           memory on a KV-bound serving run (1024 in / 1024 out at 256 streams); KV_* variables in the stage
 #   quant_kernels  one linear per format at the 8B shapes for 1/16/32 tokens (the small-M kernel, the XLA path, a tile
 #           sweep; kernels/quant_bench.py); one-byte KV attention against bf16 at batch 32, ctx 2048 (attention_bench)
 # Run from the repository root on the lent GPU (device tool), with .whl carried (starlette, uvicorn, pydantic):
@@ -401,6 +403,30 @@ PY
       else echo "$name: no result; the log ends:"; tail -n 8 "/tmp/quant_$name.log"; fi
     done < <(format_runs "${QUANTS:-none fp8 int8 int4}")  # not a pipe: runs must outlive the loop
     python3 -m rtpjax.benchmarks.kernels.quant_bench --table $runs --out "$OUT/quant_summary.json"
+    ;;
+  kv_adaptive)
+    # adaptive per-layer KV precision (27) on a KV-bound serving run: a server per KV_CONFIGS entry ("auto adaptive
+    # fp8": the model-dtype cache, --kv-cache-dtypes adaptive, every layer fp8) in the same memory (KV_MEM, the
+    # --gpu-memory-utilization for weights and KV: 0.4 leaves the 8B's bf16 cache a quarter of 256 x 2048 tokens on
+    # an H100), KV_IN / KV_OUT tokens (1024 / 1024) at KV_STREAMS streams (256), KV_PROMPTS prompts (256); KV_FLAGS
+    # adds serve flags (a CPU dry run: SHAPE=tiny KV_FLAGS="--num-gpu-blocks 64" and small sizes)
+    config_only
+    kv_len=$(( ${KV_IN:-1024} + ${KV_OUT:-1024} ))
+    for kv in ${KV_CONFIGS:-auto adaptive fp8}; do
+      case $kv in auto) flag="" ;; adaptive|calibrate) flag="--kv-cache-dtypes $kv" ;; *) flag="--kv-cache-dtype $kv" ;; esac
+      python3 -m rtpjax.cli serve "$CKPT" --load-format dummy --port 8000 --served-model-name "$SHAPE" \
+        --compilation-cache-dir /tmp/xla --max-model-len "$kv_len" --max-num-seqs "${KV_STREAMS:-256}" \
+        --gpu-memory-utilization "${KV_MEM:-0.4}" $flag ${KV_FLAGS:-} > "$OUT/kv_$kv.log" 2>&1 &
+      server=$!
+      for _ in $(seq 600); do curl -sf localhost:8000/health >/dev/null && break; sleep 0.5; done
+      echo "== kv: $kv"
+      timeout "${KV_TIMEOUT:-240}" python3 -m rtpjax.benchmarks.serve_bench --tokenizer "$CKPT" --ignore-eos \
+        --disable-tqdm --save-result --result-dir "$OUT" --metric-percentiles 50,95 --result-filename "kv_$kv.json" \
+        --random-input-len "${KV_IN:-1024}" --random-output-len "${KV_OUT:-1024}" --num-prompts "${KV_PROMPTS:-256}" \
+        --max-concurrency "${KV_STREAMS:-256}" | grep -E "Successful|Output token throughput|P95 TTFT|P95 ITL"
+      grep -E "KV precision map|memory plan" "$OUT/kv_$kv.log" | cut -c1-300
+      kill -INT $server; wait $server
+    done
     ;;
   quant_kernels)
     # QUANT_BENCH_FLAGS: e.g. "--shapes up,down --tokens 1,16 --sweep-rows 1 --formats int4" (the one-row tiles),
