@@ -289,3 +289,14 @@ def test_speculation_through_the_kernel_equals_plain_decoding(tiny_checkpoints, 
             assert llm.generate([p], spec)[0].outputs[0].token_ids == want[tuple(p)]
         steps = counters.num_drafts - drafts  # the last steps of a run may hold fewer drafts than length - 1
         assert 0.8 * (length - 1) * steps <= counters.num_accepted_tokens - accepted <= (length - 1) * steps
+
+
+def test_decode_splits_give_int8_caches_two_at_two_to_four_pairs_per_sm():
+    from rtpjax.kernels.ragged_paged_attention import decode_splits
+
+    def splits(seqs: int, dtype, kv_heads: int = 8, block_q: int = 4) -> int:  # a decode step: one token a sequence
+        return decode_splits(kv_heads * (seqs // block_q + seqs), kv_heads * seqs, dtype)
+
+    assert [splits(s, jnp.int8) for s in (32, 64, 128)] == [1, 2, 1]  # 256 / 512 / 1024 pairs on 132 SMs
+    assert [splits(s, d) for s in (32, 64, 128) for d in (jnp.bfloat16, jnp.float8_e4m3fn)] == [1] * 6
+    assert splits(4, jnp.int8) == splits(4, jnp.bfloat16) == 12  # few pairs: long contexts split to fill the GPU

@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from rtpjax.kernels import ptx
+from rtpjax.kernels import SMS, ptx
 from rtpjax.kernels.metadata import AttentionMetadata
 
 MASK = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp(MASK - real max) == 0 with no inf - inf
@@ -137,6 +137,16 @@ def decode_shaped(num_tokens: int, num_seqs: int) -> bool:
     return num_tokens <= 2 * num_seqs
 
 
+def decode_splits(programs: int, pairs: int, kv_dtype) -> int:
+    """KV splits of a decode-shaped step by default: few (sequence, KV head) pairs split long contexts to fill the
+    GPU's SMs. An int8 cache's pairs between two and four per SM take two (one split measured 1.14-1.17x slower
+    there at 64 sequences, neutral at 32 and 128: RESULTS.md, H100 12-06b and 12-06c; fp8 showed no such dip)."""
+    splits = max(1, min(16, 512 // programs))
+    if jnp.dtype(kv_dtype) == jnp.int8 and 2 * SMS < pairs <= 4 * SMS:
+        splits = max(splits, 2)
+    return splits
+
+
 def default_block_q(num_tokens: int, num_seqs: int, num_heads: int, kv_heads: int) -> int:
     """Query tokens per block. Decode-shaped batches (about one token per sequence) are bandwidth-bound: small
     blocks; prefill wants 128-row blocks (benchmarks/kernels/sweep.py, benchmarks/RESULTS.md)."""
@@ -212,9 +222,9 @@ def ragged_paged_attention(
     if blocks[0].shape != (pl.cdiv(num_tokens, block_q) + meta.seq_lens.shape[0],):
         raise ValueError(f"meta.plan holds {blocks[0].shape[0]} query blocks; this call needs block_q={block_q}: "
                          "make it with rtpjax.kernels.attention.plan_step for this step's shapes")  # fmt: skip
-    if num_splits is None:  # few (sequence, KV head) pairs: split long contexts to fill the GPU's ~132 SMs
+    if num_splits is None:
         programs = kv_heads * (pl.cdiv(num_tokens, block_q) + meta.seq_lens.shape[0])
-        num_splits = max(1, min(16, 512 // programs)) if decode else 1
+        num_splits = decode_splits(programs, kv_heads * meta.seq_lens.shape[0], k_cache.dtype) if decode else 1
     if pages_per_tile is None:
         pages_per_tile = max(1, (64 if decode and not quantized else 128) // page_size)
     if num_warps is None:

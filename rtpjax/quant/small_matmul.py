@@ -46,13 +46,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from rtpjax.kernels import ptx
+from rtpjax.kernels import SMS, ptx
 from rtpjax.loading.quantization import QuantizedWeight
 
 FORMATS = ("fp8", "int8", "int4")
 MIN_ROWS = 16  # a tensor-core tile's narrow side: fewer rows are padded to it
 MAX_ROWS = 64  # a decode-sized step: all its rows in one tile
-SMS = 132  # an H200's streaming multiprocessors: the split-K target is two programs each
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +130,7 @@ def plan(rows: int, out: int, in_features: int, fmt: str, group: int = 0, tiles:
         block_m, row_tiles = (1 if rows == 1 and tiles.one_row else max(MIN_ROWS, pl.next_power_of_2(rows))), 1
     steps = in_features // step
     split = tiles.split_k
-    if split == 0:  # the fewest splits reaching 2 programs per SM, each keeping 2+ steps to pipeline
+    if split == 0:  # the fewest splits reaching 2 programs per SM (SMS), each keeping 2+ steps to pipeline
         split = 1
         while (out // block_n * row_tiles * split < 2 * SMS and steps % (split * 2) == 0
                and steps // (split * 2) >= 2):  # fmt: skip
