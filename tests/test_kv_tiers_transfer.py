@@ -315,6 +315,18 @@ def test_a_fetch_without_room_is_not_staged_and_holds_no_bound():
         tiers.close()
 
 
+def _two_sequences(tiers: KVTiers, seed: int, lens: tuple[int, int], below: tuple[int, int]):
+    """Sequences A and B (arriving in that order) of random prompts of `lens` tokens, the first below[i] full blocks
+    of each in the host tier."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, 512, n).tolist() for n in lens]
+    for prompt, n in zip(prompts, below):
+        for h in prefix_hashes(prompt, 16)[:n]:
+            tiers.host.put(h, rng.integers(0, 256, LAYOUT.block_bytes, dtype=np.uint8))
+    return tuple(Sequence(r, 0, p, SamplingParams(max_tokens=4), seed=0, max_tokens=4, arrival_order=i)
+                 for i, (r, p) in enumerate(zip("ab", prompts)))  # fmt: skip
+
+
 def test_a_load_on_its_way_to_the_device_keeps_its_room_from_later_sequences():
     """A's prefix is being staged (the pool had room for it when its transfer started); B, behind it and with nothing
     below, must not take that room meanwhile, or A waits for room again once its rows arrive."""
@@ -322,12 +334,7 @@ def test_a_load_on_its_way_to_the_device_keeps_its_room_from_later_sequences():
     tiers.use_copier(copier, max_staged=8, max_gathered=8)
     held = pool.allocate(2)  # 6 free: A's 3 loaded blocks and its last token's, or B's 4, not both
     sched = Scheduler(pool, 16, 4, 64, 256, tiers=tiers)
-    rng = np.random.default_rng(5)
-    prompt_a, prompt_b = rng.integers(3, 512, 49).tolist(), rng.integers(3, 512, 49).tolist()
-    for h, row in zip(prefix_hashes(prompt_a, 16), rng.integers(0, 256, (3, LAYOUT.block_bytes), dtype=np.uint8)):
-        tiers.host.put(h, row)
-    a, b = (Sequence(r, 0, p, SamplingParams(max_tokens=4), seed=0, max_tokens=4) for r, p in (("a", prompt_a),
-                                                                                              ("b", prompt_b)))
+    a, b = _two_sequences(tiers, 5, (49, 49), (3, 0))
     sched.add(a)
     sched.add(b)
     try:
@@ -354,12 +361,7 @@ def test_a_load_waiting_for_room_is_not_passed_by_younger_sequences():
     tiers.use_copier(copier, max_staged=8, max_gathered=8)
     held = pool.allocate(6)  # 4 free: B's 4 blocks, but not A's 4 loaded blocks and its last token's
     sched = Scheduler(pool, 16, 4, 128, 256, tiers=tiers)
-    rng = np.random.default_rng(6)
-    prompt_a, prompt_b = rng.integers(3, 512, 65).tolist(), rng.integers(3, 512, 49).tolist()
-    for h, row in zip(prefix_hashes(prompt_a, 16), rng.integers(0, 256, (4, LAYOUT.block_bytes), dtype=np.uint8)):
-        tiers.host.put(h, row)
-    a, b = (Sequence(r, 0, p, SamplingParams(max_tokens=4), seed=0, max_tokens=4) for r, p in (("a", prompt_a),
-                                                                                              ("b", prompt_b)))
+    a, b = _two_sequences(tiers, 6, (65, 49), (4, 0))
     sched.add(a)
     sched.add(b)
     try:
@@ -423,13 +425,7 @@ def test_a_load_held_only_by_the_staging_bound_lets_the_staged_younger_load_in()
     there is room."""
     pool, tiers, copier = BlockPool(8), _tiers(slots=16), _Copier()
     tiers.use_copier(copier, max_staged=4, max_gathered=8)
-    rng = np.random.default_rng(9)
-    prompt_a, prompt_y = rng.integers(3, 512, 65).tolist(), rng.integers(3, 512, 49).tolist()
-    rows = rng.integers(0, 256, (7, LAYOUT.block_bytes), dtype=np.uint8)
-    for h, row in zip(prefix_hashes(prompt_a, 16) + prefix_hashes(prompt_y, 16), rows):
-        tiers.host.put(h, row)
-    a, y = (Sequence(r, 0, p, SamplingParams(max_tokens=4), seed=0, max_tokens=4, arrival_order=i)
-            for i, (r, p) in enumerate((("a", prompt_a), ("y", prompt_y))))  # fmt: skip
+    a, y = _two_sequences(tiers, 9, (65, 49), (4, 3))
     sched = Scheduler(pool, 16, 4, 128, 256, tiers=tiers)
     try:
         sched.add(y)
