@@ -140,7 +140,7 @@ def decode_shaped(num_tokens: int, num_seqs: int) -> bool:
 def decode_splits(programs: int, pairs: int, kv_dtype) -> int:
     """KV splits of a decode-shaped step by default: few (sequence, KV head) pairs split long contexts to fill the
     GPU's SMs. An int8 cache's pairs between two and four per SM take two: one split measured slower there (64
-    sequences), two no slower at 32 or 128 (RESULTS.md, H100 12-06b and 12-06c; fp8 showed no such dip)."""
+    sequences), while at 32 and 128 two gained nothing (RESULTS.md, H100 12-06b and 12-06c; fp8 showed no dip)."""
     splits = max(1, min(16, 512 // programs))
     if jnp.dtype(kv_dtype) == jnp.int8 and 2 * SMS < pairs <= 4 * SMS:
         splits = max(splits, 2)
