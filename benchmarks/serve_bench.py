@@ -81,6 +81,8 @@ def sample_requests(args, tokenizer) -> list[Request]:
     prefix in turn (as many as prefixes touch each once); with other datasets they are the first requests."""
     rng = np.random.default_rng(args.seed)
     n, name, warm = args.num_prompts + args.num_warmups, args.dataset_name, args.num_warmups
+    if warm < 0 or args.num_prompts < 1:
+        raise SystemExit(f"--num-warmups must be >= 0 and --num-prompts >= 1, got {warm} and {args.num_prompts}")
     if warm and name == "multi_turn":
         raise SystemExit("--num-warmups: not for multi_turn (a conversation's turns belong to one run)")
     requests = []
@@ -270,7 +272,8 @@ def summarize(args, results: list[Result], duration: float) -> dict:
         "date": datetime.now().strftime("%Y%m%d-%H%M%S"), "backend": args.backend, "model_id": args.model,
         "tokenizer_id": args.tokenizer or args.model, "dataset_name": args.dataset_name,
         "num_prompts": len(results), "request_rate": args.request_rate if args.request_rate != float("inf") else "inf",
-        "burstiness": args.burstiness, "max_concurrency": args.max_concurrency, "duration": duration,
+        "burstiness": args.burstiness, "max_concurrency": args.max_concurrency, "num_warmups": args.num_warmups,
+        "duration": duration,
         "completed": len(ok), "failed": len(results) - len(ok), "total_input_tokens": total_in,
         "total_output_tokens": total_out, "request_throughput": len(ok) / duration,
         "request_goodput": good / duration if slos else None, "output_throughput": total_out / duration,

@@ -281,7 +281,8 @@ def child_main(fd: int, parent: int) -> None:
 def freeze_heap() -> int:
     """Move every object loading made (modules, traced programs, the tokenizer) out of Python's cyclic collector: a
     full collection while serving stops every thread for as long as it scans, and now scans only what serving made.
-    The engine's own process only: frozen garbage is never freed, which a user's process must not inherit."""
+    The engine's own process only: cycles among frozen objects are never collected, which a user's process must not
+    inherit."""
     gc.collect()
     gc.freeze()
     frozen = gc.get_freeze_count()

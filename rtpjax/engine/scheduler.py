@@ -16,9 +16,9 @@ on the device (staged outside the cache, off the engine's thread); it is then ad
 (device-to-device writes: the step waits for no transfer).
 While it waits for free blocks after that, it keeps them. While it loads it holds (pins) the blocks of its prefix
 still on the device, so eviction cannot shrink that share and make its fetch start again; an older sequence that
-lacks blocks (an older load waiting for room too), or a running one that must grow, takes those pins back first
-(youngest first), so pins never starve anyone. Every round polls every loading sequence, even past the budget, so a staging that was held back starts
-as soon as the bound allows.
+lacks blocks (an older load waiting for room too, if they would make that room), or a running one that must grow,
+takes those pins back first (youngest first), so pins never starve anyone. Every round polls every loading sequence,
+even past the budget, so a staging that was held back starts as soon as the bound allows.
 
 Speculation: a decoding sequence whose tokens are all known may be given drafts (proposed tokens) to run after its
 last token, so the step computes K/V and logits at each of them; `accept` then moves its progress (and blocks) back
@@ -195,7 +195,7 @@ class Scheduler:
                     continue  # its last token is read after this step; admit it next time
                 if self.tiers is not None and not self._below_ready(seq, reserved):
                     fetch = seq.tier_fetch
-                    if fetch is not None and fetch.ready and not fetch.room:
+                    if fetch is not None and fetch.ready and not fetch.room and self._pins_make_room(seq, reserved):
                         self._unpin_after(seq)  # it waits for room: younger sequences' pins must not hold it
                     reserved += self._reserve_for_load(seq)
                     continue  # its prefix blocks are coming up from a KV tier; others go ahead, around its room
@@ -318,6 +318,13 @@ class Scheduler:
         if fetch is None or not (fetch.onloading or (fetch.ready and not fetch.room)):
             return 0
         return max(0, self._load_need(seq))
+
+    def _pins_make_room(self, seq: Sequence, reserved: int) -> bool:
+        """The pins of sequences after `seq` would give it the room its load needs (else they are left alone: taking
+        them would restart those sequences' fetches for nothing)."""
+        later = self.waiting[self.waiting.index(seq) + 1 :]
+        pinned = sum(len(s.tier_pin) for s in later)
+        return pinned > 0 and self._load_need(seq) <= self.pool.num_free - reserved + pinned
 
     def _unpin(self, seq: Sequence) -> bool:
         """Give back the device blocks a loading sequence held (they stay cached until evicted)."""
