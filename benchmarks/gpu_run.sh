@@ -39,7 +39,8 @@
 #           TIER_PROFILE=1: cProfile each engine's loop into tiers_NAME.prof and .prof.txt; TIER_CONCURRENCY (64):
 #           requests in flight, so that more conversations than that wait between their turns, as chat users do;
 #           several ("8 16 32 64"): a run each against the same server, results named _cN, each with new prompts;
-#           TIER_WARMUPS=32: each shared-prefix run first sends one request per prefix, not measured: a steady state)
+#           TIER_WARMUPS=32: each shared-prefix run first sends one request per prefix, not measured: a steady state;
+#           TIER_CONFIGS may name device_fcfs / tiered_fcfs: the same with admission by arrival, not longest prefix)
 #   moe     Qwen3-30B-A3B-shaped random weights: the MoE block alone against its weight-bandwidth floor (grouped, dense,
 #           auto, pallas, and the grouped-matmul kernel swept over block sizes; MOE_BLOCK_FLAGS adds moe_block.py
 #           flags, e.g. "--pallas-blocks 64x128x4x3,128x128x8x4 --pallas-rows 16,32"), then offline decode
@@ -503,6 +504,8 @@ PY
       off) tier_serve off --no-enable-prefix-caching ;;
       device) tier_serve device ;;
       tiered) tier_serve tiered $tiered ;;
+      device_fcfs) tier_serve device_fcfs --scheduling-policy fcfs ;;  # admission by arrival (before 12-06d)
+      tiered_fcfs) tier_serve tiered_fcfs $tiered --scheduling-policy fcfs ;;
       tiered_switch5ms) RTPJAX_ENGINE_SWITCH_INTERVAL=0.005 tier_serve tiered_switch5ms $tiered ;;  # Python's default
       esac
       echo "== tiers: $config"; traffic $config

@@ -70,6 +70,13 @@ class EngineArgs:
                                       minimum=1)  # fmt: skip
     max_num_batched_tokens: int | None = option(None, "tokens in one step at most (prompt chunks and decode rows); "
                                                 "default: 2048 on a GPU, 256 on a CPU", minimum=1)  # fmt: skip
+    scheduling_policy: str = option("lpm", "order of admission within a priority: lpm = longest prefix in the KV "
+                                    "cache first, then arrival (SGLang's; more sequences fit a pool they share "
+                                    "prefixes of), fcfs = arrival", choices=("lpm", "fcfs"))  # fmt: skip
+    decode_headroom: float = option(0.0, "share of each running sequence's remaining max_tokens that admission keeps "
+                                    "KV blocks free for, so that growing sequences are not preempted (0: none, vLLM's "
+                                    "way: admit on the first chunk's blocks and preempt when they run out; 1: all of "
+                                    "it)", minimum=0, maximum=1)  # fmt: skip
     num_gpu_blocks: int | None = option(None, "KV cache blocks (instead of sizing the cache by "
                                         "--gpu-memory-utilization)", minimum=1)  # fmt: skip
     gpu_memory_utilization: float = option(0.9, "fraction of device memory the weights and KV cache may fill",

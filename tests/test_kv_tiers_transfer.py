@@ -8,6 +8,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 from conftest import ENGINE_ARGS
 
 from rtpjax import LLM, SamplingParams
@@ -379,10 +380,12 @@ def test_a_load_waiting_for_room_is_not_passed_by_younger_sequences():
         tiers.close()
 
 
-def test_a_load_waiting_for_room_takes_back_the_pins_of_younger_loads():
+@pytest.mark.parametrize("policy", ["fcfs", "lpm"])
+def test_a_load_waiting_for_room_takes_back_the_pins_of_younger_loads(policy):
     """A (older) waits for room for its 5 loaded blocks and its last token's; B (younger) pins its 3 device blocks
-    while its rest loads. Once the running blocks are freed, only B's pins stand between A and its room, and B is
-    held behind A: A must take them back, or neither is ever admitted (but not before they would make its room)."""
+    while its rest loads. Once the running blocks are freed, only B's pins stand between A and its room, and (fcfs)
+    B is held behind A: A must take them back, or neither is ever admitted (but not before they would make its
+    room). With lpm, B (3 blocks on the device) goes first instead, in the room left beside its pins."""
     pool, tiers, copier = BlockPool(8), _tiers(slots=16), _Copier()
     tiers.use_copier(copier, max_staged=16, max_gathered=8)
     copier.gate.set()
@@ -400,9 +403,10 @@ def test_a_load_waiting_for_room_takes_back_the_pins_of_younger_loads():
         tiers.host.put(h, row)
     a, b = (Sequence(r, 0, p, SamplingParams(max_tokens=4), seed=0, max_tokens=4) for r, p in (("a", prompt_a),
                                                                                               ("b", prompt_b)))
-    sched = Scheduler(pool, 16, 4, 128, 256, tiers=tiers)
+    sched = Scheduler(pool, 16, 4, 128, 256, tiers=tiers, policy=policy)
     sched.add(a)
     sched.add(b)
+    first = a if policy == "fcfs" else b
     try:
         for _ in range(2):  # B pinned its device prefix; A has no room, which B's pins could not make: B keeps them
             sched.schedule()
@@ -410,12 +414,12 @@ def test_a_load_waiting_for_room_takes_back_the_pins_of_younger_loads():
         pool.release(held)
         admitted = []
 
-        def a_admitted():
+        def first_admitted():
             admitted.extend(item.seq for item in sched.schedule().items)
-            return a in admitted
+            return first in admitted
 
-        _until(a_admitted)  # fails (times out) if B's pins keep A from its room
-        assert not tiers.staged_blocks
+        _until(first_admitted)  # fails (times out) if B's pins keep A from its room
+        assert admitted == [first] and not tiers.staged_blocks
     finally:
         tiers.close()
 

@@ -231,7 +231,8 @@ class LLMEngine:
         max_verify_seqs = min(spec.disable_by_batch_size, args.max_num_seqs) if spec else 0
         aux_layers = eagle3.aux_layers(spec.model, self.cfg) if spec and spec.method == "eagle3" else ()
         self.scheduler = Scheduler(self.pool, args.block_size, args.max_num_seqs, args.max_num_batched_tokens,
-                                   self.max_model_len, max_verify_seqs)  # fmt: skip
+                                   self.max_model_len, max_verify_seqs, decode_headroom=args.decode_headroom,
+                                   policy=args.scheduling_policy)  # fmt: skip
         self.runner = ModelRunner(
             self.cfg, self.family, params, num_blocks=num_blocks, block_size=args.block_size,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

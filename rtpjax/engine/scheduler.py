@@ -3,7 +3,13 @@
 One ragged step mixes decode tokens and prefill chunks under a token budget (max_num_batched_tokens) and a sequence
 limit (max_num_seqs). Running sequences go first, in order; when the KV blocks run out the lowest-priority running
 sequence is preempted (its blocks are freed and it is recomputed later, giving the same tokens). Waiting sequences are
-admitted by (priority, arrival), reusing cached prefix blocks, only in steps that preempted nothing.
+admitted by priority, then (policy lpm, SGLang's) those with the longest prefix already in the device cache first,
+then by arrival, reusing cached prefix blocks, only in steps that preempted nothing. When the pool is the bottleneck,
+sequences that share a resident prefix take a fraction of the blocks of one that brings its own, so more run at once;
+a sequence passed over is admitted once its turn comes in arrival order among those with no longer match, and with a
+queue longer than LPM_MAX_WAITING the order is arrival's alone (the lookups cost grows with the queue). With a
+decode headroom, admission also leaves free the blocks that running sequences are expected to grow into (that share of
+their remaining max_tokens), so that it does not fill the pool to the brim and then preempt its own sequences.
 
 The host may schedule a sequence whose last token is still on the device (PENDING): the step reads it there.
 
@@ -36,6 +42,9 @@ from rtpjax.kv.host_blocks import BlockLoad
 from rtpjax.engine.sequence import PENDING, Sequence, Status
 
 
+LPM_MAX_WAITING = 128  # longer queues are admitted in arrival order: ordering by prefix costs a lookup per sequence
+
+
 @dataclasses.dataclass
 class ScheduledSeq:
     seq: Sequence
@@ -66,8 +75,11 @@ class Schedule:
 
 class Scheduler:
     def __init__(self, pool: BlockPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, max_verify_seqs: int = 0, tiers=None):  # fmt: skip
+                 max_model_len: int, max_verify_seqs: int = 0, tiers=None, decode_headroom: float = 0.0,
+                 policy: str = "lpm"):  # fmt: skip
         self.pool = pool
+        self.decode_headroom = decode_headroom  # share of running sequences' remaining max_tokens kept room for
+        self.policy = policy  # admission order within a priority: lpm (longest device prefix first) or fcfs
         self.max_verify_seqs = max_verify_seqs
         self.tiers = tiers  # kv.tiers.KVTiers, or None
         self.block_size = block_size
@@ -140,6 +152,23 @@ class Scheduler:
         seq.block_table += blocks
         return True
 
+    def _allowed(self, seq: Sequence) -> int:
+        """Tokens the sequence may still generate: up to max_tokens (its first only, for a hand-off) and the context."""
+        cap = 1 if seq.hand_off else seq.max_tokens
+        return max(0, min(cap - seq.num_generated, self.max_model_len - len(seq.token_ids)))
+
+    def _expected_blocks(self, seq: Sequence, after: int) -> int:
+        """Blocks the sequence is expected to take beyond those covering its first `after` tokens: the rest of its
+        prompt and the decode headroom's share of what it may still generate."""
+        tokens = len(seq.token_ids) + int(self.decode_headroom * self._allowed(seq) + 0.5)
+        return max(0, -(-tokens // self.block_size) - max(len(seq.block_table), -(-after // self.block_size)))
+
+    def _kept_for_running(self) -> int:
+        """Blocks admission keeps free for the running sequences' expected growth."""
+        if self.decode_headroom == 0:
+            return 0
+        return sum(self._expected_blocks(seq, seq.num_computed) for seq in self.running)
+
     def max_drafts(self, seq: Sequence) -> int:
         """Drafts the sequence could verify now: it decodes (its one uncomputed token known) and every accepted
         draft plus the token after them stays within max_tokens and the context."""
@@ -186,9 +215,11 @@ class Scheduler:
         admitted: list[Sequence] = []
         loads: list[BlockLoad] = []
         max_items = self.max_verify_seqs if any(item.drafts for item in items) else self.max_num_seqs
-        reserved = 0  # blocks earlier sequences' loads (on their way to the device, or waiting for room) will take
+        # blocks running sequences are expected to grow into, and those earlier sequences' loads (on their way to the
+        # device, or waiting for room) will take
+        reserved = self._kept_for_running() if not preempted else 0
         if not preempted:
-            for seq in list(self.waiting):
+            for seq in self._admission_order():
                 if budget <= 0 or len(self.running) >= self.max_num_seqs or len(items) >= max_items:
                     break
                 if seq.token_ids[-1] == PENDING:
@@ -208,11 +239,25 @@ class Scheduler:
                 n = len(seq.token_ids) - seq.num_computed
                 items.append(self._run(seq, min(n, budget)))
                 budget -= items[-1].num_tokens
+                reserved += self._expected_blocks(seq, seq.num_computed)
         if self.tiers is not None:  # stagings held back start now, oldest first, whatever stopped admission
             for seq in self.waiting:
                 if seq.tier_fetch is not None:
                     self.tiers.poll(seq.tier_fetch, room=None)  # the room this round's ask found
         return Schedule(items, admitted, preempted, loads)
+
+    def _admission_order(self) -> list[Sequence]:
+        """The waiting sequences in the order admission tries them: by priority, then (lpm) the blocks of their prefix
+        the device cache holds, most first, then arrival."""
+        if self.policy == "fcfs" or len(self.waiting) > LPM_MAX_WAITING:
+            return list(self.waiting)
+
+        def resident(seq: Sequence) -> int:
+            if seq.fork_parent is not None:
+                return 0  # it shares its sibling's blocks, not the cache's
+            return len(self.pool.lookup(self._hashes(seq)[: (len(seq.token_ids) - 1) // self.block_size]))
+
+        return sorted(self.waiting, key=lambda seq: (seq.priority, -resident(seq), seq.arrival_order))
 
     def _admit(self, seq: Sequence, budget: int, loads: list[BlockLoad], reserved: int = 0) -> bool:
         """Move a waiting sequence to running with its reusable prefix blocks (and its blocks held on the host), if
@@ -237,6 +282,8 @@ class Scheduler:
                                       if seq.tier_fetch is not None else (True, None, None))  # fmt: skip
         loaded = len(seq.block_table)
         first_chunk = min(len(seq.token_ids) - seq.num_computed, budget)
+        if self.running:  # beside others, room for what it is expected to grow into too (alone, it may go on chunks)
+            reserved += self._expected_blocks(seq, seq.num_computed + first_chunk)
         if (seq.host_kv is not None and load is None) or not tier_ok or not self._grow(seq, first_chunk, reserved):
             if tier_load is not None:
                 self.tiers.release(tier_load.kv)  # fetched again on the next try

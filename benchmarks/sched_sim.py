@@ -1,0 +1,193 @@
+"""The engine's scheduler on a simulated GPU: a closed-loop serving run in virtual time, to compare scheduling
+choices where no GPU is at hand, and to see what a capped KV pool costs.
+
+The real Scheduler and BlockPool run every step; the model does not. A step costs `step_ms` plus `token_ms` per
+prompt token it computes (a decode row costs `step_ms` alone: weight-bound), and a sampled token is a fresh id. With
+`--host-tier`, every block ever published stays in a host tier of unbounded size and a waiting sequence's prefix
+below the device comes back at admission as a block load costing `load_ms_per_block` (the engine's tier, with its
+asynchronous fetch taken as already done). Traffic is serve_bench's prefix_repetition: each prefix sent
+num-prompts / num-prefixes times, in shuffled order, `--max-concurrency` clients, ignore_eos.
+
+What it leaves out: the engine's overlap of host work with the device, speculation, the tiers' own waits (rows from
+disk, staging) and the host tier's capacity. Calibrate `step_ms` / `token_ms` from a real run's loop log (a decode
+step's time; "recompute N tokens/s" of the tiers' start line) before trusting absolute times; orderings between
+scheduling choices are what it is for.
+
+    python -m rtpjax.benchmarks.sched_sim --num-blocks 2048 --max-concurrency 32 --scheduling-policy lpm,fcfs \
+        --decode-headroom 0,1 --host-tier both --out sched_sim.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+
+import numpy as np
+
+from rtpjax.engine.scheduler import Scheduler
+from rtpjax.engine.sequence import PENDING, HostKV, Sequence
+from rtpjax.kv.block_pool import BlockPool
+from rtpjax.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass
+class SimConfig:
+    num_blocks: int = 2048
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 8192
+    policy: str = "lpm"  # the Scheduler's (--scheduling-policy)
+    decode_headroom: float = 0.0  # the Scheduler's (--decode-headroom)
+    host_tier: bool = False
+    step_ms: float = 7.5
+    token_ms: float = 1 / 42.589  # one prompt token at 42,589 tokens/s (H100, 8B, the tiers' start line)
+    load_ms_per_block: float = 2 * 2**20 / 34.66e6  # 2 MiB at 34.66 GB/s (H100 onload)
+
+
+@dataclasses.dataclass
+class Traffic:
+    num_prompts: int = 256
+    num_prefixes: int = 32
+    prefix_len: int = 4096
+    suffix_len: int = 256
+    output_len: int = 128
+    max_concurrency: int = 32
+    seed: int = 0
+
+    def prompts(self) -> list[list[int]]:
+        rng = np.random.default_rng(self.seed)
+        prefixes = [rng.integers(0, 100_000, self.prefix_len).tolist() for _ in range(self.num_prefixes)]
+        prompts = [prefixes[i % self.num_prefixes] + rng.integers(0, 100_000, self.suffix_len).tolist()
+                   for i in range(self.num_prompts)]  # fmt: skip
+        rng.shuffle(prompts)
+        return prompts
+
+
+class HostTier:
+    """Every published block's hash, forever: what an unbounded host tier would hold."""
+
+    def __init__(self, pool: BlockPool):
+        self.below: set[bytes] = set()
+        register = pool.register
+
+        def register_and_keep(block, h, *rest):
+            self.below.add(h)
+            register(block, h, *rest)
+
+        pool.register = register_and_keep
+
+    def offer(self, scheduler: Scheduler, seq: Sequence) -> None:
+        """Give a waiting sequence the blocks below the device that continue its device share, as HostKV."""
+        hashes = scheduler._hashes(seq)
+        max_shared = (len(seq.token_ids) - 1) // scheduler.block_size
+        on_device = len(scheduler.pool.lookup(hashes)[:max_shared])
+        n = on_device
+        while n < max_shared and hashes[n] in self.below:
+            n += 1
+        seq.host_kv = HostKV(None, list(range(n)), n * scheduler.block_size) if n > on_device else None
+
+
+def run(config: SimConfig, traffic: Traffic) -> dict:
+    pool = BlockPool(config.num_blocks)
+    tier = HostTier(pool) if config.host_tier else None
+    scheduler = Scheduler(pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
+                          config.max_model_len, decode_headroom=config.decode_headroom, policy=config.policy)  # fmt: skip
+    prompts, ids = traffic.prompts(), itertools.count(1_000_000)
+    now, sent, steps, computed, loaded = 0.0, 0, 0, 0, 0
+    submitted: dict[Sequence, float] = {}
+    ttft, e2el = [], []
+
+    def send() -> None:
+        nonlocal sent
+        seq = Sequence(str(sent), 0, prompts[sent], SamplingParams(max_tokens=traffic.output_len, ignore_eos=True),
+                       0, traffic.output_len, arrival_order=sent)  # fmt: skip
+        scheduler.add(seq)
+        submitted[seq] = now
+        sent += 1
+
+    def read(schedule) -> None:
+        """The step's tokens into its sequences (those stopped meanwhile skipped), as the engine's _read."""
+        for item in schedule.items:
+            seq = item.seq
+            if seq.finished:
+                continue
+            if item.samples:
+                index = item.start + item.num_tokens  # its PENDING token (the next step may have added another)
+                seq.token_ids[index] = next(ids)
+                if index == seq.num_prompt:
+                    ttft.append(now - submitted[seq])
+            scheduler.register_full_blocks(seq)
+            if seq.num_generated >= seq.max_tokens and PENDING not in seq.token_ids[-1:]:
+                scheduler.finish(seq, "length")
+                e2el.append(now - submitted.pop(seq))
+                if sent < len(prompts):
+                    send()
+
+    while sent < min(traffic.max_concurrency, len(prompts)):
+        send()
+    inflight = None  # the step launched last: as the engine does, the next is scheduled before it is read
+    while scheduler.has_work() or inflight is not None:
+        if steps > 200 * len(prompts):
+            raise RuntimeError("the simulated run does not finish: the scheduler admits nothing")
+        if tier is not None:
+            for seq in scheduler.waiting:
+                tier.offer(scheduler, seq)
+        schedule = scheduler.schedule()
+        if tier is not None:
+            for seq in scheduler.waiting:
+                seq.host_kv = None  # offered again next round, from what is below then
+        prompt_tokens = sum(item.num_tokens for item in schedule.items if not (item.samples and item.num_tokens == 1))
+        blocks_loaded = sum(len(load.blocks) for load in schedule.loads)
+        if inflight is not None:
+            read(inflight)
+        inflight = schedule if schedule.items else None
+        now += (config.step_ms + config.token_ms * prompt_tokens + config.load_ms_per_block * blocks_loaded) / 1e3
+        steps, computed, loaded = steps + 1, computed + prompt_tokens, loaded + blocks_loaded
+    return {
+        "duration_s": now, "steps": steps, "preemptions": scheduler.num_preemptions,
+        "prompt_tokens_computed": computed, "blocks_loaded": loaded,
+        "prefix_hit_rate": pool.hits / max(pool.queries, 1),
+        "output_tok_s": len(prompts) * traffic.output_len / now,
+        "p50_ttft_ms": float(np.percentile(ttft, 50) * 1e3), "p95_ttft_ms": float(np.percentile(ttft, 95) * 1e3),
+        "p99_ttft_ms": float(np.percentile(ttft, 99) * 1e3), "max_ttft_ms": float(np.max(ttft) * 1e3),
+        "mean_ttft_ms": float(np.mean(ttft) * 1e3), "p95_e2el_ms": float(np.percentile(e2el, 95) * 1e3),
+    }  # fmt: skip
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for f in dataclasses.fields(Traffic):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    varied = ("policy", "decode_headroom", "host_tier")  # each a comma-separated list: every combination runs
+    for f in dataclasses.fields(SimConfig):
+        if f.name not in varied:
+            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    p.add_argument("--scheduling-policy", default="lpm,fcfs", help="comma-separated: lpm, fcfs")
+    p.add_argument("--decode-headroom", default="0", help="comma-separated shares in [0, 1]")
+    p.add_argument("--host-tier", choices=("off", "on", "both"), default="both")
+    p.add_argument("--out", default=None)
+    args = vars(p.parse_args(argv))
+    traffic = Traffic(**{f.name: args[f.name] for f in dataclasses.fields(Traffic)})
+    base = {f.name: args[f.name] for f in dataclasses.fields(SimConfig) if f.name not in varied}
+    tiers = {"off": [False], "on": [True], "both": [False, True]}[args["host_tier"]]
+    rows = []
+    for host_tier, policy, headroom in itertools.product(tiers, args["scheduling_policy"].split(","),
+                                                         args["decode_headroom"].split(",")):  # fmt: skip
+        config = SimConfig(**base, policy=policy, decode_headroom=float(headroom), host_tier=host_tier)
+        rows.append({"host_tier": host_tier, "policy": policy, "decode_headroom": float(headroom), **run(config, traffic)})
+    print(f"{'tier':>5} {'policy':>6} {'headroom':>8} {'P50 TTFT':>9} {'P95 TTFT':>9} {'max TTFT':>9} {'tok/s':>6} "
+          f"{'preempt':>7} {'computed':>9} {'loaded':>7}")  # fmt: skip
+    for r in rows:
+        print(f"{'host' if r['host_tier'] else 'dev':>5} {r['policy']:>6} {r['decode_headroom']:>8g} "
+              f"{r['p50_ttft_ms']:>9.0f} {r['p95_ttft_ms']:>9.0f} {r['max_ttft_ms']:>9.0f} {r['output_tok_s']:>6.0f} "
+              f"{r['preemptions']:>7} {r['prompt_tokens_computed']:>9} {r['blocks_loaded']:>7}")  # fmt: skip
+    if args["out"]:
+        with open(args["out"], "w") as f:
+            json.dump({"traffic": dataclasses.asdict(traffic), "config": base, "runs": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

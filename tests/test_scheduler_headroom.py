@@ -1,0 +1,108 @@
+"""Admission when the KV pool is the bottleneck: longest cached prefix first (lpm), decode headroom (room kept for
+what running sequences are expected to generate, so that a pool admitted to the brim does not preempt its own
+sequences), and the simulator that compares scheduling choices on a modelled GPU."""
+
+import pytest
+
+from rtpjax.benchmarks import sched_sim
+from rtpjax.engine import scheduler as scheduler_module
+from rtpjax.engine.scheduler import Scheduler
+from rtpjax.engine.sequence import Sequence
+from rtpjax.kv.block_pool import BlockPool
+from rtpjax.sampling_params import SamplingParams
+
+
+def sequence(order: int, prompt_len: int, max_tokens: int) -> Sequence:
+    prompt = [order * 1000 + i for i in range(prompt_len)]  # no two share a prefix
+    return Sequence(str(order), 0, prompt, SamplingParams(max_tokens=max_tokens), 0, max_tokens, arrival_order=order)
+
+
+@pytest.mark.parametrize("share, admitted, kept", [(0.0, True, 0), (0.5, False, 4), (1.0, False, 7)])
+def test_admission_leaves_room_for_the_running_sequences_growth(share, admitted, kept):
+    """20 blocks of 4 tokens. The running sequence holds 9 (33 tokens) and may generate 31 more: `share` of them is
+    `kept` blocks more. The waiting one needs 4 blocks for its prompt and, of its 32 tokens of output, 4 (half) or 8
+    (all) more: 11 free blocks hold it only with no headroom."""
+    scheduler = Scheduler(BlockPool(20), 4, 4, 64, 256, decode_headroom=share)
+    first, second = sequence(0, 32, 32), sequence(1, 16, 32)
+    scheduler.add(first)
+    scheduler.schedule()
+    assert scheduler.running == [first] and len(first.block_table) == 8
+    scheduler.add(second)
+    first.token_ids[-1] = 7  # its first token read
+    schedule = scheduler.schedule()
+    assert (second in schedule.admitted) == admitted and len(first.block_table) == 9
+    assert scheduler._expected_blocks(first, first.num_computed) == kept
+
+
+def test_a_sequence_alone_is_admitted_whatever_it_may_grow_into():
+    scheduler = Scheduler(BlockPool(8), 4, 4, 64, 256, decode_headroom=1.0)
+    seq = sequence(0, 16, 200)  # 54 blocks at full length: more than the pool
+    scheduler.add(seq)
+    assert scheduler.schedule().admitted == [seq]
+
+
+def run_to_the_end(scheduler: Scheduler, seqs: list[Sequence]) -> dict[str, list[int]]:
+    for seq in seqs:
+        scheduler.add(seq)
+    for step in range(2000):
+        if not scheduler.has_work():
+            break
+        for item in scheduler.schedule().items:
+            seq = item.seq
+            if item.samples:
+                seq.token_ids[-1] = len(seq.token_ids)  # its "token": its position
+            scheduler.register_full_blocks(seq)
+            if seq.num_generated >= seq.max_tokens:
+                scheduler.finish(seq, "length")
+    assert not scheduler.has_work() and scheduler.pool.num_free == scheduler.pool.num_blocks
+    return {seq.request_id: seq.output_ids for seq in seqs}
+
+
+def test_headroom_ends_the_preemptions_of_a_pool_admitted_to_the_brim():
+    """Six sequences whose prompts fit together but whose outputs do not: without headroom they preempt each other,
+    with all of max_tokens kept none is preempted; both finish every sequence with the same tokens."""
+    outputs = {}
+    for share in (0.0, 1.0):
+        scheduler = Scheduler(BlockPool(24), 4, 8, 32, 256, decode_headroom=share)
+        outputs[share] = run_to_the_end(scheduler, [sequence(i, 12, 24) for i in range(6)])
+        assert (scheduler.num_preemptions > 0) == (share == 0)
+    assert outputs[0.0] == outputs[1.0]
+
+
+@pytest.mark.parametrize("policy, young_priority, admitted", [("lpm", 0, "2"), ("fcfs", 0, "1"), ("lpm", 1, "1")])
+def test_lpm_admits_the_sequence_whose_prefix_the_cache_holds_first(policy, young_priority, admitted):
+    """10 blocks of 4 tokens, 4 of them holding a finished prompt's prefix. An older sequence brings its own prompt (6
+    blocks); a younger one shares those 4 blocks and needs 1 more. Room for one of them: lpm takes the younger, fcfs
+    the older, and a lower priority (a larger number) still goes after."""
+    scheduler = Scheduler(BlockPool(10), 4, 4, 64, 256, policy=policy)
+    done = sequence(0, 17, 1)
+    run_to_the_end(scheduler, [done])
+    old = sequence(1, 23, 8)
+    young = Sequence("2", 0, done.prompt_ids[:16] + [5, 6, 7], SamplingParams(max_tokens=8), 0, 8,
+                     priority=young_priority, arrival_order=2)  # fmt: skip
+    scheduler.add(old)
+    scheduler.add(young)
+    assert [seq.request_id for seq in scheduler.schedule().admitted] == [admitted]
+    if admitted == "2":
+        assert len(young.block_table) == 5 and young.num_computed == 19  # (16 of them from the cache)
+
+
+def test_a_long_queue_is_admitted_in_arrival_order(monkeypatch):
+    """Past LPM_MAX_WAITING waiting sequences, lpm orders by arrival (no lookup per sequence)."""
+    monkeypatch.setattr(scheduler_module, "LPM_MAX_WAITING", 1)
+    test_lpm_admits_the_sequence_whose_prefix_the_cache_holds_first("lpm", 0, "1")
+
+
+def test_the_simulator_runs_the_real_scheduler_and_the_host_tier_takes_prefixes_off_the_device():
+    traffic = sched_sim.Traffic(num_prompts=48, num_prefixes=8, prefix_len=256, suffix_len=32, output_len=16,
+                                max_concurrency=8)  # fmt: skip
+    config = dict(num_blocks=160, max_num_batched_tokens=256, max_num_seqs=16, max_model_len=1024, policy="fcfs")
+    device = sched_sim.run(sched_sim.SimConfig(**config), traffic)
+    tiered = sched_sim.run(sched_sim.SimConfig(**config, host_tier=True), traffic)
+    total = traffic.num_prompts * (traffic.prefix_len + traffic.suffix_len)
+    for run in (device, tiered):
+        assert run["steps"] > 0 and run["p95_ttft_ms"] >= run["p50_ttft_ms"] > 0
+    assert device["blocks_loaded"] == 0 and tiered["blocks_loaded"] > 0
+    # every prefix is computed once with the tier; the suffixes (and recomputed preempted sequences) always
+    assert tiered["prompt_tokens_computed"] < device["prompt_tokens_computed"] <= total * 2
+    assert tiered["prompt_tokens_computed"] >= traffic.num_prefixes * traffic.prefix_len
