@@ -4,25 +4,30 @@ choices where no GPU is at hand, and to see what a capped KV pool costs.
 The real Scheduler and BlockPool run every step; the model does not. A step costs `step_ms` plus `token_ms` per
 prompt token it computes (a decode row costs `step_ms` alone: weight-bound), and a sampled token is a fresh id. With
 `--host-tier`, every block ever published stays in a host tier of unbounded size and a waiting sequence's prefix
-below the device comes back at admission as a block load costing `load_ms_per_block` (the engine's tier, with its
-asynchronous fetch taken as already done). Traffic is serve_bench's prefix_repetition: each prefix sent
-num-prompts / num-prefixes times, in shuffled order, `--max-concurrency` clients, ignore_eos.
+below the device comes back at admission as a block load costing `load_ms_per_block` (an adopted request's host
+blocks, standing in for the engine's tier with its asynchronous fetch taken as already done). Traffic is
+serve_bench's prefix_repetition: each prefix sent num-prompts / num-prefixes times, in shuffled order,
+`--max-concurrency` clients, ignore_eos. `--scheduler-module` runs another version's scheduler.py beside this one.
 
-What it leaves out: the engine's overlap of host work with the device, speculation, the tiers' own waits (rows from
-disk, staging) and the host tier's capacity. Calibrate `step_ms` / `token_ms` from a real run's loop log (a decode
-step's time; "recompute N tokens/s" of the tiers' start line) before trusting absolute times; orderings between
-scheduling choices are what it is for.
+What it leaves out: the engine's overlap of host work with the device, speculation, the tiers' own logic and waits
+(pins, staging, rows from disk) and the host tier's capacity. Calibrate `step_ms` / `token_ms` from a real run's loop
+log (a decode step's time; "recompute N tokens/s" of the tiers' start line) before trusting absolute times; orderings
+between scheduling choices are what it is for.
 
-    python -m rtpjax.benchmarks.sched_sim --num-blocks 2048 --max-concurrency 32 --scheduling-policy lpm,fcfs \
-        --decode-headroom 0,1 --host-tier both --out sched_sim.json
+    git show c66b3b6:rtpjax/engine/scheduler.py > /tmp/old_scheduler.py
+    python -m rtpjax.benchmarks.sched_sim --max-concurrency 32 --scheduler-module /tmp/old_scheduler.py, \
+        --scheduling-policy lpm,fcfs --decode-headroom 0,1 --host-tier both --out sched_sim.json
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
+import inspect
 import itertools
 import json
+import sys
 
 import numpy as np
 
@@ -42,6 +47,7 @@ class SimConfig:
     policy: str = "lpm"  # the Scheduler's (--scheduling-policy)
     decode_headroom: float = 0.0  # the Scheduler's (--decode-headroom)
     host_tier: bool = False
+    scheduler_module: str | None = None  # another version's scheduler.py to run instead (see scheduler_class)
     step_ms: float = 7.5
     token_ms: float = 1 / 42.589  # one prompt token at 42,589 tokens/s (H100, 8B, the tiers' start line)
     load_ms_per_block: float = 2 * 2**20 / 34.66e6  # 2 MiB at 34.66 GB/s (H100 onload)
@@ -90,11 +96,25 @@ class HostTier:
         seq.host_kv = HostKV(None, list(range(n)), n * scheduler.block_size) if n > on_device else None
 
 
+def scheduler_class(path: str | None) -> type:
+    """The Scheduler of another version of rtpjax/engine/scheduler.py, to compare with (`git show
+    REV:rtpjax/engine/scheduler.py > old.py`); None: this one."""
+    if path is None:
+        return Scheduler
+    spec = importlib.util.spec_from_file_location(f"compared_scheduler_{abs(hash(path))}", path)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # (its dataclasses look it up)
+    spec.loader.exec_module(module)
+    return module.Scheduler
+
+
 def run(config: SimConfig, traffic: Traffic) -> dict:
     pool = BlockPool(config.num_blocks)
     tier = HostTier(pool) if config.host_tier else None
-    scheduler = Scheduler(pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
-                          config.max_model_len, decode_headroom=config.decode_headroom, policy=config.policy)  # fmt: skip
+    cls = scheduler_class(config.scheduler_module)
+    options = {"decode_headroom": config.decode_headroom, "policy": config.policy}
+    known = inspect.signature(cls).parameters  # an older scheduler may lack some
+    scheduler = cls(pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len,
+                    **{k: v for k, v in options.items() if k in known})  # fmt: skip
     prompts, ids = traffic.prompts(), itertools.count(1_000_000)
     now, sent, steps, computed, loaded = 0.0, 0, 0, 0, 0
     submitted: dict[Sequence, float] = {}
@@ -161,27 +181,37 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(Traffic):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    varied = ("policy", "decode_headroom", "host_tier")  # each a comma-separated list: every combination runs
+    varied = ("policy", "decode_headroom", "host_tier", "scheduler_module")  # lists: every combination runs
     for f in dataclasses.fields(SimConfig):
         if f.name not in varied:
             p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     p.add_argument("--scheduling-policy", default="lpm,fcfs", help="comma-separated: lpm, fcfs")
     p.add_argument("--decode-headroom", default="0", help="comma-separated shares in [0, 1]")
     p.add_argument("--host-tier", choices=("off", "on", "both"), default="both")
+    p.add_argument("--scheduler-module", default="", help="comma-separated paths of other versions' scheduler.py "
+                   "(each a run of its own; an empty item: this version's)")
     p.add_argument("--out", default=None)
     args = vars(p.parse_args(argv))
     traffic = Traffic(**{f.name: args[f.name] for f in dataclasses.fields(Traffic)})
     base = {f.name: args[f.name] for f in dataclasses.fields(SimConfig) if f.name not in varied}
     tiers = {"off": [False], "on": [True], "both": [False, True]}[args["host_tier"]]
     rows = []
-    for host_tier, policy, headroom in itertools.product(tiers, args["scheduling_policy"].split(","),
-                                                         args["decode_headroom"].split(",")):  # fmt: skip
-        config = SimConfig(**base, policy=policy, decode_headroom=float(headroom), host_tier=host_tier)
-        rows.append({"host_tier": host_tier, "policy": policy, "decode_headroom": float(headroom), **run(config, traffic)})
-    print(f"{'tier':>5} {'policy':>6} {'headroom':>8} {'P50 TTFT':>9} {'P95 TTFT':>9} {'max TTFT':>9} {'tok/s':>6} "
+    runs = []
+    for module in args["scheduler_module"].split(","):
+        known = inspect.signature(scheduler_class(module or None)).parameters  # an older one may lack options
+        policies = args["scheduling_policy"].split(",") if "policy" in known else ["-"]
+        headrooms = args["decode_headroom"].split(",") if "decode_headroom" in known else ["0"]
+        runs += itertools.product([module], tiers, policies, headrooms)
+    for module, host_tier, policy, headroom in runs:
+        config = SimConfig(**base, policy=policy, decode_headroom=float(headroom), host_tier=host_tier,
+                           scheduler_module=module or None)  # fmt: skip
+        row = {"scheduler": module or "this", "host_tier": host_tier, "policy": policy,
+               "decode_headroom": float(headroom)}  # fmt: skip
+        rows.append(row | run(config, traffic))
+    print(f"{'scheduler':>12} {'tier':>5} {'policy':>6} {'headroom':>8} {'P50 TTFT':>9} {'P95 TTFT':>9} {'max TTFT':>9} {'tok/s':>6} "
           f"{'preempt':>7} {'computed':>9} {'loaded':>7}")  # fmt: skip
     for r in rows:
-        print(f"{'host' if r['host_tier'] else 'dev':>5} {r['policy']:>6} {r['decode_headroom']:>8g} "
+        print(f"{r['scheduler'][-12:]:>12} {'host' if r['host_tier'] else 'dev':>5} {r['policy']:>6} {r['decode_headroom']:>8g} "
               f"{r['p50_ttft_ms']:>9.0f} {r['p95_ttft_ms']:>9.0f} {r['max_ttft_ms']:>9.0f} {r['output_tok_s']:>6.0f} "
               f"{r['preemptions']:>7} {r['prompt_tokens_computed']:>9} {r['blocks_loaded']:>7}")  # fmt: skip
     if args["out"]:

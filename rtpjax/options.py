@@ -74,9 +74,10 @@ class EngineArgs:
                                     "cache first, then arrival (SGLang's; more sequences fit a pool they share "
                                     "prefixes of), fcfs = arrival", choices=("lpm", "fcfs"))  # fmt: skip
     decode_headroom: float = option(0.0, "share of each running sequence's remaining max_tokens that admission keeps "
-                                    "KV blocks free for, so that growing sequences are not preempted (0: none, vLLM's "
-                                    "way: admit on the first chunk's blocks and preempt when they run out; 1: all of "
-                                    "it)", minimum=0, maximum=1)  # fmt: skip
+                                    "KV blocks free for, beside the prompts (a sequence is admitted beside others "
+                                    "only with room for all of its prompt), so that growing sequences are not "
+                                    "preempted (0: output not counted; 1: all of max_tokens)", minimum=0,
+                                    maximum=1)  # fmt: skip
     num_gpu_blocks: int | None = option(None, "KV cache blocks (instead of sizing the cache by "
                                         "--gpu-memory-utilization)", minimum=1)  # fmt: skip
     gpu_memory_utilization: float = option(0.9, "fraction of device memory the weights and KV cache may fill",
@@ -255,6 +256,8 @@ def describe(f: dataclasses.Field) -> str:
     text = {int: "an integer", float: "a number", str: "a string", dict: "a JSON object"}[kind]
     if m["above"] is not None and m["maximum"] is not None:
         text += f" in ({m['above']:g}, {m['maximum']:g}]"
+    elif m["minimum"] is not None and m["maximum"] is not None:
+        text += f" in [{m['minimum']:g}, {m['maximum']:g}]"
     elif m["minimum"] is not None:
         text += f" >= {m['minimum']:g}"
     elif m["above"] is not None:

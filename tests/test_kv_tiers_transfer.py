@@ -316,6 +316,45 @@ def test_a_fetch_without_room_is_not_staged_and_holds_no_bound():
         tiers.close()
 
 
+def test_lpm_passes_a_loading_sequence_by_taking_its_pins_not_by_stopping():
+    """L (older) loads its rest from the host tier while pinning its 3 device blocks; X (younger) has 4 blocks on the
+    device, so lpm tries it first, and it fits only without L's pins. X must take them back ("after it" is admission
+    order, not arrival) rather than stop admission for good; once X finishes, L comes in."""
+    pool, tiers, copier = BlockPool(10), _tiers(slots=16), _Copier()
+    tiers.use_copier(copier, max_staged=16, max_gathered=8)
+    rng = np.random.default_rng(8)
+    prompt_l, prompt_x = rng.integers(3, 512, 81).tolist(), rng.integers(3, 512, 113).tolist()
+    hashes_l, hashes_x = prefix_hashes(prompt_l, 16), prefix_hashes(prompt_x, 16)
+    cached = pool.allocate(7)
+    for block, h in zip(cached, hashes_l[:3] + hashes_x[:4]):
+        pool.register(block, h)
+    pool.release(cached)
+    for h in hashes_l[3:5]:
+        tiers.host.put(h, rng.integers(0, 256, LAYOUT.block_bytes, dtype=np.uint8))
+    seq_l, seq_x = (Sequence(r, 0, p, SamplingParams(max_tokens=4), seed=0, max_tokens=4, arrival_order=i)
+                    for i, (r, p) in enumerate((("L", prompt_l), ("X", prompt_x))))  # fmt: skip
+    sched = Scheduler(pool, 16, 4, 128, 256, tiers=tiers, policy="lpm")
+    sched.add(seq_l)
+    sched.schedule()
+    assert len(seq_l.tier_pin) == 3
+    sched.add(seq_x)
+    copier.gate.set()
+    admitted = []
+
+    def admitted_now(seq):
+        admitted.extend(item.seq for item in sched.schedule().items if item.seq not in admitted)
+        return seq in admitted
+
+    try:
+        _until(lambda: admitted_now(seq_x), seconds=10)
+        assert seq_l not in admitted and not seq_l.tier_pin
+        sched.finish(seq_x, "length")
+        _until(lambda: admitted_now(seq_l), seconds=10)
+        assert admitted == [seq_x, seq_l]
+    finally:
+        tiers.close()
+
+
 def _two_sequences(tiers: KVTiers, seed: int, lens: tuple[int, int], below: tuple[int, int]):
     """Sequences A and B (arriving in that order) of random prompts of `lens` tokens, the first below[i] full blocks
     of each in the host tier."""

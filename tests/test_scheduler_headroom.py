@@ -9,6 +9,7 @@ from rtpjax.engine import scheduler as scheduler_module
 from rtpjax.engine.scheduler import Scheduler
 from rtpjax.engine.sequence import Sequence
 from rtpjax.kv.block_pool import BlockPool
+from rtpjax.options import EngineArgs
 from rtpjax.sampling_params import SamplingParams
 
 
@@ -17,11 +18,11 @@ def sequence(order: int, prompt_len: int, max_tokens: int) -> Sequence:
     return Sequence(str(order), 0, prompt, SamplingParams(max_tokens=max_tokens), 0, max_tokens, arrival_order=order)
 
 
-@pytest.mark.parametrize("share, admitted, kept", [(0.0, True, 0), (0.5, False, 4), (1.0, False, 7)])
+@pytest.mark.parametrize("share, admitted, kept", [(0.0, True, 0), (0.5, True, 3), (1.0, False, 7)])
 def test_admission_leaves_room_for_the_running_sequences_growth(share, admitted, kept):
-    """20 blocks of 4 tokens. The running sequence holds 9 (33 tokens) and may generate 31 more: `share` of them is
-    `kept` blocks more. The waiting one needs 4 blocks for its prompt and, of its 32 tokens of output, 4 (half) or 8
-    (all) more: 11 free blocks hold it only with no headroom."""
+    """20 blocks of 4 tokens. The running sequence holds 9 (33 tokens computed, its 34th pending) and may generate 30
+    more, whose `share` is `kept` blocks more (the last token's K/V is never computed). The waiting one has a 16-token
+    prompt and 32 tokens to generate: 4 blocks, and 4 more for half of its output or 8 for all of it; 11 are free."""
     scheduler = Scheduler(BlockPool(20), 4, 4, 64, 256, decode_headroom=share)
     first, second = sequence(0, 32, 32), sequence(1, 16, 32)
     scheduler.add(first)
@@ -32,6 +33,21 @@ def test_admission_leaves_room_for_the_running_sequences_growth(share, admitted,
     schedule = scheduler.schedule()
     assert (second in schedule.admitted) == admitted and len(first.block_table) == 9
     assert scheduler._expected_blocks(first, first.num_computed) == kept
+
+
+def test_beside_others_a_prompt_needs_room_for_all_of_it_not_its_first_chunk():
+    """12 blocks of 4 tokens, 8-token steps; a running sequence holds 4. A 40-token prompt's first chunk (2 blocks)
+    fits in the 8 free blocks, all of it (10) does not: it waits, rather than take the blocks and preempt someone as
+    its later chunks come. Alone, it is admitted on its first chunk and goes on chunk by chunk."""
+    scheduler = Scheduler(BlockPool(12), 4, 4, 8, 256)
+    running, waiting = sequence(0, 8, 8), sequence(1, 40, 4)
+    scheduler.add(running)
+    scheduler.schedule()
+    running.token_ids[-1] = 7
+    scheduler.add(waiting)
+    assert scheduler.schedule().admitted == [] and scheduler.pool.num_free == 12 - 3
+    scheduler.finish(running, "abort")
+    assert scheduler.schedule().admitted == [waiting] and len(waiting.block_table) == 2
 
 
 def test_a_sequence_alone_is_admitted_whatever_it_may_grow_into():
@@ -106,3 +122,28 @@ def test_the_simulator_runs_the_real_scheduler_and_the_host_tier_takes_prefixes_
     # every prefix is computed once with the tier; the suffixes (and recomputed preempted sequences) always
     assert tiered["prompt_tokens_computed"] < device["prompt_tokens_computed"] <= total * 2
     assert tiered["prompt_tokens_computed"] >= traffic.num_prefixes * traffic.prefix_len
+
+
+@pytest.mark.parametrize("option, message", [
+    (dict(scheduling_policy="sjf"), "--scheduling-policy must be lpm or fcfs"),
+    (dict(decode_headroom=1.5), r"--decode-headroom must be a number in \[0, 1\]"),
+])
+def test_bad_admission_options_fail_by_their_flags(option, message):
+    with pytest.raises(ValueError, match=message):
+        EngineArgs(**option)
+
+
+def test_the_simulator_runs_another_versions_scheduler_beside_this_one(tmp_path):
+    """--scheduler-module: a copy of this scheduler gives this one's results; options it lacks are not passed."""
+    import inspect
+
+    source = inspect.getsource(scheduler_module).replace("policy: str = \"lpm\"):", "):")
+    source = source.replace("        if policy not in", "        policy = \"lpm\"\n        if policy not in")
+    (tmp_path / "older.py").write_text(source)
+    assert "policy" not in inspect.signature(sched_sim.scheduler_class(str(tmp_path / "older.py"))).parameters
+    traffic = sched_sim.Traffic(num_prompts=24, num_prefixes=4, prefix_len=128, suffix_len=16, output_len=8,
+                                max_concurrency=6)  # fmt: skip
+    config = dict(num_blocks=96, max_num_batched_tokens=128, max_num_seqs=8, max_model_len=512)
+    this = sched_sim.run(sched_sim.SimConfig(**config), traffic)
+    older = sched_sim.run(sched_sim.SimConfig(**config, scheduler_module=str(tmp_path / "older.py")), traffic)
+    assert older == this

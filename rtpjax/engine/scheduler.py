@@ -2,14 +2,17 @@
 
 One ragged step mixes decode tokens and prefill chunks under a token budget (max_num_batched_tokens) and a sequence
 limit (max_num_seqs). Running sequences go first, in order; when the KV blocks run out the lowest-priority running
-sequence is preempted (its blocks are freed and it is recomputed later, giving the same tokens). Waiting sequences are
-admitted by priority, then (policy lpm, SGLang's) those with the longest prefix already in the device cache first,
-then by arrival, reusing cached prefix blocks, only in steps that preempted nothing. When the pool is the bottleneck,
-sequences that share a resident prefix take a fraction of the blocks of one that brings its own, so more run at once;
-a sequence passed over is admitted once its turn comes in arrival order among those with no longer match, and with a
-queue longer than LPM_MAX_WAITING the order is arrival's alone (the lookups cost grows with the queue). With a
-decode headroom, admission also leaves free the blocks that running sequences are expected to grow into (that share of
-their remaining max_tokens), so that it does not fill the pool to the brim and then preempt its own sequences.
+sequence is preempted (its blocks are freed and it is recomputed later, giving the same tokens).
+
+Waiting sequences are admitted, reusing cached prefix blocks, only in steps that preempted nothing, in this order:
+priority, then (policy lpm, SGLang's) the longest prefix already in the device cache first, then arrival. When the
+pool is the bottleneck, sequences that share a resident prefix take a fraction of the blocks of one that brings its
+own, so more run at once. With a queue longer than LPM_MAX_WAITING the order is arrival's alone (the lookups cost
+grows with the queue). Beside running sequences, a sequence is admitted only with room for all of its prompt (not
+only its first chunk) and the decode headroom's share of its output, and with the room that running sequences' own
+chunks still to run and expected output will take left free: a pool filled to the brim by first chunks preempts its
+own sequences as their later chunks arrive, and each preemption throws away a prompt's work. Alone, a sequence goes
+on chunk by chunk.
 
 The host may schedule a sequence whose last token is still on the device (PENDING): the step reads it there.
 
@@ -21,9 +24,9 @@ others admitted past it around the room it needs once its rows are in host memor
 on the device (staged outside the cache, off the engine's thread); it is then admitted with them as block loads too
 (device-to-device writes: the step waits for no transfer).
 While it waits for free blocks after that, it keeps them. While it loads it holds (pins) the blocks of its prefix
-still on the device, so eviction cannot shrink that share and make its fetch start again; an older sequence that
-lacks blocks (an older load waiting for room too, if they would make that room), or a running one that must grow,
-takes those pins back first (youngest first), so pins never starve anyone. Every round polls every loading sequence,
+still on the device, so eviction cannot shrink that share and make its fetch start again; a sequence before it in
+admission order that lacks blocks (a load waiting for room too, if they would make that room), or a running one that
+must grow, takes those pins back first (youngest first), so pins never starve anyone. Every round polls every loading sequence,
 even past the budget, so a staging that was held back starts as soon as the bound allows.
 
 Speculation: a decoding sequence whose tokens are all known may be given drafts (proposed tokens) to run after its
@@ -42,7 +45,7 @@ from rtpjax.kv.host_blocks import BlockLoad
 from rtpjax.engine.sequence import PENDING, Sequence, Status
 
 
-LPM_MAX_WAITING = 128  # longer queues are admitted in arrival order: ordering by prefix costs a lookup per sequence
+LPM_MAX_WAITING = 64  # longer queues are admitted in arrival order: ordering by prefix costs a lookup per sequence
 
 
 @dataclasses.dataclass
@@ -79,6 +82,8 @@ class Scheduler:
                  policy: str = "lpm"):  # fmt: skip
         self.pool = pool
         self.decode_headroom = decode_headroom  # share of running sequences' remaining max_tokens kept room for
+        if policy not in ("lpm", "fcfs"):
+            raise ValueError(f"scheduling policy must be lpm or fcfs, got {policy!r}")
         self.policy = policy  # admission order within a priority: lpm (longest device prefix first) or fcfs
         self.max_verify_seqs = max_verify_seqs
         self.tiers = tiers  # kv.tiers.KVTiers, or None
@@ -157,16 +162,21 @@ class Scheduler:
         cap = 1 if seq.hand_off else seq.max_tokens
         return max(0, min(cap - seq.num_generated, self.max_model_len - len(seq.token_ids)))
 
-    def _expected_blocks(self, seq: Sequence, after: int) -> int:
-        """Blocks the sequence is expected to take beyond those covering its first `after` tokens: the rest of its
-        prompt and the decode headroom's share of what it may still generate."""
-        tokens = len(seq.token_ids) + int(self.decode_headroom * self._allowed(seq) + 0.5)
-        return max(0, -(-tokens // self.block_size) - max(len(seq.block_table), -(-after // self.block_size)))
+    def _expected_tokens(self, seq: Sequence) -> int:
+        """Tokens whose K/V the sequence is expected to hold at its end: all it has (the prompt's chunks still to run
+        included) and the decode headroom's share of what it may still generate (the last token is never computed)."""
+        more = int(self.decode_headroom * self._allowed(seq) + 0.5)
+        return len(seq.token_ids) + max(0, more - 1)
+
+    def _expected_blocks(self, seq: Sequence, after: int = 0) -> int:
+        """Blocks the sequence is expected to take beyond its block table and those covering its first `after`
+        tokens."""
+        have = max(len(seq.block_table), -(-after // self.block_size))
+        return max(0, -(-self._expected_tokens(seq) // self.block_size) - have)
 
     def _kept_for_running(self) -> int:
-        """Blocks admission keeps free for the running sequences' expected growth."""
-        if self.decode_headroom == 0:
-            return 0
+        """Blocks admission keeps free for the running sequences: their prompts' chunks still to run (each was
+        admitted with room for all of it) and their expected output."""
         return sum(self._expected_blocks(seq, seq.num_computed) for seq in self.running)
 
     def max_drafts(self, seq: Sequence) -> int:
@@ -215,25 +225,27 @@ class Scheduler:
         admitted: list[Sequence] = []
         loads: list[BlockLoad] = []
         max_items = self.max_verify_seqs if any(item.drafts for item in items) else self.max_num_seqs
-        # blocks running sequences are expected to grow into, and those earlier sequences' loads (on their way to the
-        # device, or waiting for room) will take
-        reserved = self._kept_for_running() if not preempted else 0
-        if not preempted:
-            for seq in self._admission_order():
+        if not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            # blocks running sequences are expected to grow into, and those earlier sequences' loads (on their way to
+            # the device, or waiting for room) will take
+            reserved = self._kept_for_running()
+            order = self._admission_order()
+            for seq in order:
                 if budget <= 0 or len(self.running) >= self.max_num_seqs or len(items) >= max_items:
                     break
                 if seq.token_ids[-1] == PENDING:
                     continue  # its last token is read after this step; admit it next time
                 if self.tiers is not None and not self._below_ready(seq, reserved):
                     fetch = seq.tier_fetch
-                    if fetch is not None and fetch.ready and not fetch.room and self._pins_make_room(seq, reserved):
-                        self._unpin_after(seq)  # it waits for room: younger sequences' pins must not hold it
+                    if (fetch is not None and fetch.ready and not fetch.room
+                            and self._pins_make_room(seq, reserved, order)):  # fmt: skip
+                        self._unpin_after(seq, order)  # it waits for room: later sequences' pins must not hold it
                     reserved += self._reserve_for_load(seq)
                     continue  # its prefix blocks are coming up from a KV tier; others go ahead, around its room
                 if not self._admit(seq, budget, loads, reserved):
                     if seq.fork_parent is not None:
                         continue  # waits for its sibling's prompt, not for blocks (later pins stay)
-                    if not (self._unpin_after(seq) and self._admit(seq, budget, loads, reserved)):
+                    if not (self._unpin_after(seq, order) and self._admit(seq, budget, loads, reserved)):
                         break
                 admitted.append(seq)
                 n = len(seq.token_ids) - seq.num_computed
@@ -253,15 +265,16 @@ class Scheduler:
             return list(self.waiting)
 
         def resident(seq: Sequence) -> int:
-            if seq.fork_parent is not None:
-                return 0  # it shares its sibling's blocks, not the cache's
+            if seq.token_ids[-1] == PENDING:
+                return 0  # not admitted this round (and its hash chain waits for that token)
             return len(self.pool.lookup(self._hashes(seq)[: (len(seq.token_ids) - 1) // self.block_size]))
 
         return sorted(self.waiting, key=lambda seq: (seq.priority, -resident(seq), seq.arrival_order))
 
     def _admit(self, seq: Sequence, budget: int, loads: list[BlockLoad], reserved: int = 0) -> bool:
         """Move a waiting sequence to running with its reusable prefix blocks (and its blocks held on the host), if
-        blocks allow its first chunk and leave `reserved` free."""
+        blocks allow its first chunk (beside running sequences: all of its prompt and expected output) and leave
+        `reserved` free."""
         shared: list[int] = []
         max_shared = (len(seq.token_ids) - 1) // self.block_size  # at least one token must run to give logits
         parent, looked_up = seq.fork_parent, False
@@ -277,18 +290,18 @@ class Scheduler:
         seq.block_table = list(shared)
         seq.num_computed = len(shared) * self.block_size
         seq.num_registered_blocks = len(shared) if seq.fork_parent is None else 0  # cache hits are published
+        if self.running and self._expected_blocks(seq) > self.pool.num_free - reserved:
+            self._unshare(seq)  # beside others it needs room for all of its prompt and its expected output: else its
+            return False  # later chunks or tokens would preempt someone (alone, it may go on chunk by chunk)
         load = self._take_host_blocks(seq) if seq.host_kv is not None else None
         tier_ok, tier_load, lookup = (self._take_tier_blocks(seq, max_shared, budget, reserved)
                                       if seq.tier_fetch is not None else (True, None, None))  # fmt: skip
         loaded = len(seq.block_table)
         first_chunk = min(len(seq.token_ids) - seq.num_computed, budget)
-        if self.running:  # beside others, room for what it is expected to grow into too (alone, it may go on chunks)
-            reserved += self._expected_blocks(seq, seq.num_computed + first_chunk)
         if (seq.host_kv is not None and load is None) or not tier_ok or not self._grow(seq, first_chunk, reserved):
             if tier_load is not None:
                 self.tiers.release(tier_load.kv)  # fetched again on the next try
-            self.pool.release(seq.block_table)
-            seq.block_table, seq.num_computed, seq.num_registered_blocks = [], 0, 0
+            self._unshare(seq)
             return False  # it keeps waiting (with its host blocks, if any)
         if load is not None:
             self._publish_loaded(seq)
@@ -310,6 +323,11 @@ class Scheduler:
         if seq.metrics.first_scheduled is None:
             seq.metrics.first_scheduled = time.monotonic()
         return True
+
+    def _unshare(self, seq: Sequence) -> None:
+        """Undo an admission that did not go through: its blocks go back."""
+        self.pool.release(seq.block_table)
+        seq.block_table, seq.num_computed, seq.num_registered_blocks = [], 0, 0
 
     def _take_host_blocks(self, seq: Sequence) -> BlockLoad | None:
         """Fresh blocks for the host-held blocks that prefix-cache hits did not cover; None if the pool lacks them."""
@@ -351,25 +369,27 @@ class Scheduler:
         are among the free blocks its admission takes back)."""
         fetch, max_shared = seq.tier_fetch, (len(seq.token_ids) - 1) // self.block_size
         computed = min(max_shared, fetch.start + (fetch.valid if fetch.ready else len(fetch.hashes))) * self.block_size
-        first_chunk = min(len(seq.token_ids) - computed, self.max_num_batched_tokens)
-        return -(-(computed + first_chunk) // self.block_size) - len(seq.tier_pin)
+        tokens = computed + min(len(seq.token_ids) - computed, self.max_num_batched_tokens)  # its first chunk's end
+        if self.running:  # beside others: all of it (`_admit`)
+            tokens = max(tokens, self._expected_tokens(seq))
+        return -(-tokens // self.block_size) - len(seq.tier_pin)
 
     def _reserve_for_load(self, seq: Sequence) -> int:
         """Blocks held free for a loading sequence whose rows are in host memory: on their way to the device (the
-        pool had room for it when their transfer started), or waiting for that room. Sequences behind it must not
-        take them, or it waits for room again once its rows arrive, or waits for room while younger sequences take
-        every block that frees up (admission in arrival order, as without tiers). 0 for one still gathering its
-        rows (from disk, or on their way down) or with room but held by the staging bound (a younger load staged
-        before it must be admitted to free that bound)."""
+        pool had room for it when their transfer started), or waiting for that room. Sequences after it in admission
+        order must not take them, or it waits for room again once its rows arrive, or waits for room while they take
+        every block that frees up (admission in order, as without tiers). 0 for one still gathering its rows (from
+        disk, or on their way down) or with room but held by the staging bound (a later load staged before it must be
+        admitted to free that bound)."""
         fetch = seq.tier_fetch
         if fetch is None or not (fetch.onloading or (fetch.ready and not fetch.room)):
             return 0
         return max(0, self._load_need(seq))
 
-    def _pins_make_room(self, seq: Sequence, reserved: int) -> bool:
-        """The pins of sequences after `seq` would give it the room its load needs (else they are left alone: taking
-        them would restart those sequences' fetches for nothing)."""
-        later = self.waiting[self.waiting.index(seq) + 1 :]
+    def _pins_make_room(self, seq: Sequence, reserved: int, order: list[Sequence]) -> bool:
+        """The pins of sequences after `seq` in admission order would give it the room its load needs (else they are
+        left alone: taking them would restart those sequences' fetches for nothing)."""
+        later = order[order.index(seq) + 1 :]
         pinned = sum(len(s.tier_pin) for s in later)
         return pinned > 0 and self._load_need(seq) <= self.pool.num_free - reserved + pinned
 
@@ -383,9 +403,10 @@ class Scheduler:
         """Give back the pins of the youngest waiting sequence that holds any; False if none does."""
         return any(self._unpin(seq) for seq in reversed(self.waiting) if seq.tier_pin)
 
-    def _unpin_after(self, seq: Sequence) -> bool:
-        """`seq` lacks blocks: those pinned by sequences admitted after it are given back (True if any were)."""
-        later = self.waiting[self.waiting.index(seq) + 1 :]
+    def _unpin_after(self, seq: Sequence, order: list[Sequence]) -> bool:
+        """`seq` lacks blocks: those pinned by sequences after it in admission order are given back (True if any
+        were)."""
+        later = order[order.index(seq) + 1 :]
         return any([self._unpin(s) for s in later if s.tier_pin])
 
     def _hashes(self, seq: Sequence) -> list[bytes]:
