@@ -85,15 +85,18 @@ def test_headroom_ends_the_preemptions_of_a_pool_admitted_to_the_brim():
     assert outputs[0.0] == outputs[1.0]
 
 
-@pytest.mark.parametrize("policy, young_priority, admitted", [("lpm", 0, "2"), ("fcfs", 0, "1"), ("lpm", 1, "1")])
-def test_lpm_admits_the_sequence_whose_prefix_the_cache_holds_first(policy, young_priority, admitted):
+@pytest.mark.parametrize("policy, young_priority, passed_over, admitted",
+                         [("lpm", 0, False, "2"), ("fcfs", 0, False, "1"), ("lpm", 1, False, "1"), ("lpm", 0, True, "1")])
+def test_lpm_admits_the_sequence_whose_prefix_the_cache_holds_first(policy, young_priority, passed_over, admitted):
     """10 blocks of 4 tokens, 4 of them holding a finished prompt's prefix. An older sequence brings its own prompt (6
     blocks); a younger one shares those 4 blocks and needs 1 more. Room for one of them: lpm takes the younger, fcfs
-    the older, and a lower priority (a larger number) still goes after."""
+    the older; a lower priority (a larger number) still goes after, and so does a younger one once the older has been
+    passed over LPM_MAX_PASSES times."""
     scheduler = Scheduler(BlockPool(10), 4, 4, 64, 256, policy=policy)
     done = sequence(0, 17, 1)
     run_to_the_end(scheduler, [done])
     old = sequence(1, 23, 8)
+    old.passed_over = scheduler_module.LPM_MAX_PASSES if passed_over else 0
     young = Sequence("2", 0, done.prompt_ids[:16] + [5, 6, 7], SamplingParams(max_tokens=8), 0, 8,
                      priority=young_priority, arrival_order=2)  # fmt: skip
     scheduler.add(old)
@@ -101,12 +104,13 @@ def test_lpm_admits_the_sequence_whose_prefix_the_cache_holds_first(policy, youn
     assert [seq.request_id for seq in scheduler.schedule().admitted] == [admitted]
     if admitted == "2":
         assert len(young.block_table) == 5 and young.num_computed == 19  # (16 of them from the cache)
+        assert old.passed_over == 1  # counted towards its bound
 
 
 def test_a_long_queue_is_admitted_in_arrival_order(monkeypatch):
     """Past LPM_MAX_WAITING waiting sequences, lpm orders by arrival (no lookup per sequence)."""
     monkeypatch.setattr(scheduler_module, "LPM_MAX_WAITING", 1)
-    test_lpm_admits_the_sequence_whose_prefix_the_cache_holds_first("lpm", 0, "1")
+    test_lpm_admits_the_sequence_whose_prefix_the_cache_holds_first("lpm", 0, False, "1")
 
 
 def test_the_simulator_runs_the_real_scheduler_and_the_host_tier_takes_prefixes_off_the_device():

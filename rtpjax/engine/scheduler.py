@@ -7,8 +7,9 @@ sequence is preempted (its blocks are freed and it is recomputed later, giving t
 Waiting sequences are admitted, reusing cached prefix blocks, only in steps that preempted nothing, in this order:
 priority, then (policy lpm, SGLang's) the longest prefix already in the device cache first, then arrival. When the
 pool is the bottleneck, sequences that share a resident prefix take a fraction of the blocks of one that brings its
-own, so more run at once. With a queue longer than LPM_MAX_WAITING the order is arrival's alone (the lookups cost
-grows with the queue). Beside running sequences, a sequence is admitted only with room for all of its prompt (not
+own, so more run at once. A sequence that later arrivals passed in LPM_MAX_PASSES rounds goes first (by arrival), so
+none starves; with a queue longer than LPM_MAX_WAITING the order is arrival's alone (the lookups cost grows with the
+queue). Beside running sequences, a sequence is admitted only with room for all of its prompt (not
 only its first chunk) and the decode headroom's share of its output, and with the room that running sequences' own
 chunks still to run and expected output will take left free: a pool filled to the brim by first chunks preempts its
 own sequences as their later chunks arrive, and each preemption throws away a prompt's work. Alone, a sequence goes
@@ -46,6 +47,7 @@ from rtpjax.engine.sequence import PENDING, Sequence, Status
 
 
 LPM_MAX_WAITING = 64  # longer queues are admitted in arrival order: ordering by prefix costs a lookup per sequence
+LPM_MAX_PASSES = 32  # admission rounds a waiting sequence may see later arrivals admitted before it (no starvation)
 
 
 @dataclasses.dataclass
@@ -252,6 +254,10 @@ class Scheduler:
                 items.append(self._run(seq, min(n, budget)))
                 budget -= items[-1].num_tokens
                 reserved += self._expected_blocks(seq, seq.num_computed)
+            if admitted and self.policy == "lpm":
+                latest = max(seq.arrival_order for seq in admitted)
+                for seq in self.waiting:
+                    seq.passed_over += seq.arrival_order < latest
         if self.tiers is not None:  # stagings held back start now, oldest first, whatever stopped admission
             for seq in self.waiting:
                 if seq.tier_fetch is not None:
@@ -259,8 +265,9 @@ class Scheduler:
         return Schedule(items, admitted, preempted, loads)
 
     def _admission_order(self) -> list[Sequence]:
-        """The waiting sequences in the order admission tries them: by priority, then (lpm) the blocks of their prefix
-        the device cache holds, most first, then arrival."""
+        """The waiting sequences in the order admission tries them: by priority, then (lpm) those passed over by later
+        arrivals LPM_MAX_PASSES times, then the blocks of their prefix the device cache holds, most first, then
+        arrival."""
         if self.policy == "fcfs" or len(self.waiting) > LPM_MAX_WAITING:
             return list(self.waiting)
 
@@ -269,7 +276,11 @@ class Scheduler:
                 return 0  # not admitted this round (and its hash chain waits for that token)
             return len(self.pool.lookup(self._hashes(seq)[: (len(seq.token_ids) - 1) // self.block_size]))
 
-        return sorted(self.waiting, key=lambda seq: (seq.priority, -resident(seq), seq.arrival_order))
+        def key(seq: Sequence) -> tuple:
+            overdue = seq.passed_over >= LPM_MAX_PASSES  # no longer passed: it goes by arrival, before the rest
+            return seq.priority, not overdue, 0 if overdue else -resident(seq), seq.arrival_order
+
+        return sorted(self.waiting, key=key)
 
     def _admit(self, seq: Sequence, budget: int, loads: list[BlockLoad], reserved: int = 0) -> bool:
         """Move a waiting sequence to running with its reusable prefix blocks (and its blocks held on the host), if

@@ -94,6 +94,7 @@ class Sequence:
     tier_fetch: object = None  # kv.tiers Fetch: its prefix blocks coming up from a KV tier while it waits
     tier_pin: list[int] = dataclasses.field(default_factory=list)  # device prefix blocks it holds while that loads
     preempted: bool = False
+    passed_over: int = 0  # admission rounds in which a later arrival was admitted while it waited (lpm's bound)
     draft_acceptance: float = 1.0  # recent fraction of this sequence's drafts accepted (speculation's policy)
     drafts_found: bool = True  # its latest chained round's lookup found drafts (spec/chained.py)
     hand_off: bool = False  # a prefill hand-off's: leaves the engine with its first token, so no step goes past it
