@@ -393,6 +393,61 @@ def test_a_load_on_its_way_to_the_device_keeps_its_room_from_later_sequences():
         tiers.close()
 
 
+@pytest.mark.parametrize("held, pins_taken", [(5, False), (4, True)])
+def test_a_sequence_lacking_room_takes_later_pins_only_if_they_make_it(held, pins_taken):
+    """lpm tries X (3 blocks on the device) before L (a load pinning its 2); X needs 8 blocks. With `held` of 12 taken
+    by others, L's pins would give X 7 (5 held) or 8 (4 held) blocks: only the latter is worth restarting L's fetch."""
+    pool, tiers, copier = BlockPool(12), _tiers(slots=16), _Copier()
+    tiers.use_copier(copier, max_staged=16, max_gathered=8)
+    rng = np.random.default_rng(9)
+    prompt_l, prompt_x = rng.integers(3, 512, 81).tolist(), rng.integers(3, 512, 120).tolist()
+    hashes_l, hashes_x = prefix_hashes(prompt_l, 16), prefix_hashes(prompt_x, 16)
+    cached = pool.allocate(5)
+    for block, h in zip(cached, hashes_l[:2] + hashes_x[:3]):
+        pool.register(block, h)
+    pool.release(cached)
+    taken = pool.allocate(held)  # fresh blocks go first: the cached ones stay
+    for h in hashes_l[2:4]:
+        tiers.host.put(h, rng.integers(0, 256, LAYOUT.block_bytes, dtype=np.uint8))
+    seq_l, seq_x = (Sequence(r, 0, p, SamplingParams(max_tokens=4), seed=0, max_tokens=4, arrival_order=i)
+                    for i, (r, p) in enumerate((("L", prompt_l), ("X", prompt_x))))  # fmt: skip
+    sched = Scheduler(pool, 16, 4, 128, 256, tiers=tiers, policy="lpm")
+    try:
+        sched.add(seq_l)
+        sched.schedule()
+        assert len(seq_l.tier_pin) == 2
+        sched.add(seq_x)
+        admitted = sched.schedule().admitted
+        assert (not seq_l.tier_pin) == pins_taken and admitted == ([seq_x] if pins_taken else [])
+    finally:
+        copier.gate.set()
+        pool.release(taken)
+        tiers.close()
+
+
+def test_beside_a_load_on_its_way_a_sequence_is_not_alone():
+    """Nothing runs, but A's load is on its way (its room reserved: 3 loaded blocks and its last token's). With 16-token
+    steps B's first chunk (1 block) fits in the 2 blocks left, all of its 49 tokens (4 blocks) do not: B waits as it
+    would beside a running sequence, rather than take room its later chunks would then want from A."""
+    pool, tiers, copier = BlockPool(8), _tiers(), _Copier()
+    tiers.use_copier(copier, max_staged=8, max_gathered=8)
+    held = pool.allocate(2)
+    sched = Scheduler(pool, 16, 4, 16, 256, tiers=tiers)
+    a, b = _two_sequences(tiers, 5, (49, 49), (3, 0))
+    sched.add(a)
+    sched.add(b)
+    try:
+        schedule = sched.schedule()
+        assert a.tier_fetch is not None and a.tier_fetch.onloading and not schedule.items
+        copier.gate.set()
+        _until(lambda: a.tier_fetch.admissible)
+        assert [item.seq for item in sched.schedule().items] == [a]
+    finally:
+        copier.gate.set()
+        pool.release(held)
+        tiers.close()
+
+
 def test_a_load_waiting_for_room_is_not_passed_by_younger_sequences():
     """A's prefix is in host memory but the pool lacks room for it; B, younger and with nothing below, would fit. B
     must wait behind A (admission in arrival order, as without tiers), or every block that frees up goes to younger
@@ -459,6 +514,10 @@ def test_a_load_waiting_for_room_takes_back_the_pins_of_younger_loads(policy):
 
         _until(first_admitted)  # fails (times out) if B's pins keep A from its room
         assert admitted == [first] and not tiers.staged_blocks
+        if policy == "lpm":  # A comes in once B is done
+            sched.finish(b, "length")
+            _until(lambda: first_admitted() and a in admitted)  # (each call schedules a round)
+            assert admitted == [b, a]
     finally:
         tiers.close()
 
@@ -489,30 +548,41 @@ def test_a_load_held_only_by_the_staging_bound_lets_the_staged_younger_load_in()
         tiers.close()
 
 
-def test_the_room_a_load_needs_is_its_loaded_rows_and_first_chunk_not_the_whole_prompt():
-    """Only A's first block is below the device, and chunks are 32 tokens: A needs 3 blocks (1 loaded, 2 for its first
-    chunk), not the 13 its whole 200-token prompt fills, so with 8 free its row goes up at once."""
+@pytest.mark.parametrize("beside", [False, True])
+def test_the_room_a_load_needs_alone_is_its_loaded_rows_and_first_chunk_beside_others_all_of_it(beside):
+    """Only A's first block is below the device, and chunks are 32 tokens. Alone, A needs 3 blocks (1 loaded, 2 for its
+    first chunk), not the 13 its whole 200-token prompt fills, so with 8 free its row goes up at once. Beside a running
+    sequence (1 block), it needs all 13: its row waits in host memory until the pool has them."""
     pool, tiers, copier = BlockPool(20), _tiers(), _Copier()
     tiers.use_copier(copier, max_staged=8, max_gathered=8)
     copier.gate.set()
-    held = pool.allocate(12)
+    held = pool.allocate(11 if beside else 12)
     rng = np.random.default_rng(10)
     prompt = rng.integers(3, 512, 200).tolist()
     tiers.host.put(prefix_hashes(prompt, 16)[0], rng.integers(0, 256, LAYOUT.block_bytes, dtype=np.uint8))
-    a = Sequence("a", 0, prompt, SamplingParams(max_tokens=4), seed=0, max_tokens=4)
+    a = Sequence("a", 0, prompt, SamplingParams(max_tokens=4), seed=0, max_tokens=4, arrival_order=1)
     sched = Scheduler(pool, 16, 4, 32, 256, tiers=tiers)
+    if beside:
+        running = Sequence("r", 0, [5] * 8, SamplingParams(max_tokens=64), seed=0, max_tokens=64)
+        sched.add(running)
+        assert sched.schedule().admitted == [running] and pool.num_free == 8
     sched.add(a)
+    admitted = []
+
+    def a_admitted():
+        admitted.extend(item.seq for item in sched.schedule().items)
+        return a in admitted
+
     try:
-        admitted = []
-
-        def a_admitted():
-            admitted.extend(item.seq for item in sched.schedule().items)
-            return a in admitted
-
+        if beside:
+            for _ in range(20):
+                assert not a_admitted() and not a.tier_fetch.onloading, "staged without room for all of it"
+                time.sleep(0.01)
+            pool.release(held[:6])  # 14 free: all of A beside the running sequence
         _until(a_admitted, seconds=5)
-        assert len(a.block_table) == 3 and a.num_computed == 16 + 32
+        assert len(a.block_table) == 3 and a.num_computed == 16 + 32 - beside  # (beside the running one's token)
     finally:
-        pool.release(held)
+        pool.release(held[6:] if beside else held)
         tiers.close()
 
 
@@ -651,7 +721,7 @@ def test_the_scheduler_stages_no_fetch_whose_sequence_has_no_room(stories_dir, c
         assert time.monotonic() < deadline, "the requests did not finish"
         outs = {o.request_id: o for o in e.step()}
         fetch = b.tier_fetch
-        need = e.scheduler._load_need(b) if fetch is not None else 0
+        need = e.scheduler._load_need(b, e.scheduler._kept_for_running()) if fetch is not None else 0
         if fetch is not None and need > e.pool.num_free:
             assert not fetch.onloading and e.tiers.staged_blocks == 0, "staged without room"
             held_back += 1

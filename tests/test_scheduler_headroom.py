@@ -2,6 +2,8 @@
 what running sequences are expected to generate, so that a pool admitted to the brim does not preempt its own
 sequences), and the simulator that compares scheduling choices on a modelled GPU."""
 
+import itertools
+
 import pytest
 
 from rtpjax.benchmarks import sched_sim
@@ -36,8 +38,8 @@ def test_admission_leaves_room_for_the_running_sequences_growth(share, admitted,
 
 
 def test_beside_others_a_prompt_needs_room_for_all_of_it_not_its_first_chunk():
-    """12 blocks of 4 tokens, 8-token steps; a running sequence holds 4. A 40-token prompt's first chunk (2 blocks)
-    fits in the 8 free blocks, all of it (10) does not: it waits, rather than take the blocks and preempt someone as
+    """12 blocks of 4 tokens, 8-token steps; a running sequence holds 3. A 40-token prompt's first chunk (2 blocks)
+    fits in the 9 free blocks, all of it (10) does not: it waits, rather than take the blocks and preempt someone as
     its later chunks come. Alone, it is admitted on its first chunk and goes on chunk by chunk."""
     scheduler = Scheduler(BlockPool(12), 4, 4, 8, 256)
     running, waiting = sequence(0, 8, 8), sequence(1, 40, 4)
@@ -151,3 +153,31 @@ def test_the_simulator_runs_another_versions_scheduler_beside_this_one(tmp_path)
     this = sched_sim.run(sched_sim.SimConfig(**config), traffic)
     older = sched_sim.run(sched_sim.SimConfig(**config, scheduler_module=str(tmp_path / "older.py")), traffic)
     assert older == this
+
+
+def test_under_lpm_a_sequence_with_nothing_cached_is_not_starved_by_a_stream_of_cached_prefixes():
+    """A sequence with no cached prefix waits behind a steady stream of later arrivals that share a resident one, each
+    of which lpm prefers: once passed over LPM_MAX_PASSES times it goes first and is admitted."""
+    scheduler = Scheduler(BlockPool(30), 4, 8, 64, 512)
+    shared = list(range(500, 532))  # 8 blocks every stream sequence shares, and 4 of its own (40 + 5 tokens)
+    run_to_the_end(scheduler, [Sequence("s", 0, shared + [1], SamplingParams(max_tokens=1), 0, 1)])
+    lonely = sequence(1, 60, 4)  # 16 blocks of its own: room for it only while fewer than 2 stream sequences run
+    order, admitted_at = itertools.count(2), None
+    for step in range(2000):
+        if step == 1:
+            scheduler.add(lonely)  # once the stream runs: it is never alone
+        while len(scheduler.waiting) < 3:
+            i = next(order)
+            scheduler.add(Sequence(str(i), 0, shared + [i] * 8, SamplingParams(max_tokens=6), 0, 6, arrival_order=i))
+        schedule = scheduler.schedule()
+        if lonely in schedule.admitted:
+            admitted_at = step
+            break
+        for item in schedule.items:
+            if item.samples:
+                item.seq.token_ids[-1] = 7
+            scheduler.register_full_blocks(item.seq)
+            if item.seq.num_generated >= item.seq.max_tokens:
+                scheduler.finish(item.seq, "length")
+    assert admitted_at is not None, "starved"
+    assert lonely.passed_over == 0 and admitted_at >= scheduler_module.LPM_MAX_PASSES  # (it was passed until then)

@@ -231,7 +231,8 @@ class Scheduler:
             # blocks running sequences are expected to grow into, and those earlier sequences' loads (on their way to
             # the device, or waiting for room) will take
             reserved = self._kept_for_running()
-            order = self._admission_order()
+            no_room = self.tiers is None and self.pool.num_free - reserved < 1  # (with tiers, fetches still start)
+            order = [] if no_room else self._admission_order()
             for seq in order:
                 if budget <= 0 or len(self.running) >= self.max_num_seqs or len(items) >= max_items:
                     break
@@ -242,12 +243,13 @@ class Scheduler:
                     if (fetch is not None and fetch.ready and not fetch.room
                             and self._pins_make_room(seq, reserved, order)):  # fmt: skip
                         self._unpin_after(seq, order)  # it waits for room: later sequences' pins must not hold it
-                    reserved += self._reserve_for_load(seq)
+                    reserved += self._reserve_for_load(seq, reserved)
                     continue  # its prefix blocks are coming up from a KV tier; others go ahead, around its room
+                if self._waits_for_parent(seq):
+                    continue  # waits for its sibling's prompt, not for blocks (later pins stay)
                 if not self._admit(seq, budget, loads, reserved):
-                    if seq.fork_parent is not None:
-                        continue  # waits for its sibling's prompt, not for blocks (later pins stay)
-                    if not (self._unpin_after(seq, order) and self._admit(seq, budget, loads, reserved)):
+                    if not (self._pins_help(seq, budget, reserved, order) and self._unpin_after(seq, order)
+                            and self._admit(seq, budget, loads, reserved)):  # fmt: skip
                         break
                 admitted.append(seq)
                 n = len(seq.token_ids) - seq.num_computed
@@ -255,14 +257,40 @@ class Scheduler:
                 budget -= items[-1].num_tokens
                 reserved += self._expected_blocks(seq, seq.num_computed)
             if admitted and self.policy == "lpm":
-                latest = max(seq.arrival_order for seq in admitted)
-                for seq in self.waiting:
-                    seq.passed_over += seq.arrival_order < latest
+                self._count_passes(admitted)
         if self.tiers is not None:  # stagings held back start now, oldest first, whatever stopped admission
             for seq in self.waiting:
                 if seq.tier_fetch is not None:
                     self.tiers.poll(seq.tier_fetch, room=None)  # the room this round's ask found
         return Schedule(items, admitted, preempted, loads)
+
+    def _count_passes(self, admitted: list[Sequence]) -> None:
+        """Each waiting sequence that could have been admitted, but saw a later arrival of its priority or a lower
+        one admitted instead, was passed over once more (lpm's bound on it)."""
+        for seq in self.waiting:
+            if seq.token_ids[-1] == PENDING or self._waits_for_parent(seq) or (
+                    seq.tier_fetch is not None and not seq.tier_fetch.admissible):  # fmt: skip
+                continue  # it could not have been admitted this round anyway
+            seq.passed_over += any(a.arrival_order > seq.arrival_order and a.priority >= seq.priority
+                                   for a in admitted)  # fmt: skip
+
+    def _waits_for_parent(self, seq: Sequence) -> bool:
+        """A forked sequence (n > 1) whose sibling has not computed the prompt they share yet."""
+        parent = seq.fork_parent
+        return (parent is not None and parent.status is not Status.FINISHED
+                and (parent.status is not Status.RUNNING or parent.num_computed < parent.num_prompt))  # fmt: skip
+
+    def _pins_help(self, seq: Sequence, budget: int, reserved: int, order: list[Sequence]) -> bool:
+        """The pins of sequences after `seq` in admission order would make the room it lacks (else they are left
+        alone: taking them would restart those sequences' fetches for nothing)."""
+        pinned = sum(len(s.tier_pin) for s in order[order.index(seq) + 1 :])
+        if not pinned:
+            return False
+        blocks = self.pool.lookup(self._hashes(seq))[: (len(seq.token_ids) - 1) // self.block_size]
+        in_use = sum(self.pool.ref_count[b] > 0 for b in blocks)  # shared without taking a free block
+        alone = not self.running and reserved == 0
+        end = min(len(seq.token_ids), len(blocks) * self.block_size + budget) if alone else self._expected_tokens(seq)
+        return -(-end // self.block_size) - in_use <= self.pool.num_free - reserved + pinned
 
     def _admission_order(self) -> list[Sequence]:
         """The waiting sequences in the order admission tries them: by priority, then (lpm) those passed over by later
@@ -290,7 +318,7 @@ class Scheduler:
         max_shared = (len(seq.token_ids) - 1) // self.block_size  # at least one token must run to give logits
         parent, looked_up = seq.fork_parent, False
         if parent is not None and parent.status is not Status.FINISHED:
-            if parent.status is not Status.RUNNING or parent.num_computed < parent.num_prompt:
+            if self._waits_for_parent(seq):
                 return False
             shared = parent.block_table[: min(max_shared, (parent.num_prompt - 1) // self.block_size)]
         else:
@@ -301,7 +329,8 @@ class Scheduler:
         seq.block_table = list(shared)
         seq.num_computed = len(shared) * self.block_size
         seq.num_registered_blocks = len(shared) if seq.fork_parent is None else 0  # cache hits are published
-        if self.running and self._expected_blocks(seq) > self.pool.num_free - reserved:
+        alone = not self.running and reserved == 0  # (a load on its way is not alone's either)
+        if not alone and self._expected_blocks(seq) > self.pool.num_free - reserved:
             self._unshare(seq)  # beside others it needs room for all of its prompt and its expected output: else its
             return False  # later chunks or tokens would preempt someone (alone, it may go on chunk by chunk)
         load = self._take_host_blocks(seq) if seq.host_kv is not None else None
@@ -323,6 +352,7 @@ class Scheduler:
                 self.pool.register(seq.block_table[b], seq.block_hashes[b])
             seq.num_registered_blocks = loaded
             loads.append(tier_load)
+        seq.passed_over = 0
         if looked_up:  # once: a try that did not admit looks up again
             self.pool.count(len(seq.token_ids), len(shared) * self.block_size)
         if lookup is not None:
@@ -372,20 +402,22 @@ class Scheduler:
                 return True
             self.pool.share(device)
             seq.tier_pin = device
-        return self.tiers.poll(fetch, self._load_need(seq) <= self.pool.num_free - reserved)
+        return self.tiers.poll(fetch, self._load_need(seq, reserved) <= self.pool.num_free - reserved)
 
-    def _load_need(self, seq: Sequence) -> int:
-        """The fresh blocks admission will ask for a loading sequence: its loaded rows (the fetch's run, up to
-        max_shared) and its first chunk after them, less the device blocks it pins (unpinned ones, if still cached,
-        are among the free blocks its admission takes back)."""
+    def _load_need(self, seq: Sequence, reserved: int) -> int:
+        """The fresh blocks admission will ask for a loading sequence, beside running sequences or `reserved` blocks:
+        all of it (its loaded rows, the rest of its prompt and its expected output); alone, or if all of it is more
+        than the pool, its loaded rows (the fetch's run, up to max_shared) and its first chunk after them. Less the
+        device blocks it pins (unpinned ones, if still cached, are among the free blocks its admission takes back)."""
         fetch, max_shared = seq.tier_fetch, (len(seq.token_ids) - 1) // self.block_size
         computed = min(max_shared, fetch.start + (fetch.valid if fetch.ready else len(fetch.hashes))) * self.block_size
-        tokens = computed + min(len(seq.token_ids) - computed, self.max_num_batched_tokens)  # its first chunk's end
-        if self.running:  # beside others: all of it (`_admit`)
-            tokens = max(tokens, self._expected_tokens(seq))
+        first = computed + min(len(seq.token_ids) - computed, self.max_num_batched_tokens)  # its first chunk's end
+        tokens = max(first, self._expected_tokens(seq))  # all of it, as `_admit` asks beside others
+        if (not self.running and reserved == 0) or -(-tokens // self.block_size) > self.pool.num_blocks:
+            tokens = first
         return -(-tokens // self.block_size) - len(seq.tier_pin)
 
-    def _reserve_for_load(self, seq: Sequence) -> int:
+    def _reserve_for_load(self, seq: Sequence, reserved: int) -> int:
         """Blocks held free for a loading sequence whose rows are in host memory: on their way to the device (the
         pool had room for it when their transfer started), or waiting for that room. Sequences after it in admission
         order must not take them, or it waits for room again once its rows arrive, or waits for room while they take
@@ -395,14 +427,14 @@ class Scheduler:
         fetch = seq.tier_fetch
         if fetch is None or not (fetch.onloading or (fetch.ready and not fetch.room)):
             return 0
-        return max(0, self._load_need(seq))
+        return max(0, self._load_need(seq, reserved))
 
     def _pins_make_room(self, seq: Sequence, reserved: int, order: list[Sequence]) -> bool:
         """The pins of sequences after `seq` in admission order would give it the room its load needs (else they are
         left alone: taking them would restart those sequences' fetches for nothing)."""
         later = order[order.index(seq) + 1 :]
         pinned = sum(len(s.tier_pin) for s in later)
-        return pinned > 0 and self._load_need(seq) <= self.pool.num_free - reserved + pinned
+        return pinned > 0 and self._load_need(seq, reserved) <= self.pool.num_free - reserved + pinned
 
     def _unpin(self, seq: Sequence) -> bool:
         """Give back the device blocks a loading sequence held (they stay cached until evicted)."""
