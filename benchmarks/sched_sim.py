@@ -208,12 +208,14 @@ def main(argv=None) -> None:
         row = {"scheduler": module or "this", "host_tier": host_tier, "policy": policy,
                "decode_headroom": float(headroom)}  # fmt: skip
         rows.append(row | run(config, traffic))
-    print(f"{'scheduler':>12} {'tier':>5} {'policy':>6} {'headroom':>8} {'P50 TTFT':>9} {'P95 TTFT':>9} {'max TTFT':>9} {'tok/s':>6} "
-          f"{'preempt':>7} {'computed':>9} {'loaded':>7}")  # fmt: skip
+    columns = ("scheduler", "tier", "policy", "headroom", "P50 TTFT", "P95 TTFT", "max TTFT", "tok/s", "preempt",
+               "computed", "loaded")  # fmt: skip
+    print(" ".join(f"{c:>9}" for c in columns))
     for r in rows:
-        print(f"{r['scheduler'][-12:]:>12} {'host' if r['host_tier'] else 'dev':>5} {r['policy']:>6} {r['decode_headroom']:>8g} "
-              f"{r['p50_ttft_ms']:>9.0f} {r['p95_ttft_ms']:>9.0f} {r['max_ttft_ms']:>9.0f} {r['output_tok_s']:>6.0f} "
-              f"{r['preemptions']:>7} {r['prompt_tokens_computed']:>9} {r['blocks_loaded']:>7}")  # fmt: skip
+        cells = (r["scheduler"][-9:], "host" if r["host_tier"] else "dev", r["policy"], f"{r['decode_headroom']:g}",
+                 *(f"{r[k]:.0f}" for k in ("p50_ttft_ms", "p95_ttft_ms", "max_ttft_ms", "output_tok_s")),
+                 r["preemptions"], r["prompt_tokens_computed"], r["blocks_loaded"])  # fmt: skip
+        print(" ".join(f"{c:>9}" for c in cells))
     if args["out"]:
         with open(args["out"], "w") as f:
             json.dump({"traffic": dataclasses.asdict(traffic), "config": base, "runs": rows}, f, indent=1)

@@ -87,8 +87,10 @@ def test_headroom_ends_the_preemptions_of_a_pool_admitted_to_the_brim():
     assert outputs[0.0] == outputs[1.0]
 
 
-@pytest.mark.parametrize("policy, young_priority, passed_over, admitted",
-                         [("lpm", 0, False, "2"), ("fcfs", 0, False, "1"), ("lpm", 1, False, "1"), ("lpm", 0, True, "1")])
+CASES = [("lpm", 0, False, "2"), ("fcfs", 0, False, "1"), ("lpm", 1, False, "1"), ("lpm", 0, True, "1")]
+
+
+@pytest.mark.parametrize("policy, young_priority, passed_over, admitted", CASES)
 def test_lpm_admits_the_sequence_whose_prefix_the_cache_holds_first(policy, young_priority, passed_over, admitted):
     """10 blocks of 4 tokens, 4 of them holding a finished prompt's prefix. An older sequence brings its own prompt (6
     blocks); a younger one shares those 4 blocks and needs 1 more. Room for one of them: lpm takes the younger, fcfs

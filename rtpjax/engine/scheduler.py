@@ -26,8 +26,8 @@ on the device (staged outside the cache, off the engine's thread); it is then ad
 (device-to-device writes: the step waits for no transfer).
 While it waits for free blocks after that, it keeps them. While it loads it holds (pins) the blocks of its prefix
 still on the device, so eviction cannot shrink that share and make its fetch start again; a sequence before it in
-admission order that lacks blocks (a load waiting for room too, if they would make that room), or a running one that
-must grow, takes those pins back first (youngest first), so pins never starve anyone. Every round polls every loading sequence,
+admission order that lacks blocks (if they would make that room), or a running one that must grow, takes those pins
+back first (youngest first), so pins never starve anyone. Every round polls every loading sequence,
 even past the budget, so a staging that was held back starts as soon as the bound allows.
 
 Speculation: a decoding sequence whose tokens are all known may be given drafts (proposed tokens) to run after its
