@@ -240,15 +240,16 @@ class Scheduler:
                     continue  # its last token is read after this step; admit it next time
                 if self.tiers is not None and not self._below_ready(seq, reserved):
                     fetch = seq.tier_fetch
-                    if (fetch is not None and fetch.ready and not fetch.room
-                            and self._pins_make_room(seq, reserved, order)):  # fmt: skip
-                        self._unpin_after(seq, order)  # it waits for room: later sequences' pins must not hold it
+                    if fetch is not None and fetch.ready and not fetch.room:  # it waits for room
+                        if self._pins_make_room(seq, self._load_need(seq, reserved), reserved, order):
+                            self._unpin_after(seq, order)  # later sequences' pins must not hold it
                     reserved += self._reserve_for_load(seq, reserved)
                     continue  # its prefix blocks are coming up from a KV tier; others go ahead, around its room
                 if self._waits_for_parent(seq):
                     continue  # waits for its sibling's prompt, not for blocks (later pins stay)
                 if not self._admit(seq, budget, loads, reserved):
-                    if not (self._pins_help(seq, budget, reserved, order) and self._unpin_after(seq, order)
+                    need = self._admission_need(seq, budget, reserved)
+                    if not (self._pins_make_room(seq, need, reserved, order) and self._unpin_after(seq, order)
                             and self._admit(seq, budget, loads, reserved)):  # fmt: skip
                         break
                 admitted.append(seq)
@@ -280,17 +281,18 @@ class Scheduler:
         return (parent is not None and parent.status is not Status.FINISHED
                 and (parent.status is not Status.RUNNING or parent.num_computed < parent.num_prompt))  # fmt: skip
 
-    def _pins_help(self, seq: Sequence, budget: int, reserved: int, order: list[Sequence]) -> bool:
-        """The pins of sequences after `seq` in admission order would make the room it lacks (else they are left
-        alone: taking them would restart those sequences' fetches for nothing)."""
-        pinned = sum(len(s.tier_pin) for s in order[order.index(seq) + 1 :])
-        if not pinned:
-            return False
+    def _alone(self, reserved: int) -> bool:
+        """Nothing runs and no load is on its way: a sequence admitted now may go on chunk by chunk."""
+        return not self.running and reserved == 0
+
+    def _admission_need(self, seq: Sequence, budget: int, reserved: int) -> int:
+        """The free blocks `_admit` would take for a waiting sequence (its cached prefix blocks that others use cost
+        none)."""
         blocks = self.pool.lookup(self._hashes(seq))[: (len(seq.token_ids) - 1) // self.block_size]
-        in_use = sum(self.pool.ref_count[b] > 0 for b in blocks)  # shared without taking a free block
-        alone = not self.running and reserved == 0
-        end = min(len(seq.token_ids), len(blocks) * self.block_size + budget) if alone else self._expected_tokens(seq)
-        return -(-end // self.block_size) - in_use <= self.pool.num_free - reserved + pinned
+        in_use = sum(self.pool.ref_count[b] > 0 for b in blocks)
+        end = (min(len(seq.token_ids), len(blocks) * self.block_size + budget) if self._alone(reserved)
+               else self._expected_tokens(seq))  # fmt: skip
+        return -(-end // self.block_size) - in_use
 
     def _admission_order(self) -> list[Sequence]:
         """The waiting sequences in the order admission tries them: by priority, then (lpm) those passed over by later
@@ -329,8 +331,7 @@ class Scheduler:
         seq.block_table = list(shared)
         seq.num_computed = len(shared) * self.block_size
         seq.num_registered_blocks = len(shared) if seq.fork_parent is None else 0  # cache hits are published
-        alone = not self.running and reserved == 0  # (a load on its way is not alone's either)
-        if not alone and self._expected_blocks(seq) > self.pool.num_free - reserved:
+        if not self._alone(reserved) and self._expected_blocks(seq) > self.pool.num_free - reserved:
             self._unshare(seq)  # beside others it needs room for all of its prompt and its expected output: else its
             return False  # later chunks or tokens would preempt someone (alone, it may go on chunk by chunk)
         load = self._take_host_blocks(seq) if seq.host_kv is not None else None
@@ -413,7 +414,7 @@ class Scheduler:
         computed = min(max_shared, fetch.start + (fetch.valid if fetch.ready else len(fetch.hashes))) * self.block_size
         first = computed + min(len(seq.token_ids) - computed, self.max_num_batched_tokens)  # its first chunk's end
         tokens = max(first, self._expected_tokens(seq))  # all of it, as `_admit` asks beside others
-        if (not self.running and reserved == 0) or -(-tokens // self.block_size) > self.pool.num_blocks:
+        if self._alone(reserved) or -(-tokens // self.block_size) > self.pool.num_blocks:
             tokens = first
         return -(-tokens // self.block_size) - len(seq.tier_pin)
 
@@ -429,12 +430,11 @@ class Scheduler:
             return 0
         return max(0, self._load_need(seq, reserved))
 
-    def _pins_make_room(self, seq: Sequence, reserved: int, order: list[Sequence]) -> bool:
-        """The pins of sequences after `seq` in admission order would give it the room its load needs (else they are
-        left alone: taking them would restart those sequences' fetches for nothing)."""
-        later = order[order.index(seq) + 1 :]
-        pinned = sum(len(s.tier_pin) for s in later)
-        return pinned > 0 and self._load_need(seq, reserved) <= self.pool.num_free - reserved + pinned
+    def _pins_make_room(self, seq: Sequence, need: int, reserved: int, order: list[Sequence]) -> bool:
+        """The pins of sequences after `seq` in admission order would give it the `need` free blocks it lacks (else
+        they are left alone: taking them would restart those sequences' fetches for nothing)."""
+        pinned = sum(len(s.tier_pin) for s in order[order.index(seq) + 1 :])
+        return pinned > 0 and need <= self.pool.num_free - reserved + pinned
 
     def _unpin(self, seq: Sequence) -> bool:
         """Give back the device blocks a loading sequence held (they stay cached until evicted)."""
