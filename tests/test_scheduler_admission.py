@@ -1,6 +1,7 @@
-"""Admission when the KV pool is the bottleneck: longest cached prefix first (lpm), decode headroom (room kept for
-what running sequences are expected to generate, so that a pool admitted to the brim does not preempt its own
-sequences), and the simulator that compares scheduling choices on a modelled GPU."""
+"""Admission when the KV pool is the bottleneck: room for a whole prompt beside running sequences, longest cached
+prefix first (lpm) without starving anyone, decode headroom (room kept for what running sequences are expected to
+generate, so that a pool admitted to the brim does not preempt its own sequences), and the simulator that compares
+scheduling choices on a modelled GPU."""
 
 import itertools
 
