@@ -504,7 +504,7 @@ PY
       off) tier_serve off --no-enable-prefix-caching ;;
       device) tier_serve device ;;
       tiered) tier_serve tiered $tiered ;;
-      device_fcfs) tier_serve device_fcfs --scheduling-policy fcfs ;;  # admission by arrival (before 12-06d)
+      device_fcfs) tier_serve device_fcfs --scheduling-policy fcfs ;;  # admission by arrival, not longest prefix
       tiered_fcfs) tier_serve tiered_fcfs $tiered --scheduling-policy fcfs ;;
       tiered_switch5ms) RTPJAX_ENGINE_SWITCH_INTERVAL=0.005 tier_serve tiered_switch5ms $tiered ;;  # Python's default
       esac
