@@ -316,23 +316,37 @@ def test_a_fetch_without_room_is_not_staged_and_holds_no_bound():
         tiers.close()
 
 
+def _cache_on_device(pool: BlockPool, hashes: list[bytes]) -> None:
+    """Blocks holding `hashes`, published in the prefix cache and free (as a finished sequence leaves them)."""
+    blocks = pool.allocate(len(hashes))
+    for block, h in zip(blocks, hashes):
+        pool.register(block, h)
+    pool.release(blocks)
+
+
+def _loading_l_and_cached_x(pool: BlockPool, seed: int, len_x: int, l_on_device: int, x_on_device: int):
+    """(tiers, copier, L, X): L (81 tokens, arrived first) with its first l_on_device blocks cached on the device and
+    the next 2 in the host tier; X (len_x tokens) with its first x_on_device blocks cached on the device. The copier's
+    gate is closed: L's rows wait to be staged until it is set."""
+    tiers, copier = _tiers(slots=16), _Copier()
+    tiers.use_copier(copier, max_staged=16, max_gathered=8)
+    rng = np.random.default_rng(seed)
+    prompt_l, prompt_x = rng.integers(3, 512, 81).tolist(), rng.integers(3, 512, len_x).tolist()
+    hashes_l, hashes_x = prefix_hashes(prompt_l, 16), prefix_hashes(prompt_x, 16)
+    _cache_on_device(pool, hashes_l[:l_on_device] + hashes_x[:x_on_device])
+    for h in hashes_l[l_on_device : l_on_device + 2]:
+        tiers.host.put(h, rng.integers(0, 256, LAYOUT.block_bytes, dtype=np.uint8))
+    seq_l, seq_x = (Sequence(r, 0, p, SamplingParams(max_tokens=4), seed=0, max_tokens=4, arrival_order=i)
+                    for i, (r, p) in enumerate((("L", prompt_l), ("X", prompt_x))))  # fmt: skip
+    return tiers, copier, seq_l, seq_x
+
+
 def test_lpm_passes_a_loading_sequence_by_taking_its_pins_not_by_stopping():
     """L (older) loads its rest from the host tier while pinning its 3 device blocks; X (younger) has 4 blocks on the
     device, so lpm tries it first, and it fits only without L's pins. X must take them back ("after it" is admission
     order, not arrival) rather than stop admission for good; once X finishes, L comes in."""
-    pool, tiers, copier = BlockPool(10), _tiers(slots=16), _Copier()
-    tiers.use_copier(copier, max_staged=16, max_gathered=8)
-    rng = np.random.default_rng(8)
-    prompt_l, prompt_x = rng.integers(3, 512, 81).tolist(), rng.integers(3, 512, 113).tolist()
-    hashes_l, hashes_x = prefix_hashes(prompt_l, 16), prefix_hashes(prompt_x, 16)
-    cached = pool.allocate(7)
-    for block, h in zip(cached, hashes_l[:3] + hashes_x[:4]):
-        pool.register(block, h)
-    pool.release(cached)
-    for h in hashes_l[3:5]:
-        tiers.host.put(h, rng.integers(0, 256, LAYOUT.block_bytes, dtype=np.uint8))
-    seq_l, seq_x = (Sequence(r, 0, p, SamplingParams(max_tokens=4), seed=0, max_tokens=4, arrival_order=i)
-                    for i, (r, p) in enumerate((("L", prompt_l), ("X", prompt_x))))  # fmt: skip
+    pool = BlockPool(10)
+    tiers, copier, seq_l, seq_x = _loading_l_and_cached_x(pool, 8, 113, l_on_device=3, x_on_device=4)
     sched = Scheduler(pool, 16, 4, 128, 256, tiers=tiers, policy="lpm")
     sched.add(seq_l)
     sched.schedule()
@@ -397,20 +411,9 @@ def test_a_load_on_its_way_to_the_device_keeps_its_room_from_later_sequences():
 def test_a_sequence_lacking_room_takes_later_pins_only_if_they_make_it(held, pins_taken):
     """lpm tries X (3 blocks on the device) before L (a load pinning its 2); X needs 8 blocks. With `held` of 12 taken
     by others, L's pins would give X 7 (5 held) or 8 (4 held) blocks: only the latter is worth restarting L's fetch."""
-    pool, tiers, copier = BlockPool(12), _tiers(slots=16), _Copier()
-    tiers.use_copier(copier, max_staged=16, max_gathered=8)
-    rng = np.random.default_rng(9)
-    prompt_l, prompt_x = rng.integers(3, 512, 81).tolist(), rng.integers(3, 512, 120).tolist()
-    hashes_l, hashes_x = prefix_hashes(prompt_l, 16), prefix_hashes(prompt_x, 16)
-    cached = pool.allocate(5)
-    for block, h in zip(cached, hashes_l[:2] + hashes_x[:3]):
-        pool.register(block, h)
-    pool.release(cached)
+    pool = BlockPool(12)
+    tiers, copier, seq_l, seq_x = _loading_l_and_cached_x(pool, 9, 120, l_on_device=2, x_on_device=3)
     taken = pool.allocate(held)  # fresh blocks go first: the cached ones stay
-    for h in hashes_l[2:4]:
-        tiers.host.put(h, rng.integers(0, 256, LAYOUT.block_bytes, dtype=np.uint8))
-    seq_l, seq_x = (Sequence(r, 0, p, SamplingParams(max_tokens=4), seed=0, max_tokens=4, arrival_order=i)
-                    for i, (r, p) in enumerate((("L", prompt_l), ("X", prompt_x))))  # fmt: skip
     sched = Scheduler(pool, 16, 4, 128, 256, tiers=tiers, policy="lpm")
     try:
         sched.add(seq_l)
@@ -486,10 +489,7 @@ def test_a_load_waiting_for_room_takes_back_the_pins_of_younger_loads(policy):
     rng = np.random.default_rng(8)
     prompt_a, prompt_b = rng.integers(3, 512, 81).tolist(), rng.integers(3, 512, 81).tolist()
     hashes_b = prefix_hashes(prompt_b, 16)
-    on_device = pool.allocate(3)  # B's first 3 blocks, cached on the device and free
-    for block, h in zip(on_device, hashes_b):
-        pool.register(block, h)
-    pool.release(on_device)
+    _cache_on_device(pool, hashes_b[:3])  # B's first 3 blocks
     held = pool.allocate(4)  # a running sequence's 4 blocks (fresh ones go first: B's cached blocks stay)
     assert pool.num_free == 4 and all(h in pool.cached for h in hashes_b[:3])
     rows = rng.integers(0, 256, (7, LAYOUT.block_bytes), dtype=np.uint8)
