@@ -381,13 +381,16 @@ def _two_sequences(tiers: KVTiers, seed: int, lens: tuple[int, int], below: tupl
                  for i, (r, p) in enumerate(zip("ab", prompts)))  # fmt: skip
 
 
-def test_a_load_on_its_way_to_the_device_keeps_its_room_from_later_sequences():
+@pytest.mark.parametrize("budget", [64, 16])
+def test_a_load_on_its_way_to_the_device_keeps_its_room_from_later_sequences(budget):
     """A's prefix is being staged (the pool had room for it when its transfer started); B, behind it and with nothing
-    below, must not take that room meanwhile, or A waits for room again once its rows arrive."""
+    below, must not take that room meanwhile, or A waits for room again once its rows arrive. With 16-token steps B's
+    first chunk (1 block) would fit beside A's room, all of it would not: nothing runs, but beside a load on its way B
+    is not alone, and waits as it would beside a running sequence."""
     pool, tiers, copier = BlockPool(8), _tiers(), _Copier()
     tiers.use_copier(copier, max_staged=8, max_gathered=8)
     held = pool.allocate(2)  # 6 free: A's 3 loaded blocks and its last token's, or B's 4, not both
-    sched = Scheduler(pool, 16, 4, 64, 256, tiers=tiers)
+    sched = Scheduler(pool, 16, 4, budget, 256, tiers=tiers)
     a, b = _two_sequences(tiers, 5, (49, 49), (3, 0))
     sched.add(a)
     sched.add(b)
@@ -425,29 +428,6 @@ def test_a_sequence_lacking_room_takes_later_pins_only_if_they_make_it(held, pin
     finally:
         copier.gate.set()
         pool.release(taken)
-        tiers.close()
-
-
-def test_beside_a_load_on_its_way_a_sequence_is_not_alone():
-    """Nothing runs, but A's load is on its way (its room reserved: 3 loaded blocks and its last token's). With 16-token
-    steps B's first chunk (1 block) fits in the 2 blocks left, all of its 49 tokens (4 blocks) do not: B waits as it
-    would beside a running sequence, rather than take room its later chunks would then want from A."""
-    pool, tiers, copier = BlockPool(8), _tiers(), _Copier()
-    tiers.use_copier(copier, max_staged=8, max_gathered=8)
-    held = pool.allocate(2)
-    sched = Scheduler(pool, 16, 4, 16, 256, tiers=tiers)
-    a, b = _two_sequences(tiers, 5, (49, 49), (3, 0))
-    sched.add(a)
-    sched.add(b)
-    try:
-        schedule = sched.schedule()
-        assert a.tier_fetch is not None and a.tier_fetch.onloading and not schedule.items
-        copier.gate.set()
-        _until(lambda: a.tier_fetch.admissible)
-        assert [item.seq for item in sched.schedule().items] == [a]
-    finally:
-        copier.gate.set()
-        pool.release(held)
         tiers.close()
 
 
