@@ -1,6 +1,9 @@
 """Per-layer KV-cache precision: the map's spelling, per-layer buffers and their bytes, the calibration against its
 budget (stored and read back), and an engine whose layers keep different dtypes matching the plain greedy loop."""
 
+import logging
+
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -56,6 +59,25 @@ def test_calibration_spends_its_budget_and_is_stored(stories_dir, tmp_path):
     assert kv_precision.mean_kl(ref, mixed) <= 0.01
     again = kv_precision.resolve("adaptive", "auto", params, cfg, family, kv_bound=True, **kw)
     assert again == first and len(calls) == 1 and len(list(tmp_path.glob("kv-precision-*.json"))) == 1
+
+
+def test_calibration_measures_every_layer_with_one_program(stories_dir, caplog):
+    """Each layer alone is measured through one compiled program (a model-dtype cache whose writes take a traced
+    one-byte round trip), and that stand-in gives exactly the real one-byte cache's log-probabilities (a float32
+    model): calibration compiles the forward for that program, the reference and the chosen map, not per layer."""
+    cfg, family, params = load_model(stories_dir)
+    tokens = list(range(3, 150))  # a length no other test compiles
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        chosen = kv_precision.calibrate(params, cfg, family, tokens, budget=10.0)
+    compiled = [r for r in caplog.records if "Finished XLA compilation of jit(forward)" in r.getMessage()]
+    assert 1 <= len(compiled) <= 3 < 2 * cfg.num_layers and chosen != ("auto",) * cfg.num_layers
+    base = ("auto",) * cfg.num_layers
+    ref = kv_precision.log_probs(params, cfg, family, tokens, base)
+    assert jnp.array_equal(kv_precision.simulated_log_probs(params, cfg, family, tokens, base), ref)
+    for layer_map in (("int8",) + base[1:], base[:-2] + ("fp8", "int8"), chosen):
+        simulated = kv_precision.simulated_log_probs(params, cfg, family, tokens, layer_map)
+        assert jnp.array_equal(simulated, kv_precision.log_probs(params, cfg, family, tokens, layer_map))
+        assert not jnp.array_equal(simulated, ref)
 
 
 def test_engine_with_a_per_layer_map_matches_the_greedy_loop(stories_dir, compile_cache):

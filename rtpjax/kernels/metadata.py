@@ -43,6 +43,8 @@ class AttentionMetadata:
 # A layer's cache: (k, v), each [heads, num_blocks, block_size, head_dim] (heads: kv_cache.cache_heads): one contiguous
 # [block_size, head_dim] tile per (head, block), the unit attention kernels load. A quantized (int8 / fp8) cache adds
 # (k_scale, v_scale), each [heads, num_blocks, block_size] float32: one scale per token per head.
+# KV-precision calibration's stand-in for a one-byte cache: (k, v, mode), the model's dtype with a traced int32 mode
+# whose round trip (reference.round_trip) every write goes through.
 LayerCache = tuple[jax.Array, ...]
 
 

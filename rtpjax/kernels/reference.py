@@ -22,6 +22,17 @@ def quantize(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
     return y.astype(dtype), scale
 
 
+ROUND_TRIPS = (None, jnp.int8, jnp.float8_e4m3fn)  # round_trip's modes: 0 keeps x, 1 int8, 2 fp8
+
+
+def round_trip(x: jax.Array, mode: jax.Array) -> jax.Array:
+    """x as a cache of ROUND_TRIPS[mode] gives it back (quantized, then times its scale), in x's dtype. The mode is
+    traced, so one program serves every choice: KV-precision calibration measures each layer's with one compile."""
+    kept = [x] + [(lambda q, s: q.astype(jnp.float32) * s[..., None])(*quantize(x, d)).astype(x.dtype)
+                  for d in ROUND_TRIPS[1:]]  # fmt: skip
+    return jax.lax.select_n(mode, *kept)
+
+
 def round_half_even(y: jax.Array) -> jax.Array:
     """jnp.round of float32 values in int32 range (not NaN), from truncation: the Triton lowering has no round
     (kv_write), and XLA folds the float adder trick ((y + 1.5 * 2**23) - 1.5 * 2**23) away."""

@@ -14,6 +14,7 @@ and stored beside the compilation cache, keyed by model and budget, so the next 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rtpjax.kernels.reference import ROUND_TRIPS
 from rtpjax.kv import kv_cache
 from rtpjax.runner.greedy import jit_forward
 from rtpjax.runner.step_inputs import SeqChunk, build_step
@@ -76,9 +78,27 @@ def format_map(names: tuple[str, ...]) -> str:
 
 def log_probs(params, cfg, family, tokens: list[int], dtypes: str | tuple[str, ...], block_size: int = 16) -> jax.Array:
     """Log-probabilities at every position of one prefill of `tokens` through a cache of these per-layer dtypes."""
-    num_blocks = -(-len(tokens) // block_size)
-    cache = kv_cache.allocate(cfg, num_blocks, block_size, kv_dtype=dtypes)
-    inputs = build_step([SeqChunk(tokens, 0, list(range(num_blocks)))], block_size)
+    return _prefill(params, cfg, family, tokens, kv_cache.allocate(cfg, _blocks(tokens, block_size), block_size,
+                                                                    kv_dtype=dtypes), block_size)  # fmt: skip
+
+
+def simulated_log_probs(params, cfg, family, tokens: list[int], dtypes: tuple[str, ...],
+                        block_size: int = 16) -> jax.Array:  # fmt: skip
+    """log_probs of a map as a model-dtype cache whose writes take each layer's one-byte round trip, its mode traced:
+    every map is the same program, so measuring each layer alone compiles once, not once per layer and dtype."""
+    modes = [0 if d == "auto" else ROUND_TRIPS.index(kv_cache.KV_DTYPES[d]) for d in dtypes]
+    shape = kv_cache.block_shape(cfg, _blocks(tokens, block_size), block_size)
+    zeros = lambda: jnp.zeros(shape, cfg.jnp_dtype)  # noqa: E731  (not allocate: its makers compile on every call)
+    cache = [(zeros(), zeros(), jnp.int32(mode)) for mode in modes]
+    return _prefill(params, cfg, family, tokens, cache, block_size)
+
+
+def _blocks(tokens: list[int], block_size: int) -> int:
+    return -(-len(tokens) // block_size)
+
+
+def _prefill(params, cfg, family, tokens: list[int], cache: list, block_size: int) -> jax.Array:
+    inputs = build_step([SeqChunk(tokens, 0, list(range(_blocks(tokens, block_size))))], block_size)
     logits, _ = jit_forward(family)(params, cfg, inputs.tokens, inputs.positions, cache, inputs.meta, None)
     return jax.nn.log_softmax(logits[: len(tokens)].astype(jnp.float32), axis=-1)
 
@@ -89,22 +109,25 @@ def mean_kl(p: jax.Array, q: jax.Array) -> float:
 
 def calibrate(params, cfg, family, tokens: list[int], budget: float, candidates=CANDIDATES) -> tuple[str, ...]:
     """The per-layer map: one-byte caches for the least sensitive layers while the summed mean next-token KL stays
-    within `budget`; the whole map is checked and its most sensitive one-byte layer given back until it fits."""
+    within `budget`. Each layer alone is measured through simulated caches (one program); the whole map is checked
+    the same way and then through real one-byte caches, its most sensitive one-byte layer given back until it fits."""
     base = ("auto",) * cfg.num_layers
-    ref = log_probs(params, cfg, family, tokens, base)
+    simulated = functools.partial(simulated_log_probs, params, cfg, family, tokens)
+    ref = simulated(base)
     best: dict[int, tuple[float, str]] = {}
     for i in range(cfg.num_layers):
         for dtype in candidates:
-            kl = mean_kl(ref, log_probs(params, cfg, family, tokens, base[:i] + (dtype,) + base[i + 1 :]))
+            kl = mean_kl(ref, simulated(base[:i] + (dtype,) + base[i + 1 :]))
             best[i] = min(best.get(i, (np.inf, "")), (kl, dtype))
     chosen, spent = list(base), 0.0
     for i in sorted(best, key=lambda i: best[i][0]):
         if spent + best[i][0] <= budget:
             chosen[i], spent = best[i][1], spent + best[i][0]
-    while any(d != "auto" for d in chosen) and mean_kl(ref, log_probs(params, cfg, family, tokens,
-                                                                      tuple(chosen))) > budget:  # fmt: skip
-        worst = max((i for i, d in enumerate(chosen) if d != "auto"), key=lambda i: best[i][0])
-        chosen[worst] = "auto"
+    real = functools.partial(log_probs, params, cfg, family, tokens)
+    for measure, ref in ((simulated, ref), (real, real(base))):
+        while any(d != "auto" for d in chosen) and mean_kl(ref, measure(tuple(chosen))) > budget:
+            worst = max((i for i, d in enumerate(chosen) if d != "auto"), key=lambda i: best[i][0])
+            chosen[worst] = "auto"
     per_layer = ", ".join(f"{i}:{best[i][1]}={best[i][0]:.2e}" for i in range(cfg.num_layers))
     log.info("KV precision calibration (mean next-token KL per layer alone, budget %g): %s", budget, per_layer)
     return tuple(chosen)
