@@ -40,7 +40,9 @@
 #           requests in flight, so that more conversations than that wait between their turns, as chat users do;
 #           several ("8 16 32 64"): a run each against the same server, results named _cN, each with new prompts;
 #           TIER_WARMUPS=32: each shared-prefix run first sends one request per prefix, not measured: a steady state;
-#           TIER_CONFIGS may name device_fcfs / tiered_fcfs: the same with admission by arrival, not longest prefix)
+#           TIER_CONFIGS may name device_fcfs / tiered_fcfs: the same with admission by arrival, not longest prefix;
+#           TIER_RATES ("3 5"): open-loop runs at those requests/s (multi_turn: conversations/s), Poisson, at most
+#           TIER_RATE_CAP (256) in flight, results named _rR; TIER_CONCURRENCY= (empty) runs the rates alone)
 #   moe     Qwen3-30B-A3B-shaped random weights: the MoE block alone against its weight-bandwidth floor (grouped, dense,
 #           auto, pallas, and the grouped-matmul kernel swept over block sizes; MOE_BLOCK_FLAGS adds moe_block.py
 #           flags, e.g. "--pallas-blocks 64x128x4x3,128x128x8x4 --pallas-rows 16,32"), then offline decode
@@ -479,18 +481,24 @@ PY
       curl -s localhost:8000/metrics | grep -E "^rtpjax:(prefix_cache|kv_tier)_(queries|hits)" > "$OUT/tiers_$name.metrics"
       cat "$OUT/tiers_$name.metrics"
     }
-    traffic() {  # $1: config name; one run per dataset and concurrency, each concurrency's prompts its own (seed
-      # 0 for the first, as the restart below asks for the shared prefixes the first run wrote down)
+    traffic() {  # $1: config name; one run per dataset and load (each concurrency in TIER_CONCURRENCY, then each
+      # rate in TIER_RATES), each load's prompts its own (seed 0 for the first, as the restart below asks for the
+      # shared prefixes the first run wrote down)
+      local loads; loads="$(for c in ${TIER_CONCURRENCY-64}; do echo c$c; done; for r in ${TIER_RATES:-}; do echo r$r; done)"
       for dataset in ${TIER_DATASETS:-multi_turn shared_prefix}; do
         local seed=-1
-        for c in ${TIER_CONCURRENCY:-64}; do
-          seed=$((seed + 1)); local name="$1_${dataset}"
-          [ "$(echo ${TIER_CONCURRENCY:-64} | wc -w)" -gt 1 ] && name="${name}_c$c"
+        for load in $loads; do
+          seed=$((seed + 1)); local name="$1_${dataset}" pace
+          [ "$(echo $loads | wc -w)" -gt 1 ] || [ "${load#r}" != "$load" ] && name="${name}_$load"
+          case $load in
+          c*) pace="--max-concurrency ${load#c}" ;;
+          r*) pace="--request-rate ${load#r} --max-concurrency ${TIER_RATE_CAP:-256}" ;;
+          esac
           case $dataset in
           multi_turn) tier_bench "$name" --dataset-name multi_turn --num-prompts ${TIER_PROMPTS:-256} --seed $seed \
-            --multi-turn-num-turns 4 --multi-turn-input-len 1024 --multi-turn-output-len 128 --max-concurrency $c ;;
+            --multi-turn-num-turns 4 --multi-turn-input-len 1024 --multi-turn-output-len 128 $pace ;;
           shared_prefix) tier_bench "$name" --dataset-name prefix_repetition --seed $seed \
-            --num-prompts ${TIER_PROMPTS:-256} --num-warmups ${TIER_WARMUPS:-0} --max-concurrency $c \
+            --num-prompts ${TIER_PROMPTS:-256} --num-warmups ${TIER_WARMUPS:-0} $pace \
             --prefix-repetition-prefix-len 4096 \
             --prefix-repetition-suffix-len 256 --prefix-repetition-num-prefixes 32 --prefix-repetition-output-len 128 ;;
           esac

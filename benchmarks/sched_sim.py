@@ -1,5 +1,5 @@
-"""The engine's scheduler on a simulated GPU: a closed-loop serving run in virtual time, to compare scheduling
-choices where no GPU is at hand, and to see what a capped KV pool costs.
+"""The engine's scheduler on a simulated GPU: a serving run in virtual time, to compare scheduling choices where no
+GPU is at hand, and to see what a capped KV pool costs.
 
 The real Scheduler and BlockPool run every step; the model does not. A step costs `step_ms` plus `token_ms` per
 prompt token it computes (a decode row costs `step_ms` alone: weight-bound), and a sampled token is a fresh id. With
@@ -7,7 +7,11 @@ prompt token it computes (a decode row costs `step_ms` alone: weight-bound), and
 below the device comes back at admission as a block load costing `load_ms_per_block` (an adopted request's host
 blocks, standing in for the engine's tier with its asynchronous fetch taken as already done). Traffic is
 serve_bench's prefix_repetition: each prefix sent num-prompts / num-prefixes times, in shuffled order,
-`--max-concurrency` clients, ignore_eos. `--scheduler-module` runs another version's scheduler.py beside this one.
+`--max-concurrency` clients, ignore_eos; closed loop (each client sends when its last request ends), or with
+`--request-rate R` Poisson arrivals at R requests/s (serve_bench's open loop; TTFT counts from arrival, or from when a
+client was free under the concurrency cap). In a closed loop a faster server gets more work at once, so TTFT falls
+only as much as throughput rises; at a fixed rate below saturation it falls with the work each request costs.
+`--scheduler-module` runs another version's scheduler.py beside this one.
 
 What it leaves out: the engine's overlap of host work with the device, speculation, the tiers' own logic and waits
 (pins, staging, rows from disk) and the host tier's capacity. Calibrate `step_ms` / `token_ms` from a real run's loop
@@ -61,6 +65,7 @@ class Traffic:
     suffix_len: int = 256
     output_len: int = 128
     max_concurrency: int = 32
+    request_rate: float = float("inf")  # requests/s, Poisson arrivals; inf: closed loop
     seed: int = 0
 
     def prompts(self) -> list[list[int]]:
@@ -70,6 +75,13 @@ class Traffic:
                    for i in range(self.num_prompts)]  # fmt: skip
         rng.shuffle(prompts)
         return prompts
+
+    def arrivals(self) -> np.ndarray:
+        """Each request's arrival time in seconds: all at 0 in a closed loop (sent as clients free up)."""
+        if self.request_rate == float("inf"):
+            return np.zeros(self.num_prompts)
+        gaps = np.random.default_rng(self.seed + 1).exponential(1 / self.request_rate, self.num_prompts)
+        return np.cumsum(gaps) - gaps[0]
 
 
 class HostTier:
@@ -115,21 +127,27 @@ def run(config: SimConfig, traffic: Traffic) -> dict:
     known = inspect.signature(cls).parameters  # an older scheduler may lack some
     scheduler = cls(pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len,
                     **{k: v for k, v in options.items() if k in known})  # fmt: skip
-    prompts, ids = traffic.prompts(), itertools.count(1_000_000)
+    prompts, arrivals, ids = traffic.prompts(), traffic.arrivals(), itertools.count(1_000_000)
     now, sent, steps, computed, loaded = 0.0, 0, 0, 0, 0
-    submitted: dict[Sequence, float] = {}
+    submitted: dict[Sequence, float] = {}  # in flight: when each was sent
+    client_free_since = 0.0  # when a client last became free (the cap reached: not yet)
     ttft, e2el = [], []
 
-    def send() -> None:
-        nonlocal sent
-        seq = Sequence(str(sent), 0, prompts[sent], SamplingParams(max_tokens=traffic.output_len, ignore_eos=True),
-                       0, traffic.output_len, arrival_order=sent)  # fmt: skip
-        scheduler.add(seq)
-        submitted[seq] = now
-        sent += 1
+    def send_due() -> None:
+        """Requests that have arrived, while a client is free: as serve_bench sends them."""
+        nonlocal sent, client_free_since
+        while sent < len(prompts) and arrivals[sent] <= now and len(submitted) < traffic.max_concurrency:
+            seq = Sequence(str(sent), 0, prompts[sent], SamplingParams(max_tokens=traffic.output_len,
+                           ignore_eos=True), 0, traffic.output_len, arrival_order=sent)  # fmt: skip
+            scheduler.add(seq)
+            submitted[seq] = max(arrivals[sent], client_free_since)
+            sent += 1
+        if len(submitted) >= traffic.max_concurrency:
+            client_free_since = float("inf")
 
     def read(schedule) -> None:
         """The step's tokens into its sequences (those stopped meanwhile skipped), as the engine's _read."""
+        nonlocal client_free_since
         for item in schedule.items:
             seq = item.seq
             if seq.finished:
@@ -143,15 +161,16 @@ def run(config: SimConfig, traffic: Traffic) -> dict:
             if seq.num_generated >= seq.max_tokens and PENDING not in seq.token_ids[-1:]:
                 scheduler.finish(seq, "length")
                 e2el.append(now - submitted.pop(seq))
-                if sent < len(prompts):
-                    send()
+                client_free_since = min(client_free_since, now)
 
-    while sent < min(traffic.max_concurrency, len(prompts)):
-        send()
     inflight = None  # the step launched last: as the engine does, the next is scheduled before it is read
-    while scheduler.has_work() or inflight is not None:
+    while sent < len(prompts) or scheduler.has_work() or inflight is not None:
         if steps > 200 * len(prompts):
             raise RuntimeError("the simulated run does not finish: the scheduler admits nothing")
+        send_due()
+        if not scheduler.has_work() and inflight is None:
+            now = max(now, arrivals[sent])  # idle until the next arrival
+            continue
         if tier is not None:
             for seq in scheduler.waiting:
                 tier.offer(scheduler, seq)

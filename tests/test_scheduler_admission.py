@@ -133,6 +133,26 @@ def test_the_simulator_runs_the_real_scheduler_and_the_host_tier_takes_prefixes_
     assert tiered["prompt_tokens_computed"] >= traffic.num_prefixes * traffic.prefix_len
 
 
+def test_the_simulator_at_a_request_rate_counts_ttft_from_arrival_or_from_a_free_client():
+    """--request-rate: Poisson arrivals (serve_bench's open loop). Far below capacity each request runs alone, its
+    TTFT one prefill step; all at once (closed loop) they queue for the step's token budget; under a cap of one
+    client, TTFT counts from when the client was free (as serve_bench's), not from the request's arrival."""
+    import dataclasses
+
+    traffic = sched_sim.Traffic(num_prompts=16, num_prefixes=16, prefix_len=128, suffix_len=16, output_len=4,
+                                max_concurrency=16)  # fmt: skip
+    config = sched_sim.SimConfig(num_blocks=400, max_num_batched_tokens=256, max_num_seqs=16, max_model_len=512,
+                                 step_ms=5.0, token_ms=0.01)  # fmt: skip
+    one_step = config.step_ms + config.token_ms * (traffic.prefix_len + traffic.suffix_len)
+    slow = sched_sim.run(config, dataclasses.replace(traffic, request_rate=0.1))
+    assert slow["max_ttft_ms"] == pytest.approx(one_step)
+    assert slow["duration_s"] >= sched_sim.Traffic.arrivals(dataclasses.replace(traffic, request_rate=0.1))[-1] > 10
+    closed = sched_sim.run(config, traffic)
+    assert closed["max_ttft_ms"] > 8 * one_step and closed["duration_s"] < 1
+    capped = sched_sim.run(config, dataclasses.replace(traffic, request_rate=1000.0, max_concurrency=1))
+    assert capped["max_ttft_ms"] < 3 * one_step < capped["duration_s"] * 1e3 / 8
+
+
 @pytest.mark.parametrize("option, message", [
     (dict(scheduling_policy="sjf"), "--scheduling-policy must be lpm or fcfs"),
     (dict(decode_headroom=1.5), r"--decode-headroom must be a number in \[0, 1\]"),
