@@ -475,7 +475,7 @@ PY
     }
     tier_bench() {  # $1: result name, rest: dataset flags
       local name=$1; shift
-      timeout 400 python3 -m rtpjax.benchmarks.serve_bench --tokenizer "$CKPT" --ignore-eos --disable-tqdm \
+      timeout "${limit:-400}" python3 -m rtpjax.benchmarks.serve_bench --tokenizer "$CKPT" --ignore-eos --disable-tqdm \
         --save-result --result-dir "$OUT" --metric-percentiles 50,95,99 --result-filename "tiers_$name.json" "$@" \
         | grep -E "P95 TTFT|P95 ITL|Output token throughput"
       curl -s localhost:8000/metrics | grep -E "^rtpjax:(prefix_cache|kv_tier)_(queries|hits)" > "$OUT/tiers_$name.metrics"
@@ -488,11 +488,12 @@ PY
       for dataset in ${TIER_DATASETS:-multi_turn shared_prefix}; do
         local seed=-1
         for load in $loads; do
-          seed=$((seed + 1)); local name="$1_${dataset}" pace
+          seed=$((seed + 1)); local name="$1_${dataset}" pace limit=400
           [ "$(echo $loads | wc -w)" -gt 1 ] || [ "${load#r}" != "$load" ] && name="${name}_$load"
           case $load in
           c*) pace="--max-concurrency ${load#c}" ;;
-          r*) pace="--request-rate ${load#r} --max-concurrency ${TIER_RATE_CAP:-256}" ;;
+          r*) pace="--request-rate ${load#r} --max-concurrency ${TIER_RATE_CAP:-256}"  # + the arrivals' span
+              limit=$(awk "BEGIN { print int(400 + ${TIER_PROMPTS:-256} / ${load#r}) }") ;;
           esac
           case $dataset in
           multi_turn) tier_bench "$name" --dataset-name multi_turn --num-prompts ${TIER_PROMPTS:-256} --seed $seed \

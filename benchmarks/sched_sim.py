@@ -68,6 +68,11 @@ class Traffic:
     request_rate: float = float("inf")  # requests/s, Poisson arrivals; inf: closed loop
     seed: int = 0
 
+    def __post_init__(self):
+        if self.max_concurrency < 1 or not self.request_rate > 0:
+            raise ValueError(f"--max-concurrency must be >= 1 and --request-rate > 0 (inf: closed loop), got "
+                             f"{self.max_concurrency} and {self.request_rate}")  # fmt: skip
+
     def prompts(self) -> list[list[int]]:
         rng = np.random.default_rng(self.seed)
         prefixes = [rng.integers(0, 100_000, self.prefix_len).tolist() for _ in range(self.num_prefixes)]
@@ -163,13 +168,11 @@ def run(config: SimConfig, traffic: Traffic) -> dict:
                 e2el.append(now - submitted.pop(seq))
                 client_free_since = min(client_free_since, now)
 
-    inflight = None  # the step launched last: as the engine does, the next is scheduled before it is read
+    inflight, stalled = None, 0  # the step launched last: as the engine does, the next is scheduled before it is read
     while sent < len(prompts) or scheduler.has_work() or inflight is not None:
-        if steps > 200 * len(prompts):
-            raise RuntimeError("the simulated run does not finish: the scheduler admits nothing")
         send_due()
         if not scheduler.has_work() and inflight is None:
-            now = max(now, arrivals[sent])  # idle until the next arrival
+            now = arrivals[sent]  # idle until the next arrival (a client is free: none is in flight)
             continue
         if tier is not None:
             for seq in scheduler.waiting:
@@ -183,6 +186,9 @@ def run(config: SimConfig, traffic: Traffic) -> dict:
         if inflight is not None:
             read(inflight)
         inflight = schedule if schedule.items else None
+        stalled = 0 if schedule.items else stalled + 1
+        if stalled > 1000:
+            raise RuntimeError("the simulated run does not finish: the scheduler admits nothing")
         now += (config.step_ms + config.token_ms * prompt_tokens + config.load_ms_per_block * blocks_loaded) / 1e3
         steps, computed, loaded = steps + 1, computed + prompt_tokens, loaded + blocks_loaded
     return {

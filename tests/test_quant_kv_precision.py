@@ -61,16 +61,22 @@ def test_calibration_spends_its_budget_and_is_stored(stories_dir, tmp_path):
     assert again == first and len(calls) == 1 and len(list(tmp_path.glob("kv-precision-*.json"))) == 1
 
 
-def test_calibration_measures_every_layer_with_one_program(stories_dir, caplog):
-    """Each layer alone is measured through one compiled program (a model-dtype cache whose writes take a traced
-    one-byte round trip), and that stand-in gives exactly the real one-byte cache's log-probabilities (a float32
-    model): calibration compiles the forward for that program, the reference and the chosen map, not per layer."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_calibration_measures_every_layer_with_one_program(stories_dir, caplog, dtype):
+    """Each layer alone is measured through one compiled program (float32 caches holding what each layer's dtype
+    would give back, the dtype a traced mode), and that stand-in gives exactly the real caches' log-probabilities, in
+    a float32 and a bfloat16 model: calibration compiles the forward for that program, the reference and the chosen
+    map, not once per layer and dtype."""
+    import dataclasses
+
     cfg, family, params = load_model(stories_dir)
+    cfg = dataclasses.replace(cfg, dtype=dtype)
+    params = jax.tree.map(lambda x: x.astype(cfg.jnp_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
     tokens = list(range(3, 150))  # a length no other test compiles
     with jax.log_compiles(), caplog.at_level(logging.WARNING):
         chosen = kv_precision.calibrate(params, cfg, family, tokens, budget=10.0)
     compiled = [r for r in caplog.records if "Finished XLA compilation of jit(forward)" in r.getMessage()]
-    assert 1 <= len(compiled) <= 3 < 2 * cfg.num_layers and chosen != ("auto",) * cfg.num_layers
+    assert 1 <= len(compiled) <= 3 and chosen != ("auto",) * cfg.num_layers
     base = ("auto",) * cfg.num_layers
     ref = kv_precision.log_probs(params, cfg, family, tokens, base)
     assert jnp.array_equal(kv_precision.simulated_log_probs(params, cfg, family, tokens, base), ref)
@@ -78,6 +84,8 @@ def test_calibration_measures_every_layer_with_one_program(stories_dir, caplog):
         simulated = kv_precision.simulated_log_probs(params, cfg, family, tokens, layer_map)
         assert jnp.array_equal(simulated, kv_precision.log_probs(params, cfg, family, tokens, layer_map))
         assert not jnp.array_equal(simulated, ref)
+    with pytest.raises(ValueError, match="tries one-byte caches"):
+        kv_precision.simulated_log_probs(params, cfg, family, tokens, ("bfloat16",) + base[1:])
 
 
 def test_engine_with_a_per_layer_map_matches_the_greedy_loop(stories_dir, compile_cache):

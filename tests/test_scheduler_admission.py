@@ -88,6 +88,25 @@ def test_headroom_ends_the_preemptions_of_a_pool_admitted_to_the_brim():
     assert outputs[0.0] == outputs[1.0]
 
 
+@pytest.mark.parametrize("num_blocks, drafted", [(9, False), (11, True)])
+def test_drafts_do_not_take_the_blocks_kept_for_a_running_prompts_later_chunks(num_blocks, drafted):
+    """Blocks of 4 tokens, 8-token steps. A decoding sequence (4-token prompt) and a 24-token prompt admitted beside
+    it with room for all of it (6 blocks), computed 7 tokens a step. In 9 blocks, seven drafts would take 2 blocks
+    that the prompt's last chunk needs, and the prompt would be preempted for a guess: the decoding one verifies no
+    drafts instead. In 11 there is room for both (the drafts then take the step's budget)."""
+    scheduler = Scheduler(BlockPool(num_blocks), 4, 4, 8, 256, max_verify_seqs=4)
+    decoding, prompt = sequence(0, 4, 20), sequence(1, 24, 1)
+    scheduler.add(decoding)
+    scheduler.schedule()
+    decoding.token_ids[-1] = 7
+    scheduler.add(prompt)
+    assert scheduler.schedule().admitted == [prompt] and scheduler._kept_for_running() == 4
+    decoding.token_ids[-1] = 8
+    schedule = scheduler.schedule({decoding: [5] * 7})
+    assert schedule.preempted == [] and any(item.drafts for item in schedule.items) == drafted
+    assert len(decoding.block_table) == (4 if drafted else 2) and len(prompt.block_table) == (2 if drafted else 4)
+
+
 CASES = [("lpm", 0, False, "2"), ("fcfs", 0, False, "1"), ("lpm", 1, False, "1"), ("lpm", 0, True, "1")]
 
 

@@ -208,8 +208,10 @@ class Scheduler:
                 i += 1
                 continue
             proposed = drafts.get(seq, [])[: min(self.max_drafts(seq), budget - n)] if n == 1 else []
-            if proposed and not self._grow(seq, n + len(proposed)):
-                proposed = []  # no blocks for the drafts: decode plainly rather than preempt for a guess
+            kept = self._kept_for_running() - self._expected_blocks(seq, seq.num_computed) if proposed else 0
+            if proposed and not self._grow(seq, n + len(proposed), kept):
+                proposed = []  # no blocks for the drafts beside what the others are kept: decode plainly rather than
+                # preempt for a guess
             while not self._grow(seq, n):
                 if self._unpin_youngest():
                     continue  # a loading sequence's pinned prefix goes before a running one is preempted

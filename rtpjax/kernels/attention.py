@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from rtpjax.kernels import kv_write, prefill_mosaic
-from rtpjax.kernels.metadata import AttentionMetadata, LayerCache, token_layout
+from rtpjax.kernels.metadata import AttentionMetadata, LayerCache, is_simulated, token_layout
 from rtpjax.kernels.ragged_paged_attention import decode_shaped, plan, ragged_paged_attention
 from rtpjax.kernels.blockwise import blockwise_attention
 from rtpjax.kernels.reference import round_trip, write_kv
@@ -124,7 +124,7 @@ def paged_attention(
                          f"{k.shape[1]} KV heads")  # fmt: skip
     if copies > 1:
         k, v = jnp.repeat(k, copies, axis=1), jnp.repeat(v, copies, axis=1)
-    if len(cache) == 3:  # (k, v, mode): a model-dtype cache standing in for a one-byte one (kv_precision's calibration)
+    if is_simulated(cache):  # kv_precision's calibration: the cache dtype is a traced mode
         mode = cache[2]
         out, kv = impl(q, round_trip(k, mode), round_trip(v, mode), cache[:2], meta, scale=scale, window=window,
                        soft_cap=soft_cap)  # fmt: skip

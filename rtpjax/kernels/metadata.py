@@ -43,9 +43,13 @@ class AttentionMetadata:
 # A layer's cache: (k, v), each [heads, num_blocks, block_size, head_dim] (heads: kv_cache.cache_heads): one contiguous
 # [block_size, head_dim] tile per (head, block), the unit attention kernels load. A quantized (int8 / fp8) cache adds
 # (k_scale, v_scale), each [heads, num_blocks, block_size] float32: one scale per token per head.
-# KV-precision calibration's stand-in for a one-byte cache: (k, v, mode), the model's dtype with a traced int32 mode
-# whose round trip (reference.round_trip) every write goes through.
 LayerCache = tuple[jax.Array, ...]
+
+
+def is_simulated(cache: LayerCache) -> bool:
+    """KV-precision calibration's stand-in for a per-layer cache dtype: (k, v, mode), float32 buffers and a traced
+    int32 mode whose round trip (`reference.round_trip`) every write goes through."""
+    return len(cache) == 3
 
 
 def token_layout(meta: AttentionMetadata, num_tokens: int) -> tuple[jax.Array, jax.Array, jax.Array]:

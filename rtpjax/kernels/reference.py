@@ -22,15 +22,23 @@ def quantize(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
     return y.astype(dtype), scale
 
 
-ROUND_TRIPS = (None, jnp.int8, jnp.float8_e4m3fn)  # round_trip's modes: 0 keeps x, 1 int8, 2 fp8
+ROUND_TRIPS = (None, jnp.int8, jnp.float8_e4m3fn)  # round_trip's modes: 0 the model's dtype, 1 int8, 2 fp8
 
 
 def round_trip(x: jax.Array, mode: jax.Array) -> jax.Array:
-    """x as a cache of ROUND_TRIPS[mode] gives it back (quantized, then times its scale), in x's dtype. The mode is
-    traced, so one program serves every choice: KV-precision calibration measures each layer's with one compile."""
-    kept = [x] + [(lambda q, s: q.astype(jnp.float32) * s[..., None])(*quantize(x, d)).astype(x.dtype)
-                  for d in ROUND_TRIPS[1:]]  # fmt: skip
+    """What attention reads back, in float32, for x written to a cache of ROUND_TRIPS[mode]: x rounded to its own
+    dtype (mode 0: the model-dtype cache), or quantized and times its scale (as `dequantize` gives an int8 / fp8
+    cache). The mode is traced, so one program serves every choice: KV-precision calibration measures each layer's
+    with one compile, through a float32 cache that holds these values exactly."""
+    info = jnp.finfo(x.dtype)  # reduce_precision, not a cast pair, which XLA may fold away (excess precision)
+    kept = [jax.lax.reduce_precision(x.astype(jnp.float32), exponent_bits=info.nexp, mantissa_bits=info.nmant)]
+    kept += [scaled(*quantize(x, dtype)) for dtype in ROUND_TRIPS[1:]]
     return jax.lax.select_n(mode, *kept)
+
+
+def scaled(q: jax.Array, scale: jax.Array) -> jax.Array:
+    """Quantized values times their per-vector scales, in float32."""
+    return q.astype(jnp.float32) * scale[..., None]
 
 
 def round_half_even(y: jax.Array) -> jax.Array:
@@ -44,10 +52,9 @@ def round_half_even(y: jax.Array) -> jax.Array:
 
 def dequantize(cache: LayerCache) -> tuple[jax.Array, jax.Array]:
     """Float32 K and V of a layer's cache, whatever its storage type."""
-    k, v = cache[0].astype(jnp.float32), cache[1].astype(jnp.float32)
     if len(cache) == 4:
-        k, v = k * cache[2][..., None], v * cache[3][..., None]
-    return k, v
+        return scaled(cache[0], cache[2]), scaled(cache[1], cache[3])
+    return cache[0].astype(jnp.float32), cache[1].astype(jnp.float32)
 
 
 def write_kv(cache: LayerCache, k: jax.Array, v: jax.Array, slot_mapping: jax.Array) -> LayerCache:

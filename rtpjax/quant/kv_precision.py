@@ -84,11 +84,17 @@ def log_probs(params, cfg, family, tokens: list[int], dtypes: str | tuple[str, .
 
 def simulated_log_probs(params, cfg, family, tokens: list[int], dtypes: tuple[str, ...],
                         block_size: int = 16) -> jax.Array:  # fmt: skip
-    """log_probs of a map as a model-dtype cache whose writes take each layer's one-byte round trip, its mode traced:
-    every map is the same program, so measuring each layer alone compiles once, not once per layer and dtype."""
-    modes = [0 if d == "auto" else ROUND_TRIPS.index(kv_cache.KV_DTYPES[d]) for d in dtypes]
+    """log_probs of a map through float32 caches holding what each layer's dtype would give back (its traced mode's
+    round trip): every map is the same program, so measuring each layer alone compiles once, not once per layer and
+    dtype."""
+    modes = []
+    for name in dtypes:
+        dtype = kv_cache.KV_DTYPES.get(name)
+        if name != "auto" and dtype not in ROUND_TRIPS[1:]:
+            raise ValueError(f"KV precision calibration tries one-byte caches ({', '.join(CANDIDATES)}), not {name!r}")
+        modes.append(0 if name == "auto" else ROUND_TRIPS.index(dtype))
     shape = kv_cache.block_shape(cfg, _blocks(tokens, block_size), block_size)
-    zeros = lambda: jnp.zeros(shape, cfg.jnp_dtype)  # noqa: E731  (not allocate: its makers compile on every call)
+    zeros = lambda: jnp.zeros(shape, jnp.float32)  # noqa: E731  (not allocate: its makers compile on every call)
     cache = [(zeros(), zeros(), jnp.int32(mode)) for mode in modes]
     return _prefill(params, cfg, family, tokens, cache, block_size)
 
@@ -110,7 +116,7 @@ def mean_kl(p: jax.Array, q: jax.Array) -> float:
 def calibrate(params, cfg, family, tokens: list[int], budget: float, candidates=CANDIDATES) -> tuple[str, ...]:
     """The per-layer map: one-byte caches for the least sensitive layers while the summed mean next-token KL stays
     within `budget`. Each layer alone is measured through simulated caches (one program); the whole map is checked
-    the same way and then through real one-byte caches, its most sensitive one-byte layer given back until it fits."""
+    the same way, then through real one-byte caches, its most sensitive one-byte layer given back until it fits."""
     base = ("auto",) * cfg.num_layers
     simulated = functools.partial(simulated_log_probs, params, cfg, family, tokens)
     ref = simulated(base)
@@ -123,14 +129,21 @@ def calibrate(params, cfg, family, tokens: list[int], budget: float, candidates=
     for i in sorted(best, key=lambda i: best[i][0]):
         if spent + best[i][0] <= budget:
             chosen[i], spent = best[i][1], spent + best[i][0]
-    real = functools.partial(log_probs, params, cfg, family, tokens)
-    for measure, ref in ((simulated, ref), (real, real(base))):
-        while any(d != "auto" for d in chosen) and mean_kl(ref, measure(tuple(chosen))) > budget:
-            worst = max((i for i, d in enumerate(chosen) if d != "auto"), key=lambda i: best[i][0])
-            chosen[worst] = "auto"
+    _give_back_until(chosen, best, lambda layer_map: mean_kl(ref, simulated(layer_map)) <= budget)
+    if any(d != "auto" for d in chosen):
+        real = functools.partial(log_probs, params, cfg, family, tokens)
+        real_ref = real(base)
+        _give_back_until(chosen, best, lambda layer_map: mean_kl(real_ref, real(layer_map)) <= budget)
     per_layer = ", ".join(f"{i}:{best[i][1]}={best[i][0]:.2e}" for i in range(cfg.num_layers))
     log.info("KV precision calibration (mean next-token KL per layer alone, budget %g): %s", budget, per_layer)
     return tuple(chosen)
+
+
+def _give_back_until(chosen: list[str], best: dict[int, tuple[float, str]], fits) -> None:
+    """Give the most sensitive one-byte layer back its model dtype until the map `fits` (or none is left)."""
+    while any(d != "auto" for d in chosen) and not fits(tuple(chosen)):
+        worst = max((i for i, d in enumerate(chosen) if d != "auto"), key=lambda i: best[i][0])
+        chosen[worst] = "auto"
 
 
 def _stored(cache_dir: str | None, key: str) -> Path | None:
