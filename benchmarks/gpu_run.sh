@@ -42,7 +42,8 @@
 #           TIER_WARMUPS=32: each shared-prefix run first sends one request per prefix, not measured: a steady state;
 #           TIER_CONFIGS may name device_fcfs / tiered_fcfs: the same with admission by arrival, not longest prefix;
 #           TIER_RATES ("3 5"): open-loop runs at those requests/s (multi_turn: conversations/s), Poisson, at most
-#           TIER_RATE_CAP (256) in flight, results named _rR; TIER_CONCURRENCY= (empty) runs the rates alone)
+#           TIER_RATE_CAP (256) in flight, results named _rR; TIER_CONCURRENCY= (empty) runs the rates alone;
+#           TIER_THINK (0): multi_turn users' mean pause in seconds between an answer and their next turn)
 #   moe     Qwen3-30B-A3B-shaped random weights: the MoE block alone against its weight-bandwidth floor (grouped, dense,
 #           auto, pallas, and the grouped-matmul kernel swept over block sizes; MOE_BLOCK_FLAGS adds moe_block.py
 #           flags, e.g. "--pallas-blocks 64x128x4x3,128x128x8x4 --pallas-rows 16,32"), then offline decode
@@ -493,11 +494,12 @@ PY
           case $load in
           c*) pace="--max-concurrency ${load#c}" ;;
           r*) pace="--request-rate ${load#r} --max-concurrency ${TIER_RATE_CAP:-256}"  # + the arrivals' span
-              limit=$(awk "BEGIN { print int(400 + ${TIER_PROMPTS:-256} / ${load#r}) }") ;;
+              limit=$(awk "BEGIN { print int(400 + ${TIER_PROMPTS:-256} / ${load#r} + 4 * ${TIER_THINK:-0}) }") ;;
           esac
           case $dataset in
           multi_turn) tier_bench "$name" --dataset-name multi_turn --num-prompts ${TIER_PROMPTS:-256} --seed $seed \
-            --multi-turn-num-turns 4 --multi-turn-input-len 1024 --multi-turn-output-len 128 $pace ;;
+            --multi-turn-num-turns 4 --multi-turn-input-len 1024 --multi-turn-output-len 128 $pace \
+            --multi-turn-think-time ${TIER_THINK:-0} ;;
           shared_prefix) tier_bench "$name" --dataset-name prefix_repetition --seed $seed \
             --num-prompts ${TIER_PROMPTS:-256} --num-warmups ${TIER_WARMUPS:-0} $pace \
             --prefix-repetition-prefix-len 4096 \

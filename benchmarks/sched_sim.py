@@ -6,11 +6,13 @@ prompt token it computes (a decode row costs `step_ms` alone: weight-bound), and
 `--host-tier`, every block ever published stays in a host tier of unbounded size and a waiting sequence's prefix
 below the device comes back at admission as a block load costing `load_ms_per_block` (an adopted request's host
 blocks, standing in for the engine's tier with its asynchronous fetch taken as already done). Traffic is
-serve_bench's prefix_repetition: each prefix sent num-prompts / num-prefixes times, in shuffled order,
-`--max-concurrency` clients, ignore_eos; closed loop (each client sends when its last request ends), or with
-`--request-rate R` Poisson arrivals at R requests/s (serve_bench's open loop; TTFT counts from arrival, or from when a
-client was free under the concurrency cap). In a closed loop a faster server gets more work at once, so TTFT falls
-only as much as throughput rises; at a fixed rate below saturation it falls with the work each request costs.
+serve_bench's prefix_repetition (each prefix sent num-prompts / num-prefixes times, in shuffled order) or multi_turn
+(conversations of `--num-turns` turns, each sending the conversation so far and `--input-len` new tokens, after
+`--think-time` seconds on average), `--max-concurrency` clients, ignore_eos; closed loop (each client sends when its
+last request ends), or with `--request-rate R` Poisson arrivals at R requests (or conversations) a second
+(serve_bench's open loop; TTFT counts from arrival, or from when a client was free under the concurrency cap). In a
+closed loop a faster server gets more work at once, so TTFT falls only as much as throughput rises; at a fixed rate
+below saturation it falls with the work each request costs.
 `--scheduler-module` runs another version's scheduler.py beside this one.
 
 What it leaves out: the engine's overlap of host work with the device, speculation, the tiers' own logic and waits
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import heapq
 import importlib.util
 import inspect
 import itertools
@@ -35,6 +38,7 @@ import sys
 
 import numpy as np
 
+from rtpjax.benchmarks.serve_bench import think_times
 from rtpjax.engine.scheduler import Scheduler
 from rtpjax.engine.sequence import PENDING, HostKV, Sequence
 from rtpjax.kv.block_pool import BlockPool
@@ -59,34 +63,90 @@ class SimConfig:
 
 @dataclasses.dataclass
 class Traffic:
-    num_prompts: int = 256
+    dataset_name: str = "prefix_repetition"  # or multi_turn (serve_bench's names)
+    num_prompts: int = 256  # requests (multi_turn: turns, num_turns to a conversation)
     num_prefixes: int = 32
     prefix_len: int = 4096
     suffix_len: int = 256
+    num_turns: int = 4  # multi_turn: each turn sends the conversation so far and input_len new tokens
+    input_len: int = 1024
+    think_time: float = 0.0  # multi_turn: mean seconds between an answer and the next turn (serve_bench's pauses)
     output_len: int = 128
     max_concurrency: int = 32
-    request_rate: float = float("inf")  # requests/s, Poisson arrivals; inf: closed loop
+    request_rate: float = float("inf")  # requests/s (multi_turn: conversations/s), Poisson arrivals; inf: closed loop
     seed: int = 0
 
     def __post_init__(self):
-        if self.max_concurrency < 1 or not self.request_rate > 0:
-            raise ValueError(f"--max-concurrency must be >= 1 and --request-rate > 0 (inf: closed loop), got "
-                             f"{self.max_concurrency} and {self.request_rate}")  # fmt: skip
+        if self.dataset_name not in ("prefix_repetition", "multi_turn"):
+            raise ValueError(f"--dataset-name must be prefix_repetition or multi_turn, got {self.dataset_name!r}")
+        if self.max_concurrency < 1 or not self.request_rate > 0 or not self.think_time >= 0:
+            raise ValueError(f"--max-concurrency must be >= 1, --request-rate > 0 (inf: closed loop) and "
+                             f"--think-time >= 0, got {self.max_concurrency}, {self.request_rate}, "
+                             f"{self.think_time}")  # fmt: skip
 
-    def prompts(self) -> list[list[int]]:
+    def units(self) -> list[list[list[int]]]:
+        """What each client unit sends, turn by turn: a request's prompt (one turn), or a conversation's new inputs."""
         rng = np.random.default_rng(self.seed)
+        if self.dataset_name == "multi_turn":
+            return [[rng.integers(0, 100_000, self.input_len).tolist() for _ in range(self.num_turns)]
+                    for _ in range(self.num_prompts // self.num_turns)]  # fmt: skip
         prefixes = [rng.integers(0, 100_000, self.prefix_len).tolist() for _ in range(self.num_prefixes)]
         prompts = [prefixes[i % self.num_prefixes] + rng.integers(0, 100_000, self.suffix_len).tolist()
                    for i in range(self.num_prompts)]  # fmt: skip
         rng.shuffle(prompts)
-        return prompts
+        return [[prompt] for prompt in prompts]
 
-    def arrivals(self) -> np.ndarray:
-        """Each request's arrival time in seconds: all at 0 in a closed loop (sent as clients free up)."""
+    def arrivals(self, n: int) -> np.ndarray:
+        """The arrival times in seconds of n units: all at 0 in a closed loop (sent as clients free up)."""
         if self.request_rate == float("inf"):
-            return np.zeros(self.num_prompts)
-        gaps = np.random.default_rng(self.seed + 1).exponential(1 / self.request_rate, self.num_prompts)
+            return np.zeros(n)
+        gaps = np.random.default_rng(self.seed + 1).exponential(1 / self.request_rate, n)
         return np.cumsum(gaps) - gaps[0]
+
+
+class Clients:
+    """serve_bench's clients: units arrive at their times and their requests are sent, the longest ready first, while
+    fewer than max_concurrency are in flight; a conversation's next turn (all of its last one, generated tokens
+    included, then new input) is ready when that one ends. A request's TTFT counts from when it was ready, or from
+    when a client became free if none was."""
+
+    def __init__(self, traffic: Traffic):
+        self.traffic, self.units = traffic, traffic.units()
+        self.ready = [(t, u, u, 0) for u, t in enumerate(traffic.arrivals(len(self.units)))]  # (time, FIFO, unit, turn)
+        heapq.heapify(self.ready)
+        self.fifo, self.orders = itertools.count(len(self.units)), itertools.count()
+        self.in_flight: dict[Sequence, tuple[float, int, int]] = {}  # sent when, unit, turn
+        self.free_since = 0.0  # when a client last became free (the cap reached: not yet)
+
+    def send_due(self, now: float) -> list[Sequence]:
+        sent = []
+        while self.ready and self.ready[0][0] <= now and len(self.in_flight) < self.traffic.max_concurrency:
+            ready, _, unit, turn = heapq.heappop(self.ready)
+            prompt = self.units[unit][turn]
+            out = self.traffic.output_len
+            seq = Sequence(f"{unit}.{turn}", 0, prompt, SamplingParams(max_tokens=out, ignore_eos=True), 0, out,
+                           arrival_order=next(self.orders))  # fmt: skip
+            self.in_flight[seq] = (max(ready, self.free_since), unit, turn)
+            sent.append(seq)
+        if len(self.in_flight) >= self.traffic.max_concurrency:
+            self.free_since = float("inf")
+        return sent
+
+    def sent_at(self, seq: Sequence) -> float:
+        return self.in_flight[seq][0]
+
+    def done(self, seq: Sequence, now: float) -> float:
+        """A request ended: its client is free, and its conversation's next turn ready. Returns when it was sent."""
+        sent, unit, turn = self.in_flight.pop(seq)
+        self.free_since = min(self.free_since, now)
+        if turn + 1 < len(self.units[unit]):
+            self.units[unit][turn + 1] = seq.token_ids + self.units[unit][turn + 1]
+            pause = think_times(self.traffic.think_time, self.traffic.seed, unit, turn + 2)[-1]
+            heapq.heappush(self.ready, (now + pause, next(self.fifo), unit, turn + 1))
+        return sent
+
+    def next_ready(self) -> float | None:
+        return self.ready[0][0] if self.ready else None
 
 
 class HostTier:
@@ -132,27 +192,12 @@ def run(config: SimConfig, traffic: Traffic) -> dict:
     known = inspect.signature(cls).parameters  # an older scheduler may lack some
     scheduler = cls(pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len,
                     **{k: v for k, v in options.items() if k in known})  # fmt: skip
-    prompts, arrivals, ids = traffic.prompts(), traffic.arrivals(), itertools.count(1_000_000)
-    now, sent, steps, computed, loaded = 0.0, 0, 0, 0, 0
-    submitted: dict[Sequence, float] = {}  # in flight: when each was sent
-    client_free_since = 0.0  # when a client last became free (the cap reached: not yet)
+    clients, ids = Clients(traffic), itertools.count(1_000_000)
+    now, steps, computed, loaded = 0.0, 0, 0, 0
     ttft, e2el = [], []
-
-    def send_due() -> None:
-        """Requests that have arrived, while a client is free: as serve_bench sends them."""
-        nonlocal sent, client_free_since
-        while sent < len(prompts) and arrivals[sent] <= now and len(submitted) < traffic.max_concurrency:
-            seq = Sequence(str(sent), 0, prompts[sent], SamplingParams(max_tokens=traffic.output_len,
-                           ignore_eos=True), 0, traffic.output_len, arrival_order=sent)  # fmt: skip
-            scheduler.add(seq)
-            submitted[seq] = max(arrivals[sent], client_free_since)
-            sent += 1
-        if len(submitted) >= traffic.max_concurrency:
-            client_free_since = float("inf")
 
     def read(schedule) -> None:
         """The step's tokens into its sequences (those stopped meanwhile skipped), as the engine's _read."""
-        nonlocal client_free_since
         for item in schedule.items:
             seq = item.seq
             if seq.finished:
@@ -161,18 +206,18 @@ def run(config: SimConfig, traffic: Traffic) -> dict:
                 index = item.start + item.num_tokens  # its PENDING token (the next step may have added another)
                 seq.token_ids[index] = next(ids)
                 if index == seq.num_prompt:
-                    ttft.append(now - submitted[seq])
+                    ttft.append(now - clients.sent_at(seq))
             scheduler.register_full_blocks(seq)
             if seq.num_generated >= seq.max_tokens and PENDING not in seq.token_ids[-1:]:
                 scheduler.finish(seq, "length")
-                e2el.append(now - submitted.pop(seq))
-                client_free_since = min(client_free_since, now)
+                e2el.append(now - clients.done(seq, now))
 
     inflight, stalled = None, 0  # the step launched last: as the engine does, the next is scheduled before it is read
-    while sent < len(prompts) or scheduler.has_work() or inflight is not None:
-        send_due()
+    while clients.next_ready() is not None or scheduler.has_work() or inflight is not None:
+        for seq in clients.send_due(now):
+            scheduler.add(seq)
         if not scheduler.has_work() and inflight is None:
-            now = arrivals[sent]  # idle until the next arrival (a client is free: none is in flight)
+            now = clients.next_ready()  # idle until the next arrival (a client is free: none is in flight)
             continue
         if tier is not None:
             for seq in scheduler.waiting:
@@ -195,7 +240,7 @@ def run(config: SimConfig, traffic: Traffic) -> dict:
         "duration_s": now, "steps": steps, "preemptions": scheduler.num_preemptions,
         "prompt_tokens_computed": computed, "blocks_loaded": loaded,
         "prefix_hit_rate": pool.hits / max(pool.queries, 1),
-        "output_tok_s": len(prompts) * traffic.output_len / now,
+        "output_tok_s": len(e2el) * traffic.output_len / now,
         "p50_ttft_ms": float(np.percentile(ttft, 50) * 1e3), "p95_ttft_ms": float(np.percentile(ttft, 95) * 1e3),
         "p99_ttft_ms": float(np.percentile(ttft, 99) * 1e3), "max_ttft_ms": float(np.max(ttft) * 1e3),
         "mean_ttft_ms": float(np.mean(ttft) * 1e3), "p95_e2el_ms": float(np.percentile(e2el, 95) * 1e3),

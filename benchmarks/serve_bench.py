@@ -13,7 +13,8 @@ Datasets (--dataset-name):
                      with ShareGPT's published means (161 prompt and 338 output tokens, vLLM paper, Table 1),
                      prompts < 4 tokens or prompt + output > 2048 dropped as vLLM's loader does
   multi_turn         conversations of --multi-turn-num-turns turns; each turn resends the history plus
-                     --multi-turn-input-len new tokens and asks for --multi-turn-output-len
+                     --multi-turn-input-len new tokens and asks for --multi-turn-output-len, after a pause of
+                     --multi-turn-think-time seconds on average (exponential; 0: at once) as a user reads and types
 
     rtpjax bench serve --base-url http://127.0.0.1:8000 --dataset-name random --random-input-len 1024 \\
         --random-output-len 128 --num-prompts 512 --max-concurrency 64 --ignore-eos --save-result --plot
@@ -85,6 +86,8 @@ def sample_requests(args, tokenizer) -> list[Request]:
         raise SystemExit(f"--num-warmups must be >= 0 and --num-prompts >= 1, got {warm} and {args.num_prompts}")
     if warm and name == "multi_turn":
         raise SystemExit("--num-warmups: not for multi_turn (a conversation's turns belong to one run)")
+    if not args.multi_turn_think_time >= 0:
+        raise SystemExit(f"--multi-turn-think-time must be >= 0 seconds, got {args.multi_turn_think_time}")
     requests = []
     if name == "random":
         prefix = _random_ids(rng, tokenizer, args.random_prefix_len)
@@ -181,6 +184,13 @@ async def arrivals(n: int, rate: float, burstiness: float, rng: random.Random, s
             await sleep(rng.gammavariate(burstiness, theta))
 
 
+def think_times(mean: float, seed: int, conversation: int, turns: int) -> list[float]:
+    """Each turn's pause before it is sent: none before the first, then `mean` seconds on average (exponential), the
+    same for a conversation in every run of a seed."""
+    rng = random.Random(seed * 1_000_003 + conversation)
+    return [0.0] + [rng.expovariate(1 / mean) if mean > 0 else 0.0 for _ in range(turns - 1)]
+
+
 async def run(args, model: str, requests: list[Request]) -> tuple[list[Result], float]:
     import httpx
 
@@ -203,7 +213,9 @@ async def run(args, model: str, requests: list[Request]) -> tuple[list[Result], 
         async def conversation(indices: list[int]):
             history: list[dict] | str = [] if args.backend == "openai-chat" else ""
             length = 0
-            for i in indices:  # turns in order: each resends the history plus its new input
+            pauses = think_times(args.multi_turn_think_time, args.seed, requests[indices[0]].conversation, len(indices))
+            for i, pause in zip(indices, pauses):  # turns in order: each resends the history plus its new input
+                await asyncio.sleep(pause)  # a client waits outside the gate, as a user between turns
                 r = requests[i]
                 async with gate:
                     if args.backend == "openai-chat":
@@ -273,6 +285,7 @@ def summarize(args, results: list[Result], duration: float) -> dict:
         "tokenizer_id": args.tokenizer or args.model, "dataset_name": args.dataset_name,
         "num_prompts": len(results), "request_rate": args.request_rate if args.request_rate != float("inf") else "inf",
         "burstiness": args.burstiness, "max_concurrency": args.max_concurrency, "num_warmups": args.num_warmups,
+        "multi_turn_think_time": args.multi_turn_think_time if args.dataset_name == "multi_turn" else None,
         "duration": duration,
         "completed": len(ok), "failed": len(results) - len(ok), "total_input_tokens": total_in,
         "total_output_tokens": total_out, "request_throughput": len(ok) / duration,
@@ -381,6 +394,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--multi-turn-num-turns", type=int, default=4)
     p.add_argument("--multi-turn-input-len", type=int, default=128)
     p.add_argument("--multi-turn-output-len", type=int, default=64)
+    p.add_argument("--multi-turn-think-time", type=float, default=0.0, help="mean seconds between a turn's answer "
+                   "and the next turn (exponential; 0: none)")
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (inf: all at once)")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of inter-arrival times (1: Poisson)")
     p.add_argument("--max-concurrency", type=int, default=None)

@@ -109,6 +109,21 @@ def test_multi_turn_chat_resends_history(url, model):
         assert conv[0] > 10 and conv[1] > conv[0] + 10 + 5 - 1 and conv[2] > conv[1] + 10 + 5 - 1
 
 
+def test_multi_turn_users_pause_between_turns(url, model):
+    """--multi-turn-think-time: each later turn waits its seeded pause (outside the concurrency gate), so a lone
+    conversation lasts its turns and its pauses; a negative mean is refused."""
+    argv = ["--base-url", url, "--tokenizer", str(model), "--dataset-name", "multi_turn", "--multi-turn-num-turns",
+            "3", "--multi-turn-input-len", "10", "--multi-turn-output-len", "2", "--num-prompts", "3", "--ignore-eos",
+            "--disable-tqdm", "--seed", "2"]  # fmt: skip
+    pauses = serve_bench.think_times(0.4, 2, 0, 3)
+    assert pauses[0] == 0 and all(p > 0 for p in pauses[1:]) and pauses == serve_bench.think_times(0.4, 2, 0, 3)
+    m = serve_bench.main(argv + ["--multi-turn-think-time", "0.4"])
+    assert m["completed"] == 3 and m["multi_turn_think_time"] == 0.4
+    assert m["duration"] >= sum(pauses) + sum(m["e2els"])  # its turns one after another, each after its pause
+    with pytest.raises(SystemExit, match="--multi-turn-think-time must be >= 0"):
+        serve_bench.main(argv + ["--multi-turn-think-time", "-1"])
+
+
 def test_sharegpt_mix_has_the_published_means(model):
     from transformers import AutoTokenizer
 

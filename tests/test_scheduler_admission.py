@@ -165,11 +165,32 @@ def test_the_simulator_at_a_request_rate_counts_ttft_from_arrival_or_from_a_free
     one_step = config.step_ms + config.token_ms * (traffic.prefix_len + traffic.suffix_len)
     slow = sched_sim.run(config, dataclasses.replace(traffic, request_rate=0.1))
     assert slow["max_ttft_ms"] == pytest.approx(one_step)
-    assert slow["duration_s"] >= sched_sim.Traffic.arrivals(dataclasses.replace(traffic, request_rate=0.1))[-1] > 10
+    assert slow["duration_s"] >= dataclasses.replace(traffic, request_rate=0.1).arrivals(16)[-1] > 10
     closed = sched_sim.run(config, traffic)
     assert closed["max_ttft_ms"] > 8 * one_step and closed["duration_s"] < 1
     capped = sched_sim.run(config, dataclasses.replace(traffic, request_rate=1000.0, max_concurrency=1))
     assert capped["max_ttft_ms"] < 3 * one_step < capped["duration_s"] * 1e3 / 8
+
+
+def test_the_simulator_sends_each_turn_of_a_conversation_on_its_history_after_its_pause():
+    """multi_turn: each turn is the conversation so far (its prompts and answers) and new input, so later turns find
+    the earlier ones cached; with --think-time a conversation also waits its seeded pauses between turns."""
+    import dataclasses
+
+    from rtpjax.benchmarks.serve_bench import think_times
+
+    traffic = sched_sim.Traffic(dataset_name="multi_turn", num_prompts=6, num_turns=3, input_len=32, output_len=4,
+                                max_concurrency=2)  # fmt: skip
+    config = sched_sim.SimConfig(num_blocks=200, max_num_batched_tokens=256, max_num_seqs=4, max_model_len=512,
+                                 step_ms=5.0, token_ms=0.01)  # fmt: skip
+    at_once = sched_sim.run(config, traffic)
+    sent = 2 * (32 + (32 + 4 + 32) + (32 + 4 + 32 + 4 + 32))  # two conversations' three turns
+    cached = 2 * (32 + 64)  # whole blocks of 16 of each earlier turn (its last answer token's K/V is never computed)
+    assert at_once["prompt_tokens_computed"] == sent - cached and at_once["prefix_hit_rate"] > 0.4
+    paused = sched_sim.run(config, dataclasses.replace(traffic, think_time=2.0))
+    pauses = [sum(think_times(2.0, traffic.seed, conversation, 3)) for conversation in (0, 1)]
+    assert paused["duration_s"] >= max(pauses) > 0.1 > at_once["duration_s"]
+    assert paused["prompt_tokens_computed"] == at_once["prompt_tokens_computed"]
 
 
 @pytest.mark.parametrize("option, message", [
