@@ -116,6 +116,16 @@ config_only() {  # config + tokenizer: enough for --load-format dummy
   [ -f "$CKPT/config.json" ] || python3 -c "from rtpjax.benchmarks.random_checkpoint import write_config_only as w; w('$CKPT', '$SHAPE')" || exit 1
 }
 
+ready() {  # $1: a server's pid: wait for its /health on port 8000, up to 300 s, unless it exits first (no device time
+  # spent waiting on a dead server; its log says why)
+  for _ in $(seq 600); do
+    curl -sf localhost:8000/health >/dev/null && return 0
+    kill -0 "$1" 2>/dev/null || { echo "server $1 exited before it was ready"; return 1; }
+    sleep 0.5
+  done
+  echo "server $1 not ready in 300 s"; return 1
+}
+
 format_runs() {  # "NAME|FLAGS" per weight format in $1 and --quantized-decode value in DECODES ("auto"); bf16 once
   local first; first=$(echo ${DECODES:-auto} | cut -d' ' -f1)
   for q in $1; do for d in ${DECODES:-auto}; do
@@ -350,7 +360,7 @@ EOF
         --compilation-cache-dir /tmp/xla --max-model-len 2048 --max-num-seqs 256 --max-num-batched-tokens $budget \
         ${TTFT_FLAGS:-} > "$OUT/ttft_serve_b$budget.log" 2>&1 &
       server=$!
-      for _ in $(seq 600); do curl -sf localhost:8000/health >/dev/null && break; sleep 0.5; done
+      ready $server
       bench="python3 -m rtpjax.benchmarks.serve_bench --tokenizer $cfg --ignore-eos --disable-tqdm --save-result
              --result-dir /tmp/ttft --metric-percentiles 50,90,95,99 --metadata budget=$budget"
       for n in 192 960; do
@@ -422,7 +432,7 @@ PY
         --compilation-cache-dir /tmp/xla --max-model-len "$kv_len" --max-num-seqs "${KV_STREAMS:-256}" \
         --gpu-memory-utilization "${KV_MEM:-0.4}" $flag ${KV_FLAGS:-} > "$OUT/kv_$kv.log" 2>&1 &
       server=$!
-      for _ in $(seq 600); do curl -sf localhost:8000/health >/dev/null && break; sleep 0.5; done
+      ready $server
       echo "== kv: $kv"
       timeout "${KV_TIMEOUT:-240}" python3 -m rtpjax.benchmarks.serve_bench --tokenizer "$CKPT" --ignore-eos \
         --disable-tqdm --save-result --result-dir "$OUT" --metric-percentiles 50,95 --result-filename "kv_$kv.json" \
@@ -446,7 +456,7 @@ PY
     python3 -m rtpjax.cli serve "$CKPT" --load-format dummy --port 8000 --served-model-name "$SHAPE" \
       --compilation-cache-dir /tmp/xla $SERVE_FLAGS > "$OUT/serve.log" 2>&1 &
     server=$!
-    for _ in $(seq 600); do curl -sf localhost:8000/health >/dev/null && break; sleep 0.5; done
+    ready $server
     bench="python3 -m rtpjax.benchmarks.serve_bench --tokenizer $CKPT --ignore-eos --disable-tqdm --save-result
            --result-dir $OUT --metric-percentiles 50,90,95,99"
     timeout 150 $bench --random-input-len 1024 --random-output-len 128 --num-prompts 192 --max-concurrency 64 \
@@ -472,7 +482,7 @@ PY
         --port 8000 --served-model-name "$SHAPE" --compilation-cache-dir /tmp/xla $SERVE_FLAGS --max-model-len 8192 \
         --num-gpu-blocks "$blocks" "$@" > "$OUT/tiers_$name.log" 2>&1 &
       server=$!
-      for _ in $(seq 600); do curl -sf localhost:8000/health >/dev/null && break; sleep 0.5; done
+      ready $server
     }
     tier_bench() {  # $1: result name, rest: dataset flags
       local name=$1; shift
