@@ -499,13 +499,14 @@ PY
       for dataset in ${TIER_DATASETS:-multi_turn shared_prefix}; do
         local seed=-1
         for load in $loads; do
-          seed=$((seed + 1)); local name="$1_${dataset}" pace limit=400
+          seed=$((seed + 1)); local name="$1_${dataset}" pace span=0
           [ "$(echo $loads | wc -w)" -gt 1 ] || [ "${load#r}" != "$load" ] && name="${name}_$load"
           case $load in
           c*) pace="--max-concurrency ${load#c}" ;;
-          r*) pace="--request-rate ${load#r} --max-concurrency ${TIER_RATE_CAP:-256}"  # + the arrivals' span
-              limit=$(awk "BEGIN { print int(400 + ${TIER_PROMPTS:-256} / ${load#r} + 4 * ${TIER_THINK:-0}) }") ;;
+          r*) pace="--request-rate ${load#r} --max-concurrency ${TIER_RATE_CAP:-256}"; span="${TIER_PROMPTS:-256} / ${load#r}" ;;
           esac
+          # time for the arrivals' span and a conversation's pauses (the slowest of many: about 8 means)
+          local limit; limit=$(awk "BEGIN { print int(400 + $span + 8 * ${TIER_THINK:-0}) }")
           case $dataset in
           multi_turn) tier_bench "$name" --dataset-name multi_turn --num-prompts ${TIER_PROMPTS:-256} --seed $seed \
             --multi-turn-num-turns 4 --multi-turn-input-len 1024 --multi-turn-output-len 128 $pace \

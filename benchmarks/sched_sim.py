@@ -12,7 +12,8 @@ serve_bench's prefix_repetition (each prefix sent num-prompts / num-prefixes tim
 last request ends), or with `--request-rate R` Poisson arrivals at R requests (or conversations) a second
 (serve_bench's open loop; TTFT counts from arrival, or from when a client was free under the concurrency cap). In a
 closed loop a faster server gets more work at once, so TTFT falls only as much as throughput rises; at a fixed rate
-below saturation it falls with the work each request costs.
+below saturation it falls with the work each request costs. A later turn counts its TTFT from the end of its pause.
+Turns join as exact tokens here; serve_bench's re-tokenized text (and a chat template) may hit a little less.
 `--scheduler-module` runs another version's scheduler.py beside this one.
 
 What it leaves out: the engine's overlap of host work with the device, speculation, the tiers' own logic and waits
@@ -89,7 +90,7 @@ class Traffic:
         rng = np.random.default_rng(self.seed)
         if self.dataset_name == "multi_turn":
             return [[rng.integers(0, 100_000, self.input_len).tolist() for _ in range(self.num_turns)]
-                    for _ in range(self.num_prompts // self.num_turns)]  # fmt: skip
+                    for _ in range(max(1, self.num_prompts // self.num_turns))]  # fmt: skip
         prefixes = [rng.integers(0, 100_000, self.prefix_len).tolist() for _ in range(self.num_prefixes)]
         prompts = [prefixes[i % self.num_prefixes] + rng.integers(0, 100_000, self.suffix_len).tolist()
                    for i in range(self.num_prompts)]  # fmt: skip
@@ -105,16 +106,20 @@ class Traffic:
 
 
 class Clients:
-    """serve_bench's clients: units arrive at their times and their requests are sent, the longest ready first, while
-    fewer than max_concurrency are in flight; a conversation's next turn (all of its last one, generated tokens
-    included, then new input) is ready when that one ends. A request's TTFT counts from when it was ready, or from
-    when a client became free if none was."""
+    """serve_bench's clients: units arrive at their times and their requests are sent in the order they became
+    ready (the concurrency gate's FIFO) while fewer than max_concurrency are in flight; a conversation's next turn
+    (all of its last one, generated tokens included, then new input) is ready its pause after that one ends. A
+    request's TTFT counts from when it was ready, or from when a client became free if none was."""
 
     def __init__(self, traffic: Traffic):
-        self.traffic, self.units = traffic, traffic.units()
-        self.ready = [(t, u, u, 0) for u, t in enumerate(traffic.arrivals(len(self.units)))]  # (time, FIFO, unit, turn)
+        self.traffic, self.inputs = traffic, traffic.units()
+        arrivals = traffic.arrivals(len(self.inputs))
+        self.ready = [(t, u, u, 0) for u, t in enumerate(arrivals)]  # (time, FIFO order: the unit at first, unit, turn)
         heapq.heapify(self.ready)
-        self.fifo, self.orders = itertools.count(len(self.units)), itertools.count()
+        self.pauses = [think_times(traffic.think_time, traffic.seed, u, len(turns)) for u, turns in
+                       enumerate(self.inputs)]  # fmt: skip
+        self.history: dict[int, list[int]] = {}  # a conversation's tokens so far (its last turn's, answer included)
+        self.fifo, self.orders = itertools.count(len(self.inputs)), itertools.count()
         self.in_flight: dict[Sequence, tuple[float, int, int]] = {}  # sent when, unit, turn
         self.free_since = 0.0  # when a client last became free (the cap reached: not yet)
 
@@ -122,7 +127,7 @@ class Clients:
         sent = []
         while self.ready and self.ready[0][0] <= now and len(self.in_flight) < self.traffic.max_concurrency:
             ready, _, unit, turn = heapq.heappop(self.ready)
-            prompt = self.units[unit][turn]
+            prompt = self.history.pop(unit, []) + self.inputs[unit][turn]
             out = self.traffic.output_len
             seq = Sequence(f"{unit}.{turn}", 0, prompt, SamplingParams(max_tokens=out, ignore_eos=True), 0, out,
                            arrival_order=next(self.orders))  # fmt: skip
@@ -136,13 +141,13 @@ class Clients:
         return self.in_flight[seq][0]
 
     def done(self, seq: Sequence, now: float) -> float:
-        """A request ended: its client is free, and its conversation's next turn ready. Returns when it was sent."""
+        """A request ended: its client is free, and its conversation's next turn ready after its pause. Returns when
+        it was sent."""
         sent, unit, turn = self.in_flight.pop(seq)
         self.free_since = min(self.free_since, now)
-        if turn + 1 < len(self.units[unit]):
-            self.units[unit][turn + 1] = seq.token_ids + self.units[unit][turn + 1]
-            pause = think_times(self.traffic.think_time, self.traffic.seed, unit, turn + 2)[-1]
-            heapq.heappush(self.ready, (now + pause, next(self.fifo), unit, turn + 1))
+        if turn + 1 < len(self.inputs[unit]):
+            self.history[unit] = list(seq.token_ids)
+            heapq.heappush(self.ready, (now + self.pauses[unit][turn + 1], next(self.fifo), unit, turn + 1))
         return sent
 
     def next_ready(self) -> float | None:
@@ -192,6 +197,10 @@ def run(config: SimConfig, traffic: Traffic) -> dict:
     known = inspect.signature(cls).parameters  # an older scheduler may lack some
     scheduler = cls(pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len,
                     **{k: v for k, v in options.items() if k in known})  # fmt: skip
+    longest = traffic.num_turns * (traffic.input_len + traffic.output_len)
+    if traffic.dataset_name == "multi_turn" and longest > config.max_model_len:
+        raise ValueError(f"{traffic.num_turns} turns of {traffic.input_len} + {traffic.output_len} tokens reach "
+                         f"{longest}, past --max-model-len {config.max_model_len}")  # fmt: skip
     clients, ids = Clients(traffic), itertools.count(1_000_000)
     now, steps, computed, loaded = 0.0, 0, 0, 0
     ttft, e2el = [], []

@@ -187,7 +187,7 @@ async def arrivals(n: int, rate: float, burstiness: float, rng: random.Random, s
 def think_times(mean: float, seed: int, conversation: int, turns: int) -> list[float]:
     """Each turn's pause before it is sent: none before the first, then `mean` seconds on average (exponential), the
     same for a conversation in every run of a seed."""
-    rng = random.Random(seed * 1_000_003 + conversation)
+    rng = random.Random(f"think-{seed}-{conversation}")  # not the arrivals' stream (random.Random(seed))
     return [0.0] + [rng.expovariate(1 / mean) if mean > 0 else 0.0 for _ in range(turns - 1)]
 
 

@@ -110,16 +110,19 @@ def test_multi_turn_chat_resends_history(url, model):
 
 
 def test_multi_turn_users_pause_between_turns(url, model):
-    """--multi-turn-think-time: each later turn waits its seeded pause (outside the concurrency gate), so a lone
-    conversation lasts its turns and its pauses; a negative mean is refused."""
+    """--multi-turn-think-time: each later turn waits its seeded pause outside the concurrency gate: with one client,
+    a conversation lasts at least its turns and pauses, and the other's turns run during its pauses, so the run is
+    shorter than everything one after another; a negative mean is refused."""
     argv = ["--base-url", url, "--tokenizer", str(model), "--dataset-name", "multi_turn", "--multi-turn-num-turns",
-            "3", "--multi-turn-input-len", "10", "--multi-turn-output-len", "2", "--num-prompts", "3", "--ignore-eos",
-            "--disable-tqdm", "--seed", "2"]  # fmt: skip
-    pauses = serve_bench.think_times(0.4, 2, 0, 3)
-    assert pauses[0] == 0 and all(p > 0 for p in pauses[1:]) and pauses == serve_bench.think_times(0.4, 2, 0, 3)
+            "3", "--multi-turn-input-len", "10", "--multi-turn-output-len", "2", "--num-prompts", "6", "--ignore-eos",
+            "--disable-tqdm", "--seed", "3", "--max-concurrency", "1"]  # fmt: skip
+    pauses = [serve_bench.think_times(0.4, 3, conversation, 3) for conversation in (0, 1)]
+    assert all(p[0] == 0 and min(p[1:]) > 0 for p in pauses) and pauses[0] == serve_bench.think_times(0.4, 3, 0, 3)
     m = serve_bench.main(argv + ["--multi-turn-think-time", "0.4"])
-    assert m["completed"] == 3 and m["multi_turn_think_time"] == 0.4
-    assert m["duration"] >= sum(pauses) + sum(m["e2els"])  # its turns one after another, each after its pause
+    assert m["completed"] == 6 and m["multi_turn_think_time"] == 0.4
+    e2els = [m["e2els"][0:3], m["e2els"][3:6]]  # requests in conversation order
+    assert m["duration"] >= max(sum(p) + sum(e) for p, e in zip(pauses, e2els))
+    assert m["duration"] < sum(map(sum, pauses)) + sum(m["e2els"])
     with pytest.raises(SystemExit, match="--multi-turn-think-time must be >= 0"):
         serve_bench.main(argv + ["--multi-turn-think-time", "-1"])
 

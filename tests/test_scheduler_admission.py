@@ -191,6 +191,11 @@ def test_the_simulator_sends_each_turn_of_a_conversation_on_its_history_after_it
     pauses = [sum(think_times(2.0, traffic.seed, conversation, 3)) for conversation in (0, 1)]
     assert paused["duration_s"] >= max(pauses) > 0.1 > at_once["duration_s"]
     assert paused["prompt_tokens_computed"] == at_once["prompt_tokens_computed"]
+    # one client: a pause holds none (the other conversation's turns run meanwhile), nor does it count in TTFT
+    one = sched_sim.run(config, dataclasses.replace(traffic, think_time=2.0, max_concurrency=1))
+    assert one["duration_s"] < sum(pauses) and one["max_ttft_ms"] < 3 * (config.step_ms + config.token_ms * 104)
+    with pytest.raises(ValueError, match="past --max-model-len 100"):
+        sched_sim.run(dataclasses.replace(config, max_model_len=100), traffic)
 
 
 @pytest.mark.parametrize("option, message", [
