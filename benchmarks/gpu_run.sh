@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One GPU run of the benchmarks, results as JSON under $OUT. Stages (default: all):
+# One GPU run of the benchmarks, results as JSON under $OUT (packed into $OUT/results.tgz where more than 8 files, the
+# most the device tool brings back). Stages (default: all):
 #   load    write a random Llama-3-8B-shaped bf16 checkpoint (4 shards), time loading it cold and warm beside
 #           transformers, safetensors + device_put, orbax and cat
 #   transfer  host-to-device bandwidth by path and the reader alone (the floor for warm loading)
@@ -547,4 +548,8 @@ PY
     ;;
   esac
 done
+# The device tool brings back at most 8 files: more go back as one archive, results.tgz (PACK=0: never)
+if [ "${PACK:-1}" = 1 ] && [ "$(find "$OUT" -type f | wc -l)" -gt 8 ]; then
+  (cd "$OUT" && tar czf /tmp/results.tgz . && find . -mindepth 1 -delete && mv /tmp/results.tgz .)
+fi
 ls "$OUT"
