@@ -30,7 +30,7 @@ from rtpjax.kernels import kv_write, prefill_mosaic  # noqa: E402
 from rtpjax.kernels.attention import IMPLEMENTATIONS, plan_step  # noqa: E402
 from rtpjax.kernels.metadata import AttentionMetadata  # noqa: E402
 from rtpjax.kernels.reference import quantize, reference_attention, write_kv  # noqa: E402
-from rtpjax.kernels.ragged_paged_attention import ragged_paged_attention  # noqa: E402
+from rtpjax.kernels.ragged_paged_attention import KV_UNPACKS, ragged_paged_attention  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 
@@ -108,8 +108,9 @@ def decode_suite(batches, contexts, out):
                 (kq, ks), (vq, vs) = quantize(k, qdtype), quantize(v, qdtype)
                 tilings = [("", {}), ("_p16", dict(pages_per_tile=16)), ("_s2", dict(num_splits=2)),
                            ("_s4", dict(num_splits=4))]  # the best tiling counts
-                if qname == "int8":  # and the tiles to float16 by inline PTX
-                    tilings += [("_asm", dict(kv_unpack="asm")), ("_s2_asm", dict(num_splits=2, kv_unpack="asm"))]
+                if qname == "int8":  # and both ways to floats (the default: `default_kv_unpack`)
+                    tilings += [(f"_{u}", dict(kv_unpack=u)) for u in KV_UNPACKS]
+                    tilings += [(f"_s2_{u}", dict(num_splits=2, kv_unpack=u)) for u in KV_UNPACKS]
                 want = None
                 for tiling, kw in tilings:
                     try:
@@ -154,10 +155,10 @@ def decode_suite(batches, contexts, out):
             best = max((row[k] for k in row if k.startswith("rtpjax") and k.endswith("TBps") and "int8" not in k
                         and "fp8" not in k), default=float("nan"))  # fmt: skip
             bq = {n: max((row[k] for k in row if k.startswith(f"rtpjax_{n[:4]}") and k.endswith("TBps")
-                          and ("_asm" in k) == n.endswith("asm")), default=float("nan"))
-                  for n in ("int8", "int8_asm", "fp8")}  # fmt: skip
+                          and n[4:] in k), default=float("nan"))
+                  for n in ("int8", "int8_asm", "int8_convert", "fp8")}  # fmt: skip
             print(f"decode b={batch:4d} ctx={ctx:5d} rtpjax {best:5.2f} TB/s  int8 {bq['int8']:5.2f} "
-                  f"(PTX {bq['int8_asm']:5.2f})  fp8 {bq['fp8']:5.2f}"
+                  f"(PTX {bq['int8_asm']:5.2f}, converted {bq['int8_convert']:5.2f})  fp8 {bq['fp8']:5.2f}"
                   f"  jax {row.get('jax_paged_TBps', float('nan')):5.2f}  xla {row.get('xla_TBps', float('nan')):5.2f}",
                   flush=True)  # fmt: skip
             del q, k, v, metas

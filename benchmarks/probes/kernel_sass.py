@@ -35,7 +35,7 @@ VARIANTS = {
 # decode attention variants (Llama-3-8B heads, 32 sequences of 2048 tokens): (KV dtype, ragged_paged_attention kwargs)
 ATTENTION = {
     "attention_bf16": ("bfloat16", {}),
-    "attention_int8": ("int8", {}),
+    "attention_int8": ("int8", dict(kv_unpack="convert")),
     "attention_int8_asm": ("int8", dict(kv_unpack="asm")),
     "attention_fp8": ("float8_e4m3fn", {}),
 }

@@ -13,10 +13,11 @@ shared memory per tile, and the row gather measured 1.5-1.6x faster at decode (b
 An int8 / fp8 cache brings a float32 scale per token per head: keys are dequantized through the logits, values
 through the probabilities, so the cache is read at its stored width. An fp8 tile becomes float16 (Hopper converts
 e4m3 pairs to float16 in one instruction, to bfloat16 only through float32), so its queries and probabilities are
-float16 too, the queries scaled first; int8 converts to the queries' dtype (an exact float16 bit trick in jnp
-measured slower), or with `kv_unpack="asm"` to float16 pairs by inline PTX (`rtpjax.kernels.ptx`: five instructions
-per four elements, no integer-to-float conversion; measured no faster than the conversion, benchmarks/RESULTS.md),
-its queries then as fp8's.
+float16 too, the queries scaled first. int8 becomes float16 pairs by inline PTX (`kv_unpack="asm"`,
+`rtpjax.kernels.ptx`: five instructions per four elements, no integer-to-float conversion), its queries then as fp8's;
+the default wherever the GPU runs it. Over two H100 runs it timed 0.97-1.21x the conversion to the queries' dtype
+(`kv_unpack="convert"`, the default elsewhere; an exact float16 bit trick in jnp measured slower than both),
+benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -183,6 +184,11 @@ def query_blocks(meta: AttentionMetadata, num_tokens: int, block_q: int, skip=No
     return seq, jnp.where(rows > 0, start, 0).astype(jnp.int32), rows.astype(jnp.int32)
 
 
+def default_kv_unpack() -> str:
+    """An int8 cache's tiles go to float16 pairs by PTX wherever this process's GPU runs it, else by conversion."""
+    return "asm" if ptx.runs(jnp.float16) else "convert"
+
+
 def ragged_paged_attention(
     q: jax.Array,  # [T, Hq, D]
     cache: tuple,  # (k, v) or (k, v, k_scale, v_scale); k, v: [Hkv, num_blocks, block_size, D]
@@ -196,13 +202,14 @@ def ragged_paged_attention(
     num_splits: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    kv_unpack: str = "convert",
+    kv_unpack: str | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Attention of every token to its own sequence's cached context. Padding tokens give zeros. `kv_unpack`: how an
-    int8 cache's tiles become floats, "convert" or "asm" (module docstring)."""
+    int8 cache's tiles become floats, "convert" or "asm" (module docstring; None: `default_kv_unpack()`)."""
     k_cache, v_cache = cache[0], cache[1]
     quantized = len(cache) == 4
+    kv_unpack = kv_unpack or default_kv_unpack()
     if kv_unpack not in KV_UNPACKS:
         raise ValueError(f"ragged_paged_attention: kv_unpack {kv_unpack!r}: choose of {', '.join(KV_UNPACKS)}")
     num_tokens, num_heads, head_dim = q.shape
