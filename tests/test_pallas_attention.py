@@ -137,17 +137,19 @@ def test_int8_cache_by_ptx_lowers_to_triton(triton_verified):
         ragged_paged_attention(q, (kq, vq, ks, vs), meta, scale=1.0, kv_unpack="lut", interpret=True)
 
 
-@pytest.mark.parametrize("capability, ptx_wanted", [((9, 0), True), ((8, 0), True), (None, False)])
-def test_int8_cache_takes_the_ptx_wherever_the_gpu_runs_it(monkeypatch, capability, ptx_wanted):
-    """With no kv_unpack named, an int8 cache's tiles go by the PTX on any CUDA GPU (float16 pairs need sm_53), by
-    conversion without one."""
+@pytest.mark.parametrize("capability, dtype, unpack, ptx_wanted", [
+    ((9, 0), jnp.bfloat16, None, True), ((8, 0), jnp.float16, None, True), (None, jnp.bfloat16, None, False),
+    ((9, 0), jnp.float32, None, False), ((9, 0), jnp.bfloat16, "convert", False)])  # fmt: skip
+def test_int8_cache_takes_the_ptx_wherever_the_gpu_runs_it(monkeypatch, capability, dtype, unpack, ptx_wanted):
+    """With no kv_unpack named, an int8 cache's tiles go by the PTX for 16-bit queries on any CUDA GPU (float16 pairs
+    need sm_53); by conversion without one, for float32 queries (kept in float32), or when named."""
     from rtpjax.kernels import ptx
 
     monkeypatch.setattr(ptx, "compute_capability", lambda: capability)
     rng = np.random.default_rng(12)
-    q, (k, v), meta = make_case(rng, SPECS["mixed"], 2, 4, 128, jnp.bfloat16, num_tokens=96, num_seqs=8)
+    q, (k, v), meta = make_case(rng, SPECS["mixed"], 2, 4, 128, dtype, num_tokens=96, num_seqs=8)
     (kq, ks), (vq, vs) = quantize(k, jnp.int8), quantize(v, jnp.int8)
-    fn = jax.jit(lambda q, c: ragged_paged_attention(q, c, meta, scale=128**-0.5))
+    fn = jax.jit(lambda q, c: ragged_paged_attention(q, c, meta, scale=128**-0.5, kv_unpack=unpack))
     text = fn.trace(q, (kq, vq, ks, vs)).lower(lowering_platforms=("cuda",)).as_text()
     assert ("prmt.b32" in text) == ptx_wanted
 

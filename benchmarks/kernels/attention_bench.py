@@ -30,7 +30,7 @@ from rtpjax.kernels import kv_write, prefill_mosaic  # noqa: E402
 from rtpjax.kernels.attention import IMPLEMENTATIONS, plan_step  # noqa: E402
 from rtpjax.kernels.metadata import AttentionMetadata  # noqa: E402
 from rtpjax.kernels.reference import quantize, reference_attention, write_kv  # noqa: E402
-from rtpjax.kernels.ragged_paged_attention import KV_UNPACKS, ragged_paged_attention  # noqa: E402
+from rtpjax.kernels.ragged_paged_attention import KV_UNPACKS, default_kv_unpack, ragged_paged_attention  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 
@@ -108,7 +108,8 @@ def decode_suite(batches, contexts, out):
                 (kq, ks), (vq, vs) = quantize(k, qdtype), quantize(v, qdtype)
                 tilings = [("", {}), ("_p16", dict(pages_per_tile=16)), ("_s2", dict(num_splits=2)),
                            ("_s4", dict(num_splits=4))]  # the best tiling counts
-                if qname == "int8":  # and both ways to floats (the default: `default_kv_unpack`)
+                if qname == "int8":  # and both ways to floats (the default: `default_kv_unpack`, recorded)
+                    row["int8_default_unpack"] = default_kv_unpack(q.dtype)
                     tilings += [(f"_{u}", dict(kv_unpack=u)) for u in KV_UNPACKS]
                     tilings += [(f"_s2_{u}", dict(num_splits=2, kv_unpack=u)) for u in KV_UNPACKS]
                 want = None

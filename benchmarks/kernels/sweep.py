@@ -19,7 +19,7 @@ from attention_bench import D, HKV, HQ, PAGE, decode_case, timed  # noqa: E402
 
 from rtpjax.kernels.metadata import AttentionMetadata  # noqa: E402
 from rtpjax.kernels.reference import quantize
-from rtpjax.kernels.ragged_paged_attention import ragged_paged_attention  # noqa: E402
+from rtpjax.kernels.ragged_paged_attention import default_kv_unpack, ragged_paged_attention  # noqa: E402
 
 
 DECODE_GRID = dict(pages_per_tile=(4, 8, 16), num_splits=(1, 2, 4, 8), num_stages=(2, 3), num_warps=(4, 8))
@@ -41,6 +41,8 @@ def decode_sweep(shapes, dtypes, results, out: Path | None = None):
         best = {}
         for dtype, kw in runs:
             label = "bf16_default" if dtype == "bf16" and not kw else dtype
+            if dtype == "int8" and "kv_unpack" not in kw:  # recorded: the default depends on the GPU
+                kw = dict(kw, kv_unpack=default_kv_unpack(q.dtype))
             f = lambda q, *c, kw=kw: ragged_paged_attention(q, tuple(c[:-1]), c[-1], scale=D**-0.5, **kw)  # noqa: E731
             try:
                 us = timed(f, (q, *caches[dtype]), [(m,) for m in metas]) * 1e6

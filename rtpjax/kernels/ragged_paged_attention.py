@@ -15,9 +15,9 @@ through the probabilities, so the cache is read at its stored width. An fp8 tile
 e4m3 pairs to float16 in one instruction, to bfloat16 only through float32), so its queries and probabilities are
 float16 too, the queries scaled first. int8 becomes float16 pairs by inline PTX (`kv_unpack="asm"`,
 `rtpjax.kernels.ptx`: five instructions per four elements, no integer-to-float conversion), its queries then as fp8's;
-the default wherever the GPU runs it. Over two H100 runs it timed 0.97-1.21x the conversion to the queries' dtype
-(`kv_unpack="convert"`, the default elsewhere; an exact float16 bit trick in jnp measured slower than both),
-benchmarks/RESULTS.md.
+the default for 16-bit queries wherever the GPU runs it. Over two H100 runs it timed 0.96-1.21x the conversion to
+the queries' dtype (`kv_unpack="convert"`, the default elsewhere; an exact float16 bit trick in jnp measured slower
+than both), benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -184,9 +184,11 @@ def query_blocks(meta: AttentionMetadata, num_tokens: int, block_q: int, skip=No
     return seq, jnp.where(rows > 0, start, 0).astype(jnp.int32), rows.astype(jnp.int32)
 
 
-def default_kv_unpack() -> str:
-    """An int8 cache's tiles go to float16 pairs by PTX wherever this process's GPU runs it, else by conversion."""
-    return "asm" if ptx.runs(jnp.float16) else "convert"
+def default_kv_unpack(q_dtype) -> str:
+    """An int8 cache's tiles go to float16 pairs by PTX for 16-bit queries wherever this process's GPU runs it, else
+    by conversion: float32 queries keep float32 tiles (the PTX path takes queries and probabilities to float16)."""
+    sixteen_bit = jnp.dtype(q_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "asm" if sixteen_bit and ptx.runs(jnp.float16) else "convert"
 
 
 def ragged_paged_attention(
@@ -206,10 +208,10 @@ def ragged_paged_attention(
     interpret: bool = False,
 ) -> jax.Array:
     """Attention of every token to its own sequence's cached context. Padding tokens give zeros. `kv_unpack`: how an
-    int8 cache's tiles become floats, "convert" or "asm" (module docstring; None: `default_kv_unpack()`)."""
+    int8 cache's tiles become floats, "convert" or "asm" (module docstring; None: `default_kv_unpack`)."""
     k_cache, v_cache = cache[0], cache[1]
     quantized = len(cache) == 4
-    kv_unpack = kv_unpack or default_kv_unpack()
+    kv_unpack = kv_unpack or default_kv_unpack(q.dtype)
     if kv_unpack not in KV_UNPACKS:
         raise ValueError(f"ragged_paged_attention: kv_unpack {kv_unpack!r}: choose of {', '.join(KV_UNPACKS)}")
     num_tokens, num_heads, head_dim = q.shape
