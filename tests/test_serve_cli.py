@@ -43,8 +43,10 @@ def test_serve_answers_and_drains_on_sigterm(stories_dir, compile_cache):
 
         reader = threading.Thread(target=stream)
         reader.start()
-        while len(events) < 3:
+        deadline = time.monotonic() + 120  # bounded: a stream that stalls fails here, never hangs the suite
+        while len(events) < 3 and reader.is_alive() and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert len(events) >= 3, f"the stream stalled after {events}"
         proc.send_signal(signal.SIGTERM)  # in the middle of the stream
         reader.join(timeout=120)
         assert proc.wait(timeout=120) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
