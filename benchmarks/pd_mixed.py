@@ -152,6 +152,8 @@ def start_router(args, config: str, engines: Engines, logs: Path) -> Proc:
             b,
             "--log-level",
             "warning",
+            "--prometheus-port",  # its default, 29000, may be taken
+            str(free_port()),
         ]
     proc = start(
         f"router_{config}",

@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -40,12 +41,31 @@ from rtpjax.router.policy import POLICIES
 WORKLOADS = ("prefix_repetition", "multi_turn")
 STUB_CHUNKS = 8  # SSE events in a stub replica's streamed answer
 REPEAT_SEEDS = 1000  # seeds a repeat moves by (each run of a repeat has its own seed below it)
+_ports_given: set[int] = set()  # free_port's, so far
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port that binds now, below the kernel's ephemeral range and never handed out twice in this process.
+    A port from bind(0) comes from that range, so an outgoing connection could take it before the server meant for it
+    binds it, or two calls could return the same port (a router then exits with 'Address already in use')."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except OSError:  # not Linux: the IANA ephemeral range
+        ephemeral_low = 49152
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        port = rng.randrange(10000, ephemeral_low)
+        if port in _ports_given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _ports_given.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port in 10000-{ephemeral_low} in 200 tries")
 
 
 def cpu_seconds(pid: int) -> float:

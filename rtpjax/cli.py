@@ -10,6 +10,7 @@ import logging
 import sys
 
 from rtpjax.options import CLI_COMPILATION_CACHE, QUANTIZATION_METHODS, add_engine_arguments
+from rtpjax.progress import stacks_on_sigusr1
 
 log = logging.getLogger("rtpjax")
 
@@ -187,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
     configure_logging(debug)
+    if argv is None:  # the command itself, not a caller in Python
+        stacks_on_sigusr1()
     try:
         code = {"generate": generate, "serve": serve, "convert": convert, "bench": bench_serve,
                 "router": router.run}[args.command](args)  # fmt: skip

@@ -25,6 +25,16 @@ def configure_logging(level: int = logging.INFO) -> None:
     log.propagate = False
 
 
+def stacks_on_sigusr1() -> None:
+    """`kill -USR1 <pid>` prints every thread's Python stack to stderr (py-spy's view with nothing installed), for a
+    server or engine process that seems stuck. Only our own processes install it: the CLI and the engine process."""
+    import faulthandler
+    import signal
+
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
 def _amount(n: float, unit: str) -> str:
     return f"{n / 1e9:.2f} GB" if unit == "B" else f"{n:g} {unit}s"
 

@@ -305,7 +305,8 @@ def test_vllm_router_pd_mode(pd):
         pytest.skip("vllm-router is not installed (pip install vllm-router)")
     port = free_port()
     proc = subprocess.Popen([binary, "--vllm-pd-disaggregation", "--prefill", prefill.url, "--decode", decode.url,
-                             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+                             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+                             "--prometheus-port", str(free_port())],  # its default, 29000, may be taken
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
@@ -563,8 +564,11 @@ def test_prefill_gather_never_blocks_the_engine_loop(stories_llm, monkeypatch):
             step()
         assert other.num_generated > before and "p" not in engine.requests  # the loop went on meanwhile
         add("a", PROMPT + " play")
-        while "a" not in handoff.gathering:
+        for _ in range(20):
+            if "a" in handoff.gathering:
+                break
             step()
+        assert "a" in handoff.gathering
         handoff.abort("a")  # while its copy is held back
         engine.abort("a")
         gate.set()
@@ -577,8 +581,7 @@ def test_prefill_gather_never_blocks_the_engine_loop(stories_llm, monkeypatch):
         prompt_len = len(engine.maker.message(PROMPT).prompt_ids)
         assert got.num_tokens == prompt_len and len(got.rows) == len(params.remote_block_ids)
         add("e", PROMPT + " run")
-        while not step():
-            pass
+        assert any(step() for _ in range(20)), "the request was not handed off in 20 steps"
         handoff.store._held["e"].expires = 0.0
         handoff.poll()
         while engine.has_work():

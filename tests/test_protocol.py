@@ -126,6 +126,29 @@ def test_the_engine_side_logs_a_bad_message_and_answers_the_request_it_names(cap
     assert _command(m.encode(ADD)) == ADD
 
 
+def test_the_engines_command_reader_stops_the_engine_when_it_fails(caplog):
+    """A reader that died quietly left the engine idle for good with the server's requests unheard; now the engine
+    stops (and the server fails what it sent, as for any engine exit)."""
+    import queue
+
+    from rtpjax.distributed.engine_process import _receive
+
+    class Broken:
+        def __init__(self):
+            self.frames = [m.encode(ADD)]
+
+        def recv_bytes(self):
+            if not self.frames:
+                raise RuntimeError("a bug in the reader")
+            return self.frames.pop()
+
+    commands: queue.Queue = queue.Queue()
+    with caplog.at_level(logging.ERROR, logger="rtpjax"):
+        _receive(Broken(), commands)
+    assert [commands.get_nowait(), commands.get_nowait()] == [ADD, m.Stop()] and commands.empty()
+    assert "command reader failed" in caplog.text and "a bug in the reader" in caplog.text
+
+
 def test_request_errors_raise_value_error_for_bad_input_and_runtime_error_otherwise():
     assert type(m.RequestError("r", "invalid", "bad").exception()) is ValueError
     assert type(m.RequestError("r", "protocol", "unreadable").exception()) is RuntimeError

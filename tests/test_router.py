@@ -30,11 +30,14 @@ STORY = ("Once upon a time there was a little girl named Lily. She loved to play
          "friends. One day she saw a big red ball under a tree and")  # fmt: skip
 
 
-def _wait(check, what: str, timeout: float, procs=()) -> None:
+def _wait(check, what: str, timeout: float, procs=(), log=None) -> None:
+    """Until check() holds; fails at once when one of procs exits, with the end of its log file if one is named."""
     deadline = time.monotonic() + timeout
     while True:
         for p in procs:
-            assert p.poll() is None, f"{what}: a process exited with {p.returncode}"
+            if p.poll() is not None:
+                tail = open(log, errors="replace").read()[-2000:] if log else ""
+                pytest.fail(f"{what}: a process exited with {p.returncode}\n{tail}")
         try:
             if check():
                 return
@@ -327,7 +330,7 @@ def test_a_hung_replica_is_out_within_seconds_its_streams_end_with_an_error_and_
 
 
 @pytest.mark.parametrize("router", ["sglang", "vllm"])
-def test_replicas_serve_behind_sglang_and_vllm_routers(cluster, router):
+def test_replicas_serve_behind_sglang_and_vllm_routers(cluster, router, tmp_path):
     """Unchanged rtpjax servers behind the routers users already run: round_robin and their cache_aware serve every
     request (each replica's own counters show its share under round robin)."""
     if router == "sglang":
@@ -339,13 +342,14 @@ def test_replicas_serve_behind_sglang_and_vllm_routers(cluster, router):
             pytest.skip("vllm-router is not installed (pip install vllm-router)")
         base = [exe]
     for policy in ("round_robin", "cache_aware"):
-        port = free_port()
-        proc = subprocess.Popen([*base, "--worker-urls", *cluster.replicas, "--policy", policy, "--host", "127.0.0.1",
-                                 "--port", str(port), "--prometheus-port", str(free_port())],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        port, log = free_port(), tmp_path / f"{router}-{policy}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([*base, "--worker-urls", *cluster.replicas, "--policy", policy, "--host",
+                                     "127.0.0.1", "--port", str(port), "--prometheus-port", str(free_port())],
+                                    stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
         try:
             url = f"http://127.0.0.1:{port}"
-            _wait(lambda: httpx.get(url + "/health", timeout=2).status_code == 200, f"{router} router", 60, [proc])
+            _wait(lambda: httpx.get(url + "/health", timeout=2).status_code == 200, f"{router} router", 60, [proc], log)
             before = [cluster.load(i)["prefix_cache_queries"] for i in range(2)]
             for i in range(4):
                 r = complete(url, f"{STORY} {router} {policy} {i}")

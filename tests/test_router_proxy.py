@@ -216,3 +216,12 @@ def test_a_client_leaving_mid_stream_closes_the_replicas_connection(routed):
         assert replica.closed.wait(5), "the router kept reading a stream nobody wanted"
     r, body = stream(url, "stream")  # and the router still serves
     assert body.endswith(b"data: [DONE]\n\n")
+
+
+def test_free_ports_lie_below_the_ephemeral_range_and_never_repeat():
+    """The ports tests and benchmarks start servers on: an outgoing connection's source port (taken from the ephemeral
+    range) can never be one of them, and no two callers in a process get the same one."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_low = int(f.read().split()[0])
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports) and all(1024 < p < ephemeral_low for p in ports)

@@ -31,31 +31,62 @@ def test_serve_answers_and_drains_on_sigterm(stories_dir, compile_cache):
         out = httpx.post(url + "/v1/completions", json={"model": "stories260K", "prompt": "Once upon a time",
                                                         "max_tokens": 12, "temperature": 0}).json()  # fmt: skip
         assert out["choices"][0]["text"].startswith(", there was a little girl named Lily")
+        _stacks(proc, stop=False)  # kill -USR1 prints each process's stacks (checked below, in its output)
 
-        events = []
-
-        def stream():
-            body = {"prompt": "Once upon a time", "max_tokens": 120, "stream": True, "ignore_eos": True}
-            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: "):
-                        events.append(line[6:])
-
-        reader = threading.Thread(target=stream)
-        reader.start()
-        deadline = time.monotonic() + 120  # bounded: a stream that stalls fails here, never hangs the suite
-        while len(events) < 3 and reader.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(events) >= 3, f"the stream stalled after {events}"
+        # SIGTERM once the stream has begun and before it ends. A reader slower than the engine gets what piled up
+        # as one event, so on a busy machine the whole answer can come at once: then there was nothing in flight
+        # to drain, and the stream is asked for again (an unbounded wait for a third event hung CI once that way).
+        for _ in range(3):
+            events, reader = _stream_in_background(url)
+            deadline = time.monotonic() + 120  # bounded: a stream that stalls fails here, never hangs the suite
+            while not events and reader.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            if not events:
+                pytest.fail(f"the stream stalled; the processes' stacks and output:\n{_stacks(proc)}")
+            if reader.is_alive():
+                break
+        else:
+            pytest.fail("in 3 tries the whole stream came before it could be interrupted")
         proc.send_signal(signal.SIGTERM)  # in the middle of the stream
         reader.join(timeout=120)
         assert proc.wait(timeout=120) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
         assert events[-1] == "[DONE]"  # the in-flight request was allowed to finish
         tokens = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
         assert len(tokens) > 100
+        output = proc.stdout.read()
+        assert " in run_then" in output and " in _rounds" in output, output[-5000:]  # the server's, the engine's
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _stream_in_background(url: str) -> tuple[list[str], threading.Thread]:
+    """A long streamed completion read on a thread: its SSE data lines as they come, and the thread."""
+    events: list[str] = []
+
+    def read():
+        body = {"prompt": "Once upon a time", "max_tokens": 200, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    return events, reader
+
+
+def _stacks(proc: subprocess.Popen, stop: bool = True) -> str:
+    """What a stuck server and its engine were doing: every thread's Python stack (SIGUSR1, rtpjax's faulthandler),
+    then, when it stops the server, the end of their shared output."""
+    for pid in (proc.pid, *_children(proc.pid)):  # one at a time: their stacks share the pipe
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR1)
+        time.sleep(1)
+    if not stop:
+        return ""
+    proc.kill()
+    return proc.communicate(timeout=30)[0][-20000:]
 
 
 def _children(pid: int) -> list[int]:

@@ -3,7 +3,6 @@
 import asyncio
 import json
 import shutil
-import socket
 import threading
 import time
 
@@ -14,6 +13,7 @@ import uvicorn
 
 from conftest import ENGINE_ARGS
 from rtpjax import AsyncLLM
+from rtpjax.benchmarks.router_bench import free_port  # noqa: F401 - the other test files import it from here
 from rtpjax.serve.app import build_app
 
 CHAT_TEMPLATE = (
@@ -22,10 +22,6 @@ CHAT_TEMPLATE = (
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -38,6 +38,7 @@ from rtpjax.engine.core import EngineArgs, LLMEngine
 from rtpjax.engine.request import CompletionOutput, RequestOutput
 from rtpjax.engine.stall_meter import StallMeter
 from rtpjax.engine.sequence import RequestMetrics
+from rtpjax.progress import stacks_on_sigusr1
 
 log = logging.getLogger("rtpjax")
 REPORT_EVERY_S = 10.0  # how often a busy engine logs where its loop's time goes
@@ -136,6 +137,8 @@ def _receive(conn: Connection, commands: queue.Queue) -> None:
                 commands.put(command)
     except (EOFError, OSError):
         pass  # the parent is gone
+    except Exception:  # a bug here would leave the engine idle for good, its requests unheard: stop it instead
+        log.exception("the engine's command reader failed; stopping the engine")
     commands.put(Stop())
 
 
@@ -245,6 +248,7 @@ def _exit_with_parent(parent: int) -> None:
 
 def child_main(fd: int, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stacks_on_sigusr1()
     threading.Thread(target=_exit_with_parent, args=(parent,), name="rtpjax-parent-watch", daemon=True).start()
     conn = Connection(fd)
     startup = messages.decode(conn.recv_bytes(), Startup)
