@@ -50,7 +50,7 @@ def _error(status: int, message: str) -> dict:
 
 
 def _sse(payload) -> bytes:
-    """One SSE event as serve/app.py writes it."""
+    """One SSE event as serve/outputs.py writes it."""
     return f"data: {json.dumps(payload)}\n\n".encode()
 
 
