@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API over AsyncLLM: the routes, the API key, and errors as OpenAI's error bodies.
 
 The handlers live by what they do: generation (`generate`: completions and chat completions, streamed or not) and
-the endpoints around it (`info`); each takes the server's `ServeContext` (`context`) and the request.
+the endpoints around it (`info`); each takes the server's `ServeContext` (`context`) and the request. A client that
+goes away aborts its requests, which frees their KV blocks.
 """
 
 from __future__ import annotations
@@ -70,10 +71,11 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
 
         return answer
 
-    routes = [Route(path, endpoint(handler), methods=[method]) for path, handler, method in ROUTES]
+    routes = [Route(path, endpoint(handler), methods=[method], name=handler.__name__)
+              for path, handler, method in ROUTES]  # fmt: skip
     middleware = [Middleware(BearerAuth, api_key=api_key)] if api_key else []
-    app = Starlette(routes=routes, middleware=middleware,
-                    exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _server_error})  # fmt: skip
+    errors = {APIError: _api_error, HTTPException: _http_error, Exception: _server_error}
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers=errors)
     app.state.metrics = ctx.metrics
     return app
 
