@@ -79,13 +79,16 @@ def _stream_in_background(url: str) -> tuple[list[str], threading.Thread]:
 def _stacks(proc: subprocess.Popen, stop: bool = True) -> str:
     """What a stuck server and its engine were doing: every thread's Python stack (SIGUSR1, rtpjax's faulthandler),
     then, when it stops the server, the end of their shared output."""
-    for pid in (proc.pid, *_children(proc.pid)):  # one at a time: their stacks share the pipe
+    pids = [proc.pid, *_children(proc.pid)]
+    for pid in pids:  # one at a time: their stacks share the pipe
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGUSR1)
         time.sleep(1)
     if not stop:
         return ""
-    proc.kill()
+    for pid in pids:  # the engine too, by its id: it holds the pipe open
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     return proc.communicate(timeout=30)[0][-20000:]
 
 
