@@ -214,23 +214,12 @@ class DraftModelProposer:
         return [proposals[seq][:k] for seq, k in zip(seqs, ks)]
 
     def _catch_up(self, queue: list[list]):
-        """Launch the draft over tokens start .. end - 1 of each [seq, state, start, end] (usually one call; long
-        catch-ups, a fresh prompt, are split over the token budget); yields (guesses, [(row, seq, state)]) per call
-        for the sequences whose tokens it finished."""
-        limit = self.token_buckets[-1]
-        while queue:
-            chunks, owners, budget = [], [], limit
-            while queue and budget > 0 and len(chunks) < self.ctx.max_seqs:
-                seq, state, start, end = queue[0]
-                n = min(end - start, budget)
-                chunks.append((state, SeqChunk(seq.token_ids[start : start + n], start, state.blocks)))
-                budget -= n
-                if start + n < end:
-                    queue[0][2] = start + n  # the rest in the next call; this call's guesses for it are unused
-                    break
-                owners.append((len(chunks) - 1, seq, state))
-                queue.pop(0)
-            t = next(b for b in self.token_buckets if b >= limit - budget)
+        """Launch the draft over tokens start .. end - 1 of each [seq, state, start, end] (`calls_within_budget`);
+        yields (guesses, [(row, seq, state)]) per call for the sequences whose tokens it finished."""
+        for pieces, owners, used in calls_within_budget(queue, self.token_buckets[-1], self.ctx.max_seqs):
+            chunks = [(state, SeqChunk(seq.token_ids[start : start + n], start, state.blocks))
+                      for seq, state, start, n in pieces]  # fmt: skip
+            t = next(b for b in self.token_buckets if b >= used)
             guesses, self.cache = self._compiled[t](self.params, self.cache, pack(self._batch(chunks, t))[0])
             yield guesses, owners
 
@@ -274,6 +263,26 @@ class DraftModelProposer:
     def _drop(self, seq: Sequence) -> None:
         self.device.drop(seq)
         self.pool.release(self.states.pop(seq).blocks)
+
+
+def calls_within_budget(queue: list[list], limit: int, max_seqs: int):
+    """Splits a catch-up over calls of at most `limit` tokens and `max_seqs` sequences: usually one call; a long one
+    (a fresh prompt) goes over several. `queue` holds [seq, state, start, end] and is consumed. Yields, per call,
+    (pieces [(seq, state, start, n)], owners [(row, seq, state)] of the sequences it finishes, tokens used); a piece
+    cut short leaves its rest first in the queue, and that call's guesses for it go unused."""
+    while queue:
+        pieces, owners, budget = [], [], limit
+        while queue and budget > 0 and len(pieces) < max_seqs:
+            seq, state, start, end = queue[0]
+            n = min(end - start, budget)
+            pieces.append((seq, state, start, n))
+            budget -= n
+            if start + n < end:
+                queue[0][2] = start + n
+                break
+            owners.append((len(pieces) - 1, seq, state))
+            queue.pop(0)
+        yield pieces, owners, limit - budget
 
 
 def reserve(proposer, state: _DraftState, num_tokens: int, proposing: set) -> None:

@@ -37,7 +37,8 @@ from rtpjax.models import layers
 from rtpjax.runner.step_inputs import Packing, SeqChunk, build_step, pack
 from rtpjax.spec import eagle3_head as head_lib
 from rtpjax.spec.device_proposals import DeviceProposals, ProposalRows, resolve, with_guesses
-from rtpjax.spec.draft_model import DraftBatch, DraftContext, DraftModelProposer, _DraftState, chained, reserve
+from rtpjax.spec.draft_model import (DraftBatch, DraftContext, DraftModelProposer, _DraftState, calls_within_budget,
+                                     chained, reserve)
 
 
 @jax.tree_util.register_dataclass
@@ -180,26 +181,16 @@ class Eagle3Proposer:
         return [proposals[seq][:k] for seq, k in zip(seqs, ks)]
 
     def _catch_up(self, queue: list[list]):
-        """Launch the head over rows start .. end - 1 of each [seq, state, start, end] (usually one call; long
-        catch-ups, a fresh prompt, are split over the token budget); yields (guesses, [(row, seq, state)]) per call
-        for the sequences whose rows it finished."""
-        limit = self.token_buckets[-1]
-        while queue:
-            chunks, slots, owners, budget = [], [], [], limit
-            while queue and budget > 0 and len(chunks) < self.ctx.max_seqs:
-                seq, state, start, end = queue[0]
-                n = min(end - start, budget)
+        """Launch the head over rows start .. end - 1 of each [seq, state, start, end] (`calls_within_budget`);
+        yields (guesses, [(row, seq, state)]) per call for the sequences whose rows it finished."""
+        for pieces, owners, used in calls_within_budget(queue, self.token_buckets[-1], self.ctx.max_seqs):
+            chunks, slots = [], []
+            for seq, state, start, n in pieces:
                 ids, table = seq.token_ids, np.asarray(seq.block_table)
                 pos = np.arange(start, start + n)
                 chunks.append((state, SeqChunk(ids[start + 1 : start + 1 + n], start, state.blocks)))
                 slots.append((table[pos // self.block_size] * self.block_size + pos % self.block_size).astype(np.int32))
-                budget -= n
-                if start + n < end:
-                    queue[0][2] = start + n  # the rest in the next call; this call's guesses for it are unused
-                    break
-                owners.append((len(chunks) - 1, seq, state))
-                queue.pop(0)
-            t = next(b for b in self.token_buckets if b >= limit - budget)
+            t = next(b for b in self.token_buckets if b >= used)
             guesses, self.cache = self._compiled[t](self.params, self.cache, self.features,
                                                     pack(self._batch(chunks, slots, t))[0])  # fmt: skip
             yield guesses, owners
