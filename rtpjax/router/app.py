@@ -30,48 +30,55 @@ PASSED = ("/v1/models", "/tokenize", "/detokenize", "/version")
 INLINE_TOKENIZE_BYTES = 4096  # a request body up to this size is tokenized on the event loop, a longer one in a thread
 
 
-def build_router(urls: list[str], policy: str = "cache_aware", tokenizer=None, balance_abs: int = 8,
-                 balance_rel: float = 1.5, health_interval_s: float = 0.5, health_timeout_s: float = 1.0,
-                 events_interval_s: float = 0.1) -> Starlette:  # fmt: skip
-    """`tokenizer`: the replicas' (cache_aware hashes prompts with it; without one it routes by load)."""
-    index = PrefixIndex() if policy == "cache_aware" else None
-    chooser = Policy(policy, index, balance_abs=balance_abs, balance_rel=balance_rel)
-    hasher = PromptHasher(tokenizer)
-    metrics = RouterMetrics()
-    session = None  # the one aiohttp.ClientSession to the replicas, made in the server's event loop (lifespan)
-    pool = WorkerPool(urls, None, index, health_interval_s, health_timeout_s, events_interval_s)
-    turn = itertools.count()
+class Router:
+    """The router's state (the policy, the prefix index, the replicas, the metrics) and its handlers. `tokenizer`: the
+    replicas' (cache_aware hashes prompts with it; without one it routes by load)."""
 
-    def block_size() -> int:
-        return next((w.load["block_size"] for w in pool.healthy() if w.load.get("block_size")), 16)
+    def __init__(self, urls: list[str], policy: str, tokenizer, balance_abs: int, balance_rel: float,
+                 health_interval_s: float, health_timeout_s: float, events_interval_s: float):  # fmt: skip
+        self.policy, self.health_timeout_s = policy, health_timeout_s
+        self.index = PrefixIndex() if policy == "cache_aware" else None
+        self.chooser = Policy(policy, self.index, balance_abs=balance_abs, balance_rel=balance_rel)
+        self.hasher = PromptHasher(tokenizer)
+        self.metrics = RouterMetrics()
+        self.session = None  # the one aiohttp.ClientSession to the replicas, made in the server's event loop (lifespan)
+        self.pool = WorkerPool(urls, None, self.index, health_interval_s, health_timeout_s, events_interval_s)
+        self.turn = itertools.count()
 
-    async def routed(request: Request):
+    def block_size(self) -> int:
+        return next((w.load["block_size"] for w in self.pool.healthy() if w.load.get("block_size")), 16)
+
+    async def prompt(self, request: Request, body: bytes) -> Prompt:
+        """The prompt's block hashes for the cache-aware policy (none for the others)."""
+        if self.index is None:
+            return Prompt()
+        self.chooser.block_size = self.block_size()
+        if len(body) <= INLINE_TOKENIZE_BYTES:  # a thread's hand-off would cost more than it saves
+            return self.hasher.prompt(request.url.path, body, self.chooser.block_size)
+        return await asyncio.to_thread(self.hasher.prompt, request.url.path, body, self.chooser.block_size)
+
+    async def routed(self, request: Request):
+        """A completion to the replica the policy picks; one that refuses the connection is marked out, the next
+        tried."""
         began = time.perf_counter()
         body = await request.body()
-        prompt = Prompt()
-        if index is not None:
-            chooser.block_size = block_size()
-            if len(body) <= INLINE_TOKENIZE_BYTES:  # a thread's hand-off would cost more than it saves
-                prompt = hasher.prompt(request.url.path, body, chooser.block_size)
-            else:
-                prompt = await asyncio.to_thread(hasher.prompt, request.url.path, body, chooser.block_size)
-        tried: set = set()
+        prompt, metrics, tried = await self.prompt(request, body), self.metrics, set()
         while True:
-            workers = [w for w in pool.healthy() if w not in tried]
+            workers = [w for w in self.pool.healthy() if w not in tried]
             if not workers:
                 return error_response(503, "no replica is available", "no_replica")
-            decision = chooser.choose(prompt, workers)
+            decision = self.chooser.choose(prompt, workers)
             w = decision.worker
-            metrics.decisions.labels(policy, decision.reason).inc()
+            metrics.decisions.labels(self.policy, decision.reason).inc()
             done = w.begin(prompt.num_tokens - decision.cached_tokens)
-            if index is not None and prompt.hashes:
-                index.note_routed(w.url, prompt.hashes)
+            if self.index is not None and prompt.hashes:
+                self.index.note_routed(w.url, prompt.hashes)
             metrics.routing.observe(time.perf_counter() - began)
             try:
-                response = await forward(session, w, request.method, request.url.path, body, request.headers,
-                                         on_done=done, on_stream_error=lambda w: metrics.failures.labels(w.url).inc())  # fmt: skip
+                response = await forward(self.session, w, request.method, request.url.path, body, request.headers,
+                                         on_done=done, on_stream_error=self.stream_failed)
             except Unreachable as e:
-                pool.mark_down(w, f"connection refused ({e})")
+                self.pool.mark_down(w, f"connection refused ({e})")
                 metrics.failures.labels(w.url).inc()
                 tried.add(w)
                 continue
@@ -82,53 +89,64 @@ def build_router(urls: list[str], policy: str = "cache_aware", tokenizer=None, b
                 metrics.failures.labels(w.url).inc()
             return response
 
-    async def passed(request: Request):
+    def stream_failed(self, w) -> None:
+        self.metrics.failures.labels(w.url).inc()
+
+    async def passed(self, request: Request):
+        """Any other route, round the healthy replicas."""
         body = await request.body()
-        for _ in range(len(pool.workers)):
-            workers = pool.healthy()
+        for _ in range(len(self.pool.workers)):
+            workers = self.pool.healthy()
             if not workers:
                 break
-            w = workers[next(turn) % len(workers)]
+            w = workers[next(self.turn) % len(workers)]
             try:
-                return await forward(session, w, request.method, request.url.path, body, request.headers, w.begin(0))
+                return await forward(self.session, w, request.method, request.url.path, body, request.headers,
+                                     w.begin(0))  # fmt: skip
             except Unreachable as e:
-                pool.mark_down(w, f"connection refused ({e})")
+                self.pool.mark_down(w, f"connection refused ({e})")
         return error_response(503, "no replica is available", "no_replica")
 
-    async def health(request: Request):
-        return Response(status_code=200 if pool.healthy() else 503)
+    async def health(self, request: Request):
+        return Response(status_code=200 if self.pool.healthy() else 503)
 
-    async def prometheus(request: Request):
-        return Response(metrics.render(pool.workers), media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def prometheus(self, request: Request):
+        return Response(self.metrics.render(self.pool.workers), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    async def workers(request: Request):
+    async def workers(self, request: Request):
         return JSONResponse([{"url": w.url, "healthy": w.healthy, "inflight": w.inflight, "load": w.load,
                               "step_cost": {"a": w.cost.a, "b": w.cost.b, "calibrated": w.cost.calibrated}}
-                             for w in pool.workers])  # fmt: skip
+                             for w in self.pool.workers])  # fmt: skip
 
-    async def expire_tentative():
+    async def expire_tentative(self):
         while True:
-            await asyncio.sleep(index.tentative_s)
-            index.expire()
+            await asyncio.sleep(self.index.tentative_s)
+            self.index.expire()
 
     @contextlib.asynccontextmanager
-    async def lifespan(app):
-        nonlocal session
-        session = pool.session = new_session(health_timeout_s)
-        pool.start()
-        expiry = asyncio.create_task(expire_tentative()) if index is not None else None
+    async def lifespan(self, app):
+        self.session = self.pool.session = new_session(self.health_timeout_s)
+        self.pool.start()
+        expiry = asyncio.create_task(self.expire_tentative()) if self.index is not None else None
         try:
             yield
         finally:
             if expiry is not None:
                 expiry.cancel()
-            await pool.stop()
-            await session.close()
+            await self.pool.stop()
+            await self.session.close()
 
-    routes = [Route(p, routed, methods=["POST"]) for p in ROUTED]
-    routes += [Route(p, passed, methods=["GET", "POST"]) for p in PASSED]
-    routes += [Route("/health", health, methods=["GET"]), Route("/metrics", prometheus, methods=["GET"]),
-               Route("/workers", workers, methods=["GET"])]  # fmt: skip
-    app = Starlette(routes=routes, lifespan=lifespan)
-    app.state.pool, app.state.metrics = pool, metrics
+
+def build_router(urls: list[str], policy: str = "cache_aware", tokenizer=None, balance_abs: int = 8,
+                 balance_rel: float = 1.5, health_interval_s: float = 0.5, health_timeout_s: float = 1.0,
+                 events_interval_s: float = 0.1) -> Starlette:  # fmt: skip
+    """The router's app (`Router`)."""
+    r = Router(urls, policy, tokenizer, balance_abs, balance_rel, health_interval_s, health_timeout_s,
+               events_interval_s)  # fmt: skip
+    routes = [Route(p, r.routed, methods=["POST"]) for p in ROUTED]
+    routes += [Route(p, r.passed, methods=["GET", "POST"]) for p in PASSED]
+    routes += [Route("/health", r.health, methods=["GET"]), Route("/metrics", r.prometheus, methods=["GET"]),
+               Route("/workers", r.workers, methods=["GET"])]  # fmt: skip
+    app = Starlette(routes=routes, lifespan=r.lifespan)
+    app.state.pool, app.state.metrics = r.pool, r.metrics
     return app
