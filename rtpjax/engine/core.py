@@ -221,7 +221,8 @@ class LLMEngine:
             tokenizer.result()  # a broken tokenizer fails before minutes of compilation, not after
         kv_dtype = self._kv_dtypes(args, plan, params, model, tokenizer)  # per layer, where --kv-cache-dtypes says so
         if plan.num_blocks is None:
-            plan = plan.with_blocks(multihost.agree_min(memory_plan.device_kv_blocks(self.cfg, args, kv_dtype)))  # one cache shape on every host
+            blocks = memory_plan.device_kv_blocks(self.cfg, args, kv_dtype)
+            plan = plan.with_blocks(multihost.agree_min(blocks))  # one cache shape on every host
         args = self.args = plan.args
         self.plan, self.max_model_len, num_blocks = plan, args.max_model_len, plan.num_blocks
         log.info(plan.summary())
@@ -236,7 +237,8 @@ class LLMEngine:
         self.runner = ModelRunner(
             self.cfg, self.family, params, num_blocks=num_blocks, block_size=args.block_size,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=self.max_model_len, mesh=mesh, attention_impl=resolve_impl(args.attention_impl, self.cfg.head_dim),
+            max_model_len=self.max_model_len, mesh=mesh,
+            attention_impl=resolve_impl(args.attention_impl, self.cfg.head_dim),
             kv_cache_dtype=kv_dtype, kv_write=args.kv_write, mosaic_prefill=args.mosaic_prefill,
             kv_tiers=bool(args.kv_offloading_size),
             num_speculative_tokens=k, max_verify_seqs=max_verify_seqs, aux_layers=aux_layers,
@@ -249,23 +251,9 @@ class LLMEngine:
                                           self.runner.max_blocks)  # what a draft model or head runs with
         self.speculator = make_speculator(spec, self.draft_context, self.runner.params["embed"])
         self.chain_rounds = True  # verify rounds chained where they can be (benchmarks turn it off to compare)
-        self.tiers = tiers_build.make_tiers(args, self.runner.kv_layout,
-                                            tiers_build.identity(model, source, self.runner.kv_layout, args))
-        if self.tiers is not None:
-            self.pool.on_evict = self.tiers.write_down
-            self.scheduler.tiers = self.tiers
-            staged = memory_plan.staging_blocks(args, self.runner.kv_layout.block_bytes, self.runner.max_blocks,
-                                                self.pool.num_blocks, self.runner.copier.landing_rows)  # fmt: skip
-            # loads reach the device before admission; evicted blocks wait there for their download
-            self.tiers.use_copier(self.runner.copier, staged, self.runner.max_blocks)
-            log.info("KV tiers: up to %d blocks (%.2f GiB) staged on the device before admission", staged,
-                     staged * self.runner.kv_layout.block_bytes / 2**30)  # fmt: skip
+        self.tiers = self._attach_tiers(args, model, source)
         t0, misses = time.monotonic(), CompileCounter.count
-        shapes = self.runner.warmup(progress=args.progress) if args.warmup else 0  # else each shape at first use
-        if args.warmup and self.speculator is not None:
-            self.runner.state = self.speculator.warm(self.runner.state)
-        if self.tiers is not None:
-            self.tiers.costs = tiers_build.measure_costs(self.runner, self.tiers)
+        shapes = self._warm(args)
         compiled = time.monotonic()
         CompileCounter.take_recent()  # the loop log counts those after warm-up
         if isinstance(self.channel, multihost.Leader):
@@ -284,6 +272,34 @@ class LLMEngine:
         self.loop_stats = LoopStats()
         self.lifetime = LoopStats()  # loop_stats of earlier report periods, summed (take_loop_stats)
         self._order = itertools.count()
+
+    def _attach_tiers(self, args: EngineArgs, model: str, source: str | None):
+        """The KV tiers below the block pool (--kv-offloading-size, --kv-disk-path), or None: evicted blocks are
+        written down, the scheduler asks them for prefixes, and their copies go through the runner's copier."""
+        tiers = tiers_build.make_tiers(args, self.runner.kv_layout,
+                                       tiers_build.identity(model, source, self.runner.kv_layout, args))  # fmt: skip
+        if tiers is None:
+            return None
+        self.pool.on_evict = tiers.write_down
+        self.scheduler.tiers = tiers
+        block_bytes = self.runner.kv_layout.block_bytes
+        staged = memory_plan.staging_blocks(args, block_bytes, self.runner.max_blocks, self.pool.num_blocks,
+                                            self.runner.copier.landing_rows)  # fmt: skip
+        # loads reach the device before admission; evicted blocks wait there for their download
+        tiers.use_copier(self.runner.copier, staged, self.runner.max_blocks)
+        log.info("KV tiers: up to %d blocks (%.2f GiB) staged on the device before admission", staged,
+                 staged * block_bytes / 2**30)  # fmt: skip
+        return tiers
+
+    def _warm(self, args: EngineArgs) -> int:
+        """Compiles every step shape now (--warmup; else each at first use) and the speculator's, and measures the
+        tiers' copy costs against recomputation (swap or recompute): the number of step shapes."""
+        shapes = self.runner.warmup(progress=args.progress) if args.warmup else 0
+        if args.warmup and self.speculator is not None:
+            self.runner.state = self.speculator.warm(self.runner.state)
+        if self.tiers is not None:
+            self.tiers.costs = tiers_build.measure_costs(self.runner, self.tiers)
+        return shapes
 
     # -- requests ---------------------------------------------------------------------------------------------------
 
@@ -350,7 +366,8 @@ class LLMEngine:
         request = restore(snap, kv, self.args.block_size, self.info)
         need = max((len(s.host_kv.rows) for s in request.seqs if s.host_kv is not None), default=0)
         if need > self.pool.num_blocks:
-            raise ValueError(f"request {snap.request_id!r} needs {need} KV blocks; this cache has {self.pool.num_blocks}")
+            raise ValueError(f"request {snap.request_id!r} needs {need} KV blocks; this cache has "
+                             f"{self.pool.num_blocks}")
         self.requests[request.request_id] = request
         for seq in request.seqs:
             if not seq.finished:

@@ -521,6 +521,21 @@ class _Placer:
         self.finish_seconds += time.perf_counter() - began
 
 
+def _check_names(ckpt: Checkpoint, wanted: set[str], cfg: ModelConfig, model_dir) -> None:
+    """A CheckpointError naming the tensors the model needs and the checkpoint lacks, or those it has and the model
+    does not know (tied checkpoints' spare lm_head and `_IGNORED_SUFFIXES` aside)."""
+    missing = sorted(wanted - ckpt.names())
+    if missing:
+        raise CheckpointError(f"{model_dir}: checkpoint lacks tensor(s) {', '.join(missing[:8])}")
+    unexpected = ckpt.names() - wanted
+    if cfg.tie_word_embeddings:
+        unexpected.discard("lm_head.weight")  # some tied checkpoints still carry a copy
+    unexpected = sorted(n for n in unexpected if not n.endswith(_IGNORED_SUFFIXES))
+    if unexpected:
+        raise CheckpointError(f"{ckpt.where[unexpected[0]]}: unexpected tensor(s) {', '.join(unexpected[:8])} for a "
+                              f"{cfg.architecture}")  # fmt: skip
+
+
 def load_params(
     model_dir: str | Path,
     cfg: ModelConfig,
@@ -543,18 +558,7 @@ def load_params(
     shapes = decoder.param_shapes(cfg)
     assert set(sources) == set(shapes), f"{family.__name__}: weight map and param shapes disagree"  # a bug, not input
     wanted = {name for source in sources.values() for name in source.names}
-    missing = sorted(wanted - ckpt.names())
-    if missing:
-        raise CheckpointError(f"{model_dir}: checkpoint lacks tensor(s) {', '.join(missing[:8])}")
-    unexpected = ckpt.names() - wanted
-    if cfg.tie_word_embeddings:
-        unexpected.discard("lm_head.weight")  # some tied checkpoints still carry a copy
-    unexpected = sorted(n for n in unexpected if not n.endswith(_IGNORED_SUFFIXES))
-    if unexpected:
-        name = unexpected[0]
-        raise CheckpointError(
-            f"{ckpt.where[name]}: unexpected tensor(s) {', '.join(unexpected[:8])} for a {cfg.architecture}"
-        )
+    _check_names(ckpt, wanted, cfg, model_dir)
     _check_shapes(ckpt, sources, shapes)
     shardings = target_shardings(shapes, family, mesh, cfg)
     batches = plan_reads(ckpt, wanted, opts.batch_bytes)
