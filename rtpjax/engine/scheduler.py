@@ -196,10 +196,23 @@ class Scheduler:
     def schedule(self, drafts: dict[Sequence, list[int]] | None = None) -> Schedule:
         """drafts: proposals for running sequences (see max_drafts); given, the step admits no more sequences than a
         verify step holds."""
-        budget = self.max_num_batched_tokens
+        drafts = drafts if drafts and len(self.running) <= self.max_verify_seqs else {}  # a verify step's limit
+        items, preempted, budget = self._schedule_running(drafts, self.max_num_batched_tokens)
+        admitted: list[Sequence] = []
+        loads: list[BlockLoad] = []
+        if not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            admitted = self._admit_waiting(items, loads, budget)
+        if self.tiers is not None:  # stagings held back start now, oldest first, whatever stopped admission
+            for seq in self.waiting:
+                if seq.tier_fetch is not None:
+                    self.tiers.poll(seq.tier_fetch, room=None)  # the room this round's ask found
+        return Schedule(items, admitted, preempted, loads)
+
+    def _schedule_running(self, drafts: dict[Sequence, list[int]], budget: int):
+        """The running sequences' next tokens (and drafts to verify) within `budget`, in order, preempting the
+        lowest-priority youngest for blocks: (items, preempted, budget left)."""
         items: list[ScheduledSeq] = []
         preempted: list[Sequence] = []
-        drafts = drafts if drafts and len(self.running) <= self.max_verify_seqs else {}  # a verify step's limit
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -225,47 +238,46 @@ class Scheduler:
             items.append(self._run(seq, n, proposed))
             budget -= n + len(proposed)
             i += 1
+        return items, preempted, budget
 
+    def _admit_waiting(self, items: list[ScheduledSeq], loads: list[BlockLoad], budget: int) -> list[Sequence]:
+        """Waiting sequences admitted in the policy's order into the step's remaining `budget` (their chunks added to
+        `items`, block loads to `loads`), around those whose prefixes are still coming up from a KV tier: the
+        admitted."""
         admitted: list[Sequence] = []
-        loads: list[BlockLoad] = []
         max_items = self.max_verify_seqs if any(item.drafts for item in items) else self.max_num_seqs
-        if not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            # blocks running sequences are expected to grow into, and those earlier sequences' loads (on their way to
-            # the device, or waiting for room) will take
-            reserved = self._kept_for_running()
-            no_room = self.tiers is None and self.pool.num_free - reserved < 1  # (with tiers, fetches still start)
-            order = [] if no_room else self._admission_order()
-            for seq in order:
-                if budget <= 0 or len(self.running) >= self.max_num_seqs or len(items) >= max_items:
+        # blocks running sequences are expected to grow into, and those earlier sequences' loads (on their way to
+        # the device, or waiting for room) will take
+        reserved = self._kept_for_running()
+        no_room = self.tiers is None and self.pool.num_free - reserved < 1  # (with tiers, fetches still start)
+        order = [] if no_room else self._admission_order()
+        for seq in order:
+            if budget <= 0 or len(self.running) >= self.max_num_seqs or len(items) >= max_items:
+                break
+            if seq.token_ids[-1] == PENDING:
+                continue  # its last token is read after this step; admit it next time
+            if self.tiers is not None and not self._below_ready(seq, reserved):
+                fetch = seq.tier_fetch
+                if fetch is not None and fetch.ready and not fetch.room:  # it waits for room
+                    if self._pins_make_room(seq, self._load_need(seq, reserved), reserved, order):
+                        self._unpin_after(seq, order)  # later sequences' pins must not hold it
+                reserved += self._reserve_for_load(seq, reserved)
+                continue  # its prefix blocks are coming up from a KV tier; others go ahead, around its room
+            if self._waits_for_parent(seq):
+                continue  # waits for its sibling's prompt, not for blocks (later pins stay)
+            if not self._admit(seq, budget, loads, reserved):
+                need = self._admission_need(seq, budget, reserved)
+                if not (self._pins_make_room(seq, need, reserved, order) and self._unpin_after(seq, order)
+                        and self._admit(seq, budget, loads, reserved)):  # fmt: skip
                     break
-                if seq.token_ids[-1] == PENDING:
-                    continue  # its last token is read after this step; admit it next time
-                if self.tiers is not None and not self._below_ready(seq, reserved):
-                    fetch = seq.tier_fetch
-                    if fetch is not None and fetch.ready and not fetch.room:  # it waits for room
-                        if self._pins_make_room(seq, self._load_need(seq, reserved), reserved, order):
-                            self._unpin_after(seq, order)  # later sequences' pins must not hold it
-                    reserved += self._reserve_for_load(seq, reserved)
-                    continue  # its prefix blocks are coming up from a KV tier; others go ahead, around its room
-                if self._waits_for_parent(seq):
-                    continue  # waits for its sibling's prompt, not for blocks (later pins stay)
-                if not self._admit(seq, budget, loads, reserved):
-                    need = self._admission_need(seq, budget, reserved)
-                    if not (self._pins_make_room(seq, need, reserved, order) and self._unpin_after(seq, order)
-                            and self._admit(seq, budget, loads, reserved)):  # fmt: skip
-                        break
-                admitted.append(seq)
-                n = len(seq.token_ids) - seq.num_computed
-                items.append(self._run(seq, min(n, budget)))
-                budget -= items[-1].num_tokens
-                reserved += self._expected_blocks(seq, seq.num_computed)
-            if admitted and self.policy == "lpm":
-                self._count_passes(admitted)
-        if self.tiers is not None:  # stagings held back start now, oldest first, whatever stopped admission
-            for seq in self.waiting:
-                if seq.tier_fetch is not None:
-                    self.tiers.poll(seq.tier_fetch, room=None)  # the room this round's ask found
-        return Schedule(items, admitted, preempted, loads)
+            admitted.append(seq)
+            n = len(seq.token_ids) - seq.num_computed
+            items.append(self._run(seq, min(n, budget)))
+            budget -= items[-1].num_tokens
+            reserved += self._expected_blocks(seq, seq.num_computed)
+        if admitted and self.policy == "lpm":
+            self._count_passes(admitted)
+        return admitted
 
     def _count_passes(self, admitted: list[Sequence]) -> None:
         """Each waiting sequence that could have been admitted, but saw a later arrival of its priority or a lower
