@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -97,6 +98,178 @@ def _drop_cache(path: str) -> None:
         os.close(fd)
 
 
+@dataclasses.dataclass
+class Setup:
+    """What the measurements share: Llama-like KV of `blocks` blocks on the device (`cache`, replaced by each write),
+    the host tier's page-locked rows (`host`) and the packed copier the tier uses."""
+
+    args: argparse.Namespace
+    layout: KVLayout
+    n: int
+    nbytes: int
+    host: HostTier
+    cache: list
+    sizes: list[int]
+    copier: BlockCopier
+
+    @property
+    def pinned(self) -> bool:
+        return self.host.unpin is not None
+
+    def rate(self, seconds: float) -> float:
+        """GB/s for the run's bytes, 3 significant digits."""
+        return float(f"{self.nbytes / seconds / 1e9:.3g}")
+
+    def rows(self) -> list[np.ndarray]:
+        return [self.host.buf[i] for i in range(self.n)]
+
+
+def setup(args, pin) -> Setup:
+    layout = KVLayout(args.dtype, args.block_size, args.layers, args.kv_heads, args.head_dim)
+    n = args.blocks
+    host = HostTier(n * layout.block_bytes, layout.block_bytes, pin=pin)
+    host.buf[:] = 1
+    cache = [tuple(jnp.zeros((args.kv_heads, n + 1, args.block_size, args.head_dim), jnp.dtype(args.dtype))
+                   for _ in range(2)) for _ in range(args.layers)]  # fmt: skip
+    sizes = [s for s in (1, 2, 4, 8, 16, 32, 64) if s <= n] or [n]
+    copier = BlockCopier(cache, layout, sizes)
+    for job in copier.jobs(cache, packed=True):
+        job()
+    return Setup(args, layout, n, n * layout.block_bytes, host, cache, sizes, copier)
+
+
+def h2d_floors(b: Setup) -> dict:
+    """One big array to the device from pageable and from page-locked memory."""
+    pageable = np.ones(b.nbytes, np.uint8)
+    return {"h2d_pageable_GBps": b.rate(_timed(lambda: jax.device_put(pageable).block_until_ready())),
+            "host_page_locked": b.pinned,
+            "h2d_pinned_GBps": b.rate(_timed(lambda: jax.device_put(b.host.buf).block_until_ready()))}  # fmt: skip
+
+
+def onloads(b: Setup) -> dict:
+    """Host rows to the device: written into the cache (packed, per row), staged in pieces, over several streams,
+    scattered, and strided (the other layout)."""
+    result, rows, n = {}, b.rows(), b.n
+    packed = PackedBlocks(b.layout, rows, page_locked=b.pinned)
+
+    def write(copier):
+        def run():
+            b.cache = copier.write_packed(b.cache, list(range(n)), packed)
+            jax.block_until_ready(b.cache)
+        return run
+
+    result["onload_packed_GBps"] = b.rate(_timed(write(b.copier)))
+    for piece in (16, 64, 256):
+        stager = BlockCopier(b.cache, b.layout, [min(piece, n)], max_piece=piece)
+        result[f"onload_staged_{piece}_GBps"] = b.rate(_timed(lambda: stager.stage(rows, b.pinned)))
+    if b.copier.landing_rows:  # rows land by the driver: each copy over several streams (copy engines) instead of one
+        for streams in (2, 4):
+            stager = BlockCopier(b.cache, b.layout, [min(64, n)], land_streams=streams)
+            result[f"onload_staged_64_streams{streams}_GBps"] = b.rate(_timed(lambda: stager.stage(rows, b.pinned)))
+    # the copies before pinned_host (its executables compile in _timed's first, untimed call: only the buckets used)
+    result["onload_rows_GBps"] = b.rate(_timed(write(BlockCopier(b.cache, b.layout, b.sizes, use_pinned=False,
+                                                                  max_piece=1))))  # fmt: skip
+    # One slice per layer and part of every block: what a tier holding KVBlocks' per-layer layout would transfer.
+    strided = b.host.buf.reshape(n, 2, b.args.layers, -1)
+    slices = [strided[i, part, layer] for i in range(n) for part in range(2) for layer in range(b.args.layers)]
+    result["onload_strided_GBps"] = b.rate(_timed(lambda: jax.block_until_ready(jax.device_put(slices))))
+    result["layout"] = "packed" if result["onload_packed_GBps"] >= result["onload_strided_GBps"] else "strided"
+    return result
+
+
+def onloads_under_load(b: Setup, pin) -> dict:
+    """A fetch's rows as an LRU can leave them (scattered over the buffer, nearly all alone), alone and while the
+    write-down's downloads run on another thread, as in serving; then staging while the device computes."""
+    result, n, copier = {}, b.n, b.copier
+    order = np.random.default_rng(0).permutation(n)
+    scattered = [b.host.buf[i] for i in order]
+    result["onload_staged_scattered_GBps"] = b.rate(_timed(lambda: copier.stage(scattered, b.pinned)))
+    # the staged rows are the host rows, in the order asked (rows marked by their index; the bytes checked)
+    b.host.buf[:, :8] = np.arange(n, dtype=np.uint64)[:, None].view(np.uint8)
+    staged = copier.stage(scattered, b.pinned)
+    exact = all(np.array_equal(np.asarray(got), want) for got, want in zip(staged, scattered))
+    assert exact, "a staged row differs from its host row"
+    result["onload_staged_rows_exact"] = exact
+    busy = threading.Event()
+    down = HostTier(min(n, 64) * b.layout.block_bytes, b.layout.block_bytes, pin=pin)  # the downloads' own tier rows
+
+    def download_loop():
+        while not busy.is_set():
+            at = 0
+            for real, rows_ in copier.gather_packed(b.cache, list(range(min(n, 64))), download=False):
+                copier.download_into(rows_, list(down.buf[at : at + real]))
+                at += real
+
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(download_loop)
+            result["onload_staged_scattered_during_offload_GBps"] = b.rate(
+                _timed(lambda: copier.stage(scattered, b.pinned)))  # fmt: skip
+            busy.set()
+            running.result()
+    finally:
+        if down.unpin is not None:
+            down.unpin()
+    # while the device computes (steps queued back to back, one ahead, as the engine runs them): the staging a fetch
+    # waits for in serving, as the tier does it and, where rows land by the driver, by device_put instead
+    rows = b.rows()
+    stagers = {"": BlockCopier(b.cache, b.layout, [min(64, n)])}
+    if stagers[""].landing_rows:
+        stagers["_device_put"] = BlockCopier(b.cache, b.layout, [min(64, n)], land=False)
+    for name, stager in stagers.items():
+        with _device_busy() as steps:
+            result[f"onload_staged_64_during_steps{name}_GBps"] = b.rate(_timed(lambda: stager.stage(rows, b.pinned)))
+        result[f"steps_during_onload{name}"] = steps[0]
+    return result
+
+
+def offloads(b: Setup) -> dict:
+    """Device blocks down to host rows: as the tier does it, into pinned_host memory, into pageable memory."""
+    n = b.n
+
+    def offload(c):
+        return [np.asarray(rows)[:real] for real, rows in c.gather_packed(b.cache, list(range(n)))]
+
+    def offload_tier():
+        at = 0
+        for real, rows_ in b.copier.gather_packed(b.cache, list(range(n)), download=False):
+            b.copier.download_into(rows_, list(b.host.buf[at : at + real]))
+            at += real
+
+    pageable = BlockCopier(b.cache, b.layout, b.sizes, use_pinned=False, max_piece=1)
+    return {"offload_tier_GBps": b.rate(_timed(offload_tier)),
+            "offload_pinned_GBps": b.rate(_timed(lambda: offload(b.copier))),
+            "offload_pageable_GBps": b.rate(_timed(lambda: offload(pageable)))}  # fmt: skip
+
+
+def disk_reads(b: Setup) -> dict:
+    """The file system's sequential read (dd, page cache dropped) against the disk tier's reads of as many bytes."""
+    result, n = {}, b.n
+    with tempfile.TemporaryDirectory(dir=b.args.dir) as tmp:
+        big = os.path.join(tmp, "sequential.bin")
+        with open(big, "wb") as f:
+            for i in range(n):
+                f.write(b.host.buf[i])
+        _drop_cache(big)
+        began = time.perf_counter()
+        subprocess.run(["dd", f"if={big}", "of=/dev/null", "bs=16M"], check=True, capture_output=True)
+        result["disk_dd_GBps"] = b.rate(time.perf_counter() - began)
+        os.unlink(big)
+        disk = DiskTier(tmp, b.nbytes * 2, b.layout.block_bytes, {"bench": 1})
+        hashes = [i.to_bytes(16, "little") for i in range(n)]
+        for h, i in zip(hashes, range(n)):
+            disk.write(h, b.host.buf[i])
+        for h in hashes:
+            _drop_cache(str(disk.path(h)))
+        began = time.perf_counter()
+        with ThreadPoolExecutor(4) as pool:
+            ok = list(pool.map(lambda i: disk.read_into(hashes[i], b.host.buf[i]), range(n)))
+        result["disk_tier_GBps"] = b.rate(time.perf_counter() - began)
+        result["disk_tier_vs_dd"] = round(result["disk_tier_GBps"] / result["disk_dd_GBps"], 3)
+        assert all(ok), "a block written by the benchmark read back wrong"
+    return result
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=32)
@@ -109,132 +282,21 @@ def main(argv=None) -> dict:
     p.add_argument("--out")
     args = p.parse_args(argv)
 
-    layout = KVLayout(args.dtype, args.block_size, args.layers, args.kv_heads, args.head_dim)
-    n, nbytes = args.blocks, args.blocks * layout.block_bytes
-    result = dict(device=str(jax.devices()[0].device_kind), block_bytes=layout.block_bytes, blocks=n, bytes=nbytes)
-    rate = lambda seconds: float(f"{nbytes / seconds / 1e9:.3g}")  # noqa: E731 - GB/s, 3 significant digits
-
     pin = dma_mapper(jax.devices())
-    pageable = np.ones(nbytes, np.uint8)
-    result["h2d_pageable_GBps"] = rate(_timed(lambda: jax.device_put(pageable).block_until_ready()))
-    host = HostTier(nbytes, layout.block_bytes, pin=pin)
-    result["host_page_locked"] = host.unpin is not None
-    host.buf[:] = 1
-    result["h2d_pinned_GBps"] = rate(_timed(lambda: jax.device_put(host.buf).block_until_ready()))
-
-    cache = [tuple(jnp.zeros((args.kv_heads, n + 1, args.block_size, args.head_dim), jnp.dtype(args.dtype))
-                   for _ in range(2)) for _ in range(args.layers)]  # fmt: skip
-    sizes = [s for s in (1, 2, 4, 8, 16, 32, 64) if s <= n] or [n]
-    copier = BlockCopier(cache, layout, sizes)
-    for job in copier.jobs(cache, packed=True):
-        job()
-    packed = PackedBlocks(layout, [host.buf[i] for i in range(n)], page_locked=host.unpin is not None)
-    state = {"cache": cache}
-
-    def onload():
-        state["cache"] = copier.write_packed(state["cache"], list(range(n)), packed)
-        jax.block_until_ready(state["cache"])
-
-    result["onload_packed_GBps"] = rate(_timed(onload))
-    rows = [host.buf[i] for i in range(n)]
-    for piece in (16, 64, 256):
-        stager = BlockCopier(cache, layout, [min(piece, n)], max_piece=piece)
-        result[f"onload_staged_{piece}_GBps"] = rate(_timed(lambda: stager.stage(rows, host.unpin is not None)))
-    if copier.landing_rows:  # rows land by the driver: each copy over several streams (copy engines) instead of one
-        for streams in (2, 4):
-            stager = BlockCopier(cache, layout, [min(64, n)], land_streams=streams)
-            result[f"onload_staged_64_streams{streams}_GBps"] = rate(
-                _timed(lambda: stager.stage(rows, host.unpin is not None)))  # fmt: skip
-    # a fetch's rows as an LRU can leave them: scattered over the buffer, nearly all alone; then the same while the
-    # write-down's downloads (device -> pinned host) run on another thread, as they do in serving
-    order = np.random.default_rng(0).permutation(n)
-    scattered = [host.buf[i] for i in order]
-    result["onload_staged_scattered_GBps"] = rate(_timed(lambda: copier.stage(scattered, host.unpin is not None)))
-    # the staged rows are the host rows, in the order asked (rows marked by their index; the bytes checked)
-    host.buf[:, :8] = np.arange(n, dtype=np.uint64)[:, None].view(np.uint8)
-    staged = copier.stage(scattered, host.unpin is not None)
-    exact = all(np.array_equal(np.asarray(got), want) for got, want in zip(staged, scattered))
-    assert exact, "a staged row differs from its host row"
-    result["onload_staged_rows_exact"] = exact
-    busy = threading.Event()
-    down = HostTier(min(n, 64) * layout.block_bytes, layout.block_bytes, pin=pin)  # the downloads' own tier rows
-
-    def download_loop():
-        while not busy.is_set():
-            at = 0
-            for real, rows_ in copier.gather_packed(state["cache"], list(range(min(n, 64))), download=False):
-                copier.download_into(rows_, list(down.buf[at : at + real]))
-                at += real
-
-    with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(download_loop)
-        result["onload_staged_scattered_during_offload_GBps"] = rate(
-            _timed(lambda: copier.stage(scattered, host.unpin is not None)))
-        busy.set()
-        running.result()
-    # while the device computes (steps queued back to back, one ahead, as the engine runs them): the staging a fetch
-    # waits for in serving, as the tier does it and, where rows land by the driver, by device_put instead
-    stagers = {"": BlockCopier(cache, layout, [min(64, n)])}
-    if stagers[""].landing_rows:
-        stagers["_device_put"] = BlockCopier(cache, layout, [min(64, n)], land=False)
-    for name, stager in stagers.items():
-        with _device_busy() as steps:
-            result[f"onload_staged_64_during_steps{name}_GBps"] = rate(
-                _timed(lambda: stager.stage(rows, host.unpin is not None)))  # fmt: skip
-        result[f"steps_during_onload{name}"] = steps[0]
-    # the copies before pinned_host (its executables compile in _timed's first, untimed call: only the buckets used)
-    rows_copier = BlockCopier(cache, layout, sizes, use_pinned=False, max_piece=1)
-
-    def onload_rows():
-        state["cache"] = rows_copier.write_packed(state["cache"], list(range(n)), packed)
-        jax.block_until_ready(state["cache"])
-
-    result["onload_rows_GBps"] = rate(_timed(onload_rows))
-    def offload(c):
-        return [np.asarray(rows)[:real] for real, rows in c.gather_packed(state["cache"], list(range(n)))]
-
-    def offload_tier():
-        at = 0
-        for real, rows_ in copier.gather_packed(state["cache"], list(range(n)), download=False):
-            copier.download_into(rows_, list(host.buf[at : at + real]))
-            at += real
-
-    result["offload_tier_GBps"] = rate(_timed(offload_tier))
-    result["offload_pinned_GBps"] = rate(_timed(lambda: offload(copier)))
-    result["offload_pageable_GBps"] = rate(_timed(lambda: offload(rows_copier)))
-    # One slice per layer and part of every block: what a tier holding KVBlocks' per-layer layout would transfer.
-    strided = host.buf.reshape(n, 2, args.layers, -1)
-    slices = [strided[b, part, layer] for b in range(n) for part in range(2) for layer in range(args.layers)]
-    result["onload_strided_GBps"] = rate(_timed(lambda: jax.block_until_ready(jax.device_put(slices))))
-    result["layout"] = "packed" if result["onload_packed_GBps"] >= result["onload_strided_GBps"] else "strided"
-    result["onload_vs_pinned"] = round(result["onload_packed_GBps"] / result["h2d_pinned_GBps"], 3)
-    result["onload_staged_vs_pinned"] = round(result["onload_staged_64_GBps"] / result["h2d_pinned_GBps"], 3)
-
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        big = os.path.join(tmp, "sequential.bin")
-        with open(big, "wb") as f:
-            for i in range(n):
-                f.write(host.buf[i])
-        _drop_cache(big)
-        began = time.perf_counter()
-        subprocess.run(["dd", f"if={big}", "of=/dev/null", "bs=16M"], check=True, capture_output=True)
-        result["disk_dd_GBps"] = rate(time.perf_counter() - began)
-        os.unlink(big)
-        disk = DiskTier(tmp, nbytes * 2, layout.block_bytes, {"bench": 1})
-        hashes = [i.to_bytes(16, "little") for i in range(n)]
-        for h, i in zip(hashes, range(n)):
-            disk.write(h, host.buf[i])
-        for h in hashes:
-            _drop_cache(str(disk.path(h)))
-        began = time.perf_counter()
-        with ThreadPoolExecutor(4) as pool:
-            ok = list(pool.map(lambda i: disk.read_into(hashes[i], host.buf[i]), range(n)))
-        result["disk_tier_GBps"] = rate(time.perf_counter() - began)
-        result["disk_tier_vs_dd"] = round(result["disk_tier_GBps"] / result["disk_dd_GBps"], 3)
-        assert all(ok), "a block written by the benchmark read back wrong"
-    for tier in (host, down):
-        if tier.unpin is not None:
-            tier.unpin()
+    b = setup(args, pin)
+    result = dict(device=str(jax.devices()[0].device_kind), block_bytes=b.layout.block_bytes, blocks=b.n,
+                  bytes=b.nbytes)  # fmt: skip
+    try:
+        result |= h2d_floors(b)
+        result |= onloads(b)
+        result |= onloads_under_load(b, pin)
+        result |= offloads(b)
+        result["onload_vs_pinned"] = round(result["onload_packed_GBps"] / result["h2d_pinned_GBps"], 3)
+        result["onload_staged_vs_pinned"] = round(result["onload_staged_64_GBps"] / result["h2d_pinned_GBps"], 3)
+        result |= disk_reads(b)
+    finally:
+        if b.pinned:
+            b.host.unpin()
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:
