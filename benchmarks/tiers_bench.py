@@ -100,17 +100,18 @@ def _drop_cache(path: str) -> None:
 
 @dataclasses.dataclass
 class Setup:
-    """What the measurements share: Llama-like KV of `blocks` blocks on the device (`cache`, replaced by each write),
-    the host tier's page-locked rows (`host`) and the packed copier the tier uses."""
+    """What the measurements share: the host tier's page-locked rows (`host`) for `n` blocks of a Llama-like KV
+    layout, then (`allocate`, after the floors) the device cache of n + 1 blocks (the last one where dropped writes
+    go; replaced by each write) and the packed copier the tier uses."""
 
     args: argparse.Namespace
     layout: KVLayout
     n: int
     nbytes: int
     host: HostTier
-    cache: list
-    sizes: list[int]
-    copier: BlockCopier
+    cache: list | None = None
+    sizes: list[int] | None = None
+    copier: BlockCopier | None = None
 
     @property
     def pinned(self) -> bool:
@@ -123,19 +124,22 @@ class Setup:
     def rows(self) -> list[np.ndarray]:
         return [self.host.buf[i] for i in range(self.n)]
 
+    def allocate(self) -> None:
+        args, n = self.args, self.n
+        self.cache = [tuple(jnp.zeros((args.kv_heads, n + 1, args.block_size, args.head_dim), jnp.dtype(args.dtype))
+                            for _ in range(2)) for _ in range(args.layers)]  # fmt: skip
+        self.sizes = [s for s in (1, 2, 4, 8, 16, 32, 64) if s <= n] or [n]
+        self.copier = BlockCopier(self.cache, self.layout, self.sizes)
+        for job in self.copier.jobs(self.cache, packed=True):
+            job()
+
 
 def setup(args, pin) -> Setup:
     layout = KVLayout(args.dtype, args.block_size, args.layers, args.kv_heads, args.head_dim)
     n = args.blocks
     host = HostTier(n * layout.block_bytes, layout.block_bytes, pin=pin)
     host.buf[:] = 1
-    cache = [tuple(jnp.zeros((args.kv_heads, n + 1, args.block_size, args.head_dim), jnp.dtype(args.dtype))
-                   for _ in range(2)) for _ in range(args.layers)]  # fmt: skip
-    sizes = [s for s in (1, 2, 4, 8, 16, 32, 64) if s <= n] or [n]
-    copier = BlockCopier(cache, layout, sizes)
-    for job in copier.jobs(cache, packed=True):
-        job()
-    return Setup(args, layout, n, n * layout.block_bytes, host, cache, sizes, copier)
+    return Setup(args, layout, n, n * layout.block_bytes, host)
 
 
 def h2d_floors(b: Setup) -> dict:
@@ -147,8 +151,8 @@ def h2d_floors(b: Setup) -> dict:
 
 
 def onloads(b: Setup) -> dict:
-    """Host rows to the device: written into the cache (packed, per row), staged in pieces, over several streams,
-    scattered, and strided (the other layout)."""
+    """Host rows to the device: written into the cache (packed, per row), staged in pieces and over several streams,
+    and as strided slices (the other layout)."""
     result, rows, n = {}, b.rows(), b.n
     packed = PackedBlocks(b.layout, rows, page_locked=b.pinned)
 
@@ -287,7 +291,8 @@ def main(argv=None) -> dict:
     result = dict(device=str(jax.devices()[0].device_kind), block_bytes=b.layout.block_bytes, blocks=b.n,
                   bytes=b.nbytes)  # fmt: skip
     try:
-        result |= h2d_floors(b)
+        result |= h2d_floors(b)  # before the device cache and the copiers take their memory
+        b.allocate()
         result |= onloads(b)
         result |= onloads_under_load(b, pin)
         result |= offloads(b)
