@@ -114,6 +114,18 @@ def stories_llm(stories_dir, compile_cache):
     return LLM(str(stories_dir), compilation_cache_dir=compile_cache, **ENGINE_ARGS)
 
 
+def run_out(engine, step=None, max_steps: int = 1000) -> list:
+    """Steps `engine` until it has no work (`step`: what runs one step, engine.step by default); every step's outputs,
+    in order. Fails, rather than spins, when work is left after `max_steps` (a scheduling bug)."""
+    step = step or engine.step
+    outs = []
+    for _ in range(max_steps):
+        if not engine.has_work():
+            return outs
+        outs += step() or []
+    raise AssertionError(f"the engine still had work after {max_steps} steps")
+
+
 def wait_healthy(proc, url: str, what: str, seconds: float = 300.0) -> None:
     """Poll `url`/health until it answers 200; fail with the process's output if it exits, or after `seconds`."""
     import time

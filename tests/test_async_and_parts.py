@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import ENGINE_ARGS
+from conftest import ENGINE_ARGS, run_out
 from rtpjax import AsyncLLM, SamplingParams
 from rtpjax.engine import detokenizer
 from rtpjax.kv.block_pool import BlockPool, prefix_hashes
@@ -181,13 +181,12 @@ def test_stream_never_leaks_a_partial_stop_string(stories_llm):
     rid = engine.add_request([1], SamplingParams(max_tokens=40, stop=stop, **GREEDY))
     expected = full[: full.index(stop)]
     streamed, deltas = "", 0
-    while engine.has_work():
-        for out in engine.step():
-            if out.request_id == rid:
-                streamed += out.outputs[0].delta_text
-                deltas += bool(out.outputs[0].delta_text)
-                assert out.outputs[0].text == streamed  # the whole text is always what the deltas spelled
-                assert expected.startswith(streamed), streamed  # never a piece of "girl named Lily" on the way
+    for out in run_out(engine):
+        if out.request_id == rid:
+            streamed += out.outputs[0].delta_text
+            deltas += bool(out.outputs[0].delta_text)
+            assert out.outputs[0].text == streamed  # the whole text is always what the deltas spelled
+            assert expected.startswith(streamed), streamed  # never a piece of "girl named Lily" on the way
     assert streamed == expected and deltas > 3
 
 
@@ -331,8 +330,7 @@ def test_priority_runs_urgent_requests_first(stories_llm):
     order = []
     low = [engine.add_request([1, 5 + i], SamplingParams(max_tokens=2, **GREEDY), priority=5) for i in range(10)]
     high = engine.add_request([1, 99], SamplingParams(max_tokens=2, **GREEDY), priority=-1)
-    while engine.has_work():
-        order += [o.request_id for o in engine.step() if o.finished]
+    order += [o.request_id for o in run_out(engine) if o.finished]
     assert order.index(high) < order.index(low[-1])
     assert order.index(high) <= 8  # admitted in the first step despite arriving last
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from starlette.responses import StreamingResponse
 
-from conftest import ENGINE_ARGS, wait_healthy
+from conftest import ENGINE_ARGS, run_out, wait_healthy
 from rtpjax import AsyncLLM, SamplingParams
 from rtpjax.disagg.pd_proxy import PDPool, continues, disaggregated, run_prefill
 from rtpjax.router.proxy import new_session
@@ -584,8 +584,7 @@ def test_prefill_gather_never_blocks_the_engine_loop(stories_llm, monkeypatch):
         assert any(step() for _ in range(20)), "the request was not handed off in 20 steps"
         handoff.store._held["e"].expires = 0.0
         handoff.poll()
-        while engine.has_work():
-            step()
+        run_out(engine, step)
         for _ in range(50):  # the expired hand-off's file comes back once staged (the aborted one never leased one)
             if {path for path, _ in handoff.store.arena._idle} == leased:
                 break
@@ -598,8 +597,7 @@ def test_prefill_gather_never_blocks_the_engine_loop(stories_llm, monkeypatch):
         gate.set()
         for rid in list(engine.requests):
             engine.abort(rid)
-        while engine.has_work():
-            engine.step()
+        run_out(engine)
         handoff.close()
 
 

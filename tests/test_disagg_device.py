@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_out
 
 from rtpjax.disagg import channel, device_ipc, staging
 from rtpjax.kv.host_blocks import KVLayout
@@ -346,8 +347,7 @@ def test_a_prefill_engine_holds_hand_offs_on_its_device_within_a_budget(stories_
     finally:
         for rid in list(engine.requests):
             engine.abort(rid)
-        while engine.has_work():
-            engine.step()
+        run_out(engine)
         handoff.close()
     assert engine.pool.num_free == engine.pool.num_blocks
 

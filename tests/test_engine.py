@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ENGINE_ARGS
+from conftest import ENGINE_ARGS, run_out
 from rtpjax import LLM, SamplingParams
 from rtpjax.runner.greedy import greedy_tokens
 from rtpjax.runner.model_runner import CompileCounter
@@ -61,8 +61,7 @@ def test_generated_blocks_are_published_under_their_full_chain_hash(stories_llm)
     engine = stories_llm.engine
     request = engine.make_request(random_prompts(1, seed=5, low=20, high=21)[0], SamplingParams(max_tokens=60, **GREEDY))
     engine.add(request)
-    while engine.has_work():
-        engine.step()
+    run_out(engine)
     seq = request.seqs[0]
     full = len(seq.token_ids) // 16  # the last token's K/V is never computed, so its block may stay unpublished
     assert len(seq.block_hashes) >= full - 1 >= 4
@@ -167,12 +166,14 @@ def test_n_completions_share_the_prompt_blocks(stories_llm):
     engine = stories_llm.engine
     rid = engine.add_request(prompt, SamplingParams(n=3, max_tokens=12, **GREEDY))
     seqs = engine.requests[rid].seqs
-    while not all(s.block_table for s in seqs):
+    for _ in range(100):
+        if all(s.block_table for s in seqs):
+            break
         engine.step()
+    assert all(s.block_table for s in seqs), "not every sample was given blocks in 100 steps"
     assert seqs[1].block_table[:3] == seqs[2].block_table[:3] == seqs[0].block_table[:3]  # 50 tokens: 3 full blocks
     assert engine.pool.ref_count[seqs[0].block_table[0]] == 3 and seqs[1].block_table[3] != seqs[0].block_table[3]
-    while engine.has_work():
-        engine.step()
+    run_out(engine)
     greedy = stories_llm.generate(prompt, SamplingParams(n=2, max_tokens=12, **GREEDY))[0]
     assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids == alone(stories_llm, prompt, 12)
     assert_all_blocks_free(stories_llm)
@@ -187,9 +188,7 @@ def test_abort_frees_blocks(stories_llm):
     assert engine.pool.num_free < engine.pool.num_blocks
     out = engine.abort(rid)
     assert out.finished and out.outputs[0].finish_reason == "abort"
-    done = {}
-    while engine.has_work():
-        done |= {o.request_id: o for o in engine.step()}
+    done = {o.request_id: o for o in run_out(engine)}
     assert rid not in done and done[keep].outputs[0].finish_reason == "length"
     assert_all_blocks_free(stories_llm)
 
@@ -212,9 +211,7 @@ def test_bad_requests_fail_alone(stories_llm):
     for call, message in bad:
         with pytest.raises(ValueError, match=message):
             call()
-    done = {}
-    while engine.has_work():
-        done |= {o.request_id: o for o in engine.step()}
+    done = {o.request_id: o for o in run_out(engine)}
     assert len(done[good].outputs[0].token_ids) == 8
     assert_all_blocks_free(stories_llm)
 

@@ -38,12 +38,13 @@ class Stream:
 
 
 def drive(engine, streams: dict, steps: int | None = None) -> None:
-    """Step the engine (to the end, or `steps` times), routing outputs into per-request streams."""
-    done = 0
-    while engine.has_work() and (steps is None or done < steps):
+    """Step the engine (to the end, at most 1000 steps, or `steps` times), routing outputs into per-request streams."""
+    for _ in range(1000 if steps is None else steps):
+        if not engine.has_work():
+            return
         for out in engine.step():
             streams.setdefault(out.request_id, Stream()).add(out)
-        done += 1
+    assert steps is not None or not engine.has_work(), "the engine still had work after 1000 steps"
 
 
 def travel(snap, kv):
