@@ -284,3 +284,19 @@ def test_a_chained_round_starts_at_the_worst_case_and_moves_back_when_the_round_
         free = pool.num_free
         assert scheduler.chain(ahead, {seq: 8 if case == "budget" else 4}) is None, case
         assert pool.num_free == free and seq.num_computed == 9
+
+
+def test_a_catch_up_splits_over_calls_within_the_token_and_sequence_limits():
+    import itertools
+
+    from rtpjax.spec.draft_model import calls_within_budget
+
+    queue = [["a", 0, 0, 3], ["b", 1, 2, 12], ["c", 2, 5, 6], ["d", 3, 0, 2]]  # [seq, state, start, end]
+    calls = list(itertools.islice(calls_within_budget(queue, limit=8, max_seqs=3), 10))
+    assert not queue
+    # a whole (3) and b's first 5 (cut short: no owner yet); then b's last 5, c's 1 and d's 2: all finished
+    assert calls == [([("a", 0, 0, 3), ("b", 1, 2, 5)], [(0, "a", 0)], 8),
+                     ([("b", 1, 7, 5), ("c", 2, 5, 1), ("d", 3, 0, 2)], [(0, "b", 1), (1, "c", 2), (2, "d", 3)], 8)]
+    queue = [[s, i, 0, 1] for i, s in enumerate("abcde")]
+    calls = itertools.islice(calls_within_budget(queue, limit=8, max_seqs=2), 10)
+    assert [len(p) for p, _, _ in calls] == [2, 2, 1]  # by sequences
