@@ -224,7 +224,8 @@ class ModelRunner:
     # -- warm-up ----------------------------------------------------------------------------------------------------
 
     def warmup(self, progress: bool = False) -> int:
-        """Compile every bucket ahead of time, several at once (XLA compiles outside the GIL); returns the count.
+        """Compile every bucket ahead of time, several at once (XLA compiles outside the GIL), then run each once;
+        returns the count.
 
         The step then calls these executables directly, so serving can never trigger a compilation of its own.
         """
@@ -235,11 +236,31 @@ class ModelRunner:
             steps += [(t, self._verify_seqs_for(t), self.spec_k) for t in self.token_buckets if t >= 2]
         bar = progress_bar(len(steps) + len(self.score_buckets) + len(self.admit_buckets), "compiling", "shape",
                            progress)  # fmt: skip
+        began = time.monotonic()
+        samplers, first_step, copies = self._compile_all(steps, bar)
+        compiled = time.monotonic()
+        self._first_runs(steps, samplers, first_step, copies)
+        ran = time.monotonic()
+        for n in self.admit_buckets:
+            self.state = self._admit(self.state, *self._admit_arrays([], n))
+            jax.block_until_ready(self.state)
+            bar.update()
+        bar.close()
+        log.info("warm-up: %d step shapes, %d samplers, %d prompt scorers and %d block copies compiled or fetched "
+                 "in %.1f s, first runs %.1f s; %d admit shapes %.1f s", len(steps), len(samplers),
+                 len(self.score_buckets), len(copies), compiled - began,
+                 ran - compiled, len(self.admit_buckets), time.monotonic() - ran)  # fmt: skip
+        return bar.total
+
+    def _compile_all(self, steps: list[tuple[int, int, int]], bar):
+        """The step shapes' model executables, one sampler per (logits rows, sharding, verify) and variant, the prompt
+        scorers and the KV block copies, compiled side by side: (samplers, the first step shape of each sampler key,
+        the copies' jobs)."""
 
         def compile_step(shape):
             batch = self._batch([], *shape)[0]
             key = _model_key(batch)
-            if self.pipeline is not None:  # per-stage programs: compiled by the first runs below
+            if self.pipeline is not None:  # per-stage programs: compiled by the first runs
                 return shape, key, None
             return shape, key, self._model_executable(*pack(batch))
 
@@ -250,7 +271,6 @@ class ModelRunner:
             flat, packing = pack(self._score_inputs([], length))
             return length, self._score.lower(self.params, flat, packing).compile()
 
-        began = time.monotonic()
         with ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 2) - 1))) as pool:
             scorers = pool.map(compile_scorer, self.score_buckets)  # queued now: they compile alongside the steps
             keys = {}
@@ -260,8 +280,8 @@ class ModelRunner:
             # Samplers depend on the logits' rows and sharding only (one per pair, not per step shape).
             first_step = {}
             for shape in steps:
-                rows = keys[shape][2]
-                sharding = self.pipeline.logits_sharding if self.pipeline else self._compiled[keys[shape]].output_shardings[0]
+                rows, compiled = keys[shape][2], self._compiled[keys[shape]]
+                sharding = self.pipeline.logits_sharding if self.pipeline else compiled.output_shardings[0]
                 first_step.setdefault((rows, sharding, shape[2]), shape)
             samplers = [(rows, sharding, v, k) for rows, sharding, k in first_step for v in sampler.VARIANTS]
             bar.total += len(samplers)
@@ -276,8 +296,12 @@ class ModelRunner:
             for length, scorer in scorers:
                 self._scorers[length] = scorer
                 bar.update()
-        compiled = time.monotonic()
-        for shape in steps:  # run each once: the first call of an executable does one-time setup
+        return samplers, first_step, copies
+
+    def _first_runs(self, steps, samplers, first_step, copies) -> None:
+        """Runs each step shape and sampler once (the first call of an executable does one-time setup; pipeline
+        stages compile theirs here, with both micro-batch halves), and the tiers' block copies."""
+        for shape in steps:
             jax.block_until_ready(self.run_step(*self._batch([], *shape)))
             t, s = shape[0], shape[1]
             for half in self.token_buckets[: self.token_buckets.index(t)] if self.pipeline else []:  # 2 micro-batches
@@ -288,17 +312,6 @@ class ModelRunner:
             jax.block_until_ready(self.run_step(*self._batch([], *first_step[rows, sharding, k]), variant=variant))
         if copies and self.kv_tiers:  # (the tiers' copies: the memory plan leaves them room)
             self.cache = self.copier.first_runs(self.cache)
-        ran = time.monotonic()
-        for n in self.admit_buckets:
-            self.state = self._admit(self.state, *self._admit_arrays([], n))
-            jax.block_until_ready(self.state)
-            bar.update()
-        bar.close()
-        log.info("warm-up: %d step shapes, %d samplers, %d prompt scorers and %d block copies compiled or fetched "
-                 "in %.1f s, first runs %.1f s; %d admit shapes %.1f s", len(steps), len(samplers),
-                 len(self.score_buckets), len(copies), compiled - began,
-                 ran - compiled, len(self.admit_buckets), time.monotonic() - ran)  # fmt: skip
-        return bar.total
 
     def _model_executable(self, flat, packing):
         return self._model.lower(self.params, self.cache, self._state_spec, flat, packing).compile()
