@@ -12,6 +12,7 @@ from conftest import ENGINE_ARGS, run_out
 from rtpjax import AsyncLLM, SamplingParams
 from rtpjax.engine import detokenizer
 from rtpjax.kv.block_pool import BlockPool, prefix_hashes
+from rtpjax.runner.model_runner import QUARTER_STEPS_FROM, buckets, pick, step_buckets
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
@@ -354,3 +355,16 @@ def test_second_start_compiles_nothing_with_the_cache(stories_dir, tmp_path):
 
     assert start() > 0
     assert start() == 0
+
+
+@pytest.mark.parametrize("limit, smallest", [(2048, 16), (8192, 16), (1000, 16), (600, 1), (256, 1)])
+def test_step_buckets_pad_large_steps_by_at_most_a_quarter(limit, smallest):
+    sizes = step_buckets(limit, smallest)
+    assert sizes == sorted(set(sizes)) and sizes[0] == smallest and sizes[-1] == limit
+    assert [s for s in sizes if s <= QUARTER_STEPS_FROM] == buckets(min(limit, QUARTER_STEPS_FROM), smallest)
+    for n in range(QUARTER_STEPS_FROM + 1, limit + 1):  # every large step pads by at most a quarter of a power of two
+        assert pick(sizes, n) - n < (1 << (n - 1).bit_length()) // 4 or pick(sizes, n) == limit
+    if smallest == 16:  # the Pallas kernels' tiles want multiples of 16
+        assert all(s % 16 == 0 for s in sizes if s != limit)
+    if limit >= 2048:  # a 1,024-token chunk beside a decode row
+        assert pick(sizes, 1025) == 1280

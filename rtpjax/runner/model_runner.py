@@ -95,6 +95,20 @@ def buckets(limit: int, smallest: int) -> list[int]:
     return sizes + [limit]
 
 
+QUARTER_STEPS_FROM = 512  # step token buckets from here on also come in quarter steps between the powers of two
+
+
+def step_buckets(limit: int, smallest: int) -> list[int]:
+    """A step's token buckets: powers of two, and from QUARTER_STEPS_FROM tokens on also 5/4, 6/4 and 7/4 of each.
+    There a step's cost grows with its padded tokens (matmuls are compute-bound), and a 1,024-token prompt chunk
+    beside one decode row would otherwise run as 2,048 tokens; below it a step costs about the same whatever its
+    size, and each bucket is one more executable to compile."""
+    sizes = set(buckets(limit, smallest))
+    for power in [s for s in sizes if s >= QUARTER_STEPS_FROM]:
+        sizes |= {power * q // 4 for q in (5, 6, 7) if power * q // 4 < limit}
+    return sorted(sizes)
+
+
 def pick(sizes: list[int], n: int) -> int:
     return next(s for s in sizes if s >= n)
 
@@ -176,7 +190,7 @@ class ModelRunner:
                               mosaic_prefill=mosaic_prefill)  # fmt: skip
         # From one token off the GPU: there a step's cost follows its padded token count, and a single stream's decode
         # padded to 16 rows ran the model 16 times over. The Pallas kernels' tiles want at least 16.
-        self.token_buckets = buckets(max_num_batched_tokens, 16 if attention_impl == "pallas" else 1)
+        self.token_buckets = step_buckets(max_num_batched_tokens, 16 if attention_impl == "pallas" else 1)
         self.max_num_seqs = max_num_seqs
         self.sink = max_num_seqs
         self.kv_cache_dtype = kv_cache_dtype

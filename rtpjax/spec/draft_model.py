@@ -159,7 +159,7 @@ class DraftModelProposer:
     def __init__(self, draft_dir: str, k: int, ctx: DraftContext):
         from rtpjax.loading.model_source import load_model
         from rtpjax.models import load_config
-        from rtpjax.runner.model_runner import buckets
+        from rtpjax.runner.model_runner import buckets, step_buckets
 
         check_vocabulary(draft_dir, load_config(draft_dir)[0], ctx)
         self.cfg, family, self.params = load_model(draft_dir, dtype=ctx.dtype, mesh=ctx.mesh,
@@ -171,7 +171,7 @@ class DraftModelProposer:
         self.pool = BlockPool(ctx.max_seqs * self.max_blocks, enable_prefix_caching=False)
         self.cache = kv.allocate(self.cfg, self.pool.num_blocks, ctx.block_size, mesh=ctx.mesh)
         self.states: dict[Sequence, _DraftState] = {}
-        self.token_buckets = buckets(ctx.max_num_batched_tokens, 1)
+        self.token_buckets = step_buckets(ctx.max_num_batched_tokens, 1)
         chained_step = functools.partial(propose_chained_step, cfg=self.cfg, forward=family.forward, k=k,
                                          block_size=ctx.block_size)  # fmt: skip
         self.device = DeviceProposals(self, chained_step, 0, buckets(ctx.max_seqs, 1))  # chained rounds' proposals

@@ -111,7 +111,7 @@ def aux_layers(head_dir: str, target_cfg) -> tuple[int, ...]:
 
 class Eagle3Proposer:
     def __init__(self, head_dir: str, k: int, ctx: DraftContext, target_embed):
-        from rtpjax.runner.model_runner import buckets
+        from rtpjax.runner.model_runner import buckets, step_buckets
 
         self.head = head_lib.read_config(head_dir, ctx.cfg)
         self.cfg = self.head.cfg
@@ -128,7 +128,7 @@ class Eagle3Proposer:
         self.features = place(jnp.zeros((ctx.target_num_blocks * ctx.block_size, self.cfg.hidden_size),
                                         target_embed.dtype))  # fmt: skip
         self.states: dict[Sequence, _DraftState] = {}
-        self.token_buckets = buckets(ctx.max_num_batched_tokens, 1)
+        self.token_buckets = step_buckets(ctx.max_num_batched_tokens, 1)
         step = jax.jit(functools.partial(propose_step, cfg=self.cfg, k=k, block_size=ctx.block_size),
                        static_argnums=(4,), donate_argnums=(1,))  # fmt: skip
         self._compiled = {}  # token bucket -> executable
