@@ -43,6 +43,7 @@ from rtpjax.benchmarks.serve_bench import think_times
 from rtpjax.engine.scheduler import Scheduler
 from rtpjax.engine.sequence import PENDING, HostKV, Sequence
 from rtpjax.kv.block_pool import BlockPool
+from rtpjax.runner.model_runner import buckets, pick, step_buckets
 from rtpjax.sampling_params import SamplingParams
 
 
@@ -60,6 +61,20 @@ class SimConfig:
     step_ms: float = 7.5
     token_ms: float = 1 / 42.589  # one prompt token at 42,589 tokens/s (H100, 8B, the tiers' start line)
     load_ms_per_block: float = 2 * 2**20 / 34.66e6  # 2 MiB at 34.66 GB/s (H100 onload)
+    # what a step with prompt tokens pays token_ms for: its prompt tokens ("exact"), or all its rows padded to the
+    # engine's token buckets ("powers": powers of two; "quarters": the runner's step_buckets)
+    token_buckets: str = "exact"
+
+    def __post_init__(self):
+        if self.token_buckets not in ("exact", "powers", "quarters"):
+            raise ValueError(f"--token-buckets must be exact, powers or quarters, got {self.token_buckets!r}")
+
+    def prompt_cost_tokens(self, prompt_tokens: int, rows: int) -> int:
+        """The tokens a step with `prompt_tokens` prompt tokens among its `rows` pays token_ms for."""
+        if self.token_buckets == "exact" or not prompt_tokens:
+            return prompt_tokens
+        sizes = (buckets if self.token_buckets == "powers" else step_buckets)(self.max_num_batched_tokens, 16)
+        return pick(sizes, rows)
 
 
 @dataclasses.dataclass
@@ -243,7 +258,9 @@ def run(config: SimConfig, traffic: Traffic) -> dict:
         stalled = 0 if schedule.items else stalled + 1
         if stalled > 1000:
             raise RuntimeError("the simulated run does not finish: the scheduler admits nothing")
-        now += (config.step_ms + config.token_ms * prompt_tokens + config.load_ms_per_block * blocks_loaded) / 1e3
+        rows = sum(item.num_tokens for item in schedule.items)
+        cost_tokens = config.prompt_cost_tokens(prompt_tokens, rows)
+        now += (config.step_ms + config.token_ms * cost_tokens + config.load_ms_per_block * blocks_loaded) / 1e3
         steps, computed, loaded = steps + 1, computed + prompt_tokens, loaded + blocks_loaded
     return {
         "duration_s": now, "steps": steps, "preemptions": scheduler.num_preemptions,
