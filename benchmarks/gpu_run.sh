@@ -88,6 +88,7 @@
 #           DECODES ("auto") lists --quantized-decode values, e.g. "pallas xla" runs each format both ways
 #   kv_adaptive  (27) the model-dtype KV cache against --kv-cache-dtypes adaptive and an all-fp8 cache in the same
 #           memory on a KV-bound serving run (1024 in / 1024 out at 256 streams); KV_* variables in the stage
+#   quant_serve  (27) serving 128 in / 1024 out at 256 streams, a server per weight format (QUANTS), ratios to bf16
 #   quant_kernels  one linear per format at the 8B shapes for 1/16/32 tokens (the small-M kernel, the XLA path, a tile
 #           sweep; kernels/quant_bench.py); one-byte KV attention against bf16 at batch 32, ctx 2048 (attention_bench)
 # Run from the repository root on the lent GPU (device tool), with .whl carried (starlette, uvicorn, pydantic):
@@ -125,6 +126,21 @@ ready() {  # $1: a server's pid: wait for its /health on port 8000, up to 300 s,
     sleep 0.5
   done
   echo "server $1 not ready in 300 s"; return 1
+}
+
+serve_run() {  # $1: name, $2: the benchmark's time limit (s), $3: serve flags, rest: serve_bench flags. A server on
+  # the dummy-weight checkpoint, one benchmark against it (results $OUT/$1.json, server log $OUT/$1.log), the server
+  # stopped; fails where the server never came up or the benchmark wrote no result
+  python3 -m rtpjax.cli serve "$CKPT" --load-format dummy --port 8000 --served-model-name "$SHAPE" \
+    --compilation-cache-dir /tmp/xla $3 > "$OUT/$1.log" 2>&1 &
+  local server=$! name=$1 limit=$2; shift 3
+  if ready $server; then
+    timeout "$limit" python3 -m rtpjax.benchmarks.serve_bench --tokenizer "$CKPT" --ignore-eos --disable-tqdm \
+      --save-result --result-dir "$OUT" --metric-percentiles 50,95 --result-filename "$name.json" "$@" \
+      | grep -E "Successful|Output token throughput|P95 TTFT|P95 ITL"
+  fi
+  kill -INT $server 2>/dev/null; wait $server
+  [ -f "$OUT/$name.json" ] || { echo "$name: no result; its server's log ends:"; tail -n 8 "$OUT/$name.log"; return 1; }
 }
 
 format_runs() {  # "NAME|FLAGS" per weight format in $1 and --quantized-decode value in DECODES ("auto"); bf16 once
@@ -426,22 +442,31 @@ PY
     # an H100), KV_IN / KV_OUT tokens (1024 / 1024) at KV_STREAMS streams (256), KV_PROMPTS prompts (256); KV_FLAGS
     # adds serve flags (a CPU dry run: SHAPE=tiny KV_FLAGS="--num-gpu-blocks 64" and small sizes)
     config_only
-    kv_len=$(( ${KV_IN:-1024} + ${KV_OUT:-1024} ))
     for kv in ${KV_CONFIGS:-auto adaptive fp8}; do
       case $kv in auto) flag="" ;; adaptive|calibrate) flag="--kv-cache-dtypes $kv" ;; *) flag="--kv-cache-dtype $kv" ;; esac
-      python3 -m rtpjax.cli serve "$CKPT" --load-format dummy --port 8000 --served-model-name "$SHAPE" \
-        --compilation-cache-dir /tmp/xla --max-model-len "$kv_len" --max-num-seqs "${KV_STREAMS:-256}" \
-        --gpu-memory-utilization "${KV_MEM:-0.4}" $flag ${KV_FLAGS:-} > "$OUT/kv_$kv.log" 2>&1 &
-      server=$!
-      ready $server
       echo "== kv: $kv"
-      timeout "${KV_TIMEOUT:-240}" python3 -m rtpjax.benchmarks.serve_bench --tokenizer "$CKPT" --ignore-eos \
-        --disable-tqdm --save-result --result-dir "$OUT" --metric-percentiles 50,95 --result-filename "kv_$kv.json" \
+      serve_run "kv_$kv" "${KV_TIMEOUT:-240}" "--max-model-len $(( ${KV_IN:-1024} + ${KV_OUT:-1024} ))
+        --max-num-seqs ${KV_STREAMS:-256} --gpu-memory-utilization ${KV_MEM:-0.4} $flag ${KV_FLAGS:-}" \
         --random-input-len "${KV_IN:-1024}" --random-output-len "${KV_OUT:-1024}" --num-prompts "${KV_PROMPTS:-256}" \
-        --max-concurrency "${KV_STREAMS:-256}" | grep -E "Successful|Output token throughput|P95 TTFT|P95 ITL"
+        --max-concurrency "${KV_STREAMS:-256}"
       grep -E "KV precision map|memory plan" "$OUT/kv_$kv.log" | cut -c1-300
-      kill -INT $server; wait $server
     done
+    ;;
+  quant_serve)
+    # (27) serving 128 in / 1024 out at 256 streams per weight format (QUANTS, "none fp8 int8 int4"), a server each with
+    # SERVE_FLAGS and --quantization; QSERVE_FLAGS adds serve flags (e.g. "--kv-cache-dtype fp8"), QSERVE_IN / _OUT
+    # (128 / 1024), QSERVE_PROMPTS (256) and QSERVE_STREAMS (256) size the run; then output tok/s and P95 TTFT / ITL
+    # as ratios to bf16's (a CPU dry run: SHAPE=tiny, QSERVE_OUT=64 and small sizes)
+    config_only
+    runs=""
+    for q in ${QUANTS:-none fp8 int8 int4}; do
+      echo "== quant_serve: $q"
+      serve_run "quant_serve_$q" "${QSERVE_TIMEOUT:-300}" "$SERVE_FLAGS $([ "$q" = none ] || echo "--quantization $q") \
+        ${QSERVE_FLAGS:-}" --random-input-len "${QSERVE_IN:-128}" --random-output-len "${QSERVE_OUT:-1024}" \
+        --num-prompts "${QSERVE_PROMPTS:-256}" --max-concurrency "${QSERVE_STREAMS:-256}" \
+        && runs="$runs $q=$OUT/quant_serve_$q.json"
+    done
+    python3 -m rtpjax.benchmarks.kernels.quant_bench --table $runs --out "$OUT/quant_serve_summary.json"
     ;;
   quant_kernels)
     # QUANT_BENCH_FLAGS: e.g. "--shapes up,down --tokens 1,16 --sweep-rows 1 --formats int4" (the one-row tiles),

@@ -60,10 +60,31 @@ def test_quant_table_compares_each_format_with_bf16(tmp_path):
     out = tmp_path / "summary.json"
     quant_bench.main(["--table", *paths, "--out", str(out)])
     fp8 = json.loads(out.read_text())["fp8"]["vs_bf16"]
-    assert fp8 == {"b1_tok_s": 1.5, "b32_tok_s": 1.5, "throughput_tok_s": 1.3, "ttft_s": 0.65}
+    assert fp8 == pytest.approx({"b1_tok_s": 1.5, "b32_tok_s": 1.5, "throughput_tok_s": 1.3, "ttft_ms": 0.65})
     # the same format with its decode path named (not the default): a row of its own
     quant_bench.main(["--table", *paths, run("fp8", 240.0, 5000.0, 7800.0, 0.26, "pallas"), "--out", str(out)])
     assert set(json.loads(out.read_text())) >= {"bf16", "fp8", "fp8/pallas"}
     with pytest.raises(ValueError, match="no bf16 run"):
         quant_bench.main(["--table", paths[1], "--out", str(out)])
+
+
+def test_quant_table_compares_serving_runs_named_by_format(tmp_path):
+    def run(name, tok_s, ttft, itl):
+        path = tmp_path / f"quant_serve_{name}.json"
+        path.write_text(json.dumps({"output_throughput": tok_s, "p95_ttft_ms": ttft, "p95_itl_ms": itl,
+                                    "completed": 4 if tok_s else 0, "errors": ["HTTP 400: too long"] * 4}))
+        return f"{name}={path}"
+
+    out = tmp_path / "summary.json"
+    quant_bench.main(["--table", run("none", 14000.0, 800.0, 20.0), run("fp8", 18200.0, 600.0, 15.0), "--out", str(out)])
+    table = json.loads(out.read_text())
+    assert table["fp8"]["vs_bf16"] == pytest.approx({"serve_tok_s": 1.3, "p95_ttft_ms": 0.75, "p95_itl_ms": 0.75})
+    assert table["bf16"]["serve_tok_s"] == 14000.0
+    offline = tmp_path / "offline.json"  # an offline run beside serving ones: refused, not a table of mixed columns
+    offline.write_text(json.dumps({"quantization": "int8", "decode": {"1": {"decode_tokens_per_s": 1.0},
+                                                                      "32": {"decode_tokens_per_s": 1.0}}}))
+    with pytest.raises(ValueError, match="not the same kind"):
+        quant_bench.main(["--table", run("none", 1.0, 1.0, 1.0), str(offline), "--out", str(out)])
+    with pytest.raises(ValueError, match="no completed request .HTTP 400: too long"):  # all failed: said, not divided
+        quant_bench.main(["--table", run("none", 0.0, 0.0, 0.0), run("fp8", 1.0, 1.0, 1.0), "--out", str(out)])
 

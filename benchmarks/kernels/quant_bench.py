@@ -11,7 +11,8 @@ Every timing is one compiled program of several calls on different inputs and we
     python -m rtpjax.benchmarks.kernels.quant_bench --out quant_bench.json   (--quick: tiny shapes, any backend)
     python -m rtpjax.benchmarks.kernels.quant_bench --table quant_none.json quant_fp8.json ...   (gpu_run.sh quant)
 
---table compares the engine runs of `gpu_run.sh quant` (offline.py JSON, one per format) with the bf16 one.
+--table compares the engine runs of `gpu_run.sh quant` (offline.py JSON, one per format) with the bf16 one, or the
+serving runs of `gpu_run.sh quant_serve` given as FORMAT=PATH (serve_bench JSON; none=PATH for bf16).
 """
 
 from __future__ import annotations
@@ -185,32 +186,41 @@ def bench_shape(name: str, out: int, inp: int, tokens: list[int], repeats: int, 
 
 
 def _engine_numbers(run: dict) -> dict:
+    """An offline.py run's figures, or a serve_bench run's (`gpu_run.sh quant_serve`)."""
+    if "decode" not in run:
+        if not run.get("completed"):
+            raise ValueError(f"--table: a serving run with no completed request ({run.get('errors', [''])[0]})")
+        return {"serve_tok_s": run["output_throughput"], "p95_ttft_ms": run["p95_ttft_ms"],
+                "p95_itl_ms": run["p95_itl_ms"]}  # fmt: skip
     decode = run["decode"]
     return {"b1_tok_s": decode["1"]["decode_tokens_per_s"], "b32_tok_s": decode["32"]["decode_tokens_per_s"],
             "throughput_tok_s": run.get("throughput", {}).get("output_tokens_per_s", float("nan")),
-            "ttft_s": run.get("ttft", {}).get("seconds", float("nan"))}  # fmt: skip
+            "ttft_ms": run.get("ttft", {}).get("seconds", float("nan")) * 1e3}  # fmt: skip
 
 
 def engine_table(paths: list[str]) -> dict:
-    """Each format's decode batch 1 / 32, offline throughput and long-prompt TTFT, and their ratios to bf16 (the run
-    without --quantization)."""
+    """Each format's figures and their ratios to bf16's: decode batch 1 / 32, offline throughput and long-prompt TTFT
+    from offline.py runs (named by their --quantization; none: bf16), or serving throughput and P95 TTFT / ITL from
+    serve_bench runs (named FORMAT=PATH, none for bf16)."""
     runs = {}
-    for path in paths:
+    for entry in paths:
+        name, _, path = entry.rpartition("=")
         with open(path) as f:
             run = json.load(f)
-        fmt = run.get("quantization") or "bf16"
+        fmt = (name if name != "none" else "") or run.get("quantization") or "bf16"
         if run.get("quantization") and run.get("quantized_decode", "auto") != "auto":
             fmt += f"/{run['quantized_decode']}"  # the same weights, decode steps through the named path
         runs[fmt] = _engine_numbers(run)
     if "bf16" not in runs:
-        raise ValueError(f"--table: no bf16 run (one without --quantization) among {', '.join(paths)}")
+        raise ValueError(f"--table: no bf16 run (one without --quantization, or named none=) among {', '.join(paths)}")
     base = runs["bf16"]
-    print(f"{'format':12s} {'b1 tok/s':>14s} {'b32 tok/s':>15s} {'throughput':>15s} {'TTFT ms':>15s}")
+    if mixed := [fmt for fmt, r in runs.items() if r.keys() != base.keys()]:
+        raise ValueError(f"--table: {', '.join(mixed)} are not the same kind of run as bf16's (offline or serving)")
+    columns = list(base)
+    print(f"{'format':12s} " + " ".join(f"{k:>15s}" for k in columns))
     for fmt, r in runs.items():
-        ratios = {k: r[k] / base[k] for k in r}
-        r["vs_bf16"] = ratios
-        cells = [f"{r[k] * (1e3 if k == 'ttft_s' else 1):8.1f} {ratios[k]:5.2f}x" for k in r if k != "vs_bf16"]
-        print(f"{fmt:12s} " + " ".join(cells), flush=True)
+        r["vs_bf16"] = {k: r[k] / base[k] for k in columns}
+        print(f"{fmt:12s} " + " ".join(f"{r[k]:8.1f} {r['vs_bf16'][k]:5.2f}x" for k in columns), flush=True)
     return runs
 
 
@@ -226,7 +236,7 @@ def main(argv=None) -> None:
                         help="sweep only the int4 tiles of these unpackings (the format column is the engine's path: "
                              "its default tiles)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a CPU check of the script)")
-    parser.add_argument("--table", nargs="+", metavar="JSON", help="compare engine runs instead (see above)")
+    parser.add_argument("--table", nargs="+", metavar="[FORMAT=]JSON", help="compare engine runs instead (see above)")
     args = parser.parse_args(argv)
     if args.table:
         with open(args.out, "w") as f:
