@@ -118,19 +118,20 @@ config_only() {  # config + tokenizer: enough for --load-format dummy
   [ -f "$CKPT/config.json" ] || python3 -c "from rtpjax.benchmarks.random_checkpoint import write_config_only as w; w('$CKPT', '$SHAPE')" || exit 1
 }
 
-ready() {  # $1: a server's pid: wait for its /health on port 8000, up to 300 s, unless it exits first (no device time
-  # spent waiting on a dead server; its log says why)
-  for _ in $(seq 600); do
+ready() {  # $1: a server's pid: wait for its /health on port 8000, up to READY_S (300) s, unless it exits first (no
+  # device time spent waiting on a dead server; its log says why)
+  for _ in $(seq $(( ${READY_S:-300} * 2 ))); do
     curl -sf localhost:8000/health >/dev/null && return 0
     kill -0 "$1" 2>/dev/null || { echo "server $1 exited before it was ready"; return 1; }
     sleep 0.5
   done
-  echo "server $1 not ready in 300 s"; return 1
+  echo "server $1 not ready in ${READY_S:-300} s"; return 1
 }
 
 serve_run() {  # $1: name, $2: the benchmark's time limit (s), $3: serve flags, rest: serve_bench flags. A server on
   # the dummy-weight checkpoint, one benchmark against it (results $OUT/$1.json, server log $OUT/$1.log), the server
-  # stopped; fails where the server never came up or the benchmark wrote no result
+  # stopped; fails where the server never came up or no request of the benchmark completed
+  rm -f "$OUT/$1.json"
   python3 -m rtpjax.cli serve "$CKPT" --load-format dummy --port 8000 --served-model-name "$SHAPE" \
     --compilation-cache-dir /tmp/xla $3 > "$OUT/$1.log" 2>&1 &
   local server=$! name=$1 limit=$2; shift 3
@@ -140,7 +141,8 @@ serve_run() {  # $1: name, $2: the benchmark's time limit (s), $3: serve flags, 
       | grep -E "Successful|Output token throughput|P95 TTFT|P95 ITL"
   fi
   kill -INT $server 2>/dev/null; wait $server
-  [ -f "$OUT/$name.json" ] || { echo "$name: no result; its server's log ends:"; tail -n 8 "$OUT/$name.log"; return 1; }
+  python3 -c "import json, sys; sys.exit(not json.load(open(sys.argv[1])).get('completed'))" "$OUT/$name.json" \
+    2>/dev/null || { echo "$name: no request completed; its server's log ends:"; tail -n 8 "$OUT/$name.log"; return 1; }
 }
 
 format_runs() {  # "NAME|FLAGS" per weight format in $1 and --quantized-decode value in DECODES ("auto"); bf16 once
@@ -466,7 +468,7 @@ PY
         --num-prompts "${QSERVE_PROMPTS:-256}" --max-concurrency "${QSERVE_STREAMS:-256}" \
         && runs="$runs $q=$OUT/quant_serve_$q.json"
     done
-    python3 -m rtpjax.benchmarks.kernels.quant_bench --table $runs --out "$OUT/quant_serve_summary.json"
+    [ -z "$runs" ] || python3 -m rtpjax.benchmarks.kernels.quant_bench --table $runs --out "$OUT/quant_serve_summary.json"
     ;;
   quant_kernels)
     # QUANT_BENCH_FLAGS: e.g. "--shapes up,down --tokens 1,16 --sweep-rows 1 --formats int4" (the one-row tiles),

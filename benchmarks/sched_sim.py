@@ -61,8 +61,9 @@ class SimConfig:
     step_ms: float = 7.5
     token_ms: float = 1 / 42.589  # one prompt token at 42,589 tokens/s (H100, 8B, the tiers' start line)
     load_ms_per_block: float = 2 * 2**20 / 34.66e6  # 2 MiB at 34.66 GB/s (H100 onload)
-    # what a step with prompt tokens pays token_ms for: its prompt tokens ("exact"), or all its rows padded to the
-    # engine's token buckets ("powers": powers of two; "quarters": the runner's step_buckets)
+    # what a step with prompt tokens pays token_ms for: its prompt tokens ("exact"), or those and the padding of its
+    # rows to the engine's token buckets ("powers": powers of two; "quarters": the runner's step_buckets); a step's
+    # decode rows are in step_ms either way
     token_buckets: str = "exact"
 
     def __post_init__(self):
@@ -74,7 +75,7 @@ class SimConfig:
         if self.token_buckets == "exact" or not prompt_tokens:
             return prompt_tokens
         sizes = (buckets if self.token_buckets == "powers" else step_buckets)(self.max_num_batched_tokens, 16)
-        return pick(sizes, rows)
+        return pick(sizes, rows) - (rows - prompt_tokens)
 
 
 @dataclasses.dataclass

@@ -56,6 +56,8 @@ def test_quant_table_compares_each_format_with_bf16(tmp_path):
                                     "ttft": {"seconds": ttft}}))  # fmt: skip
         return str(path)
 
+    (tmp_path / "a=b").mkdir()  # a folder whose name holds an "=": still a path
+    tmp_path = tmp_path / "a=b"
     paths = [run(None, 200.0, 5000.0, 6000.0, 0.4), run("fp8", 300.0, 7500.0, 7800.0, 0.26)]
     out = tmp_path / "summary.json"
     quant_bench.main(["--table", *paths, "--out", str(out)])
@@ -87,4 +89,10 @@ def test_quant_table_compares_serving_runs_named_by_format(tmp_path):
         quant_bench.main(["--table", run("none", 1.0, 1.0, 1.0), str(offline), "--out", str(out)])
     with pytest.raises(ValueError, match="no completed request .HTTP 400: too long"):  # all failed: said, not divided
         quant_bench.main(["--table", run("none", 0.0, 0.0, 0.0), run("fp8", 1.0, 1.0, 1.0), "--out", str(out)])
+    with pytest.raises(ValueError, match="name the format of serving run"):  # not taken for bf16 unnamed
+        quant_bench.main(["--table", run("none", 1.0, 1.0, 1.0), run("fp8", 1.0, 1.0, 1.0).split("=", 1)[1],
+                          "--out", str(out)])  # fmt: skip
+    with pytest.raises(ValueError, match="two runs of fp8"):
+        quant_bench.main(["--table", run("none", 1.0, 1.0, 1.0), run("fp8", 1.0, 1.0, 1.0), run("fp8", 2.0, 1.0, 1.0),
+                          "--out", str(out)])  # fmt: skip
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 
 import jax
@@ -189,7 +190,7 @@ def _engine_numbers(run: dict) -> dict:
     """An offline.py run's figures, or a serve_bench run's (`gpu_run.sh quant_serve`)."""
     if "decode" not in run:
         if not run.get("completed"):
-            raise ValueError(f"--table: a serving run with no completed request ({run.get('errors', [''])[0]})")
+            raise ValueError(f"--table: a serving run with no completed request ({(run.get('errors') or [''])[0]})")
         return {"serve_tok_s": run["output_throughput"], "p95_ttft_ms": run["p95_ttft_ms"],
                 "p95_itl_ms": run["p95_itl_ms"]}  # fmt: skip
     decode = run["decode"]
@@ -204,12 +205,18 @@ def engine_table(paths: list[str]) -> dict:
     serve_bench runs (named FORMAT=PATH, none for bf16)."""
     runs = {}
     for entry in paths:
-        name, _, path = entry.rpartition("=")
+        name, named, path = entry.partition("=")
+        if not named or "/" in name or os.path.exists(entry):  # a path alone (which may hold an "=")
+            name, path = "", entry
         with open(path) as f:
             run = json.load(f)
+        if not name and "decode" not in run:
+            raise ValueError(f"--table: name the format of serving run {path} (FORMAT=PATH, none= for bf16)")
         fmt = (name if name != "none" else "") or run.get("quantization") or "bf16"
         if run.get("quantization") and run.get("quantized_decode", "auto") != "auto":
             fmt += f"/{run['quantized_decode']}"  # the same weights, decode steps through the named path
+        if fmt in runs:
+            raise ValueError(f"--table: two runs of {fmt} ({entry})")
         runs[fmt] = _engine_numbers(run)
     if "bf16" not in runs:
         raise ValueError(f"--table: no bf16 run (one without --quantization, or named none=) among {', '.join(paths)}")

@@ -430,8 +430,8 @@ class BlockCopier:
         return out
 
     def _land(self, rows: list[np.ndarray]) -> list[jax.Array]:
-        """`stage` through landing arrays: each `piece` rows copied into one (a copy per run of back-to-back rows),
-        then split into rows on the device; the array is reused once its split has run."""
+        """`stage` through landing arrays: each `piece` rows copied into one (a copy per run of back-to-back rows,
+        either way in memory), then split into rows on the device; the array is reused once its split has run."""
         out, times = [], StageTimes()
         for i in range(0, len(rows), self.piece):
             chunk = rows[i : i + self.piece]
@@ -439,9 +439,10 @@ class BlockCopier:
             land = self._landing.lease(1 << (len(chunk) - 1).bit_length())
             leased = time.perf_counter()
             try:
-                times.enqueue += self._landing.copy(land, landing.moves(chunk, runs(chunk)))
+                chunk_runs = runs(chunk)
+                times.enqueue += self._landing.copy(land, landing.moves(chunk, chunk_runs))
                 copied = time.perf_counter()
-                split = self._split_rows(land)[: len(chunk)]
+                split = landing.in_order(self._split_rows(land)[: len(chunk)], chunk_runs)
             except Exception:
                 self._landing.give_back(land, None)  # (a failed copy may have landed in part: nothing reads it)
                 raise

@@ -57,11 +57,15 @@ class Landing:
 
 def moves(rows: list[np.ndarray], runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
     """(row offset, host address, rows) copies for host rows found in `runs` (block_copy.runs: start, count, step):
-    one per forward run, one per row of a backward one."""
-    out = []
+    one per run, a backward one landing reversed from its lowest address (`in_order` puts its rows back)."""
+    return [(start, rows[start if step > 0 else start + count - 1].ctypes.data, count) for start, count, step in runs]
+
+
+def in_order(landed: list, runs: list[tuple[int, int, int]]) -> list:
+    """The rows of a landing array (as split, in its row order) in the order of the host rows they came from: each
+    backward run of `runs` landed reversed."""
+    out = list(landed)
     for start, count, step in runs:
-        if step > 0:
-            out.append((start, rows[start].ctypes.data, count))
-        else:
-            out += [(i, rows[i].ctypes.data, 1) for i in range(start, start + count)]
+        if step < 0:
+            out[start : start + count] = out[start : start + count][::-1]
     return out

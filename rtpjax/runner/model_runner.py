@@ -190,7 +190,9 @@ class ModelRunner:
                               mosaic_prefill=mosaic_prefill)  # fmt: skip
         # From one token off the GPU: there a step's cost follows its padded token count, and a single stream's decode
         # padded to 16 rows ran the model 16 times over. The Pallas kernels' tiles want at least 16.
-        self.token_buckets = step_buckets(max_num_batched_tokens, 16 if attention_impl == "pallas" else 1)
+        # Pipeline stages warm up every bucket with each smaller one as a micro-batch half: powers of two alone there.
+        self.token_buckets = (buckets if self.pipeline else step_buckets)(max_num_batched_tokens,
+                                                                           16 if attention_impl == "pallas" else 1)
         self.max_num_seqs = max_num_seqs
         self.sink = max_num_seqs
         self.kv_cache_dtype = kv_cache_dtype
