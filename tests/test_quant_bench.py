@@ -20,11 +20,27 @@ def test_quant_bench_quick_writes_every_format_and_the_best_tiles(tmp_path, swee
         assert row["bf16_us"] > 0 and row["bf16_gbps"] > 0
         for fmt in ("fp8", "int8", "int4"):
             assert row[f"{fmt}_us"] > 0 and row[f"{fmt}_xla_us"] > 0 and row[f"{fmt}_kernel_us"] > 0
+        assert row["int4_u4_us"] > 0 and row["int4_u4_error"] < 0.02
     best = result["best_tiles"]["tiny"]
     assert set(best) == {"fp8", "int8", "int4"}
     assert all(len(b["sweep_us"]) == 2 and b["us"] == min(b["sweep_us"].values()) for b in best.values())
     assert all(b["tiles"]["one_row"] == (sweep_rows == "1") for b in best.values())  # the sweep the rows ask for
     assert all(b["wrong"] == {} for b in best.values())
+
+
+@pytest.mark.parametrize("method", ["int4", "int4-asym"])
+def test_uint4_form_reads_the_stored_nibbles_in_input_order(method):
+    """The bitcast form dequantizes exactly the weight `linear` multiplies (bf16 rounding of scale x nibble aside)."""
+    import jax
+    import jax.numpy as jnp
+
+    from rtpjax.loading.quantization import dequantize, quantize
+
+    w = quantize(jax.random.normal(jax.random.key(0), (48, 256), jnp.float32), method)
+    x = jax.random.normal(jax.random.key(1), (5, 256), jnp.float32).astype(jnp.bfloat16)
+    want = x.astype(jnp.float32) @ dequantize(w, jnp.float32).T
+    got = quant_bench._u4_dot(x, w).astype(jnp.float32)
+    assert float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))) < 0.02
 
 
 def test_quant_bench_reports_a_wrong_kernel_and_does_not_time_it(tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from rtpjax.loading.quantization import QuantizedWeight, dequantize, placed, quantize, values
 from rtpjax.quant import small_matmul
@@ -105,6 +106,19 @@ def _weight_only(x: jax.Array, w) -> jax.Array:
     return jnp.dot(x, full.T)
 
 
+def _u4_dot(x: jax.Array, w: QuantizedWeight) -> jax.Array:
+    """XLA's dot of an int4 weight as stored ([out, in/2] bytes), its nibbles read as XLA's uint4 by a bitcast and
+    dequantized in x's dtype in the same expression (each half group of nibbles back in input order): a form whose
+    conversion XLA's GEMM fusion may take in, against `linear`'s float32 dequantization (large steps)."""
+    out, half_in = w.q.shape
+    group = w.scheme.group_size(half_in * 2)
+    nibbles = lax.bitcast_convert_type(w.q, jnp.uint4).reshape(out, half_in * 2 // group, group // 2, 2)
+    u = jnp.swapaxes(nibbles, -1, -2).astype(x.dtype)  # [out, groups, 2, g/2]: inputs j (low), then j + g/2 (high)
+    zero = 8 if w.zero is None else w.zero.astype(x.dtype)[:, :, None, None]
+    full = ((u - zero) * w.scale.astype(x.dtype)[:, :, None, None]).reshape(out, half_in * 2)
+    return jnp.dot(x, full.T)
+
+
 def _as_s4(w: QuantizedWeight):
     """A symmetric int4 weight as XLA's own int4 array [out, in] and its scales."""
     return values(w).astype(jnp.int4), w.scale
@@ -171,6 +185,8 @@ def bench_shape(name: str, out: int, inp: int, tokens: list[int], repeats: int, 
             if fmt == "int4":  # the conversion XLA can fuse needs its own int4 type
                 s4 = [_as_s4(w) for w in weights]
                 _record(row, "int4_s4", _time(_weight_only, xs, s4, repeats), _nbytes(s4[0]))
+                row["int4_u4_error"] = _error(_u4_dot, xs[0], one)
+                _record(row, "int4_u4", _time(_u4_dot, xs, weights, repeats), nbytes)
             else:
                 _record(row, f"{fmt}_wonly", _time(_weight_only, xs, weights, repeats), nbytes)
             best_tiles = tiles if row["tokens"] == sweep_rows else None  # tuned for that many rows only
@@ -181,6 +197,7 @@ def bench_shape(name: str, out: int, inp: int, tokens: list[int], repeats: int, 
               f"{row['bf16_gbps']:5.0f} GB/s  " + "  ".join(
                   f"{f} {row[f + '_us']:7.1f} us {row[f + '_hbm']:4.0%} HBM (XLA {row[f + '_xla_us']:7.1f}, "
                   f"weight-only {row.get(f + '_wonly_us', row.get('int4_s4_us', 0)):7.1f}"
+                  + (f", uint4 {row['int4_u4_us']:7.1f}" if f == "int4" else "")
                   + (f", kernel {row[f + '_kernel_us']:7.1f})" if f + "_kernel_us" in row else ")")
                   for f in formats[1:]), flush=True)  # fmt: skip
     return rows, best
