@@ -94,7 +94,8 @@ def test_quant_table_compares_serving_runs_named_by_format(tmp_path):
         return f"{name}={path}"
 
     out = tmp_path / "summary.json"
-    quant_bench.main(["--table", run("none", 14000.0, 800.0, 20.0), run("fp8", 18200.0, 600.0, 15.0), "--out", str(out)])
+    quant_bench.main(["--table", run("none", 14000.0, 800.0, 20.0), run("fp8", 18200.0, 600.0, 15.0),
+                      "--out", str(out)])  # fmt: skip
     table = json.loads(out.read_text())
     assert table["fp8"]["vs_bf16"] == pytest.approx({"serve_tok_s": 1.3, "p95_ttft_ms": 0.75, "p95_itl_ms": 0.75})
     assert table["bf16"]["serve_tok_s"] == 14000.0
