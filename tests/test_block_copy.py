@@ -228,14 +228,14 @@ def test_downloads_land_in_the_tiers_rows_by_the_driver(monkeypatch, caplog):
 
 def test_staged_rows_land_in_reused_arrays_by_the_driver(monkeypatch):
     """Where the CUDA driver can copy (faked: memmove into the CPU array's buffer), a staging copies each run of
-    back-to-back rows into a landing array made at warm-up (two of a piece, one of each smaller size): one copy per
+    back-to-back rows into a landing array made at warm-up (three of a piece, one of each smaller size): one copy per
     run of rows back to back in either direction, no device_put; the rows come back in order as copies, and a second
     staging reuses the array once the first's split has run without changing the first's rows."""
     cuda = _HostCopies(monkeypatch)
     cache = _cache()
     copier = _copier(cache, land=True)
     made = [a.shape[0] for a, _ in copier._landing.arrays._idle]
-    assert sorted(made) == [1, 2, 4, 8, 16, 16]
+    assert sorted(made) == [1, 2, 4, 8, 16, 16, 16]
     rng = np.random.default_rng(5)
     buf = rng.integers(0, 256, (40, LAYOUT.block_bytes), dtype=np.uint8)
     slots = [0, 1, 2, 9, 8, 7, 20]  # a forward run, a backward run, a lone row

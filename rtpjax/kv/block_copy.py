@@ -231,7 +231,9 @@ class BlockCopier:
         self._split = jax.jit(lambda rows: tuple(rows[i] for i in range(rows.shape[0])))
         if land is None:
             land = use_pinned and not self._on_cpu and Landing.usable(self._rows_at)
-        self._landing = Landing(self._rows_at, layout.block_bytes, 3 * self.piece, land_streams) if land else None
+        # Arrays to land in (`jobs`): three of a piece and one of each smaller size, so that a load of up to four
+        # pieces (a long history) never waits for a piece's split, which runs behind the steps queued on the device.
+        self._landing = Landing(self._rows_at, layout.block_bytes, 4 * self.piece, land_streams) if land else None
         self._down_by_driver = land  # download_into by the driver's copies (the same devices and memory land needs)
         self.landing_rows = self._landing.keep_rows if land else 0  # device memory outside the cache, in blocks
         self.last_stage = StageTimes()  # set by `stage` (one thread stages, and reads it after each call)
@@ -241,8 +243,8 @@ class BlockCopier:
         those of the KV tiers (packed rows)."""
         kinds = ("gather", "write") + (("gather_packed", "write_packed") if packed else ())
         splits = [lambda n=n: self._compile(cache, "split", n) for n in self._split_sizes()] if packed else []
-        if packed and self._landing is not None:  # arrays for `stage` to land in: two of a piece, one of each less
-            splits.append(lambda: self._landing.warm([*self._split_sizes(), self.piece]))
+        if packed and self._landing is not None:  # arrays for `stage` to land in: three of a piece, one of each less
+            splits.append(lambda: self._landing.warm([*self._split_sizes(), self.piece, self.piece]))
         return [lambda n=n, kind=kind: self._compile(cache, kind, n) for n in self.sizes for kind in kinds] + splits
 
     def _split_sizes(self) -> list[int]:
