@@ -88,7 +88,8 @@
 #           DECODES ("auto") lists --quantized-decode values, e.g. "pallas xla" runs each format both ways
 #   kv_adaptive  (27) the model-dtype KV cache against --kv-cache-dtypes adaptive and an all-fp8 cache in the same
 #           memory on a KV-bound serving run (1024 in / 1024 out at 256 streams); KV_* variables in the stage
-#   quant_serve  (27) serving 128 in / 1024 out at 256 streams, a server per weight format (QUANTS), ratios to bf16
+#   quant_serve  (27) serving 128 in / 1024 out at 256 streams, a server per weight format (QUANTS), ratios to bf16;
+#           READY_S (300) is how long any stage waits for a server to come up (a cold compile of quantized shapes)
 #   quant_kernels  one linear per format at the 8B shapes for 1/16/32 tokens (the small-M kernel, the XLA path, a tile
 #           sweep; kernels/quant_bench.py); one-byte KV attention against bf16 at batch 32, ctx 2048 (attention_bench)
 # Run from the repository root on the lent GPU (device tool), with .whl carried (starlette, uvicorn, pydantic):

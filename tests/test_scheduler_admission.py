@@ -249,3 +249,14 @@ def test_under_lpm_a_sequence_with_nothing_cached_is_not_starved_by_a_stream_of_
                 scheduler.finish(item.seq, "length")
     assert admitted_at is not None, "starved"
     assert lonely.passed_over == 0 and admitted_at >= scheduler_module.LPM_MAX_PASSES  # (it was passed until then)
+
+
+def test_the_simulator_charges_a_prompt_step_its_padding_by_the_token_buckets_asked_for():
+    def cost(buckets, prompt, rows):
+        return sched_sim.SimConfig(max_num_batched_tokens=2048, token_buckets=buckets).prompt_cost_tokens(prompt, rows)
+
+    assert cost("exact", 1024, 1025) == 1024  # a 1,024-token chunk beside one decode row
+    assert cost("powers", 1024, 1025) == 2047 and cost("quarters", 1024, 1025) == 1279  # padded; the decode row not
+    assert cost("quarters", 0, 200) == 0 and cost("quarters", 100, 100) == 128  # decode alone: step_ms only
+    with pytest.raises(ValueError, match="--token-buckets must be"):
+        sched_sim.SimConfig(token_buckets="octaves")
