@@ -21,6 +21,7 @@ def test_quant_bench_quick_writes_every_format_and_the_best_tiles(tmp_path, swee
         for fmt in ("fp8", "int8", "int4"):
             assert row[f"{fmt}_us"] > 0 and row[f"{fmt}_xla_us"] > 0 and row[f"{fmt}_kernel_us"] > 0
         assert row["int4_u4_us"] > 0 and row["int4_u4_error"] < 0.02
+        assert all(row[f"{fmt}_reduce_us"] > 0 and row[f"{fmt}_reduce_error"] < 0.02 for fmt in ("int8", "int4"))
     best = result["best_tiles"]["tiny"]
     assert set(best) == {"fp8", "int8", "int4"}
     assert all(len(b["sweep_us"]) == 2 and b["us"] == min(b["sweep_us"].values()) for b in best.values())
@@ -41,6 +42,21 @@ def test_uint4_form_reads_the_stored_nibbles_in_input_order(method):
     want = x.astype(jnp.float32) @ dequantize(w, jnp.float32).T
     got = quant_bench._u4_dot(x, w).astype(jnp.float32)
     assert float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))) < 0.02
+
+
+@pytest.mark.parametrize("method", ["int4", "int4-asym", "int8-weight-only", "fp8-weight-only"])
+def test_row_reduce_is_the_dequantized_product(method):
+    """The one-row reduction form reads each stored value against its own input (int4: nibble j and j + g/2)."""
+    import jax
+    import jax.numpy as jnp
+
+    from rtpjax.loading.quantization import dequantize, quantize
+
+    w = quantize(jax.random.normal(jax.random.key(0), (48, 512), jnp.float32), method)
+    x = jax.random.normal(jax.random.key(1), (1, 512), jnp.float32)
+    want = x @ dequantize(w, jnp.float32).T
+    got = quant_bench._row_reduce(x, w)
+    assert float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))) < 1e-5
 
 
 def test_quant_bench_reports_a_wrong_kernel_and_does_not_time_it(tmp_path, monkeypatch):

@@ -119,6 +119,23 @@ def _u4_dot(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     return jnp.dot(x, full.T)
 
 
+def _row_reduce(x: jax.Array, w: QuantizedWeight) -> jax.Array:
+    """One row (x [1, in]) without a dot: the stored weight times the row, summed over the inputs in float32, which
+    XLA emits as one row reduction reading the weight as stored (int4: each group's nibbles against its half rows,
+    then its scale). Batch 1's bytes at the speed of XLA's reduction emitter, against the kernel's."""
+    row = x[0].astype(jnp.float32)
+    if w.scheme.weight != "int4":
+        return (jnp.sum(w.q.astype(jnp.float32) * row, axis=-1) * w.scale[:, 0])[None].astype(x.dtype)
+    out, half_in = w.q.shape
+    group = w.scheme.group_size(half_in * 2)
+    q = w.q.reshape(out, half_in * 2 // group, group // 2)
+    halves = row.reshape(half_in * 2 // group, 2, group // 2)  # each group's inputs j and j + g/2
+    zero = 8.0 if w.zero is None else w.zero.astype(jnp.float32)[:, :, None]
+    lo, hi = (q & 15).astype(jnp.float32) - zero, (q >> 4).astype(jnp.float32) - zero
+    part = jnp.sum(lo * halves[:, 0] + hi * halves[:, 1], axis=-1)  # [out, groups]
+    return jnp.sum(part * w.scale, axis=-1)[None].astype(x.dtype)
+
+
 def _as_s4(w: QuantizedWeight):
     """A symmetric int4 weight as XLA's own int4 array [out, in] and its scales."""
     return values(w).astype(jnp.int4), w.scale
@@ -189,6 +206,9 @@ def bench_shape(name: str, out: int, inp: int, tokens: list[int], repeats: int, 
                 _record(row, "int4_u4", _time(_u4_dot, xs, weights, repeats), nbytes)
             else:
                 _record(row, f"{fmt}_wonly", _time(_weight_only, xs, weights, repeats), nbytes)
+            if row["tokens"] == 1 and (one.scheme.per_channel or fmt == "int4"):
+                row[f"{fmt}_reduce_error"] = _error(_row_reduce, xs[0], one)
+                _record(row, f"{fmt}_reduce", _time(_row_reduce, xs, weights, repeats), nbytes)
             best_tiles = tiles if row["tokens"] == sweep_rows else None  # tuned for that many rows only
             if small_matmul.applies(row["tokens"], one, best_tiles):
                 _record(row, f"{fmt}_kernel", _time(kernel(best_tiles), xs, weights, repeats), nbytes)
@@ -198,6 +218,7 @@ def bench_shape(name: str, out: int, inp: int, tokens: list[int], repeats: int, 
                   f"{f} {row[f + '_us']:7.1f} us {row[f + '_hbm']:4.0%} HBM (XLA {row[f + '_xla_us']:7.1f}, "
                   f"weight-only {row.get(f + '_wonly_us', row.get('int4_s4_us', 0)):7.1f}"
                   + (f", uint4 {row['int4_u4_us']:7.1f}" if f == "int4" else "")
+                  + (f", reduce {row[f + '_reduce_us']:7.1f}" if f + "_reduce_us" in row else "")
                   + (f", kernel {row[f + '_kernel_us']:7.1f})" if f + "_kernel_us" in row else ")")
                   for f in formats[1:]), flush=True)  # fmt: skip
     return rows, best
