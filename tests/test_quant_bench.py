@@ -21,7 +21,7 @@ def test_quant_bench_quick_writes_every_format_and_the_best_tiles(tmp_path, swee
         for fmt in ("fp8", "int8", "int4"):
             assert row[f"{fmt}_us"] > 0 and row[f"{fmt}_xla_us"] > 0 and row[f"{fmt}_kernel_us"] > 0
         assert row["int4_u4_us"] > 0 and row["int4_u4_error"] < 0.02
-        assert all(row[f"{fmt}_reduce_us"] > 0 and row[f"{fmt}_reduce_error"] < 0.02 for fmt in ("int8", "int4"))
+        assert all(row[f"{fmt}_reduce_us"] > 0 and row[f"{fmt}_reduce_error"] < 0.02 for fmt in ("fp8", "int8", "int4"))
     best = result["best_tiles"]["tiny"]
     assert set(best) == {"fp8", "int8", "int4"}
     assert all(len(b["sweep_us"]) == 2 and b["us"] == min(b["sweep_us"].values()) for b in best.values())
