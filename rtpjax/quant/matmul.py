@@ -7,7 +7,8 @@ quantized (`rtpjax.loading.quantization`).
   GEMM (the tensor cores' fp8 rate) and the int8 one to its s8 x s8 -> s32 GEMM. Block-scaled weights (128 x 128) take
   the activations per token and per 128 inputs (DeepSeek's 1 x 128) and one dot per input block, scaled and summed.
 - Weight-only int8 / fp8 per channel: the 1-byte weight converts inside the GEMM (XLA fuses it), output columns scaled.
-- int4: XLA's dot of the dequantized weight.
+- int4 (and other grouped weights): XLA's dot of the weight dequantized to x's dtype, in x's dtype; on a GPU an int4
+  weight is written out by `rtpjax.quant.int4_dequant`'s kernel (XLA's own unpacking runs far below bandwidth).
 Decode-sized steps (at most `SMALL_ROWS` tokens) on a GPU skip all of that for per-channel one-byte and int4 weights:
 `rtpjax.quant.small_matmul` streams the stored weight and converts it in registers, activations unquantized (at a few
 rows the bytes read are the cost; quantizing the activations and setting up a scaled dot only add to it). With
@@ -28,7 +29,7 @@ from jax import lax
 
 from rtpjax.kernels.reference import quantize as quantize_rows
 from rtpjax.loading.quantization import STORAGE, QuantizedWeight, dequantize
-from rtpjax.quant import small_matmul
+from rtpjax.quant import int4_dequant, small_matmul
 
 SMALL_ROWS = small_matmul.MAX_ROWS  # steps of at most this many tokens take the small-M kernel on a GPU
 AUTO_ROWS = {"int4": SMALL_ROWS, "fp8": 1}  # --quantized-decode auto: the kernel up to these rows, per weight format
@@ -50,8 +51,10 @@ def linear(x: jax.Array, w: jax.Array | QuantizedWeight, backend: str | None = N
         y = w8a8(x, w)
     elif w.scheme.per_channel:
         y = jnp.dot(x, w.q.T.astype(x.dtype), preferred_element_type=jnp.float32) * w.scale[:, 0]
-    else:
-        y = jnp.dot(x, dequantize(w, x.dtype, stored_order=True).T, preferred_element_type=jnp.float32)
+    else:  # the weight in x's dtype (on a GPU int4 by a kernel), then a 16-bit GEMM (accumulating in float32)
+        gpu_int4 = backend == "gpu" and int4_dequant.applies(w)
+        full = int4_dequant.dequantize_int4(w, x.dtype) if gpu_int4 else dequantize(w, x.dtype, stored_order=True)
+        y = jnp.dot(x, full.T)
     return y.astype(x.dtype).reshape(*lead, -1)
 
 
