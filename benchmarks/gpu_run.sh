@@ -85,7 +85,8 @@
 #           PAIR_XLA_FLAGS=--xla_force_host_platform_device_count=1 XLA_FLAGS=--xla_force_host_platform_device_count=2
 #   quant   each weight format against bf16, same shape and run (QUANTS="none fp8 int8 int4"): decode batch 1 / 32,
 #           offline throughput and a 4096-token prompt's TTFT in one engine per format, then a table of ratios to bf16;
-#           DECODES ("auto") lists --quantized-decode values, e.g. "pallas xla" runs each format both ways
+#           DECODES ("auto") lists --quantized-decode values, e.g. "pallas xla" runs each format both ways;
+#           QUANT_FLAGS adds engine flags to every run (e.g. --one-row-decode)
 #   kv_adaptive  (27) the model-dtype KV cache against --kv-cache-dtypes adaptive and an all-fp8 cache in the same
 #           memory on a KV-bound serving run (1024 in / 1024 out at 256 streams); KV_* variables in the stage
 #   quant_serve  (27) serving 128 in / 1024 out at 256 streams, a server per weight format (QUANTS), ratios to bf16;
@@ -430,7 +431,8 @@ PY
     # DECODES ("auto"; "pallas xla" for both): --quantized-decode per quantized run, files quant_Q[_D].json
     while IFS='|' read -r name flag; do
       timeout "${QUANT_TIMEOUT:-400}" python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" $flag --batch-sizes 1,32 \
-        --output-len 64 --ttft-len 4096 --compilation-cache-dir /tmp/xla --out "$OUT/quant_$name.json" </dev/null \
+        --output-len 64 --ttft-len 4096 ${QUANT_FLAGS:-} --compilation-cache-dir /tmp/xla \
+        --out "$OUT/quant_$name.json" </dev/null \
         >"/tmp/quant_$name.log" 2>&1
       grep -E "throughput|decode tok|ttft|Error" "/tmp/quant_$name.log" | sed "s/^/$name /"
       if [ -f "$OUT/quant_$name.json" ]; then runs="$runs $OUT/quant_$name.json"

@@ -139,7 +139,7 @@ class TransformersRunner:
 
 # Engine options a result records (the ones its measurements are compared by).
 RESULT_OPTIONS = ("quantization", "quantized_decode", "tensor_parallel_size", "block_size", "kv_write", "mosaic_prefill",
-                  "moe_impl", "expert_parallel_size", "pipeline_parallel_size")
+                  "moe_impl", "expert_parallel_size", "pipeline_parallel_size", "one_row_decode")
 
 
 def timed(runner, batch, max_tokens) -> tuple[float, int]:

@@ -106,6 +106,9 @@ class EngineArgs:
     kv_write: str = option("auto", "how the Pallas path writes a step's K/V into the cache: auto = the Pallas kernel "
                            "for steps of >= 128 tokens and XLA's scatter below, or one of them for every step",
                            choices=("auto", "pallas", "xla"))  # fmt: skip
+    one_row_decode: bool = option(False, "on GPUs, run a lone sequence's decode step as one token, not padded to "
+                                  "the 16 rows of the smallest step (one more compiled step; one-byte weights then "
+                                  "multiply as XLA's row reduction); not with pipeline stages")  # fmt: skip
     mosaic_prefill: bool = option(False, "on Hopper GPUs, send long prefill chunks to the Mosaic GPU kernel (pays "
                                   "from ~4,500 cached tokens, a few percent slower below; elsewhere no "
                                   "effect)")  # fmt: skip
@@ -135,8 +138,9 @@ class EngineArgs:
                                       choices=QUANTIZATION_METHODS)  # fmt: skip
     quantized_decode: str = option("auto", "how decode-sized steps (<= 64 tokens) multiply by quantized weights on a "
                                    "GPU: pallas = the small-M kernel streaming the stored weights; xla = XLA's dot "
-                                   "with the weight converted inside it (activations unquantized; int4 dequantized "
-                                   "first); auto = pallas for int4 and one-row fp8 steps, xla for the rest",
+                                   "with the weight converted inside it (one-byte weights at one row: its row "
+                                   "reduction; activations unquantized; int4 dequantized first); auto = pallas for "
+                                   "int4, xla for the rest",
                                    choices=("auto", "pallas", "xla"))  # fmt: skip
     kv_offloading_size: float | None = option(None, "GiB of host memory (page-locked on GPUs) for a KV tier below the "
                                               "device: evicted prefix blocks go there and come back on a hit",

@@ -69,8 +69,9 @@ def test_linear_takes_the_kernel_on_a_gpu_past_decode_steps(monkeypatch):
     calls = []
     real = int4_dequant.dequantize_int4
 
-    def interpreted(w, dtype):
+    def interpreted(w, dtype, interpret):
         calls.append(w.shape)
+        assert interpret  # on the CPU
         return real(w, dtype, interpret=True)
 
     monkeypatch.setattr(int4_dequant, "dequantize_int4", interpreted)

@@ -317,3 +317,36 @@ def test_decode_splits_give_int8_caches_two_at_two_to_four_pairs_per_sm():
     assert [splits(s, jnp.int8) for s in (32, 64, 128)] == [1, 2, 1]  # 256 / 512 / 1024 pairs on 132 SMs
     assert [splits(s, d) for s in (32, 64, 128) for d in (jnp.bfloat16, jnp.float8_e4m3fn)] == [1] * 6
     assert splits(4, jnp.int8) == splits(4, jnp.bfloat16) == 12  # few pairs: long contexts split to fill the GPU
+
+
+def test_one_row_decode_gives_the_padded_steps_tokens(tiny_checkpoints, stories_dir, tmp_path, compile_cache,
+                                                      monkeypatch):  # fmt: skip
+    """`one_row_decode`: a lone sequence's decode runs as a 1-token step through the kernel (not padded to 16 rows),
+    with the same greedy tokens as the padded steps, and the extra bucket compiled at warm-up, none after."""
+    import shutil
+
+    from conftest import ENGINE_ARGS
+    from rtpjax import LLM, SamplingParams
+    from rtpjax.runner import model_runner
+    from rtpjax.runner.model_runner import CompileCounter
+
+    model = tmp_path / "llama3"
+    shutil.copytree(tiny_checkpoints["llama3"], model)
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        shutil.copy(stories_dir / name, model / name)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    prompts = [[1, 45, 39, 200], [1, 7]]
+    args = dict(ENGINE_ARGS, max_num_batched_tokens=16, compilation_cache_dir=compile_cache, attention_impl="pallas")
+    padded = LLM(str(model), warmup=False, **args)
+    assert padded.engine.runner.token_buckets == [16]
+    want = [padded.generate([p], params)[0].outputs[0].token_ids for p in prompts]
+    want_both = [o.outputs[0].token_ids for o in padded.generate(prompts, params)]
+    one_row = LLM(str(model), one_row_decode=True, **args)
+    assert one_row.engine.runner.token_buckets == [1, 16]
+    picked, pick = [], model_runner.pick
+    monkeypatch.setattr(model_runner, "pick", lambda sizes, n: picked.append(pick(sizes, n)) or picked[-1])
+    before = CompileCounter.count
+    assert [one_row.generate([p], params)[0].outputs[0].token_ids for p in prompts] == want
+    assert [o.outputs[0].token_ids for o in one_row.generate(prompts, params)] == want_both
+    assert CompileCounter.count == before, f"{CompileCounter.count - before} compilations after warm-up"
+    assert picked.count(1) >= 2 * 9 and 16 in picked  # each lone stream's decode steps ran as one row

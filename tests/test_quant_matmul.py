@@ -266,20 +266,22 @@ def test_quantized_decode_xla_takes_the_weight_only_dot(method):
     np.testing.assert_allclose(np.asarray(linear(big, qw, backend="gpu")), want, rtol=1e-4, atol=1e-3)
     with pytest.raises(ValueError, match="auto, pallas, xla"):
         decode_by(params, "triton")
-    # the default: the kernel for int4 and for one fp8 row, XLA's dot for the rest (each faster on an H200)
+    # the default: the kernel for int4, XLA for one-byte weights
     auto = decode_by(params, "auto")["layer"]["w"]
-    assert auto.scheme.decode_kernel == {"int4": 64, "fp8": 1}.get(auto.scheme.weight, 0)
-    assert uses_small_kernel(1, auto, "gpu") == (auto.scheme.weight in ("int4", "fp8"))
-    assert uses_small_kernel(2, auto, "gpu") == uses_small_kernel(64, auto, "gpu") == (method == "int4")
-    assert not uses_small_kernel(1, dataclasses.replace(auto, scheme=dataclasses.replace(auto.scheme,
-                                                                                         decode_kernel=0)), "gpu")
-    # a weight the kernel cannot run (sharded: not whole) multiplies decode steps as weight-only, one row included,
-    # so one-row and verify steps round alike
+    assert auto.scheme.decode_kernel == {"int4": 64}.get(auto.scheme.weight, 0)
+    for rows in (1, 2, 64):
+        assert uses_small_kernel(rows, auto, "gpu") == (method == "int4")
+    # a weight the kernel cannot run (sharded: not whole) multiplies decode steps as weight-only too; one row of a
+    # one-byte weight as XLA's row reduction (no dot in the program), the same product
     sharded = dataclasses.replace(auto, scheme=dataclasses.replace(auto.scheme, whole=False))
-    for rows in (1, 16):
-        assert not uses_small_kernel(rows, sharded, "gpu")
-        np.testing.assert_allclose(np.asarray(linear(x[:rows], sharded, backend="gpu")), weight_only[:rows],
-                                   rtol=1e-5, atol=1e-4)  # fmt: skip
+    for w in (auto, sharded):
+        for rows in (1, 16):
+            if w is sharded or method != "int4":
+                assert not uses_small_kernel(rows, w, "gpu")
+                np.testing.assert_allclose(np.asarray(linear(x[:rows], w, backend="gpu")), weight_only[:rows],
+                                           rtol=1e-5, atol=1e-4)  # fmt: skip
+        one_row = str(jax.make_jaxpr(lambda v, w=w: linear(v, w, backend="gpu"))(x[:1]))
+        assert ("dot_general" in one_row) == (method == "int4"), one_row
 
 
 def test_load_model_sends_decode_steps_where_asked(tiny_checkpoints):
@@ -291,7 +293,7 @@ def test_load_model_sends_decode_steps_where_asked(tiny_checkpoints):
         leaves = jax.tree.leaves(params, is_leaf=lambda v: isinstance(v, QuantizedWeight))
         return [w.scheme.decode_kernel for w in leaves if isinstance(w, QuantizedWeight)]
 
-    for choice, kernel in (("pallas", 64), ("xla", 0), ("auto", 0)):
+    for choice, kernel in (("pallas", 64), ("xla", 0), ("auto", 0)):  # int8: XLA unless asked
         kinds = schemes(load_model(tiny_checkpoints["llama3"], quantization="int8", quantized_decode=choice)[2])
         assert kinds and set(kinds) == {kernel}
     assert not schemes(load_model(tiny_checkpoints["llama3"], quantized_decode="xla")[2])

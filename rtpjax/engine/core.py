@@ -240,6 +240,7 @@ class LLMEngine:
             max_model_len=self.max_model_len, mesh=mesh,
             attention_impl=resolve_impl(args.attention_impl, self.cfg.head_dim),
             kv_cache_dtype=kv_dtype, kv_write=args.kv_write, mosaic_prefill=args.mosaic_prefill,
+            one_row_decode=args.one_row_decode,
             kv_tiers=bool(args.kv_offloading_size),
             num_speculative_tokens=k, max_verify_seqs=max_verify_seqs, aux_layers=aux_layers,
             chain_lookup=spec and spec.chain_lookup,

@@ -13,9 +13,10 @@ Decode-sized steps (at most `SMALL_ROWS` tokens) on a GPU skip all of that for p
 `rtpjax.quant.small_matmul` streams the stored weight and converts it in registers, activations unquantized (at a few
 rows the bytes read are the cost; quantizing the activations and setting up a scaled dot only add to it). With
 `--quantized-decode xla` (Scheme.decode_kernel 0) they take the weight-only dot instead, W8A8 weights included,
-so one engine option compares the two on the same weights; the default (auto) keeps the kernel for int4 and for
-one-row fp8 steps and sends the other one-byte steps there. Decode-sized steps the kernel cannot take (a sharded
-weight) multiply weight-only too. Shapes are bucketed, so the choice is fixed per compiled step.
+so one engine option compares the two on the same weights; the default (auto) keeps the kernel for int4 and sends
+one-byte steps there. A one-row step (`--one-row-decode`) of a per-channel one-byte weight takes XLA's row reduction
+instead of its dot (`row_reduce`). Decode-sized steps the kernel cannot take (a sharded weight) multiply weight-only
+too. Shapes are bucketed, so the choice is fixed per compiled step.
 Accumulation is float32 throughout: unscaled sums of 1-byte values overflow float16.
 """
 
@@ -32,7 +33,7 @@ from rtpjax.loading.quantization import STORAGE, QuantizedWeight, dequantize
 from rtpjax.quant import int4_dequant, small_matmul
 
 SMALL_ROWS = small_matmul.MAX_ROWS  # steps of at most this many tokens take the small-M kernel on a GPU
-AUTO_ROWS = {"int4": SMALL_ROWS, "fp8": 1}  # --quantized-decode auto: the kernel up to these rows, per weight format
+AUTO_ROWS = {"int4": SMALL_ROWS}  # --quantized-decode auto: the kernel up to these rows, per weight format (else 0)
 
 
 def linear(x: jax.Array, w: jax.Array | QuantizedWeight, backend: str | None = None) -> jax.Array:
@@ -49,13 +50,24 @@ def linear(x: jax.Array, w: jax.Array | QuantizedWeight, backend: str | None = N
     xla_decode = backend == "gpu" and x.shape[0] <= SMALL_ROWS
     if w.scheme.act is not None and not (xla_decode and w.scheme.per_channel):
         y = w8a8(x, w)
+    elif w.scheme.per_channel and xla_decode and x.shape[0] == 1:
+        y = row_reduce(x, w)
     elif w.scheme.per_channel:
         y = jnp.dot(x, w.q.T.astype(x.dtype), preferred_element_type=jnp.float32) * w.scale[:, 0]
     else:  # the weight in x's dtype (on a GPU int4 by a kernel), then a 16-bit GEMM (accumulating in float32)
         gpu_int4 = backend == "gpu" and int4_dequant.applies(w)
-        full = int4_dequant.dequantize_int4(w, x.dtype) if gpu_int4 else dequantize(w, x.dtype, stored_order=True)
+        interpret = jax.default_backend() == "cpu"  # (tests ask for the GPU's path on the CPU)
+        full = (int4_dequant.dequantize_int4(w, x.dtype, interpret=interpret) if gpu_int4
+                else dequantize(w, x.dtype, stored_order=True))  # fmt: skip
         y = jnp.dot(x, full.T)
     return y.astype(x.dtype).reshape(*lead, -1)
+
+
+def row_reduce(x: jax.Array, w: QuantizedWeight) -> jax.Array:
+    """One row x [1, in] times a per-channel one-byte weight without a dot: the stored weight times the row, summed
+    over the inputs in float32, which XLA emits as one row reduction reading the weight as stored (a padded GEMM
+    tile does 16 times the work, and its operands pass through shared memory): float32 [1, out]."""
+    return (jnp.sum(w.q.astype(jnp.float32) * x[0].astype(jnp.float32), axis=-1) * w.scale[:, 0])[None]
 
 
 def _accumulator(act: str):
@@ -93,8 +105,8 @@ DECODE_CHOICES = ("auto", "pallas", "xla")
 
 def decode_by(params, choice: str):
     """`params` with every quantized weight's decode-sized steps sent to `choice` ("pallas": the small-M kernel;
-    "xla": XLA's dot; "auto": the kernel for int4 and for fp8 at one row, XLA's dot for the rest, each the faster on
-    an H200 in RESULTS.md's quantization runs): `--quantized-decode`, set once after loading (the scheme is static:
+    "xla": XLA's dot, or its row reduction at one row; "auto": the kernel for int4, XLA for one-byte weights, each the
+    faster in RESULTS.md's quantization runs): `--quantized-decode`, set once after loading (the scheme is static:
     part of the programs)."""
     if choice not in DECODE_CHOICES:
         raise ValueError(f"quantized_decode must be one of {', '.join(DECODE_CHOICES)}, got {choice!r}")

@@ -161,8 +161,8 @@ class ModelRunner:
     def __init__(self, cfg, family, params, *, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, mesh=None, attention_impl: str = "reference",
                  kv_cache_dtype: str = "auto", kv_write: str = "auto", mosaic_prefill: bool = False,
-                 num_speculative_tokens: int = 0, max_verify_seqs: int = 0, kv_tiers: bool = False,
-                 aux_layers: tuple[int, ...] = (), chain_lookup: tuple[int, int] | None = None):  # fmt: skip
+                 one_row_decode: bool = False, num_speculative_tokens: int = 0, max_verify_seqs: int = 0,
+                 kv_tiers: bool = False, aux_layers: tuple[int, ...] = (), chain_lookup: tuple[int, int] | None = None):  # fmt: skip
         """num_speculative_tokens (K) > 0: also compile verify steps, for up to max_verify_seqs sequences each.
         aux_layers: every step also returns these layers' inputs at each token (`self.aux`, for an EAGLE-3 head).
         chain_lookup: where verify steps may hold chained sequences (spec/chained.py): (prompt_lookup_min,
@@ -189,10 +189,13 @@ class ModelRunner:
         self.attention = dict(impl=attention_impl, mesh=self.attention_mesh, kv_write=kv_write,
                               mosaic_prefill=mosaic_prefill)  # fmt: skip
         # From one token off the GPU: there a step's cost follows its padded token count, and a single stream's decode
-        # padded to 16 rows ran the model 16 times over. The Pallas kernels' tiles want at least 16.
+        # padded to 16 rows ran the model 16 times over. On the GPU from 16 (a step of fewer costs about the same),
+        # and one_row_decode adds 1: a lone sequence's weights read as one row.
         # Pipeline stages warm up every bucket with each smaller one as a micro-batch half: powers of two alone there.
         self.token_buckets = (buckets if self.pipeline else step_buckets)(max_num_batched_tokens,
                                                                            16 if attention_impl == "pallas" else 1)
+        if one_row_decode and self.token_buckets[0] > 1 and not self.pipeline:
+            self.token_buckets = [1] + self.token_buckets
         self.max_num_seqs = max_num_seqs
         self.sink = max_num_seqs
         self.kv_cache_dtype = kv_cache_dtype
