@@ -29,6 +29,39 @@ def test_quant_bench_quick_writes_every_format_and_the_best_tiles(tmp_path, swee
     assert all(b["wrong"] == {} for b in best.values())
 
 
+def test_quant_bench_past_decode_rows_sweeps_row_tiles_and_the_dequant_kernel(tmp_path):
+    """--sweep-rows over 64: the kernel's row-tiled tiles at that many rows, and int4_dequant's programs alone, each
+    checked element for element before it is timed."""
+    out = tmp_path / "quant_bench.json"
+    quant_bench.main(["--quick", "--formats", "int4", "--tokens", "80", "--sweep-rows", "80", "--out", str(out)])
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert row["tokens"] == 80 and row["int4_us"] > 0 and row["int4_error"] < 0.02 and row["int4_kernel_us"] > 0
+    best = result["best_tiles"]["tiny"]["int4"]
+    assert best["tiles"]["row_tile"] == 64 and not best["wrong"] and len(best["sweep_us"]) == 2
+    dequant = result["int4_dequant"]["tiny"]
+    assert dequant["wrong"] == [] and len(dequant["sweep_us"]) == len(quant_bench.DEQUANT_SWEEP)
+    assert dequant["us"] == min(dequant["sweep_us"].values()) and dequant["gbps"] > 0
+
+
+def test_dequant_sweep_reports_wrong_tiles_instead_of_timing_them(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    from rtpjax.loading.quantization import METHODS, quantize
+
+    real, bad = quant_bench.dequantize_int4, quant_bench.DEQUANT_SWEEP[1]
+    monkeypatch.setattr(quant_bench, "DEQUANT_SWEEP", quant_bench.DEQUANT_SWEEP[:2])
+    monkeypatch.setattr(quant_bench, "dequantize_int4", lambda w, dtype, interpret, tiles: (
+        real(w, dtype, interpret=interpret, tiles=tiles).at[-1, -1].add(1) if tiles == bad else
+        real(w, dtype, interpret=interpret, tiles=tiles)))  # fmt: skip
+    w = quantize(jax.random.normal(jax.random.key(0), (64, 256), jnp.float32),
+                 dataclasses.replace(METHODS["int4"], whole=True))  # fmt: skip
+    got = quant_bench.dequant_sweep([w], calls=2, repeats=1, interpret=True)
+    assert got["wrong"] == [str(dataclasses.astuple(bad))] and len(got["sweep_us"]) == 1
+    assert got["tiles"] == dataclasses.asdict(quant_bench.DEQUANT_SWEEP[0])
+
+
 @pytest.mark.parametrize("method", ["int4", "int4-asym"])
 def test_uint4_form_reads_the_stored_nibbles_in_input_order(method):
     """The bitcast form dequantizes exactly the weight `linear` multiplies (bf16 rounding of scale x nibble aside)."""

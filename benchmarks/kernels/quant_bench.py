@@ -1,9 +1,9 @@
 """Each quantized weight format's linear layer against bf16 at an 8B model's shapes, decode-sized inputs (1, 16, 32
 tokens): microseconds per call and GB/s of weights read against the H200's 4.3 TB/s. Per quantized format it times the
 path `linear` takes (the small-M kernel on a GPU), the XLA path it replaces (W8A8 dot / dequantized dot) and a sweep of
-the kernel's tiles at 16 rows (`--sweep-rows 1`: the one-row tiles), so one GPU call finds the best tiles and the row
-count where the kernel stops paying; the kernel column takes the best tiles at the sweep's row count, the defaults at
-the others.
+the kernel's tiles at 16 rows (`--sweep-rows 1`: the one-row tiles; over 64: row-tiled ones, and int4_dequant's
+programs alone), so one GPU call finds the best tiles and the row count where the kernel stops paying; the kernel
+column takes the best tiles at the sweep's row count, the defaults at the others.
 
 Every timing is one compiled program of several calls on different inputs and weight copies (more bytes than the
 50 MB L2 holds), as a model's step reads each layer's weights once.
@@ -28,7 +28,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from rtpjax.loading.quantization import QuantizedWeight, dequantize, placed, quantize, values
-from rtpjax.quant import small_matmul
+from rtpjax.quant import int4_dequant, small_matmul
+from rtpjax.quant.int4_dequant import DequantTiles, dequantize_int4
 from rtpjax.quant.matmul import linear, row_reduce, w8a8
 from rtpjax.quant.small_matmul import Tiles
 
@@ -47,6 +48,20 @@ SWEEP = (Tiles(), Tiles(block_n=32), Tiles(block_n=128), Tiles(block_k=128), Til
          Tiles(unpack="magic"), Tiles(block_k=128, unpack="magic"), Tiles(unpack="asm"),
          Tiles(block_k=128, unpack="asm"), Tiles(block_n=32, unpack="asm"), Tiles(block_k=512, unpack="asm"),
          Tiles(block_n=128, num_warps=8, unpack="asm"))  # fmt: skip (unpack: int4 only)
+# Past a decode step's rows (`--sweep-rows` over 64): tiles of 64 or 128 rows, for steps that would otherwise take
+# the weight dequantized (int4: `int4_dequant`, then a 16-bit GEMM).
+LARGE_SWEEP = tuple(Tiles(row_tile=r, block_n=n, block_k=k, num_warps=w, num_stages=st, unpack=u, split_k=1)
+                    for r, n, k, w, st, u in (
+                        (64, 64, 256, 4, 3, "asm"), (64, 128, 128, 8, 3, "asm"), (128, 64, 128, 8, 3, "asm"),
+                        (128, 128, 128, 8, 3, "asm"), (128, 128, 128, 8, 4, "asm"), (128, 128, 256, 8, 3, "asm"),
+                        (128, 256, 128, 8, 3, "asm"), (64, 128, 256, 4, 4, "asm"), (128, 128, 128, 8, 3, "magic"),
+                        (128, 64, 256, 4, 3, "magic"), (64, 64, 128, 4, 3, "convert"),
+                        (128, 128, 128, 8, 3, "convert")))  # fmt: skip (unpack: int4 only)
+# int4_dequant's programs: the defaults, then wider, longer, more warps, deeper.
+DEQUANT_SWEEP = (DequantTiles(), DequantTiles(block_n=128), DequantTiles(block_n=32), DequantTiles(block_bytes=512),
+                 DequantTiles(block_bytes=128), DequantTiles(block_n=128, num_warps=8),
+                 DequantTiles(block_n=64, block_bytes=512, num_warps=8), DequantTiles(num_stages=3),
+                 DequantTiles(block_n=256, block_bytes=128, num_warps=8))  # fmt: skip
 # One row on the vector units (`--sweep-rows 1`), and the padded tensor-core dot it replaces.
 ONE_ROW_SWEEP = (*(Tiles(one_row=True, block_n=n, block_k=k, num_warps=w, num_stages=st, split_k=sk, unpack=u)
                    for n, k, w, st, sk, u in (
@@ -163,6 +178,29 @@ def _record(row: dict, key: str, seconds: float, nbytes: int) -> None:
     row[f"{key}_hbm"] = nbytes / seconds / HBM_BYTES_PER_S
 
 
+def dequant_sweep(weights: list, calls: int, repeats: int, interpret: bool) -> dict:
+    """int4_dequant alone under each of DEQUANT_SWEEP's tiles, each checked against the reference element for element
+    first: microseconds and GB/s of bytes read and written, the best."""
+    one = weights[0]
+    x = jnp.zeros((calls, 1, 1), jnp.bfloat16)
+    moved = _nbytes(one) + one.q.shape[0] * one.shape[1] * 2  # read packed + scales, written bf16
+    want = dequantize(one, jnp.bfloat16, stored_order=True)
+    times, wrong = {}, []
+    for tiles in DEQUANT_SWEEP:
+        def run(v, w, tiles=tiles):  # v orders the calls and keeps XLA from merging two on one weight
+            w = dataclasses.replace(w, scale=w.scale + v[0, 0].astype(jnp.float32) * 0)
+            return dequantize_int4(w, jnp.bfloat16, interpret=interpret, tiles=tiles)[:1, :1]
+
+        if not jnp.array_equal(dequantize_int4(one, jnp.bfloat16, interpret=interpret, tiles=tiles), want):
+            wrong.append(str(dataclasses.astuple(tiles)))
+            continue
+        times[tiles] = _time(run, x, weights, repeats)
+    best = min(times, key=times.get) if times else None
+    return {"tiles": best and dataclasses.asdict(best), "us": best and times[best] * 1e6,
+            "gbps": best and moved / times[best] / 1e9, "wrong": wrong,
+            "sweep_us": {str(dataclasses.astuple(t)): v * 1e6 for t, v in times.items()}}  # fmt: skip
+
+
 def bench_shape(name: str, out: int, inp: int, tokens: list[int], repeats: int, sweep: tuple, quick: bool = False,
                 sweep_rows: int = 16, formats: tuple = FORMATS, unpacks: tuple = small_matmul.UNPACKS):  # fmt: skip
     """Rows (one per token count) and the best of the `sweep` tiles per quantized format (of `formats`, bf16 always;
@@ -190,6 +228,8 @@ def bench_shape(name: str, out: int, inp: int, tokens: list[int], repeats: int, 
                          "sweep_us": {str(dataclasses.astuple(t)): s * 1e6 for t, s in times.items()},
                          "wrong": {str(dataclasses.astuple(t)): e for t, e in errors.items()
                                    if not e <= MAX_ERROR}}  # fmt: skip
+        if fmt == "int4" and sweep and sweep_rows > small_matmul.MAX_ROWS and int4_dequant.applies(one):
+            best["int4_dequant"] = dequant_sweep(weights, calls, repeats, interpret)
         for row in rows:
             xs = jax.random.normal(jax.random.key(2), (calls, row["tokens"], inp), jnp.bfloat16)
             _record(row, fmt, _time(linear, xs, weights, repeats), nbytes)
@@ -275,7 +315,7 @@ def main(argv=None) -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
     parser.add_argument("--tokens", default="1,16,32")
     parser.add_argument("--no-sweep", action="store_true", help="time the default tiles only")
-    parser.add_argument("--sweep-rows", type=int, default=16, help="rows of the tile sweep (1: the one-row tiles)")
+    parser.add_argument("--sweep-rows", type=int, default=16, help="rows of the tile sweep (1: the one-row tiles; over 64: row tiles and int4_dequant's)")
     parser.add_argument("--formats", default=",".join(FORMATS[1:]), help=f"of {', '.join(FORMATS[1:])} (and bf16)")
     parser.add_argument("--unpack", default=",".join(small_matmul.UNPACKS),
                         help="sweep only the int4 tiles of these unpackings (the format column is the engine's path: "
@@ -295,13 +335,21 @@ def main(argv=None) -> None:
     tokens = [int(t) for t in args.tokens.split(",")]
     result = {"device": str(jax.devices()[0].device_kind), "rows": [], "best_tiles": {}}
     for name, (out, inp) in shapes.items():
-        sweep = () if args.no_sweep else ONE_ROW_SWEEP if args.sweep_rows == 1 else SWEEP
+        sweep = (() if args.no_sweep else ONE_ROW_SWEEP if args.sweep_rows == 1
+                 else LARGE_SWEEP if args.sweep_rows > small_matmul.MAX_ROWS else SWEEP)  # fmt: skip
         sweep = sweep[:2] if args.quick else sweep
         rows, best = bench_shape(name, out, inp, tokens, 1 if args.quick else 10, sweep, quick=args.quick,
                                  sweep_rows=args.sweep_rows, formats=tuple(args.formats.split(",")),
                                  unpacks=tuple(args.unpack.split(",")))  # fmt: skip
         result["rows"] += rows
         result["best_tiles"][name] = best
+        if dq := best.pop("int4_dequant", None):
+            result.setdefault("int4_dequant", {})[name] = dq
+            if dq["tiles"]:
+                print(f"{name:5s} int4_dequant: best {dq['tiles']} {dq['us']:.1f} us ({dq['gbps']:.0f} GB/s moved)",
+                      flush=True)  # fmt: skip
+            if dq["wrong"]:
+                print(f"{name:5s} int4_dequant: WRONG results from tiles {dq['wrong']}", flush=True)
         for fmt, b in best.items():
             if b["wrong"]:
                 print(f"{name:5s} {fmt}: WRONG results (relative error) from tiles {b['wrong']}", flush=True)

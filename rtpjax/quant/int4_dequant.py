@@ -13,6 +13,7 @@ output dtype. The output is in q's column order (act-order weights: the caller p
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -22,8 +23,15 @@ from jax.experimental.pallas import triton as plgpu
 
 from rtpjax.loading.quantization import QuantizedWeight
 
-BLOCK_N = 64  # output channels per program
-BLOCK_BYTES = 256  # packed bytes per row per program (whole groups): 512 inputs
+
+@dataclasses.dataclass(frozen=True)
+class DequantTiles:
+    """A program's share (static per compiled kernel; `quant_bench --sweep-rows` over 64 times others)."""
+
+    block_n: int = 64  # output channels
+    block_bytes: int = 256  # packed bytes of each channel (whole groups; 512 inputs)
+    num_warps: int = 4
+    num_stages: int = 2
 
 
 def applies(w: QuantizedWeight) -> bool:
@@ -56,16 +64,16 @@ def _fit(tile: int, size: int) -> int:
     return tile
 
 
-@functools.partial(jax.jit, static_argnames=("dtype", "interpret"))
-def dequantize_int4(w: QuantizedWeight, dtype, interpret: bool = False) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("dtype", "interpret", "tiles"))
+def dequantize_int4(w: QuantizedWeight, dtype, interpret: bool = False, tiles: DequantTiles = DequantTiles()):
     """`w` ([out, in], int4: `applies`) as `dtype` in q's column order: `dequantize(w, dtype, stored_order=True)`."""
     if not applies(w):
         raise ValueError(f"int4_dequant: weight {w.shape} ({w.scheme.weight}, whole={w.scheme.whole}): need a 2-D "
                          "int4 weight whole on the device, power-of-two groups of >= 32 inputs, channels % 16 == 0")
     out, in_features = w.shape
     group = w.scheme.group_size(in_features)
-    block_n = _fit(BLOCK_N, out)
-    groups = _fit(max(1, 2 * BLOCK_BYTES // group), in_features // group)  # whole groups per program
+    block_n = _fit(tiles.block_n, out)
+    groups = _fit(max(1, 2 * tiles.block_bytes // group), in_features // group)  # whole groups per program
     inputs, specs = [w.q, w.scale], [
         pl.BlockSpec((block_n, groups * group // 2), lambda j, k: (j, k)),
         pl.BlockSpec((block_n, groups), lambda j, k: (j, k)),
@@ -74,7 +82,7 @@ def dequantize_int4(w: QuantizedWeight, dtype, interpret: bool = False) -> jax.A
         inputs.append(w.zero)
         specs.append(specs[1])
     kernel = functools.partial(_kernel, group=group, groups=groups, zero_point=w.zero is not None)
-    params = None if interpret else plgpu.CompilerParams(num_warps=4, num_stages=2)
+    params = None if interpret else plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return pl.pallas_call(
         kernel, grid=(out // block_n, in_features // (groups * group)), in_specs=specs,
         out_specs=pl.BlockSpec((block_n, groups * group), lambda j, k: (j, k)),
