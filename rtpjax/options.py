@@ -108,7 +108,7 @@ class EngineArgs:
                            choices=("auto", "pallas", "xla"))  # fmt: skip
     one_row_decode: bool = option(False, "on GPUs, run a lone sequence's decode step as one token, not padded to "
                                   "the 16 rows of the smallest step (one more compiled step; one-byte weights then "
-                                  "multiply as XLA's row reduction); not with pipeline stages")  # fmt: skip
+                                  "multiply as XLA's row reduction); not with --pipeline-parallel-size")  # fmt: skip
     mosaic_prefill: bool = option(False, "on Hopper GPUs, send long prefill chunks to the Mosaic GPU kernel (pays "
                                   "from ~4,500 cached tokens, a few percent slower below; elsewhere no "
                                   "effect)")  # fmt: skip

@@ -22,7 +22,8 @@ def weight(shape, method="int4", whole=True, group=None, seed=0):
 
 
 @pytest.mark.parametrize("method", ["int4", "int4-asym"])
-@pytest.mark.parametrize("shape, group", [((96, 512), None), ((256, 2048), None), ((48, 256), 32), ((16, 1024), 256)])
+@pytest.mark.parametrize("shape, group", [((96, 512), None), ((256, 2048), None), ((48, 256), 32), ((16, 1024), 256),
+                                          ((64, 2048), 0)])  # (0: one group the whole row, as GPTQ's group -1)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_kernel_is_the_reference_dequantization_everywhere(method, shape, group, dtype):
     qw = weight(shape, method, group=group, seed=shape[0] + shape[1])
@@ -31,7 +32,7 @@ def test_kernel_is_the_reference_dequantization_everywhere(method, shape, group,
     assert got.shape == shape and got.dtype == dtype
     # nibbles equal to their zero dequantize to 0: each must still be written (the reference's exact value)
     assert np.array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
-    assert np.count_nonzero(np.asarray(want, np.float32)) > 0.8 * want.size  # a wrong or unwritten element shows
+    assert np.count_nonzero(np.asarray(want, np.float32)) > 0.7 * want.size  # a wrong or unwritten element shows
 
 
 def test_every_element_is_written():
@@ -61,11 +62,14 @@ def test_kernel_lowers_to_triton(method, triton_verified):
     from rtpjax.benchmarks.kernels.quant_bench import DEQUANT_SWEEP
 
     qw = weight((256, 1024), method)
+    row = weight((64, 4096), method, group=0)  # a whole-row group: fewer channels per program, the same bytes
+    text = jax.jit(lambda w: dequantize_int4(w, jnp.bfloat16)).trace(row).lower(lowering_platforms=("cuda",)).as_text()
+    assert "int4_dequant" in text
     for tiles in DEQUANT_SWEEP:
         step = jax.jit(lambda w, tiles=tiles: dequantize_int4(w, jnp.bfloat16, tiles=tiles))
         text = step.trace(qw).lower(lowering_platforms=("cuda",)).as_text()
         assert "int4_dequant" in text and "triton" in text
-    assert triton_verified == [True] * len(DEQUANT_SWEEP)
+    assert triton_verified == [True] * (1 + len(DEQUANT_SWEEP))
 
 
 def test_linear_takes_the_kernel_on_a_gpu_past_decode_steps(monkeypatch):

@@ -106,6 +106,9 @@ def test_engine_pp2_tp2_gives_single_device_greedy_tokens(tiny_checkpoints):
     llm = LLM(path, skip_tokenizer_init=True, pipeline_parallel_size=2, tensor_parallel_size=2, max_num_seqs=4,
               max_num_batched_tokens=8, max_model_len=32, block_size=BLOCK)  # fmt: skip
     runner = llm.engine.runner
+    with pytest.raises(ValueError, match="--one-row-decode does not work with --pipeline-parallel-size"):
+        LLM(path, skip_tokenizer_init=True, pipeline_parallel_size=2, one_row_decode=True, max_model_len=32,
+            warmup=False)  # fmt: skip
     compiles = CompileCounter.count
     outs = llm.generate([list(p) for p in PROMPTS], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
     assert CompileCounter.count == compiles

@@ -72,8 +72,9 @@ def dequantize_int4(w: QuantizedWeight, dtype, interpret: bool = False, tiles: D
                          "int4 weight whole on the device, power-of-two groups of >= 32 inputs, channels % 16 == 0")
     out, in_features = w.shape
     group = w.scheme.group_size(in_features)
-    block_n = _fit(tiles.block_n, out)
     groups = _fit(max(1, 2 * tiles.block_bytes // group), in_features // group)  # whole groups per program
+    # a group longer than the tiles' bytes (whole-row groups) takes fewer channels: the same bytes per program
+    block_n = _fit(max(16, tiles.block_n * tiles.block_bytes // (groups * group // 2)), out)
     inputs, specs = [w.q, w.scale], [
         pl.BlockSpec((block_n, groups * group // 2), lambda j, k: (j, k)),
         pl.BlockSpec((block_n, groups), lambda j, k: (j, k)),

@@ -176,6 +176,9 @@ class ModelRunner:
         if self.pipeline is not None and kv_tiers:
             raise ValueError("--kv-offloading-size does not work with --pipeline-parallel-size > 1 yet (block copies "
                              "span one mesh)")  # fmt: skip
+        if self.pipeline is not None and one_row_decode:
+            raise ValueError("--one-row-decode does not work with --pipeline-parallel-size > 1 (micro-batch halves "
+                             "pair power-of-two buckets)")  # fmt: skip
         if self.pipeline is not None and num_speculative_tokens:
             raise ValueError("--speculative-config does not work with --pipeline-parallel-size > 1 yet (verify steps "
                              "span one mesh)")  # fmt: skip
@@ -194,7 +197,7 @@ class ModelRunner:
         # Pipeline stages warm up every bucket with each smaller one as a micro-batch half: powers of two alone there.
         self.token_buckets = (buckets if self.pipeline else step_buckets)(max_num_batched_tokens,
                                                                            16 if attention_impl == "pallas" else 1)
-        if one_row_decode and self.token_buckets[0] > 1 and not self.pipeline:
+        if one_row_decode and self.token_buckets[0] > 1:
             self.token_buckets = [1] + self.token_buckets
         self.max_num_seqs = max_num_seqs
         self.sink = max_num_seqs
