@@ -27,9 +27,10 @@ def weight(shape, method="int4", whole=True, group=None, seed=0):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_kernel_is_the_reference_dequantization_everywhere(method, shape, group, dtype):
     qw = weight(shape, method, group=group, seed=shape[0] + shape[1])
-    got = dequantize_int4(qw, dtype, interpret=True)
+    got = dequantize_int4(qw, dtype, interpret=True)  # (interpreted, outputs start as NaN: unwritten ones stay so)
     want = dequantize(qw, dtype, stored_order=True)
     assert got.shape == shape and got.dtype == dtype
+    assert not np.isnan(np.asarray(got, np.float32)).any(), "an output element was never written"
     # nibbles equal to their zero dequantize to 0: each must still be written (the reference's exact value)
     assert np.array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
     assert np.count_nonzero(np.asarray(want, np.float32)) > 0.7 * want.size  # a wrong or unwritten element shows
@@ -37,7 +38,7 @@ def test_kernel_is_the_reference_dequantization_everywhere(method, shape, group,
 
 def test_every_element_is_written():
     """Weights of magnitude 0.5-1 of each group's largest: no nibble equals the zero point, so every reference element
-    is nonzero and an element the kernel left unwritten (zero or garbage) cannot match it."""
+    is nonzero and an element the kernel left unwritten (NaN, the interpreter's poison, or zero) cannot match it."""
     rng = np.random.default_rng(7)
     w = rng.choice([-1.0, 1.0], (128, 1024)) * rng.uniform(0.55, 1.0, (128, 1024))
     qw = quantize(jnp.asarray(w, jnp.float32), dataclasses.replace(METHODS["int4"], whole=True))
@@ -58,7 +59,7 @@ def test_applies_only_where_the_kernel_can_run():
 
 @pytest.mark.parametrize("method", ["int4", "int4-asym"])
 def test_kernel_lowers_to_triton(method, triton_verified):
-    """Every tiling the benchmark sweeps lowers to a Triton module that passes MLIR's verifier (compiling needs a GPU)."""
+    """Every tiling the benchmark sweeps lowers to Triton that passes MLIR's verifier (compiling needs a GPU)."""
     from rtpjax.benchmarks.kernels.quant_bench import DEQUANT_SWEEP
 
     qw = weight((256, 1024), method)

@@ -315,7 +315,8 @@ def main(argv=None) -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
     parser.add_argument("--tokens", default="1,16,32")
     parser.add_argument("--no-sweep", action="store_true", help="time the default tiles only")
-    parser.add_argument("--sweep-rows", type=int, default=16, help="rows of the tile sweep (1: the one-row tiles; over 64: row tiles and int4_dequant's)")
+    parser.add_argument("--sweep-rows", type=int, default=16,
+                        help="rows of the tile sweep (1: the one-row tiles; over 64: row tiles and int4_dequant's)")
     parser.add_argument("--formats", default=",".join(FORMATS[1:]), help=f"of {', '.join(FORMATS[1:])} (and bf16)")
     parser.add_argument("--unpack", default=",".join(small_matmul.UNPACKS),
                         help="sweep only the int4 tiles of these unpackings (the format column is the engine's path: "

@@ -22,6 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from rtpjax.loading.quantization import QuantizedWeight
+from rtpjax.quant.small_matmul import fit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,13 +58,6 @@ def _kernel(q_ref, s_ref, *rest, group: int, groups: int, zero_point: bool):
             o_ref.dtype)
 
 
-def _fit(tile: int, size: int) -> int:
-    """The largest power of two <= `tile` dividing `size`."""
-    while size % tile:
-        tile //= 2
-    return tile
-
-
 @functools.partial(jax.jit, static_argnames=("dtype", "interpret", "tiles"))
 def dequantize_int4(w: QuantizedWeight, dtype, interpret: bool = False, tiles: DequantTiles = DequantTiles()):
     """`w` ([out, in], int4: `applies`) as `dtype` in q's column order: `dequantize(w, dtype, stored_order=True)`."""
@@ -72,9 +66,9 @@ def dequantize_int4(w: QuantizedWeight, dtype, interpret: bool = False, tiles: D
                          "int4 weight whole on the device, power-of-two groups of >= 32 inputs, channels % 16 == 0")
     out, in_features = w.shape
     group = w.scheme.group_size(in_features)
-    groups = _fit(max(1, 2 * tiles.block_bytes // group), in_features // group)  # whole groups per program
+    groups = fit(max(1, 2 * tiles.block_bytes // group), in_features // group)  # whole groups per program
     # a group longer than the tiles' bytes (whole-row groups) takes fewer channels: the same bytes per program
-    block_n = _fit(max(16, tiles.block_n * tiles.block_bytes // (groups * group // 2)), out)
+    block_n = fit(max(16, tiles.block_n * tiles.block_bytes // (groups * group // 2)), out)
     inputs, specs = [w.q, w.scale], [
         pl.BlockSpec((block_n, groups * group // 2), lambda j, k: (j, k)),
         pl.BlockSpec((block_n, groups), lambda j, k: (j, k)),

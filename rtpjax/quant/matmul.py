@@ -15,8 +15,8 @@ rows the bytes read are the cost; quantizing the activations and setting up a sc
 `--quantized-decode xla` (Scheme.decode_kernel 0) they take the weight-only dot instead, W8A8 weights included,
 so one engine option compares the two on the same weights; the default (auto) keeps the kernel for int4 and sends
 one-byte steps there. Any one-row step on a GPU (`--one-row-decode`'s, a draft model's) of a per-channel one-byte
-weight takes XLA's row reduction instead of its dot (`row_reduce`). Decode-sized steps the kernel cannot take (a sharded weight) multiply weight-only
-too. Shapes are bucketed, so the choice is fixed per compiled step.
+weight takes XLA's row reduction instead of its dot (`row_reduce`). Decode-sized steps the kernel cannot take (a
+sharded weight) multiply weight-only too. Shapes are bucketed, so the choice is fixed per compiled step.
 Accumulation is float32 throughout: unscaled sums of 1-byte values overflow float16.
 """
 

@@ -120,10 +120,10 @@ def plan(rows: int, out: int, in_features: int, fmt: str, group: int = 0, tiles:
     if out % 16 or in_features % 16:
         raise ValueError(f"small_matmul: output {out} and input {in_features} must be multiples of 16")
     if fmt == "int4":  # whole groups per step: the most of block_k's that divide the input
-        step = group * _fit(max(1, tiles.block_k // group), in_features // group)
+        step = group * fit(max(1, tiles.block_k // group), in_features // group)
     else:
-        step = _fit(tiles.block_k, in_features)
-    block_n = _fit(tiles.block_n, out)
+        step = fit(tiles.block_k, in_features)
+    block_n = fit(tiles.block_n, out)
     if rows > MAX_ROWS:
         block_m, row_tiles = tiles.row_tile, -(-rows // tiles.row_tile)
     else:
@@ -140,7 +140,7 @@ def plan(rows: int, out: int, in_features: int, fmt: str, group: int = 0, tiles:
     return Plan(block_m, block_n, step, split, row_tiles)
 
 
-def _fit(tile: int, size: int) -> int:
+def fit(tile: int, size: int) -> int:
     """The largest power of two <= `tile` dividing `size`: Triton's tiles are powers of two."""
     tile = min(1 << (tile.bit_length() - 1), pl.next_power_of_2(size))
     while size % tile:

@@ -162,7 +162,8 @@ class ModelRunner:
                  max_num_batched_tokens: int, max_model_len: int, mesh=None, attention_impl: str = "reference",
                  kv_cache_dtype: str = "auto", kv_write: str = "auto", mosaic_prefill: bool = False,
                  one_row_decode: bool = False, num_speculative_tokens: int = 0, max_verify_seqs: int = 0,
-                 kv_tiers: bool = False, aux_layers: tuple[int, ...] = (), chain_lookup: tuple[int, int] | None = None):  # fmt: skip
+                 kv_tiers: bool = False, aux_layers: tuple[int, ...] = (),
+                 chain_lookup: tuple[int, int] | None = None):  # fmt: skip
         """num_speculative_tokens (K) > 0: also compile verify steps, for up to max_verify_seqs sequences each.
         aux_layers: every step also returns these layers' inputs at each token (`self.aux`, for an EAGLE-3 head).
         chain_lookup: where verify steps may hold chained sequences (spec/chained.py): (prompt_lookup_min,
