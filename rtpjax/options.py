@@ -106,9 +106,9 @@ class EngineArgs:
     kv_write: str = option("auto", "how the Pallas path writes a step's K/V into the cache: auto = the Pallas kernel "
                            "for steps of >= 128 tokens and XLA's scatter below, or one of them for every step",
                            choices=("auto", "pallas", "xla"))  # fmt: skip
-    one_row_decode: bool = option(False, "on GPUs, run a lone sequence's decode step as one token, not padded to "
-                                  "the 16 rows of the smallest step (one more compiled step; one-byte weights then "
-                                  "multiply as XLA's row reduction); not with --pipeline-parallel-size")  # fmt: skip
+    one_row_decode: bool | None = option(None, "on GPUs, run a lone sequence's decode step as one token, not padded "
+                                         "to the 16 rows of the smallest step (one more compiled step); default: on "
+                                         "where it applies (a GPU, no --pipeline-parallel-size)")  # fmt: skip
     mosaic_prefill: bool = option(False, "on Hopper GPUs, send long prefill chunks to the Mosaic GPU kernel (pays "
                                   "from ~4,500 cached tokens, a few percent slower below; elsewhere no "
                                   "effect)")  # fmt: skip

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from rtpjax import EngineArgs
+from rtpjax import options
 from rtpjax.options import CLI_COMPILATION_CACHE, cli_fields, engine_args_from, flag
 
 
@@ -96,7 +97,7 @@ def test_every_engine_option_has_exactly_one_flag(command):
             assert not actions and f not in cli_fields()
             continue
         assert len(actions) == 1, f.name
-        spelled = [flag(f.name)] + (["--no-" + flag(f.name)[2:]] if isinstance(f.default, bool) else [])
+        spelled = [flag(f.name)] + (["--no-" + flag(f.name)[2:]] if options._kind(f)[0] is bool else [])
         assert actions[0].option_strings == spelled
     own = {"serve": {"host", "port", "api_key", "served_model_name", "max_queue", "graceful_shutdown_timeout", "model",
                      "data_parallel_size", "router_policy", "router_balance_abs_threshold",

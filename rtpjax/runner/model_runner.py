@@ -161,7 +161,7 @@ class ModelRunner:
     def __init__(self, cfg, family, params, *, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, mesh=None, attention_impl: str = "reference",
                  kv_cache_dtype: str = "auto", kv_write: str = "auto", mosaic_prefill: bool = False,
-                 one_row_decode: bool = False, num_speculative_tokens: int = 0, max_verify_seqs: int = 0,
+                 one_row_decode: bool | None = None, num_speculative_tokens: int = 0, max_verify_seqs: int = 0,
                  kv_tiers: bool = False, aux_layers: tuple[int, ...] = (),
                  chain_lookup: tuple[int, int] | None = None):  # fmt: skip
         """num_speculative_tokens (K) > 0: also compile verify steps, for up to max_verify_seqs sequences each.
@@ -177,6 +177,8 @@ class ModelRunner:
         if self.pipeline is not None and kv_tiers:
             raise ValueError("--kv-offloading-size does not work with --pipeline-parallel-size > 1 yet (block copies "
                              "span one mesh)")  # fmt: skip
+        if one_row_decode is None:  # on where it applies (a lone stream then reads the weights as one row)
+            one_row_decode = self.pipeline is None and jax.default_backend() == "gpu"
         if self.pipeline is not None and one_row_decode:
             raise ValueError("--one-row-decode does not work with --pipeline-parallel-size > 1 (micro-batch halves "
                              "pair power-of-two buckets)")  # fmt: skip
