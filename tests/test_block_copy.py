@@ -255,6 +255,39 @@ def test_staged_rows_land_in_reused_arrays_by_the_driver(monkeypatch):
     np.testing.assert_array_equal(np.stack([np.asarray(r) for r in first]), sent[slots])  # untouched by the reuse
 
 
+def test_the_next_pieces_copy_runs_while_a_split_is_dispatched(monkeypatch):
+    """A staging of several pieces copies piece i + 1 (on the landing thread) while piece i's split is dispatched,
+    the rows coming back in order; a split that fails gives back every landing array, the one copied ahead too."""
+    import time
+
+    cuda = _HostCopies(monkeypatch)
+    cache = _cache()
+    copier = _copier(cache, land=True)
+    piece, idle = copier.piece, len(copier._landing.arrays._idle)
+    buf = np.random.default_rng(7).integers(0, 256, (3 * piece, LAYOUT.block_bytes), dtype=np.uint8)
+    split_rows, copied, fail = copier._split_rows, [], []
+
+    def split(array, backwards=False):
+        ahead = min(len(copied) + 2, 3)  # copies made by now if the next piece's runs ahead (one copy a piece)
+        deadline = time.monotonic() + 2
+        while len(cuda.copies) - base < ahead and time.monotonic() < deadline:
+            time.sleep(0.001)
+        copied.append(len(cuda.copies) - base)
+        if fail and len(copied) == 2:
+            raise RuntimeError("split failed")
+        return split_rows(array, backwards)
+
+    monkeypatch.setattr(copier, "_split_rows", split)
+    base = 0
+    got = copier.stage([buf[s] for s in range(3 * piece)], page_locked=True)
+    assert copied == [2, 3, 3]
+    np.testing.assert_array_equal(np.stack([np.asarray(r) for r in got]), buf)
+    copied[:], fail[:], base = [], [True], 3
+    with pytest.raises(RuntimeError, match="split failed"):
+        copier.stage([buf[s] for s in range(3 * piece)], page_locked=True)
+    assert copied == [2, 3] and len(copier._landing.arrays._idle) == idle  # every array back, none made anew
+
+
 def test_a_tier_writes_down_through_the_driver_into_its_rows(monkeypatch):
     """KVTiers with a copier whose downloads go by the driver (faked by memmove): evicted blocks land in host-tier
     rows, one copy per run of rows adjacent on both sides, with the cache's contents; no row stays leased."""

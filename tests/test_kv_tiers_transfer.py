@@ -264,8 +264,12 @@ def _until(condition, seconds: float = 30.0) -> None:
 
 
 def test_fetched_rows_are_staged_on_the_device_within_a_bound():
+    """Fetched rows go to the device within max_staged blocks (one fetch past it waits), a fetch dropped mid-transfer
+    gives its rows back once landed, and each fetch staged wakes the engine's loop once (`wake`), a dropped one not."""
     tiers, copier = _tiers(), _Copier()
     tiers.use_copier(copier, max_staged=4, max_gathered=8)
+    woke = []
+    tiers.wake = lambda: woke.append(tiers.staged_blocks)
     rows = np.random.default_rng(2).integers(0, 256, (6, LAYOUT.block_bytes), dtype=np.uint8)
     hashes = [bytes([i]) * 16 for i in range(6)]
     try:
@@ -279,6 +283,7 @@ def test_fetched_rows_are_staged_on_the_device_within_a_bound():
         copier.gate.set()
         _until(lambda: sum(tiers.host.leases) == 3 and tiers.staged_blocks == 0)
         _until(lambda: tiers.poll(second))
+        assert woke == [3], "a staged fetch did not wake the loop once (or a dropped one did)"
         packed, lookup = tiers.take(second, 1, 2)
         np.testing.assert_array_equal(np.stack(packed.rows), rows[4:6])
         assert packed.lease is None and lookup.from_host == 2 and copier.staged == [3, 3]

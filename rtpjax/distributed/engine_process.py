@@ -165,6 +165,8 @@ def _serve(engine: LLMEngine, conn: Connection) -> None:
     """Commands in, one StepOutputs out per round. Returns on Stop or once the parent is gone."""
     inbox: queue.Queue = queue.Queue()
     handoff = _handoff(engine, inbox)
+    if engine.tiers is not None:  # a loaded sequence wakes a loop that waits for loads (a None command)
+        engine.tiers.wake = lambda: inbox.put(None)
     try:
         _loop(engine, conn, inbox, handoff)
     finally:
@@ -205,7 +207,7 @@ def _rounds(engine: LLMEngine, conn: Connection, inbox: queue.Queue, handoff, me
         outputs, errors = handoff.poll()
         for command in commands:
             if command is None:
-                continue  # a wake-up: a hand-off's K/V arrived
+                continue  # a wake-up: a hand-off's K/V arrived, or a KV tier load
             if isinstance(command, Stop):
                 return
             if isinstance(command, AddRequest):

@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -234,6 +235,7 @@ class BlockCopier:
         # Arrays to land in (`jobs`): three of a piece and one of each smaller size, so that a load of up to four
         # pieces (a long history) never waits for a piece's split, which runs behind the steps queued on the device.
         self._landing = Landing(self._rows_at, layout.block_bytes, 4 * self.piece, land_streams) if land else None
+        self._lander = ThreadPoolExecutor(1, thread_name_prefix="rtpjax-kv-land") if land else None  # (`_land`)
         self._down_by_driver = land  # download_into by the driver's copies (the same devices and memory land needs)
         self.landing_rows = self._landing.keep_rows if land else 0  # device memory outside the cache, in blocks
         self.last_stage = StageTimes()  # set by `stage` (one thread stages, and reads it after each call)
@@ -433,27 +435,43 @@ class BlockCopier:
 
     def _land(self, rows: list[np.ndarray]) -> list[jax.Array]:
         """`stage` through landing arrays: each `piece` rows copied into one (a copy per run of back-to-back rows,
-        either way in memory), then split into rows on the device; the array is reused once its split has run."""
+        either way in memory), then split into rows on the device; the next piece's copy runs on the landing thread
+        while this one's split is dispatched (the transfer then costs the copies and one split). An array is reused
+        once its split has run."""
+        chunks = [rows[i : i + self.piece] for i in range(0, len(rows), self.piece)]
         out, times = [], StageTimes()
-        for i in range(0, len(rows), self.piece):
-            chunk = rows[i : i + self.piece]
+        ahead = self._lander.submit(self._land_piece, chunks[0], times)
+        for i, chunk in enumerate(chunks):
+            land, chunk_runs = ahead.result()  # (a failed copy raises here, its array given back, none ahead)
+            ahead = self._lander.submit(self._land_piece, chunks[i + 1], times) if i + 1 < len(chunks) else None
             began = time.perf_counter()
-            land = self._landing.lease(1 << (len(chunk) - 1).bit_length())
-            leased = time.perf_counter()
             try:
-                chunk_runs = runs(chunk)
-                times.enqueue += self._landing.copy(land, landing.moves(chunk, chunk_runs))
-                copied = time.perf_counter()
                 split = landing.in_order(self._split_rows(land)[: len(chunk)], chunk_runs)
             except Exception:
-                self._landing.give_back(land, None)  # (a failed copy may have landed in part: nothing reads it)
+                self._landing.give_back(land, None)
+                if ahead is not None and ahead.exception() is None:  # (waits for the copy: nothing left writing)
+                    self._landing.give_back(ahead.result()[0], None)
                 raise
             self._landing.give_back(land, split[0])
             out += split
-            times.lease, times.copy = times.lease + leased - began, times.copy + copied - leased
-            times.split += time.perf_counter() - copied
+            times.split += time.perf_counter() - began
         self.last_stage = times
         return out
+
+    def _land_piece(self, chunk: list[np.ndarray], times: StageTimes) -> tuple[jax.Array, list]:
+        """(The landing thread) a landing array leased for `chunk` and its rows copied in, once landed: (the array,
+        the runs they crossed in); a failed copy gives the array back and raises."""
+        began = time.perf_counter()
+        land = self._landing.lease(1 << (len(chunk) - 1).bit_length())
+        leased = time.perf_counter()
+        try:
+            chunk_runs = runs(chunk)
+            times.enqueue += self._landing.copy(land, landing.moves(chunk, chunk_runs))
+        except Exception:
+            self._landing.give_back(land, None)  # (a failed copy may have landed in part: nothing reads it)
+            raise
+        times.lease, times.copy = times.lease + leased - began, times.copy + time.perf_counter() - leased
+        return land, chunk_runs
 
     def unstage(self, pieces: list[jax.Array]) -> list[jax.Array]:
         """Pieces [n, block_bytes] on the device as rows, as write_packed takes them."""

@@ -306,6 +306,8 @@ class KVTiers:
         self.max_staged = 0  # blocks staged on the device and not yet taken; one fetch may exceed it alone
         self.staged_blocks = 0
         self._onloader = ThreadPoolExecutor(1, thread_name_prefix="rtpjax-kv-onload")
+        self.wake = None  # called (on the onload thread) once a fetch's rows are on the device: the engine's loop,
+        # waiting for nothing but loads, takes the sequence at once
         self.waits = LoadWaits()  # since the last report
         self.downloads = Downloads()  # since the last report
 
@@ -718,8 +720,10 @@ class KVTiers:
             fetch.slots = []
             if fetch.dropped:
                 self._unstage(fetch)
-            else:
-                fetch.staged, fetch.times[4] = staged, time.monotonic()
+                return
+            fetch.staged, fetch.times[4] = staged, time.monotonic()
+        if self.wake is not None:
+            self.wake()
 
     def _unstage(self, fetch: Fetch) -> None:
         """(under self.lock) The fetch's staged blocks no longer count against max_staged."""
