@@ -248,9 +248,11 @@ def test_engine_runs_the_kernel_through_one_switch(tiny_checkpoints, stories_dir
     pallas = LLM(str(model), attention_impl="pallas", **args)
     assert pallas.engine.runner.attention_impl == "pallas" and pallas.engine.runner.attention_mesh is None
     assert [o.outputs[0].token_ids for o in pallas.generate(prompts, params)] == expected
-    split = LLM(str(model), attention_impl="pallas", tensor_parallel_size=2, **args)  # the kernel per tensor shard
-    assert split.engine.runner.attention_mesh.shape["tensor"] == 2
+    split = LLM(str(model), attention_impl="pallas", tensor_parallel_size=2, one_row_decode=True,
+                **args)  # the kernel per tensor shard; a lone stream's decode steps as one row (a GPU's default)
+    assert split.engine.runner.attention_mesh.shape["tensor"] == 2 and split.engine.runner.token_buckets[0] == 1
     assert [o.outputs[0].token_ids for o in split.generate(prompts, params)] == expected
+    assert split.generate([prompts[1]], params)[0].outputs[0].token_ids == expected[1]
     # 8 devices for 4 KV heads: each device keeps a copy of the one KV head its 1 query head reads.
     spread = LLM(str(model), attention_impl="pallas", tensor_parallel_size=8, **args)
     assert {s.data.shape[0] for s in spread.engine.runner.cache[0][0].addressable_shards} == {1}
@@ -293,7 +295,7 @@ def test_speculation_through_the_kernel_equals_plain_decoding(tiny_checkpoints, 
     for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
         shutil.copy(stories_dir / name, model / name)
     llm = LLM(str(model), attention_impl="pallas", speculative_config={"method": "ngram", "num_speculative_tokens": 4},
-              **dict(ENGINE_ARGS, compilation_cache_dir=compile_cache, warmup=False))  # fmt: skip
+              one_row_decode=True, **dict(ENGINE_ARGS, compilation_cache_dir=compile_cache, warmup=False))  # fmt: skip
     rng = np.random.default_rng(5)
     prompts = [rng.integers(3, 250, n).tolist() for n in (5, 30)]
     plain, spec = (SamplingParams(temperature=0, max_tokens=24, speculative=s, ignore_eos=True) for s in (False, True))
