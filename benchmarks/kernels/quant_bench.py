@@ -30,7 +30,7 @@ from jax import lax
 from rtpjax.loading.quantization import QuantizedWeight, dequantize, placed, quantize, values
 from rtpjax.quant import int4_dequant, small_matmul
 from rtpjax.quant.int4_dequant import DequantTiles, dequantize_int4
-from rtpjax.quant.matmul import linear, w8a8
+from rtpjax.quant.matmul import linear, row_reduce, w8a8
 from rtpjax.quant.small_matmul import Tiles
 
 SHAPES = {"o": (4096, 4096), "up": (14336, 4096), "down": (4096, 14336), "head": (128256, 4096)}  # [out, in]
@@ -138,9 +138,8 @@ def _row_reduce(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     """One row (x [1, in]) without a dot: the stored weight times the row, summed over the inputs in float32, which
     XLA emits as one row reduction reading the weight as stored (int4: each group's nibbles against its half rows,
     then its scale). Batch 1's bytes at the speed of XLA's reduction emitter, against the kernel's."""
-    if w.scheme.weight != "int4":
-        return (jnp.sum(w.q.astype(jnp.float32) * x[0].astype(jnp.float32), axis=-1) * w.scale[:, 0])[None].astype(
-            x.dtype)
+    if w.scheme.weight != "int4":  # `linear`'s own path for one-row steps of one-byte weights
+        return row_reduce(x, w).astype(x.dtype)
     row = x[0].astype(jnp.float32)
     out, half_in = w.q.shape
     group = w.scheme.group_size(half_in * 2)

@@ -14,10 +14,11 @@ Decode-sized steps (at most `SMALL_ROWS` tokens) on a GPU skip all of that for p
 rows the bytes read are the cost; quantizing the activations and setting up a scaled dot only add to it). With
 `--quantized-decode xla` (Scheme.decode_kernel 0) they take the weight-only dot instead, W8A8 weights included,
 so one engine option compares the two on the same weights; the default (auto) keeps the kernel for int4 and sends
-one-byte steps there. A step of fewer than 16 rows on a GPU (`--one-row-decode`'s, a draft model's) that a
-per-channel one-byte weight multiplies outside the kernel is padded to 16 rows: in the engine XLA's dot (or a row
-reduction) of one row read fp8 weights slower (RESULTS.md, 2026-12-07e). Decode-sized steps the kernel cannot take
-(a sharded weight) multiply weight-only too. Shapes are bucketed, so the choice is fixed per compiled step.
+one-byte steps there. Any one-row step on a GPU (`--one-row-decode`'s, the default, or a draft model's) of a
+per-channel one-byte weight takes XLA's row reduction instead of its dot (`row_reduce`; in the engine's fp8 step it
+beat both XLA's dot of one row and the same dot padded to 16 rows: RESULTS.md, 2026-12-07e). Decode-sized steps
+the kernel cannot take (a sharded weight) multiply weight-only too. Shapes are bucketed, so the choice is fixed per
+compiled step.
 Accumulation is float32 throughout: unscaled sums of 1-byte values overflow float16.
 """
 
@@ -48,12 +49,11 @@ def linear(x: jax.Array, w: jax.Array | QuantizedWeight, backend: str | None = N
     if uses_small_kernel(x.shape[0], w, backend):
         return small_matmul.quantized_matmul(x, w).reshape(*lead, -1)
     # decode-sized steps the kernel does not take (by choice, or a weight it cannot run) multiply as weight-only
-    rows = x.shape[0]
-    xla_decode = backend == "gpu" and rows <= SMALL_ROWS
-    if xla_decode and w.scheme.per_channel and rows < small_matmul.MIN_ROWS:
-        x = jnp.pad(x, ((0, small_matmul.MIN_ROWS - rows), (0, 0)))
+    xla_decode = backend == "gpu" and x.shape[0] <= SMALL_ROWS
     if w.scheme.act is not None and not (xla_decode and w.scheme.per_channel):
         y = w8a8(x, w)
+    elif w.scheme.per_channel and xla_decode and x.shape[0] == 1:
+        y = row_reduce(x, w)
     elif w.scheme.per_channel:
         y = jnp.dot(x, w.q.T.astype(x.dtype), preferred_element_type=jnp.float32) * w.scale[:, 0]
     else:  # the weight in x's dtype (on a GPU int4 by a kernel), then a 16-bit GEMM (accumulating in float32)
@@ -62,7 +62,14 @@ def linear(x: jax.Array, w: jax.Array | QuantizedWeight, backend: str | None = N
         full = (int4_dequant.dequantize_int4(w, x.dtype, interpret=interpret) if gpu_int4
                 else dequantize(w, x.dtype, stored_order=True))  # fmt: skip
         y = jnp.dot(x, full.T)
-    return y[:rows].astype(x.dtype).reshape(*lead, -1)
+    return y.astype(x.dtype).reshape(*lead, -1)
+
+
+def row_reduce(x: jax.Array, w: QuantizedWeight) -> jax.Array:
+    """One row x [1, in] times a per-channel one-byte weight without a dot: the stored weight times the row, summed
+    over the inputs in float32, which XLA emits as one row reduction reading the weight as stored (a padded GEMM
+    tile does 16 times the work, and its operands pass through shared memory): float32 [1, out]."""
+    return (jnp.sum(w.q.astype(jnp.float32) * x[0].astype(jnp.float32), axis=-1) * w.scale[:, 0])[None]
 
 
 def _accumulator(act: str):
@@ -100,7 +107,7 @@ DECODE_CHOICES = ("auto", "pallas", "xla")
 
 def decode_by(params, choice: str):
     """`params` with every quantized weight's decode-sized steps sent to `choice` ("pallas": the small-M kernel;
-    "xla": XLA's dot; "auto": the kernel for int4, XLA for one-byte weights, each the
+    "xla": XLA's dot, or its row reduction at one row; "auto": the kernel for int4, XLA for one-byte weights, each the
     faster in RESULTS.md's quantization runs): `--quantized-decode`, set once after loading (the scheme is static:
     part of the programs)."""
     if choice not in DECODE_CHOICES:
