@@ -321,6 +321,15 @@ def test_decode_splits_give_int8_caches_two_at_two_to_four_pairs_per_sm():
     assert splits(4, jnp.int8) == splits(4, jnp.bfloat16) == 12  # few pairs: long contexts split to fill the GPU
 
 
+def test_one_row_decode_is_on_by_default_only_on_a_gpu_without_pipeline_stages():
+    from rtpjax.runner.model_runner import one_row
+
+    assert one_row(None, False, "gpu") and not one_row(None, True, "gpu") and not one_row(None, False, "cpu")
+    assert one_row(True, False, "cpu") and not one_row(False, False, "gpu")
+    with pytest.raises(ValueError, match="--one-row-decode does not work with --pipeline-parallel-size"):
+        one_row(True, True, "gpu")
+
+
 def test_one_row_decode_gives_the_padded_steps_tokens(tiny_checkpoints, stories_dir, tmp_path, compile_cache,
                                                       monkeypatch):  # fmt: skip
     """`one_row_decode`: a lone sequence's decode runs as a 1-token step through the kernel (not padded to 16 rows),

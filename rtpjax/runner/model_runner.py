@@ -109,6 +109,18 @@ def step_buckets(limit: int, smallest: int) -> list[int]:
     return sorted(sizes)
 
 
+def one_row(asked: bool | None, pipelined: bool, backend: str) -> bool:
+    """Whether a lone sequence's decode steps run as one token (`--one-row-decode`): by default (None) on a GPU
+    without pipeline stages, where a step's cost follows its padded rows (elsewhere steps already start at one token);
+    asked for with pipeline stages, a clear error."""
+    if asked is None:
+        return backend == "gpu" and not pipelined
+    if asked and pipelined:
+        raise ValueError("--one-row-decode does not work with --pipeline-parallel-size > 1 (micro-batch halves pair "
+                         "power-of-two buckets)")  # fmt: skip
+    return asked
+
+
 def pick(sizes: list[int], n: int) -> int:
     return next(s for s in sizes if s >= n)
 
@@ -177,11 +189,7 @@ class ModelRunner:
         if self.pipeline is not None and kv_tiers:
             raise ValueError("--kv-offloading-size does not work with --pipeline-parallel-size > 1 yet (block copies "
                              "span one mesh)")  # fmt: skip
-        if one_row_decode is None:  # on where it applies (a lone stream then reads the weights as one row)
-            one_row_decode = self.pipeline is None and jax.default_backend() == "gpu"
-        if self.pipeline is not None and one_row_decode:
-            raise ValueError("--one-row-decode does not work with --pipeline-parallel-size > 1 (micro-batch halves "
-                             "pair power-of-two buckets)")  # fmt: skip
+        one_row_decode = one_row(one_row_decode, self.pipeline is not None, jax.default_backend())
         if self.pipeline is not None and num_speculative_tokens:
             raise ValueError("--speculative-config does not work with --pipeline-parallel-size > 1 yet (verify steps "
                              "span one mesh)")  # fmt: skip
