@@ -45,6 +45,15 @@ class RtpjaxRunner:
         self.startup_seconds = time.perf_counter() - began
         self.vocab = self.llm.engine.cfg.vocab_size
 
+    def loop_ms(self) -> dict:
+        """The engine loop's host time per step since the last call (ms): where a step that outruns the device goes;
+        reading is the wait for the device, so a loop bound by its host work reads in about no time."""
+        stats = self.llm.engine.take_loop_stats()
+        n = max(stats.steps, 1)
+        outputs = stats.busy_s - stats.prepare_s - stats.launch_s - stats.device_wait_s
+        return {"steps": stats.steps, "scheduling": stats.prepare_s * 1e3 / n, "launching": stats.launch_s * 1e3 / n,
+                "reading": stats.device_wait_s * 1e3 / n, "outputs": outputs * 1e3 / n}
+
     def generate(self, batch: list[list[int]], max_tokens: int) -> int:
         from rtpjax import SamplingParams
 
@@ -189,16 +198,21 @@ def main():
     timed(runner, prompts(rng, 1, args.input_len, runner.vocab), 8)  # first-call costs (cuBLAS handles, caches)
     for b in sizes:
         t1, _ = timed(runner, prompts(rng, b, args.input_len, runner.vocab), 1)
+        if args.engine == "rtpjax":
+            runner.loop_ms()  # (counting from here: the timed run's steps)
         tn, tokens = timed(runner, prompts(rng, b, args.input_len, runner.vocab), args.output_len)
         decode = b * (args.output_len - 1) / (tn - t1)
         result["decode"][b] = {"decode_tokens_per_s": decode, "ms_per_step": (tn - t1) / (args.output_len - 1) * 1e3,
                                "end_to_end_tokens_per_s": tokens / tn, "prefill_seconds": t1}  # fmt: skip
         if args.engine == "rtpjax":
             row = result["decode"][b]
+            row["loop_ms"] = loop = runner.loop_ms()
             row["device_step_ms"] = runner.decode_step_ms(b, context, args.input_len)
             row["padding_step_ms"] = runner.device_step_ms(b)  # device_step_ms in results up to h200_2026-12-03
             print(f"rtpjax batch {b:4d}: device step alone {row['device_step_ms']:.2f} ms on real rows at {context} "
-                  f"tokens ({row['padding_step_ms']:.2f} ms on padding rows)")  # fmt: skip
+                  f"tokens ({row['padding_step_ms']:.2f} ms on padding rows); the loop per step: "
+                  f"{loop['scheduling']:.2f} ms scheduling, {loop['launching']:.2f} launching, {loop['reading']:.2f} "
+                  f"waiting for the device, {loop['outputs']:.2f} on outputs")  # fmt: skip
         print(f"{args.engine} batch {b:4d}: {decode:9.1f} decode tok/s  {(tn - t1) / (args.output_len - 1) * 1e3:7.2f} "
               f"ms/step  prefill {t1 * 1e3:7.1f} ms", flush=True)  # fmt: skip
     if args.num_prompts:

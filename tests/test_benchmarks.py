@@ -212,6 +212,8 @@ def test_real_decode_inputs_hold_the_context_and_leave_the_engine_clean(model, c
     split = RtpjaxRunner(str(model), max_num_seqs=8, max_model_len=256, max_num_batched_tokens=32,
                          compilation_cache_dir=compile_cache, tensor_parallel_size=2, warmup=False)  # fmt: skip
     assert split.llm.engine.runner.mesh.shape["tensor"] == 2 and split.generate([[1, 5, 9]], 4) == 4
+    loop = split.loop_ms()  # the loop's host time per step since the last call: here the 4-token run's steps
+    assert loop["steps"] >= 3 and loop["launching"] > 0 and min(loop.values()) >= 0 and split.loop_ms()["steps"] == 0
 
 
 def _expert_counts(runner, batch, every_row: bool = False) -> np.ndarray:
