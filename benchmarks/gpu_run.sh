@@ -86,7 +86,7 @@
 #   quant   each weight format against bf16, same shape and run (QUANTS="none fp8 int8 int4"): decode batch 1 / 32,
 #           offline throughput and a 4096-token prompt's TTFT in one engine per format, then a table of ratios to bf16;
 #           DECODES ("auto") lists --quantized-decode values, e.g. "pallas xla" runs each format both ways;
-#           QUANT_FLAGS adds engine flags to every run (e.g. --one-row-decode)
+#           QUANT_FLAGS adds engine flags to every run (e.g. --one-row-decode: off by default for quantized weights)
 #   kv_adaptive  (27) the model-dtype KV cache against --kv-cache-dtypes adaptive and an all-fp8 cache in the same
 #           memory on a KV-bound serving run (1024 in / 1024 out at 256 streams); KV_* variables in the stage
 #   quant_serve  (27) serving 128 in / 1024 out at 256 streams, a server per weight format (QUANTS), ratios to bf16;

@@ -195,6 +195,8 @@ def main():
     result = {"engine": args.engine, "model": args.model or args.shape, "startup_seconds": runner.startup_seconds,
               **{name: getattr(engine_args, name) for name in RESULT_OPTIONS},
               "input_len": args.input_len, "output_len": args.output_len, "decode": {}}  # fmt: skip
+    if args.engine == "rtpjax":  # as resolved (the option's default, None, is decided by the device and weights)
+        result["one_row_decode"] = runner.llm.engine.runner.one_row_decode
     timed(runner, prompts(rng, 1, args.input_len, runner.vocab), 8)  # first-call costs (cuBLAS handles, caches)
     for b in sizes:
         t1, _ = timed(runner, prompts(rng, b, args.input_len, runner.vocab), 1)

@@ -108,7 +108,8 @@ class EngineArgs:
                            choices=("auto", "pallas", "xla"))  # fmt: skip
     one_row_decode: bool | None = option(None, "on GPUs, run a lone sequence's decode step as one token, not padded "
                                          "to the 16 rows of the smallest step (one more compiled step); default: on "
-                                         "where it applies (a GPU, no --pipeline-parallel-size)")  # fmt: skip
+                                         "where it applies and pays (a GPU, no --pipeline-parallel-size, unquantized "
+                                         "weights)")  # fmt: skip
     mosaic_prefill: bool = option(False, "on Hopper GPUs, send long prefill chunks to the Mosaic GPU kernel (pays "
                                   "from ~4,500 cached tokens, a few percent slower below; elsewhere no "
                                   "effect)")  # fmt: skip

@@ -282,7 +282,7 @@ def test_fetched_rows_are_staged_on_the_device_within_a_bound():
         tiers.drop(first)  # while its transfer is in flight: its rows go back once it lands
         copier.gate.set()
         _until(lambda: sum(tiers.host.leases) == 3 and tiers.staged_blocks == 0)
-        _until(lambda: tiers.poll(second))
+        _until(lambda: tiers.poll(second) and woke)  # (the wake follows the staging, outside the lock)
         assert woke == [3], "a staged fetch did not wake the loop once (or a dropped one did)"
         packed, lookup = tiers.take(second, 1, 2)
         np.testing.assert_array_equal(np.stack(packed.rows), rows[4:6])

@@ -280,7 +280,8 @@ def test_engine_runs_the_kernel_through_one_switch(tiny_checkpoints, stories_dir
         assert [o.outputs[0].token_ids for o in written.generate(prompts, params)] == got
 
 
-def test_speculation_through_the_kernel_equals_plain_decoding(tiny_checkpoints, stories_dir, tmp_path, compile_cache):
+def test_speculation_through_the_kernel_equals_plain_decoding(tiny_checkpoints, stories_dir, tmp_path, compile_cache,
+                                                              monkeypatch):  # fmt: skip
     """Verify steps give the kernel several query rows per sequence over a cache holding rejected drafts' K/V past the
     context (the GPU's path; the speculation tests run the reference attention): greedy tokens equal plain decoding at
     every acceptance length, drafts replayed from the plain run so each verify step yields exactly that many."""
@@ -289,6 +290,7 @@ def test_speculation_through_the_kernel_equals_plain_decoding(tiny_checkpoints, 
     from conftest import ENGINE_ARGS
     from rtpjax import LLM, SamplingParams
     from rtpjax.benchmarks.spec_bench import ReplayProposer
+    from rtpjax.runner import model_runner
 
     model = tmp_path / "llama3"
     shutil.copytree(tiny_checkpoints["llama3"], model)
@@ -299,7 +301,10 @@ def test_speculation_through_the_kernel_equals_plain_decoding(tiny_checkpoints, 
     rng = np.random.default_rng(5)
     prompts = [rng.integers(3, 250, n).tolist() for n in (5, 30)]
     plain, spec = (SamplingParams(temperature=0, max_tokens=24, speculative=s, ignore_eos=True) for s in (False, True))
+    picked, pick = [], model_runner.pick
+    monkeypatch.setattr(model_runner, "pick", lambda sizes, n: picked.append(pick(sizes, n)) or picked[-1])
     want = {tuple(p): llm.generate([p], plain)[0].outputs[0].token_ids for p in prompts}
+    assert picked.count(1) >= 2 * 20  # plain decoding of a lone stream ran as one row
     counters = llm.engine.speculator.counters
     for length in (2, 4):
         llm.engine.speculator.proposer = ReplayProposer(want, length, 256)
@@ -325,6 +330,7 @@ def test_one_row_decode_is_on_by_default_only_on_a_gpu_without_pipeline_stages()
     from rtpjax.runner.model_runner import one_row
 
     assert one_row(None, False, "gpu") and not one_row(None, True, "gpu") and not one_row(None, False, "cpu")
+    assert not one_row(None, False, "gpu", quantized=True) and one_row(True, False, "gpu", quantized=True)
     assert one_row(True, False, "cpu") and not one_row(False, False, "gpu")
     with pytest.raises(ValueError, match="--one-row-decode does not work with --pipeline-parallel-size"):
         one_row(True, True, "gpu")
@@ -348,7 +354,7 @@ def test_one_row_decode_gives_the_padded_steps_tokens(tiny_checkpoints, stories_
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     prompts = [[1, 45, 39, 200], [1, 7]]
     args = dict(ENGINE_ARGS, max_num_batched_tokens=16, compilation_cache_dir=compile_cache, attention_impl="pallas")
-    padded = LLM(str(model), warmup=False, **args)
+    padded = LLM(str(model), warmup=False, one_row_decode=False, **args)
     assert padded.engine.runner.token_buckets == [16]
     want = [padded.generate([p], params)[0].outputs[0].token_ids for p in prompts]
     want_both = [o.outputs[0].token_ids for o in padded.generate(prompts, params)]

@@ -38,7 +38,8 @@ def child(shape: str, tp: int) -> None:
 
     model = str(write_config_only(tempfile.mkdtemp(), shape))
     runner = RtpjaxRunner(model, load_format="dummy", max_num_seqs=32, max_model_len=1024, max_num_batched_tokens=256,
-                          tensor_parallel_size=tp, warmup=False).llm.engine.runner  # one step shape is probed
+                          tensor_parallel_size=tp, one_row_decode=False,
+                          warmup=False).llm.engine.runner  # one step shape is probed (16 rows, as in earlier runs)
     tokens = runner.token_buckets[0]
     batch, _ = runner._batch([], tokens, runner._seqs_for(tokens))
     flat, packing = pack(batch)

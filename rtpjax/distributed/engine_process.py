@@ -59,7 +59,10 @@ def switch_interval() -> float:
     if not seconds > 0:
         raise ValueError(f"RTPJAX_ENGINE_SWITCH_INTERVAL must be a positive number of seconds, got {value!r}")
     return seconds
-STALLED_WAIT_S = 0.002  # a round that could run nothing (only KV tier loads pending) waits this long for a command
+# A round that could run nothing (only KV tier loads pending) waits this long for a command. A staged load wakes the
+# loop at once (KVTiers.wake), but a load held back by the staging bound or the pool's room only starts when a round
+# polls it, so the wait stays short.
+STALLED_WAIT_S = 0.002
 STALLED_REPORT_S = 0.1  # and reports (stats) to the server at most this often
 
 

@@ -185,7 +185,8 @@ def unpack(rows, layout: KVLayout):
 @dataclasses.dataclass
 class StageTimes:
     """Where `stage`'s last call spent its time (seconds): waiting for landing arrays to be free, the copies (and
-    their wait), dispatching the splits; of the copies, enqueuing them (the driver's calls, before the wait)."""
+    their wait), dispatching the splits; of the copies, enqueuing them (the driver's calls, before the wait). Copies
+    run on the landing thread beside the splits, so the parts may add up to more than the call took."""
 
     lease: float = 0.0
     copy: float = 0.0
@@ -440,9 +441,9 @@ class BlockCopier:
         once its split has run."""
         chunks = [rows[i : i + self.piece] for i in range(0, len(rows), self.piece)]
         out, times = [], StageTimes()
-        ahead = self._lander.submit(self._land_piece, chunks[0], times)
-        for i, chunk in enumerate(chunks):
-            land, chunk_runs = ahead.result()  # (a failed copy raises here, its array given back, none ahead)
+        ahead = None
+        for i, chunk in enumerate(chunks):  # (a failed copy raises here, its array given back, none ahead)
+            land, chunk_runs = ahead.result() if ahead is not None else self._land_piece(chunk, times)
             ahead = self._lander.submit(self._land_piece, chunks[i + 1], times) if i + 1 < len(chunks) else None
             began = time.perf_counter()
             try:

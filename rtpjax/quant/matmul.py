@@ -14,7 +14,7 @@ Decode-sized steps (at most `SMALL_ROWS` tokens) on a GPU skip all of that for p
 rows the bytes read are the cost; quantizing the activations and setting up a scaled dot only add to it). With
 `--quantized-decode xla` (Scheme.decode_kernel 0) they take the weight-only dot instead, W8A8 weights included,
 so one engine option compares the two on the same weights; the default (auto) keeps the kernel for int4 and sends
-one-byte steps there. Any one-row step on a GPU (`--one-row-decode`'s, the default, or a draft model's) of a
+one-byte steps there. Any one-row step on a GPU (`--one-row-decode`'s, or a draft model's) of a
 per-channel one-byte weight takes XLA's row reduction instead of its dot (`row_reduce`; in the engine's fp8 step it
 beat both XLA's dot of one row and the same dot padded to 16 rows: RESULTS.md, 2026-12-07e). Decode-sized steps
 the kernel cannot take (a sharded weight) multiply weight-only too. Shapes are bucketed, so the choice is fixed per

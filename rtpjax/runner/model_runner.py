@@ -27,6 +27,7 @@ from rtpjax.distributed.messages import FollowAdmit, FollowScore, FollowStep
 from rtpjax.kv import kv_cache as kv
 from rtpjax.kv.block_copy import BlockCopier
 from rtpjax.kv.host_blocks import BlockLoad, KVBlocks, KVLayout, PackedBlocks
+from rtpjax.loading.quantization import QuantizedWeight
 from rtpjax.runner import prompt_logprobs, sampler
 from rtpjax.runner.verify import VerifyInputs, verify
 from rtpjax.kernels.metadata import AttentionMetadata
@@ -109,12 +110,13 @@ def step_buckets(limit: int, smallest: int) -> list[int]:
     return sorted(sizes)
 
 
-def one_row(asked: bool | None, pipelined: bool, backend: str) -> bool:
-    """Whether a lone sequence's decode steps run as one token (`--one-row-decode`): by default (None) on a GPU
-    without pipeline stages, where a step's cost follows its padded rows (elsewhere steps already start at one token);
-    asked for with pipeline stages, a clear error."""
+def one_row(asked: bool | None, pipelined: bool, backend: str, quantized: bool = False) -> bool:
+    """Whether a lone sequence's decode steps run as one token (`--one-row-decode`; they add a 1-token bucket where the
+    smallest is 16, the Pallas attention's): by default (None) on a GPU without pipeline stages for unquantized
+    weights, where it measured faster; not for quantized ones, whose one-row runs were no faster end to end
+    (RESULTS.md, 2026-12-07e). Asked for with pipeline stages, a clear error."""
     if asked is None:
-        return backend == "gpu" and not pipelined
+        return backend == "gpu" and not pipelined and not quantized
     if asked and pipelined:
         raise ValueError("--one-row-decode does not work with --pipeline-parallel-size > 1 (micro-batch halves pair "
                          "power-of-two buckets)")  # fmt: skip
@@ -189,7 +191,9 @@ class ModelRunner:
         if self.pipeline is not None and kv_tiers:
             raise ValueError("--kv-offloading-size does not work with --pipeline-parallel-size > 1 yet (block copies "
                              "span one mesh)")  # fmt: skip
-        one_row_decode = one_row(one_row_decode, self.pipeline is not None, jax.default_backend())
+        quantized = any(isinstance(w, QuantizedWeight) for w in jax.tree.leaves(
+            params, is_leaf=lambda v: isinstance(v, QuantizedWeight)))  # fmt: skip
+        self.one_row_decode = one_row(one_row_decode, self.pipeline is not None, jax.default_backend(), quantized)
         if self.pipeline is not None and num_speculative_tokens:
             raise ValueError("--speculative-config does not work with --pipeline-parallel-size > 1 yet (verify steps "
                              "span one mesh)")  # fmt: skip
@@ -208,7 +212,7 @@ class ModelRunner:
         # Pipeline stages warm up every bucket with each smaller one as a micro-batch half: powers of two alone there.
         self.token_buckets = (buckets if self.pipeline else step_buckets)(max_num_batched_tokens,
                                                                            16 if attention_impl == "pallas" else 1)
-        if one_row_decode and self.token_buckets[0] > 1:
+        if self.one_row_decode and self.token_buckets[0] > 1:
             self.token_buckets = [1] + self.token_buckets
         self.max_num_seqs = max_num_seqs
         self.sink = max_num_seqs
