@@ -87,6 +87,8 @@
 #           offline throughput and a 4096-token prompt's TTFT in one engine per format, then a table of ratios to bf16;
 #           DECODES ("auto") lists --quantized-decode values, e.g. "pallas xla" runs each format both ways;
 #           QUANT_FLAGS adds engine flags to every run (e.g. --one-row-decode: off by default for quantized weights)
+#   batch1  (27) batch-1 decode per format (QUANTS) as one row and padded (B1_ROWS), B1_REPEATS processes each, with
+#           each process's loop time against its device step (host-bound runs show)
 #   kv_adaptive  (27) the model-dtype KV cache against --kv-cache-dtypes adaptive and an all-fp8 cache in the same
 #           memory on a KV-bound serving run (1024 in / 1024 out at 256 streams); KV_* variables in the stage
 #   quant_serve  (27) serving 128 in / 1024 out at 256 streams, a server per weight format (QUANTS), ratios to bf16;
@@ -439,6 +441,31 @@ PY
       else echo "$name: no result; the log ends:"; tail -n 8 "/tmp/quant_$name.log"; fi
     done < <(format_runs "${QUANTS:-none fp8 int8 int4}")  # not a pipe: runs must outlive the loop
     python3 -m rtpjax.benchmarks.kernels.quant_bench --table $runs --out "$OUT/quant_summary.json"
+    ;;
+  batch1)
+    # (27) batch-1 decode per weight format (QUANTS, "none fp8 int4") and step rows (B1_ROWS, "one padded":
+    # --one-row-decode or not), B1_REPEATS (3) processes each, the repeats outermost so drift spreads over every
+    # setting: tok/s, the loop's host time per step and the device step alone (a loop whose steps outlast the device's
+    # is bound by its host work), files batch1_Q_R_N.json, then each setting's median
+    for i in $(seq "${B1_REPEATS:-3}"); do for q in ${QUANTS:-none fp8 int4}; do for r in ${B1_ROWS:-one padded}; do
+      flag=$([ "$q" = none ] || echo "--quantization $q")
+      rows=$([ "$r" = one ] && echo --one-row-decode || echo --no-one-row-decode)
+      timeout "${QUANT_TIMEOUT:-400}" python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" $flag $rows \
+        --batch-sizes 1 --output-len 64 --num-prompts 0 --ttft-len 0 --compilation-cache-dir /tmp/xla \
+        --out "$OUT/batch1_${q}_${r}_$i.json" </dev/null 2>&1 | grep -E "decode tok|Error" | sed "s/^/$q $r $i: /"
+    done; done; done
+    python3 - "$OUT"/batch1_*.json <<'SUMMARY'
+import collections, json, statistics, sys
+runs = collections.defaultdict(list)
+for path in sys.argv[1:]:
+    name = path.rsplit("/", 1)[-1][len("batch1_"):].rsplit("_", 1)[0]
+    row = json.load(open(path))["decode"]["1"]
+    runs[name].append((row["decode_tokens_per_s"], row["ms_per_step"], row["device_step_ms"]))
+for name, rows in sorted(runs.items()):
+    tok, loop, device = (statistics.median(column) for column in zip(*rows))
+    print(f"{name:14s} {tok:7.1f} tok/s (median of {len(rows)}; {min(r[0] for r in rows):.1f}-"
+          f"{max(r[0] for r in rows):.1f}), loop {loop:.2f} ms a step, device {device:.2f}")
+SUMMARY
     ;;
   kv_adaptive)
     # adaptive per-layer KV precision (27) on a KV-bound serving run: a server per KV_CONFIGS entry ("auto adaptive
