@@ -87,8 +87,9 @@
 #           offline throughput and a 4096-token prompt's TTFT in one engine per format, then a table of ratios to bf16;
 #           DECODES ("auto") lists --quantized-decode values, e.g. "pallas xla" runs each format both ways;
 #           QUANT_FLAGS adds engine flags to every run (e.g. --one-row-decode: off by default for quantized weights)
-#   batch1  (27) batch-1 decode per format (QUANTS) as one row and padded (B1_ROWS), B1_REPEATS processes each, with
-#           each process's loop time against its device step (host-bound runs show)
+#   batch1  (27) batch-1 decode per format (QUANTS) as one row and padded (B1_ROWS; auto: the default) and per
+#           --num-scheduler-steps (B1_STEPS, "1"), B1_REPEATS processes each, with each process's loop time against
+#           its device step (host-bound runs show); B1_FLAGS adds engine flags
 #   kv_adaptive  (27) the model-dtype KV cache against --kv-cache-dtypes adaptive and an all-fp8 cache in the same
 #           memory on a KV-bound serving run (1024 in / 1024 out at 256 streams); KV_* variables in the stage
 #   quant_serve  (27) serving 128 in / 1024 out at 256 streams, a server per weight format (QUANTS), ratios to bf16;
@@ -446,14 +447,17 @@ PY
     # (27) batch-1 decode per weight format (QUANTS, "none fp8 int4") and step rows (B1_ROWS, "one padded":
     # --one-row-decode or not), B1_REPEATS (3) processes each, the repeats outermost so drift spreads over every
     # setting: tok/s, the loop's host time per step and the device step alone (a loop whose steps outlast the device's
-    # is bound by its host work), files batch1_Q_R_N.json, then each setting's median
+    # is bound by its host work; a multi-step decode's device step is per token), files batch1_Q_R_kK_N.json, then each
+    # setting's median
     for i in $(seq "${B1_REPEATS:-3}"); do for q in ${QUANTS:-none fp8 int4}; do for r in ${B1_ROWS:-one padded}; do
+    for k in ${B1_STEPS:-1}; do
       flag=$([ "$q" = none ] || echo "--quantization $q")
-      rows=$([ "$r" = one ] && echo --one-row-decode || echo --no-one-row-decode)
+      rows=$(case $r in one) echo --one-row-decode ;; padded) echo --no-one-row-decode ;; esac)
       timeout "${QUANT_TIMEOUT:-400}" python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" $flag $rows \
-        --batch-sizes 1 --output-len 64 --num-prompts 0 --ttft-len 0 --compilation-cache-dir /tmp/xla \
-        --out "$OUT/batch1_${q}_${r}_$i.json" </dev/null 2>&1 | grep -E "decode tok|Error" | sed "s/^/$q $r $i: /"
-    done; done; done
+        --num-scheduler-steps "$k" ${B1_FLAGS:-} --batch-sizes 1 --output-len 64 --num-prompts 0 --ttft-len 0 \
+        --compilation-cache-dir /tmp/xla --out "$OUT/batch1_${q}_${r}_k${k}_$i.json" </dev/null 2>&1 \
+        | grep -E "decode tok|Error" | sed "s/^/$q $r k$k $i: /"
+    done; done; done; done
     python3 - "$OUT"/batch1_*.json <<'SUMMARY'
 import collections, json, statistics, sys
 runs = collections.defaultdict(list)

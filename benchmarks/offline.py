@@ -82,10 +82,11 @@ class RtpjaxRunner:
         """The device step on `batch` real decode rows at `context` tokens: the step the loop runs. Not padding rows:
         those are all alike, so in a MoE model every one routes to the same top-k experts and a routed step (grouped,
         pallas) reads k experts' weights per layer where a real batch reads many more (Qwen3-30B-A3B at batch 32:
-        8 of 128 against about 112)."""
+        8 of 128 against about 112). A multi-step decode's launch counts per token (its iterations')."""
         inputs, ids = self.decode_inputs(batch, context, prompt_len)
+        iterations = int(max(getattr(inputs[0], "steps", [1])))
         try:
-            return self.device_step_ms(batch, inputs=inputs)
+            return self.device_step_ms(batch, inputs=inputs) / iterations
         finally:
             self.release(ids)
 
@@ -148,7 +149,8 @@ class TransformersRunner:
 
 # Engine options a result records (the ones its measurements are compared by).
 RESULT_OPTIONS = ("quantization", "quantized_decode", "tensor_parallel_size", "block_size", "kv_write", "mosaic_prefill",
-                  "moe_impl", "expert_parallel_size", "pipeline_parallel_size", "one_row_decode")
+                  "moe_impl", "expert_parallel_size", "pipeline_parallel_size", "one_row_decode",
+                  "num_scheduler_steps")
 
 
 def timed(runner, batch, max_tokens) -> tuple[float, int]:

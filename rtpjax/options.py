@@ -110,6 +110,11 @@ class EngineArgs:
                                          "to the 16 rows of the smallest step (one more compiled step); default: on "
                                          "where it applies and pays (a GPU, no --pipeline-parallel-size, unquantized "
                                          "weights)")  # fmt: skip
+    num_scheduler_steps: int = option(1, "multi-step decode (vLLM's spelling): decode steps of up to 32 sequences "
+                                      "run this many iterations per launch, each sampling the next token on the "
+                                      "device, so the host's work per step is paid once per this many tokens; not "
+                                      "while requests wait or ask for logprobs (one more compiled program per "
+                                      "small step shape, 2 sampler variants)", minimum=1)  # fmt: skip
     mosaic_prefill: bool = option(False, "on Hopper GPUs, send long prefill chunks to the Mosaic GPU kernel (pays "
                                   "from ~4,500 cached tokens, a few percent slower below; elsewhere no "
                                   "effect)")  # fmt: skip
@@ -196,6 +201,9 @@ class EngineArgs:
         if self.num_processes > 1 and self.speculative_config is not None:
             raise ValueError("--speculative-config does not work with --num-processes > 1 yet (followers replay plain "
                              "steps only)")  # fmt: skip
+        if self.num_scheduler_steps > 1 and (self.speculative_config is not None or self.pipeline_parallel_size > 1):
+            raise ValueError("--num-scheduler-steps > 1 does not work with --speculative-config or "
+                             "--pipeline-parallel-size > 1 (they run steps of their own)")  # fmt: skip
         if self.num_processes > 1 and self.pipeline_parallel_size > 1:
             raise ValueError("--pipeline-parallel-size does not work with --num-processes > 1 yet (stages run as "
                              "programs of one process)")  # fmt: skip

@@ -312,6 +312,7 @@ class FollowStep(_Message, tag="follow_step"):
     sampling: bytes
     mode: str  # sampler.Variant
     logprobs: bool
+    steps: int = 1  # > 1: a multi-step decode (runner/multi_step.py), num_seqs its sequence bucket
 
 
 class FollowAdmit(_Message, tag="follow_admit"):

@@ -231,9 +231,6 @@ class LLMEngine:
         k = spec.num_speculative_tokens if spec else 0
         max_verify_seqs = min(spec.disable_by_batch_size, args.max_num_seqs) if spec else 0
         aux_layers = eagle3.aux_layers(spec.model, self.cfg) if spec and spec.method == "eagle3" else ()
-        self.scheduler = Scheduler(self.pool, args.block_size, args.max_num_seqs, args.max_num_batched_tokens,
-                                   self.max_model_len, max_verify_seqs, decode_headroom=args.decode_headroom,
-                                   policy=args.scheduling_policy)  # fmt: skip
         self.runner = ModelRunner(
             self.cfg, self.family, params, num_blocks=num_blocks, block_size=args.block_size,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -243,8 +240,12 @@ class LLMEngine:
             one_row_decode=args.one_row_decode,
             kv_tiers=bool(args.kv_offloading_size),
             num_speculative_tokens=k, max_verify_seqs=max_verify_seqs, aux_layers=aux_layers,
-            chain_lookup=spec and spec.chain_lookup,
+            chain_lookup=spec and spec.chain_lookup, num_scheduler_steps=args.num_scheduler_steps,
         )  # fmt: skip
+        self.scheduler = Scheduler(self.pool, args.block_size, args.max_num_seqs, args.max_num_batched_tokens,
+                                   self.max_model_len, max_verify_seqs, decode_headroom=args.decode_headroom,
+                                   policy=args.scheduling_policy, num_scheduler_steps=args.num_scheduler_steps,
+                                   max_multi_step_seqs=self.runner.multi_step_seqs)  # fmt: skip
         self.draft_context = DraftContext(self.cfg, model, args.dtype, args.block_size, self.max_model_len,
                                           args.max_num_batched_tokens, max_verify_seqs, mesh, args.attention_impl,
                                           args.kv_write, args.load_format, num_blocks,
@@ -463,8 +464,8 @@ class LLMEngine:
         if self.speculator is not None:
             self.speculator.release_finished()
         stats.steps, stats.rows = stats.steps + 1, stats.rows + len(schedule.items)
-        stats.computed += schedule.num_tokens
-        stats.sampled += sum(item.samples for item in schedule.items)
+        stats.computed += schedule.computed
+        stats.sampled += sum(item.steps for item in schedule.items if item.samples)
         times.busy, times.reading = time.perf_counter() - began, stats.device_wait_s - waited
         times.outputs = times.busy - sum(getattr(times, part) for part in StepTimes.PARTS[:-1])
         stats.add_step(times)
@@ -493,7 +494,7 @@ class LLMEngine:
         then = then or {}
         if any(item.chained for item in schedule.items):
             self.speculator.note_round(bool(num_drafts.any()))
-        tokens = tokens.reshape(len(accepted), -1)  # K+1 rows per sequence in a verify step, else 1
+        tokens = tokens.reshape(len(accepted), -1)  # K+1 rows per sequence in a verify step, K in a multi-step, else 1
         read = []
         for i, item in enumerate(schedule.items):
             seq = item.seq
@@ -512,9 +513,9 @@ class LLMEngine:
                         stats = self.loop_stats
                         stats.drafts, stats.draft_tokens = stats.drafts + 1, stats.draft_tokens + drafted
                         stats.accepted_tokens += n - 1
-                else:
-                    assert seq.token_ids[index] == PENDING
-                    seq.token_ids[index] = int(tokens[i, 0])
+                else:  # (a multi-step decode's: n tokens)
+                    assert seq.token_ids[index : index + n] == [PENDING] * n
+                    seq.token_ids[index : index + n] = tokens[i, :n].tolist()
                 if index == seq.num_prompt and self.requests[seq.request_id].trace:  # a hand-off's first token
                     self.requests[seq.request_id].trace.setdefault("read_began", waiting)
                 read.append((seq, index, tokens[i, :n], i))

@@ -58,6 +58,7 @@ class ScheduledSeq:
     samples: bool  # the chunk reaches the sequence's end: the step's token for it is kept
     drafts: list[int] = dataclasses.field(default_factory=list)  # proposed tokens: the chunk's last len(drafts)
     chained: bool = False  # scheduled before the previous round was read: the drafts (PENDING) are the device's
+    steps: int = 1  # multi-step decode: iterations of its one token, each sampling the next (see `multi_step`)
 
 
 @dataclasses.dataclass
@@ -67,10 +68,16 @@ class Schedule:
     preempted: list[Sequence]
     loads: list[BlockLoad] = dataclasses.field(default_factory=list)  # host K/V to write before the step
     device_drafts: bool = False  # a chained round whose drafts a device proposer left in the sampler state
+    steps: int = 1  # > 1: a multi-step decode of up to this many iterations (runner/multi_step.py)
 
     @property
     def num_tokens(self) -> int:
         return sum(item.num_tokens for item in self.items)
+
+    @property
+    def computed(self) -> int:
+        """Tokens run through the model over all of the step's iterations."""
+        return sum(item.num_tokens * item.steps for item in self.items)
 
     @property
     def verify(self) -> bool:
@@ -81,8 +88,10 @@ class Schedule:
 class Scheduler:
     def __init__(self, pool: BlockPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, max_verify_seqs: int = 0, tiers=None, decode_headroom: float = 0.0,
-                 policy: str = "lpm"):  # fmt: skip
+                 policy: str = "lpm", num_scheduler_steps: int = 1, max_multi_step_seqs: int = 0):  # fmt: skip
         self.pool = pool
+        # multi-step decode: up to num_scheduler_steps iterations per step for at most max_multi_step_seqs sequences
+        self.num_scheduler_steps, self.max_multi_step_seqs = num_scheduler_steps, max_multi_step_seqs
         self.decode_headroom = decode_headroom  # share of running sequences' remaining max_tokens kept room for
         if policy not in ("lpm", "fcfs"):
             raise ValueError(f"scheduling policy must be lpm or fcfs, got {policy!r}")
@@ -197,6 +206,9 @@ class Scheduler:
         """drafts: proposals for running sequences (see max_drafts); given, the step admits no more sequences than a
         verify step holds."""
         drafts = drafts if drafts and len(self.running) <= self.max_verify_seqs else {}  # a verify step's limit
+        multi = self.multi_step() if not drafts and self.num_scheduler_steps > 1 else None
+        if multi is not None:
+            return multi
         items, preempted, budget = self._schedule_running(drafts, self.max_num_batched_tokens)
         admitted: list[Sequence] = []
         loads: list[BlockLoad] = []
@@ -522,6 +534,33 @@ class Scheduler:
         if item.samples:
             seq.token_ids.append(PENDING)
         return item
+
+    def multi_step(self) -> Schedule | None:
+        """A multi-step decode of every running sequence (runner/multi_step.py): each takes up to num_scheduler_steps
+        tokens (fewer where max_tokens or the context end sooner), its blocks grown for all of them. None where a plain
+        step is due: anyone waiting (a newcomer's prefill goes first), a sequence that is not decoding one token, one
+        that may still suppress stop tokens (min_tokens) or asks for logprobs, a hand-off, more sequences than
+        max_multi_step_seqs, no blocks for every iteration (never preempt for one)."""
+        if self.waiting or not self.running or len(self.running) > self.max_multi_step_seqs:
+            return None
+        plan = []
+        for seq in self.running:
+            steps = min(self.num_scheduler_steps, self._allowed(seq))
+            if len(seq.token_ids) - seq.num_computed != 1 or steps < 1 or seq.hand_off:
+                return None
+            if seq.num_generated < seq.params.min_tokens or seq.params.logprobs is not None:
+                return None
+            plan.append((seq, steps))
+        if len(plan) > self.max_num_batched_tokens or \
+                sum(self._blocks_needed(seq, steps) for seq, steps in plan) > self.pool.num_free:  # fmt: skip
+            return None
+        items = []
+        for seq, steps in plan:
+            assert self._grow(seq, steps)
+            items.append(ScheduledSeq(seq, seq.num_computed, 1, True, steps=steps))
+            seq.num_computed += steps
+            seq.token_ids += [PENDING] * steps
+        return Schedule(items, [], [], steps=self.num_scheduler_steps)
 
     def chain(self, previous: Schedule, ks: dict[Sequence, int]) -> Schedule | None:
         """The next verify round, scheduled before `previous` (a verify round in flight) is read: every running

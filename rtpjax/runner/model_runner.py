@@ -28,7 +28,8 @@ from rtpjax.kv import kv_cache as kv
 from rtpjax.kv.block_copy import BlockCopier
 from rtpjax.kv.host_blocks import BlockLoad, KVBlocks, KVLayout, PackedBlocks
 from rtpjax.loading.quantization import QuantizedWeight
-from rtpjax.runner import prompt_logprobs, sampler
+from rtpjax.runner import multi_step, prompt_logprobs, sampler
+from rtpjax.runner.multi_step import MultiStepInputs
 from rtpjax.runner.verify import VerifyInputs, verify
 from rtpjax.kernels.metadata import AttentionMetadata
 from rtpjax.sampling_params import MAX_STOP_TOKEN_IDS
@@ -177,12 +178,14 @@ class ModelRunner:
                  kv_cache_dtype: str = "auto", kv_write: str = "auto", mosaic_prefill: bool = False,
                  one_row_decode: bool | None = None, num_speculative_tokens: int = 0, max_verify_seqs: int = 0,
                  kv_tiers: bool = False, aux_layers: tuple[int, ...] = (),
-                 chain_lookup: tuple[int, int] | None = None):  # fmt: skip
+                 chain_lookup: tuple[int, int] | None = None, num_scheduler_steps: int = 1):  # fmt: skip
         """num_speculative_tokens (K) > 0: also compile verify steps, for up to max_verify_seqs sequences each.
         aux_layers: every step also returns these layers' inputs at each token (`self.aux`, for an EAGLE-3 head).
         chain_lookup: where verify steps may hold chained sequences (spec/chained.py): (prompt_lookup_min,
         prompt_lookup_max) of an n-gram engine's device lookup, (0, 0) where a device proposer makes every chained
-        round's drafts (a draft model, an EAGLE-3 head); the sampler state then keeps every slot's tokens."""
+        round's drafts (a draft model, an EAGLE-3 head); the sampler state then keeps every slot's tokens.
+        num_scheduler_steps (K) > 1: also compile multi-step decode programs (runner/multi_step.py) for up to
+        `multi_step_seqs` sequences."""
         self.cfg, self.params = cfg, params
         self.spec_k, self.max_verify_seqs = num_speculative_tokens, max_verify_seqs
         self.chain_lookup = chain_lookup if num_speculative_tokens else None
@@ -233,6 +236,16 @@ class ModelRunner:
                               static_argnums=(4,), donate_argnums=(1,))  # fmt: skip
         self._sample = jax.jit(sample_step, static_argnums=(3, 4), donate_argnums=(1,))
         self._verify = jax.jit(verify_step, static_argnums=(3, 4), donate_argnums=(1,))
+        self.multi_k = num_scheduler_steps
+        self.multi_step_seqs = min(multi_step.MAX_SEQS, max_num_seqs, max_num_batched_tokens) \
+            if num_scheduler_steps > 1 else 0  # fmt: skip
+        self.multi_buckets = self.token_buckets[: self.token_buckets.index(pick(self.token_buckets,
+                                                                                self.multi_step_seqs)) + 1] \
+            if self.multi_step_seqs else []  # fmt: skip
+        self._multi = jax.jit(functools.partial(multi_step.multi_step, cfg=cfg, forward=family.forward,
+                                                block_size=block_size, k=num_scheduler_steps),
+                              static_argnums=(5, 6, 7), donate_argnums=(1, 2))  # fmt: skip
+        self._multis: dict[tuple[int, sampler.Variant], object] = {}  # (token bucket, variant) -> executable
         self._compiled: dict[tuple[int, int, int], object] = {}  # _model_key -> model executable
         self._samplers: dict[tuple, object] = {}  # (logits rows, sharding, variant, verify) -> sample executable
         self._admit = jax.jit(sampler.admit, donate_argnums=(0,))
@@ -271,10 +284,11 @@ class ModelRunner:
         steps = [(t, self._seqs_for(t), 0) for t in self.token_buckets]
         if self.spec_k:  # verify steps: at least one draft, so two tokens
             steps += [(t, self._verify_seqs_for(t), self.spec_k) for t in self.token_buckets if t >= 2]
-        bar = progress_bar(len(steps) + len(self.score_buckets) + len(self.admit_buckets), "compiling", "shape",
-                           progress)  # fmt: skip
+        multis = [(t, v) for t in self.multi_buckets for v in multi_step.VARIANTS]
+        bar = progress_bar(len(steps) + len(multis) + len(self.score_buckets) + len(self.admit_buckets), "compiling",
+                           "shape", progress)  # fmt: skip
         began = time.monotonic()
-        samplers, first_step, copies = self._compile_all(steps, bar)
+        samplers, first_step, copies = self._compile_all(steps, multis, bar)
         compiled = time.monotonic()
         self._first_runs(steps, samplers, first_step, copies)
         ran = time.monotonic()
@@ -283,16 +297,17 @@ class ModelRunner:
             jax.block_until_ready(self.state)
             bar.update()
         bar.close()
-        log.info("warm-up: %d step shapes, %d samplers, %d prompt scorers and %d block copies compiled or fetched "
-                 "in %.1f s, first runs %.1f s; %d admit shapes %.1f s", len(steps), len(samplers),
+        log.info("warm-up: %d step shapes, %d multi-step programs, %d samplers, %d prompt scorers and %d block copies "
+                 "compiled or fetched in %.1f s, first runs %.1f s; %d admit shapes %.1f s", len(steps), len(multis),
+                 len(samplers),
                  len(self.score_buckets), len(copies), compiled - began,
                  ran - compiled, len(self.admit_buckets), time.monotonic() - ran)  # fmt: skip
         return bar.total
 
-    def _compile_all(self, steps: list[tuple[int, int, int]], bar):
-        """The step shapes' model executables, one sampler per (logits rows, sharding, verify) and variant, the prompt
-        scorers and the KV block copies, compiled side by side: (samplers, the first step shape of each sampler key,
-        the copies' jobs)."""
+    def _compile_all(self, steps: list[tuple[int, int, int]], multis: list[tuple[int, sampler.Variant]], bar):
+        """The step shapes' model executables, one sampler per (logits rows, sharding, verify) and variant, the
+        multi-step programs, the prompt scorers and the KV block copies, compiled side by side: (samplers, the first
+        step shape of each sampler key, the copies' jobs)."""
 
         def compile_step(shape):
             batch = self._batch([], *shape)[0]
@@ -310,6 +325,7 @@ class ModelRunner:
 
         with ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 2) - 1))) as pool:
             scorers = pool.map(compile_scorer, self.score_buckets)  # queued now: they compile alongside the steps
+            multi_runs = pool.map(lambda key: (key, self._multi_executable(*key)), multis)
             keys = {}
             for shape, key, model in pool.map(compile_step, steps):
                 self._compiled[key], keys[shape] = model, key
@@ -333,6 +349,9 @@ class ModelRunner:
             for length, scorer in scorers:
                 self._scorers[length] = scorer
                 bar.update()
+            for key, run in multi_runs:
+                self._multis[key] = run
+                bar.update()
         return samplers, first_step, copies
 
     def _first_runs(self, steps, samplers, first_step, copies) -> None:
@@ -347,11 +366,18 @@ class ModelRunner:
                 jax.block_until_ready(self.run_step(micro, self._sampling([], s)))
         for rows, sharding, variant, k in samplers:
             jax.block_until_ready(self.run_step(*self._batch([], *first_step[rows, sharding, k]), variant=variant))
+        for t, variant in self._multis:
+            jax.block_until_ready(self.run_step(*self._multi_batch([], t), variant=variant))
         if copies and self.kv_tiers:  # (the tiers' copies: the memory plan leaves them room)
             self.cache = self.copier.first_runs(self.cache)
 
     def _model_executable(self, flat, packing):
         return self._model.lower(self.params, self.cache, self._state_spec, flat, packing).compile()
+
+    def _multi_executable(self, num_tokens: int, variant: sampler.Variant):
+        (flat, packing), (flat_sampling, sampling_packing) = (pack(x) for x in self._multi_batch([], num_tokens))
+        return self._multi.lower(self.params, self.cache, self._state_spec, flat, flat_sampling, packing,
+                                 sampling_packing, variant).compile()  # fmt: skip
 
     def _sampler_executable(self, key: tuple, flat, packing):
         """key: (logits rows, their sharding, variant, K drafts or 0)."""
@@ -406,6 +432,14 @@ class ModelRunner:
         chain = self._chain_inputs(items, num_seqs, k, device_drafts)
         batch = StepBatch(step.tokens, token_slot, step.positions, step.meta, indices.reshape(-1), chain)
         return batch, VerifyInputs(self._verify_rows(items, num_seqs, k), drafts, num_drafts, chain)
+
+    def _multi_batch(self, items, num_tokens: int) -> tuple[MultiStepInputs, sampler.SamplingInputs]:
+        """A multi-step decode's inputs: its first iteration as a plain step, and each sequence's iterations."""
+        num_seqs = self._seqs_for(num_tokens)
+        batch, sampling = self._batch(items, num_tokens, num_seqs)
+        steps = np.zeros(num_seqs, np.int32)
+        steps[: len(items)] = [item.steps for item in items]
+        return MultiStepInputs(batch, steps), sampling
 
     def _chain_inputs(self, items, num_seqs: int, k: int, device_drafts: bool) -> ChainInputs | None:
         if self.chain_lookup is None:
@@ -504,6 +538,8 @@ class ModelRunner:
         `load_blocks`)."""
         self._reset_rows([s for s in schedule.admitted if s.params.uses_penalties or self.chain_lookup])
         num_tokens = pick(self.token_buckets, max(schedule.num_tokens, len(schedule.items)))
+        if schedule.steps > 1:
+            return self._multi_batch(schedule.items, num_tokens)
         if schedule.verify:
             return self._batch(schedule.items, num_tokens, self._verify_seqs_for(num_tokens), self.spec_k,
                                schedule.device_drafts)  # fmt: skip
@@ -534,6 +570,8 @@ class ModelRunner:
         """Queue one step on the device (the executables compiled at warm-up for its buckets and for the cheapest
         sampler variant its requests allow) and return its outputs. sampling: SamplingInputs, or VerifyInputs for a
         step that verifies drafts."""
+        if isinstance(batch, MultiStepInputs):
+            return self._dispatch_multi(batch, sampling, variant or multi_step.variant_for(sampling))
         k = sampling.drafts.shape[1] if isinstance(sampling, VerifyInputs) else 0
         variant = variant or sampler.variant_for(sampling.rows if k else sampling)
         flat_sampling, sampling_packing = pack(sampling)
@@ -550,15 +588,40 @@ class ModelRunner:
                                         variant.logprobs))  # fmt: skip
         return self._dispatch(key, flat, packing, flat_sampling, sampling_packing, variant, k)
 
+    def _dispatch_multi(self, inputs: MultiStepInputs, sampling, variant: sampler.Variant) -> sampler.SampleOutput:
+        """Queue a multi-step decode (the program warm-up compiled for its bucket and variant)."""
+        flat, packing = pack(inputs)
+        flat_sampling, sampling_packing = pack(sampling)
+        num_tokens = inputs.batch.tokens.shape[0]
+        if self.mirror is not None:
+            self.mirror.send(FollowStep(num_tokens, inputs.steps.shape[0], flat.tobytes(), flat_sampling.tobytes(),
+                                        variant.mode, variant.logprobs, steps=self.multi_k))  # fmt: skip
+        return self._run_multi(num_tokens, variant, flat, packing, flat_sampling, sampling_packing)
+
+    def _run_multi(self, num_tokens: int, variant, flat, packing, flat_sampling, sampling_packing):
+        run = self._multis.get((num_tokens, variant))
+        if run is None:  # as a model step's executable in `_dispatch`
+            run = self._multis[num_tokens, variant] = self._multi.lower(
+                self.params, self.cache, self._state_spec, flat, flat_sampling, packing, sampling_packing, variant
+            ).compile()  # fmt: skip
+        out, self.cache, self.state, *load = run(self.params, self.cache, self.state, flat, flat_sampling)
+        self._note_load(load)
+        return out
+
     def replay_step(self, step: FollowStep) -> None:
         """A follower: dispatch the step the leader sent (the same executables; the results stay unread)."""
+        variant = sampler.Variant(step.mode, step.logprobs)
+        flat, flat_sampling = np.frombuffer(step.inputs, np.int32), np.frombuffer(step.sampling, np.int32)
+        if step.steps > 1:
+            packings = (pack(x)[1] for x in self._multi_batch([], step.num_tokens))
+            self._run_multi(step.num_tokens, variant, flat, next(packings), flat_sampling, next(packings))
+            return
         shape = (step.num_tokens, step.num_seqs)
         if shape not in self._follow_packings:  # a packing depends on the buckets only
             batch, sampling = self._batch([], *shape)
             self._follow_packings[shape] = (_model_key(batch), pack(batch)[1], pack(sampling)[1])
         key, packing, sampling_packing = self._follow_packings[shape]
-        self._dispatch(key, np.frombuffer(step.inputs, np.int32), packing, np.frombuffer(step.sampling, np.int32),
-                       sampling_packing, sampler.Variant(step.mode, step.logprobs))  # fmt: skip
+        self._dispatch(key, flat, packing, flat_sampling, sampling_packing, variant)
 
     def _dispatch(self, key, flat, packing, flat_sampling, sampling_packing, variant, k: int = 0):
         model = self._compiled.get(key)
@@ -573,16 +636,20 @@ class ModelRunner:
 
     def _sample_step(self, logits, sharding, load, rows, k, variant, flat_sampling, sampling_packing):
         """The step's sampler (or verifier, k drafts) on its logits; MoE expert counts on their way to the host."""
-        if load:
-            self.read_expert_load()  # the arrived counts (keeps the pending list short)
-            load[0].copy_to_host_async()
-            self._loads.append(load[0])
+        self._note_load(load)
         key = (rows, sharding, variant, k)
         sample = self._samplers.get(key)
         if sample is None:  # as a model step's executable above
             sample = self._samplers[key] = self._sampler_executable(key, flat_sampling, sampling_packing)
         out, self.state = sample(logits, self.state, flat_sampling)
         return out
+
+    def _note_load(self, load: list) -> None:
+        """MoE: a step's expert counts ([] or [counts]) on their way to the host."""
+        if load:
+            self.read_expert_load()  # the arrived counts (keeps the pending list short)
+            load[0].copy_to_host_async()
+            self._loads.append(load[0])
 
     def read_expert_load(self) -> np.ndarray:
         """Tokens each expert of each MoE layer received so far ([MoE layers, experts]), counting the steps whose
