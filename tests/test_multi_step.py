@@ -3,6 +3,8 @@
 back to plain steps where they cannot be exact (requests waiting, logprobs, min_tokens), leak no block, never compile
 after warm-up, and hold under tensor parallelism and MoE."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -221,3 +223,14 @@ def test_tensor_parallel_and_moe_give_the_tokens_of_plain_steps(tiny_checkpoints
     if family == "qwen3_moe":  # every iteration's routed tokens reach the expert counts
         assert multi.engine.runner.read_expert_load().sum() > 0
     jax.clear_caches()
+
+
+def test_no_program_copies_a_layer_cache(multi_llm):
+    """Each iteration writes every layer's cache in place: a one-row write (XLA's dynamic-update-slice) once made
+    the compiled program copy whole layer caches around each write."""
+    runner = multi_llm.engine.runner
+    layer = int(np.prod(runner.cache[0][0].shape))
+    for (t, variant), program in runner._multis.items():
+        copies = [int(np.prod([int(d) for d in dims.split(",")]))
+                  for dims in re.findall(r"= \w+\[([\d,]+)\]\S* copy\(", program.as_text())]  # fmt: skip
+        assert max(copies, default=0) < layer, f"bucket {t} {variant.mode}: a copy of {max(copies)} elements"

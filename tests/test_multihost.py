@@ -47,7 +47,8 @@ def cluster(stories_dir, compile_cache, tmp_path_factory):
             log = logs_dir / f"process{rank}.log"
             cmd = [sys.executable, "-m", "rtpjax.cli", "serve", str(stories_dir), "--port", str(port), *SHAPES,
                    "--tensor-parallel-size", "8", "--num-processes", "2", "--process-id", str(rank),
-                   "--coordinator-address", f"127.0.0.1:{coordinator}", "--compilation-cache-dir", compile_cache]
+                   "--coordinator-address", f"127.0.0.1:{coordinator}", "--compilation-cache-dir", compile_cache,
+                   "--num-scheduler-steps", "3"]  # multi-step decodes; a request with logprobs steps plainly
             with open(log, "w") as out:
                 procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
                                               start_new_session=True))  # fmt: skip
@@ -67,10 +68,10 @@ def test_two_processes_serve_the_tokens_of_one(cluster, stories_llm):
     from rtpjax import SamplingParams
 
     url = cluster[0]
-    body = {"model": "stories260K", "prompt": PROMPT, "max_tokens": 12, "temperature": 0}
-    text = httpx.post(url + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
     one = stories_llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=12))[0].outputs[0].text
-    assert text == one
+    for extra in ({}, {"logprobs": 1}):  # the leader's multi-step decodes, then plain steps (logprobs)
+        body = {"model": "stories260K", "prompt": PROMPT, "max_tokens": 12, "temperature": 0, **extra}
+        assert httpx.post(url + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"] == one
 
 
 @pytest.mark.slow
@@ -126,6 +127,7 @@ def test_step_messages_round_trip():
 
     flat = np.arange(7, dtype=np.int32)
     for message in (FollowStep(16, 8, flat.tobytes(), flat[:3].tobytes(), "greedy", False),
+                    FollowStep(16, 16, flat.tobytes(), b"", "filtered", False, steps=4),
                     FollowAdmit([0, 8], [5, 6], [0, 0], [False, True]), FollowScore([1, 2, 3], 2)):  # fmt: skip
         assert messages.decode(messages.encode(message)) == message
     step = messages.decode(messages.encode(FollowStep(16, 8, flat.tobytes(), b"", "random", True)))

@@ -62,6 +62,10 @@ def write_kv(cache: LayerCache, k: jax.Array, v: jax.Array, slot_mapping: jax.Ar
     Slots must be unique (the scheduler only ever writes a sequence's own new positions)."""
     heads, num_blocks, block_size, dim = cache[0].shape
     num_slots = num_blocks * block_size
+    if slot_mapping.shape[0] == 1:  # one row more, dropped: XLA turns a one-row scatter into a dynamic-update-slice,
+        # and copies the whole layer cache around each one where a program writes a layer more than once (multi-step)
+        k, v = (jnp.concatenate([x, jnp.zeros_like(x)]) for x in (k, v))
+        slot_mapping = jnp.concatenate([slot_mapping, jnp.full((1,), -1, slot_mapping.dtype)])
     slots = jnp.where(slot_mapping < 0, num_slots, slot_mapping)  # out of range -> dropped, never wrapped
 
     def scatter(buf, new):  # new: [T, H, ...] -> buf[:, slot, ...]
