@@ -35,12 +35,13 @@ def multi_llm(stories_dir, compile_cache):
 
 @pytest.fixture
 def launches(multi_llm, monkeypatch):
-    """Counts the multi-step launches of `multi_llm` (a test that cannot fail by never taking that path)."""
+    """The multi-step launches of `multi_llm`, each as its sequences' iterations (a test that cannot fail by never
+    taking that path)."""
     runner, counted = multi_llm.engine.runner, []
     dispatch = runner._dispatch_multi
 
     def counting(inputs, sampling, variant):
-        counted.append(int(np.asarray(inputs.steps).max()))
+        counted.append([int(n) for n in np.asarray(inputs.steps) if n])
         return dispatch(inputs, sampling, variant)
 
     monkeypatch.setattr(runner, "_dispatch_multi", counting)
@@ -69,7 +70,7 @@ def test_the_tokens_of_plain_steps(stories_llm, multi_llm, launches):
               SamplingParams(temperature=1.0, seed=9, max_tokens=50, frequency_penalty=0.5),
               SamplingParams(temperature=0, max_tokens=13, stop_token_ids=[13, 24, 50])]  # fmt: skip
     assert tokens(multi_llm, batch, params) == tokens(stories_llm, batch, params)
-    assert launches and max(launches) == K
+    assert launches and max(map(max, launches)) == K
     assert all_blocks_free(multi_llm)
 
 
@@ -99,6 +100,19 @@ def test_logprobs_and_min_tokens_decode_plainly(stories_llm, multi_llm, launches
     params = SamplingParams(temperature=0, max_tokens=20, min_tokens=5, stop_token_ids=[first[2]])
     assert tokens(multi_llm, batch[:1], params) == tokens(stories_llm, batch[:1], params)
     assert launches
+
+
+def test_blocks_it_publishes_hold_the_right_kv(stories_llm, multi_llm, launches):
+    """A sequence with fewer iterations left than K (max_tokens 7: 1 + 4 + 2) repeats its last position past them
+    without writing it: that position closes a block the prefix cache publishes (26 + 7 - 1 = 32 tokens), and a
+    follow-up prompt that hits the block continues as it does on a cache that never held it."""
+    first = [p + [9] * (26 - len(p)) for p in prompts(4, seed=7, high=20)]
+    params = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)
+    follow = [p + out + [5, 6, 7] for p, out in zip(first, tokens(multi_llm, first, params))]
+    hits = multi_llm.engine.pool.hits
+    again = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    assert tokens(multi_llm, follow, again) == tokens(stories_llm, follow, again)
+    assert multi_llm.engine.pool.hits - hits >= 4 * 32 and min(map(min, launches)) < K
 
 
 def test_abort_in_flight_frees_every_block(multi_llm, launches):
