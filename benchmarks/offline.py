@@ -82,9 +82,9 @@ class RtpjaxRunner:
         """The device step on `batch` real decode rows at `context` tokens: the step the loop runs. Not padding rows:
         those are all alike, so in a MoE model every one routes to the same top-k experts and a routed step (grouped,
         pallas) reads k experts' weights per layer where a real batch reads many more (Qwen3-30B-A3B at batch 32:
-        8 of 128 against about 112). A multi-step decode's launch counts per token (its iterations')."""
+        8 of 128 against about 112). A multi-step decode's launch counts per iteration."""
         inputs, ids = self.decode_inputs(batch, context, prompt_len)
-        iterations = int(max(getattr(inputs[0], "steps", [1])))
+        iterations = self.llm.engine.runner.multi_k if hasattr(inputs[0], "steps") else 1  # (a multi-step's program)
         try:
             return self.device_step_ms(batch, inputs=inputs) / iterations
         finally:

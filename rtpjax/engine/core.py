@@ -70,10 +70,10 @@ class StepTimes:
 class LoopStats:
     """Where the engine loop's time goes, summed since the last report (the engine process logs it)."""
 
-    steps: int = 0
+    steps: int = 0  # device steps (a multi-step decode's iterations each)
     rows: int = 0  # sequences scheduled
     computed: int = 0  # tokens run through the model (prompt chunks and decode inputs)
-    sampled: int = 0  # tokens sampled (one per sequence whose chunk reached its end)
+    sampled: int = 0  # tokens sampled (per step, one per sequence whose chunk reached its end)
     busy_s: float = 0.0  # inside step()
     prepare_s: float = 0.0  # of that: scheduling and building the step's inputs
     launch_s: float = 0.0  # queuing it on the device (host work: XLA enqueues the step's kernels)
@@ -463,7 +463,7 @@ class LLMEngine:
         self.inflight = launched
         if self.speculator is not None:
             self.speculator.release_finished()
-        stats.steps, stats.rows = stats.steps + 1, stats.rows + len(schedule.items)
+        stats.steps, stats.rows = stats.steps + schedule.steps, stats.rows + len(schedule.items) * schedule.steps
         stats.computed += schedule.computed
         stats.sampled += sum(item.steps for item in schedule.items if item.samples)
         times.busy, times.reading = time.perf_counter() - began, stats.device_wait_s - waited
@@ -519,7 +519,8 @@ class LLMEngine:
                 if index == seq.num_prompt and self.requests[seq.request_id].trace:  # a hand-off's first token
                     self.requests[seq.request_id].trace.setdefault("read_began", waiting)
                 read.append((seq, index, tokens[i, :n], i))
-            self.scheduler.register_full_blocks(seq)
+            if item.steps == 1:  # (a multi-step's blocks once its stops are applied: `_emit`)
+                self.scheduler.register_full_blocks(seq)
         return read, out
 
     def _emit(self, read: tuple[list[tuple], object], final_only: bool, as_deltas: bool) -> list:
@@ -528,7 +529,7 @@ class LLMEngine:
         now = time.monotonic()
         touched: dict[str, Request] = {}
         if entries:
-            rows = out.tokens.shape[0] // out.num_accepted.shape[0]  # K+1 in a verify step, else 1
+            rows = out.tokens.shape[0] // out.num_accepted.shape[0]  # K+1 in a verify step, K in a multi-step, else 1
             logprob = np.asarray(out.logprob).reshape(-1, rows)
             top_ids = np.asarray(out.top_ids).reshape(logprob.shape[0], rows, -1)
             top_lp = np.asarray(out.top_logprobs).reshape(logprob.shape[0], rows, -1)
@@ -537,6 +538,8 @@ class LLMEngine:
                 if seq.finished:
                     break
                 self._accept(seq, index + m, int(tokens[m]), float(logprob[i, m]), top_ids[i, m], top_lp[i, m], now)
+            if not seq.finished:  # blocks of tokens past a stop are never published
+                self.scheduler.register_full_blocks(seq)
             touched[seq.request_id] = self.requests[seq.request_id]
         return [self._output(r, as_deltas) for r in touched.values() if not final_only or r.finished]
 
@@ -562,6 +565,7 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, index: int, reason: str, stop_reason) -> None:
         self._trim_pending(seq, index + 1)
+        self.scheduler.register_full_blocks(seq)  # (a multi-step's, up to the stop: `_read` left them to `_emit`)
         self.scheduler.finish(seq, reason, stop_reason)
 
     @staticmethod
@@ -577,7 +581,7 @@ class LLMEngine:
         completions = []
         for i, seq in enumerate(request.seqs):
             ids, first = seq.token_ids, seq.num_prompt
-            end = len(ids)  # tokens still on the device (PENDING) can only be the last one or two
+            end = len(ids)  # tokens still on the device (PENDING) can only be the last few
             while end > first and ids[end - 1] == PENDING:
                 end -= 1
             sent = request.sent[i]

@@ -206,19 +206,19 @@ class Scheduler:
         """drafts: proposals for running sequences (see max_drafts); given, the step admits no more sequences than a
         verify step holds."""
         drafts = drafts if drafts and len(self.running) <= self.max_verify_seqs else {}  # a verify step's limit
-        multi = self.multi_step() if not drafts and self.num_scheduler_steps > 1 else None
-        if multi is not None:
-            return multi
-        items, preempted, budget = self._schedule_running(drafts, self.max_num_batched_tokens)
-        admitted: list[Sequence] = []
-        loads: list[BlockLoad] = []
-        if not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            admitted = self._admit_waiting(items, loads, budget)
+        schedule = self.multi_step() if not drafts and self.num_scheduler_steps > 1 else None
+        if schedule is None:
+            items, preempted, budget = self._schedule_running(drafts, self.max_num_batched_tokens)
+            admitted: list[Sequence] = []
+            loads: list[BlockLoad] = []
+            if not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+                admitted = self._admit_waiting(items, loads, budget)
+            schedule = Schedule(items, admitted, preempted, loads)
         if self.tiers is not None:  # stagings held back start now, oldest first, whatever stopped admission
             for seq in self.waiting:
                 if seq.tier_fetch is not None:
                     self.tiers.poll(seq.tier_fetch, room=None)  # the room this round's ask found
-        return Schedule(items, admitted, preempted, loads)
+        return schedule
 
     def _schedule_running(self, drafts: dict[Sequence, list[int]], budget: int):
         """The running sequences' next tokens (and drafts to verify) within `budget`, in order, preempting the
@@ -536,31 +536,45 @@ class Scheduler:
         return item
 
     def multi_step(self) -> Schedule | None:
-        """A multi-step decode of every running sequence (runner/multi_step.py): each takes up to num_scheduler_steps
-        tokens (fewer where max_tokens or the context end sooner), its blocks grown for all of them. None where a plain
-        step is due: anyone waiting (a newcomer's prefill goes first), a sequence that is not decoding one token, one
-        that may still suppress stop tokens (min_tokens) or asks for logprobs, a hand-off, more sequences than
-        max_multi_step_seqs, no blocks for every iteration (never preempt for one)."""
-        if self.waiting or not self.running or len(self.running) > self.max_multi_step_seqs:
+        """A multi-step decode of the running sequences (runner/multi_step.py): each takes up to num_scheduler_steps
+        tokens (fewer where max_tokens or the context end sooner; none for one whose last tokens are already on their
+        way), its blocks grown for all of them. None where a plain step is due: a waiting sequence that could be
+        admitted (its prefill goes first), a sequence that is not decoding one token, one that may still suppress stop
+        tokens (min_tokens) or asks for logprobs, a hand-off, more sequences than max_multi_step_seqs, no blocks for
+        every iteration (never preempt for one), one token each at most."""
+        if self._may_admit() or len(self.running) > self.max_multi_step_seqs:
             return None
         plan = []
         for seq in self.running:
             steps = min(self.num_scheduler_steps, self._allowed(seq))
-            if len(seq.token_ids) - seq.num_computed != 1 or steps < 1 or seq.hand_off:
+            if steps < 1:
+                continue  # its last token is on its way; it finishes when read
+            if len(seq.token_ids) - seq.num_computed != 1 or seq.hand_off:
                 return None
             if seq.num_generated < seq.params.min_tokens or seq.params.logprobs is not None:
                 return None
             plan.append((seq, steps))
-        if len(plan) > self.max_num_batched_tokens or \
+        if max((steps for _, steps in plan), default=1) == 1 or len(plan) > self.max_num_batched_tokens or \
                 sum(self._blocks_needed(seq, steps) for seq, steps in plan) > self.pool.num_free:  # fmt: skip
             return None
         items = []
         for seq, steps in plan:
-            assert self._grow(seq, steps)
+            grown = self._grow(seq, steps)
+            assert grown
             items.append(ScheduledSeq(seq, seq.num_computed, 1, True, steps=steps))
             seq.num_computed += steps
             seq.token_ids += [PENDING] * steps
-        return Schedule(items, [], [], steps=self.num_scheduler_steps)
+        return Schedule(items, [], [], steps=max(steps for _, steps in plan))
+
+    def _may_admit(self) -> bool:
+        """Whether an admission round could admit a waiting sequence now: a free slot, room in the pool, and one whose
+        tokens are all known and whose prefix is not still coming up from a KV tier."""
+        if not self.waiting or len(self.running) >= self.max_num_seqs:
+            return False
+        if self.tiers is None and self.pool.num_free - self._kept_for_running() < 1:
+            return False
+        return any(seq.token_ids[-1] != PENDING and (seq.tier_fetch is None or seq.tier_fetch.admissible)
+                   for seq in self.waiting)  # fmt: skip
 
     def chain(self, previous: Schedule, ks: dict[Sequence, int]) -> Schedule | None:
         """The next verify round, scheduled before `previous` (a verify round in flight) is read: every running
@@ -616,7 +630,7 @@ class Scheduler:
         known, ids, size = min(seq.num_computed, len(seq.token_ids)), seq.token_ids, self.block_size
         if known // size <= seq.num_registered_blocks:
             return  # no block completed since the last call (most steps)
-        while known and ids[known - 1] == PENDING:  # tokens still on the device are the last one or two
+        while known and ids[known - 1] == PENDING:  # tokens still on the device are the last few
             known -= 1
         full = known // size
         if full <= seq.num_registered_blocks:

@@ -239,9 +239,8 @@ class ModelRunner:
         self.multi_k = num_scheduler_steps
         self.multi_step_seqs = min(multi_step.MAX_SEQS, max_num_seqs, max_num_batched_tokens) \
             if num_scheduler_steps > 1 else 0  # fmt: skip
-        self.multi_buckets = self.token_buckets[: self.token_buckets.index(pick(self.token_buckets,
-                                                                                self.multi_step_seqs)) + 1] \
-            if self.multi_step_seqs else []  # fmt: skip
+        largest = pick(self.token_buckets, self.multi_step_seqs) if self.multi_step_seqs else 0
+        self.multi_buckets = [t for t in self.token_buckets if t <= largest]  # those multi-steps of up to S run in
         self._multi = jax.jit(functools.partial(multi_step.multi_step, cfg=cfg, forward=family.forward,
                                                 block_size=block_size, k=num_scheduler_steps),
                               static_argnums=(5, 6, 7), donate_argnums=(1, 2))  # fmt: skip
@@ -268,7 +267,7 @@ class ModelRunner:
         # Multi-host: the leader's channel to its followers, set after warm-up (every process warms up alike). Each
         # piece of device work is sent to them before it is dispatched here (see distributed/multihost).
         self.mirror: multihost.Leader | None = None
-        self._follow_packings: dict[tuple[int, int], tuple] = {}
+        self._follow_packings: dict[tuple[int, int, int], tuple] = {}  # (tokens, seqs, iterations) -> packings
         CompileCounter.install()
 
     # -- warm-up ----------------------------------------------------------------------------------------------------
@@ -298,8 +297,8 @@ class ModelRunner:
             bar.update()
         bar.close()
         log.info("warm-up: %d step shapes, %d multi-step programs, %d samplers, %d prompt scorers and %d block copies "
-                 "compiled or fetched in %.1f s, first runs %.1f s; %d admit shapes %.1f s", len(steps), len(multis),
-                 len(samplers),
+                 "compiled or fetched in %.1f s, first runs %.1f s; %d admit shapes %.1f s",
+                 len(steps), len(multis), len(samplers),
                  len(self.score_buckets), len(copies), compiled - began,
                  ran - compiled, len(self.admit_buckets), time.monotonic() - ran)  # fmt: skip
         return bar.total
@@ -610,18 +609,21 @@ class ModelRunner:
 
     def replay_step(self, step: FollowStep) -> None:
         """A follower: dispatch the step the leader sent (the same executables; the results stay unread)."""
+        if step.steps > 1 and step.steps != self.multi_k:
+            raise RuntimeError(f"the leader runs {step.steps} decode iterations per launch, this follower was started "
+                               f"with --num-scheduler-steps {self.multi_k}; start every process with the same options")
         variant = sampler.Variant(step.mode, step.logprobs)
         flat, flat_sampling = np.frombuffer(step.inputs, np.int32), np.frombuffer(step.sampling, np.int32)
-        if step.steps > 1:
-            packings = (pack(x)[1] for x in self._multi_batch([], step.num_tokens))
-            self._run_multi(step.num_tokens, variant, flat, next(packings), flat_sampling, next(packings))
-            return
-        shape = (step.num_tokens, step.num_seqs)
+        shape = (step.num_tokens, step.num_seqs, step.steps)
         if shape not in self._follow_packings:  # a packing depends on the buckets only
-            batch, sampling = self._batch([], *shape)
-            self._follow_packings[shape] = (_model_key(batch), pack(batch)[1], pack(sampling)[1])
+            batch, sampling = self._multi_batch([], shape[0]) if step.steps > 1 else self._batch([], *shape[:2])
+            key = None if step.steps > 1 else _model_key(batch)
+            self._follow_packings[shape] = (key, pack(batch)[1], pack(sampling)[1])
         key, packing, sampling_packing = self._follow_packings[shape]
-        self._dispatch(key, flat, packing, flat_sampling, sampling_packing, variant)
+        if step.steps > 1:
+            self._run_multi(step.num_tokens, variant, flat, packing, flat_sampling, sampling_packing)
+        else:
+            self._dispatch(key, flat, packing, flat_sampling, sampling_packing, variant)
 
     def _dispatch(self, key, flat, packing, flat_sampling, sampling_packing, variant, k: int = 0):
         model = self._compiled.get(key)
