@@ -114,7 +114,8 @@ class EngineArgs:
                                       "run this many iterations per launch, each sampling the next token on the "
                                       "device, so the host's work per step is paid once per this many tokens; not "
                                       "while a waiting request could be admitted or one asks for logprobs (one more "
-                                      "compiled program per small step shape, 2 sampler variants)", minimum=1)  # fmt: skip
+                                      "compiled program per small step shape, 2 sampler variants)",
+                                      minimum=1)  # fmt: skip
     mosaic_prefill: bool = option(False, "on Hopper GPUs, send long prefill chunks to the Mosaic GPU kernel (pays "
                                   "from ~4,500 cached tokens, a few percent slower below; elsewhere no "
                                   "effect)")  # fmt: skip
