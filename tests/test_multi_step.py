@@ -93,7 +93,9 @@ def test_logprobs_and_min_tokens_decode_plainly(stories_llm, multi_llm, launches
     plain = stories_llm.generate(batch, lp)
     multi = multi_llm.generate(batch, lp)
     assert [o.outputs[0].token_ids for o in multi] == [o.outputs[0].token_ids for o in plain]
-    assert [o.outputs[0].logprobs for o in multi] == [o.outputs[0].logprobs for o in plain]
+    for m, p in zip(multi, plain):  # (the same ids; values to float rounding: a prefix hit runs other shapes)
+        for got, want in zip(m.outputs[0].logprobs, p.outputs[0].logprobs):
+            assert got.keys() == want.keys() and np.allclose(list(got.values()), list(want.values()), atol=1e-4)
     assert launches == []
     first = tokens(stories_llm, batch[:1], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
     # stop at the 3rd token; min_tokens 5 suppresses it as a stop there, so the sequence runs on to max_tokens
@@ -123,9 +125,9 @@ def test_tokens_past_a_stop_never_reach_the_prefix_cache(stories_llm, multi_llm,
     params = SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[second])
     published = []
     for llm in (stories_llm, multi_llm):
-        before = len(llm.engine.pool.cached)
+        before = set(llm.engine.pool.cached)
         assert len(tokens(llm, [prompt], params)[0]) == 2
-        published.append(len(llm.engine.pool.cached) - before)
+        published.append(len(set(llm.engine.pool.cached) - before))
     assert published == [0, 0] and launches[0] == [K]
 
 

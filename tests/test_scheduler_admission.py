@@ -211,7 +211,7 @@ def test_the_simulator_runs_another_versions_scheduler_beside_this_one(tmp_path)
     """--scheduler-module: a copy of this scheduler gives this one's results; options it lacks are not passed."""
     import inspect
 
-    source = inspect.getsource(scheduler_module).replace("policy: str = \"lpm\"):", "):")
+    source = inspect.getsource(scheduler_module).replace("policy: str = \"lpm\", ", "")
     source = source.replace("        if policy not in", "        policy = \"lpm\"\n        if policy not in")
     (tmp_path / "older.py").write_text(source)
     assert "policy" not in inspect.signature(sched_sim.scheduler_class(str(tmp_path / "older.py"))).parameters
