@@ -110,7 +110,10 @@ def test_blocks_it_publishes_hold_the_right_kv(stories_llm, multi_llm, launches)
     follow-up prompt that hits the block continues as it does on a cache that never held it."""
     first = [p + [9] * (26 - len(p)) for p in prompts(4, seed=7, high=20)]
     params = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)
+    sampled = int(multi_llm.engine.runner.state.output_counts.sum())
     follow = [p + out + [5, 6, 7] for p, out in zip(first, tokens(multi_llm, first, params))]
+    # iterations past a sequence's steps sample nothing: the state counts 7 tokens each, as plain steps leave it
+    assert int(multi_llm.engine.runner.state.output_counts.sum()) - sampled == 4 * 7
     hits = multi_llm.engine.pool.hits
     again = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     assert tokens(multi_llm, follow, again) == tokens(stories_llm, follow, again)

@@ -600,9 +600,7 @@ class ModelRunner:
     def _run_multi(self, num_tokens: int, variant, flat, packing, flat_sampling, sampling_packing):
         run = self._multis.get((num_tokens, variant))
         if run is None:  # as a model step's executable in `_dispatch`
-            run = self._multis[num_tokens, variant] = self._multi.lower(
-                self.params, self.cache, self._state_spec, flat, flat_sampling, packing, sampling_packing, variant
-            ).compile()  # fmt: skip
+            run = self._multis[num_tokens, variant] = self._multi_executable(num_tokens, variant)
         out, self.cache, self.state, *load = run(self.params, self.cache, self.state, flat, flat_sampling)
         self._note_load(load)
         return out
