@@ -10,13 +10,15 @@ greedy, seeded and penalised alike.
 A sequence with fewer iterations left (max_tokens, the context: `steps`) repeats its last position past them, writing
 no K/V and sampling nothing; the host drops those rows. One that stops early (EOS, a stop string) wastes the rest of
 its iterations, which the host drops as it reads them (as it drops a pipelined plain step's token after a stop).
-The iterations are unrolled, as the draft model's guesses are (spec/draft_model.py): a device-side loop would read its
-predicate back to the host each time round.
+The iterations are a device-side loop (`lax.scan`) over one compiled iteration: its trip count is static, so XLA
+runs it without reading a predicate back, the program compiles once rather than K times, and the iteration's CUDA
+graph, recorded at most once a launch, is replayed for the others.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +31,8 @@ MAX_SEQS = 32
 # Variants multi-step programs are compiled for (each bucket's program is K model steps to compile): greedy, and one
 # that serves every other request without logprobs; a step whose requests ask for logprobs decodes plainly.
 VARIANTS = (sampler.Variant("greedy", False), sampler.Variant("filtered", False))
+# For benchmarks: RTPJAX_MULTI_STEP_UNROLL=1 compiles the K iterations unrolled into one program instead of a loop.
+UNROLL = os.environ.get("RTPJAX_MULTI_STEP_UNROLL", "0") == "1"
 
 
 def variant_for(s: sampler.SamplingInputs) -> sampler.Variant:
@@ -45,7 +49,7 @@ class MultiStepInputs:
     steps: jax.Array  # [S] int32, 1..K for a sequence, 0 for padding
 
 
-def iteration(batch, steps: jax.Array, j: int, block_size: int):
+def iteration(batch, steps: jax.Array, j: int | jax.Array, block_size: int):
     """The StepBatch of iteration j: each sequence's token j positions further (a sequence past its steps stays at
     its last one and writes nothing); its tokens are filled in by the caller."""
     meta = batch.meta
@@ -67,21 +71,22 @@ def multi_step(params, cache, state, flat, flat_sampling, packing, sampling_pack
     m: MultiStepInputs = packing.unpack(flat)
     s: sampler.SamplingInputs = sampling_packing.unpack(flat_sampling)
     b = m.batch
-    tokens = jnp.where(b.token_slot >= 0, state.last_token[b.token_slot], b.tokens)
     extra = dict(expert_load=True) if cfg.num_experts else {}
-    outs, load = [], None
-    for j in range(k):
+
+    def one(carry, j):
+        cache, state, tokens = carry
         step, real, seq = iteration(b, m.steps, j, block_size)
-        if j:
-            tokens = jnp.where(real, state.last_token[s.slot[seq]], 0)
         logits, cache, *rest = forward(params, cfg, tokens, step.positions, cache, step.meta, b.logits_indices,
                                        **extra)  # fmt: skip
-        if rest:
-            load = rest[0] if load is None else load + rest[0]
         rows = dataclasses.replace(s, position=s.position + j, samples=s.samples & (j < m.steps))
         out, state = sampler.sample(logits, state, rows, variant)
-        outs.append(out)
+        tokens = jnp.where(real, state.last_token[s.slot[seq]], 0)  # the next iteration's
+        return (cache, state, tokens), (out, *rest)
+
+    first = jnp.where(b.token_slot >= 0, state.last_token[b.token_slot], b.tokens)
+    (cache, state, _), (outs, *loads) = jax.lax.scan(one, (cache, state, first), jnp.arange(k, dtype=jnp.int32),
+                                                unroll=k if UNROLL else 1)
     num_seqs = m.steps.shape[0]
-    out = jax.tree.map(lambda *xs: jnp.stack(xs, axis=1).reshape(num_seqs * k, *xs[0].shape[1:]), *outs)
+    out = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(num_seqs * k, *x.shape[2:]), outs)
     out = dataclasses.replace(out, num_accepted=jnp.maximum(m.steps - 1, 0), num_drafts=jnp.zeros_like(m.steps))
-    return (out, cache, state) + ((load,) if load is not None else ())
+    return (out, cache, state) + tuple(load.sum(axis=0) for load in loads)
