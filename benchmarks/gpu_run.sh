@@ -89,7 +89,8 @@
 #           QUANT_FLAGS adds engine flags to every run (e.g. --one-row-decode: off by default for quantized weights)
 #   batch1  (27) batch-1 decode per format (QUANTS) as one row and padded (B1_ROWS; auto: the default) and per
 #           --num-scheduler-steps (B1_STEPS, "1"; "4u": 4 iterations unrolled, not a loop), B1_REPEATS processes each,
-#           with each process's loop time against its device step (host-bound runs show); B1_FLAGS adds engine flags
+#           with each process's loop time against its device step (host-bound runs show); B1_FLAGS adds engine flags;
+#           B1_BATCH (1) another batch size (files batchB_...)
 #   kv_adaptive  (27) the model-dtype KV cache against --kv-cache-dtypes adaptive and an all-fp8 cache in the same
 #           memory on a KV-bound serving run (1024 in / 1024 out at 256 streams); KV_* variables in the stage
 #   quant_serve  (27) serving 128 in / 1024 out at 256 streams, a server per weight format (QUANTS), ratios to bf16;
@@ -455,16 +456,17 @@ PY
       rows=$(case $r in one) echo --one-row-decode ;; padded) echo --no-one-row-decode ;; esac)
       unroll=$(case $k in *u) echo 1 ;; *) echo 0 ;; esac)  # "4u": the 4 iterations unrolled, not a loop
       RTPJAX_MULTI_STEP_UNROLL=$unroll timeout "${QUANT_TIMEOUT:-400}" python3 -m rtpjax.benchmarks.offline \
-        --shape "$SHAPE" $flag $rows --num-scheduler-steps "${k%u}" ${B1_FLAGS:-} --batch-sizes 1 --output-len 64 \
-        --num-prompts 0 --ttft-len 0 --compilation-cache-dir /tmp/xla --out "$OUT/batch1_${q}_${r}_k${k}_$i.json" \
-        </dev/null 2>&1 | grep -E "decode tok|Error" | sed "s/^/$q $r k$k $i: /"
+        --shape "$SHAPE" $flag $rows --num-scheduler-steps "${k%u}" ${B1_FLAGS:-} --batch-sizes "${B1_BATCH:-1}" \
+        --output-len 64 --num-prompts 0 --ttft-len 0 --compilation-cache-dir /tmp/xla \
+        --out "$OUT/batch${B1_BATCH:-1}_${q}_${r}_k${k}_$i.json" </dev/null 2>&1 | grep -E "decode tok|Error" \
+        | sed "s/^/$q $r k$k $i: /"
     done; done; done; done
-    python3 - "$OUT"/batch1_*.json <<'SUMMARY'
+    python3 - "$OUT"/batch"${B1_BATCH:-1}"_*.json <<'SUMMARY'
 import collections, json, statistics, sys
 runs = collections.defaultdict(list)
 for path in sys.argv[1:]:
-    name = path.rsplit("/", 1)[-1][len("batch1_"):].rsplit("_", 1)[0]
-    row = json.load(open(path))["decode"]["1"]
+    name = path.rsplit("/", 1)[-1].split("_", 1)[1].rsplit("_", 1)[0]
+    (row,) = json.load(open(path))["decode"].values()
     runs[name].append((row["decode_tokens_per_s"], row["ms_per_step"], row["device_step_ms"]))
 for name, rows in sorted(runs.items()):
     tok, loop, device = (statistics.median(column) for column in zip(*rows))
