@@ -30,7 +30,8 @@
 #           (OVERHEAD=0: not). Round robin leaves every prefix on every replica, so its
 #           hit rate is at worst about 1/REPLICAS of the cache-aware one: a 3x hit rate needs REPLICAS=4
 #           (NUM_PREFIXES=128: a quarter of them fits each replica's cache, all of them none)
-#   launch  host cost of launching the step and how often XLA re-records its CUDA graph, per XLA setting (probes/)
+#   launch  host cost of launching the step and how often XLA re-records its CUDA graph, per XLA setting (probes/;
+#           LAUNCH_SETTINGS: ";"-separated settings, the probe's defaults without it)
 #   int4_dot  one decode-sized linear per 8B shape: bf16, the int4 Pallas kernel, XLA's dot of jnp.int4 weights (probes/)
 #   allreduce  64 chained all-reduces over every GPU, as a TP decode step makes them (probes/)
 #   tiers   KV tiers: pinned/pageable H2D, packed vs per-layer onload, disk tier vs dd (tiers_bench.py); then
@@ -342,8 +343,11 @@ EOF
     done
     ;;
   launch)
-    timeout 400 python3 -m rtpjax.benchmarks.probes.step_launch --shape "$SHAPE" --tensor-parallel-size "${TP:-1}" \
-      --out "$OUT/step_launch_tp${TP:-1}.json"
+    settings=()  # LAUNCH_SETTINGS: settings separated by ";" (e.g. ";XLA_PYTHON_CLIENT_ALLOCATOR=vmm --xla_...")
+    if [ -n "${LAUNCH_SETTINGS+x}" ]; then IFS=';' read -ra parts <<< "$LAUNCH_SETTINGS;"; for x in "${parts[@]}"; do
+      settings+=("--setting=$x"); done; fi
+    timeout "${LAUNCH_TIMEOUT:-400}" python3 -m rtpjax.benchmarks.probes.step_launch --shape "$SHAPE" \
+      --tensor-parallel-size "${TP:-1}" "${settings[@]}" --out "$OUT/step_launch_tp${TP:-1}.json" 2>&1 | cut -c1-400
     ;;
   int4_dot)
     timeout 300 python3 -m rtpjax.benchmarks.probes.int4_dot ${INT4_FLAGS:-} --out "$OUT/int4_dot${INT4_FLAGS:+_sweep}.json" 2>&1 | grep -v Deprecat
