@@ -109,8 +109,9 @@ def child(shape: str, tp: int) -> None:
 
 
 def updates_per_mark(log: str) -> dict[str, int]:
-    """Re-recordings of the step's command buffer (the one with the most commands) inside each timed loop."""
-    counts, mark, largest = {}, None, 0
+    """Re-recordings of the step's command buffer (the one with the most commands, counted in each timed loop on its
+    own: each loop times another executable) inside each timed loop."""
+    counts, largest, mark = {}, {}, None
     for line in log.splitlines():
         if "PROBE-MARK" in line:
             mark = line.split("PROBE-MARK ")[1].strip()
@@ -118,10 +119,10 @@ def updates_per_mark(log: str) -> dict[str, int]:
         found = re.search(r"by recoding command buffer cmd sequence.*num_commands=(\d+)", line)
         if found and mark and mark != "end":
             n = int(found.group(1))
-            if n > largest:
-                counts, largest = {k: 0 for k in counts}, n
-            if n == largest:
-                counts[mark] = counts.get(mark, 0) + 1
+            if n > largest.get(mark, 0):
+                counts[mark], largest[mark] = 0, n
+            if n == largest[mark]:
+                counts[mark] += 1
     return counts
 
 
