@@ -31,7 +31,7 @@
 #           hit rate is at worst about 1/REPLICAS of the cache-aware one: a 3x hit rate needs REPLICAS=4
 #           (NUM_PREFIXES=128: a quarter of them fits each replica's cache, all of them none)
 #   launch  host cost of launching the step and how often XLA re-records its CUDA graph, per XLA setting (probes/;
-#           LAUNCH_SETTINGS: ";"-separated settings, the probe's defaults without it)
+#           LAUNCH_SETTINGS: ";"-separated settings, the probe's defaults without it; LAUNCH_TIMEOUT, 400 s)
 #   int4_dot  one decode-sized linear per 8B shape: bf16, the int4 Pallas kernel, XLA's dot of jnp.int4 weights (probes/)
 #   allreduce  64 chained all-reduces over every GPU, as a TP decode step makes them (probes/)
 #   tiers   KV tiers: pinned/pageable H2D, packed vs per-layer onload, disk tier vs dd (tiers_bench.py); then
@@ -452,7 +452,7 @@ PY
     # (27) batch-1 decode per weight format (QUANTS, "none fp8 int4") and step rows (B1_ROWS, "one padded":
     # --one-row-decode or not), B1_REPEATS (3) processes each, the repeats outermost so drift spreads over every
     # setting: tok/s, the loop's host time per step and the device step alone (a loop whose steps outlast the device's
-    # is bound by its host work; a multi-step decode's device step is per token), files batch1_Q_R_kK_N.json, then each
+    # is bound by its host work; a multi-step decode's device step is per token), files batchB_Q_R_kK_N.json, then each
     # setting's median
     for i in $(seq "${B1_REPEATS:-3}"); do for q in ${QUANTS:-none fp8 int4}; do for r in ${B1_ROWS:-one padded}; do
     for k in ${B1_STEPS:-1}; do

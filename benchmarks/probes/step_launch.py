@@ -8,7 +8,7 @@ XLA reads its flags once per process, so each setting runs in a child process wi
 setting's NAME=VALUE words are environment variables, the rest XLA_FLAGS. The child reports, for the smallest token
 bucket: host ms per call (until the call returns), ms per call back to back, and how many calls re-recorded the
 step's CUDA graph ("updates"), and the step's greedy tokens, which every setting must leave unchanged, for:
-- as_runner: the runner's executable, the same packed inputs every call;
+- as_runner: the runner's executable, the same packed inputs (on the device) every call;
 - logits_into_buffer: the logits written into a donated buffer (so no output needs a fresh address);
 - fresh_inputs: the runner's executable with the inputs moved to the device anew each call, as the engine does;
 - fresh_inputs_copied: as fresh_inputs, the inputs first copied by a kernel XLA cannot fuse away, and the logits into
@@ -84,8 +84,10 @@ def child(shape: str, tp: int) -> None:
     copied = jax.jit(copied_into_buffer, static_argnums=(5,), donate_argnums=(1, 4)).lower(
         runner.params, runner.cache, runner.state, host_flat, logits, packing).compile()  # fmt: skip
 
+    on_device = jax.device_put(flat)  # (pack gives a host array: passed as it is, it would move every call)
+
     def inputs(fresh=None):  # the cache is donated each call: read the latest
-        return runner.params, runner.cache, runner.state, flat if fresh is None else jax.device_put(fresh.copy())
+        return runner.params, runner.cache, runner.state, on_device if fresh is None else jax.device_put(fresh.copy())
 
     calls = {"as_runner": lambda logits: as_runner(*inputs()),
              "logits_into_buffer": lambda logits: into(*inputs(), logits),
@@ -102,9 +104,9 @@ def child(shape: str, tp: int) -> None:
             logits, runner.cache = call(logits)
         host = time.perf_counter() - began
         jax.block_until_ready(logits)
+        print("PROBE-MARK end", file=sys.stderr, flush=True)  # (the next executable's warm-up is not this loop's)
         result[name] = {"host_ms": host / CALLS * 1e3, "step_ms": (time.perf_counter() - began) / CALLS * 1e3,
                         "greedy_tokens": [int(t) for t in jax.numpy.argmax(logits, axis=-1)]}  # fmt: skip
-    print("PROBE-MARK end", file=sys.stderr, flush=True)
     print("PROBE-RESULT " + json.dumps(result), flush=True)
 
 
@@ -115,6 +117,8 @@ def updates_per_mark(log: str) -> dict[str, int]:
     for line in log.splitlines():
         if "PROBE-MARK" in line:
             mark = line.split("PROBE-MARK ")[1].strip()
+            if mark != "end":
+                counts.setdefault(mark, 0)
             continue
         found = re.search(r"by recoding command buffer cmd sequence.*num_commands=(\d+)", line)
         if found and mark and mark != "end":
@@ -145,11 +149,13 @@ def main():
     mode, vmm = "--xla_gpu_command_buffer_update_mode=", "XLA_PYTHON_CLIENT_ALLOCATOR=vmm "
     for setting in args.settings or ["", mode + "SKIP_TEMP", vmm + mode + "SKIP_TEMP", vmm + mode + "SKIP_PROFILED"]:
         words = setting.split()
+        if any(not word.startswith("-") and "=" not in word for word in words):
+            parser.error(f"--setting {setting!r}: each word is an XLA flag (--...) or NAME=VALUE")
         variables = dict(word.split("=", 1) for word in words if not word.startswith("-"))
         flags = " ".join(word for word in words if word.startswith("-"))
-        xla_flags = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), flags]))
-        env = dict(os.environ, **variables, XLA_FLAGS=xla_flags, TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_MAX_VLOG_LEVEL="0",
-                   TF_CPP_VMODULE="command_buffer_thunk=3")  # fmt: skip
+        xla_flags = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), variables.pop("XLA_FLAGS", ""), flags]))
+        env = {**os.environ, **variables, "XLA_FLAGS": xla_flags, "TF_CPP_MIN_LOG_LEVEL": "0",
+               "TF_CPP_MAX_VLOG_LEVEL": "0", "TF_CPP_VMODULE": "command_buffer_thunk=3"}  # fmt: skip
         cmd = [sys.executable, "-m", "rtpjax.benchmarks.probes.step_launch", "--child", "--shape", args.shape,
                "--tensor-parallel-size", str(args.tensor_parallel_size)]  # fmt: skip
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -11,8 +11,8 @@ A sequence with fewer iterations left (max_tokens, the context: `steps`) repeats
 no K/V and sampling nothing; the host drops those rows. One that stops early (EOS, a stop string) wastes the rest of
 its iterations, which the host drops as it reads them (as it drops a pipelined plain step's token after a stop).
 The iterations are a device-side loop (`lax.scan`) over one compiled iteration: its trip count is static, so XLA
-runs it without reading a predicate back, the program compiles once rather than K times, and the iteration's CUDA
-graph, recorded at most once a launch, is replayed for the others.
+runs it without reading a predicate back, and the program compiles one iteration rather than K. A launch of K
+iterations costs the host about what a plain step's launch does (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ MAX_SEQS = 32
 # Variants multi-step programs are compiled for (one program per variant and bucket): greedy, and one that serves
 # every other request without logprobs; a step whose requests ask for logprobs decodes plainly.
 VARIANTS = (sampler.Variant("greedy", False), sampler.Variant("filtered", False))
-# For benchmarks: RTPJAX_MULTI_STEP_UNROLL=1 compiles the K iterations unrolled into one program instead of a loop.
+# For benchmarks: RTPJAX_MULTI_STEP_UNROLL=1 compiles the K iterations unrolled into one program instead of a loop
+# (read at import: every process of a multi-host engine needs the same value).
 UNROLL = os.environ.get("RTPJAX_MULTI_STEP_UNROLL", "0") == "1"
 
 
@@ -84,8 +85,8 @@ def multi_step(params, cache, state, flat, flat_sampling, packing, sampling_pack
         return (cache, state, tokens), (out, *rest)
 
     first = jnp.where(b.token_slot >= 0, state.last_token[b.token_slot], b.tokens)
-    (cache, state, _), (outs, *loads) = jax.lax.scan(one, (cache, state, first), jnp.arange(k, dtype=jnp.int32),
-                                                unroll=k if UNROLL else 1)
+    js = jnp.arange(k, dtype=jnp.int32)
+    (cache, state, _), (outs, *loads) = jax.lax.scan(one, (cache, state, first), js, unroll=k if UNROLL else 1)
     num_seqs = m.steps.shape[0]
     out = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(num_seqs * k, *x.shape[2:]), outs)
     out = dataclasses.replace(out, num_accepted=jnp.maximum(m.steps - 1, 0), num_drafts=jnp.zeros_like(m.steps))
