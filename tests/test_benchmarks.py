@@ -294,26 +294,38 @@ def test_step_launch_probe_counts_graph_updates_in_each_timed_loop():
         f"{line} after 1 executions; num_commands=491; updated_allocs=1",
         f"{line} after 1 executions; num_commands=13; updated_allocs=5",  # a smaller graph (another executable)
         f"{line} after 1 executions; num_commands=491; updated_allocs=2",
+        "PROBE-MARK end",
+        f"{line} after 1 executions; num_commands=491; updated_allocs=3",  # the next loop's warm-up: not counted
         "PROBE-MARK logits_into_buffer",
         f"{line} after 1 executions; num_commands=491; updated_allocs=3",
         "PROBE-MARK end",
-        f"{line} after 1 executions; num_commands=491; updated_allocs=3",
+        "PROBE-MARK fresh_inputs",  # another executable: its own largest graph counts
+        f"{line} after 1 executions; num_commands=40; updated_allocs=3",
+        f"{line} after 1 executions; num_commands=40; updated_allocs=3",
+        "PROBE-MARK end",
+        "PROBE-MARK fresh_inputs_copied",  # no re-recording: counted as none
+        "PROBE-MARK end",
     ])  # fmt: skip
-    assert updates_per_mark(log) == {"as_runner": 2, "logits_into_buffer": 1}
+    assert updates_per_mark(log) == {"as_runner": 2, "logits_into_buffer": 1, "fresh_inputs": 2,
+                                     "fresh_inputs_copied": 0}  # fmt: skip
 
 
 def test_step_launch_probe_runs_each_setting_in_its_own_process(tmp_path):
     out = tmp_path / "step_launch.json"
     cmd = [sys.executable, "-m", "rtpjax.benchmarks.probes.step_launch", "--shape", "tiny", "--setting=",
-           "--setting=--xla_gpu_command_buffer_update_mode=NO_SUCH_MODE", "--setting=--xla_cpu_use_thunk_runtime=true",
-           "--out", str(out)]  # fmt: skip
+           "--setting=--xla_gpu_command_buffer_update_mode=NO_SUCH_MODE",
+           "--setting=XLA_PYTHON_CLIENT_ALLOCATOR=platform --xla_cpu_use_thunk_runtime=true", "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, timeout=900)
     plain, rejected, other = json.loads(out.read_text())["rows"]
-    for name in ("as_runner", "logits_into_buffer"):
+    cases = ("as_runner", "logits_into_buffer", "fresh_inputs", "fresh_inputs_copied")
+    for name in cases:
         assert 0 < plain[name]["host_ms"] <= plain[name]["step_ms"]
         assert len(plain[name]["greedy_tokens"]) == 1  # the smallest bucket's rows (one token off the GPU)
+        assert plain[name]["greedy_tokens"] == plain["as_runner"]["greedy_tokens"]  # (copied inputs: the same step)
     assert "error" not in plain and "Flag parsing failed" in rejected["error"]
-    assert other["same_tokens_as_first_setting"] is True  # a setting that leaves the math alone
+    assert other["same_tokens_as_first_setting"] is True  # settings (a variable and a flag) that leave the math alone
+    bad = subprocess.run(cmd[:5] + ["--setting=not-a-flag"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "each word is an XLA flag (--...) or NAME=VALUE" in bad.stderr
 
 
 def test_allreduce_chain_probe_sums_over_every_device():

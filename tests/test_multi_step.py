@@ -18,6 +18,7 @@ from rtpjax.kernels.metadata import AttentionMetadata
 from rtpjax.kv.block_pool import BlockPool
 from rtpjax.options import EngineArgs
 from rtpjax.runner.model_runner import CompileCounter, StepBatch
+from rtpjax.runner import multi_step
 from rtpjax.runner.multi_step import iteration
 
 K = 4
@@ -288,3 +289,18 @@ def test_no_program_copies_a_layer_cache(multi_llm):
         copies = [int(np.prod([int(d) for d in dims.split(",")]))
                   for dims in re.findall(r"= \w+\[([\d,]+)\]\S* copy\(", program.as_text())]  # fmt: skip
         assert max(copies, default=0) < layer, f"bucket {t} {variant.mode}: a copy of {max(copies)} elements"
+
+
+def test_the_unrolled_form_gives_the_tokens_of_the_loop(stories_dir, compile_cache, multi_llm, monkeypatch):
+    """RTPJAX_MULTI_STEP_UNROLL (benchmarks: the K iterations unrolled into one program) is the same computation:
+    the same tokens as the loop, greedy and seeded, from programs that really are unrolled."""
+    monkeypatch.setattr(multi_step, "UNROLL", True)
+    unrolled = LLM(str(stories_dir), compilation_cache_dir=compile_cache, num_scheduler_steps=K, **ENGINE_ARGS)
+    batch = prompts(3, seed=11)
+    params = [SamplingParams(temperature=0, max_tokens=17, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=3, top_p=0.9, max_tokens=14, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)]  # fmt: skip
+    assert tokens(unrolled, batch, params) == tokens(multi_llm, batch, params)
+    loops = {key: program.as_text().count(" while(") for key, program in multi_llm.engine.runner._multis.items()}
+    for key, program in unrolled.engine.runner._multis.items():  # the loop's one while became K iterations' own
+        assert program.as_text().count(" while(") != loops[key], key
