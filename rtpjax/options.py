@@ -110,11 +110,11 @@ class EngineArgs:
                                          "to the 16 rows of the smallest step (one more compiled step); default: on "
                                          "where it applies and pays (a GPU, no --pipeline-parallel-size, unquantized "
                                          "weights)")  # fmt: skip
-    num_scheduler_steps: int = option(1, "multi-step decode (vLLM's spelling): decode steps of up to 32 sequences "
-                                      "run this many iterations per launch, each sampling the next token on the "
-                                      "device, so the host's work per step is paid once per this many tokens; not "
-                                      "while a waiting request could be admitted or one asks for logprobs (one more "
-                                      "compiled program per small step shape, 2 sampler variants)",
+    num_scheduler_steps: int = option(1, "multi-step decode (vLLM's spelling): decode steps run this many "
+                                      "iterations per launch, each sampling the next token on the device, so the "
+                                      "host's work per step is paid once per this many tokens; not while a "
+                                      "waiting request could be admitted or one asks for logprobs (one more "
+                                      "compiled program per decode step shape, 2 sampler variants)",
                                       minimum=1)  # fmt: skip
     mosaic_prefill: bool = option(False, "on Hopper GPUs, send long prefill chunks to the Mosaic GPU kernel (pays "
                                   "from ~4,500 cached tokens, a few percent slower below; elsewhere no "

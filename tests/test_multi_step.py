@@ -179,6 +179,24 @@ def started(scheduler: Scheduler, specs: list[tuple[int, int, dict]]) -> list[Se
     return seqs
 
 
+@pytest.mark.slow
+def test_one_launch_holds_every_running_sequence(stories_llm, stories_dir, compile_cache, monkeypatch):
+    """A batch wider than small ones (34 sequences, up to max_num_seqs) decodes in multi-step launches that hold all
+    of it, with the tokens of plain steps."""
+    wide = LLM(str(stories_dir), compilation_cache_dir=compile_cache, num_scheduler_steps=K,
+               warmup=False, **{**ENGINE_ARGS, "max_num_seqs": 34, "max_num_batched_tokens": 64})  # fmt: skip
+    runner, widths = wide.engine.runner, []
+    dispatch = runner._dispatch_multi
+    monkeypatch.setattr(runner, "_dispatch_multi",
+                        lambda inputs, *rest: widths.append(int(np.count_nonzero(np.asarray(inputs.steps))))
+                        or dispatch(inputs, *rest))  # fmt: skip
+    batch = prompts(34, seed=21, high=8)
+    params = [SamplingParams(temperature=0, max_tokens=6 + i % 5, ignore_eos=True) for i in range(34)]
+    assert tokens(wide, batch, params) == tokens(stories_llm, batch, params)
+    assert runner.multi_step_seqs == 34 and max(widths) == 34
+    assert all_blocks_free(wide)
+
+
 def test_a_multi_step_covers_every_running_sequence_within_its_limits():
     """Blocks of 4 tokens, K = 4, a context of 32: one sequence with 2 tokens left to generate, one 3 tokens short of
     the context, one free to take all 4; each is grown for exactly its iterations."""

@@ -237,8 +237,7 @@ class ModelRunner:
         self._sample = jax.jit(sample_step, static_argnums=(3, 4), donate_argnums=(1,))
         self._verify = jax.jit(verify_step, static_argnums=(3, 4), donate_argnums=(1,))
         self.multi_k = num_scheduler_steps
-        self.multi_step_seqs = min(multi_step.MAX_SEQS, max_num_seqs, max_num_batched_tokens) \
-            if num_scheduler_steps > 1 else 0  # fmt: skip
+        self.multi_step_seqs = min(max_num_seqs, max_num_batched_tokens) if num_scheduler_steps > 1 else 0
         largest = pick(self.token_buckets, self.multi_step_seqs) if self.multi_step_seqs else 0
         self.multi_buckets = [t for t in self.token_buckets if t <= largest]  # those multi-steps of up to S run in
         self._multi = jax.jit(functools.partial(multi_step.multi_step, cfg=cfg, forward=family.forward,

@@ -25,9 +25,6 @@ import jax.numpy as jnp
 
 from rtpjax.runner import sampler
 
-# The most sequences a multi-step decode holds: the host's share of a step is largest in small batches, and each
-# sequence bucket is one more program to compile.
-MAX_SEQS = 32
 # Variants multi-step programs are compiled for (one program per variant and bucket): greedy, and one that serves
 # every other request without logprobs; a step whose requests ask for logprobs decodes plainly.
 VARIANTS = (sampler.Variant("greedy", False), sampler.Variant("filtered", False))
