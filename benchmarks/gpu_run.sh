@@ -496,20 +496,24 @@ SUMMARY
     done
     ;;
   quant_serve)
-    # (27) serving 128 in / 1024 out at 256 streams per weight format (QUANTS, "none fp8 int8 int4"), a server each with
-    # SERVE_FLAGS and --quantization; QSERVE_FLAGS adds serve flags (e.g. "--kv-cache-dtype fp8"), QSERVE_IN / _OUT
-    # (128 / 1024), QSERVE_PROMPTS (256) and QSERVE_STREAMS (256) size the run; then output tok/s and P95 TTFT / ITL
-    # as ratios to bf16's (a CPU dry run: SHAPE=tiny, QSERVE_OUT=64 and small sizes)
+    # (27) serving 128 in / 1024 out at 256 streams per weight format (QUANTS, "none fp8 int8 int4") and multi-step
+    # setting (QSERVE_STEPS, "1": --num-scheduler-steps values), a server each with SERVE_FLAGS and --quantization;
+    # QSERVE_FLAGS adds serve flags (e.g. "--kv-cache-dtype fp8"), QSERVE_IN / _OUT (128 / 1024), QSERVE_PROMPTS (256)
+    # and QSERVE_STREAMS (256) size the run; then output tok/s and P95 TTFT / ITL as ratios to bf16's at the same
+    # setting (a CPU dry run: SHAPE=tiny, QSERVE_OUT=64 and small sizes)
     config_only
-    runs=""
-    for q in ${QUANTS:-none fp8 int8 int4}; do
-      echo "== quant_serve: $q"
-      serve_run "quant_serve_$q" "${QSERVE_TIMEOUT:-300}" "$SERVE_FLAGS $([ "$q" = none ] || echo "--quantization $q") \
-        ${QSERVE_FLAGS:-}" --random-input-len "${QSERVE_IN:-128}" --random-output-len "${QSERVE_OUT:-1024}" \
-        --num-prompts "${QSERVE_PROMPTS:-256}" --max-concurrency "${QSERVE_STREAMS:-256}" \
-        && runs="$runs $q=$OUT/quant_serve_$q.json"
+    for k in ${QSERVE_STEPS:-1}; do
+      runs="" suffix=$([ "$k" = 1 ] || echo "_k$k")  # (files of K > 1: quant_serve_Q_kK.json)
+      for q in ${QUANTS:-none fp8 int8 int4}; do
+        echo "== quant_serve: $q, $k steps a launch"
+        serve_run "quant_serve_$q$suffix" "${QSERVE_TIMEOUT:-300}" "$SERVE_FLAGS --num-scheduler-steps $k \
+          $([ "$q" = none ] || echo "--quantization $q") ${QSERVE_FLAGS:-}" --random-input-len "${QSERVE_IN:-128}" \
+          --random-output-len "${QSERVE_OUT:-1024}" --num-prompts "${QSERVE_PROMPTS:-256}" \
+          --max-concurrency "${QSERVE_STREAMS:-256}" && runs="$runs $q=$OUT/quant_serve_$q$suffix.json"
+      done
+      [ -z "$runs" ] || python3 -m rtpjax.benchmarks.kernels.quant_bench --table $runs \
+        --out "$OUT/quant_serve_summary$suffix.json"
     done
-    [ -z "$runs" ] || python3 -m rtpjax.benchmarks.kernels.quant_bench --table $runs --out "$OUT/quant_serve_summary.json"
     ;;
   quant_kernels)
     # QUANT_BENCH_FLAGS: e.g. "--shapes up,down --tokens 1,16 --sweep-rows 1 --formats int4" (the one-row tiles),
