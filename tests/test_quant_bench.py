@@ -37,6 +37,8 @@ def test_quant_bench_past_decode_rows_sweeps_row_tiles_and_the_dequant_kernel(tm
     result = json.loads(out.read_text())
     (row,) = result["rows"]
     assert row["tokens"] == 80 and row["int4_us"] > 0 and row["int4_error"] < 0.02 and row["int4_kernel_us"] > 0
+    assert row["int4_mosaic_us"] > 0 and row["int4_mosaic_failed"] == {}  # the Mosaic GPU kernel, interpreted
+    assert row["int4_mosaic_stages"] in quant_bench.MOSAIC_STAGES
     best = result["best_tiles"]["tiny"]["int4"]
     assert best["tiles"]["row_tile"] == 64 and not best["wrong"] and len(best["sweep_us"]) == 2
     dequant = result["int4_dequant"]["tiny"]
@@ -60,6 +62,34 @@ def test_dequant_sweep_reports_wrong_tiles_instead_of_timing_them(monkeypatch):
     got = quant_bench.dequant_sweep([w], calls=2, repeats=1, interpret=True)
     assert got["wrong"] == [str(dataclasses.astuple(bad))] and len(got["sweep_us"]) == 1
     assert got["tiles"] == dataclasses.asdict(quant_bench.DEQUANT_SWEEP[0])
+
+
+def test_mosaic_depths_that_fail_or_are_wrong_are_reported_not_timed(monkeypatch, capsys):
+    """The Mosaic GPU kernel's first GPU runs: a depth that raises (a lowering error) or answers wrongly is recorded
+    in the row and printed; the others are timed."""
+    import jax
+    import jax.numpy as jnp
+
+    from rtpjax.loading.quantization import METHODS, quantize
+
+    real = quant_bench._mosaic
+
+    def flaky(x, w, stages, interpret):
+        if stages == 2:
+            raise RuntimeError("Mosaic GPU lowering failed")
+        out = real(x, w, stages=stages, interpret=interpret)
+        return out.at[0, 0].add(1e3) if stages == 4 else out
+
+    monkeypatch.setattr(quant_bench, "_mosaic", flaky)
+    w = quantize(jax.random.normal(jax.random.key(0), (128, 256), jnp.float32),
+                 dataclasses.replace(METHODS["int4"], whole=True))  # fmt: skip
+    row = {"tokens": 80}
+    xs = jax.random.normal(jax.random.key(1), (2, 80, 256), jnp.bfloat16)
+    quant_bench.mosaic_row(row, xs, [w], repeats=1, interpret=True, depths=(2, 3, 4))
+    assert row["int4_mosaic_stages"] == 3 and row["int4_mosaic_us"] > 0
+    assert row["int4_mosaic_failed"][2] == "RuntimeError: Mosaic GPU lowering failed"
+    assert row["int4_mosaic_failed"][4].startswith("relative error")
+    assert "int4_mosaic, 2 stages, 80 tokens: RuntimeError" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("method", ["int4", "int4-asym"])

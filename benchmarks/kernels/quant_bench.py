@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from rtpjax.loading.quantization import QuantizedWeight, dequantize, placed, quantize, values
-from rtpjax.quant import int4_dequant, small_matmul
+from rtpjax.quant import int4_dequant, int4_mosaic, small_matmul
 from rtpjax.quant.int4_dequant import DequantTiles, dequantize_int4
 from rtpjax.quant.matmul import linear, row_reduce, w8a8
 from rtpjax.quant.small_matmul import Tiles
@@ -57,6 +58,7 @@ LARGE_SWEEP = tuple(Tiles(row_tile=r, block_n=n, block_k=k, num_warps=w, num_sta
                         (128, 256, 128, 8, 3, "asm"), (64, 128, 256, 4, 4, "asm"), (128, 128, 128, 8, 3, "magic"),
                         (128, 64, 256, 4, 3, "magic"), (64, 64, 128, 4, 3, "convert"),
                         (128, 128, 128, 8, 3, "convert")))  # fmt: skip (unpack: int4 only)
+MOSAIC_STAGES = (2, 3, 4)  # int4_mosaic's pipeline depths timed past a decode step's rows (groups in flight)
 # int4_dequant's programs: the defaults, then wider, longer, more warps, deeper.
 DEQUANT_SWEEP = (DequantTiles(), DequantTiles(block_n=128), DequantTiles(block_n=32), DequantTiles(block_bytes=512),
                  DequantTiles(block_bytes=128), DequantTiles(block_n=128, num_warps=8),
@@ -244,6 +246,8 @@ def bench_shape(name: str, out: int, inp: int, tokens: list[int], repeats: int, 
                 _record(row, "int4_s4", _time(_weight_only, xs, s4, repeats), _nbytes(s4[0]))
                 row["int4_u4_error"] = _error(_u4_dot, xs[0], one)
                 _record(row, "int4_u4", _time(_u4_dot, xs, weights, repeats), nbytes)
+                if row["tokens"] > small_matmul.MAX_ROWS and int4_mosaic.applies(row["tokens"], one):
+                    mosaic_row(row, xs, weights, repeats, interpret, MOSAIC_STAGES[1:2] if quick else MOSAIC_STAGES)
             else:
                 _record(row, f"{fmt}_wonly", _time(_weight_only, xs, weights, repeats), nbytes)
             if row["tokens"] == 1 and (one.scheme.per_channel or fmt == "int4"):
@@ -258,10 +262,40 @@ def bench_shape(name: str, out: int, inp: int, tokens: list[int], repeats: int, 
                   f"{f} {row[f + '_us']:7.1f} us {row[f + '_hbm']:4.0%} HBM (XLA {row[f + '_xla_us']:7.1f}, "
                   f"weight-only {row.get(f + '_wonly_us', row.get('int4_s4_us', 0)):7.1f}"
                   + (f", uint4 {row['int4_u4_us']:7.1f}" if f == "int4" else "")
+                  + (f", mosaic {row['int4_mosaic_us']:7.1f}" if f == "int4" and "int4_mosaic_us" in row else "")
                   + (f", reduce {row[f + '_reduce_us']:7.1f}" if f + "_reduce_us" in row else "")
                   + (f", kernel {row[f + '_kernel_us']:7.1f})" if f + "_kernel_us" in row else ")")
                   for f in formats[1:]), flush=True)  # fmt: skip
     return rows, best
+
+
+def mosaic_row(row: dict, xs: jax.Array, weights: list, repeats: int, interpret: bool, depths: tuple) -> None:
+    """int4_mosaic's kernel at each of `depths` pipeline depths (a Hopper GPU, or interpreted on a CPU): the
+    fastest as int4_mosaic_us, each checked first; a depth that fails to lower or run is recorded, not fatal (the
+    kernel's first GPU runs)."""
+    if not interpret and not int4_mosaic.available():
+        return
+    times, row["int4_mosaic_failed"] = {}, {}
+    for stages in depths:
+        fn = functools.partial(_mosaic, stages=stages, interpret=interpret)
+        try:
+            error = _error(fn, xs[0], weights[0])
+            if error <= MAX_ERROR:
+                times[stages] = _time(fn, xs, weights, repeats)
+            else:
+                row["int4_mosaic_failed"][stages] = f"relative error {error:.3g}"
+        except Exception as e:  # noqa: BLE001 - reported in the row and on stdout
+            row["int4_mosaic_failed"][stages] = f"{type(e).__name__}: {str(e)[:300]}"
+    for stages, why in row["int4_mosaic_failed"].items():
+        print(f"int4_mosaic, {stages} stages, {row['tokens']} tokens: {why}", flush=True)
+    if times:
+        best = min(times, key=times.get)
+        _record(row, "int4_mosaic", times[best], _nbytes(weights[0]))
+        row["int4_mosaic_stages"] = best
+
+
+def _mosaic(x: jax.Array, w: QuantizedWeight, stages: int, interpret: bool) -> jax.Array:
+    return int4_mosaic.int4_matmul(x, w, stages=stages, interpret=interpret)
 
 
 def _engine_numbers(run: dict) -> dict:

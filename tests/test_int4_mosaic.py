@@ -1,0 +1,56 @@
+"""The Mosaic GPU int4 matmul (rtpjax/quant/int4_mosaic.py) in JAX's Mosaic GPU interpreter on CPU, against the
+dequantized weight's float32 product on fresh random inputs. The interpreter fills outputs with NaN first, so a
+NaN-free result means every element was written; its race detector is on (producer and consumers share slots)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
+from rtpjax.loading.quantization import METHODS, dequantize, quantize
+from rtpjax.quant import int4_mosaic
+
+
+def weight(out, inp, method="int4", seed=0, **scheme):
+    w = jax.random.normal(jax.random.key(seed), (out, inp), jnp.float32)
+    return quantize(w, dataclasses.replace(METHODS[method], whole=True, **scheme))
+
+
+@pytest.mark.parametrize("method, tokens, out, inp, stages", [
+    ("int4", 150, 256, 640, 2),  # two token tiles (the last partly padding), two channel tiles, slots reused
+    ("int4-asym", 37, 128, 384, 3),  # zero points; as many groups as slots
+    ("int4", 128, 128, 256, 4),  # fewer groups than slots
+])  # fmt: skip
+def test_matches_the_dequantized_product(method, tokens, out, inp, stages):
+    w = weight(out, inp, method, seed=tokens)
+    x = jax.random.normal(jax.random.key(tokens + 1), (tokens, inp), jnp.bfloat16)
+    got = np.asarray(int4_mosaic.int4_matmul(x, w, stages=stages, interpret=True), np.float32)
+    want = np.asarray(jnp.dot(x.astype(jnp.float32), dequantize(w, jnp.bfloat16).astype(jnp.float32).T))
+    assert got.shape == (tokens, out) and not np.isnan(got).any()
+    assert np.abs(got - want).max() <= 4e-3 * np.abs(want).max()  # bfloat16 output rounding
+    assert not gpu_callbacks.get_races().races_found
+
+
+def test_takes_only_what_it_runs():
+    w = weight(128, 256)
+    assert int4_mosaic.applies(1, w) and int4_mosaic.applies(300, w)
+    assert not int4_mosaic.applies(0, w)
+    assert not int4_mosaic.applies(64, weight(64, 256))  # channels % 128
+    assert not int4_mosaic.applies(64, weight(128, 256, group=64))
+    assert not int4_mosaic.applies(64, dataclasses.replace(w, scheme=dataclasses.replace(w.scheme, whole=False)))
+    assert not int4_mosaic.applies(64, weight(128, 256, "int8"))
+    with pytest.raises(ValueError, match="int4_matmul: x float32"):
+        int4_mosaic.int4_matmul(jnp.zeros((4, 256), jnp.float32), w, interpret=True)
+
+
+@pytest.mark.parametrize("method", ["int4", "int4-asym"])
+def test_the_gpu_form_lowers_for_hopper(method):
+    """The GPU form (register layouts, wgmma with the weight tile from registers), lowered for CUDA on this CPU: what
+    the interpreter does not run still builds a Mosaic GPU kernel whose dots are bfloat16 wgmmas of 64 x 128 tiles."""
+    w = weight(256, 512, method)
+    f = jax.jit(lambda x, w: int4_mosaic.int4_matmul(x, w, stages=3))
+    text = f.trace(jnp.zeros((200, 512), jnp.bfloat16), w).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in text
