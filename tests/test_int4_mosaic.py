@@ -54,3 +54,24 @@ def test_the_gpu_form_lowers_for_hopper(method):
     f = jax.jit(lambda x, w: int4_mosaic.int4_matmul(x, w, stages=3))
     text = f.trace(jnp.zeros((200, 512), jnp.bfloat16), w).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text and "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in text
+
+
+def test_linear_routes_past_decode_rows_only_when_opted_in(monkeypatch):
+    """RTPJAX_INT4_MOSAIC (ENABLED) on a Hopper GPU: `linear`'s int4 steps of 65-512 bfloat16 tokens take the kernel,
+    with the dequantized product's values; decode-sized and larger steps, float32 x, or the switch off, do not."""
+    from rtpjax.quant import matmul
+
+    w = weight(128, 256)
+    x = jax.random.normal(jax.random.key(5), (80, 256), jnp.bfloat16)
+    monkeypatch.setattr(int4_mosaic, "available", lambda: True)
+    assert not int4_mosaic.routed(x, w)  # off by default
+    monkeypatch.setattr(int4_mosaic, "ENABLED", True)
+    assert int4_mosaic.routed(x, w) and int4_mosaic.routed(jnp.zeros((512, 256), jnp.bfloat16), w)
+    for rows, dtype in ((64, jnp.bfloat16), (513, jnp.bfloat16), (80, jnp.float32)):
+        assert not int4_mosaic.routed(jnp.zeros((rows, 256), dtype), w)
+    taken = []
+    monkeypatch.setattr(int4_mosaic, "int4_matmul", lambda *a, real=int4_mosaic.int4_matmul, **k: taken.append(1)
+                        or real(*a, **k))  # fmt: skip
+    got = np.asarray(matmul.linear(x, w, backend="gpu"), np.float32)
+    want = np.asarray(jnp.dot(x.astype(jnp.float32), dequantize(w, jnp.bfloat16).astype(jnp.float32).T))
+    assert taken and np.abs(got - want).max() <= 4e-3 * np.abs(want).max()

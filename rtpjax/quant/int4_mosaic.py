@@ -12,8 +12,9 @@ scales and zeros for the 128 channels. A compute warpgroup turns each half's nib
 float32, rounded to bfloat16 (the reference dequantization's values exactly), and accumulates both dots in float32.
 The wrapper pads the tokens to whole tiles and transposes the result back.
 
-Groups of 128 inputs only (the engine's default int4 scheme), channels a multiple of 128. Not in `linear`'s routing:
-`benchmarks/kernels/quant_bench.py --tokens` times it beside the other paths on a GPU first. JAX 0.10.2's Mosaic GPU
+Groups of 128 inputs only (the engine's default int4 scheme), channels a multiple of 128. `linear` sends steps past
+small_matmul's rows and up to MAX_ROWS tokens here only with RTPJAX_INT4_MOSAIC=1 (read at import), until it is
+measured: `benchmarks/kernels/quant_bench.py --tokens` times it beside the other paths on a GPU. JAX 0.10.2's Mosaic GPU
 interpreter (the CPU tests) has no register layouts or wgmma, so there the dots are plain dots of the dequantized
 registers and the shared-memory tiles; copies, barriers, slots and the dequantization are the same code.
 """
@@ -21,6 +22,7 @@ registers and the shared-memory tiles; copies, barriers, slots and the dequantiz
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -30,12 +32,15 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from rtpjax.kernels import ptx
 from rtpjax.loading.quantization import QuantizedWeight
+from rtpjax.quant import small_matmul
 
 GROUP = 128  # inputs per group (scale and zero): two wgmma K steps of HALF
 HALF = GROUP // 2
 ROWS = 64  # output channels per compute warpgroup (wgmma M)
 TILE_N = 2 * ROWS  # output channels per program
 TILE_T = 128  # tokens per program (wgmma N)
+MAX_ROWS = 512  # past this many tokens a step is compute-bound: the dequantized weight and cuBLAS's GEMM
+ENABLED = os.environ.get("RTPJAX_INT4_MOSAIC", "0") == "1"  # `routed`: benchmarks opt in until it is measured
 X_TILED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # 64 bf16 = 128-byte rows
 W_TILED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(64))  # 64 packed bytes a row
 
@@ -54,6 +59,14 @@ def applies(x_rows: int, w: QuantizedWeight) -> bool:
         return False
     out, in_features = w.shape
     return s.group_size(in_features) == GROUP and in_features % GROUP == 0 and out % TILE_N == 0
+
+
+def routed(x: jax.Array, w: QuantizedWeight) -> bool:
+    """Whether `linear` sends x [T, K] @ w here: opted in (ENABLED), a Hopper GPU, bfloat16 x of more than a decode
+    step's rows and at most MAX_ROWS, a weight the kernel takes (static: shapes are bucketed)."""
+    rows = x.shape[0]
+    return (ENABLED and small_matmul.MAX_ROWS < rows <= MAX_ROWS and x.dtype == jnp.bfloat16 and available()
+            and applies(rows, w))  # fmt: skip
 
 
 def int4_matmul(x: jax.Array, w: QuantizedWeight, *, stages: int = 3, interpret: bool = False) -> jax.Array:

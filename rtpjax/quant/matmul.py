@@ -9,6 +9,8 @@ quantized (`rtpjax.loading.quantization`).
 - Weight-only int8 / fp8 per channel: the 1-byte weight converts inside the GEMM (XLA fuses it), output columns scaled.
 - int4 (and other grouped weights): XLA's dot of the weight dequantized to x's dtype, in x's dtype; on a GPU an int4
   weight is written out by `rtpjax.quant.int4_dequant`'s kernel (XLA's own unpacking runs far below bandwidth).
+With RTPJAX_INT4_MOSAIC=1 (benchmarks, until it is measured), int4 steps of up to `int4_mosaic.MAX_ROWS` tokens past
+decode size on a Hopper GPU take `rtpjax.quant.int4_mosaic`'s kernel instead (the nibbles dequantized in registers).
 Decode-sized steps (at most `SMALL_ROWS` tokens) on a GPU skip all of that for per-channel one-byte and int4 weights:
 `rtpjax.quant.small_matmul` streams the stored weight and converts it in registers, activations unquantized (at a few
 rows the bytes read are the cost; quantizing the activations and setting up a scaled dot only add to it). With
@@ -32,7 +34,7 @@ from jax import lax
 
 from rtpjax.kernels.reference import quantize as quantize_rows
 from rtpjax.loading.quantization import STORAGE, QuantizedWeight, dequantize
-from rtpjax.quant import int4_dequant, small_matmul
+from rtpjax.quant import int4_dequant, int4_mosaic, small_matmul
 
 SMALL_ROWS = small_matmul.MAX_ROWS  # steps of at most this many tokens take the small-M kernel on a GPU
 AUTO_ROWS = {"int4": SMALL_ROWS}  # --quantized-decode auto: the kernel up to these rows, per weight format (else 0)
@@ -56,6 +58,8 @@ def linear(x: jax.Array, w: jax.Array | QuantizedWeight, backend: str | None = N
         y = row_reduce(x, w)
     elif w.scheme.per_channel:
         y = jnp.dot(x, w.q.T.astype(x.dtype), preferred_element_type=jnp.float32) * w.scale[:, 0]
+    elif backend == "gpu" and int4_mosaic.routed(x, w):  # (opt-in: RTPJAX_INT4_MOSAIC=1)
+        y = int4_mosaic.int4_matmul(x, w, interpret=jax.default_backend() == "cpu")
     else:  # the weight in x's dtype (on a GPU int4 by a kernel), then a 16-bit GEMM (accumulating in float32)
         gpu_int4 = backend == "gpu" and int4_dequant.applies(w)
         interpret = jax.default_backend() == "cpu"  # (tests ask for the GPU's path on the CPU)
