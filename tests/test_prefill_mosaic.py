@@ -6,6 +6,7 @@ it fails a kernel that leaves a barrier phase unobserved."""
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -164,3 +165,13 @@ def test_engine_scores_a_long_prompt_through_the_mosaic_kernel(tmp_path, stories
                                1e-2, 0.05)  # fmt: skip
     np.testing.assert_allclose([max(e.values()) for e in w], [max(e.values()) for e in g], 1e-2, 0.05)
     assert len(got.outputs[0].token_ids) == 4
+
+
+def test_the_gpu_form_lowers_for_hopper():
+    """The GPU form (register layouts, wgmma accumulators, transposed K), lowered for CUDA on this CPU: what the
+    interpreter does not run still builds a Mosaic GPU kernel of bfloat16 wgmmas."""
+    q, cache, meta = mixed_step([(128, 64)], 2, 1, 128, 16, jnp.bfloat16)
+    step = prefill_mosaic.plan(meta, q.shape[0])
+    f = jax.jit(lambda q, cache, tables, step: prefill_mosaic.prefill_attention(q, cache, tables, step, scale=0.1))
+    text = f.trace(q, cache, meta.block_tables, step).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in text
