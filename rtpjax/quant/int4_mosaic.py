@@ -10,7 +10,8 @@ packed bytes [128, 64], its two halves of x [TILE_T, 64] (the layout puts input 
 in its high one, `rtpjax.loading.quantization`, so each half is one dot with nothing interleaved), and the group's
 scales and zeros for the 128 channels. A compute warpgroup turns each half's nibbles into (nibble - zero) * scale in
 float32, rounded to bfloat16 (the reference dequantization's values exactly), and accumulates both dots in float32.
-The wrapper pads the tokens to whole tiles and transposes the result back.
+The wrapper pads the tokens to whole tiles and transposes the result back (JAX 0.10.2's Mosaic GPU cannot store a
+register tile transposed into swizzled shared memory; XLA may fuse the transpose into the next op).
 
 Groups of 128 inputs only (the engine's default int4 scheme), channels a multiple of 128. `linear` sends steps past
 small_matmul's rows and up to MAX_ROWS tokens here only with RTPJAX_INT4_MOSAIC=1 (read at import), until it is
