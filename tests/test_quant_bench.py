@@ -31,9 +31,10 @@ def test_quant_bench_quick_writes_every_format_and_the_best_tiles(tmp_path, swee
 
 def test_quant_bench_past_decode_rows_sweeps_row_tiles_and_the_dequant_kernel(tmp_path):
     """--sweep-rows over 64: the kernel's row-tiled tiles at that many rows, and int4_dequant's programs alone, each
-    checked element for element before it is timed."""
+    checked element for element before it is timed; --mosaic: int4_mosaic's kernel too (interpreted)."""
     out = tmp_path / "quant_bench.json"
-    quant_bench.main(["--quick", "--formats", "int4", "--tokens", "80", "--sweep-rows", "80", "--out", str(out)])
+    quant_bench.main(["--quick", "--formats", "int4", "--tokens", "80", "--sweep-rows", "80", "--mosaic", "--out",
+                      str(out)])  # fmt: skip
     result = json.loads(out.read_text())
     (row,) = result["rows"]
     assert row["tokens"] == 80 and row["int4_us"] > 0 and row["int4_error"] < 0.02 and row["int4_kernel_us"] > 0

@@ -204,7 +204,8 @@ def dequant_sweep(weights: list, calls: int, repeats: int, interpret: bool) -> d
 
 
 def bench_shape(name: str, out: int, inp: int, tokens: list[int], repeats: int, sweep: tuple, quick: bool = False,
-                sweep_rows: int = 16, formats: tuple = FORMATS, unpacks: tuple = small_matmul.UNPACKS):  # fmt: skip
+                sweep_rows: int = 16, formats: tuple = FORMATS, unpacks: tuple = small_matmul.UNPACKS,
+                mosaic: bool = False):  # fmt: skip
     """Rows (one per token count) and the best of the `sweep` tiles per quantized format (of `formats`, bf16 always;
     int4's tiles of `unpacks` only) at `sweep_rows` rows. quick: one weight copy, two calls per program. Every
     kernel's output is checked before it is timed: a wrong one (or NaN) is reported, not timed."""
@@ -246,7 +247,7 @@ def bench_shape(name: str, out: int, inp: int, tokens: list[int], repeats: int, 
                 _record(row, "int4_s4", _time(_weight_only, xs, s4, repeats), _nbytes(s4[0]))
                 row["int4_u4_error"] = _error(_u4_dot, xs[0], one)
                 _record(row, "int4_u4", _time(_u4_dot, xs, weights, repeats), nbytes)
-                if row["tokens"] > small_matmul.MAX_ROWS and int4_mosaic.applies(row["tokens"], one):
+                if mosaic and row["tokens"] > small_matmul.MAX_ROWS and int4_mosaic.applies(row["tokens"], one):
                     mosaic_row(row, xs, weights, repeats, interpret, MOSAIC_STAGES[1:2] if quick else MOSAIC_STAGES)
             else:
                 _record(row, f"{fmt}_wonly", _time(_weight_only, xs, weights, repeats), nbytes)
@@ -271,8 +272,9 @@ def bench_shape(name: str, out: int, inp: int, tokens: list[int], repeats: int, 
 
 def mosaic_row(row: dict, xs: jax.Array, weights: list, repeats: int, interpret: bool, depths: tuple) -> None:
     """int4_mosaic's kernel at each of `depths` pipeline depths (a Hopper GPU, or interpreted on a CPU): the
-    fastest as int4_mosaic_us, each checked first; a depth that fails to lower or run is recorded, not fatal (the
-    kernel's first GPU runs)."""
+    fastest as int4_mosaic_us, each checked first; a depth that fails to lower or answers wrongly is recorded and
+    printed (a hang or a device fault still ends the run: `--mosaic` asks for it, and the JSON is written after each
+    shape)."""
     if not interpret and not int4_mosaic.available():
         return
     times, row["int4_mosaic_failed"] = {}, {}
@@ -349,6 +351,8 @@ def main(argv=None) -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
     parser.add_argument("--tokens", default="1,16,32")
     parser.add_argument("--no-sweep", action="store_true", help="time the default tiles only")
+    parser.add_argument("--mosaic", action="store_true",
+                        help="also time int4 steps past 64 rows through rtpjax.quant.int4_mosaic (Hopper; unmeasured)")
     parser.add_argument("--sweep-rows", type=int, default=16,
                         help="rows of the tile sweep (1: the one-row tiles; over 64: row tiles and int4_dequant's)")
     parser.add_argument("--formats", default=",".join(FORMATS[1:]), help=f"of {', '.join(FORMATS[1:])} (and bf16)")
@@ -375,7 +379,7 @@ def main(argv=None) -> None:
         sweep = sweep[:2] if args.quick else sweep
         rows, best = bench_shape(name, out, inp, tokens, 1 if args.quick else 10, sweep, quick=args.quick,
                                  sweep_rows=args.sweep_rows, formats=tuple(args.formats.split(",")),
-                                 unpacks=tuple(args.unpack.split(",")))  # fmt: skip
+                                 unpacks=tuple(args.unpack.split(",")), mosaic=args.mosaic)  # fmt: skip
         result["rows"] += rows
         result["best_tiles"][name] = best
         if dq := best.pop("int4_dequant", None):
@@ -391,8 +395,8 @@ def main(argv=None) -> None:
             if b["tiles"]:
                 print(f"{name:5s} {fmt}: best tiles {b['tiles']} {b['us']:.1f} us at {args.sweep_rows} rows",
                       flush=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+        with open(args.out, "w") as f:  # after each shape: a later shape's hang or fault keeps these
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
