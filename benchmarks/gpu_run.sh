@@ -435,9 +435,11 @@ PY
       --rate 200 --seconds 10 --out "$OUT/router_overhead.json"
     ;;
   quant)
-    runs=""
-    # DECODES ("auto"; "pallas xla" for both): --quantized-decode per quantized run, files quant_Q[_D].json
+    runs="" mosaic=$([ "${RTPJAX_INT4_MOSAIC:-0}" = 1 ] && echo _mosaic)
+    # DECODES ("auto"; "pallas xla" for both): --quantized-decode per quantized run, files quant_Q[_D].json;
+    # RTPJAX_INT4_MOSAIC=1 (int4 steps of 65-512 tokens through quant/int4_mosaic.py) names them quant_Q[_D]_mosaic
     while IFS='|' read -r name flag; do
+      name=$name$mosaic
       timeout "${QUANT_TIMEOUT:-400}" python3 -m rtpjax.benchmarks.offline --shape "$SHAPE" $flag --batch-sizes 1,32 \
         --output-len 64 --ttft-len 4096 ${QUANT_FLAGS:-} --compilation-cache-dir /tmp/xla \
         --out "$OUT/quant_$name.json" </dev/null \
@@ -446,7 +448,7 @@ PY
       if [ -f "$OUT/quant_$name.json" ]; then runs="$runs $OUT/quant_$name.json"
       else echo "$name: no result; the log ends:"; tail -n 8 "/tmp/quant_$name.log"; fi
     done < <(format_runs "${QUANTS:-none fp8 int8 int4}")  # not a pipe: runs must outlive the loop
-    python3 -m rtpjax.benchmarks.kernels.quant_bench --table $runs --out "$OUT/quant_summary.json"
+    python3 -m rtpjax.benchmarks.kernels.quant_bench --table $runs --out "$OUT/quant_summary$mosaic.json"
     ;;
   batch1)
     # (27) batch-1 decode per weight format (QUANTS, "none fp8 int4") and step rows (B1_ROWS, "one padded":
