@@ -200,7 +200,7 @@ def test_one_launch_holds_every_running_sequence(stories_llm, stories_dir, compi
 def test_a_multi_step_covers_every_running_sequence_within_its_limits():
     """Blocks of 4 tokens, K = 4, a context of 32: one sequence with 2 tokens left to generate, one 3 tokens short of
     the context, one free to take all 4; each is grown for exactly its iterations."""
-    scheduler = Scheduler(BlockPool(40), 4, 8, 64, 32, num_scheduler_steps=K, max_multi_step_seqs=8)
+    scheduler = Scheduler(BlockPool(40), 4, 8, 64, 32, num_scheduler_steps=K)
     short, edge, free = started(scheduler, [(6, 3, {}), (28, 10, {}), (5, 20, {})])
     schedule = scheduler.schedule()
     assert schedule.steps == K and [i.steps for i in schedule.items] == [2, 3, 4]
@@ -217,28 +217,30 @@ def test_sequences_whose_last_tokens_are_on_their_way_sit_out_and_full_slots_do_
     and with that token in flight sits out the next launch.
     A request waiting while every slot is taken could not be admitted: it does not hold the multi-step back. Where
     every sequence has one token left, the step is plain."""
-    scheduler = Scheduler(BlockPool(40), 4, 2, 64, 64, num_scheduler_steps=K, max_multi_step_seqs=2)
+    scheduler = Scheduler(BlockPool(40), 4, 2, 64, 64, num_scheduler_steps=K)
     done, going = started(scheduler, [(6, 2, {}), (5, 20, {})])
     scheduler.add(Sequence("w", 0, [1, 2, 3], SamplingParams(max_tokens=5), 0, 5, arrival_order=9))
     schedule = scheduler.schedule()
     assert schedule.steps == K and [(i.seq, i.steps) for i in schedule.items] == [(done, 1), (going, K)]
     schedule = scheduler.schedule()  # both in flight: `done` has nothing left; `going` another K
     assert [(i.seq, i.steps) for i in schedule.items] == [(going, K)]
-    scheduler = Scheduler(BlockPool(40), 4, 2, 64, 64, num_scheduler_steps=K, max_multi_step_seqs=2)
+    scheduler = Scheduler(BlockPool(40), 4, 2, 64, 64, num_scheduler_steps=K)
     started(scheduler, [(6, 2, {}), (5, 2, {})])
     schedule = scheduler.schedule()
     assert schedule.steps == 1 and [i.steps for i in schedule.items] == [1, 1]
 
 
-@pytest.mark.parametrize("case", ["waiting", "min_tokens", "logprobs", "too_many", "no_blocks", "prefilling"])
+@pytest.mark.parametrize("case", ["waiting", "min_tokens", "logprobs", "over_budget", "no_blocks", "prefilling"])
 def test_plain_steps_where_a_multi_step_cannot_be_exact(case):
     scheduler = Scheduler(BlockPool(8 if case == "no_blocks" else 40), 4, 8, 17 if case == "prefilling" else 64, 64,
-                          num_scheduler_steps=K, max_multi_step_seqs=1 if case == "too_many" else 8)  # fmt: skip
+                          num_scheduler_steps=K)  # fmt: skip
     options = {"min_tokens": 3} if case == "min_tokens" else {"logprobs": 1} if case == "logprobs" else {}
     specs = [(31 if case == "no_blocks" else 6, 20, options)]
-    if case in ("too_many", "prefilling"):  # prefilling: its 39-token prompt runs over several steps
-        specs.append((9 if case == "too_many" else 39, 20, {}))
+    if case in ("over_budget", "prefilling"):  # prefilling: its 39-token prompt runs over several steps
+        specs.append((9 if case == "over_budget" else 39, 20, {}))
     started(scheduler, specs)
+    if case == "over_budget":  # more running sequences than a step's tokens (a budget below max_num_seqs)
+        scheduler.max_num_batched_tokens = 1
     if case == "waiting":
         scheduler.add(Sequence("w", 0, [1, 2, 3], SamplingParams(max_tokens=5), 0, 5, arrival_order=9))
     if case == "no_blocks":  # its 31 computed tokens fill the pool's 8 blocks; K more need a 9th

@@ -244,8 +244,8 @@ class LLMEngine:
         )  # fmt: skip
         self.scheduler = Scheduler(self.pool, args.block_size, args.max_num_seqs, args.max_num_batched_tokens,
                                    self.max_model_len, max_verify_seqs, decode_headroom=args.decode_headroom,
-                                   policy=args.scheduling_policy, num_scheduler_steps=args.num_scheduler_steps,
-                                   max_multi_step_seqs=self.runner.multi_step_seqs)  # fmt: skip
+                                   policy=args.scheduling_policy,
+                                   num_scheduler_steps=args.num_scheduler_steps)  # fmt: skip
         self.draft_context = DraftContext(self.cfg, model, args.dtype, args.block_size, self.max_model_len,
                                           args.max_num_batched_tokens, max_verify_seqs, mesh, args.attention_impl,
                                           args.kv_write, args.load_format, num_blocks,

@@ -88,10 +88,9 @@ class Schedule:
 class Scheduler:
     def __init__(self, pool: BlockPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, max_verify_seqs: int = 0, tiers=None, decode_headroom: float = 0.0,
-                 policy: str = "lpm", num_scheduler_steps: int = 1, max_multi_step_seqs: int = 0):  # fmt: skip
+                 policy: str = "lpm", num_scheduler_steps: int = 1):  # fmt: skip
         self.pool = pool
-        # multi-step decode: up to num_scheduler_steps iterations per step for at most max_multi_step_seqs sequences
-        self.num_scheduler_steps, self.max_multi_step_seqs = num_scheduler_steps, max_multi_step_seqs
+        self.num_scheduler_steps = num_scheduler_steps  # multi-step decode: up to this many iterations per step
         self.decode_headroom = decode_headroom  # share of running sequences' remaining max_tokens kept room for
         if policy not in ("lpm", "fcfs"):
             raise ValueError(f"scheduling policy must be lpm or fcfs, got {policy!r}")
@@ -540,9 +539,9 @@ class Scheduler:
         tokens (fewer where max_tokens or the context end sooner; none for one whose last tokens are already on their
         way), its blocks grown for all of them. None where a plain step is due: a waiting sequence that could be
         admitted (its prefill goes first), a sequence that is not decoding one token, one that may still suppress stop
-        tokens (min_tokens) or asks for logprobs, a hand-off, more sequences than max_multi_step_seqs, no blocks for
+        tokens (min_tokens) or asks for logprobs, a hand-off, more sequences than a step's tokens, no blocks for
         every iteration (never preempt for one), one token each at most."""
-        if self._may_admit() or len(self.running) > self.max_multi_step_seqs:
+        if self._may_admit():
             return None
         plan = []
         for seq in self.running:
