@@ -88,9 +88,10 @@
 #           offline throughput and a 4096-token prompt's TTFT in one engine per format, then a table of ratios to bf16;
 #           DECODES ("auto") lists --quantized-decode values, e.g. "pallas xla" runs each format both ways;
 #           QUANT_FLAGS adds engine flags to every run (e.g. --one-row-decode: off by default for quantized weights)
-#   batch1  (27) batch-1 decode per format (QUANTS) as one row and padded (B1_ROWS; auto: the default) and per
-#           --num-scheduler-steps (B1_STEPS, "1"; "4u": 4 iterations unrolled, not a loop), B1_REPEATS processes each,
-#           with each process's loop time against its device step (host-bound runs show); B1_FLAGS adds engine flags;
+#   batch1  (27) batch-1 decode per format (QUANTS; METHOD-head: the head quantized too) as one row and padded
+#           (B1_ROWS; auto: the default) and per --num-scheduler-steps (B1_STEPS, "1"; "4u": 4 iterations unrolled,
+#           not a loop), B1_REPEATS processes each, with each process's loop time against its device step (host-bound
+#           runs show); B1_FLAGS adds engine flags;
 #           B1_BATCH (1) another batch size (files batchB_...)
 #   kv_adaptive  (27) the model-dtype KV cache against --kv-cache-dtypes adaptive and an all-fp8 cache in the same
 #           memory on a KV-bound serving run (1024 in / 1024 out at 256 streams); KV_* variables in the stage
@@ -152,11 +153,16 @@ serve_run() {  # $1: name, $2: the benchmark's time limit (s), $3: serve flags, 
     2>/dev/null || { echo "$name: no request completed; its server's log ends:"; tail -n 8 "$OUT/$name.log"; return 1; }
 }
 
+quant_flag() {  # the serve / offline flags of a weight format name: none, a --quantization method, or METHOD-head (the
+  # output head quantized too: --quantize-lm-head)
+  case $1 in none) ;; *-head) echo "--quantization ${1%-head} --quantize-lm-head" ;; *) echo "--quantization $1" ;; esac
+}
+
 format_runs() {  # "NAME|FLAGS" per weight format in $1 and --quantized-decode value in DECODES ("auto"); bf16 once
   local first; first=$(echo ${DECODES:-auto} | cut -d' ' -f1)
   for q in $1; do for d in ${DECODES:-auto}; do
     if [ "$q" = none ]; then [ "$d" = "$first" ] && echo "none|"
-    else echo "$q$([ "$d" = auto ] || echo "_$d")|--quantization $q --quantized-decode $d"; fi
+    else echo "$q$([ "$d" = auto ] || echo "_$d")|$(quant_flag "$q") --quantized-decode $d"; fi
   done; done
 }
 
@@ -458,7 +464,7 @@ PY
     # setting's median
     for i in $(seq "${B1_REPEATS:-3}"); do for q in ${QUANTS:-none fp8 int4}; do for r in ${B1_ROWS:-one padded}; do
     for k in ${B1_STEPS:-1}; do
-      flag=$([ "$q" = none ] || echo "--quantization $q")
+      flag=$(quant_flag "$q")
       rows=$(case $r in one) echo --one-row-decode ;; padded) echo --no-one-row-decode ;; esac)
       unroll=$(case $k in *u) echo 1 ;; *) echo 0 ;; esac)  # "4u": the 4 iterations unrolled, not a loop
       RTPJAX_MULTI_STEP_UNROLL=$unroll timeout "${QUANT_TIMEOUT:-400}" python3 -m rtpjax.benchmarks.offline \
@@ -509,7 +515,7 @@ SUMMARY
       for q in ${QUANTS:-none fp8 int8 int4}; do
         echo "== quant_serve: $q, $k steps a launch"
         serve_run "quant_serve_$q$suffix" "${QSERVE_TIMEOUT:-300}" "$SERVE_FLAGS --num-scheduler-steps $k \
-          $([ "$q" = none ] || echo "--quantization $q") ${QSERVE_FLAGS:-}" --random-input-len "${QSERVE_IN:-128}" \
+          $(quant_flag "$q") ${QSERVE_FLAGS:-}" --random-input-len "${QSERVE_IN:-128}" \
           --random-output-len "${QSERVE_OUT:-1024}" --num-prompts "${QSERVE_PROMPTS:-256}" \
           --max-concurrency "${QSERVE_STREAMS:-256}" && runs="$runs $q=$OUT/quant_serve_$q$suffix.json"
       done

@@ -156,8 +156,9 @@ def hidden_states(params: dict, cfg: ModelConfig, tokens, positions, kv_cache: K
 
 
 def logits(params: dict, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
-    """Float32 logits; the head is the embedding itself when the model ties them."""
-    head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
+    """Float32 logits; the head is the embedding itself when the model ties them, unless quantized (a copy of its own:
+    `quantization.quantize_head`)."""
+    head = params["lm_head"] if "lm_head" in params else params["embed"]
     return layers.linear(hidden, head).astype(jnp.float32)
 
 

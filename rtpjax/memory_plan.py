@@ -175,15 +175,20 @@ class MemoryPlan:
         return f"memory plan: {sizes}{picked}; {why}"
 
 
-def weight_bytes(cfg, quantization: str | None) -> int:
-    """The parameters' bytes in the model's dtype (quantized linear weights: one byte each, plus a scale per row)."""
+def weight_bytes(cfg, quantization: str | None, quantize_lm_head: bool = False) -> int:
+    """The parameters' bytes in the model's dtype (quantized linear weights: one byte each, plus a scale per row; the
+    head too with `quantize_lm_head`, a copy of its own where the model ties it to the embedding)."""
     from rtpjax.loading.quantization import is_quantized_param
     from rtpjax.models import decoder
 
+    shapes = decoder.param_shapes(cfg)
+    head = quantization and quantize_lm_head
+    if head and cfg.tie_word_embeddings:
+        shapes = {**shapes, "lm_head": shapes["embed"]}
     total = 0
-    for path, shape in decoder.param_shapes(cfg).items():
+    for path, shape in shapes.items():
         n = math.prod(shape)
-        if quantization and is_quantized_param(path):
+        if quantization and is_quantized_param(path) or head and path == "lm_head":
             total += n + 4 * math.prod(shape[:-1])
         else:
             total += n * np.dtype(cfg.jnp_dtype).itemsize
@@ -234,7 +239,7 @@ def plan(cfg, args: EngineArgs, memory: Memory | None = None) -> MemoryPlan:
     per_block = kv_bytes_per_block(cfg, args)
 
     def footprint(max_model_len: int, blocks: int) -> Footprint:
-        return Footprint(weight_bytes(cfg, args.quantization), blocks * per_block,
+        return Footprint(weight_bytes(cfg, args.quantization, args.quantize_lm_head), blocks * per_block,
                          sampler_bytes(cfg, args, max_model_len), activation_bytes(cfg, args, max_model_len),
                          runtime_bytes())  # fmt: skip
 

@@ -143,6 +143,10 @@ class EngineArgs:
                                       "groups of 128 (-asym: with zero points); a pre-quantized checkpoint "
                                       "(compressed-tensors, GPTQ, AWQ) loads as it is without this",
                                       choices=QUANTIZATION_METHODS)  # fmt: skip
+    quantize_lm_head: bool = option(False, "also quantize the output head by --quantization's method (a model that "
+                                    "ties it to the embedding gets a quantized copy): at batch 1 the head is a "
+                                    "large share of the bytes a quantized model reads per token; quality in "
+                                    "benchmarks/RESULTS.md")  # fmt: skip
     quantized_decode: str = option("auto", "how decode-sized steps (<= 64 tokens) multiply by quantized weights on a "
                                    "GPU: pallas = the small-M kernel streaming the stored weights; xla = XLA's dot "
                                    "with the weight converted inside it (one-byte weights at one row: its row "
@@ -197,6 +201,8 @@ class EngineArgs:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             setattr(self, f.name, _checked(f, getattr(self, f.name)))
+        if self.quantize_lm_head and self.quantization is None:
+            raise ValueError("--quantize-lm-head quantizes the head by --quantization's method: give --quantization")
         if (self.kv_disk_path is None) != (self.kv_disk_size is None):
             raise ValueError("--kv-disk-path and --kv-disk-size go together: give both or neither")
         if self.num_processes > 1 and self.speculative_config is not None:

@@ -30,8 +30,8 @@ def two_steps(run):
     return np.concatenate([run([prefill[:2], prefill[2:]]), run([decode[:3], decode[3:]])])
 
 
-def single_device(path):
-    cfg, family, params = load_model(path)
+def single_device(path, **load):
+    cfg, family, params = load_model(path, **load)
     cache = kv_cache.allocate(cfg, 8, BLOCK)
     forward = jax.jit(family.forward, static_argnames=("cfg", "expert_load"))
 
@@ -47,10 +47,10 @@ def single_device(path):
     return two_steps(run), loads
 
 
-def pipelined(path, **axes):
+def pipelined(path, load=None, **axes):
     cfg, _, params = load_model(path)
     mesh = engine_mesh(cfg, pipeline=2, **axes)
-    cfg, _, params = load_model(path, mesh=mesh)
+    cfg, _, params = load_model(path, mesh=mesh, **(load or {}))
     cache = kv_cache.allocate(cfg, 8, BLOCK, mesh=mesh)
     for i, layer in enumerate(cache):  # each stage holds only its layers' KV
         assert layer[0].sharding.device_set == set(mesh.stages[mesh.stage_of(i)].devices.flat)
@@ -68,12 +68,17 @@ def pipelined(path, **axes):
     return two_steps(run), loads, pipe
 
 
-@pytest.mark.parametrize("name, axes", [("llama3", dict(tensor=2)), ("llama_tied", {}),
-                                        ("qwen3_moe", dict(expert=2))])  # fmt: skip
-def test_stages_give_single_device_logits(name, axes, tiny_checkpoints):
+# (a quantized head of a tied model: a copy made on the embedding's stage, moved to the last)
+QUANTIZED_HEAD = dict(quantization="int8-weight-only", quantize_lm_head=True)
+
+
+@pytest.mark.parametrize("name, axes, load", [("llama3", dict(tensor=2), {}), ("llama_tied", {}, {}),
+                                              ("llama_tied", dict(tensor=2), QUANTIZED_HEAD),
+                                              ("qwen3_moe", dict(expert=2), {})])  # fmt: skip
+def test_stages_give_single_device_logits(name, axes, load, tiny_checkpoints):
     """3 layers over 2 stages (2 + 1); two micro-batches per step; the second step reads the first's KV."""
-    single, single_loads = single_device(tiny_checkpoints[name])
-    ours, loads, pipe = pipelined(tiny_checkpoints[name], **axes)
+    single, single_loads = single_device(tiny_checkpoints[name], **load)
+    ours, loads, pipe = pipelined(tiny_checkpoints[name], load, **axes)
     assert pipe.split_steps == 2
     np.testing.assert_allclose(ours, single, rtol=0, atol=1e-5 * np.abs(single).max())
     if loads[0] is not None:  # MoE: the expert load of both micro-batches, every MoE layer in order

@@ -119,8 +119,9 @@ FORMATS = {  # name -> (tensor writer, quantization_config, W8A8)
 }
 
 
-def write_pair(src, root, fmt):
-    """(the checkpoint in `fmt`, the same weights dequantized to float32 as a plain checkpoint)."""
+def write_pair(src, root, fmt, head=False):
+    """(the checkpoint in `fmt`, the same weights dequantized to float32 as a plain checkpoint); `head`: the output head
+    quantized too."""
     writer, qc, _ = FORMATS[fmt]
     quant, plain = root / fmt, root / f"{fmt}-float32"
     for folder in (quant, plain):
@@ -129,7 +130,7 @@ def write_pair(src, root, fmt):
     rng = np.random.default_rng(0)
     qt, pt = {}, {}
     for name, t in tensors.items():
-        if name.endswith("_proj.weight"):
+        if name.endswith("_proj.weight") or head and name == "lm_head.weight":
             parts, deq = writer(name.removesuffix(".weight"), t.float().numpy(), rng)
             qt |= {k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))).contiguous()
                    for k, v in parts.items()}  # fmt: skip
@@ -180,3 +181,23 @@ def test_prequantized_checkpoint_loads_as_written(llama, tmp_path, fmt):
         load_model(quant, quantization="int8")
     with pytest.raises(ValueError, match="a pre-quantized checkpoint .* loads as it is; rtpjax convert does not"):
         convert(quant, tmp_path / "converted")
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "ct-fp8-dynamic"])
+def test_a_quantized_head_loads_quantized(llama, tmp_path, fmt):
+    """A checkpoint that quantized its head too (GPTQ's lm_head_quantized, an llm-compressor recipe without the
+    head ignored) loads it as a QuantizedWeight whose values are the format's own."""
+    quant, plain = write_pair(llama, tmp_path, fmt, head=True)
+    cfg, family, params = load_model(quant, dtype="float32")
+    _, _, ref = load_model(plain, dtype="float32")
+    head = params["lm_head"]
+    assert isinstance(head, QuantizedWeight) and head.shape == (cfg.vocab_size, cfg.hidden_size)
+    np.testing.assert_allclose(np.asarray(dequantize(head, np.float32)), np.asarray(ref["lm_head"]), rtol=1e-6,
+                               atol=1e-7)  # fmt: skip
+    weight_only = jax.tree.map(
+        lambda w: dataclasses.replace(w, scheme=dataclasses.replace(w.scheme, act=None)) if isinstance(
+            w, QuantizedWeight) else w, params, is_leaf=lambda x: isinstance(x, QuantizedWeight))  # fmt: skip
+    prompts = [np.random.default_rng(6).integers(3, cfg.vocab_size, n).tolist() for n in (6, 5)]
+    got = np.concatenate(ragged_prefill(cfg, family, weight_only, prompts))
+    want = np.concatenate(ragged_prefill(cfg, family, ref, prompts))
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()

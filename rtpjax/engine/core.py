@@ -211,7 +211,8 @@ class LLMEngine:
         self.channel = multihost.connect(args)  # several processes: the leader's step channel to its followers
         self.cfg, self.family, params = load_model(model, dtype=args.dtype, mesh=mesh, progress=args.progress,
                                                    load_format=args.load_format, quantization=args.quantization,
-                                                   quantized_decode=args.quantized_decode)  # fmt: skip
+                                                   quantized_decode=args.quantized_decode,
+                                                   quantize_lm_head=args.quantize_lm_head)  # fmt: skip
         # MoE: how the experts run (part of the compiled programs' key) and their static placement.
         self.cfg = dataclasses.replace(self.cfg, moe_impl=args.moe_impl)
         self.expert_placement = moe.read_placement(args.expert_placement, self.cfg) if args.expert_placement else {}

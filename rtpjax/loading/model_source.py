@@ -53,16 +53,20 @@ def resolve_model(model: str | Path | None) -> str:
 
 def load_model(model: str | Path | None, dtype: str | None = None, mesh=None, progress: bool = False,
                load_format: str = "auto", quantization: str | None = None,
-               quantized_decode: str = "auto"):  # fmt: skip
+               quantized_decode: str = "auto", quantize_lm_head: bool = False):  # fmt: skip
     """(config, family module, params) for a model argument; `dtype` overrides the checkpoint's.
 
     load_format "dummy" reads only config.json and makes random weights on the devices. quantization: a
     `quantization.METHODS` name (a converted or pre-quantized checkpoint loads as it was written). quantized_decode:
     how decode-sized steps multiply by quantized weights on a GPU (`rtpjax.quant.matmul.decode_by`).
+    quantize_lm_head: the output head too, by `quantization` (`quantization.quantize_head`).
     """
+    from rtpjax.loading.quantization import quantize_head
     from rtpjax.quant.matmul import decode_by
 
     cfg, family, params = _load(model, dtype, mesh, progress, load_format, quantization)
+    if quantize_lm_head:
+        params = quantize_head(params, cfg.tie_word_embeddings, quantization)
     return cfg, family, decode_by(params, quantized_decode)
 
 

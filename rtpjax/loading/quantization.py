@@ -7,8 +7,9 @@ Three storage kinds, each with one float32 scale per block of the [out, in] weig
 int8 / fp8 weights also say whether activations are quantized per token on the fly (W8A8: the matmul runs in the 1-byte
 type on the tensor cores, `rtpjax.quant.matmul`) or stay in the model's dtype (weight-only: the bytes read halve,
 the FLOPs do not). Quantize-at-load choices are `METHODS`; pre-quantized checkpoints (`rtpjax.quant.checkpoints`) build
-the same types. The embedding, the head, the MoE router, norms and biases stay in the model's dtype: a small share of
-the bytes and most of the accuracy risk (vLLM's fp8 leaves them too).
+the same types. The embedding, the MoE router, norms and biases stay in the model's dtype: a small share of the bytes
+and most of the accuracy risk (vLLM's fp8 leaves them too). So does the output head unless asked (`quantize_head`,
+`--quantize-lm-head`): at batch 1 it is a large share of what a quantized model reads per token.
 
 int4 packing (ours, chosen for the kernel): within each group of g inputs, byte j holds input j in its low nibble and
 input j + g/2 in its high nibble, unsigned (0..15); the value is (nibble - zero) * scale, zero 8 when symmetric. The
@@ -155,6 +156,16 @@ def quantize(w: jax.Array, method: str | Scheme) -> QuantizedWeight:
         return QuantizedWeight(pack_int4(jnp.clip(jnp.round(scaled), -8, 7) + 8, group), scale, scheme)
     q = jnp.round(scaled).astype(dtype) if jnp.issubdtype(dtype, jnp.integer) else scaled.astype(dtype)
     return QuantizedWeight(q, scale, scheme)
+
+
+def quantize_head(params: dict, tied: bool, method: str) -> dict:
+    """`params` with the output head quantized by `method` in its own sharding. A model that ties its head to the
+    embedding gets a quantized copy as `lm_head` (the embedding stays for the token lookup; `decoder.logits` takes
+    `lm_head` where there is one)."""
+    if check_method(method) is None:
+        raise ValueError("quantizing the head takes a quantization method (--quantization)")
+    head = params["embed"] if tied else params["lm_head"]
+    return {**params, "lm_head": quantize_on_device(head, method)}
 
 
 def values(w: QuantizedWeight) -> jax.Array:

@@ -84,11 +84,11 @@ class Pipeline:
                 p["embed"] = params["embed"]
             if s == n - 1:
                 p["final_norm"] = params["final_norm"]
-                if cfg.tie_word_embeddings:  # the head is the embedding: the last stage holds a copy
-                    embed = params["embed"]
-                    p["embed"] = jax.device_put(embed, NamedSharding(pmesh.stages[-1], embed.sharding.spec))
-                else:
-                    p["lm_head"] = params["lm_head"]
+                # the head (a tied model's: the embedding, or its quantized copy, made on the first stage): a copy on
+                # the last stage where it is not there
+                name = "lm_head" if "lm_head" in params else "embed"
+                p[name] = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(pmesh.stages[-1], a.sharding.spec)),
+                                       params[name])  # fmt: skip
             self.params.append(p)
         self._steps = [
             jax.jit(functools.partial(stage_step, cfg=cfg, layers_range=r, first=s == 0, last=s == n - 1,

@@ -1,6 +1,7 @@
 """Pre-quantized Hugging Face checkpoints, loaded as they are: each quantized linear becomes the `QuantizedWeight` the
 matmul reads, converted on the host (int4 repacked to our layout, scales transposed to [out, groups]) and placed in
-its sharding. Everything else (embedding, head, norms) loads as usual, in the model's dtype.
+its sharding. Everything else (embedding, norms, the head unless the checkpoint quantized it) loads as usual, in the
+model's dtype.
 
 Formats (config.json `quantization_config.quant_method`):
 - compressed-tensors (llm-compressor's output): float-quantized (FP8_DYNAMIC: e4m3 weights per channel or 128 x 128
@@ -202,7 +203,8 @@ def load_prequantized(model_dir, cfg: ModelConfig, family, mesh=None, quantizati
     for path, source in family.weight_names(cfg).items():
         modules = [name.removesuffix(".weight") for name in source.names]
         out, in_features = shapes[path][-2:] if len(shapes[path]) >= 2 else (None, None)
-        if is_quantized_param(path) and read.has(f"{modules[0]}.{_MARKERS[method]}"):
+        # (the head as well where the checkpoint quantized it, as GPTQ's lm_head_quantized and llm-compressor may)
+        if (is_quantized_param(path) or path == "lm_head") and read.has(f"{modules[0]}.{_MARKERS[method]}"):
             parts = [_READERS[method](read, m, qc, out, in_features) for m in modules]
             qw = parts[0] if len(parts) == 1 else _stack(parts)
             whole = shardings[path].is_fully_replicated
