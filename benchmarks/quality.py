@@ -32,6 +32,7 @@ PROMPTS = [
     "When it rains, people", "The old man looked at the", "Numbers: one, two, three,", "She opened the door and saw",
 ]  # fmt: skip
 WEIGHTS = ("fp8", "int8", "fp8-weight-only", "int8-weight-only", "int4", "int4-asym")
+HEADS = tuple(f"{m}-head" for m in WEIGHTS)  # the same with the output head quantized too (--quantize-lm-head)
 KV = ("kv-int8", "kv-fp8", "kv-calibrated")
 MODELS = {"smollm2": None, "stories": Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"}
 
@@ -45,7 +46,7 @@ def _scores(params, cfg, family, sequences, starts, kv) -> tuple[list[np.ndarray
     return out
 
 
-def evaluate(model, name: str, new_tokens: int = 128, budget: float = 0.02) -> list[dict]:
+def evaluate(model, name: str, new_tokens: int = 128, budget: float = 0.02, formats=WEIGHTS + KV) -> list[dict]:
     source = resolve_model(model)
     tok = load_tokenizer(source)
     cfg, family, ref_params = load_model(source, dtype="float32")
@@ -57,11 +58,12 @@ def evaluate(model, name: str, new_tokens: int = 128, budget: float = 0.02) -> l
     ref = _scores(ref_params, cfg, family, sequences, starts, auto)
     rows = [{"model": name, "format": "float32", "agreement": 1.0, "mean_kl": 0.0,
              "perplexity": _perplexity(ref_params, cfg, family, text, auto)}]  # fmt: skip
-    for fmt in WEIGHTS + KV:
+    for fmt in formats:
         began = time.perf_counter()
         params, kv = ref_params, auto
-        if fmt in WEIGHTS:
-            _, _, params = load_model(source, dtype="float32", quantization=fmt)
+        if fmt in WEIGHTS + HEADS:
+            method = fmt.removesuffix("-head")
+            _, _, params = load_model(source, dtype="float32", quantization=method, quantize_lm_head=method != fmt)
         elif fmt == "kv-calibrated":
             kv = kv_precision.calibrate(ref_params, cfg, family, tok.encode(kv_precision.CALIBRATION_TEXT), budget)
         else:
@@ -89,10 +91,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--formats", nargs="+", choices=WEIGHTS + HEADS + KV, default=WEIGHTS + KV)
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     jax.config.update("jax_platforms", "cpu")
-    rows = [row for name in args.models for row in evaluate(MODELS[name], name, args.new_tokens)]
+    rows = [row for name in args.models for row in evaluate(MODELS[name], name, args.new_tokens, formats=args.formats)]
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(rows, indent=1))
