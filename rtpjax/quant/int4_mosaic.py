@@ -129,9 +129,12 @@ class _Forms(NamedTuple):
 
     packed: Callable  # packed(ref): a [ROWS, HALF] byte tile in registers (on the GPU in wgmma's operand layout)
     rows: Callable  # rows(ref, idx): a [ROWS] vector broadcast over such a tile's columns
-    initial: Callable  # initial(): the float32 accumulator [ROWS, TILE_T]
-    # dots(acc, lo, hi, x_lo, x_hi) = acc + lo @ x_lo.T + hi @ x_hi.T: the weight halves in registers, x's halves in
-    # shared memory (on the GPU wgmmas, waited for, so x's slot may be released after it)
+    # accumulate(step, groups, done): acc = step(g, acc) for g in range(groups) from a float32 zero [ROWS, TILE_T],
+    # then done(acc's value). On the GPU acc is a wgmma accumulator in registers (a scoped ACC ref the loop closes
+    # over: JAX 0.11.2 cannot lower one carried through the loop by run_state), in the interpreter the loop's carry.
+    accumulate: Callable
+    # dots(acc, lo, hi, x_lo, x_hi) -> acc + lo @ x_lo.T + hi @ x_hi.T: the weight halves in registers, x's halves
+    # in shared memory (on the GPU wgmmas, waited for, so x's slot may be released after it)
     dots: Callable
 
 
@@ -143,8 +146,11 @@ def _forms(interpret: bool) -> _Forms:
             dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
             return acc + dot(lo, x_lo[...].T) + dot(hi, x_hi[...].T)
 
-        return _Forms(lambda ref: ref[...], lambda ref, idx: lax.broadcast_in_dim(ref[idx], shape, [0]),
-                      lambda: jnp.zeros((ROWS, TILE_T), jnp.float32), dots)  # fmt: skip
+        def accumulate(step, groups, done):
+            done(lax.fori_loop(0, groups, step, jnp.zeros((ROWS, TILE_T), jnp.float32)))
+
+        return _Forms(lambda ref: ref[...], lambda ref, idx: lax.broadcast_in_dim(ref[idx], shape, [0]), accumulate,
+                      dots)  # fmt: skip
 
     def packed(ref):
         return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA, optimized=False)
@@ -152,18 +158,23 @@ def _forms(interpret: bool) -> _Forms:
     def rows(ref, idx):
         return lax.broadcast_in_dim(plgpu.load(ref, idx, layout=plgpu.Layout.WGMMA.reduce(1)), shape, [0])
 
-    def initial():
-        return plgpu.layout_cast(jnp.zeros((ROWS, TILE_T), jnp.float32), plgpu.Layout.WGMMA)
+    def accumulate(step, groups, done):
+        def scope(acc_ref):  # (an ACC starts at zero)
+            def body(g, _):
+                step(g, acc_ref)
 
-    def dots(acc, lo, hi, x_lo, x_hi):
-        def both(acc_ref):
-            plgpu.wgmma(acc_ref, lo, x_lo.transpose((1, 0)))
-            plgpu.wgmma(acc_ref, hi, x_hi.transpose((1, 0)))
-            plgpu.wgmma_wait(0)
+            lax.fori_loop(0, groups, body, None)
+            done(acc_ref[...])
 
-        return pl.run_state(both)(plgpu.ACC.init(acc))
+        pl.run_scoped(scope, plgpu.ACC((ROWS, TILE_T), jnp.float32))
 
-    return _Forms(packed, rows, initial, dots)
+    def dots(acc_ref, lo, hi, x_lo, x_hi):
+        plgpu.wgmma(acc_ref, lo, x_lo.transpose((1, 0)))
+        plgpu.wgmma(acc_ref, hi, x_hi.transpose((1, 0)))
+        plgpu.wgmma_wait(0)
+        return acc_ref
+
+    return _Forms(packed, rows, accumulate, dots)
 
 
 def _kernel(groups: int, stages: int, partial: bool, symmetric: bool, interpret: bool):
@@ -199,12 +210,14 @@ def _kernel(groups: int, stages: int, partial: bool, symmetric: bool, interpret:
                 plgpu.barrier_arrive(free.at[slot])
                 return acc
 
-            acc = lax.fori_loop(0, groups, group, forms.initial())
-            out_smem[wg] = acc.astype(out_smem.dtype)
-            plgpu.commit_smem()
-            dst = out_ref.at[split] if partial else out_ref
-            plgpu.copy_smem_to_gmem(out_smem.at[wg], dst.at[pl.ds(n0 + wg * ROWS, ROWS), pl.ds(t0, TILE_T)])
-            plgpu.wait_smem_to_gmem(0)
+            def store(acc):
+                out_smem[wg] = acc.astype(out_smem.dtype)
+                plgpu.commit_smem()
+                dst = out_ref.at[split] if partial else out_ref
+                plgpu.copy_smem_to_gmem(out_smem.at[wg], dst.at[pl.ds(n0 + wg * ROWS, ROWS), pl.ds(t0, TILE_T)])
+                plgpu.wait_smem_to_gmem(0)
+
+            forms.accumulate(group, groups, store)
 
         @pl.when(wg == 2)
         def _produce():
