@@ -158,7 +158,7 @@ def hidden_states(params: dict, cfg: ModelConfig, tokens, positions, kv_cache: K
 def logits(params: dict, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     """Float32 logits; the head is the embedding itself when the model ties them, unless quantized (a copy of its own:
     `quantization.quantize_head`)."""
-    head = params["lm_head"] if "lm_head" in params else params["embed"]
+    head = params["lm_head"] if "lm_head" in params or not cfg.tie_word_embeddings else params["embed"]
     return layers.linear(hidden, head).astype(jnp.float32)
 
 

@@ -176,8 +176,9 @@ class MemoryPlan:
 
 
 def weight_bytes(cfg, quantization: str | None, quantize_lm_head: bool = False) -> int:
-    """The parameters' bytes in the model's dtype (quantized linear weights: one byte each, plus a scale per row; the
-    head too with `quantize_lm_head`, a copy of its own where the model ties it to the embedding)."""
+    """The parameters' bytes in the model's dtype, quantized weights as stored (`quantized_bytes`): the linear weights
+    with a method, and the head with `quantize_lm_head` (a copy of its own where the model ties it to the
+    embedding)."""
     from rtpjax.loading.quantization import is_quantized_param
     from rtpjax.models import decoder
 
@@ -187,12 +188,23 @@ def weight_bytes(cfg, quantization: str | None, quantize_lm_head: bool = False) 
         shapes = {**shapes, "lm_head": shapes["embed"]}
     total = 0
     for path, shape in shapes.items():
-        n = math.prod(shape)
         if quantization and is_quantized_param(path) or head and path == "lm_head":
-            total += n + 4 * math.prod(shape[:-1])
+            total += quantized_bytes(shape, quantization)
         else:
-            total += n * np.dtype(cfg.jnp_dtype).itemsize
+            total += math.prod(shape) * np.dtype(cfg.jnp_dtype).itemsize
     return total
+
+
+def quantized_bytes(shape, method: str) -> int:
+    """A [..., out, in] weight quantized by `method`: int4 half a byte each, a float32 scale (and a byte's zero point
+    when asymmetric) per group; one-byte formats a byte each and at most a float32 scale per row."""
+    from rtpjax.loading.quantization import METHODS
+
+    n, scheme = math.prod(shape), METHODS[method].for_input(shape[-1])
+    if scheme.weight == "int4":
+        groups = n // scheme.group_size(shape[-1])
+        return n // 2 + groups * (4 + (0 if scheme.symmetric else 1))
+    return n + 4 * math.prod(shape[:-1])
 
 
 def kv_bytes_per_block(cfg, args: EngineArgs) -> int:

@@ -146,7 +146,8 @@ class EngineArgs:
     quantize_lm_head: bool = option(False, "also quantize the output head by --quantization's method (a model that "
                                     "ties it to the embedding gets a quantized copy): at batch 1 the head is a "
                                     "large share of the bytes a quantized model reads per token; quality in "
-                                    "benchmarks/RESULTS.md")  # fmt: skip
+                                    "benchmarks/RESULTS.md; a pre-quantized checkpoint's head loads as "
+                                    "written")  # fmt: skip
     quantized_decode: str = option("auto", "how decode-sized steps (<= 64 tokens) multiply by quantized weights on a "
                                    "GPU: pallas = the small-M kernel streaming the stored weights; xla = XLA's dot "
                                    "with the weight converted inside it (one-byte weights at one row: its row "

@@ -51,6 +51,8 @@ def pipelined(path, load=None, **axes):
     cfg, _, params = load_model(path)
     mesh = engine_mesh(cfg, pipeline=2, **axes)
     cfg, _, params = load_model(path, mesh=mesh, **(load or {}))
+    if "lm_head" in params:  # the head's stage holds it (a tied model's quantized copy is made there)
+        assert jax.tree.leaves(params["lm_head"])[0].sharding.device_set == set(mesh.stages[-1].devices.flat)
     cache = kv_cache.allocate(cfg, 8, BLOCK, mesh=mesh)
     for i, layer in enumerate(cache):  # each stage holds only its layers' KV
         assert layer[0].sharding.device_set == set(mesh.stages[mesh.stage_of(i)].devices.flat)

@@ -144,9 +144,9 @@ def test_quant_bench_reports_a_wrong_kernel_and_does_not_time_it(tmp_path, monke
 
 
 def test_quant_table_compares_each_format_with_bf16(tmp_path):
-    def run(quantization, b1, b32, tput, ttft, decode="auto"):
-        path = tmp_path / f"quant_{quantization}_{decode}.json"
-        path.write_text(json.dumps({"quantization": quantization, "quantized_decode": decode,
+    def run(quantization, b1, b32, tput, ttft, decode="auto", head=False):
+        path = tmp_path / f"quant_{quantization}_{decode}_{head}.json"
+        path.write_text(json.dumps({"quantization": quantization, "quantized_decode": decode, "quantize_lm_head": head,
                                     "throughput": {"output_tokens_per_s": tput},
                                     "decode": {"1": {"decode_tokens_per_s": b1}, "32": {"decode_tokens_per_s": b32}},
                                     "ttft": {"seconds": ttft}}))  # fmt: skip
@@ -162,6 +162,8 @@ def test_quant_table_compares_each_format_with_bf16(tmp_path):
     # the same format with its decode path named (not the default): a row of its own
     quant_bench.main(["--table", *paths, run("fp8", 240.0, 5000.0, 7800.0, 0.26, "pallas"), "--out", str(out)])
     assert set(json.loads(out.read_text())) >= {"bf16", "fp8", "fp8/pallas"}
+    quant_bench.main(["--table", *paths, run("fp8", 250.0, 7600.0, 7800.0, 0.26, head=True), "--out", str(out)])
+    assert set(json.loads(out.read_text())) >= {"bf16", "fp8", "fp8-head"}  # the head quantized too
     with pytest.raises(ValueError, match="no bf16 run"):
         quant_bench.main(["--table", paths[1], "--out", str(out)])
 

@@ -43,11 +43,14 @@ def test_head_bytes_in_the_memory_plan(tiny_checkpoints):
 
     for name in ("llama3", "llama_tied"):
         cfg, _ = load_config(tiny_checkpoints[name])
-        head = cfg.vocab_size * cfg.hidden_size
-        quantized = head + 4 * cfg.vocab_size  # one byte each and a float32 scale per row
-        itemsize = np.dtype(cfg.jnp_dtype).itemsize
-        change = quantized if cfg.tie_word_embeddings else quantized - head * itemsize
-        assert weight_bytes(cfg, METHOD, True) - weight_bytes(cfg, METHOD) == change
+        head, rows, cols = cfg.vocab_size * cfg.hidden_size, cfg.vocab_size, cfg.hidden_size
+        group = 128 if cols % 128 == 0 else cols  # (a group that does not divide the inputs becomes the row)
+        stored = {METHOD: head + 4 * rows,  # a byte each and a float32 scale per row
+                  "int4-asym": head // 2 + (head // group) * 5}  # half a byte each; a scale and a zero per group
+        for method, quantized in stored.items():
+            bf16 = head * np.dtype(cfg.jnp_dtype).itemsize
+            change = quantized if cfg.tie_word_embeddings else quantized - bf16
+            assert weight_bytes(cfg, method, True) - weight_bytes(cfg, method) == change, (name, method)
         assert weight_bytes(cfg, None, True) == weight_bytes(cfg, None)  # nothing is quantized without a method
 
 

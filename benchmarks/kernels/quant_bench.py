@@ -327,6 +327,8 @@ def engine_table(paths: list[str]) -> dict:
         if not name and "decode" not in run:
             raise ValueError(f"--table: name the format of serving run {path} (FORMAT=PATH, none= for bf16)")
         fmt = (name if name != "none" else "") or run.get("quantization") or "bf16"
+        if not name and run.get("quantize_lm_head"):
+            fmt += "-head"  # the head quantized too (gpu_run.sh's METHOD-head)
         if run.get("quantization") and run.get("quantized_decode", "auto") != "auto":
             fmt += f"/{run['quantized_decode']}"  # the same weights, decode steps through the named path
         if fmt in runs:

@@ -66,7 +66,7 @@ def load_model(model: str | Path | None, dtype: str | None = None, mesh=None, pr
 
     cfg, family, params = _load(model, dtype, mesh, progress, load_format, quantization)
     if quantize_lm_head:
-        params = quantize_head(params, cfg.tie_word_embeddings, quantization)
+        params = quantize_head(params, cfg.tie_word_embeddings, quantization, mesh)
     return cfg, family, decode_by(params, quantized_decode)
 
 

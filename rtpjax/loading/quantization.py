@@ -158,13 +158,15 @@ def quantize(w: jax.Array, method: str | Scheme) -> QuantizedWeight:
     return QuantizedWeight(q, scale, scheme)
 
 
-def quantize_head(params: dict, tied: bool, method: str) -> dict:
+def quantize_head(params: dict, tied: bool, method: str, mesh=None) -> dict:
     """`params` with the output head quantized by `method` in its own sharding. A model that ties its head to the
     embedding gets a quantized copy as `lm_head` (the embedding stays for the token lookup; `decoder.logits` takes
-    `lm_head` where there is one)."""
+    `lm_head` where there is one), made where the head lives: under pipeline stages (`mesh.mesh_of`) the last."""
     if check_method(method) is None:
         raise ValueError("quantizing the head takes a quantization method (--quantization)")
     head = params["embed"] if tied else params["lm_head"]
+    if tied and hasattr(mesh, "mesh_of"):
+        head = jax.device_put(head, NamedSharding(mesh.mesh_of("lm_head"), head.sharding.spec))
     return {**params, "lm_head": quantize_on_device(head, method)}
 
 
