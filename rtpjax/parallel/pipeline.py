@@ -84,8 +84,8 @@ class Pipeline:
                 p["embed"] = params["embed"]
             if s == n - 1:
                 p["final_norm"] = params["final_norm"]
-                # the head (a tied model's: the embedding, or its quantized copy, made on the first stage): a copy on
-                # the last stage where it is not there
+                # the head on the last stage: `lm_head` (a tied model's quantized copy is made there already), else a
+                # tied model's embedding, copied from the first stage
                 name = "lm_head" if "lm_head" in params else "embed"
                 p[name] = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(pmesh.stages[-1], a.sharding.spec)),
                                        params[name])  # fmt: skip
