@@ -34,6 +34,8 @@
 #           LAUNCH_SETTINGS: ";"-separated settings, the probe's defaults without it; LAUNCH_TIMEOUT, 400 s)
 #   int4_dot  one decode-sized linear per 8B shape: bf16, the int4 Pallas kernel, XLA's dot of jnp.int4 weights (probes/)
 #   allreduce  64 chained all-reduces over every GPU, as a TP decode step makes them (probes/)
+#   overlap  whether an 8B prefill can hide its history's onload: copy and layers serial, in one program (host
+#           offloading), in layer-group programs (probes/onload_overlap.py; OVERLAP_FLAGS adds its flags)
 #   tiers   KV tiers: pinned/pageable H2D, packed vs per-layer onload, disk tier vs dd (tiers_bench.py); then
 #           multi_turn and prefix_repetition traffic whose working set is >= 4x the device KV (TIER_BLOCKS device
 #           blocks) with prefix caching off, device only, device + host + disk; then a restart with the disk tier
@@ -153,9 +155,13 @@ serve_run() {  # $1: name, $2: the benchmark's time limit (s), $3: serve flags, 
     2>/dev/null || { echo "$name: no request completed; its server's log ends:"; tail -n 8 "$OUT/$name.log"; return 1; }
 }
 
-quant_flag() {  # the serve / offline flags of a weight format name: none, a --quantization method, or METHOD-head (the
-  # output head quantized too: --quantize-lm-head)
-  case $1 in none) ;; *-head) echo "--quantization ${1%-head} --quantize-lm-head" ;; *) echo "--quantization $1" ;; esac
+quant_flag() {  # the serve / offline flags of a format name: none, a --quantization method, or METHOD-head (the output
+  # head quantized too: --quantize-lm-head); any of them ending -kvDTYPE also stores the KV cache so (-kvfp8:
+  # --kv-cache-dtype fp8; e.g. fp8-kvfp8, the "fp8 weights + fp8 KV")
+  local name=$1 kv=""
+  case $name in *-kv*) kv="--kv-cache-dtype ${name##*-kv}"; name=${name%-kv*} ;; esac
+  case $name in none) echo "$kv" ;; *-head) echo "--quantization ${name%-head} --quantize-lm-head $kv" ;;
+    *) echo "--quantization $name $kv" ;; esac
 }
 
 format_runs() {  # "NAME|FLAGS" per weight format in $1 and --quantized-decode value in DECODES ("auto"); bf16 once
@@ -360,6 +366,9 @@ EOF
     ;;
   allreduce)
     timeout 120 python3 -m rtpjax.benchmarks.probes.allreduce_chain --out "$OUT/allreduce.json"
+    ;;
+  overlap)
+    timeout 300 python3 -m rtpjax.benchmarks.probes.onload_overlap ${OVERLAP_FLAGS:-} --out "$OUT/onload_overlap.json"
     ;;
   host)
     timeout 400 python3 -m rtpjax.benchmarks.host_step --shape "$SHAPE" --rows 256 --steps 100 --idle-launch \

@@ -150,7 +150,7 @@ class TransformersRunner:
 # Engine options a result records (the ones its measurements are compared by).
 RESULT_OPTIONS = ("quantization", "quantize_lm_head", "quantized_decode", "tensor_parallel_size", "block_size",
                   "kv_write", "mosaic_prefill", "moe_impl", "expert_parallel_size", "pipeline_parallel_size",
-                  "one_row_decode", "num_scheduler_steps")
+                  "one_row_decode", "num_scheduler_steps", "kv_cache_dtype")
 
 
 def timed(runner, batch, max_tokens) -> tuple[float, int]:

@@ -191,7 +191,7 @@ def onloads_under_load(b: Setup, pin) -> dict:
     # the staged rows are the host rows, in the order asked (rows marked by their index; the bytes checked)
     b.host.buf[:, :8] = np.arange(n, dtype=np.uint64)[:, None].view(np.uint8)
     staged = copier.stage(scattered, b.pinned)
-    exact = all(np.array_equal(np.asarray(got), want) for got, want in zip(staged, scattered))
+    exact = all(np.array_equal(got.host(), want) for got, want in zip(staged, scattered))
     assert exact, "a staged row differs from its host row"
     result["onload_staged_rows_exact"] = exact
     busy = threading.Event()

@@ -338,6 +338,21 @@ def test_allreduce_chain_probe_sums_over_every_device():
     assert r["sums_only_max_error"] == 0.0 and r["sums_only_batch1_ms"] > 0 and r["matmul_then_sum_batch1_ms"] > 0
 
 
+def test_onload_overlap_probe_times_every_way_and_each_gives_the_serial_output(tmp_path):
+    """probes/onload_overlap.py, tiny: copy, layers, both serial, in one program and in layer groups, all timed; the
+    overlapped ways compute what the serial one does (each layer read its own KV slice)."""
+    import json
+
+    from rtpjax.benchmarks.probes import onload_overlap
+
+    out = tmp_path / "overlap.json"
+    onload_overlap.main(["--tokens", "16", "--hidden", "128", "--ffn", "256", "--layers", "4", "--kv-mib-per-layer",
+                         "0.25", "--groups", "2", "--repeats", "1", "--out", str(out)])  # fmt: skip
+    r = json.loads(out.read_text())
+    assert all(r[f"{k}_ms"] > 0 for k in ("compute", "copy", "serial", "in_jit", "groups"))
+    assert r["kv_bytes"] == 4 * 1024 * 128 * 2 and r["max_abs_diff_vs_serial"] == {"in_jit": 0.0, "groups": 0.0}
+
+
 def test_read_bw_probe_times_every_program(tmp_path):
     from rtpjax.benchmarks.probes import read_bw
 

@@ -1,6 +1,7 @@
 """block_copy's host copies: rows go down into pinned host memory (JAX's pinned_host kind, which the CPU backend has
-too), come up in runs of back-to-back rows (one transfer per power-of-two piece, split on the device, staged through
-pinned memory when pageable), all compiled at warm-up; and the pageable path where a backend lacks pinned_host."""
+too), come up in runs of back-to-back rows (one transfer per power-of-two piece, the rows kept in their piece, staged
+through pinned memory when pageable), written one piece per dispatch, all compiled at warm-up; and the pageable path
+where a backend lacks pinned_host."""
 
 import ctypes
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from rtpjax.kv import block_copy
-from rtpjax.kv.block_copy import BlockCopier, gather, powers, runs
+from rtpjax.kv.block_copy import BlockCopier, OnDevice, gather, powers, runs
 from rtpjax.kv.host_blocks import KVLayout, PackedBlocks
 
 LAYOUT = KVLayout("float32", 4, 2, 2, 8)
@@ -74,30 +75,69 @@ def test_rows_go_up_in_pieces_through_pinned_memory(monkeypatch):
     sent = host.copy()
     host[:] = 0  # reused once they are ready (put_rows' contract): the device rows must not alias it
     assert puts.host_arrays == 3 and "pinned_host" in puts.kinds
-    assert len(rows) == 13 and all(r.shape == (LAYOUT.block_bytes,) for r in rows)
-    np.testing.assert_array_equal(np.stack([np.asarray(r) for r in rows]), sent)
-    assert copier._split._cache_size() == 0, "a split compiled after warm-up"
+    assert len(rows) == 13 and len({id(r.piece) for r in rows}) == 3  # the rows stay in the pieces they crossed in
+    assert all(leaf is row.piece for leaf, row in zip(jax.tree.leaves(rows), rows))  # block_until_ready waits for them
+    np.testing.assert_array_equal(_host(rows), sent)
+    assert copier._copy_out._cache_size() == 0, "a copy compiled after warm-up"
 
 
 @pytest.mark.parametrize("page_locked", [False, True])
 @pytest.mark.parametrize("slots", [[0, 1, 2, 3, 7, 8, 4], [3, 2, 1, 0, 8, 7, 4]])  # runs forwards; backwards
 def test_tier_rows_write_in_runs(monkeypatch, page_locked, slots):
-    """Rows of a tier buffer in three runs (and one row already on the device, one on another device) land in the
-    right blocks, one transfer per run piece, in either direction, nothing compiled after warm-up; page-locked rows
-    are not staged."""
+    """Rows of a tier buffer in three runs (and one row of a piece already on the device, one of a piece on another
+    device) land in the right blocks, one transfer per run piece, in either direction, one write per piece, nothing
+    compiled after warm-up; page-locked rows are not staged."""
     cache = _cache()
     copier = _copier(cache)
+    writes = _count_writes(copier)
     buf = np.random.default_rng(2).integers(0, 256, (12, LAYOUT.block_bytes), dtype=np.uint8)
-    on_device, elsewhere = jax.device_put(buf[11]), jax.device_put(buf[10], jax.devices()[3])
+    on_device = OnDevice(jax.device_put(buf[11:12]), 0)
+    elsewhere = OnDevice(jax.device_put(buf[9:11], jax.devices()[3]), 1)  # row 10
     puts = _Puts(monkeypatch)
     packed = PackedBlocks(LAYOUT, [buf[s] for s in slots] + [on_device, elsewhere], page_locked=page_locked)
     blocks = [10, 3, 17, 4, 21, 6, 12, 0, 9]
     cache = copier.write_packed(cache, blocks, packed)
     assert puts.host_arrays == 3  # [0..3], [7, 8], [4]
     assert ("pinned_host" in puts.kinds) != page_locked
+    assert sorted(writes) == [1, 1, 2, 2, 4]  # a write per piece: the three host pieces and the two device ones
     got = np.asarray(block_copy.pack(gather(cache, np.array(blocks), copies=1)))
     np.testing.assert_array_equal(got, buf[slots + [11, 10]])
-    assert copier._write_packed._cache_size() == 0 and copier._split._cache_size() == 0
+    assert copier._write_piece._cache_size() == 0 and copier._copy_out._cache_size() == 0
+
+
+def _count_writes(copier) -> list[int]:
+    """The rows of each piece a compiled write was dispatched with (appended per call)."""
+    sizes = []
+    for key, executable in list(copier._compiled.items()):
+        if key[0] == "write_piece":
+            copier._compiled[key] = lambda c, ids, piece, take, executable=executable: (
+                sizes.append(piece.shape[0]) or executable(c, ids, piece, take))  # fmt: skip
+    return sizes
+
+
+def test_rows_of_one_piece_go_to_any_blocks_in_one_write():
+    """Rows of one piece taken out of order, one of them into two blocks (more entries than the piece's rows: two
+    writes), land where asked; a row of another type or a row count that differs from the blocks' is refused."""
+    cache = _cache()
+    copier = _copier(cache)
+    writes = _count_writes(copier)
+    host = np.random.default_rng(8).integers(0, 256, (4, LAYOUT.block_bytes), dtype=np.uint8)
+    rows = copier.put_rows(host)
+    assert len({id(r.piece) for r in rows}) == 1
+    packed = PackedBlocks(LAYOUT, [rows[2], rows[0], rows[3], rows[1], rows[2]])
+    blocks = [7, 1, 20, 11, 5]
+    cache = copier.write_packed(cache, blocks, packed)
+    assert writes == [4, 4]
+    got = np.asarray(block_copy.pack(gather(cache, np.array(blocks), copies=1)))
+    np.testing.assert_array_equal(got, host[[2, 0, 3, 1, 2]])
+    with pytest.raises(TypeError, match="host rows .numpy. or block_copy.OnDevice rows"):
+        copier.write_packed(cache, [1], PackedBlocks(LAYOUT, [jnp.asarray(host[0])]))
+    with pytest.raises(ValueError, match="2 packed rows for 1 blocks"):
+        copier.write_packed(cache, [1], PackedBlocks(LAYOUT, rows[:2]))
+
+
+def _host(rows) -> np.ndarray:
+    return np.stack([r.host() for r in rows])
 
 
 def test_bad_host_row_is_refused():
@@ -116,7 +156,7 @@ def test_without_pinned_host_the_pageable_path_works(monkeypatch, caplog):
     assert rows.sharding.memory_kind == "device"
     host = np.asarray(rows)[:real].copy()
     up = copier.put_rows(host)
-    np.testing.assert_array_equal(np.stack([np.asarray(r) for r in up]), host)
+    np.testing.assert_array_equal(_host(up), host)
 
 
 def test_transfer_bench_runs_tiny(tmp_path):
@@ -147,7 +187,7 @@ def test_rows_in_registered_page_locked_memory_are_not_staged(monkeypatch):
     finally:
         block_copy.unregister_page_locked(host)
     assert "pinned_host" not in puts.kinds and puts.host_arrays == 1
-    np.testing.assert_array_equal(np.stack([np.asarray(r) for r in rows]), host[1:5])
+    np.testing.assert_array_equal(_host(rows), host[1:5])
     copier.put_rows(host[1:5])
     assert "pinned_host" in puts.kinds
 
@@ -163,8 +203,8 @@ def test_stage_returns_rows_in_order_whichever_way_they_lie(monkeypatch):
     rows = copier.stage([buf[s] for s in slots])
     sent = buf.copy()
     buf[:] = 0
-    assert puts.host_arrays == 2 and all(r.shape == (LAYOUT.block_bytes,) for r in rows)
-    np.testing.assert_array_equal(np.stack([np.asarray(r) for r in rows]), sent[slots])
+    assert puts.host_arrays == 2 and len({id(r.piece) for r in rows}) == 2
+    np.testing.assert_array_equal(_host(rows), sent[slots])
 
 
 class _HostCopies:
@@ -230,7 +270,7 @@ def test_staged_rows_land_in_reused_arrays_by_the_driver(monkeypatch):
     """Where the CUDA driver can copy (faked: memmove into the CPU array's buffer), a staging copies each run of
     back-to-back rows into a landing array made at warm-up (three of a piece, one of each smaller size): one copy per
     run of rows back to back in either direction, no device_put; the rows come back in order as copies, and a second
-    staging reuses the array once the first's split has run without changing the first's rows."""
+    staging reuses the array once the first's copy out has run without changing the first's rows."""
     cuda = _HostCopies(monkeypatch)
     cache = _cache()
     copier = _copier(cache, land=True)
@@ -246,18 +286,19 @@ def test_staged_rows_land_in_reused_arrays_by_the_driver(monkeypatch):
     bb = LAYOUT.block_bytes
     assert puts.host_arrays == 0 and cuda.copies == [3 * bb, 3 * bb, bb] and cuda.synced == 1
     times = copier.last_stage  # the copy's parts: enqueuing them is part of the copy
-    assert 0 < times.enqueue <= times.copy and times.lease >= 0 and times.split > 0
-    np.testing.assert_array_equal(np.stack([np.asarray(r) for r in first]), sent[slots])
+    assert 0 < times.enqueue <= times.copy and times.lease >= 0 and times.copy_out > 0
+    np.testing.assert_array_equal(_host(first), sent[slots])
+    assert all(r.piece is not a for r in first for a, _ in copier._landing.arrays._idle)  # copies, not the arrays
     idle = [a for a, _ in copier._landing.arrays._idle]
     second = copier.stage([buf[s] for s in range(18, 40)], page_locked=True)  # 22 rows: a piece of 16, then 8
     assert {id(a) for a, _ in copier._landing.arrays._idle} == {id(a) for a in idle}, "landing arrays were made anew"
-    np.testing.assert_array_equal(np.stack([np.asarray(r) for r in second]), buf[18:40])
-    np.testing.assert_array_equal(np.stack([np.asarray(r) for r in first]), sent[slots])  # untouched by the reuse
+    np.testing.assert_array_equal(_host(second), buf[18:40])
+    np.testing.assert_array_equal(_host(first), sent[slots])  # untouched by the reuse
 
 
-def test_the_next_pieces_copy_runs_while_a_split_is_dispatched(monkeypatch):
-    """A staging of several pieces copies piece i + 1 (on the landing thread) while piece i's split is dispatched,
-    the rows coming back in order; a split that fails gives back every landing array, the one copied ahead too."""
+def test_the_next_pieces_copy_runs_while_a_copy_out_is_dispatched(monkeypatch):
+    """A staging of several pieces copies piece i + 1 (on the landing thread) while piece i's copy out is dispatched,
+    the rows coming back in order; a copy out that fails gives back every landing array, the one copied ahead too."""
     import time
 
     cuda = _HostCopies(monkeypatch)
@@ -265,25 +306,25 @@ def test_the_next_pieces_copy_runs_while_a_split_is_dispatched(monkeypatch):
     copier = _copier(cache, land=True)
     piece, idle = copier.piece, len(copier._landing.arrays._idle)
     buf = np.random.default_rng(7).integers(0, 256, (3 * piece, LAYOUT.block_bytes), dtype=np.uint8)
-    split_rows, copied, fail = copier._split_rows, [], []
+    unstage, copied, fail = copier.unstage, [], []
 
-    def split(array, backwards=False):
+    def split(arrays):
         ahead = min(len(copied) + 2, 3)  # copies made by now if the next piece's runs ahead (one copy a piece)
         deadline = time.monotonic() + 2
         while len(cuda.copies) - base < ahead and time.monotonic() < deadline:
             time.sleep(0.001)
         copied.append(len(cuda.copies) - base)
         if fail and len(copied) == 2:
-            raise RuntimeError("split failed")
-        return split_rows(array, backwards)
+            raise RuntimeError("copy out failed")
+        return unstage(arrays)
 
-    monkeypatch.setattr(copier, "_split_rows", split)
+    monkeypatch.setattr(copier, "unstage", split)
     base = 0
     got = copier.stage([buf[s] for s in range(3 * piece)], page_locked=True)
     assert copied == [2, 3, 3]
-    np.testing.assert_array_equal(np.stack([np.asarray(r) for r in got]), buf)
+    np.testing.assert_array_equal(_host(got), buf)
     copied[:], fail[:], base = [], [True], 3
-    with pytest.raises(RuntimeError, match="split failed"):
+    with pytest.raises(RuntimeError, match="copy out failed"):
         copier.stage([buf[s] for s in range(3 * piece)], page_locked=True)
     assert copied == [2, 3] and len(copier._landing.arrays._idle) == idle  # every array back, none made anew
 
@@ -327,9 +368,9 @@ def test_first_runs_call_every_copy_once_and_change_nothing(sharded):
         copier._compiled[key] = lambda *a, key=key, executable=executable: (
             calls.__setitem__(key, calls.get(key, 0) + 1) or executable(*a))  # fmt: skip
     cache = copier.first_runs(cache)
-    packed = {key for key in copier._compiled if key[0] in ("gather_packed", "write_packed", "split")}
+    packed = {key for key in copier._compiled if key[0] in ("gather_packed", "write_piece", "copy_out")}
     assert calls == {key: 1 for key in packed}  # the tiers' copies (a request's move: its own, unpacked ones)
-    assert {kind for kind, _ in calls} == {"gather_packed", "write_packed", "split"}
+    assert {kind for kind, _ in calls} == {"gather_packed", "write_piece", "copy_out"}
     for layer, was in zip(cache, before):
         for a, b in zip(layer, was):
             np.testing.assert_array_equal(np.asarray(a), b)
@@ -361,7 +402,7 @@ class _Guard:
 
 
 def test_a_landing_array_is_reused_only_once_its_reader_has_run():
-    """An idle array whose split has run is taken first; with none, the oldest waits for its reader (a new one would
+    """An idle array whose copy out has run is taken first; with none, the oldest waits for its reader (a new one would
     wait as long, for every step queued); only a size with no idle array at all gets a new one."""
     from rtpjax.kv.landing import Landing
 
@@ -411,6 +452,6 @@ def test_staged_rows_land_on_every_device_of_a_tensor_parallel_cache(monkeypatch
     rows = copier.stage([buf[s] for s in slots], page_locked=True)
     assert len(cuda.copies) == 2 * 3 and cuda.synced == 2  # 3 copies (1 forward run, 1 backward run, 1 lone) each
     for row, s in zip(rows, slots):
-        assert len(row.addressable_shards) == 2
-        for shard in row.addressable_shards:
-            np.testing.assert_array_equal(np.asarray(shard.data), buf[s])
+        assert len(row.piece.addressable_shards) == 2
+        for shard in row.piece.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data)[row.index], buf[s])

@@ -577,7 +577,7 @@ def test_prefill_gather_never_blocks_the_engine_loop(stories_llm, monkeypatch):
         sent = payload.copy()
         got = channel.pull(params.remote_host, params.remote_port, "p", "shm", time.monotonic() + 30, handoff._load)
         payload[:] = 0  # the file is reused once the pull answers: the device rows are copies
-        assert np.array_equal(np.concatenate([np.asarray(r) for r in got.rows]), sent)
+        assert np.array_equal(np.concatenate([r.host() for r in got.rows]), sent)
         prompt_len = len(engine.maker.message(PROMPT).prompt_ids)
         assert got.num_tokens == prompt_len and len(got.rows) == len(params.remote_block_ids)
         add("e", PROMPT + " run")

@@ -342,7 +342,7 @@ def test_a_prefill_engine_holds_hand_offs_on_its_device_within_a_budget(stories_
         assert not second.remote_device_ipc and handoff.store._held["q"].staged is not None
         got = channel.pull(first.remote_host, first.remote_port, "p", "device", time.monotonic() + 30, handoff._load,
                            channel.DeviceLoad(handoff.ipc_device, handoff._take_device))  # fmt: skip
-        assert np.array_equal(np.stack([np.asarray(r) for r in got.rows]), expected)
+        assert np.array_equal(np.stack([r.host() for r in got.rows]), expected)
         assert len(got.rows) == len(first.remote_block_ids) and len(returned) == pieces  # every copy back in the pool
     finally:
         for rid in list(engine.requests):

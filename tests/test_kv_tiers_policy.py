@@ -441,7 +441,7 @@ def test_load_waits_are_reported_per_phase():
     assert waits.longest == [0.5, 0.75, 0.25, 0.25, 1.0]
     assert waits.report() == ("2 loads waited (mean/max ms) rows 500.0/500.0, queued 500.0/750.0, onload 125.0/250.0, "
                               "transfer 250.0/250.0, admission 875.0/1000.0; the slowest 500.0 750.0 250.0 250.0 750.0 "
-                              "(of its transfer: landing 0.0, copy 125.0 of which enqueuing 31.2, split 62.5) "
+                              "(of its transfer: landing 0.0, copy 125.0 of which enqueuing 31.2, copy out 62.5) "
                               "(64 blocks, 1 runs)")  # fmt: skip
 
 

@@ -144,9 +144,10 @@ def test_quant_bench_reports_a_wrong_kernel_and_does_not_time_it(tmp_path, monke
 
 
 def test_quant_table_compares_each_format_with_bf16(tmp_path):
-    def run(quantization, b1, b32, tput, ttft, decode="auto", head=False):
-        path = tmp_path / f"quant_{quantization}_{decode}_{head}.json"
+    def run(quantization, b1, b32, tput, ttft, decode="auto", head=False, kv="auto"):
+        path = tmp_path / f"quant_{quantization}_{decode}_{head}_{kv}.json"
         path.write_text(json.dumps({"quantization": quantization, "quantized_decode": decode, "quantize_lm_head": head,
+                                    "kv_cache_dtype": kv,
                                     "throughput": {"output_tokens_per_s": tput},
                                     "decode": {"1": {"decode_tokens_per_s": b1}, "32": {"decode_tokens_per_s": b32}},
                                     "ttft": {"seconds": ttft}}))  # fmt: skip
@@ -164,6 +165,9 @@ def test_quant_table_compares_each_format_with_bf16(tmp_path):
     assert set(json.loads(out.read_text())) >= {"bf16", "fp8", "fp8/pallas"}
     quant_bench.main(["--table", *paths, run("fp8", 250.0, 7600.0, 7800.0, 0.26, head=True), "--out", str(out)])
     assert set(json.loads(out.read_text())) >= {"bf16", "fp8", "fp8-head"}  # the head quantized too
+    quant_bench.main(["--table", *paths, run("fp8", 250.0, 7600.0, 7800.0, 0.26, head=True, kv="fp8"),
+                      "--out", str(out)])  # fmt: skip
+    assert set(json.loads(out.read_text())) >= {"bf16", "fp8", "fp8-head-kvfp8"}  # and the KV cache in fp8
     with pytest.raises(ValueError, match="no bf16 run"):
         quant_bench.main(["--table", paths[1], "--out", str(out)])
 

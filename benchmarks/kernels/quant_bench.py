@@ -329,6 +329,8 @@ def engine_table(paths: list[str]) -> dict:
         fmt = (name if name != "none" else "") or run.get("quantization") or "bf16"
         if not name and run.get("quantize_lm_head"):
             fmt += "-head"  # the head quantized too (gpu_run.sh's METHOD-head)
+        if not name and run.get("kv_cache_dtype", "auto") != "auto":
+            fmt += f"-kv{run['kv_cache_dtype']}"  # the KV cache stored so too (gpu_run.sh's FORMAT-kvDTYPE)
         if run.get("quantization") and run.get("quantized_decode", "auto") != "auto":
             fmt += f"/{run['quantized_decode']}"  # the same weights, decode steps through the named path
         if fmt in runs:

@@ -340,9 +340,9 @@ class Handoff:
         return channel.host_rows(layout, rows)
 
     def _take_device(self, layout, copied: list, pieces: list) -> list:
-        """Copied pieces as rows; the copies go back to their pool once the split has read them."""
-        split = self.engine.runner.copier.unstage
-        rows = [row for array, piece in zip(copied, pieces) for row in split([array])[: piece.real]]
+        """Copied pieces as rows (of copies of them): the pieces go back to their pool once copied out."""
+        unstage = self.engine.runner.copier.unstage
+        rows = [row for array, piece in zip(copied, pieces) for row in unstage([array])[: piece.real]]
         jax.block_until_ready(rows)
         device_ipc.give_back(copied)
         return rows

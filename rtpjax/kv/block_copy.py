@@ -13,10 +13,12 @@ leave the device by `device_put` into pinned host memory (a DMA on a transfer st
 thread only dispatches it), or, for a KV tier on CUDA GPUs, by the driver straight into the tier's own page-locked
 rows (`download_into`), and host rows reach the device in runs of consecutive rows (forwards or backwards in
 memory: a tier writes a sequence's blocks down tail first), one transfer per power-of-two piece (pageable rows staged
-once into pinned memory, page-locked ones read directly), split into rows on the device. A KV tier stages its rows
-this way on its own thread (`stage`, waiting there for the transfer, not for the split, which queues behind the steps
-like the write that reads its rows), so the write before a step reads rows already on the device and neither the step
-nor the engine's thread waits for a host-to-device copy.
+once into pinned memory, page-locked ones read directly). Rows on the device stay in the piece they crossed in
+(`OnDevice`): a piece is one device array however many rows it holds, and the write before a step takes one piece
+per dispatch. A KV tier stages its rows this way on its own thread (`stage`, waiting there for the transfer, not for
+the piece's copy out of its landing array, which queues behind the steps like the write that reads its rows), so the
+write before a step reads rows already on the device and neither the step nor the engine's thread waits for a
+host-to-device copy.
 Without pinned_host (logged once) the same calls copy through pageable memory.
 """
 
@@ -185,13 +187,33 @@ def unpack(rows, layout: KVLayout):
 @dataclasses.dataclass
 class StageTimes:
     """Where `stage`'s last call spent its time (seconds): waiting for landing arrays to be free, the copies (and
-    their wait), dispatching the splits; of the copies, enqueuing them (the driver's calls, before the wait). Copies
-    run on the landing thread beside the splits, so the parts may add up to more than the call took."""
+    their wait), dispatching the copies out of the landing arrays; of the copies, enqueuing them (the driver's calls,
+    before the wait). Copies run on the landing thread beside the copies out, so the parts may add up to more than the
+    call took."""
 
     lease: float = 0.0
     copy: float = 0.0
-    split: float = 0.0
+    copy_out: float = 0.0
     enqueue: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class OnDevice:
+    """Row `index` of `piece` (uint8 [n, block_bytes] on the cache's devices). Rows stay in the piece they crossed in:
+    splitting a piece into one device array per row cost a dispatch that grew with its rows, and so did a write
+    taking one argument per row."""
+
+    piece: jax.Array
+    index: int
+
+    def host(self) -> np.ndarray:
+        """The row's bytes on the host (waits for them)."""
+        return np.asarray(self.piece)[self.index]
+
+
+# a pytree whose leaf is the piece: jax.block_until_ready(rows) waits for the rows' pieces (a host buffer they were
+# copied from may be reused only then)
+jax.tree_util.register_dataclass(OnDevice, data_fields=["piece"], meta_fields=["index"])
 
 
 class BlockCopier:
@@ -217,11 +239,11 @@ class BlockCopier:
                               out_shardings=shardings)  # fmt: skip
         # rows whole on every device of the cache, so any one device's copy is all of them (`download`)
         self._gather_packed = jax.jit(lambda c, ids: pack(gather(c, ids, copies=copies)), out_shardings=self._rows_at)
-        self._write_packed = jax.jit(
-            lambda c, ids, rows: write(c, ids, unpack(jnp.stack(rows), layout), copies=copies),
-            donate_argnums=(0,), out_shardings=shardings)  # fmt: skip
+        # rows `take` of one piece into blocks `ids` (a write dispatched per piece, whatever its rows)
+        self._write_piece = jax.jit(lambda c, ids, piece, take: write(c, ids, unpack(piece[take], layout),
+                                                                      copies=copies),
+                                    donate_argnums=(0,), out_shardings=shardings)  # fmt: skip
         self._compiled: dict[tuple[str, int], object] = {}  # (kind, bucket) -> executable
-        self._zero_row = None  # the padding row of packed writes, made once on the device
         self._on_cpu = any(d.platform == "cpu" for d in first.device_set)
         self.use_pinned = use_pinned
         self._staging = pinned(self._rows_at) if use_pinned else None  # pageable rows pass here on their way up
@@ -230,11 +252,11 @@ class BlockCopier:
         self._host_at: dict[int, jax.sharding.Sharding | None] = {}  # device id -> its pinned memory (rows going down)
         # rows per host-to-device transfer: a power of two, by default at most 64 blocks (8B's: 128 MiB)
         self.piece = 1 << (min(max_piece, max(sizes)).bit_length() - 1)
-        self._split = jax.jit(lambda rows: tuple(rows[i] for i in range(rows.shape[0])))
+        self._copy_out = jax.jit(jnp.copy)  # a landed piece out of its reused array (a fresh array, the same rows)
         if land is None:
             land = use_pinned and not self._on_cpu and Landing.usable(self._rows_at)
         # Arrays to land in (`jobs`): three of a piece and one of each smaller size, so that a load of up to four
-        # pieces (a long history) never waits for a piece's split, which runs behind the steps queued on the device.
+        # pieces (a long history) never waits for a piece's copy out, which runs behind the steps queued on the device.
         self._landing = Landing(self._rows_at, layout.block_bytes, 4 * self.piece, land_streams) if land else None
         self._lander = ThreadPoolExecutor(1, thread_name_prefix="rtpjax-kv-land") if land else None  # (`_land`)
         self._down_by_driver = land  # download_into by the driver's copies (the same devices and memory land needs)
@@ -244,14 +266,23 @@ class BlockCopier:
     def jobs(self, cache, packed: bool = False) -> list:
         """One callable per executable to compile (the runner's warm-up runs them in its thread pool); `packed`: also
         those of the KV tiers (packed rows)."""
-        kinds = ("gather", "write") + (("gather_packed", "write_packed") if packed else ())
-        splits = [lambda n=n: self._compile(cache, "split", n) for n in self._split_sizes()] if packed else []
+        kinds = ("gather", "write") + (("gather_packed",) if packed else ())
+        jobs = [lambda n=n, kind=kind: self._compile(cache, kind, n) for n in self.sizes for kind in kinds]
+        if packed:
+            jobs += [lambda n=n, kind=kind: self._compile(cache, kind, n) for kind, n in self._piece_kinds()]
         if packed and self._landing is not None:  # arrays for `stage` to land in: three of a piece, one of each less
-            splits.append(lambda: self._landing.warm([*self._split_sizes(), self.piece, self.piece]))
-        return [lambda n=n, kind=kind: self._compile(cache, kind, n) for n in self.sizes for kind in kinds] + splits
+            jobs.append(lambda: self._landing.warm([*self._piece_sizes(), self.piece, self.piece]))
+        return jobs
 
-    def _split_sizes(self) -> list[int]:
+    def _piece_sizes(self) -> list[int]:
+        """Rows of the pieces rows cross in (powers of two up to `piece`)."""
         return [1 << b for b in range(self.piece.bit_length())]
+
+    def _piece_kinds(self) -> list[tuple[str, int]]:
+        """The executables packed rows go up by: a copy out of a landing array per piece size, a write per piece size
+        (and per gather bucket: a hand-off's pieces come in those)."""
+        writes = sorted(set(self._piece_sizes()) | set(self.sizes))
+        return [("copy_out", n) for n in self._piece_sizes()] + [("write_piece", n) for n in writes]
 
     def _compile(self, cache, kind: str, n: int) -> None:
         ids = jax.ShapeDtypeStruct((n,), jnp.int32)
@@ -260,12 +291,14 @@ class BlockCopier:
             self._compiled[kind, n] = fn.lower(cache, ids).compile()
         elif kind == "write":
             self._compiled[kind, n] = self._write.lower(cache, ids, self._part_shapes(n)).compile()
-        elif kind == "split":
-            rows = jax.ShapeDtypeStruct((n, self.layout.block_bytes), jnp.uint8, sharding=self._rows_at)
-            self._compiled[kind, n] = self._split.lower(rows).compile()
+        elif kind in ("copy_out", "write_piece"):
+            piece = jax.ShapeDtypeStruct((n, self.layout.block_bytes), jnp.uint8, sharding=self._rows_at)
+            if kind == "copy_out":
+                self._compiled[kind, n] = self._copy_out.lower(piece).compile()
+            else:
+                self._compiled[kind, n] = self._write_piece.lower(cache, ids, piece, ids).compile()
         else:
-            row = jax.ShapeDtypeStruct((self.layout.block_bytes,), jnp.uint8, sharding=self._rows_at)
-            self._compiled[kind, n] = self._write_packed.lower(cache, ids, (row,) * n).compile()
+            raise ValueError(f"no block copy of kind {kind!r}")
 
     def _part_shapes(self, n: int) -> tuple:
         """`gather`'s parts for n blocks."""
@@ -358,7 +391,7 @@ class BlockCopier:
 
     def first_runs(self, cache):
         """Run each compiled packed copy once (the KV tiers'), one at a time, on inputs that change nothing: a gather
-        of block 0 and its download, writes to ids past the cache, a split of zeros, one staged row; as the runner
+        of block 0 and its download, writes to ids past the cache, a copy of zeros, one staged row; as the runner
         runs each step shape, since an executable's first run does one-time setup on the device, which a load would
         otherwise wait for in the step's queue. Returns the cache (the writes donate it)."""
         bb, smallest = self.layout.block_bytes, None
@@ -366,11 +399,11 @@ class BlockCopier:
             if kind == "gather_packed":
                 rows = jax.block_until_ready(executable(cache, np.zeros(n, np.int32)))
                 smallest = rows if smallest is None or n < smallest.shape[0] else smallest
-            elif kind == "split":
+            elif kind == "copy_out":
                 jax.block_until_ready(executable(jnp.zeros((n, bb), jnp.uint8, device=self._rows_at)))
-            elif kind == "write_packed":
-                zero = jnp.zeros(bb, jnp.uint8, device=self._rows_at)
-                cache = jax.block_until_ready(executable(cache, np.full(n, self.num_blocks, np.int32), (zero,) * n))
+            elif kind == "write_piece":
+                piece, past = jnp.zeros((n, bb), jnp.uint8, device=self._rows_at), np.full(n, self.num_blocks, np.int32)
+                cache = jax.block_until_ready(executable(cache, past, piece, np.zeros(n, np.int32)))
         if smallest is not None:  # a download into a host row, as a KV tier's
             self.download_into(smallest, [np.empty(bb, np.uint8)])
         if self._landing is not None:
@@ -378,48 +411,44 @@ class BlockCopier:
         return cache
 
     def compile_packed(self, cache, kind: str) -> None:
-        """Compile one kind of packed copy ("gather_packed", "write_packed") now, not at first use: an engine that
-        hands K/V over moves blocks as packed rows."""
-        for n in self.sizes:
-            if (kind, n) not in self._compiled:
-                self._compile(cache, kind, n)
-        for n in self._split_sizes() if kind == "write_packed" else ():
-            if ("split", n) not in self._compiled:
-                self._compile(cache, "split", n)
+        """Compile the packed copies one way ("gather_packed": down, "write_packed": up) now, not at first use: an
+        engine that hands K/V over moves blocks as packed rows."""
+        wanted = [("gather_packed", n) for n in self.sizes] if kind == "gather_packed" else self._piece_kinds()
+        for kind_n in wanted:
+            if kind_n not in self._compiled:
+                self._compile(cache, *kind_n)
 
-    def put_rows(self, rows: np.ndarray, page_locked: bool = False) -> list[jax.Array]:
+    def put_rows(self, rows: np.ndarray, page_locked: bool = False) -> list[OnDevice]:
         """Host rows uint8 [k, block_bytes] on every device of the cache, as write_packed takes them: copies, never
         views of `rows` (whose memory may be reused once they are ready). `page_locked`: `rows` lie in memory mapped
         for the devices' DMA (not staged)."""
         return self._up(list(rows), page_locked)
 
-    def _up(self, rows: list, page_locked: bool) -> list[jax.Array]:
-        """Host rows as rows on the cache's devices (rows already there stay): each run of back-to-back host rows
-        crosses in power-of-two pieces, one transfer each, split into rows on the device."""
+    def _up(self, rows: list, page_locked: bool) -> list[OnDevice]:
+        """Rows as rows on the cache's devices (rows already there stay; a piece on other devices is put there once):
+        each run of back-to-back host rows crosses in power-of-two pieces, one transfer each."""
         rows = self._checked(rows)
-        out, on_host, placed = list(rows), False, set()  # placed: shardings found where rows go (staged rows share one)
-        moved = []
+        out, on_host, placed = list(rows), False, {}  # placed: id(piece) -> the piece where rows go
         for i, row in enumerate(rows):
             if isinstance(row, np.ndarray):
                 on_host = True
-            elif (row.sharding, row.ndim) not in placed:
-                if row.sharding.is_equivalent_to(self._rows_at, row.ndim):
-                    placed.add((row.sharding, row.ndim))
-                else:
-                    moved.append(i)
-        if moved:
-            for i, row in zip(moved, jax.device_put([rows[i] for i in moved], self._rows_at)):
-                out[i] = row
+                continue
+            piece = placed.get(id(row.piece))
+            if piece is None:
+                same = row.piece.sharding.is_equivalent_to(self._rows_at, 2)
+                piece = placed[id(row.piece)] = row.piece if same else jax.device_put(row.piece, self._rows_at)
+            if piece is not row.piece:
+                out[i] = OnDevice(piece, row.index)
         for start, got in self._move(rows, page_locked) if on_host else ():
             out[start : start + len(got)] = got
         return out
 
-    def stage(self, rows: list[np.ndarray], page_locked: bool = False) -> list[jax.Array]:
+    def stage(self, rows: list[np.ndarray], page_locked: bool = False) -> list[OnDevice]:
         """Host rows as rows on the cache's devices (in order, as write_packed takes them), returned once they have
         arrived: a KV tier calls this off the engine's thread, so neither a step (nor the write before one) nor the
-        engine's thread waits for the transfer. Their split into rows is only queued: it runs on the device behind
-        the steps queued there, as the write that takes them will (waiting for it here would wait for those steps).
-        The rows never alias `rows`, and `rows` may be reused once this returns."""
+        engine's thread waits for the transfer. A landed piece's copy out of its landing array is only queued: it
+        runs on the device behind the steps queued there, as the write that takes its rows will (waiting for it here
+        would wait for those steps). The rows never alias `rows`, and `rows` may be reused once this returns."""
         rows = self._checked(rows)
         if not all(isinstance(row, np.ndarray) for row in rows):
             raise ValueError("stage takes host rows (numpy arrays) only")
@@ -431,14 +460,13 @@ class BlockCopier:
                 self._landing = None
         began = time.perf_counter()
         out = [row for _, got in self._move(rows, page_locked, wait=True) for row in got]
-        self.last_stage = StageTimes(copy=time.perf_counter() - began)  # (the splits' dispatch included)
+        self.last_stage = StageTimes(copy=time.perf_counter() - began)
         return out
 
-    def _land(self, rows: list[np.ndarray]) -> list[jax.Array]:
+    def _land(self, rows: list[np.ndarray]) -> list[OnDevice]:
         """`stage` through landing arrays: each `piece` rows copied into one (a copy per run of back-to-back rows,
-        either way in memory), then split into rows on the device; the next piece's copy runs on the landing thread
-        while this one's split is dispatched (the transfer then costs the copies and one split). An array is reused
-        once its split has run."""
+        either way in memory), then copied out into a fresh array; the next piece's copy runs on the landing thread
+        while this one's copy out is dispatched. An array is reused once its copy out has run."""
         chunks = [rows[i : i + self.piece] for i in range(0, len(rows), self.piece)]
         out, times = [], StageTimes()
         ahead = None
@@ -447,15 +475,15 @@ class BlockCopier:
             ahead = self._lander.submit(self._land_piece, chunks[i + 1], times) if i + 1 < len(chunks) else None
             began = time.perf_counter()
             try:
-                split = landing.in_order(self._split_rows(land)[: len(chunk)], chunk_runs)
+                got = landing.in_order(self.unstage([land])[: len(chunk)], chunk_runs)
             except Exception:
                 self._landing.give_back(land, None)
                 if ahead is not None and ahead.exception() is None:  # (waits for the copy: nothing left writing)
                     self._landing.give_back(ahead.result()[0], None)
                 raise
-            self._landing.give_back(land, split[0])
-            out += split
-            times.split += time.perf_counter() - began
+            self._landing.give_back(land, got[0].piece)
+            out += got
+            times.copy_out += time.perf_counter() - began
         self.last_stage = times
         return out
 
@@ -474,38 +502,43 @@ class BlockCopier:
         times.lease, times.copy = times.lease + leased - began, times.copy + time.perf_counter() - leased
         return land, chunk_runs
 
-    def unstage(self, pieces: list[jax.Array]) -> list[jax.Array]:
-        """Pieces [n, block_bytes] on the device as rows, as write_packed takes them."""
-        return [row for piece in pieces for row in self._split_rows(piece)]
+    def unstage(self, pieces: list[jax.Array]) -> list[OnDevice]:
+        """Pieces [n, block_bytes] on the device, in arrays that will be reused, as rows of fresh copies of them."""
+        return [row for piece in pieces for row in
+                self._rows_of(self._compiled.get(("copy_out", piece.shape[0]), self._copy_out)(piece))]  # fmt: skip
 
-    def _split_rows(self, piece: jax.Array, backwards: bool = False) -> list[jax.Array]:
-        """A piece on the device as its rows (a split compiled at warm-up; a single row is one already), in the order
-        of the host rows it came from (`backwards`: they lay backwards in memory)."""
-        if piece.ndim == 1:
-            return [piece]
-        rows = list(self._compiled.get(("split", piece.shape[0]), self._split)(piece))
+    @staticmethod
+    def _rows_of(piece: jax.Array, backwards: bool = False) -> list[OnDevice]:
+        """A piece's rows in the order of the host rows they came from (`backwards`: they lay backwards in memory)."""
+        rows = [OnDevice(piece, i) for i in range(piece.shape[0])]
         return rows[::-1] if backwards else rows
 
-    def _move(self, rows: list, page_locked: bool, wait: bool = False) -> list[tuple[int, list[jax.Array]]]:
+    def _move(self, rows: list, page_locked: bool, wait: bool = False) -> list[tuple[int, list[OnDevice]]]:
         """(index of the first, device rows) for each piece of the host rows among `rows` (`_host_pieces`); `wait`:
-        for the transfers (not for the splits)."""
+        for the transfers."""
         pieces = self._host_pieces(rows)
         moved = self._transfer([view for _, view, _ in pieces], page_locked) if pieces else []
         if wait:
             jax.block_until_ready(moved)
-        return [(start, self._split_rows(piece, backwards)) for (start, _, backwards), piece in zip(pieces, moved)]
+        return [(start, self._rows_of(piece, backwards)) for (start, _, backwards), piece in zip(pieces, moved)]
 
     def _checked(self, rows: list) -> list:
         bb = self.layout.block_bytes
         for row in rows:
-            if isinstance(row, np.ndarray) and (row.dtype != np.uint8 or row.shape != (bb,)):
+            if isinstance(row, OnDevice):
+                if row.piece.dtype != np.uint8 or row.piece.ndim != 2 or row.piece.shape[1] != bb:
+                    raise ValueError(f"a packed device piece must be uint8 [n, {bb}], got {row.piece.dtype} "
+                                     f"{list(row.piece.shape)}")  # fmt: skip
+            elif not isinstance(row, np.ndarray):
+                raise TypeError(f"packed rows are host rows (numpy) or block_copy.OnDevice rows, got {type(row)}")
+            elif row.dtype != np.uint8 or row.shape != (bb,):
                 raise ValueError(f"a packed host row must be uint8 [{bb}], got {row.dtype} {list(row.shape)}")
         return [np.ascontiguousarray(r) if isinstance(r, np.ndarray) else r for r in rows]
 
     def _host_pieces(self, rows: list) -> list[tuple[int, np.ndarray, bool]]:
         """(index of its first row, view, backwards) of each power-of-two piece of each run of back-to-back host rows
-        (`runs`): a view of the piece's rows in memory order ([n, block_bytes]; one row: the row itself), and whether
-        that order is the run's reversed."""
+        (`runs`): a view of the piece's rows in memory order ([n, block_bytes]), and whether that order is the run's
+        reversed."""
         out = []
         for start, count, step in runs(rows):
             if not isinstance(rows[start], np.ndarray):
@@ -513,7 +546,7 @@ class BlockCopier:
             size = rows[start].size
             for n in powers(count, self.piece):
                 low = rows[start + n - 1] if step < 0 else rows[start]  # the piece's first row in memory
-                view = low if n == 1 else np.lib.stride_tricks.as_strided(low, (n, size), (size, 1), writeable=False)
+                view = np.lib.stride_tricks.as_strided(low, (n, size), (size, 1), writeable=False)
                 out.append((start, view, step < 0 and n > 1))
                 start += n
         return out
@@ -529,17 +562,22 @@ class BlockCopier:
         return jax.device_put(pieces, self._rows_at, may_alias=False)
 
     def write_packed(self, cache, blocks: list[int], packed: PackedBlocks, take: list[int] | None = None):
-        """The cache with packed rows (rows `take` of them, else all in order) written into `blocks`. Host rows cross
-        in runs (`_up`: from page-locked memory where the tier could map it, no staging copy) to every device the
-        cache spans, not the default one (rows already there stay), all before the first write; the cache passed in is
-        donated."""
+        """The cache with packed rows (rows `take` of them, else all in order) written into `blocks`, one write per
+        piece the rows lie in. Host rows cross in runs (`_up`: from page-locked memory where the tier could map it, no
+        staging copy) to every device the cache spans, not the default one (rows already there stay), all before the
+        first write; the cache passed in is donated."""
         self.layout.require(packed.layout)
-        if self._zero_row is None:
-            self._zero_row = jnp.zeros(self.layout.block_bytes, jnp.uint8, device=self._rows_at)
         chosen = self._up(packed.rows if not take else [packed.rows[r] for r in take], packed.page_locked)
-        for start, real, bucket in self._pieces(len(blocks)):
-            ids = np.full(bucket, self.num_blocks, np.int32)  # past the cache: dropped
-            ids[:real] = blocks[start : start + real]
-            rows = tuple(chosen[start : start + real]) + (self._zero_row,) * (bucket - real)
-            cache = self._compiled.get(("write_packed", bucket), self._write_packed)(cache, ids, rows)
+        if len(chosen) != len(blocks):
+            raise ValueError(f"{len(chosen)} packed rows for {len(blocks)} blocks")
+        by_piece: dict[int, tuple[jax.Array, list[tuple[int, int]]]] = {}
+        for block, row in zip(blocks, chosen):
+            by_piece.setdefault(id(row.piece), (row.piece, []))[1].append((block, row.index))
+        for piece, entries in by_piece.values():
+            n = piece.shape[0]
+            for at in range(0, len(entries), n):  # (more entries than rows: a row written into several blocks)
+                ids, take_rows = np.full(n, self.num_blocks, np.int32), np.zeros(n, np.int32)  # padding: dropped
+                part = entries[at : at + n]
+                ids[: len(part)], take_rows[: len(part)] = [b for b, _ in part], [i for _, i in part]
+                cache = self._compiled.get(("write_piece", n), self._write_piece)(cache, ids, piece, take_rows)
         return cache

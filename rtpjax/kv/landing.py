@@ -3,8 +3,8 @@
 On GPUs XLA allocates in step order: a new device array may only be written once every computation queued before it
 was made has run, so each `device_put` of host rows waits for the steps ahead of it on the device, under load far
 longer than the copy itself. A KV tier's onload thread instead copies its rows, with
-the driver's host-to-device copy on a stream of its own, into arrays made once and reused (`Landing`); the split that
-reads them queues behind the steps as a step's write would, and an array is reused only after that split has run.
+the driver's host-to-device copy on a stream of its own, into arrays made once and reused (`Landing`); the copy out
+that reads them queues behind the steps as a step's write would, and an array is reused only after it has run.
 This and disagg's device-to-device hand-off are where rtpjax writes device memory behind XLA's back; both write only
 arrays that nothing else holds.
 """
@@ -62,7 +62,7 @@ def moves(rows: list[np.ndarray], runs: list[tuple[int, int, int]]) -> list[tupl
 
 
 def in_order(landed: list, runs: list[tuple[int, int, int]]) -> list:
-    """The rows of a landing array (as split, in its row order) in the order of the host rows they came from: each
+    """The rows of a landing array (in its row order) in the order of the host rows they came from: each
     backward run of `runs` landed reversed."""
     out = list(landed)
     for start, count, step in runs:

@@ -204,7 +204,7 @@ class LoadWaits:
         if stage is not None:  # the transfer's own parts
             enqueue = f" of which enqueuing {1e3 * stage.enqueue:.1f}" if stage.enqueue else ""  # (driver copies)
             slowest += (f" (of its transfer: landing {1e3 * stage.lease:.1f}, copy {1e3 * stage.copy:.1f}{enqueue}, "
-                        f"split {1e3 * stage.split:.1f})")  # fmt: skip
+                        f"copy out {1e3 * stage.copy_out:.1f})")  # fmt: skip
         slowest += f" ({blocks} blocks, {pieces} runs)"
         return f"{self.count} loads waited (mean/max ms) {phases}; the slowest {slowest}"
 
@@ -751,7 +751,7 @@ class KVTiers:
         used = range(skip, skip + n)
         from_disk = sum(fetch.from_disk[i] for i in used)
         lookup = Lookup(len(fetch.hashes) - skip, n - from_disk, from_disk)
-        if fetch.staged is not None:  # on the device already: split into rows, no transfer left for the step
+        if fetch.staged is not None:  # on the device already: no transfer left for the step
             with self.lock:
                 self._unstage(fetch)
                 if fetch.staged:  # (none: nothing intact, or the transfer failed)
