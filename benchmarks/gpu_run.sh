@@ -167,7 +167,7 @@ quant_flag() {  # the serve / offline flags of a format name: none, a --quantiza
 format_runs() {  # "NAME|FLAGS" per weight format in $1 and --quantized-decode value in DECODES ("auto"); bf16 once
   local first; first=$(echo ${DECODES:-auto} | cut -d' ' -f1)
   for q in $1; do for d in ${DECODES:-auto}; do
-    if [ "$q" = none ]; then [ "$d" = "$first" ] && echo "none|"
+    if [ "${q%%-*}" = none ]; then [ "$d" = "$first" ] && echo "$q|$(quant_flag "$q")"  # bf16 weights: run once
     else echo "$q$([ "$d" = auto ] || echo "_$d")|$(quant_flag "$q") --quantized-decode $d"; fi
   done; done
 }

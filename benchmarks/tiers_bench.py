@@ -6,8 +6,8 @@
                               written into the cache by the compiled packed write (block_copy.write_packed)
   onload_rows                 the same before: one pageable transfer per block
   onload_staged_N             what a fetch waits for before admission (the tier's onload thread: block_copy.stage):
-                              the page-locked rows on the device in pieces of at most N blocks, split into rows, not
-                              yet written into the cache (the engine's write before the step does that)
+                              the page-locked rows on the device in pieces of at most N blocks, not yet written
+                              into the cache (the engine's write before the step does that)
   onload_staged_64_streamsS   (GPUs) pieces of 64 with each copy cut over S streams of the device (copy engines)
   onload_staged_64_during_steps  pieces of 64 while the device computes back to back (a thread queues matmuls one
                               ahead, as the engine queues steps; steps_during_onload: how many ran); _device_put:

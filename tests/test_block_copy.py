@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from rtpjax.kv import block_copy
-from rtpjax.kv.block_copy import BlockCopier, OnDevice, gather, powers, runs
+from rtpjax.kv.block_copy import BlockCopier, OnDevice, gather, host_rows, powers, runs
 from rtpjax.kv.host_blocks import KVLayout, PackedBlocks
 
 LAYOUT = KVLayout("float32", 4, 2, 2, 8)
@@ -134,6 +134,45 @@ def test_rows_of_one_piece_go_to_any_blocks_in_one_write():
         copier.write_packed(cache, [1], PackedBlocks(LAYOUT, [jnp.asarray(host[0])]))
     with pytest.raises(ValueError, match="2 packed rows for 1 blocks"):
         copier.write_packed(cache, [1], PackedBlocks(LAYOUT, rows[:2]))
+    assert copier.write_packed(cache, [], PackedBlocks(LAYOUT, rows[:2]), []) is cache  # nothing left to load
+    assert writes == [4, 4]
+    mixed = [rows[3], host[1], rows[0]]  # device rows and a host row, as one host array (a hand-off's relayout)
+    np.testing.assert_array_equal(host_rows(mixed), host[[3, 1, 0]])
+
+
+def test_pieces_of_a_hand_offs_buckets_compile_nothing_and_others_are_said(caplog):
+    """A hand-off's pieces come in the gather buckets, past the landing piece size: copied out and written by
+    executables compiled at warm-up; a piece of a size no bucket has (an engine of other buckets) compiles at once,
+    said once."""
+    cache = _cache(num_blocks=40)
+    copier = BlockCopier(cache, LAYOUT, [4, 8, 16, 32], max_piece=8)
+    for job in copier.jobs(cache, packed=True):
+        job()
+    host = np.random.default_rng(10).integers(0, 256, (32, LAYOUT.block_bytes), dtype=np.uint8)
+    rows = copier.unstage([jnp.asarray(host)])
+    cache = copier.write_packed(cache, list(range(32)), PackedBlocks(LAYOUT, rows))
+    assert copier._copy_out._cache_size() == 0 and copier._write_piece._cache_size() == 0
+    np.testing.assert_array_equal(np.asarray(block_copy.pack(gather(cache, np.arange(32), copies=1))), host)
+    with caplog.at_level("WARNING", logger="rtpjax"):
+        for _ in range(2):
+            odd = copier.unstage([jnp.asarray(host[:12])])
+            cache = copier.write_packed(cache, list(range(12)), PackedBlocks(LAYOUT, odd))
+    assert caplog.text.count("a piece of 12 rows compiles copy_out now") == 1
+    assert caplog.text.count("a piece of 12 rows compiles write_piece now") == 1
+
+
+def test_staged_rows_count_the_whole_landing_pieces(monkeypatch):
+    """A staging holds each landing piece whole until its rows are written (the last one rounded up to a power of
+    two): what the tiers count against their staging bound. Without landing arrays the rows are exact."""
+    _HostCopies(monkeypatch)
+    cache = _cache()
+    landed = _copier(cache, land=True)
+    assert landed.piece == 16
+    assert [landed.staged_rows(n) for n in (1, 9, 16, 17, 23, 32)] == [1, 16, 16, 17, 24, 32]
+    buf = np.random.default_rng(11).integers(0, 256, (9, LAYOUT.block_bytes), dtype=np.uint8)
+    got = landed.stage(list(buf), page_locked=True)
+    assert {r.piece.shape[0] for r in got} == {landed.staged_rows(9)}
+    assert [_copier(cache).staged_rows(n) for n in (9, 23)] == [9, 23]
 
 
 def _host(rows) -> np.ndarray:
@@ -289,6 +328,8 @@ def test_staged_rows_land_in_reused_arrays_by_the_driver(monkeypatch):
     assert 0 < times.enqueue <= times.copy and times.lease >= 0 and times.copy_out > 0
     np.testing.assert_array_equal(_host(first), sent[slots])
     assert all(r.piece is not a for r in first for a, _ in copier._landing.arrays._idle)  # copies, not the arrays
+    guards = {id(guard) for _, guard in copier._landing.arrays._idle if guard is not None}
+    assert {id(r.piece) for r in first} <= guards  # each array reused only once its copy out has run
     idle = [a for a, _ in copier._landing.arrays._idle]
     second = copier.stage([buf[s] for s in range(18, 40)], page_locked=True)  # 22 rows: a piece of 16, then 8
     assert {id(a) for a, _ in copier._landing.arrays._idle} == {id(a) for a in idle}, "landing arrays were made anew"
@@ -308,7 +349,7 @@ def test_the_next_pieces_copy_runs_while_a_copy_out_is_dispatched(monkeypatch):
     buf = np.random.default_rng(7).integers(0, 256, (3 * piece, LAYOUT.block_bytes), dtype=np.uint8)
     unstage, copied, fail = copier.unstage, [], []
 
-    def split(arrays):
+    def copy_out(arrays):
         ahead = min(len(copied) + 2, 3)  # copies made by now if the next piece's runs ahead (one copy a piece)
         deadline = time.monotonic() + 2
         while len(cuda.copies) - base < ahead and time.monotonic() < deadline:
@@ -318,7 +359,7 @@ def test_the_next_pieces_copy_runs_while_a_copy_out_is_dispatched(monkeypatch):
             raise RuntimeError("copy out failed")
         return unstage(arrays)
 
-    monkeypatch.setattr(copier, "unstage", split)
+    monkeypatch.setattr(copier, "unstage", copy_out)
     base = 0
     got = copier.stage([buf[s] for s in range(3 * piece)], page_locked=True)
     assert copied == [2, 3, 3]

@@ -255,6 +255,9 @@ class _Copier:
         self.staged.append(len(rows))
         return [np.array(row) for row in rows]
 
+    def staged_rows(self, n):
+        return n
+
 
 def _until(condition, seconds: float = 30.0) -> None:
     deadline = time.monotonic() + seconds
@@ -288,6 +291,31 @@ def test_fetched_rows_are_staged_on_the_device_within_a_bound():
         np.testing.assert_array_equal(np.stack(packed.rows), rows[4:6])
         assert packed.lease is None and lookup.from_host == 2 and copier.staged == [3, 3]
         assert not any(tiers.host.leases) and tiers.staged_blocks == 0, "staged rows kept host rows or the bound"
+    finally:
+        copier.gate.set()
+        tiers.close()
+
+
+def test_the_staging_bound_counts_the_device_rows_a_staging_holds():
+    """A copier whose staging holds more device rows than it stages (whole landing pieces): the bound counts those,
+    so a second fetch of 2 blocks waits behind a first that holds 4, and goes once the first is taken."""
+    tiers, copier = _tiers(), _Copier()
+    copier.staged_rows = lambda n: 4  # as a landing piece of 4 rows would
+    tiers.use_copier(copier, max_staged=6, max_gathered=8)
+    rows = np.random.default_rng(3).integers(0, 256, (4, LAYOUT.block_bytes), dtype=np.uint8)
+    hashes = [bytes([i + 60]) * 16 for i in range(4)]
+    try:
+        for h, row in zip(hashes, rows):
+            tiers.host.put(h, row)
+        first = tiers.fetch(hashes[:2], 0)
+        second = tiers.fetch(hashes[2:], 0)  # 4 + 4 > 6: held back (2 + 2 rows would have fit)
+        assert first.onloading and not second.onloading and tiers.staged_blocks == 4
+        copier.gate.set()
+        _until(lambda: tiers.poll(first))
+        tiers.take(first, 0, 2)
+        _until(lambda: tiers.poll(second))
+        tiers.take(second, 0, 2)
+        assert tiers.staged_blocks == 0
     finally:
         copier.gate.set()
         tiers.close()

@@ -185,6 +185,9 @@ def test_quant_table_compares_serving_runs_named_by_format(tmp_path):
     table = json.loads(out.read_text())
     assert table["fp8"]["vs_bf16"] == pytest.approx({"serve_tok_s": 1.3, "p95_ttft_ms": 0.75, "p95_itl_ms": 0.75})
     assert table["bf16"]["serve_tok_s"] == 14000.0
+    quant_bench.main(["--table", run("none", 14000.0, 800.0, 20.0), run("none-kvfp8", 15400.0, 700.0, 18.0),
+                      "--out", str(out)])  # fmt: skip
+    assert json.loads(out.read_text())["bf16-kvfp8"]["vs_bf16"]["serve_tok_s"] == pytest.approx(1.1)  # as offline
     offline = tmp_path / "offline.json"  # an offline run beside serving ones: refused, not a table of mixed columns
     offline.write_text(json.dumps({"quantization": "int8", "decode": {"1": {"decode_tokens_per_s": 1.0},
                                                                       "32": {"decode_tokens_per_s": 1.0}}}))

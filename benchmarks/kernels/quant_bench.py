@@ -327,6 +327,8 @@ def engine_table(paths: list[str]) -> dict:
         if not name and "decode" not in run:
             raise ValueError(f"--table: name the format of serving run {path} (FORMAT=PATH, none= for bf16)")
         fmt = (name if name != "none" else "") or run.get("quantization") or "bf16"
+        if fmt.startswith("none-"):  # bf16 weights with something else changed (none-kvfp8: bf16-kvfp8)
+            fmt = "bf16" + fmt[4:]
         if not name and run.get("quantize_lm_head"):
             fmt += "-head"  # the head quantized too (gpu_run.sh's METHOD-head)
         if not name and run.get("kv_cache_dtype", "auto") != "auto":

@@ -18,6 +18,7 @@ overlap = (copy + compute - t) / min(copy, compute): 1 where a way hides the cop
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import jax
@@ -50,65 +51,55 @@ def _timed(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
+def _ways(x, w, host_kv: list, groups: int, on_device) -> dict:
+    """A callable per way (the module's docstring), each queuing its programs and returning their output."""
+
+    def layers(x, w, kvs, put=False):
+        for kv in kvs:
+            x = _layer(_uses(x, jax.device_put(kv, on_device) if put else kv), w)
+        return x
+
+    compute = jax.jit(lambda x, w: functools.reduce(lambda h, _: _layer(h, w), host_kv, x))
+    copy = jax.jit(lambda kvs: [jax.device_put(kv, on_device) for kv in kvs])
+    in_jit = jax.jit(functools.partial(layers, put=True))
+    on_device_layers = jax.jit(layers)
+    per = -(-len(host_kv) // groups)
+
+    def in_groups():
+        out = x
+        for g in range(0, len(host_kv), per):
+            out = on_device_layers(out, w, jax.device_put(host_kv[g : g + per], on_device))
+        return out
+
+    return {"compute": lambda: compute(x, w), "copy": lambda: copy(host_kv),
+            "serial": lambda: on_device_layers(x, w, copy(host_kv)), "in_jit": lambda: in_jit(x, w, host_kv),
+            "groups": in_groups}  # fmt: skip
+
+
 def measure(tokens: int, hidden: int, ffn: int, layers: int, kv_mib_per_layer: float, groups: int,
             repeats: int) -> dict:  # fmt: skip
     device = jax.devices()[0]
     on_device = jax.sharding.SingleDeviceSharding(device)
-    on_host = on_device.with_memory_kind("pinned_host")
     key = jax.random.split(jax.random.key(0), 5)
-    scale = hidden**-0.5
-    w = tuple(jax.random.normal(k, shape, jnp.bfloat16) * scale for k, shape in zip(
+    w = tuple(jax.random.normal(k, shape, jnp.bfloat16) * hidden**-0.5 for k, shape in zip(
         key[:4], [(hidden, hidden + hidden // 2), (hidden, hidden), (hidden, 2 * ffn), (ffn, hidden)]))  # fmt: skip
     x = jax.random.normal(key[4], (tokens, hidden), jnp.bfloat16)
     rows = max(1, int(kv_mib_per_layer * 2**20) // (2 * hidden))
-    host_kv = [jax.device_put(np.full((rows, hidden), i % 7, np.float32).astype(jnp.bfloat16), on_host)
-               for i in range(layers)]  # fmt: skip
-
-    def compute(x, w):
-        for _ in range(layers):
-            x = _layer(x, w)
-        return x
-
-    def copy(kvs):
-        return [jax.device_put(kv, on_device) for kv in kvs]
-
-    def in_jit(x, w, kvs):
-        for kv in kvs:
-            x = _layer(_uses(x, jax.device_put(kv, on_device)), w)
-        return x
-
-    def group_step(x, w, kvs):
-        for kv in kvs:
-            x = _layer(_uses(x, kv), w)
-        return x
-
-    compute_j, copy_j, in_jit_j = jax.jit(compute), jax.jit(copy), jax.jit(in_jit)
-    group_j = jax.jit(group_step)
-    serial_j = jax.jit(lambda x, w, kvs: group_step(x, w, kvs))
-    per = -(-layers // groups)
-
-    def groups_run():
-        out = x
-        for g in range(0, layers, per):
-            out = group_j(out, w, jax.device_put(host_kv[g : g + per], on_device))
-        return out
-
-    t = {"compute": _timed(lambda: compute_j(x, w), repeats), "copy": _timed(lambda: copy_j(host_kv), repeats)}
-    t["serial"] = _timed(lambda: serial_j(x, w, copy_j(host_kv)), repeats)
-    t["in_jit"] = _timed(lambda: in_jit_j(x, w, host_kv), repeats)
-    t["groups"] = _timed(groups_run, repeats)
-    want = np.asarray(serial_j(x, w, copy_j(host_kv)), np.float32)
-    differs = {name: float(np.max(np.abs(np.asarray(fn(), np.float32) - want)))
-               for name, fn in (("in_jit", lambda: in_jit_j(x, w, host_kv)), ("groups", groups_run))}  # fmt: skip
+    host_kv = [jax.device_put(np.full((rows, hidden), i % 7, np.float32).astype(jnp.bfloat16),
+                              on_device.with_memory_kind("pinned_host")) for i in range(layers)]  # fmt: skip
+    ways = _ways(x, w, host_kv, groups, on_device)
+    t = {name: _timed(fn, repeats) for name, fn in ways.items()}
+    want = np.asarray(ways["serial"](), np.float32)
+    differs = {name: float(np.max(np.abs(np.asarray(ways[name](), np.float32) - want)))
+               for name in ("in_jit", "groups")}  # fmt: skip
     kv_bytes = layers * rows * hidden * 2
-    hidden_part = min(t["copy"], t["compute"])
     result = dict(device=device.device_kind, tokens=tokens, hidden=hidden, ffn=ffn, layers=layers, groups=groups,
                   kv_bytes=kv_bytes, copy_GBps=kv_bytes / t["copy"] / 1e9, max_abs_diff_vs_serial=differs,
                   **{f"{k}_ms": 1e3 * v for k, v in t.items()},
-                  **{f"overlap_{k}": (t["copy"] + t["compute"] - t[k]) / hidden_part
+                  **{f"overlap_{k}": (t["copy"] + t["compute"] - t[k]) / min(t["copy"], t["compute"])
                      for k in ("serial", "in_jit", "groups")})  # fmt: skip
     print(f"{'way':8} {'ms':>9} {'overlap':>8}")
-    for k in ("compute", "copy", "serial", "in_jit", "groups"):
+    for k in t:
         overlap = result.get(f"overlap_{k}")
         print(f"{k:8} {1e3 * t[k]:9.2f} {'' if overlap is None else f'{overlap:8.2f}'}")
     return result

@@ -43,6 +43,7 @@ from rtpjax.kv.landing import Landing
 log = logging.getLogger("rtpjax")
 PINNED = "pinned_host"
 _warned: set[str] = set()
+_warned_sizes: set[tuple[str, int]] = set()  # (copy kind, rows) compiled at first use, said once
 _locked: dict[int, int] = {}  # start address -> end of host memory mapped for the devices' DMA (dma_mapper)
 _locked_lock = threading.Lock()
 
@@ -211,6 +212,13 @@ class OnDevice:
         return np.asarray(self.piece)[self.index]
 
 
+def host_rows(rows: list) -> np.ndarray:
+    """Rows (host rows or OnDevice) as one host array [n, block_bytes], each piece read once."""
+    pieces: dict[int, np.ndarray] = {}
+    return np.stack([row if isinstance(row, np.ndarray) else
+                     pieces.setdefault(id(row.piece), np.asarray(row.piece))[row.index] for row in rows])  # fmt: skip
+
+
 # a pytree whose leaf is the piece: jax.block_until_ready(rows) waits for the rows' pieces (a host buffer they were
 # copied from may be reused only then)
 jax.tree_util.register_dataclass(OnDevice, data_fields=["piece"], meta_fields=["index"])
@@ -279,10 +287,27 @@ class BlockCopier:
         return [1 << b for b in range(self.piece.bit_length())]
 
     def _piece_kinds(self) -> list[tuple[str, int]]:
-        """The executables packed rows go up by: a copy out of a landing array per piece size, a write per piece size
-        (and per gather bucket: a hand-off's pieces come in those)."""
-        writes = sorted(set(self._piece_sizes()) | set(self.sizes))
-        return [("copy_out", n) for n in self._piece_sizes()] + [("write_piece", n) for n in writes]
+        """The executables packed rows go up by: a copy out of a reused array and a write, per piece size (landing
+        pieces) and per gather bucket (a hand-off's pieces come in those of an engine with this one's buckets)."""
+        sizes = sorted(set(self._piece_sizes()) | set(self.sizes))
+        return [(kind, n) for kind in ("copy_out", "write_piece") for n in sizes]
+
+    def staged_rows(self, n: int) -> int:
+        """Device rows that staging n host rows holds until they are written: a landing piece is copied out whole, so
+        a last piece of fewer rows than `piece` holds the power of two above them."""
+        if self._landing is None or n % self.piece == 0:
+            return n
+        return n - n % self.piece + (1 << (n % self.piece - 1).bit_length())
+
+    def _executable(self, kind: str, n: int, fallback):
+        """The compiled `kind` for pieces of n rows; one of a size warm-up did not compile (a hand-off from an
+        engine of other buckets) compiles now, said once per size."""
+        executable = self._compiled.get((kind, n))
+        if executable is None and (kind, n) not in _warned_sizes:
+            _warned_sizes.add((kind, n))
+            log.warning("KV block copies: a piece of %d rows compiles %s now (not a size of this engine's buckets: "
+                        "give both engines of a hand-off the same --max-model-len)", n, kind)  # fmt: skip
+        return executable or fallback
 
     def _compile(self, cache, kind: str, n: int) -> None:
         ids = jax.ShapeDtypeStruct((n,), jnp.int32)
@@ -504,8 +529,8 @@ class BlockCopier:
 
     def unstage(self, pieces: list[jax.Array]) -> list[OnDevice]:
         """Pieces [n, block_bytes] on the device, in arrays that will be reused, as rows of fresh copies of them."""
-        return [row for piece in pieces for row in
-                self._rows_of(self._compiled.get(("copy_out", piece.shape[0]), self._copy_out)(piece))]  # fmt: skip
+        return [row for piece in pieces
+                for row in self._rows_of(self._executable("copy_out", piece.shape[0], self._copy_out)(piece))]
 
     @staticmethod
     def _rows_of(piece: jax.Array, backwards: bool = False) -> list[OnDevice]:
@@ -567,17 +592,25 @@ class BlockCopier:
         staging copy) to every device the cache spans, not the default one (rows already there stay), all before the
         first write; the cache passed in is donated."""
         self.layout.require(packed.layout)
+        if not blocks:  # (an adopted request whose every row the prefix cache held)
+            return cache
         chosen = self._up(packed.rows if not take else [packed.rows[r] for r in take], packed.page_locked)
         if len(chosen) != len(blocks):
             raise ValueError(f"{len(chosen)} packed rows for {len(blocks)} blocks")
-        by_piece: dict[int, tuple[jax.Array, list[tuple[int, int]]]] = {}
-        for block, row in zip(blocks, chosen):
-            by_piece.setdefault(id(row.piece), (row.piece, []))[1].append((block, row.index))
-        for piece, entries in by_piece.values():
-            n = piece.shape[0]
-            for at in range(0, len(entries), n):  # (more entries than rows: a row written into several blocks)
-                ids, take_rows = np.full(n, self.num_blocks, np.int32), np.zeros(n, np.int32)  # padding: dropped
-                part = entries[at : at + n]
-                ids[: len(part)], take_rows[: len(part)] = [b for b, _ in part], [i for _, i in part]
-                cache = self._compiled.get(("write_piece", n), self._write_piece)(cache, ids, piece, take_rows)
+        for piece, ids, rows in self._by_piece(blocks, chosen):
+            cache = self._executable("write_piece", piece.shape[0], self._write_piece)(cache, ids, piece, rows)
         return cache
+
+    def _by_piece(self, blocks: list[int], rows: list[OnDevice]):
+        """(piece, block ids, row indices) per write: the blocks whose rows lie in one piece, as many per write as
+        the piece has rows (ids padded past the cache: dropped); more when a row goes into several blocks."""
+        grouped: dict[int, tuple[jax.Array, list[tuple[int, int]]]] = {}
+        for block, row in zip(blocks, rows):
+            grouped.setdefault(id(row.piece), (row.piece, []))[1].append((block, row.index))
+        for piece, entries in grouped.values():
+            n = piece.shape[0]
+            for at in range(0, len(entries), n):
+                ids, take = np.full(n, self.num_blocks, np.int32), np.zeros(n, np.int32)
+                part = entries[at : at + n]
+                ids[: len(part)], take[: len(part)] = [b for b, _ in part], [i for _, i in part]
+                yield piece, ids, take

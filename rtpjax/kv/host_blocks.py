@@ -133,7 +133,7 @@ class PackedBlocks:
     (`lease` gives them back); `page_locked`: that buffer is mapped for the devices' DMA (no staging copy)."""
 
     layout: KVLayout
-    rows: list  # uint8 [block_bytes] each: host rows, or rows already on the device
+    rows: list  # host rows (uint8 [block_bytes] each), or rows already on the device (block_copy.OnDevice)
     lease: object = None
     page_locked: bool = False
 

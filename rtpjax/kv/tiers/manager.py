@@ -678,11 +678,12 @@ class KVTiers:
             if not fetch.onload or fetch.onloading or fetch.dropped or not fetch.ready or not fetch.room:
                 return
             n = fetch.valid
-            if n and self.staged_blocks and self.staged_blocks + n > self.max_staged:
+            held = self.copier.staged_rows(n) if n else 0  # device rows its staging holds (whole landing pieces)
+            if n and self.staged_blocks and self.staged_blocks + held > self.max_staged:
                 return  # poll starts it once staged blocks are taken
-            fetch.onloading, fetch.staged_n = True, n
+            fetch.onloading, fetch.staged_n = True, held
             fetch.times[2] = time.monotonic()
-            self.staged_blocks += n
+            self.staged_blocks += held
         if n:
             self._onloader.submit(self._onload, fetch, n)
         else:
