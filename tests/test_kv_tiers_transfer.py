@@ -296,17 +296,23 @@ def test_fetched_rows_are_staged_on_the_device_within_a_bound():
         tiers.close()
 
 
+def _in_host_tier(tiers, count: int, seed: int, first: int) -> tuple[np.ndarray, list[bytes]]:
+    """`count` random rows put in the host tier and their hashes (hash i: byte first + i, 16 times)."""
+    rows = np.random.default_rng(seed).integers(0, 256, (count, LAYOUT.block_bytes), dtype=np.uint8)
+    hashes = [bytes([i + first]) * 16 for i in range(count)]
+    for h, row in zip(hashes, rows):
+        tiers.host.put(h, row)
+    return rows, hashes
+
+
 def test_the_staging_bound_counts_the_device_rows_a_staging_holds():
     """A copier whose staging holds more device rows than it stages (whole landing pieces): the bound counts those,
     so a second fetch of 2 blocks waits behind a first that holds 4, and goes once the first is taken."""
     tiers, copier = _tiers(), _Copier()
     copier.staged_rows = lambda n: 4  # as a landing piece of 4 rows would
     tiers.use_copier(copier, max_staged=6, max_gathered=8)
-    rows = np.random.default_rng(3).integers(0, 256, (4, LAYOUT.block_bytes), dtype=np.uint8)
-    hashes = [bytes([i + 60]) * 16 for i in range(4)]
+    _, hashes = _in_host_tier(tiers, 4, seed=3, first=60)
     try:
-        for h, row in zip(hashes, rows):
-            tiers.host.put(h, row)
         first = tiers.fetch(hashes[:2], 0)
         second = tiers.fetch(hashes[2:], 0)  # 4 + 4 > 6: held back (2 + 2 rows would have fit)
         assert first.onloading and not second.onloading and tiers.staged_blocks == 4
@@ -326,11 +332,8 @@ def test_a_fetch_without_room_is_not_staged_and_holds_no_bound():
     while a later fetch, ready and with room, is staged; it is staged once the scheduler sees room."""
     tiers, copier = _tiers(), _Copier()
     tiers.use_copier(copier, max_staged=4, max_gathered=8)
-    rows = np.random.default_rng(3).integers(0, 256, (6, LAYOUT.block_bytes), dtype=np.uint8)
-    hashes = [bytes([i + 16]) * 16 for i in range(6)]
+    rows, hashes = _in_host_tier(tiers, 6, seed=3, first=16)
     try:
-        for h, row in zip(hashes, rows):
-            tiers.host.put(h, row)
         big = tiers.fetch(hashes[:4], 0, room=False)
         assert big.ready and not tiers.poll(big, room=False) and not big.onloading and tiers.staged_blocks == 0
         small = tiers.fetch(hashes[4:], 0)  # room: staged at once, past the big one
