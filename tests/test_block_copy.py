@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from rtpjax.kv import block_copy
-from rtpjax.kv.block_copy import BlockCopier, OnDevice, gather, host_rows, powers, runs
+from rtpjax.kv.block_copy import BlockCopier, OnDevice, gather, powers, rows_to_host, runs
 from rtpjax.kv.host_blocks import KVLayout, PackedBlocks
 
 LAYOUT = KVLayout("float32", 4, 2, 2, 8)
@@ -137,7 +137,7 @@ def test_rows_of_one_piece_go_to_any_blocks_in_one_write():
     assert copier.write_packed(cache, [], PackedBlocks(LAYOUT, rows[:2]), []) is cache  # nothing left to load
     assert writes == [4, 4]
     mixed = [rows[3], host[1], rows[0]]  # device rows and a host row, as one host array (a hand-off's relayout)
-    np.testing.assert_array_equal(host_rows(mixed), host[[3, 1, 0]])
+    np.testing.assert_array_equal(rows_to_host(mixed), host[[3, 1, 0]])
 
 
 def test_pieces_of_a_hand_offs_buckets_compile_nothing_and_others_are_said(caplog):
@@ -176,7 +176,7 @@ def test_staged_rows_count_the_whole_landing_pieces(monkeypatch):
 
 
 def _host(rows) -> np.ndarray:
-    return np.stack([r.host() for r in rows])
+    return rows_to_host(rows)
 
 
 def test_bad_host_row_is_refused():

@@ -18,6 +18,7 @@ from starlette.responses import StreamingResponse
 from conftest import ENGINE_ARGS, run_out, wait_healthy
 from rtpjax import AsyncLLM, SamplingParams
 from rtpjax.disagg.pd_proxy import PDPool, continues, disaggregated, run_prefill
+from rtpjax.kv.block_copy import rows_to_host
 from rtpjax.router.proxy import new_session
 from rtpjax.serve.app import build_app
 from test_server import Server, chat_model, free_port  # noqa: F401 - chat_model: a fixture
@@ -577,7 +578,7 @@ def test_prefill_gather_never_blocks_the_engine_loop(stories_llm, monkeypatch):
         sent = payload.copy()
         got = channel.pull(params.remote_host, params.remote_port, "p", "shm", time.monotonic() + 30, handoff._load)
         payload[:] = 0  # the file is reused once the pull answers: the device rows are copies
-        assert np.array_equal(np.concatenate([r.host() for r in got.rows]), sent)
+        assert np.array_equal(rows_to_host(got.rows).reshape(-1), sent)
         prompt_len = len(engine.maker.message(PROMPT).prompt_ids)
         assert got.num_tokens == prompt_len and len(got.rows) == len(params.remote_block_ids)
         add("e", PROMPT + " run")

@@ -12,6 +12,7 @@ import pytest
 from conftest import run_out
 
 from rtpjax.disagg import channel, device_ipc, staging
+from rtpjax.kv.block_copy import rows_to_host
 from rtpjax.kv.host_blocks import KVLayout
 
 LAYOUT = KVLayout("bfloat16", 4, 2, 2, 8)
@@ -342,7 +343,7 @@ def test_a_prefill_engine_holds_hand_offs_on_its_device_within_a_budget(stories_
         assert not second.remote_device_ipc and handoff.store._held["q"].staged is not None
         got = channel.pull(first.remote_host, first.remote_port, "p", "device", time.monotonic() + 30, handoff._load,
                            channel.DeviceLoad(handoff.ipc_device, handoff._take_device))  # fmt: skip
-        assert np.array_equal(np.stack([r.host() for r in got.rows]), expected)
+        assert np.array_equal(rows_to_host(got.rows), expected)
         assert len(got.rows) == len(first.remote_block_ids) and len(returned) == pieces  # every copy back in the pool
     finally:
         for rid in list(engine.requests):

@@ -46,7 +46,7 @@ from rtpjax.distributed.messages import (AddRequest, CompletionDelta, KVTransfer
 from rtpjax.engine.core import traced
 from rtpjax.engine.request import Request
 from rtpjax.engine.sequence import PENDING, HostKV
-from rtpjax.kv.block_copy import host_rows
+from rtpjax.kv.block_copy import rows_to_host
 from rtpjax.kv.host_blocks import PackedBlocks
 
 log = logging.getLogger("rtpjax")
@@ -358,7 +358,7 @@ class Handoff:
             if result.layout != target:
                 began = time.perf_counter()
                 tokens = min(result.num_tokens, tokens)
-                kv = relayout(unpack(result.layout, host_rows(result.rows)), tokens, target)
+                kv = relayout(unpack(result.layout, rows_to_host(result.rows)), tokens, target)
                 result.rows = self.engine.runner.copier.put_rows(pack(kv))
                 result.layout, result.num_tokens = target, tokens
                 self._time("decode_relayout", time.perf_counter() - began)

@@ -207,12 +207,8 @@ class OnDevice:
     piece: jax.Array
     index: int
 
-    def host(self) -> np.ndarray:
-        """The row's bytes on the host (waits for them)."""
-        return np.asarray(self.piece)[self.index]
 
-
-def host_rows(rows: list) -> np.ndarray:
+def rows_to_host(rows: list) -> np.ndarray:
     """Rows (host rows or OnDevice) as one host array [n, block_bytes], each piece read once."""
     pieces: dict[int, np.ndarray] = {}
     return np.stack([row if isinstance(row, np.ndarray) else
